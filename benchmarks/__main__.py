@@ -1,0 +1,39 @@
+"""Run one benchmark by name: `python -m benchmarks NAME [options]`, or `all`.
+
+Each benchmark is a module `benchmarks/NAME.py` with `main(argv: list[str]) -> int`.
+It prints a table and writes `benchmarks/out/NAME.json` (or `--out PATH`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+_SKIP = {"common"}
+
+
+def _names() -> list[str]:
+    here = Path(__file__).parent
+    return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name not in _SKIP)
+
+
+def main(argv: list[str]) -> int:
+    names = _names()
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(__doc__)
+        print("benchmarks:", ", ".join(names) or "(none)")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name == "all":
+        return max((importlib.import_module(f"benchmarks.{n}").main(rest) for n in names), default=0)
+    if name not in names:
+        print(f"unknown benchmark {name!r}; choose from: {', '.join(names)}", file=sys.stderr)
+        return 2
+    rc: int = importlib.import_module(f"benchmarks.{name}").main(rest)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,164 @@
+"""msgpack with hard limits, and a small checker for decoded maps.
+
+Every structure that crosses a boundary (network, disk) goes through `unpackb` with a
+size limit and is then read field by field through `Fields`, which checks type, length
+and range before anything uses it (DESIGN.md, "Validate at the boundary").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgpack
+
+from crypto.errors import DecodeError
+
+T = TypeVar("T")
+
+
+def packb(obj: Any) -> bytes:
+    """Encode with binary types kept apart from strings."""
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
+
+
+def unpackb(data: bytes | memoryview, *, max_bytes: int) -> Any:
+    """Decode one msgpack object of at most `max_bytes`, or raise DecodeError.
+
+    Extension types and non-string map keys are refused; trailing bytes are an error.
+    """
+    if len(data) > max_bytes:
+        raise DecodeError(f"message too large: {len(data)} bytes, limit {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_buffer_size=max_bytes,
+            ext_hook=_refuse_ext,
+        )
+    except DecodeError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise DecodeError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise DecodeError(f"msgpack extension type {code} is not allowed")
+
+
+class Fields:
+    """Typed, bounded access to a decoded msgpack map; every failure is a DecodeError."""
+
+    __slots__ = ("_map", "_what")
+
+    def __init__(self, obj: Any, what: str) -> None:
+        if not isinstance(obj, dict):
+            raise DecodeError(f"{what}: expected a map, got {type(obj).__name__}")
+        self._map: dict[str, Any] = obj
+        self._what = what
+
+    def has(self, key: str) -> bool:
+        return key in self._map and self._map[key] is not None
+
+    def _get(self, key: str, optional: bool) -> Any:
+        if key not in self._map or self._map[key] is None:
+            if optional:
+                return None
+            raise DecodeError(f"{self._what}: missing field {key!r}")
+        return self._map[key]
+
+    def bytes(
+        self, key: str, *, size: int | None = None, max_len: int = 1 << 20, optional: bool = False
+    ) -> Any:
+        v = self._get(key, optional)
+        if v is None:
+            return None
+        if not isinstance(v, bytes):
+            raise DecodeError(f"{self._what}.{key}: expected bytes, got {type(v).__name__}")
+        if size is not None and len(v) != size:
+            raise DecodeError(f"{self._what}.{key}: expected {size} bytes, got {len(v)}")
+        if len(v) > max_len:
+            raise DecodeError(f"{self._what}.{key}: {len(v)} bytes, limit {max_len}")
+        return v
+
+    def str(self, key: str, *, max_len: int, min_len: int = 0, optional: bool = False) -> Any:
+        v = self._get(key, optional)
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise DecodeError(f"{self._what}.{key}: expected text, got {type(v).__name__}")
+        if not min_len <= len(v) <= max_len:
+            raise DecodeError(
+                f"{self._what}.{key}: length {len(v)} outside {min_len}..{max_len}"
+            )
+        return v
+
+    def int(self, key: str, *, lo: int, hi: int, optional: bool = False) -> Any:
+        v = self._get(key, optional)
+        if v is None:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise DecodeError(f"{self._what}.{key}: expected an integer, got {type(v).__name__}")
+        if not lo <= v <= hi:
+            raise DecodeError(f"{self._what}.{key}: {v} outside {lo}..{hi}")
+        return v
+
+    def bool(self, key: str, *, optional: bool = False) -> Any:
+        v = self._get(key, optional)
+        if v is None:
+            return None
+        if not isinstance(v, bool):
+            raise DecodeError(f"{self._what}.{key}: expected true/false, got {type(v).__name__}")
+        return v
+
+    def list(
+        self,
+        key: str,
+        item: Callable[[Any, str], T],
+        *,
+        max_items: int,
+        optional: bool = False,
+    ) -> tuple[T, ...] | None:
+        v = self._get(key, optional)
+        if v is None:
+            return None
+        if not isinstance(v, list):
+            raise DecodeError(f"{self._what}.{key}: expected a list, got {type(v).__name__}")
+        if len(v) > max_items:
+            raise DecodeError(f"{self._what}.{key}: {len(v)} items, limit {max_items}")
+        return tuple(item(x, f"{self._what}.{key}[{i}]") for i, x in enumerate(v))
+
+    def map(self, key: str, *, optional: bool = False) -> Fields | None:
+        v = self._get(key, optional)
+        if v is None:
+            return None
+        return Fields(v, f"{self._what}.{key}")
+
+
+def item_str(max_len: int) -> Callable[[Any, str], str]:
+    """A list-item checker for bounded text."""
+
+    def check(v: Any, what: str) -> str:
+        if not isinstance(v, str) or len(v) > max_len:
+            raise DecodeError(f"{what}: expected text of at most {max_len} characters")
+        return v
+
+    return check
+
+
+def item_bytes(size: int | None = None, max_len: int = 1 << 16) -> Callable[[Any, str], bytes]:
+    """A list-item checker for bytes of a fixed size or bounded length."""
+
+    def check(v: Any, what: str) -> bytes:
+        if not isinstance(v, bytes):
+            raise DecodeError(f"{what}: expected bytes")
+        if size is not None and len(v) != size:
+            raise DecodeError(f"{what}: expected {size} bytes, got {len(v)}")
+        if len(v) > max_len:
+            raise DecodeError(f"{what}: {len(v)} bytes, limit {max_len}")
+        return v
+
+    return check

@@ -1,0 +1,1 @@
+"""The peer node: content store, transfer protocol, scheduler, transports, DHT, inbox, CLI."""

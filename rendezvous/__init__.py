@@ -1,0 +1,1 @@
+"""The rendezvous server of one mail domain: protocol, server, store, client."""
