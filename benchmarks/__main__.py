@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name == "all":
-        return max((importlib.import_module(f"benchmarks.{n}").main(rest) for n in names), default=0)
+        codes = [importlib.import_module(f"benchmarks.{n}").main(rest) for n in names]
+        return max(codes, default=0)
     if name not in names:
         print(f"unknown benchmark {name!r}; choose from: {', '.join(names)}", file=sys.stderr)
         return 2

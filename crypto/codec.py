@@ -36,12 +36,13 @@ def unpackb(data: bytes | memoryview, *, max_bytes: int) -> Any:
             raw=False,
             strict_map_key=True,
             use_list=True,
-            max_buffer_size=max_bytes,
             ext_hook=_refuse_ext,
         )
     except DecodeError:
         raise
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
+    # Garbage raises ValueError subclasses (ExtraData, FormatError, StackError, bad UTF-8),
+    # or TypeError for unhashable map keys; OutOfData for truncation.
+    except (ValueError, TypeError, msgpack.exceptions.UnpackException) as exc:
         raise DecodeError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
 
 
@@ -49,21 +50,28 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise DecodeError(f"msgpack extension type {code} is not allowed")
 
 
+# Fields' accessor methods are named after the types they return, which shadows the
+# builtins inside the class body; these aliases keep the annotations readable to mypy.
+_Str = str
+_Int = int
+_Bool = bool
+
+
 class Fields:
     """Typed, bounded access to a decoded msgpack map; every failure is a DecodeError."""
 
     __slots__ = ("_map", "_what")
 
-    def __init__(self, obj: Any, what: str) -> None:
+    def __init__(self, obj: Any, what: _Str) -> None:
         if not isinstance(obj, dict):
             raise DecodeError(f"{what}: expected a map, got {type(obj).__name__}")
-        self._map: dict[str, Any] = obj
+        self._map: dict[_Str, Any] = obj
         self._what = what
 
-    def has(self, key: str) -> bool:
+    def has(self, key: _Str) -> _Bool:
         return key in self._map and self._map[key] is not None
 
-    def _get(self, key: str, optional: bool) -> Any:
+    def _get(self, key: _Str, optional: _Bool) -> Any:
         if key not in self._map or self._map[key] is None:
             if optional:
                 return None
@@ -71,7 +79,8 @@ class Fields:
         return self._map[key]
 
     def bytes(
-        self, key: str, *, size: int | None = None, max_len: int = 1 << 20, optional: bool = False
+        self, key: _Str, *, size: _Int | None = None, max_len: _Int = 1 << 20,
+        optional: _Bool = False,
     ) -> Any:
         v = self._get(key, optional)
         if v is None:
@@ -84,11 +93,11 @@ class Fields:
             raise DecodeError(f"{self._what}.{key}: {len(v)} bytes, limit {max_len}")
         return v
 
-    def str(self, key: str, *, max_len: int, min_len: int = 0, optional: bool = False) -> Any:
+    def str(self, key: _Str, *, max_len: _Int, min_len: _Int = 0, optional: _Bool = False) -> Any:
         v = self._get(key, optional)
         if v is None:
             return None
-        if not isinstance(v, str):
+        if not isinstance(v, _Str):
             raise DecodeError(f"{self._what}.{key}: expected text, got {type(v).__name__}")
         if not min_len <= len(v) <= max_len:
             raise DecodeError(
@@ -96,31 +105,31 @@ class Fields:
             )
         return v
 
-    def int(self, key: str, *, lo: int, hi: int, optional: bool = False) -> Any:
+    def int(self, key: _Str, *, lo: _Int, hi: _Int, optional: _Bool = False) -> Any:
         v = self._get(key, optional)
         if v is None:
             return None
-        if not isinstance(v, int) or isinstance(v, bool):
+        if not isinstance(v, _Int) or isinstance(v, _Bool):
             raise DecodeError(f"{self._what}.{key}: expected an integer, got {type(v).__name__}")
         if not lo <= v <= hi:
             raise DecodeError(f"{self._what}.{key}: {v} outside {lo}..{hi}")
         return v
 
-    def bool(self, key: str, *, optional: bool = False) -> Any:
+    def bool(self, key: _Str, *, optional: _Bool = False) -> Any:
         v = self._get(key, optional)
         if v is None:
             return None
-        if not isinstance(v, bool):
+        if not isinstance(v, _Bool):
             raise DecodeError(f"{self._what}.{key}: expected true/false, got {type(v).__name__}")
         return v
 
     def list(
         self,
-        key: str,
-        item: Callable[[Any, str], T],
+        key: _Str,
+        item: Callable[[Any, _Str], T],
         *,
-        max_items: int,
-        optional: bool = False,
+        max_items: _Int,
+        optional: _Bool = False,
     ) -> tuple[T, ...] | None:
         v = self._get(key, optional)
         if v is None:
@@ -131,7 +140,11 @@ class Fields:
             raise DecodeError(f"{self._what}.{key}: {len(v)} items, limit {max_items}")
         return tuple(item(x, f"{self._what}.{key}[{i}]") for i, x in enumerate(v))
 
-    def map(self, key: str, *, optional: bool = False) -> Fields | None:
+    def sub(self, key: _Str) -> Fields:
+        """A required nested map."""
+        return Fields(self._get(key, False), f"{self._what}.{key}")
+
+    def map(self, key: _Str, *, optional: _Bool = False) -> Fields | None:
         v = self._get(key, optional)
         if v is None:
             return None

@@ -1,0 +1,166 @@
+"""Content sealing, the Merkle tree and capability proofs."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from crypto.capability import check_capability_proof, new_capability, prove_capability
+from crypto.content import (
+    ChunkVerifier,
+    chunk_count,
+    chunk_hash,
+    merkle_proof,
+    merkle_root,
+    new_content_key,
+    open_chunk,
+    plain_chunk_len,
+    seal_chunk,
+    verify_chunk,
+    verify_merkle_proof,
+)
+from crypto.errors import DecodeError, VerificationError
+
+KEY = bytes(range(32))
+
+
+def flip(data: bytes, bit: int) -> bytes:
+    b = bytearray(data)
+    b[(bit // 8) % len(b)] ^= 1 << (bit % 8)
+    return bytes(b)
+
+
+def sealed_chunks(data: bytes, chunk_size: int, key: bytes = KEY) -> list[bytes]:
+    n = chunk_count(len(data), chunk_size)
+    return [seal_chunk(key, i, data[i * chunk_size : (i + 1) * chunk_size]) for i in range(n)]
+
+
+@given(st.binary(max_size=5000), st.integers(min_value=0, max_value=2**63 - 1))
+@settings(max_examples=80)
+def test_chunk_sealing_is_deterministic_and_round_trips(plain: bytes, index: int) -> None:
+    a = seal_chunk(KEY, index, plain)
+    assert a == seal_chunk(KEY, index, plain)  # any holder reproduces the exact ciphertext
+    assert open_chunk(KEY, index, a) == plain
+    assert len(a) == len(plain) + 16
+
+
+@given(st.binary(min_size=0, max_size=3000), st.integers(min_value=0))
+@settings(max_examples=80)
+def test_any_flipped_bit_in_a_sealed_chunk_is_rejected(plain: bytes, bit: int) -> None:
+    sealed = seal_chunk(KEY, 3, plain)
+    with pytest.raises(VerificationError):
+        open_chunk(KEY, 3, flip(sealed, bit))
+
+
+def test_chunk_index_and_key_are_bound() -> None:
+    sealed = seal_chunk(KEY, 0, b"hello")
+    with pytest.raises(VerificationError):
+        open_chunk(KEY, 1, sealed)  # moved to another position
+    with pytest.raises(VerificationError):
+        open_chunk(new_content_key(), 0, sealed)
+
+
+def test_chunk_layout() -> None:
+    assert chunk_count(0, 1024) == 1
+    assert chunk_count(1024, 1024) == 1
+    assert chunk_count(1025, 1024) == 2
+    assert plain_chunk_len(1025, 1024, 1) == 1
+    assert plain_chunk_len(0, 1024, 0) == 0
+
+
+@given(st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=70), st.data())
+@settings(max_examples=80)
+def test_merkle_proofs_verify_for_every_leaf(leaves: list[bytes], data: st.DataObject) -> None:
+    root = merkle_root(leaves)
+    i = data.draw(st.integers(min_value=0, max_value=len(leaves) - 1))
+    verify_merkle_proof(root, i, len(leaves), leaves[i], merkle_proof(leaves, i))
+
+
+@given(st.lists(st.binary(min_size=32, max_size=32), min_size=2, max_size=40, unique=True),
+       st.data())
+@settings(max_examples=80)
+def test_any_flipped_bit_in_a_merkle_proof_is_rejected(leaves: list[bytes],
+                                                       data: st.DataObject) -> None:
+    root = merkle_root(leaves)
+    i = data.draw(st.integers(min_value=0, max_value=len(leaves) - 1))
+    proof = merkle_proof(leaves, i)
+    j = data.draw(st.integers(min_value=0, max_value=len(proof) - 1))
+    bit = data.draw(st.integers(min_value=0, max_value=255))
+    bad = list(proof)
+    bad[j] = flip(bad[j], bit)
+    with pytest.raises(VerificationError):
+        verify_merkle_proof(root, i, len(leaves), leaves[i], bad)
+    with pytest.raises(VerificationError):
+        verify_merkle_proof(root, i, len(leaves), flip(leaves[i], bit), proof)
+    with pytest.raises(VerificationError):
+        verify_merkle_proof(flip(root, bit), i, len(leaves), leaves[i], proof)
+    other = data.draw(st.integers(min_value=0, max_value=len(leaves) - 1))
+    assume(other != i)
+    with pytest.raises(VerificationError):
+        verify_merkle_proof(root, other, len(leaves), leaves[i], proof)
+
+
+def test_merkle_root_matches_rfc6962_shape() -> None:
+    # Five leaves: root = H(1 | H(1|H(1|a|b)|H(1|c|d)) | e) -- the left side is the largest
+    # power of two, as RFC 6962 2.1 requires.
+    import blake3
+
+    a, b, c, d, e = (bytes([i]) * 32 for i in range(5))
+
+    def node(x: bytes, y: bytes) -> bytes:
+        return blake3.blake3(b"\x01" + x + y).digest()
+
+    assert merkle_root([a, b, c, d, e]) == node(node(node(a, b), node(c, d)), e)
+    assert merkle_root([a]) == a
+
+
+@given(st.binary(min_size=0, max_size=9000), st.integers(min_value=0))
+@settings(max_examples=50)
+def test_chunk_verifier_accepts_exact_chunks_and_rejects_any_flip(data: bytes, bit: int) -> None:
+    chunk_size = 1024
+    chunks = sealed_chunks(data, chunk_size)
+    leaves = [chunk_hash(c) for c in chunks]
+    root = merkle_root(leaves)
+    v = ChunkVerifier(root, leaves, len(data), chunk_size)
+    for i, c in enumerate(chunks):
+        v.verify(i, c)
+        with pytest.raises(VerificationError):
+            v.verify(i, flip(c, bit))
+    verify_chunk(root, leaves, len(data), chunk_size, 0, chunks[0])
+
+
+def test_hash_list_that_does_not_match_the_root_is_rejected() -> None:
+    chunks = sealed_chunks(b"x" * 5000, 1024)
+    leaves = [chunk_hash(c) for c in chunks]
+    root = merkle_root(leaves)
+    with pytest.raises(VerificationError, match="does not match the content id"):
+        ChunkVerifier(root, [leaves[1], leaves[0], *leaves[2:]], 5000, 1024)
+    with pytest.raises(VerificationError, match="entries"):
+        ChunkVerifier(root, leaves[:-1], 5000, 1024)
+    with pytest.raises(DecodeError):
+        ChunkVerifier(root, leaves, 5000, 3)  # absurd chunk size
+
+
+def test_a_chunk_from_another_position_is_rejected() -> None:
+    chunks = sealed_chunks(b"y" * 4096, 1024)
+    leaves = [chunk_hash(c) for c in chunks]
+    v = ChunkVerifier(merkle_root(leaves), leaves, 4096, 1024)
+    with pytest.raises(VerificationError):
+        v.verify(1, chunks[2])
+
+
+@given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32),
+       st.integers(min_value=0))
+@settings(max_examples=50)
+def test_capability_proofs_are_bound_to_the_session(cid: bytes, transcript: bytes,
+                                                    bit: int) -> None:
+    cap = new_capability()
+    proof = prove_capability(cap, cid, transcript)
+    check_capability_proof(cap, cid, transcript, proof)
+    with pytest.raises(VerificationError):
+        check_capability_proof(cap, cid, flip(transcript, bit), proof)  # replayed elsewhere
+    with pytest.raises(VerificationError):
+        check_capability_proof(cap, cid, transcript, flip(proof, bit))
+    with pytest.raises(VerificationError):
+        check_capability_proof(new_capability(), cid, transcript, proof)
