@@ -1,0 +1,296 @@
+"""Direct TCP: the first and fastest `Stream` transport.
+
+Built on an `asyncio.Protocol` rather than StreamReader/StreamWriter: data arrives as the
+loop's own `bytes` objects and is handed out without re-buffering, reading pauses when
+more than `read_high_water` bytes wait (backpressure to the sender's kernel), and sends wait
+on the transport's pause/resume signals. All sockets come from the running loop
+(`create_connection`/`create_server`) so the simulator's loop can run this unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+from overlay.stream import StreamBroken, StreamBusy, StreamClosed
+
+log = logging.getLogger(__name__)
+
+READ_HIGH_WATER = 1 << 20
+WRITE_HIGH_WATER = 1 << 20
+CLOSE_TIMEOUT = 2.0
+
+
+class _TcpProtocol(asyncio.Protocol):
+    """Receive buffer and flow-control state of one connection."""
+
+    def __init__(self, read_high_water: int) -> None:
+        self._high = read_high_water
+        self.transport: asyncio.Transport | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.eof = False
+        self.lost: BaseException | None = None
+        self.closed = False
+        self._reading_paused = False
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self.lost_event = asyncio.Event()
+
+    # --- asyncio callbacks -----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports quack like asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if not data:
+            return
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > self._high and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake_reader()
+        return True  # keep our sending half open: TCP half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        if exc is not None:
+            self.lost = exc
+        elif self.lost is None:
+            self.lost = ConnectionResetError("connection closed")
+        self._wake_reader()
+        self._wake_writer()
+        self.lost_event.set()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer()
+
+    # --- used by TcpStream -----------------------------------------------------------
+    def _wake_reader(self) -> None:
+        w, self._data_waiter = self._data_waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake_writer(self) -> None:
+        w, self._drain_waiter = self._drain_waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def wait_data(self) -> None:
+        if self._data_waiter is not None:
+            raise StreamBusy("another task is already receiving on this stream")
+        self._data_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._data_waiter
+        finally:
+            self._data_waiter = None
+
+    async def drain(self) -> None:
+        while self._write_paused and not self.closed and not self.lost_event.is_set():
+            if self._drain_waiter is None:
+                self._drain_waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drain_waiter)
+
+    def take(self, max_bytes: int) -> bytes:
+        head = self.chunks[0]
+        if len(head) <= max_bytes:
+            self.chunks.popleft()
+            out = head
+        else:
+            out = head[:max_bytes]
+            self.chunks[0] = head[max_bytes:]
+        self.buffered -= len(out)
+        if self._reading_paused and self.buffered <= self._high // 2 and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return out
+
+
+class TcpStream:
+    """A `Stream` over one TCP connection."""
+
+    path = "tcp"
+
+    def __init__(self, protocol: _TcpProtocol) -> None:
+        self._p = protocol
+        self._eof_sent = False
+        self._receiving = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue `data`, then wait while the transport's buffer is above its high water."""
+        p = self._p
+        if p.closed or self._eof_sent:
+            raise StreamClosed("stream already closed for sending")
+        if p.lost is not None or p.transport is None or p.transport.is_closing():
+            raise StreamBroken(f"connection lost: {p.lost}")
+        p.transport.write(data)
+        await p.drain()
+        if p.closed:
+            raise StreamClosed("stream closed while sending")
+        if p.lost is not None:
+            raise StreamBroken(f"connection lost: {p.lost}")
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        """Some bytes as they arrived (at most `max_bytes`), or b"" at EOF."""
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        p = self._p
+        if self._receiving:
+            raise StreamBusy("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            while True:
+                if p.closed:
+                    raise StreamClosed("stream is closed")
+                if p.chunks:
+                    return p.take(max_bytes)
+                if p.eof:
+                    return b""
+                await p.wait_data()
+        finally:
+            self._receiving = False
+
+    async def send_eof(self) -> None:
+        """Half-close (FIN); receiving continues."""
+        p = self._p
+        if p.closed:
+            raise StreamClosed("stream is closed")
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        if p.transport is not None and p.lost is None and p.transport.can_write_eof():
+            p.transport.write_eof()
+
+    async def aclose(self) -> None:
+        """Flush what is queued (bounded by CLOSE_TIMEOUT), then close."""
+        p = self._p
+        if p.closed:
+            return
+        p.closed = True
+        p._wake_reader()
+        p._wake_writer()
+        t = p.transport
+        if t is None:
+            return
+        t.close()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await p.lost_event.wait()
+        except TimeoutError:
+            # The peer stopped reading; don't let its buffer hold our shutdown hostage.
+            t.abort()
+
+    def peer_address(self) -> str | None:
+        t = self._p.transport
+        addr = t.get_extra_info("peername") if t is not None else None
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            host = str(addr[0])
+            return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+        return None
+
+
+async def connect_tcp(
+    host: str, port: int, *, timeout: float = 10.0,  # noqa: ASYNC109 (connect deadline)
+    read_high_water: int = READ_HIGH_WATER,
+) -> TcpStream:
+    """Open a TCP connection through the running loop; StreamBroken if it can't."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            _, proto = await loop.create_connection(
+                lambda: _TcpProtocol(read_high_water), host, port
+            )
+    except (OSError, TimeoutError) as exc:
+        raise StreamBroken(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from None
+    return TcpStream(proto)
+
+
+StreamHandler = Callable[[TcpStream], Awaitable[None]]
+
+
+class TcpServer:
+    """A listener whose per-connection handler tasks it owns, bounds and cancels."""
+
+    def __init__(self, handler: StreamHandler, *, max_connections: int = 256) -> None:
+        self._handler = handler
+        self._max = max_connections
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.refused = 0
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen; returns the bound (host, port) (pass port 0 for any free port)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._make_protocol, host, port)
+        sock = self._server.sockets[0].getsockname()
+        self.address = (str(sock[0]), int(sock[1]))
+        return self.address
+
+    @property
+    def connections(self) -> int:
+        return len(self._tasks)
+
+    def _make_protocol(self) -> _TcpProtocol:
+        proto = _TcpProtocol(READ_HIGH_WATER)
+        stream = TcpStream(proto)
+        if len(self._tasks) >= self._max:
+            self.refused += 1
+            # connection_made has not run yet; close once it has.
+            asyncio.get_running_loop().call_soon(self._refuse, proto)
+            return proto
+        task = asyncio.get_running_loop().create_task(self._run(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return proto
+
+    @staticmethod
+    def _refuse(proto: _TcpProtocol) -> None:
+        if proto.transport is not None:
+            proto.transport.abort()
+
+    async def _run(self, stream: TcpStream) -> None:
+        try:
+            await self._handler(stream)
+        except Exception:  # a handler bug must not take the listener down
+            log.exception("TCP connection handler failed")
+        finally:
+            await stream.aclose()
+
+    async def aclose(self) -> None:
+        """Stop listening, cancel every handler and wait for them."""
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+
+async def serve_tcp(
+    handler: StreamHandler, host: str = "127.0.0.1", port: int = 0, *, max_connections: int = 256
+) -> TcpServer:
+    """Start a TcpServer listening on (host, port); `server.address` is the bound address."""
+    server = TcpServer(handler, max_connections=max_connections)
+    await server.start(host, port)
+    return server
