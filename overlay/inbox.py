@@ -1,0 +1,294 @@
+"""The inbox: incoming location messages and how far their download got, in `node.db`.
+
+Rows follow the machine in `overlay.inbox_state`; every change is one transaction that reads
+the current state, checks the move and writes, so a crash leaves either the old or the new
+row. Adding is idempotent by message id because the rendezvous server may deliver a message
+again (after a lost REMOVE, DESIGN.md "Rendezvous protocol").
+
+The node stores the raw location message (`message`, opaque here) next to the fields the
+listing needs, and decides junk and priority from `overlay.prefs` when it adds a message;
+`set_flags` updates them when the user changes their mind.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import sqlite3
+from dataclasses import dataclass
+
+from overlay.inbox_state import (
+    ACTIVE_STATES,
+    IllegalTransition,
+    InboxState,
+    check_transition,
+)
+from overlay.records import NodeDB, RecordLimitError, check_message_row, count_rows
+
+DEFAULT_MAX_ENTRIES = 10_000
+MAX_ERROR_TEXT = 500
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    """One incoming message as `peerpost inbox` shows it."""
+
+    id: bytes
+    sender: str
+    sender_peer_id: bytes
+    title: str
+    note: str
+    size: int
+    file_name: str
+    media_type: str
+    content_id: bytes
+    state: InboxState
+    junk: bool
+    priority: bool
+    received_at: float
+    next_attempt: float | None
+    attempts: int
+    error: str | None
+    path: str | None
+    chunks_held: int
+    chunk_count: int
+    message: bytes
+
+    @property
+    def progress(self) -> float:
+        """Fraction of chunks verified and written; 1.0 for an empty file."""
+        if self.chunk_count == 0:
+            return 1.0
+        return self.chunks_held / self.chunk_count
+
+
+class Inbox:
+    """Typed access to the `inbox` table; see the module docstring for the rules."""
+
+    __slots__ = ("_db", "_max_entries")
+
+    def __init__(self, db: NodeDB, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self._db = db
+        self._max_entries = max_entries
+
+    def add(
+        self,
+        *,
+        id: bytes,
+        sender: str,
+        sender_peer_id: bytes,
+        title: str,
+        note: str,
+        size: int,
+        file_name: str,
+        media_type: str,
+        content_id: bytes,
+        chunk_count: int,
+        message: bytes,
+        received_at: float,
+        junk: bool = False,
+        priority: bool = False,
+    ) -> bool:
+        """Store a new message in `offered`; False (and no change) if the id is known.
+
+        Raises RecordLimitError when the inbox holds `max_entries` messages: the caller
+        should then leave the envelope on the server rather than acknowledge it.
+        """
+        check_message_row(id, message)
+        if size < 0 or chunk_count < 0:
+            raise ValueError("size and chunk_count can't be negative")
+        with self._db.transaction() as conn:
+            if conn.execute("SELECT 1 FROM inbox WHERE id = ?", (id,)).fetchone():
+                return False
+            if count_rows(conn, "inbox") >= self._max_entries:
+                raise RecordLimitError(
+                    f"inbox is full ({self._max_entries} messages); remove old ones first"
+                )
+            conn.execute(
+                "INSERT INTO inbox (id, sender, sender_peer_id, title, note, size, file_name,"
+                " media_type, content_id, state, junk, priority, received_at, chunk_count,"
+                " message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    id, sender, sender_peer_id, title, note, size, file_name, media_type,
+                    content_id, InboxState.OFFERED.value, int(junk), int(priority),
+                    received_at, chunk_count, message,
+                ),
+            )
+        return True
+
+    def get(self, id: bytes) -> InboxEntry | None:
+        """The entry with this message id, or None."""
+        row = self._db.query_one("SELECT * FROM inbox WHERE id = ?", (id,))
+        return _entry(row) if row is not None else None
+
+    def list(self, *, include_junk: bool = False, limit: int = 1000) -> builtins.list[InboxEntry]:
+        """Entries newest first; junk only with `include_junk`."""
+        where = "" if include_junk else "WHERE junk = 0"
+        rows = self._db.query(
+            f"SELECT * FROM inbox {where} ORDER BY received_at DESC, id LIMIT ?", (limit,)
+        )
+        return [_entry(r) for r in rows]
+
+    def transition(
+        self,
+        id: bytes,
+        new_state: InboxState,
+        *,
+        error: str | None = None,
+        next_attempt: float | None = None,
+        path: str | None = None,
+    ) -> InboxEntry:
+        """Move the entry to `new_state` and return it as stored.
+
+        Entering `downloading` counts an attempt and clears the error; `retrying` needs
+        `next_attempt` (when to try again); `failed` needs `error` (shown to the user);
+        `complete` needs `path` and marks every chunk held. A junk message never leaves
+        `offered`. IllegalTransition names the entry and the moves allowed from its state.
+        """
+        with self._db.transaction() as conn:
+            old = self._locked_get(conn, id)
+            what = f"inbox message {id.hex()}"
+            if old.junk:
+                raise IllegalTransition(
+                    f"{what} is from a junk sender and stays offered; mark it not junk first"
+                )
+            check_transition(what, old.state, new_state)
+            new = _apply(old, new_state, error=error, next_attempt=next_attempt, path=path)
+            conn.execute(
+                "UPDATE inbox SET state = ?, attempts = ?, next_attempt = ?, error = ?,"
+                " path = ?, chunks_held = ? WHERE id = ?",
+                (
+                    new.state.value, new.attempts, new.next_attempt, new.error, new.path,
+                    new.chunks_held, id,
+                ),
+            )
+        return new
+
+    def set_progress(self, id: bytes, chunks_held: int) -> None:
+        """Record how many chunks are verified and written (while downloading or retrying)."""
+        with self._db.transaction() as conn:
+            old = self._locked_get(conn, id)
+            if old.state not in ACTIVE_STATES:
+                raise IllegalTransition(
+                    f"inbox message {id.hex()}: no progress to record in state {old.state.value}"
+                )
+            if not 0 <= chunks_held <= old.chunk_count:
+                raise ValueError(f"chunks_held {chunks_held} outside 0..{old.chunk_count}")
+            conn.execute("UPDATE inbox SET chunks_held = ? WHERE id = ?", (chunks_held, id))
+
+    def set_flags(
+        self, id: bytes, *, junk: bool | None = None, priority: bool | None = None
+    ) -> None:
+        """Change the junk or priority mark; only a message still `offered` can become junk."""
+        with self._db.transaction() as conn:
+            old = self._locked_get(conn, id)
+            if junk and old.state is not InboxState.OFFERED:
+                raise IllegalTransition(
+                    f"inbox message {id.hex()}: only an offered message can be marked junk,"
+                    f" this one is {old.state.value}"
+                )
+            conn.execute(
+                "UPDATE inbox SET junk = ?, priority = ? WHERE id = ?",
+                (
+                    int(old.junk if junk is None else junk),
+                    int(old.priority if priority is None else priority),
+                    id,
+                ),
+            )
+
+    def remove(self, id: bytes) -> bool:
+        """Forget the entry (the caller deletes any file); False if it wasn't there."""
+        with self._db.transaction() as conn:
+            return conn.execute("DELETE FROM inbox WHERE id = ?", (id,)).rowcount > 0
+
+    def fetch_order(
+        self, now: float, *, include_offered: bool = False, limit: int = 100
+    ) -> builtins.list[InboxEntry]:
+        """What the downloader should work on at `now`, most urgent first.
+
+        Non-junk entries in `downloading`, or in `retrying` whose next_attempt has come;
+        with `include_offered` (pass the auto_download preference) also untouched `offered`
+        ones, which the caller moves to `downloading` before it starts. Priority senders
+        come first, then oldest first, so nobody's message starves behind newer ones.
+        """
+        rows = self._db.query(
+            "SELECT * FROM inbox WHERE junk = 0 AND ("
+            " state = 'downloading'"
+            " OR (state = 'retrying' AND next_attempt <= ?)"
+            " OR (? AND state = 'offered'))"
+            " ORDER BY priority DESC, received_at, id LIMIT ?",
+            (now, int(include_offered), limit),
+        )
+        return [_entry(r) for r in rows]
+
+    def next_wakeup(self) -> float | None:
+        """The earliest next_attempt of a waiting (retrying, non-junk) entry, or None."""
+        row = self._db.query_one(
+            "SELECT min(next_attempt) FROM inbox WHERE junk = 0 AND state = 'retrying'"
+        )
+        return float(row[0]) if row is not None and row[0] is not None else None
+
+    def _locked_get(self, conn: sqlite3.Connection, id: bytes) -> InboxEntry:
+        row = conn.execute("SELECT * FROM inbox WHERE id = ?", (id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no inbox message {id.hex()}")
+        return _entry(row)
+
+
+def _apply(
+    old: InboxEntry,
+    state: InboxState,
+    *,
+    error: str | None,
+    next_attempt: float | None,
+    path: str | None,
+) -> InboxEntry:
+    """The entry after a checked move to `state` (pure: the rules of each target state)."""
+    what = f"inbox message {old.id.hex()} -> {state.value}"
+    if error is not None:
+        error = error[:MAX_ERROR_TEXT]
+    if state is InboxState.DOWNLOADING:
+        return dataclasses.replace(
+            old, state=state, attempts=old.attempts + 1, next_attempt=None, error=None
+        )
+    if state is InboxState.RETRYING:
+        if next_attempt is None:
+            raise ValueError(f"{what}: say when to try again (next_attempt)")
+        return dataclasses.replace(old, state=state, next_attempt=next_attempt, error=error)
+    if state is InboxState.FAILED:
+        if not error:
+            raise ValueError(f"{what}: give the reason (error) the user will see")
+        return dataclasses.replace(old, state=state, next_attempt=None, error=error)
+    if state is InboxState.COMPLETE:
+        if not path:
+            raise ValueError(f"{what}: give the finished file's path")
+        return dataclasses.replace(
+            old, state=state, path=path, chunks_held=old.chunk_count, next_attempt=None,
+            error=None,
+        )
+    raise IllegalTransition(f"{what}: no entering {state.value} again")
+
+
+def _entry(row: sqlite3.Row) -> InboxEntry:
+    return InboxEntry(
+        id=bytes(row["id"]),
+        sender=row["sender"],
+        sender_peer_id=bytes(row["sender_peer_id"]),
+        title=row["title"],
+        note=row["note"],
+        size=int(row["size"]),
+        file_name=row["file_name"],
+        media_type=row["media_type"],
+        content_id=bytes(row["content_id"]),
+        state=InboxState(row["state"]),
+        junk=bool(row["junk"]),
+        priority=bool(row["priority"]),
+        received_at=float(row["received_at"]),
+        next_attempt=None if row["next_attempt"] is None else float(row["next_attempt"]),
+        attempts=int(row["attempts"]),
+        error=row["error"],
+        path=row["path"],
+        chunks_held=int(row["chunks_held"]),
+        chunk_count=int(row["chunk_count"]),
+        message=bytes(row["message"]),
+    )

@@ -1,0 +1,265 @@
+"""The node's local records: one SQLite file, `node.db`, in the node's home folder.
+
+This module opens the database, sets it up for durability, and owns the versioned schema.
+The tables are read and written through `overlay.inbox`, `overlay.outbox`, `overlay.prefs`
+and `overlay.contacts`.
+
+Durability (DESIGN.md principle 4, "state survives kill -9 at any point"): WAL journal,
+`synchronous=FULL` (every commit is fsynced, so it also survives a power cut), foreign keys
+on, and every change in one explicit transaction. The calls are small and synchronous; one
+connection is shared behind a lock, so the node may call from the loop thread or from
+`asyncio.to_thread` workers alike.
+
+Schema versions live in `PRAGMA user_version`. `_MIGRATIONS[n]` takes a database from
+version n to n + 1 inside the same transaction that bumps the version, so a crash during an
+upgrade leaves the old version intact.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from crypto.location import MESSAGE_ID_LEN
+
+DB_FILE_NAME = "node.db"
+MAX_STORED_MESSAGE = 64 * 1024  # a location message fits a 64 KiB envelope
+
+
+class RecordsError(Exception):
+    """The database can't be used: newer schema than this code knows, or a bad file."""
+
+
+class RecordLimitError(RecordsError):
+    """A bounded table is full (too many messages, contacts, keys or patterns)."""
+
+
+_SCHEMA_V1 = """
+CREATE TABLE inbox (
+    id              BLOB PRIMARY KEY CHECK (length(id) = 16),
+    sender          TEXT NOT NULL,
+    sender_peer_id  BLOB NOT NULL,
+    title           TEXT NOT NULL,
+    note            TEXT NOT NULL,
+    size            INTEGER NOT NULL CHECK (size >= 0),
+    file_name       TEXT NOT NULL,
+    media_type      TEXT NOT NULL,
+    content_id      BLOB NOT NULL,
+    state           TEXT NOT NULL
+                    CHECK (state IN ('offered', 'downloading', 'retrying', 'complete', 'failed')),
+    junk            INTEGER NOT NULL CHECK (junk IN (0, 1)),
+    priority        INTEGER NOT NULL CHECK (priority IN (0, 1)),
+    received_at     REAL NOT NULL,
+    next_attempt    REAL,
+    attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    error           TEXT,
+    path            TEXT,
+    chunks_held     INTEGER NOT NULL DEFAULT 0,
+    chunk_count     INTEGER NOT NULL CHECK (chunk_count >= 0),
+    message         BLOB NOT NULL,
+    CHECK (chunks_held BETWEEN 0 AND chunk_count),
+    CHECK (junk = 0 OR state = 'offered'),
+    CHECK (state <> 'complete' OR (path IS NOT NULL AND chunks_held = chunk_count)),
+    CHECK (state <> 'retrying' OR next_attempt IS NOT NULL),
+    CHECK (state <> 'failed' OR error IS NOT NULL)
+);
+CREATE INDEX inbox_by_received ON inbox (received_at);
+CREATE INDEX inbox_by_work ON inbox (state, junk, priority DESC, received_at);
+
+CREATE TABLE outbox (
+    id              BLOB PRIMARY KEY CHECK (length(id) = 16),
+    path            TEXT NOT NULL,
+    title           TEXT NOT NULL,
+    size            INTEGER NOT NULL CHECK (size >= 0),
+    content_id      BLOB NOT NULL,
+    created_at      REAL NOT NULL,
+    message         BLOB NOT NULL,
+    retention_done  INTEGER NOT NULL DEFAULT 0 CHECK (retention_done IN (0, 1)),
+    retention_action TEXT CHECK (retention_action IN ('keep', 'delete', 'archive')),
+    CHECK (retention_done = (retention_action IS NOT NULL))
+);
+CREATE INDEX outbox_by_created ON outbox (created_at);
+
+CREATE TABLE outbox_recipient (
+    message_id      BLOB NOT NULL REFERENCES outbox (id) ON DELETE CASCADE,
+    address         TEXT NOT NULL,
+    state           TEXT NOT NULL
+                    CHECK (state IN ('queued', 'sent', 'downloading', 'downloaded', 'failed')),
+    reason          TEXT,
+    updated_at      REAL NOT NULL,
+    PRIMARY KEY (message_id, address),
+    CHECK (state <> 'failed' OR reason IS NOT NULL)
+) WITHOUT ROWID;
+
+CREATE TABLE pref (
+    name            TEXT PRIMARY KEY,
+    value           BLOB NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE sender_rule (
+    pattern         TEXT PRIMARY KEY,
+    kind            TEXT NOT NULL CHECK (kind IN ('priority', 'junk'))
+) WITHOUT ROWID;
+
+CREATE TABLE contact (
+    address         TEXT PRIMARY KEY,
+    first_seen      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    changed         INTEGER NOT NULL DEFAULT 0 CHECK (changed IN (0, 1))
+) WITHOUT ROWID;
+
+CREATE TABLE contact_key (
+    address         TEXT NOT NULL REFERENCES contact (address) ON DELETE CASCADE,
+    verify_key      BLOB NOT NULL CHECK (length(verify_key) = 32),
+    status          TEXT NOT NULL CHECK (status IN ('pinned', 'pending')),
+    first_seen      REAL NOT NULL,
+    PRIMARY KEY (address, verify_key)
+) WITHOUT ROWID;
+"""
+
+
+def _to_v1(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V1.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+# version n -> the step that makes it n + 1. Append only; never edit a shipped step.
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1}
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+class NodeDB:
+    """One open `node.db`: a connection behind a lock, with transactions and queries."""
+
+    __slots__ = ("_conn", "_lock", "path")
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self._lock = threading.RLock()
+        self.path = path
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        migrations: dict[int, Callable[[sqlite3.Connection], None]] | None = None,
+    ) -> NodeDB:
+        """Open (creating if needed) and migrate the database at `path`.
+
+        `path` may be a folder, meaning `path / "node.db"`. `migrations` replaces the
+        built-in table, for tests of the upgrade path.
+        """
+        if path.is_dir():
+            path = path / DB_FILE_NAME
+        steps = _MIGRATIONS if migrations is None else migrations
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing is
+            # committed behind our back and a transaction is exactly one `with` block.
+            conn = sqlite3.connect(
+                str(path), isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+        except sqlite3.Error as exc:
+            raise RecordsError(f"cannot open {path}: {exc}") from None
+        try:
+            conn.row_factory = sqlite3.Row
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise RecordsError(f"{path}: cannot switch to WAL journal (got {mode})")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            _migrate(conn, path, steps)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise RecordsError(f"{path} is not a usable node database: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, path)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and a write transaction; commit on success, roll back on error.
+
+        BEGIN IMMEDIATE takes the write lock up front, so a read-check-write inside the
+        block can't be raced by another process sharing the file.
+        """
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Run one read-only statement and return all rows."""
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        """Run one read-only statement and return its first row, if any."""
+        with self._lock:
+            row: sqlite3.Row | None = self._conn.execute(sql, params).fetchone()
+            return row
+
+    @property
+    def schema_version(self) -> int:
+        row = self.query_one("PRAGMA user_version")
+        return int(row[0]) if row is not None else 0
+
+    def close(self) -> None:
+        """Close the connection (the WAL is checkpointed by SQLite on the last close)."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> NodeDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _migrate(
+    conn: sqlite3.Connection,
+    path: Path,
+    steps: dict[int, Callable[[sqlite3.Connection], None]],
+) -> None:
+    target = len(steps)
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > target:
+                raise RecordsError(
+                    f"{path} has schema version {version}; this peerpost knows up to {target}"
+                    " (was it opened by a newer version?)"
+                )
+            if version == target:
+                conn.execute("COMMIT")
+                return
+            steps[version](conn)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def count_rows(conn: sqlite3.Connection, table: str) -> int:
+    """Rows in `table`, a name from our own code (never from outside), for the size bounds."""
+    return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+def check_message_row(id: bytes, message: bytes) -> None:
+    """Refuse a message id of the wrong size or an oversized stored location message."""
+    if len(id) != MESSAGE_ID_LEN:
+        raise ValueError(f"a message id is {MESSAGE_ID_LEN} bytes, got {len(id)}")
+    if len(message) > MAX_STORED_MESSAGE:
+        raise ValueError(f"location message of {len(message)} bytes is over the limit")
