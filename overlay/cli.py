@@ -1,0 +1,325 @@
+"""`peerpost`: the command line of a peer node.
+
+`init` and `node` work on the home folder directly; every other command talks to the running
+daemon over its control socket (overlay.control) and fails with a clear message and exit
+status 3 when the daemon is not running. Human output uses rich; `--json` gives machine
+output where a listing is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from overlay.control import ControlClient, ControlError, NodeNotRunning
+from overlay.home import HomeError, NodeHome
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _default_home() -> str:
+    return os.environ.get("PEERPOST_HOME") or str(Path.home() / ".peerpost")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="peerpost",
+        description="Send large media like e-mail; the bytes move peer to peer.",
+    )
+    p.add_argument("--home", default=None,
+                   help="the node's home folder (default: $PEERPOST_HOME or ~/.peerpost)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create this device's identity and register its address")
+    s.add_argument("--address", required=True, help="NAME@DOMAIN")
+    s.add_argument("--server", required=True, help="HOST:PORT of the domain's rendezvous server")
+    s.add_argument("--invite", help="invite token from the server's operator")
+    s.add_argument("--listen", default="0.0.0.0:0",
+                   help="HOST:PORT for direct transfers (default 0.0.0.0:0: any port, kept)")
+    s.add_argument("--download-dir", default="", help="where received files go")
+
+    s = sub.add_parser("node", help="run the peer daemon in the foreground (SIGTERM stops it)")
+    s.add_argument("--max-upload-rate", type=float, default=None, metavar="BYTES_PER_S",
+                   help="cap what this node uploads (bytes per second)")
+    s.add_argument("--retry-base", type=float, default=None, metavar="SECONDS",
+                   help="first retry delay when no source is reachable (default 5)")
+    s.add_argument("--retry-max", type=float, default=None, metavar="SECONDS",
+                   help="longest retry delay (default 300)")
+
+    s = sub.add_parser("send", help="send a file to one or more addresses; prints the message id")
+    s.add_argument("file")
+    s.add_argument("--to", required=True, help="ADDR[,ADDR...]")
+    s.add_argument("--title", default=None)
+    s.add_argument("--note", default="")
+
+    s = sub.add_parser("inbox", help="list received messages")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--all", action="store_true", help="include junk senders' messages")
+
+    s = sub.add_parser("fetch", help="download a message (when auto-download is off)")
+    s.add_argument("id", help="message id (hex, or a unique prefix)")
+    s.add_argument("--wait", action="store_true", help="wait and show progress until done")
+
+    s = sub.add_parser("status", help="the sender's view: who has downloaded what")
+    s.add_argument("id", nargs="?")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("prefs", help="show or change preferences")
+    s.add_argument("action", nargs="?", default="show",
+                   choices=["show", "priority", "junk", "set"],
+                   help="show | priority add|remove ADDR | junk add|remove ADDR | set KEY VALUE")
+    s.add_argument("args", nargs="*")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("contacts", help="pinned keys and fingerprints (compare out of band)")
+    s.add_argument("action", nargs="?", default="list", choices=["list", "accept"])
+    s.add_argument("address", nargs="?")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("demo", help="server, sender and two receivers on loopback")
+    s.add_argument("--size-mib", type=float, default=None,
+                   help="clip size (default: a short real clip of a few MiB)")
+    s.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    home = NodeHome(args.home or _default_home())
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "init":
+            from overlay.setup import init_home
+
+            return init_home(home, args, console)
+        if args.command == "node":
+            from overlay.node import run_node
+
+            return run_node(home, args)
+        if args.command == "demo":
+            from overlay.demo import run_demo
+
+            return run_demo(args, console)
+        return _run(_COMMANDS[args.command](home, args))
+    except HomeError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        return EXIT_ERROR
+    except NodeNotRunning as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(coro_or_code: Any) -> int:
+    if isinstance(coro_or_code, int):
+        return coro_or_code
+    rc: int = asyncio.run(coro_or_code)
+    return rc
+
+
+async def _call(home: NodeHome, op: str, **args: Any) -> Any:
+    async with ControlClient(home.control_path) as c:
+        return await c.call(op, **args)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_send(home: NodeHome, args: argparse.Namespace) -> Any:
+    # Checked here, before any daemon round trip, so the message names the user's input.
+    path = Path(args.file).expanduser()
+    if not path.is_file():
+        err_console.print(f"[red]error:[/] no such file: {args.file}")
+        return EXIT_ERROR
+    to = [a.strip() for a in args.to.split(",") if a.strip()]
+    if not to:
+        err_console.print("[red]error:[/] --to needs at least one address")
+        return EXIT_USAGE
+    return _send(home, path.absolute(), to, args)
+
+
+async def _send(home: NodeHome, path: Path, to: list[str], args: argparse.Namespace) -> int:
+    res = await _call(home, "send", path=str(path), to=to,
+                      title=args.title if args.title is not None else path.name, note=args.note)
+    for w in res.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {w}")
+    print(res["id"])
+    return 0
+
+
+async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
+    entries = await _call(home, "inbox", include_junk=bool(args.all))
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    t = Table(title=f"inbox of {home.root}")
+    for col in ("id", "from", "title", "size", "state", "progress", "sources"):
+        t.add_column(col)
+    for e in entries:
+        state = e["state"]
+        if state == "retrying" and e.get("next_attempt"):
+            state += f" (next {_when(e['next_attempt'])[11:]})"
+        if e.get("junk"):
+            state += " [junk]"
+        srcs = ", ".join(f"{s.get('peer', '?')[:8]}/{s.get('path', '?')}" for s in e["sources"])
+        t.add_row(e["id"][:12], e["from"], e["title"], _size(e["size"]), state,
+                  f"{e['progress'] * 100:.0f}%", srcs)
+    console.print(t)
+    return 0
+
+
+async def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> int:
+    entry = await _call(home, "fetch", id=args.id)
+    if not args.wait:
+        console.print(f"fetching {entry['id']} ({entry['title']}): {entry['state']}")
+        return 0
+    async with ControlClient(home.control_path) as c:
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task(entry["title"][:40] or entry["id"][:12], total=entry["size"])
+            while True:
+                e = await c.call("progress", id=entry["id"])
+                bar.update(task, completed=int(e["progress"] * e["size"]),
+                           description=f"{e['title'][:30]} [{e['state']}]")
+                if e["state"] in ("complete", "failed"):
+                    break
+                await asyncio.sleep(0.2)
+    if e["state"] == "failed":
+        err_console.print(f"[red]failed:[/] {e.get('error')}")
+        return EXIT_ERROR
+    console.print(f"complete: {e['path']}")
+    return 0
+
+
+async def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
+    items = await _call(home, "status", id=args.id)
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    t = Table(title="sent messages")
+    for col in ("id", "title", "size", "recipient", "state", "updated"):
+        t.add_column(col)
+    for m in items:
+        for i, r in enumerate(m["recipients"]):
+            t.add_row(m["id"][:12] if i == 0 else "", m["title"] if i == 0 else "",
+                      _size(m["size"]) if i == 0 else "", r["address"], r["state"],
+                      _when(r.get("updated_at")))
+        if m.get("retention_done"):
+            t.add_row("", "", "", "", f"[dim]{m['retention_done']}[/]", "")
+    console.print(t)
+    return 0
+
+
+async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
+    if args.action in ("priority", "junk"):
+        if len(args.args) != 2 or args.args[0] not in ("add", "remove"):
+            err_console.print(f"usage: peerpost prefs {args.action} add|remove ADDRESS")
+            return EXIT_USAGE
+        await _call(home, "prefs_list", list=args.action, action=args.args[0],
+                    address=args.args[1])
+    elif args.action == "set":
+        if len(args.args) != 2:
+            err_console.print("usage: peerpost prefs set KEY VALUE  (keys: auto-download on|off,"
+                              " retention keep|delete|archive, archive-dir DIR,"
+                              " max-upload-rate BYTES_PER_S|none)")
+            return EXIT_USAGE
+        await _call(home, "prefs_set", key=args.args[0], value=args.args[1])
+    prefs = await _call(home, "prefs")
+    if args.json:
+        print(json.dumps(prefs, indent=2))
+        return 0
+    t = Table(title="preferences")
+    t.add_column("preference")
+    t.add_column("value")
+    for k, v in prefs.items():
+        t.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
+    console.print(t)
+    return 0
+
+
+async def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
+    if args.action == "accept":
+        if not args.address:
+            err_console.print("usage: peerpost contacts accept ADDRESS")
+            return EXIT_USAGE
+        await _call(home, "contacts_accept", address=args.address)
+    contacts = await _call(home, "contacts")
+    if args.json:
+        print(json.dumps(contacts, indent=2))
+        return 0
+    t = Table(title="contacts (compare fingerprints out of band)")
+    for col in ("address", "fingerprints", "first seen", "note"):
+        t.add_column(col)
+    for c in contacts:
+        note = "[bold red]KEY CHANGED: verify, then `peerpost contacts accept`[/]" \
+            if c.get("changed") else ""
+        t.add_row(c["address"], "\n".join(c["fingerprints"]), _when(c.get("first_seen")), note)
+    console.print(t)
+    if any(c.get("changed") for c in contacts):
+        err_console.print("[bold red]warning:[/] a contact's key has changed")
+    return 0
+
+
+_COMMANDS = {
+    "send": cmd_send,
+    "inbox": cmd_inbox,
+    "fetch": cmd_fetch,
+    "status": cmd_status,
+    "prefs": cmd_prefs,
+    "contacts": cmd_contacts,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The local control socket: how `peerpost send/inbox/fetch/...` talk to the running daemon.
+
+A Unix socket in the home folder, mode 0600 inside a 0700 folder, so only the owner can
+drive the node. Frames are a 4-byte big-endian length plus msgpack, as on the rendezvous
+wire. A request is `{"op": NAME, "args": {...}}`; the reply is `{"ok": true, "result": ...}`
+or `{"ok": false, "error": TEXT}`. Operations are looked up in an explicit table handed in by
+the node (STYLE.md 5): never a name taken from the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from crypto.codec import Fields, packb, unpackb
+from crypto.errors import DecodeError
+
+log = logging.getLogger("peerpost.control")
+
+MAX_CONTROL_FRAME = 4 << 20
+_LEN = struct.Struct(">I")
+
+Operation = Callable[[Fields], Awaitable[Any]]
+
+
+class ControlError(Exception):
+    """The daemon answered with an error, or could not be reached; the text is for people."""
+
+
+class NodeNotRunning(ControlError):
+    pass
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    head = await reader.readexactly(4)
+    (n,) = _LEN.unpack(head)
+    if n > MAX_CONTROL_FRAME:
+        raise DecodeError(f"control frame of {n} bytes exceeds {MAX_CONTROL_FRAME}")
+    return unpackb(await reader.readexactly(n), max_bytes=MAX_CONTROL_FRAME)
+
+
+def _frame(obj: Any) -> bytes:
+    body = packb(obj)
+    return _LEN.pack(len(body)) + body
+
+
+class ControlServer:
+    """Serves the operations table on the home folder's Unix socket."""
+
+    def __init__(self, path: Path, operations: Mapping[str, Operation]) -> None:
+        self.path = path
+        self._ops = dict(operations)
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a stale socket from a killed daemon
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    req = Fields(await _read_frame(reader), "control request")
+                    op = req.str("op", min_len=1, max_len=64)
+                    args = req.map("args", optional=True) or Fields({}, "args")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                except DecodeError as exc:
+                    writer.write(_frame({"ok": False, "error": f"bad request: {exc}"}))
+                    return
+                handler = self._ops.get(op)
+                if handler is None:
+                    reply = {"ok": False, "error": f"unknown operation {op!r}"}
+                else:
+                    try:
+                        reply = {"ok": True, "result": await handler(args)}
+                    except (ControlError, DecodeError, ValueError, OSError) as exc:
+                        reply = {"ok": False, "error": str(exc)}
+                    except Exception as exc:  # a bug must not take the daemon down
+                        log.exception("control op %s failed", op)
+                        reply = {"ok": False, "error": f"internal error: {exc!r}"}
+                writer.write(_frame(reply))
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+class ControlClient:
+    """One connection to the daemon's control socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def __aenter__(self) -> ControlClient:
+        try:
+            self._reader, self._writer = await asyncio.open_unix_connection(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NodeNotRunning(
+                f"the peerpost node for {self.path.parent} is not running "
+                f"(start it with `peerpost --home {self.path.parent} node`)"
+            ) from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+
+    async def call(self, op: str, **args: Any) -> Any:
+        if self._reader is None or self._writer is None:
+            raise ControlError("control client is not connected")
+        self._writer.write(_frame({"op": op, "args": args}))
+        await self._writer.drain()
+        try:
+            reply = await _read_frame(self._reader)
+        except asyncio.IncompleteReadError:
+            raise ControlError("the node closed the control connection") from None
+        if not isinstance(reply, dict):
+            raise ControlError("malformed reply from the node")
+        if not reply.get("ok"):
+            raise ControlError(str(reply.get("error", "unknown error")))
+        return reply.get("result")

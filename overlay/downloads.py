@@ -1,0 +1,173 @@
+"""The download queue: which inbox message to fetch next, retries, and completion.
+
+One owner task (`run`) picks work from the inbox in its order (priority senders first,
+then oldest first; junk never), keeps at most `max_active` downloads going, and sleeps
+until woken (a new message, a `fetch`, a node coming online) or until the next retry is
+due. When no source is reachable a download is not failed: it goes to `retrying` with an
+exponential backoff and shows the next attempt time in `inbox` (the seed's step 445).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from crypto.errors import CryptoError
+from crypto.location import LocationMessage, decode_location
+from overlay.inbox import Inbox, InboxEntry
+from overlay.inbox_state import InboxState
+from overlay.prefs import Prefs
+
+log = logging.getLogger("peerpost.downloads")
+
+
+class RetryLater(Exception):
+    """No source could be reached now; try again after a backoff."""
+
+
+class DownloadFailed(Exception):
+    """The download can't succeed (e.g. the content does not match its id); no retry."""
+
+
+@dataclass
+class SourceView:
+    """What `inbox --json` shows for one source of an active download."""
+
+    peer: str
+    path: str
+    bytes: int = 0
+    rate: float = 0.0
+    banned: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {"peer": self.peer, "path": self.path, "bytes": self.bytes,
+                "rate": round(self.rate, 1), "banned": self.banned}
+
+
+@dataclass
+class Activity:
+    """Live view of one download, for `inbox` and `fetch --wait`."""
+
+    sources: dict[str, SourceView] = field(default_factory=dict)
+    started_at: float = 0.0
+
+
+# fetch(entry, message, activity, on_progress(chunks_held)) -> final path
+Fetcher = Callable[[InboxEntry, LocationMessage, Activity, Callable[[int], None]],
+                   Awaitable[str]]
+Completed = Callable[[InboxEntry, LocationMessage], Awaitable[None]]
+
+
+class DownloadQueue:
+    """Owns the download tasks of one node."""
+
+    def __init__(self, inbox: Inbox, prefs: Prefs, fetch: Fetcher, on_complete: Completed, *,
+                 wall: Callable[[], float], rng: random.Random, max_active: int = 1,
+                 retry_base: float = 5.0, retry_max: float = 300.0) -> None:
+        self.inbox = inbox
+        self.prefs = prefs
+        self._fetch = fetch
+        self._on_complete = on_complete
+        self.wall = wall
+        self.rng = rng
+        self.max_active = max_active
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self.active: dict[bytes, Activity] = {}
+        self._tasks: dict[bytes, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._requested: set[bytes] = set()  # `fetch ID` while auto-download is off
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def request(self, message_id: bytes) -> None:
+        """The user asked for this message (`peerpost fetch`)."""
+        entry = self.inbox.get(message_id)
+        if entry is None:
+            raise KeyError(f"no message {message_id.hex()} in the inbox")
+        if entry.junk:
+            self.inbox.set_flags(message_id, junk=False)  # fetching it says it isn't junk
+        if entry.state in (InboxState.OFFERED, InboxState.FAILED):
+            self.inbox.transition(message_id, InboxState.DOWNLOADING)
+        elif entry.state is InboxState.RETRYING:
+            self.inbox.transition(message_id, InboxState.DOWNLOADING)
+        self._requested.add(message_id)
+        self.wake()
+
+    def backoff(self, attempts: int) -> float:
+        delay = min(self.retry_max, self.retry_base * 2 ** max(0, attempts - 1))
+        return delay * self.rng.uniform(0.8, 1.0)  # jitter keeps retries from bunching up
+
+    async def run(self) -> None:
+        """The scheduling loop; cancelled by the node on shutdown (its tasks with it)."""
+        try:
+            while True:
+                self._wake.clear()
+                self._start_due()
+                timeout = None
+                nxt = self.inbox.next_wakeup()
+                if nxt is not None:
+                    timeout = max(0.05, nxt - self.wall())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+        finally:
+            for t in self._tasks.values():
+                t.cancel()
+            for t in list(self._tasks.values()):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    def _start_due(self) -> None:
+        if len(self._tasks) >= self.max_active:
+            return
+        for entry in self.inbox.fetch_order(self.wall(), include_offered=self.prefs.auto_download):
+            if len(self._tasks) >= self.max_active:
+                break
+            if entry.id in self._tasks:
+                continue
+            self._tasks[entry.id] = asyncio.get_running_loop().create_task(
+                self._download(entry), name=f"download-{entry.id.hex()[:8]}")
+
+    async def _download(self, entry: InboxEntry) -> None:
+        mid = entry.id
+        act = self.active.setdefault(mid, Activity())
+        act.started_at = act.started_at or self.wall()
+        try:
+            if entry.state is not InboxState.DOWNLOADING:
+                entry = self.inbox.transition(mid, InboxState.DOWNLOADING)
+            try:
+                msg = decode_location(entry.message)
+            except CryptoError as exc:
+                self.inbox.transition(mid, InboxState.FAILED, error=f"stored message: {exc}")
+                return
+
+            def progress(held: int) -> None:
+                self.inbox.set_progress(mid, held)
+
+            try:
+                path = await self._fetch(entry, msg, act, progress)
+            except RetryLater as exc:
+                current = self.inbox.get(mid)
+                attempts = current.attempts if current else 1
+                when = self.wall() + self.backoff(attempts)
+                self.inbox.transition(mid, InboxState.RETRYING, next_attempt=when,
+                                      error=str(exc))
+                log.info("message %s: %s; retrying in %.1f s", mid.hex(), exc, when - self.wall())
+                return
+            except DownloadFailed as exc:
+                self.inbox.transition(mid, InboxState.FAILED, error=str(exc))
+                log.warning("message %s failed: %s", mid.hex(), exc)
+                return
+            done = self.inbox.transition(mid, InboxState.COMPLETE, path=path)
+            log.info("message %s complete: %s", mid.hex(), path)
+            await self._on_complete(done, msg)
+        finally:
+            self._tasks.pop(mid, None)
+            self._requested.discard(mid)
+            self.wake()

@@ -1,0 +1,139 @@
+"""The node's home folder: identity, config, databases, control socket, received files.
+
+Layout (all owner-only):
+    identity.json   device keys (crypto.identity, mode 0600)
+    config.json     address, rendezvous server, listen address, options (versioned JSON)
+    node.db         inbox, outbox, preferences, contacts (overlay.records)
+    store/          content store metadata and partial downloads (overlay.store)
+    received/       finished downloads
+    control.sock    the daemon's local control socket (Unix, mode 0600)
+    node.log        the daemon's log when it runs in the background
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from crypto.address import normalize_address
+from crypto.errors import DecodeError
+from crypto.identity import DeviceIdentity
+
+CONFIG_VERSION = 1
+
+
+class HomeError(Exception):
+    """The home folder is missing, incomplete or unreadable; the text says what to do."""
+
+
+def parse_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 as [::1]:PORT), or raise ValueError with a clear text."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{what} must be HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"{what} port must be a number, got {port!r}") from None
+    if not 0 <= p <= 65535:
+        raise ValueError(f"{what} port must be 0..65535, got {p}")
+    return host, p
+
+
+@dataclass
+class NodeConfig:
+    address: str
+    server: str  # HOST:PORT of the rendezvous server of the address's domain
+    listen: str = "0.0.0.0:0"  # direct TCP transfer listener
+    listen_port: int = 0  # the port actually bound the first time, reused after restarts
+    download_dir: str = ""  # default: <home>/received
+    version: int = CONFIG_VERSION
+    options: dict[str, object] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeConfig:
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            raise DecodeError(f"config.json is not JSON: {exc}") from None
+        if not isinstance(obj, dict) or obj.get("version") != CONFIG_VERSION:
+            raise DecodeError("config.json: unsupported or missing version")
+        try:
+            cfg = cls(
+                address=normalize_address(obj["address"]),
+                server=str(obj["server"]),
+                listen=str(obj.get("listen", "0.0.0.0:0")),
+                listen_port=int(obj.get("listen_port", 0)),
+                download_dir=str(obj.get("download_dir", "")),
+                options=dict(obj.get("options", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DecodeError(f"config.json: bad or missing field: {exc}") from None
+        parse_hostport(cfg.server, what="server")
+        parse_hostport(cfg.listen, what="listen")
+        return cfg
+
+
+class NodeHome:
+    """Paths and the small files in one node's home folder."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    identity_path = property(lambda self: self.root / "identity.json")
+    config_path = property(lambda self: self.root / "config.json")
+    db_path = property(lambda self: self.root / "node.db")
+    store_dir = property(lambda self: self.root / "store")
+    control_path = property(lambda self: self.root / "control.sock")
+    log_path = property(lambda self: self.root / "node.log")
+
+    def received_dir(self, config: NodeConfig) -> Path:
+        return Path(config.download_dir) if config.download_dir else self.root / "received"
+
+    def exists(self) -> bool:
+        return self.identity_path.exists() and self.config_path.exists()
+
+    def create(self, config: NodeConfig, identity: DeviceIdentity) -> None:
+        """Make the folder (0700) and write identity and config; refuse to overwrite."""
+        if self.exists():
+            addr = self.load_config().address
+            raise HomeError(f"{self.root} already holds a peerpost node ({addr})")
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+        identity.save(self.identity_path)
+        self.save_config(config)
+
+    def save_config(self, config: NodeConfig) -> None:
+        tmp = self.config_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(config.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.config_path)
+
+    def load_config(self) -> NodeConfig:
+        if not self.config_path.exists():
+            raise HomeError(
+                f"no peerpost node in {self.root}: run `peerpost --home {self.root} init "
+                "--address NAME@DOMAIN --server HOST:PORT` first"
+            )
+        try:
+            return NodeConfig.from_json(self.config_path.read_text())
+        except DecodeError as exc:
+            raise HomeError(f"{self.config_path}: {exc}") from None
+
+    def load_identity(self) -> DeviceIdentity:
+        if not self.identity_path.exists():
+            raise HomeError(f"no identity in {self.root}: run `peerpost init` first")
+        try:
+            return DeviceIdentity.load(self.identity_path)
+        except DecodeError as exc:
+            raise HomeError(f"{self.identity_path}: {exc}") from None

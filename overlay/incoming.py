@@ -1,0 +1,138 @@
+"""Receiving: open each envelope the server pushes, check it, and file it.
+
+Everything from the server is outside input. An envelope that does not open for this
+device, is badly signed, is malformed, or contradicts what the server authenticated (the
+sender address) is dropped with a log line and a counter; nothing already stored is
+touched. The caller acknowledges (REMOVE) an envelope only after `handle()` returned, so a
+message is on disk before the server forgets it (DESIGN.md principle 4).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from crypto.content import chunk_count
+from crypto.envelope import open_envelope
+from crypto.errors import CryptoError
+from crypto.identity import DeviceIdentity, peer_id_of
+from crypto.location import LocationMessage, decode_location
+from overlay.contacts import Contacts, PinResult
+from overlay.inbox import Inbox
+from overlay.outbox import Outbox, RecipientStatus
+from overlay.prefs import Prefs
+from overlay.receipts import RECEIPT_KIND, Receipt
+
+log = logging.getLogger("peerpost.incoming")
+
+LOCATION_KIND = "location"
+
+
+class Outcome(Enum):
+    NEW = "new"  # a new location message is in the inbox
+    DUPLICATE = "duplicate"  # seen before (the server redelivered)
+    RECEIPT = "receipt"  # a recipient's receipt for something we sent
+    DROPPED = "dropped"  # bad input: logged and counted
+
+
+@dataclass(frozen=True, slots=True)
+class Pushed:
+    """The parts of a server push this module needs (rendezvous.client's Envelope has them)."""
+
+    message_id: bytes
+    sender: str  # the address the server authenticated
+    blob: bytes
+
+
+class IncomingMail:
+    """Turns pushed envelopes into inbox entries and outbox receipt updates."""
+
+    def __init__(self, identity: DeviceIdentity, address: str, inbox: Inbox, outbox: Outbox,
+                 prefs: Prefs, contacts: Contacts, wall: Callable[[], float]) -> None:
+        self.identity = identity
+        self.address = address
+        self.inbox = inbox
+        self.outbox = outbox
+        self.prefs = prefs
+        self.contacts = contacts
+        self.wall = wall
+        self.counters: Counter[str] = Counter()
+
+    def handle(self, env: Pushed) -> tuple[Outcome, LocationMessage | Receipt | None]:
+        """File one envelope. Never raises for bad input: it drops and counts instead."""
+        try:
+            opened = open_envelope(self.identity, env.blob)
+        except CryptoError as exc:
+            return self._drop("envelope", env, exc)
+        handler = self._kinds.get(opened.kind)
+        if handler is None:
+            return self._drop("unknown-kind", env, f"unknown envelope kind {opened.kind!r}")
+        try:
+            return handler(self, env, opened.sender.verify_key, opened.body)
+        except CryptoError as exc:
+            return self._drop(opened.kind, env, exc)
+
+    def _location(self, env: Pushed, key: bytes,
+                  body: bytes) -> tuple[Outcome, LocationMessage | Receipt | None]:
+        msg = decode_location(body)
+        h = msg.headers
+        if h.sender != env.sender:
+            return self._drop("location", env, f"signed as {h.sender} but the server "
+                              f"authenticated {env.sender}")
+        if h.message_id != env.message_id:
+            return self._drop("location", env, "message id differs from the envelope's")
+        if peer_id_of(key) != h.sender_peer_id:
+            return self._drop("location", env, "signed by another device than it names")
+        if self.address not in h.recipients:
+            return self._drop("location", env, "this address is not among the recipients")
+        pin = self.contacts.pin(h.sender, key, self.wall())
+        if pin is PinResult.CHANGED:
+            self.counters["key-changed"] += 1
+            log.warning("KEY CHANGED for %s: the message is kept, but compare fingerprints "
+                        "(`peerpost contacts`) before trusting it", h.sender)
+        kind = self.prefs.classify(h.sender)
+        added = self.inbox.add(
+            id=h.message_id, sender=h.sender, sender_peer_id=h.sender_peer_id,
+            title=msg.description.title, note=msg.description.note, size=msg.handle.size,
+            file_name=msg.description.file_name, media_type=msg.description.media_type,
+            content_id=msg.handle.content_id,
+            chunk_count=chunk_count(msg.handle.size, msg.handle.chunk_size),
+            message=body, received_at=self.wall(),
+            junk=kind == "junk", priority=kind == "priority",
+        )
+        if not added:
+            self.counters["duplicate"] += 1
+            return Outcome.DUPLICATE, msg
+        self.counters["received"] += 1
+        log.info("message %s from %s: %r (%d bytes)%s", h.message_id.hex(), h.sender,
+                 msg.description.title, msg.handle.size, " [junk]" if kind == "junk" else "")
+        return Outcome.NEW, msg
+
+    def _receipt(self, env: Pushed, key: bytes,
+                 body: bytes) -> tuple[Outcome, LocationMessage | Receipt | None]:
+        receipt = Receipt.decode(body)
+        entry = self.outbox.get(receipt.message_id)
+        if entry is None or env.sender not in {r.address for r in entry.recipients}:
+            return self._drop("receipt", env, "receipt for a message we did not send to them")
+        self.outbox.set_recipient_state(receipt.message_id, env.sender,
+                                        RecipientStatus(receipt.state)
+                                        if receipt.state != "deleted"
+                                        else RecipientStatus.DOWNLOADED, self.wall())
+        self.counters["receipts"] += 1
+        return Outcome.RECEIPT, receipt
+
+    _kinds: dict[str, Callable[[IncomingMail, Pushed, bytes, bytes],
+                               tuple[Outcome, LocationMessage | Receipt | None]]] = {
+        LOCATION_KIND: _location,
+        RECEIPT_KIND: _receipt,
+    }
+
+    def _drop(self, what: str, env: Pushed,
+              why: object) -> tuple[Outcome, LocationMessage | Receipt | None]:
+        self.counters[f"dropped-{what}"] += 1
+        log.warning("dropped envelope %s from %s: %s: %s", env.message_id.hex(), env.sender,
+                    what, why)
+        return Outcome.DROPPED, None

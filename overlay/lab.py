@@ -1,0 +1,251 @@
+"""A rendezvous server and peer nodes as real processes on loopback.
+
+`peerpost demo`, the end-to-end tests and the benchmarks all need the same thing: start
+`peerpost-rendezvous serve` and several `peerpost node` daemons, each in its own folder,
+learn the ports they bound (every listener binds port 0 and prints what it got), drive them
+through the `peerpost` CLI exactly as a person would, and stop or kill them. Nothing here is
+a stand-in: these are the installed console scripts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+_LISTENING = re.compile(r"listening (\S+):(\d+)")
+_READY = re.compile(r"^ready\b")
+
+
+class LabError(Exception):
+    """A process did not start, answer or finish as expected; the text says which and why."""
+
+
+def _script(name: str) -> str:
+    """The console script next to the running interpreter (the venv's), else from PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise LabError(f"{name} is not installed (run `make test` or `pip install -e .`)")
+    return found
+
+
+class _Lines:
+    """Reads a child's stdout in a thread: lines go to a queue and to a log file."""
+
+    def __init__(self, stream: IO[str], log_path: Path) -> None:
+        self.q: queue.Queue[str | None] = queue.Queue()
+        self._log = log_path.open("a")
+        self._t = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._t.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._log.write(line)
+            self._log.flush()
+            self.q.put(line.rstrip("\n"))
+        self.q.put(None)
+        self._log.close()
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float, what: str) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LabError(f"{what}: no line matching {pattern.pattern!r} in {timeout:.0f} s")
+            try:
+                line = self.q.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise LabError(f"{what}: exited before printing {pattern.pattern!r}")
+            m = pattern.search(line)
+            if m:
+                return m
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[str]
+    lines: _Lines
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; a process that does not stop in time is killed and reported."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+                raise LabError(f"{self.name} did not stop within {timeout} s of SIGTERM") from None
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        if self.alive():
+            self.popen.kill()
+        self.popen.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class NodeHandle:
+    name: str
+    address: str
+    home: Path
+    proc: Proc | None = None
+    extra: list[str] = field(default_factory=list)
+
+
+class LocalNetwork:
+    """A rendezvous server plus nodes under one folder, torn down on exit."""
+
+    def __init__(self, root: Path, *, domain: str = "example.net",
+                 server_args: list[str] | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.domain = domain
+        self.server_args = server_args or []
+        self.server: Proc | None = None
+        self.server_addr: tuple[str, int] | None = None
+        self.nodes: dict[str, NodeHandle] = {}
+        self.env = dict(os.environ)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.env.pop("PEERPOST_HOME", None)
+
+    # --- processes ---------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str]) -> Proc:
+        log_path = self.root / f"{name}.log"
+        popen = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, env=self.env, cwd=self.root,
+        )
+        if popen.stdout is None:
+            raise LabError(f"{name}: no stdout pipe")
+        return Proc(name, popen, _Lines(popen.stdout, log_path), log_path)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "server-data"
+
+    def start_server(self, timeout: float = 30.0) -> tuple[str, int]:
+        """Start (or restart, keeping its data) the rendezvous server; returns its address."""
+        listen = "127.0.0.1:0"
+        if self.server_addr is not None:  # a restart keeps the port the nodes know
+            listen = f"{self.server_addr[0]}:{self.server_addr[1]}"
+        argv = [_script("peerpost-rendezvous"), "serve", "--domain", self.domain,
+                "--listen", listen, "--data", str(self.data_dir), "--open-registration",
+                *self.server_args]
+        self.server = self._spawn("server", argv)
+        m = self.server.lines.wait_for(_LISTENING, timeout, "peerpost-rendezvous serve")
+        self.server_addr = (m.group(1), int(m.group(2)))
+        return self.server_addr
+
+    @property
+    def server_hostport(self) -> str:
+        if self.server_addr is None:
+            raise LabError("the server has not been started")
+        return f"{self.server_addr[0]}:{self.server_addr[1]}"
+
+    def cli(self, node: NodeHandle, *args: str, timeout: float = 120.0,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run `peerpost --home HOME ARGS...` and return its result."""
+        argv = [_script("peerpost"), "--home", str(node.home), *args]
+        res = subprocess.run(argv, capture_output=True, text=True, env=self.env,
+                             timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and res.returncode != 0:
+            raise LabError(f"`peerpost {' '.join(args)}` for {node.name} exited "
+                           f"{res.returncode}: {res.stderr.strip() or res.stdout.strip()}")
+        return res
+
+    def cli_json(self, node: NodeHandle, *args: str) -> Any:
+        return json.loads(self.cli(node, *args, "--json").stdout)
+
+    def add_node(self, name: str, *, extra: list[str] | None = None) -> NodeHandle:
+        """Create a node's home with `peerpost init` (registers its address)."""
+        node = NodeHandle(name, f"{name}@{self.domain}", self.root / name, extra=extra or [])
+        self.cli(node, "init", "--address", node.address, "--server", self.server_hostport,
+                 "--listen", "127.0.0.1:0")
+        self.nodes[name] = node
+        return node
+
+    def start_node(self, node: NodeHandle, timeout: float = 30.0) -> None:
+        argv = [_script("peerpost"), "--home", str(node.home), "node", *node.extra]
+        node.proc = self._spawn(node.name, argv)
+        node.proc.lines.wait_for(_READY, timeout, f"peerpost node ({node.name})")
+
+    def stop_node(self, node: NodeHandle) -> None:
+        if node.proc is not None:
+            node.proc.stop()
+
+    def kill_node(self, node: NodeHandle) -> None:
+        if node.proc is not None:
+            node.proc.kill()
+
+    def wait_until(self, predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+        """Poll `predicate()` until it returns something truthy (the CLI is the only view)."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(interval)
+        raise LabError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+    def inbox_entry(self, node: NodeHandle, message_id: str) -> dict[str, Any] | None:
+        for e in self.cli_json(node, "inbox", "--all"):
+            if e["id"] == message_id:
+                return dict(e)
+        return None
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            if node.proc is not None and node.proc.alive():
+                with contextlib.suppress(LabError):
+                    node.proc.stop(timeout=10)
+        if self.server is not None and self.server.alive():
+            with contextlib.suppress(LabError):
+                self.server.stop(timeout=10)
+
+    def __enter__(self) -> LocalNetwork:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def dir_size(path: Path) -> int:
+    """Bytes in all files below `path` (the server's data folder, for the 'no media' check)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def local_network(root: Path, **kw: Any) -> Iterator[LocalNetwork]:
+    net = LocalNetwork(root, **kw)
+    try:
+        yield net
+    finally:
+        net.close()
