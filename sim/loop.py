@@ -1,0 +1,222 @@
+"""A virtual-time asyncio event loop whose sockets reach the simulated network.
+
+`SimLoop` is an `asyncio.BaseEventLoop` with a stand-in selector: when nothing is ready,
+`select(timeout)` jumps the virtual clock to the next scheduled callback instead of sleeping
+(trio's `MockClock(autojump_threshold=0)` idea). `loop.time()` is that clock. So `sleep`,
+`call_later`, `asyncio.timeout`, `wait_for` and TaskGroups run in virtual time, as fast as
+the callbacks can be executed.
+
+If nothing is ready and nothing is scheduled while the main coroutine is still waiting,
+no simulated time can ever pass again: that is a deadlock, and `select` raises
+`SimDeadlock` listing what each host's tasks were waiting for.
+
+`run_in_executor` (and so `asyncio.to_thread`) runs the function inline, at once, and costs
+no virtual time. That keeps runs deterministic; CPU cost, where it matters, belongs in a
+scenario's model rather than in wall-clock threads.
+
+The socket methods (`create_connection`, `create_server`, `create_datagram_endpoint`,
+`getaddrinfo`, `getnameinfo`) act for the host the calling code runs as (`sim.host`).
+Unix sockets, pipes, subprocesses, raw `sock_*` calls, signals and TLS are not simulated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sim.host import CURRENT_HOST, Host, current_host
+
+if TYPE_CHECKING:
+    from sim.net import Network
+
+
+class SimDeadlock(RuntimeError):
+    """Every task waits and nothing is scheduled. `waits` maps host name to what it awaited."""
+
+    def __init__(self, now: float, waits: dict[str, list[str]]) -> None:
+        lines = [f"deadlock at virtual time {now:.6f}s: every task waits, nothing is scheduled"]
+        for host, items in waits.items():
+            lines.append(f"  {host}:")
+            lines.extend(f"    {item}" for item in items)
+        super().__init__("\n".join(lines))
+        self.now = now
+        self.waits = waits
+
+
+def _frame_text(obj: Any) -> str | None:
+    frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+    if frame is None:
+        return None
+    code = frame.f_code
+    return f"{code.co_qualname} ({code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})"
+
+
+def describe_wait(task: asyncio.Task[Any]) -> str:
+    """'task NAME: outer (file:line) > ... > innermost (file:line) awaiting FUTURE'."""
+    chain: list[str] = []
+    obj: Any = task.get_coro()
+    for _ in range(64):  # bounded walk down the await chain
+        text = _frame_text(obj)
+        if text is not None:
+            chain.append(text)
+        nxt = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+        if nxt is None:
+            break
+        obj = nxt
+    waiter = getattr(task, "_fut_waiter", None)
+    what = f" awaiting {waiter!r}" if waiter is not None else ""
+    return f"task {task.get_name()}: {' > '.join(chain) or '?'}{what}"
+
+
+class _VirtualSelector:
+    """Stands in for the selector: never any I/O, and waiting means jumping the clock."""
+
+    def __init__(self, loop: SimLoop) -> None:
+        self._loop = loop
+
+    def select(self, timeout: float | None) -> list[Any]:
+        self._loop._advance(timeout)
+        return []
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class SimLoop(asyncio.BaseEventLoop):
+    """asyncio loop with a virtual clock, acting on a `Network` (attach it before running)."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        super().__init__()
+        self._now = start
+        self._selector = _VirtualSelector(self)
+        self._network: Network | None = None
+        self._task_hosts: weakref.WeakKeyDictionary[asyncio.Task[Any], Host] = (
+            weakref.WeakKeyDictionary())
+
+    def attach(self, network: Network) -> None:
+        """Connect the loop's socket methods to `network`."""
+        self._network = network
+
+    @property
+    def network(self) -> Network:
+        """The simulated network; RuntimeError before attach()."""
+        if self._network is None:
+            raise RuntimeError("SimLoop has no network: call loop.attach(network)")
+        return self._network
+
+    # --- clock and scheduling ------------------------------------------------------------
+
+    def time(self) -> float:
+        """Virtual time, in seconds."""
+        return self._now
+
+    def _advance(self, timeout: float | None) -> None:
+        if timeout is None:
+            raise SimDeadlock(self._now, self.pending_waits())
+        if timeout > 0 and self._scheduled:
+            when: float = self._scheduled[0]._when
+            if when > self._now:
+                self._now = when
+
+    def _process_events(self, event_list: list[Any]) -> None:
+        """No real I/O events ever happen."""
+
+    def _write_to_self(self) -> None:
+        """Nothing to wake: the loop never blocks."""
+
+    def create_task(self, coro: Any, *, name: str | None = None,
+                    context: Any = None) -> asyncio.Task[Any]:
+        """As asyncio's, and remember which host the task runs as (for deadlock reports)."""
+        task = super().create_task(coro, name=name, context=context)
+        host = context.get(CURRENT_HOST) if context is not None else CURRENT_HOST.get(None)
+        if host is not None:
+            self._task_hosts[task] = host
+        return task
+
+    def pending_waits(self) -> dict[str, list[str]]:
+        """What every unfinished task is waiting for, grouped by host name."""
+        waits: dict[str, list[str]] = {}
+        for task in asyncio.all_tasks(self):
+            host = self._task_hosts.get(task)
+            label = host.name if host is not None else "(no host)"
+            waits.setdefault(label, []).append(describe_wait(task))
+        return dict(sorted(waits.items()))
+
+    def run_in_executor(self, executor: Any, func: Callable[..., Any],
+                        *args: Any) -> asyncio.Future[Any]:
+        """Run `func` inline now; the result is ready without any virtual time passing."""
+        self._check_closed()
+        fut: asyncio.Future[Any] = self.create_future()
+        try:
+            result = func(*args)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+        return fut
+
+    # --- name resolution -----------------------------------------------------------------
+
+    async def getaddrinfo(self, host: Any, port: Any, *, family: int = 0, type: int = 0,
+                          proto: int = 0, flags: int = 0) -> list[Any]:
+        """Resolve names registered with the simulation and IPv4 literals."""
+        if family not in (0, socket.AF_INET, socket.AF_UNSPEC):
+            raise socket.gaierror(socket.EAI_FAMILY, "only IPv4 is simulated")
+        address = self.network.resolve(host.decode() if isinstance(host, bytes) else host)
+        number = 0 if port is None else int(port)
+        kinds = [type] if type else [socket.SOCK_STREAM, socket.SOCK_DGRAM]
+        return [(socket.AF_INET, k, proto or (socket.IPPROTO_TCP if k == socket.SOCK_STREAM
+                                             else socket.IPPROTO_UDP), "", (address, number))
+                for k in kinds]
+
+    async def getnameinfo(self, sockaddr: Any, flags: int = 0) -> tuple[str, str]:
+        """Numeric only: (address, port)."""
+        return (str(sockaddr[0]), str(sockaddr[1]))
+
+    # --- sockets -------------------------------------------------------------------------
+
+    async def create_connection(  # type: ignore[override]
+            self, protocol_factory: Callable[[], asyncio.BaseProtocol], host: Any = None,
+            port: Any = None, *, ssl: Any = None, sock: Any = None, local_addr: Any = None,
+            **_ignored: Any) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        """Connect as the current host to (host, port) on the simulated network."""
+        if ssl:
+            raise NotImplementedError("TLS is not simulated: connect without ssl=")
+        if sock is not None:
+            raise NotImplementedError("sock= is not simulated")
+        me = current_host()
+        if local_addr is not None:
+            self.network.check_local(me, local_addr[0])
+        infos = await self.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return await self.network.connect(me, protocol_factory, infos[0][4])
+
+    async def create_server(  # type: ignore[override]
+            self, protocol_factory: Callable[[], asyncio.BaseProtocol], host: Any = None,
+            port: Any = None, *, ssl: Any = None, sock: Any = None, start_serving: bool = True,
+            **_ignored: Any) -> asyncio.AbstractServer:
+        """Listen as the current host; port 0 or None picks a free port."""
+        if ssl:
+            raise NotImplementedError("TLS is not simulated: serve without ssl=")
+        if sock is not None:
+            raise NotImplementedError("sock= is not simulated")
+        me = current_host()
+        if isinstance(host, list | tuple):
+            host = host[0] if host else None
+        return self.network.listen(me, protocol_factory, host, int(port or 0),
+                                   serving=start_serving)
+
+    async def create_datagram_endpoint(  # type: ignore[override]
+            self, protocol_factory: Callable[[], asyncio.BaseProtocol], local_addr: Any = None,
+            remote_addr: Any = None, *, sock: Any = None,
+            **_ignored: Any) -> tuple[asyncio.DatagramTransport, asyncio.BaseProtocol]:
+        """Bind a UDP socket as the current host."""
+        if sock is not None:
+            raise NotImplementedError("sock= is not simulated")
+        me = current_host()
+        remote = self.network.endpoint(remote_addr) if remote_addr is not None else None
+        return self.network.open_datagram(me, protocol_factory, local_addr, remote)

@@ -1,0 +1,116 @@
+"""`Simulation`: one seed, one virtual-time loop, one network, and a way to run code as hosts.
+
+    with Simulation(seed=7) as sim:
+        a = sim.add_host("a", up=1e6)
+        b = sim.add_host("b", nat=NatBehaviour.symmetric())
+        result = sim.run(main(), host=a)
+        print(sim.now, sim.trace.digest())
+
+All randomness of the engine comes from the seed: `sim.rng_for(purpose)` hands out an
+independent `random.Random` per purpose, stable whatever else the scenario draws.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sim.host import Host
+from sim.latency import LatencyModel
+from sim.loop import SimDeadlock, SimLoop
+from sim.nat import NatBehaviour, NatBox
+from sim.net import Network
+from sim.trace import Trace
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+_MAX_ERRORS = 1000
+
+
+class Simulation:
+    """A seeded simulation: loop, network, trace, and the errors its callbacks raised."""
+
+    def __init__(self, seed: int = 0, *, latency: LatencyModel | None = None,
+                 **network_options: Any) -> None:
+        self.seed = seed
+        self.trace = Trace()
+        self.loop = SimLoop()
+        self.network = Network(self.loop, rng=self.rng_for("network"), trace=self.trace,
+                               latency=latency, **network_options)
+        self.loop.attach(self.network)
+        self.errors: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(self._on_error)
+
+    def rng_for(self, purpose: str) -> random.Random:
+        """A generator for `purpose`, derived from the seed alone."""
+        return random.Random(f"peerpost-sim/{self.seed}/{purpose}")
+
+    def _on_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if len(self.errors) < _MAX_ERRORS:
+            self.errors.append(context)
+        log.warning("simulated callback failed: %s", context.get("message"),
+                    exc_info=context.get("exception"))
+
+    @property
+    def now(self) -> float:
+        """Virtual time in seconds."""
+        return self.loop.time()
+
+    def add_host(self, name: str, *, up: float | None = None, down: float | None = None,
+                 nat: NatBox | NatBehaviour | None = None, loss: float = 0.0) -> Host:
+        """Add a host (rates in bytes/s, None: unlimited)."""
+        return self.network.add_host(name, up=up, down=down, nat=nat, loss=loss)
+
+    def add_nat(self, name: str, behaviour: NatBehaviour) -> NatBox:
+        """Add a NAT box that several hosts can sit behind."""
+        return self.network.add_nat(name, behaviour)
+
+    def run(self, coro: Coroutine[Any, Any, T], *, host: Host | None = None,
+            timeout: float | None = None) -> T:
+        """Run `coro` (as `host`, if given) until it returns; `timeout` is in virtual seconds.
+
+        Raises SimDeadlock if it can never finish, TimeoutError on `timeout`.
+        """
+        if timeout is not None:
+            coro = _bounded(coro, timeout)
+        context = host.context.copy() if host is not None else None
+        task = self.loop.create_task(coro, context=context)
+        try:
+            return self.loop.run_until_complete(task)
+        except SimDeadlock:
+            task.cancel()
+            raise
+
+    def close(self) -> None:
+        """Cancel what still runs, let it unwind, and close the loop."""
+        loop = self.loop
+        if loop.is_closed():
+            return
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            try:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            except SimDeadlock:
+                log.warning("tasks ignored cancellation at close")
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+    def __enter__(self) -> Simulation:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+async def _bounded(coro: Coroutine[Any, Any, T], seconds: float) -> T:
+    async with asyncio.timeout(seconds):
+        return await coro
