@@ -1,0 +1,405 @@
+"""`RendezvousClient`: the library a node uses to talk to its rendezvous server.
+
+    async with RendezvousClient(host, port, identity, "alice@example.net",
+                                register=True, advertise={"addrs": ["1.2.3.4:4567"]}) as rc:
+        await rc.send(os.urandom(16), [("bob@example.net", bob_peer_id, sealed_blob)])
+        async for push in rc.pushes():      # Deliver(envelope) or PipeMessage
+            ...
+
+- `start()` connects and authenticates; a refusal raises `AuthenticationError` (status
+  and text from the server). With `reconnect=True` a background task notices a lost
+  connection and reconnects with exponential backoff and jitter (up to `max_backoff`
+  seconds), authenticating again each time; the server then flushes the queue again, so
+  a push can repeat across sessions until it is REMOVEd (dedupe by message id). If the
+  server refuses a re-authentication, reconnecting stops and requests raise that error.
+- Each request waits at most `request_timeout` seconds in total. While reconnecting it
+  waits for the session, and a request cut off by a lost connection is sent again on the
+  next one: SEND and REMOVE are idempotent by message id, the others read only, except
+  PIPE which may then arrive twice. Errors are `RendezvousError` subclasses
+  (`rendezvous.errors`); a timeout is `RequestTimeoutError` (also a `TimeoutError`).
+- `pushes()` yields `Deliver` and `PipeMessage` in arrival order, across reconnects, until
+  `aclose()`. The buffer is bounded: when `push_queue` items wait, the client stops
+  reading from the socket until the consumer catches up (TCP backpressure to the server).
+- `Envelope` (`rendezvous.records`): message_id, sender, recipient, device, priority, blob,
+  received_at. `EnvelopeInfo`: the same with `size` instead of `blob`. `FingerResult`:
+  address and `devices` (verify_key, online, last_seen, advertise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from crypto.address import normalize_address
+from crypto.codec import Fields
+from crypto.errors import DecodeError
+from crypto.identity import DeviceIdentity
+from rendezvous.client_core import ClientConnection
+from rendezvous.errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    RemoteProtocolError,
+    RendezvousError,
+    RequestTimeoutError,
+    error_for,
+)
+from rendezvous.framing import DEFAULT_MAX_FRAME
+from rendezvous.logfmt import kv
+from rendezvous.messages import (
+    Advertise,
+    Challenge,
+    Deliver,
+    Finger,
+    List,
+    Pipe,
+    PipeMessage,
+    Quit,
+    Remove,
+    Reply,
+    Request,
+    Retrieve,
+    Send,
+    SendItem,
+)
+from rendezvous.records import Envelope, EnvelopeInfo, FingerResult, raw_map
+
+log = logging.getLogger("rendezvous.client")
+
+Push = Deliver | PipeMessage
+
+__all__ = ["Deliver", "Envelope", "EnvelopeInfo", "FingerResult", "PipeMessage",
+           "RendezvousClient", "RendezvousError"]
+
+
+class _ClientProtocol(asyncio.Protocol):
+    """One connection: feeds the sans-I/O core, matches replies, forwards pushes."""
+
+    def __init__(self, client: RendezvousClient, loop: asyncio.AbstractEventLoop) -> None:
+        self.client = client
+        self.core = ClientConnection(client.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.challenge: asyncio.Future[Challenge] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.pending: dict[int, asyncio.Future[Reply]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not isinstance(transport, asyncio.Transport):
+            raise TypeError("rendezvous runs over stream transports")
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.core.receive_data(data)
+        except RemoteProtocolError as exc:
+            log.warning(kv("client.bad_server_data", text=exc.text))
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        while (msg := self.core.next_event()) is not None:
+            if isinstance(msg, Reply):
+                fut = self.pending.pop(msg.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif isinstance(msg, Challenge):
+                if self.challenge.done():
+                    self.challenge = asyncio.get_running_loop().create_future()
+                self.challenge.set_result(msg)
+            else:
+                self.client._on_push(msg, self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionLostError())
+        self.pending.clear()
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if not self.challenge.done():
+            self.challenge.set_exception(ConnectionLostError("connection closed before challenge"))
+            self.challenge.exception()  # retrieved: nobody waiting for it is not an error
+
+    def request(self, make: Callable[[int], Request]) -> tuple[Request, asyncio.Future[Reply]]:
+        req = make(self.core.new_id())
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.pending[req.id] = fut
+        self.core.send(req)
+        self.flush()
+        return req, fut
+
+    def flush(self) -> None:
+        data = self.core.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+
+class RendezvousClient:
+    """A device's session with its rendezvous server (see the module docstring)."""
+
+    def __init__(self, host: str, port: int, identity: DeviceIdentity, address: str, *,
+                 domain: str | None = None, advertise: dict[str, Any] | None = None,
+                 register: bool = False, invite: str | None = None,
+                 request_timeout: float = 10.0, reconnect: bool = True,
+                 max_backoff: float = 30.0, push_queue: int = 10_000,
+                 max_frame: int = DEFAULT_MAX_FRAME, rng: random.Random | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.identity = identity
+        self.address = normalize_address(address)
+        self.domain = domain
+        self._advertise = advertise
+        self.register = register
+        self.invite = invite
+        self.request_timeout = request_timeout
+        self.reconnect = reconnect
+        self.max_backoff = max_backoff
+        self.push_queue = push_queue
+        self.max_frame = max_frame
+        self._rng = rng or random.Random()
+        self._proto: _ClientProtocol | None = None
+        self._connected = asyncio.Event()
+        self._pushes: deque[Push] = deque()
+        self._push_ready = asyncio.Event()
+        self._reading_paused = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._fatal: RendezvousError | None = None
+        self._closed = False
+        self.reconnects = 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def start(self) -> None:
+        """Connect and authenticate; keep reconnecting in the background if asked to."""
+        await self._connect_once()
+        if self.reconnect:
+            self._supervisor = asyncio.get_running_loop().create_task(
+                self._supervise(), name=f"rendezvous-client {self.address}")
+
+    async def aclose(self) -> None:
+        """Say QUIT (briefly), close the connection, stop reconnecting, end `pushes()`."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        proto, self._proto = self._proto, None
+        self._connected.clear()
+        if proto is not None and proto.transport is not None:
+            if not proto.lost.done():
+                with contextlib.suppress(Exception):
+                    _, fut = proto.request(Quit)
+                    await asyncio.wait_for(fut, min(1.0, self.request_timeout))
+            proto.transport.close()
+        self._push_ready.set()
+
+    async def __aenter__(self) -> RendezvousClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        # (the node-facing API takes a timeout argument, as agreed for issue 2)
+        """Wait for an authenticated session; TimeoutError (RequestTimeoutError) if none."""
+        if self._fatal is not None:
+            raise self._fatal
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"not connected to {self.host}:{self.port} within {timeout}s") from None
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _connect_once(self) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.request_timeout
+        try:
+            transport, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: _ClientProtocol(self, loop), self.host,
+                                       self.port), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionLostError(
+                f"cannot connect to {self.host}:{self.port}: {exc or type(exc).__name__}"
+            ) from None
+        try:
+            challenge = await asyncio.wait_for(asyncio.shield(proto.challenge), timeout)
+            if self.domain is not None and challenge.domain != self.domain:
+                raise AuthenticationError(
+                    0, f"server is for domain {challenge.domain}, expected {self.domain}")
+            rid = proto.core.authorize(self.identity, self.address, invite=self.invite,
+                                       register=self.register, advertise=self._advertise)
+            fut: asyncio.Future[Reply] = loop.create_future()
+            proto.pending[rid] = fut
+            proto.flush()
+            reply = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            transport.abort()
+            raise RequestTimeoutError(f"no answer to AUTHORIZATION within {timeout}s") from None
+        except BaseException:
+            transport.abort()
+            raise
+        if not reply.ok:
+            transport.close()
+            raise AuthenticationError(reply.status, reply.text)
+        self._proto = proto
+        self._connected.set()
+        log.info(kv("client.connected", address=self.address, server=f"{self.host}:{self.port}"))
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        while not self._closed:
+            proto = self._proto
+            if proto is not None:
+                await asyncio.shield(proto.lost)
+                self._connected.clear()
+                self._proto = None
+                self._reading_paused = False
+                log.info(kv("client.disconnected", address=self.address))
+            attempt += 1
+            delay = min(self.max_backoff, 0.1 * 2 ** min(attempt - 1, 16))
+            await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
+            try:
+                await self._connect_once()
+            except AuthenticationError as exc:
+                log.warning(kv("client.reauth_refused", address=self.address, text=exc.text))
+                self._fatal = exc
+                self._connected.set()  # wake waiters so they see the error
+                return
+            except RendezvousError as exc:
+                log.info(kv("client.reconnect_failed", address=self.address, text=exc.text,
+                            attempt=attempt))
+                continue
+            self.reconnects += 1
+            attempt = 0
+
+    # --- pushes --------------------------------------------------------------------------
+    def _on_push(self, msg: Push, proto: _ClientProtocol) -> None:
+        self._pushes.append(msg)
+        self._push_ready.set()
+        if len(self._pushes) >= self.push_queue and not self._reading_paused:
+            if proto.transport is not None and not proto.transport.is_closing():
+                proto.transport.pause_reading()
+                self._reading_paused = True
+
+    def pushes(self) -> AsyncIterator[Push]:
+        """DELIVER and PIPE pushes, in order, across reconnects, until `aclose()`."""
+        return self._iterate_pushes()
+
+    async def _iterate_pushes(self) -> AsyncIterator[Push]:
+        while True:
+            while not self._pushes:
+                if self._closed:
+                    return
+                self._push_ready.clear()
+                await self._push_ready.wait()
+            msg = self._pushes.popleft()
+            if self._reading_paused and len(self._pushes) <= self.push_queue // 2:
+                self._reading_paused = False
+                proto = self._proto
+                if proto is not None and proto.transport is not None:
+                    proto.transport.resume_reading()
+            yield msg
+
+    # --- requests ------------------------------------------------------------------------
+    async def _request(self, make: Callable[[int], Request]) -> Reply:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        while True:
+            if self._fatal is not None:
+                raise self._fatal
+            if self._closed:
+                raise ConnectionLostError("client is closed")
+            remaining = deadline - loop.time()
+            proto = self._proto
+            if proto is None or proto.lost.done() or not self._connected.is_set():
+                if not self.reconnect:
+                    raise ConnectionLostError()
+                if remaining <= 0:
+                    raise RequestTimeoutError("not connected within the request timeout")
+                await self.wait_connected(remaining)
+                continue
+            req, fut = proto.request(make)
+            try:
+                reply = await asyncio.wait_for(fut, max(remaining, 0.001))
+            except TimeoutError:
+                proto.pending.pop(req.id, None)
+                raise RequestTimeoutError(
+                    f"no reply to {req.TAG} within {self.request_timeout}s") from None
+            except ConnectionLostError:
+                if not self.reconnect:
+                    raise
+                continue
+            if not reply.ok:
+                raise error_for(reply.status, reply.text)
+            return reply
+
+    async def send(self, message_id: bytes, items: list[tuple[str, bytes, bytes]],
+                   priority: int = 0) -> None:
+        """Deposit one message: one sealed blob per (address, device peer id). Durable on return."""
+        parsed = tuple(SendItem(normalize_address(a), d, b) for a, d, b in items)
+        await self._request(lambda rid: Send(rid, message_id, priority, parsed))
+
+    async def list(self) -> list[EnvelopeInfo]:
+        """Every envelope queued for this device (paged under the hood)."""
+        out: list[EnvelopeInfo] = []
+        after = 0
+        while True:
+            reply = await self._request(_list_page(after))
+            try:
+                f = Fields(reply.body, "LIST reply")
+                out.extend(f.list("items", lambda o, w: EnvelopeInfo.decode(Fields(o, w)),
+                                  max_items=1000) or ())
+                nxt = f.int("next", lo=1, hi=1 << 62, optional=True)
+            except DecodeError as exc:
+                raise RendezvousError(0, f"malformed LIST reply: {exc}") from None
+            if nxt is None:
+                return out
+            after = nxt
+
+    async def retrieve(self, message_id: bytes) -> Envelope:
+        """One queued envelope of this device (NotFoundError if not queued)."""
+        reply = await self._request(lambda rid: Retrieve(rid, message_id))
+        try:
+            return Envelope.decode(Fields(raw_map(Fields(reply.body, "reply"), "env"), "env"))
+        except DecodeError as exc:
+            raise RendezvousError(0, f"malformed RETRIEVE reply: {exc}") from None
+
+    async def remove(self, message_id: bytes) -> None:
+        """Acknowledge delivery: the server forgets the envelope (idempotent)."""
+        await self._request(lambda rid: Remove(rid, message_id))
+
+    async def finger(self, address: str) -> FingerResult:
+        """Presence, keys and reachability of `address` (NotFoundError if unknown)."""
+        target = normalize_address(address)
+        reply = await self._request(lambda rid: Finger(rid, target))
+        try:
+            return FingerResult.decode(Fields(reply.body, "FINGER reply"))
+        except DecodeError as exc:
+            raise RendezvousError(0, f"malformed FINGER reply: {exc}") from None
+
+    async def pipe(self, to: str, payload: bytes, *, device: bytes | None = None,
+                   hold: float = 0) -> None:
+        """Relay `payload` to online device(s) of `to`; hold it `hold` seconds if offline."""
+        target = normalize_address(to)
+        hold_ms = max(0, round(hold * 1000))
+        await self._request(lambda rid: Pipe(rid, target, payload, device, hold_ms))
+
+    async def advertise(self, advertise: dict[str, Any]) -> None:
+        """Replace this device's reachability hints (also used on reconnects)."""
+        await self._request(lambda rid: Advertise(rid, advertise))
+        self._advertise = advertise
+
+
+def _list_page(after: int) -> Callable[[int], Request]:
+    return lambda rid: List(rid, after)

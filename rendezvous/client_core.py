@@ -1,0 +1,100 @@
+"""The client side of a rendezvous connection, sans-I/O.
+
+`ClientConnection` turns requests into frames and received bytes into `ServerMessage`s
+(CHALLENGE, REPLY, DELIVER, PIPE). It tracks just enough state to refuse our own misuse:
+requests other than AUTHORIZATION and QUIT only after the server accepted the
+AUTHORIZATION. Anything malformed from the server raises RemoteProtocolError, after which
+the adapter drops the connection (a server that garbles frames can't be trusted further).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from enum import Enum
+from typing import Any
+
+from crypto.identity import DeviceIdentity
+from rendezvous.errors import LocalProtocolError
+from rendezvous.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from rendezvous.messages import (
+    Authorization,
+    Challenge,
+    Quit,
+    Reply,
+    Request,
+    ServerMessage,
+    decode_server_message,
+    encode_request,
+)
+
+
+class ClientState(Enum):
+    AWAITING_CHALLENGE = "awaiting-challenge"
+    CHALLENGED = "challenged"
+    AUTHENTICATING = "authenticating"
+    AUTHENTICATED = "authenticated"
+
+
+class ClientConnection:
+    """Protocol state of one connection to a rendezvous server."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self.state = ClientState.AWAITING_CHALLENGE
+        self.challenge: Challenge | None = None
+        self._decoder = FrameDecoder(max_frame)
+        self._events: deque[ServerMessage] = deque()
+        self._out: list[bytes] = []
+        self._next_id = 1
+        self._auth_id = 0
+
+    def new_id(self) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    def authorize(self, identity: DeviceIdentity, address: str, *, invite: str | None = None,
+                  register: bool = False, advertise: dict[str, Any] | None = None) -> int:
+        """Answer the current challenge; returns the request id of the AUTHORIZATION."""
+        if self.state is not ClientState.CHALLENGED or self.challenge is None:
+            raise LocalProtocolError(f"no challenge to answer (state {self.state.value})")
+        req = Authorization.signed(self.new_id(), identity, self.challenge.domain,
+                                   self.challenge.nonce, address, invite=invite,
+                                   register=register, advertise=advertise)
+        self._auth_id = req.id
+        self.state = ClientState.AUTHENTICATING
+        self._write(req)
+        return req.id
+
+    def send(self, request: Request) -> None:
+        """Queue a request (its id from `new_id()`) for the transport."""
+        if isinstance(request, Authorization):
+            raise LocalProtocolError("use authorize() to answer a challenge")
+        if not isinstance(request, Quit) and self.state is not ClientState.AUTHENTICATED:
+            raise LocalProtocolError(f"{request.TAG} before authentication")
+        self._write(request)
+
+    def _write(self, request: Request) -> None:
+        self._out.append(encode_frame(encode_request(request), self.max_frame))
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the server; raises RemoteProtocolError on anything malformed."""
+        for frame in self._decoder.feed(data):
+            msg = decode_server_message(frame, self.max_frame)
+            if isinstance(msg, Challenge):
+                self.challenge = msg
+                if self.state is not ClientState.AUTHENTICATED:
+                    self.state = ClientState.CHALLENGED
+            elif isinstance(msg, Reply) and msg.id == self._auth_id and self._auth_id:
+                self._auth_id = 0
+                if msg.ok:
+                    self.state = ClientState.AUTHENTICATED
+            self._events.append(msg)
+
+    def next_event(self) -> ServerMessage | None:
+        return self._events.popleft() if self._events else None
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out

@@ -1,0 +1,103 @@
+"""Errors of the rendezvous layer.
+
+- `LocalProtocolError`: our own code misused the protocol API (a bug here). Raised.
+- `RemoteProtocolError`: the peer sent something invalid. Caught at the single receive
+  point of a connection and turned into an error reply (or a close for framing errors)
+  plus a counter; it never crashes the server or the client.
+- `RendezvousError` and subclasses: what a client library user sees when the server
+  refuses a request, the connection is lost, or a request times out.
+"""
+
+from __future__ import annotations
+
+from rendezvous.status import Status
+
+
+class LocalProtocolError(Exception):
+    """Our side used the protocol API wrongly (e.g. a verb in the wrong state)."""
+
+
+class RemoteProtocolError(Exception):
+    """The peer violated the protocol; `status` is the reply to give, `fatal` closes."""
+
+    def __init__(self, text: str, status: Status = Status.BAD_REQUEST, *,
+                 fatal: bool = False, request_id: int = 0) -> None:
+        super().__init__(text)
+        self.text = text
+        self.status = status
+        self.fatal = fatal
+        self.request_id = request_id
+
+
+class RendezvousError(Exception):
+    """A request failed: `status` is the server's code (0 for local failures), `text` why."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"{status} {text}" if status else text)
+        self.status = status
+        self.text = text
+
+
+class AuthenticationError(RendezvousError):
+    """The server refused AUTHORIZATION (unknown device, bad signature, no invite...)."""
+
+
+class BadRequestError(RendezvousError):
+    """The server found the request malformed (400)."""
+
+
+class NotFoundError(RendezvousError):
+    """No such address, device or queued envelope (404)."""
+
+
+class TooLargeError(RendezvousError):
+    """An envelope or pipe payload over the server's limit (413)."""
+
+
+class RateLimitedError(RendezvousError):
+    """This connection sent requests faster than the server allows (429)."""
+
+
+class NotOnlineError(RendezvousError):
+    """A PIPE with hold=0 to a device that has no live session (480)."""
+
+
+class QuotaError(RendezvousError):
+    """The recipient's queue is full (507)."""
+
+
+class ServerError(RendezvousError):
+    """The server failed internally or is shutting down (5xx)."""
+
+
+class ConnectionLostError(RendezvousError):
+    """The connection closed before a reply came, and reconnecting is off or failed."""
+
+    def __init__(self, text: str = "connection to the rendezvous server lost") -> None:
+        super().__init__(0, text)
+
+
+class RequestTimeoutError(RendezvousError, TimeoutError):
+    """No reply within the request timeout."""
+
+    def __init__(self, text: str) -> None:
+        RendezvousError.__init__(self, 0, text)
+
+
+_BY_STATUS: dict[int, type[RendezvousError]] = {
+    Status.BAD_REQUEST: BadRequestError,
+    Status.UNAUTHORIZED: AuthenticationError,
+    Status.FORBIDDEN: AuthenticationError,
+    Status.NOT_FOUND: NotFoundError,
+    Status.TOO_LARGE: TooLargeError,
+    Status.RATE_LIMITED: RateLimitedError,
+    Status.NOT_ONLINE: NotOnlineError,
+    Status.QUOTA: QuotaError,
+    Status.SERVER_ERROR: ServerError,
+    Status.UNAVAILABLE: ServerError,
+}
+
+
+def error_for(status: int, text: str) -> RendezvousError:
+    """The most specific RendezvousError subclass for a server reply status."""
+    return _BY_STATUS.get(status, RendezvousError)(status, text)

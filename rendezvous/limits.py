@@ -1,0 +1,64 @@
+"""Server limits and the per-connection token bucket that enforces request rates.
+
+Everything that grows with outside input has a bound here (STYLE.md "Bound everything").
+`TokenBucket` takes `now` from its caller, so tests and the simulator drive its clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rendezvous.framing import DEFAULT_MAX_FRAME
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Every bound the server enforces. Defaults suit a small public server."""
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_envelope: int = 64 * 1024          # sealed location messages are small by design
+    max_items_per_send: int = 64
+    envelope_ttl: float = 30 * DAY
+    quota_count: int = 10_000              # queued envelopes per recipient account
+    quota_bytes: int = 64 * 1024 * 1024    # queued blob bytes per recipient account
+    request_rate: float = 2_000.0          # requests per second per connection...
+    request_burst: float = 4_000.0         # ...with this burst
+    pipe_bytes_rate: float = 256 * 1024.0  # PIPE payload bytes per second per connection
+    max_pipe_payload: int = 16 * 1024
+    max_pipe_hold: float = DAY
+    pipe_held_per_device: int = 64
+    pipe_held_bytes_per_device: int = 256 * 1024
+    pipe_held_total_bytes: int = 64 * 1024 * 1024
+    max_in_flight: int = 64                # requests being processed per connection
+    max_push_buffer: int = 8 * 1024 * 1024  # unsent bytes before a slow reader is dropped
+    auth_timeout: float = 30.0             # seconds to authenticate after connecting
+    partial_frame_timeout: float = 60.0    # seconds a half-received frame may linger
+    auth_attempts: int = 3
+    flush_page: int = 128                  # queued envelopes read per page on flush
+    max_devices_per_account: int = 16
+    max_advertise: int = 1024              # packed bytes of a device's reachability hints
+
+
+class TokenBucket:
+    """Classic token bucket: `take(n, now)` is True while the rate/burst allows."""
+
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._stamp = now
+
+    def take(self, amount: float, now: float) -> bool:
+        """Spend `amount` tokens if available at time `now`; report whether it was."""
+        elapsed = now - self._stamp
+        if elapsed > 0:
+            self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+            self._stamp = now
+        if self._tokens >= amount:
+            self._tokens -= amount
+            return True
+        return False

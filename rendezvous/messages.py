@@ -1,0 +1,413 @@
+"""Wire messages of the rendezvous protocol (the seed's VMIO verbs), one frozen class each.
+
+Every frame is a msgpack map with a tag `t`. Client → server frames are requests and
+carry an integer `id`; server → client frames are REPLY (`id`, `status`, `text`, `body`)
+and the pushes CHALLENGE, DELIVER and PIPE. Decoding goes through an explicit tag → class
+table; a name from the wire is never used to look anything else up.
+
+| tag | fields |
+|---|---|
+| AUTHORIZATION | address, verify_key (32), signature (64), invite?, register?, advertise? |
+| QUIT | |
+| SEND | mid (16), prio (0..7), items: [{to, device (20), blob}] |
+| LIST | after? (cursor from the previous page), limit? |
+| RETRIEVE / REMOVE | mid |
+| FINGER | address |
+| PIPE | to, device (20)?, payload, hold_ms |
+| ADVERTISE | advertise |
+
+The AUTHORIZATION signature is `DeviceIdentity.sign(b"rendezvous-auth",
+packb([domain, nonce, address, verify_key]))` over the CHALLENGE the server sent when the
+connection opened; a fresh nonce per connection makes an old signature worthless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from crypto.codec import Fields, packb, unpackb
+from crypto.errors import DecodeError
+from crypto.identity import PEER_ID_LEN, PUBLIC_KEY_LEN, SIGNATURE_LEN, DeviceIdentity
+from rendezvous.errors import RemoteProtocolError
+from rendezvous.records import (
+    MAX_BLOB,
+    MAX_MS,
+    MAX_PRIORITY,
+    MESSAGE_ID_LEN,
+    Envelope,
+    address_field,
+    check_advertise,
+    raw_map,
+)
+from rendezvous.status import Status
+
+AUTH_CONTEXT = b"rendezvous-auth"
+NONCE_LEN = 32
+MAX_REQUEST_ID = (1 << 63) - 1
+MAX_ITEMS = 256          # decoder ceiling; Limits.max_items_per_send is the policy
+MAX_ADVERTISE_WIRE = 4096
+INVITE_MAX_LEN = 64
+MAX_TEXT = 1024
+MAX_LIST_PAGE = 1000
+
+
+def auth_payload(domain: str, nonce: bytes, address: str, verify_key: bytes) -> bytes:
+    """The exact bytes a device signs to answer a CHALLENGE."""
+    return packb([domain, nonce, address, verify_key])
+
+
+def _advertise(f: Fields, key: str, optional: bool) -> dict[str, Any] | None:
+    if not f.has(key):
+        if optional:
+            return None
+        raise DecodeError(f"missing field {key!r}")
+    return check_advertise(raw_map(f, key), MAX_ADVERTISE_WIRE, key)
+
+
+# --- client → server ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """Answer to a CHALLENGE: who I am, proof, and optionally register/advertise."""
+
+    TAG: ClassVar[str] = "AUTHORIZATION"
+    id: int
+    address: str
+    verify_key: bytes
+    signature: bytes
+    invite: str | None = None
+    register: bool = False
+    advertise: dict[str, Any] | None = None
+
+    @classmethod
+    def signed(cls, request_id: int, identity: DeviceIdentity, domain: str, nonce: bytes,
+               address: str, *, invite: str | None = None, register: bool = False,
+               advertise: dict[str, Any] | None = None) -> Authorization:
+        """Build the answer to a challenge, signed by `identity`."""
+        key = identity.public.verify_key
+        sig = identity.sign(AUTH_CONTEXT, auth_payload(domain, nonce, address, key))
+        return cls(request_id, address, key, sig, invite, register, advertise)
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"address": self.address, "verify_key": self.verify_key,
+                               "signature": self.signature, "register": self.register}
+        if self.invite is not None:
+            out["invite"] = self.invite
+        if self.advertise is not None:
+            out["advertise"] = self.advertise
+        return out
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Authorization:
+        return cls(rid, address_field(f, "address"), f.bytes("verify_key", size=PUBLIC_KEY_LEN),
+                   f.bytes("signature", size=SIGNATURE_LEN),
+                   f.str("invite", max_len=INVITE_MAX_LEN, optional=True),
+                   bool(f.bool("register", optional=True)), _advertise(f, "advertise", True))
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    """Close the session (the server replies, then closes)."""
+
+    TAG: ClassVar[str] = "QUIT"
+    id: int
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Quit:
+        return cls(rid)
+
+
+@dataclass(frozen=True, slots=True)
+class SendItem:
+    """One sealed copy of a message for one recipient device."""
+
+    to: str
+    device: bytes
+    blob: bytes
+
+    @classmethod
+    def decode(cls, obj: Any, what: str) -> SendItem:
+        f = Fields(obj, what)
+        return cls(address_field(f, "to"), f.bytes("device", size=PEER_ID_LEN),
+                   f.bytes("blob", max_len=MAX_BLOB))
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Deposit one message (one sealed copy per recipient device); idempotent by id."""
+
+    TAG: ClassVar[str] = "SEND"
+    id: int
+    message_id: bytes
+    priority: int
+    items: tuple[SendItem, ...]
+
+    def fields(self) -> dict[str, Any]:
+        return {"mid": self.message_id, "prio": self.priority,
+                "items": [{"to": i.to, "device": i.device, "blob": i.blob} for i in self.items]}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Send:
+        items = f.list("items", SendItem.decode, max_items=MAX_ITEMS) or ()
+        if not items:
+            raise DecodeError("SEND.items: at least one recipient is needed")
+        return cls(rid, f.bytes("mid", size=MESSAGE_ID_LEN),
+                   f.int("prio", lo=0, hi=MAX_PRIORITY), items)
+
+
+@dataclass(frozen=True, slots=True)
+class List:
+    """Page through this device's queued envelopes, oldest first."""
+
+    TAG: ClassVar[str] = "LIST"
+    id: int
+    after: int = 0
+    limit: int = MAX_LIST_PAGE
+
+    def fields(self) -> dict[str, Any]:
+        return {"after": self.after, "limit": self.limit}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> List:
+        after = f.int("after", lo=0, hi=MAX_MS, optional=True)
+        limit = f.int("limit", lo=1, hi=MAX_LIST_PAGE, optional=True)
+        return cls(rid, after or 0, limit or MAX_LIST_PAGE)
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieve:
+    """Fetch one queued envelope of this device."""
+
+    TAG: ClassVar[str] = "RETRIEVE"
+    id: int
+    message_id: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"mid": self.message_id}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Retrieve:
+        return cls(rid, f.bytes("mid", size=MESSAGE_ID_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class Remove:
+    """Delete one queued envelope of this device: the delivery acknowledgement."""
+
+    TAG: ClassVar[str] = "REMOVE"
+    id: int
+    message_id: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"mid": self.message_id}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Remove:
+        return cls(rid, f.bytes("mid", size=MESSAGE_ID_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class Finger:
+    """Presence, device keys and reachability hints of an address on this server."""
+
+    TAG: ClassVar[str] = "FINGER"
+    id: int
+    address: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"address": self.address}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Finger:
+        return cls(rid, address_field(f, "address"))
+
+
+@dataclass(frozen=True, slots=True)
+class Pipe:
+    """Relay a small opaque payload to online device(s) of an address; maybe hold it."""
+
+    TAG: ClassVar[str] = "PIPE"
+    id: int
+    to: str
+    payload: bytes
+    device: bytes | None = None
+    hold_ms: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        return {"to": self.to, "device": self.device, "payload": self.payload,
+                "hold_ms": self.hold_ms}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Pipe:
+        return cls(rid, address_field(f, "to"), f.bytes("payload", max_len=MAX_BLOB),
+                   f.bytes("device", size=PEER_ID_LEN, optional=True),
+                   f.int("hold_ms", lo=0, hi=MAX_MS, optional=True) or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Advertise:
+    """Replace this device's reachability hints without reconnecting."""
+
+    TAG: ClassVar[str] = "ADVERTISE"
+    id: int
+    advertise: dict[str, Any] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        return {"advertise": self.advertise}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Advertise:
+        return cls(rid, _advertise(f, "advertise", False) or {})
+
+
+Request = Authorization | Quit | Send | List | Retrieve | Remove | Finger | Pipe | Advertise
+
+REQUESTS: dict[str, Callable[[int, Fields], Request]] = {
+    "AUTHORIZATION": Authorization.decode,
+    "QUIT": Quit.decode,
+    "SEND": Send.decode,
+    "LIST": List.decode,
+    "RETRIEVE": Retrieve.decode,
+    "REMOVE": Remove.decode,
+    "FINGER": Finger.decode,
+    "PIPE": Pipe.decode,
+    "ADVERTISE": Advertise.decode,
+}
+
+
+def encode_request(req: Request) -> bytes:
+    """The msgpack body (without length prefix) of a request."""
+    body = req.fields()
+    body["t"] = req.TAG
+    body["id"] = req.id
+    return packb(body)
+
+
+def decode_request(frame: bytes, max_bytes: int) -> Request:
+    """Check one request frame; RemoteProtocolError (carrying the id if readable) if bad."""
+    rid = 0
+    try:
+        f = Fields(unpackb(frame, max_bytes=max_bytes), "request")
+        rid = f.int("id", lo=1, hi=MAX_REQUEST_ID)
+        tag = f.str("t", max_len=32)
+        decode = REQUESTS.get(tag)
+        if decode is None:
+            raise RemoteProtocolError(f"unknown verb {tag!r}", request_id=rid)
+        return decode(rid, f)
+    except DecodeError as exc:
+        raise RemoteProtocolError(str(exc), request_id=rid) from None
+
+
+# --- server → client ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """Sent by the server as soon as a connection opens (and after a failed attempt)."""
+
+    TAG: ClassVar[str] = "CHALLENGE"
+    domain: str
+    nonce: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"domain": self.domain, "nonce": self.nonce}
+
+    @classmethod
+    def decode(cls, f: Fields) -> Challenge:
+        return cls(f.str("domain", max_len=253, min_len=1), f.bytes("nonce", size=NONCE_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer to request `id`: a status, a text and a verb-specific body."""
+
+    TAG: ClassVar[str] = "REPLY"
+    id: int
+    status: int
+    text: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.OK
+
+    def fields(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "text": self.text, "body": self.body}
+
+    @classmethod
+    def decode(cls, f: Fields) -> Reply:
+        return cls(f.int("id", lo=0, hi=MAX_REQUEST_ID), f.int("status", lo=100, hi=999),
+                   f.str("text", max_len=MAX_TEXT), raw_map(f, "body"))
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Push: a new or queued envelope for this device."""
+
+    TAG: ClassVar[str] = "DELIVER"
+    envelope: Envelope
+
+    def fields(self) -> dict[str, Any]:
+        return {"env": self.envelope.to_wire()}
+
+    @classmethod
+    def decode(cls, f: Fields) -> Deliver:
+        env = f.map("env")
+        if env is None:
+            raise DecodeError("DELIVER.env missing")
+        return cls(Envelope.decode(env))
+
+
+@dataclass(frozen=True, slots=True)
+class PipeMessage:
+    """Push: a PIPE payload from another device of this server."""
+
+    TAG: ClassVar[str] = "PIPE"
+    sender: str
+    sender_device: bytes
+    payload: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"from": self.sender, "from_device": self.sender_device, "payload": self.payload}
+
+    @classmethod
+    def decode(cls, f: Fields) -> PipeMessage:
+        return cls(address_field(f, "from"), f.bytes("from_device", size=PEER_ID_LEN),
+                   f.bytes("payload", max_len=MAX_BLOB))
+
+
+ServerMessage = Challenge | Reply | Deliver | PipeMessage
+
+SERVER_MESSAGES: dict[str, Callable[[Fields], ServerMessage]] = {
+    "CHALLENGE": Challenge.decode,
+    "REPLY": Reply.decode,
+    "DELIVER": Deliver.decode,
+    "PIPE": PipeMessage.decode,
+}
+
+
+def encode_server_message(msg: ServerMessage) -> bytes:
+    """The msgpack body (without length prefix) of a reply or push."""
+    body = msg.fields()
+    body["t"] = msg.TAG
+    return packb(body)
+
+
+def decode_server_message(frame: bytes, max_bytes: int) -> ServerMessage:
+    """Check one server frame; RemoteProtocolError if it is not a valid message."""
+    try:
+        f = Fields(unpackb(frame, max_bytes=max_bytes), "server message")
+        tag = f.str("t", max_len=32)
+        decode = SERVER_MESSAGES.get(tag)
+        if decode is None:
+            raise RemoteProtocolError(f"unknown server message {tag!r}")
+        return decode(f)
+    except DecodeError as exc:
+        raise RemoteProtocolError(str(exc)) from None
+

@@ -1,0 +1,532 @@
+"""`RendezvousServer`: the asyncio adapter around `ServerConnection` and a `Store`.
+
+One `asyncio.Protocol` per connection (no StreamReader, no task per idle connection, so
+an idle session costs a few KiB). The protocol core decides what is valid; this module
+does what needs the account database and the other sessions:
+
+- AUTHORIZATION: ask the store whether the key may be the address (or register it), then
+  mark the device online and flush its queue (DELIVER) and its held PIPE messages.
+- SEND: `store.enqueue` (acknowledged after the commit), then DELIVER to every online
+  session of each recipient device.
+- LIST / RETRIEVE / REMOVE, FINGER, PIPE, ADVERTISE.
+
+Exactly-once per session without locks: envelope sequence numbers only grow, and the
+store reports the highest one (`hi`) at the moment it read the device's queue during
+authentication. The queue flush covers seq <= hi (in pages, following write
+backpressure); live pushes go out only for seq > hi.
+
+Wall-clock times that are stored (received, expiry, last seen) come from the injected
+`clock` (default `time.time`); rate limits and timers use the running loop's clock.
+A reader that lets more than `Limits.max_push_buffer` bytes pile up is disconnected; its
+envelopes stay queued for its next session.
+
+`start()` opens the store and starts listening; `aclose()` stops listening, lets requests
+in progress finish (bounded), closes every connection and then the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from rendezvous.limits import Limits
+from rendezvous.logfmt import kv
+from rendezvous.messages import (
+    NONCE_LEN,
+    Advertise,
+    Finger,
+    List,
+    Pipe,
+    PipeMessage,
+    Remove,
+    Request,
+    Retrieve,
+    Send,
+)
+from rendezvous.pipe_hold import PipeHold
+from rendezvous.records import DeviceInfo, FingerResult, check_advertise
+from rendezvous.session import AuthRequested, Closing, RequestReceived, ServerConnection
+from rendezvous.status import Status
+from rendezvous.store import QueuedEnvelope, Quota, RegistrationPolicy, Store
+
+log = logging.getLogger("rendezvous.server")
+
+_SHUTDOWN_GRACE = 5.0
+
+
+def _new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_LEN)
+
+
+class _Connection(asyncio.Protocol):
+    """Feeds one transport into its ServerConnection and writes what comes out."""
+
+    __slots__ = ("_drained", "_flush_scheduled", "_last_bad", "_timer", "_timer_at", "core",
+                 "flush_hi", "loop", "peer", "read_paused", "server", "transport",
+                 "write_paused")
+
+    def __init__(self, server: RendezvousServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.core = ServerConnection(server.domain, server.limits, self.loop.time(),
+                                     server.new_nonce)
+        self.peer = "?"
+        self.flush_hi = 0
+        self.read_paused = False
+        self.write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._last_bad = 0
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not isinstance(transport, asyncio.Transport):
+            raise TypeError("rendezvous runs over stream transports")
+        self.transport = transport
+        addr = transport.get_extra_info("peername")
+        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        self.server._attach(self)
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        self.core.receive_data(data, self.loop.time())
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self.core.receive_eof()
+        self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.core.close("connection lost" if exc else "closed")
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake_drained()
+        self.server._detach(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drained()
+
+    # --- driving the core --------------------------------------------------------------
+    def _pump(self) -> None:
+        """Hand the core's events to the server, then write and re-arm the timer."""
+        core = self.core
+        while (ev := core.next_event()) is not None:
+            if isinstance(ev, RequestReceived):
+                self.server._spawn(self.server._handle(self, ev.request))
+            elif isinstance(ev, AuthRequested):
+                self.server._spawn(self.server._authenticate(self, ev))
+            elif isinstance(ev, Closing):
+                self._write_now()
+                log.info(kv("conn.close", peer=self.peer, reason=ev.reason,
+                            address=core.address or "-", bad_input=core.bad_input))
+                if self.transport is not None:
+                    self.transport.close()
+        if core.bad_input != self._last_bad:
+            self.server.bad_input += core.bad_input - self._last_bad
+            self._last_bad = core.bad_input
+            log.warning(kv("conn.bad_input", peer=self.peer, count=core.bad_input,
+                           address=core.address or "-"))
+        self._write_now()
+        self._rearm()
+        self._throttle()
+
+    def flush_soon(self) -> None:
+        """Coalesce pushes made during one loop iteration into a single write."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._write_now)
+
+    def _write_now(self) -> None:
+        self._flush_scheduled = False
+        data = self.core.data_to_send()
+        t = self.transport
+        if not data or t is None or t.is_closing():
+            return
+        t.write(data)
+        if t.get_write_buffer_size() > self.server.limits.max_push_buffer:
+            log.warning(kv("conn.slow_reader", peer=self.peer, address=self.core.address))
+            self.core.close("slow reader")
+            t.abort()
+
+    def _throttle(self) -> None:
+        # Stop reading while too many requests are in progress: bounds work per connection.
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        busy = self.core.in_flight >= self.server.limits.max_in_flight
+        if busy and not self.read_paused:
+            self.read_paused = True
+            t.pause_reading()
+        elif not busy and self.read_paused:
+            self.read_paused = False
+            t.resume_reading()
+
+    def _rearm(self) -> None:
+        at = self.core.get_timer()
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = at
+        if at is not None:
+            self._timer = self.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.core.handle_timer(self.loop.time())
+        self._pump()
+
+    def after_reply(self) -> None:
+        """Called after the server answered a request of this connection."""
+        self._pump()
+
+    async def drained(self) -> None:
+        """Wait until the transport accepts more (or the connection is gone)."""
+        if not self.write_paused or self.core.closed:
+            return
+        if self._drained is None:
+            self._drained = self.loop.create_future()
+        await self._drained
+
+    def _wake_drained(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+
+
+class RendezvousServer:
+    """The rendezvous server of one domain, usable in-process (tests, simulator) or by the CLI.
+
+    It owns `store` from `start()` on and closes it in `aclose()`.
+    """
+
+    def __init__(self, domain: str, store: Store, *, open_registration: bool = False,
+                 limits: Limits | None = None, clock: Callable[[], float] = time.time,
+                 new_nonce: Callable[[], bytes] = _new_nonce) -> None:
+        self.domain = domain
+        self.store = store
+        self.limits = limits or Limits()
+        self.policy = RegistrationPolicy(open_registration, self.limits.max_devices_per_account)
+        self.clock = clock
+        self.new_nonce = new_nonce
+        self.pipe_hold = PipeHold(self.limits)
+        self._connections: set[_Connection] = set()
+        self._online: dict[bytes, list[_Connection]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self.address: tuple[str, int] | None = None
+        # counters (see `snapshot`)
+        self.bad_input = 0
+        self.requests = 0
+        self.sends = 0
+        self.delivered = 0
+        self.pipes_relayed = 0
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("server not started")
+        return self._loop
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0,
+                    backlog: int = 4096) -> tuple[str, int]:
+        """Open the store, listen on host:port (0 picks a free port); return the bound address."""
+        self._loop = asyncio.get_running_loop()
+        await self.store.open()
+        self._server = await self._loop.create_server(lambda: _Connection(self), host, port,
+                                                      backlog=backlog)
+        sock = self._server.sockets[0].getsockname()
+        self.address = (sock[0], sock[1])
+        self._spawn(self._sweep(), name="sweep")
+        log.info(kv("server.listening", domain=self.domain, host=sock[0], port=sock[1],
+                    open_registration=self.policy.open_registration))
+        return self.address
+
+    async def __aenter__(self) -> RendezvousServer:
+        if self._server is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop listening, finish requests in progress (bounded), close sessions and store."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.transport.pause_reading()
+        busy = [t for t in self._tasks if t.get_name() != "sweep"]
+        if busy:
+            await asyncio.wait(busy, timeout=_SHUTDOWN_GRACE)
+        for task in list(self._tasks):
+            task.cancel()
+        for conn in list(self._connections):
+            conn.core.close("server shutting down")
+            conn._pump()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        await self.store.aclose()
+        log.info(kv("server.closed", domain=self.domain))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Live figures for `stats`: sessions, devices online, counters."""
+        return {
+            "domain": self.domain,
+            "listening": f"{self.address[0]}:{self.address[1]}" if self.address else None,
+            "connections": len(self._connections),
+            "online_sessions": sum(len(v) for v in self._online.values()),
+            "online_devices": len(self._online),
+            "requests": self.requests,
+            "sends": self.sends,
+            "delivered": self.delivered,
+            "pipes_relayed": self.pipes_relayed,
+            "pipes_held": self.pipe_hold.count,
+            "bad_input": self.bad_input,
+        }
+
+    def is_online(self, peer_id: bytes) -> bool:
+        return peer_id in self._online
+
+    # --- connections -----------------------------------------------------------------
+    def _attach(self, conn: _Connection) -> None:
+        if self._closing:
+            if conn.transport is not None:
+                conn.transport.abort()
+            return
+        self._connections.add(conn)
+        log.debug(kv("conn.open", peer=conn.peer))
+
+    def _detach(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        peer_id = conn.core.peer_id
+        if peer_id is None:
+            return
+        sessions = self._online.get(peer_id)
+        if sessions and conn in sessions:
+            sessions.remove(conn)
+            if not sessions:
+                del self._online[peer_id]
+                if not self._closing:
+                    self._spawn(self._touch(peer_id))
+
+    async def _touch(self, peer_id: bytes) -> None:
+        with contextlib.suppress(RuntimeError):  # store closed during shutdown
+            await self.store.touch(peer_id, self.clock())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        task = self.loop.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- authentication --------------------------------------------------------------
+    async def _authenticate(self, conn: _Connection, ev: AuthRequested) -> None:
+        req = ev.request
+        core = conn.core
+        try:
+            if req.advertise is not None:
+                check_advertise(req.advertise, self.limits.max_advertise)
+        except ValueError as exc:
+            core.reject_auth(req.id, Status.TOO_LARGE, str(exc))
+            conn.after_reply()
+            return
+        try:
+            outcome = await self.store.authenticate(
+                req.address, req.verify_key, register=req.register, invite=req.invite,
+                advertise=req.advertise, now=self.clock(), policy=self.policy,
+                page=self.limits.flush_page)
+        except Exception:
+            log.exception(kv("auth.store_failed", peer=conn.peer))
+            core.reject_auth(req.id, Status.SERVER_ERROR, "server error while authenticating")
+            conn.after_reply()
+            return
+        if outcome.status != Status.OK:
+            log.info(kv("auth.refused", peer=conn.peer, address=req.address,
+                        status=int(outcome.status), text=outcome.text))
+            core.reject_auth(req.id, outcome.status, outcome.text)
+            conn.after_reply()
+            return
+        if core.closed:
+            return
+        core.accept_auth(req.id, req.address, req.verify_key,
+                         {"address": req.address, "peer_id": ev.peer_id,
+                          "registered": outcome.created})
+        self._online.setdefault(ev.peer_id, []).append(conn)
+        conn.flush_hi = outcome.hi
+        log.info(kv("auth.ok", peer=conn.peer, address=req.address, device=ev.peer_id,
+                    registered=outcome.created, queued_first_page=len(outcome.first_page)))
+        for queued in outcome.first_page:
+            core.deliver(queued.envelope)
+        self.delivered += len(outcome.first_page)
+        for msg in self.pipe_hold.take(ev.peer_id, self.loop.time()):
+            core.pipe(msg)
+        conn.after_reply()
+        if len(outcome.first_page) >= self.limits.flush_page:
+            await self._flush_queue(conn, outcome.first_page[-1].seq, outcome.hi)
+
+    async def _flush_queue(self, conn: _Connection, cursor: int, hi: int) -> None:
+        """Deliver the rest of the queue read at authentication, page by page."""
+        peer_id = conn.core.peer_id
+        if peer_id is None:
+            return
+        while cursor < hi and not conn.core.closed:
+            await conn.drained()
+            page = await self.store.pending(peer_id, cursor, hi, self.limits.flush_page,
+                                            self.clock())
+            if not page:
+                break
+            for queued in page:
+                conn.core.deliver(queued.envelope)
+            self.delivered += len(page)
+            cursor = page[-1].seq
+            conn.flush_soon()
+
+    # --- requests ----------------------------------------------------------------------
+    async def _handle(self, conn: _Connection, req: Request) -> None:
+        self.requests += 1
+        try:
+            status, text, body = await self._dispatch(conn, req)
+        except asyncio.CancelledError:
+            conn.core.reply(req.id, Status.UNAVAILABLE, "server shutting down")
+            conn.after_reply()
+            raise
+        except ValueError as exc:  # a DecodeError from a validator
+            status, text, body = Status.BAD_REQUEST, str(exc), None
+        except Exception:
+            if self._closing:
+                status, text, body = Status.UNAVAILABLE, "server shutting down", None
+            else:
+                log.exception(kv("request.failed", peer=conn.peer, verb=req.TAG))
+                status, text, body = Status.SERVER_ERROR, "internal error", None
+        conn.core.reply(req.id, status, text, body)
+        conn.after_reply()
+
+    async def _dispatch(self, conn: _Connection,
+                        req: Request) -> tuple[Status, str | None, dict[str, Any] | None]:
+        core = conn.core
+        peer_id = core.peer_id
+        address = core.address
+        if peer_id is None or address is None:
+            return Status.UNAUTHORIZED, "authenticate first", None
+        if isinstance(req, Send):
+            return await self._send(req, address)
+        if isinstance(req, List):
+            rows = await self.store.list_infos(peer_id, req.after, req.limit, self.clock())
+            more = len(rows) >= req.limit
+            return Status.OK, None, {"items": [r.info.to_wire() for r in rows],
+                                     "next": rows[-1].seq if more else None}
+        if isinstance(req, Retrieve):
+            env = await self.store.retrieve(peer_id, req.message_id, self.clock())
+            if env is None:
+                return Status.NOT_FOUND, f"no queued envelope {req.message_id.hex()}", None
+            return Status.OK, None, {"env": env.to_wire()}
+        if isinstance(req, Remove):
+            removed = await self.store.remove(peer_id, req.message_id)
+            return Status.OK, "removed" if removed else "not queued (removed or expired)", None
+        if isinstance(req, Finger):
+            return await self._finger(req.address)
+        if isinstance(req, Pipe):
+            return await self._pipe(req, address, peer_id)
+        if isinstance(req, Advertise):
+            check_advertise(req.advertise, self.limits.max_advertise)
+            await self.store.set_advertise(peer_id, req.advertise)
+            return Status.OK, "advertised", None
+        return Status.BAD_REQUEST, f"{req.TAG} is not handled here", None
+
+    async def _send(self, req: Send,
+                    sender: str) -> tuple[Status, str | None, dict[str, Any] | None]:
+        lim = self.limits
+        now = self.clock()
+        outcome = await self.store.enqueue(sender, req, now, now + lim.envelope_ttl,
+                                           Quota(lim.quota_count, lim.quota_bytes))
+        if outcome.status != Status.OK:
+            return outcome.status, outcome.text, None
+        self.sends += 1
+        for queued in outcome.stored:
+            self._push_envelope(queued)
+        return Status.OK, "stored", {"stored": len(outcome.stored)}
+
+    def _push_envelope(self, queued: QueuedEnvelope) -> None:
+        for conn in self._online.get(queued.envelope.device, ()):
+            # seq <= flush_hi: that session's queue flush delivers it (see module doc).
+            if queued.seq > conn.flush_hi:
+                conn.core.deliver(queued.envelope)
+                self.delivered += 1
+                conn.flush_soon()
+
+    async def _finger(self, address: str) -> tuple[Status, str | None, dict[str, Any] | None]:
+        records = await self.store.devices(address)
+        if records is None:
+            return Status.NOT_FOUND, f"no such address: {address}", None
+        now = self.clock()
+        devices = tuple(
+            DeviceInfo(r.verify_key, self.is_online(r.peer_id),
+                       now if self.is_online(r.peer_id) else r.last_seen, r.advertise)
+            for r in records)
+        return Status.OK, None, FingerResult(address, devices).to_wire()
+
+    async def _pipe(self, req: Pipe, sender: str,
+                    sender_device: bytes) -> tuple[Status, str | None, dict[str, Any] | None]:
+        records = await self.store.devices(req.to)
+        if records is None:
+            return Status.NOT_FOUND, f"no such address: {req.to}", None
+        targets = [r.peer_id for r in records]
+        if req.device is not None:
+            if req.device not in targets:
+                return Status.NOT_FOUND, f"device {req.device.hex()} is not bound to {req.to}", None
+            targets = [req.device]
+        msg = PipeMessage(sender, sender_device, req.payload)
+        online = [d for d in targets if d in self._online]
+        for device in online:
+            for conn in self._online[device]:
+                conn.core.pipe(msg)
+                conn.flush_soon()
+        if online:
+            self.pipes_relayed += 1
+            return Status.OK, f"relayed to {len(online)} device(s)", {"relayed": len(online)}
+        if req.hold_ms <= 0:
+            return Status.NOT_ONLINE, f"{req.to} has no device online", None
+        now = self.loop.time()
+        for device in targets:
+            refusal = self.pipe_hold.hold(device, msg, now + req.hold_ms / 1000, now)
+            if refusal is not None:
+                return Status.QUOTA, refusal, None
+        return Status.OK, f"held for {len(targets)} device(s)", {"held": len(targets)}
+
+    # --- housekeeping ------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        interval = max(1.0, min(60.0, self.limits.envelope_ttl / 10))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                expired = await self.store.expire(self.clock())
+            except RuntimeError:
+                return
+            dropped = self.pipe_hold.expire(self.loop.time())
+            if expired or dropped:
+                log.info(kv("sweep", envelopes_expired=expired, pipes_expired=dropped))

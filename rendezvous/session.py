@@ -1,0 +1,332 @@
+"""The server side of one rendezvous connection, sans-I/O (STYLE.md "Shape of the code").
+
+`ServerConnection` takes received bytes and `now`, hands out events, and collects the
+bytes to send; it never touches a socket or a clock. It owns:
+
+- framing (length checked before buffering; a bad prefix is fatal: error frame + close),
+- decoding into typed requests (a bad request gets a 400 reply with its id, if readable),
+- the session state machine: nothing but AUTHORIZATION (and QUIT) before authentication,
+- the challenge-response check (signature over domain, this connection's nonce, address,
+  key; the nonce is replaced after every attempt, so a signature can't be replayed),
+- per-connection rate limits and the envelope / pipe payload size limits.
+
+What needs the account database (is this key bound to that address? store this SEND)
+is the server's job: it receives `AuthRequested` / `RequestReceived` events and answers
+with `accept_auth` / `reject_auth` / `reply`. Each misbehaviour bumps `bad_input`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from crypto.address import domain_of
+from crypto.errors import VerificationError
+from crypto.identity import peer_id_of, verify
+from rendezvous.errors import LocalProtocolError, RemoteProtocolError
+from rendezvous.framing import FrameDecoder, encode_frame
+from rendezvous.limits import Limits, TokenBucket
+from rendezvous.messages import (
+    AUTH_CONTEXT,
+    Authorization,
+    Challenge,
+    Deliver,
+    Pipe,
+    PipeMessage,
+    Quit,
+    Reply,
+    Request,
+    Send,
+    ServerMessage,
+    auth_payload,
+    decode_request,
+    encode_server_message,
+)
+from rendezvous.records import Envelope
+from rendezvous.status import Status
+
+
+class SessionState(Enum):
+    AWAITING_AUTH = "awaiting-auth"
+    AUTHENTICATING = "authenticating"
+    AUTHENTICATED = "authenticated"
+    CLOSED = "closed"
+
+
+_TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    SessionState.AWAITING_AUTH: frozenset({SessionState.AUTHENTICATING, SessionState.CLOSED}),
+    SessionState.AUTHENTICATING: frozenset(
+        {SessionState.AUTHENTICATED, SessionState.AWAITING_AUTH, SessionState.CLOSED}),
+    SessionState.AUTHENTICATED: frozenset({SessionState.CLOSED}),
+    SessionState.CLOSED: frozenset({SessionState.CLOSED}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequested:
+    """A correctly signed AUTHORIZATION; the server decides if the key may be `address`."""
+
+    request: Authorization
+    peer_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """A valid request of an authenticated session, to be answered with `reply`."""
+
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class Closing:
+    """The session ends: send what is pending, then close the transport."""
+
+    reason: str
+
+
+Event = AuthRequested | RequestReceived | Closing
+
+
+class ServerConnection:
+    """Protocol state of one client connection on the server."""
+
+    __slots__ = ("_auth_attempts", "_auth_deadline", "_decoder", "_events", "_new_nonce",
+                 "_out", "_partial_since", "_pipe_bytes", "_requests", "address", "bad_input",
+                 "close_reason", "domain", "in_flight", "limits", "nonce", "peer_id", "state",
+                 "verify_key")
+
+    def __init__(self, domain: str, limits: Limits, now: float,
+                 new_nonce: Callable[[], bytes]) -> None:
+        self.domain = domain
+        self.limits = limits
+        self.state = SessionState.AWAITING_AUTH
+        self.address: str | None = None
+        self.peer_id: bytes | None = None
+        self.verify_key: bytes | None = None
+        self.bad_input = 0
+        self.in_flight = 0
+        self.close_reason: str | None = None
+        self._new_nonce = new_nonce
+        self._decoder = FrameDecoder(limits.max_frame)
+        self._events: deque[Event] = deque()
+        self._out: list[bytes] = []
+        self._requests = TokenBucket(limits.request_rate, limits.request_burst, now)
+        self._pipe_bytes = TokenBucket(limits.pipe_bytes_rate,
+                                       max(limits.pipe_bytes_rate, limits.max_pipe_payload), now)
+        self._auth_attempts = 0
+        self._auth_deadline = now + limits.auth_timeout
+        self._partial_since: float | None = None
+        self.nonce = b""
+        self._challenge()
+
+    # --- state ---------------------------------------------------------------------
+    def _to(self, state: SessionState) -> None:
+        if state not in _TRANSITIONS[self.state]:
+            raise LocalProtocolError(f"session cannot go from {self.state.value} to {state.value}")
+        self.state = state
+
+    @property
+    def closed(self) -> bool:
+        return self.state is SessionState.CLOSED
+
+    def close(self, reason: str) -> None:
+        """End the session (idempotent); a Closing event tells the adapter."""
+        if self.state is not SessionState.CLOSED:
+            self._to(SessionState.CLOSED)
+            self.close_reason = reason
+            self._events.append(Closing(reason))
+
+    # --- input ---------------------------------------------------------------------
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        """Feed bytes from the transport; problems become replies, counters or a close."""
+        if self.closed:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except RemoteProtocolError as exc:
+            self.bad_input += 1
+            self._send(Reply(0, exc.status, exc.text))
+            self.close(f"framing: {exc.text}")
+            return
+        for frame in frames:
+            if self.closed:
+                return
+            self._receive_frame(frame, now)
+        if self._decoder.pending:
+            if self._partial_since is None:
+                self._partial_since = now
+        else:
+            self._partial_since = None
+
+    def receive_eof(self) -> None:
+        """The peer closed its side; an incomplete frame is simply dropped."""
+        self.close("peer closed" if not self._decoder.pending else "peer closed mid-frame")
+
+    def _receive_frame(self, frame: bytes, now: float) -> None:
+        try:
+            req = decode_request(frame, self.limits.max_frame)
+            self._check_request(req, now)
+        except RemoteProtocolError as exc:
+            self.bad_input += 1
+            self._send(Reply(exc.request_id, exc.status, exc.text))
+            return
+        if isinstance(req, Quit):
+            self._send(Reply(req.id, Status.OK, "bye"))
+            self.close("quit")
+        elif isinstance(req, Authorization):
+            self._authorize(req)
+        else:
+            self.in_flight += 1
+            self._events.append(RequestReceived(req))
+
+    def _check_request(self, req: Request, now: float) -> None:
+        """Policy that needs no database: state, rate and size limits."""
+        if not self._requests.take(1, now):
+            raise RemoteProtocolError("too many requests on this connection",
+                                      Status.RATE_LIMITED, request_id=req.id)
+        if isinstance(req, Quit):
+            return
+        if isinstance(req, Authorization):
+            if self.state is not SessionState.AWAITING_AUTH:
+                raise RemoteProtocolError(
+                    "already authenticated" if self.state is SessionState.AUTHENTICATED
+                    else "an AUTHORIZATION is already being checked", request_id=req.id)
+            return
+        if self.state is not SessionState.AUTHENTICATED:
+            raise RemoteProtocolError(f"authenticate first ({req.TAG} before AUTHORIZATION)",
+                                      Status.UNAUTHORIZED, request_id=req.id)
+        lim = self.limits
+        if isinstance(req, Send):
+            if len(req.items) > lim.max_items_per_send:
+                raise RemoteProtocolError(
+                    f"{len(req.items)} recipients in one SEND, limit {lim.max_items_per_send}",
+                    Status.TOO_LARGE, request_id=req.id)
+            for item in req.items:
+                if len(item.blob) > lim.max_envelope:
+                    raise RemoteProtocolError(
+                        f"envelope too large: {len(item.blob)} bytes, limit {lim.max_envelope}",
+                        Status.TOO_LARGE, request_id=req.id)
+        elif isinstance(req, Pipe):
+            if len(req.payload) > lim.max_pipe_payload:
+                raise RemoteProtocolError(
+                    f"pipe payload too large: {len(req.payload)} bytes, "
+                    f"limit {lim.max_pipe_payload}", Status.TOO_LARGE, request_id=req.id)
+            if req.hold_ms > lim.max_pipe_hold * 1000:
+                raise RemoteProtocolError(
+                    f"hold of {req.hold_ms / 1000:g} s over the limit {lim.max_pipe_hold:g} s",
+                    request_id=req.id)
+            if not self._pipe_bytes.take(len(req.payload), now):
+                raise RemoteProtocolError("pipe byte rate exceeded on this connection",
+                                          Status.RATE_LIMITED, request_id=req.id)
+
+    def _authorize(self, req: Authorization) -> None:
+        nonce = self.nonce
+        self._auth_attempts += 1
+        self._to(SessionState.AUTHENTICATING)
+        try:
+            if domain_of(req.address) != self.domain:
+                raise RemoteProtocolError(
+                    f"address {req.address} is not served here (domain {self.domain})",
+                    Status.FORBIDDEN)
+            try:
+                verify(req.verify_key, AUTH_CONTEXT,
+                       auth_payload(self.domain, nonce, req.address, req.verify_key),
+                       req.signature)
+            except VerificationError:
+                raise RemoteProtocolError(
+                    "bad signature: it does not sign this connection's challenge "
+                    "with that key (stale or replayed?)", Status.UNAUTHORIZED) from None
+        except RemoteProtocolError as exc:
+            self.bad_input += 1
+            self.reject_auth(req.id, exc.status, exc.text)
+            return
+        self._events.append(AuthRequested(req, peer_id_of(req.verify_key)))
+
+    # --- answers from the server -------------------------------------------------------
+    def accept_auth(self, request_id: int, address: str, verify_key: bytes,
+                    body: dict[str, Any] | None = None) -> None:
+        """The store agreed: the session is now `address` on device `verify_key`."""
+        if self.state is SessionState.CLOSED:
+            return
+        self._to(SessionState.AUTHENTICATED)
+        self.address = address
+        self.verify_key = verify_key
+        self.peer_id = peer_id_of(verify_key)
+        self._send(Reply(request_id, Status.OK, "authenticated", body or {}))
+
+    def reject_auth(self, request_id: int, status: Status, text: str) -> None:
+        """Refuse an AUTHORIZATION; after `auth_attempts` failures the connection closes."""
+        if self.state is SessionState.CLOSED:
+            return
+        self._send(Reply(request_id, status, text))
+        if self._auth_attempts >= self.limits.auth_attempts:
+            self.close("too many failed authorizations")
+            return
+        self._to(SessionState.AWAITING_AUTH)
+        self._challenge()
+
+    def reply(self, request_id: int, status: Status = Status.OK, text: str | None = None,
+              body: dict[str, Any] | None = None) -> None:
+        """Answer a RequestReceived."""
+        self.in_flight = max(0, self.in_flight - 1)
+        if not self.closed:
+            self._send(Reply(request_id, status, text or status.text, body or {}))
+
+    def deliver(self, envelope: Envelope) -> None:
+        """Push an envelope to this (authenticated) device."""
+        self._push(Deliver(envelope))
+
+    def pipe(self, message: PipeMessage) -> None:
+        """Push a PIPE payload to this (authenticated) device."""
+        self._push(message)
+
+    def _push(self, msg: ServerMessage) -> None:
+        if self.state is SessionState.CLOSED:
+            return
+        if self.state is not SessionState.AUTHENTICATED:
+            raise LocalProtocolError("pushes go only to authenticated sessions")
+        self._send(msg)
+
+    def _challenge(self) -> None:
+        # A fresh nonce per attempt: a signature over an old one never verifies again.
+        self.nonce = self._new_nonce()
+        self._send(Challenge(self.domain, self.nonce))
+
+    def _send(self, msg: ServerMessage) -> None:
+        self._out.append(encode_frame(encode_server_message(msg), 1 << 31))
+
+    # --- output and time ------------------------------------------------------------
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the transport since the last call."""
+        if not self._out:
+            return b""
+        out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def get_timer(self) -> float | None:
+        """When `handle_timer` must next run (auth deadline, half-received frame), or None."""
+        if self.closed:
+            return None
+        deadlines = []
+        if self.state is not SessionState.AUTHENTICATED:
+            deadlines.append(self._auth_deadline)
+        if self._partial_since is not None:
+            deadlines.append(self._partial_since + self.limits.partial_frame_timeout)
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        if self.closed:
+            return
+        if self.state is not SessionState.AUTHENTICATED and now >= self._auth_deadline:
+            self.close("authentication timeout")
+        elif (self._partial_since is not None
+              and now >= self._partial_since + self.limits.partial_frame_timeout):
+            self.bad_input += 1
+            self.close("incomplete frame timeout")

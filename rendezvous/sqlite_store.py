@@ -1,0 +1,471 @@
+"""`SqliteStore`: the default `Store`, one SQLite file in the server's data folder.
+
+One writer thread owns the connection. Requests queue up while a transaction commits and
+are then run together in the next one (group commit): each in its own SAVEPOINT, so one
+failing request doesn't spoil the others, then a single COMMIT, then every caller's future
+is resolved in submission order. `journal_mode=WAL` with `synchronous=FULL` makes a
+commit durable against process death and power loss; results (and so SEND acks) are only
+handed back after the commit returned.
+
+Per-account usage (queued count and bytes) is kept in memory by the writer thread for
+quota checks, loaded at open and reloaded if a commit ever fails.
+
+`create_invite` and `read_stats` open their own short connection, so the CLI can use them
+next to a running server (WAL lets readers and a second writer in safely).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from crypto.codec import packb, unpackb
+from crypto.errors import DecodeError
+from crypto.identity import peer_id_of
+from rendezvous.messages import Send
+from rendezvous.records import Envelope, EnvelopeInfo, check_advertise
+from rendezvous.status import Status
+from rendezvous.store import (
+    AuthOutcome,
+    DeviceRecord,
+    EnqueueOutcome,
+    QueuedEnvelope,
+    QueuedInfo,
+    Quota,
+    RegistrationPolicy,
+    StoreStats,
+)
+
+T = TypeVar("T")
+DB_NAME = "rendezvous.sqlite3"
+SCHEMA_VERSION = 1
+_MAX_BATCH = 1024
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts (address TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    peer_id BLOB PRIMARY KEY,
+    verify_key BLOB NOT NULL UNIQUE,
+    address TEXT NOT NULL REFERENCES accounts(address),
+    added REAL NOT NULL,
+    last_seen REAL,
+    advertise BLOB
+);
+CREATE INDEX IF NOT EXISTS devices_by_address ON devices(address);
+CREATE TABLE IF NOT EXISTS envelopes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    device BLOB NOT NULL,
+    mid BLOB NOT NULL,
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    prio INTEGER NOT NULL,
+    blob BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    UNIQUE (device, mid)
+);
+CREATE INDEX IF NOT EXISTS envelopes_by_expiry ON envelopes(expires_at);
+CREATE TABLE IF NOT EXISTS invites (
+    token TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_by BLOB
+);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the database with the durability settings we rely on."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.executescript(_SCHEMA)
+    row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    if row is None:
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+    elif row[0] != str(SCHEMA_VERSION):
+        conn.close()
+        raise RuntimeError(f"{path}: schema version {row[0]}, this server knows {SCHEMA_VERSION}")
+    return conn
+
+
+def create_invite(path: Path, address: str, token: str, now: float, expires_at: float) -> None:
+    """Record a single-use invite token for `address` (used by `peerpost-rendezvous invite`)."""
+    conn = connect(path)
+    try:
+        conn.execute("INSERT INTO invites VALUES (?, ?, ?, ?, NULL)",
+                     (token, address, now, expires_at))
+    finally:
+        conn.close()
+
+
+def read_stats(path: Path) -> StoreStats:
+    """Counts straight from the database file (used by `peerpost-rendezvous stats`)."""
+    conn = connect(path)
+    try:
+        return _stats(conn, path)
+    finally:
+        conn.close()
+
+
+def _stats(conn: sqlite3.Connection, path: Path) -> StoreStats:
+    accounts = conn.execute("SELECT COUNT(*) FROM accounts").fetchone()[0]
+    devices = conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
+    count, size = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(length(blob)), 0) FROM envelopes").fetchone()
+    return StoreStats(accounts, devices, count, size, file_size(path))
+
+
+def _load_advertise(raw: bytes | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        return check_advertise(unpackb(raw, max_bytes=8192), 8192)
+    except DecodeError:
+        return {}
+
+
+def _envelope(row: tuple[Any, ...]) -> QueuedEnvelope:
+    seq, device, mid, sender, recipient, prio, blob, received_at = row
+    return QueuedEnvelope(seq, Envelope(mid, sender, recipient, device, prio, blob, received_at))
+
+
+_ENVELOPE_COLUMNS = "seq, device, mid, sender, recipient, prio, blob, received_at"
+
+
+class SqliteStore:
+    """SQLite-backed `Store` with a single writer thread and group commit."""
+
+    def __init__(self, path: Path | str) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / DB_NAME
+        self.path = path
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._usage: dict[str, list[int]] = {}  # writer thread only: address -> [count, bytes]
+        self.commits = 0
+        self.ops = 0
+
+    # --- lifecycle -------------------------------------------------------------------
+    async def open(self) -> None:
+        """Create the file if needed and start the writer thread."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(ready,),
+                                        name="rendezvous-sqlite", daemon=True)
+        self._thread.start()
+        await ready
+
+    async def aclose(self) -> None:
+        """Finish the queued work, commit, close the file, stop the thread."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.to_thread(thread.join)
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._thread is None or self._loop is None:
+            raise RuntimeError("store is not open")
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((fn, fut))
+        return fut
+
+    # --- the writer thread ------------------------------------------------------------
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            conn = connect(self.path)
+            self._reload_usage(conn)
+        except Exception as exc:  # report any open failure to the awaiting caller
+            loop.call_soon_threadsafe(_settle, ready, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, ready, None, None)
+        stop = False
+        try:
+            while not stop:
+                batch = [self._queue.get()]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                ops = [op for op in batch if op is not None]
+                stop = len(ops) != len(batch)
+                if ops:
+                    self._run_batch(conn, ops, loop)
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection,
+                   ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+                   loop: asyncio.AbstractEventLoop) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        for fn, fut in ops:
+            conn.execute("SAVEPOINT op")
+            try:
+                value = fn(conn)
+            except Exception as exc:  # one bad op must not spoil the batch
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                results.append((fut, None, exc))
+            else:
+                conn.execute("RELEASE op")
+                results.append((fut, value, None))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._reload_usage(conn)
+            results = [(fut, None, exc) for fut, _, _ in results]
+        self.commits += 1
+        self.ops += len(ops)
+        loop.call_soon_threadsafe(_settle_all, results)
+
+    def _reload_usage(self, conn: sqlite3.Connection) -> None:
+        self._usage = {
+            r: [c, b] for r, c, b in conn.execute(
+                "SELECT recipient, COUNT(*), SUM(length(blob)) FROM envelopes GROUP BY recipient")
+        }
+
+    def _used(self, address: str, count: int, size: int) -> None:
+        u = self._usage.setdefault(address, [0, 0])
+        u[0] += count
+        u[1] += size
+        if u[0] <= 0:
+            del self._usage[address]
+
+    # --- Store -------------------------------------------------------------------------
+    async def authenticate(self, address: str, verify_key: bytes, *, register: bool,
+                           invite: str | None, advertise: dict[str, Any] | None, now: float,
+                           policy: RegistrationPolicy, page: int) -> AuthOutcome:
+        peer_id = peer_id_of(verify_key)
+
+        def op(conn: sqlite3.Connection) -> AuthOutcome:
+            created = False
+            row = conn.execute("SELECT address FROM devices WHERE peer_id=?",
+                               (peer_id,)).fetchone()
+            if row is not None and row[0] != address:
+                return AuthOutcome(Status.FORBIDDEN,
+                                   "this device key is bound to another address")
+            if row is None:
+                refusal = _register(conn, address, verify_key, peer_id, register, invite, now,
+                                    policy)
+                if refusal is not None:
+                    return refusal
+                created = True
+            adv = None if advertise is None else packb(advertise)
+            conn.execute("UPDATE devices SET last_seen=?, advertise=COALESCE(?, advertise) "
+                          "WHERE peer_id=?", (now, adv, peer_id))
+            hi = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM envelopes").fetchone()[0]
+            first = _pending(conn, peer_id, 0, hi, page, now)
+            return AuthOutcome(Status.OK, "authenticated", created, tuple(first), hi)
+
+        return await self._submit(op)
+
+    async def enqueue(self, sender: str, send: Send, now: float, expires_at: float,
+                      quota: Quota) -> EnqueueOutcome:
+        def op(conn: sqlite3.Connection) -> EnqueueOutcome:
+            fresh = []
+            extra: dict[str, list[int]] = {}
+            for item in send.items:
+                row = conn.execute("SELECT address FROM devices WHERE peer_id=?",
+                                   (item.device,)).fetchone()
+                if row is None or row[0] != item.to:
+                    known = conn.execute("SELECT 1 FROM accounts WHERE address=?",
+                                         (item.to,)).fetchone()
+                    if known is None:
+                        return EnqueueOutcome(Status.NOT_FOUND, f"no such address: {item.to}")
+                    return EnqueueOutcome(
+                        Status.NOT_FOUND,
+                        f"device {item.device.hex()} is not bound to {item.to}")
+                if conn.execute("SELECT 1 FROM envelopes WHERE device=? AND mid=?",
+                                (item.device, send.message_id)).fetchone():
+                    continue  # a retried SEND: already stored, ack again
+                add = extra.setdefault(item.to, [0, 0])
+                add[0] += 1
+                add[1] += len(item.blob)
+                used = self._usage.get(item.to, [0, 0])
+                if used[0] + add[0] > quota.count or used[1] + add[1] > quota.bytes:
+                    return EnqueueOutcome(
+                        Status.QUOTA,
+                        f"quota exceeded for {item.to}: {used[0]} envelopes / {used[1]} bytes "
+                        f"queued, limit {quota.count} / {quota.bytes}")
+                fresh.append(item)
+            stored = []
+            for item in fresh:
+                cur = conn.execute(
+                    "INSERT INTO envelopes (device, mid, sender, recipient, prio, blob, "
+                    "received_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (item.device, send.message_id, sender, item.to, send.priority, item.blob,
+                     now, expires_at))
+                seq = cur.lastrowid or 0
+                stored.append(QueuedEnvelope(seq, Envelope(
+                    send.message_id, sender, item.to, item.device, send.priority, item.blob,
+                    now)))
+            for addr, (count, size) in extra.items():
+                self._used(addr, count, size)
+            return EnqueueOutcome(Status.OK, "stored", tuple(stored))
+
+        return await self._submit(op)
+
+    async def pending(self, device: bytes, after: int, upto: int, limit: int,
+                      now: float) -> list[QueuedEnvelope]:
+        return await self._submit(lambda conn: _pending(conn, device, after, upto, limit, now))
+
+    async def list_infos(self, device: bytes, after: int, limit: int,
+                         now: float) -> list[QueuedInfo]:
+        def op(conn: sqlite3.Connection) -> list[QueuedInfo]:
+            rows = conn.execute(
+                "SELECT seq, mid, sender, recipient, device, prio, length(blob), received_at "
+                "FROM envelopes WHERE device=? AND seq>? AND expires_at>? ORDER BY seq LIMIT ?",
+                (device, after, now, limit)).fetchall()
+            return [QueuedInfo(r[0], EnvelopeInfo(*r[1:])) for r in rows]
+
+        return await self._submit(op)
+
+    async def retrieve(self, device: bytes, message_id: bytes, now: float) -> Envelope | None:
+        def op(conn: sqlite3.Connection) -> Envelope | None:
+            row = conn.execute(
+                f"SELECT {_ENVELOPE_COLUMNS} FROM envelopes "
+                "WHERE device=? AND mid=? AND expires_at>?", (device, message_id, now)).fetchone()
+            return None if row is None else _envelope(row).envelope
+
+        return await self._submit(op)
+
+    async def remove(self, device: bytes, message_id: bytes) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("DELETE FROM envelopes WHERE device=? AND mid=? "
+                               "RETURNING recipient, length(blob)",
+                               (device, message_id)).fetchone()
+            if row is None:
+                return False
+            self._used(row[0], -1, -row[1])
+            return True
+
+        return await self._submit(op)
+
+    async def devices(self, address: str) -> list[DeviceRecord] | None:
+        def op(conn: sqlite3.Connection) -> list[DeviceRecord] | None:
+            if conn.execute("SELECT 1 FROM accounts WHERE address=?", (address,)).fetchone() \
+                    is None:
+                return None
+            rows = conn.execute("SELECT verify_key, peer_id, last_seen, advertise FROM devices "
+                                "WHERE address=? ORDER BY added", (address,)).fetchall()
+            return [DeviceRecord(vk, pid, seen, _load_advertise(adv))
+                    for vk, pid, seen, adv in rows]
+
+        return await self._submit(op)
+
+    async def set_advertise(self, device: bytes, advertise: dict[str, Any]) -> None:
+        raw = packb(advertise)
+        await self._submit(lambda conn: conn.execute(
+            "UPDATE devices SET advertise=? WHERE peer_id=?", (raw, device)) and None)
+
+    async def touch(self, device: bytes, last_seen: float) -> None:
+        await self._submit(lambda conn: conn.execute(
+            "UPDATE devices SET last_seen=? WHERE peer_id=?", (last_seen, device)) and None)
+
+    async def expire(self, now: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            rows = conn.execute("DELETE FROM envelopes WHERE expires_at<=? "
+                                "RETURNING recipient, length(blob)", (now,)).fetchall()
+            for recipient, size in rows:
+                self._used(recipient, -1, -size)
+            conn.execute("DELETE FROM invites WHERE expires_at<=?", (now,))
+            return len(rows)
+
+        return await self._submit(op)
+
+    async def add_invite(self, address: str, token: str, now: float, expires_at: float) -> None:
+        await self._submit(lambda conn: conn.execute(
+            "INSERT INTO invites VALUES (?, ?, ?, ?, NULL)",
+            (token, address, now, expires_at)) and None)
+
+    async def stats(self) -> StoreStats:
+        return await self._submit(lambda conn: _stats(conn, self.path))
+
+
+def _pending(conn: sqlite3.Connection, device: bytes, after: int, upto: int, limit: int,
+             now: float) -> list[QueuedEnvelope]:
+    rows = conn.execute(
+        f"SELECT {_ENVELOPE_COLUMNS} FROM envelopes WHERE device=? AND seq>? AND seq<=? "
+        "AND expires_at>? ORDER BY seq LIMIT ?", (device, after, upto, now, limit)).fetchall()
+    return [_envelope(r) for r in rows]
+
+
+def _register(conn: sqlite3.Connection, address: str, verify_key: bytes, peer_id: bytes,
+              register: bool, invite: str | None, now: float,
+              policy: RegistrationPolicy) -> AuthOutcome | None:
+    """Bind a new device (creating the account if needed), or say why not."""
+    exists = conn.execute("SELECT 1 FROM accounts WHERE address=?", (address,)).fetchone()
+    if not register:
+        if exists is None:
+            return AuthOutcome(Status.UNAUTHORIZED,
+                               f"no account {address}: register with an invite first")
+        return AuthOutcome(Status.UNAUTHORIZED, f"this device is not bound to {address}")
+    invite_ok = False
+    if invite is not None:
+        row = conn.execute("SELECT address, expires_at, used_by FROM invites WHERE token=?",
+                           (invite,)).fetchone()
+        invite_ok = row is not None and row[0] == address and row[1] > now and row[2] is None
+        if not invite_ok:
+            return AuthOutcome(Status.FORBIDDEN,
+                               f"invite is not valid for {address} (unknown, used or expired)")
+    if exists is None and not (invite_ok or policy.open_registration):
+        return AuthOutcome(Status.FORBIDDEN,
+                           "registration needs an invite (this server is not open)")
+    if exists is not None:
+        if not invite_ok:
+            return AuthOutcome(Status.FORBIDDEN,
+                               f"adding a device to {address} needs an invite for it")
+        count = conn.execute("SELECT COUNT(*) FROM devices WHERE address=?",
+                             (address,)).fetchone()[0]
+        if count >= policy.max_devices_per_account:
+            return AuthOutcome(Status.FORBIDDEN,
+                               f"{address} already has {count} devices, the limit")
+    else:
+        conn.execute("INSERT INTO accounts VALUES (?, ?)", (address, now))
+    conn.execute("INSERT INTO devices (peer_id, verify_key, address, added) VALUES (?, ?, ?, ?)",
+                 (peer_id, verify_key, address, now))
+    if invite_ok:
+        conn.execute("UPDATE invites SET used_by=? WHERE token=?", (peer_id, invite))
+    return None
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+
+
+def _settle_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, value, exc in results:
+        _settle(fut, value, exc)
+
+
+def file_size(path: Path) -> int:
+    """Bytes of the database and its WAL on disk."""
+    return sum(os.path.getsize(p) for p in (path, Path(f"{path}-wal")) if p.exists())
