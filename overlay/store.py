@@ -1,0 +1,523 @@
+"""The content store: what this node holds, fully or in part, and how to serve it.
+
+One plaintext copy per content and nothing else: a sender's file stays where the user put
+it and is sealed chunk by chunk on the way out (DESIGN.md, "Content"). A receiver writes
+verified chunks into a preallocated `<name>.part` and records each one in a bitmap file as
+soon as its bytes are written, so after `kill -9` at any point it resumes without
+re-fetching a verified chunk; `complete()` renames the file and makes it servable.
+
+Records (content id → path, key, capability, layout, leaf hashes) live in one SQLite file
+(mode 0600: it holds content keys and capabilities). Methods that hash, seal or write
+chunks block; async callers run them in a thread (`asyncio.to_thread`), which lets
+libsodium and BLAKE3 use the second core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hmac
+import os
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from crypto.capability import new_capability
+from crypto.content import (
+    DEFAULT_CHUNK_SIZE,
+    HASH_LEN,
+    ChunkVerifier,
+    check_layout,
+    chunk_count,
+    chunk_hash,
+    merkle_root,
+    new_content_key,
+    open_chunk,
+    plain_chunk_len,
+    seal_chunk,
+)
+from crypto.errors import DecodeError
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS content (
+    cid BLOB PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('full', 'partial')),
+    path TEXT NOT NULL,
+    dest_dir TEXT,
+    file_name TEXT,
+    content_key BLOB NOT NULL,
+    capability BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    leaves BLOB
+);
+"""
+
+
+class ContentStoreError(Exception):
+    """A store operation cannot be done (unknown content, file changed, wrong state)."""
+
+
+class ServedContent(Protocol):
+    """What the serving side needs from one content it holds, fully or in part."""
+
+    @property
+    def content_id(self) -> bytes: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def capability(self) -> bytes: ...
+    @property
+    def leaves(self) -> tuple[bytes, ...] | None: ...
+
+    def have_bitmap(self) -> bytes | None:
+        """Held chunks, bit i = chunk i (LSB first); None when every chunk is held."""
+        ...
+
+    def has(self, index: int) -> bool: ...
+
+    def read_sealed(self, index: int) -> bytes:
+        """The sealed chunk, as the Merkle leaf names it. Blocking."""
+        ...
+
+
+class Catalog(Protocol):
+    """Content id → something the serving side can serve, or None."""
+
+    def lookup(self, content_id: bytes) -> ServedContent | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LocalContent:
+    """A complete content this node can serve; the data for a location message's handle."""
+
+    content_id: bytes
+    size: int
+    chunk_size: int
+    key: bytes = field(repr=False)
+    capability: bytes = field(repr=False)
+    path: Path
+    leaves: tuple[bytes, ...] = field(repr=False)
+
+    def have_bitmap(self) -> bytes | None:
+        return None
+
+    def has(self, index: int) -> bool:
+        return 0 <= index < len(self.leaves)
+
+    def read_sealed(self, index: int) -> bytes:
+        """Read the plaintext chunk and seal it; refuse if the file changed under us."""
+        n = plain_chunk_len(self.size, self.chunk_size, index)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                plain = os.pread(f.fileno(), n, index * self.chunk_size)
+        except OSError as exc:
+            raise ContentStoreError(f"cannot read {self.path}: {exc.strerror}") from None
+        sealed = seal_chunk(self.key, index, plain)
+        # A file edited after it was sent would give chunks every receiver rejects, and
+        # they would ban us; check the leaf here instead (BLAKE3 costs a fifth of sealing).
+        if len(plain) != n or not hmac.compare_digest(chunk_hash(sealed), self.leaves[index]):
+            raise ContentStoreError(f"{self.path} changed since it was added (chunk {index})")
+        return sealed
+
+
+def _bit(bitmap: bytes | bytearray, i: int) -> bool:
+    return bool(bitmap[i >> 3] & (1 << (i & 7)))
+
+
+def _pack_leaves(leaves: Sequence[bytes]) -> bytes:
+    return b"".join(leaves)
+
+
+def _unpack_leaves(blob: bytes, count: int) -> tuple[bytes, ...]:
+    if len(blob) != count * HASH_LEN:
+        raise ContentStoreError("stored hash list is damaged")
+    return tuple(blob[i : i + HASH_LEN] for i in range(0, len(blob), HASH_LEN))
+
+
+def _free_name(directory: Path, name: str) -> Path:
+    """`name`, or `stem (1).ext`, `stem (2).ext`... whichever doesn't exist yet."""
+    candidate = directory / name
+    stem, dot, ext = name.rpartition(".")
+    if not stem:
+        stem, dot, ext = name, "", ""
+    n = 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate = directory / f"{stem} ({n}){dot}{ext}"
+        n += 1
+    return candidate
+
+
+def _safe_file_name(name: str) -> str:
+    # The name comes from a location message: never let it leave dest_dir.
+    base = os.path.basename(name.replace("\\", "/")).strip()
+    if base in ("", ".", "..") or "\x00" in base:
+        raise DecodeError(f"unusable file name {name!r}")
+    return base
+
+
+class PartialContent:
+    """A content being received: `.part` file, held-chunk bitmap, the verified hash list."""
+
+    def __init__(
+        self, store: ContentStore, content_id: bytes, size: int, chunk_size: int, key: bytes,
+        capability: bytes, part_path: Path, dest_dir: Path, file_name: str,
+        leaves: tuple[bytes, ...] | None,
+    ) -> None:
+        self._store = store
+        self.content_id = content_id
+        self.size = size
+        self.chunk_size = chunk_size
+        self.key = key
+        self.capability = capability
+        self.part_path = part_path
+        self.dest_dir = dest_dir
+        self.file_name = file_name
+        self.count = chunk_count(size, chunk_size)
+        self._verifier = (
+            ChunkVerifier(content_id, leaves, size, chunk_size) if leaves is not None else None
+        )
+        self._lock = threading.Lock()
+        self._final: Path | None = None
+        self._data_fd = os.open(part_path, os.O_RDWR | os.O_CREAT, 0o600)
+        have_path = store.have_path(content_id)
+        self._have_fd = os.open(have_path, os.O_RDWR | os.O_CREAT, 0o600)
+        nbytes = (self.count + 7) // 8
+        have = bytearray(os.pread(self._have_fd, nbytes, 0))
+        if len(have) < nbytes:
+            have.extend(bytes(nbytes - len(have)))
+            os.pwrite(self._have_fd, bytes(have), 0)
+        self._have = have
+        self._held = sum(bin(b).count("1") for b in have)
+
+    # --- state ------------------------------------------------------------------------
+    @property
+    def leaves(self) -> tuple[bytes, ...] | None:
+        return self._verifier.leaves if self._verifier is not None else None
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    @property
+    def is_complete(self) -> bool:
+        return self._held == self.count
+
+    @property
+    def final_path(self) -> Path | None:
+        """Where the file went once `complete()` ran."""
+        return self._final
+
+    def have(self, index: int) -> bool:
+        return 0 <= index < self.count and _bit(self._have, index)
+
+    def has(self, index: int) -> bool:
+        return self.have(index)
+
+    def missing(self) -> list[int]:
+        """Chunk indexes not yet held, in order."""
+        return [i for i in range(self.count) if not _bit(self._have, i)]
+
+    def have_bitmap(self) -> bytes | None:
+        return None if self.is_complete else bytes(self._have)
+
+    # --- receiving --------------------------------------------------------------------
+    def set_leaves(self, leaves: Sequence[bytes]) -> None:
+        """Accept the chunk-hash list if it matches the content id (else VerificationError),
+        and persist it. Blocking."""
+        verifier = ChunkVerifier(self.content_id, leaves, self.size, self.chunk_size)
+        if self._verifier is not None:
+            return
+        self._store._save_leaves(self.content_id, verifier.leaves)
+        self._verifier = verifier
+
+    def write_chunk(self, index: int, sealed: bytes | memoryview) -> bool:
+        """Verify, open and write chunk `index`, then record it as held. Blocking.
+
+        Returns False (and writes nothing) if it was already held. Raises VerificationError
+        for a chunk that doesn't match its leaf; nothing is written then.
+        """
+        if self._verifier is None:
+            raise ContentStoreError("no verified hash list yet: call set_leaves first")
+        if self.have(index):
+            return False
+        self._verifier.verify(index, sealed)
+        plain = open_chunk(self.key, index, sealed)
+        view = memoryview(plain)
+        offset = index * self.chunk_size
+        while view:
+            n = os.pwrite(self._data_fd, view, offset)
+            view, offset = view[n:], offset + n
+        # Bytes first, bit second: a kill between the two costs one re-fetch, never a hole.
+        with self._lock:
+            if _bit(self._have, index):
+                return False
+            self._have[index >> 3] |= 1 << (index & 7)
+            os.pwrite(self._have_fd, bytes((self._have[index >> 3],)), index >> 3)
+            self._held += 1
+        return True
+
+    def read_sealed(self, index: int) -> bytes:
+        """Serve a verified chunk we hold (co-recipients serve as they go). Blocking."""
+        if not self.have(index) or self._verifier is None:
+            raise ContentStoreError(f"chunk {index} is not held")
+        plain = os.pread(self._data_fd, plain_chunk_len(self.size, self.chunk_size, index),
+                         index * self.chunk_size)
+        return seal_chunk(self.key, index, plain)
+
+    def complete(self) -> Path:
+        """Flush, rename to the final name (never clobbering), register as a full holder.
+
+        Blocking. Returns the final path; calling it again returns the same path.
+        """
+        if self._final is not None:
+            return self._final
+        if not self.is_complete or self._verifier is None:
+            raise ContentStoreError(f"{self.count - self._held} chunks still missing")
+        os.fsync(self._data_fd)
+        self.dest_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            final = _free_name(self.dest_dir, self.file_name)
+            try:
+                # link() fails if the name appeared meanwhile; rename() would clobber it.
+                os.link(self.part_path, final)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
+                    raise
+                os.replace(self.part_path, final)  # no hard links here: best effort
+            else:
+                os.unlink(self.part_path)
+            break
+        self._final = final
+        self._store._mark_complete(self, final)
+        self.close()
+        return final
+
+    def close(self) -> None:
+        """Release the file descriptors (the partial state stays on disk)."""
+        for fd in (self._data_fd, self._have_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._data_fd = self._have_fd = -1
+
+
+class ContentStore:
+    """Everything this node holds, keyed by content id; also the serving side's Catalog."""
+
+    def __init__(self, root_dir: Path) -> None:
+        self.root = Path(root_dir)
+        (self.root / "partial").mkdir(parents=True, exist_ok=True)
+        db_path = self.root / "content.sqlite"
+        fd = os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, _SCHEMA_VERSION):
+            raise ContentStoreError(f"content store schema {version} is newer than this code")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        self._lock = threading.Lock()
+        self._partials: dict[bytes, PartialContent] = {}
+        self._full: dict[bytes, LocalContent] = {}
+
+    def close(self) -> None:
+        for p in list(self._partials.values()):
+            p.close()
+        self._partials.clear()
+        self._db.close()
+
+    def have_path(self, content_id: bytes) -> Path:
+        return self.root / "partial" / f"{content_id.hex()}.have"
+
+    # --- sending side -----------------------------------------------------------------
+    async def add_local_file(
+        self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None
+    ) -> LocalContent:
+        """Register a file to send: seal every chunk once (in a thread) to get the leaves
+        and the content id. Only the plaintext file is kept, where it is."""
+        return await asyncio.to_thread(self.add_local_file_blocking, path,
+                                       chunk_size=chunk_size, key=key)
+
+    def add_local_file_blocking(
+        self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None
+    ) -> LocalContent:
+        """`add_local_file` for callers already in a thread."""
+        path = Path(path).resolve()
+        key = new_content_key() if key is None else key
+        size = path.stat().st_size
+        check_layout(size, chunk_size)
+        leaves = []
+        with open(path, "rb", buffering=0) as f:
+            for i in range(chunk_count(size, chunk_size)):
+                n = plain_chunk_len(size, chunk_size, i)
+                plain = os.pread(f.fileno(), n, i * chunk_size)
+                if len(plain) != n:
+                    raise ContentStoreError(f"{path} shrank while it was being added")
+                leaves.append(chunk_hash(seal_chunk(key, i, plain)))
+        content = LocalContent(merkle_root(leaves), size, chunk_size, key, new_capability(),
+                               path, tuple(leaves))
+        with self._lock:
+            old = self._db.execute("SELECT capability FROM content WHERE cid = ?",
+                                   (content.content_id,)).fetchone()
+            if old is not None:
+                # Same file, same key: same content id. Keep the capability already handed out.
+                content = LocalContent(content.content_id, size, chunk_size, key, bytes(old[0]),
+                                       path, content.leaves)
+            self._db.execute(
+                "INSERT OR REPLACE INTO content (cid, state, path, content_key, capability,"
+                " size, chunk_size, leaves) VALUES (?, 'full', ?, ?, ?, ?, ?, ?)",
+                (content.content_id, str(path), key, content.capability, size, chunk_size,
+                 _pack_leaves(leaves)),
+            )
+            self._full[content.content_id] = content
+        return content
+
+    # --- receiving side ---------------------------------------------------------------
+    def open_partial(
+        self, content_id: bytes, size: int, chunk_size: int, key: bytes, capability: bytes,
+        dest_dir: Path, file_name: str,
+    ) -> PartialContent:
+        """Start or resume receiving a content into `dest_dir/<file_name>.part`. Blocking."""
+        check_layout(size, chunk_size)
+        if len(content_id) != HASH_LEN:
+            raise DecodeError("a content id is 32 bytes")
+        file_name = _safe_file_name(file_name)
+        with self._lock:
+            if content_id in self._partials:
+                return self._partials[content_id]
+            row = self._db.execute(
+                "SELECT state, path, dest_dir, file_name, leaves, size, chunk_size"
+                " FROM content WHERE cid = ?", (content_id,),
+            ).fetchone()
+            if row is not None and row[0] == "full":
+                raise ContentStoreError(f"content already held complete at {row[1]}")
+            if row is not None:
+                if (row[5], row[6]) != (size, chunk_size):
+                    raise ContentStoreError("content layout differs from the one being resumed")
+                part_path, dest, name = Path(row[1]), Path(row[2]), row[3]
+                leaves = (_unpack_leaves(bytes(row[4]), chunk_count(size, chunk_size))
+                          if row[4] is not None else None)
+                if not part_path.exists():
+                    # Someone deleted the .part: its held bits would now be lies.
+                    self.have_path(content_id).unlink(missing_ok=True)
+                    _preallocate(part_path, size)
+            else:
+                dest, name, leaves = Path(dest_dir), file_name, None
+                dest.mkdir(parents=True, exist_ok=True)
+                part_path = dest / f"{name}.{content_id[:4].hex()}.part"
+                self.have_path(content_id).unlink(missing_ok=True)
+                _preallocate(part_path, size)
+                self._db.execute(
+                    "INSERT INTO content (cid, state, path, dest_dir, file_name, content_key,"
+                    " capability, size, chunk_size) VALUES (?, 'partial', ?, ?, ?, ?, ?, ?, ?)",
+                    (content_id, str(part_path), str(dest), name, key, capability, size,
+                     chunk_size),
+                )
+            partial = PartialContent(self, content_id, size, chunk_size, key, capability,
+                                     part_path, dest, name, leaves)
+            self._partials[content_id] = partial
+            return partial
+
+    def _save_leaves(self, content_id: bytes, leaves: Sequence[bytes]) -> None:
+        with self._lock:
+            self._db.execute("UPDATE content SET leaves = ? WHERE cid = ?",
+                             (_pack_leaves(leaves), content_id))
+
+    def _mark_complete(self, partial: PartialContent, final: Path) -> None:
+        leaves = partial.leaves
+        if leaves is None:
+            raise ContentStoreError("complete without a hash list")
+        with self._lock:
+            self._db.execute("UPDATE content SET state = 'full', path = ? WHERE cid = ?",
+                             (str(final), partial.content_id))
+            self._partials.pop(partial.content_id, None)
+            self._full[partial.content_id] = LocalContent(
+                partial.content_id, partial.size, partial.chunk_size, partial.key,
+                partial.capability, final, leaves)
+        self.have_path(partial.content_id).unlink(missing_ok=True)
+
+    # --- serving side -----------------------------------------------------------------
+    def lookup(self, content_id: bytes) -> ServedContent | None:
+        """The full or partial content with this id, if held."""
+        with self._lock:
+            if content_id in self._partials:
+                return self._partials[content_id]
+            if content_id in self._full:
+                return self._full[content_id]
+        return self.local(content_id)
+
+    def local(self, content_id: bytes) -> LocalContent | None:
+        """A complete content by id (sender's files and finished downloads)."""
+        with self._lock:
+            if content_id in self._full:
+                return self._full[content_id]
+            row = self._db.execute(
+                "SELECT path, content_key, capability, size, chunk_size, leaves FROM content"
+                " WHERE cid = ? AND state = 'full'", (content_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            content = LocalContent(content_id, row[3], row[4], bytes(row[1]), bytes(row[2]),
+                                   Path(row[0]), _unpack_leaves(bytes(row[5]),
+                                                                chunk_count(row[3], row[4])))
+            self._full[content_id] = content
+            return content
+
+    def content_ids(self) -> list[bytes]:
+        with self._lock:
+            return [bytes(r[0]) for r in self._db.execute("SELECT cid FROM content")]
+
+    # --- retention --------------------------------------------------------------------
+    def remove(self, content_id: bytes, *, delete_file: bool = False) -> None:
+        """Forget a content. A partial download's files always go; a complete file is
+        deleted only with `delete_file=True` (it is the user's file)."""
+        with self._lock:
+            partial = self._partials.pop(content_id, None)
+            self._full.pop(content_id, None)
+            row = self._db.execute("SELECT state, path FROM content WHERE cid = ?",
+                                   (content_id,)).fetchone()
+            if row is None:
+                raise ContentStoreError(f"unknown content {content_id.hex()}")
+            self._db.execute("DELETE FROM content WHERE cid = ?", (content_id,))
+        if partial is not None:
+            partial.close()
+        if row[0] == "partial" or delete_file:
+            Path(row[1]).unlink(missing_ok=True)
+        self.have_path(content_id).unlink(missing_ok=True)
+
+    def archive(self, content_id: bytes, folder: Path) -> Path:
+        """Move a complete content's file into `folder` (no clobbering) and forget it."""
+        content = self.local(content_id)
+        if content is None:
+            raise ContentStoreError(f"no complete content {content_id.hex()} to archive")
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        target = _free_name(Path(folder), content.path.name)
+        os.replace(content.path, target)
+        self.remove(content_id)
+        return target
+
+
+def _preallocate(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if size:
+            try:
+                os.posix_fallocate(fd, 0, size)  # fail now, not halfway, if the disk is full
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
