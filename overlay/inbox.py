@@ -23,7 +23,7 @@ from overlay.inbox_state import (
     InboxState,
     check_transition,
 )
-from overlay.records import NodeDB, RecordLimitError, check_message_row, count_rows
+from overlay.records import NodeDB, check_message_row, is_new_message
 
 DEFAULT_MAX_ENTRIES = 10_000
 MAX_ERROR_TEXT = 500
@@ -98,12 +98,8 @@ class Inbox:
         if size < 0 or chunk_count < 0:
             raise ValueError("size and chunk_count can't be negative")
         with self._db.transaction() as conn:
-            if conn.execute("SELECT 1 FROM inbox WHERE id = ?", (id,)).fetchone():
+            if not is_new_message(conn, "inbox", id, self._max_entries):
                 return False
-            if count_rows(conn, "inbox") >= self._max_entries:
-                raise RecordLimitError(
-                    f"inbox is full ({self._max_entries} messages); remove old ones first"
-                )
             conn.execute(
                 "INSERT INTO inbox (id, sender, sender_peer_id, title, note, size, file_name,"
                 " media_type, content_id, state, junk, priority, received_at, chunk_count,"

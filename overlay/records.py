@@ -263,3 +263,15 @@ def check_message_row(id: bytes, message: bytes) -> None:
         raise ValueError(f"a message id is {MESSAGE_ID_LEN} bytes, got {len(id)}")
     if len(message) > MAX_STORED_MESSAGE:
         raise ValueError(f"location message of {len(message)} bytes is over the limit")
+
+
+def is_new_message(conn: sqlite3.Connection, table: str, id: bytes, limit: int) -> bool:
+    """False if `table` (our own name) has this message id; RecordLimitError if it is full.
+
+    Adding is idempotent because the rendezvous server may deliver a message again.
+    """
+    if conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", (id,)).fetchone():
+        return False
+    if count_rows(conn, table) >= limit:
+        raise RecordLimitError(f"{table} is full ({limit} messages); remove old ones first")
+    return True

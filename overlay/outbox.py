@@ -1,0 +1,266 @@
+"""The outbox: what this node sent, and how far each recipient got (`peerpost status`).
+
+Each recipient moves through its own small machine:
+
+    queued ──> sent ──> downloading ──> downloaded
+       └─────────┴───────────┴────> failed ──> queued (the user sends again)
+
+`sent` is the server's acknowledgement of SEND; `downloading` and `downloaded` come from the
+recipient's receipts. Those arrive over the network, late, twice or out of order, so a move
+that goes backwards or skips is not an error: a later state is taken (queued -> downloaded
+when the ack was lost), and an earlier or repeated one is ignored and reported as False.
+Only `failed -> queued` (resending) goes "back", and `downloaded` is final.
+
+Once every recipient has the file, the node applies the sender's retention preference
+(keep, delete or archive its plaintext copy) and records that with `mark_retention_done`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from crypto.address import normalize_address
+from crypto.location import MAX_RECIPIENTS
+from overlay.records import NodeDB, check_message_row, is_new_message
+
+MAX_REASON_TEXT = 500
+DEFAULT_MAX_ENTRIES = 10_000
+_IDS_PER_QUERY = 500  # stays far below SQLite's limit on bound parameters
+RETENTION_ACTIONS = frozenset({"keep", "delete", "archive"})
+
+
+class RecipientStatus(Enum):
+    QUEUED = "queued"
+    SENT = "sent"
+    DOWNLOADING = "downloading"
+    DOWNLOADED = "downloaded"
+    FAILED = "failed"
+
+
+# How far along the happy path each state is; receipts only ever move a recipient forward.
+_RANK = {
+    RecipientStatus.QUEUED: 0,
+    RecipientStatus.SENT: 1,
+    RecipientStatus.DOWNLOADING: 2,
+    RecipientStatus.DOWNLOADED: 3,
+}
+
+
+def _accepts(old: RecipientStatus, new: RecipientStatus) -> bool:
+    """Whether a report of `new` changes a recipient now in `old` (see module docstring)."""
+    if old is RecipientStatus.FAILED:
+        return new is RecipientStatus.QUEUED
+    if new is RecipientStatus.FAILED:
+        return old is not RecipientStatus.DOWNLOADED
+    return _RANK[new] > _RANK[old]
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientState:
+    address: str
+    state: RecipientStatus
+    updated_at: float
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One sent message: the sender's plaintext copy and every recipient's progress."""
+
+    id: bytes
+    path: str
+    title: str
+    size: int
+    content_id: bytes
+    created_at: float
+    recipients: tuple[RecipientState, ...]
+    retention_done: bool
+    retention_action: str | None
+    message: bytes
+
+    @property
+    def all_downloaded(self) -> bool:
+        return all(r.state is RecipientStatus.DOWNLOADED for r in self.recipients)
+
+
+class Outbox:
+    """Typed access to the `outbox` and `outbox_recipient` tables."""
+
+    __slots__ = ("_db", "_max_entries")
+
+    def __init__(self, db: NodeDB, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self._db = db
+        self._max_entries = max_entries
+
+    def add(
+        self,
+        *,
+        id: bytes,
+        path: str,
+        title: str,
+        size: int,
+        content_id: bytes,
+        created_at: float,
+        recipients: Iterable[str],
+        message: bytes = b"",
+    ) -> bool:
+        """Record a message being sent, every recipient `queued`; False if the id is known.
+
+        `message` is the signed location message body, kept opaque so the node can serve
+        and resend after a restart.
+        """
+        check_message_row(id, message)
+        if size < 0:
+            raise ValueError("size can't be negative")
+        addresses = sorted({normalize_address(a) for a in recipients})
+        if not 1 <= len(addresses) <= MAX_RECIPIENTS:
+            raise ValueError(f"need 1..{MAX_RECIPIENTS} recipients, got {len(addresses)}")
+        with self._db.transaction() as conn:
+            if not is_new_message(conn, "outbox", id, self._max_entries):
+                return False
+            conn.execute(
+                "INSERT INTO outbox (id, path, title, size, content_id, created_at, message)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (id, path, title, size, content_id, created_at, message),
+            )
+            conn.executemany(
+                "INSERT INTO outbox_recipient (message_id, address, state, updated_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(id, a, RecipientStatus.QUEUED.value, created_at) for a in addresses],
+            )
+        return True
+
+    def get(self, id: bytes) -> OutboxEntry | None:
+        """The entry with this message id, or None."""
+        row = self._db.query_one("SELECT * FROM outbox WHERE id = ?", (id,))
+        if row is None:
+            return None
+        return self._entries([row])[0]
+
+    def list(self, *, limit: int = 1000) -> builtins.list[OutboxEntry]:
+        """Entries newest first."""
+        rows = self._db.query(
+            "SELECT * FROM outbox ORDER BY created_at DESC, id LIMIT ?", (limit,)
+        )
+        return self._entries(rows)
+
+    def set_recipient_state(
+        self,
+        id: bytes,
+        address: str,
+        state: RecipientStatus,
+        now: float,
+        *,
+        reason: str | None = None,
+    ) -> bool:
+        """Apply a report about one recipient; True if it changed anything.
+
+        Raises KeyError for an unknown message or recipient, ValueError for `failed`
+        without a reason. Stale and repeated reports return False (module docstring).
+        """
+        addr = normalize_address(address)
+        if state is RecipientStatus.FAILED and not reason:
+            raise ValueError("a failed recipient needs a reason the sender will see")
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT state FROM outbox_recipient WHERE message_id = ? AND address = ?",
+                (id, addr),
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"outbox message {id.hex()} has no recipient {addr}")
+            if not _accepts(RecipientStatus(row["state"]), state):
+                return False
+            conn.execute(
+                "UPDATE outbox_recipient SET state = ?, reason = ?, updated_at = ?"
+                " WHERE message_id = ? AND address = ?",
+                (
+                    state.value,
+                    reason[:MAX_REASON_TEXT] if state is RecipientStatus.FAILED and reason
+                    else None,
+                    now, id, addr,
+                ),
+            )
+        return True
+
+    def all_downloaded(self, id: bytes) -> bool:
+        """True when every recipient reported the file downloaded."""
+        row = self._db.query_one(
+            "SELECT count(*) AS n, sum(state = 'downloaded') AS done"
+            " FROM outbox_recipient WHERE message_id = ?",
+            (id,),
+        )
+        if row is None or row["n"] == 0:
+            raise KeyError(f"no outbox message {id.hex()}")
+        return bool(row["n"] == row["done"])
+
+    def pending_retention(self) -> builtins.list[OutboxEntry]:
+        """Entries every recipient has downloaded whose retention is not applied yet.
+
+        The node calls this at start-up too, so a crash between the last receipt and the
+        delete/archive step is finished later.
+        """
+        rows = self._db.query(
+            "SELECT * FROM outbox o WHERE retention_done = 0 AND NOT EXISTS ("
+            " SELECT 1 FROM outbox_recipient r WHERE r.message_id = o.id"
+            " AND r.state <> 'downloaded') ORDER BY created_at"
+        )
+        return self._entries(rows)
+
+    def mark_retention_done(self, id: bytes, action: str) -> None:
+        """Record that the plaintext copy was kept, deleted or archived."""
+        if action not in RETENTION_ACTIONS:
+            raise ValueError(f"retention action is one of {sorted(RETENTION_ACTIONS)}")
+        with self._db.transaction() as conn:
+            changed = conn.execute(
+                "UPDATE outbox SET retention_done = 1, retention_action = ? WHERE id = ?",
+                (action, id),
+            ).rowcount
+            if not changed:
+                raise KeyError(f"no outbox message {id.hex()}")
+
+    def remove(self, id: bytes) -> bool:
+        """Forget the entry and its recipients; False if it wasn't there."""
+        with self._db.transaction() as conn:
+            return conn.execute("DELETE FROM outbox WHERE id = ?", (id,)).rowcount > 0
+
+    def _entries(self, rows: builtins.list[sqlite3.Row]) -> builtins.list[OutboxEntry]:
+        if not rows:
+            return []
+        ids = [bytes(r["id"]) for r in rows]
+        by_id: dict[bytes, builtins.list[RecipientState]] = {i: [] for i in ids}
+        recipient_rows: builtins.list[sqlite3.Row] = []
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            batch = ids[start : start + _IDS_PER_QUERY]
+            recipient_rows += self._db.query(
+                "SELECT * FROM outbox_recipient WHERE message_id IN"
+                f" ({','.join('?' * len(batch))}) ORDER BY address",
+                batch,
+            )
+        for r in recipient_rows:
+            by_id[bytes(r["message_id"])].append(
+                RecipientState(
+                    address=r["address"],
+                    state=RecipientStatus(r["state"]),
+                    updated_at=float(r["updated_at"]),
+                    reason=r["reason"],
+                )
+            )
+        return [
+            OutboxEntry(
+                id=bytes(r["id"]),
+                path=r["path"],
+                title=r["title"],
+                size=int(r["size"]),
+                content_id=bytes(r["content_id"]),
+                created_at=float(r["created_at"]),
+                recipients=tuple(by_id[bytes(r["id"])]),
+                retention_done=bool(r["retention_done"]),
+                retention_action=r["retention_action"],
+                message=bytes(r["message"]),
+            )
+            for r in rows
+        ]

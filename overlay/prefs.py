@@ -1,0 +1,208 @@
+"""The user's preferences (`peerpost prefs`), kept in `node.db`.
+
+Scalar settings are msgpack values in the `pref` table, checked on the way in and again on
+the way out (STYLE.md 11: saved state passes the same validators as wire input). Sender rules
+are rows of `sender_rule`: a pattern is a full address (`bob@example.net`) or a whole domain
+(`@example.net`, that domain only, not its subdomains), and it is either `priority` or `junk`,
+never both: adding it to one list takes it off the other.
+
+`classify` lets the more specific rule win: an address rule beats a domain rule, so a user
+can mark `@spam.example` junk and still have `friend@spam.example` as a priority sender.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from crypto.address import domain_of, normalize_address
+from crypto.codec import packb, unpackb
+from crypto.errors import DecodeError
+from overlay.records import NodeDB, RecordLimitError, RecordsError, count_rows
+
+Retention = Literal["keep", "delete", "archive"]
+SenderClass = Literal["priority", "junk", "normal"]
+RETENTIONS: tuple[Retention, ...] = ("keep", "delete", "archive")
+MAX_SENDER_RULES = 1000
+MAX_PATH_LEN = 4096
+MAX_UPLOAD_RATE = 100 * 1024**3  # bytes/s; anything larger is a typo, not a limit
+_MAX_VALUE_BYTES = 8 * 1024
+
+
+def _check_bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _check_retention(v: Any) -> str:
+    if v not in RETENTIONS:
+        raise ValueError(f"retention is one of {', '.join(RETENTIONS)}; got {v!r}")
+    return str(v)
+
+
+def _check_dir(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_PATH_LEN or "\0" in v:
+        raise ValueError(f"archive_dir must be a path of 1..{MAX_PATH_LEN} characters")
+    return v
+
+
+def _check_rate(v: Any) -> int | None:
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_UPLOAD_RATE:
+        raise ValueError(f"max_upload_rate is bytes/s in 1..{MAX_UPLOAD_RATE}, or none")
+    return v
+
+
+# name -> (default, checker). The checker runs on every write and every read.
+_SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
+    "auto_download": (True, _check_bool),
+    "retention": ("keep", _check_retention),
+    "archive_dir": (None, _check_dir),
+    "max_upload_rate": (None, _check_rate),
+}
+
+
+def sender_pattern(text: str) -> str:
+    """Normalise an address or `@domain` pattern; raise ValueError on anything else."""
+    text = text.strip().lower()
+    if text.startswith("@"):
+        # Borrow the address grammar for the domain part.
+        return "@" + domain_of(normalize_address("x" + text))
+    return normalize_address(text)
+
+
+class Prefs:
+    """Getters and setters for the settings, the sender lists, and `classify`."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: NodeDB) -> None:
+        self._db = db
+
+    @property
+    def auto_download(self) -> bool:
+        """Start fetching as soon as a message arrives (default True)."""
+        return bool(self._get("auto_download"))
+
+    @auto_download.setter
+    def auto_download(self, value: bool) -> None:
+        self._set("auto_download", value)
+
+    @property
+    def retention(self) -> Retention:
+        """What the sender does with its copy once every recipient has it (default keep)."""
+        value: Retention = self._get("retention")
+        return value
+
+    @retention.setter
+    def retention(self, value: Retention) -> None:
+        self._set("retention", value)
+
+    @property
+    def archive_dir(self) -> str | None:
+        """Where `archive` retention moves sent files (None: not configured)."""
+        value: str | None = self._get("archive_dir")
+        return value
+
+    @archive_dir.setter
+    def archive_dir(self, value: str | None) -> None:
+        self._set("archive_dir", value)
+
+    @property
+    def max_upload_rate(self) -> int | None:
+        """Cap on serving chunks to others, bytes per second (None: no cap)."""
+        value: int | None = self._get("max_upload_rate")
+        return value
+
+    @max_upload_rate.setter
+    def max_upload_rate(self, value: int | None) -> None:
+        self._set("max_upload_rate", value)
+
+    def priority_senders(self) -> frozenset[str]:
+        return self._patterns("priority")
+
+    def junk_senders(self) -> frozenset[str]:
+        return self._patterns("junk")
+
+    def add_priority(self, pattern: str) -> str:
+        """Put an address or `@domain` on the priority list; returns the stored pattern."""
+        return self._add_rule(pattern, "priority")
+
+    def add_junk(self, pattern: str) -> str:
+        """Put an address or `@domain` on the junk list; returns the stored pattern."""
+        return self._add_rule(pattern, "junk")
+
+    def remove_sender(self, pattern: str) -> bool:
+        """Take a pattern off whichever list has it; False if neither did."""
+        key = sender_pattern(pattern)
+        with self._db.transaction() as conn:
+            return conn.execute("DELETE FROM sender_rule WHERE pattern = ?", (key,)).rowcount > 0
+
+    def classify(self, sender: str) -> SenderClass:
+        """`priority`, `junk` or `normal` for a sender address (address rules beat domains).
+
+        An address that doesn't parse is `junk`: nothing legitimate arrives from it.
+        """
+        try:
+            addr = normalize_address(sender)
+        except DecodeError:
+            return "junk"
+        rows = self._db.query(
+            "SELECT pattern, kind FROM sender_rule WHERE pattern IN (?, ?)",
+            (addr, "@" + domain_of(addr)),
+        )
+        kinds = {r["pattern"]: r["kind"] for r in rows}
+        kind = kinds.get(addr) or kinds.get("@" + domain_of(addr))
+        if kind == "priority":
+            return "priority"
+        if kind == "junk":
+            return "junk"
+        return "normal"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting and both lists, JSON-ready (for `peerpost prefs`)."""
+        out: dict[str, Any] = {name: self._get(name) for name in _SETTINGS}
+        out["priority_senders"] = sorted(self.priority_senders())
+        out["junk_senders"] = sorted(self.junk_senders())
+        return out
+
+    def _get(self, name: str) -> Any:
+        default, check = _SETTINGS[name]
+        row = self._db.query_one("SELECT value FROM pref WHERE name = ?", (name,))
+        if row is None:
+            return default
+        try:
+            return check(unpackb(bytes(row["value"]), max_bytes=_MAX_VALUE_BYTES))
+        except (DecodeError, ValueError) as exc:
+            raise RecordsError(f"stored preference {name} is damaged: {exc}") from None
+
+    def _set(self, name: str, value: Any) -> None:
+        _, check = _SETTINGS[name]
+        data = packb(check(value))
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO pref (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, data),
+            )
+
+    def _patterns(self, kind: str) -> frozenset[str]:
+        rows = self._db.query("SELECT pattern FROM sender_rule WHERE kind = ?", (kind,))
+        return frozenset(r["pattern"] for r in rows)
+
+    def _add_rule(self, pattern: str, kind: str) -> str:
+        key = sender_pattern(pattern)
+        with self._db.transaction() as conn:
+            known = conn.execute("SELECT 1 FROM sender_rule WHERE pattern = ?", (key,)).fetchone()
+            if not known and count_rows(conn, "sender_rule") >= MAX_SENDER_RULES:
+                raise RecordLimitError(f"at most {MAX_SENDER_RULES} sender rules")
+            conn.execute(
+                "INSERT INTO sender_rule (pattern, kind) VALUES (?, ?)"
+                " ON CONFLICT (pattern) DO UPDATE SET kind = excluded.kind",
+                (key, kind),
+            )
+        return key

@@ -1,0 +1,167 @@
+"""The outbox: per-recipient progress from acks and receipts, and retention bookkeeping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay.outbox import Outbox, RecipientStatus
+from overlay.records import NodeDB, RecordLimitError
+
+R = RecipientStatus
+MID = b"m" * 16
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[NodeDB]:
+    with NodeDB.open(tmp_path) as opened:
+        yield opened
+
+
+def send(outbox: Outbox, mid: bytes = MID, to: tuple[str, ...] = ("bob@b.example",
+         "carol@c.example"), at: float = 100.0) -> None:
+    outbox.add(id=mid, path="/home/alice/clip.ts", title="holiday", size=5_000_000,
+               content_id=b"c" * 32, created_at=at, recipients=to, message=b"signed body")
+
+
+def test_add_then_get_shows_everyone_queued(db: NodeDB) -> None:
+    outbox = Outbox(db)
+    send(outbox, to=("Carol@C.example", "bob@b.example", "bob@b.example"))
+    e = outbox.get(MID)
+    assert e is not None
+    assert (e.path, e.title, e.size, e.content_id, e.message) == (
+        "/home/alice/clip.ts", "holiday", 5_000_000, b"c" * 32, b"signed body",
+    )
+    assert [(r.address, r.state, r.updated_at) for r in e.recipients] == [
+        ("bob@b.example", R.QUEUED, 100.0), ("carol@c.example", R.QUEUED, 100.0),
+    ]
+    assert not e.retention_done and not e.all_downloaded
+    assert outbox.get(b"x" * 16) is None
+
+
+def test_add_is_idempotent(db: NodeDB) -> None:
+    outbox = Outbox(db)
+    send(outbox)
+    outbox.set_recipient_state(MID, "bob@b.example", R.SENT, 101.0)
+    before = outbox.get(MID)
+    assert outbox.add(id=MID, path="/other", title="x", size=1, content_id=b"", created_at=0,
+                      recipients=["eve@e.example"]) is False
+    assert outbox.get(MID) == before
+
+
+def test_list_is_newest_first(db: NodeDB) -> None:
+    outbox = Outbox(db)
+    send(outbox, b"1" * 16, at=1.0)
+    send(outbox, b"3" * 16, at=3.0)
+    send(outbox, b"2" * 16, at=2.0)
+    assert [e.id for e in outbox.list()] == [b"3" * 16, b"2" * 16, b"1" * 16]
+
+
+def test_receipts_move_forward_and_late_ones_are_ignored(db: NodeDB) -> None:
+    outbox = Outbox(db)
+    send(outbox)
+    bob = "bob@b.example"
+    assert outbox.set_recipient_state(MID, bob, R.SENT, 101.0)
+    assert outbox.set_recipient_state(MID, bob, R.DOWNLOADED, 105.0)
+    # the "downloading" receipt overtaken by "downloaded", and a duplicate, change nothing
+    assert not outbox.set_recipient_state(MID, bob, R.DOWNLOADING, 106.0)
+    assert not outbox.set_recipient_state(MID, bob, R.DOWNLOADED, 107.0)
+    assert not outbox.set_recipient_state(MID, bob, R.FAILED, 108.0, reason="too late")
+    r = outbox.get(MID).recipients[0]  # type: ignore[union-attr]
+    assert (r.state, r.updated_at) == (R.DOWNLOADED, 105.0)
+
+
+def test_lost_ack_is_skipped_over(db: NodeDB) -> None:
+    outbox = Outbox(db)
+    send(outbox)
+    assert outbox.set_recipient_state(MID, "carol@c.example", R.DOWNLOADED, 110.0)
+
+
+def test_failed_needs_a_reason_and_can_be_resent(db: NodeDB) -> None:
+    outbox = Outbox(db)
+    send(outbox)
+    carol = "carol@c.example"
+    with pytest.raises(ValueError, match="reason"):
+        outbox.set_recipient_state(MID, carol, R.FAILED, 101.0)
+    assert outbox.set_recipient_state(MID, carol, R.FAILED, 101.0, reason="unknown address")
+    r = outbox.get(MID).recipients[1]  # type: ignore[union-attr]
+    assert (r.state, r.reason) == (R.FAILED, "unknown address")
+    assert not outbox.set_recipient_state(MID, carol, R.SENT, 102.0)
+    assert outbox.set_recipient_state(MID, carol, R.QUEUED, 103.0)
+    r = outbox.get(MID).recipients[1]  # type: ignore[union-attr]
+    assert (r.state, r.reason) == (R.QUEUED, None)
+
+
+def test_unknown_message_or_recipient_is_a_key_error(db: NodeDB) -> None:
+    outbox = Outbox(db)
+    send(outbox)
+    with pytest.raises(KeyError, match=r"no recipient eve@e\.example"):
+        outbox.set_recipient_state(MID, "eve@e.example", R.SENT, 1.0)
+    with pytest.raises(KeyError):
+        outbox.all_downloaded(b"x" * 16)
+    with pytest.raises(KeyError):
+        outbox.mark_retention_done(b"x" * 16, "keep")
+
+
+def test_retention_after_everyone_downloaded(db: NodeDB) -> None:
+    outbox = Outbox(db)
+    send(outbox)
+    send(outbox, b"n" * 16, to=("bob@b.example",))
+    outbox.set_recipient_state(MID, "bob@b.example", R.DOWNLOADED, 110.0)
+    assert not outbox.all_downloaded(MID)
+    assert outbox.pending_retention() == []
+    outbox.set_recipient_state(MID, "carol@c.example", R.DOWNLOADED, 111.0)
+    assert outbox.all_downloaded(MID)
+    assert [e.id for e in outbox.pending_retention()] == [MID]
+    with pytest.raises(ValueError, match="retention action"):
+        outbox.mark_retention_done(MID, "shred")
+    outbox.mark_retention_done(MID, "archive")
+    e = outbox.get(MID)
+    assert e is not None and e.retention_done and e.retention_action == "archive"
+    assert outbox.pending_retention() == []
+
+
+def test_outbox_is_bounded_and_checks_recipients(db: NodeDB) -> None:
+    outbox = Outbox(db, max_entries=1)
+    send(outbox)
+    with pytest.raises(RecordLimitError, match="outbox is full"):
+        send(outbox, b"n" * 16)
+    assert outbox.remove(MID)
+    with pytest.raises(ValueError, match="recipients"):
+        send(outbox, to=())
+    with pytest.raises(ValueError, match="not a valid address"):
+        send(outbox, to=("no-at-sign",))
+    assert outbox.list() == []
+
+
+def test_survives_reopen(tmp_path: Path) -> None:
+    with NodeDB.open(tmp_path) as db:
+        send(Outbox(db))
+        Outbox(db).set_recipient_state(MID, "bob@b.example", R.SENT, 101.0)
+    with NodeDB.open(tmp_path) as db:
+        assert Outbox(db).get(MID).recipients[0].state is R.SENT  # type: ignore[union-attr]
+
+
+@settings(max_examples=40, deadline=None)
+@given(reports=st.lists(st.sampled_from(list(RecipientStatus)), max_size=12))
+def test_reports_in_any_order_only_move_forward(tmp_path_factory: pytest.TempPathFactory,
+                                                reports: list[RecipientStatus]) -> None:
+    rank = {R.QUEUED: 0, R.SENT: 1, R.DOWNLOADING: 2, R.DOWNLOADED: 3}
+    with NodeDB.open(tmp_path_factory.mktemp("outbox")) as db:
+        outbox = Outbox(db)
+        send(outbox, to=("bob@b.example",))
+        state = R.QUEUED
+        for t, report in enumerate(reports):
+            changed = outbox.set_recipient_state(MID, "bob@b.example", report, float(t),
+                                                 reason="r")
+            now = outbox.get(MID).recipients[0].state  # type: ignore[union-attr]
+            assert changed == (now is not state)
+            if state is R.DOWNLOADED:
+                assert now is R.DOWNLOADED  # final
+            elif state is not R.FAILED and now is not R.FAILED:
+                assert rank[now] >= rank[state]
+            state = now
