@@ -94,6 +94,15 @@ def test_text_and_empty_files_describe_as_data(tmp_path: Path) -> None:
     assert info.media_type == DEFAULT_TYPE and _plain(info)
 
 
+def test_fifo_and_folder_describe_as_data_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.ts"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer for ever
+    assert _plain(describe_media(fifo))
+    assert make_thumbnail(fifo) is None
+    assert _plain(describe_media(tmp_path))
+    assert make_thumbnail(tmp_path) is None
+
+
 @pytest.mark.parametrize("keep", [0, 100, 188 * 3, 4096, 60_000])
 def test_truncated_clip_never_raises(clip: Path, tmp_path: Path, keep: int) -> None:
     cut = tmp_path / "cut.ts"
