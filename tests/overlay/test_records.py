@@ -150,3 +150,14 @@ def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
             conn.execute("INSERT INTO pref (name, value) VALUES ('x', x'00')")
             raise RuntimeError("stop")
         assert db.query("SELECT * FROM pref") == []
+
+
+def test_calls_from_worker_threads_are_serialised(tmp_path: Path) -> None:
+    # The node may call from asyncio.to_thread workers: one shared connection, one lock.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with NodeDB.open(tmp_path) as db:
+        inbox = Inbox(db)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda n: _offer(inbox, n % 25), range(100)))
+        assert sorted(e.title for e in inbox.list()) == sorted(f"clip {n}" for n in range(25))
