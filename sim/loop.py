@@ -22,8 +22,11 @@ Unix sockets, pipes, subprocesses, raw `sock_*` calls, signals and TLS are not s
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import socket
 import weakref
+from asyncio import events
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +74,25 @@ def describe_wait(task: asyncio.Task[Any]) -> str:
     return f"task {task.get_name()}: {' > '.join(chain) or '?'}{what}"
 
 
+class _Timer(events.TimerHandle):
+    """A timer that breaks ties by scheduling order, so equal times run first come, first
+    served (asyncio's compares `when` only, and a heap is not stable). Packets of one stream
+    rely on this to stay in order; determinism does too."""
+
+    __slots__ = ("_seq",)
+
+    def __init__(self, when: float, callback: Callable[..., object], args: tuple[Any, ...],
+                 loop: asyncio.AbstractEventLoop, context: Any, seq: int) -> None:
+        super().__init__(when, callback, args, loop, context)
+        self._seq = seq
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, _Timer):
+            return NotImplemented
+        w, o = self._when, other._when
+        return w < o or (w == o and self._seq < other._seq)
+
+
 class _VirtualSelector:
     """Stands in for the selector: never any I/O, and waiting means jumping the clock."""
 
@@ -95,6 +117,7 @@ class SimLoop(asyncio.BaseEventLoop):
         self._network: Network | None = None
         self._task_hosts: weakref.WeakKeyDictionary[asyncio.Task[Any], Host] = (
             weakref.WeakKeyDictionary())
+        self._timer_seq = itertools.count()
 
     def attach(self, network: Network) -> None:
         """Connect the loop's socket methods to `network`."""
@@ -120,6 +143,17 @@ class SimLoop(asyncio.BaseEventLoop):
             when: float = self._scheduled[0]._when
             if when > self._now:
                 self._now = when
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any,
+                context: Any = None) -> asyncio.TimerHandle:
+        """As asyncio's, but callbacks due at the same time run in the order scheduled."""
+        if when is None:
+            raise TypeError("when cannot be None")
+        self._check_closed()
+        timer = _Timer(when, callback, args, self, context, next(self._timer_seq))
+        heapq.heappush(self._scheduled, timer)
+        timer._scheduled = True
+        return timer
 
     def _process_events(self, event_list: list[Any]) -> None:
         """No real I/O events ever happen."""
