@@ -53,6 +53,9 @@ class InboxEntry:
     chunks_held: int
     chunk_count: int
     message: bytes
+    started_at: float | None = None
+    first_byte_at: float | None = None
+    completed_at: float | None = None
 
     @property
     def progress(self) -> float:
@@ -60,6 +63,10 @@ class InboxEntry:
         if self.chunk_count == 0:
             return 1.0
         return self.chunks_held / self.chunk_count
+
+
+_TIME_COLUMNS = {"started": "started_at", "first_byte": "first_byte_at",
+                 "completed": "completed_at"}
 
 
 class Inbox:
@@ -171,6 +178,18 @@ class Inbox:
             if not 0 <= chunks_held <= old.chunk_count:
                 raise ValueError(f"chunks_held {chunks_held} outside 0..{old.chunk_count}")
             conn.execute("UPDATE inbox SET chunks_held = ? WHERE id = ?", (chunks_held, id))
+
+    def mark_time(self, id: bytes, event: str, when: float) -> None:
+        """Record when a download `started`, got its `first_byte`, or `completed`.
+
+        The first mark of each kind is kept: a resumed download still shows when it began.
+        """
+        column = _TIME_COLUMNS.get(event)
+        if column is None:
+            raise ValueError(f"unknown download event {event!r}")
+        with self._db.transaction() as conn:
+            conn.execute(f"UPDATE inbox SET {column} = coalesce({column}, ?) WHERE id = ?",
+                         (when, id))
 
     def set_flags(
         self, id: bytes, *, junk: bool | None = None, priority: bool | None = None
@@ -287,4 +306,7 @@ def _entry(row: sqlite3.Row) -> InboxEntry:
         chunks_held=int(row["chunks_held"]),
         chunk_count=int(row["chunk_count"]),
         message=bytes(row["message"]),
+        started_at=row["started_at"],
+        first_byte_at=row["first_byte_at"],
+        completed_at=row["completed_at"],
     )

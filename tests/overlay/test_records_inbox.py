@@ -276,3 +276,18 @@ InboxMachine.TestCase.settings = settings(
     max_examples=50, stateful_step_count=30, deadline=None
 )
 test_inbox_state_machine = InboxMachine.TestCase
+
+
+def test_download_times_keep_the_first_mark_and_survive_reopening(db: NodeDB,
+                                                                  tmp_path: Path) -> None:
+    inbox = Inbox(db)
+    mid = offer(inbox, 1)
+    inbox.mark_time(mid, "started", 100.0)
+    inbox.mark_time(mid, "first_byte", 100.5)
+    inbox.mark_time(mid, "started", 200.0)  # a resumed download keeps its first start
+    inbox.mark_time(mid, "completed", 201.0)
+    e = inbox.get(mid)
+    assert e is not None
+    assert (e.started_at, e.first_byte_at, e.completed_at) == (100.0, 100.5, 201.0)
+    with pytest.raises(ValueError, match="unknown download event"):
+        inbox.mark_time(mid, "exploded", 1.0)
