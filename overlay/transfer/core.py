@@ -1,0 +1,271 @@
+"""The sans-I/O transfer connection: handshake, framing, control-frame encryption.
+
+Shaped like h11's `Connection`: `receive_data(bytes)` (b"" for EOF), `next_event()`,
+`send(message)`, `data_to_send()`. No sockets, no clock, no tasks.
+
+Wire format. During the handshake each message is `u32 length || body` (crypto.handshake).
+Afterwards every frame is
+
+    u32 frame_len || u32 header_len || AEAD(header) || payload
+
+where the header is an encrypted msgpack message (frames.py) and `payload` is empty except
+for CHUNK, whose payload is the sealed chunk itself (already AEAD-sealed under the content
+key, so not encrypted twice). Lengths are checked before a frame is buffered: at most
+`MAX_HEADER` plus the largest payload this side accepts (0 for the holder).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from crypto.errors import CryptoError
+from crypto.handshake import (
+    MAX_MESSAGE_LEN,
+    HandshakeInitiator,
+    HandshakeResponder,
+    SessionCipher,
+)
+from crypto.identity import DeviceIdentity, PublicIdentity
+from overlay.transfer.errors import LocalProtocolError, RemoteProtocolError
+from overlay.transfer.frames import (
+    MAX_HEADER,
+    MAX_PAYLOAD,
+    REPLIES,
+    REQUESTS,
+    Chunk,
+    Message,
+    decode_header,
+    encode_header,
+)
+
+_U32 = 4
+
+
+class Role(Enum):
+    INITIATOR = auto()  # connects, requests chunks
+    RESPONDER = auto()  # accepts, serves chunks
+
+
+class State(Enum):
+    HANDSHAKE = auto()
+    OPEN = auto()
+    CLOSED = auto()  # the peer sent EOF
+    FAILED = auto()  # a fatal protocol error; nothing more is read or sent
+
+
+_TRANSITIONS: dict[tuple[State, str], State] = {
+    (State.HANDSHAKE, "authenticated"): State.OPEN,
+    (State.HANDSHAKE, "fail"): State.FAILED,
+    (State.HANDSHAKE, "eof"): State.CLOSED,
+    (State.OPEN, "fail"): State.FAILED,
+    (State.OPEN, "eof"): State.CLOSED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeComplete:
+    """The peer is authenticated; `transcript` is what capability proofs bind to."""
+
+    peer: PublicIdentity
+    transcript: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BadMessage:
+    """An authentic frame that is not a valid message: answer with an error, carry on."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed:
+    """A fatal violation (bad framing, failed handshake, tampered frame): close."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer sent EOF."""
+
+
+Event = HandshakeComplete | BadMessage | ConnectionFailed | ConnectionClosed | Message
+
+
+class TransferConnection:
+    """One end of a transfer session, as a state machine over bytes."""
+
+    def __init__(
+        self, role: Role, identity: DeviceIdentity, *, expected_peer: bytes | None = None,
+        max_payload: int | None = None, ephemeral_seed: bytes | None = None,
+    ) -> None:
+        self.role = role
+        self.state = State.HANDSHAKE
+        self.peer: PublicIdentity | None = None
+        self.transcript: bytes | None = None
+        self._cipher: SessionCipher | None = None
+        self._events: collections.deque[Event] = collections.deque()
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._len_buf = bytearray()
+        self._frame: bytearray | None = None
+        self._filled = 0
+        if max_payload is None:
+            max_payload = MAX_PAYLOAD if role is Role.INITIATOR else 0
+        self._max_payload = max_payload
+        self._initiator: HandshakeInitiator | None = None
+        self._responder: HandshakeResponder | None = None
+        self._hello_seen = False
+        if role is Role.INITIATOR:
+            self._initiator = HandshakeInitiator(
+                identity, expected_peer=expected_peer, ephemeral_seed=ephemeral_seed
+            )
+            self._emit_raw(self._initiator.hello())
+        else:
+            self._responder = HandshakeResponder(identity, ephemeral_seed=ephemeral_seed)
+        self._may_receive = REPLIES if role is Role.INITIATOR else REQUESTS
+        self._may_send = REQUESTS if role is Role.INITIATOR else REPLIES
+
+    def _go(self, what: str) -> None:
+        nxt = _TRANSITIONS.get((self.state, what))
+        if nxt is None:
+            raise LocalProtocolError(f"no transition {what!r} from {self.state.name}")
+        self.state = nxt
+
+    def limit_payload(self, max_payload: int) -> None:
+        """Accept CHUNK payloads of at most this many bytes from now on (once the chunk size
+        is known, there is no reason to buffer 16 MiB frames)."""
+        self._max_payload = min(max_payload, MAX_PAYLOAD)
+
+    # --- output -----------------------------------------------------------------------
+    def _emit_raw(self, body: bytes) -> None:
+        self._out.append(len(body).to_bytes(_U32, "big") + body)
+
+    def send(self, msg: Message) -> None:
+        """Queue a message. Raises LocalProtocolError before the handshake or for a message
+        this role doesn't send."""
+        if self.state is not State.OPEN or self._cipher is None:
+            raise LocalProtocolError(f"cannot send in state {self.state.name}")
+        if not isinstance(msg, self._may_send):
+            raise LocalProtocolError(f"{self.role.name} does not send {type(msg).__name__}")
+        try:
+            header = self._cipher.encrypt(encode_header(msg))
+        except CryptoError as exc:
+            raise LocalProtocolError(str(exc)) from None
+        payload_len = len(msg.data) if isinstance(msg, Chunk) else 0
+        self._out.append(
+            (_U32 + len(header) + payload_len).to_bytes(_U32, "big")
+            + len(header).to_bytes(_U32, "big") + header
+        )
+        if payload_len and isinstance(msg, Chunk):
+            self._out.append(msg.data)
+
+    def data_to_send(self) -> list[bytes | bytearray | memoryview]:
+        """Everything queued for the wire, in order; payloads are passed through uncopied."""
+        out, self._out = self._out, []
+        return out
+
+    # --- input ------------------------------------------------------------------------
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the peer; b"" means EOF. Never raises on bad input: a violation
+        becomes a ConnectionFailed (or BadMessage) event."""
+        if self.state in (State.CLOSED, State.FAILED):
+            return
+        if not data:
+            if self._frame is not None or self._len_buf:
+                self._fail("connection closed in the middle of a frame")
+            else:
+                self._go("eof")
+                self._events.append(ConnectionClosed())
+            return
+        try:
+            self._parse(memoryview(data))
+        except RemoteProtocolError as exc:
+            self._fail(str(exc))
+
+    def _fail(self, reason: str) -> None:
+        if self.state not in (State.CLOSED, State.FAILED):
+            self._go("fail")
+            self._frame = None
+            self._len_buf.clear()
+            self._events.append(ConnectionFailed(reason))
+
+    def _frame_limit(self) -> int:
+        if self.state is State.HANDSHAKE:
+            return MAX_MESSAGE_LEN
+        return _U32 + MAX_HEADER + SessionCipher.overhead + self._max_payload
+
+    def _parse(self, view: memoryview) -> None:
+        while view and self.state in (State.HANDSHAKE, State.OPEN):
+            if self._frame is None:
+                need = _U32 - len(self._len_buf)
+                self._len_buf += view[:need]
+                view = view[need:]
+                if len(self._len_buf) < _U32:
+                    return
+                n = int.from_bytes(self._len_buf, "big")
+                self._len_buf.clear()
+                if n > self._frame_limit():
+                    raise RemoteProtocolError(f"frame of {n} bytes over the limit "
+                                              f"{self._frame_limit()}")
+                self._frame = bytearray(n)
+                self._filled = 0
+            take = min(len(view), len(self._frame) - self._filled)
+            self._frame[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == len(self._frame):
+                frame, self._frame = self._frame, None
+                self._handle_frame(frame)
+
+    def _handle_frame(self, frame: bytearray) -> None:
+        if self.state is State.HANDSHAKE:
+            self._handle_handshake(bytes(frame))
+            return
+        if self._cipher is None or len(frame) < _U32:
+            raise RemoteProtocolError("frame too short")
+        hlen = int.from_bytes(frame[:_U32], "big")
+        if hlen > len(frame) - _U32 or hlen > MAX_HEADER + SessionCipher.overhead:
+            raise RemoteProtocolError(f"header length {hlen} does not fit the frame")
+        if len(frame) - _U32 - hlen > self._max_payload:
+            raise RemoteProtocolError(f"payload of {len(frame) - _U32 - hlen} bytes over the "
+                                      f"limit {self._max_payload}")
+        try:
+            header = self._cipher.decrypt(bytes(frame[_U32 : _U32 + hlen]))
+        except CryptoError as exc:
+            raise RemoteProtocolError(str(exc)) from None
+        payload = memoryview(frame)[_U32 + hlen :]
+        try:
+            msg = decode_header(header, payload)
+        except CryptoError as exc:  # DecodeError: authentic but malformed, stream in sync
+            self._events.append(BadMessage(str(exc)))
+            return
+        if not isinstance(msg, self._may_receive):
+            self._events.append(BadMessage(f"{type(msg).__name__} is not sent by this peer"))
+            return
+        self._events.append(msg)
+
+    def _handle_handshake(self, body: bytes) -> None:
+        try:
+            if self._initiator is not None:
+                self._emit_raw(self._initiator.receive_response(body))
+                result = self._initiator.result
+            elif self._responder is not None and not self._hello_seen:
+                self._emit_raw(self._responder.receive_hello(body))
+                self._hello_seen = True
+                return
+            elif self._responder is not None:
+                result = self._responder.receive_finish(body)
+            else:  # pragma: no cover - one of the two always exists
+                raise LocalProtocolError("no handshake role")
+        except CryptoError as exc:
+            raise RemoteProtocolError(f"handshake failed: {exc}") from None
+        self._cipher = result.cipher()
+        self.peer = result.peer
+        self.transcript = result.transcript
+        self._go("authenticated")
+        self._events.append(HandshakeComplete(result.peer, result.transcript))

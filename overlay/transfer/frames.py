@@ -1,0 +1,230 @@
+"""Transfer wire messages: frozen records, one decoder, an explicit tag → class table.
+
+Every message travels as an encrypted msgpack *header*; a CHUNK also carries the sealed
+chunk as a raw payload after the header. The payload is not encrypted a second time: it is
+already AEAD-sealed under the content key and is checked against the Merkle root before
+anything uses it. Its index and length are in the authenticated header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, ClassVar
+
+from crypto.capability import PROOF_LEN
+from crypto.codec import Fields, item_bytes, packb, unpackb
+from crypto.content import HASH_LEN, MAX_CHUNK_SIZE, MAX_CONTENT_SIZE, MIN_CHUNK_SIZE, TAG_LEN
+from crypto.errors import DecodeError
+
+MAX_HEADER = 256 << 10  # plaintext control header: a hash page or a have-bitmap fits
+MAX_HASH_PAGE = 4096  # leaves per HASHES reply (128 KiB of hashes)
+MAX_HAVE_BYTES = 128 << 10  # partial holders with more than a million chunks say "busy"
+MAX_CHUNKS = MAX_CONTENT_SIZE // MIN_CHUNK_SIZE
+MAX_PAYLOAD = MAX_CHUNK_SIZE + TAG_LEN
+MAX_TEXT = 400
+
+
+class ErrorCode(IntEnum):
+    """Numeric error codes, HTTP-flavoured so a log reader guesses them right."""
+
+    BAD_REQUEST = 400
+    BAD_CAPABILITY = 403
+    UNKNOWN_CONTENT = 404
+    NOT_OPEN = 409
+    NOT_HELD = 416
+    BUSY = 429
+    UNAVAILABLE = 503
+
+
+def _cid(f: Fields) -> bytes:
+    cid: bytes = f.bytes("c", size=HASH_LEN)
+    return cid
+
+
+def _index(f: Fields, key: str = "i") -> int:
+    i: int = f.int(key, lo=0, hi=MAX_CHUNKS)
+    return i
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Ask to fetch a content, proving the capability on this session."""
+
+    TAG: ClassVar[int] = 1
+    content_id: bytes
+    proof: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"c": self.content_id, "p": self.proof}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> Open:
+        return cls(_cid(f), f.bytes("p", size=PROOF_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The content's layout, and which chunks this holder has (None: all of them)."""
+
+    TAG: ClassVar[int] = 2
+    content_id: bytes
+    size: int
+    chunk_size: int
+    have: bytes | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"c": self.content_id, "s": self.size, "k": self.chunk_size, "h": self.have}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> Opened:
+        return cls(_cid(f), f.int("s", lo=0, hi=MAX_CONTENT_SIZE),
+                   f.int("k", lo=MIN_CHUNK_SIZE, hi=MAX_CHUNK_SIZE),
+                   f.bytes("h", max_len=MAX_HAVE_BYTES, optional=True))
+
+
+@dataclass(frozen=True, slots=True)
+class HashesRequest:
+    TAG: ClassVar[int] = 3
+    content_id: bytes
+    start: int
+    count: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"c": self.content_id, "i": self.start, "n": self.count}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> HashesRequest:
+        return cls(_cid(f), _index(f), f.int("n", lo=1, hi=MAX_HASH_PAGE))
+
+
+@dataclass(frozen=True, slots=True)
+class Hashes:
+    """A page of the chunk-hash list (leaves `start` .. `start + len(leaves) - 1`)."""
+
+    TAG: ClassVar[int] = 4
+    content_id: bytes
+    start: int
+    leaves: tuple[bytes, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"c": self.content_id, "i": self.start, "l": list(self.leaves)}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> Hashes:
+        leaves = f.list("l", item_bytes(size=HASH_LEN), max_items=MAX_HASH_PAGE)
+        return cls(_cid(f), _index(f), leaves or ())
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    TAG: ClassVar[int] = 5
+    content_id: bytes
+    index: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"c": self.content_id, "i": self.index}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> Get:
+        return cls(_cid(f), _index(f))
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A sealed chunk; `data` is the raw payload that follows the header on the wire."""
+
+    TAG: ClassVar[int] = 6
+    content_id: bytes
+    index: int
+    data: bytes | bytearray | memoryview
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"c": self.content_id, "i": self.index, "n": len(self.data)}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> Chunk:
+        # The payload is attached by `decode_header`'s caller once its length is checked.
+        return cls(_cid(f), _index(f), b"")
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    TAG: ClassVar[int] = 7
+    content_id: bytes
+    index: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"c": self.content_id, "i": self.index}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> Cancel:
+        return cls(_cid(f), _index(f))
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """An error reply; `index` set when it answers one GET, `content_id` when it concerns
+    one content."""
+
+    TAG: ClassVar[int] = 8
+    code: int
+    text: str
+    content_id: bytes | None = None
+    index: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"e": int(self.code), "x": self.text[:MAX_TEXT], "c": self.content_id,
+                "i": self.index}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> Error:
+        return cls(f.int("e", lo=100, hi=999), f.str("x", max_len=MAX_TEXT),
+                   f.bytes("c", size=HASH_LEN, optional=True),
+                   f.int("i", lo=0, hi=MAX_CHUNKS, optional=True))
+
+
+Message = Open | Opened | HashesRequest | Hashes | Get | Chunk | Cancel | Error
+
+_BY_TAG: dict[int, type[Message]] = {
+    Open.TAG: Open,
+    Opened.TAG: Opened,
+    HashesRequest.TAG: HashesRequest,
+    Hashes.TAG: Hashes,
+    Get.TAG: Get,
+    Chunk.TAG: Chunk,
+    Cancel.TAG: Cancel,
+    Error.TAG: Error,
+}
+
+# Who may send what: the requester (initiator) asks, the holder (responder) answers.
+REQUESTS: tuple[type[Message], ...] = (Open, HashesRequest, Get, Cancel)
+REPLIES: tuple[type[Message], ...] = (Opened, Hashes, Chunk, Error)
+
+
+def encode_header(msg: Message) -> bytes:
+    """The plaintext control header of `msg` (a CHUNK's payload travels separately)."""
+    body = msg.to_wire()
+    body["t"] = msg.TAG
+    out = packb(body)
+    if len(out) > MAX_HEADER:
+        raise DecodeError(f"{type(msg).__name__} header is {len(out)} bytes, limit {MAX_HEADER}")
+    return out
+
+
+def decode_header(plaintext: bytes, payload: memoryview) -> Message:
+    """Check a decrypted header (and the payload length it declares) into a Message."""
+    f = Fields(unpackb(plaintext, max_bytes=MAX_HEADER), "transfer message")
+    tag = f.int("t", lo=0, hi=255)
+    cls = _BY_TAG.get(tag)
+    if cls is None:
+        raise DecodeError(f"unknown transfer message type {tag}")
+    msg = cls.from_wire(f)
+    if isinstance(msg, Chunk):
+        declared = f.int("n", lo=0, hi=MAX_PAYLOAD)
+        if declared != len(payload):
+            raise DecodeError(f"chunk payload is {len(payload)} bytes, header says {declared}")
+        return Chunk(msg.content_id, msg.index, payload)
+    if len(payload):
+        raise DecodeError(f"{cls.__name__} carries no payload, got {len(payload)} bytes")
+    return msg

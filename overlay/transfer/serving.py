@@ -1,0 +1,146 @@
+"""The holder's request logic for one session, sans-I/O.
+
+Takes the requester's messages and gives back the replies to send and the GETs to serve.
+Checking capability proofs, the open-content set, the GET queue and its bound, CANCEL and
+the bad-input counters all live here, so tests run them without sockets and the asyncio
+server (`server.py`) only moves bytes and seals chunks.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections import Counter
+
+from crypto.capability import check_capability_proof
+from crypto.errors import VerificationError
+from overlay.store import Catalog, ServedContent
+from overlay.transfer.frames import (
+    MAX_HASH_PAGE,
+    MAX_HAVE_BYTES,
+    Cancel,
+    Error,
+    ErrorCode,
+    Get,
+    Hashes,
+    HashesRequest,
+    Message,
+    Open,
+    Opened,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_OPEN_CONTENTS = 64
+MAX_QUEUED_GETS = 64
+
+
+class ServingSession:
+    """Answers one authenticated requester; `transcript` binds its capability proofs."""
+
+    def __init__(
+        self, catalog: Catalog, transcript: bytes, counters: Counter[str], *, peer: str = "?",
+        max_open: int = MAX_OPEN_CONTENTS, max_queued: int = MAX_QUEUED_GETS,
+    ) -> None:
+        self._catalog = catalog
+        self._transcript = transcript
+        self.counters = counters
+        self._peer = peer
+        self._max_open = max_open
+        self._max_queued = max_queued
+        self._open: dict[bytes, ServedContent] = {}
+        self._gets: collections.deque[Get] = collections.deque()
+
+    def content(self, content_id: bytes) -> ServedContent | None:
+        """An opened content of this session."""
+        return self._open.get(content_id)
+
+    @property
+    def queued(self) -> int:
+        return len(self._gets)
+
+    def pop_get(self) -> Get | None:
+        """The next GET to serve, oldest first."""
+        return self._gets.popleft() if self._gets else None
+
+    def bad_message(self, reason: str) -> Error:
+        """The reply to an authentic frame that was not a valid message."""
+        return self._refuse("bad_frame", ErrorCode.BAD_REQUEST, f"bad message: {reason}")
+
+    def _refuse(
+        self, counter: str, code: ErrorCode, text: str, content_id: bytes | None = None,
+        index: int | None = None,
+    ) -> Error:
+        self.counters[counter] += 1
+        log.info("transfer: refused %s: %s", self._peer, text)
+        return Error(code, text, content_id, index)
+
+    def handle(self, msg: Message) -> list[Message]:
+        """Process one request; returns the replies to send now."""
+        if isinstance(msg, Open):
+            return [self._handle_open(msg)]
+        if isinstance(msg, HashesRequest):
+            return [self._handle_hashes(msg)]
+        if isinstance(msg, Get):
+            refusal = self._handle_get(msg)
+            return [] if refusal is None else [refusal]
+        if isinstance(msg, Cancel):
+            self._handle_cancel(msg)
+            return []
+        return [self.bad_message(f"{type(msg).__name__} is not a request")]
+
+    def _handle_open(self, msg: Open) -> Message:
+        content = self._catalog.lookup(msg.content_id)
+        if content is None:
+            return self._refuse("unknown_content", ErrorCode.UNKNOWN_CONTENT,
+                                f"no content {msg.content_id.hex()[:16]}", msg.content_id)
+        try:
+            check_capability_proof(content.capability, msg.content_id, self._transcript,
+                                   msg.proof)
+        except VerificationError:
+            return self._refuse("bad_capability", ErrorCode.BAD_CAPABILITY,
+                                "capability proof rejected", msg.content_id)
+        have = content.have_bitmap()
+        if content.leaves is None or (have is not None and len(have) > MAX_HAVE_BYTES):
+            return self._refuse("unavailable", ErrorCode.UNAVAILABLE,
+                                "this holder cannot serve that content yet", msg.content_id)
+        if msg.content_id not in self._open and len(self._open) >= self._max_open:
+            return self._refuse("busy", ErrorCode.BUSY, "too many open contents",
+                                msg.content_id)
+        self._open[msg.content_id] = content
+        self.counters["opened"] += 1
+        return Opened(msg.content_id, content.size, content.chunk_size, have)
+
+    def _handle_hashes(self, msg: HashesRequest) -> Message:
+        content = self._open.get(msg.content_id)
+        if content is None or content.leaves is None:
+            return self._refuse("not_open", ErrorCode.NOT_OPEN, "content not opened",
+                                msg.content_id)
+        leaves = content.leaves
+        if msg.start >= len(leaves):
+            return self._refuse("bad_frame", ErrorCode.BAD_REQUEST,
+                                f"hash index {msg.start} outside 0..{len(leaves) - 1}",
+                                msg.content_id)
+        end = min(len(leaves), msg.start + min(msg.count, MAX_HASH_PAGE))
+        return Hashes(msg.content_id, msg.start, tuple(leaves[msg.start : end]))
+
+    def _handle_get(self, msg: Get) -> Error | None:
+        content = self._open.get(msg.content_id)
+        if content is None:
+            return self._refuse("not_open", ErrorCode.NOT_OPEN, "content not opened",
+                                msg.content_id, msg.index)
+        if not content.has(msg.index):
+            return self._refuse("not_held", ErrorCode.NOT_HELD,
+                                f"chunk {msg.index} not held here", msg.content_id, msg.index)
+        if len(self._gets) >= self._max_queued:
+            return self._refuse("busy", ErrorCode.BUSY, "too many outstanding requests",
+                                msg.content_id, msg.index)
+        self._gets.append(msg)
+        return None
+
+    def _handle_cancel(self, msg: Cancel) -> None:
+        for g in self._gets:
+            if g.content_id == msg.content_id and g.index == msg.index:
+                self._gets.remove(g)
+                self.counters["cancelled"] += 1
+                return

@@ -1,0 +1,343 @@
+"""Tier (a): the sans-I/O transfer core and the holder's request logic, back to back."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crypto.capability import prove_capability
+from crypto.content import merkle_root
+from crypto.identity import DeviceIdentity
+from overlay.store import ContentStore, LocalContent
+from overlay.transfer.core import (
+    BadMessage,
+    ConnectionClosed,
+    ConnectionFailed,
+    Event,
+    HandshakeComplete,
+    Role,
+    State,
+    TransferConnection,
+)
+from overlay.transfer.errors import LocalProtocolError
+from overlay.transfer.frames import (
+    Cancel,
+    Chunk,
+    Error,
+    ErrorCode,
+    Get,
+    Hashes,
+    HashesRequest,
+    Open,
+    Opened,
+)
+from overlay.transfer.serving import ServingSession
+
+CLIENT = DeviceIdentity.from_seed(b"c" * 32)
+SERVER = DeviceIdentity.from_seed(b"s" * 32)
+CHUNK = 1024
+
+
+def pair(
+    expected: bytes | None = SERVER.peer_id,
+) -> tuple[TransferConnection, TransferConnection]:
+    return (TransferConnection(Role.INITIATOR, CLIENT, expected_peer=expected),
+            TransferConnection(Role.RESPONDER, SERVER))
+
+
+def wire(conn: TransferConnection) -> bytes:
+    return b"".join(bytes(b) for b in conn.data_to_send())
+
+
+def events(conn: TransferConnection) -> list[Event]:
+    out = []
+    while (e := conn.next_event()) is not None:
+        out.append(e)
+    return out
+
+
+def transfer(a: TransferConnection, b: TransferConnection) -> tuple[list[Event], list[Event]]:
+    """Shuttle bytes both ways until both are quiet; returns (events at a, events at b)."""
+    ea: list[Event] = []
+    eb: list[Event] = []
+    while True:
+        to_b, to_a = wire(a), wire(b)
+        if not to_a and not to_b:
+            return ea, eb
+        if to_b:
+            b.receive_data(to_b)
+        if to_a:
+            a.receive_data(to_a)
+        ea += events(a)
+        eb += events(b)
+
+
+def connected() -> tuple[TransferConnection, TransferConnection]:
+    c, s = pair()
+    ec, es = transfer(c, s)
+    assert isinstance(ec[0], HandshakeComplete) and isinstance(es[0], HandshakeComplete)
+    return c, s
+
+
+def test_handshake_authenticates_both_and_agrees_on_transcript() -> None:
+    c, s = pair()
+    ec, es = transfer(c, s)
+    assert ec == [HandshakeComplete(SERVER.public, c.transcript or b"")]
+    assert es == [HandshakeComplete(CLIENT.public, s.transcript or b"")]
+    assert c.transcript == s.transcript and c.state is s.state is State.OPEN
+
+
+def test_wrong_server_is_refused() -> None:
+    c, s = pair(expected=b"x" * 20)
+    ec, _ = transfer(c, s)
+    assert isinstance(ec[0], ConnectionFailed) and "expected" in ec[0].reason
+    assert c.state is State.FAILED
+    with pytest.raises(LocalProtocolError):
+        c.send(Get(b"c" * 32, 0))
+
+
+def test_every_message_round_trips_and_roles_are_enforced() -> None:
+    c, s = connected()
+    cid = b"i" * 32
+    for msg in (Open(cid, b"p" * 32), HashesRequest(cid, 0, 10), Get(cid, 3), Cancel(cid, 3)):
+        c.send(msg)
+    replies = [Opened(cid, 5000, CHUNK, b"\x05"), Opened(cid, 5000, CHUNK),
+               Hashes(cid, 0, (b"h" * 32,) * 3), Chunk(cid, 3, b"sealed bytes"),
+               Error(ErrorCode.NOT_HELD, "no", cid, 3), Error(ErrorCode.BUSY, "busy")]
+    for msg in replies:
+        s.send(msg)
+    ec, es = transfer(c, s)
+    assert es == [Open(cid, b"p" * 32), HashesRequest(cid, 0, 10), Get(cid, 3), Cancel(cid, 3)]
+    got = [Chunk(e.content_id, e.index, bytes(e.data)) if isinstance(e, Chunk) else e
+           for e in ec]
+    assert got == replies
+    with pytest.raises(LocalProtocolError):
+        s.send(Open(cid, b"p" * 32))
+    with pytest.raises(LocalProtocolError):
+        c.send(Chunk(cid, 0, b""))
+
+
+def test_eof_and_truncated_frames() -> None:
+    _, s = connected()
+    s.receive_data(b"")
+    assert events(s) == [ConnectionClosed()] and s.state is State.CLOSED
+    c2, s2 = connected()
+    c2.send(Get(b"c" * 32, 1))
+    s2.receive_data(wire(c2)[:-3])
+    s2.receive_data(b"")
+    assert isinstance(events(s2)[0], ConnectionFailed)
+
+
+def test_oversized_frame_fails_before_buffering() -> None:
+    _, s = connected()
+    s.receive_data((1 << 30).to_bytes(4, "big"))
+    [e] = events(s)
+    assert isinstance(e, ConnectionFailed) and "over the limit" in e.reason
+    c, s = connected()
+    c.limit_payload(CHUNK + 16)
+    s.send(Chunk(b"c" * 32, 0, bytes(CHUNK + 17)))
+    ec, _ = transfer(c, s)
+    assert isinstance(ec[0], ConnectionFailed)
+
+
+def test_tampered_replayed_and_malformed_frames() -> None:
+    c, s = connected()
+    c.send(Get(b"c" * 32, 1))
+    frame = bytearray(wire(c))
+    frame[-1] ^= 1
+    s.receive_data(bytes(frame))
+    assert isinstance(events(s)[0], ConnectionFailed)
+
+    c, s = connected()
+    c.send(Get(b"c" * 32, 1))
+    frame = bytearray(wire(c))
+    s.receive_data(bytes(frame))
+    s.receive_data(bytes(frame))  # replay
+    ev = events(s)
+    assert ev[0] == Get(b"c" * 32, 1) and isinstance(ev[1], ConnectionFailed)
+
+    # Authentic but not a message (unknown tag): a BadMessage, and the session carries on.
+    c, s = connected()
+    cipher = c._cipher
+    assert cipher is not None
+    header = cipher.encrypt(b"\x81\xa1t\x63")  # {"t": 99}
+    s.receive_data((4 + len(header)).to_bytes(4, "big") + len(header).to_bytes(4, "big")
+                   + header)
+    c.send(Get(b"c" * 32, 2))
+    s.receive_data(wire(c))
+    ev = events(s)
+    assert isinstance(ev[0], BadMessage) and "unknown transfer message type 99" in ev[0].reason
+    assert ev[1] == Get(b"c" * 32, 2)
+    # A reply sent by a requester is a BadMessage too.
+    c, s = connected()
+    c._may_send = (Opened,)
+    c.send(Opened(b"c" * 32, 1, CHUNK))
+    s.receive_data(wire(c))
+    assert isinstance(events(s)[0], BadMessage)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_frames_split_at_any_boundary(data: st.DataObject) -> None:
+    """The same events whatever way the byte streams are cut (deterministic ephemerals)."""
+    c = TransferConnection(Role.INITIATOR, CLIENT, ephemeral_seed=b"1" * 32)
+    s = TransferConnection(Role.RESPONDER, SERVER, ephemeral_seed=b"2" * 32)
+    cid = b"k" * 32
+    payloads = [random.Random(i).randbytes(CHUNK + 16) for i in range(3)]
+
+    def feed(conn: TransferConnection, blob: bytes) -> list[Event]:
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(blob)), max_size=12)))
+        for lo, hi in zip([0, *cuts], [*cuts, len(blob)], strict=True):
+            if hi > lo:
+                conn.receive_data(blob[lo:hi])
+        return events(conn)
+
+    assert feed(s, wire(c)) == []
+    ec = feed(c, wire(s))
+    es = feed(s, wire(c))
+    assert isinstance(es[0], HandshakeComplete) and isinstance(ec[0], HandshakeComplete)
+    c.send(Open(cid, b"p" * 32))
+    c.send(Get(cid, 0))
+    assert feed(s, wire(c)) == [Open(cid, b"p" * 32), Get(cid, 0)]
+    for i, p in enumerate(payloads):
+        s.send(Chunk(cid, i, p))
+    got = feed(c, wire(s))
+    assert [(e.index, bytes(e.data)) for e in got if isinstance(e, Chunk)] == list(
+        enumerate(payloads))
+    # Byte-at-a-time, too.
+    s.send(Chunk(cid, 9, payloads[0]))
+    out = wire(s)
+    for i in range(len(out)):
+        c.receive_data(out[i : i + 1])
+    [last] = events(c)
+    assert isinstance(last, Chunk) and bytes(last.data) == payloads[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(junk=st.binary(max_size=600), after_handshake=st.booleans(),
+       role=st.sampled_from(list(Role)))
+def test_random_bytes_never_raise(junk: bytes, after_handshake: bool, role: Role) -> None:
+    c, s = connected() if after_handshake else pair()
+    target = c if role is Role.INITIATOR else s
+    target.receive_data(junk)
+    target.receive_data(b"")
+    for e in events(target):
+        assert isinstance(e, ConnectionFailed | BadMessage | ConnectionClosed | HandshakeComplete)
+    assert target.state in (State.FAILED, State.CLOSED)
+
+
+# --- the holder's request logic ----------------------------------------------------------
+
+
+@pytest.fixture
+def held(tmp_path: Path) -> tuple[ContentStore, LocalContent]:
+    (tmp_path / "f").write_bytes(random.Random(1).randbytes(5 * CHUNK + 3))
+    store = ContentStore(tmp_path / "store")
+    return store, store.add_local_file_blocking(tmp_path / "f", chunk_size=CHUNK)
+
+
+def serve(
+    c: TransferConnection, s: TransferConnection, logic: ServingSession
+) -> list[Event]:
+    """Deliver c's requests to the logic, send its replies (and queued chunks) back."""
+    s.receive_data(wire(c))
+    for e in events(s):
+        replies = (logic.handle(e) if not isinstance(e, BadMessage)
+                   else [logic.bad_message(e.reason)])
+        for r in replies:
+            s.send(r)
+    while (g := logic.pop_get()) is not None:
+        content = logic.content(g.content_id)
+        assert content is not None
+        s.send(Chunk(g.content_id, g.index, content.read_sealed(g.index)))
+    c.receive_data(wire(s))
+    return events(c)
+
+
+def test_open_with_good_and_bad_proofs(held: tuple[ContentStore, LocalContent]) -> None:
+    store, content = held
+    c, s = connected()
+    counters: Counter[str] = Counter()
+    logic = ServingSession(store, s.transcript or b"", counters)
+    cid = content.content_id
+    c.send(Open(cid, prove_capability(b"w" * 32, cid, c.transcript or b"")))
+    [e] = serve(c, s, logic)
+    assert e == Error(ErrorCode.BAD_CAPABILITY, "capability proof rejected", cid)
+    assert counters["bad_capability"] == 1
+    c.send(Get(cid, 0))
+    [e] = serve(c, s, logic)
+    assert isinstance(e, Error) and e.code == ErrorCode.NOT_OPEN
+
+    # A proof made for another session (replayed) is refused the same way.
+    other_c, _ = connected()
+    c.send(Open(cid, prove_capability(content.capability, cid, other_c.transcript or b"")))
+    [e] = serve(c, s, logic)
+    assert isinstance(e, Error) and e.code == ErrorCode.BAD_CAPABILITY
+    assert counters["bad_capability"] == 2
+
+    c.send(Open(b"u" * 32, b"p" * 32))
+    [e] = serve(c, s, logic)
+    assert isinstance(e, Error) and e.code == ErrorCode.UNKNOWN_CONTENT
+
+    c.send(Open(cid, prove_capability(content.capability, cid, c.transcript or b"")))
+    [e] = serve(c, s, logic)
+    assert e == Opened(cid, content.size, CHUNK, None)
+
+    c.send(HashesRequest(cid, 0, 4))
+    c.send(HashesRequest(cid, 4, 100))
+    h1, h2 = serve(c, s, logic)
+    assert isinstance(h1, Hashes) and isinstance(h2, Hashes)
+    assert merkle_root(h1.leaves + h2.leaves) == cid
+
+    for i in range(6):
+        c.send(Get(cid, i))
+    c.send(Cancel(cid, 4))
+    c.send(Get(cid, 6))
+    got = serve(c, s, logic)
+    chunks = {e.index: bytes(e.data) for e in got if isinstance(e, Chunk)}
+    assert sorted(chunks) == [0, 1, 2, 3, 5]
+    assert all(chunks[i] == content.read_sealed(i) for i in chunks)
+    [refused] = [e for e in got if isinstance(e, Error)]
+    assert refused.code == ErrorCode.NOT_HELD and refused.index == 6
+    assert counters["cancelled"] == 1
+
+
+def test_get_queue_is_bounded(held: tuple[ContentStore, LocalContent]) -> None:
+    store, content = held
+    c, s = connected()
+    counters: Counter[str] = Counter()
+    logic = ServingSession(store, s.transcript or b"", counters, max_queued=2)
+    cid = content.content_id
+    c.send(Open(cid, prove_capability(content.capability, cid, c.transcript or b"")))
+    serve(c, s, logic)
+    s.receive_data(b"")
+    for i in range(3):
+        logic.handle(Get(cid, i))
+    assert logic.queued == 2 and counters["busy"] == 1
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.binary(min_size=1, max_size=300))
+def test_authentic_garbage_gets_an_error_reply(
+    held: tuple[ContentStore, LocalContent], junk: bytes
+) -> None:
+    store, _ = held
+    c, s = connected()
+    counters: Counter[str] = Counter()
+    logic = ServingSession(store, s.transcript or b"", counters)
+    cipher = c._cipher
+    assert cipher is not None
+    header = cipher.encrypt(junk)
+    c._out.append((4 + len(header)).to_bytes(4, "big") + len(header).to_bytes(4, "big")
+                  + header)
+    got = serve(c, s, logic)
+    # Either it happened to be a valid request, or it got a 400 and a counter.
+    if counters["bad_frame"]:
+        assert any(isinstance(e, Error) and e.code == ErrorCode.BAD_REQUEST for e in got)
+    assert s.state is State.OPEN
