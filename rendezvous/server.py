@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from crypto.codec import packb
 from rendezvous.limits import Limits
 from rendezvous.logfmt import kv
 from rendezvous.messages import (
@@ -49,7 +50,7 @@ from rendezvous.messages import (
     Send,
 )
 from rendezvous.pipe_hold import PipeHold
-from rendezvous.records import DeviceInfo, FingerResult, check_advertise
+from rendezvous.records import DeviceInfo, FingerResult
 from rendezvous.session import AuthRequested, Closing, RequestReceived, ServerConnection
 from rendezvous.status import Status
 from rendezvous.store import QueuedEnvelope, Quota, RegistrationPolicy, Store
@@ -348,11 +349,8 @@ class RendezvousServer:
     async def _authenticate(self, conn: _Connection, ev: AuthRequested) -> None:
         req = ev.request
         core = conn.core
-        try:
-            if req.advertise is not None:
-                check_advertise(req.advertise, self.limits.max_advertise)
-        except ValueError as exc:
-            core.reject_auth(req.id, Status.TOO_LARGE, str(exc))
+        if req.advertise is not None and (why := self._advertise_too_big(req.advertise)):
+            core.reject_auth(req.id, Status.TOO_LARGE, why)
             conn.after_reply()
             return
         try:
@@ -453,10 +451,17 @@ class RendezvousServer:
         if isinstance(req, Pipe):
             return await self._pipe(req, address, peer_id)
         if isinstance(req, Advertise):
-            check_advertise(req.advertise, self.limits.max_advertise)
+            if why := self._advertise_too_big(req.advertise):
+                return Status.TOO_LARGE, why, None
             await self.store.set_advertise(peer_id, req.advertise)
             return Status.OK, "advertised", None
         return Status.BAD_REQUEST, f"{req.TAG} is not handled here", None
+
+    def _advertise_too_big(self, advertise: dict[str, Any]) -> str | None:
+        size = len(packb(advertise))
+        if size > self.limits.max_advertise:
+            return f"advertisement of {size} bytes over the limit {self.limits.max_advertise}"
+        return None
 
     async def _send(self, req: Send,
                     sender: str) -> tuple[Status, str | None, dict[str, Any] | None]:

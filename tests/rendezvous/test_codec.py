@@ -1,0 +1,163 @@
+"""Framing and message decoding: round trips, and garbage never escapes as a crash."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crypto.codec import packb
+from rendezvous.errors import RemoteProtocolError
+from rendezvous.framing import FrameDecoder, encode_frame
+from rendezvous.messages import (
+    Advertise,
+    Authorization,
+    Challenge,
+    Deliver,
+    Finger,
+    List,
+    Pipe,
+    PipeMessage,
+    Quit,
+    Remove,
+    Reply,
+    Retrieve,
+    Send,
+    SendItem,
+    decode_request,
+    decode_server_message,
+    encode_request,
+    encode_server_message,
+)
+from rendezvous.records import Envelope
+from rendezvous.status import Status
+
+from .conftest import ident
+
+LIMIT = 256 * 1024
+PEER = bytes(range(20))
+MID = bytes(range(16))
+
+
+@given(st.lists(st.binary(max_size=300), max_size=8), st.lists(st.integers(1, 50), min_size=1))
+def test_frames_survive_any_split(bodies: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(encode_frame(b) for b in bodies)
+    dec = FrameDecoder(1024)
+    out: list[bytes] = []
+    pos = i = 0
+    while pos < len(stream):
+        step = cuts[i % len(cuts)]
+        out += dec.feed(stream[pos : pos + step])
+        pos += step
+        i += 1
+    assert out == bodies
+    assert dec.pending == 0
+
+
+def test_length_over_limit_is_refused_before_buffering() -> None:
+    dec = FrameDecoder(1000)
+    with pytest.raises(RemoteProtocolError) as err:
+        dec.feed(struct.pack(">I", 1001) + b"x")
+    assert err.value.fatal and err.value.status == Status.TOO_LARGE
+    assert "1001 bytes over the limit 1000" in err.value.text
+
+
+@given(st.binary(max_size=2000))
+def test_decoder_on_random_bytes_raises_only_protocol_errors(data: bytes) -> None:
+    try:
+        for frame in FrameDecoder(1024).feed(data):
+            decode_request(frame, 1024)
+    except RemoteProtocolError:
+        pass
+    try:
+        decode_request(data, 4096)
+    except RemoteProtocolError:
+        pass
+    try:
+        decode_server_message(data, 4096)
+    except RemoteProtocolError:
+        pass
+
+
+_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20) \
+    | st.binary(max_size=40) | st.floats(allow_nan=False)
+_values = st.recursive(_scalars, lambda c: st.lists(c, max_size=4)
+                       | st.dictionaries(st.text(max_size=10), c, max_size=4), max_leaves=12)
+_tags = st.sampled_from(["AUTHORIZATION", "QUIT", "SEND", "LIST", "RETRIEVE", "REMOVE",
+                         "FINGER", "PIPE", "ADVERTISE", "NOPE"])
+
+
+@settings(max_examples=300)
+@given(_tags, st.integers(-5, 2**64 - 1) | st.text(max_size=3),
+       st.dictionaries(st.sampled_from(["address", "verify_key", "signature", "mid", "prio",
+                                        "items", "to", "device", "payload", "hold_ms",
+                                        "advertise", "after", "limit", "invite", "register"]),
+                       _values, max_size=8))
+def test_structured_garbage_gives_a_reply_not_a_crash(tag: str, rid: object,
+                                                      fields: dict[str, object]) -> None:
+    body = packb({"t": tag, "id": rid, **fields})
+    try:
+        req = decode_request(body, LIMIT)
+    except RemoteProtocolError as exc:
+        assert exc.text  # always says why
+        return
+    assert req.TAG == tag
+
+
+def _roundtrip_request(req: object) -> object:
+    return decode_request(encode_request(req), LIMIT)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("req", [
+    Authorization.signed(1, ident(1), "example.net", b"n" * 32, "alice@example.net",
+                         invite="tok", register=True, advertise={"addrs": ["1.2.3.4:5"]}),
+    Quit(2),
+    Send(3, MID, 2, (SendItem("bob@example.net", PEER, b"blob"),)),
+    List(4, 17, 10),
+    Retrieve(5, MID),
+    Remove(6, MID),
+    Finger(7, "bob@example.net"),
+    Pipe(8, "bob@example.net", b"offer", PEER, 5000),
+    Pipe(9, "bob@example.net", b"offer"),
+    Advertise(10, {"nat": True, "port": 4567}),
+])
+def test_requests_round_trip(req: object) -> None:
+    assert _roundtrip_request(req) == req
+
+
+@pytest.mark.parametrize("msg", [
+    Challenge("example.net", b"n" * 32),
+    Reply(3, 404, "no such address: x@example.net", {"k": [1, 2]}),
+    Deliver(Envelope(MID, "a@example.net", "b@example.net", PEER, 1, b"sealed", 1.5)),
+    PipeMessage("a@example.net", PEER, b"answer"),
+])
+def test_server_messages_round_trip(msg: object) -> None:
+    assert decode_server_message(encode_server_message(msg), LIMIT) == msg  # type: ignore
+
+
+def test_unknown_verb_is_named_in_the_error() -> None:
+    with pytest.raises(RemoteProtocolError) as err:
+        decode_request(packb({"t": "STEAL", "id": 9}), LIMIT)
+    assert err.value.text == "unknown verb 'STEAL'" and err.value.request_id == 9
+
+
+@pytest.mark.parametrize("adv, why", [
+    ({"k" * 40: "v"}, "keys are text"),
+    ({"addrs": ["x"] * 17}, "list over 16"),
+    ({"nested": {"a": 1}}, "expected text, a boolean"),
+    ({f"k{i}": "v" for i in range(17)}, "17 keys"),
+])
+def test_bad_advertisements_are_refused(adv: dict[str, object], why: str) -> None:
+    with pytest.raises(RemoteProtocolError) as err:
+        decode_request(packb({"t": "ADVERTISE", "id": 1, "advertise": adv}), LIMIT)
+    assert why in err.value.text
+
+
+def test_send_needs_a_recipient_and_a_16_byte_id() -> None:
+    with pytest.raises(RemoteProtocolError, match="at least one recipient"):
+        decode_request(packb({"t": "SEND", "id": 1, "mid": MID, "prio": 0, "items": []}), LIMIT)
+    with pytest.raises(RemoteProtocolError, match="expected 16 bytes"):
+        decode_request(packb({"t": "SEND", "id": 1, "mid": b"x", "prio": 0, "items": [
+            {"to": "b@example.net", "device": PEER, "blob": b""}]}), LIMIT)

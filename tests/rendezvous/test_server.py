@@ -1,0 +1,203 @@
+"""Tier (c), in-process: the real server and client library over loopback, real SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from crypto.identity import DeviceIdentity
+from rendezvous.client import RendezvousClient
+from rendezvous.errors import (
+    AuthenticationError,
+    NotFoundError,
+    NotOnlineError,
+    QuotaError,
+    TooLargeError,
+)
+from rendezvous.limits import Limits
+from rendezvous.messages import Deliver, PipeMessage
+from rendezvous.server import RendezvousServer
+
+from .conftest import ident, mid, port_of, running_server
+
+ALICE, BOB, BOB2 = ident(1), ident(2), ident(3)
+
+
+def client(server: RendezvousServer, who: DeviceIdentity, address: str,
+           **kw: object) -> RendezvousClient:
+    kw.setdefault("register", True)
+    kw.setdefault("request_timeout", 5.0)
+    return RendezvousClient("127.0.0.1", port_of(server), who, address, **kw)  # type: ignore
+
+
+async def take(it: AsyncIterator[object], n: int, within: float = 5.0) -> list[object]:
+    out = []
+    async with asyncio.timeout(within):
+        for _ in range(n):
+            out.append(await anext(it))
+    return out
+
+
+async def nothing_more(it: AsyncIterator[object], within: float = 0.3) -> bool:
+    try:
+        async with asyncio.timeout(within):
+            await anext(it)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def test_send_is_pushed_live_and_remove_is_final(server: RendezvousServer) -> None:
+    async with client(server, ALICE, "alice@example.net") as a, \
+            client(server, BOB, "bob@example.net") as b:
+        pushes = b.pushes()
+        m = mid()
+        await a.send(m, [("bob@example.net", BOB.peer_id, b"sealed-1")], priority=3)
+        (push,) = await take(pushes, 1)
+        assert isinstance(push, Deliver)
+        env = push.envelope
+        assert (env.message_id, env.sender, env.recipient, env.device, env.priority, env.blob) \
+            == (m, "alice@example.net", "bob@example.net", BOB.peer_id, 3, b"sealed-1")
+        await a.send(m, [("bob@example.net", BOB.peer_id, b"sealed-1")])  # a retry
+        assert await nothing_more(pushes)
+        assert [i.message_id for i in await b.list()] == [m]
+        assert (await b.retrieve(m)).blob == b"sealed-1"
+        await b.remove(m)
+        await b.remove(m)  # idempotent
+        assert await b.list() == []
+        with pytest.raises(NotFoundError, match=f"no queued envelope {m.hex()}"):
+            await b.retrieve(m)
+    async with client(server, BOB, "bob@example.net") as b:
+        assert await nothing_more(b.pushes())
+
+
+async def test_queue_flush_in_pages_with_live_sends_is_exactly_once(tmp_path: Path) -> None:
+    async with running_server(tmp_path, limits=Limits(flush_page=7)) as server:
+        async with client(server, BOB, "bob@example.net"):
+            pass
+        async with client(server, ALICE, "alice@example.net") as a:
+            queued = [mid() for _ in range(60)]
+            for m in queued:
+                await a.send(m, [("bob@example.net", BOB.peer_id, m)])
+            b = client(server, BOB, "bob@example.net")
+            live = [mid() for _ in range(40)]
+            # Sends race the flush that starts when Bob authenticates.
+            await asyncio.gather(b.start(), *(
+                a.send(m, [("bob@example.net", BOB.peer_id, m)]) for m in live))
+            try:
+                got = await take(b.pushes(), 100)
+                ids = [p.envelope.message_id for p in got if isinstance(p, Deliver)]
+                assert sorted(ids) == sorted(queued + live)
+                assert await nothing_more(b.pushes())
+            finally:
+                await b.aclose()
+
+
+async def test_finger_shows_presence_keys_and_advertisement(server: RendezvousServer) -> None:
+    async with client(server, ALICE, "alice@example.net") as a:
+        with pytest.raises(NotFoundError, match=re.escape("no such address: carol@example.net")):
+            await a.finger("carol@example.net")
+        async with client(server, BOB, "bob@example.net",
+                          advertise={"addrs": ["10.0.0.2:4567"], "nat": False}) as b:
+            f = await a.finger("bob@example.net")
+            (dev,) = f.devices
+            assert f.address == "bob@example.net"
+            assert dev.verify_key == BOB.public.verify_key and dev.online
+            assert dev.advertise == {"addrs": ["10.0.0.2:4567"], "nat": False}
+            await b.advertise({"addrs": ["10.0.0.3:1"]})
+            (dev,) = (await a.finger("bob@example.net")).devices
+            assert dev.advertise == {"addrs": ["10.0.0.3:1"]}
+            with pytest.raises(TooLargeError):
+                await b.advertise({f"k{i}": "x" * 200 for i in range(10)})
+        f = await a.finger("bob@example.net")
+        (dev,) = f.devices
+        assert not dev.online and dev.last_seen is not None and dev.last_seen > 0
+
+
+async def test_pipe_relays_holds_and_refuses(server: RendezvousServer) -> None:
+    async with client(server, BOB, "bob@example.net"):
+        pass  # registered, now offline
+    async with client(server, ALICE, "alice@example.net") as a:
+        with pytest.raises(NotOnlineError, match=re.escape("bob@example.net has no device online")):
+            await a.pipe("bob@example.net", b"offer-0")
+        await a.pipe("bob@example.net", b"offer-1", hold=60)
+        with pytest.raises(NotFoundError, match="is not bound"):
+            await a.pipe("bob@example.net", b"x", device=bytes(20), hold=60)
+        async with client(server, BOB, "bob@example.net") as b:
+            pushes = b.pushes()
+            (held,) = await take(pushes, 1)
+            assert held == PipeMessage("alice@example.net", ALICE.peer_id, b"offer-1")
+            await a.pipe("bob@example.net", b"offer-2", device=BOB.peer_id)
+            (live,) = await take(pushes, 1)
+            assert isinstance(live, PipeMessage) and live.payload == b"offer-2"
+            await b.pipe("alice@example.net", b"answer")
+            (ans,) = await take(a.pushes(), 1)
+            assert ans == PipeMessage("bob@example.net", BOB.peer_id, b"answer")
+
+
+async def test_two_devices_one_address(tmp_path: Path) -> None:
+    async with running_server(tmp_path, open_registration=False) as server:
+        store = server.store
+        now = server.clock()
+        await store.add_invite("bob@example.net", "inv-1", now, now + 60)
+        await store.add_invite("bob@example.net", "inv-2", now, now + 60)
+        with pytest.raises(AuthenticationError) as err:
+            await client(server, BOB, "bob@example.net").start()
+        assert err.value.status == 403 and "needs an invite" in err.value.text
+        async with client(server, BOB, "bob@example.net", invite="inv-1"), \
+                client(server, BOB2, "bob@example.net", invite="inv-2"):
+            pass
+        with pytest.raises(AuthenticationError) as err:  # Bob's invite is not Alice's
+            await client(server, ALICE, "alice@example.net", invite="inv-1").start()
+        assert "invite is not valid for alice@example.net" in err.value.text
+        await store.add_invite("alice@example.net", "inv-a", now, now + 60)
+        async with client(server, BOB, "bob@example.net", register=False) as b1, \
+                client(server, BOB2, "bob@example.net", register=False) as b2, \
+                client(server, ALICE, "alice@example.net", invite="inv-a") as a:
+            m = mid()
+            await a.send(m, [("bob@example.net", BOB.peer_id, b"for-1"),
+                             ("bob@example.net", BOB2.peer_id, b"for-2")])
+            (p1,) = await take(b1.pushes(), 1)
+            (p2,) = await take(b2.pushes(), 1)
+            assert isinstance(p1, Deliver) and isinstance(p2, Deliver)
+            assert (p1.envelope.blob, p2.envelope.blob) == (b"for-1", b"for-2")
+            assert len((await a.finger("bob@example.net")).devices) == 2
+
+
+async def test_quota_error_reaches_the_sender(tmp_path: Path) -> None:
+    async with running_server(tmp_path, limits=Limits(quota_count=3)) as server:
+        async with client(server, BOB, "bob@example.net"):
+            pass
+        async with client(server, ALICE, "alice@example.net") as a:
+            for _ in range(3):
+                await a.send(mid(), [("bob@example.net", BOB.peer_id, b"x")])
+            with pytest.raises(QuotaError, match=re.escape("quota exceeded for bob@example.net")):
+                await a.send(mid(), [("bob@example.net", BOB.peer_id, b"x")])
+
+
+async def test_client_reconnects_after_a_server_restart(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as first:
+        port = port_of(first)
+        b = client(first, BOB, "bob@example.net", max_backoff=0.2)
+        await b.start()
+        a = client(first, ALICE, "alice@example.net", max_backoff=0.2)
+        await a.start()
+    try:
+        assert not b.connected
+        pushes = b.pushes()
+        async with running_server(tmp_path, port=port):
+            m = mid()
+            await a.send(m, [("bob@example.net", BOB.peer_id, b"after restart")])
+            await b.wait_connected(5)
+            (p,) = await take(pushes, 1)
+            assert isinstance(p, Deliver) and p.envelope.message_id == m
+            assert b.reconnects == 1
+            await a.aclose()
+            await b.aclose()
+    finally:
+        await a.aclose()
+        await b.aclose()
