@@ -33,7 +33,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 from crypto.address import normalize_address
 from crypto.codec import Fields
@@ -88,9 +88,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.pending: dict[int, asyncio.Future[Reply]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not isinstance(transport, asyncio.Transport):
-            raise TypeError("rendezvous runs over stream transports")
-        self.transport = transport
+        # uvloop's and the simulator's transports don't subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -119,6 +118,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.pending.clear()
         if not self.lost.done():
             self.lost.set_result(None)
+        self.client._on_lost(self)
         if not self.challenge.done():
             self.challenge.set_exception(ConnectionLostError("connection closed before challenge"))
             self.challenge.exception()  # retrieved: nobody waiting for it is not an error
@@ -282,6 +282,10 @@ class RendezvousClient:
                 continue
             self.reconnects += 1
             attempt = 0
+
+    def _on_lost(self, proto: _ClientProtocol) -> None:
+        if proto is self._proto:
+            self._connected.clear()
 
     # --- pushes --------------------------------------------------------------------------
     def _on_push(self, msg: Push, proto: _ClientProtocol) -> None:

@@ -32,7 +32,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from crypto.codec import packb
 from rendezvous.limits import Limits
@@ -89,9 +89,8 @@ class _Connection(asyncio.Protocol):
 
     # --- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not isinstance(transport, asyncio.Transport):
-            raise TypeError("rendezvous runs over stream transports")
-        self.transport = transport
+        # uvloop's and the simulator's transports don't subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         addr = transport.get_extra_info("peername")
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         self.server._attach(self)

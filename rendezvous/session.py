@@ -162,8 +162,11 @@ class ServerConnection:
             self._partial_since = None
 
     def receive_eof(self) -> None:
-        """The peer closed its side; an incomplete frame is simply dropped."""
-        self.close("peer closed" if not self._decoder.pending else "peer closed mid-frame")
+        """The peer closed its side; an incomplete frame is dropped (and counted)."""
+        if self._decoder.pending and not self.closed:
+            self.bad_input += 1
+            self.close("peer closed mid-frame")
+        self.close("peer closed")
 
     def _receive_frame(self, frame: bytes, now: float) -> None:
         try:
