@@ -1,13 +1,14 @@
 """A virtual-time asyncio event loop whose sockets reach the simulated network.
 
-`SimLoop` is an `asyncio.BaseEventLoop` with a stand-in selector: when nothing is ready,
-`select(timeout)` jumps the virtual clock to the next scheduled callback instead of sleeping
-(trio's `MockClock(autojump_threshold=0)` idea). `loop.time()` is that clock. So `sleep`,
+`SimLoop` is an `asyncio.BaseEventLoop` whose `_run_once` never waits for I/O: when nothing
+is ready it jumps the virtual clock to the next scheduled callback (trio's
+`MockClock(autojump_threshold=0)` idea). `loop.time()` is that clock. So `sleep`,
 `call_later`, `asyncio.timeout`, `wait_for` and TaskGroups run in virtual time, as fast as
-the callbacks can be executed.
+the callbacks can be executed. Callbacks due at the same virtual time run in the order they
+were scheduled.
 
 If nothing is ready and nothing is scheduled while the main coroutine is still waiting,
-no simulated time can ever pass again: that is a deadlock, and `select` raises
+no simulated time can ever pass again: that is a deadlock, and the loop raises
 `SimDeadlock` listing what each host's tasks were waiting for.
 
 `run_in_executor` (and so `asyncio.to_thread`) runs the function inline, at once, and costs
@@ -34,6 +35,9 @@ from sim.host import CURRENT_HOST, Host, current_host
 
 if TYPE_CHECKING:
     from sim.net import Network
+
+
+_MIN_HEAP_TO_PURGE = 100
 
 
 class SimDeadlock(RuntimeError):
@@ -74,46 +78,12 @@ def describe_wait(task: asyncio.Task[Any]) -> str:
     return f"task {task.get_name()}: {' > '.join(chain) or '?'}{what}"
 
 
-class _Timer(events.TimerHandle):
-    """A timer that breaks ties by scheduling order, so equal times run first come, first
-    served (asyncio's compares `when` only, and a heap is not stable). Packets of one stream
-    rely on this to stay in order; determinism does too."""
-
-    __slots__ = ("_seq",)
-
-    def __init__(self, when: float, callback: Callable[..., object], args: tuple[Any, ...],
-                 loop: asyncio.AbstractEventLoop, context: Any, seq: int) -> None:
-        super().__init__(when, callback, args, loop, context)
-        self._seq = seq
-
-    def __lt__(self, other: object) -> bool:
-        if not isinstance(other, _Timer):
-            return NotImplemented
-        w, o = self._when, other._when
-        return w < o or (w == o and self._seq < other._seq)
-
-
-class _VirtualSelector:
-    """Stands in for the selector: never any I/O, and waiting means jumping the clock."""
-
-    def __init__(self, loop: SimLoop) -> None:
-        self._loop = loop
-
-    def select(self, timeout: float | None) -> list[Any]:
-        self._loop._advance(timeout)
-        return []
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
 class SimLoop(asyncio.BaseEventLoop):
     """asyncio loop with a virtual clock, acting on a `Network` (attach it before running)."""
 
     def __init__(self, start: float = 0.0) -> None:
         super().__init__()
         self._now = start
-        self._selector = _VirtualSelector(self)
         self._network: Network | None = None
         self._task_hosts: weakref.WeakKeyDictionary[asyncio.Task[Any], Host] = (
             weakref.WeakKeyDictionary())
@@ -136,24 +106,57 @@ class SimLoop(asyncio.BaseEventLoop):
         """Virtual time, in seconds."""
         return self._now
 
-    def _advance(self, timeout: float | None) -> None:
-        if timeout is None:
-            raise SimDeadlock(self._now, self.pending_waits())
-        if timeout > 0 and self._scheduled:
-            when: float = self._scheduled[0]._when
-            if when > self._now:
-                self._now = when
-
-    def call_at(self, when: float, callback: Callable[..., object], *args: Any,
-                context: Any = None) -> asyncio.TimerHandle:
+    def call_at(self, when: float, callback: Callable[..., object],  # type: ignore[override]
+                *args: Any, context: Any = None) -> asyncio.TimerHandle:
         """As asyncio's, but callbacks due at the same time run in the order scheduled."""
         if when is None:
             raise TypeError("when cannot be None")
-        self._check_closed()
-        timer = _Timer(when, callback, args, self, context, next(self._timer_seq))
-        heapq.heappush(self._scheduled, timer)
+        base: Any = self  # asyncio's private scheduling state is not in the type stubs
+        base._check_closed()
+        timer: Any = events.TimerHandle(when, callback, args, self, context)
+        heapq.heappush(base._scheduled, (when, next(self._timer_seq), timer))
         timer._scheduled = True
-        return timer
+        return timer  # type: ignore[no-any-return]
+
+    def _run_once(self) -> None:
+        """One iteration: jump the clock if idle, move due timers to ready, run ready.
+
+        Replaces asyncio's version, whose selector wait becomes the clock jump. The heap holds
+        (when, sequence, handle) tuples: compared in C, and first come first served at equal
+        times (asyncio compares `when` only, and a heap is not stable); packets of one stream
+        rely on that to stay in order, and determinism does too.
+        """
+        base: Any = self  # asyncio's private scheduling state is not in the type stubs
+        heap: list[tuple[float, int, Any]] = base._scheduled
+        if len(heap) > _MIN_HEAP_TO_PURGE and base._timer_cancelled_count * 2 > len(heap):
+            kept = []
+            for entry in heap:
+                if entry[2]._cancelled:
+                    entry[2]._scheduled = False
+                else:
+                    kept.append(entry)
+            heapq.heapify(kept)
+            heap[:] = kept
+            base._timer_cancelled_count = 0
+        else:
+            while heap and heap[0][2]._cancelled:
+                base._timer_cancelled_count -= 1
+                heapq.heappop(heap)[2]._scheduled = False
+        ready = base._ready
+        if not ready and not base._stopping:
+            if not heap:
+                raise SimDeadlock(self._now, self.pending_waits())
+            if heap[0][0] > self._now:
+                self._now = heap[0][0]
+        now = self._now
+        while heap and heap[0][0] <= now:
+            handle = heapq.heappop(heap)[2]
+            handle._scheduled = False
+            ready.append(handle)
+        for _ in range(len(ready)):
+            handle = ready.popleft()
+            if not handle._cancelled:
+                handle._run()
 
     def _process_events(self, event_list: list[Any]) -> None:
         """No real I/O events ever happen."""
@@ -161,7 +164,7 @@ class SimLoop(asyncio.BaseEventLoop):
     def _write_to_self(self) -> None:
         """Nothing to wake: the loop never blocks."""
 
-    def create_task(self, coro: Any, *, name: str | None = None,
+    def create_task(self, coro: Any, *, name: object = None,
                     context: Any = None) -> asyncio.Task[Any]:
         """As asyncio's, and remember which host the task runs as (for deadlock reports)."""
         task = super().create_task(coro, name=name, context=context)
@@ -179,10 +182,11 @@ class SimLoop(asyncio.BaseEventLoop):
             waits.setdefault(label, []).append(describe_wait(task))
         return dict(sorted(waits.items()))
 
-    def run_in_executor(self, executor: Any, func: Callable[..., Any],
+    def run_in_executor(self, executor: Any, func: Callable[..., Any],  # type: ignore[override]
                         *args: Any) -> asyncio.Future[Any]:
         """Run `func` inline now; the result is ready without any virtual time passing."""
-        self._check_closed()
+        base: Any = self
+        base._check_closed()
         fut: asyncio.Future[Any] = self.create_future()
         try:
             result = func(*args)

@@ -118,6 +118,8 @@ class Network:
 
     def resolve(self, name: str | None) -> str:
         """Name or IPv4 literal to an address; socket.gaierror if unknown."""
+        if name in self._by_addr:
+            return str(name)
         if name in _WILDCARDS:
             return "0.0.0.0"
         if name == "localhost":

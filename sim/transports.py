@@ -182,7 +182,7 @@ class SimStreamTransport(asyncio.Transport):
         """Bytes written that have not left this host's uplink yet."""
         return self._buffered
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue `data` (copied) for sending."""
         if self._eof_written and self._state is _State.OPEN:
             raise RuntimeError("Cannot call write() after write_eof()")
