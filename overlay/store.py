@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hmac
 import os
 import sqlite3
 import threading
@@ -54,7 +53,8 @@ CREATE TABLE IF NOT EXISTS content (
     capability BLOB NOT NULL,
     size INTEGER NOT NULL,
     chunk_size INTEGER NOT NULL,
-    leaves BLOB
+    leaves BLOB,
+    mtime_ns INTEGER
 );
 """
 
@@ -105,6 +105,14 @@ class LocalContent:
     capability: bytes = field(repr=False)
     path: Path
     leaves: tuple[bytes, ...] = field(repr=False)
+    mtime_ns: int = 0  # the file's mtime when its chunks were hashed
+
+    def _check_unchanged(self, st: os.stat_result) -> None:
+        # Chunks of an edited file would fail every receiver's check and get us banned;
+        # refuse instead. Size and mtime, as rsync and make judge it: re-hashing each chunk
+        # would cost a fifth of the sealing work.
+        if st.st_size != self.size or st.st_mtime_ns != self.mtime_ns:
+            raise ContentStoreError(f"{self.path} changed since it was added")
 
     def have_bitmap(self) -> bytes | None:
         return None
@@ -117,15 +125,13 @@ class LocalContent:
         n = plain_chunk_len(self.size, self.chunk_size, index)
         try:
             with open(self.path, "rb", buffering=0) as f:
+                self._check_unchanged(os.fstat(f.fileno()))
                 plain = os.pread(f.fileno(), n, index * self.chunk_size)
         except OSError as exc:
             raise ContentStoreError(f"cannot read {self.path}: {exc.strerror}") from None
-        sealed = seal_chunk(self.key, index, plain)
-        # A file edited after it was sent would give chunks every receiver rejects, and
-        # they would ban us; check the leaf here instead (BLAKE3 costs a fifth of sealing).
-        if len(plain) != n or not hmac.compare_digest(chunk_hash(sealed), self.leaves[index]):
-            raise ContentStoreError(f"{self.path} changed since it was added (chunk {index})")
-        return sealed
+        if len(plain) != n:
+            raise ContentStoreError(f"{self.path} changed since it was added")
+        return seal_chunk(self.key, index, plain)
 
 
 def _bit(bitmap: bytes | bytearray, i: int) -> bool:
@@ -238,7 +244,7 @@ class PartialContent:
         self._store._save_leaves(self.content_id, verifier.leaves)
         self._verifier = verifier
 
-    def write_chunk(self, index: int, sealed: bytes | memoryview) -> bool:
+    def write_chunk(self, index: int, sealed: bytes | bytearray | memoryview) -> bool:
         """Verify, open and write chunk `index`, then record it as held. Blocking.
 
         Returns False (and writes nothing) if it was already held. Raises VerificationError
@@ -248,8 +254,9 @@ class PartialContent:
             raise ContentStoreError("no verified hash list yet: call set_leaves first")
         if self.have(index):
             return False
-        self._verifier.verify(index, sealed)
-        plain = open_chunk(self.key, index, sealed)
+        sealed_view = memoryview(sealed)
+        self._verifier.verify(index, sealed_view)
+        plain = open_chunk(self.key, index, sealed_view)
         view = memoryview(plain)
         offset = index * self.chunk_size
         while view:
@@ -337,6 +344,24 @@ class ContentStore:
         self._partials.clear()
         self._db.close()
 
+    async def aclose(self) -> None:
+        """`close()` for async exit stacks."""
+        self.close()
+
+    @property
+    def catalog(self) -> Catalog:
+        """The serving side's view of this store (the store itself)."""
+        return self
+
+    def chunk_size_of(self, content_id: bytes) -> int:
+        """The chunk size of a held content (ContentStoreError if unknown)."""
+        with self._lock:
+            row = self._db.execute("SELECT chunk_size FROM content WHERE cid = ?",
+                                   (content_id,)).fetchone()
+        if row is None:
+            raise ContentStoreError(f"unknown content {content_id.hex()}")
+        return int(row[0])
+
     def have_path(self, content_id: bytes) -> Path:
         return self.root / "partial" / f"{content_id.hex()}.have"
 
@@ -355,30 +380,34 @@ class ContentStore:
         """`add_local_file` for callers already in a thread."""
         path = Path(path).resolve()
         key = new_content_key() if key is None else key
-        size = path.stat().st_size
-        check_layout(size, chunk_size)
         leaves = []
         with open(path, "rb", buffering=0) as f:
+            before = os.fstat(f.fileno())
+            size = before.st_size
+            check_layout(size, chunk_size)
             for i in range(chunk_count(size, chunk_size)):
                 n = plain_chunk_len(size, chunk_size, i)
                 plain = os.pread(f.fileno(), n, i * chunk_size)
                 if len(plain) != n:
                     raise ContentStoreError(f"{path} shrank while it was being added")
                 leaves.append(chunk_hash(seal_chunk(key, i, plain)))
+            after = os.fstat(f.fileno())
+        if (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
+            raise ContentStoreError(f"{path} changed while it was being added")
         content = LocalContent(merkle_root(leaves), size, chunk_size, key, new_capability(),
-                               path, tuple(leaves))
+                               path, tuple(leaves), before.st_mtime_ns)
         with self._lock:
             old = self._db.execute("SELECT capability FROM content WHERE cid = ?",
                                    (content.content_id,)).fetchone()
             if old is not None:
                 # Same file, same key: same content id. Keep the capability already handed out.
                 content = LocalContent(content.content_id, size, chunk_size, key, bytes(old[0]),
-                                       path, content.leaves)
+                                       path, content.leaves, content.mtime_ns)
             self._db.execute(
                 "INSERT OR REPLACE INTO content (cid, state, path, content_key, capability,"
-                " size, chunk_size, leaves) VALUES (?, 'full', ?, ?, ?, ?, ?, ?)",
+                " size, chunk_size, leaves, mtime_ns) VALUES (?, 'full', ?, ?, ?, ?, ?, ?, ?)",
                 (content.content_id, str(path), key, content.capability, size, chunk_size,
-                 _pack_leaves(leaves)),
+                 _pack_leaves(leaves), content.mtime_ns),
             )
             self._full[content.content_id] = content
         return content
@@ -438,13 +467,14 @@ class ContentStore:
         leaves = partial.leaves
         if leaves is None:
             raise ContentStoreError("complete without a hash list")
+        mtime_ns = final.stat().st_mtime_ns
         with self._lock:
-            self._db.execute("UPDATE content SET state = 'full', path = ? WHERE cid = ?",
-                             (str(final), partial.content_id))
+            self._db.execute("UPDATE content SET state = 'full', path = ?, mtime_ns = ?"
+                             " WHERE cid = ?", (str(final), mtime_ns, partial.content_id))
             self._partials.pop(partial.content_id, None)
             self._full[partial.content_id] = LocalContent(
                 partial.content_id, partial.size, partial.chunk_size, partial.key,
-                partial.capability, final, leaves)
+                partial.capability, final, leaves, mtime_ns)
         self.have_path(partial.content_id).unlink(missing_ok=True)
 
     # --- serving side -----------------------------------------------------------------
@@ -463,14 +493,16 @@ class ContentStore:
             if content_id in self._full:
                 return self._full[content_id]
             row = self._db.execute(
-                "SELECT path, content_key, capability, size, chunk_size, leaves FROM content"
+                "SELECT path, content_key, capability, size, chunk_size, leaves, mtime_ns"
+                " FROM content"
                 " WHERE cid = ? AND state = 'full'", (content_id,),
             ).fetchone()
             if row is None:
                 return None
             content = LocalContent(content_id, row[3], row[4], bytes(row[1]), bytes(row[2]),
                                    Path(row[0]), _unpack_leaves(bytes(row[5]),
-                                                                chunk_count(row[3], row[4])))
+                                                                chunk_count(row[3], row[4])),
+                                   int(row[6] or 0))
             self._full[content_id] = content
             return content
 
@@ -509,15 +541,19 @@ class ContentStore:
 
 
 def _preallocate(path: Path, size: int) -> None:
+    """Create `path` at its final size, sparse.
+
+    Not posix_fallocate: writing into fallocated (unwritten) extents measured 416 MiB/s on
+    ext4 here against 4,300 MiB/s into a sparse file. Free space is checked up front
+    instead, so a full disk still fails now rather than halfway.
+    """
+    vfs = os.statvfs(path.parent)
+    if size > vfs.f_bavail * vfs.f_frsize:
+        raise ContentStoreError(
+            f"not enough free space in {path.parent}: {size} bytes needed, "
+            f"{vfs.f_bavail * vfs.f_frsize} available")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        if size:
-            try:
-                os.posix_fallocate(fd, 0, size)  # fail now, not halfway, if the disk is full
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                os.ftruncate(fd, size)
+        os.ftruncate(fd, size)
     finally:
         os.close(fd)
-

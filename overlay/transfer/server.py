@@ -1,0 +1,239 @@
+"""The serving side: answers transfer sessions on any Stream, listens on direct TCP.
+
+Per session, activities joined in a TaskGroup: the reader (feeds the core, answers
+OPEN/HASHES/bad input at once, queues GETs in `ServingSession`), two sealers (each reads a
+plaintext chunk and seals it in a worker thread, so sealing runs on both cores while the
+loop sends) and the sender (rate limit, then chunk frame onto the stream). Between sealers
+and sender sits a queue of two sealed chunks: memory per session stays at a few chunks
+whatever the file size. A misbehaving requester costs a counter and an error reply
+or its own session; the server and every other session carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+
+from crypto.identity import DeviceIdentity
+from overlay.store import Catalog, ContentStoreError
+from overlay.stream import Stream, StreamError
+from overlay.tcp import TcpServer
+from overlay.transfer.core import (
+    BadMessage,
+    ConnectionClosed,
+    ConnectionFailed,
+    Event,
+    HandshakeComplete,
+    Role,
+    State,
+    TransferConnection,
+)
+from overlay.transfer.frames import Chunk, Error, ErrorCode, Message
+from overlay.transfer.ratelimit import TokenBucket
+from overlay.transfer.serving import MAX_QUEUED_GETS, ServingSession
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 1 << 16
+SEALED_AHEAD = 2
+SEALERS = 2  # two chunks sealed at once: one per core, so sealing is not the cap
+
+
+class TransferServer:
+    """Serves the contents of `catalog` to requesters that prove their capability."""
+
+    def __init__(
+        self, identity: DeviceIdentity, catalog: Catalog, *, max_sessions: int = 64,
+        max_upload_rate: int | None = None, handshake_timeout: float = 10.0,
+        idle_timeout: float = 300.0, max_queued_gets: int = MAX_QUEUED_GETS,
+    ) -> None:
+        self.identity = identity
+        self.catalog = catalog
+        self.counters: Counter[str] = Counter()
+        self.max_sessions = max_sessions
+        self.max_upload_rate = max_upload_rate
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.max_queued_gets = max_queued_gets
+        self._bucket: TokenBucket | None = None
+        self._tcp: TcpServer | None = None
+        self._running: set[asyncio.Task[object]] = set()
+        self._served_by_content: Counter[bytes] = Counter()
+
+    def chunks_served(self, content_id: bytes) -> int:
+        """How many chunks of this content went out (since start)."""
+        return self._served_by_content[content_id]
+
+    def count_served(self, content_id: bytes) -> None:
+        self.counters["chunks_served"] += 1
+        # Bounded: one entry per content this node holds and served.
+        self._served_by_content[content_id] += 1
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._running)
+
+    def bucket(self, now: float) -> TokenBucket | None:
+        """The shared upload-rate bucket (None: unlimited)."""
+        if self.max_upload_rate is None:
+            return None
+        if self._bucket is None:
+            burst = max(self.max_upload_rate / 10, 64 << 10)
+            self._bucket = TokenBucket(self.max_upload_rate, burst, now)
+        return self._bucket
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Listen for direct TCP sessions; returns the bound address (port 0: any)."""
+        # A few more TCP slots than sessions, so the excess gets counted and refused here.
+        self._tcp = TcpServer(self.handle_stream, max_connections=self.max_sessions + 8)
+        return await self._tcp.start(host, port)
+
+    async def handle_stream(self, stream: Stream) -> None:
+        """Serve one session on an already connected stream (TCP, WebRTC, relay) until it
+        ends; closes the stream."""
+        task = asyncio.current_task()
+        try:
+            if task is None or len(self._running) >= self.max_sessions:
+                self.counters["sessions_refused"] += 1
+                return
+            self._running.add(task)
+            self.counters["sessions"] += 1
+            await _ServedSession(self, stream).run()
+        except* StreamError as eg:
+            self.counters["stream_errors"] += 1
+            log.debug("transfer session stream error: %s", eg.exceptions[0])
+        finally:
+            if task is not None:
+                self._running.discard(task)
+            await stream.aclose()
+
+    async def aclose(self) -> None:
+        """Stop listening and end every running session."""
+        if self._tcp is not None:
+            await self._tcp.aclose()
+            self._tcp = None
+        tasks = list(self._running)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+class _ServedSession:
+    def __init__(self, server: TransferServer, stream: Stream) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = stream.peer_address() or stream.path
+        self.conn = TransferConnection(Role.RESPONDER, server.identity)
+        self.logic: ServingSession | None = None
+        self.work = asyncio.Event()
+        self.sealed: asyncio.Queue[Message] = asyncio.Queue(maxsize=SEALED_AHEAD)
+        self.write_lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(self.seal_loop()) for _ in range(SEALERS)]
+            tasks.append(tg.create_task(self.send_loop()))
+            try:
+                await self.read_loop()
+            finally:
+                for t in tasks:
+                    t.cancel()
+
+    async def _flush(self) -> None:
+        async with self.write_lock:
+            for buf in self.conn.data_to_send():
+                await self.stream.send_all(buf)
+
+    async def _send(self, msg: Message) -> None:
+        async with self.write_lock:
+            self.conn.send(msg)
+            for buf in self.conn.data_to_send():
+                await self.stream.send_all(buf)
+
+    async def read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        handshake_deadline = loop.time() + self.server.handshake_timeout
+        while True:
+            while (event := self.conn.next_event()) is not None:
+                if not await self.on_event(event):
+                    return
+            await self._flush()
+            if self.conn.state is State.HANDSHAKE:
+                deadline = handshake_deadline
+            else:
+                deadline = loop.time() + self.server.idle_timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+            except TimeoutError:
+                self.server.counters["timeouts"] += 1
+                log.info("transfer: %s timed out (%s)", self.peer, self.conn.state.name)
+                return
+            self.conn.receive_data(data)
+
+    async def on_event(self, event: Event) -> bool:
+        """Handle one event from the core; False ends the session."""
+        counters = self.server.counters
+        if isinstance(event, HandshakeComplete):
+            self.logic = ServingSession(
+                self.server.catalog, event.transcript, counters,
+                peer=f"{event.peer.peer_id.hex()[:12]}@{self.peer}",
+                max_queued=self.server.max_queued_gets,
+            )
+            return True
+        if isinstance(event, ConnectionFailed):
+            counters["protocol_failed"] += 1
+            log.info("transfer: dropped %s: %s", self.peer, event.reason)
+            return False
+        if isinstance(event, ConnectionClosed):
+            return False
+        if self.logic is None:  # the core emits messages only after the handshake
+            return False
+        if isinstance(event, BadMessage):
+            await self._send(self.logic.bad_message(event.reason))
+            return True
+        for reply in self.logic.handle(event):
+            await self._send(reply)
+        if self.logic.queued:
+            self.work.set()
+        return True
+
+    async def seal_loop(self) -> None:
+        while True:
+            get = self.logic.pop_get() if self.logic is not None else None
+            if get is None:
+                self.work.clear()
+                await self.work.wait()
+                continue
+            content = self.logic.content(get.content_id) if self.logic is not None else None
+            if content is None:
+                continue
+            try:
+                sealed = await asyncio.to_thread(content.read_sealed, get.index)
+            except (ContentStoreError, OSError) as exc:
+                self.server.counters["read_errors"] += 1
+                log.warning("transfer: cannot serve chunk %d: %s", get.index, exc)
+                await self.sealed.put(Error(ErrorCode.UNAVAILABLE, "chunk unavailable here",
+                                            get.content_id, get.index))
+                continue
+            await self.sealed.put(Chunk(get.content_id, get.index, sealed))
+
+    async def send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        counters = self.server.counters
+        while True:
+            msg = await self.sealed.get()
+            if isinstance(msg, Chunk):
+                bucket = self.server.bucket(loop.time())
+                if bucket is not None:
+                    delay = bucket.reserve(len(msg.data), loop.time())
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+            await self._send(msg)
+            if isinstance(msg, Chunk):
+                self.server.count_served(msg.content_id)
+                counters["bytes_served"] += len(msg.data)

@@ -1,0 +1,207 @@
+"""The requester's asyncio adapter: one transfer session over a Stream.
+
+Pull-driven, so it needs no background task: every call that waits for a reply reads
+from the stream itself and files what arrives (control replies apart from chunk replies).
+One task uses a session at a time; the downloader gives each source its own task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass
+
+from crypto.capability import prove_capability
+from crypto.content import HASH_LEN, TAG_LEN, chunk_count
+from crypto.identity import DeviceIdentity, PublicIdentity
+from overlay.stream import Stream, StreamError
+from overlay.transfer.core import (
+    BadMessage,
+    ConnectionClosed,
+    ConnectionFailed,
+    HandshakeComplete,
+    Role,
+    TransferConnection,
+)
+from overlay.transfer.errors import RemoteError, SessionFailed
+from overlay.transfer.frames import (
+    MAX_HASH_PAGE,
+    Cancel,
+    Chunk,
+    Error,
+    Get,
+    Hashes,
+    HashesRequest,
+    Message,
+    Open,
+    Opened,
+)
+
+RECEIVE_SIZE = 1 << 20
+_MAX_UNSOLICITED = 8
+
+
+@dataclass(frozen=True, slots=True)
+class OpenInfo:
+    """What a holder said about a content: layout and which chunks it has (None: all)."""
+
+    size: int
+    chunk_size: int
+    have: bytes | None
+
+    def has(self, index: int) -> bool:
+        if self.have is None:
+            return True
+        byte = index >> 3
+        return byte < len(self.have) and bool(self.have[byte] & (1 << (index & 7)))
+
+
+ChunkReply = Chunk | Error
+
+
+class TransferSession:
+    """Requests to one holder: open, hashes, pipelined GETs and CANCELs."""
+
+    def __init__(self, stream: Stream, conn: TransferConnection) -> None:
+        if conn.peer is None or conn.transcript is None:
+            raise SessionFailed("session used before its handshake")
+        self.stream = stream
+        self.peer: PublicIdentity = conn.peer
+        self.transcript: bytes = conn.transcript
+        self._conn = conn
+        self._control: collections.deque[Message] = collections.deque()
+        self._chunks: collections.deque[ChunkReply] = collections.deque()
+        self._send_lock = asyncio.Lock()
+        self.bytes_received = 0
+
+    @property
+    def path(self) -> str:
+        return self.stream.path
+
+    # --- plumbing ---------------------------------------------------------------------
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            try:
+                for buf in self._conn.data_to_send():
+                    await self.stream.send_all(buf)
+            except StreamError as exc:
+                raise SessionFailed(f"stream lost: {exc}") from None
+
+    async def _send(self, msg: Message) -> None:
+        self._conn.send(msg)
+        await self._flush()
+
+    async def _pump(self) -> None:
+        """Read once from the stream and file the events."""
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except StreamError as exc:
+            raise SessionFailed(f"stream lost: {exc}") from None
+        self.bytes_received += len(data)
+        self._conn.receive_data(data)
+        while (event := self._conn.next_event()) is not None:
+            if isinstance(event, ConnectionFailed):
+                raise SessionFailed(f"protocol violation by the holder: {event.reason}")
+            if isinstance(event, ConnectionClosed):
+                raise SessionFailed("the holder closed the session")
+            if isinstance(event, BadMessage):
+                raise SessionFailed(f"bad message from the holder: {event.reason}")
+            if isinstance(event, HandshakeComplete):
+                continue
+            if isinstance(event, Chunk) or (isinstance(event, Error) and event.index is not None):
+                self._chunks.append(event)
+            else:
+                self._control.append(event)
+                if len(self._control) > _MAX_UNSOLICITED:
+                    raise SessionFailed("the holder sends replies nobody asked for")
+
+    async def _control_reply(self) -> Message:
+        while not self._control:
+            await self._pump()
+        return self._control.popleft()
+
+    # --- requests ---------------------------------------------------------------------
+    async def open(self, content_id: bytes, capability: bytes) -> OpenInfo:
+        """Prove the capability for `content_id`; RemoteError if the holder refuses."""
+        await self._send(Open(content_id, prove_capability(capability, content_id,
+                                                           self.transcript)))
+        reply = await self._control_reply()
+        if isinstance(reply, Error):
+            raise RemoteError(reply.code, reply.text)
+        if not isinstance(reply, Opened) or reply.content_id != content_id:
+            raise SessionFailed(f"expected OPENED, got {type(reply).__name__}")
+        self._conn.limit_payload(reply.chunk_size + TAG_LEN)
+        return OpenInfo(reply.size, reply.chunk_size, reply.have)
+
+    async def hashes(self, content_id: bytes, start: int, count: int) -> tuple[bytes, ...]:
+        """One page of the chunk-hash list (may be shorter than asked)."""
+        await self._send(HashesRequest(content_id, start, min(count, MAX_HASH_PAGE)))
+        reply = await self._control_reply()
+        if isinstance(reply, Error):
+            raise RemoteError(reply.code, reply.text)
+        if (not isinstance(reply, Hashes) or reply.content_id != content_id
+                or reply.start != start or not reply.leaves):
+            raise SessionFailed("HASHES reply does not answer the request")
+        return reply.leaves[:count]
+
+    async def all_hashes(self, content_id: bytes, size: int, chunk_size: int) -> list[bytes]:
+        """The whole hash list, page by page (the caller checks it against the root)."""
+        n = chunk_count(size, chunk_size)
+        leaves: list[bytes] = []
+        while len(leaves) < n:
+            leaves += await self.hashes(content_id, len(leaves), n - len(leaves))
+        if any(len(h) != HASH_LEN for h in leaves):
+            raise SessionFailed("hash list entry of the wrong size")
+        return leaves
+
+    async def request(self, content_id: bytes, index: int) -> None:
+        """Send a GET; the reply comes from `next_chunk()`."""
+        await self._send(Get(content_id, index))
+
+    async def cancel(self, content_id: bytes, index: int) -> None:
+        """Withdraw a GET (the chunk may still arrive if it was already on its way)."""
+        await self._send(Cancel(content_id, index))
+
+    async def next_chunk(self) -> ChunkReply:
+        """The next chunk reply: a Chunk, or an Error naming the refused index."""
+        while not self._chunks:
+            await self._pump()
+        return self._chunks.popleft()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def open_transfer_session(
+    stream: Stream, identity: DeviceIdentity, *, expected_peer: bytes | None = None,
+    handshake_timeout: float = 10.0,
+) -> TransferSession:
+    """Run the handshake as the initiator; SessionFailed (and the stream closed) if it fails
+    or the holder is not `expected_peer`."""
+    conn = TransferConnection(Role.INITIATOR, identity, expected_peer=expected_peer)
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            for buf in conn.data_to_send():
+                await stream.send_all(buf)
+            while True:
+                data = await stream.receive_some(4096)
+                conn.receive_data(data)
+                event = conn.next_event()
+                if isinstance(event, HandshakeComplete):
+                    break
+                if isinstance(event, ConnectionFailed):
+                    raise SessionFailed(f"handshake failed: {event.reason}")
+                if event is not None:
+                    raise SessionFailed("the holder closed the connection during the handshake")
+            for buf in conn.data_to_send():
+                await stream.send_all(buf)
+    except TimeoutError:
+        await stream.aclose()
+        raise SessionFailed("handshake timed out") from None
+    except StreamError as exc:
+        await stream.aclose()
+        raise SessionFailed(f"handshake failed: {exc}") from None
+    except SessionFailed:
+        await stream.aclose()
+        raise
+    return TransferSession(stream, conn)
