@@ -64,7 +64,7 @@ class Host:
         self.up_free_at = 0.0
         self.down_free_at = 0.0
         self.udp: dict[int, SimDatagramTransport] = {}
-        self.listeners: dict[int, SimServer] = {}
+        self.listeners: dict[int | str, SimServer] = {}  # TCP port or Unix socket path
         self.streams: dict[SimStreamTransport, None] = {}
         self._next_port = _EPHEMERAL[0]
         self.context = contextvars.Context()
@@ -95,6 +95,19 @@ class Host:
             if port not in taken:
                 return port
         raise OSError(errno.EADDRINUSE, f"[{self.name}] no free ephemeral {proto} port")
+
+    def power_off(self) -> None:
+        """Switch off: go offline, cancel every task running as this host, close its sockets.
+
+        Timers the host's code scheduled directly (`call_later`) are not tracked and still fire.
+        """
+        self.go_offline()
+        for task in self.network.loop.tasks_of(self):  # type: ignore[attr-defined]
+            task.cancel()
+        for transport in list(self.udp.values()):
+            transport.close()
+        for server in list(self.listeners.values()):
+            server.close()
 
     def go_offline(self) -> None:
         """Unplug: connections are reset (both ends notice), datagrams are dropped silently."""

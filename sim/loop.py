@@ -85,7 +85,7 @@ class SimLoop(asyncio.BaseEventLoop):
         super().__init__()
         self._now = start
         self._network: Network | None = None
-        self._task_hosts: weakref.WeakKeyDictionary[asyncio.Task[Any], Host] = (
+        self._task_hosts: weakref.WeakKeyDictionary[asyncio.Task[Any], tuple[Host, int]] = (
             weakref.WeakKeyDictionary())
         self._timer_seq = itertools.count()
 
@@ -170,15 +170,20 @@ class SimLoop(asyncio.BaseEventLoop):
         task = super().create_task(coro, name=name, context=context)
         host = context.get(CURRENT_HOST) if context is not None else CURRENT_HOST.get(None)
         if host is not None:
-            self._task_hosts[task] = host
+            self._task_hosts[task] = (host, next(self._timer_seq))
         return task
+
+    def tasks_of(self, host: Host) -> list[asyncio.Task[Any]]:
+        """Unfinished tasks running as `host`, oldest first."""
+        mine = [(seq, t) for t, (h, seq) in self._task_hosts.items() if h is host and not t.done()]
+        return [t for _, t in sorted(mine, key=lambda x: x[0])]
 
     def pending_waits(self) -> dict[str, list[str]]:
         """What every unfinished task is waiting for, grouped by host name."""
         waits: dict[str, list[str]] = {}
         for task in asyncio.all_tasks(self):
-            host = self._task_hosts.get(task)
-            label = host.name if host is not None else "(no host)"
+            owner = self._task_hosts.get(task)
+            label = owner[0].name if owner is not None else "(no host)"
             waits.setdefault(label, []).append(describe_wait(task))
         return dict(sorted(waits.items()))
 
@@ -247,6 +252,26 @@ class SimLoop(asyncio.BaseEventLoop):
             host = host[0] if host else None
         return self.network.listen(me, protocol_factory, host, int(port or 0),
                                    serving=start_serving)
+
+    async def create_unix_server(  # type: ignore[override]
+            self, protocol_factory: Callable[[], asyncio.BaseProtocol], path: Any = None, *,
+            ssl: Any = None, sock: Any = None, start_serving: bool = True,
+            **_ignored: Any) -> asyncio.AbstractServer:
+        """A Unix socket in the current host's own namespace (its control socket, say)."""
+        if ssl or sock is not None or path is None:
+            raise NotImplementedError("only path= Unix servers without TLS are simulated")
+        return self.network.listen_unix(current_host(), protocol_factory, str(path),
+                                        serving=start_serving)
+
+    async def create_unix_connection(  # type: ignore[override]
+            self, protocol_factory: Callable[[], asyncio.BaseProtocol], path: Any = None, *,
+            ssl: Any = None, sock: Any = None,
+            **_ignored: Any) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        """Connect to a Unix socket of the current host."""
+        if ssl or sock is not None or path is None:
+            raise NotImplementedError("only path= Unix connections without TLS are simulated")
+        return await self.network.connect(current_host(), protocol_factory, ("127.0.0.1", 0),
+                                          unix_path=str(path))
 
     async def create_datagram_endpoint(  # type: ignore[override]
             self, protocol_factory: Callable[[], asyncio.BaseProtocol], local_addr: Any = None,

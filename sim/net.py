@@ -29,7 +29,7 @@ from typing import Any
 
 from sim.host import Host
 from sim.latency import FixedLatency, LatencyModel
-from sim.nat import NatBehaviour, NatBox
+from sim.nat import NatBehaviour, NatBox, webrtc_possible
 from sim.trace import EventKind, Trace
 from sim.transports import SimDatagramTransport, SimServer, SimStreamTransport
 
@@ -38,7 +38,7 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 _PUBLIC_BASE = int(ipaddress.IPv4Address("10.0.0.0"))
 _PRIVATE_BASE = int(ipaddress.IPv4Address("172.16.0.0"))
-_WILDCARDS = frozenset({"", "0.0.0.0", None})
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", None})
 _LOOPBACK = "127.0.0.1"
 
 
@@ -296,22 +296,38 @@ class Network:
         host.listeners[port] = server
         return server
 
-    async def connect(self, host: Host, factory: ProtocolFactory,
-                      dst: Addr) -> tuple[SimStreamTransport, asyncio.BaseProtocol]:
-        """Open a connection from `host` to `dst` (loop.create_connection)."""
+    def listen_unix(self, host: Host, factory: ProtocolFactory, path: str,
+                    *, serving: bool = True) -> SimServer:
+        """Listen on a Unix socket path, private to `host` (loop.create_unix_server)."""
+        if path in host.listeners:
+            raise OSError(errno.EADDRINUSE, f"[{host.name}] address already in use: {path}")
+        server = SimServer(self, host, path, factory, serving=serving)
+        host.listeners[path] = server
+        return server
+
+    async def connect(self, host: Host, factory: ProtocolFactory, dst: Addr, *,
+                      unix_path: str | None = None
+                      ) -> tuple[SimStreamTransport, asyncio.BaseProtocol]:
+        """Open a connection from `host` to `dst` (loop.create_connection), or to the
+        Unix socket `unix_path` on `host` itself (loop.create_unix_connection)."""
         loop = self.loop
-        if not host.online:
+        if not host.online and unix_path is None:
             raise OSError(errno.ENETUNREACH, f"[{host.name}] network is unreachable (offline)")
         sport = host.bind_port("tcp", 0)
-        client = SimStreamTransport(self, host, (host.address, sport), dst)
+        if unix_path is None:
+            client = SimStreamTransport(self, host, (host.address, sport), dst)
+        else:
+            client = SimStreamTransport(self, host, "", unix_path)
         waiter: asyncio.Future[None] = loop.create_future()
         now = loop.time()
         self.trace.record(now, host.index, EventKind.TCP_CONNECT, 0)
-        route = self._route(host, "tcp", sport, dst)
+        route = self._route(host, "tcp", sport, dst) if unix_path is None else (
+            host, (host.address, sport), None)
         if route is not None:
             target, seen, box = route
+            key: int | str = dst[1] if unix_path is None else unix_path
             loop.call_at(now + self.latency(host, target), self._syn_arrive, client, waiter,
-                         target, dst[1], seen, box, context=target.context)
+                         target, key, seen, box, context=target.context)
         timer = loop.call_at(now + self.tcp_connect_timeout, self._connect_timeout, host,
                              waiter, dst, context=host.context)
         try:
@@ -335,15 +351,15 @@ class Network:
             waiter.set_exception(TimeoutError(errno.ETIMEDOUT, f"Connect call failed {dst}"))
 
     def _syn_arrive(self, client: SimStreamTransport, waiter: asyncio.Future[None],
-                    target: Host, port: int, seen: Addr, box: NatBox | None) -> None:
+                    target: Host, port: int | str, seen: Addr, box: NatBox | None) -> None:
         loop = self.loop
         now = loop.time()
-        if box is not None:
+        if box is not None and isinstance(port, int):
             inner = box.inbound("tcp", seen, port, now)
             if inner is None or inner[0] != target.address:
                 return  # dropped: the client times out
             port = inner[1]
-        if not target.online:
+        if not target.online and not isinstance(port, str):
             return
         back = now + self.latency(target, client._host)
         listener = target.listeners.get(port)
@@ -352,7 +368,10 @@ class Network:
             loop.call_at(back, self._refuse, waiter, client._peername,
                          context=client._host.context)
             return
-        server = SimStreamTransport(self, target, (target.address, port), seen)
+        if isinstance(port, str):
+            server = SimStreamTransport(self, target, port, "")
+        else:
+            server = SimStreamTransport(self, target, (target.address, port), seen)
         try:
             protocol = listener.protocol_factory()
         except Exception as exc:
@@ -370,7 +389,7 @@ class Network:
                      context=client._host.context)
         protocol.connection_made(server)
 
-    def _refuse(self, waiter: asyncio.Future[None], dst: Addr) -> None:
+    def _refuse(self, waiter: asyncio.Future[None], dst: Addr | str) -> None:
         if not waiter.done():
             waiter.set_exception(
                 ConnectionRefusedError(errno.ECONNREFUSED, f"Connect call failed {dst}"))
@@ -386,6 +405,17 @@ class Network:
         client._peer = server
         host.streams[client] = None
         waiter.set_result(None)
+
+    def webrtc_possible(self, a: Host, b: Host) -> bool:
+        """Would a WebRTC data channel open between `a` and `b` (STUN on the public side)?
+
+        The simulated WebRTC transport (to come) uses this, plus the measured 40-80 ms setup
+        time (NOTES.md), to decide between a direct channel and the relay.
+        """
+        if a.nat is not None and a.nat is b.nat:
+            return True  # same LAN: host candidates work
+        return webrtc_possible(a.nat.behaviour if a.nat else None,
+                               b.nat.behaviour if b.nat else None)
 
     # --- churn ---------------------------------------------------------------------------
 

@@ -51,14 +51,21 @@ _FIN = _Fin()
 class SimSocketInfo:
     """Stands in for `socket.socket` where asyncio code asks a server for its sockets."""
 
-    def __init__(self, address: Addr, kind: socket.SocketKind) -> None:
+    def __init__(self, address: Addr | str, kind: socket.SocketKind) -> None:
         self._address = address
-        self.family = socket.AF_INET
+        self.family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         self.type = kind
 
-    def getsockname(self) -> Addr:
-        """The bound address, as a real socket would report it."""
+    def getsockname(self) -> Addr | str:
+        """The bound address (a Unix socket's path), as a real socket would report it."""
         return self._address
+
+    def setsockopt(self, *args: Any) -> None:
+        """Options (TCP_NODELAY, buffer sizes...) change nothing in the model."""
+
+    def getsockopt(self, *args: Any) -> int:
+        """Every option reads as 0."""
+        return 0
 
     def fileno(self) -> int:
         """No file descriptor: this socket does not exist in the kernel."""
@@ -78,7 +85,8 @@ def _call_protocol(loop: asyncio.AbstractEventLoop, what: str, fn: Any, *args: A
 class SimStreamTransport(asyncio.Transport):
     """One end of a simulated TCP connection."""
 
-    def __init__(self, net: Network, host: Host, sockname: Addr, peername: Addr) -> None:
+    def __init__(self, net: Network, host: Host, sockname: Addr | str,
+                 peername: Addr | str) -> None:
         super().__init__()
         self._net = net
         self._loop = net.loop
@@ -459,16 +467,17 @@ class SimDatagramTransport(asyncio.DatagramTransport):
 class SimServer(asyncio.AbstractServer):
     """A listening TCP socket on a simulated host, as returned by loop.create_server."""
 
-    def __init__(self, net: Network, host: Host, port: int, protocol_factory: Any,
+    def __init__(self, net: Network, host: Host, port: int | str, protocol_factory: Any,
                  *, serving: bool) -> None:
         self._net = net
         self._host = host
-        self.port = port
+        self.port = port  # or the path of a Unix socket
         self.protocol_factory = protocol_factory
         self._serving = serving
         self._closed = False
         self._forever: asyncio.Future[None] | None = None
-        self._sockets = (SimSocketInfo((host.address, port), socket.SOCK_STREAM),)
+        where: Addr | str = port if isinstance(port, str) else (host.address, port)
+        self._sockets = (SimSocketInfo(where, socket.SOCK_STREAM),)
 
     def __repr__(self) -> str:
         return f"<SimServer {self._host.name}:{self.port}>"

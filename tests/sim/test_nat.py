@@ -127,3 +127,17 @@ def test_a_more_permissive_nat_never_breaks_punching(a: NatBehaviour, b: NatBeha
 def test_a_public_host_or_a_full_cone_always_connects(b: NatBehaviour | None) -> None:
     assert webrtc_possible(None, b)
     assert webrtc_possible(FULL, b)
+
+
+def test_the_network_answers_for_its_hosts() -> None:
+    from sim.simulation import Simulation
+
+    with Simulation(seed=1) as sim:
+        shared = sim.add_nat("flat", SYMMETRIC)
+        a = sim.add_host("a", nat=SYMMETRIC)
+        b = sim.add_host("b", nat=SYMMETRIC)
+        c = sim.add_host("c", nat=FULL)
+        d, e = sim.add_host("d", nat=shared), sim.add_host("e", nat=shared)
+        assert not sim.network.webrtc_possible(a, b)
+        assert sim.network.webrtc_possible(a, c)
+        assert sim.network.webrtc_possible(d, e)  # same LAN

@@ -302,3 +302,54 @@ def test_half_close_and_orderly_close(sim: Simulation) -> None:
         return await a.create_task(client(port))
 
     assert sim.run(main()) == (b"ONE TWO THREE", True)
+
+
+def test_unix_sockets_are_private_to_their_host(sim: Simulation) -> None:
+    a, b = sim.add_host("a"), sim.add_host("b")
+
+    async def serve() -> None:
+        await asyncio.start_unix_server(_echo, path="/home/node/control.sock")
+
+    async def talk() -> bytes:
+        reader, writer = await asyncio.open_unix_connection("/home/node/control.sock")
+        writer.write(b"status")
+        return await reader.readexactly(6)
+
+    async def main() -> bytes:
+        await a.create_task(serve())
+        with pytest.raises(ConnectionRefusedError):
+            await b.create_task(talk())
+        return await a.create_task(talk())
+
+    assert sim.run(main()) == b"status"
+
+
+def test_power_off_cancels_the_hosts_tasks_and_frees_its_ports(sim: Simulation) -> None:
+    a, b = sim.add_host("a"), sim.add_host("b")
+    cancelled: list[str] = []
+
+    async def daemon() -> None:
+        try:
+            await asyncio.sleep(1e9)
+        except asyncio.CancelledError:
+            cancelled.append("daemon")
+            raise
+
+    async def main() -> bytes:
+        await _serve_echo(b, 7000)
+        b.create_task(daemon())
+        await asyncio.sleep(1)
+        b.power_off()
+        await asyncio.sleep(1)
+        b.go_online()
+        await _serve_echo(b, 7000)  # the port is free again after a reboot
+
+        async def talk() -> bytes:
+            reader, writer = await asyncio.open_connection(b.address, 7000)
+            writer.write(b"again")
+            return await reader.readexactly(5)
+
+        return await a.create_task(talk())
+
+    assert sim.run(main()) == b"again"
+    assert cancelled == ["daemon"]
