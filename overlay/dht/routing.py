@@ -1,0 +1,80 @@
+"""The package's k-buckets on the event loop's clock, without unowned tasks.
+
+`kademlia.routing` stamps buckets with `time.monotonic()` (wrong under a simulated loop)
+and, when a full bucket meets a newcomer, pings the bucket's head through a bare
+`asyncio.ensure_future`. These subclasses take the clock from outside and hand the
+liveness check to a callback (the protocol sends a ping whose reply or timeout updates
+the table; no task is created).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kademlia.node import Node
+from kademlia.routing import KBucket, RoutingTable
+
+Clock = Callable[[], float]
+
+
+class ClockedKBucket(KBucket):  # type: ignore[misc]
+    """A k-bucket whose freshness stamp comes from `clock` (the loop's time)."""
+
+    def __init__(self, lower: int, upper: int, ksize: int, clock: Clock) -> None:
+        self._clock = clock  # before super().__init__, which stamps the bucket
+        super().__init__(lower, upper, ksize)
+
+    def touch_last_updated(self) -> None:
+        self.last_updated = self._clock()
+
+    def split(self) -> tuple[ClockedKBucket, ClockedKBucket]:
+        midpoint = (self.range[0] + self.range[1]) // 2
+        one = ClockedKBucket(self.range[0], midpoint, self.ksize, self._clock)
+        two = ClockedKBucket(midpoint + 1, self.range[1], self.ksize, self._clock)
+        for node in [*self.nodes.values(), *self.replacement_nodes.values()]:
+            (one if node.long_id <= midpoint else two).add_node(node)
+        return one, two
+
+
+class ClockedRoutingTable(RoutingTable):  # type: ignore[misc]
+    """Kademlia's routing table (section 4.2 splitting, replacement cache) on `clock`.
+
+    `on_full_bucket(head)` is called when a newcomer finds its bucket full and unsplittable:
+    the caller pings `head` and removes it if it does not answer, which promotes the most
+    recent replacement (kademlia paper section 2.2).
+    """
+
+    def __init__(self, ksize: int, node: Node, clock: Clock,
+                 on_full_bucket: Callable[[Node], None]) -> None:
+        self._clock = clock
+        self._on_full_bucket = on_full_bucket
+        super().__init__(None, ksize, node)
+
+    def flush(self) -> None:
+        self.buckets = [ClockedKBucket(0, 2**160, self.ksize, self._clock)]
+
+    def lonely_buckets(self) -> list[Any]:
+        """Buckets not looked up in the last hour (paper section 2.3)."""
+        hour_ago = self._clock() - 3600
+        return [b for b in self.buckets if b.last_updated < hour_ago]
+
+    def add_contact(self, node: Node) -> None:
+        if node.id == self.node.id:
+            return
+        index = self.get_bucket_for(node)
+        bucket = self.buckets[index]
+        if bucket.add_node(node):
+            return
+        if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
+            self.split_bucket(index)
+            self.add_contact(node)
+        else:
+            self._on_full_bucket(bucket.head())
+
+    def size(self) -> int:
+        """How many live contacts the table holds (replacements not counted)."""
+        return sum(len(b) for b in self.buckets)
+
+    def contacts(self) -> list[Node]:
+        return [n for b in self.buckets for n in b.get_nodes()]
