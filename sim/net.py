@@ -332,8 +332,8 @@ class Network:
                              waiter, dst, context=host.context)
         try:
             await waiter
-        except BaseException:
-            client._die(None, send_reset=False)
+        except BaseException:  # refused, timed out, or the caller gave up (cancelled)
+            client._die(None, send_reset=True)
             raise
         finally:
             timer.cancel()

@@ -353,3 +353,29 @@ def test_power_off_cancels_the_hosts_tasks_and_frees_its_ports(sim: Simulation) 
 
     assert sim.run(main()) == b"again"
     assert cancelled == ["daemon"]
+
+
+def test_a_connect_given_up_halfway_resets_the_accepted_side() -> None:
+    with Simulation(seed=4, latency=FixedLatency(1.0)) as sim:
+        a, b = sim.add_host("a"), sim.add_host("b")
+        outcome: list[str] = []
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.read()
+                outcome.append("eof")
+            except ConnectionResetError:
+                outcome.append(f"reset at {sim.now:.1f}")
+
+        async def impatient(port: int) -> None:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.open_connection(b.address, port), 1.5)
+
+        async def main() -> None:
+            port = await b.create_task(_listen(handler))
+            await a.create_task(impatient(port))
+            await asyncio.sleep(5)
+
+        sim.run(main())
+        assert outcome == ["reset at 3.0"]
+        assert not sim.errors
