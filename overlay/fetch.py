@@ -153,6 +153,13 @@ class Downloader:
         self.chunks_received = 0
 
     @property
+    def in_flight_bound(self) -> int:
+        """Most chunks that can be requested or received but not yet stored at any moment:
+        every source's window, the arrival queue and the chunks being written. A kill loses
+        at most these; a banned source can have served at most its share of them."""
+        return self.window * len(self._runs) + self._arrivals.maxsize + self._writers
+
+    @property
     def stats(self) -> list[SourceStats]:
         return [r.stats for r in self._runs]
 

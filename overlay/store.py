@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from crypto.capability import new_capability
+from crypto.capability import CAPABILITY_LEN, new_capability
 from crypto.content import (
     DEFAULT_CHUNK_SIZE,
     HASH_LEN,
@@ -367,15 +367,18 @@ class ContentStore:
 
     # --- sending side -----------------------------------------------------------------
     async def add_local_file(
-        self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None
+        self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None,
+        capability: bytes | None = None,
     ) -> LocalContent:
         """Register a file to send: seal every chunk once (in a thread) to get the leaves
-        and the content id. Only the plaintext file is kept, where it is."""
+        and the content id. Only the plaintext file is kept, where it is. Key and capability
+        are fresh unless given (another holder of the same content passes both)."""
         return await asyncio.to_thread(self.add_local_file_blocking, path,
-                                       chunk_size=chunk_size, key=key)
+                                       chunk_size=chunk_size, key=key, capability=capability)
 
     def add_local_file_blocking(
-        self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None
+        self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None,
+        capability: bytes | None = None,
     ) -> LocalContent:
         """`add_local_file` for callers already in a thread."""
         path = Path(path).resolve()
@@ -394,12 +397,15 @@ class ContentStore:
             after = os.fstat(f.fileno())
         if (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
             raise ContentStoreError(f"{path} changed while it was being added")
-        content = LocalContent(merkle_root(leaves), size, chunk_size, key, new_capability(),
-                               path, tuple(leaves), before.st_mtime_ns)
+        if capability is not None and len(capability) != CAPABILITY_LEN:
+            raise DecodeError("a capability is 32 bytes")
+        content = LocalContent(merkle_root(leaves), size, chunk_size, key,
+                               capability or new_capability(), path, tuple(leaves),
+                               before.st_mtime_ns)
         with self._lock:
             old = self._db.execute("SELECT capability FROM content WHERE cid = ?",
                                    (content.content_id,)).fetchone()
-            if old is not None:
+            if old is not None and capability is None:
                 # Same file, same key: same content id. Keep the capability already handed out.
                 content = LocalContent(content.content_id, size, chunk_size, key, bytes(old[0]),
                                        path, content.leaves, content.mtime_ns)

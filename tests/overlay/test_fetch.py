@@ -1,0 +1,306 @@
+"""Tier (c): a TransferServer on 127.0.0.1 serving downloaders, honest and lying sources."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from crypto.capability import prove_capability
+from crypto.identity import DeviceIdentity
+from overlay.fetch import (
+    ChunkStored,
+    Downloader,
+    FetchEvent,
+    NoSourceReachable,
+    Source,
+    SourceBanned,
+    SourceFailed,
+    fetch,
+)
+from overlay.store import ContentStore, LocalContent, PartialContent, ServedContent
+from overlay.stream import Stream
+from overlay.tcp import connect_tcp
+from overlay.transfer.errors import RemoteError
+from overlay.transfer.frames import ErrorCode, Open
+from overlay.transfer.server import TransferServer
+from overlay.transfer.session import open_transfer_session
+
+CHUNK = 16 << 10
+ME = DeviceIdentity.from_seed(b"r" * 32)
+
+
+@dataclass
+class Holder:
+    server: TransferServer
+    address: tuple[str, int]
+    content: LocalContent
+    data: bytes
+
+    def source(self, label: str, *, before: Callable[[], Awaitable[None]] | None = None,
+               peer_id: bytes | None = None) -> Source:
+        host, port = self.address
+
+        async def connect() -> Stream:
+            if before is not None:
+                await before()
+            return await connect_tcp(host, port, timeout=5)
+
+        return Source(label, connect, peer_id or self.server.identity.peer_id)
+
+
+class LyingCatalog:
+    """Serves like the real store, but flips one bit of chunk `bad_chunk` or of a leaf."""
+
+    def __init__(self, store: ContentStore, *, bad_chunk: int | None = None,
+                 bad_leaf: int | None = None) -> None:
+        self.store = store
+        self.bad_chunk = bad_chunk
+        self.bad_leaf = bad_leaf
+
+    def lookup(self, content_id: bytes) -> ServedContent | None:
+        real = self.store.local(content_id)
+        if real is None:
+            return None
+        if self.bad_leaf is not None:
+            leaves = list(real.leaves)
+            leaves[self.bad_leaf] = bytes(32)
+            real = replace(real, leaves=tuple(leaves))
+        return _Flipping(real, self.bad_chunk) if self.bad_chunk is not None else real
+
+
+@dataclass(frozen=True)
+class _Flipping:
+    real: LocalContent
+    bad: int
+
+    content_id = property(lambda self: self.real.content_id)
+    size = property(lambda self: self.real.size)
+    chunk_size = property(lambda self: self.real.chunk_size)
+    capability = property(lambda self: self.real.capability)
+    leaves = property(lambda self: self.real.leaves)
+
+    def have_bitmap(self) -> bytes | None:
+        return None
+
+    def has(self, index: int) -> bool:
+        return self.real.has(index)
+
+    def read_sealed(self, index: int) -> bytes:
+        data = bytearray(self.real.read_sealed(index))
+        if index == self.bad:
+            data[len(data) // 2] ^= 0x10
+        return bytes(data)
+
+
+World = Callable[..., Awaitable[Holder]]
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    data = random.Random(7).randbytes(40 * CHUNK + 123)
+    (tmp_path / "clip.ts").write_bytes(data)
+    servers: list[TransferServer] = []
+    seeds = iter(range(1, 100))
+
+    async def holder(catalog: Callable[[ContentStore], object] | None = None,
+                     **kw: object) -> Holder:
+        n = next(seeds)
+        store = ContentStore(tmp_path / f"holder{n}")
+        content = await store.add_local_file(tmp_path / "clip.ts", chunk_size=CHUNK,
+                                             key=b"k" * 32, capability=b"c" * 32)
+        server = TransferServer(DeviceIdentity.from_seed(bytes([n]) * 32),
+                                catalog(store) if catalog else store, **kw)  # type: ignore[arg-type]
+        servers.append(server)
+        return Holder(server, await server.start("127.0.0.1", 0), content, data)
+
+    yield holder
+    for s in servers:
+        await s.aclose()
+
+
+def partial_for(tmp_path: Path, content: LocalContent, name: str = "recv") -> PartialContent:
+    store = ContentStore(tmp_path / name)
+    return store.open_partial(content.content_id, content.size, content.chunk_size,
+                              content.key, content.capability, tmp_path / f"{name}-inbox",
+                              "clip.ts")
+
+
+async def test_serves_a_file_bytes_equal_after_rename(world: World, tmp_path: Path) -> None:
+    h = await world()
+    events: list[FetchEvent] = []
+    d = Downloader(partial_for(tmp_path, h.content), [h.source("sender")], ME, window=4,
+                   on_event=events.append)
+    path = await d.run()
+    assert path == tmp_path / "recv-inbox" / "clip.ts"
+    assert path.read_bytes() == h.data
+    assert sorted(e.index for e in events if isinstance(e, ChunkStored)) == list(range(41))
+    [stats] = d.stats
+    assert stats.outcome == "done" and stats.path == "tcp" and stats.chunks == 41
+    assert h.server.chunks_served(h.content.content_id) == 41
+    assert d.chunks_received == 41
+
+
+async def test_a_lying_source_is_banned_and_its_chunk_refetched(
+    world: World, tmp_path: Path
+) -> None:
+    liar = await world(lambda s: LyingCatalog(s, bad_chunk=0))
+    honest = await world(max_upload_rate=2 << 20)
+    banned = asyncio.Event()
+    events: list[FetchEvent] = []
+
+    def on_event(e: FetchEvent) -> None:
+        events.append(e)
+        if isinstance(e, SourceBanned):
+            banned.set()
+
+    async def after_ban() -> None:
+        # The honest source joins only once the liar was caught, so the liar surely served
+        # chunk 0 and the refetch surely came from the honest one.
+        async with asyncio.timeout(10):
+            await banned.wait()
+
+    d = Downloader(partial_for(tmp_path, liar.content),
+                   [liar.source("liar"), honest.source("honest", before=after_ban)], ME,
+                   window=4, on_event=on_event)
+    path = await d.run()
+    assert path.read_bytes() == liar.data
+    [ban] = [e for e in events if isinstance(e, SourceBanned)]
+    assert ban.source == "liar" and "bad chunk 0" in ban.reason
+    assert ChunkStored(0, "honest") in events
+    # Nothing more is asked of the liar after the ban: it served what was in flight then.
+    # Good chunks of those that were already here still verify and are kept.
+    served = liar.server.chunks_served(liar.content.content_id)
+    assert served <= d.in_flight_bound < 41
+    stored_from_liar = {e.index for e in events if isinstance(e, ChunkStored)
+                        and e.source == "liar"}
+    assert stored_from_liar <= set(range(1, served))
+    [liar_stats, honest_stats] = d.stats
+    assert liar_stats.outcome == "banned" and honest_stats.outcome == "done"
+    # The liar's server is fine and nothing it holds was touched.
+    assert liar.content.read_sealed(0) == honest.content.read_sealed(0)
+
+
+async def test_a_hash_list_liar_is_banned(world: World, tmp_path: Path) -> None:
+    liar = await world(lambda s: LyingCatalog(s, bad_leaf=5))
+    honest = await world()
+    events: list[FetchEvent] = []
+    banned = asyncio.Event()
+
+    def on_event(e: FetchEvent) -> None:
+        events.append(e)
+        if isinstance(e, SourceBanned):
+            banned.set()
+
+    async def after_ban() -> None:
+        async with asyncio.timeout(10):
+            await banned.wait()
+
+    path = await fetch(partial_for(tmp_path, liar.content),
+                       [liar.source("liar"), honest.source("honest", before=after_ban)], ME,
+                       on_event=on_event)
+    assert path.read_bytes() == liar.data
+    assert SourceBanned("liar", "hash list does not match the content id") in events
+    assert liar.server.chunks_served(liar.content.content_id) == 0
+
+
+async def test_bad_capability_is_refused_and_the_server_carries_on(
+    world: World, tmp_path: Path
+) -> None:
+    h = await world()
+    wrong = replace(h.content, capability=b"w" * 32)
+    events: list[FetchEvent] = []
+    with pytest.raises(NoSourceReachable, match="403 capability proof rejected"):
+        await fetch(partial_for(tmp_path, wrong, "bad"), [h.source("sender")], ME,
+                    on_event=events.append)
+    assert events == [SourceFailed("sender", "403 capability proof rejected")]
+    assert h.server.counters["bad_capability"] == 1
+    path = await fetch(partial_for(tmp_path, h.content, "good"), [h.source("sender")], ME)
+    assert path.read_bytes() == h.data
+    assert h.content.path.read_bytes() == h.data
+
+
+async def test_a_proof_replayed_from_another_session_is_rejected(world: World) -> None:
+    h = await world()
+    cid, host, port = h.content.content_id, *h.address
+    first = await open_transfer_session(await connect_tcp(host, port), ME)
+    proof = prove_capability(h.content.capability, cid, first.transcript)
+    second = await open_transfer_session(await connect_tcp(host, port), ME)
+    # Replay the proof made on the first session over the second one.
+    second._conn.send(Open(cid, proof))
+    await second._flush()
+    reply = await second._control_reply()
+    assert reply.code == ErrorCode.BAD_CAPABILITY  # type: ignore[union-attr]
+    with pytest.raises(RemoteError, match="403"):
+        await second.open(cid, b"w" * 32)
+    info = await first.open(cid, h.content.capability)
+    assert info.size == h.content.size
+    assert h.server.counters["bad_capability"] == 2
+    await first.aclose()
+    await second.aclose()
+
+
+async def test_wrong_peer_unreachable_and_garbage(world: World, tmp_path: Path) -> None:
+    h = await world()
+    dead = await world()
+    await dead.server.aclose()
+    with pytest.raises(NoSourceReachable) as info:
+        await fetch(partial_for(tmp_path, h.content),
+                    [h.source("impostor", peer_id=b"x" * 20), dead.source("dead")], ME)
+    assert "expected 7878" in info.value.failures["impostor"]
+    assert "cannot connect" in info.value.failures["dead"]
+    assert info.value.missing == 41
+
+    # Garbage straight onto the socket: dropped with a counter, the server carries on.
+    reader, writer = await asyncio.open_connection(*h.address)
+    writer.write(random.Random(3).randbytes(5000))
+    await writer.drain()
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+    assert h.server.counters["protocol_failed"] == 1
+    path = await fetch(partial_for(tmp_path, h.content, "again"), [h.source("sender")], ME)
+    assert path.read_bytes() == h.data
+
+
+async def test_a_stalling_source_is_dropped_and_its_chunks_reassigned(
+    world: World, tmp_path: Path
+) -> None:
+    slow = await world(max_upload_rate=1)  # one byte a second: stalls after its burst
+    fast = await world()
+    events: list[FetchEvent] = []
+    d = Downloader(partial_for(tmp_path, slow.content), [slow.source("slow"),
+                   fast.source("fast")], ME, window=4, stall_timeout=0.5,
+                   on_event=events.append)
+    path = await d.run()
+    assert path.read_bytes() == slow.data
+    assert SourceFailed("slow", "stalled or timed out") in events
+
+
+async def test_partial_holders_serve_what_they_have(world: World, tmp_path: Path) -> None:
+    full = await world()
+    # A co-recipient that holds the even chunks only.
+    store = ContentStore(tmp_path / "co")
+    c = full.content
+    part = store.open_partial(c.content_id, c.size, c.chunk_size, c.key, c.capability,
+                              tmp_path / "co-inbox", "clip.ts")
+    part.set_leaves(c.leaves)
+    for i in range(0, 41, 2):
+        part.write_chunk(i, c.read_sealed(i))
+    co = TransferServer(DeviceIdentity.from_seed(b"o" * 32), store)
+    address = await co.start("127.0.0.1", 0)
+    try:
+        events: list[FetchEvent] = []
+        co_holder = Holder(co, address, c, full.data)
+        path = await fetch(partial_for(tmp_path, c), [co_holder.source("co"),
+                           full.source("full")], ME, on_event=events.append)
+        assert path.read_bytes() == full.data
+        from_co = {e.index for e in events if isinstance(e, ChunkStored) and e.source == "co"}
+        assert from_co <= set(range(0, 41, 2))
+        assert co.counters["not_held"] == 0, "never asked for a chunk it said it lacks"
+    finally:
+        await co.aclose()
