@@ -130,6 +130,27 @@ def partial_for(tmp_path: Path, content: LocalContent, name: str = "recv") -> Pa
                               "clip.ts")
 
 
+def ban_gate() -> tuple[list[FetchEvent], Callable[[FetchEvent], None],
+                        Callable[[], Awaitable[None]]]:
+    """Events list, its recorder, and a gate that opens at the first SourceBanned.
+
+    The honest source connects through the gate, so the liar surely served first and any
+    refetch surely came from the honest one."""
+    events: list[FetchEvent] = []
+    banned = asyncio.Event()
+
+    def on_event(e: FetchEvent) -> None:
+        events.append(e)
+        if isinstance(e, SourceBanned):
+            banned.set()
+
+    async def after_ban() -> None:
+        async with asyncio.timeout(10):
+            await banned.wait()
+
+    return events, on_event, after_ban
+
+
 async def test_serves_a_file_bytes_equal_after_rename(world: World, tmp_path: Path) -> None:
     h = await world()
     events: list[FetchEvent] = []
@@ -150,20 +171,7 @@ async def test_a_lying_source_is_banned_and_its_chunk_refetched(
 ) -> None:
     liar = await world(lambda s: LyingCatalog(s, bad_chunk=0))
     honest = await world(max_upload_rate=2 << 20)
-    banned = asyncio.Event()
-    events: list[FetchEvent] = []
-
-    def on_event(e: FetchEvent) -> None:
-        events.append(e)
-        if isinstance(e, SourceBanned):
-            banned.set()
-
-    async def after_ban() -> None:
-        # The honest source joins only once the liar was caught, so the liar surely served
-        # chunk 0 and the refetch surely came from the honest one.
-        async with asyncio.timeout(10):
-            await banned.wait()
-
+    events, on_event, after_ban = ban_gate()
     d = Downloader(partial_for(tmp_path, liar.content),
                    [liar.source("liar"), honest.source("honest", before=after_ban)], ME,
                    window=4, on_event=on_event)
@@ -188,18 +196,7 @@ async def test_a_lying_source_is_banned_and_its_chunk_refetched(
 async def test_a_hash_list_liar_is_banned(world: World, tmp_path: Path) -> None:
     liar = await world(lambda s: LyingCatalog(s, bad_leaf=5))
     honest = await world()
-    events: list[FetchEvent] = []
-    banned = asyncio.Event()
-
-    def on_event(e: FetchEvent) -> None:
-        events.append(e)
-        if isinstance(e, SourceBanned):
-            banned.set()
-
-    async def after_ban() -> None:
-        async with asyncio.timeout(10):
-            await banned.wait()
-
+    events, on_event, after_ban = ban_gate()
     path = await fetch(partial_for(tmp_path, liar.content),
                        [liar.source("liar"), honest.source("honest", before=after_ban)], ME,
                        on_event=on_event)
