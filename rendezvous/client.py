@@ -86,6 +86,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.challenge: asyncio.Future[Challenge] = loop.create_future()
         self.lost: asyncio.Future[None] = loop.create_future()
         self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self._flush_scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's and the simulator's transports don't subclass asyncio.Transport.
@@ -132,6 +133,13 @@ class _ClientProtocol(asyncio.Protocol):
         return req, fut
 
     def flush(self) -> None:
+        """Write soon: requests made in one loop iteration share one write."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write)
+
+    def _write(self) -> None:
+        self._flush_scheduled = False
         data = self.core.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)

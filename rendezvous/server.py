@@ -140,7 +140,7 @@ class _Connection(asyncio.Protocol):
             self._last_bad = core.bad_input
             log.warning(kv("conn.bad_input", peer=self.peer, count=core.bad_input,
                            address=core.address or "-"))
-        self._write_now()
+        self.flush_soon()
         self._rearm()
         self._throttle()
 

@@ -138,6 +138,7 @@ def _envelope(row: tuple[Any, ...]) -> QueuedEnvelope:
     return QueuedEnvelope(seq, Envelope(mid, sender, recipient, device, prio, blob, received_at))
 
 
+_Op = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 _ENVELOPE_COLUMNS = "seq, device, mid, sender, recipient, prio, blob, received_at"
 
 
@@ -149,9 +150,8 @@ class SqliteStore:
         if path.is_dir():
             path = path / DB_NAME
         self.path = path
-        self._queue: queue.SimpleQueue[
-            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
-        ] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
+        self._outbox: list[_Op] = []  # ops of this loop iteration, handed over together
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._usage: dict[str, list[int]] = {}  # writer thread only: address -> [count, bytes]
@@ -176,6 +176,7 @@ class SqliteStore:
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        self._hand_over()
         self._queue.put(None)
         await asyncio.to_thread(thread.join)
 
@@ -183,8 +184,16 @@ class SqliteStore:
         if self._thread is None or self._loop is None:
             raise RuntimeError("store is not open")
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((fn, fut))
+        if not self._outbox:
+            self._loop.call_soon(self._hand_over)
+        self._outbox.append((fn, fut))
         return fut
+
+    def _hand_over(self) -> None:
+        # One queue put (one writer wake-up) per loop iteration, not per request.
+        ops, self._outbox = self._outbox, []
+        if ops:
+            self._queue.put(ops)
 
     # --- the writer thread ------------------------------------------------------------
     def _run(self, ready: asyncio.Future[None]) -> None:
@@ -201,21 +210,25 @@ class SqliteStore:
         stop = False
         try:
             while not stop:
-                batch = [self._queue.get()]
-                while len(batch) < _MAX_BATCH:
+                item = self._queue.get()
+                ops: list[_Op] = []
+                while True:
+                    if item is None:
+                        stop = True
+                    else:
+                        ops.extend(item)
+                    if len(ops) >= _MAX_BATCH:
+                        break
                     try:
-                        batch.append(self._queue.get_nowait())
+                        item = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                ops = [op for op in batch if op is not None]
-                stop = len(ops) != len(batch)
                 if ops:
                     self._run_batch(conn, ops, loop)
         finally:
             conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection,
-                   ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+    def _run_batch(self, conn: sqlite3.Connection, ops: list[_Op],
                    loop: asyncio.AbstractEventLoop) -> None:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         conn.execute("BEGIN IMMEDIATE")
