@@ -254,9 +254,9 @@ class PartialContent:
             raise ContentStoreError("no verified hash list yet: call set_leaves first")
         if self.have(index):
             return False
-        sealed_view = memoryview(sealed)
-        self._verifier.verify(index, sealed_view)
-        plain = open_chunk(self.key, index, sealed_view)
+        data = sealed if isinstance(sealed, bytes) else bytes(sealed)  # libsodium wants bytes
+        self._verifier.verify(index, data)
+        plain = open_chunk(self.key, index, data)
         view = memoryview(plain)
         offset = index * self.chunk_size
         while view:

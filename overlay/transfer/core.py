@@ -94,6 +94,14 @@ class ConnectionClosed:
 Event = HandshakeComplete | BadMessage | ConnectionFailed | ConnectionClosed | Message
 
 
+class _Piece(Enum):
+    LENGTH = auto()  # u32 frame length
+    BODY = auto()  # a handshake message
+    HLEN = auto()  # u32 header length
+    HEADER = auto()  # the encrypted control header
+    PAYLOAD = auto()  # a CHUNK's sealed chunk
+
+
 class TransferConnection:
     """One end of a transfer session, as a state machine over bytes."""
 
@@ -108,9 +116,15 @@ class TransferConnection:
         self._cipher: SessionCipher | None = None
         self._events: collections.deque[Event] = collections.deque()
         self._out: list[bytes | bytearray | memoryview] = []
-        self._len_buf = bytearray()
-        self._frame: bytearray | None = None
-        self._filled = 0
+        # Incoming bytes are cut into pieces of a known size (see _Piece), gathered by
+        # reference and joined once: one copy per piece, no zero-filled buffers.
+        self._piece = _Piece.LENGTH
+        self._need = _U32
+        self._parts: list[memoryview] = []
+        self._got = 0
+        self._frame_len = 0
+        self._payload_len = 0
+        self._header = b""
         if max_payload is None:
             max_payload = MAX_PAYLOAD if role is Role.INITIATOR else 0
         self._max_payload = max_payload
@@ -176,12 +190,14 @@ class TransferConnection:
         if self.state in (State.CLOSED, State.FAILED):
             return
         if not data:
-            if self._frame is not None or self._len_buf:
+            if self._got or self._piece is not _Piece.LENGTH:
                 self._fail("connection closed in the middle of a frame")
             else:
                 self._go("eof")
                 self._events.append(ConnectionClosed())
             return
+        if not isinstance(data, bytes):
+            data = bytes(data)  # we keep views into it; the caller may reuse its buffer
         try:
             self._parse(memoryview(data))
         except RemoteProtocolError as exc:
@@ -190,8 +206,7 @@ class TransferConnection:
     def _fail(self, reason: str) -> None:
         if self.state not in (State.CLOSED, State.FAILED):
             self._go("fail")
-            self._frame = None
-            self._len_buf.clear()
+            self._parts.clear()
             self._events.append(ConnectionFailed(reason))
 
     def _frame_limit(self) -> int:
@@ -201,44 +216,68 @@ class TransferConnection:
 
     def _parse(self, view: memoryview) -> None:
         while view and self.state in (State.HANDSHAKE, State.OPEN):
-            if self._frame is None:
-                need = _U32 - len(self._len_buf)
-                self._len_buf += view[:need]
-                view = view[need:]
-                if len(self._len_buf) < _U32:
-                    return
-                n = int.from_bytes(self._len_buf, "big")
-                self._len_buf.clear()
-                if n > self._frame_limit():
-                    raise RemoteProtocolError(f"frame of {n} bytes over the limit "
-                                              f"{self._frame_limit()}")
-                self._frame = bytearray(n)
-                self._filled = 0
-            take = min(len(view), len(self._frame) - self._filled)
-            self._frame[self._filled : self._filled + take] = view[:take]
-            self._filled += take
-            view = view[take:]
-            if self._filled == len(self._frame):
-                frame, self._frame = self._frame, None
-                self._handle_frame(frame)
+            k = min(len(view), self._need - self._got)
+            self._parts.append(view[:k])
+            self._got += k
+            view = view[k:]
+            if self._got < self._need:
+                return
+            piece = b"".join(self._parts)
+            self._parts.clear()
+            self._got = 0
+            self._advance(piece)
 
-    def _handle_frame(self, frame: bytearray) -> None:
-        if self.state is State.HANDSHAKE:
-            self._handle_handshake(bytes(frame))
-            return
-        if self._cipher is None or len(frame) < _U32:
-            raise RemoteProtocolError("frame too short")
-        hlen = int.from_bytes(frame[:_U32], "big")
-        if hlen > len(frame) - _U32 or hlen > MAX_HEADER + SessionCipher.overhead:
-            raise RemoteProtocolError(f"header length {hlen} does not fit the frame")
-        if len(frame) - _U32 - hlen > self._max_payload:
-            raise RemoteProtocolError(f"payload of {len(frame) - _U32 - hlen} bytes over the "
-                                      f"limit {self._max_payload}")
-        try:
-            header = self._cipher.decrypt(bytes(frame[_U32 : _U32 + hlen]))
-        except CryptoError as exc:
-            raise RemoteProtocolError(str(exc)) from None
-        payload = memoryview(frame)[_U32 + hlen :]
+    def _expect(self, piece: _Piece, n: int) -> None:
+        self._piece, self._need = piece, n
+
+    def _advance(self, piece: bytes) -> None:
+        """One piece of a frame is complete; check it and say what comes next."""
+        kind = self._piece
+        if kind is _Piece.LENGTH:
+            n = int.from_bytes(piece, "big")
+            if n > self._frame_limit():
+                raise RemoteProtocolError(f"frame of {n} bytes over the limit "
+                                          f"{self._frame_limit()}")
+            if self.state is State.HANDSHAKE:
+                if n == 0:
+                    raise RemoteProtocolError("empty handshake message")
+                self._expect(_Piece.BODY, n)
+            elif n <= _U32:
+                raise RemoteProtocolError("frame too short")
+            else:
+                self._frame_len = n
+                self._expect(_Piece.HLEN, _U32)
+        elif kind is _Piece.BODY:
+            self._expect(_Piece.LENGTH, _U32)
+            self._handle_handshake(piece)
+        elif kind is _Piece.HLEN:
+            hlen = int.from_bytes(piece, "big")
+            if not 0 < hlen <= min(self._frame_len - _U32, MAX_HEADER + SessionCipher.overhead):
+                raise RemoteProtocolError(f"header length {hlen} does not fit the frame")
+            self._payload_len = self._frame_len - _U32 - hlen
+            if self._payload_len > self._max_payload:
+                raise RemoteProtocolError(f"payload of {self._payload_len} bytes over the "
+                                          f"limit {self._max_payload}")
+            self._expect(_Piece.HEADER, hlen)
+        elif kind is _Piece.HEADER:
+            if self._cipher is None:
+                raise LocalProtocolError("no session cipher after the handshake")
+            try:
+                header = self._cipher.decrypt(piece)
+            except CryptoError as exc:
+                raise RemoteProtocolError(str(exc)) from None
+            if self._payload_len:
+                self._header = header
+                self._expect(_Piece.PAYLOAD, self._payload_len)
+            else:
+                self._expect(_Piece.LENGTH, _U32)
+                self._deliver(header, b"")
+        else:
+            self._expect(_Piece.LENGTH, _U32)
+            header, self._header = self._header, b""
+            self._deliver(header, piece)
+
+    def _deliver(self, header: bytes, payload: bytes) -> None:
         try:
             msg = decode_header(header, payload)
         except CryptoError as exc:  # DecodeError: authentic but malformed, stream in sync
