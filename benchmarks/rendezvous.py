@@ -312,6 +312,7 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str]) -> int:
     """Run the benchmark, print the table, write JSON."""
     args = _parse(argv)
+    load_before = os.getloadavg()[0]
     try:
         import uvloop
 
@@ -322,6 +323,8 @@ def main(argv: list[str]) -> int:
             "receivers": args.receivers, "window": args.window, "blob_bytes": BLOB,
             "offered_rate": args.rate, "latency_seconds": args.seconds, "quick": args.quick,
             "server": "python -m rendezvous serve (uvloop, SQLite WAL synchronous=FULL)",
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(),
+            # Other work on the machine skews msg/s and latency; CPU per message less so.
+            "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]}
     report("rendezvous", rows, out=args.out, meta=meta)
     return 0

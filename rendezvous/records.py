@@ -87,6 +87,13 @@ def _check_hint(value: Any, what: str) -> None:
     raise DecodeError(f"{what}: expected text, a boolean, an integer or a list of text")
 
 
+def _header(f: Fields) -> tuple[bytes, str, str, bytes, int]:
+    """message id, sender, recipient, device, priority: shared by Envelope and its info."""
+    return (f.bytes("mid", size=MESSAGE_ID_LEN), address_field(f, "from"),
+            address_field(f, "to"), f.bytes("device", size=PEER_ID_LEN),
+            f.int("prio", lo=0, hi=MAX_PRIORITY))
+
+
 @dataclass(frozen=True, slots=True)
 class EnvelopeInfo:
     """A queued envelope without its blob (what LIST shows)."""
@@ -106,15 +113,8 @@ class EnvelopeInfo:
 
     @classmethod
     def decode(cls, f: Fields) -> EnvelopeInfo:
-        return cls(
-            message_id=f.bytes("mid", size=MESSAGE_ID_LEN),
-            sender=address_field(f, "from"),
-            recipient=address_field(f, "to"),
-            device=f.bytes("device", size=PEER_ID_LEN),
-            priority=f.int("prio", lo=0, hi=MAX_PRIORITY),
-            size=f.int("size", lo=0, hi=MAX_BLOB),
-            received_at=f.int("at", lo=0, hi=MAX_MS) / 1000,
-        )
+        return cls(*_header(f), size=f.int("size", lo=0, hi=MAX_BLOB),
+                   received_at=f.int("at", lo=0, hi=MAX_MS) / 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,15 +144,8 @@ class Envelope:
 
     @classmethod
     def decode(cls, f: Fields) -> Envelope:
-        return cls(
-            message_id=f.bytes("mid", size=MESSAGE_ID_LEN),
-            sender=address_field(f, "from"),
-            recipient=address_field(f, "to"),
-            device=f.bytes("device", size=PEER_ID_LEN),
-            priority=f.int("prio", lo=0, hi=MAX_PRIORITY),
-            blob=f.bytes("blob", max_len=MAX_BLOB),
-            received_at=f.int("at", lo=0, hi=MAX_MS) / 1000,
-        )
+        return cls(*_header(f), blob=f.bytes("blob", max_len=MAX_BLOB),
+                   received_at=f.int("at", lo=0, hi=MAX_MS) / 1000)
 
 
 @dataclass(frozen=True, slots=True)
