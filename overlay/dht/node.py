@@ -10,7 +10,6 @@ What is kept from the package lives in the protocol, routing and storage modules
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -66,11 +65,19 @@ class DhtNode:
         self._protocol: DhtProtocol | None = None
         self._announced: dict[bytes, asyncio.Task[None]] = {}
         self._refresher: asyncio.Task[None] | None = None
+        self._address: tuple[str, int] | None = None
         self._closed = False
 
     @property
     def peer_id(self) -> bytes:
         return self.identity.peer_id
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound UDP address (host, port), once `listen()` has returned."""
+        if self._address is None:
+            raise LocalProtocolError("the DHT node is not listening")
+        return self._address
 
     @property
     def protocol(self) -> DhtProtocol:
@@ -97,7 +104,8 @@ class DhtNode:
         self._protocol = protocol
         self._refresher = loop.create_task(self._refresh_forever(), name="dht-refresh")
         sockname = protocol.transport.get_extra_info("sockname")
-        return str(sockname[0]), int(sockname[1])
+        self._address = (str(sockname[0]), int(sockname[1]))
+        return self._address
 
     async def aclose(self) -> None:
         """Stop republishing and refreshing, resolve RPCs in flight, close the socket.
@@ -111,9 +119,8 @@ class DhtNode:
         self._announced.clear()
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Their outcome no longer matters (cancelled, or failed on a closing socket).
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._protocol is not None:
             self._protocol.close()
 
@@ -204,8 +211,7 @@ class DhtNode:
         self.storage.remove(content_id, self.peer_id)
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _publish(self, content_id: bytes, addresses: list[str], home_server: str) -> int:
         protocol = self.protocol

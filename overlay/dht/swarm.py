@@ -23,8 +23,7 @@ async def start_swarm(count: int, *, seed: int, host: str = "127.0.0.1",
                            client_only=i in client_only, rng=random.Random(rng.random()))
             nodes.append(node)
             await node.listen(host, 0)
-        first = nodes[0].protocol.transport.get_extra_info("sockname")
-        seed_addr = (str(first[0]), int(first[1]))
+        seed_addr = nodes[0].address
         for start in range(1, count, JOIN_BATCH):
             await asyncio.gather(*(n.bootstrap([seed_addr])
                                    for n in nodes[start:start + JOIN_BATCH]))
