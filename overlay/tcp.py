@@ -28,8 +28,11 @@ CLOSE_TIMEOUT = 2.0
 class _TcpProtocol(asyncio.Protocol):
     """Receive buffer and flow-control state of one connection."""
 
-    def __init__(self, read_high_water: int) -> None:
+    def __init__(
+        self, read_high_water: int, on_made: Callable[[_TcpProtocol], None] | None = None
+    ) -> None:
         self._high = read_high_water
+        self._on_made = on_made
         self.transport: asyncio.Transport | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
@@ -47,6 +50,10 @@ class _TcpProtocol(asyncio.Protocol):
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.closed:  # closed before the connection was even made
+            self.transport.abort()
+        elif self._on_made is not None:
+            self._on_made(self)
 
     def data_received(self, data: bytes) -> None:
         if not data:
@@ -247,22 +254,18 @@ class TcpServer:
         return len(self._tasks)
 
     def _make_protocol(self) -> _TcpProtocol:
-        proto = _TcpProtocol(READ_HIGH_WATER)
-        stream = TcpStream(proto)
+        return _TcpProtocol(READ_HIGH_WATER, on_made=self._connected)
+
+    def _connected(self, proto: _TcpProtocol) -> None:
+        # Started from connection_made, so the handler always sees a live transport.
         if len(self._tasks) >= self._max:
             self.refused += 1
-            # connection_made has not run yet; close once it has.
-            asyncio.get_running_loop().call_soon(self._refuse, proto)
-            return proto
-        task = asyncio.get_running_loop().create_task(self._run(stream))
+            if proto.transport is not None:
+                proto.transport.abort()
+            return
+        task = asyncio.get_running_loop().create_task(self._run(TcpStream(proto)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return proto
-
-    @staticmethod
-    def _refuse(proto: _TcpProtocol) -> None:
-        if proto.transport is not None:
-            proto.transport.abort()
 
     async def _run(self, stream: TcpStream) -> None:
         try:

@@ -1,0 +1,74 @@
+"""The TransferServer's own limits: handshake deadline, session cap, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from crypto.identity import DeviceIdentity
+from overlay.store import ContentStore, LocalContent
+from overlay.tcp import connect_tcp
+from overlay.transfer.errors import SessionFailed
+from overlay.transfer.server import TransferServer
+from overlay.transfer.session import open_transfer_session
+
+ME = DeviceIdentity.from_seed(b"m" * 32)
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[ContentStore, LocalContent]]:
+    (tmp_path / "f").write_bytes(b"x" * 5000)
+    store = ContentStore(tmp_path / "store")
+    yield store, await store.add_local_file(tmp_path / "f", chunk_size=1024)
+    store.close()
+
+
+async def test_silent_clients_are_dropped_at_the_handshake_deadline(
+    served: tuple[ContentStore, LocalContent],
+) -> None:
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), served[0],
+                            handshake_timeout=0.2)
+    host, port = await server.start()
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+        writer.close()
+        assert server.counters["timeouts"] == 1
+    finally:
+        await server.aclose()
+
+
+async def test_sessions_over_the_cap_are_refused_others_carry_on(
+    served: tuple[ContentStore, LocalContent],
+) -> None:
+    store, content = served
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store, max_sessions=1)
+    host, port = await server.start()
+    try:
+        first = await open_transfer_session(await connect_tcp(host, port), ME)
+        with pytest.raises(SessionFailed):
+            await open_transfer_session(await connect_tcp(host, port), ME)
+        assert server.counters["sessions_refused"] == 1
+        info = await first.open(content.content_id, content.capability)
+        assert info.size == 5000
+        await first.aclose()
+    finally:
+        await server.aclose()
+
+
+async def test_aclose_ends_running_sessions(served: tuple[ContentStore, LocalContent]) -> None:
+    store, content = served
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store)
+    host, port = await server.start()
+    session = await open_transfer_session(await connect_tcp(host, port), ME)
+    assert server.active_sessions == 1
+    await server.aclose()
+    assert server.active_sessions == 0
+    with pytest.raises(SessionFailed):
+        async with asyncio.timeout(10):
+            await session.open(content.content_id, content.capability)
+    await session.aclose()
