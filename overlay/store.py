@@ -275,8 +275,12 @@ class PartialContent:
         """Serve a verified chunk we hold (co-recipients serve as they go). Blocking."""
         if not self.have(index) or self._verifier is None:
             raise ContentStoreError(f"chunk {index} is not held")
-        plain = os.pread(self._data_fd, plain_chunk_len(self.size, self.chunk_size, index),
-                         index * self.chunk_size)
+        n = plain_chunk_len(self.size, self.chunk_size, index)
+        # Its own descriptor, not _data_fd: complete() may close and rename meanwhile.
+        with open(self._final or self.part_path, "rb", buffering=0) as f:
+            plain = os.pread(f.fileno(), n, index * self.chunk_size)
+        if len(plain) != n:
+            raise ContentStoreError(f"{self.part_path} is shorter than expected")
         return seal_chunk(self.key, index, plain)
 
     def complete(self) -> Path:
@@ -290,6 +294,7 @@ class PartialContent:
             raise ContentStoreError(f"{self.count - self._held} chunks still missing")
         os.fsync(self._data_fd)
         self.dest_dir.mkdir(parents=True, exist_ok=True)
+        linked = True
         while True:
             final = _free_name(self.dest_dir, self.file_name)
             try:
@@ -301,11 +306,14 @@ class PartialContent:
                 if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
                     raise
                 os.replace(self.part_path, final)  # no hard links here: best effort
-            else:
-                os.unlink(self.part_path)
+                linked = False
             break
+        # Final name first, record second, .part last: a crash in between leaves at worst
+        # a stray file, never a lost one.
         self._final = final
         self._store._mark_complete(self, final)
+        if linked:
+            self.part_path.unlink(missing_ok=True)
         self.close()
         return final
 
