@@ -33,6 +33,7 @@ from overlay.transfer.frames import (
     Get,
     Hashes,
     HashesRequest,
+    Message,
     Open,
     Opened,
 )
@@ -104,13 +105,15 @@ def test_wrong_server_is_refused() -> None:
 def test_every_message_round_trips_and_roles_are_enforced() -> None:
     c, s = connected()
     cid = b"i" * 32
-    for msg in (Open(cid, b"p" * 32), HashesRequest(cid, 0, 10), Get(cid, 3), Cancel(cid, 3)):
+    requests: list[Message] = [Open(cid, b"p" * 32), HashesRequest(cid, 0, 10), Get(cid, 3),
+                               Cancel(cid, 3)]
+    for msg in requests:
         c.send(msg)
-    replies = [Opened(cid, 5000, CHUNK, b"\x05"), Opened(cid, 5000, CHUNK),
+    replies: list[Message] = [Opened(cid, 5000, CHUNK, b"\x05"), Opened(cid, 5000, CHUNK),
                Hashes(cid, 0, (b"h" * 32,) * 3), Chunk(cid, 3, b"sealed bytes"),
                Error(ErrorCode.NOT_HELD, "no", cid, 3), Error(ErrorCode.BUSY, "busy")]
-    for msg in replies:
-        s.send(msg)
+    for reply in replies:
+        s.send(reply)
     ec, es = transfer(c, s)
     assert es == [Open(cid, b"p" * 32), HashesRequest(cid, 0, 10), Get(cid, 3), Cancel(cid, 3)]
     got = [Chunk(e.content_id, e.index, bytes(e.data)) if isinstance(e, Chunk) else e
@@ -247,9 +250,11 @@ def serve(
     """Deliver c's requests to the logic, send its replies (and queued chunks) back."""
     s.receive_data(wire(c))
     for e in events(s):
-        replies = (logic.handle(e) if not isinstance(e, BadMessage)
-                   else [logic.bad_message(e.reason)])
-        for r in replies:
+        if isinstance(e, HandshakeComplete | ConnectionFailed | ConnectionClosed):
+            continue
+        replies = (logic.bad_message(e.reason) if isinstance(e, BadMessage)
+                   else logic.handle(e))
+        for r in [replies] if isinstance(replies, Error) else replies:
             s.send(r)
     while (g := logic.pop_get()) is not None:
         content = logic.content(g.content_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import pytest
 import uvloop
@@ -13,7 +13,7 @@ from overlay.tcp import TcpStream, connect_tcp, serve_tcp
 from tests.overlay.streams import MakePair, check_stream
 
 
-async def _tcp_pairs() -> AsyncIterator[MakePair]:
+async def _tcp_pairs() -> AsyncGenerator[MakePair, None]:
     accepted: asyncio.Queue[TcpStream] = asyncio.Queue()
     closed = asyncio.Event()
 

@@ -1,0 +1,255 @@
+"""Transports on loopback, two processes: direct TCP against the WebRTC data channel.
+
+`python -m benchmarks paths [--mib 64] [--tcp-mib 512] [--quick] [--no-sweep]`
+
+The dialing process sends; a child process accepts and reads to EOF, like two nodes. For
+WebRTC the offer and answer travel over the child's stdin/stdout (a stand-in for PIPE), with
+no STUN server (host candidates). Reported per transport:
+
+- MB/s: bytes / (first byte sent .. the receiver's acknowledgement of EOF);
+- setup: from starting the dial to the first byte from the peer (median of 5 dials);
+- CPU seconds per GB, both processes together (sender + receiver);
+- for WebRTC a sweep over message size and bufferedAmount high/low water, which is where
+  `ChannelTuning`'s defaults come from, on uvloop and (default tuning) the plain asyncio loop.
+
+Targets: WebRTC >= 6 MB/s on uvloop, WebRTC setup < 300 ms. (The relay row comes later.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import uvloop
+
+from benchmarks.common import report
+from overlay.signalling import PipeSender
+from overlay.stream import Stream
+from overlay.tcp import TcpStream, connect_tcp, serve_tcp
+from overlay.webrtc import WebRtcEndpoint, WebRtcSettings
+from overlay.webrtc_stream import ChannelTuning
+from rendezvous.messages import PipeMessage
+
+MiB = 1 << 20
+KiB = 1024
+_SETUPS = 5
+_SENDER, _RECEIVER = ("sender@bench.example", b"\x01" * 20), ("receiver@bench.example",
+                                                               b"\x02" * 20)
+
+
+class _LinePipe:
+    """PIPE over a line stream: `sig <hex>` lines (our stdout or the child's stdin)."""
+
+    def __init__(self, write: Any) -> None:
+        self._write = write
+
+    async def pipe(self, to: str, payload: bytes, *, device: bytes | None = None,
+                   hold: float = 0) -> None:
+        self._write(f"sig {payload.hex()}\n".encode())
+
+
+def _feed_line(line: bytes, rtc: WebRtcEndpoint, sender: tuple[str, bytes]) -> bool:
+    words = line.decode().split()
+    if words[:1] == ["sig"] and len(words) == 2:
+        rtc.feed(PipeMessage(sender[0], sender[1], bytes.fromhex(words[1])))
+        return True
+    return False
+
+
+# --- the receiving child ---------------------------------------------------------------
+async def _serve_one(stream: Stream, out: Any) -> None:
+    await stream.send_all(b"h")
+    n = 0
+    cpu0 = time.process_time()
+    while chunk := await stream.receive_some(1 << 20):
+        n += len(chunk)
+    cpu = time.process_time() - cpu0
+    await stream.send_all(b"k")
+    await stream.send_eof()
+    out(f"result {n} {cpu:.4f}\n".encode())
+
+
+async def _child(kind: str, tuning: ChannelTuning) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def out(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+    if kind == "tcp":
+        async def handler(s: TcpStream) -> None:
+            await _serve_one(s, out)
+        server = await serve_tcp(handler)
+        assert server.address is not None
+        out(f"port {server.address[1]}\n".encode())
+        await reader.read()  # until the parent closes our stdin
+        await server.aclose()
+        return
+    async with WebRtcEndpoint(_LinePipe(out), WebRtcSettings(tuning=tuning)) as rtc, \
+            asyncio.TaskGroup() as tg:
+        out(b"port 0\n")
+
+        async def serve() -> None:
+            while True:
+                s = await rtc.accept()
+                await _serve_one(s, out)
+                await s.aclose()
+        server_task = tg.create_task(serve())
+        while line := await reader.readline():
+            _feed_line(line, rtc, _SENDER)
+        server_task.cancel()
+
+
+# --- the dialing parent ----------------------------------------------------------------
+class _Child:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.results: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+        self.port = 0
+        self.rtc: WebRtcEndpoint | None = None
+        self._ready = asyncio.Event()
+
+    async def pump(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            words = line.decode().split()
+            if words[:1] == ["port"]:
+                self.port = int(words[1])
+                self._ready.set()
+            elif words[:1] == ["result"]:
+                self.results.put_nowait((int(words[1]), float(words[2])))
+            elif self.rtc is not None:
+                _feed_line(line, self.rtc, _RECEIVER)
+
+    def pipe(self) -> PipeSender:
+        assert self.proc.stdin is not None
+        return _LinePipe(self.proc.stdin.write)
+
+
+async def _measure(kind: str, tuning: ChannelTuning, size: int, loop_name: str
+                   ) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.paths", "--child", kind, "--loop", loop_name,
+        "--tuning", json.dumps(asdict(tuning)),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    child = _Child(proc)
+    async with asyncio.TaskGroup() as tg:
+        pump = tg.create_task(child.pump())
+        await asyncio.wait_for(child._ready.wait(), 30)
+        rtc = WebRtcEndpoint(child.pipe(), WebRtcSettings(tuning=tuning))
+        child.rtc = rtc
+        await rtc.start()
+
+        async def dial() -> Stream:
+            if kind == "tcp":
+                return await connect_tcp("127.0.0.1", child.port)
+            return await rtc.dial(*_RECEIVER)
+
+        setups = []
+        for _ in range(_SETUPS):
+            t0 = time.perf_counter()
+            s = await dial()
+            assert await s.receive_some(1) == b"h"
+            setups.append(time.perf_counter() - t0)
+            await s.send_eof()
+            assert await s.receive_some(1) == b"k"
+            await s.aclose()
+            await child.results.get()
+
+        s = await dial()
+        assert await s.receive_some(1) == b"h"
+        block = bytes(range(256)) * (4 * KiB)  # 1 MiB
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        sent = 0
+        while sent < size:
+            await s.send_all(block)
+            sent += len(block)
+        await s.send_eof()
+        assert await s.receive_some(1) == b"k"
+        seconds = time.perf_counter() - t0
+        cpu_sender = time.process_time() - cpu0
+        received, cpu_receiver = await child.results.get()
+        await s.aclose()
+        await rtc.aclose()
+        assert proc.stdin is not None
+        proc.stdin.close()
+        await proc.wait()
+        pump.cancel()
+    if received != size:
+        raise RuntimeError(f"{kind}: receiver got {received} of {size} bytes")
+    return {"mbps": size / seconds / 1e6, "setup_ms": statistics.median(setups) * 1000,
+            "setup_all_ms": [round(x * 1000, 1) for x in setups],
+            "cpu_s_per_gb": (cpu_sender + cpu_receiver) / (size / 1e9), "seconds": seconds}
+
+
+def _run(kind: str, tuning: ChannelTuning, size: int, loop_name: str) -> dict[str, Any]:
+    runner = uvloop.run if loop_name == "uvloop" else asyncio.run
+    return runner(_measure(kind, tuning, size, loop_name))
+
+
+def _label(t: ChannelTuning) -> str:
+    return (f"msg {t.message_size // KiB} KiB, high {t.high_water // KiB} KiB, "
+            f"low {t.low_water // KiB} KiB")
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks paths")
+    ap.add_argument("--mib", type=int, default=64, help="MiB per WebRTC run")
+    ap.add_argument("--tcp-mib", type=int, default=512, help="MiB for the TCP run")
+    ap.add_argument("--quick", action="store_true", help="16 MiB WebRTC, 128 MiB TCP")
+    ap.add_argument("--no-sweep", action="store_true", help="only the default tuning")
+    ap.add_argument("--child", choices=["tcp", "webrtc"], help=argparse.SUPPRESS)
+    ap.add_argument("--loop", default="uvloop", help=argparse.SUPPRESS)
+    ap.add_argument("--tuning", default="{}", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        tuning = ChannelTuning(**json.loads(args.tuning))
+        (uvloop.run if args.loop == "uvloop" else asyncio.run)(_child(args.child, tuning))
+        return 0
+    rtc_size = (16 if args.quick else args.mib) * MiB
+    tcp_size = (128 if args.quick else args.tcp_mib) * MiB
+    default = ChannelTuning()
+    rows: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {"webrtc_bytes": rtc_size, "tcp_bytes": tcp_size, "runs": []}
+
+    tcp = _run("tcp", default, tcp_size, "uvloop")
+    rtc = _run("webrtc", default, rtc_size, "uvloop")
+    rtc_asyncio = _run("webrtc", default, rtc_size, "asyncio")
+    meta["runs"] += [{"kind": "tcp", **tcp}, {"kind": "webrtc", "loop": "uvloop",
+                      "tuning": asdict(default), **rtc},
+                     {"kind": "webrtc", "loop": "asyncio", "tuning": asdict(default),
+                      **rtc_asyncio}]
+    rows += [
+        {"metric": "direct TCP, uvloop", "value": tcp["mbps"], "unit": "MB/s"},
+        {"metric": "direct TCP setup (connect → first byte)", "value": tcp["setup_ms"],
+         "unit": "ms"},
+        {"metric": "direct TCP CPU (both ends)", "value": tcp["cpu_s_per_gb"], "unit": "s/GB"},
+        {"metric": f"WebRTC, uvloop ({_label(default)})", "value": rtc["mbps"], "unit": "MB/s",
+         "target": ">= 6", "ok": rtc["mbps"] >= 6},
+        {"metric": "WebRTC, default asyncio loop", "value": rtc_asyncio["mbps"], "unit": "MB/s"},
+        {"metric": "WebRTC setup (dial → first byte)", "value": rtc["setup_ms"], "unit": "ms",
+         "target": "< 300", "ok": rtc["setup_ms"] < 300},
+        {"metric": "WebRTC CPU (both ends)", "value": rtc["cpu_s_per_gb"], "unit": "s/GB"},
+    ]
+    if not args.no_sweep:
+        sweep = [ChannelTuning(message_size=m) for m in (16 * KiB, 256 * KiB)] + [
+            ChannelTuning(high_water=h, low_water=h // 4) for h in (256 * KiB, 4 * MiB)]
+        for t in sweep:
+            r = _run("webrtc", t, rtc_size, "uvloop")
+            meta["runs"].append({"kind": "webrtc", "loop": "uvloop", "tuning": asdict(t), **r})
+            rows.append({"metric": f"WebRTC sweep: {_label(t)}", "value": r["mbps"],
+                         "unit": "MB/s"})
+    report("paths", rows, meta=meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
