@@ -36,7 +36,7 @@ EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # error text is never cut mid-sentence
 
 
 def _default_home() -> str:
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("contacts", help="pinned keys and fingerprints (compare out of band)")
     s.add_argument("action", nargs="?", default="list", choices=["list", "accept"])
     s.add_argument("address", nargs="?")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("info", help="this node: address, fingerprint, connection, counters")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("demo", help="server, sender and two receivers on loopback")
@@ -311,7 +314,26 @@ async def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
+    info = await _call(home, "ping")
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    t = Table(title="this node", show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    t.add_row("address", info["address"])
+    t.add_row("fingerprint", info["fingerprint"])
+    t.add_row("rendezvous", "connected" if info["connected"] else "[red]not connected[/]")
+    t.add_row("direct transfers", ":".join(str(x) for x in info["listen"]))
+    for k, v in sorted(info["counters"].items()):
+        t.add_row(k, str(v))
+    console.print(t)
+    return 0
+
+
 _COMMANDS = {
+    "info": cmd_info,
     "send": cmd_send,
     "inbox": cmd_inbox,
     "fetch": cmd_fetch,

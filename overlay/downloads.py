@@ -81,6 +81,8 @@ class DownloadQueue:
         self._tasks: dict[bytes, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._requested: set[bytes] = set()  # `fetch ID` while auto-download is off
+        self._priority: dict[bytes, bool] = {}  # running downloads: from a priority sender?
+        self._preempting: set[bytes] = set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -124,20 +126,33 @@ class DownloadQueue:
                     await t
 
     def _start_due(self) -> None:
-        if len(self._tasks) >= self.max_active:
-            return
         for entry in self.inbox.fetch_order(self.wall(), include_offered=self.prefs.auto_download):
-            if len(self._tasks) >= self.max_active:
-                break
             if entry.id in self._tasks:
                 continue
+            if len(self._tasks) >= self.max_active:
+                # Priority senders come first even when their message arrives while an
+                # ordinary download runs (at login the server pushes messages one by one):
+                # pause an ordinary one. Its verified chunks are on disk; it resumes after.
+                if entry.priority:
+                    self._preempt_one()
+                break
+            self._priority[entry.id] = entry.priority
             self._tasks[entry.id] = asyncio.get_running_loop().create_task(
                 self._download(entry), name=f"download-{entry.id.hex()[:8]}")
+
+    def _preempt_one(self) -> None:
+        for mid, task in self._tasks.items():
+            if not self._priority.get(mid) and mid not in self._preempting:
+                log.info("pausing %s for a priority sender's message", mid.hex())
+                self._preempting.add(mid)
+                task.cancel()
+                return
 
     async def _download(self, entry: InboxEntry) -> None:
         mid = entry.id
         act = self.active.setdefault(mid, Activity())
         act.started_at = act.started_at or self.wall()
+        self.inbox.mark_time(mid, "started", act.started_at)
         try:
             if entry.state is not InboxState.DOWNLOADING:
                 entry = self.inbox.transition(mid, InboxState.DOWNLOADING)
@@ -147,8 +162,13 @@ class DownloadQueue:
                 self.inbox.transition(mid, InboxState.FAILED, error=f"stored message: {exc}")
                 return
 
+            first = [entry.first_byte_at is not None]
+
             def progress(held: int) -> None:
                 self.inbox.set_progress(mid, held)
+                if not first[0] and held:
+                    first[0] = True
+                    self.inbox.mark_time(mid, "first_byte", self.wall())
 
             try:
                 path = await self._fetch(entry, msg, act, progress)
@@ -164,10 +184,16 @@ class DownloadQueue:
                 self.inbox.transition(mid, InboxState.FAILED, error=str(exc))
                 log.warning("message %s failed: %s", mid.hex(), exc)
                 return
+            self.inbox.mark_time(mid, "completed", self.wall())
             done = self.inbox.transition(mid, InboxState.COMPLETE, path=path)
             log.info("message %s complete: %s", mid.hex(), path)
             await self._on_complete(done, msg)
+        except asyncio.CancelledError:
+            if mid not in self._preempting:
+                raise  # shutdown: let it end
         finally:
             self._tasks.pop(mid, None)
+            self._priority.pop(mid, None)
+            self._preempting.discard(mid)
             self._requested.discard(mid)
             self.wake()

@@ -1,0 +1,497 @@
+"""`peerpost node`: the peer daemon, the composition root of everything in overlay/.
+
+It owns, for its lifetime: the rendezvous session (auth, pushes, reconnect), the content
+store, the direct-TCP transfer server (advertised through FINGER), the records database,
+the download queue and the local control socket. `Node` is an async context manager; every
+long-lived task belongs to its TaskGroup, and SIGTERM/SIGINT close it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crypto.codec import Fields
+from crypto.identity import DeviceIdentity, PublicIdentity
+from crypto.location import LocationMessage
+from overlay.contacts import Contacts, PinResult
+from overlay.control import ControlError, ControlServer
+from overlay.downloads import Activity, DownloadFailed, DownloadQueue, RetryLater, SourceView
+from overlay.home import NodeConfig, NodeHome, parse_hostport
+from overlay.inbox import Inbox, InboxEntry
+from overlay.incoming import IncomingMail, Outcome, Pushed
+from overlay.outbox import Outbox, RecipientStatus
+from overlay.outgoing import (
+    PreparedContent,
+    Recipient,
+    SendError,
+    build_message,
+    check_recipients,
+    describe,
+    seal_message,
+)
+from overlay.prefs import Prefs
+from overlay.receipts import RECEIPT_KIND, Receipt
+from overlay.records import NodeDB
+
+log = logging.getLogger("peerpost.node")
+
+
+@dataclass
+class NodeOptions:
+    max_upload_rate: float | None = None
+    retry_base: float = 5.0
+    retry_max: float = 300.0
+    max_active_downloads: int = 1
+    max_in_flight: int = 8  # chunks outstanding per source
+
+
+class Node:
+    """One running peer node."""
+
+    def __init__(self, home: NodeHome, *, options: NodeOptions | None = None,
+                 wall: Callable[[], float], rng: random.Random | None = None) -> None:
+        self.home = home
+        self.config: NodeConfig = home.load_config()
+        self.identity: DeviceIdentity = home.load_identity()
+        self.options = options or NodeOptions()
+        self.wall = wall
+        self.rng = rng or random.Random()
+        self.address = self.config.address
+        self.listen_addr: tuple[str, int] | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._handled: set[bytes] = set()
+        self._login_pending: set[bytes] | None = None
+        self._login_read = asyncio.Event()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def __aenter__(self) -> Node:
+        from overlay.store import ContentStore
+        from overlay.transfer.server import TransferServer
+        from rendezvous.client import RendezvousClient
+
+        st = self._stack
+        self.db = NodeDB.open(self.home.db_path)
+        st.callback(self.db.close)
+        self.inbox, self.outbox = Inbox(self.db), Outbox(self.db)
+        self.prefs, self.contacts = Prefs(self.db), Contacts(self.db)
+        rate = self.options.max_upload_rate or self.prefs.max_upload_rate
+        self.store = ContentStore(self.home.store_dir)
+        st.push_async_callback(self.store.aclose)
+        self.transfer = TransferServer(self.identity, self.store.catalog,
+                                       max_upload_rate=int(rate) if rate else None)
+        st.push_async_callback(self.transfer.aclose)
+        self.listen_addr = await self._listen()
+
+        host, port = parse_hostport(self.config.server, what="server")
+        self.rendezvous = RendezvousClient(host, port, self.identity, self.address,
+                                           advertise=self._advertise(), reconnect=True)
+        await self.rendezvous.start()
+        st.push_async_callback(self.rendezvous.aclose)
+
+        self.incoming = IncomingMail(self.identity, self.address, self.inbox, self.outbox,
+                                     self.prefs, self.contacts, self.wall)
+        self.downloads = DownloadQueue(
+            self.inbox, self.prefs, self._fetch, self._completed, wall=self.wall, rng=self.rng,
+            max_active=self.options.max_active_downloads, retry_base=self.options.retry_base,
+            retry_max=self.options.retry_max)
+        self.control = ControlServer(self.home.control_path, self._operations())
+        await self.control.start()
+        st.push_async_callback(self.control.aclose)
+
+        self._tg = asyncio.TaskGroup()
+        await st.enter_async_context(self._tg)
+        self._tasks = [self._tg.create_task(self._pushes(), name="pushes"),
+                       self._tg.create_task(self._downloads_after_login(), name="downloads")]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._tg is not None:
+            for task in list(self._tg._tasks):
+                task.cancel()
+        await self._stack.aclose()
+
+    async def _listen(self) -> tuple[str, int]:
+        host, port = parse_hostport(self.config.listen, what="listen")
+        want = self.config.listen_port or port
+        try:
+            bound = await self.transfer.start(host, want)
+        except OSError as exc:
+            if not want:
+                raise
+            log.warning("port %d is taken (%s); listening on another", want, exc)
+            bound = await self.transfer.start(host, 0)
+        if bound[1] != self.config.listen_port:
+            # Keep the port across restarts so hints in messages already sent stay right.
+            self.config.listen_port = bound[1]
+            self.home.save_config(self.config)
+        return bound
+
+    def _advertise(self) -> dict[str, Any]:
+        host, port = self.listen_addr or ("", 0)
+        addrs = [] if host in ("0.0.0.0", "::") else [f"{host}:{port}"]
+        return {"addrs": addrs, "nat": False}
+
+    def direct_addresses(self) -> list[str]:
+        return list(self._advertise()["addrs"])
+
+    # --- receiving ---------------------------------------------------------------------
+    async def _downloads_after_login(self) -> None:
+        """Start the download queue once the mailbox that was waiting at login is read.
+
+        At login the server pushes queued envelopes one by one; choosing what to fetch
+        before all of them are in would start an ordinary message ahead of a priority
+        one further down the queue. Bounded: a slow flush delays downloads by 3 s at most.
+        """
+        from rendezvous.client import RendezvousError
+
+        try:
+            pending = {e.message_id for e in await self.rendezvous.list()}
+        except (RendezvousError, OSError) as exc:
+            log.info("LIST at login failed (%s); starting downloads at once", exc)
+            pending = set()
+        self._login_pending = pending - self._handled
+        if self._login_pending:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3.0):
+                    await self._login_read.wait()
+        self._login_pending = set()
+        await self.downloads.run()
+
+    def _note_handled(self, message_id: bytes) -> None:
+        if self._login_pending is None:
+            self._handled.add(message_id)  # before LIST answered
+            return
+        self._login_pending.discard(message_id)
+        if not self._login_pending:
+            self._login_read.set()
+
+    async def _pushes(self) -> None:
+        from rendezvous.client import Deliver
+
+        async for push in self.rendezvous.pushes():
+            if not isinstance(push, Deliver):
+                continue  # PIPE signalling is for the NAT transports (a later issue)
+            env = push.envelope
+            outcome, _ = self.incoming.handle(Pushed(env.message_id, env.sender, env.blob))
+            # Acknowledge only after the inbox committed it; a dropped one is removed too,
+            # or the server would hand the same garbage back at every login.
+            with contextlib.suppress(Exception):
+                await self.rendezvous.remove(env.message_id)
+            self._note_handled(env.message_id)
+            if outcome is Outcome.NEW:
+                self.downloads.wake()
+
+    async def _fetch(self, entry: InboxEntry, msg: LocationMessage, act: Activity,
+                     progress: Callable[[int], None]) -> str:
+        """Fetch one message's content from every holder we know of (overlay.fetch)."""
+        from overlay.fetch import Downloader, FetchError, FetchEvent, NoSourceReachable
+        from overlay.sources import holder_source, sender_addresses
+        from overlay.store import ContentStoreError
+
+        h = msg.handle
+        dest = self.home.received_dir(self.config)
+        await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
+        try:
+            partial = await asyncio.to_thread(
+                self.store.open_partial, h.content_id, h.size, h.chunk_size, h.content_key,
+                h.capability, dest, msg.description.file_name or f"{entry.id.hex()}.bin")
+        except ContentStoreError:
+            # Already held in full (the same content twice, or a crash between the
+            # rename and the inbox update): nothing to fetch.
+            return str(self.store.have_path(h.content_id))
+        sender = msg.headers.sender_peer_id
+        fingered = await self._device_addresses(msg.headers.sender, sender)
+        sources = [holder_source(sender, sender_addresses(msg, fingered))]
+        progress(partial.held)
+        last = [0.0]
+        loop = asyncio.get_running_loop()
+
+        def on_event(_: FetchEvent) -> None:
+            # Progress goes to SQLite (fsync'd): at most a few times a second, not per chunk.
+            now = loop.time()
+            if now - last[0] >= 0.25 or partial.is_complete:
+                last[0] = now
+                progress(partial.held)
+            act.sources = {s.label: SourceView(peer=s.label, path=s.path or "?", bytes=s.bytes,
+                                               rate=s.rate, banned=s.outcome == "banned")
+                           for s in dl.stats}
+
+        dl = Downloader(partial, sources, self.identity, window=self.options.max_in_flight,
+                        on_event=on_event)
+        try:
+            path = await dl.run()
+        except NoSourceReachable as exc:
+            progress(partial.held)
+            raise RetryLater(str(exc)) from None
+        except FetchError as exc:
+            raise DownloadFailed(str(exc)) from None
+        progress(partial.held)
+        return str(path)
+
+    async def _device_addresses(self, address: str, peer_id: bytes) -> list[str]:
+        """What the device `peer_id` of `address` advertises now (FINGER), or nothing."""
+        from rendezvous.client import RendezvousError
+
+        try:
+            info = await self.rendezvous.finger(address)
+        except (RendezvousError, OSError) as exc:
+            log.info("FINGER %s failed: %s", address, exc)
+            return []
+        for d in info.devices:
+            if d.peer_id == peer_id:
+                addrs = d.advertise.get("addrs", [])
+                return [a for a in addrs if isinstance(a, str)][:8]
+        return []
+
+    async def _completed(self, entry: InboxEntry, msg: LocationMessage) -> None:
+        receipt = Receipt(entry.id, "downloaded", int(self.wall()))
+        await self._send_to_sender(msg, RECEIPT_KIND, receipt.encode())
+
+    async def _send_to_sender(self, msg: LocationMessage, kind: str, body: bytes) -> None:
+        from crypto.envelope import seal_for_recipients
+
+        sender = msg.headers.sender
+        keys = self.contacts.trusted_keys(sender)
+        devices = [PublicIdentity(k) for k in keys
+                   if PublicIdentity(k).peer_id == msg.headers.sender_peer_id] or \
+                  [PublicIdentity(k) for k in keys]
+        items = [(sender, d.peer_id, blob)
+                 for d, blob in seal_for_recipients(self.identity, kind, body, devices)]
+        try:
+            await self.rendezvous.send(os.urandom(16), items)
+        except Exception as exc:  # a lost receipt only delays the sender's clean-up
+            log.warning("receipt for %s not sent: %s", msg.headers.message_id.hex(), exc)
+
+    # --- sending -----------------------------------------------------------------------
+    async def send(self, path: Path, to: list[str], title: str, note: str) -> dict[str, Any]:
+        from rendezvous.client import RendezvousError
+
+        addresses = check_recipients(to)
+        if not await asyncio.to_thread(path.is_file):
+            raise SendError(f"no such file: {path}")
+        recipients: list[Recipient] = []
+        warnings: list[str] = []
+        for addr in addresses:
+            try:
+                info = await self.rendezvous.finger(addr)
+            except RendezvousError as exc:
+                raise SendError(f"{addr}: {exc}") from None
+            keys = [d.verify_key for d in info.devices]
+            if not keys:
+                raise SendError(f"{addr}: no device is registered for this address")
+            pin = self.contacts.pin_keys(addr, keys, self.wall())
+            if pin is PinResult.CHANGED:
+                raise SendError(
+                    f"the keys of {addr} have CHANGED since you last sent to them. Compare "
+                    f"fingerprints out of band (`peerpost contacts`), then "
+                    f"`peerpost contacts accept {addr}` to send anyway")
+            trusted = self.contacts.trusted_keys(addr)
+            recipients.append(Recipient(addr, tuple(PublicIdentity(k) for k in keys
+                                                    if k in trusted)))
+        local = await self.store.add_local_file(path)
+        content = PreparedContent(local.content_id, local.size, local.chunk_size, local.key,
+                                  local.capability)
+        description, _ = await describe(path)
+        msg = build_message(self.identity, self.address, addresses, content, description,
+                            title=title, note=note, home_server=self.config.server,
+                            direct_addresses=self.direct_addresses(), now=self.wall())
+        items = seal_message(self.identity, msg, recipients)
+        mid = msg.headers.message_id
+        self.outbox.add(id=mid, path=str(path), title=title, size=content.size,
+                        content_id=content.content_id, recipients=addresses,
+                        created_at=self.wall())
+        await self.rendezvous.send(mid, items)
+        for addr in addresses:
+            self.outbox.set_recipient_state(mid, addr, RecipientStatus.SENT, self.wall())
+        log.info("sent %s (%s, %d bytes) to %s", mid.hex(), title, content.size,
+                 ", ".join(addresses))
+        return {"id": mid.hex(), "warnings": warnings}
+
+    # --- control operations ------------------------------------------------------------
+    def _operations(self) -> dict[str, Any]:
+        return {
+            "ping": self._op_ping,
+            "send": self._op_send,
+            "inbox": self._op_inbox,
+            "fetch": self._op_fetch,
+            "progress": self._op_progress,
+            "status": self._op_status,
+            "prefs": self._op_prefs,
+            "prefs_set": self._op_prefs_set,
+            "prefs_list": self._op_prefs_list,
+            "contacts": self._op_contacts,
+            "contacts_accept": self._op_contacts_accept,
+        }
+
+    async def _op_ping(self, a: Fields) -> Any:
+        return {"address": self.address, "peer_id": self.identity.peer_id.hex(),
+                "fingerprint": self.identity.public.fingerprint(),
+                "listen": list(self.listen_addr or ()),
+                "connected": self.rendezvous.connected,
+                "counters": dict(self.incoming.counters)}
+
+    async def _op_send(self, a: Fields) -> Any:
+        to = a.list("to", _item_text, max_items=64) or ()
+        try:
+            return await self.send(Path(a.str("path", max_len=4096)), list(to),
+                                   a.str("title", max_len=200), a.str("note", max_len=4000))
+        except SendError as exc:
+            raise ControlError(str(exc)) from None
+
+    def _entry_json(self, e: InboxEntry) -> dict[str, Any]:
+        act = self.downloads.active.get(e.id)
+        return {
+            "id": e.id.hex(), "from": e.sender, "title": e.title, "note": e.note,
+            "size": e.size, "file_name": e.file_name, "media_type": e.media_type,
+            "state": e.state.value, "progress": round(e.progress, 4), "path": e.path,
+            "junk": e.junk, "priority": e.priority, "received_at": e.received_at,
+            "next_attempt": e.next_attempt, "attempts": e.attempts, "error": e.error,
+            "started_at": e.started_at, "first_byte_at": e.first_byte_at,
+            "completed_at": e.completed_at,
+            "sources": [s.as_dict() for s in act.sources.values()] if act else [],
+        }
+
+    async def _op_inbox(self, a: Fields) -> Any:
+        include_junk = bool(a.bool("include_junk", optional=True))
+        return [self._entry_json(e) for e in self.inbox.list(include_junk=include_junk)]
+
+    def _find(self, prefix: str) -> InboxEntry:
+        matches = [e for e in self.inbox.list(include_junk=True) if e.id.hex().startswith(
+            prefix.lower())]
+        if not matches:
+            raise ControlError(f"no message {prefix!r} in the inbox")
+        if len(matches) > 1:
+            raise ControlError(f"{prefix!r} matches {len(matches)} messages; give more digits")
+        return matches[0]
+
+    async def _op_fetch(self, a: Fields) -> Any:
+        e = self._find(a.str("id", min_len=1, max_len=32))
+        self.downloads.request(e.id)
+        fresh = self.inbox.get(e.id)
+        return self._entry_json(fresh or e)
+
+    async def _op_progress(self, a: Fields) -> Any:
+        return self._entry_json(self._find(a.str("id", min_len=1, max_len=32)))
+
+    async def _op_status(self, a: Fields) -> Any:
+        want = a.str("id", max_len=32, optional=True)
+        out = []
+        for m in self.outbox.list():
+            if want and not m.id.hex().startswith(want.lower()):
+                continue
+            served = self.transfer.chunks_served(m.content_id)
+            from crypto.content import chunk_count
+
+            out.append({
+                "id": m.id.hex(), "title": m.title, "size": m.size, "path": m.path,
+                "content_id": m.content_id.hex(), "created_at": m.created_at,
+                "chunk_count": chunk_count(m.size, self.store.chunk_size_of(m.content_id)),
+                "chunks_served": served, "max_in_flight": self.options.max_in_flight,
+                "retention_done": m.retention_done,
+                "recipients": [{"address": r.address, "state": r.state.value,
+                                "updated_at": r.updated_at, "reason": r.reason}
+                               for r in m.recipients],
+            })
+        return out
+
+    async def _op_prefs(self, a: Fields) -> Any:
+        return self.prefs.as_dict()
+
+    async def _op_prefs_set(self, a: Fields) -> Any:
+        key, value = a.str("key", max_len=64), a.str("value", max_len=4096)
+        if key == "auto-download":
+            if value not in ("on", "off"):
+                raise ControlError("auto-download takes on or off")
+            self.prefs.auto_download = value == "on"
+        elif key == "retention":
+            self.prefs.retention = value  # type: ignore[assignment]
+        elif key == "archive-dir":
+            self.prefs.archive_dir = value or None
+        elif key == "max-upload-rate":
+            self.prefs.max_upload_rate = None if value in ("none", "0", "") else int(value)
+        else:
+            raise ControlError(f"unknown preference {key!r}")
+        self.downloads.wake()
+        return self.prefs.as_dict()
+
+    async def _op_prefs_list(self, a: Fields) -> Any:
+        which, action = a.str("list", max_len=16), a.str("action", max_len=16)
+        pattern = a.str("address", max_len=254)
+        if action == "remove":
+            if not self.prefs.remove_sender(pattern):
+                raise ControlError(f"{pattern} is not in the {which} list")
+        elif which == "priority":
+            self.prefs.add_priority(pattern)
+        elif which == "junk":
+            self.prefs.add_junk(pattern)
+        else:
+            raise ControlError(f"unknown list {which!r}")
+        return self.prefs.as_dict()
+
+    async def _op_contacts(self, a: Fields) -> Any:
+        return [{"address": c.address, "fingerprints": [PublicIdentity(k).fingerprint()
+                                                         for k in c.keys],
+                 "first_seen": c.first_seen, "changed": c.changed}
+                for c in self.contacts.list()]
+
+    async def _op_contacts_accept(self, a: Fields) -> Any:
+        addr = a.str("address", max_len=254)
+        c = self.contacts.get(addr)
+        if c is None or not c.changed:
+            raise ControlError(f"no pending key change for {addr}")
+        for k in c.pending_keys:
+            self.contacts.accept_change(addr, k)
+        return await self._op_contacts(a)
+
+
+def _item_text(v: Any, what: str) -> str:
+    if not isinstance(v, str) or len(v) > 254:
+        raise ControlError(f"{what}: expected an address")
+    return v
+
+
+def run_node(home: NodeHome, args: argparse.Namespace) -> int:
+    """`peerpost node`: run until SIGTERM/SIGINT; print `ready ...` once serving."""
+    opts = NodeOptions(max_upload_rate=args.max_upload_rate)
+    if args.retry_base is not None:
+        opts.retry_base = args.retry_base
+    if args.retry_max is not None:
+        opts.retry_max = args.retry_max
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with Node(home, options=opts, wall=time.time) as node:
+            host, port = node.listen_addr or ("", 0)
+            print(f"ready address={node.address} listen={host}:{port} "
+                  f"control={home.control_path}", flush=True)
+            await stop.wait()
+            log.info("stopping")
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(0)

@@ -1,0 +1,170 @@
+"""Issue 3 end to end: real `peerpost-rendezvous serve` and `peerpost node` processes on
+loopback, driven only through the `peerpost` CLI, exactly as a person would."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+
+from overlay.lab import LocalNetwork, dir_size
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+
+
+def make_file(path: Path, size: int, seed: int = 1) -> Path:
+    # Incompressible and distinct per seed, written in 1 MiB steps to keep memory flat.
+    rng = random.Random(seed)
+    with path.open("wb") as f:
+        left = size
+        while left:
+            block = rng.randbytes(min(MiB, left))
+            f.write(block)
+            left -= len(block)
+    return path
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    def digest(p: Path) -> bytes:
+        d = hashlib.blake2b()
+        with p.open("rb") as f:
+            while chunk := f.read(MiB):
+                d.update(chunk)
+        return d.digest()
+
+    return a.stat().st_size == b.stat().st_size and digest(a) == digest(b)
+
+
+@pytest.fixture
+def net(tmp_path: Path):
+    with LocalNetwork(tmp_path / "lab") as n:
+        n.start_server()
+        yield n
+
+
+def complete(net: LocalNetwork, node, mid: str):
+    e = net.inbox_entry(node, mid)
+    return e if e and e["state"] == "complete" else None
+
+
+def test_delivery_to_two_receivers_one_offline(net: LocalNetwork, tmp_path: Path) -> None:
+    alice, bob, carol = net.add_node("alice"), net.add_node("bob"), net.add_node("carol")
+    net.start_node(alice)
+    net.start_node(bob)
+    src = make_file(tmp_path / "clip.bin", 50 * MiB)
+    before = dir_size(net.data_dir)
+
+    mid = net.cli(alice, "send", str(src), "--to", f"{bob.address},{carol.address}",
+                  "--title", "Grandma's 90th").stdout.strip()
+    assert len(mid) == 32
+
+    got = net.wait_until(lambda: complete(net, bob, mid), 120, "bob's download")
+    assert got["from"] == alice.address and got["title"] == "Grandma's 90th"
+    assert same_bytes(src, Path(got["path"]))
+    assert got["sources"] and all(s["path"] == "tcp" for s in got["sources"])
+
+    # Carol was offline at send time: she gets it when she comes back.
+    net.start_node(carol)
+    got = net.wait_until(lambda: complete(net, carol, mid), 120, "carol's download")
+    assert same_bytes(src, Path(got["path"]))
+
+    # The server held location messages only, never media.
+    assert dir_size(net.data_dir) - before < 1 * MiB
+    assert dir_size(net.data_dir) < 1 * MiB
+
+    # The sender sees both recipients' receipts.
+    def both_downloaded():
+        (msg,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
+        return all(r["state"] == "downloaded" for r in msg["recipients"]) and msg
+    msg = net.wait_until(both_downloaded, 60, "receipts at the sender")
+    assert {r["address"] for r in msg["recipients"]} == {bob.address, carol.address}
+
+
+def test_resume_after_kill_9_refetches_nothing_verified(net: LocalNetwork, tmp_path: Path) -> None:
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(8 * MiB)])
+    bob = net.add_node("bob")
+    net.start_node(alice)
+    net.start_node(bob)
+    src = make_file(tmp_path / "big.bin", 40 * MiB, seed=2)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+
+    def partly():
+        e = net.inbox_entry(bob, mid)
+        return e if e and 0.2 < e["progress"] < 0.8 else None
+    net.wait_until(partly, 60, "a partial download", interval=0.1)
+    net.kill_node(bob)
+    net.start_node(bob)
+    got = net.wait_until(lambda: complete(net, bob, mid), 120, "the resumed download")
+    assert same_bytes(src, Path(got["path"]))
+
+    (sent,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
+    chunks = sent["chunk_count"]
+    in_flight_bound = sent["max_in_flight"]
+    assert chunks <= sent["chunks_served"] <= chunks + in_flight_bound
+
+
+def test_sender_offline_receiver_retries_then_completes(net: LocalNetwork, tmp_path: Path) -> None:
+    alice = net.add_node("alice")
+    bob = net.add_node("bob", extra=["--retry-base", "0.5", "--retry-max", "2"])
+    net.start_node(alice)
+    src = make_file(tmp_path / "a.bin", 3 * MiB, seed=3)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    net.stop_node(alice)
+
+    net.start_node(bob)
+    e = net.wait_until(lambda: (x := net.inbox_entry(bob, mid)) and x["state"] == "retrying" and x,
+                       60, "bob to show retrying")
+    assert e["next_attempt"] > 0
+    net.start_node(alice)
+    got = net.wait_until(lambda: complete(net, bob, mid), 90, "completion after the sender returns")
+    assert same_bytes(src, Path(got["path"]))
+
+
+def test_junk_never_fetched_and_priority_first(net: LocalNetwork, tmp_path: Path) -> None:
+    # Alice's upload is slow, so her ordinary message is still downloading when (or if) the
+    # priority one turns up: it must still come first.
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(2 * MiB)])
+    dave, erin = net.add_node("dave"), net.add_node("erin")
+    bob = net.add_node("bob")
+    for n in (alice, dave, erin, bob):
+        net.start_node(n)
+    net.cli(bob, "prefs", "junk", "add", dave.address)
+    net.cli(bob, "prefs", "priority", "add", erin.address)
+    net.stop_node(bob)
+
+    files = {n.name: make_file(tmp_path / f"{n.name}.bin", 4 * MiB, seed=i + 10)
+             for i, n in enumerate((alice, dave, erin))}
+    ordinary = net.cli(alice, "send", str(files["alice"]), "--to", bob.address).stdout.strip()
+    junk = net.cli(dave, "send", str(files["dave"]), "--to", bob.address).stdout.strip()
+    urgent = net.cli(erin, "send", str(files["erin"]), "--to", bob.address).stdout.strip()
+
+    net.start_node(bob)
+    a = net.wait_until(lambda: complete(net, bob, ordinary), 90, "the ordinary message")
+    u = net.wait_until(lambda: complete(net, bob, urgent), 90, "the priority message")
+    assert u["completed_at"] <= a["completed_at"], "the priority sender's message comes first"
+
+    listed = {e["id"] for e in net.cli_json(bob, "inbox")}
+    assert junk not in listed, "junk is hidden from the default listing"
+    j = net.inbox_entry(bob, junk)
+    assert j is not None and j["junk"] and j["state"] == "offered" and j["progress"] == 0
+    (sent,) = [m for m in net.cli_json(dave, "status") if m["id"] == junk]
+    assert sent["chunks_served"] == 0, "nothing was fetched from the junk sender"
+
+
+def test_clear_errors_for_bad_send_and_no_daemon(net: LocalNetwork, tmp_path: Path) -> None:
+    alice = net.add_node("alice")
+    res = net.cli(alice, "inbox", check=False)
+    assert res.returncode == 3 and "not running" in res.stderr
+    net.start_node(alice)
+    res = net.cli(alice, "send", str(tmp_path / "nope.bin"), "--to", "bob@example.net",
+                  check=False)
+    assert res.returncode == 1 and "no such file" in res.stderr
+    f = make_file(tmp_path / "x.bin", 1000)
+    res = net.cli(alice, "send", str(f), "--to", "nobody@example.net", check=False)
+    assert res.returncode == 1 and "nobody@example.net" in res.stderr
+    assert "no such address" in res.stderr.lower()
+    assert net.cli_json(alice, "status") == []  # nothing half-sent
