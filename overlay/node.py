@@ -198,7 +198,13 @@ class Node:
     async def _fetch(self, entry: InboxEntry, msg: LocationMessage, act: Activity,
                      progress: Callable[[int], None]) -> str:
         """Fetch one message's content from every holder we know of (overlay.fetch)."""
-        from overlay.fetch import Downloader, FetchError, FetchEvent, NoSourceReachable
+        from overlay.fetch import (
+            ChunkStored,
+            Downloader,
+            FetchError,
+            FetchEvent,
+            NoSourceReachable,
+        )
         from overlay.sources import holder_source, sender_addresses
         from overlay.store import ContentStoreError
 
@@ -218,12 +224,17 @@ class Node:
         sources = [holder_source(sender, sender_addresses(msg, fingered))]
         progress(partial.held)
         last = [0.0]
+        got_chunk = [False]
         loop = asyncio.get_running_loop()
 
-        def on_event(_: FetchEvent) -> None:
-            # Progress goes to SQLite (fsync'd): at most a few times a second, not per chunk.
+        def on_event(ev: FetchEvent) -> None:
+            # Progress goes to SQLite (fsync'd): at most a few times a second, not per chunk,
+            # except the first chunk, whose time is the "first byte" people see.
             now = loop.time()
-            if now - last[0] >= 0.25 or partial.is_complete:
+            first = isinstance(ev, ChunkStored) and not got_chunk[0]
+            if first:
+                got_chunk[0] = True
+            if first or now - last[0] >= 0.25 or partial.is_complete:
                 last[0] = now
                 progress(partial.held)
             act.sources = {s.label: SourceView(peer=s.label, path=s.path or "?", bytes=s.bytes,
