@@ -117,7 +117,6 @@ class _SourceRun:
     stats: SourceStats
     task: asyncio.Task[None] | None = None
     session: TransferSession | None = None
-    added: bool = False
     ended: bool = False
 
 
@@ -290,7 +289,10 @@ class Downloader:
                     raise RemoteError(reply.code, reply.text)
                 continue
             if reply.content_id != cid or not sched.chunk_received(label, reply.index):
-                continue  # cancelled or reassigned meanwhile
+                # We never send CANCEL (yet: an endgame would, and must then allow for late
+                # chunks), so this was not asked for. A source sending junk would also keep
+                # the stall timer happy for ever.
+                raise _Ban("sends chunks nobody asked for")
             self.chunks_received += 1
             now = loop.time()
             run.stats.first_at = now if run.stats.first_at is None else run.stats.first_at

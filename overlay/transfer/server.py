@@ -47,7 +47,8 @@ class TransferServer:
     def __init__(
         self, identity: DeviceIdentity, catalog: Catalog, *, max_sessions: int = 64,
         max_upload_rate: int | None = None, handshake_timeout: float = 10.0,
-        idle_timeout: float = 300.0, max_queued_gets: int = MAX_QUEUED_GETS,
+        idle_timeout: float = 300.0, send_timeout: float = 60.0,
+        max_queued_gets: int = MAX_QUEUED_GETS,
     ) -> None:
         self.identity = identity
         self.catalog = catalog
@@ -56,6 +57,7 @@ class TransferServer:
         self.max_upload_rate = max_upload_rate
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
         self.max_queued_gets = max_queued_gets
         self._bucket: TokenBucket | None = None
         self._tcp: TcpServer | None = None
@@ -104,6 +106,9 @@ class TransferServer:
         except* StreamError as eg:
             self.counters["stream_errors"] += 1
             log.debug("transfer session stream error: %s", eg.exceptions[0])
+        except* TimeoutError:
+            self.counters["send_timeouts"] += 1
+            log.info("transfer: %s stopped reading; session dropped", stream.peer_address())
         finally:
             if task is not None:
                 self._running.discard(task)
@@ -149,7 +154,8 @@ class _ServedSession:
                 await self.stream.send_all(buf)
 
     async def _send(self, msg: Message) -> None:
-        async with self.write_lock:
+        # A requester that stops reading must not hold its session slot for ever.
+        async with self.write_lock, asyncio.timeout(self.server.send_timeout):
             self.conn.send(msg)
             for buf in self.conn.data_to_send():
                 await self.stream.send_all(buf)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,10 +25,12 @@ from overlay.fetch import (
 )
 from overlay.store import ContentStore, LocalContent, PartialContent, ServedContent
 from overlay.stream import Stream
-from overlay.tcp import connect_tcp
+from overlay.tcp import TcpStream, connect_tcp, serve_tcp
+from overlay.transfer.core import HandshakeComplete, Role, TransferConnection
 from overlay.transfer.errors import RemoteError
-from overlay.transfer.frames import ErrorCode, Open
+from overlay.transfer.frames import Chunk, ErrorCode, Get, HashesRequest, Open
 from overlay.transfer.server import TransferServer
+from overlay.transfer.serving import ServingSession
 from overlay.transfer.session import open_transfer_session
 
 CHUNK = 16 << 10
@@ -301,3 +304,39 @@ async def test_partial_holders_serve_what_they_have(world: World, tmp_path: Path
         assert co.counters["not_held"] == 0, "never asked for a chunk it said it lacks"
     finally:
         await co.aclose()
+
+
+async def test_a_source_sending_unasked_chunks_is_banned(world: World, tmp_path: Path) -> None:
+    honest = await world()
+    content = honest.content
+    hostile_id = DeviceIdentity.from_seed(b"H" * 32)
+
+    async def hostile(stream: TcpStream) -> None:
+        """Answers OPEN and HASHES properly, then answers every GET with another chunk."""
+        conn = TransferConnection(Role.RESPONDER, hostile_id)
+        logic: ServingSession | None = None
+        while data := await stream.receive_some():
+            conn.receive_data(data)
+            while (e := conn.next_event()) is not None:
+                if isinstance(e, HandshakeComplete):
+                    logic = ServingSession(honest.server.catalog, e.transcript, Counter())
+                elif isinstance(e, Get):
+                    conn.send(Chunk(e.content_id, e.index + 1000, content.read_sealed(0)))
+                elif isinstance(e, Open | HashesRequest) and logic is not None:
+                    for reply in logic.handle(e):
+                        conn.send(reply)
+            for buf in conn.data_to_send():
+                await stream.send_all(buf)
+
+    server = await serve_tcp(hostile, "127.0.0.1", 0)
+    assert server.address is not None
+    host, port = server.address
+    events, on_event, after_ban = ban_gate()
+    try:
+        path = await fetch(partial_for(tmp_path, content),
+                           [Source("hostile", lambda: connect_tcp(host, port), hostile_id.peer_id),
+                            honest.source("honest", before=after_ban)], ME, on_event=on_event)
+    finally:
+        await server.aclose()
+    assert path.read_bytes() == honest.data
+    assert SourceBanned("hostile", "sends chunks nobody asked for") in events

@@ -72,3 +72,29 @@ async def test_aclose_ends_running_sessions(served: tuple[ContentStore, LocalCon
         async with asyncio.timeout(10):
             await session.open(content.content_id, content.capability)
     await session.aclose()
+
+
+async def test_a_requester_that_stops_reading_loses_its_session(tmp_path: Path) -> None:
+    (tmp_path / "big").write_bytes(bytes(8 << 20))
+    store = ContentStore(tmp_path / "store")
+    content = await store.add_local_file(tmp_path / "big", chunk_size=1 << 20)
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store, idle_timeout=60,
+                            send_timeout=0.3)
+    host, port = await server.start()
+    try:
+        session = await open_transfer_session(await connect_tcp(host, port), ME)
+        await session.open(content.content_id, content.capability)
+        for _ in range(6):  # ~48 MiB asked for, more than the socket buffers hold
+            for i in range(8):
+                await session.request(content.content_id, i)
+        # Never read. The server's blocked send gives up after send_timeout, which ends
+        # the session's task.
+        [task] = server._running
+        async with asyncio.timeout(20):
+            await asyncio.wait([task])
+        assert server.active_sessions == 0
+        assert server.counters["send_timeouts"] == 1
+        await session.aclose()
+    finally:
+        await server.aclose()
+        store.close()
