@@ -60,6 +60,19 @@ class IncomingMail:
         self.contacts = contacts
         self.wall = wall
         self.counters: Counter[str] = Counter()
+        self.key_checks: set[str] = set()  # senders whose key looked new: see recheck_keys
+
+    def recheck_keys(self, sender: str, device_keys: list[bytes]) -> PinResult:
+        """Pin the full key set the server lists for `sender`; warn if it really changed."""
+        result = self.contacts.pin_keys(sender, device_keys, self.wall()) if device_keys \
+            else PinResult.CHANGED
+        if result is PinResult.CHANGED:
+            self.counters["key-changed"] += 1
+            log.warning("KEY CHANGED for %s: the message is kept, but compare fingerprints "
+                        "(`peerpost contacts`) before trusting it", sender)
+        else:
+            log.info("%s has a new device; pinned it next to the known one", sender)
+        return result
 
     def handle(self, env: Pushed) -> tuple[Outcome, LocationMessage | Receipt | None]:
         """File one envelope. Never raises for bad input: it drops and counts instead."""
@@ -90,9 +103,9 @@ class IncomingMail:
             return self._drop("location", env, "this address is not among the recipients")
         pin = self.contacts.pin(h.sender, key, self.wall())
         if pin is PinResult.CHANGED:
-            self.counters["key-changed"] += 1
-            log.warning("KEY CHANGED for %s: the message is kept, but compare fingerprints "
-                        "(`peerpost contacts`) before trusting it", h.sender)
+            # One key can't show it is the same person's second device; the node asks the
+            # server for the whole device set (recheck_keys) before raising the alarm.
+            self.key_checks.add(h.sender)
         kind = self.prefs.classify(h.sender)
         added = self.inbox.add(
             id=h.message_id, sender=h.sender, sender_peer_id=h.sender_peer_id,

@@ -23,11 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from crypto.codec import Fields
+from crypto.content import DEFAULT_CHUNK_SIZE, chunk_count
+from crypto.envelope import seal_for_recipients
+from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
-from crypto.location import LocationMessage
+from crypto.location import LocationMessage, decode_location
 from overlay.contacts import Contacts, PinResult
 from overlay.control import ControlError, ControlServer
 from overlay.downloads import Activity, DownloadFailed, DownloadQueue, RetryLater, SourceView
+from overlay.fetch import ChunkStored, Downloader, FetchError, FetchEvent, NoSourceReachable
 from overlay.home import NodeConfig, NodeHome, parse_hostport
 from overlay.inbox import Inbox, InboxEntry
 from overlay.incoming import IncomingMail, Outcome, Pushed
@@ -44,6 +48,11 @@ from overlay.outgoing import (
 from overlay.prefs import Prefs
 from overlay.receipts import RECEIPT_KIND, Receipt
 from overlay.records import NodeDB
+from overlay.retention import apply_retention
+from overlay.sources import holder_source, sender_addresses
+from overlay.store import ContentStore, ContentStoreError
+from overlay.transfer.server import TransferServer
+from rendezvous.client import Deliver, RendezvousClient, RendezvousError
 
 log = logging.getLogger("peerpost.node")
 
@@ -79,10 +88,6 @@ class Node:
 
     # --- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> Node:
-        from overlay.store import ContentStore
-        from overlay.transfer.server import TransferServer
-        from rendezvous.client import RendezvousClient
-
         st = self._stack
         self.db = NodeDB.open(self.home.db_path)
         st.callback(self.db.close)
@@ -112,6 +117,7 @@ class Node:
         await self.control.start()
         st.push_async_callback(self.control.aclose)
 
+        await self._retention()  # finish what a crash interrupted
         self._tg = asyncio.TaskGroup()
         await st.enter_async_context(self._tg)
         self._tasks = [self._tg.create_task(self._pushes(), name="pushes"),
@@ -156,8 +162,6 @@ class Node:
         before all of them are in would start an ordinary message ahead of a priority
         one further down the queue. Bounded: a slow flush delays downloads by 3 s at most.
         """
-        from rendezvous.client import RendezvousError
-
         try:
             pending = {e.message_id for e in await self.rendezvous.list()}
         except (RendezvousError, OSError) as exc:
@@ -180,8 +184,6 @@ class Node:
             self._login_read.set()
 
     async def _pushes(self) -> None:
-        from rendezvous.client import Deliver
-
         async for push in self.rendezvous.pushes():
             if not isinstance(push, Deliver):
                 continue  # PIPE signalling is for the NAT transports (a later issue)
@@ -189,25 +191,33 @@ class Node:
             outcome, _ = self.incoming.handle(Pushed(env.message_id, env.sender, env.blob))
             # Acknowledge only after the inbox committed it; a dropped one is removed too,
             # or the server would hand the same garbage back at every login.
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(RendezvousError, OSError):
                 await self.rendezvous.remove(env.message_id)
             self._note_handled(env.message_id)
+            while self.incoming.key_checks:
+                sender = self.incoming.key_checks.pop()
+                try:
+                    keys = [d.verify_key for d in (await self.rendezvous.finger(sender)).devices]
+                except (RendezvousError, OSError) as exc:  # can't check: warn, loudly
+                    log.info("FINGER %s failed: %s", sender, exc)
+                    keys = []
+                self.incoming.recheck_keys(sender, keys)
             if outcome is Outcome.NEW:
                 self.downloads.wake()
+            elif outcome is Outcome.RECEIPT:
+                await self._retention()
+
+    async def _retention(self) -> None:
+        try:
+            await asyncio.to_thread(apply_retention, self.outbox, self.store, self.prefs,
+                                    self.home.root / "archive")
+        except OSError as exc:  # a full or read-only archive disk must not stop the node
+            log.warning("retention step failed (it is retried at the next receipt or "
+                        "start): %s", exc)
 
     async def _fetch(self, entry: InboxEntry, msg: LocationMessage, act: Activity,
                      progress: Callable[[int], None]) -> str:
         """Fetch one message's content from every holder we know of (overlay.fetch)."""
-        from overlay.fetch import (
-            ChunkStored,
-            Downloader,
-            FetchError,
-            FetchEvent,
-            NoSourceReachable,
-        )
-        from overlay.sources import holder_source, sender_addresses
-        from overlay.store import ContentStoreError
-
         h = msg.handle
         dest = self.home.received_dir(self.config)
         await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
@@ -255,8 +265,6 @@ class Node:
 
     async def _device_addresses(self, address: str, peer_id: bytes) -> list[str]:
         """What the device `peer_id` of `address` advertises now (FINGER), or nothing."""
-        from rendezvous.client import RendezvousError
-
         try:
             info = await self.rendezvous.finger(address)
         except (RendezvousError, OSError) as exc:
@@ -273,8 +281,6 @@ class Node:
         await self._send_to_sender(msg, RECEIPT_KIND, receipt.encode())
 
     async def _send_to_sender(self, msg: LocationMessage, kind: str, body: bytes) -> None:
-        from crypto.envelope import seal_for_recipients
-
         sender = msg.headers.sender
         keys = self.contacts.trusted_keys(sender)
         devices = [PublicIdentity(k) for k in keys
@@ -284,13 +290,12 @@ class Node:
                  for d, blob in seal_for_recipients(self.identity, kind, body, devices)]
         try:
             await self.rendezvous.send(os.urandom(16), items)
-        except Exception as exc:  # a lost receipt only delays the sender's clean-up
+        except (RendezvousError, OSError) as exc:
+            # The client already retried across reconnects for request_timeout.
             log.warning("receipt for %s not sent: %s", msg.headers.message_id.hex(), exc)
 
     # --- sending -----------------------------------------------------------------------
     async def send(self, path: Path, to: list[str], title: str, note: str) -> dict[str, Any]:
-        from rendezvous.client import RendezvousError
-
         addresses = check_recipients(to)
         if not await asyncio.to_thread(path.is_file):
             raise SendError(f"no such file: {path}")
@@ -324,7 +329,7 @@ class Node:
         mid = msg.headers.message_id
         self.outbox.add(id=mid, path=str(path), title=title, size=content.size,
                         content_id=content.content_id, recipients=addresses,
-                        created_at=self.wall())
+                        created_at=self.wall(), message=msg.encode())
         await self.rendezvous.send(mid, items)
         for addr in addresses:
             self.outbox.set_recipient_state(mid, addr, RecipientStatus.SENT, self.wall())
@@ -405,14 +410,16 @@ class Node:
             if want and not m.id.hex().startswith(want.lower()):
                 continue
             served = self.transfer.chunks_served(m.content_id)
-            from crypto.content import chunk_count
-
+            try:
+                chunk_size = decode_location(m.message).handle.chunk_size
+            except DecodeError:
+                chunk_size = DEFAULT_CHUNK_SIZE  # a row from before messages were kept
             out.append({
                 "id": m.id.hex(), "title": m.title, "size": m.size, "path": m.path,
                 "content_id": m.content_id.hex(), "created_at": m.created_at,
-                "chunk_count": chunk_count(m.size, self.store.chunk_size_of(m.content_id)),
+                "chunk_count": chunk_count(m.size, chunk_size),
                 "chunks_served": served, "max_in_flight": self.options.max_in_flight,
-                "retention_done": m.retention_done,
+                "retention_done": m.retention_action if m.retention_done else None,
                 "recipients": [{"address": r.address, "state": r.state.value,
                                 "updated_at": r.updated_at, "reason": r.reason}
                                for r in m.recipients],

@@ -168,3 +168,34 @@ def test_clear_errors_for_bad_send_and_no_daemon(net: LocalNetwork, tmp_path: Pa
     assert res.returncode == 1 and "nobody@example.net" in res.stderr
     assert "no such address" in res.stderr.lower()
     assert net.cli_json(alice, "status") == []  # nothing half-sent
+
+
+@pytest.mark.parametrize("policy", ["archive", "delete"])
+def test_sender_applies_retention_once_everyone_has_it(net: LocalNetwork, tmp_path: Path,
+                                                       policy: str) -> None:
+    alice, bob, carol = net.add_node("alice"), net.add_node("bob"), net.add_node("carol")
+    for n in (alice, bob):
+        net.start_node(n)
+    archive = tmp_path / "sent-archive"
+    net.cli(alice, "prefs", "set", "retention", policy)
+    net.cli(alice, "prefs", "set", "archive-dir", str(archive))
+    src = make_file(tmp_path / "party.bin", 2 * MiB, seed=7)
+    original = src.read_bytes()
+    mid = net.cli(alice, "send", str(src), "--to", f"{bob.address},{carol.address}").stdout.strip()
+    net.wait_until(lambda: complete(net, bob, mid), 60, "bob's download")
+
+    def sent():
+        (m,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
+        return m
+    # Carol hasn't got it yet: the sender keeps its copy.
+    assert src.exists() and sent()["retention_done"] is None
+
+    net.start_node(carol)
+    net.wait_until(lambda: complete(net, carol, mid), 60, "carol's download")
+    m = net.wait_until(lambda: (x := sent())["retention_done"] and x, 30, "retention")
+    assert m["retention_done"] == policy
+    assert not src.exists()
+    if policy == "archive":
+        assert (archive / "party.bin").read_bytes() == original
+    else:
+        assert not archive.exists() or not any(archive.iterdir())

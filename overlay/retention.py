@@ -1,0 +1,46 @@
+"""What the sender does with its copy once every recipient has it (keep, delete, archive).
+
+The seed's sender "deletes or archives its copy once everyone has it", as its preferences
+say; the default is to keep it. The same file may be in several messages still being
+fetched: its copy is touched only when the last of them is done, earlier ones are recorded
+as kept. A crash between the last receipt and this step is finished at the next start,
+because the outbox remembers which messages are still pending.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from overlay.outbox import Outbox, OutboxEntry
+from overlay.prefs import Prefs
+from overlay.store import ContentStore, ContentStoreError
+
+log = logging.getLogger("peerpost.retention")
+
+
+def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
+                    default_archive: Path) -> list[tuple[OutboxEntry, str]]:
+    """Apply the retention preference to every fully downloaded message; blocking I/O."""
+    done: list[tuple[OutboxEntry, str]] = []
+    for entry in outbox.pending_retention():
+        action = prefs.retention
+        still_needed = any(m.content_id == entry.content_id and m.id != entry.id
+                           and not m.retention_done for m in outbox.list())
+        if still_needed:
+            action = "keep"  # another message still needs this copy; it decides later
+        try:
+            if action == "delete":
+                store.remove(entry.content_id, delete_file=True)
+            elif action == "archive":
+                target = store.archive(entry.content_id, Path(prefs.archive_dir or
+                                                              default_archive))
+                log.info("archived %s to %s", entry.path, target)
+        except ContentStoreError as exc:
+            # Already gone (removed by hand, or an earlier run got this far): nothing to do.
+            log.info("retention %s for %s: %s", action, entry.id.hex(), exc)
+        outbox.mark_retention_done(entry.id, action)
+        log.info("message %s: every recipient has it; copy %s", entry.id.hex(),
+                 {"keep": "kept", "delete": "deleted", "archive": "archived"}[action])
+        done.append((entry, action))
+    return done
