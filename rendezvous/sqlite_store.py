@@ -12,6 +12,12 @@ quota checks, loaded at open and reloaded if a commit ever fails.
 
 `create_invite` and `read_stats` open their own short connection, so the CLI can use them
 next to a running server (WAL lets readers and a second writer in safely).
+
+`SqliteStore(path, inline=True)` runs the same batches on the event loop's own thread, in a
+callback at the end of the loop iteration that submitted them, and resolves the futures
+there. The simulator uses it (with `path=":memory:"`): a writer thread runs in wall-clock
+time, so under a virtual-time loop that never waits it would look idle (or deadlocked)
+while a commit is in progress. Same SQL, same group commit, same results.
 """
 
 from __future__ import annotations
@@ -145,11 +151,13 @@ _ENVELOPE_COLUMNS = "seq, device, mid, sender, recipient, prio, blob, received_a
 class SqliteStore:
     """SQLite-backed `Store` with a single writer thread and group commit."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, inline: bool = False) -> None:
         path = Path(path)
         if path.is_dir():
             path = path / DB_NAME
         self.path = path
+        self.inline = inline
+        self._conn: sqlite3.Connection | None = None  # inline mode only
         self._queue: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
         self._outbox: list[_Op] = []  # ops of this loop iteration, handed over together
         self._thread: threading.Thread | None = None
@@ -161,10 +169,15 @@ class SqliteStore:
     # --- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
         """Create the file if needed and start the writer thread."""
-        if self._thread is not None:
+        if self._thread is not None or self._conn is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if str(self.path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.inline:
+            self._conn = connect(self.path)
+            self._reload_usage(self._conn)
+            return
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(ready,),
                                         name="rendezvous-sqlite", daemon=True)
@@ -173,6 +186,11 @@ class SqliteStore:
 
     async def aclose(self) -> None:
         """Finish the queued work, commit, close the file, stop the thread."""
+        if self._conn is not None:
+            self._hand_over()
+            conn, self._conn = self._conn, None
+            conn.close()
+            return
         thread, self._thread = self._thread, None
         if thread is None:
             return
@@ -181,7 +199,7 @@ class SqliteStore:
         await asyncio.to_thread(thread.join)
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        if self._thread is None or self._loop is None:
+        if (self._thread is None and self._conn is None) or self._loop is None:
             raise RuntimeError("store is not open")
         fut: asyncio.Future[T] = self._loop.create_future()
         if not self._outbox:
@@ -192,7 +210,11 @@ class SqliteStore:
     def _hand_over(self) -> None:
         # One queue put (one writer wake-up) per loop iteration, not per request.
         ops, self._outbox = self._outbox, []
-        if ops:
+        if not ops:
+            return
+        if self._conn is not None:
+            _settle_all(self._run_batch(self._conn, ops))
+        else:
             self._queue.put(ops)
 
     # --- the writer thread ------------------------------------------------------------
@@ -224,12 +246,13 @@ class SqliteStore:
                     except queue.Empty:
                         break
                 if ops:
-                    self._run_batch(conn, ops, loop)
+                    loop.call_soon_threadsafe(_settle_all, self._run_batch(conn, ops))
         finally:
             conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, ops: list[_Op],
-                   loop: asyncio.AbstractEventLoop) -> None:
+    def _run_batch(self, conn: sqlite3.Connection,
+                   ops: list[_Op]) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """One transaction: each op in its own savepoint; the outcomes, in order."""
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         conn.execute("BEGIN IMMEDIATE")
         for fn, fut in ops:
@@ -252,7 +275,7 @@ class SqliteStore:
             results = [(fut, None, exc) for fut, _, _ in results]
         self.commits += 1
         self.ops += len(ops)
-        loop.call_soon_threadsafe(_settle_all, results)
+        return results
 
     def _reload_usage(self, conn: sqlite3.Connection) -> None:
         self._usage = {

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import os
 import socket
 import weakref
 from asyncio import events
@@ -257,11 +258,19 @@ class SimLoop(asyncio.BaseEventLoop):
             self, protocol_factory: Callable[[], asyncio.BaseProtocol], path: Any = None, *,
             ssl: Any = None, sock: Any = None, start_serving: bool = True,
             **_ignored: Any) -> asyncio.AbstractServer:
-        """A Unix socket in the current host's own namespace (its control socket, say)."""
+        """A Unix socket in the current host's own namespace (its control socket, say).
+
+        The name lives in the host's namespace, not in the filesystem; but when the folder
+        exists (a node's home), an empty file stands in for the socket node as bind(2) would
+        make it, so code that chmods or unlinks the path works.
+        """
         if ssl or sock is not None or path is None:
             raise NotImplementedError("only path= Unix servers without TLS are simulated")
-        return self.network.listen_unix(current_host(), protocol_factory, str(path),
-                                        serving=start_serving)
+        server = self.network.listen_unix(current_host(), protocol_factory, str(path),
+                                          serving=start_serving)
+        if os.path.isdir(os.path.dirname(str(path)) or "."):
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        return server
 
     async def create_unix_connection(  # type: ignore[override]
             self, protocol_factory: Callable[[], asyncio.BaseProtocol], path: Any = None, *,

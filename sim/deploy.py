@@ -1,0 +1,173 @@
+"""Put the real rendezvous server and real peer nodes on simulated hosts.
+
+    server = await deploy_rendezvous(sim, server_host, "example.net")
+    alice = SimNode(sim, host_a, tmp / "alice", "alice@example.net", server)
+    await alice.init()          # registers the address with the server, writes the home
+    await alice.start()         # `peerpost node`, running as host_a
+    await alice.node.send(path, ["bob@example.net"], "title", "")
+    await alice.stop()
+
+Nothing here stands in for project code: `RendezvousServer` is the one `peerpost-rendezvous
+serve` runs (its store is `SqliteStore(":memory:", inline=True)`: same SQL, no writer
+thread, see rendezvous.sqlite_store), and `Node` is the daemon `peerpost node` runs, with
+its SQLite node.db, content store and received files in a real folder. The wall clocks
+they are given are virtual (`EPOCH` + the loop's time), so stored times, expiries and
+receipts follow the simulation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sim.host import Host
+from sim.simulation import Simulation
+
+if TYPE_CHECKING:
+    from overlay.inbox import InboxEntry
+    from overlay.node import Node, NodeOptions
+    from rendezvous.server import RendezvousServer
+
+EPOCH = 1.7e9  # virtual wall clock at virtual time 0 (records carry wall-clock expiries)
+RENDEZVOUS_PORT = 4500
+
+
+def virtual_wall(sim: Simulation) -> Callable[[], float]:
+    """A wall clock that follows virtual time."""
+    loop = sim.loop
+    return lambda: EPOCH + loop.time()
+
+
+@dataclass(frozen=True, slots=True)
+class Deployed:
+    """A started rendezvous server, the host it runs on and the address nodes dial."""
+
+    server: RendezvousServer
+    host: Host
+    address: tuple[str, int]
+
+
+async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
+                            port: int = RENDEZVOUS_PORT, limits: Any = None) -> Deployed:
+    """Start a `RendezvousServer` (open registration, in-memory store) as `host`."""
+    from rendezvous.limits import Limits
+    from rendezvous.server import RendezvousServer
+    from rendezvous.sqlite_store import SqliteStore
+
+    server = RendezvousServer(domain, SqliteStore(":memory:", inline=True),
+                              open_registration=True, limits=limits or Limits(),
+                              clock=virtual_wall(sim),
+                              new_nonce=_nonces(sim, f"nonce/{host.name}"))
+    _, bound = await host.create_task(server.start("0.0.0.0", port))
+    return Deployed(server, host, (host.address, bound))
+
+
+def _nonces(sim: Simulation, purpose: str) -> Callable[[], bytes]:
+    from rendezvous.messages import NONCE_LEN
+
+    rng = sim.rng_for(purpose)
+    return lambda: rng.randbytes(NONCE_LEN)
+
+
+class SimNode:
+    """One real `Node` daemon on a simulated host; start() and stop() it like a process."""
+
+    def __init__(self, sim: Simulation, host: Host, root: Path, address: str,
+                 server: tuple[str, int], *,
+                 options: NodeOptions | None = None) -> None:
+        self.sim = sim
+        self.host = host
+        self.root = Path(root)
+        self.address = address
+        self.server = server
+        self.options = options
+        self.node: Node | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def running(self) -> bool:
+        """True between start() and stop()."""
+        return self.node is not None
+
+    async def init(self) -> None:
+        """`peerpost init`: register the address (as this host), then write the home."""
+        from crypto.identity import DeviceIdentity
+        from overlay.home import NodeConfig, NodeHome
+        from overlay.setup import register
+
+        seed = self.sim.rng_for(f"identity/{self.address}").randbytes(32)
+        identity = DeviceIdentity.from_seed(seed)
+        host, port = self.server
+        await self.host.create_task(register(host, port, identity, self.address, None))
+        NodeHome(self.root).create(
+            NodeConfig(address=self.address, server=f"{host}:{port}",
+                       listen=f"{self.host.address}:0"), identity)
+
+    async def start(self) -> Node:
+        """`peerpost node`: run the daemon as this host until stop()."""
+        if self._task is not None:
+            raise RuntimeError(f"{self.address} is already running")
+        started: asyncio.Future[Node] = self.sim.loop.create_future()
+        self._stop = asyncio.Event()
+        self._task = self.host.create_task(self._run(started, self._stop),
+                                           name=f"node {self.address}")
+        self.node = await started
+        return self.node
+
+    async def _run(self, started: asyncio.Future[Node], stop: asyncio.Event) -> None:
+        from overlay.home import NodeHome
+        from overlay.node import Node
+
+        try:
+            async with Node(NodeHome(self.root), options=self.options,
+                            wall=virtual_wall(self.sim),
+                            rng=self.sim.rng_for(f"node/{self.address}")) as node:
+                started.set_result(node)
+                await stop.wait()
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+            raise
+
+    async def stop(self) -> None:
+        """SIGTERM: close the node cleanly."""
+        task, self._task = self._task, None
+        self.node = None
+        if task is None or self._stop is None:
+            return
+        self._stop.set()
+        await task
+
+    async def kill(self) -> None:
+        """The host loses power: every task of the host is cancelled, connections reset."""
+        task, self._task = self._task, None
+        self.node = None
+        self.host.power_off()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def inbox(self) -> list[InboxEntry]:
+        """The inbox as `peerpost inbox` lists it."""
+        if self.node is None:
+            raise RuntimeError(f"{self.address} is not running")
+        return self.node.inbox.list()
+
+    async def wait_inbox(self, done: Callable[[list[InboxEntry]], bool], *,
+                         every: float = 0.25) -> list[InboxEntry]:
+        """Check the inbox every `every` virtual seconds until `done(entries)`.
+
+        Polling in virtual time costs no wall time; the node offers no completion event.
+        Bound it with `asyncio.timeout`.
+        """
+        while True:
+            entries = self.inbox()
+            if done(entries):
+                return entries
+            await asyncio.sleep(every)
+
