@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 _MIN_HEAP_TO_PURGE = 100
 
 
+def _make_socket_node(path: str) -> None:
+    if os.path.isdir(os.path.dirname(path) or "."):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
 class SimDeadlock(RuntimeError):
     """Every task waits and nothing is scheduled. `waits` maps host name to what it awaited."""
 
@@ -268,8 +273,7 @@ class SimLoop(asyncio.BaseEventLoop):
             raise NotImplementedError("only path= Unix servers without TLS are simulated")
         server = self.network.listen_unix(current_host(), protocol_factory, str(path),
                                           serving=start_serving)
-        if os.path.isdir(os.path.dirname(str(path)) or "."):
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        _make_socket_node(str(path))  # file I/O runs inline, like everything in virtual time
         return server
 
     async def create_unix_connection(  # type: ignore[override]

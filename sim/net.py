@@ -72,6 +72,7 @@ class Network:
         self._public = 0
         self._private = 0
         self._nat_seed = rng.getrandbits(64)
+        self.webrtc_endpoints: dict[Host, Any] = {}  # sim.webrtc endpoints by host
 
     # --- building ------------------------------------------------------------------------
 
@@ -409,13 +410,33 @@ class Network:
     def webrtc_possible(self, a: Host, b: Host) -> bool:
         """Would a WebRTC data channel open between `a` and `b` (STUN on the public side)?
 
-        The simulated WebRTC transport (to come) uses this, plus the measured 40-80 ms setup
-        time (NOTES.md), to decide between a direct channel and the relay.
+        The simulated WebRTC transport (sim.webrtc) uses this, plus the measured 40-80 ms
+        setup time (NOTES.md), to decide whether its channel opens.
         """
         if a.nat is not None and a.nat is b.nat:
             return True  # same LAN: host candidates work
         return webrtc_possible(a.nat.behaviour if a.nat else None,
                                b.nat.behaviour if b.nat else None)
+
+    def pair_streams(self, a: Host, b: Host, proto_a: asyncio.BaseProtocol,
+                     proto_b: asyncio.BaseProtocol) -> tuple[SimStreamTransport,
+                                                            SimStreamTransport]:
+        """Connect `a` and `b` with a stream now, past any NAT (a punched WebRTC channel).
+
+        Each end sees the other at its public address; link rates and latency apply.
+        """
+        pa, pb = a.bind_port("tcp", 0), b.bind_port("tcp", 0)
+        ta = SimStreamTransport(self, a, (a.address, pa), (_public(b), pb))
+        tb = SimStreamTransport(self, b, (b.address, pb), (_public(a), pa))
+        ta._peer, tb._peer = tb, ta
+        a.streams[ta] = None
+        b.streams[tb] = None
+        now = self.loop.time()
+        self.trace.record(now, a.index, EventKind.TCP_CONNECT, 0)
+        self.trace.record(now, b.index, EventKind.TCP_ACCEPT, 0)
+        b.context.copy().run(tb._attach, proto_b)
+        a.context.copy().run(ta._attach, proto_a)
+        return ta, tb
 
     # --- churn ---------------------------------------------------------------------------
 
@@ -432,3 +453,7 @@ class Network:
             stream._die(ConnectionAbortedError(f"[{host.name}] went offline"), send_reset=True)
         host.online = False
         host.up_free_at = host.down_free_at = now
+
+
+def _public(host: Host) -> str:
+    return host.nat.address if host.nat is not None else host.address
