@@ -46,6 +46,7 @@ from overlay.outgoing import (
     seal_message,
 )
 from overlay.prefs import Prefs
+from overlay.providers import ProviderDirectory
 from overlay.receipts import RECEIPT_KIND, Receipt
 from overlay.records import NodeDB
 from overlay.retention import apply_retention
@@ -106,6 +107,7 @@ class Node:
                                            advertise=self._advertise(), reconnect=True)
         await self.rendezvous.start()
         st.push_async_callback(self.rendezvous.aclose)
+        await self._start_dht(host)
 
         self.incoming = IncomingMail(self.identity, self.address, self.inbox, self.outbox,
                                      self.prefs, self.contacts, self.wall)
@@ -145,6 +147,23 @@ class Node:
             self.config.listen_port = bound[1]
             self.home.save_config(self.config)
         return bound
+
+    async def _start_dht(self, server_host: str) -> None:
+        """Join the DHT through the server's bootstrap node and announce what we hold."""
+        self.providers = ProviderDirectory(self.identity, wall=self.wall, rng=self.rng)
+        self._stack.push_async_callback(self.providers.aclose)
+        # server_info (the ports of the server's side services) comes with the CHALLENGE.
+        info: dict[str, Any] = getattr(self.rendezvous, "server_info", {}) or {}
+        dht_port = info.get("dht")
+        bootstrap = [(server_host, int(dht_port))] if isinstance(dht_port, int) else []
+        if not bootstrap:
+            log.info("the server runs no DHT bootstrap node: co-recipients can't be found")
+        host = self.listen_addr[0] if self.listen_addr else "0.0.0.0"
+        await self.providers.start(host, bootstrap)
+        self.providers.addresses = self.direct_addresses()
+        self.providers.home_server = self.config.server
+        for cid in await asyncio.to_thread(self.store.content_ids):
+            self.providers.announce(cid)
 
     def _advertise(self) -> dict[str, Any]:
         host, port = self.listen_addr or ("", 0)
@@ -209,8 +228,11 @@ class Node:
 
     async def _retention(self) -> None:
         try:
-            await asyncio.to_thread(apply_retention, self.outbox, self.store, self.prefs,
-                                    self.home.root / "archive")
+            done = await asyncio.to_thread(apply_retention, self.outbox, self.store,
+                                           self.prefs, self.home.root / "archive")
+            for entry, action in done:
+                if action != "keep":
+                    await self.providers.withdraw(entry.content_id)
         except OSError as exc:  # a full or read-only archive disk must not stop the node
             log.warning("retention step failed (it is retried at the next receipt or "
                         "start): %s", exc)
@@ -228,10 +250,16 @@ class Node:
         except ContentStoreError:
             # Already held in full (the same content twice, or a crash between the
             # rename and the inbox update): nothing to fetch.
-            return str(self.store.have_path(h.content_id))
+            held = self.store.local(h.content_id)
+            if held is None:
+                raise DownloadFailed("the content store lost track of this content") from None
+            return str(held.path)
         sender = msg.headers.sender_peer_id
         fingered = await self._device_addresses(msg.headers.sender, sender)
         sources = [holder_source(sender, sender_addresses(msg, fingered))]
+        sources += await self.providers.find(h.content_id, exclude={sender})
+        if partial.held:
+            self.providers.announce(h.content_id)  # resumed: we already serve some chunks
         progress(partial.held)
         last = [0.0]
         got_chunk = [False]
@@ -244,6 +272,7 @@ class Node:
             first = isinstance(ev, ChunkStored) and not got_chunk[0]
             if first:
                 got_chunk[0] = True
+                self.providers.announce(h.content_id)  # partial holders serve what they have
             if first or now - last[0] >= 0.25 or partial.is_complete:
                 last[0] = now
                 progress(partial.held)
@@ -319,6 +348,7 @@ class Node:
             recipients.append(Recipient(addr, tuple(PublicIdentity(k) for k in keys
                                                     if k in trusted)))
         local = await self.store.add_local_file(path)
+        self.providers.announce(local.content_id)
         content = PreparedContent(local.content_id, local.size, local.chunk_size, local.key,
                                   local.capability)
         description, _ = await describe(path)
