@@ -50,10 +50,12 @@ from overlay.providers import ProviderDirectory
 from overlay.receipts import RECEIPT_KIND, Receipt
 from overlay.records import NodeDB
 from overlay.retention import apply_retention
-from overlay.sources import holder_source, sender_addresses
+from overlay.sources import ConnectionLadder, Holder, sender_addresses
 from overlay.store import ContentStore, ContentStoreError
+from overlay.stream import Stream, StreamClosed
 from overlay.transfer.server import TransferServer
-from rendezvous.client import Deliver, RendezvousClient, RendezvousError
+from overlay.webrtc import WebRtcEndpoint, WebRtcSettings
+from rendezvous.client import PipeMessage, RendezvousClient, RendezvousError
 
 log = logging.getLogger("peerpost.node")
 
@@ -108,6 +110,7 @@ class Node:
         await self.rendezvous.start()
         st.push_async_callback(self.rendezvous.aclose)
         await self._start_dht(host)
+        await self._start_webrtc(host)
 
         self.incoming = IncomingMail(self.identity, self.address, self.inbox, self.outbox,
                                      self.prefs, self.contacts, self.wall)
@@ -123,6 +126,7 @@ class Node:
         self._tg = asyncio.TaskGroup()
         await st.enter_async_context(self._tg)
         self._tasks = [self._tg.create_task(self._pushes(), name="pushes"),
+                       self._tg.create_task(self._serve_webrtc(), name="webrtc-accept"),
                        self._tg.create_task(self._downloads_after_login(), name="downloads")]
         return self
 
@@ -165,6 +169,34 @@ class Node:
         for cid in await asyncio.to_thread(self.store.content_ids):
             self.providers.announce(cid)
 
+    async def _start_webrtc(self, server_host: str) -> None:
+        """WebRTC through the server's STUN, signalled over PIPE (overlay.webrtc)."""
+        info: dict[str, Any] = getattr(self.rendezvous, "server_info", {}) or {}
+        stun = info.get("stun")
+        settings = WebRtcSettings(stun=[(server_host, int(stun))] if isinstance(stun, int)
+                                  else [])
+        self.rtc = WebRtcEndpoint(self.rendezvous, settings)
+        await self.rtc.start()
+        self._stack.push_async_callback(self.rtc.aclose)
+
+        async def webrtc(holder: Holder) -> Stream:
+            # A NATed holder that is offline can't be retried directly: leave the offer
+            # waiting at the server (the seed's held request) so it answers on coming back.
+            hold = settings.answer_timeout if holder.nat else 0.0
+            return await self.rtc.dial(holder.address or "", holder.peer_id, hold=hold)
+
+        self.ladder = ConnectionLadder(webrtc=webrtc)
+
+    async def _serve_webrtc(self) -> None:
+        """Hand each accepted WebRTC stream to the transfer server."""
+        while True:
+            try:
+                stream = await self.rtc.accept()
+            except StreamClosed:
+                return
+            if self._tg is not None:
+                self._tg.create_task(self.transfer.handle_stream(stream), name="serve-webrtc")
+
     def _advertise(self) -> dict[str, Any]:
         host, port = self.listen_addr or ("", 0)
         addrs = [] if host in ("0.0.0.0", "::") else [f"{host}:{port}"]
@@ -204,8 +236,12 @@ class Node:
 
     async def _pushes(self) -> None:
         async for push in self.rendezvous.pushes():
-            if not isinstance(push, Deliver):
-                continue  # PIPE signalling is for the NAT transports (a later issue)
+            if isinstance(push, PipeMessage):
+                if not self.rtc.feed(push):
+                    self.incoming.counters["dropped-pipe"] += 1
+                    log.info("dropped a PIPE message from %s that isn't signalling",
+                             push.sender)
+                continue
             env = push.envelope
             outcome, _ = self.incoming.handle(Pushed(env.message_id, env.sender, env.blob))
             # Acknowledge only after the inbox committed it; a dropped one is removed too,
@@ -254,10 +290,7 @@ class Node:
             if held is None:
                 raise DownloadFailed("the content store lost track of this content") from None
             return str(held.path)
-        sender = msg.headers.sender_peer_id
-        fingered = await self._device_addresses(msg.headers.sender, sender)
-        sources = [holder_source(sender, sender_addresses(msg, fingered))]
-        sources += await self.providers.find(h.content_id, exclude={sender})
+        sources = [self.ladder.source(x) for x in await self._holders(msg)]
         if partial.held:
             self.providers.announce(h.content_id)  # resumed: we already serve some chunks
         progress(partial.held)
@@ -292,18 +325,34 @@ class Node:
         progress(partial.held)
         return str(path)
 
-    async def _device_addresses(self, address: str, peer_id: bytes) -> list[str]:
-        """What the device `peer_id` of `address` advertises now (FINGER), or nothing."""
-        try:
-            info = await self.rendezvous.finger(address)
-        except (RendezvousError, OSError) as exc:
-            log.info("FINGER %s failed: %s", address, exc)
-            return []
-        for d in info.devices:
-            if d.peer_id == peer_id:
-                addrs = d.advertise.get("addrs", [])
-                return [a for a in addrs if isinstance(a, str)][:8]
-        return []
+    async def _holders(self, msg: LocationMessage) -> list[Holder]:
+        """The sender and every co-recipient the DHT names as a provider, with what FINGER
+        says about reaching each (addresses now, NAT, the address to signal through)."""
+        devices = await self._devices([msg.headers.sender, *msg.headers.recipients])
+        sender = msg.headers.sender_peer_id
+        s_addr, s_adv = devices.get(sender, (msg.headers.sender, {}))
+        holders = [Holder(sender, s_addr, tuple(sender_addresses(msg, _addrs(s_adv))),
+                          bool(s_adv.get("nat")))]
+        for rec in await self.providers.find(msg.handle.content_id, exclude={sender}):
+            addr, adv = devices.get(rec.peer_id, (None, {}))
+            holders.append(Holder(rec.peer_id, addr, tuple(rec.addresses),
+                                  bool(adv.get("nat"))))
+        return holders
+
+    async def _devices(self, addresses: list[str]) -> dict[bytes, tuple[str, dict[str, Any]]]:
+        """peer id -> (address, advertisement) for the devices of `addresses` (FINGER)."""
+
+        async def one(address: str) -> list[tuple[bytes, tuple[str, dict[str, Any]]]]:
+            try:
+                info = await self.rendezvous.finger(address)
+            except (RendezvousError, OSError) as exc:
+                log.info("FINGER %s failed: %s", address, exc)
+                return []
+            return [(d.peer_id, (address, dict(d.advertise))) for d in info.devices]
+
+        wanted = [a for a in dict.fromkeys(addresses) if a != self.address][:64]
+        found = await asyncio.gather(*(one(a) for a in wanted))
+        return dict(pair for pairs in found for pair in pairs)
 
     async def _completed(self, entry: InboxEntry, msg: LocationMessage) -> None:
         receipt = Receipt(entry.id, "downloaded", int(self.wall()))
@@ -504,6 +553,10 @@ class Node:
         for k in c.pending_keys:
             self.contacts.accept_change(addr, k)
         return await self._op_contacts(a)
+
+
+def _addrs(advertise: dict[str, Any]) -> list[str]:
+    return [a for a in advertise.get("addrs", []) if isinstance(a, str)][:8]
 
 
 def _item_text(v: Any, what: str) -> str:

@@ -18,8 +18,6 @@ from collections.abc import Callable
 
 from crypto.identity import DeviceIdentity
 from overlay.dht import DhtNode, ProviderRecord
-from overlay.fetch import Source
-from overlay.sources import holder_source
 
 log = logging.getLogger("peerpost.providers")
 
@@ -80,18 +78,13 @@ class ProviderDirectory:
         self._announced.discard(content_id)
         await self.dht.withdraw(content_id)
 
-    async def find(self, content_id: bytes, *, exclude: set[bytes]) -> list[Source]:
-        """Sources for the providers of `content_id` other than `exclude` (peer ids)."""
+    async def find(self, content_id: bytes, *, exclude: set[bytes]) -> list[ProviderRecord]:
+        """Provider records for `content_id`, without ourselves and `exclude` (peer ids)."""
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT):
                 records = await self.dht.find_providers(content_id)
         except (TimeoutError, OSError) as exc:
             log.info("provider lookup for %s failed: %s", content_id.hex()[:16], exc)
             return []
-        return [self._source(r) for r in records
-                if r.peer_id not in exclude and r.peer_id != self.identity.peer_id
-                and r.addresses]
-
-    @staticmethod
-    def _source(record: ProviderRecord) -> Source:
-        return holder_source(record.peer_id, list(record.addresses))
+        return [r for r in records
+                if r.peer_id not in exclude and r.peer_id != self.identity.peer_id]

@@ -264,8 +264,13 @@ class WebRtcEndpoint:
         return stream
 
     # --- dialing ---------------------------------------------------------------------
-    async def dial(self, address: str, device: bytes) -> WebRtcStream:
-        """A stream to `device` of `address`; WebRtcConnectError says why not."""
+    async def dial(self, address: str, device: bytes, *, hold: float = 0) -> WebRtcStream:
+        """A stream to `device` of `address`; WebRtcConnectError says why not.
+
+        With `hold` > 0 the offer waits at the server up to that long for a device that is
+        offline now (the seed's held request): it answers as soon as it comes online, and
+        the transfer starts without a new request. Keep `hold` within `answer_timeout`.
+        """
         if self._closed or self._backlog is None:
             raise StreamClosed("WebRTC endpoint is not running")
         if len(self._dials) >= self.settings.max_dials:
@@ -284,7 +289,7 @@ class WebRtcEndpoint:
             await pc.setLocalDescription(await pc.createOffer())
             try:
                 await self._pipe.pipe(address, encode_signal(
-                    Offer(session, pc.localDescription.sdp)), device=device)
+                    Offer(session, pc.localDescription.sdp)), device=device, hold=hold)
             except Exception as exc:  # RendezvousError, SignalTooLarge, ...
                 raise WebRtcConnectError(f"could not send the offer to {address}: {exc}"
                                          ) from None

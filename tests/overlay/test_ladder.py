@@ -1,0 +1,90 @@
+"""The connection ladder's race, with stand-in rungs (this tests one layer's logic; the
+real transports are proven by their own suites and the end-to-end tests)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from overlay.sources import ConnectionLadder, Holder
+from overlay.stream import StreamBroken
+from overlay.tcp import TcpServer
+
+
+class FakeStream:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def rung(path: str, *, delay: float = 0.0, fail: bool = False, made: list | None = None):
+    async def dial(holder: Holder) -> FakeStream:
+        await asyncio.sleep(delay)
+        if fail:
+            raise StreamBroken(f"{path} refused")
+        s = FakeStream(path)
+        if made is not None:
+            made.append(s)
+        return s
+
+    return dial
+
+
+PEER = b"p" * 20
+
+
+async def test_direct_tcp_wins_when_it_works() -> None:
+    async def serve(stream) -> None:
+        await stream.aclose()
+
+    server = TcpServer(serve)
+    host, port = await server.start("127.0.0.1", 0)
+    try:
+        made: list[FakeStream] = []
+        ladder = ConnectionLadder(webrtc=rung("webrtc", made=made), webrtc_delay=0.2)
+        s = await ladder.dial(Holder(PEER, "bob@x.net", (f"{host}:{port}",)))
+        assert s.path == "tcp"
+        await s.aclose()
+        assert made == []  # WebRTC never started: TCP won inside the head start
+    finally:
+        await server.aclose()
+
+
+async def test_webrtc_when_tcp_fails_and_relay_last() -> None:
+    dead = ("127.0.0.1:1",)  # nothing listens on port 1
+    ladder = ConnectionLadder(webrtc=rung("webrtc"), relay=rung("relay"), webrtc_delay=0.01)
+    s = await ladder.dial(Holder(PEER, "bob@x.net", dead))
+    assert s.path == "webrtc"
+    ladder = ConnectionLadder(webrtc=rung("webrtc", fail=True), relay=rung("relay"))
+    s = await ladder.dial(Holder(PEER, "bob@x.net", dead))
+    assert s.path == "relay"
+    assert ladder.counters == {"relay": 1}
+
+
+async def test_a_nated_holder_gets_webrtc_at_once() -> None:
+    made: list[FakeStream] = []
+    ladder = ConnectionLadder(webrtc=rung("webrtc", delay=0.05, made=made),
+                              webrtc_delay=10.0)
+    # No direct address: WebRTC is the only rung and starts without waiting for TCP.
+    s = await asyncio.wait_for(ladder.dial(Holder(PEER, "bob@x.net", (), nat=True)), 2)
+    assert s.path == "webrtc"
+
+
+async def test_every_rung_failing_says_why() -> None:
+    ladder = ConnectionLadder(webrtc=rung("webrtc", fail=True), relay=rung("relay", fail=True))
+    with pytest.raises(StreamBroken) as err:
+        await ladder.dial(Holder(PEER, "bob@x.net", ("127.0.0.1:1",)))
+    text = str(err.value)
+    assert "tcp:" in text and "webrtc: webrtc refused" in text and "relay: relay refused" in text
+
+
+async def test_no_address_to_signal_to_means_tcp_only() -> None:
+    made: list[FakeStream] = []
+    ladder = ConnectionLadder(webrtc=rung("webrtc", made=made), relay=rung("relay", made=made))
+    with pytest.raises(StreamBroken):
+        await ladder.dial(Holder(PEER, None, ("127.0.0.1:1",)))
+    assert made == []
