@@ -17,9 +17,13 @@
   next one: SEND and REMOVE are idempotent by message id, the others read only, except
   PIPE which may then arrive twice. Errors are `RendezvousError` subclasses
   (`rendezvous.errors`); a timeout is `RequestTimeoutError` (also a `TimeoutError`).
-- `pushes()` yields `Deliver` and `PipeMessage` in arrival order, across reconnects, until
-  `aclose()`. The buffer is bounded: when `push_queue` items wait, the client stops
-  reading from the socket until the consumer catches up (TCP backpressure to the server).
+- `pushes()` yields `Deliver`, `PipeMessage` and `RelayInvite` (`is_relay_invite`) in
+  arrival order, across reconnects, until `aclose()`. A relay invitation is answered by
+  opening a relay connection (`overlay.relay.relay_accept`), not on this session. The
+  buffer is bounded: when `push_queue` items wait, the client stops reading from the
+  socket until the consumer catches up (TCP backpressure to the server).
+- `server_info`: the UDP ports of the server's extra services from the last CHALLENGE,
+  e.g. `{"stun": 3478, "dht": 4000}`; a key is absent when the server doesn't run it.
 - `Envelope` (`rendezvous.records`): message_id, sender, recipient, device, priority, blob,
   received_at. `EnvelopeInfo`: the same with `size` instead of `blob`. `FingerResult`:
   address and `devices` (verify_key, online, last_seen, advertise).
@@ -59,6 +63,7 @@ from rendezvous.messages import (
     Pipe,
     PipeMessage,
     Quit,
+    RelayInvite,
     Remove,
     Reply,
     Request,
@@ -70,10 +75,15 @@ from rendezvous.records import Envelope, EnvelopeInfo, FingerResult, raw_map
 
 log = logging.getLogger("rendezvous.client")
 
-Push = Deliver | PipeMessage
+Push = Deliver | PipeMessage | RelayInvite
 
 __all__ = ["Deliver", "Envelope", "EnvelopeInfo", "FingerResult", "PipeMessage",
-           "RendezvousClient", "RendezvousError"]
+           "RelayInvite", "RendezvousClient", "RendezvousError", "is_relay_invite"]
+
+
+def is_relay_invite(push: object) -> bool:
+    """Whether a push from `pushes()` invites this device to a relayed stream."""
+    return isinstance(push, RelayInvite)
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -176,12 +186,18 @@ class RendezvousClient:
         self._supervisor: asyncio.Task[None] | None = None
         self._fatal: RendezvousError | None = None
         self._closed = False
+        self._services: dict[str, int] = {}
         self.reconnects = 0
 
     # --- lifecycle -----------------------------------------------------------------------
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def server_info(self) -> dict[str, int]:
+        """UDP ports of the server's STUN ("stun") and DHT bootstrap ("dht") services."""
+        return dict(self._services)
 
     async def start(self) -> None:
         """Connect and authenticate; keep reconnecting in the background if asked to."""
@@ -261,6 +277,7 @@ class RendezvousClient:
             transport.close()
             raise AuthenticationError(reply.status, reply.text)
         self._proto = proto
+        self._services = challenge.services()
         self._connected.set()
         log.info(kv("client.connected", address=self.address, server=f"{self.host}:{self.port}"))
 

@@ -39,10 +39,23 @@ class Limits:
     flush_page: int = 128                  # queued envelopes read per page on flush
     max_devices_per_account: int = 16
     max_advertise: int = 1024              # packed bytes of a device's reachability hints
+    # The relay of last resort (rendezvous/relay.py). The caller's account pays for both
+    # directions of its relayed streams; 0 turns a cap off.
+    relay_rate: float = 2_000_000.0        # relayed bytes per second per account...
+    relay_daily: int = 2_000_000_000       # ...and per account per UTC day
+    relay_accept_timeout: float = 30.0     # seconds the callee has to accept a session
+    relay_sessions_per_account: int = 8    # offered or spliced at once
+    relay_sessions_total: int = 512        # offered or spliced at once, whole server
+    relay_high_water: int = 256 * 1024     # unsent bytes per side before reading pauses
 
 
 class TokenBucket:
-    """Classic token bucket: `take(n, now)` is True while the rate/burst allows."""
+    """Classic token bucket: `take(n, now)` is True while the rate/burst allows.
+
+    `spend(n, now)` is the other way to use it, for bytes already received: it always
+    debits (the balance may go negative) and returns how long to wait until it is
+    non-negative again, which is how long a relay pauses reading.
+    """
 
     __slots__ = ("_stamp", "_tokens", "burst", "rate")
 
@@ -52,13 +65,22 @@ class TokenBucket:
         self._tokens = burst
         self._stamp = now
 
-    def take(self, amount: float, now: float) -> bool:
-        """Spend `amount` tokens if available at time `now`; report whether it was."""
+    def _refill(self, now: float) -> None:
         elapsed = now - self._stamp
         if elapsed > 0:
             self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
             self._stamp = now
+
+    def take(self, amount: float, now: float) -> bool:
+        """Spend `amount` tokens if available at time `now`; report whether it was."""
+        self._refill(now)
         if self._tokens >= amount:
             self._tokens -= amount
             return True
         return False
+
+    def spend(self, amount: float, now: float) -> float:
+        """Debit `amount` unconditionally; seconds until the balance is back to zero."""
+        self._refill(now)
+        self._tokens -= amount
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate

@@ -7,7 +7,7 @@ table; a name from the wire is never used to look anything else up.
 
 | tag | fields |
 |---|---|
-| AUTHORIZATION | address, verify_key (32), signature (64), invite?, register?, advertise? |
+| AUTHORIZATION | address, verify_key (32), signature (64), invite?, register?, advertise?, relay? |
 | QUIT | |
 | SEND | mid (16), prio (0..7), items: [{to, device (20), blob}] |
 | LIST | after? (cursor from the previous page), limit? |
@@ -15,6 +15,17 @@ table; a name from the wire is never used to look anything else up.
 | FINGER | address |
 | PIPE | to, device (20)?, payload, hold_ms |
 | ADVERTISE | advertise |
+| RELAY | to, device (20), session (16): open a relayed stream to that device |
+| RELAY-ACCEPT | session (16): join the stream a RELAY-INVITE offered |
+
+Server pushes: CHALLENGE (domain, nonce (32), stun?, dht?: the UDP ports of the server's
+STUN service and DHT bootstrap node when it runs them), DELIVER (env), PIPE (from,
+from_device, payload), RELAY-INVITE (from, from_device, session).
+
+A connection authorized with `relay: true` exists for one relayed stream: it may send only
+RELAY or RELAY-ACCEPT, gets no DELIVER or PIPE, and does not make its device "online".
+After the OK reply to that request (text "spliced") the connection carries the peer's raw
+bytes, no more frames (see rendezvous/relay.py).
 
 The AUTHORIZATION signature is `DeviceIdentity.sign(b"rendezvous-auth",
 packb([domain, nonce, address, verify_key]))` over the CHALLENGE the server sent when the
@@ -51,6 +62,7 @@ MAX_ADVERTISE_WIRE = 4096
 INVITE_MAX_LEN = 64
 MAX_TEXT = 1024
 MAX_LIST_PAGE = 1000
+RELAY_SESSION_LEN = 16
 
 
 def auth_payload(domain: str, nonce: bytes, address: str, verify_key: bytes) -> bytes:
@@ -81,15 +93,16 @@ class Authorization:
     invite: str | None = None
     register: bool = False
     advertise: dict[str, Any] | None = None
+    relay: bool = False  # this connection will carry one relayed stream (see module doc)
 
     @classmethod
     def signed(cls, request_id: int, identity: DeviceIdentity, domain: str, nonce: bytes,
                address: str, *, invite: str | None = None, register: bool = False,
-               advertise: dict[str, Any] | None = None) -> Authorization:
+               advertise: dict[str, Any] | None = None, relay: bool = False) -> Authorization:
         """Build the answer to a challenge, signed by `identity`."""
         key = identity.public.verify_key
         sig = identity.sign(AUTH_CONTEXT, auth_payload(domain, nonce, address, key))
-        return cls(request_id, address, key, sig, invite, register, advertise)
+        return cls(request_id, address, key, sig, invite, register, advertise, relay)
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"address": self.address, "verify_key": self.verify_key,
@@ -98,6 +111,8 @@ class Authorization:
             out["invite"] = self.invite
         if self.advertise is not None:
             out["advertise"] = self.advertise
+        if self.relay:
+            out["relay"] = True
         return out
 
     @classmethod
@@ -105,7 +120,8 @@ class Authorization:
         return cls(rid, address_field(f, "address"), f.bytes("verify_key", size=PUBLIC_KEY_LEN),
                    f.bytes("signature", size=SIGNATURE_LEN),
                    f.str("invite", max_len=INVITE_MAX_LEN, optional=True),
-                   bool(f.bool("register", optional=True)), _advertise(f, "advertise", True))
+                   bool(f.bool("register", optional=True)), _advertise(f, "advertise", True),
+                   bool(f.bool("relay", optional=True)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +282,43 @@ class Advertise:
         return cls(rid, _advertise(f, "advertise", False) or {})
 
 
-Request = Authorization | Quit | Send | List | Retrieve | Remove | Finger | Pipe | Advertise
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Open a relayed stream to one online device; answered when it accepts (or not)."""
+
+    TAG: ClassVar[str] = "RELAY"
+    id: int
+    to: str
+    device: bytes
+    session: bytes  # fresh random id, chosen by the caller
+
+    def fields(self) -> dict[str, Any]:
+        return {"to": self.to, "device": self.device, "session": self.session}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Relay:
+        return cls(rid, address_field(f, "to"), f.bytes("device", size=PEER_ID_LEN),
+                   f.bytes("session", size=RELAY_SESSION_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class RelayAccept:
+    """Join the relayed stream that a RELAY-INVITE push offered to this device."""
+
+    TAG: ClassVar[str] = "RELAY-ACCEPT"
+    id: int
+    session: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"session": self.session}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> RelayAccept:
+        return cls(rid, f.bytes("session", size=RELAY_SESSION_LEN))
+
+
+Request = (Authorization | Quit | Send | List | Retrieve | Remove | Finger | Pipe | Advertise
+           | Relay | RelayAccept)
 
 REQUESTS: dict[str, Callable[[int, Fields], Request]] = {
     "AUTHORIZATION": Authorization.decode,
@@ -278,6 +330,8 @@ REQUESTS: dict[str, Callable[[int, Fields], Request]] = {
     "FINGER": Finger.decode,
     "PIPE": Pipe.decode,
     "ADVERTISE": Advertise.decode,
+    "RELAY": Relay.decode,
+    "RELAY-ACCEPT": RelayAccept.decode,
 }
 
 
@@ -314,13 +368,26 @@ class Challenge:
     TAG: ClassVar[str] = "CHALLENGE"
     domain: str
     nonce: bytes
+    stun: int | None = None  # UDP port of the server's STUN service, if it runs one
+    dht: int | None = None   # UDP port of its DHT bootstrap node, if it runs one
 
     def fields(self) -> dict[str, Any]:
-        return {"domain": self.domain, "nonce": self.nonce}
+        return {"domain": self.domain, "nonce": self.nonce, **self.services()}
 
     @classmethod
     def decode(cls, f: Fields) -> Challenge:
-        return cls(f.str("domain", max_len=253, min_len=1), f.bytes("nonce", size=NONCE_LEN))
+        return cls(f.str("domain", max_len=253, min_len=1), f.bytes("nonce", size=NONCE_LEN),
+                   f.int("stun", lo=1, hi=65535, optional=True),
+                   f.int("dht", lo=1, hi=65535, optional=True))
+
+    def services(self) -> dict[str, int]:
+        """The UDP ports announced here, by service name ("stun", "dht"); absent if not run."""
+        out: dict[str, int] = {}
+        if self.stun is not None:
+            out["stun"] = self.stun
+        if self.dht is not None:
+            out["dht"] = self.dht
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,13 +449,33 @@ class PipeMessage:
                    f.bytes("payload", max_len=MAX_BLOB))
 
 
-ServerMessage = Challenge | Reply | Deliver | PipeMessage
+@dataclass(frozen=True, slots=True)
+class RelayInvite:
+    """Push: `sender` wants a relayed stream with this device; answer with RELAY-ACCEPT."""
+
+    TAG: ClassVar[str] = "RELAY-INVITE"
+    sender: str
+    sender_device: bytes
+    session: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"from": self.sender, "from_device": self.sender_device,
+                "session": self.session}
+
+    @classmethod
+    def decode(cls, f: Fields) -> RelayInvite:
+        return cls(address_field(f, "from"), f.bytes("from_device", size=PEER_ID_LEN),
+                   f.bytes("session", size=RELAY_SESSION_LEN))
+
+
+ServerMessage = Challenge | Reply | Deliver | PipeMessage | RelayInvite
 
 SERVER_MESSAGES: dict[str, Callable[[Fields], ServerMessage]] = {
     "CHALLENGE": Challenge.decode,
     "REPLY": Reply.decode,
     "DELIVER": Deliver.decode,
     "PIPE": PipeMessage.decode,
+    "RELAY-INVITE": RelayInvite.decode,
 }
 
 

@@ -9,6 +9,11 @@ does what needs the account database and the other sessions:
 - SEND: `store.enqueue` (acknowledged after the commit), then DELIVER to every online
   session of each recipient device.
 - LIST / RETRIEVE / REMOVE, FINGER, PIPE, ADVERTISE.
+- RELAY / RELAY-ACCEPT on relay connections: the relay of last resort (relay.py). A
+  relay connection is authenticated like any other but never counts as online, gets no
+  pushes, and after "spliced" hands its bytes to its `Splice`.
+- Extra services (STUN, a DHT bootstrap node; services.py): their ports go out in every
+  CHALLENGE, their counters into `snapshot()`, and they close with the server.
 
 Exactly-once per session without locks: envelope sequence numbers only grow, and the
 store reports the highest one (`hi`) at the moment it read the device's queue during
@@ -32,7 +37,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from crypto.codec import packb
 from rendezvous.limits import Limits
@@ -44,6 +49,9 @@ from rendezvous.messages import (
     List,
     Pipe,
     PipeMessage,
+    Relay,
+    RelayAccept,
+    RelayInvite,
     Remove,
     Request,
     Retrieve,
@@ -51,6 +59,8 @@ from rendezvous.messages import (
 )
 from rendezvous.pipe_hold import PipeHold
 from rendezvous.records import DeviceInfo, FingerResult
+from rendezvous.relay import PendingRelay, RelayRegistry, Splice
+from rendezvous.services import ExtraService
 from rendezvous.session import AuthRequested, Closing, RequestReceived, ServerConnection
 from rendezvous.status import Status
 from rendezvous.store import QueuedEnvelope, Quota, RegistrationPolicy, Store
@@ -58,6 +68,10 @@ from rendezvous.store import QueuedEnvelope, Quota, RegistrationPolicy, Store
 log = logging.getLogger("rendezvous.server")
 
 _SHUTDOWN_GRACE = 5.0
+
+Result = tuple[Status, str | None, dict[str, Any] | None]
+# `_dispatch` returns this when it has already written the reply itself (a splice).
+_REPLIED: Final = (Status.OK, "already replied", None)
 
 
 def _new_nonce() -> bytes:
@@ -68,15 +82,17 @@ class _Connection(asyncio.Protocol):
     """Feeds one transport into its ServerConnection and writes what comes out."""
 
     __slots__ = ("_drained", "_flush_scheduled", "_last_bad", "_timer", "_timer_at", "core",
-                 "flush_hi", "loop", "peer", "read_paused", "server", "transport",
-                 "write_paused")
+                 "flush_hi", "loop", "peer", "read_paused", "server", "side", "splice",
+                 "transport", "write_paused")
 
     def __init__(self, server: RendezvousServer) -> None:
         self.server = server
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.core = ServerConnection(server.domain, server.limits, self.loop.time(),
-                                     server.new_nonce)
+                                     server.new_nonce, server.service_ports)
+        self.splice: Splice | None = None  # set once this relay connection is spliced
+        self.side = 0
         self.peer = "?"
         self.flush_hi = 0
         self.read_paused = False
@@ -97,15 +113,23 @@ class _Connection(asyncio.Protocol):
         self._pump()
 
     def data_received(self, data: bytes) -> None:
+        if self.splice is not None:
+            self.splice.data_received(self.side, data)
+            return
         self.core.receive_data(data, self.loop.time())
         self._pump()
 
     def eof_received(self) -> bool:
+        if self.splice is not None:
+            self.splice.eof_received(self.side)
+            return True  # half-close: the other direction may still be running
         self.core.receive_eof()
         self._pump()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.splice is not None:
+            self.splice.connection_lost(self.side, exc)
         self.core.close("connection lost" if exc else "closed")
         if self._timer is not None:
             self._timer.cancel()
@@ -115,10 +139,25 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.splice is not None:
+            self.splice.pause_writing(self.side)
 
     def resume_writing(self) -> None:
         self.write_paused = False
         self._wake_drained()
+        if self.splice is not None:
+            self.splice.resume_writing(self.side)
+
+    def join(self, splice: Splice, side: int) -> None:
+        """From now on this connection's bytes belong to `splice` (its reply is written)."""
+        self.core.splice()
+        self.splice = splice
+        self.side = side
+        self._rearm()
+        if self.read_paused and self.transport is not None:
+            # The splice decides about reading from here on.
+            self.read_paused = False
+            self.transport.resume_reading()
 
     # --- driving the core --------------------------------------------------------------
     def _pump(self) -> None:
@@ -165,7 +204,7 @@ class _Connection(asyncio.Protocol):
     def _throttle(self) -> None:
         # Stop reading while too many requests are in progress: bounds work per connection.
         t = self.transport
-        if t is None or t.is_closing():
+        if t is None or t.is_closing() or self.splice is not None:
             return
         busy = self.core.in_flight >= self.server.limits.max_in_flight
         if busy and not self.read_paused:
@@ -218,7 +257,8 @@ class RendezvousServer:
 
     def __init__(self, domain: str, store: Store, *, open_registration: bool = False,
                  limits: Limits | None = None, clock: Callable[[], float] = time.time,
-                 new_nonce: Callable[[], bytes] = _new_nonce) -> None:
+                 new_nonce: Callable[[], bytes] = _new_nonce,
+                 services: dict[str, ExtraService] | None = None) -> None:
         self.domain = domain
         self.store = store
         self.limits = limits or Limits()
@@ -226,6 +266,8 @@ class RendezvousServer:
         self.clock = clock
         self.new_nonce = new_nonce
         self.pipe_hold = PipeHold(self.limits)
+        self.services: dict[str, ExtraService] = dict(services or {})
+        self._relay: RelayRegistry[_Connection] | None = None
         self._connections: set[_Connection] = set()
         self._online: dict[bytes, list[_Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -246,10 +288,28 @@ class RendezvousServer:
             raise RuntimeError("server not started")
         return self._loop
 
+    @property
+    def relay(self) -> RelayRegistry[_Connection]:
+        if self._relay is None:
+            raise RuntimeError("server not started")
+        return self._relay
+
+    @property
+    def service_ports(self) -> dict[str, int]:
+        """The UDP port of each extra service, as announced in CHALLENGE."""
+        return {name: svc.address[1] for name, svc in self.services.items()}
+
+    def add_service(self, name: str, service: ExtraService) -> None:
+        """Run `service` alongside (announced, counted, closed with the server)."""
+        if name in self.services:
+            raise ValueError(f"a service {name!r} is already there")
+        self.services[name] = service
+
     async def start(self, host: str = "127.0.0.1", port: int = 0,
                     backlog: int = 4096) -> tuple[str, int]:
         """Open the store, listen on host:port (0 picks a free port); return the bound address."""
         self._loop = asyncio.get_running_loop()
+        self._relay = RelayRegistry(self.limits, self._loop, self.clock)
         await self.store.open()
         self._server = await self._loop.create_server(lambda: _Connection(self), host, port,
                                                       backlog=backlog)
@@ -275,6 +335,8 @@ class RendezvousServer:
         self._closing = True
         if self._server is not None:
             self._server.close()
+        if self._relay is not None:
+            self._relay.close()  # offered sessions refused, splices reset
         for conn in list(self._connections):
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.transport.pause_reading()
@@ -292,6 +354,11 @@ class RendezvousServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
         await self.store.aclose()
+        for name, svc in self.services.items():
+            try:
+                await svc.aclose()
+            except Exception:
+                log.exception(kv("service.close_failed", service=name))
         log.info(kv("server.closed", domain=self.domain))
 
     def snapshot(self) -> dict[str, Any]:
@@ -308,6 +375,9 @@ class RendezvousServer:
             "pipes_relayed": self.pipes_relayed,
             "pipes_held": self.pipe_hold.count,
             "bad_input": self.bad_input,
+            **(self._relay.snapshot() if self._relay is not None else {}),
+            **{f"{name}_{key.replace('.', '_')}": value
+               for name, svc in self.services.items() for key, value in svc.stats().items()},
         }
 
     def is_online(self, peer_id: bytes) -> bool:
@@ -324,6 +394,8 @@ class RendezvousServer:
 
     def _detach(self, conn: _Connection) -> None:
         self._connections.discard(conn)
+        if conn.core.relay and self._relay is not None:
+            self._relay.withdraw_caller(conn)
         peer_id = conn.core.peer_id
         if peer_id is None:
             return
@@ -356,7 +428,7 @@ class RendezvousServer:
             outcome = await self.store.authenticate(
                 req.address, req.verify_key, register=req.register, invite=req.invite,
                 advertise=req.advertise, now=self.clock(), policy=self.policy,
-                page=self.limits.flush_page)
+                page=0 if req.relay else self.limits.flush_page)
         except Exception:
             log.exception(kv("auth.store_failed", peer=conn.peer))
             core.reject_auth(req.id, Status.SERVER_ERROR, "server error while authenticating")
@@ -372,7 +444,12 @@ class RendezvousServer:
             return
         core.accept_auth(req.id, req.address, req.verify_key,
                          {"address": req.address, "peer_id": ev.peer_id,
-                          "registered": outcome.created})
+                          "registered": outcome.created}, relay=req.relay)
+        if req.relay:
+            # One relayed stream, not a session: not online, no queue, no pushes.
+            log.debug(kv("auth.relay", peer=conn.peer, address=req.address))
+            conn.after_reply()
+            return
         self._online.setdefault(ev.peer_id, []).append(conn)
         conn.flush_hi = outcome.hi
         log.info(kv("auth.ok", peer=conn.peer, address=req.address, device=ev.peer_id,
@@ -407,7 +484,10 @@ class RendezvousServer:
     async def _handle(self, conn: _Connection, req: Request) -> None:
         self.requests += 1
         try:
-            status, text, body = await self._dispatch(conn, req)
+            result = await self._dispatch(conn, req)
+            if result is _REPLIED:
+                return
+            status, text, body = result
         except asyncio.CancelledError:
             conn.core.reply(req.id, Status.UNAVAILABLE, "server shutting down")
             conn.after_reply()
@@ -423,8 +503,7 @@ class RendezvousServer:
         conn.core.reply(req.id, status, text, body)
         conn.after_reply()
 
-    async def _dispatch(self, conn: _Connection,
-                        req: Request) -> tuple[Status, str | None, dict[str, Any] | None]:
+    async def _dispatch(self, conn: _Connection, req: Request) -> Result:
         core = conn.core
         peer_id = core.peer_id
         address = core.address
@@ -449,6 +528,10 @@ class RendezvousServer:
             return await self._finger(req.address)
         if isinstance(req, Pipe):
             return await self._pipe(req, address, peer_id)
+        if isinstance(req, Relay):
+            return await self._relay_offer(conn, req, address, peer_id)
+        if isinstance(req, RelayAccept):
+            return self._relay_accept(conn, req, peer_id)
         if isinstance(req, Advertise):
             if why := self._advertise_too_big(req.advertise):
                 return Status.TOO_LARGE, why, None
@@ -462,8 +545,7 @@ class RendezvousServer:
             return f"advertisement of {size} bytes over the limit {self.limits.max_advertise}"
         return None
 
-    async def _send(self, req: Send,
-                    sender: str) -> tuple[Status, str | None, dict[str, Any] | None]:
+    async def _send(self, req: Send, sender: str) -> Result:
         lim = self.limits
         now = self.clock()
         outcome = await self.store.enqueue(sender, req, now, now + lim.envelope_ttl,
@@ -483,7 +565,7 @@ class RendezvousServer:
                 self.delivered += 1
                 conn.flush_soon()
 
-    async def _finger(self, address: str) -> tuple[Status, str | None, dict[str, Any] | None]:
+    async def _finger(self, address: str) -> Result:
         records = await self.store.devices(address)
         if records is None:
             return Status.NOT_FOUND, f"no such address: {address}", None
@@ -494,8 +576,7 @@ class RendezvousServer:
             for r in records)
         return Status.OK, None, FingerResult(address, devices).to_wire()
 
-    async def _pipe(self, req: Pipe, sender: str,
-                    sender_device: bytes) -> tuple[Status, str | None, dict[str, Any] | None]:
+    async def _pipe(self, req: Pipe, sender: str, sender_device: bytes) -> Result:
         records = await self.store.devices(req.to)
         if records is None:
             return Status.NOT_FOUND, f"no such address: {req.to}", None
@@ -521,6 +602,76 @@ class RendezvousServer:
             if refusal is not None:
                 return Status.QUOTA, refusal, None
         return Status.OK, f"held for {len(targets)} device(s)", {"held": len(targets)}
+
+    # --- the relay (relay.py) ------------------------------------------------------------
+    async def _relay_offer(self, conn: _Connection, req: Relay, caller: str,
+                           caller_device: bytes) -> Result:
+        """RELAY: invite the callee device, then wait (bounded) for its RELAY-ACCEPT."""
+        relay = self.relay
+        if refusal := relay.refusal(caller, req.session):
+            return (*refusal, None)
+        records = await self.store.devices(req.to)
+        if records is None:
+            return Status.NOT_FOUND, f"no such address: {req.to}", None
+        if req.device not in {r.peer_id for r in records}:
+            return Status.NOT_FOUND, f"device {req.device.hex()} is not bound to {req.to}", None
+        if req.device == caller_device:
+            return Status.BAD_REQUEST, "a device can't relay to itself", None
+        sessions = self._online.get(req.device)
+        if not sessions:
+            return (Status.NOT_ONLINE,
+                    f"{req.to} device {req.device.hex()[:12]} is not online", None)
+        # The store lookup yielded to the loop: ask again before registering.
+        if refusal := relay.refusal(caller, req.session):
+            return (*refusal, None)
+        pending: PendingRelay[_Connection] = PendingRelay(
+            req.session, conn, caller, caller_device, req.to, req.device, req.id,
+            self.loop.create_future())
+        relay.offer(pending)
+        invite = RelayInvite(caller, caller_device, req.session)
+        for session in sessions:
+            session.core.relay_invite(invite)
+            session.flush_soon()
+        wait = self.limits.relay_accept_timeout
+        try:
+            async with asyncio.timeout(wait):
+                outcome = await pending.outcome
+        except TimeoutError:
+            relay.expired += 1
+            outcome = (Status.NOT_ONLINE,
+                       f"{req.to} did not accept the relay session within {wait:g} s")
+        finally:
+            relay.withdraw(pending, (Status.UNAVAILABLE, "server shutting down"))
+        if outcome is None:
+            return _REPLIED
+        return (*outcome, None)
+
+    def _relay_accept(self, conn: _Connection, req: RelayAccept, device: bytes) -> Result:
+        """RELAY-ACCEPT: reply to both ends, then splice their connections."""
+        relay = self.relay
+        pending = relay.pending.get(req.session)
+        if pending is None:
+            return (Status.NOT_FOUND, f"no relay session {req.session.hex()}: it expired, "
+                    "was taken, or was never offered", None)
+        if pending.callee_device != device:
+            return (Status.FORBIDDEN,
+                    f"relay session {req.session.hex()} was offered to another device", None)
+        caller = pending.caller
+        ct, t = caller.transport, conn.transport
+        if ct is None or ct.is_closing() or caller.core.closed or t is None:
+            relay.withdraw(pending, (Status.UNAVAILABLE, "the relay connection closed"))
+            return Status.NOT_FOUND, "the caller of this relay session has gone", None
+        # Both "spliced" replies are on the wire before either side is spliced, so no
+        # relayed byte can overtake the reply frame its receiver is waiting for.
+        body = {"session": req.session}
+        caller.core.reply(pending.request_id, Status.OK, "spliced", body)
+        caller._write_now()
+        conn.core.reply(req.id, Status.OK, "spliced", body)
+        conn._write_now()
+        splice = relay.splice(pending, ct, t)
+        caller.join(splice, 0)
+        conn.join(splice, 1)
+        return _REPLIED
 
     # --- housekeeping ------------------------------------------------------------------
     async def _sweep(self) -> None:

@@ -8,7 +8,11 @@ bytes to send; it never touches a socket or a clock. It owns:
 - the session state machine: nothing but AUTHORIZATION (and QUIT) before authentication,
 - the challenge-response check (signature over domain, this connection's nonce, address,
   key; the nonce is replaced after every attempt, so a signature can't be replayed),
-- per-connection rate limits and the envelope / pipe payload size limits.
+- per-connection rate limits and the envelope / pipe payload size limits,
+- relay connections (AUTHORIZATION with `relay`): they may send exactly one RELAY or
+  RELAY-ACCEPT within `auth_timeout` of connecting, nothing else, and once the server has
+  joined them to their peer (`splice()`) the core is out of the way: the adapter hands
+  the raw bytes to the splice and must not feed them here.
 
 What needs the account database (is this key bound to that address? store this SEND)
 is the server's job: it receives `AuthRequested` / `RequestReceived` events and answers
@@ -18,7 +22,7 @@ with `accept_auth` / `reject_auth` / `reply`. Each misbehaviour bumps `bad_input
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -37,6 +41,9 @@ from rendezvous.messages import (
     Pipe,
     PipeMessage,
     Quit,
+    Relay,
+    RelayAccept,
+    RelayInvite,
     Reply,
     Request,
     Send,
@@ -53,6 +60,7 @@ class SessionState(Enum):
     AWAITING_AUTH = "awaiting-auth"
     AUTHENTICATING = "authenticating"
     AUTHENTICATED = "authenticated"
+    SPLICED = "spliced"  # a relay connection joined to its peer: raw bytes, no frames
     CLOSED = "closed"
 
 
@@ -60,7 +68,8 @@ _TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
     SessionState.AWAITING_AUTH: frozenset({SessionState.AUTHENTICATING, SessionState.CLOSED}),
     SessionState.AUTHENTICATING: frozenset(
         {SessionState.AUTHENTICATED, SessionState.AWAITING_AUTH, SessionState.CLOSED}),
-    SessionState.AUTHENTICATED: frozenset({SessionState.CLOSED}),
+    SessionState.AUTHENTICATED: frozenset({SessionState.SPLICED, SessionState.CLOSED}),
+    SessionState.SPLICED: frozenset({SessionState.CLOSED}),
     SessionState.CLOSED: frozenset({SessionState.CLOSED}),
 }
 
@@ -94,13 +103,17 @@ class ServerConnection:
     """Protocol state of one client connection on the server."""
 
     __slots__ = ("_auth_attempts", "_auth_deadline", "_decoder", "_events", "_new_nonce",
-                 "_out", "_partial_since", "_pipe_bytes", "_requests", "address", "bad_input",
-                 "close_reason", "domain", "in_flight", "limits", "nonce", "peer_id", "state",
-                 "verify_key")
+                 "_out", "_partial_since", "_pipe_bytes", "_relay_asked", "_requests",
+                 "_services", "address", "bad_input", "close_reason", "domain", "in_flight",
+                 "limits", "nonce", "peer_id", "relay", "state", "verify_key")
 
     def __init__(self, domain: str, limits: Limits, now: float,
-                 new_nonce: Callable[[], bytes]) -> None:
+                 new_nonce: Callable[[], bytes],
+                 services: Mapping[str, int] | None = None) -> None:
         self.domain = domain
+        self._services = dict(services or {})
+        self.relay = False          # authorized as a relay connection
+        self._relay_asked = False   # its one RELAY / RELAY-ACCEPT has arrived
         self.limits = limits
         self.state = SessionState.AWAITING_AUTH
         self.address: str | None = None
@@ -140,10 +153,18 @@ class ServerConnection:
             self._events.append(Closing(reason))
 
     # --- input ---------------------------------------------------------------------
+    def splice(self) -> None:
+        """The server joined this relay connection to its peer: from now on, raw bytes."""
+        if not self.relay:
+            raise LocalProtocolError("only a relay connection can be spliced")
+        self._to(SessionState.SPLICED)
+
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
         """Feed bytes from the transport; problems become replies, counters or a close."""
         if self.closed:
             return
+        if self.state is SessionState.SPLICED:
+            raise LocalProtocolError("a spliced connection's bytes belong to the splice")
         try:
             frames = self._decoder.feed(data)
         except RemoteProtocolError as exc:
@@ -201,6 +222,22 @@ class ServerConnection:
         if self.state is not SessionState.AUTHENTICATED:
             raise RemoteProtocolError(f"authenticate first ({req.TAG} before AUTHORIZATION)",
                                       Status.UNAUTHORIZED, request_id=req.id)
+        is_relay_verb = isinstance(req, Relay | RelayAccept)
+        if self.relay:
+            if not is_relay_verb:
+                raise RemoteProtocolError(
+                    f"{req.TAG} on a relay connection: it may only send RELAY or "
+                    "RELAY-ACCEPT", request_id=req.id)
+            if self._relay_asked:
+                raise RemoteProtocolError("one RELAY or RELAY-ACCEPT per relay connection",
+                                          request_id=req.id)
+            self._relay_asked = True
+            return
+        if is_relay_verb:
+            # Bulk bytes on the control session would hold up PIPE and DELIVER behind them.
+            raise RemoteProtocolError(
+                f"{req.TAG} needs its own connection, authorized with relay=true",
+                request_id=req.id)
         lim = self.limits
         if isinstance(req, Send):
             if len(req.items) > lim.max_items_per_send:
@@ -246,15 +283,21 @@ class ServerConnection:
             self.bad_input += 1
             self.reject_auth(req.id, exc.status, exc.text)
             return
+        if req.relay and (req.register or req.invite is not None or req.advertise is not None):
+            self.bad_input += 1
+            self.reject_auth(req.id, Status.BAD_REQUEST,
+                             "a relay connection can't register, use an invite or advertise")
+            return
         self._events.append(AuthRequested(req, peer_id_of(req.verify_key)))
 
     # --- answers from the server -------------------------------------------------------
     def accept_auth(self, request_id: int, address: str, verify_key: bytes,
-                    body: dict[str, Any] | None = None) -> None:
+                    body: dict[str, Any] | None = None, *, relay: bool = False) -> None:
         """The store agreed: the session is now `address` on device `verify_key`."""
         if self.state is SessionState.CLOSED:
             return
         self._to(SessionState.AUTHENTICATED)
+        self.relay = relay
         self.address = address
         self.verify_key = verify_key
         self.peer_id = peer_id_of(verify_key)
@@ -275,7 +318,7 @@ class ServerConnection:
               body: dict[str, Any] | None = None) -> None:
         """Answer a RequestReceived."""
         self.in_flight = max(0, self.in_flight - 1)
-        if not self.closed:
+        if self.state not in (SessionState.CLOSED, SessionState.SPLICED):
             self._send(Reply(request_id, status, text or status.text, body or {}))
 
     def deliver(self, envelope: Envelope) -> None:
@@ -285,6 +328,10 @@ class ServerConnection:
     def pipe(self, message: PipeMessage) -> None:
         """Push a PIPE payload to this (authenticated) device."""
         self._push(message)
+
+    def relay_invite(self, invite: RelayInvite) -> None:
+        """Push a relay invitation to this (authenticated) device."""
+        self._push(invite)
 
     def _push(self, msg: ServerMessage) -> None:
         if self.state is SessionState.CLOSED:
@@ -296,7 +343,8 @@ class ServerConnection:
     def _challenge(self) -> None:
         # A fresh nonce per attempt: a signature over an old one never verifies again.
         self.nonce = self._new_nonce()
-        self._send(Challenge(self.domain, self.nonce))
+        self._send(Challenge(self.domain, self.nonce, self._services.get("stun"),
+                             self._services.get("dht")))
 
     def _send(self, msg: ServerMessage) -> None:
         self._out.append(encode_frame(encode_server_message(msg), 1 << 31))
@@ -315,20 +363,25 @@ class ServerConnection:
 
     def get_timer(self) -> float | None:
         """When `handle_timer` must next run (auth deadline, half-received frame), or None."""
-        if self.closed:
+        if self.closed or self.state is SessionState.SPLICED:
             return None
         deadlines = []
-        if self.state is not SessionState.AUTHENTICATED:
+        if self._awaiting_first_step():
             deadlines.append(self._auth_deadline)
         if self._partial_since is not None:
             deadlines.append(self._partial_since + self.limits.partial_frame_timeout)
         return min(deadlines) if deadlines else None
 
+    def _awaiting_first_step(self) -> bool:
+        # Not yet authenticated, or a relay connection that hasn't said what it is for.
+        return (self.state is not SessionState.AUTHENTICATED
+                or (self.relay and not self._relay_asked))
+
     def handle_timer(self, now: float) -> None:
-        if self.closed:
+        if self.closed or self.state is SessionState.SPLICED:
             return
-        if self.state is not SessionState.AUTHENTICATED and now >= self._auth_deadline:
-            self.close("authentication timeout")
+        if self._awaiting_first_step() and now >= self._auth_deadline:
+            self.close("no RELAY request in time" if self.relay else "authentication timeout")
         elif (self._partial_since is not None
               and now >= self._partial_since + self.limits.partial_frame_timeout):
             self.bad_input += 1

@@ -1,0 +1,113 @@
+"""Extra UDP services a rendezvous server runs next to it: STUN and a DHT bootstrap node.
+
+`RendezvousServer.add_service(name, service)` takes anything shaped like `ExtraService`
+(a bound address, counters, `aclose()`); the server announces each one's port in every
+CHALLENGE (`stun`, `dht`), merges its counters into `snapshot()` as `NAME_COUNTER`, and
+closes it at shutdown.
+
+STUN lives in this package (`rendezvous.stun`), so `StunService` wraps it here. The DHT
+does not: it is the overlay's (`overlay.dht`), and imports flow crypto -> rendezvous ->
+overlay, never upward. Of the ways to let `peerpost-rendezvous serve --dht-port N` start
+one, this is the least bad we found:
+
+- *not* a static `import overlay...` anywhere in this package;
+- *not* an entry-point group declared in pyproject.toml (the cleanest in principle, but it
+  needs the packaging metadata rebuilt before a checkout works, and it hides a plain
+  dependency behind packaging magic);
+- but a table `STARTERS` of service name -> "module:function", imported with `importlib`
+  only when the operator asks for that service (`load_starter`). The rendezvous package
+  still imports, tests and serves without the overlay package present; the one upward
+  edge is a string in one table, in the composition layer, next to its reason. Any
+  callable with the signature `ServiceStarter` fits: `overlay.dht.run_bootstrap_node`
+  already does (its `DhtNode` has `address`, `stats()` and `aclose()`).
+
+The DHT node needs a stable identity (its node id is its key's peer id): the server keeps
+one in its data folder, `server-identity.json`, mode 0600 (`server_identity`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Protocol, cast
+
+from crypto.identity import DeviceIdentity
+from rendezvous.stun import StunServerProtocol, serve_stun
+
+IDENTITY_NAME = "server-identity.json"
+
+STARTERS: dict[str, str] = {
+    # --dht-port: a reachable serving DHT node (see the module docstring for why a string)
+    "dht": "overlay.dht:run_bootstrap_node",
+}
+
+
+class ExtraService(Protocol):
+    """What the server needs of a service it runs alongside."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port)."""
+        ...
+
+    def stats(self) -> Mapping[str, int]:
+        """Counters, merged into the server's snapshot under the service's name."""
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+ServiceStarter = Callable[[str, int, DeviceIdentity], Awaitable[ExtraService]]
+
+
+class StunService:
+    """`rendezvous.stun.serve_stun` as an `ExtraService`."""
+
+    def __init__(self, transport: asyncio.DatagramTransport, address: tuple[str, int]) -> None:
+        self._transport = transport
+        self._address = address
+
+    @classmethod
+    async def start(cls, host: str, port: int) -> StunService:
+        """Answer STUN Binding requests on UDP host:port (0: any free port)."""
+        transport, address = await serve_stun(host, port)
+        return cls(transport, address)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._address
+
+    def stats(self) -> dict[str, int]:
+        proto = cast(StunServerProtocol, self._transport.get_protocol())
+        return asdict(proto.responder.stats)
+
+    async def aclose(self) -> None:
+        self._transport.close()
+
+
+def load_starter(name: str) -> ServiceStarter:
+    """The starter registered for service `name`, imported now (LookupError if none)."""
+    target = STARTERS.get(name)
+    if target is None:
+        raise LookupError(f"no service called {name!r}")
+    module_name, _, attr = target.partition(":")
+    try:
+        starter = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise LookupError(f"service {name!r} needs {target}, which is not available: "
+                          f"{exc}") from None
+    return cast(ServiceStarter, starter)
+
+
+def server_identity(data_dir: Path) -> DeviceIdentity:
+    """The server's own key (for its DHT node id), created on first use, kept 0600."""
+    path = Path(data_dir) / IDENTITY_NAME
+    if path.exists():
+        return DeviceIdentity.load(path)
+    identity = DeviceIdentity.generate()
+    identity.save(path)
+    return identity
