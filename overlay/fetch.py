@@ -1,13 +1,21 @@
 """The downloader: fetch a content's missing chunks from several holders at once.
 
-One task per source: connect, handshake (refusing a holder that isn't the expected peer),
+Per source, one task: connect, handshake (refusing a holder that isn't the expected peer),
 OPEN with a capability proof, get the chunk-hash list if we don't have a verified one yet,
-then keep a window of GETs outstanding as `ChunkScheduler` decides. Arrived chunks go
-through a small queue to writer tasks that verify, open and write them in a worker thread,
-so the loop keeps receiving while libsodium and BLAKE3 use the other core. A chunk that
-doesn't verify bans its source for this content and goes back to the pool; a source that
-errors or stalls is dropped and its requests reassigned. Memory is bounded by the windows
-and the write queue, never by the file size.
+then two loops joined in a TaskGroup: the *requester* keeps the source's window of GETs
+outstanding as `ChunkScheduler` decides (rarest first, duplicates only in the endgame) and
+sends CANCELs; the *reader* files what comes back: chunks, refusals and HAVE updates from a
+partial holder. `SourcePace` sizes each window from the source's measured rate and says
+when the source has stalled, relative to that rate.
+
+Arrived chunks go through a small queue to writer tasks that verify, open and write them in
+a worker thread, so the loop keeps receiving while libsodium and BLAKE3 use the other core.
+A chunk that doesn't verify bans its source for this content and goes back to the pool; a
+source that errors or stalls is dropped and its requests reassigned. Sources can be added
+while the download runs (`add_source`: a provider found by a later DHT lookup). When chunks
+are missing that no connected source has, the download waits `have_wait` seconds for a
+HAVE or a new source, then gives up with NoSourceReachable (the node retries later).
+Memory is bounded by the windows and the write queue, never by the file size.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +34,9 @@ from crypto.identity import DeviceIdentity
 from overlay.store import PartialContent
 from overlay.stream import Stream, StreamError
 from overlay.transfer.errors import RemoteError, SessionFailed, TransferError
-from overlay.transfer.frames import Chunk, ErrorCode
-from overlay.transfer.scheduler import ChunkScheduler
+from overlay.transfer.frames import Chunk, ErrorCode, Have
+from overlay.transfer.pacing import SourcePace
+from overlay.transfer.scheduler import Arrival, ChunkScheduler
 from overlay.transfer.session import TransferSession, open_transfer_session
 
 log = logging.getLogger(__name__)
@@ -84,10 +95,15 @@ class SourceStats:
     last_at: float | None = None
     outcome: str = "pending"  # pending | active | done | banned | failed
     reason: str = ""
+    window: int = 0  # GETs it may have outstanding now
+    recent_rate: float = 0.0  # its measured rate now (bytes/s), what its window follows
 
     @property
     def rate(self) -> float:
-        """Bytes per second while it delivered."""
+        """Bytes per second: the current measured rate while active, else the average
+        over the time it delivered."""
+        if self.outcome == "active" and self.recent_rate > 0:
+            return self.recent_rate
         if self.first_at is None or self.last_at is None or self.last_at <= self.first_at:
             return 0.0
         return self.bytes / (self.last_at - self.first_at)
@@ -111,13 +127,21 @@ class _Ban(Exception):
     pass
 
 
+class _Stalled(TransferError):
+    pass
+
+
 @dataclass(slots=True)
 class _SourceRun:
     source: Source
     stats: SourceStats
     task: asyncio.Task[None] | None = None
     session: TransferSession | None = None
+    pace: SourcePace | None = None
     ended: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # the requester's
+    cancels: list[int] = field(default_factory=list)  # CANCELs the requester owes
+    read_timeout: asyncio.Timeout | None = None  # the reader's current wait
 
 
 @dataclass(slots=True)
@@ -126,13 +150,30 @@ class _Arrival:
     chunk: Chunk = field(repr=False)
 
 
+def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that ended a source's loops (not the cancellations it caused)."""
+    for exc in eg.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return asyncio.CancelledError()
+
+
 class Downloader:
-    """One download of one content; `await run()` returns the final path."""
+    """One download of one content; `await run()` returns the final path.
+
+    `window` is the most GETs one source may have outstanding; each source's actual window
+    starts at `min_window` and follows its rate (`SourcePace`). `counters` count what a
+    test or a status page wants to see: duplicate requests, cancels, late copies, HAVEs.
+    """
 
     def __init__(
         self, partial: PartialContent, sources: Sequence[Source], identity: DeviceIdentity,
-        *, window: int = 8, writers: int = 2, stall_timeout: float = 30.0,
-        connect_timeout: float = 10.0, on_event: Callable[[FetchEvent], None] | None = None,
+        *, window: int = 8, min_window: int = 2, target_latency: float = 1.0,
+        writers: int = 2, stall_timeout: float = 30.0, min_stall: float = 2.0,
+        connect_timeout: float = 10.0, have_wait: float | None = None,
+        rng: random.Random | None = None, on_event: Callable[[FetchEvent], None] | None = None,
     ) -> None:
         labels = [s.label for s in sources]
         if len(set(labels)) != len(labels):
@@ -140,16 +181,24 @@ class Downloader:
         self.partial = partial
         self.identity = identity
         self.window = window
+        self.min_window = min(min_window, window)
+        self.target_latency = target_latency
         self.stall_timeout = stall_timeout
+        self.min_stall = min_stall
         self.connect_timeout = connect_timeout
+        self.have_wait = stall_timeout if have_wait is None else have_wait
         self._on_event = on_event
-        self._runs = [_SourceRun(s, SourceStats(s.label)) for s in sources]
+        self._runs: dict[str, _SourceRun] = {s.label: _SourceRun(s, SourceStats(s.label))
+                                             for s in sources}
         self._writers = writers
-        self.scheduler = ChunkScheduler(partial.missing())
+        self.scheduler = ChunkScheduler(partial.missing(), count=partial.count, rng=rng)
         self._arrivals: asyncio.Queue[_Arrival] = asyncio.Queue(maxsize=writers + 1)
         self._changed = asyncio.Event()
         self._leaves_lock = asyncio.Lock()
+        self._tg: asyncio.TaskGroup | None = None
+        self._accepting = True
         self.chunks_received = 0
+        self.counters: Counter[str] = Counter()
 
     @property
     def in_flight_bound(self) -> int:
@@ -160,7 +209,35 @@ class Downloader:
 
     @property
     def stats(self) -> list[SourceStats]:
-        return [r.stats for r in self._runs]
+        return [r.stats for r in self._runs.values()]
+
+    @property
+    def source_labels(self) -> list[str]:
+        """Every source given or added so far, whatever its outcome (to avoid duplicates)."""
+        return list(self._runs)
+
+    def is_using(self, label: str) -> bool:
+        """The source is connecting or delivering now."""
+        run = self._runs.get(label)
+        return run is not None and not run.ended
+
+    def add_source(self, source: Source) -> bool:
+        """Use one more holder, also while `run()` runs (a provider found later).
+
+        False if the download is over, the label is in use now, or it was banned. A source
+        that failed or finished earlier is tried again (it may be back, or hold more)."""
+        if not self._accepting:
+            return False
+        old = self._runs.get(source.label)
+        if old is not None and (not old.ended or old.stats.outcome == "banned"):
+            return False
+        stats = old.stats if old is not None else SourceStats(source.label)
+        stats.outcome, stats.reason = "pending", ""
+        run = _SourceRun(source, stats)
+        self._runs[source.label] = run
+        if self._tg is not None:
+            run.task = self._tg.create_task(self._run_source(run))
+        return True
 
     def _emit(self, event: FetchEvent) -> None:
         if self._on_event is not None:
@@ -171,14 +248,25 @@ class Downloader:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _wake_all(self) -> None:
+        """Something every source may care about changed (a chunk stored or back in the
+        pool, a source gone): every requester looks again, and so does the supervisor."""
+        for run in self._runs.values():
+            run.wake.set()
+        self._notify()
+
     async def run(self) -> Path:
         """Fetch every missing chunk, then complete (rename) the file; returns its path.
 
         Raises NoSourceReachable when the sources given cannot finish it."""
-        if not self.scheduler.done:
-            await self._fetch_all()
+        try:
+            if not self.scheduler.done:
+                await self._fetch_all()
+        finally:
+            self._accepting = False
         if not self.partial.is_complete:
-            failures = {r.stats.label: r.stats.reason or r.stats.outcome for r in self._runs}
+            failures = {r.stats.label: r.stats.reason or r.stats.outcome
+                        for r in self._runs.values()}
             raise NoSourceReachable(failures, self.scheduler.remaining)
         return await asyncio.to_thread(self.partial.complete)
 
@@ -192,32 +280,76 @@ class Downloader:
     async def _run_tasks(self) -> None:
         async with asyncio.TaskGroup() as tg:
             writers = [tg.create_task(self._write_loop()) for _ in range(self._writers)]
-            for run in self._runs:
-                run.task = tg.create_task(self._run_source(run))
-            tasks = [r.task for r in self._runs if r.task is not None]
-            if tasks:
-                await asyncio.wait(tasks)
-            await self._arrivals.join()
-            for w in writers:
-                w.cancel()
+            self._tg = tg
+            try:
+                for run in self._runs.values():
+                    if run.task is None and not run.ended:
+                        run.task = tg.create_task(self._run_source(run))
+                await self._supervise()
+                self._accepting = False
+                await self._arrivals.join()
+            finally:
+                self._tg = None
+                self._accepting = False
+                for w in writers:
+                    w.cancel()
+
+    async def _supervise(self) -> None:
+        """Wait until every source has ended; retire the connected ones when chunks are
+        missing that none of them has and nothing changed for `have_wait` seconds."""
+        loop = asyncio.get_running_loop()
+        stuck_since: float | None = None
+        while True:
+            changed = self._changed
+            live = [r for r in self._runs.values() if not r.ended]
+            if not live:
+                return
+            connecting = any(r.stats.outcome == "pending" for r in live)
+            if self.scheduler.done:
+                for r in live:  # still connecting: not needed any more
+                    if r.stats.outcome == "pending" and r.task is not None:
+                        r.stats.outcome, r.stats.reason = "done", "not needed any more"
+                        r.task.cancel()
+            timeout = None
+            if self.scheduler.stuck() and not connecting:
+                now = loop.time()
+                stuck_since = now if stuck_since is None else stuck_since
+                if now - stuck_since >= self.have_wait:
+                    for r in live:
+                        if r.stats.outcome == "active":
+                            r.stats.outcome = "done"
+                            r.stats.reason = "holds none of the missing chunks"
+                        if r.task is not None:
+                            r.task.cancel()
+                    await asyncio.wait([r.task for r in live if r.task is not None])
+                    return
+                timeout = stuck_since + self.have_wait - now
+            else:
+                stuck_since = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await changed.wait()
 
     # --- one source -------------------------------------------------------------------
     async def _run_source(self, run: _SourceRun) -> None:
         label = run.stats.label
         try:
             await self._serve_from(run)
-            run.stats.outcome = "done"
+            if run.stats.outcome != "banned":
+                run.stats.outcome = "done"
         except _Ban as exc:
             self._ban(run, str(exc))
         except (StreamError, TransferError, TimeoutError, OSError) as exc:
-            reason = "stalled or timed out" if isinstance(exc, TimeoutError) else str(exc)
-            run.stats.outcome, run.stats.reason = "failed", reason
-            log.info("fetch %s: source %s failed: %s", self.partial.file_name, label, reason)
-            self._emit(SourceFailed(label, reason))
+            if run.stats.outcome != "banned":
+                reason = "stalled or timed out" if isinstance(exc, TimeoutError) else str(exc)
+                run.stats.outcome, run.stats.reason = "failed", reason
+                log.info("fetch %s: source %s failed: %s", self.partial.file_name, label,
+                         reason)
+                self._emit(SourceFailed(label, reason))
         finally:
             run.ended = True
             self.scheduler.remove_source(label)
-            self._notify()
+            self._wake_all()
             if run.session is not None:
                 with contextlib.suppress(StreamError):
                     await run.session.aclose()
@@ -230,7 +362,7 @@ class Downloader:
                     reason)
         self._emit(SourceBanned(run.stats.label, reason))
         self.scheduler.remove_source(run.stats.label)
-        self._notify()
+        self._wake_all()
         if run.task is not None and not run.ended and run.task is not asyncio.current_task():
             run.task.cancel()
 
@@ -248,11 +380,21 @@ class Downloader:
             raise _Ban(f"claims layout {info.size}/{info.chunk_size}, "
                        f"the handle says {p.size}/{p.chunk_size}")
         await self._ensure_leaves(session)
-        self.scheduler.add_source(run.stats.label, window=self.window,
-                                  has=None if info.have is None else info.has)
-        run.stats.outcome = "active"
+        run.pace = pace = SourcePace(
+            p.chunk_size, min_window=self.min_window, max_window=self.window,
+            target_latency=self.target_latency, min_stall=self.min_stall,
+            max_stall=self.stall_timeout)
+        self.scheduler.add_source(run.stats.label, window=pace.window, have=info.have)
+        run.stats.outcome, run.stats.window = "active", pace.window
         self._emit(SourceConnected(run.stats.label, session.path, info.have is None))
-        await self._pipeline(run, session)
+        run.wake.set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                reader = tg.create_task(self._receive_loop(run, session, pace))
+                await self._request_loop(run, session, pace)
+                reader.cancel()
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
 
     async def _ensure_leaves(self, session: TransferSession) -> None:
         p = self.partial
@@ -266,38 +408,92 @@ class Downloader:
             except VerificationError:
                 raise _Ban("hash list does not match the content id") from None
 
-    async def _pipeline(self, run: _SourceRun, session: TransferSession) -> None:
+    async def _request_loop(self, run: _SourceRun, session: TransferSession,
+                            pace: SourcePace) -> None:
+        """Keep the window full; send the CANCELs other sources' arrivals asked for."""
         sched, label, cid = self.scheduler, run.stats.label, self.partial.content_id
         loop = asyncio.get_running_loop()
         while True:
+            run.wake.clear()
+            if sched.done:
+                return
+            sched.set_window(label, pace.window)
+            gets: list[int] = []
             while (index := sched.next_request(label)) is not None:
-                await session.request(cid, index)
+                gets.append(index)
+                if len(sched.requesters(index)) > 1:
+                    self.counters["duplicate_requests"] += 1
+                    if self.counters["endgame_at_remaining"] == 0:
+                        self.counters["endgame_at_remaining"] = sched.remaining
+            cancels, run.cancels = run.cancels, []
+            if gets or cancels:
+                if gets:
+                    pace.busy(loop.time())
+                    timeout = run.read_timeout
+                    if timeout is not None and timeout.when() is None:
+                        timeout.reschedule(pace.deadline())  # the reader was idle
+                self.counters["gets"] += len(gets)
+                self.counters["cancels_sent"] += len(cancels)
+                await session.send_requests(cid, gets, cancels)
+            await run.wake.wait()
+
+    async def _receive_loop(self, run: _SourceRun, session: TransferSession,
+                            pace: SourcePace) -> None:
+        """File every reply of this source until the download no longer needs it."""
+        sched, label, cid = self.scheduler, run.stats.label, self.partial.content_id
+        loop = asyncio.get_running_loop()
+        while True:
             if sched.requested(label) == 0:
-                if sched.done or sched.hopeless(label):
-                    return
-                await self._changed.wait()
+                pace.idle()  # waiting for HAVEs or new work is not slowness
+            try:
+                async with asyncio.timeout_at(pace.deadline()) as run.read_timeout:
+                    reply = await session.next_chunk()
+            except TimeoutError:
+                rate = f"{pace.rate / 1e6:.2f} MB/s" if pace.rate else "no chunk yet"
+                raise _Stalled(f"stalled: nothing for {pace.stall_after():.1f} s "
+                               f"(its rate was {rate})") from None
+            finally:
+                run.read_timeout = None
+            now = loop.time()
+            if isinstance(reply, Have):
+                self.counters["haves_received"] += 1
+                if reply.content_id == cid and sched.add_have(label, reply.indexes):
+                    run.wake.set()
                 continue
-            async with asyncio.timeout(self.stall_timeout):
-                reply = await session.next_chunk()
             if not isinstance(reply, Chunk):
                 if reply.index is None:
                     raise SessionFailed(f"holder error: {reply.code} {reply.text}")
+                pace.replied(now)
                 busy = reply.code == ErrorCode.BUSY
                 sched.chunk_failed(label, reply.index, lacks=not busy)
-                self._notify()
+                self._wake_all()
                 if busy:
                     raise RemoteError(reply.code, reply.text)
                 continue
-            if reply.content_id != cid or not sched.chunk_received(label, reply.index):
-                # We never send CANCEL (yet: an endgame would, and must then allow for late
-                # chunks), so this was not asked for. A source sending junk would also keep
-                # the stall timer happy for ever.
+            if reply.content_id != cid:
                 raise _Ban("sends chunks nobody asked for")
+            window_was_full = sched.requested(label) >= sched.window(label)
+            status, others = sched.chunk_received(label, reply.index)
+            if status is Arrival.UNASKED:
+                # A source sending junk would also keep the stall timer happy for ever.
+                raise _Ban("sends chunks nobody asked for")
+            pace.replied(now)
+            run.wake.set()
+            if status is Arrival.LATE:
+                self.counters["late_chunks"] += 1
+                continue
+            for other in others:
+                other_run = self._runs.get(other)
+                if other_run is not None and not other_run.ended:
+                    other_run.cancels.append(reply.index)
+                    other_run.wake.set()
             self.chunks_received += 1
-            now = loop.time()
-            run.stats.first_at = now if run.stats.first_at is None else run.stats.first_at
-            run.stats.last_at = now
-            run.stats.bytes += len(reply.data)
+            pace.delivered(len(reply.data), now, window_was_full=window_was_full)
+            st = run.stats
+            st.first_at = now if st.first_at is None else st.first_at
+            st.last_at = now
+            st.bytes += len(reply.data)
+            st.window, st.recent_rate = pace.window, pace.rate or 0.0
             await self._arrivals.put(_Arrival(run, reply))
 
     # --- verify and write -------------------------------------------------------------
@@ -315,13 +511,13 @@ class Downloader:
         try:
             await asyncio.to_thread(self.partial.write_chunk, chunk.index, chunk.data)
         except VerificationError as exc:
-            self.scheduler.chunk_failed(label, chunk.index)
+            self.scheduler.chunk_rejected(chunk.index)
             self._ban(run, f"bad chunk {chunk.index}: {exc}")
             return
         self.scheduler.chunk_stored(chunk.index)
         run.stats.chunks += 1
         self._emit(ChunkStored(chunk.index, label))
-        self._notify()
+        self._wake_all()
 
 
 async def fetch(

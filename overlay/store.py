@@ -20,11 +20,11 @@ import errno
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from crypto.capability import CAPABILITY_LEN, new_capability
 from crypto.content import (
@@ -87,6 +87,25 @@ class ServedContent(Protocol):
 
     def read_sealed(self, index: int) -> bytes:
         """The sealed chunk, as the Merkle leaf names it. Blocking."""
+        ...
+
+
+@runtime_checkable
+class GrowingContent(Protocol):
+    """A content whose held chunks grow while it is served: a download in progress, whose
+    holder tells its requesters about new chunks (HAVE) as they are verified and written."""
+
+    def held_snapshot(self) -> tuple[bytes | None, int]:
+        """The have-bitmap (None: complete) and a cursor for `held_since`, taken together."""
+        ...
+
+    def held_since(self, cursor: int) -> tuple[list[int], int]:
+        """Chunks that became held after `cursor`, and the new cursor."""
+        ...
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from whichever thread wrote the chunk) after each newly held
+        chunk; returns the function that stops it."""
         ...
 
 
@@ -204,6 +223,10 @@ class PartialContent:
             os.pwrite(self._have_fd, bytes(have), 0)
         self._have = have
         self._held = sum(bin(b).count("1") for b in have)
+        # Chunks in the order they became held (those found at open first): serving
+        # sessions keep a cursor into it and send HAVE for what follows. At most `count`.
+        self._log = [i for i in range(self.count) if _bit(have, i)]
+        self._watchers: list[Callable[[], None]] = []
 
     # --- state ------------------------------------------------------------------------
     @property
@@ -235,6 +258,24 @@ class PartialContent:
 
     def have_bitmap(self) -> bytes | None:
         return None if self.is_complete else bytes(self._have)
+
+    def held_snapshot(self) -> tuple[bytes | None, int]:
+        with self._lock:
+            return self.have_bitmap(), len(self._log)
+
+    def held_since(self, cursor: int) -> tuple[list[int], int]:
+        with self._lock:
+            return self._log[cursor:], len(self._log)
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        with self._lock:
+            self._watchers.append(callback)
+
+        def stop() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._watchers.remove(callback)
+
+        return stop
 
     # --- receiving --------------------------------------------------------------------
     def set_leaves(self, leaves: Sequence[bytes]) -> None:
@@ -271,6 +312,10 @@ class PartialContent:
             self._have[index >> 3] |= 1 << (index & 7)
             os.pwrite(self._have_fd, bytes((self._have[index >> 3],)), index >> 3)
             self._held += 1
+            self._log.append(index)
+            watchers = list(self._watchers)
+        for notify in watchers:  # outside the lock: a watcher may read held_since
+            notify()
         return True
 
     def read_sealed(self, index: int) -> bytes:

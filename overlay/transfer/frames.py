@@ -23,6 +23,7 @@ MAX_HAVE_BYTES = 128 << 10  # partial holders with more than a million chunks sa
 MAX_CHUNKS = MAX_CONTENT_SIZE // MIN_CHUNK_SIZE
 MAX_PAYLOAD = MAX_CHUNK_SIZE + TAG_LEN
 MAX_TEXT = 400
+MAX_HAVE_ITEMS = 8192  # chunk indexes per HAVE frame (at most 5 bytes each in msgpack)
 
 
 class ErrorCode(IntEnum):
@@ -184,7 +185,31 @@ class Error:
                    f.int("i", lo=0, hi=MAX_CHUNKS, optional=True))
 
 
-Message = Open | Opened | HashesRequest | Hashes | Get | Chunk | Cancel | Error
+def _item_index(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_CHUNKS:
+        raise DecodeError(f"{what}: expected a chunk index 0..{MAX_CHUNKS}")
+    return v
+
+
+@dataclass(frozen=True, slots=True)
+class Have:
+    """A partial holder now holds these chunks too (verified and written since its OPENED
+    bitmap or its last HAVE). Sent unasked to every requester that opened the content."""
+
+    TAG: ClassVar[int] = 9
+    content_id: bytes
+    indexes: tuple[int, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"c": self.content_id, "l": list(self.indexes)}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> Have:
+        indexes = f.list("l", _item_index, max_items=MAX_HAVE_ITEMS)
+        return cls(_cid(f), indexes or ())
+
+
+Message = Open | Opened | HashesRequest | Hashes | Get | Chunk | Cancel | Error | Have
 
 _BY_TAG: dict[int, type[Message]] = {
     Open.TAG: Open,
@@ -195,11 +220,12 @@ _BY_TAG: dict[int, type[Message]] = {
     Chunk.TAG: Chunk,
     Cancel.TAG: Cancel,
     Error.TAG: Error,
+    Have.TAG: Have,
 }
 
 # Who may send what: the requester (initiator) asks, the holder (responder) answers.
 REQUESTS: tuple[type[Message], ...] = (Open, HashesRequest, Get, Cancel)
-REPLIES: tuple[type[Message], ...] = (Opened, Hashes, Chunk, Error)
+REPLIES: tuple[type[Message], ...] = (Opened, Hashes, Chunk, Error, Have)
 
 
 def encode_header(msg: Message) -> bytes:

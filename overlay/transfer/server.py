@@ -3,7 +3,9 @@
 Per session, activities joined in a TaskGroup: the reader (feeds the core, answers
 OPEN/HASHES/bad input at once, queues GETs in `ServingSession`), two sealers (each reads a
 plaintext chunk and seals it in a worker thread, so sealing runs on both cores while the
-loop sends) and the sender (rate limit, then chunk frame onto the stream). Between sealers
+loop sends), the sender (rate limit, then chunk frame onto the stream) and the announcer
+(a partial holder's new verified chunks become HAVE frames: the store calls back from the
+writing thread, the announcer wakes on the loop and sends what the log holds since). Between sealers
 and sender sits a queue of two sealed chunks: memory per session stays at a few chunks
 whatever the file size. A misbehaving requester costs a counter and an error reply
 or its own session; the server and every other session carry on.
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 from crypto.identity import DeviceIdentity
 from overlay.store import Catalog, ContentStoreError
@@ -137,16 +140,45 @@ class _ServedSession:
         self.work = asyncio.Event()
         self.sealed: asyncio.Queue[Message] = asyncio.Queue(maxsize=SEALED_AHEAD)
         self.write_lock = asyncio.Lock()
+        self.held_more = asyncio.Event()
+        self._unwatch: list[Callable[[], None]] = []
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(self.seal_loop()) for _ in range(SEALERS)]
-            tasks.append(tg.create_task(self.send_loop()))
-            try:
-                await self.read_loop()
-            finally:
-                for t in tasks:
-                    t.cancel()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self.seal_loop()) for _ in range(SEALERS)]
+                tasks.append(tg.create_task(self.send_loop()))
+                tasks.append(tg.create_task(self.announce_loop()))
+                try:
+                    await self.read_loop()
+                finally:
+                    for t in tasks:
+                        t.cancel()
+        finally:
+            for stop in self._unwatch:
+                stop()
+
+    def _watch_growing(self) -> None:
+        """Start HAVE updates for growing contents whose OPENED went out."""
+        if self.logic is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def chunk_held() -> None:  # called from the thread that wrote the chunk
+            with contextlib.suppress(RuntimeError):  # the loop is closing: nobody to tell
+                loop.call_soon_threadsafe(self.held_more.set)
+
+        for _, content in self.logic.take_growing():
+            self._unwatch.append(content.watch(chunk_held))
+            self.held_more.set()  # chunks held between the OPENED snapshot and now
+
+    async def announce_loop(self) -> None:
+        while True:
+            await self.held_more.wait()
+            self.held_more.clear()
+            if self.logic is not None:
+                for have in self.logic.haves():
+                    await self._send(have)
 
     async def _flush(self) -> None:
         async with self.write_lock:
@@ -204,6 +236,7 @@ class _ServedSession:
             return True
         for reply in self.logic.handle(event):
             await self._send(reply)
+        self._watch_growing()
         if self.logic.queued:
             self.work.set()
         return True

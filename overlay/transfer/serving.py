@@ -1,9 +1,10 @@
 """The holder's request logic for one session, sans-I/O.
 
 Takes the requester's messages and gives back the replies to send and the GETs to serve.
-Checking capability proofs, the open-content set, the GET queue and its bound, CANCEL and
-the bad-input counters all live here, so tests run them without sockets and the asyncio
-server (`server.py`) only moves bytes and seals chunks.
+Checking capability proofs, the open-content set, the GET queue and its bound, CANCEL,
+the HAVE updates of a partial holder and the bad-input counters all live here, so tests
+run them without sockets and the asyncio server (`server.py`) only moves bytes and seals
+chunks.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from collections import Counter
 
 from crypto.capability import check_capability_proof
 from crypto.errors import VerificationError
-from overlay.store import Catalog, ServedContent
+from overlay.store import Catalog, GrowingContent, ServedContent
 from overlay.transfer.frames import (
     MAX_HASH_PAGE,
     MAX_HAVE_BYTES,
+    MAX_HAVE_ITEMS,
     Cancel,
     Error,
     ErrorCode,
     Get,
     Hashes,
     HashesRequest,
+    Have,
     Message,
     Open,
     Opened,
@@ -50,6 +53,11 @@ class ServingSession:
         self._max_queued = max_queued
         self._open: dict[bytes, ServedContent] = {}
         self._gets: collections.deque[Get] = collections.deque()
+        # Growing (partial) contents opened here: cursor into their held-chunk log as of
+        # the OPENED bitmap. `_unannounced` until the adapter has sent that OPENED and
+        # watches the content; only then may HAVEs for it go out (never before OPENED).
+        self._cursors: dict[bytes, int] = {}
+        self._unannounced: dict[bytes, GrowingContent] = {}
 
     def content(self, content_id: bytes) -> ServedContent | None:
         """An opened content of this session."""
@@ -62,6 +70,29 @@ class ServingSession:
     def pop_get(self) -> Get | None:
         """The next GET to serve, oldest first."""
         return self._gets.popleft() if self._gets else None
+
+    def take_growing(self) -> list[tuple[bytes, GrowingContent]]:
+        """Growing contents opened since the last call, whose OPENED has now been sent: the
+        adapter watches each for new chunks, then `haves()` reports them."""
+        out = list(self._unannounced.items())
+        self._unannounced.clear()
+        return out
+
+    def haves(self) -> list[Have]:
+        """HAVE frames for chunks that became held since the OPENED bitmap or the last
+        call, for every announced growing content."""
+        out: list[Have] = []
+        for cid, cursor in self._cursors.items():
+            if cid in self._unannounced:
+                continue
+            content = self._open.get(cid)
+            if not isinstance(content, GrowingContent):
+                continue
+            new, self._cursors[cid] = content.held_since(cursor)
+            for k in range(0, len(new), MAX_HAVE_ITEMS):
+                out.append(Have(cid, tuple(new[k : k + MAX_HAVE_ITEMS])))
+        self.counters["haves_sent"] += len(out)
+        return out
 
     def bad_message(self, reason: str) -> Error:
         """The reply to an authentic frame that was not a valid message."""
@@ -100,7 +131,10 @@ class ServingSession:
         except VerificationError:
             return self._refuse("bad_capability", ErrorCode.BAD_CAPABILITY,
                                 "capability proof rejected", msg.content_id)
-        have = content.have_bitmap()
+        if isinstance(content, GrowingContent):
+            have, cursor = content.held_snapshot()
+        else:
+            have, cursor = content.have_bitmap(), None
         if content.leaves is None or (have is not None and len(have) > MAX_HAVE_BYTES):
             return self._refuse("unavailable", ErrorCode.UNAVAILABLE,
                                 "this holder cannot serve that content yet", msg.content_id)
@@ -108,6 +142,10 @@ class ServingSession:
             return self._refuse("busy", ErrorCode.BUSY, "too many open contents",
                                 msg.content_id)
         self._open[msg.content_id] = content
+        if cursor is not None and isinstance(content, GrowingContent):
+            if msg.content_id not in self._cursors:
+                self._unannounced[msg.content_id] = content
+            self._cursors[msg.content_id] = cursor
         self.counters["opened"] += 1
         return Opened(msg.content_id, content.size, content.chunk_size, have)
 

@@ -32,6 +32,7 @@ from overlay.transfer.frames import (
     Get,
     Hashes,
     HashesRequest,
+    Have,
     Message,
     Open,
     Opened,
@@ -56,7 +57,7 @@ class OpenInfo:
         return byte < len(self.have) and bool(self.have[byte] & (1 << (index & 7)))
 
 
-ChunkReply = Chunk | Error
+ChunkReply = Chunk | Error | Have
 
 
 class TransferSession:
@@ -108,7 +109,8 @@ class TransferSession:
                 raise SessionFailed(f"bad message from the holder: {event.reason}")
             if isinstance(event, HandshakeComplete):
                 continue
-            if isinstance(event, Chunk) or (isinstance(event, Error) and event.index is not None):
+            if isinstance(event, Chunk | Have) or (
+                    isinstance(event, Error) and event.index is not None):
                 self._chunks.append(event)
             else:
                 self._control.append(event)
@@ -162,8 +164,17 @@ class TransferSession:
         """Withdraw a GET (the chunk may still arrive if it was already on its way)."""
         await self._send(Cancel(content_id, index))
 
+    async def send_requests(self, content_id: bytes, gets: list[int],
+                            cancels: list[int]) -> None:
+        """CANCELs then GETs, written to the stream at once."""
+        for i in cancels:
+            self._conn.send(Cancel(content_id, i))
+        for i in gets:
+            self._conn.send(Get(content_id, i))
+        await self._flush()
+
     async def next_chunk(self) -> ChunkReply:
-        """The next chunk reply: a Chunk, or an Error naming the refused index."""
+        """The next chunk reply: a Chunk, an Error naming the refused index, or a HAVE."""
         while not self._chunks:
             await self._pump()
         return self._chunks.popleft()

@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crypto.capability import prove_capability
+from crypto.codec import packb
 from crypto.content import merkle_root
+from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from overlay.store import ContentStore, LocalContent
 from overlay.transfer.core import (
@@ -26,6 +28,8 @@ from overlay.transfer.core import (
 )
 from overlay.transfer.errors import LocalProtocolError
 from overlay.transfer.frames import (
+    MAX_CHUNKS,
+    MAX_HAVE_ITEMS,
     Cancel,
     Chunk,
     Error,
@@ -33,9 +37,12 @@ from overlay.transfer.frames import (
     Get,
     Hashes,
     HashesRequest,
+    Have,
     Message,
     Open,
     Opened,
+    decode_header,
+    encode_header,
 )
 from overlay.transfer.serving import ServingSession
 
@@ -111,7 +118,8 @@ def test_every_message_round_trips_and_roles_are_enforced() -> None:
         c.send(msg)
     replies: list[Message] = [Opened(cid, 5000, CHUNK, b"\x05"), Opened(cid, 5000, CHUNK),
                Hashes(cid, 0, (b"h" * 32,) * 3), Chunk(cid, 3, b"sealed bytes"),
-               Error(ErrorCode.NOT_HELD, "no", cid, 3), Error(ErrorCode.BUSY, "busy")]
+               Error(ErrorCode.NOT_HELD, "no", cid, 3), Error(ErrorCode.BUSY, "busy"),
+               Have(cid, (7, 0, 12))]
     for reply in replies:
         s.send(reply)
     ec, es = transfer(c, s)
@@ -346,3 +354,51 @@ def test_authentic_garbage_gets_an_error_reply(
     if counters["bad_frame"]:
         assert any(isinstance(e, Error) and e.code == ErrorCode.BAD_REQUEST for e in got)
     assert s.state is State.OPEN
+
+
+def test_have_is_bounded_and_checked() -> None:
+    cid = b"i" * 32
+    big = Have(cid, tuple(range(MAX_HAVE_ITEMS)))
+    assert decode_header(encode_header(big), b"") == big
+    with pytest.raises(DecodeError, match="limit"):
+        decode_header(encode_header(Have(cid, tuple(range(MAX_HAVE_ITEMS + 1)))), b"")
+    for bad in ([-1], ["x"], [True], [MAX_CHUNKS + 1]):
+        raw = packb({"t": Have.TAG, "c": cid, "l": bad})
+        with pytest.raises(DecodeError, match="chunk index"):
+            decode_header(raw, b"")
+
+
+def test_a_partial_holder_announces_new_chunks_after_opened(
+    held: tuple[ContentStore, LocalContent], tmp_path: Path
+) -> None:
+    """OPENED carries the bitmap as of then; each chunk verified afterwards goes out in a
+    HAVE, once, and only after the adapter has sent OPENED (take_growing)."""
+    _, content = held
+    co = ContentStore(tmp_path / "co")
+    part = co.open_partial(content.content_id, content.size, CHUNK, content.key,
+                           content.capability, tmp_path / "co-in", "f")
+    part.set_leaves(content.leaves)
+    part.write_chunk(1, content.read_sealed(1))
+    woken: list[int] = []
+    stop = part.watch(lambda: woken.append(part.held))
+    c, s = connected()
+    counters: Counter[str] = Counter()
+    logic = ServingSession(co, s.transcript or b"", counters)
+    cid = content.content_id
+    c.send(Open(cid, prove_capability(content.capability, cid, c.transcript or b"")))
+    [opened] = serve(c, s, logic)
+    assert isinstance(opened, Opened) and opened.have == bytes([0b10])
+    part.write_chunk(3, content.read_sealed(3))
+    assert logic.haves() == [], "nothing before the adapter says OPENED went out"
+    [(got_cid, growing)] = logic.take_growing()
+    assert got_cid == cid and growing is part
+    part.write_chunk(0, content.read_sealed(0))
+    assert logic.haves() == [Have(cid, (3, 0))] and logic.haves() == []
+    c.send(Get(cid, 3))
+    [chunk] = serve(c, s, logic)
+    assert isinstance(chunk, Chunk) and bytes(chunk.data) == content.read_sealed(3)
+    assert woken == [2, 3] and counters["haves_sent"] == 1
+    stop()
+    part.write_chunk(2, content.read_sealed(2))
+    assert woken == [2, 3]
+    co.close()
