@@ -6,7 +6,7 @@
 
 `run` shows progress (steps done, virtual time), then writes DIR/NAME.csv (one row per
 measured item), DIR/summary.json (the summary, the scenario and the seed) and prints the
-summary as a table. Plots need matplotlib, which is not installed yet.
+summary as a table, and draws the scenario's plots as DIR/*.png (CDFs and time series).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sim.plots import draw
 from sim.scenario import (
     ScenarioError,
     ScenarioResult,
@@ -51,7 +52,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def write_results(out: Path, name: str, result: ScenarioResult, meta: dict[str, Any]) -> Path:
-    """Write NAME.csv and summary.json into `out`; returns the CSV path."""
+    """Write NAME.csv, summary.json and the PNG plots into `out`; returns the CSV path."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"{name}.csv"
     with csv_path.open("w", newline="") as f:
@@ -60,6 +61,8 @@ def write_results(out: Path, name: str, result: ScenarioResult, meta: dict[str, 
         writer.writerows(result.rows)
     (out / "summary.json").write_text(
         json.dumps({"summary": result.summary} | meta, indent=2, default=str))
+    for plot in result.plots:
+        draw(plot, out)
     return csv_path
 
 
@@ -97,7 +100,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     table.add_row("wall_s", f"{elapsed:.2f}")
     table.add_row("callback_errors", str(errors))
     console.print(table)
-    console.print(f"wrote {csv_path} and {Path(args.out) / 'summary.json'}")
+    pngs = ", ".join(f"{p.name}.png" for p in result.plots)
+    console.print(f"wrote {csv_path}, {Path(args.out) / 'summary.json'}"
+                  + (f" and {pngs}" if pngs else ""))
     return 0 if errors == 0 else 1
 
 

@@ -5,11 +5,12 @@
     seed = 1                     # default; `peerpost-sim run --seed` overrides
 
     [network]
-    latency = "coordinates"      # or "fixed"
+    latency = "coordinates"      # or "fixed", or "pairwise"
     one_way = 0.02               # fixed: one-way delay (s)
     spread = 0.1                 # coordinates: plane width (s)
     access = [0.001, 0.01]       # coordinates: per-host access delay range (s)
     jitter = 0.0                 # coordinates: extra uniform delay (s)
+    rtt = [0.02, 0.2]            # pairwise: each pair's round trip, uniform in [low, high] (s)
     loss = 0.0                   # datagram loss probability
     up = 1e6                     # default host uplink, bytes/s (absent: unlimited)
     down = 1e7                   # default host downlink, bytes/s
@@ -29,7 +30,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sim.latency import CoordinateLatency, FixedLatency, LatencyModel
+from sim.latency import CoordinateLatency, FixedLatency, LatencyModel, PairwiseRtt
+from sim.plots import Plot
 from sim.simulation import Simulation
 
 Progress = Callable[[int, int], None]
@@ -39,7 +41,8 @@ class ScenarioError(ValueError):
     """A scenario file or parameter is wrong; the message says which and why."""
 
 
-_NETWORK_KEYS = {"latency", "one_way", "spread", "access", "jitter", "loss", "up", "down"}
+_NETWORK_KEYS = {"latency", "one_way", "spread", "access", "jitter", "loss", "up", "down",
+                 "rtt"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,7 @@ class NetworkSpec:
     spread: float = 0.1
     access: tuple[float, float] = (0.001, 0.01)
     jitter: float = 0.0
+    rtt: tuple[float, float] = (0.02, 0.2)
     loss: float = 0.0
     up: float | None = None
     down: float | None = None
@@ -74,6 +78,7 @@ class ScenarioResult:
     columns: list[str]
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
+    plots: list[Plot] = field(default_factory=list)
 
 
 def _number(table: Mapping[str, Any], key: str, default: float | None, *, lo: float = 0.0,
@@ -88,24 +93,33 @@ def _number(table: Mapping[str, Any], key: str, default: float | None, *, lo: fl
     return float(value)
 
 
+def _interval(table: Mapping[str, Any], key: str, default: list[float]) -> tuple[float, float]:
+    value = table.get(key, default)
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x <= 10
+                       for x in value)
+            or value[0] > value[1]):
+        raise ScenarioError(f"network.{key} must be [low, high] seconds")
+    return (float(value[0]), float(value[1]))
+
+
 def parse_network(table: Mapping[str, Any]) -> NetworkSpec:
     """Check the [network] table."""
     unknown = set(table) - _NETWORK_KEYS
     if unknown:
         raise ScenarioError(f"unknown network keys: {', '.join(sorted(unknown))}")
     latency = table.get("latency", "coordinates")
-    if latency not in ("coordinates", "fixed"):
-        raise ScenarioError(f"network.latency must be 'coordinates' or 'fixed', not {latency!r}")
-    access = table.get("access", [0.001, 0.01])
-    if (not isinstance(access, list) or len(access) != 2
-            or not all(isinstance(x, int | float) and 0 <= x <= 10 for x in access)
-            or access[0] > access[1]):
-        raise ScenarioError("network.access must be [low, high] seconds")
+    if latency not in ("coordinates", "fixed", "pairwise"):
+        raise ScenarioError("network.latency must be 'coordinates', 'fixed' or 'pairwise', "
+                            f"not {latency!r}")
+    access = _interval(table, "access", [0.001, 0.01])
+    rtt = _interval(table, "rtt", [0.02, 0.2])
     return NetworkSpec(
         latency=latency,
         one_way=_number(table, "one_way", 0.02, hi=10) or 0.0,
         spread=_number(table, "spread", 0.1, hi=10) or 0.0,
-        access=(float(access[0]), float(access[1])),
+        access=access,
+        rtt=rtt,
         jitter=_number(table, "jitter", 0.0, hi=10) or 0.0,
         loss=_number(table, "loss", 0.0, hi=0.99) or 0.0,
         up=_number(table, "up", None, lo=1.0),
@@ -159,6 +173,8 @@ def build_simulation(spec: NetworkSpec, seed: int) -> Simulation:
     latency: LatencyModel
     if spec.latency == "fixed":
         latency = FixedLatency(spec.one_way)
+    elif spec.latency == "pairwise":
+        latency = PairwiseRtt(seed, spec.rtt)
     else:
         latency = CoordinateLatency(random.Random(f"peerpost-sim/{seed}/coordinates"),
                                     spread=spec.spread, access=spec.access, jitter=spec.jitter)

@@ -13,9 +13,12 @@ Runner = Callable[[Simulation, ScenarioSpec, Progress | None], ScenarioResult]
 
 def runner_for(kind: str) -> Runner:
     """The run function of a scenario kind (explicit table, no name lookup from the file)."""
-    from sim.scenarios import dht_lookup
+    from sim.scenarios import churn, dht_lookup, family_video, server_load
 
-    kinds: dict[str, Runner] = {"dht-lookup": dht_lookup.run}
+    kinds: dict[str, Runner] = {"dht-lookup": dht_lookup.run,
+                                "family-video": family_video.run,
+                                "churn": churn.run,
+                                "server-load": server_load.run}
     try:
         return kinds[kind]
     except KeyError:

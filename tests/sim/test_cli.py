@@ -27,7 +27,8 @@ def test_dht_lookup_runs_writes_csv_and_is_deterministic(tmp_path: Path) -> None
     with (tmp_path / "a" / "dht-lookup.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8
-    assert set(rows[0]) == {"lookup", "node", "key", "found", "seconds", "messages"}
+    assert set(rows[0]) == {"lookup", "node", "key", "found", "seconds", "queries", "messages"}
+    assert (tmp_path / "a" / "lookup-latency-cdf.png").stat().st_size > 10_000
     assert first["keys_stored"] == "3/3"
     assert first["found"] == sum(r["found"] == "True" for r in rows)
     assert first["found"] >= 6  # type: ignore[operator]
