@@ -250,12 +250,16 @@ class _ServedSession:
                 continue
             content = self.logic.content(get.content_id) if self.logic is not None else None
             if content is None:
+                if self.logic is not None:
+                    self.logic.finish_get(get.content_id, get.index)
                 continue
             try:
                 sealed = await asyncio.to_thread(content.read_sealed, get.index)
             except (ContentStoreError, OSError) as exc:
                 self.server.counters["read_errors"] += 1
                 log.warning("transfer: cannot serve chunk %d: %s", get.index, exc)
+                if self.logic is not None:
+                    self.logic.finish_get(get.content_id, get.index)
                 await self.sealed.put(Error(ErrorCode.UNAVAILABLE, "chunk unavailable here",
                                             get.content_id, get.index))
                 continue
@@ -266,6 +270,9 @@ class _ServedSession:
         counters = self.server.counters
         while True:
             msg = await self.sealed.get()
+            if (isinstance(msg, Chunk) and self.logic is not None
+                    and not self.logic.finish_get(msg.content_id, msg.index)):
+                continue  # cancelled while it was read and sealed: save the upload
             if isinstance(msg, Chunk):
                 bucket = self.server.bucket(loop.time())
                 if bucket is not None:

@@ -53,6 +53,9 @@ class ServingSession:
         self._max_queued = max_queued
         self._open: dict[bytes, ServedContent] = {}
         self._gets: collections.deque[Get] = collections.deque()
+        # Popped GETs being read, sealed or queued to send (a few: the sealers and the
+        # sealed queue bound them) → whether a CANCEL came for it meanwhile.
+        self._in_service: dict[tuple[bytes, int], bool] = {}
         # Growing (partial) contents opened here: cursor into their held-chunk log as of
         # the OPENED bitmap. `_unannounced` until the adapter has sent that OPENED and
         # watches the content; only then may HAVEs for it go out (never before OPENED).
@@ -68,8 +71,20 @@ class ServingSession:
         return len(self._gets)
 
     def pop_get(self) -> Get | None:
-        """The next GET to serve, oldest first."""
-        return self._gets.popleft() if self._gets else None
+        """The next GET to serve, oldest first; it is *in service* until `finish_get`."""
+        if not self._gets:
+            return None
+        get = self._gets.popleft()
+        self._in_service[(get.content_id, get.index)] = False
+        return get
+
+    def finish_get(self, content_id: bytes, index: int) -> bool:
+        """The chunk is about to go out (or can't be served): False if a CANCEL came for it
+        meanwhile, so don't send it (upload is what a rate-limited holder lacks)."""
+        cancelled = self._in_service.pop((content_id, index), False)
+        if cancelled:
+            self.counters["cancelled"] += 1
+        return not cancelled
 
     def take_growing(self) -> list[tuple[bytes, GrowingContent]]:
         """Growing contents opened since the last call, whose OPENED has now been sent: the
@@ -182,3 +197,6 @@ class ServingSession:
                 self._gets.remove(g)
                 self.counters["cancelled"] += 1
                 return
+        key = (msg.content_id, msg.index)
+        if key in self._in_service:
+            self._in_service[key] = True

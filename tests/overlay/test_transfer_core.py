@@ -402,3 +402,25 @@ def test_a_partial_holder_announces_new_chunks_after_opened(
     part.write_chunk(2, content.read_sealed(2))
     assert woken == [2, 3]
     co.close()
+
+
+def test_cancel_reaches_a_get_already_being_sealed(
+    held: tuple[ContentStore, LocalContent],
+) -> None:
+    store, content = held
+    c, s = connected()
+    counters: Counter[str] = Counter()
+    logic = ServingSession(store, s.transcript or b"", counters)
+    cid = content.content_id
+    c.send(Open(cid, prove_capability(content.capability, cid, c.transcript or b"")))
+    serve(c, s, logic)
+    for i in (0, 1, 2):
+        logic.handle(Get(cid, i))
+    first, second = logic.pop_get(), logic.pop_get()  # both with the sealers now
+    assert first is not None and second is not None
+    logic.handle(Cancel(cid, 1))  # too late for the queue, in time for the sender
+    logic.handle(Cancel(cid, 2))  # still queued
+    assert logic.finish_get(cid, 0) and not logic.finish_get(cid, 1)
+    assert logic.pop_get() is None and counters["cancelled"] == 2
+    logic.handle(Cancel(cid, 0))  # already sent: nothing to do, nothing grows
+    assert logic.finish_get(cid, 0) and counters["cancelled"] == 2
