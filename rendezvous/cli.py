@@ -1,14 +1,24 @@
 """`peerpost-rendezvous`: run a domain's rendezvous server, issue invites, show stats.
 
     peerpost-rendezvous serve --domain D --listen HOST:PORT --data DIR [--open-registration]
+                              [--stun-port N] [--dht-port N]
+                              [--relay-rate BYTES_PER_S] [--relay-daily BYTES]
     peerpost-rendezvous invite ADDRESS --data DIR [--days N]
     peerpost-rendezvous stats --data DIR [--json]
 
 `serve` prints one machine-readable line `listening HOST:PORT` on stdout (flushed) once
-the socket is bound, so `--listen 127.0.0.1:0` can be read back; logs go to stderr as
-key=value lines. SIGTERM or SIGINT shut it down cleanly. It uses uvloop when installed.
-Every few seconds it writes DATA/stats.json, which `stats` reads for the online sessions;
-the other figures `stats` shows come from the SQLite file directly (see stats.py).
+the socket is bound, so `--listen 127.0.0.1:0` can be read back, then `stun listening
+HOST:PORT` and `dht listening HOST:PORT` for the services asked for (port 0: any free
+port; both on the --listen host, UDP). Logs go to stderr as key=value lines. SIGTERM or
+SIGINT shut it down cleanly. It uses uvloop when installed.
+Every few seconds it writes DATA/stats.json, which `stats` reads for the online sessions,
+relay counters and the services' counters; the other figures `stats` shows come from the
+SQLite file directly (see stats.py).
+
+The DHT bootstrap node comes from the overlay package, loaded by name only when
+`--dht-port` is given (services.py explains why that is the least bad way); its identity
+is DATA/server-identity.json (0600). The relay caps apply per account (the caller's);
+0 turns one off.
 """
 
 from __future__ import annotations
@@ -31,11 +41,14 @@ from crypto.errors import DecodeError
 from rendezvous.limits import DAY, Limits
 from rendezvous.logfmt import configure, kv
 from rendezvous.server import RendezvousServer
+from rendezvous.services import ExtraService, StunService, load_starter, server_identity
 from rendezvous.sqlite_store import DB_NAME, SqliteStore, create_invite, read_stats
 from rendezvous.stats import read_live_stats, write_stats
 
 log = logging.getLogger("rendezvous.cli")
 _DEFAULTS = Limits()
+_RELAY_COUNTERS = ("relayed_bytes", "relay_sessions", "relay_active", "relay_refused",
+                   "relay_expired", "relay_cut_daily")
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -43,6 +56,22 @@ def _listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}")
+    return int(text)
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +92,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="requests per second per connection")
     s.add_argument("--envelope-days", type=float, default=_DEFAULTS.envelope_ttl / DAY)
     s.add_argument("--stats-interval", type=float, default=2.0, metavar="SECONDS")
+    s.add_argument("--stun-port", type=_port, metavar="N",
+                   help="answer STUN on this UDP port (0: any free port)")
+    s.add_argument("--dht-port", type=_port, metavar="N",
+                   help="run a DHT bootstrap node on this UDP port (0: any free port)")
+    s.add_argument("--relay-rate", type=_non_negative, default=_DEFAULTS.relay_rate,
+                   metavar="BYTES_PER_S",
+                   help="relayed bytes per second per account (0: no cap; default %(default)g)")
+    s.add_argument("--relay-daily", type=_non_negative, default=_DEFAULTS.relay_daily,
+                   metavar="BYTES",
+                   help="relayed bytes per account per UTC day (0: no cap; default %(default)g)")
     s.add_argument("--log-level", default="info")
     i = sub.add_parser("invite", help="issue a single-use invite token for an address")
     i.add_argument("address")
@@ -108,7 +147,8 @@ def _serve(args: argparse.Namespace) -> int:
                     quota_count=args.quota_count, quota_bytes=args.quota_bytes,
                     request_rate=args.request_rate,
                     request_burst=max(args.request_rate * 2, 1.0),
-                    envelope_ttl=args.envelope_days * DAY)
+                    envelope_ttl=args.envelope_days * DAY, relay_rate=args.relay_rate,
+                    relay_daily=int(args.relay_daily))
     return _run(_serve_async(args, limits))
 
 
@@ -118,10 +158,22 @@ async def _serve_async(args: argparse.Namespace, limits: Limits) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     data: Path = args.data
+    try:
+        services = await _start_services(args)
+    except (OSError, LookupError) as exc:
+        print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
+        return 1
     server = RendezvousServer(args.domain, SqliteStore(data / DB_NAME),
-                              open_registration=args.open_registration, limits=limits)
-    host, port = await server.start(*args.listen)
+                              open_registration=args.open_registration, limits=limits,
+                              services=services)
+    try:
+        host, port = await server.start(*args.listen)
+    except BaseException:
+        await server.aclose()  # closes the services too
+        raise
     print(f"listening {host}:{port}", flush=True)
+    for name, svc in services.items():
+        print(f"{name} listening {svc.address[0]}:{svc.address[1]}", flush=True)
     try:
         while not stop.is_set():
             write_stats(data, server.snapshot(), running=True, now=time.time())
@@ -134,6 +186,24 @@ async def _serve_async(args: argparse.Namespace, limits: Limits) -> int:
         await server.aclose()
         write_stats(data, server.snapshot(), running=False, now=time.time())
     return 0
+
+
+async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
+    """STUN and the DHT bootstrap node, as asked, on the --listen host (UDP)."""
+    host = args.listen[0]
+    services: dict[str, ExtraService] = {}
+    try:
+        if args.stun_port is not None:
+            services["stun"] = await StunService.start(host, args.stun_port)
+        if args.dht_port is not None:
+            start_dht = load_starter("dht")
+            identity = await asyncio.to_thread(server_identity, args.data)
+            services["dht"] = await start_dht(host, args.dht_port, identity)
+    except BaseException:
+        for svc in services.values():
+            await svc.aclose()
+        raise
+    return services
 
 
 def _invite(args: argparse.Namespace) -> int:
@@ -169,6 +239,12 @@ def _stats(args: argparse.Namespace) -> int:
         "online_devices": live.get("online_devices", 0) if live else 0,
         "connections": live.get("connections", 0) if live else 0,
     }
+    for key in _RELAY_COUNTERS:
+        doc[key] = live.get(key, 0) if live else 0
+    if live:
+        # The extra services' counters, as the server named them (stun_*, dht_*).
+        doc.update({k: v for k, v in live.items()
+                    if k.startswith(("stun_", "dht_")) and isinstance(v, int)})
     if args.json:
         print(json.dumps(doc))
     else:

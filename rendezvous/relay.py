@@ -56,7 +56,7 @@ def _mb(n: float) -> str:
 class AccountMeter:
     """One account's relay caps: a byte-rate bucket and a volume per UTC day."""
 
-    __slots__ = ("_bucket", "daily", "day", "used")
+    __slots__ = ("_bucket", "daily", "day", "exhausted", "used")
 
     def __init__(self, rate: float, daily: int, now: float) -> None:
         # A small burst, so the rate holds over seconds, not only over minutes.
@@ -65,17 +65,20 @@ class AccountMeter:
         self.daily = daily
         self.day = -1
         self.used = 0
+        self.exhausted = False  # a splice was cut for it today: nothing more until tomorrow
 
     def used_on(self, day: int) -> int:
         """Bytes relayed on UTC day `day` (a new day starts from zero)."""
         if day != self.day:
             self.day = day
             self.used = 0
+            self.exhausted = False
         return self.used
 
     def over_daily(self, day: int, more: int = 0) -> bool:
         """Whether relaying `more` bytes today would pass the daily volume."""
-        return self.daily > 0 and self.used_on(day) + more > self.daily
+        used = self.used_on(day)
+        return self.daily > 0 and (self.exhausted or used + more > self.daily)
 
     def charge(self, n: int, now: float, day: int) -> float:
         """Count `n` relayed bytes; seconds to pause reading so the rate holds (0: none)."""
@@ -124,6 +127,7 @@ class Splice:
         n = len(data)
         day = self.registry.day()
         if self.meter.over_daily(day, n):
+            self.meter.exhausted = True
             self.registry.cut_daily += 1
             self.cut(f"daily relay volume of {self.account} used up "
                      f"({_mb(self.meter.used_on(day))} of {_mb(self.meter.daily)})")

@@ -70,6 +70,8 @@ class StunService:
     def __init__(self, transport: asyncio.DatagramTransport, address: tuple[str, int]) -> None:
         self._transport = transport
         self._address = address
+        # Kept here: a closed transport may no longer know its protocol (uvloop).
+        self._responder = cast(StunServerProtocol, transport.get_protocol()).responder
 
     @classmethod
     async def start(cls, host: str, port: int) -> StunService:
@@ -82,8 +84,7 @@ class StunService:
         return self._address
 
     def stats(self) -> dict[str, int]:
-        proto = cast(StunServerProtocol, self._transport.get_protocol())
-        return asdict(proto.responder.stats)
+        return asdict(self._responder.stats)
 
     async def aclose(self) -> None:
         self._transport.close()
