@@ -7,8 +7,9 @@ Steps, all in virtual time:
    each through a random node of an earlier wave.
 2. `keys` contents are announced as provided (overlay: signed provider records) or keys
    stored (kademlia: `set`), each from a random node.
-3. A `dead_fraction` of the nodes (never the first, never a provider) go offline silently.
-4. `lookups` lookups, `concurrency` at a time, from random live nodes for random keys:
+3. `healthy_lookups` lookups with every node alive (as in step 5), if asked for.
+4. A `dead_fraction` of the nodes (never the first, never a provider) go offline silently.
+5. `lookups` lookups, `concurrency` at a time, from random live nodes for random keys:
    `find_providers(limit=1)` (overlay) or `get` (kademlia).
 
 One CSV row per lookup: whether the provider (value) came back, the virtual duration, the
@@ -34,7 +35,8 @@ from sim.simulation import Simulation
 
 PORT = 8468
 EPOCH = 1.7e9  # provider records carry wall-clock expiries: a plausible virtual wall clock
-COLUMNS = ["lookup", "node", "key", "found", "seconds", "queries", "messages"]
+COLUMNS = ["lookup", "dead_fraction", "node", "key", "found", "seconds", "queries",
+           "messages"]
 IMPLEMENTATIONS = ("overlay", "kademlia")
 
 
@@ -45,6 +47,7 @@ class Params:
     nodes: int = 200
     keys: int = 10
     lookups: int = 100
+    healthy_lookups: int = 0
     dead_fraction: float = 0.2
     bootstrap_batch: int = 20
     ksize: int = 20
@@ -57,7 +60,8 @@ class Params:
         """Check types and ranges; unknown keys are errors."""
         limits: dict[str, tuple[float, float]] = {
             "nodes": (2, 100_000), "keys": (1, 10_000), "lookups": (0, 1_000_000),
-            "dead_fraction": (0.0, 0.9), "bootstrap_batch": (1, 10_000), "ksize": (1, 32),
+            "healthy_lookups": (0, 1_000_000), "dead_fraction": (0.0, 0.9),
+            "bootstrap_batch": (1, 10_000), "ksize": (1, 32),
             "alpha": (1, 20), "concurrency": (1, 10_000)}
         unknown = set(table) - set(limits) - {"implementation"}
         if unknown:
@@ -164,7 +168,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
     make = _overlay_node if p.implementation == "overlay" else _kademlia_node
     nodes = [make(sim, p, h, i, contents) for i, h in enumerate(hosts)]
     rows: list[dict[str, Any]] = []
-    total = p.nodes + p.keys + p.lookups
+    total = p.nodes + p.keys + p.lookups + p.healthy_lookups
     phases: dict[str, float] = {"started": 0, "stored": 0}
 
     def tick() -> None:
@@ -192,44 +196,61 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
             phases["stored"] = k + 1
             tick()
         phases["keys_stored_ok"] = stored
-        candidates = [i for i in range(1, p.nodes) if i not in providers]
-        dead = rng.sample(candidates, min(len(candidates), int(p.dead_fraction * p.nodes)))
-        for i in dead:
-            hosts[i].go_offline()
-        live = [i for i in range(p.nodes) if hosts[i].online]
-        phases["lookups_start"] = sim.now
-        plan = [(n, rng.choice(live), rng.randrange(p.keys)) for n in range(p.lookups)]
         gate = asyncio.Semaphore(p.concurrency)
 
-        async def one(n: int, i: int, k: int) -> None:
+        async def one(n: int, i: int, k: int, dead: float) -> None:
             async with gate:
                 t0, m0, q0 = sim.now, sim.trace.messages, nodes[i].sent()
                 found = await hosts[i].create_task(nodes[i].lookup(k))
-                rows.append({"lookup": n, "node": i, "key": k, "found": found,
-                             "seconds": round(sim.now - t0, 6),
+                rows.append({"lookup": n, "dead_fraction": dead, "node": i, "key": k,
+                             "found": found, "seconds": round(sim.now - t0, 6),
                              "queries": nodes[i].sent() - q0,
                              "messages": sim.trace.messages - m0})
                 tick()
 
-        await asyncio.gather(*(one(n, i, k) for n, i, k in plan))
+        async def lookups(first: int, count: int, dead: float) -> None:
+            live = [i for i in range(p.nodes) if hosts[i].online]
+            plan = [(first + n, rng.choice(live), rng.randrange(p.keys)) for n in range(count)]
+            await asyncio.gather(*(one(n, i, k, dead) for n, i, k in plan))
+
+        await lookups(0, p.healthy_lookups, 0.0)
+        candidates = [i for i in range(1, p.nodes) if i not in providers]
+        dead = rng.sample(candidates, min(len(candidates), int(p.dead_fraction * p.nodes)))
+        for i in dead:
+            hosts[i].go_offline()
+        phases["lookups_start"] = sim.now
+        await lookups(p.healthy_lookups, p.lookups, p.dead_fraction)
         rows.sort(key=lambda r: r["lookup"])
         for i, node in enumerate(nodes):
             if hosts[i].online:
                 await hosts[i].create_task(node.stop())
 
     sim.run(main())
-    label = f"{p.implementation}, {p.nodes} nodes, {int(p.dead_fraction * 100)}% dead"
+    label = f"{p.implementation}, {p.nodes} nodes"
+    fractions = sorted({r["dead_fraction"] for r in rows})
+
+    def by(f: float, col: str) -> list[float]:
+        return [r[col] for r in rows if r["dead_fraction"] == f]
+
     plots = [
         Plot("lookup-latency-cdf", "cdf", f"Provider lookup latency ({label})",
              "lookup time (s, virtual)", "fraction of lookups",
-             {"all lookups": [r["seconds"] for r in rows],
-              "found": [r["seconds"] for r in rows if r["found"]]}),
+             {f"{int(f * 100)}% dead": by(f, "seconds") for f in fractions}),
         Plot("lookup-messages-cdf", "cdf", f"Messages delivered per lookup ({label})",
              "messages delivered during the lookup", "fraction of lookups",
-             {"lookups": [r["messages"] for r in rows]}),
+             {f"{int(f * 100)}% dead": by(f, "messages") for f in fractions}),
     ]
-    return ScenarioResult(COLUMNS, rows, _summary(sim, p, rows, phases, len(dead_of(sim))),
-                          plots)
+    main_rows = [r for r in rows if r["dead_fraction"] == p.dead_fraction]
+    summary = _summary(sim, p, main_rows, phases, len(dead_of(sim)))
+    healthy = [r for r in rows if r["dead_fraction"] == 0.0]
+    if p.healthy_lookups and p.dead_fraction:
+        ok = sum(r["found"] for r in healthy)
+        secs = [r["seconds"] for r in healthy]
+        summary |= {"healthy: lookups": len(healthy),
+                    "healthy: success_rate": round(ok / len(healthy), 4),
+                    "healthy: lookup_p50_s": round(percentile(secs, 0.5), 3),
+                    "healthy: lookup_p90_s": round(percentile(secs, 0.9), 3)}
+    return ScenarioResult(COLUMNS, rows, summary, plots)
 
 
 def dead_of(sim: Simulation) -> list[Host]:

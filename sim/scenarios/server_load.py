@@ -142,9 +142,8 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
             t.cancel()
         watch.cancel()
         await asyncio.gather(*tasks, watch, return_exceptions=True)
-        for i, c in enumerate(clients):
-            if c is not None:
-                await hosts[i].create_task(c.aclose())
+        await asyncio.gather(*(hosts[i].create_task(c.aclose())
+                               for i, c in enumerate(clients) if c is not None))
         await rv.create_task(deployed.server.aclose())
 
     sim.run(main())

@@ -11,7 +11,8 @@ import pytest
 from sim.cli import main
 from sim.scenario import ScenarioError, load_scenario
 
-SMALL = ["--set", "nodes=40", "--set", "lookups=8", "--set", "keys=3", "--quiet"]
+SMALL = ["--set", "nodes=40", "--set", "lookups=8", "--set", "keys=3", "--set", "healthy_lookups=0",
+         "--quiet"]
 
 
 def _run(out: Path, seed: int) -> dict[str, object]:
@@ -27,7 +28,8 @@ def test_dht_lookup_runs_writes_csv_and_is_deterministic(tmp_path: Path) -> None
     with (tmp_path / "a" / "dht-lookup.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8
-    assert set(rows[0]) == {"lookup", "node", "key", "found", "seconds", "queries", "messages"}
+    assert set(rows[0]) == {"lookup", "dead_fraction", "node", "key", "found", "seconds",
+                            "queries", "messages"}
     assert (tmp_path / "a" / "lookup-latency-cdf.png").stat().st_size > 10_000
     assert first["keys_stored"] == "3/3"
     assert first["found"] == sum(r["found"] == "True" for r in rows)

@@ -34,9 +34,11 @@ def test_the_four_built_ins_are_shipped() -> None:
 def test_dht_lookup_finds_providers_with_a_fifth_dead(tmp_path: Path,
                                                      implementation: str) -> None:
     summary, rows = _run(tmp_path, "dht-lookup", implementation=implementation, nodes=60,
-                         keys=4, lookups=20, bootstrap_batch=10)
-    assert summary["dead"] == 12 and len(rows) == 20
+                         keys=4, healthy_lookups=10, lookups=20, bootstrap_batch=10)
+    assert summary["dead"] == 12 and len(rows) == 30
+    assert [r["dead_fraction"] for r in rows] == ["0.0"] * 10 + ["0.2"] * 20
     if implementation == "overlay":
+        assert summary["healthy: success_rate"] == 1.0
         assert summary["found"] == 20  # ours: every lookup finds its provider
         assert summary["lookup_p90_s"] < 1.5
     assert len(list(tmp_path.glob("*.png"))) == 2
