@@ -1,18 +1,23 @@
-"""Transports on loopback, two processes: direct TCP against the WebRTC data channel.
+"""Transports on loopback, two processes: direct TCP, the WebRTC data channel, the relay.
 
 `python -m benchmarks paths [--mib 64] [--tcp-mib 512] [--quick] [--no-sweep]`
 
 The dialing process sends; a child process accepts and reads to EOF, like two nodes. For
 WebRTC the offer and answer travel over the child's stdin/stdout (a stand-in for PIPE), with
-no STUN server (host candidates). Reported per transport:
+no STUN server (host candidates). For the relay a third process is a real
+`peerpost-rendezvous serve` with its caps off (`--relay-rate 0 --relay-daily 0`: with the
+default 2 MB/s cap the relay measures the cap, not the code); the child keeps a control
+session and accepts the RELAY-INVITE, the parent dials with `overlay.relay.relay_dial`.
+Reported per transport:
 
 - MB/s: bytes / (first byte sent .. the receiver's acknowledgement of EOF);
 - setup: from starting the dial to the first byte from the peer (median of 5 dials);
-- CPU seconds per GB, both processes together (sender + receiver);
+- CPU seconds per GB, both processes together (sender + receiver), and for the relay the
+  server's own CPU seconds per GB as a separate row;
 - for WebRTC a sweep over message size and bufferedAmount high/low water, which is where
   `ChannelTuning`'s defaults come from, on uvloop and (default tuning) the plain asyncio loop.
 
-Targets: WebRTC >= 6 MB/s on uvloop, WebRTC setup < 300 ms. (The relay row comes later.)
+Targets: WebRTC >= 6 MB/s on uvloop, WebRTC setup < 300 ms, relay >= 50% of direct TCP.
 """
 
 from __future__ import annotations
@@ -20,27 +25,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import uvloop
 
 from benchmarks.common import report
+from crypto.identity import DeviceIdentity
+from overlay.relay import relay_accept, relay_dial
 from overlay.signalling import PipeSender
 from overlay.stream import Stream
 from overlay.tcp import TcpStream, connect_tcp, serve_tcp
 from overlay.webrtc import WebRtcEndpoint, WebRtcSettings
 from overlay.webrtc_stream import ChannelTuning
-from rendezvous.messages import PipeMessage
+from rendezvous.client import RendezvousClient
+from rendezvous.messages import PipeMessage, RelayInvite
 
 MiB = 1 << 20
 KiB = 1024
 _SETUPS = 5
 _SENDER, _RECEIVER = ("sender@bench.example", b"\x01" * 20), ("receiver@bench.example",
                                                                b"\x02" * 20)
+# Real keys for the relay, whose server checks who is who.
+_SENDER_KEY, _RECEIVER_KEY = (DeviceIdentity.from_seed(b"\x01" * 32),
+                              DeviceIdentity.from_seed(b"\x02" * 32))
 
 
 class _LinePipe:
@@ -75,7 +89,54 @@ async def _serve_one(stream: Stream, out: Any) -> None:
     out(f"result {n} {cpu:.4f}\n".encode())
 
 
-async def _child(kind: str, tuning: ChannelTuning) -> None:
+async def _relay_child(relay_port: int, reader: asyncio.StreamReader, out: Any) -> None:
+    async with RendezvousClient("127.0.0.1", relay_port, _RECEIVER_KEY, _RECEIVER[0],
+                                register=True) as rc, asyncio.TaskGroup() as tg:
+        out(b"port 0\n")
+
+        async def serve() -> None:
+            async for push in rc.pushes():
+                if isinstance(push, RelayInvite):
+                    s = await relay_accept("127.0.0.1", relay_port, _RECEIVER_KEY,
+                                           _RECEIVER[0], push)
+                    await _serve_one(s, out)
+                    await s.aclose()
+        server_task = tg.create_task(serve())
+        await reader.read()  # until the parent closes our stdin
+        server_task.cancel()
+
+
+class _RelayServer:
+    """A `peerpost-rendezvous serve` process with the relay caps off."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        self.proc = proc
+        self.port = port
+
+    @classmethod
+    async def start(cls, data: Path) -> _RelayServer:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rendezvous", "serve", "--domain", "bench.example",
+            "--listen", "127.0.0.1:0", "--data", str(data), "--open-registration",
+            "--relay-rate", "0", "--relay-daily", "0", "--log-level", "warning",
+            stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        if not line.startswith("listening "):
+            raise RuntimeError(f"rendezvous server did not start: {line!r}")
+        return cls(proc, int(line.split()[1].rsplit(":", 1)[1]))
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (from /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def aclose(self) -> None:
+        self.proc.terminate()
+        await self.proc.wait()
+
+
+async def _child(kind: str, tuning: ChannelTuning, relay_port: int = 0) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -84,6 +145,9 @@ async def _child(kind: str, tuning: ChannelTuning) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
 
+    if kind == "relay":
+        await _relay_child(relay_port, reader, out)
+        return
     if kind == "tcp":
         async def handler(s: TcpStream) -> None:
             await _serve_one(s, out)
@@ -136,9 +200,22 @@ class _Child:
 
 async def _measure(kind: str, tuning: ChannelTuning, size: int, loop_name: str
                    ) -> dict[str, Any]:
+    if kind != "relay":
+        return await _measure_pair(kind, tuning, size, loop_name, None)
+    with tempfile.TemporaryDirectory() as data:
+        server = await _RelayServer.start(Path(data))
+        try:
+            return await _measure_pair(kind, tuning, size, loop_name, server)
+        finally:
+            await server.aclose()
+
+
+async def _measure_pair(kind: str, tuning: ChannelTuning, size: int, loop_name: str,
+                        relay: _RelayServer | None) -> dict[str, Any]:
+    relay_port = relay.port if relay is not None else 0
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "benchmarks.paths", "--child", kind, "--loop", loop_name,
-        "--tuning", json.dumps(asdict(tuning)),
+        "--tuning", json.dumps(asdict(tuning)), "--relay-port", str(relay_port),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     child = _Child(proc)
     async with asyncio.TaskGroup() as tg:
@@ -147,10 +224,18 @@ async def _measure(kind: str, tuning: ChannelTuning, size: int, loop_name: str
         rtc = WebRtcEndpoint(child.pipe(), WebRtcSettings(tuning=tuning))
         child.rtc = rtc
         await rtc.start()
+        control = None
+        if relay is not None:  # the sender's account must exist, and a session is usual
+            control = RendezvousClient("127.0.0.1", relay_port, _SENDER_KEY, _SENDER[0],
+                                       register=True)
+            await control.start()
 
         async def dial() -> Stream:
             if kind == "tcp":
                 return await connect_tcp("127.0.0.1", child.port)
+            if kind == "relay":
+                return await relay_dial("127.0.0.1", relay_port, _SENDER_KEY, _SENDER[0],
+                                        _RECEIVER[0], _RECEIVER_KEY.peer_id, timeout=30)
             return await rtc.dial(*_RECEIVER)
 
         setups = []
@@ -167,6 +252,7 @@ async def _measure(kind: str, tuning: ChannelTuning, size: int, loop_name: str
         s = await dial()
         assert await s.receive_some(1) == b"h"
         block = bytes(range(256)) * (4 * KiB)  # 1 MiB
+        server_cpu0 = relay.cpu_seconds() if relay is not None else 0.0
         cpu0, t0 = time.process_time(), time.perf_counter()
         sent = 0
         while sent < size:
@@ -176,9 +262,12 @@ async def _measure(kind: str, tuning: ChannelTuning, size: int, loop_name: str
         assert await s.receive_some(1) == b"k"
         seconds = time.perf_counter() - t0
         cpu_sender = time.process_time() - cpu0
+        server_cpu = relay.cpu_seconds() - server_cpu0 if relay is not None else 0.0
         received, cpu_receiver = await child.results.get()
         await s.aclose()
         await rtc.aclose()
+        if control is not None:
+            await control.aclose()
         assert proc.stdin is not None
         proc.stdin.close()
         await proc.wait()
@@ -187,7 +276,8 @@ async def _measure(kind: str, tuning: ChannelTuning, size: int, loop_name: str
         raise RuntimeError(f"{kind}: receiver got {received} of {size} bytes")
     return {"mbps": size / seconds / 1e6, "setup_ms": statistics.median(setups) * 1000,
             "setup_all_ms": [round(x * 1000, 1) for x in setups],
-            "cpu_s_per_gb": (cpu_sender + cpu_receiver) / (size / 1e9), "seconds": seconds}
+            "cpu_s_per_gb": (cpu_sender + cpu_receiver) / (size / 1e9), "seconds": seconds,
+            "server_cpu_s_per_gb": server_cpu / (size / 1e9)}
 
 
 def _run(kind: str, tuning: ChannelTuning, size: int, loop_name: str) -> dict[str, Any]:
@@ -206,13 +296,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--tcp-mib", type=int, default=512, help="MiB for the TCP run")
     ap.add_argument("--quick", action="store_true", help="16 MiB WebRTC, 128 MiB TCP")
     ap.add_argument("--no-sweep", action="store_true", help="only the default tuning")
-    ap.add_argument("--child", choices=["tcp", "webrtc"], help=argparse.SUPPRESS)
+    ap.add_argument("--no-relay", action="store_true", help="skip the relay row")
+    ap.add_argument("--child", choices=["tcp", "webrtc", "relay"], help=argparse.SUPPRESS)
+    ap.add_argument("--relay-port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--loop", default="uvloop", help=argparse.SUPPRESS)
     ap.add_argument("--tuning", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         tuning = ChannelTuning(**json.loads(args.tuning))
-        (uvloop.run if args.loop == "uvloop" else asyncio.run)(_child(args.child, tuning))
+        (uvloop.run if args.loop == "uvloop" else asyncio.run)(
+            _child(args.child, tuning, args.relay_port))
         return 0
     rtc_size = (16 if args.quick else args.mib) * MiB
     tcp_size = (128 if args.quick else args.tcp_mib) * MiB
@@ -239,6 +332,21 @@ def main(argv: list[str]) -> int:
          "target": "< 300", "ok": rtc["setup_ms"] < 300},
         {"metric": "WebRTC CPU (both ends)", "value": rtc["cpu_s_per_gb"], "unit": "s/GB"},
     ]
+    if not args.no_relay:
+        relay = _run("relay", default, tcp_size, "uvloop")
+        meta["runs"].append({"kind": "relay", "loop": "uvloop", "caps": "off", **relay})
+        share = relay["mbps"] / tcp["mbps"]
+        rows += [
+            {"metric": "relay via rendezvous server, caps off, uvloop", "value": relay["mbps"],
+             "unit": "MB/s"},
+            {"metric": "relay / direct TCP", "value": share * 100, "unit": "%",
+             "target": ">= 50", "ok": share >= 0.5},
+            {"metric": "relay setup (dial → invite → accept → first byte)",
+             "value": relay["setup_ms"], "unit": "ms"},
+            {"metric": "relay CPU (both ends)", "value": relay["cpu_s_per_gb"], "unit": "s/GB"},
+            {"metric": "relay CPU (server)", "value": relay["server_cpu_s_per_gb"],
+             "unit": "s/GB"},
+        ]
     if not args.no_sweep:
         sweep = [ChannelTuning(message_size=m) for m in (16 * KiB, 256 * KiB)] + [
             ChannelTuning(high_water=h, low_water=h // 4) for h in (256 * KiB, 4 * MiB)]
