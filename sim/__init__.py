@@ -2,8 +2,13 @@
 
 Start with `Simulation` (sim.simulation); the pieces are `SimLoop` (sim.loop), `Network` and
 `Host` (sim.net, sim.host), the NAT model (sim.nat), latency models (sim.latency), churn
-(sim.churn), the trace (sim.trace), scenarios (sim.scenario, sim.scenarios) and the
-`peerpost-sim` command (sim.cli).
+(sim.churn), the trace (sim.trace), scenarios (sim.scenario, sim.scenarios), plots
+(sim.plots) and the `peerpost-sim` command (sim.cli).
+
+The project's own code runs on it unchanged: `sim.deploy` puts the real rendezvous server
+(in-memory inline SQLite store) and real `Node` daemons on simulated hosts, and
+`sim.webrtc.SimWebRtcEndpoint` is a WebRTC transport with `WebRtcEndpoint`'s dial/accept
+shape whose channel opens as the NAT model and the measured setup cost say.
 """
 
 from sim.host import Host, NoHostError, current_host
