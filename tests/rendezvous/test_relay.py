@@ -174,3 +174,27 @@ async def test_relay_to_a_device_that_is_not_online_or_not_there(tmp_path: Path)
             with pytest.raises(RelayError) as err:
                 await relay_dial(host, port, ALICE, "alice@example.net", to, device, timeout=5)
             assert (err.value.status, err.value.text) == (status, text)
+
+
+async def test_shutdown_breaks_splices_and_refuses_offers_promptly(tmp_path: Path) -> None:
+    async with relay_setup(tmp_path, UNCAPPED) as (server, pair):
+        host, port = server.address or ("", 0)
+        a, b = await pair()
+        offered = asyncio.create_task(relay_dial(host, port, ALICE, "alice@example.net",
+                                                 "bob@example.net", BOB.peer_id, timeout=10))
+        await pair.next_invite()  # offered, never accepted
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await server.aclose()
+        assert loop.time() - t0 < 2.0
+        with pytest.raises(RelayError) as err:
+            await offered
+        assert (err.value.status, err.value.text) == (Status.UNAVAILABLE,
+                                                      "server shutting down")
+        with pytest.raises(StreamBroken):
+            async with asyncio.timeout(5):
+                while True:
+                    await a.send_all(b"x" * 65536)
+                    await asyncio.sleep(0.01)
+        await a.aclose()
+        await b.aclose()
