@@ -59,6 +59,9 @@ def _wait_with_bar(net: LocalNetwork, node: NodeHandle, mid: str, size: int, con
 
 
 def run_demo(args: argparse.Namespace, console: Console) -> int:
+    # Piped or in CI, rich assumes 80 columns and would cut the tables' figures.
+    if not console.is_terminal:
+        console = Console(width=110)
     root = Path(tempfile.mkdtemp(prefix="peerpost-demo-"))
     ok = False
     try:
@@ -73,6 +76,11 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
         else:
             console.print(f"kept {root}")
     return 0 if ok else 1
+
+
+def _peer_label(net: LocalNetwork, node: NodeHandle) -> str:
+    label: str = net.cli_json(node, "info")["peer_id"][:16]
+    return label
 
 
 def _server_stats(net: LocalNetwork) -> dict[str, Any]:
@@ -107,18 +115,19 @@ def _demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
         host, port = net.start_server()
         console.print(f"rendezvous server for {net.domain} on {host}:{port} (SQLite in "
                       f"{net.data_dir.name}/)")
-        alice, bob, carol = (net.add_node(n) for n in ("alice", "bob", "carol"))
+        alice, bob, carol, dave = (net.add_node(n) for n in ("alice", "bob", "carol", "dave"))
         net.start_node(alice)
         net.start_node(bob)
         console.print(f"online: {alice.address} (sender), {bob.address}; "
-                      f"offline: {carol.address}")
+                      f"offline: {carol.address}, {dave.address}")
         before = dir_size(net.data_dir)
 
         t0 = time.time()
-        mid = net.cli(alice, "send", str(clip), "--to", f"{bob.address},{carol.address}",
+        to = ",".join(n.address for n in (bob, carol, dave))
+        mid = net.cli(alice, "send", str(clip), "--to", to,
                       "--title", "Grandma's 90th birthday", "--note", "the cake!").stdout.strip()
         t_send = time.time()
-        console.print(f"sent message {mid} to {bob.address} and {carol.address} "
+        console.print(f"sent message {mid} to {to} "
                       f"(`peerpost send` took {t_send - t0:.2f} s: it seals and hashes the "
                       f"whole clip to name it)")
         queued = _server_stats(net)["bytes_stored"]
@@ -128,26 +137,48 @@ def _demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
         t_carol_on = time.time()
         net.start_node(carol)
         got_carol = _wait_with_bar(net, carol, mid, size, console)
+
+        console.rule("stage 2: the sender leaves; a late recipient gets it from the others")
+        alice_id = _peer_label(net, alice)
+        net.stop_node(alice)
+        console.print(f"{alice.address} went offline; {dave.address} comes online")
+        t_dave_on = time.time()
+        net.start_node(dave)
+        got_dave = _wait_with_bar(net, dave, mid, size, console)
+        from_others = sum(s["bytes"] for s in got_dave["sources"] if s["peer"] != alice_id)
         grown = dir_size(net.data_dir) - before
 
         digest = _digest(clip)
         checks = {
             f"{bob.name}'s copy is byte-identical": _digest(Path(got_bob["path"])) == digest,
             f"{carol.name}'s copy is byte-identical": _digest(Path(got_carol["path"])) == digest,
+            f"{dave.name}'s copy is byte-identical, every byte from the co-recipients":
+                _digest(Path(got_dave["path"])) == digest and from_others >= size,
             "the server held location messages only, never media (its data folder grew "
             "by less than 1 MiB)": grown < MiB,
         }
-        status = net.cli_json(alice, "status")
+        net.start_node(alice)  # back, to show the sender's view of the receipts
+        status = net.wait_until(lambda: (st := net.cli_json(alice, "status")) and all(
+            r["state"] == "downloaded" for r in st[0]["recipients"]) and st, 30,
+            "receipts at the sender")
 
-        table = Table(title="what happened (times from `send` returning, or from coming online)")
+        names = {_peer_label(net, n): n.name for n in (bob, carol, dave)}
+        names[alice_id] = alice.name
+        table = Table(title="what happened (times from the message reaching the server, "
+                            "or from coming online)")
         for col in ("receiver", "first byte", "complete", "throughput", "sources"):
             table.add_column(col, no_wrap=True)
-        for node, got, start in ((bob, got_bob, t_send), (carol, got_carol, t_carol_on)):
+        deposited = status[0]["created_at"]  # when the sender's node handed it to the server
+        rows = ((bob, got_bob, deposited), (carol, got_carol, t_carol_on),
+                (dave, got_dave, t_dave_on))
+        for node, got, start in rows:
             first = (got.get("first_byte_at") or start) - start
             done = (got.get("completed_at") or time.time()) - start
             busy = (got.get("completed_at") or 0) - (got.get("first_byte_at") or 0)
             rate = size / busy if busy > 0 else 0.0
-            srcs = ", ".join(f"{s['peer'][:8]}/{s['path']}" for s in got["sources"])
+            srcs = ", ".join(f"{names.get(s['peer'], s['peer'][:8])} via {s['path']} "
+                             f"{100 * s['bytes'] / size:.0f}%"
+                             for s in got["sources"] if s["bytes"])
             table.add_row(node.name, f"{first * 1000:.0f} ms", f"{done:.2f} s",
                           f"{rate / MiB:.0f} MiB/s", srcs or "-")
         console.print(table)

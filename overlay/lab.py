@@ -127,7 +127,9 @@ class LocalNetwork:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.domain = domain
-        self.server_args = server_args or []
+        # A full deployment: the DHT bootstrap node and STUN beside the mailbox.
+        self.server_args = server_args if server_args is not None else [
+            "--dht-port", "0", "--stun-port", "0"]
         self.server: Proc | None = None
         self.server_addr: tuple[str, int] | None = None
         self.nodes: dict[str, NodeHandle] = {}

@@ -47,15 +47,18 @@ from overlay.outgoing import (
 )
 from overlay.prefs import Prefs
 from overlay.providers import ProviderDirectory
+from overlay.reachability import Reachability, probe
 from overlay.receipts import RECEIPT_KIND, Receipt
 from overlay.records import NodeDB
+from overlay.relay import relay_accept, relay_dial
 from overlay.retention import apply_retention
+from overlay.signalling import PipeSender
 from overlay.sources import ConnectionLadder, Holder, sender_addresses
 from overlay.store import ContentStore, ContentStoreError
-from overlay.stream import Stream, StreamClosed
+from overlay.stream import Stream, StreamClosed, StreamError
 from overlay.transfer.server import TransferServer
 from overlay.webrtc import WebRtcEndpoint, WebRtcSettings
-from rendezvous.client import PipeMessage, RendezvousClient, RendezvousError
+from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient, RendezvousError
 
 log = logging.getLogger("peerpost.node")
 
@@ -67,6 +70,9 @@ class NodeOptions:
     retry_max: float = 300.0
     max_active_downloads: int = 1
     max_in_flight: int = 8  # chunks outstanding per source
+    # How the WebRTC rung is made: aiortc in production; the simulator passes its own
+    # endpoint that obeys its NAT model (aiortc's DTLS and SCTP are not run there).
+    webrtc_endpoint: Callable[[PipeSender, WebRtcSettings], WebRtcEndpoint] = WebRtcEndpoint
 
 
 class Node:
@@ -82,6 +88,7 @@ class Node:
         self.rng = rng or random.Random()
         self.address = self.config.address
         self.listen_addr: tuple[str, int] | None = None
+        self.reach: Reachability | None = None
         self._stack = contextlib.AsyncExitStack()
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -105,10 +112,15 @@ class Node:
         self.listen_addr = await self._listen()
 
         host, port = parse_hostport(self.config.server, what="server")
+        self._advertised = self._advertise()
         self.rendezvous = RendezvousClient(host, port, self.identity, self.address,
-                                           advertise=self._advertise(), reconnect=True)
+                                           advertise=self._advertised, reconnect=True)
         await self.rendezvous.start()
         st.push_async_callback(self.rendezvous.aclose)
+        self.reach = await probe(host, port, self.rendezvous.server_info.get("stun"),
+                                 self.listen_addr[0] if self.listen_addr else "")
+        if self._advertise() != self._advertised:
+            await self.rendezvous.advertise(self._advertise())
         await self._start_dht(host)
         await self._start_webrtc(host)
 
@@ -154,11 +166,10 @@ class Node:
 
     async def _start_dht(self, server_host: str) -> None:
         """Join the DHT through the server's bootstrap node and announce what we hold."""
-        self.providers = ProviderDirectory(self.identity, wall=self.wall, rng=self.rng)
+        self.providers = ProviderDirectory(self.identity, wall=self.wall, rng=self.rng,
+                                           client_only=self.reach.nat)
         self._stack.push_async_callback(self.providers.aclose)
-        # server_info (the ports of the server's side services) comes with the CHALLENGE.
-        info: dict[str, Any] = getattr(self.rendezvous, "server_info", {}) or {}
-        dht_port = info.get("dht")
+        dht_port = self.rendezvous.server_info.get("dht")  # from the server's CHALLENGE
         bootstrap = [(server_host, int(dht_port))] if isinstance(dht_port, int) else []
         if not bootstrap:
             log.info("the server runs no DHT bootstrap node: co-recipients can't be found")
@@ -171,11 +182,10 @@ class Node:
 
     async def _start_webrtc(self, server_host: str) -> None:
         """WebRTC through the server's STUN, signalled over PIPE (overlay.webrtc)."""
-        info: dict[str, Any] = getattr(self.rendezvous, "server_info", {}) or {}
-        stun = info.get("stun")
+        stun = self.rendezvous.server_info.get("stun")
         settings = WebRtcSettings(stun=[(server_host, int(stun))] if isinstance(stun, int)
                                   else [])
-        self.rtc = WebRtcEndpoint(self.rendezvous, settings)
+        self.rtc = self.options.webrtc_endpoint(self.rendezvous, settings)
         await self.rtc.start()
         self._stack.push_async_callback(self.rtc.aclose)
 
@@ -185,7 +195,23 @@ class Node:
             hold = settings.answer_timeout if holder.nat else 0.0
             return await self.rtc.dial(holder.address or "", holder.peer_id, hold=hold)
 
-        self.ladder = ConnectionLadder(webrtc=webrtc)
+        host, port = parse_hostport(self.config.server, what="server")
+
+        async def relay(holder: Holder) -> Stream:
+            return await relay_dial(host, port, self.identity, self.address,
+                                    holder.address or "", holder.peer_id)
+
+        self.ladder = ConnectionLadder(webrtc=webrtc, relay=relay)
+
+    async def _serve_relayed(self, invite: RelayInvite) -> None:
+        """Join a relayed stream another device opened to us, and serve it."""
+        host, port = parse_hostport(self.config.server, what="server")
+        try:
+            stream = await relay_accept(host, port, self.identity, self.address, invite)
+        except StreamError as exc:
+            log.info("relay from %s not joined: %s", invite.sender, exc)
+            return
+        await self.transfer.handle_stream(stream)
 
     async def _serve_webrtc(self) -> None:
         """Hand each accepted WebRTC stream to the transfer server."""
@@ -198,9 +224,12 @@ class Node:
                 self._tg.create_task(self.transfer.handle_stream(stream), name="serve-webrtc")
 
     def _advertise(self) -> dict[str, Any]:
+        """What FINGER shows of us: direct addresses, and whether a NAT is in front."""
         host, port = self.listen_addr or ("", 0)
-        addrs = [] if host in ("0.0.0.0", "::") else [f"{host}:{port}"]
-        return {"addrs": addrs, "nat": False}
+        if host in ("0.0.0.0", "::", ""):
+            host = self.reach.local_ip or "" if self.reach else ""
+        return {"addrs": [f"{host}:{port}"] if host else [],
+                "nat": bool(self.reach and self.reach.nat)}
 
     def direct_addresses(self) -> list[str]:
         return list(self._advertise()["addrs"])
@@ -236,6 +265,10 @@ class Node:
 
     async def _pushes(self) -> None:
         async for push in self.rendezvous.pushes():
+            if isinstance(push, RelayInvite):
+                if self._tg is not None:
+                    self._tg.create_task(self._serve_relayed(push), name="serve-relay")
+                continue
             if isinstance(push, PipeMessage):
                 if not self.rtc.feed(push):
                     self.incoming.counters["dropped-pipe"] += 1

@@ -119,12 +119,24 @@ class SimNode:
         self.node = await started
         return self.node
 
+    def _node_options(self) -> NodeOptions:
+        """The node's options, with the simulated WebRTC rung instead of aiortc."""
+        from dataclasses import replace
+
+        from overlay.node import NodeOptions
+        from sim.webrtc import SimWebRtcEndpoint
+
+        rng = self.sim.rng_for(f"webrtc/{self.address}")
+        return replace(self.options or NodeOptions(),
+                       webrtc_endpoint=lambda pipe, settings: SimWebRtcEndpoint(
+                           pipe, settings, rng=rng))
+
     async def _run(self, started: asyncio.Future[Node], stop: asyncio.Event) -> None:
         from overlay.home import NodeHome
         from overlay.node import Node
 
         try:
-            async with Node(NodeHome(self.root), options=self.options,
+            async with Node(NodeHome(self.root), options=self._node_options(),
                             wall=virtual_wall(self.sim),
                             rng=self.sim.rng_for(f"node/{self.address}")) as node:
                 started.set_result(node)

@@ -127,7 +127,8 @@ class SimWebRtcEndpoint(WebRtcEndpoint):
                 await opened.result().aclose()
 
     # --- dialing ---------------------------------------------------------------------
-    async def dial(self, address: str, device: bytes) -> SimWebRtcStream:  # type: ignore[override]
+    async def dial(self, address: str, device: bytes,  # type: ignore[override]
+                   *, hold: float = 0) -> SimWebRtcStream:
         """A stream to `device` of `address`; WebRtcConnectError says why not."""
         if self._closed or self._backlog is None:
             raise StreamClosed("WebRTC endpoint is not running")
@@ -143,7 +144,7 @@ class SimWebRtcEndpoint(WebRtcEndpoint):
         try:
             try:
                 await self._pipe.pipe(address, encode_signal(Offer(session, _sdp(host))),
-                                      device=device)
+                                      device=device, hold=hold)
             except Exception as exc:
                 raise WebRtcConnectError(f"could not send the offer to {address}: {exc}"
                                          ) from None

@@ -1,0 +1,63 @@
+"""Issue 4 end to end: co-recipients found through the DHT serve each other, with real
+server and node processes on loopback driven through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from overlay.lab import LocalNetwork
+from tests.overlay.test_e2e_cli import MiB, complete, make_file, same_bytes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def net(tmp_path: Path):
+    with LocalNetwork(tmp_path / "lab") as n:
+        n.start_server()
+        yield n
+
+
+def test_offline_co_recipient_fetches_from_the_other_after_the_sender_left(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    alice, r1, r2 = net.add_node("alice"), net.add_node("r1"), net.add_node("r2")
+    net.start_node(alice)
+    net.start_node(r1)
+    src = make_file(tmp_path / "clip.bin", 12 * MiB, seed=21)
+    mid = net.cli(alice, "send", str(src), "--to", f"{r1.address},{r2.address}").stdout.strip()
+    net.wait_until(lambda: complete(net, r1, mid), 60, "r1's download")
+    net.stop_node(alice)  # the sender is gone for good
+
+    net.start_node(r2)
+    got = net.wait_until(lambda: complete(net, r2, mid), 90, "r2's download from r1")
+    assert same_bytes(src, Path(got["path"]))
+    delivered = {s["peer"]: s["bytes"] for s in got["sources"] if s["bytes"]}
+    r1_id = net.cli_json(r1, "info")["peer_id"][:16]
+    assert list(delivered) == [r1_id], f"every byte came from r1: {got['sources']}"
+
+
+def test_a_holder_killed_mid_transfer_does_not_stop_the_download(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    # Two holders, each capped so the transfer takes a few seconds; one is killed midway.
+    rate = str(3 * MiB)
+    alice = net.add_node("alice", extra=["--max-upload-rate", rate])
+    r1 = net.add_node("r1", extra=["--max-upload-rate", rate])
+    r2 = net.add_node("r2")
+    net.start_node(alice)
+    net.start_node(r1)
+    src = make_file(tmp_path / "clip.bin", 24 * MiB, seed=22)
+    mid = net.cli(alice, "send", str(src), "--to", f"{r1.address},{r2.address}").stdout.strip()
+    net.wait_until(lambda: complete(net, r1, mid), 60, "r1's download")
+
+    net.start_node(r2)
+
+    def two_sources_busy():
+        e = net.inbox_entry(r2, mid)
+        return e if e and e["progress"] > 0.2 and \
+            sum(1 for s in e["sources"] if s["bytes"]) == 2 else None
+    net.wait_until(two_sources_busy, 60, "r2 fetching from both holders", interval=0.1)
+    net.kill_node(r1)
+    got = net.wait_until(lambda: complete(net, r2, mid), 90, "r2's download after the kill")
+    assert same_bytes(src, Path(got["path"]))
