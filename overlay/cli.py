@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first retry delay when no source is reachable (default 5)")
     s.add_argument("--retry-max", type=float, default=None, metavar="SECONDS",
                    help="longest retry delay (default 300)")
+    s.add_argument("--provider-refresh", type=float, default=None, metavar="SECONDS",
+                   help="how often a download looks for new holders in the DHT (default 10)")
 
     s = sub.add_parser("send", help="send a file to one or more addresses; prints the message id")
     s.add_argument("file")

@@ -70,6 +70,7 @@ class NodeOptions:
     retry_max: float = 300.0
     max_active_downloads: int = 1
     max_in_flight: int = 8  # chunks outstanding per source
+    provider_refresh: float = 10.0  # seconds between provider lookups in one download
     # How the WebRTC rung is made: aiortc in production; the simulator passes its own
     # endpoint that obeys its NAT model (aiortc's DTLS and SCTP are not run there).
     webrtc_endpoint: Callable[[PipeSender, WebRtcSettings], WebRtcEndpoint] = WebRtcEndpoint
@@ -348,6 +349,7 @@ class Node:
 
         dl = Downloader(partial, sources, self.identity, window=self.options.max_in_flight,
                         on_event=on_event)
+        refresh = loop.create_task(self._refresh_holders(dl, msg), name="provider-refresh")
         try:
             path = await dl.run()
         except NoSourceReachable as exc:
@@ -355,8 +357,23 @@ class Node:
             raise RetryLater(str(exc)) from None
         except FetchError as exc:
             raise DownloadFailed(str(exc)) from None
+        finally:
+            refresh.cancel()
+            await asyncio.gather(refresh, return_exceptions=True)
         progress(partial.held)
         return str(path)
+
+    async def _refresh_holders(self, dl: Downloader, msg: LocationMessage) -> None:
+        """Look the providers up again during a long download: co-recipients that got
+        chunks since it started become sources too (issue 4, the repeated lookup), and a
+        holder that failed earlier (a sender that was away) is tried again."""
+        while True:
+            await asyncio.sleep(self.options.provider_refresh)
+            for holder in await self._holders(msg):
+                source = self.ladder.source(holder)
+                if dl.add_source(source):  # False while in use, or if it lied
+                    log.info("message %s: new source %s", msg.headers.message_id.hex(),
+                             source.label)
 
     async def _holders(self, msg: LocationMessage) -> list[Holder]:
         """The sender and every co-recipient the DHT names as a provider, with what FINGER
@@ -605,6 +622,8 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
         opts.retry_base = args.retry_base
     if args.retry_max is not None:
         opts.retry_max = args.retry_max
+    if args.provider_refresh is not None:
+        opts.provider_refresh = args.provider_refresh
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -61,3 +61,22 @@ def test_a_holder_killed_mid_transfer_does_not_stop_the_download(
     net.kill_node(r1)
     got = net.wait_until(lambda: complete(net, r2, mid), 90, "r2's download after the kill")
     assert same_bytes(src, Path(got["path"]))
+
+
+def test_receivers_starting_together_trade_chunks(net: LocalNetwork, tmp_path: Path) -> None:
+    # The sender's upload is slow; the receivers find each other in the DHT as soon as
+    # they hold chunks (the repeated lookup) and fetch from each other.
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(2 * MiB)])
+    r1 = net.add_node("r1", extra=["--provider-refresh", "0.5"])
+    r2 = net.add_node("r2", extra=["--provider-refresh", "0.5"])
+    for n in (alice, r1, r2):
+        net.start_node(n)
+    src = make_file(tmp_path / "clip.bin", 16 * MiB, seed=23)
+    mid = net.cli(alice, "send", str(src), "--to", f"{r1.address},{r2.address}").stdout.strip()
+    got = {n.name: net.wait_until(lambda n=n: complete(net, n, mid), 90, f"{n.name}")
+           for n in (r1, r2)}
+    ids = {n.name: net.cli_json(n, "info")["peer_id"][:16] for n in (r1, r2)}
+    for me, other in (("r1", "r2"), ("r2", "r1")):
+        assert same_bytes(src, Path(got[me]["path"]))
+        from_other = sum(s["bytes"] for s in got[me]["sources"] if s["peer"] == ids[other])
+        assert from_other > 0, f"{me} got nothing from {other}: {got[me]['sources']}"
