@@ -11,8 +11,11 @@ per source. A failed, stalled or banned source gives its requested chunks back t
   counts; chunks only full holders have come first, which is what keeps co-recipients
   trading among themselves while the sender hands out what nobody else has yet.
 - Partial holders are known by their OPENED bitmap plus HAVE updates (`add_have`).
-- Endgame: only once the pool is empty does a source with room in its window get a
-  duplicate request, for the oldest chunk still requested from one other source. The
+- Endgame: only once the pool is empty does a source that is about to run dry (fewer
+  than `endgame_below` requests outstanding) get a duplicate request, for the oldest
+  chunk still requested from one other source: the one most likely stuck behind a slow
+  or dying holder. (BitTorrent duplicates every remaining block; with rate-sized windows
+  that would be dozens of requests, each costing a CANCEL.) The
   first copy to arrive wins; `chunk_received` names the other sources so the caller sends
   them CANCEL. A copy arriving after that is *late* (dropped), not *unasked* (a ban): every
   source remembers each chunk it was ever asked for.
@@ -91,12 +94,13 @@ class ChunkScheduler:
     """Assigns missing chunks to sources and tracks each chunk until it is stored."""
 
     def __init__(self, missing: Iterable[int], *, count: int | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, endgame_below: int = 2) -> None:
         pool = sorted(set(missing))
         self.count = count if count is not None else (pool[-1] + 1 if pool else 0)
         if pool and (pool[0] < 0 or pool[-1] >= self.count):
             raise ValueError("missing chunk index outside the content")
         self.rng = rng or random.Random()
+        self.endgame_below = endgame_below
         self._avail = [0] * self.count  # partial holders connected that have chunk i
         self._buckets: dict[int, _IndexedSet] = {}  # pool chunks by availability
         self._in_pool: set[int] = set()
@@ -202,7 +206,12 @@ class ChunkScheduler:
         state = self._sources.get(sid)
         if state is None or len(state.requested) >= state.window:
             return None
-        pick = self._rarest(state) if self._in_pool else self._duplicate(sid, state)
+        if self._in_pool:
+            pick = self._rarest(state)
+        elif len(state.requested) < self.endgame_below:
+            pick = self._duplicate(sid, state)
+        else:
+            return None  # busy enough: duplicates are for sources about to go idle
         if pick is None:
             return None
         if pick in self._in_pool:

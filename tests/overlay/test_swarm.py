@@ -134,9 +134,9 @@ async def test_four_rate_limited_holders_add_up(swarm: Callable[..., object],
     lo, hi = len(times) // 10, len(times) * 9 // 10
     achieved = (hi - lo) * chunk / (times[hi] - times[lo])
     fraction = achieved / (4 * rate)
-    # Issue 4 asks >= 85%; the benchmark holds that (and 90%). Here 70%, so a loaded
-    # shared CI core does not make it flaky.
-    assert fraction >= 0.70, f"{achieved / MiB:.1f} MiB/s is {fraction:.0%} of 4R"
+    # Issue 4's own bound. Measured here: 0.98 of 4R, also with a CPU hog on one of the
+    # two cores; the benchmark asks 0.90 of the whole download.
+    assert fraction >= 0.85, f"{achieved / MiB:.1f} MiB/s is {fraction:.0%} of 4R"
     per = [s.chunks for s in d.stats]
     assert sum(per) == len(times) and min(per) >= len(times) // 8, per
     assert all(s.outcome == "done" for s in d.stats)
@@ -292,3 +292,37 @@ async def test_a_source_added_while_running(swarm: Callable[..., object]) -> Non
     stats = {s.label: s for s in d.stats}
     assert stats["late"].chunks > stats["slow"].chunks > 0
     assert not d.add_source(late.source()), "the download is over"
+
+
+async def test_receivers_trade_chunks_while_downloading(swarm: Callable[..., object]) -> None:
+    """One rate-limited sender, three receivers that serve their partial copies to each
+    other (HAVE updates) and learn of each other at their first verified chunk, as DHT
+    providers: everyone ends with the bytes, and the sender uploads far less than three
+    copies."""
+    chunk = 64 << 10
+    sw: Swarm = await swarm(48 * chunk, chunk)  # type: ignore[misc]
+    sender = await sw.holder("sender", rate=2 * MiB)
+    downloaders: list[Downloader] = []
+    peers: list[Source] = []
+    for r in range(3):
+        part = sw.partial(f"r{r}")
+        peers.append((await sw.holder(f"r{r}", store=sw.stores[-1])).source())
+        told: list[bool] = []
+
+        def on_event(e: FetchEvent, me: int = r, told: list[bool] = told) -> None:
+            if isinstance(e, ChunkStored) and not told:
+                told.append(True)
+                for other, d in enumerate(downloaders):
+                    if other != me:
+                        d.add_source(peers[me])
+
+        downloaders.append(Downloader(part, [sender.source()], ME, window=8,
+                                      rng=random.Random(r), on_event=on_event))
+    async with asyncio.TaskGroup() as tg:
+        runs = [tg.create_task(d.run()) for d in downloaders]
+    for run in runs:
+        assert run.result().read_bytes() == sw.data
+    assert sender.served(sw.content) < 2 * 48, "the receivers served each other"
+    for d in downloaders:
+        from_peers = sum(s.chunks for s in d.stats if s.label != "sender")
+        assert from_peers > 0 and d.counters["haves_received"] > 0

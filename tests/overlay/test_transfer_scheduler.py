@@ -99,6 +99,9 @@ def test_every_chunk_is_in_exactly_one_place(n: int, script: list[tuple[str, str
             givable = [j for j in pool_before if m.can_give(sid, j)]
             if i is None:
                 assert not givable, "nothing it can give in the pool"
+                if not pool_before and len(m.requested(sid)) < 2:
+                    assert not [j for j, who in m.requesters.items()
+                                if len(who) == 1 and sid not in who and m.can_give(sid, j)]
                 continue
             assert m.can_give(sid, i) and sid not in m.requesters.get(i, set())
             if i in pool_before:
@@ -107,6 +110,7 @@ def test_every_chunk_is_in_exactly_one_place(n: int, script: list[tuple[str, str
                 m.requesters[i] = {sid}
             else:
                 assert not pool_before, "a duplicate only in the endgame"
+                assert len(m.requested(sid)) < 2, "only for a source about to run dry"
                 assert len(m.requesters[i]) == 1, "at most two requesters per chunk"
                 m.requesters[i].add(sid)
             m.asked[sid].add(i)
@@ -196,14 +200,19 @@ def test_rarest_first_over_partial_holders() -> None:
     sched.add_source("full", window=6)
     # 0,1 only at p; 4,5 only at q; 2,3 at both: each partial holder gets its own chunks
     # first, the shared ones last; the full holder is asked for the rarest left.
-    assert {sched.next_request("p"), sched.next_request("p")} == {0, 1}
+    p_picks = [sched.next_request("p"), sched.next_request("p")]
+    assert set(p_picks) == {0, 1}
     assert {sched.next_request("full"), sched.next_request("full")} == {4, 5}
     assert {sched.next_request("q"), sched.next_request("q")} == {2, 3}
     assert sched.pool_size == 0
-    # Endgame: the full holder duplicates the oldest single requests it may.
-    assert sched.next_request("full") == 0 and sched.duplicates == 1
-    assert sched.chunk_received("full", 0) == (Arrival.ACCEPTED, ["p"])
-    assert sched.chunk_received("p", 0) == (Arrival.LATE, [])
+    # Endgame: no duplicates while every source has two requests outstanding; once the
+    # full holder is about to run dry, it duplicates the oldest request it can serve.
+    assert sched.next_request("full") is None
+    assert sched.chunk_received("full", 4) == (Arrival.ACCEPTED, [])
+    oldest = p_picks[0]
+    assert sched.next_request("full") == oldest and sched.duplicates == 1
+    assert sched.chunk_received("full", oldest) == (Arrival.ACCEPTED, ["p"])
+    assert sched.chunk_received("p", oldest) == (Arrival.LATE, [])
     assert sched.late == 1
 
 
