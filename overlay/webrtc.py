@@ -33,6 +33,7 @@ from aiortc import (
     RTCIceServer,
     RTCPeerConnection,
     RTCSessionDescription,
+    sdp,
 )
 
 from overlay.signalling import (
@@ -94,6 +95,19 @@ class _Dial:
     address: str
     device: bytes
     reply: asyncio.Future[Answer | Reject]
+
+
+def _check_offer(text: str) -> None:
+    """Raise ValueError unless `text` offers what we answer: one SCTP data-channel section
+    with ICE credentials and a DTLS fingerprint. aiortc itself accepts an SDP with no
+    media at all and answers it with nothing to connect."""
+    parsed = sdp.SessionDescription.parse(text)
+    apps = [m for m in parsed.media if m.kind == "application"]
+    if len(apps) != 1 or apps[0].sctp_port is None:
+        raise ValueError("no data-channel section")
+    media = apps[0]
+    if not media.ice.usernameFragment or media.dtls is None or not media.dtls.fingerprints:
+        raise ValueError("no ICE credentials or DTLS fingerprint")
 
 
 def _describe(pc: RTCPeerConnection) -> str:
@@ -222,6 +236,7 @@ class WebRtcEndpoint:
         handed = False
         try:
             try:
+                _check_offer(offer.sdp)
                 await pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
             except (ValueError, KeyError, IndexError) as exc:
                 self.stats.bad_signals += 1

@@ -244,3 +244,38 @@ async def test_offer_and_answer_through_a_real_rendezvous_server(
         await a.aclose()
         for f in feeders:
             f.cancel()
+
+
+@dataclass
+class _GarbleOffers:
+    """Rewrites the SDP inside alice's offers into nonsense, while `on` is set."""
+
+    inner: PipeSender
+    on: bool = True
+
+    async def pipe(self, to: str, payload: bytes, *, device: bytes | None = None,
+                   hold: float = 0) -> None:
+        sig = decode_signal(payload)
+        if self.on and isinstance(sig, Offer):
+            payload = encode_signal(Offer(sig.session, "v=0\r\nthis is not an offer\r\n"))
+        await self.inner.pipe(to, payload, device=device, hold=hold)
+
+
+async def test_a_malformed_sdp_is_refused_with_the_reason_and_nothing_breaks() -> None:
+    garbler: list[_GarbleOffers] = []
+
+    def wrap(p: PipeSender) -> _GarbleOffers:
+        garbler.append(_GarbleOffers(p))
+        return garbler[0]
+
+    async with webrtc_pair(alice_pipe=wrap) as pair:
+        with pytest.raises(WebRtcConnectError, match="declined: offer SDP not understood"):
+            await pair.alice.dial(BOB, BOB_DEV)
+        assert pair.bob.stats.bad_signals == 1
+        # Bob's endpoint is unharmed: the next, honest offer connects.
+        garbler[0].on = False
+        a, b = await pair.make_pair()
+        await a.send_all(b"fine")
+        assert await receive_exactly(b, 4) == b"fine"
+        await a.aclose()
+        await b.aclose()
