@@ -172,7 +172,8 @@ class Downloader:
         self, partial: PartialContent, sources: Sequence[Source], identity: DeviceIdentity,
         *, window: int = 8, min_window: int = 2, target_latency: float = 1.0,
         writers: int = 2, stall_timeout: float = 30.0, min_stall: float = 2.0,
-        connect_timeout: float = 10.0, have_wait: float | None = None,
+        connect_timeout: float = 10.0, handshake_timeout: float = 10.0,
+        have_wait: float | None = None,
         rng: random.Random | None = None, on_event: Callable[[FetchEvent], None] | None = None,
     ) -> None:
         labels = [s.label for s in sources]
@@ -186,6 +187,7 @@ class Downloader:
         self.stall_timeout = stall_timeout
         self.min_stall = min_stall
         self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
         self.have_wait = stall_timeout if have_wait is None else have_wait
         self._on_event = on_event
         self._runs: dict[str, _SourceRun] = {s.label: _SourceRun(s, SourceStats(s.label))
@@ -372,7 +374,7 @@ class Downloader:
             stream = await run.source.connect()
         run.session = session = await open_transfer_session(
             stream, self.identity, expected_peer=run.source.peer_id,
-            handshake_timeout=self.connect_timeout)
+            handshake_timeout=self.handshake_timeout)
         run.stats.path = session.path
         async with asyncio.timeout(self.stall_timeout):
             info = await session.open(p.content_id, p.capability)

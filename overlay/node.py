@@ -50,6 +50,7 @@ from overlay.providers import ProviderDirectory
 from overlay.reachability import Reachability, probe
 from overlay.receipts import RECEIPT_KIND, Receipt
 from overlay.records import NodeDB
+from overlay.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
 from overlay.relay import relay_accept, relay_dial
 from overlay.retention import apply_retention
 from overlay.signalling import PipeSender
@@ -202,7 +203,10 @@ class Node:
             return await relay_dial(host, port, self.identity, self.address,
                                     holder.address or "", holder.peer_id)
 
-        self.ladder = ConnectionLadder(webrtc=webrtc, relay=relay)
+        self.ladder = ConnectionLadder(
+            webrtc=webrtc, relay=relay,
+            webrtc_timeout=settings.answer_timeout + settings.connect_timeout,
+            relay_timeout=RELAY_TIMEOUT)
 
     async def _serve_relayed(self, invite: RelayInvite) -> None:
         """Join a relayed stream another device opened to us, and serve it."""
@@ -347,8 +351,10 @@ class Node:
                                                rate=s.rate, banned=s.outcome == "banned")
                            for s in dl.stats}
 
+        # A source's connect() may climb every rung of the ladder, each to its own timeout
+        # (a held offer waits for a NATed holder to come back): give it the whole budget.
         dl = Downloader(partial, sources, self.identity, window=self.options.max_in_flight,
-                        on_event=on_event)
+                        connect_timeout=self.ladder.budget, on_event=on_event)
         refresh = loop.create_task(self._refresh_holders(dl, msg), name="provider-refresh")
         try:
             path = await dl.run()

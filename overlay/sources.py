@@ -64,12 +64,29 @@ def tcp_dialer(addresses: Sequence[str]) -> Callable[[], Awaitable[Stream]]:
 
 @dataclass
 class ConnectionLadder:
-    """Builds Sources whose connect() climbs TCP → WebRTC → relay."""
+    """Builds Sources whose connect() climbs TCP → WebRTC → relay.
+
+    `webrtc_timeout` and `relay_timeout` are the longest the WebRTC and relay dialers may
+    take (their own limits; a held offer to an offline NATed holder waits the whole answer
+    time). `budget` is then the longest one `dial` can take: whoever bounds a Source's
+    connect() (the Downloader's `connect_timeout`) must allow at least that, or the relay
+    rung, which starts only when the others have failed, is never reached.
+    """
 
     webrtc: PeerDialer | None = None
     relay: PeerDialer | None = None
     webrtc_delay: float = WEBRTC_DELAY
+    webrtc_timeout: float = 40.0  # WebRtcSettings: answer_timeout + connect_timeout
+    relay_timeout: float = 40.0  # overlay.relay.DEFAULT_TIMEOUT
     counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def budget(self) -> float:
+        """Seconds one dial may take when every rung runs to its own timeout."""
+        tcp = CONNECT_TIMEOUT * MAX_ADDRESSES_PER_HOLDER
+        rtc = self.webrtc_delay + self.webrtc_timeout if self.webrtc is not None else 0.0
+        relay = self.relay_timeout if self.relay is not None else 0.0
+        return max(tcp, rtc) + relay + 1.0  # and a second for the losers to close
 
     def source(self, holder: Holder) -> Source:
         async def connect() -> Stream:

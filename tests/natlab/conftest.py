@@ -81,3 +81,14 @@ def start_public(lab: NatLab) -> tuple[int, list[int]]:
     if words[:1] != ["ready"] or len(words) != 4:
         raise AssertionError(f"unexpected public server line {words}")
     return int(words[1]), [int(w) for w in words[2:]]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed lab test shows every process's log (fixtures put a `logs()` callable
+    on `item.natlab_logs`)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed:
+        for name, logs in getattr(item, "natlab_logs", []):
+            report.sections.append((f"logs of {name}", logs()))

@@ -9,11 +9,13 @@ Topology (every name below is prefixed with a per-lab prefix, so labs never coll
     h1 (10.1.0.2) -- r1 [NAT] (198.18.0.1) --+
                                              +-- inet: bridge "the internet" -- server
     h2 (10.2.0.2) -- r2 [NAT] (198.18.0.2) --+        (198.18.0.10 and .11)
+                                             +-- pub (198.18.0.20): a host with no NAT
 
 The public segment uses 198.18.0.0/24 (RFC 2544's benchmarking range) and the homes use
 RFC 1918 nets; all of them exist only inside the namespaces made here. The server has two
 addresses so a client can ask STUN at two destinations and see whether its NAT maps them
-to the same public port.
+to the same public port. `pub` is an ordinary directly reachable host on the public
+segment (a co-recipient with a public address, say).
 
 NAT modes, built with nftables on each router (`wan` is the public side, `lan` the home):
 - `EIM`: plain masquerade (endpoint-independent mapping, port kept where free) and only
@@ -63,6 +65,7 @@ _ADDRS = {
     "r2": "198.18.0.2",
     "h1": "10.1.0.2",
     "h2": "10.2.0.2",
+    "pub": "198.18.0.20",
 }
 
 
@@ -95,7 +98,7 @@ def missing_tools() -> list[str]:
 class NatLab:
     """Namespaces, veths, a bridge and NAT rules; processes run inside by host name."""
 
-    HOSTS = ("server", "h1", "h2", "r1", "r2", "inet")
+    HOSTS = ("server", "h1", "h2", "r1", "r2", "pub", "inet")
 
     def __init__(self, h1: NatMode = NatMode.EIM, h2: NatMode = NatMode.EIM, *,
                  prefix: str | None = None, log_dir: Path | None = None) -> None:
@@ -108,7 +111,7 @@ class NatLab:
 
     # --- naming ------------------------------------------------------------------------
     def ns(self, host: str) -> str:
-        """The namespace name of `host` (server, h1, h2, r1, r2 or inet)."""
+        """The namespace name of `host` (server, h1, h2, r1, r2, pub or inet)."""
         if host not in self.HOSTS:
             raise ValueError(f"no host {host!r} in the lab")
         return f"{self.prefix}-{host}"
@@ -153,6 +156,7 @@ class NatLab:
             self._sysctl("inet", "net.bridge.bridge-nf-call-iptables=0", required=False)
             self._wire("server", "eth0", "srv", [f"{_ADDRS['server']}/24",
                                                  f"{_ADDRS['server2']}/24"])
+            self._wire("pub", "eth0", "pub", [f"{_ADDRS['pub']}/24"])
             for n in ("1", "2"):
                 router, host = f"r{n}", f"h{n}"
                 self._wire(router, "wan", router, [f"{_ADDRS[router]}/24"])

@@ -3,6 +3,9 @@
 `python -m tests.natlab.public DATA_DIR ADDR [ADDR...]`: the rendezvous server listens on
 the first address, STUN on every one (ports chosen by the kernel). Prints one line,
 `ready <rendezvous port> <stun port per address...>`, then runs until SIGTERM.
+
+`python -m tests.natlab.public --stun-only ADDR`: STUN alone (beside a real
+`peerpost-rendezvous serve`, whose own STUN answers on one address only), `ready <port>`.
 """
 
 from __future__ import annotations
@@ -38,5 +41,19 @@ async def main(data: Path, addrs: list[str]) -> None:
             transport.close()
 
 
+async def stun_only(addr: str) -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    transport, bound = await serve_stun(addr, 0)
+    try:
+        print(f"ready {bound[1]}", flush=True)
+        await stop.wait()
+    finally:
+        transport.close()
+
+
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), sys.argv[2:]))
+    if sys.argv[1] == "--stun-only":
+        asyncio.run(stun_only(sys.argv[2]))
+    else:
+        asyncio.run(main(Path(sys.argv[1]), sys.argv[2:]))

@@ -88,3 +88,17 @@ async def test_no_address_to_signal_to_means_tcp_only() -> None:
     with pytest.raises(StreamBroken):
         await ladder.dial(Holder(PEER, None, ("127.0.0.1:1",)))
     assert made == []
+
+
+async def test_the_budget_lets_a_slow_webrtc_failure_reach_the_relay() -> None:
+    # WebRTC takes its whole (scaled-down) timeout to fail, as ICE between two symmetric
+    # NATs does; a caller bounding dial() by `budget` still sees the relay win.
+    ladder = ConnectionLadder(webrtc=rung("webrtc", delay=0.3, fail=True),
+                              relay=rung("relay", delay=0.1), webrtc_delay=0.0,
+                              webrtc_timeout=0.3, relay_timeout=0.1)
+    assert ladder.budget >= 0.3 + 0.1
+    async with asyncio.timeout(ladder.budget):
+        s = await ladder.dial(Holder(PEER, "bob@x.net", (), nat=True))
+    assert s.path == "relay"
+    # Without a relay rung the budget is the longer of TCP's and WebRTC's.
+    assert ConnectionLadder(webrtc=rung("webrtc"), webrtc_timeout=100.0).budget >= 100.0
