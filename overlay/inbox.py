@@ -191,6 +191,19 @@ class Inbox:
             conn.execute(f"UPDATE inbox SET {column} = coalesce({column}, ?) WHERE id = ?",
                          (when, id))
 
+    def mark_receipt_sent(self, id: bytes, when: float) -> None:
+        """The receipt for this complete entry is in the server's hands (durably)."""
+        with self._db.transaction() as conn:
+            conn.execute("UPDATE inbox SET receipt_sent_at = ? WHERE id = ? AND state = ?",
+                         (when, id, InboxState.COMPLETE.value))
+
+    def receipts_owed(self, limit: int = 100) -> builtins.list[tuple[bytes, bytes]]:
+        """(id, location message) of complete entries whose receipt is not sent yet."""
+        rows = self._db.query(
+            "SELECT id, message FROM inbox WHERE state = ? AND receipt_sent_at IS NULL "
+            "ORDER BY received_at LIMIT ?", (InboxState.COMPLETE.value, limit))
+        return [(bytes(r["id"]), bytes(r["message"])) for r in rows]
+
     def set_flags(
         self, id: bytes, *, junk: bool | None = None, priority: bool | None = None
     ) -> None:

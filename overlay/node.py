@@ -72,6 +72,7 @@ class NodeOptions:
     max_active_downloads: int = 1
     max_in_flight: int = 8  # chunks outstanding per source
     provider_refresh: float = 10.0  # seconds between provider lookups in one download
+    receipt_retry: float = 60.0  # seconds between attempts at receipts the server missed
     # How the WebRTC rung is made: aiortc in production; the simulator passes its own
     # endpoint that obeys its NAT model (aiortc's DTLS and SCTP are not run there).
     webrtc_endpoint: Callable[[PipeSender, WebRtcSettings], WebRtcEndpoint] = WebRtcEndpoint
@@ -141,7 +142,8 @@ class Node:
         await st.enter_async_context(self._tg)
         self._tasks = [self._tg.create_task(self._pushes(), name="pushes"),
                        self._tg.create_task(self._serve_webrtc(), name="webrtc-accept"),
-                       self._tg.create_task(self._downloads_after_login(), name="downloads")]
+                       self._tg.create_task(self._downloads_after_login(), name="downloads"),
+                       self._tg.create_task(self._owed_receipts(), name="owed-receipts")]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -411,22 +413,52 @@ class Node:
         return dict(pair for pairs in found for pair in pairs)
 
     async def _completed(self, entry: InboxEntry, msg: LocationMessage) -> None:
-        receipt = Receipt(entry.id, "downloaded", int(self.wall()))
-        await self._send_to_sender(msg, RECEIPT_KIND, receipt.encode())
+        await self._send_receipt(entry.id, msg)
 
-    async def _send_to_sender(self, msg: LocationMessage, kind: str, body: bytes) -> None:
+    async def _send_receipt(self, entry_id: bytes, msg: LocationMessage) -> bool:
+        """Tell the sender we hold it; remembered as sent only once the server took it."""
+        receipt = Receipt(entry_id, "downloaded", int(self.wall()))
+        if not await self._send_to_sender(msg, RECEIPT_KIND, receipt.encode()):
+            return False
+        await asyncio.to_thread(self.inbox.mark_receipt_sent, entry_id, self.wall())
+        return True
+
+    async def _owed_receipts(self) -> None:
+        """Receipts the server did not take (it was down, or we were cut off) go again,
+        at start and then every `receipt_retry` seconds, until it does: without one the
+        sender never learns we have the file and keeps its copy for good."""
+        while True:
+            owed = await asyncio.to_thread(self.inbox.receipts_owed)
+            for entry_id, raw in owed:
+                try:
+                    msg = decode_location(raw)
+                except DecodeError as exc:  # stored only after it decoded; never expected
+                    log.warning("inbox %s: stored message unreadable: %s", entry_id.hex(), exc)
+                    continue
+                if await self._send_receipt(entry_id, msg):
+                    log.info("sent the owed receipt for %s", entry_id.hex())
+            await asyncio.sleep(self.options.receipt_retry)
+
+    async def _send_to_sender(self, msg: LocationMessage, kind: str, body: bytes) -> bool:
         sender = msg.headers.sender
         keys = self.contacts.trusted_keys(sender)
         devices = [PublicIdentity(k) for k in keys
                    if PublicIdentity(k).peer_id == msg.headers.sender_peer_id] or \
                   [PublicIdentity(k) for k in keys]
+        if not devices:
+            log.warning("%s for %s not sent: no trusted key for %s", kind,
+                        msg.headers.message_id.hex(), sender)
+            return False
         items = [(sender, d.peer_id, blob)
                  for d, blob in seal_for_recipients(self.identity, kind, body, devices)]
         try:
             await self.rendezvous.send(os.urandom(16), items)
         except (RendezvousError, OSError) as exc:
             # The client already retried across reconnects for request_timeout.
-            log.warning("receipt for %s not sent: %s", msg.headers.message_id.hex(), exc)
+            log.warning("%s for %s not sent (tried again later): %s", kind,
+                        msg.headers.message_id.hex(), exc)
+            return False
+        return True
 
     # --- sending -----------------------------------------------------------------------
     async def send(self, path: Path, to: list[str], title: str, note: str) -> dict[str, Any]:

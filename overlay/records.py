@@ -135,8 +135,17 @@ def _to_v2(conn: sqlite3.Connection) -> None:
         conn.execute(f"ALTER TABLE inbox ADD COLUMN {col} REAL")
 
 
+def _to_v3(conn: sqlite3.Connection) -> None:
+    # When the "downloaded" receipt for a complete entry reached our server. NULL on a
+    # complete entry means it is still owed (the server was unreachable): sent again at
+    # the next start and while the node runs. Entries completed before this version get
+    # one more receipt, which the sender takes as a repeat.
+    conn.execute("ALTER TABLE inbox ADD COLUMN receipt_sent_at REAL")
+
+
 # version n -> the step that makes it n + 1. Append only; never edit a shipped step.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1, 1: _to_v2}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    0: _to_v1, 1: _to_v2, 2: _to_v3}
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

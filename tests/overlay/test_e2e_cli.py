@@ -199,3 +199,33 @@ def test_sender_applies_retention_once_everyone_has_it(net: LocalNetwork, tmp_pa
         assert (archive / "party.bin").read_bytes() == original
     else:
         assert not archive.exists() or not any(archive.iterdir())
+
+
+def test_a_receipt_the_server_missed_is_sent_when_it_can_be(net: LocalNetwork,
+                                                            tmp_path: Path) -> None:
+    # Bob finishes while his server is down (the bytes come from alice, peer to peer), and
+    # is killed before the receipt got through. Nothing is lost: after both come back,
+    # alice learns that bob has it, so she can apply her retention policy.
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(2 * MiB)])
+    bob = net.add_node("bob")
+    net.start_node(alice)
+    net.start_node(bob)
+    src = make_file(tmp_path / "slow.bin", 8 * MiB, seed=11)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["progress"] > 0, 30,
+                   "bob's download to start")
+    assert net.server is not None
+    net.server.stop()
+
+    e = net.wait_until(lambda: complete(net, bob, mid), 60, "bob's download, server down")
+    assert same_bytes(Path(e["path"]), src)
+    net.kill_node(bob)  # before the client's own retries could reach a server
+    net.start_server()
+    net.start_node(bob)
+
+    def bob_state() -> str:
+        (m,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
+        (r,) = m["recipients"]
+        return str(r["state"])
+
+    net.wait_until(lambda: bob_state() == "downloaded", 60, "alice to hear that bob has it")
