@@ -60,6 +60,7 @@ from overlay.stream import Stream, StreamClosed, StreamError
 from overlay.transfer.server import TransferServer
 from overlay.webrtc import WebRtcEndpoint, WebRtcSettings
 from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient, RendezvousError
+from rendezvous.errors import ConnectionLostError, RequestTimeoutError
 
 log = logging.getLogger("peerpost.node")
 
@@ -73,6 +74,9 @@ class NodeOptions:
     max_in_flight: int = 8  # chunks outstanding per source
     provider_refresh: float = 10.0  # seconds between provider lookups in one download
     receipt_retry: float = 60.0  # seconds between attempts at receipts the server missed
+    # Fetch from co-recipients the DHT names as well as from the sender. Off: the sender
+    # alone (what e-mail-style delivery without the overlay does; the simulator compares).
+    co_recipients: bool = True
     # How the WebRTC rung is made: aiortc in production; the simulator passes its own
     # endpoint that obeys its NAT model (aiortc's DTLS and SCTP are not run there).
     webrtc_endpoint: Callable[[PipeSender, WebRtcSettings], WebRtcEndpoint] = WebRtcEndpoint
@@ -118,7 +122,7 @@ class Node:
         self._advertised = self._advertise()
         self.rendezvous = RendezvousClient(host, port, self.identity, self.address,
                                            advertise=self._advertised, reconnect=True)
-        await self.rendezvous.start()
+        await self._first_login()
         st.push_async_callback(self.rendezvous.aclose)
         self.reach = await probe(host, port, self.rendezvous.server_info.get("stun"),
                                  self.listen_addr[0] if self.listen_addr else "")
@@ -151,6 +155,21 @@ class Node:
             for task in list(self._tg._tasks):
                 task.cancel()
         await self._stack.aclose()
+
+    async def _first_login(self) -> None:
+        """Log in to the server, waiting with backoff while it can't be reached: a node
+        started before the network is up, or while its server restarts, waits for it
+        instead of exiting. A refused login (wrong key, unknown address) still ends it."""
+        delay = 1.0
+        while True:
+            try:
+                await self.rendezvous.start()
+                return
+            except (ConnectionLostError, RequestTimeoutError) as exc:
+                log.warning("server %s not reachable (%s); trying again in %.0f s",
+                            self.config.server, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
 
     async def _listen(self) -> tuple[str, int]:
         host, port = parse_hostport(self.config.listen, what="listen")
@@ -391,6 +410,8 @@ class Node:
         s_addr, s_adv = devices.get(sender, (msg.headers.sender, {}))
         holders = [Holder(sender, s_addr, tuple(sender_addresses(msg, _addrs(s_adv))),
                           bool(s_adv.get("nat")))]
+        if not self.options.co_recipients:
+            return holders
         for rec in await self.providers.find(msg.handle.content_id, exclude={sender}):
             addr, adv = devices.get(rec.peer_id, (None, {}))
             holders.append(Holder(rec.peer_id, addr, tuple(rec.addresses),

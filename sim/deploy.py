@@ -52,8 +52,16 @@ class Deployed:
 
 
 async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
-                            port: int = RENDEZVOUS_PORT, limits: Any = None) -> Deployed:
-    """Start a `RendezvousServer` (open registration, in-memory store) as `host`."""
+                            port: int = RENDEZVOUS_PORT, limits: Any = None,
+                            dht_port: int | None = None) -> Deployed:
+    """Start a `RendezvousServer` (open registration, in-memory store) as `host`.
+
+    `dht_port`: also run the DHT bootstrap node `--dht-port` runs (an `overlay.dht.DhtNode`
+    with the server's own identity, its clock and randomness from the simulation), which
+    nodes learn of in the CHALLENGE and join through: co-recipients find each other.
+    """
+    from crypto.identity import DeviceIdentity
+    from overlay.dht import DhtNode
     from rendezvous.limits import Limits
     from rendezvous.server import RendezvousServer
     from rendezvous.sqlite_store import SqliteStore
@@ -63,6 +71,11 @@ async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
                               clock=virtual_wall(sim),
                               new_nonce=_nonces(sim, f"nonce/{host.name}"))
     _, bound = await host.create_task(server.start("0.0.0.0", port))
+    if dht_port is not None:
+        identity = DeviceIdentity.from_seed(sim.rng_for(f"dht-id/{host.name}").randbytes(32))
+        dht = DhtNode(identity, wall=virtual_wall(sim), rng=sim.rng_for(f"dht/{host.name}"))
+        await host.create_task(dht.listen("0.0.0.0", dht_port))
+        server.add_service("dht", dht)
     return Deployed(server, host, (host.address, bound))
 
 

@@ -1,25 +1,34 @@
 """family-video: one sender on a home link sends a clip to recipients who come online at
 random times; completion times with co-recipient sourcing off and on.
 
-Each host runs the real content store, transfer server, downloader and DHT node
-(sim.scenarios.holders; not the whole `Node`: co-recipient sourcing is not wired into the
-node yet, so here a recipient announces itself in the DHT when it starts and adds every
-provider it finds there as a `Source`). Chunks are really sealed, hashed, verified,
-decrypted and written; every received file is compared with the original. The clip is
-random bytes (no media probing is involved). All hosts are public (direct TCP).
+Every host runs the real `Node` (`peerpost node`: rendezvous session, inbox, content store,
+transfer server, DHT, download queue; sim.deploy), and the domain's real rendezvous server
+runs with its DHT bootstrap node, as `peerpost-rendezvous serve --dht-port` does. The
+sender's node sends one location message to every recipient; each recipient's node starts
+at its time, reads its mailbox and downloads as it would at home. With co-recipient
+sourcing on (the default `NodeOptions.co_recipients`), the node also fetches from the
+co-recipients the DHT names and looks again every `provider_refresh` seconds; off, from the
+sender alone. Chunks are really sealed, hashed, verified, decrypted and written, and every
+received file is compared with the original. The clip is random bytes. All hosts are
+public (direct TCP).
 
 Each mode runs in its own simulation with the same seed, so both see the same arrival
-times and links. Rows: one per recipient and mode.
+times and links. Rows: one per recipient and mode. Bytes per source are the receiving
+node's own view of its last download attempt (`inbox --json` `sources`); "MB from sender"
+in the summary counts what the sender's transfer server served, every attempt included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crypto.content import DEFAULT_CHUNK_SIZE
+from sim.deploy import SimNode, deploy_rendezvous
 from sim.host import Host
 from sim.plots import Plot
 from sim.scenario import (
@@ -30,9 +39,10 @@ from sim.scenario import (
     build_simulation,
 )
 from sim.scenarios.dht_lookup import percentile
-from sim.scenarios.holders import DHT_PORT, FetchReport, Handle, Holder, file_digest
 from sim.simulation import Simulation
 
+DOMAIN = "family.example"
+DHT_PORT = 8468
 COLUMNS = ["mode", "recipient", "online_at_s", "completed_at_s", "seconds", "from_sender_mb",
            "from_peers_mb", "attempts", "bytes_equal"]
 MB = 1_000_000
@@ -98,50 +108,94 @@ def write_clip(path: Path, size: int, seed: str) -> None:
             left -= n
 
 
-async def deliver(sim: Simulation, sender_host: Host, hosts: list[Host], root: Path,
-                  clip: Path, online_at: list[float], *, co_recipients: bool,
-                  done: list[int], progress: Progress | None,
-                  total: int) -> tuple[list[dict[str, Any]], list[Holder], str]:
-    """Start the sender, then each recipient at its time; fetch until complete."""
-    sender = Holder(sim, sender_host, root / sender_host.name)
-    await sender_host.create_task(sender.start([]))
-    content = await sender_host.create_task(sender.store.add_local_file(clip))
-    handle = Handle.of(content, sender)
+def file_digest(path: Path) -> str:
+    """BLAKE2b-128 of a file, to compare received bytes with the original."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Delivery:
+    """What `deliver` leaves behind: rows, the running nodes and what the sender served."""
+
+    rows: list[dict[str, Any]]
+    nodes: list[SimNode]
+    sender_mb: float
+    close: Any  # coroutine function: stop every node and the server
+
+
+async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: list[Host],
+                  root: Path, clip: Path, online_at: list[float], *, co_recipients: bool,
+                  done: list[int], progress: Progress | None, total: int,
+                  mode: str, retry_max: float = 60.0) -> Delivery:
+    """Start the server and the sender's node, send, then start each recipient's node at
+    its time and wait until it holds the clip."""
+    from overlay.inbox_state import InboxState
+    from overlay.node import NodeOptions
+
+    deployed = await deploy_rendezvous(sim, server_host, DOMAIN, dht_port=DHT_PORT)
+    options = NodeOptions(co_recipients=co_recipients, retry_max=retry_max)
+    sender = SimNode(sim, sender_host, root / sender_host.name, f"sender@{DOMAIN}",
+                     deployed.address, options=options)
+    nodes = [SimNode(sim, h, root / h.name, f"{h.name}@{DOMAIN}", deployed.address,
+                     options=options) for h in hosts]
+    for n in (sender, *nodes):
+        await n.init()
+    await sender.start()
+    assert sender.node is not None
+    sent = await sender_host.create_task(sender.node.send(
+        clip, [n.address for n in nodes], "family video", ""))
+    message_id = bytes.fromhex(sent["id"])
+    sender_label = sender.node.identity.peer_id.hex()[:16]
     original = file_digest(clip)
-    holders = [Holder(sim, h, root / h.name) for h in hosts]
     rows: list[dict[str, Any]] = []
+
+    def holds(entries: list[Any]) -> bool:
+        return any(e.id == message_id and e.state is InboxState.COMPLETE for e in entries)
 
     async def recipient(i: int) -> None:
         await asyncio.sleep(online_at[i])
-        h, holder = hosts[i], holders[i]
-        await h.create_task(holder.start([(sender_host.address, DHT_PORT)]))
-        report = FetchReport()
+        node = nodes[i]
         t0 = sim.now
-        await h.create_task(holder.fetch(handle, co_recipients=co_recipients, report=report))
+        await node.start()
+        entries = await node.wait_inbox(holds, every=1.0)
+        (entry,) = [e for e in entries if e.id == message_id]
+        assert node.node is not None
+        act = node.node.downloads.active.get(message_id)
+        views = list(act.sources.values()) if act else []
+        from_sender = sum(v.bytes for v in views if v.peer == sender_label)
+        from_peers = sum(v.bytes for v in views if v.peer != sender_label)
         rows.append({
-            "mode": "on" if co_recipients else "off", "recipient": h.name,
+            "mode": mode, "recipient": node.host.name,
             "online_at_s": round(online_at[i], 3), "completed_at_s": round(sim.now, 3),
             "seconds": round(sim.now - t0, 3),
-            "from_sender_mb": round(report.bytes_by_source.get("sender", 0) / MB, 3),
-            "from_peers_mb": round(report.bytes_by_source.get("peers", 0) / MB, 3),
-            "attempts": report.attempts, "bytes_equal": report.digest == original})
+            "from_sender_mb": round(from_sender / MB, 3),
+            "from_peers_mb": round(from_peers / MB, 3),
+            "attempts": entry.attempts,
+            "bytes_equal": file_digest(Path(str(entry.path))) == original})
         done[0] += 1
         if progress is not None:
             progress(done[0], total)
 
     await asyncio.gather(*(recipient(i) for i in range(len(hosts))))
-    return rows, [sender, *holders], original
+    # Every chunk the sender's transfer server sent, duplicates and lost attempts included.
+    served = sender.node.transfer.counters["chunks_served"] * DEFAULT_CHUNK_SIZE / MB
 
+    async def close() -> None:
+        for n in (sender, *nodes):
+            await n.stop()
+        await server_host.create_task(deployed.server.aclose())
 
-async def close_all(holders: list[Holder]) -> None:
-    """Stop every holder, each as its host."""
-    for holder in holders:
-        await holder.host.create_task(holder.aclose())
+    return Delivery(rows, [sender, *nodes], served, close)
 
 
 def _run_mode(sim: Simulation, p: Params, mode: str, root: Path, done: list[int],
-              progress: Progress | None, total: int) -> list[dict[str, Any]]:
+              progress: Progress | None, total: int) -> tuple[list[dict[str, Any]], float]:
     up, down = p.up_mbit * 1e6 / 8, p.down_mbit * 1e6 / 8
+    server_host = sim.add_host("rendezvous")  # an ISP's server: a well-connected link
     sender_host = sim.add_host("sender", up=up, down=down)
     hosts = [sim.add_host(f"r{i}", up=up, down=down) for i in range(p.recipients)]
     rng = sim.rng_for("family-video/arrivals")
@@ -149,12 +203,12 @@ def _run_mode(sim: Simulation, p: Params, mode: str, root: Path, done: list[int]
     clip = root / "clip.bin"
     write_clip(clip, int(p.clip_mb * MB), f"{sim.seed}/clip")
 
-    async def main() -> list[dict[str, Any]]:
-        rows, holders, _ = await deliver(sim, sender_host, hosts, root, clip, online_at,
-                                         co_recipients=mode == "on", done=done,
-                                         progress=progress, total=total)
-        await close_all(holders)
-        return rows
+    async def main() -> tuple[list[dict[str, Any]], float]:
+        d = await deliver(sim, server_host, sender_host, hosts, root, clip, online_at,
+                          co_recipients=mode == "on", done=done, progress=progress,
+                          total=total, mode=mode)
+        await d.close()
+        return d.rows, d.sender_mb
 
     return sim.run(main())
 
@@ -163,13 +217,15 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
     """Run each mode (its own simulation, same seed) and return rows, summary and plots."""
     p = Params.parse(spec.params)
     rows: list[dict[str, Any]] = []
+    sender_mb: dict[str, float] = {}
     done = [0]
     total = p.recipients * len(p.modes)
     for n, mode in enumerate(p.modes):
         s = sim if n == 0 else build_simulation(spec.network, sim.seed)
         try:
             with tempfile.TemporaryDirectory(prefix="peerpost-sim-") as tmp:
-                rows += _run_mode(s, p, mode, Path(tmp), done, progress, total)
+                got, sender_mb[mode] = _run_mode(s, p, mode, Path(tmp), done, progress, total)
+                rows += got
             if s is not sim:
                 sim.errors.extend(s.errors)
         finally:
@@ -178,8 +234,10 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
     summary: dict[str, Any] = {
         "recipients": p.recipients, "clip_mb": p.clip_mb,
         "links": f"{p.down_mbit:g} Mbit/s down, {p.up_mbit:g} up (every host)",
-        "hosts_run": "content store + transfer server + downloader + DHT node (not Node)",
-        "co_recipients_found_by": "DHT provider records, added as Sources by the scenario",
+        "hosts_run": "the real Node (peerpost node) per host, the real rendezvous server "
+                     "with its DHT bootstrap node",
+        "co_recipients_found_by": "the node's own DHT provider lookups (NodeOptions."
+                                  "co_recipients on/off)",
         "payload": "real bytes: sealed, hashed, verified, written (no reference mode)"}
     for mode in p.modes:
         mine = [r for r in rows if r["mode"] == mode]
@@ -190,7 +248,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
         summary[f"{mode}: completion p90 s"] = round(percentile(secs, 0.9), 1)
         summary[f"{mode}: last done at s"] = max((r["completed_at_s"] for r in mine),
                                                   default=None)
-        summary[f"{mode}: MB from sender"] = round(sum(r["from_sender_mb"] for r in mine), 1)
+        summary[f"{mode}: MB from sender"] = round(sender_mb.get(mode, 0.0), 1)
     plots = [
         Plot("completion-cdf", "cdf",
              f"{p.clip_mb:g} MB clip to {p.recipients} recipients (sender {p.up_mbit:g} "

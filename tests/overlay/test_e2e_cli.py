@@ -229,3 +229,26 @@ def test_a_receipt_the_server_missed_is_sent_when_it_can_be(net: LocalNetwork,
         return str(r["state"])
 
     net.wait_until(lambda: bob_state() == "downloaded", 60, "alice to hear that bob has it")
+
+
+def test_a_node_started_while_its_server_is_down_waits_for_it(net: LocalNetwork,
+                                                              tmp_path: Path) -> None:
+    # A home device boots before its network (or during the server's restart): the daemon
+    # waits and logs in when the server is back, rather than exiting.
+    import threading
+
+    alice, bob = net.add_node("alice"), net.add_node("bob")
+    assert net.server is not None
+    net.server.stop()
+    back = threading.Timer(2.0, net.start_server)
+    back.start()
+    try:
+        net.start_node(alice, timeout=45)  # "ready" only once it has logged in
+    finally:
+        back.join()
+    assert alice.proc is not None and "not reachable" in alice.proc.log()
+    net.start_node(bob)
+    src = make_file(tmp_path / "after.bin", MiB, seed=12)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    e = net.wait_until(lambda: complete(net, bob, mid), 60, "bob's download")
+    assert same_bytes(Path(e["path"]), src)
