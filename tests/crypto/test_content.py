@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import nacl.bindings
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from crypto.capability import check_capability_proof, new_capability, prove_capability
 from crypto.content import (
+    TAG_LEN,
     ChunkVerifier,
     chunk_count,
     chunk_hash,
@@ -15,8 +17,10 @@ from crypto.content import (
     merkle_root,
     new_content_key,
     open_chunk,
+    open_chunk_into,
     plain_chunk_len,
     seal_chunk,
+    seal_chunk_in_place,
     verify_chunk,
     verify_merkle_proof,
 )
@@ -51,6 +55,47 @@ def test_any_flipped_bit_in_a_sealed_chunk_is_rejected(plain: bytes, bit: int) -
     sealed = seal_chunk(KEY, 3, plain)
     with pytest.raises(VerificationError):
         open_chunk(KEY, 3, flip(sealed, bit))
+
+
+@given(st.binary(max_size=5000), st.integers(min_value=0, max_value=2**63 - 1))
+@settings(max_examples=80)
+def test_direct_libsodium_paths_match_pynacl_byte_for_byte(plain: bytes, index: int) -> None:
+    reference = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        plain, b"peerpost/chunk/v1" + index.to_bytes(8, "big"),
+        b"peerpost/chunk\x00\x00" + index.to_bytes(8, "big"), KEY)
+    assert seal_chunk(KEY, index, plain) == reference
+    buf = bytearray(plain) + bytearray(TAG_LEN)
+    seal_chunk_in_place(KEY, index, buf, len(plain))
+    assert buf == reference  # what the serving side sends is what the leaf names
+    out = bytearray(len(plain) + 7)
+    assert open_chunk_into(KEY, index, memoryview(buf), out) == plain
+    assert open_chunk_into(KEY, index, reference, out) == plain
+
+
+@given(st.binary(min_size=0, max_size=3000), st.integers(min_value=0))
+@settings(max_examples=80)
+def test_open_into_rejects_any_flipped_bit_and_releases_no_plaintext(plain: bytes,
+                                                                     bit: int) -> None:
+    sealed = bytearray(seal_chunk(KEY, 3, plain))
+    sealed[(bit // 8) % len(sealed)] ^= 1 << (bit % 8)
+    out = bytearray(b"\xaa" * len(plain))
+    with pytest.raises(VerificationError):
+        open_chunk_into(KEY, 3, sealed, out)
+    assert out in (b"\xaa" * len(plain), bytes(len(plain)))  # untouched or wiped
+
+
+def test_direct_paths_check_their_buffers() -> None:
+    sealed = seal_chunk(KEY, 0, b"hello")
+    with pytest.raises(DecodeError):
+        open_chunk_into(KEY, 0, sealed, bytearray(4))  # too small for the plaintext
+    with pytest.raises(VerificationError):
+        open_chunk_into(KEY, 0, sealed[:TAG_LEN - 1], bytearray(16))  # shorter than a tag
+    with pytest.raises(VerificationError):
+        open_chunk_into(KEY, 1, sealed, bytearray(5))  # index bound, as in open_chunk
+    with pytest.raises(DecodeError):
+        seal_chunk_in_place(KEY, 0, bytearray(5 + TAG_LEN - 1), 5)  # no room for the tag
+    with pytest.raises(DecodeError):
+        seal_chunk_in_place(KEY[:31], 0, bytearray(5 + TAG_LEN), 5)
 
 
 def test_chunk_index_and_key_are_bound() -> None:
