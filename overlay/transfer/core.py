@@ -122,6 +122,10 @@ class TransferConnection:
         self._need = _U32
         self._parts: list[memoryview] = []
         self._got = 0
+        # A CHUNK payload is copied straight from the received bytes into its own buffer,
+        # which then travels on uncopied: to the verifier, the opener and the disk.
+        self._payload: bytearray | None = None
+        self._payload_view: memoryview | None = None
         self._frame_len = 0
         self._payload_len = 0
         self._header = b""
@@ -207,6 +211,9 @@ class TransferConnection:
         if self.state not in (State.CLOSED, State.FAILED):
             self._go("fail")
             self._parts.clear()
+            if self._payload_view is not None:
+                self._payload_view.release()
+            self._payload = self._payload_view = None
             self._events.append(ConnectionFailed(reason))
 
     def _frame_limit(self) -> int:
@@ -217,6 +224,20 @@ class TransferConnection:
     def _parse(self, view: memoryview) -> None:
         while view and self.state in (State.HANDSHAKE, State.OPEN):
             k = min(len(view), self._need - self._got)
+            if self._payload_view is not None:
+                self._payload_view[self._got : self._got + k] = view[:k]
+                self._got += k
+                view = view[k:]
+                if self._got < self._need:
+                    return
+                payload, self._payload = self._payload, None
+                self._payload_view.release()
+                self._payload_view = None
+                self._got = 0
+                self._expect(_Piece.LENGTH, _U32)
+                header, self._header = self._header, b""
+                self._deliver(header, payload if payload is not None else b"")
+                continue
             self._parts.append(view[:k])
             self._got += k
             view = view[k:]
@@ -269,15 +290,15 @@ class TransferConnection:
             if self._payload_len:
                 self._header = header
                 self._expect(_Piece.PAYLOAD, self._payload_len)
+                self._payload = bytearray(self._payload_len)
+                self._payload_view = memoryview(self._payload)
             else:
                 self._expect(_Piece.LENGTH, _U32)
                 self._deliver(header, b"")
-        else:
-            self._expect(_Piece.LENGTH, _U32)
-            header, self._header = self._header, b""
-            self._deliver(header, piece)
+        else:  # pragma: no cover - payloads are gathered in _parse
+            raise LocalProtocolError("payload bytes reached the piece parser")
 
-    def _deliver(self, header: bytes, payload: bytes) -> None:
+    def _deliver(self, header: bytes, payload: bytes | bytearray) -> None:
         try:
             msg = decode_header(header, payload)
         except CryptoError as exc:  # DecodeError: authentic but malformed, stream in sync

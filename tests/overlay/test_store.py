@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -12,7 +13,13 @@ from hypothesis import strategies as st
 
 from crypto.content import ChunkVerifier, chunk_count
 from crypto.errors import VerificationError
-from overlay.store import ContentStore, ContentStoreError, LocalContent, PartialContent
+from overlay.store import (
+    DIRECT_ALIGN,
+    ContentStore,
+    ContentStoreError,
+    LocalContent,
+    PartialContent,
+)
 
 CHUNK = 1024
 
@@ -187,3 +194,44 @@ def test_any_size_any_order_round_trips(tmp_path: Path, size: int, seed: int) ->
         part.write_chunk(i, src.read_sealed(i))
     assert part.complete().read_bytes() == data
     assert os.stat(run / "r" / "content.sqlite").st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_aligned_chunks_go_straight_to_disk_or_through_the_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    """O_DIRECT for every chunk of a 4 KiB-multiple layout but a short last one; where the
+    filesystem refuses it (open or write), the page cache, with the same bytes."""
+    chunk = 2 * DIRECT_ALIGN
+    data = _file(tmp_path / "f", 5 * chunk + 100)
+    src = ContentStore(tmp_path / "s").add_local_file_blocking(tmp_path / "f", chunk_size=chunk)
+    part = _receive(ContentStore(tmp_path / "r"), src, tmp_path / "in", "f")
+    if not direct:
+        def refuse(fd: int, view: memoryview, offset: int) -> int:
+            if fd == part._direct_fd:
+                raise OSError(errno.EINVAL, "no O_DIRECT here")
+            return real_pwrite(fd, view, offset)
+
+        real_pwrite = os.pwrite
+        monkeypatch.setattr(os, "pwrite", refuse)
+    part.set_leaves(src.leaves)
+    for i in reversed(part.missing()):
+        assert part.write_chunk(i, bytearray(src.read_sealed(i)))
+        # A chunk written either way is read back, sealed, as its leaf names it.
+        assert part.read_sealed(i) == src.read_sealed(i)
+    assert (part._direct_fd >= 0) is direct or not hasattr(os, "O_DIRECT")
+    assert part.complete().read_bytes() == data
+
+
+def test_a_forged_chunk_writes_nothing_with_reused_buffers(tmp_path: Path) -> None:
+    chunk = DIRECT_ALIGN
+    _file(tmp_path / "f", 3 * chunk)
+    src = ContentStore(tmp_path / "s").add_local_file_blocking(tmp_path / "f", chunk_size=chunk)
+    part = _receive(ContentStore(tmp_path / "r"), src, tmp_path / "in", "f")
+    part.set_leaves(src.leaves)
+    assert part.write_chunk(0, src.read_sealed(0))
+    forged = bytearray(src.read_sealed(1))
+    forged[-1] ^= 1
+    with pytest.raises(VerificationError):
+        part.write_chunk(1, forged)
+    assert not part.have(1)
+    assert os.pread(os.open(part.part_path, os.O_RDONLY), chunk, chunk) == bytes(chunk)

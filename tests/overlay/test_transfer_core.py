@@ -424,3 +424,30 @@ def test_cancel_reaches_a_get_already_being_sealed(
     assert logic.pop_get() is None and counters["cancelled"] == 2
     logic.handle(Cancel(cid, 0))  # already sent: nothing to do, nothing grows
     assert logic.finish_get(cid, 0) and counters["cancelled"] == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_chunk_payloads_are_own_buffers_whatever_the_receive_buffer(
+        data: st.DataObject) -> None:
+    """The receiver copies each CHUNK payload into a buffer of its own as it arrives, so a
+    transport may hand in one reused buffer, and two chunks never share memory."""
+    c, s = connected()
+    cid = b"k" * 32
+    payloads = [random.Random(i).randbytes(CHUNK + 16) for i in range(3)]
+    for i, p in enumerate(payloads):
+        s.send(Chunk(cid, i, p))
+    blob = wire(s)
+    scratch = bytearray(len(blob))
+    cuts = sorted(data.draw(st.lists(st.integers(1, len(blob) - 1), max_size=12)))
+    for lo, hi in zip([0, *cuts], [*cuts, len(blob)], strict=True):
+        n = hi - lo
+        if not n:
+            continue  # b"" would mean EOF
+        scratch[:n] = blob[lo:hi]
+        c.receive_data(memoryview(scratch)[:n])
+        scratch[:n] = bytes(n)  # the transport reuses its buffer at once
+    got = [e for e in events(c) if isinstance(e, Chunk)]
+    assert [(e.index, bytes(e.data)) for e in got] == list(enumerate(payloads))
+    got[0].data[0] ^= 1  # type: ignore[index]
+    assert bytes(got[1].data) == payloads[1]
