@@ -173,6 +173,9 @@ class Send:
         items = f.list("items", SendItem.decode, max_items=MAX_ITEMS) or ()
         if not items:
             raise DecodeError("SEND.items: at least one recipient is needed")
+        if len(items) > 1 and len({i.device for i in items}) != len(items):
+            # One envelope per device and message id: the store keys on (device, mid).
+            raise DecodeError("SEND.items: a device appears more than once")
         return cls(rid, f.bytes("mid", size=MESSAGE_ID_LEN),
                    f.int("prio", lo=0, hi=MAX_PRIORITY), items)
 

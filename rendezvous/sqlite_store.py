@@ -1,14 +1,18 @@
 """`SqliteStore`: the default `Store`, one SQLite file in the server's data folder.
 
 One writer thread owns the connection. Requests queue up while a transaction commits and
-are then run together in the next one (group commit): each in its own SAVEPOINT, so one
-failing request doesn't spoil the others, then a single COMMIT, then every caller's future
-is resolved in submission order. `journal_mode=WAL` with `synchronous=FULL` makes a
-commit durable against process death and power loss; results (and so SEND acks) are only
-handed back after the commit returned.
+are then run together in the next one (group commit), then a single COMMIT, then every
+caller's future is resolved in submission order. A request that raises must not spoil the
+others: the batch is first run straight through (a SAVEPOINT per request would double the
+statements of the common case), and if any request raises, the transaction is rolled back
+and the whole batch run again with each request in its own SAVEPOINT. `journal_mode=WAL`
+with `synchronous=FULL` makes a commit durable against process death and power loss;
+results (and so SEND acks) are only handed back after the commit returned.
 
 Per-account usage (queued count and bytes) is kept in memory by the writer thread for
-quota checks, loaded at open and reloaded if a commit ever fails.
+quota checks, loaded at open and reloaded whenever a transaction is rolled back. So is a
+bounded cache of device → address bindings (a binding is never changed or removed once
+committed; the cache is dropped on every rollback, which may have undone one).
 
 `create_invite` and `read_stats` open their own short connection, so the CLI can use them
 next to a running server (WAL lets readers and a second writer in safely).
@@ -27,7 +31,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +56,7 @@ T = TypeVar("T")
 DB_NAME = "rendezvous.sqlite3"
 SCHEMA_VERSION = 1
 _MAX_BATCH = 1024
+_DEVICE_CACHE = 65_536
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts (address TEXT PRIMARY KEY, created REAL NOT NULL);
@@ -163,6 +168,7 @@ class SqliteStore:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._usage: dict[str, list[int]] = {}  # writer thread only: address -> [count, bytes]
+        self._bound: dict[bytes, str] = {}  # writer thread only: device peer id -> address
         self.commits = 0
         self.ops = 0
 
@@ -176,7 +182,7 @@ class SqliteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.inline:
             self._conn = connect(self.path)
-            self._reload_usage(self._conn)
+            self._reload_caches(self._conn)
             return
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(ready,),
@@ -224,7 +230,7 @@ class SqliteStore:
             return
         try:
             conn = connect(self.path)
-            self._reload_usage(conn)
+            self._reload_caches(conn)
         except Exception as exc:  # report any open failure to the awaiting caller
             loop.call_soon_threadsafe(_settle, ready, None, exc)
             return
@@ -252,9 +258,28 @@ class SqliteStore:
 
     def _run_batch(self, conn: sqlite3.Connection,
                    ops: list[_Op]) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        """One transaction: each op in its own savepoint; the outcomes, in order."""
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        """One transaction for the batch; each op's outcome, in order (see module doc)."""
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = [(fut, fn(conn), None) for fn, fut in ops]
+        except Exception:
+            self._rollback(conn)
+            conn.execute("BEGIN IMMEDIATE")
+            results = self._run_each_in_savepoint(conn, ops)
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            results = [(fut, None, exc) for fut, _, _ in results]
+        self.commits += 1
+        self.ops += len(ops)
+        return results
+
+    def _run_each_in_savepoint(
+            self, conn: sqlite3.Connection,
+            ops: list[_Op]) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         for fn, fut in ops:
             conn.execute("SAVEPOINT op")
             try:
@@ -266,22 +291,34 @@ class SqliteStore:
             else:
                 conn.execute("RELEASE op")
                 results.append((fut, value, None))
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            self._reload_usage(conn)
-            results = [(fut, None, exc) for fut, _, _ in results]
-        self.commits += 1
-        self.ops += len(ops)
         return results
 
-    def _reload_usage(self, conn: sqlite3.Connection) -> None:
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        # Ops that ran before the rollback may have changed the in-memory copies.
+        self._reload_caches(conn)
+
+    def _reload_caches(self, conn: sqlite3.Connection) -> None:
+        self._bound = {}
         self._usage = {
             r: [c, b] for r, c, b in conn.execute(
                 "SELECT recipient, COUNT(*), SUM(length(blob)) FROM envelopes GROUP BY recipient")
         }
+
+    def _bound_to(self, conn: sqlite3.Connection, device: bytes) -> str | None:
+        """The address `device` is bound to (None if unknown), through the cache."""
+        address = self._bound.get(device)
+        if address is None:
+            row = conn.execute("SELECT address FROM devices WHERE peer_id=?",
+                               (device,)).fetchone()
+            if row is None:
+                return None
+            address = row[0]
+            if len(self._bound) >= _DEVICE_CACHE:
+                self._bound.clear()
+            self._bound[device] = address
+        return address
 
     def _used(self, address: str, count: int, size: int) -> None:
         u = self._usage.setdefault(address, [0, 0])
@@ -318,51 +355,79 @@ class SqliteStore:
 
         return await self._submit(op)
 
-    async def enqueue(self, sender: str, send: Send, now: float, expires_at: float,
-                      quota: Quota) -> EnqueueOutcome:
+    def enqueue(self, sender: str, send: Send, now: float, expires_at: float,
+                quota: Quota) -> Awaitable[EnqueueOutcome]:
         def op(conn: sqlite3.Connection) -> EnqueueOutcome:
-            fresh = []
-            extra: dict[str, list[int]] = {}
+            # The common case in one statement per item: every device known and bound to
+            # its address, and the quota holds even if every item is new. INSERT OR IGNORE
+            # skips an envelope already stored (a retried SEND) through UNIQUE(device, mid).
+            adding: dict[str, list[int]] = {}
             for item in send.items:
-                row = conn.execute("SELECT address FROM devices WHERE peer_id=?",
-                                   (item.device,)).fetchone()
-                if row is None or row[0] != item.to:
-                    known = conn.execute("SELECT 1 FROM accounts WHERE address=?",
-                                         (item.to,)).fetchone()
-                    if known is None:
-                        return EnqueueOutcome(Status.NOT_FOUND, f"no such address: {item.to}")
-                    return EnqueueOutcome(
-                        Status.NOT_FOUND,
-                        f"device {item.device.hex()} is not bound to {item.to}")
-                if conn.execute("SELECT 1 FROM envelopes WHERE device=? AND mid=?",
-                                (item.device, send.message_id)).fetchone():
-                    continue  # a retried SEND: already stored, ack again
-                add = extra.setdefault(item.to, [0, 0])
+                if self._bound_to(conn, item.device) != item.to:
+                    return self._enqueue_checked(conn, sender, send, now, expires_at, quota)
+                add = adding.setdefault(item.to, [0, 0])
                 add[0] += 1
                 add[1] += len(item.blob)
-                used = self._usage.get(item.to, [0, 0])
-                if used[0] + add[0] > quota.count or used[1] + add[1] > quota.bytes:
-                    return EnqueueOutcome(
-                        Status.QUOTA,
-                        f"quota exceeded for {item.to}: {used[0]} envelopes / {used[1]} bytes "
-                        f"queued, limit {quota.count} / {quota.bytes}")
-                fresh.append(item)
+            for address, (count, size) in adding.items():
+                used = self._usage.get(address, [0, 0])
+                if used[0] + count > quota.count or used[1] + size > quota.bytes:
+                    return self._enqueue_checked(conn, sender, send, now, expires_at, quota)
             stored = []
-            for item in fresh:
+            for item in send.items:
                 cur = conn.execute(
-                    "INSERT INTO envelopes (device, mid, sender, recipient, prio, blob, "
-                    "received_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO envelopes (device, mid, sender, recipient, prio, "
+                    "blob, received_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (item.device, send.message_id, sender, item.to, send.priority, item.blob,
                      now, expires_at))
-                seq = cur.lastrowid or 0
-                stored.append(QueuedEnvelope(seq, Envelope(
+                if cur.rowcount != 1:
+                    continue  # a retried SEND: already stored, ack again
+                self._used(item.to, 1, len(item.blob))
+                stored.append(QueuedEnvelope(cur.lastrowid or 0, Envelope(
                     send.message_id, sender, item.to, item.device, send.priority, item.blob,
                     now)))
-            for addr, (count, size) in extra.items():
-                self._used(addr, count, size)
             return EnqueueOutcome(Status.OK, "stored", tuple(stored))
 
-        return await self._submit(op)
+        return self._submit(op)
+
+    def _enqueue_checked(self, conn: sqlite3.Connection, sender: str, send: Send, now: float,
+                         expires_at: float, quota: Quota) -> EnqueueOutcome:
+        """`enqueue` item by item: which refusal comes first, quota for new items only."""
+        fresh = []
+        extra: dict[str, list[int]] = {}
+        for item in send.items:
+            if self._bound_to(conn, item.device) != item.to:
+                known = conn.execute("SELECT 1 FROM accounts WHERE address=?",
+                                     (item.to,)).fetchone()
+                if known is None:
+                    return EnqueueOutcome(Status.NOT_FOUND, f"no such address: {item.to}")
+                return EnqueueOutcome(
+                    Status.NOT_FOUND, f"device {item.device.hex()} is not bound to {item.to}")
+            if conn.execute("SELECT 1 FROM envelopes WHERE device=? AND mid=?",
+                            (item.device, send.message_id)).fetchone():
+                continue  # a retried SEND: already stored, ack again
+            add = extra.setdefault(item.to, [0, 0])
+            add[0] += 1
+            add[1] += len(item.blob)
+            used = self._usage.get(item.to, [0, 0])
+            if used[0] + add[0] > quota.count or used[1] + add[1] > quota.bytes:
+                return EnqueueOutcome(
+                    Status.QUOTA,
+                    f"quota exceeded for {item.to}: {used[0]} envelopes / {used[1]} bytes "
+                    f"queued, limit {quota.count} / {quota.bytes}")
+            fresh.append(item)
+        stored = []
+        for item in fresh:
+            cur = conn.execute(
+                "INSERT INTO envelopes (device, mid, sender, recipient, prio, blob, "
+                "received_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (item.device, send.message_id, sender, item.to, send.priority, item.blob,
+                 now, expires_at))
+            seq = cur.lastrowid or 0
+            stored.append(QueuedEnvelope(seq, Envelope(
+                send.message_id, sender, item.to, item.device, send.priority, item.blob, now)))
+        for addr, (count, size) in extra.items():
+            self._used(addr, count, size)
+        return EnqueueOutcome(Status.OK, "stored", tuple(stored))
 
     async def pending(self, device: bytes, after: int, upto: int, limit: int,
                       now: float) -> list[QueuedEnvelope]:
@@ -388,7 +453,7 @@ class SqliteStore:
 
         return await self._submit(op)
 
-    async def remove(self, device: bytes, message_id: bytes) -> bool:
+    def remove(self, device: bytes, message_id: bytes) -> Awaitable[bool]:
         def op(conn: sqlite3.Connection) -> bool:
             row = conn.execute("DELETE FROM envelopes WHERE device=? AND mid=? "
                                "RETURNING recipient, length(blob)",
@@ -398,7 +463,7 @@ class SqliteStore:
             self._used(row[0], -1, -row[1])
             return True
 
-        return await self._submit(op)
+        return self._submit(op)
 
     async def devices(self, address: str) -> list[DeviceRecord] | None:
         def op(conn: sqlite3.Connection) -> list[DeviceRecord] | None:

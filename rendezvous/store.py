@@ -12,6 +12,7 @@ pushed live, with each envelope delivered once per session (see server.py).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -82,7 +83,7 @@ class Quota:
 
 
 class Store(Protocol):
-    """Accounts, devices, invites and queued envelopes. All methods are coroutines."""
+    """Accounts, devices, invites and queued envelopes. Every method's result is awaited."""
 
     async def open(self) -> None: ...
 
@@ -100,9 +101,13 @@ class Store(Protocol):
         """
         ...
 
-    async def enqueue(self, sender: str, send: Send, now: float, expires_at: float,
-                      quota: Quota) -> EnqueueOutcome:
-        """Store all items of a SEND or none (unknown address/device, quota)."""
+    def enqueue(self, sender: str, send: Send, now: float, expires_at: float,
+                quota: Quota) -> Awaitable[EnqueueOutcome]:
+        """Store all items of a SEND or none (unknown address/device, quota).
+
+        Like `remove`, this may hand back a plain `asyncio.Future` rather than a coroutine,
+        so the server can answer the request from a callback without a task per request.
+        """
         ...
 
     async def pending(self, device: bytes, after: int, upto: int, limit: int,
@@ -118,7 +123,7 @@ class Store(Protocol):
     async def retrieve(self, device: bytes, message_id: bytes, now: float) -> Envelope | None:
         ...
 
-    async def remove(self, device: bytes, message_id: bytes) -> bool:
+    def remove(self, device: bytes, message_id: bytes) -> Awaitable[bool]:
         """Delete an envelope of `device`; False when it wasn't queued."""
         ...
 

@@ -166,6 +166,15 @@ async def oversize_envelope(server: RendezvousServer) -> None:
     await s.close()
 
 
+async def same_device_twice(server: RendezvousServer) -> None:
+    s = await mallory(server)
+    item = SendItem("bob@example.net", BOB.peer_id, b"x")
+    await s.frame(encode_request(Send(11, mid(), 0, (item, item))))
+    r = await s.reply()
+    assert (r.id, r.status, r.text) == (11, 400, "SEND.items: a device appears more than once")
+    await s.close()
+
+
 async def exceed_quota(server: RendezvousServer) -> None:
     s = await mallory(server)
     replies: list[Reply] = []
@@ -189,6 +198,7 @@ CASES: dict[str, Case] = {
     "replayed signature": replayed_signature,
     "SEND to an unknown address": send_to_unknown_address,
     "oversize envelope": oversize_envelope,
+    "one device twice in a SEND": same_device_twice,
     "exceeding a quota": exceed_quota,
 }
 

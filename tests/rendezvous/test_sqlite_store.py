@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from rendezvous.messages import Send, SendItem
 from rendezvous.sqlite_store import SqliteStore
 from rendezvous.status import Status
-from rendezvous.store import Quota, RegistrationPolicy
+from rendezvous.store import EnqueueOutcome, Quota, RegistrationPolicy
 
 from .conftest import ident, mid
 
@@ -159,3 +160,49 @@ async def test_everything_survives_reopening(tmp_path: Path) -> None:
         assert out.status == Status.QUOTA
     finally:
         await s2.aclose()
+
+
+async def test_a_failing_op_spoils_nothing_else_in_its_batch(store: SqliteStore) -> None:
+    """The batch runs without savepoints; one op raising reruns it op by op, so the
+    others keep their results and their writes, and the in-memory usage stays right."""
+    await register(store, 2, "bob@example.net")
+    m1, m2 = mid(), mid()
+    quota = Quota(3, 1000)
+
+    def broken(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    commits = store.commits
+    outs = await asyncio.gather(
+        store.enqueue("a@example.net", send(m1, ("bob@example.net", BOB.peer_id, b"one")), 1,
+                      100, quota),
+        store._submit(broken),
+        store.enqueue("a@example.net", send(m2, ("bob@example.net", BOB.peer_id, b"two")), 1,
+                      100, quota),
+        return_exceptions=True)
+    assert store.commits - commits == 1  # one batch
+    assert isinstance(outs[0], EnqueueOutcome) and outs[0].status == Status.OK
+    assert isinstance(outs[1], sqlite3.OperationalError)
+    assert isinstance(outs[2], EnqueueOutcome) and outs[2].status == Status.OK
+    got = await store.pending(BOB.peer_id, 0, 1 << 62, 10, 1)
+    assert [q.envelope.blob for q in got] == [b"one", b"two"]
+    # usage counts exactly the two stored: one more fits the quota of 3, then no more
+    out = await store.enqueue("a@example.net", send(mid(), ("bob@example.net", BOB.peer_id,
+                                                            b"3")), 1, 100, quota)
+    assert out.status == Status.OK
+    out = await store.enqueue("a@example.net", send(mid(), ("bob@example.net", BOB.peer_id,
+                                                            b"4")), 1, 100, quota)
+    assert out.status == Status.QUOTA
+
+
+async def test_removes_in_one_batch_are_exactly_once(store: SqliteStore) -> None:
+    await register(store, 2, "bob@example.net")
+    ids = [mid() for _ in range(20)]
+    for m in ids:
+        await store.enqueue("a@example.net", send(m, ("bob@example.net", BOB.peer_id, b"x")), 1,
+                            100, BIG)
+    commits = store.commits
+    removed = await asyncio.gather(*(store.remove(BOB.peer_id, m) for m in ids + ids))
+    assert store.commits - commits < 40  # they shared commits
+    assert removed == [True] * 20 + [False] * 20
+    assert (await store.stats()).queued_envelopes == 0
