@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
 from crypto.codec import packb
@@ -63,7 +64,7 @@ from rendezvous.relay import PendingRelay, RelayRegistry, Splice
 from rendezvous.services import ExtraService
 from rendezvous.session import AuthRequested, Closing, RequestReceived, ServerConnection
 from rendezvous.status import Status
-from rendezvous.store import QueuedEnvelope, Quota, RegistrationPolicy, Store
+from rendezvous.store import EnqueueOutcome, QueuedEnvelope, Quota, RegistrationPolicy, Store
 
 log = logging.getLogger("rendezvous.server")
 
@@ -165,7 +166,7 @@ class _Connection(asyncio.Protocol):
         core = self.core
         while (ev := core.next_event()) is not None:
             if isinstance(ev, RequestReceived):
-                self.server._spawn(self.server._handle(self, ev.request))
+                self.server._request(self, ev.request)
             elif isinstance(ev, AuthRequested):
                 self.server._spawn(self.server._authenticate(self, ev))
             elif isinstance(ev, Closing):
@@ -235,6 +236,12 @@ class _Connection(asyncio.Protocol):
         """Called after the server answered a request of this connection."""
         self._pump()
 
+    def replied(self) -> None:
+        """`after_reply` for a plain reply: no event, state or timer can have changed."""
+        self.flush_soon()
+        if self.read_paused:
+            self._throttle()
+
     async def drained(self) -> None:
         """Wait until the transport accepts more (or the connection is gone)."""
         if not self.write_paused or self.core.closed:
@@ -271,6 +278,7 @@ class RendezvousServer:
         self._connections: set[_Connection] = set()
         self._online: dict[bytes, list[_Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._storing: set[asyncio.Future[Any]] = set()  # SEND / REMOVE at the store
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -340,11 +348,14 @@ class RendezvousServer:
         for conn in list(self._connections):
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.transport.pause_reading()
-        busy = [t for t in self._tasks if t.get_name() != "sweep"]
+        busy: list[asyncio.Future[Any]] = [t for t in self._tasks if t.get_name() != "sweep"]
+        busy += self._storing
         if busy:
             await asyncio.wait(busy, timeout=_SHUTDOWN_GRACE)
         for task in list(self._tasks):
             task.cancel()
+        for fut in list(self._storing):
+            fut.cancel()  # answered "server shutting down" by `_stored`
         for conn in list(self._connections):
             conn.core.close("server shutting down")
             conn._pump()
@@ -481,26 +492,72 @@ class RendezvousServer:
             conn.flush_soon()
 
     # --- requests ----------------------------------------------------------------------
-    async def _handle(self, conn: _Connection, req: Request) -> None:
+    def _request(self, conn: _Connection, req: Request) -> None:
+        """Start answering a request of an authenticated session.
+
+        SEND and REMOVE, most of the traffic, take no task: the store's future gets a
+        callback that replies (`_stored`). The other verbs run as a task (`_handle`).
+        """
         self.requests += 1
+        peer_id = conn.core.peer_id
+        address = conn.core.address
+        if peer_id is None or address is None or not isinstance(req, Send | Remove):
+            self._spawn(self._handle(conn, req))
+            return
+        pending: Awaitable[EnqueueOutcome | bool]
+        try:
+            if isinstance(req, Send):
+                lim = self.limits
+                now = self.clock()
+                pending = self.store.enqueue(address, req, now, now + lim.envelope_ttl,
+                                             Quota(lim.quota_count, lim.quota_bytes))
+            else:
+                pending = self.store.remove(peer_id, req.message_id)
+            fut = asyncio.ensure_future(pending, loop=self.loop)
+        except Exception as exc:
+            self._answer(conn, req, self._failed(conn, req, exc))
+            return
+        self._storing.add(fut)
+        fut.add_done_callback(functools.partial(self._stored, conn, req))
+
+    def _stored(self, conn: _Connection, req: Send | Remove, fut: asyncio.Future[Any]) -> None:
+        self._storing.discard(fut)
+        if fut.cancelled():
+            result: Result = (Status.UNAVAILABLE, "server shutting down", None)
+        elif (exc := fut.exception()) is not None:
+            result = self._failed(conn, req, exc)
+        elif isinstance(req, Send):
+            result = self._sent(fut.result())
+        else:
+            result = (Status.OK, "removed" if fut.result() else "not queued (removed or expired)",
+                      None)
+        self._answer(conn, req, result)
+
+    def _answer(self, conn: _Connection, req: Request, result: Result) -> None:
+        conn.core.reply(req.id, *result)
+        conn.replied()
+
+    def _failed(self, conn: _Connection, req: Request, exc: BaseException) -> Result:
+        """The reply to a request whose handling raised `exc`."""
+        if isinstance(exc, ValueError):  # a DecodeError from a validator
+            return Status.BAD_REQUEST, str(exc), None
+        if self._closing:
+            return Status.UNAVAILABLE, "server shutting down", None
+        log.error(kv("request.failed", peer=conn.peer, verb=req.TAG), exc_info=exc)
+        return Status.SERVER_ERROR, "internal error", None
+
+    async def _handle(self, conn: _Connection, req: Request) -> None:
         try:
             result = await self._dispatch(conn, req)
             if result is _REPLIED:
                 return
-            status, text, body = result
         except asyncio.CancelledError:
             conn.core.reply(req.id, Status.UNAVAILABLE, "server shutting down")
             conn.after_reply()
             raise
-        except ValueError as exc:  # a DecodeError from a validator
-            status, text, body = Status.BAD_REQUEST, str(exc), None
-        except Exception:
-            if self._closing:
-                status, text, body = Status.UNAVAILABLE, "server shutting down", None
-            else:
-                log.exception(kv("request.failed", peer=conn.peer, verb=req.TAG))
-                status, text, body = Status.SERVER_ERROR, "internal error", None
-        conn.core.reply(req.id, status, text, body)
+        except Exception as exc:
+            result = self._failed(conn, req, exc)
+        conn.core.reply(req.id, *result)
         conn.after_reply()
 
     async def _dispatch(self, conn: _Connection, req: Request) -> Result:
@@ -509,8 +566,6 @@ class RendezvousServer:
         address = core.address
         if peer_id is None or address is None:
             return Status.UNAUTHORIZED, "authenticate first", None
-        if isinstance(req, Send):
-            return await self._send(req, address)
         if isinstance(req, List):
             rows = await self.store.list_infos(peer_id, req.after, req.limit, self.clock())
             more = len(rows) >= req.limit
@@ -521,9 +576,6 @@ class RendezvousServer:
             if env is None:
                 return Status.NOT_FOUND, f"no queued envelope {req.message_id.hex()}", None
             return Status.OK, None, {"env": env.to_wire()}
-        if isinstance(req, Remove):
-            removed = await self.store.remove(peer_id, req.message_id)
-            return Status.OK, "removed" if removed else "not queued (removed or expired)", None
         if isinstance(req, Finger):
             return await self._finger(req.address)
         if isinstance(req, Pipe):
@@ -545,11 +597,8 @@ class RendezvousServer:
             return f"advertisement of {size} bytes over the limit {self.limits.max_advertise}"
         return None
 
-    async def _send(self, req: Send, sender: str) -> Result:
-        lim = self.limits
-        now = self.clock()
-        outcome = await self.store.enqueue(sender, req, now, now + lim.envelope_ttl,
-                                           Quota(lim.quota_count, lim.quota_bytes))
+    def _sent(self, outcome: EnqueueOutcome) -> Result:
+        """The reply to a SEND the store has answered; push what it stored."""
         if outcome.status != Status.OK:
             return outcome.status, outcome.text, None
         self.sends += 1

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +24,7 @@ from rendezvous.errors import (
 from rendezvous.limits import Limits
 from rendezvous.messages import Deliver, PipeMessage
 from rendezvous.server import RendezvousServer
+from rendezvous.sqlite_store import SqliteStore
 
 from .conftest import ident, mid, port_of, running_server
 
@@ -201,3 +205,57 @@ async def test_client_reconnects_after_a_server_restart(tmp_path: Path) -> None:
     finally:
         await a.aclose()
         await b.aclose()
+
+
+class _HeldStore(SqliteStore):
+    """A store whose writer thread can be held before it runs (and commits) a batch."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.hold = threading.Event()
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def _run_batch(self, conn: sqlite3.Connection, ops: list[Any]) -> list[Any]:
+        if self.hold.is_set():
+            self.holding.set()
+            self.release.wait(10)
+        return super()._run_batch(conn, ops)
+
+
+async def test_send_and_remove_are_answered_only_after_their_commit(tmp_path: Path) -> None:
+    store = _HeldStore(tmp_path / "rv.sqlite3")
+    server = RendezvousServer("example.net", store, open_registration=True)
+    await server.start("127.0.0.1", 0)
+    try:
+        async with client(server, ALICE, "alice@example.net") as a, \
+                client(server, BOB, "bob@example.net") as b:
+            pushes = b.pushes()
+            for verb in ("send", "remove"):
+                m = mid()
+                if verb == "remove":
+                    await a.send(m, [("bob@example.net", BOB.peer_id, b"x")])
+                    await take(pushes, 1)
+                store.hold.set()
+                store.holding.clear()
+                store.release.clear()
+                call = (a.send(m, [("bob@example.net", BOB.peer_id, b"x")]) if verb == "send"
+                        else b.remove(m))
+                task = asyncio.create_task(call)
+                await asyncio.to_thread(store.holding.wait, 10)
+                done, _ = await asyncio.wait([task], timeout=0.2)
+                assert not done, f"{verb} answered before its commit"
+                store.hold.clear()
+                store.release.set()
+                await task
+                # Acknowledged: a fresh reader of the file sees the change committed.
+                db = sqlite3.connect(tmp_path / "rv.sqlite3")
+                try:
+                    (rows,) = db.execute("SELECT COUNT(*) FROM envelopes WHERE mid=?",
+                                         (m,)).fetchone()
+                finally:
+                    db.close()
+                assert rows == (1 if verb == "send" else 0)
+    finally:
+        store.release.set()
+        await server.aclose()
