@@ -71,7 +71,7 @@ from rendezvous.messages import (
     Send,
     SendItem,
 )
-from rendezvous.records import Envelope, EnvelopeInfo, FingerResult, raw_map
+from rendezvous.records import Envelope, EnvelopeInfo, FingerResult, normalized_address, raw_map
 
 log = logging.getLogger("rendezvous.client")
 
@@ -359,8 +359,11 @@ class RendezvousClient:
                 await self.wait_connected(remaining)
                 continue
             req, fut = proto.request(make)
+            # One timer per request, not asyncio.wait_for (a second future, callbacks and
+            # a timer), which cost more than the rest of a request's client side.
+            timer = loop.call_later(max(remaining, 0.001), _time_out, fut)
             try:
-                reply = await asyncio.wait_for(fut, max(remaining, 0.001))
+                reply = await fut
             except TimeoutError:
                 proto.pending.pop(req.id, None)
                 raise RequestTimeoutError(
@@ -369,6 +372,8 @@ class RendezvousClient:
                 if not self.reconnect:
                     raise
                 continue
+            finally:
+                timer.cancel()
             if not reply.ok:
                 raise error_for(reply.status, reply.text)
             return reply
@@ -376,7 +381,8 @@ class RendezvousClient:
     async def send(self, message_id: bytes, items: list[tuple[str, bytes, bytes]],
                    priority: int = 0) -> None:
         """Deposit one message: one sealed blob per (address, device peer id). Durable on return."""
-        parsed = tuple(SendItem(normalize_address(a), d, b) for a, d, b in items)
+        parsed = tuple(SendItem(normalized_address(a) if type(a) is str else normalize_address(a),
+                                d, b) for a, d, b in items)
         await self._request(lambda rid: Send(rid, message_id, priority, parsed))
 
     async def list(self) -> list[EnvelopeInfo]:
@@ -428,6 +434,11 @@ class RendezvousClient:
         """Replace this device's reachability hints (also used on reconnects)."""
         await self._request(lambda rid: Advertise(rid, advertise))
         self._advertise = advertise
+
+
+def _time_out(fut: asyncio.Future[Reply]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _list_page(after: int) -> Callable[[int], Request]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crypto.codec import packb
+from crypto.codec import packb, unpackb
+from rendezvous import messages
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.framing import FrameDecoder, encode_frame
 from rendezvous.messages import (
@@ -161,3 +164,76 @@ def test_send_needs_a_recipient_and_a_16_byte_id() -> None:
     with pytest.raises(RemoteProtocolError, match="expected 16 bytes"):
         decode_request(packb({"t": "SEND", "id": 1, "mid": b"x", "prio": 0, "items": [
             {"to": "b@example.net", "device": PEER, "blob": b""}]}), LIMIT)
+
+
+# --- the well-formed fast paths agree with the full decoders ---------------------------
+
+_ADDRESSES = st.sampled_from(["bob@example.net", " Bob@Example.NET ", "x@y", "no-at-sign",
+                              "a" * 250 + "@b.c", "", "é@example.net"])
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.text(max_size=4),
+                 st.binary(max_size=4), st.lists(st.integers(-9, 9), max_size=2),
+                 st.dictionaries(st.text(max_size=2), st.integers(-9, 9), max_size=2))
+
+
+def _field(valid: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    """Mostly valid values, sometimes anything, sometimes absent (None drops the key)."""
+    return st.one_of(valid, valid, valid, _ANY)
+
+
+def _map(**fields: st.SearchStrategy[object]) -> st.SearchStrategy[dict[str, object]]:
+    return st.fixed_dictionaries({k: _field(v) for k, v in fields.items()}).map(
+        lambda d: {k: v for k, v in d.items() if v is not None})
+
+
+_IDS = st.one_of(st.integers(0, 3), st.just((1 << 63) - 1), st.just(1 << 63))
+_SEND_ITEM = _map(to=_ADDRESSES, device=st.binary(min_size=19, max_size=21),
+                  blob=st.binary(max_size=40))
+_SEND = _map(t=st.just("SEND"), id=_IDS, mid=st.binary(min_size=15, max_size=17),
+             prio=st.integers(-1, 8), items=st.lists(_SEND_ITEM, max_size=3))
+_REMOVE = _map(t=st.just("REMOVE"), id=_IDS, mid=st.binary(min_size=15, max_size=17))
+_ENV = _map(mid=st.binary(min_size=15, max_size=17), device=st.binary(min_size=19, max_size=21),
+            prio=st.integers(-1, 8), blob=st.binary(max_size=40), at=st.integers(-1, 1 << 54),
+            **{"from": _ADDRESSES, "to": _ADDRESSES})
+_REPLY = _map(t=st.just("REPLY"), id=_IDS, status=st.integers(99, 1000), text=st.text(max_size=3),
+              body=st.dictionaries(st.text(max_size=2), st.integers(-9, 9)))
+_DELIVER = _map(t=st.just("DELIVER"), env=_ENV)
+
+
+def _outcome(decode: Callable[[bytes, int], object], frame: bytes) -> object:
+    try:
+        return decode(frame, LIMIT)
+    except RemoteProtocolError as exc:
+        return ("refused", exc.status, exc.text, exc.request_id)
+
+
+@settings(max_examples=800)
+@given(st.one_of(_SEND, _REMOVE, _REPLY, _DELIVER))
+def test_fast_paths_agree_with_the_full_decoders(obj: dict[str, object]) -> None:
+    """Same message or same refusal (text, status, request id), with or without them."""
+    decode = decode_request if obj.get("t") in ("SEND", "REMOVE") else decode_server_message
+    frame = packb(obj)
+    fast = _outcome(decode, frame)
+    with _no_fast_paths():
+        assert _outcome(decode, frame) == fast
+
+
+def test_fast_paths_take_well_formed_frames() -> None:
+    send = Send(3, MID, 2, (SendItem("bob@example.net", PEER, b"x"),))
+    obj = unpackb(encode_request(send), max_bytes=LIMIT)
+    assert Send.decode_well_formed(3, obj) == send
+    env = Envelope(MID, "a@example.net", "bob@example.net", PEER, 1, b"blob", 1.5)
+    assert Envelope.decode_well_formed(env.to_wire()) == env
+    reply = Reply(4, 200, "ok", {"stored": 1})
+    assert Reply.decode_well_formed(reply.fields()) == reply
+
+
+@contextlib.contextmanager
+def _no_fast_paths() -> Iterator[None]:
+    saved = (dict(messages._WELL_FORMED_REQUESTS), dict(messages._WELL_FORMED_SERVER_MESSAGES))
+    messages._WELL_FORMED_REQUESTS.clear()
+    messages._WELL_FORMED_SERVER_MESSAGES.clear()
+    try:
+        yield
+    finally:
+        messages._WELL_FORMED_REQUESTS.update(saved[0])
+        messages._WELL_FORMED_SERVER_MESSAGES.update(saved[1])
