@@ -164,7 +164,7 @@ def main(argv: list[str]) -> int:
     raw_rate = size / raw_s / 1e6
     node_rate = size / n["transfer_seconds"] / 1e6
     ratio = node_rate / raw_rate
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"metric": "raw socket copy (sendfile → recv_into → disk)", "value": raw_rate,
          "unit": "MB/s"},
         {"metric": "peerpost node → node, direct TCP", "value": node_rate, "unit": "MB/s"},

@@ -151,7 +151,7 @@ def open_chunk(key: bytes, index: int, sealed: bytes | memoryview) -> bytes:
 # --- Merkle tree (RFC 6962 shape, BLAKE3) ----------------------------------------------
 
 
-def chunk_hash(sealed: bytes | memoryview) -> bytes:
+def chunk_hash(sealed: bytes | bytearray | memoryview) -> bytes:
     """The leaf hash of one sealed chunk."""
     h = blake3.blake3(b"\x00")
     h.update(sealed)
@@ -263,7 +263,7 @@ class ChunkVerifier:
     def count(self) -> int:
         return len(self._leaves)
 
-    def verify(self, index: int, sealed: bytes | memoryview) -> None:
+    def verify(self, index: int, sealed: bytes | bytearray | memoryview) -> None:
         """Raise VerificationError unless `sealed` is chunk `index` of this content."""
         if not 0 <= index < len(self._leaves):
             raise VerificationError(f"chunk index {index} outside 0..{len(self._leaves) - 1}")

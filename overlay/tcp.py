@@ -22,14 +22,17 @@ log = logging.getLogger(__name__)
 
 READ_HIGH_WATER = 1 << 20
 WRITE_HIGH_WATER = 1 << 20
+SCRATCH_READ = 256 << 10  # one read when nobody gave a buffer (uvloop's own size)
+PULL_READ = 16 << 10  # in pull mode: a frame header, and the next payload's first bytes
 CLOSE_TIMEOUT = 2.0
 
 
-class _TcpProtocol(asyncio.Protocol):
-    """Receive buffer and flow-control state of one connection."""
+class _TcpBase:
+    """Receive buffer and flow-control state of one connection (the protocol callbacks;
+    the two classes below say which asyncio protocol kind it is)."""
 
     def __init__(
-        self, read_high_water: int, on_made: Callable[[_TcpProtocol], None] | None = None
+        self, read_high_water: int, on_made: Callable[[_TcpBase], None] | None = None
     ) -> None:
         self._high = read_high_water
         self._on_made = on_made
@@ -39,7 +42,9 @@ class _TcpProtocol(asyncio.Protocol):
         self.eof = False
         self.lost: BaseException | None = None
         self.closed = False
-        self._reading_paused = False
+        self._flow_paused = False  # more than the high water is buffered
+        self._idle_paused = False  # (pull mode) nobody is waiting for bytes
+        self._transport_paused = False
         self._data_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -60,9 +65,9 @@ class _TcpProtocol(asyncio.Protocol):
             return
         self.chunks.append(data)
         self.buffered += len(data)
-        if self.buffered > self._high and not self._reading_paused and self.transport:
-            self._reading_paused = True
-            self.transport.pause_reading()
+        if self.buffered > self._high and not self._flow_paused:
+            self._flow_paused = True
+            self._sync_reading()
         self._wake_reader()
 
     def eof_received(self) -> bool:
@@ -88,6 +93,25 @@ class _TcpProtocol(asyncio.Protocol):
         self._wake_writer()
 
     # --- used by TcpStream -----------------------------------------------------------
+    def _sync_reading(self) -> None:
+        """Pause or resume the transport so it reads exactly when one of the reasons to
+        stop (too much buffered, nobody asking) doesn't hold."""
+        want = self._flow_paused or self._idle_paused
+        t = self.transport
+        if want != self._transport_paused and t is not None and not t.is_closing():
+            self._transport_paused = want
+            if want:
+                t.pause_reading()
+            else:
+                t.resume_reading()
+
+    async def wait_into(self, buf: memoryview) -> int:
+        """Wait for bytes; a protocol that can read straight into `buf` does and returns
+        how many it put there, this one returns 0 and leaves them in `chunks`."""
+        del buf
+        await self.wait_data()
+        return 0
+
     def _wake_reader(self) -> None:
         w, self._data_waiter = self._data_waiter, None
         if w is not None and not w.done():
@@ -122,10 +146,68 @@ class _TcpProtocol(asyncio.Protocol):
             out = head[:max_bytes]
             self.chunks[0] = head[max_bytes:]
         self.buffered -= len(out)
-        if self._reading_paused and self.buffered <= self._high // 2 and self.transport:
-            self._reading_paused = False
-            self.transport.resume_reading()
+        if self._flow_paused and self.buffered <= self._high // 2:
+            self._flow_paused = False
+            self._sync_reading()
         return out
+
+
+class _TcpProtocol(_TcpBase, asyncio.Protocol):
+    """Bytes arrive through `data_received` (the relay's splice and the simulator feed it
+    that way too)."""
+
+
+class _DirectTcpProtocol(_TcpBase, asyncio.BufferedProtocol):
+    """A `_TcpProtocol` that can also read the socket straight into the reader's buffer.
+
+    Until the first `receive_into` it reads like its parent (into a scratch buffer, copied
+    out as `bytes`). From then on it is in *pull* mode: it reads only while a receive is
+    waiting, one read at a time, into the receiver's buffer when it gave one (a CHUNK
+    payload: no copy at all), else a small scratch read (a frame header and the start of
+    the next payload). Bytes it didn't ask for stay in the kernel, which is the
+    backpressure.
+    """
+
+    def __init__(
+        self, read_high_water: int, on_made: Callable[[_TcpBase], None] | None = None
+    ) -> None:
+        super().__init__(read_high_water, on_made)
+        self._scratch = memoryview(bytearray(SCRATCH_READ))
+        self._target: memoryview | None = None
+        self._target_got = 0
+        self._pull = False
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is not None:
+            return self._target
+        return self._scratch[:PULL_READ] if self._pull else self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._target is not None:
+            self._target = None
+            self._target_got = nbytes
+            self._wake_reader()
+        else:
+            self.data_received(bytes(self._scratch[:nbytes]))
+        if self._pull and nbytes:
+            self._idle_paused = True  # one read per receive: the rest waits in the kernel
+            self._sync_reading()
+
+    async def wait_data(self) -> None:
+        if self._idle_paused:
+            self._idle_paused = False
+            self._sync_reading()
+        await super().wait_data()
+
+    async def wait_into(self, buf: memoryview) -> int:
+        self._pull = True
+        self._target, self._target_got = buf, 0
+        try:
+            await self.wait_data()
+        finally:
+            self._target = None
+        n, self._target_got = self._target_got, 0
+        return n
 
 
 class TcpStream:
@@ -133,7 +215,7 @@ class TcpStream:
 
     path = "tcp"
 
-    def __init__(self, protocol: _TcpProtocol) -> None:
+    def __init__(self, protocol: _TcpBase) -> None:
         self._p = protocol
         self._eof_sent = False
         self._receiving = False
@@ -169,6 +251,32 @@ class TcpStream:
                 if p.eof:
                     return b""
                 await p.wait_data()
+        finally:
+            self._receiving = False
+
+    async def receive_into(self, buf: memoryview) -> int:
+        """Like `receive_some`, into `buf` (writable, not empty): how many bytes were put
+        there, 0 at EOF. Bytes already buffered are copied; otherwise the socket is read
+        straight into `buf` where the protocol can."""
+        if not len(buf):
+            raise ValueError("receive_into needs room for at least one byte")
+        p = self._p
+        if self._receiving:
+            raise StreamBusy("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            while True:
+                if p.closed:
+                    raise StreamClosed("stream is closed")
+                if p.chunks:
+                    data = p.take(len(buf))
+                    buf[: len(data)] = data
+                    return len(data)
+                if p.eof:
+                    return 0
+                n = await p.wait_into(buf)
+                if n:
+                    return n
         finally:
             self._receiving = False
 
@@ -220,7 +328,7 @@ async def connect_tcp(
     try:
         async with asyncio.timeout(timeout):
             _, proto = await loop.create_connection(
-                lambda: _TcpProtocol(read_high_water), host, port
+                lambda: _DirectTcpProtocol(read_high_water), host, port
             )
     except (OSError, TimeoutError) as exc:
         raise StreamBroken(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from None
@@ -256,7 +364,7 @@ class TcpServer:
     def _make_protocol(self) -> _TcpProtocol:
         return _TcpProtocol(READ_HIGH_WATER, on_made=self._connected)
 
-    def _connected(self, proto: _TcpProtocol) -> None:
+    def _connected(self, proto: _TcpBase) -> None:
         # Started from connection_made, so the handler always sees a live transport.
         if len(self._tasks) >= self._max:
             self.refused += 1

@@ -211,8 +211,6 @@ class TransferConnection:
         if self.state not in (State.CLOSED, State.FAILED):
             self._go("fail")
             self._parts.clear()
-            if self._payload_view is not None:
-                self._payload_view.release()
             self._payload = self._payload_view = None
             self._events.append(ConnectionFailed(reason))
 
@@ -226,17 +224,8 @@ class TransferConnection:
             k = min(len(view), self._need - self._got)
             if self._payload_view is not None:
                 self._payload_view[self._got : self._got + k] = view[:k]
-                self._got += k
                 view = view[k:]
-                if self._got < self._need:
-                    return
-                payload, self._payload = self._payload, None
-                self._payload_view.release()
-                self._payload_view = None
-                self._got = 0
-                self._expect(_Piece.LENGTH, _U32)
-                header, self._header = self._header, b""
-                self._deliver(header, payload if payload is not None else b"")
+                self._payload_got(k)
                 continue
             self._parts.append(view[:k])
             self._got += k
@@ -247,6 +236,32 @@ class TransferConnection:
             self._parts.clear()
             self._got = 0
             self._advance(piece)
+
+    def payload_space(self) -> memoryview | None:
+        """Where the rest of the CHUNK payload being received goes, or None outside one.
+
+        A transport that can read into a buffer fills (a prefix of) it and reports with
+        `payload_received`: the payload then never exists anywhere else in user space."""
+        if self._payload_view is None or self.state is not State.OPEN:
+            return None
+        return self._payload_view[self._got : self._need]
+
+    def payload_received(self, n: int) -> None:
+        """`n` bytes were written at the start of `payload_space()`."""
+        if self._payload_view is None or not 0 < n <= self._need - self._got:
+            raise LocalProtocolError(f"{n} payload bytes do not fit the payload space")
+        self._payload_got(n)
+
+    def _payload_got(self, n: int) -> None:
+        self._got += n
+        if self._got < self._need:
+            return
+        payload = self._payload if self._payload is not None else bytearray()
+        self._payload = self._payload_view = None
+        self._got = 0
+        self._expect(_Piece.LENGTH, _U32)
+        header, self._header = self._header, b""
+        self._deliver(header, payload)
 
     def _expect(self, piece: _Piece, n: int) -> None:
         self._piece, self._need = piece, n

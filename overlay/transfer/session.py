@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from crypto.capability import prove_capability
 from crypto.content import HASH_LEN, TAG_LEN, chunk_count
@@ -40,6 +41,13 @@ from overlay.transfer.frames import (
 
 RECEIVE_SIZE = 1 << 20
 _MAX_UNSOLICITED = 8
+
+
+@runtime_checkable
+class ReceivesInto(Protocol):
+    """A stream that can also receive into a caller's buffer (direct TCP)."""
+
+    async def receive_into(self, buf: memoryview) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +102,23 @@ class TransferSession:
 
     async def _pump(self) -> None:
         """Read once from the stream and file the events."""
+        space = self._conn.payload_space()
         try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if space is not None and isinstance(self.stream, ReceivesInto):
+                # Mid-payload on a stream that reads into buffers: straight into the
+                # chunk's own buffer, no copy.
+                n = await self.stream.receive_into(space)
+                self.bytes_received += n
+                if n:
+                    self._conn.payload_received(n)
+                else:
+                    self._conn.receive_data(b"")
+            else:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                self.bytes_received += len(data)
+                self._conn.receive_data(data)
         except StreamError as exc:
             raise SessionFailed(f"stream lost: {exc}") from None
-        self.bytes_received += len(data)
-        self._conn.receive_data(data)
         while (event := self._conn.next_event()) is not None:
             if isinstance(event, ConnectionFailed):
                 raise SessionFailed(f"protocol violation by the holder: {event.reason}")

@@ -451,3 +451,37 @@ def test_chunk_payloads_are_own_buffers_whatever_the_receive_buffer(
     assert [(e.index, bytes(e.data)) for e in got] == list(enumerate(payloads))
     got[0].data[0] ^= 1  # type: ignore[index]
     assert bytes(got[1].data) == payloads[1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_payload_received_in_place_at_any_split(data: st.DataObject) -> None:
+    """A transport that reads into `payload_space()` gets the same events as one that
+    hands bytes to `receive_data`, however the two ways are mixed."""
+    c, s = connected()
+    cid = b"k" * 32
+    payloads = [random.Random(i).randbytes(CHUNK + 16) for i in range(3)]
+    for i, p in enumerate(payloads):
+        s.send(Chunk(cid, i, p))
+    s.send(Error(ErrorCode.NOT_HELD, "no", cid, 7))
+    blob = memoryview(wire(s))
+    cuts = sorted(data.draw(st.lists(st.integers(1, len(blob) - 1), max_size=16)))
+    for lo, hi in zip([0, *cuts], [*cuts, len(blob)], strict=True):
+        piece, in_place = blob[lo:hi], data.draw(st.booleans())
+        while piece:
+            space = c.payload_space()
+            if in_place and space is not None:
+                n = min(len(piece), len(space))
+                space[:n] = piece[:n]
+                c.payload_received(n)
+            else:
+                n = len(piece) if space is None else min(len(piece), 40)
+                c.receive_data(bytes(piece[:n]))
+            piece = piece[n:]
+    got = events(c)
+    assert [(e.index, bytes(e.data)) for e in got if isinstance(e, Chunk)] == list(
+        enumerate(payloads))
+    assert got[-1] == Error(ErrorCode.NOT_HELD, "no", cid, 7)
+    assert c.payload_space() is None
+    with pytest.raises(LocalProtocolError):
+        c.payload_received(1)  # no payload under way

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncGenerator
 
 import pytest
 import uvloop
 
-from overlay.stream import Stream, StreamBroken
+from overlay.stream import Stream, StreamBroken, StreamClosed
 from overlay.tcp import TcpStream, connect_tcp, serve_tcp
 from tests.overlay.streams import MakePair, check_stream
 
@@ -60,3 +61,58 @@ async def test_connect_refused_is_a_stream_error() -> None:
     await server.aclose()
     with pytest.raises(StreamBroken, match="cannot connect"):
         await connect_tcp("127.0.0.1", port, timeout=5)
+
+
+async def _receive_into_mixed(seed: int) -> None:
+    rng = random.Random(seed)
+    data = rng.randbytes(3 << 20)
+    gen = _tcp_pairs()
+    make_pair = await anext(gen)
+    try:
+        client, server = await make_pair()
+        assert isinstance(client, TcpStream) and isinstance(server, TcpStream)
+
+        async def send() -> None:
+            view = memoryview(data)
+            while view:
+                n = rng.randint(1, 300_000)
+                await server.send_all(view[:n])
+                view = view[n:]
+            await server.send_eof()
+
+        got = bytearray()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(send())
+            while True:
+                if rng.random() < 0.3:
+                    part = await client.receive_some(rng.randint(1, 70_000))
+                    if not part:
+                        break
+                    got += part
+                else:
+                    buf = bytearray(rng.randint(1, 1_200_000))
+                    n = await client.receive_into(memoryview(buf))
+                    if not n:
+                        break
+                    got += buf[:n]
+        assert got == data
+        assert await client.receive_into(memoryview(bytearray(10))) == 0  # EOF stays EOF
+        with pytest.raises(ValueError):
+            await client.receive_into(memoryview(bytearray()))
+        await client.aclose()
+        with pytest.raises(StreamClosed):
+            await client.receive_into(memoryview(bytearray(10)))
+    finally:
+        await gen.aclose()
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_receive_into_and_receive_some_interleave(seed: int) -> None:
+    await _receive_into_mixed(seed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_receive_into_reads_straight_into_the_buffer_on_uvloop(seed: int) -> None:
+    """uvloop takes the buffered-protocol path only for a protocol that is not an
+    asyncio.Protocol: the same bytes either way, in pull mode, whatever the buffer sizes."""
+    uvloop.run(_receive_into_mixed(seed))
