@@ -238,21 +238,8 @@ class TcpStream:
         """Some bytes as they arrived (at most `max_bytes`), or b"" at EOF."""
         if max_bytes < 1:
             raise ValueError("max_bytes must be positive")
-        p = self._p
-        if self._receiving:
-            raise StreamBusy("another task is already receiving on this stream")
-        self._receiving = True
-        try:
-            while True:
-                if p.closed:
-                    raise StreamClosed("stream is closed")
-                if p.chunks:
-                    return p.take(max_bytes)
-                if p.eof:
-                    return b""
-                await p.wait_data()
-        finally:
-            self._receiving = False
+        await self._receive(None)
+        return self._p.take(max_bytes) if self._p.chunks else b""
 
     async def receive_into(self, buf: memoryview) -> int:
         """Like `receive_some`, into `buf` (writable, not empty): how many bytes were put
@@ -260,6 +247,16 @@ class TcpStream:
         straight into `buf` where the protocol can."""
         if not len(buf):
             raise ValueError("receive_into needs room for at least one byte")
+        n = await self._receive(buf)
+        if n or not self._p.chunks:
+            return n
+        data = self._p.take(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    async def _receive(self, buf: memoryview | None) -> int:
+        """Wait until bytes are buffered or EOF came (0), or the protocol read `n` bytes
+        straight into `buf` (n); one receiving task at a time."""
         p = self._p
         if self._receiving:
             raise StreamBusy("another task is already receiving on this stream")
@@ -268,14 +265,11 @@ class TcpStream:
             while True:
                 if p.closed:
                     raise StreamClosed("stream is closed")
-                if p.chunks:
-                    data = p.take(len(buf))
-                    buf[: len(data)] = data
-                    return len(data)
-                if p.eof:
+                if p.chunks or p.eof:
                     return 0
-                n = await p.wait_into(buf)
-                if n:
+                if buf is None:
+                    await p.wait_data()
+                elif n := await p.wait_into(buf):
                     return n
         finally:
             self._receiving = False
