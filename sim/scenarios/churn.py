@@ -14,6 +14,7 @@ The claim checked: every recipient online at the end completes, with bytes equal
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,14 +73,19 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
     async def main(root: Path) -> list[dict[str, Any]]:
         clip = root / "clip.bin"
         write_clip(clip, int(p.clip_mb * MB), f"{sim.seed}/clip")
-        churn.start()
-        stopper = sim.loop.call_later(p.churn_s, _end_churn, churn, hosts)
+        stopper: list[asyncio.TimerHandle] = []
+
+        def start_churn() -> None:  # once every address is registered
+            churn.start()
+            stopper.append(sim.loop.call_later(p.churn_s, _end_churn, churn, hosts))
+
         try:
             d = await deliver(sim, server, sender, hosts, root, clip, online_at,
                               co_recipients=True, done=done, progress=progress,
-                              total=p.recipients, mode="churn")
+                              total=p.recipients, mode="churn", after_setup=start_churn)
         finally:
-            stopper.cancel()
+            for handle in stopper:
+                handle.cancel()
             _end_churn(churn, hosts)
         await d.close()
         return d.rows

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,9 +131,11 @@ class Delivery:
 async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: list[Host],
                   root: Path, clip: Path, online_at: list[float], *, co_recipients: bool,
                   done: list[int], progress: Progress | None, total: int,
-                  mode: str, retry_max: float = 60.0) -> Delivery:
+                  mode: str, retry_max: float = 60.0,
+                  after_setup: Callable[[], None] | None = None) -> Delivery:
     """Start the server and the sender's node, send, then start each recipient's node at
-    its time and wait until it holds the clip."""
+    its time and wait until it holds the clip. Every address is registered first (as
+    `peerpost init` does at install time); `after_setup` runs then (churn starts there)."""
     from overlay.inbox_state import InboxState
     from overlay.node import NodeOptions
 
@@ -144,6 +147,8 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
                      options=options) for h in hosts]
     for n in (sender, *nodes):
         await n.init()
+    if after_setup is not None:
+        after_setup()
     await sender.start()
     assert sender.node is not None
     sent = await sender_host.create_task(sender.node.send(
