@@ -27,7 +27,7 @@ from crypto.content import DEFAULT_CHUNK_SIZE, chunk_count
 from crypto.envelope import seal_for_recipients
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
-from crypto.location import LocationMessage, decode_location
+from crypto.location import MAX_RECIPIENTS, LocationMessage, decode_location
 from overlay.contacts import Contacts, PinResult
 from overlay.control import ControlError, ControlServer
 from overlay.downloads import Activity, DownloadFailed, DownloadQueue, RetryLater, SourceView
@@ -44,6 +44,7 @@ from overlay.outgoing import (
     check_recipients,
     describe,
     seal_message,
+    send_batches,
 )
 from overlay.prefs import Prefs
 from overlay.providers import ProviderDirectory
@@ -63,6 +64,9 @@ from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient, Rendez
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
 
 log = logging.getLogger("peerpost.node")
+
+FINGER_CACHE = 30.0  # seconds a co-recipient's FINGER answer is reused while downloading
+_Device = tuple[bytes, tuple[str, dict[str, Any]]]  # peer id, (address, advertisement)
 
 
 @dataclass
@@ -100,6 +104,7 @@ class Node:
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._handled: set[bytes] = set()
+        self._finger_cache: dict[str, tuple[float, list[_Device]]] = {}
         self._login_pending: set[bytes] | None = None
         self._login_read = asyncio.Event()
 
@@ -421,15 +426,24 @@ class Node:
     async def _devices(self, addresses: list[str]) -> dict[bytes, tuple[str, dict[str, Any]]]:
         """peer id -> (address, advertisement) for the devices of `addresses` (FINGER)."""
 
-        async def one(address: str) -> list[tuple[bytes, tuple[str, dict[str, Any]]]]:
+        loop = asyncio.get_running_loop()
+
+        async def one(address: str) -> list[_Device]:
+            # Every provider refresh asks again; with a hundred co-recipients that is a
+            # hundred FINGERs. An answer younger than FINGER_CACHE seconds is reused.
+            cached = self._finger_cache.get(address)
+            if cached is not None and loop.time() - cached[0] < FINGER_CACHE:
+                return cached[1]
             try:
                 info = await self.rendezvous.finger(address)
             except (RendezvousError, OSError) as exc:
                 log.info("FINGER %s failed: %s", address, exc)
                 return []
-            return [(d.peer_id, (address, dict(d.advertise))) for d in info.devices]
+            found = [(d.peer_id, (address, dict(d.advertise))) for d in info.devices]
+            self._finger_cache[address] = (loop.time(), found)
+            return found
 
-        wanted = [a for a in dict.fromkeys(addresses) if a != self.address][:64]
+        wanted = [a for a in dict.fromkeys(addresses) if a != self.address][:MAX_RECIPIENTS]
         found = await asyncio.gather(*(one(a) for a in wanted))
         return dict(pair for pairs in found for pair in pairs)
 
@@ -518,9 +532,10 @@ class Node:
         self.outbox.add(id=mid, path=str(path), title=title, size=content.size,
                         content_id=content.content_id, recipients=addresses,
                         created_at=self.wall(), message=msg.encode())
-        await self.rendezvous.send(mid, items)
-        for addr in addresses:
-            self.outbox.set_recipient_state(mid, addr, RecipientStatus.SENT, self.wall())
+        for batch in send_batches(items):  # many recipients: several SENDs, one id
+            await self.rendezvous.send(mid, batch)
+            for addr in dict.fromkeys(a for a, _, _ in batch):
+                self.outbox.set_recipient_state(mid, addr, RecipientStatus.SENT, self.wall())
         log.info("sent %s (%s, %d bytes) to %s", mid.hex(), title, content.size,
                  ", ".join(addresses))
         return {"id": mid.hex(), "warnings": warnings}

@@ -128,3 +128,31 @@ def seal_message(identity: DeviceIdentity, msg: LocationMessage,
         for device, blob in seal_for_recipients(identity, LOCATION_KIND, body, list(r.devices)):
             items.append((r.address, device.peer_id, blob))
     return items
+
+
+# One SEND must fit the server's frame limit (256 KiB by default) and its items-per-SEND
+# policy (64): a message with a thumbnail is up to ~60 KiB sealed per device, so a family
+# of twenty would not fit in one. Stay well under both; every batch carries the same
+# message id (the server keeps one copy per device and message id).
+SEND_BATCH_ITEMS = 64
+SEND_BATCH_BYTES = 160 * 1024
+
+
+def send_batches(items: list[tuple[str, bytes, bytes]], *, max_items: int = SEND_BATCH_ITEMS,
+                 max_bytes: int = SEND_BATCH_BYTES) -> list[list[tuple[str, bytes, bytes]]]:
+    """Split SEND items into batches of at most `max_items` and about `max_bytes` of blobs
+    (an item larger than that goes alone; the server judges it). Order is kept."""
+    batches: list[list[tuple[str, bytes, bytes]]] = []
+    current: list[tuple[str, bytes, bytes]] = []
+    size = 0
+    for item in items:
+        n = len(item[2]) + len(item[0]) + len(item[1]) + 16
+        if current and (len(current) >= max_items or size + n > max_bytes):
+            batches.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += n
+    if current:
+        batches.append(current)
+    return batches
+

@@ -165,3 +165,18 @@ def test_reports_in_any_order_only_move_forward(tmp_path_factory: pytest.TempPat
             elif state is not R.FAILED and now is not R.FAILED:
                 assert rank[now] >= rank[state]
             state = now
+
+
+def test_send_batches_fit_the_server_limits_and_keep_every_item() -> None:
+    from overlay.outgoing import send_batches
+
+    items = [(f"r{i}@example.net", bytes([i]) * 20, b"x" * (9000 + i)) for i in range(40)]
+    batches = send_batches(items, max_items=16, max_bytes=100_000)
+    assert [it for b in batches for it in b] == items  # nothing lost, order kept
+    assert all(len(b) <= 16 for b in batches)
+    assert all(sum(len(x[2]) for x in b) <= 100_000 for b in batches)
+    assert len(batches) == 4  # ten items of ~9 KB fill 100 KB
+    # An item bigger than a batch goes alone, for the server to judge.
+    big = [("a@x.net", b"1" * 20, b"y" * 200_000), ("b@x.net", b"2" * 20, b"z")]
+    assert send_batches(big, max_bytes=100_000) == [[big[0]], [big[1]]]
+    assert send_batches([]) == []

@@ -93,3 +93,39 @@ def test_same_seed_same_trace_with_real_nodes(tmp_path: Path) -> None:
     assert first[0] == again[0]
     assert first[1] == again[1]
     assert other[0] != first[0]
+
+
+def test_one_message_to_seventy_recipients_arrives_once_at_each(tmp_path: Path) -> None:
+    # More recipients than one SEND may carry (the server takes 64 items a SEND): the node
+    # splits the deposit, and every recipient gets the message exactly once, and the file.
+    n = 70
+    with Simulation(seed=3, latency=FixedLatency(0.02)) as sim:
+        rv = sim.add_host("rv")
+        path = tmp_path / "note.bin"
+        path.write_bytes(sim.rng_for("note").randbytes(5000))
+
+        async def main() -> list[list[object]]:
+            deployed = await deploy_rendezvous(sim, rv, "example.net")
+            nodes = [SimNode(sim, sim.add_host(f"h{i}"), tmp_path / f"n{i}",
+                             f"n{i}@example.net", deployed.address) for i in range(n + 1)]
+            for node in nodes:
+                await node.init()
+            sender, rest = nodes[0], nodes[1:]
+            for node in nodes:
+                await node.start()
+            assert sender.node is not None
+            await sender.host.create_task(sender.node.send(
+                path, [r.address for r in rest], "to everyone", ""))
+            got = []
+            async with asyncio.timeout(600):
+                for r in rest:
+                    got.append(await r.wait_inbox(_complete))
+            for node in nodes:
+                await node.stop()
+            await rv.create_task(deployed.server.aclose())
+            return got
+
+        got = sim.run(main())
+        assert not sim.errors, sim.errors[:3]
+    assert [len(entries) for entries in got] == [1] * n
+    assert all(Path(str(e[0].path)).read_bytes() == path.read_bytes() for e in got)
