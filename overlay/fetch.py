@@ -516,6 +516,9 @@ class Downloader:
             self.scheduler.chunk_rejected(chunk.index)
             self._ban(run, f"bad chunk {chunk.index}: {exc}")
             return
+        if run.session is not None:
+            # Only now: a cancelled to_thread leaves its thread still reading the buffer.
+            run.session.recycle(chunk)
         self.scheduler.chunk_stored(chunk.index)
         run.stats.chunks += 1
         self._emit(ChunkStored(chunk.index, label))

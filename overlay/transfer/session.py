@@ -198,6 +198,12 @@ class TransferSession:
             await self._pump()
         return self._chunks.popleft()
 
+    def recycle(self, chunk: Chunk) -> None:
+        """The caller is done with this chunk's data and holds no reference to it: its
+        buffer may receive a later chunk."""
+        if isinstance(chunk.data, bytearray):
+            self._conn.recycle(chunk.data)
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 

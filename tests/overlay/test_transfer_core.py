@@ -485,3 +485,23 @@ def test_payload_received_in_place_at_any_split(data: st.DataObject) -> None:
     assert c.payload_space() is None
     with pytest.raises(LocalProtocolError):
         c.payload_received(1)  # no payload under way
+
+
+def test_recycled_payload_buffers_are_reused_and_overwritten() -> None:
+    c, s = connected()
+    cid = b"k" * 32
+    first, second = random.Random(1).randbytes(CHUNK + 16), random.Random(2).randbytes(CHUNK + 16)
+    s.send(Chunk(cid, 0, first))
+    c.receive_data(wire(s))
+    [got] = events(c)
+    assert isinstance(got, Chunk) and isinstance(got.data, bytearray) and got.data == first
+    buf = got.data
+    c.recycle(buf)
+    s.send(Chunk(cid, 1, second[:100]))  # another length: a fresh buffer
+    s.send(Chunk(cid, 2, second))
+    out = wire(s)
+    for i in range(0, len(out), 333):
+        c.receive_data(out[i : i + 333])
+    short, again = events(c)
+    assert isinstance(short, Chunk) and short.data is not buf and short.data == second[:100]
+    assert isinstance(again, Chunk) and again.data is buf and buf == second
