@@ -32,16 +32,14 @@ from crypto.content import (
     DEFAULT_CHUNK_SIZE,
     HASH_LEN,
     TAG_LEN,
+    ChunkCipher,
     ChunkVerifier,
     check_layout,
     chunk_count,
     chunk_hash,
     merkle_root,
     new_content_key,
-    open_chunk_into,
     plain_chunk_len,
-    seal_chunk,
-    seal_chunk_in_place,
 )
 from crypto.errors import DecodeError
 
@@ -135,6 +133,13 @@ class LocalContent:
     path: Path
     leaves: tuple[bytes, ...] = field(repr=False)
     mtime_ns: int = 0  # the file's mtime when its chunks were hashed
+    cipher: ChunkCipher = field(init=False, repr=False, compare=False)
+    # Plaintext buffers the serving threads read into (one per thread at most).
+    scratch: list[bytearray] = field(init=False, repr=False, compare=False,
+                                     default_factory=list)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cipher", ChunkCipher(self.key))
 
     def _check_unchanged(self, st: os.stat_result) -> None:
         # Chunks of an edited file would fail every receiver's check and get us banned;
@@ -155,7 +160,8 @@ class LocalContent:
         try:
             with open(self.path, "rb", buffering=0) as f:
                 self._check_unchanged(os.fstat(f.fileno()))
-                return _read_and_seal(f.fileno(), self.key, index, n, self.chunk_size)
+                return _read_and_seal(f.fileno(), self.cipher, index, n, self.chunk_size,
+                                      self.scratch)
         except OSError as exc:
             raise ContentStoreError(f"cannot read {self.path}: {exc.strerror}") from None
         except _ShortRead:
@@ -166,20 +172,27 @@ class _ShortRead(Exception):
     pass
 
 
-def _read_and_seal(fd: int, key: bytes, index: int, n: int, chunk_size: int) -> bytearray:
-    """Chunk `index` read straight into the buffer that goes out, sealed there in place:
-    one fresh buffer per chunk (the transport may still hold the previous one), no copy."""
-    buf = bytearray(n + TAG_LEN)
-    view = memoryview(buf)
-    got, offset = 0, index * chunk_size
-    while got < n:
-        k = os.preadv(fd, [view[got:n]], offset + got)
-        if k == 0:
-            raise _ShortRead
-        got += k
-    view.release()
-    seal_chunk_in_place(key, index, buf, n)
-    return buf
+def _read_and_seal(fd: int, cipher: ChunkCipher, index: int, n: int, chunk_size: int,
+                   scratch: list[bytearray]) -> bytearray:
+    """Chunk `index` read into a reused plaintext buffer and sealed from there into a fresh
+    one (the transport may still hold the previous chunk): one copy in, one out."""
+    try:
+        plain = scratch.pop()  # list.pop/append are atomic under the GIL
+    except IndexError:
+        plain = bytearray(chunk_size)
+    try:
+        view = memoryview(plain)[:n]
+        got, offset = 0, index * chunk_size
+        while got < n:
+            k = os.preadv(fd, [view[got:]], offset + got)
+            if k == 0:
+                raise _ShortRead
+            got += k
+        out = bytearray(n + TAG_LEN)
+        cipher.seal_into(index, view, out)
+        return out
+    finally:
+        scratch.append(plain)
 
 
 def _open_direct(path: Path) -> int:
@@ -277,6 +290,8 @@ class PartialContent:
         # a fresh megabyte per chunk costs page faults and zeroing on every chunk. Anonymous
         # mappings, so they are page-aligned as O_DIRECT wants.
         self._buffers: list[memoryview] = []
+        self._scratch: list[bytearray] = []  # read_sealed's, as LocalContent's
+        self._cipher = ChunkCipher(key)
 
     def _take_buffer(self) -> memoryview:
         try:
@@ -374,7 +389,7 @@ class PartialContent:
         self._verifier.verify(index, sealed)
         buf = self._take_buffer()
         try:
-            self._write_plain(open_chunk_into(self.key, index, sealed, buf),
+            self._write_plain(self._cipher.open_into(index, sealed, buf),
                               index * self.chunk_size)
         finally:
             self._buffers.append(buf)
@@ -399,7 +414,8 @@ class PartialContent:
         # Its own descriptor, not _data_fd: complete() may close and rename meanwhile.
         with open(self._final or self.part_path, "rb", buffering=0) as f:
             try:
-                return _read_and_seal(f.fileno(), self.key, index, n, self.chunk_size)
+                return _read_and_seal(f.fileno(), self._cipher, index, n, self.chunk_size,
+                                      self._scratch)
             except _ShortRead:
                 raise ContentStoreError(f"{self.part_path} is shorter than expected") from None
 
@@ -518,12 +534,16 @@ class ContentStore:
             size = before.st_size
             check_layout(size, chunk_size)
 
+            cipher = ChunkCipher(key)
+
             def leaf(i: int) -> bytes:
                 n = plain_chunk_len(size, chunk_size, i)
                 plain = os.pread(fd, n, i * chunk_size)
                 if len(plain) != n:
                     raise ContentStoreError(f"{path} shrank while it was being added")
-                return chunk_hash(seal_chunk(key, i, plain))
+                sealed = bytearray(n + TAG_LEN)
+                cipher.seal_into(i, plain, sealed)
+                return chunk_hash(sealed)
 
             # Sealing releases the GIL: two workers use both cores. Each holds one chunk.
             with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:

@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 from crypto.capability import check_capability_proof, new_capability, prove_capability
 from crypto.content import (
     TAG_LEN,
+    ChunkCipher,
     ChunkVerifier,
     chunk_count,
     chunk_hash,
+    hchacha20,
     merkle_proof,
     merkle_root,
     new_content_key,
@@ -82,6 +84,63 @@ def test_open_into_rejects_any_flipped_bit_and_releases_no_plaintext(plain: byte
     with pytest.raises(VerificationError):
         open_chunk_into(KEY, 3, sealed, out)
     assert out in (b"\xaa" * len(plain), bytes(len(plain)))  # untouched or wiped
+
+
+def test_hchacha20_matches_the_xchacha_draft_vector() -> None:
+    # draft-irtf-cfrg-xchacha-03, section 2.2.1
+    key = bytes(range(32))
+    nonce = bytes.fromhex("000000090000004a0000000031415927")
+    assert hchacha20(key, nonce).hex() == (
+        "82413b4227b27bfed30e42508a877d73a0f9e4d58a74a853c12ec41326d3ecdc")
+
+
+def _ciphers(key: bytes) -> list[ChunkCipher]:
+    """The OpenSSL path and the libsodium fallback of one key."""
+    fallback = ChunkCipher(key)
+    fallback._aead = None  # as without cryptography's *_into calls
+    return [ChunkCipher(key), fallback]
+
+
+@given(st.binary(min_size=32, max_size=32), st.binary(max_size=5000),
+       st.integers(min_value=0, max_value=2**64 - 1))
+@settings(max_examples=80)
+def test_chunk_cipher_seals_exactly_as_pynacl(key: bytes, plain: bytes, index: int) -> None:
+    reference = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        plain, b"peerpost/chunk/v1" + index.to_bytes(8, "big"),
+        b"peerpost/chunk\x00\x00" + index.to_bytes(8, "big"), key)
+    for cipher in _ciphers(key):
+        out = bytearray(len(plain) + TAG_LEN)
+        cipher.seal_into(index, memoryview(plain), out)
+        assert out == reference
+        back = bytearray(len(plain) + 3)
+        assert cipher.open_into(index, out, back) == plain
+
+
+@given(st.binary(max_size=3000), st.integers(min_value=0))
+@settings(max_examples=80)
+def test_chunk_cipher_rejects_any_flipped_bit_and_releases_nothing(plain: bytes,
+                                                                   bit: int) -> None:
+    sealed = bytearray(seal_chunk(KEY, 3, plain))
+    sealed[(bit // 8) % len(sealed)] ^= 1 << (bit % 8)
+    for cipher in _ciphers(KEY):
+        out = bytearray(b"\xaa" * len(plain))
+        with pytest.raises(VerificationError):
+            cipher.open_into(3, sealed, out)
+        assert out in (b"\xaa" * len(plain), bytes(len(plain)))
+        with pytest.raises(VerificationError):
+            cipher.open_into(4, seal_chunk(KEY, 3, plain), bytearray(len(plain)))
+
+
+def test_chunk_cipher_checks_its_buffers() -> None:
+    cipher = ChunkCipher(KEY)
+    with pytest.raises(DecodeError):
+        cipher.seal_into(0, b"hello", bytearray(5 + TAG_LEN - 1))
+    with pytest.raises(DecodeError):
+        cipher.open_into(0, seal_chunk(KEY, 0, b"hello"), bytearray(4))
+    with pytest.raises(VerificationError):
+        cipher.open_into(0, bytes(TAG_LEN - 1), bytearray(16))
+    with pytest.raises(DecodeError):
+        ChunkCipher(KEY[:31])
 
 
 def test_direct_paths_check_their_buffers() -> None:
