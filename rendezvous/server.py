@@ -513,7 +513,8 @@ class RendezvousServer:
                                              Quota(lim.quota_count, lim.quota_bytes))
             else:
                 pending = self.store.remove(peer_id, req.message_id)
-            fut = asyncio.ensure_future(pending, loop=self.loop)
+            fut = (pending if isinstance(pending, asyncio.Future)
+                   else asyncio.ensure_future(pending, loop=self.loop))
         except Exception as exc:
             self._answer(conn, req, self._failed(conn, req, exc))
             return

@@ -259,3 +259,32 @@ async def test_send_and_remove_are_answered_only_after_their_commit(tmp_path: Pa
     finally:
         store.release.set()
         await server.aclose()
+
+
+class _CoroutineStore(SqliteStore):
+    """A Store whose SEND and REMOVE are plain coroutines, as the Protocol allows."""
+
+    async def enqueue(self, *args: Any) -> Any:  # type: ignore[override]
+        return await super().enqueue(*args)
+
+    async def remove(self, *args: Any) -> Any:  # type: ignore[override]
+        return await super().remove(*args)
+
+
+async def test_a_store_of_coroutines_serves_send_and_remove(tmp_path: Path) -> None:
+    server = RendezvousServer("example.net", _CoroutineStore(tmp_path / "rv.sqlite3"),
+                              open_registration=True)
+    await server.start("127.0.0.1", 0)
+    try:
+        async with client(server, ALICE, "alice@example.net") as a, \
+                client(server, BOB, "bob@example.net") as b:
+            m = mid()
+            await a.send(m, [("bob@example.net", BOB.peer_id, b"x")])
+            (push,) = await take(b.pushes(), 1)
+            assert isinstance(push, Deliver) and push.envelope.message_id == m
+            await b.remove(m)
+            assert await b.list() == []
+            with pytest.raises(NotFoundError, match="no such address"):
+                await a.send(mid(), [("nobody@example.net", BOB.peer_id, b"x")])
+    finally:
+        await server.aclose()
