@@ -9,7 +9,8 @@ partial holder. `SourcePace` sizes each window from the source's measured rate a
 when the source has stalled, relative to that rate.
 
 Arrived chunks go through a small queue to writer tasks that verify, open and write them in
-a worker thread, so the loop keeps receiving while libsodium and BLAKE3 use the other core.
+a worker thread, so the loop keeps receiving while the AEAD and BLAKE3 use the other core
+(both release the GIL). A stored chunk's buffer goes back to its session for a later chunk.
 A chunk that doesn't verify bans its source for this content and goes back to the pool; a
 source that errors or stalls is dropped and its requests reassigned. Sources can be added
 while the download runs (`add_source`: a provider found by a later DHT lookup). When chunks

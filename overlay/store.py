@@ -8,8 +8,10 @@ re-fetching a verified chunk; `complete()` renames the file and makes it servabl
 
 Records (content id → path, key, capability, layout, leaf hashes) live in one SQLite file
 (mode 0600: it holds content keys and capabilities). Methods that hash, seal or write
-chunks block; async callers run them in a thread (`asyncio.to_thread`), which lets
-libsodium and BLAKE3 use the second core.
+chunks block; async callers run them in a thread (`asyncio.to_thread`), which lets the
+AEAD (OpenSSL, through `ChunkCipher`) and BLAKE3 use the second core. Received chunks are
+opened into reused buffers and written with O_DIRECT where the filesystem allows it; the
+serving side reads plaintext into a reused buffer and seals it into the one that goes out.
 """
 
 from __future__ import annotations
