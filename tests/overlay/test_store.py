@@ -19,6 +19,7 @@ from overlay.store import (
     ContentStoreError,
     LocalContent,
     PartialContent,
+    SendBuffers,
 )
 
 CHUNK = 1024
@@ -235,3 +236,30 @@ def test_a_forged_chunk_writes_nothing_with_reused_buffers(tmp_path: Path) -> No
         part.write_chunk(1, forged)
     assert not part.have(1)
     assert os.pread(os.open(part.part_path, os.O_RDONLY), chunk, chunk) == bytes(chunk)
+
+
+def test_send_buffers_are_reused_only_when_nothing_else_holds_them() -> None:
+    pool = SendBuffers(limit=2)
+    a = pool.take(100)
+    view = memoryview(a)  # as a transport's write queue holds it
+    b = pool.take(100)
+    assert b is not a
+    del view
+    assert pool.take(100) is not b  # b is still ours
+    b_id = id(b)
+    del b
+    assert id(pool.take(100)) == b_id  # nothing holds it any more: reused
+    assert len(pool.take(50)) == 50
+
+
+def test_served_chunks_stay_intact_while_held(tmp_path: Path) -> None:
+    """Buffer reuse on the serving side never rewrites a chunk something still holds."""
+    _file(tmp_path / "f", 6 * CHUNK + 5)
+    src = ContentStore(tmp_path / "s").add_local_file_blocking(tmp_path / "f", chunk_size=CHUNK)
+    held = [src.read_sealed(i) for i in range(7)]
+    expected = [bytes(h) for h in held]
+    for i in range(7):  # more reads while all of those are held
+        assert src.read_sealed(i) == expected[i]
+    assert [bytes(h) for h in held] == expected
+    del held
+    assert [bytes(src.read_sealed(i)) for i in range(7)] == expected
