@@ -523,12 +523,16 @@ class RendezvousServer:
 
     def _stored(self, conn: _Connection, req: Send | Remove, fut: asyncio.Future[Any]) -> None:
         self._storing.discard(fut)
+        result: Result
         if fut.cancelled():
-            result: Result = (Status.UNAVAILABLE, "server shutting down", None)
+            result = (Status.UNAVAILABLE, "server shutting down", None)
         elif (exc := fut.exception()) is not None:
             result = self._failed(conn, req, exc)
         elif isinstance(req, Send):
-            result = self._sent(fut.result())
+            try:
+                result = self._sent(fut.result())
+            except Exception as err:  # as `_handle` does: every request gets its answer
+                result = self._failed(conn, req, err)
         else:
             result = (Status.OK, "removed" if fut.result() else "not queued (removed or expired)",
                       None)
