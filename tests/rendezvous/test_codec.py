@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -237,3 +239,16 @@ def _no_fast_paths() -> Iterator[None]:
     finally:
         messages._WELL_FORMED_REQUESTS.update(saved[0])
         messages._WELL_FORMED_SERVER_MESSAGES.update(saved[1])
+
+
+def test_packb_reuses_no_state_between_calls() -> None:
+    """crypto.codec.packb keeps a Packer per thread: same bytes as msgpack.packb, an error
+    leaves nothing behind, and threads don't mix their output."""
+    obj = {"id": 7, "t": "REPLY", "body": {"blob": b"\x00" * 600, "list": [1, "two"]}}
+    assert packb(obj) == msgpack.packb(obj, use_bin_type=True)
+    with pytest.raises(TypeError):
+        packb({"half": [1, object()]})
+    assert packb(obj) == msgpack.packb(obj, use_bin_type=True)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda n: packb({"n": n, "pad": b"x" * n}), range(200)))
+    assert outs == [msgpack.packb({"n": n, "pad": b"x" * n}) for n in range(200)]
