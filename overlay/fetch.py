@@ -42,6 +42,10 @@ from overlay.transfer.session import TransferSession, open_transfer_session
 
 log = logging.getLogger(__name__)
 
+# Bytes that must arrive within one stall period for a slow chunk to count as progress
+# (a source trickling less than this is as good as stalled).
+MIN_TRICKLE = 16 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Source:
@@ -445,6 +449,7 @@ class Downloader:
         """File every reply of this source until the download no longer needs it."""
         sched, label, cid = self.scheduler, run.stats.label, self.partial.content_id
         loop = asyncio.get_running_loop()
+        seen = session.bytes_received
         while True:
             if sched.requested(label) == 0:
                 pace.idle()  # waiting for HAVEs or new work is not slowness
@@ -452,11 +457,16 @@ class Downloader:
                 async with asyncio.timeout_at(pace.deadline()) as run.read_timeout:
                     reply = await session.next_chunk()
             except TimeoutError:
+                if session.bytes_received - seen >= MIN_TRICKLE:
+                    seen = session.bytes_received
+                    pace.trickled(loop.time())  # a chunk is still arriving, slowly
+                    continue
                 rate = f"{pace.rate / 1e6:.2f} MB/s" if pace.rate else "no chunk yet"
                 raise _Stalled(f"stalled: nothing for {pace.stall_after():.1f} s "
                                f"(its rate was {rate})") from None
             finally:
                 run.read_timeout = None
+            seen = session.bytes_received
             now = loop.time()
             if isinstance(reply, Have):
                 self.counters["haves_received"] += 1

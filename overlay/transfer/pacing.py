@@ -87,6 +87,13 @@ class SourcePace:
         if self._since is not None:
             self.last_progress = now
 
+    def trickled(self, now: float) -> None:
+        """Bytes of a chunk are still coming in: slow is not stalled. (A holder sharing a
+        thin uplink with many requesters may take minutes over one 1 MiB chunk; judging
+        it by whole chunks alone would drop every such source before any chunk lands.)"""
+        if self._since is not None:
+            self.last_progress = now
+
     def stall_after(self) -> float:
         """Seconds without a reply, while requests are outstanding, that count as a stall."""
         if self.rate is None or self.rate <= 0:

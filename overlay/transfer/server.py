@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 1 << 16
 SEALED_AHEAD = 2
 SEALERS = 2  # two chunks sealed at once: one per core, so sealing is not the cap
+# Chunks going out at once, over all sessions (BitTorrent's unchoke slots). Without a cap, a
+# flash crowd splits a home uplink so thin (5 Mbit/s over 64 sessions: ~10 KB/s each) that
+# no 1 MiB chunk finishes before the requester judges the session stalled or our own send
+# timeout fires: chunks only we hold never get out, and the swarm starves. With four, each
+# chunk goes out at a quarter of the uplink and co-recipients pass it on.
+UPLOAD_SLOTS = 4
 
 
 class TransferServer:
@@ -51,7 +57,7 @@ class TransferServer:
         self, identity: DeviceIdentity, catalog: Catalog, *, max_sessions: int = 64,
         max_upload_rate: int | None = None, handshake_timeout: float = 10.0,
         idle_timeout: float = 300.0, send_timeout: float = 60.0,
-        max_queued_gets: int = MAX_QUEUED_GETS,
+        max_queued_gets: int = MAX_QUEUED_GETS, upload_slots: int = UPLOAD_SLOTS,
     ) -> None:
         self.identity = identity
         self.catalog = catalog
@@ -62,6 +68,9 @@ class TransferServer:
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
         self.max_queued_gets = max_queued_gets
+        if upload_slots < 1:
+            raise ValueError("upload_slots must be at least 1")
+        self.upload_slots = asyncio.Semaphore(upload_slots)
         self._bucket: TokenBucket | None = None
         self._tcp: TcpServer | None = None
         self._running: set[asyncio.Task[object]] = set()
@@ -270,16 +279,18 @@ class _ServedSession:
         counters = self.server.counters
         while True:
             msg = await self.sealed.get()
-            if (isinstance(msg, Chunk) and self.logic is not None
-                    and not self.logic.finish_get(msg.content_id, msg.index)):
-                continue  # cancelled while it was read and sealed: save the upload
-            if isinstance(msg, Chunk):
+            if not isinstance(msg, Chunk):
+                await self._send(msg)
+                continue
+            async with self.server.upload_slots:  # waiting here is not sending: no timeout
+                if self.logic is not None and not self.logic.finish_get(msg.content_id,
+                                                                        msg.index):
+                    continue  # cancelled while it was sealed or waited: save the upload
                 bucket = self.server.bucket(loop.time())
                 if bucket is not None:
                     delay = bucket.reserve(len(msg.data), loop.time())
                     if delay > 0:
                         await asyncio.sleep(delay)
-            await self._send(msg)
-            if isinstance(msg, Chunk):
-                self.server.count_served(msg.content_id)
-                counters["bytes_served"] += len(msg.data)
+                await self._send(msg)
+            self.server.count_served(msg.content_id)
+            counters["bytes_served"] += len(msg.data)
