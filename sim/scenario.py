@@ -156,7 +156,7 @@ def load_scenario(name_or_path: str) -> ScenarioSpec:
     """A built-in scenario by name, or a TOML file by path."""
     path = Path(name_or_path)
     try:
-        if path.suffix == ".toml" or path.exists():
+        if path.suffix == ".toml" or path.is_file():  # a results folder may share the name
             text = path.read_text()
         elif name_or_path in builtin_names():
             text = resources.files("sim.scenarios").joinpath(f"{name_or_path}.toml").read_text()

@@ -49,3 +49,12 @@ def test_scenario_mistakes_are_reported_not_run(tmp_path: Path,
     assert "unknown dht-lookup params: nodez" in capsys.readouterr().out
     with pytest.raises(ScenarioError, match="no scenario file or built-in"):
         load_scenario("no-such-scenario")
+
+
+def test_a_results_folder_named_like_a_built_in_does_not_hide_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sim.scenario import load_scenario
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "churn").mkdir()  # `peerpost-sim run churn --out churn`, then again
+    assert load_scenario("churn").kind == "churn"
