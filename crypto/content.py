@@ -123,6 +123,17 @@ def seal_chunk_in_place(key: bytes, index: int, buf: bytearray | memoryview,
         raise DecodeError(f"chunk {index} cannot be sealed")
 
 
+def _opened_len(index: int, sealed: bytes | bytearray | memoryview,
+                out: bytearray | memoryview) -> int:
+    """The plaintext length of a sealed chunk, checked against the room in `out`."""
+    n = len(sealed) - TAG_LEN
+    if n < 0:
+        raise VerificationError(f"chunk {index} is shorter than its tag")
+    if len(out) < n:
+        raise DecodeError(f"output buffer of {len(out)} bytes for a {n}-byte chunk")
+    return n
+
+
 def open_chunk_into(key: bytes, index: int, sealed: bytes | bytearray | memoryview,
                     out: bytearray | memoryview) -> memoryview:
     """Decrypt and authenticate chunk `index` into `out` (at least `len(sealed) - TAG_LEN`
@@ -133,11 +144,7 @@ def open_chunk_into(key: bytes, index: int, sealed: bytes | bytearray | memoryvi
     no allocation per chunk."""
     if len(key) != KEY_LEN:
         raise DecodeError("a content key is 32 bytes")
-    n = len(sealed) - TAG_LEN
-    if n < 0:
-        raise VerificationError(f"chunk {index} is shorter than its tag")
-    if len(out) < n:
-        raise DecodeError(f"output buffer of {len(out)} bytes for a {n}-byte chunk")
+    n = _opened_len(index, sealed, out)
     aad = _aad(index)
     rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
         _ffi.from_buffer(out, require_writable=True), _ffi.NULL, _ffi.NULL,
@@ -221,11 +228,7 @@ class ChunkCipher:
         """`open_chunk_into` with this content's key."""
         if self._aead is None:
             return open_chunk_into(self._key, index, sealed, out)
-        n = len(sealed) - TAG_LEN
-        if n < 0:
-            raise VerificationError(f"chunk {index} is shorter than its tag")
-        if len(out) < n:
-            raise DecodeError(f"output buffer of {len(out)} bytes for a {n}-byte chunk")
+        n = _opened_len(index, sealed, out)
         view = memoryview(out)[:n]
         try:
             self._aead.decrypt_into(_IETF_NONCE_PAD + index.to_bytes(8, "big"), sealed,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,12 +120,11 @@ def file_digest(path: Path) -> str:
 
 @dataclass
 class Delivery:
-    """What `deliver` leaves behind: rows, the running nodes and what the sender served."""
+    """What `deliver` leaves behind: rows, what the sender served, and how to stop it all."""
 
     rows: list[dict[str, Any]]
-    nodes: list[SimNode]
     sender_mb: float
-    close: Any  # coroutine function: stop every node and the server
+    close: Callable[[], Awaitable[None]]  # stop every node, then the server
 
 
 async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: list[Host],
@@ -149,12 +148,11 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
         await n.init()
     if after_setup is not None:
         after_setup()
-    await sender.start()
-    assert sender.node is not None
-    sent = await sender_host.create_task(sender.node.send(
+    sender_node = await sender.start()
+    sent = await sender_host.create_task(sender_node.send(
         clip, [n.address for n in nodes], "family video", ""))
     message_id = bytes.fromhex(sent["id"])
-    sender_label = sender.node.identity.peer_id.hex()[:16]
+    sender_label = sender_node.identity.peer_id.hex()[:16]
     original = file_digest(clip)
     rows: list[dict[str, Any]] = []
 
@@ -165,11 +163,10 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
         await asyncio.sleep(online_at[i])
         node = nodes[i]
         t0 = sim.now
-        await node.start()
+        running = await node.start()
         entries = await node.wait_inbox(holds, every=1.0)
         (entry,) = [e for e in entries if e.id == message_id]
-        assert node.node is not None
-        act = node.node.downloads.active.get(message_id)
+        act = running.downloads.active.get(message_id)
         views = list(act.sources.values()) if act else []
         from_sender = sum(v.bytes for v in views if v.peer == sender_label)
         from_peers = sum(v.bytes for v in views if v.peer != sender_label)
@@ -187,14 +184,14 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
 
     await asyncio.gather(*(recipient(i) for i in range(len(hosts))))
     # Every chunk the sender's transfer server sent, duplicates and lost attempts included.
-    served = sender.node.transfer.counters["chunks_served"] * DEFAULT_CHUNK_SIZE / MB
+    served = sender_node.transfer.counters["chunks_served"] * DEFAULT_CHUNK_SIZE / MB
 
     async def close() -> None:
         for n in (sender, *nodes):
             await n.stop()
         await server_host.create_task(deployed.server.aclose())
 
-    return Delivery(rows, [sender, *nodes], served, close)
+    return Delivery(rows, served, close)
 
 
 def _run_mode(sim: Simulation, p: Params, mode: str, root: Path, done: list[int],
