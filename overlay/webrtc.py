@@ -106,7 +106,8 @@ def _check_offer(text: str) -> None:
     if len(apps) != 1 or apps[0].sctp_port is None:
         raise ValueError("no data-channel section")
     media = apps[0]
-    if not media.ice.usernameFragment or media.dtls is None or not media.dtls.fingerprints:
+    if (media.ice is None or not media.ice.usernameFragment
+            or media.dtls is None or not media.dtls.fingerprints):
         raise ValueError("no ICE credentials or DTLS fingerprint")
 
 
