@@ -53,11 +53,12 @@ class Lookup:
             if len(self._order) >= self._max_candidates:
                 if distance >= self._order[-1][0]:
                     continue
-                _, dropped = self._order[-1]
-                if self._state[dropped] is not _State.WAITING:
-                    continue
-                self._order.pop()
-                del self._state[dropped], self._nodes[dropped]
+                # Make room by forgetting the farthest, whatever its state: a node asked
+                # or answered keeps its state (never re-added, a late reply still counts)
+                # but leaves the ranking, which only the k closest matter to.
+                _, dropped = self._order.pop()
+                if self._state[dropped] is _State.WAITING:
+                    del self._state[dropped], self._nodes[dropped]
             bisect.insort(self._order, (distance, node.id))
             self._nodes[node.id] = node
             self._state[node.id] = _State.WAITING
