@@ -11,7 +11,6 @@ empty one, so a table with 30 contacts could answer "no neighbours" (seen at 150
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +55,15 @@ class ClockedRoutingTable(RoutingTable):  # type: ignore[misc]
 
     def flush(self) -> None:
         self.buckets = [ClockedKBucket(0, 2**160, self.ksize, self._clock)]
+        self._flat: list[Node] | None = None
+
+    def split_bucket(self, index: int) -> None:
+        super().split_bucket(index)
+        self._flat = None
+
+    def remove_contact(self, node: Node) -> None:
+        super().remove_contact(node)  # may promote a replacement
+        self._flat = None
 
     def lonely_buckets(self) -> list[Any]:
         """Buckets not looked up in the last hour (paper section 2.3)."""
@@ -67,7 +75,10 @@ class ClockedRoutingTable(RoutingTable):  # type: ignore[misc]
             return
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
+        known = bucket.nodes.get(node.id)
         if bucket.add_node(node):
+            if known is None or not known.same_home_as(node):
+                self._flat = None  # a new member (an old one seen again changes nothing)
             return
         if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
             self.split_bucket(index)
@@ -77,12 +88,27 @@ class ClockedRoutingTable(RoutingTable):  # type: ignore[misc]
 
     def find_neighbors(self, node: Node, k: int | None = None,
                        exclude: Node | None = None) -> list[Node]:
-        """The k contacts closest to `node` (all buckets scanned: a few thousand at most)."""
+        """The k contacts closest to `node` (all of them ranked: a few thousand at most).
+
+        Nodes serve a find for every hop of every lookup that passes them, so the flat list
+        of contacts is kept between membership changes instead of walking the buckets.
+        """
         self.buckets[self.get_bucket_for(node)].touch_last_updated()
-        candidates = (n for b in self.buckets for n in b.nodes.values()
-                      if n.id != node.id and (exclude is None or not n.same_home_as(exclude)))
-        return heapq.nsmallest(k or self.ksize, candidates,
-                               key=lambda n: n.long_id ^ node.long_id)
+        target = node.long_id
+        # Rank everything, then skip the few excluded ones from the front: checking the
+        # exclusion on every contact cost more than the ranking.
+        if self._flat is None:
+            self._flat = [n for b in self.buckets for n in b.nodes.values()]
+        ranked = sorted(self._flat, key=lambda n: n.long_id ^ target)
+        want = k or self.ksize
+        out: list[Node] = []
+        for n in ranked:
+            if n.id == node.id or (exclude is not None and n.same_home_as(exclude)):
+                continue
+            out.append(n)
+            if len(out) == want:
+                break
+        return out
 
     def size(self) -> int:
         """How many live contacts the table holds (replacements not counted)."""

@@ -16,6 +16,7 @@ they are never added to routing tables.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,21 +53,37 @@ def contact_item(v: Any, what: str) -> Contact:
     if not isinstance(v, list) or len(v) != 3:
         raise DecodeError(f"{what}: expected [id, host, port]")
     node_id, host, port = v
+    if type(node_id) is bytes and type(host) is str and type(port) is int:
+        checked = _cached_contact(node_id, host, port)  # exact types: safe to hash
+    else:
+        checked = _check_contact(node_id, host, port)
+    if isinstance(checked, str):
+        raise DecodeError(f"{what}: {checked}")
+    return checked
+
+
+def _check_contact(node_id: Any, host: Any, port: Any) -> Contact | str:
+    """The contact, or what is wrong with it."""
     if not isinstance(node_id, bytes) or len(node_id) != PEER_ID_LEN:
-        raise DecodeError(f"{what}: node id must be {PEER_ID_LEN} bytes")
+        return f"node id must be {PEER_ID_LEN} bytes"
     if not isinstance(host, str) or len(host) > 45:
-        raise DecodeError(f"{what}: host must be an IP literal")
+        return "host must be an IP literal"
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         # Only IP literals: a host name here would make sendto() block on a DNS lookup.
-        raise DecodeError(f"{what}: host must be an IP literal") from None
+        return "host must be an IP literal"
     if ip.is_unspecified or ip.is_multicast:
-        raise DecodeError(f"{what}: unusable address {host}")
+        return f"unusable address {host}"
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise DecodeError(f"{what}: port outside 1..65535")
+        return "port outside 1..65535"
     # Canonical text, so a reply's source address compares equal to what we sent to.
     return Contact(node_id, str(ip), port)
+
+
+# Every reply names up to 20 contacts, mostly ones seen before: checking each afresh (the
+# IP parse above all) was a third of a 2,000-node simulation's CPU. Contacts are immutable.
+_cached_contact = functools.lru_cache(maxsize=1 << 14)(_check_contact)
 
 
 # --- request bodies ---------------------------------------------------------------------
