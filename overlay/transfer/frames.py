@@ -24,6 +24,7 @@ MAX_CHUNKS = MAX_CONTENT_SIZE // MIN_CHUNK_SIZE
 MAX_PAYLOAD = MAX_CHUNK_SIZE + TAG_LEN
 MAX_TEXT = 400
 MAX_HAVE_ITEMS = 8192  # chunk indexes per HAVE frame (at most 5 bytes each in msgpack)
+MAX_GET_BATCH = 64  # chunk indexes per GETS frame: no more than a holder queues per session
 
 
 class ErrorCode(IntEnum):
@@ -209,7 +210,31 @@ class Have:
         return cls(_cid(f), indexes or ())
 
 
-Message = Open | Opened | HashesRequest | Hashes | Get | Chunk | Cancel | Error | Have
+@dataclass(frozen=True, slots=True)
+class Gets:
+    """Several GETs of one content in one frame: a requester refilling its window asks for
+    the chunks it picked at once, so both ends seal, send and open one control header per
+    batch instead of one per chunk. The holder treats it exactly as that many GETs, in
+    order (each one may be refused on its own)."""
+
+    TAG: ClassVar[int] = 10
+    content_id: bytes
+    indexes: tuple[int, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"c": self.content_id, "l": list(self.indexes)}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> Gets:
+        indexes = f.list("l", _item_index, max_items=MAX_GET_BATCH) or ()
+        if not indexes:
+            raise DecodeError("GETS names no chunk")
+        if len(set(indexes)) != len(indexes):
+            raise DecodeError("GETS names a chunk twice")
+        return cls(_cid(f), indexes)
+
+
+Message = Open | Opened | HashesRequest | Hashes | Get | Chunk | Cancel | Error | Have | Gets
 
 _BY_TAG: dict[int, type[Message]] = {
     Open.TAG: Open,
@@ -221,10 +246,11 @@ _BY_TAG: dict[int, type[Message]] = {
     Cancel.TAG: Cancel,
     Error.TAG: Error,
     Have.TAG: Have,
+    Gets.TAG: Gets,
 }
 
 # Who may send what: the requester (initiator) asks, the holder (responder) answers.
-REQUESTS: tuple[type[Message], ...] = (Open, HashesRequest, Get, Cancel)
+REQUESTS: tuple[type[Message], ...] = (Open, HashesRequest, Get, Gets, Cancel)
 REPLIES: tuple[type[Message], ...] = (Opened, Hashes, Chunk, Error, Have)
 
 

@@ -24,6 +24,7 @@ from overlay.transfer.frames import (
     Error,
     ErrorCode,
     Get,
+    Gets,
     Hashes,
     HashesRequest,
     Have,
@@ -130,6 +131,13 @@ class ServingSession:
         if isinstance(msg, Get):
             refusal = self._handle_get(msg)
             return [] if refusal is None else [refusal]
+        if isinstance(msg, Gets):
+            out: list[Message] = []
+            for index in msg.indexes:  # as that many GETs, each refused on its own
+                refusal = self._handle_get(Get(msg.content_id, index))
+                if refusal is not None:
+                    out.append(refusal)
+            return out
         if isinstance(msg, Cancel):
             self._handle_cancel(msg)
             return []

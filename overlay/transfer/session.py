@@ -26,11 +26,13 @@ from overlay.transfer.core import (
 )
 from overlay.transfer.errors import RemoteError, SessionFailed
 from overlay.transfer.frames import (
+    MAX_GET_BATCH,
     MAX_HASH_PAGE,
     Cancel,
     Chunk,
     Error,
     Get,
+    Gets,
     Hashes,
     HashesRequest,
     Have,
@@ -185,11 +187,15 @@ class TransferSession:
 
     async def send_requests(self, content_id: bytes, gets: list[int],
                             cancels: list[int]) -> None:
-        """CANCELs then GETs, written to the stream at once."""
+        """CANCELs then GETs, written to the stream at once; several GETs go as one GETS
+        frame (one header to seal and open per batch, not per chunk)."""
         for i in cancels:
             self._conn.send(Cancel(content_id, i))
-        for i in gets:
-            self._conn.send(Get(content_id, i))
+        if len(gets) == 1:
+            self._conn.send(Get(content_id, gets[0]))
+        else:
+            for k in range(0, len(gets), MAX_GET_BATCH):
+                self._conn.send(Gets(content_id, tuple(gets[k : k + MAX_GET_BATCH])))
         await self._flush()
 
     async def next_chunk(self) -> ChunkReply:

@@ -29,7 +29,7 @@ from overlay.stream import Stream
 from overlay.tcp import TcpStream, connect_tcp, serve_tcp
 from overlay.transfer.core import HandshakeComplete, Role, TransferConnection
 from overlay.transfer.errors import RemoteError
-from overlay.transfer.frames import Chunk, ErrorCode, Get, HashesRequest, Open
+from overlay.transfer.frames import Chunk, ErrorCode, Get, Gets, HashesRequest, Open
 from overlay.transfer.server import TransferServer
 from overlay.transfer.serving import ServingSession
 from overlay.transfer.session import open_transfer_session
@@ -340,8 +340,9 @@ async def test_a_source_sending_unasked_chunks_is_banned(world: World, tmp_path:
             while (e := conn.next_event()) is not None:
                 if isinstance(e, HandshakeComplete):
                     logic = ServingSession(honest.server.catalog, e.transcript, Counter())
-                elif isinstance(e, Get):
-                    conn.send(Chunk(e.content_id, e.index + 1000, content.read_sealed(0)))
+                elif isinstance(e, Get | Gets):
+                    first = e.index if isinstance(e, Get) else e.indexes[0]
+                    conn.send(Chunk(e.content_id, first + 1000, content.read_sealed(0)))
                 elif isinstance(e, Open | HashesRequest) and logic is not None:
                     for reply in logic.handle(e):
                         conn.send(reply)

@@ -29,12 +29,14 @@ from overlay.transfer.core import (
 from overlay.transfer.errors import LocalProtocolError
 from overlay.transfer.frames import (
     MAX_CHUNKS,
+    MAX_GET_BATCH,
     MAX_HAVE_ITEMS,
     Cancel,
     Chunk,
     Error,
     ErrorCode,
     Get,
+    Gets,
     Hashes,
     HashesRequest,
     Have,
@@ -113,7 +115,7 @@ def test_every_message_round_trips_and_roles_are_enforced() -> None:
     c, s = connected()
     cid = b"i" * 32
     requests: list[Message] = [Open(cid, b"p" * 32), HashesRequest(cid, 0, 10), Get(cid, 3),
-                               Cancel(cid, 3)]
+                               Cancel(cid, 3), Gets(cid, (9, 4, 5))]
     for msg in requests:
         c.send(msg)
     replies: list[Message] = [Opened(cid, 5000, CHUNK, b"\x05"), Opened(cid, 5000, CHUNK),
@@ -123,7 +125,7 @@ def test_every_message_round_trips_and_roles_are_enforced() -> None:
     for reply in replies:
         s.send(reply)
     ec, es = transfer(c, s)
-    assert es == [Open(cid, b"p" * 32), HashesRequest(cid, 0, 10), Get(cid, 3), Cancel(cid, 3)]
+    assert es == requests
     got = [Chunk(e.content_id, e.index, bytes(e.data)) if isinstance(e, Chunk) else e
            for e in ec]
     assert got == replies
@@ -131,6 +133,8 @@ def test_every_message_round_trips_and_roles_are_enforced() -> None:
         s.send(Open(cid, b"p" * 32))
     with pytest.raises(LocalProtocolError):
         c.send(Chunk(cid, 0, b""))
+    with pytest.raises(LocalProtocolError):
+        s.send(Gets(cid, (1, 2)))
 
 
 def test_eof_and_truncated_frames() -> None:
@@ -356,14 +360,76 @@ def test_authentic_garbage_gets_an_error_reply(
     assert s.state is State.OPEN
 
 
-def test_have_is_bounded_and_checked() -> None:
+def opened(
+    held: tuple[ContentStore, LocalContent], **kw: int
+) -> tuple[TransferConnection, TransferConnection, ServingSession, Counter[str]]:
+    """A session that has opened the held content."""
+    store, content = held
+    c, s = connected()
+    counters: Counter[str] = Counter()
+    logic = ServingSession(store, s.transcript or b"", counters, **kw)
+    cid = content.content_id
+    c.send(Open(cid, prove_capability(content.capability, cid, c.transcript or b"")))
+    serve(c, s, logic)
+    return c, s, logic, counters
+
+
+def test_gets_names_each_chunk_once() -> None:
     cid = b"i" * 32
-    big = Have(cid, tuple(range(MAX_HAVE_ITEMS)))
+    with pytest.raises(DecodeError, match="names no chunk"):
+        decode_header(encode_header(Gets(cid, ())), b"")
+    with pytest.raises(DecodeError, match="twice"):
+        decode_header(encode_header(Gets(cid, (3, 4, 3))), b"")
+    with pytest.raises(DecodeError, match="expected a list"):
+        decode_header(packb({"t": Gets.TAG, "c": cid, "l": 5}), b"")
+
+
+def test_a_malformed_gets_is_refused_with_the_reason_and_the_session_goes_on(
+    held: tuple[ContentStore, LocalContent]
+) -> None:
+    _, content = held
+    cid = content.content_id
+    c, s, logic, counters = opened(held)
+    c.send(Gets(cid, tuple(range(MAX_GET_BATCH + 1))))  # the sender doesn't check: the holder
+    [e] = serve(c, s, logic)
+    assert isinstance(e, Error) and e.code == ErrorCode.BAD_REQUEST and e.index is None
+    assert f"{MAX_GET_BATCH + 1} items, limit {MAX_GET_BATCH}" in e.text
+    assert logic.queued == 0 and counters["bad_frame"] == 1
+    c.send(Gets(cid, (1, 1)))
+    [e] = serve(c, s, logic)
+    assert isinstance(e, Error) and e.code == ErrorCode.BAD_REQUEST and "twice" in e.text
+    assert s.state is State.OPEN and logic.queued == 0
+    c.send(Gets(cid, (2, 0)))
+    got = serve(c, s, logic)
+    assert [(e.index, bytes(e.data)) for e in got if isinstance(e, Chunk)] == [
+        (2, content.read_sealed(2)), (0, content.read_sealed(0))]
+
+
+def test_gets_is_served_as_that_many_gets(held: tuple[ContentStore, LocalContent]) -> None:
+    _, content = held
+    cid = content.content_id
+    _, _, logic, counters = opened(held, max_queued=3)
+    # Not open, not held, over the queue bound: each index is refused on its own.
+    assert logic.handle(Gets(b"u" * 32, (0, 1))) == [
+        Error(ErrorCode.NOT_OPEN, "content not opened", b"u" * 32, 0),
+        Error(ErrorCode.NOT_OPEN, "content not opened", b"u" * 32, 1)]
+    replies = logic.handle(Gets(cid, (5, 6, 0, 1, 2)))
+    assert [(e.code, e.index) for e in replies if isinstance(e, Error)] == [
+        (ErrorCode.NOT_HELD, 6), (ErrorCode.BUSY, 2)]
+    assert [g.index for g in (logic.pop_get(), logic.pop_get(), logic.pop_get())
+            if g is not None] == [5, 0, 1]
+    assert logic.pop_get() is None and counters["busy"] == 1 and counters["not_held"] == 1
+
+
+@pytest.mark.parametrize(("cls", "limit"), [(Have, MAX_HAVE_ITEMS), (Gets, MAX_GET_BATCH)])
+def test_index_lists_are_bounded_and_checked(cls: type[Have | Gets], limit: int) -> None:
+    cid = b"i" * 32
+    big = cls(cid, tuple(range(limit)))
     assert decode_header(encode_header(big), b"") == big
     with pytest.raises(DecodeError, match="limit"):
-        decode_header(encode_header(Have(cid, tuple(range(MAX_HAVE_ITEMS + 1)))), b"")
+        decode_header(encode_header(cls(cid, tuple(range(limit + 1)))), b"")
     for bad in ([-1], ["x"], [True], [MAX_CHUNKS + 1]):
-        raw = packb({"t": Have.TAG, "c": cid, "l": bad})
+        raw = packb({"t": cls.TAG, "c": cid, "l": bad})
         with pytest.raises(DecodeError, match="chunk index"):
             decode_header(raw, b"")
 
@@ -407,13 +473,9 @@ def test_a_partial_holder_announces_new_chunks_after_opened(
 def test_cancel_reaches_a_get_already_being_sealed(
     held: tuple[ContentStore, LocalContent],
 ) -> None:
-    store, content = held
-    c, s = connected()
-    counters: Counter[str] = Counter()
-    logic = ServingSession(store, s.transcript or b"", counters)
+    _, content = held
     cid = content.content_id
-    c.send(Open(cid, prove_capability(content.capability, cid, c.transcript or b"")))
-    serve(c, s, logic)
+    _, _, logic, counters = opened(held)
     for i in (0, 1, 2):
         logic.handle(Get(cid, i))
     first, second = logic.pop_get(), logic.pop_get()  # both with the sealers now
