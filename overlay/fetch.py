@@ -8,9 +8,11 @@ sends CANCELs; the *reader* files what comes back: chunks, refusals and HAVE upd
 partial holder. `SourcePace` sizes each window from the source's measured rate and says
 when the source has stalled, relative to that rate.
 
-Arrived chunks go through a small queue to writer tasks that verify, open and write them in
-a worker thread, so the loop keeps receiving while the AEAD and BLAKE3 use the other core
-(both release the GIL). A stored chunk's buffer goes back to its session for a later chunk.
+Arrived chunks go to `writers` filing threads (a `WorkQueue`) that verify, open and write
+each one and mark it held (`write_chunk`, one blocking call per chunk), so the loop keeps
+receiving while the AEAD and BLAKE3 use the other core (both release the GIL); the loop
+hears back in batches, not once per chunk. A stored chunk's buffer goes back to its session
+for a later chunk.
 A chunk that doesn't verify bans its source for this content and goes back to the pool; a
 source that errors or stalls is dropped and its requests reassigned. Sources can be added
 while the download runs (`add_source`: a provider found by a later DHT lookup). When chunks
@@ -35,16 +37,19 @@ from crypto.identity import DeviceIdentity
 from overlay.store import PartialContent
 from overlay.stream import Stream, StreamError
 from overlay.transfer.errors import RemoteError, SessionFailed, TransferError
-from overlay.transfer.frames import Chunk, ErrorCode, Have
+from overlay.transfer.frames import MAX_GET_BATCH, Chunk, ErrorCode, Have
 from overlay.transfer.pacing import SourcePace
 from overlay.transfer.scheduler import Arrival, ChunkScheduler
 from overlay.transfer.session import TransferSession, open_transfer_session
+from overlay.transfer.workers import WorkQueue
 
 log = logging.getLogger(__name__)
 
 # Bytes that must arrive within one stall period for a slow chunk to count as progress
 # (a source trickling less than this is as good as stalled).
 MIN_TRICKLE = 16 * 1024
+# GETs sent to a source at a time, at most (and at most half its window): see _may_refill.
+REFILL = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,9 @@ class _Arrival:
     chunk: Chunk = field(repr=False)
 
 
+_Filed = tuple[_Arrival, bool | None, BaseException | None]  # from the filing workers
+
+
 def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error that ended a source's loops (not the cancellations it caused)."""
     for exc in eg.exceptions:
@@ -176,7 +184,8 @@ class Downloader:
     def __init__(
         self, partial: PartialContent, sources: Sequence[Source], identity: DeviceIdentity,
         *, window: int = 8, min_window: int = 2, target_latency: float = 1.0,
-        writers: int = 2, stall_timeout: float = 30.0, min_stall: float = 2.0,
+        refill: int = REFILL, writers: int = 2, stall_timeout: float = 30.0,
+        min_stall: float = 2.0,
         connect_timeout: float = 10.0, handshake_timeout: float = 10.0,
         have_wait: float | None = None,
         rng: random.Random | None = None, on_event: Callable[[FetchEvent], None] | None = None,
@@ -189,6 +198,7 @@ class Downloader:
         self.window = window
         self.min_window = min(min_window, window)
         self.target_latency = target_latency
+        self.refill = max(1, refill)
         self.stall_timeout = stall_timeout
         self.min_stall = min_stall
         self.connect_timeout = connect_timeout
@@ -197,9 +207,12 @@ class Downloader:
         self._on_event = on_event
         self._runs: dict[str, _SourceRun] = {s.label: _SourceRun(s, SourceStats(s.label))
                                              for s in sources}
-        self._writers = writers
         self.scheduler = ChunkScheduler(partial.missing(), count=partial.count, rng=rng)
-        self._arrivals: asyncio.Queue[_Arrival] = asyncio.Queue(maxsize=writers + 1)
+        self._filer: WorkQueue[_Arrival, bool] = WorkQueue(
+            self._file, self._filed, workers=writers, name="filer")
+        # Chunks between arrival and stored: a queue of writers + 1 before busy writers.
+        self._filing_limit = 2 * writers + 1
+        self._failure: BaseException | None = None  # the disk failed: the download ends
         self._changed = asyncio.Event()
         self._leaves_lock = asyncio.Lock()
         self._tg: asyncio.TaskGroup | None = None
@@ -210,9 +223,9 @@ class Downloader:
     @property
     def in_flight_bound(self) -> int:
         """Most chunks that can be requested or received but not yet stored at any moment:
-        every source's window, the arrival queue and the chunks being written. A kill loses
-        at most these; a banned source can have served at most its share of them."""
-        return self.window * len(self._runs) + self._arrivals.maxsize + self._writers
+        every source's window and the chunks being filed. A kill loses at most these; a
+        banned source can have served at most its share of them."""
+        return self.window * len(self._runs) + self._filing_limit
 
     @property
     def stats(self) -> list[SourceStats]:
@@ -285,21 +298,24 @@ class Downloader:
                              ) from None
 
     async def _run_tasks(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            writers = [tg.create_task(self._write_loop()) for _ in range(self._writers)]
-            self._tg = tg
-            try:
-                for run in self._runs.values():
-                    if run.task is None and not run.ended:
-                        run.task = tg.create_task(self._run_source(run))
-                await self._supervise()
-                self._accepting = False
-                await self._arrivals.join()
-            finally:
-                self._tg = None
-                self._accepting = False
-                for w in writers:
-                    w.cancel()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                try:
+                    for run in self._runs.values():
+                        if run.task is None and not run.ended:
+                            run.task = tg.create_task(self._run_source(run))
+                    await self._supervise()
+                    self._accepting = False
+                    while self._filer.pending:
+                        await self._filer.changed()
+                finally:
+                    self._tg = None
+                    self._accepting = False
+        finally:
+            await self._filer.aclose()
+        if self._failure is not None:
+            raise self._failure
 
     async def _supervise(self) -> None:
         """Wait until every source has ended; retire the connected ones when chunks are
@@ -308,6 +324,8 @@ class Downloader:
         stuck_since: float | None = None
         while True:
             changed = self._changed
+            if self._failure is not None:
+                raise self._failure
             live = [r for r in self._runs.values() if not r.ended]
             if not live:
                 return
@@ -415,9 +433,23 @@ class Downloader:
             except VerificationError:
                 raise _Ban("hash list does not match the content id") from None
 
+    def _may_refill(self, label: str) -> bool:
+        """Request more of this source now: a batch's worth of its window is free (or it
+        has nothing outstanding). Asking for chunks a few at a time rather than one per
+        arrival costs a GETS frame per batch; the half of the window still outstanding
+        keeps the holder busy meanwhile."""
+        sched = self.scheduler
+        outstanding = sched.requested(label)
+        free = sched.window(label) - outstanding
+        return free > 0 and (outstanding == 0 or free >= self._refill_batch(label))
+
+    def _refill_batch(self, label: str) -> int:
+        return max(1, min(self.refill, self.scheduler.window(label) // 2))
+
     async def _request_loop(self, run: _SourceRun, session: TransferSession,
                             pace: SourcePace) -> None:
-        """Keep the window full; send the CANCELs other sources' arrivals asked for."""
+        """Keep the window full, a batch at a time (`_may_refill`); send the CANCELs other
+        sources' arrivals asked for."""
         sched, label, cid = self.scheduler, run.stats.label, self.partial.content_id
         loop = asyncio.get_running_loop()
         while True:
@@ -426,12 +458,13 @@ class Downloader:
                 return
             sched.set_window(label, pace.window)
             gets: list[int] = []
-            while (index := sched.next_request(label)) is not None:
-                gets.append(index)
-                if len(sched.requesters(index)) > 1:
-                    self.counters["duplicate_requests"] += 1
-                    if self.counters["endgame_at_remaining"] == 0:
-                        self.counters["endgame_at_remaining"] = sched.remaining
+            if self._may_refill(label):
+                while (index := sched.next_request(label)) is not None:
+                    gets.append(index)
+                    if len(sched.requesters(index)) > 1:
+                        self.counters["duplicate_requests"] += 1
+                        if self.counters["endgame_at_remaining"] == 0:
+                            self.counters["endgame_at_remaining"] = sched.remaining
             cancels, run.cancels = run.cancels, []
             if gets or cancels:
                 if gets:
@@ -440,6 +473,7 @@ class Downloader:
                     if timeout is not None and timeout.when() is None:
                         timeout.reschedule(pace.deadline())  # the reader was idle
                 self.counters["gets"] += len(gets)
+                self.counters["get_frames"] += (len(gets) + MAX_GET_BATCH - 1) // MAX_GET_BATCH
                 self.counters["cancels_sent"] += len(cancels)
                 await session.send_requests(cid, gets, cancels)
             await run.wake.wait()
@@ -485,15 +519,17 @@ class Downloader:
                 continue
             if reply.content_id != cid:
                 raise _Ban("sends chunks nobody asked for")
-            window_was_full = sched.requested(label) >= sched.window(label)
+            # The window limited us if the requester was waiting for room in it.
+            window_was_full = not self._may_refill(label)
             status, others = sched.chunk_received(label, reply.index)
             if status is Arrival.UNASKED:
                 # A source sending junk would also keep the stall timer happy for ever.
                 raise _Ban("sends chunks nobody asked for")
             pace.replied(now)
-            run.wake.set()
             if status is Arrival.LATE:
                 self.counters["late_chunks"] += 1
+                if self._may_refill(label):
+                    run.wake.set()
                 continue
             for other in others:
                 other_run = self._runs.get(other)
@@ -502,38 +538,51 @@ class Downloader:
                     other_run.wake.set()
             self.chunks_received += 1
             pace.delivered(len(reply.data), now, window_was_full=window_was_full)
+            sched.set_window(label, pace.window)
+            if self._may_refill(label):
+                run.wake.set()
             st = run.stats
             st.first_at = now if st.first_at is None else st.first_at
             st.last_at = now
             st.bytes += len(reply.data)
             st.window, st.recent_rate = pace.window, pace.rate or 0.0
-            await self._arrivals.put(_Arrival(run, reply))
+            while self._filer.pending >= self._filing_limit:
+                await self._filer.changed()
+            self._filer.submit(_Arrival(run, reply))
 
     # --- verify and write -------------------------------------------------------------
-    async def _write_loop(self) -> None:
-        while True:
-            arrival = await self._arrivals.get()
-            try:
-                await self._store(arrival)
-            finally:
-                self._arrivals.task_done()
+    def _file(self, arrival: _Arrival) -> bool:
+        """In a filing thread: verify, open, write, mark held."""
+        return self.partial.write_chunk(arrival.chunk.index, arrival.chunk.data)
 
-    async def _store(self, arrival: _Arrival) -> None:
-        run, chunk = arrival.run, arrival.chunk
-        label = run.stats.label
-        try:
-            await asyncio.to_thread(self.partial.write_chunk, chunk.index, chunk.data)
-        except VerificationError as exc:
-            self.scheduler.chunk_rejected(chunk.index)
-            self._ban(run, f"bad chunk {chunk.index}: {exc}")
-            return
-        if run.session is not None:
-            # Only now: a cancelled to_thread leaves its thread still reading the buffer.
-            run.session.recycle(chunk)
-        self.scheduler.chunk_stored(chunk.index)
-        run.stats.chunks += 1
-        self._emit(ChunkStored(chunk.index, label))
-        self._wake_all()
+    def _filed(self, filed: list[_Filed]) -> None:
+        """Outcomes from the filer (on the loop): stored, a chunk that did not verify (ban
+        its source, the chunk goes back to the pool), or the disk failed (the download
+        ends)."""
+        sched = self.scheduler
+        back_in_pool = False
+        for arrival, _, error in filed:
+            run, chunk = arrival.run, arrival.chunk
+            if isinstance(error, VerificationError):
+                sched.chunk_rejected(chunk.index)
+                self._ban(run, f"bad chunk {chunk.index}: {error}")
+                back_in_pool = True
+                continue
+            if error is not None:
+                if self._failure is None:
+                    self._failure = error
+                continue
+            if run.session is not None:
+                run.session.recycle(chunk)  # the filing thread is done with its buffer
+            sched.chunk_stored(chunk.index)
+            run.stats.chunks += 1
+            self._emit(ChunkStored(chunk.index, run.stats.label))
+        if self._failure is not None:
+            self._notify()
+        elif back_in_pool or sched.in_flight == 0:
+            # A stored chunk changes nothing a requester waits for (its window was freed
+            # when it arrived) except the end: done, or nothing left in flight (stuck?).
+            self._wake_all()
 
 
 async def fetch(

@@ -17,6 +17,7 @@ from crypto.identity import DeviceIdentity
 from overlay.fetch import (
     ChunkStored,
     Downloader,
+    FetchError,
     FetchEvent,
     NoSourceReachable,
     Source,
@@ -361,3 +362,37 @@ async def test_a_source_sending_unasked_chunks_is_banned(world: World, tmp_path:
         await server.aclose()
     assert path.read_bytes() == honest.data
     assert SourceBanned("hostile", "sends chunks nobody asked for") in events
+
+
+async def test_a_disk_that_fails_ends_the_download_with_the_reason(
+    world: World, tmp_path: Path
+) -> None:
+    h = await world()
+    partial = partial_for(tmp_path, h.content)
+    real = partial.write_chunk
+    written: list[int] = []
+
+    def write_chunk(index: int, sealed: bytes | bytearray | memoryview) -> bool:
+        if len(written) == 5:
+            raise OSError(28, "No space left on device")
+        written.append(index)
+        return real(index, sealed)
+
+    partial.write_chunk = write_chunk  # type: ignore[method-assign]
+    d = Downloader(partial, [h.source("sender")], ME, window=4)
+    with pytest.raises(FetchError, match=r"cannot write .*No space left on device"):
+        await d.run()
+    assert partial.held == 5 and all(partial.have(i) for i in written)
+
+
+async def test_gets_go_out_in_batches_and_every_chunk_still_arrives(
+    world: World, tmp_path: Path
+) -> None:
+    h = await world()
+    d = Downloader(partial_for(tmp_path, h.content), [h.source("sender")], ME, window=8,
+                   min_window=8, refill=4)
+    path = await d.run()
+    assert path.read_bytes() == h.data
+    # 41 chunks, a window of 8, asked for four (or the last few) at a time.
+    assert d.counters["gets"] == 41
+    assert d.counters["get_frames"] <= 41 // 4 + 2
