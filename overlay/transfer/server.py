@@ -1,26 +1,29 @@
 """The serving side: answers transfer sessions on any Stream, listens on direct TCP.
 
 Per session, activities joined in a TaskGroup: the reader (feeds the core, answers
-OPEN/HASHES/bad input at once, queues GETs in `ServingSession`), two sealers (each reads a
-plaintext chunk and seals it in a worker thread, so sealing runs on both cores while the
-loop sends), the sender (rate limit, then chunk frame onto the stream) and the announcer
-(a partial holder's new verified chunks become HAVE frames: the store calls back from the
-writing thread, the announcer wakes on the loop and sends what the log holds since). Between sealers
-and sender sits a queue of two sealed chunks: memory per session stays at a few chunks
-whatever the file size. A misbehaving requester costs a counter and an error reply
-or its own session; the server and every other session carry on.
+OPEN/HASHES/bad input at once, queues GETs in `ServingSession`), the sender (rate limit,
+then chunk frame onto the stream) and the announcer (a partial holder's new verified chunks
+become HAVE frames: the store calls back from the writing thread, the announcer wakes on the
+loop and sends what the log holds since). Queued GETs go to the server's sealing threads
+(a `WorkQueue`, two: sealing runs on both cores while the loop sends), at most
+`SEALERS + SEALED_AHEAD` chunks per session being sealed or sealed and waiting for the
+sender: memory per session stays at a few chunks whatever the file size. A misbehaving
+requester costs a counter and an error reply or its own session; the server and every other
+session carry on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from crypto.identity import DeviceIdentity
-from overlay.store import Catalog, ContentStoreError
+from overlay.store import Catalog, ContentStoreError, ServedContent
 from overlay.stream import Stream, StreamError
 from overlay.tcp import TcpServer
 from overlay.transfer.core import (
@@ -33,9 +36,10 @@ from overlay.transfer.core import (
     State,
     TransferConnection,
 )
-from overlay.transfer.frames import Chunk, Error, ErrorCode, Message
+from overlay.transfer.frames import Chunk, Error, ErrorCode, Get, Message
 from overlay.transfer.ratelimit import TokenBucket
 from overlay.transfer.serving import MAX_QUEUED_GETS, ServingSession
+from overlay.transfer.workers import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,24 @@ SEALERS = 2  # two chunks sealed at once: one per core, so sealing is not the ca
 # timeout fires: chunks only we hold never get out, and the swarm starves. With four, each
 # chunk goes out at a quarter of the uplink and co-recipients pass it on.
 UPLOAD_SLOTS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class _SealJob:
+    session: _ServedSession
+    get: Get
+    content: ServedContent
+
+
+def _seal(job: _SealJob) -> bytes | bytearray:
+    """In a sealing thread: the chunk read and sealed."""
+    return job.content.read_sealed(job.get.index)
+
+
+def _sealed(done: list[tuple[_SealJob, bytes | bytearray | None, BaseException | None]]
+            ) -> None:
+    for job, sealed, error in done:
+        job.session.seal_done(job.get, sealed, error)
 
 
 class TransferServer:
@@ -75,6 +97,8 @@ class TransferServer:
         self._tcp: TcpServer | None = None
         self._running: set[asyncio.Task[object]] = set()
         self._served_by_content: Counter[bytes] = Counter()
+        self.sealers: WorkQueue[_SealJob, bytes | bytearray] = WorkQueue(
+            _seal, _sealed, workers=SEALERS, name="sealer")
 
     def chunks_served(self, content_id: bytes) -> int:
         """How many chunks of this content went out (since start)."""
@@ -137,6 +161,7 @@ class TransferServer:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await self.sealers.aclose()
 
 
 class _ServedSession:
@@ -146,8 +171,10 @@ class _ServedSession:
         self.peer = stream.peer_address() or stream.path
         self.conn = TransferConnection(Role.RESPONDER, server.identity)
         self.logic: ServingSession | None = None
-        self.work = asyncio.Event()
-        self.sealed: asyncio.Queue[Message] = asyncio.Queue(maxsize=SEALED_AHEAD)
+        self.sealing = 0  # GETs with the sealers
+        self.sealed: collections.deque[Message] = collections.deque()  # for the sender
+        self.sealed_more = asyncio.Event()
+        self.ended = False
         self.write_lock = asyncio.Lock()
         self.held_more = asyncio.Event()
         self._unwatch: list[Callable[[], None]] = []
@@ -155,15 +182,14 @@ class _ServedSession:
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self.seal_loop()) for _ in range(SEALERS)]
-                tasks.append(tg.create_task(self.send_loop()))
-                tasks.append(tg.create_task(self.announce_loop()))
+                tasks = [tg.create_task(self.send_loop()), tg.create_task(self.announce_loop())]
                 try:
                     await self.read_loop()
                 finally:
                     for t in tasks:
                         t.cancel()
         finally:
+            self.ended = True  # sealed chunks still coming back are dropped
             for stop in self._unwatch:
                 stop()
 
@@ -246,39 +272,54 @@ class _ServedSession:
         for reply in self.logic.handle(event):
             await self._send(reply)
         self._watch_growing()
-        if self.logic.queued:
-            self.work.set()
+        self.feed()
         return True
 
-    async def seal_loop(self) -> None:
-        while True:
-            get = self.logic.pop_get() if self.logic is not None else None
+    def feed(self) -> None:
+        """Hand queued GETs to the sealers while this session has room for their chunks."""
+        logic = self.logic
+        while logic is not None and not self.ended and (
+                self.sealing + len(self.sealed) < SEALERS + SEALED_AHEAD):
+            get = logic.pop_get()
             if get is None:
-                self.work.clear()
-                await self.work.wait()
-                continue
-            content = self.logic.content(get.content_id) if self.logic is not None else None
+                return
+            content = logic.content(get.content_id)
             if content is None:
-                if self.logic is not None:
-                    self.logic.finish_get(get.content_id, get.index)
+                logic.finish_get(get.content_id, get.index)
                 continue
-            try:
-                sealed = await asyncio.to_thread(content.read_sealed, get.index)
-            except (ContentStoreError, OSError) as exc:
-                self.server.counters["read_errors"] += 1
-                log.warning("transfer: cannot serve chunk %d: %s", get.index, exc)
-                if self.logic is not None:
-                    self.logic.finish_get(get.content_id, get.index)
-                await self.sealed.put(Error(ErrorCode.UNAVAILABLE, "chunk unavailable here",
-                                            get.content_id, get.index))
-                continue
-            await self.sealed.put(Chunk(get.content_id, get.index, sealed))
+            self.sealing += 1
+            self.server.sealers.submit(_SealJob(self, get, content))
+
+    def seal_done(self, get: Get, sealed: bytes | bytearray | None,
+                  error: BaseException | None) -> None:
+        """A sealer is done with `get` (on the loop)."""
+        self.sealing -= 1
+        if self.ended:
+            return
+        if error is not None or sealed is None:
+            self.server.counters["read_errors"] += 1
+            if isinstance(error, ContentStoreError | OSError):
+                log.warning("transfer: cannot serve chunk %d: %s", get.index, error)
+            else:
+                log.error("transfer: sealing chunk %d failed", get.index, exc_info=error)
+            if self.logic is not None:
+                self.logic.finish_get(get.content_id, get.index)
+            self.sealed.append(Error(ErrorCode.UNAVAILABLE, "chunk unavailable here",
+                                     get.content_id, get.index))
+        else:
+            self.sealed.append(Chunk(get.content_id, get.index, sealed))
+        self.sealed_more.set()
+        self.feed()
 
     async def send_loop(self) -> None:
         loop = asyncio.get_running_loop()
         counters = self.server.counters
         while True:
-            msg = await self.sealed.get()
+            while not self.sealed:
+                self.sealed_more.clear()
+                await self.sealed_more.wait()
+            msg = self.sealed.popleft()
+            self.feed()
             if not isinstance(msg, Chunk):
                 await self._send(msg)
                 continue

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import DeviceIdentity
-from overlay.store import ContentStore, LocalContent
+from overlay.store import ContentStore, ContentStoreError, LocalContent
 from overlay.tcp import connect_tcp
 from overlay.transfer.errors import SessionFailed
+from overlay.transfer.frames import Chunk, Error, ErrorCode
 from overlay.transfer.server import TransferServer
 from overlay.transfer.session import open_transfer_session
 
@@ -98,3 +99,55 @@ async def test_a_requester_that_stops_reading_loses_its_session(tmp_path: Path) 
     finally:
         await server.aclose()
         store.close()
+
+
+class _Unreadable:
+    """The store, but chunk 2 can't be read (a disk error, the file cut short)."""
+
+    def __init__(self, store: ContentStore) -> None:
+        self.store = store
+
+    def lookup(self, content_id: bytes) -> object:
+        real = self.store.local(content_id)
+        return None if real is None else _UnreadableContent(real)
+
+
+class _UnreadableContent:
+    def __init__(self, real: LocalContent) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    def read_sealed(self, index: int) -> bytes | bytearray:
+        if index == 2:
+            raise ContentStoreError("cannot read chunk 2")
+        return self.real.read_sealed(index)
+
+
+async def test_a_chunk_that_cannot_be_read_is_refused_and_the_rest_served(
+    served: tuple[ContentStore, LocalContent],
+) -> None:
+    store, content = served
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32),
+                            _Unreadable(store))  # type: ignore[arg-type]
+    host, port = await server.start()
+    try:
+        session = await open_transfer_session(await connect_tcp(host, port), ME)
+        await session.open(content.content_id, content.capability)
+        await session.send_requests(content.content_id, [0, 1, 2, 3, 4], [])
+        got = {}
+        async with asyncio.timeout(10):
+            while len(got) < 5:
+                reply = await session.next_chunk()
+                assert isinstance(reply, Chunk | Error)
+                assert reply.index is not None
+                got[reply.index] = reply
+        refused = got.pop(2)
+        assert isinstance(refused, Error) and refused.code == ErrorCode.UNAVAILABLE
+        assert {i: bytes(c.data) for i, c in got.items() if isinstance(c, Chunk)} == {
+            i: bytes(content.read_sealed(i)) for i in (0, 1, 3, 4)}
+        assert server.counters["read_errors"] == 1 and server.counters["chunks_served"] == 4
+        await session.aclose()
+    finally:
+        await server.aclose()
