@@ -55,7 +55,7 @@ class ClockedRoutingTable(RoutingTable):  # type: ignore[misc]
 
     def flush(self) -> None:
         self.buckets = [ClockedKBucket(0, 2**160, self.ksize, self._clock)]
-        self._flat: list[Node] | None = None
+        self._flat: dict[int, Node] | None = None  # live contacts by long id
 
     def split_bucket(self, index: int) -> None:
         super().split_bucket(index)
@@ -75,10 +75,9 @@ class ClockedRoutingTable(RoutingTable):  # type: ignore[misc]
             return
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
-        known = bucket.nodes.get(node.id)
         if bucket.add_node(node):
-            if known is None or not known.same_home_as(node):
-                self._flat = None  # a new member (an old one seen again changes nothing)
+            if self._flat is not None:
+                self._flat[node.long_id] = node  # a new member, or an old one's address
             return
         if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
             self.split_bucket(index)
@@ -95,15 +94,16 @@ class ClockedRoutingTable(RoutingTable):  # type: ignore[misc]
         """
         self.buckets[self.get_bucket_for(node)].touch_last_updated()
         target = node.long_id
-        # Rank everything, then skip the few excluded ones from the front: checking the
-        # exclusion on every contact cost more than the ranking.
-        if self._flat is None:
-            self._flat = [n for b in self.buckets for n in b.nodes.values()]
-        ranked = sorted(self._flat, key=lambda n: n.long_id ^ target)
+        flat = self._flat
+        if flat is None:
+            flat = self._flat = {n.long_id: n for b in self.buckets for n in b.nodes.values()}
+        # Rank the ids by XOR distance in C (int.__xor__ as the key), then skip the few
+        # excluded ones from the front.
         want = k or self.ksize
         out: list[Node] = []
-        for n in ranked:
-            if n.id == node.id or (exclude is not None and n.same_home_as(exclude)):
+        for long_id in sorted(flat, key=target.__xor__):
+            n = flat[long_id]
+            if long_id == target or (exclude is not None and n.same_home_as(exclude)):
                 continue
             out.append(n)
             if len(out) == want:
