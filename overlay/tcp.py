@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
 from overlay.stream import StreamBroken, StreamBusy, StreamClosed
@@ -228,6 +228,28 @@ class TcpStream:
         if p.lost is not None or p.transport is None or p.transport.is_closing():
             raise StreamBroken(f"connection lost: {p.lost}")
         p.transport.write(data)
+        await p.drain()
+        if p.closed:
+            raise StreamClosed("stream closed while sending")
+        if p.lost is not None:
+            raise StreamBroken(f"connection lost: {p.lost}")
+
+    async def send_many(self, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        """`send_all` of each buffer in turn, but handed to the transport at once: a
+        transport with a writelines of its own (uvloop's) sends them with one writev, so
+        a frame header and its 1 MiB payload leave in one system call and reach the peer
+        together; asyncio's own would join them (a copy), so it gets them one by one."""
+        p = self._p
+        if p.closed or self._eof_sent:
+            raise StreamClosed("stream already closed for sending")
+        t = p.transport
+        if p.lost is not None or t is None or t.is_closing():
+            raise StreamBroken(f"connection lost: {p.lost}")
+        if type(t).writelines is asyncio.WriteTransport.writelines:
+            for buf in bufs:
+                t.write(buf)
+        else:
+            t.writelines(bufs)
         await p.drain()
         if p.closed:
             raise StreamClosed("stream closed while sending")

@@ -19,8 +19,9 @@ import collections
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast, runtime_checkable
 
 from crypto.identity import DeviceIdentity
 from overlay.store import Catalog, ContentStoreError, ServedContent
@@ -52,6 +53,13 @@ SEALERS = 2  # two chunks sealed at once: one per core, so sealing is not the ca
 # timeout fires: chunks only we hold never get out, and the swarm starves. With four, each
 # chunk goes out at a quarter of the uplink and co-recipients pass it on.
 UPLOAD_SLOTS = 4
+
+
+@runtime_checkable
+class SendsMany(Protocol):
+    """A stream that can take several buffers at once (direct TCP)."""
+
+    async def send_many(self, bufs: Sequence[bytes | bytearray | memoryview]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +178,7 @@ class _ServedSession:
         self.stream = stream
         self.peer = stream.peer_address() or stream.path
         self.conn = TransferConnection(Role.RESPONDER, server.identity)
+        self._sends_many = isinstance(stream, SendsMany)
         self.logic: ServingSession | None = None
         self.sealing = 0  # GETs with the sealers
         self.sealed: collections.deque[Message] = collections.deque()  # for the sender
@@ -215,17 +224,24 @@ class _ServedSession:
                 for have in self.logic.haves():
                     await self._send(have)
 
+    async def _write_out(self) -> None:
+        bufs = self.conn.data_to_send()
+        if self._sends_many and len(bufs) > 1:
+            # A CHUNK's header and payload in one go (one writev on uvloop).
+            await cast(SendsMany, self.stream).send_many(bufs)
+            return
+        for buf in bufs:
+            await self.stream.send_all(buf)
+
     async def _flush(self) -> None:
         async with self.write_lock:
-            for buf in self.conn.data_to_send():
-                await self.stream.send_all(buf)
+            await self._write_out()
 
     async def _send(self, msg: Message) -> None:
         # A requester that stops reading must not hold its session slot for ever.
         async with self.write_lock, asyncio.timeout(self.server.send_timeout):
             self.conn.send(msg)
-            for buf in self.conn.data_to_send():
-                await self.stream.send_all(buf)
+            await self._write_out()
 
     async def read_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -116,3 +116,33 @@ def test_receive_into_reads_straight_into_the_buffer_on_uvloop(seed: int) -> Non
     """uvloop takes the buffered-protocol path only for a protocol that is not an
     asyncio.Protocol: the same bytes either way, in pull mode, whatever the buffer sizes."""
     uvloop.run(_receive_into_mixed(seed))
+
+
+async def _send_many_in_order() -> None:
+    gen = _tcp_pairs()
+    make_pair = await anext(gen)
+    try:
+        a, b = await make_pair()
+        assert isinstance(a, TcpStream)
+        big = random.Random(3).randbytes(3 << 20)  # more than the write buffer's high water
+        bufs = [b"head", bytearray(big), memoryview(b"tail")]
+        send = asyncio.create_task(a.send_many(bufs))
+        got = bytearray()
+        async with asyncio.timeout(10):
+            while len(got) < len(big) + 8:
+                got += await b.receive_some(1 << 20)
+            await send
+        assert bytes(got) == b"head" + big + b"tail"
+        await a.aclose()
+        with pytest.raises(StreamClosed):
+            await a.send_many([b"x"])
+    finally:
+        await gen.aclose()
+
+
+async def test_send_many_sends_every_buffer_in_order() -> None:
+    await _send_many_in_order()
+
+
+def test_send_many_sends_every_buffer_in_order_on_uvloop() -> None:
+    uvloop.run(_send_many_in_order())
