@@ -222,17 +222,7 @@ class TcpStream:
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Queue `data`, then wait while the transport's buffer is above its high water."""
-        p = self._p
-        if p.closed or self._eof_sent:
-            raise StreamClosed("stream already closed for sending")
-        if p.lost is not None or p.transport is None or p.transport.is_closing():
-            raise StreamBroken(f"connection lost: {p.lost}")
-        p.transport.write(data)
-        await p.drain()
-        if p.closed:
-            raise StreamClosed("stream closed while sending")
-        if p.lost is not None:
-            raise StreamBroken(f"connection lost: {p.lost}")
+        await self.send_many((data,))
 
     async def send_many(self, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
         """`send_all` of each buffer in turn, but handed to the transport at once: a
@@ -245,7 +235,7 @@ class TcpStream:
         t = p.transport
         if p.lost is not None or t is None or t.is_closing():
             raise StreamBroken(f"connection lost: {p.lost}")
-        if type(t).writelines is asyncio.WriteTransport.writelines:
+        if len(bufs) == 1 or type(t).writelines is asyncio.WriteTransport.writelines:
             for buf in bufs:
                 t.write(buf)
         else:
