@@ -9,8 +9,9 @@
   verify + open + write on the way in), real processes through the CLI.
 
 Reports MB/s, the ratio, CPU seconds per GB on each side (from /proc), peak RSS of each
-node (VmHWM), how long `send` took (it seals and hashes the whole file to name it), and
-the time from `send` returning to the first chunk written at the receiver.
+node (VmHWM), how long `send` took (it seals and hashes the whole file to name it), the
+time from `send` returning to the first chunk written at the receiver, and the load
+average before and after: on a two-core box anything else running moves both rates.
 """
 
 from __future__ import annotations
@@ -155,12 +156,14 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     size = (128 if args.quick else args.mib) * MiB
     gb = size / 1e9
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="peerpost-bench-") as tmp:
         src = Path(tmp) / "payload.bin"
         make_file(src, size)
         raw_s, raw_cpu_send, raw_cpu_recv = raw_copy(src, Path(tmp) / "raw-copy.bin")
         (Path(tmp) / "raw-copy.bin").unlink()
         n = node_copy(src, Path(tmp) / "lab")
+    load_after = os.getloadavg()[0]
     raw_rate = size / raw_s / 1e6
     node_rate = size / n["transfer_seconds"] / 1e6
     ratio = node_rate / raw_rate
@@ -185,6 +188,8 @@ def main(argv: list[str]) -> int:
          "target": "< 200", "ok": n["rss_sender"] < 200 * MiB},
         {"metric": "peak RSS, receiver node", "value": n["rss_receiver"] / MiB, "unit": "MiB",
          "target": "< 200", "ok": n["rss_receiver"] < 200 * MiB},
+        {"metric": "load average (1 min) before / after",
+         "value": f"{load_before:.2f} / {load_after:.2f}", "unit": f"{os.cpu_count()} CPUs"},
     ]
     report("transfer", rows, meta={"bytes": size, **n})
     return 0
