@@ -7,6 +7,7 @@ and range before anything uses it (DESIGN.md, "Validate at the boundary").
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -149,7 +150,15 @@ class Fields:
             raise DecodeError(f"{self._what}.{key}: expected a list, got {type(v).__name__}")
         if len(v) > max_items:
             raise DecodeError(f"{self._what}.{key}: {len(v)} items, limit {max_items}")
-        return tuple(item(x, f"{self._what}.{key}[{i}]") for i, x in enumerate(v))
+        where = f"{self._what}.{key}"
+        try:
+            # No per-item location string on the way through (a DHT reply has 20 items)...
+            return tuple(map(item, v, itertools.repeat(where)))
+        except DecodeError:
+            # ...only when one fails: checks are pure, so rerun them to name its index.
+            for i, x in enumerate(v):
+                item(x, f"{where}[{i}]")
+            raise
 
     def sub(self, key: _Str) -> Fields:
         """A required nested map."""

@@ -40,6 +40,7 @@ class Lookup:
         self._max_candidates = 8 * k
         self._max_queries = max_queries if max_queries is not None else 6 * k
         self.queries = 0
+        self._in_flight = 0
         self._nodes: dict[bytes, Node] = {}
         self._state: dict[bytes, _State] = {}
         self._order: list[tuple[int, bytes]] = []  # (distance, id), ascending; FAILED dropped
@@ -68,13 +69,13 @@ class Lookup:
 
     def next_queries(self) -> list[Node]:
         """Nodes to query now (marked as asked); empty if the slots are full or none is left."""
-        in_flight = sum(1 for s in self._state.values() if s is _State.ASKED)
         out: list[Node] = []
         for nid in self._frontier():
-            if in_flight + len(out) >= self.alpha or self.queries >= self._max_queries:
+            if self._in_flight >= self.alpha or self.queries >= self._max_queries:
                 break
             if self._state[nid] is _State.WAITING:
                 self._state[nid] = _State.ASKED
+                self._in_flight += 1
                 self.queries += 1
                 out.append(self._nodes[nid])
         return out
@@ -83,12 +84,14 @@ class Lookup:
         """`node_id` replied, naming `learned` as closer nodes."""
         if self._state.get(node_id) is _State.ASKED:
             self._state[node_id] = _State.ANSWERED
+            self._in_flight -= 1
             self.add(learned)
 
     def failed(self, node_id: bytes) -> None:
         """`node_id` did not give a usable answer; it no longer counts among the closest."""
         if self._state.get(node_id) is _State.ASKED:
             self._state[node_id] = _State.FAILED
+            self._in_flight -= 1
             self._order = [e for e in self._order if e[1] != node_id]
 
     @property

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kademlia.node import Node
+from kademlia.routing import RoutingTable
 
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
@@ -238,6 +239,8 @@ def test_neighbours_stay_the_closest_contacts_as_the_table_changes(
             table.add_contact(node)
         else:
             table.remove_contact(node)
+        probe = Node((target + i).to_bytes(20, "big"))
+        assert table.get_bucket_for(probe) == RoutingTable.get_bucket_for(table, probe)
         want = sorted((n for n in table.contacts() if n.id != target.to_bytes(20, "big")),
                       key=lambda n: n.long_id ^ target)[:4]
         got = table.find_neighbors(Node(target.to_bytes(20, "big")), k=4)
