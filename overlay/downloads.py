@@ -102,7 +102,7 @@ class DownloadQueue:
         self.wake()
 
     def backoff(self, attempts: int) -> float:
-        delay = min(self.retry_max, self.retry_base * 2 ** max(0, attempts - 1))
+        delay = min(self.retry_max, self.retry_base * 2.0 ** max(0, attempts - 1))
         return delay * self.rng.uniform(0.8, 1.0)  # jitter keeps retries from bunching up
 
     async def run(self) -> None:

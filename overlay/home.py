@@ -98,7 +98,7 @@ class NodeHome:
         return Path(config.download_dir) if config.download_dir else self.root / "received"
 
     def exists(self) -> bool:
-        return self.identity_path.exists() and self.config_path.exists()
+        return bool(self.identity_path.exists() and self.config_path.exists())
 
     def create(self, config: NodeConfig, identity: DeviceIdentity) -> None:
         """Make the folder (0700) and write identity and config; refuse to overwrite."""

@@ -195,7 +195,7 @@ class Node:
     async def _start_dht(self, server_host: str) -> None:
         """Join the DHT through the server's bootstrap node and announce what we hold."""
         self.providers = ProviderDirectory(self.identity, wall=self.wall, rng=self.rng,
-                                           client_only=self.reach.nat)
+                                           client_only=self.reach is not None and self.reach.nat)
         self._stack.push_async_callback(self.providers.aclose)
         dht_port = self.rendezvous.server_info.get("dht")  # from the server's CHALLENGE
         bootstrap = [(server_host, int(dht_port))] if isinstance(dht_port, int) else []
@@ -639,7 +639,7 @@ class Node:
                 raise ControlError("auto-download takes on or off")
             self.prefs.auto_download = value == "on"
         elif key == "retention":
-            self.prefs.retention = value  # type: ignore[assignment]
+            self.prefs.retention = value
         elif key == "archive-dir":
             self.prefs.archive_dir = value or None
         elif key == "max-upload-rate":
