@@ -102,7 +102,7 @@ class Host:
         Timers the host's code scheduled directly (`call_later`) are not tracked and still fire.
         """
         self.go_offline()
-        for task in self.network.loop.tasks_of(self):  # type: ignore[attr-defined]
+        for task in self.network.loop.tasks_of(self):
             task.cancel()
         for transport in list(self.udp.values()):
             transport.close()

@@ -25,13 +25,16 @@ import ipaddress
 import random
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sim.host import Host
 from sim.latency import FixedLatency, LatencyModel
 from sim.nat import NatBehaviour, NatBox, webrtc_possible
 from sim.trace import EventKind, Trace
 from sim.transports import SimDatagramTransport, SimServer, SimStreamTransport
+
+if TYPE_CHECKING:
+    from sim.loop import SimLoop
 
 Addr = tuple[str, int]
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
@@ -45,7 +48,7 @@ _LOOPBACK = "127.0.0.1"
 class Network:
     """Hosts and NAT boxes, the names they are registered under, and packet movement."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, rng: random.Random,
+    def __init__(self, loop: SimLoop, *, rng: random.Random,
                  trace: Trace | None = None, latency: LatencyModel | None = None,
                  loss: float = 0.0, segment_size: int = 64 * 1024,
                  stream_window: int = 1 << 20, tcp_connect_timeout: float = 127.0,

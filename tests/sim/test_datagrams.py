@@ -151,3 +151,34 @@ def test_unsolicited_datagrams_to_a_nat_and_an_offline_host_vanish(sim: Simulati
         return len(rx.got), len(rx_out.got)
 
     assert sim.run(main()) == (0, 0)
+
+
+class _Fragile(Collect):
+    def datagram_received(self, data: bytes, addr: Addr) -> None:
+        if data == b"boom":
+            raise ValueError("the protocol choked on a datagram")
+        super().datagram_received(data, addr)
+
+
+def test_a_protocol_that_raises_on_a_datagram_is_reported_and_the_run_goes_on() -> None:
+    with Simulation(seed=3) as sim:
+        a, b = sim.add_host("a"), sim.add_host("b")
+
+        async def main() -> list[bytes]:
+            async def bind() -> Collect:
+                loop = asyncio.get_running_loop()
+                _, proto = await loop.create_datagram_endpoint(
+                    _Fragile, local_addr=("0.0.0.0", 5000))
+                return proto  # type: ignore[return-value]
+
+            rx = await b.create_task(bind())
+            tx = await _bind(a)
+            for data in (b"one", b"boom", b"two"):
+                tx.transport.sendto(data, (b.address, 5000))
+            await asyncio.sleep(1)
+            return [d for d, _ in rx.got]
+
+        assert sim.run(main()) == [b"one", b"two"]
+        (error,) = sim.errors
+        assert isinstance(error["exception"], ValueError)
+        assert "Network._udp_arrive" in error["message"]
