@@ -37,7 +37,7 @@ from crypto.identity import DeviceIdentity
 from overlay.store import PartialContent
 from overlay.stream import Stream, StreamError
 from overlay.transfer.errors import RemoteError, SessionFailed, TransferError
-from overlay.transfer.frames import MAX_GET_BATCH, Chunk, ErrorCode, Have
+from overlay.transfer.frames import Chunk, ErrorCode, Have
 from overlay.transfer.pacing import SourcePace
 from overlay.transfer.scheduler import Arrival, ChunkScheduler
 from overlay.transfer.session import TransferSession, open_transfer_session
@@ -473,9 +473,8 @@ class Downloader:
                     if timeout is not None and timeout.when() is None:
                         timeout.reschedule(pace.deadline())  # the reader was idle
                 self.counters["gets"] += len(gets)
-                self.counters["get_frames"] += (len(gets) + MAX_GET_BATCH - 1) // MAX_GET_BATCH
                 self.counters["cancels_sent"] += len(cancels)
-                await session.send_requests(cid, gets, cancels)
+                self.counters["get_frames"] += await session.send_requests(cid, gets, cancels)
             await run.wake.wait()
 
     async def _receive_loop(self, run: _SourceRun, session: TransferSession,

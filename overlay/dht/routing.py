@@ -99,8 +99,8 @@ class ClockedRoutingTable(RoutingTable):  # type: ignore[misc]
                        exclude: Node | None = None) -> list[Node]:
         """The k contacts closest to `node` (all of them ranked: a few thousand at most).
 
-        Nodes serve a find for every hop of every lookup that passes them, so the flat list
-        of contacts is kept between membership changes instead of walking the buckets.
+        Nodes serve a find for every hop of every lookup that passes them, so an index of
+        the contacts by id is kept up to date instead of walking the buckets each time.
         """
         self.buckets[self.get_bucket_for(node)].touch_last_updated()
         target = node.long_id

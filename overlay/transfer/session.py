@@ -189,17 +189,22 @@ class TransferSession:
         await self._send(Cancel(content_id, index))
 
     async def send_requests(self, content_id: bytes, gets: list[int],
-                            cancels: list[int]) -> None:
+                            cancels: list[int]) -> int:
         """CANCELs then GETs, written to the stream at once; several GETs go as one GETS
-        frame (one header to seal and open per batch, not per chunk)."""
+        frame (one header to seal and open per batch, not per chunk). Returns how many
+        frames carried the GETs."""
         for i in cancels:
             self._conn.send(Cancel(content_id, i))
         if len(gets) == 1:
             self._conn.send(Get(content_id, gets[0]))
+            frames = 1
         else:
-            for k in range(0, len(gets), MAX_GET_BATCH):
-                self._conn.send(Gets(content_id, tuple(gets[k : k + MAX_GET_BATCH])))
+            batches = [gets[k : k + MAX_GET_BATCH] for k in range(0, len(gets), MAX_GET_BATCH)]
+            for batch in batches:
+                self._conn.send(Gets(content_id, tuple(batch)))
+            frames = len(batches)
         await self._flush()
+        return frames
 
     async def next_chunk(self) -> ChunkReply:
         """The next chunk reply: a Chunk, an Error naming the refused index, or a HAVE."""
