@@ -26,7 +26,7 @@ from kademlia.protocol import KademliaProtocol
 
 from benchmarks.common import report
 from overlay.dht import DhtNode
-from overlay.dht.swarm import close_all, start_swarm
+from tests.overlay.dht_swarm import close_all, start_swarm
 
 HOME = "rv.example.net:7000"
 P90_TARGET = 1.5

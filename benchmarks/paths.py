@@ -7,7 +7,7 @@ WebRTC the offer and answer travel over the child's stdin/stdout (a stand-in for
 no STUN server (host candidates). For the relay a third process is a real
 `peerpost-rendezvous serve` with its caps off (`--relay-rate 0 --relay-daily 0`: with the
 default 2 MB/s cap the relay measures the cap, not the code); the child keeps a control
-session and accepts the RELAY-INVITE, the parent dials with `overlay.relay.relay_dial`.
+session and accepts the RELAY-INVITE, the parent dials with `overlay.transports.relay.relay_dial`.
 Reported per transport:
 
 - MB/s: bytes / (first byte sent .. the receiver's acknowledgement of EOF);
@@ -38,12 +38,12 @@ import uvloop
 
 from benchmarks.common import report
 from crypto.identity import DeviceIdentity
-from overlay.relay import relay_accept, relay_dial
-from overlay.signalling import PipeSender
-from overlay.stream import Stream
-from overlay.tcp import TcpStream, connect_tcp, serve_tcp
-from overlay.webrtc import WebRtcEndpoint, WebRtcSettings
-from overlay.webrtc_stream import ChannelTuning
+from overlay.transports.relay import relay_accept, relay_dial
+from overlay.transports.signalling import PipeSender
+from overlay.transports.stream import Stream
+from overlay.transports.tcp import TcpStream, connect_tcp, serve_tcp
+from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
+from overlay.transports.webrtc_stream import ChannelTuning
 from rendezvous.client import RendezvousClient
 from rendezvous.messages import PipeMessage, RelayInvite
 

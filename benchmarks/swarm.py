@@ -29,11 +29,14 @@ from typing import Any
 
 from benchmarks.common import report
 from crypto.identity import DeviceIdentity
-from overlay.fetch import ChunkStored, Downloader, FetchEvent, Source
-from overlay.store import ContentStore, LocalContent, PartialContent
-from overlay.stream import Stream
-from overlay.tcp import connect_tcp
+from overlay.content.catalog import ContentStore
+from overlay.content.local import LocalContent
+from overlay.content.partial import PartialContent
+from overlay.transfer.downloader import ChunkStored, Downloader, FetchEvent
 from overlay.transfer.server import TransferServer
+from overlay.transports.ladder import Source
+from overlay.transports.stream import Stream
+from overlay.transports.tcp import connect_tcp
 
 MiB = 1 << 20
 

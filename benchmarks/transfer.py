@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import report
-from overlay.control import ControlClient
-from overlay.lab import LocalNetwork
+from overlay.app.control import ControlClient
+from overlay.app.lab import LocalNetwork
 
 MiB = 1 << 20
 _TICK = os.sysconf("SC_CLK_TCK")

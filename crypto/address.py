@@ -25,3 +25,25 @@ def normalize_address(text: str) -> str:
 
 def domain_of(address: str) -> str:
     return address.rsplit("@", 1)[1]
+
+
+def parse_hostport(text: str, *, what: str = "address",
+                   default_host: str | None = None) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 as [::1]:PORT) into host and port, or raise DecodeError (a
+    ValueError) whose text names `what`. An empty host is `default_host` where one is
+    given (`:4500` for a listener on every interface), else an error."""
+    if not isinstance(text, str):
+        raise DecodeError(f"{what} must be HOST:PORT text")
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host and sep and default_host is not None:
+        host = default_host
+    if not sep or not host:
+        raise DecodeError(f"{what} must be HOST:PORT, got {text!r}")
+    if not port.isdigit() or len(port) > 5:
+        raise DecodeError(f"{what} port must be a number, got {port!r}")
+    p = int(port)
+    if p > 65535:
+        raise DecodeError(f"{what} port must be 0..65535, got {p}")
+    return host, p

@@ -37,7 +37,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from crypto.address import normalize_address
+from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
 from rendezvous.limits import DAY, Limits
 from rendezvous.logfmt import configure, kv
@@ -53,10 +53,10 @@ _RELAY_COUNTERS = ("relayed_bytes", "relay_sessions", "relay_active", "relay_ref
 
 
 def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        return parse_hostport(text, what="--listen", default_host="0.0.0.0")
+    except DecodeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _port(text: str) -> int:

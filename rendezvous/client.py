@@ -19,7 +19,7 @@
   (`rendezvous.errors`); a timeout is `RequestTimeoutError` (also a `TimeoutError`).
 - `pushes()` yields `Deliver`, `PipeMessage` and `RelayInvite` (`is_relay_invite`) in
   arrival order, across reconnects, until `aclose()`. A relay invitation is answered by
-  opening a relay connection (`overlay.relay.relay_accept`), not on this session. The
+  opening a relay connection (`overlay.transports.relay.relay_accept`), not on this session. The
   buffer is bounded: when `push_queue` items wait, the client stops reading from the
   socket until the consumer catches up (TCP backpressure to the server).
 - `server_info`: the UDP ports of the server's extra services from the last CHALLENGE,

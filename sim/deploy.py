@@ -28,8 +28,8 @@ from sim.host import Host
 from sim.simulation import Simulation
 
 if TYPE_CHECKING:
-    from overlay.inbox import InboxEntry
-    from overlay.node import Node, NodeOptions
+    from overlay.app.node import Node, NodeOptions
+    from overlay.mail.inbox import InboxEntry
     from rendezvous.server import RendezvousServer
 
 EPOCH = 1.7e9  # virtual wall clock at virtual time 0 (records carry wall-clock expiries)
@@ -110,8 +110,8 @@ class SimNode:
     async def init(self) -> None:
         """`peerpost init`: register the address (as this host), then write the home."""
         from crypto.identity import DeviceIdentity
-        from overlay.home import NodeConfig, NodeHome
-        from overlay.setup import register
+        from overlay.app.home import NodeConfig, NodeHome
+        from overlay.app.setup import register
 
         seed = self.sim.rng_for(f"identity/{self.address}").randbytes(32)
         identity = DeviceIdentity.from_seed(seed)
@@ -136,7 +136,7 @@ class SimNode:
         """The node's options, with the simulated WebRTC rung instead of aiortc."""
         from dataclasses import replace
 
-        from overlay.node import NodeOptions
+        from overlay.app.node import NodeOptions
         from sim.webrtc import SimWebRtcEndpoint
 
         rng = self.sim.rng_for(f"webrtc/{self.address}")
@@ -145,8 +145,8 @@ class SimNode:
                            pipe, settings, rng=rng))
 
     async def _run(self, started: asyncio.Future[Node], stop: asyncio.Event) -> None:
-        from overlay.home import NodeHome
-        from overlay.node import Node
+        from overlay.app.home import NodeHome
+        from overlay.app.node import Node
 
         try:
             async with Node(NodeHome(self.root), options=self._node_options(),

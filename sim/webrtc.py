@@ -1,12 +1,12 @@
 """A simulated WebRTC data-channel transport with `WebRtcEndpoint`'s dial/accept shape.
 
-    async with SimWebRtcEndpoint(rendezvous_client) as rtc:   # as overlay.webrtc
+    async with SimWebRtcEndpoint(rendezvous_client) as rtc:   # as overlay.transports.webrtc
         # the node's push loop:  if isinstance(push, PipeMessage): rtc.feed(push)
         stream = await rtc.dial("bob@example.net", bob_device)   # -> Stream, path "webrtc"
         incoming = await rtc.accept()
 
-What is real: the signalling. Offer, Answer and Reject are `overlay.signalling` messages sent
-with the same `pipe()` call (through the real rendezvous server when given a
+What is real: the signalling. Offer, Answer and Reject are `overlay.transports.signalling`
+messages sent with the same `pipe()` call (through the real rendezvous server when given a
 `RendezvousClient`), checked and bounded the same way. What is modelled: ICE, DTLS and SCTP
 are not run (aiortc's pure-Python stack would cost wall time the simulation can't afford).
 Instead, once the answer is in, the channel opens if the NAT model says hole punching works
@@ -27,10 +27,10 @@ import logging
 import random
 from collections.abc import Callable
 
-from overlay.signalling import Answer, Offer, PipeSender, Reject, encode_signal
-from overlay.stream import StreamClosed
-from overlay.tcp import READ_HIGH_WATER, TcpStream, _TcpProtocol
-from overlay.webrtc import WebRtcConnectError, WebRtcEndpoint, WebRtcSettings, _Dial
+from overlay.transports.signalling import Answer, Offer, PipeSender, Reject, encode_signal
+from overlay.transports.stream import StreamClosed
+from overlay.transports.tcp import READ_HIGH_WATER, TcpStream, _TcpProtocol
+from overlay.transports.webrtc import WebRtcConnectError, WebRtcEndpoint, WebRtcSettings, _Dial
 from rendezvous.messages import PipeMessage
 from sim.host import Host, current_host
 from sim.net import Network

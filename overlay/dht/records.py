@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from crypto.address import parse_hostport
 from crypto.codec import Fields, item_str, packb, unpackb
 from crypto.errors import DecodeError, VerificationError
 from crypto.identity import PUBLIC_KEY_LEN, SIGNATURE_LEN, DeviceIdentity, peer_id_of, verify
@@ -43,12 +44,12 @@ def check_address(text: str) -> str:
     """Return `text` if it is "host:port" (IPv4, [IPv6] or a DNS name), else raise DecodeError."""
     if not isinstance(text, str) or not 3 <= len(text) <= MAX_ADDRESS_LEN:
         raise DecodeError(f"address must be 3..{MAX_ADDRESS_LEN} characters of text")
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or len(port) > 5:
+    host, port = parse_hostport(text, what=f"address {text!r}")
+    if port == 0:
         raise DecodeError(f"address {text!r}: expected host:port with a port in 1..65535")
-    if host.startswith("[") and host.endswith("]"):
+    if text.startswith("["):
         try:
-            ipaddress.IPv6Address(host[1:-1])
+            ipaddress.IPv6Address(host)
         except ValueError:
             raise DecodeError(f"address {text!r}: bad IPv6 literal") from None
     elif not _HOSTNAME.match(host):

@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
 from crypto.identity import DeviceIdentity
-from overlay.store import Catalog, ContentStoreError, ServedContent
-from overlay.stream import Stream, StreamError
-from overlay.tcp import TcpServer
+from overlay.content.interfaces import Catalog, ContentStoreError, ServedContent
 from overlay.transfer.core import (
     BadMessage,
     ConnectionClosed,
@@ -38,9 +36,11 @@ from overlay.transfer.core import (
     TransferConnection,
 )
 from overlay.transfer.frames import Chunk, Error, ErrorCode, Get, Message
+from overlay.transfer.holder import MAX_QUEUED_GETS, ServingSession
 from overlay.transfer.ratelimit import TokenBucket
-from overlay.transfer.serving import MAX_QUEUED_GETS, ServingSession
 from overlay.transfer.workers import WorkQueue
+from overlay.transports.stream import Stream, StreamError
+from overlay.transports.tcp import TcpServer
 
 log = logging.getLogger(__name__)
 

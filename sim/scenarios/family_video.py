@@ -135,8 +135,8 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
     """Start the server and the sender's node, send, then start each recipient's node at
     its time and wait until it holds the clip. Every address is registered first (as
     `peerpost init` does at install time); `after_setup` runs then (churn starts there)."""
-    from overlay.inbox_state import InboxState
-    from overlay.node import NodeOptions
+    from overlay.app.node import NodeOptions
+    from overlay.mail.inbox_state import InboxState
 
     deployed = await deploy_rendezvous(sim, server_host, DOMAIN, dht_port=DHT_PORT)
     options = NodeOptions(co_recipients=co_recipients, retry_max=retry_max)

@@ -6,7 +6,7 @@
         net.start_node(alice)                       # `peerpost node` inside h1
         mid = net.cli(alice, "send", str(path), "--to", "bob@example.net").stdout
 
-`LabNetwork` is overlay.lab's `LocalNetwork` (the same waits for printed lines, bounded
+`LabNetwork` is overlay.app.lab's `LocalNetwork` (the same waits for printed lines, bounded
 polls and per-process logs) with each process started inside a lab namespace: the server
 in `server`, each node in the host it was added to. Only `init` (which registers with the
 server) runs inside the node's namespace; the other CLI commands run here, in the root
@@ -24,7 +24,7 @@ import json
 import re
 from pathlib import Path
 
-from overlay.lab import LabError, LocalNetwork, NodeHandle, Proc, _script
+from overlay.app.lab import LabError, LocalNetwork, NodeHandle, Proc, _script
 from tests.natlab.conftest import REPO, python_argv
 from tests.natlab.lab import NatLab, NatMode, read_line
 

@@ -27,8 +27,8 @@ from typing import Any
 import uvloop
 
 from crypto.identity import DeviceIdentity
-from overlay.stream import Stream, StreamError
-from overlay.webrtc import WebRtcEndpoint, WebRtcSettings
+from overlay.transports.stream import Stream, StreamError
+from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
 from rendezvous.client import RendezvousClient
 from rendezvous.messages import PipeMessage
 from rendezvous.stun import query_mapping

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from overlay.lab import NodeHandle, _script, dir_size
+from overlay.app.lab import NodeHandle, _script, dir_size
 from rendezvous.stats import read_live_stats
 from tests.natlab.lab import NatLab, NatMode
 from tests.natlab.nodes import LabNetwork

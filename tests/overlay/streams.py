@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from overlay.stream import Stream, StreamBusy, StreamClosed, StreamError
+from overlay.transports.stream import Stream, StreamBusy, StreamClosed, StreamError
 
 MakePair = Callable[[], Awaitable[tuple[Stream, Stream]]]
 _WAIT = 10.0  # generous bound for steps that must finish; nothing here measures speed

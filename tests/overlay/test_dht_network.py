@@ -8,7 +8,7 @@ from pathlib import Path
 
 from crypto.identity import DeviceIdentity
 from overlay.dht import DhtNode
-from overlay.dht.swarm import close_all, start_swarm
+from tests.overlay.dht_swarm import close_all, start_swarm
 
 HOME = "rv.example.net:7000"
 

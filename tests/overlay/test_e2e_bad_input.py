@@ -12,7 +12,7 @@ import pytest
 from crypto.codec import packb, unpackb
 from crypto.envelope import seal_for_recipients, sign_payload
 from crypto.identity import DeviceIdentity, PublicIdentity, seal
-from overlay.lab import LocalNetwork
+from overlay.app.lab import LocalNetwork
 from rendezvous.client import RendezvousClient
 
 pytestmark = pytest.mark.slow

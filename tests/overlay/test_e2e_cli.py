@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.lab import LocalNetwork, dir_size
+from overlay.app.lab import LocalNetwork, dir_size
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.lab import LocalNetwork
+from overlay.app.lab import LocalNetwork
 from tests.overlay.test_e2e_cli import MiB, complete, make_file, same_bytes
 
 pytestmark = pytest.mark.slow

@@ -14,26 +14,29 @@ import pytest
 
 from crypto.capability import prove_capability
 from crypto.identity import DeviceIdentity
-from overlay.fetch import (
+from overlay.content.catalog import ContentStore
+from overlay.content.interfaces import ServedContent
+from overlay.content.local import LocalContent
+from overlay.content.partial import PartialContent
+from overlay.transfer.core import HandshakeComplete, Role, TransferConnection
+from overlay.transfer.downloader import (
     ChunkStored,
     Downloader,
     FetchError,
     FetchEvent,
     NoSourceReachable,
-    Source,
     SourceBanned,
     SourceFailed,
     fetch,
 )
-from overlay.store import ContentStore, LocalContent, PartialContent, ServedContent
-from overlay.stream import Stream
-from overlay.tcp import TcpStream, connect_tcp, serve_tcp
-from overlay.transfer.core import HandshakeComplete, Role, TransferConnection
 from overlay.transfer.errors import RemoteError
 from overlay.transfer.frames import Chunk, ErrorCode, Get, Gets, HashesRequest, Open
+from overlay.transfer.holder import ServingSession
+from overlay.transfer.requester import open_transfer_session
 from overlay.transfer.server import TransferServer
-from overlay.transfer.serving import ServingSession
-from overlay.transfer.session import open_transfer_session
+from overlay.transports.ladder import Source
+from overlay.transports.stream import Stream
+from overlay.transports.tcp import TcpStream, connect_tcp, serve_tcp
 
 CHUNK = 16 << 10
 ME = DeviceIdentity.from_seed(b"r" * 32)

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import DeviceIdentity
-from overlay.fetch import ChunkStored, Downloader, FetchEvent, Source
-from overlay.store import ContentStore
-from overlay.stream import Stream
-from overlay.tcp import connect_tcp
+from overlay.content.catalog import ContentStore
+from overlay.transfer.downloader import ChunkStored, Downloader, FetchEvent
 from overlay.transfer.server import TransferServer
+from overlay.transports.ladder import Source
+from overlay.transports.stream import Stream
+from overlay.transports.tcp import connect_tcp
 
 CHUNK = 16 << 10
 CHUNKS = 120

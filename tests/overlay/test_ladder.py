@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from overlay.sources import ConnectionLadder, Holder
-from overlay.stream import StreamBroken
-from overlay.tcp import TcpServer
+from overlay.transports.ladder import ConnectionLadder, Holder
+from overlay.transports.stream import StreamBroken
+from overlay.transports.tcp import TcpServer
 
 
 class FakeStream:

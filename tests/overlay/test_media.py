@@ -9,7 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from overlay.media import DEFAULT_TYPE, MediaInfo, describe_media, make_demo_clip, make_thumbnail
+from overlay.mail.describe import (
+    DEFAULT_TYPE,
+    MediaInfo,
+    describe_media,
+    make_demo_clip,
+    make_thumbnail,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from overlay.inbox import Inbox
-from overlay.inbox_state import InboxState
-from overlay.records import DB_FILE_NAME, SCHEMA_VERSION, NodeDB, RecordsError
+from overlay.mail.db import DB_FILE_NAME, SCHEMA_VERSION, NodeDB, RecordsError
+from overlay.mail.inbox import Inbox
+from overlay.mail.inbox_state import InboxState
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,9 +64,9 @@ def test_survives_kill_9(tmp_path: Path) -> None:
         f"""
         import sys, time
         from pathlib import Path
-        from overlay.inbox import Inbox
-        from overlay.inbox_state import InboxState
-        from overlay.records import NodeDB
+        from overlay.mail.inbox import Inbox
+        from overlay.mail.inbox_state import InboxState
+        from overlay.mail.db import NodeDB
         db = NodeDB.open(Path({str(tmp_path)!r}))
         inbox = Inbox(db)
         for n in range(20):
@@ -106,7 +106,7 @@ def test_newer_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
 
 
 def test_migration_hook_upgrades_in_steps(tmp_path: Path) -> None:
-    from overlay.records import _MIGRATIONS
+    from overlay.mail.db import _MIGRATIONS
 
     with NodeDB.open(tmp_path) as db:
         _offer(Inbox(db), 1)
@@ -122,7 +122,7 @@ def test_migration_hook_upgrades_in_steps(tmp_path: Path) -> None:
 
 
 def test_failed_migration_leaves_the_old_version(tmp_path: Path) -> None:
-    from overlay.records import _MIGRATIONS
+    from overlay.mail.db import _MIGRATIONS
 
     NodeDB.open(tmp_path).close()
 

@@ -9,8 +9,8 @@ import pytest
 
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
-from overlay.contacts import MAX_KEYS_PER_ADDRESS, Contacts, PinResult
-from overlay.records import NodeDB, RecordLimitError
+from overlay.mail.contacts import MAX_KEYS_PER_ADDRESS, Contacts, PinResult
+from overlay.mail.db import NodeDB, RecordLimitError
 
 BOB = "bob@b.example"
 

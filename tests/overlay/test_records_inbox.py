@@ -11,9 +11,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from overlay.inbox import Inbox, InboxEntry
-from overlay.inbox_state import TRANSITIONS, IllegalTransition, InboxState
-from overlay.records import NodeDB, RecordLimitError
+from overlay.mail.db import NodeDB, RecordLimitError
+from overlay.mail.inbox import Inbox, InboxEntry
+from overlay.mail.inbox_state import TRANSITIONS, IllegalTransition, InboxState
 
 S = InboxState
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlay.outbox import Outbox, RecipientStatus
-from overlay.records import NodeDB, RecordLimitError
+from overlay.mail.db import NodeDB, RecordLimitError
+from overlay.mail.outbox import Outbox, RecipientStatus
 
 R = RecipientStatus
 MID = b"m" * 16
@@ -168,7 +168,7 @@ def test_reports_in_any_order_only_move_forward(tmp_path_factory: pytest.TempPat
 
 
 def test_send_batches_fit_the_server_limits_and_keep_every_item() -> None:
-    from overlay.outgoing import send_batches
+    from overlay.mail.outgoing import send_batches
 
     items = [(f"r{i}@example.net", bytes([i]) * 20, b"x" * (9000 + i)) for i in range(40)]
     batches = send_batches(items, max_items=16, max_bytes=100_000)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from overlay.prefs import MAX_SENDER_RULES, Prefs, sender_pattern
-from overlay.records import NodeDB, RecordLimitError, RecordsError
+from overlay.mail.db import NodeDB, RecordLimitError, RecordsError
+from overlay.mail.prefs import MAX_SENDER_RULES, Prefs, sender_pattern
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from crypto.identity import DeviceIdentity
-from overlay.relay import RelayStream, relay_accept, relay_dial
-from overlay.stream import Stream
+from overlay.transports.relay import RelayStream, relay_accept, relay_dial
+from overlay.transports.stream import Stream
 from rendezvous.client import RendezvousClient, is_relay_invite
 from rendezvous.limits import Limits
 from rendezvous.messages import RelayInvite

@@ -13,14 +13,11 @@ from hypothesis import strategies as st
 
 from crypto.content import ChunkVerifier, chunk_count
 from crypto.errors import VerificationError
-from overlay.store import (
-    DIRECT_ALIGN,
-    ContentStore,
-    ContentStoreError,
-    LocalContent,
-    PartialContent,
-    SendBuffers,
-)
+from overlay.content.catalog import ContentStore
+from overlay.content.diskio import DIRECT_ALIGN, SendBuffers
+from overlay.content.interfaces import ContentStoreError
+from overlay.content.local import LocalContent
+from overlay.content.partial import PartialContent
 
 CHUNK = 1024
 

@@ -17,18 +17,20 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import DeviceIdentity
-from overlay.fetch import (
+from overlay.content.catalog import ContentStore
+from overlay.content.local import LocalContent
+from overlay.content.partial import PartialContent
+from overlay.transfer.downloader import (
     ChunkStored,
     Downloader,
     FetchEvent,
     NoSourceReachable,
-    Source,
     SourceFailed,
 )
-from overlay.store import ContentStore, LocalContent, PartialContent
-from overlay.stream import Stream
-from overlay.tcp import connect_tcp
 from overlay.transfer.server import TransferServer
+from overlay.transports.ladder import Source
+from overlay.transports.stream import Stream
+from overlay.transports.tcp import connect_tcp
 
 ME = DeviceIdentity.from_seed(b"R" * 32)
 MiB = 1 << 20

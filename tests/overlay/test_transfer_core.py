@@ -15,7 +15,8 @@ from crypto.codec import packb
 from crypto.content import merkle_root
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
-from overlay.store import ContentStore, LocalContent
+from overlay.content.catalog import ContentStore
+from overlay.content.local import LocalContent
 from overlay.transfer.core import (
     BadMessage,
     ConnectionClosed,
@@ -46,7 +47,7 @@ from overlay.transfer.frames import (
     decode_header,
     encode_header,
 )
-from overlay.transfer.serving import ServingSession
+from overlay.transfer.holder import ServingSession
 
 CLIENT = DeviceIdentity.from_seed(b"c" * 32)
 SERVER = DeviceIdentity.from_seed(b"s" * 32)

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import DeviceIdentity
-from overlay.store import ContentStore, ContentStoreError, LocalContent
-from overlay.tcp import connect_tcp
+from overlay.content.catalog import ContentStore
+from overlay.content.interfaces import ContentStoreError
+from overlay.content.local import LocalContent
 from overlay.transfer.errors import SessionFailed
 from overlay.transfer.frames import Chunk, Error, ErrorCode
+from overlay.transfer.requester import open_transfer_session
 from overlay.transfer.server import TransferServer
-from overlay.transfer.session import open_transfer_session
+from overlay.transports.tcp import connect_tcp
 
 ME = DeviceIdentity.from_seed(b"m" * 32)
 

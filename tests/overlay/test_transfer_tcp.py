@@ -9,8 +9,8 @@ from collections.abc import AsyncGenerator
 import pytest
 import uvloop
 
-from overlay.stream import Stream, StreamBroken, StreamClosed
-from overlay.tcp import TcpStream, connect_tcp, serve_tcp
+from overlay.transports.stream import Stream, StreamBroken, StreamClosed
+from overlay.transports.tcp import TcpStream, connect_tcp, serve_tcp
 from tests.overlay.streams import MakePair, check_stream
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto.codec import packb
-from overlay.signalling import (
+from overlay.transports.signalling import (
     MAX_SIGNAL,
     Answer,
     Offer,
@@ -27,8 +27,8 @@ from overlay.signalling import (
     encode_signal,
     signal_tag,
 )
-from overlay.stream import StreamClosed
-from overlay.webrtc import WebRtcConnectError, WebRtcEndpoint, WebRtcSettings
+from overlay.transports.stream import StreamClosed
+from overlay.transports.webrtc import WebRtcConnectError, WebRtcEndpoint, WebRtcSettings
 from rendezvous.client import RendezvousClient
 from rendezvous.messages import PipeMessage
 from tests.overlay.streams import receive_exactly, receive_to_eof

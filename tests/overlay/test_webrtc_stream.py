@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uvloop
 
-from overlay.webrtc import WebRtcSettings
-from overlay.webrtc_stream import ChannelTuning
+from overlay.transports.webrtc import WebRtcSettings
+from overlay.transports.webrtc_stream import ChannelTuning
 from tests.overlay.streams import check_stream, receive_exactly
 from tests.overlay.webrtc_pairs import webrtc_pair
 

@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from crypto.identity import DeviceIdentity
-from overlay.signalling import MemoryPipe, PipeSender
-from overlay.stream import Stream
-from overlay.webrtc import WebRtcEndpoint, WebRtcSettings
+from overlay.transports.signalling import MemoryPipe, PipeSender
+from overlay.transports.stream import Stream
+from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
 from rendezvous.messages import PipeMessage
 
 ALICE = "alice@example.net"

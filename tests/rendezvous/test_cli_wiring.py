@@ -18,7 +18,7 @@ import pytest
 
 from crypto.identity import DeviceIdentity
 from overlay.dht import DhtNode
-from overlay.relay import relay_accept, relay_dial
+from overlay.transports.relay import relay_accept, relay_dial
 from rendezvous.client import RendezvousClient
 from rendezvous.messages import RelayInvite
 from rendezvous.stun import query_mapping

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from overlay.relay import RelayError, relay_dial
-from overlay.stream import Stream, StreamBroken
+from overlay.transports.relay import RelayError, relay_dial
+from overlay.transports.stream import Stream, StreamBroken
 from rendezvous.client import RendezvousClient
 from rendezvous.limits import Limits
 from rendezvous.messages import Deliver, PipeMessage

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto.codec import packb
-from overlay.relay import RelayError, relay_accept, relay_dial
+from overlay.transports.relay import RelayError, relay_accept, relay_dial
 from rendezvous.client import RendezvousClient
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.limits import Limits

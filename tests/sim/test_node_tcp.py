@@ -1,11 +1,12 @@
-"""The node's own TCP transport (overlay.tcp) passes the Stream conformance suite in the sim."""
+"""The node's own TCP transport (overlay.transports.tcp) passes the Stream conformance
+suite in the sim."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from overlay.tcp import TcpServer, TcpStream, connect_tcp
+from overlay.transports.tcp import TcpServer, TcpStream, connect_tcp
 from sim.latency import FixedLatency
 from sim.simulation import Simulation
 from tests.overlay.streams import check_stream

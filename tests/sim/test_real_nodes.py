@@ -12,7 +12,7 @@ import random
 import time
 from pathlib import Path
 
-from overlay.inbox_state import InboxState
+from overlay.mail.inbox_state import InboxState
 from sim.deploy import SimNode, deploy_rendezvous
 from sim.latency import FixedLatency
 from sim.simulation import Simulation
@@ -84,8 +84,8 @@ def test_three_real_nodes_deliver_in_virtual_time(tmp_path: Path) -> None:
 
 def test_same_seed_same_trace_with_real_nodes(tmp_path: Path) -> None:
     # Whole chunks only: the downloader's ChunkScheduler draws its order from an unseeded
-    # random.Random (overlay.fetch gives it no rng yet), and a short last chunk sent at a
-    # different moment would change the trace. With equal chunks the order can't show.
+    # random.Random (overlay.transfer.downloader gives it no rng yet), and a short last chunk
+    # sent at a different moment would change the trace. With equal chunks the order can't show.
     size = 3 * 1024 * 1024
     first = deliver(tmp_path / "a", seed=5, size=size)
     again = deliver(tmp_path / "b", seed=5, size=size)

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from crypto.identity import DeviceIdentity
-from overlay.stream import Stream
-from overlay.webrtc import WebRtcConnectError, WebRtcSettings
+from overlay.transports.stream import Stream
+from overlay.transports.webrtc import WebRtcConnectError, WebRtcSettings
 from rendezvous.client import RendezvousClient
 from rendezvous.messages import PipeMessage
 from sim.deploy import deploy_rendezvous

@@ -15,7 +15,7 @@ from collections import Counter
 
 from crypto.capability import check_capability_proof
 from crypto.errors import VerificationError
-from overlay.store import Catalog, GrowingContent, ServedContent
+from overlay.content.interfaces import Catalog, GrowingContent, ServedContent
 from overlay.transfer.frames import (
     MAX_HASH_PAGE,
     MAX_HAVE_BYTES,

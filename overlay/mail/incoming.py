@@ -20,11 +20,11 @@ from crypto.envelope import open_envelope
 from crypto.errors import CryptoError
 from crypto.identity import DeviceIdentity, peer_id_of
 from crypto.location import LocationMessage, decode_location
-from overlay.contacts import Contacts, PinResult
-from overlay.inbox import Inbox
-from overlay.outbox import Outbox, RecipientStatus
-from overlay.prefs import Prefs
-from overlay.receipts import RECEIPT_KIND, Receipt
+from overlay.mail.contacts import Contacts, PinResult
+from overlay.mail.inbox import Inbox
+from overlay.mail.outbox import Outbox, RecipientStatus
+from overlay.mail.prefs import Prefs
+from overlay.mail.receipts import RECEIPT_KIND, Receipt
 
 log = logging.getLogger("peerpost.incoming")
 

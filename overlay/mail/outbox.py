@@ -25,7 +25,7 @@ from enum import Enum
 
 from crypto.address import normalize_address
 from crypto.location import MAX_RECIPIENTS
-from overlay.records import NodeDB, check_message_row, is_new_message
+from overlay.mail.db import NodeDB, check_message_row, is_new_message
 
 MAX_REASON_TEXT = 500
 DEFAULT_MAX_ENTRIES = 10_000

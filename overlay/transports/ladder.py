@@ -15,11 +15,10 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from crypto.address import parse_hostport
 from crypto.location import LocationMessage
-from overlay.fetch import Source
-from overlay.home import parse_hostport
-from overlay.stream import Stream, StreamBroken, StreamError
-from overlay.tcp import connect_tcp
+from overlay.transports.stream import Stream, StreamBroken, StreamError
+from overlay.transports.tcp import connect_tcp
 
 log = logging.getLogger("peerpost.sources")
 
@@ -29,6 +28,15 @@ WEBRTC_DELAY = 0.25  # give direct TCP a head start; WebRTC costs far more CPU p
 
 # dial(holder) -> Stream, for the WebRTC and relay rungs (they signal to holder.address)
 PeerDialer = Callable[["Holder"], Awaitable[Stream]]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One holder to try: `connect()` opens a Stream to it (TCP, WebRTC, relay)."""
+
+    label: str
+    connect: Callable[[], Awaitable[Stream]]
+    peer_id: bytes | None = None  # the holder's peer id, checked in the handshake
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +85,7 @@ class ConnectionLadder:
     relay: PeerDialer | None = None
     webrtc_delay: float = WEBRTC_DELAY
     webrtc_timeout: float = 40.0  # WebRtcSettings: answer_timeout + connect_timeout
-    relay_timeout: float = 40.0  # overlay.relay.DEFAULT_TIMEOUT
+    relay_timeout: float = 40.0  # overlay.transports.relay.DEFAULT_TIMEOUT
     counters: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -1,7 +1,7 @@
 """`peerpost`: the command line of a peer node.
 
 `init` and `node` work on the home folder directly; every other command talks to the running
-daemon over its control socket (overlay.control) and fails with a clear message and exit
+daemon over its control socket (overlay.app.control) and fails with a clear message and exit
 status 3 when the daemon is not running. Human output uses rich; `--json` gives machine
 output where a listing is shown.
 """
@@ -28,8 +28,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from overlay.control import ControlClient, ControlError, NodeNotRunning
-from overlay.home import HomeError, NodeHome
+from overlay.app.control import ControlClient, ControlError, NodeNotRunning
+from overlay.app.home import HomeError, NodeHome
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -117,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         if args.command == "init":
-            from overlay.setup import init_home
+            from overlay.app.setup import init_home
 
             return init_home(home, args, console)
         if args.command == "node":
-            from overlay.node import run_node
+            from overlay.app.node import run_node
 
             return run_node(home, args)
         if args.command == "demo":
-            from overlay.demo import run_demo
+            from overlay.app.demo import run_demo
 
             return run_demo(args, console)
         return _run(_COMMANDS[args.command](home, args))

@@ -34,7 +34,7 @@ from enum import Enum
 
 from crypto.address import normalize_address
 from crypto.identity import PublicIdentity
-from overlay.records import NodeDB, RecordLimitError, count_rows
+from overlay.mail.db import NodeDB, RecordLimitError, count_rows
 
 MAX_KEYS_PER_ADDRESS = 16
 DEFAULT_MAX_CONTACTS = 10_000

@@ -36,7 +36,7 @@ from aiortc import (
     sdp,
 )
 
-from overlay.signalling import (
+from overlay.transports.signalling import (
     Answer,
     Offer,
     PipeSender,
@@ -47,8 +47,8 @@ from overlay.signalling import (
     encode_signal,
     signal_tag,
 )
-from overlay.stream import StreamBroken, StreamClosed
-from overlay.webrtc_stream import ChannelTuning, WebRtcStream
+from overlay.transports.stream import StreamBroken, StreamClosed
+from overlay.transports.webrtc_stream import ChannelTuning, WebRtcStream
 from rendezvous.messages import PipeMessage
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ import asyncio
 
 from rich.console import Console
 
-from crypto.address import domain_of, normalize_address
+from crypto.address import domain_of, normalize_address, parse_hostport
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
-from overlay.home import HomeError, NodeConfig, NodeHome, parse_hostport
+from overlay.app.home import HomeError, NodeConfig, NodeHome
 
 REGISTER_TIMEOUT = 15.0
 

@@ -22,21 +22,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crypto.address import parse_hostport
 from crypto.codec import Fields
 from crypto.content import DEFAULT_CHUNK_SIZE, chunk_count
 from crypto.envelope import seal_for_recipients
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
 from crypto.location import MAX_RECIPIENTS, LocationMessage, decode_location
-from overlay.contacts import Contacts, PinResult
-from overlay.control import ControlError, ControlServer
-from overlay.downloads import Activity, DownloadFailed, DownloadQueue, RetryLater, SourceView
-from overlay.fetch import ChunkStored, Downloader, FetchError, FetchEvent, NoSourceReachable
-from overlay.home import NodeConfig, NodeHome, parse_hostport
-from overlay.inbox import Inbox, InboxEntry
-from overlay.incoming import IncomingMail, Outcome, Pushed
-from overlay.outbox import Outbox, RecipientStatus
-from overlay.outgoing import (
+from overlay.app.control import ControlError, ControlServer
+from overlay.app.home import NodeConfig, NodeHome
+from overlay.content.catalog import ContentStore
+from overlay.content.interfaces import ContentStoreError
+from overlay.dht.directory import ProviderDirectory
+from overlay.mail.contacts import Contacts, PinResult
+from overlay.mail.db import NodeDB
+from overlay.mail.downloads import Activity, DownloadFailed, DownloadQueue, RetryLater, SourceView
+from overlay.mail.inbox import Inbox, InboxEntry
+from overlay.mail.incoming import IncomingMail, Outcome, Pushed
+from overlay.mail.outbox import Outbox, RecipientStatus
+from overlay.mail.outgoing import (
     PreparedContent,
     Recipient,
     SendError,
@@ -46,20 +50,24 @@ from overlay.outgoing import (
     seal_message,
     send_batches,
 )
-from overlay.prefs import Prefs
-from overlay.providers import ProviderDirectory
-from overlay.reachability import Reachability, probe
-from overlay.receipts import RECEIPT_KIND, Receipt
-from overlay.records import NodeDB
-from overlay.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
-from overlay.relay import relay_accept, relay_dial
-from overlay.retention import apply_retention
-from overlay.signalling import PipeSender
-from overlay.sources import ConnectionLadder, Holder, sender_addresses
-from overlay.store import ContentStore, ContentStoreError
-from overlay.stream import Stream, StreamClosed, StreamError
+from overlay.mail.prefs import Prefs
+from overlay.mail.receipts import RECEIPT_KIND, Receipt
+from overlay.mail.retention import apply_retention
+from overlay.transfer.downloader import (
+    ChunkStored,
+    Downloader,
+    FetchError,
+    FetchEvent,
+    NoSourceReachable,
+)
 from overlay.transfer.server import TransferServer
-from overlay.webrtc import WebRtcEndpoint, WebRtcSettings
+from overlay.transports.ladder import ConnectionLadder, Holder, sender_addresses
+from overlay.transports.reachability import Reachability, probe
+from overlay.transports.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
+from overlay.transports.relay import relay_accept, relay_dial
+from overlay.transports.signalling import PipeSender
+from overlay.transports.stream import Stream, StreamClosed, StreamError
+from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
 from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient, RendezvousError
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
 
@@ -209,7 +217,7 @@ class Node:
             self.providers.announce(cid)
 
     async def _start_webrtc(self, server_host: str) -> None:
-        """WebRTC through the server's STUN, signalled over PIPE (overlay.webrtc)."""
+        """WebRTC through the server's STUN, signalled over PIPE (overlay.transports.webrtc)."""
         stun = self.rendezvous.server_info.get("stun")
         settings = WebRtcSettings(stun=[(server_host, int(stun))] if isinstance(stun, int)
                                   else [])
@@ -339,7 +347,7 @@ class Node:
 
     async def _fetch(self, entry: InboxEntry, msg: LocationMessage, act: Activity,
                      progress: Callable[[int], None]) -> str:
-        """Fetch one message's content from every holder we know of (overlay.fetch)."""
+        """Fetch one message's content from every holder we know of (the Downloader)."""
         h = msg.handle
         dest = self.home.received_dir(self.config)
         await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)

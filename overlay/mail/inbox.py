@@ -1,12 +1,12 @@
 """The inbox: incoming location messages and how far their download got, in `node.db`.
 
-Rows follow the machine in `overlay.inbox_state`; every change is one transaction that reads
+Rows follow the machine in `overlay.mail.inbox_state`; every change is one transaction that reads
 the current state, checks the move and writes, so a crash leaves either the old or the new
 row. Adding is idempotent by message id because the rendezvous server may deliver a message
 again (after a lost REMOVE, DESIGN.md "Rendezvous protocol").
 
 The node stores the raw location message (`message`, opaque here) next to the fields the
-listing needs, and decides junk and priority from `overlay.prefs` when it adds a message;
+listing needs, and decides junk and priority from `overlay.mail.prefs` when it adds a message;
 `set_flags` updates them when the user changes their mind.
 """
 
@@ -17,13 +17,13 @@ import dataclasses
 import sqlite3
 from dataclasses import dataclass
 
-from overlay.inbox_state import (
+from overlay.mail.db import NodeDB, check_message_row, is_new_message
+from overlay.mail.inbox_state import (
     ACTIVE_STATES,
     IllegalTransition,
     InboxState,
     check_transition,
 )
-from overlay.records import NodeDB, check_message_row, is_new_message
 
 DEFAULT_MAX_ENTRIES = 10_000
 MAX_ERROR_TEXT = 500

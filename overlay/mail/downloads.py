@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from crypto.errors import CryptoError
 from crypto.location import LocationMessage, decode_location
-from overlay.inbox import Inbox, InboxEntry
-from overlay.inbox_state import InboxState
-from overlay.prefs import Prefs
+from overlay.mail.inbox import Inbox, InboxEntry
+from overlay.mail.inbox_state import InboxState
+from overlay.mail.prefs import Prefs
 
 log = logging.getLogger("peerpost.downloads")
 

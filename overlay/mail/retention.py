@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from overlay.outbox import Outbox, OutboxEntry
-from overlay.prefs import Prefs
-from overlay.store import ContentStore, ContentStoreError
+from overlay.content.catalog import ContentStore
+from overlay.content.interfaces import ContentStoreError
+from overlay.mail.outbox import Outbox, OutboxEntry
+from overlay.mail.prefs import Prefs
 
 log = logging.getLogger("peerpost.retention")
 

@@ -15,7 +15,6 @@ from typing import Protocol, cast, runtime_checkable
 from crypto.capability import prove_capability
 from crypto.content import HASH_LEN, TAG_LEN, chunk_count
 from crypto.identity import DeviceIdentity, PublicIdentity
-from overlay.stream import Stream, StreamError
 from overlay.transfer.core import (
     BadMessage,
     ConnectionClosed,
@@ -40,6 +39,7 @@ from overlay.transfer.frames import (
     Open,
     Opened,
 )
+from overlay.transports.stream import Stream, StreamError
 
 RECEIVE_SIZE = 1 << 20
 _MAX_UNSOLICITED = 8

@@ -26,7 +26,7 @@ from crypto.location import (
     LocationMessage,
     SenderHints,
 )
-from overlay.media import describe_media, make_thumbnail
+from overlay.mail.describe import describe_media, make_thumbnail
 
 log = logging.getLogger("peerpost.send")
 

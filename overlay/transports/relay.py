@@ -28,8 +28,8 @@ import os
 from typing import cast
 
 from crypto.identity import DeviceIdentity
-from overlay.stream import StreamBroken
-from overlay.tcp import READ_HIGH_WATER, TcpStream, _TcpProtocol
+from overlay.transports.stream import StreamBroken
+from overlay.transports.tcp import READ_HIGH_WATER, TcpStream, _TcpProtocol
 from rendezvous.client_core import RelayHandshake
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.messages import RELAY_SESSION_LEN, Relay, RelayAccept, RelayInvite

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 
-from overlay.stream import StreamBroken, StreamBusy, StreamClosed
+from overlay.transports.stream import StreamBroken, StreamBusy, StreamClosed
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from crypto.address import domain_of, normalize_address
 from crypto.codec import packb, unpackb
 from crypto.errors import DecodeError
-from overlay.records import NodeDB, RecordLimitError, RecordsError, count_rows
+from overlay.mail.db import NodeDB, RecordLimitError, RecordsError, count_rows
 
 Retention = Literal["keep", "delete", "archive"]
 SenderClass = Literal["priority", "junk", "normal"]

@@ -28,20 +28,21 @@ import contextlib
 import logging
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from crypto.errors import VerificationError
 from crypto.identity import DeviceIdentity
-from overlay.store import PartialContent
-from overlay.stream import Stream, StreamError
+from overlay.content.partial import PartialContent
 from overlay.transfer.errors import RemoteError, SessionFailed, TransferError
 from overlay.transfer.frames import Chunk, ErrorCode, Have
 from overlay.transfer.pacing import SourcePace
+from overlay.transfer.requester import TransferSession, open_transfer_session
 from overlay.transfer.scheduler import Arrival, ChunkScheduler
-from overlay.transfer.session import TransferSession, open_transfer_session
 from overlay.transfer.workers import WorkQueue
+from overlay.transports.ladder import Source
+from overlay.transports.stream import StreamError
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,6 @@ log = logging.getLogger(__name__)
 MIN_TRICKLE = 16 * 1024
 # GETs sent to a source at a time, at most (and at most half its window): see _may_refill.
 REFILL = 4
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """One holder to try: `connect()` opens a Stream to it (TCP, WebRTC, relay)."""
-
-    label: str
-    connect: Callable[[], Awaitable[Stream]]
-    peer_id: bytes | None = None  # the holder's peer id, checked in the handshake
 
 
 @dataclass(frozen=True, slots=True)

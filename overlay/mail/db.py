@@ -1,8 +1,8 @@
 """The node's local records: one SQLite file, `node.db`, in the node's home folder.
 
 This module opens the database, sets it up for durability, and owns the versioned schema.
-The tables are read and written through `overlay.inbox`, `overlay.outbox`, `overlay.prefs`
-and `overlay.contacts`.
+The tables are read and written through `overlay.mail.inbox`, `overlay.mail.outbox`,
+`overlay.mail.prefs` and `overlay.mail.contacts`.
 
 Durability (DESIGN.md principle 4, "state survives kill -9 at any point"): WAL journal,
 `synchronous=FULL` (every commit is fsynced, so it also survives a power cut), foreign keys

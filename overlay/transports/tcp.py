@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
-from overlay.stream import StreamBroken, StreamBusy, StreamClosed
+from overlay.transports.stream import StreamBroken, StreamBusy, StreamClosed
 
 log = logging.getLogger(__name__)
 

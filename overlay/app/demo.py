@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from overlay.lab import LabError, LocalNetwork, NodeHandle, dir_size
-from overlay.media import describe_media, make_demo_clip
+from overlay.app.lab import LabError, LocalNetwork, NodeHandle, dir_size
+from overlay.mail.describe import describe_media, make_demo_clip
 
 MiB = 1 << 20
 

@@ -3,8 +3,8 @@
 Layout (all owner-only):
     identity.json   device keys (crypto.identity, mode 0600)
     config.json     address, rendezvous server, listen address, options (versioned JSON)
-    node.db         inbox, outbox, preferences, contacts (overlay.records)
-    store/          content store metadata and partial downloads (overlay.store)
+    node.db         inbox, outbox, preferences, contacts (overlay.mail.db)
+    store/          content store metadata and partial downloads (overlay.content.catalog)
     received/       finished downloads
     control.sock    the daemon's local control socket (Unix, mode 0600)
     node.log        the daemon's log when it runs in the background
@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from crypto.address import normalize_address
+from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 
@@ -26,22 +26,6 @@ CONFIG_VERSION = 1
 
 class HomeError(Exception):
     """The home folder is missing, incomplete or unreadable; the text says what to do."""
-
-
-def parse_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
-    """Split HOST:PORT (IPv6 as [::1]:PORT), or raise ValueError with a clear text."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{what} must be HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        p = int(port)
-    except ValueError:
-        raise ValueError(f"{what} port must be a number, got {port!r}") from None
-    if not 0 <= p <= 65535:
-        raise ValueError(f"{what} port must be 0..65535, got {p}")
-    return host, p
 
 
 @dataclass

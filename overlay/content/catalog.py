@@ -1,0 +1,310 @@
+"""The content store: what this node holds, fully or in part, and how to serve it.
+
+One plaintext copy per content and nothing else: a sender's file stays where the user put
+it and is sealed chunk by chunk on the way out (DESIGN.md, "Content"). A receiver writes
+verified chunks into a preallocated `<name>.part` and records each one in a bitmap file as
+soon as its bytes are written, so after `kill -9` at any point it resumes without
+re-fetching a verified chunk; `complete()` renames the file and makes it servable.
+
+Records (content id → path, key, capability, layout, leaf hashes) live in one SQLite file
+(mode 0600: it holds content keys and capabilities). Methods that hash, seal or write
+chunks block; async callers run them in a thread (`asyncio.to_thread`), which lets the
+AEAD (OpenSSL, through `ChunkCipher`) and BLAKE3 use the second core. Received chunks are
+opened into reused buffers and written with O_DIRECT where the filesystem allows it; the
+serving side reads plaintext into a reused buffer and seals it into the one that goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from crypto.capability import CAPABILITY_LEN, new_capability
+from crypto.content import (
+    DEFAULT_CHUNK_SIZE,
+    HASH_LEN,
+    TAG_LEN,
+    ChunkCipher,
+    check_layout,
+    chunk_count,
+    chunk_hash,
+    merkle_root,
+    new_content_key,
+    plain_chunk_len,
+)
+from crypto.errors import DecodeError
+from overlay.content.diskio import free_name, preallocate, safe_file_name
+from overlay.content.interfaces import Catalog, ContentStoreError, ServedContent
+from overlay.content.local import LocalContent
+from overlay.content.partial import PartialContent
+
+_SCHEMA_VERSION = 1
+HASH_WORKERS = 2
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS content (
+    cid BLOB PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('full', 'partial')),
+    path TEXT NOT NULL,
+    dest_dir TEXT,
+    file_name TEXT,
+    content_key BLOB NOT NULL,
+    capability BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    leaves BLOB,
+    mtime_ns INTEGER
+);
+"""
+
+
+def _pack_leaves(leaves: Sequence[bytes]) -> bytes:
+    return b"".join(leaves)
+
+
+def _unpack_leaves(blob: bytes, count: int) -> tuple[bytes, ...]:
+    if len(blob) != count * HASH_LEN:
+        raise ContentStoreError("stored hash list is damaged")
+    return tuple(blob[i : i + HASH_LEN] for i in range(0, len(blob), HASH_LEN))
+
+
+class ContentStore:
+    """Everything this node holds, keyed by content id; also the serving side's Catalog."""
+
+    def __init__(self, root_dir: Path) -> None:
+        self.root = Path(root_dir)
+        (self.root / "partial").mkdir(parents=True, exist_ok=True)
+        db_path = self.root / "content.sqlite"
+        fd = os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, _SCHEMA_VERSION):
+            raise ContentStoreError(f"content store schema {version} is newer than this code")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        self._lock = threading.Lock()
+        self._partials: dict[bytes, PartialContent] = {}
+        self._full: dict[bytes, LocalContent] = {}
+
+    def close(self) -> None:
+        for p in list(self._partials.values()):
+            p.close()
+        self._partials.clear()
+        self._db.close()
+
+    async def aclose(self) -> None:
+        """`close()` for async exit stacks."""
+        self.close()
+
+    @property
+    def catalog(self) -> Catalog:
+        """The serving side's view of this store (the store itself)."""
+        return self
+
+    def chunk_size_of(self, content_id: bytes) -> int:
+        """The chunk size of a held content (ContentStoreError if unknown)."""
+        with self._lock:
+            row = self._db.execute("SELECT chunk_size FROM content WHERE cid = ?",
+                                   (content_id,)).fetchone()
+        if row is None:
+            raise ContentStoreError(f"unknown content {content_id.hex()}")
+        return int(row[0])
+
+    def have_path(self, content_id: bytes) -> Path:
+        return self.root / "partial" / f"{content_id.hex()}.have"
+
+    # --- sending side -----------------------------------------------------------------
+    async def add_local_file(
+        self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None,
+        capability: bytes | None = None,
+    ) -> LocalContent:
+        """Register a file to send: seal every chunk once (in a thread) to get the leaves
+        and the content id. Only the plaintext file is kept, where it is. Key and capability
+        are fresh unless given (another holder of the same content passes both)."""
+        return await asyncio.to_thread(self.add_local_file_blocking, path,
+                                       chunk_size=chunk_size, key=key, capability=capability)
+
+    def add_local_file_blocking(
+        self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None,
+        capability: bytes | None = None,
+    ) -> LocalContent:
+        """`add_local_file` for callers already in a thread."""
+        path = Path(path).resolve()
+        key = new_content_key() if key is None else key
+        with open(path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            before = os.fstat(fd)
+            size = before.st_size
+            check_layout(size, chunk_size)
+
+            cipher = ChunkCipher(key)
+
+            def leaf(i: int) -> bytes:
+                n = plain_chunk_len(size, chunk_size, i)
+                plain = os.pread(fd, n, i * chunk_size)
+                if len(plain) != n:
+                    raise ContentStoreError(f"{path} shrank while it was being added")
+                sealed = bytearray(n + TAG_LEN)
+                cipher.seal_into(i, plain, sealed)
+                return chunk_hash(sealed)
+
+            # Sealing releases the GIL: two workers use both cores. Each holds one chunk.
+            with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
+                leaves = list(pool.map(leaf, range(chunk_count(size, chunk_size))))
+            after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
+            raise ContentStoreError(f"{path} changed while it was being added")
+        if capability is not None and len(capability) != CAPABILITY_LEN:
+            raise DecodeError("a capability is 32 bytes")
+        content = LocalContent(merkle_root(leaves), size, chunk_size, key,
+                               capability or new_capability(), path, tuple(leaves),
+                               before.st_mtime_ns)
+        with self._lock:
+            old = self._db.execute("SELECT capability FROM content WHERE cid = ?",
+                                   (content.content_id,)).fetchone()
+            if old is not None and capability is None:
+                # Same file, same key: same content id. Keep the capability already handed out.
+                content = LocalContent(content.content_id, size, chunk_size, key, bytes(old[0]),
+                                       path, content.leaves, content.mtime_ns)
+            self._db.execute(
+                "INSERT OR REPLACE INTO content (cid, state, path, content_key, capability,"
+                " size, chunk_size, leaves, mtime_ns) VALUES (?, 'full', ?, ?, ?, ?, ?, ?, ?)",
+                (content.content_id, str(path), key, content.capability, size, chunk_size,
+                 _pack_leaves(leaves), content.mtime_ns),
+            )
+            self._full[content.content_id] = content
+        return content
+
+    # --- receiving side ---------------------------------------------------------------
+    def open_partial(
+        self, content_id: bytes, size: int, chunk_size: int, key: bytes, capability: bytes,
+        dest_dir: Path, file_name: str,
+    ) -> PartialContent:
+        """Start or resume receiving a content into `dest_dir/<file_name>.part`. Blocking."""
+        check_layout(size, chunk_size)
+        if len(content_id) != HASH_LEN:
+            raise DecodeError("a content id is 32 bytes")
+        file_name = safe_file_name(file_name)
+        with self._lock:
+            if content_id in self._partials:
+                return self._partials[content_id]
+            row = self._db.execute(
+                "SELECT state, path, dest_dir, file_name, leaves, size, chunk_size"
+                " FROM content WHERE cid = ?", (content_id,),
+            ).fetchone()
+            if row is not None and row[0] == "full":
+                raise ContentStoreError(f"content already held complete at {row[1]}")
+            if row is not None:
+                if (row[5], row[6]) != (size, chunk_size):
+                    raise ContentStoreError("content layout differs from the one being resumed")
+                part_path, dest, name = Path(row[1]), Path(row[2]), row[3]
+                leaves = (_unpack_leaves(bytes(row[4]), chunk_count(size, chunk_size))
+                          if row[4] is not None else None)
+                if not part_path.exists():
+                    # Someone deleted the .part: its held bits would now be lies.
+                    self.have_path(content_id).unlink(missing_ok=True)
+                    preallocate(part_path, size)
+            else:
+                dest, name, leaves = Path(dest_dir), file_name, None
+                dest.mkdir(parents=True, exist_ok=True)
+                part_path = dest / f"{name}.{content_id[:4].hex()}.part"
+                self.have_path(content_id).unlink(missing_ok=True)
+                preallocate(part_path, size)
+                self._db.execute(
+                    "INSERT INTO content (cid, state, path, dest_dir, file_name, content_key,"
+                    " capability, size, chunk_size) VALUES (?, 'partial', ?, ?, ?, ?, ?, ?, ?)",
+                    (content_id, str(part_path), str(dest), name, key, capability, size,
+                     chunk_size),
+                )
+            partial = PartialContent(self, content_id, size, chunk_size, key, capability,
+                                     part_path, dest, name, leaves)
+            self._partials[content_id] = partial
+            return partial
+
+    def save_leaves(self, content_id: bytes, leaves: Sequence[bytes]) -> None:
+        with self._lock:
+            self._db.execute("UPDATE content SET leaves = ? WHERE cid = ?",
+                             (_pack_leaves(leaves), content_id))
+
+    def mark_complete(self, partial: PartialContent, final: Path) -> None:
+        leaves = partial.leaves
+        if leaves is None:
+            raise ContentStoreError("complete without a hash list")
+        mtime_ns = final.stat().st_mtime_ns
+        with self._lock:
+            self._db.execute("UPDATE content SET state = 'full', path = ?, mtime_ns = ?"
+                             " WHERE cid = ?", (str(final), mtime_ns, partial.content_id))
+            self._partials.pop(partial.content_id, None)
+            self._full[partial.content_id] = LocalContent(
+                partial.content_id, partial.size, partial.chunk_size, partial.key,
+                partial.capability, final, leaves, mtime_ns)
+        self.have_path(partial.content_id).unlink(missing_ok=True)
+
+    # --- serving side -----------------------------------------------------------------
+    def lookup(self, content_id: bytes) -> ServedContent | None:
+        """The full or partial content with this id, if held."""
+        with self._lock:
+            if content_id in self._partials:
+                return self._partials[content_id]
+            if content_id in self._full:
+                return self._full[content_id]
+        return self.local(content_id)
+
+    def local(self, content_id: bytes) -> LocalContent | None:
+        """A complete content by id (sender's files and finished downloads)."""
+        with self._lock:
+            if content_id in self._full:
+                return self._full[content_id]
+            row = self._db.execute(
+                "SELECT path, content_key, capability, size, chunk_size, leaves, mtime_ns"
+                " FROM content"
+                " WHERE cid = ? AND state = 'full'", (content_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            content = LocalContent(content_id, row[3], row[4], bytes(row[1]), bytes(row[2]),
+                                   Path(row[0]), _unpack_leaves(bytes(row[5]),
+                                                                chunk_count(row[3], row[4])),
+                                   int(row[6] or 0))
+            self._full[content_id] = content
+            return content
+
+    def content_ids(self) -> list[bytes]:
+        with self._lock:
+            return [bytes(r[0]) for r in self._db.execute("SELECT cid FROM content")]
+
+    # --- retention --------------------------------------------------------------------
+    def remove(self, content_id: bytes, *, delete_file: bool = False) -> None:
+        """Forget a content. A partial download's files always go; a complete file is
+        deleted only with `delete_file=True` (it is the user's file)."""
+        with self._lock:
+            partial = self._partials.pop(content_id, None)
+            self._full.pop(content_id, None)
+            row = self._db.execute("SELECT state, path FROM content WHERE cid = ?",
+                                   (content_id,)).fetchone()
+            if row is None:
+                raise ContentStoreError(f"unknown content {content_id.hex()}")
+            self._db.execute("DELETE FROM content WHERE cid = ?", (content_id,))
+        if partial is not None:
+            partial.close()
+        if row[0] == "partial" or delete_file:
+            Path(row[1]).unlink(missing_ok=True)
+        self.have_path(content_id).unlink(missing_ok=True)
+
+    def archive(self, content_id: bytes, folder: Path) -> Path:
+        """Move a complete content's file into `folder` (no clobbering) and forget it."""
+        content = self.local(content_id)
+        if content is None:
+            raise ContentStoreError(f"no complete content {content_id.hex()} to archive")
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        target = free_name(Path(folder), content.path.name)
+        os.replace(content.path, target)
+        self.remove(content_id)
+        return target

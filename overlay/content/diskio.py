@@ -1,0 +1,151 @@
+"""Disk I/O for chunks: O_DIRECT writes, sparse preallocation, reused buffers, safe names."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from crypto.content import (
+    HASH_LEN,
+    TAG_LEN,
+    ChunkCipher,
+)
+from crypto.errors import DecodeError
+from overlay.content.interfaces import ContentStoreError
+
+# Received chunks go to the disk with O_DIRECT when their length and offset are multiples
+# of this (every chunk of a 1 MiB layout but the last). Measured here writing 1 MiB blocks:
+# 0.08 s of CPU per GB and nothing left to flush, against 0.26 s/GB through the page cache
+# plus a final fsync of the whole file (~0.5 s per GiB) that the download waited for.
+DIRECT_ALIGN = 4096
+SEND_BUFFERS = 8  # sealed chunks per served content kept for reuse (some still in flight)
+
+
+class ShortRead(Exception):
+    """The file ended before the chunk did: it shrank since it was added."""
+
+
+class SendBuffers:
+    """Buffers for sealed chunks on their way out, reused once nothing else holds them.
+
+    A chunk handed to a transport may stay queued there after `send_all` returned (uvloop
+    keeps a view until the kernel has the bytes), so a buffer is written again only when
+    the pool's references are the only ones left, which CPython's reference count says
+    exactly. A fresh megabyte per chunk cost the serving node 11% of its CPU in page
+    faults, zeroing and unmapping (perf, 512 MiB served)."""
+
+    def __init__(self, limit: int = SEND_BUFFERS) -> None:
+        self._limit = limit
+        self._bufs: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bytearray:
+        """A buffer of exactly `n` bytes that nothing else references (stale contents)."""
+        with self._lock:
+            for buf in self._bufs:
+                # Held by the list, `buf` and getrefcount's argument: by nobody else.
+                if len(buf) == n and sys.getrefcount(buf) == 3:
+                    return buf
+            buf = bytearray(n)
+            if len(self._bufs) >= self._limit:
+                self._bufs.pop(0)  # the oldest, still in use: it is simply not reused
+            self._bufs.append(buf)
+            return buf
+
+
+def read_and_seal(fd: int, cipher: ChunkCipher, index: int, n: int, chunk_size: int,
+                   scratch: list[bytearray], outgoing: SendBuffers) -> bytearray:
+    """Chunk `index` read into a reused plaintext buffer and sealed from there into the
+    buffer that goes out (reused once the transport let go of it): one copy in, one out."""
+    try:
+        plain = scratch.pop()  # list.pop/append are atomic under the GIL
+    except IndexError:
+        plain = bytearray(chunk_size)
+    try:
+        view = memoryview(plain)[:n]
+        got, offset = 0, index * chunk_size
+        while got < n:
+            k = os.preadv(fd, [view[got:]], offset + got)
+            if k == 0:
+                raise ShortRead
+            got += k
+        out = outgoing.take(n + TAG_LEN)
+        cipher.seal_into(index, view, out)
+        return out
+    finally:
+        scratch.append(plain)
+
+
+def open_direct(path: Path) -> int:
+    """A second, write-only descriptor with O_DIRECT, or -1 where the system or the
+    filesystem has none (tmpfs refuses the open)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return -1
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def bit(bitmap: bytes | bytearray, i: int) -> bool:
+    return bool(bitmap[i >> 3] & (1 << (i & 7)))
+
+
+def _pack_leaves(leaves: Sequence[bytes]) -> bytes:
+    return b"".join(leaves)
+
+
+def _unpack_leaves(blob: bytes, count: int) -> tuple[bytes, ...]:
+    if len(blob) != count * HASH_LEN:
+        raise ContentStoreError("stored hash list is damaged")
+    return tuple(blob[i : i + HASH_LEN] for i in range(0, len(blob), HASH_LEN))
+
+
+def free_name(directory: Path, name: str) -> Path:
+    """`name`, or `stem (1).ext`, `stem (2).ext`... whichever doesn't exist yet."""
+    candidate = directory / name
+    stem, dot, ext = name.rpartition(".")
+    if not stem:
+        stem, dot, ext = name, "", ""
+    n = 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate = directory / f"{stem} ({n}){dot}{ext}"
+        n += 1
+    return candidate
+
+
+def safe_file_name(name: str) -> str:
+    # The name comes from a location message: never let it leave dest_dir.
+    base = os.path.basename(name.replace("\\", "/")).strip()
+    if base in ("", ".", "..") or "\x00" in base:
+        raise DecodeError(f"unusable file name {name!r}")
+    return base
+
+
+def preallocate(path: Path, size: int) -> None:
+    """Create `path` at its final size, sparse.
+
+    Not posix_fallocate: writing into fallocated (unwritten) extents measured 416 MiB/s on
+    ext4 here against 4,300 MiB/s into a sparse file. Free space is checked up front
+    instead, so a full disk still fails now rather than halfway.
+    """
+    vfs = os.statvfs(path.parent)
+    if size > vfs.f_bavail * vfs.f_frsize:
+        raise ContentStoreError(
+            f"not enough free space in {path.parent}: {size} bytes needed, "
+            f"{vfs.f_bavail * vfs.f_frsize} available")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)

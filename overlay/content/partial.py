@@ -1,0 +1,261 @@
+"""A content being received: the `.part` file, its held-chunk bitmap and hash list."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from crypto.content import (
+    ChunkCipher,
+    ChunkVerifier,
+    chunk_count,
+    plain_chunk_len,
+)
+from overlay.content.diskio import (
+    DIRECT_ALIGN,
+    SendBuffers,
+    ShortRead,
+    bit,
+    free_name,
+    open_direct,
+    pwrite_all,
+    read_and_seal,
+)
+from overlay.content.interfaces import ContentStoreError
+
+
+class PartialOwner(Protocol):
+    """Where a partial content keeps its records: the catalog that opened it."""
+
+    def have_path(self, content_id: bytes) -> Path:
+        """The held-chunk bitmap file of `content_id`."""
+        ...
+
+    def save_leaves(self, content_id: bytes, leaves: Sequence[bytes]) -> None:
+        """Persist the verified chunk-hash list."""
+        ...
+
+    def mark_complete(self, partial: PartialContent, final: Path) -> None:
+        """Record that `partial` is now complete at `final`, servable as a full holder."""
+        ...
+
+
+class PartialContent:
+    """A content being received: `.part` file, held-chunk bitmap, the verified hash list."""
+
+    def __init__(
+        self, owner: PartialOwner, content_id: bytes, size: int, chunk_size: int, key: bytes,
+        capability: bytes, part_path: Path, dest_dir: Path, file_name: str,
+        leaves: tuple[bytes, ...] | None,
+    ) -> None:
+        self._owner = owner
+        self.content_id = content_id
+        self.size = size
+        self.chunk_size = chunk_size
+        self.key = key
+        self.capability = capability
+        self.part_path = part_path
+        self.dest_dir = dest_dir
+        self.file_name = file_name
+        self.count = chunk_count(size, chunk_size)
+        self._verifier = (
+            ChunkVerifier(content_id, leaves, size, chunk_size) if leaves is not None else None
+        )
+        self._lock = threading.Lock()
+        self._final: Path | None = None
+        self._data_fd = os.open(part_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._direct_fd = open_direct(part_path) if chunk_size % DIRECT_ALIGN == 0 else -1
+        have_path = owner.have_path(content_id)
+        self._have_fd = os.open(have_path, os.O_RDWR | os.O_CREAT, 0o600)
+        nbytes = (self.count + 7) // 8
+        have = bytearray(os.pread(self._have_fd, nbytes, 0))
+        if len(have) < nbytes:
+            have.extend(bytes(nbytes - len(have)))
+            os.pwrite(self._have_fd, bytes(have), 0)
+        self._have = have
+        self._held = sum(bin(b).count("1") for b in have)
+        # Chunks in the order they became held (those found at open first): serving
+        # sessions keep a cursor into it and send HAVE for what follows. At most `count`.
+        self._log = [i for i in range(self.count) if bit(have, i)]
+        self._watchers: list[Callable[[], None]] = []
+        # Plaintext buffers reused across write_chunk calls (one per writer thread at most):
+        # a fresh megabyte per chunk costs page faults and zeroing on every chunk. Anonymous
+        # mappings, so they are page-aligned as O_DIRECT wants.
+        self._buffers: list[memoryview] = []
+        self._scratch: list[bytearray] = []  # read_sealed's, as LocalContent's
+        self._outgoing = SendBuffers()
+        self._cipher = ChunkCipher(key)
+
+    def _take_buffer(self) -> memoryview:
+        try:
+            return self._buffers.pop()  # list.pop/append are atomic under the GIL
+        except IndexError:
+            return memoryview(mmap.mmap(-1, max(self.chunk_size, 1)))
+
+    def _write_plain(self, view: memoryview, offset: int) -> None:
+        """Write an opened chunk: straight to the device where the filesystem allows
+        (O_DIRECT: no copy into the page cache, and nothing left for complete()'s fsync
+        to flush), else through the page cache."""
+        fd = self._direct_fd
+        if fd >= 0 and len(view) % DIRECT_ALIGN == 0:
+            try:
+                pwrite_all(fd, view, offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # This filesystem takes O_DIRECT opens but not these writes: stop trying.
+                self._direct_fd = -1
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        pwrite_all(self._data_fd, view, offset)
+
+    # --- state ------------------------------------------------------------------------
+    @property
+    def leaves(self) -> tuple[bytes, ...] | None:
+        return self._verifier.leaves if self._verifier is not None else None
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    @property
+    def is_complete(self) -> bool:
+        return self._held == self.count
+
+    @property
+    def final_path(self) -> Path | None:
+        """Where the file went once `complete()` ran."""
+        return self._final
+
+    def have(self, index: int) -> bool:
+        return 0 <= index < self.count and bit(self._have, index)
+
+    def has(self, index: int) -> bool:
+        return self.have(index)
+
+    def missing(self) -> list[int]:
+        """Chunk indexes not yet held, in order."""
+        return [i for i in range(self.count) if not bit(self._have, i)]
+
+    def have_bitmap(self) -> bytes | None:
+        return None if self.is_complete else bytes(self._have)
+
+    def held_snapshot(self) -> tuple[bytes | None, int]:
+        with self._lock:
+            return self.have_bitmap(), len(self._log)
+
+    def held_since(self, cursor: int) -> tuple[list[int], int]:
+        with self._lock:
+            return self._log[cursor:], len(self._log)
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        with self._lock:
+            self._watchers.append(callback)
+
+        def stop() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._watchers.remove(callback)
+
+        return stop
+
+    # --- receiving --------------------------------------------------------------------
+    def set_leaves(self, leaves: Sequence[bytes]) -> None:
+        """Accept the chunk-hash list if it matches the content id (else VerificationError),
+        and persist it. Blocking."""
+        verifier = ChunkVerifier(self.content_id, leaves, self.size, self.chunk_size)
+        if self._verifier is not None:
+            return
+        self._owner.save_leaves(self.content_id, verifier.leaves)
+        self._verifier = verifier
+
+    def write_chunk(self, index: int, sealed: bytes | bytearray | memoryview) -> bool:
+        """Verify, open and write chunk `index`, then record it as held. Blocking.
+
+        Returns False (and writes nothing) if it was already held. Raises VerificationError
+        for a chunk that doesn't match its leaf; nothing is written then.
+        """
+        if self._verifier is None:
+            raise ContentStoreError("no verified hash list yet: call set_leaves first")
+        if self.have(index):
+            return False
+        self._verifier.verify(index, sealed)
+        buf = self._take_buffer()
+        try:
+            self._write_plain(self._cipher.open_into(index, sealed, buf),
+                              index * self.chunk_size)
+        finally:
+            self._buffers.append(buf)
+        # Bytes first, bit second: a kill between the two costs one re-fetch, never a hole.
+        with self._lock:
+            if bit(self._have, index):
+                return False
+            self._have[index >> 3] |= 1 << (index & 7)
+            os.pwrite(self._have_fd, bytes((self._have[index >> 3],)), index >> 3)
+            self._held += 1
+            self._log.append(index)
+            watchers = list(self._watchers)
+        for notify in watchers:  # outside the lock: a watcher may read held_since
+            notify()
+        return True
+
+    def read_sealed(self, index: int) -> bytearray:
+        """Serve a verified chunk we hold (co-recipients serve as they go). Blocking."""
+        if not self.have(index) or self._verifier is None:
+            raise ContentStoreError(f"chunk {index} is not held")
+        n = plain_chunk_len(self.size, self.chunk_size, index)
+        # Its own descriptor, not _data_fd: complete() may close and rename meanwhile.
+        with open(self._final or self.part_path, "rb", buffering=0) as f:
+            try:
+                return read_and_seal(f.fileno(), self._cipher, index, n, self.chunk_size,
+                                      self._scratch, self._outgoing)
+            except ShortRead:
+                raise ContentStoreError(f"{self.part_path} is shorter than expected") from None
+
+    def complete(self) -> Path:
+        """Flush, rename to the final name (never clobbering), register as a full holder.
+
+        Blocking. Returns the final path; calling it again returns the same path.
+        """
+        if self._final is not None:
+            return self._final
+        if not self.is_complete or self._verifier is None:
+            raise ContentStoreError(f"{self.count - self._held} chunks still missing")
+        os.fsync(self._data_fd)
+        self.dest_dir.mkdir(parents=True, exist_ok=True)
+        linked = True
+        while True:
+            final = free_name(self.dest_dir, self.file_name)
+            try:
+                # link() fails if the name appeared meanwhile; rename() would clobber it.
+                os.link(self.part_path, final)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
+                    raise
+                os.replace(self.part_path, final)  # no hard links here: best effort
+                linked = False
+            break
+        # Final name first, record second, .part last: a crash in between leaves at worst
+        # a stray file, never a lost one.
+        self._final = final
+        self._owner.mark_complete(self, final)
+        if linked:
+            self.part_path.unlink(missing_ok=True)
+        self.close()
+        return final
+
+    def close(self) -> None:
+        """Release the file descriptors (the partial state stays on disk)."""
+        for fd in (self._data_fd, self._direct_fd, self._have_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._data_fd = self._direct_fd = self._have_fd = -1
