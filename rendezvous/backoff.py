@@ -22,8 +22,8 @@ class Backoff:
     jitter: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.base <= self.cap:
-            raise ValueError("backoff needs 0 < base <= cap")
+        if not (self.base > 0 and self.cap > 0):
+            raise ValueError("backoff needs a positive base and cap")
         if not 0 <= self.jitter <= 1:
             raise ValueError("backoff jitter is a fraction in [0, 1]")
 

@@ -43,6 +43,7 @@ from crypto.address import normalize_address
 from crypto.codec import Fields
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
+from rendezvous.backoff import Backoff
 from rendezvous.client_core import ClientConnection
 from rendezvous.errors import (
     AuthenticationError,
@@ -292,8 +293,8 @@ class RendezvousClient:
                 self._reading_paused = False
                 log.info(kv("client.disconnected", address=self.address))
             attempt += 1
-            delay = min(self.max_backoff, 0.1 * 2 ** min(attempt - 1, 16))
-            await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
+            await asyncio.sleep(Backoff(0.1, self.max_backoff, jitter=0.5).delay(attempt,
+                                                                                self._rng))
             try:
                 await self._connect_once()
             except AuthenticationError as exc:

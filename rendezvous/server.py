@@ -65,6 +65,7 @@ from rendezvous.services import ExtraService
 from rendezvous.session import AuthRequested, Closing, RequestReceived, ServerConnection
 from rendezvous.status import Status
 from rendezvous.store import EnqueueOutcome, QueuedEnvelope, Quota, RegistrationPolicy, Store
+from rendezvous.taskset import TaskSet
 
 log = logging.getLogger("rendezvous.server")
 
@@ -277,7 +278,7 @@ class RendezvousServer:
         self._relay: RelayRegistry[_Connection] | None = None
         self._connections: set[_Connection] = set()
         self._online: dict[bytes, list[_Connection]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("rendezvous-server", logger=log)
         self._storing: set[asyncio.Future[Any]] = set()  # SEND / REMOVE at the store
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -352,15 +353,14 @@ class RendezvousServer:
         busy += self._storing
         if busy:
             await asyncio.wait(busy, timeout=_SHUTDOWN_GRACE)
-        for task in list(self._tasks):
+        for task in self._tasks:
             task.cancel()
         for fut in list(self._storing):
             fut.cancel()  # answered "server shutting down" by `_stored`
         for conn in list(self._connections):
             conn.core.close("server shutting down")
             conn._pump()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
+        await self._tasks.aclose()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
@@ -423,9 +423,10 @@ class RendezvousServer:
             await self.store.touch(peer_id, self.clock())
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
-        task = self.loop.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if self._tasks.closed:  # a request that raced shutdown: nobody is left to answer
+            coro.close()
+            return
+        self._tasks.spawn(coro, name=name)
 
     # --- authentication --------------------------------------------------------------
     async def _authenticate(self, conn: _Connection, ev: AuthRequested) -> None:

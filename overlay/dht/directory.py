@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from crypto.identity import DeviceIdentity
 from overlay.dht import DhtNode, ProviderRecord
+from rendezvous.taskset import TaskSet
 
 log = logging.getLogger("peerpost.providers")
 
@@ -32,7 +33,7 @@ class ProviderDirectory:
                  rng: random.Random, client_only: bool = False) -> None:
         self.identity = identity
         self.dht = DhtNode(identity, client_only=client_only, wall=wall, rng=rng)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("dht-announce", logger=log)
         self._announced: set[bytes] = set()
         self.addresses: list[str] = []
         self.home_server = ""
@@ -50,20 +51,17 @@ class ProviderDirectory:
         return bound
 
     async def aclose(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
         await self.dht.aclose()
 
     def announce(self, content_id: bytes) -> None:
         """Publish (once) that we hold `content_id`; the DHT keeps it fresh."""
         if content_id in self._announced or not self.addresses:
             return
+        if self._tasks.closed:
+            return
         self._announced.add(content_id)
-        task = asyncio.get_running_loop().create_task(self._announce(content_id),
-                                                      name=f"announce-{content_id.hex()[:8]}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._announce(content_id), name=f"announce-{content_id.hex()[:8]}")
 
     async def _announce(self, content_id: bytes) -> None:
         try:

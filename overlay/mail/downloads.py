@@ -21,6 +21,8 @@ from crypto.location import LocationMessage, decode_location
 from overlay.mail.inbox import Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.prefs import Prefs
+from rendezvous.backoff import Backoff
+from rendezvous.taskset import TaskSet
 
 log = logging.getLogger("peerpost.downloads")
 
@@ -78,7 +80,7 @@ class DownloadQueue:
         self.retry_base = retry_base
         self.retry_max = retry_max
         self.active: dict[bytes, Activity] = {}
-        self._tasks: dict[bytes, asyncio.Task[None]] = {}
+        self._tasks = TaskSet("downloads", logger=log)  # keyed by message id
         self._wake = asyncio.Event()
         self._requested: set[bytes] = set()  # `fetch ID` while auto-download is off
         self._priority: dict[bytes, bool] = {}  # running downloads: from a priority sender?
@@ -102,8 +104,8 @@ class DownloadQueue:
         self.wake()
 
     def backoff(self, attempts: int) -> float:
-        delay = min(self.retry_max, self.retry_base * 2.0 ** max(0, attempts - 1))
-        return delay * self.rng.uniform(0.8, 1.0)  # jitter keeps retries from bunching up
+        # Jitter keeps retries from bunching up.
+        return Backoff(self.retry_base, self.retry_max, jitter=0.8).delay(attempts, self.rng)
 
     async def run(self) -> None:
         """The scheduling loop; cancelled by the node on shutdown (its tasks with it)."""
@@ -119,11 +121,9 @@ class DownloadQueue:
                     async with asyncio.timeout(timeout):
                         await self._wake.wait()
         finally:
-            for t in self._tasks.values():
+            for t in self._tasks:
                 t.cancel()
-            for t in list(self._tasks.values()):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await self._tasks.wait()
 
     def _start_due(self) -> None:
         for entry in self.inbox.fetch_order(self.wall(), include_offered=self.prefs.auto_download):
@@ -137,15 +137,18 @@ class DownloadQueue:
                     self._preempt_one()
                 break
             self._priority[entry.id] = entry.priority
-            self._tasks[entry.id] = asyncio.get_running_loop().create_task(
-                self._download(entry), name=f"download-{entry.id.hex()[:8]}")
+            task = self._tasks.spawn(self._download(entry), key=entry.id,
+                                     name=f"download-{entry.id.hex()[:8]}")
+            if task is not None:
+                # After the set has let go of it, so the loop can start the next one.
+                task.add_done_callback(lambda _: self.wake())
 
     def _preempt_one(self) -> None:
-        for mid, task in self._tasks.items():
-            if not self._priority.get(mid) and mid not in self._preempting:
+        for mid, priority in self._priority.items():
+            if not priority and mid not in self._preempting:
                 log.info("pausing %s for a priority sender's message", mid.hex())
                 self._preempting.add(mid)
-                task.cancel()
+                self._tasks.cancel(mid)
                 return
 
     async def _download(self, entry: InboxEntry) -> None:
@@ -192,8 +195,6 @@ class DownloadQueue:
             if mid not in self._preempting:
                 raise  # shutdown: let it end
         finally:
-            self._tasks.pop(mid, None)
             self._priority.pop(mid, None)
             self._preempting.discard(mid)
             self._requested.discard(mid)
-            self.wake()
