@@ -52,14 +52,18 @@ class Limits:
 class TokenBucket:
     """Classic token bucket: `take(n, now)` is True while the rate/burst allows.
 
-    `spend(n, now)` is the other way to use it, for bytes already received: it always
-    debits (the balance may go negative) and returns how long to wait until it is
-    non-negative again, which is how long a relay pauses reading.
+    `spend(n, now)` is the other way to use it: it always debits (the balance may go
+    negative) and returns how long to wait until it is non-negative again. A relay pauses
+    reading that long; a node's upload cap waits that long before sending a chunk, so a
+    large chunk is never starved by small ones and the long-run rate holds exactly.
+    Rate 0 is a fixed allowance of `burst` that never refills.
     """
 
     __slots__ = ("_stamp", "_tokens", "burst", "rate")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate < 0 or burst <= 0:
+            raise ValueError("a token bucket needs rate >= 0 and burst > 0")
         self.rate = rate
         self.burst = burst
         self._tokens = burst
@@ -83,4 +87,6 @@ class TokenBucket:
         """Debit `amount` unconditionally; seconds until the balance is back to zero."""
         self._refill(now)
         self._tokens -= amount
-        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+        if self._tokens >= 0:
+            return 0.0
+        return -self._tokens / self.rate if self.rate else float("inf")

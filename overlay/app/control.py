@@ -4,7 +4,7 @@ A Unix socket in the home folder, mode 0600 inside a 0700 folder, so only the ow
 drive the node. Frames are a 4-byte big-endian length plus msgpack, as on the rendezvous
 wire. A request is `{"op": NAME, "args": {...}}`; the reply is `{"ok": true, "result": ...}`
 or `{"ok": false, "error": TEXT}`. Operations are looked up in an explicit table handed in by
-the node (STYLE.md 5): never a name taken from the wire.
+the node: never a name taken from the wire.
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ import asyncio
 import contextlib
 import logging
 import os
-import struct
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from crypto.codec import Fields, packb, unpackb
 from crypto.errors import DecodeError
+from rendezvous.framing import PREFIX, encode_frame
 
 log = logging.getLogger("peerpost.control")
 
 MAX_CONTROL_FRAME = 4 << 20
-_LEN = struct.Struct(">I")
 
 Operation = Callable[[Fields], Awaitable[Any]]
 
@@ -38,16 +37,14 @@ class NodeNotRunning(ControlError):
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> Any:
-    head = await reader.readexactly(4)
-    (n,) = _LEN.unpack(head)
+    (n,) = PREFIX.unpack(await reader.readexactly(PREFIX.size))
     if n > MAX_CONTROL_FRAME:
         raise DecodeError(f"control frame of {n} bytes exceeds {MAX_CONTROL_FRAME}")
     return unpackb(await reader.readexactly(n), max_bytes=MAX_CONTROL_FRAME)
 
 
 def _frame(obj: Any) -> bytes:
-    body = packb(obj)
-    return _LEN.pack(len(body)) + body
+    return encode_frame(packb(obj), MAX_CONTROL_FRAME)
 
 
 class ControlServer:
@@ -99,7 +96,11 @@ class ControlServer:
                     except Exception as exc:  # a bug must not take the daemon down
                         log.exception("control op %s failed", op)
                         reply = {"ok": False, "error": f"internal error: {exc!r}"}
-                writer.write(_frame(reply))
+                try:
+                    frame = _frame(reply)
+                except ValueError as exc:  # a reply over the frame limit
+                    frame = _frame({"ok": False, "error": f"reply too large: {exc}"})
+                writer.write(frame)
                 await writer.drain()
         finally:
             writer.close()

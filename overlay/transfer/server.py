@@ -37,10 +37,10 @@ from overlay.transfer.core import (
 )
 from overlay.transfer.frames import Chunk, Error, ErrorCode, Get, Message
 from overlay.transfer.holder import MAX_QUEUED_GETS, ServingSession
-from overlay.transfer.ratelimit import TokenBucket
 from overlay.transfer.workers import WorkQueue
 from overlay.transports.stream import Stream, StreamError
 from overlay.transports.tcp import TcpServer
+from rendezvous.limits import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ class _ServedSession:
                     continue  # cancelled while it was sealed or waited: save the upload
                 bucket = self.server.bucket(loop.time())
                 if bucket is not None:
-                    delay = bucket.reserve(len(msg.data), loop.time())
+                    delay = bucket.spend(len(msg.data), loop.time())
                     if delay > 0:
                         await asyncio.sleep(delay)
                 await self._send(msg)

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay.transfer.pacing import SourcePace
-from overlay.transfer.ratelimit import TokenBucket
 from overlay.transfer.scheduler import Arrival, ChunkScheduler
+from rendezvous.limits import TokenBucket
 
 SOURCES = ["a", "b", "c", "d"]
 OPS = ["add", "have", "request", "receive", "stray", "store", "reject", "fail", "lack",
@@ -240,11 +240,13 @@ def test_pacing_windows_follow_rate_and_stalls_are_relative() -> None:
 
 def test_token_bucket_holds_the_rate() -> None:
     bucket = TokenBucket(rate=1000, burst=500, now=0.0)
-    assert bucket.reserve(500, 0.0) == 0.0
-    assert bucket.reserve(1000, 0.0) == pytest.approx(1.0)
-    assert bucket.reserve(100, 0.5) == pytest.approx(1.1 - 0.5)
+    assert bucket.spend(500, 0.0) == 0.0
+    assert bucket.spend(1000, 0.0) == pytest.approx(1.0)
+    assert bucket.spend(100, 0.5) == pytest.approx(1.1 - 0.5)
     # Long idle refills only up to the burst.
-    assert bucket.reserve(500, 100.0) == 0.0
-    assert bucket.reserve(1, 100.0) > 0
+    assert bucket.spend(500, 100.0) == 0.0
+    assert bucket.spend(1, 100.0) > 0
     with pytest.raises(ValueError):
-        TokenBucket(rate=0, burst=1, now=0)
+        TokenBucket(rate=-1, burst=1, now=0)
+    with pytest.raises(ValueError):
+        TokenBucket(rate=1, burst=0, now=0)
