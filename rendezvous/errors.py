@@ -10,14 +10,15 @@
 
 from __future__ import annotations
 
+from crypto import errors
 from rendezvous.status import Status
 
 
-class LocalProtocolError(Exception):
+class LocalProtocolError(errors.LocalProtocolError):
     """Our side used the protocol API wrongly (e.g. a verb in the wrong state)."""
 
 
-class RemoteProtocolError(Exception):
+class RemoteProtocolError(errors.RemoteProtocolError):
     """The peer violated the protocol; `status` is the reply to give, `fatal` closes."""
 
     def __init__(self, text: str, status: Status = Status.BAD_REQUEST, *,

@@ -1,13 +1,15 @@
-"""The DHT's two kinds of failure (STYLE.md 6)."""
+"""The DHT's two kinds of protocol error, specialised from crypto.errors."""
 
 from __future__ import annotations
 
+from crypto import errors
 
-class LocalProtocolError(Exception):
+
+class LocalProtocolError(errors.LocalProtocolError):
     """We misused our own DHT API (bad argument, node not listening, closed)."""
 
 
-class RemoteProtocolError(Exception):
+class RemoteProtocolError(errors.RemoteProtocolError):
     """A peer sent something invalid. Caught at the single receive point, counted, dropped.
 
     `reason` is a short stable word used as the counter name in `DhtNode.stats()`.

@@ -1,13 +1,16 @@
-"""The failures of the transfer layer, split as STYLE.md 6 asks."""
+"""The failures of the transfer layer: the protocol errors of crypto.errors, specialised, and
+what a downloader sees of a session."""
 
 from __future__ import annotations
 
+from crypto import errors
 
-class LocalProtocolError(Exception):
+
+class LocalProtocolError(errors.LocalProtocolError):
     """We misused our own protocol object (sent before the handshake, wrong role...)."""
 
 
-class RemoteProtocolError(Exception):
+class RemoteProtocolError(errors.RemoteProtocolError):
     """The peer sent something invalid; caught at the single receive point."""
 
 
