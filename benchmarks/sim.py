@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import report
-from sim.latency import CoordinateLatency, FixedLatency
+from sim.network.latency import CoordinateLatency, FixedLatency
 from sim.scenario import build_simulation, load_scenario
 from sim.scenarios import dht_lookup as dht_lookup_scenario
 from sim.simulation import Simulation

@@ -1,19 +1,18 @@
 """Virtual-time event loop and simulated network running the real node and server code.
 
-Start with `Simulation` (sim.simulation); the pieces are `SimLoop` (sim.loop), `Network` and
-`Host` (sim.net, sim.host), the NAT model (sim.nat), latency models (sim.latency), churn
-(sim.churn), the trace (sim.trace), scenarios (sim.scenario, sim.scenarios), plots
-(sim.plots) and the `peerpost-sim` command (sim.cli).
-
+Start with `Simulation` (sim.simulation); the pieces are `SimLoop` (sim.loop), `Network`
+and `Host` (sim.network.net, sim.network.host), the NAT model (sim.network.nat), latency
+models (sim.network.latency), churn (sim.churn), the trace (sim.trace), scenarios
+(sim.scenario, sim.scenarios), plots (sim.plots) and the `peerpost-sim` command (sim.cli).
 The project's own code runs on it unchanged: `sim.deploy` puts the real rendezvous server
 (in-memory inline SQLite store) and real `Node` daemons on simulated hosts, and
 `sim.webrtc.SimWebRtcEndpoint` is a WebRTC transport with `WebRtcEndpoint`'s dial/accept
 shape whose channel opens as the NAT model and the measured setup cost say.
 """
 
-from sim.host import Host, NoHostError, current_host
 from sim.loop import SimDeadlock, SimLoop
-from sim.nat import Filtering, Mapping, NatBehaviour, NatBox, webrtc_possible
+from sim.network.host import Host, NoHostError, current_host
+from sim.network.nat import Filtering, Mapping, NatBehaviour, NatBox, webrtc_possible
 from sim.simulation import Simulation
 
 __all__ = ["Filtering", "Host", "Mapping", "NatBehaviour", "NatBox", "NoHostError",

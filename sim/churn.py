@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sim.host import Host
+from sim.network.host import Host
 
 HOUR = 3600.0
 

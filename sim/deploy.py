@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sim.host import Host
+from sim.network.host import Host
 from sim.simulation import Simulation
 
 if TYPE_CHECKING:

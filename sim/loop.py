@@ -16,7 +16,7 @@ no virtual time. That keeps runs deterministic; CPU cost, where it matters, belo
 scenario's model rather than in wall-clock threads.
 
 The socket methods (`create_connection`, `create_server`, `create_datagram_endpoint`,
-`getaddrinfo`, `getnameinfo`) act for the host the calling code runs as (`sim.host`).
+`getaddrinfo`, `getnameinfo`) act for the host the calling code runs as (`sim.network.host`).
 Unix sockets, pipes, subprocesses, raw `sock_*` calls, signals and TLS are not simulated.
 """
 
@@ -32,10 +32,10 @@ from asyncio import events
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sim.host import CURRENT_HOST, Host, current_host
+from sim.network.host import CURRENT_HOST, Host, current_host
 
 if TYPE_CHECKING:
-    from sim.net import Network
+    from sim.network.net import Network
 
 
 _MIN_HEAP_TO_PURGE = 100

@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sim.latency import CoordinateLatency, FixedLatency, LatencyModel, PairwiseRtt
+from sim.network.latency import CoordinateLatency, FixedLatency, LatencyModel, PairwiseRtt
 from sim.plots import Plot
 from sim.simulation import Simulation
 

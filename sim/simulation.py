@@ -20,11 +20,11 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from sim.host import Host
-from sim.latency import LatencyModel
 from sim.loop import SimDeadlock, SimLoop
-from sim.nat import NatBehaviour, NatBox
-from sim.net import Network
+from sim.network.host import Host
+from sim.network.latency import LatencyModel
+from sim.network.nat import NatBehaviour, NatBox
+from sim.network.net import Network
 from sim.trace import Trace
 
 T = TypeVar("T")

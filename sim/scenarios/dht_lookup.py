@@ -28,7 +28,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from sim.host import Host
+from sim.network.host import Host
 from sim.plots import Plot
 from sim.scenario import Progress, ScenarioError, ScenarioResult, ScenarioSpec
 from sim.simulation import Simulation

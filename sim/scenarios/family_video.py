@@ -30,7 +30,7 @@ from typing import Any
 
 from crypto.content import DEFAULT_CHUNK_SIZE
 from sim.deploy import SimNode, deploy_rendezvous
-from sim.host import Host
+from sim.network.host import Host
 from sim.plots import Plot
 from sim.scenario import (
     Progress,

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sim.latency import FixedLatency
+from sim.network.latency import FixedLatency
 from sim.simulation import Simulation
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from sim.host import Host
-from sim.nat import NatBehaviour
+from sim.network.host import Host
+from sim.network.nat import NatBehaviour
 from sim.simulation import Simulation
 
 Addr = tuple[str, int]

@@ -6,8 +6,8 @@ import asyncio
 import random
 from typing import Any
 
-from sim.latency import CoordinateLatency
-from sim.nat import NatBehaviour
+from sim.network.latency import CoordinateLatency
+from sim.network.nat import NatBehaviour
 from sim.simulation import Simulation
 
 

@@ -9,8 +9,8 @@ import time
 
 from kademlia.network import Server
 
-from sim.host import Host
-from sim.latency import CoordinateLatency
+from sim.network.host import Host
+from sim.network.latency import CoordinateLatency
 from sim.simulation import Simulation
 
 PORT = 8468

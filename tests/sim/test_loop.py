@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from sim.host import NoHostError
 from sim.loop import SimDeadlock
+from sim.network.host import NoHostError
 from sim.simulation import Simulation
 
 

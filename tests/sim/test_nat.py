@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.nat import Filtering, Mapping, NatBehaviour, NatBox, webrtc_possible
+from sim.network.nat import Filtering, Mapping, NatBehaviour, NatBox, webrtc_possible
 
 FULL = NatBehaviour.full_cone()
 PORT_RESTRICTED = NatBehaviour.port_restricted_cone()

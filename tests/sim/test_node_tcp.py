@@ -7,7 +7,7 @@ import asyncio
 import time
 
 from overlay.transports.tcp import TcpServer, TcpStream, connect_tcp
-from sim.latency import FixedLatency
+from sim.network.latency import FixedLatency
 from sim.simulation import Simulation
 from tests.overlay.streams import check_stream
 

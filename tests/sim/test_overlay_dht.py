@@ -7,8 +7,8 @@ import random
 from crypto.identity import DeviceIdentity
 from overlay.dht.node import DhtNode
 from overlay.dht.records import ProviderRecord
-from sim.host import Host
-from sim.latency import CoordinateLatency
+from sim.network.host import Host
+from sim.network.latency import CoordinateLatency
 from sim.simulation import Simulation
 
 PORT = 4000

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from overlay.mail.inbox_state import InboxState
 from sim.deploy import SimNode, deploy_rendezvous
-from sim.latency import FixedLatency
+from sim.network.latency import FixedLatency
 from sim.simulation import Simulation
 
 MB = 1_000_000

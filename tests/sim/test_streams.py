@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from sim.host import Host
-from sim.latency import FixedLatency
-from sim.nat import NatBehaviour
+from sim.network.host import Host
+from sim.network.latency import FixedLatency
+from sim.network.nat import NatBehaviour
 from sim.simulation import Simulation
 
 MB = 1_000_000

@@ -16,9 +16,9 @@ from overlay.transports.webrtc import WebRtcConnectError, WebRtcSettings
 from rendezvous.client import RendezvousClient
 from rendezvous.messages import PipeMessage
 from sim.deploy import deploy_rendezvous
-from sim.host import Host
-from sim.latency import FixedLatency
-from sim.nat import NatBehaviour
+from sim.network.host import Host
+from sim.network.latency import FixedLatency
+from sim.network.nat import NatBehaviour
 from sim.simulation import Simulation
 from sim.webrtc import SETUP_COST, SETUP_ROUND_TRIPS, SimWebRtcEndpoint
 from tests.overlay.streams import check_stream

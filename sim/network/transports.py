@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from sim.trace import EventKind
 
 if TYPE_CHECKING:
-    from sim.host import Host
-    from sim.net import Network
+    from sim.network.host import Host
+    from sim.network.net import Network
 
 Addr = tuple[str, int]
 
@@ -226,6 +226,25 @@ class SimStreamTransport(asyncio.Transport):
         self._die(None, send_reset=True)
 
     # --- engine side ---------------------------------------------------------------------
+
+    @property
+    def host(self) -> Host:
+        """The simulated host this end belongs to."""
+        return self._host
+
+    def accept(self, peer: SimStreamTransport, protocol: asyncio.BaseProtocol, *,
+               not_before: float) -> None:
+        """The listening side of a connection whose SYN arrived: talk to `peer` through
+        `protocol`. Nothing it sends may arrive before `not_before` (the SYN-ACK's time)."""
+        self._peer = peer
+        self._protocol = protocol
+        self._connected = True
+        self._last_arrival = not_before
+
+    def link(self, peer: SimStreamTransport) -> None:
+        """Bytes this end sends now go to `peer` (the dialer once its SYN-ACK is in, or
+        either end of a stream made already connected)."""
+        self._peer = peer
 
     def _attach(self, protocol: asyncio.BaseProtocol) -> None:
         """The connecting side's protocol is ready: connection_made, then pending data."""

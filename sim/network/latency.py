@@ -13,7 +13,7 @@ import random
 from collections.abc import Mapping
 from typing import Protocol
 
-from sim.host import Host
+from sim.network.host import Host
 
 
 class LatencyModel(Protocol):

@@ -9,7 +9,7 @@ Capacity model (kept simple so an event costs a few microseconds):
 - Datagrams are lost with probability 1 - (1-net)(1-src)(1-dst), decided when sent, and
   dropped when the sender's uplink queue holds more than `uplink_queue_limit` seconds of
   data (tail drop), when a NAT filters them, or when the receiver is offline or unbound.
-- Streams: see `sim.transports`. Connection setup costs one round trip; a SYN to a port with
+- Streams: see `sim.network.transports`. Connection setup costs one round trip; a SYN to a port with
   no listener is refused after one round trip; a SYN that is dropped (NAT without a forward,
   offline host, unknown address) fails after `tcp_connect_timeout` (Linux: about 127 s).
 
@@ -27,11 +27,11 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sim.host import Host
-from sim.latency import FixedLatency, LatencyModel
-from sim.nat import NatBehaviour, NatBox, webrtc_possible
+from sim.network.host import Host
+from sim.network.latency import FixedLatency, LatencyModel
+from sim.network.nat import NatBehaviour, NatBox, webrtc_possible
+from sim.network.transports import SimDatagramTransport, SimServer, SimStreamTransport
 from sim.trace import EventKind, Trace
-from sim.transports import SimDatagramTransport, SimServer, SimStreamTransport
 
 if TYPE_CHECKING:
     from sim.loop import SimLoop
@@ -272,7 +272,7 @@ class Network:
             self.trace.record(now, host.index, EventKind.UDP_DROP, len(data))
             return
         self.trace.record(now, host.index, EventKind.UDP_DELIVER, len(data))
-        ep._protocol.datagram_received(data, seen)
+        ep.get_protocol().datagram_received(data, seen)  # type: ignore[attr-defined]
 
     def open_datagram(self, host: Host, factory: ProtocolFactory, local: Addr | None,
                       remote: Addr | None) -> tuple[SimDatagramTransport, asyncio.BaseProtocol]:
@@ -383,10 +383,7 @@ class Network:
             loop.call_at(back, self._refuse, waiter, client._peername,
                          context=client._host.context)
             return
-        server._peer = client
-        server._protocol = protocol
-        server._connected = True
-        server._last_arrival = back  # nothing may overtake the SYN-ACK
+        server.accept(client, protocol, not_before=back)  # nothing may overtake the SYN-ACK
         target.streams[server] = None
         self.trace.record(now, target.index, EventKind.TCP_ACCEPT, 0)
         loop.call_at(back, self._synack_arrive, client, waiter, server,
@@ -406,7 +403,7 @@ class Network:
             when = self.loop.time() + self.latency(host, server._host)
             self.loop.call_at(when, server._on_reset, context=server._host.context)
             return
-        client._peer = server
+        client.link(server)
         host.streams[client] = None
         waiter.set_result(None)
 
@@ -431,7 +428,8 @@ class Network:
         pa, pb = a.bind_port("tcp", 0), b.bind_port("tcp", 0)
         ta = SimStreamTransport(self, a, (a.address, pa), (_public(b), pb))
         tb = SimStreamTransport(self, b, (b.address, pb), (_public(a), pa))
-        ta._peer, tb._peer = tb, ta
+        ta.link(tb)
+        tb.link(ta)
         a.streams[ta] = None
         b.streams[tb] = None
         now = self.loop.time()

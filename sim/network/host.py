@@ -16,9 +16,9 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from sim.nat import NatBox
-    from sim.net import Network
-    from sim.transports import SimDatagramTransport, SimServer, SimStreamTransport
+    from sim.network.nat import NatBox
+    from sim.network.net import Network
+    from sim.network.transports import SimDatagramTransport, SimServer, SimStreamTransport
 
 T = TypeVar("T")
 
