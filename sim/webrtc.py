@@ -29,11 +29,11 @@ from collections.abc import Callable
 
 from overlay.transports.signalling import Answer, Offer, PipeSender, Reject, encode_signal
 from overlay.transports.stream import StreamClosed
-from overlay.transports.tcp import READ_HIGH_WATER, TcpStream, _TcpProtocol
+from overlay.transports.tcp import StreamProtocol, TcpStream
 from overlay.transports.webrtc import WebRtcConnectError, WebRtcEndpoint, WebRtcSettings, _Dial
 from rendezvous.messages import PipeMessage
-from sim.host import Host, current_host
-from sim.net import Network
+from sim.network.host import Host, current_host
+from sim.network.net import Network
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ class SimWebRtcEndpoint(WebRtcEndpoint):
         opening = remote._opening.get(session) if remote is not None else None
         if opening is None or opening.done() or not (host.online and peer.online):
             raise WebRtcConnectError(f"{address} went away while the channel was opening")
-        mine = _TcpProtocol(READ_HIGH_WATER)
-        theirs = _TcpProtocol(READ_HIGH_WATER)
+        mine = StreamProtocol()
+        theirs = StreamProtocol()
         net.pair_streams(host, peer, mine, theirs)
         opening.set_result(SimWebRtcStream(theirs))
         return SimWebRtcStream(mine)

@@ -29,7 +29,7 @@ from typing import cast
 
 from crypto.identity import DeviceIdentity
 from overlay.transports.stream import StreamBroken
-from overlay.transports.tcp import READ_HIGH_WATER, TcpStream, _TcpProtocol
+from overlay.transports.tcp import StreamProtocol, TcpStream
 from rendezvous.client_core import RelayHandshake
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.messages import RELAY_SESSION_LEN, Relay, RelayAccept, RelayInvite
@@ -51,7 +51,7 @@ class RelayStream(TcpStream):
 
     path = "relay"
 
-    def __init__(self, protocol: _TcpProtocol, session: bytes, peer: str,
+    def __init__(self, protocol: StreamProtocol, session: bytes, peer: str,
                  peer_device: bytes) -> None:
         super().__init__(protocol)
         self.session = session
@@ -64,12 +64,12 @@ class RelayStream(TcpStream):
 
 
 class _Handshake(asyncio.Protocol):
-    """Drives a `RelayHandshake`; at the splice hands the transport to a `_TcpProtocol`."""
+    """Drives a `RelayHandshake`; at the splice hands the transport to a `StreamProtocol`."""
 
     def __init__(self, core: RelayHandshake, loop: asyncio.AbstractEventLoop) -> None:
         self.core = core
         self.transport: asyncio.Transport | None = None
-        self.done: asyncio.Future[_TcpProtocol] = loop.create_future()
+        self.done: asyncio.Future[StreamProtocol] = loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -90,7 +90,7 @@ class _Handshake(asyncio.Protocol):
         if self.core.refusal is not None:
             self._fail(*self.core.refusal)
         elif self.core.spliced:
-            stream_proto = _TcpProtocol(READ_HIGH_WATER)
+            stream_proto = StreamProtocol()
             t.set_protocol(stream_proto)
             stream_proto.connection_made(t)
             if self.core.rest:
@@ -113,7 +113,7 @@ class _Handshake(asyncio.Protocol):
 
 
 async def _open(host: str, port: int, core: RelayHandshake,
-                timeout: float) -> _TcpProtocol:  # noqa: ASYNC109 (setup deadline)
+                timeout: float) -> StreamProtocol:  # noqa: ASYNC109 (setup deadline)
     loop = asyncio.get_running_loop()
     hs = _Handshake(core, loop)
     try:

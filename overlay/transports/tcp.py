@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
 from overlay.transports.stream import StreamBroken, StreamBusy, StreamClosed
+from rendezvous.taskset import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,11 @@ CLOSE_TIMEOUT = 2.0
 
 class _TcpBase:
     """Receive buffer and flow-control state of one connection (the protocol callbacks;
-    the two classes below say which asyncio protocol kind it is)."""
+    `StreamProtocol` and `_DirectTcpProtocol` say which asyncio protocol kind it is)."""
 
     def __init__(
-        self, read_high_water: int, on_made: Callable[[_TcpBase], None] | None = None
+        self, read_high_water: int = READ_HIGH_WATER,
+        on_made: Callable[[_TcpBase], None] | None = None,
     ) -> None:
         self._high = read_high_water
         self._on_made = on_made
@@ -152,13 +153,18 @@ class _TcpBase:
         return out
 
 
-class _TcpProtocol(_TcpBase, asyncio.Protocol):
-    """Bytes arrive through `data_received` (the relay's splice and the simulator feed it
-    that way too)."""
+class StreamProtocol(_TcpBase, asyncio.Protocol):
+    """The asyncio protocol behind a `TcpStream`: bytes arrive through `data_received`.
+    The relay hands a spliced connection to one (`transport.set_protocol`) and the
+    simulator feeds one the same way."""
 
 
 class _DirectTcpProtocol(_TcpBase, asyncio.BufferedProtocol):
-    """A `_TcpProtocol` that can also read the socket straight into the reader's buffer.
+    """`StreamProtocol`'s reading, plus reading the socket straight into the reader's buffer.
+
+    A sibling of `StreamProtocol`, not a subclass: uvloop treats a class that is both an
+    `asyncio.Protocol` and a `BufferedProtocol` as a plain Protocol and never calls
+    `get_buffer`.
 
     Until the first `receive_into` it reads like its parent (into a scratch buffer, copied
     out as `bytes`). From then on it is in *pull* mode: it reads only while a receive is
@@ -169,7 +175,8 @@ class _DirectTcpProtocol(_TcpBase, asyncio.BufferedProtocol):
     """
 
     def __init__(
-        self, read_high_water: int, on_made: Callable[[_TcpBase], None] | None = None
+        self, read_high_water: int = READ_HIGH_WATER,
+        on_made: Callable[[_TcpBase], None] | None = None,
     ) -> None:
         super().__init__(read_high_water, on_made)
         self._scratch = memoryview(bytearray(SCRATCH_READ))
@@ -349,8 +356,7 @@ class TcpServer:
 
     def __init__(self, handler: StreamHandler, *, max_connections: int = 256) -> None:
         self._handler = handler
-        self._max = max_connections
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("tcp server", limit=max_connections, logger=log)
         self._server: asyncio.Server | None = None
         self.refused = 0
         self.address: tuple[str, int] | None = None
@@ -367,19 +373,17 @@ class TcpServer:
     def connections(self) -> int:
         return len(self._tasks)
 
-    def _make_protocol(self) -> _TcpProtocol:
-        return _TcpProtocol(READ_HIGH_WATER, on_made=self._connected)
+    def _make_protocol(self) -> StreamProtocol:
+        return StreamProtocol(READ_HIGH_WATER, on_made=self._connected)
 
     def _connected(self, proto: _TcpBase) -> None:
         # Started from connection_made, so the handler always sees a live transport.
-        if len(self._tasks) >= self._max:
-            self.refused += 1
+        if self._tasks.full or self._tasks.closed:  # closed: accepted during aclose
+            self.refused += self._tasks.full
             if proto.transport is not None:
                 proto.transport.abort()
             return
-        task = asyncio.get_running_loop().create_task(self._run(TcpStream(proto)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._run(TcpStream(proto)), name="tcp connection")
 
     async def _run(self, stream: TcpStream) -> None:
         try:
@@ -393,12 +397,7 @@ class TcpServer:
         """Stop listening, cancel every handler and wait for them."""
         if self._server is not None:
             self._server.close()
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await self._tasks.aclose()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

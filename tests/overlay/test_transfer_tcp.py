@@ -146,3 +146,30 @@ async def test_send_many_sends_every_buffer_in_order() -> None:
 
 def test_send_many_sends_every_buffer_in_order_on_uvloop() -> None:
     uvloop.run(_send_many_in_order())
+
+
+async def test_server_bounds_its_connections_and_cancels_handlers_on_close() -> None:
+    started = asyncio.Event()
+    cancelled: list[bool] = []
+
+    async def handler(stream: TcpStream) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    server = await serve_tcp(handler, "127.0.0.1", 0, max_connections=1)
+    assert server.address is not None
+    first = await connect_tcp(*server.address, timeout=5)
+    await asyncio.wait_for(started.wait(), 5)
+    assert server.connections == 1
+    second = await connect_tcp(*server.address, timeout=5)
+    async with asyncio.timeout(5):  # the server dropped it at once
+        assert await second.receive_some() == b""
+    assert server.refused == 1 and server.connections == 1
+    await server.aclose()
+    assert cancelled == [True] and server.connections == 0
+    await first.aclose()
+    await second.aclose()
