@@ -9,7 +9,7 @@ Workloads (all on the virtual-time loop, real asyncio protocols):
   on every RPC: its rate is bound by that crypto, not by the engine) at each of --dht-sizes
   nodes, RTTs uniform in 20-200 ms: lookups with every node alive, then with 20% silently
   dead; and the unmodified `kademlia` package at --kademlia-nodes for comparison.
-Targets (issue 6): >= 50,000 simulated messages per wall-clock second; dht-lookup at 10,000
+Targets: >= 50,000 simulated messages per wall-clock second; dht-lookup at 10,000
 nodes in < 5 min wall and < 8 GiB; lookups p50 < 300 ms with success >= 99.5% (all alive),
 p90 < 1.5 s with 20% dead.
 """

@@ -5,7 +5,7 @@
 - aggregate: four holders, each upload-limited to R by `TransferServer(max_upload_rate=R)`,
   serve one receiver. Achieved rate as a fraction of 4R, over the whole download (connect,
   hash list, slow start and endgame included) and over its steady part (10% to 90% of the
-  chunks). Target >= 0.90 (issue 4).
+  chunks). Target >= 0.90.
 - swarm: one sender limited to R and four receivers starting together. Each receiver
   serves what it holds to the others while it downloads (a TransferServer over its own
   store, whose partial content is served with HAVE updates), and each receiver's

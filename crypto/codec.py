@@ -2,7 +2,7 @@
 
 Every structure that crosses a boundary (network, disk) goes through `unpackb` with a
 size limit and is then read field by field through `Fields`, which checks type, length
-and range before anything uses it (DESIGN.md, "Validate at the boundary").
+and range before anything uses it.
 """
 
 from __future__ import annotations

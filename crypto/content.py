@@ -1,4 +1,4 @@
-"""Content sealing and the Merkle tree that names it (DESIGN.md, "Content").
+"""Content sealing and the Merkle tree that names it.
 
 A file is cut into chunks. Chunk *i* is sealed with XChaCha20-Poly1305 under the content key
 with a nonce derived from *i*, so anyone holding the plaintext and the key reproduces the
@@ -7,7 +7,7 @@ The key is random per message, which is what makes a deterministic nonce safe (o
 never seals two different plaintexts under the same index).
 
 The content id is the Merkle root over the sealed chunks. Hash: BLAKE3, chosen by
-measurement (NOTES.md on this machine: BLAKE3 2,888 MiB/s on one thread against SHA-256
+measurement (on a 2-core test machine: BLAKE3 2,888 MiB/s on one thread against SHA-256
 1,374 and BLAKE2b 679; `python -m benchmarks hashes` measures again). The tree follows
 RFC 6962 section 2.1: leaves are H(0x00 || sealed chunk), inner nodes H(0x01 || l || r),
 and a tree of n leaves splits at the largest power of two below n, so proofs are short and

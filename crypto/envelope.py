@@ -2,7 +2,7 @@
 
 The payload is signed by the sender's device key under a context naming its kind
 ("location", "receipt", ...), then sealed with `crypto_box_seal` to each recipient device
-separately (DESIGN.md, "The location message"). The server only ever sees the sealed blob.
+separately. The server only ever sees the sealed blob.
 Opening checks the seal, the outer shape, and the signature, and returns who signed it.
 """
 

@@ -1,8 +1,8 @@
 """Device identities: an Ed25519 signing key, the X25519 key derived from it, the peer id.
 
-The peer id is BLAKE2b-160 of the Ed25519 public key (DESIGN.md, "Identities and
-addresses"); it doubles as the Kademlia node id. Signatures are domain-separated by a
-context label so a signature made for one purpose never verifies for another.
+The peer id is BLAKE2b-160 of the Ed25519 public key; it doubles as the Kademlia node id.
+Signatures are domain-separated by a context label so a signature made for one purpose
+never verifies for another.
 """
 
 from __future__ import annotations

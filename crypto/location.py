@@ -1,7 +1,7 @@
 """The location message: headers, descriptive information and handle (the seed's Figure 2).
 
 A frozen, typed record. `decode()` checks every type, length and range, and the total size,
-before anything else sees the message (DESIGN.md, "Validate at the boundary"). The message
+before anything else sees the message. The message
 is signed and sealed per recipient device by `crypto.envelope`; this module is only the body.
 """
 

@@ -234,7 +234,6 @@ class RendezvousClient:
         await self.aclose()
 
     async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        # (the node-facing API takes a timeout argument, as agreed for issue 2)
         """Wait for an authenticated session; TimeoutError (RequestTimeoutError) if none."""
         if self._fatal is not None:
             raise self._fatal

@@ -1,6 +1,6 @@
 """Server limits and the per-connection token bucket that enforces request rates.
 
-Everything that grows with outside input has a bound here (STYLE.md "Bound everything").
+Everything that grows with outside input has a bound here.
 `TokenBucket` takes `now` from its caller, so tests and the simulator drive its clock.
 """
 

@@ -1,7 +1,7 @@
 """Values the rendezvous server keeps and hands out: envelopes, their listings, FINGER.
 
 Times on the wire are integer milliseconds since the Unix epoch; in Python they are float
-seconds. Every `decode` checks types, sizes and ranges (DESIGN.md "Validate at the boundary").
+seconds. Every `decode` checks types, sizes and ranges.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The server side of one rendezvous connection, sans-I/O (STYLE.md "Shape of the code").
+"""The server side of one rendezvous connection, sans-I/O: bytes and the time in, events,
+bytes out and the next deadline out (the shape of aioquic's connection).
 
 `ServerConnection` takes received bytes and `now`, hands out events, and collects the
 bytes to send; it never touches a socket or a clock. It owns:

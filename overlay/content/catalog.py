@@ -1,7 +1,7 @@
 """The content store: what this node holds, fully or in part, and how to serve it.
 
 One plaintext copy per content and nothing else: a sender's file stays where the user put
-it and is sealed chunk by chunk on the way out (DESIGN.md, "Content"). A receiver writes
+it and is sealed chunk by chunk on the way out. A receiver writes
 verified chunks into a preallocated `<name>.part` and records each one in a bitmap file as
 soon as its bytes are written, so after `kill -9` at any point it resumes without
 re-fetching a verified chunk; `complete()` renames the file and makes it servable.

@@ -2,7 +2,9 @@
 
 Kept from the package: its k-bucket routing table (splitting rule, replacement cache),
 `Node`, the `KademliaProtocol` shape (rpc_*/call_* roles) and the `IStorage` interface.
-Changed, each in the module named, because NOTES.md measured or STYLE.md forbids the original:
+Changed, each in the module named: with 20% of nodes dead the package's lookup took p50
+5.3 s and p90 10.7 s (one dead node stalls a round for its whole 5 s timeout), it matches
+replies by message id only, stores anything, and uses module-level loops and pickle:
 - `wire`, `protocol`: bounded msgpack, typed messages, a tag table, signed replies (node ids
   are peer ids, proved on every contact), tokens on stores, NAT'd clients that only ask,
   adaptive timeouts; no `getattr` dispatch, no unowned tasks, nothing raised into the loop.

@@ -4,7 +4,7 @@ A node announces a signed provider record for every content it can serve: what i
 and what it received (from the first verified chunk on: partial holders serve what they
 have). A downloader asks the DHT for providers when it starts and again every
 `REFRESH_INTERVAL` during a long download, so co-recipients that got the file earlier,
-or started later, become sources (DESIGN.md, "Getting the bytes" step 1). Announcing runs
+or started later, become sources. Announcing runs
 in tasks this object owns; a failed announce is logged and retried by the DHT's own
 republishing, and never stops a download.
 """

@@ -4,7 +4,7 @@ This module opens the database, sets it up for durability, and owns the versione
 The tables are read and written through `overlay.mail.inbox`, `overlay.mail.outbox`,
 `overlay.mail.prefs` and `overlay.mail.contacts`.
 
-Durability (DESIGN.md principle 4, "state survives kill -9 at any point"): WAL journal,
+Durability (state survives kill -9 at any point): WAL journal,
 `synchronous=FULL` (every commit is fsynced, so it also survives a power cut), foreign keys
 on, and every change in one explicit transaction. The calls are small and synchronous; one
 connection is shared behind a lock, so the node may call from the loop thread or from

@@ -1,6 +1,6 @@
 """Describe media files for the location message, make thumbnails, and make the demo clip.
 
-The location message's descriptive part (DESIGN.md, "The location message") carries the
+The location message's descriptive part carries the
 media type, date/time stamps and an optional small thumbnail. Everything here reads files
 through PyAV (FFmpeg) with bounded work: a file that isn't media, or is damaged, is
 described as plain data and never raises, because the sender must be able to send any file.

@@ -3,7 +3,7 @@
 Rows follow the machine in `overlay.mail.inbox_state`; every change is one transaction that reads
 the current state, checks the move and writes, so a crash leaves either the old or the new
 row. Adding is idempotent by message id because the rendezvous server may deliver a message
-again (after a lost REMOVE, DESIGN.md "Rendezvous protocol").
+again (after a lost REMOVE).
 
 The node stores the raw location message (`message`, opaque here) next to the fields the
 listing needs, and decides junk and priority from `overlay.mail.prefs` when it adds a message;

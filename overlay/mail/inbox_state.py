@@ -1,4 +1,4 @@
-"""The life of an incoming message, as an explicit state machine (STYLE.md 4).
+"""The life of an incoming message, as an explicit state machine (an Enum and a table).
 
     offered ──> downloading <──> retrying
        │            │  ▲            │
@@ -8,8 +8,8 @@
 
 `offered`: the location message is here, nothing fetched yet (a junk sender's message stays
 here until the user says it isn't junk). `downloading`: the downloader works on it.
-`retrying`: no source was reachable or all failed; it waits for `next_attempt` (DESIGN.md,
-"Getting the bytes" 4: schedule a retry instead of failing). `complete`: every chunk is
+`retrying`: no source was reachable or all failed; it waits for `next_attempt` (a retry is
+scheduled instead of failing). `complete`: every chunk is
 verified and the file is in place. `failed`: given up (expired, or the user cancelled); the
 user may retry, which goes back to `downloading`.
 """

@@ -4,7 +4,7 @@ Everything from the server is outside input. An envelope that does not open for 
 device, is badly signed, is malformed, or contradicts what the server authenticated (the
 sender address) is dropped with a log line and a counter; nothing already stored is
 touched. The caller acknowledges (REMOVE) an envelope only after `handle()` returned, so a
-message is on disk before the server forgets it (DESIGN.md principle 4).
+message is on disk before the server forgets it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The user's preferences (`peerpost prefs`), kept in `node.db`.
 
 Scalar settings are msgpack values in the `pref` table, checked on the way in and again on
-the way out (STYLE.md 11: saved state passes the same validators as wire input). Sender rules
+the way out: saved state passes the same validators as wire input. Sender rules
 are rows of `sender_rule`: a pattern is a full address (`bob@example.net`) or a whole domain
 (`@example.net`, that domain only, not its subdomains), and it is either `priority` or `junk`,
 never both: adding it to one list takes it off the other.

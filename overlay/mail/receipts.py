@@ -1,7 +1,7 @@
 """Receipts: "downloaded" / "deleted" notes from a recipient back to the sender.
 
 They travel as small signed-and-sealed envelopes of kind "receipt" on the same path as
-location messages (DESIGN.md, "Rendezvous protocol"), so the server can't tell them apart.
+location messages, so the server can't tell them apart.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The transfer protocol: handshake, encrypted control frames, raw sealed chunks.
 
-`frames` (wire messages) → `core` (sans-I/O connection) → `session` (client adapter) and
-`server` (serving adapter). See DESIGN.md, "Getting the bytes".
+`frames` (wire messages) → `core` (sans-I/O connection) → `requester` (the fetching side's
+adapter) and `holder` + `server` (the serving side); `scheduler`, `pacing` and `downloader`
+fetch one content from several holders at once.
 """

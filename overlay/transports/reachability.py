@@ -4,7 +4,7 @@ The outbound interface address is what the kernel picks to reach the rendezvous 
 (a UDP socket "connected" to it sends nothing). The STUN server beside the rendezvous
 server says which address it sees; if that differs, a NAT is in the way: the node then
 says so in what it advertises, so peers start WebRTC at once instead of waiting for
-direct TCP to time out, and it joins the DHT as a client (DESIGN.md, "DHT": devices behind
+direct TCP to time out, and it joins the DHT as a client (devices behind
 NAT query and publish through reachable nodes, and don't serve).
 """
 

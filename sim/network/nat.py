@@ -19,7 +19,9 @@ Unsolicited inbound TCP never gets in (the lab's routers drop it) unless a port 
 `webrtc_possible(a, b)` runs ICE-style connectivity checks (RFC 8445: server-reflexive
 candidates from a STUN server on the public side, checks sent by both sides in rounds,
 peer-reflexive candidates learnt from checks that arrive) through two fresh boxes and says
-whether any check got its response back. It agrees with the lab table in NOTES.md.
+whether any check got its response back. It agrees with what real NATs built from network
+namespaces and nftables did with aiortc: EIM/EIM and full cone/symmetric punch through,
+port-restricted/symmetric and symmetric/symmetric don't.
 """
 
 from __future__ import annotations
@@ -263,7 +265,7 @@ def ice_connectivity(a: IceAgent, b: IceAgent, stun: Addr, *, rounds: int = 4) -
 def webrtc_possible(nat_a: NatBehaviour | None, nat_b: NatBehaviour | None) -> bool:
     """Would two hosts behind these NATs (None: public) open a WebRTC path without a relay?
 
-    Models aiortc with a STUN server on the public side, as in the NAT lab (NOTES.md).
+    Models aiortc with a STUN server on the public side, as in the NAT lab (tests/natlab).
     """
     rng = random.Random(0x1CE)
     box_a = None if nat_a is None else NatBox("a", "10.255.0.1", nat_a, rng)

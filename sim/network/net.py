@@ -411,7 +411,7 @@ class Network:
         """Would a WebRTC data channel open between `a` and `b` (STUN on the public side)?
 
         The simulated WebRTC transport (sim.webrtc) uses this, plus the measured 40-80 ms
-        setup time (NOTES.md), to decide whether its channel opens.
+        setup time, to decide whether its channel opens.
         """
         if a.nat is not None and a.nat is b.nat:
             return True  # same LAN: host candidates work

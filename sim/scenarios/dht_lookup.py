@@ -15,7 +15,7 @@ Steps, all in virtual time:
 One CSV row per lookup: whether the provider (value) came back, the virtual duration, the
 RPCs the looking node sent (overlay only: its `rpc.sent` counter; kademlia doesn't count)
 and the messages the network delivered meanwhile (with concurrency > 1 those overlap).
-The package's known stall (a round waits its full 5 s timeout for a dead node, NOTES.md)
+The package's known stall (a round waits its full 5 s timeout for a dead node)
 shows up in the durations, not in wall time.
 """
 

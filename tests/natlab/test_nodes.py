@@ -1,4 +1,4 @@
-"""Issue 5 in the NAT lab: real `peerpost-rendezvous serve` and `peerpost node` processes
+"""The NAT lab: real `peerpost-rendezvous serve` and `peerpost node` processes
 inside the namespaces, driven through the `peerpost` CLI, deliver a file byte for byte.
 
 Each test builds a fresh lab, starts the server on the public side, first checks what each

@@ -2,7 +2,7 @@
 
 Aggregation of rate-limited holders, a holder killed mid-transfer, partial holders with
 HAVE updates, the endgame, and a source added while the download runs. The timing targets
-of issue 4 (>= 90% of 4R, swarm within 1.3x of ideal) are measured in
+(>= 90% of 4R, swarm within 1.3x of ideal) are measured in
 `python -m benchmarks swarm`; here the bounds leave room for a loaded 2-core machine.
 """
 
@@ -120,7 +120,7 @@ def stored_times(events: list[tuple[float, FetchEvent]]) -> list[float]:
 
 async def test_four_rate_limited_holders_add_up(swarm: Callable[..., object],
                                                 tmp_path: Path) -> None:
-    """Issue 4: four holders limited to R each; the receiver gets close to 4R."""
+    """Four holders limited to R each; the receiver gets close to 4R."""
     rate, size, chunk = 4 * MiB, 48 * MiB, 256 << 10
     sw: Swarm = await swarm(size, chunk)  # type: ignore[misc]
     holders = [await sw.holder(f"h{i}", rate=rate) for i in range(4)]
@@ -136,7 +136,7 @@ async def test_four_rate_limited_holders_add_up(swarm: Callable[..., object],
     lo, hi = len(times) // 10, len(times) * 9 // 10
     achieved = (hi - lo) * chunk / (times[hi] - times[lo])
     fraction = achieved / (4 * rate)
-    # Issue 4's own bound. Measured here: 0.98 of 4R, also with a CPU hog on one of the
+    # The target is 0.90. Measured here: 0.98 of 4R, also with a CPU hog on one of the
     # two cores; the benchmark asks 0.90 of the whole download.
     assert fraction >= 0.85, f"{achieved / MiB:.1f} MiB/s is {fraction:.0%} of 4R"
     per = [s.chunks for s in d.stats]

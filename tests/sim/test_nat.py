@@ -17,7 +17,7 @@ MASQUERADE = NatBehaviour(Mapping.ENDPOINT_INDEPENDENT, Filtering.ADDRESS_AND_PO
 
 
 @pytest.mark.parametrize(("a", "b", "works"), [
-    (MASQUERADE, MASQUERADE, True),  # NOTES.md: EIM/EIM (plain MASQUERADE) works
+    (MASQUERADE, MASQUERADE, True),  # the NAT lab: EIM/EIM (plain MASQUERADE) works
     (FULL, SYMMETRIC, True),  # full cone / symmetric works
     (PORT_RESTRICTED, SYMMETRIC, False),  # port-restricted cone / symmetric fails
     (SYMMETRIC, SYMMETRIC, False),  # symmetric / symmetric needs the relay
