@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,11 @@ from crypto.location import (
     LocationMessage,
     SenderHints,
 )
+from overlay.content.catalog import ContentStore
+from overlay.mail.contacts import Contacts, PinResult
 from overlay.mail.describe import describe_media, make_thumbnail
+from overlay.mail.outbox import Outbox, RecipientStatus
+from rendezvous.client import RendezvousClient, RendezvousError
 
 log = logging.getLogger("peerpost.send")
 
@@ -156,3 +161,74 @@ def send_batches(items: list[tuple[str, bytes, bytes]], *, max_items: int = SEND
         batches.append(current)
     return batches
 
+
+
+class MailSender:
+    """Sends files as location messages: the whole of `peerpost send` on the daemon side.
+
+    `announce(content_id)` offers the new content to co-recipients (the DHT directory) and
+    `direct_addresses()` gives the HOST:PORT hints written into each message; both are
+    handed in, so this module needs neither the DHT nor the transports.
+    """
+
+    def __init__(self, identity: DeviceIdentity, address: str, *,
+                 rendezvous: RendezvousClient, store: ContentStore, contacts: Contacts,
+                 outbox: Outbox, announce: Callable[[bytes], None],
+                 direct_addresses: Callable[[], list[str]], home_server: str,
+                 wall: Callable[[], float]) -> None:
+        self.identity = identity
+        self.address = address
+        self.rendezvous = rendezvous
+        self.store = store
+        self.contacts = contacts
+        self.outbox = outbox
+        self.announce = announce
+        self.direct_addresses = direct_addresses
+        self.home_server = home_server
+        self.wall = wall
+
+    async def send(self, path: Path, to: list[str], title: str, note: str) -> bytes:
+        """Send `path` to the addresses `to`; returns the message id. Raises SendError, with
+        nothing deposited, when the file, an address or a pinned key is refused."""
+        addresses = check_recipients(to)
+        if not await asyncio.to_thread(path.is_file):
+            raise SendError(f"no such file: {path}")
+        recipients = [await self._recipient(addr) for addr in addresses]
+        local = await self.store.add_local_file(path)
+        self.announce(local.content_id)
+        content = PreparedContent(local.content_id, local.size, local.chunk_size, local.key,
+                                  local.capability)
+        description, _ = await describe(path)
+        msg = build_message(self.identity, self.address, addresses, content, description,
+                            title=title, note=note, home_server=self.home_server,
+                            direct_addresses=self.direct_addresses(), now=self.wall())
+        items = seal_message(self.identity, msg, recipients)
+        mid = msg.headers.message_id
+        self.outbox.add(id=mid, path=str(path), title=title, size=content.size,
+                        content_id=content.content_id, recipients=addresses,
+                        created_at=self.wall(), message=msg.encode())
+        for batch in send_batches(items):  # many recipients: several SENDs, one id
+            await self.rendezvous.send(mid, batch)
+            for addr in dict.fromkeys(a for a, _, _ in batch):
+                self.outbox.set_recipient_state(mid, addr, RecipientStatus.SENT, self.wall())
+        log.info("sent %s (%s, %d bytes) to %s", mid.hex(), title, content.size,
+                 ", ".join(addresses))
+        return mid
+
+    async def _recipient(self, addr: str) -> Recipient:
+        """`addr`'s devices from FINGER, sealed to only if their keys are pinned."""
+        try:
+            info = await self.rendezvous.finger(addr)
+        except RendezvousError as exc:
+            raise SendError(f"{addr}: {exc}") from None
+        keys = [d.verify_key for d in info.devices]
+        if not keys:
+            raise SendError(f"{addr}: no device is registered for this address")
+        pin = self.contacts.pin_keys(addr, keys, self.wall())
+        if pin is PinResult.CHANGED:
+            raise SendError(
+                f"the keys of {addr} have CHANGED since you last sent to them. Compare "
+                f"fingerprints out of band (`peerpost contacts`), then "
+                f"`peerpost contacts accept {addr}` to send anyway")
+        trusted = self.contacts.trusted_keys(addr)
+        return Recipient(addr, tuple(PublicIdentity(k) for k in keys if k in trusted))

@@ -1,0 +1,203 @@
+"""What arrives from the server, and the receipts that go back to senders.
+
+`Delivery.pushes()` reads the session's pushes: envelopes go to the inbox (then are removed
+from the server), PIPE messages and relay invites go to the transports through hooks the
+node hands in. A receipt for our own message may let the sender's copy go (retention).
+`Receipts` tells a sender we hold its file, and sends again the receipts the server did
+not take. Neither needs the DHT or the transports: those are reached through callables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from crypto.envelope import seal_for_recipients
+from crypto.errors import DecodeError
+from crypto.identity import DeviceIdentity, PublicIdentity
+from crypto.location import LocationMessage, decode_location
+from overlay.content.catalog import ContentStore
+from overlay.mail.contacts import Contacts
+from overlay.mail.downloads import DownloadQueue
+from overlay.mail.inbox import Inbox, InboxEntry
+from overlay.mail.incoming import IncomingMail, Outcome, Pushed
+from overlay.mail.outbox import Outbox
+from overlay.mail.prefs import Prefs
+from overlay.mail.receipts import RECEIPT_KIND, Receipt
+from overlay.mail.retention import apply_retention
+from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient, RendezvousError
+
+log = logging.getLogger("peerpost.node")
+
+LOGIN_FLUSH_WAIT = 3.0  # seconds downloads wait at most for the mailbox queued at login
+
+
+class Receipts:
+    """Receipts to senders: one when a download completes, and the owed ones again."""
+
+    def __init__(self, identity: DeviceIdentity, rendezvous: RendezvousClient, inbox: Inbox,
+                 contacts: Contacts, *, wall: Callable[[], float], retry: float) -> None:
+        self.identity = identity
+        self.rendezvous = rendezvous
+        self.inbox = inbox
+        self.contacts = contacts
+        self.wall = wall
+        self.retry = retry
+
+    async def completed(self, entry: InboxEntry, msg: LocationMessage) -> None:
+        """The download queue's completion hook."""
+        await self.send(entry.id, msg)
+
+    async def send(self, entry_id: bytes, msg: LocationMessage) -> bool:
+        """Tell the sender we hold it; remembered as sent only once the server took it."""
+        receipt = Receipt(entry_id, "downloaded", int(self.wall()))
+        if not await self.send_to_sender(msg, RECEIPT_KIND, receipt.encode()):
+            return False
+        await asyncio.to_thread(self.inbox.mark_receipt_sent, entry_id, self.wall())
+        return True
+
+    async def owed(self) -> None:
+        """Receipts the server did not take (it was down, or we were cut off) go again,
+        at start and then every `retry` seconds, until it does: without one the sender
+        never learns we have the file and keeps its copy for good. Runs until cancelled."""
+        while True:
+            for entry_id, raw in await asyncio.to_thread(self.inbox.receipts_owed):
+                try:
+                    msg = decode_location(raw)
+                except DecodeError as exc:  # stored only after it decoded; never expected
+                    log.warning("inbox %s: stored message unreadable: %s", entry_id.hex(), exc)
+                    continue
+                if await self.send(entry_id, msg):
+                    log.info("sent the owed receipt for %s", entry_id.hex())
+            await asyncio.sleep(self.retry)
+
+    async def send_to_sender(self, msg: LocationMessage, kind: str, body: bytes) -> bool:
+        """Seal `body` to the sender's trusted device that sent `msg` (to all its trusted
+        devices if that one is not pinned) and deposit it; False if it was not sent."""
+        sender = msg.headers.sender
+        keys = self.contacts.trusted_keys(sender)
+        devices = [PublicIdentity(k) for k in keys
+                   if PublicIdentity(k).peer_id == msg.headers.sender_peer_id] or \
+                  [PublicIdentity(k) for k in keys]
+        if not devices:
+            log.warning("%s for %s not sent: no trusted key for %s", kind,
+                        msg.headers.message_id.hex(), sender)
+            return False
+        items = [(sender, d.peer_id, blob)
+                 for d, blob in seal_for_recipients(self.identity, kind, body, devices)]
+        try:
+            await self.rendezvous.send(os.urandom(16), items)
+        except (RendezvousError, OSError) as exc:
+            # The client already retried across reconnects for request_timeout.
+            log.warning("%s for %s not sent (tried again later): %s", kind,
+                        msg.headers.message_id.hex(), exc)
+            return False
+        return True
+
+
+class Delivery:
+    """Reads the session's pushes into the inbox, and starts downloads after login.
+
+    Hooks into the transports and the DHT: `on_pipe(message)` feeds a PIPE message to
+    WebRTC signalling (False: not signalling), `on_relay(invite)` serves a relayed stream
+    another device opened to us, `withdraw(content_id)` stops offering a content whose
+    copy retention deleted or archived.
+    """
+
+    def __init__(self, rendezvous: RendezvousClient, incoming: IncomingMail, outbox: Outbox,
+                 store: ContentStore, prefs: Prefs, downloads: DownloadQueue, *,
+                 archive: Path, on_pipe: Callable[[PipeMessage], bool],
+                 on_relay: Callable[[RelayInvite], None],
+                 withdraw: Callable[[bytes], Awaitable[None]]) -> None:
+        self.rendezvous = rendezvous
+        self.incoming = incoming
+        self.outbox = outbox
+        self.store = store
+        self.prefs = prefs
+        self.downloads = downloads
+        self.archive = archive
+        self.on_pipe = on_pipe
+        self.on_relay = on_relay
+        self.withdraw = withdraw
+        self._handled: set[bytes] = set()
+        self._login_pending: set[bytes] | None = None
+        self._login_read = asyncio.Event()
+
+    async def downloads_after_login(self) -> None:
+        """Start the download queue once the mailbox that was waiting at login is read.
+
+        At login the server pushes queued envelopes one by one; choosing what to fetch
+        before all of them are in would start an ordinary message ahead of a priority
+        one further down the queue. Bounded: a slow flush delays downloads by
+        LOGIN_FLUSH_WAIT seconds at most.
+        """
+        try:
+            pending = {e.message_id for e in await self.rendezvous.list()}
+        except (RendezvousError, OSError) as exc:
+            log.info("LIST at login failed (%s); starting downloads at once", exc)
+            pending = set()
+        self._login_pending = pending - self._handled
+        if self._login_pending:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LOGIN_FLUSH_WAIT):
+                    await self._login_read.wait()
+        self._login_pending = set()
+        await self.downloads.run()
+
+    def _note_handled(self, message_id: bytes) -> None:
+        if self._login_pending is None:
+            self._handled.add(message_id)  # before LIST answered
+            return
+        self._login_pending.discard(message_id)
+        if not self._login_pending:
+            self._login_read.set()
+
+    async def pushes(self) -> None:
+        """Handle every push of the session until it ends."""
+        async for push in self.rendezvous.pushes():
+            if isinstance(push, RelayInvite):
+                self.on_relay(push)
+                continue
+            if isinstance(push, PipeMessage):
+                if not self.on_pipe(push):
+                    self.incoming.counters["dropped-pipe"] += 1
+                    log.info("dropped a PIPE message from %s that isn't signalling",
+                             push.sender)
+                continue
+            env = push.envelope
+            outcome, _ = self.incoming.handle(Pushed(env.message_id, env.sender, env.blob))
+            # Acknowledge only after the inbox committed it; a dropped one is removed too,
+            # or the server would hand the same garbage back at every login.
+            with contextlib.suppress(RendezvousError, OSError):
+                await self.rendezvous.remove(env.message_id)
+            self._note_handled(env.message_id)
+            while self.incoming.key_checks:
+                await self._recheck(self.incoming.key_checks.pop())
+            if outcome is Outcome.NEW:
+                self.downloads.wake()
+            elif outcome is Outcome.RECEIPT:
+                await self.retention()
+
+    async def _recheck(self, sender: str) -> None:
+        try:
+            keys = [d.verify_key for d in (await self.rendezvous.finger(sender)).devices]
+        except (RendezvousError, OSError) as exc:  # can't check: warn, loudly
+            log.info("FINGER %s failed: %s", sender, exc)
+            keys = []
+        self.incoming.recheck_keys(sender, keys)
+
+    async def retention(self) -> None:
+        """Apply the retention preference to every message all recipients now hold."""
+        try:
+            done = await asyncio.to_thread(apply_retention, self.outbox, self.store,
+                                           self.prefs, self.archive)
+            for entry, action in done:
+                if action != "keep":
+                    await self.withdraw(entry.content_id)
+        except OSError as exc:  # a full or read-only archive disk must not stop the node
+            log.warning("retention step failed (it is retried at the next receipt or "
+                        "start): %s", exc)
