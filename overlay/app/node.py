@@ -1,9 +1,11 @@
 """`peerpost node`: the peer daemon, the composition root of everything in overlay/.
 
 It owns, for its lifetime: the rendezvous session (auth, pushes, reconnect), the content
-store, the direct-TCP transfer server (advertised through FINGER), the records database,
-the download queue and the local control socket. `Node` is an async context manager; every
-long-lived task belongs to its TaskGroup, and SIGTERM/SIGINT close it cleanly.
+store, the direct-TCP transfer server (advertised through FINGER), the DHT directory, the
+WebRTC endpoint, the records database, the download queue and the local control socket.
+`Node` is an async context manager that wires these parts and closes them in reverse; the
+work itself is done by the parts (overlay.mail.delivery, overlay.mail.outgoing,
+overlay.app.fetch, overlay.app.operations). SIGTERM/SIGINT close it cleanly.
 """
 
 from __future__ import annotations
@@ -12,69 +14,48 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import signal
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crypto.address import parse_hostport
-from crypto.codec import Fields
-from crypto.content import DEFAULT_CHUNK_SIZE, chunk_count
-from crypto.envelope import seal_for_recipients
-from crypto.errors import DecodeError
-from crypto.identity import DeviceIdentity, PublicIdentity
-from crypto.location import MAX_RECIPIENTS, LocationMessage, decode_location
-from overlay.app.control import ControlError, ControlServer
+from crypto.identity import DeviceIdentity
+from overlay.app.control import ControlServer
+from overlay.app.fetch import ContentFetch
+from overlay.app.holders import HolderFinder
 from overlay.app.home import NodeConfig, NodeHome
+from overlay.app.operations import ControlOperations
 from overlay.content.catalog import ContentStore
-from overlay.content.interfaces import ContentStoreError
 from overlay.dht.directory import ProviderDirectory
-from overlay.mail.contacts import Contacts, PinResult
+from overlay.mail.contacts import Contacts
 from overlay.mail.db import NodeDB
-from overlay.mail.downloads import Activity, DownloadFailed, DownloadQueue, RetryLater, SourceView
-from overlay.mail.inbox import Inbox, InboxEntry
-from overlay.mail.incoming import IncomingMail, Outcome, Pushed
-from overlay.mail.outbox import Outbox, RecipientStatus
-from overlay.mail.outgoing import (
-    PreparedContent,
-    Recipient,
-    SendError,
-    build_message,
-    check_recipients,
-    describe,
-    seal_message,
-    send_batches,
-)
+from overlay.mail.delivery import Delivery, Receipts
+from overlay.mail.downloads import DownloadQueue
+from overlay.mail.inbox import Inbox
+from overlay.mail.incoming import IncomingMail
+from overlay.mail.outbox import Outbox
+from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
-from overlay.mail.receipts import RECEIPT_KIND, Receipt
-from overlay.mail.retention import apply_retention
-from overlay.transfer.downloader import (
-    ChunkStored,
-    Downloader,
-    FetchError,
-    FetchEvent,
-    NoSourceReachable,
-)
 from overlay.transfer.server import TransferServer
-from overlay.transports.ladder import ConnectionLadder, Holder, sender_addresses
+from overlay.transports.ladder import ConnectionLadder, Holder
 from overlay.transports.reachability import Reachability, probe
 from overlay.transports.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
 from overlay.transports.relay import relay_accept, relay_dial
 from overlay.transports.signalling import PipeSender
 from overlay.transports.stream import Stream, StreamClosed, StreamError
 from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
-from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient, RendezvousError
+from rendezvous.backoff import Backoff
+from rendezvous.client import RelayInvite, RendezvousClient
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
+from rendezvous.taskset import TaskSet
 
 log = logging.getLogger("peerpost.node")
 
-FINGER_CACHE = 30.0  # seconds a co-recipient's FINGER answer is reused while downloading
-_Device = tuple[bytes, tuple[str, dict[str, Any]]]  # peer id, (address, advertisement)
+FIRST_LOGIN_BACKOFF = Backoff(1.0, 60.0)  # waiting for the server at start: 1 s doubling to 60 s
 
 
 @dataclass
@@ -109,12 +90,8 @@ class Node:
         self.listen_addr: tuple[str, int] | None = None
         self.reach: Reachability | None = None
         self._stack = contextlib.AsyncExitStack()
-        self._tg: asyncio.TaskGroup | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._handled: set[bytes] = set()
-        self._finger_cache: dict[str, tuple[float, list[_Device]]] = {}
-        self._login_pending: set[bytes] | None = None
-        self._login_read = asyncio.Event()
+        self._serving = TaskSet("node-serve", logger=log)  # one task per inbound stream
+        self._running: list[asyncio.Task[None]] = []  # the long-lived tasks, in self._tg
 
     # --- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> Node:
@@ -143,46 +120,75 @@ class Node:
             await self.rendezvous.advertise(self._advertise())
         await self._start_dht(host)
         await self._start_webrtc(host)
-
-        self.incoming = IncomingMail(self.identity, self.address, self.inbox, self.outbox,
-                                     self.prefs, self.contacts, self.wall)
-        self.downloads = DownloadQueue(
-            self.inbox, self.prefs, self._fetch, self._completed, wall=self.wall, rng=self.rng,
-            max_active=self.options.max_active_downloads, retry_base=self.options.retry_base,
-            retry_max=self.options.retry_max)
-        self.control = ControlServer(self.home.control_path, self._operations())
+        self._wire_mail()
+        self.control = ControlServer(self.home.control_path, ControlOperations(
+            self.identity, self.address, listen_addr=self.listen_addr,
+            rendezvous=self.rendezvous, incoming=self.incoming, sender=self.sender,
+            inbox=self.inbox, outbox=self.outbox, prefs=self.prefs, contacts=self.contacts,
+            downloads=self.downloads, transfer=self.transfer,
+            max_in_flight=self.options.max_in_flight).table())
         await self.control.start()
         st.push_async_callback(self.control.aclose)
 
-        await self._retention()  # finish what a crash interrupted
-        self._tg = asyncio.TaskGroup()
-        await st.enter_async_context(self._tg)
-        self._tasks = [self._tg.create_task(self._pushes(), name="pushes"),
-                       self._tg.create_task(self._serve_webrtc(), name="webrtc-accept"),
-                       self._tg.create_task(self._downloads_after_login(), name="downloads"),
-                       self._tg.create_task(self._owed_receipts(), name="owed-receipts")]
+        await self.delivery.retention()  # finish what a crash interrupted
+        st.push_async_callback(self._serving.aclose)  # closed after the tasks that fill it
+        self._tg = await st.enter_async_context(asyncio.TaskGroup())
+        self._running = [
+            self._tg.create_task(self.delivery.pushes(), name="pushes"),
+            self._tg.create_task(self._serve_webrtc(), name="webrtc-accept"),
+            self._tg.create_task(self.delivery.downloads_after_login(), name="downloads"),
+            self._tg.create_task(self.receipts.owed(), name="owed-receipts")]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._tg is not None:
-            for task in list(self._tg._tasks):
-                task.cancel()
+        for task in self._running:
+            task.cancel()
         await self._stack.aclose()
+
+    def _wire_mail(self) -> None:
+        """The mail side: incoming, sending, the download queue, receipts and pushes."""
+        self.incoming = IncomingMail(self.identity, self.address, self.inbox, self.outbox,
+                                     self.prefs, self.contacts, self.wall)
+        self.sender = MailSender(
+            self.identity, self.address, rendezvous=self.rendezvous, store=self.store,
+            contacts=self.contacts, outbox=self.outbox, announce=self.providers.announce,
+            direct_addresses=self.direct_addresses, home_server=self.config.server,
+            wall=self.wall)
+        self.receipts = Receipts(self.identity, self.rendezvous, self.inbox, self.contacts,
+                                 wall=self.wall, retry=self.options.receipt_retry)
+        self.holders = HolderFinder(self.address, self.rendezvous, self.providers, self.ladder,
+                                    co_recipients=self.options.co_recipients,
+                                    refresh=self.options.provider_refresh)
+        fetch = ContentFetch(self.identity, self.store, self.holders,
+                             dest=self.home.received_dir(self.config),
+                             announce=self.providers.announce,
+                             window=self.options.max_in_flight,
+                             connect_timeout=self.ladder.budget)
+        self.downloads = DownloadQueue(
+            self.inbox, self.prefs, fetch, self.receipts.completed, wall=self.wall,
+            rng=self.rng, max_active=self.options.max_active_downloads,
+            retry_base=self.options.retry_base, retry_max=self.options.retry_max)
+        self.delivery = Delivery(
+            self.rendezvous, self.incoming, self.outbox, self.store, self.prefs,
+            self.downloads, archive=self.home.root / "archive", on_pipe=self.rtc.feed,
+            on_relay=lambda invite: self._serve(self._serve_relayed(invite), "serve-relay"),
+            withdraw=self.providers.withdraw)
 
     async def _first_login(self) -> None:
         """Log in to the server, waiting with backoff while it can't be reached: a node
         started before the network is up, or while its server restarts, waits for it
         instead of exiting. A refused login (wrong key, unknown address) still ends it."""
-        delay = 1.0
+        attempt = 0
         while True:
             try:
                 await self.rendezvous.start()
                 return
             except (ConnectionLostError, RequestTimeoutError) as exc:
+                attempt += 1
+                delay = FIRST_LOGIN_BACKOFF.delay(attempt)
                 log.warning("server %s not reachable (%s); trying again in %.0f s",
                             self.config.server, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
 
     async def _listen(self) -> tuple[str, int]:
         host, port = parse_hostport(self.config.listen, what="listen")
@@ -259,8 +265,11 @@ class Node:
                 stream = await self.rtc.accept()
             except StreamClosed:
                 return
-            if self._tg is not None:
-                self._tg.create_task(self.transfer.handle_stream(stream), name="serve-webrtc")
+            self._serve(self.transfer.handle_stream(stream), "serve-webrtc")
+
+    def _serve(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run one inbound stream's handler as a child of the node."""
+        self._serving.spawn(coro, name=name)
 
     def _advertise(self) -> dict[str, Any]:
         """What FINGER shows of us: direct addresses, and whether a NAT is in front."""
@@ -273,428 +282,9 @@ class Node:
     def direct_addresses(self) -> list[str]:
         return list(self._advertise()["addrs"])
 
-    # --- receiving ---------------------------------------------------------------------
-    async def _downloads_after_login(self) -> None:
-        """Start the download queue once the mailbox that was waiting at login is read.
-
-        At login the server pushes queued envelopes one by one; choosing what to fetch
-        before all of them are in would start an ordinary message ahead of a priority
-        one further down the queue. Bounded: a slow flush delays downloads by 3 s at most.
-        """
-        try:
-            pending = {e.message_id for e in await self.rendezvous.list()}
-        except (RendezvousError, OSError) as exc:
-            log.info("LIST at login failed (%s); starting downloads at once", exc)
-            pending = set()
-        self._login_pending = pending - self._handled
-        if self._login_pending:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(3.0):
-                    await self._login_read.wait()
-        self._login_pending = set()
-        await self.downloads.run()
-
-    def _note_handled(self, message_id: bytes) -> None:
-        if self._login_pending is None:
-            self._handled.add(message_id)  # before LIST answered
-            return
-        self._login_pending.discard(message_id)
-        if not self._login_pending:
-            self._login_read.set()
-
-    async def _pushes(self) -> None:
-        async for push in self.rendezvous.pushes():
-            if isinstance(push, RelayInvite):
-                if self._tg is not None:
-                    self._tg.create_task(self._serve_relayed(push), name="serve-relay")
-                continue
-            if isinstance(push, PipeMessage):
-                if not self.rtc.feed(push):
-                    self.incoming.counters["dropped-pipe"] += 1
-                    log.info("dropped a PIPE message from %s that isn't signalling",
-                             push.sender)
-                continue
-            env = push.envelope
-            outcome, _ = self.incoming.handle(Pushed(env.message_id, env.sender, env.blob))
-            # Acknowledge only after the inbox committed it; a dropped one is removed too,
-            # or the server would hand the same garbage back at every login.
-            with contextlib.suppress(RendezvousError, OSError):
-                await self.rendezvous.remove(env.message_id)
-            self._note_handled(env.message_id)
-            while self.incoming.key_checks:
-                sender = self.incoming.key_checks.pop()
-                try:
-                    keys = [d.verify_key for d in (await self.rendezvous.finger(sender)).devices]
-                except (RendezvousError, OSError) as exc:  # can't check: warn, loudly
-                    log.info("FINGER %s failed: %s", sender, exc)
-                    keys = []
-                self.incoming.recheck_keys(sender, keys)
-            if outcome is Outcome.NEW:
-                self.downloads.wake()
-            elif outcome is Outcome.RECEIPT:
-                await self._retention()
-
-    async def _retention(self) -> None:
-        try:
-            done = await asyncio.to_thread(apply_retention, self.outbox, self.store,
-                                           self.prefs, self.home.root / "archive")
-            for entry, action in done:
-                if action != "keep":
-                    await self.providers.withdraw(entry.content_id)
-        except OSError as exc:  # a full or read-only archive disk must not stop the node
-            log.warning("retention step failed (it is retried at the next receipt or "
-                        "start): %s", exc)
-
-    async def _fetch(self, entry: InboxEntry, msg: LocationMessage, act: Activity,
-                     progress: Callable[[int], None]) -> str:
-        """Fetch one message's content from every holder we know of (the Downloader)."""
-        h = msg.handle
-        dest = self.home.received_dir(self.config)
-        await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
-        try:
-            partial = await asyncio.to_thread(
-                self.store.open_partial, h.content_id, h.size, h.chunk_size, h.content_key,
-                h.capability, dest, msg.description.file_name or f"{entry.id.hex()}.bin")
-        except ContentStoreError:
-            # Already held in full (the same content twice, or a crash between the
-            # rename and the inbox update): nothing to fetch.
-            held = self.store.local(h.content_id)
-            if held is None:
-                raise DownloadFailed("the content store lost track of this content") from None
-            return str(held.path)
-        sources = [self.ladder.source(x) for x in await self._holders(msg)]
-        if partial.held:
-            self.providers.announce(h.content_id)  # resumed: we already serve some chunks
-        progress(partial.held)
-        last = [0.0]
-        got_chunk = [False]
-        loop = asyncio.get_running_loop()
-
-        def on_event(ev: FetchEvent) -> None:
-            # Progress goes to SQLite (fsync'd): at most a few times a second, not per chunk,
-            # except the first chunk, whose time is the "first byte" people see.
-            now = loop.time()
-            first = isinstance(ev, ChunkStored) and not got_chunk[0]
-            if first:
-                got_chunk[0] = True
-                self.providers.announce(h.content_id)  # partial holders serve what they have
-            if first or now - last[0] >= 0.25 or partial.is_complete:
-                last[0] = now
-                progress(partial.held)
-            act.sources = {s.label: SourceView(peer=s.label, path=s.path or "?", bytes=s.bytes,
-                                               rate=s.rate, banned=s.outcome == "banned")
-                           for s in dl.stats}
-
-        # A source's connect() may climb every rung of the ladder, each to its own timeout
-        # (a held offer waits for a NATed holder to come back): give it the whole budget.
-        dl = Downloader(partial, sources, self.identity, window=self.options.max_in_flight,
-                        connect_timeout=self.ladder.budget, on_event=on_event)
-        refresh = loop.create_task(self._refresh_holders(dl, msg), name="provider-refresh")
-        try:
-            path = await dl.run()
-        except NoSourceReachable as exc:
-            progress(partial.held)
-            raise RetryLater(str(exc)) from None
-        except FetchError as exc:
-            raise DownloadFailed(str(exc)) from None
-        finally:
-            refresh.cancel()
-            await asyncio.gather(refresh, return_exceptions=True)
-        progress(partial.held)
-        return str(path)
-
-    async def _refresh_holders(self, dl: Downloader, msg: LocationMessage) -> None:
-        """Look the providers up again during a long download: co-recipients that got
-        chunks since it started become sources too (issue 4, the repeated lookup), and a
-        holder that failed earlier (a sender that was away) is tried again."""
-        while True:
-            await asyncio.sleep(self.options.provider_refresh)
-            for holder in await self._holders(msg):
-                source = self.ladder.source(holder)
-                if dl.add_source(source):  # False while in use, or if it lied
-                    log.info("message %s: new source %s", msg.headers.message_id.hex(),
-                             source.label)
-
-    async def _holders(self, msg: LocationMessage) -> list[Holder]:
-        """The sender and every co-recipient the DHT names as a provider, with what FINGER
-        says about reaching each (addresses now, NAT, the address to signal through)."""
-        devices = await self._devices([msg.headers.sender, *msg.headers.recipients])
-        sender = msg.headers.sender_peer_id
-        s_addr, s_adv = devices.get(sender, (msg.headers.sender, {}))
-        holders = [Holder(sender, s_addr, tuple(sender_addresses(msg, _addrs(s_adv))),
-                          bool(s_adv.get("nat")))]
-        if not self.options.co_recipients:
-            return holders
-        for rec in await self.providers.find(msg.handle.content_id, exclude={sender}):
-            addr, adv = devices.get(rec.peer_id, (None, {}))
-            holders.append(Holder(rec.peer_id, addr, tuple(rec.addresses),
-                                  bool(adv.get("nat"))))
-        return holders
-
-    async def _devices(self, addresses: list[str]) -> dict[bytes, tuple[str, dict[str, Any]]]:
-        """peer id -> (address, advertisement) for the devices of `addresses` (FINGER)."""
-
-        loop = asyncio.get_running_loop()
-
-        async def one(address: str) -> list[_Device]:
-            # Every provider refresh asks again; with a hundred co-recipients that is a
-            # hundred FINGERs. An answer younger than FINGER_CACHE seconds is reused.
-            cached = self._finger_cache.get(address)
-            if cached is not None and loop.time() - cached[0] < FINGER_CACHE:
-                return cached[1]
-            try:
-                info = await self.rendezvous.finger(address)
-            except (RendezvousError, OSError) as exc:
-                log.info("FINGER %s failed: %s", address, exc)
-                return []
-            found = [(d.peer_id, (address, dict(d.advertise))) for d in info.devices]
-            self._finger_cache[address] = (loop.time(), found)
-            return found
-
-        wanted = [a for a in dict.fromkeys(addresses) if a != self.address][:MAX_RECIPIENTS]
-        found = await asyncio.gather(*(one(a) for a in wanted))
-        return dict(pair for pairs in found for pair in pairs)
-
-    async def _completed(self, entry: InboxEntry, msg: LocationMessage) -> None:
-        await self._send_receipt(entry.id, msg)
-
-    async def _send_receipt(self, entry_id: bytes, msg: LocationMessage) -> bool:
-        """Tell the sender we hold it; remembered as sent only once the server took it."""
-        receipt = Receipt(entry_id, "downloaded", int(self.wall()))
-        if not await self._send_to_sender(msg, RECEIPT_KIND, receipt.encode()):
-            return False
-        await asyncio.to_thread(self.inbox.mark_receipt_sent, entry_id, self.wall())
-        return True
-
-    async def _owed_receipts(self) -> None:
-        """Receipts the server did not take (it was down, or we were cut off) go again,
-        at start and then every `receipt_retry` seconds, until it does: without one the
-        sender never learns we have the file and keeps its copy for good."""
-        while True:
-            owed = await asyncio.to_thread(self.inbox.receipts_owed)
-            for entry_id, raw in owed:
-                try:
-                    msg = decode_location(raw)
-                except DecodeError as exc:  # stored only after it decoded; never expected
-                    log.warning("inbox %s: stored message unreadable: %s", entry_id.hex(), exc)
-                    continue
-                if await self._send_receipt(entry_id, msg):
-                    log.info("sent the owed receipt for %s", entry_id.hex())
-            await asyncio.sleep(self.options.receipt_retry)
-
-    async def _send_to_sender(self, msg: LocationMessage, kind: str, body: bytes) -> bool:
-        sender = msg.headers.sender
-        keys = self.contacts.trusted_keys(sender)
-        devices = [PublicIdentity(k) for k in keys
-                   if PublicIdentity(k).peer_id == msg.headers.sender_peer_id] or \
-                  [PublicIdentity(k) for k in keys]
-        if not devices:
-            log.warning("%s for %s not sent: no trusted key for %s", kind,
-                        msg.headers.message_id.hex(), sender)
-            return False
-        items = [(sender, d.peer_id, blob)
-                 for d, blob in seal_for_recipients(self.identity, kind, body, devices)]
-        try:
-            await self.rendezvous.send(os.urandom(16), items)
-        except (RendezvousError, OSError) as exc:
-            # The client already retried across reconnects for request_timeout.
-            log.warning("%s for %s not sent (tried again later): %s", kind,
-                        msg.headers.message_id.hex(), exc)
-            return False
-        return True
-
-    # --- sending -----------------------------------------------------------------------
     async def send(self, path: Path, to: list[str], title: str, note: str) -> dict[str, Any]:
-        addresses = check_recipients(to)
-        if not await asyncio.to_thread(path.is_file):
-            raise SendError(f"no such file: {path}")
-        recipients: list[Recipient] = []
-        warnings: list[str] = []
-        for addr in addresses:
-            try:
-                info = await self.rendezvous.finger(addr)
-            except RendezvousError as exc:
-                raise SendError(f"{addr}: {exc}") from None
-            keys = [d.verify_key for d in info.devices]
-            if not keys:
-                raise SendError(f"{addr}: no device is registered for this address")
-            pin = self.contacts.pin_keys(addr, keys, self.wall())
-            if pin is PinResult.CHANGED:
-                raise SendError(
-                    f"the keys of {addr} have CHANGED since you last sent to them. Compare "
-                    f"fingerprints out of band (`peerpost contacts`), then "
-                    f"`peerpost contacts accept {addr}` to send anyway")
-            trusted = self.contacts.trusted_keys(addr)
-            recipients.append(Recipient(addr, tuple(PublicIdentity(k) for k in keys
-                                                    if k in trusted)))
-        local = await self.store.add_local_file(path)
-        self.providers.announce(local.content_id)
-        content = PreparedContent(local.content_id, local.size, local.chunk_size, local.key,
-                                  local.capability)
-        description, _ = await describe(path)
-        msg = build_message(self.identity, self.address, addresses, content, description,
-                            title=title, note=note, home_server=self.config.server,
-                            direct_addresses=self.direct_addresses(), now=self.wall())
-        items = seal_message(self.identity, msg, recipients)
-        mid = msg.headers.message_id
-        self.outbox.add(id=mid, path=str(path), title=title, size=content.size,
-                        content_id=content.content_id, recipients=addresses,
-                        created_at=self.wall(), message=msg.encode())
-        for batch in send_batches(items):  # many recipients: several SENDs, one id
-            await self.rendezvous.send(mid, batch)
-            for addr in dict.fromkeys(a for a, _, _ in batch):
-                self.outbox.set_recipient_state(mid, addr, RecipientStatus.SENT, self.wall())
-        log.info("sent %s (%s, %d bytes) to %s", mid.hex(), title, content.size,
-                 ", ".join(addresses))
-        return {"id": mid.hex(), "warnings": warnings}
-
-    # --- control operations ------------------------------------------------------------
-    def _operations(self) -> dict[str, Any]:
-        return {
-            "ping": self._op_ping,
-            "send": self._op_send,
-            "inbox": self._op_inbox,
-            "fetch": self._op_fetch,
-            "progress": self._op_progress,
-            "status": self._op_status,
-            "prefs": self._op_prefs,
-            "prefs_set": self._op_prefs_set,
-            "prefs_list": self._op_prefs_list,
-            "contacts": self._op_contacts,
-            "contacts_accept": self._op_contacts_accept,
-        }
-
-    async def _op_ping(self, a: Fields) -> Any:
-        return {"address": self.address, "peer_id": self.identity.peer_id.hex(),
-                "fingerprint": self.identity.public.fingerprint(),
-                "listen": list(self.listen_addr or ()),
-                "connected": self.rendezvous.connected,
-                "counters": dict(self.incoming.counters)}
-
-    async def _op_send(self, a: Fields) -> Any:
-        to = a.list("to", _item_text, max_items=64) or ()
-        try:
-            return await self.send(Path(a.str("path", max_len=4096)), list(to),
-                                   a.str("title", max_len=200), a.str("note", max_len=4000))
-        except SendError as exc:
-            raise ControlError(str(exc)) from None
-
-    def _entry_json(self, e: InboxEntry) -> dict[str, Any]:
-        act = self.downloads.active.get(e.id)
-        return {
-            "id": e.id.hex(), "from": e.sender, "title": e.title, "note": e.note,
-            "size": e.size, "file_name": e.file_name, "media_type": e.media_type,
-            "state": e.state.value, "progress": round(e.progress, 4), "path": e.path,
-            "junk": e.junk, "priority": e.priority, "received_at": e.received_at,
-            "next_attempt": e.next_attempt, "attempts": e.attempts, "error": e.error,
-            "started_at": e.started_at, "first_byte_at": e.first_byte_at,
-            "completed_at": e.completed_at,
-            "sources": [s.as_dict() for s in act.sources.values()] if act else [],
-        }
-
-    async def _op_inbox(self, a: Fields) -> Any:
-        include_junk = bool(a.bool("include_junk", optional=True))
-        return [self._entry_json(e) for e in self.inbox.list(include_junk=include_junk)]
-
-    def _find(self, prefix: str) -> InboxEntry:
-        matches = [e for e in self.inbox.list(include_junk=True) if e.id.hex().startswith(
-            prefix.lower())]
-        if not matches:
-            raise ControlError(f"no message {prefix!r} in the inbox")
-        if len(matches) > 1:
-            raise ControlError(f"{prefix!r} matches {len(matches)} messages; give more digits")
-        return matches[0]
-
-    async def _op_fetch(self, a: Fields) -> Any:
-        e = self._find(a.str("id", min_len=1, max_len=32))
-        self.downloads.request(e.id)
-        fresh = self.inbox.get(e.id)
-        return self._entry_json(fresh or e)
-
-    async def _op_progress(self, a: Fields) -> Any:
-        return self._entry_json(self._find(a.str("id", min_len=1, max_len=32)))
-
-    async def _op_status(self, a: Fields) -> Any:
-        want = a.str("id", max_len=32, optional=True)
-        out = []
-        for m in self.outbox.list():
-            if want and not m.id.hex().startswith(want.lower()):
-                continue
-            served = self.transfer.chunks_served(m.content_id)
-            try:
-                chunk_size = decode_location(m.message).handle.chunk_size
-            except DecodeError:
-                chunk_size = DEFAULT_CHUNK_SIZE  # a row from before messages were kept
-            out.append({
-                "id": m.id.hex(), "title": m.title, "size": m.size, "path": m.path,
-                "content_id": m.content_id.hex(), "created_at": m.created_at,
-                "chunk_count": chunk_count(m.size, chunk_size),
-                "chunks_served": served, "max_in_flight": self.options.max_in_flight,
-                "retention_done": m.retention_action if m.retention_done else None,
-                "recipients": [{"address": r.address, "state": r.state.value,
-                                "updated_at": r.updated_at, "reason": r.reason}
-                               for r in m.recipients],
-            })
-        return out
-
-    async def _op_prefs(self, a: Fields) -> Any:
-        return self.prefs.as_dict()
-
-    async def _op_prefs_set(self, a: Fields) -> Any:
-        key, value = a.str("key", max_len=64), a.str("value", max_len=4096)
-        if key == "auto-download":
-            if value not in ("on", "off"):
-                raise ControlError("auto-download takes on or off")
-            self.prefs.auto_download = value == "on"
-        elif key == "retention":
-            self.prefs.retention = value
-        elif key == "archive-dir":
-            self.prefs.archive_dir = value or None
-        elif key == "max-upload-rate":
-            self.prefs.max_upload_rate = None if value in ("none", "0", "") else int(value)
-        else:
-            raise ControlError(f"unknown preference {key!r}")
-        self.downloads.wake()
-        return self.prefs.as_dict()
-
-    async def _op_prefs_list(self, a: Fields) -> Any:
-        which, action = a.str("list", max_len=16), a.str("action", max_len=16)
-        pattern = a.str("address", max_len=254)
-        if action == "remove":
-            if not self.prefs.remove_sender(pattern):
-                raise ControlError(f"{pattern} is not in the {which} list")
-        elif which == "priority":
-            self.prefs.add_priority(pattern)
-        elif which == "junk":
-            self.prefs.add_junk(pattern)
-        else:
-            raise ControlError(f"unknown list {which!r}")
-        return self.prefs.as_dict()
-
-    async def _op_contacts(self, a: Fields) -> Any:
-        return [{"address": c.address, "fingerprints": [PublicIdentity(k).fingerprint()
-                                                         for k in c.keys],
-                 "first_seen": c.first_seen, "changed": c.changed}
-                for c in self.contacts.list()]
-
-    async def _op_contacts_accept(self, a: Fields) -> Any:
-        addr = a.str("address", max_len=254)
-        c = self.contacts.get(addr)
-        if c is None or not c.changed:
-            raise ControlError(f"no pending key change for {addr}")
-        for k in c.pending_keys:
-            self.contacts.accept_change(addr, k)
-        return await self._op_contacts(a)
-
-
-def _addrs(advertise: dict[str, Any]) -> list[str]:
-    return [a for a in advertise.get("addrs", []) if isinstance(a, str)][:8]
-
-
-def _item_text(v: Any, what: str) -> str:
-    if not isinstance(v, str) or len(v) > 254:
-        raise ControlError(f"{what}: expected an address")
-    return v
+        """Send `path` as `peerpost send` does; {"id": message id in hex}."""
+        return {"id": (await self.sender.send(path, to, title, note)).hex()}
 
 
 def run_node(home: NodeHome, args: argparse.Namespace) -> int:
@@ -727,6 +317,3 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
         asyncio.run(main())
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(0)

@@ -1,0 +1,99 @@
+"""Fetch one inbox message's content from every holder known (the download queue's fetcher).
+
+The content store opens (or resumes) the partial file, the HolderFinder names the sources,
+the Downloader pulls chunks from all of them at once. While it runs, the providers are
+looked up again in a task owned by this download and cancelled when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from crypto.identity import DeviceIdentity
+from crypto.location import LocationMessage
+from overlay.app.holders import HolderFinder
+from overlay.content.catalog import ContentStore
+from overlay.content.interfaces import ContentStoreError
+from overlay.mail.downloads import Activity, DownloadFailed, RetryLater, SourceView
+from overlay.mail.inbox import InboxEntry
+from overlay.transfer.downloader import (
+    ChunkStored,
+    Downloader,
+    FetchError,
+    FetchEvent,
+    NoSourceReachable,
+)
+from rendezvous.taskset import TaskSet
+
+PROGRESS_EVERY = 0.25  # seconds between progress writes to node.db (each one fsync'd)
+
+
+class ContentFetch:
+    """`await fetch(entry, msg, activity, progress)` -> the path of the finished file."""
+
+    def __init__(self, identity: DeviceIdentity, store: ContentStore, finder: HolderFinder,
+                 *, dest: Path, announce: Callable[[bytes], None], window: int,
+                 connect_timeout: float) -> None:
+        self.identity = identity
+        self.store = store
+        self.finder = finder
+        self.dest = dest
+        self.announce = announce
+        self.window = window
+        self.connect_timeout = connect_timeout
+
+    async def __call__(self, entry: InboxEntry, msg: LocationMessage, act: Activity,
+                       progress: Callable[[int], None]) -> str:
+        h = msg.handle
+        await asyncio.to_thread(self.dest.mkdir, parents=True, exist_ok=True)
+        try:
+            partial = await asyncio.to_thread(
+                self.store.open_partial, h.content_id, h.size, h.chunk_size, h.content_key,
+                h.capability, self.dest, msg.description.file_name or f"{entry.id.hex()}.bin")
+        except ContentStoreError:
+            # Already held in full (the same content twice, or a crash between the
+            # rename and the inbox update): nothing to fetch.
+            held = self.store.local(h.content_id)
+            if held is None:
+                raise DownloadFailed("the content store lost track of this content") from None
+            return str(held.path)
+        sources = await self.finder.sources(msg)
+        if partial.held:
+            self.announce(h.content_id)  # resumed: we already serve some chunks
+        progress(partial.held)
+        last = [0.0]
+        got_chunk = [False]
+        loop = asyncio.get_running_loop()
+
+        def on_event(ev: FetchEvent) -> None:
+            # Progress goes to SQLite (fsync'd): at most a few times a second, not per chunk,
+            # except the first chunk, whose time is the "first byte" people see.
+            now = loop.time()
+            first = isinstance(ev, ChunkStored) and not got_chunk[0]
+            if first:
+                got_chunk[0] = True
+                self.announce(h.content_id)  # partial holders serve what they have
+            if first or now - last[0] >= PROGRESS_EVERY or partial.is_complete:
+                last[0] = now
+                progress(partial.held)
+            act.sources = {s.label: SourceView(peer=s.label, path=s.path or "?", bytes=s.bytes,
+                                               rate=s.rate, banned=s.outcome == "banned")
+                           for s in dl.stats}
+
+        # A source's connect() may climb every rung of the ladder, each to its own timeout
+        # (a held offer waits for a NATed holder to come back): give it the whole budget.
+        dl = Downloader(partial, sources, self.identity, window=self.window,
+                        connect_timeout=self.connect_timeout, on_event=on_event)
+        try:
+            async with TaskSet(f"refresh {entry.id.hex()}") as refresher:
+                refresher.spawn(self.finder.refresh(dl, msg), name="provider-refresh")
+                path = await dl.run()
+        except NoSourceReachable as exc:
+            progress(partial.held)
+            raise RetryLater(str(exc)) from None
+        except FetchError as exc:
+            raise DownloadFailed(str(exc)) from None
+        progress(partial.held)
+        return str(path)

@@ -1,0 +1,98 @@
+"""Who holds a message's content, and how to reach each of them.
+
+The sender always, and, with co-recipient sourcing on, every device the DHT names as a
+provider. FINGER at the server tells what each device advertises now (direct addresses,
+a NAT in front, the address to signal through); the connection ladder turns each holder
+into a source the Downloader can connect to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from crypto.location import MAX_RECIPIENTS, LocationMessage
+from overlay.dht.directory import ProviderDirectory
+from overlay.transfer.downloader import Downloader
+from overlay.transports.ladder import ConnectionLadder, Holder, Source, sender_addresses
+from rendezvous.client import RendezvousClient, RendezvousError
+
+log = logging.getLogger("peerpost.node")
+
+FINGER_CACHE = 30.0  # seconds a co-recipient's FINGER answer is reused while downloading
+Device = tuple[bytes, tuple[str, dict[str, Any]]]  # peer id, (address, advertisement)
+
+
+class HolderFinder:
+    """Finds the holders of a message's content: FINGER for the devices, the DHT directory
+    for the co-recipients that provide it (when `co_recipients`)."""
+
+    def __init__(self, address: str, rendezvous: RendezvousClient,
+                 providers: ProviderDirectory, ladder: ConnectionLadder, *,
+                 co_recipients: bool, refresh: float) -> None:
+        self.address = address
+        self.rendezvous = rendezvous
+        self.providers = providers
+        self.ladder = ladder
+        self.co_recipients = co_recipients
+        self.refresh_every = refresh
+        self._finger_cache: dict[str, tuple[float, list[Device]]] = {}
+
+    async def sources(self, msg: LocationMessage) -> list[Source]:
+        """Every holder of `msg`'s content, as a source on the connection ladder."""
+        return [self.ladder.source(h) for h in await self.holders(msg)]
+
+    async def refresh(self, dl: Downloader, msg: LocationMessage) -> None:
+        """Look the providers up again every `refresh` seconds during a long download:
+        co-recipients that got chunks since it started become sources too, and a holder
+        that failed earlier (a sender that was away) is tried again. Runs until cancelled."""
+        while True:
+            await asyncio.sleep(self.refresh_every)
+            for source in await self.sources(msg):
+                if dl.add_source(source):  # False while in use, or if it lied
+                    log.info("message %s: new source %s", msg.headers.message_id.hex(),
+                             source.label)
+
+    async def holders(self, msg: LocationMessage) -> list[Holder]:
+        """The sender and every co-recipient the DHT names as a provider, with what FINGER
+        says about reaching each (addresses now, NAT, the address to signal through)."""
+        devices = await self.devices([msg.headers.sender, *msg.headers.recipients])
+        sender = msg.headers.sender_peer_id
+        s_addr, s_adv = devices.get(sender, (msg.headers.sender, {}))
+        holders = [Holder(sender, s_addr, tuple(sender_addresses(msg, _addrs(s_adv))),
+                          bool(s_adv.get("nat")))]
+        if not self.co_recipients:
+            return holders
+        for rec in await self.providers.find(msg.handle.content_id, exclude={sender}):
+            addr, adv = devices.get(rec.peer_id, (None, {}))
+            holders.append(Holder(rec.peer_id, addr, tuple(rec.addresses),
+                                  bool(adv.get("nat"))))
+        return holders
+
+    async def devices(self, addresses: list[str]) -> dict[bytes, tuple[str, dict[str, Any]]]:
+        """peer id -> (address, advertisement) for the devices of `addresses` (FINGER)."""
+        loop = asyncio.get_running_loop()
+
+        async def one(address: str) -> list[Device]:
+            # Every provider refresh asks again; with a hundred co-recipients that is a
+            # hundred FINGERs. An answer younger than FINGER_CACHE seconds is reused.
+            cached = self._finger_cache.get(address)
+            if cached is not None and loop.time() - cached[0] < FINGER_CACHE:
+                return cached[1]
+            try:
+                info = await self.rendezvous.finger(address)
+            except (RendezvousError, OSError) as exc:
+                log.info("FINGER %s failed: %s", address, exc)
+                return []
+            found = [(d.peer_id, (address, dict(d.advertise))) for d in info.devices]
+            self._finger_cache[address] = (loop.time(), found)
+            return found
+
+        wanted = [a for a in dict.fromkeys(addresses) if a != self.address][:MAX_RECIPIENTS]
+        found = await asyncio.gather(*(one(a) for a in wanted))
+        return dict(pair for pairs in found for pair in pairs)
+
+
+def _addrs(advertise: dict[str, Any]) -> list[str]:
+    return [a for a in advertise.get("addrs", []) if isinstance(a, str)][:8]

@@ -1,0 +1,197 @@
+"""The operations the control socket serves: what `peerpost send/inbox/fetch/...` can ask.
+
+`ControlOperations.table()` is the explicit name -> handler table `ControlServer` looks
+requests up in. Each handler reads its arguments through `Fields` (bounded, typed) and
+answers with plain msgpack-able values; a refusal is a `ControlError` whose text the CLI
+prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from crypto.codec import Fields
+from crypto.content import DEFAULT_CHUNK_SIZE, chunk_count
+from crypto.errors import DecodeError
+from crypto.identity import DeviceIdentity, PublicIdentity
+from crypto.location import decode_location
+from overlay.app.control import ControlError, Operation
+from overlay.mail.contacts import Contacts
+from overlay.mail.downloads import DownloadQueue
+from overlay.mail.inbox import Inbox, InboxEntry
+from overlay.mail.incoming import IncomingMail
+from overlay.mail.outbox import Outbox
+from overlay.mail.outgoing import MailSender, SendError
+from overlay.mail.prefs import Prefs
+from overlay.transfer.server import TransferServer
+from rendezvous.client import RendezvousClient
+
+
+class ControlOperations:
+    """The control handlers of one node, over the parts of it they read and change."""
+
+    def __init__(self, identity: DeviceIdentity, address: str, *,
+                 listen_addr: tuple[str, int] | None, rendezvous: RendezvousClient,
+                 incoming: IncomingMail, sender: MailSender, inbox: Inbox, outbox: Outbox,
+                 prefs: Prefs, contacts: Contacts, downloads: DownloadQueue,
+                 transfer: TransferServer, max_in_flight: int) -> None:
+        self.identity = identity
+        self.address = address
+        self.listen_addr = listen_addr
+        self.rendezvous = rendezvous
+        self.incoming = incoming
+        self.sender = sender
+        self.inbox = inbox
+        self.outbox = outbox
+        self.prefs = prefs
+        self.contacts = contacts
+        self.downloads = downloads
+        self.transfer = transfer
+        self.max_in_flight = max_in_flight
+
+    def table(self) -> dict[str, Operation]:
+        return {
+            "ping": self.ping,
+            "send": self.send,
+            "inbox": self.inbox_list,
+            "fetch": self.fetch,
+            "progress": self.progress,
+            "status": self.status,
+            "prefs": self.prefs_get,
+            "prefs_set": self.prefs_set,
+            "prefs_list": self.prefs_list,
+            "contacts": self.contacts_list,
+            "contacts_accept": self.contacts_accept,
+        }
+
+    async def ping(self, a: Fields) -> Any:
+        return {"address": self.address, "peer_id": self.identity.peer_id.hex(),
+                "fingerprint": self.identity.public.fingerprint(),
+                "listen": list(self.listen_addr or ()),
+                "connected": self.rendezvous.connected,
+                "counters": dict(self.incoming.counters)}
+
+    async def send(self, a: Fields) -> Any:
+        to = a.list("to", _item_text, max_items=64) or ()
+        try:
+            mid = await self.sender.send(Path(a.str("path", max_len=4096)), list(to),
+                                         a.str("title", max_len=200),
+                                         a.str("note", max_len=4000))
+        except SendError as exc:
+            raise ControlError(str(exc)) from None
+        return {"id": mid.hex()}
+
+    def entry_json(self, e: InboxEntry) -> dict[str, Any]:
+        act = self.downloads.active.get(e.id)
+        return {
+            "id": e.id.hex(), "from": e.sender, "title": e.title, "note": e.note,
+            "size": e.size, "file_name": e.file_name, "media_type": e.media_type,
+            "state": e.state.value, "progress": round(e.progress, 4), "path": e.path,
+            "junk": e.junk, "priority": e.priority, "received_at": e.received_at,
+            "next_attempt": e.next_attempt, "attempts": e.attempts, "error": e.error,
+            "started_at": e.started_at, "first_byte_at": e.first_byte_at,
+            "completed_at": e.completed_at,
+            "sources": [s.as_dict() for s in act.sources.values()] if act else [],
+        }
+
+    async def inbox_list(self, a: Fields) -> Any:
+        include_junk = bool(a.bool("include_junk", optional=True))
+        return [self.entry_json(e) for e in self.inbox.list(include_junk=include_junk)]
+
+    def find(self, prefix: str) -> InboxEntry:
+        """The one inbox entry whose id starts with `prefix` (hex), or ControlError."""
+        matches = [e for e in self.inbox.list(include_junk=True) if e.id.hex().startswith(
+            prefix.lower())]
+        if not matches:
+            raise ControlError(f"no message {prefix!r} in the inbox")
+        if len(matches) > 1:
+            raise ControlError(f"{prefix!r} matches {len(matches)} messages; give more digits")
+        return matches[0]
+
+    async def fetch(self, a: Fields) -> Any:
+        e = self.find(a.str("id", min_len=1, max_len=32))
+        self.downloads.request(e.id)
+        fresh = self.inbox.get(e.id)
+        return self.entry_json(fresh or e)
+
+    async def progress(self, a: Fields) -> Any:
+        return self.entry_json(self.find(a.str("id", min_len=1, max_len=32)))
+
+    async def status(self, a: Fields) -> Any:
+        want = a.str("id", max_len=32, optional=True)
+        out = []
+        for m in self.outbox.list():
+            if want and not m.id.hex().startswith(want.lower()):
+                continue
+            served = self.transfer.chunks_served(m.content_id)
+            try:
+                chunk_size = decode_location(m.message).handle.chunk_size
+            except DecodeError:
+                chunk_size = DEFAULT_CHUNK_SIZE  # a row from before messages were kept
+            out.append({
+                "id": m.id.hex(), "title": m.title, "size": m.size, "path": m.path,
+                "content_id": m.content_id.hex(), "created_at": m.created_at,
+                "chunk_count": chunk_count(m.size, chunk_size),
+                "chunks_served": served, "max_in_flight": self.max_in_flight,
+                "retention_done": m.retention_action if m.retention_done else None,
+                "recipients": [{"address": r.address, "state": r.state.value,
+                                "updated_at": r.updated_at, "reason": r.reason}
+                               for r in m.recipients],
+            })
+        return out
+
+    async def prefs_get(self, a: Fields) -> Any:
+        return self.prefs.as_dict()
+
+    async def prefs_set(self, a: Fields) -> Any:
+        key, value = a.str("key", max_len=64), a.str("value", max_len=4096)
+        if key == "auto-download":
+            if value not in ("on", "off"):
+                raise ControlError("auto-download takes on or off")
+            self.prefs.auto_download = value == "on"
+        elif key == "retention":
+            self.prefs.retention = value
+        elif key == "archive-dir":
+            self.prefs.archive_dir = value or None
+        elif key == "max-upload-rate":
+            self.prefs.max_upload_rate = None if value in ("none", "0", "") else int(value)
+        else:
+            raise ControlError(f"unknown preference {key!r}")
+        self.downloads.wake()
+        return self.prefs.as_dict()
+
+    async def prefs_list(self, a: Fields) -> Any:
+        which, action = a.str("list", max_len=16), a.str("action", max_len=16)
+        pattern = a.str("address", max_len=254)
+        if action == "remove":
+            if not self.prefs.remove_sender(pattern):
+                raise ControlError(f"{pattern} is not in the {which} list")
+        elif which == "priority":
+            self.prefs.add_priority(pattern)
+        elif which == "junk":
+            self.prefs.add_junk(pattern)
+        else:
+            raise ControlError(f"unknown list {which!r}")
+        return self.prefs.as_dict()
+
+    async def contacts_list(self, a: Fields) -> Any:
+        return [{"address": c.address, "fingerprints": [PublicIdentity(k).fingerprint()
+                                                         for k in c.keys],
+                 "first_seen": c.first_seen, "changed": c.changed}
+                for c in self.contacts.list()]
+
+    async def contacts_accept(self, a: Fields) -> Any:
+        addr = a.str("address", max_len=254)
+        c = self.contacts.get(addr)
+        if c is None or not c.changed:
+            raise ControlError(f"no pending key change for {addr}")
+        for k in c.pending_keys:
+            self.contacts.accept_change(addr, k)
+        return await self.contacts_list(a)
+
+
+def _item_text(v: Any, what: str) -> str:
+    if not isinstance(v, str) or len(v) > 254:
+        raise ControlError(f"{what}: expected an address")
+    return v
