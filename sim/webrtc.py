@@ -1,13 +1,14 @@
-"""A simulated WebRTC data-channel transport with `WebRtcEndpoint`'s dial/accept shape.
+"""A simulated WebRTC data-channel transport: the real endpoint with simulated channels.
 
     async with SimWebRtcEndpoint(rendezvous_client) as rtc:   # as overlay.transports.webrtc
         # the node's push loop:  if isinstance(push, PipeMessage): rtc.feed(push)
         stream = await rtc.dial("bob@example.net", bob_device)   # -> Stream, path "webrtc"
         incoming = await rtc.accept()
 
-What is real: the signalling. Offer, Answer and Reject are `overlay.transports.signalling`
-messages sent with the same `pipe()` call (through the real rendezvous server when given a
-`RendezvousClient`), checked and bounded the same way. What is modelled: ICE, DTLS and SCTP
+What is real: the signalling, which is `WebRtcEndpoint` itself. Offer, Answer and Reject are
+`overlay.transports.signalling` messages sent with the same `pipe()` call (through the real
+rendezvous server when given a `RendezvousClient`), checked and bounded the same way. What
+is modelled, by `SimChannels` (the endpoint's `ChannelFactory` here): ICE, DTLS and SCTP
 are not run (aiortc's pure-Python stack would cost wall time the simulation can't afford).
 Instead, once the answer is in, the channel opens if the NAT model says hole punching works
 between the two hosts (`Network.webrtc_possible`, which agrees with the NAT lab), after the
@@ -23,19 +24,21 @@ The SDPs are tiny stand-ins naming the simulated host ("a=x-sim-host:NAME").
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from collections.abc import Callable
 
-from overlay.transports.signalling import Answer, Offer, PipeSender, Reject, encode_signal
-from overlay.transports.stream import StreamClosed
+from overlay.transports.signalling import PipeSender
+from overlay.transports.stream import Stream, StreamClosed
 from overlay.transports.tcp import StreamProtocol, TcpStream
-from overlay.transports.webrtc import WebRtcConnectError, WebRtcEndpoint, WebRtcSettings, _Dial
-from rendezvous.messages import PipeMessage
+from overlay.transports.webrtc import (
+    Negotiation,
+    UnusableDescription,
+    WebRtcConnectError,
+    WebRtcEndpoint,
+    WebRtcSettings,
+)
 from sim.network.host import Host, current_host
 from sim.network.net import Network
-
-log = logging.getLogger(__name__)
 
 SETUP_COST = (0.040, 0.080)  # seconds of ICE/DTLS/SCTP processing, measured on loopback
 SETUP_ROUND_TRIPS = 3
@@ -60,138 +63,72 @@ def _host_of(net: Network, sdp: str) -> Host | None:
 
 
 class SimWebRtcEndpoint(WebRtcEndpoint):
-    """Dials and accepts simulated WebRTC streams for one device on one simulated host.
-
-    The signalling half (feed, offers, rejects, the accept backlog, closing) is
-    `WebRtcEndpoint`'s own; only answering and dialing are replaced.
-    """
+    """`WebRtcEndpoint` with `SimChannels`, for one device on the simulated host that
+    starts it; `SimWebRtcEndpoint(pipe, settings)` fits `NodeOptions.webrtc_endpoint`."""
 
     def __init__(self, pipe: PipeSender, settings: WebRtcSettings | None = None, *,
                  accept_from: Callable[[str, bytes], bool] | None = None,
                  rng: random.Random | None = None,
                  setup_cost: tuple[float, float] = SETUP_COST) -> None:
-        super().__init__(pipe, settings, accept_from=accept_from)
+        settings = settings or WebRtcSettings()
+        rng = rng or random.Random(0)
+        super().__init__(pipe, settings, accept_from=accept_from, rng=rng,
+                         channels=SimChannels(settings, rng, setup_cost))
+
+
+class SimChannels:
+    """The `ChannelFactory` of the simulation: channels that open when the NAT model lets
+    them, after the measured setup time, as simulated streams between the two hosts."""
+
+    def __init__(self, settings: WebRtcSettings, rng: random.Random,
+                 setup_cost: tuple[float, float] = SETUP_COST) -> None:
+        self.settings = settings
         self.setup_cost = setup_cost
-        self._rng = rng or random.Random(0)
+        self._rng = rng
         self._opening: dict[bytes, asyncio.Future[SimWebRtcStream]] = {}
         self._host: Host | None = None
         self._net: Network | None = None
 
     async def start(self) -> None:
-        """Ready to dial and accept, as the host the caller runs as."""
+        """Serve as the host the caller runs as."""
         self._host = current_host()
         self._net = self._host.network
         self._net.webrtc_endpoints[self._host] = self
-        await super().start()
 
     async def aclose(self) -> None:
-        """Stop answering, cancel negotiations, close streams nobody accepted yet."""
+        """Dials to this host find nobody from now on."""
         if self._net is not None and self._host is not None:
             self._net.webrtc_endpoints.pop(self._host, None)
-        await super().aclose()
 
-    # --- accepting -------------------------------------------------------------------
-    async def _answer(self, msg: PipeMessage, offer: Offer) -> None:
-        """Answer with our simulated host; hand the stream over once the dialer opens it."""
+    async def offer(self, session: bytes, address: str, device: bytes) -> Negotiation:
         host, net = self._where()
+        return _SimDial(self, host, net, session, address)
+
+    async def answer(self, session: bytes, offer: str, address: str,
+                     device: bytes) -> Negotiation:
+        """Answer with our simulated host; the dialer hands the stream over once it opens."""
+        host, net = self._where()
+        if _host_of(net, offer) is None:
+            raise UnusableDescription("no simulated host in the SDP")
         opened: asyncio.Future[SimWebRtcStream] = asyncio.get_running_loop().create_future()
-        self._opening[offer.session] = opened
-        handed = False
-        try:
-            if _host_of(net, offer.sdp) is None:
-                self.stats.bad_signals += 1
-                await self._send(msg.sender, msg.sender_device,
-                                 Reject(offer.session, "offer SDP not understood"))
-                raise WebRtcConnectError("unusable offer: no simulated host in the SDP")
-            await self._pipe.pipe(msg.sender, encode_signal(Answer(offer.session, _sdp(host))),
-                                  device=msg.sender_device)
-            try:
-                async with asyncio.timeout(self.settings.connect_timeout):
-                    stream = await opened
-            except TimeoutError:
-                raise WebRtcConnectError(
-                    f"no connection within {self.settings.connect_timeout} s") from None
-            if self._backlog is None or self._backlog.full():
-                await stream.aclose()
-                raise WebRtcConnectError("accept backlog full")
-            self._backlog.put_nowait(stream)  # type: ignore[arg-type]  # a Stream too
-            self.stats.accepted += 1
-            handed = True
-        except Exception as exc:  # one failed answer must not end the node
-            self.stats.accept_failures += 1
-            log.info("WebRTC from %s failed: %s", msg.sender, exc)
-        finally:
-            self._incoming -= 1
-            self._opening.pop(offer.session, None)
-            if not handed and opened.done() and not opened.cancelled():
-                await opened.result().aclose()
-
-    # --- dialing ---------------------------------------------------------------------
-    async def dial(self, address: str, device: bytes,  # type: ignore[override]
-                   *, hold: float = 0) -> SimWebRtcStream:
-        """A stream to `device` of `address`; WebRtcConnectError says why not."""
-        if self._closed or self._backlog is None:
-            raise StreamClosed("WebRTC endpoint is not running")
-        s = self.settings
-        if len(self._dials) >= s.max_dials:
-            raise WebRtcConnectError("too many WebRTC dials in progress")
-        host, net = self._where()
-        self.stats.dials += 1
-        session = self._rng.randbytes(16)
-        dial = _Dial(address, device, asyncio.get_running_loop().create_future())
-        self._dials[session] = dial
-        ok = False
-        try:
-            try:
-                await self._pipe.pipe(address, encode_signal(Offer(session, _sdp(host))),
-                                      device=device, hold=hold)
-            except Exception as exc:
-                raise WebRtcConnectError(f"could not send the offer to {address}: {exc}"
-                                         ) from None
-            try:
-                async with asyncio.timeout(s.answer_timeout):
-                    answer = await dial.reply
-            except TimeoutError:
-                raise WebRtcConnectError(
-                    f"{address} did not answer within {s.answer_timeout} s") from None
-            if isinstance(answer, Reject):
-                raise WebRtcConnectError(f"{address} declined: {answer.reason}")
-            peer = _host_of(net, answer.sdp)
-            if peer is None:
-                self.stats.bad_signals += 1
-                raise WebRtcConnectError(f"unusable answer from {address}")
-            stream = await self._connect(host, peer, session, address)
-            ok = True
-            return stream
-        except asyncio.CancelledError:
-            if self._closed:
-                raise StreamClosed("WebRTC endpoint closed during the dial") from None
-            raise
-        finally:
-            self._dials.pop(session, None)
-            if not ok:
-                self.stats.dial_failures += 1
+        self._opening[session] = opened
+        return _SimAnswer(self, host, session, opened)
 
     async def _connect(self, host: Host, peer: Host, session: bytes,
                        address: str) -> SimWebRtcStream:
-        """ICE, DTLS and SCTP as the model has them: open after the setup time, or never."""
+        """ICE, DTLS and SCTP as the model has them: open after the setup time, or never
+        (the endpoint's `connect_timeout` ends the wait)."""
         net = self._where()[1]
-        s = self.settings
         rtt = net.latency(host, peer) + net.latency(peer, host)
         setup = self._rng.uniform(*self.setup_cost) + SETUP_ROUND_TRIPS * rtt
-        possible = net.webrtc_possible(host, peer)
-        if not possible or setup >= s.connect_timeout:
-            await asyncio.sleep(s.connect_timeout)
-            raise WebRtcConnectError(
-                f"no WebRTC connection to {address} within {s.connect_timeout} s (ICE found "
-                f"no working candidate pair: {_nat_text(host)} to {_nat_text(peer)})")
+        if not net.webrtc_possible(host, peer) or setup >= self.settings.connect_timeout:
+            await asyncio.get_running_loop().create_future()  # never opens
         await asyncio.sleep(setup)
         remote = net.webrtc_endpoints.get(peer)
-        opening = remote._opening.get(session) if remote is not None else None
+        opening = remote._opening.get(session) if isinstance(remote, SimChannels) else None
         if opening is None or opening.done() or not (host.online and peer.online):
             raise WebRtcConnectError(f"{address} went away while the channel was opening")
-        mine = StreamProtocol()
-        theirs = StreamProtocol()
+        mine, theirs = StreamProtocol(), StreamProtocol()
         net.pair_streams(host, peer, mine, theirs)
         opening.set_result(SimWebRtcStream(theirs))
         return SimWebRtcStream(mine)
@@ -200,6 +137,76 @@ class SimWebRtcEndpoint(WebRtcEndpoint):
         if self._host is None or self._net is None:
             raise StreamClosed("endpoint not started")
         return self._host, self._net
+
+
+class _SimDial:
+    """The dialer's side: the offer names our host, the answer the peer's."""
+
+    def __init__(self, channels: SimChannels, host: Host, net: Network, session: bytes,
+                 address: str) -> None:
+        self._channels = channels
+        self._host = host
+        self._net = net
+        self._session = session
+        self._address = address
+        self._peer: Host | None = None
+
+    @property
+    def sdp(self) -> str:
+        return _sdp(self._host)
+
+    async def complete(self, answer: str) -> None:
+        self._peer = _host_of(self._net, answer)
+        if self._peer is None:
+            raise UnusableDescription("no simulated host in the SDP")
+
+    async def opened(self) -> Stream:
+        if self._peer is None:
+            raise WebRtcConnectError("no answer to open a channel with")
+        return await self._channels._connect(self._host, self._peer, self._session,
+                                             self._address)
+
+    def describe(self) -> str:
+        if self._peer is None:
+            return ""
+        return (f"ICE found no working candidate pair: {_nat_text(self._host)} to "
+                f"{_nat_text(self._peer)}")
+
+    async def aclose(self) -> None:
+        """Nothing held: the stream exists only once `opened` returns it."""
+
+
+class _SimAnswer:
+    """The answerer's side: waits for the dialer to open the channel to it."""
+
+    def __init__(self, channels: SimChannels, host: Host, session: bytes,
+                 opened: asyncio.Future[SimWebRtcStream]) -> None:
+        self._channels = channels
+        self._host = host
+        self._session = session
+        self._opened = opened
+        self._returned = False
+
+    @property
+    def sdp(self) -> str:
+        return _sdp(self._host)
+
+    async def complete(self, answer: str) -> None:
+        raise WebRtcConnectError("the answering side takes no answer")
+
+    async def opened(self) -> Stream:
+        stream = await self._opened
+        self._returned = True
+        return stream
+
+    def describe(self) -> str:
+        return ""
+
+    async def aclose(self) -> None:
+        self._channels._opening.pop(self._session, None)
+        if self._returned or not self._opened.done() or self._opened.cancelled():
+            return
+        await self._opened.result().aclose()
 
 
 def _nat_text(host: Host) -> str:

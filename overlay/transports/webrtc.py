@@ -1,15 +1,20 @@
-"""WebRTC data-channel transport: dial and accept `WebRtcStream`s, signalling over PIPE.
+"""WebRTC data-channel transport: dial and accept data-channel `Stream`s, signalling over PIPE.
 
     async with WebRtcEndpoint(rendezvous_client, WebRtcSettings(stun=[(host, port)])) as rtc:
         # the node's push loop:  if isinstance(push, PipeMessage): rtc.feed(push)
         stream = await rtc.dial("bob@example.net", bob_device)   # -> Stream, path "webrtc"
         incoming = await rtc.accept()                             # -> Stream
 
-The dialer makes an offer with every candidate gathered (host, and server-reflexive from
-our own server's STUN: never a public default), PIPEs it to one device, waits for that
-device's answer, then gives ICE, DTLS and SCTP `connect_timeout` seconds (aiortc alone would
-take about 64 s to report failure). Both sides create the same pre-negotiated channel (id 0),
-which saves the DCEP open round trip. Every failure is a `WebRtcConnectError` (a
+Two halves. `WebRtcEndpoint` is the signalling: it PIPEs an offer to one device, waits for
+that device's answer, answers offers that come in, and keeps the bounds, the accept backlog
+and the counters. A `ChannelFactory` makes the channels the SDPs describe: `AiortcChannels`
+here runs aiortc; the simulator has its own (sim.webrtc) and shares the signalling.
+
+With aiortc the dialer makes an offer with every candidate gathered (host, and
+server-reflexive from our own server's STUN: never a public default), and once the answer
+is in the endpoint gives ICE, DTLS and SCTP `connect_timeout` seconds (aiortc alone would
+take about 64 s to report failure). Both sides create the same pre-negotiated channel (id
+0), which saves the DCEP open round trip. Every failure is a `WebRtcConnectError` (a
 `StreamBroken`) whose text says which step failed, so the caller can fall back to the relay.
 
 Incoming offers are bounded (`max_incoming` negotiating or waiting in the accept backlog);
@@ -21,12 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Coroutine, Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from aiortc import (
     RTCConfiguration,
@@ -47,9 +52,10 @@ from overlay.transports.signalling import (
     encode_signal,
     signal_tag,
 )
-from overlay.transports.stream import StreamBroken, StreamClosed
+from overlay.transports.stream import Stream, StreamBroken, StreamClosed
 from overlay.transports.webrtc_stream import ChannelTuning, WebRtcStream
 from rendezvous.messages import PipeMessage
+from rendezvous.taskset import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,11 @@ _RECENT_SESSIONS = 1024
 
 class WebRtcConnectError(StreamBroken):
     """A WebRTC attempt failed; the text says at which step and why."""
+
+
+class UnusableDescription(WebRtcConnectError):
+    """The peer's offer or answer SDP is not one a channel can be made from (the endpoint
+    counts it as a bad signal and, for an offer, tells the dialer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,25 +132,161 @@ def _describe(pc: RTCPeerConnection) -> str:
             f"local candidates: {', '.join(kinds) or 'none'}")
 
 
+# --- the channel factory: what makes the channels the signalling negotiates ------------
+class Negotiation(Protocol):
+    """One side of one data channel being set up, from our SDP until the channel opens."""
+
+    @property
+    def sdp(self) -> str:
+        """Our description for the peer: the offer (dialer) or the answer (answerer)."""
+        ...
+
+    async def complete(self, answer: str) -> None:
+        """(Dialer only) take the peer's answer; `UnusableDescription` if it isn't one."""
+        ...
+
+    async def opened(self) -> Stream:
+        """Wait for the channel to open and return its stream (the endpoint bounds the
+        wait by `connect_timeout`); `StreamBroken` if it dies first."""
+        ...
+
+    def describe(self) -> str:
+        """How far the connection got, for the message when it times out ("": nothing)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the negotiation holds, except a stream `opened` returned."""
+        ...
+
+
+class ChannelFactory(Protocol):
+    """Makes the data channels a `WebRtcEndpoint` signals for (aiortc or the simulator)."""
+
+    async def start(self) -> None:
+        """Ready to make channels (called by the endpoint's `start`)."""
+        ...
+
+    async def aclose(self) -> None:
+        """No more channels (called first by the endpoint's `aclose`)."""
+        ...
+
+    async def offer(self, session: bytes, address: str, device: bytes) -> Negotiation:
+        """Begin a channel to `device` of `address`: the negotiation's `sdp` is the offer."""
+        ...
+
+    async def answer(self, session: bytes, offer: str, address: str,
+                     device: bytes) -> Negotiation:
+        """Begin the channel `offer` asks for: the negotiation's `sdp` is the answer.
+        `UnusableDescription` if the offer isn't one we answer."""
+        ...
+
+
+class _AiortcNegotiation:
+    """A peer connection with the pre-negotiated channel and the stream over it."""
+
+    def __init__(self, pc: RTCPeerConnection, stream: WebRtcStream) -> None:
+        self._pc = pc
+        self._stream = stream
+        self._returned = False
+
+    @property
+    def sdp(self) -> str:
+        return str(self._pc.localDescription.sdp)
+
+    async def complete(self, answer: str) -> None:
+        try:
+            await self._pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        except (ValueError, KeyError, IndexError) as exc:
+            raise UnusableDescription(str(exc)) from None
+
+    async def opened(self) -> Stream:
+        await self._stream.wait_open()
+        self._returned = True
+        return self._stream
+
+    def describe(self) -> str:
+        return _describe(self._pc)
+
+    async def aclose(self) -> None:
+        if not self._returned:
+            await self._stream.aclose()  # closes the peer connection too
+
+
+class AiortcChannels:
+    """The `ChannelFactory` of real WebRTC: aiortc peer connections."""
+
+    def __init__(self, settings: WebRtcSettings) -> None:
+        self.settings = settings
+
+    async def start(self) -> None:
+        """Nothing to set up: each channel has its own peer connection."""
+
+    async def aclose(self) -> None:
+        """Nothing to release: each negotiation closes its own peer connection."""
+
+    async def offer(self, session: bytes, address: str, device: bytes) -> Negotiation:
+        s = self.settings
+        pc = RTCPeerConnection(s.rtc_configuration())
+        try:
+            channel = pc.createDataChannel("peerpost", negotiated=True, id=_CHANNEL_ID)
+            stream = WebRtcStream(pc, channel, s.tuning, remote_address=address,
+                                  remote_device=device)
+            await pc.setLocalDescription(await pc.createOffer())
+        except BaseException:
+            await pc.close()
+            raise
+        return _AiortcNegotiation(pc, stream)
+
+    async def answer(self, session: bytes, offer: str, address: str,
+                     device: bytes) -> Negotiation:
+        s = self.settings
+        pc = RTCPeerConnection(s.rtc_configuration())
+        stream: WebRtcStream | None = None
+        try:
+            try:
+                _check_offer(offer)
+                await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            except (ValueError, KeyError, IndexError) as exc:
+                raise UnusableDescription(str(exc)) from None
+            channel = pc.createDataChannel("peerpost", negotiated=True, id=_CHANNEL_ID)
+            stream = WebRtcStream(pc, channel, s.tuning, remote_address=address,
+                                  remote_device=device)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except BaseException:
+            await (stream.aclose() if stream is not None else pc.close())
+            raise
+        return _AiortcNegotiation(pc, stream)
+
+
+# --- the signalling ------------------------------------------------------------------
 class WebRtcEndpoint:
-    """Dials and accepts WebRTC streams for one device (see the module docstring)."""
+    """Dials and accepts WebRTC streams for one device (see the module docstring).
+
+    `channels` makes the channels (default: aiortc's); `rng`, when given, draws the dial
+    session ids (a simulation's repeatable run), else they come from `os.urandom`.
+    """
 
     def __init__(self, pipe: PipeSender, settings: WebRtcSettings | None = None, *,
-                 accept_from: Callable[[str, bytes], bool] | None = None) -> None:
+                 accept_from: Callable[[str, bytes], bool] | None = None,
+                 channels: ChannelFactory | None = None,
+                 rng: random.Random | None = None) -> None:
         self.settings = settings or WebRtcSettings()
         self.stats = WebRtcStats()
+        self.channels: ChannelFactory = channels or AiortcChannels(self.settings)
         self._pipe = pipe
         self._accept_from = accept_from
+        self._rng = rng
         self._dials: dict[bytes, _Dial] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("webrtc", logger=log)
         self._incoming = 0
-        self._backlog: asyncio.Queue[WebRtcStream | None] | None = None
+        self._backlog: asyncio.Queue[Stream | None] | None = None
         self._recent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._closed = False
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         """Ready to dial and accept."""
+        await self.channels.start()
         self._backlog = asyncio.Queue(maxsize=self.settings.max_incoming)
 
     async def aclose(self) -> None:
@@ -147,15 +294,11 @@ class WebRtcEndpoint:
         if self._closed:
             return
         self._closed = True
+        await self.channels.aclose()
         for d in self._dials.values():
             if not d.reply.done():
                 d.reply.cancel()
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await self._tasks.aclose()
         if self._backlog is not None:
             while not self._backlog.empty():
                 stream = self._backlog.get_nowait()
@@ -169,11 +312,6 @@ class WebRtcEndpoint:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # --- signalling in ---------------------------------------------------------------
     def feed(self, msg: PipeMessage) -> bool:
@@ -216,12 +354,13 @@ class WebRtcEndpoint:
             reason = "busy"
         else:
             self._incoming += 1
-            self._spawn(self._answer(msg, offer), f"webrtc answer {msg.sender}")
+            self._tasks.spawn(self._answer(msg, offer), name=f"webrtc answer {msg.sender}")
             return
         self.stats.rejected += 1
         if not self._closed:
-            self._spawn(self._send(msg.sender, msg.sender_device, Reject(offer.session, reason)),
-                        f"webrtc reject {msg.sender}")
+            self._tasks.spawn(
+                self._send(msg.sender, msg.sender_device, Reject(offer.session, reason)),
+                name=f"webrtc reject {msg.sender}")
 
     async def _send(self, to: str, device: bytes, sig: Signal) -> None:
         try:
@@ -229,33 +368,35 @@ class WebRtcEndpoint:
         except Exception as exc:  # a reject is a courtesy; the dialer times out
             log.info("could not send %s to %s: %s", sig.TAG, to, exc)
 
+    async def _opened(self, negotiation: Negotiation, what: str) -> Stream:
+        """The negotiation's stream once open; after `connect_timeout` a
+        WebRtcConnectError saying `what` did not happen in time, and how far it got."""
+        limit = self.settings.connect_timeout
+        try:
+            async with asyncio.timeout(limit):
+                return await negotiation.opened()
+        except TimeoutError:
+            how = negotiation.describe()
+            raise WebRtcConnectError(f"{what} within {limit} s" + (f" ({how})" if how else "")
+                                     ) from None
+
     # --- accepting -------------------------------------------------------------------
     async def _answer(self, msg: PipeMessage, offer: Offer) -> None:
-        s = self.settings
-        pc = RTCPeerConnection(s.rtc_configuration())
-        stream: WebRtcStream | None = None
+        negotiation: Negotiation | None = None
+        stream: Stream | None = None
         handed = False
         try:
             try:
-                _check_offer(offer.sdp)
-                await pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
-            except (ValueError, KeyError, IndexError) as exc:
+                negotiation = await self.channels.answer(offer.session, offer.sdp, msg.sender,
+                                                         msg.sender_device)
+            except UnusableDescription as exc:
                 self.stats.bad_signals += 1
                 await self._send(msg.sender, msg.sender_device,
                                  Reject(offer.session, "offer SDP not understood"))
                 raise WebRtcConnectError(f"unusable offer: {exc}") from None
-            channel = pc.createDataChannel("peerpost", negotiated=True, id=_CHANNEL_ID)
-            stream = WebRtcStream(pc, channel, s.tuning, remote_address=msg.sender,
-                                  remote_device=msg.sender_device)
-            await pc.setLocalDescription(await pc.createAnswer())
             await self._pipe.pipe(msg.sender, encode_signal(
-                Answer(offer.session, pc.localDescription.sdp)), device=msg.sender_device)
-            try:
-                async with asyncio.timeout(s.connect_timeout):
-                    await stream.wait_open()
-            except TimeoutError:
-                raise WebRtcConnectError(
-                    f"no connection within {s.connect_timeout} s ({_describe(pc)})") from None
+                Answer(offer.session, negotiation.sdp)), device=msg.sender_device)
+            stream = await self._opened(negotiation, "no connection")
             if self._backlog is None or self._backlog.full():
                 raise WebRtcConnectError("accept backlog full")
             self._backlog.put_nowait(stream)
@@ -266,10 +407,12 @@ class WebRtcEndpoint:
             log.info("WebRTC from %s failed: %s", msg.sender, exc)
         finally:
             self._incoming -= 1
-            if not handed:
-                await (stream.aclose() if stream is not None else pc.close())
+            if stream is not None and not handed:
+                await stream.aclose()
+            if negotiation is not None:
+                await negotiation.aclose()
 
-    async def accept(self) -> WebRtcStream:
+    async def accept(self) -> Stream:
         """The next incoming stream; StreamClosed once the endpoint is closed."""
         if self._backlog is None:
             raise StreamClosed("endpoint not started")
@@ -280,7 +423,7 @@ class WebRtcEndpoint:
         return stream
 
     # --- dialing ---------------------------------------------------------------------
-    async def dial(self, address: str, device: bytes, *, hold: float = 0) -> WebRtcStream:
+    async def dial(self, address: str, device: bytes, *, hold: float = 0) -> Stream:
         """A stream to `device` of `address`; WebRtcConnectError says why not.
 
         With `hold` > 0 the offer waits at the server up to that long for a device that is
@@ -293,19 +436,16 @@ class WebRtcEndpoint:
             raise WebRtcConnectError("too many WebRTC dials in progress")
         self.stats.dials += 1
         s = self.settings
-        session = os.urandom(16)
+        session = self._rng.randbytes(16) if self._rng is not None else os.urandom(16)
         dial = _Dial(address, device, asyncio.get_running_loop().create_future())
         self._dials[session] = dial
-        pc = RTCPeerConnection(s.rtc_configuration())
+        negotiation: Negotiation | None = None
         ok = False
         try:
-            channel = pc.createDataChannel("peerpost", negotiated=True, id=_CHANNEL_ID)
-            stream = WebRtcStream(pc, channel, s.tuning, remote_address=address,
-                                  remote_device=device)
-            await pc.setLocalDescription(await pc.createOffer())
+            negotiation = await self.channels.offer(session, address, device)
             try:
-                await self._pipe.pipe(address, encode_signal(
-                    Offer(session, pc.localDescription.sdp)), device=device, hold=hold)
+                await self._pipe.pipe(address, encode_signal(Offer(session, negotiation.sdp)),
+                                      device=device, hold=hold)
             except Exception as exc:  # RendezvousError, SignalTooLarge, ...
                 raise WebRtcConnectError(f"could not send the offer to {address}: {exc}"
                                          ) from None
@@ -318,17 +458,11 @@ class WebRtcEndpoint:
             if isinstance(reply, Reject):
                 raise WebRtcConnectError(f"{address} declined: {reply.reason}")
             try:
-                await pc.setRemoteDescription(RTCSessionDescription(reply.sdp, "answer"))
-            except (ValueError, KeyError, IndexError) as exc:
+                await negotiation.complete(reply.sdp)
+            except UnusableDescription as exc:
                 self.stats.bad_signals += 1
                 raise WebRtcConnectError(f"unusable answer from {address}: {exc}") from None
-            try:
-                async with asyncio.timeout(s.connect_timeout):
-                    await stream.wait_open()
-            except TimeoutError:
-                raise WebRtcConnectError(
-                    f"no WebRTC connection to {address} within {s.connect_timeout} s "
-                    f"({_describe(pc)})") from None
+            stream = await self._opened(negotiation, f"no WebRTC connection to {address}")
             ok = True
             return stream
         except asyncio.CancelledError:
@@ -339,4 +473,5 @@ class WebRtcEndpoint:
             self._dials.pop(session, None)
             if not ok:
                 self.stats.dial_failures += 1
-                await pc.close()
+            if negotiation is not None:
+                await negotiation.aclose()

@@ -27,8 +27,15 @@ from overlay.transports.signalling import (
     encode_signal,
     signal_tag,
 )
-from overlay.transports.stream import StreamClosed
-from overlay.transports.webrtc import WebRtcConnectError, WebRtcEndpoint, WebRtcSettings
+from overlay.transports.stream import Stream, StreamClosed
+from overlay.transports.webrtc import (
+    Negotiation,
+    UnusableDescription,
+    WebRtcConnectError,
+    WebRtcEndpoint,
+    WebRtcSettings,
+)
+from overlay.transports.webrtc_stream import WebRtcStream
 from rendezvous.client import RendezvousClient
 from rendezvous.messages import PipeMessage
 from tests.overlay.streams import receive_exactly, receive_to_eof
@@ -94,8 +101,7 @@ async def test_feed_routes_only_webrtc_signals() -> None:
 
 
 async def test_declined_dial_says_why() -> None:
-    async with webrtc_pair() as pair:
-        pair.bob._accept_from = lambda address, device: address != ALICE
+    async with webrtc_pair(bob_accept_from=lambda address, device: address != ALICE) as pair:
         with pytest.raises(WebRtcConnectError, match=r"bob@example\.net declined: not accepted"):
             await pair.alice.dial(BOB, BOB_DEV)
         assert pair.bob.stats.rejected == 1
@@ -235,6 +241,7 @@ async def test_offer_and_answer_through_a_real_rendezvous_server(
         feeders = [tg.create_task(_push_loop(ca, ea)), tg.create_task(_push_loop(cb, eb))]
         a = await ea.dial(f"bob@{DOMAIN}", b_id.peer_id)
         b = await eb.accept()
+        assert isinstance(b, WebRtcStream)
         assert (b.remote_address, b.remote_device) == (f"alice@{DOMAIN}", a_id.peer_id)
         await a.send_all(data)
         await a.send_eof()
@@ -279,3 +286,82 @@ async def test_a_malformed_sdp_is_refused_with_the_reason_and_nothing_breaks() -
         assert await receive_exactly(b, 4) == b"fine"
         await a.aclose()
         await b.aclose()
+
+
+class _StuckNegotiation:
+    """A channel that never opens; `released` counts the endpoint's aclose calls."""
+
+    def __init__(self, log: list[str], sdp: str) -> None:
+        self._log = log
+        self.sdp = sdp
+
+    async def complete(self, answer: str) -> None:
+        if answer != "v=0 answer":
+            raise UnusableDescription("not our answer")
+        self._log.append("complete")
+
+    async def opened(self) -> Stream:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    def describe(self) -> str:
+        return "stuck on purpose"
+
+    async def aclose(self) -> None:
+        self._log.append("released")
+
+
+class _StuckChannels:
+    """A `ChannelFactory` without aiortc: the signalling runs, no channel ever opens."""
+
+    def __init__(self, answer_sdp: str = "v=0 answer") -> None:
+        self.log: list[str] = []
+        self.answer_sdp = answer_sdp
+
+    async def start(self) -> None:
+        self.log.append("start")
+
+    async def aclose(self) -> None:
+        self.log.append("aclose")
+
+    async def offer(self, session: bytes, address: str, device: bytes) -> Negotiation:
+        self.log.append(f"offer to {address}")
+        return _StuckNegotiation(self.log, "v=0 offer")
+
+    async def answer(self, session: bytes, offer: str, address: str,
+                     device: bytes) -> Negotiation:
+        self.log.append(f"answer {offer!r} from {address}")
+        return _StuckNegotiation(self.log, self.answer_sdp)
+
+
+async def test_the_signalling_drives_any_channel_factory_and_bounds_its_open() -> None:
+    made: list[_StuckChannels] = []
+
+    def channels(settings: WebRtcSettings) -> _StuckChannels:
+        made.append(_StuckChannels())
+        return made[-1]
+
+    async with webrtc_pair(WebRtcSettings(connect_timeout=0.2), channels=channels) as pair:
+        alice, bob = made
+        with pytest.raises(WebRtcConnectError, match=r"no WebRTC connection to bob@example\.net "
+                           r"within 0\.2 s \(stuck on purpose\)"):
+            await pair.alice.dial(BOB, BOB_DEV)
+        await asyncio.sleep(0.1)  # bob's answer task gives up too
+        assert alice.log == ["start", "offer to bob@example.net", "complete", "released"]
+        assert bob.log == ["start", "answer 'v=0 offer' from alice@example.net", "released"]
+        assert pair.alice.stats.dial_failures == 1 and pair.bob.stats.accept_failures == 1
+    assert alice.log[-1] == bob.log[-1] == "aclose"
+
+
+async def test_an_answer_the_factory_cannot_use_is_a_counted_bad_signal() -> None:
+    made: list[_StuckChannels] = []
+
+    def channels(settings: WebRtcSettings) -> _StuckChannels:
+        made.append(_StuckChannels(answer_sdp="v=0 garbage"))
+        return made[-1]
+
+    async with webrtc_pair(channels=channels) as pair:
+        with pytest.raises(WebRtcConnectError,
+                           match=r"unusable answer from bob@example\.net: not our answer"):
+            await pair.alice.dial(BOB, BOB_DEV)
+        assert pair.alice.stats.bad_signals == 1 and made[0].log[-1] == "released"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from crypto.identity import DeviceIdentity
 from overlay.transports.signalling import MemoryPipe, PipeSender
 from overlay.transports.stream import Stream
-from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
+from overlay.transports.webrtc import ChannelFactory, WebRtcEndpoint, WebRtcSettings
 from rendezvous.messages import PipeMessage
 
 ALICE = "alice@example.net"
@@ -36,13 +36,19 @@ Wrap = Callable[[PipeSender], PipeSender]
 @asynccontextmanager
 async def webrtc_pair(settings: WebRtcSettings | None = None, *,
                       alice_pipe: Wrap | None = None,
-                      bob_pipe: Wrap | None = None) -> AsyncIterator[Pair]:
-    """Endpoints for alice and bob (no STUN: host candidates only); `*_pipe` may tamper."""
+                      bob_pipe: Wrap | None = None,
+                      bob_accept_from: Callable[[str, bytes], bool] | None = None,
+                      channels: Callable[[WebRtcSettings], ChannelFactory] | None = None,
+                      ) -> AsyncIterator[Pair]:
+    """Endpoints for alice and bob (no STUN: host candidates only); `*_pipe` may tamper;
+    `channels` replaces aiortc's channel factory on both sides."""
     hub = MemoryPipe()
     s = settings or WebRtcSettings()
     pa, pb = hub.sender(ALICE, ALICE_DEV), hub.sender(BOB, BOB_DEV)
-    async with WebRtcEndpoint(alice_pipe(pa) if alice_pipe else pa, s) as alice, \
-            WebRtcEndpoint(bob_pipe(pb) if bob_pipe else pb, s) as bob:
+    async with WebRtcEndpoint(alice_pipe(pa) if alice_pipe else pa, s,
+                              channels=channels(s) if channels else None) as alice, \
+            WebRtcEndpoint(bob_pipe(pb) if bob_pipe else pb, s, accept_from=bob_accept_from,
+                           channels=channels(s) if channels else None) as bob:
         hub.attach(ALICE, ALICE_DEV, alice.feed)
         hub.attach(BOB, BOB_DEV, bob.feed)
         yield Pair(hub, alice, bob)
