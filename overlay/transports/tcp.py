@@ -371,6 +371,7 @@ class TcpServer:
 
     @property
     def connections(self) -> int:
+        """How many connections are being handled now."""
         return len(self._tasks)
 
     def _make_protocol(self) -> StreamProtocol:
@@ -379,7 +380,8 @@ class TcpServer:
     def _connected(self, proto: _TcpBase) -> None:
         # Started from connection_made, so the handler always sees a live transport.
         if self._tasks.full or self._tasks.closed:  # closed: accepted during aclose
-            self.refused += self._tasks.full
+            if self._tasks.full:
+                self.refused += 1
             if proto.transport is not None:
                 proto.transport.abort()
             return
