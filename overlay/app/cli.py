@@ -197,8 +197,6 @@ def cmd_send(home: NodeHome, args: argparse.Namespace) -> Any:
 async def _send(home: NodeHome, path: Path, to: list[str], args: argparse.Namespace) -> int:
     res = await _call(home, "send", path=str(path), to=to,
                       title=args.title if args.title is not None else path.name, note=args.note)
-    for w in res.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/] {w}")
     print(res["id"])
     return 0
 

@@ -2,10 +2,11 @@
 
 It owns, for its lifetime: the rendezvous session (auth, pushes, reconnect), the content
 store, the direct-TCP transfer server (advertised through FINGER), the DHT directory, the
-WebRTC endpoint, the records database, the download queue and the local control socket.
-`Node` is an async context manager that wires these parts and closes them in reverse; the
-work itself is done by the parts (overlay.mail.delivery, overlay.mail.outgoing,
-overlay.app.fetch, overlay.app.operations). SIGTERM/SIGINT close it cleanly.
+WebRTC and relay links, the records database, the download queue and the local control
+socket. `Node` is an async context manager that wires these parts and closes them in
+reverse; the work itself is done by the parts (overlay.mail.delivery, overlay.mail.outgoing,
+overlay.app.links, overlay.app.holders, overlay.app.fetch, overlay.app.operations).
+SIGTERM/SIGINT close it cleanly.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from overlay.app.control import ControlServer
 from overlay.app.fetch import ContentFetch
 from overlay.app.holders import HolderFinder
 from overlay.app.home import NodeConfig, NodeHome
+from overlay.app.links import EndpointFactory, PeerLinks
 from overlay.app.operations import ControlOperations
 from overlay.content.catalog import ContentStore
 from overlay.dht.directory import ProviderDirectory
@@ -41,17 +43,11 @@ from overlay.mail.outbox import Outbox
 from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
 from overlay.transfer.server import TransferServer
-from overlay.transports.ladder import ConnectionLadder, Holder
 from overlay.transports.reachability import Reachability, probe
-from overlay.transports.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
-from overlay.transports.relay import relay_accept, relay_dial
-from overlay.transports.signalling import PipeSender
-from overlay.transports.stream import Stream, StreamClosed, StreamError
-from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
+from overlay.transports.webrtc import WebRtcEndpoint
 from rendezvous.backoff import Backoff
-from rendezvous.client import RelayInvite, RendezvousClient
+from rendezvous.client import RendezvousClient
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
-from rendezvous.taskset import TaskSet
 
 log = logging.getLogger("peerpost.node")
 
@@ -72,7 +68,7 @@ class NodeOptions:
     co_recipients: bool = True
     # How the WebRTC rung is made: aiortc in production; the simulator passes its own
     # endpoint that obeys its NAT model (aiortc's DTLS and SCTP are not run there).
-    webrtc_endpoint: Callable[[PipeSender, WebRtcSettings], WebRtcEndpoint] = WebRtcEndpoint
+    webrtc_endpoint: EndpointFactory = WebRtcEndpoint
 
 
 class Node:
@@ -90,7 +86,6 @@ class Node:
         self.listen_addr: tuple[str, int] | None = None
         self.reach: Reachability | None = None
         self._stack = contextlib.AsyncExitStack()
-        self._serving = TaskSet("node-serve", logger=log)  # one task per inbound stream
         self._running: list[asyncio.Task[None]] = []  # the long-lived tasks, in self._tg
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -119,7 +114,10 @@ class Node:
         if self._advertise() != self._advertised:
             await self.rendezvous.advertise(self._advertise())
         await self._start_dht(host)
-        await self._start_webrtc(host)
+        self.links = PeerLinks(self.identity, self.address, (host, port), self.rendezvous,
+                               self.transfer, self.options.webrtc_endpoint)
+        await self.links.start()
+        st.push_async_callback(self.links.aclose)
         self._wire_mail()
         self.control = ControlServer(self.home.control_path, ControlOperations(
             self.identity, self.address, listen_addr=self.listen_addr,
@@ -131,11 +129,10 @@ class Node:
         st.push_async_callback(self.control.aclose)
 
         await self.delivery.retention()  # finish what a crash interrupted
-        st.push_async_callback(self._serving.aclose)  # closed after the tasks that fill it
         self._tg = await st.enter_async_context(asyncio.TaskGroup())
         self._running = [
             self._tg.create_task(self.delivery.pushes(), name="pushes"),
-            self._tg.create_task(self._serve_webrtc(), name="webrtc-accept"),
+            self._tg.create_task(self.links.serve_webrtc(), name="webrtc-accept"),
             self._tg.create_task(self.delivery.downloads_after_login(), name="downloads"),
             self._tg.create_task(self.receipts.owed(), name="owed-receipts")]
         return self
@@ -156,22 +153,23 @@ class Node:
             wall=self.wall)
         self.receipts = Receipts(self.identity, self.rendezvous, self.inbox, self.contacts,
                                  wall=self.wall, retry=self.options.receipt_retry)
-        self.holders = HolderFinder(self.address, self.rendezvous, self.providers, self.ladder,
+        ladder = self.links.ladder
+        self.holders = HolderFinder(self.address, self.rendezvous, self.providers, ladder,
                                     co_recipients=self.options.co_recipients,
                                     refresh=self.options.provider_refresh)
         fetch = ContentFetch(self.identity, self.store, self.holders,
                              dest=self.home.received_dir(self.config),
                              announce=self.providers.announce,
                              window=self.options.max_in_flight,
-                             connect_timeout=self.ladder.budget)
+                             connect_timeout=ladder.budget)
         self.downloads = DownloadQueue(
             self.inbox, self.prefs, fetch, self.receipts.completed, wall=self.wall,
             rng=self.rng, max_active=self.options.max_active_downloads,
             retry_base=self.options.retry_base, retry_max=self.options.retry_max)
         self.delivery = Delivery(
             self.rendezvous, self.incoming, self.outbox, self.store, self.prefs,
-            self.downloads, archive=self.home.root / "archive", on_pipe=self.rtc.feed,
-            on_relay=lambda invite: self._serve(self._serve_relayed(invite), "serve-relay"),
+            self.downloads, archive=self.home.root / "archive", on_pipe=self.links.feed,
+            on_relay=self.links.serve_relayed,
             withdraw=self.providers.withdraw)
 
     async def _first_login(self) -> None:
@@ -221,55 +219,6 @@ class Node:
         self.providers.home_server = self.config.server
         for cid in await asyncio.to_thread(self.store.content_ids):
             self.providers.announce(cid)
-
-    async def _start_webrtc(self, server_host: str) -> None:
-        """WebRTC through the server's STUN, signalled over PIPE (overlay.transports.webrtc)."""
-        stun = self.rendezvous.server_info.get("stun")
-        settings = WebRtcSettings(stun=[(server_host, int(stun))] if isinstance(stun, int)
-                                  else [])
-        self.rtc = self.options.webrtc_endpoint(self.rendezvous, settings)
-        await self.rtc.start()
-        self._stack.push_async_callback(self.rtc.aclose)
-
-        async def webrtc(holder: Holder) -> Stream:
-            # A NATed holder that is offline can't be retried directly: leave the offer
-            # waiting at the server (the seed's held request) so it answers on coming back.
-            hold = settings.answer_timeout if holder.nat else 0.0
-            return await self.rtc.dial(holder.address or "", holder.peer_id, hold=hold)
-
-        host, port = parse_hostport(self.config.server, what="server")
-
-        async def relay(holder: Holder) -> Stream:
-            return await relay_dial(host, port, self.identity, self.address,
-                                    holder.address or "", holder.peer_id)
-
-        self.ladder = ConnectionLadder(
-            webrtc=webrtc, relay=relay,
-            webrtc_timeout=settings.answer_timeout + settings.connect_timeout,
-            relay_timeout=RELAY_TIMEOUT)
-
-    async def _serve_relayed(self, invite: RelayInvite) -> None:
-        """Join a relayed stream another device opened to us, and serve it."""
-        host, port = parse_hostport(self.config.server, what="server")
-        try:
-            stream = await relay_accept(host, port, self.identity, self.address, invite)
-        except StreamError as exc:
-            log.info("relay from %s not joined: %s", invite.sender, exc)
-            return
-        await self.transfer.handle_stream(stream)
-
-    async def _serve_webrtc(self) -> None:
-        """Hand each accepted WebRTC stream to the transfer server."""
-        while True:
-            try:
-                stream = await self.rtc.accept()
-            except StreamClosed:
-                return
-            self._serve(self.transfer.handle_stream(stream), "serve-webrtc")
-
-    def _serve(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        """Run one inbound stream's handler as a child of the node."""
-        self._serving.spawn(coro, name=name)
 
     def _advertise(self) -> dict[str, Any]:
         """What FINGER shows of us: direct addresses, and whether a NAT is in front."""

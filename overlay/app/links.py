@@ -1,0 +1,97 @@
+"""The ways past direct TCP: WebRTC signalled over PIPE, the server's relay, and the ladder.
+
+Outbound, `PeerLinks.ladder` turns a holder into a source that tries direct TCP, then
+WebRTC through the server's STUN, then the relay, each to its own timeout. Inbound, a
+WebRTC stream another device opened, or a relay invite it sent, is served by the transfer
+server in a task this object owns; `aclose()` ends them and the WebRTC endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from crypto.identity import DeviceIdentity
+from overlay.transfer.server import TransferServer
+from overlay.transports.ladder import ConnectionLadder, Holder
+from overlay.transports.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
+from overlay.transports.relay import relay_accept, relay_dial
+from overlay.transports.signalling import PipeSender
+from overlay.transports.stream import Stream, StreamClosed, StreamError
+from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
+from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient
+from rendezvous.taskset import TaskSet
+
+log = logging.getLogger("peerpost.node")
+
+EndpointFactory = Callable[[PipeSender, WebRtcSettings], WebRtcEndpoint]
+
+
+class PeerLinks:
+    """WebRTC and relay for one node, dialling out (the ladder) and serving in."""
+
+    def __init__(self, identity: DeviceIdentity, address: str, server: tuple[str, int],
+                 rendezvous: RendezvousClient, transfer: TransferServer,
+                 endpoint: EndpointFactory) -> None:
+        self.identity = identity
+        self.address = address
+        self.server = server
+        self.transfer = transfer
+        stun = rendezvous.server_info.get("stun")  # from the server's CHALLENGE
+        self.settings = WebRtcSettings(stun=[(server[0], int(stun))]
+                                       if isinstance(stun, int) else [])
+        self.rtc = endpoint(rendezvous, self.settings)
+        self.ladder = ConnectionLadder(
+            webrtc=self._dial_webrtc, relay=self._dial_relay,
+            webrtc_timeout=self.settings.answer_timeout + self.settings.connect_timeout,
+            relay_timeout=RELAY_TIMEOUT)
+        self._serving = TaskSet("node-serve", logger=log)  # one task per inbound stream
+
+    async def start(self) -> None:
+        await self.rtc.start()
+
+    async def aclose(self) -> None:
+        await self._serving.aclose()
+        await self.rtc.aclose()
+
+    async def _dial_webrtc(self, holder: Holder) -> Stream:
+        # A NATed holder that is offline can't be retried directly: leave the offer
+        # waiting at the server (the seed's held request) so it answers on coming back.
+        hold = self.settings.answer_timeout if holder.nat else 0.0
+        return await self.rtc.dial(holder.address or "", holder.peer_id, hold=hold)
+
+    async def _dial_relay(self, holder: Holder) -> Stream:
+        host, port = self.server
+        return await relay_dial(host, port, self.identity, self.address,
+                                holder.address or "", holder.peer_id)
+
+    def feed(self, message: PipeMessage) -> bool:
+        """A PIPE message for WebRTC signalling; False if it is not signalling."""
+        return self.rtc.feed(message)
+
+    def serve_relayed(self, invite: RelayInvite) -> None:
+        """Join, in a task of our own, the relayed stream `invite` names, and serve it."""
+        self._spawn(self._serve_relayed(invite), "serve-relay")
+
+    async def _serve_relayed(self, invite: RelayInvite) -> None:
+        host, port = self.server
+        try:
+            stream = await relay_accept(host, port, self.identity, self.address, invite)
+        except StreamError as exc:
+            log.info("relay from %s not joined: %s", invite.sender, exc)
+            return
+        await self.transfer.handle_stream(stream)
+
+    async def serve_webrtc(self) -> None:
+        """Hand each accepted WebRTC stream to the transfer server, until the endpoint
+        closes."""
+        while True:
+            try:
+                stream = await self.rtc.accept()
+            except StreamClosed:
+                return
+            self._spawn(self.transfer.handle_stream(stream), "serve-webrtc")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._serving.spawn(coro, name=name)
