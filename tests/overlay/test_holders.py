@@ -1,0 +1,96 @@
+"""HolderFinder: FINGER answers reused for FINGER_CACHE seconds, our own address skipped,
+the sender first, co-recipients only when asked for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from crypto.location import LocationMessage
+from overlay.app.holders import FINGER_CACHE, HolderFinder
+from overlay.dht.directory import ProviderDirectory
+from overlay.transports.ladder import ConnectionLadder
+from rendezvous.client import RendezvousClient
+
+SENDER_ID = b"s" * 32
+PEER_ID = b"p" * 32
+
+
+@dataclass
+class Device:
+    peer_id: bytes
+    advertise: dict[str, Any]
+
+
+@dataclass
+class Info:
+    devices: list[Device]
+
+
+@dataclass
+class FakeRendezvous:
+    asked: list[str] = field(default_factory=list)
+
+    async def finger(self, address: str) -> Info:
+        self.asked.append(address)
+        peer = SENDER_ID if address.startswith("alice") else PEER_ID
+        return Info([Device(peer, {"addrs": ["10.0.0.1:9000"], "nat": address == "carol@x"})])
+
+
+@dataclass
+class Record:
+    peer_id: bytes
+    addresses: list[str]
+
+
+class FakeProviders:
+    async def find(self, content_id: bytes, *, exclude: set[bytes]) -> list[Record]:
+        return [r for r in [Record(PEER_ID, ["10.0.0.2:9000"])] if r.peer_id not in exclude]
+
+
+class Headers:
+    sender = "alice@x"
+    sender_peer_id = SENDER_ID
+    recipients = ("bob@x", "carol@x")
+    message_id = b"m" * 16
+
+
+class Hints:
+    addresses = ("192.0.2.1:9000",)
+
+
+class Handle:
+    content_id = b"c" * 32
+    sender = Hints()
+
+
+class Msg:
+    headers = Headers()
+    handle = Handle()
+
+
+def finder(rv: FakeRendezvous, *, co_recipients: bool) -> HolderFinder:
+    return HolderFinder("bob@x", cast(RendezvousClient, rv),
+                        cast(ProviderDirectory, FakeProviders()),
+                        cast(ConnectionLadder, None), co_recipients=co_recipients, refresh=10.0)
+
+
+async def test_finger_answers_are_reused_and_our_own_address_skipped() -> None:
+    rv = FakeRendezvous()
+    f = finder(rv, co_recipients=True)
+    await f.devices(["alice@x", "bob@x", "carol@x", "alice@x"])
+    assert rv.asked == ["alice@x", "carol@x"]
+    await f.devices(["alice@x", "carol@x"])
+    assert rv.asked == ["alice@x", "carol@x"]  # younger than FINGER_CACHE: not asked again
+    assert FINGER_CACHE == 30.0
+
+
+async def test_sender_first_then_co_recipients_only_when_on() -> None:
+    msg = cast(LocationMessage, Msg())
+    on = await finder(FakeRendezvous(), co_recipients=True).holders(msg)
+    assert [h.peer_id for h in on] == [SENDER_ID, PEER_ID]
+    assert on[0].address == "alice@x"
+    assert on[1].direct == ("10.0.0.2:9000",)
+    off = await finder(FakeRendezvous(), co_recipients=False).holders(msg)
+    assert [h.peer_id for h in off] == [SENDER_ID]
+
