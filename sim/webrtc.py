@@ -12,7 +12,7 @@ is modelled, by `SimChannels` (the endpoint's `ChannelFactory` here): ICE, DTLS 
 are not run (aiortc's pure-Python stack would cost wall time the simulation can't afford).
 Instead, once the answer is in, the channel opens if the NAT model says hole punching works
 between the two hosts (`Network.webrtc_possible`, which agrees with the NAT lab), after the
-measured setup cost (40-80 ms of processing on loopback, NOTES.md) plus three round trips
+measured setup cost (40-80 ms of processing for aiortc on loopback) plus three round trips
 (an ICE check, the two flights of the DTLS handshake; the channel is pre-negotiated, so no
 DCEP round trip). If it can't open, the dial fails with `WebRtcConnectError` after
 `connect_timeout`, as the real endpoint does. The bytes then flow as a simulated stream

@@ -98,7 +98,8 @@ def build_message(
     description: Description, *, title: str, note: str, home_server: str,
     direct_addresses: list[str], now: float,
 ) -> LocationMessage:
-    """The location message for `content` (DESIGN.md table); raises SendError if invalid."""
+    """The location message for `content` (headers, description, handle); raises SendError if
+    invalid."""
     desc = Description(
         title=title[:MAX_TITLE], note=note, media_type=description.media_type,
         file_name=description.file_name, stamps=description.stamps,

@@ -75,7 +75,7 @@ class Network:
         self._public = 0
         self._private = 0
         self._nat_seed = rng.getrandbits(64)
-        self.webrtc_endpoints: dict[Host, Any] = {}  # sim.webrtc endpoints by host
+        self.webrtc_endpoints: dict[Host, Any] = {}  # sim.webrtc.SimChannels by host
 
     # --- building ------------------------------------------------------------------------
 

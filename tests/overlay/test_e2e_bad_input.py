@@ -1,4 +1,4 @@
-"""Issue 3, bad input arriving from the server: a real node process receives garbage,
+"""Bad input arriving from the server: a real node process receives garbage,
 forged and malformed location messages from another account, drops and counts each, keeps
 running, and loses nothing it already had."""
 

@@ -1,4 +1,4 @@
-"""Issue 3 end to end: real `peerpost-rendezvous serve` and `peerpost node` processes on
+"""End to end: real `peerpost-rendezvous serve` and `peerpost node` processes on
 loopback, driven only through the `peerpost` CLI, exactly as a person would."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 4 end to end: co-recipients found through the DHT serve each other, with real
+"""End to end: co-recipients found through the DHT serve each other, with real
 server and node processes on loopback driven through the CLI."""
 
 from __future__ import annotations
