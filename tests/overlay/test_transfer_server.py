@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -138,7 +139,7 @@ async def test_a_chunk_that_cannot_be_read_is_refused_and_the_rest_served(
         session = await open_transfer_session(await connect_tcp(host, port), ME)
         await session.open(content.content_id, content.capability)
         await session.send_requests(content.content_id, [0, 1, 2, 3, 4], [])
-        got = {}
+        got: dict[int, Chunk | Error] = {}
         async with asyncio.timeout(10):
             while len(got) < 5:
                 reply = await session.next_chunk()
@@ -151,5 +152,93 @@ async def test_a_chunk_that_cannot_be_read_is_refused_and_the_rest_served(
             i: bytes(content.read_sealed(i)) for i in (0, 1, 3, 4)}
         assert server.counters["read_errors"] == 1 and server.counters["chunks_served"] == 4
         await session.aclose()
+    finally:
+        await server.aclose()
+
+
+async def test_a_file_edited_in_place_is_never_served_under_its_old_hashes(
+    served: tuple[ContentStore, LocalContent],
+) -> None:
+    store, content = served
+    before = content.path.stat()
+    with open(content.path, "r+b") as f:  # same size, and the mtime put back: only the
+        f.seek(2048)                       # chunk hash can tell
+        f.write(b"y" * 10)
+    os.utime(content.path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store)
+    host, port = await server.start()
+    try:
+        session = await open_transfer_session(await connect_tcp(host, port), ME)
+        await session.open(content.content_id, content.capability)
+        await session.send_requests(content.content_id, [0, 2], [])
+        got: dict[int, Chunk | Error] = {}
+        async with asyncio.timeout(10):
+            while len(got) < 2:
+                reply = await session.next_chunk()
+                assert isinstance(reply, Chunk | Error) and reply.index is not None
+                got[reply.index] = reply
+        assert isinstance(got[0], Chunk)  # sealed before the changed chunk was seen
+        changed = got[2]
+        assert isinstance(changed, Error) and changed.code == ErrorCode.UNAVAILABLE
+        # Marked changed: later requests are refused before any read.
+        await session.send_requests(content.content_id, [1], [])
+        async with asyncio.timeout(10):
+            later = await session.next_chunk()
+        assert isinstance(later, Error) and later.code == ErrorCode.NOT_HELD
+        with pytest.raises(ContentStoreError, match="changed since it was added"):
+            content.read_sealed(0)
+        assert server.counters["chunks_served"] == 1
+        await session.aclose()
+    finally:
+        await server.aclose()
+
+
+async def test_sessions_per_ip_are_capped(served: tuple[ContentStore, LocalContent]) -> None:
+    store, content = served
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store, sessions_per_ip=2)
+    host, port = await server.start()
+    try:
+        first = await open_transfer_session(await connect_tcp(host, port), ME)
+        [first_task] = server._running
+        second = await open_transfer_session(await connect_tcp(host, port), ME)
+        with pytest.raises(SessionFailed):
+            await open_transfer_session(await connect_tcp(host, port), ME)
+        assert server.counters["sessions_refused.per_ip"] == 1
+        assert (await second.open(content.content_id, content.capability)).size == 5000
+        await first.aclose()
+        async with asyncio.timeout(10):  # its slot frees once the server sees it end
+            await asyncio.wait([first_task])
+        third = await open_transfer_session(await connect_tcp(host, port), ME)
+        assert (await third.open(content.content_id, content.capability)).size == 5000
+        await second.aclose()
+        await third.aclose()
+    finally:
+        await server.aclose()
+
+
+async def test_a_session_without_a_capability_proof_is_closed(
+    served: tuple[ContentStore, LocalContent],
+) -> None:
+    store, content = served
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store, proof_timeout=0.3)
+    host, port = await server.start()
+    try:
+        idle = await open_transfer_session(await connect_tcp(host, port), ME)
+        [idle_task] = server._running
+        proven = await open_transfer_session(await connect_tcp(host, port), ME)
+        await proven.open(content.content_id, content.capability)
+        async with asyncio.timeout(10):
+            await asyncio.wait([idle_task])
+        assert server.counters["timeouts.no_capability"] == 1
+        # The session that proved one carries on past the deadline.
+        assert server.active_sessions == 1
+        await proven.send_requests(content.content_id, [0], [])
+        async with asyncio.timeout(10):
+            assert isinstance(await proven.next_chunk(), Chunk)
+        with pytest.raises(SessionFailed):
+            async with asyncio.timeout(10):
+                await idle.open(content.content_id, content.capability)
+        await idle.aclose()
+        await proven.aclose()
     finally:
         await server.aclose()
