@@ -25,6 +25,10 @@ MAX_RECIPIENTS = 128  # the total size limit binds first for long addresses
 MAX_TITLE = 200
 MAX_NOTE = 4000
 MAX_FILE_NAME = 255
+# A file system name holds 255 bytes; the receiver's store adds `.<8 hex>.part` (14 bytes)
+# while it downloads, so a name is at most 241 bytes of UTF-8.
+PART_SUFFIX_LEN = 14
+MAX_FILE_NAME_BYTES = 255 - PART_SUFFIX_LEN
 MAX_MEDIA_TYPE = 127
 MAX_COPYRIGHT = 500
 MAX_FIELDS = 16
@@ -194,4 +198,10 @@ def _file_name(name: str) -> str:
     # A file name from a stranger must never pick a directory on the receiver's disk.
     if "/" in name or "\\" in name or "\x00" in name or name in {".", ".."}:
         raise DecodeError(f"location.d.name: not a plain file name: {name!r}")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES:
+        raise DecodeError(f"location.d.name: longer than {MAX_FILE_NAME_BYTES} bytes")
+    if name and not name.strip():
+        raise DecodeError("location.d.name: only blanks")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise DecodeError(f"location.d.name: control character in {name!r}")
     return name

@@ -4,6 +4,11 @@
 daemon over its control socket (overlay.app.control) and fails with a clear message and exit
 status 3 when the daemon is not running. Human output uses rich; `--json` gives machine
 output where a listing is shown.
+
+Everything a stranger chose (titles, notes, names, addresses, error text) goes to the
+terminal through `_clean`: control characters (ESC, CR, BEL, bidi overrides...) are shown
+as `\\xNN` escapes and rich markup is escaped, so a message can't rewrite the screen or
+pose as our own output.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import json
 import os
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -27,6 +34,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from overlay.app.control import ControlClient, ControlError, NodeNotRunning
 from overlay.app.home import HomeError, NodeHome
@@ -37,6 +45,28 @@ EXIT_NOT_RUNNING = 3
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # error text is never cut mid-sentence
+
+
+def _clean(value: object) -> str:
+    """`value` as text safe for a terminal: control and format characters become visible
+    escapes (`\x1b`, `\u202e`); see the module docstring."""
+    out = []
+    for c in str(value):
+        if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def _m(value: object) -> str:
+    """Outside text for a rich markup string: cleaned and markup-escaped."""
+    return escape(_clean(value))
+
+
+def _t(value: object) -> Text:
+    """Outside text for a table cell: cleaned, never read as markup."""
+    return Text(_clean(value))
 
 
 def _default_home() -> str:
@@ -70,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest retry delay (default 300)")
     s.add_argument("--provider-refresh", type=float, default=None, metavar="SECONDS",
                    help="how often a download looks for new holders in the DHT (default 10)")
+    s.add_argument("--inbox-max", type=int, default=None, metavar="N",
+                   help="messages the inbox keeps before it refuses new ones (default 10000)")
 
     s = sub.add_parser("send", help="send a file to one or more addresses; prints the message id")
     s.add_argument("file")
@@ -77,9 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--title", default=None)
     s.add_argument("--note", default="")
 
-    s = sub.add_parser("inbox", help="list received messages")
+    s = sub.add_parser("inbox", help="list received messages, or prune old ones")
     s.add_argument("--json", action="store_true")
     s.add_argument("--all", action="store_true", help="include junk senders' messages")
+    s.add_argument("--prune", action="store_true",
+                   help="remove complete and failed messages older than --days (received "
+                        "files stay unless --delete-file)")
+    s.add_argument("--days", type=int, default=30, metavar="N",
+                   help="with --prune: age in days of what goes (default 30; 0: all)")
+    s.add_argument("--junk", action="store_true",
+                   help="with --prune: also every junk sender's message, whatever its age")
+    s.add_argument("--delete-file", action="store_true",
+                   help="with --prune: also delete the received files")
+
+    s = sub.add_parser("rm", help="remove a message from the inbox (stops its download)")
+    s.add_argument("id", help="message id (hex, or a unique prefix)")
+    s.add_argument("--delete-file", action="store_true",
+                   help="also delete the received file (a partial download always goes)")
 
     s = sub.add_parser("fetch", help="download a message (when auto-download is off)")
     s.add_argument("id", help="message id (hex, or a unique prefix)")
@@ -130,13 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args, console)
         return _run(_COMMANDS[args.command](home, args))
     except HomeError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {_m(exc)}")
         return EXIT_ERROR
     except NodeNotRunning as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {_m(exc)}")
         return EXIT_NOT_RUNNING
     except ControlError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {_m(exc)}")
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
@@ -185,7 +231,7 @@ def cmd_send(home: NodeHome, args: argparse.Namespace) -> Any:
     # Checked here, before any daemon round trip, so the message names the user's input.
     path = Path(args.file).expanduser()
     if not path.is_file():
-        err_console.print(f"[red]error:[/] no such file: {args.file}")
+        err_console.print(f"[red]error:[/] no such file: {_m(args.file)}")
         return EXIT_ERROR
     to = [a.strip() for a in args.to.split(",") if a.strip()]
     if not to:
@@ -202,46 +248,78 @@ async def _send(home: NodeHome, path: Path, to: list[str], args: argparse.Namesp
 
 
 async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
+    if args.prune:
+        res = await _call(home, "prune", days=args.days, junk=bool(args.junk),
+                          delete_file=bool(args.delete_file))
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return 0
+        for r in res["removed"]:
+            gone = f" (deleted {_m(r['deleted_file'])})" if r.get("deleted_file") else ""
+            console.print(f"removed {r['id'][:12]} {_m(r['title'])}{gone}")
+        console.print(f"{len(res['removed'])} removed; {_inbox_line(res['inbox'])}")
+        return 0
     entries = await _call(home, "inbox", include_junk=bool(args.all))
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
-    t = Table(title=f"inbox of {home.root}")
+    t = Table(title=f"inbox of {_m(home.root)}")
     for col in ("id", "from", "title", "size", "state", "progress", "sources"):
         t.add_column(col)
     for e in entries:
         state = e["state"]
         if state == "retrying" and e.get("next_attempt"):
             state += f" (next {_when(e['next_attempt'])[11:]})"
+        if state == "failed" and e.get("error"):
+            state += f": {e['error']}"
         if e.get("junk"):
             state += " [junk]"
         srcs = ", ".join(f"{s.get('peer', '?')[:8]}/{s.get('path', '?')}" for s in e["sources"])
-        t.add_row(e["id"][:12], e["from"], e["title"], _size(e["size"]), state,
-                  f"{e['progress'] * 100:.0f}%", srcs)
+        t.add_row(_t(e["id"][:12]), _t(e["from"]), _t(e["title"]), _size(e["size"]), _t(state),
+                  f"{e['progress'] * 100:.0f}%", _t(srcs))
     console.print(t)
+    state = await _call(home, "ping")
+    if state.get("inbox", {}).get("full"):
+        err_console.print(f"[bold red]inbox full:[/] {_inbox_line(state['inbox'])}")
+    return 0
+
+
+def _inbox_line(s: dict[str, Any]) -> str:
+    line = f"{s['messages']} of {s['max']} messages"
+    if s.get("full"):
+        line += (f"; FULL: new mail is refused ({s.get('refused', 0)} so far), free room "
+                 "with `peerpost inbox --prune` or `peerpost rm ID`")
+    return line
+
+
+async def cmd_rm(home: NodeHome, args: argparse.Namespace) -> int:
+    res = await _call(home, "rm", id=args.id, delete_file=bool(args.delete_file))
+    for r in res["removed"]:
+        gone = f" (deleted {_m(r['deleted_file'])})" if r.get("deleted_file") else ""
+        console.print(f"removed {r['id'][:12]} {_m(r['title'])}{gone}")
     return 0
 
 
 async def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> int:
     entry = await _call(home, "fetch", id=args.id)
     if not args.wait:
-        console.print(f"fetching {entry['id']} ({entry['title']}): {entry['state']}")
+        console.print(f"fetching {entry['id']} ({_m(entry['title'])}): {entry['state']}")
         return 0
     async with ControlClient(home.control_path) as c:
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                       TransferSpeedColumn(), TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task(entry["title"][:40] or entry["id"][:12], total=entry["size"])
+            task = bar.add_task(_m(entry["title"][:40] or entry["id"][:12]), total=entry["size"])
             while True:
                 e = await c.call("progress", id=entry["id"])
                 bar.update(task, completed=int(e["progress"] * e["size"]),
-                           description=f"{e['title'][:30]} [{e['state']}]")
+                           description=f"{_m(e['title'][:30])} \\[{e['state']}]")
                 if e["state"] in ("complete", "failed"):
                     break
                 await asyncio.sleep(0.2)
     if e["state"] == "failed":
-        err_console.print(f"[red]failed:[/] {e.get('error')}")
+        err_console.print(f"[red]failed:[/] {_m(e.get('error'))}")
         return EXIT_ERROR
-    console.print(f"complete: {e['path']}")
+    console.print(f"complete: {_m(e['path'])}")
     return 0
 
 
@@ -255,11 +333,11 @@ async def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
         t.add_column(col)
     for m in items:
         for i, r in enumerate(m["recipients"]):
-            t.add_row(m["id"][:12] if i == 0 else "", m["title"] if i == 0 else "",
-                      _size(m["size"]) if i == 0 else "", r["address"], r["state"],
+            t.add_row(m["id"][:12] if i == 0 else "", _t(m["title"]) if i == 0 else "",
+                      _size(m["size"]) if i == 0 else "", _t(r["address"]), _t(r["state"]),
                       _when(r.get("updated_at")))
         if m.get("retention_done"):
-            t.add_row("", "", "", "", f"[dim]{m['retention_done']}[/]", "")
+            t.add_row("", "", "", "", f"[dim]{_m(m['retention_done'])}[/]", "")
     console.print(t)
     return 0
 
@@ -267,15 +345,18 @@ async def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
 async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
     if args.action in ("priority", "junk"):
         if len(args.args) != 2 or args.args[0] not in ("add", "remove"):
-            err_console.print(f"usage: peerpost prefs {args.action} add|remove ADDRESS")
+            err_console.print(f"usage: peerpost prefs {args.action} add|remove ADDRESS",
+                              markup=False)
             return EXIT_USAGE
         await _call(home, "prefs_list", list=args.action, action=args.args[0],
                     address=args.args[1])
     elif args.action == "set":
         if len(args.args) != 2:
             err_console.print("usage: peerpost prefs set KEY VALUE  (keys: auto-download on|off,"
+                              " auto-download-max SIZE|none (e.g. 500MB, 2GB, 1GiB; default"
+                              " 2GiB; larger messages wait for `peerpost fetch`),"
                               " retention keep|delete|archive, archive-dir DIR,"
-                              " max-upload-rate BYTES_PER_S|none)")
+                              " max-upload-rate BYTES_PER_S|none)", markup=False)
             return EXIT_USAGE
         await _call(home, "prefs_set", key=args.args[0], value=args.args[1])
     prefs = await _call(home, "prefs")
@@ -286,7 +367,7 @@ async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
     t.add_column("preference")
     t.add_column("value")
     for k, v in prefs.items():
-        t.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
+        t.add_row(_t(k), _t(", ".join(v) if isinstance(v, list) else str(v)))
     console.print(t)
     return 0
 
@@ -307,7 +388,8 @@ async def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
     for c in contacts:
         note = "[bold red]KEY CHANGED: verify, then `peerpost contacts accept`[/]" \
             if c.get("changed") else ""
-        t.add_row(c["address"], "\n".join(c["fingerprints"]), _when(c.get("first_seen")), note)
+        t.add_row(_t(c["address"]), "\n".join(_clean(f) for f in c["fingerprints"]),
+                  _when(c.get("first_seen")), note)
     console.print(t)
     if any(c.get("changed") for c in contacts):
         err_console.print("[bold red]warning:[/] a contact's key has changed")
@@ -322,12 +404,15 @@ async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
     t = Table(title="this node", show_header=False)
     t.add_column("what")
     t.add_column("value")
-    t.add_row("address", info["address"])
-    t.add_row("fingerprint", info["fingerprint"])
+    t.add_row("address", _t(info["address"]))
+    t.add_row("fingerprint", _t(info["fingerprint"]))
     t.add_row("rendezvous", "connected" if info["connected"] else "[red]not connected[/]")
-    t.add_row("direct transfers", ":".join(str(x) for x in info["listen"]))
+    t.add_row("direct transfers", _t(":".join(str(x) for x in info["listen"])))
+    if "inbox" in info:
+        full = info["inbox"].get("full")
+        t.add_row("inbox", Text(_inbox_line(info["inbox"]), style="bold red" if full else ""))
     for k, v in sorted(info["counters"].items()):
-        t.add_row(k, str(v))
+        t.add_row(_t(k), _t(v))
     console.print(t)
     return 0
 
@@ -336,6 +421,7 @@ _COMMANDS = {
     "info": cmd_info,
     "send": cmd_send,
     "inbox": cmd_inbox,
+    "rm": cmd_rm,
     "fetch": cmd_fetch,
     "status": cmd_status,
     "prefs": cmd_prefs,

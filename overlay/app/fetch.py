@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from crypto.location import LocationMessage
 from overlay.app.holders import HolderFinder
@@ -52,13 +53,16 @@ class ContentFetch:
             partial = await asyncio.to_thread(
                 self.store.open_partial, h.content_id, h.size, h.chunk_size, h.content_key,
                 h.capability, self.dest, msg.description.file_name or f"{entry.id.hex()}.bin")
-        except ContentStoreError:
+        except ContentStoreError as exc:
             # Already held in full (the same content twice, or a crash between the
             # rename and the inbox update): nothing to fetch.
             held = self.store.local(h.content_id)
             if held is None:
-                raise DownloadFailed("the content store lost track of this content") from None
+                raise DownloadFailed(str(exc)) from None
             return str(held.path)
+        except (DecodeError, OSError) as exc:
+            # A name or layout the disk refuses: retrying can't help.
+            raise DownloadFailed(f"cannot store the file: {exc}") from None
         sources = await self.finder.sources(msg)
         if partial.held:
             self.announce(h.content_id)  # resumed: we already serve some chunks

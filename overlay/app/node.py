@@ -37,7 +37,7 @@ from overlay.mail.contacts import Contacts
 from overlay.mail.db import NodeDB
 from overlay.mail.delivery import Delivery, Receipts
 from overlay.mail.downloads import DownloadQueue
-from overlay.mail.inbox import Inbox
+from overlay.mail.inbox import DEFAULT_MAX_ENTRIES, Inbox
 from overlay.mail.incoming import IncomingMail
 from overlay.mail.outbox import Outbox
 from overlay.mail.outgoing import MailSender
@@ -47,6 +47,7 @@ from overlay.transports.reachability import Reachability, probe
 from overlay.transports.webrtc import WebRtcEndpoint
 from rendezvous.backoff import Backoff
 from rendezvous.client import RendezvousClient
+from rendezvous.domainkey import encode_key, fingerprint
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
 
 log = logging.getLogger("peerpost.node")
@@ -63,6 +64,7 @@ class NodeOptions:
     max_in_flight: int = 8  # chunks outstanding per source
     provider_refresh: float = 10.0  # seconds between provider lookups in one download
     receipt_retry: float = 60.0  # seconds between attempts at receipts the server missed
+    inbox_max: int = DEFAULT_MAX_ENTRIES  # messages kept before new ones are refused
     # Fetch from co-recipients the DHT names as well as from the sender. Off: the sender
     # alone (what e-mail-style delivery without the overlay does; the simulator compares).
     co_recipients: bool = True
@@ -93,7 +95,8 @@ class Node:
         st = self._stack
         self.db = NodeDB.open(self.home.db_path)
         st.callback(self.db.close)
-        self.inbox, self.outbox = Inbox(self.db), Outbox(self.db)
+        self.inbox = Inbox(self.db, max_entries=self.options.inbox_max)
+        self.outbox = Outbox(self.db)
         self.prefs, self.contacts = Prefs(self.db), Contacts(self.db)
         rate = self.options.max_upload_rate or self.prefs.max_upload_rate
         self.store = ContentStore(self.home.store_dir)
@@ -106,8 +109,11 @@ class Node:
         host, port = parse_hostport(self.config.server, what="server")
         self._advertised = self._advertise()
         self.rendezvous = RendezvousClient(host, port, self.identity, self.address,
-                                           advertise=self._advertised, reconnect=True)
+                                           advertise=self._advertised, reconnect=True,
+                                           tls=not self.config.plaintext,
+                                           server_key=self.config.pinned_key())
         await self._first_login()
+        self._pin_server_key()
         st.push_async_callback(self.rendezvous.aclose)
         self.reach = await probe(host, port, self.rendezvous.server_info.get("stun"),
                                  self.listen_addr[0] if self.listen_addr else "")
@@ -124,7 +130,7 @@ class Node:
             rendezvous=self.rendezvous, incoming=self.incoming, sender=self.sender,
             inbox=self.inbox, outbox=self.outbox, prefs=self.prefs, contacts=self.contacts,
             downloads=self.downloads, transfer=self.transfer,
-            max_in_flight=self.options.max_in_flight).table())
+            max_in_flight=self.options.max_in_flight, store=self.store).table())
         await self.control.start()
         st.push_async_callback(self.control.aclose)
 
@@ -188,6 +194,16 @@ class Node:
                             self.config.server, exc, delay)
                 await asyncio.sleep(delay)
 
+    def _pin_server_key(self) -> None:
+        """A config from before keys were pinned: pin the key this first session showed."""
+        key = self.rendezvous.server_key
+        if self.config.server_key or key is None:
+            return
+        self.config.server_key = encode_key(key)
+        self.home.save_config(self.config)
+        log.warning("pinned the domain key of %s on first use: %s", self.config.server,
+                    fingerprint(key))
+
     async def _listen(self) -> tuple[str, int]:
         host, port = parse_hostport(self.config.listen, what="listen")
         want = self.config.listen_port or port
@@ -245,6 +261,8 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
         opts.retry_max = args.retry_max
     if args.provider_refresh is not None:
         opts.provider_refresh = args.provider_refresh
+    if getattr(args, "inbox_max", None) is not None:
+        opts.inbox_max = args.inbox_max
 
     async def main() -> None:
         stop = asyncio.Event()

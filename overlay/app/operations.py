@@ -17,13 +17,15 @@ from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
 from crypto.location import decode_location
 from overlay.app.control import ControlError, Operation
+from overlay.content.catalog import ContentStore
+from overlay.content.interfaces import ContentStoreError
 from overlay.mail.contacts import Contacts
 from overlay.mail.downloads import DownloadQueue
 from overlay.mail.inbox import Inbox, InboxEntry
 from overlay.mail.incoming import IncomingMail
 from overlay.mail.outbox import Outbox
 from overlay.mail.outgoing import MailSender, SendError
-from overlay.mail.prefs import Prefs
+from overlay.mail.prefs import Prefs, parse_size
 from overlay.transfer.server import TransferServer
 from rendezvous.client import RendezvousClient
 
@@ -35,7 +37,8 @@ class ControlOperations:
                  listen_addr: tuple[str, int] | None, rendezvous: RendezvousClient,
                  incoming: IncomingMail, sender: MailSender, inbox: Inbox, outbox: Outbox,
                  prefs: Prefs, contacts: Contacts, downloads: DownloadQueue,
-                 transfer: TransferServer, max_in_flight: int) -> None:
+                 transfer: TransferServer, max_in_flight: int,
+                 store: ContentStore | None = None) -> None:
         self.identity = identity
         self.address = address
         self.listen_addr = listen_addr
@@ -49,6 +52,7 @@ class ControlOperations:
         self.downloads = downloads
         self.transfer = transfer
         self.max_in_flight = max_in_flight
+        self.store = store
 
     def table(self) -> dict[str, Operation]:
         return {
@@ -63,6 +67,8 @@ class ControlOperations:
             "prefs_list": self.prefs_list,
             "contacts": self.contacts_list,
             "contacts_accept": self.contacts_accept,
+            "rm": self.rm,
+            "prune": self.prune,
         }
 
     async def ping(self, a: Fields) -> Any:
@@ -70,7 +76,13 @@ class ControlOperations:
                 "fingerprint": self.identity.public.fingerprint(),
                 "listen": list(self.listen_addr or ()),
                 "connected": self.rendezvous.connected,
-                "counters": dict(self.incoming.counters)}
+                "counters": dict(self.incoming.counters),
+                "inbox": self.inbox_state()}
+
+    def inbox_state(self) -> dict[str, Any]:
+        n, limit = self.inbox.count(), self.inbox.max_entries
+        return {"messages": n, "max": limit, "full": n >= limit,
+                "refused": self.incoming.counters["refused-inbox-full"]}
 
     async def send(self, a: Fields) -> Any:
         to = a.list("to", _item_text, max_items=64) or ()
@@ -98,6 +110,39 @@ class ControlOperations:
     async def inbox_list(self, a: Fields) -> Any:
         include_junk = bool(a.bool("include_junk", optional=True))
         return [self.entry_json(e) for e in self.inbox.list(include_junk=include_junk)]
+
+    async def rm(self, a: Fields) -> Any:
+        """Remove one message from the inbox; its partial download always goes, the
+        received file only with `delete_file`."""
+        e = self.find(a.str("id", min_len=1, max_len=32))
+        removed = await self._remove(e, delete_file=bool(a.bool("delete_file", optional=True)))
+        return {"removed": [removed], "inbox": self.inbox_state()}
+
+    async def prune(self, a: Fields) -> Any:
+        """Remove complete and failed messages received more than `days` ago (and every
+        junk sender's message with `junk`); files stay unless `delete_file`."""
+        days = a.int("days", lo=0, hi=100_000)
+        junk = bool(a.bool("junk", optional=True))
+        delete_file = bool(a.bool("delete_file", optional=True))
+        now = self.downloads.wall()
+        gone = [await self._remove(e, delete_file=delete_file)
+                for e in self.inbox.prunable(before=now - days * 86400, junk=junk)]
+        return {"removed": gone, "inbox": self.inbox_state()}
+
+    async def _remove(self, e: InboxEntry, *, delete_file: bool) -> dict[str, Any]:
+        await self.downloads.cancel(e.id)
+        self.inbox.remove(e.id)
+        deleted = None
+        sent_too = any(m.content_id == e.content_id for m in self.outbox.list())
+        if self.store is not None and not sent_too:
+            held = self.store.local(e.content_id)
+            try:
+                self.store.remove(e.content_id, delete_file=delete_file)
+            except ContentStoreError:
+                pass  # nothing was fetched yet
+            else:
+                deleted = str(held.path) if held is not None and delete_file else None
+        return {"id": e.id.hex(), "title": e.title, "deleted_file": deleted}
 
     def find(self, prefix: str) -> InboxEntry:
         """The one inbox entry whose id starts with `prefix` (hex), or ControlError."""
@@ -154,6 +199,11 @@ class ControlOperations:
             self.prefs.retention = value
         elif key == "archive-dir":
             self.prefs.archive_dir = value or None
+        elif key == "auto-download-max":
+            try:
+                self.prefs.auto_download_max = parse_size(value)
+            except ValueError as exc:
+                raise ControlError(str(exc)) from None
         elif key == "max-upload-rate":
             self.prefs.max_upload_rate = None if value in ("none", "0", "") else int(value)
         else:

@@ -38,7 +38,7 @@ from crypto.content import (
     plain_chunk_len,
 )
 from crypto.errors import DecodeError
-from overlay.content.diskio import free_name, preallocate, safe_file_name
+from overlay.content.diskio import free_name, preallocate, private_dir, safe_file_name
 from overlay.content.interfaces import Catalog, ContentStoreError, ServedContent
 from overlay.content.local import LocalContent
 from overlay.content.partial import PartialContent
@@ -187,7 +187,9 @@ class ContentStore:
         self, content_id: bytes, size: int, chunk_size: int, key: bytes, capability: bytes,
         dest_dir: Path, file_name: str,
     ) -> PartialContent:
-        """Start or resume receiving a content into `dest_dir/<file_name>.part`. Blocking."""
+        """Start or resume receiving a content into `<file_name>.<id>.part` in the node's
+        own folder `dest_dir/.peerpost-partial` (created without following symlinks), to
+        be renamed into `dest_dir` when complete. Blocking."""
         check_layout(size, chunk_size)
         if len(content_id) != HASH_LEN:
             raise DecodeError("a content id is 32 bytes")
@@ -207,14 +209,13 @@ class ContentStore:
                 part_path, dest, name = Path(row[1]), Path(row[2]), row[3]
                 leaves = (_unpack_leaves(bytes(row[4]), chunk_count(size, chunk_size))
                           if row[4] is not None else None)
-                if not part_path.exists():
+                if not part_path.is_file() or part_path.is_symlink():
                     # Someone deleted the .part: its held bits would now be lies.
                     self.have_path(content_id).unlink(missing_ok=True)
                     preallocate(part_path, size)
             else:
                 dest, name, leaves = Path(dest_dir), file_name, None
-                dest.mkdir(parents=True, exist_ok=True)
-                part_path = dest / f"{name}.{content_id[:4].hex()}.part"
+                part_path = private_dir(dest) / f"{name}.{content_id[:4].hex()}.part"
                 self.have_path(content_id).unlink(missing_ok=True)
                 preallocate(part_path, size)
                 self._db.execute(

@@ -24,6 +24,7 @@ from overlay.content.diskio import (
     bit,
     free_name,
     open_direct,
+    open_existing,
     pwrite_all,
     read_and_seal,
 )
@@ -69,10 +70,10 @@ class PartialContent:
         )
         self._lock = threading.Lock()
         self._final: Path | None = None
-        self._data_fd = os.open(part_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._data_fd = open_existing(part_path, os.O_RDWR)
         self._direct_fd = open_direct(part_path) if chunk_size % DIRECT_ALIGN == 0 else -1
         have_path = owner.have_path(content_id)
-        self._have_fd = os.open(have_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._have_fd = os.open(have_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         nbytes = (self.count + 7) // 8
         have = bytearray(os.pread(self._have_fd, nbytes, 0))
         if len(have) < nbytes:

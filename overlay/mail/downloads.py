@@ -5,6 +5,11 @@ then oldest first; junk never), keeps at most `max_active` downloads going, and 
 until woken (a new message, a `fetch`, a node coming online) or until the next retry is
 due. When no source is reachable a download is not failed: it goes to `retrying` with an
 exponential backoff and shows the next attempt time in `inbox` (the seed's step 445).
+
+Any other failure of one download (a name the disk refuses, a bug) marks that message
+`failed` with the reason, logged once; it never ends the loop or restarts the same
+download in a tight loop. Offered messages larger than the `auto_download_max`
+preference wait for `peerpost fetch`.
 """
 
 from __future__ import annotations
@@ -85,6 +90,9 @@ class DownloadQueue:
         self._requested: set[bytes] = set()  # `fetch ID` while auto-download is off
         self._priority: dict[bytes, bool] = {}  # running downloads: from a priority sender?
         self._preempting: set[bytes] = set()
+        # Messages whose failure could not even be recorded: not started again this run.
+        self._stuck: set[bytes] = set()
+        self.counters: dict[str, int] = {"failed": 0, "stuck": 0}
 
     def wake(self) -> None:
         self._wake.set()
@@ -101,7 +109,18 @@ class DownloadQueue:
         elif entry.state is InboxState.RETRYING:
             self.inbox.transition(message_id, InboxState.DOWNLOADING)
         self._requested.add(message_id)
+        self._stuck.discard(message_id)
         self.wake()
+
+    async def cancel(self, message_id: bytes) -> None:
+        """Stop the download of this message if one runs (`peerpost rm`); waits for it."""
+        self._requested.discard(message_id)
+        self._stuck.discard(message_id)
+        self.active.pop(message_id, None)
+        task = self._tasks.get(message_id)
+        self._tasks.cancel(message_id)
+        if task is not None:
+            await asyncio.wait([task])
 
     def backoff(self, attempts: int) -> float:
         # Jitter keeps retries from bunching up.
@@ -126,8 +145,10 @@ class DownloadQueue:
             await self._tasks.wait()
 
     def _start_due(self) -> None:
-        for entry in self.inbox.fetch_order(self.wall(), include_offered=self.prefs.auto_download):
-            if entry.id in self._tasks:
+        order = self.inbox.fetch_order(self.wall(), include_offered=self.prefs.auto_download,
+                                       offered_max_size=self.prefs.auto_download_max)
+        for entry in order:
+            if entry.id in self._tasks or entry.id in self._stuck:
                 continue
             if len(self._tasks) >= self.max_active:
                 # Priority senders come first even when their message arrives while an
@@ -184,8 +205,7 @@ class DownloadQueue:
                 log.info("message %s: %s; retrying in %.1f s", mid.hex(), exc, when - self.wall())
                 return
             except DownloadFailed as exc:
-                self.inbox.transition(mid, InboxState.FAILED, error=str(exc))
-                log.warning("message %s failed: %s", mid.hex(), exc)
+                self._fail(mid, str(exc))
                 return
             self.inbox.mark_time(mid, "completed", self.wall())
             done = self.inbox.transition(mid, InboxState.COMPLETE, path=path)
@@ -194,7 +214,25 @@ class DownloadQueue:
         except asyncio.CancelledError:
             if mid not in self._preempting:
                 raise  # shutdown: let it end
+        except Exception as exc:  # one message's failure never stops or spins the queue
+            log.error("message %s: download raised %s", mid.hex(), type(exc).__name__,
+                      exc_info=exc)
+            self._fail(mid, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         finally:
             self._priority.pop(mid, None)
             self._preempting.discard(mid)
             self._requested.discard(mid)
+
+    def _fail(self, mid: bytes, reason: str) -> None:
+        """Mark the message failed with `reason`; if even that fails, leave it alone."""
+        self.counters["failed"] += 1
+        try:
+            current = self.inbox.get(mid)
+            if current is not None and current.state is not InboxState.FAILED:
+                self.inbox.transition(mid, InboxState.FAILED, error=reason or "failed")
+            log.warning("message %s failed: %s", mid.hex(), reason)
+        except Exception as exc:
+            self.counters["stuck"] += 1
+            self._stuck.add(mid)
+            log.error("message %s failed (%s) and could not be marked failed: %s",
+                      mid.hex(), reason, exc)

@@ -95,8 +95,10 @@ class Inbox:
         received_at: float,
         junk: bool = False,
         priority: bool = False,
+        unverified: bool = False,
     ) -> bool:
-        """Store a new message in `offered`; False (and no change) if the id is known.
+        """Store a new message in `offered` (`unverified` when its signing key is not
+        trusted for the sender); False (and no change) if the id is known.
 
         Raises RecordLimitError when the inbox holds `max_entries` messages: the caller
         should then leave the envelope on the server rather than acknowledge it.
@@ -113,7 +115,9 @@ class Inbox:
                 " message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     id, sender, sender_peer_id, title, note, size, file_name, media_type,
-                    content_id, InboxState.OFFERED.value, int(junk), int(priority),
+                    content_id,
+                    (InboxState.UNVERIFIED if unverified else InboxState.OFFERED).value,
+                    int(junk), int(priority),
                     received_at, chunk_count, message,
                 ),
             )
@@ -146,12 +150,13 @@ class Inbox:
         Entering `downloading` counts an attempt and clears the error; `retrying` needs
         `next_attempt` (when to try again); `failed` needs `error` (shown to the user);
         `complete` needs `path` and marks every chunk held. A junk message never leaves
-        `offered`. IllegalTransition names the entry and the moves allowed from its state.
+        `offered` (it may reach it from `unverified`). IllegalTransition names the entry
+        and the moves allowed from its state.
         """
         with self._db.transaction() as conn:
             old = self._locked_get(conn, id)
             what = f"inbox message {id.hex()}"
-            if old.junk:
+            if old.junk and new_state is not InboxState.OFFERED:
                 raise IllegalTransition(
                     f"{what} is from a junk sender and stays offered; mark it not junk first"
                 )
@@ -207,10 +212,11 @@ class Inbox:
     def set_flags(
         self, id: bytes, *, junk: bool | None = None, priority: bool | None = None
     ) -> None:
-        """Change the junk or priority mark; only a message still `offered` can become junk."""
+        """Change the junk or priority mark; only a message still `offered` (or
+        `unverified`) can become junk."""
         with self._db.transaction() as conn:
             old = self._locked_get(conn, id)
-            if junk and old.state is not InboxState.OFFERED:
+            if junk and old.state not in (InboxState.OFFERED, InboxState.UNVERIFIED):
                 raise IllegalTransition(
                     f"inbox message {id.hex()}: only an offered message can be marked junk,"
                     f" this one is {old.state.value}"
@@ -224,28 +230,71 @@ class Inbox:
                 ),
             )
 
+    @property
+    def max_entries(self) -> int:
+        """How many messages the inbox holds before it refuses new ones."""
+        return self._max_entries
+
+    def count(self) -> int:
+        """Messages in the inbox, junk included."""
+        row = self._db.query_one("SELECT count(*) FROM inbox")
+        return int(row[0]) if row is not None else 0
+
+    def is_full(self) -> bool:
+        return self.count() >= self._max_entries
+
+    def prunable(self, *, before: float, junk: bool = False,
+                 limit: int = 100_000) -> builtins.list[InboxEntry]:
+        """Entries `peerpost inbox --prune` removes: complete or failed ones received before
+        `before`, and with `junk` every junk sender's message whatever its age."""
+        rows = self._db.query(
+            "SELECT * FROM inbox WHERE (state IN ('complete', 'failed') AND received_at < ?)"
+            " OR (? AND junk = 1) ORDER BY received_at LIMIT ?", (before, int(junk), limit))
+        return [_entry(r) for r in rows]
+
+    def release_unverified(self, sender: str,
+                           trusted_peer_ids: frozenset[bytes]) -> builtins.list[bytes]:
+        """Move `sender`'s `unverified` messages signed by a now trusted device (its peer id
+        in `trusted_peer_ids`) to `offered`; returns their ids, oldest first."""
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT id, sender_peer_id FROM inbox WHERE sender = ? AND state = ?"
+                " ORDER BY received_at, id", (sender, InboxState.UNVERIFIED.value)).fetchall()
+            ids = [bytes(r["id"]) for r in rows if bytes(r["sender_peer_id"]) in trusted_peer_ids]
+            conn.executemany("UPDATE inbox SET state = ? WHERE id = ?",
+                             [(InboxState.OFFERED.value, i) for i in ids])
+        return ids
+
+    def unverified_senders(self) -> builtins.list[str]:
+        """Senders with a message held `unverified`."""
+        rows = self._db.query("SELECT DISTINCT sender FROM inbox WHERE state = ?"
+                              " ORDER BY sender", (InboxState.UNVERIFIED.value,))
+        return [str(r["sender"]) for r in rows]
+
     def remove(self, id: bytes) -> bool:
         """Forget the entry (the caller deletes any file); False if it wasn't there."""
         with self._db.transaction() as conn:
             return conn.execute("DELETE FROM inbox WHERE id = ?", (id,)).rowcount > 0
 
     def fetch_order(
-        self, now: float, *, include_offered: bool = False, limit: int = 100
+        self, now: float, *, include_offered: bool = False, offered_max_size: int | None = None,
+        limit: int = 100,
     ) -> builtins.list[InboxEntry]:
         """What the downloader should work on at `now`, most urgent first.
 
         Non-junk entries in `downloading`, or in `retrying` whose next_attempt has come;
         with `include_offered` (pass the auto_download preference) also untouched `offered`
-        ones, which the caller moves to `downloading` before it starts. Priority senders
+        ones of at most `offered_max_size` bytes (None: any size), which the caller moves to
+        `downloading` before it starts. Priority senders
         come first, then oldest first, so nobody's message starves behind newer ones.
         """
         rows = self._db.query(
             "SELECT * FROM inbox WHERE junk = 0 AND ("
             " state = 'downloading'"
             " OR (state = 'retrying' AND next_attempt <= ?)"
-            " OR (? AND state = 'offered'))"
+            " OR (? AND state = 'offered' AND (? IS NULL OR size <= ?)))"
             " ORDER BY priority DESC, received_at, id LIMIT ?",
-            (now, int(include_offered), limit),
+            (now, int(include_offered), offered_max_size, offered_max_size, limit),
         )
         return [_entry(r) for r in rows]
 
@@ -275,6 +324,8 @@ def _apply(
     what = f"inbox message {old.id.hex()} -> {state.value}"
     if error is not None:
         error = error[:MAX_ERROR_TEXT]
+    if state is InboxState.OFFERED:
+        return dataclasses.replace(old, state=state)
     if state is InboxState.DOWNLOADING:
         return dataclasses.replace(
             old, state=state, attempts=old.attempts + 1, next_attempt=None, error=None

@@ -21,6 +21,7 @@ from crypto.errors import CryptoError
 from crypto.identity import DeviceIdentity, peer_id_of
 from crypto.location import LocationMessage, decode_location
 from overlay.mail.contacts import Contacts, PinResult
+from overlay.mail.db import RecordLimitError
 from overlay.mail.inbox import Inbox
 from overlay.mail.outbox import Outbox, RecipientStatus
 from overlay.mail.prefs import Prefs
@@ -36,6 +37,7 @@ class Outcome(Enum):
     DUPLICATE = "duplicate"  # seen before (the server redelivered)
     RECEIPT = "receipt"  # a recipient's receipt for something we sent
     DROPPED = "dropped"  # bad input: logged and counted
+    REFUSED = "refused"  # the inbox is full: logged and counted, nothing stored changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,26 @@ class IncomingMail:
             # server for the whole device set (recheck_keys) before raising the alarm.
             self.key_checks.add(h.sender)
         kind = self.prefs.classify(h.sender)
-        added = self.inbox.add(
+        try:
+            added = self._add(env, msg, body, kind)
+        except RecordLimitError as exc:
+            # Acknowledged all the same: left on the server it would come back at every
+            # login. The user frees room with `peerpost rm` or `peerpost inbox --prune`.
+            self.counters["refused-inbox-full"] += 1
+            log.warning("REFUSED message %s from %s: %s (`peerpost inbox --prune` or "
+                        "`peerpost rm ID` make room)", env.message_id.hex(), env.sender, exc)
+            return Outcome.REFUSED, msg
+        if not added:
+            self.counters["duplicate"] += 1
+            return Outcome.DUPLICATE, msg
+        self.counters["received"] += 1
+        log.info("message %s from %s: %r (%d bytes)%s", h.message_id.hex(), h.sender,
+                 msg.description.title, msg.handle.size, " [junk]" if kind == "junk" else "")
+        return Outcome.NEW, msg
+
+    def _add(self, env: Pushed, msg: LocationMessage, body: bytes, kind: str) -> bool:
+        h = msg.headers
+        return self.inbox.add(
             id=h.message_id, sender=h.sender, sender_peer_id=h.sender_peer_id,
             title=msg.description.title, note=msg.description.note, size=msg.handle.size,
             file_name=msg.description.file_name, media_type=msg.description.media_type,
@@ -116,13 +137,6 @@ class IncomingMail:
             message=body, received_at=self.wall(),
             junk=kind == "junk", priority=kind == "priority",
         )
-        if not added:
-            self.counters["duplicate"] += 1
-            return Outcome.DUPLICATE, msg
-        self.counters["received"] += 1
-        log.info("message %s from %s: %r (%d bytes)%s", h.message_id.hex(), h.sender,
-                 msg.description.title, msg.handle.size, " [junk]" if kind == "junk" else "")
-        return Outcome.NEW, msg
 
     def _receipt(self, env: Pushed, key: bytes,
                  body: bytes) -> tuple[Outcome, LocationMessage | Receipt | None]:

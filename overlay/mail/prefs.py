@@ -26,6 +26,13 @@ RETENTIONS: tuple[Retention, ...] = ("keep", "delete", "archive")
 MAX_SENDER_RULES = 1000
 MAX_PATH_LEN = 4096
 MAX_UPLOAD_RATE = 100 * 1024**3  # bytes/s; anything larger is a typo, not a limit
+# Messages larger than this wait in `offered` for `peerpost fetch` instead of starting by
+# themselves: a stranger can't fill the disk or the memory with one message.
+DEFAULT_AUTO_DOWNLOAD_MAX = 2 * 1024**3
+MAX_AUTO_DOWNLOAD_MAX = 1 << 44  # the largest content a message may describe
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
+          "gib": 1024**3, "tib": 1024**4}
 _MAX_VALUE_BYTES = 8 * 1024
 
 
@@ -57,12 +64,40 @@ def _check_rate(v: Any) -> int | None:
     return v
 
 
+def _check_size_limit(v: Any) -> int | None:
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_AUTO_DOWNLOAD_MAX:
+        raise ValueError(f"auto_download_max is bytes in 0..{MAX_AUTO_DOWNLOAD_MAX}, or none")
+    return v
+
+
+def parse_size(text: str) -> int | None:
+    """`500MB`, `2GB`, `1GiB`, `1.5 GB`, `123` (bytes) or `none` -> bytes (None: no limit).
+
+    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; ValueError otherwise."""
+    t = text.strip().lower().replace(" ", "").replace("_", "")
+    if t in ("none", "off", "unlimited"):
+        return None
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in _UNITS or not num or len(num) > 20:
+        raise ValueError(f"not a size: {text!r} (say e.g. 500MB, 2GB, 1GiB or none)")
+    try:
+        value = float(num) if "." in num else int(num)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (say e.g. 500MB, 2GB, 1GiB or none)") from None
+    n = int(value * _UNITS[unit])
+    return _check_size_limit(n)
+
+
 # name -> (default, checker). The checker runs on every write and every read.
 _SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "auto_download": (True, _check_bool),
     "retention": ("keep", _check_retention),
     "archive_dir": (None, _check_dir),
     "max_upload_rate": (None, _check_rate),
+    "auto_download_max": (DEFAULT_AUTO_DOWNLOAD_MAX, _check_size_limit),
 }
 
 
@@ -121,6 +156,16 @@ class Prefs:
     @max_upload_rate.setter
     def max_upload_rate(self, value: int | None) -> None:
         self._set("max_upload_rate", value)
+
+    @property
+    def auto_download_max(self) -> int | None:
+        """Largest message (bytes) fetched without a `fetch`; None: no limit (default 2 GiB)."""
+        value: int | None = self._get("auto_download_max")
+        return value
+
+    @auto_download_max.setter
+    def auto_download_max(self, value: int | None) -> None:
+        self._set("auto_download_max", value)
 
     def priority_senders(self) -> frozenset[str]:
         return self._patterns("priority")

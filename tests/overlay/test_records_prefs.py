@@ -20,7 +20,8 @@ def db(tmp_path: Path) -> Iterator[NodeDB]:
 def test_defaults(db: NodeDB) -> None:
     assert Prefs(db).as_dict() == {
         "auto_download": True, "retention": "keep", "archive_dir": None,
-        "max_upload_rate": None, "priority_senders": [], "junk_senders": [],
+        "max_upload_rate": None, "auto_download_max": 2 * 1024**3,
+        "priority_senders": [], "junk_senders": [],
     }
 
 
