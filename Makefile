@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ typecheck: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks all
+
+# Every decoder under atheris, one after another: FUZZ_RUNS inputs each (`make test` runs a
+# short pass of the same targets).
+FUZZ_RUNS ?= 1000000
+fuzz: $(VENV)/.installed-test
+	$(BIN)/python -m tests.fuzz.driver --runs $(FUZZ_RUNS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache results
