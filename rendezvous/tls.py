@@ -1,0 +1,108 @@
+"""TLS 1.3 on the rendezvous port, and the channel binding the handshake signs.
+
+The server presents `--tls-cert/--tls-key` when given, else a self-signed certificate it
+makes once in its data folder (`tls_cert.pem`, `tls_key.pem`, 0600; ECDSA P-256). Clients
+do not check it against any CA: the domain key vouches for the server instead (see
+rendezvous/messages.py), over the **channel binding** = SHA-256 of the server's
+certificate (DER), RFC 5929's tls-server-end-point. A proxy that terminates TLS with its
+own certificate changes the binding, so neither side's signature verifies through it.
+On a plaintext connection (simulator, benchmarks) the binding is empty bytes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+CERT_NAME = "tls_cert.pem"
+KEY_NAME = "tls_key.pem"
+SELF_SIGNED_DAYS = 3650
+
+
+def binding_of(cert_der: bytes) -> bytes:
+    """tls-server-end-point: SHA-256 of the server certificate's DER."""
+    return hashlib.sha256(cert_der).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """What a TLS listener needs: its context and the binding of its certificate."""
+
+    context: ssl.SSLContext
+    cert_der: bytes
+
+    @property
+    def binding(self) -> bytes:
+        return binding_of(self.cert_der)
+
+
+def server_tls(cert: Path, key: Path) -> ServerTls:
+    """A TLS 1.3-only server context for the certificate (chain) in `cert`."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(str(cert), str(key))
+    leaf = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    return ServerTls(ctx, leaf.public_bytes(serialization.Encoding.DER))
+
+
+def self_signed(data_dir: Path, domain: str, now: datetime.datetime | None = None,
+                ) -> tuple[Path, Path]:
+    """DATA/tls_cert.pem and DATA/tls_key.pem, made once (a self-signed cert for `domain`)."""
+    cert_path, key_path = Path(data_dir) / CERT_NAME, Path(data_dir) / KEY_NAME
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
+    start = now or datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start - datetime.timedelta(days=1))
+            .not_valid_after(start + datetime.timedelta(days=SELF_SIGNED_DAYS))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def client_context() -> ssl.SSLContext:
+    """TLS 1.3 or nothing, no CA check: the domain key's signature authenticates instead."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def peer_binding(transport: Any) -> bytes:
+    """The channel binding a client sees on `transport` (b"" when it is not TLS)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return b""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        raise ssl.SSLError("the server presented no certificate")
+    return binding_of(der)
