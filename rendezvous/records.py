@@ -14,6 +14,7 @@ from crypto.address import MAX_ADDRESS_LEN, normalize_address
 from crypto.codec import Fields, packb
 from crypto.errors import DecodeError
 from crypto.identity import PEER_ID_LEN, PUBLIC_KEY_LEN, peer_id_of
+from crypto.vouch import VOUCH_LEN
 
 MESSAGE_ID_LEN = 16
 MAX_PRIORITY = 7
@@ -193,21 +194,31 @@ class Envelope:
 
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
-    """One device bound to an address, as FINGER shows it."""
+    """One device bound to an address, as FINGER shows it.
+
+    `vouch` is what the device presented when it joined an account that already had
+    devices: another device's key and its signature over (address, this key)
+    (`crypto.vouch`). The server checked it at registration; a node checks it again, since
+    only a vouch by a key it pinned itself means anything to it.
+    """
 
     verify_key: bytes
     online: bool
     last_seen: float | None
     advertise: dict[str, Any]
+    vouch: bytes | None = None
 
     @property
     def peer_id(self) -> bytes:
         return peer_id_of(self.verify_key)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"verify_key": self.verify_key, "online": self.online,
-                "last_seen": None if self.last_seen is None else to_ms(self.last_seen),
-                "advertise": self.advertise}
+        out = {"verify_key": self.verify_key, "online": self.online,
+               "last_seen": None if self.last_seen is None else to_ms(self.last_seen),
+               "advertise": self.advertise}
+        if self.vouch is not None:
+            out["vouch"] = self.vouch
+        return out
 
     @classmethod
     def decode(cls, obj: Any, what: str) -> DeviceInfo:
@@ -219,6 +230,7 @@ class DeviceInfo:
             last_seen=None if seen is None else seen / 1000,
             advertise=(check_advertise(raw_map(f, "advertise"), 4096, what)
                        if f.has("advertise") else {}),
+            vouch=f.bytes("vouch", size=VOUCH_LEN, optional=True),
         )
 
 

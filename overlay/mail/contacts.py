@@ -1,39 +1,45 @@
-"""Contacts: device keys pinned per address on first use (`peerpost contacts`).
+"""Contacts: the device keys trusted per address (`peerpost contacts`).
 
-A sender looks a recipient up (FINGER) and gets the set of device keys the recipient's
-server binds to that address. The first set seen is pinned. After that the rule is:
+A sender looks a recipient up (FINGER) and gets the device keys the recipient's server
+binds to that address, each with the vouch it registered with, if any (`crypto.vouch`: an
+existing device's signature over (address, new key)). The server is not trusted to add
+keys, so the rule for a presented set is:
 
-- the presented set includes at least one pinned key: the address is continuous with what
-  we trusted. Keys new to us are devices the user added and are pinned too (`ADDED`, worth
-  showing, not alarming); pinned keys missing from the set stay pinned (a device that is
-  offline or retired does no harm, and if it comes back it is still trusted).
-- the presented set shares no key with the pinned ones: `CHANGED`. Nothing is replaced. The
-  presented keys are recorded as pending (replacing any older pending set) and the contact
-  is flagged until the user compares fingerprints out of band and calls `accept_change`,
-  which makes the pending set the pinned set, or `dismiss_change`, which drops it.
-  Until then `trusted_keys` returns only the old keys, so nothing is sealed to a key the
-  user has not accepted.
+- first contact (no pinned key for the address): trust on first use, all presented keys
+  are pinned (`NEW`). When the lookup was made because a message arrived (`signers` given),
+  only if the key that signed it is among the keys FINGER returns at that time; otherwise
+  nothing is pinned and the signer stays `unvouched` (`UNVOUCHED`).
+- keys already pinned: `SAME`. A new key carrying a vouch that verifies under a pinned key
+  (or under a key pinned this way, so a chain of vouches works) is pinned too (`ADDED`).
+  Pinned keys missing from the set stay pinned (a device that is offline or retired does
+  no harm, and if it comes back it is still trusted).
+- a new key next to pinned ones without such a vouch is `unvouched` (`UNVOUCHED`): shown,
+  never sealed to, and its messages are held. A server that adds a rogue key next to the
+  real ones gets exactly this. `accept` (`peerpost contacts accept`) pins it.
+- the set shares no key with the pinned ones and nothing in it is vouched for by one:
+  `CHANGED`. Nothing is replaced. The presented keys are recorded as pending (replacing any
+  older pending set) and the contact is flagged until the user compares fingerprints out of
+  band and calls `accept`/`accept_change`, which makes the pending set the pinned set, or
+  `dismiss_change`, which drops it.
 
-`pin` is the same rule for a single key, such as the one that signed an incoming message.
-One key alone can't show continuity, so a second device of a known sender first reads as
-`CHANGED`; a FINGER lookup passed to `pin_keys` that shows it next to a pinned key turns it
-into an ordinary `ADDED` device and clears the flag.
-
-The trade-off: a server that adds a rogue key *next to* a real one gets `ADDED`, not
-`CHANGED`. Catching that needs the recipient's own devices to vouch for each other, which
-the protocol doesn't have yet; `ADDED` is reported so the caller can at least show it.
+`trusted_keys` returns only pinned keys, so nothing is sealed to a key the user or a pinned
+device has not vouched for. `note_signer` is the receiving side's check of the one key that
+signed a message: pinned, or recorded as `unvouched` until a FINGER lookup (`pin_keys` with
+`signers`) or the user settles it.
 """
 
 from __future__ import annotations
 
 import builtins
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
 from crypto.address import normalize_address
+from crypto.errors import CryptoError
 from crypto.identity import PublicIdentity
+from crypto.vouch import Vouch
 from overlay.mail.db import NodeDB, RecordLimitError, count_rows
 
 MAX_KEYS_PER_ADDRESS = 16
@@ -43,7 +49,8 @@ DEFAULT_MAX_CONTACTS = 10_000
 class PinResult(Enum):
     NEW = "new"  # first time we see this address: all presented keys pinned
     SAME = "same"  # every presented key was already pinned
-    ADDED = "added"  # a pinned key is among them; the others are pinned as new devices
+    ADDED = "added"  # new keys vouched for by pinned ones: pinned as new devices
+    UNVOUCHED = "unvouched"  # a new key without a vouch from a pinned one: held for the user
     CHANGED = "changed"  # none of the pinned keys is presented: flag loudly, pin nothing
 
 
@@ -56,10 +63,12 @@ class Contact:
     changed: bool
     pending_keys: tuple[bytes, ...]
     pending_fingerprints: tuple[str, ...]
+    unvouched_keys: tuple[bytes, ...] = ()
+    unvouched_fingerprints: tuple[str, ...] = ()
 
 
 class Contacts:
-    """Trust-on-first-use key pinning; see the module docstring for the rule."""
+    """Key pinning with vouches; see the module docstring for the rule."""
 
     __slots__ = ("_db", "_max_contacts")
 
@@ -71,45 +80,110 @@ class Contacts:
         """Pin one presented device key (`pin_keys` with a set of one)."""
         return self.pin_keys(address, [verify_key], now)
 
-    def pin_keys(self, address: str, verify_keys: Iterable[bytes], now: float) -> PinResult:
-        """Compare the device keys an address presents now with those pinned for it."""
+    def pin_keys(self, address: str, verify_keys: Iterable[bytes], now: float, *,
+                 vouches: Mapping[bytes, bytes] | None = None,
+                 signers: Iterable[bytes] = ()) -> PinResult:
+        """Compare the device keys an address presents now (FINGER) with those pinned.
+
+        `vouches` maps a presented key to the vouch bytes it registered with; `signers` are
+        the keys that signed the messages this lookup checks, if any. See the module
+        docstring for the rule.
+        """
         addr = normalize_address(address)
         presented = _checked_keys(verify_keys)
+        signed = frozenset(signers)
         with self._db.transaction() as conn:
-            contact = conn.execute("SELECT 1 FROM contact WHERE address = ?", (addr,)).fetchone()
-            if contact is None:
-                if count_rows(conn, "contact") >= self._max_contacts:
-                    raise RecordLimitError(f"at most {self._max_contacts} contacts")
-                conn.execute(
-                    "INSERT INTO contact (address, first_seen, updated_at) VALUES (?, ?, ?)",
-                    (addr, now, now),
-                )
-                _insert_keys(conn, addr, presented, "pinned", now)
-                return PinResult.NEW
+            self._ensure_contact(conn, addr, now)
             pinned = _keys(conn, addr, "pinned")
-            if presented <= pinned:
-                return PinResult.SAME
-            if presented & pinned:
-                new = presented - pinned
-                if len(pinned) + len(new) > MAX_KEYS_PER_ADDRESS:
-                    raise RecordLimitError(
-                        f"{addr} would have more than {MAX_KEYS_PER_ADDRESS} pinned devices"
-                    )
-                # A key pending from an earlier change that now shows up next to a pinned
-                # key is simply a new device; it stops being pending.
-                conn.executemany(
-                    "DELETE FROM contact_key WHERE address = ? AND verify_key = ?",
-                    [(addr, k) for k in new],
-                )
-                _insert_keys(conn, addr, new, "pinned", now)
+            if not pinned:
+                if signed and not signed & presented:
+                    _set_unvouched(conn, addr, signed, now)
+                    _refresh_changed_flag(conn, addr, now)
+                    return PinResult.UNVOUCHED
+                _set_unvouched(conn, addr, signed - presented, now)
+                _delete_keys(conn, addr, presented)
+                _insert_keys(conn, addr, presented, "pinned", now)
                 _refresh_changed_flag(conn, addr, now)
-                return PinResult.ADDED
-            conn.execute(
-                "DELETE FROM contact_key WHERE address = ? AND status = 'pending'", (addr,)
-            )
-            _insert_keys(conn, addr, presented, "pending", now)
+                return PinResult.NEW
+            vouched = _vouched_for(addr, presented, pinned, vouches or {})
+            if not presented & pinned and not vouched:
+                conn.execute(
+                    "DELETE FROM contact_key WHERE address = ? AND status = 'pending'", (addr,)
+                )
+                _delete_keys(conn, addr, presented)  # unvouched before, part of it now
+                _insert_keys(conn, addr, presented, "pending", now)
+                _refresh_changed_flag(conn, addr, now)
+                return PinResult.CHANGED
+            if len(pinned) + len(vouched) > MAX_KEYS_PER_ADDRESS:
+                raise RecordLimitError(
+                    f"{addr} would have more than {MAX_KEYS_PER_ADDRESS} pinned devices"
+                )
+            _delete_keys(conn, addr, vouched)
+            _insert_keys(conn, addr, vouched, "pinned", now)
+            rest = (presented | signed) - pinned - vouched
+            _set_unvouched(conn, addr, rest, now)
             _refresh_changed_flag(conn, addr, now)
-            return PinResult.CHANGED
+            if rest:
+                return PinResult.UNVOUCHED
+            return PinResult.ADDED if vouched else PinResult.SAME
+
+    def note_signer(self, address: str, verify_key: bytes, now: float) -> bool:
+        """Whether the key that signed a message is pinned for `address`; if not, it is
+        recorded as `unvouched` (the address becomes a contact with no pinned key if it
+        was unknown) until `pin_keys(..., signers=...)` or the user settles it."""
+        addr = normalize_address(address)
+        key = PublicIdentity(bytes(verify_key)).verify_key
+        with self._db.transaction() as conn:
+            self._ensure_contact(conn, addr, now)
+            if key in _keys(conn, addr, "pinned"):
+                return True
+            if key not in _keys(conn, addr, "unvouched"):
+                held = _keys(conn, addr, "unvouched")
+                if len(held) >= MAX_KEYS_PER_ADDRESS:
+                    conn.execute(
+                        "DELETE FROM contact_key WHERE address = ? AND status = 'unvouched'"
+                        " AND verify_key = (SELECT verify_key FROM contact_key WHERE"
+                        " address = ? AND status = 'unvouched' ORDER BY first_seen LIMIT 1)",
+                        (addr, addr))
+                conn.execute("DELETE FROM contact_key WHERE address = ? AND verify_key = ?",
+                             (addr, key))
+                _insert_keys(conn, addr, [key], "unvouched", now)
+                _refresh_changed_flag(conn, addr, now)
+            return False
+
+    def accept(self, address: str) -> frozenset[bytes]:
+        """The user checked the keys (`peerpost contacts accept`): a pending key change
+        replaces the pinned set, and unvouched keys are pinned next to it. Returns the keys
+        trusted now that were not before; KeyError if nothing was waiting."""
+        addr = normalize_address(address)
+        with self._db.transaction() as conn:
+            pinned = _keys(conn, addr, "pinned")
+            pending = _keys(conn, addr, "pending")
+            unvouched = _keys(conn, addr, "unvouched")
+            if not pending and not unvouched:
+                raise KeyError(f"no key of {addr} is waiting to be accepted")
+            new = (pending or pinned) | unvouched
+            if len(new) > MAX_KEYS_PER_ADDRESS:
+                raise RecordLimitError(
+                    f"{addr} would have more than {MAX_KEYS_PER_ADDRESS} pinned devices"
+                )
+            if pending:
+                conn.execute(
+                    "DELETE FROM contact_key WHERE address = ? AND status = 'pinned'", (addr,)
+                )
+            conn.execute("UPDATE contact_key SET status = 'pinned' WHERE address = ?", (addr,))
+            conn.execute("UPDATE contact SET changed = 0 WHERE address = ?", (addr,))
+            return frozenset(new - pinned)
+
+    def _ensure_contact(self, conn: sqlite3.Connection, addr: str, now: float) -> None:
+        if conn.execute("SELECT 1 FROM contact WHERE address = ?", (addr,)).fetchone():
+            return
+        if count_rows(conn, "contact") >= self._max_contacts:
+            raise RecordLimitError(f"at most {self._max_contacts} contacts")
+        conn.execute(
+            "INSERT INTO contact (address, first_seen, updated_at) VALUES (?, ?, ?)",
+            (addr, now, now),
+        )
 
     def accept_change(self, address: str, verify_key: bytes) -> None:
         """The user checked the new key: the pending set (which must hold it) is pinned.
@@ -134,11 +208,13 @@ class Contacts:
             conn.execute("UPDATE contact SET changed = 0 WHERE address = ?", (addr,))
 
     def dismiss_change(self, address: str) -> bool:
-        """Drop the pending keys and keep the pinned ones; False if nothing was pending."""
+        """Drop the pending and unvouched keys and keep the pinned ones; False if nothing
+        was waiting."""
         addr = normalize_address(address)
         with self._db.transaction() as conn:
             gone = conn.execute(
-                "DELETE FROM contact_key WHERE address = ? AND status = 'pending'", (addr,)
+                "DELETE FROM contact_key WHERE address = ? AND status IN"
+                " ('pending', 'unvouched')", (addr,)
             ).rowcount
             conn.execute("UPDATE contact SET changed = 0 WHERE address = ?", (addr,))
             return gone > 0
@@ -181,6 +257,7 @@ class Contacts:
         for r in rows:
             pinned = tuple(keys.get((r["address"], "pinned"), ()))
             pending = tuple(keys.get((r["address"], "pending"), ()))
+            unvouched = tuple(keys.get((r["address"], "unvouched"), ()))
             out.append(
                 Contact(
                     address=r["address"],
@@ -190,6 +267,9 @@ class Contacts:
                     changed=bool(r["changed"]),
                     pending_keys=pending,
                     pending_fingerprints=tuple(PublicIdentity(k).fingerprint() for k in pending),
+                    unvouched_keys=unvouched,
+                    unvouched_fingerprints=tuple(
+                        PublicIdentity(k).fingerprint() for k in unvouched),
                 )
             )
         return out
@@ -216,6 +296,47 @@ def _insert_keys(
         "INSERT INTO contact_key (address, verify_key, status, first_seen) VALUES (?, ?, ?, ?)",
         [(address, k, status, now) for k in sorted(keys)],
     )
+
+
+def _delete_keys(conn: sqlite3.Connection, address: str, keys: Iterable[bytes]) -> None:
+    conn.executemany("DELETE FROM contact_key WHERE address = ? AND verify_key = ?",
+                     [(address, k) for k in keys])
+
+
+def _set_unvouched(conn: sqlite3.Connection, address: str, keys: frozenset[bytes],
+                   now: float) -> None:
+    """The unvouched keys of `address` become `keys` (first-seen times kept)."""
+    held = _keys(conn, address, "unvouched")
+    _delete_keys(conn, address, held - keys)
+    new = keys - held
+    _delete_keys(conn, address, new)  # a key pending from a change now shows as a device
+    _insert_keys(conn, address, new, "unvouched", now)
+
+
+def _vouched_for(address: str, presented: frozenset[bytes], pinned: frozenset[bytes],
+                 vouches: Mapping[bytes, bytes]) -> frozenset[bytes]:
+    """Presented keys not pinned whose vouch verifies under a pinned key, or under a key
+    that qualifies this way (a chain), for `address`."""
+    trusted = set(pinned)
+    found: set[bytes] = set()
+    progress = True
+    while progress:
+        progress = False
+        for key in presented - trusted:
+            raw = vouches.get(key)
+            if raw is None:
+                continue
+            try:
+                vouch = Vouch.from_bytes(raw)
+                if vouch.by not in trusted:
+                    continue
+                vouch.verify(address, key)
+            except CryptoError:
+                continue
+            trusted.add(key)
+            found.add(key)
+            progress = True
+    return frozenset(found)
 
 
 def _refresh_changed_flag(conn: sqlite3.Connection, address: str, now: float) -> None:

@@ -143,9 +143,74 @@ def _to_v3(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE inbox ADD COLUMN receipt_sent_at REAL")
 
 
+_INBOX_V4 = """
+CREATE TABLE inbox_v4 (
+    id              BLOB PRIMARY KEY CHECK (length(id) = 16),
+    sender          TEXT NOT NULL,
+    sender_peer_id  BLOB NOT NULL,
+    title           TEXT NOT NULL,
+    note            TEXT NOT NULL,
+    size            INTEGER NOT NULL CHECK (size >= 0),
+    file_name       TEXT NOT NULL,
+    media_type      TEXT NOT NULL,
+    content_id      BLOB NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('unverified', 'offered', 'downloading',
+                                                   'retrying', 'complete', 'failed')),
+    junk            INTEGER NOT NULL CHECK (junk IN (0, 1)),
+    priority        INTEGER NOT NULL CHECK (priority IN (0, 1)),
+    received_at     REAL NOT NULL,
+    next_attempt    REAL,
+    attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    error           TEXT,
+    path            TEXT,
+    chunks_held     INTEGER NOT NULL DEFAULT 0,
+    chunk_count     INTEGER NOT NULL CHECK (chunk_count >= 0),
+    message         BLOB NOT NULL,
+    started_at      REAL,
+    first_byte_at   REAL,
+    completed_at    REAL,
+    receipt_sent_at REAL,
+    CHECK (chunks_held BETWEEN 0 AND chunk_count),
+    CHECK (junk = 0 OR state IN ('offered', 'unverified')),
+    CHECK (state <> 'complete' OR (path IS NOT NULL AND chunks_held = chunk_count)),
+    CHECK (state <> 'retrying' OR next_attempt IS NOT NULL),
+    CHECK (state <> 'failed' OR error IS NOT NULL)
+);
+CREATE TABLE contact_key_v4 (
+    address         TEXT NOT NULL REFERENCES contact (address) ON DELETE CASCADE,
+    verify_key      BLOB NOT NULL CHECK (length(verify_key) = 32),
+    status          TEXT NOT NULL CHECK (status IN ('pinned', 'pending', 'unvouched')),
+    first_seen      REAL NOT NULL,
+    PRIMARY KEY (address, verify_key)
+) WITHOUT ROWID
+"""
+_INBOX_COLUMNS = (
+    "id, sender, sender_peer_id, title, note, size, file_name, media_type, content_id,"
+    " state, junk, priority, received_at, next_attempt, attempts, error, path, chunks_held,"
+    " chunk_count, message, started_at, first_byte_at, completed_at, receipt_sent_at")
+
+
+def _to_v4(conn: sqlite3.Connection) -> None:
+    # Trust: an inbox message signed by a device key not (yet) trusted for its sender is
+    # held as 'unverified'; a contact's key that showed up next to pinned ones without a
+    # vouch from one of them is 'unvouched' until the user accepts it. SQLite can't
+    # change a CHECK in place, so both tables are copied into new ones.
+    for statement in _INBOX_V4.split(";"):
+        conn.execute(statement)
+    conn.execute(f"INSERT INTO inbox_v4 ({_INBOX_COLUMNS}) SELECT {_INBOX_COLUMNS} FROM inbox")
+    conn.execute("DROP TABLE inbox")
+    conn.execute("ALTER TABLE inbox_v4 RENAME TO inbox")
+    conn.execute("CREATE INDEX inbox_by_received ON inbox (received_at)")
+    conn.execute("CREATE INDEX inbox_by_work ON inbox (state, junk, priority DESC, received_at)")
+    conn.execute("INSERT INTO contact_key_v4 SELECT address, verify_key, status, first_seen"
+                 " FROM contact_key")
+    conn.execute("DROP TABLE contact_key")
+    conn.execute("ALTER TABLE contact_key_v4 RENAME TO contact_key")
+
+
 # version n -> the step that makes it n + 1. Append only; never edit a shipped step.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    0: _to_v1, 1: _to_v2, 2: _to_v3}
+    0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4}
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -184,11 +184,13 @@ class Delivery:
 
     async def _recheck(self, sender: str) -> None:
         try:
-            keys = [d.verify_key for d in (await self.rendezvous.finger(sender)).devices]
-        except (RendezvousError, OSError) as exc:  # can't check: warn, loudly
+            devices = (await self.rendezvous.finger(sender)).devices
+        except (RendezvousError, OSError) as exc:  # can't check: the messages stay held
             log.info("FINGER %s failed: %s", sender, exc)
-            keys = []
-        self.incoming.recheck_keys(sender, keys)
+            devices = ()
+        vouches = {d.verify_key: d.vouch for d in devices if d.vouch is not None}
+        if self.incoming.recheck_keys(sender, [d.verify_key for d in devices], vouches):
+            self.downloads.wake()
 
     async def retention(self) -> None:
         """Apply the retention preference to every message all recipients now hold."""

@@ -1,11 +1,14 @@
 """The life of an incoming message, as an explicit state machine (an Enum and a table).
 
-    offered ──> downloading <──> retrying
+    unverified ──> offered ──> downloading <──> retrying
        │            │  ▲            │
        │            ▼  │            │
        │        complete  │         │
        └──────> failed ───┘ <───────┘
 
+`unverified`: the location message is here but signed by a device key not trusted for its
+sender (see overlay.mail.contacts); it is shown, never downloaded, and becomes `offered`
+once that key is trusted (vouched for by a pinned key, or accepted by the user).
 `offered`: the location message is here, nothing fetched yet (a junk sender's message stays
 here until the user says it isn't junk). `downloading`: the downloader works on it.
 `retrying`: no source was reachable or all failed; it waits for `next_attempt` (a retry is
@@ -20,6 +23,7 @@ from enum import Enum
 
 
 class InboxState(Enum):
+    UNVERIFIED = "unverified"
     OFFERED = "offered"
     DOWNLOADING = "downloading"
     RETRYING = "retrying"
@@ -32,6 +36,7 @@ class IllegalTransition(Exception):
 
 
 TRANSITIONS: dict[InboxState, frozenset[InboxState]] = {
+    InboxState.UNVERIFIED: frozenset({InboxState.OFFERED}),
     InboxState.OFFERED: frozenset({InboxState.DOWNLOADING, InboxState.FAILED}),
     InboxState.DOWNLOADING: frozenset(
         {InboxState.RETRYING, InboxState.COMPLETE, InboxState.FAILED}

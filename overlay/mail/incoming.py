@@ -1,5 +1,13 @@
 """Receiving: open each envelope the server pushes, check it, and file it.
 
+A location message signed by a device key that is not pinned for its sender (a new device
+of a contact, a rogue key the server added, or a first contact) is filed `unverified`:
+shown, never downloaded. The node then looks the sender up (FINGER, `recheck_keys`) and
+`overlay.mail.contacts` decides: a key vouched for by a pinned one, or a first contact
+whose signing key is among the keys FINGER returns at that time, becomes trusted and its
+messages move on to `offered` (`release`); anything else waits for
+`peerpost contacts accept`.
+
 Everything from the server is outside input. An envelope that does not open for this
 device, is badly signed, is malformed, or contradicts what the server authenticated (the
 sender address) is dropped with a log line and a counter; nothing already stored is
@@ -18,7 +26,7 @@ from enum import Enum
 from crypto.content import chunk_count
 from crypto.envelope import open_envelope
 from crypto.errors import CryptoError
-from crypto.identity import DeviceIdentity, peer_id_of
+from crypto.identity import DeviceIdentity, PublicIdentity, peer_id_of
 from crypto.location import LocationMessage, decode_location
 from overlay.mail.contacts import Contacts, PinResult
 from overlay.mail.db import RecordLimitError
@@ -34,6 +42,7 @@ LOCATION_KIND = "location"
 
 class Outcome(Enum):
     NEW = "new"  # a new location message is in the inbox
+    UNVERIFIED = "unverified"  # a new one, held: its signing key is not trusted yet
     DUPLICATE = "duplicate"  # seen before (the server redelivered)
     RECEIPT = "receipt"  # a recipient's receipt for something we sent
     DROPPED = "dropped"  # bad input: logged and counted
@@ -64,17 +73,41 @@ class IncomingMail:
         self.counters: Counter[str] = Counter()
         self.key_checks: set[str] = set()  # senders whose key looked new: see recheck_keys
 
-    def recheck_keys(self, sender: str, device_keys: list[bytes]) -> PinResult:
-        """Pin the full key set the server lists for `sender`; warn if it really changed."""
-        result = self.contacts.pin_keys(sender, device_keys, self.wall()) if device_keys \
-            else PinResult.CHANGED
+    def recheck_keys(self, sender: str, device_keys: list[bytes],
+                     vouches: dict[bytes, bytes] | None = None) -> list[bytes]:
+        """Apply the key set (and vouches) the server lists for `sender` now; move the
+        held messages whose signing key is trusted afterwards to `offered` and return
+        their ids. Warns when keys are left for the user to accept."""
+        contact = self.contacts.get(sender)
+        signers = contact.unvouched_keys if contact is not None else ()
+        if not device_keys:
+            self.counters["key-check-failed"] += 1
+            log.warning("could not look up the keys of %s: its unverified messages wait "
+                        "for `peerpost contacts accept %s`", sender, sender)
+            return []
+        result = self.contacts.pin_keys(sender, device_keys, self.wall(), vouches=vouches,
+                                        signers=signers)
         if result is PinResult.CHANGED:
             self.counters["key-changed"] += 1
-            log.warning("KEY CHANGED for %s: the message is kept, but compare fingerprints "
-                        "(`peerpost contacts`) before trusting it", sender)
-        else:
-            log.info("%s has a new device; pinned it next to the known one", sender)
-        return result
+            log.warning("KEY CHANGED for %s: the message is held, compare fingerprints "
+                        "(`peerpost contacts`) before `peerpost contacts accept %s`",
+                        sender, sender)
+        elif result is PinResult.UNVOUCHED:
+            self.counters["key-unvouched"] += 1
+            log.warning("%s has a device key no device you trust vouched for: its messages "
+                        "are held; compare fingerprints (`peerpost contacts`), then "
+                        "`peerpost contacts accept %s`", sender, sender)
+        elif result is PinResult.ADDED:
+            log.info("%s has a new device vouched for by a known one; trusted it", sender)
+        return self.release(sender)
+
+    def release(self, sender: str) -> list[bytes]:
+        """Move `sender`'s held messages signed by a now trusted key to `offered`."""
+        trusted = frozenset(peer_id_of(k) for k in self.contacts.trusted_keys(sender))
+        released = self.inbox.release_unverified(sender, trusted)
+        if released:
+            log.info("%d held message(s) from %s are verified now", len(released), sender)
+        return released
 
     def handle(self, env: Pushed) -> tuple[Outcome, LocationMessage | Receipt | None]:
         """File one envelope. Never raises for bad input: it drops and counts instead."""
@@ -103,14 +136,14 @@ class IncomingMail:
             return self._drop("location", env, "signed by another device than it names")
         if self.address not in h.recipients:
             return self._drop("location", env, "this address is not among the recipients")
-        pin = self.contacts.pin(h.sender, key, self.wall())
-        if pin is PinResult.CHANGED:
-            # One key can't show it is the same person's second device; the node asks the
-            # server for the whole device set (recheck_keys) before raising the alarm.
+        trusted = self.contacts.note_signer(h.sender, key, self.wall())
+        if not trusted:
+            # One key can't show it is the same person's device; the node asks the server
+            # for the whole device set and its vouches (recheck_keys).
             self.key_checks.add(h.sender)
         kind = self.prefs.classify(h.sender)
         try:
-            added = self._add(env, msg, body, kind)
+            added = self._add(env, msg, body, kind, unverified=not trusted)
         except RecordLimitError as exc:
             # Acknowledged all the same: left on the server it would come back at every
             # login. The user frees room with `peerpost rm` or `peerpost inbox --prune`.
@@ -122,11 +155,17 @@ class IncomingMail:
             self.counters["duplicate"] += 1
             return Outcome.DUPLICATE, msg
         self.counters["received"] += 1
-        log.info("message %s from %s: %r (%d bytes)%s", h.message_id.hex(), h.sender,
-                 msg.description.title, msg.handle.size, " [junk]" if kind == "junk" else "")
+        log.info("message %s from %s: %r (%d bytes)%s%s", h.message_id.hex(), h.sender,
+                 msg.description.title, msg.handle.size, " [junk]" if kind == "junk" else "",
+                 "" if trusted else " [unverified: signed by device "
+                 f"{PublicIdentity(key).fingerprint()}, not trusted for the sender]")
+        if not trusted:
+            self.counters["unverified"] += 1
+            return Outcome.UNVERIFIED, msg
         return Outcome.NEW, msg
 
-    def _add(self, env: Pushed, msg: LocationMessage, body: bytes, kind: str) -> bool:
+    def _add(self, env: Pushed, msg: LocationMessage, body: bytes, kind: str, *,
+             unverified: bool = False) -> bool:
         h = msg.headers
         return self.inbox.add(
             id=h.message_id, sender=h.sender, sender_peer_id=h.sender_peer_id,
@@ -135,7 +174,7 @@ class IncomingMail:
             content_id=msg.handle.content_id,
             chunk_count=chunk_count(msg.handle.size, msg.handle.chunk_size),
             message=body, received_at=self.wall(),
-            junk=kind == "junk", priority=kind == "priority",
+            junk=kind == "junk", priority=kind == "priority", unverified=unverified,
         )
 
     def _receipt(self, env: Pushed, key: bytes,

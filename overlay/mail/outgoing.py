@@ -225,11 +225,23 @@ class MailSender:
         keys = [d.verify_key for d in info.devices]
         if not keys:
             raise SendError(f"{addr}: no device is registered for this address")
-        pin = self.contacts.pin_keys(addr, keys, self.wall())
+        vouches = {d.verify_key: d.vouch for d in info.devices if d.vouch is not None}
+        pin = self.contacts.pin_keys(addr, keys, self.wall(), vouches=vouches)
         if pin is PinResult.CHANGED:
             raise SendError(
                 f"the keys of {addr} have CHANGED since you last sent to them. Compare "
                 f"fingerprints out of band (`peerpost contacts`), then "
                 f"`peerpost contacts accept {addr}` to send anyway")
         trusted = self.contacts.trusted_keys(addr)
-        return Recipient(addr, tuple(PublicIdentity(k) for k in keys if k in trusted))
+        if pin is PinResult.UNVOUCHED:
+            log.warning("%s: not sealing to %d device key(s) no trusted device vouched for; "
+                        "compare fingerprints (`peerpost contacts`), then "
+                        "`peerpost contacts accept %s`", addr,
+                        sum(k not in trusted for k in keys), addr)
+        devices = tuple(PublicIdentity(k) for k in keys if k in trusted)
+        if not devices:
+            raise SendError(
+                f"{addr}: none of its device keys is trusted (no vouch from a key you "
+                f"pinned); compare fingerprints (`peerpost contacts`), then "
+                f"`peerpost contacts accept {addr}`")
+        return Recipient(addr, devices)

@@ -73,7 +73,9 @@ def pushed(msg: LocationMessage) -> Pushed:
 
 
 def incoming(db: NodeDB, inbox: Inbox) -> IncomingMail:
-    return IncomingMail(BOB, "bob@example.net", inbox, Outbox(db), Prefs(db), Contacts(db),
+    contacts = Contacts(db)
+    contacts.pin_keys("alice@example.net", [ALICE.public.verify_key], 0.0)  # a known sender
+    return IncomingMail(BOB, "bob@example.net", inbox, Outbox(db), Prefs(db), contacts,
                         wall=time.time)
 
 

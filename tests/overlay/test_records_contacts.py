@@ -1,4 +1,4 @@
-"""Contacts: trust on first use, several devices per address, loud key changes."""
+"""Contacts: trust on first use, devices vouched for by pinned ones, loud key changes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
+from crypto.vouch import make_vouch
 from overlay.mail.contacts import MAX_KEYS_PER_ADDRESS, Contacts, PinResult
 from overlay.mail.db import NodeDB, RecordLimitError
 
@@ -36,14 +37,78 @@ def test_first_use_pins_then_same(db: NodeDB) -> None:
     assert c.trusted_keys(BOB) == {key(1)}
 
 
-def test_second_device_next_to_a_pinned_one_is_added(db: NodeDB) -> None:
+def ident(n: int) -> DeviceIdentity:
+    return DeviceIdentity.from_seed(bytes([n]) * 32)
+
+
+def vouch(by: int, for_: int, address: str = BOB) -> bytes:
+    return make_vouch(ident(by), address, key(for_)).to_bytes()
+
+
+def test_second_device_vouched_for_by_a_pinned_one_is_added(db: NodeDB) -> None:
     c = Contacts(db)
     c.pin_keys(BOB, [key(1)], 10.0)
-    assert c.pin_keys(BOB, [key(1), key(2)], 20.0) is PinResult.ADDED
+    assert c.pin_keys(BOB, [key(1), key(2)], 20.0,
+                      vouches={key(2): vouch(1, 2)}) is PinResult.ADDED
     assert c.trusted_keys(BOB) == {key(1), key(2)}
     # a retired device missing from the set stays pinned and raises no alarm
     assert c.pin_keys(BOB, [key(2)], 30.0) is PinResult.SAME
     assert not c.get(BOB).changed  # type: ignore[union-attr]
+
+
+def test_a_chain_of_vouches_reaches_a_pinned_key(db: NodeDB) -> None:
+    c = Contacts(db)
+    c.pin_keys(BOB, [key(1)], 10.0)
+    # 3 was vouched for by 2, 2 by 1; the voucher of 2 need not be online (presented)
+    assert c.pin_keys(BOB, [key(3), key(2)], 20.0,
+                      vouches={key(2): vouch(1, 2), key(3): vouch(2, 3)}) is PinResult.ADDED
+    assert c.trusted_keys(BOB) == {key(1), key(2), key(3)}
+
+
+def test_rogue_key_next_to_a_pinned_one_is_not_trusted(db: NodeDB) -> None:
+    c = Contacts(db)
+    c.pin_keys(BOB, [key(1)], 10.0)
+    for vouches in ({}, {key(2): vouch(3, 2)},          # none; by a key we never pinned
+                    {key(2): vouch(1, 2, "carol@b.example")},  # for another address
+                    {key(2): vouch(1, 4)}):             # for another key
+        assert c.pin_keys(BOB, [key(1), key(2)], 20.0, vouches=vouches) is PinResult.UNVOUCHED
+        assert c.trusted_keys(BOB) == {key(1)}
+    contact = c.get(BOB)
+    assert contact is not None and contact.unvouched_keys == (key(2),) and not contact.changed
+    assert contact.unvouched_fingerprints == (ident(2).public.fingerprint(),)
+    # the user compared fingerprints and accepts
+    assert c.accept(BOB) == {key(2)}
+    assert c.trusted_keys(BOB) == {key(1), key(2)}
+    with pytest.raises(KeyError):
+        c.accept(BOB)
+
+
+def test_note_signer_holds_an_unknown_key_until_settled(db: NodeDB) -> None:
+    c = Contacts(db)
+    c.pin_keys(BOB, [key(1)], 10.0)
+    assert c.note_signer(BOB, key(1), 11.0)
+    assert not c.note_signer(BOB, key(2), 12.0)
+    assert c.get(BOB).unvouched_keys == (key(2),)  # type: ignore[union-attr]
+    assert c.trusted_keys(BOB) == {key(1)}
+    # FINGER shows it vouched for by the pinned key: now trusted
+    assert c.pin_keys(BOB, [key(1), key(2)], 13.0, vouches={key(2): vouch(1, 2)},
+                      signers=[key(2)]) is PinResult.ADDED
+    assert c.trusted_keys(BOB) == {key(1), key(2)}
+    assert c.get(BOB).unvouched_keys == ()  # type: ignore[union-attr]
+
+
+def test_first_contact_is_trusted_only_if_finger_lists_the_signer(db: NodeDB) -> None:
+    c = Contacts(db)
+    assert not c.note_signer(BOB, key(1), 10.0)
+    assert c.trusted_keys(BOB) == frozenset()
+    # the server lists other keys than the one that signed: nothing is pinned
+    assert c.pin_keys(BOB, [key(2)], 11.0, signers=[key(1)]) is PinResult.UNVOUCHED
+    assert c.trusted_keys(BOB) == frozenset()
+    assert c.get(BOB).unvouched_keys == (key(1),)  # type: ignore[union-attr]
+    # it lists the signer: trust on first use
+    assert c.pin_keys(BOB, [key(1)], 12.0, signers=[key(1)]) is PinResult.NEW
+    assert c.trusted_keys(BOB) == {key(1)}
+    assert c.get(BOB).unvouched_keys == ()  # type: ignore[union-attr]
 
 
 def test_changed_key_is_not_silently_replaced(db: NodeDB) -> None:
@@ -89,16 +154,20 @@ def test_dismiss_keeps_the_old_keys(db: NodeDB) -> None:
     assert not c.dismiss_change(BOB)
 
 
-def test_single_key_change_confirmed_by_a_lookup_becomes_a_device(db: NodeDB) -> None:
+def test_single_key_seen_next_to_the_pinned_one_waits_for_a_vouch(db: NodeDB) -> None:
     # A receiver sees one signing key per message: a sender's second device looks changed
-    # until a FINGER lookup shows it next to the pinned one.
+    # until a FINGER lookup shows it next to the pinned one, and it is trusted only with a
+    # vouch from the pinned one (or the user's acceptance).
     c = Contacts(db)
     c.pin(BOB, key(1), 10.0)
     assert c.pin(BOB, key(2), 20.0) is PinResult.CHANGED
-    assert c.pin_keys(BOB, [key(1), key(2)], 21.0) is PinResult.ADDED
+    assert c.pin_keys(BOB, [key(1), key(2)], 21.0) is PinResult.UNVOUCHED
     contact = c.get(BOB)
     assert contact is not None and not contact.changed
-    assert set(contact.keys) == {key(1), key(2)}
+    assert contact.keys == (key(1),) and contact.unvouched_keys == (key(2),)
+    assert c.pin_keys(BOB, [key(1), key(2)], 22.0,
+                      vouches={key(2): vouch(1, 2)}) is PinResult.ADDED
+    assert set(c.get(BOB).keys) == {key(1), key(2)}  # type: ignore[union-attr]
 
 
 def test_bad_keys_and_bounds(db: NodeDB) -> None:

@@ -1,0 +1,139 @@
+"""Receiving from a device key not trusted for the sender: held `unverified`, never fetched,
+until a vouch from a pinned key or the user's acceptance."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from crypto.envelope import seal_for_recipients
+from crypto.identity import DeviceIdentity
+from crypto.location import Description, Handle, Headers, LocationMessage
+from crypto.vouch import make_vouch
+from overlay.mail.contacts import Contacts
+from overlay.mail.db import _MIGRATIONS, NodeDB
+from overlay.mail.inbox import Inbox
+from overlay.mail.inbox_state import IllegalTransition, InboxState
+from overlay.mail.incoming import IncomingMail, Outcome, Pushed
+from overlay.mail.outbox import Outbox
+from overlay.mail.prefs import Prefs
+
+ALICE = "alice@example.net"
+ALICE1 = DeviceIdentity.from_seed(b"1" * 32)  # pinned
+ALICE2 = DeviceIdentity.from_seed(b"2" * 32)  # a new device, maybe a rogue key
+BOB = DeviceIdentity.from_seed(b"b" * 32)
+K1, K2 = ALICE1.public.verify_key, ALICE2.public.verify_key
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[NodeDB]:
+    with NodeDB.open(tmp_path) as opened:
+        yield opened
+
+
+def pushed(n: int, signer: DeviceIdentity) -> Pushed:
+    msg = LocationMessage(
+        headers=Headers(message_id=n.to_bytes(16, "big"), sender=ALICE,
+                        sender_peer_id=signer.peer_id, recipients=("bob@example.net",),
+                        created=1_700_000_000),
+        description=Description(title=f"clip {n}", file_name="clip.ts"),
+        handle=Handle(content_id=bytes([n]) * 32, size=1000, chunk_size=1 << 20,
+                      content_key=b"k" * 32, capability=b"p" * 32))
+    ((_, blob),) = seal_for_recipients(signer, "location", msg.encode(), [BOB.public])
+    return Pushed(msg.headers.message_id, ALICE, blob)
+
+
+def receiver(db: NodeDB, *, known: bool = True) -> tuple[IncomingMail, Inbox, Contacts]:
+    inbox, contacts = Inbox(db), Contacts(db)
+    if known:
+        contacts.pin_keys(ALICE, [K1], 1.0)
+    return IncomingMail(BOB, "bob@example.net", inbox, Outbox(db), Prefs(db), contacts,
+                        wall=lambda: 100.0), inbox, contacts
+
+
+def offered_ids(inbox: Inbox) -> set[bytes]:
+    return {e.id for e in inbox.fetch_order(1e9, include_offered=True)}
+
+
+def test_a_pinned_key_files_ordinary_mail(db: NodeDB) -> None:
+    mail, inbox, _ = receiver(db)
+    assert mail.handle(pushed(1, ALICE1))[0] is Outcome.NEW
+    assert inbox.get((1).to_bytes(16, "big")).state is InboxState.OFFERED  # type: ignore[union-attr]
+    assert not mail.key_checks
+
+
+def test_an_unknown_extra_key_is_held_until_the_user_accepts(db: NodeDB) -> None:
+    mail, inbox, contacts = receiver(db)
+    mid = (2).to_bytes(16, "big")
+    assert mail.handle(pushed(2, ALICE2))[0] is Outcome.UNVERIFIED
+    assert inbox.get(mid).state is InboxState.UNVERIFIED  # type: ignore[union-attr]
+    assert mid not in offered_ids(inbox)  # auto-download never picks it
+    assert mail.key_checks == {ALICE}
+    with pytest.raises(IllegalTransition):
+        inbox.transition(mid, InboxState.DOWNLOADING)
+    # FINGER lists the key next to the pinned one, without a vouch: still held
+    assert mail.recheck_keys(ALICE, [K1, K2], {}) == []
+    assert inbox.get(mid).state is InboxState.UNVERIFIED  # type: ignore[union-attr]
+    assert contacts.get(ALICE).unvouched_keys == (K2,)  # type: ignore[union-attr]
+    # the user compares fingerprints and accepts
+    contacts.accept(ALICE)
+    assert mail.release(ALICE) == [mid]
+    assert inbox.get(mid).state is InboxState.OFFERED  # type: ignore[union-attr]
+    assert mid in offered_ids(inbox)
+    assert mail.handle(pushed(3, ALICE2))[0] is Outcome.NEW
+
+
+def test_a_key_vouched_for_by_a_pinned_one_releases_its_mail(db: NodeDB) -> None:
+    mail, _, contacts = receiver(db)
+    mail.handle(pushed(4, ALICE2))
+    forged = make_vouch(ALICE2, ALICE, K2).to_bytes()  # signs itself: not a pinned key
+    assert mail.recheck_keys(ALICE, [K1, K2], {K2: forged}) == []
+    good = make_vouch(ALICE1, ALICE, K2).to_bytes()
+    assert mail.recheck_keys(ALICE, [K1, K2], {K2: good}) == [(4).to_bytes(16, "big")]
+    assert contacts.trusted_keys(ALICE) == {K1, K2}
+
+
+def test_first_contact_is_trusted_only_when_finger_lists_the_signing_key(db: NodeDB) -> None:
+    mail, inbox, contacts = receiver(db, known=False)
+    mid = (5).to_bytes(16, "big")
+    assert mail.handle(pushed(5, ALICE1))[0] is Outcome.UNVERIFIED
+    # the server shows another key for the address than the one that signed
+    assert mail.recheck_keys(ALICE, [K2], {}) == []
+    assert contacts.trusted_keys(ALICE) == frozenset()
+    # FINGER unreachable: stays held
+    assert mail.recheck_keys(ALICE, [], {}) == []
+    # the signing key is among those FINGER returns: trust on first use
+    assert mail.recheck_keys(ALICE, [K1], {}) == [mid]
+    assert inbox.get(mid).state is InboxState.OFFERED  # type: ignore[union-attr]
+
+
+def test_junk_from_an_unverified_key_stays_junk(db: NodeDB) -> None:
+    mail, inbox, contacts = receiver(db)
+    Prefs(db).add_junk(ALICE)
+    mail.handle(pushed(6, ALICE2))
+    entry = inbox.get((6).to_bytes(16, "big"))
+    assert entry is not None and entry.junk and entry.state is InboxState.UNVERIFIED
+    contacts.accept(ALICE)
+    mail.release(ALICE)
+    assert inbox.get(entry.id).state is InboxState.OFFERED  # type: ignore[union-attr]
+    assert entry.id not in offered_ids(inbox)
+
+
+def test_upgrade_to_v4_keeps_inbox_and_contacts(tmp_path: Path) -> None:
+    steps = {k: v for k, v in _MIGRATIONS.items() if k < 3}
+    with NodeDB.open(tmp_path, migrations=steps) as old:
+        Contacts(old).pin_keys(ALICE, [K1], 1.0)
+        Inbox(old).add(id=b"m" * 16, sender=ALICE, sender_peer_id=ALICE1.peer_id, title="t",
+                       note="", size=1, file_name="f", media_type="x/y",
+                       content_id=b"c" * 32, chunk_count=1, message=b"\x93",
+                       received_at=1.0)
+    with NodeDB.open(tmp_path) as db:
+        assert Contacts(db).trusted_keys(ALICE) == {K1}
+        assert Inbox(db).get(b"m" * 16).state is InboxState.OFFERED  # type: ignore[union-attr]
+        Contacts(db).note_signer(ALICE, K2, 2.0)  # the new status is allowed
+        with pytest.raises(sqlite3.IntegrityError):
+            with db.transaction() as conn:
+                conn.execute("UPDATE inbox SET state = 'bogus'")
