@@ -1,10 +1,21 @@
 """`peerpost-rendezvous`: run a domain's rendezvous server, issue invites, show stats.
 
     peerpost-rendezvous serve --domain D --listen HOST:PORT --data DIR [--open-registration]
+                              [--tls-cert PEM --tls-key PEM | --plaintext]
                               [--stun-port N] [--dht-port N]
                               [--relay-rate BYTES_PER_S] [--relay-daily BYTES]
+                              [--sessions-per-device N] [--sessions-per-account N]
+                              [--sessions-per-ip N] [--push-buffer-total BYTES]
+                              [--sender-quota-count N] [--sender-quota-bytes BYTES]
+                              [--finger-open]
     peerpost-rendezvous invite ADDRESS --data DIR [--days N]
     peerpost-rendezvous stats --data DIR [--json]
+
+`serve` listens with TLS 1.3: the certificate of `--tls-cert/--tls-key`, else a
+self-signed one it makes once in DATA (tls_cert.pem, tls_key.pem). Its domain key (Ed25519,
+DATA/domain_key.json, 0600) is made on the first start; its fingerprint and the DNS TXT
+value that publishes it are logged at every start. Nodes pin it (`peerpost init`).
+`--plaintext` is for the simulator and benchmarks only.
 
 `serve` prints one machine-readable line `listening HOST:PORT` on stdout (flushed) once
 the socket is bound, so `--listen 127.0.0.1:0` can be read back, then `stun listening
@@ -18,7 +29,9 @@ SQLite file directly (see stats.py).
 The DHT bootstrap node comes from the overlay package, loaded by name only when
 `--dht-port` is given (services.py explains why that is the least bad way); its identity
 is DATA/server-identity.json (0600). The relay caps apply per account (the caller's);
-0 turns one off.
+0 turns one off, as it does for the session caps and the per-sender quotas.
+FINGER shows presence and reachability only between accounts that have exchanged mail
+(server.py explains); `--finger-open` shows them to every account (demos, tests).
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ import logging
 import resource
 import secrets
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Coroutine
@@ -39,12 +53,14 @@ from typing import Any
 
 from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
+from rendezvous.domainkey import load_or_create, txt_value
 from rendezvous.limits import DAY, Limits
 from rendezvous.logfmt import configure, kv
 from rendezvous.server import RendezvousServer
 from rendezvous.services import ExtraService, StunService, load_starter, server_identity
 from rendezvous.sqlite_store import DB_NAME, SqliteStore, create_invite, read_stats
 from rendezvous.stats import read_live_stats, write_stats
+from rendezvous.tls import self_signed, server_tls
 
 log = logging.getLogger("rendezvous.cli")
 _DEFAULTS = Limits()
@@ -75,6 +91,12 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peerpost-rendezvous",
                                 description="The rendezvous server of one peerpost domain.")
@@ -85,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, required=True, help="data folder (SQLite, stats)")
     s.add_argument("--open-registration", action="store_true",
                    help="anyone may create an account (demos and tests)")
+    s.add_argument("--tls-cert", type=Path, metavar="PEM",
+                   help="TLS certificate (chain); default: a self-signed one made in --data")
+    s.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    s.add_argument("--plaintext", action="store_true",
+                   help="no TLS: only for the simulator and benchmarks, never in service "
+                        "(clients can then be impersonated by anyone on the path)")
     s.add_argument("--max-envelope", type=int, default=_DEFAULTS.max_envelope, metavar="BYTES")
     s.add_argument("--max-frame", type=int, default=_DEFAULTS.max_frame, metavar="BYTES")
     s.add_argument("--quota-count", type=int, default=_DEFAULTS.quota_count)
@@ -103,6 +131,30 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--relay-daily", type=_non_negative, default=_DEFAULTS.relay_daily,
                    metavar="BYTES",
                    help="relayed bytes per account per UTC day (0: no cap; default %(default)g)")
+    s.add_argument("--sessions-per-device", type=_count,
+                   default=_DEFAULTS.sessions_per_device, metavar="N",
+                   help="live sessions per device (0: no cap; default %(default)s)")
+    s.add_argument("--sessions-per-account", type=_count,
+                   default=_DEFAULTS.sessions_per_account, metavar="N",
+                   help="live sessions per account (0: no cap; default %(default)s)")
+    s.add_argument("--sessions-per-ip", type=_count, default=_DEFAULTS.sessions_per_ip,
+                   metavar="N", help="live sessions per client IP address "
+                                     "(0: no cap; default %(default)s)")
+    s.add_argument("--push-buffer-total", type=_count, default=_DEFAULTS.push_buffer_total,
+                   metavar="BYTES", help="unsent push bytes of all sessions together; over "
+                                         "it the slowest readers are dropped "
+                                         "(default %(default)s)")
+    s.add_argument("--sender-quota-count", type=_count,
+                   default=_DEFAULTS.sender_quota_count, metavar="N",
+                   help="envelopes one sender may have queued for one recipient "
+                        "(0: no cap; default %(default)s)")
+    s.add_argument("--sender-quota-bytes", type=_count,
+                   default=_DEFAULTS.sender_quota_bytes, metavar="BYTES",
+                   help="bytes one sender may have queued for one recipient "
+                        "(0: no cap; default %(default)s)")
+    s.add_argument("--finger-open", action="store_true",
+                   help="FINGER shows presence and reachability to every account, not only "
+                        "to those that exchanged mail (demos and tests)")
     s.add_argument("--log-level", default="info")
     i = sub.add_parser("invite", help="issue a single-use invite token for an address")
     i.add_argument("address")
@@ -154,6 +206,13 @@ def _tune_gc() -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     configure(getattr(logging, str(args.log_level).upper(), logging.INFO))
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("peerpost-rendezvous: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.plaintext and args.tls_cert is not None:
+        print("peerpost-rendezvous: --plaintext and --tls-cert exclude each other",
+              file=sys.stderr)
+        return 2
     _raise_nofile()
     _tune_gc()
     args.data.mkdir(parents=True, exist_ok=True)
@@ -162,7 +221,13 @@ def _serve(args: argparse.Namespace) -> int:
                     request_rate=args.request_rate,
                     request_burst=max(args.request_rate * 2, 1.0),
                     envelope_ttl=args.envelope_days * DAY, relay_rate=args.relay_rate,
-                    relay_daily=int(args.relay_daily))
+                    relay_daily=int(args.relay_daily),
+                    sessions_per_device=args.sessions_per_device,
+                    sessions_per_account=args.sessions_per_account,
+                    sessions_per_ip=args.sessions_per_ip,
+                    push_buffer_total=args.push_buffer_total,
+                    sender_quota_count=args.sender_quota_count,
+                    sender_quota_bytes=args.sender_quota_bytes)
     return _run(_serve_async(args, limits))
 
 
@@ -177,9 +242,24 @@ async def _serve_async(args: argparse.Namespace, limits: Limits) -> int:
     except (OSError, LookupError) as exc:
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
         return 1
+    try:
+        domain_key = load_or_create(data)
+        tls = None if args.plaintext else server_tls(
+            *((args.tls_cert, args.tls_key) if args.tls_cert is not None
+              else self_signed(data, args.domain)))
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        for svc in services.values():
+            await svc.aclose()
+        print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
+        return 1
+    log.info(kv("server.domain_key", fingerprint=domain_key.fingerprint,
+                txt=f"_peerpost.{args.domain} TXT \"{txt_value(domain_key.public)}\""))
+    if tls is None:
+        log.warning(kv("server.plaintext", note="no TLS: for the simulator and benchmarks only"))
     server = RendezvousServer(args.domain, SqliteStore(data / DB_NAME),
                               open_registration=args.open_registration, limits=limits,
-                              services=services)
+                              services=services, domain_key=domain_key, tls=tls,
+                              finger_open=args.finger_open)
     try:
         host, port = await server.start(*args.listen)
     except BaseException:

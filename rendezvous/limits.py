@@ -23,6 +23,10 @@ class Limits:
     envelope_ttl: float = 30 * DAY
     quota_count: int = 10_000              # queued envelopes per recipient account
     quota_bytes: int = 64 * 1024 * 1024    # queued blob bytes per recipient account
+    # Of those, what one sender account may have queued for one recipient account, so
+    # one account can't fill another's queue for the whole envelope lifetime.
+    sender_quota_count: int = 1_000
+    sender_quota_bytes: int = 8 * 1024 * 1024
     request_rate: float = 2_000.0          # requests per second per connection...
     request_burst: float = 4_000.0         # ...with this burst
     pipe_bytes_rate: float = 256 * 1024.0  # PIPE payload bytes per second per connection
@@ -31,8 +35,18 @@ class Limits:
     pipe_held_per_device: int = 64
     pipe_held_bytes_per_device: int = 256 * 1024
     pipe_held_total_bytes: int = 64 * 1024 * 1024
+    # Of a device's hold, what one sender account may use (fair share per sender).
+    pipe_held_per_sender: int = 16
+    pipe_held_bytes_per_sender: int = 64 * 1024
     max_in_flight: int = 64                # requests being processed per connection
     max_push_buffer: int = 8 * 1024 * 1024  # unsent bytes before a slow reader is dropped
+    # Unsent bytes of all sessions together; over it the sessions with the most unsent
+    # are dropped first until the total is back under it.
+    push_buffer_total: int = 256 * 1024 * 1024
+    # Live sessions (not relay connections); 0 turns a cap off.
+    sessions_per_device: int = 4
+    sessions_per_account: int = 16
+    sessions_per_ip: int = 64
     auth_timeout: float = 30.0             # seconds to authenticate after connecting
     partial_frame_timeout: float = 60.0    # seconds a half-received frame may linger
     auth_attempts: int = 3

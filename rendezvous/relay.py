@@ -19,8 +19,10 @@ This module holds what the server adapter (server.py) needs besides its connecti
   sessions: a recipient fetching from a popular sender pays for its own download, and
   nobody can spend another account's volume by dialing it. A `TokenBucket` of
   `relay_rate` bytes/s and a volume of `relay_daily` bytes per UTC day (the day comes
-  from the injected wall clock). The daily volume is counted in memory only: a server
-  restart forgives the day so far (first version; persisting it belongs to the store).
+  from the injected wall clock). The daily volume lives in the store, so a restart
+  forgives nothing: a meter starts from the day's saved figure (`restore`), and the
+  server saves the meters that changed (`changed_usage`) on every sweep (at most a
+  minute apart) and at shutdown; a crash forgets at most the bytes since the last save.
 - `Splice`, the copying. Relayed bytes are never stored, only held in the two transports'
   buffers: reading one side pauses while the other side has more than `relay_high_water`
   bytes unsent (it resumes on `resume_writing`) and while the payer's bucket is in debt
@@ -128,6 +130,9 @@ class Splice:
         day = self.registry.day()
         if self.meter.over_daily(day, n):
             self.meter.exhausted = True
+            # Saved as the whole volume, so the refusal outlives a restart of the server.
+            self.meter.used = max(self.meter.used, self.meter.daily)
+            self.registry.charged(self.account, self.meter)
             self.registry.cut_daily += 1
             self.cut(f"daily relay volume of {self.account} used up "
                      f"({_mb(self.meter.used_on(day))} of {_mb(self.meter.daily)})")
@@ -136,6 +141,7 @@ class Splice:
         self.bytes += n
         self.registry.relayed_bytes += n
         delay = self.meter.charge(n, self.loop.time(), day)
+        self.registry.charged(self.account, self.meter)
         if delay > 0 and self._rate_timer[side] is None:
             self._block(side, "rate")
             self._rate_timer[side] = self.loop.call_later(delay, self._rate_paid, side)
@@ -245,6 +251,7 @@ class RelayRegistry(Generic[C]):
         self._meters: dict[str, AccountMeter] = {}
         self._sessions: dict[str, int] = {}  # offered + spliced, per paying account
         self._pruned_day = -1
+        self._changed: dict[str, AccountMeter] = {}  # meters charged since the last save
         # counters (see `snapshot`)
         self.relayed_bytes = 0
         self.sessions_spliced = 0
@@ -262,6 +269,25 @@ class RelayRegistry(Generic[C]):
             m = self._meters[account] = AccountMeter(self.limits.relay_rate,
                                                      self.limits.relay_daily, self.loop.time())
         return m
+
+    def needs_restore(self, account: str) -> bool:
+        """Whether `account` has no meter yet (its saved volume must be read first)."""
+        return account not in self._meters
+
+    def restore(self, account: str, day: int, used: int) -> None:
+        """Start `account`'s meter from the volume saved for `day` (the store's figure)."""
+        m = self.meter(account)
+        if m.used_on(day) < used:
+            m.used = used
+
+    def charged(self, account: str, meter: AccountMeter) -> None:
+        """`meter` counted more bytes: save it with the next `changed_usage`."""
+        self._changed[account] = meter
+
+    def changed_usage(self) -> dict[str, tuple[int, int]]:
+        """account -> (day, bytes that day) of the meters charged since the last call."""
+        changed, self._changed = self._changed, {}
+        return {a: (m.day, m.used) for a, m in changed.items()}
 
     def refusal(self, account: str, session: bytes) -> Refusal | None:
         """Why `account` may not open another session now (None: it may)."""

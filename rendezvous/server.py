@@ -20,10 +20,32 @@ store reports the highest one (`hi`) at the moment it read the device's queue du
 authentication. The queue flush covers seq <= hi (in pages, following write
 backpressure); live pushes go out only for seq > hi.
 
-Wall-clock times that are stored (received, expiry, last seen) come from the injected
-`clock` (default `time.time`); rate limits and timers use the running loop's clock.
-A reader that lets more than `Limits.max_push_buffer` bytes pile up is disconnected; its
-envelopes stay queued for its next session.
+Wall-clock times that are stored (received, expiry, last seen, PIPE holds) come from the
+injected `clock` (default `time.time`); rate limits and timers use the running loop's clock.
+
+Bounds on sessions and pushes (`Limits`): at most `sessions_per_device`,
+`sessions_per_account` and `sessions_per_ip` live sessions (relay connections don't
+count; they have their own caps); the AUTHORIZATION over a cap is refused with 429 and
+the cap in the text. A reader that lets more than `Limits.max_push_buffer` bytes pile up
+is disconnected, and so are the readers with the most unsent bytes while all sessions
+together have more than `push_buffer_total` unsent (`slow_readers_dropped` counts both);
+their envelopes stay queued for their next session.
+
+FINGER and privacy: anyone may learn an address's device keys (SEND needs them), but
+presence, last seen and reachability (the advertisement: addresses, NAT) go only to an
+account that has exchanged mail with the address (the store records a pair for every
+stored SEND, sender with each recipient and the recipients of one message among
+themselves), to the address itself, or to everyone with `finger_open` (demos, tests).
+Co-recipients count as exchanged because the download path needs them: a recipient
+FINGERs the other recipients of a message to learn their NAT flag and the address to
+signal through before fetching chunks from them, and they reach each other directly then
+anyway. A keys-only answer shows every device offline, never seen, with no
+advertisement. An unknown address answers 404 "no such address: X", the very text SEND,
+PIPE and RELAY give, after the same single store lookup as a known one.
+
+The listener speaks TLS 1.3 when given a `ServerTls` (rendezvous/tls.py), relay
+connections included; the domain key signs the server's half of every handshake
+(rendezvous/session.py).
 
 `start()` opens the store and starts listening; `aclose()` stops listening, lets requests
 in progress finish (bounded), closes every connection and then the store.
@@ -41,6 +63,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
 from crypto.codec import packb
+from rendezvous.domainkey import DomainKey
 from rendezvous.limits import Limits
 from rendezvous.logfmt import kv
 from rendezvous.messages import (
@@ -58,7 +81,7 @@ from rendezvous.messages import (
     Retrieve,
     Send,
 )
-from rendezvous.pipe_hold import PipeHold
+from rendezvous.pipe_hold import pipe_quota
 from rendezvous.records import DeviceInfo, FingerResult
 from rendezvous.relay import PendingRelay, RelayRegistry, Splice
 from rendezvous.services import ExtraService
@@ -66,6 +89,7 @@ from rendezvous.session import AuthRequested, Closing, RequestReceived, ServerCo
 from rendezvous.status import Status
 from rendezvous.store import EnqueueOutcome, QueuedEnvelope, Quota, RegistrationPolicy, Store
 from rendezvous.taskset import TaskSet
+from rendezvous.tls import ServerTls
 
 log = logging.getLogger("rendezvous.server")
 
@@ -92,7 +116,8 @@ class _Connection(asyncio.Protocol):
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.core = ServerConnection(server.domain, server.limits, self.loop.time(),
-                                     server.new_nonce, server.service_ports)
+                                     server.new_nonce, server.service_ports,
+                                     domain_key=server.domain_key, binding=server.binding)
         self.splice: Splice | None = None  # set once this relay connection is spliced
         self.side = 0
         self.peer = "?"
@@ -198,10 +223,15 @@ class _Connection(asyncio.Protocol):
         if not data or t is None or t.is_closing():
             return
         t.write(data)
-        if t.get_write_buffer_size() > self.server.limits.max_push_buffer:
-            log.warning(kv("conn.slow_reader", peer=self.peer, address=self.core.address))
-            self.core.close("slow reader")
-            t.abort()
+        self.server._unsent_now(self, t.get_write_buffer_size())
+
+    def drop_slow(self, why: str) -> None:
+        """Disconnect this reader: it let too much pile up (its queue stays queued)."""
+        log.warning(kv("conn.slow_reader", peer=self.peer, address=self.core.address, why=why))
+        self.server.slow_readers_dropped += 1
+        self.core.close("slow reader")
+        if self.transport is not None:
+            self.transport.abort()
 
     def _throttle(self) -> None:
         # Stop reading while too many requests are in progress: bounds work per connection.
@@ -266,14 +296,26 @@ class RendezvousServer:
     def __init__(self, domain: str, store: Store, *, open_registration: bool = False,
                  limits: Limits | None = None, clock: Callable[[], float] = time.time,
                  new_nonce: Callable[[], bytes] = _new_nonce,
-                 services: dict[str, ExtraService] | None = None) -> None:
+                 services: dict[str, ExtraService] | None = None, finger_open: bool = False,
+                 domain_key: DomainKey | None = None, tls: ServerTls | None = None) -> None:
+        """`domain_key` signs the server's half of every handshake (a throwaway key when
+        None: in-process tests); `tls` makes the listener TLS 1.3 (None: plaintext, for
+        the simulator and benchmarks), relay connections included."""
         self.domain = domain
+        self.domain_key = domain_key or DomainKey.generate()
+        self.tls = tls
+        self.binding = tls.binding if tls is not None else b""
         self.store = store
         self.limits = limits or Limits()
         self.policy = RegistrationPolicy(open_registration, self.limits.max_devices_per_account)
         self.clock = clock
         self.new_nonce = new_nonce
-        self.pipe_hold = PipeHold(self.limits)
+        self.pipe_quota = pipe_quota(self.limits)
+        self.finger_open = finger_open
+        self._account_sessions: dict[str, int] = {}
+        self._ip_sessions: dict[str, int] = {}
+        self._unsent: dict[_Connection, int] = {}  # last seen write buffer, when > 0
+        self.unsent_total = 0
         self.services: dict[str, ExtraService] = dict(services or {})
         self._relay: RelayRegistry[_Connection] | None = None
         self._connections: set[_Connection] = set()
@@ -290,6 +332,9 @@ class RendezvousServer:
         self.sends = 0
         self.delivered = 0
         self.pipes_relayed = 0
+        self.pipes_held = 0
+        self.sessions_refused = 0
+        self.slow_readers_dropped = 0
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -320,13 +365,17 @@ class RendezvousServer:
         self._loop = asyncio.get_running_loop()
         self._relay = RelayRegistry(self.limits, self._loop, self.clock)
         await self.store.open()
-        self._server = await self._loop.create_server(lambda: _Connection(self), host, port,
-                                                      backlog=backlog)
+        ctx = self.tls.context if self.tls is not None else None
+        self._server = await self._loop.create_server(
+            lambda: _Connection(self), host, port, backlog=backlog, ssl=ctx,
+            ssl_handshake_timeout=self.limits.auth_timeout if ctx is not None else None)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         self._spawn(self._sweep(), name="sweep")
         log.info(kv("server.listening", domain=self.domain, host=sock[0], port=sock[1],
-                    open_registration=self.policy.open_registration))
+                    open_registration=self.policy.open_registration,
+                    tls="1.3" if ctx is not None else "off",
+                    domain_key=self.domain_key.fingerprint))
         return self.address
 
     async def __aenter__(self) -> RendezvousServer:
@@ -361,6 +410,8 @@ class RendezvousServer:
             conn.core.close("server shutting down")
             conn._pump()
         await self._tasks.aclose()
+        with contextlib.suppress(Exception):
+            await self._save_relay_usage()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
@@ -384,7 +435,10 @@ class RendezvousServer:
             "sends": self.sends,
             "delivered": self.delivered,
             "pipes_relayed": self.pipes_relayed,
-            "pipes_held": self.pipe_hold.count,
+            "pipes_held": self.pipes_held,
+            "sessions_refused": self.sessions_refused,
+            "slow_readers_dropped": self.slow_readers_dropped,
+            "unsent_bytes": self.unsent_total,
             "bad_input": self.bad_input,
             **(self._relay.snapshot() if self._relay is not None else {}),
             **{f"{name}_{key.replace('.', '_')}": value
@@ -405,6 +459,7 @@ class RendezvousServer:
 
     def _detach(self, conn: _Connection) -> None:
         self._connections.discard(conn)
+        self.unsent_total -= self._unsent.pop(conn, 0)
         if conn.core.relay and self._relay is not None:
             self._relay.withdraw_caller(conn)
         peer_id = conn.core.peer_id
@@ -413,10 +468,74 @@ class RendezvousServer:
         sessions = self._online.get(peer_id)
         if sessions and conn in sessions:
             sessions.remove(conn)
+            self._count_session(conn, -1)
             if not sessions:
                 del self._online[peer_id]
                 if not self._closing:
                     self._spawn(self._touch(peer_id))
+
+    # --- bounds on sessions and unsent pushes ------------------------------------------
+    @staticmethod
+    def _ip_of(conn: _Connection) -> str:
+        return conn.peer.rsplit(":", 1)[0]
+
+    def _session_refusal(self, conn: _Connection, address: str, peer_id: bytes) -> str | None:
+        """Why one more live session for this device, account and IP is refused (or None)."""
+        lim = self.limits
+        n = len(self._online.get(peer_id, ()))
+        if lim.sessions_per_device and n >= lim.sessions_per_device:
+            return f"this device already has {n} sessions, the limit; close one first"
+        n = self._account_sessions.get(address, 0)
+        if lim.sessions_per_account and n >= lim.sessions_per_account:
+            return f"{address} already has {n} sessions, the limit; close one first"
+        n = self._ip_sessions.get(self._ip_of(conn), 0)
+        if lim.sessions_per_ip and n >= lim.sessions_per_ip:
+            return f"{n} sessions are already open from your IP address, the limit"
+        return None
+
+    def _count_session(self, conn: _Connection, delta: int) -> None:
+        for counts, key in ((self._account_sessions, conn.core.address or ""),
+                            (self._ip_sessions, self._ip_of(conn))):
+            left = counts.get(key, 0) + delta
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
+
+    def _go_online(self, conn: _Connection, peer_id: bytes) -> None:
+        self._online.setdefault(peer_id, []).append(conn)
+        self._count_session(conn, 1)
+
+    def _unsent_now(self, conn: _Connection, size: int) -> None:
+        """`conn` has `size` bytes unsent after a write: enforce both push-buffer bounds.
+
+        Buffers only shrink between writes, so the figures kept are upper bounds; they are
+        read afresh only when their sum passes `push_buffer_total`.
+        """
+        lim = self.limits
+        self.unsent_total += size - self._unsent.pop(conn, 0)
+        if size > lim.max_push_buffer:
+            conn.drop_slow(f"{size} bytes unsent, over {lim.max_push_buffer}")
+            return
+        if size:
+            self._unsent[conn] = size
+        if self.unsent_total <= lim.push_buffer_total:
+            return
+        for c in list(self._unsent):
+            t = c.transport
+            now = t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
+            if now:
+                self._unsent[c] = now
+            else:
+                del self._unsent[c]
+        self.unsent_total = sum(self._unsent.values())
+        # The slowest readers (most unsent) go first, until the total is back under.
+        for c in sorted(self._unsent, key=self._unsent.__getitem__, reverse=True):
+            if self.unsent_total <= lim.push_buffer_total:
+                break
+            self.unsent_total -= self._unsent.pop(c)
+            c.drop_slow(f"{self.unsent_total} bytes unsent by all sessions, over "
+                        f"{lim.push_buffer_total}")
 
     async def _touch(self, peer_id: bytes) -> None:
         with contextlib.suppress(RuntimeError):  # store closed during shutdown
@@ -440,7 +559,7 @@ class RendezvousServer:
             outcome = await self.store.authenticate(
                 req.address, req.verify_key, register=req.register, invite=req.invite,
                 advertise=req.advertise, now=self.clock(), policy=self.policy,
-                page=0 if req.relay else self.limits.flush_page)
+                page=0 if req.relay else self.limits.flush_page, vouch=req.vouch)
         except Exception:
             log.exception(kv("auth.store_failed", peer=conn.peer))
             core.reject_auth(req.id, Status.SERVER_ERROR, "server error while authenticating")
@@ -454,6 +573,13 @@ class RendezvousServer:
             return
         if core.closed:
             return
+        if not req.relay and (why := self._session_refusal(conn, req.address, ev.peer_id)):
+            self.sessions_refused += 1
+            log.info(kv("auth.refused", peer=conn.peer, address=req.address,
+                        status=int(Status.RATE_LIMITED), text=why))
+            core.reject_auth(req.id, Status.RATE_LIMITED, why)
+            conn.after_reply()
+            return
         core.accept_auth(req.id, req.address, req.verify_key,
                          {"address": req.address, "peer_id": ev.peer_id,
                           "registered": outcome.created}, relay=req.relay)
@@ -462,18 +588,34 @@ class RendezvousServer:
             log.debug(kv("auth.relay", peer=conn.peer, address=req.address))
             conn.after_reply()
             return
-        self._online.setdefault(ev.peer_id, []).append(conn)
+        self._go_online(conn, ev.peer_id)
         conn.flush_hi = outcome.hi
         log.info(kv("auth.ok", peer=conn.peer, address=req.address, device=ev.peer_id,
                     registered=outcome.created, queued_first_page=len(outcome.first_page)))
         for queued in outcome.first_page:
             core.deliver(queued.envelope)
         self.delivered += len(outcome.first_page)
-        for msg in self.pipe_hold.take(ev.peer_id, self.loop.time()):
-            core.pipe(msg)
         conn.after_reply()
+        await self._deliver_held(ev.peer_id)
         if len(outcome.first_page) >= self.limits.flush_page:
             await self._flush_queue(conn, outcome.first_page[-1].seq, outcome.hi)
+
+    async def _deliver_held(self, device: bytes) -> None:
+        """Push the PIPE messages held for `device` to its live sessions."""
+        sessions = self._online.get(device)
+        if not sessions:
+            return
+        held = await self.store.take_pipes(device, self.clock())
+        sessions = self._online.get(device)
+        if not sessions:  # gone meanwhile: keep them for the next login
+            for msg in held:
+                await self.store.hold_pipe(device, msg, self.clock() + self.limits.max_pipe_hold,
+                                           self.clock(), self.pipe_quota)
+            return
+        for conn in sessions:
+            for msg in held:
+                conn.core.pipe(msg)
+            conn.flush_soon()
 
     async def _flush_queue(self, conn: _Connection, cursor: int, hi: int) -> None:
         """Deliver the rest of the queue read at authentication, page by page."""
@@ -511,7 +653,9 @@ class RendezvousServer:
                 lim = self.limits
                 now = self.clock()
                 pending = self.store.enqueue(address, req, now, now + lim.envelope_ttl,
-                                             Quota(lim.quota_count, lim.quota_bytes))
+                                             Quota(lim.quota_count, lim.quota_bytes,
+                                                   lim.sender_quota_count,
+                                                   lim.sender_quota_bytes))
             else:
                 pending = self.store.remove(peer_id, req.message_id)
             fut = (pending if isinstance(pending, asyncio.Future)
@@ -583,7 +727,7 @@ class RendezvousServer:
                 return Status.NOT_FOUND, f"no queued envelope {req.message_id.hex()}", None
             return Status.OK, None, {"env": env.to_wire()}
         if isinstance(req, Finger):
-            return await self._finger(req.address)
+            return await self._finger(address, req.address)
         if isinstance(req, Pipe):
             return await self._pipe(req, address, peer_id)
         if isinstance(req, Relay):
@@ -620,14 +764,19 @@ class RendezvousServer:
                 self.delivered += 1
                 conn.flush_soon()
 
-    async def _finger(self, address: str) -> Result:
-        records = await self.store.devices(address)
+    async def _finger(self, asker: str, address: str) -> Result:
+        """Keys for anyone; presence and reachability as the module doc says."""
+        view = await self.store.finger(asker, address)
+        records = view.devices
         if records is None:
             return Status.NOT_FOUND, f"no such address: {address}", None
+        if not (view.exchanged or self.finger_open):
+            return Status.OK, None, FingerResult(address, tuple(
+                DeviceInfo(r.verify_key, False, None, {}, r.vouch) for r in records)).to_wire()
         now = self.clock()
         devices = tuple(
             DeviceInfo(r.verify_key, self.is_online(r.peer_id),
-                       now if self.is_online(r.peer_id) else r.last_seen, r.advertise)
+                       now if self.is_online(r.peer_id) else r.last_seen, r.advertise, r.vouch)
             for r in records)
         return Status.OK, None, FingerResult(address, devices).to_wire()
 
@@ -651,11 +800,15 @@ class RendezvousServer:
             return Status.OK, f"relayed to {len(online)} device(s)", {"relayed": len(online)}
         if req.hold_ms <= 0:
             return Status.NOT_ONLINE, f"{req.to} has no device online", None
-        now = self.loop.time()
+        now = self.clock()
+        hold = min(req.hold_ms / 1000, self.limits.max_pipe_hold)
         for device in targets:
-            refusal = self.pipe_hold.hold(device, msg, now + req.hold_ms / 1000, now)
+            refusal = await self.store.hold_pipe(device, msg, now + hold, now, self.pipe_quota)
             if refusal is not None:
                 return Status.QUOTA, refusal, None
+            self.pipes_held += 1
+            if device in self._online:  # logged in while the hold was being stored
+                await self._deliver_held(device)
         return Status.OK, f"held for {len(targets)} device(s)", {"held": len(targets)}
 
     # --- the relay (relay.py) ------------------------------------------------------------
@@ -663,6 +816,11 @@ class RendezvousServer:
                            caller_device: bytes) -> Result:
         """RELAY: invite the callee device, then wait (bounded) for its RELAY-ACCEPT."""
         relay = self.relay
+        if relay.needs_restore(caller):
+            day = relay.day()
+            used = await self.store.relay_usage(caller, day)
+            if relay.needs_restore(caller):
+                relay.restore(caller, day, used)
         if refusal := relay.refusal(caller, req.session):
             return (*refusal, None)
         records = await self.store.devices(req.to)
@@ -729,6 +887,14 @@ class RendezvousServer:
         return _REPLIED
 
     # --- housekeeping ------------------------------------------------------------------
+    async def _save_relay_usage(self) -> None:
+        if self._relay is None:
+            return
+        changed = self._relay.changed_usage()
+        if changed:
+            with contextlib.suppress(RuntimeError):  # store closed during shutdown
+                await self.store.save_relay_usage(changed)
+
     async def _sweep(self) -> None:
         interval = max(1.0, min(60.0, self.limits.envelope_ttl / 10))
         while True:
@@ -737,6 +903,6 @@ class RendezvousServer:
                 expired = await self.store.expire(self.clock())
             except RuntimeError:
                 return
-            dropped = self.pipe_hold.expire(self.loop.time())
-            if expired or dropped:
-                log.info(kv("sweep", envelopes_expired=expired, pipes_expired=dropped))
+            await self._save_relay_usage()
+            if expired:
+                log.info(kv("sweep", envelopes_expired=expired))

@@ -14,6 +14,13 @@ quota checks, loaded at open and reloaded whenever a transaction is rolled back.
 bounded cache of device → address bindings (a binding is never changed or removed once
 committed; the cache is dropped on every rollback, which may have undone one).
 
+Schema versions: `meta.schema` names the version of a file. `connect` upgrades an older
+file step by step (`_MIGRATIONS`, each in one transaction) and refuses a newer one.
+Version 2 added the exchanged-mail pairs (backfilled from the envelopes still queued), the
+PIPE hold and the relay's daily volumes; per-sender queue usage is counted from the
+envelopes' `sender` column, which version 1 already had. Version 3 added the devices'
+`vouch` (what a device joining an account presented; devices added before have none).
+
 `create_invite` and `read_stats` open their own short connection, so the CLI can use them
 next to a running server (WAL lets readers and a second writer in safely).
 
@@ -36,15 +43,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from crypto.codec import packb, unpackb
-from crypto.errors import DecodeError
+from crypto.errors import CryptoError, DecodeError
 from crypto.identity import peer_id_of
-from rendezvous.messages import Send
+from crypto.vouch import Vouch
+from rendezvous import pipe_hold
+from rendezvous.messages import PipeMessage, Send
 from rendezvous.records import Envelope, EnvelopeInfo, check_advertise
 from rendezvous.status import Status
 from rendezvous.store import (
     AuthOutcome,
     DeviceRecord,
     EnqueueOutcome,
+    FingerView,
+    PipeQuota,
     QueuedEnvelope,
     QueuedInfo,
     Quota,
@@ -54,9 +65,11 @@ from rendezvous.store import (
 
 T = TypeVar("T")
 DB_NAME = "rendezvous.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 _MAX_BATCH = 1024
 _DEVICE_CACHE = 65_536
+_PAIR_CACHE = 65_536   # exchanged pairs known to be recorded (skips their INSERT)
+_RECENT_MESSAGES = 4096  # message id -> recipients so far, for multi-SEND messages
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts (address TEXT PRIMARY KEY, created REAL NOT NULL);
@@ -66,7 +79,8 @@ CREATE TABLE IF NOT EXISTS devices (
     address TEXT NOT NULL REFERENCES accounts(address),
     added REAL NOT NULL,
     last_seen REAL,
-    advertise BLOB
+    advertise BLOB,
+    vouch BLOB
 );
 CREATE INDEX IF NOT EXISTS devices_by_address ON devices(address);
 CREATE TABLE IF NOT EXISTS envelopes (
@@ -89,7 +103,36 @@ CREATE TABLE IF NOT EXISTS invites (
     expires_at REAL NOT NULL,
     used_by BLOB
 );
+CREATE TABLE IF NOT EXISTS exchanged (
+    a TEXT NOT NULL,
+    b TEXT NOT NULL,         -- a < b: one row per unordered pair of addresses
+    at REAL NOT NULL,
+    PRIMARY KEY (a, b)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pipe_held (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device BLOB NOT NULL,
+    sender TEXT NOT NULL,
+    sender_device BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    cost INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pipe_held_by_device ON pipe_held(device, sender);
+CREATE TABLE IF NOT EXISTS relay_usage (
+    account TEXT PRIMARY KEY,
+    day INTEGER NOT NULL,
+    used INTEGER NOT NULL
+);
 """
+# Version n -> n + 1. New tables come from `_SCHEMA` (CREATE ... IF NOT EXISTS); a step
+# fills or changes what an older file already holds.
+_MIGRATIONS: dict[int, str] = {
+    1: """INSERT OR IGNORE INTO exchanged (a, b, at)
+          SELECT min(sender, recipient), max(sender, recipient), MAX(received_at)
+          FROM envelopes WHERE sender <> recipient GROUP BY 1, 2""",
+    2: "ALTER TABLE devices ADD COLUMN vouch BLOB",
+}
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -102,10 +145,33 @@ def connect(path: Path) -> sqlite3.Connection:
     row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
     if row is None:
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-    elif row[0] != str(SCHEMA_VERSION):
+        return conn
+    try:
+        _migrate(conn, int(row[0]))
+    except (RuntimeError, ValueError) as exc:
         conn.close()
-        raise RuntimeError(f"{path}: schema version {row[0]}, this server knows {SCHEMA_VERSION}")
+        raise RuntimeError(f"{path}: schema version {row[0]}, this server knows "
+                           f"{SCHEMA_VERSION} ({exc})") from None
     return conn
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Upgrade a file of schema `version` to `SCHEMA_VERSION`, one step per transaction."""
+    if version > SCHEMA_VERSION:
+        raise RuntimeError("written by a newer server")
+    while version < SCHEMA_VERSION:
+        step = _MIGRATIONS.get(version)
+        if step is None:
+            raise RuntimeError(f"no upgrade from version {version}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(step)
+            version += 1
+            conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
 
 def create_invite(path: Path, address: str, token: str, now: float, expires_at: float) -> None:
@@ -167,8 +233,15 @@ class SqliteStore:
         self._outbox: list[_Op] = []  # ops of this loop iteration, handed over together
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._usage: dict[str, list[int]] = {}  # writer thread only: address -> [count, bytes]
-        self._bound: dict[bytes, str] = {}  # writer thread only: device peer id -> address
+        # Writer thread only: queued usage per recipient address and per (sender,
+        # recipient) as [count, bytes]; device -> address; exchanged pairs already
+        # stored; recent message ids -> (sender, recipients); bytes held for PIPE.
+        self._usage: dict[str, list[int]] = {}
+        self._sender_usage: dict[tuple[str, str], list[int]] = {}
+        self._bound: dict[bytes, str] = {}
+        self._pairs: set[tuple[str, str]] = set()
+        self._recent: dict[bytes, tuple[str, set[str]]] = {}
+        self._pipe_total = 0
         self.commits = 0
         self.ops = 0
 
@@ -301,10 +374,18 @@ class SqliteStore:
 
     def _reload_caches(self, conn: sqlite3.Connection) -> None:
         self._bound = {}
-        self._usage = {
-            r: [c, b] for r, c, b in conn.execute(
-                "SELECT recipient, COUNT(*), SUM(length(blob)) FROM envelopes GROUP BY recipient")
-        }
+        self._pairs = set()
+        self._recent = {}
+        self._usage = {}
+        self._sender_usage = {}
+        for s, r, c, b in conn.execute("SELECT sender, recipient, COUNT(*), SUM(length(blob)) "
+                                       "FROM envelopes GROUP BY sender, recipient"):
+            self._sender_usage[s, r] = [c, b]
+            u = self._usage.setdefault(r, [0, 0])
+            u[0] += c
+            u[1] += b
+        self._pipe_total = conn.execute(
+            "SELECT COALESCE(SUM(cost), 0) FROM pipe_held").fetchone()[0]
 
     def _bound_to(self, conn: sqlite3.Connection, device: bytes) -> str | None:
         """The address `device` is bound to (None if unknown), through the cache."""
@@ -320,17 +401,62 @@ class SqliteStore:
             self._bound[device] = address
         return address
 
-    def _used(self, address: str, count: int, size: int) -> None:
+    def _used(self, sender: str, address: str, count: int, size: int) -> None:
         u = self._usage.setdefault(address, [0, 0])
         u[0] += count
         u[1] += size
         if u[0] <= 0:
             del self._usage[address]
+        key = (sender, address)
+        u = self._sender_usage.setdefault(key, [0, 0])
+        u[0] += count
+        u[1] += size
+        if u[0] <= 0:
+            del self._sender_usage[key]
+
+    def _over_quota(self, sender: str, adding: dict[str, list[int]],
+                    quota: Quota) -> str | None:
+        """The refusal text if adding [count, bytes] per recipient passes a quota."""
+        for address, (count, size) in adding.items():
+            used = self._usage.get(address, [0, 0])
+            if used[0] + count > quota.count or used[1] + size > quota.bytes:
+                return (f"quota exceeded for {address}: {used[0]} envelopes / {used[1]} bytes "
+                        f"queued, limit {quota.count} / {quota.bytes}")
+            mine = self._sender_usage.get((sender, address), [0, 0])
+            if (quota.sender_count and mine[0] + count > quota.sender_count) or \
+                    (quota.sender_bytes and mine[1] + size > quota.sender_bytes):
+                return (f"quota exceeded for {address} from {sender}: {mine[0]} envelopes / "
+                        f"{mine[1]} bytes of yours queued there, limit {quota.sender_count} / "
+                        f"{quota.sender_bytes} per sender")
+        return None
+
+    def _record_exchange(self, conn: sqlite3.Connection, sender: str, message_id: bytes,
+                         recipients: set[str], now: float) -> None:
+        """Pairs that have now exchanged mail: the sender with each recipient, and the
+        recipients of the message among themselves (also across the several SENDs of
+        one message, while its id is among the last `_RECENT_MESSAGES`)."""
+        seen = self._recent.get(message_id)
+        if seen is None or seen[0] != sender:
+            if len(self._recent) >= _RECENT_MESSAGES:
+                del self._recent[next(iter(self._recent))]
+            seen = self._recent[message_id] = (sender, set())
+        earlier = seen[1]
+        everyone = sorted(earlier | recipients)
+        pairs = {(min(sender, r), max(sender, r)) for r in recipients if r != sender}
+        pairs.update((min(a, b), max(a, b)) for a in recipients for b in everyone if a != b)
+        for pair in pairs - self._pairs:
+            conn.execute("INSERT INTO exchanged VALUES (?, ?, ?) "
+                         "ON CONFLICT (a, b) DO UPDATE SET at=excluded.at", (*pair, now))
+            if len(self._pairs) >= _PAIR_CACHE:
+                self._pairs.clear()
+            self._pairs.add(pair)
+        earlier.update(recipients)
 
     # --- Store -------------------------------------------------------------------------
     async def authenticate(self, address: str, verify_key: bytes, *, register: bool,
                            invite: str | None, advertise: dict[str, Any] | None, now: float,
-                           policy: RegistrationPolicy, page: int) -> AuthOutcome:
+                           policy: RegistrationPolicy, page: int,
+                           vouch: bytes | None = None) -> AuthOutcome:
         peer_id = peer_id_of(verify_key)
 
         def op(conn: sqlite3.Connection) -> AuthOutcome:
@@ -342,7 +468,7 @@ class SqliteStore:
                                    "this device key is bound to another address")
             if row is None:
                 refusal = _register(conn, address, verify_key, peer_id, register, invite, now,
-                                    policy)
+                                    policy, vouch)
                 if refusal is not None:
                     return refusal
                 created = True
@@ -368,10 +494,8 @@ class SqliteStore:
                 add = adding.setdefault(item.to, [0, 0])
                 add[0] += 1
                 add[1] += len(item.blob)
-            for address, (count, size) in adding.items():
-                used = self._usage.get(address, [0, 0])
-                if used[0] + count > quota.count or used[1] + size > quota.bytes:
-                    return self._enqueue_checked(conn, sender, send, now, expires_at, quota)
+            if self._over_quota(sender, adding, quota) is not None:
+                return self._enqueue_checked(conn, sender, send, now, expires_at, quota)
             stored = []
             for item in send.items:
                 cur = conn.execute(
@@ -381,10 +505,11 @@ class SqliteStore:
                      now, expires_at))
                 if cur.rowcount != 1:
                     continue  # a retried SEND: already stored, ack again
-                self._used(item.to, 1, len(item.blob))
+                self._used(sender, item.to, 1, len(item.blob))
                 stored.append(QueuedEnvelope(cur.lastrowid or 0, Envelope(
                     send.message_id, sender, item.to, item.device, send.priority, item.blob,
                     now)))
+            self._record_exchange(conn, sender, send.message_id, set(adding), now)
             return EnqueueOutcome(Status.OK, "stored", tuple(stored))
 
         return self._submit(op)
@@ -408,12 +533,8 @@ class SqliteStore:
             add = extra.setdefault(item.to, [0, 0])
             add[0] += 1
             add[1] += len(item.blob)
-            used = self._usage.get(item.to, [0, 0])
-            if used[0] + add[0] > quota.count or used[1] + add[1] > quota.bytes:
-                return EnqueueOutcome(
-                    Status.QUOTA,
-                    f"quota exceeded for {item.to}: {used[0]} envelopes / {used[1]} bytes "
-                    f"queued, limit {quota.count} / {quota.bytes}")
+            if (why := self._over_quota(sender, {item.to: add}, quota)) is not None:
+                return EnqueueOutcome(Status.QUOTA, why)
             fresh.append(item)
         stored = []
         for item in fresh:
@@ -426,7 +547,8 @@ class SqliteStore:
             stored.append(QueuedEnvelope(seq, Envelope(
                 send.message_id, sender, item.to, item.device, send.priority, item.blob, now)))
         for addr, (count, size) in extra.items():
-            self._used(addr, count, size)
+            self._used(sender, addr, count, size)
+        self._record_exchange(conn, sender, send.message_id, {i.to for i in send.items}, now)
         return EnqueueOutcome(Status.OK, "stored", tuple(stored))
 
     async def pending(self, device: bytes, after: int, upto: int, limit: int,
@@ -456,11 +578,11 @@ class SqliteStore:
     def remove(self, device: bytes, message_id: bytes) -> Awaitable[bool]:
         def op(conn: sqlite3.Connection) -> bool:
             row = conn.execute("DELETE FROM envelopes WHERE device=? AND mid=? "
-                               "RETURNING recipient, length(blob)",
+                               "RETURNING sender, recipient, length(blob)",
                                (device, message_id)).fetchone()
             if row is None:
                 return False
-            self._used(row[0], -1, -row[1])
+            self._used(row[0], row[1], -1, -row[2])
             return True
 
         return self._submit(op)
@@ -470,12 +592,83 @@ class SqliteStore:
             if conn.execute("SELECT 1 FROM accounts WHERE address=?", (address,)).fetchone() \
                     is None:
                 return None
-            rows = conn.execute("SELECT verify_key, peer_id, last_seen, advertise FROM devices "
-                                "WHERE address=? ORDER BY added", (address,)).fetchall()
-            return [DeviceRecord(vk, pid, seen, _load_advertise(adv))
-                    for vk, pid, seen, adv in rows]
+            rows = conn.execute("SELECT verify_key, peer_id, last_seen, advertise, vouch "
+                                "FROM devices WHERE address=? ORDER BY added",
+                                (address,)).fetchall()
+            return [DeviceRecord(vk, pid, seen, _load_advertise(adv), vouch)
+                    for vk, pid, seen, adv, vouch in rows]
 
         return await self._submit(op)
+
+    async def finger(self, asker: str, address: str) -> FingerView:
+        pair = (min(asker, address), max(asker, address))
+
+        def op(conn: sqlite3.Connection) -> FingerView:
+            # Both queries run whether or not the account exists (see `Store.finger`).
+            exchanged = asker == address or conn.execute(
+                "SELECT 1 FROM exchanged WHERE a=? AND b=?", pair).fetchone() is not None
+            if conn.execute("SELECT 1 FROM accounts WHERE address=?", (address,)).fetchone() \
+                    is None:
+                return FingerView(None, False)
+            rows = conn.execute("SELECT verify_key, peer_id, last_seen, advertise, vouch "
+                                "FROM devices WHERE address=? ORDER BY added",
+                                (address,)).fetchall()
+            return FingerView([DeviceRecord(vk, pid, seen, _load_advertise(adv), vouch)
+                               for vk, pid, seen, adv, vouch in rows], exchanged)
+
+        return await self._submit(op)
+
+    async def hold_pipe(self, device: bytes, message: PipeMessage, expires_at: float,
+                        now: float, quota: PipeQuota) -> str | None:
+        size = pipe_hold.cost(message.payload)
+
+        def op(conn: sqlite3.Connection) -> str | None:
+            dropped = conn.execute("DELETE FROM pipe_held WHERE device=? AND expires_at<=? "
+                                   "RETURNING cost", (device, now)).fetchall()
+            self._pipe_total -= sum(c for (c,) in dropped)
+            dc, db, sc, sb = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(cost), 0), "
+                "COALESCE(SUM(sender=?), 0), COALESCE(SUM(CASE WHEN sender=? THEN cost END), 0) "
+                "FROM pipe_held WHERE device=?",
+                (message.sender, message.sender, device)).fetchone()
+            used = pipe_hold.HoldUsage(dc, db, sc, sb, self._pipe_total)
+            if (why := pipe_hold.refusal(used, size, quota)) is not None:
+                return why
+            conn.execute("INSERT INTO pipe_held (device, sender, sender_device, payload, cost, "
+                         "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                         (device, message.sender, message.sender_device, message.payload,
+                          size, expires_at))
+            self._pipe_total += size
+            return None
+
+        return await self._submit(op)
+
+    async def take_pipes(self, device: bytes, now: float) -> list[PipeMessage]:
+        def op(conn: sqlite3.Connection) -> list[PipeMessage]:
+            rows = conn.execute("DELETE FROM pipe_held WHERE device=? "
+                                "RETURNING id, sender, sender_device, payload, cost, expires_at",
+                                (device,)).fetchall()
+            self._pipe_total -= sum(r[4] for r in rows)
+            return [PipeMessage(r[1], r[2], r[3]) for r in sorted(rows) if r[5] > now]
+
+        return await self._submit(op)
+
+    async def relay_usage(self, account: str, day: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT used FROM relay_usage WHERE account=? AND day=?",
+                               (account, day)).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self._submit(op)
+
+    async def save_relay_usage(self, usage: dict[str, tuple[int, int]]) -> None:
+        rows = [(account, day, used) for account, (day, used) in usage.items()]
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT INTO relay_usage VALUES (?, ?, ?) ON CONFLICT (account) "
+                             "DO UPDATE SET day=excluded.day, used=excluded.used", rows)
+
+        await self._submit(op)
 
     async def set_advertise(self, device: bytes, advertise: dict[str, Any]) -> None:
         raw = packb(advertise)
@@ -489,10 +682,14 @@ class SqliteStore:
     async def expire(self, now: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
             rows = conn.execute("DELETE FROM envelopes WHERE expires_at<=? "
-                                "RETURNING recipient, length(blob)", (now,)).fetchall()
-            for recipient, size in rows:
-                self._used(recipient, -1, -size)
+                                "RETURNING sender, recipient, length(blob)", (now,)).fetchall()
+            for sender, recipient, size in rows:
+                self._used(sender, recipient, -1, -size)
             conn.execute("DELETE FROM invites WHERE expires_at<=?", (now,))
+            held = conn.execute("DELETE FROM pipe_held WHERE expires_at<=? RETURNING cost",
+                                (now,)).fetchall()
+            self._pipe_total -= sum(c for (c,) in held)
+            conn.execute("DELETE FROM relay_usage WHERE day<?", (int(now // 86400),))
             return len(rows)
 
         return await self._submit(op)
@@ -516,7 +713,7 @@ def _pending(conn: sqlite3.Connection, device: bytes, after: int, upto: int, lim
 
 def _register(conn: sqlite3.Connection, address: str, verify_key: bytes, peer_id: bytes,
               register: bool, invite: str | None, now: float,
-              policy: RegistrationPolicy) -> AuthOutcome | None:
+              policy: RegistrationPolicy, vouch: bytes | None) -> AuthOutcome | None:
     """Bind a new device (creating the account if needed), or say why not."""
     exists = conn.execute("SELECT 1 FROM accounts WHERE address=?", (address,)).fetchone()
     if not register:
@@ -544,13 +741,29 @@ def _register(conn: sqlite3.Connection, address: str, verify_key: bytes, peer_id
         if count >= policy.max_devices_per_account:
             return AuthOutcome(Status.FORBIDDEN,
                                f"{address} already has {count} devices, the limit")
+        if vouch is not None and not _vouch_ok(conn, address, verify_key, vouch):
+            return AuthOutcome(Status.FORBIDDEN,
+                               f"the vouch is not signed by a device of {address} "
+                               "for this device key")
     else:
         conn.execute("INSERT INTO accounts VALUES (?, ?)", (address, now))
-    conn.execute("INSERT INTO devices (peer_id, verify_key, address, added) VALUES (?, ?, ?, ?)",
-                 (peer_id, verify_key, address, now))
+        vouch = None  # the first device of an account has nobody to vouch for it
+    conn.execute("INSERT INTO devices (peer_id, verify_key, address, added, vouch) "
+                 "VALUES (?, ?, ?, ?, ?)", (peer_id, verify_key, address, now, vouch))
     if invite_ok:
         conn.execute("UPDATE invites SET used_by=? WHERE token=?", (peer_id, invite))
     return None
+
+
+def _vouch_ok(conn: sqlite3.Connection, address: str, verify_key: bytes, raw: bytes) -> bool:
+    """Whether `raw` is a vouch for `verify_key` by a device bound to `address`."""
+    try:
+        vouch = Vouch.from_bytes(raw)
+        vouch.verify(address, verify_key)
+    except CryptoError:
+        return False
+    return conn.execute("SELECT 1 FROM devices WHERE verify_key=? AND address=?",
+                        (vouch.by, address)).fetchone() is not None
 
 
 def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:

@@ -8,6 +8,10 @@ Envelopes carry a store-wide sequence number (`QueuedEnvelope.seq`) that only gr
 `authenticate` returns the highest sequence number at the moment it read the device's
 queue (`hi`); the server uses it to flush that queue in pages while new envelopes are
 pushed live, with each envelope delivered once per session (see server.py).
+
+Besides accounts and envelopes the store keeps what must survive a restart of the server:
+which accounts have exchanged mail (FINGER shows presence only between them), PIPE
+messages held for offline devices, and each account's relayed volume of the day.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from rendezvous.messages import Send
+from rendezvous.messages import PipeMessage, Send
 from rendezvous.records import Envelope, EnvelopeInfo
 from rendezvous.status import Status
 
@@ -57,6 +61,7 @@ class DeviceRecord:
     peer_id: bytes
     last_seen: float | None
     advertise: dict[str, Any] = field(default_factory=dict)
+    vouch: bytes | None = None  # crypto.vouch bytes it registered with, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +83,34 @@ class RegistrationPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Quota:
+    """What may be queued for one recipient account, and of that from one sender account
+    (`sender_count` / `sender_bytes`; 0 turns the per-sender cap off)."""
+
     count: int
     bytes: int
+    sender_count: int = 0
+    sender_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FingerView:
+    """What FINGER may show: the devices of the address (None: no such account), and
+    whether the asker has exchanged mail with it (see `Store.enqueue`)."""
+
+    devices: list[DeviceRecord] | None
+    exchanged: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PipeQuota:
+    """Bounds of the PIPE hold: per device, per sender account within a device's hold, and
+    for the whole server. Costs are payload bytes plus a fixed overhead per message."""
+
+    per_device: int
+    bytes_per_device: int
+    per_sender: int
+    bytes_per_sender: int
+    total_bytes: int
 
 
 class Store(Protocol):
@@ -91,19 +122,28 @@ class Store(Protocol):
 
     async def authenticate(self, address: str, verify_key: bytes, *, register: bool,
                            invite: str | None, advertise: dict[str, Any] | None, now: float,
-                           policy: RegistrationPolicy, page: int) -> AuthOutcome:
+                           policy: RegistrationPolicy, page: int,
+                           vouch: bytes | None = None) -> AuthOutcome:
         """Check (or, with `register`, create) the binding of a device key to an address.
 
         A key already bound to `address` is accepted whatever `register`/`invite` say.
         `register` creates a new account with open registration or a valid invite; adding
-        a device to an existing account needs an invite for that address. On success the
-        device's last-seen time (and advertisement, when given) are updated.
+        a device to an existing account needs an invite for that address. A `vouch`
+        (`crypto.vouch` bytes) given when a device is added is kept for FINGER if it
+        verifies under a device already bound to the address, and refused otherwise; on a
+        new account or a known device it is ignored. On success the device's last-seen
+        time (and advertisement, when given) are updated.
         """
         ...
 
     def enqueue(self, sender: str, send: Send, now: float, expires_at: float,
                 quota: Quota) -> Awaitable[EnqueueOutcome]:
         """Store all items of a SEND or none (unknown address/device, quota).
+
+        `quota` bounds what is queued per recipient account and, of that, per sender
+        account. A stored SEND also records that `sender` and each recipient have
+        exchanged mail, and so have the recipients of one message among themselves
+        (they fetch its content from each other); `finger` reads this.
 
         Like `remove`, this may hand back a plain `asyncio.Future` rather than a coroutine,
         so the server can answer the request from a callback without a task per request.
@@ -131,12 +171,36 @@ class Store(Protocol):
         """Devices bound to `address`, or None when there is no such account."""
         ...
 
+    async def finger(self, asker: str, address: str) -> FingerView:
+        """`devices(address)` and whether `asker` has exchanged mail with it, in one
+        lookup, so an unknown address costs the same store round trip as a known one."""
+        ...
+
+    async def hold_pipe(self, device: bytes, message: PipeMessage, expires_at: float,
+                        now: float, quota: PipeQuota) -> str | None:
+        """Keep `message` for `device` until `expires_at` (wall clock, so a hold survives
+        a restart); the refusal text when a bound of `quota` would be passed."""
+        ...
+
+    async def take_pipes(self, device: bytes, now: float) -> list[PipeMessage]:
+        """Remove and return the unexpired messages held for `device`, oldest first."""
+        ...
+
+    async def relay_usage(self, account: str, day: int) -> int:
+        """Bytes relayed for `account` on UTC day `day` as last saved (0 if none)."""
+        ...
+
+    async def save_relay_usage(self, usage: dict[str, tuple[int, int]]) -> None:
+        """Save account -> (day, bytes relayed that day), replacing what was saved."""
+        ...
+
     async def set_advertise(self, device: bytes, advertise: dict[str, Any]) -> None: ...
 
     async def touch(self, device: bytes, last_seen: float) -> None: ...
 
     async def expire(self, now: float) -> int:
-        """Drop envelopes whose expiry has passed; return how many."""
+        """Drop envelopes whose expiry has passed; return how many. Also drops expired
+        held PIPE messages and relay volumes of past days."""
         ...
 
     async def add_invite(self, address: str, token: str, now: float, expires_at: float) -> None:

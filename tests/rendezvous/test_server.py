@@ -107,6 +107,8 @@ async def test_finger_shows_presence_keys_and_advertisement(server: RendezvousSe
             await a.finger("carol@example.net")
         async with client(server, BOB, "bob@example.net",
                           advertise={"addrs": ["10.0.0.2:4567"], "nat": False}) as b:
+            # Presence and hints go to those who exchanged mail (test_limits_privacy.py).
+            await a.send(mid(), [("bob@example.net", BOB.peer_id, b"hi")])
             f = await a.finger("bob@example.net")
             (dev,) = f.devices
             assert f.address == "bob@example.net"
