@@ -92,6 +92,20 @@ def _transfer_headers() -> Iterator[tuple[str, bytes]]:
         yield type(m).__name__.lower(), bytes([n]) + tf.encode_header(m)
 
 
+def _transfer_sessions() -> Iterator[tuple[str, bytes]]:
+    def record(m: tf.Message) -> bytes:
+        head = tf.encode_header(m)
+        n = len(m.data) if isinstance(m, tf.Chunk) else 0
+        return bytes([0, 128, n]) + len(head).to_bytes(2, "big") + head
+
+    replies: list[tf.Message] = [tf.Opened(CID, 1 << 20, 1 << 16, None),
+                                 tf.Chunk(CID, 3, b"z" * 40), tf.Have(CID, (1, 2))]
+    requests: list[tf.Message] = [tf.Open(CID, b"p" * 32), tf.Gets(CID, (4, 5)),
+                                  tf.Cancel(CID, 4)]
+    yield "replies", b"\x01" + b"".join(record(m) for m in replies)
+    yield "requests", b"\x00" + b"".join(record(m) for m in requests)
+
+
 def _transfer_connection() -> Iterator[tuple[str, bytes]]:
     # What each side's first handshake message looks like on the wire.
     hello = b"".join(TransferConnection(Role.INITIATOR, PEER).data_to_send())
@@ -166,6 +180,7 @@ def seeds() -> dict[str, list[tuple[str, bytes]]]:
         "stun": list(_stun()),
         "transfer_header": list(_transfer_headers()),
         "transfer_connection": list(_transfer_connection()),
+        "transfer_session": list(_transfer_sessions()),
         "dht_datagram": list(_dht()),
         "location": list(_location()),
         "envelope": list(_envelopes()),

@@ -12,6 +12,7 @@ decodes with both and requires the same message or the same refusal.
 from __future__ import annotations
 
 import asyncio
+import copy
 import struct
 from collections.abc import Callable
 from functools import partial
@@ -37,6 +38,7 @@ from overlay.transfer.core import (
     ConnectionClosed,
     ConnectionFailed,
     Role,
+    State,
     TransferConnection,
 )
 from overlay.transfer.frames import Message as TransferMessage
@@ -253,6 +255,74 @@ def transfer_connection(data: bytes) -> None:
             raise AssertionError(f"unauthenticated bytes gave {event!r}")
 
 
+_SESSIONS: tuple[TransferConnection, TransferConnection] | None = None
+
+
+def _open_pair() -> tuple[TransferConnection, TransferConnection]:
+    """An initiator and a responder past the handshake (made once, copied per input)."""
+    global _SESSIONS
+    if _SESSIONS is None:
+        a = TransferConnection(Role.INITIATOR, DEVICE, ephemeral_seed=bytes(32))
+        b = TransferConnection(Role.RESPONDER, PEER, ephemeral_seed=bytes(range(32)))
+        for _ in range(3):
+            for src, dst in ((a, b), (b, a)):
+                for piece in src.data_to_send():
+                    dst.receive_data(piece)
+        if not a.state is b.state is State.OPEN:
+            raise AssertionError("the template handshake did not complete")
+        while a.next_event() or b.next_event():
+            pass
+        _SESSIONS = (a, b)
+    return _SESSIONS
+
+
+def transfer_session(data: bytes) -> None:
+    """Authentic frames with fuzzed headers and lengths, after the handshake.
+
+    Byte 0 picks the receiving side. Then records: mode, delta, payload length, header
+    length (2 bytes), header plaintext. The header is sealed with the sender's session key;
+    mode bit 0 makes the frame length lie by `delta`, bit 1 the header length. Honest frames
+    each give one message or BadMessage, in order, until a lying one ends the connection.
+    """
+    if not data:
+        return
+    a, b = _open_pair()
+    receiver, sender = (a, b) if data[0] & 1 else (b, a)
+    conn = copy.deepcopy(receiver)
+    cipher = copy.copy(sender._cipher)
+    if cipher is None:
+        raise AssertionError("no session cipher")
+    wire, honest, lied, pos = bytearray(), 0, False, 1
+    while pos + 5 <= len(data):
+        mode, delta, plen = data[pos], data[pos + 1], data[pos + 2]
+        hlen = int.from_bytes(data[pos + 3 : pos + 5], "big") % 1024
+        header = data[pos + 5 : pos + 5 + hlen]
+        pos += 5 + hlen
+        sealed = cipher.encrypt(header)
+        frame_len = 4 + len(sealed) + plen + (delta - 128 if mode & 1 else 0)
+        sealed_len = len(sealed) + (delta - 128 if mode & 2 else 0)
+        if mode & 3 and (frame_len, sealed_len) != (4 + len(sealed) + plen, len(sealed)):
+            lied = True
+        wire += (frame_len % (1 << 32)).to_bytes(4, "big")
+        wire += (sealed_len % (1 << 32)).to_bytes(4, "big") + sealed + bytes(plen)
+        if not lied:
+            honest += 1
+    for piece in _chunks(bytes(wire), data[1:4]):
+        conn.receive_data(piece)
+    got, failed = 0, False
+    while (event := conn.next_event()) is not None:
+        if isinstance(event, ConnectionFailed):
+            failed = True
+        elif isinstance(event, BadMessage | TransferMessage):
+            got += 1
+        else:
+            raise AssertionError(f"unexpected event {event!r}")
+    if not lied and not failed and got != honest:
+        raise AssertionError(f"{honest} honest frames gave {got} events")
+    if got < honest and not failed:
+        raise AssertionError(f"{honest} honest frames gave {got} events and no failure")
+
+
 # --- DHT ------------------------------------------------------------------------------
 
 
@@ -396,6 +466,7 @@ TARGETS: dict[str, Target] = {
     "stun": stun,
     "transfer_header": transfer_header,
     "transfer_connection": transfer_connection,
+    "transfer_session": transfer_session,
     "dht_datagram": dht_datagram,
     "dht_state": dht_state,
     "provider_record": provider_record,
