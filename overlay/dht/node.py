@@ -23,6 +23,8 @@ from crypto.identity import DeviceIdentity
 from overlay.dht.errors import LocalProtocolError, RemoteProtocolError
 from overlay.dht.lookup import Lookup, run_lookup
 from overlay.dht.protocol import Answer, DhtProtocol, Outcome
+from overlay.dht.ranking import rank_providers
+from overlay.dht.ratelimit import SOURCE_BURST, SOURCE_RATE, SourceLimiter
 from overlay.dht.records import (
     CONTENT_ID_LEN,
     REPUBLISH_INTERVAL,
@@ -51,7 +53,11 @@ class DhtNode:
         rng: random.Random | None = None,
         max_records_per_key: int = MAX_PER_KEY,
         max_records: int = MAX_TOTAL,
+        source_rate: float = SOURCE_RATE,
+        source_burst: float = SOURCE_BURST,
     ) -> None:
+        """`source_rate`/`source_burst`: requests answered per second per source IP (many
+        nodes on one loopback address in tests share one allowance)."""
         if not 1 <= alpha <= ksize <= 32:
             raise LocalProtocolError("need 1 <= alpha <= ksize <= 32")
         self.identity = identity
@@ -62,6 +68,7 @@ class DhtNode:
         self._rng = rng or random.Random()
         self.storage = ProviderStore(wall, max_per_key=max_records_per_key,
                                      max_total=max_records)
+        self._source_limits = (source_rate, source_burst)
         self._protocol: DhtProtocol | None = None
         self._announced: dict[bytes, asyncio.Task[None]] = {}
         self._refresher: asyncio.Task[None] | None = None
@@ -99,7 +106,8 @@ class DhtNode:
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_datagram_endpoint(
             lambda: DhtProtocol(self.identity, self.storage, self.ksize,
-                                client_only=self.client_only, wall=self._wall, rng=self._rng),
+                                client_only=self.client_only, wall=self._wall, rng=self._rng,
+                                limiter=SourceLimiter(*self._source_limits)),
             local_addr=(host, port))
         self._protocol = protocol
         self._refresher = loop.create_task(self._refresh_forever(), name="dht-refresh")
@@ -161,7 +169,8 @@ class DhtNode:
     # --- providers ----------------------------------------------------------------------
 
     async def find_providers(self, content_id: bytes, *, limit: int = 20) -> list[ProviderRecord]:
-        """Verified, unexpired provider records for `content_id` (at most `limit`, 1..20)."""
+        """Verified, unexpired provider records for `content_id` (at most `limit`, 1..20),
+        best first as `ranking` orders them: diverse networks, direct addresses, fresh."""
         _check_content_id(content_id)
         if not 1 <= limit <= MAX_RECORDS_PER_REPLY:
             raise LocalProtocolError(f"limit must be in 1..{MAX_RECORDS_PER_REPLY}")
@@ -188,7 +197,7 @@ class DhtNode:
         lookup = self._new_lookup(dht_key(content_id))
         await self._drive(lookup, lambda n: protocol.call_find_value(n, content_id), collect,
                           stop=lambda: len(found) >= limit)
-        return sorted(found.values(), key=lambda r: r.expires, reverse=True)[:limit]
+        return rank_providers(found.values(), limit)
 
     async def announce(self, content_id: bytes, addresses: list[str], home_server: str) -> int:
         """Publish our signed record to the k closest nodes and keep it fresh (every 22 h)

@@ -12,6 +12,16 @@ What changes from the package, and why:
   and are never added.
 - `rpc_store` accepts only a signed, unexpired `ProviderRecord` for the content id given,
   with a return-routability token (BEP 5); find replies hand tokens out.
+- Requests are answered at most SOURCE_RATE a second per source IP (`ratelimit`), and a
+  request without a valid token for its source address gets a reply no larger than
+  AMPLIFICATION_FACTOR (3) times the request: contacts and records that do not fit are
+  left out and the reply says so. A spoofed source therefore never receives more than 3x
+  what the spoofer sent: against a node with a full table and 20 records, a bare 96-byte
+  FIND_NODE draws 252 bytes (2.6x; 10x when every request got the full answer) and a
+  105-byte FIND_PROVIDERS 290 bytes (2.8x; 52x before, up to ~100x with larger records).
+  Our own requests carry the token the node gave us last (kept up to 4 minutes); without
+  one, a find request is padded to UNPROVEN_PAD_TO bytes, which buys room for 20 IPv4
+  contacts, and a reply that still came back truncated is asked again once, with its token.
 - Timeouts adapt (SRTT + 4 RTTVAR, per node and overall) instead of a fixed 5 s, and every
   RPC's future is owned here and always resolved: no `ensure_future`, no datagram raising
   into the loop. The clock is the running loop's.
@@ -22,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,12 +44,14 @@ from rpcudp.protocol import RPCProtocol
 from crypto.errors import VerificationError
 from crypto.identity import DeviceIdentity, peer_id_of, verify
 from overlay.dht.errors import RemoteProtocolError
+from overlay.dht.ratelimit import SourceLimiter
 from overlay.dht.records import ProviderRecord, dht_key
 from overlay.dht.routing import ClockedRoutingTable
 from overlay.dht.rtt import MAX_RTO, RttTable
 from overlay.dht.storage import ProviderStore
-from overlay.dht.tokens import TokenIssuer
+from overlay.dht.tokens import ROTATE_SECONDS, TokenIssuer
 from overlay.dht.wire import (
+    AMPLIFICATION_FACTOR,
     MAX_RECORDS_PER_REPLY,
     MSG_ID_LEN,
     Contact,
@@ -66,6 +78,15 @@ MAX_OUTSTANDING = 1024
 MAX_VERIFYING = 64
 # Records in one reply stay under this many bytes, so the datagram stays well under the cap.
 RECORD_BUDGET = 10_000
+# A find request sent without a token is padded to this size: 3x it is 1,200 bytes, room
+# for a reply naming 20 IPv4 contacts (about 930 bytes).
+UNPROVEN_PAD_TO = 400
+# Tokens a node gave us, per address: used for 4 minutes (each lives 5 to 10), at most this
+# many kept (the least recently received goes first).
+TOKEN_USE_SECONDS = ROTATE_SECONDS - 60
+MAX_HELD_TOKENS = 4096
+# Bytes a reply adds around its body (envelope, msg_id, key, signature), bin16 header.
+REPLY_OVERHEAD = len(Reply(bytes(MSG_ID_LEN), bytes(32), b"", bytes(64)).encode()) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,16 +112,22 @@ class _Pending:
     future: asyncio.Future[Outcome]
     addr: Address
     expect_id: bytes | None
-    request_tag: int
+    body: RequestBody
+    sent_token: bool
     sent_at: float
     timer: asyncio.TimerHandle
+
+    @property
+    def request_tag(self) -> int:
+        return self.body.TAG
 
 
 class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     """One node's UDP endpoint. Create it inside the running loop (it reads the loop clock)."""
 
     def __init__(self, identity: DeviceIdentity, storage: ProviderStore, ksize: int, *,
-                 client_only: bool, wall: Callable[[], float], rng: random.Random) -> None:
+                 client_only: bool, wall: Callable[[], float], rng: random.Random,
+                 limiter: SourceLimiter | None = None) -> None:
         # KademliaProtocol.__init__ would build a RoutingTable on time.monotonic().
         RPCProtocol.__init__(self, wait_timeout=MAX_RTO)
         self._loop = asyncio.get_running_loop()
@@ -112,6 +139,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self.router = ClockedRoutingTable(ksize, self.source_node, self._loop.time,
                                           self._check_head)
         self.tokens = TokenIssuer(self._loop.time())
+        self.limiter = limiter if limiter is not None else SourceLimiter()
+        self._held_tokens: OrderedDict[Address, tuple[bytes, float]] = OrderedDict()
         self.rtt = RttTable()
         self.counters: Counter[str] = Counter()
         self._wall = wall
@@ -149,20 +178,32 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             source: Address = (str(addr[0]), int(addr[1]))
             msg = decode_datagram(data)
             if isinstance(msg, Request):
-                self._on_request(msg, source)
+                self._on_request(msg, source, len(data))
             else:
                 self._on_reply(msg, source)
         except RemoteProtocolError as exc:
             self.counters[f"dropped.{exc.reason}"] += 1
 
-    def _on_request(self, msg: Request, source: Address) -> None:
+    def _on_request(self, msg: Request, source: Address, size: int) -> None:
         if self.client_only or self._closed:
             raise RemoteProtocolError("not_serving")
+        now = self._loop.time()
+        if not self.limiter.allow(source[0], now):
+            raise RemoteProtocolError("rate_limited")
+        proven = bool(msg.token) and self.tokens.check(msg.token, source[0], source[1], now)
+        budget = None if proven else AMPLIFICATION_FACTOR * size
         reply = self._answer(msg.body, source)
+        if budget is not None and isinstance(reply, Nodes):
+            reply = _fit(reply, budget - REPLY_OVERHEAD)
+            if reply.truncated:
+                self.counters["replies.truncated"] += 1
         body_bytes = encode_reply_body(reply)
         signature = self.identity.sign(REPLY_CONTEXT, msg.msg_id + body_bytes)
-        self._send(Reply(msg.msg_id, self.identity.public.verify_key, body_bytes,
-                         signature).encode(), source)
+        data = Reply(msg.msg_id, self.identity.public.verify_key, body_bytes,
+                     signature).encode()
+        if budget is not None and len(data) > budget:
+            raise RemoteProtocolError("amplification", f"{len(data)} bytes for {size}")
+        self._send(data, source)
         self.counters["rpc.served"] += 1
         if msg.serving:
             self.welcome_if_new(Node(peer_id_of(msg.sender_key), source[0], source[1]))
@@ -199,6 +240,13 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             raise
         self.rtt.sample(peer_id, self._loop.time() - pending.sent_at)
         node = Node(peer_id, source[0], source[1])
+        if isinstance(body, Nodes) and body.token:
+            self._hold_token(source, body.token)
+            if body.truncated and not pending.sent_token:
+                # Left out for lack of a token: ask again once, with the one just given.
+                self._reask(reply.msg_id, pending)
+                self.handle_call_response(node)
+                return
         self._finish(reply.msg_id, Answer(node, body))
         self.handle_call_response(node)
 
@@ -258,14 +306,51 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             self.counters["rpc.busy"] += 1
             future.set_result(RpcFailure("busy"))
             return future
+        self._send_request(future, addr, body, expect_id, self._token_for(addr))
+        return future
+
+    def _send_request(self, future: asyncio.Future[Outcome], addr: Address, body: RequestBody,
+                      expect_id: bytes | None, token: bytes) -> None:
         msg_id = secrets.token_bytes(MSG_ID_LEN)  # unguessable: replies are matched on it
         timer = self._loop.call_later(self.rtt.timeout_for(expect_id), self._on_timeout, msg_id)
-        self._pending[msg_id] = _Pending(future, addr, expect_id, body.TAG, self._loop.time(),
-                                         timer)
-        request = Request(msg_id, self.identity.public.verify_key, not self.client_only, body)
-        self._send(request.encode(), addr)
+        self._pending[msg_id] = _Pending(future, addr, expect_id, body, bool(token),
+                                         self._loop.time(), timer)
+        request = Request(msg_id, self.identity.public.verify_key, not self.client_only, body,
+                          token)
+        data = request.encode()
+        if not token and isinstance(body, FindNode | FindProviders):
+            # 3 bytes of the padding go to its own msgpack header.
+            pad = UNPROVEN_PAD_TO - len(data) - 3
+            if pad > 0:
+                data = Request(request.msg_id, request.sender_key, request.serving, body,
+                               token, pad).encode()
+        self._send(data, addr)
         self.counters["rpc.sent"] += 1
-        return future
+
+    def _reask(self, msg_id: bytes, pending: _Pending) -> None:
+        """Send `pending`'s request again, now with the token its truncated reply gave."""
+        self._pending.pop(msg_id, None)
+        pending.timer.cancel()
+        token = self._token_for(pending.addr)
+        self.counters["rpc.reasked"] += 1
+        self._send_request(pending.future, pending.addr, pending.body, pending.expect_id,
+                           token)
+
+    def _token_for(self, addr: Address) -> bytes:
+        held = self._held_tokens.get(addr)
+        if held is None:
+            return b""
+        token, got_at = held
+        if self._loop.time() - got_at > TOKEN_USE_SECONDS:
+            del self._held_tokens[addr]
+            return b""
+        return token
+
+    def _hold_token(self, addr: Address, token: bytes) -> None:
+        self._held_tokens[addr] = (token, self._loop.time())
+        self._held_tokens.move_to_end(addr)
+        while len(self._held_tokens) > MAX_HELD_TOKENS:
+            self._held_tokens.popitem(last=False)
 
     def call_ping(self, node: Node) -> asyncio.Future[Outcome]:
         return self.request((node.ip, node.port), Ping(), node.id)
@@ -336,3 +421,21 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         """Random ids in buckets not looked up for an hour (from our rng, not the module's)."""
         return [min(self._rng.randint(*b.range), 2**160 - 1).to_bytes(20, "big")
                 for b in self.router.lonely_buckets()]
+
+
+def _fit(body: Nodes, budget: int) -> Nodes:
+    """`body` with records, then contacts, left out from the end until it packs into
+    `budget` bytes; marked truncated if anything was."""
+    if len(encode_reply_body(body)) <= budget:
+        return body
+    records, contacts = list(body.records), list(body.contacts)
+    fitted = body
+    while records or contacts:
+        if records:
+            records.pop()
+        else:
+            contacts.pop()
+        fitted = Nodes(tuple(contacts), body.token, tuple(records), True)
+        if len(encode_reply_body(fitted)) <= budget:
+            return fitted
+    return Nodes((), body.token, (), True)

@@ -14,6 +14,7 @@ from typing import Any
 from kademlia.storage import IStorage
 
 from overlay.dht.errors import LocalProtocolError
+from overlay.dht.ranking import rank_providers
 from overlay.dht.records import RECORD_TTL, ProviderRecord
 
 MAX_PER_KEY = 64
@@ -67,12 +68,11 @@ class ProviderStore(IStorage):  # type: ignore[misc]
         return True
 
     def providers(self, content_id: bytes, limit: int) -> list[ProviderRecord]:
-        """Up to `limit` live records for `content_id`, longest-lived first."""
+        """Up to `limit` live records for `content_id`, best first (`ranking`: diverse
+        networks, then direct addresses, then the longest-lived)."""
         now = self._wall()
         self._cull_key(content_id, now)
-        records = sorted(self._data.get(content_id, {}).values(),
-                         key=lambda r: r.expires, reverse=True)
-        return records[:limit]
+        return rank_providers(self._data.get(content_id, {}).values(), limit)
 
     def remove(self, content_id: bytes, peer_id: bytes) -> None:
         """Forget one provider's record (our own, on withdraw)."""

@@ -4,7 +4,7 @@ This replaces rpcudp's framing (umsgpack of [name, args], dispatched by `getattr
 f"rpc_{name}")`, decoded without limits and with ext types allowed). A datagram is one
 msgpack array of at most MAX_DATAGRAM bytes:
 
-    request: [0, msg_id(20), sender_key(32), serving(bool), body]
+    request: [0, msg_id(20), sender_key(32), serving(bool), body, token(0|16), padding]
     reply:   [1, msg_id(20), responder_key(32), body_bytes, signature(64)]
 
 `body` is a map {"t": tag, ...}; a reply's body is packed separately so its signature
@@ -12,6 +12,13 @@ msgpack array of at most MAX_DATAGRAM bytes:
 requester's fresh random msg_id is how a node proves, on every contact, that it holds the
 key its id is the hash of. `serving` is False for NAT'd clients (BEP 43's read-only flag):
 they are never added to routing tables.
+
+`token` is the return-routability token the responder handed this requester's address
+earlier (empty if none is held): with a valid one the reply may be as large as the answer
+needs; without, it stays within AMPLIFICATION_FACTOR times the request's size, so nobody
+can aim large replies at a spoofed address. `padding` (zero bytes, ignored) is how a
+requester without a token buys room for a full answer, as QUIC pads its first packets.
+A reply that had to leave contacts or records out says so (`Nodes.truncated`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ MSG_ID_LEN = 20
 MAX_CONTACTS = 32
 MAX_RECORDS_PER_REPLY = 20
 MAX_ERROR_TEXT = 200
+MAX_PADDING = 1200
+# A reply to a request whose source has not proven its address (no valid token) is at most
+# this many times the request's size: the limit RFC 9000 section 8.1 sets for unvalidated
+# addresses.
+AMPLIFICATION_FACTOR = 3
 REQUEST, REPLY = 0, 1
 
 
@@ -165,10 +177,14 @@ class Nodes:
     contacts: tuple[Contact, ...]
     token: bytes
     records: tuple[bytes, ...] = ()
+    truncated: bool = False  # contacts or records left out: ask again with the token
 
     def fields(self) -> dict[str, Any]:
-        return {"nodes": [c.encode() for c in self.contacts], "token": self.token,
-                "records": list(self.records)}
+        out: dict[str, Any] = {"nodes": [c.encode() for c in self.contacts],
+                               "token": self.token, "records": list(self.records)}
+        if self.truncated:
+            out["more"] = True
+        return out
 
     @classmethod
     def from_fields(cls, f: Fields) -> Nodes:
@@ -177,6 +193,7 @@ class Nodes:
             f.bytes("token", max_len=TOKEN_LEN),
             f.list("records", item_bytes(max_len=MAX_RECORD_BYTES),
                    max_items=MAX_RECORDS_PER_REPLY) or (),
+            bool(f.bool("more", optional=True)),
         )
 
 
@@ -228,10 +245,13 @@ class Request:
     sender_key: bytes
     serving: bool
     body: RequestBody
+    token: bytes = b""
+    padding: int = 0  # zero bytes sent and ignored
 
     def encode(self) -> bytes:
         return packb([REQUEST, self.msg_id, self.sender_key, self.serving,
-                      {"t": self.body.TAG, **self.body.fields()}])
+                      {"t": self.body.TAG, **self.body.fields()}, self.token,
+                      bytes(self.padding)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,15 +281,19 @@ def decode_datagram(data: bytes) -> Request | Reply:
         raise RemoteProtocolError("oversize", f"{len(data)} bytes")
     try:
         obj = unpackb(data, max_bytes=MAX_DATAGRAM)
-        if not isinstance(obj, list) or len(obj) not in (5,) or obj[0] not in (REQUEST, REPLY):
-            raise DecodeError("expected a 5-element request or reply array")
-        kind, msg_id, key, a, b = obj
+        if not isinstance(obj, list) or not obj or obj[0] not in (REQUEST, REPLY) or (
+                len(obj) != (7 if obj[0] == REQUEST else 5)):
+            raise DecodeError("expected a 7-element request or a 5-element reply array")
+        kind, msg_id, key, a, b = obj[:5]
         msg_id = item_bytes(size=MSG_ID_LEN)(msg_id, "msg_id")
         key = item_bytes(size=PUBLIC_KEY_LEN)(key, "key")
         if kind == REQUEST:
             if not isinstance(a, bool):
                 raise DecodeError("serving flag must be true/false")
-            return Request(msg_id, key, a, _decode_body(b, REQUESTS, "request"))
+            body = _decode_body(b, REQUESTS, "request")
+            token = item_bytes(max_len=TOKEN_LEN)(obj[5], "token")
+            padding = item_bytes(max_len=MAX_PADDING)(obj[6], "padding")
+            return Request(msg_id, key, a, body, token, len(padding))
         body_bytes = item_bytes(max_len=MAX_DATAGRAM)(a, "reply body")
         return Reply(msg_id, key, body_bytes, item_bytes(size=SIGNATURE_LEN)(b, "signature"))
     except DecodeError as exc:

@@ -20,7 +20,8 @@ async def start_swarm(count: int, *, seed: int, host: str = "127.0.0.1",
     try:
         for i in range(count):
             node = DhtNode(DeviceIdentity.from_seed(rng.randbytes(32)),
-                           client_only=i in client_only, rng=random.Random(rng.random()))
+                           client_only=i in client_only, rng=random.Random(rng.random()),
+                           source_rate=1e6, source_burst=1e6)  # all share 127.0.0.1
             nodes.append(node)
             await node.listen(host, 0)
         seed_addr = nodes[0].address

@@ -51,6 +51,7 @@ class Peer(asyncio.DatagramProtocol):
         self.sign_with = sign_with or identity
         self.replies: asyncio.Queue[Reply] = asyncio.Queue()
         self.transport: Any = None
+        self.tokens: dict[Addr, bytes] = {}  # as a node does: the last token each gave us
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -72,11 +73,15 @@ class Peer(asyncio.DatagramProtocol):
 
     async def ask(self, to: Addr, body: RequestBody) -> ReplyBody:
         msg_id = os.urandom(20)
-        self.transport.sendto(
-            Request(msg_id, self.identity.public.verify_key, False, body).encode(), to)
+        token = self.tokens.get(to, b"")
+        self.transport.sendto(Request(msg_id, self.identity.public.verify_key, False, body,
+                                      token, 0 if token else 400).encode(), to)
         reply = await asyncio.wait_for(self.replies.get(), 5)
         assert reply.msg_id == msg_id
-        return decode_reply_body(reply, body.TAG)
+        decoded = decode_reply_body(reply, body.TAG)
+        if isinstance(decoded, Nodes):
+            self.tokens[to] = decoded.token
+        return decoded
 
 
 PeerFactory = Callable[..., Any]
