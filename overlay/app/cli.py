@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="0.0.0.0:0",
                    help="HOST:PORT for direct transfers (default 0.0.0.0:0: any port, kept)")
     s.add_argument("--download-dir", default="", help="where received files go")
+    s.add_argument("--vouch", help="a vouch for this device's key from a device already "
+                   "registered for the address (`peerpost devices vouch`)")
+
+    s = sub.add_parser("devices", help="another device of your address: `key` on the new one,"
+                       " `vouch KEY` on an existing one")
+    s.add_argument("action", choices=["key", "vouch"])
+    s.add_argument("key", nargs="?", help="the new device's key (for vouch)")
 
     s = sub.add_parser("node", help="run the peer daemon in the foreground (SIGTERM stops it)")
     s.add_argument("--max-upload-rate", type=float, default=None, metavar="BYTES_PER_S",
@@ -166,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
             from overlay.app.setup import init_home
 
             return init_home(home, args, console)
+        if args.command == "devices":
+            from overlay.app.setup import device_key, vouch_device
+
+            if args.action == "key":
+                return device_key(home, console)
+            if not args.key:
+                err_console.print("usage: peerpost devices vouch KEY")
+                return EXIT_USAGE
+            return vouch_device(home, args.key, console)
         if args.command == "node":
             from overlay.app.node import run_node
 
@@ -274,6 +290,8 @@ async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
             state += f": {e['error']}"
         if e.get("junk"):
             state += " [junk]"
+        if state == "unverified":
+            state += " (signed by a key you don't trust yet: `peerpost contacts`)"
         srcs = ", ".join(f"{s.get('peer', '?')[:8]}/{s.get('path', '?')}" for s in e["sources"])
         t.add_row(_t(e["id"][:12]), _t(e["from"]), _t(e["title"]), _size(e["size"]), _t(state),
                   f"{e['progress'] * 100:.0f}%", _t(srcs))
@@ -388,11 +406,19 @@ async def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
     for c in contacts:
         note = "[bold red]KEY CHANGED: verify, then `peerpost contacts accept`[/]" \
             if c.get("changed") else ""
-        t.add_row(_t(c["address"]), "\n".join(_clean(f) for f in c["fingerprints"]),
-                  _when(c.get("first_seen")), note)
+        fps = [_clean(f) for f in c["fingerprints"]]
+        fps += [f"{_clean(f)} (pending)" for f in c.get("pending", ())]
+        fps += [f"{_clean(f)} (unvouched)" for f in c.get("unvouched", ())]
+        if c.get("unvouched"):
+            note = (note + "\n" if note else "") + "[bold yellow]NEW DEVICE KEY no trusted " \
+                "device vouched for: verify, then `peerpost contacts accept`[/]"
+        t.add_row(_t(c["address"]), "\n".join(fps), _when(c.get("first_seen")), note)
     console.print(t)
     if any(c.get("changed") for c in contacts):
         err_console.print("[bold red]warning:[/] a contact's key has changed")
+    if any(c.get("unvouched") for c in contacts):
+        err_console.print("[bold yellow]warning:[/] a contact has a device key nobody vouched "
+                          "for; its messages are held `unverified`")
     return 0
 
 

@@ -22,6 +22,7 @@ from overlay.content.interfaces import ContentStoreError
 from overlay.mail.contacts import Contacts
 from overlay.mail.downloads import DownloadQueue
 from overlay.mail.inbox import Inbox, InboxEntry
+from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail
 from overlay.mail.outbox import Outbox
 from overlay.mail.outgoing import MailSender, SendError
@@ -156,6 +157,11 @@ class ControlOperations:
 
     async def fetch(self, a: Fields) -> Any:
         e = self.find(a.str("id", min_len=1, max_len=32))
+        if e.state is InboxState.UNVERIFIED:
+            raise ControlError(
+                f"{e.id.hex()[:12]} is signed by a device key of {e.sender} that you do not "
+                f"trust yet; compare fingerprints (`peerpost contacts`), then "
+                f"`peerpost contacts accept {e.sender}`")
         self.downloads.request(e.id)
         fresh = self.inbox.get(e.id)
         return self.entry_json(fresh or e)
@@ -228,16 +234,21 @@ class ControlOperations:
     async def contacts_list(self, a: Fields) -> Any:
         return [{"address": c.address, "fingerprints": [PublicIdentity(k).fingerprint()
                                                          for k in c.keys],
-                 "first_seen": c.first_seen, "changed": c.changed}
+                 "first_seen": c.first_seen, "changed": c.changed,
+                 "pending": list(c.pending_fingerprints),
+                 "unvouched": list(c.unvouched_fingerprints)}
                 for c in self.contacts.list()]
 
     async def contacts_accept(self, a: Fields) -> Any:
+        """The user compared fingerprints: trust the waiting keys of an address, and let
+        its held (`unverified`) messages go on to `offered` (downloaded if prefs say so)."""
         addr = a.str("address", max_len=254)
-        c = self.contacts.get(addr)
-        if c is None or not c.changed:
-            raise ControlError(f"no pending key change for {addr}")
-        for k in c.pending_keys:
-            self.contacts.accept_change(addr, k)
+        try:
+            self.contacts.accept(addr)
+        except KeyError:
+            raise ControlError(f"no key of {addr} is waiting to be accepted") from None
+        if self.incoming.release(addr):
+            self.downloads.wake()
         return await self.contacts_list(a)
 
 

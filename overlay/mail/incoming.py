@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from crypto.address import normalize_address
 from crypto.content import chunk_count
 from crypto.envelope import open_envelope
 from crypto.errors import CryptoError
@@ -103,6 +104,7 @@ class IncomingMail:
 
     def release(self, sender: str) -> list[bytes]:
         """Move `sender`'s held messages signed by a now trusted key to `offered`."""
+        sender = normalize_address(sender)
         trusted = frozenset(peer_id_of(k) for k in self.contacts.trusted_keys(sender))
         released = self.inbox.release_unverified(sender, trusted)
         if released:
