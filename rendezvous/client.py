@@ -22,6 +22,13 @@
   opening a relay connection (`overlay.transports.relay.relay_accept`), not on this session. The
   buffer is bounded: when `push_queue` items wait, the client stops reading from the
   socket until the consumer catches up (TCP backpressure to the server).
+- `tls=True` speaks TLS 1.3 (what `peerpost-rendezvous serve` listens with by default;
+  plaintext is for in-process servers: tests, simulator, benchmarks). No CA is consulted:
+  `server_key` (the domain key pinned for this server) must sign the reply to our
+  AUTHORIZATION over this connection, else `start()` raises `ServerIdentityError` (an
+  `AuthenticationError`) naming the expected and seen fingerprints. With no key pinned
+  the first session trusts the key the server shows and `server_key` is set to it, so
+  reconnects must show the same one (`peerpost init` pins it in the node's config).
 - `server_info`: the UDP ports of the server's extra services from the last CHALLENGE,
   e.g. `{"stun": 3478, "dht": 4000}`; a key is absent when the server doesn't run it.
 - `Envelope` (`rendezvous.records`): message_id, sender, recipient, device, priority, blob,
@@ -35,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
@@ -44,7 +52,7 @@ from crypto.codec import Fields
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from rendezvous.backoff import Backoff
-from rendezvous.client_core import ClientConnection
+from rendezvous.client_core import ClientConnection, ServerIdentityError
 from rendezvous.errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -73,13 +81,15 @@ from rendezvous.messages import (
     SendItem,
 )
 from rendezvous.records import Envelope, EnvelopeInfo, FingerResult, normalized_address, raw_map
+from rendezvous.tls import client_context, peer_binding
 
 log = logging.getLogger("rendezvous.client")
 
 Push = Deliver | PipeMessage | RelayInvite
 
 __all__ = ["Deliver", "Envelope", "EnvelopeInfo", "FingerResult", "PipeMessage",
-           "RelayInvite", "RendezvousClient", "RendezvousError", "is_relay_invite"]
+           "RelayInvite", "RendezvousClient", "RendezvousError", "ServerIdentityError",
+           "is_relay_invite"]
 
 
 def is_relay_invite(push: object) -> bool:
@@ -92,7 +102,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def __init__(self, client: RendezvousClient, loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
-        self.core = ClientConnection(client.max_frame)
+        self.core = ClientConnection(client.max_frame, server_key=client.server_key)
         self.transport: asyncio.Transport | None = None
         self.challenge: asyncio.Future[Challenge] = loop.create_future()
         self.lost: asyncio.Future[None] = loop.create_future()
@@ -102,6 +112,7 @@ class _ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's and the simulator's transports don't subclass asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
+        self.core.binding = peer_binding(transport)  # TLS is up by now (b"" if plaintext)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -164,8 +175,13 @@ class RendezvousClient:
                  register: bool = False, invite: str | None = None,
                  request_timeout: float = 10.0, reconnect: bool = True,
                  max_backoff: float = 30.0, push_queue: int = 10_000,
-                 max_frame: int = DEFAULT_MAX_FRAME, rng: random.Random | None = None) -> None:
+                 max_frame: int = DEFAULT_MAX_FRAME, rng: random.Random | None = None,
+                 tls: bool = False, server_key: bytes | None = None,
+                 vouch: bytes | None = None) -> None:
         self.host = host
+        self.tls = tls
+        self.server_key = server_key  # the domain key pinned (set by the first session)
+        self._ssl: ssl.SSLContext | None = client_context() if tls else None
         self.port = port
         self.identity = identity
         self.address = normalize_address(address)
@@ -173,6 +189,7 @@ class RendezvousClient:
         self._advertise = advertise
         self.register = register
         self.invite = invite
+        self.vouch = vouch  # crypto.vouch bytes presented when registering a new device
         self.request_timeout = request_timeout
         self.reconnect = reconnect
         self.max_backoff = max_backoff
@@ -251,18 +268,33 @@ class RendezvousClient:
         try:
             transport, proto = await asyncio.wait_for(
                 loop.create_connection(lambda: _ClientProtocol(self, loop), self.host,
-                                       self.port), timeout)
+                                       self.port, ssl=self._ssl), timeout)
+        except ssl.SSLError as exc:
+            raise ConnectionLostError(
+                f"TLS 1.3 handshake with {self.host}:{self.port} failed ({exc}); is it a "
+                "peerpost rendezvous server with TLS on?") from None
         except (OSError, TimeoutError) as exc:
             raise ConnectionLostError(
                 f"cannot connect to {self.host}:{self.port}: {exc or type(exc).__name__}"
             ) from None
         try:
             challenge = await asyncio.wait_for(asyncio.shield(proto.challenge), timeout)
+        except TimeoutError:
+            transport.abort()
+            raise RequestTimeoutError(
+                f"no CHALLENGE from {self.host}:{self.port} within {timeout}s"
+                + ("" if self.tls else " (a server with TLS on says nothing to a "
+                   "plaintext client)")) from None
+        except BaseException:
+            transport.abort()
+            raise
+        try:
             if self.domain is not None and challenge.domain != self.domain:
                 raise AuthenticationError(
                     0, f"server is for domain {challenge.domain}, expected {self.domain}")
             rid = proto.core.authorize(self.identity, self.address, invite=self.invite,
-                                       register=self.register, advertise=self._advertise)
+                                       register=self.register, advertise=self._advertise,
+                                       vouch=self.vouch if self.register else None)
             fut: asyncio.Future[Reply] = loop.create_future()
             proto.pending[rid] = fut
             proto.flush()
@@ -273,9 +305,16 @@ class RendezvousClient:
         except BaseException:
             transport.abort()
             raise
+        if (mismatch := proto.core.identity_error) is not None:
+            transport.abort()
+            log.warning(kv("client.server_identity", server=f"{self.host}:{self.port}",
+                           text=mismatch.text))
+            raise mismatch
         if not reply.ok:
             transport.close()
             raise AuthenticationError(reply.status, reply.text)
+        if self.server_key is None:
+            self.server_key = proto.core.server_key_seen  # trusted on first use
         self._proto = proto
         self._services = challenge.services()
         self._connected.set()

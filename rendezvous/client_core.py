@@ -6,6 +6,13 @@ requests other than AUTHORIZATION and QUIT only after the server accepted the
 AUTHORIZATION. Anything malformed from the server raises RemoteProtocolError, after which
 the adapter drops the connection (a server that garbles frames can't be trusted further).
 
+Both check the server's half of the handshake (rendezvous/messages.py): the reply to the
+AUTHORIZATION must carry the domain key's signature over this connection (both nonces and
+the channel binding `binding`), under `server_key` when one is pinned, else under the key
+the CHALLENGE named (trust on first use; `server_key_seen` then holds it for pinning). If
+it does not verify, the session is not accepted: `identity_error` is a
+`ServerIdentityError` naming the expected and the seen fingerprints.
+
 `RelayHandshake` drives one relay connection up to the splice: CHALLENGE, AUTHORIZATION
 with `relay`, then RELAY or RELAY-ACCEPT, until the OK reply that means "spliced". It
 reads one frame at a time, because the bytes after that reply are the peer's raw stream
@@ -14,15 +21,20 @@ and must not be taken for frames; they are handed over as `rest`.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from crypto.identity import DeviceIdentity
-from rendezvous.errors import LocalProtocolError, RemoteProtocolError
+from crypto.errors import VerificationError
+from crypto.identity import DeviceIdentity, verify
+from rendezvous.domainkey import fingerprint
+from rendezvous.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from rendezvous.framing import DEFAULT_MAX_FRAME, PREFIX, FrameDecoder, encode_frame
 from rendezvous.messages import (
+    NONCE_LEN,
+    SERVER_AUTH_CONTEXT,
     Authorization,
     Challenge,
     Quit,
@@ -33,7 +45,20 @@ from rendezvous.messages import (
     ServerMessage,
     decode_server_message,
     encode_request,
+    server_payload,
 )
+
+
+class ServerIdentityError(AuthenticationError):
+    """The server did not prove the domain key pinned for it over this connection."""
+
+    def __init__(self, expected: bytes | None, seen: bytes | None, why: str) -> None:
+        exp = fingerprint(expected) if expected is not None else "none pinned yet"
+        got = fingerprint(seen) if seen is not None else "none"
+        super().__init__(0, f"the server's identity does not match the key pinned for it "
+                            f"(expected {exp}, seen {got}): {why}")
+        self.expected = expected
+        self.seen = seen
 
 
 class ClientState(Enum):
@@ -46,8 +71,17 @@ class ClientState(Enum):
 class ClientConnection:
     """Protocol state of one connection to a rendezvous server."""
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, *, binding: bytes = b"",
+                 server_key: bytes | None = None,
+                 new_nonce: Callable[[], bytes] | None = None) -> None:
         self.max_frame = max_frame
+        self.binding = binding
+        self.server_key = server_key
+        self.server_key_seen: bytes | None = None
+        self.identity_error: ServerIdentityError | None = None
+        self._new_nonce = new_nonce or (lambda: os.urandom(NONCE_LEN))
+        # (challenge answered, client nonce, our device key) of the AUTHORIZATION in flight
+        self._answered: tuple[Challenge, bytes, bytes] | None = None
         self.state = ClientState.AWAITING_CHALLENGE
         self.challenge: Challenge | None = None
         self._decoder = FrameDecoder(max_frame)
@@ -63,13 +97,16 @@ class ClientConnection:
 
     def authorize(self, identity: DeviceIdentity, address: str, *, invite: str | None = None,
                   register: bool = False, advertise: dict[str, Any] | None = None,
-                  relay: bool = False) -> int:
+                  relay: bool = False, vouch: bytes | None = None) -> int:
         """Answer the current challenge; returns the request id of the AUTHORIZATION."""
         if self.state is not ClientState.CHALLENGED or self.challenge is None:
             raise LocalProtocolError(f"no challenge to answer (state {self.state.value})")
+        cnonce = self._new_nonce()
         req = Authorization.signed(self.new_id(), identity, self.challenge.domain,
-                                   self.challenge.nonce, address, invite=invite,
-                                   register=register, advertise=advertise, relay=relay)
+                                   self.challenge.nonce, address, client_nonce=cnonce,
+                                   binding=self.binding, invite=invite, register=register,
+                                   advertise=advertise, relay=relay, vouch=vouch)
+        self._answered = (self.challenge, cnonce, identity.public.verify_key)
         self._auth_id = req.id
         self.state = ClientState.AUTHENTICATING
         self._write(req)
@@ -96,9 +133,41 @@ class ClientConnection:
                     self.state = ClientState.CHALLENGED
             elif isinstance(msg, Reply) and msg.id == self._auth_id and self._auth_id:
                 self._auth_id = 0
-                if msg.ok:
+                self.identity_error = self._check_server(msg)
+                if msg.ok and self.identity_error is None:
                     self.state = ClientState.AUTHENTICATED
             self._events.append(msg)
+
+    def _check_server(self, reply: Reply) -> ServerIdentityError | None:
+        """The server's signature in its reply to our AUTHORIZATION: None if it proves
+        the pinned key (or, none pinned, the CHALLENGE's) over this connection. A refusal
+        without a signature is the server's word alone: not an identity error."""
+        answered, self._answered = self._answered, None
+        if answered is None:
+            return ServerIdentityError(self.server_key, None, "no AUTHORIZATION was answered")
+        challenge, cnonce, verify_key = answered
+        seen = challenge.key
+        if self.server_key is not None and seen != self.server_key:
+            return ServerIdentityError(self.server_key, seen,
+                                       "the server presented another domain key")
+        sig = reply.body.get("server_sig")
+        if sig is None and not reply.ok:
+            return None
+        if type(sig) is not bytes:
+            return ServerIdentityError(self.server_key, seen,
+                                       "the server did not sign its reply to AUTHORIZATION")
+        try:
+            verify(seen, SERVER_AUTH_CONTEXT,
+                   server_payload(challenge.domain, challenge.nonce, cnonce, self.binding,
+                                  verify_key), sig)
+        except VerificationError:
+            return ServerIdentityError(
+                self.server_key, seen,
+                "its signature does not cover this connection: the TLS certificate we see "
+                "is not the server's (a proxy terminating TLS in between?) or the reply "
+                "was replayed from another session")
+        self.server_key_seen = seen
+        return None
 
     def next_event(self) -> ServerMessage | None:
         return self._events.popleft() if self._events else None
@@ -114,14 +183,16 @@ class RelayHandshake:
 
     Feed received bytes to `receive_data`, write `data_to_send()`; when `spliced` is True,
     `rest` holds bytes that already belong to the relayed stream. A refusal sets
-    `refusal` to the server's (status, text); garbage from the server raises
-    RemoteProtocolError.
+    `refusal` to the server's (status, text); a server that does not prove its key sets
+    `identity_error` (and `refusal` to (0, its text)); garbage from the server raises
+    RemoteProtocolError. `binding` must be set (`set_binding`) before the first byte.
     """
 
     def __init__(self, identity: DeviceIdentity, address: str,
                  request: Callable[[int], Relay | RelayAccept],
-                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self._conn = ClientConnection(max_frame)
+                 max_frame: int = DEFAULT_MAX_FRAME, *, binding: bytes = b"",
+                 server_key: bytes | None = None) -> None:
+        self._conn = ClientConnection(max_frame, binding=binding, server_key=server_key)
         self._identity = identity
         self._address = address
         self._request = request
@@ -136,6 +207,14 @@ class RelayHandshake:
     @property
     def finished(self) -> bool:
         return self.spliced or self.refusal is not None
+
+    @property
+    def identity_error(self) -> ServerIdentityError | None:
+        return self._conn.identity_error
+
+    def set_binding(self, binding: bytes) -> None:
+        """The channel binding of the connection (known once TLS is up)."""
+        self._conn.binding = binding
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Take bytes from the server, one whole frame at a time, until the splice."""
@@ -164,7 +243,9 @@ class RelayHandshake:
                 self._auth_id = self._conn.authorize(self._identity, self._address,
                                                      relay=True)
         elif isinstance(msg, Reply) and msg.id in (self._auth_id, self._relay_id):
-            if not msg.ok:
+            if msg.id == self._auth_id and (err := self._conn.identity_error) is not None:
+                self.refusal = (0, err.text)
+            elif not msg.ok:
                 self.refusal = (msg.status, msg.text)
             elif msg.id == self._relay_id:
                 self.spliced = True

@@ -7,7 +7,8 @@ table; a name from the wire is never used to look anything else up.
 
 | tag | fields |
 |---|---|
-| AUTHORIZATION | address, verify_key (32), signature (64), invite?, register?, advertise?, relay? |
+| AUTHORIZATION | address, verify_key (32), signature (64), cnonce (32), invite?, register?, |
+| | advertise?, relay?, vouch? (96) |
 | QUIT | |
 | SEND | mid (16), prio (0..7), items: [{to, device (20), blob}] |
 | LIST | after? (cursor from the previous page), limit? |
@@ -18,22 +19,32 @@ table; a name from the wire is never used to look anything else up.
 | RELAY | to, device (20), session (16): open a relayed stream to that device |
 | RELAY-ACCEPT | session (16): join the stream a RELAY-INVITE offered |
 
-Server pushes: CHALLENGE (domain, nonce (32), stun?, dht?: the UDP ports of the server's
-STUN service and DHT bootstrap node when it runs them), DELIVER (env), PIPE (from,
-from_device, payload), RELAY-INVITE (from, from_device, session).
+Server pushes: CHALLENGE (domain, nonce (32), key (32): the domain key, stun?, dht?: the
+UDP ports of the server's STUN service and DHT bootstrap node when it runs them), DELIVER
+(env), PIPE (from, from_device, payload), RELAY-INVITE (from, from_device, session).
 
 A connection authorized with `relay: true` exists for one relayed stream: it may send only
 RELAY or RELAY-ACCEPT, gets no DELIVER or PIPE, and does not make its device "online".
 After the OK reply to that request (text "spliced") the connection carries the peer's raw
 bytes, no more frames (see rendezvous/relay.py).
 
-The AUTHORIZATION signature is `DeviceIdentity.sign(b"rendezvous-auth",
-packb([domain, nonce, address, verify_key]))` over the CHALLENGE the server sent when the
-connection opened; a fresh nonce per connection makes an old signature worthless.
+The handshake authenticates both ends over this very connection:
+
+- the device signs `DeviceIdentity.sign(b"rendezvous-auth", packb([domain, nonce, cnonce,
+  binding, address, verify_key]))`: the server's nonce from the CHALLENGE, a fresh
+  client nonce `cnonce` it sends along, and the channel binding (SHA-256 of the server's
+  TLS certificate, b"" on plaintext; rendezvous/tls.py);
+- the server's REPLY to that AUTHORIZATION carries `server_sig` in its body: the domain
+  key's `sign(b"rendezvous-server", packb([domain, nonce, cnonce, binding, verify_key]))`.
+  The client accepts the session only if it verifies under the key it pinned.
+
+Fresh nonces on both sides make a recorded signature worthless in another session; the
+binding makes both worthless through a proxy that terminates TLS with its own certificate.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -41,6 +52,7 @@ from typing import Any, ClassVar
 from crypto.codec import Fields, packb, unpackb
 from crypto.errors import DecodeError
 from crypto.identity import PEER_ID_LEN, PUBLIC_KEY_LEN, SIGNATURE_LEN, DeviceIdentity
+from crypto.vouch import VOUCH_LEN
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.records import (
     MAX_BLOB,
@@ -56,6 +68,7 @@ from rendezvous.records import (
 from rendezvous.status import Status
 
 AUTH_CONTEXT = b"rendezvous-auth"
+SERVER_AUTH_CONTEXT = b"rendezvous-server"
 NONCE_LEN = 32
 MAX_REQUEST_ID = (1 << 63) - 1
 MAX_ITEMS = 256          # decoder ceiling; Limits.max_items_per_send is the policy
@@ -66,9 +79,16 @@ MAX_LIST_PAGE = 1000
 RELAY_SESSION_LEN = 16
 
 
-def auth_payload(domain: str, nonce: bytes, address: str, verify_key: bytes) -> bytes:
+def auth_payload(domain: str, nonce: bytes, client_nonce: bytes, binding: bytes,
+                 address: str, verify_key: bytes) -> bytes:
     """The exact bytes a device signs to answer a CHALLENGE."""
-    return packb([domain, nonce, address, verify_key])
+    return packb([domain, nonce, client_nonce, binding, address, verify_key])
+
+
+def server_payload(domain: str, nonce: bytes, client_nonce: bytes, binding: bytes,
+                   verify_key: bytes) -> bytes:
+    """The exact bytes the domain key signs in its reply to an AUTHORIZATION."""
+    return packb([domain, nonce, client_nonce, binding, verify_key])
 
 
 def _advertise(f: Fields, key: str, optional: bool) -> dict[str, Any] | None:
@@ -95,25 +115,36 @@ class Authorization:
     register: bool = False
     advertise: dict[str, Any] | None = None
     relay: bool = False  # this connection will carry one relayed stream (see module doc)
+    client_nonce: bytes = b""  # NONCE_LEN fresh bytes on the wire
+    vouch: bytes | None = None  # a device joining an account: crypto.vouch bytes
 
     @classmethod
     def signed(cls, request_id: int, identity: DeviceIdentity, domain: str, nonce: bytes,
-               address: str, *, invite: str | None = None, register: bool = False,
-               advertise: dict[str, Any] | None = None, relay: bool = False) -> Authorization:
-        """Build the answer to a challenge, signed by `identity`."""
+               address: str, *, client_nonce: bytes | None = None, binding: bytes = b"",
+               invite: str | None = None, register: bool = False,
+               advertise: dict[str, Any] | None = None, relay: bool = False,
+               vouch: bytes | None = None) -> Authorization:
+        """Build the answer to a challenge, signed by `identity` (fresh `client_nonce`
+        from os.urandom unless given)."""
         key = identity.public.verify_key
-        sig = identity.sign(AUTH_CONTEXT, auth_payload(domain, nonce, address, key))
-        return cls(request_id, address, key, sig, invite, register, advertise, relay)
+        cnonce = os.urandom(NONCE_LEN) if client_nonce is None else client_nonce
+        sig = identity.sign(AUTH_CONTEXT,
+                            auth_payload(domain, nonce, cnonce, binding, address, key))
+        return cls(request_id, address, key, sig, invite, register, advertise, relay, cnonce,
+                   vouch)
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"address": self.address, "verify_key": self.verify_key,
-                               "signature": self.signature, "register": self.register}
+                               "signature": self.signature, "cnonce": self.client_nonce,
+                               "register": self.register}
         if self.invite is not None:
             out["invite"] = self.invite
         if self.advertise is not None:
             out["advertise"] = self.advertise
         if self.relay:
             out["relay"] = True
+        if self.vouch is not None:
+            out["vouch"] = self.vouch
         return out
 
     @classmethod
@@ -122,7 +153,8 @@ class Authorization:
                    f.bytes("signature", size=SIGNATURE_LEN),
                    f.str("invite", max_len=INVITE_MAX_LEN, optional=True),
                    bool(f.bool("register", optional=True)), _advertise(f, "advertise", True),
-                   bool(f.bool("relay", optional=True)))
+                   bool(f.bool("relay", optional=True)), f.bytes("cnonce", size=NONCE_LEN),
+                   f.bytes("vouch", size=VOUCH_LEN, optional=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,15 +450,17 @@ class Challenge:
     nonce: bytes
     stun: int | None = None  # UDP port of the server's STUN service, if it runs one
     dht: int | None = None   # UDP port of its DHT bootstrap node, if it runs one
+    key: bytes = b""         # the domain key (PUBLIC_KEY_LEN bytes on the wire)
 
     def fields(self) -> dict[str, Any]:
-        return {"domain": self.domain, "nonce": self.nonce, **self.services()}
+        return {"domain": self.domain, "nonce": self.nonce, "key": self.key, **self.services()}
 
     @classmethod
     def decode(cls, f: Fields) -> Challenge:
         return cls(f.str("domain", max_len=253, min_len=1), f.bytes("nonce", size=NONCE_LEN),
                    f.int("stun", lo=1, hi=65535, optional=True),
-                   f.int("dht", lo=1, hi=65535, optional=True))
+                   f.int("dht", lo=1, hi=65535, optional=True),
+                   f.bytes("key", size=PUBLIC_KEY_LEN))
 
     def services(self) -> dict[str, int]:
         """The UDP ports announced here, by service name ("stun", "dht"); absent if not run."""

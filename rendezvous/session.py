@@ -7,8 +7,11 @@ bytes to send; it never touches a socket or a clock. It owns:
 - framing (length checked before buffering; a bad prefix is fatal: error frame + close),
 - decoding into typed requests (a bad request gets a 400 reply with its id, if readable),
 - the session state machine: nothing but AUTHORIZATION (and QUIT) before authentication,
-- the challenge-response check (signature over domain, this connection's nonce, address,
-  key; the nonce is replaced after every attempt, so a signature can't be replayed),
+- the challenge-response check (signature over domain, this connection's nonce, the
+  client's nonce, the channel binding, address, key; the nonce is replaced after every
+  attempt, so a signature can't be replayed), and the server's half: the domain key signs
+  (domain, nonce, client nonce, binding, device key) into every reply to an
+  AUTHORIZATION, accepted or refused,
 - per-connection rate limits and the envelope / pipe payload size limits,
 - relay connections (AUTHORIZATION with `relay`): they may send exactly one RELAY or
   RELAY-ACCEPT within `auth_timeout` of connecting, nothing else, and once the server has
@@ -31,11 +34,13 @@ from typing import Any
 from crypto.address import domain_of
 from crypto.errors import VerificationError
 from crypto.identity import peer_id_of, verify
+from rendezvous.domainkey import DomainKey
 from rendezvous.errors import LocalProtocolError, RemoteProtocolError
 from rendezvous.framing import FrameDecoder, encode_frame
 from rendezvous.limits import Limits, TokenBucket
 from rendezvous.messages import (
     AUTH_CONTEXT,
+    SERVER_AUTH_CONTEXT,
     Authorization,
     Challenge,
     Deliver,
@@ -52,6 +57,7 @@ from rendezvous.messages import (
     auth_payload,
     decode_request,
     encode_server_message,
+    server_payload,
 )
 from rendezvous.records import Envelope
 from rendezvous.status import Status
@@ -103,15 +109,23 @@ Event = AuthRequested | RequestReceived | Closing
 class ServerConnection:
     """Protocol state of one client connection on the server."""
 
-    __slots__ = ("_auth_attempts", "_auth_deadline", "_decoder", "_events", "_new_nonce",
-                 "_out", "_partial_since", "_pipe_bytes", "_relay_asked", "_requests",
-                 "_services", "address", "bad_input", "close_reason", "domain", "in_flight",
-                 "limits", "nonce", "peer_id", "relay", "state", "verify_key")
+    __slots__ = ("_attempt", "_auth_attempts", "_auth_deadline", "_decoder", "_events",
+                 "_new_nonce", "_out", "_partial_since", "_pipe_bytes", "_relay_asked",
+                 "_requests", "_services", "address", "bad_input", "binding", "close_reason",
+                 "domain", "domain_key", "in_flight", "limits", "nonce", "peer_id", "relay",
+                 "state", "verify_key")
 
     def __init__(self, domain: str, limits: Limits, now: float,
                  new_nonce: Callable[[], bytes],
-                 services: Mapping[str, int] | None = None) -> None:
+                 services: Mapping[str, int] | None = None, *,
+                 domain_key: DomainKey | None = None, binding: bytes = b"") -> None:
+        """`binding`: SHA-256 of the server's TLS certificate, b"" on plaintext;
+        `domain_key`: signs the server's half (a throwaway key when None: tests)."""
         self.domain = domain
+        self.domain_key = domain_key or DomainKey.generate()
+        self.binding = binding
+        # (server nonce, client nonce, device key) of the AUTHORIZATION being answered
+        self._attempt: tuple[bytes, bytes, bytes] | None = None
         self._services = dict(services or {})
         self.relay = False          # authorized as a relay connection
         self._relay_asked = False   # its one RELAY / RELAY-ACCEPT has arrived
@@ -267,6 +281,9 @@ class ServerConnection:
         nonce = self.nonce
         self._auth_attempts += 1
         self._to(SessionState.AUTHENTICATING)
+        # The server signs its answer, refusal included: a client behind a proxy that
+        # terminates TLS then learns that its channel is not the server's.
+        self._attempt = (nonce, req.client_nonce, req.verify_key)
         try:
             if domain_of(req.address) != self.domain:
                 raise RemoteProtocolError(
@@ -274,12 +291,14 @@ class ServerConnection:
                     Status.FORBIDDEN)
             try:
                 verify(req.verify_key, AUTH_CONTEXT,
-                       auth_payload(self.domain, nonce, req.address, req.verify_key),
+                       auth_payload(self.domain, nonce, req.client_nonce, self.binding,
+                                    req.address, req.verify_key),
                        req.signature)
             except VerificationError:
                 raise RemoteProtocolError(
-                    "bad signature: it does not sign this connection's challenge "
-                    "with that key (stale or replayed?)", Status.UNAUTHORIZED) from None
+                    "bad signature: it does not sign this connection's challenge and TLS "
+                    "channel with that key (stale, replayed, or a proxy terminating TLS "
+                    "in between?)", Status.UNAUTHORIZED) from None
         except RemoteProtocolError as exc:
             self.bad_input += 1
             self.reject_auth(req.id, exc.status, exc.text)
@@ -302,13 +321,14 @@ class ServerConnection:
         self.address = address
         self.verify_key = verify_key
         self.peer_id = peer_id_of(verify_key)
-        self._send(Reply(request_id, Status.OK, "authenticated", body or {}))
+        self._send(Reply(request_id, Status.OK, "authenticated",
+                         self._server_signed(body or {})))
 
     def reject_auth(self, request_id: int, status: Status, text: str) -> None:
         """Refuse an AUTHORIZATION; after `auth_attempts` failures the connection closes."""
         if self.state is SessionState.CLOSED:
             return
-        self._send(Reply(request_id, status, text))
+        self._send(Reply(request_id, status, text, self._server_signed({})))
         if self._auth_attempts >= self.limits.auth_attempts:
             self.close("too many failed authorizations")
             return
@@ -341,11 +361,21 @@ class ServerConnection:
             raise LocalProtocolError("pushes go only to authenticated sessions")
         self._send(msg)
 
+    def _server_signed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`body` plus the domain key's `server_sig` over this AUTHORIZATION."""
+        attempt, self._attempt = self._attempt, None
+        if attempt is None:
+            return body
+        nonce, client_nonce, verify_key = attempt
+        sig = self.domain_key.sign(SERVER_AUTH_CONTEXT, server_payload(
+            self.domain, nonce, client_nonce, self.binding, verify_key))
+        return {**body, "server_sig": sig}
+
     def _challenge(self) -> None:
         # A fresh nonce per attempt: a signature over an old one never verifies again.
         self.nonce = self._new_nonce()
         self._send(Challenge(self.domain, self.nonce, self._services.get("stun"),
-                             self._services.get("dht")))
+                             self._services.get("dht"), self.domain_key.public))
 
     def _send(self, msg: ServerMessage) -> None:
         self._out.append(encode_frame(encode_server_message(msg), 1 << 31))

@@ -14,6 +14,7 @@ import pytest
 
 from crypto.identity import DeviceIdentity
 from rendezvous.client_core import ClientConnection
+from rendezvous.domainkey import load_or_create
 from rendezvous.limits import Limits
 from rendezvous.messages import Challenge, Reply, Request, ServerMessage, encode_request
 from rendezvous.server import RendezvousServer
@@ -31,8 +32,10 @@ def ident(n: int) -> DeviceIdentity:
 async def running_server(data: Path, *, open_registration: bool = True,
                          limits: Limits | None = None, port: int = 0,
                          ) -> AsyncIterator[RendezvousServer]:
+    # The domain key lives in the data folder, as `serve` keeps it: a restart keeps it.
     server = RendezvousServer(DOMAIN, SqliteStore(data / "rv.sqlite3"),
-                              open_registration=open_registration, limits=limits)
+                              open_registration=open_registration, limits=limits,
+                              domain_key=load_or_create(data))
     await server.start("127.0.0.1", port)
     try:
         yield server

@@ -122,7 +122,7 @@ async def bad_signature(server: RendezvousServer) -> None:
         raise AssertionError("no challenge")
     good = Authorization.signed(1, MALLORY, DOMAIN, s.challenge.nonce, "mallory@example.net")
     forged = Authorization(1, "mallory@example.net", MALLORY.public.verify_key,
-                           bytes(64), None, False, None)
+                           bytes(64), None, False, None, client_nonce=bytes(32))
     await s.frame(encode_request(forged))
     r = await s.reply()
     assert r.status == Status.UNAUTHORIZED and "bad signature" in r.text

@@ -82,22 +82,25 @@ async def stats_when(data: Path, key: str, at_least: int) -> dict[str, object]:
 async def relay_bytes(port: int, n: int) -> None:
     """Alice sends n bytes to Bob over the relay; Bob reads them all."""
     async with RendezvousClient("127.0.0.1", port, BOB, "bob@example.net",
-                                register=True) as bob, \
-            RendezvousClient("127.0.0.1", port, ALICE, "alice@example.net", register=True):
+                                register=True, tls=True) as bob, \
+            RendezvousClient("127.0.0.1", port, ALICE, "alice@example.net", register=True,
+                             tls=True):
         dial = asyncio.create_task(relay_dial("127.0.0.1", port, ALICE, "alice@example.net",
-                                              "bob@example.net", BOB.peer_id, timeout=20))
+                                              "bob@example.net", BOB.peer_id, timeout=20,
+                                              tls=True))
         invite = None
         async for push in bob.pushes():
             if isinstance(push, RelayInvite):
                 invite = push
                 break
         assert invite is not None
-        b = await relay_accept("127.0.0.1", port, BOB, "bob@example.net", invite)
+        b = await relay_accept("127.0.0.1", port, BOB, "bob@example.net", invite, tls=True)
         a = await dial
         await a.send_all(b"x" * n)
-        await a.send_eof()
+        # TLS has no half-close in asyncio (write_eof is not supported), so read n bytes
+        # rather than to the end.
         got = 0
-        while chunk := await b.receive_some():
+        while got < n and (chunk := await b.receive_some()):
             got += len(chunk)
         assert got == n
         await a.aclose()
@@ -115,7 +118,7 @@ async def test_serve_runs_stun_and_dht_and_reports_relay_counters(tmp_path: Path
 
         # Nodes learn both ports from the CHALLENGE.
         async with RendezvousClient("127.0.0.1", port, ALICE, "alice@example.net",
-                                    register=True) as a:
+                                    register=True, tls=True) as a:
             assert a.server_info == {"stun": stun_port, "dht": dht_port}
 
         # STUN answers with the address it sees; the DHT node answers a bootstrap.
@@ -151,7 +154,7 @@ async def test_serve_without_services_announces_none(tmp_path: Path) -> None:
         _, port = _hostport((await asyncio.wait_for(proc.stdout.readline(), 30)).decode(),
                             "listening ")
         async with RendezvousClient("127.0.0.1", port, ALICE, "alice@example.net",
-                                    register=True) as a:
+                                    register=True, tls=True) as a:
             assert a.server_info == {}
         assert not (data / "server-identity.json").exists()
         doc = await stats(data)

@@ -133,7 +133,7 @@ def test_requests_round_trip(req: object) -> None:
 
 
 @pytest.mark.parametrize("msg", [
-    Challenge("example.net", b"n" * 32),
+    Challenge("example.net", b"n" * 32, 3478, None, bytes(range(32))),
     Reply(3, 404, "no such address: x@example.net", {"k": [1, 2]}),
     Deliver(Envelope(MID, "a@example.net", "b@example.net", PEER, 1, b"sealed", 1.5)),
     PipeMessage("a@example.net", PEER, b"answer"),

@@ -65,7 +65,7 @@ async def cli(*args: str) -> str:
 
 def rc(port: int, who: object, address: str, **kw: object) -> RendezvousClient:
     return RendezvousClient("127.0.0.1", port, who, address, request_timeout=10.0,  # type: ignore
-                            **kw)  # type: ignore[arg-type]
+                            tls=True, **kw)  # type: ignore[arg-type]
 
 
 async def test_kill_9_loses_and_repeats_nothing(tmp_path: Path) -> None:
