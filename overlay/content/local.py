@@ -52,8 +52,8 @@ class LocalContent:
 
     def _check_unchanged(self, st: os.stat_result) -> None:
         # Chunks of an edited file would fail every receiver's check and get us banned;
-        # refuse instead. Size and mtime, as rsync and make judge it: re-hashing each chunk
-        # would cost a fifth of the sealing work.
+        # refuse instead. Size and mtime, as rsync and make judge it, catch most edits before
+        # any read; the leaf check in read_sealed catches the rest.
         if st.st_size != self.size or st.st_mtime_ns != self.mtime_ns:
             raise ContentStoreError(f"{self.path} changed since it was added")
 
