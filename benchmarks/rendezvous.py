@@ -1,7 +1,9 @@
 """Rendezvous server under load: `python -m benchmarks rendezvous [--quick]`.
 
 The server runs as its own process (`python -m rendezvous serve`, uvloop, SQLite with
-`synchronous=FULL`, default limits); this process drives the clients (also on uvloop).
+`synchronous=FULL`, default limits, TLS 1.3 on its self-signed certificate as in service;
+`--plaintext` turns TLS off on both ends for comparison); this process drives the clients
+(also on uvloop).
 
 1. Idle sessions: open N authenticated connections (each a registered device) and read
    the server's RSS before and after: KiB per idle connection. They stay open while the
@@ -51,6 +53,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=32, help="SENDs in flight per sender")
     p.add_argument("--rate", type=float, default=1000.0, help="offered load, msg/s")
     p.add_argument("--seconds", type=float, help="latency phase length (default 10)")
+    p.add_argument("--plaintext", action="store_true",
+                   help="no TLS between clients and server (for comparison)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     a.idle = a.idle or (1000 if a.quick else 10_000)
@@ -111,7 +115,8 @@ class Driver:
         self.n += 1
         ident = DeviceIdentity.from_seed(self.n.to_bytes(32, "big"))
         return RendezvousClient("127.0.0.1", self.port, ident, f"{name}@{DOMAIN}",
-                                register=True, request_timeout=60.0, **kw)
+                                register=True, request_timeout=60.0,
+                                tls=not self.args.plaintext, **kw)
 
     async def open_many(self, prefix: str, count: int, **kw: Any) -> list[RendezvousClient]:
         clients = [self.client(f"{prefix}{i}", **kw) for i in range(count)]
@@ -246,7 +251,7 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "rendezvous", "serve", "--domain", DOMAIN, "--listen",
             "127.0.0.1:0", "--data", str(data), "--open-registration", "--log-level", "warning",
-            stdout=asyncio.subprocess.PIPE)
+            *(["--plaintext"] if args.plaintext else []), stdout=asyncio.subprocess.PIPE)
         try:
             if proc.stdout is None:
                 raise RuntimeError("no stdout")
@@ -347,6 +352,7 @@ def main(argv: list[str]) -> int:
             "receivers": args.receivers, "window": args.window, "blob_bytes": BLOB,
             "offered_rate": args.rate, "latency_seconds": args.seconds, "quick": args.quick,
             "server": "python -m rendezvous serve (uvloop, SQLite WAL synchronous=FULL)",
+            "tls": "off" if args.plaintext else "TLS 1.3, self-signed ECDSA P-256",
             "cpus": os.cpu_count(),
             # Other work on the machine skews msg/s and latency; CPU per message less so.
             "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]}

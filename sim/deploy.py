@@ -7,6 +7,9 @@
     await alice.node.send(path, ["bob@example.net"], "title", "")
     await alice.stop()
 
+The server listens in plaintext (the simulated network has no TLS); nodes still pin its
+domain key, which signs each handshake.
+
 Nothing here stands in for project code: `RendezvousServer` is the one `peerpost-rendezvous
 serve` runs (its store is `SqliteStore(":memory:", inline=True)`: same SQL, no writer
 thread, see rendezvous.sqlite_store), and `Node` is the daemon `peerpost node` runs, with
@@ -62,6 +65,7 @@ async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
     """
     from crypto.identity import DeviceIdentity
     from overlay.dht import DhtNode
+    from rendezvous.domainkey import DomainKey
     from rendezvous.limits import Limits
     from rendezvous.server import RendezvousServer
     from rendezvous.sqlite_store import SqliteStore
@@ -69,7 +73,9 @@ async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
     server = RendezvousServer(domain, SqliteStore(":memory:", inline=True),
                               open_registration=True, limits=limits or Limits(),
                               clock=virtual_wall(sim),
-                              new_nonce=_nonces(sim, f"nonce/{host.name}"))
+                              new_nonce=_nonces(sim, f"nonce/{host.name}"),
+                              domain_key=DomainKey.from_seed(
+                                  sim.rng_for(f"domain-key/{host.name}").randbytes(32)))
     _, bound = await host.create_task(server.start("0.0.0.0", port))
     if dht_port is not None:
         identity = DeviceIdentity.from_seed(sim.rng_for(f"dht-id/{host.name}").randbytes(32))
@@ -112,14 +118,17 @@ class SimNode:
         from crypto.identity import DeviceIdentity
         from overlay.app.home import NodeConfig, NodeHome
         from overlay.app.setup import register
+        from rendezvous.domainkey import encode_key
 
         seed = self.sim.rng_for(f"identity/{self.address}").randbytes(32)
         identity = DeviceIdentity.from_seed(seed)
         host, port = self.server
-        await self.host.create_task(register(host, port, identity, self.address, None))
+        key = await self.host.create_task(register(host, port, identity, self.address, None,
+                                                   tls=False))
         NodeHome(self.root).create(
             NodeConfig(address=self.address, server=f"{host}:{port}",
-                       listen=f"{self.host.address}:0"), identity)
+                       listen=f"{self.host.address}:0", server_key=encode_key(key),
+                       plaintext=True), identity)
 
     async def start(self) -> Node:
         """`peerpost node`: run the daemon as this host until stop()."""

@@ -2,7 +2,8 @@
 
 Layout (all owner-only):
     identity.json   device keys (crypto.identity, mode 0600)
-    config.json     address, rendezvous server, listen address, options (versioned JSON)
+    config.json     address, rendezvous server and its pinned key, listen address, options
+                    (versioned JSON)
     node.db         inbox, outbox, preferences, contacts (overlay.mail.db)
     store/          content store metadata and partial downloads (overlay.content.catalog)
     received/       finished downloads
@@ -20,6 +21,7 @@ from pathlib import Path
 from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
+from rendezvous.domainkey import decode_key
 
 CONFIG_VERSION = 1
 
@@ -37,6 +39,14 @@ class NodeConfig:
     download_dir: str = ""  # default: <home>/received
     version: int = CONFIG_VERSION
     options: dict[str, object] = field(default_factory=dict)
+    # The server's domain key (base64), pinned at `init`; "" in a config written before
+    # keys were pinned: the next start pins the key the server shows, and logs it.
+    server_key: str = ""
+    plaintext: bool = False  # no TLS to the server: the simulator only
+
+    def pinned_key(self) -> bytes | None:
+        """The pinned server key, or None if none is pinned yet."""
+        return decode_key(self.server_key, "server_key") if self.server_key else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -57,9 +67,12 @@ class NodeConfig:
                 listen_port=int(obj.get("listen_port", 0)),
                 download_dir=str(obj.get("download_dir", "")),
                 options=dict(obj.get("options", {})),
+                server_key=str(obj.get("server_key", "")),
+                plaintext=obj.get("plaintext", False) is True,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DecodeError(f"config.json: bad or missing field: {exc}") from None
+        cfg.pinned_key()  # a key that is there must be a key
         parse_hostport(cfg.server, what="server")
         parse_hostport(cfg.listen, what="listen")
         return cfg

@@ -123,8 +123,11 @@ class LocalNetwork:
     """A rendezvous server plus nodes under one folder, torn down on exit."""
 
     def __init__(self, root: Path, *, domain: str = "example.net",
-                 server_args: list[str] | None = None) -> None:
+                 server_args: list[str] | None = None, tls: bool = True) -> None:
+        """`tls`: the server listens with TLS 1.3 (its self-signed certificate) as in
+        service, and nodes pin its domain key at `init`; False adds `--plaintext`."""
         self.root = Path(root)
+        self.tls = tls
         self.root.mkdir(parents=True, exist_ok=True)
         self.domain = domain
         # A full deployment: the DHT bootstrap node and STUN beside the mailbox.
@@ -159,7 +162,7 @@ class LocalNetwork:
             listen = f"{self.server_addr[0]}:{self.server_addr[1]}"
         argv = [_script("peerpost-rendezvous"), "serve", "--domain", self.domain,
                 "--listen", listen, "--data", str(self.data_dir), "--open-registration",
-                *self.server_args]
+                *([] if self.tls else ["--plaintext"]), *self.server_args]
         self.server = self._spawn("server", argv)
         m = self.server.lines.wait_for(_LISTENING, timeout, "peerpost-rendezvous serve")
         self.server_addr = (m.group(1), int(m.group(2)))

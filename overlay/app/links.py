@@ -37,6 +37,7 @@ class PeerLinks:
         self.identity = identity
         self.address = address
         self.server = server
+        self.rendezvous = rendezvous  # relay connections use its TLS and pinned server key
         self.transfer = transfer
         stun = rendezvous.server_info.get("stun")  # from the server's CHALLENGE
         self.settings = WebRtcSettings(stun=[(server[0], int(stun))]
@@ -64,7 +65,8 @@ class PeerLinks:
     async def _dial_relay(self, holder: Holder) -> Stream:
         host, port = self.server
         return await relay_dial(host, port, self.identity, self.address,
-                                holder.address or "", holder.peer_id)
+                                holder.address or "", holder.peer_id,
+                                tls=self.rendezvous.tls, server_key=self.rendezvous.server_key)
 
     def feed(self, message: PipeMessage) -> bool:
         """A PIPE message for WebRTC signalling; False if it is not signalling."""
@@ -77,7 +79,9 @@ class PeerLinks:
     async def _serve_relayed(self, invite: RelayInvite) -> None:
         host, port = self.server
         try:
-            stream = await relay_accept(host, port, self.identity, self.address, invite)
+            stream = await relay_accept(host, port, self.identity, self.address, invite,
+                                        tls=self.rendezvous.tls,
+                                        server_key=self.rendezvous.server_key)
         except StreamError as exc:
             log.info("relay from %s not joined: %s", invite.sender, exc)
             return

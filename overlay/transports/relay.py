@@ -11,7 +11,10 @@ blocked), two devices of one server meet at it:
         if is_relay_invite(push):
             stream = await relay_accept(host, port, identity, "bob@example.net", push)
 
-Each side opens its own TCP connection to the server, authorizes it as a relay connection
+Each side opens its own connection to the server (TLS 1.3 when `tls`, as the node's
+control session does; `server_key` is the domain key pinned for the server, which must
+sign the reply to the relay connection's AUTHORIZATION or the setup fails with a
+`RelayError` that says so), authorizes it as a relay connection
 and sends RELAY or RELAY-ACCEPT (`rendezvous.client_core.RelayHandshake`); after the
 server's "spliced" reply the connection carries the peer's bytes, and the protocol object
 is swapped for the one `TcpStream` uses (`transport.set_protocol`), so a `RelayStream` is a
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from typing import cast
 
 from crypto.identity import DeviceIdentity
@@ -33,6 +37,7 @@ from overlay.transports.tcp import StreamProtocol, TcpStream
 from rendezvous.client_core import RelayHandshake
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.messages import RELAY_SESSION_LEN, Relay, RelayAccept, RelayInvite
+from rendezvous.tls import client_context, peer_binding
 
 DEFAULT_TIMEOUT = 40.0  # the server gives the callee 30 s to accept
 
@@ -74,6 +79,7 @@ class _Handshake(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self.core.set_binding(peer_binding(transport))  # TLS is up (b"" if plaintext)
 
     def data_received(self, data: bytes) -> None:
         t = self.transport
@@ -112,14 +118,18 @@ class _Handshake(asyncio.Protocol):
             self.transport.abort()
 
 
-async def _open(host: str, port: int, core: RelayHandshake,
-                timeout: float) -> StreamProtocol:  # noqa: ASYNC109 (setup deadline)
+async def _open(host: str, port: int, core: RelayHandshake, timeout: float,  # noqa: ASYNC109
+                tls: bool) -> StreamProtocol:
     loop = asyncio.get_running_loop()
     hs = _Handshake(core, loop)
     try:
         async with asyncio.timeout(timeout):
             try:
-                await loop.create_connection(lambda: hs, host, port)
+                await loop.create_connection(lambda: hs, host, port,
+                                             ssl=client_context() if tls else None)
+            except ssl.SSLError as exc:
+                raise RelayError(0, f"TLS 1.3 handshake with {host}:{port} failed: "
+                                    f"{exc}") from None
             except OSError as exc:
                 raise RelayError(0, f"cannot connect to {host}:{port}: {exc}") from None
             return await hs.done
@@ -132,8 +142,8 @@ async def _open(host: str, port: int, core: RelayHandshake,
 
 
 async def relay_dial(host: str, port: int, identity: DeviceIdentity, address: str,
-                     to: str, device: bytes, *,
-                     timeout: float = DEFAULT_TIMEOUT) -> RelayStream:  # noqa: ASYNC109
+                     to: str, device: bytes, *, timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109
+                     tls: bool = False, server_key: bytes | None = None) -> RelayStream:
     """Open a stream to device `device` of `to`, relayed by the server at host:port.
 
     `address` is this device's own address on that server. Waits until the callee accepts
@@ -141,17 +151,19 @@ async def relay_dial(host: str, port: int, identity: DeviceIdentity, address: st
     reason: not online, unknown device, relay caps, or no acceptance in time.
     """
     session = os.urandom(RELAY_SESSION_LEN)
-    core = RelayHandshake(identity, address, lambda rid: Relay(rid, to, device, session))
-    proto = await _open(host, port, core, timeout)
+    core = RelayHandshake(identity, address, lambda rid: Relay(rid, to, device, session),
+                          server_key=server_key)
+    proto = await _open(host, port, core, timeout, tls)
     return RelayStream(proto, session, to, device)
 
 
 async def relay_accept(host: str, port: int, identity: DeviceIdentity, address: str,
-                       invite: RelayInvite, *,
-                       timeout: float = 10.0) -> RelayStream:  # noqa: ASYNC109
+                       invite: RelayInvite, *, timeout: float = 10.0,  # noqa: ASYNC109
+                       tls: bool = False, server_key: bytes | None = None) -> RelayStream:
     """Join the relayed stream `invite` (a push from our control session) offers."""
-    core = RelayHandshake(identity, address, lambda rid: RelayAccept(rid, invite.session))
-    proto = await _open(host, port, core, timeout)
+    core = RelayHandshake(identity, address, lambda rid: RelayAccept(rid, invite.session),
+                          server_key=server_key)
+    proto = await _open(host, port, core, timeout, tls)
     return RelayStream(proto, invite.session, invite.sender, invite.sender_device)
 
 
