@@ -302,3 +302,29 @@ async def test_keys_only_finger_costs_one_store_lookup_either_way(tmp_path: Path
         assert (await store.finger("bob@example.net", "carol@example.net")).exchanged
     finally:
         await store.aclose()
+
+
+async def test_co_recipients_of_a_message_sent_in_several_sends_have_exchanged_mail(
+        tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "rv.sqlite3")
+    await store.open()
+    try:
+        people = ((ALICE, "alice@example.net"), (BOB, "bob@example.net"),
+                  (CAROL, "carol@example.net"), (DAVE, "dave@example.net"))
+        for who, addr in people:
+            await store.authenticate(addr, who.public.verify_key, register=True, invite=None,
+                                     advertise=None, now=1.0, policy=_OPEN, page=1)
+        m = mid()  # one message, its recipients split over two SENDs as a node batches them
+        for batch in (people[1:3], people[3:]):
+            send = Send(1, m, 0, tuple(SendItem(a, w.peer_id, b"x") for w, a in batch))
+            assert (await store.enqueue("alice@example.net", send, 2.0, 100.0,
+                                        Quota(10, 100))).status == Status.OK
+        for asker, whom in (("dave@example.net", "bob@example.net"),
+                            ("carol@example.net", "dave@example.net"),
+                            ("bob@example.net", "alice@example.net")):
+            assert (await store.finger(asker, whom)).exchanged, (asker, whom)
+        other = Send(1, mid(), 0, (SendItem("bob@example.net", BOB.peer_id, b"x"),))
+        await store.enqueue("carol@example.net", other, 3.0, 100.0, Quota(10, 100))
+        assert (await store.finger("bob@example.net", "carol@example.net")).exchanged
+    finally:
+        await store.aclose()
