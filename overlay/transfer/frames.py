@@ -14,13 +14,22 @@ from typing import Any, ClassVar
 
 from crypto.capability import PROOF_LEN
 from crypto.codec import Fields, item_bytes, packb, unpackb
-from crypto.content import HASH_LEN, MAX_CHUNK_SIZE, MAX_CONTENT_SIZE, MIN_CHUNK_SIZE, TAG_LEN
+from crypto.content import (
+    HASH_LEN,
+    MAX_CHUNK_SIZE,
+    MAX_CONTENT_SIZE,
+    MIN_CHUNK_SIZE,
+    TAG_LEN,
+)
+from crypto.content import (
+    MAX_CHUNKS as MAX_CHUNKS,  # re-exported: the wire bound is the layout bound
+)
 from crypto.errors import DecodeError
 
 MAX_HEADER = 256 << 10  # plaintext control header: a hash page or a have-bitmap fits
 MAX_HASH_PAGE = 4096  # leaves per HASHES reply (128 KiB of hashes)
-MAX_HAVE_BYTES = 128 << 10  # partial holders with more than a million chunks say "busy"
-MAX_CHUNKS = MAX_CONTENT_SIZE // MIN_CHUNK_SIZE
+MAX_HAVE_BYTES = MAX_CHUNKS // 8  # the have-bitmap of the largest layout (128 KiB)
+MAX_INDEX = MAX_CHUNKS - 1  # no content has more chunks than crypto.content allows
 MAX_PAYLOAD = MAX_CHUNK_SIZE + TAG_LEN
 MAX_TEXT = 400
 MAX_HAVE_ITEMS = 8192  # chunk indexes per HAVE frame (at most 5 bytes each in msgpack)
@@ -45,7 +54,7 @@ def _cid(f: Fields) -> bytes:
 
 
 def _index(f: Fields, key: str = "i") -> int:
-    i: int = f.int(key, lo=0, hi=MAX_CHUNKS)
+    i: int = f.int(key, lo=0, hi=MAX_INDEX)
     return i
 
 
@@ -183,12 +192,12 @@ class Error:
     def from_wire(cls, f: Fields) -> Error:
         return cls(f.int("e", lo=100, hi=999), f.str("x", max_len=MAX_TEXT),
                    f.bytes("c", size=HASH_LEN, optional=True),
-                   f.int("i", lo=0, hi=MAX_CHUNKS, optional=True))
+                   f.int("i", lo=0, hi=MAX_INDEX, optional=True))
 
 
 def _item_index(v: Any, what: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_CHUNKS:
-        raise DecodeError(f"{what}: expected a chunk index 0..{MAX_CHUNKS}")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_INDEX:
+        raise DecodeError(f"{what}: expected a chunk index 0..{MAX_INDEX}")
     return v
 
 
