@@ -79,11 +79,17 @@ class PartialContent:
         if len(have) < nbytes:
             have.extend(bytes(nbytes - len(have)))
             os.pwrite(self._have_fd, bytes(have), 0)
+        if self.count & 7:
+            have[-1] &= (1 << (self.count & 7)) - 1  # no chunks past the last one
         self._have = have
-        self._held = sum(bin(b).count("1") for b in have)
-        # Chunks in the order they became held (those found at open first): serving
-        # sessions keep a cursor into it and send HAVE for what follows. At most `count`.
-        self._log = [i for i in range(self.count) if bit(have, i)]
+        self._held = int.from_bytes(have, "little").bit_count()
+        # Chunks in the order they became held, those found at open first (in index order):
+        # serving sessions keep a cursor into it and send HAVE for what follows. Only the
+        # chunks held since the open are listed (at most `count`); the ones found at open
+        # are listed only if a cursor ever points among them, so opening a content of 2^20
+        # chunks costs its 128 KiB bitmap, not a list of every held index.
+        self._held_at_open = self._held
+        self._log: list[int] = []
         self._watchers: list[Callable[[], None]] = []
         # Plaintext buffers reused across write_chunk calls (one per writer thread at most):
         # a fresh megabyte per chunk costs page faults and zeroing on every chunk. Anonymous
@@ -142,19 +148,30 @@ class PartialContent:
         return self.have(index)
 
     def missing(self) -> list[int]:
-        """Chunk indexes not yet held, in order."""
+        """Chunk indexes not yet held, in order: one int per missing chunk, so for tests
+        and small contents; a download schedules from `have_bitmap()`."""
         return [i for i in range(self.count) if not bit(self._have, i)]
+
+    @property
+    def missing_count(self) -> int:
+        return self.count - self._held
 
     def have_bitmap(self) -> bytes | None:
         return None if self.is_complete else bytes(self._have)
 
     def held_snapshot(self) -> tuple[bytes | None, int]:
         with self._lock:
-            return self.have_bitmap(), len(self._log)
+            return self.have_bitmap(), self._held
 
     def held_since(self, cursor: int) -> tuple[list[int], int]:
         with self._lock:
-            return self._log[cursor:], len(self._log)
+            start = self._held_at_open
+            if cursor >= start:
+                return self._log[cursor - start:], self._held
+            # A cursor among the chunks found at open: list them (rare; O(count)).
+            later = set(self._log)
+            opened = [i for i in range(self.count) if bit(self._have, i) and i not in later]
+            return opened[max(cursor, 0):] + self._log, self._held
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         with self._lock:

@@ -199,7 +199,10 @@ class Downloader:
         self._on_event = on_event
         self._runs: dict[str, _SourceRun] = {s.label: _SourceRun(s, SourceStats(s.label))
                                              for s in sources}
-        self.scheduler = ChunkScheduler(partial.missing(), count=partial.count, rng=rng)
+        # From the have-bitmap: one byte of state per chunk, not an int per missing chunk.
+        held = partial.have_bitmap()
+        self.scheduler = (ChunkScheduler(count=partial.count, held=held, rng=rng)
+                          if held is not None else ChunkScheduler(count=partial.count, rng=rng))
         self._filer: WorkQueue[_Arrival, bool] = WorkQueue(
             self._file, self._filed, workers=writers, name="filer")
         # Chunks between arrival and stored: a queue of writers + 1 before busy writers.

@@ -6,10 +6,11 @@ and written). A source's window bounds its requested chunks, which bounds outsta
 per source. A failed, stalled or banned source gives its requested chunks back to the pool.
 
 - Rarest first (BitTorrent's piece selection): a source is asked for the pool chunk that
-  the fewest connected partial holders have, ties broken by the injected `rng`. Full
-  holders have every chunk, so they count the same for every chunk and are left out of the
-  counts; chunks only full holders have come first, which is what keeps co-recipients
-  trading among themselves while the sender hands out what nobody else has yet.
+  the fewest connected partial holders have, ties broken by the injected `rng` (a random
+  starting point, then the next such chunk after it). Full holders have every chunk, so
+  they count the same for every chunk and are left out of the counts; chunks only full
+  holders have come first, which is what keeps co-recipients trading among themselves
+  while the sender hands out what nobody else has yet.
 - Partial holders are known by their OPENED bitmap plus HAVE updates (`add_have`).
 - Endgame: only once the pool is empty does a source that is about to run dry (fewer
   than `endgame_below` requests outstanding) get a duplicate request, for the oldest
@@ -19,16 +20,39 @@ per source. A failed, stalled or banned source gives its requested chunks back t
   first copy to arrive wins; `chunk_received` names the other sources so the caller sends
   them CANCEL. A copy arriving after that is *late* (dropped), not *unasked* (a ban): every
   source remembers each chunk it was ever asked for.
+
+State is one byte per chunk plus bitmaps, never an object per chunk, so a content of
+2^20 chunks costs about 1 MiB here before any source is contacted (per-chunk sets and
+buckets cost 150 MiB and 0.5 s for it). `_state[i]` is 0 when chunk i is not in the pool,
+else 1 + the number of connected partial holders that have it: the pool, its rarity
+buckets and their membership in one bytearray, searched with `bytearray.find` (memchr).
+Only chunks in flight (requested or verifying, bounded by the windows) are in dicts and
+sets. Per source: its have-bitmap (partial holders), the bitmap of chunks ever asked of it,
+and the bitmap of chunks it said it lacks (made on the first such refusal). Adding or
+removing a partial holder shifts the availability of every pool chunk it has with whole-
+bytearray integer arithmetic, not a Python loop per chunk.
 """
 
 from __future__ import annotations
 
+import functools
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 MAX_REQUESTERS = 2  # the endgame asks at most two sources for one chunk
+# Partial holders counted in the availability (a chunk's state byte is 1 + its count). One
+# connected beyond that is still asked for chunks, but its chunks look no less rare.
+MAX_COUNTED = 254
+# Chunks of the rarest level a source cannot give that a pick steps over before it
+# intersects that level with what the source can give in one pass (O(chunks / word), not a
+# Python step per chunk): a partial holder asking among chunks held by another one.
+SCAN_LIMIT = 64
+
+_SPREAD = tuple(bytes((b >> k) & 1 for k in range(8)) for b in range(256))
+_NONZERO = bytes([0] + [1] * 255)  # translate: in the pool -> 1, else 0
+_INVERT = bytes([1, 0] + [0] * 254)  # translate: a spread bitmap's 0 -> 1, 1 -> 0
 
 
 class Arrival(Enum):
@@ -37,45 +61,32 @@ class Arrival(Enum):
     UNASKED = auto()  # never asked of this source: it is misbehaving
 
 
-class _IndexedSet:
-    """A set of ints with O(1) add, discard and random pick (for the rarity buckets)."""
-
-    __slots__ = ("_items", "_pos")
-
-    def __init__(self) -> None:
-        self._items: list[int] = []
-        self._pos: dict[int, int] = {}
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def add(self, i: int) -> None:
-        if i not in self._pos:
-            self._pos[i] = len(self._items)
-            self._items.append(i)
-
-    def discard(self, i: int) -> None:
-        k = self._pos.pop(i, None)
-        if k is None:
-            return
-        last = self._items.pop()
-        if k < len(self._items):
-            self._items[k] = last
-            self._pos[last] = k
-
-    def scan(self, rng: random.Random) -> Iterator[int]:
-        """Every item once, from a random starting point."""
-        n = len(self._items)
-        if not n:
-            return
-        start = rng.randrange(n)
-        for j in range(n):
-            yield self._items[(start + j) % n]
-
-
 def _bit(bitmap: bytes | bytearray, i: int) -> bool:
     byte = i >> 3
     return byte < len(bitmap) and bool(bitmap[byte] & (1 << (i & 7)))
+
+
+def _spread(bitmap: bytes | bytearray, count: int) -> bytes:
+    """One byte per chunk, 1 where the bitmap (bit i = chunk i, LSB first) has it."""
+    return b"".join(map(_SPREAD.__getitem__, bitmap))[:count].ljust(count, b"\0")
+
+
+def _as_int(data: bytes | bytearray) -> int:
+    return int.from_bytes(data, "little")
+
+
+@functools.cache
+def _equals(v: int) -> bytes:
+    """translate: byte value v -> 1, every other -> 0."""
+    return bytes(1 if j == v else 0 for j in range(256))
+
+
+def _next_set_byte(mask: int, start: int) -> int:
+    """The first chunk at or after `start` (wrapping) whose byte in `mask` is nonzero."""
+    high = mask >> (8 * start)
+    if high:
+        return start + ((high & -high).bit_length() - 1) // 8
+    return ((mask & -mask).bit_length() - 1) // 8
 
 
 @dataclass(slots=True)
@@ -83,33 +94,54 @@ class _SourceState:
     window: int
     have: bytearray | None  # None: holds every chunk
     asked: bytearray  # every chunk ever requested from it, for telling late from unasked
+    counted: bool  # a partial holder in the availability counts
     requested: set[int] = field(default_factory=set)
-    lacks: set[int] = field(default_factory=set)
+    lacks: bytearray | None = None  # chunks it said it doesn't hold (a bitmap, made lazily)
+    give: int | None = None  # cache: one byte per chunk, 1 where it can give it (an int)
 
     def can_give(self, i: int) -> bool:
-        return (self.have is None or _bit(self.have, i)) and i not in self.lacks
+        return ((self.have is None or _bit(self.have, i))
+                and (self.lacks is None or not _bit(self.lacks, i)))
 
 
 class ChunkScheduler:
-    """Assigns missing chunks to sources and tracks each chunk until it is stored."""
+    """Assigns missing chunks to sources and tracks each chunk until it is stored.
 
-    def __init__(self, missing: Iterable[int], *, count: int | None = None,
-                 rng: random.Random | None = None, endgame_below: int = 2) -> None:
-        pool = sorted(set(missing))
-        self.count = count if count is not None else (pool[-1] + 1 if pool else 0)
-        if pool and (pool[0] < 0 or pool[-1] >= self.count):
-            raise ValueError("missing chunk index outside the content")
+    The missing chunks are `missing` (an iterable of indexes) or, for a content being
+    received, the zero bits of `held` (its have-bitmap) over `count` chunks."""
+
+    def __init__(self, missing: Iterable[int] = (), *, count: int | None = None,
+                 held: bytes | bytearray | None = None, rng: random.Random | None = None,
+                 endgame_below: int = 2) -> None:
+        if held is not None:
+            if count is None:
+                raise ValueError("a have-bitmap needs the chunk count")
+            nbytes = (count + 7) // 8
+            bits = bytes(held[:nbytes]).ljust(nbytes, b"\0")
+            if bits.count(0) == nbytes:
+                state = bytearray(b"\x01") * count  # nothing held: no spreading
+            else:
+                state = bytearray(_spread(bits, count).translate(_INVERT))
+        else:
+            pool = sorted(set(missing))
+            count = count if count is not None else (pool[-1] + 1 if pool else 0)
+            if pool and (pool[0] < 0 or pool[-1] >= count):
+                raise ValueError("missing chunk index outside the content")
+            state = bytearray(count)
+            for i in pool:
+                state[i] = 1
+        self.count = count
         self.rng = rng or random.Random()
         self.endgame_below = endgame_below
-        self._avail = [0] * self.count  # partial holders connected that have chunk i
-        self._buckets: dict[int, _IndexedSet] = {}  # pool chunks by availability
-        self._in_pool: set[int] = set()
-        for i in pool:
-            self._to_pool(i)
+        self._state = state
+        self._pool = state.count(1)
+        self._levels = [0] * 256  # pool chunks per state byte value
+        self._levels[1] = self._pool
+        self._counted = 0  # partial holders in the availability counts
         self._requesters: dict[int, list[str]] = {}  # insertion order: oldest first
         self._verifying: set[int] = set()
         self._sources: dict[str, _SourceState] = {}
-        self.remaining = len(pool)
+        self.remaining = self._pool
         self.duplicates = 0  # endgame duplicate requests made
         self.late = 0  # copies that arrived after another copy won
 
@@ -123,18 +155,26 @@ class ChunkScheduler:
             raise ValueError("window must be at least 1")
         nbytes = (self.count + 7) // 8
         bitmap = None
+        counted = False
         if have is not None:
             bitmap = bytearray(have[:nbytes].ljust(nbytes, b"\0"))
-            for i in range(self.count):
-                if _bit(bitmap, i):
-                    self._bump(i, +1)
-        self._sources[sid] = _SourceState(window, bitmap, bytearray(nbytes))
+            if self.count & 7:
+                bitmap[-1] &= (1 << (self.count & 7)) - 1  # no bits past the last chunk
+            counted = self._counted < MAX_COUNTED
+            if counted:
+                self._counted += 1
+                self._shift(bitmap, +1)
+        self._sources[sid] = _SourceState(window, bitmap, bytearray(nbytes), counted)
 
     def remove_source(self, sid: str) -> list[int]:
         """Forget a source; chunks requested from it alone go back to the pool (returned)."""
-        state = self._sources.pop(sid, None)
+        state = self._sources.get(sid)
         if state is None:
             return []
+        if state.counted and state.have is not None:
+            self._shift(state.have, -1)
+            self._counted -= 1
+        del self._sources[sid]
         back = []
         for i in sorted(state.requested):
             who = self._requesters.get(i, [])
@@ -144,10 +184,6 @@ class ChunkScheduler:
                 self._requesters.pop(i, None)
                 self._to_pool(i)
                 back.append(i)
-        if state.have is not None:
-            for i in range(self.count):
-                if _bit(state.have, i):
-                    self._bump(i, -1)
         return back
 
     def sources(self) -> list[str]:
@@ -167,37 +203,63 @@ class ChunkScheduler:
         for i in indexes:
             if 0 <= i < self.count and not _bit(state.have, i):
                 state.have[i >> 3] |= 1 << (i & 7)
-                self._bump(i, +1)
-                useful = useful or i in self._in_pool or i in self._requesters
+                state.give = None
+                v = self._state[i]
+                if v and state.counted:
+                    self._state[i] = v + 1
+                    self._levels[v] -= 1
+                    self._levels[v + 1] += 1
+                useful = useful or bool(v) or i in self._requesters
         return useful
 
     def availability(self, index: int) -> int:
-        """How many connected partial holders have chunk `index`."""
-        return self._avail[index]
+        """How many connected partial holders (of those counted) have chunk `index`."""
+        return sum(1 for s in self._sources.values()
+                   if s.counted and s.have is not None and _bit(s.have, index))
 
-    def _bump(self, i: int, delta: int) -> None:
-        if i in self._in_pool:
-            self._bucket_of(i).discard(i)
-            self._avail[i] += delta
-            self._bucket_of(i).add(i)
-        else:
-            self._avail[i] += delta
-
-    def _bucket_of(self, i: int) -> _IndexedSet:
-        a = self._avail[i]
-        bucket = self._buckets.get(a)
-        if bucket is None:
-            bucket = self._buckets[a] = _IndexedSet()
-        return bucket
+    def _shift(self, have: bytearray, delta: int) -> None:
+        """Every pool chunk in `have` is one partial holder more (+1) or fewer (-1) rare.
+        Byte-wise addition on the whole state as one integer: no byte carries, since a
+        state byte is at most 1 + MAX_COUNTED = 255 after +1 and at least 2 before -1."""
+        if not self._pool:
+            return
+        state = self._state
+        sel = _as_int(_spread(have, self.count)) & _as_int(state.translate(_NONZERO))
+        if not sel:
+            return
+        top = self._counted + 2  # state values in use are below this (before a -1)
+        whole = _as_int(state)
+        whole = whole + sel if delta > 0 else whole - sel
+        state[:] = whole.to_bytes(self.count, "little")
+        for v in range(1, top):
+            self._levels[v] = state.count(v)
 
     def _to_pool(self, i: int) -> None:
-        if i not in self._in_pool:
-            self._in_pool.add(i)
-            self._bucket_of(i).add(i)
+        if not self._state[i]:
+            v = 1 + self.availability(i)
+            self._state[i] = v
+            self._levels[v] += 1
+            self._pool += 1
 
     def _take(self, i: int) -> None:
-        self._in_pool.discard(i)
-        self._bucket_of(i).discard(i)
+        v = self._state[i]
+        if v:
+            self._state[i] = 0
+            self._levels[v] -= 1
+            self._pool -= 1
+
+    def _in_pool(self, i: int) -> bool:
+        return 0 <= i < self.count and bool(self._state[i])
+
+    def _give(self, state: _SourceState) -> int:
+        """One byte per chunk, 1 where `state` can give it, as an integer (cached)."""
+        if state.give is None:
+            g = (_as_int(_spread(state.have, self.count)) if state.have is not None
+                 else _as_int(b"\x01" * self.count))
+            if state.lacks is not None:
+                g ^= g & _as_int(_spread(state.lacks, self.count))
+            state.give = g
+        return state.give
 
     # --- decisions --------------------------------------------------------------------
     def next_request(self, sid: str) -> int | None:
@@ -206,7 +268,7 @@ class ChunkScheduler:
         state = self._sources.get(sid)
         if state is None or len(state.requested) >= state.window:
             return None
-        if self._in_pool:
+        if self._pool:
             pick = self._rarest(state)
         elif len(state.requested) < self.endgame_below:
             pick = self._duplicate(sid, state)
@@ -214,7 +276,7 @@ class ChunkScheduler:
             return None  # busy enough: duplicates are for sources about to go idle
         if pick is None:
             return None
-        if pick in self._in_pool:
+        if self._state[pick]:
             self._take(pick)
             self._requesters[pick] = [sid]
         else:
@@ -225,12 +287,39 @@ class ChunkScheduler:
         return pick
 
     def _rarest(self, state: _SourceState) -> int | None:
-        for avail in sorted(a for a, b in self._buckets.items() if len(b)):
-            if state.have is not None and avail == 0:
-                continue  # no partial holder has these, so neither has this one
-            for i in self._buckets[avail].scan(self.rng):
-                if state.can_give(i):
+        # A counted partial holder has none of the chunks no counted partial holder has.
+        seen = 0
+        for v in range(1, 256):
+            n = self._levels[v]
+            if not n:
+                continue
+            if v > 1 or not state.counted:
+                pick = self._pick_in_level(state, v, n)
+                if pick is not None:
+                    return pick
+            seen += n
+            if seen >= self._pool:
+                break
+        return None
+
+    def _pick_in_level(self, state: _SourceState, v: int, n: int) -> int | None:
+        """A chunk of level `v` (n chunks) that `state` can give: the first one after a
+        random starting point."""
+        start = self.rng.randrange(self.count)
+        everything = state.have is None and state.lacks is None
+        find, skipped = self._state.find, 0
+        for lo, hi in ((start, self.count), (0, start)):
+            pos = lo
+            while (i := find(v, pos, hi)) >= 0:
+                if everything or state.can_give(i):
                     return i
+                skipped += 1
+                if skipped >= n:
+                    return None
+                if skipped >= SCAN_LIMIT:
+                    mask = _as_int(self._state.translate(_equals(v))) & self._give(state)
+                    return _next_set_byte(mask, start) if mask else None
+                pos = i + 1
         return None
 
     def _duplicate(self, sid: str, state: _SourceState) -> int | None:
@@ -256,7 +345,8 @@ class ChunkScheduler:
                     other.requested.discard(index)
             self._verifying.add(index)
             return Arrival.ACCEPTED, others
-        if state is not None and asked and index in self._in_pool and state.can_give(index):
+        if (state is not None and asked and self._in_pool(index)
+                and state.can_give(index)):
             self._take(index)  # a late copy that is needed again after all (a bad copy lost)
             self._verifying.add(index)
             return Arrival.ACCEPTED, []
@@ -278,8 +368,11 @@ class ChunkScheduler:
         state = self._sources.get(sid)
         if state is not None:
             state.requested.discard(index)
-            if lacks:
-                state.lacks.add(index)
+            if lacks and 0 <= index < self.count:
+                if state.lacks is None:
+                    state.lacks = bytearray((self.count + 7) // 8)
+                state.lacks[index >> 3] |= 1 << (index & 7)
+                state.give = None
         who = self._requesters.get(index)
         if who is not None and sid in who:
             who.remove(sid)
@@ -300,7 +393,7 @@ class ChunkScheduler:
 
     @property
     def pool_size(self) -> int:
-        return len(self._in_pool)
+        return self._pool
 
     def requested(self, sid: str) -> int:
         state = self._sources.get(sid)
@@ -322,11 +415,11 @@ class ChunkScheduler:
     def can_help(self, sid: str) -> bool:
         """`sid` holds a chunk of the pool that it was not refused."""
         state = self._sources.get(sid)
-        if state is None:
+        if state is None or not self._pool:
             return False
-        if state.have is None and not state.lacks:
-            return bool(self._in_pool)
-        return any(state.can_give(i) for i in self._in_pool)
+        if state.have is None and state.lacks is None:
+            return True
+        return bool(_as_int(self._state.translate(_NONZERO)) & self._give(state))
 
     def stuck(self) -> bool:
         """Chunks are missing, nothing is in flight, and no source has any of them: only a
