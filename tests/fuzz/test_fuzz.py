@@ -1,6 +1,6 @@
 """Every decoder under a short atheris run, and the saved corpus replayed in-process.
 
-The short run (FUZZ_CI_RUNS inputs per decoder, 30,000 by default: about 2 s each here)
+The short run (FUZZ_CI_RUNS inputs per decoder, 30,000 by default: 29 s for all here)
 starts from the committed seeds; `make fuzz` runs the long campaign. A crash fails the test
 and leaves its input in `tests/fuzz/corpus/<target>/crash-<sha1>`: once the decoder is fixed,
 rename it `regress-<what>` and commit it, so the replay test keeps it fixed.
