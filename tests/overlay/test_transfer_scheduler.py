@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from overlay.transfer import scheduler
 from overlay.transfer.pacing import SourcePace
 from overlay.transfer.scheduler import Arrival, ChunkScheduler
 from rendezvous.limits import TokenBucket
@@ -74,6 +75,11 @@ def test_every_chunk_is_in_exactly_one_place(n: int, script: list[tuple[str, str
                                              seed: int, windows: list[int]) -> None:
     """Rarest first, windows and holdings respected, duplicates only once the pool is
     empty and at most two per chunk, late copies told from unasked ones."""
+    check_script(n, script, seed, windows)
+
+
+def check_script(n: int, script: list[tuple[str, str, int]], seed: int,
+                 windows: list[int]) -> None:
     sched = ChunkScheduler(range(n), count=n, rng=random.Random(seed))
     m = Model(n, windows)
     for op, sid, k in script:
@@ -166,6 +172,8 @@ def test_every_chunk_is_in_exactly_one_place(n: int, script: list[tuple[str, str
         assert sched.in_flight == len(m.requesters) + len(m.verifying)
         for s in SOURCES:
             assert sched.requested(s) == len(m.requested(s))
+            if s in m.has:
+                assert sched.can_help(s) == any(m.can_give(s, j) for j in m.pool)
             assert sorted(sched.requesters(k % n)) == sorted(m.requesters.get(k % n, ()))
     # Whatever happened, an all-holding source can then finish the job.
     for s in list(m.has):
@@ -177,6 +185,61 @@ def test_every_chunk_is_in_exactly_one_place(n: int, script: list[tuple[str, str
         assert sched.chunk_received("z", i)[0] is Arrival.ACCEPTED
         sched.chunk_stored(i)
     assert sched.done and not sched.can_help("z") and not sched.stuck()
+
+
+def test_rarest_first_when_picks_intersect_a_whole_level(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same properties when every pick that steps over a chunk the source can't give
+    intersects the level with what it can give in one pass (the path a partial holder
+    takes among many chunks another one has)."""
+    monkeypatch.setattr(scheduler, "SCAN_LIMIT", 1)
+    # Scripts where partial holders connect early and ask often: the sources, then HAVEs
+    # and requests mostly from the partial holders "c" and "d", then the rest.
+    rnd = random.Random(7)
+    for _ in range(150):
+        n = rnd.randint(2, 40)
+        script = [("add", s, 0) for s in rnd.sample(SOURCES, 4)]
+        for _ in range(rnd.randint(10, 200)):
+            op = rnd.choice([*OPS, "have", "request", "request", "receive", "store"])
+            script.append((op, rnd.choice(["c", "d", "c", "d", "a"]), rnd.randint(0, 40)))
+        check_script(n, script, rnd.randint(0, 3), [rnd.randint(1, 5) for _ in SOURCES])
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 100])
+def test_built_from_a_have_bitmap(n: int) -> None:
+    """From the receiver's have-bitmap (bits past the last chunk ignored) the scheduler
+    believes what it does from the list of missing chunks."""
+    held = {i for i in range(n) if i % 3 == 0}
+    bits = bytearray(bitmap(held, n))
+    bits[-1] |= 0xFF << (n & 7) & 0xFF if n & 7 else 0
+    sched = ChunkScheduler(count=n, held=bytes(bits), rng=random.Random(0))
+    missing = [i for i in range(n) if i not in held]
+    assert sched.remaining == sched.pool_size == len(missing)
+    sched.add_source("full", window=n)
+    got = []
+    while (i := sched.next_request("full")) is not None:
+        got.append(i)
+    assert sorted(got) == missing
+    with pytest.raises(ValueError):
+        ChunkScheduler(count=None, held=b"")
+    done = ChunkScheduler(count=n, held=b"\xff" * ((n + 7) // 8))
+    assert done.done and done.pool_size == 0
+
+
+def test_partial_holders_past_the_counted_ones_still_serve(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler, "MAX_COUNTED", 1)
+    sched = ChunkScheduler(range(4), rng=random.Random(3))
+    sched.add_source("p", window=4, have=bitmap({0, 1}, 4))
+    sched.add_source("q", window=4, have=bitmap({1, 2}, 4))  # not counted
+    assert [sched.availability(i) for i in range(4)] == [1, 1, 0, 0]
+    assert sched.next_request("q") == 2  # rarest by the counted holder: 2 before 1
+    assert sched.next_request("q") == 1
+    assert sched.next_request("q") is None and not sched.can_help("q")
+    assert sched.remove_source("p") == [] and sched.pool_size == 2
+    assert sorted(sched.remove_source("q")) == [1, 2] and sched.pool_size == 4
+    sched.add_source("r", window=4, have=bitmap({3}, 4))  # counted again
+    assert sched.availability(3) == 1 and sched.next_request("r") == 3
 
 
 def test_stuck_only_when_nothing_can_change() -> None:
