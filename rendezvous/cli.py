@@ -10,6 +10,8 @@
                               [--finger-open]
     peerpost-rendezvous invite ADDRESS --data DIR [--days N]
     peerpost-rendezvous stats --data DIR [--json]
+    peerpost-rendezvous dns-records --data DIR --domain D --host NAME [--host NAME...]
+                                    --port P [--priority N...] [--weight N...]
 
 `serve` listens with TLS 1.3: the certificate of `--tls-cert/--tls-key`, else a
 self-signed one it makes once in DATA (tls_cert.pem, tls_key.pem). Its domain key (Ed25519,
@@ -163,6 +165,20 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="accounts, queued envelopes, online sessions, bytes")
     st.add_argument("--data", type=Path, required=True)
     st.add_argument("--json", action="store_true")
+    d = sub.add_parser("dns-records", help="print the DNS records that publish this domain "
+                                           "(SRV per instance, TXT with the domain key)")
+    d.add_argument("--data", type=Path, required=True,
+                   help="the data folder `serve` uses (its domain key is made if missing)")
+    d.add_argument("--domain", required=True)
+    d.add_argument("--host", action="append", required=True, metavar="NAME",
+                   help="host name of an instance (repeat for several)")
+    d.add_argument("--port", type=_port, required=True, help="the port `serve` listens on")
+    d.add_argument("--priority", type=_count, action="append", metavar="N",
+                   help="SRV priority, lower tried first: once for all hosts or once per "
+                        "--host (default 10)")
+    d.add_argument("--weight", type=_count, action="append", metavar="N",
+                   help="SRV weight within a priority: once for all hosts or once per "
+                        "--host (default 0)")
     return p
 
 
@@ -173,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "invite":
         return _invite(args)
+    if args.command == "dns-records":
+        return _dns_records(args)
     return _stats(args)
 
 
@@ -344,4 +362,42 @@ def _stats(args: argparse.Namespace) -> int:
     else:
         for key, value in doc.items():
             print(f"{key.replace('_', ' ')}: {value}")
+    return 0
+
+
+DNS_TTL = 300
+
+
+def _dns_records(args: argparse.Namespace) -> int:
+    """The zone lines (BIND syntax) that publish the domain: an SRV line per --host and the
+    TXT line with the domain key, made in --data if missing so the records can be
+    published before the first `serve`, which then uses the same key."""
+    hosts: list[str] = args.host
+    per_host: dict[str, list[int]] = {}
+    for name, given, default in (("priority", args.priority, 10), ("weight", args.weight, 0)):
+        values = given or [default]
+        if len(values) == 1:
+            values = values * len(hosts)
+        if len(values) != len(hosts) or any(v > 65535 for v in values):
+            print(f"peerpost-rendezvous: give --{name} (0..65535) once, or once per --host",
+                  file=sys.stderr)
+            return 2
+        per_host[name] = values
+    domain = str(args.domain).strip().rstrip(".").lower()
+    if not domain or any(not h.strip(". ") for h in hosts):
+        print("peerpost-rendezvous: --domain and --host must be host names", file=sys.stderr)
+        return 2
+    try:
+        args.data.mkdir(parents=True, exist_ok=True)
+        domain_key = load_or_create(args.data)
+    except (OSError, DecodeError) as exc:
+        print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
+        return 1
+    for host, prio, weight in zip(hosts, per_host["priority"], per_host["weight"],
+                                  strict=True):
+        target = host.strip().rstrip(".") + "."
+        print(f"_peerpost._tcp.{domain}. {DNS_TTL} IN SRV {prio} {weight} {args.port} {target}")
+    print(f"_peerpost.{domain}. {DNS_TTL} IN TXT \"{txt_value(domain_key.public)}\"")
+    print(f"domain key {domain_key.fingerprint} ({args.data / 'domain_key.json'})",
+          file=sys.stderr)
     return 0
