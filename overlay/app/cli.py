@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="create this device's identity and register its address")
     s.add_argument("--address", required=True, help="NAME@DOMAIN")
-    s.add_argument("--server", required=True, help="HOST:PORT of the domain's rendezvous server")
+    s.add_argument("--server", help="HOST:PORT of the domain's rendezvous server (default: "
+                   "found in DNS, _peerpost._tcp.DOMAIN SRV, its key from _peerpost.DOMAIN TXT)")
+    s.add_argument("--resolver", metavar="HOST:PORT",
+                   help="name server to ask (default: $PEERPOST_RESOLVER, else the system's)")
     s.add_argument("--invite", help="invite token from the server's operator")
     s.add_argument("--listen", default="0.0.0.0:0",
                    help="HOST:PORT for direct transfers (default 0.0.0.0:0: any port, kept)")

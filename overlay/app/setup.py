@@ -1,10 +1,14 @@
 """`peerpost init`: make this device's identity and register its address.
 
 The identity is generated in memory and registered with the rendezvous server (over TLS
-1.3) first; the server's domain key, which it proves in that handshake, is pinned in the
-config and its fingerprint printed (trust on first use, as ssh does). The
-home folder is written only once the server has accepted it, so a refused registration
-(address taken, bad invite, server down) leaves nothing half-made behind.
+1.3) first. Without `--server` the server is found in DNS as MX is: the
+`_peerpost._tcp.DOMAIN` SRV targets in RFC 2782 order, the next tried when one cannot be
+reached, and the domain key comes from the `_peerpost.DOMAIN` TXT record; the server must
+prove that very key in the handshake or init refuses. With `--server HOST:PORT` the key the
+server proves is trusted on first use, as ssh does. Either way the key is pinned in the
+config and its fingerprint printed. The home folder is written only once the server has
+accepted it, so a refused registration (address taken, bad invite, server down) leaves
+nothing half-made behind.
 """
 
 from __future__ import annotations
@@ -19,22 +23,25 @@ from crypto.errors import CryptoError, DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
 from crypto.vouch import Vouch, device_key_text, make_vouch, parse_device_key
 from overlay.app.home import HomeError, NodeConfig, NodeHome
+from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver, txt_name
 from rendezvous.domainkey import encode_key, fingerprint
-from rendezvous.errors import RendezvousError
+from rendezvous.errors import ConnectionLostError, RendezvousError
 
 REGISTER_TIMEOUT = 15.0
 
 
 async def register(host: str, port: int, identity: DeviceIdentity, address: str,
-                   invite: str | None, *, tls: bool = True, vouch: bytes | None = None) -> bytes:
+                   invite: str | None, *, tls: bool = True, vouch: bytes | None = None,
+                   server_key: bytes | None = None, domain: str | None = None) -> bytes:
     """Authenticate once with `register` set; return the server's domain key, which it
-    proved over this connection (trusted on first use: the caller pins it). Raises
-    RendezvousError or OSError."""
+    proved over this connection: `server_key` if given (else ServerIdentityError), else
+    whatever it proved (trusted on first use: the caller pins it). `domain`: the server
+    must say it serves that domain. Raises RendezvousError or OSError."""
     from rendezvous.client import RendezvousClient
 
     client = RendezvousClient(host, port, identity, address, register=True, invite=invite,
                               reconnect=False, request_timeout=REGISTER_TIMEOUT, tls=tls,
-                              vouch=vouch)
+                              vouch=vouch, server_key=server_key, domain=domain)
     async with asyncio.timeout(REGISTER_TIMEOUT):
         await client.start()
     await client.aclose()
@@ -43,35 +50,89 @@ async def register(host: str, port: int, identity: DeviceIdentity, address: str,
     return client.server_key
 
 
-def init_home(home: NodeHome, args: argparse.Namespace, console: Console) -> int:
+def init_home(home: NodeHome, args: argparse.Namespace, console: Console,
+              resolver: DomainResolver | None = None) -> int:
+    """`resolver`: how the domain's server is found without --server (default: DNS)."""
     if home.exists():
         raise HomeError(f"{home.root} already holds a peerpost node "
                         f"({home.load_config().address}); choose another --home")
+    server_arg: str | None = getattr(args, "server", None)
     try:
         address = normalize_address(args.address)
-        host, port = parse_hostport(args.server, what="--server")
+        target = parse_hostport(server_arg, what="--server") if server_arg else None
         parse_hostport(args.listen, what="--listen")
     except (DecodeError, ValueError) as exc:
         raise HomeError(str(exc)) from None
+    domain = domain_of(address)
     identity = _identity_for_init(home)
     vouch = _checked_vouch(getattr(args, "vouch", None), address, identity)
-    try:
-        server_key = asyncio.run(register(host, port, identity, address, args.invite,
-                                          vouch=vouch))
-    except RendezvousError as exc:
-        raise HomeError(f"the server refused {address}: {exc}") from None
-    except (OSError, TimeoutError) as exc:
-        raise HomeError(f"cannot reach the rendezvous server at {args.server}: "
-                        f"{exc or 'timed out'}") from None
-    home.create(NodeConfig(address=address, server=args.server, listen=args.listen,
+    if target is None:
+        if resolver is None:
+            try:
+                resolver = DnsResolver(getattr(args, "resolver", None))
+            except DomainLookupError as exc:
+                raise HomeError(f"cannot look up {domain}: {exc}") from None
+        server, server_key = asyncio.run(_register_found(resolver, identity, address,
+                                                         args.invite, vouch))
+        how = (f"the {txt_name(domain)} TXT record, proved by the server; "
+               f"found through _peerpost._tcp.{domain} SRV")
+    else:
+        server = str(server_arg)
+        try:
+            server_key = asyncio.run(register(*target, identity, address, args.invite,
+                                              vouch=vouch))
+        except RendezvousError as exc:
+            raise HomeError(f"the server refused {address}: {exc}") from None
+        except (OSError, TimeoutError) as exc:
+            raise HomeError(f"cannot reach the rendezvous server at {server}: "
+                            f"{exc or 'timed out'}") from None
+        how = "pinned on first use; compare it with what the server's operator publishes"
+    home.create(NodeConfig(address=address, server=server, listen=args.listen,
                            download_dir=args.download_dir, server_key=encode_key(server_key)),
                 identity)
-    console.print(f"registered [bold]{address}[/] with {args.server} ({domain_of(address)})")
-    console.print(f"server key: {fingerprint(server_key)} (pinned on first use; compare it "
-                  "with what the server's operator publishes)")
+    console.print(f"registered [bold]{address}[/] with {server} ({domain})")
+    console.print(f"server key: {fingerprint(server_key)} ({how})")
     console.print(f"device fingerprint: {identity.public.fingerprint()}")
     console.print(f"home: {home.root}; start the node with `peerpost --home {home.root} node`")
     return 0
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _register_found(resolver: DomainResolver, identity: DeviceIdentity, address: str,
+                          invite: str | None, vouch: bytes | None) -> tuple[str, bytes]:
+    """Register with the first server of the address's domain that answers, in the order
+    the domain publishes; it must prove the domain's published key. Returns its HOST:PORT
+    and that key."""
+    from rendezvous.client_core import ServerIdentityError
+
+    domain = domain_of(address)
+    try:
+        records = await resolver.resolve(domain)
+    except DomainLookupError as exc:
+        raise HomeError(f"cannot find the server of {domain}: {exc}") from None
+    failures: list[str] = []
+    for host, port in records.servers:
+        where = _hostport(host, port)
+        try:
+            key = await register(host, port, identity, address, invite, vouch=vouch,
+                                 server_key=records.key, domain=domain)
+        except ServerIdentityError as exc:
+            seen = fingerprint(exc.seen) if exc.seen is not None else "none"
+            raise HomeError(
+                f"refusing the server at {where}: it proves the key {seen}, but "
+                f"{txt_name(domain)} TXT publishes {fingerprint(records.key)} for {domain} "
+                f"(someone is in the way, or the domain's records are stale)") from None
+        except (OSError, TimeoutError, ConnectionLostError) as exc:
+            failures.append(f"{where}: {exc or 'timed out'}")
+            continue
+        except RendezvousError as exc:
+            raise HomeError(f"the server at {where} refused {address}: {exc}") from None
+        return where, key
+    raise HomeError(f"cannot reach any server of {domain} (_peerpost._tcp.{domain} SRV): "
+                    + "; ".join(failures))
 
 
 # --- another device of the same address ---------------------------------------------------
