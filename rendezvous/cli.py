@@ -154,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
                    default=_DEFAULTS.sender_quota_bytes, metavar="BYTES",
                    help="bytes one sender may have queued for one recipient "
                         "(0: no cap; default %(default)s)")
+    s.add_argument("--keepalive-timeout", type=_non_negative,
+                   default=_DEFAULTS.keepalive_timeout, metavar="SECONDS",
+                   help="close a session whose client announced PINGs after this long "
+                        "without a byte from it (0: never)")
     s.add_argument("--finger-open", action="store_true",
                    help="FINGER shows presence and reachability to every account, not only "
                         "to those that exchanged mail (demos and tests)")
@@ -245,7 +249,8 @@ def _serve(args: argparse.Namespace) -> int:
                     sessions_per_ip=args.sessions_per_ip,
                     push_buffer_total=args.push_buffer_total,
                     sender_quota_count=args.sender_quota_count,
-                    sender_quota_bytes=args.sender_quota_bytes)
+                    sender_quota_bytes=args.sender_quota_bytes,
+                    keepalive_timeout=args.keepalive_timeout)
     return _run(_serve_async(args, limits))
 
 

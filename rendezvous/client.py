@@ -29,6 +29,12 @@
   `AuthenticationError`) naming the expected and seen fingerprints. With no key pinned
   the first session trusts the key the server shows and `server_key` is set to it, so
   reconnects must show the same one (`peerpost init` pins it in the node's config).
+- Keepalive: after `keepalive_interval` seconds (default 20) without sending, the client
+  sends a PING; after `keepalive_timeout` seconds (default 45) without a byte from the
+  server it drops the connection and, with `reconnect=True`, reconnects as after any
+  loss. The AUTHORIZATION announces the interval, so the server likewise closes the
+  session when the client falls silent (a NAT that forgot the mapping): the device is
+  offline there and its mail queues until the next login. 0 turns it off.
 - `server_info`: the UDP ports of the server's extra services from the last CHALLENGE,
   e.g. `{"stun": 3478, "dht": 4000}`; a key is absent when the server doesn't run it.
 - `Envelope` (`rendezvous.records`): message_id, sender, recipient, device, priority, blob,
@@ -102,12 +108,17 @@ class _ClientProtocol(asyncio.Protocol):
 
     def __init__(self, client: RendezvousClient, loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
-        self.core = ClientConnection(client.max_frame, server_key=client.server_key)
+        self.core = ClientConnection(client.max_frame, server_key=client.server_key,
+                                     keepalive_interval=client.keepalive_interval,
+                                     keepalive_timeout=client.keepalive_timeout)
         self.transport: asyncio.Transport | None = None
         self.challenge: asyncio.Future[Challenge] = loop.create_future()
         self.lost: asyncio.Future[None] = loop.create_future()
         self.pending: dict[int, asyncio.Future[Reply]] = {}
         self._flush_scheduled = False
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's and the simulator's transports don't subclass asyncio.Transport.
@@ -116,7 +127,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self.core.receive_data(data)
+            self.core.receive_data(data, self._loop.time())
         except RemoteProtocolError as exc:
             log.warning(kv("client.bad_server_data", text=exc.text))
             if self.transport is not None:
@@ -133,8 +144,38 @@ class _ClientProtocol(asyncio.Protocol):
                 self.challenge.set_result(msg)
             else:
                 self.client._on_push(msg, self)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        at = self.core.get_timer()
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = at
+        if at is not None and not self.lost.done():
+            self._timer = self._loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = self._loop.time()
+        if self.client._reading_paused and self.client._proto is self:
+            self.core.reading_paused(now)
+        self.core.handle_timer(now)
+        if self.core.dead is not None:
+            log.warning(kv("client.keepalive_timeout", address=self.client.address,
+                           text=self.core.dead))
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self._write()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionLostError())
@@ -162,9 +203,10 @@ class _ClientProtocol(asyncio.Protocol):
 
     def _write(self) -> None:
         self._flush_scheduled = False
-        data = self.core.data_to_send()
+        data = self.core.data_to_send(self._loop.time())
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+        self._rearm()
 
 
 class RendezvousClient:
@@ -177,8 +219,13 @@ class RendezvousClient:
                  max_backoff: float = 30.0, push_queue: int = 10_000,
                  max_frame: int = DEFAULT_MAX_FRAME, rng: random.Random | None = None,
                  tls: bool = False, server_key: bytes | None = None,
-                 vouch: bytes | None = None) -> None:
+                 vouch: bytes | None = None, keepalive_interval: float = 20.0,
+                 keepalive_timeout: float = 45.0) -> None:
+        if keepalive_interval > 0 and not keepalive_interval < keepalive_timeout:
+            raise ValueError("keepalive_interval must be under keepalive_timeout (or 0: off)")
         self.host = host
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
         self.tls = tls
         self.server_key = server_key  # the domain key pinned (set by the first session)
         self._ssl: ssl.SSLContext | None = client_context() if tls else None

@@ -13,6 +13,14 @@ the CHALLENGE named (trust on first use; `server_key_seen` then holds it for pin
 it does not verify, the session is not accepted: `identity_error` is a
 `ServerIdentityError` naming the expected and the seen fingerprints.
 
+Keepalive (when built with `keepalive_interval` and `keepalive_timeout` > 0): the
+AUTHORIZATION announces the interval; once authenticated, `get_timer()` names the next
+deadline and `handle_timer(now)` queues a PING after `keepalive_interval` s without
+sending, or sets `dead` (the reason) after `keepalive_timeout` s without receiving a byte,
+when the adapter must drop the connection and reconnect. Time comes in through
+`receive_data(data, now)` and `data_to_send(now)`; the replies to our PINGs are consumed
+here, whatever their status (an old server's 400 "unknown verb" proves it alive too).
+
 `RelayHandshake` drives one relay connection up to the splice: CHALLENGE, AUTHORIZATION
 with `relay`, then RELAY or RELAY-ACCEPT, until the OK reply that means "spliced". It
 reads one frame at a time, because the bytes after that reply are the peer's raw stream
@@ -37,6 +45,7 @@ from rendezvous.messages import (
     SERVER_AUTH_CONTEXT,
     Authorization,
     Challenge,
+    Ping,
     Quit,
     Relay,
     RelayAccept,
@@ -73,8 +82,18 @@ class ClientConnection:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, *, binding: bytes = b"",
                  server_key: bytes | None = None,
-                 new_nonce: Callable[[], bytes] | None = None) -> None:
+                 new_nonce: Callable[[], bytes] | None = None,
+                 keepalive_interval: float = 0.0, keepalive_timeout: float = 0.0) -> None:
+        if keepalive_interval < 0 or keepalive_timeout < 0 or (
+                keepalive_interval > 0 and not 0 < keepalive_interval < keepalive_timeout):
+            raise ValueError("keepalive: need 0 < interval < timeout (or both 0: off)")
         self.max_frame = max_frame
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self._last_sent: float | None = None  # set at authentication, then by data_to_send
+        self._last_recv: float | None = None
+        self._pings: deque[int] = deque(maxlen=8)  # ids of our PINGs not yet answered
+        self.dead: str | None = None  # why the server is taken for gone (keepalive)
         self.binding = binding
         self.server_key = server_key
         self.server_key_seen: bytes | None = None
@@ -102,10 +121,12 @@ class ClientConnection:
         if self.state is not ClientState.CHALLENGED or self.challenge is None:
             raise LocalProtocolError(f"no challenge to answer (state {self.state.value})")
         cnonce = self._new_nonce()
+        keepalive_ms = 0 if relay else round(self.keepalive_interval * 1000)
         req = Authorization.signed(self.new_id(), identity, self.challenge.domain,
                                    self.challenge.nonce, address, client_nonce=cnonce,
                                    binding=self.binding, invite=invite, register=register,
-                                   advertise=advertise, relay=relay, vouch=vouch)
+                                   advertise=advertise, relay=relay, vouch=vouch,
+                                   keepalive_ms=keepalive_ms)
         self._answered = (self.challenge, cnonce, identity.public.verify_key)
         self._auth_id = req.id
         self.state = ClientState.AUTHENTICATING
@@ -123,10 +144,17 @@ class ClientConnection:
     def _write(self, request: Request) -> None:
         self._out.append(encode_frame(encode_request(request), self.max_frame))
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes from the server; raises RemoteProtocolError on anything malformed."""
+    def receive_data(self, data: bytes | bytearray | memoryview,
+                     now: float | None = None) -> None:
+        """Feed bytes from the server (received at `now`, for the keepalive); raises
+        RemoteProtocolError on anything malformed."""
+        if now is not None and data:
+            self._last_recv = now
         for frame in self._decoder.feed(data):
             msg = decode_server_message(frame, self.max_frame)
+            if isinstance(msg, Reply) and msg.id in self._pings:
+                self._pings.remove(msg.id)
+                continue
             if isinstance(msg, Challenge):
                 self.challenge = msg
                 if self.state is not ClientState.AUTHENTICATED:
@@ -136,6 +164,8 @@ class ClientConnection:
                 self.identity_error = self._check_server(msg)
                 if msg.ok and self.identity_error is None:
                     self.state = ClientState.AUTHENTICATED
+                    if now is not None:
+                        self._last_sent = self._last_recv = now
             self._events.append(msg)
 
     def _check_server(self, reply: Reply) -> ServerIdentityError | None:
@@ -172,10 +202,50 @@ class ClientConnection:
     def next_event(self) -> ServerMessage | None:
         return self._events.popleft() if self._events else None
 
-    def data_to_send(self) -> bytes:
+    def data_to_send(self, now: float | None = None) -> bytes:
+        """The bytes to write (at `now`, for the keepalive)."""
         out = b"".join(self._out)
         self._out.clear()
+        if out and now is not None and self._last_sent is not None:
+            self._last_sent = now
         return out
+
+    # --- keepalive ---------------------------------------------------------------------
+    def _marks(self) -> tuple[float, float] | None:
+        """(last sent, last received) while the keepalive runs, else None."""
+        sent, recv = self._last_sent, self._last_recv
+        if (self.keepalive_interval > 0 and self.state is ClientState.AUTHENTICATED
+                and self.dead is None and sent is not None and recv is not None):
+            return sent, recv
+        return None
+
+    def get_timer(self) -> float | None:
+        """When `handle_timer` must next run (PING due, or the silence limit), or None."""
+        marks = self._marks()
+        if marks is None:
+            return None
+        sent, recv = marks
+        return min(sent + self.keepalive_interval, recv + self.keepalive_timeout)
+
+    def handle_timer(self, now: float) -> None:
+        """Queue a PING if we have been silent, or set `dead` if the server has."""
+        marks = self._marks()
+        if marks is None:
+            return
+        sent, recv = marks
+        if now >= recv + self.keepalive_timeout:
+            self.dead = f"keepalive timeout: nothing from the server for {now - recv:.0f} s"
+        elif now >= sent + self.keepalive_interval:
+            ping = Ping(self.new_id())
+            self._pings.append(ping.id)
+            self._write(ping)
+            self._last_sent = now
+
+    def reading_paused(self, now: float) -> None:
+        """The adapter is not reading (its consumer is behind): silence from the server
+        is not the server's, so the receive limit starts again from `now`."""
+        if self._last_recv is not None:
+            self._last_recv = max(self._last_recv, now)
 
 
 class RelayHandshake:

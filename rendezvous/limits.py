@@ -49,6 +49,11 @@ class Limits:
     sessions_per_ip: int = 64
     auth_timeout: float = 30.0             # seconds to authenticate after connecting
     partial_frame_timeout: float = 60.0    # seconds a half-received frame may linger
+    # A session whose client announced a PING interval (AUTHORIZATION `keepalive`) is
+    # closed after this many seconds without a byte from it (at least twice the interval),
+    # so a NAT that dropped its mapping takes the device offline; 0 turns it off. 45 s
+    # against the client's default 20 s PING leaves two missed PINGs of slack.
+    keepalive_timeout: float = 45.0
     auth_attempts: int = 3
     flush_page: int = 128                  # queued envelopes read per page on flush
     max_devices_per_account: int = 16

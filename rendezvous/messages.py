@@ -8,8 +8,9 @@ table; a name from the wire is never used to look anything else up.
 | tag | fields |
 |---|---|
 | AUTHORIZATION | address, verify_key (32), signature (64), cnonce (32), invite?, register?, |
-| | advertise?, relay?, vouch? (96) |
+| | advertise?, relay?, vouch? (96), keepalive? (ms) |
 | QUIT | |
+| PING | (none): the server answers OK "pong"; valid before and after authentication |
 | SEND | mid (16), prio (0..7), items: [{to, device (20), blob}] |
 | LIST | after? (cursor from the previous page), limit? |
 | RETRIEVE / REMOVE | mid |
@@ -40,6 +41,15 @@ The handshake authenticates both ends over this very connection:
 
 Fresh nonces on both sides make a recorded signature worthless in another session; the
 binding makes both worthless through a proxy that terminates TLS with its own certificate.
+
+Keepalive: a client that sends `keepalive` (its PING interval in ms) in its AUTHORIZATION
+sends a PING whenever it has sent nothing for that long, and takes the server for dead
+when nothing (the "pong" included) came back for its timeout. The server then closes
+such a session after `Limits.keepalive_timeout` (at least twice the announced interval)
+without a byte from it, so a NAT that silently dropped the mapping leaves the device
+offline (pushes queue, PIPEs are held) instead of online behind a dead connection. A
+client that announces nothing is never timed out; an old server answers PING with a 400
+"unknown verb", which proves it alive just the same.
 """
 
 from __future__ import annotations
@@ -77,6 +87,7 @@ INVITE_MAX_LEN = 64
 MAX_TEXT = 1024
 MAX_LIST_PAGE = 1000
 RELAY_SESSION_LEN = 16
+MAX_KEEPALIVE_MS = 3_600_000  # an announced PING interval: 1 ms .. 1 h
 
 
 def auth_payload(domain: str, nonce: bytes, client_nonce: bytes, binding: bytes,
@@ -117,13 +128,14 @@ class Authorization:
     relay: bool = False  # this connection will carry one relayed stream (see module doc)
     client_nonce: bytes = b""  # NONCE_LEN fresh bytes on the wire
     vouch: bytes | None = None  # a device joining an account: crypto.vouch bytes
+    keepalive_ms: int = 0  # the client PINGs after this much send silence (0: it doesn't)
 
     @classmethod
     def signed(cls, request_id: int, identity: DeviceIdentity, domain: str, nonce: bytes,
                address: str, *, client_nonce: bytes | None = None, binding: bytes = b"",
                invite: str | None = None, register: bool = False,
                advertise: dict[str, Any] | None = None, relay: bool = False,
-               vouch: bytes | None = None) -> Authorization:
+               vouch: bytes | None = None, keepalive_ms: int = 0) -> Authorization:
         """Build the answer to a challenge, signed by `identity` (fresh `client_nonce`
         from os.urandom unless given)."""
         key = identity.public.verify_key
@@ -131,7 +143,7 @@ class Authorization:
         sig = identity.sign(AUTH_CONTEXT,
                             auth_payload(domain, nonce, cnonce, binding, address, key))
         return cls(request_id, address, key, sig, invite, register, advertise, relay, cnonce,
-                   vouch)
+                   vouch, keepalive_ms)
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"address": self.address, "verify_key": self.verify_key,
@@ -145,6 +157,8 @@ class Authorization:
             out["relay"] = True
         if self.vouch is not None:
             out["vouch"] = self.vouch
+        if self.keepalive_ms:
+            out["keepalive"] = self.keepalive_ms
         return out
 
     @classmethod
@@ -154,7 +168,8 @@ class Authorization:
                    f.str("invite", max_len=INVITE_MAX_LEN, optional=True),
                    bool(f.bool("register", optional=True)), _advertise(f, "advertise", True),
                    bool(f.bool("relay", optional=True)), f.bytes("cnonce", size=NONCE_LEN),
-                   f.bytes("vouch", size=VOUCH_LEN, optional=True))
+                   f.bytes("vouch", size=VOUCH_LEN, optional=True),
+                   f.int("keepalive", lo=1, hi=MAX_KEEPALIVE_MS, optional=True) or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +184,21 @@ class Quit:
 
     @classmethod
     def decode(cls, rid: int, f: Fields) -> Quit:
+        return cls(rid)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Keepalive: traffic on an idle session; the server answers OK "pong"."""
+
+    TAG: ClassVar[str] = "PING"
+    id: int
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Ping:
         return cls(rid)
 
 
@@ -382,12 +412,13 @@ class RelayAccept:
         return cls(rid, f.bytes("session", size=RELAY_SESSION_LEN))
 
 
-Request = (Authorization | Quit | Send | List | Retrieve | Remove | Finger | Pipe | Advertise
-           | Relay | RelayAccept)
+Request = (Authorization | Quit | Ping | Send | List | Retrieve | Remove | Finger | Pipe
+           | Advertise | Relay | RelayAccept)
 
 REQUESTS: dict[str, Callable[[int, Fields], Request]] = {
     "AUTHORIZATION": Authorization.decode,
     "QUIT": Quit.decode,
+    "PING": Ping.decode,
     "SEND": Send.decode,
     "LIST": List.decode,
     "RETRIEVE": Retrieve.decode,

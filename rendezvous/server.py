@@ -200,7 +200,10 @@ class _Connection(asyncio.Protocol):
                 log.info(kv("conn.close", peer=self.peer, reason=ev.reason,
                             address=core.address or "-", bad_input=core.bad_input))
                 if self.transport is not None:
-                    self.transport.close()
+                    if ev.abort:
+                        self.transport.abort()
+                    else:
+                        self.transport.close()
         if core.bad_input != self._last_bad:
             self.server.bad_input += core.bad_input - self._last_bad
             self._last_bad = core.bad_input

@@ -13,6 +13,10 @@ bytes to send; it never touches a socket or a clock. It owns:
   (domain, nonce, client nonce, binding, device key) into every reply to an
   AUTHORIZATION, accepted or refused,
 - per-connection rate limits and the envelope / pipe payload size limits,
+- keepalive: PING is answered "pong" in any state; a session whose AUTHORIZATION
+  announced a PING interval closes (`Closing.abort`: the peer is gone, nothing waits for
+  a flush) after `Limits.keepalive_timeout`, at least twice that interval, without a
+  byte from the client, so its device goes offline as on a disconnect,
 - relay connections (AUTHORIZATION with `relay`): they may send exactly one RELAY or
   RELAY-ACCEPT within `auth_timeout` of connecting, nothing else, and once the server has
   joined them to their peer (`splice()`) the core is out of the way: the adapter hands
@@ -44,6 +48,7 @@ from rendezvous.messages import (
     Authorization,
     Challenge,
     Deliver,
+    Ping,
     Pipe,
     PipeMessage,
     Quit,
@@ -98,9 +103,12 @@ class RequestReceived:
 
 @dataclass(frozen=True, slots=True)
 class Closing:
-    """The session ends: send what is pending, then close the transport."""
+    """The session ends: send what is pending, then close the transport; with `abort`
+    the peer is unreachable, so drop the transport at once (a TLS close would wait for
+    its close_notify)."""
 
     reason: str
+    abort: bool = False
 
 
 Event = AuthRequested | RequestReceived | Closing
@@ -110,10 +118,11 @@ class ServerConnection:
     """Protocol state of one client connection on the server."""
 
     __slots__ = ("_attempt", "_auth_attempts", "_auth_deadline", "_decoder", "_events",
-                 "_new_nonce", "_out", "_partial_since", "_pipe_bytes", "_relay_asked",
-                 "_requests", "_services", "address", "bad_input", "binding", "close_reason",
-                 "domain", "domain_key", "in_flight", "limits", "nonce", "peer_id", "relay",
-                 "state", "verify_key")
+                 "_keepalive_asked", "_last_recv", "_new_nonce", "_out", "_partial_since",
+                 "_pipe_bytes", "_relay_asked", "_requests", "_services", "address",
+                 "bad_input", "binding", "close_reason", "domain", "domain_key", "in_flight",
+                 "keepalive_timeout", "limits", "nonce", "peer_id", "relay", "state",
+                 "verify_key")
 
     def __init__(self, domain: str, limits: Limits, now: float,
                  new_nonce: Callable[[], bytes],
@@ -147,6 +156,9 @@ class ServerConnection:
         self._auth_attempts = 0
         self._auth_deadline = now + limits.auth_timeout
         self._partial_since: float | None = None
+        self._last_recv = now              # when the client last sent us any byte
+        self._keepalive_asked = 0          # the PING interval (ms) its AUTHORIZATION named
+        self.keepalive_timeout: float | None = None  # set once such a session is accepted
         self.nonce = b""
         self._challenge()
 
@@ -160,12 +172,12 @@ class ServerConnection:
     def closed(self) -> bool:
         return self.state is SessionState.CLOSED
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, abort: bool = False) -> None:
         """End the session (idempotent); a Closing event tells the adapter."""
         if self.state is not SessionState.CLOSED:
             self._to(SessionState.CLOSED)
             self.close_reason = reason
-            self._events.append(Closing(reason))
+            self._events.append(Closing(reason, abort))
 
     # --- input ---------------------------------------------------------------------
     def splice(self) -> None:
@@ -180,6 +192,7 @@ class ServerConnection:
             return
         if self.state is SessionState.SPLICED:
             raise LocalProtocolError("a spliced connection's bytes belong to the splice")
+        self._last_recv = now
         try:
             frames = self._decoder.feed(data)
         except RemoteProtocolError as exc:
@@ -212,7 +225,9 @@ class ServerConnection:
             self.bad_input += 1
             self._send(Reply(exc.request_id, exc.status, exc.text))
             return
-        if isinstance(req, Quit):
+        if isinstance(req, Ping):
+            self._send(Reply(req.id, Status.OK, "pong"))
+        elif isinstance(req, Quit):
             self._send(Reply(req.id, Status.OK, "bye"))
             self.close("quit")
         elif isinstance(req, Authorization):
@@ -226,7 +241,7 @@ class ServerConnection:
         if not self._requests.take(1, now):
             raise RemoteProtocolError("too many requests on this connection",
                                       Status.RATE_LIMITED, request_id=req.id)
-        if isinstance(req, Quit):
+        if isinstance(req, Quit | Ping):
             return
         if isinstance(req, Authorization):
             if self.state is not SessionState.AWAITING_AUTH:
@@ -284,6 +299,7 @@ class ServerConnection:
         # The server signs its answer, refusal included: a client behind a proxy that
         # terminates TLS then learns that its channel is not the server's.
         self._attempt = (nonce, req.client_nonce, req.verify_key)
+        self._keepalive_asked = req.keepalive_ms
         try:
             if domain_of(req.address) != self.domain:
                 raise RemoteProtocolError(
@@ -321,6 +337,9 @@ class ServerConnection:
         self.address = address
         self.verify_key = verify_key
         self.peer_id = peer_id_of(verify_key)
+        if not relay and self._keepalive_asked and self.limits.keepalive_timeout > 0:
+            self.keepalive_timeout = max(self.limits.keepalive_timeout,
+                                         2 * self._keepalive_asked / 1000)
         self._send(Reply(request_id, Status.OK, "authenticated",
                          self._server_signed(body or {})))
 
@@ -393,7 +412,8 @@ class ServerConnection:
         return out
 
     def get_timer(self) -> float | None:
-        """When `handle_timer` must next run (auth deadline, half-received frame), or None."""
+        """When `handle_timer` must next run (auth deadline, half-received frame, the
+        keepalive's silence limit), or None."""
         if self.closed or self.state is SessionState.SPLICED:
             return None
         deadlines = []
@@ -401,6 +421,8 @@ class ServerConnection:
             deadlines.append(self._auth_deadline)
         if self._partial_since is not None:
             deadlines.append(self._partial_since + self.limits.partial_frame_timeout)
+        if self.keepalive_timeout is not None and self.state is SessionState.AUTHENTICATED:
+            deadlines.append(self._last_recv + self.keepalive_timeout)
         return min(deadlines) if deadlines else None
 
     def _awaiting_first_step(self) -> bool:
@@ -417,3 +439,11 @@ class ServerConnection:
               and now >= self._partial_since + self.limits.partial_frame_timeout):
             self.bad_input += 1
             self.close("incomplete frame timeout")
+        elif (self.keepalive_timeout is not None and self.state is SessionState.AUTHENTICATED
+              and now >= self._last_recv + self.keepalive_timeout):
+            if self.in_flight >= self.limits.max_in_flight:
+                # The adapter stopped reading until requests finish: the silence is ours.
+                self._last_recv = now
+                return
+            self.close(f"keepalive timeout: nothing from the client for "
+                       f"{now - self._last_recv:.0f} s", abort=True)
