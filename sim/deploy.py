@@ -128,7 +128,7 @@ class SimNode:
         NodeHome(self.root).create(
             NodeConfig(address=self.address, server=f"{host}:{port}",
                        listen=f"{self.host.address}:0", server_key=encode_key(key),
-                       plaintext=True), identity)
+                       plaintext=True, web="off"), identity)
 
     async def start(self) -> Node:
         """`peerpost node`: run the daemon as this host until stop()."""

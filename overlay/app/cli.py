@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how often a download looks for new holders in the DHT (default 10)")
     s.add_argument("--inbox-max", type=int, default=None, metavar="N",
                    help="messages the inbox keeps before it refuses new ones (default 10000)")
+    s.add_argument("--web", default=None, metavar="HOST:PORT|off",
+                   help="serve the web inbox here (default: the config's `web`, "
+                        "127.0.0.1:8470, another free port if taken); off: none")
+
+    s = sub.add_parser("web", help="open the web inbox of the running node in the browser")
+    s.add_argument("--url", action="store_true",
+                   help="print the login URL instead (its token works once, for 10 minutes)")
 
     s = sub.add_parser("send", help="send a file to one or more addresses; prints the message id")
     s.add_argument("file")
@@ -189,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             from overlay.app.node import run_node
 
             return run_node(home, args)
+        if args.command == "web":
+            return cmd_web(home, args)
         if args.command == "demo":
             from overlay.app.demo import run_demo
 
@@ -443,6 +452,27 @@ async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
     for k, v in sorted(info["counters"].items()):
         t.add_row(_t(k), _t(v))
     console.print(t)
+    return 0
+
+
+def cmd_web(home: NodeHome, args: argparse.Namespace) -> int:
+    """`peerpost web`: a one-time login URL for the running node's web inbox."""
+    from overlay.app.web.auth import issue_login_token
+    from overlay.app.web.server import login_url, web_url
+
+    base = web_url(home.root)
+    if base is None:
+        err_console.print("[red]error:[/] no web inbox is running for this home: start "
+                          "`peerpost node` (without `--web off`)")
+        return EXIT_NOT_RUNNING
+    url = login_url(base, issue_login_token(home.root, time.time()))
+    if args.url:
+        print(url)
+        return 0
+    import webbrowser
+
+    if not webbrowser.open(url):
+        print(url)
     return 0
 
 

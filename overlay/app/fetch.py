@@ -44,6 +44,13 @@ class ContentFetch:
         self.announce = announce
         self.window = window
         self.connect_timeout = connect_timeout
+        self.running: dict[bytes, Downloader] = {}  # content id -> its download, while it runs
+
+    def want_first(self, content_id: bytes, first: int, end: int) -> None:
+        """A player waits for chunks `first`..`end`-1: the download fetches them first."""
+        dl = self.running.get(content_id)
+        if dl is not None:
+            dl.want_first(first, end)
 
     async def __call__(self, entry: InboxEntry, msg: LocationMessage, act: Activity,
                        progress: Callable[[int], None]) -> str:
@@ -90,6 +97,7 @@ class ContentFetch:
         # (a held offer waits for a NATed holder to come back): give it the whole budget.
         dl = Downloader(partial, sources, self.identity, window=self.window,
                         connect_timeout=self.connect_timeout, on_event=on_event)
+        self.running[h.content_id] = dl
         try:
             async with TaskSet(f"refresh {entry.id.hex()}") as refresher:
                 refresher.spawn(self.finder.refresh(dl, msg), name="provider-refresh")
@@ -99,5 +107,8 @@ class ContentFetch:
             raise RetryLater(str(exc)) from None
         except FetchError as exc:
             raise DownloadFailed(str(exc)) from None
+        finally:
+            if self.running.get(h.content_id) is dl:
+                del self.running[h.content_id]
         progress(partial.held)
         return str(path)

@@ -24,6 +24,7 @@ from crypto.identity import DeviceIdentity
 from rendezvous.domainkey import decode_key
 
 CONFIG_VERSION = 1
+DEFAULT_WEB = "127.0.0.1:8470"  # the web inbox; another free port if taken, "off": none
 
 
 class HomeError(Exception):
@@ -43,6 +44,7 @@ class NodeConfig:
     # keys were pinned: the next start pins the key the server shows, and logs it.
     server_key: str = ""
     plaintext: bool = False  # no TLS to the server: the simulator only
+    web: str = DEFAULT_WEB  # HOST:PORT of the web inbox (overlay.app.web), or "off"
 
     def pinned_key(self) -> bytes | None:
         """The pinned server key, or None if none is pinned yet."""
@@ -69,12 +71,15 @@ class NodeConfig:
                 options=dict(obj.get("options", {})),
                 server_key=str(obj.get("server_key", "")),
                 plaintext=obj.get("plaintext", False) is True,
+                web=str(obj.get("web", DEFAULT_WEB)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DecodeError(f"config.json: bad or missing field: {exc}") from None
         cfg.pinned_key()  # a key that is there must be a key
         parse_hostport(cfg.server, what="server")
         parse_hostport(cfg.listen, what="listen")
+        if cfg.web != "off":
+            parse_hostport(cfg.web, what="web")
         return cfg
 
 

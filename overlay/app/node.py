@@ -71,6 +71,7 @@ class NodeOptions:
     # How the WebRTC rung is made: aiortc in production; the simulator passes its own
     # endpoint that obeys its NAT model (aiortc's DTLS and SCTP are not run there).
     webrtc_endpoint: EndpointFactory = WebRtcEndpoint
+    web: str | None = None  # the web inbox's HOST:PORT or "off"; None: the config's `web`
 
 
 class Node:
@@ -125,14 +126,16 @@ class Node:
         await self.links.start()
         st.push_async_callback(self.links.aclose)
         self._wire_mail()
-        self.control = ControlServer(self.home.control_path, ControlOperations(
+        ops = ControlOperations(
             self.identity, self.address, listen_addr=self.listen_addr,
             rendezvous=self.rendezvous, incoming=self.incoming, sender=self.sender,
             inbox=self.inbox, outbox=self.outbox, prefs=self.prefs, contacts=self.contacts,
             downloads=self.downloads, transfer=self.transfer,
-            max_in_flight=self.options.max_in_flight, store=self.store).table())
+            max_in_flight=self.options.max_in_flight, store=self.store)
+        self.control = ControlServer(self.home.control_path, ops.table())
         await self.control.start()
         st.push_async_callback(self.control.aclose)
+        self.web_url = await self._start_web(ops)
 
         await self.delivery.retention()  # finish what a crash interrupted
         self._tg = await st.enter_async_context(asyncio.TaskGroup())
@@ -168,6 +171,7 @@ class Node:
                              announce=self.providers.announce,
                              window=self.options.max_in_flight,
                              connect_timeout=ladder.budget)
+        self.fetch = fetch
         self.downloads = DownloadQueue(
             self.inbox, self.prefs, fetch, self.receipts.completed, wall=self.wall,
             rng=self.rng, max_active=self.options.max_active_downloads,
@@ -177,6 +181,19 @@ class Node:
             self.downloads, archive=self.home.root / "archive", on_pipe=self.links.feed,
             on_relay=self.links.serve_relayed,
             withdraw=self.providers.withdraw)
+
+    async def _start_web(self, ops: ControlOperations) -> str | None:
+        """The web inbox on this loop, closed with the node; its URL, or None when off."""
+        listen = self.options.web or self.config.web
+        if listen == "off":
+            return None
+        from overlay.app.web.server import WebInbox  # aiohttp only when it is on
+
+        web = WebInbox(self.home.root, ops, self.store, listen=listen,
+                       want=self.fetch.want_first, wall=self.wall)
+        url = await web.start()
+        self._stack.push_async_callback(web.aclose)
+        return url
 
     async def _first_login(self) -> None:
         """Log in to the server, waiting with backoff while it can't be reached: a node
@@ -263,6 +280,7 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
         opts.provider_refresh = args.provider_refresh
     if getattr(args, "inbox_max", None) is not None:
         opts.inbox_max = args.inbox_max
+    opts.web = getattr(args, "web", None)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -272,7 +290,7 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
         async with Node(home, options=opts, wall=time.time) as node:
             host, port = node.listen_addr or ("", 0)
             print(f"ready address={node.address} listen={host}:{port} "
-                  f"control={home.control_path}", flush=True)
+                  f"control={home.control_path} web={node.web_url or 'off'}", flush=True)
             await stop.wait()
             log.info("stopping")
 

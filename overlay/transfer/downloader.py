@@ -254,6 +254,11 @@ class Downloader:
             run.task = self._tg.create_task(self._run_source(run))
         return True
 
+    def want_first(self, first: int, end: int) -> None:
+        """Fetch chunks `first`..`end`-1 before the others (a player's playhead)."""
+        self.scheduler.want_first(first, end)
+        self._wake_all()
+
     def _emit(self, event: FetchEvent) -> None:
         if self._on_event is not None:
             self._on_event(event)
