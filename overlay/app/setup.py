@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 
 from rich.console import Console
 
@@ -25,7 +26,10 @@ from crypto.vouch import Vouch, device_key_text, make_vouch, parse_device_key
 from overlay.app.home import HomeError, NodeConfig, NodeHome
 from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver, txt_name
 from rendezvous.domainkey import encode_key, fingerprint
-from rendezvous.errors import ConnectionLostError, RendezvousError
+from rendezvous.errors import ConnectionLostError, RemoteProtocolError, RendezvousError
+from rendezvous.framing import DEFAULT_MAX_FRAME, FrameDecoder
+from rendezvous.messages import Challenge, decode_server_message
+from rendezvous.tls import client_context
 
 REGISTER_TIMEOUT = 15.0
 
@@ -97,6 +101,31 @@ def init_home(home: NodeHome, args: argparse.Namespace, console: Console,
     return 0
 
 
+async def _challenge_key(host: str, port: int) -> bytes:
+    """The domain key the server names in its CHALLENGE (nothing is sent; not yet proved)."""
+    decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+    async with asyncio.timeout(REGISTER_TIMEOUT):
+        reader, writer = await asyncio.open_connection(host, port, ssl=client_context())
+        try:
+            while data := await reader.read(65536):
+                for frame in decoder.feed(data):
+                    msg = decode_server_message(frame, DEFAULT_MAX_FRAME)
+                    if isinstance(msg, Challenge):
+                        return msg.key
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    raise ConnectionLostError("the server closed the connection before its CHALLENGE")
+
+
+def _wrong_key(where: str, seen: bytes | None, domain: str, published: bytes) -> HomeError:
+    shown = fingerprint(seen) if seen is not None else "none"
+    return HomeError(f"refusing the server at {where}: it shows the key {shown}, but "
+                     f"{txt_name(domain)} TXT publishes {fingerprint(published)} for {domain} "
+                     "(someone is in the way, or the domain's records are stale)")
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -117,15 +146,16 @@ async def _register_found(resolver: DomainResolver, identity: DeviceIdentity, ad
     for host, port in records.servers:
         where = _hostport(host, port)
         try:
+            # The key the CHALLENGE names is checked before anything is sent, so a server
+            # with another key never gets the registration; the handshake then proves it.
+            named = await _challenge_key(host, port)
+            if named != records.key:
+                raise _wrong_key(where, named, domain, records.key)
             key = await register(host, port, identity, address, invite, vouch=vouch,
                                  server_key=records.key, domain=domain)
         except ServerIdentityError as exc:
-            seen = fingerprint(exc.seen) if exc.seen is not None else "none"
-            raise HomeError(
-                f"refusing the server at {where}: it proves the key {seen}, but "
-                f"{txt_name(domain)} TXT publishes {fingerprint(records.key)} for {domain} "
-                f"(someone is in the way, or the domain's records are stale)") from None
-        except (OSError, TimeoutError, ConnectionLostError) as exc:
+            raise _wrong_key(where, exc.seen, domain, records.key) from None
+        except (OSError, TimeoutError, ConnectionLostError, RemoteProtocolError) as exc:
             failures.append(f"{where}: {exc or 'timed out'}")
             continue
         except RendezvousError as exc:

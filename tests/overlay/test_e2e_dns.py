@@ -108,10 +108,14 @@ def test_init_refuses_a_server_whose_key_is_not_published(
     carol, res = init(net, "carol", check=False)
     err = " ".join(res.stderr.split())
     assert res.returncode != 0
-    assert (f"refusing the server at {host}:{port}: it proves the key "
+    assert (f"refusing the server at {host}:{port}: it shows the key "
             f"{fingerprint(real.public)}, but _peerpost.{DOMAIN} TXT publishes "
             f"{fingerprint(other.public)}") in err, err
     assert not (carol.home / "config.json").exists()
+    # Refused before anything was sent: the address is still free at that server.
+    res = net.cli(carol, "init", "--address", carol.address, "--server", f"{host}:{port}",
+                  "--listen", "127.0.0.1:0")
+    assert fingerprint(real.public) in " ".join(res.stdout.split())
 
 
 def test_init_names_the_missing_srv_record(
