@@ -21,6 +21,11 @@ when the adapter must drop the connection and reconnect. Time comes in through
 `receive_data(data, now)` and `data_to_send(now)`; the replies to our PINGs are consumed
 here, whatever their status (an old server's 400 "unknown verb" proves it alive too).
 
+A server linking to another domain's server (rendezvous/federation.py) answers the
+CHALLENGE with `link(domain_key, own_domain)` instead of `authorize`; the reply must carry
+the remote domain key's signature with our domain key in place of a device key, checked
+under `server_key`, which for a link is always the key DNS publishes for that domain.
+
 `RelayHandshake` drives one relay connection up to the splice: CHALLENGE, AUTHORIZATION
 with `relay`, then RELAY or RELAY-ACCEPT, until the OK reply that means "spliced". It
 reads one frame at a time, because the bytes after that reply are the peer's raw stream
@@ -37,7 +42,7 @@ from typing import Any
 
 from crypto.errors import VerificationError
 from crypto.identity import DeviceIdentity, verify
-from rendezvous.domainkey import fingerprint
+from rendezvous.domainkey import DomainKey, fingerprint
 from rendezvous.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from rendezvous.framing import DEFAULT_MAX_FRAME, PREFIX, FrameDecoder, encode_frame
 from rendezvous.messages import (
@@ -45,6 +50,7 @@ from rendezvous.messages import (
     SERVER_AUTH_CONTEXT,
     Authorization,
     Challenge,
+    Link,
     Ping,
     Quit,
     Relay,
@@ -133,10 +139,26 @@ class ClientConnection:
         self._write(req)
         return req.id
 
+    def link(self, domain_key: DomainKey, own_domain: str) -> int:
+        """Answer the current challenge as the server of `own_domain` (a server link);
+        returns the request id of the LINK."""
+        if self.state is not ClientState.CHALLENGED or self.challenge is None:
+            raise LocalProtocolError(f"no challenge to answer (state {self.state.value})")
+        if self.server_key is None:
+            raise LocalProtocolError("a link needs the remote domain's key from DNS")
+        cnonce = self._new_nonce()
+        req = Link.signed(self.new_id(), domain_key, own_domain, self.challenge.domain,
+                          self.challenge.nonce, cnonce, self.binding)
+        self._answered = (self.challenge, cnonce, domain_key.public)
+        self._auth_id = req.id
+        self.state = ClientState.AUTHENTICATING
+        self._write(req)
+        return req.id
+
     def send(self, request: Request) -> None:
         """Queue a request (its id from `new_id()`) for the transport."""
-        if isinstance(request, Authorization):
-            raise LocalProtocolError("use authorize() to answer a challenge")
+        if isinstance(request, Authorization | Link):
+            raise LocalProtocolError("use authorize() or link() to answer a challenge")
         if not isinstance(request, Quit) and self.state is not ClientState.AUTHENTICATED:
             raise LocalProtocolError(f"{request.TAG} before authentication")
         self._write(request)

@@ -55,6 +55,18 @@ class Limits:
     # against the client's default 20 s PING leaves two missed PINGs of slack.
     keepalive_timeout: float = 45.0
     auth_attempts: int = 3
+    # Server links from other domains (rendezvous/federation.py): per linking domain, the
+    # envelopes per second it may forward (a token bucket), what it may have queued here
+    # from all its senders, and its live links; 0 turns a cap off.
+    link_rate: float = 200.0
+    link_burst: float = 2_000.0
+    link_quota_count: int = 100_000
+    link_quota_bytes: int = 512 * 1024 * 1024
+    links_per_domain: int = 8
+    # The sending side: how long an envelope for another domain waits before it bounces,
+    # and how many one sender may have waiting.
+    outbound_expiry: float = 5 * DAY
+    outbound_per_sender: int = 10_000
     flush_page: int = 128                  # queued envelopes read per page on flush
     max_devices_per_account: int = 16
     max_advertise: int = 1024              # packed bytes of a device's reachability hints

@@ -11,10 +11,12 @@ table; a name from the wire is never used to look anything else up.
 | | advertise?, relay?, vouch? (96), keepalive? (ms) |
 | QUIT | |
 | PING | (none): the server answers OK "pong"; valid before and after authentication |
-| SEND | mid (16), prio (0..7), items: [{to, device (20), blob}] |
+| SEND | mid (16), prio (0..7), items: [{to, device (20), blob}], from? (link only) |
 | LIST | after? (cursor from the previous page), limit? |
 | RETRIEVE / REMOVE | mid |
-| FINGER | address |
+| FINGER | address, asker? (link only) |
+| LINK | domain, cnonce (32), signature (64): a server linking in for its domain |
+| TRACK | mid: the forwarding state of each foreign recipient of my message |
 | PIPE | to, device (20)?, payload, hold_ms |
 | ADVERTISE | advertise |
 | RELAY | to, device (20), session (16): open a relayed stream to that device |
@@ -42,6 +44,17 @@ The handshake authenticates both ends over this very connection:
 Fresh nonces on both sides make a recorded signature worthless in another session; the
 binding makes both worthless through a proxy that terminates TLS with its own certificate.
 
+Server links (federation): a domain's server answers the CHALLENGE of another domain's
+server with LINK instead of AUTHORIZATION: its own `domain`, a client nonce and the
+signature of its domain key over `packb([remote domain, nonce, cnonce, binding, own
+domain])`, context `b"rendezvous-link"` (`link_payload`). The receiving server checks it
+under the linking domain's key from DNS (rendezvous.dns), never a key first seen on the
+wire; its REPLY carries `server_sig` as for a node, with the linking domain's key in
+place of the device key. A link session is authorized for a domain, not an address: its
+SEND names the sender (`from`, which must be `*@<linking domain>`) and its FINGER the
+`asker` (so FINGER's privacy rules hold for the asking user), and every recipient or
+looked-up address must be of the receiving domain.
+
 Keepalive: a client that sends `keepalive` (its PING interval in ms) in its AUTHORIZATION
 sends a PING whenever it has sent nothing for that long, and takes the server for dead
 when nothing (the "pong" included) came back for its timeout. The server then closes
@@ -63,6 +76,7 @@ from crypto.codec import Fields, packb, unpackb
 from crypto.errors import DecodeError
 from crypto.identity import PEER_ID_LEN, PUBLIC_KEY_LEN, SIGNATURE_LEN, DeviceIdentity
 from crypto.vouch import VOUCH_LEN
+from rendezvous.domainkey import DomainKey
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.records import (
     MAX_BLOB,
@@ -79,12 +93,14 @@ from rendezvous.status import Status
 
 AUTH_CONTEXT = b"rendezvous-auth"
 SERVER_AUTH_CONTEXT = b"rendezvous-server"
+LINK_CONTEXT = b"rendezvous-link"
 NONCE_LEN = 32
 MAX_REQUEST_ID = (1 << 63) - 1
 MAX_ITEMS = 256          # decoder ceiling; Limits.max_items_per_send is the policy
 MAX_ADVERTISE_WIRE = 4096
 INVITE_MAX_LEN = 64
 MAX_TEXT = 1024
+MAX_DOMAIN = 190  # the domain part of an address (crypto.address)
 MAX_LIST_PAGE = 1000
 RELAY_SESSION_LEN = 16
 MAX_KEEPALIVE_MS = 3_600_000  # an announced PING interval: 1 ms .. 1 h
@@ -100,6 +116,12 @@ def server_payload(domain: str, nonce: bytes, client_nonce: bytes, binding: byte
                    verify_key: bytes) -> bytes:
     """The exact bytes the domain key signs in its reply to an AUTHORIZATION."""
     return packb([domain, nonce, client_nonce, binding, verify_key])
+
+
+def link_payload(remote_domain: str, nonce: bytes, client_nonce: bytes, binding: bytes,
+                 own_domain: str) -> bytes:
+    """The exact bytes a linking server's domain key signs to answer a CHALLENGE."""
+    return packb([remote_domain, nonce, client_nonce, binding, own_domain])
 
 
 def _advertise(f: Fields, key: str, optional: bool) -> dict[str, Any] | None:
@@ -219,17 +241,25 @@ class SendItem:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Deposit one message (one sealed copy per recipient device); idempotent by id."""
+    """Deposit one message (one sealed copy per recipient device); idempotent by id.
+
+    `sender` is set only on a server link (the address of the forwarded message's
+    sender); a node's SEND is from its own session's address."""
 
     TAG: ClassVar[str] = "SEND"
     id: int
     message_id: bytes
     priority: int
     items: tuple[SendItem, ...]
+    sender: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"mid": self.message_id, "prio": self.priority,
-                "items": [{"to": i.to, "device": i.device, "blob": i.blob} for i in self.items]}
+        out: dict[str, Any] = {
+            "mid": self.message_id, "prio": self.priority,
+            "items": [{"to": i.to, "device": i.device, "blob": i.blob} for i in self.items]}
+        if self.sender is not None:
+            out["from"] = self.sender
+        return out
 
     @classmethod
     def decode(cls, rid: int, f: Fields) -> Send:
@@ -239,16 +269,19 @@ class Send:
         if len(items) > 1 and len({i.device for i in items}) != len(items):
             # One envelope per device and message id: the store keys on (device, mid).
             raise DecodeError("SEND.items: a device appears more than once")
+        sender = address_field(f, "from") if f.has("from") else None
         return cls(rid, f.bytes("mid", size=MESSAGE_ID_LEN),
-                   f.int("prio", lo=0, hi=MAX_PRIORITY), items)
+                   f.int("prio", lo=0, hi=MAX_PRIORITY), items, sender)
 
     @classmethod
     def decode_well_formed(cls, rid: int, obj: dict[str, Any]) -> Send | None:
-        """`decode` of a SEND with every field right, without `Fields`; else None."""
+        """`decode` of a node's SEND with every field right, without `Fields`; else None
+        (a link's SEND, with `from`, goes through `decode`)."""
         mid, prio, raw = obj.get("mid"), obj.get("prio"), obj.get("items")
         if (type(mid) is not bytes or len(mid) != MESSAGE_ID_LEN
                 or type(prio) is not int or not 0 <= prio <= MAX_PRIORITY
-                or type(raw) is not list or not 1 <= len(raw) <= MAX_ITEMS):
+                or type(raw) is not list or not 1 <= len(raw) <= MAX_ITEMS
+                or "from" in obj):
             return None
         items = []
         for one in raw:
@@ -325,18 +358,73 @@ class Remove:
 
 @dataclass(frozen=True, slots=True)
 class Finger:
-    """Presence, device keys and reachability hints of an address on this server."""
+    """Presence, device keys and reachability hints of an address on this server.
+
+    `asker` is set only on a server link: the user on whose behalf the linking server
+    asks (FINGER's privacy rules are applied to that address)."""
 
     TAG: ClassVar[str] = "FINGER"
     id: int
     address: str
+    asker: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"address": self.address}
+        out: dict[str, Any] = {"address": self.address}
+        if self.asker is not None:
+            out["asker"] = self.asker
+        return out
 
     @classmethod
     def decode(cls, rid: int, f: Fields) -> Finger:
-        return cls(rid, address_field(f, "address"))
+        return cls(rid, address_field(f, "address"),
+                   address_field(f, "asker") if f.has("asker") else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A server's answer to a CHALLENGE: "I am the server of `domain`" (module doc)."""
+
+    TAG: ClassVar[str] = "LINK"
+    id: int
+    domain: str
+    client_nonce: bytes
+    signature: bytes
+
+    @classmethod
+    def signed(cls, request_id: int, key: DomainKey, own_domain: str, remote_domain: str,
+               nonce: bytes, client_nonce: bytes, binding: bytes) -> Link:
+        """Sign with the domain key `key` over this connection."""
+        sig = key.sign(LINK_CONTEXT, link_payload(remote_domain, nonce, client_nonce,
+                                                  binding, own_domain))
+        return cls(request_id, own_domain, client_nonce, sig)
+
+    def fields(self) -> dict[str, Any]:
+        return {"domain": self.domain, "cnonce": self.client_nonce,
+                "signature": self.signature}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Link:
+        domain = f.str("domain", max_len=MAX_DOMAIN, min_len=1)
+        if wire_address(f"x@{domain}") != f"x@{domain}":
+            raise DecodeError(f"LINK.domain: not a domain name: {domain!r}")
+        return cls(rid, domain, f.bytes("cnonce", size=NONCE_LEN),
+                   f.bytes("signature", size=SIGNATURE_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class Track:
+    """Where each foreign recipient of one of my messages stands at my server."""
+
+    TAG: ClassVar[str] = "TRACK"
+    id: int
+    message_id: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"mid": self.message_id}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Track:
+        return cls(rid, f.bytes("mid", size=MESSAGE_ID_LEN))
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,7 +501,7 @@ class RelayAccept:
 
 
 Request = (Authorization | Quit | Ping | Send | List | Retrieve | Remove | Finger | Pipe
-           | Advertise | Relay | RelayAccept)
+           | Advertise | Relay | RelayAccept | Link | Track)
 
 REQUESTS: dict[str, Callable[[int, Fields], Request]] = {
     "AUTHORIZATION": Authorization.decode,
@@ -428,6 +516,8 @@ REQUESTS: dict[str, Callable[[int, Fields], Request]] = {
     "ADVERTISE": Advertise.decode,
     "RELAY": Relay.decode,
     "RELAY-ACCEPT": RelayAccept.decode,
+    "LINK": Link.decode,
+    "TRACK": Track.decode,
 }
 
 

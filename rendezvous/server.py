@@ -47,6 +47,18 @@ The listener speaks TLS 1.3 when given a `ServerTls` (rendezvous/tls.py), relay
 connections included; the domain key signs the server's half of every handshake
 (rendezvous/session.py).
 
+Federation (rendezvous/federation.py): with a `DomainResolver` (by default the DNS one)
+the server links to other domains. A node's SEND naming foreign recipients is
+acknowledged once those envelopes are in the durable outbound queue (the local ones in
+the ordinary queue), and `Federation` forwards them; FINGER of a foreign address goes
+over the link on the asker's behalf; TRACK shows the forwarding state of each foreign
+recipient of the asker's message. Links from other servers (LINK) are checked against the
+linking domain's key from the resolver; over a link the server takes SEND only from
+senders of the linking domain to recipients here (403 and `link_refused_alignment`
+otherwise), at most `Limits.link_rate` envelopes per second and `link_quota_*` queued per
+linking domain, and FINGER on behalf of an asker of that domain. `blocked_domains` are
+refused links (and so mail) outright.
+
 `start()` opens the store and starts listening; `aclose()` stops listening, lets requests
 in progress finish (bounded), closes every connection and then the store.
 """
@@ -62,9 +74,13 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
+from crypto.address import domain_of
 from crypto.codec import packb
+from rendezvous import dns as _dns
+from rendezvous.dns import DomainLookupError, DomainResolver
 from rendezvous.domainkey import DomainKey
-from rendezvous.limits import Limits
+from rendezvous.federation import Federation
+from rendezvous.limits import Limits, TokenBucket
 from rendezvous.logfmt import kv
 from rendezvous.messages import (
     NONCE_LEN,
@@ -80,12 +96,19 @@ from rendezvous.messages import (
     Request,
     Retrieve,
     Send,
+    Track,
 )
 from rendezvous.pipe_hold import pipe_quota
 from rendezvous.records import DeviceInfo, FingerResult
 from rendezvous.relay import PendingRelay, RelayRegistry, Splice
 from rendezvous.services import ExtraService
-from rendezvous.session import AuthRequested, Closing, RequestReceived, ServerConnection
+from rendezvous.session import (
+    AuthRequested,
+    Closing,
+    LinkRequested,
+    RequestReceived,
+    ServerConnection,
+)
 from rendezvous.status import Status
 from rendezvous.store import EnqueueOutcome, QueuedEnvelope, Quota, RegistrationPolicy, Store
 from rendezvous.taskset import TaskSet
@@ -102,6 +125,15 @@ _REPLIED: Final = (Status.OK, "already replied", None)
 
 def _new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_LEN)
+
+
+def default_resolver() -> DomainResolver | None:
+    """The DNS resolver (rendezvous.dns.DnsResolver), or None where there is none."""
+    cls = getattr(_dns, "DnsResolver", None)
+    return None if cls is None else cast(DomainResolver, cls())
+
+
+_DEFAULT: Final = object()  # "the DNS resolver" for RendezvousServer(resolver=...)
 
 
 class _Connection(asyncio.Protocol):
@@ -195,6 +227,8 @@ class _Connection(asyncio.Protocol):
                 self.server._request(self, ev.request)
             elif isinstance(ev, AuthRequested):
                 self.server._spawn(self.server._authenticate(self, ev))
+            elif isinstance(ev, LinkRequested):
+                self.server._spawn(self.server._link_in(self, ev))
             elif isinstance(ev, Closing):
                 self._write_now()
                 log.info(kv("conn.close", peer=self.peer, reason=ev.reason,
@@ -300,10 +334,14 @@ class RendezvousServer:
                  limits: Limits | None = None, clock: Callable[[], float] = time.time,
                  new_nonce: Callable[[], bytes] = _new_nonce,
                  services: dict[str, ExtraService] | None = None, finger_open: bool = False,
-                 domain_key: DomainKey | None = None, tls: ServerTls | None = None) -> None:
+                 domain_key: DomainKey | None = None, tls: ServerTls | None = None,
+                 resolver: DomainResolver | object | None = _DEFAULT,
+                 blocked_domains: frozenset[str] | set[str] = frozenset()) -> None:
         """`domain_key` signs the server's half of every handshake (a throwaway key when
         None: in-process tests); `tls` makes the listener TLS 1.3 (None: plaintext, for
-        the simulator and benchmarks), relay connections included."""
+        the simulator and benchmarks), relay connections included. `resolver` finds
+        other domains' servers and keys (default: DNS; None: no federation, foreign
+        addresses are unknown as before); `blocked_domains` are refused links."""
         self.domain = domain
         self.domain_key = domain_key or DomainKey.generate()
         self.tls = tls
@@ -324,6 +362,17 @@ class RendezvousServer:
         self._connections: set[_Connection] = set()
         self._online: dict[bytes, list[_Connection]] = {}
         self._tasks = TaskSet("rendezvous-server", logger=log)
+        self.resolver: DomainResolver | None = (
+            default_resolver() if resolver is _DEFAULT else cast(DomainResolver | None, resolver))
+        self.blocked_domains = frozenset(blocked_domains)
+        self.federation: Federation | None = None
+        if self.resolver is not None:
+            self.federation = Federation(
+                domain, self.domain_key, self.resolver, store, tls=tls is not None,
+                clock=clock, expiry=self.limits.outbound_expiry,
+                max_queued=self.limits.outbound_per_sender)
+        self._link_buckets: dict[str, TokenBucket] = {}
+        self._links_in: dict[str, int] = {}  # linking domain -> live links
         self._storing: set[asyncio.Future[Any]] = set()  # SEND / REMOVE at the store
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -338,6 +387,11 @@ class RendezvousServer:
         self.pipes_held = 0
         self.sessions_refused = 0
         self.slow_readers_dropped = 0
+        self.links_accepted = 0
+        self.links_refused = 0
+        self.link_refused_alignment = 0
+        self.link_refused_blocked = 0
+        self.link_rate_limited = 0
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -375,6 +429,8 @@ class RendezvousServer:
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         self._spawn(self._sweep(), name="sweep")
+        if self.federation is not None:
+            await self.federation.start()
         log.info(kv("server.listening", domain=self.domain, host=sock[0], port=sock[1],
                     open_registration=self.policy.open_registration,
                     tls="1.3" if ctx is not None else "off",
@@ -413,6 +469,8 @@ class RendezvousServer:
             conn.core.close("server shutting down")
             conn._pump()
         await self._tasks.aclose()
+        if self.federation is not None:
+            await self.federation.aclose()
         with contextlib.suppress(Exception):
             await self._save_relay_usage()
         if self._server is not None:
@@ -443,6 +501,13 @@ class RendezvousServer:
             "slow_readers_dropped": self.slow_readers_dropped,
             "unsent_bytes": self.unsent_total,
             "bad_input": self.bad_input,
+            "links_in": sum(self._links_in.values()),
+            "links_accepted": self.links_accepted,
+            "links_refused": self.links_refused,
+            "link_refused_alignment": self.link_refused_alignment,
+            "link_refused_blocked": self.link_refused_blocked,
+            "link_rate_limited": self.link_rate_limited,
+            **(self.federation.snapshot() if self.federation is not None else {}),
             **(self._relay.snapshot() if self._relay is not None else {}),
             **{f"{name}_{key.replace('.', '_')}": value
                for name, svc in self.services.items() for key, value in svc.stats().items()},
@@ -465,6 +530,12 @@ class RendezvousServer:
         self.unsent_total -= self._unsent.pop(conn, 0)
         if conn.core.relay and self._relay is not None:
             self._relay.withdraw_caller(conn)
+        if (linked := conn.core.link_domain) is not None:
+            left = self._links_in.get(linked, 0) - 1
+            if left > 0:
+                self._links_in[linked] = left
+            else:
+                self._links_in.pop(linked, None)
         peer_id = conn.core.peer_id
         if peer_id is None:
             return
@@ -647,6 +718,10 @@ class RendezvousServer:
         self.requests += 1
         peer_id = conn.core.peer_id
         address = conn.core.address
+        if (isinstance(req, Send) and self.federation is not None and address is not None
+                and any(domain_of(i.to) != self.domain for i in req.items)):
+            self._spawn(self._handle(conn, req))  # foreign recipients: `_send_mixed`
+            return
         if peer_id is None or address is None or not isinstance(req, Send | Remove):
             self._spawn(self._handle(conn, req))
             return
@@ -715,10 +790,18 @@ class RendezvousServer:
 
     async def _dispatch(self, conn: _Connection, req: Request) -> Result:
         core = conn.core
+        if core.link_domain is not None:
+            return await self._link_request(core.link_domain, req)
         peer_id = core.peer_id
         address = core.address
         if peer_id is None or address is None:
             return Status.UNAUTHORIZED, "authenticate first", None
+        if isinstance(req, Send):
+            return await self._send_mixed(address, req)
+        if isinstance(req, Track):
+            states = await self.store.track(address, req.message_id)
+            return Status.OK, None, {"domain": self.domain,
+                                     "recipients": [st.to_wire() for st in states]}
         if isinstance(req, List):
             rows = await self.store.list_infos(peer_id, req.after, req.limit, self.clock())
             more = len(rows) >= req.limit
@@ -730,6 +813,8 @@ class RendezvousServer:
                 return Status.NOT_FOUND, f"no queued envelope {req.message_id.hex()}", None
             return Status.OK, None, {"env": env.to_wire()}
         if isinstance(req, Finger):
+            if self.federation is not None and domain_of(req.address) != self.domain:
+                return await self.federation.finger(address, req.address)
             return await self._finger(address, req.address)
         if isinstance(req, Pipe):
             return await self._pipe(req, address, peer_id)
@@ -743,6 +828,113 @@ class RendezvousServer:
             await self.store.set_advertise(peer_id, req.advertise)
             return Status.OK, "advertised", None
         return Status.BAD_REQUEST, f"{req.TAG} is not handled here", None
+
+    # --- federation --------------------------------------------------------------------
+    async def _send_mixed(self, sender: str, req: Send) -> Result:
+        """A node's SEND with foreign recipients: the local items into the queue, the
+        foreign ones into the outbound queue, acknowledged once both are committed (a
+        retry after a failure stores neither twice)."""
+        fed = self.federation
+        if fed is None:
+            return Status.NOT_FOUND, "this server does not forward to other domains", None
+        local = tuple(i for i in req.items if domain_of(i.to) == self.domain)
+        foreign = tuple(i for i in req.items if domain_of(i.to) != self.domain)
+        stored = 0
+        if local:
+            lim = self.limits
+            now = self.clock()
+            outcome = await self.store.enqueue(
+                sender, Send(req.id, req.message_id, req.priority, local), now,
+                now + lim.envelope_ttl,
+                Quota(lim.quota_count, lim.quota_bytes, lim.sender_quota_count,
+                      lim.sender_quota_bytes))
+            status, text, body = self._sent(outcome)
+            if status != Status.OK:
+                return status, text, body
+            stored = len(outcome.stored)
+        refusal = await fed.queue(sender, Send(req.id, req.message_id, req.priority, foreign))
+        if refusal is not None:
+            return Status.QUOTA, refusal, None
+        self.sends += 0 if local else 1
+        return Status.OK, "stored", {"stored": stored, "queued": len(foreign)}
+
+    async def _link_in(self, conn: _Connection, ev: LinkRequested) -> None:
+        """A LINK: check the linking domain's signature under its key from DNS."""
+        req, core = ev.request, conn.core
+        domain = req.domain
+        refusal: tuple[Status, str] | None = None
+        key: bytes | None = None
+        lim = self.limits
+        if domain in self.blocked_domains:
+            self.link_refused_blocked += 1
+            refusal = (Status.FORBIDDEN, f"links and mail from {domain} are refused here")
+        elif self.resolver is None:
+            refusal = (Status.FORBIDDEN, f"{self.domain} takes no server links")
+        elif lim.links_per_domain and self._links_in.get(domain, 0) >= lim.links_per_domain:
+            refusal = (Status.RATE_LIMITED,
+                       f"{domain} already has {lim.links_per_domain} links here, the limit")
+        else:
+            try:
+                key = (await self.resolver.resolve(domain)).key
+            except DomainLookupError as exc:
+                refusal = (Status.UNAUTHORIZED, f"cannot check {domain}'s domain key: {exc}")
+            except Exception as exc:
+                log.warning(kv("link.lookup_failed", domain=domain), exc_info=exc)
+                refusal = (Status.UNAVAILABLE, f"cannot look {domain} up right now")
+        if core.finish_link(req, ev.nonce, key, refusal):
+            self.links_accepted += 1
+            self._links_in[domain] = self._links_in.get(domain, 0) + 1
+            log.info(kv("link.in", peer=conn.peer, domain=domain))
+        elif not core.closed:
+            self.links_refused += 1
+            log.warning(kv("link.refused", peer=conn.peer, domain=domain,
+                           reason=refusal[1] if refusal else "signature does not verify "
+                           "under the domain key published in DNS"))
+        conn.after_reply()
+
+    async def _link_request(self, linked: str, req: Request) -> Result:
+        """SEND or FINGER over a link from `linked` (the core lets nothing else in)."""
+        if linked in self.blocked_domains:
+            self.link_refused_blocked += 1
+            return Status.FORBIDDEN, f"mail from {linked} is refused here", None
+        if isinstance(req, Finger) and req.asker is not None:
+            if domain_of(req.asker) != linked or domain_of(req.address) != self.domain:
+                self.link_refused_alignment += 1
+                return (Status.FORBIDDEN, f"a link from {linked} may FINGER addresses of "
+                        f"{self.domain} for askers of {linked} only", None)
+            return await self._finger(req.asker, req.address)
+        if not isinstance(req, Send) or req.sender is None:
+            return Status.BAD_REQUEST, f"{req.TAG} is not carried over a server link", None
+        if domain_of(req.sender) != linked:
+            self.link_refused_alignment += 1
+            log.warning(kv("link.alignment", domain=linked, sender=req.sender))
+            return (Status.FORBIDDEN, f"sender {req.sender} is not of the linking domain "
+                    f"{linked}", None)
+        for item in req.items:
+            if domain_of(item.to) != self.domain:
+                self.link_refused_alignment += 1
+                log.warning(kv("link.alignment", domain=linked, recipient=item.to))
+                return (Status.FORBIDDEN, f"recipient {item.to} is not of {self.domain}",
+                        None)
+        lim = self.limits
+        if lim.link_rate:
+            bucket = self._link_buckets.get(linked)
+            if bucket is None:
+                if len(self._link_buckets) >= 10_000:
+                    self._link_buckets.clear()
+                bucket = self._link_buckets[linked] = TokenBucket(
+                    lim.link_rate, max(lim.link_burst, lim.max_items_per_send),
+                    self.loop.time())
+            if not bucket.take(len(req.items), self.loop.time()):
+                self.link_rate_limited += 1
+                return (Status.RATE_LIMITED, f"too many envelopes from {linked}: limit "
+                        f"{lim.link_rate:g} per second", None)
+        now = self.clock()
+        outcome = await self.store.enqueue_forwarded(
+            req.sender, req, now, now + lim.envelope_ttl,
+            Quota(lim.quota_count, lim.quota_bytes, lim.sender_quota_count,
+                  lim.sender_quota_bytes, lim.link_quota_count, lim.link_quota_bytes))
+        return self._sent(outcome)
 
     def _advertise_too_big(self, advertise: dict[str, Any]) -> str | None:
         size = len(packb(advertise))

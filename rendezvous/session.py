@@ -17,6 +17,11 @@ bytes to send; it never touches a socket or a clock. It owns:
   announced a PING interval closes (`Closing.abort`: the peer is gone, nothing waits for
   a flush) after `Limits.keepalive_timeout`, at least twice that interval, without a
   byte from the client, so its device goes offline as on a disconnect,
+- server links (LINK instead of AUTHORIZATION, rendezvous/messages.py): the core hands
+  out `LinkRequested`; the server looks the linking domain's key up and calls
+  `finish_link`, which checks the signature and answers, signed like any handshake. A
+  link session may send SEND (with `from`) and FINGER (with `asker`) only; a node's
+  session may not use those two fields,
 - relay connections (AUTHORIZATION with `relay`): they may send exactly one RELAY or
   RELAY-ACCEPT within `auth_timeout` of connecting, nothing else, and once the server has
   joined them to their peer (`splice()`) the core is out of the way: the adapter hands
@@ -44,10 +49,13 @@ from rendezvous.framing import FrameDecoder, encode_frame
 from rendezvous.limits import Limits, TokenBucket
 from rendezvous.messages import (
     AUTH_CONTEXT,
+    LINK_CONTEXT,
     SERVER_AUTH_CONTEXT,
     Authorization,
     Challenge,
     Deliver,
+    Finger,
+    Link,
     Ping,
     Pipe,
     PipeMessage,
@@ -62,6 +70,7 @@ from rendezvous.messages import (
     auth_payload,
     decode_request,
     encode_server_message,
+    link_payload,
     server_payload,
 )
 from rendezvous.records import Envelope
@@ -111,7 +120,15 @@ class Closing:
     abort: bool = False
 
 
-Event = AuthRequested | RequestReceived | Closing
+@dataclass(frozen=True, slots=True)
+class LinkRequested:
+    """A LINK: the server looks up `request.domain`'s key and calls `finish_link`."""
+
+    request: Link
+    nonce: bytes  # the CHALLENGE nonce it answers
+
+
+Event = AuthRequested | RequestReceived | Closing | LinkRequested
 
 
 class ServerConnection:
@@ -121,8 +138,8 @@ class ServerConnection:
                  "_keepalive_asked", "_last_recv", "_new_nonce", "_out", "_partial_since",
                  "_pipe_bytes", "_relay_asked", "_requests", "_services", "address",
                  "bad_input", "binding", "close_reason", "domain", "domain_key", "in_flight",
-                 "keepalive_timeout", "limits", "nonce", "peer_id", "relay", "state",
-                 "verify_key")
+                 "keepalive_timeout", "limits", "link_domain", "nonce", "peer_id", "relay",
+                 "state", "verify_key")
 
     def __init__(self, domain: str, limits: Limits, now: float,
                  new_nonce: Callable[[], bytes],
@@ -137,6 +154,7 @@ class ServerConnection:
         self._attempt: tuple[bytes, bytes, bytes] | None = None
         self._services = dict(services or {})
         self.relay = False          # authorized as a relay connection
+        self.link_domain: str | None = None  # a server link, authorized for this domain
         self._relay_asked = False   # its one RELAY / RELAY-ACCEPT has arrived
         self.limits = limits
         self.state = SessionState.AWAITING_AUTH
@@ -232,6 +250,8 @@ class ServerConnection:
             self.close("quit")
         elif isinstance(req, Authorization):
             self._authorize(req)
+        elif isinstance(req, Link):
+            self._link(req)
         else:
             self.in_flight += 1
             self._events.append(RequestReceived(req))
@@ -243,7 +263,7 @@ class ServerConnection:
                                       Status.RATE_LIMITED, request_id=req.id)
         if isinstance(req, Quit | Ping):
             return
-        if isinstance(req, Authorization):
+        if isinstance(req, Authorization | Link):
             if self.state is not SessionState.AWAITING_AUTH:
                 raise RemoteProtocolError(
                     "already authenticated" if self.state is SessionState.AUTHENTICATED
@@ -252,6 +272,20 @@ class ServerConnection:
         if self.state is not SessionState.AUTHENTICATED:
             raise RemoteProtocolError(f"authenticate first ({req.TAG} before AUTHORIZATION)",
                                       Status.UNAUTHORIZED, request_id=req.id)
+        if self.link_domain is not None:
+            if isinstance(req, Send) and req.sender is None:
+                raise RemoteProtocolError("a SEND over a server link names its sender (from)",
+                                          request_id=req.id)
+            if isinstance(req, Finger) and req.asker is None:
+                raise RemoteProtocolError("a FINGER over a server link names its asker",
+                                          request_id=req.id)
+            if not isinstance(req, Send | Finger):
+                raise RemoteProtocolError(f"{req.TAG} is not carried over a server link",
+                                          request_id=req.id)
+        elif (isinstance(req, Send) and req.sender is not None) or (
+                isinstance(req, Finger) and req.asker is not None):
+            raise RemoteProtocolError(f"{req.TAG} from/asker is for server links only",
+                                      Status.FORBIDDEN, request_id=req.id)
         is_relay_verb = isinstance(req, Relay | RelayAccept)
         if self.relay:
             if not is_relay_verb:
@@ -325,6 +359,44 @@ class ServerConnection:
                              "a relay connection can't register, use an invite or advertise")
             return
         self._events.append(AuthRequested(req, peer_id_of(req.verify_key)))
+
+    def _link(self, req: Link) -> None:
+        self._auth_attempts += 1
+        self._to(SessionState.AUTHENTICATING)
+        self._attempt = (self.nonce, req.client_nonce, b"")
+        if req.domain == self.domain:
+            self.bad_input += 1
+            self.reject_auth(req.id, Status.FORBIDDEN, f"{req.domain} can't link to itself")
+            return
+        self._events.append(LinkRequested(req, self.nonce))
+
+    def finish_link(self, req: Link, nonce: bytes, key: bytes | None,
+                    refusal: tuple[Status, str] | None = None) -> bool:
+        """Answer a LinkRequested: `key` is the linking domain's key from DNS (None with
+        the `refusal` when it could not be had or the domain is refused). True if linked."""
+        if self.state is not SessionState.AUTHENTICATING:
+            return False
+        if key is not None and refusal is None:
+            self._attempt = (nonce, req.client_nonce, key)
+            try:
+                verify(key, LINK_CONTEXT, link_payload(self.domain, nonce, req.client_nonce,
+                                                       self.binding, req.domain),
+                       req.signature)
+            except VerificationError:
+                refusal = (Status.UNAUTHORIZED,
+                           f"LINK signature does not verify under the domain key of "
+                           f"{req.domain} published in DNS (a wrong key, a replay, or a proxy "
+                           "terminating TLS in between?)")
+        if refusal is not None or key is None:
+            self.bad_input += 1
+            status, text = refusal or (Status.UNAUTHORIZED, "no key")
+            self.reject_auth(req.id, status, text)
+            return False
+        self._to(SessionState.AUTHENTICATED)
+        self.link_domain = req.domain
+        self._send(Reply(req.id, Status.OK, "linked",
+                         self._server_signed({"domain": self.domain})))
+        return True
 
     # --- answers from the server -------------------------------------------------------
     def accept_auth(self, request_id: int, address: str, verify_key: bytes,

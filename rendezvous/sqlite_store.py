@@ -20,6 +20,9 @@ Version 2 added the exchanged-mail pairs (backfilled from the envelopes still qu
 PIPE hold and the relay's daily volumes; per-sender queue usage is counted from the
 envelopes' `sender` column, which version 1 already had. Version 3 added the devices'
 `vouch` (what a device joining an account presented; devices added before have none).
+Version 4 added federation: the outbound queue (`outbound`: envelopes for other domains,
+with their forwarding state, kept after delivery or bounce for TRACK) and `forwarded_in`
+(every (device, message id) stored from a link, so a repeated forward is delivered once).
 
 `create_invite` and `read_stats` open their own short connection, so the CLI can use them
 next to a running server (WAL lets readers and a second writer in safely).
@@ -55,6 +58,8 @@ from rendezvous.store import (
     DeviceRecord,
     EnqueueOutcome,
     FingerView,
+    OutboundRow,
+    OutboundState,
     PipeQuota,
     QueuedEnvelope,
     QueuedInfo,
@@ -65,7 +70,8 @@ from rendezvous.store import (
 
 T = TypeVar("T")
 DB_NAME = "rendezvous.sqlite3"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+FORWARD_MEMORY = 30 * 86400.0  # how long finished outbound rows and forwarded ids are kept
 _MAX_BATCH = 1024
 _DEVICE_CACHE = 65_536
 _PAIR_CACHE = 65_536   # exchanged pairs known to be recorded (skips their INSERT)
@@ -119,6 +125,31 @@ CREATE TABLE IF NOT EXISTS pipe_held (
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pipe_held_by_device ON pipe_held(device, sender);
+CREATE TABLE IF NOT EXISTS outbound (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    domain TEXT NOT NULL,
+    mid BLOB NOT NULL,
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    device BLOB NOT NULL,
+    prio INTEGER NOT NULL,
+    blob BLOB,                -- NULL once delivered or bounced
+    queued_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    state TEXT NOT NULL,      -- 'queued', 'delivered' or 'bounced'
+    since REAL,               -- queued: first failed attempt of the current outage
+    error TEXT,
+    updated_at REAL NOT NULL,
+    UNIQUE (device, mid)
+);
+CREATE INDEX IF NOT EXISTS outbound_waiting ON outbound(state, domain, id);
+CREATE INDEX IF NOT EXISTS outbound_by_sender ON outbound(sender, mid);
+CREATE TABLE IF NOT EXISTS forwarded_in (
+    device BLOB NOT NULL,
+    mid BLOB NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (device, mid)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS relay_usage (
     account TEXT PRIMARY KEY,
     day INTEGER NOT NULL,
@@ -132,6 +163,7 @@ _MIGRATIONS: dict[int, str] = {
           SELECT min(sender, recipient), max(sender, recipient), MAX(received_at)
           FROM envelopes WHERE sender <> recipient GROUP BY 1, 2""",
     2: "ALTER TABLE devices ADD COLUMN vouch BLOB",
+    3: "SELECT 1",  # the outbound queue and forwarded_in are new tables only
 }
 
 
@@ -238,6 +270,7 @@ class SqliteStore:
         # stored; recent message ids -> (sender, recipients); bytes held for PIPE.
         self._usage: dict[str, list[int]] = {}
         self._sender_usage: dict[tuple[str, str], list[int]] = {}
+        self._domain_usage: dict[str, list[int]] = {}  # sender domain -> [count, bytes]
         self._bound: dict[bytes, str] = {}
         self._pairs: set[tuple[str, str]] = set()
         self._recent: dict[bytes, tuple[str, set[str]]] = {}
@@ -378,10 +411,14 @@ class SqliteStore:
         self._recent = {}
         self._usage = {}
         self._sender_usage = {}
+        self._domain_usage = {}
         for s, r, c, b in conn.execute("SELECT sender, recipient, COUNT(*), SUM(length(blob)) "
                                        "FROM envelopes GROUP BY sender, recipient"):
             self._sender_usage[s, r] = [c, b]
             u = self._usage.setdefault(r, [0, 0])
+            u[0] += c
+            u[1] += b
+            u = self._domain_usage.setdefault(s.rpartition("@")[2], [0, 0])
             u[0] += c
             u[1] += b
         self._pipe_total = conn.execute(
@@ -413,10 +450,26 @@ class SqliteStore:
         u[1] += size
         if u[0] <= 0:
             del self._sender_usage[key]
+        domain = sender.rpartition("@")[2]
+        u = self._domain_usage.setdefault(domain, [0, 0])
+        u[0] += count
+        u[1] += size
+        if u[0] <= 0:
+            del self._domain_usage[domain]
 
     def _over_quota(self, sender: str, adding: dict[str, list[int]],
                     quota: Quota) -> str | None:
         """The refusal text if adding [count, bytes] per recipient passes a quota."""
+        if quota.domain_count or quota.domain_bytes:
+            domain = sender.rpartition("@")[2]
+            used = self._domain_usage.get(domain, [0, 0])
+            count = sum(a[0] for a in adding.values())
+            size = sum(a[1] for a in adding.values())
+            if (quota.domain_count and used[0] + count > quota.domain_count) or \
+                    (quota.domain_bytes and used[1] + size > quota.domain_bytes):
+                return (f"quota exceeded for mail from {domain}: {used[0]} envelopes / "
+                        f"{used[1]} bytes queued here, limit {quota.domain_count} / "
+                        f"{quota.domain_bytes} per domain")
         for address, (count, size) in adding.items():
             used = self._usage.get(address, [0, 0])
             if used[0] + count > quota.count or used[1] + size > quota.bytes:
@@ -550,6 +603,97 @@ class SqliteStore:
             self._used(sender, addr, count, size)
         self._record_exchange(conn, sender, send.message_id, {i.to for i in send.items}, now)
         return EnqueueOutcome(Status.OK, "stored", tuple(stored))
+
+    def enqueue_forwarded(self, sender: str, send: Send, now: float, expires_at: float,
+                          quota: Quota) -> Awaitable[EnqueueOutcome]:
+        def op(conn: sqlite3.Connection) -> EnqueueOutcome:
+            fresh = tuple(i for i in send.items if conn.execute(
+                "SELECT 1 FROM forwarded_in WHERE device=? AND mid=?",
+                (i.device, send.message_id)).fetchone() is None)
+            if not fresh:
+                return EnqueueOutcome(Status.OK, "stored")
+            outcome = self._enqueue_checked(conn, sender, Send(
+                send.id, send.message_id, send.priority, fresh, send.sender), now,
+                expires_at, quota)
+            if outcome.status == Status.OK:
+                conn.executemany("INSERT OR IGNORE INTO forwarded_in VALUES (?, ?, ?)",
+                                 [(i.device, send.message_id, now) for i in fresh])
+            return outcome
+
+        return self._submit(op)
+
+    async def queue_outbound(self, sender: str, send: Send, now: float, expires_at: float,
+                             max_queued: int) -> str | None:
+        def op(conn: sqlite3.Connection) -> str | None:
+            waiting = conn.execute("SELECT COUNT(*) FROM outbound WHERE sender=? AND "
+                                   "state='queued'", (sender,)).fetchone()[0]
+            if waiting + len(send.items) > max_queued:
+                return (f"{sender} already has {waiting} envelopes waiting for other "
+                        f"domains, limit {max_queued}")
+            conn.executemany(
+                "INSERT OR IGNORE INTO outbound (domain, mid, sender, recipient, device, prio,"
+                " blob, queued_at, expires_at, state, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                [(i.to.rpartition("@")[2], send.message_id, sender, i.to, i.device,
+                  send.priority, i.blob, now, expires_at, now) for i in send.items])
+            return None
+
+        return await self._submit(op)
+
+    async def outbound_domains(self) -> list[str]:
+        return await self._submit(lambda conn: [r[0] for r in conn.execute(
+            "SELECT DISTINCT domain FROM outbound WHERE state='queued'")])
+
+    async def outbound_due(self, domain: str, after: int, limit: int) -> list[OutboundRow]:
+        def op(conn: sqlite3.Connection) -> list[OutboundRow]:
+            rows = conn.execute(
+                "SELECT id, domain, mid, sender, recipient, device, prio, blob, expires_at "
+                "FROM outbound WHERE state='queued' AND domain=? AND id>? ORDER BY id LIMIT ?",
+                (domain, after, limit)).fetchall()
+            return [OutboundRow(*r) for r in rows]
+
+        return await self._submit(op)
+
+    async def outbound_done(self, ids: list[int], state: str, reason: str | None,
+                            now: float) -> None:
+        if state not in ("delivered", "bounced"):
+            raise ValueError(f"not a final outbound state: {state!r}")
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany("UPDATE outbound SET state=?, error=?, blob=NULL, updated_at=? "
+                             "WHERE id=? AND state='queued'",
+                             [(state, reason, now, i) for i in ids])
+
+        await self._submit(op)
+
+    async def outbound_failed(self, domain: str, error: str, now: float) -> None:
+        await self._submit(lambda conn: conn.execute(
+            "UPDATE outbound SET since=COALESCE(since, ?), error=?, updated_at=? "
+            "WHERE state='queued' AND domain=?", (now, error[:500], now, domain)) and None)
+
+    async def outbound_expire(self, now: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "UPDATE outbound SET state='bounced', blob=NULL, updated_at=?, "
+                "error='not delivered to ' || domain || ' before it expired (' || "
+                "COALESCE(error, 'no attempt succeeded') || ')' "
+                "WHERE state='queued' AND expires_at<=? RETURNING id", (now, now)).fetchall()
+            conn.execute("DELETE FROM outbound WHERE state<>'queued' AND updated_at<=?",
+                         (now - FORWARD_MEMORY,))
+            conn.execute("DELETE FROM forwarded_in WHERE at<=?", (now - FORWARD_MEMORY,))
+            return len(rows)
+
+        return await self._submit(op)
+
+    async def track(self, sender: str, message_id: bytes) -> list[OutboundState]:
+        def op(conn: sqlite3.Connection) -> list[OutboundState]:
+            rows = conn.execute(
+                "SELECT recipient, state, queued_at, since, error, updated_at FROM outbound "
+                "WHERE sender=? AND mid=? ORDER BY recipient, id",
+                (sender, message_id)).fetchall()
+            return _per_recipient([OutboundState(*r) for r in rows])
+
+        return await self._submit(op)
 
     async def pending(self, device: bytes, after: int, upto: int, limit: int,
                       now: float) -> list[QueuedEnvelope]:
@@ -709,6 +853,18 @@ def _pending(conn: sqlite3.Connection, device: bytes, after: int, upto: int, lim
         f"SELECT {_ENVELOPE_COLUMNS} FROM envelopes WHERE device=? AND seq>? AND seq<=? "
         "AND expires_at>? ORDER BY seq LIMIT ?", (device, after, upto, now, limit)).fetchall()
     return [_envelope(r) for r in rows]
+
+
+def _per_recipient(rows: list[OutboundState]) -> list[OutboundState]:
+    """One state per recipient from its devices' rows: bounced if any device bounced,
+    else queued if any waits, else delivered."""
+    rank = {"bounced": 2, "queued": 1, "delivered": 0}
+    out: dict[str, OutboundState] = {}
+    for row in rows:
+        have = out.get(row.recipient)
+        if have is None or rank.get(row.state, 0) > rank.get(have.state, 0):
+            out[row.recipient] = row
+    return list(out.values())
 
 
 def _register(conn: sqlite3.Connection, address: str, verify_key: bytes, peer_id: bytes,

@@ -12,6 +12,13 @@ pushed live, with each envelope delivered once per session (see server.py).
 Besides accounts and envelopes the store keeps what must survive a restart of the server:
 which accounts have exchanged mail (FINGER shows presence only between them), PIPE
 messages held for offline devices, and each account's relayed volume of the day.
+
+Federation: envelopes for another domain's recipients wait in a durable outbound queue
+(`queue_outbound`) until the link to that domain takes them (`outbound_done`) or they
+expire and bounce (`outbound_expire`); each row keeps its state for `track`. Envelopes
+that arrive over a link go through `enqueue_forwarded`, which remembers every (device,
+message id) it stored, so a forward repeated after the first copy was downloaded and
+removed is not delivered again.
 """
 
 from __future__ import annotations
@@ -90,6 +97,39 @@ class Quota:
     bytes: int
     sender_count: int = 0
     sender_bytes: int = 0
+    # What may be queued here from all senders of one other domain (0: off; links only).
+    domain_count: int = 0
+    domain_bytes: int = 0
+
+
+class OutboundRow(NamedTuple):
+    """One envelope in the outbound queue, for a device of another domain."""
+
+    id: int
+    domain: str
+    message_id: bytes
+    sender: str
+    recipient: str
+    device: bytes
+    priority: int
+    blob: bytes
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundState:
+    """How far one recipient of a message got at the sender's server (TRACK)."""
+
+    recipient: str
+    state: str              # "queued", "delivered" or "bounced"
+    queued_at: float
+    since: float | None     # queued: first failed attempt of the current outage
+    error: str | None       # queued: the last error; bounced: the reason
+    updated_at: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"to": self.recipient, "state": self.state, "queued_at": self.queued_at,
+                "since": self.since, "error": self.error, "updated_at": self.updated_at}
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,3 +247,43 @@ class Store(Protocol):
         ...
 
     async def stats(self) -> StoreStats: ...
+
+    # --- federation ----------------------------------------------------------------------
+    async def queue_outbound(self, sender: str, send: Send, now: float, expires_at: float,
+                             max_queued: int) -> str | None:
+        """Commit the items of `send` (all for other domains) to the outbound queue; a
+        retried SEND adds nothing. The refusal text when `sender` would have more than
+        `max_queued` envelopes waiting."""
+        ...
+
+    async def outbound_domains(self) -> list[str]:
+        """The domains that have envelopes waiting."""
+        ...
+
+    async def outbound_due(self, domain: str, after: int, limit: int) -> list[OutboundRow]:
+        """Waiting envelopes for `domain` with id > after, oldest first."""
+        ...
+
+    async def outbound_done(self, ids: list[int], state: str, reason: str | None,
+                            now: float) -> None:
+        """Mark envelopes "delivered" or "bounced" (with `reason`); their blobs go."""
+        ...
+
+    async def outbound_failed(self, domain: str, error: str, now: float) -> None:
+        """Record a failed attempt on every envelope waiting for `domain`."""
+        ...
+
+    async def outbound_expire(self, now: float) -> int:
+        """Bounce waiting envelopes whose expiry passed; forget finished rows older than
+        the envelope lifetime. Returns how many bounced."""
+        ...
+
+    async def track(self, sender: str, message_id: bytes) -> list[OutboundState]:
+        """Per foreign recipient of `sender`'s message: its forwarding state."""
+        ...
+
+    def enqueue_forwarded(self, sender: str, send: Send, now: float, expires_at: float,
+                          quota: Quota) -> Awaitable[EnqueueOutcome]:
+        """`enqueue` for a SEND that came over a link: items whose (device, message id)
+        was stored before (even if since removed) are acknowledged, not stored again."""
+        ...

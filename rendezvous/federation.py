@@ -1,0 +1,401 @@
+"""Federation, the sending side: server links and the outbound queue that holds and retries.
+
+A node hands everything for a foreign address to its own server. This module is what that
+server does with it:
+
+- `LinkClient`: one server link to another domain's server, found and authenticated with
+  the domain's records from a `DomainResolver` (servers in RFC 2782 order, the domain
+  key). It answers the CHALLENGE with LINK (rendezvous/messages.py) and accepts the link
+  only if the reply's `server_sig` verifies under the key DNS publishes for that domain;
+  a server showing another key is refused (`LinkError`, counted, logged). Requests go one
+  at a time (a lock), each answered by its REPLY; a link gets no pushes.
+- `Federation`: the outbound queue worker. A SEND naming foreign recipients is
+  acknowledged once the store has committed those envelopes to its outbound queue; then
+  `wake(domain)` forwards them at once over the domain's link, grouped per (sender,
+  message, recipient) with the sender named (`from`). While the domain is unreachable
+  (no records, no server answering, a refused link, a 429/5xx) every waiting envelope
+  records the error and when the outage began, and the worker tries again after
+  `Backoff` delays. A permanent refusal (400/403/404/413: no such address, alignment)
+  bounces that recipient's envelopes with the remote's text. After `expiry` (default
+  5 days) waiting envelopes bounce. The queue is in the store, so a restart (or kill -9)
+  of either server loses nothing: `start()` wakes every domain with envelopes waiting,
+  and the receiving server stores a repeated forward once (`Store.enqueue_forwarded`).
+- `finger(asker, address)`: FINGER over the link on behalf of `asker`, so the remote's
+  privacy rules apply to the asking user; 503 "b.test is unreachable: ..." otherwise.
+
+Not carried over links yet: PIPE, relay invitations and the DHT across domains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from crypto.address import domain_of
+from rendezvous.backoff import Backoff
+from rendezvous.client_core import ClientConnection
+from rendezvous.dns import DomainLookupError, DomainRecords, DomainResolver
+from rendezvous.domainkey import DomainKey, fingerprint
+from rendezvous.errors import RemoteProtocolError
+from rendezvous.framing import DEFAULT_MAX_FRAME
+from rendezvous.logfmt import kv
+from rendezvous.messages import Challenge, Finger, Reply, Request, Send, SendItem
+from rendezvous.status import Status
+from rendezvous.store import OutboundRow, Store
+from rendezvous.taskset import TaskSet
+from rendezvous.tls import client_context, peer_binding
+
+log = logging.getLogger("rendezvous.federation")
+
+DAY = 86400.0
+DEFAULT_EXPIRY = 5 * DAY
+_PAGE = 256                   # outbound rows read per round
+_BATCH_BYTES = 160 * 1024     # blob bytes per forwarded SEND (the frame limit is 256 KiB)
+_BATCH_ITEMS = 64
+_MAX_LINKS = 256              # open links at once (FINGER can name any domain)
+_PERMANENT = frozenset({Status.BAD_REQUEST, Status.FORBIDDEN, Status.NOT_FOUND,
+                        Status.TOO_LARGE})
+
+
+class LinkError(Exception):
+    """The link could not be opened or broke; the text says why (shown to senders)."""
+
+
+class LinkClient:
+    """One authenticated server link to `records.domain` (see the module doc)."""
+
+    def __init__(self, own_domain: str, domain_key: DomainKey, records: DomainRecords, *,
+                 tls: bool, timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.own_domain = own_domain
+        self.domain_key = domain_key
+        self.records = records
+        self.remote = records.domain
+        self.tls = tls
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._core: ClientConnection | None = None
+        self._lock = asyncio.Lock()
+        self.identity_mismatch = False  # the last refusal was the remote's key
+
+    @property
+    def alive(self) -> bool:
+        w = self._writer
+        return w is not None and not w.is_closing() and self._core is not None
+
+    async def connect(self) -> None:
+        """Open the link to the first server of the domain that takes it; LinkError if
+        none does (the last reason)."""
+        why = f"{self.remote} lists no server"
+        for host, port in self.records.servers:
+            try:
+                await asyncio.wait_for(self._open(host, port), self.timeout)
+                return
+            except TimeoutError:
+                why = f"{host}:{port} did not answer within {self.timeout:g} s"
+            except (OSError, ssl.SSLError) as exc:
+                why = f"cannot connect to {host}:{port}: {exc or type(exc).__name__}"
+            except RemoteProtocolError as exc:
+                why = f"{host}:{port} sent garbage: {exc.text}"
+            except LinkError as exc:
+                why = str(exc)
+            await self.aclose()
+        raise LinkError(why)
+
+    async def _open(self, host: str, port: int) -> None:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=client_context() if self.tls else None,
+            limit=self.max_frame + 16)
+        self._reader, self._writer = reader, writer
+        core = ClientConnection(self.max_frame, binding=peer_binding(writer.transport),
+                                server_key=self.records.key)
+        self._core = core
+        first = await self._next(core)
+        if not isinstance(first, Challenge):
+            raise LinkError(f"{host}:{port} did not start with a CHALLENGE")
+        if first.domain != self.remote:
+            raise LinkError(f"{host}:{port} is the server of {first.domain}, not {self.remote}")
+        if first.key != self.records.key:  # no LINK signed for a server we won't accept
+            self.identity_mismatch = True
+            raise LinkError(f"{self.remote} ({host}:{port}) did not prove the domain key "
+                            f"DNS publishes for it: it shows {fingerprint(first.key)}, DNS "
+                            f"publishes {fingerprint(self.records.key)}")
+        rid = core.link(self.domain_key, self.own_domain)
+        await self._flush(core)
+        while True:
+            msg = await self._next(core)
+            if isinstance(msg, Reply) and msg.id == rid:
+                break
+        if not msg.ok:
+            # The remote's word alone (its signature covers the key it looked up for us).
+            raise LinkError(f"{self.remote} refused the link: {msg.status} {msg.text}")
+        if core.identity_error is not None:
+            self.identity_mismatch = True
+            raise LinkError(f"{self.remote} ({host}:{port}) did not prove the domain key "
+                            f"DNS publishes for it: {core.identity_error.text}")
+        self.identity_mismatch = False
+        log.info(kv("link.up", remote=self.remote, server=f"{host}:{port}"))
+
+    async def _next(self, core: ClientConnection) -> Any:
+        reader = self._reader
+        if reader is None:
+            raise LinkError("link closed")
+        while (msg := core.next_event()) is None:
+            data = await reader.read(65536)
+            if not data:
+                raise LinkError(f"{self.remote} closed the link")
+            core.receive_data(data)
+        return msg
+
+    async def _flush(self, core: ClientConnection) -> None:
+        w = self._writer
+        if w is None:
+            raise LinkError("link closed")
+        w.write(core.data_to_send())
+        await w.drain()
+
+    async def request(self, make: Callable[[int], Request]) -> Reply:
+        """Send one request and wait for its REPLY (LinkError if the link fails)."""
+        async with self._lock:
+            core = self._core
+            if core is None or not self.alive:
+                raise LinkError(f"the link to {self.remote} is closed")
+            try:
+                async with asyncio.timeout(self.timeout):
+                    req = make(core.new_id())
+                    core.send(req)
+                    await self._flush(core)
+                    while True:
+                        msg = await self._next(core)
+                        if isinstance(msg, Reply) and msg.id == req.id:
+                            return msg
+            except TimeoutError:
+                await self.aclose()
+                raise LinkError(f"{self.remote} did not answer within {self.timeout:g} s"
+                                ) from None
+            except (OSError, RemoteProtocolError) as exc:
+                await self.aclose()
+                raise LinkError(f"the link to {self.remote} broke: {exc}") from None
+            except LinkError:
+                await self.aclose()
+                raise
+
+    async def aclose(self) -> None:
+        w, self._writer, self._reader, self._core = self._writer, None, None, None
+        if w is not None:
+            w.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(w.wait_closed(), 1.0)
+
+
+class Federation:
+    """The outbound queue worker and the links of one server (see the module doc)."""
+
+    def __init__(self, domain: str, domain_key: DomainKey, resolver: DomainResolver,
+                 store: Store, *, tls: bool, clock: Callable[[], float] = time.time,
+                 expiry: float = DEFAULT_EXPIRY, max_queued: int = 10_000,
+                 backoff: Backoff | None = None, link_timeout: float = 10.0,
+                 rng: random.Random | None = None) -> None:
+        self.domain = domain
+        self.domain_key = domain_key
+        self.resolver = resolver
+        self.store = store
+        self.tls = tls
+        self.clock = clock
+        self.expiry = expiry
+        self.max_queued = max_queued
+        self.backoff = backoff or Backoff(1.0, 300.0, jitter=0.8)
+        self.link_timeout = link_timeout
+        self._rng = rng or random.Random()
+        self._links: dict[str, LinkClient] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self._running: set[str] = set()   # domains whose worker runs
+        self._again: set[str] = set()     # woken while their worker ran
+        self._tasks = TaskSet("federation", logger=log)
+        # counters
+        self.forwarded = 0
+        self.bounced = 0
+        self.link_failures = 0
+        self.links_refused_identity = 0
+
+    async def start(self) -> None:
+        """Bounce what expired while we were down, then wake every waiting domain."""
+        await self._expire(self.clock())
+        for domain in await self.store.outbound_domains():
+            self.wake(domain)
+        self._tasks.spawn(self._sweep(), name="federation-sweep")
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+        for link in list(self._links.values()):
+            await link.aclose()
+        self._links.clear()
+
+    def snapshot(self) -> dict[str, int]:
+        return {"fed_forwarded": self.forwarded, "fed_bounced": self.bounced,
+                "fed_link_failures": self.link_failures,
+                "fed_links_refused_identity": self.links_refused_identity,
+                "fed_links_open": sum(link.alive for link in self._links.values())}
+
+    # --- the queue -----------------------------------------------------------------------
+    async def queue(self, sender: str, send: Send) -> str | None:
+        """Commit `send` (all items foreign) to the outbound queue; the refusal text if
+        over the sender's bound. Wakes the workers once committed."""
+        now = self.clock()
+        refusal = await self.store.queue_outbound(sender, send, now, now + self.expiry,
+                                                  self.max_queued)
+        if refusal is None:
+            for domain in {domain_of(i.to) for i in send.items}:
+                self.wake(domain)
+        return refusal
+
+    def wake(self, domain: str) -> None:
+        """Forward what waits for `domain` now (or right after the current round)."""
+        if domain in self._running:
+            self._again.add(domain)
+            return
+        if self._tasks.closed:
+            return
+        self._running.add(domain)
+        self._tasks.spawn(self._worker(domain), name=f"outbound {domain}")
+
+    async def _worker(self, domain: str) -> None:
+        attempt = 0
+        try:
+            while True:
+                self._again.discard(domain)
+                rows = await self.store.outbound_due(domain, 0, _PAGE)
+                if not rows:
+                    if domain in self._again:
+                        continue
+                    return  # `finally` runs before any other callback: no wake is lost
+                try:
+                    await self._forward(domain, rows)
+                    attempt = 0
+                except LinkError as exc:
+                    attempt += 1
+                    self.link_failures += 1
+                    text = f"{domain} unreachable: {exc}"
+                    log.warning(kv("outbound.retry", domain=domain, attempt=attempt,
+                                   waiting=len(rows), error=str(exc)))
+                    await self.store.outbound_failed(domain, text, self.clock())
+                    await asyncio.sleep(self.backoff.delay(attempt, self._rng))
+        finally:
+            self._running.discard(domain)
+
+    async def _forward(self, domain: str, rows: list[OutboundRow]) -> None:
+        now = self.clock()
+        if any(r.expires_at <= now for r in rows):
+            await self._expire(now)
+        groups: dict[tuple[str, bytes, str, int], list[OutboundRow]] = {}
+        for row in rows:
+            if row.expires_at <= now:
+                continue  # the sweep bounces it
+            groups.setdefault((row.sender, row.message_id, row.recipient, row.priority),
+                              []).append(row)
+        for (sender, mid, recipient, prio), group in groups.items():
+            for batch in _batches(group):
+                link = await self.link(domain)
+                items = tuple(SendItem(r.recipient, r.device, r.blob) for r in batch)
+                reply = await link.request(_forward_send(mid, prio, items, sender))
+                ids = [r.id for r in batch]
+                if reply.ok:
+                    self.forwarded += len(batch)
+                    await self.store.outbound_done(ids, "delivered", None, self.clock())
+                    log.info(kv("outbound.delivered", domain=domain, to=recipient,
+                                mid=mid.hex(), envelopes=len(batch)))
+                elif reply.status in _PERMANENT:
+                    self.bounced += len(batch)
+                    reason = f"{domain} refused it: {reply.text}"
+                    await self.store.outbound_done(ids, "bounced", reason, self.clock())
+                    log.warning(kv("outbound.bounced", domain=domain, to=recipient,
+                                   mid=mid.hex(), reason=reason))
+                else:
+                    raise LinkError(f"{domain} answered {reply.status} {reply.text}")
+
+    async def _sweep(self) -> None:
+        interval = max(1.0, min(60.0, self.expiry / 10))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._expire(self.clock())
+            except RuntimeError:  # the store closed during shutdown
+                return
+
+    async def _expire(self, now: float) -> None:
+        n = await self.store.outbound_expire(now)
+        if n:
+            self.bounced += n
+            log.warning(kv("outbound.expired", bounced=n))
+
+    # --- links ---------------------------------------------------------------------------
+    async def link(self, domain: str) -> LinkClient:
+        """The open link to `domain`, opened (resolver, TLS, LINK) if needed; LinkError
+        if that fails."""
+        link = self._links.get(domain)
+        if link is not None and link.alive:
+            return link
+        lock = self._connecting.setdefault(domain, asyncio.Lock())
+        async with lock:
+            link = self._links.get(domain)
+            if link is not None and link.alive:
+                return link
+            try:
+                records = await self.resolver.resolve(domain)
+            except DomainLookupError as exc:
+                raise LinkError(str(exc)) from None
+            link = LinkClient(self.domain, self.domain_key, records, tls=self.tls,
+                              timeout=self.link_timeout)
+            try:
+                await link.connect()
+            except LinkError as exc:
+                if link.identity_mismatch:
+                    self.links_refused_identity += 1
+                    log.warning(kv("link.identity_mismatch", remote=domain, text=str(exc)))
+                raise
+            if len(self._links) >= _MAX_LINKS:
+                old_domain, old = next(iter(self._links.items()))
+                del self._links[old_domain]
+                self._connecting.pop(old_domain, None)
+                await old.aclose()
+            self._links[domain] = link
+            return link
+
+    async def finger(self, asker: str, address: str,
+                     ) -> tuple[Status, str | None, dict[str, Any] | None]:
+        """FINGER `address` at its domain's server on behalf of `asker`."""
+        domain = domain_of(address)
+        try:
+            link = await self.link(domain)
+            reply = await link.request(lambda rid: Finger(rid, address, asker))
+        except LinkError as exc:
+            return Status.UNAVAILABLE, f"{domain} is unreachable: {exc}", None
+        status = Status(reply.status) if Status.known(reply.status) else Status.SERVER_ERROR
+        return status, reply.text, reply.body
+
+
+def _forward_send(mid: bytes, prio: int, items: tuple[SendItem, ...],
+                  sender: str) -> Callable[[int], Request]:
+    return lambda rid: Send(rid, mid, prio, items, sender)
+
+
+def _batches(rows: list[OutboundRow]) -> list[list[OutboundRow]]:
+    out: list[list[OutboundRow]] = []
+    cur: list[OutboundRow] = []
+    size = 0
+    for row in rows:
+        if cur and (len(cur) >= _BATCH_ITEMS or size + len(row.blob) > _BATCH_BYTES):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(row)
+        size += len(row.blob)
+    if cur:
+        out.append(cur)
+    return out
