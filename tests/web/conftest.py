@@ -34,9 +34,11 @@ def _missing_browser() -> str | None:
 
 @pytest.fixture
 def artifacts(tmp_path: Path) -> Path:
-    """Screenshots go here (under pytest's tmp folder, never committed)."""
-    out = tmp_path / "artifacts"
-    out.mkdir()
+    """Screenshots go here: $PEERPOST_ARTIFACTS if set (pytest prunes its old tmp
+    folders while other runs go on), else under this test's tmp folder; never committed."""
+    chosen = os.environ.get("PEERPOST_ARTIFACTS")
+    out = Path(chosen) if chosen else tmp_path / "artifacts"
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
