@@ -7,7 +7,7 @@
                               [--sessions-per-device N] [--sessions-per-account N]
                               [--sessions-per-ip N] [--push-buffer-total BYTES]
                               [--sender-quota-count N] [--sender-quota-bytes BYTES]
-                              [--finger-open]
+                              [--finger-open] [--outbound-expiry DAYS] [--block-domain D ...]
     peerpost-rendezvous invite ADDRESS --data DIR [--days N]
     peerpost-rendezvous stats --data DIR [--json]
     peerpost-rendezvous dns-records --data DIR --domain D --host NAME [--host NAME...]
@@ -34,6 +34,11 @@ is DATA/server-identity.json (0600). The relay caps apply per account (the calle
 0 turns one off, as it does for the session caps and the per-sender quotas.
 FINGER shows presence and reachability only between accounts that have exchanged mail
 (server.py explains); `--finger-open` shows them to every account (demos, tests).
+
+Federation: mail for other domains waits in the server's outbound queue until the other
+domain's server (found in DNS, `PEERPOST_RESOLVER` picks the name server) takes it, and
+bounces after `--outbound-expiry` days (default 5). `--block-domain D` (repeatable)
+refuses links, and so mail, from D.
 """
 
 from __future__ import annotations
@@ -161,6 +166,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--finger-open", action="store_true",
                    help="FINGER shows presence and reachability to every account, not only "
                         "to those that exchanged mail (demos and tests)")
+    s.add_argument("--outbound-expiry", type=_non_negative, metavar="DAYS",
+                   default=_DEFAULTS.outbound_expiry / DAY,
+                   help="mail for another domain bounces after waiting this long (default 5)")
+    s.add_argument("--block-domain", action="append", default=[], metavar="DOMAIN",
+                   help="refuse server links, and so mail, from DOMAIN (repeatable)")
     s.add_argument("--log-level", default="info")
     i = sub.add_parser("invite", help="issue a single-use invite token for an address")
     i.add_argument("address")
@@ -250,7 +260,8 @@ def _serve(args: argparse.Namespace) -> int:
                     push_buffer_total=args.push_buffer_total,
                     sender_quota_count=args.sender_quota_count,
                     sender_quota_bytes=args.sender_quota_bytes,
-                    keepalive_timeout=args.keepalive_timeout)
+                    keepalive_timeout=args.keepalive_timeout,
+                    outbound_expiry=args.outbound_expiry * DAY)
     return _run(_serve_async(args, limits))
 
 
@@ -282,7 +293,8 @@ async def _serve_async(args: argparse.Namespace, limits: Limits) -> int:
     server = RendezvousServer(args.domain, SqliteStore(data / DB_NAME),
                               open_registration=args.open_registration, limits=limits,
                               services=services, domain_key=domain_key, tls=tls,
-                              finger_open=args.finger_open)
+                              finger_open=args.finger_open,
+                              blocked_domains={d.strip().lower() for d in args.block_domain})
     try:
         host, port = await server.start(*args.listen)
     except BaseException:

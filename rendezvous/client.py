@@ -51,6 +51,7 @@ import random
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from crypto.address import normalize_address
@@ -85,8 +86,16 @@ from rendezvous.messages import (
     Retrieve,
     Send,
     SendItem,
+    Track,
 )
-from rendezvous.records import Envelope, EnvelopeInfo, FingerResult, normalized_address, raw_map
+from rendezvous.records import (
+    Envelope,
+    EnvelopeInfo,
+    FingerResult,
+    address_field,
+    normalized_address,
+    raw_map,
+)
 from rendezvous.tls import client_context, peer_binding
 
 log = logging.getLogger("rendezvous.client")
@@ -509,6 +518,19 @@ class RendezvousClient:
         except DecodeError as exc:
             raise RendezvousError(0, f"malformed FINGER reply: {exc}") from None
 
+    async def track(self, message_id: bytes) -> tuple[str, tuple[Tracked, ...]]:
+        """My server's domain and the forwarding state of each foreign recipient of my
+        message `message_id` (none: it had no foreign recipient, or it was forgotten)."""
+        reply = await self._request(lambda rid: Track(rid, message_id))
+        try:
+            f = Fields(reply.body, "TRACK reply")
+            domain = f.str("domain", max_len=253)
+            items = f.list("recipients", lambda o, w: Tracked.decode(Fields(o, w)),
+                           max_items=1000) or ()
+        except DecodeError as exc:
+            raise RendezvousError(0, f"malformed TRACK reply: {exc}") from None
+        return domain, tuple(items)
+
     async def pipe(self, to: str, payload: bytes, *, device: bytes | None = None,
                    hold: float = 0) -> None:
         """Relay `payload` to online device(s) of `to`; hold it `hold` seconds if offline."""
@@ -520,6 +542,30 @@ class RendezvousClient:
         """Replace this device's reachability hints (also used on reconnects)."""
         await self._request(lambda rid: Advertise(rid, advertise))
         self._advertise = advertise
+
+
+@dataclass(frozen=True, slots=True)
+class Tracked:
+    """One foreign recipient's state at the sender's server (TRACK): "queued" (since:
+    first failure of the current outage, error: the last one), "delivered" (to its
+    domain's server) or "bounced" (error: the reason)."""
+
+    to: str
+    state: str
+    queued_at: float
+    since: float | None
+    error: str | None
+    updated_at: float
+
+    @classmethod
+    def decode(cls, f: Fields) -> Tracked:
+        state = f.str("state", max_len=16)
+        if state not in ("queued", "delivered", "bounced"):
+            raise DecodeError(f"unknown forwarding state {state!r}")
+        return cls(address_field(f, "to"), state, f.int("queued_at", lo=0, hi=1 << 40),
+                   f.int("since", lo=0, hi=1 << 40, optional=True),
+                   f.str("error", max_len=1024, optional=True),
+                   f.int("updated_at", lo=0, hi=1 << 40))
 
 
 def _time_out(fut: asyncio.Future[Reply]) -> None:

@@ -128,8 +128,15 @@ class OutboundState:
     updated_at: float
 
     def to_wire(self) -> dict[str, Any]:
-        return {"to": self.recipient, "state": self.state, "queued_at": self.queued_at,
-                "since": self.since, "error": self.error, "updated_at": self.updated_at}
+        """Times as whole seconds of the wall clock."""
+        out: dict[str, Any] = {"to": self.recipient, "state": self.state,
+                               "queued_at": int(self.queued_at),
+                               "updated_at": int(self.updated_at)}
+        if self.since is not None:
+            out["since"] = int(self.since)
+        if self.error is not None:
+            out["error"] = self.error[:1000]
+        return out
 
 
 @dataclass(frozen=True, slots=True)

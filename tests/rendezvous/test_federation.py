@@ -24,7 +24,7 @@ from rendezvous.domainkey import DomainKey, load_or_create
 from rendezvous.errors import AuthenticationError, RendezvousError
 from rendezvous.federation import LinkClient, LinkError
 from rendezvous.limits import Limits
-from rendezvous.messages import Finger, Send, SendItem, Track
+from rendezvous.messages import Finger, Send, SendItem
 from rendezvous.server import RendezvousServer
 from rendezvous.sqlite_store import SqliteStore
 from rendezvous.status import Status
@@ -100,8 +100,9 @@ async def _no_deliver(rc: RendezvousClient, within: float = 0.5) -> None:
 
 
 async def _track(rc: RendezvousClient, mid: bytes) -> dict[str, dict[str, object]]:
-    reply = await rc._request(lambda rid: Track(rid, mid))
-    return {r["to"]: r for r in reply.body["recipients"]}
+    domain, states = await rc.track(mid)
+    assert domain == rc.address.rpartition("@")[2]
+    return {t.to: dataclasses.asdict(t) for t in states}
 
 
 class LogWaiter(logging.Handler):
