@@ -364,7 +364,8 @@ async def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
     for m in items:
         for i, r in enumerate(m["recipients"]):
             t.add_row(m["id"][:12] if i == 0 else "", _t(m["title"]) if i == 0 else "",
-                      _size(m["size"]) if i == 0 else "", _t(r["address"]), _t(r["state"]),
+                      _size(m["size"]) if i == 0 else "", _t(r["address"]),
+                      _t(r.get("shown") or r["state"]),
                       _when(r.get("updated_at")))
         if m.get("retention_done"):
             t.add_row("", "", "", "", f"[dim]{_m(m['retention_done'])}[/]", "")

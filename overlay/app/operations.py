@@ -8,6 +8,7 @@ prints.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,11 @@ from overlay.mail.downloads import DownloadQueue
 from overlay.mail.inbox import Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail
-from overlay.mail.outbox import Outbox
+from overlay.mail.outbox import Outbox, OutboxEntry, RecipientStatus, forwarding_text
 from overlay.mail.outgoing import MailSender, SendError
 from overlay.mail.prefs import Prefs, parse_size
 from overlay.transfer.server import TransferServer
-from rendezvous.client import RendezvousClient
+from rendezvous.client import RendezvousClient, RendezvousError
 
 
 class ControlOperations:
@@ -175,6 +176,7 @@ class ControlOperations:
         for m in self.outbox.list():
             if want and not m.id.hex().startswith(want.lower()):
                 continue
+            shown = await self._forwarding(m)
             served = self.transfer.chunks_served(m.content_id)
             try:
                 chunk_size = decode_location(m.message).handle.chunk_size
@@ -187,10 +189,27 @@ class ControlOperations:
                 "chunks_served": served, "max_in_flight": self.max_in_flight,
                 "retention_done": m.retention_action if m.retention_done else None,
                 "recipients": [{"address": r.address, "state": r.state.value,
-                                "updated_at": r.updated_at, "reason": r.reason}
+                                "updated_at": r.updated_at, "reason": r.reason,
+                                "shown": shown.get(r.address, r.state.value)}
                                for r in m.recipients],
             })
         return out
+
+    async def _forwarding(self, m: OutboxEntry) -> dict[str, str]:
+        """What the server says of foreign recipients it holds or handed on (TRACK),
+        for those not yet downloading; {} if it can't be asked now."""
+        home = self.address.rpartition("@")[2]
+        waiting = [r.address for r in m.recipients if r.state is RecipientStatus.SENT
+                   and not r.address.endswith("@" + home)]
+        if not waiting or not self.rendezvous.connected:
+            return {}
+        try:
+            async with asyncio.timeout(5.0):
+                domain, states = await self.rendezvous.track(m.id)
+        except (RendezvousError, TimeoutError):
+            return {}
+        return {t.to: forwarding_text(t.state, domain, t.to, t.since, t.error)
+                for t in states if t.to in waiting}
 
     async def prefs_get(self, a: Fields) -> Any:
         return self.prefs.as_dict()

@@ -18,6 +18,7 @@ Once every recipient has the file, the node applies the sender's retention prefe
 from __future__ import annotations
 
 import builtins
+import datetime
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -85,6 +86,22 @@ class OutboxEntry:
     @property
     def all_downloaded(self) -> bool:
         return all(r.state is RecipientStatus.DOWNLOADED for r in self.recipients)
+
+
+def forwarding_text(state: str, home_domain: str, recipient: str, since: float | None,
+                    error: str | None) -> str:
+    """How `peerpost status` shows a foreign recipient the sender's server still holds
+    or has handed on (its TRACK state): `queued at a.test (b.test unreachable since
+    2025-01-02 10:00 UTC)`, `delivered to b.test`, `bounced: reason`."""
+    remote = recipient.rpartition("@")[2]
+    if state == "delivered":
+        return f"delivered to {remote}"
+    if state == "bounced":
+        return f"bounced: {error or 'no reason given'}"
+    if since is None:
+        return f"queued at {home_domain}"
+    when = datetime.datetime.fromtimestamp(since, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"queued at {home_domain} ({remote} unreachable since {when})"
 
 
 class Outbox:

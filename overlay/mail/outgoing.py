@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crypto.address import normalize_address
+from crypto.address import domain_of, normalize_address
 from crypto.envelope import seal_for_recipients
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
@@ -32,6 +32,7 @@ from overlay.mail.contacts import Contacts, PinResult
 from overlay.mail.describe import describe_media, make_thumbnail
 from overlay.mail.outbox import Outbox, RecipientStatus
 from rendezvous.client import RendezvousClient, RendezvousError
+from rendezvous.status import Status
 
 log = logging.getLogger("peerpost.send")
 
@@ -221,6 +222,17 @@ class MailSender:
         try:
             info = await self.rendezvous.finger(addr)
         except RendezvousError as exc:
+            remote = domain_of(addr)
+            if exc.status == Status.UNAVAILABLE and remote != domain_of(self.address):
+                # Its server is out of reach: seal to the keys pinned for it, and the
+                # message waits at our server until that domain takes it.
+                pinned = self.contacts.trusted_keys(addr)
+                if pinned:
+                    log.info("%s is unreachable; sealing for %s with its %d pinned key(s)",
+                             remote, addr, len(pinned))
+                    return Recipient(addr, tuple(PublicIdentity(k) for k in sorted(pinned)))
+                raise SendError(f"{remote} is unreachable and {addr}'s keys are unknown; "
+                                "try again later") from None
             raise SendError(f"{addr}: {exc}") from None
         keys = [d.verify_key for d in info.devices]
         if not keys:
