@@ -242,6 +242,20 @@ def test_partial_holders_past_the_counted_ones_still_serve(
     assert sched.availability(3) == 1 and sched.next_request("r") == 3
 
 
+def test_ties_are_not_the_chunk_after_the_widest_gap() -> None:
+    """Every receiver sees the same gaps in the pool; picking the first chunk after a
+    random start would make the one after the widest gap everyone's pick (the sender
+    uploads it several times). Ties go uniformly: here 1 in 11, not 99 in 100."""
+    count, pool = 1000, [*range(10), 999]
+    picks = []
+    for seed in range(1100):
+        sched = ChunkScheduler(pool, count=count, rng=random.Random(seed))
+        sched.add_source("sender", window=1)
+        picks.append(sched.next_request("sender"))
+    assert set(picks) == set(pool)
+    assert 50 < picks.count(999) < 150  # 100 expected
+
+
 def test_stuck_only_when_nothing_can_change() -> None:
     sched = ChunkScheduler(range(4), rng=random.Random(1))
     sched.add_source("even", window=4, have=bitmap({0, 2}, 4))
