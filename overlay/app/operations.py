@@ -27,9 +27,11 @@ from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail
 from overlay.mail.outbox import Outbox, OutboxEntry, RecipientStatus, forwarding_text
 from overlay.mail.outgoing import MailSender, SendError
-from overlay.mail.prefs import Prefs, parse_size
+from overlay.mail.prefs import RETENTIONS, Prefs, parse_size
 from overlay.transfer.server import TransferServer
 from rendezvous.client import RendezvousClient, RendezvousError
+
+CANCELLED_TEXT = "cancelled; fetch it to go on (the chunks already here are kept)"
 
 
 class ControlOperations:
@@ -62,6 +64,7 @@ class ControlOperations:
             "send": self.send,
             "inbox": self.inbox_list,
             "fetch": self.fetch,
+            "cancel": self.cancel,
             "progress": self.progress,
             "status": self.status,
             "prefs": self.prefs_get,
@@ -167,6 +170,19 @@ class ControlOperations:
         fresh = self.inbox.get(e.id)
         return self.entry_json(fresh or e)
 
+    async def cancel(self, a: Fields) -> Any:
+        """Stop a running or waiting download. The message goes to `failed` (the state a
+        user's cancel takes: `offered` would be picked up again at once by auto-download)
+        with a note that `fetch` resumes it; the verified chunks stay on disk."""
+        e = self.find(a.str("id", min_len=1, max_len=32))
+        if e.state not in (InboxState.DOWNLOADING, InboxState.RETRYING):
+            raise ControlError(f"{e.id.hex()[:12]} is {e.state.value}, not downloading")
+        # Failed first, so the queue does not start it again when the task ends.
+        self.inbox.transition(e.id, InboxState.FAILED, error=CANCELLED_TEXT)
+        await self.downloads.cancel(e.id)
+        fresh = self.inbox.get(e.id)
+        return self.entry_json(fresh or e)
+
     async def progress(self, a: Fields) -> Any:
         return self.entry_json(self.find(a.str("id", min_len=1, max_len=32)))
 
@@ -221,6 +237,8 @@ class ControlOperations:
                 raise ControlError("auto-download takes on or off")
             self.prefs.auto_download = value == "on"
         elif key == "retention":
+            if value not in RETENTIONS:
+                raise ControlError(f"retention is one of {', '.join(RETENTIONS)}")
             self.prefs.retention = value
         elif key == "archive-dir":
             self.prefs.archive_dir = value or None

@@ -32,12 +32,14 @@ from overlay.app.web.auth import CSRF_HEADER, SESSION_COOKIE, TOKEN_FILE, Sessio
 from overlay.app.web.media import Wanter, file_response, serve_partial
 from overlay.content.catalog import ContentStore
 from overlay.content.partial import PartialContent
+from overlay.mail.prefs import RETENTIONS
 
 log = logging.getLogger("peerpost.web")
 
 WEB_FILE = "web.json"  # where the running node says which URL it serves
 EVENT_EVERY = 0.5  # seconds between inbox snapshots compared for the event stream
 MAX_STREAMS = 16  # concurrent event streams
+PREF_KEYS = ("auto-download", "auto-download-max", "retention")  # what the form changes
 # What Chromium and Firefox play in <video>, <audio> and <img>.
 PLAYABLE = {
     "video/webm": "video", "video/mp4": "video", "audio/webm": "audio", "audio/mpeg": "audio",
@@ -111,6 +113,8 @@ class WebInbox:
         app.router.add_get("/media/{id}", self.media)
         app.router.add_post("/api/message/{id}/fetch", self.act_fetch)
         app.router.add_post("/api/message/{id}/rm", self.act_rm)
+        app.router.add_post("/api/message/{id}/cancel", self.act_cancel)
+        app.router.add_post("/api/prefs", self.act_prefs)
         app.router.add_post("/api/sender", self.act_sender)
         app.router.add_post("/api/contacts/accept", self.act_accept)
         app.router.add_static("/static/", self._static)
@@ -262,6 +266,8 @@ class WebInbox:
             + f'<dt>received</dt><dd>{_when(e["received_at"])}</dd></dl>'
             + f'<h2>Sources</h2><ul id="msg-sources">{sources}</ul>'
             + f'<p><button data-action="/api/message/{mid}/fetch">Fetch</button>'
+            + (f'<button id="cancel" data-action="/api/message/{mid}/cancel">Cancel download'
+               f'</button>' if e["state"] in ("downloading", "retrying") else "")
             + f'<button data-action="/api/message/{mid}/rm" data-then="/">Remove</button>'
             + f"<button data-action=\"/api/sender\" data-body='{prio}'>Mark sender priority"
             + f"</button><button data-action=\"/api/sender\" data-body='{junk}'>Mark sender "
@@ -315,8 +321,21 @@ class WebInbox:
         rows = "".join(
             f"<dt>{_e(k)}</dt><dd>{_e(', '.join(v) if isinstance(v, list) else v)}</dd>"
             for k, v in prefs.items())
-        body = (f'<h1>Preferences</h1><dl id="prefs">{rows}</dl>'
-                '<p>Change them with <code>peerpost prefs</code>.</p>')
+        on = "on" if prefs["auto_download"] else "off"
+        auto = "".join(f'<option value="{v}"{" selected" if v == on else ""}>{v}</option>'
+                       for v in ("on", "off"))
+        limit = prefs["auto_download_max"]
+        keep = "".join(f'<option value="{_e(v)}"{" selected" if v == prefs["retention"] else ""}'
+                       f'>{_e(v)}</option>' for v in RETENTIONS)
+        body = (
+            '<h1>Preferences</h1><form id="prefs-form" data-action="/api/prefs">'
+            f'<label>auto-download <select name="auto-download">{auto}</select></label> '
+            '<label>auto-download at most <input name="auto-download-max" size="10" '
+            f'value="{"none" if limit is None else _e(limit)}"></label> '
+            f'<label>sent files after delivery <select name="retention">{keep}</select>'
+            '</label> <button type="submit">Save</button></form><p id="flash"></p>'
+            f'<dl id="prefs">{rows}</dl>'
+            '<p>Sender lists and the rest: <code>peerpost prefs</code>.</p>')
         return self._page(request, "prefs", "Preferences", body)
 
     # --- data endpoints ----------------------------------------------------------------
@@ -390,6 +409,24 @@ class WebInbox:
 
     async def act_rm(self, request: web.Request) -> web.StreamResponse:
         return await self._call(self.ops.rm, {"id": request.match_info["id"]})
+
+    async def act_cancel(self, request: web.Request) -> web.StreamResponse:
+        return await self._call(self.ops.cancel, {"id": request.match_info["id"]})
+
+    async def act_prefs(self, request: web.Request) -> web.StreamResponse:
+        """Set the form's preferences (auto-download, auto-download-max, retention), each
+        through the same operation as `peerpost prefs set`; the first refusal stops."""
+        body = await self._body(request)
+        changes = [(k, body[k]) for k in PREF_KEYS if k in body]
+        if not changes or any(not isinstance(v, str) for _, v in changes):
+            return web.Response(status=400, text=f"expected text values for some of "
+                                                 f"{', '.join(PREF_KEYS)}\n")
+        resp = web.Response(status=400, text="nothing to change\n")
+        for key, value in changes:
+            resp = await self._call(self.ops.prefs_set, {"key": key, "value": value})
+            if resp.status != 200:
+                break
+        return resp
 
     async def act_sender(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)

@@ -110,4 +110,13 @@ document.addEventListener("click", async (ev) => {
   else if (out) window.location.reload();
 });
 
+document.addEventListener("submit", async (ev) => {
+  const form = ev.target.closest("form[data-action]");
+  if (!form) return;
+  ev.preventDefault();
+  const body = {};
+  for (const [k, v] of new FormData(form)) body[k] = String(v);
+  if (await post(form.dataset.action, body)) window.location.reload();
+});
+
 listen();
