@@ -23,7 +23,17 @@ server does with it:
 - `finger(asker, address)`: FINGER over the link on behalf of `asker`, so the remote's
   privacy rules apply to the asking user; 503 "b.test is unreachable: ..." otherwise.
 
-Not carried over links yet: PIPE, relay invitations and the DHT across domains.
+- `pipe(...)`: a node's PIPE to a foreign address (WebRTC offers, answers, held offers),
+  forwarded at once over the link with the sending user and device named; the remote
+  delivers or holds it as for a local sender and its reply comes back as the node's
+  reply. At most `_PIPES_WAITING` PIPEs per domain wait for the link; more get 503.
+- `relay_invite(...)`: a node's RELAY to a foreign device. The caller's server (this one)
+  hosts the splice; the link carries only the invitation, and the callee's server pushes
+  RELAY-INVITE with this server's host, port and domain key as it found them in DNS
+  (rendezvous/server.py has the whole design).
+- `on_link(domain, host, challenge)`: called when a link comes up, with the remote's
+  address and CHALLENGE (its `dht` port), so the server's DHT bootstrap node joins the
+  other domain's (one DHT for all domains that exchange mail).
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from rendezvous.domainkey import DomainKey, fingerprint
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.framing import DEFAULT_MAX_FRAME
 from rendezvous.logfmt import kv
-from rendezvous.messages import Challenge, Finger, Reply, Request, Send, SendItem
+from rendezvous.messages import Challenge, Finger, Pipe, Relay, Reply, Request, Send, SendItem
 from rendezvous.status import Status
 from rendezvous.store import OutboundRow, Store
 from rendezvous.taskset import TaskSet
@@ -59,6 +69,7 @@ _PAGE = 256                   # outbound rows read per round
 _BATCH_BYTES = 160 * 1024     # blob bytes per forwarded SEND (the frame limit is 256 KiB)
 _BATCH_ITEMS = 64
 _MAX_LINKS = 256              # open links at once (FINGER can name any domain)
+_PIPES_WAITING = 64           # PIPE/RELAY requests waiting for one domain's link
 _PERMANENT = frozenset({Status.BAD_REQUEST, Status.FORBIDDEN, Status.NOT_FOUND,
                         Status.TOO_LARGE})
 
@@ -84,6 +95,8 @@ class LinkClient:
         self._core: ClientConnection | None = None
         self._lock = asyncio.Lock()
         self.identity_mismatch = False  # the last refusal was the remote's key
+        self.challenge: Challenge | None = None  # the remote's, once linked (its services)
+        self.peer_ip: str | None = None          # the address the link connected to
 
     @property
     def alive(self) -> bool:
@@ -141,6 +154,9 @@ class LinkClient:
             raise LinkError(f"{self.remote} ({host}:{port}) did not prove the domain key "
                             f"DNS publishes for it: {core.identity_error.text}")
         self.identity_mismatch = False
+        self.challenge = first
+        peer = writer.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else host
         log.info(kv("link.up", remote=self.remote, server=f"{host}:{port}"))
 
     async def _next(self, core: ClientConnection) -> Any:
@@ -219,6 +235,9 @@ class Federation:
         self._running: set[str] = set()   # domains whose worker runs
         self._again: set[str] = set()     # woken while their worker ran
         self._tasks = TaskSet("federation", logger=log)
+        self._waiting: dict[str, int] = {}  # domain -> PIPE/RELAY requests in progress
+        # Called with (domain, host, CHALLENGE) whenever a link comes up (see module doc).
+        self.on_link: Callable[[str, str, Challenge], None] | None = None
         # counters
         self.forwarded = 0
         self.bounced = 0
@@ -366,6 +385,11 @@ class Federation:
                 self._connecting.pop(old_domain, None)
                 await old.aclose()
             self._links[domain] = link
+            if self.on_link is not None and link.challenge is not None:
+                try:
+                    self.on_link(domain, link.peer_ip or records.servers[0][0], link.challenge)
+                except Exception:
+                    log.exception(kv("link.on_link_failed", remote=domain))
             return link
 
     async def finger(self, asker: str, address: str,
@@ -377,6 +401,40 @@ class Federation:
             reply = await link.request(lambda rid: Finger(rid, address, asker))
         except LinkError as exc:
             return Status.UNAVAILABLE, f"{domain} is unreachable: {exc}", None
+        status = Status(reply.status) if Status.known(reply.status) else Status.SERVER_ERROR
+        return status, reply.text, reply.body
+
+
+    async def pipe(self, sender: str, sender_device: bytes, req: Pipe,
+                   ) -> tuple[Status, str | None, dict[str, Any] | None]:
+        """Forward a node's PIPE to `req.to` of another domain; the remote's answer."""
+        return await self._ask(domain_of(req.to), lambda rid: Pipe(
+            rid, req.to, req.payload, req.device, req.hold_ms, sender, sender_device))
+
+    async def relay_invite(self, caller: str, caller_device: bytes, req: Relay,
+                           ) -> tuple[Status, str | None, dict[str, Any] | None]:
+        """Ask the server of `req.to` to invite its device to our splice (module doc)."""
+        return await self._ask(domain_of(req.to), lambda rid: Relay(
+            rid, req.to, req.device, req.session, caller, caller_device))
+
+    async def _ask(self, domain: str, make: Callable[[int], Request],
+                   ) -> tuple[Status, str | None, dict[str, Any] | None]:
+        waiting = self._waiting.get(domain, 0)
+        if waiting >= _PIPES_WAITING:
+            return (Status.UNAVAILABLE, f"{waiting} requests already wait for the link to "
+                    f"{domain}; try again later", None)
+        self._waiting[domain] = waiting + 1
+        try:
+            link = await self.link(domain)
+            reply = await link.request(make)
+        except LinkError as exc:
+            return Status.UNAVAILABLE, f"{domain} is unreachable: {exc}", None
+        finally:
+            left = self._waiting.get(domain, 1) - 1
+            if left > 0:
+                self._waiting[domain] = left
+            else:
+                self._waiting.pop(domain, None)
         status = Status(reply.status) if Status.known(reply.status) else Status.SERVER_ERROR
         return status, reply.text, reply.body
 

@@ -17,14 +17,17 @@ table; a name from the wire is never used to look anything else up.
 | FINGER | address, asker? (link only) |
 | LINK | domain, cnonce (32), signature (64): a server linking in for its domain |
 | TRACK | mid: the forwarding state of each foreign recipient of my message |
-| PIPE | to, device (20)?, payload, hold_ms |
+| PIPE | to, device (20)?, payload, hold_ms, from? + from_device (20)? (link only) |
 | ADVERTISE | advertise |
-| RELAY | to, device (20), session (16): open a relayed stream to that device |
+| RELAY | to, device (20), session (16): open a relayed stream to that device; |
+| | from? + from_device (20)? (link only: invite the device for the linking server) |
 | RELAY-ACCEPT | session (16): join the stream a RELAY-INVITE offered |
 
 Server pushes: CHALLENGE (domain, nonce (32), key (32): the domain key, stun?, dht?: the
 UDP ports of the server's STUN service and DHT bootstrap node when it runs them), DELIVER
-(env), PIPE (from, from_device, payload), RELAY-INVITE (from, from_device, session).
+(env), PIPE (from, from_device, payload), RELAY-INVITE (from, from_device, session,
+host? + port? + key? (32): the server of another domain that hosts the splice, and the
+domain key it must prove, when the caller is of another domain).
 
 A connection authorized with `relay: true` exists for one relayed stream: it may send only
 RELAY or RELAY-ACCEPT, gets no DELIVER or PIPE, and does not make its device "online".
@@ -52,8 +55,10 @@ under the linking domain's key from DNS (rendezvous.dns), never a key first seen
 wire; its REPLY carries `server_sig` as for a node, with the linking domain's key in
 place of the device key. A link session is authorized for a domain, not an address: its
 SEND names the sender (`from`, which must be `*@<linking domain>`) and its FINGER the
-`asker` (so FINGER's privacy rules hold for the asking user), and every recipient or
-looked-up address must be of the receiving domain.
+`asker` (so FINGER's privacy rules hold for the asking user); PIPE and RELAY name the
+sending user and device (`from`, `from_device`), and every recipient or looked-up address
+must be of the receiving domain. A RELAY over a link only invites: the splice stays at the
+caller's server (rendezvous/relay.py).
 
 Keepalive: a client that sends `keepalive` (its PING interval in ms) in its AUTHORIZATION
 sends a PING whenever it has sent nothing for that long, and takes the server for dead
@@ -122,6 +127,15 @@ def link_payload(remote_domain: str, nonce: bytes, client_nonce: bytes, binding:
                  own_domain: str) -> bytes:
     """The exact bytes a linking server's domain key signs to answer a CHALLENGE."""
     return packb([remote_domain, nonce, client_nonce, binding, own_domain])
+
+
+def _from(f: Fields, verb: str) -> tuple[str | None, bytes | None]:
+    """`from` and `from_device` of a forwarded PIPE or RELAY: both or neither."""
+    if f.has("from") != f.has("from_device"):
+        raise DecodeError(f"{verb}: from and from_device go together")
+    if not f.has("from"):
+        return None, None
+    return address_field(f, "from"), f.bytes("from_device", size=PEER_ID_LEN)
 
 
 def _advertise(f: Fields, key: str, optional: bool) -> dict[str, Any] | None:
@@ -437,16 +451,24 @@ class Pipe:
     payload: bytes
     device: bytes | None = None
     hold_ms: int = 0
+    sender: str | None = None          # set only on a server link, with `sender_device`
+    sender_device: bytes | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"to": self.to, "device": self.device, "payload": self.payload,
-                "hold_ms": self.hold_ms}
+        out: dict[str, Any] = {"to": self.to, "device": self.device,
+                               "payload": self.payload, "hold_ms": self.hold_ms}
+        if self.sender is not None:
+            out["from"] = self.sender
+            out["from_device"] = self.sender_device
+        return out
 
     @classmethod
     def decode(cls, rid: int, f: Fields) -> Pipe:
+        sender, sender_device = _from(f, "PIPE")
         return cls(rid, address_field(f, "to"), f.bytes("payload", max_len=MAX_BLOB),
                    f.bytes("device", size=PEER_ID_LEN, optional=True),
-                   f.int("hold_ms", lo=0, hi=MAX_MS, optional=True) or 0)
+                   f.int("hold_ms", lo=0, hi=MAX_MS, optional=True) or 0,
+                   sender, sender_device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,14 +496,21 @@ class Relay:
     to: str
     device: bytes
     session: bytes  # fresh random id, chosen by the caller
+    sender: str | None = None          # set only on a server link, with `sender_device`
+    sender_device: bytes | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"to": self.to, "device": self.device, "session": self.session}
+        out: dict[str, Any] = {"to": self.to, "device": self.device, "session": self.session}
+        if self.sender is not None:
+            out["from"] = self.sender
+            out["from_device"] = self.sender_device
+        return out
 
     @classmethod
     def decode(cls, rid: int, f: Fields) -> Relay:
+        sender, sender_device = _from(f, "RELAY")
         return cls(rid, address_field(f, "to"), f.bytes("device", size=PEER_ID_LEN),
-                   f.bytes("session", size=RELAY_SESSION_LEN))
+                   f.bytes("session", size=RELAY_SESSION_LEN), sender, sender_device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,15 +706,28 @@ class RelayInvite:
     sender: str
     sender_device: bytes
     session: bytes
+    # A caller of another domain: its server hosts the splice at host:port and must prove
+    # `key` (its domain key, as our server found it in DNS). None: our own server.
+    host: str | None = None
+    port: int | None = None
+    key: bytes | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"from": self.sender, "from_device": self.sender_device,
-                "session": self.session}
+        out: dict[str, Any] = {"from": self.sender, "from_device": self.sender_device,
+                               "session": self.session}
+        if self.host is not None:
+            out.update(host=self.host, port=self.port, key=self.key)
+        return out
 
     @classmethod
     def decode(cls, f: Fields) -> RelayInvite:
+        host = f.str("host", max_len=253, min_len=1, optional=True)
+        port = f.int("port", lo=1, hi=65535, optional=True)
+        key = f.bytes("key", size=PUBLIC_KEY_LEN, optional=True)
+        if (host is None) != (port is None) or (host is None) != (key is None):
+            raise DecodeError("RELAY-INVITE: host, port and key go together")
         return cls(address_field(f, "from"), f.bytes("from_device", size=PEER_ID_LEN),
-                   f.bytes("session", size=RELAY_SESSION_LEN))
+                   f.bytes("session", size=RELAY_SESSION_LEN), host, port, key)
 
 
 ServerMessage = Challenge | Reply | Deliver | PipeMessage | RelayInvite

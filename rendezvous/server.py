@@ -59,6 +59,36 @@ otherwise), at most `Limits.link_rate` envelopes per second and `link_quota_*` q
 linking domain, and FINGER on behalf of an asker of that domain. `blocked_domains` are
 refused links (and so mail) outright.
 
+PIPE across domains: a node's PIPE to a foreign address goes over our link with the
+sender and its device named (`Federation.pipe`); the receiving server checks alignment
+(sender of the linking domain, recipient of its own), takes at most `Limits.link_rate`
+PIPE/RELAY requests per second per linking domain, and delivers or holds the message
+exactly as for a local sender (the holds are in its store, fair per sender). The answer
+travels back over the same link; replies go the other way over the other server's link.
+
+The relay across domains: the *caller's* server hosts the splice, so the caller's account
+pays, under the same relay limits, and relayed bytes are never stored. On a RELAY to a
+foreign device the caller's server registers the pending session as for a local callee,
+then forwards RELAY(to, device, session, from, from_device) over the link. The callee's
+server checks alignment, that the device is bound to the address and online, and pushes
+RELAY-INVITE carrying the caller's server's host:port and domain key as *it* finds them in
+DNS (the same records it checked the link against), so the callee trusts nothing the other
+domain said. The callee opens a relay connection to that server, checks its domain key
+against the invite's key (its own server vouched for it), and authorizes with its own
+address: a foreign address is accepted on a relay connection without the store, and such
+a connection may only RELAY-ACCEPT. The 16-byte session id is the one-time token (random,
+chosen by the caller, known only to the two servers and the callee) and it is bound to
+the device key: the caller named the device (its peer id, the hash of its key), the
+callee's server confirmed the device is bound to that address, and the accept must come
+from a connection whose AUTHORIZATION signature proves that very key. A domain with
+several servers must hand out the server holding the session: the invite names the first
+server of the caller's SRV records, so such a domain keeps its relay sessions on it.
+
+One DHT: when a link comes up the server hands the remote's DHT port (its CHALLENGE
+`dht`) and address to its own "dht" service if that can `bootstrap` (overlay.dht.DhtNode
+can), so the bootstrap nodes of domains that exchange mail know each other; nodes still
+join through their own server's bootstrap node.
+
 `start()` opens the store and starts listening; `aclose()` stops listening, lets requests
 in progress finish (bounded), closes every connection and then the store.
 """
@@ -85,6 +115,7 @@ from rendezvous.logfmt import kv
 from rendezvous.messages import (
     NONCE_LEN,
     Advertise,
+    Challenge,
     Finger,
     List,
     Pipe,
@@ -372,6 +403,9 @@ class RendezvousServer:
                 clock=clock, expiry=self.limits.outbound_expiry,
                 max_queued=self.limits.outbound_per_sender)
         self._link_buckets: dict[str, TokenBucket] = {}
+        self._link_pipe_buckets: dict[str, TokenBucket] = {}  # PIPE/RELAY per linked domain
+        if self.federation is not None:
+            self.federation.on_link = self._linked_out
         self._links_in: dict[str, int] = {}  # linking domain -> live links
         self._storing: set[asyncio.Future[Any]] = set()  # SEND / REMOVE at the store
         self._server: asyncio.Server | None = None
@@ -392,6 +426,8 @@ class RendezvousServer:
         self.link_refused_alignment = 0
         self.link_refused_blocked = 0
         self.link_rate_limited = 0
+        self.relay_invites_forwarded = 0
+        self.dht_domains_joined = 0
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -507,6 +543,8 @@ class RendezvousServer:
             "link_refused_alignment": self.link_refused_alignment,
             "link_refused_blocked": self.link_refused_blocked,
             "link_rate_limited": self.link_rate_limited,
+            "relay_invites_forwarded": self.relay_invites_forwarded,
+            "dht_domains_joined": self.dht_domains_joined,
             **(self.federation.snapshot() if self.federation is not None else {}),
             **(self._relay.snapshot() if self._relay is not None else {}),
             **{f"{name}_{key.replace('.', '_')}": value
@@ -625,6 +663,19 @@ class RendezvousServer:
     async def _authenticate(self, conn: _Connection, ev: AuthRequested) -> None:
         req = ev.request
         core = conn.core
+        if req.relay and domain_of(req.address) != self.domain:
+            # The callee of a caller here (module doc): no account here, no store lookup.
+            if self.federation is None:
+                core.reject_auth(req.id, Status.FORBIDDEN,
+                                 f"address {req.address} is not served here (domain "
+                                 f"{self.domain})")
+            else:
+                core.accept_auth(req.id, req.address, req.verify_key,
+                                 {"address": req.address, "peer_id": ev.peer_id,
+                                  "registered": False}, relay=True)
+                log.debug(kv("auth.relay_foreign", peer=conn.peer, address=req.address))
+            conn.after_reply()
+            return
         if req.advertise is not None and (why := self._advertise_too_big(req.advertise)):
             core.reject_auth(req.id, Status.TOO_LARGE, why)
             conn.after_reply()
@@ -817,6 +868,8 @@ class RendezvousServer:
                 return await self.federation.finger(address, req.address)
             return await self._finger(address, req.address)
         if isinstance(req, Pipe):
+            if self.federation is not None and domain_of(req.to) != self.domain:
+                return await self.federation.pipe(address, peer_id, req)
             return await self._pipe(req, address, peer_id)
         if isinstance(req, Relay):
             return await self._relay_offer(conn, req, address, peer_id)
@@ -903,6 +956,8 @@ class RendezvousServer:
                 return (Status.FORBIDDEN, f"a link from {linked} may FINGER addresses of "
                         f"{self.domain} for askers of {linked} only", None)
             return await self._finger(req.asker, req.address)
+        if isinstance(req, Pipe | Relay):
+            return await self._link_pipe_or_relay(linked, req)
         if not isinstance(req, Send) or req.sender is None:
             return Status.BAD_REQUEST, f"{req.TAG} is not carried over a server link", None
         if domain_of(req.sender) != linked:
@@ -935,6 +990,79 @@ class RendezvousServer:
             Quota(lim.quota_count, lim.quota_bytes, lim.sender_quota_count,
                   lim.sender_quota_bytes, lim.link_quota_count, lim.link_quota_bytes))
         return self._sent(outcome)
+
+    async def _link_pipe_or_relay(self, linked: str, req: Pipe | Relay) -> Result:
+        """PIPE or RELAY over a link from `linked`: aligned, rate-limited, then as local."""
+        sender, sender_device = req.sender, req.sender_device
+        if sender is None or sender_device is None:
+            return Status.BAD_REQUEST, f"a forwarded {req.TAG} names its sender", None
+        if domain_of(sender) != linked or domain_of(req.to) != self.domain:
+            self.link_refused_alignment += 1
+            log.warning(kv("link.alignment", domain=linked, sender=sender, to=req.to))
+            return (Status.FORBIDDEN, f"a link from {linked} may carry {req.TAG} from "
+                    f"senders of {linked} to addresses of {self.domain} only", None)
+        lim = self.limits
+        if lim.link_rate:
+            bucket = self._link_pipe_buckets.get(linked)
+            if bucket is None:
+                if len(self._link_pipe_buckets) >= 10_000:
+                    self._link_pipe_buckets.clear()
+                bucket = self._link_pipe_buckets[linked] = TokenBucket(
+                    lim.link_rate, lim.link_burst, self.loop.time())
+            if not bucket.take(1, self.loop.time()):
+                self.link_rate_limited += 1
+                return (Status.RATE_LIMITED, f"too many PIPE/RELAY requests from {linked}: "
+                        f"limit {lim.link_rate:g} per second", None)
+        if isinstance(req, Pipe):
+            return await self._pipe(req, sender, sender_device)
+        return await self._relay_invite_here(linked, req, sender, sender_device)
+
+    async def _relay_invite_here(self, linked: str, req: Relay, caller: str,
+                                 caller_device: bytes) -> Result:
+        """Invite our device to the splice `linked`'s server hosts (module doc)."""
+        records = await self.store.devices(req.to)
+        if records is None:
+            return Status.NOT_FOUND, f"no such address: {req.to}", None
+        if req.device not in {r.peer_id for r in records}:
+            return Status.NOT_FOUND, f"device {req.device.hex()} is not bound to {req.to}", None
+        sessions = self._online.get(req.device)
+        if not sessions:
+            return (Status.NOT_ONLINE,
+                    f"{req.to} device {req.device.hex()[:12]} is not online", None)
+        if self.resolver is None:
+            return Status.FORBIDDEN, f"{self.domain} takes no server links", None
+        try:
+            found = await self.resolver.resolve(linked)
+        except DomainLookupError as exc:
+            return Status.UNAVAILABLE, f"cannot find {linked}'s server: {exc}", None
+        if not found.servers:
+            return Status.UNAVAILABLE, f"{linked} lists no server", None
+        host, port = found.servers[0]
+        invite = RelayInvite(caller, caller_device, req.session, host, port, found.key)
+        for session in self._online.get(req.device, ()):
+            session.core.relay_invite(invite)
+            session.flush_soon()
+        self.relay_invites_forwarded += 1
+        return Status.OK, "invited", None
+
+    def _linked_out(self, domain: str, host: str, challenge: Challenge) -> None:
+        """A link to `domain` came up: our DHT bootstrap node joins the remote's."""
+        dht, port = self.services.get("dht"), challenge.dht
+        join = getattr(dht, "bootstrap", None)
+        if port is None or not callable(join):
+            return
+        log.info(kv("dht.join_domain", domain=domain, host=host, port=port))
+        self._spawn(self._join_dht(join, domain, host, port), name=f"dht-join {domain}")
+
+    async def _join_dht(self, join: Callable[[list[tuple[str, int]]], Awaitable[int]],
+                        domain: str, host: str, port: int) -> None:
+        try:
+            size = await join([(host, port)])
+        except Exception as exc:
+            log.warning(kv("dht.join_failed", domain=domain, error=str(exc) or repr(exc)))
+            return
+        self.dht_domains_joined += 1
+        log.info(kv("dht.joined_domain", domain=domain, contacts=size))
 
     def _advertise_too_big(self, advertise: dict[str, Any]) -> str | None:
         size = len(packb(advertise))
@@ -1016,19 +1144,28 @@ class RendezvousServer:
             used = await self.store.relay_usage(caller, day)
             if relay.needs_restore(caller):
                 relay.restore(caller, day, used)
+        if domain_of(caller) != self.domain:
+            return (Status.FORBIDDEN, "a relay connection of another domain may only "
+                    "RELAY-ACCEPT here", None)
         if refusal := relay.refusal(caller, req.session):
             return (*refusal, None)
-        records = await self.store.devices(req.to)
-        if records is None:
-            return Status.NOT_FOUND, f"no such address: {req.to}", None
-        if req.device not in {r.peer_id for r in records}:
-            return Status.NOT_FOUND, f"device {req.device.hex()} is not bound to {req.to}", None
         if req.device == caller_device:
             return Status.BAD_REQUEST, "a device can't relay to itself", None
-        sessions = self._online.get(req.device)
-        if not sessions:
-            return (Status.NOT_ONLINE,
-                    f"{req.to} device {req.device.hex()[:12]} is not online", None)
+        foreign = domain_of(req.to) != self.domain
+        sessions: list[_Connection] = []
+        if not foreign:
+            records = await self.store.devices(req.to)
+            if records is None:
+                return Status.NOT_FOUND, f"no such address: {req.to}", None
+            if req.device not in {r.peer_id for r in records}:
+                return (Status.NOT_FOUND, f"device {req.device.hex()} is not bound to "
+                        f"{req.to}", None)
+            sessions = self._online.get(req.device, [])
+            if not sessions:
+                return (Status.NOT_ONLINE,
+                        f"{req.to} device {req.device.hex()[:12]} is not online", None)
+        elif self.federation is None:
+            return Status.NOT_FOUND, "this server does not forward to other domains", None
         # The store lookup yielded to the loop: ask again before registering.
         if refusal := relay.refusal(caller, req.session):
             return (*refusal, None)
@@ -1036,11 +1173,25 @@ class RendezvousServer:
             req.session, conn, caller, caller_device, req.to, req.device, req.id,
             self.loop.create_future())
         relay.offer(pending)
-        invite = RelayInvite(caller, caller_device, req.session)
-        for session in sessions:
-            session.core.relay_invite(invite)
-            session.flush_soon()
         wait = self.limits.relay_accept_timeout
+        if foreign and self.federation is not None:
+            # Registered first: the callee may join before the link's answer is back.
+            try:
+                status, text, _ = await self.federation.relay_invite(
+                    caller, caller_device, req)
+            except BaseException:
+                relay.withdraw(pending, (Status.UNAVAILABLE, "server shutting down"))
+                raise
+            if status != Status.OK:
+                relay.withdraw(pending, (status, text or ""))
+                if pending.outcome.done() and pending.outcome.result() is None:
+                    return _REPLIED  # spliced meanwhile (an answer lost on the link)
+                return status, text, None
+        else:
+            invite = RelayInvite(caller, caller_device, req.session)
+            for session in sessions:
+                session.core.relay_invite(invite)
+                session.flush_soon()
         try:
             async with asyncio.timeout(wait):
                 outcome = await pending.outcome
@@ -1061,7 +1212,9 @@ class RendezvousServer:
         if pending is None:
             return (Status.NOT_FOUND, f"no relay session {req.session.hex()}: it expired, "
                     "was taken, or was never offered", None)
-        if pending.callee_device != device:
+        if pending.callee_device != device or (
+                conn.core.address is not None and domain_of(conn.core.address) != self.domain
+                and conn.core.address != pending.callee):
             return (Status.FORBIDDEN,
                     f"relay session {req.session.hex()} was offered to another device", None)
         caller = pending.caller

@@ -20,9 +20,10 @@ bytes to send; it never touches a socket or a clock. It owns:
 - server links (LINK instead of AUTHORIZATION, rendezvous/messages.py): the core hands
   out `LinkRequested`; the server looks the linking domain's key up and calls
   `finish_link`, which checks the signature and answers, signed like any handshake. A
-  link session may send SEND (with `from`) and FINGER (with `asker`) only; a node's
-  session may not use those two fields,
-- relay connections (AUTHORIZATION with `relay`): they may send exactly one RELAY or
+  link session may send SEND, PIPE and RELAY (with `from`) and FINGER (with `asker`)
+  only; a node's session may not use those fields,
+- relay connections (AUTHORIZATION with `relay`, for an address of another domain too:
+  the callee of a caller here joins at this server): they may send exactly one RELAY or
   RELAY-ACCEPT within `auth_timeout` of connecting, nothing else, and once the server has
   joined them to their peer (`splice()`) the core is out of the way: the adapter hands
   the raw bytes to the splice and must not feed them here.
@@ -279,10 +280,16 @@ class ServerConnection:
             if isinstance(req, Finger) and req.asker is None:
                 raise RemoteProtocolError("a FINGER over a server link names its asker",
                                           request_id=req.id)
-            if not isinstance(req, Send | Finger):
+            if isinstance(req, Pipe | Relay) and req.sender is None:
+                raise RemoteProtocolError(
+                    f"a {req.TAG} over a server link names its sender (from, from_device)",
+                    request_id=req.id)
+            if not isinstance(req, Send | Finger | Pipe | Relay):
                 raise RemoteProtocolError(f"{req.TAG} is not carried over a server link",
                                           request_id=req.id)
-        elif (isinstance(req, Send) and req.sender is not None) or (
+            if isinstance(req, Relay):
+                return  # an invitation only: the splice is at the caller's server
+        elif (isinstance(req, Send | Pipe | Relay) and req.sender is not None) or (
                 isinstance(req, Finger) and req.asker is not None):
             raise RemoteProtocolError(f"{req.TAG} from/asker is for server links only",
                                       Status.FORBIDDEN, request_id=req.id)
@@ -335,7 +342,9 @@ class ServerConnection:
         self._attempt = (nonce, req.client_nonce, req.verify_key)
         self._keepalive_asked = req.keepalive_ms
         try:
-            if domain_of(req.address) != self.domain:
+            # A device of another domain may open a relay connection here: it can only
+            # RELAY-ACCEPT a session offered to its key (server.py).
+            if domain_of(req.address) != self.domain and not req.relay:
                 raise RemoteProtocolError(
                     f"address {req.address} is not served here (domain {self.domain})",
                     Status.FORBIDDEN)

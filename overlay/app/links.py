@@ -1,7 +1,10 @@
 """The ways past direct TCP: WebRTC signalled over PIPE, the server's relay, and the ladder.
 
 Outbound, `PeerLinks.ladder` turns a holder into a source that tries direct TCP, then
-WebRTC through the server's STUN, then the relay, each to its own timeout. Inbound, a
+WebRTC through the server's STUN, then the relay, each to its own timeout; for a holder
+of another domain the PIPE signalling and the RELAY go to our own server all the same,
+which forwards them over its server link. An invite from a caller of another domain names
+the caller's server, which hosts that splice: we join there. Inbound, a
 WebRTC stream another device opened, or a relay invite it sent, is served by the transfer
 server in a task this object owns; `aclose()` ends them and the WebRTC endpoint.
 """
@@ -78,10 +81,14 @@ class PeerLinks:
 
     async def _serve_relayed(self, invite: RelayInvite) -> None:
         host, port = self.server
+        server_key = self.rendezvous.server_key
+        if invite.host is not None and invite.port is not None and invite.key is not None:
+            # A caller of another domain: its server hosts the splice, and must prove the
+            # key our own server found for it in DNS (the invite came over our session).
+            host, port, server_key = invite.host, invite.port, invite.key
         try:
             stream = await relay_accept(host, port, self.identity, self.address, invite,
-                                        tls=self.rendezvous.tls,
-                                        server_key=self.rendezvous.server_key)
+                                        tls=self.rendezvous.tls, server_key=server_key)
         except StreamError as exc:
             log.info("relay from %s not joined: %s", invite.sender, exc)
             return

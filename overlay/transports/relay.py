@@ -1,7 +1,9 @@
 """The relay transport: a `Stream` spliced through the rendezvous server (the last rung).
 
 When neither direct TCP nor WebRTC gets through (symmetric NAT on both sides, UDP
-blocked), two devices of one server meet at it:
+blocked), two devices meet at the caller's server (for a callee of another domain the
+invite reaches it through its own server and names the caller's server's host, port and
+domain key: `relay_accept` goes there, `server_key` being that key):
 
     # caller (e.g. the node fetching chunks)
     stream = await relay_dial(host, port, identity, "alice@example.net",
