@@ -56,26 +56,38 @@ class Deployed:
 
 async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
                             port: int = RENDEZVOUS_PORT, limits: Any = None,
-                            dht_port: int | None = None) -> Deployed:
+                            dht_port: int | None = None, resolver: Any = None,
+                            store_path: Path | None = None, run: int = 0) -> Deployed:
     """Start a `RendezvousServer` (open registration, in-memory store) as `host`.
 
     `dht_port`: also run the DHT bootstrap node `--dht-port` runs (an `overlay.dht.DhtNode`
     with the server's own identity, its clock and randomness from the simulation), which
     nodes learn of in the CHALLENGE and join through: co-recipients find each other.
+
+    Federation: `resolver` (a `rendezvous.dns.StaticResolver` of the deployed servers,
+    see `domain_records`) lets the server link to other domains' servers; without it the
+    server keeps its default. `store_path`: an SQLite file instead of memory, so a server
+    stopped with `aclose()` and deployed again on the same host (`run` counts the starts:
+    fresh nonces) has its queues back, the outbound queue included. The domain key
+    follows the host's name, so every run of a host proves the same key.
     """
     from crypto.identity import DeviceIdentity
     from overlay.dht import DhtNode
-    from rendezvous.domainkey import DomainKey
     from rendezvous.limits import Limits
     from rendezvous.server import RendezvousServer
     from rendezvous.sqlite_store import SqliteStore
 
-    server = RendezvousServer(domain, SqliteStore(":memory:", inline=True),
+    extra: dict[str, Any] = {} if resolver is None else {"resolver": resolver}
+    server = RendezvousServer(domain, SqliteStore(store_path or ":memory:", inline=True),
                               open_registration=True, limits=limits or Limits(),
                               clock=virtual_wall(sim),
-                              new_nonce=_nonces(sim, f"nonce/{host.name}"),
-                              domain_key=DomainKey.from_seed(
-                                  sim.rng_for(f"domain-key/{host.name}").randbytes(32)))
+                              new_nonce=_nonces(sim, f"nonce/{host.name}"
+                                                + (f"/{run}" if run else "")),
+                              domain_key=domain_key_for(sim, host), **extra)
+    if server.federation is not None:
+        # The outbound queue's backoff jitter, from the seed (the server makes its own).
+        server.federation._rng = sim.rng_for(f"federation/{host.name}"
+                                             + (f"/{run}" if run else ""))
     _, bound = await host.create_task(server.start("0.0.0.0", port))
     if dht_port is not None:
         identity = DeviceIdentity.from_seed(sim.rng_for(f"dht-id/{host.name}").randbytes(32))
@@ -83,6 +95,22 @@ async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
         await host.create_task(dht.listen("0.0.0.0", dht_port))
         server.add_service("dht", dht)
     return Deployed(server, host, (host.address, bound))
+
+
+def domain_key_for(sim: Simulation, host: Host) -> Any:
+    """The domain key a server deployed on `host` proves (a `DomainKey`, same every run)."""
+    from rendezvous.domainkey import DomainKey
+
+    return DomainKey.from_seed(sim.rng_for(f"domain-key/{host.name}").randbytes(32))
+
+
+def domain_records(domain: str, host: Host, sim: Simulation, *,
+                   port: int = RENDEZVOUS_PORT) -> Any:
+    """The `DomainRecords` DNS would publish for a server deployed on `host`: its address
+    and the public half of `domain_key_for(sim, host)`; known before the server starts."""
+    from rendezvous.dns import DomainRecords
+
+    return DomainRecords(domain, ((host.address, port),), domain_key_for(sim, host).public)
 
 
 def _nonces(sim: Simulation, purpose: str) -> Callable[[], bytes]:
@@ -139,6 +167,8 @@ class SimNode:
         self._task = self.host.create_task(self._run(started, self._stop),
                                            name=f"node {self.address}")
         self.node = await started
+        # Its reconnect backoff jitter from the seed: Node gives its client no rng.
+        self.node.rendezvous._rng = self.sim.rng_for(f"rendezvous-client/{self.address}")
         return self.node
 
     def _node_options(self) -> NodeOptions:

@@ -13,12 +13,13 @@ Runner = Callable[[Simulation, ScenarioSpec, Progress | None], ScenarioResult]
 
 def runner_for(kind: str) -> Runner:
     """The run function of a scenario kind (explicit table, no name lookup from the file)."""
-    from sim.scenarios import churn, dht_lookup, family_video, server_load
+    from sim.scenarios import churn, dht_lookup, family_video, federation, server_load
 
     kinds: dict[str, Runner] = {"dht-lookup": dht_lookup.run,
                                 "family-video": family_video.run,
                                 "churn": churn.run,
-                                "server-load": server_load.run}
+                                "server-load": server_load.run,
+                                "federation": federation.run}
     try:
         return kinds[kind]
     except KeyError:

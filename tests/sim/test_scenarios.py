@@ -26,8 +26,9 @@ def _run(out: Path, name: str, **params: Any) -> tuple[dict[str, Any], list[dict
     return doc["summary"], rows
 
 
-def test_the_four_built_ins_are_shipped() -> None:
-    assert {"dht-lookup", "family-video", "churn", "server-load"} <= set(builtin_names())
+def test_the_built_ins_are_shipped() -> None:
+    assert {"dht-lookup", "family-video", "churn", "server-load",
+            "federation"} <= set(builtin_names())
 
 
 @pytest.mark.parametrize("implementation", ["overlay", "kademlia"])
@@ -81,3 +82,28 @@ def test_a_flash_crowd_on_a_thin_uplink_still_gets_the_clip(tmp_path: Path) -> N
                       arrival_window_s=1.0, up_mbit=1.0, modes=["on"])
     assert summary["on: completed"] == "20/20" and summary["on: all bytes equal"]
     assert summary["on: completion p90 s"] < 600, summary
+
+
+def test_federation_delivers_across_domains_once_and_mail_waits_for_a_downed_domain(
+        tmp_path: Path) -> None:
+    params = {"users_per_domain": 3, "messages_min": 1, "messages_max": 2,
+              "size_min_mib": 0.5, "size_max_mib": 1.0, "send_window_s": 300.0,
+              "down_at_s": 60.0, "down_for_s": 180.0}
+    summary, rows = _run(tmp_path / "one", "federation", **params)
+    assert summary["send failures"] == 0
+    assert summary["delivered"] == f"{summary['messages']}/{summary['messages']}"
+    assert summary["delivered exactly once"] and summary["all bytes equal"]
+    assert all(r["copies_in_inbox"] == "1" and r["bytes_equal"] == "True" for r in rows)
+    assert {r["sender"].partition("@")[2] for r in rows} == {"a.example", "b.example",
+                                                             "c.example"}
+    assert all(r["sender"].partition("@")[2] != r["recipient"].partition("@")[2]
+               for r in rows)
+    # Mail sent to c.example while its server was down arrived only after the restart.
+    assert summary["outage"] == "c.example down 60-240 s"
+    to_downed = [r for r in rows if r["to_downed_while_down"] == "True"]
+    assert to_downed and all(float(r["location_at_s"]) >= 240.0 for r in to_downed)
+    assert summary["their location messages after the restart"]
+    assert {p.name for p in (tmp_path / "one").glob("*.png")} == {"delivery-delay-cdf.png"}
+    # The same seed gives the same run.
+    again, _ = _run(tmp_path / "two", "federation", **params)
+    assert again == summary
