@@ -357,3 +357,22 @@ def test_expiry_bounces_and_the_sender_sees_it_in_status(
     assert text.startswith("bounced: not delivered to b.test before it expired "
                            "(b.test unreachable: "), text
     assert text in status_table(w.a, alice)
+
+
+def test_a_blocked_domain_gets_no_link_and_no_mail(
+        make_world: Callable[..., World], tmp_path: Path) -> None:
+    w = make_world(b_test=["--block-domain", "A.test"])  # any case
+    w.a.start()
+    w.b.start()
+    alice, _ = w.a.init("alice")
+    bob, _ = w.b.init("bob")
+    w.a.net.start_node(alice)
+    w.b.net.start_node(bob)
+    src = make_file(tmp_path / "x.bin", 1 << 20)
+    res = w.a.net.cli(alice, "send", str(src), "--to", bob.address, check=False)
+    assert res.returncode != 0
+    assert ("b.test is unreachable and bob@b.test's keys are unknown; try again later"
+            in flat(res.stderr)), res.stderr
+    line = w.b.wait_log(r"event=link\.refused .*domain=a\.test")
+    assert "links and mail from a.test are refused here" in line
+    assert w.b.net.cli_json(bob, "inbox", "--all") == []
