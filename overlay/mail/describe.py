@@ -138,6 +138,8 @@ def make_demo_clip(
     created: int | None = None,
 ) -> None:
     """Write an MPEG-TS clip: MPEG-2 video of moving bars over grain, plus an MP3 tone.
+    A `.webm` suffix writes what browsers play instead: VP8 video with an Opus tone
+    (Vorbis if this FFmpeg has no Opus encoder, no audio if it has neither).
 
     Every frame differs and carries seeded grain, so the file does not compress away and
     is the same for the same arguments. `bitrate` (bits/s) makes large files quickly for
@@ -149,25 +151,60 @@ def make_demo_clip(
     """
     if seconds <= 0 or fps <= 0 or width < 16 or height < 16 or width % 2 or height % 2:
         raise ValueError("need seconds > 0, fps > 0 and even width/height of at least 16")
-    container_format = {".mp4": "mp4", ".mkv": "matroska"}.get(path.suffix.lower(), "mpegts")
+    suffix = path.suffix.lower()
+    container_format = {".mp4": "mp4", ".mkv": "matroska", ".webm": "webm"}.get(suffix,
+                                                                                "mpegts")
     rng = random.Random(f"{seconds}/{width}/{height}/{fps}/{tone_hz}/{bitrate}")
     with av.open(str(path), "w", format=container_format) as out:
         if created is not None:
             out.metadata["creation_time"] = _iso_utc(created)
-        video: Any = out.add_stream("mpeg2video", rate=fps)
+        if container_format == "webm":
+            video: Any = out.add_stream("libvpx", rate=fps)
+            video.gop_size = fps  # a keyframe a second: a browser seeks to any second
+            opts = {"deadline": "realtime", "cpu-used": "8"}
+            if bitrate is not None:
+                video.bit_rate = bitrate
+                opts.update({"minrate": str(bitrate), "maxrate": str(bitrate),
+                             "b:v": str(bitrate)})
+            video.options = opts
+            codec = webm_audio_codec()
+            rate = 48000 if codec == "libopus" else _SAMPLE_RATE
+            audio: Any = out.add_stream(codec, rate=rate) if codec else None
+        else:
+            video = out.add_stream("mpeg2video", rate=fps)
+            if bitrate is not None:
+                video.bit_rate = bitrate
+                # Without a VBV buffer FFmpeg treats bit_rate only as a loose average.
+                video.codec_context.options = {"maxrate": str(bitrate),
+                                               "bufsize": str(bitrate)}
+            rate = _SAMPLE_RATE
+            audio = out.add_stream("libmp3lame", rate=rate)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        if bitrate is not None:
-            video.bit_rate = bitrate
-            # Without a VBV buffer FFmpeg treats bit_rate only as a loose average.
-            video.codec_context.options = {"maxrate": str(bitrate), "bufsize": str(bitrate)}
-        audio: Any = out.add_stream("libmp3lame", rate=_SAMPLE_RATE)
-        audio.layout = "stereo"
-        for frame in _demo_frames(round(seconds * fps), width, height, rng):
+        if audio is not None:
+            audio.layout = "stereo"
+        # Interleaved a video frame at a time, so a player reading from the start (as a
+        # browser does while the file still arrives) finds sound beside each picture.
+        tones = _tone_frames(seconds, tone_hz, rate) if audio is not None else iter(())
+        pending = next(tones, None)
+        for i, frame in enumerate(_demo_frames(round(seconds * fps), width, height, rng)):
             out.mux(video.encode(frame))
-        for aframe in _tone_frames(seconds, tone_hz):
-            out.mux(audio.encode(aframe))
+            while pending is not None and pending.pts < (i + 1) * rate / fps:
+                out.mux(audio.encode(pending))
+                pending = next(tones, None)
         out.mux(video.encode(None))
-        out.mux(audio.encode(None))
+        if audio is not None:
+            while pending is not None:
+                out.mux(audio.encode(pending))
+                pending = next(tones, None)
+            out.mux(audio.encode(None))
+
+
+def webm_audio_codec() -> str | None:
+    """The audio encoder a browser-playable demo clip uses: Opus, else Vorbis, else none."""
+    for name in ("libopus", "libvorbis"):
+        if name in av.codecs_available:
+            return name
+    return None
 
 
 def _type_from_name(path: Path) -> str:
@@ -341,18 +378,18 @@ def _fill_plane(plane: Any, data: bytes, width: int, height: int) -> None:
     plane.update(bytes(padded))
 
 
-def _tone_frames(seconds: float, tone_hz: float) -> Iterator[Any]:
-    total = int(seconds * _SAMPLE_RATE)
+def _tone_frames(seconds: float, tone_hz: float, rate: int = _SAMPLE_RATE) -> Iterator[Any]:
+    total = int(seconds * rate)
     per_frame = 1152  # one MPEG audio frame
     for start in range(0, total, per_frame):
         n = min(per_frame, total - start)
         samples = [
-            int(12000 * math.sin(2 * math.pi * tone_hz * (start + j) / _SAMPLE_RATE))
+            int(12000 * math.sin(2 * math.pi * tone_hz * (start + j) / rate))
             for j in range(n)
         ]
         stereo = [s for s in samples for _ in range(2)]
         frame = av.AudioFrame(format="s16", layout="stereo", samples=n)
         frame.planes[0].update(struct.pack(f"<{2 * n}h", *stereo))
-        frame.sample_rate = _SAMPLE_RATE
+        frame.sample_rate = rate
         frame.pts = start
         yield frame
