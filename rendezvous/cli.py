@@ -169,6 +169,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--outbound-expiry", type=_non_negative, metavar="DAYS",
                    default=_DEFAULTS.outbound_expiry / DAY,
                    help="mail for another domain bounces after waiting this long (default 5)")
+    s.add_argument("--link-rate", type=_non_negative, metavar="N",
+                   default=_DEFAULTS.link_rate,
+                   help="envelopes per second each other domain may forward here (0: no "
+                        f"cap; default {_DEFAULTS.link_rate:g})")
     s.add_argument("--block-domain", action="append", default=[], metavar="DOMAIN",
                    help="refuse server links, and so mail, from DOMAIN (repeatable)")
     s.add_argument("--log-level", default="info")
@@ -261,7 +265,8 @@ def _serve(args: argparse.Namespace) -> int:
                     sender_quota_count=args.sender_quota_count,
                     sender_quota_bytes=args.sender_quota_bytes,
                     keepalive_timeout=args.keepalive_timeout,
-                    outbound_expiry=args.outbound_expiry * DAY)
+                    outbound_expiry=args.outbound_expiry * DAY,
+                    link_rate=args.link_rate)
     return _run(_serve_async(args, limits))
 
 

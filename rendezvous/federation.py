@@ -7,8 +7,9 @@ server does with it:
   the domain's records from a `DomainResolver` (servers in RFC 2782 order, the domain
   key). It answers the CHALLENGE with LINK (rendezvous/messages.py) and accepts the link
   only if the reply's `server_sig` verifies under the key DNS publishes for that domain;
-  a server showing another key is refused (`LinkError`, counted, logged). Requests go one
-  at a time (a lock), each answered by its REPLY; a link gets no pushes.
+  a server showing another key is refused (`LinkError`, counted, logged). Requests go
+  in windows (a lock): up to 32 SENDs in one write, then their REPLYs; a link gets no
+  pushes.
 - `Federation`: the outbound queue worker. A SEND naming foreign recipients is
   acknowledged once the store has committed those envelopes to its outbound queue; then
   `wake(domain)` forwards them at once over the domain's link, grouped per (sender,
@@ -68,6 +69,8 @@ DEFAULT_EXPIRY = 5 * DAY
 _PAGE = 256                   # outbound rows read per round
 _BATCH_BYTES = 160 * 1024     # blob bytes per forwarded SEND (the frame limit is 256 KiB)
 _BATCH_ITEMS = 64
+_PIPELINE = 32                # forwarded SENDs per write, replies awaited together
+                              # (the receiver reads at most 64 in flight per link)
 _MAX_LINKS = 256              # open links at once (FINGER can name any domain)
 _PIPES_WAITING = 64           # PIPE/RELAY requests waiting for one domain's link
 _PERMANENT = frozenset({Status.BAD_REQUEST, Status.FORBIDDEN, Status.NOT_FOUND,
@@ -179,19 +182,29 @@ class LinkClient:
 
     async def request(self, make: Callable[[int], Request]) -> Reply:
         """Send one request and wait for its REPLY (LinkError if the link fails)."""
+        return (await self.request_many([make]))[0]
+
+    async def request_many(self, makes: list[Callable[[int], Request]]) -> list[Reply]:
+        """Send the requests in one write and wait for every REPLY (in request order):
+        one round trip for all of them, and the remote's store commits them together.
+        LinkError if the link fails before every reply is in."""
         async with self._lock:
             core = self._core
             if core is None or not self.alive:
                 raise LinkError(f"the link to {self.remote} is closed")
             try:
                 async with asyncio.timeout(self.timeout):
-                    req = make(core.new_id())
-                    core.send(req)
+                    reqs = [make(core.new_id()) for make in makes]
+                    for req in reqs:
+                        core.send(req)
                     await self._flush(core)
-                    while True:
+                    replies: dict[int, Reply] = {}
+                    want = {req.id for req in reqs}
+                    while len(replies) < len(want):
                         msg = await self._next(core)
-                        if isinstance(msg, Reply) and msg.id == req.id:
-                            return msg
+                        if isinstance(msg, Reply) and msg.id in want:
+                            replies[msg.id] = msg
+                    return [replies[req.id] for req in reqs]
             except TimeoutError:
                 await self.aclose()
                 raise LinkError(f"{self.remote} did not answer within {self.timeout:g} s"
@@ -319,25 +332,41 @@ class Federation:
                 continue  # the sweep bounces it
             groups.setdefault((row.sender, row.message_id, row.recipient, row.priority),
                               []).append(row)
-        for (sender, mid, recipient, prio), group in groups.items():
-            for batch in _batches(group):
-                link = await self.link(domain)
-                items = tuple(SendItem(r.recipient, r.device, r.blob) for r in batch)
-                reply = await link.request(_forward_send(mid, prio, items, sender))
+        sends = [(sender, mid, recipient, prio, batch)
+                 for (sender, mid, recipient, prio), group in groups.items()
+                 for batch in _batches(group)]
+        for start in range(0, len(sends), _PIPELINE):
+            window = sends[start:start + _PIPELINE]
+            link = await self.link(domain)
+            replies = await link.request_many([
+                _forward_send(mid, prio, tuple(SendItem(r.recipient, r.device, r.blob)
+                                               for r in batch), sender)
+                for sender, mid, _, prio, batch in window])
+            delivered: list[int] = []
+            bounced: dict[str, list[int]] = {}
+            transient: Reply | None = None
+            for (_, mid, recipient, _, batch), reply in zip(window, replies, strict=True):
                 ids = [r.id for r in batch]
                 if reply.ok:
-                    self.forwarded += len(batch)
-                    await self.store.outbound_done(ids, "delivered", None, self.clock())
+                    delivered += ids
                     log.info(kv("outbound.delivered", domain=domain, to=recipient,
                                 mid=mid.hex(), envelopes=len(batch)))
                 elif reply.status in _PERMANENT:
-                    self.bounced += len(batch)
                     reason = f"{domain} refused it: {reply.text}"
-                    await self.store.outbound_done(ids, "bounced", reason, self.clock())
+                    bounced.setdefault(reason, []).extend(ids)
                     log.warning(kv("outbound.bounced", domain=domain, to=recipient,
                                    mid=mid.hex(), reason=reason))
-                else:
-                    raise LinkError(f"{domain} answered {reply.status} {reply.text}")
+                elif transient is None:
+                    transient = reply
+            # Recorded before any retry: the remote stores a repeated forward once anyway.
+            if delivered:
+                self.forwarded += len(delivered)
+                await self.store.outbound_done(delivered, "delivered", None, self.clock())
+            for reason, ids in bounced.items():
+                self.bounced += len(ids)
+                await self.store.outbound_done(ids, "bounced", reason, self.clock())
+            if transient is not None:
+                raise LinkError(f"{domain} answered {transient.status} {transient.text}")
 
     async def _sweep(self) -> None:
         interval = max(1.0, min(60.0, self.expiry / 10))
