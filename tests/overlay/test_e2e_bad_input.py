@@ -39,7 +39,7 @@ async def test_garbage_and_forgeries_from_the_server_are_dropped(net: LocalNetwo
     mallory = DeviceIdentity.generate()
     host, port = net.server_addr or ("", 0)
     async with RendezvousClient(host, port, mallory, "mallory@example.net", register=True,
-                                reconnect=False) as rc:
+                                reconnect=False, tls=net.tls) as rc:
         (dev,) = (await rc.finger(bob.address)).devices
         bob_key = PublicIdentity(dev.verify_key)
         to = lambda blob: [(bob.address, bob_key.peer_id, blob)]  # noqa: E731
