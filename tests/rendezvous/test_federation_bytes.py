@@ -20,6 +20,7 @@ from overlay.transports.relay import RelayError, relay_accept, relay_dial
 from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient
 from rendezvous.errors import RendezvousError
 from rendezvous.federation import LinkClient
+from rendezvous.limits import Limits
 from rendezvous.messages import Pipe, Relay
 from rendezvous.server import RendezvousServer
 from rendezvous.status import Status
@@ -186,3 +187,26 @@ async def test_bootstrap_nodes_of_two_domains_know_each_other_after_a_link(
         assert a.dht_domains_joined == 1
         assert dht_b.peer_id in {c.node_id for c in dht_a.contacts()}
         assert dht_a.peer_id in {c.node_id for c in dht_b.contacts()}
+
+
+async def test_forwarded_pipes_are_rate_limited_per_linking_domain(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    async with world.server(A) as a, \
+            world.server(B, limits=Limits(link_rate=1, link_burst=2)) as b:
+        await _register(world, b, BOB, "bob@b.test")
+        async with world.client(a, ALICE, "alice@a.test") as alice:
+            for _ in range(2):
+                await alice.pipe("bob@b.test", b"offer", hold=30)
+            with pytest.raises(RendezvousError, match=re.escape(
+                    "too many PIPE/RELAY requests from a.test: limit 1 per second")):
+                await alice.pipe("bob@b.test", b"offer", hold=30)
+        assert b.link_rate_limited == 1 and b.pipes_held == 2
+
+
+async def test_a_foreign_relay_connection_may_only_accept(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    async with world.server(A) as a, world.server(B):
+        assert a.address is not None
+        await _register(world, a, ALICE, "alice@a.test")
+        with pytest.raises(RelayError, match="may only RELAY-ACCEPT here"):
+            await relay_dial(*a.address, BOB, "bob@b.test", "alice@a.test", ALICE.peer_id)
