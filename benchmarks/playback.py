@@ -129,6 +129,21 @@ def run(clip: Path, root: Path, rate: int) -> dict[str, Any]:
                 headless=True, args=CHROMIUM_ARGS)
             try:
                 page = ctx.pages[0] if ctx.pages else ctx.new_page()
+                t_origin = time.monotonic()
+                ranges: list[dict[str, Any]] = []  # the player's /media requests, for meta
+
+                def seen(req: Any) -> None:
+                    if "/media/" in req.url:
+                        ranges.append({"at": round(time.monotonic() - t_origin, 3),
+                                       "range": req.headers.get("range")})
+
+                def answered(resp: Any) -> None:
+                    if "/media/" in resp.url:
+                        ranges.append({"at": round(time.monotonic() - t_origin, 3),
+                                       "status": resp.status,
+                                       "range": resp.request.headers.get("range")})
+                page.on("request", seen)
+                page.on("response", answered)
                 page.goto(login)
                 t_send = time.time()
                 mid = net.cli(alice, "send", str(clip), "--to", bob.address).stdout.strip()
@@ -147,6 +162,7 @@ def run(clip: Path, root: Path, rate: int) -> dict[str, Any]:
                 e = entry(bob, mid)
                 held_seek = e["progress"] if e else 0.0
                 state_seek = e["state"] if e else "?"
+                seek_at = round(time.monotonic() - t_origin, 3)
                 seek_ms = float(page.evaluate(_SEEK_JS, 0.8 * duration))
             finally:
                 ctx.close()
@@ -158,6 +174,7 @@ def run(clip: Path, root: Path, rate: int) -> dict[str, Any]:
         return {"first_frame_ms": first_frame_ms, "seek_ms": seek_ms, "duration": duration,
                 "held_at_play": held_play, "held_at_seek": held_seek,
                 "state_at_seek": state_seek, "send_seconds": sent_s,
+                "seek_at": seek_at, "media_requests": ranges,
                 "download_seconds": took, "download_rate": size / took if took > 0 else 0.0}
 
 
