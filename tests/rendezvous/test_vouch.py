@@ -11,7 +11,7 @@ from crypto.vouch import Vouch, make_vouch
 from rendezvous.client import RendezvousClient
 from rendezvous.errors import AuthenticationError
 from rendezvous.server import RendezvousServer
-from rendezvous.sqlite_store import SCHEMA_VERSION, connect
+from rendezvous.sqlite_store import _MIGRATIONS, SCHEMA_VERSION, connect
 
 from .conftest import ident, port_of, running_server
 
@@ -54,7 +54,8 @@ def test_a_file_from_before_vouches_is_upgraded(tmp_path: Path) -> None:
     path = tmp_path / "rv.sqlite3"
     conn = connect(path)
     conn.execute("ALTER TABLE devices DROP COLUMN vouch")
-    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION - 1),))
+    before = next(v for v, step in _MIGRATIONS.items() if "ADD COLUMN vouch" in step)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(before),))
     conn.execute("INSERT INTO accounts VALUES ('bob@example.net', 1.0)")
     conn.execute("INSERT INTO devices (peer_id, verify_key, address, added) VALUES (?, ?, ?, 1)",
                  (BOB1.peer_id, BOB1.public.verify_key, ADDR))
