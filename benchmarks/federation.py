@@ -6,7 +6,10 @@ other through a real name server: dnsmasq serving the SRV/TXT lines `peerpost-re
 dns-records` prints (tests/dnstest.py starts it; without dnsmasq the benchmark says so and
 stops). The server link between them is the production one (TLS, LINK signed with a.test's
 domain key and checked against the TXT key, b.test's reply checked the same way);
-`--link-rate 0` lifts the receiver's per-domain cap (200 envelopes/s by default).
+`--link-rate 0` lifts the receiver's per-domain cap (200 envelopes/s by default) and
+`--request-rate 100000` its per-connection request rate (2,000/s by default: a link
+carries one SEND per message, so at default limits a link tops out at 2,000 msg/s, and
+the 429 past the burst sends the outbound queue into its Backoff, seconds of delay).
 
 1. Throughput: S senders on a.test SEND to R recipients on b.test (one 512-byte blob
    each). a.test acknowledges a SEND once its outbound queue has committed it; it forwards
@@ -92,9 +95,10 @@ class Servers:
                 sys.executable, "-m", "rendezvous", "serve", "--domain", d, "--listen",
                 f"127.0.0.1:{self.ports[d]}", "--data", str(self.tmp / d),
                 "--open-registration", "--log-level", "warning", "--sessions-per-ip", "0",
-                # The per-domain link cap (200 envelopes/s by default) is policy; this
-                # measures what the link and both stores carry.
-                "--link-rate", "0",
+                # The per-domain link cap (200 envelopes/s by default) and the
+                # per-connection request rate (2,000/s, which a link's SENDs count
+                # against) are policy; this measures what the link and both stores carry.
+                "--link-rate", "0", "--request-rate", "100000",
                 stdout=asyncio.subprocess.PIPE, env=env)
             self.procs[d] = proc
             if proc.stdout is None:
