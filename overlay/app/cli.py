@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 import unicodedata
@@ -37,7 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 from overlay.app.control import ControlClient, ControlError, NodeNotRunning
-from overlay.app.home import HomeError, NodeHome
+from overlay.app.home import HomeError, NodeHome, default_home
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -70,7 +69,7 @@ def _t(value: object) -> Text:
 
 
 def _default_home() -> str:
-    return os.environ.get("PEERPOST_HOME") or str(Path.home() / ".peerpost")
+    return str(default_home())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peerpost",
         description="Send large media like e-mail; the bytes move peer to peer.",
     )
-    p.add_argument("--home", default=None,
-                   help="the node's home folder (default: $PEERPOST_HOME or ~/.peerpost)")
+    home_help = ("the node's home folder (default: $PEERPOST_HOME, else ~/.peerpost where "
+                 "it exists, else the platform's user data folder, ~/.local/share/peerpost)")
+    p.add_argument("--home", default=None, help=home_help)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size-mib", type=float, default=None,
                    help="clip size (default: a short real clip of a few MiB)")
     s.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    for name, command in sub.choices.items():  # `peerpost inbox --home H` works too
+        if name != "demo":
+            command.add_argument("--home", default=argparse.SUPPRESS, help=home_help)
     return p
 
 

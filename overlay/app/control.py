@@ -47,6 +47,19 @@ def _frame(obj: Any) -> bytes:
     return encode_frame(packb(obj), MAX_CONTROL_FRAME)
 
 
+async def _answers(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket at `path`."""
+    try:
+        async with asyncio.timeout(2.0):
+            _, writer = await asyncio.open_unix_connection(str(path))
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    return True
+
+
 class ControlServer:
     """Serves the operations table on the home folder's Unix socket."""
 
@@ -56,8 +69,13 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a stale socket from a killed daemon
+        """Listen on the socket; a socket left by a killed daemon is replaced, one that
+        another process still answers on is not (ControlError)."""
+        if self.path.exists():
+            if await _answers(self.path):
+                raise ControlError(f"another peerpost node serves {self.path}; stop it first")
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # stale: nothing listens on it
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))

@@ -9,12 +9,20 @@ Layout (all owner-only):
     received/       finished downloads
     control.sock    the daemon's local control socket (Unix, mode 0600)
     node.log        the daemon's log when it runs in the background
+    node.lock       held (fcntl) by the one running daemon; holds its pid
+
+Without --home or $PEERPOST_HOME the folder is ~/.peerpost where that exists (homes made
+before), else the platform's user data folder (platformdirs: $XDG_DATA_HOME/peerpost,
+~/.local/share/peerpost on Linux).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +37,23 @@ DEFAULT_WEB = "127.0.0.1:8470"  # the web inbox; another free port if taken, "of
 
 class HomeError(Exception):
     """The home folder is missing, incomplete or unreadable; the text says what to do."""
+
+
+class HomeBusy(HomeError):
+    """Another daemon runs for this home folder."""
+
+
+def default_home() -> Path:
+    """$PEERPOST_HOME, else ~/.peerpost where it exists, else the platform's data folder."""
+    env = os.environ.get("PEERPOST_HOME")
+    if env:
+        return Path(env).expanduser()
+    legacy = Path.home() / ".peerpost"
+    if legacy.exists():
+        return legacy
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("peerpost", appauthor=False))
 
 
 @dataclass
@@ -95,6 +120,27 @@ class NodeHome:
     store_dir = property(lambda self: self.root / "store")
     control_path = property(lambda self: self.root / "control.sock")
     log_path = property(lambda self: self.root / "node.log")
+    lock_path = property(lambda self: self.root / "node.lock")
+
+    @contextlib.contextmanager
+    def daemon_lock(self) -> Iterator[None]:
+        """Hold the home's daemon lock (fcntl, released by the kernel when the process
+        ends, even on SIGKILL); HomeBusy naming the holder's pid when another has it."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                who = f" (pid {pid})" if pid.isdigit() else ""
+                raise HomeBusy(
+                    f"a peerpost node is already running for {self.root}{who}; stop it "
+                    "first, or use another --home") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     def received_dir(self, config: NodeConfig) -> Path:
         return Path(config.download_dir) if config.download_dir else self.root / "received"

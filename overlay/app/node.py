@@ -294,11 +294,13 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
             await stop.wait()
             log.info("stopping")
 
-    try:
-        import uvloop
+    home.load_config()  # no home folder: say so before taking its lock
+    with home.daemon_lock():  # HomeBusy (a HomeError) when another daemon has this home
+        try:
+            import uvloop
 
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+            uvloop.run(main())
+        except ImportError:
+            asyncio.run(main())
     return 0
 
