@@ -60,6 +60,7 @@ from typing import Any
 
 from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
+from rendezvous.cliutil import add_completion, add_version, completion_script, finish
 from rendezvous.domainkey import load_or_create, txt_value
 from rendezvous.limits import DAY, Limits
 from rendezvous.logfmt import configure, kv
@@ -106,11 +107,14 @@ def _count(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peerpost-rendezvous",
-                                description="The rendezvous server of one peerpost domain.")
+                                description="The rendezvous server of one peerpost domain.",
+                                epilog="exit status: 0 ok, 1 error, 2 usage error")
+    add_version(p)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the server")
     s.add_argument("--domain", required=True, help="the mail domain this server is for")
-    s.add_argument("--listen", type=_listen, default=("127.0.0.1", 0), help="HOST:PORT")
+    s.add_argument("--listen", type=_listen, default=("127.0.0.1", 0), metavar="HOST:PORT",
+                   help="where to listen (port 0: any free port, printed)")
     s.add_argument("--data", type=Path, required=True, help="data folder (SQLite, stats)")
     s.add_argument("--open-registration", action="store_true",
                    help="anyone may create an account (demos and tests)")
@@ -120,14 +124,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--plaintext", action="store_true",
                    help="no TLS: only for the simulator and benchmarks, never in service "
                         "(clients can then be impersonated by anyone on the path)")
-    s.add_argument("--max-envelope", type=int, default=_DEFAULTS.max_envelope, metavar="BYTES")
-    s.add_argument("--max-frame", type=int, default=_DEFAULTS.max_frame, metavar="BYTES")
-    s.add_argument("--quota-count", type=int, default=_DEFAULTS.quota_count)
-    s.add_argument("--quota-bytes", type=int, default=_DEFAULTS.quota_bytes)
+    s.add_argument("--max-envelope", type=int, default=_DEFAULTS.max_envelope, metavar="BYTES",
+                   help="largest envelope (sealed location message) a SEND may carry")
+    s.add_argument("--max-frame", type=int, default=_DEFAULTS.max_frame, metavar="BYTES",
+                   help="largest protocol frame read from a client")
+    s.add_argument("--quota-count", type=int, default=_DEFAULTS.quota_count, metavar="N",
+                   help="envelopes queued for one recipient")
+    s.add_argument("--quota-bytes", type=int, default=_DEFAULTS.quota_bytes, metavar="BYTES",
+                   help="bytes queued for one recipient")
     s.add_argument("--request-rate", type=float, default=_DEFAULTS.request_rate,
                    help="requests per second per connection")
-    s.add_argument("--envelope-days", type=float, default=_DEFAULTS.envelope_ttl / DAY)
-    s.add_argument("--stats-interval", type=float, default=2.0, metavar="SECONDS")
+    s.add_argument("--envelope-days", type=float, default=_DEFAULTS.envelope_ttl / DAY,
+                   metavar="DAYS", help="an undelivered envelope is dropped after this long")
+    s.add_argument("--stats-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="how often DATA/stats.json is written")
     s.add_argument("--stun-port", type=_port, metavar="N",
                    help="answer STUN on this UDP port (0: any free port)")
     s.add_argument("--dht-port", type=_port, metavar="N",
@@ -175,19 +185,20 @@ def _parser() -> argparse.ArgumentParser:
                         f"cap; default {_DEFAULTS.link_rate:g})")
     s.add_argument("--block-domain", action="append", default=[], metavar="DOMAIN",
                    help="refuse server links, and so mail, from DOMAIN (repeatable)")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="log detail")
     i = sub.add_parser("invite", help="issue a single-use invite token for an address")
-    i.add_argument("address")
-    i.add_argument("--data", type=Path, required=True)
-    i.add_argument("--days", type=float, default=14.0, help="validity")
+    i.add_argument("address", help="NAME@DOMAIN the invite lets one device register")
+    i.add_argument("--data", type=Path, required=True, help="the data folder `serve` uses")
+    i.add_argument("--days", type=float, default=14.0, help="how long the invite is valid")
     st = sub.add_parser("stats", help="accounts, queued envelopes, online sessions, bytes")
-    st.add_argument("--data", type=Path, required=True)
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--data", type=Path, required=True, help="the data folder `serve` uses")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     d = sub.add_parser("dns-records", help="print the DNS records that publish this domain "
                                            "(SRV per instance, TXT with the domain key)")
     d.add_argument("--data", type=Path, required=True,
                    help="the data folder `serve` uses (its domain key is made if missing)")
-    d.add_argument("--domain", required=True)
+    d.add_argument("--domain", required=True, help="the mail domain the records publish")
     d.add_argument("--host", action="append", required=True, metavar="NAME",
                    help="host name of an instance (repeat for several)")
     d.add_argument("--port", type=_port, required=True, help="the port `serve` listens on")
@@ -197,12 +208,18 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--weight", type=_count, action="append", metavar="N",
                    help="SRV weight within a priority: once for all hosts or once per "
                         "--host (default 0)")
+    add_completion(sub, p.prog)
+    finish(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `peerpost-rendezvous` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        print(completion_script(parser, args.shell), end="")
+        return 0
     if args.command == "serve":
         return _serve(args)
     if args.command == "invite":

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rendezvous.cliutil import add_completion, add_version, completion_script, finish
 from sim.plots import draw
 from sim.scenario import (
     ScenarioError,
@@ -113,17 +114,24 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `peerpost-sim`."""
     parser = argparse.ArgumentParser(prog="peerpost-sim", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog="exit status: 0 ok, 1 callbacks raised during the run, "
+                                            "2 usage error or bad scenario")
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the built-in scenarios")
     run = sub.add_parser("run", help="run a scenario (built-in name or TOML file)")
-    run.add_argument("scenario")
+    run.add_argument("scenario", help="a name from `peerpost-sim list`, or a TOML file")
     run.add_argument("--seed", type=int, help="overrides the scenario's seed")
-    run.add_argument("--out", default="results", help="output folder (default: results)")
+    run.add_argument("--out", default="results", help="output folder")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a [params] value; repeatable")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_completion(sub, parser.prog)
+    finish(parser)
     args = parser.parse_args(argv)
+    if args.command == "completion":
+        print(completion_script(parser, args.shell), end="")
+        return 0
     console = Console()
     if args.command == "list":
         for name in builtin_names():

@@ -1,0 +1,67 @@
+"""What the three console scripts share: `--version`, help that shows defaults, and a
+`completion SHELL` command that prints a shell completion script (shtab).
+
+Kept in the lowest package that has a command line so `peerpost-rendezvous`, `peerpost`
+and `peerpost-sim` all import it downward.
+"""
+
+from __future__ import annotations
+
+import argparse
+from importlib.metadata import PackageNotFoundError, version
+
+SHELLS = ("bash", "zsh", "tcsh")
+
+
+def package_version() -> str:
+    try:
+        return version("peerpost")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; every option's help ends with its default,
+    unless the help already names it or there is none worth showing (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS, [])
+                or (not action.option_strings and action.nargs not in ("?", "*"))):
+            return text
+        if isinstance(default, tuple):  # a parsed HOST:PORT
+            shown = ":".join(str(x) for x in default)
+            return f"{text} (default: {shown.replace('%', '%%')})"
+        return f"{text} (default: %(default)s)"
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version",
+                        version=f"{parser.prog} {package_version()}",
+                        help="print the version and exit")
+
+
+def add_completion(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                   prog: str) -> None:
+    """`completion SHELL`: the command `main` answers with `completion_script`."""
+    c = sub.add_parser("completion", help="print a shell completion script, e.g. "
+                       f"`eval \"$({prog} completion bash)\"` in ~/.bashrc",
+                       formatter_class=HelpFormatter)
+    c.add_argument("shell", choices=SHELLS, help="the shell to complete for")
+
+
+def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
+    import shtab
+
+    text: str = shtab.complete(parser, shell=shell)
+    return text
+
+
+def finish(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand the shared help formatter (subparsers don't inherit it)."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                finish(command)
