@@ -22,7 +22,10 @@ value that publishes it are logged at every start. Nodes pin it (`peerpost init`
 `serve` prints one machine-readable line `listening HOST:PORT` on stdout (flushed) once
 the socket is bound, so `--listen 127.0.0.1:0` can be read back, then `stun listening
 HOST:PORT` and `dht listening HOST:PORT` for the services asked for (port 0: any free
-port; both on the --listen host, UDP). Logs go to stderr as key=value lines. SIGTERM or
+port; both on the --listen host, UDP), then `metrics listening HOST:PORT` with
+`--metrics` (Prometheus /metrics and /healthz, rendezvous/metrics.py). Logs go to stderr
+as key=value lines, or JSON lines with `--log-format json` (logfmt.py). Once serving it
+tells systemd READY=1 when $NOTIFY_SOCKET is set (sdnotify.py). SIGTERM or
 SIGINT shut it down cleanly. It uses uvloop when installed.
 Every few seconds it writes DATA/stats.json, which `stats` reads for the online sessions,
 relay counters and the services' counters; the other figures `stats` shows come from the
@@ -56,19 +59,23 @@ import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
 from rendezvous.cliutil import add_completion, add_version, completion_script, finish
 from rendezvous.domainkey import load_or_create, txt_value
 from rendezvous.limits import DAY, Limits
-from rendezvous.logfmt import configure, kv
+from rendezvous.logfmt import FORMATS, LEVELS, configure, kv
+from rendezvous.sdnotify import notify
 from rendezvous.server import RendezvousServer
 from rendezvous.services import ExtraService, StunService, load_starter, server_identity
 from rendezvous.sqlite_store import DB_NAME, SqliteStore, create_invite, read_stats
 from rendezvous.stats import read_live_stats, write_stats
 from rendezvous.tls import self_signed, server_tls
+
+if TYPE_CHECKING:
+    from rendezvous.metrics import ServerMetrics
 
 log = logging.getLogger("rendezvous.cli")
 _DEFAULTS = Limits()
@@ -79,6 +86,13 @@ _RELAY_COUNTERS = ("relayed_bytes", "relay_sessions", "relay_active", "relay_ref
 def _listen(text: str) -> tuple[str, int]:
     try:
         return parse_hostport(text, what="--listen", default_host="0.0.0.0")
+    except DecodeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _metrics_listen(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text, what="--metrics", default_host="127.0.0.1")
     except DecodeError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -185,8 +199,12 @@ def _parser() -> argparse.ArgumentParser:
                         f"cap; default {_DEFAULTS.link_rate:g})")
     s.add_argument("--block-domain", action="append", default=[], metavar="DOMAIN",
                    help="refuse server links, and so mail, from DOMAIN (repeatable)")
-    s.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"], help="log detail")
+    s.add_argument("--log-level", default="info", choices=LEVELS, help="log detail")
+    s.add_argument("--log-format", default="text", choices=FORMATS,
+                   help="text: key=value lines; json: one JSON object per line")
+    s.add_argument("--metrics", type=_metrics_listen, metavar="HOST:PORT",
+                   help="serve Prometheus /metrics and /healthz here over HTTP (port 0: any "
+                        "free port, printed as `metrics listening HOST:PORT`)")
     i = sub.add_parser("invite", help="issue a single-use invite token for an address")
     i.add_argument("address", help="NAME@DOMAIN the invite lets one device register")
     i.add_argument("--data", type=Path, required=True, help="the data folder `serve` uses")
@@ -258,7 +276,7 @@ def _tune_gc() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    configure(getattr(logging, str(args.log_level).upper(), logging.INFO))
+    configure(args.log_level, args.log_format)
     if (args.tls_cert is None) != (args.tls_key is None):
         print("peerpost-rendezvous: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -325,7 +343,15 @@ async def _serve_async(args: argparse.Namespace, limits: Limits) -> int:
     print(f"listening {host}:{port}", flush=True)
     for name, svc in services.items():
         print(f"{name} listening {svc.address[0]}:{svc.address[1]}", flush=True)
+    metrics: ServerMetrics | None = None
     try:
+        if args.metrics is not None:
+            from rendezvous.metrics import ServerMetrics  # aiohttp, prometheus_client
+
+            metrics = ServerMetrics(server, db_path=data / DB_NAME)
+            mhost, mport = await metrics.start(*args.metrics)
+            print(f"metrics listening {mhost}:{mport}", flush=True)
+        notify("READY=1", f"STATUS=serving {args.domain} on {host}:{port}")
         while not stop.is_set():
             write_stats(data, server.snapshot(), running=True, now=time.time())
             try:
@@ -334,7 +360,10 @@ async def _serve_async(args: argparse.Namespace, limits: Limits) -> int:
                 pass
     finally:
         log.info(kv("server.stopping", reason="signal" if stop.is_set() else "error"))
+        notify("STOPPING=1")
         await server.aclose()
+        if metrics is not None:
+            await metrics.aclose()
         write_stats(data, server.snapshot(), running=False, now=time.time())
     return 0
 

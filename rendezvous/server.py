@@ -428,12 +428,20 @@ class RendezvousServer:
         self.link_rate_limited = 0
         self.relay_invites_forwarded = 0
         self.dht_domains_joined = 0
+        # Called with (verb, status, seconds from the decoded request to its reply) for
+        # every answered request of a session (rendezvous/metrics.py); None: not timed.
+        self.on_reply: Callable[[str, int, float], None] | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             raise RuntimeError("server not started")
         return self._loop
+
+    @property
+    def closing(self) -> bool:
+        """True from the start of `aclose()` on."""
+        return self._closing
 
     @property
     def relay(self) -> RelayRegistry[_Connection]:
@@ -767,14 +775,15 @@ class RendezvousServer:
         callback that replies (`_stored`). The other verbs run as a task (`_handle`).
         """
         self.requests += 1
+        t0 = self.loop.time() if self.on_reply is not None else 0.0
         peer_id = conn.core.peer_id
         address = conn.core.address
         if (isinstance(req, Send) and self.federation is not None and address is not None
                 and any(domain_of(i.to) != self.domain for i in req.items)):
-            self._spawn(self._handle(conn, req))  # foreign recipients: `_send_mixed`
+            self._spawn(self._handle(conn, req, t0))  # foreign recipients: `_send_mixed`
             return
         if peer_id is None or address is None or not isinstance(req, Send | Remove):
-            self._spawn(self._handle(conn, req))
+            self._spawn(self._handle(conn, req, t0))
             return
         pending: Awaitable[EnqueueOutcome | bool]
         try:
@@ -790,12 +799,13 @@ class RendezvousServer:
             fut = (pending if isinstance(pending, asyncio.Future)
                    else asyncio.ensure_future(pending, loop=self.loop))
         except Exception as exc:
-            self._answer(conn, req, self._failed(conn, req, exc))
+            self._answer(conn, req, self._failed(conn, req, exc), t0)
             return
         self._storing.add(fut)
-        fut.add_done_callback(functools.partial(self._stored, conn, req))
+        fut.add_done_callback(functools.partial(self._stored, conn, req, t0))
 
-    def _stored(self, conn: _Connection, req: Send | Remove, fut: asyncio.Future[Any]) -> None:
+    def _stored(self, conn: _Connection, req: Send | Remove, t0: float,
+                fut: asyncio.Future[Any]) -> None:
         self._storing.discard(fut)
         result: Result
         if fut.cancelled():
@@ -810,11 +820,13 @@ class RendezvousServer:
         else:
             result = (Status.OK, "removed" if fut.result() else "not queued (removed or expired)",
                       None)
-        self._answer(conn, req, result)
+        self._answer(conn, req, result, t0)
 
-    def _answer(self, conn: _Connection, req: Request, result: Result) -> None:
+    def _answer(self, conn: _Connection, req: Request, result: Result, t0: float) -> None:
         conn.core.reply(req.id, *result)
         conn.replied()
+        if self.on_reply is not None:
+            self.on_reply(req.TAG, result[0], self.loop.time() - t0)
 
     def _failed(self, conn: _Connection, req: Request, exc: BaseException) -> Result:
         """The reply to a request whose handling raised `exc`."""
@@ -825,7 +837,7 @@ class RendezvousServer:
         log.error(kv("request.failed", peer=conn.peer, verb=req.TAG), exc_info=exc)
         return Status.SERVER_ERROR, "internal error", None
 
-    async def _handle(self, conn: _Connection, req: Request) -> None:
+    async def _handle(self, conn: _Connection, req: Request, t0: float = 0.0) -> None:
         try:
             result = await self._dispatch(conn, req)
             if result is _REPLIED:
@@ -838,6 +850,8 @@ class RendezvousServer:
             result = self._failed(conn, req, exc)
         conn.core.reply(req.id, *result)
         conn.after_reply()
+        if self.on_reply is not None:
+            self.on_reply(req.TAG, result[0], self.loop.time() - t0)
 
     async def _dispatch(self, conn: _Connection, req: Request) -> Result:
         core = conn.core
