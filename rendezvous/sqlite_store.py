@@ -144,6 +144,10 @@ CREATE TABLE IF NOT EXISTS outbound (
 );
 CREATE INDEX IF NOT EXISTS outbound_waiting ON outbound(state, domain, id);
 CREATE INDEX IF NOT EXISTS outbound_by_sender ON outbound(sender, mid);
+-- The per-sender quota counts a sender's waiting rows at every SEND; without this index
+-- it scanned every row the sender ever queued (delivered ones are kept 30 days): 86% of a
+-- forwarding server's CPU, 992 against 3,166 forwarded msg/s with it.
+CREATE INDEX IF NOT EXISTS outbound_sender_waiting ON outbound(sender, state);
 CREATE TABLE IF NOT EXISTS forwarded_in (
     device BLOB NOT NULL,
     mid BLOB NOT NULL,
@@ -794,6 +798,16 @@ class SqliteStore:
                                 (device,)).fetchall()
             self._pipe_total -= sum(r[4] for r in rows)
             return [PipeMessage(r[1], r[2], r[3]) for r in sorted(rows) if r[5] > now]
+
+        return await self._submit(op)
+
+    async def reread_accounts(self, devices: list[bytes]) -> set[bytes]:
+        """Drop the cached bindings and usage (an operator changed the file from outside:
+        `accounts delete`, `devices revoke`) and say which of `devices` are still bound."""
+        def op(conn: sqlite3.Connection) -> set[bytes]:
+            self._reload_caches(conn)
+            return {d for d in devices
+                    if conn.execute("SELECT 1 FROM devices WHERE peer_id=?", (d,)).fetchone()}
 
         return await self._submit(op)
 
