@@ -20,6 +20,12 @@ per source. A failed, stalled or banned source gives its requested chunks back t
   first copy to arrive wins; `chunk_received` names the other sources so the caller sends
   them CANCEL. A copy arriving after that is *late* (dropped), not *unasked* (a ban): every
   source remembers each chunk it was ever asked for.
+- Wanted ranges (`want_first`): a player's playhead, the index at the end of a clip, a seek
+  target. The last MAX_RANGES are kept, newest first, and their chunks are picked before
+  rarest first. `hurry` makes a wanted chunk nobody is asked for the *next* GET of the
+  fastest source that has it: a holder serves its GETs in order, so the source's unwanted
+  requests but its oldest (already being sent) are released to the pool and the caller
+  sends them CANCEL. A released chunk that still arrives is late, not unasked.
 
 State is one byte per chunk plus bitmaps, never an object per chunk, so a content of
 2^20 chunks costs about 1 MiB here before any source is contacted (per-chunk sets and
@@ -37,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -56,6 +62,12 @@ TRIES = 32
 SAMPLE = 16
 # Chunks a playhead range (`want_first`) may span: a player needs the next few seconds.
 MAX_WANTED = 64
+# Wanted ranges kept at once, newest first: a seek asks for the clip's index at the end and
+# then for the target, and the stream still playing asks for its own next chunks.
+MAX_RANGES = 8
+# Requests of a source `hurry` leaves in place, oldest first: the one its holder is sending
+# already arrives whatever we do, so cancelling it would only waste it.
+KEEP_AHEAD = 1
 
 _SPREAD = tuple(bytes((b >> k) & 1 for k in range(8)) for b in range(256))
 _NONZERO = bytes([0] + [1] * 255)  # translate: in the pool -> 1, else 0
@@ -102,7 +114,7 @@ class _SourceState:
     have: bytearray | None  # None: holds every chunk
     asked: bytearray  # every chunk ever requested from it, for telling late from unasked
     counted: bool  # a partial holder in the availability counts
-    requested: set[int] = field(default_factory=set)
+    requested: dict[int, None] = field(default_factory=dict)  # in the order asked
     lacks: bytearray | None = None  # chunks it said it doesn't hold (a bitmap, made lazily)
     give: int | None = None  # cache: one byte per chunk, 1 where it can give it (an int)
 
@@ -151,7 +163,7 @@ class ChunkScheduler:
         self.remaining = self._pool
         self.duplicates = 0  # endgame duplicate requests made
         self.late = 0  # copies that arrived after another copy won
-        self._wanted = (0, 0)  # [first, end): asked for before rarest first (a playhead)
+        self._wanted: list[tuple[int, int]] = []  # [first, end) ranges, newest first
 
     # --- sources ----------------------------------------------------------------------
     def add_source(self, sid: str, *, window: int, have: bytes | None = None) -> None:
@@ -272,17 +284,77 @@ class ChunkScheduler:
     # --- decisions --------------------------------------------------------------------
     def want_first(self, first: int, end: int) -> None:
         """Ask for chunks `first`..`end`-1 (at most MAX_WANTED) before any other, in
-        order: a player's playhead, moved by each seek (WebTorrent's select). The rest of
-        the pool still goes rarest first."""
+        order: a player's playhead, moved by each seek (WebTorrent's select). The range
+        goes before the ones wanted earlier (the last MAX_RANGES not yet stored are kept).
+        The rest of the pool still goes rarest first."""
         first = max(0, min(first, self.count))
-        self._wanted = (first, max(first, min(end, self.count, first + MAX_WANTED)))
+        new = (first, max(first, min(end, self.count, first + MAX_WANTED)))
+        kept = [w for w in self._wanted if w != new and not self._stored_range(w)]
+        self._wanted = [new, *kept][:MAX_RANGES]
+
+    @property
+    def wanted(self) -> list[tuple[int, int]]:
+        """The wanted ranges, newest first."""
+        return list(self._wanted)
+
+    def _stored_range(self, w: tuple[int, int]) -> bool:
+        return not any(self._state[i] or i in self._requesters or i in self._verifying
+                       for i in range(*w))
+
+    def _is_wanted(self, i: int) -> bool:
+        return any(a <= i < b for a, b in self._wanted)
 
     def _playhead(self, state: _SourceState) -> int | None:
-        first, end = self._wanted
-        for i in range(first, end):  # bounded by MAX_WANTED
-            if self._state[i] and state.can_give(i):
-                return i
+        for first, end in self._wanted:  # bounded by MAX_RANGES * MAX_WANTED
+            for i in range(first, end):
+                if self._state[i] and state.can_give(i):
+                    return i
         return None
+
+    def hurry(self, order: Sequence[str], *, keep: int = KEEP_AHEAD,
+              ) -> dict[str, tuple[list[int], list[int]]]:
+        """Request each wanted chunk that is in the pool from the first source of `order`
+        (fastest first) that can give it and has room, so that it is that source's next
+        GET: the first time a source is picked here, its requests that are not wanted,
+        except its `keep` oldest, go back to the pool. Returns, per source, (the chunks to
+        GET now, in order; the chunks to CANCEL), the CANCELs to be sent first."""
+        out: dict[str, tuple[list[int], list[int]]] = {}
+        for first, end in list(self._wanted):
+            for i in range(first, end):
+                if not self._state[i]:
+                    continue
+                for sid in order:
+                    state = self._sources.get(sid)
+                    if state is None or not state.can_give(i):
+                        continue
+                    if sid not in out:
+                        out[sid] = ([], self._release_unwanted(sid, state, keep))
+                    if len(state.requested) >= state.window:
+                        continue  # full of wanted or kept requests: try a slower one
+                    self._take(i)
+                    self._requesters[i] = [sid]
+                    state.requested[i] = None
+                    state.asked[i >> 3] |= 1 << (i & 7)
+                    out[sid][0].append(i)
+                    break
+        return {sid: v for sid, v in out.items() if v[0] or v[1]}
+
+    def _release_unwanted(self, sid: str, state: _SourceState, keep: int) -> list[int]:
+        """Give back `sid`'s unwanted requests but its `keep` oldest (send them CANCEL)."""
+        released = [i for i in list(state.requested)[max(0, keep):] if not self._is_wanted(i)]
+        for i in released:
+            self._release(sid, state, i)
+        return released
+
+    def _release(self, sid: str, state: _SourceState, i: int) -> None:
+        """`sid` is no longer asked for chunk `i`: back to the pool if nobody else is."""
+        state.requested.pop(i, None)
+        who = self._requesters.get(i)
+        if who is not None and sid in who:
+            who.remove(sid)
+            if not who:
+                del self._requesters[i]
+                self._to_pool(i)
 
     def next_request(self, sid: str) -> int | None:
         """The next chunk to ask `sid` for, or None (window full, or nothing it can give).
@@ -306,7 +378,7 @@ class ChunkScheduler:
         else:
             self._requesters[pick].append(sid)
             self.duplicates += 1
-        state.requested.add(pick)
+        state.requested[pick] = None
         state.asked[pick >> 3] |= 1 << (pick & 7)
         return pick
 
@@ -379,7 +451,7 @@ class ChunkScheduler:
             for s in who:
                 other = self._sources.get(s)
                 if other is not None:
-                    other.requested.discard(index)
+                    other.requested.pop(index, None)
             self._verifying.add(index)
             return Arrival.ACCEPTED, others
         if (state is not None and asked and self._in_pool(index)
@@ -404,7 +476,7 @@ class ChunkScheduler:
         hold it, so it is not asked again."""
         state = self._sources.get(sid)
         if state is not None:
-            state.requested.discard(index)
+            state.requested.pop(index, None)
             if lacks and 0 <= index < self.count:
                 if state.lacks is None:
                     state.lacks = bytearray((self.count + 7) // 8)

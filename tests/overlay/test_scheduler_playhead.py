@@ -1,10 +1,14 @@
-"""The playhead range of the chunk scheduler: asked for first, the rest rarest first."""
+"""The wanted ranges of the chunk scheduler: asked for first, newest first, the rest
+rarest first; `hurry` makes a wanted chunk the next GET of the fastest source that has it."""
 
 from __future__ import annotations
 
 import random
 
-from overlay.transfer.scheduler import MAX_WANTED, ChunkScheduler
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay.transfer.scheduler import MAX_RANGES, MAX_WANTED, Arrival, ChunkScheduler
 
 
 def test_playhead_chunks_come_first_in_order_then_the_rest() -> None:
@@ -39,4 +43,136 @@ def test_a_partial_holder_is_asked_only_for_playhead_chunks_it_has() -> None:
 def test_the_playhead_range_is_bounded() -> None:
     s = ChunkScheduler(count=10_000, held=bytes(1250), rng=random.Random(4))
     s.want_first(-5, 10**9)
-    assert s._wanted == (0, MAX_WANTED)
+    assert s.wanted == [(0, MAX_WANTED)]
+    for k in range(MAX_RANGES + 3):
+        s.want_first(100 * k, 100 * k + 1)
+    assert len(s.wanted) == MAX_RANGES
+    assert s.wanted[0] == (100 * (MAX_RANGES + 2), 100 * (MAX_RANGES + 2) + 1)
+
+
+def test_several_wanted_ranges_newest_first() -> None:
+    """A seek asks for the index at the end, then for the target: both are kept, the
+    target first; a range already stored is dropped."""
+    s = ChunkScheduler(count=100, held=bytes(13), rng=random.Random(5))
+    s.want_first(98, 100)
+    s.want_first(80, 82)
+    s.add_source("a", window=100)
+    assert [s.next_request("a") for _ in range(4)] == [80, 81, 98, 99]
+    for i in (80, 81):
+        assert s.chunk_received("a", i)[0] is Arrival.ACCEPTED
+        s.chunk_stored(i)
+    s.want_first(10, 11)
+    assert s.wanted == [(10, 11), (98, 100)]
+
+
+def _full_window(s: ChunkScheduler, sid: str) -> list[int]:
+    picks = []
+    while (i := s.next_request(sid)) is not None:
+        picks.append(i)
+    return picks
+
+
+def test_hurry_cancels_the_unwanted_requests_queued_before_a_wanted_chunk() -> None:
+    s = ChunkScheduler(count=100, held=bytes(13), rng=random.Random(6))
+    s.add_source("a", window=4)
+    picks = _full_window(s, "a")
+    assert len(picks) == 4 and 50 not in picks
+    s.want_first(50, 51)
+    out = s.hurry(["a"])
+    # The oldest request is being sent already: kept. The other three go back to the pool.
+    assert out == {"a": ([50], picks[1:])}
+    assert s.requesters(50) == ["a"] and s.requested("a") == 2
+    assert s.pool_size == 100 - 2
+    # Released chunks are asked for again later; a copy still arriving is never a ban.
+    assert s.chunk_received("a", picks[1]) == (Arrival.ACCEPTED, [])  # needed after all
+    s.add_source("b", window=10)
+    s.want_first(picks[2], picks[2] + 1)
+    assert s.next_request("b") == picks[2]
+    assert s.chunk_received("a", picks[2])[0] is Arrival.LATE
+    assert s.hurry(["a", "b"]) == {}  # nothing wanted is left in the pool
+
+
+def test_hurry_keeps_wanted_requests_and_prefers_the_first_source_that_has_it() -> None:
+    s = ChunkScheduler(count=64, held=bytes(8), rng=random.Random(7))
+    have = bytearray(8)
+    have[1] = 0xFF  # chunks 8..15
+    s.add_source("p", window=2, have=bytes(have))  # the fastest, but a partial holder
+    s.add_source("a", window=3)
+    s.want_first(8, 10)
+    assert [s.next_request("a") for _ in range(2)] == [8, 9]
+    s.next_request("a")
+    s.want_first(20, 22)
+    out = s.hurry(["p", "a"])
+    # "p" lacks 20 and 21; "a" keeps its wanted 8 and 9, its third request goes, and it
+    # has room for one wanted chunk only.
+    assert list(out) == ["a"] and out["a"][0] == [20] and len(out["a"][1]) == 1
+    assert s.requesters(8) == ["a"] and s.requesters(9) == ["a"]
+    assert s.next_request("p") is not None  # 21 stays in the pool: "p" can't give it
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10**6),
+       script=st.lists(st.tuples(st.sampled_from(["req", "recv", "want", "hurry", "fail",
+                                                  "store", "stray"]),
+                                 st.sampled_from("abc"), st.integers(0, 63)), max_size=200))
+def test_hurry_keeps_every_chunk_in_exactly_one_place(seed: int,
+                                                       script: list[tuple[str, str, int]],
+                                                       ) -> None:
+    """Whatever the wants, hurries and arrivals: each chunk is in the pool, requested,
+    verifying or stored, once; windows hold; a chunk asked of a source is never UNASKED."""
+    n = 40
+    s = ChunkScheduler(count=n, held=bytes(5), rng=random.Random(seed))
+    windows = {"a": 3, "b": 2, "c": 4}
+    have_c = bytearray(5)
+    have_c[0] = 0xFF
+    s.add_source("a", window=3)
+    s.add_source("b", window=2)
+    s.add_source("c", window=4, have=bytes(have_c))
+    asked: dict[str, set[int]] = {x: set() for x in windows}
+    verifying: set[int] = set()
+    stored: set[int] = set()
+    for op, sid, k in script:
+        i = k % n
+        if op == "req":
+            j = s.next_request(sid)
+            if j is not None:
+                asked[sid].add(j)
+        elif op == "want":
+            s.want_first(i, i + 1 + k % 3)
+        elif op == "hurry":
+            order = ["c", "a", "b"][k % 3:] + ["c", "a", "b"][:k % 3]
+            for who, (gets, cancels) in s.hurry(order).items():
+                assert not set(gets) & set(cancels)
+                asked[who].update(gets)
+        elif op == "recv" and s.requested(sid):
+            mine = sorted(j for j in asked[sid] if sid in s.requesters(j))
+            if mine:
+                j = mine[k % len(mine)]
+                status, _ = s.chunk_received(sid, j)
+                assert status is Arrival.ACCEPTED
+                verifying.add(j)
+        elif op == "stray":
+            status, _ = s.chunk_received(sid, i)
+            if i in asked[sid]:
+                assert status is not Arrival.UNASKED
+                if status is Arrival.ACCEPTED:
+                    verifying.add(i)
+            else:
+                assert status is Arrival.UNASKED
+        elif op == "fail":
+            mine = [j for j in asked[sid] if sid in s.requesters(j)]
+            if mine:
+                s.chunk_failed(sid, mine[k % len(mine)])
+        elif op == "store" and verifying:
+            j = sorted(verifying)[k % len(verifying)]
+            s.chunk_stored(j)
+            verifying.discard(j)
+            stored.add(j)
+        requested = {j for j in range(n) if s.requesters(j)}
+        assert len(s.wanted) <= MAX_RANGES
+        for x, w in windows.items():
+            assert s.requested(x) <= w
+            assert s.requested(x) == sum(1 for j in range(n) if x in s.requesters(j))
+        assert not requested & verifying and not requested & stored
+        assert s.pool_size + len(requested) + len(verifying) + len(stored) == n
+        assert s.remaining == n - len(stored)

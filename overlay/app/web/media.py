@@ -4,7 +4,9 @@ A range is answered from the chunks already held (the `.part` file until the dow
 completes). A range that starts in a chunk not yet held waits up to `WAIT_S` for it while
 the downloader is asked to fetch from there first (the playhead), then gets a 503 with
 Retry-After; once the first chunk is there the response streams, each later chunk waited
-for the same way, so a `<video>` plays while the rest is still arriving.
+for the same way, so a `<video>` plays while the rest is still arriving. A request whose
+client has gone (a player that seeked elsewhere drops its old request) stops asking: its
+chunks would otherwise be wanted before the ones the player waits for now.
 """
 
 from __future__ import annotations
@@ -72,15 +74,21 @@ class ChunkWait:
         self._stop()
 
 
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def _held(partial: PartialContent, index: int, wait: ChunkWait, want: Wanter | None,
-                within: float) -> bool:
-    """Wait until chunk `index` is held (or the download completed); False on timeout."""
+                within: float, request: web.Request) -> bool:
+    """Wait until chunk `index` is held (or the download completed); False on timeout or
+    when the client has gone."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     asked = False
     while not (partial.have(index) or partial.final_path is not None):
         left = deadline - loop.time()
-        if left <= 0:
+        if left <= 0 or _gone(request):
             return False
         if not asked and want is not None:
             want(partial.content_id, index, min(partial.count, index + PLAYHEAD_CHUNKS))
@@ -108,7 +116,7 @@ async def serve_partial(request: web.Request, partial: PartialContent, content_t
     first, last = rng if rng is not None else (0, size - 1)
     wait = ChunkWait(partial)
     try:
-        if size and not await _held(partial, first // cs, wait, want, within):
+        if size and not await _held(partial, first // cs, wait, want, within, request):
             return web.Response(status=503, headers={"Retry-After": "2"},
                                 text="that part of the file has not arrived yet\n")
         headers = {"Accept-Ranges": "bytes", "Content-Type": content_type,
@@ -122,7 +130,7 @@ async def serve_partial(request: web.Request, partial: PartialContent, content_t
         try:
             pos = first
             while pos <= last:
-                if not await _held(partial, pos // cs, wait, want, within):
+                if not await _held(partial, pos // cs, wait, want, within, request):
                     break  # the reader sees a short body and asks again
                 end = min(last + 1, (pos // cs + 1) * cs, pos + READ_STEP)
                 data = await asyncio.to_thread(os.pread, fd, end - pos, pos)

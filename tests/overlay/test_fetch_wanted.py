@@ -1,0 +1,76 @@
+"""A wanted chunk (a player's seek) jumps the queue of a rate-capped holder: its unwanted
+requests queued before it are cancelled, so it comes after at most the chunk being sent."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+from crypto.identity import DeviceIdentity
+from overlay.content.catalog import ContentStore
+from overlay.transfer.downloader import ChunkStored, Downloader, FetchEvent
+from overlay.transfer.server import TransferServer
+from overlay.transports.ladder import Source
+from overlay.transports.stream import Stream
+from overlay.transports.tcp import connect_tcp
+
+CHUNK = 16 << 10
+RATE = 64 << 10  # a chunk every 0.25 s
+ME = DeviceIdentity.from_seed(b"w" * 32)
+
+
+async def test_a_wanted_chunk_comes_next_from_a_rate_capped_holder(tmp_path: Path) -> None:
+    data = random.Random(9).randbytes(120 * CHUNK)
+    (tmp_path / "clip.webm").write_bytes(data)
+    store = ContentStore(tmp_path / "holder")
+    content = await store.add_local_file(tmp_path / "clip.webm", chunk_size=CHUNK,
+                                         key=b"k" * 32, capability=b"c" * 32)
+    server = TransferServer(DeviceIdentity.from_seed(b"h" * 32), store,
+                            max_upload_rate=RATE)
+    host, port = await server.start("127.0.0.1", 0)
+
+    async def connect() -> Stream:
+        return await connect_tcp(host, port, timeout=5)
+
+    recv = ContentStore(tmp_path / "recv")
+    partial = recv.open_partial(content.content_id, content.size, CHUNK, content.key,
+                                content.capability, tmp_path / "inbox", "clip.webm")
+    loop = asyncio.get_running_loop()
+    stored: dict[int, float] = {}
+    enough = asyncio.Event()
+    arrived: dict[int, asyncio.Event] = {}
+
+    def on_event(e: FetchEvent) -> None:
+        if isinstance(e, ChunkStored):
+            stored[e.index] = loop.time()
+            if e.index in arrived:
+                arrived[e.index].set()
+            if len(stored) >= 8:
+                enough.set()
+
+    d = Downloader(partial, [Source("h", connect, server.identity.peer_id)], ME,
+                   window=16, on_event=on_event)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            run = tg.create_task(d.run())
+            await enough.wait()  # the window has grown to the rate: 4 or more requests
+            sched = d.scheduler
+            target = next(i for i in range(119, 0, -1)
+                          if i not in stored and not sched.requesters(i))
+            assert sched.requested("h") >= 3
+            arrived[target] = asyncio.Event()
+            t0 = loop.time()
+            d.want_first(target, target + 1)
+            await arrived[target].wait()
+            took = loop.time() - t0
+            run.cancel()
+    except* asyncio.CancelledError:
+        pass
+    finally:
+        await server.aclose()
+    print(f"wanted chunk after {took:.2f} s; counters {dict(d.counters)}")
+    # The chunk being sent, then this one: about two chunk-times (0.5 s), not the whole
+    # window's worth before it (four or more: 1.25 s).
+    assert took < 0.9, (took, dict(d.counters))
+    assert d.counters["hurried"] == 1 and d.counters["hurry_cancels"] >= 2
