@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
 import sys
 import time
@@ -26,21 +28,45 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
+from crypto.address import parse_hostport
+from crypto.errors import DecodeError
 from overlay.app.control import ControlClient, ControlError, NodeNotRunning
 from overlay.app.home import HomeError, NodeHome, default_home
+from rendezvous.cliutil import add_completion, add_version, completion_script, finish
+from rendezvous.logfmt import FORMATS, LEVELS, configure
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
+EXIT_NO_HOME = 4
+EXIT_INTERRUPTED = 130
+EXIT_CODES = """exit status:
+  0    ok
+  1    error (refused, not found, failed)
+  2    usage error (a bad option or argument)
+  3    the node is not running (start it with `peerpost node`)
+  4    no peerpost home here (run `peerpost init`)
+  130  interrupted (Ctrl-C)
+with --json, an error is {"error": TEXT, "code": STATUS} on stdout"""
+JSON_HELP = "machine-readable output on stdout (errors too: {\"error\": ..., \"code\": N})"
+MiB = 1 << 20
+
+
+class CliError(Exception):
+    """A message for the user and the exit status it goes with."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # error text is never cut mid-sentence
@@ -76,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="peerpost",
         description="Send large media like e-mail; the bytes move peer to peer.",
+        epilog=EXIT_CODES,
     )
+    add_version(p)
     home_help = ("the node's home folder (default: $PEERPOST_HOME, else ~/.peerpost where "
                  "it exists, else the platform's user data folder, ~/.local/share/peerpost)")
     p.add_argument("--home", default=None, help=home_help)
@@ -98,12 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("devices", help="another device of your address: `key` on the new one,"
                        " `vouch KEY` on an existing one")
-    s.add_argument("action", choices=["key", "vouch"])
+    s.add_argument("action", choices=["key", "vouch"],
+                   help="key: print this device's key; vouch: vouch for another device's KEY")
     s.add_argument("key", nargs="?", help="the new device's key (for vouch)")
 
     s = sub.add_parser("node", help="run the peer daemon in the foreground (SIGTERM stops it)")
-    s.add_argument("--max-upload-rate", type=float, default=None, metavar="BYTES_PER_S",
-                   help="cap what this node uploads (bytes per second)")
+    s.add_argument("--max-upload-rate", type=_rate_arg, default=None, metavar="RATE",
+                   help="cap what this node uploads (e.g. 500KiB/s, 1MB/s, or bytes per "
+                        "second); `prefs set max-upload-rate` changes it while it runs")
     s.add_argument("--retry-base", type=float, default=None, metavar="SECONDS",
                    help="first retry delay when no source is reachable (default 5)")
     s.add_argument("--retry-max", type=float, default=None, metavar="SECONDS",
@@ -112,19 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how often a download looks for new holders in the DHT (default 10)")
     s.add_argument("--inbox-max", type=int, default=None, metavar="N",
                    help="messages the inbox keeps before it refuses new ones (default 10000)")
+    s.add_argument("--on-message", default=None, metavar="CMD",
+                   help="run CMD (split like a shell would, run without one) when a message "
+                        "arrives and when it completes; fields in PEERPOST_ID, PEERPOST_FROM,"
+                        " PEERPOST_TITLE, PEERPOST_STATE, PEERPOST_PATH (default: the "
+                        "config's on_message; '' for none)")
     s.add_argument("--web", default=None, metavar="HOST:PORT|off",
                    help="serve the web inbox here (default: the config's `web`, "
                         "127.0.0.1:8470, another free port if taken); off: none")
+    s.add_argument("--metrics", type=_metrics_arg, default=None, metavar="HOST:PORT",
+                   help="serve Prometheus /metrics and /healthz here over HTTP (port 0: any "
+                        "free port, shown as metrics=HOST:PORT in the ready line)")
+    s.add_argument("--log-level", default=None, choices=LEVELS,
+                   help="log detail (default: info, debug with -v)")
+    s.add_argument("--log-format", default="text", choices=FORMATS,
+                   help="text: key=value lines; json: one JSON object per line (to stderr "
+                        "and to node.log in the home folder)")
 
     s = sub.add_parser("web", help="open the web inbox of the running node in the browser")
     s.add_argument("--url", action="store_true",
                    help="print the login URL instead (its token works once, for 10 minutes)")
 
     s = sub.add_parser("send", help="send a file to one or more addresses; prints the message id")
-    s.add_argument("file")
-    s.add_argument("--to", required=True, help="ADDR[,ADDR...]")
-    s.add_argument("--title", default=None)
-    s.add_argument("--note", default="")
+    s.add_argument("file", help="the file to send (it stays where it is; peers fetch from it)")
+    s.add_argument("--to", required=True, action="append", metavar="ADDR[,ADDR...]",
+                   help="recipients: repeat --to or separate addresses with commas")
+    s.add_argument("--title", default=None, help="subject line (default: the file's name)")
+    s.add_argument("--note", default="", help="a short text sent with it")
 
     s = sub.add_parser("inbox", help="list received messages, or prune old ones")
     s.add_argument("--json", action="store_true")
@@ -144,24 +188,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--delete-file", action="store_true",
                    help="also delete the received file (a partial download always goes)")
 
+    s = sub.add_parser("cancel", help="withdraw a sent message (its file is no longer served"
+                       "; recipients see it cancelled), or stop an inbox message's download")
+    s.add_argument("id", help="message id (hex, or a unique prefix)")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("resend", help="send a sent message's file again, as it is now, to the"
+                       " same recipients (a new message; prints its id)")
+    s.add_argument("id", help="the sent message's id (hex, or a unique prefix)")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("fetch", help="download a message (when auto-download is off)")
     s.add_argument("id", help="message id (hex, or a unique prefix)")
     s.add_argument("--wait", action="store_true", help="wait and show progress until done")
 
     s = sub.add_parser("status", help="the sender's view: who has downloaded what")
-    s.add_argument("id", nargs="?")
+    s.add_argument("id", nargs="?", help="a sent message's id or prefix (default: all)")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("prefs", help="show or change preferences")
     s.add_argument("action", nargs="?", default="show",
                    choices=["show", "priority", "junk", "set"],
                    help="show | priority add|remove ADDR | junk add|remove ADDR | set KEY VALUE")
-    s.add_argument("args", nargs="*")
+    s.add_argument("args", nargs="*", help="add|remove ADDR, or KEY VALUE for set")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("contacts", help="pinned keys and fingerprints (compare out of band)")
-    s.add_argument("action", nargs="?", default="list", choices=["list", "accept"])
-    s.add_argument("address", nargs="?")
+    s.add_argument("action", nargs="?", default="list", choices=["list", "accept"],
+                   help="list the pinned keys, or accept the waiting keys of ADDRESS")
+    s.add_argument("address", nargs="?", help="for accept: whose keys you compared")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("info", help="this node: address, fingerprint, connection, counters")
@@ -171,30 +226,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size-mib", type=float, default=None,
                    help="clip size (default: a short real clip of a few MiB)")
     s.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    add_completion(sub, p.prog)
     for name, command in sub.choices.items():  # `peerpost inbox --home H` works too
         if name != "demo":
             command.add_argument("--home", default=argparse.SUPPRESS, help=home_help)
+    for command in sub.choices.values():  # every command answers --json, errors included
+        for action in command._actions:
+            if action.dest == "json":
+                action.help = action.help or JSON_HELP
+                break
+        else:
+            command.add_argument("--json", action="store_true", help=JSON_HELP)
+        command.epilog = command.epilog or EXIT_CODES
+    finish(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    want_json = "--json" in argv
+    parsed = _parse(parser, argv, want_json)
+    if isinstance(parsed, int):
+        return parsed
+    args = parsed
+    if args.command == "completion":
+        print(completion_script(parser, args.shell), end="")
+        return 0
     home = NodeHome(args.home or _default_home())
-    _setup_logging(args.verbose)
+    _setup_logging(args, home)
     try:
+        if args.command not in ("init", "demo") and not (
+                args.command == "devices" and args.action == "key") and not home.exists():
+            raise CliError(f"no peerpost home at {home.root}: run `peerpost init` first "
+                           "(or give --home)", EXIT_NO_HOME)
         if args.command == "init":
-            from overlay.app.setup import init_home
-
-            return init_home(home, args, console)
+            return _init(home, args)
         if args.command == "devices":
-            from overlay.app.setup import device_key, vouch_device
-
-            if args.action == "key":
-                return device_key(home, console)
-            if not args.key:
-                err_console.print("usage: peerpost devices vouch KEY")
-                return EXIT_USAGE
-            return vouch_device(home, args.key, console)
+            return _devices(home, args)
         if args.command == "node":
             from overlay.app.node import run_node
 
@@ -206,27 +275,92 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(args, console)
         return _run(_COMMANDS[args.command](home, args))
+    except CliError as exc:
+        return _fail(args, str(exc), exc.code)
     except HomeError as exc:
-        err_console.print(f"[red]error:[/] {_m(exc)}")
-        return EXIT_ERROR
+        return _fail(args, str(exc), EXIT_ERROR)
     except NodeNotRunning as exc:
-        err_console.print(f"[red]error:[/] {_m(exc)}")
-        return EXIT_NOT_RUNNING
+        return _fail(args, str(exc), EXIT_NOT_RUNNING)
     except ControlError as exc:
-        err_console.print(f"[red]error:[/] {_m(exc)}")
-        return EXIT_ERROR
+        return _fail(args, str(exc), EXIT_ERROR)
     except KeyboardInterrupt:
-        return 130
+        return _fail(args, "interrupted", EXIT_INTERRUPTED)
 
 
-def _setup_logging(verbose: bool) -> None:
-    import logging
+def _parse(parser: argparse.ArgumentParser, argv: list[str],
+           want_json: bool) -> argparse.Namespace | int:
+    """`argv` parsed; with --json a usage error is also the JSON error line on stdout."""
+    if not want_json:
+        return parser.parse_args(argv)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return parser.parse_args(argv)
+    except SystemExit as exc:
+        sys.stderr.write(said.getvalue())
+        if exc.code in (0, None):
+            return 0
+        lines = said.getvalue().strip().splitlines() or ["usage error"]
+        print(json.dumps({"error": lines[-1].partition(" error: ")[2] or lines[-1],
+                          "code": EXIT_USAGE}))
+        return EXIT_USAGE
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """Say what went wrong: on stderr, and with --json as one JSON line on stdout."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "code": code}))
+    err_console.print(f"[red]error:[/] {_m(message)}")
+    return code
+
+
+def _init(home: NodeHome, args: argparse.Namespace) -> int:
+    from overlay.app.setup import init_home
+
+    if not args.json:
+        return init_home(home, args, console)
+    rc = init_home(home, args, Console(file=io.StringIO()))
+    config = home.load_config()
+    print(json.dumps({"address": config.address, "server": config.server,
+                      "server_key": config.server_key, "home": str(home.root),
+                      "fingerprint": home.load_identity().public.fingerprint()}, indent=2))
+    return rc
+
+
+def _devices(home: NodeHome, args: argparse.Namespace) -> int:
+    from overlay.app.setup import device_key, vouch_device
+
+    if args.action == "vouch" and not args.key:
+        raise CliError("usage: peerpost devices vouch KEY", EXIT_USAGE)
+    if not args.json:
+        if args.action == "key":
+            return device_key(home, console)
+        return vouch_device(home, args.key, console)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        if args.action == "key":
+            rc = device_key(home, Console(file=io.StringIO()))
+        else:
+            rc = vouch_device(home, args.key, Console(file=io.StringIO()))
+    print(json.dumps({args.action: out.getvalue().strip()}))
+    return rc
+
+
+def _setup_logging(args: argparse.Namespace, home: NodeHome) -> None:
+    """Logs to stderr (key=value or JSON lines, as the server's); the daemon also
+    writes them to node.log in its home, rotated at 10 MiB with 3 old files kept."""
+    level = getattr(args, "log_level", None) or ("debug" if args.verbose else "info")
+    log_file = None
+    if args.command == "node" and home.root.is_dir():
+        log_file = home.log_path
+    configure(level, getattr(args, "log_format", "text"), file=log_file)
+
+
+def _metrics_arg(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text, what="--metrics", default_host="127.0.0.1")
+    except DecodeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _run(coro_or_code: Any) -> int:
@@ -262,20 +396,42 @@ def cmd_send(home: NodeHome, args: argparse.Namespace) -> Any:
     # Checked here, before any daemon round trip, so the message names the user's input.
     path = Path(args.file).expanduser()
     if not path.is_file():
-        err_console.print(f"[red]error:[/] no such file: {_m(args.file)}")
-        return EXIT_ERROR
-    to = [a.strip() for a in args.to.split(",") if a.strip()]
-    if not to:
-        err_console.print("[red]error:[/] --to needs at least one address")
-        return EXIT_USAGE
-    return _send(home, path.absolute(), to, args)
+        raise CliError(f"no such file: {args.file}")
+    return _send(home, path.absolute(), recipients(args.to), args)
+
+
+def recipients(values: list[str]) -> list[str]:
+    """The addresses of every --to (repeated, or comma-separated), in order, once each."""
+    out: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            addr = part.strip()
+            if not addr:
+                continue
+            if ";" in addr or addr.count("@") > 1:
+                raise CliError(f"--to {value!r}: separate addresses with commas "
+                               "(or repeat --to)", EXIT_USAGE)
+            if addr not in out:
+                out.append(addr)
+    if not out:
+        raise CliError("--to needs at least one address", EXIT_USAGE)
+    return out
 
 
 async def _send(home: NodeHome, path: Path, to: list[str], args: argparse.Namespace) -> int:
     res = await _call(home, "send", path=str(path), to=to,
                       title=args.title if args.title is not None else path.name, note=args.note)
-    print(res["id"])
+    if args.json:
+        print(json.dumps({"id": res["id"], "to": to}))
+    else:
+        print(res["id"])
     return 0
+
+
+# The inbox in 80 columns: the id column shows SHORT_ID hex digits (enough for `fetch`,
+# `rm` and `status`, which take a unique prefix), the title folds, and each received file's
+# path is its own line under the table, never cut.
+SHORT_ID = 8
 
 
 async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
@@ -294,27 +450,49 @@ async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
-    t = Table(title=f"inbox of {_m(home.root)}")
-    for col in ("id", "from", "title", "size", "state", "progress", "sources"):
-        t.add_column(col)
+    t = Table(title=f"inbox of {_m(home.root)}", expand=False)
+    t.add_column("id", no_wrap=True, min_width=SHORT_ID)
+    senders = [len(_clean(e["from"])) for e in entries]
+    t.add_column("from", overflow="fold", min_width=min(max(senders, default=4), 28))
+    t.add_column("title", overflow="fold", ratio=1, min_width=12)
+    t.add_column("size", justify="right", no_wrap=True)
+    t.add_column("state", overflow="fold", min_width=11)
+    notes: list[str] = []
     for e in entries:
-        state = e["state"]
-        if state == "retrying" and e.get("next_attempt"):
-            state += f" (next {_when(e['next_attempt'])[11:]})"
-        if state == "failed" and e.get("error"):
-            state += f": {e['error']}"
-        if e.get("junk"):
-            state += " [junk]"
-        if state == "unverified":
-            state += " (signed by a key you don't trust yet: `peerpost contacts`)"
-        srcs = ", ".join(f"{s.get('peer', '?')[:8]}/{s.get('path', '?')}" for s in e["sources"])
-        t.add_row(_t(e["id"][:12]), _t(e["from"]), _t(e["title"]), _size(e["size"]), _t(state),
-                  f"{e['progress'] * 100:.0f}%", _t(srcs))
+        short = e["id"][:SHORT_ID]
+        t.add_row(_t(short), _t(e["from"]), _t(e["title"]), _size(e["size"]),
+                  _t(_entry_state(e)))
+        if e["state"] == "complete" and e.get("path"):
+            notes.append(f"{_m(short)}  {_m(e['path'])}")
+        elif e["state"] == "failed" and e.get("error"):
+            notes.append(f"{_m(short)}  [red]failed:[/] {_m(e['error'])}")
+        elif e["state"] == "unverified":
+            notes.append(f"{_m(short)}  signed by a key you don't trust yet: "
+                         "`peerpost contacts`")
     console.print(t)
+    if notes:
+        console.print("files and notes (`peerpost fetch ID` takes the short id):")
+        for line in notes:
+            console.print(line, soft_wrap=True, highlight=False)
     state = await _call(home, "ping")
     if state.get("inbox", {}).get("full"):
         err_console.print(f"[bold red]inbox full:[/] {_inbox_line(state['inbox'])}")
     return 0
+
+
+def _entry_state(e: dict[str, Any]) -> str:
+    """A short state: `downloading 40% tcp`, `retrying 14:02:11`, `complete`, ..."""
+    state = str(e["state"])
+    if state in ("downloading", "retrying", "offered") and e["progress"]:
+        state += f" {e['progress'] * 100:.0f}%"
+    if e["state"] == "retrying" and e.get("next_attempt"):
+        state += f" next {_when(e['next_attempt'])[11:]}"
+    paths = sorted({str(s.get("path", "?")) for s in e["sources"]})
+    if paths:
+        state += f" via {'/'.join(paths)}"
+    if e.get("junk"):
+        state += " (junk)"
+    return state
 
 
 def _inbox_line(s: dict[str, Any]) -> str:
@@ -325,23 +503,55 @@ def _inbox_line(s: dict[str, Any]) -> str:
     return line
 
 
+def _message_id(text: str) -> str:
+    if not text.strip():
+        raise CliError("give a message id (see `peerpost inbox`)", EXIT_USAGE)
+    return text.strip()
+
+
 async def cmd_rm(home: NodeHome, args: argparse.Namespace) -> int:
-    res = await _call(home, "rm", id=args.id, delete_file=bool(args.delete_file))
+    res = await _call(home, "rm", id=_message_id(args.id), delete_file=bool(args.delete_file))
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
     for r in res["removed"]:
         gone = f" (deleted {_m(r['deleted_file'])})" if r.get("deleted_file") else ""
         console.print(f"removed {r['id'][:12]} {_m(r['title'])}{gone}")
     return 0
 
 
+class _MiBColumn(ProgressColumn):
+    """`12.0/50.0 MiB`: the unit the inbox uses."""
+
+    def render(self, task: Task) -> Text:
+        total = task.total or 0
+        return Text(f"{task.completed / MiB:.1f}/{total / MiB:.1f} MiB", style="progress.download")
+
+
+class _RateColumn(ProgressColumn):
+    """`4.2 MiB/s`: rich's recent-sample speed, else the average since the bar started
+    (bytes already on disk when it started don't count); 0.0 until a byte arrives."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            elapsed = task.elapsed or 0.0
+            done = task.completed - float(task.fields.get("resumed_from", 0))
+            speed = done / elapsed if elapsed > 0 else 0.0
+        return Text(f"{speed / MiB:.1f} MiB/s", style="progress.data.speed")
+
+
 async def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> int:
-    entry = await _call(home, "fetch", id=args.id)
-    if not args.wait:
-        console.print(f"fetching {entry['id']} ({_m(entry['title'])}): {entry['state']}")
-        return 0
+    entry = await _call(home, "fetch", id=_message_id(args.id))
+    if not args.wait or entry["state"] == "complete":
+        return _fetched(entry, args)
     async with ControlClient(home.control_path) as c:
-        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(), TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task(_m(entry["title"][:40] or entry["id"][:12]), total=entry["size"])
+        start = int(entry["progress"] * entry["size"])
+        bar_console = err_console if args.json else console
+        with Progress(TextColumn("{task.description}"), BarColumn(), _MiBColumn(),
+                      _RateColumn(), TimeRemainingColumn(), console=bar_console) as bar:
+            task = bar.add_task(_m(entry["title"][:40] or entry["id"][:12]), total=entry["size"],
+                                completed=start, resumed_from=start)
             while True:
                 e = await c.call("progress", id=entry["id"])
                 bar.update(task, completed=int(e["progress"] * e["size"]),
@@ -350,14 +560,29 @@ async def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> int:
                     break
                 await asyncio.sleep(0.2)
     if e["state"] == "failed":
-        err_console.print(f"[red]failed:[/] {_m(e.get('error'))}")
-        return EXIT_ERROR
-    console.print(f"complete: {_m(e['path'])}")
+        raise CliError(f"failed: {e.get('error')}")
+    return _fetched(e, args)
+
+
+def _fetched(e: dict[str, Any], args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(e, indent=2))
+    elif e["state"] == "complete":
+        console.print(f"complete: {_m(e['path'])}", soft_wrap=True, highlight=False)
+    else:
+        console.print(f"fetching {e['id'][:SHORT_ID]} ({_m(e['title'])}): {e['state']}; "
+                      f"`peerpost fetch --wait {e['id'][:SHORT_ID]}` shows its progress",
+                      soft_wrap=True)
     return 0
 
 
 async def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
-    items = await _call(home, "status", id=args.id)
+    want = args.id.strip() if args.id is not None else None
+    if want is not None and not want:
+        raise CliError("give a sent message's id (see `peerpost status`)", EXIT_USAGE)
+    items = await _call(home, "status", id=want)
+    if want and not items:
+        raise CliError(f"no sent message matches {want} (`peerpost status` lists them)")
     if args.json:
         print(json.dumps(items, indent=2))
         return 0
@@ -372,26 +597,61 @@ async def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
                       _when(r.get("updated_at")))
         if m.get("retention_done"):
             t.add_row("", "", "", "", f"[dim]{_m(m['retention_done'])}[/]", "")
+        if m.get("source_changed"):
+            t.add_row("", "", "", "", "[yellow]the file changed after sending: "
+                      f"`peerpost resend {m['id'][:12]}` sends it as it is now[/]", "")
     console.print(t)
+    return 0
+
+
+async def cmd_cancel(home: NodeHome, args: argparse.Namespace) -> int:
+    """A sent message's id: withdraw it; else an inbox message's: stop its download."""
+    try:
+        res = await _call(home, "withdraw", id=args.id)
+    except NodeNotRunning:
+        raise
+    except ControlError as exc:
+        if not str(exc).startswith("no sent message"):
+            raise
+        entry = await _call(home, "cancel", id=args.id)
+        if args.json:
+            print(json.dumps(entry, indent=2))
+            return 0
+        console.print(f"stopped {entry['id'][:12]} {_m(entry['title'])}: {_m(entry['error'])}")
+        return 0
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    who = ", ".join(res["cancelled"]) or "nobody (everyone has it already)"
+    console.print(f"withdrew {res['id'][:12]} {_m(res['title'])}: no longer served; "
+                  f"cancelled for {_m(who)}")
+    return 0
+
+
+async def cmd_resend(home: NodeHome, args: argparse.Namespace) -> int:
+    res = await _call(home, "resend", id=args.id)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(res["id"])
     return 0
 
 
 async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
     if args.action in ("priority", "junk"):
         if len(args.args) != 2 or args.args[0] not in ("add", "remove"):
-            err_console.print(f"usage: peerpost prefs {args.action} add|remove ADDRESS",
-                              markup=False)
-            return EXIT_USAGE
+            raise CliError(f"usage: peerpost prefs {args.action} add|remove ADDRESS",
+                           EXIT_USAGE)
         await _call(home, "prefs_list", list=args.action, action=args.args[0],
                     address=args.args[1])
     elif args.action == "set":
         if len(args.args) != 2:
-            err_console.print("usage: peerpost prefs set KEY VALUE  (keys: auto-download on|off,"
-                              " auto-download-max SIZE|none (e.g. 500MB, 2GB, 1GiB; default"
-                              " 2GiB; larger messages wait for `peerpost fetch`),"
-                              " retention keep|delete|archive, archive-dir DIR,"
-                              " max-upload-rate BYTES_PER_S|none)", markup=False)
-            return EXIT_USAGE
+            raise CliError("usage: peerpost prefs set KEY VALUE  (keys: auto-download on|off,"
+                           " auto-download-max SIZE|none (e.g. 500MB, 2GB, 1GiB; default"
+                           " 2GiB; larger messages wait for `peerpost fetch`),"
+                           " retention keep|delete|archive, archive-dir DIR,"
+                           " max-upload-rate RATE|none (e.g. 500KiB/s, 1MB/s; applies"
+                           " at once))", EXIT_USAGE)
         await _call(home, "prefs_set", key=args.args[0], value=args.args[1])
     prefs = await _call(home, "prefs")
     if args.json:
@@ -400,17 +660,42 @@ async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
     t = Table(title="preferences")
     t.add_column("preference")
     t.add_column("value")
-    for k, v in prefs.items():
-        t.add_row(_t(k), _t(", ".join(v) if isinstance(v, list) else str(v)))
+    for k, v in prefs.items():  # the names `prefs set` takes
+        t.add_row(_t(k.replace("_", "-")), _t(_pref_text(k, v)))
     console.print(t)
     return 0
+
+
+def _pref_text(key: str, value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(value)
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if key == "max_upload_rate" and isinstance(value, int):
+        return f"{_size(value)}/s"
+    if key == "auto_download_max" and isinstance(value, int):
+        return _size(value)
+    return str(value)
+
+
+def _rate_arg(text: str) -> float:
+    from overlay.mail.prefs import parse_rate
+
+    try:
+        rate = parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if rate is None:
+        raise argparse.ArgumentTypeError("give a rate such as 1MB/s (no cap: leave it out)")
+    return float(rate)
 
 
 async def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
     if args.action == "accept":
         if not args.address:
-            err_console.print("usage: peerpost contacts accept ADDRESS")
-            return EXIT_USAGE
+            raise CliError("usage: peerpost contacts accept ADDRESS", EXIT_USAGE)
         await _call(home, "contacts_accept", address=args.address)
     contacts = await _call(home, "contacts")
     if args.json:
@@ -466,10 +751,12 @@ def cmd_web(home: NodeHome, args: argparse.Namespace) -> int:
 
     base = web_url(home.root)
     if base is None:
-        err_console.print("[red]error:[/] no web inbox is running for this home: start "
-                          "`peerpost node` (without `--web off`)")
-        return EXIT_NOT_RUNNING
+        raise CliError("no web inbox is running for this home: start `peerpost node` "
+                       "(without `--web off`)", EXIT_NOT_RUNNING)
     url = login_url(base, issue_login_token(home.root, time.time()))
+    if args.json:
+        print(json.dumps({"url": url}))
+        return 0
     if args.url:
         print(url)
         return 0
@@ -487,6 +774,8 @@ _COMMANDS = {
     "rm": cmd_rm,
     "fetch": cmd_fetch,
     "status": cmd_status,
+    "cancel": cmd_cancel,
+    "resend": cmd_resend,
     "prefs": cmd_prefs,
     "contacts": cmd_contacts,
 }

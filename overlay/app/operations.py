@@ -9,6 +9,7 @@ prints.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,14 @@ from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail
 from overlay.mail.outbox import Outbox, OutboxEntry, RecipientStatus, forwarding_text
 from overlay.mail.outgoing import MailSender, SendError
-from overlay.mail.prefs import RETENTIONS, Prefs, parse_size
+from overlay.mail.prefs import RETENTIONS, Prefs, parse_rate, parse_size
 from overlay.transfer.server import TransferServer
 from rendezvous.client import RendezvousClient, RendezvousError
 
+WITHDRAWN_REASON = "cancelled by the sender"
 CANCELLED_TEXT = "cancelled; fetch it to go on (the chunks already here are kept)"
+OFFLINE_TEXT = ("the node is offline: the server is unreachable; nothing was sent; try again "
+                "when `peerpost info` shows connected")
 
 
 class ControlOperations:
@@ -42,7 +46,8 @@ class ControlOperations:
                  incoming: IncomingMail, sender: MailSender, inbox: Inbox, outbox: Outbox,
                  prefs: Prefs, contacts: Contacts, downloads: DownloadQueue,
                  transfer: TransferServer, max_in_flight: int,
-                 store: ContentStore | None = None) -> None:
+                 store: ContentStore | None = None,
+                 withdraw: Callable[[bytes], Awaitable[None]] | None = None) -> None:
         self.identity = identity
         self.address = address
         self.listen_addr = listen_addr
@@ -57,6 +62,7 @@ class ControlOperations:
         self.transfer = transfer
         self.max_in_flight = max_in_flight
         self.store = store
+        self.withdraw_announcement = withdraw  # the DHT's provider record of a content
 
     def table(self) -> dict[str, Operation]:
         return {
@@ -73,6 +79,8 @@ class ControlOperations:
             "contacts": self.contacts_list,
             "contacts_accept": self.contacts_accept,
             "rm": self.rm,
+            "withdraw": self.withdraw,
+            "resend": self.resend,
             "prune": self.prune,
         }
 
@@ -90,12 +98,18 @@ class ControlOperations:
                 "refused": self.incoming.counters["refused-inbox-full"]}
 
     async def send(self, a: Fields) -> Any:
+        """Send now or not at all: the recipients' device keys come from the server
+        (FINGER), so an offline node has nothing to seal to and keeps no queue."""
         to = a.list("to", _item_text, max_items=64) or ()
+        if not self.rendezvous.connected:
+            raise ControlError(OFFLINE_TEXT)
         try:
             mid = await self.sender.send(Path(a.str("path", max_len=4096)), list(to),
                                          a.str("title", max_len=200),
                                          a.str("note", max_len=4000))
         except SendError as exc:
+            if not self.rendezvous.connected:  # the server went away during the send
+                raise ControlError(f"{OFFLINE_TEXT} ({exc})") from None
             raise ControlError(str(exc)) from None
         return {"id": mid.hex()}
 
@@ -198,7 +212,14 @@ class ControlOperations:
                 chunk_size = decode_location(m.message).handle.chunk_size
             except DecodeError:
                 chunk_size = DEFAULT_CHUNK_SIZE  # a row from before messages were kept
+            changed = self.source_changed(m)
+            for addr, pending in self._pending(m).items():
+                if not pending:
+                    shown[addr] = "cancelled"
+                elif changed:
+                    shown[addr] = "source changed"
             out.append({
+                "source_changed": changed,
                 "id": m.id.hex(), "title": m.title, "size": m.size, "path": m.path,
                 "content_id": m.content_id.hex(), "created_at": m.created_at,
                 "chunk_count": chunk_count(m.size, chunk_size),
@@ -210,6 +231,86 @@ class ControlOperations:
                                for r in m.recipients],
             })
         return out
+
+    def source_changed(self, m: OutboxEntry) -> str | None:
+        """Why the sent file can't be served any more (edited, moved, deleted), or None.
+        After retention moved or deleted it on purpose, nothing is owed: None."""
+        if self.store is None or m.retention_done:
+            return None
+        content = self.store.local(m.content_id)
+        if content is None or content.changed.withdrawn:
+            return None
+        return content.source_changed()
+
+    @staticmethod
+    def _pending(m: OutboxEntry) -> dict[str, bool]:
+        """Recipients that don't have it yet -> True, cancelled ones -> False."""
+        out: dict[str, bool] = {}
+        for r in m.recipients:
+            if r.state is RecipientStatus.FAILED and r.reason == WITHDRAWN_REASON:
+                out[r.address] = False
+            elif r.state not in (RecipientStatus.DOWNLOADED, RecipientStatus.FAILED):
+                out[r.address] = True
+        return out
+
+    def find_sent(self, prefix: str) -> OutboxEntry:
+        """The one sent message whose id starts with `prefix` (hex), or ControlError."""
+        matches = [m for m in self.outbox.list() if m.id.hex().startswith(prefix.lower())]
+        if not matches:
+            raise ControlError(f"no sent message {prefix!r} (see `peerpost status`)")
+        if len(matches) > 1:
+            raise ControlError(f"{prefix!r} matches {len(matches)} messages; give more digits")
+        return matches[0]
+
+    async def withdraw(self, a: Fields) -> Any:
+        """The sender's cancel: stop serving the content (requesters are told it was
+        withdrawn), withdraw its DHT announcement, and mark every recipient that doesn't
+        have it yet `failed: cancelled by the sender`. Envelopes still queued at a
+        recipient's server stay there (the protocol has no verb for a sender to take them
+        back); when fetched, their download fails with `withdrawn`."""
+        m = self.find_sent(a.str("id", min_len=1, max_len=32))
+        if self.store is not None:
+            content = self.store.local(m.content_id)
+            if content is not None:
+                content.withdraw()
+        if self.withdraw_announcement is not None:
+            try:
+                async with asyncio.timeout(10.0):
+                    await self.withdraw_announcement(m.content_id)
+            except (TimeoutError, OSError):
+                pass  # the DHT record expires by itself
+        now = self.downloads.wall()
+        cancelled = []
+        for r in m.recipients:
+            if self.outbox.set_recipient_state(m.id, r.address, RecipientStatus.FAILED, now,
+                                               reason=WITHDRAWN_REASON):
+                cancelled.append(r.address)
+        return {"id": m.id.hex(), "title": m.title, "cancelled": cancelled}
+
+    def rewithdraw(self) -> None:
+        """At start: contents of messages the sender cancelled are not served again."""
+        if self.store is None:
+            return
+        for m in self.outbox.list():
+            if any(not pending for pending in self._pending(m).values()):
+                content = self.store.local(m.content_id)
+                if content is not None:
+                    content.withdraw()
+
+    async def resend(self, a: Fields) -> Any:
+        """Send the file of a sent message again, as it is now, to the same recipients:
+        a new message (new id, new content)."""
+        m = self.find_sent(a.str("id", min_len=1, max_len=32))
+        try:
+            note = decode_location(m.message).description.note
+        except DecodeError:
+            note = ""
+        to = [r.address for r in m.recipients]
+        try:
+            mid = await self.sender.send(Path(m.path), to, m.title, note)
+        except SendError as exc:
+            raise ControlError(str(exc)) from None
+        return {"id": mid.hex(), "replaces": m.id.hex(), "to": to}
 
     async def _forwarding(self, m: OutboxEntry) -> dict[str, str]:
         """What the server says of foreign recipients it holds or handed on (TRACK),
@@ -232,6 +333,7 @@ class ControlOperations:
 
     async def prefs_set(self, a: Fields) -> Any:
         key, value = a.str("key", max_len=64), a.str("value", max_len=4096)
+        key = key.replace("_", "-")  # `prefs --json` names them with underscores
         if key == "auto-download":
             if value not in ("on", "off"):
                 raise ControlError("auto-download takes on or off")
@@ -248,7 +350,11 @@ class ControlOperations:
             except ValueError as exc:
                 raise ControlError(str(exc)) from None
         elif key == "max-upload-rate":
-            self.prefs.max_upload_rate = None if value in ("none", "0", "") else int(value)
+            try:
+                self.prefs.max_upload_rate = parse_rate(value)
+            except ValueError as exc:
+                raise ControlError(str(exc)) from None
+            self.transfer.set_upload_rate(self.prefs.max_upload_rate)  # at once
         else:
             raise ControlError(f"unknown preference {key!r}")
         self.downloads.wake()

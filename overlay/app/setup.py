@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import ssl
 
 from rich.console import Console
 
@@ -32,6 +34,9 @@ from rendezvous.messages import Challenge, decode_server_message
 from rendezvous.tls import client_context
 
 REGISTER_TIMEOUT = 15.0
+# A rendezvous server completes the TLS handshake and sends its CHALLENGE within
+# milliseconds on loopback; anything still silent after this is not one (or is not there).
+PROBE_TIMEOUT = 5.0
 
 
 async def register(host: str, port: int, identity: DeviceIdentity, address: str,
@@ -82,6 +87,7 @@ def init_home(home: NodeHome, args: argparse.Namespace, console: Console,
                f"found through _peerpost._tcp.{domain} SRV")
     else:
         server = str(server_arg)
+        asyncio.run(probe(*target))
         try:
             server_key = asyncio.run(register(*target, identity, address, args.invite,
                                               vouch=vouch))
@@ -101,10 +107,41 @@ def init_home(home: NodeHome, args: argparse.Namespace, console: Console,
     return 0
 
 
-async def _challenge_key(host: str, port: int) -> bytes:
+async def probe(host: str, port: int) -> bytes:
+    """The key of the server's CHALLENGE, or HomeError saying what answers at HOST:PORT
+    instead: nothing (refused, no TCP answer), or something that is no rendezvous server
+    (no TLS, or no CHALLENGE within PROBE_TIMEOUT)."""
+    where = _hostport(host, port)
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            _, writer = await asyncio.open_connection(host, port)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    except TimeoutError:
+        raise HomeError(f"nothing answers at {where} (no TCP answer within "
+                        f"{PROBE_TIMEOUT:g} s): check --server HOST:PORT") from None
+    except OSError as exc:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc) or "unreachable"
+        raise HomeError(f"nothing answers at {where} ({why}): check --server HOST:PORT "
+                        "and that the server is running") from None
+    try:
+        return await _challenge_key(host, port, PROBE_TIMEOUT)
+    except ssl.SSLError as exc:
+        raise HomeError(f"{where} is not a peerpost rendezvous server (the TLS handshake "
+                        f"failed: {exc.reason or exc})") from None
+    except TimeoutError:
+        raise HomeError(f"{where} is not a peerpost rendezvous server (no CHALLENGE within "
+                        f"{PROBE_TIMEOUT:g} s)") from None
+    except (ConnectionLostError, RemoteProtocolError, DecodeError, EOFError, OSError) as exc:
+        raise HomeError(f"{where} is not a peerpost rendezvous server "
+                        f"({exc or type(exc).__name__})") from None
+
+
+async def _challenge_key(host: str, port: int, within: float = REGISTER_TIMEOUT) -> bytes:
     """The domain key the server names in its CHALLENGE (nothing is sent; not yet proved)."""
     decoder = FrameDecoder(DEFAULT_MAX_FRAME)
-    async with asyncio.timeout(REGISTER_TIMEOUT):
+    async with asyncio.timeout(within):
         reader, writer = await asyncio.open_connection(host, port, ssl=client_context())
         try:
             while data := await reader.read(65536):

@@ -1,0 +1,292 @@
+"""The command line as a new user meets it: --version, help, completion, --json errors,
+and the messages of the usual first mistakes. Real `peerpost`, `peerpost-rendezvous` and
+`peerpost-sim` processes; a real server and nodes where a daemon is involved."""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from overlay.app.cli import build_parser
+from overlay.app.lab import LocalNetwork, NodeHandle, _script
+from overlay.mail.describe import MediaInfo
+from rendezvous.cli import _parser as rendezvous_parser
+
+MiB = 1 << 20
+COMMANDS = ("peerpost", "peerpost-rendezvous", "peerpost-sim")
+
+
+def run(*argv: str, env: dict[str, str] | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("PEERPOST_HOME", None)
+    return subprocess.run([_script(argv[0]), *argv[1:]], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+# --- --version, help, completion --------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_version(command: str) -> None:
+    res = run(command, "--version")
+    assert res.returncode == 0
+    assert res.stdout.strip() == f"{command} 0.1.0"
+
+
+def _options(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.Action]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                for where, a in _options(command):
+                    yield f"{name} {where}", a
+        else:
+            yield "", action
+
+
+@pytest.mark.parametrize("parser", [build_parser(), rendezvous_parser()],
+                         ids=["peerpost", "peerpost-rendezvous"])
+def test_every_option_has_help(parser: argparse.ArgumentParser) -> None:
+    missing = [f"{where}{'/'.join(a.option_strings) or a.dest}"
+               for where, a in _options(parser) if not a.help]
+    assert missing == []
+
+
+def test_help_shows_defaults_and_exit_codes() -> None:
+    res = run("peerpost", "--help")
+    assert "exit status:" in res.stdout
+    for line in ("0    ok", "2    usage error", "3    the node is not running",
+                 "4    no peerpost home"):
+        assert line in res.stdout
+    inbox = run("peerpost", "inbox", "--help").stdout
+    assert "default 30" in inbox and "--json" in inbox
+    serve = run("peerpost-rendezvous", "serve", "--help").stdout
+    assert "(default: 127.0.0.1:0)" in serve
+    assert "(default: results)" in run("peerpost-sim", "run", "--help").stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_completion_bash_names_the_subcommands(command: str) -> None:
+    res = run(command, "completion", "bash")
+    assert res.returncode == 0, res.stderr
+    names = {"peerpost": ("init", "send", "inbox", "fetch", "status", "completion"),
+             "peerpost-rendezvous": ("serve", "invite", "stats", "dns-records"),
+             "peerpost-sim": ("list", "run")}[command]
+    for name in names:
+        assert name in res.stdout
+    assert "complete " in res.stdout  # the bash builtin that registers it
+    assert run(command, "completion", "zsh").stdout.startswith("#compdef")
+
+
+# --- errors without a daemon ------------------------------------------------------------
+
+
+def test_info_on_a_home_never_set_up(tmp_path: Path) -> None:
+    home = tmp_path / "nothing-here"
+    res = run("peerpost", "--home", str(home), "info")
+    assert res.returncode == 4
+    assert f"no peerpost home at {home}: run `peerpost init` first" in res.stderr
+    res = run("peerpost", "info", "--home", str(home), "--json")
+    assert res.returncode == 4
+    err = json.loads(res.stdout)
+    assert err["code"] == 4 and "run `peerpost init` first" in err["error"]
+
+
+def test_usage_error_with_json_is_json(tmp_path: Path) -> None:
+    res = run("peerpost", "--home", str(tmp_path), "inbox", "--days", "many", "--json")
+    assert res.returncode == 2
+    err = json.loads(res.stdout)
+    assert err["code"] == 2 and "--days" in err["error"]
+
+
+def test_init_nothing_answers(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = run("peerpost", "--home", str(tmp_path / "h"), "init", "--address", "a@x.test",
+              "--server", f"127.0.0.1:{port}")
+    assert res.returncode == 1
+    assert f"nothing answers at 127.0.0.1:{port}" in res.stderr
+    assert "refused a@x.test" not in res.stderr
+    assert not (tmp_path / "h" / "config.json").exists()
+
+
+def test_init_against_an_http_server_says_so_quickly(tmp_path: Path) -> None:
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        port = httpd.server_address[1]
+        t0 = time.monotonic()
+        res = run("peerpost", "--home", str(tmp_path / "h"), "init", "--address",
+                  "a@x.test", "--server", f"127.0.0.1:{port}", "--json")
+        took = time.monotonic() - t0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert res.returncode == 1
+    err = json.loads(res.stdout)
+    assert err["error"].startswith(f"127.0.0.1:{port} is not a peerpost rendezvous server (")
+    assert err["error"].endswith(")") and "()" not in err["error"]
+    assert took < 8  # not the 15 s registration timeout
+
+
+def test_demo_clip_line_names_only_present_codecs() -> None:
+    from overlay.app.demo import clip_summary
+
+    info = MediaInfo("video/mpeg", 2000, 320, 240, "mpeg2video", None, None, 0)
+    assert clip_summary(info) == "mpeg2video, 320x240, 2.0 s"
+
+
+# --- with a server and nodes ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
+    with LocalNetwork(tmp_path_factory.mktemp("cli-ux") / "lab") as n:
+        n.start_server()
+        for name in ("alice", "bob", "carol"):
+            n.start_node(n.add_node(name))
+        yield n
+
+
+def _file(tmp: Path, name: str, size: int) -> Path:
+    p = tmp / name
+    p.write_bytes(os.urandom(size))
+    return p
+
+
+def _mine(net: LocalNetwork, node: NodeHandle, *args: str,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run("peerpost", "--home", str(node.home), *args, env={**net.env, **(env or {})})
+
+
+def _complete(net: LocalNetwork, node: NodeHandle, mid: str) -> dict[str, object] | None:
+    e = net.inbox_entry(node, mid)
+    return e if e and e["state"] == "complete" else None
+
+
+@pytest.mark.slow
+def test_repeated_to_and_comma_lists_reach_everyone(net: LocalNetwork, tmp_path: Path) -> None:
+    alice, bob, carol = (net.nodes[n] for n in ("alice", "bob", "carol"))
+    src = _file(tmp_path, "two.bin", 64 * 1024)
+    res = _mine(net, alice, "send", str(src), "--to", bob.address, "--to",
+                f"{carol.address},{bob.address}", "--json")
+    assert res.returncode == 0, res.stderr
+    sent = json.loads(res.stdout)
+    assert sent["to"] == [bob.address, carol.address]
+    (msg,) = [m for m in net.cli_json(alice, "status") if m["id"] == sent["id"]]
+    assert {r["address"] for r in msg["recipients"]} == {bob.address, carol.address}
+    net.wait_until(lambda: _complete(net, carol, sent["id"]), 60, "carol's copy")
+    net.wait_until(lambda: _complete(net, bob, sent["id"]), 60, "bob's copy")
+
+
+@pytest.mark.slow
+def test_semicolon_list_gets_a_comma_hint(net: LocalNetwork, tmp_path: Path) -> None:
+    alice, bob, carol = (net.nodes[n] for n in ("alice", "bob", "carol"))
+    src = _file(tmp_path, "x.bin", 1024)
+    res = _mine(net, alice, "send", str(src), "--to", f"{bob.address};{carol.address}")
+    assert res.returncode == 2
+    assert "separate addresses with commas" in res.stderr
+    res = _mine(net, alice, "send", str(src), "--to", f"{bob.address}; {carol.address}",
+                "--json")
+    assert json.loads(res.stdout)["code"] == 2
+
+
+@pytest.mark.slow
+def test_fetch_and_status_mistakes(net: LocalNetwork, tmp_path: Path) -> None:
+    alice, bob = net.nodes["alice"], net.nodes["bob"]
+    res = _mine(net, bob, "fetch", "")
+    assert res.returncode == 2
+    assert "give a message id (see `peerpost inbox`)" in res.stderr
+    assert "Fields" not in res.stderr and "min_len" not in res.stderr
+
+    res = _mine(net, alice, "status", "zzzz")
+    assert res.returncode == 1
+    assert "no sent message matches zzzz" in res.stderr
+    res = _mine(net, alice, "status", "zzzz", "--json")
+    assert json.loads(res.stdout) == {"error": "no sent message matches zzzz (`peerpost "
+                                               "status` lists them)", "code": 1}
+
+    src = _file(tmp_path, "done.bin", 256 * 1024)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    got = net.wait_until(lambda: _complete(net, bob, mid), 60, "bob's download")
+    res = _mine(net, bob, "fetch", mid[:8])  # the short id the inbox shows
+    assert res.returncode == 0, res.stderr
+    assert f"complete: {got['path']}" in res.stdout
+
+
+@pytest.mark.slow
+def test_inbox_fits_80_columns(net: LocalNetwork, tmp_path: Path) -> None:
+    alice, carol = net.nodes["alice"], net.nodes["carol"]
+    src = _file(tmp_path, "clip.bin", 3 * MiB)
+    title = "Grandma's 90th birthday, the whole evening including the speeches and the cake"
+    mid = net.cli(alice, "send", str(src), "--to", carol.address, "--title", title
+                  ).stdout.strip()
+    got = net.wait_until(lambda: _complete(net, carol, mid), 60, "carol's download")
+    res = _mine(net, carol, "inbox", env={"COLUMNS": "80"})
+    assert res.returncode == 0, res.stderr
+    table, _, notes = res.stdout.partition("files and notes")
+    assert max(len(line) for line in table.splitlines()) <= 80
+    row = [line for line in table.splitlines() if mid[:8] in line]
+    assert row and alice.address in row[0]  # id prefix and sender whole, on one line
+    assert "3.0 MiB" in row[0]
+    assert f"{mid[:8]}  {got['path']}" in notes  # the file's path, never cut
+    assert "Grandma's 90th" in table
+
+
+@pytest.mark.slow
+def test_fetch_wait_shows_mib_and_a_rate(net: LocalNetwork, tmp_path: Path) -> None:
+    alice, bob = net.nodes["alice"], net.nodes["bob"]
+    net.cli(bob, "prefs", "set", "auto-download", "off")
+    try:
+        src = _file(tmp_path, "later.bin", 6 * MiB)
+        mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+        net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["state"] == "offered",
+                       60, "the offer at bob")
+        res = _mine(net, bob, "fetch", mid[:8], "--wait", env={"COLUMNS": "120"})
+    finally:
+        net.cli(bob, "prefs", "set", "auto-download", "on")
+    assert res.returncode == 0, res.stderr
+    bar = [line for line in res.stdout.splitlines() if "MiB" in line and "/s" in line]
+    assert bar, res.stdout
+    assert "6.0/6.0 MiB" in bar[-1] and " MiB/s" in bar[-1]
+    assert "?" not in bar[-1] and " MB" not in bar[-1]
+    assert "complete: " in res.stdout
+
+
+@pytest.mark.slow
+def test_send_while_the_server_is_down(tmp_path: Path) -> None:
+    with LocalNetwork(tmp_path / "lab", server_args=[]) as net:
+        net.start_server()
+        alice, bob = net.add_node("alice"), net.add_node("bob")
+        net.start_node(alice)
+        assert net.server is not None
+        net.server.stop()
+        net.wait_until(lambda: not net.cli_json(alice, "info")["connected"], 30,
+                       "alice to notice the server is gone")
+        src = _file(tmp_path, "x.bin", 1024)
+        t0 = time.monotonic()
+        res = _mine(net, alice, "send", str(src), "--to", bob.address, "--json")
+        took = time.monotonic() - t0
+        assert res.returncode == 1
+        err = json.loads(res.stdout)["error"]
+        assert "the server is unreachable; nothing was sent" in err
+        assert "`peerpost info` shows connected" in err
+        assert took < 5
+        assert net.cli_json(alice, "status") == []  # nothing half-sent left behind
