@@ -70,6 +70,7 @@ _PAGE = 256                   # outbound rows read per round
 _BATCH_BYTES = 160 * 1024     # blob bytes per forwarded SEND (the frame limit is 256 KiB)
 _BATCH_ITEMS = 64
 _PIPELINE = 32                # forwarded SENDs per write, replies awaited together
+PACE_DELAY = 1.0              # seconds to wait after the other domain's 429 (its burst refills)
                               # (the receiver reads at most 64 in flight per link)
 _MAX_LINKS = 256              # open links at once (FINGER can name any domain)
 _PIPES_WAITING = 64           # PIPE/RELAY requests waiting for one domain's link
@@ -79,6 +80,10 @@ _PERMANENT = frozenset({Status.BAD_REQUEST, Status.FORBIDDEN, Status.NOT_FOUND,
 
 class LinkError(Exception):
     """The link could not be opened or broke; the text says why (shown to senders)."""
+
+
+class RemotePacing(LinkError):
+    """The other domain answered 429: it is up, and takes our mail at its own rate."""
 
 
 class LinkClient:
@@ -255,6 +260,7 @@ class Federation:
         self.forwarded = 0
         self.bounced = 0
         self.link_failures = 0
+        self.paced = 0  # 429s from the other domain, each followed by PACE_DELAY
         self.links_refused_identity = 0
 
     async def start(self) -> None:
@@ -311,6 +317,13 @@ class Federation:
                 try:
                     await self._forward(domain, rows)
                     attempt = 0
+                except RemotePacing as exc:
+                    # The other domain is up and takes mail at its own rate: not an outage,
+                    # so no "unreachable since" and no growing backoff, just a pause.
+                    self.paced += 1
+                    log.info(kv("outbound.paced", domain=domain, waiting=len(rows),
+                                reply=str(exc)))
+                    await asyncio.sleep(PACE_DELAY)
                 except LinkError as exc:
                     attempt += 1
                     self.link_failures += 1
@@ -365,6 +378,8 @@ class Federation:
             for reason, ids in bounced.items():
                 self.bounced += len(ids)
                 await self.store.outbound_done(ids, "bounced", reason, self.clock())
+            if transient is not None and transient.status == Status.RATE_LIMITED:
+                raise RemotePacing(f"{domain} answered {transient.status} {transient.text}")
             if transient is not None:
                 raise LinkError(f"{domain} answered {transient.status} {transient.text}")
 

@@ -58,8 +58,8 @@ class Limits:
     # Server links from other domains (rendezvous/federation.py): per linking domain, the
     # envelopes per second it may forward (a token bucket), what it may have queued here
     # from all its senders, and its live links; 0 turns a cap off.
-    link_rate: float = 200.0
-    link_burst: float = 2_000.0
+    link_rate: float = 1_000.0
+    link_burst: float = 10_000.0
     link_quota_count: int = 100_000
     link_quota_bytes: int = 512 * 1024 * 1024
     links_per_domain: int = 8

@@ -259,7 +259,9 @@ class ServerConnection:
 
     def _check_request(self, req: Request, now: float) -> None:
         """Policy that needs no database: state, rate and size limits."""
-        if not self._requests.take(1, now):
+        # A server link answers to its domain's rate (Limits.link_rate, applied by the
+        # server per linking domain), not to one device connection's.
+        if self.link_domain is None and not self._requests.take(1, now):
             raise RemoteProtocolError("too many requests on this connection",
                                       Status.RATE_LIMITED, request_id=req.id)
         if isinstance(req, Quit | Ping):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import DeviceIdentity
+from rendezvous import federation
 from rendezvous.backoff import Backoff
 from rendezvous.client import Deliver, RendezvousClient
 from rendezvous.dns import DomainRecords, StaticResolver
@@ -364,3 +365,23 @@ async def test_node_session_may_not_name_a_sender(tmp_path: Path) -> None:
         with pytest.raises(AuthenticationError, match="from/asker is for server links"):
             await alice._request(lambda rid: Send(rid, os.urandom(16), 0, (item,),
                                                   "mallory@a.test"))
+
+
+async def test_a_rate_limited_link_is_paced_not_reported_unreachable(
+        tmp_path: Path, fed_log: LogWaiter, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(federation, "PACE_DELAY", 0.05)
+    world = World(tmp_path)
+    limits = dataclasses.replace(Limits(), link_rate=4, link_burst=2, max_items_per_send=1)
+    async with world.server(A) as a, world.server(B, limits=limits) as b, \
+            world.client(a, ALICE, "alice@a.test") as alice:
+        await _register_bob(world, b)
+        mids = [os.urandom(16) for _ in range(6)]
+        for mid in mids:
+            await alice.send(mid, [("bob@b.test", BOB.peer_id, b"x")])
+        await fed_log.event("outbound.paced")
+        for mid in mids:
+            while (await _track(alice, mid))["bob@b.test"]["state"] != "delivered":
+                await fed_log.event("outbound.delivered")
+        assert a.federation is not None and a.federation.paced >= 1
+        assert a.federation.link_failures == 0  # never shown as "unreachable"
+        assert b.link_rate_limited >= 1
