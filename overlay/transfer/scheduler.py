@@ -23,9 +23,11 @@ per source. A failed, stalled or banned source gives its requested chunks back t
 - Wanted ranges (`want_first`): a player's playhead, the index at the end of a clip, a seek
   target. The last MAX_RANGES are kept, newest first, and their chunks are picked before
   rarest first. `hurry` makes a wanted chunk nobody is asked for the *next* GET of the
-  fastest source that has it: a holder serves its GETs in order, so the source's unwanted
-  requests but its oldest (already being sent) are released to the pool and the caller
-  sends them CANCEL. A released chunk that still arrives is late, not unasked.
+  fastest source that has it: a holder serves its GETs in order, so the source's requests
+  for chunks not wanted or wanted by an older range, but its oldest (already being sent),
+  are released to the pool and the caller sends them CANCEL. (A seek's target would
+  otherwise wait behind the chunks the stream before the seek still asked for: 1.3 s at
+  4 MB/s.) A released chunk that still arrives is late, not unasked.
 
 State is one byte per chunk plus bitmaps, never an object per chunk, so a content of
 2^20 chunks costs about 1 MiB here before any source is contacted (per-chunk sets and
@@ -301,8 +303,13 @@ class ChunkScheduler:
         return not any(self._state[i] or i in self._requesters or i in self._verifying
                        for i in range(*w))
 
-    def _is_wanted(self, i: int) -> bool:
-        return any(a <= i < b for a, b in self._wanted)
+    def _rank(self, i: int) -> int:
+        """0 for a chunk of the newest wanted range, 1 for the one before...; not wanted:
+        MAX_RANGES."""
+        for rank, (a, b) in enumerate(self._wanted):
+            if a <= i < b:
+                return rank
+        return MAX_RANGES
 
     def _playhead(self, state: _SourceState) -> int | None:
         for first, end in self._wanted:  # bounded by MAX_RANGES * MAX_WANTED
@@ -315,11 +322,12 @@ class ChunkScheduler:
               ) -> dict[str, tuple[list[int], list[int]]]:
         """Request each wanted chunk that is in the pool from the first source of `order`
         (fastest first) that can give it and has room, so that it is that source's next
-        GET: the first time a source is picked here, its requests that are not wanted,
-        except its `keep` oldest, go back to the pool. Returns, per source, (the chunks to
-        GET now, in order; the chunks to CANCEL), the CANCELs to be sent first."""
+        GET: the first time a source is picked here, its requests for chunks not wanted or
+        wanted by an older range, except its `keep` oldest, go back to the pool. Returns,
+        per source, (the chunks to GET now, in order; the chunks to CANCEL), the CANCELs to
+        be sent first."""
         out: dict[str, tuple[list[int], list[int]]] = {}
-        for first, end in list(self._wanted):
+        for rank, (first, end) in enumerate(list(self._wanted)):
             for i in range(first, end):
                 if not self._state[i]:
                     continue
@@ -328,7 +336,7 @@ class ChunkScheduler:
                     if state is None or not state.can_give(i):
                         continue
                     if sid not in out:
-                        out[sid] = ([], self._release_unwanted(sid, state, keep))
+                        out[sid] = ([], self._release_behind(sid, state, rank, keep))
                     if len(state.requested) >= state.window:
                         continue  # full of wanted or kept requests: try a slower one
                     self._take(i)
@@ -339,9 +347,11 @@ class ChunkScheduler:
                     break
         return {sid: v for sid, v in out.items() if v[0] or v[1]}
 
-    def _release_unwanted(self, sid: str, state: _SourceState, keep: int) -> list[int]:
-        """Give back `sid`'s unwanted requests but its `keep` oldest (send them CANCEL)."""
-        released = [i for i in list(state.requested)[max(0, keep):] if not self._is_wanted(i)]
+    def _release_behind(self, sid: str, state: _SourceState, rank: int,
+                        keep: int) -> list[int]:
+        """Give back `sid`'s requests of a rank after `rank` (older ranges, not wanted)
+        but its `keep` oldest (send them CANCEL)."""
+        released = [i for i in list(state.requested)[max(0, keep):] if self._rank(i) > rank]
         for i in released:
             self._release(sid, state, i)
         return released

@@ -92,22 +92,23 @@ def test_hurry_cancels_the_unwanted_requests_queued_before_a_wanted_chunk() -> N
     assert s.hurry(["a", "b"]) == {}  # nothing wanted is left in the pool
 
 
-def test_hurry_keeps_wanted_requests_and_prefers_the_first_source_that_has_it() -> None:
+def test_hurry_puts_the_newest_range_before_older_ones_and_skips_who_lacks_it() -> None:
     s = ChunkScheduler(count=64, held=bytes(8), rng=random.Random(7))
     have = bytearray(8)
     have[1] = 0xFF  # chunks 8..15
     s.add_source("p", window=2, have=bytes(have))  # the fastest, but a partial holder
     s.add_source("a", window=3)
-    s.want_first(8, 10)
-    assert [s.next_request("a") for _ in range(2)] == [8, 9]
-    s.next_request("a")
-    s.want_first(20, 22)
+    s.want_first(8, 11)  # the stream before a seek
+    assert [s.next_request("a") for _ in range(3)] == [8, 9, 10]
+    s.want_first(20, 22)  # the seek's target
     out = s.hurry(["p", "a"])
-    # "p" lacks 20 and 21; "a" keeps its wanted 8 and 9, its third request goes, and it
-    # has room for one wanted chunk only.
-    assert list(out) == ["a"] and out["a"][0] == [20] and len(out["a"][1]) == 1
-    assert s.requesters(8) == ["a"] and s.requesters(9) == ["a"]
-    assert s.next_request("p") is not None  # 21 stays in the pool: "p" can't give it
+    # "p" lacks 20 and 21. "a" is sending 8; 9 and 10 (an older range) would wait behind
+    # the target, so they are cancelled there, and "p", idle, gets them.
+    assert out == {"a": ([20, 21], [9, 10]), "p": ([9, 10], [])}
+    assert s.requesters(8) == ["a"] and s.requesters(9) == ["p"]
+    assert s.wanted[:2] == [(20, 22), (8, 11)]
+    # Only newer ranges cancel: hurrying again changes nothing.
+    assert s.hurry(["p", "a"]) == {}
 
 
 @settings(max_examples=150, deadline=None)
@@ -141,8 +142,7 @@ def test_hurry_keeps_every_chunk_in_exactly_one_place(seed: int,
             s.want_first(i, i + 1 + k % 3)
         elif op == "hurry":
             order = ["c", "a", "b"][k % 3:] + ["c", "a", "b"][:k % 3]
-            for who, (gets, cancels) in s.hurry(order).items():
-                assert not set(gets) & set(cancels)
+            for who, (gets, _) in s.hurry(order).items():
                 asked[who].update(gets)
         elif op == "recv" and s.requested(sid):
             mine = sorted(j for j in asked[sid] if sid in s.requesters(j))
