@@ -8,7 +8,8 @@ Layout (all owner-only):
     store/          content store metadata and partial downloads (overlay.content.catalog)
     received/       finished downloads
     control.sock    the daemon's local control socket (Unix, mode 0600)
-    node.log        the daemon's log when it runs in the background
+    node.log        the daemon's log (what `peerpost node` writes to stderr), rotated at
+                    10 MiB, 3 old files kept (node.log.1 ...)
     node.lock       held (fcntl) by the one running daemon; holds its pid
 
 Without --home or $PEERPOST_HOME the folder is ~/.peerpost where that exists (homes made

@@ -27,6 +27,7 @@ from crypto.address import parse_hostport
 from crypto.identity import DeviceIdentity
 from overlay.app.control import ControlServer
 from overlay.app.fetch import ContentFetch
+from overlay.app.fetchmeter import FetchMeter
 from overlay.app.holders import HolderFinder
 from overlay.app.home import NodeConfig, NodeHome
 from overlay.app.links import EndpointFactory, PeerLinks
@@ -49,6 +50,7 @@ from rendezvous.backoff import Backoff
 from rendezvous.client import RendezvousClient
 from rendezvous.domainkey import encode_key, fingerprint
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
+from rendezvous.sdnotify import notify
 
 log = logging.getLogger("peerpost.node")
 
@@ -72,6 +74,7 @@ class NodeOptions:
     # endpoint that obeys its NAT model (aiortc's DTLS and SCTP are not run there).
     webrtc_endpoint: EndpointFactory = WebRtcEndpoint
     web: str | None = None  # the web inbox's HOST:PORT or "off"; None: the config's `web`
+    metrics: tuple[str, int] | None = None  # Prometheus /metrics and /healthz (--metrics)
 
 
 class Node:
@@ -172,8 +175,9 @@ class Node:
                              window=self.options.max_in_flight,
                              connect_timeout=ladder.budget)
         self.fetch = fetch
+        self.fetch_meter = FetchMeter(fetch)  # attempts and bytes by path, for --metrics
         self.downloads = DownloadQueue(
-            self.inbox, self.prefs, fetch, self.receipts.completed, wall=self.wall,
+            self.inbox, self.prefs, self.fetch_meter, self.receipts.completed, wall=self.wall,
             rng=self.rng, max_active=self.options.max_active_downloads,
             retry_base=self.options.retry_base, retry_max=self.options.retry_max)
         self.delivery = Delivery(
@@ -281,6 +285,7 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
     if getattr(args, "inbox_max", None) is not None:
         opts.inbox_max = args.inbox_max
     opts.web = getattr(args, "web", None)
+    opts.metrics = getattr(args, "metrics", None)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -289,10 +294,20 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         async with Node(home, options=opts, wall=time.time) as node:
             host, port = node.listen_addr or ("", 0)
+            metrics, shown = None, ""
+            if opts.metrics is not None:
+                from overlay.app.metrics import NodeMetrics  # aiohttp, prometheus_client
+
+                metrics = NodeMetrics(node, node.fetch_meter)
+                node._stack.push_async_callback(metrics.aclose)
+                mhost, mport = await metrics.start(*opts.metrics)
+                shown = f" metrics={mhost}:{mport}"
             print(f"ready address={node.address} listen={host}:{port} "
-                  f"control={home.control_path} web={node.web_url or 'off'}", flush=True)
+                  f"control={home.control_path} web={node.web_url or 'off'}{shown}", flush=True)
+            notify("READY=1", f"STATUS=serving {node.address}")
             await stop.wait()
             log.info("stopping")
+            notify("STOPPING=1")
 
     home.load_config()  # no home folder: say so before taking its lock
     with home.daemon_lock():  # HomeBusy (a HomeError) when another daemon has this home

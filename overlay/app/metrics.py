@@ -1,0 +1,101 @@
+"""`peerpost node --metrics HOST:PORT`: Prometheus /metrics and /healthz of a running node.
+
+Served by the node's own event loop (rendezvous.metrics.MetricsHttp, aiohttp), from a
+`CollectorRegistry` of this node alone. The figures are read at scrape time from what the
+parts already count: the inbox's rows by state (node.db), the mail counters of
+IncomingMail, the download queue's counters and running downloads, the transfer server's
+counters (what this node serves), the DHT node's counters and table sizes, and whether
+the rendezvous session is up (also the health: 200 while connected, 503 otherwise).
+
+Downloads are measured where they run, by `overlay.app.fetchmeter.FetchMeter` around
+the download queue's fetcher: attempts by outcome, bytes by path (tcp, webrtc, relay),
+the sources of running downloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from overlay.app.fetchmeter import FetchMeter
+from rendezvous.metrics import MetricsHttp, counter, gauge
+
+if TYPE_CHECKING:
+    from overlay.app.node import Node
+
+INBOX_STATES = ("unverified", "offered", "downloading", "retrying", "complete", "failed")
+_DHT_GAUGES = {"contacts", "records"}
+
+
+class NodeCollector(Collector):
+    """Families read from a running `Node` at scrape time."""
+
+    def __init__(self, node: Node, meter: FetchMeter) -> None:
+        self.node = node
+        self.meter = meter
+
+    def collect(self) -> Iterator[Metric]:
+        node, meter = self.node, self.meter
+        p = "peerpost_node_"
+        yield gauge(p + "connected", "1 while the rendezvous session is up",
+                    1.0 if node.rendezvous.connected else 0.0)
+        states = dict.fromkeys(INBOX_STATES, 0)
+        for state, count in node.db.query("SELECT state, count(*) FROM inbox GROUP BY state"):
+            states[str(state)] = int(count)
+        yield gauge(p + "inbox_messages", "inbox messages by state", 0,
+                    [({"state": s}, float(n)) for s, n in states.items()])
+        yield gauge(p + "inbox_max", "messages the inbox keeps before refusing new ones",
+                    node.inbox.max_entries)
+        yield counter(p + "mail_events", "incoming mail by what happened to it", 0,
+                      [({"event": k}, float(v))
+                       for k, v in sorted({"received": 0, **node.incoming.counters}.items())])
+        yield gauge(p + "downloads_running", "download attempts running", meter.running)
+        yield counter(p + "downloads", "download attempts by outcome", 0,
+                      [({"outcome": k}, float(v)) for k, v in sorted(meter.outcomes.items())])
+        yield counter(p + "download_retries", "download attempts that will be retried "
+                      "(no source reachable)", meter.outcomes["retry"])
+        yield counter(p + "download_bytes", "content bytes received, by path", 0,
+                      [({"path": k}, float(v))
+                       for k, v in sorted(meter.bytes_by_path().items())])
+        yield gauge(p + "download_sources", "sources of running downloads, by path", 0,
+                    [({"path": k}, float(v))
+                     for k, v in sorted(meter.sources_by_path().items())])
+        yield counter(p + "downloads_failed", "downloads marked failed",
+                      node.downloads.counters.get("failed", 0))
+        yield counter(p + "upload_events", "what this node's transfer server did", 0,
+                      [({"event": k.replace(".", "_")}, float(v)) for k, v in sorted(
+                          {"chunks_served": 0, "sessions": 0,
+                           **node.transfer.counters}.items())])
+        stats = node.providers.dht.stats()
+        yield counter(p + "dht_events", "DHT traffic by event", 0,
+                      [({"event": k.replace(".", "_")}, float(v)) for k, v in
+                       sorted({"datagrams_in": 0, **stats}.items())
+                       if k not in _DHT_GAUGES])
+        yield gauge(p + "dht_size", "DHT routing table contacts and records held", 0,
+                    [({"name": k}, float(stats.get(k, 0))) for k in sorted(_DHT_GAUGES)])
+
+
+class NodeMetrics:
+    """The registry and HTTP endpoint of one node."""
+
+    def __init__(self, node: Node, meter: FetchMeter) -> None:
+        self.node = node
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(NodeCollector(node, meter))
+        self.http = MetricsHttp(self.registry, self.health)
+
+    def health(self) -> tuple[bool, str]:
+        node = self.node
+        if node.rendezvous.connected:
+            return True, f"connected to {node.config.server} as {node.address}"
+        return False, f"not connected to the server {node.config.server}"
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        return await self.http.start(host, port)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
