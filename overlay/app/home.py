@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +72,9 @@ class NodeConfig:
     server_key: str = ""
     plaintext: bool = False  # no TLS to the server: the simulator only
     web: str = DEFAULT_WEB  # HOST:PORT of the web inbox (overlay.app.web), or "off"
+    # A command run (argv by shlex.split, no shell) when a message arrives or completes;
+    # `node --on-message` overrides it (overlay.app.notify).
+    on_message: str = ""
 
     def pinned_key(self) -> bytes | None:
         """The pinned server key, or None if none is pinned yet."""
@@ -98,12 +102,17 @@ class NodeConfig:
                 server_key=str(obj.get("server_key", "")),
                 plaintext=obj.get("plaintext", False) is True,
                 web=str(obj.get("web", DEFAULT_WEB)),
+                on_message=str(obj.get("on_message", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DecodeError(f"config.json: bad or missing field: {exc}") from None
         cfg.pinned_key()  # a key that is there must be a key
         parse_hostport(cfg.server, what="server")
         parse_hostport(cfg.listen, what="listen")
+        try:
+            shlex.split(cfg.on_message)
+        except ValueError as exc:
+            raise DecodeError(f"config.json: on_message: {exc}") from None
         if cfg.web != "off":
             parse_hostport(cfg.web, what="web")
         return cfg

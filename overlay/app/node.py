@@ -25,12 +25,14 @@ from typing import Any
 
 from crypto.address import parse_hostport
 from crypto.identity import DeviceIdentity
+from crypto.location import LocationMessage
 from overlay.app.control import ControlServer
 from overlay.app.fetch import ContentFetch
 from overlay.app.fetchmeter import FetchMeter
 from overlay.app.holders import HolderFinder
 from overlay.app.home import NodeConfig, NodeHome
 from overlay.app.links import EndpointFactory, PeerLinks
+from overlay.app.notify import MessageHook
 from overlay.app.operations import ControlOperations
 from overlay.content.catalog import ContentStore
 from overlay.dht.directory import ProviderDirectory
@@ -38,11 +40,12 @@ from overlay.mail.contacts import Contacts
 from overlay.mail.db import NodeDB
 from overlay.mail.delivery import Delivery, Receipts
 from overlay.mail.downloads import DownloadQueue
-from overlay.mail.inbox import DEFAULT_MAX_ENTRIES, Inbox
-from overlay.mail.incoming import IncomingMail
+from overlay.mail.inbox import DEFAULT_MAX_ENTRIES, Inbox, InboxEntry
+from overlay.mail.incoming import IncomingMail, Outcome, Pushed
 from overlay.mail.outbox import Outbox
 from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
+from overlay.mail.receipts import Receipt
 from overlay.transfer.server import TransferServer
 from overlay.transports.reachability import Reachability, probe
 from overlay.transports.webrtc import WebRtcEndpoint
@@ -75,6 +78,22 @@ class NodeOptions:
     webrtc_endpoint: EndpointFactory = WebRtcEndpoint
     web: str | None = None  # the web inbox's HOST:PORT or "off"; None: the config's `web`
     metrics: tuple[str, int] | None = None  # Prometheus /metrics and /healthz (--metrics)
+    on_message: str | None = None  # command run on arrival/completion; None: the config's
+    desktop_notify: bool = True  # notify-send where it is installed
+
+
+class _NotifyingIncoming(IncomingMail):
+    """IncomingMail that runs the message hook for each new message it files."""
+
+    hook: MessageHook | None = None
+
+    def handle(self, env: Pushed) -> tuple[Outcome, LocationMessage | Receipt | None]:
+        outcome, msg = super().handle(env)
+        if self.hook is not None and outcome in (Outcome.NEW, Outcome.UNVERIFIED):
+            entry = self.inbox.get(env.message_id)
+            if entry is not None:
+                self.hook.fire(entry, "arrived")
+        return outcome, msg
 
 
 class Node:
@@ -115,7 +134,8 @@ class Node:
         self.rendezvous = RendezvousClient(host, port, self.identity, self.address,
                                            advertise=self._advertised, reconnect=True,
                                            tls=not self.config.plaintext,
-                                           server_key=self.config.pinned_key())
+                                           server_key=self.config.pinned_key(),
+                                           rng=random.Random(self.rng.getrandbits(64)))
         await self._first_login()
         self._pin_server_key()
         st.push_async_callback(self.rendezvous.aclose)
@@ -134,7 +154,9 @@ class Node:
             rendezvous=self.rendezvous, incoming=self.incoming, sender=self.sender,
             inbox=self.inbox, outbox=self.outbox, prefs=self.prefs, contacts=self.contacts,
             downloads=self.downloads, transfer=self.transfer,
-            max_in_flight=self.options.max_in_flight, store=self.store)
+            max_in_flight=self.options.max_in_flight, store=self.store,
+            withdraw=self.providers.withdraw)
+        ops.rewithdraw()  # messages cancelled before a restart stay unserved
         self.control = ControlServer(self.home.control_path, ops.table())
         await self.control.start()
         st.push_async_callback(self.control.aclose)
@@ -156,8 +178,13 @@ class Node:
 
     def _wire_mail(self) -> None:
         """The mail side: incoming, sending, the download queue, receipts and pushes."""
-        self.incoming = IncomingMail(self.identity, self.address, self.inbox, self.outbox,
-                                     self.prefs, self.contacts, self.wall)
+        command = self.options.on_message
+        self.hook = MessageHook(self.config.on_message if command is None else command,
+                                desktop=self.options.desktop_notify)
+        self._stack.push_async_callback(self.hook.aclose)
+        self.incoming = _NotifyingIncoming(self.identity, self.address, self.inbox,
+                                           self.outbox, self.prefs, self.contacts, self.wall)
+        self.incoming.hook = self.hook
         self.sender = MailSender(
             self.identity, self.address, rendezvous=self.rendezvous, store=self.store,
             contacts=self.contacts, outbox=self.outbox, announce=self.providers.announce,
@@ -175,9 +202,15 @@ class Node:
                              window=self.options.max_in_flight,
                              connect_timeout=ladder.budget)
         self.fetch = fetch
+        receipts, hook = self.receipts, self.hook
+
+        async def completed(entry: InboxEntry, msg: LocationMessage) -> None:
+            hook.fire(entry, "complete")
+            await receipts.completed(entry, msg)
+
         self.fetch_meter = FetchMeter(fetch)  # attempts and bytes by path, for --metrics
         self.downloads = DownloadQueue(
-            self.inbox, self.prefs, self.fetch_meter, self.receipts.completed, wall=self.wall,
+            self.inbox, self.prefs, self.fetch_meter, completed, wall=self.wall,
             rng=self.rng, max_active=self.options.max_active_downloads,
             retry_base=self.options.retry_base, retry_max=self.options.retry_max)
         self.delivery = Delivery(
@@ -286,6 +319,9 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
         opts.inbox_max = args.inbox_max
     opts.web = getattr(args, "web", None)
     opts.metrics = getattr(args, "metrics", None)
+    opts.on_message = getattr(args, "on_message", None)
+    if getattr(args, "no_desktop_notify", False):
+        opts.desktop_notify = False
 
     async def main() -> None:
         stop = asyncio.Event()

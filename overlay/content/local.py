@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 class _Changed:
     """Set once a sealed chunk no longer matched its leaf: the file was edited in place."""
 
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "withdrawn")
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.withdrawn = False  # the sender cancelled the message: not served any more
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +56,35 @@ class LocalContent:
         # refuse instead. Size and mtime, as rsync and make judge it, catch most edits before
         # any read; the leaf check in read_sealed catches the rest.
         if st.st_size != self.size or st.st_mtime_ns != self.mtime_ns:
-            raise ContentStoreError(f"{self.path} changed since it was added")
+            raise ContentStoreError(self._mark_changed(f"{self.path} changed since it was "
+                                                       "added"))
+
+    def _mark_changed(self, reason: str) -> str:
+        """Record for good that the file is no longer what was sent; returns the reason."""
+        if self.changed.reason is None:
+            log.warning("%s; no chunk of it is served any more", reason)
+            self.changed.reason = reason
+        return self.changed.reason
+
+    def withdraw(self) -> None:
+        """The sender cancelled what carried this content: serve none of it from now on."""
+        self.changed.withdrawn = True
+        self._mark_changed(f"{self.path} was withdrawn by its sender")
+
+    def source_changed(self) -> str | None:
+        """Why this file can't be served any more (edited, moved or deleted since it was
+        added), or None while it still looks as it did. One stat; the reason sticks."""
+        if self.changed.reason is not None:
+            return self.changed.reason
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return self._mark_changed(f"{self.path} was moved or deleted since it was added")
+        except OSError:
+            return None  # unreadable now (permissions, I/O): maybe not for good
+        if st.st_size != self.size or st.st_mtime_ns != self.mtime_ns:
+            return self._mark_changed(f"{self.path} changed since it was added")
+        return None
 
     def have_bitmap(self) -> bytes | None:
         return None
@@ -83,15 +112,16 @@ class LocalContent:
                 self._check_unchanged(os.fstat(f.fileno()))
                 sealed = read_and_seal(f.fileno(), self.cipher, index, n, self.chunk_size,
                                        self.scratch, self.outgoing)
+        except FileNotFoundError:
+            raise ContentStoreError(self._mark_changed(
+                f"{self.path} was moved or deleted since it was added")) from None
         except OSError as exc:
             raise ContentStoreError(f"cannot read {self.path}: {exc.strerror}") from None
         except ShortRead:
-            raise ContentStoreError(f"{self.path} changed since it was added") from None
+            raise ContentStoreError(self._mark_changed(
+                f"{self.path} changed since it was added")) from None
         if chunk_hash(sealed) != self.leaves[index]:
-            reason = (f"{self.path} changed since it was added: chunk {index} no longer "
-                      "matches its hash; no chunk of it is served any more")
-            if self.changed.reason is None:
-                log.warning("%s", reason)
-            self.changed.reason = reason
-            raise ContentStoreError(reason)
+            raise ContentStoreError(self._mark_changed(
+                f"{self.path} changed since it was added: chunk {index} no longer matches "
+                "its hash"))
         return sealed

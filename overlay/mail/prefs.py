@@ -76,19 +76,38 @@ def parse_size(text: str) -> int | None:
     """`500MB`, `2GB`, `1GiB`, `1.5 GB`, `123` (bytes) or `none` -> bytes (None: no limit).
 
     KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; ValueError otherwise."""
+    n = _parse_bytes(text, "a size", "500MB, 2GB, 1GiB")
+    return None if n is None else _check_size_limit(n)
+
+
+def parse_rate(text: str) -> int | None:
+    """`500KiB/s`, `1MB/s`, `1MB`, `8000000` (bytes/s) or `none`/`0` -> bytes/s (None: no
+    cap). Units as for `parse_size`; a trailing `/s` or `ps` is optional."""
+    t = text.strip().lower()
+    for suffix in ("/s", "ps"):
+        if t.endswith(suffix) and len(t) > len(suffix):
+            t = t[:-len(suffix)]
+            break
+    n = _parse_bytes(t, "a rate", "500KiB/s, 1MB/s")
+    return None if not n else _check_rate(n)
+
+
+def _parse_bytes(text: str, what: str, examples: str) -> int | None:
     t = text.strip().lower().replace(" ", "").replace("_", "")
-    if t in ("none", "off", "unlimited"):
+    if t in ("none", "off", "unlimited", ""):
         return None
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = t[len(num):]
+    bad = f"not {what}: {text!r} (say e.g. {examples} or none)"
     if unit not in _UNITS or not num or len(num) > 20:
-        raise ValueError(f"not a size: {text!r} (say e.g. 500MB, 2GB, 1GiB or none)")
+        raise ValueError(bad)
     try:
         value = float(num) if "." in num else int(num)
     except ValueError:
-        raise ValueError(f"not a size: {text!r} (say e.g. 500MB, 2GB, 1GiB or none)") from None
-    n = int(value * _UNITS[unit])
-    return _check_size_limit(n)
+        raise ValueError(bad) from None
+    if value < 0:
+        raise ValueError(bad)
+    return int(value * _UNITS[unit])
 
 
 # name -> (default, checker). The checker runs on every write and every read.

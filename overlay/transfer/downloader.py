@@ -100,6 +100,7 @@ class SourceStats:
     window: int = 0  # GETs it may have outstanding now
     recent_rate: float = 0.0  # its measured rate now (bytes/s), what its window follows
     source_changed: bool = False  # it answered SOURCE_CHANGED: it will never serve this
+    gone: str = ""  # the text of that answer
 
     @property
     def rate(self) -> float:
@@ -132,6 +133,9 @@ class SourceChanged(FetchError):
 
 SOURCE_CHANGED_FAILURE = ("source changed: the sender's file was edited, moved or deleted "
                           "after it was sent; ask them to send it again (`peerpost resend`)")
+
+
+WITHDRAWN_FAILURE = "withdrawn: the sender cancelled this message"
 
 
 class _Ban(Exception):
@@ -318,7 +322,9 @@ class Downloader:
             # may hold the rest later: that is a retry).
             if any(r.source_changed for r in runs) and all(
                     r.source_changed or r.outcome != "failed" for r in runs):
-                raise SourceChanged(SOURCE_CHANGED_FAILURE)
+                said = next(r.gone for r in runs if r.source_changed)
+                raise SourceChanged(WITHDRAWN_FAILURE if said.startswith("withdrawn") else
+                                    SOURCE_CHANGED_FAILURE)
             failures = {r.label: r.reason or r.outcome for r in runs}
             raise NoSourceReachable(failures, self.scheduler.remaining)
         return await asyncio.to_thread(self.partial.complete)
@@ -399,7 +405,7 @@ class Downloader:
             self._ban(run, str(exc))
         except (StreamError, TransferError, TimeoutError, OSError) as exc:
             if isinstance(exc, RemoteError) and exc.code == ErrorCode.SOURCE_CHANGED:
-                run.stats.source_changed = True
+                run.stats.source_changed, run.stats.gone = True, exc.text
             if run.stats.outcome != "banned":
                 reason = "stalled or timed out" if isinstance(exc, TimeoutError) else str(exc)
                 run.stats.outcome, run.stats.reason = "failed", reason

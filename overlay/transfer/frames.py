@@ -43,6 +43,10 @@ class ErrorCode(IntEnum):
     BAD_CAPABILITY = 403
     UNKNOWN_CONTENT = 404
     NOT_OPEN = 409
+    # The holder's file is no longer what was sent (edited, moved or deleted): it will never
+    # serve this content again. A requester stops asking it; when no other source can
+    # finish the download, the message has failed (not a reason to retry).
+    SOURCE_CHANGED = 410
     NOT_HELD = 416
     BUSY = 429
     UNAVAILABLE = 503

@@ -16,6 +16,7 @@ from collections import Counter
 from crypto.capability import check_capability_proof
 from crypto.errors import VerificationError
 from overlay.content.interfaces import Catalog, GrowingContent, ServedContent
+from overlay.content.local import LocalContent
 from overlay.transfer.frames import (
     MAX_HASH_PAGE,
     MAX_HAVE_BYTES,
@@ -34,6 +35,24 @@ from overlay.transfer.frames import (
 )
 
 log = logging.getLogger(__name__)
+
+# What a requester is told when the file behind a content changed: never the holder's path.
+SOURCE_CHANGED_TEXT = ("source changed: the file was edited, moved or deleted after it was "
+                       "sent, so it can't be served")
+
+
+WITHDRAWN_TEXT = "withdrawn: the sender cancelled this message"
+
+
+def source_changed(content: ServedContent) -> bool:
+    """Whether `content` is a file that is no longer what was sent (it never will be)."""
+    return isinstance(content, LocalContent) and content.source_changed() is not None
+
+
+def gone_text(content: ServedContent) -> str:
+    """What a requester is told of a content `source_changed` holds true for."""
+    withdrawn = isinstance(content, LocalContent) and content.changed.withdrawn
+    return WITHDRAWN_TEXT if withdrawn else SOURCE_CHANGED_TEXT
 
 MAX_OPEN_CONTENTS = 64
 MAX_QUEUED_GETS = 64
@@ -156,6 +175,9 @@ class ServingSession:
         except VerificationError:
             return self._refuse("bad_capability", ErrorCode.BAD_CAPABILITY,
                                 "capability proof rejected", msg.content_id)
+        if source_changed(content):
+            return self._refuse("source_changed", ErrorCode.SOURCE_CHANGED,
+                                gone_text(content), msg.content_id)
         if isinstance(content, GrowingContent):
             have, cursor = content.held_snapshot()
         else:
@@ -194,6 +216,9 @@ class ServingSession:
             return self._refuse("not_open", ErrorCode.NOT_OPEN, "content not opened",
                                 msg.content_id, msg.index)
         if not content.has(msg.index):
+            if source_changed(content):
+                return self._refuse("source_changed", ErrorCode.SOURCE_CHANGED,
+                                    gone_text(content), msg.content_id, msg.index)
             return self._refuse("not_held", ErrorCode.NOT_HELD,
                                 f"chunk {msg.index} not held here", msg.content_id, msg.index)
         if len(self._gets) >= self._max_queued:

@@ -36,7 +36,12 @@ from overlay.transfer.core import (
     TransferConnection,
 )
 from overlay.transfer.frames import Chunk, Error, ErrorCode, Get, Message
-from overlay.transfer.holder import MAX_QUEUED_GETS, ServingSession
+from overlay.transfer.holder import (
+    MAX_QUEUED_GETS,
+    ServingSession,
+    gone_text,
+    source_changed,
+)
 from overlay.transfer.workers import WorkQueue
 from overlay.transports.stream import Stream, StreamError
 from overlay.transports.tcp import TcpServer
@@ -132,6 +137,12 @@ class TransferServer:
     @property
     def active_sessions(self) -> int:
         return len(self._running)
+
+    def set_upload_rate(self, rate: int | None) -> None:
+        """Change the upload cap (bytes/s; None: none) of the running server: the next
+        chunk sent waits under the new rate."""
+        self.max_upload_rate = rate
+        self._bucket = None
 
     def bucket(self, now: float) -> TokenBucket | None:
         """The shared upload-rate bucket (None: unlimited)."""
@@ -364,10 +375,15 @@ class _ServedSession:
                 log.warning("transfer: cannot serve chunk %d: %s", get.index, error)
             else:
                 log.error("transfer: sealing chunk %d failed", get.index, exc_info=error)
+            reply = Error(ErrorCode.UNAVAILABLE, "chunk unavailable here", get.content_id,
+                          get.index)
             if self.logic is not None:
                 self.logic.finish_get(get.content_id, get.index)
-            self.sealed.append(Error(ErrorCode.UNAVAILABLE, "chunk unavailable here",
-                                     get.content_id, get.index))
+                content = self.logic.content(get.content_id)
+                if content is not None and source_changed(content):
+                    reply = Error(ErrorCode.SOURCE_CHANGED, gone_text(content),
+                                  get.content_id, get.index)
+            self.sealed.append(reply)
         else:
             self.sealed.append(Chunk(get.content_id, get.index, sealed))
         self.sealed_more.set()

@@ -1,0 +1,118 @@
+"""Telling the user that mail came: `node --on-message CMD` and a desktop notification.
+
+CMD (the flag, or the config's `on_message`) is split once with `shlex.split` and run with
+that argv, never through a shell, when a message arrives and when its download completes.
+The message's fields go in environment variables, never on the command line:
+PEERPOST_ID, PEERPOST_FROM, PEERPOST_TITLE, PEERPOST_STATE (`offered`, `unverified`,
+`complete`, ...), PEERPOST_PATH (the received file once complete, else empty), and
+PEERPOST_EVENT (`arrived` or `complete`). Title and sender are a stranger's text: a
+command that passes them on must quote them.
+
+Bounded: at most `max_running` commands at once, at most `max_waiting` more wait their turn
+(further events are dropped with a log line and a counter), and each is killed after
+`timeout` seconds. `notify-send`, where it is installed, shows a desktop notification the
+same way (argv, bounded); where it is not, that part is off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+from collections import Counter
+from collections.abc import Mapping
+
+from overlay.mail.inbox import InboxEntry
+from rendezvous.taskset import TaskSet
+
+log = logging.getLogger("peerpost.notify")
+
+MAX_RUNNING = 4
+MAX_WAITING = 64
+HOOK_TIMEOUT = 30.0
+_MAX_FIELD = 1000  # characters of a title or address put into the environment
+
+
+class MessageHook:
+    """Runs the user's command (and notify-send) for message events; owns those processes."""
+
+    def __init__(self, command: str | None, *, desktop: bool = True,
+                 max_running: int = MAX_RUNNING, max_waiting: int = MAX_WAITING,
+                 timeout: float = HOOK_TIMEOUT) -> None:
+        self.argv = shlex.split(command) if command else []
+        self.notify_send = shutil.which("notify-send") if desktop else None
+        self.timeout = timeout
+        self.counters: Counter[str] = Counter()
+        self._slots = asyncio.Semaphore(max_running)
+        self._tasks = TaskSet("message-hooks", limit=max_running + max_waiting, logger=log)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.argv or self.notify_send)
+
+    def fire(self, entry: InboxEntry, event: str) -> None:
+        """A message arrived (`arrived`) or finished downloading (`complete`)."""
+        env = {
+            "PEERPOST_ID": entry.id.hex(),
+            "PEERPOST_FROM": _field(entry.sender),
+            "PEERPOST_TITLE": _field(entry.title),
+            "PEERPOST_STATE": entry.state.value,
+            "PEERPOST_PATH": entry.path or "",
+            "PEERPOST_EVENT": event,
+        }
+        if self.argv:
+            self._spawn(self.argv, env)
+        if self.notify_send:
+            what = "new message" if event == "arrived" else "download complete"
+            self._spawn([self.notify_send, "--app-name=peerpost", "--",
+                         f"peerpost: {what} from {env['PEERPOST_FROM']}",
+                         env["PEERPOST_TITLE"]], env)
+
+    def _spawn(self, argv: list[str], fields: Mapping[str, str]) -> None:
+        if self._tasks.closed or self._tasks.full:
+            self.counters["dropped"] += 1
+            log.warning("message hook dropped for %s: %d already running or waiting",
+                        fields["PEERPOST_ID"], len(self._tasks))
+            return
+        self._tasks.spawn(self._run(argv, fields), name=f"hook-{argv[0]}")
+
+    async def _run(self, argv: list[str], fields: Mapping[str, str]) -> None:
+        async with self._slots:
+            env = {**os.environ, **fields}
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                    start_new_session=True)
+            except OSError as exc:
+                self.counters["failed"] += 1
+                log.warning("message hook %s could not start: %s", argv[0], exc)
+                return
+            try:
+                async with asyncio.timeout(self.timeout):
+                    rc = await proc.wait()
+            except TimeoutError:
+                self.counters["timed-out"] += 1
+                log.warning("message hook %s ran over %.0f s; killed", argv[0], self.timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                return
+            except asyncio.CancelledError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                raise
+            self.counters["ran"] += 1
+            if rc != 0:
+                log.info("message hook %s exited %d", argv[0], rc)
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+
+
+def _field(text: str) -> str:
+    """Outside text for an environment variable: bounded, no NUL (exec refuses it)."""
+    return text[:_MAX_FIELD].replace("\0", "")
