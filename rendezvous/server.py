@@ -99,6 +99,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -367,12 +368,14 @@ class RendezvousServer:
                  services: dict[str, ExtraService] | None = None, finger_open: bool = False,
                  domain_key: DomainKey | None = None, tls: ServerTls | None = None,
                  resolver: DomainResolver | object | None = _DEFAULT,
-                 blocked_domains: frozenset[str] | set[str] = frozenset()) -> None:
-        """`domain_key` signs the server's half of every handshake (a throwaway key when
-        None: in-process tests); `tls` makes the listener TLS 1.3 (None: plaintext, for
-        the simulator and benchmarks), relay connections included. `resolver` finds
-        other domains' servers and keys (default: DNS; None: no federation, foreign
-        addresses are unknown as before); `blocked_domains` are refused links."""
+                 blocked_domains: frozenset[str] | set[str] = frozenset(),
+                 rng: random.Random | None = None) -> None:
+        """`rng` draws the outbound queue's backoff jitter. `domain_key` signs the server's half of
+        every handshake (a throwaway key when None: in-process tests); `tls` makes the
+        listener TLS 1.3 (None: plaintext, for the simulator and benchmarks), relay
+        connections included. `resolver` finds other domains' servers and keys (default:
+        DNS; None: no federation, foreign addresses are unknown as before);
+        `blocked_domains` are refused links."""
         self.domain = domain
         self.domain_key = domain_key or DomainKey.generate()
         self.tls = tls
@@ -401,7 +404,7 @@ class RendezvousServer:
             self.federation = Federation(
                 domain, self.domain_key, self.resolver, store, tls=tls is not None,
                 clock=clock, expiry=self.limits.outbound_expiry,
-                max_queued=self.limits.outbound_per_sender)
+                max_queued=self.limits.outbound_per_sender, rng=rng)
         self._link_buckets: dict[str, TokenBucket] = {}
         self._link_pipe_buckets: dict[str, TokenBucket] = {}  # PIPE/RELAY per linked domain
         if self.federation is not None:

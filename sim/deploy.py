@@ -83,11 +83,9 @@ async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
                               clock=virtual_wall(sim),
                               new_nonce=_nonces(sim, f"nonce/{host.name}"
                                                 + (f"/{run}" if run else "")),
-                              domain_key=domain_key_for(sim, host), **extra)
-    if server.federation is not None:
-        # The outbound queue's backoff jitter, from the seed (the server makes its own).
-        server.federation._rng = sim.rng_for(f"federation/{host.name}"
-                                             + (f"/{run}" if run else ""))
+                              domain_key=domain_key_for(sim, host),
+                              rng=sim.rng_for(f"federation/{host.name}"
+                                              + (f"/{run}" if run else "")), **extra)
     _, bound = await host.create_task(server.start("0.0.0.0", port))
     if dht_port is not None:
         identity = DeviceIdentity.from_seed(sim.rng_for(f"dht-id/{host.name}").randbytes(32))
@@ -167,8 +165,6 @@ class SimNode:
         self._task = self.host.create_task(self._run(started, self._stop),
                                            name=f"node {self.address}")
         self.node = await started
-        # Its reconnect backoff jitter from the seed: Node gives its client no rng.
-        self.node.rendezvous._rng = self.sim.rng_for(f"rendezvous-client/{self.address}")
         return self.node
 
     def _node_options(self) -> NodeOptions:
