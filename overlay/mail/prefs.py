@@ -84,6 +84,8 @@ def parse_rate(text: str) -> int | None:
     """`500KiB/s`, `1MB/s`, `1MB`, `8000000` (bytes/s) or `none`/`0` -> bytes/s (None: no
     cap). Units as for `parse_size`; a trailing `/s` or `ps` is optional."""
     t = text.strip().lower()
+    if not t:
+        return None
     for suffix in ("/s", "ps"):
         if t.endswith(suffix) and len(t) > len(suffix):
             t = t[:-len(suffix)]
@@ -94,7 +96,7 @@ def parse_rate(text: str) -> int | None:
 
 def _parse_bytes(text: str, what: str, examples: str) -> int | None:
     t = text.strip().lower().replace(" ", "").replace("_", "")
-    if t in ("none", "off", "unlimited", ""):
+    if t in ("none", "off", "unlimited"):
         return None
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = t[len(num):]

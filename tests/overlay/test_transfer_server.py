@@ -179,12 +179,12 @@ async def test_a_file_edited_in_place_is_never_served_under_its_old_hashes(
                 got[reply.index] = reply
         assert isinstance(got[0], Chunk)  # sealed before the changed chunk was seen
         changed = got[2]
-        assert isinstance(changed, Error) and changed.code == ErrorCode.UNAVAILABLE
+        assert isinstance(changed, Error) and changed.code == ErrorCode.SOURCE_CHANGED
         # Marked changed: later requests are refused before any read.
         await session.send_requests(content.content_id, [1], [])
         async with asyncio.timeout(10):
             later = await session.next_chunk()
-        assert isinstance(later, Error) and later.code == ErrorCode.NOT_HELD
+        assert isinstance(later, Error) and later.code == ErrorCode.SOURCE_CHANGED
         with pytest.raises(ContentStoreError, match="changed since it was added"):
             content.read_sealed(0)
         assert server.counters["chunks_served"] == 1
