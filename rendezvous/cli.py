@@ -51,6 +51,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import resource
 import secrets
 import signal
@@ -63,15 +64,26 @@ from typing import TYPE_CHECKING, Any
 
 from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
+from rendezvous.admin import AdminError, record_domain, served_domain
 from rendezvous.cliutil import add_completion, add_version, completion_script, finish
+from rendezvous.datalock import DataInUse, DataLock
 from rendezvous.domainkey import load_or_create, txt_value
 from rendezvous.limits import DAY, Limits
 from rendezvous.logfmt import FORMATS, LEVELS, configure, kv
+from rendezvous.opcli import OPERATOR_COMMANDS, add_operator_commands, run_operator_command
 from rendezvous.sdnotify import notify
+from rendezvous.serveconfig import (
+    RESTART_KEYS,
+    ConfigError,
+    apply_config,
+    read_config,
+    service_port,
+    service_ports,
+)
 from rendezvous.server import RendezvousServer
 from rendezvous.services import ExtraService, StunService, load_starter, server_identity
 from rendezvous.sqlite_store import DB_NAME, SqliteStore, create_invite, read_stats
-from rendezvous.stats import read_live_stats, write_stats
+from rendezvous.stats import read_live_stats, write_stats, write_stopped
 from rendezvous.tls import self_signed, server_tls
 
 if TYPE_CHECKING:
@@ -126,10 +138,15 @@ def _parser() -> argparse.ArgumentParser:
     add_version(p)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the server")
-    s.add_argument("--domain", required=True, help="the mail domain this server is for")
+    s.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML file with a key per flag (relay_rate = 1000000, ...); flags "
+                        "override it; SIGHUP re-reads it")
+    s.add_argument("--domain", help="the mail domain this server is for (required, here or "
+                                    "in --config)")
     s.add_argument("--listen", type=_listen, default=("127.0.0.1", 0), metavar="HOST:PORT",
                    help="where to listen (port 0: any free port, printed)")
-    s.add_argument("--data", type=Path, required=True, help="data folder (SQLite, stats)")
+    s.add_argument("--data", type=Path, help="data folder (SQLite, keys, stats; required, "
+                                             "here or in --config)")
     s.add_argument("--open-registration", action="store_true",
                    help="anyone may create an account (demos and tests)")
     s.add_argument("--tls-cert", type=Path, metavar="PEM",
@@ -152,10 +169,13 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="DAYS", help="an undelivered envelope is dropped after this long")
     s.add_argument("--stats-interval", type=float, default=2.0, metavar="SECONDS",
                    help="how often DATA/stats.json is written")
-    s.add_argument("--stun-port", type=_port, metavar="N",
-                   help="answer STUN on this UDP port (0: any free port)")
-    s.add_argument("--dht-port", type=_port, metavar="N",
-                   help="run a DHT bootstrap node on this UDP port (0: any free port)")
+    s.add_argument("--stun-port", type=service_port, metavar="N|off",
+                   help="answer STUN on this UDP port (default: the --listen port, UDP; "
+                        "0: any free port; off: no STUN)")
+    s.add_argument("--dht-port", type=service_port, metavar="N|off",
+                   help="run the DHT bootstrap node on this UDP port (default: the --listen "
+                        "port + 1; 0: any free port; off: no DHT node, and nodes then find "
+                        "no co-recipients to fetch from)")
     s.add_argument("--relay-rate", type=_non_negative, default=_DEFAULTS.relay_rate,
                    metavar="BYTES_PER_S",
                    help="relayed bytes per second per account (0: no cap; default %(default)g)")
@@ -226,6 +246,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--weight", type=_count, action="append", metavar="N",
                    help="SRV weight within a priority: once for all hosts or once per "
                         "--host (default 0)")
+    add_operator_commands(sub)
     add_completion(sub, p.prog)
     finish(p)
     return p
@@ -239,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         print(completion_script(parser, args.shell), end="")
         return 0
     if args.command == "serve":
-        return _serve(args)
+        return _serve(argv, args)
+    if args.command in OPERATOR_COMMANDS:
+        return run_operator_command(args)
     if args.command == "invite":
         return _invite(args)
     if args.command == "dns-records":
@@ -275,7 +298,51 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 10, 10)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve_args(argv: list[str] | None) -> argparse.Namespace:
+    """`serve`'s arguments: the command line over --config FILE over the defaults."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        apply_config(_subparser(parser, "serve"), read_config(args.config), args.config)
+        args = parser.parse_args(argv)
+    missing = [f"--{k}" for k in ("domain", "data") if getattr(args, k) is None]
+    if missing:
+        raise ConfigError(f"serve needs {' and '.join(missing)} (a flag or a key of --config)")
+    return args
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise LookupError(name)
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(max_envelope=args.max_envelope, max_frame=args.max_frame,
+                  quota_count=args.quota_count, quota_bytes=args.quota_bytes,
+                  request_rate=args.request_rate,
+                  request_burst=max(args.request_rate * 2, 1.0),
+                  envelope_ttl=args.envelope_days * DAY, relay_rate=args.relay_rate,
+                  relay_daily=int(args.relay_daily),
+                  sessions_per_device=args.sessions_per_device,
+                  sessions_per_account=args.sessions_per_account,
+                  sessions_per_ip=args.sessions_per_ip,
+                  push_buffer_total=args.push_buffer_total,
+                  sender_quota_count=args.sender_quota_count,
+                  sender_quota_bytes=args.sender_quota_bytes,
+                  keepalive_timeout=args.keepalive_timeout,
+                  outbound_expiry=args.outbound_expiry * DAY,
+                  link_rate=args.link_rate)
+
+
+def _serve(argv: list[str] | None, args: argparse.Namespace) -> int:
+    try:
+        args = _serve_args(argv)
+    except ConfigError as exc:
+        print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
+        return 2
     configure(args.log_level, args.log_format)
     if (args.tls_cert is None) != (args.tls_key is None):
         print("peerpost-rendezvous: --tls-cert and --tls-key go together", file=sys.stderr)
@@ -284,36 +351,49 @@ def _serve(args: argparse.Namespace) -> int:
         print("peerpost-rendezvous: --plaintext and --tls-cert exclude each other",
               file=sys.stderr)
         return 2
-    _raise_nofile()
-    _tune_gc()
-    args.data.mkdir(parents=True, exist_ok=True)
-    limits = Limits(max_envelope=args.max_envelope, max_frame=args.max_frame,
-                    quota_count=args.quota_count, quota_bytes=args.quota_bytes,
-                    request_rate=args.request_rate,
-                    request_burst=max(args.request_rate * 2, 1.0),
-                    envelope_ttl=args.envelope_days * DAY, relay_rate=args.relay_rate,
-                    relay_daily=int(args.relay_daily),
-                    sessions_per_device=args.sessions_per_device,
-                    sessions_per_account=args.sessions_per_account,
-                    sessions_per_ip=args.sessions_per_ip,
-                    push_buffer_total=args.push_buffer_total,
-                    sender_quota_count=args.sender_quota_count,
-                    sender_quota_bytes=args.sender_quota_bytes,
-                    keepalive_timeout=args.keepalive_timeout,
-                    outbound_expiry=args.outbound_expiry * DAY,
-                    link_rate=args.link_rate)
-    return _run(_serve_async(args, limits))
+    try:
+        args.data.mkdir(parents=True, exist_ok=True)
+        lock = DataLock.acquire(args.data)
+    except (OSError, DataInUse) as exc:
+        print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
+        return 1
+    # Until the loop's handlers are in place, these must not end the process (SIGUSR1
+    # comes from `accounts delete`/`devices revoke`, SIGHUP from an operator's reload).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        write_stopped(args.data, now=time.time())  # a killed predecessor's file says running
+        record_domain(args.data / DB_NAME, args.domain)
+        _raise_nofile()
+        _tune_gc()
+        return _run(_serve_async(argv, args, _limits(args)))
+    except (AdminError, OSError, RuntimeError) as exc:
+        print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        lock.release()
 
 
-async def _serve_async(args: argparse.Namespace, limits: Limits) -> int:
+async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
+                       limits: Limits) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    wake = asyncio.Event()  # a signal arrived: stop, reload or re-read
+    asked: set[str] = set()
+
+    def on_signal(what: str) -> None:
+        asked.add(what)
+        if what == "stop":
+            stop.set()
+        wake.set()
+
+    for sig, what in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop"),
+                      (signal.SIGHUP, "reload"), (signal.SIGUSR1, "reread")):
+        loop.add_signal_handler(sig, on_signal, what)
     data: Path = args.data
     try:
         services = await _start_services(args)
-    except (OSError, LookupError) as exc:
+    except (OSError, LookupError, ConfigError) as exc:
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
         return 1
     try:
@@ -337,6 +417,12 @@ async def _serve_async(args: argparse.Namespace, limits: Limits) -> int:
                               blocked_domains={d.strip().lower() for d in args.block_domain})
     try:
         host, port = await server.start(*args.listen)
+    except OSError as exc:
+        await server.aclose()  # closes the services too
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"peerpost-rendezvous: cannot listen on {args.listen[0]}:{args.listen[1]} "
+              f"(TCP): {reason}", file=sys.stderr)
+        return 1
     except BaseException:
         await server.aclose()  # closes the services too
         raise
@@ -355,35 +441,76 @@ async def _serve_async(args: argparse.Namespace, limits: Limits) -> int:
         while not stop.is_set():
             write_stats(data, server.snapshot(), running=True, now=time.time())
             try:
-                await asyncio.wait_for(stop.wait(), args.stats_interval)
+                await asyncio.wait_for(wake.wait(), args.stats_interval)
             except TimeoutError:
                 pass
+            wake.clear()
+            if "reload" in asked and not stop.is_set():
+                asked.discard("reload")
+                args = _reload(argv, args, server)
+            if "reread" in asked and not stop.is_set():
+                asked.discard("reread")
+                ended = await server.reread_accounts()
+                log.info(kv("server.accounts_reread", sessions_ended=ended))
     finally:
         log.info(kv("server.stopping", reason="signal" if stop.is_set() else "error"))
         notify("STOPPING=1")
-        await server.aclose()
-        if metrics is not None:
-            await metrics.aclose()
-        write_stats(data, server.snapshot(), running=False, now=time.time())
+        try:
+            await server.aclose()
+            if metrics is not None:
+                await metrics.aclose()
+        finally:
+            write_stats(data, server.snapshot(), running=False, now=time.time())
     return 0
 
 
 async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
-    """STUN and the DHT bootstrap node, as asked, on the --listen host (UDP)."""
+    """STUN and the DHT bootstrap node on the --listen host (UDP), at the ports
+    `service_ports` derives from --listen unless given or turned off."""
     host = args.listen[0]
+    ports = service_ports(args.listen[1], args.stun_port, args.dht_port)
     services: dict[str, ExtraService] = {}
     try:
-        if args.stun_port is not None:
-            services["stun"] = await StunService.start(host, args.stun_port)
-        if args.dht_port is not None:
-            start_dht = load_starter("dht")
-            identity = await asyncio.to_thread(server_identity, args.data)
-            services["dht"] = await start_dht(host, args.dht_port, identity)
+        for name, port in ports.items():
+            try:
+                if name == "stun":
+                    services[name] = await StunService.start(host, port)
+                else:
+                    start_dht = load_starter("dht")
+                    identity = await asyncio.to_thread(server_identity, args.data)
+                    services[name] = await start_dht(host, port, identity)
+            except OSError as exc:
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ConfigError(f"cannot run {name.upper()} on {host}:{port} (UDP): "
+                                  f"{reason} (--{name}-port N moves it, off turns it "
+                                  "off)") from None
     except BaseException:
         for svc in services.values():
             await svc.aclose()
         raise
     return services
+
+
+def _reload(argv: list[str] | None, current: argparse.Namespace,
+            server: RendezvousServer) -> argparse.Namespace:
+    """SIGHUP: read --config again and apply what a running server can change (limits,
+    block list, registration, FINGER, log level, stats interval); sessions stay."""
+    try:
+        new = _serve_args(argv)
+    except (ConfigError, SystemExit) as exc:
+        log.error(kv("server.reload_failed", error=str(exc), note="the old settings stay"))
+        return current
+    kept = [k for k in (*RESTART_KEYS, "log_format", "metrics")
+            if hasattr(current, k) and getattr(new, k, None) != getattr(current, k)]
+    for key in kept:
+        setattr(new, key, getattr(current, key))
+    logging.getLogger().setLevel(str(new.log_level).upper())
+    server.reconfigure(_limits(new),
+                       blocked_domains={d.strip().lower() for d in new.block_domain},
+                       finger_open=new.finger_open, open_registration=new.open_registration)
+    log.info(kv("server.reloaded", config=str(new.config) if new.config else "-",
+                needs_restart=",".join(kept) or "-"))
+    return new
 
 
 def _invite(args: argparse.Namespace) -> int:
@@ -392,9 +519,21 @@ def _invite(args: argparse.Namespace) -> int:
     except DecodeError as exc:
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
         return 2
+    db = args.data / DB_NAME
+    if not args.data.is_dir():
+        print(f"peerpost-rendezvous: no data folder {args.data}", file=sys.stderr)
+        return 1
+    domain = served_domain(db) if db.is_file() else None
+    if domain is None:
+        print(f"peerpost-rendezvous: {args.data} is not a server's data folder yet: start "
+              f"`peerpost-rendezvous serve --data {args.data}` once first", file=sys.stderr)
+        return 1
+    if address.rpartition("@")[2] != domain:
+        print(f"peerpost-rendezvous: {args.data} serves {domain}, not "
+              f"{address.rpartition('@')[2]}", file=sys.stderr)
+        return 1
     token = secrets.token_urlsafe(18)
     now = time.time()
-    args.data.mkdir(parents=True, exist_ok=True)
     create_invite(args.data / DB_NAME, address, token, now, now + args.days * DAY)
     print(token)
     print(f"invite for {address}, valid {args.days:g} days, single use", file=sys.stderr)

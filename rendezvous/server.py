@@ -565,6 +565,43 @@ class RendezvousServer:
     def is_online(self, peer_id: bytes) -> bool:
         return peer_id in self._online
 
+    def reconfigure(self, limits: Limits, *, blocked_domains: frozenset[str] | set[str],
+                    finger_open: bool, open_registration: bool) -> None:
+        """New limits and policy without dropping a session (`serve` does it on SIGHUP).
+
+        Server-wide checks (session caps, quotas, push buffers, relay caps of accounts not
+        yet metered, link rates, blocked domains, registration) use them at once; a live
+        connection keeps the per-connection bounds it started with (request rate, frame
+        and envelope sizes).
+        """
+        self.limits = limits
+        self.policy = RegistrationPolicy(open_registration, limits.max_devices_per_account)
+        self.pipe_quota = pipe_quota(limits)
+        self.finger_open = finger_open
+        self.blocked_domains = frozenset(blocked_domains)
+        self._link_buckets.clear()
+        self._link_pipe_buckets.clear()
+        if self._relay is not None:
+            self._relay.limits = limits
+        if self.federation is not None:
+            self.federation.expiry = limits.outbound_expiry
+            self.federation.max_queued = limits.outbound_per_sender
+
+    async def reread_accounts(self) -> int:
+        """Re-read accounts and devices an operator changed in the file (`accounts
+        delete`, `devices revoke`): the store drops its caches, and sessions of devices no
+        longer bound end. Returns how many sessions ended."""
+        ended = 0
+        still = await self.store.reread_accounts(list(self._online))
+        for peer_id, conns in list(self._online.items()):
+            if peer_id in still:
+                continue
+            for conn in list(conns):
+                conn.core.close("this device was removed by the server's operator")
+                conn._pump()
+                ended += 1
+        return ended
+
     # --- connections -----------------------------------------------------------------
     def _attach(self, conn: _Connection) -> None:
         if self._closing:

@@ -233,6 +233,11 @@ class Store(Protocol):
         """Remove and return the unexpired messages held for `device`, oldest first."""
         ...
 
+    async def reread_accounts(self, devices: list[bytes]) -> set[bytes]:
+        """Forget what is cached of accounts and devices (changed from outside by an
+        operator command) and return those of `devices` still bound to an account."""
+        ...
+
     async def relay_usage(self, account: str, day: int) -> int:
         """Bytes relayed for `account` on UTC day `day` as last saved (0 if none)."""
         ...

@@ -130,9 +130,9 @@ class LocalNetwork:
         self.tls = tls
         self.root.mkdir(parents=True, exist_ok=True)
         self.domain = domain
-        # A full deployment: the DHT bootstrap node and STUN beside the mailbox.
-        self.server_args = server_args if server_args is not None else [
-            "--dht-port", "0", "--stun-port", "0"]
+        # A full deployment is the default of `serve`: STUN and the DHT bootstrap node
+        # beside the mailbox (with --listen port 0, each on any free UDP port).
+        self.server_args = server_args if server_args is not None else []
         self.server: Proc | None = None
         self.server_addr: tuple[str, int] | None = None
         self.nodes: dict[str, NodeHandle] = {}

@@ -143,12 +143,12 @@ async def test_serve_runs_stun_and_dht_and_reports_relay_counters(tmp_path: Path
         assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
-async def test_serve_without_services_announces_none(tmp_path: Path) -> None:
+async def test_serve_with_services_off_announces_none(tmp_path: Path) -> None:
     data = tmp_path / "data"
     proc = await asyncio.create_subprocess_exec(
         str(SCRIPT), "serve", "--domain", DOMAIN, "--listen", "127.0.0.1:0", "--data",
-        str(data), "--open-registration", stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL)
+        str(data), "--open-registration", "--stun-port", "off", "--dht-port", "off",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
         _, port = _hostport((await asyncio.wait_for(proc.stdout.readline(), 30)).decode(),

@@ -117,10 +117,10 @@ async def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
 
 async def test_invite_and_stats_commands(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    bob_token = (await cli("invite", "bob@example.net", "--data", str(data))).strip()
-    alice_token = (await cli("invite", "Alice@Example.net", "--data", str(data))).strip()
-    assert len(bob_token) >= 20 and bob_token != alice_token
     async with serve(data, "--stats-interval", "0.1") as srv:
+        bob_token = (await cli("invite", "bob@example.net", "--data", str(data))).strip()
+        alice_token = (await cli("invite", "Alice@Example.net", "--data", str(data))).strip()
+        assert len(bob_token) >= 20 and bob_token != alice_token
         with pytest.raises(Exception, match="needs an invite"):
             await rc(srv.port, CAROL, "carol@example.net", register=True).start()
         async with rc(srv.port, BOB, "bob@example.net", register=True, invite=bob_token):

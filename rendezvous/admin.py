@@ -1,0 +1,260 @@
+"""Operator work on a data folder's SQLite file: accounts, devices, backup and restore.
+
+Each function opens its own short connection (`sqlite_store.connect`), as `invite` and
+`stats` do, so it runs next to a serving server: WAL lets a second writer in between the
+server's group commits (`busy_timeout` waits for one). A running server caches device
+bindings and queue usage, so after `delete_account` or `revoke_device` the CLI tells it to
+re-read them (SIGUSR1, see cli.py); until then it may still accept a SEND for the removed
+device, whose row then simply expires.
+
+`backup` uses SQLite's online backup API: it copies the database as of one read
+transaction, so the copy is consistent while the server keeps committing. A backup folder
+holds the database and the folder's keys (domain key, DHT identity, TLS certificate), which
+nodes have pinned: a database alone could not stand in for the server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rendezvous.sqlite_store import DB_NAME, connect
+
+# What a backup copies besides the database: the keys nodes and other domains pinned.
+KEY_FILES = ("domain_key.json", "server-identity.json", "tls_cert.pem", "tls_key.pem")
+_PRIVATE = {"domain_key.json", "server-identity.json", "tls_key.pem"}
+
+
+class AdminError(Exception):
+    """An operator command cannot do what was asked; the text says why."""
+
+
+def served_domain(db: Path) -> str | None:
+    """The domain the database was served for (recorded by `serve`), or None."""
+    conn = connect(db)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key='domain'").fetchone()
+    finally:
+        conn.close()
+    return str(row[0]) if row else None
+
+
+def record_domain(db: Path, domain: str) -> None:
+    """Record `domain` as the database's on the first `serve`; refuse another one later
+    (a data folder holds one domain's accounts and its domain key)."""
+    conn = connect(db)
+    try:
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('domain', ?)", (domain,))
+        row = conn.execute("SELECT value FROM meta WHERE key='domain'").fetchone()
+    finally:
+        conn.close()
+    if row[0] != domain:
+        raise AdminError(f"{db.parent} serves {row[0]}, not {domain}")
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    address: str
+    created: float
+    devices: int
+    queued: int
+    queued_bytes: int
+    last_seen: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "created": self.created, "devices": self.devices,
+                "queued_envelopes": self.queued, "queued_bytes": self.queued_bytes,
+                "last_seen": self.last_seen}
+
+
+_ACCOUNT_SQL = """
+SELECT a.address, a.created,
+       (SELECT COUNT(*) FROM devices d WHERE d.address = a.address),
+       (SELECT COUNT(*) FROM envelopes e WHERE e.recipient = a.address),
+       (SELECT COALESCE(SUM(length(e.blob)), 0) FROM envelopes e WHERE e.recipient = a.address),
+       (SELECT MAX(d.last_seen) FROM devices d WHERE d.address = a.address)
+FROM accounts a
+"""
+
+
+def list_accounts(db: Path) -> list[Account]:
+    conn = connect(db)
+    try:
+        rows = conn.execute(_ACCOUNT_SQL + " ORDER BY a.address").fetchall()
+    finally:
+        conn.close()
+    return [Account(*r) for r in rows]
+
+
+def show_account(db: Path, address: str) -> dict[str, Any] | None:
+    """The account and its devices, or None when there is no such account."""
+    conn = connect(db)
+    try:
+        row = conn.execute(_ACCOUNT_SQL + " WHERE a.address=?", (address,)).fetchone()
+        if row is None:
+            return None
+        devices = conn.execute(
+            "SELECT d.peer_id, d.added, d.last_seen, d.vouch IS NOT NULL, "
+            "(SELECT COUNT(*) FROM envelopes e WHERE e.device = d.peer_id) "
+            "FROM devices d WHERE d.address=? ORDER BY d.added", (address,)).fetchall()
+    finally:
+        conn.close()
+    doc = Account(*row).to_json()
+    doc["device_list"] = [{"peer_id": pid.hex(), "added": added, "last_seen": seen,
+                           "vouched": bool(vouched), "queued_envelopes": queued}
+                          for pid, added, seen, vouched, queued in devices]
+    return doc
+
+
+def delete_account(db: Path, address: str) -> dict[str, int] | None:
+    """Remove the account, its devices, everything queued for or held for them, its
+    exchanged-mail pairs and relay volume. None when there is no such account."""
+    conn = connect(db)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT 1 FROM accounts WHERE address=?",
+                            (address,)).fetchone() is None:
+                conn.execute("ROLLBACK")
+                return None
+            devices = [r[0] for r in conn.execute(
+                "SELECT peer_id FROM devices WHERE address=?", (address,))]
+            counts = _drop_devices(conn, devices)
+            counts["outbound"] = conn.execute(
+                "DELETE FROM outbound WHERE sender=? AND state='queued'", (address,)).rowcount
+            conn.execute("DELETE FROM exchanged WHERE a=? OR b=?", (address, address))
+            conn.execute("DELETE FROM relay_usage WHERE account=?", (address,))
+            conn.execute("DELETE FROM invites WHERE address=? AND used_by IS NULL", (address,))
+            conn.execute("DELETE FROM accounts WHERE address=?", (address,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    return counts
+
+
+def _drop_devices(conn: sqlite3.Connection, devices: list[bytes]) -> dict[str, int]:
+    envelopes = held = 0
+    for d in devices:
+        envelopes += conn.execute("DELETE FROM envelopes WHERE device=?", (d,)).rowcount
+        held += conn.execute("DELETE FROM pipe_held WHERE device=?", (d,)).rowcount
+        conn.execute("DELETE FROM devices WHERE peer_id=?", (d,))
+    return {"devices": len(devices), "envelopes": envelopes, "pipes_held": held}
+
+
+def _hex_of(text: str) -> str:
+    digits = "".join(c for c in text.lower() if c not in " :-")
+    if not digits or any(c not in "0123456789abcdef" for c in digits):
+        raise AdminError(f"{text!r} is not a peer id (hex digits)")
+    return digits
+
+
+def revoke_device(db: Path, address: str, peer_id: str) -> tuple[bytes, dict[str, int]]:
+    """Unbind the device of `address` whose peer id is (or starts with, 8 hex digits at
+    least) `peer_id`; what was queued or held for it goes too. The account stays; the key
+    can only join again as a new device would (an invite, unless registration is open)."""
+    want = _hex_of(peer_id)
+    if len(want) < 8:
+        raise AdminError("give at least 8 hex digits of the peer id")
+    conn = connect(db)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT 1 FROM accounts WHERE address=?",
+                            (address,)).fetchone() is None:
+                raise AdminError(f"no account {address}")
+            found = [r[0] for r in conn.execute("SELECT peer_id FROM devices WHERE address=?",
+                                                (address,)) if r[0].hex().startswith(want)]
+            if not found:
+                raise AdminError(f"{address} has no device {peer_id}")
+            if len(found) > 1:
+                raise AdminError(f"{peer_id} matches {len(found)} devices of {address}; "
+                                 "give more digits")
+            counts = _drop_devices(conn, found)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    return found[0], counts
+
+
+def backup(data_dir: Path, dest: Path) -> dict[str, Any]:
+    """Copy the data folder's database (online backup API) and key files into `dest`, a
+    new folder (or an empty one). Returns what was copied."""
+    db = data_dir / DB_NAME
+    if not db.exists():
+        raise AdminError(f"no server database in {data_dir}")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise AdminError(f"{dest} exists and is not an empty folder")
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = dest / (DB_NAME + ".part")
+    src = connect(db)
+    try:
+        out = sqlite3.connect(tmp)
+        try:
+            src.backup(out)  # all pages in one step: one read snapshot of the source
+            out.execute("PRAGMA journal_mode=DELETE")  # a single self-contained file
+        finally:
+            out.close()
+    finally:
+        src.close()
+    os.replace(tmp, dest / DB_NAME)
+    copied = [DB_NAME]
+    for name in KEY_FILES:
+        if (data_dir / name).exists():
+            _copy(data_dir / name, dest / name)
+            copied.append(name)
+    return {"dest": str(dest), "files": copied, "bytes": (dest / DB_NAME).stat().st_size}
+
+
+def check_backup(src: Path) -> None:
+    """Refuse a folder that is not a backup: no database, or one SQLite finds damaged."""
+    db = src / DB_NAME
+    if not db.is_file():
+        raise AdminError(f"{src} holds no {DB_NAME}: not a backup folder")
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        result = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise AdminError(f"{db}: {exc}") from None
+    finally:
+        conn.close()
+    if result != "ok":
+        raise AdminError(f"{db} is damaged: {result}")
+    if not (src / "domain_key.json").exists():
+        raise AdminError(f"{src} holds no domain_key.json: nodes could not trust the "
+                         "restored server")
+
+
+def restore(src: Path, data_dir: Path) -> list[str]:
+    """Copy a backup's files into `data_dir` (the caller holds its lock), dropping the
+    old database's WAL and shared-memory files so they cannot be replayed onto it."""
+    check_backup(src)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for suffix in ("-wal", "-shm"):
+        (data_dir / (DB_NAME + suffix)).unlink(missing_ok=True)
+    (data_dir / "stats.json").unlink(missing_ok=True)
+    copied = []
+    for name in (DB_NAME, *KEY_FILES):
+        if (src / name).exists():
+            _copy(src / name, data_dir / name)
+            copied.append(name)
+    return copied
+
+
+def _copy(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".part")
+    shutil.copyfile(src, tmp)
+    if dest.name in _PRIVATE:
+        os.chmod(tmp, 0o600)
+    os.replace(tmp, dest)

@@ -1,0 +1,186 @@
+"""The operator commands of `peerpost-rendezvous`: accounts, devices, backup, restore.
+
+    peerpost-rendezvous accounts list --data DIR [--json]
+    peerpost-rendezvous accounts show ADDRESS --data DIR [--json]
+    peerpost-rendezvous accounts delete ADDRESS --data DIR [--json]
+    peerpost-rendezvous devices revoke ADDRESS PEER_ID --data DIR [--json]
+    peerpost-rendezvous backup DEST --data DIR [--json]
+    peerpost-rendezvous restore SRC --data DIR [--force] [--json]
+
+They work on the data folder's SQLite file (rendezvous/admin.py) and run next to a serving
+server. After `accounts delete` and `devices revoke` a running server is sent SIGUSR1: it
+re-reads accounts and devices and ends the sessions of the removed devices. `restore`
+refuses a folder a server is using (its lock, datalock.py), and one that already holds a
+database unless `--force`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from crypto.address import normalize_address
+from crypto.errors import DecodeError
+from rendezvous.admin import (
+    AdminError,
+    backup,
+    delete_account,
+    list_accounts,
+    restore,
+    revoke_device,
+    show_account,
+)
+from rendezvous.datalock import DataInUse, DataLock, holder
+from rendezvous.sqlite_store import DB_NAME
+
+OPERATOR_COMMANDS = ("accounts", "devices", "backup", "restore")
+
+
+def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def data_and_json(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", type=Path, required=True, help="the data folder `serve` uses")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    a = sub.add_parser("accounts", help="list, show or delete accounts")
+    asub = a.add_subparsers(dest="action", required=True)
+    data_and_json(asub.add_parser("list", help="every account with its devices and queue"))
+    show = asub.add_parser("show", help="one account and its devices (peer ids)")
+    show.add_argument("address", help="NAME@DOMAIN")
+    data_and_json(show)
+    delete = asub.add_parser("delete", help="remove an account, its devices and its queue; "
+                                            "a running server ends its sessions")
+    delete.add_argument("address", help="NAME@DOMAIN")
+    data_and_json(delete)
+    d = sub.add_parser("devices", help="revoke a device of an account")
+    dsub = d.add_subparsers(dest="action", required=True)
+    revoke = dsub.add_parser("revoke", help="unbind a device (lost or stolen); a running "
+                                            "server ends its sessions")
+    revoke.add_argument("address", help="NAME@DOMAIN")
+    revoke.add_argument("peer_id", help="the device's peer id (hex, as `accounts show` "
+                                        "prints it; 8 digits or more of it)")
+    data_and_json(revoke)
+    b = sub.add_parser("backup", help="copy the database (consistent while serving) and "
+                                      "the keys into a new folder")
+    b.add_argument("dest", type=Path, help="a folder that does not exist yet (or is empty)")
+    data_and_json(b)
+    r = sub.add_parser("restore", help="put a backup in place as a data folder (the server "
+                                       "must be stopped)")
+    r.add_argument("src", type=Path, help="a folder made by `backup`")
+    data_and_json(r)
+    r.add_argument("--force", action="store_true",
+                   help="replace the database a stopped server left in --data")
+
+
+def run_operator_command(args: argparse.Namespace) -> int:
+    try:
+        doc, text = _run(args)
+    except (AdminError, DataInUse, DecodeError) as exc:
+        print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"peerpost-rendezvous: {exc.filename or ''}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(doc) if args.json else text)
+    return 0
+
+
+def _db(data: Path) -> Path:
+    db = data / DB_NAME
+    if not db.is_file():
+        raise AdminError(f"no server database in {data} (is it the folder `serve --data` "
+                         "uses?)")
+    return db
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)) if t else "never"
+
+
+def _run(args: argparse.Namespace) -> tuple[Any, str]:
+    data: Path = args.data
+    if args.command == "backup":
+        done = backup(data, args.dest)
+        return done, (f"backed up {data} to {done['dest']}: {', '.join(done['files'])} "
+                      f"({done['bytes']} bytes of database)")
+    if args.command == "restore":
+        return _restore(args)
+    db = _db(data)
+    if args.command == "accounts" and args.action == "list":
+        rows = list_accounts(db)
+        lines = [f"{'ADDRESS':32} {'DEVICES':>7} {'QUEUED':>7} {'BYTES':>10}  LAST SEEN"]
+        lines += [f"{r.address:32} {r.devices:>7} {r.queued:>7} {r.queued_bytes:>10}  "
+                  f"{_when(r.last_seen)}" for r in rows]
+        lines.append(f"{len(rows)} account{'s' if len(rows) != 1 else ''}")
+        return [r.to_json() for r in rows], "\n".join(lines)
+    address = normalize_address(args.address)
+    if args.command == "accounts" and args.action == "show":
+        doc = show_account(db, address)
+        if doc is None:
+            raise AdminError(f"no account {address}")
+        lines = [f"account {address}, created {_when(doc['created'])}",
+                 f"queued: {doc['queued_envelopes']} envelopes, {doc['queued_bytes']} bytes",
+                 f"devices: {doc['devices']}"]
+        lines += [f"  {d['peer_id']}  added {_when(d['added'])}, last seen "
+                  f"{_when(d['last_seen'])}, {d['queued_envelopes']} queued"
+                  f"{', vouched' if d['vouched'] else ''}" for d in doc["device_list"]]
+        return doc, "\n".join(lines)
+    if args.command == "accounts" and args.action == "delete":
+        counts = delete_account(db, address)
+        if counts is None:
+            raise AdminError(f"no account {address}")
+        told = _tell_server(data)
+        doc = {"deleted": address, **counts, "server_pid": told}
+        return doc, (f"deleted {address}: {counts['devices']} devices, {counts['envelopes']} "
+                     f"queued envelopes, {counts['outbound']} outbound{_told(told)}")
+    if args.command == "devices" and args.action == "revoke":
+        peer_id, counts = revoke_device(db, address, args.peer_id)
+        told = _tell_server(data)
+        doc = {"revoked": peer_id.hex(), "address": address, **counts, "server_pid": told}
+        return doc, (f"revoked device {peer_id.hex()} of {address} ({counts['envelopes']} "
+                     f"queued envelopes dropped){_told(told)}")
+    raise AdminError(f"unknown command {args.command}")
+
+
+def _restore(args: argparse.Namespace) -> tuple[Any, str]:
+    data: Path = args.data
+    src: Path = args.src
+    if not src.is_dir():
+        raise AdminError(f"no backup folder {src}")
+    if data.exists():
+        held, pid = holder(data)
+        if held:
+            raise AdminError(f"{data} is in use by a server (pid {pid or '?'}): stop it "
+                             "before restoring into it")
+        if (data / DB_NAME).exists() and not args.force:
+            raise AdminError(f"{data} already holds a server database; --force replaces it")
+    data.mkdir(parents=True, exist_ok=True)
+    lock = DataLock.acquire(data)  # no `serve` may start while the files are replaced
+    try:
+        copied = restore(src, data)
+    finally:
+        lock.release()
+    return ({"restored": str(src), "data": str(data), "files": copied},
+            f"restored {src} into {data}: {', '.join(copied)}")
+
+
+def _tell_server(data: Path) -> int | None:
+    """SIGUSR1 to the server serving `data`, if one is: it re-reads accounts and devices."""
+    held, pid = holder(data)
+    if not held or pid is None:
+        return None
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+def _told(pid: int | None) -> str:
+    return f"; the running server (pid {pid}) ends its sessions" if pid else ""
