@@ -1,8 +1,9 @@
 """`peerpost-rendezvous`: run a domain's rendezvous server, issue invites, show stats.
 
-    peerpost-rendezvous serve --domain D --listen HOST:PORT --data DIR [--open-registration]
+    peerpost-rendezvous serve --domain D --listen HOST:PORT --data DIR [--config FILE]
+                              [--open-registration]
                               [--tls-cert PEM --tls-key PEM | --plaintext]
-                              [--stun-port N] [--dht-port N]
+                              [--stun-port N|off] [--dht-port N|off]
                               [--relay-rate BYTES_PER_S] [--relay-daily BYTES]
                               [--sessions-per-device N] [--sessions-per-account N]
                               [--sessions-per-ip N] [--push-buffer-total BYTES]
@@ -10,6 +11,10 @@
                               [--finger-open] [--outbound-expiry DAYS] [--block-domain D ...]
     peerpost-rendezvous invite ADDRESS --data DIR [--days N]
     peerpost-rendezvous stats --data DIR [--json]
+    peerpost-rendezvous accounts list|show ADDRESS|delete ADDRESS --data DIR [--json]
+    peerpost-rendezvous devices revoke ADDRESS PEER_ID --data DIR [--json]
+    peerpost-rendezvous backup DEST --data DIR [--json]
+    peerpost-rendezvous restore SRC --data DIR [--force] [--json]
     peerpost-rendezvous dns-records --data DIR --domain D --host NAME [--host NAME...]
                                     --port P [--priority N...] [--weight N...]
 
@@ -21,18 +26,23 @@ value that publishes it are logged at every start. Nodes pin it (`peerpost init`
 
 `serve` prints one machine-readable line `listening HOST:PORT` on stdout (flushed) once
 the socket is bound, so `--listen 127.0.0.1:0` can be read back, then `stun listening
-HOST:PORT` and `dht listening HOST:PORT` for the services asked for (port 0: any free
-port; both on the --listen host, UDP), then `metrics listening HOST:PORT` with
+HOST:PORT` and `dht listening HOST:PORT` for the services it runs (by default both, on
+the --listen host, UDP: STUN at the --listen port, the DHT at the port above; port 0: any
+free port; serveconfig.py), then `metrics listening HOST:PORT` with
 `--metrics` (Prometheus /metrics and /healthz, rendezvous/metrics.py). Logs go to stderr
 as key=value lines, or JSON lines with `--log-format json` (logfmt.py). Once serving it
 tells systemd READY=1 when $NOTIFY_SOCKET is set (sdnotify.py). SIGTERM or
-SIGINT shut it down cleanly. It uses uvloop when installed.
+SIGINT shut it down cleanly; SIGHUP re-reads `--config` (limits, block list, registration,
+log level) keeping every session; SIGUSR1 (sent by `accounts delete` and `devices revoke`)
+re-reads accounts and ends the sessions of removed devices. One `serve` per data folder:
+it holds an fcntl lock on DATA/serve.lock (datalock.py), and the folder keeps the domain
+it was first served for. It uses uvloop when installed.
 Every few seconds it writes DATA/stats.json, which `stats` reads for the online sessions,
 relay counters and the services' counters; the other figures `stats` shows come from the
 SQLite file directly (see stats.py).
 
-The DHT bootstrap node comes from the overlay package, loaded by name only when
-`--dht-port` is given (services.py explains why that is the least bad way); its identity
+The DHT bootstrap node comes from the overlay package, loaded by name only when it is
+run (services.py explains why that is the least bad way); its identity
 is DATA/server-identity.json (0600). The relay caps apply per account (the caller's);
 0 turns one off, as it does for the session caps and the per-sender quotas.
 FINGER shows presence and reachability only between accounts that have exchanged mail

@@ -7,8 +7,8 @@ closes it at shutdown.
 
 STUN lives in this package (`rendezvous.stun`), so `StunService` wraps it here. The DHT
 does not: it is the overlay's (`overlay.dht`), and imports flow crypto -> rendezvous ->
-overlay, never upward. Of the ways to let `peerpost-rendezvous serve --dht-port N` start
-one, this is the least bad we found:
+overlay, never upward. Of the ways to let `peerpost-rendezvous serve` start one (it does
+by default, unless `--dht-port off`), this is the least bad we found:
 
 - *not* a static `import overlay...` anywhere in this package;
 - *not* an entry-point group declared in pyproject.toml (the cleanest in principle, but it
@@ -40,7 +40,7 @@ from rendezvous.stun import StunServerProtocol, serve_stun
 IDENTITY_NAME = "server-identity.json"
 
 STARTERS: dict[str, str] = {
-    # --dht-port: a reachable serving DHT node (see the module docstring for why a string)
+    # `serve`'s DHT bootstrap node (see the module docstring for why a string)
     "dht": "overlay.dht:run_bootstrap_node",
 }
 

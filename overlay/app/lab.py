@@ -160,9 +160,15 @@ class LocalNetwork:
         listen = "127.0.0.1:0"
         if self.server_addr is not None:  # a restart keeps the port the nodes know
             listen = f"{self.server_addr[0]}:{self.server_addr[1]}"
+        services: list[str] = []
+        if not listen.endswith(":0"):
+            # At a given port P, `serve` puts STUN at UDP P and the DHT at UDP P + 1; on a
+            # machine full of test servers P + 1 may be taken, so let each pick a free port.
+            services = [f for name in ("--stun-port", "--dht-port")
+                        if name not in self.server_args for f in (name, "0")]
         argv = [_script("peerpost-rendezvous"), "serve", "--domain", self.domain,
                 "--listen", listen, "--data", str(self.data_dir), "--open-registration",
-                *([] if self.tls else ["--plaintext"]), *self.server_args]
+                *([] if self.tls else ["--plaintext"]), *services, *self.server_args]
         self.server = self._spawn("server", argv)
         m = self.server.lines.wait_for(_LISTENING, timeout, "peerpost-rendezvous serve")
         self.server_addr = (m.group(1), int(m.group(2)))
