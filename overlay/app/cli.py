@@ -451,12 +451,15 @@ async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=2))
         return 0
     t = Table(title=f"inbox of {_m(home.root)}", expand=False)
+    # 80 columns: 16 of borders and padding, 8 id, 9 size, state up to 16; `from` (20 to
+    # 24, a whole common address) and `title` share the rest and fold. A min_width on
+    # `state` made rich lay the table out one column too wide and crop it.
     t.add_column("id", no_wrap=True, min_width=SHORT_ID)
-    senders = [len(_clean(e["from"])) for e in entries]
-    t.add_column("from", overflow="fold", min_width=min(max(senders, default=4), 28))
-    t.add_column("title", overflow="fold", ratio=1, min_width=12)
+    longest = max((len(_clean(e["from"])) for e in entries), default=4)
+    t.add_column("from", overflow="fold", min_width=min(longest, 20), max_width=24)
+    t.add_column("title", overflow="fold")
     t.add_column("size", justify="right", no_wrap=True)
-    t.add_column("state", overflow="fold", min_width=11)
+    t.add_column("state", overflow="fold", max_width=16)
     notes: list[str] = []
     for e in entries:
         short = e["id"][:SHORT_ID]
@@ -488,7 +491,7 @@ def _entry_state(e: dict[str, Any]) -> str:
     if e["state"] == "retrying" and e.get("next_attempt"):
         state += f" next {_when(e['next_attempt'])[11:]}"
     paths = sorted({str(s.get("path", "?")) for s in e["sources"]})
-    if paths:
+    if paths and e["state"] in ("downloading", "retrying"):
         state += f" via {'/'.join(paths)}"
     if e.get("junk"):
         state += " (junk)"

@@ -245,7 +245,9 @@ def test_inbox_fits_80_columns(net: LocalNetwork, tmp_path: Path) -> None:
     assert max(len(line) for line in table.splitlines()) <= 80
     row = [line for line in table.splitlines() if mid[:8] in line]
     assert row and alice.address in row[0]  # id prefix and sender whole, on one line
-    assert "3.0 MiB" in row[0]
+    assert "3.0 MiB" in row[0] and "complete" in row[0], res.stdout  # no column cut off
+    assert all(line.rstrip().endswith(("┃", "│", "┓", "┩", "┘", "┐", "┤", "┫")) for line
+               in table.splitlines()[1:] if line.strip())
     assert f"{mid[:8]}  {got['path']}" in notes  # the file's path, never cut
     assert "Grandma's 90th" in table
 
