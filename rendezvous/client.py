@@ -87,6 +87,7 @@ from rendezvous.messages import (
     Send,
     SendItem,
     Track,
+    Withdraw,
 )
 from rendezvous.records import (
     Envelope,
@@ -517,6 +518,16 @@ class RendezvousClient:
             return FingerResult.decode(Fields(reply.body, "FINGER reply"))
         except DecodeError as exc:
             raise RendezvousError(0, f"malformed FINGER reply: {exc}") from None
+
+    async def withdraw(self, message_id: bytes) -> tuple[int, int]:
+        """Take back what of my message `message_id` is still queued at my server: (its
+        envelopes for this domain's devices, those still waiting for other domains)."""
+        reply = await self._request(lambda rid: Withdraw(rid, message_id))
+        try:
+            f = Fields(reply.body, "WITHDRAW reply")
+            return (f.int("queued", lo=0, hi=1 << 31), f.int("outbound", lo=0, hi=1 << 31))
+        except DecodeError as exc:
+            raise RendezvousError(0, f"malformed WITHDRAW reply: {exc}") from None
 
     async def track(self, message_id: bytes) -> tuple[str, tuple[Tracked, ...]]:
         """My server's domain and the forwarding state of each foreign recipient of my

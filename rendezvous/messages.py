@@ -14,6 +14,7 @@ table; a name from the wire is never used to look anything else up.
 | SEND | mid (16), prio (0..7), items: [{to, device (20), blob}], from? (link only) |
 | LIST | after? (cursor from the previous page), limit? |
 | RETRIEVE / REMOVE | mid |
+| WITHDRAW | mid: the sender takes back what of its message is still queued |
 | FINGER | address, asker? (link only) |
 | LINK | domain, cnonce (32), signature (64): a server linking in for its domain |
 | TRACK | mid: the forwarding state of each foreign recipient of my message |
@@ -442,6 +443,23 @@ class Track:
 
 
 @dataclass(frozen=True, slots=True)
+class Withdraw:
+    """Take back my message: its envelopes still queued here, and for other domains, still
+    waiting in the outbound queue (those already handed on are out of reach)."""
+
+    TAG: ClassVar[str] = "WITHDRAW"
+    id: int
+    message_id: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"mid": self.message_id}
+
+    @classmethod
+    def decode(cls, rid: int, f: Fields) -> Withdraw:
+        return cls(rid, f.bytes("mid", size=MESSAGE_ID_LEN))
+
+
+@dataclass(frozen=True, slots=True)
 class Pipe:
     """Relay a small opaque payload to online device(s) of an address; maybe hold it."""
 
@@ -530,7 +548,7 @@ class RelayAccept:
 
 
 Request = (Authorization | Quit | Ping | Send | List | Retrieve | Remove | Finger | Pipe
-           | Advertise | Relay | RelayAccept | Link | Track)
+           | Advertise | Relay | RelayAccept | Link | Track | Withdraw)
 
 REQUESTS: dict[str, Callable[[int, Fields], Request]] = {
     "AUTHORIZATION": Authorization.decode,
@@ -547,6 +565,7 @@ REQUESTS: dict[str, Callable[[int, Fields], Request]] = {
     "RELAY-ACCEPT": RelayAccept.decode,
     "LINK": Link.decode,
     "TRACK": Track.decode,
+    "WITHDRAW": Withdraw.decode,
 }
 
 

@@ -129,6 +129,7 @@ from rendezvous.messages import (
     Retrieve,
     Send,
     Track,
+    Withdraw,
 )
 from rendezvous.pipe_hold import pipe_quota
 from rendezvous.records import DeviceInfo, FingerResult
@@ -903,6 +904,11 @@ class RendezvousServer:
             return Status.UNAUTHORIZED, "authenticate first", None
         if isinstance(req, Send):
             return await self._send_mixed(address, req)
+        if isinstance(req, Withdraw):
+            here, outbound = await self.store.withdraw(address, req.message_id)
+            log.info(kv("server.withdrawn", sender=address, mid=req.message_id.hex(),
+                        queued=here, outbound=outbound))
+            return Status.OK, None, {"queued": here, "outbound": outbound}
         if isinstance(req, Track):
             states = await self.store.track(address, req.message_id)
             return Status.OK, None, {"domain": self.domain,

@@ -689,6 +689,21 @@ class SqliteStore:
 
         return await self._submit(op)
 
+    async def withdraw(self, sender: str, message_id: bytes) -> tuple[int, int]:
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            # No index on mid alone: a scan, for a rare command, rather than a cost on
+            # every SEND.
+            gone = conn.execute("DELETE FROM envelopes WHERE mid=? AND sender=? "
+                                "RETURNING recipient, length(blob)",
+                                (message_id, sender)).fetchall()
+            for recipient, size in gone:
+                self._used(sender, recipient, -1, -size)
+            out = conn.execute("DELETE FROM outbound WHERE sender=? AND mid=? AND "
+                               "state='queued'", (sender, message_id)).rowcount
+            return len(gone), out
+
+        return await self._submit(op)
+
     async def track(self, sender: str, message_id: bytes) -> list[OutboundState]:
         def op(conn: sqlite3.Connection) -> list[OutboundState]:
             rows = conn.execute(

@@ -290,6 +290,11 @@ class Store(Protocol):
         the envelope lifetime. Returns how many bounced."""
         ...
 
+    async def withdraw(self, sender: str, message_id: bytes) -> tuple[int, int]:
+        """Delete `sender`'s envelopes of `message_id` still queued here, and those still
+        waiting for another domain; (queued here, waiting outbound) deleted."""
+        ...
+
     async def track(self, sender: str, message_id: bytes) -> list[OutboundState]:
         """Per foreign recipient of `sender`'s message: its forwarding state."""
         ...

@@ -628,6 +628,13 @@ async def cmd_cancel(home: NodeHome, args: argparse.Namespace) -> int:
     who = ", ".join(res["cancelled"]) or "nobody (everyone has it already)"
     console.print(f"withdrew {res['id'][:12]} {_m(res['title'])}: no longer served; "
                   f"cancelled for {_m(who)}")
+    unqueued = res.get("unqueued")
+    if unqueued is None:
+        console.print("the server could not be asked to take back queued copies; whoever "
+                      "fetches one is told it was withdrawn")
+    elif unqueued:
+        console.print(f"{unqueued} queued cop{'y' if unqueued == 1 else 'ies'} taken back "
+                      "from the server")
     return 0
 
 

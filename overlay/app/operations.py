@@ -9,6 +9,7 @@ prints.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from overlay.mail.prefs import RETENTIONS, Prefs, parse_rate, parse_size
 from overlay.transfer.server import TransferServer
 from rendezvous.client import RendezvousClient, RendezvousError
 
+log = logging.getLogger("peerpost.node")
 WITHDRAWN_REASON = "cancelled by the sender"
 CANCELLED_TEXT = "cancelled; fetch it to go on (the chunks already here are kept)"
 OFFLINE_TEXT = ("the node is offline: the server is unreachable; nothing was sent; try again "
@@ -265,10 +267,17 @@ class ControlOperations:
     async def withdraw(self, a: Fields) -> Any:
         """The sender's cancel: stop serving the content (requesters are told it was
         withdrawn), withdraw its DHT announcement, and mark every recipient that doesn't
-        have it yet `failed: cancelled by the sender`. Envelopes still queued at a
-        recipient's server stay there (the protocol has no verb for a sender to take them
-        back); when fetched, their download fails with `withdrawn`."""
+        have it yet `failed: cancelled by the sender`. Its envelopes still queued at our
+        server (for recipients of this domain, or waiting for another domain) are taken
+        back (WITHDRAW); those another domain's server already holds stay there, and
+        their download fails with `withdrawn` when fetched."""
         m = self.find_sent(a.str("id", min_len=1, max_len=32))
+        taken_back: tuple[int, int] | None = None
+        try:
+            taken_back = await self.rendezvous.withdraw(m.id)
+        except (RendezvousError, OSError) as exc:
+            log.warning("cancel %s: the server did not take back the queued envelopes (%s); "
+                        "recipients who fetch it are told it was withdrawn", m.id.hex(), exc)
         if self.store is not None:
             content = self.store.local(m.content_id)
             if content is not None:
@@ -285,7 +294,8 @@ class ControlOperations:
             if self.outbox.set_recipient_state(m.id, r.address, RecipientStatus.FAILED, now,
                                                reason=WITHDRAWN_REASON):
                 cancelled.append(r.address)
-        return {"id": m.id.hex(), "title": m.title, "cancelled": cancelled}
+        return {"id": m.id.hex(), "title": m.title, "cancelled": cancelled,
+                "unqueued": sum(taken_back) if taken_back is not None else None}
 
     def rewithdraw(self) -> None:
         """At start: contents of messages the sender cancelled are not served again."""

@@ -38,7 +38,7 @@ def ident(n: int) -> DeviceIdentity:
     return DeviceIdentity.from_seed(bytes([n]) * 32)
 
 
-ALICE, BOB = ident(1), ident(2)
+ALICE, BOB, CAROL = ident(1), ident(2), ident(3)
 
 
 class World:
@@ -385,3 +385,18 @@ async def test_a_rate_limited_link_is_paced_not_reported_unreachable(
         assert a.federation is not None and a.federation.paced >= 1
         assert a.federation.link_failures == 0  # never shown as "unreachable"
         assert b.link_rate_limited >= 1
+
+
+async def test_withdraw_takes_back_what_waits_for_another_domain(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.resolver.add(DomainRecords(B, (_closed_port(),), world.keys[B].public))
+    async with world.server(A) as a, world.client(a, ALICE, "alice@a.test") as alice, \
+            world.client(a, CAROL, "carol@a.test") as carol:
+        mid = os.urandom(16)
+        await alice.send(mid, [("bob@b.test", BOB.peer_id, b"x"),
+                               ("carol@a.test", CAROL.peer_id, b"y")])
+        assert await carol.withdraw(mid) == (0, 0)  # not carol's message
+        assert await alice.withdraw(mid) == (1, 1)  # carol's copy here, bob's outbound
+        assert (await _track(alice, mid)) == {}
+        assert [e.message_id for e in await carol.list()] == []
+        assert await alice.withdraw(mid) == (0, 0)
