@@ -29,8 +29,6 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
-    ProgressColumn,
-    Task,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -41,6 +39,7 @@ from crypto.address import parse_hostport
 from crypto.errors import DecodeError
 from overlay.app.control import ControlClient, ControlError, NodeNotRunning
 from overlay.app.home import HomeError, NodeHome, default_home
+from overlay.app.progress import MiBColumn, RateColumn
 from rendezvous.cliutil import add_completion, add_version, completion_script, finish
 from rendezvous.logfmt import FORMATS, LEVELS, configure
 
@@ -523,27 +522,6 @@ async def cmd_rm(home: NodeHome, args: argparse.Namespace) -> int:
     return 0
 
 
-class _MiBColumn(ProgressColumn):
-    """`12.0/50.0 MiB`: the unit the inbox uses."""
-
-    def render(self, task: Task) -> Text:
-        total = task.total or 0
-        return Text(f"{task.completed / MiB:.1f}/{total / MiB:.1f} MiB", style="progress.download")
-
-
-class _RateColumn(ProgressColumn):
-    """`4.2 MiB/s`: rich's recent-sample speed, else the average since the bar started
-    (bytes already on disk when it started don't count); 0.0 until a byte arrives."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        if speed is None:
-            elapsed = task.elapsed or 0.0
-            done = task.completed - float(task.fields.get("resumed_from", 0))
-            speed = done / elapsed if elapsed > 0 else 0.0
-        return Text(f"{speed / MiB:.1f} MiB/s", style="progress.data.speed")
-
-
 async def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> int:
     entry = await _call(home, "fetch", id=_message_id(args.id))
     if not args.wait or entry["state"] == "complete":
@@ -551,8 +529,8 @@ async def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> int:
     async with ControlClient(home.control_path) as c:
         start = int(entry["progress"] * entry["size"])
         bar_console = err_console if args.json else console
-        with Progress(TextColumn("{task.description}"), BarColumn(), _MiBColumn(),
-                      _RateColumn(), TimeRemainingColumn(), console=bar_console) as bar:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MiBColumn(),
+                      RateColumn(), TimeRemainingColumn(), console=bar_console) as bar:
             task = bar.add_task(_m(entry["title"][:40] or entry["id"][:12]), total=entry["size"],
                                 completed=start, resumed_from=start)
             while True:

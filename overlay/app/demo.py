@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from overlay.app.lab import LabError, LocalNetwork, NodeHandle, dir_size
+from overlay.app.progress import MiBColumn, RateColumn
 from overlay.mail.describe import MediaInfo, describe_media, make_demo_clip
 
 MiB = 1 << 20
@@ -55,8 +56,8 @@ def clip_summary(info: MediaInfo) -> str:
 
 def _wait_with_bar(net: LocalNetwork, node: NodeHandle, mid: str, size: int, console: Console,
                    timeout: float = 300.0) -> dict[str, Any]:
-    with Progress(TextColumn(f"{node.name:>6}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TextColumn("{task.fields[state]}"),
+    with Progress(TextColumn(f"{node.name:>6}"), BarColumn(), MiBColumn(),
+                  RateColumn(), TextColumn("{task.fields[state]}"),
                   console=console) as bar:
         task = bar.add_task(node.name, total=size, state="waiting")
         deadline = time.monotonic() + timeout
