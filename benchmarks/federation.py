@@ -95,10 +95,11 @@ class Servers:
                 sys.executable, "-m", "rendezvous", "serve", "--domain", d, "--listen",
                 f"127.0.0.1:{self.ports[d]}", "--data", str(self.tmp / d),
                 "--open-registration", "--log-level", "warning", "--sessions-per-ip", "0",
-                # The per-domain link cap (200 envelopes/s by default) and the
-                # per-connection request rate (2,000/s, which a link's SENDs count
-                # against) are policy; this measures what the link and both stores carry.
+                # The per-domain link cap (1,000 envelopes/s by default) is policy;
+                # this measures what the link and both stores carry. STUN and DHT take
+                # free ports (their default, P and P+1, may be another server's).
                 "--link-rate", "0", "--request-rate", "100000",
+                "--stun-port", "0", "--dht-port", "0",
                 stdout=asyncio.subprocess.PIPE, env=env)
             self.procs[d] = proc
             if proc.stdout is None:
