@@ -46,12 +46,11 @@ def index_at_end(media_type: str, file_name: str) -> bool:
 
 
 def want_ends(dl: Downloader, count: int) -> None:
-    """Ask for the last TAIL_CHUNKS chunks (the last one first), then the first chunk,
-    before any other: the wanted ranges are served newest first, so the first chunk goes
-    out first, then the index. In the playback benchmark the index, left to the seek,
-    cost 1.5 s of it."""
-    for i in range(max(0, count - TAIL_CHUNKS), count):
-        dl.want_first(i, i + 1)
+    """Ask for the first chunk, then the last TAIL_CHUNKS (the last one first), before any
+    other. The tail is pinned: kept wanted until stored, never cancelled for the stream's
+    later asks. In the playback benchmark the index, left to the seek, cost 1.5 s of it."""
+    for i in range(count - 1, max(0, count - TAIL_CHUNKS) - 1, -1):
+        dl.want_first(i, i + 1, pinned=True)
     if count:
         dl.want_first(0, 1)
 

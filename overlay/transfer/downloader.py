@@ -268,13 +268,13 @@ class Downloader:
             run.task = self._tg.create_task(self._run_source(run))
         return True
 
-    def want_first(self, first: int, end: int) -> None:
+    def want_first(self, first: int, end: int, *, pinned: bool = False) -> None:
         """Fetch chunks `first`..`end`-1 before the others (a player's playhead, a clip's
         index): each one nobody is asked for becomes the next GET of the fastest source
         that has it, its unwanted requests queued before it cancelled (`ChunkScheduler.
         hurry`). Before that, a rate-capped sender served a wanted chunk after the window
         already asked of it: 1.3 s per seek step at 4 MB/s."""
-        self.scheduler.want_first(first, end)
+        self.scheduler.want_first(first, end, pinned=pinned)
         self._hurry()
         self._wake_all()
 
@@ -289,6 +289,8 @@ class Downloader:
             run.urgent.extend(gets)
             self.counters["hurried"] += len(gets)
             self.counters["hurry_cancels"] += len(cancels)
+            log.debug("fetch %s: wanted %s next from %s, %d requests cancelled before them",
+                      self.partial.file_name, gets, label, len(cancels))
 
     def _emit(self, event: FetchEvent) -> None:
         if self._on_event is not None:

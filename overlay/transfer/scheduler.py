@@ -22,12 +22,12 @@ per source. A failed, stalled or banned source gives its requested chunks back t
   source remembers each chunk it was ever asked for.
 - Wanted ranges (`want_first`): a player's playhead, the index at the end of a clip, a seek
   target. The last MAX_RANGES are kept, newest first, and their chunks are picked before
-  rarest first. `hurry` makes a wanted chunk nobody is asked for the *next* GET of the
-  fastest source that has it: a holder serves its GETs in order, so the source's requests
-  for chunks not wanted or wanted by an older range, but its oldest (already being sent),
-  are released to the pool and the caller sends them CANCEL. (A seek's target would
-  otherwise wait behind the chunks the stream before the seek still asked for: 1.3 s at
-  4 MB/s.) A released chunk that still arrives is late, not unasked.
+  rarest first; pinned ranges (a clip's index at its end) after them, kept until stored.
+  `hurry` makes a wanted chunk nobody is asked for the *next* GET of the fastest source
+  that has it: a holder serves its GETs in order, so the source's requests for chunks not
+  wanted, but its oldest (already being sent), are released to the pool and the caller
+  sends them CANCEL (at 4 MB/s each chunk queued before a seek's target cost 0.26 s). A
+  released chunk that still arrives is late, not unasked.
 
 State is one byte per chunk plus bitmaps, never an object per chunk, so a content of
 2^20 chunks costs about 1 MiB here before any source is contacted (per-chunk sets and
@@ -166,6 +166,7 @@ class ChunkScheduler:
         self.duplicates = 0  # endgame duplicate requests made
         self.late = 0  # copies that arrived after another copy won
         self._wanted: list[tuple[int, int]] = []  # [first, end) ranges, newest first
+        self._pinned: list[tuple[int, int]] = []  # ranges kept until stored (an index)
 
     # --- sources ----------------------------------------------------------------------
     def add_source(self, sid: str, *, window: int, have: bytes | None = None) -> None:
@@ -284,35 +285,44 @@ class ChunkScheduler:
         return state.give
 
     # --- decisions --------------------------------------------------------------------
-    def want_first(self, first: int, end: int) -> None:
+    def want_first(self, first: int, end: int, *, pinned: bool = False) -> None:
         """Ask for chunks `first`..`end`-1 (at most MAX_WANTED) before any other, in
         order: a player's playhead, moved by each seek (WebTorrent's select). The range
         goes before the ones wanted earlier (the last MAX_RANGES not yet stored are kept).
-        The rest of the pool still goes rarest first."""
+        A `pinned` range (a clip's index) stays until stored, comes after the other wanted
+        ranges and is never cancelled by `hurry`: a playing stream asks for its next chunks
+        every quarter second at 4 MB/s, and each ask would cancel the index again. The rest
+        of the pool still goes rarest first."""
         first = max(0, min(first, self.count))
         new = (first, max(first, min(end, self.count, first + MAX_WANTED)))
+        if pinned:
+            kept = [w for w in self._pinned if w != new and not self._stored_range(w)]
+            self._pinned = [*kept, new][-MAX_RANGES:]
+            return
         kept = [w for w in self._wanted if w != new and not self._stored_range(w)]
         self._wanted = [new, *kept][:MAX_RANGES]
 
     @property
     def wanted(self) -> list[tuple[int, int]]:
-        """The wanted ranges, newest first."""
-        return list(self._wanted)
+        """The wanted ranges, newest first, then the pinned ones."""
+        return [*self._wanted, *self._pinned]
 
     def _stored_range(self, w: tuple[int, int]) -> bool:
         return not any(self._state[i] or i in self._requesters or i in self._verifying
                        for i in range(*w))
 
     def _rank(self, i: int) -> int:
-        """0 for a chunk of the newest wanted range, 1 for the one before...; not wanted:
-        MAX_RANGES."""
+        """-1 for a chunk of a pinned range; 0 for one of the newest wanted range, 1 for
+        the one before...; not wanted: MAX_RANGES."""
+        if any(a <= i < b for a, b in self._pinned):
+            return -1
         for rank, (a, b) in enumerate(self._wanted):
             if a <= i < b:
                 return rank
         return MAX_RANGES
 
     def _playhead(self, state: _SourceState) -> int | None:
-        for first, end in self._wanted:  # bounded by MAX_RANGES * MAX_WANTED
+        for first, end in (*self._wanted, *self._pinned):  # at most 2 * MAX_RANGES ranges
             for i in range(first, end):
                 if self._state[i] and state.can_give(i):
                     return i
@@ -322,21 +332,28 @@ class ChunkScheduler:
               ) -> dict[str, tuple[list[int], list[int]]]:
         """Request each wanted chunk that is in the pool from the first source of `order`
         (fastest first) that can give it and has room, so that it is that source's next
-        GET: the first time a source is picked here, its requests for chunks not wanted or
-        wanted by an older range, except its `keep` oldest, go back to the pool. Returns,
-        per source, (the chunks to GET now, in order; the chunks to CANCEL), the CANCELs to
-        be sent first."""
+        GET. The first time a source is picked here, requests of it that would go before
+        are released, but its `keep` oldest: every request not wanted, and those of an
+        older wanted range that another source of `order` can give (it is asked for them
+        next). An older range's chunk is not cancelled and asked again of the same source:
+        a holder that gets CANCEL and GET for a chunk it is sealing may send it twice.
+        Returns, per source, (the chunks to GET now, in order; the chunks to CANCEL), the
+        CANCELs to be sent first."""
         out: dict[str, tuple[list[int], list[int]]] = {}
-        for rank, (first, end) in enumerate(list(self._wanted)):
+        released: dict[int, str] = {}
+        ranges = [*enumerate(self._wanted), *((MAX_RANGES - 1, w) for w in self._pinned)]
+        for rank, (first, end) in ranges:
             for i in range(first, end):
                 if not self._state[i]:
                     continue
                 for sid in order:
                     state = self._sources.get(sid)
-                    if state is None or not state.can_give(i):
+                    if state is None or not state.can_give(i) or released.get(i) == sid:
                         continue
                     if sid not in out:
-                        out[sid] = ([], self._release_behind(sid, state, rank, keep))
+                        gone = self._release_behind(sid, state, rank, keep, order)
+                        released.update(dict.fromkeys(gone, sid))
+                        out[sid] = ([], gone)
                     if len(state.requested) >= state.window:
                         continue  # full of wanted or kept requests: try a slower one
                     self._take(i)
@@ -347,13 +364,17 @@ class ChunkScheduler:
                     break
         return {sid: v for sid, v in out.items() if v[0] or v[1]}
 
-    def _release_behind(self, sid: str, state: _SourceState, rank: int,
-                        keep: int) -> list[int]:
-        """Give back `sid`'s requests of a rank after `rank` (older ranges, not wanted)
-        but its `keep` oldest (send them CANCEL)."""
-        released = [i for i in list(state.requested)[max(0, keep):] if self._rank(i) > rank]
-        for i in released:
-            self._release(sid, state, i)
+    def _release_behind(self, sid: str, state: _SourceState, rank: int, keep: int,
+                        order: Sequence[str]) -> list[int]:
+        """Give back `sid`'s requests that would go before a chunk of range `rank`, but
+        its `keep` oldest (send them CANCEL): see `hurry`."""
+        others = [st for o in order if o != sid and (st := self._sources.get(o)) is not None]
+        released = []
+        for i in list(state.requested)[max(0, keep):]:
+            r = self._rank(i)
+            if r == MAX_RANGES or (r > rank and any(o.can_give(i) for o in others)):
+                released.append(i)
+                self._release(sid, state, i)
         return released
 
     def _release(self, sid: str, state: _SourceState, i: int) -> None:

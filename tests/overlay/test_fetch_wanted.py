@@ -74,3 +74,20 @@ async def test_a_wanted_chunk_comes_next_from_a_rate_capped_holder(tmp_path: Pat
     # window's worth before it (four or more: 1.25 s).
     assert took < 0.9, (took, dict(d.counters))
     assert d.counters["hurried"] == 1 and d.counters["hurry_cancels"] >= 2
+
+
+def test_a_playable_clip_asks_for_its_first_chunk_then_its_index_at_the_end() -> None:
+    from overlay.app.fetch import index_at_end, want_ends
+
+    assert index_at_end("video/webm", "a.webm") and index_at_end("video/mp4", "a.mp4")
+    assert index_at_end("application/octet-stream", "Clip.MKV")
+    assert not index_at_end("application/pdf", "a.pdf")
+    assert not index_at_end("application/octet-stream", "a.bin")
+    calls: list[tuple[int, int, bool]] = []
+
+    class Recorder:
+        def want_first(self, first: int, end: int, *, pinned: bool = False) -> None:
+            calls.append((first, end, pinned))
+
+    want_ends(Recorder(), 102)  # type: ignore[arg-type]
+    assert calls == [(101, 102, True), (100, 101, True), (0, 1, False)]

@@ -176,3 +176,34 @@ def test_hurry_keeps_every_chunk_in_exactly_one_place(seed: int,
         assert not requested & verifying and not requested & stored
         assert s.pool_size + len(requested) + len(verifying) + len(stored) == n
         assert s.remaining == n - len(stored)
+
+
+def test_a_pinned_range_comes_after_the_playhead_and_is_never_cancelled() -> None:
+    """A clip's index at the end is pinned: the stream's later asks don't cancel it."""
+    s = ChunkScheduler(count=100, held=bytes(13), rng=random.Random(8))
+    s.want_first(99, 100, pinned=True)
+    s.want_first(0, 1)
+    s.add_source("a", window=3)
+    assert [s.next_request("a") for _ in range(3)][:2] == [0, 99]
+    for k in range(1, 12):  # a stream asking for its next chunk, again and again
+        s.want_first(k, k + 2)
+        for gets, cancels in s.hurry(["a"]).values():
+            assert 99 not in cancels
+            for i in gets:
+                assert s.chunk_received("a", i)[0] is Arrival.ACCEPTED
+                s.chunk_stored(i)
+    assert s.requesters(99) == ["a"]
+    assert s.wanted[-1] == (99, 100)
+
+
+def test_one_source_keeps_an_older_ranges_requests_rather_than_asking_them_again() -> None:
+    """CANCEL and GET of one chunk to one holder can make it send the chunk twice, so with
+    no other source an older wanted range's requests stay where they are."""
+    s = ChunkScheduler(count=64, held=bytes(8), rng=random.Random(9))
+    s.add_source("a", window=6)
+    s.want_first(8, 11)
+    assert [s.next_request("a") for _ in range(3)] == [8, 9, 10]
+    s.next_request("a")  # an unwanted one
+    s.want_first(40, 41)
+    [(gets, cancels)] = s.hurry(["a"]).values()
+    assert gets == [40] and len(cancels) == 1 and cancels[0] not in (8, 9, 10)
