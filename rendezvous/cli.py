@@ -77,6 +77,7 @@ from crypto.errors import DecodeError
 from rendezvous.admin import AdminError, record_domain, served_domain
 from rendezvous.cliutil import add_completion, add_version, completion_script, finish
 from rendezvous.datalock import DataInUse, DataLock
+from rendezvous.dns import DnsResolver, DomainLookupError
 from rendezvous.domainkey import load_or_create, txt_value
 from rendezvous.limits import DAY, Limits
 from rendezvous.logfmt import FORMATS, LEVELS, configure, kv
@@ -229,6 +230,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"cap; default {_DEFAULTS.link_rate:g})")
     s.add_argument("--block-domain", action="append", default=[], metavar="DOMAIN",
                    help="refuse server links, and so mail, from DOMAIN (repeatable)")
+    s.add_argument("--resolver", metavar="HOST:PORT", default=None,
+                   help="the name server that finds other domains' servers and keys "
+                        "(default: $PEERPOST_RESOLVER, else the system's)")
     s.add_argument("--log-level", default="info", choices=LEVELS, help="log detail")
     s.add_argument("--log-format", default="text", choices=FORMATS,
                    help="text: key=value lines; json: one JSON object per line")
@@ -407,11 +411,12 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
         return 1
     try:
+        resolver = DnsResolver(args.resolver)
         domain_key = load_or_create(data)
         tls = None if args.plaintext else server_tls(
             *((args.tls_cert, args.tls_key) if args.tls_cert is not None
               else self_signed(data, args.domain)))
-    except (OSError, ValueError, ssl.SSLError) as exc:
+    except (OSError, ValueError, ssl.SSLError, DomainLookupError) as exc:
         for svc in services.values():
             await svc.aclose()
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
@@ -424,7 +429,8 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                               open_registration=args.open_registration, limits=limits,
                               services=services, domain_key=domain_key, tls=tls,
                               finger_open=args.finger_open,
-                              blocked_domains={d.strip().lower() for d in args.block_domain})
+                              blocked_domains={d.strip().lower() for d in args.block_domain},
+                              resolver=resolver)
     try:
         host, port = await server.start(*args.listen)
     except OSError as exc:
