@@ -2,8 +2,8 @@
 
 Layout (all owner-only):
     identity.json   device keys (crypto.identity, mode 0600)
-    config.json     address, rendezvous server and its pinned key, listen address, options
-                    (versioned JSON)
+    config.json     address, rendezvous server and its pinned key, name server, listen
+                    address, options (versioned JSON)
     node.db         inbox, outbox, preferences, contacts (overlay.mail.db)
     store/          content store metadata and partial downloads (overlay.content.catalog)
     received/       finished downloads
@@ -75,6 +75,12 @@ class NodeConfig:
     # A command run (argv by shlex.split, no shell) when a message arrives or completes;
     # `node --on-message` overrides it (overlay.app.notify).
     on_message: str = ""
+    # HOST:PORT of the name server to ask for the domain's SRV/TXT records (`init
+    # --resolver`); "": $PEERPOST_RESOLVER, else the system's. The environment wins.
+    resolver: str = ""
+    # The server was found through the domain's `_peerpost._tcp` SRV records at `init`: a
+    # node that cannot reach it tries the domain's other SRV targets (overlay.app.failover).
+    srv: bool = False
 
     def pinned_key(self) -> bytes | None:
         """The pinned server key, or None if none is pinned yet."""
@@ -103,12 +109,16 @@ class NodeConfig:
                 plaintext=obj.get("plaintext", False) is True,
                 web=str(obj.get("web", DEFAULT_WEB)),
                 on_message=str(obj.get("on_message", "")),
+                resolver=str(obj.get("resolver", "")),
+                srv=obj.get("srv", False) is True,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DecodeError(f"config.json: bad or missing field: {exc}") from None
         cfg.pinned_key()  # a key that is there must be a key
         parse_hostport(cfg.server, what="server")
         parse_hostport(cfg.listen, what="listen")
+        if cfg.resolver:
+            parse_hostport(cfg.resolver, what="resolver")
         try:
             shlex.split(cfg.on_message)
         except ValueError as exc:

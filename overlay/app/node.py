@@ -27,6 +27,7 @@ from crypto.address import parse_hostport
 from crypto.identity import DeviceIdentity
 from crypto.location import LocationMessage
 from overlay.app.control import ControlServer
+from overlay.app.failover import ServerFailover
 from overlay.app.fetch import ContentFetch
 from overlay.app.fetchmeter import FetchMeter
 from overlay.app.holders import HolderFinder
@@ -137,6 +138,7 @@ class Node:
                                            server_key=self.config.pinned_key(),
                                            rng=random.Random(self.rng.getrandbits(64)))
         await self._first_login()
+        host, port = self.rendezvous.host, self.rendezvous.port  # another one after failover
         self._pin_server_key()
         st.push_async_callback(self.rendezvous.aclose)
         self.reach = await probe(host, port, self.rendezvous.server_info.get("stun"),
@@ -235,13 +237,18 @@ class Node:
     async def _first_login(self) -> None:
         """Log in to the server, waiting with backoff while it can't be reached: a node
         started before the network is up, or while its server restarts, waits for it
-        instead of exiting. A refused login (wrong key, unknown address) still ends it."""
+        instead of exiting. A refused login (wrong key, unknown address) still ends it.
+        Each time it can't, a node whose server came from SRV records tries the domain's
+        other servers (overlay.app.failover)."""
         attempt = 0
+        failover = ServerFailover(self.home, self.config)
         while True:
             try:
                 await self.rendezvous.start()
                 return
             except (ConnectionLostError, RequestTimeoutError) as exc:
+                if await failover.login_elsewhere(self.rendezvous) is not None:
+                    return
                 attempt += 1
                 delay = FIRST_LOGIN_BACKOFF.delay(attempt)
                 log.warning("server %s not reachable (%s); trying again in %.0f s",

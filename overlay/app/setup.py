@@ -6,9 +6,10 @@ The identity is generated in memory and registered with the rendezvous server (o
 reached, and the domain key comes from the `_peerpost.DOMAIN` TXT record; the server must
 prove that very key in the handshake or init refuses. With `--server HOST:PORT` the key the
 server proves is trusted on first use, as ssh does. Either way the key is pinned in the
-config and its fingerprint printed. The home folder is written only once the server has
-accepted it, so a refused registration (address taken, bad invite, server down) leaves
-nothing half-made behind.
+config and its fingerprint printed, and `--resolver` too when given (the node asks that
+name server when it looks for another server of its domain). The home folder is written
+only once the server has accepted it, so a refused registration (address taken, bad
+invite, server down) leaves nothing half-made behind.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def init_home(home: NodeHome, args: argparse.Namespace, console: Console,
         address = normalize_address(args.address)
         target = parse_hostport(server_arg, what="--server") if server_arg else None
         parse_hostport(args.listen, what="--listen")
+        if getattr(args, "resolver", None):
+            parse_hostport(args.resolver, what="--resolver")
     except (DecodeError, ValueError) as exc:
         raise HomeError(str(exc)) from None
     domain = domain_of(address)
@@ -98,7 +101,9 @@ def init_home(home: NodeHome, args: argparse.Namespace, console: Console,
                             f"{exc or 'timed out'}") from None
         how = "pinned on first use; compare it with what the server's operator publishes"
     home.create(NodeConfig(address=address, server=server, listen=args.listen,
-                           download_dir=args.download_dir, server_key=encode_key(server_key)),
+                           download_dir=args.download_dir, server_key=encode_key(server_key),
+                           resolver=getattr(args, "resolver", None) or "",
+                           srv=target is None),
                 identity)
     console.print(f"registered [bold]{address}[/] with {server} ({domain})")
     console.print(f"server key: {fingerprint(server_key)} ({how})")
