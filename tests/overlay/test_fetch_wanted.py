@@ -60,19 +60,23 @@ async def test_a_wanted_chunk_comes_next_from_a_rate_capped_holder(tmp_path: Pat
                           if i not in stored and not sched.requesters(i))
             assert sched.requested("h") >= 3
             arrived[target] = asyncio.Event()
-            t0 = loop.time()
+            t0, before = loop.time(), set(stored)
+            asked = {i for i in range(120) if i not in stored and sched.requesters(i)}
             d.want_first(target, target + 1)
             await arrived[target].wait()
             took = loop.time() - t0
+            ahead = sorted(i for i in stored if i not in before and i != target)
+            overtaken = sorted(asked - set(stored))
             run.cancel()
     except* asyncio.CancelledError:
         pass
     finally:
         await server.aclose()
     print(f"wanted chunk after {took:.2f} s; counters {dict(d.counters)}")
-    # The chunk being sent, then this one: about two chunk-times (0.5 s), not the whole
-    # window's worth before it (four or more: 1.25 s).
-    assert took < 0.9, (took, dict(d.counters))
+    # It jumped the queue: chunks asked for before it are still missing when it lands (their
+    # GETs were cancelled). Counted, not timed: a loaded machine seals slower, so the chunks
+    # already in the holder's sealing threads may still go ahead of it.
+    assert overtaken, (ahead, took, dict(d.counters))
     assert d.counters["hurried"] == 1 and d.counters["hurry_cancels"] >= 2
 
 
