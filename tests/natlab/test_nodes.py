@@ -216,8 +216,10 @@ def test_offline_nated_sender_answers_the_held_offer_when_it_comes_back(
 # --- a NATed source and a direct one together -----------------------------------------------
 
 # Carol's upload is capped so that she alone would take seconds: long enough for alice's
-# WebRTC to connect and take chunks too (uncapped, TCP here moves the file in ~0.1 s).
-TOGETHER_SIZE = 6 * (1 << 20)  # six 1 MiB chunks
+# WebRTC to connect and take chunks too (uncapped, TCP here moves the file in ~0.1 s). With
+# six chunks alice's WebRTC (about 8 MB/s) once took all of them, duplicating carol's first
+# in the endgame before it had arrived at 1 MB/s; twelve leave carol time for hers.
+TOGETHER_SIZE = 12 * (1 << 20)  # twelve 1 MiB chunks
 CAROL_RATE = 1_000_000  # bytes/s
 
 
