@@ -141,35 +141,48 @@ class DeviceIdentity:
 
     @classmethod
     def from_json(cls, text: str) -> DeviceIdentity:
-        try:
-            obj = json.loads(text)
-        except ValueError as exc:
-            raise DecodeError(f"identity file is not JSON: {exc}") from None
-        if not isinstance(obj, dict) or obj.get("kind") != "peerpost-device":
-            raise DecodeError("not a peerpost device identity")
-        if obj.get("version") != _IDENTITY_FILE_VERSION:
-            raise DecodeError(f"unsupported identity file version {obj.get('version')!r}")
-        seed = obj.get("seed")
-        try:
-            raw = bytes.fromhex(seed) if isinstance(seed, str) else b""
-        except ValueError:
-            raw = b""
-        if len(raw) != 32:
-            raise DecodeError("identity seed must be 64 hex digits")
-        return cls.from_seed(raw)
+        return cls.from_seed(seed_from_json(text, "peerpost-device", _IDENTITY_FILE_VERSION,
+                                            what="identity", label="device identity"))
 
     def save(self, path: Path) -> None:
         """Write atomically with mode 0600 (created that way, never widened)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, self.to_json().encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_secret_file(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> DeviceIdentity:
         return cls.from_json(Path(path).read_text())
+
+
+def seed_from_json(text: str, kind: str, version: int, *, what: str, label: str) -> bytes:
+    """The 32-byte seed of a key file `{"version", "kind", "seed": hex}` of `kind` and
+    `version`; DecodeError naming `what` ("identity", "domain key") otherwise, and `label`
+    when the kind is wrong ("not a peerpost device identity")."""
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise DecodeError(f"{what} file is not JSON: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("kind") != kind:
+        raise DecodeError(f"not a peerpost {label}")
+    if obj.get("version") != version:
+        raise DecodeError(f"unsupported {what} file version {obj.get('version')!r}")
+    seed = obj.get("seed")
+    try:
+        raw = bytes.fromhex(seed) if isinstance(seed, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise DecodeError(f"{what} seed must be 64 hex digits")
+    return raw
+
+
+def write_secret_file(path: Path | str, text: str) -> None:
+    """Write `text` to `path` atomically, the file created with mode 0600 (never widened)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

@@ -19,13 +19,12 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import nacl.signing
 
 from crypto.errors import DecodeError
-from crypto.identity import PUBLIC_KEY_LEN
+from crypto.identity import PUBLIC_KEY_LEN, seed_from_json, write_secret_file
 
 DOMAIN_KEY_NAME = "domain_key.json"
 TXT_VERSION = "peerpost1"
@@ -70,34 +69,12 @@ class DomainKey:
 
     @classmethod
     def from_json(cls, text: str) -> DomainKey:
-        try:
-            obj = json.loads(text)
-        except ValueError as exc:
-            raise DecodeError(f"domain key file is not JSON: {exc}") from None
-        if not isinstance(obj, dict) or obj.get("kind") != _FILE_KIND:
-            raise DecodeError("not a peerpost domain key file")
-        if obj.get("version") != _FILE_VERSION:
-            raise DecodeError(f"unsupported domain key file version {obj.get('version')!r}")
-        seed = obj.get("seed")
-        try:
-            raw = bytes.fromhex(seed) if isinstance(seed, str) else b""
-        except ValueError:
-            raw = b""
-        if len(raw) != 32:
-            raise DecodeError("domain key seed must be 64 hex digits")
-        return cls.from_seed(raw)
+        return cls.from_seed(seed_from_json(text, _FILE_KIND, _FILE_VERSION, what="domain key",
+                                            label="domain key file"))
 
     def save(self, path: Path) -> None:
         """Write atomically, created 0600 (never widened)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, self.to_json().encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_secret_file(path, self.to_json())
 
 
 def load_or_create(data_dir: Path) -> DomainKey:
