@@ -107,8 +107,7 @@ from typing import Any, Final, cast
 
 from crypto.address import domain_of
 from crypto.codec import packb
-from rendezvous import dns as _dns
-from rendezvous.dns import DomainLookupError, DomainResolver
+from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver
 from rendezvous.domainkey import DomainKey
 from rendezvous.federation import Federation
 from rendezvous.limits import Limits, TokenBucket
@@ -160,10 +159,9 @@ def _new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_LEN)
 
 
-def default_resolver() -> DomainResolver | None:
-    """The DNS resolver (rendezvous.dns.DnsResolver), or None where there is none."""
-    cls = getattr(_dns, "DnsResolver", None)
-    return None if cls is None else cast(DomainResolver, cls())
+def default_resolver() -> DomainResolver:
+    """The DNS resolver (name server from PEERPOST_RESOLVER, else the system's)."""
+    return DnsResolver()
 
 
 _DEFAULT: Final = object()  # "the DNS resolver" for RendezvousServer(resolver=...)
