@@ -92,7 +92,13 @@ from rendezvous.serveconfig import (
     service_ports,
 )
 from rendezvous.server import RendezvousServer
-from rendezvous.services import ExtraService, StunService, load_starter, server_identity
+from rendezvous.services import (
+    ExtraService,
+    StunService,
+    load_starter,
+    server_identity,
+    start_stun_tcp,
+)
 from rendezvous.sqlite_store import DB_NAME, SqliteStore, create_invite, read_stats
 from rendezvous.stats import read_live_stats, write_stats, write_stopped
 from rendezvous.tls import self_signed, server_tls
@@ -500,6 +506,19 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
                 raise ConfigError(f"cannot run {name.upper()} on {host}:{port} (UDP): "
                                   f"{reason} (--{name}-port N moves it, off turns it "
                                   "off)") from None
+        if "stun" in ports:
+            # STUN over TCP, for hole punching, runs and stops with STUN: on TCP the
+            # STUN's own number, except that STUN at the listen port P puts it at TCP
+            # P + 1 (the DHT has UDP P + 1); any free port when STUN's is 0.
+            listen, port = args.listen[1], ports["stun"]
+            if port == listen:
+                port = listen + 1 if listen < 65535 else 0
+            try:
+                services["stun_tcp"] = await start_stun_tcp(host, port)
+            except OSError as exc:
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ConfigError(f"cannot run STUN on {host}:{port} (TCP): {reason} "
+                                  "(--stun-port off turns it off)") from None
     except BaseException:
         for svc in services.values():
             await svc.aclose()

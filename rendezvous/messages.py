@@ -620,6 +620,7 @@ class Challenge:
     stun: int | None = None  # UDP port of the server's STUN service, if it runs one
     dht: int | None = None   # UDP port of its DHT bootstrap node, if it runs one
     key: bytes = b""         # the domain key (PUBLIC_KEY_LEN bytes on the wire)
+    stun_tcp: int | None = None  # TCP port of its STUN over TCP (for TCP hole punching)
 
     def fields(self) -> dict[str, Any]:
         return {"domain": self.domain, "nonce": self.nonce, "key": self.key, **self.services()}
@@ -629,15 +630,19 @@ class Challenge:
         return cls(f.str("domain", max_len=253, min_len=1), f.bytes("nonce", size=NONCE_LEN),
                    f.int("stun", lo=1, hi=65535, optional=True),
                    f.int("dht", lo=1, hi=65535, optional=True),
-                   f.bytes("key", size=PUBLIC_KEY_LEN))
+                   f.bytes("key", size=PUBLIC_KEY_LEN),
+                   f.int("stun_tcp", lo=1, hi=65535, optional=True))
 
     def services(self) -> dict[str, int]:
-        """The UDP ports announced here, by service name ("stun", "dht"); absent if not run."""
+        """The ports announced here, by service name ("stun", "dht" on UDP, "stun_tcp" on
+        TCP); absent if not run."""
         out: dict[str, int] = {}
         if self.stun is not None:
             out["stun"] = self.stun
         if self.dht is not None:
             out["dht"] = self.dht
+        if self.stun_tcp is not None:
+            out["stun_tcp"] = self.stun_tcp
         return out
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Protocol, cast
 
 from crypto.identity import DeviceIdentity
-from rendezvous.stun import StunServerProtocol, serve_stun
+from rendezvous.stun import StunServerProtocol, serve_stun, serve_stun_tcp
 
 IDENTITY_NAME = "server-identity.json"
 
@@ -88,6 +88,12 @@ class StunService:
 
     async def aclose(self) -> None:
         self._transport.close()
+
+
+async def start_stun_tcp(host: str, port: int) -> ExtraService:
+    """STUN over TCP on host:port (0: any free port), the service "stun_tcp": the mapping a
+    node's TCP hole punch dials from."""
+    return await serve_stun_tcp(host, port)
 
 
 def load_starter(name: str) -> ServiceStarter:

@@ -477,7 +477,8 @@ class ServerConnection:
         # A fresh nonce per attempt: a signature over an old one never verifies again.
         self.nonce = self._new_nonce()
         self._send(Challenge(self.domain, self.nonce, self._services.get("stun"),
-                             self._services.get("dht"), self.domain_key.public))
+                             self._services.get("dht"), self.domain_key.public,
+                             self._services.get("stun_tcp")))
 
     def _send(self, msg: ServerMessage) -> None:
         self._out.append(encode_frame(encode_server_message(msg), 1 << 31))

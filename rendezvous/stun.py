@@ -1,4 +1,4 @@
-"""STUN binding service (RFC 5389 / RFC 8489), so nodes learn their public UDP mapping.
+"""STUN binding service (RFC 5389 / RFC 8489), so nodes learn their public UDP and TCP mappings.
 
 A rendezvous server answers Binding requests with XOR-MAPPED-ADDRESS; nodes point aiortc
 at their own server's STUN port and never at a public default. Three layers:
@@ -8,7 +8,11 @@ at their own server's STUN port and never at a public default. Three layers:
   reply bytes or None, after a per-source-IP token bucket (a flood is dropped and counted);
 - asyncio adapters: `serve_stun()` (the server) and `query_mapping()` (a client that asks
   several servers from one local socket: the NAT lab uses it to tell an endpoint-
-  independent mapping from a symmetric one).
+  independent mapping from a symmetric one);
+- STUN over TCP (RFC 8489 section 6.2.2): `serve_stun_tcp()` answers one Binding request
+  per connection and holds it open a while; `query_tcp_mapping()` asks from a socket bound
+  with SO_REUSEADDR and SO_REUSEPORT, so a TCP hole punch can dial from the same local port
+  (the NAT maps it to the same public port when its mapping is endpoint-independent).
 
 Only what a Binding needs is implemented: no authentication (RFC 8489 section 9 says a
 Binding server may run without), no RFC 5780 CHANGE-REQUEST. A request carrying an unknown
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import ipaddress
 import os
+import socket
 import struct
 import zlib
 from collections.abc import Sequence
@@ -307,3 +313,190 @@ async def _one_query(transport: asyncio.DatagramTransport, proto: _ClientProtoco
                         continue  # a stray or late datagram; keep waiting for ours
         except TimeoutError:
             continue
+
+
+# --- STUN over TCP (RFC 8489 section 6.2.2): the mapping a TCP hole punch dials from --------
+
+TCP_READ_TIMEOUT = 5.0  # a client sends its request at once after connecting
+TCP_HOLD = 10.0  # then the connection stays up (it keeps the NAT's mapping) until it closes
+
+
+def tcp_message_length(head: bytes) -> int:
+    """The whole length of the STUN message whose first 20 bytes are `head`
+    (StunDecodeError if they can't start one within MAX_DATAGRAM)."""
+    mtype, length, cookie, _ = _HEADER.unpack_from(head)
+    if mtype & 0xC000 or cookie != MAGIC_COOKIE or length % 4 or 20 + length > MAX_DATAGRAM:
+        raise StunDecodeError("not the start of a STUN message")
+    return 20 + int(length)
+
+
+class StunTcpProtocol(asyncio.Protocol):
+    """One TCP connection to the STUN service: one Binding request in, one reply out, then
+    held open (at most TCP_HOLD s) until the client closes, so the client's NAT keeps the
+    mapping while the client punches from the same port. Anything else closes it."""
+
+    def __init__(self, responder: StunResponder, live: set[StunTcpProtocol],
+                 max_connections: int) -> None:
+        self.responder = responder
+        self._live = live
+        self._max = max_connections
+        self._buf = b""
+        self._answered = False
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        if len(self._live) >= self._max:
+            self.responder.stats.rate_limited += 1
+            self._transport.abort()
+            return
+        self._live.add(self)
+        self._timer = asyncio.get_running_loop().call_later(TCP_READ_TIMEOUT, self._close)
+
+    def data_received(self, data: bytes) -> None:
+        t = self._transport
+        if t is None or self._answered:
+            self._close()  # one request per connection
+            return
+        self._buf += data
+        if len(self._buf) < 20:
+            return
+        try:
+            need = tcp_message_length(self._buf[:20])
+        except StunDecodeError:
+            self.responder.stats.malformed += 1
+            self._close()
+            return
+        if len(self._buf) < need:
+            return
+        if len(self._buf) > need:  # more than one request: not a client of ours
+            self.responder.stats.malformed += 1
+            self._close()
+            return
+        peer = t.get_extra_info("peername")
+        loop = asyncio.get_running_loop()
+        reply = self.responder.datagram_received(self._buf, (str(peer[0]), int(peer[1])),
+                                                 loop.time())
+        self._buf = b""
+        if reply is None:
+            self._close()
+            return
+        t.write(reply)
+        self._answered = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_later(TCP_HOLD, self._close)
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._live.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._transport = None
+
+    def _close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class StunTcpServer:
+    """A listening STUN-over-TCP service: `address`, `stats()`, `aclose()`."""
+
+    def __init__(self, server: asyncio.Server, responder: StunResponder,
+                 live: set[StunTcpProtocol]) -> None:
+        self._server = server
+        self.responder = responder
+        self._live = live
+        sock = server.sockets[0].getsockname()
+        self.address: Address = (str(sock[0]), int(sock[1]))
+
+    def stats(self) -> dict[str, int]:
+        return dataclasses.asdict(self.responder.stats)
+
+    async def aclose(self) -> None:
+        """Stop listening and close the connections still held."""
+        self._server.close()
+        for proto in list(self._live):
+            proto._close()
+        await self._server.wait_closed()
+
+
+async def serve_stun_tcp(
+    host: str, port: int, *, rate: float = 20.0, burst: float = 40.0,
+    max_sources: int = 65536, max_connections: int = 1024,
+) -> StunTcpServer:
+    """Answer Binding requests over TCP on (host, port), at most `max_connections` at once.
+    `rate`/`burst` are per source IP, as on UDP."""
+    loop = asyncio.get_running_loop()
+    responder = StunResponder(rate=rate, burst=burst, max_sources=max_sources)
+    live: set[StunTcpProtocol] = set()
+    server = await loop.create_server(
+        lambda: StunTcpProtocol(responder, live, max_connections), host, port)
+    return StunTcpServer(server, responder, live)
+
+
+def reusable_socket(family: int, local: Address) -> socket.socket:
+    """A non-blocking TCP socket bound to `local` with SO_REUSEADDR and SO_REUSEPORT, so
+    that several sockets can dial out from one local port (to different destinations)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind(local)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass(slots=True)
+class TcpMapping:
+    """What a STUN server saw of one TCP connection: `mapped` (the public address), the
+    local address it was made from, and the socket, kept open because it holds the NAT's
+    mapping; close it when done with the port."""
+
+    mapped: Address
+    local: Address
+    sock: socket.socket
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def query_tcp_mapping(
+    server: Address, *, local: Address | None = None,
+    timeout: float = 3.0,  # noqa: ASYNC109 (the query's deadline)
+) -> TcpMapping:
+    """Connect to a STUN server over TCP from a reusable socket (`local`, default any
+    address and port of the server's family) and ask what it sees. TimeoutError or OSError
+    if it can't; StunDecodeError if it answers something else."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(server[0], server[1], type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"{server[0]} has no address")
+    family, _, _, _, target = infos[0]
+    if local is None:
+        local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
+    sock = reusable_socket(family, local)
+    try:
+        request, tid = binding_request()
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, target)
+            await loop.sock_sendall(sock, request)
+            data = b""
+            while len(data) < 20 or len(data) < tcp_message_length(data[:20]):
+                more = await loop.sock_recv(sock, MAX_DATAGRAM - len(data))
+                if not more:
+                    raise StunDecodeError("the STUN server closed before answering")
+                data += more
+        mapped = parse_binding_response(data, tid)
+        name = sock.getsockname()
+        return TcpMapping(mapped, (str(name[0]), int(name[1])), sock)
+    except BaseException:
+        sock.close()
+        raise

@@ -21,7 +21,7 @@ from overlay.dht import DhtNode
 from overlay.transports.relay import relay_accept, relay_dial
 from rendezvous.client import RendezvousClient
 from rendezvous.messages import RelayInvite
-from rendezvous.stun import query_mapping
+from rendezvous.stun import query_mapping, query_tcp_mapping
 
 from .conftest import DOMAIN, ident
 
@@ -119,7 +119,13 @@ async def test_serve_runs_stun_and_dht_and_reports_relay_counters(tmp_path: Path
         # Nodes learn both ports from the CHALLENGE.
         async with RendezvousClient("127.0.0.1", port, ALICE, "alice@example.net",
                                     register=True, tls=True) as a:
-            assert a.server_info == {"stun": stun_port, "dht": dht_port}
+            assert set(a.server_info) == {"stun", "dht", "stun_tcp"}
+            assert a.server_info["stun"] == stun_port and a.server_info["dht"] == dht_port
+
+        # STUN answers with the address it sees, over TCP too (hole punching asks there).
+        tcp = await query_tcp_mapping(("127.0.0.1", a.server_info["stun_tcp"]))
+        tcp.close()
+        assert tcp.mapped == ("127.0.0.1", tcp.local[1])
 
         # STUN answers with the address it sees; the DHT node answers a bootstrap.
         (mapped,) = await query_mapping([("127.0.0.1", stun_port)],

@@ -110,7 +110,7 @@ def rc(port: int, who: object, address: str, **kw: object) -> RendezvousClient:
 
 
 def free_port_pair() -> int:
-    """A port P whose TCP and UDP P and UDP P + 1 were free a moment ago."""
+    """A port P whose TCP and UDP P and UDP and TCP P + 1 were free a moment ago."""
     for _ in range(50):
         with socket.socket() as t:
             t.bind(("127.0.0.1", 0))
@@ -119,9 +119,10 @@ def free_port_pair() -> int:
                 continue
             try:
                 with socket.socket(type=socket.SOCK_DGRAM) as u1, \
-                        socket.socket(type=socket.SOCK_DGRAM) as u2:
+                        socket.socket(type=socket.SOCK_DGRAM) as u2, socket.socket() as t2:
                     u1.bind(("127.0.0.1", port))
                     u2.bind(("127.0.0.1", port + 1))
+                    t2.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
             return port
@@ -131,12 +132,13 @@ def free_port_pair() -> int:
 async def test_serve_runs_stun_at_the_port_and_the_dht_one_above(tmp_path: Path) -> None:
     port = free_port_pair()
     async with serve(tmp_path / "d", "--open-registration",
-                     listen=f"127.0.0.1:{port}") as srv:
+                     listen=f"127.0.0.1:{port}", expect=4) as srv:
         assert srv.lines == [f"listening 127.0.0.1:{port}",
                              f"stun listening 127.0.0.1:{port}",
-                             f"dht listening 127.0.0.1:{port + 1}"]
+                             f"dht listening 127.0.0.1:{port + 1}",
+                             f"stun_tcp listening 127.0.0.1:{port + 1}"]
         async with rc(srv.port, ALICE, "alice@example.net", register=True) as a:
-            assert a.server_info == {"stun": port, "dht": port + 1}
+            assert a.server_info == {"stun": port, "dht": port + 1, "stun_tcp": port + 1}
     async with serve(tmp_path / "e", "--open-registration", "--stun-port", "off",
                      "--dht-port", "off", expect=1) as srv:
         async with rc(srv.port, ALICE, "alice@example.net", register=True) as a:
