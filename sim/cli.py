@@ -3,6 +3,7 @@
     peerpost-sim list
     peerpost-sim run dht-lookup --seed 3 --out results/dht
     peerpost-sim run my.toml --set nodes=1000 --set dead_fraction=0.1
+    peerpost-sim sweep dht-lookup --grid params.nodes=100,200 --seeds 1,2,3 --out results/s
 
 `run` shows progress (steps done, virtual time), then writes DIR/NAME.csv (one row per
 measured item), DIR/summary.json (the summary, the scenario and the seed) and prints the
@@ -27,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rendezvous.cliutil import add_completion, add_version, completion_script, finish
+from sim import sweep
 from sim.plots import draw
 from sim.scenario import (
     ScenarioError,
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a [params] value; repeatable")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.add_parser(sub)
     add_completion(sub, parser.prog)
     finish(parser)
     args = parser.parse_args(argv)
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         print(completion_script(parser, args.shell), end="")
         return 0
     console = Console()
+    if args.command == "sweep":
+        return sweep.command(args)
     if args.command == "list":
         for name in builtin_names():
             console.print(name)

@@ -1,0 +1,520 @@
+"""`peerpost-sim sweep`: one scenario over a grid of parameter values and seeds.
+
+    peerpost-sim sweep dht-lookup --grid params.nodes=100,200,400 \\
+        --grid params.dead_fraction=0,0.2 --seeds 1,2,3 --out results/sweep
+    peerpost-sim sweep dht-lookup ... --dask tcp://scheduler:8786
+
+Each KEY is a dotted path into the scenario document (`params.nodes`, `network.loss`), each
+value a TOML scalar (`0.2`, `true`, `"overlay"`; a bare word is a string). Every combination
+of the grid times every seed is one run. Runs go to a local process pool (`--workers`,
+default one per CPU), or with `--dask ADDRESS` to an existing Dask cluster. A worker receives
+the scenario document as plain data and the seed, and returns plain data: the summary, the
+trace hash, the wall time and which worker ran it.
+
+The sweep writes DIR/sweep.csv (one row per run), DIR/sweep.json (the same rows with the
+grid and seeds) and DIR/METRIC-vs-KEY.png for each numeric summary metric and each swept
+key: the mean over seeds with min-max bars. A run that raised is a row with its error; the
+sweep goes on and exits 1.
+
+The trace hash of a run is the simulation's event digest (sim.trace): it depends on the
+scenario document and the seed only, so the same run gives the same hash in this process,
+in a pool worker or on a Dask worker on another machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import re
+import socket
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sim.scenario import ScenarioError, build_simulation, builtin_names, parse_scenario
+
+DASK_MISSING = ("--dask needs dask.distributed on this machine and on the workers: "
+                "install peerpost[dask] (pip install 'peerpost[dask]')")
+
+#: Columns every row has, after the swept keys and before the scenario's summary metrics.
+LEAD_COLUMNS = ["seed"]
+#: Columns every row has after the summary metrics.
+TAIL_COLUMNS = ["virtual_s", "callback_errors", "trace_hash", "wall_s", "worker",
+                "worker_address", "error"]
+
+
+class SweepError(ScenarioError):
+    """A grid, a seed list or a key is wrong; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One point of the sweep: the swept values (in grid order) and the seed."""
+
+    values: tuple[Any, ...]
+    seed: int
+
+
+# ---------------------------------------------------------------------------- grid parsing
+
+def _toml_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare word: a string, as `run --set` reads it
+
+
+def parse_grid_item(item: str) -> tuple[str, list[Any]]:
+    """`KEY=V1,V2,...` -> (KEY, values); values are TOML scalars, a bare word a string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or not raw.strip():
+        raise SweepError(f"--grid wants KEY=V1,V2,..., got {item!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", key):
+        raise SweepError(f"--grid key {key!r} must be a dotted path such as params.nodes")
+    if key == "seed":
+        raise SweepError("the seed is swept with --seeds, not --grid")
+    try:  # the whole list at once, so that a quoted "a,b" stays one value
+        values = list(tomllib.loads(f"v = [{raw}]")["v"])
+    except tomllib.TOMLDecodeError:
+        values = [_toml_value(part.strip()) for part in raw.split(",")]
+    if not values or any(v == "" for v in values):
+        raise SweepError(f"--grid {key}: empty value in {raw!r}")
+    if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+        raise SweepError(f"--grid {key}: a value is given twice in {raw!r}")
+    return key, values
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """Every --grid option, in the order given; a key given twice is an error."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, values = parse_grid_item(item)
+        if key in grid:
+            raise SweepError(f"--grid {key} is given twice")
+        grid[key] = values
+    return grid
+
+
+def parse_seeds(raw: str) -> list[int]:
+    """`1,2,3` or `1-5` (inclusive), or a mix: `1-3,10`."""
+    seeds: list[int] = []
+    for part in raw.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first = int(lo)
+            seeds.extend(range(first, int(hi) + 1) if dash else [first])
+        except ValueError:
+            raise SweepError(f"--seeds wants integers like 1,2,3 or 1-5, got {raw!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SweepError(f"--seeds wants distinct integers, got {raw!r}")
+    return seeds
+
+
+def set_path(doc: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted `key` in `doc`, creating missing tables."""
+    *tables, leaf = key.split(".")
+    node = doc
+    for i, name in enumerate(tables):
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise SweepError(f"--grid {key}: {'.'.join(tables[:i + 1])} is not a table")
+        node = child
+    if isinstance(node.get(leaf), dict):
+        raise SweepError(f"--grid {key} is a table; name a value inside it")
+    node[leaf] = value
+
+
+def load_document(name_or_path: str) -> dict[str, Any]:
+    """The decoded TOML of a built-in scenario (by name) or a scenario file (by path)."""
+    path = Path(name_or_path)
+    try:
+        if path.suffix == ".toml" or path.is_file():
+            text = path.read_text()
+        elif name_or_path in builtin_names():
+            text = resources.files("sim.scenarios").joinpath(f"{name_or_path}.toml").read_text()
+        else:
+            raise SweepError(f"no scenario file or built-in named {name_or_path!r} "
+                             f"(built-in: {', '.join(builtin_names())})")
+        return tomllib.loads(text)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SweepError(f"cannot read scenario {name_or_path!r}: {exc}") from None
+
+
+def plan(doc: Mapping[str, Any], grid: Mapping[str, list[Any]],
+         seeds: Sequence[int]) -> list[Run]:
+    """Every combination of the grid times every seed, each checked as a scenario first."""
+    runs: list[Run] = []
+    for values in itertools.product(*grid.values()):
+        point = document_for(doc, grid, values)
+        try:
+            parse_scenario(point)
+        except ScenarioError as exc:
+            shown = ", ".join(f"{k}={v!r}" for k, v in zip(grid, values, strict=True))
+            raise SweepError(f"{shown}: {exc}") from None
+        runs.extend(Run(tuple(values), seed) for seed in seeds)
+    return runs
+
+
+def document_for(doc: Mapping[str, Any], grid: Mapping[str, list[Any]],
+                 values: Sequence[Any]) -> dict[str, Any]:
+    """A copy of `doc` with each swept key set to its value."""
+    point = copy.deepcopy(dict(doc))
+    for key, value in zip(grid, values, strict=True):
+        set_path(point, key, value)
+    return point
+
+
+# ------------------------------------------------------------------------------ one run
+
+def _plain(value: Any) -> Any:
+    """A summary value as JSON-able data (numbers, strings, booleans, None, lists)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def simulate(doc: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, float, int]:
+    """Run the scenario `doc` with `seed`: (summary, trace hash, virtual s, callback errors)."""
+    from sim.scenarios import runner_for
+
+    spec = parse_scenario(doc)
+    runner = runner_for(spec.kind)
+    with build_simulation(spec.network, seed) as sim:
+        result = runner(sim, spec, None)
+        return result.summary, sim.trace.digest(), sim.now, len(sim.errors)
+
+
+def run_one(doc: dict[str, Any], seed: int, on_dask: bool = False) -> dict[str, Any]:
+    """One run, as a pool or Dask worker does it: plain data in, plain data out.
+
+    Never raises for a failing scenario: the error text is in "error".
+    """
+    for noisy in ("kademlia", "rpcudp"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    for chatty in ("peerpost", "overlay", "rendezvous", "aioice", "sim"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
+    out: dict[str, Any] = {"seed": seed, "worker": f"{socket.gethostname()}:{os.getpid()}",
+                           "worker_address": _dask_address() if on_dask else ""}
+    start = time.perf_counter()
+    try:
+        summary, digest, virtual, errors = simulate(doc, seed)
+    except Exception as exc:  # a failed run is a row, not a failed sweep
+        out |= {"error": f"{type(exc).__name__}: {exc}", "summary": {},
+                "wall_s": round(time.perf_counter() - start, 3)}
+        return out
+    metrics = {str(k): _plain(v) for k, v in summary.items() if k != "trace_digest"}
+    metrics.setdefault("virtual_s", round(virtual, 3))
+    out |= {"summary": metrics, "trace_hash": digest, "callback_errors": errors,
+            "wall_s": round(time.perf_counter() - start, 3),
+            "error": f"{errors} callbacks raised during the run" if errors else ""}
+    return out
+
+
+def _dask_address() -> str:
+    try:
+        distributed: Any = importlib.import_module("distributed")
+        return str(distributed.get_worker().address)
+    except (ImportError, ValueError):
+        return ""
+
+
+# -------------------------------------------------------------------------- executors
+
+Submit = Iterator[tuple[Run, dict[str, Any]]]
+
+
+def _local(doc: Mapping[str, Any], grid: Mapping[str, list[Any]], runs: Sequence[Run],
+           workers: int) -> Submit:
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures: dict[Future[dict[str, Any]], Run] = {
+            pool.submit(run_one, document_for(doc, grid, r.values), r.seed): r for r in runs}
+        try:
+            for fut in as_completed(futures):
+                yield futures[fut], _outcome(fut.result, futures[fut])
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+def _dask(doc: Mapping[str, Any], grid: Mapping[str, list[Any]], runs: Sequence[Run],
+          address: str) -> Submit:
+    try:  # typed as Any: dask.distributed's functions carry no annotations
+        distributed: Any = importlib.import_module("distributed")
+    except ImportError:
+        raise SweepError(DASK_MISSING) from None
+    try:
+        client = distributed.Client(address, timeout="20s")
+    except (OSError, TimeoutError) as exc:
+        raise SweepError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    try:
+        futures = {client.submit(run_one, document_for(doc, grid, r.values), r.seed, True,
+                                 pure=False): r for r in runs}
+        try:
+            for fut in distributed.as_completed(list(futures)):
+                yield futures[fut], _outcome(fut.result, futures[fut])
+        finally:
+            client.cancel(list(futures))
+    finally:
+        client.close()
+
+
+def _outcome(result: Callable[[], dict[str, Any]], run: Run) -> dict[str, Any]:
+    try:
+        return result()
+    except Exception as exc:  # a worker that died or raised: a row
+        return {"seed": run.seed, "summary": {}, "worker": "", "worker_address": "",
+                "error": f"{type(exc).__name__}: {exc}"}
+
+
+# ----------------------------------------------------------------------------- results
+
+def row_for(grid: Mapping[str, list[Any]], run: Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
+    """One CSV row: the swept values, the seed, the summary metrics, then the run's facts."""
+    row: dict[str, Any] = dict(zip(grid, run.values, strict=True))
+    row["seed"] = run.seed
+    row |= outcome.get("summary", {})
+    for column in TAIL_COLUMNS:
+        row.setdefault(column, outcome.get(column, ""))
+    return row
+
+
+def columns_of(grid: Mapping[str, list[Any]], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Swept keys, seed, every summary metric (in order of first appearance), run facts."""
+    fixed = [*grid, *LEAD_COLUMNS]
+    metrics: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            if key not in fixed and key not in TAIL_COLUMNS:
+                metrics[key] = None
+    tail = [c for c in TAIL_COLUMNS if c not in metrics]
+    return [*fixed, *metrics, *tail]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def numeric_metrics(grid: Mapping[str, list[Any]],
+                    rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Metrics with a number in some successful run that vary between runs (wall_s and
+    virtual_s included); one that is the same in every run is in the CSV, not plotted."""
+    skip = {*grid, "seed", "callback_errors", "trace_hash", "worker", "worker_address",
+            "error"}
+    seen: dict[str, set[float]] = {}
+    for row in rows:
+        if row.get("error"):
+            continue
+        for key, value in row.items():
+            if key not in skip and (number := _number(value)) is not None:
+                seen.setdefault(key, set()).add(number)
+    return [k for k, values in seen.items() if len(values) > 1 or len(rows) == 1]
+
+
+def slug(text: str) -> str:
+    """A file-name piece: letters, digits and dashes."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
+
+
+def _label(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def draw_plots(title: str, grid: Mapping[str, list[Any]], rows: Sequence[Mapping[str, Any]],
+               metrics: Sequence[str], out: Path) -> list[Path]:
+    """METRIC-vs-KEY.png: the mean over seeds with min-max bars, one line per combination
+    of the other swept keys (all of them pooled when there are more than six)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    taken: set[str] = set()
+    ok = [r for r in rows if not r.get("error")]
+    for metric in metrics:
+        for key, xs in grid.items():
+            if len(xs) < 2:
+                continue  # a key held at one value is a setting, not an axis
+            others = [k for k in grid if k != key and len(grid[k]) > 1]
+            combos = list(itertools.product(*(grid[k] for k in others)))
+            pooled = len(combos) > 6
+            numeric_x = all(_number(x) is not None for x in xs)
+            fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+            try:
+                for combo in [()] if pooled else combos:
+                    pts: list[tuple[float, float, float, float]] = []
+                    for i, x in enumerate(xs):
+                        ys = [y for r in ok
+                              if r[key] == x and (pooled or all(
+                                  r[k] == v for k, v in zip(others, combo, strict=True)))
+                              and (y := _number(r.get(metric))) is not None]
+                        if ys:
+                            at = float(x) if numeric_x else float(i)
+                            pts.append((at, sum(ys) / len(ys), min(ys), max(ys)))
+                    if not pts:
+                        continue
+                    label = ("all other values pooled" if pooled and others else
+                             ", ".join(f"{k}={_label(v)}"
+                                       for k, v in zip(others, combo, strict=True)) or None)
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                                yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                                marker="o", capsize=4, label=label)
+                if numeric_x:
+                    ax.set_xticks([float(x) for x in xs], [_label(x) for x in xs])
+                else:
+                    ax.set_xticks(range(len(xs)), [_label(x) for x in xs])
+                seeds = len({r["seed"] for r in rows})
+                ax.set_title(f"{title}: {metric}\nmean of {seeds} seeds, bars from min to max",
+                             fontsize="medium")
+                ax.set_xlabel(key)
+                ax.set_ylabel(metric)
+                ax.grid(True, alpha=0.3)
+                if ax.get_legend_handles_labels()[1]:
+                    ax.legend(loc="best", fontsize="small")
+                fig.tight_layout()
+                name = f"{slug(metric)}-vs-{slug(key)}"
+                while name in taken:
+                    name += "-"
+                taken.add(name)
+                path = out / f"{name}.png"
+                fig.savefig(path)
+                paths.append(path)
+            finally:
+                plt.close(fig)
+    return paths
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return value
+
+
+def write_outputs(out: Path, scenario: str, grid: Mapping[str, list[Any]], seeds: Sequence[int],
+                  rows: Sequence[Mapping[str, Any]],
+                  plot_metrics: Sequence[str] | None = None) -> list[Path]:
+    """sweep.csv, sweep.json and the plots; returns every path written."""
+    out.mkdir(parents=True, exist_ok=True)
+    columns = columns_of(grid, rows)
+    csv_path = out / "sweep.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({c: _cell(r.get(c)) for c in columns} for r in rows)
+    metrics = numeric_metrics(grid, rows)
+    if plot_metrics is not None:
+        metrics = [m for m in metrics if m in plot_metrics]
+    pngs = draw_plots(scenario, grid, rows, metrics, out)
+    json_path = out / "sweep.json"
+    json_path.write_text(json.dumps({
+        "scenario": scenario, "grid": grid, "seeds": list(seeds), "columns": columns,
+        "runs": list(rows), "failed": sum(1 for r in rows if r.get("error")),
+        "plots": [p.name for p in pngs]}, indent=2, default=str))
+    return [csv_path, json_path, *pngs]
+
+
+# ----------------------------------------------------------------------------- command
+
+def sweep(doc: Mapping[str, Any], grid: Mapping[str, list[Any]], seeds: Sequence[int],
+          out: Path, *, workers: int | None = None, dask: str | None = None,
+          plot_metrics: Sequence[str] | None = None,
+          log: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Run every combination of `grid` times `seeds`; write the results into `out`.
+
+    Returns the rows (in grid order, then seed order) and the paths written.
+    """
+    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    runs = plan(doc, grid, seeds)
+    name = str(doc.get("name", doc.get("kind", "scenario")))
+    where = f"the Dask cluster at {dask}" if dask else \
+        f"{workers or os.cpu_count() or 1} local worker processes"
+    say(f"sweep {name}: {len(runs)} runs ({len(runs) // len(seeds)} combinations x "
+        f"{len(seeds)} seeds) on {where}")
+    done: dict[Run, dict[str, Any]] = {}
+    start = time.perf_counter()
+    results = (_dask(doc, grid, runs, dask) if dask
+               else _local(doc, grid, runs, workers or os.cpu_count() or 1))
+    for run, outcome in results:
+        done[run] = row_for(grid, run, outcome)
+        elapsed = time.perf_counter() - start
+        eta = elapsed / len(done) * (len(runs) - len(done))
+        shown = " ".join(f"{k}={_label(v)}" for k, v in zip(grid, run.values, strict=True))
+        status = f"FAILED: {outcome['error']}" if outcome.get("error") else \
+            f"{outcome.get('wall_s', 0):.1f} s"
+        say(f"run {len(done)}/{len(runs)} done ({shown} seed={run.seed}) {status}; "
+            f"ETA {eta:.0f} s")
+    rows = [done[r] for r in runs]
+    paths = write_outputs(out, name, grid, seeds, rows, plot_metrics)
+    return rows, paths
+
+
+def add_parser(sub: Any) -> None:
+    """The `sweep` subcommand's arguments (`sub` is the CLI's subparsers object)."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "sweep", help="run a scenario over a grid of values and seeds (process pool or Dask)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", help="a name from `peerpost-sim list`, or a TOML file")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a dotted key of the scenario and its values (TOML); repeatable, "
+                        "every combination runs")
+    p.add_argument("--seeds", default="1", help="seeds, e.g. 1,2,3 or 1-5 (default: 1)")
+    p.add_argument("--out", default="results/sweep", help="output folder")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="local worker processes (default: one per CPU)")
+    p.add_argument("--dask", metavar="ADDRESS",
+                   help="run on an existing Dask cluster, e.g. tcp://scheduler:8786 "
+                        "(needs peerpost[dask])")
+    p.add_argument("--metric", action="append", metavar="NAME",
+                   help="plot only this summary metric; repeatable (default: every numeric one)")
+
+
+def command(args: argparse.Namespace) -> int:
+    """`peerpost-sim sweep`: 0 every run ok, 1 some run failed, 2 bad grid or scenario."""
+    try:
+        if args.workers is not None and args.workers < 1:
+            raise SweepError("--workers wants a positive number")
+        if args.dask:
+            try:
+                import distributed  # noqa: F401
+            except ImportError:
+                raise SweepError(DASK_MISSING) from None
+        doc = load_document(args.scenario)
+        rows, paths = sweep(doc, parse_grid(args.grid), parse_seeds(args.seeds),
+                            Path(args.out), workers=args.workers, dask=args.dask,
+                            plot_metrics=args.metric)
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = [r for r in rows if r.get("error")]
+    print(f"{len(rows) - len(failed)}/{len(rows)} runs ok"
+          + (f", {len(failed)} failed (see the error column)" if failed else ""))
+    csv_path, json_path, *pngs = paths
+    print(f"wrote {csv_path}, {json_path}"
+          + (f" and {len(pngs)} plots in {csv_path.parent}: " + ", ".join(p.name for p in pngs)
+             if pngs else ""))
+    return 1 if failed else 0
