@@ -12,6 +12,11 @@
   seconds), authenticating again each time; the server then flushes the queue again, so
   a push can repeat across sessions until it is REMOVEd (dedupe by message id). If the
   server refuses a re-authentication, reconnecting stops and requests raise that error.
+  With `alternates` (an async function returning the domain's servers, e.g. from its SRV
+  records) a reconnect that cannot reach the current server tries the others at once, in
+  the order given, skipping one that does not prove `server_key`; `on_failover(host,
+  port)` hears of the server it reached, which stays current. A domain's instances share
+  one database, so whichever it lands on flushes the same queue.
 - Each request waits at most `request_timeout` seconds in total. While reconnecting it
   waits for the session, and a request cut off by a lost connection is sent again on the
   next one: SEND and REMOVE are idempotent by message id, the others read only, except
@@ -50,7 +55,7 @@ import logging
 import random
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -230,7 +235,9 @@ class RendezvousClient:
                  max_frame: int = DEFAULT_MAX_FRAME, rng: random.Random | None = None,
                  tls: bool = False, server_key: bytes | None = None,
                  vouch: bytes | None = None, keepalive_interval: float = 20.0,
-                 keepalive_timeout: float = 45.0) -> None:
+                 keepalive_timeout: float = 45.0,
+                 alternates: Callable[[], Awaitable[Sequence[tuple[str, int]]]] | None = None,
+                 on_failover: Callable[[str, int], None] | None = None) -> None:
         if keepalive_interval > 0 and not keepalive_interval < keepalive_timeout:
             raise ValueError("keepalive_interval must be under keepalive_timeout (or 0: off)")
         self.host = host
@@ -263,6 +270,9 @@ class RendezvousClient:
         self._closed = False
         self._services: dict[str, int] = {}
         self.reconnects = 0
+        self.alternates = alternates
+        self.on_failover = on_failover
+        self.failovers = 0
 
     # --- lifecycle -----------------------------------------------------------------------
     @property
@@ -391,7 +401,7 @@ class RendezvousClient:
             await asyncio.sleep(Backoff(0.1, self.max_backoff, jitter=0.5).delay(attempt,
                                                                                 self._rng))
             try:
-                await self._connect_once()
+                await self._connect_any()
             except AuthenticationError as exc:
                 log.warning(kv("client.reauth_refused", address=self.address, text=exc.text))
                 self._fatal = exc
@@ -403,6 +413,38 @@ class RendezvousClient:
                 continue
             self.reconnects += 1
             attempt = 0
+
+    async def _connect_any(self) -> None:
+        """Connect to the current server, else to one of `alternates` (module text)."""
+        try:
+            await self._connect_once()
+            return
+        except (ConnectionLostError, RequestTimeoutError) as exc:
+            if self.alternates is None:
+                raise
+            first = exc
+        current = (self.host, self.port)
+        try:
+            others = [s for s in await self.alternates() if s != current]
+        except Exception as exc:
+            log.info(kv("client.alternates_failed", address=self.address, error=str(exc)))
+            raise first from None
+        for host, port in others:
+            self.host, self.port = host, port
+            try:
+                await self._connect_once()
+            except RendezvousError as exc:
+                log.info(kv("client.alternate_failed", address=self.address,
+                            server=f"{host}:{port}", text=exc.text))
+                continue
+            self.failovers += 1
+            log.warning(kv("client.failover", address=self.address,
+                           old=f"{current[0]}:{current[1]}", new=f"{host}:{port}"))
+            if self.on_failover is not None:
+                self.on_failover(host, port)
+            return
+        self.host, self.port = current
+        raise first
 
     def _on_lost(self, proto: _ClientProtocol) -> None:
         if proto is self._proto:

@@ -110,6 +110,7 @@ from crypto.codec import packb
 from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver
 from rendezvous.domainkey import DomainKey
 from rendezvous.federation import Federation
+from rendezvous.instances import InstanceBus, LocalBus
 from rendezvous.limits import Limits, TokenBucket
 from rendezvous.logfmt import kv
 from rendezvous.messages import (
@@ -149,6 +150,8 @@ from rendezvous.tls import ServerTls
 log = logging.getLogger("rendezvous.server")
 
 _SHUTDOWN_GRACE = 5.0
+# Seconds a PIPE message for a device on another instance is held for that instance to take.
+_PIPE_TRANSIT = 30.0
 
 Result = tuple[Status, str | None, dict[str, Any] | None]
 # `_dispatch` returns this when it has already written the reply itself (a splice).
@@ -368,18 +371,21 @@ class RendezvousServer:
                  domain_key: DomainKey | None = None, tls: ServerTls | None = None,
                  resolver: DomainResolver | object | None = _DEFAULT,
                  blocked_domains: frozenset[str] | set[str] = frozenset(),
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, bus: InstanceBus | None = None) -> None:
         """`rng` draws the outbound queue's backoff jitter. `domain_key` signs the server's half of
         every handshake (a throwaway key when None: in-process tests); `tls` makes the
         listener TLS 1.3 (None: plaintext, for the simulator and benchmarks), relay
         connections included. `resolver` finds other domains' servers and keys (default:
         DNS; None: no federation, foreign addresses are unknown as before);
-        `blocked_domains` are refused links."""
+        `blocked_domains` are refused links. `bus` shares presence and pushes with the
+        domain's other instances on the same database (rendezvous/instances.py; default:
+        this instance alone)."""
         self.domain = domain
         self.domain_key = domain_key or DomainKey.generate()
         self.tls = tls
         self.binding = tls.binding if tls is not None else b""
         self.store = store
+        self.bus: InstanceBus = bus or LocalBus()
         self.limits = limits or Limits()
         self.policy = RegistrationPolicy(open_registration, self.limits.max_devices_per_account)
         self.clock = clock
@@ -475,6 +481,7 @@ class RendezvousServer:
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         self._spawn(self._sweep(), name="sweep")
+        await self.bus.start(self, self.address)
         if self.federation is not None:
             await self.federation.start()
         log.info(kv("server.listening", domain=self.domain, host=sock[0], port=sock[1],
@@ -515,6 +522,7 @@ class RendezvousServer:
             conn.core.close("server shutting down")
             conn._pump()
         await self._tasks.aclose()
+        await self.bus.aclose()
         if self.federation is not None:
             await self.federation.aclose()
         with contextlib.suppress(Exception):
@@ -555,6 +563,7 @@ class RendezvousServer:
             "link_rate_limited": self.link_rate_limited,
             "relay_invites_forwarded": self.relay_invites_forwarded,
             "dht_domains_joined": self.dht_domains_joined,
+            **self.bus.snapshot(),
             **(self.federation.snapshot() if self.federation is not None else {}),
             **(self._relay.snapshot() if self._relay is not None else {}),
             **{f"{name}_{key.replace('.', '_')}": value
@@ -630,6 +639,7 @@ class RendezvousServer:
             self._count_session(conn, -1)
             if not sessions:
                 del self._online[peer_id]
+                self.bus.session_down(peer_id)
                 if not self._closing:
                     self._spawn(self._touch(peer_id))
 
@@ -762,6 +772,8 @@ class RendezvousServer:
             return
         self._go_online(conn, ev.peer_id)
         conn.flush_hi = outcome.hi
+        if announced := self.bus.session_up(ev.peer_id, outcome.hi):
+            self._spawn(self._bus_deliver_quiet(ev.peer_id, announced, conn))
         log.info(kv("auth.ok", peer=conn.peer, address=req.address, device=ev.peer_id,
                     registered=outcome.created, queued_first_page=len(outcome.first_page)))
         for queued in outcome.first_page:
@@ -1135,6 +1147,7 @@ class RendezvousServer:
         self.sends += 1
         for queued in outcome.stored:
             self._push_envelope(queued)
+        self.bus.stored(outcome.stored)
         return Status.OK, "stored", {"stored": len(outcome.stored)}
 
     def _push_envelope(self, queued: QueuedEnvelope) -> None:
@@ -1155,9 +1168,12 @@ class RendezvousServer:
             return Status.OK, None, FingerResult(address, tuple(
                 DeviceInfo(r.verify_key, False, None, {}, r.vouch) for r in records)).to_wire()
         now = self.clock()
+        online = {r.peer_id for r in records if self.is_online(r.peer_id)}
+        online.update(await self.bus.online_elsewhere(
+            [r.peer_id for r in records if r.peer_id not in online]))
         devices = tuple(
-            DeviceInfo(r.verify_key, self.is_online(r.peer_id),
-                       now if self.is_online(r.peer_id) else r.last_seen, r.advertise, r.vouch)
+            DeviceInfo(r.verify_key, r.peer_id in online,
+                       now if r.peer_id in online else r.last_seen, r.advertise, r.vouch)
             for r in records)
         return Status.OK, None, FingerResult(address, devices).to_wire()
 
@@ -1172,13 +1188,27 @@ class RendezvousServer:
             targets = [req.device]
         msg = PipeMessage(sender, sender_device, req.payload)
         online = [d for d in targets if d in self._online]
+        # Devices with a session on another instance: the message goes through the hold,
+        # which that instance takes at once (rendezvous/instances.py).
+        elsewhere = [d for d in await self.bus.online_elsewhere(
+            [d for d in targets if d not in self._online]) if d not in self._online]
         for device in online:
             for conn in self._online[device]:
                 conn.core.pipe(msg)
                 conn.flush_soon()
-        if online:
+        if elsewhere:
+            now = self.clock()
+            transit = min(max(req.hold_ms / 1000, _PIPE_TRANSIT), self.limits.max_pipe_hold)
+            for device in elsewhere:
+                refusal = await self.store.hold_pipe(device, msg, now + transit, now,
+                                                     self.pipe_quota)
+                if refusal is not None:
+                    return Status.QUOTA, refusal, None
+            self.bus.pipes_held(elsewhere)
+        if online or elsewhere:
             self.pipes_relayed += 1
-            return Status.OK, f"relayed to {len(online)} device(s)", {"relayed": len(online)}
+            n = len(online) + len(elsewhere)
+            return Status.OK, f"relayed to {n} device(s)", {"relayed": n}
         if req.hold_ms <= 0:
             return Status.NOT_ONLINE, f"{req.to} has no device online", None
         now = self.clock()
@@ -1190,6 +1220,7 @@ class RendezvousServer:
             self.pipes_held += 1
             if device in self._online:  # logged in while the hold was being stored
                 await self._deliver_held(device)
+        self.bus.pipes_held(targets)  # a session that began on another instance meanwhile
         return Status.OK, f"held for {len(targets)} device(s)", {"held": len(targets)}
 
     # --- the relay (relay.py) ------------------------------------------------------------
@@ -1219,7 +1250,7 @@ class RendezvousServer:
                 return (Status.NOT_FOUND, f"device {req.device.hex()} is not bound to "
                         f"{req.to}", None)
             sessions = self._online.get(req.device, [])
-            if not sessions:
+            if not sessions and not await self.bus.online_elsewhere([req.device]):
                 return (Status.NOT_ONLINE,
                         f"{req.to} device {req.device.hex()[:12]} is not online", None)
         elif self.federation is None:
@@ -1245,11 +1276,16 @@ class RendezvousServer:
                 if pending.outcome.done() and pending.outcome.result() is None:
                     return _REPLIED  # spliced meanwhile (an answer lost on the link)
                 return status, text, None
-        else:
+        elif sessions:
             invite = RelayInvite(caller, caller_device, req.session)
             for session in sessions:
                 session.core.relay_invite(invite)
                 session.flush_soon()
+        else:
+            # On another instance: the callee joins the splice here, at our address.
+            host, port = self.bus.address or self.address or ("127.0.0.1", 0)
+            self.bus.relay_invite(req.device, RelayInvite(
+                caller, caller_device, req.session, host, port, self.domain_key.public))
         try:
             async with asyncio.timeout(wait):
                 outcome = await pending.outcome
@@ -1291,6 +1327,59 @@ class RendezvousServer:
         caller.join(splice, 0)
         conn.join(splice, 1)
         return _REPLIED
+
+    # --- the other instances of the domain (rendezvous/instances.py) --------------------
+    def bus_local_devices(self) -> list[bytes]:
+        return list(self._online)
+
+    async def bus_deliver(self, device: bytes, seqs: set[int] | None,
+                          skip: set[int] | None = None, only: object | None = None) -> int:
+        """Push envelopes of `device` another instance stored (`InstanceBus`)."""
+        conns = [c for c in self._online.get(device, ()) if only is None or c is only]
+        if not conns:
+            return 0
+        after = min(c.flush_hi for c in conns)
+        if seqs is not None:
+            after = max(after, min(seqs) - 1)
+        upto = max(seqs) if seqs is not None else 2**63 - 1
+        pushed = 0
+        while after < upto:
+            page = await self.store.pending(device, after, upto, self.limits.flush_page,
+                                            self.clock())
+            for queued in page:
+                if (seqs is not None and queued.seq not in seqs) or (
+                        skip is not None and queued.seq in skip):
+                    continue
+                for conn in self._online.get(device, ()):
+                    if (only is None or conn is only) and queued.seq > conn.flush_hi:
+                        conn.core.deliver(queued.envelope)
+                        conn.flush_soon()
+                        pushed += 1
+            if len(page) < self.limits.flush_page:
+                break
+            after = page[-1].seq
+        self.delivered += pushed
+        return pushed
+
+    async def _bus_deliver_quiet(self, device: bytes, seqs: set[int], conn: _Connection) -> None:
+        with contextlib.suppress(RuntimeError):  # store closed during shutdown
+            await self.bus_deliver(device, seqs, only=conn)
+
+    async def bus_take_pipes(self, device: bytes) -> None:
+        await self._deliver_held(device)
+
+    def bus_relay_invite(self, device: bytes, invite: RelayInvite) -> bool:
+        sessions = self._online.get(device, ())
+        for session in sessions:
+            session.core.relay_invite(invite)
+            session.flush_soon()
+        return bool(sessions)
+
+    def bus_stats(self) -> dict[str, Any]:
+        return {"online_sessions": sum(len(v) for v in self._online.values()),
+                "online_devices": len(self._online), "sends": self.sends,
+                "delivered": self.delivered, "requests": self.requests,
+                "listening": f"{self.address[0]}:{self.address[1]}" if self.address else None}
 
     # --- housekeeping ------------------------------------------------------------------
     async def _save_relay_usage(self) -> None:

@@ -8,6 +8,11 @@ its config (never a new key, whatever the TXT record says now); the server it lo
 becomes the config's `server`. The name server asked is `$PEERPOST_RESOLVER`, else the
 config's `resolver` (`init --resolver`), else the system's: the environment wins, as for
 the other environment overrides. A node set up with `--server` never looks in DNS.
+
+The same holds on a reconnect: when the server a running node was logged in to dies (an
+instance of a domain that runs several on one database), the session's reconnect tries
+the other SRV targets within its backoff (`servers` is the client's `alternates`,
+`record` its `on_failover`), and the instance it lands on flushes the same queue.
 """
 
 from __future__ import annotations
@@ -52,6 +57,24 @@ class ServerFailover:
     def enabled(self) -> bool:
         """Only for a node whose server came from SRV, with a pinned key, over TLS."""
         return self.config.srv and bool(self.config.server_key) and not self.config.plaintext
+
+    async def servers(self) -> list[tuple[str, int]]:
+        """The domain's SRV targets in RFC 2782 order ([] unless `enabled`)."""
+        if not self.enabled:
+            return []
+        try:
+            return list((await self._get_resolver().resolve(self.domain)).servers)
+        except DomainLookupError as exc:
+            log.warning("cannot look for another server of %s: %s", self.domain, exc)
+            return []
+
+    def record(self, host: str, port: int) -> None:
+        """The session failed over to host:port: it becomes the config's `server`."""
+        where = _hostport(host, port)
+        log.warning("failed over from %s to %s (reconnect); recorded in %s",
+                    self.config.server, where, self.home.config_path)
+        self.config.server = where
+        self.home.save_config(self.config)
 
     def _get_resolver(self) -> DomainResolver:
         if self._resolver is None:

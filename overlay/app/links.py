@@ -66,7 +66,9 @@ class PeerLinks:
         return await self.rtc.dial(holder.address or "", holder.peer_id, hold=hold)
 
     async def _dial_relay(self, holder: Holder) -> Stream:
-        host, port = self.server
+        # The server the session is on now: another instance of the domain after a
+        # failover; the callee is invited to the same one.
+        host, port = self.rendezvous.host, self.rendezvous.port
         return await relay_dial(host, port, self.identity, self.address,
                                 holder.address or "", holder.peer_id,
                                 tls=self.rendezvous.tls, server_key=self.rendezvous.server_key)
@@ -80,7 +82,7 @@ class PeerLinks:
         self._spawn(self._serve_relayed(invite), "serve-relay")
 
     async def _serve_relayed(self, invite: RelayInvite) -> None:
-        host, port = self.server
+        host, port = self.rendezvous.host, self.rendezvous.port
         server_key = self.rendezvous.server_key
         if invite.host is not None and invite.port is not None and invite.key is not None:
             # A caller of another domain: its server hosts the splice, and must prove the

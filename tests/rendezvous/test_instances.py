@@ -1,0 +1,127 @@
+"""The instance bus on a real PostgreSQL: shared presence with a lease, events between
+instances (envelopes, held PIPE messages, relay invites), and the re-scan after the
+listening connection was cut."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from rendezvous.instances import PgInstanceBus, _Outgoing, decode_events, encode_events
+from rendezvous.messages import RelayInvite
+from rendezvous.records import Envelope
+from rendezvous.store import QueuedEnvelope
+
+D1, D2 = b"\x01" * 32, b"\x02" * 32
+
+
+class FakeHost:
+    """Records what the bus asks of its server."""
+
+    def __init__(self) -> None:
+        self.devices: list[bytes] = []
+        self.calls: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+    def bus_local_devices(self) -> list[bytes]:
+        return list(self.devices)
+
+    async def bus_deliver(self, device: bytes, seqs: set[int] | None,
+                          skip: set[int] | None = None, only: object | None = None) -> int:
+        await self.calls.put(("deliver", device, seqs, skip, time.perf_counter()))
+        return len(seqs or ())
+
+    async def bus_take_pipes(self, device: bytes) -> None:
+        await self.calls.put(("pipes", device))
+
+    def bus_relay_invite(self, device: bytes, invite: RelayInvite) -> bool:
+        self.calls.put_nowait(("invite", device, invite))
+        return True
+
+    def bus_stats(self) -> dict[str, Any]:
+        return {"online_sessions": len(self.devices)}
+
+
+def queued(seq: int, device: bytes) -> QueuedEnvelope:
+    return QueuedEnvelope(seq, Envelope(b"m" * 16, "a@example.net", "b@example.net", device,
+                                        0, b"blob", 0.0))
+
+
+@pytest.fixture
+async def buses(pg_url: str) -> AsyncIterator[tuple[PgInstanceBus, FakeHost, PgInstanceBus,
+                                                    FakeHost]]:
+    a, b = PgInstanceBus(pg_url, heartbeat=0.2), PgInstanceBus(pg_url, heartbeat=0.2)
+    ha, hb = FakeHost(), FakeHost()
+    await a.start(ha, ("127.0.0.1", 1001))
+    await b.start(hb, ("127.0.0.1", 1002))
+    try:
+        yield a, ha, b, hb
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+def test_events_round_trip_in_payloads_under_the_limit() -> None:
+    out = _Outgoing([(D1, n) for n in range(500)], [D2],
+                    [(D1, RelayInvite("a@x.net", D2, b"s" * 16, "h", 5, b"k" * 32))])
+    payloads = encode_events("inst", out)
+    assert len(payloads) > 1 and all(len(p.encode()) < 8000 for p in payloads)
+    events = [decode_events(p) for p in payloads]
+    assert [e for ev in events for e in ev.envelopes] == out.envelopes
+    assert [p for ev in events for p in ev.pipes] == [D2]
+    assert [i for ev in events for i in ev.invites] == out.invites
+    for bad in ("", "[]", '{"o":"x","v":[["e","zz",1]]}', '{"o":"x","v":[["q"]]}'):
+        with pytest.raises(ValueError):
+            decode_events(bad)
+
+
+async def test_presence_events_and_lease(
+        buses: tuple[PgInstanceBus, FakeHost, PgInstanceBus, FakeHost]) -> None:
+    a, ha, b, hb = buses
+    ha.devices.append(D1)
+    assert a.session_up(D1, 0) == set()
+    await a.settle()
+    assert await b.online_elsewhere([D1, D2]) == {D1: a.instance}
+    assert await a.online_elsewhere([D1]) == {}  # its own sessions are not "elsewhere"
+
+    # An envelope stored on b for a device on a: a reads it within a round trip or two.
+    t0 = time.perf_counter()
+    b.stored([queued(7, D2), queued(8, D1)])
+    kind, device, seqs, _, t1 = await asyncio.wait_for(ha.calls.get(), 5)
+    assert (kind, device, seqs) == ("deliver", D1, {8})
+    print(f"bus event latency {1000 * (t1 - t0):.1f} ms")
+    b.pipes_held([D1])
+    assert await asyncio.wait_for(ha.calls.get(), 5) == ("pipes", D1)
+    invite = RelayInvite("c@example.net", D2, b"s" * 16, "127.0.0.1", 1002, b"k" * 32)
+    b.relay_invite(D1, invite)
+    assert await asyncio.wait_for(ha.calls.get(), 5) == ("invite", D1, invite)
+    assert hb.calls.empty()  # b hears none of its own events
+
+    # A session that begins on b after an event for it was announced gets it replayed.
+    a.stored([queued(9, D2)])
+    await a.settle()
+    b.stored([queued(10, D2)])  # b's own: it pushed that one itself
+    await b.settle()
+    await asyncio.sleep(0.2)
+    assert b.session_up(D2, 8) == {9, 10}
+    assert b.session_up(D2, 9) == {10}
+
+    # The listener is cut: a listens again and re-reads the queues of its devices.
+    await b._conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1",
+        a._listener.get_server_pid())
+    kind, device, seqs, skip, _ = await asyncio.wait_for(ha.calls.get(), 10)
+    assert (kind, device, seqs) == ("deliver", D1, None) and 8 in skip
+    assert await asyncio.wait_for(ha.calls.get(), 5) == ("pipes", D1)
+    assert a.listener_reconnects == 1
+    b.stored([queued(11, D1)])
+    kind, device, seqs, _, _ = await asyncio.wait_for(ha.calls.get(), 5)
+    assert (kind, device, seqs) == ("deliver", D1, {11})
+
+    # a stops renewing its lease (as if killed): its device is offline for b after it.
+    a._conn.terminate()
+    await asyncio.sleep(a.lease + 0.3)
+    assert await b.online_elsewhere([D1]) == {}
