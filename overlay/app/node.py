@@ -132,11 +132,14 @@ class Node:
 
         host, port = parse_hostport(self.config.server, what="server")
         self._advertised = self._advertise()
+        self._failover = ServerFailover(self.home, self.config)
         self.rendezvous = RendezvousClient(host, port, self.identity, self.address,
                                            advertise=self._advertised, reconnect=True,
                                            tls=not self.config.plaintext,
                                            server_key=self.config.pinned_key(),
-                                           rng=random.Random(self.rng.getrandbits(64)))
+                                           rng=random.Random(self.rng.getrandbits(64)),
+                                           alternates=self._failover.servers,
+                                           on_failover=self._failover.record)
         await self._first_login()
         host, port = self.rendezvous.host, self.rendezvous.port  # another one after failover
         self._pin_server_key()
@@ -241,7 +244,7 @@ class Node:
         Each time it can't, a node whose server came from SRV records tries the domain's
         other servers (overlay.app.failover)."""
         attempt = 0
-        failover = ServerFailover(self.home, self.config)
+        failover = self._failover
         while True:
             try:
                 await self.rendezvous.start()
