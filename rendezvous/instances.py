@@ -151,6 +151,10 @@ class InstanceBus(Protocol):
 
     def snapshot(self) -> dict[str, Any]: ...
 
+    def instances(self) -> list[InstanceRow]:
+        """The domain's instances as last read with the lease ([]: this one alone)."""
+        ...
+
 
 class LocalBus:
     """One instance alone (the SQLite store): nothing to share."""
@@ -185,6 +189,9 @@ class LocalBus:
 
     def snapshot(self) -> dict[str, Any]:
         return {"instance": self.instance}
+
+    def instances(self) -> list[InstanceRow]:
+        return []
 
 
 class _Recent:
@@ -328,6 +335,7 @@ class PgInstanceBus:
         self.bad_events = 0
         self.listener_reconnects = 0
         self.rescans = 0
+        self._instances: list[InstanceRow] = []
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self, host: BusHost, address: tuple[str, int]) -> None:
@@ -422,6 +430,9 @@ class PgInstanceBus:
                 "bus_published": self.published, "bus_received": self.received,
                 "pushed_remote": self.pushed_remote, "bus_bad_events": self.bad_events,
                 "bus_listener_reconnects": self.listener_reconnects}
+
+    def instances(self) -> list[InstanceRow]:
+        return list(self._instances)
 
     # --- listening -------------------------------------------------------------------------
     async def _listen(self) -> None:
@@ -566,7 +577,7 @@ class PgInstanceBus:
             host = self._host
             stats = host.bus_stats() if host is not None else {}
             stats.update(pushed_remote=self.pushed_remote, bus_published=self.published,
-                         bus_received=self.received)
+                         bus_received=self.received, lease=self.lease)
             try:
                 async with self._lock:
                     found = await self._conn.fetchval(
@@ -584,6 +595,7 @@ class PgInstanceBus:
                         await self._conn.execute(
                             "DELETE FROM rv_instances WHERE heartbeat_at < "
                             "now() - make_interval(secs => $1)", self.lease + DEAD_AFTER)
+                    self._instances = await _instance_rows(self._conn, self.lease)
                 if self._listener is not None and self._listening.is_set():
                     await asyncio.wait_for(self._listener.fetchval("SELECT 1"), self.lease)
             except Exception as exc:
@@ -630,13 +642,17 @@ async def read_instances(dsn: str, lease: float = 3.0) -> list[InstanceRow]:
 
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(
-            "SELECT i.id, i.host, i.port, extract(epoch FROM i.started_at) AS started, "
-            "extract(epoch FROM now() - i.heartbeat_at) AS age, i.stats::text AS stats, "
-            "(SELECT count(*) FROM rv_presence p WHERE p.instance = i.id) AS sessions "
-            "FROM rv_instances i ORDER BY i.heartbeat_at DESC")
+        return await _instance_rows(conn, lease)
     finally:
         await conn.close()
+
+
+async def _instance_rows(conn: Any, lease: float) -> list[InstanceRow]:
+    rows = await conn.fetch(
+        "SELECT i.id, i.host, i.port, extract(epoch FROM i.started_at)::float8 AS started, "
+        "extract(epoch FROM now() - i.heartbeat_at)::float8 AS age, i.stats::text AS stats, "
+        "(SELECT count(*) FROM rv_presence p WHERE p.instance = i.id) AS sessions "
+        "FROM rv_instances i ORDER BY i.heartbeat_at DESC")
     out = []
     for r in rows:
         age = float(r["age"])
@@ -644,9 +660,13 @@ async def read_instances(dsn: str, lease: float = 3.0) -> list[InstanceRow]:
             stats = json.loads(r["stats"])
         except ValueError:
             stats = {}
-        out.append(InstanceRow(r["id"], r["host"], int(r["port"]), age < lease,
+        if not isinstance(stats, dict):
+            stats = {}
+        row_lease = stats.get("lease", lease)
+        alive = age < (row_lease if isinstance(row_lease, int | float) else lease)
+        out.append(InstanceRow(r["id"], r["host"], int(r["port"]), alive,
                                float(r["started"]), age, int(r["sessions"]),
-                               stats if isinstance(stats, dict) else {}))
+                               stats))
     return out
 
 

@@ -188,6 +188,7 @@ class ServerCollector(Collector):
                         self._db.get("queued", 0))
             yield gauge(p + "outbound_queue_depth", "envelopes waiting to be forwarded "
                         "to other domains", self._db.get("outbound", 0))
+        yield from self._instances(p)
         yield counter(p + "federation_forwarded", "envelopes forwarded to other domains",
                       n("fed_forwarded"))
         yield counter(p + "federation_bounced", "envelopes bounced to their sender",
@@ -211,6 +212,35 @@ class ServerCollector(Collector):
                               events)
             if sizes:
                 yield gauge(f"{p}{name}_size", f"{name} service table sizes", 0, sizes)
+
+
+    def _instances(self, p: str) -> Iterator[Metric]:
+        """This instance's id, and with several instances on one database the domain's
+        figures per instance (as each last renewed its lease: rendezvous/instances.py)."""
+        bus = self.server.bus
+        address = bus.address or self.server.address
+        yield gauge(p + "instance", "this instance of the domain (always 1)", 0,
+                    [({"instance_id": bus.instance,
+                       "address": f"{address[0]}:{address[1]}" if address else ""}, 1.0)])
+        rows = bus.instances()
+        if not rows:
+            return
+        live = [r for r in rows if r.alive]
+        yield gauge(p + "domain_instances", "instances of the domain by lease state", 0,
+                    [({"state": "alive"}, float(len(live))),
+                     ({"state": "expired"}, float(len(rows) - len(live)))])
+        for key, name, doc, make in (
+                ("online_sessions", "domain_sessions", "sessions per live instance", gauge),
+                ("delivered", "domain_messages_out", "envelopes pushed per live instance",
+                 counter),
+                ("sends", "domain_messages_in", "SEND requests stored per live instance",
+                 counter)):
+            yield make(p + name, doc, 0, [({"instance_id": r.id}, _num(r.stats.get(key)))
+                                          for r in live])
+
+
+def _num(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def _snap_int(snap: dict[str, Any]) -> Callable[[str], float]:
