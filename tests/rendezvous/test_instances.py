@@ -121,7 +121,11 @@ async def test_presence_events_and_lease(
     kind, device, seqs, _, _ = await asyncio.wait_for(ha.calls.get(), 5)
     assert (kind, device, seqs) == ("deliver", D1, {11})
 
-    # a stops renewing its lease (as if killed): its device is offline for b after it.
+    # a dies (its tasks and connections gone at once, as under kill -9): its device is
+    # offline for b once the lease ends.
+    await a._tasks.aclose()
     a._conn.terminate()
+    a._listener.terminate()
+    assert await b.online_elsewhere([D1]) == {D1: a.instance}
     await asyncio.sleep(a.lease + 0.3)
     assert await b.online_elsewhere([D1]) == {}
