@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import sys
-import time
 import tomllib
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +27,13 @@ from rich.table import Table
 from rendezvous.cliutil import add_completion, add_version, completion_script, finish
 from sim import sweep
 from sim.plots import draw
-from sim.scenario import (
-    ScenarioError,
-    ScenarioResult,
-    build_simulation,
-    builtin_names,
-    load_scenario,
-)
-from sim.scenarios import runner_for
+from sim.scenario import ScenarioError, ScenarioResult, builtin_names, load_scenario, run
+from sim.simulation import Simulation
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
-    """--set key=value, with value read as a TOML value (numbers, booleans, strings)."""
+    """--set key.path=value, the value read as TOML (numbers, booleans, strings, arrays,
+    inline tables); anything else is a string."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -69,48 +61,70 @@ def write_results(out: Path, name: str, result: ScenarioResult, meta: dict[str, 
     return csv_path
 
 
+def _commit() -> str | None:
+    """The source tree's git commit (with "+dirty" when it has changes), if it is a repo."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
+                              capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "crypto", "rendezvous", "overlay", "sim"], check=True,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _validate(args: argparse.Namespace, console: Console) -> int:
+    bad = 0
+    for name in args.scenario:
+        try:
+            spec = load_scenario(name, _parse_set(args.set))
+        except ScenarioError as exc:
+            bad += 1
+            console.print(f"{name}: [red]{len(exc.problems)} problem"
+                          f"{'s' if len(exc.problems) > 1 else ''}[/red]", highlight=False)
+            for line in exc.problems:
+                console.print(f"  {line}", highlight=False, markup=False)
+            continue
+        console.print(f"{name}: OK (runs as {spec.driver}, seed {spec.seed})",
+                      highlight=False)
+    return 2 if bad else 0
+
+
 def _run(args: argparse.Namespace, console: Console) -> int:
-    spec = load_scenario(args.scenario)
-    if args.set:
-        spec = replace(spec, params=spec.params | _parse_set(args.set))
+    spec = load_scenario(args.scenario, _parse_set(args.set))
     seed = spec.seed if args.seed is None else args.seed
-    # Lost RPCs are what a scenario measures; the packages would print each one. The real
-    # nodes and servers log as they do at home (a node waiting for its server, a source
-    # gone): hundreds of hosts would bury the progress bar, and the CSV has the outcome.
-    for noisy in ("kademlia", "rpcudp"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    for chatty in ("peerpost", "overlay", "rendezvous", "aioice"):
-        logging.getLogger(chatty).setLevel(logging.ERROR)
-    runner = runner_for(spec.kind)
-    sim = build_simulation(spec.network, seed)
-    wall = time.perf_counter()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("virtual {task.fields[vt]}"), TimeElapsedColumn())
-    with sim, Progress(*columns, console=console, disable=args.quiet) as bar:
+    with Progress(*columns, console=console, disable=args.quiet) as bar:
         task = bar.add_task(spec.name, total=None, vt="0s")
+        sims: list[Simulation] = []
 
         def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, vt=f"{sim.now:,.1f}s")
+            vt = f"{sims[0].now:,.1f}s" if sims else ""
+            bar.update(task, completed=done, total=total, vt=vt)
 
-        result = runner(sim, spec, progress)
-        errors = len(sim.errors)
-    elapsed = time.perf_counter() - wall
-    meta = {"scenario": spec.name, "kind": spec.kind, "seed": seed,
-            "network": asdict(spec.network), "params": spec.params,
-            "wall_s": round(elapsed, 3), "callback_errors": errors}
+        result = run(spec, seed, progress=progress, on_simulation=sims.append)
+    meta = {"scenario": spec.name, "runs_as": spec.driver, "seed": seed,
+            "trace_hash": result.trace_hash, "commit": _commit(),
+            "scenario_file": args.scenario, "document": spec.doc,
+            "wall_s": result.wall_s, "callback_errors": result.callback_errors}
     csv_path = write_results(Path(args.out), spec.name, result, meta)
     table = Table(title=f"{spec.name} (seed {seed})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.summary.items():
         table.add_row(key, str(value))
-    table.add_row("wall_s", f"{elapsed:.2f}")
-    table.add_row("callback_errors", str(errors))
+    table.add_row("wall_s", f"{result.wall_s:.2f}")
+    table.add_row("callback_errors", str(result.callback_errors))
     console.print(table)
     pngs = ", ".join(f"{p.name}.png" for p in result.plots)
     console.print(f"wrote {csv_path}, {Path(args.out) / 'summary.json'}"
                   + (f" and {pngs}" if pngs else ""))
-    return 0 if errors == 0 else 1
+    return 0 if result.callback_errors == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,13 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the built-in scenarios")
-    run = sub.add_parser("run", help="run a scenario (built-in name or TOML file)")
-    run.add_argument("scenario", help="a name from `peerpost-sim list`, or a TOML file")
-    run.add_argument("--seed", type=int, help="overrides the scenario's seed")
-    run.add_argument("--out", default="results", help="output folder")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a [params] value; repeatable")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    check = sub.add_parser("validate", help="check scenario files against the schema")
+    check.add_argument("scenario", nargs="+", help="a TOML file or a built-in name")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="set a key path first, e.g. topology.hosts=100; repeatable")
+    runp = sub.add_parser("run", help="run a scenario (built-in name or TOML file)")
+    runp.add_argument("scenario", help="a name from `peerpost-sim list`, or a TOML file")
+    runp.add_argument("--seed", type=int, help="overrides the scenario's seed")
+    runp.add_argument("--out", default="results", help="output folder")
+    runp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="set a key path, e.g. topology.hosts=100 or "
+                           "'topology.up={dist=\"fixed\", value=2.0}'; repeatable")
+    runp.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.add_parser(sub)
     add_completion(sub, parser.prog)
     finish(parser)
@@ -143,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(name)
         return 0
     try:
+        if args.command == "validate":
+            return _validate(args, console)
         return _run(args, console)
     except ScenarioError as exc:
         console.print(f"[red]error:[/red] {exc}")

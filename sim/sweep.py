@@ -45,7 +45,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sim.scenario import ScenarioError, build_simulation, builtin_names, parse_scenario
+from sim.scenario import ScenarioError, builtin_names, parse_scenario
 
 DASK_MISSING = ("--dask needs dask.distributed on this machine and on the workers: "
                 "install peerpost[dask] (pip install 'peerpost[dask]')")
@@ -194,13 +194,10 @@ def _plain(value: Any) -> Any:
 
 def simulate(doc: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, float, int]:
     """Run the scenario `doc` with `seed`: (summary, trace hash, virtual s, callback errors)."""
-    from sim.scenarios import runner_for
+    from sim.scenario import run
 
-    spec = parse_scenario(doc)
-    runner = runner_for(spec.kind)
-    with build_simulation(spec.network, seed) as sim:
-        result = runner(sim, spec, None)
-        return result.summary, sim.trace.digest(), sim.now, len(sim.errors)
+    result = run(doc, seed)
+    return result.summary, result.trace_hash, result.virtual_s, result.callback_errors
 
 
 def run_one(doc: dict[str, Any], seed: int, on_dask: bool = False) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """churn: a clip delivered to many recipients while a share of the hosts leave and join.
 
-The sender stays up; recipients come online at random times in `arrival_window_s`; a
-`churn_fraction` of the recipients then go offline and back (sessions and downtimes
-exponential with the given means) until `churn_s` seconds, after which everyone stays online.
+The sender stays up; recipients come online as workload.online says; a churn.share of the
+recipients then go offline and back (churn.session and churn.off_time distributions:
+exponential, Weibull, ...; or the events of a churn.trace file) until churn.until_s, after
+which everyone stays online.
 Every host runs the real `Node` with co-recipient sourcing, beside the real rendezvous server
 and its DHT bootstrap node (sim.scenarios.family_video.deliver). A host going offline loses
 its connections; its node reconnects when it is back, and a download whose sources all
@@ -15,90 +16,115 @@ The claim checked: every recipient online at the end completes, with bytes equal
 from __future__ import annotations
 
 import asyncio
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sim.churn import Churn, Exponential
+from sim.churn import Churn
 from sim.plots import Plot
-from sim.scenario import Progress, ScenarioResult, ScenarioSpec
+from sim.scenario import Peers, Progress, ScenarioResult, ScenarioSpec, churn_trace, draw, times
 from sim.scenarios.dht_lookup import percentile
-from sim.scenarios.family_video import MB, check_params, deliver, write_clip
+from sim.scenarios.family_video import (
+    MB,
+    PATHS,
+    Delivery,
+    Params,
+    deliver,
+    nat_summary,
+    path_plot,
+    path_summary,
+    write_clip,
+)
 from sim.simulation import Simulation
 
-COLUMNS = ["mode", "recipient", "churning", "online_at_s", "completed_at_s", "seconds",
-           "from_sender_mb", "from_peers_mb", "attempts", "bytes_equal"]
+COLUMNS = ["mode", "recipient", "churning", "nat", "free_rider", "online_at_s",
+           "completed_at_s", "seconds", "from_sender_mb", "from_peers_mb",
+           *PATHS.values(), "attempts", "bytes_equal"]
 
 
 @dataclass(frozen=True, slots=True)
-class Params:
-    """The [params] table of a churn scenario."""
+class Spread:
+    """A duration distribution from a scenario table ({dist = "weibull", ...})."""
 
-    recipients: int = 100
-    clip_mb: float = 20.0
-    arrival_window_s: float = 60.0
-    churn_fraction: float = 0.3
-    session_mean_s: float = 60.0
-    downtime_mean_s: float = 30.0
-    churn_s: float = 600.0
-    up_mbit: float = 5.0
-    down_mbit: float = 20.0
+    table: dict[str, Any]
 
-    @classmethod
-    def parse(cls, table: dict[str, Any]) -> Params:
-        """Check types and ranges; unknown keys are errors."""
-        return cls(**check_params(table, {
-            "recipients": (1, 10_000), "clip_mb": (0.001, 100_000),
-            "arrival_window_s": (0, 1e7), "churn_fraction": (0, 1),
-            "session_mean_s": (0.1, 1e7), "downtime_mean_s": (0.1, 1e7),
-            "churn_s": (0, 1e7), "up_mbit": (0.01, 1e5), "down_mbit": (0.01, 1e5)},
-            ints={"recipients"}))
+    def sample(self, rng: random.Random) -> float:
+        """One draw, in seconds (at least a millisecond)."""
+        return max(0.001, draw(self.table, rng))
 
 
 def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> ScenarioResult:
     """Run the delivery under churn; rows per recipient, summary, plots."""
-    p = Params.parse(spec.params)
-    up, down = p.up_mbit * 1e6 / 8, p.down_mbit * 1e6 / 8
+    p = Params.from_spec(spec, sim.rng_for("family-video/size"))
+    ch = spec.doc["churn"]
+    mode = p.modes[0]
     server = sim.add_host("rendezvous")
-    sender = sim.add_host("sender", up=up, down=down)
-    hosts = [sim.add_host(f"r{i}", up=up, down=down) for i in range(p.recipients)]
+    peers = Peers(sim, spec, p.recipients + 1)
+    sender = peers.add("sender")
+    hosts = [peers.add(f"r{i}") for i in range(p.recipients)]
     rng = sim.rng_for("churn/plan")
-    online_at = [rng.uniform(0, p.arrival_window_s) for _ in hosts]
-    churning = rng.sample(range(p.recipients), int(p.churn_fraction * p.recipients))
-    churn = Churn([hosts[i] for i in churning], sessions=Exponential(p.session_mean_s),
-                  downtimes=Exponential(p.downtime_mean_s), rng=sim.rng_for("churn/flips"))
+    online_at = times(p.online, len(hosts), rng)
+    events = churn_trace(spec) if "trace" in ch else []
+    if events:
+        churning = sorted({h for h, _, _ in events})
+    else:
+        churning = rng.sample(range(p.recipients), int(ch["share"] * p.recipients))
+    riders = frozenset(sim.rng_for("family-video/free-riders").sample(
+        range(p.recipients), int(p.free_riders * p.recipients)))
+    session = Spread(ch.get("session") or {"dist": "exponential", "mean": 60.0})
+    off_time = Spread(ch.get("off_time") or {"dist": "exponential", "mean": 30.0})
+    churn = Churn([hosts[i] for i in churning], sessions=session, downtimes=off_time,
+                  rng=sim.rng_for("churn/flips"))
+    flips = [0]
     done = [0]
 
-    async def main(root: Path) -> list[dict[str, Any]]:
+    def replay() -> list[asyncio.TimerHandle]:
+        def flip(i: int, online: bool) -> None:
+            if hosts[i].online != online:
+                (hosts[i].go_online if online else hosts[i].go_offline)()
+                flips[0] += 1
+        return [sim.loop.call_later(at, flip, i, online, context=hosts[i].context)
+                for i, at, online in events if at < ch["until_s"]]
+
+    async def main(root: Path) -> Delivery:
         clip = root / "clip.bin"
         write_clip(clip, int(p.clip_mb * MB), f"{sim.seed}/clip")
         stopper: list[asyncio.TimerHandle] = []
 
         def start_churn() -> None:  # once every address is registered
-            churn.start()
-            stopper.append(sim.loop.call_later(p.churn_s, _end_churn, churn, hosts))
+            if events:
+                stopper.extend(replay())
+            else:
+                churn.start()
+            stopper.append(sim.loop.call_later(ch["until_s"], _end_churn, churn, hosts))
 
         try:
             d = await deliver(sim, server, sender, hosts, root, clip, online_at,
-                              co_recipients=True, done=done, progress=progress,
-                              total=p.recipients, mode="churn", after_setup=start_churn)
+                              co_recipients=mode == "on", done=done, progress=progress,
+                              total=p.recipients, mode=mode, after_setup=start_churn,
+                              nat_of=peers.nat_of, free_riders=riders, sample_s=p.sample_s)
         finally:
             for handle in stopper:
                 handle.cancel()
             _end_churn(churn, hosts)
         await d.close()
-        return d.rows
+        return d
 
     with tempfile.TemporaryDirectory(prefix="peerpost-sim-") as tmp:
-        rows = sim.run(main(Path(tmp)))
+        d = sim.run(main(Path(tmp)))
+    rows = d.rows
     marked = set(f"r{i}" for i in churning)
     for r in rows:
-        r["mode"] = "churn"
         r["churning"] = r["recipient"] in marked
     secs = [r["seconds"] for r in rows]
     summary: dict[str, Any] = {
-        "recipients": p.recipients, "churning": len(churning), "host_flips": churn.changes,
+        "recipients": p.recipients, "churning": len(churning),
+        "host_flips": churn.changes + flips[0],
+        "churn": (f"trace {ch['trace']}" if events else
+                  f"sessions {session.table}, off times {off_time.table}")
+        + f", until {ch['until_s']:g} s",
         "completed": f"{len(rows)}/{p.recipients}",
         "all bytes equal": all(r["bytes_equal"] for r in rows),
         "completion p50 s": round(percentile(secs, 0.5), 1),
@@ -108,12 +134,15 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
                      "with its DHT bootstrap node",
         "payload": "real bytes: sealed, hashed, verified, written",
         "trace_digest": sim.trace.digest()}
+    summary |= nat_summary(spec, peers.nat_of, p.free_riders)
+    summary |= path_summary("", rows, d, spec)
     plots = [Plot("completion-cdf", "cdf",
                   f"{p.clip_mb:g} MB to {p.recipients} recipients, "
-                  f"{int(p.churn_fraction * 100)}% churning",
+                  f"{len(churning)} churning",
                   "completion time after coming online (s, virtual)", "fraction of recipients",
                   {"churning hosts": [r["seconds"] for r in rows if r["churning"]],
-                   "steady hosts": [r["seconds"] for r in rows if not r["churning"]]})]
+                   "steady hosts": [r["seconds"] for r in rows if not r["churning"]]}),
+             path_plot(rows, mode)]
     return ScenarioResult(COLUMNS, rows, summary, plots)
 
 

@@ -30,19 +30,19 @@ from typing import Any
 
 from sim.network.host import Host
 from sim.plots import Plot
-from sim.scenario import Progress, ScenarioError, ScenarioResult, ScenarioSpec
+from sim.scenario import Progress, ScenarioResult, ScenarioSpec
 from sim.simulation import Simulation
 
 PORT = 8468
 EPOCH = 1.7e9  # provider records carry wall-clock expiries: a plausible virtual wall clock
-COLUMNS = ["lookup", "dead_fraction", "node", "key", "found", "seconds", "queries",
+COLUMNS = ["lookup", "dead_fraction", "sybil_share", "node", "key", "found", "seconds", "queries",
            "messages"]
 IMPLEMENTATIONS = ("overlay", "kademlia")
 
 
 @dataclass(frozen=True, slots=True)
 class Params:
-    """The [params] table of a dht-lookup scenario."""
+    """What a dht-lookup run reads from its scenario's sections."""
 
     nodes: int = 200
     keys: int = 10
@@ -54,36 +54,23 @@ class Params:
     alpha: int = 3
     concurrency: int = 1
     implementation: str = "overlay"
+    sybil_shares: tuple[float, ...] = (0.0,)
+    sybil_behaviour: str = "eclipse"
 
     @classmethod
-    def parse(cls, table: dict[str, Any]) -> Params:
-        """Check types and ranges; unknown keys are errors."""
-        limits: dict[str, tuple[float, float]] = {
-            "nodes": (2, 100_000), "keys": (1, 10_000), "lookups": (0, 1_000_000),
-            "healthy_lookups": (0, 1_000_000), "dead_fraction": (0.0, 0.9),
-            "bootstrap_batch": (1, 10_000), "ksize": (1, 32),
-            "alpha": (1, 20), "concurrency": (1, 10_000)}
-        unknown = set(table) - set(limits) - {"implementation"}
-        if unknown:
-            raise ScenarioError(f"unknown dht-lookup params: {', '.join(sorted(unknown))}")
-        values: dict[str, Any] = {}
-        impl = table.get("implementation", "overlay")
-        if impl not in IMPLEMENTATIONS:
-            raise ScenarioError(f"params.implementation must be one of {IMPLEMENTATIONS}, "
-                                f"not {impl!r}")
-        values["implementation"] = impl
-        for key, (lo, hi) in limits.items():
-            if key not in table:
-                continue
-            v = table[key]
-            want_int = key != "dead_fraction"
-            if isinstance(v, bool) or not isinstance(v, int if want_int else int | float):
-                what = "an integer" if want_int else "a number"
-                raise ScenarioError(f"params.{key} must be {what}")
-            if not lo <= v <= hi:
-                raise ScenarioError(f"params.{key} must be in [{lo:g}, {hi:g}], got {v}")
-            values[key] = v
-        return cls(**values)
+    def from_spec(cls, spec: ScenarioSpec) -> Params:
+        """topology.hosts, workload.*, churn.dead_share, dht.*, adversaries.sybil_*."""
+        w, dht, adv = spec.doc["workload"], spec.doc["dht"], spec.doc["adversaries"]
+        shares = adv["sybil_share"]
+        return cls(nodes=spec.doc["topology"]["hosts"], keys=w["keys"], lookups=w["lookups"],
+                   healthy_lookups=w["healthy_lookups"],
+                   dead_fraction=spec.doc["churn"]["dead_share"],
+                   bootstrap_batch=dht["bootstrap_batch"], ksize=dht["ksize"],
+                   alpha=dht["alpha"], concurrency=w["concurrency"],
+                   implementation=dht["implementation"],
+                   sybil_shares=tuple(float(x) for x in shares) if isinstance(shares, list)
+                   else (float(shares),),
+                   sybil_behaviour=adv["sybil_behaviour"])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,10 +89,12 @@ class _Dht:
     lookup: Callable[[int], Coroutine[Any, Any, bool]]
     sent: Callable[[], int]
     stop: Callable[[], Coroutine[Any, Any, None]]
+    peer_id: bytes = b""
+    node: Any = None
 
 
-def _overlay_node(sim: Simulation, p: Params, host: Host, i: int,
-                  contents: list[bytes]) -> _Dht:
+def _overlay_node(sim: Simulation, p: Params, host: Host, i: int, contents: list[bytes],
+                  providers: dict[int, bytes]) -> _Dht:
     from crypto.identity import DeviceIdentity
     from overlay.dht.node import DhtNode
 
@@ -113,6 +102,7 @@ def _overlay_node(sim: Simulation, p: Params, host: Host, i: int,
     node = DhtNode(identity, ksize=p.ksize, alpha=p.alpha, wall=lambda: EPOCH + sim.now,
                    rng=sim.rng_for(f"dht/{i}"))
     d = _Dht()
+    d.peer_id, d.node = identity.peer_id, node
 
     async def start(seeds: list[tuple[str, int]]) -> None:
         await node.listen("0.0.0.0", PORT)
@@ -123,16 +113,17 @@ def _overlay_node(sim: Simulation, p: Params, host: Host, i: int,
         return await node.announce(contents[k], [f"{host.address}:9000"], "sim:4500") > 0
 
     async def lookup(k: int) -> bool:
+        # Found: the real provider's record came back (a Sybil's forged one does not count).
         found = await node.find_providers(contents[k], limit=1)
-        return any(r.content_id == contents[k] for r in found)
+        return any(r.content_id == contents[k] and r.peer_id == providers[k] for r in found)
 
     d.start, d.publish, d.lookup, d.stop = start, publish, lookup, node.aclose
     d.sent = lambda: node.protocol.counters["rpc.sent"]
     return d
 
 
-def _kademlia_node(sim: Simulation, p: Params, host: Host, i: int,
-                   contents: list[bytes]) -> _Dht:
+def _kademlia_node(sim: Simulation, p: Params, host: Host, i: int, contents: list[bytes],
+                   providers: dict[int, bytes]) -> _Dht:
     from kademlia.network import Server
 
     node_id = hashlib.sha1(sim.rng_for(f"dht-id/{i}").randbytes(20)).digest()
@@ -158,24 +149,149 @@ def _kademlia_node(sim: Simulation, p: Params, host: Host, i: int,
     return d
 
 
+def _turn_sybil(node: Any, behaviour: str, sybils: list[Any], sim: Simulation) -> None:
+    """Make one overlay DHT node a Sybil: its protocol answers as `behaviour` says.
+
+    eclipse: every FIND_NODE / FIND_PROVIDERS gets the `ksize` Sybils closest to the key,
+    never a record, and a STORE is acknowledged and thrown away; drop: it asks but never
+    answers; lie: honest contacts, but FIND_PROVIDERS gets a provider record of its own
+    (validly signed by itself, naming an address nobody listens on), and STOREs vanish.
+    """
+    from overlay.dht.errors import RemoteProtocolError
+    from overlay.dht.records import ProviderRecord, dht_key
+    from overlay.dht.wire import Contact, FindNode, FindProviders, Nodes, Ping, Pong, Stored
+
+    protocol = node.protocol
+    honest_answer = protocol._answer
+    loop_time = protocol._loop.time
+
+    def closest_sybils(key: bytes) -> tuple[Any, ...]:
+        target = int.from_bytes(key, "big")
+        ranked = sorted(sybils, key=lambda c: int.from_bytes(c.node_id, "big") ^ target)
+        return tuple(ranked[:protocol.ksize])
+
+    def answer(body: Any, source: tuple[str, int]) -> Any:
+        protocol.counters["sybil.answered"] += 1
+        if isinstance(body, Ping):
+            return Pong()
+        token = protocol.tokens.issue(*source, loop_time())
+        if behaviour == "eclipse":
+            if isinstance(body, FindNode):
+                return Nodes(closest_sybils(body.target), token)
+            if isinstance(body, FindProviders):
+                return Nodes(closest_sybils(dht_key(body.content_id)), token)
+            return Stored()
+        # lie
+        if isinstance(body, FindProviders):
+            honest = honest_answer(body, source)
+            forged = ProviderRecord.create(node.identity, body.content_id,
+                                           ["192.0.2.1:9"], "sim:4500", EPOCH + sim.now)
+            return Nodes(honest.contacts, token, (forged.encode(),))
+        if isinstance(body, FindNode):
+            return honest_answer(body, source)
+        return Stored()
+
+    if behaviour == "drop":
+        def drop(msg: Any, source: tuple[str, int], size: int) -> None:
+            protocol.counters["sybil.dropped"] += 1
+            raise RemoteProtocolError("not_serving")
+
+        protocol._on_request = drop
+    else:
+        protocol._answer = answer
+    _ = Contact  # the contacts handed out are the Sybils' own
+
+
 def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> ScenarioResult:
-    """Run the scenario on `sim` and return its rows and summary."""
-    p = Params.parse(spec.params)
-    rng = sim.rng_for("dht-lookup")
-    net = spec.network
-    hosts = [sim.add_host(f"n{i}", up=net.up, down=net.down) for i in range(p.nodes)]
-    contents = [sim.rng_for(f"content/{k}").randbytes(32) for k in range(p.keys)]
-    make = _overlay_node if p.implementation == "overlay" else _kademlia_node
-    nodes = [make(sim, p, h, i, contents) for i, h in enumerate(hosts)]
+    """Run the scenario (one simulation per Sybil share, same seed); rows, summary, plots."""
+    from sim.scenario import build_simulation, combine_hashes
+
+    p = Params.from_spec(spec)
     rows: list[dict[str, Any]] = []
-    total = p.nodes + p.keys + p.lookups + p.healthy_lookups
+    digests: list[str] = []
+    summaries: dict[float, dict[str, Any]] = {}
+    total = (p.nodes + p.keys + p.lookups + p.healthy_lookups) * len(p.sybil_shares)
+    for n, share in enumerate(p.sybil_shares):
+        s = sim if n == 0 else build_simulation(spec, sim.seed)
+        try:
+            got, summaries[share] = _run_share(s, spec, p, share, progress, len(rows), total)
+            rows += got
+            digests.append(s.trace.digest())
+            if s is not sim:
+                sim.errors.extend(s.errors)
+        finally:
+            if s is not sim:
+                s.close()
+    label = f"{p.implementation}, {p.nodes} nodes"
+    if p.sybil_shares == (0.0,):
+        summary = summaries[0.0]
+        curves = {f"{int(f * 100)}% dead": f for f in sorted({r["dead_fraction"] for r in rows})}
+
+        def pick(col: str, f: float) -> list[float]:
+            return [r[col] for r in rows if r["dead_fraction"] == f]
+    else:
+        summary = {"implementation": p.implementation, "nodes": p.nodes,
+                   "sybil_behaviour": p.sybil_behaviour}
+        for share, part in summaries.items():
+            for key in ("sybils", "success_rate", "lookup_p50_s", "lookup_p90_s",
+                        "found_p50_s", "queries_per_lookup"):
+                summary[f"sybil {share:g}: {key}"] = part.get(key)
+        label += f", Sybils {p.sybil_behaviour}"
+        curves = {f"{int(f * 100)}% Sybils": f for f in p.sybil_shares}
+
+        def pick(col: str, f: float) -> list[float]:
+            return [r[col] for r in rows if r["sybil_share"] == f
+                    and r["dead_fraction"] == p.dead_fraction]
+    plots = [
+        Plot("lookup-latency-cdf", "cdf", f"Provider lookup latency ({label})",
+             "lookup time (s, virtual)", "fraction of lookups",
+             {name: pick("seconds", f) for name, f in curves.items()}),
+        Plot("lookup-messages-cdf", "cdf", f"Messages delivered per lookup ({label})",
+             "messages delivered during the lookup", "fraction of lookups",
+             {name: pick("messages", f) for name, f in curves.items()}),
+    ]
+    if p.sybil_shares != (0.0,):
+        plots += [
+            Plot("sybil-success", "series", f"Lookup success as Sybils grow ({label})",
+                 "share of DHT nodes that are Sybils", "lookups finding the real provider",
+                 {"success rate": [(f, summaries[f]["success_rate"] or 0.0)
+                                   for f in p.sybil_shares]}),
+            Plot("sybil-latency", "series", f"Lookup latency as Sybils grow ({label})",
+                 "share of DHT nodes that are Sybils", "lookup time (s, virtual)",
+                 {q: [(f, summaries[f][f"lookup_{q}_s"] or 0.0) for f in p.sybil_shares]
+                  for q in ("p50", "p90")})]
+    return ScenarioResult(COLUMNS, rows, summary, plots, trace_hash=combine_hashes(digests))
+
+
+def _run_share(sim: Simulation, spec: ScenarioSpec, p: Params, share: float,
+               progress: Progress | None, before: int,
+               total: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from sim.scenario import Peers
+
+    rng = sim.rng_for("dht-lookup")
+    peers = Peers(sim, spec, p.nodes)
+    hosts = [peers.add(f"n{i}", nat=False) for i in range(p.nodes)]
+    contents = [sim.rng_for(f"content/{k}").randbytes(32) for k in range(p.keys)]
+    # Sybils: never node 0 (everyone's first contact), drawn from their own generator so the
+    # rest of the plan is the same for every share.
+    sybil_ids = set(sim.rng_for("dht-lookup/sybils").sample(range(1, p.nodes),
+                                                            int(share * p.nodes)))
+    honest = [i for i in range(p.nodes) if i not in sybil_ids]
+    providers: dict[int, bytes] = {}
+    make = _overlay_node if p.implementation == "overlay" else _kademlia_node
+    nodes = [make(sim, p, h, i, contents, providers) for i, h in enumerate(hosts)]
+    rows: list[dict[str, Any]] = []
     phases: dict[str, float] = {"started": 0, "stored": 0}
 
     def tick() -> None:
         if progress is not None:
-            progress(int(phases["started"] + phases["stored"]) + len(rows), total)
+            progress(before + int(phases["started"] + phases["stored"]) + len(rows), total)
 
     async def main() -> None:
+        from overlay.dht.wire import Contact
+
+        sybil_contacts = [Contact(nodes[i].peer_id, hosts[i].address, PORT)
+                          for i in sorted(sybil_ids)]
         await hosts[0].create_task(nodes[0].start([]))
         phases["started"] = 1
         tick()
@@ -184,14 +300,18 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
             seeds = [[(hosts[rng.randrange(lo)].address, PORT)] for _ in wave]
             await asyncio.gather(*(hosts[i].create_task(nodes[i].start(s))
                                    for i, s in zip(wave, seeds, strict=True)))
+            for i in wave:
+                if i in sybil_ids:
+                    _turn_sybil(nodes[i].node, p.sybil_behaviour, sybil_contacts, sim)
             phases["started"] = wave[-1] + 1
             tick()
         phases["bootstrapped"] = sim.now
         stored = 0
-        providers: set[int] = set()
+        chosen: set[int] = set()
         for k in range(p.keys):
-            i = rng.randrange(p.nodes)
-            providers.add(i)
+            i = honest[rng.randrange(len(honest))]
+            chosen.add(i)
+            providers[k] = nodes[i].peer_id
             stored += await hosts[i].create_task(nodes[i].publish(k))
             phases["stored"] = k + 1
             tick()
@@ -202,19 +322,20 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
             async with gate:
                 t0, m0, q0 = sim.now, sim.trace.messages, nodes[i].sent()
                 found = await hosts[i].create_task(nodes[i].lookup(k))
-                rows.append({"lookup": n, "dead_fraction": dead, "node": i, "key": k,
-                             "found": found, "seconds": round(sim.now - t0, 6),
+                rows.append({"lookup": n, "dead_fraction": dead, "sybil_share": share,
+                             "node": i, "key": k, "found": found,
+                             "seconds": round(sim.now - t0, 6),
                              "queries": nodes[i].sent() - q0,
                              "messages": sim.trace.messages - m0})
                 tick()
 
         async def lookups(first: int, count: int, dead: float) -> None:
-            live = [i for i in range(p.nodes) if hosts[i].online]
+            live = [i for i in honest if hosts[i].online]
             plan = [(first + n, rng.choice(live), rng.randrange(p.keys)) for n in range(count)]
             await asyncio.gather(*(one(n, i, k, dead) for n, i, k in plan))
 
         await lookups(0, p.healthy_lookups, 0.0)
-        candidates = [i for i in range(1, p.nodes) if i not in providers]
+        candidates = [i for i in honest[1:] if i not in chosen]
         dead = rng.sample(candidates, min(len(candidates), int(p.dead_fraction * p.nodes)))
         for i in dead:
             hosts[i].go_offline()
@@ -226,22 +347,10 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
                 await hosts[i].create_task(node.stop())
 
     sim.run(main())
-    label = f"{p.implementation}, {p.nodes} nodes"
-    fractions = sorted({r["dead_fraction"] for r in rows})
-
-    def by(f: float, col: str) -> list[float]:
-        return [r[col] for r in rows if r["dead_fraction"] == f]
-
-    plots = [
-        Plot("lookup-latency-cdf", "cdf", f"Provider lookup latency ({label})",
-             "lookup time (s, virtual)", "fraction of lookups",
-             {f"{int(f * 100)}% dead": by(f, "seconds") for f in fractions}),
-        Plot("lookup-messages-cdf", "cdf", f"Messages delivered per lookup ({label})",
-             "messages delivered during the lookup", "fraction of lookups",
-             {f"{int(f * 100)}% dead": by(f, "messages") for f in fractions}),
-    ]
     main_rows = [r for r in rows if r["dead_fraction"] == p.dead_fraction]
     summary = _summary(sim, p, main_rows, phases, len(dead_of(sim)))
+    if share:
+        summary = {"sybils": len(sybil_ids), "sybil_behaviour": p.sybil_behaviour} | summary
     healthy = [r for r in rows if r["dead_fraction"] == 0.0]
     if p.healthy_lookups and p.dead_fraction:
         ok = sum(r["found"] for r in healthy)
@@ -250,7 +359,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
                     "healthy: success_rate": round(ok / len(healthy), 4),
                     "healthy: lookup_p50_s": round(percentile(secs, 0.5), 3),
                     "healthy: lookup_p90_s": round(percentile(secs, 0.9), 3)}
-    return ScenarioResult(COLUMNS, rows, summary, plots)
+    return rows, summary
 
 
 def dead_of(sim: Simulation) -> list[Host]:

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,67 +34,69 @@ from sim.deploy import SimNode, deploy_rendezvous
 from sim.network.host import Host
 from sim.plots import Plot
 from sim.scenario import (
+    Peers,
     Progress,
-    ScenarioError,
     ScenarioResult,
     ScenarioSpec,
     build_simulation,
+    combine_hashes,
+    draw,
+    times,
+    window,
 )
 from sim.scenarios.dht_lookup import percentile
 from sim.simulation import Simulation
 
 DOMAIN = "family.example"
 DHT_PORT = 8468
-COLUMNS = ["mode", "recipient", "online_at_s", "completed_at_s", "seconds", "from_sender_mb",
-           "from_peers_mb", "attempts", "bytes_equal"]
+COLUMNS = ["mode", "recipient", "nat", "free_rider", "online_at_s", "completed_at_s",
+           "seconds", "from_sender_mb", "from_peers_mb", "direct_mb", "webrtc_mb", "relay_mb",
+           "attempts", "bytes_equal"]
+PATHS = {"tcp": "direct_mb", "webrtc": "webrtc_mb", "relay": "relay_mb"}
 MB = 1_000_000
 MODES = ("off", "on")
 
 
 @dataclass(frozen=True, slots=True)
 class Params:
-    """The [params] table of a family-video scenario."""
+    """What a family-video run reads from its scenario's sections."""
 
     recipients: int = 20
     clip_mb: float = 200.0
-    arrival_window_s: float = 600.0
-    up_mbit: float = 5.0
-    down_mbit: float = 20.0
+    online: dict[str, Any] = field(default_factory=lambda: {"process": "uniform",
+                                                            "window_s": 600.0})
     modes: tuple[str, ...] = MODES
+    free_riders: float = 0.0
+    sample_s: float = 1.0
 
     @classmethod
-    def parse(cls, table: dict[str, Any]) -> Params:
-        """Check types and ranges; unknown keys are errors."""
-        return cls(**check_params(table, {
-            "recipients": (1, 10_000), "clip_mb": (0.001, 100_000),
-            "arrival_window_s": (0, 1e7), "up_mbit": (0.01, 1e5), "down_mbit": (0.01, 1e5)},
-            ints={"recipients"}, modes=True))
+    def from_spec(cls, spec: ScenarioSpec, rng: random.Random) -> Params:
+        """topology.hosts recipients; workload.size_mb (one draw), online, co_recipients;
+        adversaries.free_rider_share; measure.sample_s."""
+        w = spec.doc["workload"]
+        size = w.get("size_mb") or {"dist": "fixed", "value": 20.0}
+        return cls(recipients=spec.doc["topology"]["hosts"],
+                   clip_mb=max(0.001, draw(size, rng)), online=w["online"],
+                   modes=tuple(w["co_recipients"]),
+                   free_riders=spec.doc["adversaries"]["free_rider_share"],
+                   sample_s=spec.doc["measure"]["sample_s"])
+
+    @property
+    def arrival_window_s(self) -> float:
+        """How long recipients take to come online (for titles)."""
+        return window(self.online)
 
 
-def check_params(table: dict[str, Any], limits: dict[str, tuple[float, float]], *,
-                 ints: set[str], modes: bool = False) -> dict[str, Any]:
-    """Numbers within `limits` (integers for `ints`), and `modes` ("off"/"on") if allowed."""
-    unknown = set(table) - set(limits) - ({"modes"} if modes else set())
-    if unknown:
-        raise ScenarioError(f"unknown params: {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
-    for key, (lo, hi) in limits.items():
-        if key not in table:
-            continue
-        v = table[key]
-        kind = int if key in ints else int | float
-        if isinstance(v, bool) or not isinstance(v, kind):
-            what = "an integer" if key in ints else "a number"
-            raise ScenarioError(f"params.{key} must be {what}")
-        if not lo <= v <= hi:
-            raise ScenarioError(f"params.{key} must be in [{lo:g}, {hi:g}], got {v}")
-        values[key] = v
-    if modes and "modes" in table:
-        m = table["modes"]
-        if not isinstance(m, list) or not m or any(x not in MODES for x in m):
-            raise ScenarioError('params.modes must be a list of "off" and/or "on"')
-        values["modes"] = tuple(m)
-    return values
+def links_label(spec: ScenarioSpec) -> str:
+    """The peer links as the summary states them."""
+    def one(key: str) -> str:
+        d = spec.doc["topology"].get(key)
+        if d is None:
+            return "unlimited"
+        if d["dist"] == "fixed":
+            return f"{d['value']:g} Mbit/s"
+        return ", ".join(f"{k}={v}" for k, v in d.items()) + " Mbit/s"
+    return f"{one('down')} down, {one('up')} up (every peer host, drawn per host)"
 
 
 def write_clip(path: Path, size: int, seed: str) -> None:
@@ -120,21 +123,31 @@ def file_digest(path: Path) -> str:
 
 @dataclass
 class Delivery:
-    """What `deliver` leaves behind: rows, what the sender served, and how to stop it all."""
+    """What `deliver` leaves behind: rows, what the sender served, the relay's load, and how
+    to stop it all."""
 
     rows: list[dict[str, Any]]
     sender_mb: float
     close: Callable[[], Awaitable[None]]  # stop every node, then the server
+    relay_bytes: int = 0
+    relay_circuits: int = 0  # relayed streams spliced, in all
+    relay_peak: int = 0  # most relayed streams open at once (sampled)
 
 
 async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: list[Host],
                   root: Path, clip: Path, online_at: list[float], *, co_recipients: bool,
                   done: list[int], progress: Progress | None, total: int,
                   mode: str, retry_max: float = 60.0,
-                  after_setup: Callable[[], None] | None = None) -> Delivery:
+                  after_setup: Callable[[], None] | None = None,
+                  nat_of: dict[str, str] | None = None, free_riders: frozenset[int] = frozenset(),
+                  sample_s: float = 1.0) -> Delivery:
     """Start the server and the sender's node, send, then start each recipient's node at
     its time and wait until it holds the clip. Every address is registered first (as
-    `peerpost init` does at install time); `after_setup` runs then (churn starts there)."""
+    `peerpost init` does at install time); `after_setup` runs then (churn starts there).
+
+    Free riders (indices into `hosts`) download like anyone but their transfer server
+    never grants an upload slot: sessions to them open and stall, and the downloader moves
+    on. The relay's open circuits are sampled every `sample_s` for the peak."""
     from overlay.app.node import NodeOptions
     from overlay.mail.inbox_state import InboxState
 
@@ -148,6 +161,15 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
         await n.init()
     if after_setup is not None:
         after_setup()
+    relay = deployed.server.relay
+    peak = [0]
+
+    async def sample() -> None:
+        while True:
+            peak[0] = max(peak[0], len(relay.splices))
+            await asyncio.sleep(sample_s)
+
+    sampler = server_host.create_task(sample())
     sender_node = await sender.start()
     sent = await sender_host.create_task(sender_node.send(
         clip, [n.address for n in nodes], "family video", ""))
@@ -164,18 +186,23 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
         node = nodes[i]
         t0 = sim.now
         running = await node.start()
+        if i in free_riders:
+            running.transfer.upload_slots = asyncio.Semaphore(0)
         entries = await node.wait_inbox(holds, every=1.0)
         (entry,) = [e for e in entries if e.id == message_id]
         act = running.downloads.active.get(message_id)
         views = list(act.sources.values()) if act else []
         from_sender = sum(v.bytes for v in views if v.peer == sender_label)
         from_peers = sum(v.bytes for v in views if v.peer != sender_label)
+        by_path = running.fetch_meter.bytes_by_path()
         rows.append({
             "mode": mode, "recipient": node.host.name,
+            "nat": (nat_of or {}).get(node.host.name, "none"), "free_rider": i in free_riders,
             "online_at_s": round(online_at[i], 3), "completed_at_s": round(sim.now, 3),
             "seconds": round(sim.now - t0, 3),
             "from_sender_mb": round(from_sender / MB, 3),
             "from_peers_mb": round(from_peers / MB, 3),
+            **{col: round(by_path[path] / MB, 3) for path, col in PATHS.items()},
             "attempts": entry.attempts,
             "bytes_equal": file_digest(Path(str(entry.path))) == original})
         done[0] += 1
@@ -185,62 +212,73 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
     await asyncio.gather(*(recipient(i) for i in range(len(hosts))))
     # Every chunk the sender's transfer server sent, duplicates and lost attempts included.
     served = sender_node.transfer.counters["chunks_served"] * DEFAULT_CHUNK_SIZE / MB
+    sampler.cancel()
+    load = (relay.relayed_bytes, relay.sessions_spliced, peak[0])
 
     async def close() -> None:
         for n in (sender, *nodes):
             await n.stop()
         await server_host.create_task(deployed.server.aclose())
 
-    return Delivery(rows, served, close)
+    return Delivery(rows, served, close, *load)
 
 
-def _run_mode(sim: Simulation, p: Params, mode: str, root: Path, done: list[int],
-              progress: Progress | None, total: int) -> tuple[list[dict[str, Any]], float]:
-    up, down = p.up_mbit * 1e6 / 8, p.down_mbit * 1e6 / 8
+def _run_mode(sim: Simulation, spec: ScenarioSpec, p: Params, mode: str, root: Path,
+              done: list[int], progress: Progress | None,
+              total: int) -> tuple[Delivery, dict[str, str]]:
     server_host = sim.add_host("rendezvous")  # an ISP's server: a well-connected link
-    sender_host = sim.add_host("sender", up=up, down=down)
-    hosts = [sim.add_host(f"r{i}", up=up, down=down) for i in range(p.recipients)]
+    peers = Peers(sim, spec, p.recipients + 1)
+    sender_host = peers.add("sender")
+    hosts = [peers.add(f"r{i}") for i in range(p.recipients)]
     rng = sim.rng_for("family-video/arrivals")
-    online_at = [rng.uniform(0, p.arrival_window_s) for _ in hosts]
+    online_at = times(p.online, len(hosts), rng)
+    riders = frozenset(sim.rng_for("family-video/free-riders").sample(
+        range(p.recipients), int(p.free_riders * p.recipients)))
     clip = root / "clip.bin"
     write_clip(clip, int(p.clip_mb * MB), f"{sim.seed}/clip")
 
-    async def main() -> tuple[list[dict[str, Any]], float]:
+    async def main() -> Delivery:
         d = await deliver(sim, server_host, sender_host, hosts, root, clip, online_at,
                           co_recipients=mode == "on", done=done, progress=progress,
-                          total=total, mode=mode)
+                          total=total, mode=mode, nat_of=peers.nat_of, free_riders=riders,
+                          sample_s=p.sample_s)
         await d.close()
-        return d.rows, d.sender_mb
+        return d
 
-    return sim.run(main())
+    return sim.run(main()), peers.nat_of
 
 
 def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> ScenarioResult:
     """Run each mode (its own simulation, same seed) and return rows, summary and plots."""
-    p = Params.parse(spec.params)
+    p = Params.from_spec(spec, sim.rng_for("family-video/size"))
     rows: list[dict[str, Any]] = []
-    sender_mb: dict[str, float] = {}
+    runs: dict[str, Delivery] = {}
+    digests: list[str] = []
+    nat_of: dict[str, str] = {}
     done = [0]
     total = p.recipients * len(p.modes)
     for n, mode in enumerate(p.modes):
-        s = sim if n == 0 else build_simulation(spec.network, sim.seed)
+        s = sim if n == 0 else build_simulation(spec, sim.seed)
         try:
             with tempfile.TemporaryDirectory(prefix="peerpost-sim-") as tmp:
-                got, sender_mb[mode] = _run_mode(s, p, mode, Path(tmp), done, progress, total)
-                rows += got
+                runs[mode], nat_of = _run_mode(s, spec, p, mode, Path(tmp), done, progress,
+                                               total)
+                rows += runs[mode].rows
+            digests.append(s.trace.digest())
             if s is not sim:
                 sim.errors.extend(s.errors)
         finally:
             if s is not sim:
                 s.close()
     summary: dict[str, Any] = {
-        "recipients": p.recipients, "clip_mb": p.clip_mb,
-        "links": f"{p.down_mbit:g} Mbit/s down, {p.up_mbit:g} up (every host)",
+        "recipients": p.recipients, "clip_mb": round(p.clip_mb, 3),
+        "links": links_label(spec),
         "hosts_run": "the real Node (peerpost node) per host, the real rendezvous server "
                      "with its DHT bootstrap node",
         "co_recipients_found_by": "the node's own DHT provider lookups (NodeOptions."
                                   "co_recipients on/off)",
         "payload": "real bytes: sealed, hashed, verified, written (no reference mode)"}
+    summary |= nat_summary(spec, nat_of, p.free_riders)
     for mode in p.modes:
         mine = [r for r in rows if r["mode"] == mode]
         secs = [r["seconds"] for r in mine]
@@ -250,11 +288,12 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
         summary[f"{mode}: completion p90 s"] = round(percentile(secs, 0.9), 1)
         summary[f"{mode}: last done at s"] = max((r["completed_at_s"] for r in mine),
                                                   default=None)
-        summary[f"{mode}: MB from sender"] = round(sender_mb.get(mode, 0.0), 1)
+        summary[f"{mode}: MB from sender"] = round(runs[mode].sender_mb, 1)
+        summary |= path_summary(f"{mode}: ", mine, runs[mode], spec)
     plots = [
         Plot("completion-cdf", "cdf",
-             f"{p.clip_mb:g} MB clip to {p.recipients} recipients (sender {p.up_mbit:g} "
-             "Mbit/s up)", "completion time after coming online (s, virtual)",
+             f"{p.clip_mb:g} MB clip to {p.recipients} recipients ({links_label(spec)})",
+             "completion time after coming online (s, virtual)",
              "fraction of recipients",
              {f"co-recipient sourcing {m}": [r["seconds"] for r in rows if r["mode"] == m]
               for m in p.modes}),
@@ -262,8 +301,58 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
              "time since the send (s, virtual)", "recipients complete",
              {f"co-recipient sourcing {m}": _cumulative(
                  [r["completed_at_s"] for r in rows if r["mode"] == m]) for m in p.modes}),
+        path_plot(rows, p.modes[-1]),
     ]
-    return ScenarioResult(COLUMNS, rows, summary, plots)
+    return ScenarioResult(COLUMNS, rows, summary, plots, trace_hash=combine_hashes(digests))
+
+
+def nat_summary(spec: ScenarioSpec, nat_of: dict[str, str], free_riders: float) -> dict[str, Any]:
+    """The NAT mix as drawn (only when it is not all public) and the free riders."""
+    out: dict[str, Any] = {}
+    kinds = [k for k in nat_of.values()]
+    if any(k != "none" for k in kinds):
+        from sim.scenario import NAT_KINDS
+
+        out["nat mix (hosts)"] = ", ".join(f"{k} {kinds.count(k)}" for k in NAT_KINDS
+                                           if kinds.count(k))
+    if free_riders:
+        out["free riders"] = int(free_riders * spec.doc["topology"]["hosts"])
+    return out
+
+
+def path_summary(prefix: str, rows: list[dict[str, Any]], d: Delivery,
+                 spec: ScenarioSpec) -> dict[str, Any]:
+    """Bytes by path (direct TCP, WebRTC, relay), by NAT kind when NATs are in the mix,
+    and the relay's load."""
+    out: dict[str, Any] = {}
+    total = sum(r[c] for r in rows for c in PATHS.values()) or 1.0
+    for path, col in PATHS.items():
+        out[f"{prefix}share via {path}"] = round(sum(r[col] for r in rows) / total, 4)
+    kinds = sorted({r["nat"] for r in rows})
+    if kinds != ["none"]:
+        for kind in kinds:
+            mine = [r for r in rows if r["nat"] == kind]
+            t = sum(r[c] for r in mine for c in PATHS.values()) or 1.0
+            out[f"{prefix}{kind}: share via direct/webrtc/relay"] = "/".join(
+                f"{sum(r[c] for r in mine) / t:.2f}" for c in PATHS.values())
+    out[f"{prefix}relay MB"] = round(d.relay_bytes / MB, 3)
+    out[f"{prefix}relay circuits"] = d.relay_circuits
+    out[f"{prefix}relay peak concurrent circuits"] = d.relay_peak
+    return out
+
+
+def path_plot(rows: list[dict[str, Any]], mode: str) -> Plot:
+    """MB received by each path, per NAT kind of the recipient (one series per path)."""
+    from sim.scenario import NAT_KINDS
+
+    kinds = [k for k in NAT_KINDS if any(r["nat"] == k for r in rows)]
+    return Plot("bytes-by-path", "series",
+                f"MB received by path, by the recipient's NAT (mode {mode}; x: "
+                + ", ".join(f"{i}={k}" for i, k in enumerate(kinds)) + ")",
+                "recipient's NAT (index)", "MB received (all recipients of that NAT)",
+                {path: [(i, sum(r[col] for r in rows if r["nat"] == k and r["mode"] == mode))
+                        for i, k in enumerate(kinds)] + [(len(kinds), 0.0)]
+                 for path, col in PATHS.items()})
 
 
 def _cumulative(times: list[float]) -> list[tuple[float, float]]:

@@ -4,18 +4,18 @@
 production: each server finds the others through a resolver (a `StaticResolver` holding
 what DNS would publish: the server's address and its domain key) and forwards foreign
 mail over authenticated server links from its durable outbound queue
-(rendezvous/federation.py). Each domain has `users_per_domain` users, each the real
-`Node` on its own host. Every user sends `messages_min`..`messages_max` files of
-`size_min_mib`..`size_max_mib` MiB (random bytes) to random users of the other domains,
-at random times in `send_window_s`; the recipients' nodes download them from the sender,
+(rendezvous/federation.py). Each domain has topology.hosts users, each the real `Node` on
+its own host. Every user sends workload.messages files of workload.size_mb MB (random
+bytes) to random users of the other domains, at times workload.send draws (sorted per
+user); the recipients' nodes download them from the sender,
 sealed, hashed and verified as at home.
 
 The users have exchanged keys before (each sender FINGERs its recipients once and pins
 their keys, as after an earlier message), so a sender whose recipient's server is out of
 reach still seals for the pinned keys and the message waits at the sender's server.
 
-Domain `down_domain` (0-based; -1 for none) has its server stopped (`aclose`, as on
-SIGTERM) at `down_at_s` for `down_for_s` seconds, then started again on the same host and
+With churn.server_outage, domain `domain` (0-based) has its server stopped (`aclose`, as
+on SIGTERM) at `at_s` for `for_s` seconds, then started again on the same host and
 port with the same SQLite file: its queues, the outbound queue included, come back, and
 its users' nodes reconnect with their backoff. A user of that domain whose send falls in
 the outage sends once its node is connected again (`planned_at_s` < `send_at_s`).
@@ -36,9 +36,17 @@ from typing import Any
 
 from sim.deploy import EPOCH, Deployed, SimNode, deploy_rendezvous, domain_records
 from sim.plots import Plot
-from sim.scenario import Progress, ScenarioError, ScenarioResult, ScenarioSpec
+from sim.scenario import (
+    Peers,
+    Progress,
+    ScenarioResult,
+    ScenarioSpec,
+    draw,
+    draw_int,
+    times,
+)
 from sim.scenarios.dht_lookup import percentile
-from sim.scenarios.family_video import check_params, file_digest, write_clip
+from sim.scenarios.family_video import MB, file_digest, write_clip
 from sim.simulation import Simulation
 from sim.trace import EventKind
 
@@ -51,37 +59,30 @@ WAIT_LIMIT_S = 6 * 3600.0  # virtual: every message is delivered well within thi
 
 @dataclass(frozen=True, slots=True)
 class Params:
-    """The [params] table of a federation scenario."""
+    """What a federation run reads from its scenario's sections."""
 
-    domains: int = 3
-    users_per_domain: int = 10
-    messages_min: int = 1
-    messages_max: int = 3
-    size_min_mib: float = 1.0
-    size_max_mib: float = 4.0
-    send_window_s: float = 900.0
-    down_domain: int = 2
-    down_at_s: float = 120.0
-    down_for_s: float = 600.0
-    up_mbit: float = 5.0
-    down_mbit: float = 20.0
+    domains: int
+    users_per_domain: int
+    messages: dict[str, Any]
+    size: dict[str, Any]
+    send: dict[str, Any]
+    down_domain: int = -1
+    down_at_s: float = 0.0
+    down_for_s: float = 0.0
 
     @classmethod
-    def parse(cls, table: dict[str, Any]) -> Params:
-        """Check types and ranges; unknown keys are errors."""
-        p = cls(**check_params(table, {
-            "domains": (2, 26), "users_per_domain": (1, 1000), "messages_min": (0, 100),
-            "messages_max": (0, 100), "size_min_mib": (0.001, 1000),
-            "size_max_mib": (0.001, 1000), "send_window_s": (0, 1e6),
-            "down_domain": (-1, 25), "down_at_s": (0, 1e6), "down_for_s": (0, 1e6),
-            "up_mbit": (0.01, 1e5), "down_mbit": (0.01, 1e5)},
-            ints={"domains", "users_per_domain", "messages_min", "messages_max",
-                  "down_domain"}))
-        if p.messages_min > p.messages_max or p.size_min_mib > p.size_max_mib:
-            raise ScenarioError("params: messages_min/size_min_mib must not exceed the max")
-        if p.down_domain >= p.domains:
-            raise ScenarioError(f"params.down_domain must be below domains ({p.domains})")
-        return p
+    def from_spec(cls, spec: ScenarioSpec) -> Params:
+        """topology.domains, hosts (users per domain); workload.messages, size_mb, send;
+        churn.server_outage."""
+        w = spec.doc["workload"]
+        outage = spec.doc["churn"].get("server_outage") or {"domain": -1, "at_s": 0.0,
+                                                            "for_s": 0.0}
+        return cls(domains=spec.doc["topology"]["domains"],
+                   users_per_domain=spec.doc["topology"]["hosts"],
+                   messages=w.get("messages") or {"dist": "uniform", "low": 1, "high": 3},
+                   size=w.get("size_mb") or {"dist": "uniform", "low": 1.0, "high": 4.0},
+                   send=w["send"], down_domain=outage["domain"], down_at_s=outage["at_s"],
+                   down_for_s=outage["for_s"])
 
 
 def domain_name(i: int) -> str:
@@ -121,10 +122,10 @@ def _plan(sim: Simulation, p: Params) -> list[Planned]:
     for u in range(users):
         mine = u // p.users_per_domain
         others = [v for v in range(users) if v // p.users_per_domain != mine]
-        for _ in range(rng.randint(p.messages_min, p.messages_max)):
+        count = draw_int(p.messages, rng)
+        for at in sorted(times(p.send, count, rng)):
             plan.append(Planned(len(plan), u, rng.choice(others),
-                                rng.randint(int(p.size_min_mib * MIB), int(p.size_max_mib * MIB)),
-                                rng.uniform(0, p.send_window_s)))
+                                max(1, int(draw(p.size, rng) * MB)), at))
     return plan
 
 
@@ -132,11 +133,11 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
     """Run the plan; rows per message, summary, plots."""
     from rendezvous.dns import StaticResolver
 
-    p = Params.parse(spec.params)
-    up, down = p.up_mbit * 1e6 / 8, p.down_mbit * 1e6 / 8
+    p = Params.from_spec(spec)
     names = [domain_name(i) for i in range(p.domains)]
     server_hosts = [sim.add_host(f"rv-{d}") for d in names]  # well-connected servers
-    user_hosts = [sim.add_host(f"{d.partition('.')[0]}{i}", up=up, down=down)
+    peers = Peers(sim, spec, p.domains * p.users_per_domain)
+    user_hosts = [peers.add(f"{d.partition('.')[0]}{i}", nat=False)
                   for d in names for i in range(p.users_per_domain)]
     resolver = StaticResolver({d: domain_records(d, h, sim) for d, h in zip(names, server_hosts,
                                                                               strict=True)})

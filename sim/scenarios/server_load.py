@@ -24,7 +24,6 @@ from sim.deploy import deploy_rendezvous
 from sim.plots import Plot
 from sim.scenario import Progress, ScenarioResult, ScenarioSpec
 from sim.scenarios.dht_lookup import percentile
-from sim.scenarios.family_video import check_params
 from sim.simulation import Simulation
 
 COLUMNS = ["message", "sender", "recipient", "recipient_late", "sent_at_s", "delivered_at_s",
@@ -45,22 +44,27 @@ class Params:
     sample_s: float = 1.0
 
     @classmethod
-    def parse(cls, table: dict[str, Any]) -> Params:
-        """Check types and ranges; unknown keys are errors."""
-        return cls(**check_params(table, {
-            "devices": (2, 1_000_000), "messages_per_device": (0, 1000),
-            "blob_bytes": (1, 60_000), "connect_window_s": (0, 1e6),
-            "send_window_s": (0, 1e6), "late_fraction": (0, 0.9), "sample_s": (0.01, 3600)},
-            ints={"devices", "messages_per_device", "blob_bytes"}))
+    def from_spec(cls, spec: ScenarioSpec) -> Params:
+        """topology.hosts devices; workload.messages, size_bytes, online, send, late_share;
+        measure.sample_s."""
+        w = spec.doc["workload"]
+        messages = w.get("messages") or {"dist": "fixed", "value": 1}
+        return cls(devices=spec.doc["topology"]["hosts"],
+                   messages_per_device=int(messages["value"]), blob_bytes=w["size_bytes"],
+                   connect_window_s=w["online"]["window_s"],
+                   send_window_s=w["send"]["window_s"], late_fraction=w["late_share"],
+                   sample_s=spec.doc["measure"]["sample_s"])
 
 
 def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> ScenarioResult:
     """Run the load; rows per message, summary, plots."""
-    p = Params.parse(spec.params)
+    from sim.scenario import Peers
+
+    p = Params.from_spec(spec)
     rng = sim.rng_for("server-load")
     rv = sim.add_host("rendezvous")
-    hosts = [sim.add_host(f"d{i}", up=spec.network.up, down=spec.network.down)
-             for i in range(p.devices)]
+    peers = Peers(sim, spec, p.devices)
+    hosts = [peers.add(f"d{i}", nat=False) for i in range(p.devices)]
     ids = [DeviceIdentity.from_seed(sim.rng_for(f"id/{i}").randbytes(32))
            for i in range(p.devices)]
     late = set(rng.sample(range(p.devices), int(p.late_fraction * p.devices)))

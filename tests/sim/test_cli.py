@@ -11,15 +11,16 @@ import pytest
 from sim.cli import main
 from sim.scenario import ScenarioError, load_scenario
 
-SMALL = ["--set", "nodes=40", "--set", "lookups=8", "--set", "keys=3", "--set", "healthy_lookups=0",
-         "--quiet"]
+SMALL = ["--set", "topology.hosts=40", "--set", "workload.lookups=8", "--set", "workload.keys=3",
+         "--set", "workload.healthy_lookups=0", "--quiet"]
 
 
 def _run(out: Path, seed: int) -> dict[str, object]:
     assert main(["run", "dht-lookup", "--seed", str(seed), "--out", str(out), *SMALL]) == 0
     doc = json.loads((out / "summary.json").read_text())
     summary: dict[str, object] = doc["summary"]
-    assert doc["seed"] == seed and doc["params"]["nodes"] == 40
+    assert doc["seed"] == seed and doc["document"]["topology"]["hosts"] == 40
+    assert doc["trace_hash"] == doc["summary"]["trace_hash"]
     return summary
 
 
@@ -28,8 +29,8 @@ def test_dht_lookup_runs_writes_csv_and_is_deterministic(tmp_path: Path) -> None
     with (tmp_path / "a" / "dht-lookup.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8
-    assert set(rows[0]) == {"lookup", "dead_fraction", "node", "key", "found", "seconds",
-                            "queries", "messages"}
+    assert set(rows[0]) == {"lookup", "dead_fraction", "sybil_share", "node", "key", "found",
+                            "seconds", "queries", "messages"}
     assert (tmp_path / "a" / "lookup-latency-cdf.png").stat().st_size > 10_000
     assert first["keys_stored"] == "3/3"
     assert first["found"] == sum(r["found"] == "True" for r in rows)
@@ -42,11 +43,13 @@ def test_dht_lookup_runs_writes_csv_and_is_deterministic(tmp_path: Path) -> None
 def test_scenario_mistakes_are_reported_not_run(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('kind = "dht-lookup"\n[network]\nlatncy = "fixed"\n')
+    bad.write_text('[workload]\nkind = "lookups"\n[topology]\nlatncy = { model = "fixed" }\n')
     assert main(["run", str(bad), "--out", str(tmp_path), "--quiet"]) == 2
-    assert "unknown network keys: latncy" in capsys.readouterr().out
-    assert main(["run", "dht-lookup", "--set", "nodez=3", "--out", str(tmp_path), "--quiet"]) == 2
-    assert "unknown dht-lookup params: nodez" in capsys.readouterr().out
+    assert "topology.latncy: unknown key (did you mean latency?)" in capsys.readouterr().out
+    assert not (tmp_path / "summary.json").exists()
+    assert main(["run", "dht-lookup", "--set", "topology.hostz=3", "--out", str(tmp_path),
+                 "--quiet"]) == 2
+    assert "topology.hostz: unknown key (did you mean hosts?)" in capsys.readouterr().out
     with pytest.raises(ScenarioError, match="no scenario file or built-in"):
         load_scenario("no-such-scenario")
 
@@ -57,4 +60,4 @@ def test_a_results_folder_named_like_a_built_in_does_not_hide_it(
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "churn").mkdir()  # `peerpost-sim run churn --out churn`, then again
-    assert load_scenario("churn").kind == "churn"
+    assert load_scenario("churn").driver == "churn"

@@ -14,8 +14,15 @@ from sim.cli import main
 from sim.scenario import builtin_names
 
 
+def _toml(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + "}"
+    return json.dumps(v)
+
+
 def _run(out: Path, name: str, **params: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    sets = [x for k, v in params.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    """Run a built-in through the CLI; keyword `a__b=v` sets the key path a.b."""
+    sets = [x for k, v in params.items() for x in ("--set", f"{k.replace('__', '.')}={_toml(v)}")]
     assert main(["run", name, "--out", str(out), "--quiet", *sets]) == 0
     doc = json.loads((out / "summary.json").read_text())
     with (out / f"{name}.csv").open() as f:
@@ -27,15 +34,16 @@ def _run(out: Path, name: str, **params: Any) -> tuple[dict[str, Any], list[dict
 
 
 def test_the_built_ins_are_shipped() -> None:
-    assert {"dht-lookup", "family-video", "churn", "server-load",
-            "federation"} <= set(builtin_names())
+    assert {"dht-lookup", "family-video", "churn", "server-load", "federation", "nat-mix",
+            "sybil"} <= set(builtin_names())
 
 
 @pytest.mark.parametrize("implementation", ["overlay", "kademlia"])
 def test_dht_lookup_finds_providers_with_a_fifth_dead(tmp_path: Path,
                                                      implementation: str) -> None:
-    summary, rows = _run(tmp_path, "dht-lookup", implementation=implementation, nodes=60,
-                         keys=4, healthy_lookups=10, lookups=20, bootstrap_batch=10)
+    summary, rows = _run(tmp_path, "dht-lookup", dht__implementation=implementation,
+                         topology__hosts=60, workload__keys=4, workload__healthy_lookups=10,
+                         workload__lookups=20, dht__bootstrap_batch=10)
     assert summary["dead"] == 12 and len(rows) == 30
     assert [r["dead_fraction"] for r in rows] == ["0.0"] * 10 + ["0.2"] * 20
     if implementation == "overlay":
@@ -46,8 +54,9 @@ def test_dht_lookup_finds_providers_with_a_fifth_dead(tmp_path: Path,
 
 
 def test_family_video_co_recipients_take_load_off_the_sender(tmp_path: Path) -> None:
-    summary, _ = _run(tmp_path, "family-video", recipients=5, clip_mb=3.0,
-                         arrival_window_s=5.0, up_mbit=2.0, down_mbit=20.0)
+    summary, _ = _run(tmp_path, "family-video", topology__hosts=5,
+                      workload__size_mb__value=3.0, workload__online__window_s=5.0,
+                      topology__up__value=2.0)
     assert summary["off: completed"] == summary["on: completed"] == "5/5"
     assert summary["off: all bytes equal"] and summary["on: all bytes equal"]
     assert summary["on: MB from sender"] < summary["off: MB from sender"]
@@ -57,16 +66,17 @@ def test_family_video_co_recipients_take_load_off_the_sender(tmp_path: Path) -> 
 
 
 def test_churn_every_recipient_online_at_the_end_completes(tmp_path: Path) -> None:
-    summary, rows = _run(tmp_path, "churn", recipients=10, clip_mb=2.0, churn_s=60.0,
-                         session_mean_s=10.0, downtime_mean_s=5.0)
+    summary, rows = _run(tmp_path, "churn", topology__hosts=10, workload__size_mb__value=2.0,
+                         churn__until_s=60.0, churn__session__mean=10.0,
+                         churn__off_time__mean=5.0)
     assert summary["completed"] == "10/10" and summary["all bytes equal"]
     assert summary["host_flips"] > 0 and summary["churning"] == 3
     assert all(r["bytes_equal"] == "True" for r in rows)
 
 
 def test_server_load_delivers_every_message_once(tmp_path: Path) -> None:
-    summary, _ = _run(tmp_path, "server-load", devices=100, connect_window_s=5.0,
-                         send_window_s=5.0)
+    summary, _ = _run(tmp_path, "server-load", topology__hosts=100,
+                      workload__online__window_s=5.0, workload__send__window_s=5.0)
     assert summary["delivered"] == summary["messages"] == 90  # 10 late devices don't send
     assert summary["delivered_once"]
     assert summary["max_queue_depth"] >= 1  # mail for the late devices waited
@@ -78,17 +88,19 @@ def test_a_flash_crowd_on_a_thin_uplink_still_gets_the_clip(tmp_path: Path) -> N
     # 1 MiB chunk would take minutes. Before upload slots and byte-level progress, every
     # session was judged stalled before a chunk landed and the swarm starved for over an
     # hour (virtual); now chunks go out four at a time and co-recipients pass them on.
-    summary, _ = _run(tmp_path, "family-video", recipients=20, clip_mb=5.0,
-                      arrival_window_s=1.0, up_mbit=1.0, modes=["on"])
+    summary, _ = _run(tmp_path, "family-video", topology__hosts=20,
+                      workload__size_mb__value=5.0, workload__online__window_s=1.0,
+                      topology__up__value=1.0, workload__co_recipients=["on"])
     assert summary["on: completed"] == "20/20" and summary["on: all bytes equal"]
     assert summary["on: completion p90 s"] < 600, summary
 
 
 def test_federation_delivers_across_domains_once_and_mail_waits_for_a_downed_domain(
         tmp_path: Path) -> None:
-    params = {"users_per_domain": 3, "messages_min": 1, "messages_max": 2,
-              "size_min_mib": 0.5, "size_max_mib": 1.0, "send_window_s": 300.0,
-              "down_at_s": 60.0, "down_for_s": 180.0}
+    params = {"topology__hosts": 3, "workload__messages__high": 2,
+              "workload__size_mb": {"dist": "uniform", "low": 0.5, "high": 1.0},
+              "workload__send__window_s": 300.0, "churn__server_outage__at_s": 60.0,
+              "churn__server_outage__for_s": 180.0}
     summary, rows = _run(tmp_path / "one", "federation", **params)
     assert summary["send failures"] == 0
     assert summary["delivered"] == f"{summary['messages']}/{summary['messages']}"
