@@ -1,12 +1,15 @@
-"""The ways past direct TCP: WebRTC signalled over PIPE, the server's relay, and the ladder.
+"""The ways past direct TCP: a TCP hole punch and WebRTC, both signalled over PIPE, the
+server's relay, and the ladder.
 
-Outbound, `PeerLinks.ladder` turns a holder into a source that tries direct TCP, then
-WebRTC through the server's STUN, then the relay, each to its own timeout; for a holder
-of another domain the PIPE signalling and the RELAY go to our own server all the same,
-which forwards them over its server link. An invite from a caller of another domain names
-the caller's server, which hosts that splice: we join there. Inbound, a
-WebRTC stream another device opened, or a relay invite it sent, is served by the transfer
-server in a task this object owns; `aclose()` ends them and the WebRTC endpoint.
+Outbound, `PeerLinks.ladder` turns a holder into a source that tries direct TCP, then a
+TCP punch from the mapping the server's STUN over TCP shows, then WebRTC through the
+server's STUN, then the relay, each to its own timeout; for a holder of another domain the
+PIPE signalling and the RELAY go to our own server all the same, which forwards them over
+its server link. An invite from a caller of another domain names the caller's server,
+which hosts that splice: we join there. Inbound, a punched or WebRTC stream another device
+opened, or a relay invite it sent, is served by the transfer server in a task this object
+owns (the device that dialled is the transfer client, whichever end's connect won);
+`aclose()` ends them and the punch and WebRTC endpoints.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 from crypto.identity import DeviceIdentity
 from overlay.transfer.server import TransferServer
 from overlay.transports.ladder import ConnectionLadder, Holder
+from overlay.transports.punch import PunchEndpoint, PunchSettings
 from overlay.transports.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
 from overlay.transports.relay import relay_accept, relay_dial
 from overlay.transports.signalling import PipeSender
@@ -46,18 +50,29 @@ class PeerLinks:
         self.settings = WebRtcSettings(stun=[(server[0], int(stun))]
                                        if isinstance(stun, int) else [])
         self.rtc = endpoint(rendezvous, self.settings)
+        stun_tcp = rendezvous.server_info.get("stun_tcp")  # a server that runs none: no punch
+        self.punch = PunchEndpoint(rendezvous, PunchSettings(
+            stun=(server[0], int(stun_tcp)) if isinstance(stun_tcp, int) else None))
         self.ladder = ConnectionLadder(
             webrtc=self._dial_webrtc, relay=self._dial_relay,
+            punch=self._dial_punch if self.punch.settings.stun is not None else None,
+            punch_timeout=self.punch.settings.budget,
             webrtc_timeout=self.settings.answer_timeout + self.settings.connect_timeout,
             relay_timeout=RELAY_TIMEOUT)
         self._serving = TaskSet("node-serve", logger=log)  # one task per inbound stream
 
     async def start(self) -> None:
         await self.rtc.start()
+        await self.punch.start()
+        self._spawn(self._serve_punched(), "punch-accept")
 
     async def aclose(self) -> None:
+        await self.punch.aclose()
         await self._serving.aclose()
         await self.rtc.aclose()
+
+    async def _dial_punch(self, holder: Holder) -> Stream:
+        return await self.punch.dial(holder.address or "", holder.peer_id)
 
     async def _dial_webrtc(self, holder: Holder) -> Stream:
         # A NATed holder that is offline can't be retried directly: leave the offer
@@ -74,8 +89,8 @@ class PeerLinks:
                                 tls=self.rendezvous.tls, server_key=self.rendezvous.server_key)
 
     def feed(self, message: PipeMessage) -> bool:
-        """A PIPE message for WebRTC signalling; False if it is not signalling."""
-        return self.rtc.feed(message)
+        """A PIPE message for punch or WebRTC signalling; False if it is not signalling."""
+        return self.punch.feed(message) or self.rtc.feed(message)
 
     def serve_relayed(self, invite: RelayInvite) -> None:
         """Join, in a task of our own, the relayed stream `invite` names, and serve it."""
@@ -105,6 +120,16 @@ class PeerLinks:
             except StreamClosed:
                 return
             self._spawn(self.transfer.handle_stream(stream), "serve-webrtc")
+
+    async def _serve_punched(self) -> None:
+        """Hand each accepted punched stream to the transfer server, until the endpoint
+        closes."""
+        while True:
+            try:
+                stream = await self.punch.accept()
+            except StreamClosed:
+                return
+            self._spawn(self.transfer.handle_stream(stream), "serve-punch")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self._serving.spawn(coro, name=name)

@@ -2,22 +2,27 @@
 
 A holder (the sender, or a co-recipient found in the DHT) is reached along a ladder:
 direct TCP to the addresses it advertises first;
-a WebRTC data channel started after a short delay, or at once when the holder says it is
-behind NAT, racing TCP (the first path that works wins and the other is closed); and,
-only when both fail, a stream relayed by the rendezvous server. TCP goes first because a
-WebRTC data channel (aiortc, pure-Python SCTP) moved 5-15 MB/s on a 2-core test machine
-against hundreds of MB/s for TCP.
+a TCP hole punch (overlay.transports.punch) started after a short delay, or at once when
+the holder says it is behind NAT, racing direct TCP (the first path that works wins and
+the other is closed);
+a WebRTC data channel once the punch has failed (or has had its budget), racing on;
+and, only when all of them fail, a stream relayed by the rendezvous server. TCP, direct
+or punched, goes first because a WebRTC data channel (aiortc, pure-Python SCTP) moved
+5-18 MB/s on a 2-core test machine against hundreds of MB/s for TCP; WebRTC stays for the
+pairs a TCP punch can't join (a symmetric NAT), the relay for those ICE can't either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from crypto.address import parse_hostport
 from crypto.location import LocationMessage
+from overlay.transports.punch import PUNCH_BUDGET
 from overlay.transports.stream import Stream, StreamBroken, StreamError
 from overlay.transports.tcp import connect_tcp
 
@@ -25,9 +30,10 @@ log = logging.getLogger("peerpost.sources")
 
 MAX_ADDRESSES_PER_HOLDER = 8
 CONNECT_TIMEOUT = 5.0
-WEBRTC_DELAY = 0.25  # give direct TCP a head start; WebRTC costs far more CPU per byte
+WEBRTC_DELAY = 0.25  # give direct TCP a head start (to the punch too: it costs a STUN)
 
-# dial(holder) -> Stream, for the WebRTC and relay rungs (they signal to holder.address)
+# dial(holder) -> Stream, for the punch, WebRTC and relay rungs (they signal to
+# holder.address)
 PeerDialer = Callable[["Holder"], Awaitable[Stream]]
 
 
@@ -73,18 +79,21 @@ def tcp_dialer(addresses: Sequence[str]) -> Callable[[], Awaitable[Stream]]:
 
 @dataclass
 class ConnectionLadder:
-    """Builds Sources whose connect() climbs TCP → WebRTC → relay.
+    """Builds Sources whose connect() climbs TCP → TCP punch → WebRTC → relay.
 
-    `webrtc_timeout` and `relay_timeout` are the longest the WebRTC and relay dialers may
-    take (their own limits; a held offer to an offline NATed holder waits the whole answer
-    time). `budget` is then the longest one `dial` can take: whoever bounds a Source's
-    connect() (the Downloader's `connect_timeout`) must allow at least that, or the relay
-    rung, which starts only when the others have failed, is never reached.
+    `punch_timeout`, `webrtc_timeout` and `relay_timeout` are the longest the punch, WebRTC
+    and relay dialers may take (their own limits; a held offer to an offline NATed holder
+    waits the whole answer time). `budget` is then the longest one `dial` can take:
+    whoever bounds a Source's connect() (the Downloader's `connect_timeout`) must allow at
+    least that, or the relay rung, which starts only when the others have failed, is never
+    reached.
     """
 
     webrtc: PeerDialer | None = None
     relay: PeerDialer | None = None
+    punch: PeerDialer | None = None
     webrtc_delay: float = WEBRTC_DELAY
+    punch_timeout: float = PUNCH_BUDGET  # overlay.transports.punch.PunchSettings.budget
     webrtc_timeout: float = 40.0  # WebRtcSettings: answer_timeout + connect_timeout
     relay_timeout: float = 40.0  # overlay.transports.relay.DEFAULT_TIMEOUT
     counters: dict[str, int] = field(default_factory=dict)
@@ -93,7 +102,9 @@ class ConnectionLadder:
     def budget(self) -> float:
         """Seconds one dial may take when every rung runs to its own timeout."""
         tcp = CONNECT_TIMEOUT * MAX_ADDRESSES_PER_HOLDER
-        rtc = self.webrtc_delay + self.webrtc_timeout if self.webrtc is not None else 0.0
+        punch = self.punch_timeout if self.punch is not None else 0.0
+        rtc = self.webrtc_delay + punch + (self.webrtc_timeout if self.webrtc is not None
+                                           else 0.0)
         relay = self.relay_timeout if self.relay is not None else 0.0
         return max(tcp, rtc) + relay + 1.0  # and a second for the losers to close
 
@@ -108,10 +119,15 @@ class ConnectionLadder:
         rungs: list[tuple[float, str, Callable[[], Awaitable[Stream]]]] = []
         if holder.direct:
             rungs.append((0.0, "tcp", tcp_dialer(holder.direct)))
+        delay = 0.0 if holder.nat or not holder.direct else self.webrtc_delay
+        punch_over: asyncio.Event | None = None
+        if self.punch is not None and holder.address:
+            punch, punch_over = self.punch, asyncio.Event()
+            rungs.append((delay, "tcp-punch", _flagged(lambda: punch(holder), punch_over)))
         if self.webrtc is not None and holder.address:
-            delay = 0.0 if holder.nat or not holder.direct else self.webrtc_delay
             rtc = self.webrtc
-            rungs.append((delay, "webrtc", lambda: rtc(holder)))
+            rungs.append((delay, "webrtc", _gated(lambda: rtc(holder), punch_over,
+                                                  self.punch_timeout)))
         stream = await _race(rungs, errors)
         if stream is None and self.relay is not None and holder.address:
             try:
@@ -122,6 +138,34 @@ class ConnectionLadder:
             raise StreamBroken("; ".join(errors) or "no way to reach this holder")
         self.counters[stream.path] = self.counters.get(stream.path, 0) + 1
         return stream
+
+
+def _flagged(dial: Callable[[], Awaitable[Stream]], over: asyncio.Event
+             ) -> Callable[[], Awaitable[Stream]]:
+    """`dial`, setting `over` when it fails (when it works the race is over anyway)."""
+    async def flagged() -> Stream:
+        try:
+            return await dial()
+        except BaseException:
+            over.set()
+            raise
+
+    return flagged
+
+
+def _gated(dial: Callable[[], Awaitable[Stream]], gate: asyncio.Event | None,
+           limit: float) -> Callable[[], Awaitable[Stream]]:
+    """`dial` once `gate` is set (the punch has failed; if it had worked the race would be
+    over) or `limit` s have passed: WebRTC costs far more CPU per byte than a punched TCP
+    stream, so it starts only when the punch can't win."""
+    async def gated() -> Stream:
+        if gate is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(limit):
+                    await gate.wait()
+        return await dial()
+
+    return gated
 
 
 async def _after(delay: float, dial: Callable[[], Awaitable[Stream]]) -> Stream:

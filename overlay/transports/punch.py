@@ -1,0 +1,523 @@
+"""TCP hole punching: a plain TCP stream between two NATed devices, signalled over PIPE.
+
+    punch = PunchEndpoint(rendezvous_client, PunchSettings(stun=(server_host, stun_tcp)))
+    await punch.start()
+    # the node's push loop:  if isinstance(push, PipeMessage): punch.feed(push)
+    stream = await punch.dial("bob@example.net", bob_device)   # -> Stream, path "tcp-punch"
+    incoming = await punch.accept()                             # -> Stream
+
+Each side connects to its server's STUN over TCP (`rendezvous.stun.query_tcp_mapping`)
+from a socket bound with SO_REUSEADDR and SO_REUSEPORT, and learns the public address its
+NAT gave that local port. It keeps that connection open while it punches: it holds the
+NAT's mapping, and it listens on the same port (`PunchPort`). The dialer PIPEs a
+`PunchOffer` with its candidates (the mapping, and its local address), the callee answers
+with its own (`PunchAnswer`) and starts connecting at once; the dialer starts when the
+answer is in. Both connect from the port STUN saw to the other's mapping: the first SYN out
+opens its NAT for the other's, which then passes, and the two meet in a TCP simultaneous
+open. A SYN that arrives before ours went out and is let in (a NAT that lets it, or no
+NAT) is taken by the listener instead of being reset. A refused or unreachable attempt is
+made again after a short backoff until `budget` runs out.
+
+This works when both NATs map endpoint-independently (one public port for every
+destination, as Linux masquerade does while the port is free). A symmetric NAT gives the
+punch another port than STUN saw, the SYNs meet no mapping, and `dial` fails within
+`budget` with a `PunchError` (a StreamBroken), so the ladder goes on to WebRTC.
+
+Which end runs the transfer client does not depend on who connected (in a simultaneous
+open both did): the device that sent the offer gets the stream from `dial` and is the
+client, the one that answered gets it from `accept` and serves. The stream is then a
+`TcpStream` like direct TCP's, and the transfer handshake runs over it unchanged.
+
+The peer's candidates are only dialled, never resolved (IP literals only, at most
+MAX_CANDIDATES); its local address only when both ends have the same public address (one
+home behind one NAT), so a peer can't aim our connects into our own LAN. Incoming offers are
+bounded (`max_incoming`), answers are taken only from the device dialled, bad payloads are
+dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from crypto.address import parse_hostport
+from crypto.codec import Fields, item_str, packb, unpackb
+from crypto.errors import DecodeError
+from overlay.transports.signalling import MAX_REASON, MAX_SIGNAL, SESSION_LEN, PipeSender
+from overlay.transports.stream import Stream, StreamBroken, StreamClosed
+from overlay.transports.tcp import TcpStream, _DirectTcpProtocol
+from rendezvous.backoff import Backoff
+from rendezvous.messages import PipeMessage
+from rendezvous.stun import (
+    Address,
+    StunDecodeError,
+    TcpMapping,
+    query_tcp_mapping,
+    reusable_socket,
+)
+from rendezvous.taskset import TaskSet
+
+log = logging.getLogger(__name__)
+
+PUNCH_BUDGET = 3.0  # STUN, the PIPE round trip and the connects, on a home line: < 0.5 s
+MAX_CANDIDATES = 4
+RETRY = Backoff(base=0.02, cap=0.25, jitter=0.5)  # after a refused or unreachable connect
+_RECENT_SESSIONS = 1024
+
+
+class PunchError(StreamBroken):
+    """A TCP punch failed; the text says at which step and why."""
+
+
+class PunchSignalError(ValueError):
+    """A PIPE payload is not a valid punch signal (the sender misbehaved)."""
+
+
+def _candidate(text: str) -> Address:
+    host, port = parse_hostport(text, what="candidate")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise DecodeError(f"candidate {text!r} is not an IP address") from None
+    if not 0 < port < 65536:
+        raise DecodeError(f"candidate {text!r} has no usable port")
+    return host, port
+
+
+def _hostport(addr: Address) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidates:
+    session: bytes
+    candidates: tuple[Address, ...]  # the public mapping first, then the local address
+
+    def fields(self) -> dict[str, Any]:
+        return {"s": self.session, "c": [_hostport(c) for c in self.candidates]}
+
+    @classmethod
+    def _decode(cls, f: Fields) -> tuple[bytes, tuple[Address, ...]]:
+        texts = f.list("c", item_str(64), max_items=MAX_CANDIDATES) or ()
+        if not texts:
+            raise DecodeError("no candidates")
+        return f.bytes("s", size=SESSION_LEN), tuple(_candidate(t) for t in texts)
+
+
+@dataclass(frozen=True, slots=True)
+class PunchOffer(_Candidates):
+    """The dialer's candidates for a new punch session."""
+
+    TAG: ClassVar[str] = "punch-offer"
+
+    @classmethod
+    def decode(cls, f: Fields) -> PunchOffer:
+        return cls(*cls._decode(f))
+
+
+@dataclass(frozen=True, slots=True)
+class PunchAnswer(_Candidates):
+    """The callee's candidates for the session of the same id; it is already dialling."""
+
+    TAG: ClassVar[str] = "punch-answer"
+
+    @classmethod
+    def decode(cls, f: Fields) -> PunchAnswer:
+        return cls(*cls._decode(f))
+
+
+@dataclass(frozen=True, slots=True)
+class PunchReject:
+    """The callee won't punch this session; `reason` is shown to the dialer's user."""
+
+    TAG: ClassVar[str] = "punch-reject"
+    session: bytes
+    reason: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"s": self.session, "why": self.reason[:MAX_REASON]}
+
+    @classmethod
+    def decode(cls, f: Fields) -> PunchReject:
+        return cls(f.bytes("s", size=SESSION_LEN), f.str("why", max_len=MAX_REASON))
+
+
+PunchSignal = PunchOffer | PunchAnswer | PunchReject
+
+_SIGNALS: dict[str, Callable[[Fields], PunchSignal]] = {
+    PunchOffer.TAG: PunchOffer.decode,
+    PunchAnswer.TAG: PunchAnswer.decode,
+    PunchReject.TAG: PunchReject.decode,
+}
+
+
+def encode_punch(sig: PunchSignal) -> bytes:
+    """The PIPE payload for `sig`."""
+    return packb({**sig.fields(), "t": sig.TAG})
+
+
+def decode_punch(payload: bytes) -> PunchSignal | None:
+    """The punch signal in a PIPE payload; None if it is not one (route it elsewhere),
+    PunchSignalError if it is one but malformed."""
+    try:
+        f = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), "punch")
+        decode = _SIGNALS.get(f.str("t", max_len=32))
+    except DecodeError:
+        return None
+    if decode is None:
+        return None
+    try:
+        return decode(f)
+    except DecodeError as exc:
+        raise PunchSignalError(str(exc)) from None
+
+
+class PunchedTcpStream(TcpStream):
+    """A TcpStream that came through a hole punch (shown as "tcp-punch" in inbox sources)."""
+
+    path = "tcp-punch"
+
+
+def _targets(mine: TcpMapping, theirs: tuple[Address, ...], family: int) -> list[Address]:
+    """What to dial of the peer's candidates: its public mapping, and its local address
+    only when it is behind the same public address as we are."""
+    public, *local = theirs
+    out = [public]
+    if public[0] == mine.mapped[0]:
+        out += local
+    v6 = family == socket.AF_INET6
+    return [a for a in dict.fromkeys(out) if (":" in a[0]) == v6]
+
+
+async def _connect_from(local: Address, peer: Address, family: int) -> socket.socket:
+    """Connect from `local` to `peer` until it works (the caller bounds the time): a
+    refusal (the peer's SYN was not out yet) or an ICMP error is retried after RETRY."""
+    loop = asyncio.get_running_loop()
+    attempt = 0
+    while True:
+        sock = reusable_socket(family, local)
+        try:
+            await loop.sock_connect(sock, peer)
+            return sock
+        except OSError as exc:
+            sock.close()
+            attempt += 1
+            log.debug("punch %s -> %s: %s", local, peer, exc)
+        except BaseException:
+            sock.close()
+            raise
+        await asyncio.sleep(RETRY.delay(attempt))
+
+
+async def _accept_from(listener: socket.socket, hosts: set[str]) -> socket.socket:
+    """The first connection `listener` takes from one of `hosts`; others are closed."""
+    loop = asyncio.get_running_loop()
+    while True:
+        conn, addr = await loop.sock_accept(listener)
+        if str(addr[0]) in hosts:
+            return conn
+        conn.close()
+
+
+@dataclass(slots=True)
+class PunchPort:
+    """One local port readied for a punch: the STUN connection that holds its NAT mapping,
+    and a listener on it that takes the peer's SYN when it comes in before ours went out
+    (a NAT that lets it in, or no NAT) instead of answering it with a reset."""
+
+    mapping: TcpMapping
+    listener: socket.socket
+
+    @classmethod
+    def ready(cls, mapping: TcpMapping) -> PunchPort:
+        listener = reusable_socket(mapping.sock.family, mapping.local)
+        try:
+            listener.listen(4)
+        except BaseException:
+            listener.close()
+            raise
+        return cls(mapping, listener)
+
+    @property
+    def candidates(self) -> tuple[Address, ...]:
+        """Ours: the public mapping, then the local address (for a peer behind our NAT)."""
+        return tuple(dict.fromkeys((self.mapping.mapped, self.mapping.local)))
+
+    def close(self) -> None:
+        self.listener.close()
+        self.mapping.close()
+
+
+async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...]) -> PunchedTcpStream:
+    """Dial each of the peer's usable candidates from `port` at once, and take its
+    connection on the port's listener; the first connection wins, the others are closed.
+    Runs until cancelled (bound it)."""
+    mapping = port.mapping
+    family = mapping.sock.family
+    targets = _targets(mapping, theirs, family)
+    if not targets:
+        raise PunchError("no candidate of the peer's address family")
+    local = mapping.local  # the address and port STUN saw us come from
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(_connect_from(local, t, family), name=f"punch {_hostport(t)}")
+             for t in targets]
+    tasks.append(loop.create_task(_accept_from(port.listener, {t[0] for t in targets}),
+                                  name="punch accept"))
+    sock: socket.socket | None = None
+    try:
+        while sock is None:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                tasks.remove(t)
+                try:
+                    won = t.result()
+                except OSError as exc:  # binding the port again failed
+                    raise PunchError(f"cannot dial from {_hostport(local)}: {exc}") from None
+                if sock is None:
+                    sock = won
+                else:
+                    won.close()
+    finally:
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+            for t in tasks:
+                if not t.cancelled() and t.exception() is None:
+                    t.result().close()  # connected while being cancelled: don't leak it
+    try:
+        _, proto = await loop.create_connection(_DirectTcpProtocol, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return PunchedTcpStream(proto)
+
+
+@dataclass(frozen=True, slots=True)
+class PunchSettings:
+    """Where the server's STUN over TCP is, how long a punch may take, how many at once."""
+
+    stun: Address | None = None
+    budget: float = PUNCH_BUDGET  # from dial() to a stream, every step included
+    max_dials: int = 32
+    max_incoming: int = 16
+
+
+@dataclass(slots=True)
+class PunchStats:
+    """Counters a node shows in `status`."""
+
+    dials: int = 0
+    dial_failures: int = 0
+    accepted: int = 0
+    accept_failures: int = 0
+    rejected: int = 0
+    bad_signals: int = 0
+
+
+@dataclass(slots=True)
+class _Dial:
+    address: str
+    device: bytes
+    reply: asyncio.Future[PunchAnswer | PunchReject]
+
+
+class PunchEndpoint:
+    """Dials and accepts punched TCP streams for one device (see the module docstring)."""
+
+    def __init__(self, pipe: PipeSender, settings: PunchSettings | None = None, *,
+                 accept_from: Callable[[str, bytes], bool] | None = None) -> None:
+        self.settings = settings or PunchSettings()
+        self.stats = PunchStats()
+        self._pipe = pipe
+        self._accept_from = accept_from
+        self._dials: dict[bytes, _Dial] = {}
+        self._tasks = TaskSet("tcp-punch", logger=log)
+        self._incoming = 0
+        self._backlog: asyncio.Queue[Stream | None] | None = None
+        self._recent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._closed = False
+
+    async def start(self) -> None:
+        self._backlog = asyncio.Queue(maxsize=self.settings.max_incoming)
+
+    async def aclose(self) -> None:
+        """Stop answering, cancel punches, close streams nobody accepted yet."""
+        if self._closed:
+            return
+        self._closed = True
+        for d in self._dials.values():
+            if not d.reply.done():
+                d.reply.cancel()
+        await self._tasks.aclose()
+        if self._backlog is not None:
+            while not self._backlog.empty():
+                stream = self._backlog.get_nowait()
+                if stream is not None:
+                    await stream.aclose()
+            self._backlog.put_nowait(None)  # wakes accept() waiters
+
+    # --- signalling in ---------------------------------------------------------------
+    def feed(self, msg: PipeMessage) -> bool:
+        """Handle one PIPE push. False if it is not a punch signal (route it elsewhere)."""
+        try:
+            sig = decode_punch(msg.payload)
+        except PunchSignalError as exc:
+            self.stats.bad_signals += 1
+            log.info("bad punch signal from %s: %s", msg.sender, exc)
+            return True
+        if sig is None:
+            return False
+        if isinstance(sig, PunchOffer):
+            self._on_offer(msg, sig)
+            return True
+        dial = self._dials.get(sig.session)
+        if dial is None or dial.address != msg.sender or dial.device != msg.sender_device:
+            self.stats.bad_signals += 1  # late, duplicate, or not from the device we dialled
+        elif not dial.reply.done():
+            dial.reply.set_result(sig)
+        return True
+
+    def _on_offer(self, msg: PipeMessage, offer: PunchOffer) -> None:
+        key = msg.sender_device + offer.session
+        if key in self._recent:
+            return  # PIPE may repeat across a reconnect
+        self._recent[key] = None
+        if len(self._recent) > _RECENT_SESSIONS:
+            self._recent.popitem(last=False)
+        if self._closed or self._backlog is None:
+            reason = "not accepting"
+        elif self.settings.stun is None:
+            reason = "no STUN over TCP at our server"
+        elif self._accept_from is not None and not self._accept_from(msg.sender,
+                                                                       msg.sender_device):
+            reason = "not accepted"
+        elif self._incoming + self._backlog.qsize() >= self.settings.max_incoming:
+            reason = "busy"
+        else:
+            self._incoming += 1
+            self._tasks.spawn(self._answer(msg, offer), name=f"punch answer {msg.sender}")
+            return
+        self.stats.rejected += 1
+        if not self._closed:
+            self._tasks.spawn(self._reject(msg, offer.session, reason),
+                              name=f"punch reject {msg.sender}")
+
+    async def _reject(self, msg: PipeMessage, session: bytes, reason: str) -> None:
+        try:
+            await self._pipe.pipe(msg.sender, encode_punch(PunchReject(session, reason)),
+                                  device=msg.sender_device)
+        except Exception as exc:  # a reject is a courtesy; the dialer times out
+            log.info("could not send a punch reject to %s: %s", msg.sender, exc)
+
+    async def _port(self) -> PunchPort:
+        stun = self.settings.stun
+        if stun is None:
+            raise PunchError("our server runs no STUN over TCP")
+        try:
+            mapping = await query_tcp_mapping(stun, timeout=self.settings.budget)
+        except (OSError, StunDecodeError) as exc:
+            raise PunchError(f"STUN over TCP at {_hostport(stun)}: {exc}") from None
+        try:
+            return PunchPort.ready(mapping)
+        except OSError as exc:
+            mapping.close()
+            raise PunchError(f"cannot listen on {_hostport(mapping.local)}: {exc}") from None
+
+    # --- accepting -------------------------------------------------------------------
+    async def _answer(self, msg: PipeMessage, offer: PunchOffer) -> None:
+        port: PunchPort | None = None
+        stream: Stream | None = None
+        handed = False
+        step = "STUN"
+        try:
+            async with asyncio.timeout(self.settings.budget):
+                port = await self._port()
+                step = "the answer"
+                await self._pipe.pipe(msg.sender, encode_punch(
+                    PunchAnswer(offer.session, port.candidates)),
+                    device=msg.sender_device)
+                step = "the connect"
+                stream = await simultaneous_open(port, offer.candidates)
+            if self._backlog is None or self._backlog.full():
+                raise PunchError("accept backlog full")
+            self._backlog.put_nowait(stream)
+            self.stats.accepted += 1
+            handed = True
+        except Exception as exc:  # one failed answer must not end the node
+            self.stats.accept_failures += 1
+            why = f"{step} took over {self.settings.budget} s" \
+                if isinstance(exc, TimeoutError) else str(exc)
+            log.info("TCP punch from %s failed: %s", msg.sender, why)
+        finally:
+            self._incoming -= 1
+            if stream is not None and not handed:
+                await stream.aclose()
+            if port is not None:
+                port.close()
+
+    async def accept(self) -> Stream:
+        """The next incoming stream; StreamClosed once the endpoint is closed."""
+        if self._backlog is None:
+            raise StreamClosed("endpoint not started")
+        stream = await self._backlog.get()
+        if stream is None:
+            self._backlog.put_nowait(None)
+            raise StreamClosed("TCP punch endpoint closed")
+        return stream
+
+    # --- dialing ---------------------------------------------------------------------
+    async def dial(self, address: str, device: bytes) -> Stream:
+        """A punched stream to `device` of `address` within `budget`; PunchError says why
+        not."""
+        if self._closed or self._backlog is None:
+            raise StreamClosed("TCP punch endpoint is not running")
+        if len(self._dials) >= self.settings.max_dials:
+            raise PunchError("too many TCP punches in progress")
+        self.stats.dials += 1
+        budget = self.settings.budget
+        session = os.urandom(SESSION_LEN)
+        dial = _Dial(address, device, asyncio.get_running_loop().create_future())
+        self._dials[session] = dial
+        port: PunchPort | None = None
+        ok = False
+        step = "STUN"
+        try:
+            async with asyncio.timeout(budget):
+                port = await self._port()
+                step = "the offer"
+                try:
+                    await self._pipe.pipe(address, encode_punch(
+                        PunchOffer(session, port.candidates)), device=device)
+                except Exception as exc:  # RendezvousError: offline, unknown, ...
+                    raise PunchError(f"could not send the offer to {address}: {exc}"
+                                     ) from None
+                step = "an answer"
+                reply = await dial.reply
+                if isinstance(reply, PunchReject):
+                    raise PunchError(f"{address} declined: {reply.reason}")
+                step = "a connection"
+                stream = await simultaneous_open(port, reply.candidates)
+            ok = True
+            return stream
+        except TimeoutError:
+            raise PunchError(f"no TCP punch to {address} within {budget} s (waiting for "
+                             f"{step})") from None
+        except asyncio.CancelledError:
+            if self._closed:
+                raise StreamClosed("TCP punch endpoint closed during the dial") from None
+            raise
+        finally:
+            self._dials.pop(session, None)
+            if not ok:
+                self.stats.dial_failures += 1
+            if port is not None:
+                port.close()
+
