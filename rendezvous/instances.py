@@ -19,7 +19,11 @@ An `InstanceBus` is what one instance needs to know of the others:
 
 Pushes stay exactly once per session. An envelope is stored by exactly one instance, which
 pushes it to its own sessions; the others push it only from its `e` event, and only to
-sessions whose queue flush did not cover it (seq above the session's `flush_hi`). An event
+sessions whose queue flush did not cover it. Sequence numbers are not in commit order
+across instances: an envelope committed by another instance just after a session read its
+queue may have a seq below that session's `flush_hi`, so for a minute after a login
+(server.py's `_LATE_COMMIT`) the server keeps the seqs the session was pushed at or below
+`flush_hi`, and the flush and the events each push what the other has not. An event
 that arrives while the device's authentication is still at the store is kept (the last
 `RECENT` (device, seq) pairs) and replayed to the session once it is up (`session_up`).
 A listener connection that drops loses notifications: after it reconnects, the instance
@@ -27,8 +31,9 @@ re-reads the queue (above `flush_hi`) and held PIPE messages of every device it 
 session of, skipping the seqs it saw pushed (the last `RECENT`).
 
 `LocalBus` is the single-instance bus (SQLite): nothing is shared, presence is the
-server's own sessions. `PgInstanceBus` is the PostgreSQL one (asyncpg); its tables come
-with the store's versioned migrations (`MIGRATIONS`).
+server's own sessions. `PgInstanceBus` is the PostgreSQL one (asyncpg); its tables
+(`MIGRATIONS`) are a step of the store's versioned migrations (rendezvous/pg_schema.py),
+so it starts after the store has opened.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ CREATE INDEX IF NOT EXISTS rv_presence_instance ON rv_presence (instance);
 
 
 async def ensure_schema(conn: Any) -> None:
-    """Create the instance tables where missing (every step is idempotent)."""
+    """Create the instance tables where missing (for a database without the store)."""
     for _, sql in MIGRATIONS:
         await conn.execute(sql)
 
@@ -119,6 +124,7 @@ class InstanceBus(Protocol):
 
     instance: str
     address: tuple[str, int] | None
+    shared: bool  # other instances may store envelopes for our sessions
 
     async def start(self, host: BusHost, address: tuple[str, int]) -> None: ...
 
@@ -126,7 +132,8 @@ class InstanceBus(Protocol):
 
     def session_up(self, device: bytes, flush_hi: int) -> set[int]:
         """A session of `device` is up here (its queue flush covers seq <= flush_hi);
-        the seqs announced for it meanwhile, to push to that session."""
+        the seqs recently announced for it, to push to that session unless its flush had
+        them."""
         ...
 
     def session_down(self, device: bytes) -> None:
@@ -158,6 +165,8 @@ class InstanceBus(Protocol):
 
 class LocalBus:
     """One instance alone (the SQLite store): nothing to share."""
+
+    shared = False
 
     def __init__(self, instance: str | None = None) -> None:
         self.instance = instance or new_instance_id()
@@ -313,6 +322,7 @@ class PgInstanceBus:
         self.address: tuple[str, int] | None = advertise
         self.heartbeat = heartbeat
         self.lease = lease if lease is not None else 3 * heartbeat
+        self.shared = True
         self._host: BusHost | None = None
         self._conn: Any = None       # asyncpg.Connection: presence, leases, publishing
         self._listener: Any = None   # asyncpg.Connection: LISTEN only
@@ -345,7 +355,6 @@ class PgInstanceBus:
         if self.address is None:
             self.address = address
         self._conn = await asyncpg.connect(self.dsn)
-        await ensure_schema(self._conn)
         h, p = self.address
         await self._conn.execute(
             "INSERT INTO rv_instances (id, host, port) VALUES ($1, $2, $3) "
@@ -389,7 +398,7 @@ class PgInstanceBus:
         self._local.add(device)
         self._presence_dirty.add(device)
         self._presence_ready.set()
-        return {s for s in self._recent.seqs(device) if s > flush_hi}
+        return self._recent.seqs(device)
 
     def session_down(self, device: bytes) -> None:
         self._local.discard(device)

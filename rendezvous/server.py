@@ -152,6 +152,9 @@ log = logging.getLogger("rendezvous.server")
 _SHUTDOWN_GRACE = 5.0
 # Seconds a PIPE message for a device on another instance is held for that instance to take.
 _PIPE_TRANSIT = 30.0
+# Seconds after a session's login during which another instance's envelope may still
+# commit with a seq below the session's `hi` (a transaction in flight at the login).
+_LATE_COMMIT = 60.0
 
 Result = tuple[Status, str | None, dict[str, Any] | None]
 # `_dispatch` returns this when it has already written the reply itself (a splice).
@@ -174,7 +177,7 @@ class _Connection(asyncio.Protocol):
     """Feeds one transport into its ServerConnection and writes what comes out."""
 
     __slots__ = ("_drained", "_flush_scheduled", "_last_bad", "_timer", "_timer_at", "core",
-                 "flush_hi", "loop", "peer", "read_paused", "server", "side", "splice",
+                 "flush_hi", "flushed", "loop", "peer", "read_paused", "server", "side", "splice",
                  "transport", "write_paused")
 
     def __init__(self, server: RendezvousServer) -> None:
@@ -188,6 +191,9 @@ class _Connection(asyncio.Protocol):
         self.side = 0
         self.peer = "?"
         self.flush_hi = 0
+        # Seqs <= flush_hi pushed to this session, kept for a while when the domain has
+        # several instances (their envelopes may commit after `hi` with a smaller seq).
+        self.flushed: set[int] | None = None
         self.read_paused = False
         self.write_paused = False
         self._drained: asyncio.Future[None] | None = None
@@ -772,6 +778,9 @@ class RendezvousServer:
             return
         self._go_online(conn, ev.peer_id)
         conn.flush_hi = outcome.hi
+        if self.bus.shared:
+            conn.flushed = {q.seq for q in outcome.first_page}
+            self.loop.call_later(_LATE_COMMIT, setattr, conn, "flushed", None)
         if announced := self.bus.session_up(ev.peer_id, outcome.hi):
             self._spawn(self._bus_deliver_quiet(ev.peer_id, announced, conn))
         log.info(kv("auth.ok", peer=conn.peer, address=req.address, device=ev.peer_id,
@@ -812,9 +821,14 @@ class RendezvousServer:
                                             self.clock())
             if not page:
                 break
+            flushed = conn.flushed
             for queued in page:
+                if flushed is not None:
+                    if queued.seq in flushed:
+                        continue  # pushed meanwhile from another instance's event
+                    flushed.add(queued.seq)
                 conn.core.deliver(queued.envelope)
-            self.delivered += len(page)
+                self.delivered += 1
             cursor = page[-1].seq
             conn.flush_soon()
 
@@ -1338,9 +1352,7 @@ class RendezvousServer:
         conns = [c for c in self._online.get(device, ()) if only is None or c is only]
         if not conns:
             return 0
-        after = min(c.flush_hi for c in conns)
-        if seqs is not None:
-            after = max(after, min(seqs) - 1)
+        after = min(c.flush_hi for c in conns) if seqs is None else min(seqs) - 1
         upto = max(seqs) if seqs is not None else 2**63 - 1
         pushed = 0
         while after < upto:
@@ -1351,10 +1363,17 @@ class RendezvousServer:
                         skip is not None and queued.seq in skip):
                     continue
                 for conn in self._online.get(device, ()):
-                    if (only is None or conn is only) and queued.seq > conn.flush_hi:
-                        conn.core.deliver(queued.envelope)
-                        conn.flush_soon()
-                        pushed += 1
+                    if only is not None and conn is not only:
+                        continue
+                    if queued.seq <= conn.flush_hi:
+                        # Committed after the session read its queue, with a smaller
+                        # seq: pushed here unless its flush had it.
+                        if conn.flushed is None or queued.seq in conn.flushed:
+                            continue
+                        conn.flushed.add(queued.seq)
+                    conn.core.deliver(queued.envelope)
+                    conn.flush_soon()
+                    pushed += 1
             if len(page) < self.limits.flush_page:
                 break
             after = page[-1].seq
