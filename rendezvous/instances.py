@@ -687,3 +687,39 @@ def domain_totals(rows: Sequence[InstanceRow]) -> dict[str, int]:
     totals["instances_alive"] = len(live)
     totals["instances_dead"] = len(rows) - len(live)
     return totals
+
+
+def make_bus(store: str | None, *, advertise: tuple[str, int] | None = None,
+             heartbeat: float = 2.0) -> InstanceBus:
+    """The bus `serve` uses: shared for a PostgreSQL store URL, else this instance alone."""
+    if store is not None and store.startswith(("postgresql://", "postgres://")):
+        return PgInstanceBus(store, advertise=advertise, heartbeat=heartbeat)
+    return LocalBus()
+
+
+def instances_report(rows: Sequence[InstanceRow]) -> dict[str, Any]:
+    """What `stats --store` shows of the instances: each one, and the domain's totals."""
+    return {
+        "instances": [{
+            "id": r.id, "address": f"{r.host}:{r.port}", "alive": r.alive,
+            "lease_renewed_s_ago": round(r.heartbeat_age, 1), "sessions": r.sessions,
+            **{k: int(r.stats.get(k, 0) or 0) for k in (
+                "online_devices", "sends", "delivered", "pushed_remote")}}
+            for r in rows],
+        "domain": domain_totals(rows),
+    }
+
+
+def instances_lines(report: dict[str, Any]) -> list[str]:
+    """`instances_report` as text, one line per instance, then the domain's."""
+    lines = []
+    for i in report["instances"]:
+        state = "alive" if i["alive"] else f"lease expired {i['lease_renewed_s_ago']:g} s ago"
+        lines.append(f"instance {i['id']} at {i['address']} ({state}): {i['sessions']} "
+                     f"sessions, {i['sends']} messages in, {i['delivered']} pushed "
+                     f"({i['pushed_remote']} stored by other instances)")
+    d = report["domain"]
+    lines.append(f"domain: {d['instances_alive']} instances alive, {d['instances_dead']} "
+                 f"expired; {d['online_sessions']} sessions, {d['sends']} messages in, "
+                 f"{d['delivered']} pushed")
+    return lines

@@ -139,3 +139,52 @@ async def test_presence_events_and_lease(
     assert await b.online_elsewhere([D1]) == {D1: a.instance}
     await asyncio.sleep(a.lease + 0.3)
     assert await b.online_elsewhere([D1]) == {}
+
+
+async def test_finger_pipe_and_relay_across_instances(pg_url: str) -> None:
+    """Two in-process servers of one domain on one database: FINGER shows a device online
+    on the other instance, PIPE reaches it there, and a relay invite names the caller's
+    instance, where both ends meet."""
+    from overlay.transports.relay import relay_accept, relay_dial
+    from rendezvous.client import RendezvousClient
+    from rendezvous.domainkey import DomainKey
+    from rendezvous.messages import PipeMessage
+    from rendezvous.pg_store import PgStore
+    from rendezvous.server import RendezvousServer
+    from tests.overlay.streams import receive_exactly
+    from tests.overlay.test_relay_stream import ALICE, BOB
+
+    key = DomainKey.generate()
+    servers = [RendezvousServer("example.net", PgStore(pg_url), open_registration=True,
+                                domain_key=key, finger_open=True, resolver=None,
+                                bus=PgInstanceBus(pg_url, heartbeat=0.2)) for _ in range(2)]
+    (h1, p1), (h2, p2) = [await s.start("127.0.0.1", 0) for s in servers]
+    try:
+        async with RendezvousClient(h1, p1, ALICE, "alice@example.net", register=True) as a, \
+                RendezvousClient(h2, p2, BOB, "bob@example.net", register=True) as b:
+            await servers[1].bus.settle()  # type: ignore[attr-defined]
+            (dev,) = (await a.finger("bob@example.net")).devices
+            assert dev.online
+            pushes = b.pushes()
+            await a.pipe("bob@example.net", b"offer")
+            push = await asyncio.wait_for(anext(pushes), 5)
+            assert isinstance(push, PipeMessage) and push.payload == b"offer"
+
+            async def accept() -> Any:
+                invite = await asyncio.wait_for(anext(pushes), 5)
+                assert isinstance(invite, RelayInvite)
+                assert (invite.host, invite.port, invite.key) == (h1, p1, key.public)
+                return await relay_accept(invite.host, invite.port, BOB, "bob@example.net",
+                                          invite, server_key=key.public)
+
+            callee = asyncio.create_task(accept())
+            caller = await relay_dial(h1, p1, ALICE, "alice@example.net", "bob@example.net",
+                                      BOB.peer_id, server_key=key.public)
+            stream = await callee
+            await caller.send_all(b"over the relay")
+            assert await receive_exactly(stream, 14) == b"over the relay"
+            await caller.aclose()
+            await stream.aclose()
+    finally:
+        for s in servers:
+            await s.aclose()
