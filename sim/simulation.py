@@ -7,7 +7,10 @@
         print(sim.now, sim.trace.digest())
 
 All randomness of the engine comes from the seed: `sim.rng_for(purpose)` hands out an
-independent `random.Random` per purpose, stable whatever else the scenario draws.
+independent `random.Random` per purpose, stable whatever else the scenario draws. While the
+loop runs, what the real code asks the OS for (os.urandom, nacl.utils.random,
+secrets.token_bytes) comes from the seed too (sim.entropy), so a run's trace hash is the
+same in any process.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
+from sim.entropy import seeded
 from sim.loop import SimDeadlock, SimLoop
 from sim.network.host import Host
 from sim.network.latency import LatencyModel
@@ -48,6 +52,8 @@ class Simulation:
         self.loop.attach(self.network)
         self.errors: list[dict[str, Any]] = []
         self._closing = False
+        # What the real code draws from the OS (keys, ids, nonces) comes from the seed.
+        self._entropy = self.rng_for("entropy")
         self.loop.set_exception_handler(self._on_error)
 
     def rng_for(self, purpose: str) -> random.Random:
@@ -93,7 +99,8 @@ class Simulation:
         # everything; cycles are collected, just less often.
         gc.set_threshold(GC_THRESHOLD, 20, 50)
         try:
-            result: T = self.loop.run_until_complete(task)
+            with seeded(self._entropy):
+                result: T = self.loop.run_until_complete(task)
             return result
         except SimDeadlock:
             task.cancel()
@@ -110,12 +117,13 @@ class Simulation:
         tasks = asyncio.all_tasks(loop)
         for task in tasks:
             task.cancel()
-        if tasks:
-            try:
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            except SimDeadlock:
-                log.warning("tasks ignored cancellation at close")
-        loop.run_until_complete(loop.shutdown_asyncgens())
+        with seeded(self._entropy):
+            if tasks:
+                try:
+                    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+                except SimDeadlock:
+                    log.warning("tasks ignored cancellation at close")
+            loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
     def __enter__(self) -> Simulation:

@@ -18,16 +18,21 @@ TOKEN_LEN = 16
 _SECRET_LEN = 32
 
 
+def _os_secret(size: int) -> bytes:
+    return secrets.token_bytes(size)
+
+
 class TokenIssuer:
     """Issues and checks tokens; `now` is the loop clock, passed in on every call."""
 
     def __init__(self, now: float,
-                 secret_source: Callable[[int], bytes] = secrets.token_bytes) -> None:
+                 secret_source: Callable[[int], bytes] | None = None) -> None:
         # The secret must be unpredictable to outsiders, so it comes from the OS by default
-        # rather than from the node's (possibly seeded) rng.
-        self._new_secret = secret_source
-        self._current = secret_source(_SECRET_LEN)
-        self._previous = secret_source(_SECRET_LEN)
+        # rather than from the node's (possibly seeded) rng. Looked up at each call, not
+        # bound at import, so the simulator's seeded entropy covers it in every process.
+        self._new_secret = secret_source or _os_secret
+        self._current = self._new_secret(_SECRET_LEN)
+        self._previous = self._new_secret(_SECRET_LEN)
         self._rotated_at = now
 
     def _rotate(self, now: float) -> None:
