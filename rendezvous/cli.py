@@ -9,8 +9,10 @@
                               [--sessions-per-ip N] [--push-buffer-total BYTES]
                               [--sender-quota-count N] [--sender-quota-bytes BYTES]
                               [--finger-open] [--outbound-expiry DAYS] [--block-domain D ...]
-    peerpost-rendezvous invite ADDRESS --data DIR [--days N]
-    peerpost-rendezvous stats --data DIR [--json]
+                              [--store postgresql://USER@HOST:PORT/DB]
+    peerpost-rendezvous invite ADDRESS --data DIR|--store URL [--days N]
+    peerpost-rendezvous stats --data DIR [--store URL] [--json]
+    peerpost-rendezvous migrate --store URL|--data DIR [--json]
     peerpost-rendezvous accounts list|show ADDRESS|delete ADDRESS --data DIR [--json]
     peerpost-rendezvous devices revoke ADDRESS PEER_ID --data DIR [--json]
     peerpost-rendezvous backup DEST --data DIR [--json]
@@ -39,7 +41,11 @@ it holds an fcntl lock on DATA/serve.lock (datalock.py), and the folder keeps th
 it was first served for. It uses uvloop when installed.
 Every few seconds it writes DATA/stats.json, which `stats` reads for the online sessions,
 relay counters and the services' counters; the other figures `stats` shows come from the
-SQLite file directly (see stats.py).
+SQLite file directly (see stats.py), or from PostgreSQL with `--store`.
+
+The store is SQLite in DATA unless `--store postgresql://...` names a PostgreSQL database,
+which several `serve` processes of the domain may share (storecli.py, pg_store.py).
+`migrate` brings a database's schema to this version; `serve` refuses one it does not know.
 
 The DHT bootstrap node comes from the overlay package, loaded by name only when it is
 run (services.py explains why that is the least bad way); its identity
@@ -99,8 +105,17 @@ from rendezvous.services import (
     server_identity,
     start_stun_tcp,
 )
-from rendezvous.sqlite_store import DB_NAME, SqliteStore, create_invite, read_stats
+from rendezvous.sqlite_store import DB_NAME, create_invite, read_stats
 from rendezvous.stats import read_live_stats, write_stats, write_stopped
+from rendezvous.storecli import (
+    STORE_HELP,
+    add_migrate_command,
+    make_store,
+    migrate_command,
+    pg_create_invite,
+    pg_read_stats,
+    store_url,
+)
 from rendezvous.tls import self_signed, server_tls
 
 if TYPE_CHECKING:
@@ -164,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where to listen (port 0: any free port, printed)")
     s.add_argument("--data", type=Path, help="data folder (SQLite, keys, stats; required, "
                                              "here or in --config)")
+    s.add_argument("--store", type=store_url, metavar="URL", help=STORE_HELP)
     s.add_argument("--open-registration", action="store_true",
                    help="anyone may create an account (demos and tests)")
     s.add_argument("--tls-cert", type=Path, metavar="PEM",
@@ -247,10 +263,15 @@ def _parser() -> argparse.ArgumentParser:
                         "free port, printed as `metrics listening HOST:PORT`)")
     i = sub.add_parser("invite", help="issue a single-use invite token for an address")
     i.add_argument("address", help="NAME@DOMAIN the invite lets one device register")
-    i.add_argument("--data", type=Path, required=True, help="the data folder `serve` uses")
+    where = i.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", type=Path, help="the data folder `serve` uses")
+    where.add_argument("--store", type=store_url, metavar="URL", help=STORE_HELP)
     i.add_argument("--days", type=float, default=14.0, help="how long the invite is valid")
     st = sub.add_parser("stats", help="accounts, queued envelopes, online sessions, bytes")
     st.add_argument("--data", type=Path, required=True, help="the data folder `serve` uses")
+    st.add_argument("--store", type=store_url, metavar="URL",
+                    help="read the counts from this PostgreSQL database (the one `serve "
+                         "--store` uses)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     d = sub.add_parser("dns-records", help="print the DNS records that publish this domain "
                                            "(SRV per instance, TXT with the domain key)")
@@ -267,6 +288,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="SRV weight within a priority: once for all hosts or once per "
                         "--host (default 0)")
     add_operator_commands(sub)
+    add_migrate_command(sub)
     add_completion(sub, p.prog)
     finish(p)
     return p
@@ -285,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_operator_command(args)
     if args.command == "invite":
         return _invite(args)
+    if args.command == "migrate":
+        return migrate_command(args)
     if args.command == "dns-records":
         return _dns_records(args)
     return _stats(args)
@@ -383,7 +407,8 @@ def _serve(argv: list[str] | None, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         write_stopped(args.data, now=time.time())  # a killed predecessor's file says running
-        record_domain(args.data / DB_NAME, args.domain)
+        if args.store is None:
+            record_domain(args.data / DB_NAME, args.domain)  # PostgreSQL: at open
         _raise_nofile()
         _tune_gc()
         return _run(_serve_async(argv, args, _limits(args)))
@@ -431,7 +456,7 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                 txt=f"_peerpost.{args.domain} TXT \"{txt_value(domain_key.public)}\""))
     if tls is None:
         log.warning(kv("server.plaintext", note="no TLS: for the simulator and benchmarks only"))
-    server = RendezvousServer(args.domain, SqliteStore(data / DB_NAME),
+    server = RendezvousServer(args.domain, make_store(args.store, data, args.domain),
                               open_registration=args.open_registration, limits=limits,
                               services=services, domain_key=domain_key, tls=tls,
                               finger_open=args.finger_open,
@@ -456,7 +481,8 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
         if args.metrics is not None:
             from rendezvous.metrics import ServerMetrics  # aiohttp, prometheus_client
 
-            metrics = ServerMetrics(server, db_path=data / DB_NAME)
+            metrics = ServerMetrics(server, db_path=data / DB_NAME if args.store is None
+                                    else None)
             mhost, mport = await metrics.start(*args.metrics)
             print(f"metrics listening {mhost}:{mport}", flush=True)
         notify("READY=1", f"STATUS=serving {args.domain} on {host}:{port}")
@@ -554,6 +580,20 @@ def _invite(args: argparse.Namespace) -> int:
     except DecodeError as exc:
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
         return 2
+    if args.store is not None:
+        token = secrets.token_urlsafe(18)
+        now = time.time()
+        try:
+            refusal = pg_create_invite(args.store, address, token, now,
+                                       now + args.days * DAY)
+        except (OSError, RuntimeError) as exc:
+            refusal = str(exc)
+        if refusal is not None:
+            print(f"peerpost-rendezvous: {refusal}", file=sys.stderr)
+            return 1
+        print(token)
+        print(f"invite for {address}, valid {args.days:g} days, single use", file=sys.stderr)
+        return 0
     db = args.data / DB_NAME
     if not args.data.is_dir():
         print(f"peerpost-rendezvous: no data folder {args.data}", file=sys.stderr)
@@ -577,10 +617,17 @@ def _invite(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     db = args.data / DB_NAME
-    if not db.exists():
+    if args.store is not None:
+        try:
+            st = pg_read_stats(args.store)
+        except (OSError, RuntimeError) as exc:
+            print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
+            return 1
+    elif not db.exists():
         print(f"peerpost-rendezvous: no database in {args.data}", file=sys.stderr)
         return 1
-    st = read_stats(db)
+    else:
+        st = read_stats(db)
     live = read_live_stats(args.data)
     doc = {
         "accounts": st.accounts,

@@ -13,14 +13,17 @@ several instances sharing one database need instead of one process's memory: `us
 (queued count and bytes per recipient account; its row is locked while a batch that
 queues for or removes from that account runs, so the quota holds across instances),
 `pair_usage` (the same per sender and recipient), `domain_usage` (per sending domain, of
-envelopes that came over a server link: `envelopes.linked`).
+envelopes that came over a server link: `envelopes.linked`). Version 2 adds the tables
+of the instances of one domain (rendezvous/instances.py: their leases and presence).
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 1
+from rendezvous.instances import MIGRATIONS as INSTANCE_STEPS
+
+SCHEMA_VERSION = 2
 _MIGRATE_LOCK = 0x7065657270_01  # pg_advisory_xact_lock key while migrating
 
 
@@ -131,6 +134,8 @@ CREATE TABLE relay_usage (
     used bigint NOT NULL
 );
 """),
+    Migration(2, "instances of one domain: leases and presence",
+              "\n".join(sql for _, sql in INSTANCE_STEPS)),
 )
 
 

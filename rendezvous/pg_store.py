@@ -102,6 +102,29 @@ def is_postgres_url(text: str) -> bool:
     return text.startswith(("postgresql://", "postgres://"))
 
 
+def redacted(url: str) -> str:
+    """`url` without its password, for messages and logs."""
+    head, sep, tail = url.partition("://")
+    creds, at, host = tail.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{head}{sep}{creds.split(':', 1)[0]}:***@{host}"
+
+
+async def connect(url: str, wait: float = 10.0) -> Any:
+    """An asyncpg connection to `url`; a failure is a RuntimeError or OSError that names
+    the database (password left out)."""
+    import asyncpg  # only an operator who chose PostgreSQL needs it
+
+    try:
+        return await asyncpg.connect(url, timeout=wait, command_timeout=60)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise RuntimeError(f"cannot connect to {redacted(url)}: {exc or type(exc).__name__}"
+                           ) from None
+    except OSError as exc:
+        raise OSError(f"cannot connect to {redacted(url)}: {exc.strerror or exc}") from None
+
+
 def _domain(address: str) -> str:
     return address.rpartition("@")[2]
 
@@ -259,8 +282,10 @@ class _Op:
 class PgStore:
     """PostgreSQL-backed `Store` with group commit; see the module doc."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(self, url: str, *, domain: str | None = None,
+                 connect_timeout: float = 10.0) -> None:
         self.url = url
+        self.domain = domain  # recorded on the first open, refused if another later
         self.connect_timeout = connect_timeout
         self._conn: Any = None
         self._pending: list[_Op] = []
@@ -275,22 +300,31 @@ class PgStore:
 
     # --- lifecycle -------------------------------------------------------------------
     async def _connect(self) -> Any:
-        import asyncpg  # only an operator who chose PostgreSQL needs it
-
-        return await asyncpg.connect(self.url, timeout=self.connect_timeout,
-                                     command_timeout=60)
+        return await connect(self.url, self.connect_timeout)
 
     async def open(self) -> None:
         """Connect, create the schema in an empty database, refuse one of another
-        version (`pg_schema.check`), and start the batch writer."""
+        version (`pg_schema.check`) or domain, and start the batch writer."""
         if self._conn is not None:
             return
+        import asyncpg
+
         conn = await self._connect()
         try:
-            if await pg_schema.check(conn, self.url) is None:
+            if await pg_schema.check(conn, redacted(self.url)) is None:
                 applied = await pg_schema.migrate(conn)
                 log.info(kv("store.schema_created", version=pg_schema.SCHEMA_VERSION,
                             migrations=len(applied)))
+            if self.domain is not None:
+                await conn.execute("INSERT INTO meta VALUES ('domain', $1) "
+                                   "ON CONFLICT DO NOTHING", self.domain)
+                served = await conn.fetchval("SELECT value FROM meta WHERE key = 'domain'")
+                if served != self.domain:
+                    raise pg_schema.SchemaError(f"{redacted(self.url)} serves {served}, "
+                                                f"not {self.domain}")
+        except asyncpg.PostgresError as exc:
+            await conn.close()
+            raise RuntimeError(f"{redacted(self.url)}: {exc}") from None
         except BaseException:
             await conn.close()
             raise
@@ -1041,9 +1075,7 @@ def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> 
 
 async def migrate(url: str) -> tuple[int | None, list[pg_schema.Migration]]:
     """`peerpost-rendezvous migrate --store URL`: (version before, migrations applied)."""
-    import asyncpg
-
-    conn = await asyncpg.connect(url, timeout=10)
+    conn = await connect(url)
     try:
         before = await pg_schema.current_version(conn)
         return before, await pg_schema.migrate(conn)
@@ -1070,3 +1102,16 @@ async def read_stats(url: str) -> StoreStats:
         return await store.stats()
     finally:
         await store.aclose()
+
+
+async def served_domain(url: str) -> str | None:
+    """The domain the database was first served for (None: never served)."""
+    conn = await connect(url)
+    try:
+        if not await conn.fetchval("SELECT to_regclass('meta') IS NOT NULL"):
+            return None
+        value: str | None = await conn.fetchval(
+            "SELECT value FROM meta WHERE key = 'domain'")
+        return value
+    finally:
+        await conn.close()

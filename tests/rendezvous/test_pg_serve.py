@@ -1,0 +1,111 @@
+"""`serve --store postgresql://...` as a real process on a real PostgreSQL: SEND, kill -9,
+restart, every acknowledged envelope delivered exactly once; invite and stats against the
+database; `migrate` applies the numbered migrations and `serve` refuses a schema it does
+not know, naming the command to run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from rendezvous.messages import Deliver
+
+from .conftest import ident, mid
+from .test_processes import cli, rc, serve
+
+pytestmark = pytest.mark.slow
+ALICE, BOB = ident(1), ident(2)
+
+
+async def test_serve_on_postgresql_kill_9_loses_and_repeats_nothing(tmp_path: Path,
+                                                                    pg_url: str) -> None:
+    data = tmp_path / "data"
+    ids = [mid() for _ in range(200)]
+    async with serve(data, "--open-registration", "--store", pg_url) as srv:
+        async with rc(srv.port, BOB, "bob@example.net", register=True):
+            pass
+        async with rc(srv.port, ALICE, "alice@example.net", register=True) as a:
+            await asyncio.gather(*(a.send(m, [("bob@example.net", BOB.peer_id, m * 4)])
+                                   for m in ids))
+            srv.proc.kill()  # SIGKILL right after the last ack
+            assert await srv.proc.wait() == -signal.SIGKILL
+    stats = json.loads(await cli("stats", "--data", str(data), "--store", pg_url, "--json"))
+    assert (stats["accounts"], stats["queued_envelopes"]) == (2, 200)
+    # Another instance (own data folder) on the same database finds them all.
+    async with serve(tmp_path / "other", "--open-registration", "--store", pg_url) as srv:
+        async with rc(srv.port, BOB, "bob@example.net") as b:
+            pushes = b.pushes()
+            got: list[bytes] = []
+            async with asyncio.timeout(30):
+                while len(got) < 200:
+                    p = await anext(pushes)
+                    if isinstance(p, Deliver):
+                        assert p.envelope.blob == p.envelope.message_id * 4
+                        got.append(p.envelope.message_id)
+            assert sorted(got) == sorted(ids)  # all 200, each exactly once
+            await asyncio.gather(*(b.remove(m) for m in got))
+        async with rc(srv.port, BOB, "bob@example.net") as b:
+            assert await b.list() == []
+        token = (await cli("invite", "carol@example.net", "--store", pg_url)).strip()
+        async with rc(srv.port, ident(3), "carol@example.net", register=True, invite=token):
+            pass
+    stats = json.loads(await cli("stats", "--data", str(data), "--store", pg_url, "--json"))
+    assert (stats["accounts"], stats["queued_envelopes"]) == (3, 0)
+
+
+async def run(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rendezvous", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_migrate_and_serve_refuses_an_unknown_schema(tmp_path: Path,
+                                                           pg_url: str) -> None:
+    code, out, _ = await run("migrate", "--store", pg_url)
+    assert code == 0
+    assert out.splitlines()[0].startswith("applied 1: accounts, devices, envelopes")
+    assert out.splitlines()[-1].endswith("schema empty -> version 2")
+    code, out, _ = await run("migrate", "--store", pg_url, "--json")
+    assert json.loads(out)["applied"] == [] and json.loads(out)["after"] == 2
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("INSERT INTO schema_version VALUES (99, 'from the future')")
+        serve_args = ("serve", "--domain", "example.net", "--data", str(tmp_path / "d"),
+                      "--store", pg_url, "--stun-port", "off", "--dht-port", "off")
+        code, _, err = await run(*serve_args)
+        assert code == 1
+        assert "schema version 99 was written by a newer server; this one knows versions " \
+               "up to 2" in err
+        await conn.execute("DELETE FROM schema_version WHERE version >= 2")
+        code, _, err = await run(*serve_args)
+        assert code == 1
+        assert "schema version 1, this server needs 2: run `peerpost-rendezvous migrate " \
+               "--store postgresql://" in err
+        code, out, _ = await run("migrate", "--store", pg_url)
+        assert code == 0 and out.startswith("applied 2: instances of one domain")
+        await conn.execute("INSERT INTO meta VALUES ('domain', 'example.net')")  # as served
+    finally:
+        await conn.close()
+    code, _, err = await run("serve", "--domain", "other.test", "--data", str(tmp_path / "e"),
+                             "--store", pg_url, "--stun-port", "off", "--dht-port", "off")
+    assert code == 1 and "serves example.net, not other.test" in err
+    code, _, err = await run("serve", "--domain", "example.net", "--data", str(tmp_path / "f"),
+                             "--store", "mysql://x/y")
+    assert code == 2 and "expected postgresql://USER@HOST:PORT/DB" in err
+
+
+async def test_migrate_an_sqlite_data_folder(tmp_path: Path) -> None:
+    code, _, err = await run("migrate", "--data", str(tmp_path))
+    assert code == 1 and "no database in" in err
+    async with serve(tmp_path / "data", "--stun-port", "off", "--dht-port", "off"):
+        pass
+    code, out, _ = await run("migrate", "--data", str(tmp_path / "data"))
+    assert code == 0 and out.strip().endswith("schema version 4, up to date")
