@@ -10,6 +10,7 @@
                               [--sender-quota-count N] [--sender-quota-bytes BYTES]
                               [--finger-open] [--outbound-expiry DAYS] [--block-domain D ...]
                               [--store postgresql://USER@HOST:PORT/DB]
+                              [--advertise HOST:PORT] [--instance-heartbeat SECONDS]
     peerpost-rendezvous invite ADDRESS --data DIR|--store URL [--days N]
     peerpost-rendezvous stats --data DIR [--store URL] [--json]
     peerpost-rendezvous migrate --store URL|--data DIR [--json]
@@ -46,6 +47,9 @@ SQLite file directly (see stats.py), or from PostgreSQL with `--store`.
 The store is SQLite in DATA unless `--store postgresql://...` names a PostgreSQL database,
 which several `serve` processes of the domain may share (storecli.py, pg_store.py).
 `migrate` brings a database's schema to this version; `serve` refuses one it does not know.
+The instances on one database share presence and push to each other (instances.py):
+`--advertise` is where the others send relay callees to reach this one, and `stats
+--store` shows each instance and the domain's totals.
 
 The DHT bootstrap node comes from the overlay package, loaded by name only when it is
 run (services.py explains why that is the least bad way); its identity
@@ -85,6 +89,7 @@ from rendezvous.cliutil import add_completion, add_version, completion_script, f
 from rendezvous.datalock import DataInUse, DataLock
 from rendezvous.dns import DnsResolver, DomainLookupError
 from rendezvous.domainkey import load_or_create, txt_value
+from rendezvous.instances import instances_lines, instances_report, make_bus, read_instances
 from rendezvous.limits import DAY, Limits
 from rendezvous.logfmt import FORMATS, LEVELS, configure, kv
 from rendezvous.opcli import OPERATOR_COMMANDS, add_operator_commands, run_operator_command
@@ -157,6 +162,23 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    value = _non_negative(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected more than 0, got {text!r}")
+    return value
+
+
+def _advertise(text: str) -> tuple[str, int]:
+    try:
+        host, port = parse_hostport(text, what="--advertise")
+    except DecodeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not port:
+        raise argparse.ArgumentTypeError(f"--advertise needs a port, got {text!r}")
+    return host, port
+
+
 def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text!r}")
@@ -180,6 +202,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, help="data folder (SQLite, keys, stats; required, "
                                              "here or in --config)")
     s.add_argument("--store", type=store_url, metavar="URL", help=STORE_HELP)
+    s.add_argument("--advertise", type=_advertise, metavar="HOST:PORT",
+                   help="with a PostgreSQL --store: where the domain's other instances send "
+                        "relay callees to reach this one (default: the --listen address)")
+    s.add_argument("--instance-heartbeat", type=_positive, default=2.0, metavar="SECONDS",
+                   help="with a PostgreSQL --store: how often this instance renews its "
+                        "lease; its sessions count as online for 3 times that")
     s.add_argument("--open-registration", action="store_true",
                    help="anyone may create an account (demos and tests)")
     s.add_argument("--tls-cert", type=Path, metavar="PEM",
@@ -461,7 +489,9 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                               services=services, domain_key=domain_key, tls=tls,
                               finger_open=args.finger_open,
                               blocked_domains={d.strip().lower() for d in args.block_domain},
-                              resolver=resolver)
+                              resolver=resolver,
+                              bus=make_bus(args.store, advertise=args.advertise,
+                                           heartbeat=args.instance_heartbeat))
     try:
         host, port = await server.start(*args.listen)
     except OSError as exc:
@@ -646,11 +676,20 @@ def _stats(args: argparse.Namespace) -> int:
         # The extra services' counters, as the server named them (stun_*, dht_*).
         doc.update({k: v for k, v in live.items()
                     if k.startswith(("stun_", "dht_")) and isinstance(v, int)})
+    instances: dict[str, Any] | None = None
+    if args.store is not None:
+        try:
+            instances = instances_report(asyncio.run(read_instances(args.store)))
+        except Exception as exc:  # asyncpg's errors, a refused connection
+            print(f"peerpost-rendezvous: cannot read the instances: {exc}", file=sys.stderr)
+            return 1
     if args.json:
-        print(json.dumps(doc))
+        print(json.dumps({**doc, **(instances or {})}))
     else:
         for key, value in doc.items():
             print(f"{key.replace('_', ' ')}: {value}")
+        for line in instances_lines(instances) if instances else ():
+            print(line)
     return 0
 
 

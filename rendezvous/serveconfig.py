@@ -25,7 +25,8 @@ from typing import Any
 OFF = "off"
 # What a reload cannot change in a running process.
 RESTART_KEYS = ("domain", "listen", "data", "tls_cert", "tls_key", "plaintext", "stun_port",
-                "dht_port", "config", "resolver", "store")
+                "dht_port", "config", "resolver", "store", "advertise",
+                "instance_heartbeat")
 
 
 class ConfigError(Exception):
