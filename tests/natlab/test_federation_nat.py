@@ -6,8 +6,9 @@ Both servers live on the public segment, in the lab's `server` namespace: a.test
 and DHT bootstrap node. DNS inside the lab is a dnsmasq in that same namespace, on
 198.18.0.10 port 53 (the namespace is the lab's own, so the port is free), serving both
 domains' `dns-records` lines; nodes and both servers' resolvers point at it through
-PEERPOST_RESOLVER. A cross-domain pair behind cone NATs delivers over WebRTC signalled
-through both servers and their link; behind symmetric NATs on both sides it delivers
+PEERPOST_RESOLVER. A cross-domain pair behind cone NATs delivers over a TCP hole punch
+signalled through both servers and their link (each node learns its mapping from its own
+server's STUN over TCP); behind symmetric NATs on both sides it delivers
 through the relay, which the *caller's* server (b.test: bob fetches) hosts while alice
 joins there on the invitation her own server forwarded.
 """
@@ -180,12 +181,12 @@ def _paths(entry: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def test_cross_domain_pair_behind_cone_nats_delivers_over_webrtc(domains: Domains,
-                                                                  tmp_path: Path) -> None:
+def test_cross_domain_pair_behind_cone_nats_delivers_over_a_tcp_punch(
+        domains: Domains, tmp_path: Path) -> None:
     a, b = domains(NatMode.EIM, NatMode.EIM)
     entry = _deliver(a, b, tmp_path)
     paths = _paths(entry)
-    assert set(paths) == {"webrtc"} and paths["webrtc"] >= SIZE, entry["sources"]
+    assert set(paths) == {"tcp-punch"} and paths["tcp-punch"] >= SIZE, entry["sources"]
 
 
 def test_cross_domain_pair_behind_symmetric_nats_delivers_through_the_relay(
