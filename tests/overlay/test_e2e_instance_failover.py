@@ -1,0 +1,93 @@
+"""End to end: a domain runs two `serve` instances on one PostgreSQL, published as two SRV
+records. Both nodes are logged in to the first when it is killed (-9); their sessions
+reconnect to the second within the backoff, record it in their config, and a message sent
+right after the kill arrives whole."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from overlay.app.lab import LocalNetwork, NodeHandle
+from rendezvous.domainkey import load_or_create
+from tests.dnstest import Dnsmasq
+
+pytestmark = pytest.mark.slow
+
+DOMAIN = "a.test"
+RENDEZVOUS = Path(sys.executable).with_name("peerpost-rendezvous")
+
+
+def srv_line(data: Path, host: str, port: int, priority: int) -> list[str]:
+    argv = [str(RENDEZVOUS), "dns-records", "--data", str(data), "--domain", DOMAIN,
+            "--port", str(port), "--host", host, "--priority", str(priority)]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    return res.stdout.splitlines()
+
+
+@pytest.fixture
+def net(tmp_path: Path, pg_url: str) -> Iterator[LocalNetwork]:
+    args = ["--store", pg_url, "--instance-heartbeat", "0.5"]
+    with LocalNetwork(tmp_path / "lab", domain=DOMAIN, server_args=args) as n:
+        n.env.pop("PEERPOST_RESOLVER", None)
+        yield n
+
+
+def test_nodes_reconnect_to_the_other_instance_and_lose_nothing(
+        net: LocalNetwork, pg_url: str, dns_server: Callable[..., Dnsmasq],
+        tmp_path: Path) -> None:
+    net.data_dir.mkdir(mode=0o700, parents=True)
+    load_or_create(net.data_dir)
+    second = net.root / "second-data"
+    second.mkdir(mode=0o700)
+    shutil.copy2(net.data_dir / "domain_key.json", second / "domain_key.json")
+    _, port1 = net.start_server()
+    # STUN off here: at --listen port 0 `serve` puts STUN over TCP at port 1, which the
+    # first instance holds already.
+    other = net._spawn("second", [str(RENDEZVOUS), "serve", "--domain", DOMAIN, "--listen",
+                                  "127.0.0.1:0", "--data", str(second), "--store", pg_url,
+                                  "--open-registration", "--instance-heartbeat", "0.5",
+                                  "--stun-port", "off", "--dht-port", "0"])
+    port2 = int(other.lines.wait_for(re.compile(r"listening \S+:(\d+)"), 30,
+                                     "second instance").group(1))
+    zone = (srv_line(net.data_dir, "rv1.a.test", port1, 0)[:1]
+            + srv_line(net.data_dir, "rv2.a.test", port2, 10))
+    ns = dns_server(zone, {"rv1.a.test": "127.0.0.1", "rv2.a.test": "127.0.0.1"})
+
+    nodes: list[NodeHandle] = []
+    for name in ("alice", "bob"):
+        node = NodeHandle(name, f"{name}@{DOMAIN}", net.root / name)
+        net.cli(node, "init", "--address", node.address, "--resolver", ns.hostport,
+                "--listen", "127.0.0.1:0")
+        net.nodes[name] = node
+        net.start_node(node, timeout=60)
+        nodes.append(node)
+    alice, bob = nodes
+    for node in nodes:
+        assert json.loads((node.home / "config.json").read_text())["server"] \
+            == f"127.0.0.1:{port1}"
+
+    assert net.server is not None
+    net.server.kill()  # kill -9 of the instance both are logged in to
+    src = tmp_path / "hello.bin"
+    src.write_bytes(bytes(range(256)) * 2048)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+
+    def complete() -> dict[str, object] | None:
+        e = net.inbox_entry(bob, mid)
+        return e if e and e["state"] == "complete" else None
+    got = net.wait_until(complete, 120, "bob's download")
+    assert Path(str(got["path"])).read_bytes() == src.read_bytes()
+    for node in nodes:
+        assert node.proc is not None
+        log = " ".join(node.proc.log().split())
+        assert f"failed over from 127.0.0.1:{port1} to 127.0.0.1:{port2} (reconnect)" in log
+        assert json.loads((node.home / "config.json").read_text())["server"] \
+            == f"127.0.0.1:{port2}"
