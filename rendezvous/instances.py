@@ -48,6 +48,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from crypto.codec import Fields
 from rendezvous.backoff import Backoff
 from rendezvous.logfmt import kv
 from rendezvous.messages import RelayInvite
@@ -236,9 +237,10 @@ class _Outgoing:
     envelopes: list[tuple[bytes, int]]
     pipes: list[bytes]
     invites: list[tuple[bytes, RelayInvite]]
+    rescan: bool = False  # events of ours were lost: every instance re-reads its queues
 
     def __bool__(self) -> bool:
-        return bool(self.envelopes or self.pipes or self.invites)
+        return bool(self.envelopes or self.pipes or self.invites or self.rescan)
 
 
 def encode_events(origin: str, out: _Outgoing) -> list[str]:
@@ -247,6 +249,8 @@ def encode_events(origin: str, out: _Outgoing) -> list[str]:
     items += [["p", d.hex()] for d in out.pipes]
     items += [["r", d.hex(), i.sender, i.sender_device.hex(), i.session.hex(), i.host,
                i.port, (i.key or b"").hex()] for d, i in out.invites]
+    if out.rescan:
+        items.append(["s"])
     payloads: list[str] = []
     head = f'{{"o":{json.dumps(origin)},"v":['
     batch: list[str] = []
@@ -269,6 +273,7 @@ class Events:
     envelopes: list[tuple[bytes, int]]
     pipes: list[bytes]
     invites: list[tuple[bytes, RelayInvite]]
+    rescan: bool
 
 
 def decode_events(payload: str) -> Events:
@@ -283,6 +288,7 @@ def decode_events(payload: str) -> Events:
     envelopes: list[tuple[bytes, int]] = []
     pipes: list[bytes] = []
     invites: list[tuple[bytes, RelayInvite]] = []
+    rescan = False
     for item in doc["v"]:
         if not isinstance(item, list) or not item or not isinstance(item[0], str):
             raise ValueError("malformed event")
@@ -293,15 +299,17 @@ def decode_events(payload: str) -> Events:
             pipes.append(bytes.fromhex(item[1]))
         elif kind == "r" and len(item) == 8:
             _, dev, sender, sdev, session, host, port, key = item
-            if not (isinstance(sender, str) and isinstance(host, str)
-                    and isinstance(port, int)):
-                raise ValueError("malformed relay invite")
-            invite = RelayInvite(sender, bytes.fromhex(sdev), bytes.fromhex(session), host,
-                                 port, bytes.fromhex(key))
+            # The checks a client makes of a RELAY-INVITE (a DecodeError is a ValueError).
+            invite = RelayInvite.decode(Fields(
+                {"from": sender, "from_device": bytes.fromhex(sdev),
+                 "session": bytes.fromhex(session), "host": host, "port": port,
+                 "key": bytes.fromhex(key)}, "RELAY-INVITE"))
             invites.append((bytes.fromhex(dev), invite))
+        elif kind == "s" and len(item) == 1:
+            rescan = True
         else:
             raise ValueError(f"unknown event {kind!r}")
-    return Events(doc["o"], envelopes, pipes, invites)
+    return Events(doc["o"], envelopes, pipes, invites, rescan)
 
 
 class PgInstanceBus:
@@ -346,6 +354,8 @@ class PgInstanceBus:
         self.listener_reconnects = 0
         self.rescans = 0
         self._instances: list[InstanceRow] = []
+        self._owe_rescan = False
+        self._alive: set[str] = set()
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self, host: BusHost, address: tuple[str, int]) -> None:
@@ -512,6 +522,8 @@ class PgInstanceBus:
         for device, invite in events.invites:
             if device in self._local and host is not None:
                 host.bus_relay_invite(device, invite)
+        if events.rescan:
+            self._tasks.spawn(self._rescan(), name="bus-rescan")
 
     async def _fetcher(self) -> None:
         """Read the announced envelopes of our devices from the store and push them."""
@@ -539,17 +551,22 @@ class PgInstanceBus:
             try:
                 await self._publish(out)
             except Exception as exc:
-                # The envelopes are stored; their devices get them at their next session.
+                # The envelopes are stored; the next batch that goes out asks every
+                # instance to re-read the queues of its sessions.
                 log.warning(kv("instance.publish_failed", error=str(exc) or repr(exc),
                                events=len(out.envelopes) + len(out.pipes)
                                + len(out.invites)))
+                self._owe_rescan = True
 
     async def _publish(self, out: _Outgoing) -> None:
+        out.rescan = out.rescan or self._owe_rescan
         payloads = encode_events(self.instance, out)
         async with self._lock:
             await self._conn.execute("SELECT pg_notify($1, x) FROM unnest($2::text[]) AS x",
                                      CHANNEL, payloads)
         self.published += len(payloads)
+        if out.rescan:
+            self._owe_rescan = False
 
     async def _presence_writer(self) -> None:
         while True:
@@ -604,7 +621,13 @@ class PgInstanceBus:
                         await self._conn.execute(
                             "DELETE FROM rv_instances WHERE heartbeat_at < "
                             "now() - make_interval(secs => $1)", self.lease + DEAD_AFTER)
-                    self._instances = await _instance_rows(self._conn, self.lease)
+                    rows = await _instance_rows(self._conn, self.lease)
+                    self._instances = rows
+                    alive = {r.id for r in rows if r.alive}
+                    if self._alive - alive - {self.instance}:
+                        # An instance died, perhaps between a commit and its announcement.
+                        self._tasks.spawn(self._rescan(), name="bus-rescan")
+                    self._alive = alive
                 if self._listener is not None and self._listening.is_set():
                     await asyncio.wait_for(self._listener.fetchval("SELECT 1"), self.lease)
             except Exception as exc:
@@ -628,6 +651,9 @@ class PgInstanceBus:
         self._conn = conn
         self._presence_dirty |= self._local
         self._presence_ready.set()
+        self._owe_rescan = True  # what we stored while cut off was announced to nobody
+        self._out.rescan = True
+        self._out_ready.set()
         log.info(kv("instance.reconnected", instance=self.instance))
 
 

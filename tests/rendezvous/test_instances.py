@@ -22,7 +22,7 @@ from rendezvous.messages import RelayInvite
 from rendezvous.records import Envelope
 from rendezvous.store import QueuedEnvelope
 
-D1, D2 = b"\x01" * 32, b"\x02" * 32
+D1, D2 = b"\x01" * 20, b"\x02" * 20  # peer ids
 
 
 class FakeHost:
@@ -84,6 +84,9 @@ def test_events_round_trip_in_payloads_under_the_limit() -> None:
     assert [e for ev in events for e in ev.envelopes] == out.envelopes
     assert [p for ev in events for p in ev.pipes] == [D2]
     assert [i for ev in events for i in ev.invites] == out.invites
+    assert not any(ev.rescan for ev in events)
+    (only,) = encode_events("inst", _Outgoing([], [], [], rescan=True))
+    assert decode_events(only).rescan
     for bad in ("", "[]", '{"o":"x","v":[["e","zz",1]]}', '{"o":"x","v":[["q"]]}'):
         with pytest.raises(ValueError):
             decode_events(bad)
