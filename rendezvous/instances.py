@@ -728,9 +728,10 @@ def instances_report(rows: Sequence[InstanceRow]) -> dict[str, Any]:
     return {
         "instances": [{
             "id": r.id, "address": f"{r.host}:{r.port}", "alive": r.alive,
-            "lease_renewed_s_ago": round(r.heartbeat_age, 1), "sessions": r.sessions,
+            "lease_renewed_s_ago": round(r.heartbeat_age, 1), "devices": r.sessions,
+            "sessions": int(r.stats.get("online_sessions", 0) or 0),
             **{k: int(r.stats.get(k, 0) or 0) for k in (
-                "online_devices", "sends", "delivered", "pushed_remote")}}
+                "sends", "delivered", "pushed_remote")}}
             for r in rows],
         "domain": domain_totals(rows),
     }
@@ -741,11 +742,12 @@ def instances_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for i in report["instances"]:
         state = "alive" if i["alive"] else f"lease expired {i['lease_renewed_s_ago']:g} s ago"
-        lines.append(f"instance {i['id']} at {i['address']} ({state}): {i['sessions']} "
-                     f"sessions, {i['sends']} messages in, {i['delivered']} pushed "
-                     f"({i['pushed_remote']} stored by other instances)")
+        lines.append(f"instance {i['id']} at {i['address']} ({state}): {i['devices']} "
+                     f"devices in {i['sessions']} sessions, {i['sends']} messages in, "
+                     f"{i['delivered']} pushed ({i['pushed_remote']} stored by other "
+                     "instances)")
     d = report["domain"]
     lines.append(f"domain: {d['instances_alive']} instances alive, {d['instances_dead']} "
-                 f"expired; {d['online_sessions']} sessions, {d['sends']} messages in, "
-                 f"{d['delivered']} pushed")
+                 f"expired; {d['online_devices']} devices in {d['online_sessions']} sessions, "
+                 f"{d['sends']} messages in, {d['delivered']} pushed")
     return lines

@@ -12,11 +12,14 @@ from typing import Any
 import pytest
 
 from rendezvous.instances import (
+    InstanceRow,
     PgInstanceBus,
     _Outgoing,
     decode_events,
     encode_events,
     ensure_schema,
+    instances_lines,
+    instances_report,
 )
 from rendezvous.messages import RelayInvite
 from rendezvous.records import Envelope
@@ -191,3 +194,18 @@ async def test_finger_pipe_and_relay_across_instances(pg_url: str) -> None:
     finally:
         for s in servers:
             await s.aclose()
+
+
+def test_stats_text_names_each_instance_and_the_domain() -> None:
+    rows = [InstanceRow("aaa", "10.0.0.1", 4500, True, 0.0, 0.4, 3,
+                        {"online_sessions": 4, "online_devices": 3, "sends": 10, "delivered": 12,
+                         "pushed_remote": 5}),
+            InstanceRow("bbb", "10.0.0.2", 4500, False, 0.0, 42.0, 1, {"sends": 7})]
+    lines = instances_lines(instances_report(rows))
+    assert lines == [
+        "instance aaa at 10.0.0.1:4500 (alive): 3 devices in 4 sessions, 10 messages in, "
+        "12 pushed (5 stored by other instances)",
+        "instance bbb at 10.0.0.2:4500 (lease expired 42 s ago): 1 devices in 0 sessions, "
+        "7 messages in, 0 pushed (0 stored by other instances)",
+        "domain: 1 instances alive, 1 expired; 3 devices in 4 sessions, 10 messages in, "
+        "12 pushed"]

@@ -13,6 +13,7 @@ import signal
 import statistics
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -37,20 +38,22 @@ class Instance:
         self.proc = proc
         self.port = port
         self.log = log
+        self.metrics_port = 0
 
     async def kill(self) -> None:
         self.proc.kill()
         assert await self.proc.wait() == -signal.SIGKILL
 
 
-async def start_instance(stack: AsyncExitStack, data: Path, url: str) -> Instance:
+async def start_instance(stack: AsyncExitStack, data: Path, url: str,
+                         *extra: str) -> Instance:
     log = data.parent / f"{data.name}.log"
     with log.open("ab") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "rendezvous", "serve", "--domain", DOMAIN,
             "--listen", "127.0.0.1:0", "--data", str(data), "--store", url,
             "--open-registration", "--stun-port", "off", "--dht-port", "off",
-            "--instance-heartbeat", "0.5", "--stats-interval", "0.2",
+            "--instance-heartbeat", "0.5", "--stats-interval", "0.2", *extra,
             stdout=asyncio.subprocess.PIPE, stderr=err)
 
     async def stop() -> None:
@@ -64,11 +67,16 @@ async def start_instance(stack: AsyncExitStack, data: Path, url: str) -> Instanc
     line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
     if not line.startswith("listening "):
         raise AssertionError(f"server did not start: {line!r}\n{log.read_text()}")
-    return Instance(proc, int(line.split()[1].rsplit(":", 1)[1]), log)
+    inst = Instance(proc, int(line.split()[1].rsplit(":", 1)[1]), log)
+    if "--metrics" in extra:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line.startswith("metrics listening "), line
+        inst.metrics_port = int(line.split()[2].rsplit(":", 1)[1])
+    return inst
 
 
 @pytest.fixture
-async def domain(tmp_path: Path, pg_url: str) -> AsyncIterator[Callable[[str], Awaitable[
+async def domain(tmp_path: Path, pg_url: str) -> AsyncIterator[Callable[..., Awaitable[
         Instance]]]:
     """Start instances of DOMAIN on one database, each with its own --data folder and the
     one domain key."""
@@ -76,11 +84,11 @@ async def domain(tmp_path: Path, pg_url: str) -> AsyncIterator[Callable[[str], A
     key_dir.mkdir(mode=0o700)
     load_or_create(key_dir)
     async with AsyncExitStack() as stack:
-        async def start(name: str) -> Instance:
+        async def start(name: str, *extra: str) -> Instance:
             data = tmp_path / name
             data.mkdir(mode=0o700)
             shutil.copy2(key_dir / "domain_key.json", data / "domain_key.json")
-            return await start_instance(stack, data, pg_url)
+            return await start_instance(stack, data, pg_url, *extra)
         yield start
 
 
@@ -196,9 +204,9 @@ async def test_held_pipe_offer_survives_its_instance(
         assert (push.sender, push.payload) == ("carol@example.net", b"offer: v=0 ...")
 
 
-async def test_stats_shows_each_instance_and_the_domain(
-        domain: Callable[[str], Awaitable[Instance]], pg_url: str, tmp_path: Path) -> None:
-    one, two = await domain("one"), await domain("two")
+async def test_stats_and_metrics_show_each_instance_and_the_domain(
+        domain: Callable[..., Awaitable[Instance]], pg_url: str, tmp_path: Path) -> None:
+    one, two = await domain("one", "--metrics", "127.0.0.1:0"), await domain("two")
     async with client(one, ALICE, "alice@example.net") as alice, \
             client(two, BOB, "bob@example.net") as bob:
         pushes = bob.pushes()
@@ -212,11 +220,21 @@ async def test_stats_shows_each_instance_and_the_domain(
             stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()
+        url = f"http://127.0.0.1:{one.metrics_port}/metrics"
+        metrics = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(url, timeout=10).read().decode())
     doc = json.loads(out)
     by_port = {i["address"]: i for i in doc["instances"]}
     first, second = by_port[f"127.0.0.1:{one.port}"], by_port[f"127.0.0.1:{two.port}"]
     assert first["alive"] and second["alive"]
     assert (first["sessions"], second["sessions"]) == (1, 1)
+    assert (first["devices"], second["devices"]) == (1, 1)
     assert first["sends"] == 1 and second["pushed_remote"] == 1
     assert doc["domain"]["instances_alive"] == 2
     assert doc["domain"]["online_sessions"] == 2
+    p = "peerpost_rendezvous_"
+    assert f'{p}instance{{address="127.0.0.1:{one.port}",instance_id="{first["id"]}"}} 1.0' \
+        in metrics, metrics
+    assert f'{p}domain_instances{{state="alive"}} 2.0' in metrics
+    for inst in (first, second):
+        assert f'{p}domain_sessions{{instance_id="{inst["id"]}"}} 1.0' in metrics
