@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest retry delay (default 300)")
     s.add_argument("--provider-refresh", type=float, default=None, metavar="SECONDS",
                    help="how often a download looks for new holders in the DHT (default 10)")
+    s.add_argument("--no-co-recipients", action="store_true",
+                   help="download from the sender alone, never from co-recipients the DHT "
+                        "names as holders (default: from both)")
     s.add_argument("--inbox-max", type=int, default=None, metavar="N",
                    help="messages the inbox keeps before it refuses new ones (default 10000)")
     s.add_argument("--on-message", default=None, metavar="CMD",

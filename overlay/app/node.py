@@ -325,6 +325,8 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
         opts.retry_max = args.retry_max
     if args.provider_refresh is not None:
         opts.provider_refresh = args.provider_refresh
+    if getattr(args, "no_co_recipients", False):
+        opts.co_recipients = False
     if getattr(args, "inbox_max", None) is not None:
         opts.inbox_max = args.inbox_max
     opts.web = getattr(args, "web", None)

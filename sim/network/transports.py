@@ -290,7 +290,7 @@ class SimStreamTransport(asyncio.Transport):
                     q[0] = item[size:]
                 self._unacked += size
             self._in_uplink += 1
-            depart = net.reserve_uplink(self._host, size)
+            depart = net.reserve_uplink(self._host, net.stream_wire(size))
             self._loop.call_at(depart, self._departed, segment, context=self._host.context)
 
     def _departed(self, segment: bytes | None) -> None:
@@ -318,7 +318,7 @@ class SimStreamTransport(asyncio.Transport):
         if self._state is _State.DEAD or not self._host.online:
             return
         size = 0 if segment is None else len(segment)
-        t = self._net.reserve_downlink(self._host, size)
+        t = self._net.reserve_downlink(self._host, self._net.stream_wire(size))
         if t > self._loop.time():
             self._loop.call_at(t, self._deliver, segment, context=self._host.context)
         else:

@@ -1,0 +1,184 @@
+"""A lab of public hosts on one bridge, each link shaped with `tc tbf`, and the real
+sender-to-recipients delivery on it (the real half of the fidelity comparison).
+
+    with ShapedLab(recipients=5, up_bit=5_000_000, down_bit=20_000_000) as lab:
+        times = deliver_real(lab, tmp_path / "net", file, co_recipients=True)
+
+Topology (names prefixed per lab, as in `NatLab`): a bridge in `inet`; `server`
+(198.18.0.10 and .11, unshaped: an ISP's well-connected server), `snd` (198.18.0.30) and
+`r0`... (198.18.0.40 + i). No NAT anywhere: every node reaches every other directly.
+
+Shaping (netem is not available here, so no added delay: the veths' own round trip is
+about 0.05-0.1 ms): a host's uplink is a `tbf` on its own `eth0` (egress towards the
+bridge), its downlink a `tbf` on its bridge port (egress towards the host). `tbf` counts
+whole frames, TCP/IP and Ethernet headers included; `burst` is 32 KB (a few ms at these
+rates: bursts never beat the rate by much) and `latency` 200 ms bounds each queue (at
+5 Mbit/s about 125 KB, so TCP fills the link without losing much to drops).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from overlay.app.lab import NodeHandle
+from tests.natlab.lab import NatLab
+from tests.natlab.nodes import LabNetwork
+
+SERVER_ADDRS = ("198.18.0.10", "198.18.0.11")
+BURST = "32kb"
+QUEUE_LATENCY = "200ms"
+
+
+def tc_missing() -> str | None:
+    """Why links can't be shaped here, or None."""
+    if shutil.which("tc") is None:
+        return "missing tc: apt-get install -y iproute2"
+    return None
+
+
+class ShapedLab(NatLab):
+    """Namespaces on one bridge; every host but the server has shaped up and down links."""
+
+    def __init__(self, recipients: int, *, up_bit: int | None, down_bit: int | None,
+                 log_dir: Path | None = None) -> None:
+        super().__init__(log_dir=log_dir)
+        self.recipients = [f"r{i}" for i in range(recipients)]
+        self.hosts = ("inet", "server", "snd", *self.recipients)
+        self.up_bit = up_bit
+        self.down_bit = down_bit
+        self._addrs = {"server": SERVER_ADDRS[0], "server2": SERVER_ADDRS[1],
+                       "snd": "198.18.0.30"}
+        self._addrs |= {r: f"198.18.0.{40 + i}" for i, r in enumerate(self.recipients)}
+
+    def ns(self, host: str) -> str:
+        """The namespace name of `host` (inet, server, snd or a recipient)."""
+        if host not in self.hosts:
+            raise ValueError(f"no host {host!r} in the lab")
+        return f"{self.prefix}-{host}"
+
+    def __enter__(self) -> ShapedLab:
+        return self.up()
+
+    def addr_of(self, host: str) -> str:
+        return self._addrs[host]
+
+    @property
+    def server_addrs(self) -> tuple[str, str]:
+        return SERVER_ADDRS
+
+    def _tbf(self, ns: str, dev: str, rate_bit: int) -> None:
+        self._ip_tc(ns, "qdisc", "replace", "dev", dev, "root", "handle", "1:", "tbf",
+                    "rate", f"{rate_bit}bit", "burst", BURST, "latency", QUEUE_LATENCY)
+
+    def _ip_tc(self, ns: str, *args: str) -> None:
+        self._cmd(["ip", "netns", "exec", self.ns(ns), "tc", *args])
+
+    def up(self) -> ShapedLab:
+        """Build the bridge, the hosts and the shaping; on failure tear down and raise."""
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for host in self.hosts:
+                self._cmd(["ip", "netns", "add", self.ns(host)])
+                self._made.append(host)
+                self._ip("link", "set", "lo", "up", ns=host)
+            self._ip("link", "add", "br0", "type", "bridge", ns="inet")
+            self._ip("link", "set", "br0", "up", ns="inet")
+            self._sysctl("inet", "net.bridge.bridge-nf-call-iptables=0", required=False)
+            self._wire("server", "eth0", "srv", [f"{a}/24" for a in SERVER_ADDRS])
+            for host in ("snd", *self.recipients):
+                port = f"p-{host}"
+                self._wire(host, "eth0", port, [f"{self._addrs[host]}/24"])
+                if self.up_bit is not None:
+                    self._tbf(host, "eth0", self.up_bit)
+                if self.down_bit is not None:
+                    self._tbf("inet", port, self.down_bit)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+
+def deliver_real(lab: ShapedLab, root: Path, path: Path, *, co_recipients: bool,
+                 timeout: float = 600.0) -> list[float]:
+    """Real server and `peerpost node`s in the lab; the sender sends `path` to every
+    recipient at once. Each recipient's completion time after `peerpost send` returned,
+    from its inbox's `completed_at` (the node's own wall clock), in recipient order."""
+    net = LabNetwork(lab, root)
+    try:
+        net.start_server()
+        extra = [] if co_recipients else ["--no-co-recipients"]
+        marks = root / "marks"
+        marks.mkdir(parents=True, exist_ok=True)
+        sender = net.add_node("sender", "snd", extra=extra)
+        nodes: list[NodeHandle] = []
+        for r in lab.recipients:
+            mark = marks / r
+            # The hook is how the test learns of completion without polling the CLI (each
+            # `peerpost inbox` is a Python start-up: CPU the nodes would lose).
+            hook = f"/bin/sh -c 'echo $PEERPOST_STATE >> {mark}'"
+            nodes.append(net.add_node(r, r, extra=[*extra, "--on-message", hook]))
+        for n in (sender, *nodes):
+            net.start_node(n)
+        res = net.cli(sender, "send", str(path), "--to", ",".join(n.address for n in nodes))
+        t0 = time.time()
+        mid = next(w for w in res.stdout.split() if len(w) == 32 and
+                   all(c in "0123456789abcdef" for c in w))
+
+        def all_done() -> bool:
+            return all("complete" in ((marks / r).read_text() if (marks / r).exists()
+                                      else "") for r in lab.recipients)
+
+        net.wait_until(all_done, timeout, "every recipient to complete", interval=0.2)
+        times = []
+        for n in nodes:
+            entry = net.inbox_entry(n, mid)
+            if entry is None or entry.get("completed_at") is None:
+                raise AssertionError(f"{n.name}: no completed entry: {entry}")
+            times.append(float(entry["completed_at"]) - t0)
+        return times
+    finally:
+        net.close()
+
+
+def lab_unavailable() -> str | None:
+    """Why the shaped lab can't run here (not root, no namespaces, no tc), or None."""
+    from tests.natlab.conftest import _lab_unavailable
+
+    return _lab_unavailable() or tc_missing()
+
+
+def compare(recipients: int, size: int, *, up_bit: int, down_bit: int | None,
+            modes: tuple[str, ...], root: Path, seed: int = 1) -> dict[str, dict[str, Any]]:
+    """Per mode ("off"/"on": co-recipient sourcing): each recipient's completion time on
+    the real shaped network, in the simulator with the same rates (wire headers charged),
+    and in the simulator counting payload only (its default)."""
+    from sim.fidelity import FidelitySetup, simulate, write_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "file.bin"
+    write_file(path, size, f"{seed}/fidelity")
+    setup = FidelitySetup(recipients=recipients, size=size, up=up_bit / 8,
+                          down=None if down_bit is None else down_bit / 8, seed=seed)
+    out: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        co = mode == "on"
+        with ShapedLab(recipients, up_bit=up_bit, down_bit=down_bit,
+                       log_dir=root / f"lab-{mode}") as lab:
+            real = deliver_real(lab, root / f"net-{mode}", path, co_recipients=co)
+        out[mode] = {
+            "real": real,
+            "sim": simulate(setup, co_recipients=co),
+            "sim_payload_only": simulate(replace(setup, headers=False), co_recipients=co)}
+    return out
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile by nearest rank, as the simulator's summaries take it (p50 of five
+    values is the third, p90 the fifth)."""
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
