@@ -567,7 +567,7 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
             # STUN's own number, except that STUN at the listen port P puts it at TCP
             # P + 1 (the DHT has UDP P + 1); any free port when STUN's is 0.
             listen, port = args.listen[1], ports["stun"]
-            if port == listen:
+            if port == listen and listen:
                 port = listen + 1 if listen < 65535 else 0
             try:
                 services["stun_tcp"] = await start_stun_tcp(host, port)
