@@ -49,12 +49,9 @@ def test_nodes_reconnect_to_the_other_instance_and_lose_nothing(
     second.mkdir(mode=0o700)
     shutil.copy2(net.data_dir / "domain_key.json", second / "domain_key.json")
     _, port1 = net.start_server()
-    # STUN off here: at --listen port 0 `serve` puts STUN over TCP at port 1, which the
-    # first instance holds already.
     other = net._spawn("second", [str(RENDEZVOUS), "serve", "--domain", DOMAIN, "--listen",
                                   "127.0.0.1:0", "--data", str(second), "--store", pg_url,
-                                  "--open-registration", "--instance-heartbeat", "0.5",
-                                  "--stun-port", "off", "--dht-port", "0"])
+                                  "--open-registration", "--instance-heartbeat", "0.5"])
     port2 = int(other.lines.wait_for(re.compile(r"listening \S+:(\d+)"), 30,
                                      "second instance").group(1))
     zone = (srv_line(net.data_dir, "rv1.a.test", port1, 0)[:1]
