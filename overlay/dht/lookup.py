@@ -40,13 +40,17 @@ class Lookup:
         self._max_candidates = 8 * k
         self._max_queries = max_queries if max_queries is not None else 6 * k
         self.queries = 0
+        # Hops: a node from our own table is at depth 0, one a depth-d node named at d + 1;
+        # `hops` is the longest chain of answers the lookup went through (depth + 1).
+        self.hops = 0
+        self._depth: dict[bytes, int] = {}
         self._in_flight = 0
         self._nodes: dict[bytes, Node] = {}
         self._state: dict[bytes, _State] = {}
         self._order: list[tuple[int, bytes]] = []  # (distance, id), ascending; FAILED dropped
 
-    def add(self, nodes: Iterable[Node]) -> None:
-        """Learn candidates (from our table or from a reply)."""
+    def add(self, nodes: Iterable[Node], depth: int = 0) -> None:
+        """Learn candidates (from our table, or at `depth` from a reply)."""
         for node in nodes:
             if node.id == self._self_id or node.id in self._state:
                 continue
@@ -59,9 +63,10 @@ class Lookup:
                 # but leaves the ranking, which only the k closest matter to.
                 _, dropped = self._order.pop()
                 if self._state[dropped] is _State.WAITING:
-                    del self._state[dropped], self._nodes[dropped]
+                    del self._state[dropped], self._nodes[dropped], self._depth[dropped]
             bisect.insort(self._order, (distance, node.id))
             self._nodes[node.id] = node
+            self._depth[node.id] = depth
             self._state[node.id] = _State.WAITING
 
     def _frontier(self) -> list[bytes]:
@@ -85,7 +90,10 @@ class Lookup:
         if self._state.get(node_id) is _State.ASKED:
             self._state[node_id] = _State.ANSWERED
             self._in_flight -= 1
-            self.add(learned)
+            depth = self._depth[node_id] + 1
+            if depth > self.hops:
+                self.hops = depth
+            self.add(learned, depth)
 
     def failed(self, node_id: bytes) -> None:
         """`node_id` did not give a usable answer; it no longer counts among the closest."""

@@ -282,6 +282,7 @@ class DhtNode:
                 await run_lookup(lookup, query, outcome, stop=stop)
         except TimeoutError:
             self.protocol.counters["lookups.deadline"] += 1
+        self.protocol.counters["lookups.hops"] += lookup.hops
 
     # --- saved state --------------------------------------------------------------------
 

@@ -13,7 +13,9 @@ Steps, all in virtual time:
    `find_providers(limit=1)` (overlay) or `get` (kademlia).
 
 One CSV row per lookup: whether the provider (value) came back, the virtual duration, the
-RPCs the looking node sent (overlay only: its `rpc.sent` counter; kademlia doesn't count)
+RPCs the looking node sent (overlay only: its `rpc.sent` counter; kademlia doesn't count),
+the lookup's hops (overlay only: the longest chain of answers it followed, a node from its
+own table being one hop),
 and the messages the network delivered meanwhile (with concurrency > 1 those overlap).
 The package's known stall (a round waits its full 5 s timeout for a dead node)
 shows up in the durations, not in wall time.
@@ -36,7 +38,7 @@ from sim.simulation import Simulation
 PORT = 8468
 EPOCH = 1.7e9  # provider records carry wall-clock expiries: a plausible virtual wall clock
 COLUMNS = ["lookup", "dead_fraction", "sybil_share", "node", "key", "found", "seconds", "queries",
-           "messages"]
+           "hops", "messages"]
 IMPLEMENTATIONS = ("overlay", "kademlia")
 
 
@@ -89,6 +91,7 @@ class _Dht:
     lookup: Callable[[int], Coroutine[Any, Any, bool]]
     sent: Callable[[], int]
     stop: Callable[[], Coroutine[Any, Any, None]]
+    hops: Callable[[], int] = staticmethod(lambda: 0)
     peer_id: bytes = b""
     node: Any = None
 
@@ -119,6 +122,7 @@ def _overlay_node(sim: Simulation, p: Params, host: Host, i: int, contents: list
 
     d.start, d.publish, d.lookup, d.stop = start, publish, lookup, node.aclose
     d.sent = lambda: node.protocol.counters["rpc.sent"]
+    d.hops = lambda: node.protocol.counters["lookups.hops"]
     return d
 
 
@@ -320,12 +324,13 @@ def _run_share(sim: Simulation, spec: ScenarioSpec, p: Params, share: float,
 
         async def one(n: int, i: int, k: int, dead: float) -> None:
             async with gate:
-                t0, m0, q0 = sim.now, sim.trace.messages, nodes[i].sent()
+                t0, m0, q0, h0 = sim.now, sim.trace.messages, nodes[i].sent(), nodes[i].hops()
                 found = await hosts[i].create_task(nodes[i].lookup(k))
                 rows.append({"lookup": n, "dead_fraction": dead, "sybil_share": share,
                              "node": i, "key": k, "found": found,
                              "seconds": round(sim.now - t0, 6),
                              "queries": nodes[i].sent() - q0,
+                             "hops": nodes[i].hops() - h0,
                              "messages": sim.trace.messages - m0})
                 tick()
 
@@ -392,6 +397,8 @@ def _summary(sim: Simulation, p: Params, rows: list[dict[str, Any]], phases: dic
         "found_p50_s": q(ok, 0.5),
         "queries_per_lookup": (round(statistics.mean(r["queries"] for r in rows), 1)
                                if rows and p.implementation == "overlay" else None),
+        "hops_per_lookup": (round(statistics.mean(r["hops"] for r in rows), 2)
+                            if rows and p.implementation == "overlay" else None),
         "messages_per_lookup": (round(statistics.mean(r["messages"] for r in rows), 1)
                                 if rows else None),
         "virtual_s": round(sim.now, 3),

@@ -245,3 +245,20 @@ def test_neighbours_stay_the_closest_contacts_as_the_table_changes(
                       key=lambda n: n.long_id ^ target)[:4]
         got = table.find_neighbors(Node(target.to_bytes(20, "big")), k=4)
         assert [(n.id, n.port) for n in got] == [(n.id, n.port) for n in want]
+
+
+def test_a_lookup_counts_the_longest_chain_of_answers_as_its_hops() -> None:
+    def node(n: int) -> Node:
+        return Node(bytes([n]) * 20, "192.0.2.1", 4000 + n)
+
+    lookup = Lookup(bytes(20), k=2, alpha=1, self_id=bytes([255]) * 20)
+    lookup.add([node(9)])
+    assert lookup.hops == 0
+    (first,) = lookup.next_queries()
+    lookup.answered(first.id, [node(5)])  # the table's node answered: one hop
+    (second,) = lookup.next_queries()
+    lookup.answered(second.id, [node(1)])  # a node it named answered: two
+    (third,) = lookup.next_queries()
+    lookup.answered(third.id, [])
+    assert third.id == node(1).id
+    assert lookup.hops == 3
