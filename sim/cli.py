@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import tomllib
@@ -27,7 +28,14 @@ from rich.table import Table
 from rendezvous.cliutil import add_completion, add_version, completion_script, finish
 from sim import sweep
 from sim.plots import draw
-from sim.scenario import ScenarioError, ScenarioResult, builtin_names, load_scenario, run
+from sim.scenario import (
+    ScenarioError,
+    ScenarioResult,
+    builtin_names,
+    load_scenario,
+    run,
+    scenario_source,
+)
 from sim.simulation import Simulation
 
 
@@ -108,9 +116,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             bar.update(task, completed=done, total=total, vt=vt)
 
         result = run(spec, seed, progress=progress, on_simulation=sims.append)
+    where, text = scenario_source(args.scenario)
     meta = {"scenario": spec.name, "runs_as": spec.driver, "seed": seed,
             "trace_hash": result.trace_hash, "commit": _commit(),
-            "scenario_file": args.scenario, "document": spec.doc,
+            "scenario_file": where,
+            "scenario_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "overrides": _parse_set(args.set), "document": spec.doc,
             "wall_s": result.wall_s, "callback_errors": result.callback_errors}
     csv_path = write_results(Path(args.out), spec.name, result, meta)
     table = Table(title=f"{spec.name} (seed {seed})")

@@ -231,11 +231,12 @@ _COMMON = ("name", "description", "seed", "simulation.signatures", "topology.hos
 DRIVERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "family-video": (("topology.nat", "workload.size_mb", "workload.online",
                       "workload.co_recipients", "adversaries.free_rider_share",
-                      "measure.sample_s", "topology.domains"),
+                      "adversaries.bad_chunk_share", "measure.sample_s", "topology.domains"),
                      ("completion-cdf", "completed-over-time", "bytes-by-path")),
     "churn": (("topology.nat", "workload.size_mb", "workload.online", "workload.co_recipients",
                "churn.share", "churn.session", "churn.off_time", "churn.until_s", "churn.trace",
-               "adversaries.free_rider_share", "measure.sample_s", "topology.domains"),
+               "adversaries.free_rider_share", "adversaries.bad_chunk_share", "measure.sample_s",
+               "topology.domains"),
               ("completion-cdf", "bytes-by-path")),
     "federation": (("topology.domains", "workload.size_mb", "workload.messages",
                     "workload.send", "churn.server_outage"),
@@ -399,19 +400,33 @@ def builtin_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
-def load_document(name_or_path: str) -> tuple[dict[str, Any], Path, str]:
-    """(document, folder for relative paths, default name) of a built-in or a file."""
+def scenario_source(name_or_path: str) -> tuple[str, str]:
+    """(where it came from, its text): a file path, or "sim/scenarios/NAME.toml" for a
+    built-in. Citations give this place and the text's SHA-256."""
     path = Path(name_or_path)
     try:
         if path.suffix == ".toml" or path.is_file():  # a results folder may share the name
-            return tomllib.loads(path.read_text()), path.parent, path.stem
+            return str(path), path.read_text()
         if name_or_path in builtin_names():
             text = resources.files("sim.scenarios").joinpath(f"{name_or_path}.toml").read_text()
-            return tomllib.loads(text), Path("."), name_or_path
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+            return f"sim/scenarios/{name_or_path}.toml", text
+    except OSError as exc:
         raise ScenarioError(f"cannot read scenario {name_or_path!r}: {exc}") from None
     raise ScenarioError(f"no scenario file or built-in named {name_or_path!r} "
                         f"(built-in: {', '.join(builtin_names())})")
+
+
+def load_document(name_or_path: str) -> tuple[dict[str, Any], Path, str]:
+    """(document, folder for relative paths, default name) of a built-in or a file."""
+    where, text = scenario_source(name_or_path)
+    builtin = where.startswith("sim/scenarios/") and not Path(name_or_path).suffix
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"cannot read scenario {name_or_path!r}: {exc}") from None
+    if builtin:
+        return doc, Path("."), name_or_path
+    return doc, Path(where).parent, Path(where).stem
 
 
 def load_scenario(name_or_path: str,
@@ -686,3 +701,81 @@ def _select(spec: ScenarioSpec, result: ScenarioResult) -> None:
         result.summary = {k: v for k, v in result.summary.items() if k in measure["metrics"]}
     if "plots" in measure:
         result.plots = [p for p in result.plots if p.name in measure["plots"]]
+
+
+# --- the schema as a table, for docs/simulator.md --------------------------------------------
+
+
+def _type_of(node: dict[str, Any]) -> str:
+    if "enum" in node:
+        return " \\| ".join(f'`"{v}"`' for v in node["enum"])
+    if "anyOf" in node:
+        return " or ".join(_type_of(n) for n in node["anyOf"])
+    t = node.get("type", "")
+    if t == "array":
+        return f"array of {_type_of(node.get('items', {}))}"
+    if t == "object" and "dist" in node.get("properties", {}):
+        return "distribution"
+    if t == "object" and "process" in node.get("properties", {}):
+        return "arrival process"
+    return str(t)
+
+
+def _range_of(node: dict[str, Any]) -> str:
+    if "anyOf" in node:
+        return next((r for r in map(_range_of, node["anyOf"]) if r), "")
+    if node.get("type") == "array" and "items" in node:
+        inner = _range_of(node["items"])
+        n = node.get("minItems")
+        return (f"{n} items" if n and n == node.get("maxItems") else "") + (
+            (", each " if n and n == node.get("maxItems") else "each ") + inner if inner else "")
+    lo = node.get("minimum")
+    xlo = node.get("exclusiveMinimum")
+    hi = node.get("maximum")
+    if "dist" in node.get("properties", {}):
+        return "dist = " + ", ".join(node["properties"]["dist"]["enum"])
+    if "process" in node.get("properties", {}):
+        return "process = " + ", ".join(node["properties"]["process"]["enum"])
+    if lo is None and xlo is None and hi is None:
+        return ""
+    left = f"[{lo:g}" if lo is not None else (f"({xlo:g}" if xlo is not None else "(-inf")
+    return f"{left}, {hi:g}]" if hi is not None else f"{left}, inf)"
+
+
+def _default_of(node: dict[str, Any]) -> str:
+    if "default" not in node:
+        return ""
+    return "`" + json.dumps(node["default"]).replace("|", "\\|") + "`"
+
+
+def schema_table() -> str:
+    """Markdown: one row per key of the schema (path, type, range, default, meaning)."""
+    lines = ["| key | type | range / values | default | meaning |",
+             "|---|---|---|---|---|"]
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, sub in node.get("properties", {}).items():
+            path = f"{prefix}{key}"
+            if sub.get("type") == "object" and not ({"dist", "process"}
+                                                    & set(sub.get("properties", {}))):
+                lines.append(f"| **`[{path}]`** | table | | | {sub.get('description', '')} |")
+                walk(sub, f"{path}.")
+                continue
+            lines.append(f"| `{path}` | {_type_of(sub)} | {_range_of(sub)} | "
+                         f"{_default_of(sub)} | {sub.get('description', '')} |")
+
+    walk(schema(), "")
+    return "\n".join(lines)
+
+
+def distribution_table() -> str:
+    """Markdown: the parameters each distribution takes."""
+    node = schema()["properties"]["churn"]["properties"]["session"]
+    lines = ["| dist | keys |", "|---|---|"]
+    for cond in node["allOf"]:
+        kind = cond["if"]["properties"]["dist"]["const"]
+        need = cond["then"]["required"]
+        lines.append(f"| `{kind}` | " + ", ".join(
+            f"`{k}` ({node['properties'][k]['description'].partition(': ')[2]})"
+            for k in need) + " |")
+    return "\n".join(lines)

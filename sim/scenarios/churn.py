@@ -31,6 +31,7 @@ from sim.scenarios.family_video import (
     PATHS,
     Delivery,
     Params,
+    adversaries,
     deliver,
     nat_summary,
     path_plot,
@@ -39,7 +40,8 @@ from sim.scenarios.family_video import (
 )
 from sim.simulation import Simulation
 
-COLUMNS = ["mode", "recipient", "churning", "nat", "free_rider", "online_at_s",
+COLUMNS = ["mode", "recipient", "churning", "nat", "free_rider", "bad_chunks",
+           "sources_banned", "online_at_s",
            "completed_at_s", "seconds", "from_sender_mb", "from_peers_mb",
            *PATHS.values(), "attempts", "bytes_equal"]
 
@@ -71,8 +73,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
         churning = sorted({h for h, _, _ in events})
     else:
         churning = rng.sample(range(p.recipients), int(ch["share"] * p.recipients))
-    riders = frozenset(sim.rng_for("family-video/free-riders").sample(
-        range(p.recipients), int(p.free_riders * p.recipients)))
+    riders, bad = adversaries(sim, p)
     session = Spread(ch.get("session") or {"dist": "exponential", "mean": 60.0})
     off_time = Spread(ch.get("off_time") or {"dist": "exponential", "mean": 30.0})
     churn = Churn([hosts[i] for i in churning], sessions=session, downtimes=off_time,
@@ -104,7 +105,8 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
             d = await deliver(sim, server, sender, hosts, root, clip, online_at,
                               co_recipients=mode == "on", done=done, progress=progress,
                               total=p.recipients, mode=mode, after_setup=start_churn,
-                              nat_of=peers.nat_of, free_riders=riders, sample_s=p.sample_s)
+                              nat_of=peers.nat_of, free_riders=riders, bad_sources=bad,
+                              sample_s=p.sample_s)
         finally:
             for handle in stopper:
                 handle.cancel()
@@ -134,7 +136,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
                      "with its DHT bootstrap node",
         "payload": "real bytes: sealed, hashed, verified, written",
         "trace_digest": sim.trace.digest()}
-    summary |= nat_summary(spec, peers.nat_of, p.free_riders)
+    summary |= nat_summary(spec, peers.nat_of, p)
     summary |= path_summary("", rows, d, spec)
     plots = [Plot("completion-cdf", "cdf",
                   f"{p.clip_mb:g} MB to {p.recipients} recipients, "

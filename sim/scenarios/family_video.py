@@ -49,7 +49,8 @@ from sim.simulation import Simulation
 
 DOMAIN = "family.example"
 DHT_PORT = 8468
-COLUMNS = ["mode", "recipient", "nat", "free_rider", "online_at_s", "completed_at_s",
+COLUMNS = ["mode", "recipient", "nat", "free_rider", "bad_chunks", "sources_banned",
+           "online_at_s", "completed_at_s",
            "seconds", "from_sender_mb", "from_peers_mb", "direct_mb", "webrtc_mb", "relay_mb",
            "attempts", "bytes_equal"]
 PATHS = {"tcp": "direct_mb", "webrtc": "webrtc_mb", "relay": "relay_mb"}
@@ -67,18 +68,20 @@ class Params:
                                                             "window_s": 600.0})
     modes: tuple[str, ...] = MODES
     free_riders: float = 0.0
+    bad_sources: float = 0.0
     sample_s: float = 1.0
 
     @classmethod
     def from_spec(cls, spec: ScenarioSpec, rng: random.Random) -> Params:
         """topology.hosts recipients; workload.size_mb (one draw), online, co_recipients;
-        adversaries.free_rider_share; measure.sample_s."""
+        adversaries.free_rider_share, bad_chunk_share; measure.sample_s."""
         w = spec.doc["workload"]
         size = w.get("size_mb") or {"dist": "fixed", "value": 20.0}
         return cls(recipients=spec.doc["topology"]["hosts"],
                    clip_mb=max(0.001, draw(size, rng)), online=w["online"],
                    modes=tuple(w["co_recipients"]),
                    free_riders=spec.doc["adversaries"]["free_rider_share"],
+                   bad_sources=spec.doc["adversaries"]["bad_chunk_share"],
                    sample_s=spec.doc["measure"]["sample_s"])
 
     @property
@@ -140,14 +143,16 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
                   mode: str, retry_max: float = 60.0,
                   after_setup: Callable[[], None] | None = None,
                   nat_of: dict[str, str] | None = None, free_riders: frozenset[int] = frozenset(),
-                  sample_s: float = 1.0) -> Delivery:
+                  bad_sources: frozenset[int] = frozenset(), sample_s: float = 1.0) -> Delivery:
     """Start the server and the sender's node, send, then start each recipient's node at
     its time and wait until it holds the clip. Every address is registered first (as
     `peerpost init` does at install time); `after_setup` runs then (churn starts there).
 
     Free riders (indices into `hosts`) download like anyone but their transfer server
     never grants an upload slot: sessions to them open and stall, and the downloader moves
-    on. The relay's open circuits are sampled every `sample_s` for the peak."""
+    on. Bad sources (indices into `hosts`) serve every chunk with one bit flipped after
+    sealing: their requesters' verification rejects it and bans them. The relay's open
+    circuits are sampled every `sample_s` for the peak."""
     from overlay.app.node import NodeOptions
     from overlay.mail.inbox_state import InboxState
 
@@ -188,6 +193,8 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
         running = await node.start()
         if i in free_riders:
             running.transfer.upload_slots = asyncio.Semaphore(0)
+        if i in bad_sources:
+            serve_bad_chunks(running.transfer)
         entries = await node.wait_inbox(holds, every=1.0)
         (entry,) = [e for e in entries if e.id == message_id]
         act = running.downloads.active.get(message_id)
@@ -198,6 +205,8 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
         rows.append({
             "mode": mode, "recipient": node.host.name,
             "nat": (nat_of or {}).get(node.host.name, "none"), "free_rider": i in free_riders,
+            "bad_chunks": i in bad_sources,
+            "sources_banned": sum(1 for v in views if v.banned),
             "online_at_s": round(online_at[i], 3), "completed_at_s": round(sim.now, 3),
             "seconds": round(sim.now - t0, 3),
             "from_sender_mb": round(from_sender / MB, 3),
@@ -232,8 +241,7 @@ def _run_mode(sim: Simulation, spec: ScenarioSpec, p: Params, mode: str, root: P
     hosts = [peers.add(f"r{i}") for i in range(p.recipients)]
     rng = sim.rng_for("family-video/arrivals")
     online_at = times(p.online, len(hosts), rng)
-    riders = frozenset(sim.rng_for("family-video/free-riders").sample(
-        range(p.recipients), int(p.free_riders * p.recipients)))
+    riders, bad = adversaries(sim, p)
     clip = root / "clip.bin"
     write_clip(clip, int(p.clip_mb * MB), f"{sim.seed}/clip")
 
@@ -241,7 +249,7 @@ def _run_mode(sim: Simulation, spec: ScenarioSpec, p: Params, mode: str, root: P
         d = await deliver(sim, server_host, sender_host, hosts, root, clip, online_at,
                           co_recipients=mode == "on", done=done, progress=progress,
                           total=total, mode=mode, nat_of=peers.nat_of, free_riders=riders,
-                          sample_s=p.sample_s)
+                          bad_sources=bad, sample_s=p.sample_s)
         await d.close()
         return d
 
@@ -278,7 +286,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
         "co_recipients_found_by": "the node's own DHT provider lookups (NodeOptions."
                                   "co_recipients on/off)",
         "payload": "real bytes: sealed, hashed, verified, written (no reference mode)"}
-    summary |= nat_summary(spec, nat_of, p.free_riders)
+    summary |= nat_summary(spec, nat_of, p)
     for mode in p.modes:
         mine = [r for r in rows if r["mode"] == mode]
         secs = [r["seconds"] for r in mine]
@@ -306,8 +314,48 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
     return ScenarioResult(COLUMNS, rows, summary, plots, trace_hash=combine_hashes(digests))
 
 
-def nat_summary(spec: ScenarioSpec, nat_of: dict[str, str], free_riders: float) -> dict[str, Any]:
-    """The NAT mix as drawn (only when it is not all public) and the free riders."""
+def adversaries(sim: Simulation, p: Params) -> tuple[frozenset[int], frozenset[int]]:
+    """(free riders, bad-chunk sources) among the recipients, each from its own generator;
+    a recipient is never both (bad sources are drawn from the others)."""
+    riders = frozenset(sim.rng_for("family-video/free-riders").sample(
+        range(p.recipients), int(p.free_riders * p.recipients)))
+    rest = [i for i in range(p.recipients) if i not in riders]
+    bad = frozenset(sim.rng_for("family-video/bad-chunks").sample(
+        rest, min(len(rest), int(p.bad_sources * p.recipients))))
+    return riders, bad
+
+
+class _Corrupted:
+    """A served content whose sealed chunks come out with one bit flipped."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def read_sealed(self, index: int) -> bytes | bytearray:
+        data = bytearray(self._inner.read_sealed(index))
+        data[len(data) // 2] ^= 0x01
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def serve_bad_chunks(transfer: Any) -> None:
+    """Make a node's transfer server corrupt every chunk it serves (after sealing, so the
+    requester's hash check against the Merkle leaf is what catches it)."""
+    from dataclasses import replace as _replace
+
+    sealers = transfer.sealers
+    submit = sealers.submit
+
+    def corrupting(job: Any) -> None:
+        submit(_replace(job, content=_Corrupted(job.content)))
+
+    sealers.submit = corrupting
+
+
+def nat_summary(spec: ScenarioSpec, nat_of: dict[str, str], p: Params) -> dict[str, Any]:
+    """The NAT mix as drawn (only when it is not all public) and the adversaries."""
     out: dict[str, Any] = {}
     kinds = [k for k in nat_of.values()]
     if any(k != "none" for k in kinds):
@@ -315,8 +363,10 @@ def nat_summary(spec: ScenarioSpec, nat_of: dict[str, str], free_riders: float) 
 
         out["nat mix (hosts)"] = ", ".join(f"{k} {kinds.count(k)}" for k in NAT_KINDS
                                            if kinds.count(k))
-    if free_riders:
-        out["free riders"] = int(free_riders * spec.doc["topology"]["hosts"])
+    if p.free_riders:
+        out["free riders"] = int(p.free_riders * p.recipients)
+    if p.bad_sources:
+        out["bad-chunk sources"] = int(p.bad_sources * p.recipients)
     return out
 
 
@@ -335,6 +385,8 @@ def path_summary(prefix: str, rows: list[dict[str, Any]], d: Delivery,
             t = sum(r[c] for r in mine for c in PATHS.values()) or 1.0
             out[f"{prefix}{kind}: share via direct/webrtc/relay"] = "/".join(
                 f"{sum(r[c] for r in mine) / t:.2f}" for c in PATHS.values())
+    if any(r["bad_chunks"] for r in rows):
+        out[f"{prefix}sources banned (by recipients)"] = sum(r["sources_banned"] for r in rows)
     out[f"{prefix}relay MB"] = round(d.relay_bytes / MB, 3)
     out[f"{prefix}relay circuits"] = d.relay_circuits
     out[f"{prefix}relay peak concurrent circuits"] = d.relay_peak

@@ -29,8 +29,8 @@ def test_dht_lookup_runs_writes_csv_and_is_deterministic(tmp_path: Path) -> None
     with (tmp_path / "a" / "dht-lookup.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8
-    assert set(rows[0]) == {"lookup", "dead_fraction", "sybil_share", "node", "key", "found",
-                            "seconds", "queries", "messages"}
+    assert {"lookup", "dead_fraction", "sybil_share", "node", "key", "found", "seconds",
+            "queries", "messages"} <= set(rows[0])
     assert (tmp_path / "a" / "lookup-latency-cdf.png").stat().st_size > 10_000
     assert first["keys_stored"] == "3/3"
     assert first["found"] == sum(r["found"] == "True" for r in rows)
