@@ -8,6 +8,7 @@ looked up again in a task owned by this download and cancelled when it ends.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,8 +61,11 @@ class ContentFetch:
 
     def __init__(self, identity: DeviceIdentity, store: ContentStore, finder: HolderFinder,
                  *, dest: Path, announce: Callable[[bytes], None], window: int,
-                 connect_timeout: float) -> None:
+                 connect_timeout: float, rng: random.Random | None = None) -> None:
         self.identity = identity
+        # Each download's chunk order is drawn from here (None: from the OS); the simulator
+        # sets it so a seed gives one run.
+        self.rng = rng
         self.store = store
         self.finder = finder
         self.dest = dest
@@ -83,7 +87,8 @@ class ContentFetch:
         try:
             partial = await asyncio.to_thread(
                 self.store.open_partial, h.content_id, h.size, h.chunk_size, h.content_key,
-                h.capability, self.dest, msg.description.file_name or f"{entry.id.hex()}.bin")
+                h.capability, self.dest, msg.description.file_name or f"{entry.id.hex()}.bin",
+                scheme=h.scheme)
         except ContentStoreError as exc:
             # Already held in full (the same content twice, or a crash between the
             # rename and the inbox update): nothing to fetch.
@@ -120,7 +125,8 @@ class ContentFetch:
         # A source's connect() may climb every rung of the ladder, each to its own timeout
         # (a held offer waits for a NATed holder to come back): give it the whole budget.
         dl = Downloader(partial, sources, self.identity, window=self.window,
-                        connect_timeout=self.connect_timeout, on_event=on_event)
+                        connect_timeout=self.connect_timeout, on_event=on_event,
+                        rng=random.Random(self.rng.getrandbits(64)) if self.rng else None)
         d = msg.description
         if index_at_end(d.media_type, d.file_name or ""):
             want_ends(dl, partial.count)
