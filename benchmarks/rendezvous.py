@@ -16,6 +16,16 @@ The server runs as its own process (`python -m rendezvous serve`, uvloop, SQLite
    to the DELIVER arriving at the receiver, same processes, same clock.
 4. Storage: K envelopes queued for an offline device; bytes the database grew by
    (pages in use, read through SQLite) per message.
+
+With `--store postgresql` the same run then starts a PostgreSQL server of its own
+(Debian's, as tests/pgtest.py does: fsync, full_page_writes and synchronous_commit on, so
+an acknowledged SEND is on disk) and repeats phases 2 and 3 with one `serve --store` and
+then with two `serve --store` processes on one database, senders and receivers split
+between them (half the messages cross from one instance to the other). Where the time
+goes: server CPU per message (every instance), PostgreSQL CPU per message (the postmaster
+and all its children, from /proc), and messages per PostgreSQL commit (`xact_commit` of
+pg_stat_database: the group commit's batch size, plus the instances' own small
+transactions).
 """
 
 from __future__ import annotations
@@ -55,6 +65,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, help="latency phase length (default 10)")
     p.add_argument("--plaintext", action="store_true",
                    help="no TLS between clients and server (for comparison)")
+    p.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                   help="postgresql: also measure one and two `serve --store` instances on "
+                        "one PostgreSQL, next to the SQLite figures")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     a.idle = a.idle or (1000 if a.quick else 10_000)
@@ -88,6 +101,17 @@ def _loop_thread_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_sum(pids: list[int]) -> float:
+    """CPU seconds of the processes of `pids` still running."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += _cpu_s(pid)
+        except OSError:
+            pass  # ended (a backend whose connection closed)
+    return total
+
+
 def _self_cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -106,10 +130,10 @@ def _db_bytes(path: Path) -> int:
 
 
 class Driver:
-    def __init__(self, port: int, args: argparse.Namespace) -> None:
+    def __init__(self, port: int, args: argparse.Namespace, first: int = 0) -> None:
         self.port = port
         self.args = args
-        self.n = 0
+        self.n = first  # identities first+1, first+2, ...: drivers of one domain differ
 
     def client(self, name: str, **kw: Any) -> RendezvousClient:
         self.n += 1
@@ -339,6 +363,133 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+async def _serve(data: Path, args: argparse.Namespace,
+                 *extra: str) -> tuple[asyncio.subprocess.Process, int]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rendezvous", "serve", "--domain", DOMAIN, "--listen",
+        "127.0.0.1:0", "--data", str(data), "--open-registration", "--log-level", "warning",
+        "--sessions-per-ip", "0", "--stun-port", "off", "--dht-port", "off",
+        *(["--plaintext"] if args.plaintext else []), *extra, stdout=asyncio.subprocess.PIPE)
+    if proc.stdout is None:
+        raise RuntimeError("no stdout")
+    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    if not line.startswith("listening "):
+        proc.kill()
+        raise RuntimeError(f"serve did not start: {line!r}")
+    return proc, int(line.split()[1].rsplit(":", 1)[1])
+
+
+async def _pg_commits(url: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
+    finally:
+        await conn.close()
+
+
+async def _pg_instances(args: argparse.Namespace, cluster: Any, tmp: Path,
+                        count: int) -> list[dict[str, Any]]:
+    """Throughput and latency with `count` serve processes on one fresh database."""
+    url = await asyncio.to_thread(cluster.create_database)
+    procs: list[asyncio.subprocess.Process] = []
+    rows: list[dict[str, Any]] = []
+    label = "1 instance" if count == 1 else f"{count} instances"
+    try:
+        drivers = []
+        for i in range(count):
+            proc, port = await _serve(tmp / f"pg-data{count}-{i}", args, "--store", url)
+            procs.append(proc)
+            drivers.append(Driver(port, args, first=(i + 1) * 1_000_000))
+        senders = [c for i in range(args.senders) for c in
+                   await drivers[i % count].open_many(f"tx{i}-", 1)]
+        receivers = [c for i in range(args.receivers) for c in
+                     await drivers[i % count].open_many(f"rx{i}-", 1)]
+        sink: dict[bytes, float] = {}
+        done = asyncio.Event()
+        want = [0]
+        pg_pids = cluster.postgres_pids()
+        async with asyncio.TaskGroup() as tg:
+            consumers = [tg.create_task(_receive(r, sink, done, want)) for r in receivers]
+            await _throughput(senders, receivers, min(2000, args.messages), args.window,
+                              sink, done, want)  # warm-up
+            cpu0 = [_cpu_s(p.pid) for p in procs]
+            pg0 = _cpu_sum(pg_pids)
+            commits0 = await _pg_commits(url)
+            rate = await _throughput(senders, receivers, args.messages, args.window, sink,
+                                     done, want)
+            n = want[0]
+            commits = await _pg_commits(url) - commits0 - 1
+            server_us = sum(_cpu_s(p.pid) - c for p, c in zip(procs, cpu0, strict=True)) / n
+            pg_us = (_cpu_sum(pg_pids) - pg0) / n
+            target = 5000 if count >= 2 else None
+            rows.append({"metric": f"PostgreSQL, {label}: delivered SEND→DELIVER, durable "
+                                   "acks", "value": round(rate), "unit": "msg/s",
+                         "target": ">= 5,000" if target else "",
+                         "ok": rate >= target if target else None})
+            rows.append({"metric": f"PostgreSQL, {label}: server CPU per message (all "
+                                   "instances)", "value": round(server_us * 1e6),
+                         "unit": "µs", "target": "", "ok": None})
+            rows.append({"metric": f"PostgreSQL, {label}: PostgreSQL CPU per message",
+                         "value": round(pg_us * 1e6), "unit": "µs", "target": "",
+                         "ok": None})
+            rows.append({"metric": f"PostgreSQL, {label}: messages per commit",
+                         "value": round(n / max(1, commits), 1), "unit": "msg",
+                         "target": "", "ok": None})
+            lat, achieved = await _latency(senders, receivers, args.rate, args.seconds,
+                                           sink, done, want)
+            p50 = statistics.median(lat)
+            p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+            rows.append({"metric": f"PostgreSQL, {label}: latency p50 at {args.rate:,.0f} "
+                                   "msg/s", "value": round(p50, 2), "unit": "ms",
+                         "target": "", "ok": None})
+            rows.append({"metric": f"PostgreSQL, {label}: latency p99 at {args.rate:,.0f} "
+                                   "msg/s", "value": round(p99, 2), "unit": "ms",
+                         "target": "< 50", "ok": p99 < 50})
+            rows.append({"metric": f"PostgreSQL, {label}: achieved rate in the latency "
+                                   "phase", "value": round(achieved), "unit": "msg/s",
+                         "target": "", "ok": None})
+            for r in receivers:
+                await r.aclose()
+            for c in consumers:
+                await c
+        for c in senders:
+            await c.aclose()
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.terminate()
+                await asyncio.wait_for(proc.wait(), 30)
+    return rows
+
+
+async def _run_pg(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from tests.pgtest import PgCluster, unavailable
+
+    if (why := unavailable()) is not None:
+        raise SystemExit(f"--store postgresql: {why}")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="rv-bench-pg-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="rv-bench-pgdata-") as pg_base:
+        # Its own temporary folder: PgCluster hands it to the postgres user when root.
+        cluster = await asyncio.to_thread(PgCluster.start, Path(pg_base), durable=True)
+        try:
+            for count in (1, 2):
+                rows.extend(await _pg_instances(args, cluster, Path(tmp), count))
+        finally:
+            await asyncio.to_thread(cluster.stop)
+    return rows
+
+
+async def _run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = await _run(args)
+    if args.store == "postgresql":
+        rows.extend(await _run_pg(args))
+    return rows
+
+
 def main(argv: list[str]) -> int:
     """Run the benchmark, print the table, write JSON."""
     args = _parse(argv)
@@ -347,13 +498,17 @@ def main(argv: list[str]) -> int:
     try:
         import uvloop
 
-        rows: list[dict[str, Any]] = uvloop.run(_run(args))
+        rows: list[dict[str, Any]] = uvloop.run(_run_all(args))
     except ImportError:
-        rows = asyncio.run(_run(args))
+        rows = asyncio.run(_run_all(args))
     meta = {"idle_connections": args.idle, "messages": args.messages, "senders": args.senders,
             "receivers": args.receivers, "window": args.window, "blob_bytes": BLOB,
             "offered_rate": args.rate, "latency_seconds": args.seconds, "quick": args.quick,
             "server": "python -m rendezvous serve (uvloop, SQLite WAL synchronous=FULL)",
+            "store": args.store,
+            "postgresql": ("PostgreSQL 15 (Debian), fsync, full_page_writes and "
+                           "synchronous_commit on, on this machine's disk"
+                           if args.store == "postgresql" else None),
             "tls": "off" if args.plaintext else "TLS 1.3, self-signed ECDSA P-256",
             "cpus": os.cpu_count(),
             # Other work on the machine skews msg/s and latency; CPU per message less so.

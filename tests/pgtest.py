@@ -89,7 +89,9 @@ class PgCluster:
     @classmethod
     def start(cls, base: Path, *, durable: bool = False,
               settings: dict[str, str] | None = None) -> PgCluster:
-        """initdb and start a server under `base` (created; must be empty or absent).
+        """initdb and start a server under `base` (created; must be empty or absent; when
+        running as root it is handed to the postgres user, so every folder above it must
+        let that user through: a fresh `tempfile.mkdtemp()` does).
         `durable`: fsync on (the default of PostgreSQL), as an operator runs it."""
         bindir = bin_dir()
         if bindir is None:
