@@ -22,14 +22,12 @@ import logging
 import random
 import resource
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import report
 from sim.network.latency import CoordinateLatency, FixedLatency
-from sim.scenario import build_simulation, load_scenario
-from sim.scenarios import dht_lookup as dht_lookup_scenario
+from sim.scenario import run
 from sim.simulation import Simulation
 
 TARGET = 50_000
@@ -113,14 +111,11 @@ def dht_lookup(nodes: int, lookups: int, implementation: str = "overlay"
     """The built-in dht-lookup scenario at `nodes` nodes: (summary, wall seconds)."""
     for noisy in ("kademlia", "rpcudp"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    spec = load_scenario("dht-lookup")
-    spec = replace(spec, params=spec.params | {
-        "nodes": nodes, "lookups": lookups, "healthy_lookups": lookups,
-        "bootstrap_batch": max(20, nodes // 50), "implementation": implementation,
-        "concurrency": 20})
     t0 = time.perf_counter()
-    with build_simulation(spec.network, spec.seed) as sim:
-        result = dht_lookup_scenario.run(sim, spec, None)
+    result = run("dht-lookup", overrides={
+        "topology.hosts": nodes, "workload.lookups": lookups,
+        "workload.healthy_lookups": lookups, "dht.bootstrap_batch": max(20, nodes // 50),
+        "dht.implementation": implementation, "workload.concurrency": 20})
     return result.summary, time.perf_counter() - t0
 
 
