@@ -1,6 +1,7 @@
-"""Transports on loopback, two processes: direct TCP, the WebRTC data channel, the relay.
+"""Transports on loopback, two processes: direct TCP, the WebRTC data channel, the relay;
+and a TCP hole punch between two NATed homes of the NAT lab.
 
-`python -m benchmarks paths [--mib 64] [--tcp-mib 512] [--quick] [--no-sweep]`
+`python -m benchmarks paths [--mib 64] [--tcp-mib 512] [--quick] [--no-sweep] [--no-punch]`
 
 The dialing process sends; a child process accepts and reads to EOF, like two nodes. For
 WebRTC the offer and answer travel over the child's stdin/stdout (a stand-in for PIPE), with
@@ -17,7 +18,15 @@ Reported per transport:
 - for WebRTC a sweep over message size and bufferedAmount high/low water, which is where
   `ChannelTuning`'s defaults come from, on uvloop and (default tuning) the plain asyncio loop.
 
-Targets: WebRTC >= 6 MB/s on uvloop, WebRTC setup < 300 ms, relay >= 50% of direct TCP.
+For the TCP punch (`tcp-punch`, overlay.transports.punch) the NAT lab of tests/natlab
+(network namespaces, two nftables NATs with endpoint-independent mapping) holds a STUN
+over TCP on the public side and a sending and a receiving process in the two homes; their
+PIPE is this process, carrying `sig` lines from one's stdout to the other's stdin. Setup
+is from `dial` (STUN, offer, answer, simultaneous open) to the first byte from the peer.
+The lab needs root, `ip` and `nft`: elsewhere the row is skipped and says why.
+
+Targets: WebRTC >= 6 MB/s on uvloop, WebRTC setup < 300 ms, relay >= 50% of direct TCP,
+TCP punch >= 300 MB/s.
 """
 
 from __future__ import annotations
@@ -38,9 +47,10 @@ import uvloop
 
 from benchmarks.common import report
 from crypto.identity import DeviceIdentity
+from overlay.transports.punch import PunchEndpoint, PunchSettings
 from overlay.transports.relay import relay_accept, relay_dial
 from overlay.transports.signalling import PipeSender
-from overlay.transports.stream import Stream
+from overlay.transports.stream import Stream, StreamClosed
 from overlay.transports.tcp import TcpStream, connect_tcp, serve_tcp
 from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
 from overlay.transports.webrtc_stream import ChannelTuning
@@ -68,7 +78,8 @@ class _LinePipe:
         self._write(f"sig {payload.hex()}\n".encode())
 
 
-def _feed_line(line: bytes, rtc: WebRtcEndpoint, sender: tuple[str, bytes]) -> bool:
+def _feed_line(line: bytes, rtc: WebRtcEndpoint | PunchEndpoint,
+               sender: tuple[str, bytes]) -> bool:
     words = line.decode().split()
     if words[:1] == ["sig"] and len(words) == 2:
         rtc.feed(PipeMessage(sender[0], sender[1], bytes.fromhex(words[1])))
@@ -136,7 +147,140 @@ class _RelayServer:
         await self.proc.wait()
 
 
-async def _child(kind: str, tuning: ChannelTuning, relay_port: int = 0) -> None:
+# --- the TCP punch through the NAT lab --------------------------------------------------
+def _lab_unavailable() -> str | None:
+    """Why the NAT lab can't run here (None: it can)."""
+    from tests.natlab.lab import missing_tools
+
+    if sys.platform != "linux":
+        return "the NAT lab needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return "the NAT lab needs root (ip netns, nftables)"
+    missing = missing_tools()
+    if missing:
+        return f"missing {', '.join(missing)}: apt-get install -y iproute2 nftables"
+    return None
+
+
+async def _punch_stun_child(host: str, out: Any, reader: asyncio.StreamReader) -> None:
+    from rendezvous.stun import serve_stun_tcp
+
+    stun = await serve_stun_tcp(host, 0)
+    out(f"port {stun.address[1]}\n".encode())
+    await reader.read()  # until the parent closes our stdin
+    await stun.aclose()
+
+
+async def _punch_child(role: str, stun: tuple[str, int], size: int,
+                       reader: asyncio.StreamReader, out: Any) -> None:
+    """The receiving ("punch-recv") or sending ("punch-send") home of the punch run."""
+    punch = PunchEndpoint(_LinePipe(out), PunchSettings(stun))
+    await punch.start()
+    peer = _SENDER if role == "punch-recv" else _RECEIVER
+
+    async def feed() -> None:
+        while line := await reader.readline():
+            _feed_line(line, punch, peer)
+        await punch.aclose()  # the parent is done with us
+
+    async with asyncio.TaskGroup() as tg:
+        feeder = tg.create_task(feed())
+        if role == "punch-recv":
+            out(b"port 0\n")
+            while True:
+                try:
+                    s = await punch.accept()
+                except StreamClosed:
+                    return
+                await _serve_one(s, out)
+                await s.aclose()
+        setups = []
+        for _ in range(_SETUPS):
+            t0 = time.perf_counter()
+            s = await punch.dial(*_RECEIVER)
+            assert await s.receive_some(1) == b"h"
+            setups.append(time.perf_counter() - t0)
+            await s.send_eof()
+            assert await s.receive_some(1) == b"k"
+            await s.aclose()
+        s = await punch.dial(*_RECEIVER)
+        assert s.path == "tcp-punch" and await s.receive_some(1) == b"h"
+        block = bytes(range(256)) * (4 * KiB)  # 1 MiB
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        sent = 0
+        while sent < size:
+            await s.send_all(block)
+            sent += len(block)
+        await s.send_eof()
+        assert await s.receive_some(1) == b"k"
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        out(f"sent {sent} {seconds:.6f} {cpu:.4f} {statistics.median(setups):.6f} "
+            f"{s.peer_address()}\n".encode())
+        await s.aclose()
+        await punch.aclose()
+        feeder.cancel()
+
+
+async def _punch_lab(size: int) -> dict[str, Any]:
+    """Run the punch between the lab's two homes; the sender's figures and the receiver's."""
+    from tests.natlab.lab import NatLab, NatMode
+
+    with NatLab(NatMode.EIM, NatMode.EIM) as lab:
+        def spawn(host: str, *args: str) -> Any:
+            return asyncio.create_subprocess_exec(
+                "ip", "netns", "exec", lab.ns(host), sys.executable, "-m", "benchmarks.paths",
+                *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                cwd=Path(__file__).resolve().parents[1])
+
+        server = lab.addr_of("server")
+        stun_proc = await spawn("server", "--child", "punch-stun", "--stun", f"{server}:0")
+        procs = [stun_proc]
+        try:
+            assert stun_proc.stdout is not None
+            line = (await asyncio.wait_for(stun_proc.stdout.readline(), 30)).decode()
+            stun = f"{server}:{int(line.split()[1])}"
+            recv = await spawn("h2", "--child", "punch-recv", "--stun", stun)
+            procs.append(recv)
+            assert recv.stdout is not None and recv.stdin is not None
+            await asyncio.wait_for(recv.stdout.readline(), 30)  # "port 0": ready
+            send = await spawn("h1", "--child", "punch-send", "--stun", stun,
+                               "--tcp-mib", str(size // MiB))
+            procs.append(send)
+            assert send.stdout is not None and send.stdin is not None
+            results: list[tuple[int, float]] = []
+            sent: list[str] = []
+
+            async def pump(src: Any, dst: Any, keep: Any) -> None:
+                while line := await src.readline():
+                    if line.startswith(b"sig "):
+                        dst.write(line)
+                    else:
+                        keep(line.decode().split())
+
+            async with asyncio.timeout(300):
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(pump(recv.stdout, send.stdin, lambda w: results.append(
+                        (int(w[1]), float(w[2]))) if w[:1] == ["result"] else None))
+                    await pump(send.stdout, recv.stdin, lambda w: sent.extend(w))
+                    recv.stdin.close()
+            if sent[:1] != ["sent"] or len(results) != _SETUPS + 1:
+                raise RuntimeError(f"punch run failed: sender said {sent}, receiver {results}")
+            received, cpu_receiver = results[-1]
+            if received != size:
+                raise RuntimeError(f"tcp-punch: receiver got {received} of {size} bytes")
+            seconds, cpu_sender, setup = float(sent[2]), float(sent[3]), float(sent[4])
+            return {"mbps": size / seconds / 1e6, "setup_ms": setup * 1000,
+                    "cpu_s_per_gb": (cpu_sender + cpu_receiver) / (size / 1e9),
+                    "seconds": seconds, "peer": sent[5]}
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.terminate()
+                    await p.wait()
+
+
+async def _child(kind: str, tuning: ChannelTuning, relay_port: int = 0,
+                 stun: tuple[str, int] | None = None, size: int = 0) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -145,6 +289,12 @@ async def _child(kind: str, tuning: ChannelTuning, relay_port: int = 0) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
 
+    if kind == "punch-stun" and stun is not None:
+        await _punch_stun_child(stun[0], out, reader)
+        return
+    if kind in ("punch-send", "punch-recv") and stun is not None:
+        await _punch_child(kind, stun, size, reader, out)
+        return
     if kind == "relay":
         await _relay_child(relay_port, reader, out)
         return
@@ -290,6 +440,24 @@ def _label(t: ChannelTuning) -> str:
             f"low {t.low_water // KiB} KiB")
 
 
+def _punch_rows(size: int, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    why = _lab_unavailable()
+    if why is not None:
+        meta["runs"].append({"kind": "tcp-punch", "skipped": why})
+        return [{"metric": f"tcp-punch through two NATs (NAT lab): skipped, {why}",
+                 "value": "skipped", "unit": ""}]
+    punch = uvloop.run(_punch_lab(size))
+    meta["runs"].append({"kind": "tcp-punch", "loop": "uvloop", "nat": "eim/eim", **punch})
+    return [
+        {"metric": "tcp-punch through two NATs (NAT lab), uvloop", "value": punch["mbps"],
+         "unit": "MB/s", "target": ">= 300", "ok": punch["mbps"] >= 300},
+        {"metric": "tcp-punch setup (dial → STUN → offer/answer → first byte)",
+         "value": punch["setup_ms"], "unit": "ms"},
+        {"metric": "tcp-punch CPU (both ends)", "value": punch["cpu_s_per_gb"],
+         "unit": "s/GB"},
+    ]
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks paths")
     ap.add_argument("--mib", type=int, default=64, help="MiB per WebRTC run")
@@ -297,15 +465,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--quick", action="store_true", help="16 MiB WebRTC, 128 MiB TCP")
     ap.add_argument("--no-sweep", action="store_true", help="only the default tuning")
     ap.add_argument("--no-relay", action="store_true", help="skip the relay row")
-    ap.add_argument("--child", choices=["tcp", "webrtc", "relay"], help=argparse.SUPPRESS)
+    ap.add_argument("--no-punch", action="store_true", help="skip the TCP punch row")
+    ap.add_argument("--only-punch", action="store_true", help="only the TCP punch row")
+    ap.add_argument("--child", choices=["tcp", "webrtc", "relay", "punch-stun", "punch-send",
+                                        "punch-recv"], help=argparse.SUPPRESS)
+    ap.add_argument("--stun", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--relay-port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--loop", default="uvloop", help=argparse.SUPPRESS)
     ap.add_argument("--tuning", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         tuning = ChannelTuning(**json.loads(args.tuning))
+        stun = None
+        if args.stun:
+            host, _, port = args.stun.rpartition(":")
+            stun = (host, int(port))
         (uvloop.run if args.loop == "uvloop" else asyncio.run)(
-            _child(args.child, tuning, args.relay_port))
+            _child(args.child, tuning, args.relay_port, stun, args.tcp_mib * MiB))
         return 0
     rtc_size = (16 if args.quick else args.mib) * MiB
     tcp_size = (128 if args.quick else args.tcp_mib) * MiB
@@ -313,6 +489,11 @@ def main(argv: list[str]) -> int:
     rows: list[dict[str, Any]] = []
     meta: dict[str, Any] = {"webrtc_bytes": rtc_size, "tcp_bytes": tcp_size, "runs": []}
 
+    if not args.no_punch:
+        rows += _punch_rows(tcp_size, meta)
+    if args.only_punch:
+        report("paths", rows, meta=meta)
+        return 0
     tcp = _run("tcp", default, tcp_size, "uvloop")
     rtc = _run("webrtc", default, rtc_size, "uvloop")
     rtc_asyncio = _run("webrtc", default, rtc_size, "asyncio")
