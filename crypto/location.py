@@ -13,11 +13,18 @@ from typing import Any
 from crypto.address import normalize_address
 from crypto.capability import CAPABILITY_LEN
 from crypto.codec import Fields, item_str, packb, unpackb
-from crypto.content import HASH_LEN, KEY_LEN, check_layout
+from crypto.content import HASH_LEN, KEY_LEN, LeafScheme, check_layout
 from crypto.errors import DecodeError
 from crypto.identity import PEER_ID_LEN
 
-LOCATION_VERSION = 1
+# Version 2: the content id's leaves are keyed hashes of the plaintext chunks
+# (LeafScheme.KEYED_PLAIN). Version 1 (leaves hash the sealed chunks) is still read, so mail
+# sent before the change downloads as it was named; a node that knows only version 1
+# refuses a version 2 message whole ("unsupported location message version 2") instead of
+# fetching chunks it would judge forged and banning the sender for them.
+LOCATION_VERSION = 2
+_VERSION_OF_SCHEME = {LeafScheme.SEALED: 1, LeafScheme.KEYED_PLAIN: 2}
+_SCHEME_OF_VERSION = {v: k for k, v in _VERSION_OF_SCHEME.items()}
 MESSAGE_ID_LEN = 16
 MAX_LOCATION_MESSAGE = 60 * 1024  # fits a 64 KiB envelope once signed and sealed
 MAX_THUMBNAIL = 32 * 1024
@@ -86,6 +93,8 @@ class Handle:
     content_key: bytes = field(repr=False)
     capability: bytes = field(repr=False)
     sender: SenderHints | None = None
+    # What the content id's leaves hash; on the wire it is the message's version.
+    scheme: LeafScheme = LeafScheme.KEYED_PLAIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +114,7 @@ class LocationMessage:
 def _to_wire(m: LocationMessage) -> dict[str, Any]:
     h, d, k = m.headers, m.description, m.handle
     return {
-        "v": h.version,
+        "v": _VERSION_OF_SCHEME[k.scheme],
         "h": {"id": h.message_id, "from": h.sender, "from_peer": h.sender_peer_id,
               "to": list(h.recipients), "created": h.created},
         "d": {"title": d.title, "note": d.note, "type": d.media_type, "name": d.file_name,
@@ -141,7 +150,7 @@ def decode_location(data: bytes) -> LocationMessage:
     """Parse and validate a location message body, or raise DecodeError saying why."""
     top = Fields(unpackb(data, max_bytes=MAX_LOCATION_MESSAGE), "location")
     version = top.int("v", lo=0, hi=255)
-    if version != LOCATION_VERSION:
+    if version not in _SCHEME_OF_VERSION:
         raise DecodeError(f"unsupported location message version {version}")
 
     h, d, k = top.sub("h"), top.sub("d"), top.sub("k")
@@ -190,6 +199,7 @@ def decode_location(data: bytes) -> LocationMessage:
         content_key=k.bytes("key", size=KEY_LEN),
         capability=k.bytes("cap", size=CAPABILITY_LEN),
         sender=hints,
+        scheme=_SCHEME_OF_VERSION[version],
     )
     return LocationMessage(headers=headers, description=description, handle=handle)
 

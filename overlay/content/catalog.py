@@ -30,20 +30,32 @@ from crypto.content import (
     HASH_LEN,
     TAG_LEN,
     ChunkCipher,
+    LeafScheme,
     check_layout,
     chunk_count,
     chunk_hash,
+    leaf_key,
     merkle_root,
     new_content_key,
     plain_chunk_len,
+    plain_leaf,
 )
 from crypto.errors import DecodeError
-from overlay.content.diskio import free_name, preallocate, private_dir, safe_file_name
+from overlay.content.diskio import (
+    ShortRead,
+    free_name,
+    preallocate,
+    private_dir,
+    read_exactly,
+    safe_file_name,
+)
 from overlay.content.interfaces import Catalog, ContentStoreError, ServedContent
 from overlay.content.local import LocalContent
 from overlay.content.partial import PartialContent
 
-_SCHEMA_VERSION = 1
+# 2: the `scheme` column (LeafScheme; rows written by version 1 are SEALED). A node of
+# version 1 refuses a store of version 2 rather than misjudge its KEYED_PLAIN contents.
+_SCHEMA_VERSION = 2
 HASH_WORKERS = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS content (
@@ -57,7 +69,8 @@ CREATE TABLE IF NOT EXISTS content (
     size INTEGER NOT NULL,
     chunk_size INTEGER NOT NULL,
     leaves BLOB,
-    mtime_ns INTEGER
+    mtime_ns INTEGER,
+    scheme INTEGER NOT NULL DEFAULT 1
 );
 """
 
@@ -70,6 +83,41 @@ def _unpack_leaves(blob: bytes, count: int) -> tuple[bytes, ...]:
     if len(blob) != count * HASH_LEN:
         raise ContentStoreError("stored hash list is damaged")
     return tuple(blob[i : i + HASH_LEN] for i in range(0, len(blob), HASH_LEN))
+
+
+def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,
+                scheme: LeafScheme) -> list[bytes]:
+    """The leaf of every chunk of the file open at `fd` (ShortRead if it ends early).
+
+    KEYED_PLAIN: each chunk is read into a buffer its thread reuses and hashed there, one
+    BLAKE3 pass and no sealing. SEALED: read, sealed, hashed. Both release the GIL, so
+    HASH_WORKERS threads use both cores; each holds one chunk."""
+    count = chunk_count(size, chunk_size)
+    cipher = ChunkCipher(key) if scheme is LeafScheme.SEALED else None
+    key_l = leaf_key(key)
+    buffers: list[bytearray] = []
+
+    def leaf(i: int) -> bytes:
+        n = plain_chunk_len(size, chunk_size, i)
+        try:
+            buf = buffers.pop()  # list.pop/append are atomic under the GIL
+        except IndexError:
+            buf = bytearray(chunk_size)
+        try:
+            view = memoryview(buf)[:n]
+            read_exactly(fd, view, i * chunk_size)
+            if cipher is None:
+                return plain_leaf(key_l, view)
+            sealed = bytearray(n + TAG_LEN)
+            cipher.seal_into(i, view, sealed)
+            return chunk_hash(sealed)
+        finally:
+            buffers.append(buf)
+
+    if count == 1:
+        return [leaf(0)]
+    with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
+        return list(pool.map(leaf, range(count)))
 
 
 class ContentStore:
@@ -85,9 +133,12 @@ class ContentStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, _SCHEMA_VERSION):
+        if version > _SCHEMA_VERSION:
             raise ContentStoreError(f"content store schema {version} is newer than this code")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(content)")}
+        if "scheme" not in columns:  # a store of version 1: all its contents are SEALED
+            self._db.execute("ALTER TABLE content ADD COLUMN scheme INTEGER NOT NULL DEFAULT 1")
         self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         self._lock = threading.Lock()
         self._partials: dict[bytes, PartialContent] = {}
@@ -123,41 +174,33 @@ class ContentStore:
     # --- sending side -----------------------------------------------------------------
     async def add_local_file(
         self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None,
-        capability: bytes | None = None,
+        capability: bytes | None = None, scheme: LeafScheme = LeafScheme.KEYED_PLAIN,
     ) -> LocalContent:
-        """Register a file to send: seal every chunk once (in a thread) to get the leaves
+        """Register a file to send: hash every chunk once (in threads) to get the leaves
         and the content id. Only the plaintext file is kept, where it is. Key and capability
-        are fresh unless given (another holder of the same content passes both)."""
+        are fresh unless given (another holder of the same content passes both, and its
+        scheme)."""
         return await asyncio.to_thread(self.add_local_file_blocking, path,
-                                       chunk_size=chunk_size, key=key, capability=capability)
+                                       chunk_size=chunk_size, key=key, capability=capability,
+                                       scheme=scheme)
 
     def add_local_file_blocking(
         self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None,
-        capability: bytes | None = None,
+        capability: bytes | None = None, scheme: LeafScheme = LeafScheme.KEYED_PLAIN,
     ) -> LocalContent:
         """`add_local_file` for callers already in a thread."""
         path = Path(path).resolve()
         key = new_content_key() if key is None else key
+        scheme = LeafScheme(scheme)
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
             before = os.fstat(fd)
             size = before.st_size
             check_layout(size, chunk_size)
-
-            cipher = ChunkCipher(key)
-
-            def leaf(i: int) -> bytes:
-                n = plain_chunk_len(size, chunk_size, i)
-                plain = os.pread(fd, n, i * chunk_size)
-                if len(plain) != n:
-                    raise ContentStoreError(f"{path} shrank while it was being added")
-                sealed = bytearray(n + TAG_LEN)
-                cipher.seal_into(i, plain, sealed)
-                return chunk_hash(sealed)
-
-            # Sealing releases the GIL: two workers use both cores. Each holds one chunk.
-            with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
-                leaves = list(pool.map(leaf, range(chunk_count(size, chunk_size))))
+            try:
+                leaves = name_chunks(fd, size, chunk_size, key, scheme)
+            except ShortRead:
+                raise ContentStoreError(f"{path} shrank while it was being added") from None
             after = os.fstat(fd)
         if (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
             raise ContentStoreError(f"{path} changed while it was being added")
@@ -165,19 +208,20 @@ class ContentStore:
             raise DecodeError("a capability is 32 bytes")
         content = LocalContent(merkle_root(leaves), size, chunk_size, key,
                                capability or new_capability(), path, tuple(leaves),
-                               before.st_mtime_ns)
+                               before.st_mtime_ns, scheme)
         with self._lock:
             old = self._db.execute("SELECT capability FROM content WHERE cid = ?",
                                    (content.content_id,)).fetchone()
             if old is not None and capability is None:
                 # Same file, same key: same content id. Keep the capability already handed out.
                 content = LocalContent(content.content_id, size, chunk_size, key, bytes(old[0]),
-                                       path, content.leaves, content.mtime_ns)
+                                       path, content.leaves, content.mtime_ns, scheme)
             self._db.execute(
                 "INSERT OR REPLACE INTO content (cid, state, path, content_key, capability,"
-                " size, chunk_size, leaves, mtime_ns) VALUES (?, 'full', ?, ?, ?, ?, ?, ?, ?)",
+                " size, chunk_size, leaves, mtime_ns, scheme)"
+                " VALUES (?, 'full', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (content.content_id, str(path), key, content.capability, size, chunk_size,
-                 _pack_leaves(leaves), content.mtime_ns),
+                 _pack_leaves(leaves), content.mtime_ns, int(scheme)),
             )
             self._full[content.content_id] = content
         return content
@@ -185,11 +229,13 @@ class ContentStore:
     # --- receiving side ---------------------------------------------------------------
     def open_partial(
         self, content_id: bytes, size: int, chunk_size: int, key: bytes, capability: bytes,
-        dest_dir: Path, file_name: str,
+        dest_dir: Path, file_name: str, *, scheme: LeafScheme = LeafScheme.KEYED_PLAIN,
     ) -> PartialContent:
         """Start or resume receiving a content into `<file_name>.<id>.part` in the node's
         own folder `dest_dir/.peerpost-partial` (created without following symlinks), to
-        be renamed into `dest_dir` when complete. Blocking."""
+        be renamed into `dest_dir` when complete. `scheme`: what its leaves hash (the
+        location message says). Blocking."""
+        scheme = LeafScheme(scheme)
         check_layout(size, chunk_size)
         if len(content_id) != HASH_LEN:
             raise DecodeError("a content id is 32 bytes")
@@ -198,13 +244,13 @@ class ContentStore:
             if content_id in self._partials:
                 return self._partials[content_id]
             row = self._db.execute(
-                "SELECT state, path, dest_dir, file_name, leaves, size, chunk_size"
+                "SELECT state, path, dest_dir, file_name, leaves, size, chunk_size, scheme"
                 " FROM content WHERE cid = ?", (content_id,),
             ).fetchone()
             if row is not None and row[0] == "full":
                 raise ContentStoreError(f"content already held complete at {row[1]}")
             if row is not None:
-                if (row[5], row[6]) != (size, chunk_size):
+                if (row[5], row[6], row[7]) != (size, chunk_size, scheme):
                     raise ContentStoreError("content layout differs from the one being resumed")
                 part_path, dest, name = Path(row[1]), Path(row[2]), row[3]
                 leaves = (_unpack_leaves(bytes(row[4]), chunk_count(size, chunk_size))
@@ -220,12 +266,13 @@ class ContentStore:
                 preallocate(part_path, size)
                 self._db.execute(
                     "INSERT INTO content (cid, state, path, dest_dir, file_name, content_key,"
-                    " capability, size, chunk_size) VALUES (?, 'partial', ?, ?, ?, ?, ?, ?, ?)",
+                    " capability, size, chunk_size, scheme)"
+                    " VALUES (?, 'partial', ?, ?, ?, ?, ?, ?, ?, ?)",
                     (content_id, str(part_path), str(dest), name, key, capability, size,
-                     chunk_size),
+                     chunk_size, int(scheme)),
                 )
             partial = PartialContent(self, content_id, size, chunk_size, key, capability,
-                                     part_path, dest, name, leaves)
+                                     part_path, dest, name, leaves, scheme)
             self._partials[content_id] = partial
             return partial
 
@@ -245,7 +292,7 @@ class ContentStore:
             self._partials.pop(partial.content_id, None)
             self._full[partial.content_id] = LocalContent(
                 partial.content_id, partial.size, partial.chunk_size, partial.key,
-                partial.capability, final, leaves, mtime_ns)
+                partial.capability, final, leaves, mtime_ns, partial.scheme)
         self.have_path(partial.content_id).unlink(missing_ok=True)
 
     # --- serving side -----------------------------------------------------------------
@@ -264,8 +311,8 @@ class ContentStore:
             if content_id in self._full:
                 return self._full[content_id]
             row = self._db.execute(
-                "SELECT path, content_key, capability, size, chunk_size, leaves, mtime_ns"
-                " FROM content"
+                "SELECT path, content_key, capability, size, chunk_size, leaves, mtime_ns,"
+                " scheme FROM content"
                 " WHERE cid = ? AND state = 'full'", (content_id,),
             ).fetchone()
             if row is None:
@@ -273,7 +320,7 @@ class ContentStore:
             content = LocalContent(content_id, row[3], row[4], bytes(row[1]), bytes(row[2]),
                                    Path(row[0]), _unpack_leaves(bytes(row[5]),
                                                                 chunk_count(row[3], row[4])),
-                                   int(row[6] or 0))
+                                   int(row[6] or 0), LeafScheme(row[7]))
             self._full[content_id] = content
             return content
 

@@ -7,7 +7,7 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from crypto.content import (
@@ -28,6 +28,10 @@ SEND_BUFFERS = 8  # sealed chunks per served content kept for reuse (some still 
 
 class ShortRead(Exception):
     """The file ended before the chunk did: it shrank since it was added."""
+
+
+class ChunkChanged(Exception):
+    """The chunk read is not the one its leaf names: the file was edited in place."""
 
 
 class SendBuffers:
@@ -58,22 +62,33 @@ class SendBuffers:
             return buf
 
 
+def read_exactly(fd: int, view: memoryview, offset: int) -> None:
+    """Fill `view` from the file at `offset` (ShortRead if the file ends first)."""
+    got, n = 0, len(view)
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            raise ShortRead
+        got += k
+
+
 def read_and_seal(fd: int, cipher: ChunkCipher, index: int, n: int, chunk_size: int,
-                   scratch: list[bytearray], outgoing: SendBuffers) -> bytearray:
+                   scratch: list[bytearray], outgoing: SendBuffers,
+                   check: Callable[[memoryview], bool] | None = None) -> bytearray:
     """Chunk `index` read into a reused plaintext buffer and sealed from there into the
-    buffer that goes out (reused once the transport let go of it): one copy in, one out."""
+    buffer that goes out (reused once the transport let go of it): one copy in, one out.
+
+    `check` sees the plaintext before it is sealed; False raises ChunkChanged and nothing
+    is sealed (a KEYED_PLAIN sender's leaf check)."""
     try:
         plain = scratch.pop()  # list.pop/append are atomic under the GIL
     except IndexError:
         plain = bytearray(chunk_size)
     try:
         view = memoryview(plain)[:n]
-        got, offset = 0, index * chunk_size
-        while got < n:
-            k = os.preadv(fd, [view[got:]], offset + got)
-            if k == 0:
-                raise ShortRead
-            got += k
+        read_exactly(fd, view, index * chunk_size)
+        if check is not None and not check(view):
+            raise ChunkChanged
         out = outgoing.take(n + TAG_LEN)
         cipher.seal_into(index, view, out)
         return out

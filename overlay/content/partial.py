@@ -14,6 +14,7 @@ from typing import Protocol
 from crypto.content import (
     ChunkCipher,
     ChunkVerifier,
+    LeafScheme,
     chunk_count,
     plain_chunk_len,
 )
@@ -53,7 +54,7 @@ class PartialContent:
     def __init__(
         self, owner: PartialOwner, content_id: bytes, size: int, chunk_size: int, key: bytes,
         capability: bytes, part_path: Path, dest_dir: Path, file_name: str,
-        leaves: tuple[bytes, ...] | None,
+        leaves: tuple[bytes, ...] | None, scheme: LeafScheme = LeafScheme.KEYED_PLAIN,
     ) -> None:
         self._owner = owner
         self.content_id = content_id
@@ -65,9 +66,8 @@ class PartialContent:
         self.dest_dir = dest_dir
         self.file_name = file_name
         self.count = chunk_count(size, chunk_size)
-        self._verifier = (
-            ChunkVerifier(content_id, leaves, size, chunk_size) if leaves is not None else None
-        )
+        self.scheme = LeafScheme(scheme)
+        self._verifier = self._make_verifier(leaves) if leaves is not None else None
         self._lock = threading.Lock()
         self._final: Path | None = None
         self._data_fd = open_existing(part_path, os.O_RDWR)
@@ -98,6 +98,10 @@ class PartialContent:
         self._scratch: list[bytearray] = []  # read_sealed's, as LocalContent's
         self._outgoing = SendBuffers()
         self._cipher = ChunkCipher(key)
+
+    def _make_verifier(self, leaves: Sequence[bytes]) -> ChunkVerifier:
+        return ChunkVerifier(self.content_id, leaves, self.size, self.chunk_size,
+                             scheme=self.scheme, key=self.key)
 
     def _take_buffer(self) -> memoryview:
         try:
@@ -187,7 +191,7 @@ class PartialContent:
     def set_leaves(self, leaves: Sequence[bytes]) -> None:
         """Accept the chunk-hash list if it matches the content id (else VerificationError),
         and persist it. Blocking."""
-        verifier = ChunkVerifier(self.content_id, leaves, self.size, self.chunk_size)
+        verifier = self._make_verifier(leaves)
         if self._verifier is not None:
             return
         self._owner.save_leaves(self.content_id, verifier.leaves)
@@ -203,10 +207,9 @@ class PartialContent:
             raise ContentStoreError("no verified hash list yet: call set_leaves first")
         if self.have(index):
             return False
-        self._verifier.verify(index, sealed)
         buf = self._take_buffer()
         try:
-            self._write_plain(self._cipher.open_into(index, sealed, buf),
+            self._write_plain(self._verifier.open_verified(self._cipher, index, sealed, buf),
                               index * self.chunk_size)
         finally:
             self._buffers.append(buf)

@@ -12,15 +12,18 @@ from crypto.content import (
     TAG_LEN,
     ChunkCipher,
     ChunkVerifier,
+    LeafScheme,
     chunk_count,
     chunk_hash,
     hchacha20,
+    leaf_key,
     merkle_proof,
     merkle_root,
     new_content_key,
     open_chunk,
     open_chunk_into,
     plain_chunk_len,
+    plain_leaf,
     seal_chunk,
     seal_chunk_in_place,
     verify_chunk,
@@ -252,6 +255,85 @@ def test_a_chunk_from_another_position_is_rejected() -> None:
     v = ChunkVerifier(merkle_root(leaves), leaves, 4096, 1024)
     with pytest.raises(VerificationError):
         v.verify(1, chunks[2])
+
+
+def keyed_plain(data: bytes, chunk_size: int, key: bytes = KEY
+                ) -> tuple[bytes, list[bytes], list[bytes]]:
+    """(content id, KEYED_PLAIN leaves, sealed chunks) of `data`."""
+    n = chunk_count(len(data), chunk_size)
+    plains = [data[i * chunk_size : (i + 1) * chunk_size] for i in range(n)]
+    leaves = [plain_leaf(leaf_key(key), p) for p in plains]
+    return merkle_root(leaves), leaves, sealed_chunks(data, chunk_size, key)
+
+
+@given(st.binary(min_size=0, max_size=5000), st.integers(min_value=0))
+@settings(max_examples=50)
+def test_keyed_plain_opens_exact_chunks_and_rejects_any_flip_leaving_nothing(
+        data: bytes, bit: int) -> None:
+    chunk_size = 1024
+    root, leaves, chunks = keyed_plain(data, chunk_size)
+    v = ChunkVerifier(root, leaves, len(data), chunk_size, scheme=LeafScheme.KEYED_PLAIN,
+                      key=KEY)
+    cipher, out = ChunkCipher(KEY), bytearray(chunk_size)
+    for i, c in enumerate(chunks):
+        assert v.open_verified(cipher, i, c, out) == data[i * chunk_size : (i + 1) * chunk_size]
+        assert v.check_plain(i, data[i * chunk_size : (i + 1) * chunk_size])
+        out[:] = b"\xee" * chunk_size
+        with pytest.raises(VerificationError):
+            v.open_verified(cipher, i, flip(c, bit), out)
+        assert out[: len(c) - TAG_LEN] == bytes(len(c) - TAG_LEN)
+
+
+def test_keyed_plain_catches_a_key_holder_that_seals_other_plaintext() -> None:
+    # A co-recipient holds the content key: its forged chunk passes the AEAD, and only the
+    # keyed leaf (collision resistant whether or not the key is known) tells it apart.
+    data = bytes(range(256)) * 16
+    root, leaves, _ = keyed_plain(data, 1024)
+    v = ChunkVerifier(root, leaves, len(data), 1024, scheme=LeafScheme.KEYED_PLAIN, key=KEY)
+    forged_plain = bytearray(data[1024:2048])
+    forged_plain[7] ^= 1
+    forged = seal_chunk(KEY, 1, bytes(forged_plain))
+    assert open_chunk(KEY, 1, forged) == forged_plain
+    out = bytearray(1024)
+    with pytest.raises(VerificationError, match="chunk 1 does not match its hash"):
+        v.open_verified(ChunkCipher(KEY), 1, forged, out)
+    assert out == bytes(1024), "nothing of the forged plaintext is left to write"
+    assert not v.check_plain(1, forged_plain)
+
+
+def test_keyed_plain_leaves_depend_on_the_content_key_and_need_it() -> None:
+    data = b"the same file" * 300
+    root_a, leaves_a, _ = keyed_plain(data, 1024, KEY)
+    root_b, _, _ = keyed_plain(data, 1024, new_content_key())
+    # The id (announced in the DHT) reveals nothing of the file without the key: the same
+    # file under another key, or hashed without one, gives unrelated leaves.
+    assert root_a != root_b
+    assert leaves_a[0] != chunk_hash(data[:1024])
+    assert leaf_key(KEY) != KEY and len(leaf_key(KEY)) == 32
+    with pytest.raises(DecodeError):
+        ChunkVerifier(root_a, leaves_a, len(data), 1024, scheme=LeafScheme.KEYED_PLAIN)
+    v = ChunkVerifier(root_a, leaves_a, len(data), 1024, scheme=LeafScheme.KEYED_PLAIN,
+                      key=KEY)
+    with pytest.raises(DecodeError):
+        v.verify(0, seal_chunk(KEY, 0, data[:1024]))  # its chunks are checked once opened
+    sealed_leaves = [chunk_hash(c) for c in sealed_chunks(data, 1024)]
+    with pytest.raises(VerificationError, match="content id"):
+        ChunkVerifier(root_a, sealed_leaves, len(data), 1024, scheme=LeafScheme.KEYED_PLAIN,
+                      key=KEY)
+
+
+def test_chunk_nonces_are_unique_per_index_under_one_key() -> None:
+    # One key, many indexes: the keystreams (ciphertext of zeros) never repeat, so no two
+    # chunks of a content share a nonce; the same index under another key differs too.
+    zeros = bytes(64)
+    streams = {seal_chunk(KEY, i, zeros)[:64] for i in range(2000)}
+    assert len(streams) == 2000
+    assert seal_chunk(new_content_key(), 0, zeros)[:64] not in streams
+    c = ChunkCipher(KEY)
+    out = bytearray(64 + TAG_LEN)
+    for i in (0, 1, 255, 256, 2**32, 2**63 - 1):
+        c.seal_into(i, zeros, out)
+        assert bytes(out) == seal_chunk(KEY, i, zeros)
 
 
 @given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32),

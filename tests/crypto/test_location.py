@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto.codec import packb, unpackb
+from crypto.content import LeafScheme
 from crypto.envelope import max_body_for, open_envelope, seal_for_recipients
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
@@ -91,10 +92,21 @@ def test_each_bad_field_is_refused_with_its_reason(path: tuple[str, str], value:
         decode_location(packb(wire))
 
 
+def test_the_version_says_what_the_leaves_hash() -> None:
+    msg = sample()
+    wire = unpackb(msg.encode(), max_bytes=1 << 20)
+    assert wire["v"] == 2 and msg.handle.scheme is LeafScheme.KEYED_PLAIN
+    # Mail named before keyed plaintext leaves (version 1) still decodes, as SEALED.
+    wire["v"] = 1
+    old = decode_location(packb(wire))
+    assert old.handle.scheme is LeafScheme.SEALED
+    assert unpackb(old.encode(), max_bytes=1 << 20)["v"] == 1
+
+
 def test_unknown_version_and_oversize_are_refused() -> None:
     wire = unpackb(sample().encode(), max_bytes=1 << 20)
-    wire["v"] = 2
-    with pytest.raises(DecodeError, match="version"):
+    wire["v"] = 3
+    with pytest.raises(DecodeError, match="unsupported location message version 3"):
         decode_location(packb(wire))
     with pytest.raises(DecodeError, match="too large"):
         decode_location(b"\x00" * (61 * 1024))

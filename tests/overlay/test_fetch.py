@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from crypto.capability import prove_capability
+from crypto.content import open_chunk
 from crypto.identity import DeviceIdentity
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ServedContent
@@ -63,13 +64,16 @@ class Holder:
 
 class LyingCatalog:
     """Serves like the real store, but flips one bit of the first chunk it serves (which
-    one that is, rarest-first's random order decides) or of a leaf."""
+    one that is, rarest-first's random order decides) or of a leaf. With `forge`, the bit
+    is flipped in the plaintext, sealed again under the content key: a co-recipient's lie
+    that the AEAD accepts and only the keyed leaf catches."""
 
     def __init__(self, store: ContentStore, *, bad_chunk: bool = False,
-                 bad_leaf: int | None = None) -> None:
+                 bad_leaf: int | None = None, forge: bool = False) -> None:
         self.store = store
         self.bad_chunk = bad_chunk
         self.bad_leaf = bad_leaf
+        self.forge = forge
         self.flipped: list[int] = []
 
     def lookup(self, content_id: bytes) -> ServedContent | None:
@@ -80,13 +84,14 @@ class LyingCatalog:
             leaves = list(real.leaves)
             leaves[self.bad_leaf] = bytes(32)
             real = replace(real, leaves=tuple(leaves))
-        return _Flipping(real, self.flipped) if self.bad_chunk else real
+        return _Flipping(real, self.flipped, self.forge) if self.bad_chunk else real
 
 
 @dataclass(frozen=True)
 class _Flipping:
     real: LocalContent
     flipped: list[int]
+    forge: bool = False
 
     content_id = property(lambda self: self.real.content_id)
     size = property(lambda self: self.real.size)
@@ -104,7 +109,13 @@ class _Flipping:
         data = bytearray(self.real.read_sealed(index))
         if not self.flipped or self.flipped[0] == index:
             self.flipped[:] = [index]
-            data[len(data) // 2] ^= 0x10
+            if not self.forge:
+                data[len(data) // 2] ^= 0x10
+                return bytes(data)
+            plain = bytearray(open_chunk(self.real.key, index, bytes(data)))
+            plain[len(plain) // 2] ^= 0x10
+            self.real.cipher.seal_into(index, plain, data)
+            assert open_chunk(self.real.key, index, bytes(data)) == plain  # the AEAD is fine
         return bytes(data)
 
 
@@ -177,13 +188,14 @@ async def test_serves_a_file_bytes_equal_after_rename(world: World, tmp_path: Pa
     assert d.chunks_received == 41
 
 
+@pytest.mark.parametrize("forge", [False, True], ids=["flipped", "resealed-by-key-holder"])
 async def test_a_lying_source_is_banned_and_its_chunk_refetched(
-    world: World, tmp_path: Path
+    world: World, tmp_path: Path, forge: bool
 ) -> None:
     catalog: list[LyingCatalog] = []
 
     def lying(store: ContentStore) -> LyingCatalog:
-        catalog.append(LyingCatalog(store, bad_chunk=True))
+        catalog.append(LyingCatalog(store, bad_chunk=True, forge=forge))
         return catalog[0]
 
     liar = await world(lying)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crypto.content import ChunkVerifier, chunk_count
+from crypto.content import ChunkVerifier, LeafScheme, chunk_count
 from crypto.errors import VerificationError
 from overlay.content.catalog import ContentStore
 from overlay.content.diskio import DIRECT_ALIGN, SendBuffers
@@ -37,13 +38,19 @@ def _receive(store: ContentStore, src: LocalContent, dest: Path, name: str) -> P
                               src.capability, dest, name)
 
 
-async def test_added_file_serves_chunks_that_verify_against_its_id(tmp_path: Path) -> None:
-    _file(tmp_path / "clip.ts", 5 * CHUNK + 17)
+@pytest.mark.parametrize("scheme", list(LeafScheme))
+async def test_added_file_serves_chunks_that_verify_against_its_id(
+        tmp_path: Path, scheme: LeafScheme) -> None:
+    data = _file(tmp_path / "clip.ts", 5 * CHUNK + 17)
     store = ContentStore(tmp_path / "store")
-    content = await store.add_local_file(tmp_path / "clip.ts", chunk_size=CHUNK)
-    verifier = ChunkVerifier(content.content_id, content.leaves, content.size, CHUNK)
+    content = await store.add_local_file(tmp_path / "clip.ts", chunk_size=CHUNK, scheme=scheme)
+    assert content.scheme is scheme
+    verifier = ChunkVerifier(content.content_id, content.leaves, content.size, CHUNK,
+                             scheme=scheme, key=content.key)
+    out = bytearray(CHUNK)
     for i, sealed in enumerate(_sealed(content)):
-        verifier.verify(i, sealed)
+        plain = verifier.open_verified(content.cipher, i, sealed, out)
+        assert plain == data[i * CHUNK : (i + 1) * CHUNK]
     served = store.lookup(content.content_id)
     assert served is not None and served.have_bitmap() is None
     assert not list((tmp_path / "store").rglob("*.ts")), "no sealed or plain copy in the store"
@@ -51,6 +58,40 @@ async def test_added_file_serves_chunks_that_verify_against_its_id(tmp_path: Pat
     # Survives a restart, with the same capability.
     again = ContentStore(tmp_path / "store").local(content.content_id)
     assert again == content
+
+
+async def test_a_store_from_before_keyed_leaves_keeps_its_contents_sealed(
+        tmp_path: Path) -> None:
+    # A store of schema 1 has no scheme column: every content in it was named SEALED, and
+    # a download of one that was under way resumes verifying SEALED chunks.
+    data = _file(tmp_path / "a.bin", 3 * CHUNK + 5)
+    store = ContentStore(tmp_path / "store")
+    sent = await store.add_local_file(tmp_path / "a.bin", chunk_size=CHUNK,
+                                      scheme=LeafScheme.SEALED)
+    store.close()
+    db = sqlite3.connect(tmp_path / "store" / "content.sqlite")
+    db.execute("ALTER TABLE content DROP COLUMN scheme")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    old = ContentStore(tmp_path / "store").local(sent.content_id)
+    assert old == sent and old.scheme is LeafScheme.SEALED
+    recv = ContentStore(tmp_path / "recv")
+    part = recv.open_partial(sent.content_id, sent.size, CHUNK, sent.key, sent.capability,
+                             tmp_path / "inbox", "a.bin", scheme=LeafScheme.SEALED)
+    part.set_leaves(old.leaves)
+    for i in range(part.count):
+        assert part.write_chunk(i, old.read_sealed(i))
+    assert part.complete().read_bytes() == data
+    # A resume names the scheme it began with; another one is refused, not mixed.
+    other = ContentStore(tmp_path / "recv2")
+    other.open_partial(sent.content_id, sent.size, CHUNK, sent.key, sent.capability,
+                       tmp_path / "in2", "a.bin", scheme=LeafScheme.SEALED)
+    other.close()
+    with pytest.raises(ContentStoreError, match="layout differs"):
+        ContentStore(tmp_path / "recv2").open_partial(
+            sent.content_id, sent.size, CHUNK, sent.key, sent.capability, tmp_path / "in2",
+            "a.bin", scheme=LeafScheme.KEYED_PLAIN)
 
 
 async def test_same_key_same_id_and_capability_kept(tmp_path: Path) -> None:
