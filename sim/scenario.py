@@ -239,7 +239,7 @@ DRIVERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                "topology.domains"),
               ("completion-cdf", "bytes-by-path")),
     "federation": (("topology.domains", "workload.size_mb", "workload.messages",
-                    "workload.send", "churn.server_outage"),
+                    "workload.recipients", "workload.send", "churn.server_outage"),
                    ("delivery-delay-cdf",)),
     "dht-lookup": (("workload.keys", "workload.lookups", "workload.healthy_lookups",
                     "workload.concurrency", "churn.dead_share", "adversaries.sybil_share",
@@ -324,9 +324,10 @@ def _semantic_problems(doc: dict[str, Any], given: frozenset[str], driver: str,
         if outage is not None and outage["domain"] >= top["domains"]:
             out.append(f"churn.server_outage.domain: {outage['domain']} is not below "
                        f"topology.domains ({top['domains']})")
-        msgs = work.get("messages")
-        if msgs is None:
-            work["messages"] = {"dist": "uniform", "low": 1, "high": 3}
+        others = (top["domains"] - 1) * top["hosts"]
+        if work["recipients"] > others:
+            out.append(f"workload.recipients: {work['recipients']} is more than the "
+                       f"{others} users of the other domains")
     if driver == "server-load":
         msgs = work.get("messages")
         if msgs is not None and msgs.get("dist") != "fixed":

@@ -6,9 +6,9 @@ what DNS would publish: the server's address and its domain key) and forwards fo
 mail over authenticated server links from its durable outbound queue
 (rendezvous/federation.py). Each domain has topology.hosts users, each the real `Node` on
 its own host. Every user sends workload.messages files of workload.size_mb MB (random
-bytes) to random users of the other domains, at times workload.send draws (sorted per
-user); the recipients' nodes download them from the sender,
-sealed, hashed and verified as at home.
+bytes), each to workload.recipients distinct random users of the other domains, at times
+workload.send draws (sorted per user); the recipients' nodes download them from the
+sender, sealed, hashed and verified as at home.
 
 The users have exchanged keys before (each sender FINGERs its recipients once and pins
 their keys, as after an earlier message), so a sender whose recipient's server is out of
@@ -20,10 +20,11 @@ port with the same SQLite file: its queues, the outbound queue included, come ba
 its users' nodes reconnect with their backoff. A user of that domain whose send falls in
 the outage sends once its node is connected again (`planned_at_s` < `send_at_s`).
 
-Measured per message (one CSV row): from the send (the user's `send`: FINGER through the
-servers, sealing, SEND; `acked_at_s` is when the sender's server acknowledged it) to the
-location message in the recipient's inbox, and to the file complete there; that the
-recipient's inbox holds each message exactly once, no other; and that the bytes are equal.
+Measured per message and recipient (one CSV row): from the send (the user's `send`:
+FINGER through the servers, sealing, SEND; `acked_at_s` is when the sender's server
+acknowledged it) to the location message in the recipient's inbox, and to the file
+complete there; that the recipient's inbox holds each message exactly once, no other; and
+that the bytes are equal.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Params:
 
     domains: int
     users_per_domain: int
+    recipients: int
     messages: dict[str, Any]
     size: dict[str, Any]
     send: dict[str, Any]
@@ -72,13 +74,15 @@ class Params:
 
     @classmethod
     def from_spec(cls, spec: ScenarioSpec) -> Params:
-        """topology.domains, hosts (users per domain); workload.messages, size_mb, send;
+        """topology.domains, hosts (users per domain); workload.messages, recipients,
+        size_mb, send;
         churn.server_outage."""
         w = spec.doc["workload"]
         outage = spec.doc["churn"].get("server_outage") or {"domain": -1, "at_s": 0.0,
                                                             "for_s": 0.0}
         return cls(domains=spec.doc["topology"]["domains"],
                    users_per_domain=spec.doc["topology"]["hosts"],
+                   recipients=w["recipients"],
                    messages=w.get("messages") or {"dist": "uniform", "low": 1, "high": 3},
                    size=w.get("size_mb") or {"dist": "uniform", "low": 1.0, "high": 4.0},
                    send=w["send"], down_domain=outage["domain"], down_at_s=outage["at_s"],
@@ -95,7 +99,7 @@ class Planned:
 
     n: int
     sender: int      # index into the users
-    recipient: int
+    recipients: tuple[int, ...]
     size: int
     at: float        # planned send time (virtual s)
     path: Path | None = None
@@ -124,8 +128,9 @@ def _plan(sim: Simulation, p: Params) -> list[Planned]:
         others = [v for v in range(users) if v // p.users_per_domain != mine]
         count = draw_int(p.messages, rng)
         for at in sorted(times(p.send, count, rng)):
-            plan.append(Planned(len(plan), u, rng.choice(others),
-                                max(1, int(draw(p.size, rng) * MB)), at))
+            to = ((rng.choice(others),) if p.recipients == 1
+                  else tuple(rng.sample(others, p.recipients)))
+            plan.append(Planned(len(plan), u, to, max(1, int(draw(p.size, rng) * MB)), at))
     return plan
 
 
@@ -198,7 +203,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
             m.called_at = sim.now - t0
             try:
                 sent = await node.host.create_task(running.send(
-                    m.path, [nodes[m.recipient].address], f"m{m.n}", ""))
+                    m.path, [nodes[r].address for r in m.recipients], f"m{m.n}", ""))
             except Exception as exc:  # a SendError: the row says so
                 m.error = str(exc)
                 return
@@ -214,7 +219,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
         digests = {m.n: file_digest(m.path) for m in plan if m.path is not None}
 
         async def receive(r: int) -> None:
-            mine = [m for m in plan if m.recipient == r and m.mid is not None]
+            mine = [m for m in plan if r in m.recipients and m.mid is not None]
             want = {m.mid for m in mine}
             from overlay.mail.inbox_state import InboxState
 
@@ -232,7 +237,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
                 down = (outage.down_at is not None and outage.up_at is not None
                         and domain_of_user(r) == p.down_domain
                         and outage.down_at <= m.sent_at < outage.up_at)
-                rows.append(_row(m, nodes, loc, fin, len(by_id[m.mid]), down,
+                rows.append(_row(m, r, nodes, loc, fin, len(by_id[m.mid]), down,
                                  (m.called_at or 0) - m.at > 1.0,
                                  file_digest(Path(str(e.path))) == digests[m.n]))
                 done[0] += 1
@@ -263,7 +268,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
 
 async def _exchange_keys(nodes: list[SimNode], plan: list[Planned]) -> None:
     """Each sender FINGERs its recipients once and pins their device keys."""
-    pairs = sorted({(m.sender, m.recipient) for m in plan})
+    pairs = sorted({(m.sender, r) for m in plan for r in m.recipients})
     for s, r in pairs:
         node = nodes[s].node
         assert node is not None
@@ -272,11 +277,11 @@ async def _exchange_keys(nodes: list[SimNode], plan: list[Planned]) -> None:
         node.contacts.pin_keys(addr, [d.verify_key for d in info.devices], node.wall())
 
 
-def _row(m: Planned, nodes: list[SimNode], loc: float, fin: float, copies: int,
+def _row(m: Planned, r: int, nodes: list[SimNode], loc: float, fin: float, copies: int,
          to_downed: bool, deferred: bool, equal: bool) -> dict[str, Any]:
     assert m.sent_at is not None
     return {"message": f"m{m.n}", "sender": nodes[m.sender].address,
-            "recipient": nodes[m.recipient].address, "mib": round(m.size / MIB, 3),
+            "recipient": nodes[r].address, "mib": round(m.size / MIB, 3),
             "planned_at_s": round(m.at, 3), "send_at_s": round(m.called_at or 0, 3),
             "acked_at_s": round(m.sent_at, 3),
             "location_at_s": round(loc, 3), "complete_at_s": round(fin, 3),
@@ -292,12 +297,14 @@ def _summary(p: Params, plan: list[Planned], rows: list[dict[str, Any]],
     fin = [r["complete_delay_s"] for r in rows]
     downed = [r for r in rows if r["to_downed_while_down"]]
     normal = [r["location_delay_s"] for r in rows if not r["to_downed_while_down"]]
+    deliveries = sum(len(m.recipients) for m in plan)
     summary: dict[str, Any] = {
         "domains": p.domains, "users": p.domains * p.users_per_domain,
-        "messages": len(plan), "MiB sent": round(sum(m.size for m in plan) / MIB, 1),
+        "messages": len(plan), "recipients per message": p.recipients,
+        "MiB sent": round(sum(m.size for m in plan) / MIB, 1),
         "send failures": len(extra["failed"]),
-        "delivered": f"{len(rows)}/{len(plan)}",
-        "delivered exactly once": (len(rows) == len(plan)
+        "delivered": f"{len(rows)}/{deliveries}",
+        "delivered exactly once": (len(rows) == deliveries
                                    and all(r["copies_in_inbox"] == 1 for r in rows)
                                    and not extra["stray"]),
         "all bytes equal": all(r["bytes_equal"] for r in rows),

@@ -191,3 +191,18 @@ def _problems_of(path: Path) -> list[str]:
     with pytest.raises(ScenarioError) as caught:
         load_scenario(str(path))
     return caught.value.problems
+
+
+def test_a_message_to_several_recipients_across_domains_reaches_each_once() -> None:
+    doc = {"topology": {"domains": 2, "hosts": 2},
+           "workload": {"kind": "files", "messages": {"dist": "fixed", "value": 1},
+                        "recipients": 2, "size_mb": {"dist": "fixed", "value": 0.2},
+                        "send": {"process": "uniform", "window_s": 10.0}}}
+    result = run(doc)
+    s = result.summary
+    assert s["messages"] == 4 and s["recipients per message"] == 2
+    assert s["delivered"] == "8/8" and s["delivered exactly once"] and s["all bytes equal"]
+    assert sorted(r["message"] for r in result.rows) == sorted(
+        [f"m{i}" for i in range(4)] * 2)
+    assert _problems(doc | {"workload": doc["workload"] | {"recipients": 3}}) == [
+        "workload.recipients: 3 is more than the 2 users of the other domains"]
