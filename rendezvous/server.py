@@ -1110,7 +1110,7 @@ class RendezvousServer:
         if req.device not in {r.peer_id for r in records}:
             return Status.NOT_FOUND, f"device {req.device.hex()} is not bound to {req.to}", None
         sessions = self._online.get(req.device)
-        if not sessions:
+        if not sessions and not await self.bus.online_elsewhere([req.device]):
             return (Status.NOT_ONLINE,
                     f"{req.to} device {req.device.hex()[:12]} is not online", None)
         if self.resolver is None:
@@ -1123,9 +1123,8 @@ class RendezvousServer:
             return Status.UNAVAILABLE, f"{linked} lists no server", None
         host, port = found.servers[0]
         invite = RelayInvite(caller, caller_device, req.session, host, port, found.key)
-        for session in self._online.get(req.device, ()):
-            session.core.relay_invite(invite)
-            session.flush_soon()
+        if not self.bus_relay_invite(req.device, invite):
+            self.bus.relay_invite(req.device, invite)  # its session is on another instance
         self.relay_invites_forwarded += 1
         return Status.OK, "invited", None
 
