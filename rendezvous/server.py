@@ -89,6 +89,15 @@ One DHT: when a link comes up the server hands the remote's DHT port (its CHALLE
 can), so the bootstrap nodes of domains that exchange mail know each other; nodes still
 join through their own server's bootstrap node.
 
+Several instances of one domain on one database (rendezvous/instances.py): the server
+tells its `InstanceBus` when a device's first session here begins and its last one ends,
+and which envelopes it stored; the bus pushes to our sessions what other instances stored
+(`bus_deliver`), takes PIPE messages held for them (`bus_take_pipes`) and hands on relay
+invites (`bus_relay_invite`). FINGER counts a device online on a live instance as online;
+a PIPE for a device on another instance goes through the hold, which that instance takes
+at once; a RELAY to one names this instance's address in the invite, so both ends meet
+here. With SQLite the bus is `LocalBus`, which shares nothing.
+
 `start()` opens the store and starts listening; `aclose()` stops listening, lets requests
 in progress finish (bounded), closes every connection and then the store.
 """
