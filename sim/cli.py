@@ -3,7 +3,7 @@
     peerpost-sim list
     peerpost-sim run dht-lookup --seed 3 --out results/dht
     peerpost-sim run my.toml --set nodes=1000 --set dead_fraction=0.1
-    peerpost-sim sweep dht-lookup --grid params.nodes=100,200 --seeds 1,2,3 --out results/s
+    peerpost-sim sweep dht-lookup --grid topology.hosts=100,200 --seeds 1,2,3 --out results/s
 
 `run` shows progress (steps done, virtual time), then writes DIR/NAME.csv (one row per
 measured item), DIR/summary.json (the summary, the scenario and the seed) and prints the

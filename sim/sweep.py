@@ -1,15 +1,18 @@
 """`peerpost-sim sweep`: one scenario over a grid of parameter values and seeds.
 
-    peerpost-sim sweep dht-lookup --grid params.nodes=100,200,400 \\
-        --grid params.dead_fraction=0,0.2 --seeds 1,2,3 --out results/sweep
+    peerpost-sim sweep dht-lookup --grid topology.hosts=100,200,400 \\
+        --grid churn.dead_share=0,0.2 --seeds 1,2,3 --out results/sweep
     peerpost-sim sweep dht-lookup ... --dask tcp://scheduler:8786
 
-Each KEY is a dotted path into the scenario document (`params.nodes`, `network.loss`), each
-value a TOML scalar (`0.2`, `true`, `"overlay"`; a bare word is a string). Every combination
-of the grid times every seed is one run. Runs go to a local process pool (`--workers`,
-default one per CPU), or with `--dask ADDRESS` to an existing Dask cluster. A worker receives
-the scenario document as plain data and the seed, and returns plain data: the summary, the
-trace hash, the wall time and which worker ran it.
+Each KEY is a dotted path into the scenario document (`topology.hosts`,
+`topology.nat.symmetric`), each value TOML (`0.2`, `true`, `"overlay"`, `[1, 2]`; a bare
+word is a string). The grid's documents are all checked before the first run starts. Every
+combination of the grid times every seed is one run. Runs go to a local process pool
+(`--workers`, default one per CPU), or with `--dask ADDRESS` to an existing Dask cluster. A
+worker receives the scenario document as plain data, the seed, and the scenario file's
+folder (relative file names in the document, such as a latency matrix, are read from there:
+on a cluster that folder must be on a filesystem the workers share), and returns plain data:
+the summary, the trace hash, the wall time and which worker ran it.
 
 The sweep writes DIR/sweep.csv (one row per run), DIR/sweep.json (the same rows with the
 grid and seeds) and DIR/METRIC-vs-KEY.png for each numeric summary metric and each swept
@@ -29,7 +32,6 @@ import csv
 import importlib
 import itertools
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -41,11 +43,11 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sim.scenario import ScenarioError, builtin_names, parse_scenario
+from sim import scenario as scenario_module
+from sim.scenario import ScenarioError, parse_scenario
 
 DASK_MISSING = ("--dask needs dask.distributed on this machine and on the workers: "
                 "install peerpost[dask] (pip install 'peerpost[dask]')")
@@ -85,7 +87,7 @@ def parse_grid_item(item: str) -> tuple[str, list[Any]]:
     if not sep or not key or not raw.strip():
         raise SweepError(f"--grid wants KEY=V1,V2,..., got {item!r}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", key):
-        raise SweepError(f"--grid key {key!r} must be a dotted path such as params.nodes")
+        raise SweepError(f"--grid key {key!r} must be a dotted path such as topology.hosts")
     if key == "seed":
         raise SweepError("the seed is swept with --seeds, not --grid")
     try:  # the whole list at once, so that a quoted "a,b" stays one value
@@ -139,30 +141,33 @@ def set_path(doc: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_document(name_or_path: str) -> dict[str, Any]:
-    """The decoded TOML of a built-in scenario (by name) or a scenario file (by path)."""
-    path = Path(name_or_path)
-    try:
-        if path.suffix == ".toml" or path.is_file():
-            text = path.read_text()
-        elif name_or_path in builtin_names():
-            text = resources.files("sim.scenarios").joinpath(f"{name_or_path}.toml").read_text()
-        else:
-            raise SweepError(f"no scenario file or built-in named {name_or_path!r} "
-                             f"(built-in: {', '.join(builtin_names())})")
-        return tomllib.loads(text)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SweepError(f"cannot read scenario {name_or_path!r}: {exc}") from None
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """A scenario document as plain data: what a worker receives besides the seed."""
+
+    doc: dict[str, Any]
+    base: str  # absolute folder that relative file names in `doc` are read from
+    name: str
 
 
-def plan(doc: Mapping[str, Any], grid: Mapping[str, list[Any]],
+def load_document(name_or_path: str) -> Scenario:
+    """A built-in scenario (by name) or a scenario file (by path), not yet checked."""
+    doc, base, stem = scenario_module.load_document(name_or_path)
+    return Scenario(doc, str(base.resolve()), str(doc.get("name", stem)))
+
+
+def check(scenario: Scenario, doc: dict[str, Any]) -> None:
+    """Validate a document of `scenario` (raises ScenarioError naming the key)."""
+    parse_scenario(doc, base=Path(scenario.base), default_name=scenario.name)
+
+
+def plan(scenario: Scenario, grid: Mapping[str, list[Any]],
          seeds: Sequence[int]) -> list[Run]:
     """Every combination of the grid times every seed, each checked as a scenario first."""
     runs: list[Run] = []
     for values in itertools.product(*grid.values()):
-        point = document_for(doc, grid, values)
         try:
-            parse_scenario(point)
+            check(scenario, document_for(scenario.doc, grid, values))
         except ScenarioError as exc:
             shown = ", ".join(f"{k}={v!r}" for k, v in zip(grid, values, strict=True))
             raise SweepError(f"{shown}: {exc}") from None
@@ -192,33 +197,31 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def simulate(doc: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, float, int]:
+def simulate(doc: dict[str, Any], seed: int, base: str = ".",
+             name: str = "scenario") -> tuple[dict[str, Any], str, float, int]:
     """Run the scenario `doc` with `seed`: (summary, trace hash, virtual s, callback errors)."""
-    from sim.scenario import run
-
-    result = run(doc, seed)
+    spec = parse_scenario(doc, base=Path(base), default_name=name)
+    result = scenario_module.run(spec, seed)
     return result.summary, result.trace_hash, result.virtual_s, result.callback_errors
 
 
-def run_one(doc: dict[str, Any], seed: int, on_dask: bool = False) -> dict[str, Any]:
+def run_one(doc: dict[str, Any], seed: int, base: str = ".", name: str = "scenario",
+            on_dask: bool = False) -> dict[str, Any]:
     """One run, as a pool or Dask worker does it: plain data in, plain data out.
 
     Never raises for a failing scenario: the error text is in "error".
     """
-    for noisy in ("kademlia", "rpcudp"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    for chatty in ("peerpost", "overlay", "rendezvous", "aioice", "sim"):
-        logging.getLogger(chatty).setLevel(logging.ERROR)
     out: dict[str, Any] = {"seed": seed, "worker": f"{socket.gethostname()}:{os.getpid()}",
                            "worker_address": _dask_address() if on_dask else ""}
     start = time.perf_counter()
     try:
-        summary, digest, virtual, errors = simulate(doc, seed)
+        summary, digest, virtual, errors = simulate(doc, seed, base, name)
     except Exception as exc:  # a failed run is a row, not a failed sweep
         out |= {"error": f"{type(exc).__name__}: {exc}", "summary": {},
                 "wall_s": round(time.perf_counter() - start, 3)}
         return out
-    metrics = {str(k): _plain(v) for k, v in summary.items() if k != "trace_digest"}
+    metrics = {str(k): _plain(v) for k, v in summary.items()
+               if k not in ("trace_hash", "trace_digest")}
     metrics.setdefault("virtual_s", round(virtual, 3))
     out |= {"summary": metrics, "trace_hash": digest, "callback_errors": errors,
             "wall_s": round(time.perf_counter() - start, 3),
@@ -236,25 +239,26 @@ def _dask_address() -> str:
 
 # -------------------------------------------------------------------------- executors
 
-Submit = Iterator[tuple[Run, dict[str, Any]]]
+Submit = Iterator[tuple[int, dict[str, Any]]]  # (index into the runs, outcome)
 
 
-def _local(doc: Mapping[str, Any], grid: Mapping[str, list[Any]], runs: Sequence[Run],
+def _local(scenario: Scenario, grid: Mapping[str, list[Any]], runs: Sequence[Run],
            workers: int) -> Submit:
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures: dict[Future[dict[str, Any]], Run] = {
-            pool.submit(run_one, document_for(doc, grid, r.values), r.seed): r for r in runs}
+        futures: dict[Future[dict[str, Any]], int] = {
+            pool.submit(run_one, document_for(scenario.doc, grid, r.values), r.seed,
+                        scenario.base, scenario.name): i for i, r in enumerate(runs)}
         try:
             for fut in as_completed(futures):
-                yield futures[fut], _outcome(fut.result, futures[fut])
+                yield futures[fut], _outcome(fut.result, runs[futures[fut]])
         finally:
             for fut in futures:
                 fut.cancel()
 
 
-def _dask(doc: Mapping[str, Any], grid: Mapping[str, list[Any]], runs: Sequence[Run],
+def _dask(scenario: Scenario, grid: Mapping[str, list[Any]], runs: Sequence[Run],
           address: str) -> Submit:
     try:  # typed as Any: dask.distributed's functions carry no annotations
         distributed: Any = importlib.import_module("distributed")
@@ -265,11 +269,12 @@ def _dask(doc: Mapping[str, Any], grid: Mapping[str, list[Any]], runs: Sequence[
     except (OSError, TimeoutError) as exc:
         raise SweepError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
     try:
-        futures = {client.submit(run_one, document_for(doc, grid, r.values), r.seed, True,
-                                 pure=False): r for r in runs}
+        futures = {client.submit(run_one, document_for(scenario.doc, grid, r.values), r.seed,
+                                 scenario.base, scenario.name, True, pure=False): i
+                   for i, r in enumerate(runs)}
         try:
             for fut in distributed.as_completed(list(futures)):
-                yield futures[fut], _outcome(fut.result, futures[fut])
+                yield futures[fut], _outcome(fut.result, runs[futures[fut]])
         finally:
             client.cancel(list(futures))
     finally:
@@ -437,7 +442,7 @@ def write_outputs(out: Path, scenario: str, grid: Mapping[str, list[Any]], seeds
 
 # ----------------------------------------------------------------------------- command
 
-def sweep(doc: Mapping[str, Any], grid: Mapping[str, list[Any]], seeds: Sequence[int],
+def sweep(scenario: Scenario, grid: Mapping[str, list[Any]], seeds: Sequence[int],
           out: Path, *, workers: int | None = None, dask: str | None = None,
           plot_metrics: Sequence[str] | None = None,
           log: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -446,18 +451,19 @@ def sweep(doc: Mapping[str, Any], grid: Mapping[str, list[Any]], seeds: Sequence
     Returns the rows (in grid order, then seed order) and the paths written.
     """
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    runs = plan(doc, grid, seeds)
-    name = str(doc.get("name", doc.get("kind", "scenario")))
+    runs = plan(scenario, grid, seeds)
+    name = scenario.name
     where = f"the Dask cluster at {dask}" if dask else \
         f"{workers or os.cpu_count() or 1} local worker processes"
     say(f"sweep {name}: {len(runs)} runs ({len(runs) // len(seeds)} combinations x "
         f"{len(seeds)} seeds) on {where}")
-    done: dict[Run, dict[str, Any]] = {}
+    done: dict[int, dict[str, Any]] = {}
     start = time.perf_counter()
-    results = (_dask(doc, grid, runs, dask) if dask
-               else _local(doc, grid, runs, workers or os.cpu_count() or 1))
-    for run, outcome in results:
-        done[run] = row_for(grid, run, outcome)
+    results = (_dask(scenario, grid, runs, dask) if dask
+               else _local(scenario, grid, runs, workers or os.cpu_count() or 1))
+    for i, outcome in results:
+        run = runs[i]
+        done[i] = row_for(grid, run, outcome)
         elapsed = time.perf_counter() - start
         eta = elapsed / len(done) * (len(runs) - len(done))
         shown = " ".join(f"{k}={_label(v)}" for k, v in zip(grid, run.values, strict=True))
@@ -465,7 +471,7 @@ def sweep(doc: Mapping[str, Any], grid: Mapping[str, list[Any]], seeds: Sequence
             f"{outcome.get('wall_s', 0):.1f} s"
         say(f"run {len(done)}/{len(runs)} done ({shown} seed={run.seed}) {status}; "
             f"ETA {eta:.0f} s")
-    rows = [done[r] for r in runs]
+    rows = [done[i] for i in range(len(runs))]
     paths = write_outputs(out, name, grid, seeds, rows, plot_metrics)
     return rows, paths
 
@@ -500,8 +506,8 @@ def command(args: argparse.Namespace) -> int:
                 import distributed  # noqa: F401
             except ImportError:
                 raise SweepError(DASK_MISSING) from None
-        doc = load_document(args.scenario)
-        rows, paths = sweep(doc, parse_grid(args.grid), parse_seeds(args.seeds),
+        scenario = load_document(args.scenario)
+        rows, paths = sweep(scenario, parse_grid(args.grid), parse_seeds(args.seeds),
                             Path(args.out), workers=args.workers, dask=args.dask,
                             plot_metrics=args.metric)
     except ScenarioError as exc:
