@@ -118,11 +118,12 @@ async def test_presence_events_and_lease(
     assert hb.calls.empty()  # b hears none of its own events
 
     # A session that begins on b after an event for it was announced gets it replayed.
+    b.session_up(D1, 0)
     a.stored([queued(9, D2)])
+    a.pipes_held([D1])  # notifications arrive in order: once b has this, it has seq 9
     await a.settle()
+    assert await asyncio.wait_for(hb.calls.get(), 5) == ("pipes", D1)
     b.stored([queued(10, D2)])  # b's own: it pushed that one itself
-    await b.settle()
-    await asyncio.sleep(0.2)
     assert b.session_up(D2, 8) == {7, 9, 10}  # the server pushes those its flush missed
 
     # The listener is cut: a listens again and re-reads the queues of its devices.
