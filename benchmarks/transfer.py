@@ -1,17 +1,21 @@
-"""1 GiB between two node processes over direct TCP, against a raw socket copy.
+"""1 GiB from `peerpost send` to `peerpost fetch ID --wait` complete, against a raw socket copy.
 
-`python -m benchmarks transfer [--mib 1024] [--quick]`
+`python -m benchmarks transfer [--mib 1024] [--quick] [--baseline DIR --pairs 3]`
 
-- raw: two Python processes; one `sendfile`s the file into a loopback socket, the other
-  `recv_into`s a 1 MiB buffer and writes it to disk: the same disk work a node does, with
-  no crypto and no protocol. That is the ceiling.
-- peerpost: `peerpost send` on one node, the other downloads it (seal on the way out,
-  verify + open + write on the way in), real processes through the CLI.
-
-Reports MB/s, the ratio, CPU seconds per GB on each side (from /proc), peak RSS of each
-node (VmHWM), how long `send` took (it seals and hashes the whole file to name it), the
-time from `send` returning to the first chunk written at the receiver, and the load
-average before and after: on a two-core box anything else running moves both rates.
+- raw: two Python processes on loopback TCP, the same size: one `sendfile`s the file, the
+  other `recv_into`s a 1 MiB buffer, once dropping the bytes (the socket's ceiling) and once
+  writing them to disk through the page cache (the same disk work with no crypto and no
+  protocol).
+- CLI end to end: a fresh rendezvous server and two `peerpost node` daemons (real processes,
+  `overlay.app.lab.LocalNetwork`); the clock starts when `peerpost send FILE --to bob`
+  starts and stops when `peerpost fetch ID --wait` (started on bob as soon as the message is
+  in its inbox) returns complete. Reported: that rate, the node-to-node rate from the first
+  chunk written to the last (the nodes' own times), and the CPU seconds per GB of the two
+  node daemons (from /proc) split into `send` (naming the file), serving and receiving.
+- `--baseline DIR`: a checkout of other code (e.g. `git worktree add /tmp/base HEAD~5`) run
+  the same way, alternating with this tree (old, new, old, new, ...; `--pairs` pairs): the
+  nodes and CLI of an old run import DIR first (PYTHONPATH). Each run has its own load
+  average: on a two-core box anything else running moves both rates.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,8 +39,8 @@ MiB = 1 << 20
 _TICK = os.sysconf("SC_CLK_TCK")
 
 _RAW_RECEIVER = r"""
-import socket, sys, time
-out = open(sys.argv[1], "wb", buffering=0)
+import socket, sys
+out = open(sys.argv[1], "wb", buffering=0) if sys.argv[1] != "-" else None
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
 print(srv.getsockname()[1], flush=True)
 conn, _ = srv.accept()
@@ -44,8 +49,11 @@ while True:
     n = conn.recv_into(buf)
     if not n:
         break
-    out.write(view[:n]); total += n
-out.close()
+    if out is not None:
+        out.write(view[:n])
+    total += n
+if out is not None:
+    out.close()
 print(total, flush=True)
 """
 
@@ -79,9 +87,9 @@ def make_file(path: Path, size: int) -> None:
             left -= n
 
 
-def raw_copy(src: Path, dst: Path) -> tuple[float, float, float]:
-    """Seconds, sender CPU s, receiver CPU s."""
-    recv = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER, str(dst)],
+def raw_copy(src: Path, dst: Path | None) -> tuple[float, float, float]:
+    """Seconds, sender CPU s, receiver CPU s; `dst` None drops the bytes."""
+    recv = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER, str(dst or "-")],
                             stdout=subprocess.PIPE, text=True)
     assert recv.stdout is not None
     port = recv.stdout.readline().strip()
@@ -94,102 +102,160 @@ def raw_copy(src: Path, dst: Path) -> tuple[float, float, float]:
     dt = time.perf_counter() - t0
     if total != src.stat().st_size:
         raise SystemExit(f"raw copy moved {total} bytes, expected {src.stat().st_size}")
+    if dst is not None:
+        dst.unlink()
     return (dt, send_ru.ru_utime + send_ru.ru_stime, recv_ru.ru_utime + recv_ru.ru_stime)
 
 
-async def _wait_complete(control: Path, mid: str) -> dict[str, Any]:
-    """Poll the receiving node's inbox over its control socket until the message is in.
-
-    Not through the CLI: each `peerpost inbox` is a Python start costing ~0.2 s of CPU, so
-    polling that way every 50 ms took most of one of the two cores from the nodes being
-    measured. The times reported come from the node (first_byte_at, completed_at), so the
-    polling interval does not change them."""
-    async with asyncio.timeout(3600), ControlClient(control) as client:
+async def _wait_arrived(control: Path, mid: str) -> None:
+    """Until message `mid` is in the node's inbox (over its control socket, every 20 ms: a
+    `peerpost inbox` per poll would cost a Python start each, ~0.2 s of CPU)."""
+    async with asyncio.timeout(60), ControlClient(control) as client:
         while True:
-            for e in await client.call("inbox", include_junk=True):
-                if e["id"] == mid and e["state"] == "failed":
-                    raise SystemExit(f"download failed: {e['error']}")
-                if e["id"] == mid and e["state"] == "complete":
-                    return dict(e)
-            await asyncio.sleep(0.1)
+            if any(e["id"] == mid for e in await client.call("inbox", include_junk=True)):
+                return
+            await asyncio.sleep(0.02)
 
 
-def node_copy(src: Path, root: Path) -> dict[str, float]:
+async def _entry(control: Path, mid: str) -> dict[str, Any]:
+    async with ControlClient(control) as client:
+        for e in await client.call("inbox", include_junk=True):
+            if e["id"] == mid:
+                return dict(e)
+    raise SystemExit(f"message {mid} is not in the inbox")
+
+
+def cli_end_to_end(src: Path, root: Path, baseline: Path | None) -> dict[str, float]:
+    """One delivery through the CLI on a fresh network; `baseline`: run that code instead."""
     with LocalNetwork(root) as net:
+        if baseline is not None:
+            net.env["PYTHONPATH"] = str(baseline)
         net.start_server()
         alice, bob = net.add_node("alice"), net.add_node("bob")
         net.start_node(alice)
         net.start_node(bob)
         assert alice.proc and bob.proc
         a_pid, b_pid = alice.proc.popen.pid, bob.proc.popen.pid
+        load = os.getloadavg()[0]
         a0, b0 = cpu_seconds(a_pid), cpu_seconds(b_pid)
         t0 = time.time()
         mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
         t_sent = time.time()
-        a_after_send = cpu_seconds(a_pid)
-
-        e = asyncio.run(_wait_complete(bob.home / "control.sock", mid))
+        a_sent = cpu_seconds(a_pid)
+        asyncio.run(_wait_arrived(bob.home / "control.sock", mid))
+        res = net.cli(bob, "fetch", mid, "--wait", "--json", timeout=3600)
+        t_end = time.time()
         a1, b1 = cpu_seconds(a_pid), cpu_seconds(b_pid)
-        rss_a, rss_b = peak_rss(a_pid), peak_rss(b_pid)
-        first = e.get("first_byte_at") or t_sent
-        complete = e.get("completed_at") or time.time()
-        got = Path(e["path"])
-        if got.stat().st_size != src.stat().st_size:
+        if '"complete"' not in res.stdout:
+            raise SystemExit(f"fetch --wait did not end complete: {res.stdout[-300:]}")
+        e = asyncio.run(_entry(bob.home / "control.sock", mid))
+        if Path(e["path"]).stat().st_size != src.stat().st_size:
             raise SystemExit("size mismatch after download")
+        gb = src.stat().st_size / 1e9
+        first = e.get("first_byte_at") or t_sent
+        complete = e.get("completed_at") or t_end
         return {
+            "load": load,
+            "e2e_seconds": t_end - t0,
             "send_seconds": t_sent - t0,
             "first_byte_ms": (first - t_sent) * 1000,
             "transfer_seconds": complete - first,
-            "total_seconds": complete - t0,
-            "cpu_sender_transfer": a1 - a_after_send,
-            "cpu_sender_send": a_after_send - a0,
-            "cpu_receiver": b1 - b0,
-            "rss_sender": rss_a,
-            "rss_receiver": rss_b,
+            "cpu_send": (a_sent - a0) / gb,
+            "cpu_serve": (a1 - a_sent) / gb,
+            "cpu_receive": (b1 - b0) / gb,
+            "rss_sender": peak_rss(a_pid),
+            "rss_receiver": peak_rss(b_pid),
         }
+
+
+def _run_row(i: int, code: str, r: dict[str, float], size: int) -> dict[str, Any]:
+    total = r["cpu_send"] + r["cpu_serve"] + r["cpu_receive"]
+    return {
+        "metric": f"run {i} ({code})",
+        "value": (f"e2e {size / r['e2e_seconds'] / 1e6:.0f} MB/s, node→node "
+                  f"{size / r['transfer_seconds'] / 1e6:.0f} MB/s, send {r['send_seconds']:.2f} s;"
+                  f" CPU send/serve/recv {r['cpu_send']:.2f}/{r['cpu_serve']:.2f}/"
+                  f"{r['cpu_receive']:.2f} = {total:.2f} s/GB"),
+        "unit": f"load {r['load']:.2f}",
+    }
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks transfer")
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--quick", action="store_true", help="128 MiB instead of 1 GiB")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout of older code to run alternately with this one")
+    ap.add_argument("--pairs", type=int, default=3, help="old/new pairs with --baseline")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     size = (128 if args.quick else args.mib) * MiB
     gb = size / 1e9
     load_before = os.getloadavg()[0]
+    plan: list[tuple[str, Path | None]] = [("new", None)]
+    if args.baseline is not None:
+        plan = [("old", args.baseline.resolve()), ("new", None)] * args.pairs
+    runs: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="peerpost-bench-") as tmp:
         src = Path(tmp) / "payload.bin"
         make_file(src, size)
-        raw_s, raw_cpu_send, raw_cpu_recv = raw_copy(src, Path(tmp) / "raw-copy.bin")
-        (Path(tmp) / "raw-copy.bin").unlink()
-        n = node_copy(src, Path(tmp) / "lab")
+        raw_mem = raw_copy(src, None)
+        raw_disk = raw_copy(src, Path(tmp) / "raw-copy.bin")
+        for i, (code, base) in enumerate(plan):
+            runs.append((code, cli_end_to_end(src, Path(tmp) / f"lab{i}", base)))
     load_after = os.getloadavg()[0]
-    raw_rate = size / raw_s / 1e6
-    node_rate = size / n["transfer_seconds"] / 1e6
-    ratio = node_rate / raw_rate
+
+    def med(code: str, key: str) -> float:
+        return statistics.median(r[key] for c, r in runs if c == code)
+
+    def e2e(code: str) -> float:
+        return size / med(code, "e2e_seconds") / 1e6
+
+    def cpu(code: str) -> float:
+        return statistics.median(r["cpu_send"] + r["cpu_serve"] + r["cpu_receive"]
+                                 for c, r in runs if c == code)
+
     rows: list[dict[str, Any]] = [
-        {"metric": "raw socket copy (sendfile → recv_into → disk)", "value": raw_rate,
-         "unit": "MB/s"},
-        {"metric": "peerpost node → node, direct TCP", "value": node_rate, "unit": "MB/s"},
-        {"metric": "ratio to raw", "value": ratio, "unit": "", "target": ">= 0.35",
-         "ok": ratio >= 0.35},
-        {"metric": "`send` (seal + hash the whole file to name it)", "value": n["send_seconds"],
-         "unit": "s"},
-        {"metric": "first byte after `send` returned", "value": n["first_byte_ms"],
-         "unit": "ms", "target": "< 150", "ok": n["first_byte_ms"] < 150},
-        {"metric": "CPU per GB, sender (serving)", "value": n["cpu_sender_transfer"] / gb,
+        {"metric": "raw socket copy, in memory (sendfile → recv_into)",
+         "value": size / raw_mem[0] / 1e6, "unit": "MB/s"},
+        {"metric": "raw socket copy, to disk (sendfile → recv_into → write)",
+         "value": size / raw_disk[0] / 1e6, "unit": "MB/s"},
+        {"metric": "CPU per GB, raw sender / receiver (in memory)",
+         "value": f"{raw_mem[1] / gb:.2f} / {raw_mem[2] / gb:.2f}", "unit": "s/GB"},
+        {"metric": "CLI end to end: `send` start → `fetch --wait` complete",
+         "value": e2e("new"), "unit": "MB/s", "target": "≥ 2x old" if args.baseline else ""},
+        {"metric": "node → node (first chunk written → last)",
+         "value": size / med("new", "transfer_seconds") / 1e6, "unit": "MB/s"},
+        {"metric": "`send` (names the file)", "value": med("new", "send_seconds"), "unit": "s"},
+        {"metric": "first chunk after `send` returned", "value": med("new", "first_byte_ms"),
+         "unit": "ms", "target": "< 150", "ok": med("new", "first_byte_ms") < 150},
+        {"metric": "CPU per GB, sender `send`", "value": med("new", "cpu_send"), "unit": "s/GB"},
+        {"metric": "CPU per GB, sender serving", "value": med("new", "cpu_serve"),
          "unit": "s/GB"},
-        {"metric": "CPU per GB, sender (send: seal+hash)", "value": n["cpu_sender_send"] / gb,
-         "unit": "s/GB"},
-        {"metric": "CPU per GB, receiver", "value": n["cpu_receiver"] / gb, "unit": "s/GB"},
-        {"metric": "CPU per GB, raw sender / receiver",
-         "value": f"{raw_cpu_send / gb:.2f} / {raw_cpu_recv / gb:.2f}", "unit": "s/GB"},
-        {"metric": "peak RSS, sender node", "value": n["rss_sender"] / MiB, "unit": "MiB",
-         "target": "< 200", "ok": n["rss_sender"] < 200 * MiB},
-        {"metric": "peak RSS, receiver node", "value": n["rss_receiver"] / MiB, "unit": "MiB",
-         "target": "< 200", "ok": n["rss_receiver"] < 200 * MiB},
-        {"metric": "load average (1 min) before / after",
-         "value": f"{load_before:.2f} / {load_after:.2f}", "unit": f"{os.cpu_count()} CPUs"},
+        {"metric": "CPU per GB, receiver", "value": med("new", "cpu_receive"), "unit": "s/GB"},
+        {"metric": "CPU per GB, whole delivery (both nodes)", "value": cpu("new"),
+         "unit": "s/GB", "target": "≤ 2.0", "ok": cpu("new") <= 2.0},
+        {"metric": "peak RSS, sender / receiver node",
+         "value": f"{med('new', 'rss_sender') / MiB:.0f} / {med('new', 'rss_receiver') / MiB:.0f}",
+         "unit": "MiB", "target": "< 200",
+         "ok": max(med("new", "rss_sender"), med("new", "rss_receiver")) < 200 * MiB},
     ]
-    report("transfer", rows, meta={"bytes": size, **n})
+    if args.baseline is not None:
+        ratio = e2e("new") / e2e("old")
+        rows += [
+            {"metric": "old code: CLI end to end", "value": e2e("old"), "unit": "MB/s"},
+            {"metric": "old code: CPU per GB send / serve / recv = whole",
+             "value": (f"{med('old', 'cpu_send'):.2f} / {med('old', 'cpu_serve'):.2f} / "
+                       f"{med('old', 'cpu_receive'):.2f} = {cpu('old'):.2f}"), "unit": "s/GB"},
+            {"metric": "end to end, new / old (medians)", "value": ratio, "unit": "x",
+             "target": "≥ 2", "ok": ratio >= 2},
+        ]
+    rows += [_run_row(i + 1, code, r, size) for i, (code, r) in enumerate(runs)]
+    rows.append({"metric": "load average (1 min) before / after",
+                 "value": f"{load_before:.2f} / {load_after:.2f}",
+                 "unit": f"{os.cpu_count()} CPUs"})
+    report("transfer", rows, out=args.out,
+           meta={"bytes": size, "baseline": str(args.baseline or ""),
+                 "runs": [{"code": c, **r} for c, r in runs],
+                 "raw_in_memory": raw_mem, "raw_to_disk": raw_disk})
     return 0
