@@ -13,7 +13,9 @@ from pathlib import Path
 
 @dataclass(frozen=True, slots=True)
 class Plot:
-    """One figure: `kind` "cdf" (series of values) or "series" (series of (x, y) points)."""
+    """One figure: `kind` "cdf" (series of values), "series" (series of (x, y) points drawn
+    as steps: counts over time) or "line" ((x, y) points joined, with markers: a measure
+    against a parameter)."""
 
     name: str  # file name without .png
     kind: str
@@ -23,6 +25,7 @@ class Plot:
     series: dict[str, Sequence[float] | Sequence[tuple[float, float]]] = field(
         default_factory=dict)
     logx: bool = False
+    xticklabels: tuple[str, ...] = ()  # names for x = 0, 1, ... (categories)
 
 
 def draw(plot: Plot, out: Path) -> Path:
@@ -41,18 +44,23 @@ def draw(plot: Plot, out: Path) -> Path:
                     continue
                 ys = [(i + 1) / len(xs) for i in range(len(xs))]
                 ax.step(xs, ys, where="post", label=f"{label} (n={len(xs)})")
-            elif plot.kind == "series":
+            elif plot.kind in ("series", "line"):
                 pts = list(values)
                 if not pts:
                     continue
-                ax.step([p[0] for p in pts], [p[1] for p in pts],  # type: ignore[index]
-                        where="post", label=label)
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]  # type: ignore[index]
+                if plot.kind == "line":
+                    ax.plot(xs, ys, marker="o", label=label)
+                else:
+                    ax.step(xs, ys, where="post", label=label)
             else:
                 raise ValueError(f"unknown plot kind {plot.kind!r}")
         if plot.kind == "cdf":
             ax.set_ylim(0, 1.02)
         if plot.logx:
             ax.set_xscale("log")
+        if plot.xticklabels:
+            ax.set_xticks(range(len(plot.xticklabels)), list(plot.xticklabels))
         ax.set_title(plot.title)
         ax.set_xlabel(plot.xlabel)
         ax.set_ylabel(plot.ylabel)

@@ -256,11 +256,11 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
     ]
     if p.sybil_shares != (0.0,):
         plots += [
-            Plot("sybil-success", "series", f"Lookup success as Sybils grow ({label})",
+            Plot("sybil-success", "line", f"Lookup success as Sybils grow ({label})",
                  "share of DHT nodes that are Sybils", "lookups finding the real provider",
                  {"success rate": [(f, summaries[f]["success_rate"] or 0.0)
                                    for f in p.sybil_shares]}),
-            Plot("sybil-latency", "series", f"Lookup latency as Sybils grow ({label})",
+            Plot("sybil-latency", "line", f"Lookup latency as Sybils grow ({label})",
                  "share of DHT nodes that are Sybils", "lookup time (s, virtual)",
                  {q: [(f, summaries[f][f"lookup_{q}_s"] or 0.0) for f in p.sybil_shares]
                   for q in ("p50", "p90")})]
@@ -354,7 +354,7 @@ def _run_share(sim: Simulation, spec: ScenarioSpec, p: Params, share: float,
     sim.run(main())
     main_rows = [r for r in rows if r["dead_fraction"] == p.dead_fraction]
     summary = _summary(sim, p, main_rows, phases, len(dead_of(sim)))
-    if share:
+    if share or len(p.sybil_shares) > 1:
         summary = {"sybils": len(sybil_ids), "sybil_behaviour": p.sybil_behaviour} | summary
     healthy = [r for r in rows if r["dead_fraction"] == 0.0]
     if p.healthy_lookups and p.dead_fraction:

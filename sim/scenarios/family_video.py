@@ -398,13 +398,12 @@ def path_plot(rows: list[dict[str, Any]], mode: str) -> Plot:
     from sim.scenario import NAT_KINDS
 
     kinds = [k for k in NAT_KINDS if any(r["nat"] == k for r in rows)]
-    return Plot("bytes-by-path", "series",
-                f"MB received by path, by the recipient's NAT (mode {mode}; x: "
-                + ", ".join(f"{i}={k}" for i, k in enumerate(kinds)) + ")",
-                "recipient's NAT (index)", "MB received (all recipients of that NAT)",
+    return Plot("bytes-by-path", "line",
+                f"MB received by path, by the recipient's NAT (co-recipients {mode})",
+                "recipient's NAT", "MB received (all recipients of that NAT)",
                 {path: [(i, sum(r[col] for r in rows if r["nat"] == k and r["mode"] == mode))
-                        for i, k in enumerate(kinds)] + [(len(kinds), 0.0)]
-                 for path, col in PATHS.items()})
+                        for i, k in enumerate(kinds)]
+                 for path, col in PATHS.items()}, xticklabels=tuple(kinds))
 
 
 def _cumulative(times: list[float]) -> list[tuple[float, float]]:
