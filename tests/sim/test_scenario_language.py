@@ -206,3 +206,14 @@ def test_a_message_to_several_recipients_across_domains_reaches_each_once() -> N
         [f"m{i}" for i in range(4)] * 2)
     assert _problems(doc | {"workload": doc["workload"] | {"recipients": 3}}) == [
         "workload.recipients: 3 is more than the 2 users of the other domains"]
+
+
+def test_measure_keeps_the_metrics_asked_for_and_refuses_one_never_produced() -> None:
+    small = {"topology.hosts": 30, "workload.lookups": 5, "workload.keys": 2,
+             "dht.bootstrap_batch": 10}
+    result = run("dht-lookup", overrides=small | {
+        "measure.metrics": ["success_rate", "lookup_p50_s"], "measure.plots": []})
+    assert list(result.summary) == ["success_rate", "lookup_p50_s", "trace_hash"]
+    assert result.plots == []
+    with pytest.raises(ScenarioError, match="measure.metrics: 'succes_rate' not produced"):
+        run("dht-lookup", overrides=small | {"measure.metrics": ["succes_rate"]})
