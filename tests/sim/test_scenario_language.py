@@ -217,3 +217,17 @@ def test_measure_keeps_the_metrics_asked_for_and_refuses_one_never_produced() ->
     assert result.plots == []
     with pytest.raises(ScenarioError, match="measure.metrics: 'succes_rate' not produced"):
         run("dht-lookup", overrides=small | {"measure.metrics": ["succes_rate"]})
+
+
+def test_the_shipped_schema_is_a_valid_json_schema_and_every_built_in_fits_it() -> None:
+    import tomllib
+    from importlib import resources
+
+    import jsonschema
+
+    from sim.scenario import schema, schema_problems
+
+    jsonschema.Draft202012Validator.check_schema(schema())
+    for name in builtin_names():
+        text = resources.files("sim.scenarios").joinpath(f"{name}.toml").read_text()
+        assert schema_problems(tomllib.loads(text)) == [], name
