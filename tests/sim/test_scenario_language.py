@@ -215,7 +215,7 @@ def test_measure_keeps_the_metrics_asked_for_and_refuses_one_never_produced() ->
         "measure.metrics": ["success_rate", "lookup_p50_s"], "measure.plots": []})
     assert list(result.summary) == ["success_rate", "lookup_p50_s", "trace_hash"]
     assert result.plots == []
-    with pytest.raises(ScenarioError, match="measure.metrics: 'succes_rate' not produced"):
+    with pytest.raises(ScenarioError, match=r"measure\.metrics: 'succes_rate' not produced"):
         run("dht-lookup", overrides=small | {"measure.metrics": ["succes_rate"]})
 
 
