@@ -320,9 +320,9 @@ def _number(value: Any) -> float | None:
 
 
 def numeric_metrics(grid: Mapping[str, list[Any]],
-                    rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Metrics with a number in some successful run that vary between runs (wall_s and
-    virtual_s included); one that is the same in every run is in the CSV, not plotted."""
+                    rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """Metrics with a number in some successful run (wall_s and virtual_s included): those
+    that vary between runs, and those the same in every run (in the CSV, not plotted)."""
     skip = {*grid, "seed", "callback_errors", "trace_hash", "worker", "worker_address",
             "error"}
     seen: dict[str, set[float]] = {}
@@ -332,7 +332,8 @@ def numeric_metrics(grid: Mapping[str, list[Any]],
         for key, value in row.items():
             if key not in skip and (number := _number(value)) is not None:
                 seen.setdefault(key, set()).add(number)
-    return [k for k, values in seen.items() if len(values) > 1 or len(rows) == 1]
+    varying = [k for k, values in seen.items() if len(values) > 1 or len(rows) == 1]
+    return varying, [k for k in seen if k not in varying]
 
 
 def slug(text: str) -> str:
@@ -356,6 +357,8 @@ def draw_plots(title: str, grid: Mapping[str, list[Any]], rows: Sequence[Mapping
     paths: list[Path] = []
     taken: set[str] = set()
     ok = [r for r in rows if not r.get("error")]
+    # A run on the cheaper stand-in for the DHT's signatures says so in its summary.
+    fast = " [fast signatures]" if any(r.get("signatures") for r in ok) else ""
     for metric in metrics:
         for key, xs in grid.items():
             if len(xs) < 2:
@@ -385,11 +388,16 @@ def draw_plots(title: str, grid: Mapping[str, list[Any]], rows: Sequence[Mapping
                                 yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
                                 marker="o", capsize=4, label=label)
                 if numeric_x:
-                    ax.set_xticks([float(x) for x in xs], [_label(x) for x in xs])
+                    spans = [float(x) for x in xs]
+                    if min(spans) > 0 and max(spans) >= 20 * min(spans):
+                        ax.set_xscale("log")  # e.g. hosts from 100 to 10,000
+                        ax.minorticks_off()
+                    ax.set_xticks(spans, [_label(x) for x in xs])
                 else:
                     ax.set_xticks(range(len(xs)), [_label(x) for x in xs])
                 seeds = len({r["seed"] for r in rows})
-                ax.set_title(f"{title}: {metric}\nmean of {seeds} seeds, bars from min to max",
+                ax.set_title(f"{title}: {metric}{fast}\nmean of {seeds} seed"
+                             f"{'s' if seeds > 1 else ''}, bars from min to max",
                              fontsize="medium")
                 ax.set_xlabel(key)
                 ax.set_ylabel(metric)
@@ -419,8 +427,10 @@ def _cell(value: Any) -> Any:
 
 def write_outputs(out: Path, scenario: str, grid: Mapping[str, list[Any]], seeds: Sequence[int],
                   rows: Sequence[Mapping[str, Any]],
-                  plot_metrics: Sequence[str] | None = None) -> list[Path]:
-    """sweep.csv, sweep.json and the plots; returns every path written."""
+                  plot_metrics: Sequence[str] | None = None,
+                  ) -> tuple[list[Path], dict[str, str]]:
+    """sweep.csv, sweep.json and the plots; returns every path written, and the metrics
+    not plotted with the reason."""
     out.mkdir(parents=True, exist_ok=True)
     columns = columns_of(grid, rows)
     csv_path = out / "sweep.csv"
@@ -428,16 +438,20 @@ def write_outputs(out: Path, scenario: str, grid: Mapping[str, list[Any]], seeds
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({c: _cell(r.get(c)) for c in columns} for r in rows)
-    metrics = numeric_metrics(grid, rows)
+    metrics, constant = numeric_metrics(grid, rows)
+    not_plotted = {m: "the same in every run" for m in constant}
     if plot_metrics is not None:
+        not_plotted = {m: why for m, why in not_plotted.items() if m in plot_metrics}
+        not_plotted |= {m: "no number in any successful run" for m in plot_metrics
+                        if m not in metrics and m not in constant}
         metrics = [m for m in metrics if m in plot_metrics]
     pngs = draw_plots(scenario, grid, rows, metrics, out)
     json_path = out / "sweep.json"
     json_path.write_text(json.dumps({
         "scenario": scenario, "grid": grid, "seeds": list(seeds), "columns": columns,
         "runs": list(rows), "failed": sum(1 for r in rows if r.get("error")),
-        "plots": [p.name for p in pngs]}, indent=2, default=str))
-    return [csv_path, json_path, *pngs]
+        "plots": [p.name for p in pngs], "not_plotted": not_plotted}, indent=2, default=str))
+    return [csv_path, json_path, *pngs], not_plotted
 
 
 # ----------------------------------------------------------------------------- command
@@ -445,10 +459,12 @@ def write_outputs(out: Path, scenario: str, grid: Mapping[str, list[Any]], seeds
 def sweep(scenario: Scenario, grid: Mapping[str, list[Any]], seeds: Sequence[int],
           out: Path, *, workers: int | None = None, dask: str | None = None,
           plot_metrics: Sequence[str] | None = None,
-          log: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
+          log: Callable[[str], None] | None = None,
+          ) -> tuple[list[dict[str, Any]], list[Path], dict[str, str]]:
     """Run every combination of `grid` times `seeds`; write the results into `out`.
 
-    Returns the rows (in grid order, then seed order) and the paths written.
+    Returns the rows (in grid order, then seed order), the paths written and the metrics
+    not plotted (with the reason).
     """
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     runs = plan(scenario, grid, seeds)
@@ -472,8 +488,8 @@ def sweep(scenario: Scenario, grid: Mapping[str, list[Any]], seeds: Sequence[int
         say(f"run {len(done)}/{len(runs)} done ({shown} seed={run.seed}) {status}; "
             f"ETA {eta:.0f} s")
     rows = [done[i] for i in range(len(runs))]
-    paths = write_outputs(out, name, grid, seeds, rows, plot_metrics)
-    return rows, paths
+    paths, not_plotted = write_outputs(out, name, grid, seeds, rows, plot_metrics)
+    return rows, paths, not_plotted
 
 
 def add_parser(sub: Any) -> None:
@@ -507,7 +523,7 @@ def command(args: argparse.Namespace) -> int:
             except ImportError:
                 raise SweepError(DASK_MISSING) from None
         scenario = load_document(args.scenario)
-        rows, paths = sweep(scenario, parse_grid(args.grid), parse_seeds(args.seeds),
+        rows, paths, not_plotted = sweep(scenario, parse_grid(args.grid), parse_seeds(args.seeds),
                             Path(args.out), workers=args.workers, dask=args.dask,
                             plot_metrics=args.metric)
     except ScenarioError as exc:
@@ -516,8 +532,11 @@ def command(args: argparse.Namespace) -> int:
     failed = [r for r in rows if r.get("error")]
     print(f"{len(rows) - len(failed)}/{len(rows)} runs ok"
           + (f", {len(failed)} failed (see the error column)" if failed else ""))
+    for metric, why in not_plotted.items():
+        print(f"not plotted: {metric} ({why})")
     csv_path, json_path, *pngs = paths
     print(f"wrote {csv_path}, {json_path}"
-          + (f" and {len(pngs)} plots in {csv_path.parent}: " + ", ".join(p.name for p in pngs)
+          + (f" and {len(pngs)} plot{'s' if len(pngs) > 1 else ''} in {csv_path.parent}: "
+             + ", ".join(p.name for p in pngs)
              if pngs else ""))
     return 1 if failed else 0

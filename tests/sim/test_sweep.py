@@ -77,7 +77,7 @@ def test_local_pool_sweep_writes_a_row_per_run_plots_and_failures_as_rows(
     code = main(["sweep", "dht-lookup", "--grid", "topology.hosts=30,40",
                  "--grid", f"measure.metrics={measured}", *LOOKUPS, "--seeds", "1,2",
                  "--workers", "2", "--out", str(out), "--metric", "lookup_p90_s",
-                 "--metric", "messages_total"])
+                 "--metric", "messages_total", "--metric", "lookup_p09_s"])
     said = capsys.readouterr()
     assert code == 1  # some run failed
     rows = _rows(out)
@@ -97,6 +97,7 @@ def test_local_pool_sweep_writes_a_row_per_run_plots_and_failures_as_rows(
     assert all(float(r["wall_s"]) > 0 and r["worker"] for r in ok)
     assert len({r["trace_hash"] for r in ok}) == 4  # each host count and seed its own run
     assert "4/8 runs ok, 4 failed" in said.out
+    assert "not plotted: lookup_p09_s (no number in any successful run)" in said.out
     assert "run 8/8 done" in said.err and "ETA" in said.err
     plots = {p.name for p in out.glob("*.png")}
     assert plots == {f"{m}-vs-{k}.png" for m in ("lookup-p90-s", "messages-total")
