@@ -95,7 +95,7 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
             console.print(f"{name}: [red]{len(exc.problems)} problem"
                           f"{'s' if len(exc.problems) > 1 else ''}[/red]", highlight=False)
             for line in exc.problems:
-                console.print(f"  {line}", highlight=False, markup=False)
+                console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
             continue
         console.print(f"{name}: OK (runs as {spec.driver}, seed {spec.seed})",
                       highlight=False)
