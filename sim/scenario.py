@@ -632,10 +632,13 @@ def _quiet_logs() -> None:
 
 def run(spec_or_doc: ScenarioSpec | Mapping[str, Any] | str, seed: int | None = None,
         overrides: Mapping[str, Any] | None = None, *, progress: Progress | None = None,
-        on_simulation: Callable[[Simulation], None] | None = None) -> ScenarioResult:
+        on_simulation: Callable[[Simulation], None] | None = None,
+        base: Path | None = None) -> ScenarioResult:
     """Run a scenario: a spec, a document, or a built-in name / file path.
 
-    `seed` (None: the scenario's), `overrides` dotted key paths applied before checking.
+    `seed` (None: the scenario's), `overrides` dotted key paths applied before checking;
+    `base`: the folder a document's relative file paths (churn trace, latency matrix) are
+    read from (a spec or a file knows its own).
     Deterministic: the same scenario, overrides and seed give the same rows, summary and
     `trace_hash` in any process. `on_simulation` sees the first simulation (progress bars).
     """
@@ -649,7 +652,7 @@ def run(spec_or_doc: ScenarioSpec | Mapping[str, Any] | str, seed: int | None = 
             spec = parse_scenario(apply_overrides(_given_doc(spec), overrides), base=spec.base,
                                   default_name=spec.name)
     else:
-        spec = parse_scenario(apply_overrides(spec_or_doc, overrides or {}))
+        spec = parse_scenario(apply_overrides(spec_or_doc, overrides or {}), base=base)
     seed = spec.seed if seed is None else seed
     _quiet_logs()
     runner = runner_for(spec.driver)
