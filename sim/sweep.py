@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import importlib
 import itertools
 import json
@@ -136,9 +137,10 @@ def set_path(doc: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise SweepError(f"--grid {key}: {'.'.join(tables[:i + 1])} is not a table")
         node = child
-    if isinstance(node.get(leaf), dict):
-        raise SweepError(f"--grid {key} is a table; name a value inside it")
-    node[leaf] = value
+    if isinstance(node.get(leaf), dict) and not isinstance(value, dict):
+        raise SweepError(f"--grid {key} is a table: give tables ({{a=1, b=2}}) or name a "
+                         "value inside it")
+    node[leaf] = value  # a table replaces the whole table: shares that must sum to 1 stay so
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +150,16 @@ class Scenario:
     doc: dict[str, Any]
     base: str  # absolute folder that relative file names in `doc` are read from
     name: str
+    source: str = ""  # the file, or sim/scenarios/NAME.toml for a built-in
+    sha256: str = ""  # of the file's text
 
 
 def load_document(name_or_path: str) -> Scenario:
     """A built-in scenario (by name) or a scenario file (by path), not yet checked."""
     doc, base, stem = scenario_module.load_document(name_or_path)
-    return Scenario(doc, str(base.resolve()), str(doc.get("name", stem)))
+    where, text = scenario_module.scenario_source(name_or_path)
+    return Scenario(doc, str(base.resolve()), str(doc.get("name", stem)), where,
+                    hashlib.sha256(text.encode()).hexdigest())
 
 
 def check(scenario: Scenario, doc: dict[str, Any]) -> None:
@@ -342,6 +348,8 @@ def slug(text: str) -> str:
 
 
 def _label(value: Any) -> str:
+    if isinstance(value, dict):  # an inline table, as written: {none=0.5, symmetric=0.5}
+        return "{" + ", ".join(f"{k}={_label(v)}" for k, v in value.items()) + "}"
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -428,6 +436,7 @@ def _cell(value: Any) -> Any:
 def write_outputs(out: Path, scenario: str, grid: Mapping[str, list[Any]], seeds: Sequence[int],
                   rows: Sequence[Mapping[str, Any]],
                   plot_metrics: Sequence[str] | None = None,
+                  meta: Mapping[str, Any] | None = None,
                   ) -> tuple[list[Path], dict[str, str]]:
     """sweep.csv, sweep.json and the plots; returns every path written, and the metrics
     not plotted with the reason."""
@@ -448,7 +457,8 @@ def write_outputs(out: Path, scenario: str, grid: Mapping[str, list[Any]], seeds
     pngs = draw_plots(scenario, grid, rows, metrics, out)
     json_path = out / "sweep.json"
     json_path.write_text(json.dumps({
-        "scenario": scenario, "grid": grid, "seeds": list(seeds), "columns": columns,
+        "scenario": scenario, **(meta or {}), "grid": grid, "seeds": list(seeds),
+        "columns": columns,
         "runs": list(rows), "failed": sum(1 for r in rows if r.get("error")),
         "plots": [p.name for p in pngs], "not_plotted": not_plotted}, indent=2, default=str))
     return [csv_path, json_path, *pngs], not_plotted
@@ -488,7 +498,11 @@ def sweep(scenario: Scenario, grid: Mapping[str, list[Any]], seeds: Sequence[int
         say(f"run {len(done)}/{len(runs)} done ({shown} seed={run.seed}) {status}; "
             f"ETA {eta:.0f} s")
     rows = [done[i] for i in range(len(runs))]
-    paths, not_plotted = write_outputs(out, name, grid, seeds, rows, plot_metrics)
+    from sim.cli import _commit  # sim.cli imports this module
+
+    meta = {"scenario_file": scenario.source, "scenario_sha256": scenario.sha256,
+            "commit": _commit(), "document": scenario.doc}
+    paths, not_plotted = write_outputs(out, name, grid, seeds, rows, plot_metrics, meta)
     return rows, paths, not_plotted
 
 

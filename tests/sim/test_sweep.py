@@ -67,6 +67,11 @@ def test_grid_values_are_toml_and_mistakes_name_the_option() -> None:
     assert doc["topology"]["hosts"] == 30 and original["topology"]["hosts"] != 30
     with pytest.raises(SweepError, match="is a table"):
         document_for(original, {"topology": [1]}, [1])
+    nat = parse_grid(["topology.nat={none=0.5, symmetric=0.5},{symmetric=1.0}"])
+    assert nat == {"topology.nat": [{"none": 0.5, "symmetric": 0.5}, {"symmetric": 1.0}]}
+    mixed = load_document("nat-mix").doc
+    assert document_for(mixed, nat, [{"symmetric": 1.0}])["topology"]["nat"] == {
+        "symmetric": 1.0}  # the whole table, not merged into the file's four shares
 
 
 def test_local_pool_sweep_writes_a_row_per_run_plots_and_failures_as_rows(
