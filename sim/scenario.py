@@ -243,7 +243,7 @@ DRIVERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                    ("delivery-delay-cdf",)),
     "dht-lookup": (("workload.keys", "workload.lookups", "workload.healthy_lookups",
                     "workload.concurrency", "churn.dead_share", "adversaries.sybil_share",
-                    "adversaries.sybil_behaviour", "dht"),
+                    "adversaries.sybil_behaviour", "adversaries.sybil_placement", "dht"),
                    ("lookup-latency-cdf", "lookup-messages-cdf", "sybil-success",
                     "sybil-latency")),
     "server-load": (("workload.messages", "workload.size_bytes", "workload.online",
@@ -343,7 +343,8 @@ def _semantic_problems(doc: dict[str, Any], given: frozenset[str], driver: str,
     if driver == "dht-lookup":
         impl = doc["dht"]["implementation"]
         sybil = adv["sybil_share"]
-        if impl == "kademlia" and (sybil != 0.0 or "adversaries.sybil_behaviour" in given):
+        if impl == "kademlia" and (sybil != 0.0 or "adversaries.sybil_behaviour" in given
+                                   or "adversaries.sybil_placement" in given):
             out.append("adversaries.sybil_share: Sybils are modelled on the overlay DHT "
                        "only (dht.implementation = 'overlay')")
         if impl == "kademlia" and doc["simulation"]["signatures"] == "fast":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import statistics
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class Params:
     implementation: str = "overlay"
     sybil_shares: tuple[float, ...] = (0.0,)
     sybil_behaviour: str = "eclipse"
+    sybil_placement: str = "random"
 
     @classmethod
     def from_spec(cls, spec: ScenarioSpec) -> Params:
@@ -72,7 +74,8 @@ class Params:
                    implementation=dht["implementation"],
                    sybil_shares=tuple(float(x) for x in shares) if isinstance(shares, list)
                    else (float(shares),),
-                   sybil_behaviour=adv["sybil_behaviour"])
+                   sybil_behaviour=adv["sybil_behaviour"],
+                   sybil_placement=adv["sybil_placement"])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,11 +100,11 @@ class _Dht:
 
 
 def _overlay_node(sim: Simulation, p: Params, host: Host, i: int, contents: list[bytes],
-                  providers: dict[int, bytes]) -> _Dht:
+                  providers: dict[int, bytes], seed: bytes | None = None) -> _Dht:
     from crypto.identity import DeviceIdentity
     from overlay.dht.node import DhtNode
 
-    identity = DeviceIdentity.from_seed(sim.rng_for(f"dht-id/{i}").randbytes(32))
+    identity = DeviceIdentity.from_seed(seed or sim.rng_for(f"dht-id/{i}").randbytes(32))
     node = DhtNode(identity, ksize=p.ksize, alpha=p.alpha, wall=lambda: EPOCH + sim.now,
                    rng=sim.rng_for(f"dht/{i}"))
     d = _Dht()
@@ -127,7 +130,7 @@ def _overlay_node(sim: Simulation, p: Params, host: Host, i: int, contents: list
 
 
 def _kademlia_node(sim: Simulation, p: Params, host: Host, i: int, contents: list[bytes],
-                   providers: dict[int, bytes]) -> _Dht:
+                   providers: dict[int, bytes], seed: bytes | None = None) -> _Dht:
     from kademlia.network import Server
 
     node_id = hashlib.sha1(sim.rng_for(f"dht-id/{i}").randbytes(20)).digest()
@@ -151,6 +154,39 @@ def _kademlia_node(sim: Simulation, p: Params, host: Host, i: int, contents: lis
     d.start, d.publish, d.lookup, d.stop = start, publish, lookup, stop
     d.sent = lambda: 0
     return d
+
+
+def prefix_bits(nodes: int) -> int:
+    """Leading bits a targeted Sybil's id shares with its key: ceil(log2 N), so it is
+    expected to be closer to the key than every honest node."""
+    return max(1, math.ceil(math.log2(nodes)))
+
+
+def _sybil_seeds(sim: Simulation, p: Params, sybils: list[int],
+                 contents: list[bytes]) -> dict[int, bytes]:
+    """Identity seeds of Sybils placed next to the announced keys (`near_keys`): each is
+    ground (keys made until the id's first `prefix_bits` bits match) for one key in turn.
+    That is what an attacker who knows the content ids pays: 2^bits key pairs per Sybil."""
+    if p.sybil_placement != "near_keys" or not sybils:
+        return {}
+    import nacl.bindings
+
+    from crypto.identity import peer_id_of
+    from overlay.dht.records import dht_key
+
+    bits = prefix_bits(p.nodes)
+    targets = [int.from_bytes(dht_key(c), "big") >> (160 - bits) for c in contents]
+    out: dict[int, bytes] = {}
+    for n, i in enumerate(sybils):
+        rng = sim.rng_for(f"dht-id/{i}/ground")
+        want = targets[n % len(targets)]
+        while True:
+            seed = rng.randbytes(32)
+            public, _ = nacl.bindings.crypto_sign_seed_keypair(seed)
+            if int.from_bytes(peer_id_of(public), "big") >> (160 - bits) == want:
+                out[i] = seed
+                break
+    return out
 
 
 def _turn_sybil(node: Any, behaviour: str, sybils: list[Any], sim: Simulation) -> None:
@@ -235,12 +271,15 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
             return [r[col] for r in rows if r["dead_fraction"] == f]
     else:
         summary = {"implementation": p.implementation, "nodes": p.nodes,
-                   "sybil_behaviour": p.sybil_behaviour}
+                   "sybil_behaviour": p.sybil_behaviour,
+                   "sybil_placement": p.sybil_placement if p.sybil_placement == "random"
+                   else f"near_keys ({prefix_bits(p.nodes)}-bit prefix of a key)"}
         for share, part in summaries.items():
             for key in ("sybils", "success_rate", "lookup_p50_s", "lookup_p90_s",
                         "found_p50_s", "queries_per_lookup"):
                 summary[f"sybil {share:g}: {key}"] = part.get(key)
-        label += f", Sybils {p.sybil_behaviour}"
+        label += f", Sybils {p.sybil_behaviour}" + (
+            ", near the keys" if p.sybil_placement == "near_keys" else "")
         curves = {f"{int(f * 100)}% Sybils": f for f in p.sybil_shares}
 
         def pick(col: str, f: float) -> list[float]:
@@ -283,7 +322,9 @@ def _run_share(sim: Simulation, spec: ScenarioSpec, p: Params, share: float,
     honest = [i for i in range(p.nodes) if i not in sybil_ids]
     providers: dict[int, bytes] = {}
     make = _overlay_node if p.implementation == "overlay" else _kademlia_node
-    nodes = [make(sim, p, h, i, contents, providers) for i, h in enumerate(hosts)]
+    seeds = _sybil_seeds(sim, p, sorted(sybil_ids), contents)
+    nodes = [make(sim, p, h, i, contents, providers, seeds.get(i))
+             for i, h in enumerate(hosts)]
     rows: list[dict[str, Any]] = []
     phases: dict[str, float] = {"started": 0, "stored": 0}
 
@@ -355,7 +396,8 @@ def _run_share(sim: Simulation, spec: ScenarioSpec, p: Params, share: float,
     main_rows = [r for r in rows if r["dead_fraction"] == p.dead_fraction]
     summary = _summary(sim, p, main_rows, phases, len(dead_of(sim)))
     if share or len(p.sybil_shares) > 1:
-        summary = {"sybils": len(sybil_ids), "sybil_behaviour": p.sybil_behaviour} | summary
+        summary = {"sybils": len(sybil_ids), "sybil_behaviour": p.sybil_behaviour,
+                   "sybil_placement": p.sybil_placement} | summary
     healthy = [r for r in rows if r["dead_fraction"] == 0.0]
     if p.healthy_lookups and p.dead_fraction:
         ok = sum(r["found"] for r in healthy)

@@ -231,3 +231,16 @@ def test_the_shipped_schema_is_a_valid_json_schema_and_every_built_in_fits_it() 
     for name in builtin_names():
         text = resources.files("sim.scenarios").joinpath(f"{name}.toml").read_text()
         assert schema_problems(tomllib.loads(text)) == [], name
+
+
+def test_sybils_ground_next_to_a_key_eclipse_it_once_they_outnumber_a_bucket() -> None:
+    overrides = {"topology.hosts": 80, "workload.lookups": 20, "workload.keys": 1,
+                 "dht.bootstrap_batch": 20, "adversaries.sybil_share": [0.0, 0.3]}
+    near = run("sybil", overrides=overrides | {"adversaries.sybil_placement": "near_keys"})
+    spread = run("sybil", overrides=overrides)
+    assert near.summary["sybil_placement"] == "near_keys (7-bit prefix of a key)"
+    assert near.summary["sybil 0: success_rate"] == 1.0
+    # 24 Sybils within the key's 7-bit prefix: more than k = 20, so every node a lookup
+    # ends on is one of them; the same 24 at random ids barely matter.
+    assert near.summary["sybil 0.3: success_rate"] < 0.2
+    assert spread.summary["sybil 0.3: success_rate"] >= 0.9
