@@ -4,15 +4,16 @@
         --grid churn.dead_share=0,0.2 --seeds 1,2,3 --out results/sweep
     peerpost-sim sweep dht-lookup ... --dask tcp://scheduler:8786
 
-Each KEY is a dotted path into the scenario document (`topology.hosts`,
-`topology.nat.symmetric`), each value TOML (`0.2`, `true`, `"overlay"`, `[1, 2]`; a bare
-word is a string). The grid's documents are all checked before the first run starts. Every
-combination of the grid times every seed is one run. Runs go to a local process pool
-(`--workers`, default one per CPU), or with `--dask ADDRESS` to an existing Dask cluster. A
-worker receives the scenario document as plain data, the seed, and the scenario file's
-folder (relative file names in the document, such as a latency matrix, are read from there:
-on a cluster that folder must be on a filesystem the workers share), and returns plain data:
-the summary, the trace hash, the wall time and which worker ran it.
+Each KEY is a dotted path into the scenario document (`topology.hosts`, `dht.alpha`), each
+value TOML (`0.2`, `true`, `"overlay"`, `[1, 2]`, `{none=0.5, symmetric=0.5}`: a table
+replaces the whole table; a bare word is a string). The grid's documents are all checked
+before the first run starts. Every combination of the grid times every seed is one run. Runs
+go to a local process pool (`--workers`, default one per CPU), or with `--dask ADDRESS` to
+an existing Dask cluster. A worker receives the scenario document as plain data, the seed,
+and the scenario file's folder (relative file names in the document, such as a latency
+matrix, are read from there: on a cluster that folder must be on a filesystem the workers
+share), and returns plain data: the summary, the trace hash, the wall time and which worker
+ran it.
 
 The sweep writes DIR/sweep.csv (one row per run), DIR/sweep.json (the same rows with the
 grid and seeds) and DIR/METRIC-vs-KEY.png for each numeric summary metric and each swept
