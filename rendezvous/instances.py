@@ -107,6 +107,12 @@ class BusHost(Protocol):
         to the session `only` when given. Returns how many pushes went out."""
         ...
 
+    def bus_push(self, device: bytes, queued: list[QueuedEnvelope],
+                 only: object | None = None) -> int:
+        """Push these envelopes of `device` (read by the bus) to its sessions here that
+        have not had them; how many pushes went out."""
+        ...
+
     async def bus_take_pipes(self, device: bytes) -> None:
         """Push the PIPE messages held for `device` to its sessions here."""
         ...
@@ -335,6 +341,7 @@ class PgInstanceBus:
         self._conn: Any = None       # asyncpg.Connection: presence, leases, publishing
         self._listener: Any = None   # asyncpg.Connection: LISTEN only
         self._lock = asyncio.Lock()  # one statement at a time on `_conn`
+        self._listener_lock = asyncio.Lock()  # and on `_listener` (fetches, pings)
         self._tasks = TaskSet("instance-bus", logger=log)
         self._out = _Outgoing([], [], [])
         self._out_ready = asyncio.Event()
@@ -526,19 +533,38 @@ class PgInstanceBus:
             self._tasks.spawn(self._rescan(), name="bus-rescan")
 
     async def _fetcher(self) -> None:
-        """Read the announced envelopes of our devices from the store and push them."""
+        """Read the announced envelopes of our devices, all of a batch in one query on
+        the listening connection (the store's connection stays free for its writes),
+        and push them."""
+        from rendezvous.pg_store import _ENVELOPE_COLUMNS, _envelope
+
         while True:
             await self._fetch_ready.wait()
             self._fetch_ready.clear()
             batch, self._fetch = self._fetch, {}
             host = self._host
-            if host is None:
+            if host is None or not batch:
                 continue
-            for device, seqs in batch.items():
-                try:
-                    self.pushed_remote += await host.bus_deliver(device, seqs)
-                except Exception as exc:
-                    log.warning(kv("instance.fetch_failed", error=str(exc) or repr(exc)))
+            wanted = [s for seqs in batch.values() for s in seqs]
+            try:
+                async with self._listener_lock:
+                    rows = await self._listener.fetch(
+                        f"SELECT {_ENVELOPE_COLUMNS} FROM envelopes "
+                        "WHERE seq = ANY($1::bigint[]) ORDER BY seq", wanted)
+            except Exception as exc:
+                log.warning(kv("instance.fetch_failed", error=str(exc) or repr(exc),
+                               envelopes=len(wanted)))
+                for device, seqs in batch.items():  # through the store instead
+                    with contextlib.suppress(Exception):
+                        self.pushed_remote += await host.bus_deliver(device, seqs)
+                continue
+            by_device: dict[bytes, list[QueuedEnvelope]] = {}
+            for row in rows:
+                queued = _envelope(row)
+                if queued.envelope.device in batch:
+                    by_device.setdefault(queued.envelope.device, []).append(queued)
+            for device, queued_list in by_device.items():
+                self.pushed_remote += host.bus_push(device, queued_list)
 
     # --- writing ---------------------------------------------------------------------------
     async def _publisher(self) -> None:
@@ -629,7 +655,9 @@ class PgInstanceBus:
                         self._tasks.spawn(self._rescan(), name="bus-rescan")
                     self._alive = alive
                 if self._listener is not None and self._listening.is_set():
-                    await asyncio.wait_for(self._listener.fetchval("SELECT 1"), self.lease)
+                    async with self._listener_lock:
+                        await asyncio.wait_for(self._listener.fetchval("SELECT 1"),
+                                               self.lease)
             except Exception as exc:
                 log.warning(kv("instance.heartbeat_failed", error=str(exc) or repr(exc)))
                 if self._conn is not None and self._conn.is_closed():

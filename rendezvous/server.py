@@ -1356,7 +1356,8 @@ class RendezvousServer:
 
     async def bus_deliver(self, device: bytes, seqs: set[int] | None,
                           skip: set[int] | None = None, only: object | None = None) -> int:
-        """Push envelopes of `device` another instance stored (`InstanceBus`)."""
+        """Push envelopes of `device` another instance stored, read from the store
+        (`InstanceBus`)."""
         conns = [c for c in self._online.get(device, ()) if only is None or c is only]
         if not conns:
             return 0
@@ -1366,25 +1367,32 @@ class RendezvousServer:
         while after < upto:
             page = await self.store.pending(device, after, upto, self.limits.flush_page,
                                             self.clock())
-            for queued in page:
-                if (seqs is not None and queued.seq not in seqs) or (
-                        skip is not None and queued.seq in skip):
-                    continue
-                for conn in self._online.get(device, ()):
-                    if only is not None and conn is not only:
-                        continue
-                    if queued.seq <= conn.flush_hi:
-                        # Committed after the session read its queue, with a smaller
-                        # seq: pushed here unless its flush had it.
-                        if conn.flushed is None or queued.seq in conn.flushed:
-                            continue
-                        conn.flushed.add(queued.seq)
-                    conn.core.deliver(queued.envelope)
-                    conn.flush_soon()
-                    pushed += 1
+            pushed += self.bus_push(device, [
+                q for q in page if (seqs is None or q.seq in seqs)
+                and (skip is None or q.seq not in skip)], only)
             if len(page) < self.limits.flush_page:
                 break
             after = page[-1].seq
+        return pushed
+
+    def bus_push(self, device: bytes, queued: list[QueuedEnvelope],
+                 only: object | None = None) -> int:
+        """Push envelopes of `device` another instance stored to its sessions here that
+        have not had them; how many pushes went out."""
+        pushed = 0
+        for q in queued:
+            for conn in self._online.get(device, ()):
+                if only is not None and conn is not only:
+                    continue
+                if q.seq <= conn.flush_hi:
+                    # Committed after the session read its queue, with a smaller seq:
+                    # pushed here unless its flush had it.
+                    if conn.flushed is None or q.seq in conn.flushed:
+                        continue
+                    conn.flushed.add(q.seq)
+                conn.core.deliver(q.envelope)
+                conn.flush_soon()
+                pushed += 1
         self.delivered += pushed
         return pushed
 

@@ -17,11 +17,11 @@ from rendezvous.instances import (
     _Outgoing,
     decode_events,
     encode_events,
-    ensure_schema,
     instances_lines,
     instances_report,
 )
 from rendezvous.messages import RelayInvite
+from rendezvous.pg_schema import migrate
 from rendezvous.records import Envelope
 from rendezvous.store import QueuedEnvelope
 
@@ -42,6 +42,12 @@ class FakeHost:
                           skip: set[int] | None = None, only: object | None = None) -> int:
         await self.calls.put(("deliver", device, seqs, skip, time.perf_counter()))
         return len(seqs or ())
+
+    def bus_push(self, device: bytes, queued: list[QueuedEnvelope],
+                 only: object | None = None) -> int:
+        self.calls.put_nowait(("push", device, {q.seq for q in queued}, queued,
+                               time.perf_counter()))
+        return len(queued)
 
     async def bus_take_pipes(self, device: bytes) -> None:
         await self.calls.put(("pipes", device))
@@ -65,7 +71,13 @@ async def buses(pg_url: str) -> AsyncIterator[tuple[PgInstanceBus, FakeHost, PgI
     import asyncpg  # pg_url has checked it is there
 
     conn = await asyncpg.connect(pg_url)
-    await ensure_schema(conn)
+    await migrate(conn)  # the store's schema: the bus reads announced envelopes from it
+    # The envelopes the test announces, as a store would have committed them.
+    for seq, device in ((7, D2), (8, D1), (9, D2), (10, D2), (11, D1)):
+        await conn.execute(
+            "INSERT INTO envelopes (seq, device, mid, sender, recipient, prio, blob, "
+            "received_at, expires_at) VALUES ($1, $2, $3, 'a@example.net', "
+            "'b@example.net', 0, $4, 0, 1e12)", seq, device, bytes([seq]) * 16, b"blob")
     await conn.close()
     a, b = PgInstanceBus(pg_url, heartbeat=0.2), PgInstanceBus(pg_url, heartbeat=0.2)
     ha, hb = FakeHost(), FakeHost()
@@ -107,8 +119,9 @@ async def test_presence_events_and_lease(
     # An envelope stored on b for a device on a: a reads it within a round trip or two.
     t0 = time.perf_counter()
     b.stored([queued(7, D2), queued(8, D1)])
-    kind, device, seqs, _, t1 = await asyncio.wait_for(ha.calls.get(), 5)
-    assert (kind, device, seqs) == ("deliver", D1, {8})
+    kind, device, seqs, pushed, t1 = await asyncio.wait_for(ha.calls.get(), 5)
+    assert (kind, device, seqs) == ("push", D1, {8})
+    assert pushed[0].envelope.message_id == bytes([8]) * 16
     print(f"bus event latency {1000 * (t1 - t0):.1f} ms")
     b.pipes_held([D1])
     assert await asyncio.wait_for(ha.calls.get(), 5) == ("pipes", D1)
@@ -127,16 +140,17 @@ async def test_presence_events_and_lease(
     assert b.session_up(D2, 8) == {7, 9, 10}  # the server pushes those its flush missed
 
     # The listener is cut: a listens again and re-reads the queues of its devices.
-    await b._conn.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1",
-        a._listener.get_server_pid())
+    async with b._lock:
+        await b._conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1",
+            a._listener.get_server_pid())
     kind, device, seqs, skip, _ = await asyncio.wait_for(ha.calls.get(), 10)
     assert (kind, device, seqs) == ("deliver", D1, None) and 8 in skip
     assert await asyncio.wait_for(ha.calls.get(), 5) == ("pipes", D1)
     assert a.listener_reconnects == 1
     b.stored([queued(11, D1)])
     kind, device, seqs, _, _ = await asyncio.wait_for(ha.calls.get(), 5)
-    assert (kind, device, seqs) == ("deliver", D1, {11})
+    assert (kind, device, seqs) == ("push", D1, {11})
 
     # a dies (its tasks and connections gone at once, as under kill -9): its device is
     # offline for b once the lease ends.
