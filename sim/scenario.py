@@ -288,9 +288,13 @@ def _semantic_problems(doc: dict[str, Any], given: frozenset[str], driver: str,
                        f"{_why_not(path)})")
     top, work, churn, adv = doc["topology"], doc["workload"], doc["churn"], doc["adversaries"]
     shares = top["nat"]
-    if abs(sum(shares[k] for k in NAT_KINDS) - 1.0) > 1e-6:
-        out.append(f"topology.nat: the shares sum to {sum(shares.values()):g}, not 1 "
-                   "(none defaults to 1: set it too)")
+    if "none" not in shares:  # public: the rest
+        shares["none"] = round(1.0 - sum(shares[k] for k in NAT_KINDS[1:]), 12)
+        if shares["none"] < 0:
+            out.append(f"topology.nat: the NATed shares sum to {1 - shares['none']:g}, "
+                       "more than 1")
+    elif abs(sum(shares[k] for k in NAT_KINDS) - 1.0) > 1e-6:
+        out.append(f"topology.nat: the shares sum to {sum(shares.values()):g}, not 1")
     for path in ("topology.up", "topology.down", "workload.size_mb", "workload.messages",
                  "churn.session", "churn.off_time"):
         section, key = path.split(".")

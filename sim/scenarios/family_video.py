@@ -385,6 +385,8 @@ def path_summary(prefix: str, rows: list[dict[str, Any]], d: Delivery,
             t = sum(r[c] for r in mine for c in PATHS.values()) or 1.0
             out[f"{prefix}{kind}: share via direct/webrtc/relay"] = "/".join(
                 f"{sum(r[c] for r in mine) / t:.2f}" for c in PATHS.values())
+            out[f"{prefix}{kind}: completion p50 s"] = round(
+                percentile([r["seconds"] for r in mine], 0.5), 1)
     if any(r["bad_chunks"] for r in rows):
         out[f"{prefix}sources banned (by recipients)"] = sum(r["sources_banned"] for r in rows)
     out[f"{prefix}relay MB"] = round(d.relay_bytes / MB, 3)

@@ -50,7 +50,14 @@ def test_a_key_the_selected_run_would_ignore_is_refused() -> None:
                         "family-video: files on one domain; only dht-lookup runs use it)"]
     assert _problems({"workload": {"kind": "files"},
                       "topology": {"nat": {"none": 0.5, "symmetric": 0.25}}}) == [
-        "topology.nat: the shares sum to 0.75, not 1 (none defaults to 1: set it too)"]
+        "topology.nat: the shares sum to 0.75, not 1"]
+    assert _problems({"workload": {"kind": "files"},
+                      "topology": {"nat": {"full_cone": 0.5, "symmetric": 0.75}}}) == [
+        "topology.nat: the NATed shares sum to 1.25, more than 1"]
+    # Without `none`, the public hosts are the rest: a sweep can vary one share alone.
+    spec = parse_scenario({"workload": {"kind": "files"}, "topology": {"nat": {
+        "symmetric": 0.25}}})
+    assert spec.get("topology.nat.none") == 0.75
     assert _problems(LOOKUPS | {"measure": {"plots": ["queue-depth"]}})[0].startswith(
         "measure.plots.0: 'queue-depth' is not a plot of dht-lookup")
     assert _problems({"workload": {"kind": "files"}, "simulation": {"signatures": "fast"}})[
