@@ -348,7 +348,8 @@ class PgInstanceBus:
         self._presence_dirty: set[bytes] = set()
         self._presence_ready = asyncio.Event()
         self._local: set[bytes] = set()
-        self._recent = _Recent()
+        self._recent = _Recent()         # pushed or announced: skipped by a rescan
+        self._announced = _Recent()      # announced by other instances: replayed at login
         self._fetch: dict[bytes, set[int]] = {}
         self._fetch_ready = asyncio.Event()
         self._listening = asyncio.Event()
@@ -415,7 +416,9 @@ class PgInstanceBus:
         self._local.add(device)
         self._presence_dirty.add(device)
         self._presence_ready.set()
-        return self._recent.seqs(device)
+        # Our own envelopes need no replay: above `flush_hi` we pushed them after this
+        # login, at or below it our store's commit order put them in the flush.
+        return self._announced.seqs(device)
 
     def session_down(self, device: bytes) -> None:
         self._local.discard(device)
@@ -520,6 +523,7 @@ class PgInstanceBus:
         host = self._host
         for device, seq in events.envelopes:
             self._recent.add(device, seq)
+            self._announced.add(device, seq)
             if device in self._local:
                 self._fetch.setdefault(device, set()).add(seq)
                 self._fetch_ready.set()
