@@ -224,3 +224,57 @@ def test_stats_text_names_each_instance_and_the_domain() -> None:
         "7 messages in, 0 pushed (0 stored by other instances)",
         "domain: 1 instances alive, 1 expired; 3 devices in 4 sessions, 10 messages in, "
         "12 pushed"]
+
+
+async def test_envelope_committed_after_a_login_with_a_smaller_seq_is_pushed_once(
+        pg_url: str) -> None:
+    """Seqs are not in commit order across instances: an envelope another instance
+    commits just after a login may carry a seq below the session's hi. The flush did not
+    have it, so the announcement pushes it, once."""
+    import asyncpg
+
+    from rendezvous.client import RendezvousClient
+    from rendezvous.domainkey import DomainKey
+    from rendezvous.messages import Deliver
+    from rendezvous.pg_store import PgStore
+    from rendezvous.server import RendezvousServer
+    from tests.overlay.test_relay_stream import ALICE, BOB
+
+    key = DomainKey.generate()
+    servers = [RendezvousServer("example.net", PgStore(pg_url), open_registration=True,
+                                domain_key=key, resolver=None,
+                                bus=PgInstanceBus(pg_url, heartbeat=0.2)) for _ in range(2)]
+    (h1, p1), (h2, p2) = [await s.start("127.0.0.1", 0) for s in servers]
+    conn = await asyncpg.connect(pg_url)
+    try:
+        async with RendezvousClient(h1, p1, BOB, "bob@example.net", register=True):
+            pass  # bob exists, offline
+        async with RendezvousClient(h2, p2, ALICE, "alice@example.net", register=True) as a:
+            late = conn.transaction()
+            await late.start()  # an instance's batch, still in flight: a seq but no commit
+            seq = await conn.fetchval(
+                "INSERT INTO envelopes (device, mid, sender, recipient, prio, blob, "
+                "received_at, expires_at) VALUES ($1, $2, 'alice@example.net', "
+                "'bob@example.net', 0, 'late', 0, 1e12) RETURNING seq",
+                BOB.peer_id, b"L" * 16)
+            await a.send(b"E" * 16, [("bob@example.net", BOB.peer_id, b"early")])
+            async with RendezvousClient(h1, p1, BOB, "bob@example.net") as b:
+                pushes = b.pushes()
+                first = await asyncio.wait_for(anext(pushes), 5)
+                assert isinstance(first, Deliver) and first.envelope.blob == b"early"
+                await late.commit()
+                servers[1].bus.stored([QueuedEnvelope(seq, Envelope(
+                    b"L" * 16, "alice@example.net", "bob@example.net", BOB.peer_id, 0,
+                    b"late", 0.0))])
+                second = await asyncio.wait_for(anext(pushes), 5)
+                assert isinstance(second, Deliver) and second.envelope.blob == b"late"
+                assert seq < max(c.flush_hi for c in servers[0]._online[BOB.peer_id])
+                # Announced again (a rescan): not pushed a second time.
+                servers[1].bus.stored([QueuedEnvelope(seq, second.envelope)])
+                await servers[1].bus.settle()  # type: ignore[attr-defined]
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(anext(pushes), 0.5)
+    finally:
+        await conn.close()
+        for s in servers:
+            await s.aclose()
