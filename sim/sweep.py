@@ -348,6 +348,10 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _label(value: Any) -> str:
     if isinstance(value, dict):  # an inline table, as written: {none=0.5, symmetric=0.5}
         return "{" + ", ".join(f"{k}={_label(v)}" for k, v in value.items()) + "}"
@@ -482,8 +486,9 @@ def sweep(scenario: Scenario, grid: Mapping[str, list[Any]], seeds: Sequence[int
     name = scenario.name
     where = f"the Dask cluster at {dask}" if dask else \
         f"{workers or os.cpu_count() or 1} local worker processes"
-    say(f"sweep {name}: {len(runs)} runs ({len(runs) // len(seeds)} combinations x "
-        f"{len(seeds)} seeds) on {where}")
+    say(f"sweep {name}: {_count(len(runs), 'run')} ("
+        f"{_count(len(runs) // len(seeds), 'combination')} x {_count(len(seeds), 'seed')}) "
+        f"on {where}")
     done: dict[int, dict[str, Any]] = {}
     start = time.perf_counter()
     results = (_dask(scenario, grid, runs, dask) if dask
