@@ -196,11 +196,19 @@ class MailSender:
         if not await asyncio.to_thread(path.is_file):
             raise SendError(f"no such file: {path}")
         recipients = [await self._recipient(addr) for addr in addresses]
-        local = await self.store.add_local_file(path)
+        # Naming the file (a hash pass on the store's threads) and describing it (PyAV's
+        # probe and thumbnail, in a thread) both only read it: at once, not one after the
+        # other. Either one's error is raised as it was before.
+        named, described = await asyncio.gather(
+            self.store.add_local_file(path), describe(path), return_exceptions=True)
+        if isinstance(named, BaseException):
+            raise named
+        if isinstance(described, BaseException):
+            raise described
+        local, (description, _) = named, described
         self.announce(local.content_id)
         content = PreparedContent(local.content_id, local.size, local.chunk_size, local.key,
                                   local.capability)
-        description, _ = await describe(path)
         msg = build_message(self.identity, self.address, addresses, content, description,
                             title=title, note=note, home_server=self.home_server,
                             direct_addresses=self.direct_addresses(), now=self.wall())
