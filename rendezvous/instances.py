@@ -385,6 +385,10 @@ class PgInstanceBus:
         self._tasks.spawn(self._heartbeats(), name="bus-heartbeat")
         log.info(kv("instance.up", instance=self.instance, host=h, port=p,
                     heartbeat=self.heartbeat, lease=self.lease))
+        if h in ("0.0.0.0", "::", ""):
+            log.warning(kv("instance.advertise_unspecified", host=h, note="relay callees "
+                           "on other instances cannot reach this address: set --advertise "
+                           "HOST:PORT"))
 
     async def aclose(self) -> None:
         if self._closed:
