@@ -60,6 +60,7 @@ class Params:
     sybil_shares: tuple[float, ...] = (0.0,)
     sybil_behaviour: str = "eclipse"
     sybil_placement: str = "random"
+    churn: dict[str, Any] | None = None  # [churn] when a share of the nodes churns
 
     @classmethod
     def from_spec(cls, spec: ScenarioSpec) -> Params:
@@ -75,7 +76,8 @@ class Params:
                    sybil_shares=tuple(float(x) for x in shares) if isinstance(shares, list)
                    else (float(shares),),
                    sybil_behaviour=adv["sybil_behaviour"],
-                   sybil_placement=adv["sybil_placement"])
+                   sybil_placement=adv["sybil_placement"],
+                   churn=spec.doc["churn"] if spec.doc["churn"]["share"] > 0 else None)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -187,6 +189,31 @@ def _sybil_seeds(sim: Simulation, p: Params, sybils: list[int],
                 out[i] = seed
                 break
     return out
+
+
+def _start_churn(sim: Simulation, p: Params, hosts: list[Host], candidates: list[int],
+                 churning: list[int]) -> Any:
+    """With [churn] share > 0: that share of the nodes (honest, alive, never a provider or
+    node 0) goes down and up with the session and off-time distributions while the
+    measured lookups run, until churn.until_s after they start; lookups start from the
+    other nodes. Returns the `Churn` (None without churn)."""
+    if p.churn is None:
+        return None
+    from sim.churn import Churn
+    from sim.scenarios.churn import Spread
+
+    ch = p.churn
+    picked = sim.rng_for("dht-lookup/churn").sample(
+        candidates, min(len(candidates), int(ch["share"] * p.nodes)))
+    churning.extend(sorted(picked))
+    churn = Churn([hosts[i] for i in churning],
+                  sessions=Spread(ch.get("session") or {"dist": "exponential", "mean": 60.0}),
+                  downtimes=Spread(ch.get("off_time") or {"dist": "exponential",
+                                                          "mean": 30.0}),
+                  rng=sim.rng_for("dht-lookup/churn-flips"))
+    churn.start()
+    sim.loop.call_later(ch["until_s"], churn.stop)
+    return churn
 
 
 def _turn_sybil(node: Any, behaviour: str, sybils: list[Any], sim: Simulation) -> None:
@@ -320,6 +347,7 @@ def _run_share(sim: Simulation, spec: ScenarioSpec, p: Params, share: float,
     sybil_ids = set(sim.rng_for("dht-lookup/sybils").sample(range(1, p.nodes),
                                                             int(share * p.nodes)))
     honest = [i for i in range(p.nodes) if i not in sybil_ids]
+    churning: list[int] = []  # filled when the measured lookups start
     providers: dict[int, bytes] = {}
     make = _overlay_node if p.implementation == "overlay" else _kademlia_node
     seeds = _sybil_seeds(sim, p, sorted(sybil_ids), contents)
@@ -376,7 +404,7 @@ def _run_share(sim: Simulation, spec: ScenarioSpec, p: Params, share: float,
                 tick()
 
         async def lookups(first: int, count: int, dead: float) -> None:
-            live = [i for i in honest if hosts[i].online]
+            live = [i for i in honest if hosts[i].online and i not in churning]
             plan = [(first + n, rng.choice(live), rng.randrange(p.keys)) for n in range(count)]
             await asyncio.gather(*(one(n, i, k, dead) for n, i, k in plan))
 
@@ -385,8 +413,15 @@ def _run_share(sim: Simulation, spec: ScenarioSpec, p: Params, share: float,
         dead = rng.sample(candidates, min(len(candidates), int(p.dead_fraction * p.nodes)))
         for i in dead:
             hosts[i].go_offline()
+        churn = _start_churn(sim, p, hosts, [i for i in candidates if i not in dead],
+                             churning)
         phases["lookups_start"] = sim.now
         await lookups(p.healthy_lookups, p.lookups, p.dead_fraction)
+        if churn is not None:
+            churn.stop()
+            phases["host_flips"] = churn.changes
+            for i in churning:
+                hosts[i].go_online()
         rows.sort(key=lambda r: r["lookup"])
         for i, node in enumerate(nodes):
             if hosts[i].online:
@@ -395,6 +430,8 @@ def _run_share(sim: Simulation, spec: ScenarioSpec, p: Params, share: float,
     sim.run(main())
     main_rows = [r for r in rows if r["dead_fraction"] == p.dead_fraction]
     summary = _summary(sim, p, main_rows, phases, len(dead_of(sim)))
+    if p.churn is not None:
+        summary |= {"churning": len(churning), "host_flips": int(phases.get("host_flips", 0))}
     if share or len(p.sybil_shares) > 1:
         summary = {"sybils": len(sybil_ids), "sybil_behaviour": p.sybil_behaviour,
                    "sybil_placement": p.sybil_placement} | summary

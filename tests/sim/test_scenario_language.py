@@ -251,3 +251,14 @@ def test_sybils_ground_next_to_a_key_eclipse_it_once_they_outnumber_a_bucket() -
     # ends on is one of them; the same 24 at random ids barely matter.
     assert near.summary["sybil 0.3: success_rate"] < 0.2
     assert spread.summary["sybil 0.3: success_rate"] >= 0.9
+
+
+def test_dht_nodes_churn_with_weibull_sessions_while_lookups_run() -> None:
+    result = run("dht-lookup", overrides={
+        "topology.hosts": 60, "workload.lookups": 20, "workload.keys": 3,
+        "workload.healthy_lookups": 0, "dht.bootstrap_batch": 20, "churn.dead_share": 0.0,
+        "churn.share": 0.5, "churn.session": {"dist": "weibull", "scale": 0.5, "shape": 0.5},
+        "churn.off_time": {"dist": "exponential", "mean": 5.0}})
+    s = result.summary
+    assert s["churning"] == 30 and s["host_flips"] > 0
+    assert s["lookups"] == 20 and s["success_rate"] > 0.5
