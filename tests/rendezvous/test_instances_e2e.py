@@ -1,7 +1,8 @@
 """Two `serve` processes of one domain on one real PostgreSQL: a message from a device on
 one instance to a device online on the other is pushed at once; after kill -9 of an
 instance its devices reconnect to the other and every acknowledged message arrives once;
-a PIPE-held offer survives the death of the instance that took it; `stats` shows both
+a PIPE-held offer survives the death of the instance that took it, and that instance's
+sessions stop looking online when its lease ends; `stats` and `/metrics` show both
 instances and the domain's totals."""
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from rendezvous.messages import Deliver, PipeMessage
 from .conftest import DOMAIN, ident, mid
 
 pytestmark = pytest.mark.slow
-ALICE, BOB, CAROL, DAVE = ident(1), ident(2), ident(3), ident(4)
+ALICE, BOB, CAROL, DAVE, ERIN = ident(1), ident(2), ident(3), ident(4), ident(5)
 
 
 class Instance:
@@ -190,18 +191,25 @@ async def test_kill_9_devices_fail_over_and_every_message_arrives_once(
 
 
 async def test_held_pipe_offer_survives_its_instance(
-        domain: Callable[[str], Awaitable[Instance]]) -> None:
-    one, two = await domain("one"), await domain("two")
+        domain: Callable[..., Awaitable[Instance]]) -> None:
+    one, two = await domain("one", "--finger-open"), await domain("two", "--finger-open")
     async with client(one, DAVE, "dave@example.net"):
         pass  # dave exists, then goes offline
-    async with client(two, CAROL, "carol@example.net", reconnect=False) as carol:
+    async with client(two, CAROL, "carol@example.net", reconnect=False) as carol, \
+            client(one, ERIN, "erin@example.net") as erin:
         await carol.pipe("dave@example.net", b"offer: v=0 ...", hold=60)
-    await two.kill()
-    async with client(one, DAVE, "dave@example.net") as dave:
-        pushes = dave.pushes()
-        push = await asyncio.wait_for(anext(pushes), 10)
-        assert isinstance(push, PipeMessage)
-        assert (push.sender, push.payload) == ("carol@example.net", b"offer: v=0 ...")
+        (dev,) = (await erin.finger("carol@example.net")).devices
+        assert dev.online  # seen from instance 1
+        await two.kill()  # carol's session dies with it, unannounced
+        async with client(one, DAVE, "dave@example.net") as dave:
+            pushes = dave.pushes()
+            push = await asyncio.wait_for(anext(pushes), 10)
+            assert isinstance(push, PipeMessage)
+            assert (push.sender, push.payload) == ("carol@example.net", b"offer: v=0 ...")
+        # The dead instance's lease (3 heartbeats of 0.5 s) ends: carol is offline.
+        await asyncio.sleep(2.0)
+        (dev,) = (await erin.finger("carol@example.net")).devices
+        assert not dev.online
 
 
 async def test_stats_and_metrics_show_each_instance_and_the_domain(
