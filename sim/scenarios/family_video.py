@@ -363,6 +363,7 @@ def nat_summary(spec: ScenarioSpec, nat_of: dict[str, str], p: Params) -> dict[s
 
         out["nat mix (hosts)"] = ", ".join(f"{k} {kinds.count(k)}" for k in NAT_KINDS
                                            if kinds.count(k))
+        out["sender's NAT"] = nat_of.get("sender", "none")
     if p.free_riders:
         out["free riders"] = int(p.free_riders * p.recipients)
     if p.bad_sources:
