@@ -262,3 +262,13 @@ def test_dht_nodes_churn_with_weibull_sessions_while_lookups_run() -> None:
     s = result.summary
     assert s["churning"] == 30 and s["host_flips"] > 0
     assert s["lookups"] == 20 and s["success_rate"] > 0.5
+
+
+def test_free_riders_leave_the_sender_to_serve_everyone() -> None:
+    small = SMALL_NAT | {"topology.hosts": 8, "topology.nat": {"none": 1.0},
+                         "workload.size_mb.value": 2.0, "workload.online.window_s": 20.0}
+    sharing = run("nat-mix", overrides=small).summary
+    riding = run("nat-mix", overrides=small | {"adversaries.free_rider_share": 1.0}).summary
+    assert sharing["on: completed"] == riding["on: completed"] == "8/8"
+    assert riding["free riders"] == 8
+    assert riding["on: MB from sender"] >= 16.0 > sharing["on: MB from sender"]
