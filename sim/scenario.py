@@ -342,9 +342,7 @@ def _semantic_problems(doc: dict[str, Any], given: frozenset[str], driver: str,
                 out.append(f"workload.{key}.process: envelopes take 'uniform' windows")
     if driver in ("family-video", "churn") and work["online"]["process"] == "poisson":
         out.append("workload.online.process: recipients come online 'at_start' or 'uniform'")
-    if driver == "federation" and work["send"]["process"] == "at_start" \
-            and "workload.send" in given:
-        pass  # every message at time 0: allowed
+    out += _unused_parameters(doc, given, driver)
     if driver == "dht-lookup":
         impl = doc["dht"]["implementation"]
         sybil = adv["sybil_share"]
@@ -365,6 +363,57 @@ def _semantic_problems(doc: dict[str, Any], given: frozenset[str], driver: str,
             if name not in known:
                 out.append(f"measure.plots.{i}: {name!r} is not a plot of {driver} "
                            f"(its plots: {', '.join(known)})")
+    return out
+
+
+_LATENCY_KEYS = {"pairwise": {"rtt"}, "fixed": {"one_way"},
+                 "coordinates": {"spread", "access", "jitter"}, "matrix": {"file"}}
+_DIST_KEYS = {"fixed": {"value"}, "uniform": {"low", "high"}, "exponential": {"mean"},
+              "weibull": {"scale", "shape"}, "lognormal": {"median", "sigma"}}
+_PROCESS_KEYS = {"at_start": set(), "uniform": {"window_s"}, "poisson": {"rate_per_s"}}
+
+
+def _unused_parameters(doc: dict[str, Any], given: frozenset[str], driver: str) -> list[str]:
+    """Keys that are valid but that the choice next to them makes meaningless: rtt with a
+    fixed latency, low with a fixed distribution, a churn session with nobody churning."""
+    out: list[str] = []
+    model = doc["topology"]["latency"]["model"]
+    for key in sorted(set().union(*_LATENCY_KEYS.values())):
+        if f"topology.latency.{key}" in given and key not in _LATENCY_KEYS[model]:
+            wants = next(m for m, keys in _LATENCY_KEYS.items() if key in keys)
+            if key != "file":  # a file without model = matrix is reported above
+                out.append(f"topology.latency.{key}: only used when model = '{wants}' "
+                           f"(model is '{model}')")
+    tables = [("topology", "up"), ("topology", "down"), ("workload", "size_mb"),
+              ("workload", "messages"), ("churn", "session"), ("churn", "off_time"),
+              ("workload", "online"), ("workload", "send")]
+    for section, key in tables:
+        table = doc[section].get(key)
+        if not isinstance(table, dict) or not any(
+                g.startswith(f"{section}.{key}.") for g in given):
+            continue
+        kind, allowed = ((table["dist"], _DIST_KEYS[table["dist"]]) if "dist" in table
+                         else (table["process"], _PROCESS_KEYS[table["process"]]))
+        what = "dist" if "dist" in table else "process"
+        for extra in sorted(set(table) - allowed - {what}):
+            out.append(f"{section}.{key}.{extra}: not a parameter of {what} = '{kind}' "
+                       f"(it takes {', '.join(sorted(allowed)) or 'none'})")
+    churn = doc["churn"]
+    if "trace" in churn:
+        for key in ("share", "session", "off_time"):
+            if f"churn.{key}" in given or any(g.startswith(f"churn.{key}.") for g in given):
+                out.append(f"churn.{key}: churn.trace gives every change; leave {key} out")
+    elif driver == "dht-lookup" and churn["share"] == 0:
+        for key in ("session", "off_time", "until_s"):
+            if f"churn.{key}" in given or any(g.startswith(f"churn.{key}.") for g in given):
+                out.append(f"churn.{key}: nobody churns (churn.share is 0)")
+    if driver == "dht-lookup":
+        shares = doc["adversaries"]["sybil_share"]
+        if not any(shares if isinstance(shares, list) else [shares]):
+            for key in ("sybil_behaviour", "sybil_placement"):
+                if f"adversaries.{key}" in given:
+                    out.append(f"adversaries.{key}: there are no Sybils "
+                               "(adversaries.sybil_share is 0)")
     return out
 
 

@@ -62,6 +62,15 @@ def test_a_key_the_selected_run_would_ignore_is_refused() -> None:
         "measure.plots.0: 'queue-depth' is not a plot of dht-lookup")
     assert _problems({"workload": {"kind": "files"}, "simulation": {"signatures": "fast"}})[
         0].startswith("simulation.signatures: 'fast' is offered for lookups only")
+    # A parameter that the choice beside it makes meaningless is refused too.
+    assert _problems(LOOKUPS | {"topology": {"latency": {"model": "fixed", "rtt": [0, 1]}}}) == [
+        "topology.latency.rtt: only used when model = 'pairwise' (model is 'fixed')"]
+    assert _problems(LOOKUPS | {"topology": {"up": {"dist": "fixed", "value": 5, "low": 1}}}) == [
+        "topology.up.low: not a parameter of dist = 'fixed' (it takes value)"]
+    assert _problems(LOOKUPS | {"churn": {"session": {"dist": "exponential", "mean": 9}}}) == [
+        "churn.session: nobody churns (churn.share is 0)"]
+    assert _problems(LOOKUPS | {"adversaries": {"sybil_behaviour": "lie"}}) == [
+        "adversaries.sybil_behaviour: there are no Sybils (adversaries.sybil_share is 0)"]
 
 
 def test_validate_prints_ok_or_the_key_path_and_exits_non_zero(
