@@ -456,10 +456,13 @@ class Federation:
             rid, req.to, req.payload, req.device, req.hold_ms, sender, sender_device))
 
     async def relay_invite(self, caller: str, caller_device: bytes, req: Relay,
+                           via: tuple[str, int] | None = None,
                            ) -> tuple[Status, str | None, dict[str, Any] | None]:
-        """Ask the server of `req.to` to invite its device to our splice (module doc)."""
+        """Ask the server of `req.to` to invite its device to our splice (module doc);
+        `via`: the address of this instance, which hosts it."""
+        host, port = via if via is not None and via[1] else (None, None)
         return await self._ask(domain_of(req.to), lambda rid: Relay(
-            rid, req.to, req.device, req.session, caller, caller_device))
+            rid, req.to, req.device, req.session, caller, caller_device, host, port))
 
     async def _ask(self, domain: str, make: Callable[[int], Request],
                    ) -> tuple[Status, str | None, dict[str, Any] | None]:

@@ -516,19 +516,31 @@ class Relay:
     session: bytes  # fresh random id, chosen by the caller
     sender: str | None = None          # set only on a server link, with `sender_device`
     sender_device: bytes | None = None
+    # On a link: the instance of the caller's domain hosting the splice (host, port), so
+    # the callee is sent there if it is one of that domain's SRV targets.
+    via_host: str | None = None
+    via_port: int | None = None
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"to": self.to, "device": self.device, "session": self.session}
         if self.sender is not None:
             out["from"] = self.sender
             out["from_device"] = self.sender_device
+        if self.via_host is not None:
+            out["via_host"] = self.via_host
+            out["via_port"] = self.via_port
         return out
 
     @classmethod
     def decode(cls, rid: int, f: Fields) -> Relay:
         sender, sender_device = _from(f, "RELAY")
+        via_host = f.str("via_host", max_len=253, min_len=1, optional=True)
+        via_port = f.int("via_port", lo=1, hi=65535, optional=True)
+        if (via_host is None) != (via_port is None):
+            raise DecodeError("RELAY: via_host and via_port go together")
         return cls(rid, address_field(f, "to"), f.bytes("device", size=PEER_ID_LEN),
-                   f.bytes("session", size=RELAY_SESSION_LEN), sender, sender_device)
+                   f.bytes("session", size=RELAY_SESSION_LEN), sender, sender_device,
+                   via_host, via_port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,8 +81,9 @@ chosen by the caller, known only to the two servers and the callee) and it is bo
 the device key: the caller named the device (its peer id, the hash of its key), the
 callee's server confirmed the device is bound to that address, and the accept must come
 from a connection whose AUTHORIZATION signature proves that very key. A domain with
-several servers must hand out the server holding the session: the invite names the first
-server of the caller's SRV records, so such a domain keeps its relay sessions on it.
+several servers must hand out the server holding the session: the caller's server names
+itself in the forwarded RELAY (`via`, its advertised host:port), and the invite names that
+server if it is one of the caller domain's SRV targets, else the first of them.
 
 One DHT: when a link comes up the server hands the remote's DHT port (its CHALLENGE
 `dht`) and address to its own "dht" service if that can `bootstrap` (overlay.dht.DhtNode
@@ -1131,6 +1132,9 @@ class RendezvousServer:
         if not found.servers:
             return Status.UNAVAILABLE, f"{linked} lists no server", None
         host, port = found.servers[0]
+        if req.via_host is not None and req.via_port is not None \
+                and (req.via_host, req.via_port) in found.servers:
+            host, port = req.via_host, req.via_port  # the caller's instance (module doc)
         invite = RelayInvite(caller, caller_device, req.session, host, port, found.key)
         if not self.bus_relay_invite(req.device, invite):
             self.bus.relay_invite(req.device, invite)  # its session is on another instance
@@ -1289,7 +1293,7 @@ class RendezvousServer:
             # Registered first: the callee may join before the link's answer is back.
             try:
                 status, text, _ = await self.federation.relay_invite(
-                    caller, caller_device, req)
+                    caller, caller_device, req, self.bus.address or self.address)
             except BaseException:
                 relay.withdraw(pending, (Status.UNAVAILABLE, "server shutting down"))
                 raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -277,4 +278,49 @@ async def test_envelope_committed_after_a_login_with_a_smaller_seq_is_pushed_onc
     finally:
         await conn.close()
         for s in servers:
+            await s.aclose()
+
+
+async def test_relay_from_another_domain_names_the_callers_instance(
+        pg_url: str, tmp_path: Path) -> None:
+    """a.test runs two instances (both SRV targets); alice dials through the second.
+    b.test's invite names that instance, where her splice waits, not the first target."""
+    from overlay.transports.relay import relay_accept, relay_dial
+    from rendezvous.dns import DomainRecords
+    from rendezvous.pg_store import PgStore
+    from rendezvous.server import RendezvousServer
+    from tests.overlay.streams import receive_exactly
+
+    from .test_federation import ALICE, BOB, World
+
+    world = World(tmp_path)
+    instances = [RendezvousServer("a.test", PgStore(pg_url), open_registration=True,
+                                  domain_key=world.keys["a.test"], resolver=world.resolver,
+                                  bus=PgInstanceBus(pg_url, heartbeat=0.2)) for _ in range(2)]
+    first, second = [await s.start("127.0.0.1", 0) for s in instances]
+    world.resolver.add(DomainRecords("a.test", (first, second),
+                                     world.keys["a.test"].public))
+    try:
+        async with world.server("b.test") as b:
+            async with world.client(b, BOB, "bob@b.test"), \
+                    world.client(instances[1], ALICE, "alice@a.test") as alice:
+                pass
+            async with world.client(b, BOB, "bob@b.test") as bob:
+                dial = asyncio.create_task(relay_dial(
+                    *second, ALICE, "alice@a.test", "bob@b.test", BOB.peer_id,
+                    server_key=alice.server_key))
+                async with asyncio.timeout(10):
+                    async for invite in bob.pushes():
+                        if isinstance(invite, RelayInvite):
+                            break
+                assert (invite.host, invite.port) == second
+                callee = await relay_accept(invite.host, invite.port, BOB, "bob@b.test",
+                                            invite, server_key=invite.key)
+                caller = await dial
+                await caller.send_all(b"via the second instance")
+                assert await receive_exactly(callee, 23) == b"via the second instance"
+                await caller.aclose()
+                await callee.aclose()
+    finally:
+        for s in instances:
             await s.aclose()
