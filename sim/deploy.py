@@ -187,8 +187,6 @@ class SimNode:
             async with Node(NodeHome(self.root), options=self._node_options(),
                             wall=virtual_wall(self.sim),
                             rng=self.sim.rng_for(f"node/{self.address}")) as node:
-                # The downloads' chunk order: from the seed, not the OS.
-                node.fetch.rng = self.sim.rng_for(f"fetch/{self.address}")
                 started.set_result(node)
                 await stop.wait()
         except BaseException as exc:

@@ -63,8 +63,8 @@ class ContentFetch:
                  *, dest: Path, announce: Callable[[bytes], None], window: int,
                  connect_timeout: float, rng: random.Random | None = None) -> None:
         self.identity = identity
-        # Each download's chunk order is drawn from here (None: from the OS); the simulator
-        # sets it so a seed gives one run.
+        # Each download's chunk order is drawn from here (None: from the OS); the node hands
+        # one derived from its own, so a simulated node's seed fixes the order.
         self.rng = rng
         self.store = store
         self.finder = finder

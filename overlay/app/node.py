@@ -205,7 +205,8 @@ class Node:
                              dest=self.home.received_dir(self.config),
                              announce=self.providers.announce,
                              window=self.options.max_in_flight,
-                             connect_timeout=ladder.budget)
+                             connect_timeout=ladder.budget,
+                             rng=random.Random(self.rng.getrandbits(64)))
         self.fetch = fetch
         receipts, hook = self.receipts, self.hook
 
