@@ -182,8 +182,9 @@ class LocalBus:
 
     shared = False
 
-    def __init__(self, instance: str | None = None) -> None:
-        self.instance = instance or new_instance_id()
+    def __init__(self, instance: str = "local") -> None:
+        # No random id: the simulator seeds what the code draws, and one alone needs none.
+        self.instance = instance
         self.address: tuple[str, int] | None = None
 
     async def start(self, host: BusHost, address: tuple[str, int]) -> None:
