@@ -10,10 +10,11 @@ random nodes. Per lookup: the RPCs the looking node sent and its hops (the longe
 answers the lookup followed; a node from its own routing table is one hop). Each size runs
 in its own process, so its wall time and peak RSS are its own.
 
-It writes the table and JSON (benchmarks/out/dht_scaling.json) and a plot beside the JSON
-(dht_scaling.png): hops and RPCs per lookup against N on a log axis with the log2 N line
-and each series' least-squares fit a + b * log2 N. With `--signatures fast` the DHT's
-Ed25519 is replaced by a keyed hash (sim.fastsig); the table and the plot title say so.
+It writes the table and JSON (benchmarks/out/dht_scaling.json, or --out) and a plot beside
+the JSON with the same name (dht_scaling.png): hops and RPCs per lookup against N on a log
+axis with the log2 N line and each series' least-squares fit a + b * log2 N. With
+`--signatures fast` the DHT's Ed25519 is replaced by a keyed hash (sim.fastsig); the table
+and the plot title say so.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import OUT_DIR, report
+from benchmarks.common import report
 
 BATCH = 50
 
@@ -169,7 +170,7 @@ def main(argv: list[str]) -> int:
                  "ksize 20, alpha 3, 20 keys, lookups 10 at a time",
         "results": results, "load_before": [round(x, 2) for x in load],
         "load_after": [round(x, 2) for x in os.getloadavg()]})
-    png = (out.parent if args.out else OUT_DIR) / "dht_scaling.png"
+    png = out.with_suffix(".png")
     plot(results, png, note)
     print(f"wrote {png}")
     return 0 if all(r.get("ok") is not False for r in rows) else 1

@@ -17,6 +17,7 @@ import asyncio
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sim.deploy import EPOCH, SimNode, deploy_rendezvous
 from sim.network.latency import FixedLatency
@@ -56,8 +57,21 @@ def write_file(path: Path, size: int, seed: str) -> None:
             left -= n
 
 
-def simulate(setup: FidelitySetup, *, co_recipients: bool) -> list[float]:
-    """Each recipient's completion time after the send (virtual seconds), in host order."""
+def summarize(entry: dict[str, Any], sender_label: str, t0: float) -> dict[str, float]:
+    """What the comparison keeps of an `inbox --json` entry (times after `t0`)."""
+    sources = entry.get("sources") or []
+    from_sender = sum(int(s["bytes"]) for s in sources if s.get("peer") == sender_label)
+    from_peers = sum(int(s["bytes"]) for s in sources if s.get("peer") != sender_label)
+    first = entry.get("first_byte_at")
+    return {"seconds": float(entry["completed_at"]) - t0,
+            "first_byte_s": float(first) - t0 if first is not None else float("nan"),
+            "from_sender_mb": from_sender / 1e6, "from_peers_mb": from_peers / 1e6}
+
+
+def simulate(setup: FidelitySetup, *, co_recipients: bool) -> list[dict[str, float]]:
+    """Per recipient, in host order: `seconds` to completion after the send (virtual),
+    `first_byte_s` likewise, `from_sender_mb` and `from_peers_mb` (the node's view of its
+    sources, as `inbox --json` shows it)."""
     from overlay.app.node import NodeOptions
     from overlay.mail.inbox_state import InboxState
 
@@ -73,7 +87,7 @@ def simulate(setup: FidelitySetup, *, co_recipients: bool) -> list[float]:
         write_file(path, setup.size, f"{setup.seed}/fidelity")
         options = NodeOptions(co_recipients=co_recipients)
 
-        async def main() -> list[float]:
+        async def main() -> list[dict[str, float]]:
             deployed = await deploy_rendezvous(sim, server_host, DOMAIN, dht_port=DHT_PORT)
             sender = SimNode(sim, sender_host, root / "sender", f"sender@{DOMAIN}",
                              deployed.address, options=options)
@@ -88,15 +102,20 @@ def simulate(setup: FidelitySetup, *, co_recipients: bool) -> list[float]:
                 running.send(path, [n.address for n in nodes], "fidelity", ""))
             t0 = EPOCH + sim.now
             mid = bytes.fromhex(sent["id"])
+            label = running.identity.peer_id.hex()[:16]
 
-            async def one(n: SimNode) -> float:
+            async def one(n: SimNode) -> dict[str, float]:
                 entries = await n.wait_inbox(
                     lambda es: any(e.id == mid and e.state is InboxState.COMPLETE
                                    for e in es), every=0.5)
                 (entry,) = [e for e in entries if e.id == mid]
-                if entry.completed_at is None:
+                if entry.completed_at is None or n.node is None:
                     raise RuntimeError(f"{n.address}: complete without completed_at")
-                return float(entry.completed_at) - t0
+                act = n.node.downloads.active.get(mid)
+                return summarize({
+                    "completed_at": entry.completed_at, "first_byte_at": entry.first_byte_at,
+                    "sources": [v.as_dict() for v in act.sources.values()] if act else []},
+                    label, t0)
 
             async with asyncio.timeout(setup.timeout):
                 times = list(await asyncio.gather(*(one(n) for n in nodes)))
@@ -105,7 +124,7 @@ def simulate(setup: FidelitySetup, *, co_recipients: bool) -> list[float]:
             await server_host.create_task(deployed.server.aclose())
             return times
 
-        result: list[float] = sim.run(main())
+        result: list[dict[str, float]] = sim.run(main())
         if sim.errors:
             raise RuntimeError(f"{len(sim.errors)} simulated callbacks failed: "
                                f"{sim.errors[0].get('message')}")

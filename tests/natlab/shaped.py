@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay.app.lab import NodeHandle
+from sim.fidelity import summarize
 from tests.natlab.lab import NatLab
 from tests.natlab.nodes import LabNetwork
 
@@ -104,7 +105,7 @@ class ShapedLab(NatLab):
 
 
 def deliver_real(lab: ShapedLab, root: Path, path: Path, *, co_recipients: bool,
-                 timeout: float = 600.0) -> list[float]:
+                 timeout: float = 600.0) -> list[dict[str, float]]:
     """Real server and `peerpost node`s in the lab; the sender sends `path` to every
     recipient at once. Each recipient's completion time after `peerpost send` returned,
     from its inbox's `completed_at` (the node's own wall clock), in recipient order."""
@@ -134,13 +135,14 @@ def deliver_real(lab: ShapedLab, root: Path, path: Path, *, co_recipients: bool,
                                       else "") for r in lab.recipients)
 
         net.wait_until(all_done, timeout, "every recipient to complete", interval=0.2)
-        times = []
+        label = str(net.cli_json(sender, "info")["peer_id"])[:16]
+        out = []
         for n in nodes:
             entry = net.inbox_entry(n, mid)
             if entry is None or entry.get("completed_at") is None:
                 raise AssertionError(f"{n.name}: no completed entry: {entry}")
-            times.append(float(entry["completed_at"]) - t0)
-        return times
+            out.append(summarize(entry, label, t0))
+        return out
     finally:
         net.close()
 
@@ -153,10 +155,14 @@ def lab_unavailable() -> str | None:
 
 
 def compare(recipients: int, size: int, *, up_bit: int, down_bit: int | None,
-            modes: tuple[str, ...], root: Path, seed: int = 1) -> dict[str, dict[str, Any]]:
+            modes: tuple[str, ...], root: Path, seed: int = 1,
+            sim_seeds: int = 1) -> dict[str, dict[str, Any]]:
     """Per mode ("off"/"on": co-recipient sourcing): each recipient's completion time on
     the real shaped network, in the simulator with the same rates (wire headers charged),
-    and in the simulator counting payload only (its default)."""
+    and in the simulator counting payload only (its default); "detail" holds the real and
+    simulated first-byte times and bytes by source; "sim_by_seed" the simulated times for
+    seeds seed, seed + 1, ... (`sim_seeds` of them: the simulated run is one sample of
+    when each co-recipient is found, and each seed draws other keys and timings)."""
     from sim.fidelity import FidelitySetup, simulate, write_file
 
     root.mkdir(parents=True, exist_ok=True)
@@ -170,10 +176,14 @@ def compare(recipients: int, size: int, *, up_bit: int, down_bit: int | None,
         with ShapedLab(recipients, up_bit=up_bit, down_bit=down_bit,
                        log_dir=root / f"lab-{mode}") as lab:
             real = deliver_real(lab, root / f"net-{mode}", path, co_recipients=co)
-        out[mode] = {
-            "real": real,
-            "sim": simulate(setup, co_recipients=co),
-            "sim_payload_only": simulate(replace(setup, headers=False), co_recipients=co)}
+        sim = simulate(setup, co_recipients=co)
+        bare = simulate(replace(setup, headers=False), co_recipients=co)
+        others = [simulate(replace(setup, seed=seed + i), co_recipients=co)
+                  for i in range(1, sim_seeds)]
+        out[mode] = {"real": [r["seconds"] for r in real], "sim": [r["seconds"] for r in sim],
+                     "sim_payload_only": [r["seconds"] for r in bare],
+                     "sim_by_seed": [[r["seconds"] for r in run] for run in (sim, *others)],
+                     "detail": {"real": real, "sim": sim}}
     return out
 
 
