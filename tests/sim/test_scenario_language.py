@@ -155,10 +155,28 @@ def test_fast_signatures_say_so_and_find_the_same_providers() -> None:
     assert all("[fast signatures]" in p.title for p in fast.plots)
     assert "signatures" not in real.summary
     assert fast.summary["found"] == real.summary["found"] == 10
-    from crypto.identity import DeviceIdentity
-    from sim.fastsig import fast_sign
+    import threading
 
-    assert DeviceIdentity.sign is not fast_sign  # restored after the run
+    from crypto.identity import DeviceIdentity, verify
+    from sim.fastsig import fast_sign, fast_signatures
+
+    alice = DeviceIdentity.from_seed(bytes(32))
+    verify(alice.public.verify_key, b"t", b"m", alice.sign(b"t", b"m"))  # Ed25519 again
+    # Another thread's fast run does not change this thread's signatures.
+    inside, go_on = threading.Event(), threading.Event()
+
+    def fast_run() -> None:
+        with fast_signatures():
+            assert alice.sign(b"t", b"m") == fast_sign(alice, b"t", b"m")
+            inside.set()
+            go_on.wait(10)
+
+    worker = threading.Thread(target=fast_run)
+    worker.start()
+    assert inside.wait(10)
+    verify(alice.public.verify_key, b"t", b"m", alice.sign(b"t", b"m"))
+    go_on.set()
+    worker.join()
 
 
 def test_the_docs_show_the_schema_as_shipped() -> None:
