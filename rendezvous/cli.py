@@ -14,8 +14,9 @@
     peerpost-rendezvous invite ADDRESS --data DIR|--store URL [--days N]
     peerpost-rendezvous stats --data DIR [--store URL] [--json]
     peerpost-rendezvous migrate --store URL|--data DIR [--json]
-    peerpost-rendezvous accounts list|show ADDRESS|delete ADDRESS --data DIR [--json]
-    peerpost-rendezvous devices revoke ADDRESS PEER_ID --data DIR [--json]
+    peerpost-rendezvous accounts list|show ADDRESS|delete ADDRESS --data DIR|--store URL
+                                                                      [--json]
+    peerpost-rendezvous devices revoke ADDRESS PEER_ID --data DIR|--store URL [--json]
     peerpost-rendezvous backup DEST --data DIR [--json]
     peerpost-rendezvous restore SRC --data DIR [--force] [--json]
     peerpost-rendezvous dns-records --data DIR --domain D --host NAME [--host NAME...]
@@ -37,7 +38,8 @@ as key=value lines, or JSON lines with `--log-format json` (logfmt.py). Once ser
 tells systemd READY=1 when $NOTIFY_SOCKET is set (sdnotify.py). SIGTERM or
 SIGINT shut it down cleanly; SIGHUP re-reads `--config` (limits, block list, registration,
 log level) keeping every session; SIGUSR1 (sent by `accounts delete` and `devices revoke`)
-re-reads accounts and ends the sessions of removed devices. One `serve` per data folder:
+re-reads accounts and ends the sessions of removed devices (with `--store`, the commands
+announce the change to every instance on the database instead). One `serve` per data folder:
 it holds an fcntl lock on DATA/serve.lock (datalock.py), and the folder keeps the domain
 it was first served for. It uses uvloop when installed.
 Every few seconds it writes DATA/stats.json, which `stats` reads for the online sessions,

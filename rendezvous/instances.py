@@ -16,7 +16,11 @@ An `InstanceBus` is what one instance needs to know of the others:
   it; `p` PIPE messages were held for a device, so an instance with a session takes them
   (`Store.take_pipes`); `r` a relay invite for a device, naming the instance that hosts
   the splice (host, port and domain key); `s` an instance's events may have been lost
-  (a failed publish, its connection opened again), so every instance re-reads.
+  (a failed publish, its connection opened again), so every instance re-reads;
+  `a` an operator changed accounts or devices in the database (`accounts delete`,
+  `devices revoke --store`, sent in the transaction that changed them, so it arrives
+  after their commit), so every instance re-reads them and ends the sessions of devices
+  no longer bound (`BusHost.reread_accounts`).
   Each instance ignores its own events and those for devices it has no session of.
   Measured on loopback (tests/rendezvous/test_instances_e2e.py, PostgreSQL without
   fsync, load average 4-6 on 2 cores): 2-6 ms median from a SEND on one instance to the
@@ -130,6 +134,11 @@ class BusHost(Protocol):
 
     def bus_stats(self) -> dict[str, Any]:
         """This instance's figures, kept with its lease for `stats`."""
+        ...
+
+    async def reread_accounts(self) -> int:
+        """Re-read accounts and devices and end the sessions of devices no longer bound;
+        how many sessions ended."""
         ...
 
 
@@ -252,9 +261,11 @@ class _Outgoing:
     pipes: list[bytes]
     invites: list[tuple[bytes, RelayInvite]]
     rescan: bool = False  # events of ours were lost: every instance re-reads its queues
+    accounts: bool = False  # accounts or devices changed: every instance re-reads them
 
     def __bool__(self) -> bool:
-        return bool(self.envelopes or self.pipes or self.invites or self.rescan)
+        return bool(self.envelopes or self.pipes or self.invites or self.rescan
+                    or self.accounts)
 
 
 def encode_events(origin: str, out: _Outgoing) -> list[str]:
@@ -265,6 +276,8 @@ def encode_events(origin: str, out: _Outgoing) -> list[str]:
                i.port, (i.key or b"").hex()] for d, i in out.invites]
     if out.rescan:
         items.append(["s"])
+    if out.accounts:
+        items.append(["a"])
     payloads: list[str] = []
     head = f'{{"o":{json.dumps(origin)},"v":['
     batch: list[str] = []
@@ -281,6 +294,13 @@ def encode_events(origin: str, out: _Outgoing) -> list[str]:
     return payloads
 
 
+async def announce_accounts_changed(conn: Any) -> None:
+    """Tell every instance (an `a` event) that accounts or devices changed; inside a
+    transaction the notification goes out with its commit, and not at all on rollback."""
+    (payload,) = encode_events("operator", _Outgoing([], [], [], accounts=True))
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+
+
 @dataclass(frozen=True, slots=True)
 class Events:
     origin: str
@@ -288,6 +308,7 @@ class Events:
     pipes: list[bytes]
     invites: list[tuple[bytes, RelayInvite]]
     rescan: bool
+    accounts: bool = False
 
 
 def decode_events(payload: str) -> Events:
@@ -302,7 +323,7 @@ def decode_events(payload: str) -> Events:
     envelopes: list[tuple[bytes, int]] = []
     pipes: list[bytes] = []
     invites: list[tuple[bytes, RelayInvite]] = []
-    rescan = False
+    rescan = accounts = False
     for item in doc["v"]:
         if not isinstance(item, list) or not item or not isinstance(item[0], str):
             raise ValueError("malformed event")
@@ -321,9 +342,11 @@ def decode_events(payload: str) -> Events:
             invites.append((bytes.fromhex(dev), invite))
         elif kind == "s" and len(item) == 1:
             rescan = True
+        elif kind == "a" and len(item) == 1:
+            accounts = True
         else:
             raise ValueError(f"unknown event {kind!r}")
-    return Events(doc["o"], envelopes, pipes, invites, rescan)
+    return Events(doc["o"], envelopes, pipes, invites, rescan, accounts)
 
 
 class PgInstanceBus:
@@ -369,6 +392,7 @@ class PgInstanceBus:
         self.bad_events = 0
         self.listener_reconnects = 0
         self.rescans = 0
+        self.accounts_rereads = 0
         self._instances: list[InstanceRow] = []
         self._owe_rescan = False
         self._alive: set[str] = set()
@@ -547,6 +571,18 @@ class PgInstanceBus:
                 host.bus_relay_invite(device, invite)
         if events.rescan:
             self._tasks.spawn(self._rescan(), name="bus-rescan")
+        if events.accounts and host is not None:
+            self._tasks.spawn(self._reread_accounts(host), name="bus-accounts")
+
+    async def _reread_accounts(self, host: BusHost) -> None:
+        self.accounts_rereads += 1
+        try:
+            ended = await host.reread_accounts()
+        except Exception as exc:
+            log.warning(kv("instance.accounts_reread_failed", error=str(exc) or repr(exc)))
+            return
+        log.info(kv("instance.accounts_reread", instance=self.instance,
+                    sessions_ended=ended))
 
     async def _fetcher(self) -> None:
         """Read the announced envelopes of our devices, all of a batch in one query on

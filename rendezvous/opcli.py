@@ -1,15 +1,19 @@
 """The operator commands of `peerpost-rendezvous`: accounts, devices, backup, restore.
 
-    peerpost-rendezvous accounts list --data DIR [--json]
-    peerpost-rendezvous accounts show ADDRESS --data DIR [--json]
-    peerpost-rendezvous accounts delete ADDRESS --data DIR [--json]
-    peerpost-rendezvous devices revoke ADDRESS PEER_ID --data DIR [--json]
+    peerpost-rendezvous accounts list --data DIR|--store URL [--json]
+    peerpost-rendezvous accounts show ADDRESS --data DIR|--store URL [--json]
+    peerpost-rendezvous accounts delete ADDRESS --data DIR|--store URL [--json]
+    peerpost-rendezvous devices revoke ADDRESS PEER_ID --data DIR|--store URL [--json]
     peerpost-rendezvous backup DEST --data DIR [--json]
     peerpost-rendezvous restore SRC --data DIR [--force] [--json]
 
 They work on the data folder's SQLite file (rendezvous/admin.py) and run next to a serving
 server. After `accounts delete` and `devices revoke` a running server is sent SIGUSR1: it
-re-reads accounts and devices and ends the sessions of the removed devices. `restore`
+re-reads accounts and devices and ends the sessions of the removed devices. With `--store
+URL` the accounts and devices commands work on the PostgreSQL database the domain's
+instances share (rendezvous/pg_admin.py), and the change is announced to every running
+instance on their channel, which does the same re-read. `backup` and `restore` are for a
+data folder's SQLite file (a PostgreSQL database is backed up with its own tools). `restore`
 refuses a folder a server is using (its lock, datalock.py), and one that already holds a
 database unless `--force`.
 """
@@ -17,6 +21,7 @@ database unless `--force`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -28,6 +33,7 @@ from typing import Any
 from crypto.address import normalize_address
 from crypto.errors import DecodeError
 from rendezvous.admin import (
+    Account,
     AdminError,
     backup,
     delete_account,
@@ -38,13 +44,20 @@ from rendezvous.admin import (
 )
 from rendezvous.datalock import DataInUse, DataLock, holder
 from rendezvous.sqlite_store import DB_NAME
+from rendezvous.storecli import STORE_HELP, store_url
 
 OPERATOR_COMMANDS = ("accounts", "devices", "backup", "restore")
 
 
 def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def data_and_json(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data", type=Path, required=True, help="the data folder `serve` uses")
+    def data_and_json(p: argparse.ArgumentParser, store: bool = True) -> None:
+        if store:
+            where = p.add_mutually_exclusive_group(required=True)
+            where.add_argument("--data", type=Path, help="the data folder `serve` uses")
+            where.add_argument("--store", type=store_url, metavar="URL", help=STORE_HELP)
+        else:
+            p.add_argument("--data", type=Path, required=True,
+                           help="the data folder `serve` uses")
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
     a = sub.add_parser("accounts", help="list, show or delete accounts")
@@ -68,11 +81,11 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     b = sub.add_parser("backup", help="copy the database (consistent while serving) and "
                                       "the keys into a new folder")
     b.add_argument("dest", type=Path, help="a folder that does not exist yet (or is empty)")
-    data_and_json(b)
+    data_and_json(b, store=False)
     r = sub.add_parser("restore", help="put a backup in place as a data folder (the server "
                                        "must be stopped)")
     r.add_argument("src", type=Path, help="a folder made by `backup`")
-    data_and_json(r)
+    data_and_json(r, store=False)
     r.add_argument("--force", action="store_true",
                    help="replace the database a stopped server left in --data")
 
@@ -80,7 +93,7 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
 def run_operator_command(args: argparse.Namespace) -> int:
     try:
         doc, text = _run(args)
-    except (AdminError, DataInUse, DecodeError) as exc:
+    except (AdminError, DataInUse, DecodeError, RuntimeError) as exc:
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -104,6 +117,8 @@ def _when(t: float | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> tuple[Any, str]:
+    if getattr(args, "store", None) is not None:
+        return asyncio.run(_run_pg(args))
     data: Path = args.data
     if args.command == "backup":
         done = backup(data, args.dest)
@@ -113,39 +128,77 @@ def _run(args: argparse.Namespace) -> tuple[Any, str]:
         return _restore(args)
     db = _db(data)
     if args.command == "accounts" and args.action == "list":
-        rows = list_accounts(db)
-        lines = [f"{'ADDRESS':32} {'DEVICES':>7} {'QUEUED':>7} {'BYTES':>10}  LAST SEEN"]
-        lines += [f"{r.address:32} {r.devices:>7} {r.queued:>7} {r.queued_bytes:>10}  "
-                  f"{_when(r.last_seen)}" for r in rows]
-        lines.append(f"{len(rows)} account{'s' if len(rows) != 1 else ''}")
-        return [r.to_json() for r in rows], "\n".join(lines)
+        return _list_text(list_accounts(db))
     address = normalize_address(args.address)
     if args.command == "accounts" and args.action == "show":
-        doc = show_account(db, address)
-        if doc is None:
-            raise AdminError(f"no account {address}")
-        lines = [f"account {address}, created {_when(doc['created'])}",
-                 f"queued: {doc['queued_envelopes']} envelopes, {doc['queued_bytes']} bytes",
-                 f"devices: {doc['devices']}"]
-        lines += [f"  {d['peer_id']}  added {_when(d['added'])}, last seen "
-                  f"{_when(d['last_seen'])}, {d['queued_envelopes']} queued"
-                  f"{', vouched' if d['vouched'] else ''}" for d in doc["device_list"]]
-        return doc, "\n".join(lines)
+        return _show_text(address, show_account(db, address))
     if args.command == "accounts" and args.action == "delete":
         counts = delete_account(db, address)
-        if counts is None:
-            raise AdminError(f"no account {address}")
-        told = _tell_server(data)
-        doc = {"deleted": address, **counts, "server_pid": told}
-        return doc, (f"deleted {address}: {counts['devices']} devices, {counts['envelopes']} "
-                     f"queued envelopes, {counts['outbound']} outbound{_told(told)}")
+        return _deleted_text(address, counts, _tell_server(data))
     if args.command == "devices" and args.action == "revoke":
         peer_id, counts = revoke_device(db, address, args.peer_id)
-        told = _tell_server(data)
-        doc = {"revoked": peer_id.hex(), "address": address, **counts, "server_pid": told}
-        return doc, (f"revoked device {peer_id.hex()} of {address} ({counts['envelopes']} "
-                     f"queued envelopes dropped){_told(told)}")
+        return _revoked_text(address, peer_id, counts, _tell_server(data))
     raise AdminError(f"unknown command {args.command}")
+
+
+async def _run_pg(args: argparse.Namespace) -> tuple[Any, str]:
+    """The accounts and devices commands on a PostgreSQL store."""
+    from rendezvous import pg_admin
+
+    url: str = args.store
+    if args.command == "accounts" and args.action == "list":
+        return _list_text(await pg_admin.list_accounts(url))
+    address = normalize_address(args.address)
+    if args.command == "accounts" and args.action == "show":
+        return _show_text(address, await pg_admin.show_account(url, address))
+    if args.command == "accounts" and args.action == "delete":
+        counts = await pg_admin.delete_account(url, address)
+        return _deleted_text(address, counts, None, instances=True)
+    if args.command == "devices" and args.action == "revoke":
+        peer_id, counts = await pg_admin.revoke_device(url, address, args.peer_id)
+        return _revoked_text(address, peer_id, counts, None, instances=True)
+    raise AdminError(f"unknown command {args.command}")
+
+
+def _list_text(rows: list[Account]) -> tuple[Any, str]:
+    lines = [f"{'ADDRESS':32} {'DEVICES':>7} {'QUEUED':>7} {'BYTES':>10}  LAST SEEN"]
+    lines += [f"{r.address:32} {r.devices:>7} {r.queued:>7} {r.queued_bytes:>10}  "
+              f"{_when(r.last_seen)}" for r in rows]
+    lines.append(f"{len(rows)} account{'s' if len(rows) != 1 else ''}")
+    return [r.to_json() for r in rows], "\n".join(lines)
+
+
+def _show_text(address: str, doc: dict[str, Any] | None) -> tuple[Any, str]:
+    if doc is None:
+        raise AdminError(f"no account {address}")
+    lines = [f"account {address}, created {_when(doc['created'])}",
+             f"queued: {doc['queued_envelopes']} envelopes, {doc['queued_bytes']} bytes",
+             f"devices: {doc['devices']}"]
+    lines += [f"  {d['peer_id']}  added {_when(d['added'])}, last seen "
+              f"{_when(d['last_seen'])}, {d['queued_envelopes']} queued"
+              f"{', vouched' if d['vouched'] else ''}" for d in doc["device_list"]]
+    return doc, "\n".join(lines)
+
+
+def _deleted_text(address: str, counts: dict[str, int] | None, told: int | None, *,
+                  instances: bool = False) -> tuple[Any, str]:
+    if counts is None:
+        raise AdminError(f"no account {address}")
+    doc = {"deleted": address, **counts, "server_pid": told}
+    if instances:
+        doc["instances_told"] = True
+    return doc, (f"deleted {address}: {counts['devices']} devices, {counts['envelopes']} "
+                 f"queued envelopes, {counts['outbound']} outbound"
+                 f"{_told(told, instances)}")
+
+
+def _revoked_text(address: str, peer_id: bytes, counts: dict[str, int], told: int | None,
+                  *, instances: bool = False) -> tuple[Any, str]:
+    doc = {"revoked": peer_id.hex(), "address": address, **counts, "server_pid": told}
+    if instances:
+        doc["instances_told"] = True
+    return doc, (f"revoked device {peer_id.hex()} of {address} ({counts['envelopes']} "
+                 f"queued envelopes dropped){_told(told, instances)}")
 
 
 def _restore(args: argparse.Namespace) -> tuple[Any, str]:
@@ -182,5 +235,7 @@ def _tell_server(data: Path) -> int | None:
     return pid
 
 
-def _told(pid: int | None) -> str:
+def _told(pid: int | None, instances: bool = False) -> str:
+    if instances:
+        return "; every running instance ends its sessions"
     return f"; the running server (pid {pid}) ends its sessions" if pid else ""
