@@ -37,12 +37,21 @@ clients; a retried SEND stores nothing twice) and the next batch reconnects.
 The exchanged-mail pairs already written (bounded) and the recipients of recent message
 ids are kept in memory only to skip writes, as in `SqliteStore`; both are dropped when a
 batch rolls back.
+
+Every instance drains the one outbound queue, so `outbound_due` claims the rows it returns
+for `outbound_claim` seconds (default 60): each envelope for another domain is forwarded
+by one instance, and when that instance dies its rows go to another once the claim lapses
+(the federation worker wakes every waiting domain at half that interval). `outbound_done`
+renews this instance's claims, so a page that takes longer than the claim to forward stays
+its own while replies come back. Closing releases this instance's claims.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -283,8 +292,13 @@ class PgStore:
     """PostgreSQL-backed `Store` with group commit; see the module doc."""
 
     def __init__(self, url: str, *, domain: str | None = None,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, outbound_claim: float = 60.0) -> None:
+        if outbound_claim <= 0:
+            raise ValueError("outbound_claim must be positive")
         self.url = url
+        # `outbound_due` claims the rows it returns for this long (see there).
+        self.outbound_claim = outbound_claim
+        self.claimant = secrets.token_hex(6)
         self.domain = domain  # recorded on the first open, refused if another later
         self.connect_timeout = connect_timeout
         self._conn: Any = None
@@ -341,6 +355,10 @@ class PgStore:
         await self._tasks.wait()
         await self._tasks.aclose()
         conn, self._conn = self._conn, None
+        with contextlib.suppress(Exception):  # leaving: another instance may take them now
+            await asyncio.wait_for(conn.execute(
+                "UPDATE outbound SET claimed_by = NULL, claim_until = NULL "
+                "WHERE claimed_by = $1 AND state = 'queued'", self.claimant), 2.0)
         for op in self._pending:  # submitted after the writer ended
             _settle(op.fut, None, RuntimeError("store is closed"))
         self._pending = []
@@ -381,9 +399,15 @@ class PgStore:
                 await self._run_batch(ops[start:])
 
     async def _run_batch(self, ops: list[_Op]) -> None:
-        try:
-            if self._conn is None or self._conn.is_closed():
+        if self._conn is None or self._conn.is_closed():
+            try:
                 self._conn = await self._connect()
+            except (OSError, RuntimeError) as exc:  # the database is away: fail the batch
+                log.warning(kv("store.reconnect_failed", ops=len(ops), error=str(exc)))
+                for op in ops:
+                    _settle(op.fut, None, exc)
+                return
+        try:
             await self._transaction(ops)
         except Exception as exc:
             self.rollbacks += 1
@@ -858,13 +882,23 @@ class PgStore:
         return await self._submit(op)
 
     async def outbound_due(self, domain: str, after: int, limit: int) -> list[OutboundRow]:
+        """The waiting rows no other instance holds, claimed for this one (`claimant`)
+        for `outbound_claim` seconds on the database's clock: unclaimed rows, our own, and
+        those whose claim lapsed (an instance that died or stalled). SKIP LOCKED passes
+        over rows another instance is claiming in a transaction still open, so two
+        instances draining one domain take disjoint rows. Each call renews our claims."""
         async def op(tx: _Tx) -> list[OutboundRow]:
             rows = await tx.conn.fetch(
-                "SELECT id, domain, mid, sender, recipient, device, prio, blob, expires_at "
-                "FROM outbound WHERE state = 'queued' AND domain = $1 AND id > $2 "
-                "ORDER BY id LIMIT $3", domain, after, limit)
-            return [OutboundRow(int(r[0]), r[1], bytes(r[2]), r[3], r[4], bytes(r[5]), r[6],
-                                bytes(r[7]), r[8]) for r in rows]
+                "UPDATE outbound SET claimed_by = $4, "
+                "claim_until = now() + make_interval(secs => $5) "
+                "WHERE id IN (SELECT id FROM outbound WHERE state = 'queued' "
+                "AND domain = $1 AND id > $2 AND (claimed_by IS NULL OR claimed_by = $4 "
+                "OR claim_until <= now()) ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+                "RETURNING id, domain, mid, sender, recipient, device, prio, blob, expires_at",
+                domain, after, limit, self.claimant, self.outbound_claim)
+            return sorted((OutboundRow(int(r[0]), r[1], bytes(r[2]), r[3], r[4], bytes(r[5]),
+                                       r[6], bytes(r[7]), r[8]) for r in rows),
+                          key=lambda r: r.id)
 
         return await self._submit(op)
 
@@ -877,6 +911,11 @@ class PgStore:
             await tx.conn.execute(
                 "UPDATE outbound SET state = $1, error = $2, blob = NULL, updated_at = $3 "
                 "WHERE id = ANY($4::bigint[]) AND state = 'queued'", state, reason, now, ids)
+            # Forwarding goes on: the rest of the page stays ours, however long it takes.
+            await tx.conn.execute(
+                "UPDATE outbound SET claim_until = now() + make_interval(secs => $2) "
+                "WHERE claimed_by = $1 AND state = 'queued'", self.claimant,
+                self.outbound_claim)
 
         await self._submit(op)
 

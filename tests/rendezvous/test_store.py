@@ -362,3 +362,36 @@ async def test_two_instances_share_one_quota(pg_url: str) -> None:
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_a_lost_database_connection_acks_nothing_and_the_next_batch_reconnects(
+        pg_url: str) -> None:
+    import asyncpg
+
+    store = PgStore(pg_url)
+    await store.open()
+    try:
+        await register(store, 2, "bob@example.net")
+        admin = await asyncpg.connect(pg_url)
+        try:
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = current_database() "
+                                "AND pid <> pg_backend_pid()")
+        finally:
+            await admin.close()
+        m = mid()
+        item = send(m, ("bob@example.net", BOB.peer_id, b"x"))
+        # The store may notice the dead connection before the batch (and reconnect) or in
+        # it (the SEND fails: not acknowledged). Either way the client's retry stores it
+        # exactly once.
+        try:
+            first = await store.enqueue("a@example.net", item, 1, 100, BIG)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            first = None
+        out = await store.enqueue("a@example.net", item, 1, 100, BIG)  # the client's retry
+        assert out.status == Status.OK
+        assert len(out.stored) == (1 if first is None else 0)
+        assert [q.envelope.message_id for q in
+                await store.pending(BOB.peer_id, 0, 1 << 62, 10, 1)] == [m]
+    finally:
+        await store.aclose()
