@@ -114,10 +114,19 @@ def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,
         finally:
             buffers.append(buf)
 
+    def every_nth(first: int) -> list[bytes]:
+        return [leaf(i) for i in range(first, count, HASH_WORKERS)]
+
     if count == 1:
         return [leaf(0)]
+    # Worker w hashes chunks w, w + HASH_WORKERS, ...: one task per worker rather than a
+    # future per chunk (a million of them for the largest contents).
     with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
-        return list(pool.map(leaf, range(count)))
+        parts = list(pool.map(every_nth, range(HASH_WORKERS)))
+    leaves: list[bytes] = [b""] * count
+    for first, part in enumerate(parts):
+        leaves[first::HASH_WORKERS] = part
+    return leaves
 
 
 class ContentStore:
