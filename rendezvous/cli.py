@@ -11,6 +11,7 @@
                               [--finger-open] [--outbound-expiry DAYS] [--block-domain D ...]
                               [--store postgresql://USER@HOST:PORT/DB]
                               [--advertise HOST:PORT] [--instance-heartbeat SECONDS]
+                              [--outbound-claim SECONDS]
     peerpost-rendezvous invite ADDRESS --data DIR|--store URL [--days N]
     peerpost-rendezvous stats --data DIR [--store URL] [--json]
     peerpost-rendezvous migrate --store URL|--data DIR [--json]
@@ -210,6 +211,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--instance-heartbeat", type=_positive, default=2.0, metavar="SECONDS",
                    help="with a PostgreSQL --store: how often this instance renews its "
                         "lease; its sessions count as online for 3 times that")
+    s.add_argument("--outbound-claim", type=_positive, default=60.0, metavar="SECONDS",
+                   help="with a PostgreSQL --store: how long this instance holds the mail "
+                        "for other domains it took to forward; a dead instance's goes to "
+                        "another after this (default %(default)g)")
     s.add_argument("--open-registration", action="store_true",
                    help="anyone may create an account (demos and tests)")
     s.add_argument("--tls-cert", type=Path, metavar="PEM",
@@ -486,7 +491,8 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                 txt=f"_peerpost.{args.domain} TXT \"{txt_value(domain_key.public)}\""))
     if tls is None:
         log.warning(kv("server.plaintext", note="no TLS: for the simulator and benchmarks only"))
-    server = RendezvousServer(args.domain, make_store(args.store, data, args.domain),
+    server = RendezvousServer(args.domain, make_store(args.store, data, args.domain,
+                                                      outbound_claim=args.outbound_claim),
                               open_registration=args.open_registration, limits=limits,
                               services=services, domain_key=domain_key, tls=tls,
                               finger_open=args.finger_open,

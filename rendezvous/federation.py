@@ -385,10 +385,19 @@ class Federation:
 
     async def _sweep(self) -> None:
         interval = max(1.0, min(60.0, self.expiry / 10))
+        # A store shared by several instances (PgStore) hands each waiting row to one of
+        # them for `outbound_claim` seconds: wake every waiting domain at half that, so
+        # the rows of an instance that died are forwarded soon after its claim lapses.
+        claim = getattr(self.store, "outbound_claim", None)
+        if isinstance(claim, int | float) and claim > 0:
+            interval = min(interval, max(0.1, claim / 2))
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._expire(self.clock())
+                if claim is not None:
+                    for domain in await self.store.outbound_domains():
+                        self.wake(domain)
             except RuntimeError:  # the store closed during shutdown
                 return
 

@@ -15,6 +15,9 @@ queues for or removes from that account runs, so the quota holds across instance
 `pair_usage` (the same per sender and recipient), `domain_usage` (per sending domain, of
 envelopes that came over a server link: `envelopes.linked`). Version 2 adds the tables
 of the instances of one domain (rendezvous/instances.py: their leases and presence).
+Version 3 lets an instance claim the outbound rows it forwards (`outbound.claimed_by`,
+`claim_until` on the database's clock), so instances draining one queue don't forward
+the same envelope twice, and a dead instance's claims lapse (pg_store.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, NamedTuple
 
 from rendezvous.instances import MIGRATIONS as INSTANCE_STEPS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MIGRATE_LOCK = 0x7065657270_01  # pg_advisory_xact_lock key while migrating
 
 
@@ -136,6 +139,10 @@ CREATE TABLE relay_usage (
 """),
     Migration(2, "instances of one domain: leases and presence",
               "\n".join(sql for _, sql in INSTANCE_STEPS)),
+    Migration(3, "outbound rows claimed by the instance forwarding them", """
+ALTER TABLE outbound ADD COLUMN IF NOT EXISTS claimed_by text,
+    ADD COLUMN IF NOT EXISTS claim_until timestamptz;
+"""),
 )
 
 

@@ -41,9 +41,10 @@ batch rolls back.
 Every instance drains the one outbound queue, so `outbound_due` claims the rows it returns
 for `outbound_claim` seconds (default 60): each envelope for another domain is forwarded
 by one instance, and when that instance dies its rows go to another once the claim lapses
-(the federation worker wakes every waiting domain at half that interval). `outbound_done`
-renews this instance's claims, so a page that takes longer than the claim to forward stays
-its own while replies come back. Closing releases this instance's claims.
+(the federation worker wakes every waiting domain at half that interval). While it holds
+claims, a live instance renews them every third of that, so a page that takes longer than
+the claim to forward, or a domain it retries with backoff, stays its own: a claim lapses
+only when its instance dies or stalls. Closing releases this instance's claims.
 """
 
 from __future__ import annotations
@@ -299,6 +300,7 @@ class PgStore:
         # `outbound_due` claims the rows it returns for this long (see there).
         self.outbound_claim = outbound_claim
         self.claimant = secrets.token_hex(6)
+        self._claims_held = False  # set by `outbound_due`, cleared by a renewal finding none
         self.domain = domain  # recorded on the first open, refused if another later
         self.connect_timeout = connect_timeout
         self._conn: Any = None
@@ -345,6 +347,7 @@ class PgStore:
         self._conn = conn
         self._closing = False
         self._tasks.spawn(self._writer(), name="pg-store-writer")
+        self._tasks.spawn(self._renew_claims(), name="pg-store-claims", key="claims")
 
     async def aclose(self) -> None:
         """Finish the queued work, commit, close the connection."""
@@ -352,6 +355,7 @@ class PgStore:
             return
         self._closing = True
         self._wake.set()
+        self._tasks.cancel("claims")
         await self._tasks.wait()
         await self._tasks.aclose()
         conn, self._conn = self._conn, None
@@ -896,11 +900,34 @@ class PgStore:
                 "OR claim_until <= now()) ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
                 "RETURNING id, domain, mid, sender, recipient, device, prio, blob, expires_at",
                 domain, after, limit, self.claimant, self.outbound_claim)
+            if rows:
+                self._claims_held = True
             return sorted((OutboundRow(int(r[0]), r[1], bytes(r[2]), r[3], r[4], bytes(r[5]),
                                        r[6], bytes(r[7]), r[8]) for r in rows),
                           key=lambda r: r.id)
 
         return await self._submit(op)
+
+    async def _renew_claims(self) -> None:
+        """Every third of `outbound_claim`, while this instance holds outbound claims,
+        extend them (see the module text)."""
+        async def op(tx: _Tx) -> None:
+            renewed = await tx.conn.fetch(
+                "UPDATE outbound SET claim_until = now() + make_interval(secs => $2) "
+                "WHERE claimed_by = $1 AND state = 'queued' RETURNING id", self.claimant,
+                self.outbound_claim)
+            if not renewed:  # in the writer's order: an `outbound_due` after sets it again
+                self._claims_held = False
+
+        while not self._closing:
+            await asyncio.sleep(self.outbound_claim / 3)
+            if not self._claims_held or self._closing:
+                continue
+            try:
+                await self._submit(op)
+            except Exception as exc:  # a lost connection: the next round tries again
+                if not self._closing:
+                    log.warning(kv("store.claims_renewal_failed", error=repr(exc)[:300]))
 
     async def outbound_done(self, ids: list[int], state: str, reason: str | None,
                             now: float) -> None:
@@ -911,11 +938,6 @@ class PgStore:
             await tx.conn.execute(
                 "UPDATE outbound SET state = $1, error = $2, blob = NULL, updated_at = $3 "
                 "WHERE id = ANY($4::bigint[]) AND state = 'queued'", state, reason, now, ids)
-            # Forwarding goes on: the rest of the page stays ours, however long it takes.
-            await tx.conn.execute(
-                "UPDATE outbound SET claim_until = now() + make_interval(secs => $2) "
-                "WHERE claimed_by = $1 AND state = 'queued'", self.claimant,
-                self.outbound_claim)
 
         await self._submit(op)
 

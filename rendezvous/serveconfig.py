@@ -26,7 +26,7 @@ OFF = "off"
 # What a reload cannot change in a running process.
 RESTART_KEYS = ("domain", "listen", "data", "tls_cert", "tls_key", "plaintext", "stun_port",
                 "dht_port", "config", "resolver", "store", "advertise",
-                "instance_heartbeat")
+                "instance_heartbeat", "outbound_claim")
 
 
 class ConfigError(Exception):

@@ -43,13 +43,14 @@ def store_url(text: str) -> str:
     return text
 
 
-def make_store(store: str | None, data: Path, domain: str) -> Store:
+def make_store(store: str | None, data: Path, domain: str, *,
+               outbound_claim: float = 60.0) -> Store:
     """The store `serve` runs on: PostgreSQL with `--store`, else SQLite in `data`."""
     if store is None:
         return SqliteStore(data / DB_NAME)
     from rendezvous.pg_store import PgStore
 
-    return PgStore(store, domain=domain)
+    return PgStore(store, domain=domain, outbound_claim=outbound_claim)
 
 
 def add_migrate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

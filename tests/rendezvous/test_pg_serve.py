@@ -72,9 +72,9 @@ async def test_migrate_and_serve_refuses_an_unknown_schema(tmp_path: Path,
     code, out, _ = await run("migrate", "--store", pg_url)
     assert code == 0
     assert out.splitlines()[0].startswith("applied 1: accounts, devices, envelopes")
-    assert out.splitlines()[-1].endswith("schema empty -> version 2")
+    assert out.splitlines()[-1].endswith("schema empty -> version 3")
     code, out, _ = await run("migrate", "--store", pg_url, "--json")
-    assert json.loads(out)["applied"] == [] and json.loads(out)["after"] == 2
+    assert json.loads(out)["applied"] == [] and json.loads(out)["after"] == 3
     conn = await asyncpg.connect(pg_url)
     try:
         await conn.execute("INSERT INTO schema_version VALUES (99, 'from the future')")
@@ -83,11 +83,11 @@ async def test_migrate_and_serve_refuses_an_unknown_schema(tmp_path: Path,
         code, _, err = await run(*serve_args)
         assert code == 1
         assert "schema version 99 was written by a newer server; this one knows versions " \
-               "up to 2" in err
+               "up to 3" in err
         await conn.execute("DELETE FROM schema_version WHERE version >= 2")
         code, _, err = await run(*serve_args)
         assert code == 1
-        assert "schema version 1, this server needs 2: run `peerpost-rendezvous migrate " \
+        assert "schema version 1, this server needs 3: run `peerpost-rendezvous migrate " \
                "--store postgresql://" in err
         code, out, _ = await run("migrate", "--store", pg_url)
         assert code == 0 and out.startswith("applied 2: instances of one domain")
