@@ -126,3 +126,16 @@ async def test_revoke_and_delete_on_postgresql_reach_every_instance(tmp_path: Pa
         finally:
             await conn.close()
         assert tuple(usage) == (0, 0) and pairs == 0
+
+
+def test_the_accounts_event_round_trips_and_is_nobody_s_own() -> None:
+    from rendezvous.instances import _Outgoing, decode_events, encode_events
+
+    (payload,) = encode_events("operator", _Outgoing([], [], [], accounts=True))
+    events = decode_events(payload)
+    assert events.accounts and events.origin == "operator"
+    assert not events.rescan and not events.envelopes
+    (plain,) = encode_events("i1", _Outgoing([(b"\x01" * 20, 5)], [], []))
+    assert not decode_events(plain).accounts
+    with pytest.raises(ValueError, match="unknown event 'a'"):
+        decode_events('{"o":"x","v":[["a",1]]}')
