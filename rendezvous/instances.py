@@ -36,8 +36,8 @@ queue may have a seq below that session's `flush_hi`, so for a minute after a lo
 that arrives while the device's authentication is still at the store is kept (the last
 `RECENT` (device, seq) pairs) and replayed to the session once it is up (`session_up`).
 A listener connection that drops loses notifications: after it reconnects, the instance
-re-reads the queue (above `flush_hi`) and held PIPE messages of every device it has a
-session of, skipping the seqs it saw pushed (the last `RECENT`). It does the same on an
+re-reads accounts, and the queue (above `flush_hi`) and held PIPE messages of every device
+it has a session of, skipping the seqs it saw pushed (the last `RECENT`). It does the same on an
 `s` event and when another instance's lease ends (it may have died between a commit and
 its announcement).
 
@@ -530,6 +530,8 @@ class PgInstanceBus:
             self.listener_reconnects += 1
             log.info(kv("instance.relistened", instance=self.instance))
             await self._rescan()
+            if self._host is not None:  # an `a` event may have been lost too
+                await self._reread_accounts(self._host)
             return
 
     async def _rescan(self) -> None:

@@ -35,6 +35,7 @@ class FakeHost:
     def __init__(self) -> None:
         self.devices: list[bytes] = []
         self.calls: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self.rereads = 0
 
     def bus_local_devices(self) -> list[bytes]:
         return list(self.devices)
@@ -59,6 +60,10 @@ class FakeHost:
 
     def bus_stats(self) -> dict[str, Any]:
         return {"online_sessions": len(self.devices)}
+
+    async def reread_accounts(self) -> int:
+        self.rereads += 1
+        return 0
 
 
 def queued(seq: int, device: bytes) -> QueuedEnvelope:
@@ -152,6 +157,7 @@ async def test_presence_events_and_lease(
     b.stored([queued(11, D1)])
     kind, device, seqs, _, _ = await asyncio.wait_for(ha.calls.get(), 5)
     assert (kind, device, seqs) == ("push", D1, {11})
+    assert (ha.rereads, hb.rereads) == (1, 0)  # an accounts event may have been lost too
 
     # a dies (its tasks and connections gone at once, as under kill -9): its device is
     # offline for b once the lease ends.
