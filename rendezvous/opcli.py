@@ -50,14 +50,10 @@ OPERATOR_COMMANDS = ("accounts", "devices", "backup", "restore")
 
 
 def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def data_and_json(p: argparse.ArgumentParser, store: bool = True) -> None:
-        if store:
-            where = p.add_mutually_exclusive_group(required=True)
-            where.add_argument("--data", type=Path, help="the data folder `serve` uses")
-            where.add_argument("--store", type=store_url, metavar="URL", help=STORE_HELP)
-        else:
-            p.add_argument("--data", type=Path, required=True,
-                           help="the data folder `serve` uses")
+    def data_and_json(p: argparse.ArgumentParser) -> None:
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--data", type=Path, help="the data folder `serve` uses")
+        where.add_argument("--store", type=store_url, metavar="URL", help=STORE_HELP)
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
     a = sub.add_parser("accounts", help="list, show or delete accounts")
@@ -81,11 +77,11 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     b = sub.add_parser("backup", help="copy the database (consistent while serving) and "
                                       "the keys into a new folder")
     b.add_argument("dest", type=Path, help="a folder that does not exist yet (or is empty)")
-    data_and_json(b, store=False)
+    data_and_json(b)
     r = sub.add_parser("restore", help="put a backup in place as a data folder (the server "
                                        "must be stopped)")
     r.add_argument("src", type=Path, help="a folder made by `backup`")
-    data_and_json(r, store=False)
+    data_and_json(r)
     r.add_argument("--force", action="store_true",
                    help="replace the database a stopped server left in --data")
 
@@ -146,6 +142,11 @@ async def _run_pg(args: argparse.Namespace) -> tuple[Any, str]:
     from rendezvous import pg_admin
 
     url: str = args.store
+    if args.command in ("backup", "restore"):
+        raise AdminError(f"{args.command} copies a data folder's SQLite file and keys; back up "
+                         "a PostgreSQL store with PostgreSQL's own tools (pg_dump, or base "
+                         "backups with WAL archiving), and each instance's --data folder "
+                         "(domain_key.json, TLS files) as files")
     if args.command == "accounts" and args.action == "list":
         return _list_text(await pg_admin.list_accounts(url))
     address = normalize_address(args.address)

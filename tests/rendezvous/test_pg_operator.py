@@ -139,3 +139,10 @@ def test_the_accounts_event_round_trips_and_is_nobody_s_own() -> None:
     assert not decode_events(plain).accounts
     with pytest.raises(ValueError, match="unknown event 'a'"):
         decode_events('{"o":"x","v":[["a",1]]}')
+
+
+async def test_backup_and_restore_say_how_to_back_up_a_postgresql_store(
+        tmp_path: Path) -> None:
+    for args in (("backup", str(tmp_path / "b")), ("restore", str(tmp_path))):
+        code, _, err = await run(*args, "--store", "postgresql://u@127.0.0.1:1/d")
+        assert code == 1 and "pg_dump" in err, err
