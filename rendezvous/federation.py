@@ -400,6 +400,8 @@ class Federation:
                         self.wake(domain)
             except RuntimeError:  # the store closed during shutdown
                 return
+            except Exception as exc:  # a lost database connection: the next round retries
+                log.warning(kv("outbound.sweep_failed", error=str(exc) or repr(exc)))
 
     async def _expire(self, now: float) -> None:
         n = await self.store.outbound_expire(now)
