@@ -80,6 +80,9 @@ class Limits:
     relay_high_water: int = 256 * 1024     # unsent bytes per side before reading pauses
 
 
+MIN_WAIT = 1e-9  # seconds: a shorter token-bucket debt is float rounding, not a wait
+
+
 class TokenBucket:
     """Classic token bucket: `take(n, now)` is True while the rate/burst allows.
 
@@ -115,9 +118,18 @@ class TokenBucket:
         return False
 
     def spend(self, amount: float, now: float) -> float:
-        """Debit `amount` unconditionally; seconds until the balance is back to zero."""
+        """Debit `amount` unconditionally; seconds until the balance is back to zero.
+
+        A debt shorter than `MIN_WAIT` is none: it is rounding left over from the last
+        refill, and waiting it out could not move a clock (150 + 1e-15 == 150 in floats),
+        so a caller that checks again after the wait would find it forever, as the relay's
+        splice did in the simulator's virtual time.
+        """
         self._refill(now)
         self._tokens -= amount
         if self._tokens >= 0:
             return 0.0
-        return -self._tokens / self.rate if self.rate else float("inf")
+        if not self.rate:
+            return float("inf")
+        wait = -self._tokens / self.rate
+        return wait if wait >= MIN_WAIT else 0.0
