@@ -83,11 +83,12 @@ async def _wal_lsn(url: str) -> int:
         await conn.close()
 
 
-async def _measure(args: argparse.Namespace, url: str, pg_pids: list[int],
+async def _measure(args: argparse.Namespace, url: str, cluster: Any,
                    tmp: Path) -> dict[str, float]:
     proc, port = await _serve(tmp / "data", args, "--store", url)
     m: dict[str, float] = {}
     try:
+        pg_pids = cluster.postgres_pids()  # now with the backends of serve's connections
         drv = Driver(port, args)
         # 1. per message
         senders = await drv.open_many("tx", 8)
@@ -193,7 +194,7 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, fl
         cluster = await asyncio.to_thread(PgCluster.start, Path(pg_base), durable=True)
         try:
             url = await asyncio.to_thread(cluster.create_database)
-            measured = await _measure(args, url, cluster.postgres_pids(), Path(tmp))
+            measured = await _measure(args, url, cluster, Path(tmp))
         finally:
             await asyncio.to_thread(cluster.stop)
     return measured, estimate(measured, args)
