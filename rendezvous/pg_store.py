@@ -222,48 +222,56 @@ class _Tx:
             self.dirty_domains.add(_domain(sender))
 
     async def write_back(self) -> None:
-        """The changed counters and the exchanged pairs, each in one statement."""
-        conn = self.conn
-        if self.dirty:
-            keys = sorted(self.dirty)
-            await conn.execute(
-                "INSERT INTO usage (address, count, bytes) "
-                "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) "
-                "ON CONFLICT (address) DO UPDATE SET count = excluded.count, "
-                "bytes = excluded.bytes",
-                keys, [max(0, self.usage[k][0]) for k in keys],
-                [max(0, self.usage[k][1]) for k in keys])
-        if self.dirty_pairs:
-            keep = sorted(p for p in self.dirty_pairs if self.pairs[p][0] > 0)
-            gone = sorted(p for p in self.dirty_pairs if self.pairs[p][0] <= 0)
-            if keep:
-                await conn.execute(
-                    "INSERT INTO pair_usage (sender, recipient, count, bytes) "
-                    "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) "
-                    "ON CONFLICT (recipient, sender) DO UPDATE SET count = excluded.count, "
-                    "bytes = excluded.bytes",
-                    [p[0] for p in keep], [p[1] for p in keep],
-                    [self.pairs[p][0] for p in keep], [self.pairs[p][1] for p in keep])
-            if gone:
-                await conn.execute(
-                    "DELETE FROM pair_usage p USING unnest($1::text[], $2::text[]) AS k(s, r) "
-                    "WHERE p.recipient = k.r AND p.sender = k.s",
-                    [p[0] for p in gone], [p[1] for p in gone])
-        if self.dirty_domains:
-            keys = sorted(self.dirty_domains)
-            await conn.execute(
-                "UPDATE domain_usage u SET count = GREATEST(v.c, 0), bytes = GREATEST(v.b, 0) "
-                "FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(d, c, b) "
-                "WHERE u.domain = v.d",
-                keys, [self.domains[k][0] for k in keys], [self.domains[k][1] for k in keys])
-        if self.exchanged:
-            pairs = sorted(self.exchanged)
-            await conn.execute(
-                "INSERT INTO exchanged (a, b, at) "
-                "SELECT * FROM unnest($1::text[], $2::text[], $3::float8[]) "
-                "ON CONFLICT (a, b) DO UPDATE SET at = excluded.at",
-                [p[0] for p in pairs], [p[1] for p in pairs],
-                [self.exchanged[p] for p in pairs])
+        """The changed counters and the exchanged pairs, in one statement (each part a
+        data-modifying CTE; one round trip less per part than separate statements)."""
+        if not (self.dirty or self.dirty_pairs or self.dirty_domains or self.exchanged):
+            return
+        users = sorted(self.dirty)
+        keep = sorted(p for p in self.dirty_pairs if self.pairs[p][0] > 0)
+        gone = sorted(p for p in self.dirty_pairs if self.pairs[p][0] <= 0)
+        domains = sorted(self.dirty_domains)
+        pairs = sorted(self.exchanged)
+        await self.conn.execute(_WRITE_BACK,
+            users, [max(0, self.usage[k][0]) for k in users],
+            [max(0, self.usage[k][1]) for k in users],
+            [p[0] for p in keep], [p[1] for p in keep],
+            [self.pairs[p][0] for p in keep], [self.pairs[p][1] for p in keep],
+            [p[0] for p in gone], [p[1] for p in gone],
+            domains, [self.domains[k][0] for k in domains],
+            [self.domains[k][1] for k in domains],
+            [p[0] for p in pairs], [p[1] for p in pairs],
+            [self.exchanged[p] for p in pairs])
+
+
+_WRITE_BACK = """
+WITH u AS (
+    INSERT INTO usage (address, count, bytes)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])
+    ON CONFLICT (address) DO UPDATE SET count = excluded.count, bytes = excluded.bytes
+    RETURNING 1
+), k AS (
+    INSERT INTO pair_usage (sender, recipient, count, bytes)
+    SELECT * FROM unnest($4::text[], $5::text[], $6::bigint[], $7::bigint[])
+    ON CONFLICT (recipient, sender) DO UPDATE SET count = excluded.count,
+                                                  bytes = excluded.bytes
+    RETURNING 1
+), g AS (
+    DELETE FROM pair_usage p USING unnest($8::text[], $9::text[]) AS z(s, r)
+    WHERE p.recipient = z.r AND p.sender = z.s
+    RETURNING 1
+), d AS (
+    UPDATE domain_usage du SET count = GREATEST(v.c, 0), bytes = GREATEST(v.b, 0)
+    FROM unnest($10::text[], $11::bigint[], $12::bigint[]) AS v(d, c, b)
+    WHERE du.domain = v.d
+    RETURNING 1
+), x AS (
+    INSERT INTO exchanged (a, b, at)
+    SELECT * FROM unnest($13::text[], $14::text[], $15::float8[])
+    ON CONFLICT (a, b) DO UPDATE SET at = excluded.at
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM u) + (SELECT count(*) FROM k) + (SELECT count(*) FROM g)
+       + (SELECT count(*) FROM d) + (SELECT count(*) FROM x)"""
 
 
 _ENQ, _REM, _OTHER = 0, 1, 2
@@ -303,7 +311,8 @@ class PgStore:
         self._claims_held = False  # set by `outbound_due`, cleared by a renewal finding none
         self.domain = domain  # recorded on the first open, refused if another later
         self.connect_timeout = connect_timeout
-        self._conn: Any = None
+        self._conn: Any = None  # None while open: the last one was lost, reconnect
+        self._opened = False
         self._pending: list[_Op] = []
         self._wake = asyncio.Event()
         self._tasks = TaskSet("pg-store", logger=log)
@@ -321,7 +330,7 @@ class PgStore:
     async def open(self) -> None:
         """Connect, create the schema in an empty database, refuse one of another
         version (`pg_schema.check`) or domain, and start the batch writer."""
-        if self._conn is not None:
+        if self._opened:
             return
         import asyncpg
 
@@ -345,13 +354,14 @@ class PgStore:
             await conn.close()
             raise
         self._conn = conn
+        self._opened = True
         self._closing = False
         self._tasks.spawn(self._writer(), name="pg-store-writer")
         self._tasks.spawn(self._renew_claims(), name="pg-store-claims", key="claims")
 
     async def aclose(self) -> None:
         """Finish the queued work, commit, close the connection."""
-        if self._conn is None:
+        if not self._opened:
             return
         self._closing = True
         self._wake.set()
@@ -366,10 +376,12 @@ class PgStore:
         for op in self._pending:  # submitted after the writer ended
             _settle(op.fut, None, RuntimeError("store is closed"))
         self._pending = []
-        await conn.close()
+        self._opened = False
+        if conn is not None:
+            await conn.close()
 
     def _queue(self, op: _Op) -> asyncio.Future[Any]:
-        if self._conn is None or self._closing:
+        if not self._opened or self._closing:
             raise RuntimeError("store is not open")
         self._pending.append(op)
         self._wake.set()
@@ -417,7 +429,13 @@ class PgStore:
             self.rollbacks += 1
             self._pairs = set()
             self._recent = {}
-            if len(ops) == 1 or _connection_lost(exc):
+            if _connection_lost(exc):
+                # Not an error PostgreSQL reported on a healthy session: drop the
+                # connection, whatever state it is in; the next batch opens a new one.
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.terminate()
+            if len(ops) == 1 or self._conn is None:
                 log.warning(kv("store.batch_failed", ops=len(ops), error=repr(exc)[:300]))
                 for op in ops:
                     op.error = exc
@@ -1120,9 +1138,11 @@ async def _vouch_ok(conn: Any, address: str, verify_key: bytes, raw: bytes) -> b
 def _connection_lost(exc: BaseException) -> bool:
     import asyncpg
 
-    return isinstance(exc, OSError | asyncpg.exceptions.ConnectionDoesNotExistError
-                      | asyncpg.exceptions.InterfaceError
-                      | asyncpg.exceptions.CannotConnectNowError)
+    # Anything but an error the server reported (a PostgresError: bad SQL, a deadlock, a
+    # constraint) leaves the connection in doubt: closed, or mid-protocol.
+    return not isinstance(exc, asyncpg.PostgresError) or isinstance(
+        exc, asyncpg.exceptions.ConnectionDoesNotExistError
+        | asyncpg.exceptions.CannotConnectNowError | asyncpg.exceptions.AdminShutdownError)
 
 
 def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:

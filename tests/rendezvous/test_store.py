@@ -386,7 +386,7 @@ async def test_a_lost_database_connection_acks_nothing_and_the_next_batch_reconn
         # exactly once.
         try:
             first = await store.enqueue("a@example.net", item, 1, 100, BIG)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        except Exception:  # whichever way asyncpg reports the dead session
             first = None
         out = await store.enqueue("a@example.net", item, 1, 100, BIG)  # the client's retry
         assert out.status == Status.OK
