@@ -83,15 +83,6 @@ KEY_LEN = 32
 HASH_LEN = 32
 TAG_LEN = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES
 DEFAULT_CHUNK_SIZE = 1 << 20
-# A sender cuts a content of at least LARGE_CONTENT_SIZE bytes into LARGE_CHUNK_SIZE chunks:
-# a chunk costs fixed Python on each side whatever its size; a 1 GiB delivery on loopback
-# measured 2.15 instead of 2.29 CPU s/GB (both nodes) at the same rate. Request windows and
-# serving queues count chunks, so their bytes grow 4x (8 x 4 MiB per source; still within
-# what any MAX_CHUNK_SIZE sender can already ask of a receiver); windows capped at the old
-# bytes (2 chunks) measured slower (613 against 650 MB/s). Smaller contents keep 1 MiB
-# chunks: a seek waits for one whole chunk before playback resumes.
-LARGE_CHUNK_SIZE = 4 << 20
-LARGE_CONTENT_SIZE = 512 << 20
 MIN_CHUNK_SIZE = 1 << 10  # only for small contents: see SMALL_CONTENT_CHUNKS
 MAX_CHUNK_SIZE = 16 << 20
 MAX_CONTENT_SIZE = 1 << 44  # 16 TiB
@@ -151,11 +142,6 @@ def check_layout(size: int, chunk_size: int) -> None:
         raise DecodeError(f"{count} chunks of {chunk_size} bytes: a content of more than "
                           f"{SMALL_CONTENT_CHUNKS} chunks uses chunks of at least "
                           f"{MIN_LARGE_CHUNK_SIZE} bytes")
-
-
-def chunk_size_for(size: int) -> int:
-    """The chunk size a sender picks for a content of `size` bytes."""
-    return LARGE_CHUNK_SIZE if size >= LARGE_CONTENT_SIZE else DEFAULT_CHUNK_SIZE
 
 
 def chunk_count(size: int, chunk_size: int) -> int:

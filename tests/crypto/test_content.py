@@ -9,18 +9,12 @@ from hypothesis import strategies as st
 
 from crypto.capability import check_capability_proof, new_capability, prove_capability
 from crypto.content import (
-    DEFAULT_CHUNK_SIZE,
-    LARGE_CHUNK_SIZE,
-    LARGE_CONTENT_SIZE,
-    MAX_CHUNKS,
     TAG_LEN,
     ChunkCipher,
     ChunkVerifier,
     LeafScheme,
-    check_layout,
     chunk_count,
     chunk_hash,
-    chunk_size_for,
     hchacha20,
     leaf_key,
     merkle_proof,
@@ -180,14 +174,6 @@ def test_chunk_layout() -> None:
     assert chunk_count(1025, 1024) == 2
     assert plain_chunk_len(1025, 1024, 1) == 1
     assert plain_chunk_len(0, 1024, 0) == 0
-
-
-def test_a_sender_picks_large_chunks_only_for_large_contents() -> None:
-    for size in (0, 1, LARGE_CONTENT_SIZE - 1):
-        assert chunk_size_for(size) == DEFAULT_CHUNK_SIZE
-    for size in (LARGE_CONTENT_SIZE, MAX_CHUNKS * LARGE_CHUNK_SIZE):
-        assert chunk_size_for(size) == LARGE_CHUNK_SIZE
-        check_layout(size, chunk_size_for(size))  # what every receiver accepts
 
 
 @given(st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=70), st.data())

@@ -12,14 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crypto.content import (
-    DEFAULT_CHUNK_SIZE,
-    LARGE_CHUNK_SIZE,
-    LARGE_CONTENT_SIZE,
-    ChunkVerifier,
-    LeafScheme,
-    chunk_count,
-)
+from crypto.content import ChunkVerifier, LeafScheme, chunk_count
 from crypto.errors import VerificationError
 from overlay.content.catalog import ContentStore
 from overlay.content.diskio import DIRECT_ALIGN, SendBuffers
@@ -308,16 +301,3 @@ def test_served_chunks_stay_intact_while_held(tmp_path: Path) -> None:
     assert [bytes(h) for h in held] == expected
     del held
     assert [bytes(src.read_sealed(i)) for i in range(7)] == expected
-
-
-async def test_send_cuts_large_files_into_large_chunks(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path / "store")
-    small, large = tmp_path / "small.bin", tmp_path / "large.bin"
-    _file(small, DEFAULT_CHUNK_SIZE + 1)
-    with large.open("wb") as f:
-        f.truncate(LARGE_CONTENT_SIZE)  # sparse: no disk, only the hashing
-    assert (await store.add_local_file(small)).chunk_size == DEFAULT_CHUNK_SIZE
-    content = await store.add_local_file(large)
-    assert content.chunk_size == LARGE_CHUNK_SIZE
-    assert len(content.leaves) == LARGE_CONTENT_SIZE // LARGE_CHUNK_SIZE
-    assert store.chunk_size_of(content.content_id) == LARGE_CHUNK_SIZE
