@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from crypto.identity import DeviceIdentity
@@ -26,7 +27,7 @@ from overlay.transports.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
 from overlay.transports.relay import relay_accept, relay_dial
 from overlay.transports.signalling import PipeSender
 from overlay.transports.stream import Stream, StreamClosed, StreamError
-from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
+from overlay.transports.webrtc import AiortcChannels, WebRtcEndpoint, WebRtcSettings
 from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient
 from rendezvous.taskset import TaskSet
 
@@ -46,13 +47,10 @@ class PeerLinks:
         self.server = server
         self.rendezvous = rendezvous  # relay connections use its TLS and pinned server key
         self.transfer = transfer
-        stun = rendezvous.server_info.get("stun")  # from the server's CHALLENGE
-        self.settings = WebRtcSettings(stun=[(server[0], int(stun))]
-                                       if isinstance(stun, int) else [])
+        self.settings = WebRtcSettings(stun=self._stun_udp())
         self.rtc = endpoint(rendezvous, self.settings)
-        stun_tcp = rendezvous.server_info.get("stun_tcp")  # a server that runs none: no punch
-        self.punch = PunchEndpoint(rendezvous, PunchSettings(
-            stun=(server[0], int(stun_tcp)) if isinstance(stun_tcp, int) else None))
+        # A server that runs no STUN over TCP: no punch.
+        self.punch = PunchEndpoint(rendezvous, PunchSettings(stun=self._stun_tcp()))
         self.ladder = ConnectionLadder(
             webrtc=self._dial_webrtc, relay=self._dial_relay,
             punch=self._dial_punch if self.punch.settings.stun is not None else None,
@@ -71,10 +69,38 @@ class PeerLinks:
         await self._serving.aclose()
         await self.rtc.aclose()
 
+    def _stun_udp(self) -> list[tuple[str, int]]:
+        """The STUN (UDP, for ICE) of the server the session is on now, from its CHALLENGE."""
+        stun = self.rendezvous.server_info.get("stun")
+        return [(self.rendezvous.host, int(stun))] if isinstance(stun, int) else []
+
+    def _stun_tcp(self) -> tuple[str, int] | None:
+        """The STUN over TCP (for the punch) of the server the session is on now."""
+        stun = self.rendezvous.server_info.get("stun_tcp")
+        return (self.rendezvous.host, int(stun)) if isinstance(stun, int) else None
+
+    def follow_server(self) -> None:
+        """Point WebRTC's and the punch's STUN at the server the session is on now: after a
+        failover the first instance is gone, and a mapping it would show is of no use.
+        Called before each dial and each signal, so a negotiation uses the current one."""
+        stun = self._stun_udp()
+        if list(self.settings.stun) != stun:
+            log.info("STUN for WebRTC now %s", stun)
+            self.settings = replace(self.settings, stun=stun)
+            self.rtc.settings = self.settings
+            if isinstance(self.rtc.channels, AiortcChannels):  # builds each peer connection
+                self.rtc.channels.settings = self.settings
+        stun_tcp = self._stun_tcp()
+        if stun_tcp is not None and stun_tcp != self.punch.settings.stun:
+            log.info("STUN over TCP for the punch now %s:%d", *stun_tcp)
+            self.punch.settings = replace(self.punch.settings, stun=stun_tcp)
+
     async def _dial_punch(self, holder: Holder) -> Stream:
+        self.follow_server()
         return await self.punch.dial(holder.address or "", holder.peer_id)
 
     async def _dial_webrtc(self, holder: Holder) -> Stream:
+        self.follow_server()
         # A NATed holder that is offline can't be retried directly: leave the offer
         # waiting at the server (the seed's held request) so it answers on coming back.
         hold = self.settings.answer_timeout if holder.nat else 0.0
@@ -90,6 +116,7 @@ class PeerLinks:
 
     def feed(self, message: PipeMessage) -> bool:
         """A PIPE message for punch or WebRTC signalling; False if it is not signalling."""
+        self.follow_server()  # an offer is answered with the current server's STUN
         return self.punch.feed(message) or self.rtc.feed(message)
 
     def serve_relayed(self, invite: RelayInvite) -> None:

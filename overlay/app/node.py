@@ -55,10 +55,12 @@ from rendezvous.client import RendezvousClient
 from rendezvous.domainkey import encode_key, fingerprint
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
 from rendezvous.sdnotify import notify
+from rendezvous.taskset import TaskSet
 
 log = logging.getLogger("peerpost.node")
 
 FIRST_LOGIN_BACKOFF = Backoff(1.0, 60.0)  # waiting for the server at start: 1 s doubling to 60 s
+DHT_REJOIN_TIMEOUT = 10.0  # pinging a new server's DHT node and a lookup of our own id
 
 
 @dataclass
@@ -139,7 +141,7 @@ class Node:
                                            server_key=self.config.pinned_key(),
                                            rng=random.Random(self.rng.getrandbits(64)),
                                            alternates=self._failover.servers,
-                                           on_failover=self._failover.record)
+                                           on_failover=self._on_failover)
         await self._first_login()
         host, port = self.rendezvous.host, self.rendezvous.port  # another one after failover
         self._pin_server_key()
@@ -259,6 +261,37 @@ class Node:
                             self.config.server, exc, delay)
                 await asyncio.sleep(delay)
 
+    def _on_failover(self, host: str, port: int) -> None:
+        """The session reconnected to another server of the domain: record it, and move
+        the STUN for WebRTC and the punch, and the DHT's bootstrap, to it (the services
+        of the first are gone with it)."""
+        self._failover.record(host, port)
+        links: PeerLinks | None = getattr(self, "links", None)
+        if links is not None:
+            links.follow_server()
+        info = self.rendezvous.server_info  # from the new server's CHALLENGE
+        where = f"[{host}]" if ":" in host else host
+        stun, stun_tcp, dht = info.get("stun"), info.get("stun_tcp"), info.get("dht")
+        log.warning("now using the services of %s:%d: STUN %s, STUN over TCP %s, "
+                    "DHT bootstrap %s", where, port,
+                    f"{where}:{stun}" if isinstance(stun, int) else "none",
+                    f"{where}:{stun_tcp}" if isinstance(stun_tcp, int) else "none",
+                    f"{where}:{dht}" if isinstance(dht, int) else "none")
+        following: TaskSet | None = getattr(self, "_following", None)
+        if isinstance(dht, int) and following is not None and not following.closed:
+            following.spawn(self._rejoin_dht((host, dht)), name="dht-rejoin")
+
+    async def _rejoin_dht(self, bootstrap: tuple[str, int]) -> None:
+        """Add the new server's DHT node as a contact and refresh the table through it."""
+        try:
+            async with asyncio.timeout(DHT_REJOIN_TIMEOUT):
+                found = await self.providers.dht.bootstrap([bootstrap])
+        except (TimeoutError, OSError) as exc:
+            log.warning("DHT bootstrap through %s:%d after failover failed: %s",
+                        *bootstrap, exc)
+            return
+        log.info("DHT joined through %s:%d after failover: %d contacts", *bootstrap, found)
+
     def _pin_server_key(self) -> None:
         """A config from before keys were pinned: pin the key this first session showed."""
         key = self.rendezvous.server_key
@@ -290,6 +323,8 @@ class Node:
         self.providers = ProviderDirectory(self.identity, wall=self.wall, rng=self.rng,
                                            client_only=self.reach is not None and self.reach.nat)
         self._stack.push_async_callback(self.providers.aclose)
+        self._following = TaskSet("server-follow", logger=log)  # DHT rejoins on failover
+        self._stack.push_async_callback(self._following.aclose)
         dht_port = self.rendezvous.server_info.get("dht")  # from the server's CHALLENGE
         bootstrap = [(server_host, int(dht_port))] if isinstance(dht_port, int) else []
         if not bootstrap:

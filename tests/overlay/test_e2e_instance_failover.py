@@ -1,13 +1,15 @@
 """End to end: a domain runs two `serve` instances on one PostgreSQL, published as two SRV
 records. Both nodes are logged in to the first when it is killed (-9); their sessions
-reconnect to the second within the backoff, record it in their config, and a message sent
-right after the kill arrives whole."""
+reconnect to the second within the backoff, record it in their config, move their STUN
+(WebRTC and punch) and DHT bootstrap to the second's, and a message sent right after the
+kill arrives whole."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -32,6 +34,20 @@ def srv_line(data: Path, host: str, port: int, priority: int) -> list[str]:
     return res.stdout.splitlines()
 
 
+def free_port() -> int:
+    """A port free on both UDP and TCP (STUN takes its number on both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = int(u.getsockname()[1])
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port
+
+
 @pytest.fixture
 def net(tmp_path: Path, pg_url: str) -> Iterator[LocalNetwork]:
     args = ["--store", pg_url, "--instance-heartbeat", "0.5"]
@@ -49,9 +65,11 @@ def test_nodes_reconnect_to_the_other_instance_and_lose_nothing(
     second.mkdir(mode=0o700)
     shutil.copy2(net.data_dir / "domain_key.json", second / "domain_key.json")
     _, port1 = net.start_server()
+    stun2, dht2 = free_port(), free_port()
     other = net._spawn("second", [str(RENDEZVOUS), "serve", "--domain", DOMAIN, "--listen",
                                   "127.0.0.1:0", "--data", str(second), "--store", pg_url,
-                                  "--open-registration", "--instance-heartbeat", "0.5"])
+                                  "--open-registration", "--instance-heartbeat", "0.5",
+                                  "--stun-port", str(stun2), "--dht-port", str(dht2)])
     port2 = int(other.lines.wait_for(re.compile(r"listening \S+:(\d+)"), 30,
                                      "second instance").group(1))
     zone = (srv_line(net.data_dir, "rv1.a.test", port1, 0)[:1]
@@ -84,7 +102,16 @@ def test_nodes_reconnect_to_the_other_instance_and_lose_nothing(
     assert Path(str(got["path"])).read_bytes() == src.read_bytes()
     for node in nodes:
         assert node.proc is not None
+        joined = node.proc.lines.wait_for(re.compile(
+            rf"DHT joined through 127\.0\.0\.1:{dht2} after failover: (\d+) contacts"),
+            30, f"{node.name}'s DHT rejoin")
+        assert int(joined.group(1)) >= 1  # the second instance's DHT node at least
         log = " ".join(node.proc.log().split())
         assert f"failed over from 127.0.0.1:{port1} to 127.0.0.1:{port2} (reconnect)" in log
+        # WebRTC, the punch and the DHT no longer ask the dead instance.
+        assert (f"now using the services of 127.0.0.1:{port2}: STUN 127.0.0.1:{stun2}, "
+                f"STUN over TCP 127.0.0.1:{stun2}, DHT bootstrap 127.0.0.1:{dht2}") in log
+        assert f"STUN for WebRTC now [('127.0.0.1', {stun2})]" in log
+        assert f"STUN over TCP for the punch now 127.0.0.1:{stun2}" in log
         assert json.loads((node.home / "config.json").read_text())["server"] \
             == f"127.0.0.1:{port2}"

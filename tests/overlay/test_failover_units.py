@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -15,6 +16,9 @@ from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from overlay.app.failover import ServerFailover, resolver_spec
 from overlay.app.home import NodeConfig, NodeHome
+from overlay.app.links import PeerLinks
+from overlay.transfer.server import TransferServer
+from overlay.transports.webrtc import AiortcChannels, WebRtcEndpoint
 from rendezvous.client import RendezvousClient
 from rendezvous.dns import DomainRecords, StaticResolver
 from rendezvous.domainkey import DomainKey, encode_key
@@ -90,3 +94,28 @@ def test_no_other_target_answering_leaves_the_configured_server(tmp_path: Path) 
     assert f"{client.host}:{client.port}" == server
     assert cfg.server == server
     assert not home.config_path.exists()  # nothing recorded
+
+
+def test_webrtc_and_the_punch_use_the_stun_of_the_server_the_session_is_on() -> None:
+    """After a failover the STUN a new peer connection and a punch would ask is the new
+    server's, from its CHALLENGE, not the first's (whose services died with it)."""
+    identity = DeviceIdentity.generate()
+    client = _client("127.0.0.1:4500")
+    client._services = {"stun": 3478, "stun_tcp": 3478, "dht": 4501}  # first CHALLENGE
+    links = PeerLinks(identity, ADDR, ("127.0.0.1", 4500), client,
+                      cast(TransferServer, None), WebRtcEndpoint)
+    channels = links.rtc.channels
+    assert isinstance(channels, AiortcChannels)
+
+    def ice_urls() -> list[str]:
+        return [u for s in channels.settings.rtc_configuration().iceServers
+                for u in ([s.urls] if isinstance(s.urls, str) else s.urls)]
+    assert ice_urls() == ["stun:127.0.0.1:3478"]
+    assert links.punch.settings.stun == ("127.0.0.1", 3478)
+
+    client.host, client.port = "127.0.0.2", 4600  # the session failed over
+    client._services = {"stun": 5478, "stun_tcp": 5479, "dht": 4601}
+    links.follow_server()
+    assert ice_urls() == ["stun:127.0.0.2:5478"]
+    assert links.rtc.settings.stun == [("127.0.0.2", 5478)]
+    assert links.punch.settings.stun == ("127.0.0.2", 5479)
