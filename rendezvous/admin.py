@@ -149,7 +149,8 @@ def _drop_devices(conn: sqlite3.Connection, devices: list[bytes]) -> dict[str, i
     return {"devices": len(devices), "envelopes": envelopes, "pipes_held": held}
 
 
-def _hex_of(text: str) -> str:
+def hex_of(text: str) -> str:
+    """A peer id as typed (any case, with spaces, colons or dashes) as bare hex digits."""
     digits = "".join(c for c in text.lower() if c not in " :-")
     if not digits or any(c not in "0123456789abcdef" for c in digits):
         raise AdminError(f"{text!r} is not a peer id (hex digits)")
@@ -160,7 +161,7 @@ def revoke_device(db: Path, address: str, peer_id: str) -> tuple[bytes, dict[str
     """Unbind the device of `address` whose peer id is (or starts with, 8 hex digits at
     least) `peer_id`; what was queued or held for it goes too. The account stays; the key
     can only join again as a new device would (an invite, unless registration is open)."""
-    want = _hex_of(peer_id)
+    want = hex_of(peer_id)
     if len(want) < 8:
         raise AdminError("give at least 8 hex digits of the peer id")
     conn = connect(db)

@@ -63,7 +63,7 @@ from crypto.codec import Fields
 from rendezvous.backoff import Backoff
 from rendezvous.logfmt import kv
 from rendezvous.messages import RelayInvite
-from rendezvous.store import QueuedEnvelope
+from rendezvous.store import ENVELOPE_COLUMNS, QueuedEnvelope, queued_envelope
 from rendezvous.taskset import TaskSet
 
 log = logging.getLogger("rendezvous.instances")
@@ -590,8 +590,6 @@ class PgInstanceBus:
         """Read the announced envelopes of our devices, all of a batch in one query on
         the listening connection (the store's connection stays free for its writes),
         and push them."""
-        from rendezvous.pg_store import _ENVELOPE_COLUMNS, _envelope
-
         while True:
             await self._fetch_ready.wait()
             self._fetch_ready.clear()
@@ -603,7 +601,7 @@ class PgInstanceBus:
             try:
                 async with self._listener_lock:
                     rows = await self._listener.fetch(
-                        f"SELECT {_ENVELOPE_COLUMNS} FROM envelopes "
+                        f"SELECT {ENVELOPE_COLUMNS} FROM envelopes "
                         "WHERE seq = ANY($1::bigint[]) ORDER BY seq", wanted)
             except Exception as exc:
                 log.warning(kv("instance.fetch_failed", error=str(exc) or repr(exc),
@@ -614,7 +612,7 @@ class PgInstanceBus:
                 continue
             by_device: dict[bytes, list[QueuedEnvelope]] = {}
             for row in rows:
-                queued = _envelope(row)
+                queued = queued_envelope(row)
                 if queued.envelope.device in batch:
                     by_device.setdefault(queued.envelope.device, []).append(queued)
             for device, queued_list in by_device.items():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rendezvous.admin import Account, AdminError, _hex_of
+from rendezvous.admin import Account, AdminError, hex_of
 from rendezvous.instances import announce_accounts_changed
 from rendezvous.pg_store import connect
 
@@ -101,7 +101,7 @@ async def delete_account(url: str, address: str) -> dict[str, int] | None:
 async def revoke_device(url: str, address: str, peer_id: str) -> tuple[bytes, dict[str, int]]:
     """Unbind the device of `address` whose peer id is (or starts with, 8 hex digits at
     least) `peer_id`; what was queued or held for it goes too (as admin.revoke_device)."""
-    want = _hex_of(peer_id)
+    want = hex_of(peer_id)
     if len(want) < 8:
         raise AdminError("give at least 8 hex digits of the peer id")
     conn = await connect(url)

@@ -65,9 +65,10 @@ from rendezvous import pg_schema, pipe_hold
 from rendezvous.logfmt import kv
 from rendezvous.messages import PipeMessage, Send, SendItem
 from rendezvous.records import Envelope, EnvelopeInfo
-from rendezvous.sqlite_store import FORWARD_MEMORY, _load_advertise, _per_recipient
+from rendezvous.sqlite_store import FORWARD_MEMORY
 from rendezvous.status import Status
 from rendezvous.store import (
+    ENVELOPE_COLUMNS,
     AuthOutcome,
     DeviceRecord,
     EnqueueOutcome,
@@ -80,6 +81,10 @@ from rendezvous.store import (
     Quota,
     RegistrationPolicy,
     StoreStats,
+    load_advertise,
+    over_quota,
+    per_recipient,
+    queued_envelope,
 )
 from rendezvous.taskset import TaskSet
 
@@ -90,7 +95,6 @@ _PAIR_CACHE = 65_536
 _RECENT_MESSAGES = 4096
 _PIPE_LOCK = 0x7065657270_02     # advisory lock: the PIPE hold's server-wide total
 _OUTBOUND_LOCK = 0x7065657270_03  # advisory lock (with the sender's hash): outbound cap
-_ENVELOPE_COLUMNS = "seq, device, mid, sender, recipient, prio, blob, received_at"
 _INSERT = """
 INSERT INTO envelopes (device, mid, sender, recipient, prio, blob, received_at, expires_at,
                        linked)
@@ -730,9 +734,9 @@ class PgStore:
     async def retrieve(self, device: bytes, message_id: bytes, now: float) -> Envelope | None:
         async def op(tx: _Tx) -> Envelope | None:
             row = await tx.conn.fetchrow(
-                f"SELECT {_ENVELOPE_COLUMNS} FROM envelopes "
+                f"SELECT {ENVELOPE_COLUMNS} FROM envelopes "
                 "WHERE device = $1 AND mid = $2 AND expires_at > $3", device, message_id, now)
-            return None if row is None else _envelope(row).envelope
+            return None if row is None else queued_envelope(row).envelope
 
         return await self._submit(op)
 
@@ -1003,7 +1007,7 @@ class PgStore:
             rows = await tx.conn.fetch(
                 "SELECT recipient, state, queued_at, since, error, updated_at FROM outbound "
                 "WHERE sender = $1 AND mid = $2 ORDER BY recipient, id", sender, message_id)
-            return _per_recipient([OutboundState(*r) for r in rows])
+            return per_recipient([OutboundState(*r) for r in rows])
 
         return await self._submit(op)
 
@@ -1019,52 +1023,26 @@ async def _count_out(tx: _Tx, rows: list[Any]) -> None:
 
 def _over_quota(tx: _Tx, sender: str, adding: dict[str, list[int]],
                 quota: Quota) -> str | None:
-    """The refusal text if adding [count, bytes] per recipient passes a quota (the texts
-    of `SqliteStore`)."""
-    if quota.domain_count or quota.domain_bytes:
-        domain = _domain(sender)
-        used = tx.domains.get(domain, [0, 0])
-        count = sum(a[0] for a in adding.values())
-        size = sum(a[1] for a in adding.values())
-        if (quota.domain_count and used[0] + count > quota.domain_count) or \
-                (quota.domain_bytes and used[1] + size > quota.domain_bytes):
-            return (f"quota exceeded for mail from {domain}: {used[0]} envelopes / "
-                    f"{used[1]} bytes queued here, limit {quota.domain_count} / "
-                    f"{quota.domain_bytes} per domain")
-    for address, (count, size) in adding.items():
-        used = tx.usage.get(address, [0, 0])
-        if used[0] + count > quota.count or used[1] + size > quota.bytes:
-            return (f"quota exceeded for {address}: {used[0]} envelopes / {used[1]} bytes "
-                    f"queued, limit {quota.count} / {quota.bytes}")
-        mine = tx.pairs.get((sender, address), [0, 0])
-        if (quota.sender_count and mine[0] + count > quota.sender_count) or \
-                (quota.sender_bytes and mine[1] + size > quota.sender_bytes):
-            return (f"quota exceeded for {address} from {sender}: {mine[0]} envelopes / "
-                    f"{mine[1]} bytes of yours queued there, limit {quota.sender_count} / "
-                    f"{quota.sender_bytes} per sender")
-    return None
-
-
-def _envelope(row: Any) -> QueuedEnvelope:
-    seq, device, mid, sender, recipient, prio, blob, received_at = row
-    return QueuedEnvelope(int(seq), Envelope(bytes(mid), sender, recipient, bytes(device),
-                                             prio, bytes(blob), received_at))
+    """The refusal text if adding [count, bytes] per recipient passes a quota, from the
+    counters the transaction has locked."""
+    return over_quota(sender, adding, quota, domains=tx.domains, usage=tx.usage,
+                      pairs=tx.pairs)
 
 
 async def _pending(conn: Any, device: bytes, after: int, upto: int, limit: int,
                    now: float) -> list[QueuedEnvelope]:
     rows = await conn.fetch(
-        f"SELECT {_ENVELOPE_COLUMNS} FROM envelopes WHERE device = $1 AND seq > $2 "
+        f"SELECT {ENVELOPE_COLUMNS} FROM envelopes WHERE device = $1 AND seq > $2 "
         "AND seq <= $3 AND expires_at > $4 ORDER BY seq LIMIT $5",
         device, after, upto, now, limit)
-    return [_envelope(r) for r in rows]
+    return [queued_envelope(r) for r in rows]
 
 
 async def _device_records(conn: Any, address: str) -> list[DeviceRecord]:
     rows = await conn.fetch("SELECT verify_key, peer_id, last_seen, advertise, vouch "
                             "FROM devices WHERE address = $1 ORDER BY added", address)
     return [DeviceRecord(bytes(vk), bytes(pid), seen,
-                         _load_advertise(None if adv is None else bytes(adv)),
+                         load_advertise(None if adv is None else bytes(adv)),
                          None if vouch is None else bytes(vouch))
             for vk, pid, seen, adv, vouch in rows]
 

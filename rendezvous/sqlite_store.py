@@ -45,15 +45,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from crypto.codec import packb, unpackb
-from crypto.errors import CryptoError, DecodeError
+from crypto.codec import packb
+from crypto.errors import CryptoError
 from crypto.identity import peer_id_of
 from crypto.vouch import Vouch
 from rendezvous import pipe_hold
 from rendezvous.messages import PipeMessage, Send
-from rendezvous.records import Envelope, EnvelopeInfo, check_advertise
+from rendezvous.records import Envelope, EnvelopeInfo
 from rendezvous.status import Status
 from rendezvous.store import (
+    ENVELOPE_COLUMNS,
     AuthOutcome,
     DeviceRecord,
     EnqueueOutcome,
@@ -66,6 +67,10 @@ from rendezvous.store import (
     Quota,
     RegistrationPolicy,
     StoreStats,
+    load_advertise,
+    over_quota,
+    per_recipient,
+    queued_envelope,
 )
 
 T = TypeVar("T")
@@ -237,22 +242,7 @@ def _stats(conn: sqlite3.Connection, path: Path) -> StoreStats:
     return StoreStats(accounts, devices, count, size, file_size(path))
 
 
-def _load_advertise(raw: bytes | None) -> dict[str, Any]:
-    if not raw:
-        return {}
-    try:
-        return check_advertise(unpackb(raw, max_bytes=8192), 8192)
-    except DecodeError:
-        return {}
-
-
-def _envelope(row: tuple[Any, ...]) -> QueuedEnvelope:
-    seq, device, mid, sender, recipient, prio, blob, received_at = row
-    return QueuedEnvelope(seq, Envelope(mid, sender, recipient, device, prio, blob, received_at))
-
-
 _Op = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
-_ENVELOPE_COLUMNS = "seq, device, mid, sender, recipient, prio, blob, received_at"
 
 
 class SqliteStore:
@@ -464,28 +454,8 @@ class SqliteStore:
     def _over_quota(self, sender: str, adding: dict[str, list[int]],
                     quota: Quota) -> str | None:
         """The refusal text if adding [count, bytes] per recipient passes a quota."""
-        if quota.domain_count or quota.domain_bytes:
-            domain = sender.rpartition("@")[2]
-            used = self._domain_usage.get(domain, [0, 0])
-            count = sum(a[0] for a in adding.values())
-            size = sum(a[1] for a in adding.values())
-            if (quota.domain_count and used[0] + count > quota.domain_count) or \
-                    (quota.domain_bytes and used[1] + size > quota.domain_bytes):
-                return (f"quota exceeded for mail from {domain}: {used[0]} envelopes / "
-                        f"{used[1]} bytes queued here, limit {quota.domain_count} / "
-                        f"{quota.domain_bytes} per domain")
-        for address, (count, size) in adding.items():
-            used = self._usage.get(address, [0, 0])
-            if used[0] + count > quota.count or used[1] + size > quota.bytes:
-                return (f"quota exceeded for {address}: {used[0]} envelopes / {used[1]} bytes "
-                        f"queued, limit {quota.count} / {quota.bytes}")
-            mine = self._sender_usage.get((sender, address), [0, 0])
-            if (quota.sender_count and mine[0] + count > quota.sender_count) or \
-                    (quota.sender_bytes and mine[1] + size > quota.sender_bytes):
-                return (f"quota exceeded for {address} from {sender}: {mine[0]} envelopes / "
-                        f"{mine[1]} bytes of yours queued there, limit {quota.sender_count} / "
-                        f"{quota.sender_bytes} per sender")
-        return None
+        return over_quota(sender, adding, quota, domains=self._domain_usage,
+                          usage=self._usage, pairs=self._sender_usage)
 
     def _record_exchange(self, conn: sqlite3.Connection, sender: str, message_id: bytes,
                          recipients: set[str], now: float) -> None:
@@ -710,7 +680,7 @@ class SqliteStore:
                 "SELECT recipient, state, queued_at, since, error, updated_at FROM outbound "
                 "WHERE sender=? AND mid=? ORDER BY recipient, id",
                 (sender, message_id)).fetchall()
-            return _per_recipient([OutboundState(*r) for r in rows])
+            return per_recipient([OutboundState(*r) for r in rows])
 
         return await self._submit(op)
 
@@ -732,9 +702,9 @@ class SqliteStore:
     async def retrieve(self, device: bytes, message_id: bytes, now: float) -> Envelope | None:
         def op(conn: sqlite3.Connection) -> Envelope | None:
             row = conn.execute(
-                f"SELECT {_ENVELOPE_COLUMNS} FROM envelopes "
+                f"SELECT {ENVELOPE_COLUMNS} FROM envelopes "
                 "WHERE device=? AND mid=? AND expires_at>?", (device, message_id, now)).fetchone()
-            return None if row is None else _envelope(row).envelope
+            return None if row is None else queued_envelope(row).envelope
 
         return await self._submit(op)
 
@@ -758,7 +728,7 @@ class SqliteStore:
             rows = conn.execute("SELECT verify_key, peer_id, last_seen, advertise, vouch "
                                 "FROM devices WHERE address=? ORDER BY added",
                                 (address,)).fetchall()
-            return [DeviceRecord(vk, pid, seen, _load_advertise(adv), vouch)
+            return [DeviceRecord(vk, pid, seen, load_advertise(adv), vouch)
                     for vk, pid, seen, adv, vouch in rows]
 
         return await self._submit(op)
@@ -776,7 +746,7 @@ class SqliteStore:
             rows = conn.execute("SELECT verify_key, peer_id, last_seen, advertise, vouch "
                                 "FROM devices WHERE address=? ORDER BY added",
                                 (address,)).fetchall()
-            return FingerView([DeviceRecord(vk, pid, seen, _load_advertise(adv), vouch)
+            return FingerView([DeviceRecord(vk, pid, seen, load_advertise(adv), vouch)
                                for vk, pid, seen, adv, vouch in rows], exchanged)
 
         return await self._submit(op)
@@ -879,21 +849,9 @@ class SqliteStore:
 def _pending(conn: sqlite3.Connection, device: bytes, after: int, upto: int, limit: int,
              now: float) -> list[QueuedEnvelope]:
     rows = conn.execute(
-        f"SELECT {_ENVELOPE_COLUMNS} FROM envelopes WHERE device=? AND seq>? AND seq<=? "
+        f"SELECT {ENVELOPE_COLUMNS} FROM envelopes WHERE device=? AND seq>? AND seq<=? "
         "AND expires_at>? ORDER BY seq LIMIT ?", (device, after, upto, now, limit)).fetchall()
-    return [_envelope(r) for r in rows]
-
-
-def _per_recipient(rows: list[OutboundState]) -> list[OutboundState]:
-    """One state per recipient from its devices' rows: bounced if any device bounced,
-    else queued if any waits, else delivered."""
-    rank = {"bounced": 2, "queued": 1, "delivered": 0}
-    out: dict[str, OutboundState] = {}
-    for row in rows:
-        have = out.get(row.recipient)
-        if have is None or rank.get(row.state, 0) > rank.get(have.state, 0):
-            out[row.recipient] = row
-    return list(out.values())
+    return [queued_envelope(r) for r in rows]
 
 
 def _register(conn: sqlite3.Connection, address: str, verify_key: bytes, peer_id: bytes,

@@ -23,12 +23,14 @@ removed is not delivered again.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from crypto.codec import unpackb
+from crypto.errors import DecodeError
 from rendezvous.messages import PipeMessage, Send
-from rendezvous.records import Envelope, EnvelopeInfo
+from rendezvous.records import Envelope, EnvelopeInfo, check_advertise
 from rendezvous.status import Status
 
 
@@ -304,3 +306,65 @@ class Store(Protocol):
         """`enqueue` for a SEND that came over a link: items whose (device, message id)
         was stored before (even if since removed) are acknowledged, not stored again."""
         ...
+
+
+# --- what every backend shares: row shapes, quota texts, state merging -------------------
+ENVELOPE_COLUMNS = "seq, device, mid, sender, recipient, prio, blob, received_at"
+
+
+def queued_envelope(row: Any) -> QueuedEnvelope:
+    """A row of `ENVELOPE_COLUMNS` (a tuple or a database record) as a QueuedEnvelope."""
+    seq, device, mid, sender, recipient, prio, blob, received_at = row
+    return QueuedEnvelope(int(seq), Envelope(bytes(mid), sender, recipient, bytes(device),
+                                             prio, bytes(blob), received_at))
+
+
+def load_advertise(raw: bytes | None) -> dict[str, Any]:
+    """A device's stored advertisement, or {} if there is none or it no longer checks."""
+    if not raw:
+        return {}
+    try:
+        return check_advertise(unpackb(raw, max_bytes=8192), 8192)
+    except DecodeError:
+        return {}
+
+
+def per_recipient(rows: list[OutboundState]) -> list[OutboundState]:
+    """One state per recipient from its devices' rows: bounced if any device bounced,
+    else queued if any waits, else delivered."""
+    rank = {"bounced": 2, "queued": 1, "delivered": 0}
+    out: dict[str, OutboundState] = {}
+    for row in rows:
+        have = out.get(row.recipient)
+        if have is None or rank.get(row.state, 0) > rank.get(have.state, 0):
+            out[row.recipient] = row
+    return list(out.values())
+
+
+def over_quota(sender: str, adding: Mapping[str, list[int]], quota: Quota, *,
+               domains: Mapping[str, list[int]], usage: Mapping[str, list[int]],
+               pairs: Mapping[tuple[str, str], list[int]]) -> str | None:
+    """The refusal text if adding [count, bytes] per recipient passes a quota, given what is
+    queued now: per sending domain, per recipient and per (sender, recipient)."""
+    if quota.domain_count or quota.domain_bytes:
+        domain = sender.rpartition("@")[2]
+        used = domains.get(domain, [0, 0])
+        count = sum(a[0] for a in adding.values())
+        size = sum(a[1] for a in adding.values())
+        if (quota.domain_count and used[0] + count > quota.domain_count) or \
+                (quota.domain_bytes and used[1] + size > quota.domain_bytes):
+            return (f"quota exceeded for mail from {domain}: {used[0]} envelopes / "
+                    f"{used[1]} bytes queued here, limit {quota.domain_count} / "
+                    f"{quota.domain_bytes} per domain")
+    for address, (count, size) in adding.items():
+        used = usage.get(address, [0, 0])
+        if used[0] + count > quota.count or used[1] + size > quota.bytes:
+            return (f"quota exceeded for {address}: {used[0]} envelopes / {used[1]} bytes "
+                    f"queued, limit {quota.count} / {quota.bytes}")
+        mine = pairs.get((sender, address), [0, 0])
+        if (quota.sender_count and mine[0] + count > quota.sender_count) or \
+                (quota.sender_bytes and mine[1] + size > quota.sender_bytes):
+            return (f"quota exceeded for {address} from {sender}: {mine[0]} envelopes / "
+                    f"{mine[1]} bytes of yours queued there, limit {quota.sender_count} / "
+                    f"{quota.sender_bytes} per sender")
+    return None
