@@ -52,7 +52,7 @@ from crypto.codec import Fields, item_str, packb, unpackb
 from crypto.errors import DecodeError
 from overlay.transports.signalling import MAX_REASON, MAX_SIGNAL, SESSION_LEN, PipeSender
 from overlay.transports.stream import Stream, StreamBroken, StreamClosed
-from overlay.transports.tcp import TcpStream, _DirectTcpProtocol
+from overlay.transports.tcp import DirectTcpProtocol, TcpStream
 from rendezvous.backoff import Backoff
 from rendezvous.messages import PipeMessage
 from rendezvous.stun import (
@@ -293,7 +293,7 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...]) -> Pun
                 if not t.cancelled() and t.exception() is None:
                     t.result().close()  # connected while being cancelled: don't leak it
     try:
-        _, proto = await loop.create_connection(_DirectTcpProtocol, sock=sock)
+        _, proto = await loop.create_connection(DirectTcpProtocol, sock=sock)
     except BaseException:
         sock.close()
         raise

@@ -29,7 +29,7 @@ CLOSE_TIMEOUT = 2.0
 
 class _TcpBase:
     """Receive buffer and flow-control state of one connection (the protocol callbacks;
-    `StreamProtocol` and `_DirectTcpProtocol` say which asyncio protocol kind it is)."""
+    `StreamProtocol` and `DirectTcpProtocol` say which asyncio protocol kind it is)."""
 
     def __init__(
         self, read_high_water: int = READ_HIGH_WATER,
@@ -159,7 +159,7 @@ class StreamProtocol(_TcpBase, asyncio.Protocol):
     simulator feeds one the same way."""
 
 
-class _DirectTcpProtocol(_TcpBase, asyncio.BufferedProtocol):
+class DirectTcpProtocol(_TcpBase, asyncio.BufferedProtocol):
     """`StreamProtocol`'s reading, plus reading the socket straight into the reader's buffer.
 
     A sibling of `StreamProtocol`, not a subclass: uvloop treats a class that is both an
@@ -341,7 +341,7 @@ async def connect_tcp(
     try:
         async with asyncio.timeout(timeout):
             _, proto = await loop.create_connection(
-                lambda: _DirectTcpProtocol(read_high_water), host, port
+                lambda: DirectTcpProtocol(read_high_water), host, port
             )
     except (OSError, TimeoutError) as exc:
         raise StreamBroken(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from None
