@@ -38,7 +38,6 @@ dropped and counted.
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
 import logging
 import os
@@ -50,6 +49,7 @@ from typing import Any, ClassVar
 from crypto.address import parse_hostport
 from crypto.codec import Fields, item_str, packb, unpackb
 from crypto.errors import DecodeError
+from overlay.transports.endpoint import SignalledEndpoint
 from overlay.transports.signalling import MAX_REASON, MAX_SIGNAL, SESSION_LEN, PipeSender
 from overlay.transports.stream import Stream, StreamBroken, StreamClosed
 from overlay.transports.tcp import DirectTcpProtocol, TcpStream
@@ -62,14 +62,12 @@ from rendezvous.stun import (
     query_tcp_mapping,
     reusable_socket,
 )
-from rendezvous.taskset import TaskSet
 
 log = logging.getLogger(__name__)
 
 PUNCH_BUDGET = 3.0  # STUN, the PIPE round trip and the connects, on a home line: < 0.5 s
 MAX_CANDIDATES = 4
 RETRY = Backoff(base=0.02, cap=0.25, jitter=0.5)  # after a refused or unreachable connect
-_RECENT_SESSIONS = 1024
 
 
 class PunchError(StreamBroken):
@@ -310,59 +308,27 @@ class PunchSettings:
     max_incoming: int = 16
 
 
-@dataclass(slots=True)
-class PunchStats:
-    """Counters a node shows in `status`."""
-
-    dials: int = 0
-    dial_failures: int = 0
-    accepted: int = 0
-    accept_failures: int = 0
-    rejected: int = 0
-    bad_signals: int = 0
-
-
-@dataclass(slots=True)
-class _Dial:
-    address: str
-    device: bytes
-    reply: asyncio.Future[PunchAnswer | PunchReject]
-
-
-class PunchEndpoint:
+class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
     """Dials and accepts punched TCP streams for one device (see the module docstring)."""
+
+    NAME = "TCP punch"
+    TASKS = "punch"
+    TOO_MANY_DIALS = "too many TCP punches in progress"
 
     def __init__(self, pipe: PipeSender, settings: PunchSettings | None = None, *,
                  accept_from: Callable[[str, bytes], bool] | None = None) -> None:
-        self.settings = settings or PunchSettings()
-        self.stats = PunchStats()
-        self._pipe = pipe
-        self._accept_from = accept_from
-        self._dials: dict[bytes, _Dial] = {}
-        self._tasks = TaskSet("tcp-punch", logger=log)
-        self._incoming = 0
-        self._backlog: asyncio.Queue[Stream | None] | None = None
-        self._recent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        self._closed = False
+        super().__init__(pipe, accept_from=accept_from, tasks="tcp-punch", logger=log)
+        self.settings: PunchSettings = settings or PunchSettings()
 
     async def start(self) -> None:
-        self._backlog = asyncio.Queue(maxsize=self.settings.max_incoming)
+        self._open_backlog()
 
     async def aclose(self) -> None:
         """Stop answering, cancel punches, close streams nobody accepted yet."""
         if self._closed:
             return
         self._closed = True
-        for d in self._dials.values():
-            if not d.reply.done():
-                d.reply.cancel()
-        await self._tasks.aclose()
-        if self._backlog is not None:
-            while not self._backlog.empty():
-                stream = self._backlog.get_nowait()
-                if stream is not None:
-                    await stream.aclose()
-            self._backlog.put_nowait(None)  # wakes accept() waiters
+        await self._close_common()
 
     # --- signalling in ---------------------------------------------------------------
     def feed(self, msg: PipeMessage) -> bool:
@@ -376,39 +342,15 @@ class PunchEndpoint:
         if sig is None:
             return False
         if isinstance(sig, PunchOffer):
-            self._on_offer(msg, sig)
-            return True
-        dial = self._dials.get(sig.session)
-        if dial is None or dial.address != msg.sender or dial.device != msg.sender_device:
-            self.stats.bad_signals += 1  # late, duplicate, or not from the device we dialled
-        elif not dial.reply.done():
-            dial.reply.set_result(sig)
+            self._on_offer(msg, sig.session, sig)
+        else:
+            self._on_reply(msg, sig.session, sig)
         return True
 
-    def _on_offer(self, msg: PipeMessage, offer: PunchOffer) -> None:
-        key = msg.sender_device + offer.session
-        if key in self._recent:
-            return  # PIPE may repeat across a reconnect
-        self._recent[key] = None
-        if len(self._recent) > _RECENT_SESSIONS:
-            self._recent.popitem(last=False)
-        if self._closed or self._backlog is None:
-            reason = "not accepting"
-        elif self.settings.stun is None:
-            reason = "no STUN over TCP at our server"
-        elif self._accept_from is not None and not self._accept_from(msg.sender,
-                                                                       msg.sender_device):
-            reason = "not accepted"
-        elif self._incoming + self._backlog.qsize() >= self.settings.max_incoming:
-            reason = "busy"
-        else:
-            self._incoming += 1
-            self._tasks.spawn(self._answer(msg, offer), name=f"punch answer {msg.sender}")
-            return
-        self.stats.rejected += 1
-        if not self._closed:
-            self._tasks.spawn(self._reject(msg, offer.session, reason),
-                              name=f"punch reject {msg.sender}")
+    def _refusal(self, msg: PipeMessage) -> str | None:
+        if not self._closed and self._backlog is not None and self.settings.stun is None:
+            return "no STUN over TCP at our server"
+        return super()._refusal(msg)
 
     async def _reject(self, msg: PipeMessage, session: bytes, reason: str) -> None:
         try:
@@ -446,10 +388,8 @@ class PunchEndpoint:
                     device=msg.sender_device)
                 step = "the connect"
                 stream = await simultaneous_open(port, offer.candidates)
-            if self._backlog is None or self._backlog.full():
+            if not self._hand_over(stream):
                 raise PunchError("accept backlog full")
-            self._backlog.put_nowait(stream)
-            self.stats.accepted += 1
             handed = True
         except Exception as exc:  # one failed answer must not end the node
             self.stats.accept_failures += 1
@@ -457,35 +397,20 @@ class PunchEndpoint:
                 if isinstance(exc, TimeoutError) else str(exc)
             log.info("TCP punch from %s failed: %s", msg.sender, why)
         finally:
-            self._incoming -= 1
             if stream is not None and not handed:
                 await stream.aclose()
             if port is not None:
                 port.close()
 
-    async def accept(self) -> Stream:
-        """The next incoming stream; StreamClosed once the endpoint is closed."""
-        if self._backlog is None:
-            raise StreamClosed("endpoint not started")
-        stream = await self._backlog.get()
-        if stream is None:
-            self._backlog.put_nowait(None)
-            raise StreamClosed("TCP punch endpoint closed")
-        return stream
-
     # --- dialing ---------------------------------------------------------------------
     async def dial(self, address: str, device: bytes) -> Stream:
         """A punched stream to `device` of `address` within `budget`; PunchError says why
         not."""
-        if self._closed or self._backlog is None:
-            raise StreamClosed("TCP punch endpoint is not running")
-        if len(self._dials) >= self.settings.max_dials:
-            raise PunchError("too many TCP punches in progress")
-        self.stats.dials += 1
+        if (busy := self._cannot_dial()) is not None:
+            raise PunchError(busy)
         budget = self.settings.budget
         session = os.urandom(SESSION_LEN)
-        dial = _Dial(address, device, asyncio.get_running_loop().create_future())
-        self._dials[session] = dial
+        dial = self._dialling(session, address, device)
         port: PunchPort | None = None
         ok = False
         step = "STUN"
@@ -515,9 +440,7 @@ class PunchEndpoint:
                 raise StreamClosed("TCP punch endpoint closed during the dial") from None
             raise
         finally:
-            self._dials.pop(session, None)
-            if not ok:
-                self.stats.dial_failures += 1
+            self._dial_ended(session, ok)
             if port is not None:
                 port.close()
 

@@ -25,7 +25,6 @@ only from the device that was dialed. Bad payloads are dropped and counted.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import random
@@ -41,6 +40,7 @@ from aiortc import (
     sdp,
 )
 
+from overlay.transports.endpoint import SignalledEndpoint
 from overlay.transports.signalling import (
     Answer,
     Offer,
@@ -55,12 +55,10 @@ from overlay.transports.signalling import (
 from overlay.transports.stream import Stream, StreamBroken, StreamClosed
 from overlay.transports.webrtc_stream import ChannelTuning, WebRtcStream
 from rendezvous.messages import PipeMessage
-from rendezvous.taskset import TaskSet
 
 log = logging.getLogger(__name__)
 
 _CHANNEL_ID = 0
-_RECENT_SESSIONS = 1024
 
 
 class WebRtcConnectError(StreamBroken):
@@ -87,25 +85,6 @@ class WebRtcSettings:
         """Always explicit: aiortc's default would query a public STUN host."""
         urls = [f"stun:[{h}]:{p}" if ":" in h else f"stun:{h}:{p}" for h, p in self.stun]
         return RTCConfiguration(iceServers=[RTCIceServer(urls=urls)] if urls else [])
-
-
-@dataclass(slots=True)
-class WebRtcStats:
-    """Counters a node shows in `status`."""
-
-    dials: int = 0
-    dial_failures: int = 0
-    accepted: int = 0
-    accept_failures: int = 0
-    rejected: int = 0
-    bad_signals: int = 0
-
-
-@dataclass(slots=True)
-class _Dial:
-    address: str
-    device: bytes
-    reply: asyncio.Future[Answer | Reject]
 
 
 def _check_offer(text: str) -> None:
@@ -259,35 +238,31 @@ class AiortcChannels:
 
 
 # --- the signalling ------------------------------------------------------------------
-class WebRtcEndpoint:
+class WebRtcEndpoint(SignalledEndpoint[Offer, Answer | Reject]):
     """Dials and accepts WebRTC streams for one device (see the module docstring).
 
     `channels` makes the channels (default: aiortc's); `rng`, when given, draws the dial
     session ids (a simulation's repeatable run), else they come from `os.urandom`.
     """
 
+    NAME = "WebRTC"
+    TASKS = "webrtc"
+    TOO_MANY_DIALS = "too many WebRTC dials in progress"
+
     def __init__(self, pipe: PipeSender, settings: WebRtcSettings | None = None, *,
                  accept_from: Callable[[str, bytes], bool] | None = None,
                  channels: ChannelFactory | None = None,
                  rng: random.Random | None = None) -> None:
-        self.settings = settings or WebRtcSettings()
-        self.stats = WebRtcStats()
+        super().__init__(pipe, accept_from=accept_from, tasks="webrtc", logger=log)
+        self.settings: WebRtcSettings = settings or WebRtcSettings()
         self.channels: ChannelFactory = channels or AiortcChannels(self.settings)
-        self._pipe = pipe
-        self._accept_from = accept_from
         self._rng = rng
-        self._dials: dict[bytes, _Dial] = {}
-        self._tasks = TaskSet("webrtc", logger=log)
-        self._incoming = 0
-        self._backlog: asyncio.Queue[Stream | None] | None = None
-        self._recent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        self._closed = False
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         """Ready to dial and accept."""
         await self.channels.start()
-        self._backlog = asyncio.Queue(maxsize=self.settings.max_incoming)
+        self._open_backlog()
 
     async def aclose(self) -> None:
         """Stop answering, cancel negotiations, close streams nobody accepted yet."""
@@ -295,16 +270,7 @@ class WebRtcEndpoint:
             return
         self._closed = True
         await self.channels.aclose()
-        for d in self._dials.values():
-            if not d.reply.done():
-                d.reply.cancel()
-        await self._tasks.aclose()
-        if self._backlog is not None:
-            while not self._backlog.empty():
-                stream = self._backlog.get_nowait()
-                if stream is not None:
-                    await stream.aclose()
-            self._backlog.put_nowait(None)  # wakes accept() waiters
+        await self._close_common()
 
     async def __aenter__(self) -> WebRtcEndpoint:
         await self.start()
@@ -329,38 +295,12 @@ class WebRtcEndpoint:
 
     def _on_signal(self, msg: PipeMessage, sig: Signal) -> None:
         if isinstance(sig, Offer):
-            self._on_offer(msg, sig)
-            return
-        dial = self._dials.get(sig.session)
-        if dial is None or dial.address != msg.sender or dial.device != msg.sender_device:
-            self.stats.bad_signals += 1  # late, duplicate, or not from the device we dialed
-            return
-        if not dial.reply.done():
-            dial.reply.set_result(sig)
-
-    def _on_offer(self, msg: PipeMessage, offer: Offer) -> None:
-        key = msg.sender_device + offer.session
-        if key in self._recent:
-            return  # PIPE may repeat across a reconnect
-        self._recent[key] = None
-        if len(self._recent) > _RECENT_SESSIONS:
-            self._recent.popitem(last=False)
-        if self._closed or self._backlog is None:
-            reason = "not accepting"
-        elif self._accept_from is not None and not self._accept_from(msg.sender,
-                                                                       msg.sender_device):
-            reason = "not accepted"
-        elif self._incoming + self._backlog.qsize() >= self.settings.max_incoming:
-            reason = "busy"
+            self._on_offer(msg, sig.session, sig)
         else:
-            self._incoming += 1
-            self._tasks.spawn(self._answer(msg, offer), name=f"webrtc answer {msg.sender}")
-            return
-        self.stats.rejected += 1
-        if not self._closed:
-            self._tasks.spawn(
-                self._send(msg.sender, msg.sender_device, Reject(offer.session, reason)),
-                name=f"webrtc reject {msg.sender}")
+            self._on_reply(msg, sig.session, sig)
+
+    async def _reject(self, msg: PipeMessage, session: bytes, reason: str) -> None:
+        await self._send(msg.sender, msg.sender_device, Reject(session, reason))
 
     async def _send(self, to: str, device: bytes, sig: Signal) -> None:
         try:
@@ -397,30 +337,17 @@ class WebRtcEndpoint:
             await self._pipe.pipe(msg.sender, encode_signal(
                 Answer(offer.session, negotiation.sdp)), device=msg.sender_device)
             stream = await self._opened(negotiation, "no connection")
-            if self._backlog is None or self._backlog.full():
+            if not self._hand_over(stream):
                 raise WebRtcConnectError("accept backlog full")
-            self._backlog.put_nowait(stream)
-            self.stats.accepted += 1
             handed = True
         except Exception as exc:  # one failed answer must not end the node
             self.stats.accept_failures += 1
             log.info("WebRTC from %s failed: %s", msg.sender, exc)
         finally:
-            self._incoming -= 1
             if stream is not None and not handed:
                 await stream.aclose()
             if negotiation is not None:
                 await negotiation.aclose()
-
-    async def accept(self) -> Stream:
-        """The next incoming stream; StreamClosed once the endpoint is closed."""
-        if self._backlog is None:
-            raise StreamClosed("endpoint not started")
-        stream = await self._backlog.get()
-        if stream is None:
-            self._backlog.put_nowait(None)
-            raise StreamClosed("WebRTC endpoint closed")
-        return stream
 
     # --- dialing ---------------------------------------------------------------------
     async def dial(self, address: str, device: bytes, *, hold: float = 0) -> Stream:
@@ -430,15 +357,11 @@ class WebRtcEndpoint:
         offline now (the seed's held request): it answers as soon as it comes online, and
         the transfer starts without a new request. Keep `hold` within `answer_timeout`.
         """
-        if self._closed or self._backlog is None:
-            raise StreamClosed("WebRTC endpoint is not running")
-        if len(self._dials) >= self.settings.max_dials:
-            raise WebRtcConnectError("too many WebRTC dials in progress")
-        self.stats.dials += 1
+        if (busy := self._cannot_dial()) is not None:
+            raise WebRtcConnectError(busy)
         s = self.settings
         session = self._rng.randbytes(16) if self._rng is not None else os.urandom(16)
-        dial = _Dial(address, device, asyncio.get_running_loop().create_future())
-        self._dials[session] = dial
+        dial = self._dialling(session, address, device)
         negotiation: Negotiation | None = None
         ok = False
         try:
@@ -470,8 +393,6 @@ class WebRtcEndpoint:
                 raise StreamClosed("WebRTC endpoint closed during the dial") from None
             raise
         finally:
-            self._dials.pop(session, None)
-            if not ok:
-                self.stats.dial_failures += 1
+            self._dial_ended(session, ok)
             if negotiation is not None:
                 await negotiation.aclose()

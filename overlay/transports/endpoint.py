@@ -1,0 +1,194 @@
+"""What an endpoint signalled over PIPE does whatever connection it makes.
+
+The WebRTC endpoint and the TCP punch endpoint both trade an offer and an answer (or a
+reject) over PIPE, keyed by a dial session the dialer draws. `SignalledEndpoint` keeps
+their common part: the dials waiting for a reply (a reply counts only from the device that
+was dialled), offers seen recently (PIPE may repeat one across a reconnect), the admission
+of an offer (closed, not accepted, busy), the bounded backlog of accepted streams, the
+counters and the closing. A subclass makes the connection: `_answer` for an admitted
+offer, `_reject` to say no, and its own `dial`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from overlay.transports.signalling import PipeSender
+from overlay.transports.stream import Stream, StreamClosed
+from rendezvous.messages import PipeMessage
+from rendezvous.taskset import TaskSet
+
+RECENT_SESSIONS = 1024  # offers remembered to drop PIPE's repeats
+
+Offer = TypeVar("Offer")
+Reply = TypeVar("Reply")
+
+
+class EndpointLimits(Protocol):
+    """The settings the common part reads (at each use: a node may replace them)."""
+
+    @property
+    def max_incoming(self) -> int: ...
+
+    @property
+    def max_dials(self) -> int: ...
+
+
+@dataclass(slots=True)
+class EndpointStats:
+    """Counters a node shows in `status`."""
+
+    dials: int = 0
+    dial_failures: int = 0
+    accepted: int = 0
+    accept_failures: int = 0
+    rejected: int = 0
+    bad_signals: int = 0
+
+
+@dataclass(slots=True)
+class PendingDial(Generic[Reply]):
+    """A dial waiting for the callee's answer or reject."""
+
+    address: str
+    device: bytes
+    reply: asyncio.Future[Reply]
+
+
+class SignalledEndpoint(Generic[Offer, Reply]):
+    """The common part of a PIPE-signalled endpoint (see the module docstring)."""
+
+    NAME: ClassVar[str]  # in messages: "WebRTC", "TCP punch"
+    TASKS: ClassVar[str]  # the prefix of its task names
+    TOO_MANY_DIALS: ClassVar[str]  # the refusal when `max_dials` are in progress
+
+    settings: EndpointLimits
+
+    def __init__(self, pipe: PipeSender, *,
+                 accept_from: Callable[[str, bytes], bool] | None, tasks: str,
+                 logger: logging.Logger) -> None:
+        self.stats = EndpointStats()
+        self._pipe = pipe
+        self._accept_from = accept_from
+        self._dials: dict[bytes, PendingDial[Reply]] = {}
+        self._tasks = TaskSet(tasks, logger=logger)
+        self._incoming = 0
+        self._backlog: asyncio.Queue[Stream | None] | None = None
+        self._recent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._closed = False
+
+    # --- lifecycle -------------------------------------------------------------------
+    def _open_backlog(self) -> None:
+        self._backlog = asyncio.Queue(maxsize=self.settings.max_incoming)
+
+    async def _close_common(self) -> None:
+        """Cancel the dials waiting for a reply, end the answers, close the streams nobody
+        accepted yet and wake `accept()` waiters."""
+        for d in self._dials.values():
+            if not d.reply.done():
+                d.reply.cancel()
+        await self._tasks.aclose()
+        if self._backlog is not None:
+            while not self._backlog.empty():
+                stream = self._backlog.get_nowait()
+                if stream is not None:
+                    await stream.aclose()
+            self._backlog.put_nowait(None)
+
+    # --- signalling in ---------------------------------------------------------------
+    def _on_reply(self, msg: PipeMessage, session: bytes, reply: Reply) -> None:
+        dial = self._dials.get(session)
+        if dial is None or dial.address != msg.sender or dial.device != msg.sender_device:
+            self.stats.bad_signals += 1  # late, duplicate, or not from the device we dialled
+        elif not dial.reply.done():
+            dial.reply.set_result(reply)
+
+    def _refusal(self, msg: PipeMessage) -> str | None:
+        """Why an offer from `msg`'s device is not answered now, or None."""
+        if self._closed or self._backlog is None:
+            return "not accepting"
+        if self._accept_from is not None and not self._accept_from(msg.sender,
+                                                                    msg.sender_device):
+            return "not accepted"
+        if self._incoming + self._backlog.qsize() >= self.settings.max_incoming:
+            return "busy"
+        return None
+
+    def _on_offer(self, msg: PipeMessage, session: bytes, offer: Offer) -> None:
+        key = msg.sender_device + session
+        if key in self._recent:
+            return  # PIPE may repeat across a reconnect
+        self._recent[key] = None
+        if len(self._recent) > RECENT_SESSIONS:
+            self._recent.popitem(last=False)
+        reason = self._refusal(msg)
+        if reason is None:
+            self._incoming += 1
+            self._tasks.spawn(self._answering(msg, offer),
+                              name=f"{self.TASKS} answer {msg.sender}")
+            return
+        self.stats.rejected += 1
+        if not self._closed:
+            self._tasks.spawn(self._reject(msg, session, reason),
+                              name=f"{self.TASKS} reject {msg.sender}")
+
+    async def _answering(self, msg: PipeMessage, offer: Offer) -> None:
+        try:
+            await self._answer(msg, offer)
+        finally:
+            self._incoming -= 1
+
+    def _answer(self, msg: PipeMessage, offer: Offer) -> Coroutine[Any, Any, None]:
+        """Answer an admitted offer and hand the stream to `_hand_over`; never raises."""
+        raise NotImplementedError
+
+    def _reject(self, msg: PipeMessage, session: bytes,
+                reason: str) -> Coroutine[Any, Any, None]:
+        """Tell the dialer why not (a courtesy: its dial times out otherwise)."""
+        raise NotImplementedError
+
+    # --- accepting -------------------------------------------------------------------
+    def _hand_over(self, stream: Stream) -> bool:
+        """Queue an answered stream for `accept()`; False if the backlog is full."""
+        if self._backlog is None or self._backlog.full():
+            return False
+        self._backlog.put_nowait(stream)
+        self.stats.accepted += 1
+        return True
+
+    async def accept(self) -> Stream:
+        """The next incoming stream; StreamClosed once the endpoint is closed."""
+        if self._backlog is None:
+            raise StreamClosed("endpoint not started")
+        stream = await self._backlog.get()
+        if stream is None:
+            self._backlog.put_nowait(None)
+            raise StreamClosed(f"{self.NAME} endpoint closed")
+        return stream
+
+    # --- dialing ---------------------------------------------------------------------
+    def _dialling(self, session: bytes, address: str, device: bytes) -> PendingDial[Reply]:
+        """Register a dial (the subclass has checked `_can_dial`); it must `_dial_ended`."""
+        self.stats.dials += 1
+        dial: PendingDial[Reply] = PendingDial(address, device,
+                                               asyncio.get_running_loop().create_future())
+        self._dials[session] = dial
+        return dial
+
+    def _dial_ended(self, session: bytes, ok: bool) -> None:
+        self._dials.pop(session, None)
+        if not ok:
+            self.stats.dial_failures += 1
+
+    def _cannot_dial(self) -> str | None:
+        """Why no dial may start now, or None; raises StreamClosed if not running."""
+        if self._closed or self._backlog is None:
+            raise StreamClosed(f"{self.NAME} endpoint is not running")
+        if len(self._dials) >= self.settings.max_dials:
+            return self.TOO_MANY_DIALS
+        return None
