@@ -22,6 +22,7 @@ from typing import Any
 from sim.deploy import EPOCH, SimNode, deploy_rendezvous
 from sim.network.latency import FixedLatency
 from sim.network.net import WIRE_HEADERS
+from sim.scenarios.family_video import write_clip
 from sim.simulation import Simulation
 
 DOMAIN = "example.net"
@@ -42,19 +43,6 @@ class FidelitySetup:
     # Charge Ethernet/IP/TCP headers on the links as `tc tbf` does (sim.network.net's
     # WIRE_HEADERS); False: payload only, the simulator's default.
     headers: bool = True
-
-
-def write_file(path: Path, size: int, seed: str) -> None:
-    """`size` random bytes (deterministic for `seed`), written in 1 MiB pieces."""
-    import random
-
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 1 << 20)
-            f.write(rng.randbytes(n))
-            left -= n
 
 
 def summarize(entry: dict[str, Any], sender_label: str, t0: float) -> dict[str, float]:
@@ -84,7 +72,7 @@ def simulate(setup: FidelitySetup, *, co_recipients: bool) -> list[dict[str, flo
         hosts = [sim.add_host(f"r{i}", up=setup.up, down=setup.down)
                  for i in range(setup.recipients)]
         path = root / "file.bin"
-        write_file(path, setup.size, f"{setup.seed}/fidelity")
+        write_clip(path, setup.size, f"{setup.seed}/fidelity")
         options = NodeOptions(co_recipients=co_recipients)
 
         async def main() -> list[dict[str, float]]:

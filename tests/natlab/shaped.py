@@ -163,11 +163,12 @@ def compare(recipients: int, size: int, *, up_bit: int, down_bit: int | None,
     simulated first-byte times and bytes by source; "sim_by_seed" the simulated times for
     seeds seed, seed + 1, ... (`sim_seeds` of them: the simulated run is one sample of
     when each co-recipient is found, and each seed draws other keys and timings)."""
-    from sim.fidelity import FidelitySetup, simulate, write_file
+    from sim.fidelity import FidelitySetup, simulate
+    from sim.scenarios.family_video import write_clip
 
     root.mkdir(parents=True, exist_ok=True)
     path = root / "file.bin"
-    write_file(path, size, f"{seed}/fidelity")
+    write_clip(path, size, f"{seed}/fidelity")
     setup = FidelitySetup(recipients=recipients, size=size, up=up_bit / 8,
                           down=None if down_bit is None else down_bit / 8, seed=seed)
     out: dict[str, dict[str, Any]] = {}
