@@ -58,6 +58,7 @@ EXIT_CODES = """exit status:
 with --json, an error is {"error": TEXT, "code": STATUS} on stdout"""
 JSON_HELP = "machine-readable output on stdout (errors too: {\"error\": ..., \"code\": N})"
 MiB = 1 << 20
+PROGRESS_WAIT_MS = 200  # the longest `fetch --wait` lets the node hold a progress call
 
 
 class CliError(Exception):
@@ -536,13 +537,21 @@ async def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> int:
                       RateColumn(), TimeRemainingColumn(), console=bar_console) as bar:
             task = bar.add_task(_m(entry["title"][:40] or entry["id"][:12]), total=entry["size"],
                                 completed=start, resumed_from=start)
+            seen = None
             while True:
-                e = await c.call("progress", id=entry["id"])
+                asked = time.monotonic()
+                # The node answers when the state or progress changes, else after
+                # wait_ms: the end of the download is seen at once, the bar moves.
+                e = await c.call("progress", id=entry["id"], wait_ms=PROGRESS_WAIT_MS)
                 bar.update(task, completed=int(e["progress"] * e["size"]),
                            description=f"{_m(e['title'][:30])} \\[{e['state']}]")
                 if e["state"] in ("complete", "failed"):
                     break
-                await asyncio.sleep(0.2)
+                now = (e["state"], e["progress"])
+                if now == seen:  # a node from before wait_ms answers at once
+                    await asyncio.sleep(max(0.0, asked + PROGRESS_WAIT_MS / 1000
+                                            - time.monotonic()))
+                seen = now
     if e["state"] == "failed":
         raise CliError(f"failed: {e.get('error')}")
     return _fetched(e, args)

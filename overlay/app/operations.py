@@ -9,6 +9,7 @@ prints.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,6 +37,10 @@ from rendezvous.client import RendezvousClient, RendezvousError
 log = logging.getLogger("peerpost.node")
 WITHDRAWN_REASON = "cancelled by the sender"
 CANCELLED_TEXT = "cancelled; fetch it to go on (the chunks already here are kept)"
+# The longest a `progress` call waits for a change; `fetch --wait` asks for 200 ms, so
+# its bar still moves about five times a second.
+MAX_PROGRESS_WAIT_MS = 1000
+_ENDED = (InboxState.COMPLETE, InboxState.FAILED)
 OFFLINE_TEXT = ("the node is offline: the server is unreachable; nothing was sent; try again "
                 "when `peerpost info` shows connected")
 
@@ -200,7 +205,31 @@ class ControlOperations:
         return self.entry_json(fresh or e)
 
     async def progress(self, a: Fields) -> Any:
-        return self.entry_json(self.find(a.str("id", min_len=1, max_len=32)))
+        """The entry as `inbox` shows it. With `wait_ms` (at most MAX_PROGRESS_WAIT_MS) and
+        a download not yet complete or failed, the answer waits until its state or
+        progress changes, or that long: `fetch --wait` returns the moment the download
+        ends instead of up to a poll later. Without it, the answer comes at once."""
+        e = self.find(a.str("id", min_len=1, max_len=32))
+        wait_ms = a.int("wait_ms", lo=0, hi=MAX_PROGRESS_WAIT_MS, optional=True) or 0
+        if wait_ms and e.state not in _ENDED:
+            e = await self._changed(e, wait_ms / 1000)
+        return self.entry_json(e)
+
+    async def _changed(self, e: InboxEntry, wait: float) -> InboxEntry:
+        """`e` as stored once its state or progress differs from now, or after `wait`
+        seconds; woken by the download queue's change event, never by polling."""
+        seen = (e.state, e.chunks_held)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                while True:
+                    await self.downloads.changed().wait()
+                    fresh = self.inbox.get(e.id)
+                    if fresh is None:  # removed meanwhile: the next call says so
+                        break
+                    e = fresh
+                    if (e.state, e.chunks_held) != seen:
+                        break
+        return e
 
     async def status(self, a: Fields) -> Any:
         want = a.str("id", max_len=32, optional=True)

@@ -87,6 +87,7 @@ class DownloadQueue:
         self.active: dict[bytes, Activity] = {}
         self._tasks = TaskSet("downloads", logger=log)  # keyed by message id
         self._wake = asyncio.Event()
+        self._changes = asyncio.Event()  # set, and replaced, at each change (see changed())
         self._requested: set[bytes] = set()  # `fetch ID` while auto-download is off
         self._priority: dict[bytes, bool] = {}  # running downloads: from a priority sender?
         self._preempting: set[bytes] = set()
@@ -96,6 +97,16 @@ class DownloadQueue:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next change of any download: progress recorded, a state
+        entered (downloading, complete, failed, retrying), a cancel. `fetch --wait` waits
+        on it (the control `progress` op) instead of polling the inbox."""
+        return self._changes
+
+    def _changed(self) -> None:
+        event, self._changes = self._changes, asyncio.Event()
+        event.set()
 
     def request(self, message_id: bytes) -> None:
         """The user asked for this message (`peerpost fetch`)."""
@@ -110,6 +121,7 @@ class DownloadQueue:
             self.inbox.transition(message_id, InboxState.DOWNLOADING)
         self._requested.add(message_id)
         self._stuck.discard(message_id)
+        self._changed()
         self.wake()
 
     async def cancel(self, message_id: bytes) -> None:
@@ -119,6 +131,7 @@ class DownloadQueue:
         self.active.pop(message_id, None)
         task = self._tasks.get(message_id)
         self._tasks.cancel(message_id)
+        self._changed()
         if task is not None:
             await asyncio.wait([task])
 
@@ -180,6 +193,7 @@ class DownloadQueue:
         try:
             if entry.state is not InboxState.DOWNLOADING:
                 entry = self.inbox.transition(mid, InboxState.DOWNLOADING)
+                self._changed()
             try:
                 msg = decode_location(entry.message)
             except CryptoError as exc:
@@ -193,6 +207,7 @@ class DownloadQueue:
                 if not first[0] and held:
                     first[0] = True
                     self.inbox.mark_time(mid, "first_byte", self.wall())
+                self._changed()
 
             try:
                 path = await self._fetch(entry, msg, act, progress)
@@ -209,6 +224,7 @@ class DownloadQueue:
                 return
             self.inbox.mark_time(mid, "completed", self.wall())
             done = self.inbox.transition(mid, InboxState.COMPLETE, path=path)
+            self._changed()  # before the receipt's round trip
             log.info("message %s complete: %s", mid.hex(), path)
             await self._on_complete(done, msg)
         except asyncio.CancelledError:
@@ -222,6 +238,7 @@ class DownloadQueue:
             self._priority.pop(mid, None)
             self._preempting.discard(mid)
             self._requested.discard(mid)
+            self._changed()  # retrying, failed, or paused for a priority sender
 
     def _fail(self, mid: bytes, reason: str) -> None:
         """Mark the message failed with `reason`; if even that fails, leave it alone."""
