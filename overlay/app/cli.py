@@ -22,26 +22,19 @@ import sys
 import time
 import unicodedata
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from crypto.address import parse_hostport
 from crypto.errors import DecodeError
 from overlay.app.control import ControlClient, ControlError, NodeNotRunning
 from overlay.app.home import HomeError, NodeHome, default_home
-from overlay.app.progress import MiBColumn, RateColumn
 from rendezvous.cliutil import add_completion, add_version, completion_script, finish
 from rendezvous.logfmt import FORMATS, LEVELS, configure
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -68,8 +61,44 @@ class CliError(Exception):
         super().__init__(message)
         self.code = code
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)  # error text is never cut mid-sentence
+class _LazyConsole:
+    """A rich Console made at its first use: importing rich, and tearing it down at exit,
+    cost about 50 ms of every command, and `send` prints its id without it."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._made: Console | None = None
+
+    def get(self) -> Console:
+        if self._made is None:
+            from rich.console import Console
+
+            self._made = Console(**self._options)
+        return self._made
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+console: Any = _LazyConsole()
+err_console: Any = _LazyConsole(stderr=True, soft_wrap=True)  # error text is never cut
+
+
+def _rich(c: Any) -> Console:
+    """The Console itself, for code that wants one (a test may have put a real one)."""
+    return c.get() if isinstance(c, _LazyConsole) else c
+
+
+def _quiet() -> Console:
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
+def _table(*args: Any, **kw: Any) -> Table:
+    from rich.table import Table
+
+    return Table(*args, **kw)
 
 
 def _clean(value: object) -> str:
@@ -86,12 +115,22 @@ def _clean(value: object) -> str:
 
 def _m(value: object) -> str:
     """Outside text for a rich markup string: cleaned and markup-escaped."""
+    from rich.markup import escape
+
     return escape(_clean(value))
 
 
 def _t(value: object) -> Text:
     """Outside text for a table cell: cleaned, never read as markup."""
+    from rich.text import Text
+
     return Text(_clean(value))
+
+
+def _styled(text: str, style: str) -> Text:
+    from rich.text import Text
+
+    return Text(text, style=style)
 
 
 def _default_home() -> str:
@@ -276,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from overlay.app.demo import run_demo
 
-            return run_demo(args, console)
+            return run_demo(args, _rich(console))
         return _run(_COMMANDS[args.command](home, args))
     except CliError as exc:
         return _fail(args, str(exc), exc.code)
@@ -321,8 +360,8 @@ def _init(home: NodeHome, args: argparse.Namespace) -> int:
     from overlay.app.setup import init_home
 
     if not args.json:
-        return init_home(home, args, console)
-    rc = init_home(home, args, Console(file=io.StringIO()))
+        return init_home(home, args, _rich(console))
+    rc = init_home(home, args, _quiet())
     config = home.load_config()
     print(json.dumps({"address": config.address, "server": config.server,
                       "server_key": config.server_key, "home": str(home.root),
@@ -337,14 +376,14 @@ def _devices(home: NodeHome, args: argparse.Namespace) -> int:
         raise CliError("usage: peerpost devices vouch KEY", EXIT_USAGE)
     if not args.json:
         if args.action == "key":
-            return device_key(home, console)
-        return vouch_device(home, args.key, console)
+            return device_key(home, _rich(console))
+        return vouch_device(home, args.key, _rich(console))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         if args.action == "key":
-            rc = device_key(home, Console(file=io.StringIO()))
+            rc = device_key(home, _quiet())
         else:
-            rc = vouch_device(home, args.key, Console(file=io.StringIO()))
+            rc = vouch_device(home, args.key, _quiet())
     print(json.dumps({args.action: out.getvalue().strip()}))
     return rc
 
@@ -453,7 +492,7 @@ async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
-    t = Table(title=f"inbox of {_m(home.root)}", expand=False)
+    t = _table(title=f"inbox of {_m(home.root)}", expand=False)
     # 80 columns: 16 of borders and padding, 8 id, 9 size, state up to 16; `from` (20 to
     # 24, a whole common address) and `title` share the rest and fold. A min_width on
     # `state` made rich lay the table out one column too wide and crop it.
@@ -532,7 +571,11 @@ async def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> int:
         return _fetched(entry, args)
     async with ControlClient(home.control_path) as c:
         start = int(entry["progress"] * entry["size"])
-        bar_console = err_console if args.json else console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from overlay.app.progress import MiBColumn, RateColumn
+
+        bar_console = _rich(err_console if args.json else console)
         with Progress(TextColumn("{task.description}"), BarColumn(), MiBColumn(),
                       RateColumn(), TimeRemainingColumn(), console=bar_console) as bar:
             task = bar.add_task(_m(entry["title"][:40] or entry["id"][:12]), total=entry["size"],
@@ -579,7 +622,7 @@ async def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(items, indent=2))
         return 0
-    t = Table(title="sent messages")
+    t = _table(title="sent messages")
     for col in ("id", "title", "size", "recipient", "state", "updated"):
         t.add_column(col)
     for m in items:
@@ -657,7 +700,7 @@ async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(prefs, indent=2))
         return 0
-    t = Table(title="preferences")
+    t = _table(title="preferences")
     t.add_column("preference")
     t.add_column("value")
     for k, v in prefs.items():  # the names `prefs set` takes
@@ -701,7 +744,7 @@ async def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(contacts, indent=2))
         return 0
-    t = Table(title="contacts (compare fingerprints out of band)")
+    t = _table(title="contacts (compare fingerprints out of band)")
     for col in ("address", "fingerprints", "first seen", "note"):
         t.add_column(col)
     for c in contacts:
@@ -728,7 +771,7 @@ async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    t = Table(title="this node", show_header=False)
+    t = _table(title="this node", show_header=False)
     t.add_column("what")
     t.add_column("value")
     t.add_row("address", _t(info["address"]))
@@ -737,7 +780,7 @@ async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
     t.add_row("direct transfers", _t(":".join(str(x) for x in info["listen"])))
     if "inbox" in info:
         full = info["inbox"].get("full")
-        t.add_row("inbox", Text(_inbox_line(info["inbox"]), style="bold red" if full else ""))
+        t.add_row("inbox", _styled(_inbox_line(info["inbox"]), "bold red" if full else ""))
     for k, v in sorted(info["counters"].items()):
         t.add_row(_t(k), _t(v))
     console.print(t)
