@@ -8,16 +8,29 @@ and `peerpost-sim` all import it downward.
 from __future__ import annotations
 
 import argparse
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Sequence
+from typing import Any
 
 SHELLS = ("bash", "zsh", "tcsh")
 
 
 def package_version() -> str:
+    # importlib.metadata and the lookup cost about 15 ms: only when --version asks.
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("peerpost")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown"
+
+
+class _VersionAction(argparse._VersionAction):
+    """argparse's `version` action, the version looked up when --version is given."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        self.version = f"{parser.prog} {package_version()}"
+        super().__call__(parser, namespace, values, option_string)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -37,8 +50,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--version", action="version",
-                        version=f"{parser.prog} {package_version()}",
+    parser.add_argument("--version", action=_VersionAction,
                         help="print the version and exit")
 
 

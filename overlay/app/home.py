@@ -27,11 +27,15 @@ import shlex
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
-from crypto.identity import DeviceIdentity
-from rendezvous.domainkey import decode_key
+
+if TYPE_CHECKING:
+    # PyNaCl, which both need, costs about 15 ms of every CLI command's start; `send`,
+    # `inbox`, ... only find the control socket here: imported where keys are read.
+    from crypto.identity import DeviceIdentity
 
 CONFIG_VERSION = 1
 DEFAULT_WEB = "127.0.0.1:8470"  # the web inbox; another free port if taken, "off": none
@@ -84,6 +88,8 @@ class NodeConfig:
 
     def pinned_key(self) -> bytes | None:
         """The pinned server key, or None if none is pinned yet."""
+        from rendezvous.domainkey import decode_key
+
         return decode_key(self.server_key, "server_key") if self.server_key else None
 
     def to_json(self) -> str:
@@ -199,6 +205,8 @@ class NodeHome:
             raise HomeError(f"{self.config_path}: {exc}") from None
 
     def load_identity(self) -> DeviceIdentity:
+        from crypto.identity import DeviceIdentity
+
         if not self.identity_path.exists():
             raise HomeError(f"no identity in {self.root}: run `peerpost init` first")
         try:
