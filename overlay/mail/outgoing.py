@@ -8,6 +8,7 @@ nothing half-sent: no server copy, no outbox row.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from overlay.mail.contacts import Contacts, PinResult
 from overlay.mail.describe import describe_media, make_thumbnail
 from overlay.mail.outbox import Outbox, RecipientStatus
 from rendezvous.client import RendezvousClient, RendezvousError
+from rendezvous.records import FingerResult
 from rendezvous.status import Status
 
 log = logging.getLogger("peerpost.send")
@@ -195,13 +197,21 @@ class MailSender:
         addresses = check_recipients(to)
         if not await asyncio.to_thread(path.is_file):
             raise SendError(f"no such file: {path}")
-        recipients = [await self._recipient(addr) for addr in addresses]
-        # Naming the file (a hash pass on the store's threads) and describing it (PyAV's
-        # probe and thumbnail, in a thread) both only read it: at once, not one after the
-        # other. Either one's error is raised as it was before.
-        named, described = await asyncio.gather(
-            self.store.add_local_file(path), describe(path), return_exceptions=True)
-        if isinstance(named, BaseException):
+        # Describing the file (PyAV's probe and thumbnail, in a thread) only reads it: it
+        # starts now, beside the FINGER round trips, and goes on beside the hash pass that
+        # names the file (the store's threads), which waits for the recipients because it
+        # records the content. A refused recipient cancels the description.
+        describing = asyncio.gather(describe(path), return_exceptions=True)
+        try:
+            recipients = await self._recipients(addresses)
+            named, (described,) = await asyncio.gather(
+                self.store.add_local_file(path), describing, return_exceptions=True)
+        finally:
+            if not describing.done():  # a recipient was refused
+                describing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await describing
+        if isinstance(named, BaseException):  # either one's error, as it was raised before
             raise named
         if isinstance(described, BaseException):
             raise described
@@ -225,11 +235,31 @@ class MailSender:
                  ", ".join(addresses))
         return mid
 
+    async def _recipients(self, addresses: list[str]) -> list[Recipient]:
+        """Each address's Recipient: the FINGERs go out at once (one round trip, not one
+        per address), the answers are judged in order, so the first refused address is
+        the error and the keys of the addresses after it are not pinned, as one by one."""
+        answers = await asyncio.gather(*(self.rendezvous.finger(a) for a in addresses),
+                                       return_exceptions=True)
+        out = []
+        for addr, answer in zip(addresses, answers, strict=True):
+            if isinstance(answer, BaseException) and not isinstance(answer, RendezvousError):
+                raise answer
+            out.append(self._judge(addr, answer))
+        return out
+
     async def _recipient(self, addr: str) -> Recipient:
         """`addr`'s devices from FINGER, sealed to only if their keys are pinned."""
         try:
-            info = await self.rendezvous.finger(addr)
+            answer: FingerResult | RendezvousError = await self.rendezvous.finger(addr)
         except RendezvousError as exc:
+            answer = exc
+        return self._judge(addr, answer)
+
+    def _judge(self, addr: str, answer: FingerResult | RendezvousError) -> Recipient:
+        """The Recipient for `addr` given its FINGER answer, or SendError."""
+        if isinstance(answer, RendezvousError):
+            exc = answer
             remote = domain_of(addr)
             if exc.status == Status.UNAVAILABLE and remote != domain_of(self.address):
                 # Its server is out of reach: seal to the keys pinned for it, and the
@@ -242,6 +272,7 @@ class MailSender:
                 raise SendError(f"{remote} is unreachable and {addr}'s keys are unknown; "
                                 "try again later") from None
             raise SendError(f"{addr}: {exc}") from None
+        info = answer
         keys = [d.verify_key for d in info.devices]
         if not keys:
             raise SendError(f"{addr}: no device is registered for this address")
