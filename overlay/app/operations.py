@@ -41,6 +41,7 @@ CANCELLED_TEXT = "cancelled; fetch it to go on (the chunks already here are kept
 # its bar still moves about five times a second.
 MAX_PROGRESS_WAIT_MS = 1000
 _ENDED = (InboxState.COMPLETE, InboxState.FAILED)
+SEND_RECONNECT_WAIT = 2.0  # seconds a send waits for a session that is being re-established
 OFFLINE_TEXT = ("the node is offline: the server is unreachable; nothing was sent; try again "
                 "when `peerpost info` shows connected")
 
@@ -109,7 +110,13 @@ class ControlOperations:
         (FINGER), so an offline node has nothing to seal to and keeps no queue."""
         to = a.list("to", _item_text, max_items=64) or ()
         if not self.rendezvous.connected:
-            raise ControlError(OFFLINE_TEXT)
+            # A reconnect in progress (the server restarted, or the node fails over to the
+            # domain's next server) takes well under a second: a send in that moment waits
+            # for it rather than failing.
+            try:
+                await self.rendezvous.wait_connected(SEND_RECONNECT_WAIT)
+            except RendezvousError:
+                raise ControlError(OFFLINE_TEXT) from None
         try:
             mid = await self.sender.send(Path(a.str("path", max_len=4096)), list(to),
                                          a.str("title", max_len=200),
