@@ -17,13 +17,16 @@ from crypto.content import HASH_LEN, KEY_LEN, LeafScheme, check_layout
 from crypto.errors import DecodeError
 from crypto.identity import PEER_ID_LEN
 
-# Version 2: the content id's leaves are keyed hashes of the plaintext chunks
-# (LeafScheme.KEYED_PLAIN). Version 1 (leaves hash the sealed chunks) is still read, so mail
-# sent before the change downloads as it was named; a node that knows only version 1
-# refuses a version 2 message whole ("unsupported location message version 2") instead of
-# fetching chunks it would judge forged and banning the sender for them.
-LOCATION_VERSION = 2
-_VERSION_OF_SCHEME = {LeafScheme.SEALED: 1, LeafScheme.KEYED_PLAIN: 2}
+# The version says what the content id's leaves hash and how chunks are sealed
+# (LeafScheme): 2, keyed hashes of the plaintext chunks, which are sealed with
+# XChaCha20-Poly1305; 3, the same leaves, chunks sealed with AES-256-GCM under random
+# nonces. Version 1 (leaves hash the sealed chunks) is still read, so mail sent before the
+# change downloads as it was named. A node that doesn't know a version refuses the message
+# whole ("unsupported location message version 3") instead of fetching chunks it would judge
+# forged and banning the sender for them.
+LOCATION_VERSION = 3
+_VERSION_OF_SCHEME = {LeafScheme.SEALED: 1, LeafScheme.KEYED_PLAIN: 2,
+                      LeafScheme.KEYED_PLAIN_AES: 3}
 _SCHEME_OF_VERSION = {v: k for k, v in _VERSION_OF_SCHEME.items()}
 MESSAGE_ID_LEN = 16
 MAX_LOCATION_MESSAGE = 60 * 1024  # fits a 64 KiB envelope once signed and sealed
@@ -94,7 +97,7 @@ class Handle:
     capability: bytes = field(repr=False)
     sender: SenderHints | None = None
     # What the content id's leaves hash; on the wire it is the message's version.
-    scheme: LeafScheme = LeafScheme.KEYED_PLAIN
+    scheme: LeafScheme = LeafScheme.KEYED_PLAIN_AES
 
 
 @dataclass(frozen=True, slots=True)

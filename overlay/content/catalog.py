@@ -39,6 +39,7 @@ from crypto.content import (
     new_content_key,
     plain_chunk_len,
     plain_leaf,
+    preferred_scheme,
 )
 from crypto.errors import DecodeError
 from overlay.content.diskio import (
@@ -55,7 +56,8 @@ from overlay.content.partial import PartialContent
 
 # 2: the `scheme` column (LeafScheme; rows written by version 1 are SEALED). A node of
 # version 1 refuses a store of version 2 rather than misjudge its KEYED_PLAIN contents.
-_SCHEMA_VERSION = 2
+# 3: the column may say KEYED_PLAIN_AES, which a node of version 2 could not read.
+_SCHEMA_VERSION = 3
 HASH_WORKERS = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS content (
@@ -183,24 +185,24 @@ class ContentStore:
     # --- sending side -----------------------------------------------------------------
     async def add_local_file(
         self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None,
-        capability: bytes | None = None, scheme: LeafScheme = LeafScheme.KEYED_PLAIN,
+        capability: bytes | None = None, scheme: LeafScheme | None = None,
     ) -> LocalContent:
         """Register a file to send: hash every chunk once (in threads) to get the leaves
         and the content id. Only the plaintext file is kept, where it is. Key and capability
         are fresh unless given (another holder of the same content passes both, and its
-        scheme)."""
+        scheme); the scheme is this machine's `preferred_scheme()` unless given."""
         return await asyncio.to_thread(self.add_local_file_blocking, path,
                                        chunk_size=chunk_size, key=key, capability=capability,
                                        scheme=scheme)
 
     def add_local_file_blocking(
         self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None,
-        capability: bytes | None = None, scheme: LeafScheme = LeafScheme.KEYED_PLAIN,
+        capability: bytes | None = None, scheme: LeafScheme | None = None,
     ) -> LocalContent:
         """`add_local_file` for callers already in a thread."""
         path = Path(path).resolve()
         key = new_content_key() if key is None else key
-        scheme = LeafScheme(scheme)
+        scheme = preferred_scheme() if scheme is None else LeafScheme(scheme)
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
             before = os.fstat(fd)

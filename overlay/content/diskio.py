@@ -12,7 +12,6 @@ from pathlib import Path
 
 from crypto.content import (
     HASH_LEN,
-    TAG_LEN,
     ChunkCipher,
 )
 from crypto.errors import DecodeError
@@ -89,7 +88,7 @@ def read_and_seal(fd: int, cipher: ChunkCipher, index: int, n: int, chunk_size: 
         read_exactly(fd, view, index * chunk_size)
         if check is not None and not check(view):
             raise ChunkChanged
-        out = outgoing.take(n + TAG_LEN)
+        out = outgoing.take(n + cipher.overhead)
         cipher.seal_into(index, view, out)
         return out
     finally:

@@ -56,7 +56,7 @@ class LocalContent:
     changed: _Changed = field(init=False, repr=False, compare=False, default_factory=_Changed)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "cipher", ChunkCipher(self.key))
+        object.__setattr__(self, "cipher", ChunkCipher(self.key, self.scheme))
         object.__setattr__(self, "leaf_key", leaf_key(self.key))
 
     def _check_unchanged(self, st: os.stat_result) -> None:
@@ -112,13 +112,15 @@ class LocalContent:
     def read_sealed(self, index: int) -> bytearray:
         """Read the plaintext chunk and seal it; refuse if the file changed under us.
 
-        The chunk is checked against its Merkle leaf before it leaves: KEYED_PLAIN hashes
-        the plaintext read *before* sealing it, SEALED hashes the sealed chunk. Size and
-        mtime miss an edit that keeps both (a tool that restores the mtime, an edit within
-        the clock's granularity); such a chunk would be new plaintext sealed under the nonce
-        the old plaintext used, and one ciphertext pair under one nonce gives away the XOR
-        of the two plaintexts. It runs on the sealing threads (this is called there), off
-        the loop; the check is one BLAKE3 pass, 0.16 CPU s per GB here.
+        KEYED_PLAIN_AES seals under a fresh random nonce, so an edit that size and mtime
+        miss (a tool that restores the mtime, an edit within the clock's granularity) costs
+        no nonce: its chunk fails the receiver's leaf check. The deterministic schemes are
+        checked against the Merkle leaf before the chunk leaves: KEYED_PLAIN hashes the
+        plaintext read *before* sealing it, SEALED hashes the sealed chunk. Such an edited
+        chunk would be new plaintext sealed under the nonce the old plaintext used, and one
+        ciphertext pair under one nonce gives away the XOR of the two plaintexts. It runs on
+        the sealing threads (this is called there), off the loop; the check is one BLAKE3
+        pass, 0.16 CPU s per GB here.
         """
         if self.changed.reason is not None:
             raise ContentStoreError(self.changed.reason)
@@ -139,7 +141,8 @@ class LocalContent:
                 f"{self.path} changed since it was added")) from None
         except ChunkChanged:
             sealed = None
-        if sealed is None or (check is None and chunk_hash(sealed) != self.leaves[index]):
+        if sealed is None or (self.scheme is LeafScheme.SEALED
+                              and chunk_hash(sealed) != self.leaves[index]):
             raise ContentStoreError(self._mark_changed(
                 f"{self.path} changed since it was added: chunk {index} no longer matches "
                 "its hash"))

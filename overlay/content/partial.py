@@ -97,7 +97,7 @@ class PartialContent:
         self._buffers: list[memoryview] = []
         self._scratch: list[bytearray] = []  # read_sealed's, as LocalContent's
         self._outgoing = SendBuffers()
-        self._cipher = ChunkCipher(key)
+        self._cipher = ChunkCipher(key, self.scheme)
 
     def _make_verifier(self, leaves: Sequence[bytes]) -> ChunkVerifier:
         return ChunkVerifier(self.content_id, leaves, self.size, self.chunk_size,

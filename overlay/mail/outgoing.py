@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from crypto.address import domain_of, normalize_address
+from crypto.content import LeafScheme
 from crypto.envelope import seal_for_recipients
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
@@ -60,6 +61,7 @@ class PreparedContent:
     chunk_size: int
     key: bytes
     capability: bytes
+    scheme: LeafScheme = LeafScheme.KEYED_PLAIN_AES  # how its chunks are named and sealed
 
 
 def check_recipients(addresses: list[str]) -> list[str]:
@@ -117,7 +119,7 @@ def build_message(
         description=desc,
         handle=Handle(content_id=content.content_id, size=content.size,
                       chunk_size=content.chunk_size, content_key=content.key,
-                      capability=content.capability,
+                      capability=content.capability, scheme=content.scheme,
                       sender=SenderHints(peer_id=identity.peer_id, home_server=home_server,
                                          addresses=tuple(direct_addresses[:8]))),
     )
@@ -218,7 +220,7 @@ class MailSender:
         local, (description, _) = named, described
         self.announce(local.content_id)
         content = PreparedContent(local.content_id, local.size, local.chunk_size, local.key,
-                                  local.capability)
+                                  local.capability, local.scheme)
         msg = build_message(self.identity, self.address, addresses, content, description,
                             title=title, note=note, home_server=self.home_server,
                             direct_addresses=self.direct_addresses(), now=self.wall())

@@ -18,8 +18,8 @@ from crypto.content import (
     HASH_LEN,
     MAX_CHUNK_SIZE,
     MAX_CONTENT_SIZE,
+    MAX_SEAL_OVERHEAD,
     MIN_CHUNK_SIZE,
-    TAG_LEN,
 )
 from crypto.content import (
     MAX_CHUNKS as MAX_CHUNKS,  # re-exported: the wire bound is the layout bound
@@ -30,7 +30,7 @@ MAX_HEADER = 256 << 10  # plaintext control header: a hash page or a have-bitmap
 MAX_HASH_PAGE = 4096  # leaves per HASHES reply (128 KiB of hashes)
 MAX_HAVE_BYTES = MAX_CHUNKS // 8  # the have-bitmap of the largest layout (128 KiB)
 MAX_INDEX = MAX_CHUNKS - 1  # no content has more chunks than crypto.content allows
-MAX_PAYLOAD = MAX_CHUNK_SIZE + TAG_LEN
+MAX_PAYLOAD = MAX_CHUNK_SIZE + MAX_SEAL_OVERHEAD
 MAX_TEXT = 400
 MAX_HAVE_ITEMS = 8192  # chunk indexes per HAVE frame (at most 5 bytes each in msgpack)
 MAX_GET_BATCH = 64  # chunk indexes per GETS frame: no more than a holder queues per session

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
 from crypto.capability import prove_capability
-from crypto.content import HASH_LEN, TAG_LEN, chunk_count
+from crypto.content import HASH_LEN, MAX_SEAL_OVERHEAD, chunk_count
 from crypto.identity import DeviceIdentity, PublicIdentity
 from overlay.transfer.core import (
     BadMessage,
@@ -156,7 +156,7 @@ class TransferSession:
             raise RemoteError(reply.code, reply.text)
         if not isinstance(reply, Opened) or reply.content_id != content_id:
             raise SessionFailed(f"expected OPENED, got {type(reply).__name__}")
-        self._conn.limit_payload(reply.chunk_size + TAG_LEN)
+        self._conn.limit_payload(reply.chunk_size + MAX_SEAL_OVERHEAD)
         return OpenInfo(reply.size, reply.chunk_size, reply.have)
 
     async def hashes(self, content_id: bytes, start: int, count: int) -> tuple[bytes, ...]:

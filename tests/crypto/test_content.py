@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import nacl.bindings
 import pytest
 from hypothesis import assume, given, settings
@@ -9,12 +12,15 @@ from hypothesis import strategies as st
 
 from crypto.capability import check_capability_proof, new_capability, prove_capability
 from crypto.content import (
+    GCM_NONCE_LEN,
+    MAX_SEAL_OVERHEAD,
     TAG_LEN,
     ChunkCipher,
     ChunkVerifier,
     LeafScheme,
     chunk_count,
     chunk_hash,
+    cpu_has_aes,
     hchacha20,
     leaf_key,
     merkle_proof,
@@ -24,6 +30,7 @@ from crypto.content import (
     open_chunk_into,
     plain_chunk_len,
     plain_leaf,
+    preferred_scheme,
     seal_chunk,
     seal_chunk_in_place,
     verify_chunk,
@@ -334,6 +341,94 @@ def test_chunk_nonces_are_unique_per_index_under_one_key() -> None:
     for i in (0, 1, 255, 256, 2**32, 2**63 - 1):
         c.seal_into(i, zeros, out)
         assert bytes(out) == seal_chunk(KEY, i, zeros)
+
+
+def aes_content(data: bytes, chunk_size: int, key: bytes = KEY
+                ) -> tuple[ChunkVerifier, ChunkCipher, list[bytes]]:
+    """A KEYED_PLAIN_AES content of `data`: its verifier, cipher and one sealing of each
+    chunk."""
+    root, leaves, _ = keyed_plain(data, chunk_size, key)
+    cipher = ChunkCipher(key, LeafScheme.KEYED_PLAIN_AES)
+    chunks = []
+    for i in range(len(leaves)):
+        plain = data[i * chunk_size : (i + 1) * chunk_size]
+        out = bytearray(len(plain) + cipher.overhead)
+        cipher.seal_into(i, plain, out)
+        chunks.append(bytes(out))
+    verifier = ChunkVerifier(root, leaves, len(data), chunk_size,
+                             scheme=LeafScheme.KEYED_PLAIN_AES, key=key)
+    return verifier, cipher, chunks
+
+
+@given(st.binary(min_size=0, max_size=5000), st.integers(min_value=0))
+@settings(max_examples=50)
+def test_aes_opens_exact_chunks_and_rejects_any_flip_leaving_nothing(
+        data: bytes, bit: int) -> None:
+    chunk_size = 1024
+    v, cipher, chunks = aes_content(data, chunk_size)
+    out = bytearray(chunk_size)
+    for i, c in enumerate(chunks):
+        assert len(c) == len(data[i * chunk_size : (i + 1) * chunk_size]) + MAX_SEAL_OVERHEAD
+        assert v.open_verified(cipher, i, c, out) == data[i * chunk_size : (i + 1) * chunk_size]
+        out[:] = b"\xee" * chunk_size
+        with pytest.raises(VerificationError):  # nonce, ciphertext or tag
+            v.open_verified(cipher, i, flip(c, bit), out)
+        assert out[: len(c) - MAX_SEAL_OVERHEAD] == bytes(len(c) - MAX_SEAL_OVERHEAD)
+
+
+def test_aes_nonces_are_fresh_for_every_sealing_and_the_index_is_bound() -> None:
+    data = bytes(range(256)) * 8
+    v, cipher, chunks = aes_content(data, 1024)
+    again = bytearray(1024 + cipher.overhead)
+    nonces = set()
+    for _ in range(500):  # the same chunk sealed again and again (serving, co-recipients)
+        cipher.seal_into(0, data[:1024], again)
+        nonces.add(bytes(again[:GCM_NONCE_LEN]))
+        assert v.open_verified(cipher, 0, again, bytearray(1024)) == data[:1024]
+    assert len(nonces) == 500
+    with pytest.raises(VerificationError, match="chunk 1 does not open"):
+        cipher.open(1, chunks[0])  # chunk 0 passed off as chunk 1: the AAD binds the index
+    with pytest.raises(VerificationError, match="does not open"):
+        ChunkCipher(new_content_key(), LeafScheme.KEYED_PLAIN_AES).open(0, chunks[0])
+    with pytest.raises(VerificationError, match="does not open"):
+        ChunkCipher(KEY, LeafScheme.KEYED_PLAIN).open(0, chunks[0])  # not a ChaCha chunk
+    with pytest.raises(VerificationError, match="shorter than its nonce"):
+        cipher.open(0, b"short")
+    with pytest.raises(VerificationError, match="wrong length"):
+        v.open_verified(cipher, 0, chunks[0][:-1], bytearray(1024))
+    with pytest.raises(DecodeError, match="room"):
+        cipher.seal_into(0, data[:1024], bytearray(1024 + TAG_LEN))
+
+
+def test_aes_catches_a_key_holder_that_seals_other_plaintext() -> None:
+    data = bytes(range(256)) * 16
+    v, cipher, _ = aes_content(data, 1024)
+    forged_plain = bytearray(data[1024:2048])
+    forged_plain[7] ^= 1
+    forged = bytearray(1024 + cipher.overhead)
+    cipher.seal_into(1, forged_plain, forged)
+    assert cipher.open(1, forged) == forged_plain  # the AEAD accepts a key holder's chunk
+    out = bytearray(1024)
+    with pytest.raises(VerificationError, match="chunk 1 does not match its hash"):
+        v.open_verified(cipher, 1, forged, out)
+    assert out == bytes(1024), "nothing of the forged plaintext is left to write"
+
+
+def test_aes_is_chosen_where_the_cpu_has_it() -> None:
+    x86 = "processor : 0\nflags : fpu sse2 aes pclmulqdq avx2\n"
+    assert cpu_has_aes(x86, "x86_64")
+    assert not cpu_has_aes("flags : fpu sse2 avx2\n", "x86_64")
+    assert not cpu_has_aes("flags : fpu aes\n", "x86_64")  # no carry-less multiply
+    assert cpu_has_aes("Features : fp asimd aes pmull sha1\n", "aarch64")
+    assert not cpu_has_aes("Features : half thumb vfp\n", "armv7l")
+    assert cpu_has_aes(None, "x86_64") and not cpu_has_aes(None, "riscv64")
+    try:
+        cpuinfo: str | None = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = None
+    expect = LeafScheme.KEYED_PLAIN_AES if cpu_has_aes(
+        cpuinfo, platform.machine()) else LeafScheme.KEYED_PLAIN
+    assert preferred_scheme() is expect
 
 
 @given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32),

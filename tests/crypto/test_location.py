@@ -95,18 +95,20 @@ def test_each_bad_field_is_refused_with_its_reason(path: tuple[str, str], value:
 def test_the_version_says_what_the_leaves_hash() -> None:
     msg = sample()
     wire = unpackb(msg.encode(), max_bytes=1 << 20)
-    assert wire["v"] == 2 and msg.handle.scheme is LeafScheme.KEYED_PLAIN
-    # Mail named before keyed plaintext leaves (version 1) still decodes, as SEALED.
-    wire["v"] = 1
-    old = decode_location(packb(wire))
-    assert old.handle.scheme is LeafScheme.SEALED
-    assert unpackb(old.encode(), max_bytes=1 << 20)["v"] == 1
+    assert wire["v"] == 3 and msg.handle.scheme is LeafScheme.KEYED_PLAIN_AES
+    # Mail named before AES-GCM chunks (version 2) and before keyed plaintext leaves
+    # (version 1) still decodes, and encodes back to its own version.
+    for version, scheme in ((2, LeafScheme.KEYED_PLAIN), (1, LeafScheme.SEALED)):
+        wire["v"] = version
+        old = decode_location(packb(wire))
+        assert old.handle.scheme is scheme
+        assert unpackb(old.encode(), max_bytes=1 << 20)["v"] == version
 
 
 def test_unknown_version_and_oversize_are_refused() -> None:
     wire = unpackb(sample().encode(), max_bytes=1 << 20)
-    wire["v"] = 3
-    with pytest.raises(DecodeError, match="unsupported location message version 3"):
+    wire["v"] = 4
+    with pytest.raises(DecodeError, match="unsupported location message version 4"):
         decode_location(packb(wire))
     with pytest.raises(DecodeError, match="too large"):
         decode_location(b"\x00" * (61 * 1024))

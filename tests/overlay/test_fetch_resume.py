@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from crypto.content import LeafScheme
 from crypto.identity import DeviceIdentity
 from overlay.content.catalog import ContentStore
 from overlay.transfer.downloader import ChunkStored, Downloader, FetchEvent
@@ -36,7 +37,8 @@ async def _child(spec: dict[str, str | int]) -> None:
     store = ContentStore(Path(str(spec["store"])))
     part = store.open_partial(bytes.fromhex(str(spec["cid"])), int(spec["size"]), CHUNK,
                               bytes.fromhex(str(spec["key"])), bytes.fromhex(str(spec["cap"])),
-                              Path(str(spec["dest"])), "clip.ts")
+                              Path(str(spec["dest"])), "clip.ts",
+                              scheme=LeafScheme(int(spec["scheme"])))
     port = int(spec["port"])
 
     async def connect() -> Stream:
@@ -88,7 +90,7 @@ async def test_killed_downloader_resumes_without_refetching(tmp_path: Path) -> N
     spec: dict[str, str | int] = {
         "store": str(tmp_path / "recv"), "dest": str(tmp_path / "inbox"), "port": port,
         "cid": content.content_id.hex(), "size": content.size, "key": content.key.hex(),
-        "cap": content.capability.hex()}
+        "cap": content.capability.hex(), "scheme": int(content.scheme)}
     try:
         first = await _lines(await _spawn(spec), until=30)
         assert not any(line.startswith("done") for line in first), "killed too late"

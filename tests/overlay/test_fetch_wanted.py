@@ -35,7 +35,8 @@ async def test_a_wanted_chunk_comes_next_from_a_rate_capped_holder(tmp_path: Pat
 
     recv = ContentStore(tmp_path / "recv")
     partial = recv.open_partial(content.content_id, content.size, CHUNK, content.key,
-                                content.capability, tmp_path / "inbox", "clip.webm")
+                                content.capability, tmp_path / "inbox", "clip.webm",
+                                scheme=content.scheme)
     loop = asyncio.get_running_loop()
     stored: dict[int, float] = {}
     enough = asyncio.Event()

@@ -135,7 +135,7 @@ async def test_held_since_after_a_resume_lists_found_chunks_first(tmp_path: Path
 
     def receive(store: ContentStore) -> PartialContent:
         return store.open_partial(src.content_id, src.size, chunk, src.key, src.capability,
-                                  tmp_path / "in", "a.bin")
+                                  tmp_path / "in", "a.bin", scheme=src.scheme)
 
     part = receive(ContentStore(tmp_path / "recv"))
     part.set_leaves(src.leaves)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crypto.content import ChunkVerifier, LeafScheme, chunk_count
+from crypto.content import ChunkCipher, ChunkVerifier, LeafScheme, chunk_count
 from crypto.errors import VerificationError
 from overlay.content.catalog import ContentStore
 from overlay.content.diskio import DIRECT_ALIGN, SendBuffers
@@ -33,9 +33,16 @@ def _sealed(content: LocalContent) -> list[bytes]:
     return [content.read_sealed(i) for i in range(chunk_count(content.size, content.chunk_size))]
 
 
+def _opened(content: LocalContent | PartialContent, index: int,
+            sealed: bytes | bytearray) -> bytes:
+    """A served chunk opened with the content key: what a receiver compares."""
+    cipher = ChunkCipher(content.key, content.scheme)
+    return bytes(cipher.open_into(index, sealed, bytearray(len(sealed))))
+
+
 def _receive(store: ContentStore, src: LocalContent, dest: Path, name: str) -> PartialContent:
     return store.open_partial(src.content_id, src.size, src.chunk_size, src.key,
-                              src.capability, dest, name)
+                              src.capability, dest, name, scheme=src.scheme)
 
 
 @pytest.mark.parametrize("scheme", list(LeafScheme))
@@ -144,7 +151,8 @@ async def test_partial_receive_verifies_resumes_and_completes(tmp_path: Path) ->
     assert not part.write_chunk(2, sealed[2]), "a held chunk is not written twice"
     assert part.have_bitmap() == bytes([0b00100101])
     served = store.lookup(src.content_id)
-    assert served is part and served.read_sealed(5) == sealed[5]
+    assert served is part
+    assert _opened(src, 5, served.read_sealed(5)) == _opened(src, 5, sealed[5])
 
     # "kill -9": drop the objects without any shutdown, reopen from disk.
     del part, store
@@ -159,7 +167,8 @@ async def test_partial_receive_verifies_resumes_and_completes(tmp_path: Path) ->
     assert not list(dest.glob("*.part"))
     assert store.lookup(src.content_id) == store.local(src.content_id)
     local = store.local(src.content_id)
-    assert local is not None and local.read_sealed(7) == sealed[7]
+    assert local is not None
+    assert _opened(src, 7, local.read_sealed(7)) == _opened(src, 7, sealed[7])
     with pytest.raises(ContentStoreError, match="already held"):
         _receive(store, src, dest, "clip.ts")
 
@@ -255,8 +264,8 @@ def test_aligned_chunks_go_straight_to_disk_or_through_the_cache(
     part.set_leaves(src.leaves)
     for i in reversed(part.missing()):
         assert part.write_chunk(i, bytearray(src.read_sealed(i)))
-        # A chunk written either way is read back, sealed, as its leaf names it.
-        assert part.read_sealed(i) == src.read_sealed(i)
+        # A chunk written either way is read back and served as its leaf names it.
+        assert _opened(src, i, part.read_sealed(i)) == _opened(src, i, src.read_sealed(i))
     assert (part._direct_fd >= 0) is direct or not hasattr(os, "O_DIRECT")
     assert part.complete().read_bytes() == data
 
@@ -297,7 +306,8 @@ def test_served_chunks_stay_intact_while_held(tmp_path: Path) -> None:
     held = [src.read_sealed(i) for i in range(7)]
     expected = [bytes(h) for h in held]
     for i in range(7):  # more reads while all of those are held
-        assert src.read_sealed(i) == expected[i]
+        assert _opened(src, i, src.read_sealed(i)) == _opened(src, i, expected[i])
     assert [bytes(h) for h in held] == expected
     del held
-    assert [bytes(src.read_sealed(i)) for i in range(7)] == expected
+    assert [_opened(src, i, src.read_sealed(i)) for i in range(7)] == [
+        _opened(src, i, e) for i, e in enumerate(expected)]

@@ -79,7 +79,8 @@ class Swarm:
         self.stores.append(store)
         c = self.content
         part = store.open_partial(c.content_id, c.size, c.chunk_size, c.key, c.capability,
-                                  self.tmp / f"{name}-in", "clip.ts")
+                                  self.tmp / f"{name}-in", "clip.ts",
+                                  scheme=c.scheme)
         if part.leaves is None:
             part.set_leaves(c.leaves)
         for i in range(part.count):

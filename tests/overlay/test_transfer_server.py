@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from crypto.content import GCM_NONCE_LEN, ChunkCipher, LeafScheme
+from crypto.errors import VerificationError
 from crypto.identity import DeviceIdentity
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
@@ -26,8 +28,29 @@ ME = DeviceIdentity.from_seed(b"m" * 32)
 async def served(tmp_path: Path) -> AsyncIterator[tuple[ContentStore, LocalContent]]:
     (tmp_path / "f").write_bytes(b"x" * 5000)
     store = ContentStore(tmp_path / "store")
-    yield store, await store.add_local_file(tmp_path / "f", chunk_size=1024)
+    yield store, await store.add_local_file(tmp_path / "f", chunk_size=1024,
+                                            scheme=LeafScheme.KEYED_PLAIN_AES)
     store.close()
+
+
+@pytest.fixture
+async def served_deterministic(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[ContentStore, LocalContent]]:
+    """A KEYED_PLAIN content: deterministic nonces, so the sender checks what it seals."""
+    (tmp_path / "f").write_bytes(b"x" * 5000)
+    store = ContentStore(tmp_path / "store")
+    yield store, await store.add_local_file(tmp_path / "f", chunk_size=1024,
+                                            scheme=LeafScheme.KEYED_PLAIN)
+    store.close()
+
+
+def _edit_keeping_size_and_mtime(path: Path) -> None:
+    before = path.stat()
+    with open(path, "r+b") as f:  # same size, and the mtime put back: only the chunk hash
+        f.seek(2048)              # can tell
+        f.write(b"y" * 10)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 async def test_silent_clients_are_dropped_at_the_handshake_deadline(
@@ -148,8 +171,13 @@ async def test_a_chunk_that_cannot_be_read_is_refused_and_the_rest_served(
                 got[reply.index] = reply
         refused = got.pop(2)
         assert isinstance(refused, Error) and refused.code == ErrorCode.UNAVAILABLE
-        assert {i: bytes(c.data) for i, c in got.items() if isinstance(c, Chunk)} == {
-            i: bytes(content.read_sealed(i)) for i in (0, 1, 3, 4)}
+        cipher = ChunkCipher(content.key, content.scheme)
+
+        def opened(i: int, sealed: bytes | bytearray | memoryview) -> bytes:
+            return bytes(cipher.open_into(i, sealed, bytearray(len(sealed))))
+
+        assert {i: opened(i, c.data) for i, c in got.items() if isinstance(c, Chunk)} == {
+            i: opened(i, content.read_sealed(i)) for i in (0, 1, 3, 4)}
         assert server.counters["read_errors"] == 1 and server.counters["chunks_served"] == 4
         await session.aclose()
     finally:
@@ -157,14 +185,10 @@ async def test_a_chunk_that_cannot_be_read_is_refused_and_the_rest_served(
 
 
 async def test_a_file_edited_in_place_is_never_served_under_its_old_hashes(
-    served: tuple[ContentStore, LocalContent],
+    served_deterministic: tuple[ContentStore, LocalContent],
 ) -> None:
-    store, content = served
-    before = content.path.stat()
-    with open(content.path, "r+b") as f:  # same size, and the mtime put back: only the
-        f.seek(2048)                       # chunk hash can tell
-        f.write(b"y" * 10)
-    os.utime(content.path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    store, content = served_deterministic
+    _edit_keeping_size_and_mtime(content.path)
     server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store)
     host, port = await server.start()
     try:
@@ -191,6 +215,27 @@ async def test_a_file_edited_in_place_is_never_served_under_its_old_hashes(
         await session.aclose()
     finally:
         await server.aclose()
+
+
+async def test_an_edit_that_keeps_size_and_mtime_is_caught_by_the_receiver_under_aes(
+    served: tuple[ContentStore, LocalContent], tmp_path: Path,
+) -> None:
+    """KEYED_PLAIN_AES seals every chunk under a fresh random nonce, so the sender does not
+    hash what it serves: an edit that size and mtime miss goes out, sealed under a nonce
+    never used before, and the receiver's leaf check refuses it and writes nothing."""
+    _, content = served
+    first = bytes(content.read_sealed(2))
+    _edit_keeping_size_and_mtime(content.path)
+    edited = bytes(content.read_sealed(2))
+    assert edited[:GCM_NONCE_LEN] != first[:GCM_NONCE_LEN]
+    part = ContentStore(tmp_path / "recv").open_partial(
+        content.content_id, content.size, content.chunk_size, content.key,
+        content.capability, tmp_path / "in", "f", scheme=content.scheme)
+    part.set_leaves(content.leaves)
+    with pytest.raises(VerificationError, match="chunk 2 does not match its hash"):
+        part.write_chunk(2, edited)
+    assert not part.have(2)
+    assert part.write_chunk(1, content.read_sealed(1))  # unedited chunks still verify
 
 
 async def test_sessions_per_ip_are_capped(served: tuple[ContentStore, LocalContent]) -> None:
