@@ -14,7 +14,6 @@ pose as our own output.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import io
 import json
@@ -26,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from crypto.address import parse_hostport
 from crypto.errors import DecodeError
-from overlay.app.control import ControlClient, ControlError, NodeNotRunning
+from overlay.app.control_wire import ControlError, NodeNotRunning
+from overlay.app.control_wire import call as control_call
 from overlay.app.home import HomeError, NodeHome, default_home
 from rendezvous.cliutil import add_completion, add_version, completion_script, finish
 from rendezvous.logfmt import FORMATS, LEVELS, configure
@@ -408,11 +408,15 @@ def _metrics_arg(text: str) -> tuple[str, int]:
 def _run(coro_or_code: Any) -> int:
     if isinstance(coro_or_code, int):
         return coro_or_code
+    import asyncio  # not for `send`, whose one request needs no event loop
+
     rc: int = asyncio.run(coro_or_code)
     return rc
 
 
 async def _call(home: NodeHome, op: str, **args: Any) -> Any:
+    from overlay.app.control import ControlClient
+
     async with ControlClient(home.control_path) as c:
         return await c.call(op, **args)
 
@@ -460,9 +464,10 @@ def recipients(values: list[str]) -> list[str]:
     return out
 
 
-async def _send(home: NodeHome, path: Path, to: list[str], args: argparse.Namespace) -> int:
-    res = await _call(home, "send", path=str(path), to=to,
-                      title=args.title if args.title is not None else path.name, note=args.note)
+def _send(home: NodeHome, path: Path, to: list[str], args: argparse.Namespace) -> int:
+    res = control_call(home.control_path, "send", path=str(path), to=to,
+                       title=args.title if args.title is not None else path.name,
+                       note=args.note)
     if args.json:
         print(json.dumps({"id": res["id"], "to": to}))
     else:
@@ -569,11 +574,15 @@ async def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> int:
     entry = await _call(home, "fetch", id=_message_id(args.id))
     if not args.wait or entry["state"] == "complete":
         return _fetched(entry, args)
+    import asyncio
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from overlay.app.control import ControlClient
+    from overlay.app.progress import MiBColumn, RateColumn
+
     async with ControlClient(home.control_path) as c:
         start = int(entry["progress"] * entry["size"])
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        from overlay.app.progress import MiBColumn, RateColumn
 
         bar_console = _rich(err_console if args.json else console)
         with Progress(TextColumn("{task.description}"), BarColumn(), MiBColumn(),

@@ -4,7 +4,8 @@ A Unix socket in the home folder, mode 0600 inside a 0700 folder, so only the ow
 drive the node. Frames are a 4-byte big-endian length plus msgpack, as on the rendezvous
 wire. A request is `{"op": NAME, "args": {...}}`; the reply is `{"ok": true, "result": ...}`
 or `{"ok": false, "error": TEXT}`. Operations are looked up in an explicit table handed in by
-the node: never a name taken from the wire.
+the node: never a name taken from the wire. The frames and errors are in
+overlay.app.control_wire, shared with its one-request client that needs no event loop.
 """
 
 from __future__ import annotations
@@ -17,34 +18,33 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from crypto.codec import Fields, packb, unpackb
+from crypto.codec import Fields
 from crypto.errors import DecodeError
-from rendezvous.framing import PREFIX, encode_frame
+from overlay.app.control_wire import (
+    CLOSED_TEXT,
+    MAX_CONTROL_FRAME,
+    ControlError,
+    NodeNotRunning,
+    body_length,
+    decode_body,
+    not_running,
+    request,
+    result,
+)
+from overlay.app.control_wire import frame as _frame
+from rendezvous.framing import PREFIX
+
+__all__ = ["MAX_CONTROL_FRAME", "ControlClient", "ControlError", "ControlServer",
+           "NodeNotRunning", "Operation"]
 
 log = logging.getLogger("peerpost.control")
-
-MAX_CONTROL_FRAME = 4 << 20
 
 Operation = Callable[[Fields], Awaitable[Any]]
 
 
-class ControlError(Exception):
-    """The daemon answered with an error, or could not be reached; the text is for people."""
-
-
-class NodeNotRunning(ControlError):
-    pass
-
-
 async def _read_frame(reader: asyncio.StreamReader) -> Any:
-    (n,) = PREFIX.unpack(await reader.readexactly(PREFIX.size))
-    if n > MAX_CONTROL_FRAME:
-        raise DecodeError(f"control frame of {n} bytes exceeds {MAX_CONTROL_FRAME}")
-    return unpackb(await reader.readexactly(n), max_bytes=MAX_CONTROL_FRAME)
-
-
-def _frame(obj: Any) -> bytes:
-    return encode_frame(packb(obj), MAX_CONTROL_FRAME)
+    n = body_length(await reader.readexactly(PREFIX.size))
+    return decode_body(await reader.readexactly(n))
 
 
 async def _answers(path: Path) -> bool:
@@ -136,10 +136,7 @@ class ControlClient:
         try:
             self._reader, self._writer = await asyncio.open_unix_connection(str(self.path))
         except (FileNotFoundError, ConnectionRefusedError):
-            raise NodeNotRunning(
-                f"the peerpost node for {self.path.parent} is not running "
-                f"(start it with `peerpost --home {self.path.parent} node`)"
-            ) from None
+            raise not_running(self.path) from None
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -151,14 +148,10 @@ class ControlClient:
     async def call(self, op: str, **args: Any) -> Any:
         if self._reader is None or self._writer is None:
             raise ControlError("control client is not connected")
-        self._writer.write(_frame({"op": op, "args": args}))
+        self._writer.write(request(op, args))
         await self._writer.drain()
         try:
             reply = await _read_frame(self._reader)
         except asyncio.IncompleteReadError:
-            raise ControlError("the node closed the control connection") from None
-        if not isinstance(reply, dict):
-            raise ControlError("malformed reply from the node")
-        if not reply.get("ok"):
-            raise ControlError(str(reply.get("error", "unknown error")))
-        return reply.get("result")
+            raise ControlError(CLOSED_TEXT) from None
+        return result(reply)
