@@ -136,6 +136,7 @@ class LocalNetwork:
         self.server: Proc | None = None
         self.server_addr: tuple[str, int] | None = None
         self.nodes: dict[str, NodeHandle] = {}
+        self._spawned: list[Proc] = []  # every process started here, stopped by close()
         self.env = dict(os.environ)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.env.pop("PEERPOST_HOME", None)
@@ -149,7 +150,9 @@ class LocalNetwork:
         )
         if popen.stdout is None:
             raise LabError(f"{name}: no stdout pipe")
-        return Proc(name, popen, _Lines(popen.stdout, log_path), log_path)
+        proc = Proc(name, popen, _Lines(popen.stdout, log_path), log_path)
+        self._spawned.append(proc)
+        return proc
 
     @property
     def data_dir(self) -> Path:
@@ -240,6 +243,10 @@ class LocalNetwork:
         if self.server is not None and self.server.alive():
             with contextlib.suppress(LabError):
                 self.server.stop(timeout=10)
+        for proc in self._spawned:  # what a test started itself (a second instance...)
+            if proc.alive():
+                with contextlib.suppress(LabError):
+                    proc.stop(timeout=10)
 
     def __enter__(self) -> LocalNetwork:
         return self
