@@ -26,7 +26,7 @@ MiB = 1 << 20
 SIZE = 3 * MiB
 RATE = 3 * MiB  # bytes per second alice serves: each download takes about a second
 # Polling every 0.2 s showed the end up to 0.2 s late, plus the CLI's exit (measured 0.05
-# to 0.19 s); waiting on the node's change event, 0.025 s, the exit included.
+# to 0.19 s); waiting on the node's change event, 0.01 to 0.025 s, the exit included.
 CLI_GAP = 0.15
 OP_GAP = 0.1
 
