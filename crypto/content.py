@@ -105,6 +105,13 @@ KEY_LEN = 32
 HASH_LEN = 32
 TAG_LEN = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES
 DEFAULT_CHUNK_SIZE = 1 << 20
+# Files from LARGE_CONTENT up are cut into LARGE_CHUNK_SIZE chunks: every chunk costs both
+# nodes a fixed amount of work on top of its bytes (a request, a frame, hand-offs between
+# threads), and a 1 GiB delivery here took 0.14 CPU s/GB less in 2 MiB chunks than in
+# 1 MiB ones. Smaller files keep 1 MiB chunks: a player seeking in a clip waits for one
+# chunk, and a swarm trades in chunks.
+LARGE_CONTENT = 512 << 20
+LARGE_CHUNK_SIZE = 2 << 20
 MIN_CHUNK_SIZE = 1 << 10  # only for small contents: see SMALL_CONTENT_CHUNKS
 MAX_CHUNK_SIZE = 16 << 20
 MAX_CONTENT_SIZE = 1 << 44  # 16 TiB
@@ -207,6 +214,11 @@ def check_layout(size: int, chunk_size: int) -> None:
         raise DecodeError(f"{count} chunks of {chunk_size} bytes: a content of more than "
                           f"{SMALL_CONTENT_CHUNKS} chunks uses chunks of at least "
                           f"{MIN_LARGE_CHUNK_SIZE} bytes")
+
+
+def chunk_size_for(size: int) -> int:
+    """The chunk size a file of `size` bytes is named with."""
+    return LARGE_CHUNK_SIZE if size >= LARGE_CONTENT else DEFAULT_CHUNK_SIZE
 
 
 def chunk_count(size: int, chunk_size: int) -> int:

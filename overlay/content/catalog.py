@@ -26,7 +26,6 @@ from pathlib import Path
 
 from crypto.capability import CAPABILITY_LEN, new_capability
 from crypto.content import (
-    DEFAULT_CHUNK_SIZE,
     HASH_LEN,
     TAG_LEN,
     ChunkCipher,
@@ -34,6 +33,7 @@ from crypto.content import (
     check_layout,
     chunk_count,
     chunk_hash,
+    chunk_size_for,
     leaf_key,
     merkle_root,
     new_content_key,
@@ -184,19 +184,20 @@ class ContentStore:
 
     # --- sending side -----------------------------------------------------------------
     async def add_local_file(
-        self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None,
+        self, path: Path, *, chunk_size: int | None = None, key: bytes | None = None,
         capability: bytes | None = None, scheme: LeafScheme | None = None,
     ) -> LocalContent:
         """Register a file to send: hash every chunk once (in threads) to get the leaves
         and the content id. Only the plaintext file is kept, where it is. Key and capability
         are fresh unless given (another holder of the same content passes both, and its
-        scheme); the scheme is this machine's `preferred_scheme()` unless given."""
+        scheme); the scheme is this machine's `preferred_scheme()` and the chunk size
+        `chunk_size_for(size)` unless given."""
         return await asyncio.to_thread(self.add_local_file_blocking, path,
                                        chunk_size=chunk_size, key=key, capability=capability,
                                        scheme=scheme)
 
     def add_local_file_blocking(
-        self, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, key: bytes | None = None,
+        self, path: Path, *, chunk_size: int | None = None, key: bytes | None = None,
         capability: bytes | None = None, scheme: LeafScheme | None = None,
     ) -> LocalContent:
         """`add_local_file` for callers already in a thread."""
@@ -207,6 +208,7 @@ class ContentStore:
             fd = f.fileno()
             before = os.fstat(fd)
             size = before.st_size
+            chunk_size = chunk_size_for(size) if chunk_size is None else chunk_size
             check_layout(size, chunk_size)
             try:
                 leaves = name_chunks(fd, size, chunk_size, key, scheme)

@@ -181,6 +181,11 @@ class TransferConnection:
         if payload_len and isinstance(msg, Chunk):
             self._out.append(msg.data)
 
+    @property
+    def has_output(self) -> bool:
+        """Whether anything is queued for the wire."""
+        return bool(self._out)
+
     def data_to_send(self) -> list[bytes | bytearray | memoryview]:
         """Everything queued for the wire, in order; payloads are passed through uncopied."""
         out, self._out = self._out, []

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crypto.content import DEFAULT_CHUNK_SIZE
 from sim.deploy import SimNode, deploy_rendezvous
 from sim.network.host import Host
 from sim.plots import Plot
@@ -220,7 +219,7 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
 
     await asyncio.gather(*(recipient(i) for i in range(len(hosts))))
     # Every chunk the sender's transfer server sent, duplicates and lost attempts included.
-    served = sender_node.transfer.counters["chunks_served"] * DEFAULT_CHUNK_SIZE / MB
+    served = sender_node.transfer.counters["bytes_served"] / MB
     sampler.cancel()
     load = (relay.relayed_bytes, relay.sessions_spliced, peak[0])
 

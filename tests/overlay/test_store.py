@@ -12,7 +12,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crypto.content import ChunkCipher, ChunkVerifier, LeafScheme, chunk_count
+from crypto.content import (
+    DEFAULT_CHUNK_SIZE,
+    LARGE_CHUNK_SIZE,
+    LARGE_CONTENT,
+    ChunkCipher,
+    ChunkVerifier,
+    LeafScheme,
+    chunk_count,
+    chunk_size_for,
+)
 from crypto.errors import VerificationError
 from overlay.content.catalog import ContentStore
 from overlay.content.diskio import DIRECT_ALIGN, SendBuffers
@@ -311,3 +320,18 @@ def test_served_chunks_stay_intact_while_held(tmp_path: Path) -> None:
     del held
     assert [_opened(src, i, src.read_sealed(i)) for i in range(7)] == [
         _opened(src, i, e) for i, e in enumerate(expected)]
+
+
+def test_large_files_are_named_in_larger_chunks(tmp_path: Path) -> None:
+    """From LARGE_CONTENT up, LARGE_CHUNK_SIZE chunks (half the per-chunk work); below it,
+    1 MiB chunks. Sparse files: nothing is written, the hashing reads zeros."""
+    store = ContentStore(tmp_path / "s")
+    sizes = {"just-below": LARGE_CONTENT - 1, "at": LARGE_CONTENT}
+    for name, size in sizes.items():
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(size)
+    below = store.add_local_file_blocking(tmp_path / "just-below")
+    at = store.add_local_file_blocking(tmp_path / "at")
+    assert (below.chunk_size, at.chunk_size) == (DEFAULT_CHUNK_SIZE, LARGE_CHUNK_SIZE)
+    assert len(at.leaves) == LARGE_CONTENT // LARGE_CHUNK_SIZE
+    assert chunk_size_for(10) == DEFAULT_CHUNK_SIZE and chunk_size_for(1 << 40) == LARGE_CHUNK_SIZE

@@ -287,3 +287,33 @@ async def test_a_session_without_a_capability_proof_is_closed(
         await proven.aclose()
     finally:
         await server.aclose()
+
+
+async def test_an_upload_cap_sends_a_chunk_in_slices_not_after_a_silence(
+    tmp_path: Path,
+) -> None:
+    """At 512 KiB/s a 1 MiB chunk takes 2 s. The requester sees its bytes arrive all along
+    (its stall timer counts them), not 2 s of nothing and then the whole chunk."""
+    data = os.urandom(1 << 20)
+    (tmp_path / "big").write_bytes(data)
+    store = ContentStore(tmp_path / "store")
+    content = await store.add_local_file(tmp_path / "big", chunk_size=1 << 20)
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store,
+                            max_upload_rate=512 << 10)
+    host, port = await server.start()
+    try:
+        session = await open_transfer_session(await connect_tcp(host, port), ME)
+        await session.open(content.content_id, content.capability)
+        before = session.bytes_received
+        await session.send_requests(content.content_id, [0], [])
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.8):
+                await session.next_chunk()
+        assert 100 << 10 <= session.bytes_received - before < 1 << 20
+        async with asyncio.timeout(10):
+            chunk = await session.next_chunk()
+        assert isinstance(chunk, Chunk) and content.cipher.open(0, chunk.data) == data
+        await session.aclose()
+    finally:
+        await server.aclose()
+        store.close()
