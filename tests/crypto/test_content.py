@@ -273,24 +273,6 @@ def keyed_plain(data: bytes, chunk_size: int, key: bytes = KEY
     return merkle_root(leaves), leaves, sealed_chunks(data, chunk_size, key)
 
 
-@given(st.binary(min_size=0, max_size=5000), st.integers(min_value=0))
-@settings(max_examples=50)
-def test_keyed_plain_opens_exact_chunks_and_rejects_any_flip_leaving_nothing(
-        data: bytes, bit: int) -> None:
-    chunk_size = 1024
-    root, leaves, chunks = keyed_plain(data, chunk_size)
-    v = ChunkVerifier(root, leaves, len(data), chunk_size, scheme=LeafScheme.KEYED_PLAIN,
-                      key=KEY)
-    cipher, out = ChunkCipher(KEY), bytearray(chunk_size)
-    for i, c in enumerate(chunks):
-        assert v.open_verified(cipher, i, c, out) == data[i * chunk_size : (i + 1) * chunk_size]
-        assert v.check_plain(i, data[i * chunk_size : (i + 1) * chunk_size])
-        out[:] = b"\xee" * chunk_size
-        with pytest.raises(VerificationError):
-            v.open_verified(cipher, i, flip(c, bit), out)
-        assert out[: len(c) - TAG_LEN] == bytes(len(c) - TAG_LEN)
-
-
 def test_keyed_plain_catches_a_key_holder_that_seals_other_plaintext() -> None:
     # A co-recipient holds the content key: its forged chunk passes the AEAD, and only the
     # keyed leaf (collision resistant whether or not the key is known) tells it apart.
@@ -343,42 +325,46 @@ def test_chunk_nonces_are_unique_per_index_under_one_key() -> None:
         assert bytes(out) == seal_chunk(KEY, i, zeros)
 
 
-def aes_content(data: bytes, chunk_size: int, key: bytes = KEY
-                ) -> tuple[ChunkVerifier, ChunkCipher, list[bytes]]:
-    """A KEYED_PLAIN_AES content of `data`: its verifier, cipher and one sealing of each
-    chunk."""
+def plain_leaf_content(data: bytes, chunk_size: int,
+                       scheme: LeafScheme = LeafScheme.KEYED_PLAIN_AES, key: bytes = KEY,
+                       ) -> tuple[ChunkVerifier, ChunkCipher, list[bytes]]:
+    """A content of `data` whose leaves hash the plaintext: its verifier, cipher and one
+    sealing of each chunk."""
     root, leaves, _ = keyed_plain(data, chunk_size, key)
-    cipher = ChunkCipher(key, LeafScheme.KEYED_PLAIN_AES)
+    cipher = ChunkCipher(key, scheme)
     chunks = []
     for i in range(len(leaves)):
         plain = data[i * chunk_size : (i + 1) * chunk_size]
         out = bytearray(len(plain) + cipher.overhead)
         cipher.seal_into(i, plain, out)
         chunks.append(bytes(out))
-    verifier = ChunkVerifier(root, leaves, len(data), chunk_size,
-                             scheme=LeafScheme.KEYED_PLAIN_AES, key=key)
+    verifier = ChunkVerifier(root, leaves, len(data), chunk_size, scheme=scheme, key=key)
     return verifier, cipher, chunks
 
 
+@pytest.mark.parametrize("scheme", [LeafScheme.KEYED_PLAIN, LeafScheme.KEYED_PLAIN_AES])
 @given(st.binary(min_size=0, max_size=5000), st.integers(min_value=0))
 @settings(max_examples=50)
-def test_aes_opens_exact_chunks_and_rejects_any_flip_leaving_nothing(
-        data: bytes, bit: int) -> None:
+def test_plain_leaves_open_exact_chunks_and_reject_any_flip_leaving_nothing(
+        scheme: LeafScheme, data: bytes, bit: int) -> None:
     chunk_size = 1024
-    v, cipher, chunks = aes_content(data, chunk_size)
+    v, cipher, chunks = plain_leaf_content(data, chunk_size, scheme)
     out = bytearray(chunk_size)
     for i, c in enumerate(chunks):
-        assert len(c) == len(data[i * chunk_size : (i + 1) * chunk_size]) + MAX_SEAL_OVERHEAD
-        assert v.open_verified(cipher, i, c, out) == data[i * chunk_size : (i + 1) * chunk_size]
+        plain = data[i * chunk_size : (i + 1) * chunk_size]
+        assert len(c) == len(plain) + scheme.seal_overhead
+        assert v.open_verified(cipher, i, c, out) == plain
+        assert v.check_plain(i, plain)
         out[:] = b"\xee" * chunk_size
         with pytest.raises(VerificationError):  # nonce, ciphertext or tag
             v.open_verified(cipher, i, flip(c, bit), out)
-        assert out[: len(c) - MAX_SEAL_OVERHEAD] == bytes(len(c) - MAX_SEAL_OVERHEAD)
+        assert out[: len(plain)] == bytes(len(plain))
 
 
 def test_aes_nonces_are_fresh_for_every_sealing_and_the_index_is_bound() -> None:
     data = bytes(range(256)) * 8
-    v, cipher, chunks = aes_content(data, 1024)
+    v, cipher, chunks = plain_leaf_content(data, 1024)
+    assert cipher.overhead == MAX_SEAL_OVERHEAD == GCM_NONCE_LEN + TAG_LEN
     again = bytearray(1024 + cipher.overhead)
     nonces = set()
     for _ in range(500):  # the same chunk sealed again and again (serving, co-recipients)
@@ -402,7 +388,7 @@ def test_aes_nonces_are_fresh_for_every_sealing_and_the_index_is_bound() -> None
 
 def test_aes_catches_a_key_holder_that_seals_other_plaintext() -> None:
     data = bytes(range(256)) * 16
-    v, cipher, _ = aes_content(data, 1024)
+    v, cipher, _ = plain_leaf_content(data, 1024)
     forged_plain = bytearray(data[1024:2048])
     forged_plain[7] ^= 1
     forged = bytearray(1024 + cipher.overhead)
