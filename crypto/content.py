@@ -68,6 +68,7 @@ so downloads started before an upgrade verify as they began.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import platform
@@ -173,8 +174,10 @@ def _cpuinfo() -> str | None:
         return None
 
 
+@functools.cache
 def preferred_scheme() -> LeafScheme:
-    """The scheme `send` names new contents with on this machine."""
+    """The scheme `send` names new contents with on this machine (read once: the CPU does
+    not change under a running node)."""
     if _HAVE_AES and cpu_has_aes(_cpuinfo(), platform.machine()):
         return LeafScheme.KEYED_PLAIN_AES
     return LeafScheme.KEYED_PLAIN
