@@ -47,7 +47,7 @@ from overlay.content.diskio import (
     free_name,
     preallocate,
     private_dir,
-    read_exactly,
+    read_chunk,
     safe_file_name,
 )
 from overlay.content.interfaces import Catalog, ContentStoreError, ServedContent
@@ -101,20 +101,12 @@ def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,
 
     def leaf(i: int) -> bytes:
         n = plain_chunk_len(size, chunk_size, i)
-        try:
-            buf = buffers.pop()  # list.pop/append are atomic under the GIL
-        except IndexError:
-            buf = bytearray(chunk_size)
-        try:
-            view = memoryview(buf)[:n]
-            read_exactly(fd, view, i * chunk_size)
+        with read_chunk(fd, i, n, chunk_size, buffers) as view:
             if cipher is None:
                 return plain_leaf(key_l, view)
             sealed = bytearray(n + TAG_LEN)
             cipher.seal_into(i, view, sealed)
             return chunk_hash(sealed)
-        finally:
-            buffers.append(buf)
 
     def every_nth(first: int) -> list[bytes]:
         return [leaf(i) for i in range(first, count, HASH_WORKERS)]

@@ -7,7 +7,7 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from crypto.content import (
@@ -71,6 +71,25 @@ def read_exactly(fd: int, view: memoryview, offset: int) -> None:
         got += k
 
 
+@contextlib.contextmanager
+def read_chunk(fd: int, index: int, n: int, chunk_size: int,
+               scratch: list[bytearray]) -> Iterator[memoryview]:
+    """The `n` plaintext bytes of chunk `index`, read into a buffer from `scratch` (a new
+    one if none is free) that goes back there afterwards: a thread reading chunk after
+    chunk reuses one buffer instead of faulting in a fresh one each time. ShortRead if the
+    file ends first."""
+    try:
+        plain = scratch.pop()  # list.pop/append are atomic under the GIL
+    except IndexError:
+        plain = bytearray(chunk_size)
+    try:
+        view = memoryview(plain)[:n]
+        read_exactly(fd, view, index * chunk_size)
+        yield view
+    finally:
+        scratch.append(plain)
+
+
 def read_and_seal(fd: int, cipher: ChunkCipher, index: int, n: int, chunk_size: int,
                    scratch: list[bytearray], outgoing: SendBuffers,
                    check: Callable[[memoryview], bool] | None = None) -> bytearray:
@@ -79,20 +98,12 @@ def read_and_seal(fd: int, cipher: ChunkCipher, index: int, n: int, chunk_size: 
 
     `check` sees the plaintext before it is sealed; False raises ChunkChanged and nothing
     is sealed (a KEYED_PLAIN sender's leaf check)."""
-    try:
-        plain = scratch.pop()  # list.pop/append are atomic under the GIL
-    except IndexError:
-        plain = bytearray(chunk_size)
-    try:
-        view = memoryview(plain)[:n]
-        read_exactly(fd, view, index * chunk_size)
+    with read_chunk(fd, index, n, chunk_size, scratch) as view:
         if check is not None and not check(view):
             raise ChunkChanged
         out = outgoing.take(n + cipher.overhead)
         cipher.seal_into(index, view, out)
         return out
-    finally:
-        scratch.append(plain)
 
 
 def open_direct(path: Path) -> int:
