@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crypto.content import GCM_NONCE_LEN, ChunkCipher, LeafScheme
+from crypto.content import GCM_NONCE_LEN, LeafScheme
 from crypto.errors import VerificationError
 from crypto.identity import DeviceIdentity
 from overlay.content.catalog import ContentStore
@@ -171,11 +171,7 @@ async def test_a_chunk_that_cannot_be_read_is_refused_and_the_rest_served(
                 got[reply.index] = reply
         refused = got.pop(2)
         assert isinstance(refused, Error) and refused.code == ErrorCode.UNAVAILABLE
-        cipher = ChunkCipher(content.key, content.scheme)
-
-        def opened(i: int, sealed: bytes | bytearray | memoryview) -> bytes:
-            return bytes(cipher.open_into(i, sealed, bytearray(len(sealed))))
-
+        opened = content.cipher.open
         assert {i: opened(i, c.data) for i, c in got.items() if isinstance(c, Chunk)} == {
             i: opened(i, content.read_sealed(i)) for i in (0, 1, 3, 4)}
         assert server.counters["read_errors"] == 1 and server.counters["chunks_served"] == 4
