@@ -88,6 +88,20 @@ def _feed_line(line: bytes, rtc: WebRtcEndpoint | PunchEndpoint,
 
 
 # --- the receiving child ---------------------------------------------------------------
+async def _timed_send(s: Stream, size: int) -> tuple[int, float, float]:
+    """`size` bytes (whole MiB blocks) then EOF, until the receiver's "k": bytes sent,
+    seconds, and this process's CPU seconds."""
+    block = bytes(range(256)) * (4 * KiB)  # 1 MiB
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    sent = 0
+    while sent < size:
+        await s.send_all(block)
+        sent += len(block)
+    await s.send_eof()
+    assert await s.receive_some(1) == b"k"
+    return sent, time.perf_counter() - t0, time.process_time() - cpu0
+
+
 async def _serve_one(stream: Stream, out: Any) -> None:
     await stream.send_all(b"h")
     n = 0
@@ -206,15 +220,7 @@ async def _punch_child(role: str, stun: tuple[str, int], size: int,
             await s.aclose()
         s = await punch.dial(*_RECEIVER)
         assert s.path == "tcp-punch" and await s.receive_some(1) == b"h"
-        block = bytes(range(256)) * (4 * KiB)  # 1 MiB
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        sent = 0
-        while sent < size:
-            await s.send_all(block)
-            sent += len(block)
-        await s.send_eof()
-        assert await s.receive_some(1) == b"k"
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        sent, seconds, cpu = await _timed_send(s, size)
         out(f"sent {sent} {seconds:.6f} {cpu:.4f} {statistics.median(setups):.6f} "
             f"{s.peer_address()}\n".encode())
         await s.aclose()
@@ -402,17 +408,8 @@ async def _measure_pair(kind: str, tuning: ChannelTuning, size: int, loop_name: 
 
         s = await dial()
         assert await s.receive_some(1) == b"h"
-        block = bytes(range(256)) * (4 * KiB)  # 1 MiB
         server_cpu0 = relay.cpu_seconds() if relay is not None else 0.0
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        sent = 0
-        while sent < size:
-            await s.send_all(block)
-            sent += len(block)
-        await s.send_eof()
-        assert await s.receive_some(1) == b"k"
-        seconds = time.perf_counter() - t0
-        cpu_sender = time.process_time() - cpu0
+        _, seconds, cpu_sender = await _timed_send(s, size)
         server_cpu = relay.cpu_seconds() - server_cpu0 if relay is not None else 0.0
         received, cpu_receiver = await child.results.get()
         await s.aclose()
