@@ -35,6 +35,14 @@ FROM accounts a
 """
 
 
+async def _lock_account(conn: Any, address: str) -> bool:
+    """Lock `address`'s usage row for this transaction (a SEND batch on another instance
+    waits for it); whether the account exists."""
+    await conn.execute("SELECT 1 FROM usage WHERE address = $1 FOR NO KEY UPDATE", address)
+    found = await conn.fetchval("SELECT 1 FROM accounts WHERE address = $1", address)
+    return found is not None
+
+
 def _account(row: Any) -> Account:
     return Account(row[0], float(row[1]), int(row[2]), int(row[3]), int(row[4]),
                    None if row[5] is None else float(row[5]))
@@ -74,10 +82,7 @@ async def delete_account(url: str, address: str) -> dict[str, int] | None:
     conn = await connect(url)
     try:
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM usage WHERE address = $1 FOR NO KEY UPDATE",
-                               address)
-            if await conn.fetchval("SELECT 1 FROM accounts WHERE address = $1",
-                                   address) is None:
+            if not await _lock_account(conn, address):
                 return None
             devices = [bytes(r[0]) for r in await conn.fetch(
                 "SELECT peer_id FROM devices WHERE address = $1", address)]
@@ -107,10 +112,7 @@ async def revoke_device(url: str, address: str, peer_id: str) -> tuple[bytes, di
     conn = await connect(url)
     try:
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM usage WHERE address = $1 FOR NO KEY UPDATE",
-                               address)
-            if await conn.fetchval("SELECT 1 FROM accounts WHERE address = $1",
-                                   address) is None:
+            if not await _lock_account(conn, address):
                 raise AdminError(f"no account {address}")
             found = [bytes(r[0]) for r in await conn.fetch(
                 "SELECT peer_id FROM devices WHERE address = $1", address)
