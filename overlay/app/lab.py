@@ -229,6 +229,15 @@ class LocalNetwork:
             time.sleep(interval)
         raise LabError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
+    def wait_complete(self, node: NodeHandle, message_id: str, timeout: float = 120.0,
+                      what: str = "the download") -> dict[str, Any]:
+        """`node`'s inbox entry of `message_id` once its state is complete."""
+        def complete() -> dict[str, Any] | None:
+            e = self.inbox_entry(node, message_id)
+            return e if e and e["state"] == "complete" else None
+        result: dict[str, Any] = self.wait_until(complete, timeout, what)
+        return result
+
     def inbox_entry(self, node: NodeHandle, message_id: str) -> dict[str, Any] | None:
         for e in self.cli_json(node, "inbox", "--all"):
             if e["id"] == message_id:

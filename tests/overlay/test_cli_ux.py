@@ -176,11 +176,6 @@ def _mine(net: LocalNetwork, node: NodeHandle, *args: str,
     return run("peerpost", "--home", str(node.home), *args, env={**net.env, **(env or {})})
 
 
-def _complete(net: LocalNetwork, node: NodeHandle, mid: str) -> dict[str, object] | None:
-    e = net.inbox_entry(node, mid)
-    return e if e and e["state"] == "complete" else None
-
-
 @pytest.mark.slow
 def test_repeated_to_and_comma_lists_reach_everyone(net: LocalNetwork, tmp_path: Path) -> None:
     alice, bob, carol = (net.nodes[n] for n in ("alice", "bob", "carol"))
@@ -192,8 +187,8 @@ def test_repeated_to_and_comma_lists_reach_everyone(net: LocalNetwork, tmp_path:
     assert sent["to"] == [bob.address, carol.address]
     (msg,) = [m for m in net.cli_json(alice, "status") if m["id"] == sent["id"]]
     assert {r["address"] for r in msg["recipients"]} == {bob.address, carol.address}
-    net.wait_until(lambda: _complete(net, carol, sent["id"]), 60, "carol's copy")
-    net.wait_until(lambda: _complete(net, bob, sent["id"]), 60, "bob's copy")
+    net.wait_complete(carol, sent["id"], 60, "carol's copy")
+    net.wait_complete(bob, sent["id"], 60, "bob's copy")
 
 
 @pytest.mark.slow
@@ -225,7 +220,7 @@ def test_fetch_and_status_mistakes(net: LocalNetwork, tmp_path: Path) -> None:
 
     src = _file(tmp_path, "done.bin", 256 * 1024)
     mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
-    got = net.wait_until(lambda: _complete(net, bob, mid), 60, "bob's download")
+    got = net.wait_complete(bob, mid, 60, "bob's download")
     res = _mine(net, bob, "fetch", mid[:8])  # the short id the inbox shows
     assert res.returncode == 0, res.stderr
     assert f"complete: {got['path']}" in res.stdout
@@ -238,7 +233,7 @@ def test_inbox_fits_80_columns(net: LocalNetwork, tmp_path: Path) -> None:
     title = "Grandma's 90th birthday, the whole evening including the speeches and the cake"
     mid = net.cli(alice, "send", str(src), "--to", carol.address, "--title", title
                   ).stdout.strip()
-    got = net.wait_until(lambda: _complete(net, carol, mid), 60, "carol's download")
+    got = net.wait_complete(carol, mid, 60, "carol's download")
     res = _mine(net, carol, "inbox", env={"COLUMNS": "80"})
     assert res.returncode == 0, res.stderr
     table, _, notes = res.stdout.partition("files and notes")

@@ -46,11 +46,6 @@ def net(tmp_path: Path):
         yield n
 
 
-def complete(net: LocalNetwork, node, mid: str):
-    e = net.inbox_entry(node, mid)
-    return e if e and e["state"] == "complete" else None
-
-
 def test_delivery_to_two_receivers_one_offline(net: LocalNetwork, tmp_path: Path) -> None:
     alice, bob, carol = net.add_node("alice"), net.add_node("bob"), net.add_node("carol")
     net.start_node(alice)
@@ -62,14 +57,14 @@ def test_delivery_to_two_receivers_one_offline(net: LocalNetwork, tmp_path: Path
                   "--title", "Grandma's 90th").stdout.strip()
     assert len(mid) == 32
 
-    got = net.wait_until(lambda: complete(net, bob, mid), 120, "bob's download")
+    got = net.wait_complete(bob, mid, 120, "bob's download")
     assert got["from"] == alice.address and got["title"] == "Grandma's 90th"
     assert same_bytes(src, Path(got["path"]))
     assert got["sources"] and all(s["path"] == "tcp" for s in got["sources"])
 
     # Carol was offline at send time: she gets it when she comes back.
     net.start_node(carol)
-    got = net.wait_until(lambda: complete(net, carol, mid), 120, "carol's download")
+    got = net.wait_complete(carol, mid, 120, "carol's download")
     assert same_bytes(src, Path(got["path"]))
 
     # The server held location messages only, never media.
@@ -98,7 +93,7 @@ def test_resume_after_kill_9_refetches_nothing_verified(net: LocalNetwork, tmp_p
     net.wait_until(partly, 60, "a partial download", interval=0.1)
     net.kill_node(bob)
     net.start_node(bob)
-    got = net.wait_until(lambda: complete(net, bob, mid), 120, "the resumed download")
+    got = net.wait_complete(bob, mid, 120, "the resumed download")
     assert same_bytes(src, Path(got["path"]))
 
     (sent,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
@@ -120,7 +115,7 @@ def test_sender_offline_receiver_retries_then_completes(net: LocalNetwork, tmp_p
                        60, "bob to show retrying")
     assert e["next_attempt"] > 0
     net.start_node(alice)
-    got = net.wait_until(lambda: complete(net, bob, mid), 90, "completion after the sender returns")
+    got = net.wait_complete(bob, mid, 90, "completion after the sender returns")
     assert same_bytes(src, Path(got["path"]))
 
 
@@ -143,8 +138,8 @@ def test_junk_never_fetched_and_priority_first(net: LocalNetwork, tmp_path: Path
     urgent = net.cli(erin, "send", str(files["erin"]), "--to", bob.address).stdout.strip()
 
     net.start_node(bob)
-    a = net.wait_until(lambda: complete(net, bob, ordinary), 90, "the ordinary message")
-    u = net.wait_until(lambda: complete(net, bob, urgent), 90, "the priority message")
+    a = net.wait_complete(bob, ordinary, 90, "the ordinary message")
+    u = net.wait_complete(bob, urgent, 90, "the priority message")
     assert u["completed_at"] <= a["completed_at"], "the priority sender's message comes first"
 
     listed = {e["id"] for e in net.cli_json(bob, "inbox")}
@@ -182,7 +177,7 @@ def test_sender_applies_retention_once_everyone_has_it(net: LocalNetwork, tmp_pa
     src = make_file(tmp_path / "party.bin", 2 * MiB, seed=7)
     original = src.read_bytes()
     mid = net.cli(alice, "send", str(src), "--to", f"{bob.address},{carol.address}").stdout.strip()
-    net.wait_until(lambda: complete(net, bob, mid), 60, "bob's download")
+    net.wait_complete(bob, mid, 60, "bob's download")
 
     def sent():
         (m,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
@@ -191,7 +186,7 @@ def test_sender_applies_retention_once_everyone_has_it(net: LocalNetwork, tmp_pa
     assert src.exists() and sent()["retention_done"] is None
 
     net.start_node(carol)
-    net.wait_until(lambda: complete(net, carol, mid), 60, "carol's download")
+    net.wait_complete(carol, mid, 60, "carol's download")
     m = net.wait_until(lambda: (x := sent())["retention_done"] and x, 30, "retention")
     assert m["retention_done"] == policy
     assert not src.exists()
@@ -217,7 +212,7 @@ def test_a_receipt_the_server_missed_is_sent_when_it_can_be(net: LocalNetwork,
     assert net.server is not None
     net.server.stop()
 
-    e = net.wait_until(lambda: complete(net, bob, mid), 60, "bob's download, server down")
+    e = net.wait_complete(bob, mid, 60, "bob's download, server down")
     assert same_bytes(Path(e["path"]), src)
     net.kill_node(bob)  # before the client's own retries could reach a server
     net.start_server()
@@ -250,5 +245,5 @@ def test_a_node_started_while_its_server_is_down_waits_for_it(net: LocalNetwork,
     net.start_node(bob)
     src = make_file(tmp_path / "after.bin", MiB, seed=12)
     mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
-    e = net.wait_until(lambda: complete(net, bob, mid), 60, "bob's download")
+    e = net.wait_complete(bob, mid, 60, "bob's download")
     assert same_bytes(Path(e["path"]), src)

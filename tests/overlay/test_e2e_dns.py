@@ -87,10 +87,7 @@ def test_init_through_dns_pins_the_published_key_and_mail_flows(
     src.write_bytes(bytes(range(256)) * 4096)
     mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
 
-    def complete() -> dict[str, object] | None:
-        e = net.inbox_entry(bob, mid)
-        return e if e and e["state"] == "complete" else None
-    got = net.wait_until(complete, 120, "bob's download")
+    got = net.wait_complete(bob, mid, 120, "bob's download")
     assert Path(str(got["path"])).read_bytes() == src.read_bytes()
     assert [e["id"] for e in net.cli_json(bob, "inbox", "--all")].count(mid) == 1
 

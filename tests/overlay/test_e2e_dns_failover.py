@@ -118,8 +118,5 @@ def test_node_fails_over_to_a_target_proving_the_pinned_key(
     src.write_bytes(bytes(range(256)) * 2048)
     mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
 
-    def complete() -> dict[str, object] | None:
-        e = net.inbox_entry(bob, mid)
-        return e if e and e["state"] == "complete" else None
-    got = net.wait_until(complete, 120, "bob's download")
+    got = net.wait_complete(bob, mid, 120, "bob's download")
     assert Path(str(got["path"])).read_bytes() == src.read_bytes()

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -65,11 +64,6 @@ def _init(net: LocalNetwork, name: str) -> NodeHandle:
     return node
 
 
-def _complete(net: LocalNetwork, node: NodeHandle, mid: str) -> dict[str, Any] | None:
-    e = net.inbox_entry(node, mid)
-    return e if e and e["state"] == "complete" else None
-
-
 def test_co_recipient_in_the_other_domain_serves_a_late_recipient(
         nets: dict[str, LocalNetwork], tmp_path: Path) -> None:
     a, b = nets[A], nets[B]
@@ -83,12 +77,12 @@ def test_co_recipient_in_the_other_domain_serves_a_late_recipient(
     assert a.server is not None
     a.server.lines.wait_for(re.compile(r"event=dht\.joined_domain .*domain=b\.test"), 60,
                             "a.test's DHT joining b.test's")
-    got_bob = b.wait_until(lambda: _complete(b, bob, mid), 120, "bob's download")
+    got_bob = b.wait_complete(bob, mid, 120, "bob's download")
     assert same_bytes(src, Path(got_bob["path"]))
     a.stop_node(alice)  # the sender is gone for good
 
     a.start_node(carol)
-    got = a.wait_until(lambda: _complete(a, carol, mid), 120, "carol's download from bob")
+    got = a.wait_complete(carol, mid, 120, "carol's download from bob")
     assert same_bytes(src, Path(got["path"]))
     bob_id = b.cli_json(bob, "info")["peer_id"][:16]
     delivered = {s["peer"]: s["bytes"] for s in got["sources"] if s["bytes"]}

@@ -95,10 +95,7 @@ def test_nodes_reconnect_to_the_other_instance_and_lose_nothing(
     src.write_bytes(bytes(range(256)) * 2048)
     mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
 
-    def complete() -> dict[str, object] | None:
-        e = net.inbox_entry(bob, mid)
-        return e if e and e["state"] == "complete" else None
-    got = net.wait_until(complete, 120, "bob's download")
+    got = net.wait_complete(bob, mid, 120, "bob's download")
     assert Path(str(got["path"])).read_bytes() == src.read_bytes()
     for node in nodes:
         assert node.proc is not None

@@ -62,11 +62,7 @@ def test_node_metrics_count_a_download_and_logs_are_json(tmp_path: Path) -> None
         src.write_bytes(random.Random(3).randbytes(600 * KiB))
         mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
 
-        def complete() -> dict[str, object] | None:
-            e = net.inbox_entry(bob, mid)
-            return e if e and e["state"] == "complete" else None
-
-        net.wait_until(complete, 120, "bob's download")
+        net.wait_complete(bob, mid, 120, "bob's download")
         _, text = fetch(url + "/metrics")
         got = samples(text)
         families = {f.name for f in text_string_to_metric_families(text)}

@@ -67,8 +67,5 @@ def test_live_inbox_and_playback_while_downloading(net: LocalNetwork, browser_pa
     assert took <= 3.0
     page.screenshot(path=str(artifacts / "player-seek.png"))
 
-    def complete() -> dict[str, Any] | None:
-        e = net.inbox_entry(bob, mid)
-        return e if e and e["state"] == "complete" else None
-    got = net.wait_until(complete, 120, "bob's download")
+    got = net.wait_complete(bob, mid, 120, "bob's download")
     assert Path(got["path"]).read_bytes() == clip.read_bytes()
