@@ -42,7 +42,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 REQUIRED_TOOLS = ("ip", "nft")
 _counter = itertools.count()
@@ -103,6 +103,7 @@ class NatLab:
     def __init__(self, h1: NatMode = NatMode.EIM, h2: NatMode = NatMode.EIM, *,
                  prefix: str | None = None, log_dir: Path | None = None) -> None:
         self.modes = {"r1": h1, "r2": h2}
+        self.hosts: tuple[str, ...] = self.HOSTS
         self.prefix = prefix or f"ppl{os.getpid() % 100000}x{next(_counter)}"
         self.log_dir = log_dir
         self._made: list[str] = []
@@ -111,8 +112,8 @@ class NatLab:
 
     # --- naming ------------------------------------------------------------------------
     def ns(self, host: str) -> str:
-        """The namespace name of `host` (server, h1, h2, r1, r2, pub or inet)."""
-        if host not in self.HOSTS:
+        """The namespace name of `host` (one of `hosts`)."""
+        if host not in self.hosts:
             raise ValueError(f"no host {host!r} in the lab")
         return f"{self.prefix}-{host}"
 
@@ -141,12 +142,12 @@ class NatLab:
         if r.returncode != 0 and required:
             raise LabError(f"sysctl {setting} in {host}: {r.stderr.strip()}")
 
-    def up(self) -> NatLab:
+    def up(self) -> Self:
         """Build the whole topology; on any failure tear down what was made and raise."""
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            for host in self.HOSTS:
+            for host in self.hosts:
                 self._cmd(["ip", "netns", "add", self.ns(host)])
                 self._made.append(host)
                 self._ip("link", "set", "lo", "up", ns=host)
@@ -154,26 +155,30 @@ class NatLab:
             self._ip("link", "set", "br0", "up", ns="inet")
             # The bridge must not send frames through the (routers') netfilter hooks.
             self._sysctl("inet", "net.bridge.bridge-nf-call-iptables=0", required=False)
-            self._wire("server", "eth0", "srv", [f"{_ADDRS['server']}/24",
-                                                 f"{_ADDRS['server2']}/24"])
-            self._wire("pub", "eth0", "pub", [f"{_ADDRS['pub']}/24"])
-            for n in ("1", "2"):
-                router, host = f"r{n}", f"h{n}"
-                self._wire(router, "wan", router, [f"{_ADDRS[router]}/24"])
-                self._ip("link", "add", "eth0", "type", "veth", "peer", "name", "lan",
-                         "netns", self.ns(router), ns=host)
-                self._ip("addr", "add", f"10.{n}.0.1/24", "dev", "lan", ns=router)
-                self._ip("link", "set", "lan", "up", ns=router)
-                self._ip("addr", "add", f"{_ADDRS[host]}/24", "dev", "eth0", ns=host)
-                self._ip("link", "set", "eth0", "up", ns=host)
-                self._ip("route", "add", "default", "via", f"10.{n}.0.1", ns=host)
-                self._sysctl(router, "net.ipv4.ip_forward=1")
-                self._cmd(["ip", "netns", "exec", self.ns(router), "nft", "-f", "-"],
-                          stdin=_nat_rules(self.modes[router], _ADDRS[host]))
+            self._build()
         except BaseException:
             self.down()
             raise
         return self
+
+    def _build(self) -> None:
+        """What hangs on the bridge: the server, the public host, and two NATed homes."""
+        self._wire("server", "eth0", "srv", [f"{_ADDRS['server']}/24",
+                                             f"{_ADDRS['server2']}/24"])
+        self._wire("pub", "eth0", "pub", [f"{_ADDRS['pub']}/24"])
+        for n in ("1", "2"):
+            router, host = f"r{n}", f"h{n}"
+            self._wire(router, "wan", router, [f"{_ADDRS[router]}/24"])
+            self._ip("link", "add", "eth0", "type", "veth", "peer", "name", "lan",
+                     "netns", self.ns(router), ns=host)
+            self._ip("addr", "add", f"10.{n}.0.1/24", "dev", "lan", ns=router)
+            self._ip("link", "set", "lan", "up", ns=router)
+            self._ip("addr", "add", f"{_ADDRS[host]}/24", "dev", "eth0", ns=host)
+            self._ip("link", "set", "eth0", "up", ns=host)
+            self._ip("route", "add", "default", "via", f"10.{n}.0.1", ns=host)
+            self._sysctl(router, "net.ipv4.ip_forward=1")
+            self._cmd(["ip", "netns", "exec", self.ns(router), "nft", "-f", "-"],
+                      stdin=_nat_rules(self.modes[router], _ADDRS[host]))
 
     def _wire(self, host: str, inner: str, port: str, addrs: list[str]) -> None:
         """A veth from `host` (named `inner`) to the bridge (named `port`)."""
@@ -205,7 +210,7 @@ class NatLab:
                            timeout=30, check=False)
         self._made.clear()
 
-    def __enter__(self) -> NatLab:
+    def __enter__(self) -> Self:
         return self.up()
 
     def __exit__(self, *exc: object) -> None:

@@ -55,15 +55,6 @@ class ShapedLab(NatLab):
                        "snd": "198.18.0.30"}
         self._addrs |= {r: f"198.18.0.{40 + i}" for i, r in enumerate(self.recipients)}
 
-    def ns(self, host: str) -> str:
-        """The namespace name of `host` (inet, server, snd or a recipient)."""
-        if host not in self.hosts:
-            raise ValueError(f"no host {host!r} in the lab")
-        return f"{self.prefix}-{host}"
-
-    def __enter__(self) -> ShapedLab:
-        return self.up()
-
     def addr_of(self, host: str) -> str:
         return self._addrs[host]
 
@@ -78,31 +69,16 @@ class ShapedLab(NatLab):
     def _ip_tc(self, ns: str, *args: str) -> None:
         self._cmd(["ip", "netns", "exec", self.ns(ns), "tc", *args])
 
-    def up(self) -> ShapedLab:
-        """Build the bridge, the hosts and the shaping; on failure tear down and raise."""
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            for host in self.hosts:
-                self._cmd(["ip", "netns", "add", self.ns(host)])
-                self._made.append(host)
-                self._ip("link", "set", "lo", "up", ns=host)
-            self._ip("link", "add", "br0", "type", "bridge", ns="inet")
-            self._ip("link", "set", "br0", "up", ns="inet")
-            self._sysctl("inet", "net.bridge.bridge-nf-call-iptables=0", required=False)
-            self._wire("server", "eth0", "srv", [f"{a}/24" for a in SERVER_ADDRS])
-            for host in ("snd", *self.recipients):
-                port = f"p-{host}"
-                self._wire(host, "eth0", port, [f"{self._addrs[host]}/24"])
-                if self.up_bit is not None:
-                    self._tbf(host, "eth0", self.up_bit)
-                if self.down_bit is not None:
-                    self._tbf("inet", port, self.down_bit)
-        except BaseException:
-            self.down()
-            raise
-        return self
-
+    def _build(self) -> None:
+        """The server, then the sender and every recipient on shaped links."""
+        self._wire("server", "eth0", "srv", [f"{a}/24" for a in SERVER_ADDRS])
+        for host in ("snd", *self.recipients):
+            port = f"p-{host}"
+            self._wire(host, "eth0", port, [f"{self._addrs[host]}/24"])
+            if self.up_bit is not None:
+                self._tbf(host, "eth0", self.up_bit)
+            if self.down_bit is not None:
+                self._tbf("inet", port, self.down_bit)
 
 def deliver_real(lab: ShapedLab, root: Path, path: Path, *, co_recipients: bool,
                  timeout: float = 600.0) -> list[dict[str, float]]:
