@@ -44,7 +44,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from crypto.address import parse_hostport
 from crypto.codec import Fields, item_str, packb, unpackb
@@ -102,11 +102,11 @@ class _Candidates:
         return {"s": self.session, "c": [_hostport(c) for c in self.candidates]}
 
     @classmethod
-    def _decode(cls, f: Fields) -> tuple[bytes, tuple[Address, ...]]:
+    def decode(cls, f: Fields) -> Self:
         texts = f.list("c", item_str(64), max_items=MAX_CANDIDATES) or ()
         if not texts:
             raise DecodeError("no candidates")
-        return f.bytes("s", size=SESSION_LEN), tuple(_candidate(t) for t in texts)
+        return cls(f.bytes("s", size=SESSION_LEN), tuple(_candidate(t) for t in texts))
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,20 +115,12 @@ class PunchOffer(_Candidates):
 
     TAG: ClassVar[str] = "punch-offer"
 
-    @classmethod
-    def decode(cls, f: Fields) -> PunchOffer:
-        return cls(*cls._decode(f))
-
 
 @dataclass(frozen=True, slots=True)
 class PunchAnswer(_Candidates):
     """The callee's candidates for the session of the same id; it is already dialling."""
 
     TAG: ClassVar[str] = "punch-answer"
-
-    @classmethod
-    def decode(cls, f: Fields) -> PunchAnswer:
-        return cls(*cls._decode(f))
 
 
 @dataclass(frozen=True, slots=True)
