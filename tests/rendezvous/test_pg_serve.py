@@ -14,10 +14,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from rendezvous.messages import Deliver
-
 from .conftest import ident, mid
-from .test_processes import cli, rc, serve
+from .test_processes import cli, delivered, rc, serve
 
 pytestmark = pytest.mark.slow
 ALICE, BOB = ident(1), ident(2)
@@ -40,14 +38,10 @@ async def test_serve_on_postgresql_kill_9_loses_and_repeats_nothing(tmp_path: Pa
     # Another instance (own data folder) on the same database finds them all.
     async with serve(tmp_path / "other", "--open-registration", "--store", pg_url) as srv:
         async with rc(srv.port, BOB, "bob@example.net") as b:
-            pushes = b.pushes()
             got: list[bytes] = []
-            async with asyncio.timeout(30):
-                while len(got) < 200:
-                    p = await anext(pushes)
-                    if isinstance(p, Deliver):
-                        assert p.envelope.blob == p.envelope.message_id * 4
-                        got.append(p.envelope.message_id)
+            for p in await delivered(b, 200):
+                assert p.envelope.blob == p.envelope.message_id * 4
+                got.append(p.envelope.message_id)
             assert sorted(got) == sorted(ids)  # all 200, each exactly once
             await asyncio.gather(*(b.remove(m) for m in got))
         async with rc(srv.port, BOB, "bob@example.net") as b:

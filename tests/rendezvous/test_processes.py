@@ -68,6 +68,18 @@ def rc(port: int, who: object, address: str, **kw: object) -> RendezvousClient:
                             tls=True, **kw)  # type: ignore[arg-type]
 
 
+async def delivered(client: RendezvousClient, n: int) -> list[Deliver]:
+    """The first `n` DELIVER pushes `client` gets (other pushes skipped), within 30 s."""
+    pushes = client.pushes()
+    got: list[Deliver] = []
+    async with asyncio.timeout(30):
+        while len(got) < n:
+            p = await anext(pushes)
+            if isinstance(p, Deliver):
+                got.append(p)
+    return got
+
+
 async def test_kill_9_loses_and_repeats_nothing(tmp_path: Path) -> None:
     data = tmp_path / "data"
     ids = [mid() for _ in range(200)]
@@ -81,15 +93,11 @@ async def test_kill_9_loses_and_repeats_nothing(tmp_path: Path) -> None:
             assert await srv.proc.wait() == -signal.SIGKILL
     async with serve(data, "--open-registration") as srv:
         async with rc(srv.port, BOB, "bob@example.net") as b:
-            pushes = b.pushes()
             got: list[bytes] = []
-            async with asyncio.timeout(30):
-                while len(got) < 200:
-                    p = await anext(pushes)
-                    if isinstance(p, Deliver):
-                        assert p.envelope.blob == p.envelope.message_id * 4
-                        assert p.envelope.sender == "alice@example.net"
-                        got.append(p.envelope.message_id)
+            for p in await delivered(b, 200):
+                assert p.envelope.blob == p.envelope.message_id * 4
+                assert p.envelope.sender == "alice@example.net"
+                got.append(p.envelope.message_id)
             assert sorted(got) == sorted(ids)  # all 200, each exactly once
             assert len(await b.list()) == 200
             await asyncio.gather(*(b.remove(m) for m in got))
