@@ -29,6 +29,7 @@ overrides are dotted key paths (`{"topology.hosts": 100}`) applied before valida
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import difflib
@@ -547,6 +548,24 @@ def build_simulation(spec: ScenarioSpec, seed: int) -> Simulation:
                                     spread=lat["spread"], access=tuple(lat["access"]),
                                     jitter=lat["jitter"])
     return Simulation(seed, latency=latency, loss=spec.doc["topology"]["loss"])
+
+
+@contextlib.contextmanager
+def variant(sim: Simulation, spec: ScenarioSpec, n: int,
+            digests: list[str]) -> Iterator[Simulation]:
+    """The simulation for the `n`-th of several runs in one scenario (a mode, a Sybil
+    share): `sim` itself first, then a fresh one of the same spec and seed. A run that
+    ends normally adds its trace digest to `digests` and its errors to `sim`'s; a fresh
+    one is closed either way."""
+    s = sim if n == 0 else build_simulation(spec, sim.seed)
+    try:
+        yield s
+        digests.append(s.trace.digest())
+        if s is not sim:
+            sim.errors.extend(s.errors)
+    finally:
+        if s is not sim:
+            s.close()
 
 
 def draw(dist: Mapping[str, Any], rng: random.Random) -> float:

@@ -271,7 +271,7 @@ def _turn_sybil(node: Any, behaviour: str, sybils: list[Any], sim: Simulation) -
 
 def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> ScenarioResult:
     """Run the scenario (one simulation per Sybil share, same seed); rows, summary, plots."""
-    from sim.scenario import build_simulation, combine_hashes
+    from sim.scenario import combine_hashes, variant
 
     p = Params.from_spec(spec)
     rows: list[dict[str, Any]] = []
@@ -279,16 +279,9 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
     summaries: dict[float, dict[str, Any]] = {}
     total = (p.nodes + p.keys + p.lookups + p.healthy_lookups) * len(p.sybil_shares)
     for n, share in enumerate(p.sybil_shares):
-        s = sim if n == 0 else build_simulation(spec, sim.seed)
-        try:
+        with variant(sim, spec, n, digests) as s:
             got, summaries[share] = _run_share(s, spec, p, share, progress, len(rows), total)
             rows += got
-            digests.append(s.trace.digest())
-            if s is not sim:
-                sim.errors.extend(s.errors)
-        finally:
-            if s is not sim:
-                s.close()
     label = f"{p.implementation}, {p.nodes} nodes"
     if p.sybil_shares == (0.0,):
         summary = summaries[0.0]

@@ -37,10 +37,10 @@ from sim.scenario import (
     Progress,
     ScenarioResult,
     ScenarioSpec,
-    build_simulation,
     combine_hashes,
     draw,
     times,
+    variant,
     window,
 )
 from sim.scenarios.dht_lookup import percentile
@@ -265,18 +265,10 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
     done = [0]
     total = p.recipients * len(p.modes)
     for n, mode in enumerate(p.modes):
-        s = sim if n == 0 else build_simulation(spec, sim.seed)
-        try:
-            with tempfile.TemporaryDirectory(prefix="peerpost-sim-") as tmp:
-                runs[mode], nat_of = _run_mode(s, spec, p, mode, Path(tmp), done, progress,
-                                               total)
-                rows += runs[mode].rows
-            digests.append(s.trace.digest())
-            if s is not sim:
-                sim.errors.extend(s.errors)
-        finally:
-            if s is not sim:
-                s.close()
+        with variant(sim, spec, n, digests) as s, \
+                tempfile.TemporaryDirectory(prefix="peerpost-sim-") as tmp:
+            runs[mode], nat_of = _run_mode(s, spec, p, mode, Path(tmp), done, progress, total)
+            rows += runs[mode].rows
     summary: dict[str, Any] = {
         "recipients": p.recipients, "clip_mb": round(p.clip_mb, 3),
         "links": links_label(spec),
