@@ -79,12 +79,14 @@ from rendezvous.store import (
     QueuedEnvelope,
     QueuedInfo,
     Quota,
+    RecentMessages,
     RegistrationPolicy,
     StoreStats,
     load_advertise,
     over_quota,
     per_recipient,
     queued_envelope,
+    settle,
 )
 from rendezvous.taskset import TaskSet
 
@@ -92,7 +94,6 @@ T = TypeVar("T")
 log = logging.getLogger("rendezvous.pg_store")
 _MAX_BATCH = 1024
 _PAIR_CACHE = 65_536
-_RECENT_MESSAGES = 4096
 _PIPE_LOCK = 0x7065657270_02     # advisory lock: the PIPE hold's server-wide total
 _OUTBOUND_LOCK = 0x7065657270_03  # advisory lock (with the sender's hash): outbound cap
 _INSERT = """
@@ -322,7 +323,7 @@ class PgStore:
         self._tasks = TaskSet("pg-store", logger=log)
         self._closing = False
         self._pairs: set[tuple[str, str]] = set()
-        self._recent: dict[bytes, tuple[str, set[str]]] = {}
+        self._recent = RecentMessages()
         self.commits = 0
         self.ops = 0
         self.rollbacks = 0
@@ -378,7 +379,7 @@ class PgStore:
                 "UPDATE outbound SET claimed_by = NULL, claim_until = NULL "
                 "WHERE claimed_by = $1 AND state = 'queued'", self.claimant), 2.0)
         for op in self._pending:  # submitted after the writer ended
-            _settle(op.fut, None, RuntimeError("store is closed"))
+            settle(op.fut, None, RuntimeError("store is closed"))
         self._pending = []
         self._opened = False
         if conn is not None:
@@ -425,14 +426,14 @@ class PgStore:
             except (OSError, RuntimeError) as exc:  # the database is away: fail the batch
                 log.warning(kv("store.reconnect_failed", ops=len(ops), error=str(exc)))
                 for op in ops:
-                    _settle(op.fut, None, exc)
+                    settle(op.fut, None, exc)
                 return
         try:
             await self._transaction(ops)
         except Exception as exc:
             self.rollbacks += 1
             self._pairs = set()
-            self._recent = {}
+            self._recent = RecentMessages()
             if _connection_lost(exc):
                 # Not an error PostgreSQL reported on a healthy session: drop the
                 # connection, whatever state it is in; the next batch opens a new one.
@@ -450,11 +451,11 @@ class PgStore:
                         await self._transaction([op])
                     except Exception as one:
                         self._pairs = set()
-                        self._recent = {}
+                        self._recent = RecentMessages()
                         op.error = one
         self.ops += len(ops)
         for op in ops:
-            _settle(op.fut, op.result, op.error)
+            settle(op.fut, op.result, op.error)
 
     async def _transaction(self, ops: list[_Op]) -> None:
         conn = self._conn
@@ -639,18 +640,8 @@ class PgStore:
     def _record_exchange(self, tx: _Tx, sender: str, message_id: bytes,
                          recipients: set[str], now: float) -> None:
         """As `SqliteStore._record_exchange`; written at the end of the batch."""
-        seen = self._recent.get(message_id)
-        if seen is None or seen[0] != sender:
-            if len(self._recent) >= _RECENT_MESSAGES:
-                del self._recent[next(iter(self._recent))]
-            seen = self._recent[message_id] = (sender, set())
-        earlier = seen[1]
-        everyone = sorted(earlier | recipients)
-        pairs = {(min(sender, r), max(sender, r)) for r in recipients if r != sender}
-        pairs.update((min(a, b), max(a, b)) for a in recipients for b in everyone if a != b)
-        for pair in pairs - self._pairs:
+        for pair in self._recent.exchanged(sender, message_id, recipients) - self._pairs:
             tx.exchanged[pair] = now
-        earlier.update(recipients)
 
     # --- Store: the hot path ------------------------------------------------------------
     def enqueue(self, sender: str, send: Send, now: float, expires_at: float,
@@ -804,7 +795,7 @@ class PgStore:
         still bound."""
         async def op(tx: _Tx) -> set[bytes]:
             self._pairs = set()
-            self._recent = {}
+            self._recent = RecentMessages()
             rows = await tx.conn.fetch(
                 "SELECT peer_id FROM devices WHERE peer_id = ANY($1::bytea[])", devices)
             return {bytes(r[0]) for r in rows}
@@ -1121,15 +1112,6 @@ def _connection_lost(exc: BaseException) -> bool:
     return not isinstance(exc, asyncpg.PostgresError) or isinstance(
         exc, asyncpg.exceptions.ConnectionDoesNotExistError
         | asyncpg.exceptions.CannotConnectNowError | asyncpg.exceptions.AdminShutdownError)
-
-
-def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(value)
 
 
 async def migrate(url: str) -> tuple[int | None, list[pg_schema.Migration]]:

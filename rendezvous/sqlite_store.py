@@ -65,12 +65,14 @@ from rendezvous.store import (
     QueuedEnvelope,
     QueuedInfo,
     Quota,
+    RecentMessages,
     RegistrationPolicy,
     StoreStats,
     load_advertise,
     over_quota,
     per_recipient,
     queued_envelope,
+    settle,
 )
 
 T = TypeVar("T")
@@ -80,7 +82,6 @@ FORWARD_MEMORY = 30 * 86400.0  # how long finished outbound rows and forwarded i
 _MAX_BATCH = 1024
 _DEVICE_CACHE = 65_536
 _PAIR_CACHE = 65_536   # exchanged pairs known to be recorded (skips their INSERT)
-_RECENT_MESSAGES = 4096  # message id -> recipients so far, for multi-SEND messages
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts (address TEXT PRIMARY KEY, created REAL NOT NULL);
@@ -267,7 +268,7 @@ class SqliteStore:
         self._domain_usage: dict[str, list[int]] = {}  # sender domain -> [count, bytes]
         self._bound: dict[bytes, str] = {}
         self._pairs: set[tuple[str, str]] = set()
-        self._recent: dict[bytes, tuple[str, set[str]]] = {}
+        self._recent = RecentMessages()
         self._pipe_total = 0
         self.commits = 0
         self.ops = 0
@@ -332,9 +333,9 @@ class SqliteStore:
             conn = connect(self.path)
             self._reload_caches(conn)
         except Exception as exc:  # report any open failure to the awaiting caller
-            loop.call_soon_threadsafe(_settle, ready, None, exc)
+            loop.call_soon_threadsafe(settle, ready, None, exc)
             return
-        loop.call_soon_threadsafe(_settle, ready, None, None)
+        loop.call_soon_threadsafe(settle, ready, None, None)
         stop = False
         try:
             while not stop:
@@ -402,7 +403,7 @@ class SqliteStore:
     def _reload_caches(self, conn: sqlite3.Connection) -> None:
         self._bound = {}
         self._pairs = set()
-        self._recent = {}
+        self._recent = RecentMessages()
         self._usage = {}
         self._sender_usage = {}
         self._domain_usage = {}
@@ -459,25 +460,13 @@ class SqliteStore:
 
     def _record_exchange(self, conn: sqlite3.Connection, sender: str, message_id: bytes,
                          recipients: set[str], now: float) -> None:
-        """Pairs that have now exchanged mail: the sender with each recipient, and the
-        recipients of the message among themselves (also across the several SENDs of
-        one message, while its id is among the last `_RECENT_MESSAGES`)."""
-        seen = self._recent.get(message_id)
-        if seen is None or seen[0] != sender:
-            if len(self._recent) >= _RECENT_MESSAGES:
-                del self._recent[next(iter(self._recent))]
-            seen = self._recent[message_id] = (sender, set())
-        earlier = seen[1]
-        everyone = sorted(earlier | recipients)
-        pairs = {(min(sender, r), max(sender, r)) for r in recipients if r != sender}
-        pairs.update((min(a, b), max(a, b)) for a in recipients for b in everyone if a != b)
-        for pair in pairs - self._pairs:
+        """Record the pairs that have now exchanged mail (`RecentMessages.exchanged`)."""
+        for pair in self._recent.exchanged(sender, message_id, recipients) - self._pairs:
             conn.execute("INSERT INTO exchanged VALUES (?, ?, ?) "
                          "ON CONFLICT (a, b) DO UPDATE SET at=excluded.at", (*pair, now))
             if len(self._pairs) >= _PAIR_CACHE:
                 self._pairs.clear()
             self._pairs.add(pair)
-        earlier.update(recipients)
 
     # --- Store -------------------------------------------------------------------------
     async def authenticate(self, address: str, verify_key: bytes, *, register: bool,
@@ -909,18 +898,9 @@ def _vouch_ok(conn: sqlite3.Connection, address: str, verify_key: bytes, raw: by
                         (vouch.by, address)).fetchone() is not None
 
 
-def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(value)
-
-
 def _settle_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
     for fut, value, exc in results:
-        _settle(fut, value, exc)
+        settle(fut, value, exc)
 
 
 def file_size(path: Path) -> int:

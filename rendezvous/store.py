@@ -23,6 +23,7 @@ removed is not delivered again.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -310,6 +311,45 @@ class Store(Protocol):
 
 # --- what every backend shares: row shapes, quota texts, state merging -------------------
 ENVELOPE_COLUMNS = "seq, device, mid, sender, recipient, prio, blob, received_at"
+
+
+RECENT_MESSAGES = 4096  # message id -> recipients so far, for multi-SEND messages
+
+
+class RecentMessages:
+    """The recipients of the last RECENT_MESSAGES message ids, so that a message sent in
+    several SENDs makes all its recipients correspondents of each other."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, tuple[str, set[str]]] = {}
+
+    def exchanged(self, sender: str, message_id: bytes,
+                  recipients: set[str]) -> set[tuple[str, str]]:
+        """Pairs (a < b) that have now exchanged mail: the sender with each recipient, and
+        the message's recipients among themselves, earlier SENDs of it included."""
+        seen = self._seen.get(message_id)
+        if seen is None or seen[0] != sender:
+            if len(self._seen) >= RECENT_MESSAGES:
+                del self._seen[next(iter(self._seen))]
+            seen = self._seen[message_id] = (sender, set())
+        earlier = seen[1]
+        everyone = sorted(earlier | recipients)
+        pairs = {(min(sender, r), max(sender, r)) for r in recipients if r != sender}
+        pairs.update((min(a, b), max(a, b)) for a in recipients for b in everyone if a != b)
+        earlier.update(recipients)
+        return pairs
+
+
+def settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    """Give `fut` its result or exception, unless it is done already (cancelled)."""
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
 
 
 def queued_envelope(row: Any) -> QueuedEnvelope:
