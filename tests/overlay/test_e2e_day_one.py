@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from overlay.app.lab import LocalNetwork, _script
-from tests.overlay.test_e2e_cli import complete, make_file, same_bytes
+from tests.overlay.test_e2e_cli import make_file, same_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_upload_cap_applies_at_once_and_prefs_show_set_names(net: LocalNetwork,
 
     src = make_file(tmp_path / "capped.bin", 4 * MiB, seed=21)
     mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
-    got = net.wait_until(lambda: complete(net, bob, mid), 60, "bob's capped download")
+    got = net.wait_complete(bob, mid, 60, "bob's capped download")
     assert same_bytes(src, Path(got["path"]))
     # 4 MiB under a 1 MiB/s cap set while the node ran (a 100 KiB burst): over 3 s.
     assert got["completed_at"] - got["started_at"] >= 3.0
@@ -117,7 +117,7 @@ def test_on_message_runs_the_command_with_fields_in_the_environment(
     title = "Tom's $(touch pwned) `x` ; party"
     mid = net.cli(alice, "send", str(src), "--to", bob.address,
                   "--title", title).stdout.strip()
-    got = net.wait_until(lambda: complete(net, bob, mid), 60, "bob's download")
+    got = net.wait_complete(bob, mid, 60, "bob's download")
 
     def events() -> list[dict[str, str]]:
         if not out.exists():
@@ -160,7 +160,7 @@ def test_a_file_edited_after_sending_fails_clearly_and_resend_delivers(
 
     new = net.cli(alice, "resend", mid[:10]).stdout.strip()
     assert len(new) == 32 and new != mid
-    got = net.wait_until(lambda: complete(net, bob, new), 60, "the resent message")
+    got = net.wait_complete(bob, new, 60, "the resent message")
     assert same_bytes(src, Path(got["path"]))
 
 

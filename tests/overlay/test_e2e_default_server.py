@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from overlay.app.lab import LocalNetwork
-from tests.overlay.test_e2e_cli import MiB, complete, make_file, same_bytes
+from tests.overlay.test_e2e_cli import MiB, make_file, same_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +34,11 @@ def test_the_minimal_serve_command_lets_a_late_recipient_fetch_from_a_co_recipie
         src = make_file(tmp_path / "clip.bin", 6 * MiB, seed=31)
         mid = net.cli(alice, "send", str(src), "--to",
                       f"{r1.address},{r2.address}").stdout.strip()
-        net.wait_until(lambda: complete(net, r1, mid), 60, "r1's download")
+        net.wait_complete(r1, mid, 60, "r1's download")
         net.stop_node(alice)  # the sender is gone for good
 
         net.start_node(r2)
-        got = net.wait_until(lambda: complete(net, r2, mid), 90, "r2's download from r1")
+        got = net.wait_complete(r2, mid, 90, "r2's download from r1")
         assert same_bytes(src, Path(got["path"]))
         r1_id = net.cli_json(r1, "info")["peer_id"][:16]
         assert [s["peer"] for s in got["sources"] if s["bytes"]] == [r1_id]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from overlay.app.lab import LocalNetwork
-from tests.overlay.test_e2e_cli import MiB, complete, make_file, same_bytes
+from tests.overlay.test_e2e_cli import MiB, make_file, same_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,11 @@ def test_offline_co_recipient_fetches_from_the_other_after_the_sender_left(
     net.start_node(r1)
     src = make_file(tmp_path / "clip.bin", 12 * MiB, seed=21)
     mid = net.cli(alice, "send", str(src), "--to", f"{r1.address},{r2.address}").stdout.strip()
-    net.wait_until(lambda: complete(net, r1, mid), 60, "r1's download")
+    net.wait_complete(r1, mid, 60, "r1's download")
     net.stop_node(alice)  # the sender is gone for good
 
     net.start_node(r2)
-    got = net.wait_until(lambda: complete(net, r2, mid), 90, "r2's download from r1")
+    got = net.wait_complete(r2, mid, 90, "r2's download from r1")
     assert same_bytes(src, Path(got["path"]))
     delivered = {s["peer"]: s["bytes"] for s in got["sources"] if s["bytes"]}
     r1_id = net.cli_json(r1, "info")["peer_id"][:16]
@@ -49,7 +49,7 @@ def test_a_holder_killed_mid_transfer_does_not_stop_the_download(
     net.start_node(r1)
     src = make_file(tmp_path / "clip.bin", 24 * MiB, seed=22)
     mid = net.cli(alice, "send", str(src), "--to", f"{r1.address},{r2.address}").stdout.strip()
-    net.wait_until(lambda: complete(net, r1, mid), 60, "r1's download")
+    net.wait_complete(r1, mid, 60, "r1's download")
 
     net.start_node(r2)
 
@@ -59,7 +59,7 @@ def test_a_holder_killed_mid_transfer_does_not_stop_the_download(
             sum(1 for s in e["sources"] if s["bytes"]) == 2 else None
     net.wait_until(two_sources_busy, 60, "r2 fetching from both holders", interval=0.1)
     net.kill_node(r1)
-    got = net.wait_until(lambda: complete(net, r2, mid), 90, "r2's download after the kill")
+    got = net.wait_complete(r2, mid, 90, "r2's download after the kill")
     assert same_bytes(src, Path(got["path"]))
 
 
@@ -73,7 +73,7 @@ def test_receivers_starting_together_trade_chunks(net: LocalNetwork, tmp_path: P
         net.start_node(n)
     src = make_file(tmp_path / "clip.bin", 16 * MiB, seed=23)
     mid = net.cli(alice, "send", str(src), "--to", f"{r1.address},{r2.address}").stdout.strip()
-    got = {n.name: net.wait_until(lambda n=n: complete(net, n, mid), 90, f"{n.name}")
+    got = {n.name: net.wait_complete(n, mid, 90, f"{n.name}")
            for n in (r1, r2)}
     ids = {n.name: net.cli_json(n, "info")["peer_id"][:16] for n in (r1, r2)}
     for me, other in (("r1", "r2"), ("r2", "r1")):

@@ -11,7 +11,7 @@ import pytest
 
 from overlay.app.lab import LocalNetwork, NodeHandle, _script
 
-from .test_e2e_cli import MiB, complete, make_file, same_bytes
+from .test_e2e_cli import MiB, make_file, same_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def test_mail_from_an_unvouched_device_waits_for_accept(net: LocalNetwork,
     first = make_file(tmp_path / "first.bin", 1 * MiB, seed=1)
     mid = net.cli(alice, "send", str(first), "--to", bob.address).stdout.strip()
     # first contact: the signing key is the one FINGER returns, so it is trusted
-    net.wait_until(lambda: complete(net, bob, mid), 60, "bob's first download")
+    net.wait_complete(bob, mid, 60, "bob's first download")
 
     alice2 = second_device(net, "alice2", alice.address)  # no vouch
     src = make_file(tmp_path / "second.bin", 3 * MiB, seed=2)
@@ -76,7 +76,7 @@ def test_mail_from_an_unvouched_device_waits_for_accept(net: LocalNetwork,
     assert [e["state"] for e in net.cli_json(bob, "inbox") if e["id"] == mid2] == ["unverified"]
 
     net.cli(bob, "contacts", "accept", alice.address)
-    got = net.wait_until(lambda: complete(net, bob, mid2), 60, "bob's download after accept")
+    got = net.wait_complete(bob, mid2, 60, "bob's download after accept")
     assert same_bytes(src, Path(got["path"]))
 
 
@@ -87,18 +87,18 @@ def test_a_rogue_key_is_not_sealed_to_and_a_vouched_one_is(net: LocalNetwork,
     net.start_node(bob)
     src = make_file(tmp_path / "clip.bin", 1 * MiB)
     mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
-    net.wait_until(lambda: complete(net, bob, mid), 60, "bob's download")  # bob pinned
+    net.wait_complete(bob, mid, 60, "bob's download")  # bob pinned
 
     rogue = second_device(net, "rogue", bob.address)  # what a malicious server can add
     mid2 = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
-    net.wait_until(lambda: complete(net, bob, mid2), 60, "bob's second download")
+    net.wait_complete(bob, mid2, 60, "bob's second download")
     c = contact(net, alice, bob.address)
     assert c is not None and len(c["fingerprints"]) == 1 and len(c["unvouched"]) == 1
     assert entry(net, rogue, mid2) is None  # nothing was sealed to the rogue key
 
     bob2 = second_device(net, "bob2", bob.address, vouch_from=bob)
     mid3 = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
-    got = net.wait_until(lambda: complete(net, bob2, mid3), 60, "the vouched device")
+    got = net.wait_complete(bob2, mid3, 60, "the vouched device")
     assert same_bytes(src, Path(got["path"]))
     assert entry(net, rogue, mid3) is None
 
