@@ -58,9 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from crypto.codec import packb
-from crypto.errors import CryptoError
 from crypto.identity import peer_id_of
-from crypto.vouch import Vouch
 from rendezvous import pg_schema, pipe_hold
 from rendezvous.logfmt import kv
 from rendezvous.messages import PipeMessage, Send, SendItem
@@ -80,8 +78,10 @@ from rendezvous.store import (
     QueuedInfo,
     Quota,
     RecentMessages,
+    RegistrationFacts,
     RegistrationPolicy,
     StoreStats,
+    judge_registration,
     load_advertise,
     over_quota,
     per_recipient,
@@ -1050,58 +1050,29 @@ async def _stats(conn: Any) -> StoreStats:
 async def _register(conn: Any, address: str, verify_key: bytes, peer_id: bytes,
                     register: bool, invite: str | None, now: float,
                     policy: RegistrationPolicy, vouch: bytes | None) -> AuthOutcome | None:
-    """Bind a new device (creating the account if needed), or say why not (the rules and
-    texts of `sqlite_store._register`)."""
-    exists = await conn.fetchval("SELECT 1 FROM accounts WHERE address = $1", address)
-    if not register:
-        if exists is None:
-            return AuthOutcome(Status.UNAUTHORIZED,
-                               f"no account {address}: register with an invite first")
-        return AuthOutcome(Status.UNAUTHORIZED, f"this device is not bound to {address}")
-    invite_ok = False
-    if invite is not None:
-        row = await conn.fetchrow("SELECT address, expires_at, used_by FROM invites "
-                                  "WHERE token = $1", invite)
-        invite_ok = row is not None and row[0] == address and row[1] > now and row[2] is None
-        if not invite_ok:
-            return AuthOutcome(Status.FORBIDDEN,
-                               f"invite is not valid for {address} (unknown, used or expired)")
-    if exists is None and not (invite_ok or policy.open_registration):
-        return AuthOutcome(Status.FORBIDDEN,
-                           "registration needs an invite (this server is not open)")
-    if exists is not None:
-        if not invite_ok:
-            return AuthOutcome(Status.FORBIDDEN,
-                               f"adding a device to {address} needs an invite for it")
-        count = int(await conn.fetchval("SELECT count(*) FROM devices WHERE address = $1",
-                                        address))
-        if count >= policy.max_devices_per_account:
-            return AuthOutcome(Status.FORBIDDEN,
-                               f"{address} already has {count} devices, the limit")
-        if vouch is not None and not await _vouch_ok(conn, address, verify_key, vouch):
-            return AuthOutcome(Status.FORBIDDEN,
-                               f"the vouch is not signed by a device of {address} "
-                               "for this device key")
-    else:
+    """Bind a new device (creating the account if needed), or say why not
+    (`judge_registration`)."""
+    found = RegistrationFacts(
+        exists=await conn.fetchval("SELECT 1 FROM accounts WHERE address = $1",
+                                   address) is not None,
+        invite=None if invite is None else await conn.fetchrow(
+            "SELECT address, expires_at, used_by FROM invites WHERE token = $1", invite),
+        device_keys=frozenset(bytes(r[0]) for r in await conn.fetch(
+            "SELECT verify_key FROM devices WHERE address = $1", address)))
+    verdict = judge_registration(address, verify_key, register, invite, now, policy, vouch,
+                                 found)
+    if verdict.refusal is not None:
+        return verdict.refusal
+    if not found.exists:
         await conn.execute("INSERT INTO accounts VALUES ($1, $2)", address, now)
         await conn.execute("INSERT INTO usage (address) VALUES ($1) ON CONFLICT DO NOTHING",
                            address)
-        vouch = None  # the first device of an account has nobody to vouch for it
     await conn.execute("INSERT INTO devices (peer_id, verify_key, address, added, vouch) "
-                       "VALUES ($1, $2, $3, $4, $5)", peer_id, verify_key, address, now, vouch)
-    if invite_ok:
+                       "VALUES ($1, $2, $3, $4, $5)", peer_id, verify_key, address, now,
+                       verdict.vouch)
+    if verdict.invite_ok:
         await conn.execute("UPDATE invites SET used_by = $1 WHERE token = $2", peer_id, invite)
     return None
-
-
-async def _vouch_ok(conn: Any, address: str, verify_key: bytes, raw: bytes) -> bool:
-    try:
-        vouch = Vouch.from_bytes(raw)
-        vouch.verify(address, verify_key)
-    except CryptoError:
-        return False
-    return await conn.fetchval("SELECT 1 FROM devices WHERE verify_key = $1 AND address = $2",
-                               vouch.by, address) is not None
 
 
 def _connection_lost(exc: BaseException) -> bool:

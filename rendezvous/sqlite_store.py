@@ -46,9 +46,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from crypto.codec import packb
-from crypto.errors import CryptoError
 from crypto.identity import peer_id_of
-from crypto.vouch import Vouch
 from rendezvous import pipe_hold
 from rendezvous.messages import PipeMessage, Send
 from rendezvous.records import Envelope, EnvelopeInfo
@@ -66,8 +64,10 @@ from rendezvous.store import (
     QueuedInfo,
     Quota,
     RecentMessages,
+    RegistrationFacts,
     RegistrationPolicy,
     StoreStats,
+    judge_registration,
     load_advertise,
     over_quota,
     per_recipient,
@@ -846,56 +846,27 @@ def _pending(conn: sqlite3.Connection, device: bytes, after: int, upto: int, lim
 def _register(conn: sqlite3.Connection, address: str, verify_key: bytes, peer_id: bytes,
               register: bool, invite: str | None, now: float,
               policy: RegistrationPolicy, vouch: bytes | None) -> AuthOutcome | None:
-    """Bind a new device (creating the account if needed), or say why not."""
-    exists = conn.execute("SELECT 1 FROM accounts WHERE address=?", (address,)).fetchone()
-    if not register:
-        if exists is None:
-            return AuthOutcome(Status.UNAUTHORIZED,
-                               f"no account {address}: register with an invite first")
-        return AuthOutcome(Status.UNAUTHORIZED, f"this device is not bound to {address}")
-    invite_ok = False
-    if invite is not None:
-        row = conn.execute("SELECT address, expires_at, used_by FROM invites WHERE token=?",
-                           (invite,)).fetchone()
-        invite_ok = row is not None and row[0] == address and row[1] > now and row[2] is None
-        if not invite_ok:
-            return AuthOutcome(Status.FORBIDDEN,
-                               f"invite is not valid for {address} (unknown, used or expired)")
-    if exists is None and not (invite_ok or policy.open_registration):
-        return AuthOutcome(Status.FORBIDDEN,
-                           "registration needs an invite (this server is not open)")
-    if exists is not None:
-        if not invite_ok:
-            return AuthOutcome(Status.FORBIDDEN,
-                               f"adding a device to {address} needs an invite for it")
-        count = conn.execute("SELECT COUNT(*) FROM devices WHERE address=?",
-                             (address,)).fetchone()[0]
-        if count >= policy.max_devices_per_account:
-            return AuthOutcome(Status.FORBIDDEN,
-                               f"{address} already has {count} devices, the limit")
-        if vouch is not None and not _vouch_ok(conn, address, verify_key, vouch):
-            return AuthOutcome(Status.FORBIDDEN,
-                               f"the vouch is not signed by a device of {address} "
-                               "for this device key")
-    else:
+    """Bind a new device (creating the account if needed), or say why not
+    (`judge_registration`)."""
+    found = RegistrationFacts(
+        exists=conn.execute("SELECT 1 FROM accounts WHERE address=?",
+                            (address,)).fetchone() is not None,
+        invite=None if invite is None else conn.execute(
+            "SELECT address, expires_at, used_by FROM invites WHERE token=?",
+            (invite,)).fetchone(),
+        device_keys=frozenset(bytes(r[0]) for r in conn.execute(
+            "SELECT verify_key FROM devices WHERE address=?", (address,))))
+    verdict = judge_registration(address, verify_key, register, invite, now, policy, vouch,
+                                 found)
+    if verdict.refusal is not None:
+        return verdict.refusal
+    if not found.exists:
         conn.execute("INSERT INTO accounts VALUES (?, ?)", (address, now))
-        vouch = None  # the first device of an account has nobody to vouch for it
     conn.execute("INSERT INTO devices (peer_id, verify_key, address, added, vouch) "
-                 "VALUES (?, ?, ?, ?, ?)", (peer_id, verify_key, address, now, vouch))
-    if invite_ok:
+                 "VALUES (?, ?, ?, ?, ?)", (peer_id, verify_key, address, now, verdict.vouch))
+    if verdict.invite_ok:
         conn.execute("UPDATE invites SET used_by=? WHERE token=?", (peer_id, invite))
     return None
-
-
-def _vouch_ok(conn: sqlite3.Connection, address: str, verify_key: bytes, raw: bytes) -> bool:
-    """Whether `raw` is a vouch for `verify_key` by a device bound to `address`."""
-    try:
-        vouch = Vouch.from_bytes(raw)
-        vouch.verify(address, verify_key)
-    except CryptoError:
-        return False
-    return conn.execute("SELECT 1 FROM devices WHERE verify_key=? AND address=?",
-                        (vouch.by, address)).fetchone() is not None
 
 
 def _settle_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

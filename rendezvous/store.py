@@ -24,12 +24,13 @@ removed is not delivered again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from crypto.codec import unpackb
-from crypto.errors import DecodeError
+from crypto.errors import CryptoError, DecodeError
+from crypto.vouch import Vouch
 from rendezvous.messages import PipeMessage, Send
 from rendezvous.records import Envelope, EnvelopeInfo, check_advertise
 from rendezvous.status import Status
@@ -89,6 +90,75 @@ class RegistrationPolicy:
 
     open_registration: bool = False
     max_devices_per_account: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationFacts:
+    """What the store holds that registering a device is judged on."""
+
+    exists: bool  # the account
+    invite: Sequence[Any] | None  # the given invite's (address, expires_at, used_by) row
+    device_keys: frozenset[bytes]  # the verify keys of the account's devices
+
+
+class RegistrationVerdict(NamedTuple):
+    refusal: AuthOutcome | None  # why not; None: bind the device
+    invite_ok: bool  # the invite is good and gets used
+    vouch: bytes | None  # what to store as the device's vouch
+
+
+def judge_registration(address: str, verify_key: bytes, register: bool, invite: str | None,
+                       now: float, policy: RegistrationPolicy, vouch: bytes | None,
+                       found: RegistrationFacts) -> RegistrationVerdict:
+    """May a new device bind to `address`, creating the account if needed? The rules and
+    their texts, for every store."""
+    if not register:
+        if not found.exists:
+            return RegistrationVerdict(AuthOutcome(
+                Status.UNAUTHORIZED, f"no account {address}: register with an invite first"),
+                False, None)
+        return RegistrationVerdict(AuthOutcome(
+            Status.UNAUTHORIZED, f"this device is not bound to {address}"), False, None)
+    invite_ok = False
+    if invite is not None:
+        row = found.invite
+        invite_ok = row is not None and row[0] == address and row[1] > now and row[2] is None
+        if not invite_ok:
+            return RegistrationVerdict(AuthOutcome(
+                Status.FORBIDDEN, f"invite is not valid for {address} (unknown, used or "
+                "expired)"), False, None)
+    if not found.exists:
+        if not (invite_ok or policy.open_registration):
+            return RegistrationVerdict(AuthOutcome(
+                Status.FORBIDDEN, "registration needs an invite (this server is not open)"),
+                False, None)
+        # The first device of an account has nobody to vouch for it.
+        return RegistrationVerdict(None, invite_ok, None)
+    if not invite_ok:
+        return RegistrationVerdict(AuthOutcome(
+            Status.FORBIDDEN, f"adding a device to {address} needs an invite for it"),
+            False, None)
+    count = len(found.device_keys)
+    if count >= policy.max_devices_per_account:
+        return RegistrationVerdict(AuthOutcome(
+            Status.FORBIDDEN, f"{address} already has {count} devices, the limit"),
+            False, None)
+    if vouch is not None and not _vouch_ok(address, verify_key, vouch, found.device_keys):
+        return RegistrationVerdict(AuthOutcome(
+            Status.FORBIDDEN, f"the vouch is not signed by a device of {address} for this "
+            "device key"), False, None)
+    return RegistrationVerdict(None, invite_ok, vouch)
+
+
+def _vouch_ok(address: str, verify_key: bytes, raw: bytes, device_keys: frozenset[bytes]
+              ) -> bool:
+    """Whether `raw` is a vouch for `verify_key` by a device bound to `address`."""
+    try:
+        vouch = Vouch.from_bytes(raw)
+        vouch.verify(address, verify_key)
+    except CryptoError:
+        return False
+    return vouch.by in device_keys
 
 
 @dataclass(frozen=True, slots=True)
