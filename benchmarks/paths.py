@@ -163,20 +163,6 @@ class _RelayServer:
 
 
 # --- the TCP punch through the NAT lab --------------------------------------------------
-def _lab_unavailable() -> str | None:
-    """Why the NAT lab can't run here (None: it can)."""
-    from tests.natlab.lab import missing_tools
-
-    if sys.platform != "linux":
-        return "the NAT lab needs Linux network namespaces"
-    if os.geteuid() != 0:
-        return "the NAT lab needs root (ip netns, nftables)"
-    missing = missing_tools()
-    if missing:
-        return f"missing {', '.join(missing)}: apt-get install -y iproute2 nftables"
-    return None
-
-
 async def _punch_stun_child(host: str, out: Any, reader: asyncio.StreamReader) -> None:
     from rendezvous.stun import serve_stun_tcp
 
@@ -439,7 +425,9 @@ def _label(t: ChannelTuning) -> str:
 
 
 def _punch_rows(size: int, meta: dict[str, Any]) -> list[dict[str, Any]]:
-    why = _lab_unavailable()
+    from tests.natlab.lab import natlab_unavailable
+
+    why = natlab_unavailable()
     if why is not None:
         meta["runs"].append({"kind": "tcp-punch", "skipped": why})
         return [{"metric": f"tcp-punch through two NATs (NAT lab): skipped, {why}",

@@ -8,7 +8,6 @@ on a machine where the lab works, so a skip there would hide a broken setup.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -16,32 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.natlab.lab import NatLab, NatMode, missing_tools, read_line
+from tests.natlab.lab import NatLab, NatMode, natlab_unavailable, read_line
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _lab_unavailable() -> str | None:
-    if sys.platform != "linux":
-        return "the NAT lab needs Linux network namespaces"
-    if os.geteuid() != 0:
-        return "the NAT lab needs root (ip netns, nftables)"
-    missing = missing_tools()
-    if missing:
-        return (f"missing {', '.join(missing)}: "
-                "apt-get install -y iproute2 nftables conntrack")
-    probe = f"pplprobe{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
-                          check=False)
-    if made.returncode != 0:
-        return f"cannot create a network namespace: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
-    return None
-
-
 @pytest.fixture(scope="session")
 def natlab_available() -> None:
-    reason = _lab_unavailable()
+    reason = natlab_unavailable()
     if reason is None:
         return
     if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:

@@ -39,6 +39,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,6 +94,26 @@ table inet filter {{
 def missing_tools() -> list[str]:
     """Tools the lab needs that are not on PATH."""
     return [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+
+
+def natlab_unavailable() -> str | None:
+    """Why the NAT lab can't run here (not Linux, not root, tools missing, no network
+    namespaces), or None."""
+    if sys.platform != "linux":
+        return "the NAT lab needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return "the NAT lab needs root (ip netns, nftables)"
+    missing = missing_tools()
+    if missing:
+        return (f"missing {', '.join(missing)}: "
+                "apt-get install -y iproute2 nftables conntrack")
+    probe = f"pplprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
+                          check=False)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    return None
 
 
 class NatLab:

@@ -125,9 +125,9 @@ def deliver_real(lab: ShapedLab, root: Path, path: Path, *, co_recipients: bool,
 
 def lab_unavailable() -> str | None:
     """Why the shaped lab can't run here (not root, no namespaces, no tc), or None."""
-    from tests.natlab.conftest import _lab_unavailable
+    from tests.natlab.lab import natlab_unavailable
 
-    return _lab_unavailable() or tc_missing()
+    return natlab_unavailable() or tc_missing()
 
 
 def compare(recipients: int, size: int, *, up_bit: int, down_bit: int | None,
