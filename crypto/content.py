@@ -152,6 +152,12 @@ class LeafScheme(IntEnum):
         """Bytes a sealed chunk has beyond its plaintext."""
         return MAX_SEAL_OVERHEAD if self is LeafScheme.KEYED_PLAIN_AES else TAG_LEN
 
+    @property
+    def seal_lead(self) -> int:
+        """Bytes of a sealed chunk in front of its ciphertext (the GCM nonce): opened in
+        place, the plaintext starts this far into the sealed chunk."""
+        return GCM_NONCE_LEN if self is LeafScheme.KEYED_PLAIN_AES else 0
+
 
 def cpu_has_aes(cpuinfo: str | None, machine: str) -> bool:
     """Whether a CPU has AES and carry-less multiply instructions (AES-NI and PCLMULQDQ on

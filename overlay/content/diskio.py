@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import stat
 import sys
@@ -116,6 +117,14 @@ def open_direct(path: Path) -> int:
         return os.open(path, os.O_WRONLY | flag | _NOFOLLOW)
     except OSError:
         return -1
+
+
+def direct_aligned(view: memoryview) -> bool:
+    """Whether a writable buffer starts on a DIRECT_ALIGN boundary, as O_DIRECT wants (a
+    read-only one can't be asked, and is never opened in place)."""
+    if view.readonly or not view.nbytes:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:

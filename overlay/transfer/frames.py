@@ -277,7 +277,7 @@ def encode_header(msg: Message) -> bytes:
     return out
 
 
-def decode_header(plaintext: bytes, payload: bytes | bytearray) -> Message:
+def decode_header(plaintext: bytes, payload: bytes | bytearray | memoryview) -> Message:
     """Check a decrypted header (and the payload length it declares) into a Message."""
     f = Fields(unpackb(plaintext, max_bytes=MAX_HEADER), "transfer message")
     tag = f.int("t", lo=0, hi=255)

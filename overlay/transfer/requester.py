@@ -212,10 +212,15 @@ class TransferSession:
             await self._pump()
         return self._chunks.popleft()
 
+    def align_payloads(self, lead: int) -> None:
+        """Receive chunks into page-aligned buffers, `lead` bytes before a page boundary
+        (`TransferConnection.align_payloads`): the opener's nonce."""
+        self._conn.align_payloads(lead)
+
     def recycle(self, chunk: Chunk) -> None:
         """The caller is done with this chunk's data and holds no reference to it: its
         buffer may receive a later chunk."""
-        if isinstance(chunk.data, bytearray):
+        if isinstance(chunk.data, bytearray | memoryview):
             self._conn.recycle(chunk.data)
 
     async def aclose(self) -> None:

@@ -334,3 +334,42 @@ def test_large_files_are_named_in_larger_chunks(tmp_path: Path) -> None:
     assert (below.chunk_size, at.chunk_size) == (DEFAULT_CHUNK_SIZE, LARGE_CHUNK_SIZE)
     assert len(at.leaves) == LARGE_CONTENT // LARGE_CHUNK_SIZE
     assert chunk_size_for(10) == DEFAULT_CHUNK_SIZE and chunk_size_for(1 << 40) == LARGE_CHUNK_SIZE
+
+
+def _on_a_page(sealed: bytes, lead: int) -> memoryview:
+    """`sealed` as a transfer session receives it after align_payloads(lead)."""
+    import mmap
+    start = -lead % mmap.PAGESIZE
+    view = memoryview(mmap.mmap(-1, start + len(sealed)))[start:]
+    view[:] = sealed
+    return view
+
+
+@pytest.mark.parametrize("scheme", list(LeafScheme))
+def test_chunks_on_a_page_are_opened_where_they_lie(tmp_path: Path, scheme: LeafScheme) -> None:
+    """A chunk whose ciphertext starts a page is opened in place (no second buffer) and
+    written from there; one that fails its AEAD or its leaf writes nothing and leaves no
+    plaintext in its buffer."""
+    chunk = 2 * DIRECT_ALIGN
+    data = _file(tmp_path / "f", 4 * chunk + 100)
+    src = ContentStore(tmp_path / "s").add_local_file_blocking(tmp_path / "f", chunk_size=chunk,
+                                                               scheme=scheme)
+    part = _receive(ContentStore(tmp_path / "r"), src, tmp_path / "in", "f")
+    part.set_leaves(src.leaves)
+    lead = scheme.seal_lead
+    forged = _on_a_page(src.read_sealed(1), lead)
+    forged[-1] ^= 1  # the tag
+    with pytest.raises(VerificationError):
+        part.write_chunk(1, forged)
+    if scheme.plain_leaves:  # a key holder that sealed other plaintext: the leaf catches it
+        other = bytearray(chunk + scheme.seal_overhead)
+        ChunkCipher(src.key, scheme).seal_into(2, bytes(chunk), other)
+        lie = _on_a_page(bytes(other), lead)
+        with pytest.raises(VerificationError, match="does not match its hash"):
+            part.write_chunk(2, lie)
+        assert bytes(lie[lead : lead + chunk]) == bytes(chunk)  # no plaintext left behind
+    assert part.held == 0
+    for i in part.missing():
+        assert part.write_chunk(i, _on_a_page(src.read_sealed(i), lead))
+    assert part._buffers == []  # every chunk opened in its own buffer
+    assert part.complete().read_bytes() == data

@@ -571,3 +571,36 @@ def test_recycled_payload_buffers_are_reused_and_overwritten() -> None:
     short, again = events(c)
     assert isinstance(short, Chunk) and short.data is not buf and short.data == second[:100]
     assert isinstance(again, Chunk) and again.data is buf and buf == second
+
+
+@pytest.mark.parametrize("lead", [0, 12, 64])
+def test_aligned_payloads_put_the_byte_after_the_lead_on_a_page(lead: int) -> None:
+    """After align_payloads(lead), each CHUNK payload is its own writable buffer whose byte
+    `lead` starts a page (where a GCM chunk's ciphertext begins), however it arrived;
+    a recycled one is reused."""
+    import ctypes
+    import mmap
+
+    c, s = connected()
+    c.align_payloads(lead)
+    cid = b"k" * 32
+    payloads = [random.Random(i).randbytes(CHUNK + 16) for i in range(3)]
+    for i, p in enumerate(payloads):
+        s.send(Chunk(cid, i, p))
+    out = wire(s)
+    for i in range(0, len(out), 1000):  # bytes handed in, not read in place
+        c.receive_data(out[i : i + 1000])
+    got = [e for e in events(c) if isinstance(e, Chunk)]
+    assert [(e.index, bytes(e.data)) for e in got] == list(enumerate(payloads))
+    for e in got:
+        view = memoryview(e.data)
+        assert not view.readonly
+        assert ctypes.addressof(ctypes.c_char.from_buffer(view[lead:])) % mmap.PAGESIZE == 0
+    c.recycle(got[0].data)
+    s.send(Chunk(cid, 3, payloads[2]))
+    c.receive_data(wire(s))
+    [again] = events(c)
+    assert isinstance(again, Chunk) and again.data is got[0].data
+    assert bytes(again.data) == payloads[2]
+    with pytest.raises(LocalProtocolError, match="not within a page"):
+        c.align_payloads(mmap.PAGESIZE)
