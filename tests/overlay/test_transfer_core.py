@@ -523,8 +523,11 @@ def test_chunk_payloads_are_own_buffers_whatever_the_receive_buffer(
 @given(st.data())
 def test_payload_received_in_place_at_any_split(data: st.DataObject) -> None:
     """A transport that reads into `payload_space()` gets the same events as one that
-    hands bytes to `receive_data`, however the two ways are mixed."""
+    hands bytes to `receive_data`, however the two ways are mixed, into page-aligned
+    payload buffers or not."""
     c, s = connected()
+    if data.draw(st.booleans()):
+        c.align_payloads(data.draw(st.sampled_from([0, 12, 100])))
     cid = b"k" * 32
     payloads = [random.Random(i).randbytes(CHUNK + 16) for i in range(3)]
     for i, p in enumerate(payloads):
