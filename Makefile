@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck bench fuzz clean
+.PHONY: demo test lint typecheck bench fuzz clean bytecode
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,16 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@ $(VENV)/.installed
 
-demo: $(VENV)/.installed
+# The packages' bytecode, written ahead of use: where PYTHONDONTWRITEBYTECODE is set, every
+# command and node would otherwise compile them from source at each start (a CLI command
+# took 70 ms here instead of 50). compileall skips files that are up to date.
+bytecode: $(VENV)/.installed
+	$(BIN)/python -m compileall -q crypto rendezvous overlay sim
+
+demo: $(VENV)/.installed bytecode
 	$(BIN)/peerpost demo
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test bytecode
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
