@@ -3,8 +3,10 @@
 A vouch is the voucher's Ed25519 public key (32 bytes) followed by its signature (64 bytes)
 over (address, new device key) under the context "device-vouch", so it verifies for that
 address and that key only, and no other signature of the device ever verifies as a vouch.
-It travels as these 96 bytes (registration, FINGER) or as base64url text (the token
-`peerpost devices vouch` prints and `peerpost init --vouch` takes).
+It travels as these 96 bytes (registration, FINGER) or as text: the token `peerpost devices
+vouch` prints and `peerpost init --vouch` takes. That text is hex, which a command line never
+mistakes for an option; base64url, as printed before, began with '-' for one vouch in 64
+(`--vouch -Tmo...` was refused as a usage error). Base64url text is still read.
 """
 
 from __future__ import annotations
@@ -45,15 +47,12 @@ class Vouch:
         return cls(bytes(raw[:PUBLIC_KEY_LEN]), bytes(raw[PUBLIC_KEY_LEN:]))
 
     def to_text(self) -> str:
-        return base64.urlsafe_b64encode(self.to_bytes()).decode().rstrip("=")
+        return self.to_bytes().hex()
 
     @classmethod
     def from_text(cls, text: str) -> Vouch:
-        try:
-            raw = base64.urlsafe_b64decode(text.strip() + "=" * (-len(text.strip()) % 4))
-        except (binascii.Error, ValueError):
-            raise DecodeError("a vouch is base64url text") from None
-        return cls.from_bytes(raw)
+        """A vouch as a person pastes it: hex, or base64url."""
+        return cls.from_bytes(_hex_or_base64url(text, 2 * VOUCH_LEN, "a vouch"))
 
     def verify(self, address: str, device_key: bytes) -> None:
         """Raise VerificationError (or DecodeError) unless this vouch is `by`'s for the pair."""
@@ -68,17 +67,22 @@ def make_vouch(voucher: DeviceIdentity, address: str, device_key: bytes) -> Vouc
                  voucher.sign(VOUCH_CONTEXT, vouch_payload(address, device_key)))
 
 
-def parse_device_key(text: str) -> bytes:
-    """A device key as a person pastes it: 64 hex digits or base64url (43 characters)."""
+def _hex_or_base64url(text: str, hex_len: int, what: str) -> bytes:
     t = text.strip()
     try:
-        raw = bytes.fromhex(t) if len(t) == 2 * PUBLIC_KEY_LEN else \
+        return bytes.fromhex(t) if len(t) == hex_len else \
             base64.urlsafe_b64decode(t + "=" * (-len(t) % 4))
     except (binascii.Error, ValueError):
-        raise DecodeError("a device key is 64 hex digits or base64url text") from None
-    return PublicIdentity(raw).verify_key
+        raise DecodeError(f"{what} is {hex_len} hex digits or base64url text") from None
+
+
+def parse_device_key(text: str) -> bytes:
+    """A device key as a person pastes it: 64 hex digits or base64url (43 characters)."""
+    return PublicIdentity(_hex_or_base64url(text, 2 * PUBLIC_KEY_LEN,
+                                            "a device key")).verify_key
 
 
 def device_key_text(device_key: bytes) -> str:
-    """The base64url form `parse_device_key` reads back."""
-    return base64.urlsafe_b64encode(device_key).decode().rstrip("=")
+    """The hex form `parse_device_key` reads back (hex never starts with '-', which a
+    command line would take for an option: `peerpost devices vouch KEY`)."""
+    return device_key.hex()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from crypto.errors import CryptoError, DecodeError, VerificationError
@@ -58,3 +60,17 @@ def test_device_keys_paste_as_hex_or_base64url() -> None:
     assert parse_device_key(device_key_text(key) + "\n") == key
     with pytest.raises(CryptoError):
         parse_device_key("abc")
+
+
+def test_text_forms_never_look_like_a_command_line_option() -> None:
+    """A key or vouch whose base64url text began with '-' (1 in 64) was refused by
+    `peerpost init --vouch VOUCH` and `peerpost devices vouch KEY` as an unknown option;
+    the printed forms are hex, and base64url pastes are still read."""
+    key = b"\xf8" + NEW.public.verify_key[1:]  # base64url: '-' first
+    v = Vouch(key, b"\xfb" * 64)
+    old_text = base64.urlsafe_b64encode(v.to_bytes()).decode().rstrip("=")
+    assert old_text.startswith("-")
+    assert not v.to_text().startswith("-") and Vouch.from_text(v.to_text()) == v
+    assert Vouch.from_text(old_text) == v
+    assert not device_key_text(key).startswith("-")
+    assert base64.urlsafe_b64encode(key).decode().startswith("-")
