@@ -612,6 +612,13 @@ def _reload(argv: list[str] | None, current: argparse.Namespace,
     return new
 
 
+def new_invite_token() -> str:
+    """A single-use invite token: 128 random bits as hex. Hex, because a token printed
+    for `peerpost init --invite TOKEN` must never start with '-', which the command line
+    takes for an option (base64url tokens did, one in 64)."""
+    return secrets.token_hex(16)
+
+
 def _invite(args: argparse.Namespace) -> int:
     try:
         address = normalize_address(args.address)
@@ -619,7 +626,7 @@ def _invite(args: argparse.Namespace) -> int:
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
         return 2
     if args.store is not None:
-        token = secrets.token_urlsafe(18)
+        token = new_invite_token()
         now = time.time()
         try:
             refusal = pg_create_invite(args.store, address, token, now,
@@ -645,7 +652,7 @@ def _invite(args: argparse.Namespace) -> int:
         print(f"peerpost-rendezvous: {args.data} serves {domain}, not "
               f"{address.rpartition('@')[2]}", file=sys.stderr)
         return 1
-    token = secrets.token_urlsafe(18)
+    token = new_invite_token()
     now = time.time()
     create_invite(args.data / DB_NAME, address, token, now, now + args.days * DAY)
     print(token)

@@ -74,3 +74,4 @@ def test_text_forms_never_look_like_a_command_line_option() -> None:
     assert Vouch.from_text(old_text) == v
     assert not device_key_text(key).startswith("-")
     assert base64.urlsafe_b64encode(key).decode().startswith("-")
+

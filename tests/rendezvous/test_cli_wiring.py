@@ -168,3 +168,11 @@ async def test_serve_with_services_off_announces_none(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
+
+
+def test_invite_tokens_never_look_like_a_command_line_option() -> None:
+    from rendezvous.cli import new_invite_token
+
+    tokens = {new_invite_token() for _ in range(2000)}  # a '-' first came once in 64
+    assert len(tokens) == 2000
+    assert all(len(t) == 32 and int(t, 16) >= 0 and not t.startswith("-") for t in tokens)
