@@ -69,7 +69,13 @@ _MEDIA_EXTENSIONS: dict[str, str] = {
 _REFINE_BY_EXTENSION = {"mov", "matroska", "ogg", "image2"}
 
 _OPEN_TIMEOUT_S = 5.0  # FFmpeg's interrupt callback: no probe or read may stall longer
-_PROBE_OPTIONS = {"probesize": str(2 * 1024 * 1024), "analyzeduration": str(3_000_000)}
+# formatprobesize caps how much FFmpeg reads to guess the container (its default is 1 MiB,
+# whatever probesize says). A file that is no media is read that far: 45 ms of CPU for
+# random bytes here, against 12 ms at 256 KiB, while the send beside it hashes the file on
+# both cores. Real containers are recognised in their first kilobytes; an MP3 behind a
+# 1.5 MiB ID3 tag still is, because FFmpeg skips the tag by its stated length.
+_PROBE_OPTIONS = {"formatprobesize": str(256 * 1024), "probesize": str(2 * 1024 * 1024),
+                  "analyzeduration": str(3_000_000)}
 _MAX_PACKETS = 1500  # demuxing budget for finding a frame; a few seconds of any real clip
 _THUMB_AT_S = 1.0  # skip the first second: often black or a fade-in
 

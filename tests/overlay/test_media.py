@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import av
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from overlay.mail.describe import (
     DEFAULT_TYPE,
     MediaInfo,
+    _tone_frames,
     describe_media,
     make_demo_clip,
     make_thumbnail,
@@ -59,6 +61,32 @@ def test_mp4_carries_creation_time(tmp_path: Path) -> None:
 def test_demo_clip_does_not_compress_away(clip: Path) -> None:
     # 2 s at 640x360 with grain: well above what flat colour would cost.
     assert clip.stat().st_size > 200_000
+
+
+def _id3v2_tag(payload: int) -> bytes:
+    """An ID3v2.3 tag holding one PRIV frame of `payload` zero bytes (as cover art would)."""
+    frame = b"PRIV" + (payload + 2).to_bytes(4, "big") + b"\0\0" + b"x\0" + bytes(payload)
+    n = len(frame)
+    syncsafe = bytes((n >> shift) & 0x7F for shift in (21, 14, 7, 0))
+    return b"ID3\x03\x00\x00" + syncsafe + frame
+
+
+@pytest.mark.parametrize("name", ["song.mp3", "song"])
+def test_mp3_behind_a_tag_bigger_than_the_format_probe_is_still_audio(
+    tmp_path: Path, name: str
+) -> None:
+    raw = tmp_path / "raw.mp3"
+    with av.open(str(raw), "w", format="mp3", options={"id3v2_version": "0"}) as out:
+        stream = out.add_stream("mp3", rate=44100)
+        stream.layout = "stereo"
+        for frame in _tone_frames(2.0, 440.0, 44100):
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    path = tmp_path / name
+    path.write_bytes(_id3v2_tag(1536 * 1024) + raw.read_bytes())
+    info = describe_media(path)
+    assert (info.media_type, info.audio_codec, info.video_codec) == ("audio/mpeg", "mp3", None)
+    assert info.duration_ms is not None and 1800 <= info.duration_ms <= 2300
 
 
 def test_bitrate_makes_a_bigger_file(tmp_path: Path) -> None:
