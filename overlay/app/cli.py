@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _glue_token_values(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     want_json = "--json" in argv
     parsed = _parse(parser, argv, want_json)
@@ -335,6 +335,30 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, str(exc), EXIT_ERROR)
     except KeyboardInterrupt:
         return _fail(args, "interrupted", EXIT_INTERRUPTED)
+
+
+# Options whose value is a pasted token. Tokens print as hex now, but an invite from a
+# server of an earlier version, or a vouch made by an earlier client, is base64url, and one
+# in 64 of those begins with "-", which argparse takes for an option.
+_TOKEN_OPTIONS = ("--invite", "--vouch")
+
+
+def _glue_token_values(argv: list[str]) -> list[str]:
+    """`--invite -Xy...` as `--invite=-Xy...`. A value that begins with "--", or is a
+    short option ("-v"), is left alone, so a forgotten token still fails as before."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if arg in _TOKEN_OPTIONS and nxt.startswith("-") and not nxt.startswith("--") \
+                and len(nxt) > 2:
+            out.append(f"{arg}={nxt}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.app.cli import build_parser
+from overlay.app.cli import _glue_token_values, build_parser
 from overlay.app.lab import LocalNetwork, NodeHandle, _script
 from overlay.mail.describe import MediaInfo
 from rendezvous.cli import _parser as rendezvous_parser
@@ -108,18 +108,30 @@ def test_usage_error_with_json_is_json(tmp_path: Path) -> None:
     assert err["code"] == 2 and "--days" in err["error"]
 
 
-def test_init_nothing_answers(tmp_path: Path) -> None:
+# An invite from a server of an earlier version is base64url and may begin with "-".
+@pytest.mark.parametrize("invite", [[], ["--invite", "-BvjD8xk2Qe0aLmN4pR7sTw"]])
+def test_init_nothing_answers(tmp_path: Path, invite: list[str]) -> None:
     import socket
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     res = run("peerpost", "--home", str(tmp_path / "h"), "init", "--address", "a@x.test",
-              "--server", f"127.0.0.1:{port}")
+              "--server", f"127.0.0.1:{port}", *invite)
     assert res.returncode == 1
     assert f"nothing answers at 127.0.0.1:{port}" in res.stderr
     assert "refused a@x.test" not in res.stderr
     assert not (tmp_path / "h" / "config.json").exists()
+
+
+def test_token_values_that_begin_with_a_dash_parse() -> None:
+    argv = ["init", "--address", "a@x.test", "--invite", "-BvjD8xk2Qe0aLmN4pR7sTw",
+            "--vouch", "-TmoL0c2"]
+    args = build_parser().parse_args(_glue_token_values(argv))
+    assert (args.invite, args.vouch) == ("-BvjD8xk2Qe0aLmN4pR7sTw", "-TmoL0c2")
+    # A forgotten token still fails as one: the next option is not swallowed.
+    for forgot in (["--invite", "--listen", "0.0.0.0:0"], ["--vouch", "-h"]):
+        assert _glue_token_values(["init", *forgot]) == ["init", *forgot]
 
 
 def test_init_against_an_http_server_says_so_quickly(tmp_path: Path) -> None:
