@@ -30,7 +30,7 @@ import os
 import socket
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -454,6 +454,11 @@ def reusable_socket(family: int, local: Address) -> socket.socket:
     return sock
 
 
+# How a TCP hole punch gets a socket bound to a local address with address and port reuse:
+# `reusable_socket` (the kernel's); the simulator passes one of its network's.
+SocketMaker = Callable[[int, Address], socket.socket]
+
+
 @dataclass(slots=True)
 class TcpMapping:
     """What a STUN server saw of one TCP connection: `mapped` (the public address), the
@@ -471,10 +476,11 @@ class TcpMapping:
 async def query_tcp_mapping(
     server: Address, *, local: Address | None = None,
     timeout: float = 3.0,  # noqa: ASYNC109 (the query's deadline)
+    make_socket: SocketMaker = reusable_socket,
 ) -> TcpMapping:
     """Connect to a STUN server over TCP from a reusable socket (`local`, default any
-    address and port of the server's family) and ask what it sees. TimeoutError or OSError
-    if it can't; StunDecodeError if it answers something else."""
+    address and port of the server's family; made by `make_socket`) and ask what it sees.
+    TimeoutError or OSError if it can't; StunDecodeError if it answers something else."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(server[0], server[1], type=socket.SOCK_STREAM)
     if not infos:
@@ -482,7 +488,7 @@ async def query_tcp_mapping(
     family, _, _, _, target = infos[0]
     if local is None:
         local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
-    sock = reusable_socket(family, local)
+    sock = make_socket(family, local)
     try:
         request, tid = binding_request()
         async with asyncio.timeout(timeout):

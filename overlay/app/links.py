@@ -29,6 +29,7 @@ from overlay.transports.signalling import PipeSender
 from overlay.transports.stream import Stream, StreamClosed, StreamError
 from overlay.transports.webrtc import AiortcChannels, WebRtcEndpoint, WebRtcSettings
 from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient
+from rendezvous.stun import SocketMaker, reusable_socket
 from rendezvous.taskset import TaskSet
 
 log = logging.getLogger("peerpost.node")
@@ -41,7 +42,8 @@ class PeerLinks:
 
     def __init__(self, identity: DeviceIdentity, address: str, server: tuple[str, int],
                  rendezvous: RendezvousClient, transfer: TransferServer,
-                 endpoint: EndpointFactory) -> None:
+                 endpoint: EndpointFactory, *,
+                 punch_socket: SocketMaker = reusable_socket) -> None:
         self.identity = identity
         self.address = address
         self.server = server
@@ -50,7 +52,8 @@ class PeerLinks:
         self.settings = WebRtcSettings(stun=self._stun_udp())
         self.rtc = endpoint(rendezvous, self.settings)
         # A server that runs no STUN over TCP: no punch.
-        self.punch = PunchEndpoint(rendezvous, PunchSettings(stun=self._stun_tcp()))
+        self.punch = PunchEndpoint(rendezvous, PunchSettings(stun=self._stun_tcp(),
+                                                             make_socket=punch_socket))
         self.ladder = ConnectionLadder(
             webrtc=self._dial_webrtc, relay=self._dial_relay,
             punch=self._dial_punch if self.punch.settings.stun is not None else None,

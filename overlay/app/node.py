@@ -55,6 +55,7 @@ from rendezvous.client import RendezvousClient
 from rendezvous.domainkey import encode_key, fingerprint
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
 from rendezvous.sdnotify import notify
+from rendezvous.stun import SocketMaker, reusable_socket
 from rendezvous.taskset import TaskSet
 
 log = logging.getLogger("peerpost.node")
@@ -79,6 +80,9 @@ class NodeOptions:
     # How the WebRTC rung is made: aiortc in production; the simulator passes its own
     # endpoint that obeys its NAT model (aiortc's DTLS and SCTP are not run there).
     webrtc_endpoint: EndpointFactory = WebRtcEndpoint
+    # How the TCP punch makes its sockets: the kernel's in production; the simulator
+    # passes its network's, so the real punch runs over the simulated NATs.
+    punch_socket: SocketMaker = reusable_socket
     web: str | None = None  # the web inbox's HOST:PORT or "off"; None: the config's `web`
     metrics: tuple[str, int] | None = None  # Prometheus /metrics and /healthz (--metrics)
     on_message: str | None = None  # command run on arrival/completion; None: the config's
@@ -152,7 +156,8 @@ class Node:
             await self.rendezvous.advertise(self._advertise())
         await self._start_dht(host)
         self.links = PeerLinks(self.identity, self.address, (host, port), self.rendezvous,
-                               self.transfer, self.options.webrtc_endpoint)
+                               self.transfer, self.options.webrtc_endpoint,
+                               punch_socket=self.options.punch_socket)
         await self.links.start()
         st.push_async_callback(self.links.aclose)
         self._wire_mail()

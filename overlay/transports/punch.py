@@ -57,6 +57,7 @@ from rendezvous.backoff import Backoff
 from rendezvous.messages import PipeMessage
 from rendezvous.stun import (
     Address,
+    SocketMaker,
     StunDecodeError,
     TcpMapping,
     query_tcp_mapping,
@@ -186,13 +187,14 @@ def _targets(mine: TcpMapping, theirs: tuple[Address, ...], family: int) -> list
     return [a for a in dict.fromkeys(out) if (":" in a[0]) == v6]
 
 
-async def _connect_from(local: Address, peer: Address, family: int) -> socket.socket:
+async def _connect_from(local: Address, peer: Address, family: int,
+                        make_socket: SocketMaker) -> socket.socket:
     """Connect from `local` to `peer` until it works (the caller bounds the time): a
     refusal (the peer's SYN was not out yet) or an ICMP error is retried after RETRY."""
     loop = asyncio.get_running_loop()
     attempt = 0
     while True:
-        sock = reusable_socket(family, local)
+        sock = make_socket(family, local)
         try:
             await loop.sock_connect(sock, peer)
             return sock
@@ -224,16 +226,18 @@ class PunchPort:
 
     mapping: TcpMapping
     listener: socket.socket
+    make_socket: SocketMaker = reusable_socket  # for the connects from the port
 
     @classmethod
-    def ready(cls, mapping: TcpMapping) -> PunchPort:
-        listener = reusable_socket(mapping.sock.family, mapping.local)
+    def ready(cls, mapping: TcpMapping,
+              make_socket: SocketMaker = reusable_socket) -> PunchPort:
+        listener = make_socket(mapping.sock.family, mapping.local)
         try:
             listener.listen(4)
         except BaseException:
             listener.close()
             raise
-        return cls(mapping, listener)
+        return cls(mapping, listener, make_socket)
 
     @property
     def candidates(self) -> tuple[Address, ...]:
@@ -256,7 +260,8 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...]) -> Pun
         raise PunchError("no candidate of the peer's address family")
     local = mapping.local  # the address and port STUN saw us come from
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(_connect_from(local, t, family), name=f"punch {_hostport(t)}")
+    tasks = [loop.create_task(_connect_from(local, t, family, port.make_socket),
+                              name=f"punch {_hostport(t)}")
              for t in targets]
     tasks.append(loop.create_task(_accept_from(port.listener, {t[0] for t in targets}),
                                   name="punch accept"))
@@ -292,12 +297,14 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...]) -> Pun
 
 @dataclass(frozen=True, slots=True)
 class PunchSettings:
-    """Where the server's STUN over TCP is, how long a punch may take, how many at once."""
+    """Where the server's STUN over TCP is, how long a punch may take, how many at once,
+    and how its sockets are made (the kernel's; the simulator passes its network's)."""
 
     stun: Address | None = None
     budget: float = PUNCH_BUDGET  # from dial() to a stream, every step included
     max_dials: int = 32
     max_incoming: int = 16
+    make_socket: SocketMaker = reusable_socket
 
 
 class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
@@ -356,11 +363,12 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
         if stun is None:
             raise PunchError("our server runs no STUN over TCP")
         try:
-            mapping = await query_tcp_mapping(stun, timeout=self.settings.budget)
+            mapping = await query_tcp_mapping(stun, timeout=self.settings.budget,
+                                              make_socket=self.settings.make_socket)
         except (OSError, StunDecodeError) as exc:
             raise PunchError(f"STUN over TCP at {_hostport(stun)}: {exc}") from None
         try:
-            return PunchPort.ready(mapping)
+            return PunchPort.ready(mapping, self.settings.make_socket)
         except OSError as exc:
             mapping.close()
             raise PunchError(f"cannot listen on {_hostport(mapping.local)}: {exc}") from None
