@@ -7,7 +7,9 @@ models (sim.network.latency), churn (sim.churn), the trace (sim.trace), scenario
 The project's own code runs on it unchanged: `sim.deploy` puts the real rendezvous server
 (in-memory inline SQLite store) and real `Node` daemons on simulated hosts, and
 `sim.webrtc.SimWebRtcEndpoint` is a WebRTC transport with `WebRtcEndpoint`'s dial/accept
-shape whose channel opens as the NAT model and the measured setup cost say.
+shape whose channel opens as the NAT model and the measured setup cost say. The TCP punch
+rung is the real `overlay.transports.punch` over simulated sockets (sim.network.sockets):
+the server's STUN over TCP, the NATs' TCP mapping and filtering and a simultaneous open.
 """
 
 from sim.loop import SimDeadlock, SimLoop

@@ -8,7 +8,10 @@
     await alice.stop()
 
 The server listens in plaintext (the simulated network has no TLS); nodes still pin its
-domain key, which signs each handshake.
+domain key, which signs each handshake. It runs STUN over TCP beside it, as `serve` does,
+so the nodes' ladder has its TCP punch rung: the real `overlay.transports.punch` code,
+over the host's simulated sockets (`sim.network.sockets`) and the NAT model's TCP mapping
+and filtering.
 
 Nothing here stands in for project code: `RendezvousServer` is the one `peerpost-rendezvous
 serve` runs (its store is `SqliteStore(":memory:", inline=True)`: same SQL, no writer
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 
 EPOCH = 1.7e9  # virtual wall clock at virtual time 0 (records carry wall-clock expiries)
 RENDEZVOUS_PORT = 4500
+STUN_TCP_PORT = RENDEZVOUS_PORT + 1  # where `serve` puts it when STUN shares the listen port
 
 
 def virtual_wall(sim: Simulation) -> Callable[[], float]:
@@ -57,12 +61,16 @@ class Deployed:
 async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
                             port: int = RENDEZVOUS_PORT, limits: Any = None,
                             dht_port: int | None = None, resolver: Any = None,
-                            store_path: Path | None = None, run: int = 0) -> Deployed:
+                            store_path: Path | None = None, run: int = 0,
+                            stun_tcp_port: int | None = STUN_TCP_PORT) -> Deployed:
     """Start a `RendezvousServer` (open registration, in-memory store) as `host`.
 
     `dht_port`: also run the DHT bootstrap node `--dht-port` runs (an `overlay.dht.DhtNode`
     with the server's own identity, its clock and randomness from the simulation), which
     nodes learn of in the CHALLENGE and join through: co-recipients find each other.
+
+    `stun_tcp_port`: the STUN over TCP service nodes learn their TCP mapping from (the
+    punch rung needs it); None runs none, and the ladder has no punch rung.
 
     Federation: `resolver` (a `rendezvous.dns.StaticResolver` of the deployed servers,
     see `domain_records`) lets the server link to other domains' servers; without it the
@@ -92,6 +100,11 @@ async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
         dht = DhtNode(identity, wall=virtual_wall(sim), rng=sim.rng_for(f"dht/{host.name}"))
         await host.create_task(dht.listen("0.0.0.0", dht_port))
         server.add_service("dht", dht)
+    if stun_tcp_port is not None:
+        from rendezvous.services import start_stun_tcp
+
+        stun = await host.create_task(start_stun_tcp("0.0.0.0", stun_tcp_port))
+        server.add_service("stun_tcp", stun)
     return Deployed(server, host, (host.address, bound))
 
 
@@ -168,16 +181,24 @@ class SimNode:
         return self.node
 
     def _node_options(self) -> NodeOptions:
-        """The node's options, with the simulated WebRTC rung instead of aiortc."""
+        """The node's options, with the simulated WebRTC rung instead of aiortc, and the
+        TCP punch's sockets on this host's simulated network instead of the kernel's."""
         from dataclasses import replace
 
         from overlay.app.node import NodeOptions
+        from sim.network.sockets import SimSocket
         from sim.webrtc import SimWebRtcEndpoint
 
         rng = self.sim.rng_for(f"webrtc/{self.address}")
+        host = self.host
+
+        def punch_socket(family: int, local: tuple[str, int]) -> Any:
+            return SimSocket.reusable(host, family, local)
+
         return replace(self.options or NodeOptions(),
                        webrtc_endpoint=lambda pipe, settings: SimWebRtcEndpoint(
-                           pipe, settings, rng=rng))
+                           pipe, settings, rng=rng),
+                       punch_socket=punch_socket)
 
     async def _run(self, started: asyncio.Future[Node], stop: asyncio.Event) -> None:
         from overlay.app.home import NodeHome

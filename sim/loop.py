@@ -17,7 +17,10 @@ scenario's model rather than in wall-clock threads.
 
 The socket methods (`create_connection`, `create_server`, `create_datagram_endpoint`,
 `getaddrinfo`, `getnameinfo`) act for the host the calling code runs as (`sim.network.host`).
-Unix sockets, pipes, subprocesses, raw `sock_*` calls, signals and TLS are not simulated.
+The raw `sock_*` calls (connect, accept, sendall, recv) and `create_connection(sock=)` take
+the simulated host's own sockets (`sim.network.sockets.SimSocket`, which the TCP punch
+gets through its `make_socket` seam), never kernel ones. Pipes, subprocesses, signals and
+TLS are not simulated.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sim.network.host import CURRENT_HOST, Host, current_host
+from sim.network.sockets import SimSocket
 
 if TYPE_CHECKING:
     from sim.network.net import Network
@@ -237,7 +241,8 @@ class SimLoop(asyncio.BaseEventLoop):
         if ssl:
             raise NotImplementedError("TLS is not simulated: connect without ssl=")
         if sock is not None:
-            raise NotImplementedError("sock= is not simulated")
+            protocol = protocol_factory()
+            return _sim_socket(sock).take_over(protocol), protocol
         me = current_host()
         if local_addr is not None:
             self.network.check_local(me, local_addr[0])
@@ -296,3 +301,27 @@ class SimLoop(asyncio.BaseEventLoop):
         me = current_host()
         remote = self.network.endpoint(remote_addr) if remote_addr is not None else None
         return self.network.open_datagram(me, protocol_factory, local_addr, remote)
+
+    async def sock_connect(self, sock: Any, address: Any) -> None:
+        """Connect a simulated socket (from the port it is bound to)."""
+        await _sim_socket(sock).connect(address)
+
+    async def sock_accept(self, sock: Any) -> tuple[Any, Any]:
+        """The next connection a listening simulated socket takes, and its peer."""
+        return await _sim_socket(sock).accept()
+
+    async def sock_sendall(self, sock: Any, data: Any) -> None:
+        """Queue all of `data` on a connected simulated socket."""
+        _sim_socket(sock).sendall(bytes(data))
+
+    async def sock_recv(self, sock: Any, nbytes: int) -> bytes:
+        """Up to `nbytes` from a connected simulated socket; b"" once the peer closed."""
+        return await _sim_socket(sock).recv(nbytes)
+
+
+def _sim_socket(sock: Any) -> SimSocket:
+    if not isinstance(sock, SimSocket):
+        raise NotImplementedError(
+            f"kernel sockets are not simulated ({sock!r}): make it with the host's "
+            "SimSocket (sim.network.sockets)")
+    return sock

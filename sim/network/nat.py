@@ -14,7 +14,16 @@ it sends (`outbound`), and decides whether a packet arriving at a public port ge
 Linux MASQUERADE is EIM with port preservation and APDF (conntrack only lets replies in), so
 it is `port_restricted_cone()`; MASQUERADE `--random-fully` is `symmetric()`.
 
-Unsolicited inbound TCP never gets in (the lab's routers drop it) unless a port forward exists.
+TCP is mapped by the same mapping behaviour and filtered by `tcp_filtering` (RFC 5382 treats
+TCP filtering on its own; by default the box's `filtering`). An inbound SYN gets in through a
+port forward, or on a live mapping its filtering admits: an address-and-port-dependent box
+lets in only a SYN from an endpoint the mapping has sent to, so two hosts behind endpoint-
+independent mappings that dial each other's public mapping from the port STUN over TCP saw
+meet in a TCP simultaneous open (overlay.transports.punch), and a symmetric box, which gives
+the dial another port than STUN saw, never does. `full_cone()` filters TCP address-and-
+port-dependently: the NAT lab's full cone (tests/natlab) is a DNAT of inbound UDP only, and
+TCP passes its conntrack as masquerade's does. So a TCP punch joins the pairs it joins in
+the lab: cone/cone and full cone/cone, never a symmetric box.
 
 `webrtc_possible(a, b)` runs ICE-style connectivity checks (RFC 8445: server-reflexive
 candidates from a STUN server on the public side, checks sent by both sides in rounds,
@@ -62,11 +71,14 @@ class NatBehaviour:
     random_ports: bool = False
     udp_timeout: float = 120.0
     tcp_timeout: float = 7440.0  # RFC 5382 REQ-5
+    tcp_filtering: Filtering | None = None  # None: as `filtering`
 
     @classmethod
     def full_cone(cls) -> NatBehaviour:
-        """EIM + EIF: once mapped, anyone can reach the port."""
-        return cls(Mapping.ENDPOINT_INDEPENDENT, Filtering.ENDPOINT_INDEPENDENT)
+        """EIM + EIF for UDP: once mapped, anyone can reach the port. TCP is APDF, as in
+        the NAT lab, whose full cone DNATs inbound UDP only."""
+        return cls(Mapping.ENDPOINT_INDEPENDENT, Filtering.ENDPOINT_INDEPENDENT,
+                   tcp_filtering=Filtering.ADDRESS_AND_PORT_DEPENDENT)
 
     @classmethod
     def restricted_cone(cls) -> NatBehaviour:
@@ -87,6 +99,12 @@ class NatBehaviour:
     def timeout(self, proto: str) -> float:
         """Idle time after which a mapping of `proto` ("udp"/"tcp") is forgotten."""
         return self.tcp_timeout if proto == "tcp" else self.udp_timeout
+
+    def filtering_of(self, proto: str) -> Filtering:
+        """Which inbound packets of `proto` ("udp"/"tcp") reach a mapped port."""
+        if proto == "tcp" and self.tcp_filtering is not None:
+            return self.tcp_filtering
+        return self.filtering
 
 
 @dataclass(slots=True)
@@ -175,22 +193,19 @@ class NatBox:
     def inbound(self, proto: str, src: Addr, public_port: int, now: float) -> Addr | None:
         """A packet from `src` reaches `public_port`: the private endpoint it goes to, or None.
 
-        TCP gets in only through a port forward: a SYN is never "solicited" by a mapping here,
-        because the lab's routers drop unsolicited WAN packets and we model no TCP punching.
-        Established TCP connections don't come through here at all.
+        For TCP this is a SYN (established connections don't come through here at all): it
+        gets in through a port forward, or on a mapping whose TCP filtering admits `src`.
         """
         fwd = self._forwards.get((proto, public_port))
         if fwd is not None:
             return fwd
-        if proto == "tcp":
-            return None
         b = self._by_port.get((proto, public_port))
         if b is None:
             return None
         if self._expired(b, now):
             self._drop(b)
             return None
-        f = self.behaviour.filtering
+        f = self.behaviour.filtering_of(proto)
         if f is Filtering.ADDRESS_DEPENDENT and src[0] not in b.addresses:
             return None
         if f is Filtering.ADDRESS_AND_PORT_DEPENDENT and src not in b.endpoints:
@@ -203,7 +218,7 @@ class NatBox:
         if fwd is not None:
             return fwd
         b = self._by_port.get((proto, public_port))
-        return None if b is None or proto == "tcp" else b.internal
+        return None if b is None else b.internal
 
     def mapping_count(self) -> int:
         """Number of live and not yet collected mappings (bounded by the port space)."""

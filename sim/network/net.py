@@ -88,6 +88,10 @@ class Network:
         self._private = 0
         self._nat_seed = rng.getrandbits(64)
         self.webrtc_endpoints: dict[Host, Any] = {}  # sim.webrtc.SimChannels by host
+        # connects whose SYN is out, by (host, local port, destination): a SYN from that
+        # destination to that port is a simultaneous open
+        self._syn_sent: dict[tuple[Host, int, Addr],
+                             tuple[SimStreamTransport, asyncio.Future[None]]] = {}
 
     # --- building ------------------------------------------------------------------------
 
@@ -328,14 +332,19 @@ class Network:
         return server
 
     async def connect(self, host: Host, factory: ProtocolFactory, dst: Addr, *,
-                      unix_path: str | None = None
+                      unix_path: str | None = None, local_port: int | None = None
                       ) -> tuple[SimStreamTransport, asyncio.BaseProtocol]:
         """Open a connection from `host` to `dst` (loop.create_connection), or to the
-        Unix socket `unix_path` on `host` itself (loop.create_unix_connection)."""
+        Unix socket `unix_path` on `host` itself (loop.create_unix_connection).
+
+        `local_port`: connect from that port (a socket bound to it, sim.network.sockets).
+        While the SYN is out, a SYN that reaches that port from `dst` itself completes
+        the connection as a TCP simultaneous open (RFC 9293 section 3.5), ahead of any
+        listener on the port."""
         loop = self.loop
         if not host.online and unix_path is None:
             raise OSError(errno.ENETUNREACH, f"[{host.name}] network is unreachable (offline)")
-        sport = host.bind_port("tcp", 0)
+        sport = host.bind_port("tcp", 0) if local_port is None else local_port
         if unix_path is None:
             client = SimStreamTransport(self, host, (host.address, sport), dst)
         else:
@@ -352,6 +361,9 @@ class Network:
                          target, key, seen, box, context=target.context)
         timer = loop.call_at(now + self.tcp_connect_timeout, self._connect_timeout, host,
                              waiter, dst, context=host.context)
+        opening = (host, sport, dst) if unix_path is None else None
+        if opening is not None:
+            self._syn_sent[opening] = (client, waiter)
         try:
             await waiter
         except BaseException:  # refused, timed out, or the caller gave up (cancelled)
@@ -359,6 +371,8 @@ class Network:
             raise
         finally:
             timer.cancel()
+            if opening is not None and self._syn_sent.get(opening, (None,))[0] is client:
+                del self._syn_sent[opening]
         try:
             protocol = factory()
         except BaseException:
@@ -376,6 +390,8 @@ class Network:
                     target: Host, port: int | str, seen: Addr, box: NatBox | None) -> None:
         loop = self.loop
         now = loop.time()
+        if client._peer is not None:
+            return  # this SYN crossed the other's: the simultaneous open joined them already
         if box is not None and isinstance(port, int):
             inner = box.inbound("tcp", seen, port, now)
             if inner is None or inner[0] != target.address:
@@ -384,6 +400,11 @@ class Network:
         if not target.online and not isinstance(port, str):
             return
         back = now + self.latency(target, client._host)
+        if isinstance(port, int):
+            opening = self._syn_sent.get((target, port, seen))
+            if opening is not None and not opening[1].done():
+                self._open_simultaneously(client, waiter, *opening, back)
+                return
         listener = target.listeners.get(port)
         if listener is None or not listener.is_serving():
             self.trace.record(now, target.index, EventKind.TCP_REFUSED, 0)
@@ -407,6 +428,20 @@ class Network:
         loop.call_at(back, self._synack_arrive, client, waiter, server,
                      context=client._host.context)
         protocol.connection_made(server)
+
+    def _open_simultaneously(self, client: SimStreamTransport, waiter: asyncio.Future[None],
+                             mine: SimStreamTransport, my_waiter: asyncio.Future[None],
+                             back: float) -> None:
+        """`client`'s SYN reached `mine`, which is dialling `client`'s endpoint: both are
+        connected, `mine` now, `client` when the answer is back (at `back`)."""
+        host = mine._host
+        mine.link(client)
+        mine._last_arrival = back  # nothing of ours may overtake the SYN-ACK
+        host.streams[mine] = None
+        self.trace.record(self.loop.time(), host.index, EventKind.TCP_ACCEPT, 0)
+        my_waiter.set_result(None)
+        self.loop.call_at(back, self._synack_arrive, client, waiter, mine,
+                          context=client._host.context)
 
     def _refuse(self, waiter: asyncio.Future[None], dst: Addr | str) -> None:
         if not waiter.done():

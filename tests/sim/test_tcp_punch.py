@@ -1,0 +1,191 @@
+"""The TCP punch rung in the simulator: the real punch code over the NAT model.
+
+The NAT lab (tests/natlab/test_punch_nat.py, test_nodes.py) is the reference: cone/cone
+and full-cone/cone homes get the file over `tcp-punch`; full cone/symmetric falls back to
+WebRTC within the punch's budget; symmetric/symmetric goes through the relay. Here the
+same pairs run with the real rendezvous server (STUN over TCP beside it) and real nodes on
+simulated hosts, and the punch's own pieces (`query_tcp_mapping`, `simultaneous_open`)
+over the simulated sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overlay.mail.inbox_state import InboxState
+from overlay.transports.punch import PUNCH_BUDGET, PunchPort, simultaneous_open
+from rendezvous.stun import TcpMapping, query_tcp_mapping, serve_stun_tcp
+from sim.deploy import SimNode, deploy_rendezvous
+from sim.network.host import Host
+from sim.network.latency import FixedLatency
+from sim.network.nat import Filtering, Mapping, NatBehaviour
+from sim.network.sockets import SimSocket
+from sim.simulation import Simulation
+
+MB = 1_000_000
+SIZE = 1_000_000
+CONE = NatBehaviour.port_restricted_cone()  # the lab's EIM: masquerade
+FULL = NatBehaviour.full_cone()
+SYMMETRIC = NatBehaviour.symmetric()  # masquerade fully-random
+
+
+def _maker(host: Host) -> Any:
+    return lambda family, local: SimSocket.reusable(host, family, local)
+
+
+async def _mapping(host: Host, stun: tuple[str, int]) -> TcpMapping:
+    return await host.create_task(query_tcp_mapping(stun, make_socket=_maker(host)))
+
+
+def test_stun_over_tcp_reports_the_mapping_the_nat_made(sim: Simulation) -> None:
+    server = sim.add_host("server")
+    cone = sim.add_host("cone", nat=CONE)
+    sym = sim.add_host("sym", nat=SYMMETRIC)
+
+    async def main() -> list[tuple[TcpMapping, Host]]:
+        stun = await server.create_task(serve_stun_tcp("0.0.0.0", 3478))
+        got = [(await _mapping(h, stun.address), h) for h in (cone, sym)]
+        for m, _ in got:
+            m.close()
+        await server.create_task(stun.aclose())
+        return got
+
+    (c, cone_host), (s, sym_host) = sim.run(main())
+    assert cone_host.nat is not None and sym_host.nat is not None
+    # Masquerade keeps the local port; the symmetric box picks a random one.
+    assert c.mapped == (cone_host.nat.address, c.local[1])
+    assert c.local[0] == cone_host.address
+    assert s.mapped[0] == sym_host.nat.address
+
+
+def _punch(sim: Simulation, a: NatBehaviour | None, b: NatBehaviour | None) -> bool:
+    """Both ends learn their mapping, swap candidates, and open at once, as the punch
+    endpoints do after the PIPE exchange; True if both got the connection (bytes pass)."""
+    server = sim.add_host("server")
+    ha, hb = sim.add_host("a", nat=a), sim.add_host("b", nat=b)
+
+    async def side(host: Host, mine: TcpMapping, theirs: TcpMapping, say: bytes) -> bytes:
+        port = PunchPort.ready(mine, _maker(host))
+        try:
+            async with asyncio.timeout(PUNCH_BUDGET):
+                stream = await simultaneous_open(port, (theirs.mapped, theirs.local))
+            await stream.send_all(say)
+            heard = await stream.receive_some()
+            await stream.aclose()
+            return heard
+        finally:
+            port.close()
+
+    async def main() -> bool:
+        stun = await server.create_task(serve_stun_tcp("0.0.0.0", 3478))
+        ma, mb = await _mapping(ha, stun.address), await _mapping(hb, stun.address)
+        try:
+            heard = await asyncio.gather(ha.create_task(side(ha, ma, mb, b"from a")),
+                                         hb.create_task(side(hb, mb, ma, b"from b")))
+        except TimeoutError:
+            return False
+        finally:
+            await server.create_task(stun.aclose())
+        assert list(heard) == [b"from b", b"from a"]
+        return True
+
+    return sim.run(main())
+
+
+@pytest.mark.parametrize(("a", "b", "works"), [
+    pytest.param(CONE, CONE, True, id="cone-cone"),
+    pytest.param(FULL, CONE, True, id="fullcone-cone"),
+    pytest.param(None, CONE, True, id="public-cone"),
+    pytest.param(FULL, SYMMETRIC, False, id="fullcone-symmetric"),
+    pytest.param(CONE, SYMMETRIC, False, id="cone-symmetric"),
+    pytest.param(SYMMETRIC, SYMMETRIC, False, id="symmetric-symmetric"),
+])
+def test_a_simultaneous_open_joins_the_pairs_the_lab_joins(
+        sim: Simulation, a: NatBehaviour | None, b: NatBehaviour | None, works: bool) -> None:
+    assert _punch(sim, a, b) is works
+
+
+def test_a_nat_that_admits_any_syn_on_a_mapping_lets_a_symmetric_peer_in(
+        sim: Simulation) -> None:
+    # Filtering decides, not the preset's name: an endpoint-independent TCP filter takes
+    # the symmetric side's SYN from its new port into the listener on the punched port.
+    open_tcp = NatBehaviour(Mapping.ENDPOINT_INDEPENDENT, Filtering.ENDPOINT_INDEPENDENT)
+    assert _punch(sim, open_tcp, SYMMETRIC) is True
+
+
+def _deliver(tmp: Path, a: NatBehaviour, b: NatBehaviour
+             ) -> tuple[dict[str, int], float, bool]:
+    """alice (behind `a`) sends a file to bob (behind `b`): bob's bytes by path as its
+    `inbox --json` sources show them, the virtual seconds from send to complete, and
+    whether the bytes are equal."""
+    with Simulation(seed=1, latency=FixedLatency(0.02)) as sim:
+        rv = sim.add_host("rv")
+        ha = sim.add_host("alice", up=2.5 * MB, down=10 * MB, nat=a)
+        hb = sim.add_host("bob", up=2.5 * MB, down=10 * MB, nat=b)
+        tmp.mkdir(parents=True, exist_ok=True)
+        clip = tmp / "clip.bin"
+        clip.write_bytes(sim.rng_for("clip").randbytes(SIZE))
+
+        async def main() -> tuple[dict[str, int], float, bool]:
+            deployed = await deploy_rendezvous(sim, rv, "example.net")
+            alice = SimNode(sim, ha, tmp / "alice", "alice@example.net", deployed.address)
+            bob = SimNode(sim, hb, tmp / "bob", "bob@example.net", deployed.address)
+            for n in (alice, bob):
+                await n.init()
+                await n.start()
+            assert alice.node is not None and bob.node is not None
+            t0 = sim.now
+            await ha.create_task(alice.node.send(clip, ["bob@example.net"], "clip", ""))
+            async with asyncio.timeout(600):
+                (entry,) = await bob.wait_inbox(
+                    lambda es: bool(es) and es[0].state is InboxState.COMPLETE)
+            took = sim.now - t0
+            act = bob.node.downloads.active.get(entry.id)
+            paths: dict[str, int] = {}
+            for s in act.sources.values() if act else ():
+                view = s.as_dict()
+                paths[str(view["path"])] = paths.get(str(view["path"]), 0) + int(
+                    str(view["bytes"]))
+            same = Path(str(entry.path)).read_bytes() == clip.read_bytes()
+            for n in (alice, bob):
+                await n.stop()
+            await rv.create_task(deployed.server.aclose())
+            return paths, took, same
+
+        out = sim.run(main())
+        assert not sim.errors, sim.errors[:3]
+        return out
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    pytest.param(CONE, CONE, id="cone-cone"),
+    pytest.param(FULL, CONE, id="fullcone-sender-cone-receiver"),
+])
+def test_cone_nats_deliver_over_a_tcp_punch(tmp_path: Path, a: NatBehaviour,
+                                           b: NatBehaviour) -> None:
+    paths, _, same = _deliver(tmp_path, a, b)
+    assert same
+    assert set(paths) == {"tcp-punch"} and paths["tcp-punch"] >= SIZE, paths
+
+
+def test_two_symmetric_nats_deliver_through_the_relay(tmp_path: Path) -> None:
+    paths, _, same = _deliver(tmp_path, SYMMETRIC, SYMMETRIC)
+    assert same
+    assert set(paths) == {"relay"}, paths
+
+
+def test_a_pair_the_punch_cannot_join_falls_back_to_webrtc_in_time(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="overlay.transports.punch")
+    paths, took, same = _deliver(tmp_path, FULL, SYMMETRIC)
+    assert same
+    assert set(paths) == {"webrtc"}, paths
+    # WebRTC starts when the punch has failed or had its budget; the lab allows 10 s more.
+    assert took < PUNCH_BUDGET + 10.0, took
+    # The punch was tried and failed (alice answered bob's offer; the SYNs never met).
+    assert "TCP punch from bob@example.net failed" in caplog.text
