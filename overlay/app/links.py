@@ -15,6 +15,7 @@ owns (the device that dialled is the transfer client, whichever end's connect wo
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
@@ -43,7 +44,8 @@ class PeerLinks:
     def __init__(self, identity: DeviceIdentity, address: str, server: tuple[str, int],
                  rendezvous: RendezvousClient, transfer: TransferServer,
                  endpoint: EndpointFactory, *,
-                 punch_socket: SocketMaker = reusable_socket) -> None:
+                 punch_socket: SocketMaker = reusable_socket,
+                 rng: random.Random | None = None) -> None:
         self.identity = identity
         self.address = address
         self.server = server
@@ -53,7 +55,8 @@ class PeerLinks:
         self.rtc = endpoint(rendezvous, self.settings)
         # A server that runs no STUN over TCP: no punch.
         self.punch = PunchEndpoint(rendezvous, PunchSettings(stun=self._stun_tcp(),
-                                                             make_socket=punch_socket))
+                                                             make_socket=punch_socket),
+                                   rng=rng)
         self.ladder = ConnectionLadder(
             webrtc=self._dial_webrtc, relay=self._dial_relay,
             punch=self._dial_punch if self.punch.settings.stun is not None else None,

@@ -157,7 +157,8 @@ class Node:
         await self._start_dht(host)
         self.links = PeerLinks(self.identity, self.address, (host, port), self.rendezvous,
                                self.transfer, self.options.webrtc_endpoint,
-                               punch_socket=self.options.punch_socket)
+                               punch_socket=self.options.punch_socket,
+                               rng=random.Random(self.rng.getrandbits(64)))
         await self.links.start()
         st.push_async_callback(self.links.aclose)
         self._wire_mail()

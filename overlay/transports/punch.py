@@ -41,6 +41,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,9 +189,10 @@ def _targets(mine: TcpMapping, theirs: tuple[Address, ...], family: int) -> list
 
 
 async def _connect_from(local: Address, peer: Address, family: int,
-                        make_socket: SocketMaker) -> socket.socket:
+                        make_socket: SocketMaker, rng: random.Random | None) -> socket.socket:
     """Connect from `local` to `peer` until it works (the caller bounds the time): a
-    refusal (the peer's SYN was not out yet) or an ICMP error is retried after RETRY."""
+    refusal (the peer's SYN was not out yet) or an ICMP error is retried after RETRY
+    (its jitter drawn from `rng`, else from the `random` module)."""
     loop = asyncio.get_running_loop()
     attempt = 0
     while True:
@@ -205,7 +207,7 @@ async def _connect_from(local: Address, peer: Address, family: int,
         except BaseException:
             sock.close()
             raise
-        await asyncio.sleep(RETRY.delay(attempt))
+        await asyncio.sleep(RETRY.delay(attempt, rng))
 
 
 async def _accept_from(listener: socket.socket, hosts: set[str]) -> socket.socket:
@@ -249,10 +251,12 @@ class PunchPort:
         self.mapping.close()
 
 
-async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...]) -> PunchedTcpStream:
+async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...], *,
+                            rng: random.Random | None = None) -> PunchedTcpStream:
     """Dial each of the peer's usable candidates from `port` at once, and take its
-    connection on the port's listener; the first connection wins, the others are closed.
-    Runs until cancelled (bound it)."""
+    connection on the port's listener; the first connection wins (of several at once,
+    the first in candidate order), the others are closed. Runs until cancelled (bound it).
+    `rng` draws the retry jitter (a simulation's repeatable run)."""
     mapping = port.mapping
     family = mapping.sock.family
     targets = _targets(mapping, theirs, family)
@@ -260,7 +264,7 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...]) -> Pun
         raise PunchError("no candidate of the peer's address family")
     local = mapping.local  # the address and port STUN saw us come from
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(_connect_from(local, t, family, port.make_socket),
+    tasks = [loop.create_task(_connect_from(local, t, family, port.make_socket, rng),
                               name=f"punch {_hostport(t)}")
              for t in targets]
     tasks.append(loop.create_task(_accept_from(port.listener, {t[0] for t in targets}),
@@ -269,7 +273,7 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...]) -> Pun
     try:
         while sock is None:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
+            for t in [t for t in tasks if t in done]:  # in candidate order, not set order
                 tasks.remove(t)
                 try:
                     won = t.result()
@@ -315,9 +319,13 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
     TOO_MANY_DIALS = "too many TCP punches in progress"
 
     def __init__(self, pipe: PipeSender, settings: PunchSettings | None = None, *,
-                 accept_from: Callable[[str, bytes], bool] | None = None) -> None:
+                 accept_from: Callable[[str, bytes], bool] | None = None,
+                 rng: random.Random | None = None) -> None:
+        """`rng`, when given, draws the connects' retry jitter (a simulation's repeatable
+        run), else the `random` module does."""
         super().__init__(pipe, accept_from=accept_from, tasks="tcp-punch", logger=log)
         self.settings: PunchSettings = settings or PunchSettings()
+        self._rng = rng
 
     async def start(self) -> None:
         self._open_backlog()
@@ -387,7 +395,7 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
                     PunchAnswer(offer.session, port.candidates)),
                     device=msg.sender_device)
                 step = "the connect"
-                stream = await simultaneous_open(port, offer.candidates)
+                stream = await simultaneous_open(port, offer.candidates, rng=self._rng)
             if not self._hand_over(stream):
                 raise PunchError("accept backlog full")
             handed = True
@@ -429,7 +437,7 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
                 if isinstance(reply, PunchReject):
                     raise PunchError(f"{address} declined: {reply.reason}")
                 step = "a connection"
-                stream = await simultaneous_open(port, reply.candidates)
+                stream = await simultaneous_open(port, reply.candidates, rng=self._rng)
             ok = True
             return stream
         except TimeoutError:

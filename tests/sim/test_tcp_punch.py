@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from sim.network.latency import FixedLatency
 from sim.network.nat import Filtering, Mapping, NatBehaviour
 from sim.network.sockets import SimSocket
 from sim.simulation import Simulation
+from sim.trace import EventKind
 
 MB = 1_000_000
 SIZE = 1_000_000
@@ -116,6 +118,45 @@ def test_a_nat_that_admits_any_syn_on_a_mapping_lets_a_symmetric_peer_in(
     # the symmetric side's SYN from its new port into the listener on the punched port.
     open_tcp = NatBehaviour(Mapping.ENDPOINT_INDEPENDENT, Filtering.ENDPOINT_INDEPENDENT)
     assert _punch(sim, open_tcp, SYMMETRIC) is True
+
+
+def _late_answer(sim: Simulation) -> int:
+    """a dials b's mapping before b listens (refused, retried after a jittered delay);
+    b joins 0.2 s later. The number of refusals."""
+    server = sim.add_host("server")
+    ha, hb = sim.add_host("a"), sim.add_host("b")
+
+    async def side(host: Host, mine: TcpMapping, theirs: TcpMapping, after: float) -> None:
+        await asyncio.sleep(after)
+        port = PunchPort.ready(mine, _maker(host))
+        try:
+            async with asyncio.timeout(PUNCH_BUDGET):
+                stream = await simultaneous_open(port, (theirs.mapped, theirs.local),
+                                                 rng=sim.rng_for(f"punch/{host.name}"))
+            await stream.aclose()
+        finally:
+            port.close()
+
+    async def main() -> None:
+        stun = await server.create_task(serve_stun_tcp("0.0.0.0", 3478))
+        ma, mb = await _mapping(ha, stun.address), await _mapping(hb, stun.address)
+        await asyncio.gather(ha.create_task(side(ha, ma, mb, 0.0)),
+                             hb.create_task(side(hb, mb, ma, 0.2)))
+        await server.create_task(stun.aclose())
+
+    sim.run(main())
+    return sim.trace.count(EventKind.TCP_REFUSED)
+
+
+def test_the_punch_retries_draw_their_jitter_from_the_run_not_the_process() -> None:
+    digests = []
+    for process_seed in (1, 2):
+        random.seed(process_seed)  # what another process's `random` module would hold
+        with Simulation(seed=1, latency=FixedLatency(0.01)) as sim:
+            assert _late_answer(sim) >= 2  # refused, retried with jitter, refused again
+            assert not sim.errors, sim.errors[:3]
+            digests.append(sim.trace.digest())
+    assert digests[0] == digests[1]
 
 
 def _deliver(tmp: Path, a: NatBehaviour, b: NatBehaviour
