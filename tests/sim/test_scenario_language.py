@@ -123,6 +123,7 @@ def test_nat_mix_reports_each_path_by_nat_kind_and_is_deterministic() -> None:
         for k in ("none", "full_cone", "port_restricted", "symmetric")}
     assert abs(sum(s[f"on: share via {p}"]
                    for p in ("tcp", "tcp-punch", "webrtc", "relay")) - 1) < 1e-3
+    assert s["on: share via tcp-punch"] > 0  # the cone pairs meet in a TCP punch
     again = run("nat-mix", overrides=SMALL_NAT | {"topology.hosts": 8})
     assert again.trace_hash == first.trace_hash and again.summary == s
 
