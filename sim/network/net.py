@@ -92,6 +92,8 @@ class Network:
         # destination to that port is a simultaneous open
         self._syn_sent: dict[tuple[Host, int, Addr],
                              tuple[SimStreamTransport, asyncio.Future[None]]] = {}
+        # of those, the ones a listener took (their SYN-ACK is on its way)
+        self._answered: set[SimStreamTransport] = set()
 
     # --- building ------------------------------------------------------------------------
 
@@ -373,6 +375,7 @@ class Network:
             timer.cancel()
             if opening is not None and self._syn_sent.get(opening, (None,))[0] is client:
                 del self._syn_sent[opening]
+            self._answered.discard(client)
         try:
             protocol = factory()
         except BaseException:
@@ -403,6 +406,10 @@ class Network:
         if isinstance(port, int):
             opening = self._syn_sent.get((target, port, seen))
             if opening is not None and not opening[1].done():
+                if opening[0] in self._answered:
+                    # Its own SYN was taken by a listener at the other end (from another
+                    # NAT port than this SYN's): it joins that connection, this SYN none.
+                    return
                 self._open_simultaneously(client, waiter, *opening, back)
                 return
         listener = target.listeners.get(port)
@@ -423,6 +430,7 @@ class Network:
                          context=client._host.context)
             return
         server.accept(client, protocol, not_before=back)  # nothing may overtake the SYN-ACK
+        self._answered.add(client)
         target.streams[server] = None
         self.trace.record(now, target.index, EventKind.TCP_ACCEPT, 0)
         loop.call_at(back, self._synack_arrive, client, waiter, server,
