@@ -20,6 +20,7 @@ import pytest
 
 from overlay.mail.inbox_state import InboxState
 from overlay.transports.punch import PUNCH_BUDGET, PunchPort, simultaneous_open
+from overlay.transports.stream import Stream
 from rendezvous.stun import TcpMapping, query_tcp_mapping, serve_stun_tcp
 from sim.deploy import SimNode, deploy_rendezvous
 from sim.network.host import Host
@@ -28,6 +29,7 @@ from sim.network.nat import Filtering, Mapping, NatBehaviour
 from sim.network.sockets import SimSocket
 from sim.simulation import Simulation
 from sim.trace import EventKind
+from tests.overlay.streams import check_stream
 
 MB = 1_000_000
 SIZE = 1_000_000
@@ -160,6 +162,40 @@ def _crossing(a: NatBehaviour | None, b: NatBehaviour | None) -> bool:
 def test_the_punch_joins_a_pair_when_either_nat_admits_the_others_syn(
         sim: Simulation, a: NatBehaviour | None, b: NatBehaviour | None) -> None:
     assert _punch(sim, a, b) is (_admits(a, b) or _admits(b, a))
+
+
+def test_a_punched_stream_conforms_on_the_simulated_network() -> None:
+    # The connection the simultaneous open makes, handed to the node's TCP protocol through
+    # loop.create_connection(sock=...), behaves as every other transport's stream.
+    with Simulation(seed=2, latency=FixedLatency(0.025)) as sim:
+        server = sim.add_host("server")
+        ha = sim.add_host("a", up=50e6, down=50e6, nat=CONE)
+        hb = sim.add_host("b", up=50e6, down=50e6, nat=FULL)
+
+        async def side(host: Host, mine: TcpMapping, theirs: TcpMapping) -> Stream:
+            port = PunchPort.ready(mine, _maker(host))
+            try:
+                return await simultaneous_open(port, (theirs.mapped, theirs.local))
+            finally:
+                port.close()
+
+        async def main() -> None:
+            stun = await server.create_task(serve_stun_tcp("0.0.0.0", 3478))
+
+            async def make_pair() -> tuple[Stream, Stream]:
+                ma, mb = await _mapping(ha, stun.address), await _mapping(hb, stun.address)
+                x, y = await asyncio.gather(ha.create_task(side(ha, ma, mb)),
+                                            hb.create_task(side(hb, mb, ma)))
+                return x, y
+
+            try:
+                await check_stream(make_pair)
+            finally:
+                await server.create_task(stun.aclose())
+
+        sim.run(main())
+        assert not sim.errors, sim.errors[:3]
+        assert sim.now > 1.0  # the 48 MB backpressure check really took link time
 
 
 def _late_answer(sim: Simulation) -> int:
