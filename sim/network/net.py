@@ -15,8 +15,11 @@ Capacity model (kept simple so an event costs a few microseconds):
   dropped when the sender's uplink queue holds more than `uplink_queue_limit` seconds of
   data (tail drop), when a NAT filters them, or when the receiver is offline or unbound.
 - Streams: see `sim.network.transports`. Connection setup costs one round trip; a SYN to a port with
-  no listener is refused after one round trip; a SYN that is dropped (NAT without a forward,
-  offline host, unknown address) fails after `tcp_connect_timeout` (Linux: about 127 s).
+  no listener is refused after one round trip; a SYN that is dropped (a NAT with no forward
+  and no mapping whose TCP filtering admits it, offline host, unknown address) fails after
+  `tcp_connect_timeout` (Linux: about 127 s); a SYN that reaches a port dialling its sender
+  at that moment opens both connects at once (a TCP simultaneous open, what the TCP punch
+  relies on).
 
 Addresses: public hosts and NAT boxes get 10.x.y.z; hosts behind a NAT get 172.16.0.0/12
 addresses, reachable only from behind the same box. These never touch the real network.
