@@ -186,7 +186,9 @@ async def _race(rungs: list[tuple[float, str, Callable[[], Awaitable[Stream]]]],
     try:
         while pending and winner is None:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
+            # In rung order, not the sets' (memory addresses): of two rungs done in the same
+            # step the earlier one wins, and a simulation's trace is the same every run.
+            for t in [t for t in tasks if t in done]:
                 exc = t.exception()
                 if exc is not None:
                     errors.append(f"{tasks[t]}: {exc}")
@@ -195,11 +197,12 @@ async def _race(rungs: list[tuple[float, str, Callable[[], Awaitable[Stream]]]],
                 else:
                     await t.result().aclose()
     finally:
-        for t in pending:
+        left = [t for t in tasks if t in pending]
+        for t in left:
             t.cancel()
-        if pending:
-            await asyncio.wait(pending)  # raises only if *we* are cancelled
-            for t in pending:
+        if left:
+            await asyncio.wait(left)  # raises only if *we* are cancelled
+            for t in left:
                 if not t.cancelled() and t.exception() is None:
                     await t.result().aclose()  # won while being cancelled: don't leak it
     return winner

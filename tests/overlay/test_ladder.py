@@ -4,6 +4,7 @@ real transports are proven by their own suites and the end-to-end tests)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 
@@ -102,3 +103,29 @@ async def test_the_budget_lets_a_slow_webrtc_failure_reach_the_relay() -> None:
     assert s.path == "relay"
     # Without a relay rung the budget is the longer of TCP's and WebRTC's.
     assert ConnectionLadder(webrtc=rung("webrtc"), webrtc_timeout=100.0).budget >= 100.0
+
+
+async def test_of_rungs_done_in_the_same_step_the_earlier_wins() -> None:
+    from overlay.transports.ladder import _race
+
+    async def ok(path: str, made: list[FakeStream]) -> FakeStream:
+        s = FakeStream(path)
+        made.append(s)
+        return s
+
+    async def refused(path: str) -> FakeStream:
+        raise StreamBroken(f"{path} refused")
+
+    # Set order follows memory addresses, so a winner picked from a set changes between
+    # runs; 50 races make that show.
+    for _ in range(50):
+        made: list[FakeStream] = []
+        errors: list[str] = []
+        rungs = [(0.0, "a", functools.partial(refused, "a")),
+                 (0.0, "b", functools.partial(refused, "b")),
+                 (0.0, "c", functools.partial(ok, "c", made)),
+                 (0.0, "d", functools.partial(ok, "d", made))]
+        won = await _race(rungs, errors)  # type: ignore[arg-type]
+        assert won is not None and won.path == "c"
+        assert errors == ["a: a refused", "b: b refused"]
+        assert [s.path for s in made if s.closed] == ["d"]
