@@ -8,8 +8,11 @@
     await alice.stop()
 
 The server listens in plaintext (the simulated network has no TLS); nodes still pin its
-domain key, which signs each handshake. It runs STUN over TCP beside it, as `serve` does,
-so the nodes' ladder has its TCP punch rung: the real `overlay.transports.punch` code,
+domain key, which signs each handshake. It runs STUN beside it, as `serve` does: on UDP,
+the `rendezvous.stun` responder `serve` runs, so each node's start-up `probe`
+(overlay.transports.reachability) sees its public mapping through the NAT model and learns
+whether it is behind a NAT (it then says so to peers and joins the DHT as a client); and over
+TCP, so the nodes' ladder has its TCP punch rung: the real `overlay.transports.punch` code,
 over the host's simulated sockets (`sim.network.sockets`) and the NAT model's TCP mapping
 and filtering.
 
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 
 EPOCH = 1.7e9  # virtual wall clock at virtual time 0 (records carry wall-clock expiries)
 RENDEZVOUS_PORT = 4500
+STUN_PORT = RENDEZVOUS_PORT  # UDP: `serve` puts STUN at the listen port's number
 STUN_TCP_PORT = RENDEZVOUS_PORT + 1  # where `serve` puts it when STUN shares the listen port
 
 
@@ -62,12 +66,17 @@ async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
                             port: int = RENDEZVOUS_PORT, limits: Any = None,
                             dht_port: int | None = None, resolver: Any = None,
                             store_path: Path | None = None, run: int = 0,
+                            stun_port: int | None = STUN_PORT,
                             stun_tcp_port: int | None = STUN_TCP_PORT) -> Deployed:
     """Start a `RendezvousServer` (open registration, in-memory store) as `host`.
 
     `dht_port`: also run the DHT bootstrap node `--dht-port` runs (an `overlay.dht.DhtNode`
     with the server's own identity, its clock and randomness from the simulation), which
     nodes learn of in the CHALLENGE and join through: co-recipients find each other.
+
+    `stun_port`: the UDP STUN service (`StunService`, as `serve` runs it) a node's
+    reachability probe asks at start; None runs none, and every node then assumes it is
+    reachable directly, as a real node does when its server's STUN does not answer.
 
     `stun_tcp_port`: the STUN over TCP service nodes learn their TCP mapping from (the
     punch rung needs it); None runs none, and the ladder has no punch rung.
@@ -100,6 +109,11 @@ async def deploy_rendezvous(sim: Simulation, host: Host, domain: str, *,
         dht = DhtNode(identity, wall=virtual_wall(sim), rng=sim.rng_for(f"dht/{host.name}"))
         await host.create_task(dht.listen("0.0.0.0", dht_port))
         server.add_service("dht", dht)
+    if stun_port is not None:
+        from rendezvous.services import StunService
+
+        server.add_service("stun", await host.create_task(StunService.start("0.0.0.0",
+                                                                            stun_port)))
     if stun_tcp_port is not None:
         from rendezvous.services import start_stun_tcp
 
