@@ -396,7 +396,7 @@ class Network:
                     target: Host, port: int | str, seen: Addr, box: NatBox | None) -> None:
         loop = self.loop
         now = loop.time()
-        if client._peer is not None:
+        if client.linked:
             return  # this SYN crossed the other's: the simultaneous open joined them already
         if box is not None and isinstance(port, int):
             inner = box.inbound("tcp", seen, port, now)
@@ -446,8 +446,7 @@ class Network:
         """`client`'s SYN reached `mine`, which is dialling `client`'s endpoint: both are
         connected, `mine` now, `client` when the answer is back (at `back`)."""
         host = mine._host
-        mine.link(client)
-        mine._last_arrival = back  # nothing of ours may overtake the SYN-ACK
+        mine.link(client, not_before=back)  # nothing of ours may overtake the SYN-ACK
         host.streams[mine] = None
         self.trace.record(self.loop.time(), host.index, EventKind.TCP_ACCEPT, 0)
         my_waiter.set_result(None)

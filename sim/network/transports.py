@@ -241,10 +241,18 @@ class SimStreamTransport(asyncio.Transport):
         self._connected = True
         self._last_arrival = not_before
 
-    def link(self, peer: SimStreamTransport) -> None:
+    def link(self, peer: SimStreamTransport, *, not_before: float | None = None) -> None:
         """Bytes this end sends now go to `peer` (the dialer once its SYN-ACK is in, or
-        either end of a stream made already connected)."""
+        either end of a stream made already connected); with `not_before`, none of them
+        arrives before then (a simultaneous open's SYN-ACK time)."""
         self._peer = peer
+        if not_before is not None:
+            self._last_arrival = not_before
+
+    @property
+    def linked(self) -> bool:
+        """This end has a peer to send to (its connection is open or was)."""
+        return self._peer is not None
 
     def _attach(self, protocol: asyncio.BaseProtocol) -> None:
         """The connecting side's protocol is ready: connection_made, then pending data."""
