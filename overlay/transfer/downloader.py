@@ -270,8 +270,21 @@ class Downloader:
         run = _SourceRun(source, stats)
         self._runs[source.label] = run
         if self._tg is not None:
-            run.task = self._tg.create_task(self._run_source(run))
+            self._start(run, self._tg)
         return True
+
+    def _start(self, run: _SourceRun, tg: asyncio.TaskGroup) -> None:
+        run.task = tg.create_task(self._run_source(run))
+        run.task.add_done_callback(lambda _: self._never_ran(run))
+
+    def _never_ran(self, run: _SourceRun) -> None:
+        """A task cancelled before its first step never runs `_run_source`'s `finally`:
+        the supervisor retires a source still connecting once every chunk is in, and a
+        source added in that same loop turn (a provider refresh) was cancelled unstarted
+        and left the download waiting for it for ever. Mark it ended here instead."""
+        if not run.ended:
+            run.ended = True
+            self._wake_all()
 
     def want_first(self, first: int, end: int, *, pinned: bool = False) -> None:
         """Fetch chunks `first`..`end`-1 before the others (a player's playhead, a clip's
@@ -350,7 +363,7 @@ class Downloader:
                 try:
                     for run in self._runs.values():
                         if run.task is None and not run.ended:
-                            run.task = tg.create_task(self._run_source(run))
+                            self._start(run, tg)
                     await self._supervise()
                     self._accepting = False
                     while self._filer.pending:

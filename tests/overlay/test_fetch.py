@@ -187,6 +187,33 @@ async def test_serves_a_file_bytes_equal_after_rename(world: World, tmp_path: Pa
     assert d.chunks_received == 41
 
 
+async def test_a_source_added_as_the_last_chunk_is_stored_does_not_hold_the_end(
+        world: World, tmp_path: Path) -> None:
+    # A provider refresh re-adds the sender in the loop turn after its run ended with every
+    # chunk in, queued before the supervisor's wake-up: the supervisor retires the new run
+    # (nothing is missing) before its task ever ran. The download used to wait for it for
+    # ever. The refresh is placed exactly there: just before the wake-up the ended run
+    # sends.
+    h = await world()
+    loop = asyncio.get_running_loop()
+    added: list[bool] = []
+
+    class Refreshed(Downloader):
+        def _wake_all(self) -> None:
+            if not added and any(r.ended for r in self._runs.values()):
+                added.append(False)
+                loop.call_soon(lambda: added.__setitem__(0, self.add_source(
+                    h.source("sender"))))
+            super()._wake_all()
+
+    d = Refreshed(partial_for(tmp_path, h.content), [h.source("sender")], ME, window=4)
+    path = await asyncio.wait_for(d.run(), 30)
+    assert path.read_bytes() == h.data
+    assert added == [True]
+    [stats] = d.stats
+    assert stats.outcome == "done" and stats.reason == "not needed any more"
+
+
 @pytest.mark.parametrize("forge", [False, True], ids=["flipped", "resealed-by-key-holder"])
 async def test_a_lying_source_is_banned_and_its_chunk_refetched(
     world: World, tmp_path: Path, forge: bool
