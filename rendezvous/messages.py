@@ -25,7 +25,8 @@ table; a name from the wire is never used to look anything else up.
 | RELAY-ACCEPT | session (16): join the stream a RELAY-INVITE offered |
 
 Server pushes: CHALLENGE (domain, nonce (32), key (32): the domain key, stun?, dht?: the
-UDP ports of the server's STUN service and DHT bootstrap node when it runs them), DELIVER
+UDP ports of the server's STUN service and DHT bootstrap node when it runs them, stun_tcp?:
+the TCP port of its STUN over TCP), DELIVER
 (env), PIPE (from, from_device, payload), RELAY-INVITE (from, from_device, session,
 host? + port? + key? (32): the server of another domain that hosts the splice, and the
 domain key it must prove, when the caller is of another domain).

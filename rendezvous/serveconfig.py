@@ -11,7 +11,8 @@ where or what the server serves needs a restart). See README "Running a server".
 
 STUN and the DHT bootstrap node run by default, both on UDP next to the TCP port P of
 `--listen`: STUN at P (its own protocol, so it can share the number), the DHT at P + 1.
-With P = 0 both take any free port. `--stun-port N` / `--dht-port N` move one, `off` turns
+STUN over TCP (for the TCP hole punch) runs with STUN, at TCP P + 1. With P = 0 all three
+take any free port. `--stun-port N` / `--dht-port N` move one, `off` turns
 it off.
 """
 

@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="this node: address, fingerprint, connection, counters")
     s.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("demo", help="server, sender and two receivers on loopback")
+    s = sub.add_parser("demo", help="server, sender and three receivers on loopback")
     s.add_argument("--size-mib", type=float, default=None,
                    help="clip size (default: a short real clip of a few MiB)")
     s.add_argument("--keep", action="store_true", help="keep the temporary folders")

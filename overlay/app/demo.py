@@ -1,12 +1,14 @@
 """`peerpost demo`: the whole seed process on loopback, with the figures printed.
 
-A rendezvous server (SQLite), a sender and two receivers, each a real process in a
-temporary folder. Receiver 2 is offline when the clip is sent. The demo makes a real
-clip a browser plays (WebM: VP8 with an Opus or Vorbis tone) with PyAV, sends it to both,
-shows progress, brings receiver 2 online, verifies both copies byte for byte and prints
-what moved where, then the web inbox login URL of the first receiver, whose node keeps
-running until Enter (or Ctrl-C) when stdin is a terminal. It exits 0 only if all of that
-held.
+A rendezvous server (SQLite), a sender and three receivers, each a real process in a
+temporary folder. The demo makes a real clip a browser plays (WebM: VP8 with an Opus or
+Vorbis tone) with PyAV and sends it to all three while only the first is online, showing
+its progress. The second comes online and fetches it; then the sender goes offline and the
+third comes online, so every byte it gets comes from the co-recipients. The demo verifies
+the three copies byte for byte, prints what moved where (the server held only location
+messages and relayed no media), then the web inbox login URL of the first receiver, whose
+node keeps running until Enter (or Ctrl-C) when stdin is a terminal. It exits 0 only if all
+of that held.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def _demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
                       "--title", "Grandma's 90th birthday", "--note", "the cake!").stdout.strip()
         t_send = time.time()
         console.print(f"sent message {mid} to {to} "
-                      f"(`peerpost send` took {t_send - t0:.2f} s: it seals and hashes the "
+                      f"(`peerpost send` took {t_send - t0:.2f} s: it hashes the "
                       f"whole clip to name it)")
         queued = _server_stats(net)["bytes_stored"]
         got_bob = _wait_with_bar(net, bob, mid, size, console)
