@@ -23,6 +23,23 @@ destination, as Linux masquerade does while the port is free). A symmetric NAT g
 punch another port than STUN saw, the SYNs meet no mapping, and `dial` fails within
 `budget` with a `PunchError` (a StreamBroken), so the ladder goes on to WebRTC.
 
+Both ends must end up on the SAME connection, and more than one may connect: when both
+NATs give each destination a new public port but let any inbound SYN through to a mapping,
+each end's connect lands on the other's listener (from a port STUN did not see) and each
+end holds two connections, its connect and its accept; a local address and a hairpinned
+public mapping can both connect too. Were each end to keep its own first, the two could
+keep different ones and the transfer handshake would run over mismatched streams. So the
+dialer's pick decides (ICE's nomination, RFC 8445 8.1.1): the dialer keeps its first
+connection, writes `NOMINATION` on it before handing it up and closes the others; the
+answerer keeps every connection it gets, accepted or connected (at most `MAX_HELD`), until
+one of them delivers `NOMINATION`, keeps that one and closes the rest. A connection that
+closes or sends anything else is dropped; the answerer reads exactly the marker's length,
+so the transfer handshake's first bytes, which follow at once, stay in the stream.
+Nomination is negotiated, since a peer of the earlier protocol neither writes nor expects
+the marker: the offer says the dialer will nominate, the answer that the answerer awaits
+it (`nominate`), and the marker is used only when both say so; otherwise each end keeps
+its first connection as before (`Nomination.NONE`).
+
 Which end runs the transfer client does not depend on who connected (in a simultaneous
 open both did): the device that sent the offer gets the stream from `dial` and is the
 client, the one that answered gets it from `accept` and serves. The stream is then a
@@ -31,13 +48,15 @@ client, the one that answered gets it from `accept` and serves. The stream is th
 The peer's candidates are only dialled, never resolved (IP literals only, at most
 MAX_CANDIDATES); its local address only when both ends have the same public address (one
 home behind one NAT), so a peer can't aim our connects into our own LAN. Incoming offers are
-bounded (`max_incoming`), answers are taken only from the device dialled, bad payloads are
-dropped and counted.
+bounded (`max_incoming`), answers are taken only from the device dialled, bad payloads and
+connections that send something other than the marker are dropped and counted
+(`bad_signals`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import ipaddress
 import logging
 import os
@@ -70,10 +89,16 @@ log = logging.getLogger(__name__)
 PUNCH_BUDGET = 3.0  # STUN, the PIPE round trip and the connects, on a home line: < 0.5 s
 MAX_CANDIDATES = 4
 RETRY = Backoff(base=0.02, cap=0.25, jitter=0.5)  # after a refused or unreachable connect
+NOMINATION = b"pp-punch"  # the dialer's first bytes on the connection both ends keep
+MAX_HELD = 2 * MAX_CANDIDATES  # connections the answerer holds until one is nominated
 
 
 class PunchError(StreamBroken):
     """A TCP punch failed; the text says at which step and why."""
+
+
+class BadNomination(PunchError):
+    """A punched connection sent something other than NOMINATION first (it is dropped)."""
 
 
 class PunchSignalError(ValueError):
@@ -99,28 +124,39 @@ def _hostport(addr: Address) -> str:
 class _Candidates:
     session: bytes
     candidates: tuple[Address, ...]  # the public mapping first, then the local address
+    # Sent as "n" only when true: a peer of the earlier protocol ignores a field it does
+    # not know, and its messages, without "n", decode as False.
+    nominate: bool = False
 
     def fields(self) -> dict[str, Any]:
-        return {"s": self.session, "c": [_hostport(c) for c in self.candidates]}
+        out: dict[str, Any] = {"s": self.session,
+                               "c": [_hostport(c) for c in self.candidates]}
+        if self.nominate:
+            out["n"] = True
+        return out
 
     @classmethod
     def decode(cls, f: Fields) -> Self:
         texts = f.list("c", item_str(64), max_items=MAX_CANDIDATES) or ()
         if not texts:
             raise DecodeError("no candidates")
-        return cls(f.bytes("s", size=SESSION_LEN), tuple(_candidate(t) for t in texts))
+        return cls(f.bytes("s", size=SESSION_LEN), tuple(_candidate(t) for t in texts),
+                   bool(f.bool("n", optional=True)))
 
 
 @dataclass(frozen=True, slots=True)
 class PunchOffer(_Candidates):
-    """The dialer's candidates for a new punch session."""
+    """The dialer's candidates for a new punch session; `nominate`: the dialer will write
+    NOMINATION on the connection it keeps, if the answer says it awaits it."""
 
     TAG: ClassVar[str] = "punch-offer"
 
 
 @dataclass(frozen=True, slots=True)
 class PunchAnswer(_Candidates):
-    """The callee's candidates for the session of the same id; it is already dialling."""
+    """The callee's candidates for the session of the same id; it is already dialling.
+    `nominate`: the callee keeps the connection NOMINATION arrives on (said only to an
+    offer that said it nominates)."""
 
     TAG: ClassVar[str] = "punch-answer"
 
@@ -251,35 +287,97 @@ class PunchPort:
         self.mapping.close()
 
 
+class Nomination(enum.Enum):
+    """Which of the connections a simultaneous open makes an end keeps."""
+
+    NONE = "none"  # a peer of the earlier protocol: each end keeps its first
+    SEND = "send"  # the dialer: keeps its first and writes NOMINATION on it
+    AWAIT = "await"  # the answerer: keeps the one NOMINATION arrives on
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return _hostport(sock.getpeername()[:2])
+    except OSError:
+        return "a closed connection"
+
+
+async def _nominated(conn: socket.socket) -> socket.socket:
+    """`conn` once NOMINATION has come in on it, not a byte more read; PunchError if it
+    closes first or sends anything else, OSError if it breaks."""
+    loop = asyncio.get_running_loop()
+    got = b""
+    while len(got) < len(NOMINATION):
+        chunk = await loop.sock_recv(conn, len(NOMINATION) - len(got))
+        if not chunk:
+            raise PunchError(f"closed after {len(got)} of the nomination's "
+                             f"{len(NOMINATION)} bytes")
+        got += chunk
+        if not NOMINATION.startswith(got):
+            raise BadNomination(f"sent {got!r} instead of the nomination")
+    return conn
+
+
 async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...], *,
-                            rng: random.Random | None = None) -> PunchedTcpStream:
+                            nomination: Nomination = Nomination.NONE,
+                            rng: random.Random | None = None,
+                            on_bad: Callable[[PunchError], None] | None = None,
+                            ) -> PunchedTcpStream:
     """Dial each of the peer's usable candidates from `port` at once, and take its
-    connection on the port's listener; the first connection wins (of several at once,
-    the first in candidate order), the others are closed. Runs until cancelled (bound it).
-    `rng` draws the retry jitter (a simulation's repeatable run)."""
+    connections on the port's listener. Which connection wins depends on `nomination`
+    (see the module docstring): the first (of several at once, the first in candidate
+    order), written NOMINATION on with `SEND`; with `AWAIT` the one NOMINATION arrives
+    on. The others are closed. Runs until cancelled (bound it). `rng` draws the retry
+    jitter (a simulation's repeatable run); `on_bad` hears of a connection that sent
+    something other than NOMINATION (it is dropped)."""
     mapping = port.mapping
     family = mapping.sock.family
     targets = _targets(mapping, theirs, family)
     if not targets:
         raise PunchError("no candidate of the peer's address family")
     local = mapping.local  # the address and port STUN saw us come from
+    hosts = {t[0] for t in targets}
+    awaiting = nomination is Nomination.AWAIT
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(_connect_from(local, t, family, port.make_socket, rng),
                               name=f"punch {_hostport(t)}")
              for t in targets]
-    tasks.append(loop.create_task(_accept_from(port.listener, {t[0] for t in targets}),
-                                  name="punch accept"))
+    accepting = loop.create_task(_accept_from(port.listener, hosts), name="punch accept")
+    tasks.append(accepting)
+    held: dict[asyncio.Task[socket.socket], socket.socket] = {}  # AWAIT: read for the mark
     sock: socket.socket | None = None
     try:
         while sock is None:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in [t for t in tasks if t in done]:  # in candidate order, not set order
                 tasks.remove(t)
+                if (conn := held.pop(t, None)) is not None:  # its first bytes are in
+                    why = t.exception()
+                    if why is None and sock is None:
+                        sock = conn
+                        continue
+                    peer = _peer(conn)
+                    conn.close()
+                    if isinstance(why, BadNomination):
+                        log.info("punch: dropped %s: %s", peer, why)
+                        if on_bad is not None:
+                            on_bad(why)
+                    elif why is not None:  # the dialer closed one it did not pick
+                        log.debug("punch: dropped %s: %s", peer, why)
+                    continue
                 try:
                     won = t.result()
                 except OSError as exc:  # binding the port again failed
                     raise PunchError(f"cannot dial from {_hostport(local)}: {exc}") from None
-                if sock is None:
+                if t is accepting and awaiting:  # the dialer's pick may come in next
+                    accepting = loop.create_task(_accept_from(port.listener, hosts),
+                                                 name="punch accept")
+                    tasks.append(accepting)
+                if awaiting and sock is None and len(held) < MAX_HELD:
+                    mark = loop.create_task(_nominated(won), name="punch nomination")
+                    held[mark] = won
+                    tasks.append(mark)
+                elif not awaiting and sock is None:
                     sock = won
                 else:
                     won.close()
@@ -289,10 +387,18 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...], *,
         if tasks:
             await asyncio.wait(tasks)
             for t in tasks:
-                if not t.cancelled() and t.exception() is None:
+                if (conn := held.pop(t, None)) is not None:
+                    conn.close()  # waiting for a nomination that never came
+                elif not t.cancelled() and t.exception() is None:
                     t.result().close()  # connected while being cancelled: don't leak it
     try:
+        if nomination is Nomination.SEND:
+            await loop.sock_sendall(sock, NOMINATION)
         _, proto = await loop.create_connection(DirectTcpProtocol, sock=sock)
+    except OSError as exc:
+        peer = _peer(sock)
+        sock.close()
+        raise PunchError(f"the punched connection to {peer} broke: {exc}") from None
     except BaseException:
         sock.close()
         raise
@@ -359,6 +465,9 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
             return "no STUN over TCP at our server"
         return super()._refusal(msg)
 
+    def _bad_nomination(self, exc: PunchError) -> None:
+        self.stats.bad_signals += 1
+
     async def _reject(self, msg: PipeMessage, session: bytes, reason: str) -> None:
         try:
             await self._pipe.pipe(msg.sender, encode_punch(PunchReject(session, reason)),
@@ -392,10 +501,12 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
                 port = await self._port()
                 step = "the answer"
                 await self._pipe.pipe(msg.sender, encode_punch(
-                    PunchAnswer(offer.session, port.candidates)),
+                    PunchAnswer(offer.session, port.candidates, nominate=offer.nominate)),
                     device=msg.sender_device)
                 step = "the connect"
-                stream = await simultaneous_open(port, offer.candidates, rng=self._rng)
+                stream = await simultaneous_open(
+                    port, offer.candidates, rng=self._rng, on_bad=self._bad_nomination,
+                    nomination=Nomination.AWAIT if offer.nominate else Nomination.NONE)
             if not self._hand_over(stream):
                 raise PunchError("accept backlog full")
             handed = True
@@ -428,7 +539,8 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
                 step = "the offer"
                 try:
                     await self._pipe.pipe(address, encode_punch(
-                        PunchOffer(session, port.candidates)), device=device)
+                        PunchOffer(session, port.candidates, nominate=True)),
+                        device=device)
                 except Exception as exc:  # RendezvousError: offline, unknown, ...
                     raise PunchError(f"could not send the offer to {address}: {exc}"
                                      ) from None
@@ -437,7 +549,9 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
                 if isinstance(reply, PunchReject):
                     raise PunchError(f"{address} declined: {reply.reason}")
                 step = "a connection"
-                stream = await simultaneous_open(port, reply.candidates, rng=self._rng)
+                stream = await simultaneous_open(
+                    port, reply.candidates, rng=self._rng,
+                    nomination=Nomination.SEND if reply.nominate else Nomination.NONE)
             ok = True
             return stream
         except TimeoutError:
