@@ -83,9 +83,12 @@ class BadMessage:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionFailed:
-    """A fatal violation (bad framing, failed handshake, tampered frame): close."""
+    """A fatal violation (bad framing, failed handshake, tampered frame): close. `cut`: no
+    violation, the connection ended in the middle of a frame (the peer timed out its send
+    or went away), which is told apart so nobody reads it as misbehaviour."""
 
     reason: str
+    cut: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +216,7 @@ class TransferConnection:
             return
         if not data:
             if self._got or self._piece is not _Piece.LENGTH:
-                self._fail("connection closed in the middle of a frame")
+                self._fail("connection closed in the middle of a frame", cut=True)
             else:
                 self._go("eof")
                 self._events.append(ConnectionClosed())
@@ -225,12 +228,12 @@ class TransferConnection:
         except RemoteProtocolError as exc:
             self._fail(str(exc))
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, *, cut: bool = False) -> None:
         if self.state not in (State.CLOSED, State.FAILED):
             self._go("fail")
             self._parts.clear()
             self._payload = self._payload_view = None
-            self._events.append(ConnectionFailed(reason))
+            self._events.append(ConnectionFailed(reason, cut))
 
     def _frame_limit(self) -> int:
         if self.state is State.HANDSHAKE:

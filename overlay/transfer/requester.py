@@ -126,6 +126,8 @@ class TransferSession:
             raise SessionFailed(f"stream lost: {exc}") from None
         while (event := self._conn.next_event()) is not None:
             if isinstance(event, ConnectionFailed):
+                if event.cut:
+                    raise SessionFailed(f"the holder's {event.reason}")
                 raise SessionFailed(f"protocol violation by the holder: {event.reason}")
             if isinstance(event, ConnectionClosed):
                 raise SessionFailed("the holder closed the session")

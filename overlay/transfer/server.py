@@ -356,7 +356,7 @@ class _ServedSession:
             )
             return True
         if isinstance(event, ConnectionFailed):
-            counters["protocol_failed"] += 1
+            counters["connections_cut" if event.cut else "protocol_failed"] += 1
             log.info("transfer: dropped %s: %s", self.peer, event.reason)
             return False
         if isinstance(event, ConnectionClosed):

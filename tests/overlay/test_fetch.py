@@ -322,6 +322,51 @@ async def test_wrong_peer_unreachable_and_garbage(world: World, tmp_path: Path) 
     assert path.read_bytes() == h.data
 
 
+async def test_a_holder_cut_off_mid_chunk_is_not_called_a_protocol_violation(
+        world: World, tmp_path: Path) -> None:
+    # A holder whose send timed out (a starved TCP flow) or who went away closes its
+    # connection in the middle of a chunk frame: the failure the user reads says so, and
+    # does not accuse the holder of breaking the protocol.
+    h = await world()
+    host, port = h.address
+    cut_after = 10_000  # past the handshake and the hashes, inside the first chunk frame
+
+    async def relay(client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(host, port)
+
+        async def upstream() -> None:
+            while data := await client.read(65536):
+                up_w.write(data)
+                await up_w.drain()
+
+        pump = asyncio.create_task(upstream())
+        sent = 0
+        while sent < cut_after and (data := await up_r.read(cut_after - sent)):
+            to_client.write(data)
+            await to_client.drain()
+            sent += len(data)
+        pump.cancel()
+        up_w.close()
+        to_client.close()
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    p_host, p_port = proxy.sockets[0].getsockname()[:2]
+
+    async def connect() -> Stream:
+        return await connect_tcp(p_host, p_port, timeout=5)
+
+    try:
+        with pytest.raises(NoSourceReachable) as info:
+            await fetch(partial_for(tmp_path, h.content),
+                        [Source("cut", connect, h.server.identity.peer_id)], ME)
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
+    why = info.value.failures["cut"]
+    assert "connection closed in the middle of a frame" in why
+    assert "protocol violation" not in why
+
+
 async def test_a_stalling_source_is_dropped_and_its_chunks_reassigned(
     world: World, tmp_path: Path
 ) -> None:
