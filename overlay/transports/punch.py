@@ -30,11 +30,13 @@ end holds two connections, its connect and its accept; a local address and a hai
 public mapping can both connect too. Were each end to keep its own first, the two could
 keep different ones and the transfer handshake would run over mismatched streams. So the
 dialer's pick decides (ICE's nomination, RFC 8445 8.1.1): the dialer keeps its first
-connection, writes `NOMINATION` on it before handing it up and closes the others; the
-answerer keeps every connection it gets, accepted or connected (at most `MAX_HELD`), until
-one of them delivers `NOMINATION`, keeps that one and closes the rest. A connection that
-closes or sends anything else is dropped; the answerer reads exactly the marker's length,
-so the transfer handshake's first bytes, which follow at once, stay in the stream.
+connection, writes `NOMINATION` and the punch session's id on it before handing it up and
+closes the others; the answerer keeps every connection it gets, accepted or connected (at
+most `MAX_HELD`), until one of them delivers that marker, keeps that one and closes the
+rest. A connection that closes or sends anything else is dropped; the answerer reads
+exactly the marker's length, so the transfer handshake's first bytes, which follow at
+once, stay in the stream. The session id in the marker, known only to the two ends and
+their servers, keeps another host at one of the peer's addresses from nominating its own.
 Nomination is negotiated, since a peer of the earlier protocol neither writes nor expects
 the marker: the offer says the dialer will nominate, the answer that the answerer awaits
 it (`nominate`), and the marker is used only when both say so; otherwise each end keeps
@@ -302,19 +304,20 @@ def _peer(sock: socket.socket) -> str:
         return "a closed connection"
 
 
-async def _nominated(conn: socket.socket) -> socket.socket:
-    """`conn` once NOMINATION has come in on it, not a byte more read; PunchError if it
+async def _nominated(conn: socket.socket, marker: bytes) -> socket.socket:
+    """`conn` once `marker` has come in on it, not a byte more read; PunchError if it
     closes first or sends anything else, OSError if it breaks."""
     loop = asyncio.get_running_loop()
     got = b""
-    while len(got) < len(NOMINATION):
-        chunk = await loop.sock_recv(conn, len(NOMINATION) - len(got))
+    while len(got) < len(marker):
+        chunk = await loop.sock_recv(conn, len(marker) - len(got))
         if not chunk:
             raise PunchError(f"closed after {len(got)} of the nomination's "
-                             f"{len(NOMINATION)} bytes")
+                             f"{len(marker)} bytes")
         got += chunk
-        if not NOMINATION.startswith(got):
-            raise BadNomination(f"sent {got!r} instead of the nomination")
+        if not marker.startswith(got):
+            raise BadNomination(f"sent {got[:len(NOMINATION)]!r}... instead of the "
+                                "nomination")
     return conn
 
 
@@ -322,14 +325,18 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...], *,
                             nomination: Nomination = Nomination.NONE,
                             rng: random.Random | None = None,
                             on_bad: Callable[[PunchError], None] | None = None,
-                            ) -> PunchedTcpStream:
+                            session: bytes = b"") -> PunchedTcpStream:
     """Dial each of the peer's usable candidates from `port` at once, and take its
     connections on the port's listener. Which connection wins depends on `nomination`
     (see the module docstring): the first (of several at once, the first in candidate
     order), written NOMINATION on with `SEND`; with `AWAIT` the one NOMINATION arrives
     on. The others are closed. Runs until cancelled (bound it). `rng` draws the retry
     jitter (a simulation's repeatable run); `on_bad` hears of a connection that sent
-    something other than NOMINATION (it is dropped)."""
+    something other than NOMINATION (it is dropped). The marker is NOMINATION followed
+    by `session`, the punch session's id, which only the two ends (and their servers)
+    know: another host at one of the peer's candidate addresses cannot nominate its own
+    connection."""
+    marker = NOMINATION + session
     mapping = port.mapping
     family = mapping.sock.family
     targets = _targets(mapping, theirs, family)
@@ -374,7 +381,8 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...], *,
                                                  name="punch accept")
                     tasks.append(accepting)
                 if awaiting and sock is None and len(held) < MAX_HELD:
-                    mark = loop.create_task(_nominated(won), name="punch nomination")
+                    mark = loop.create_task(_nominated(won, marker),
+                                           name="punch nomination")
                     held[mark] = won
                     tasks.append(mark)
                 elif not awaiting and sock is None:
@@ -393,7 +401,7 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...], *,
                     t.result().close()  # connected while being cancelled: don't leak it
     try:
         if nomination is Nomination.SEND:
-            await loop.sock_sendall(sock, NOMINATION)
+            await loop.sock_sendall(sock, marker)
         _, proto = await loop.create_connection(DirectTcpProtocol, sock=sock)
     except OSError as exc:
         peer = _peer(sock)
@@ -506,7 +514,8 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
                 step = "the connect"
                 stream = await simultaneous_open(
                     port, offer.candidates, rng=self._rng, on_bad=self._bad_nomination,
-                    nomination=Nomination.AWAIT if offer.nominate else Nomination.NONE)
+                    nomination=Nomination.AWAIT if offer.nominate else Nomination.NONE,
+                    session=offer.session)
             if not self._hand_over(stream):
                 raise PunchError("accept backlog full")
             handed = True
@@ -551,7 +560,8 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
                 step = "a connection"
                 stream = await simultaneous_open(
                     port, reply.candidates, rng=self._rng,
-                    nomination=Nomination.SEND if reply.nominate else Nomination.NONE)
+                    nomination=Nomination.SEND if reply.nominate else Nomination.NONE,
+                    session=session)
             ok = True
             return stream
         except TimeoutError:

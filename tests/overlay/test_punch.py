@@ -282,22 +282,26 @@ async def scripted_dialer() -> AsyncIterator[tuple[PunchPort, socket.socket]]:
 
 async def test_garbage_instead_of_the_nomination_drops_that_connection_only() -> None:
     loop = asyncio.get_running_loop()
+    session = bytes(range(16))
     async with scripted_dialer() as (port, peer), asyncio.timeout(5):
         garbage = await _connection_to(port.listener)  # in the answerer's queue first
+        stranger = await _connection_to(port.listener)  # knows the protocol, not the session
         bad: list[PunchError] = []
         try:
             async with asyncio.TaskGroup() as tg:
                 answering = tg.create_task(simultaneous_open(
                     port, (peer.getsockname(),), nomination=Nomination.AWAIT,
-                    on_bad=bad.append))
+                    on_bad=bad.append, session=session))
                 nominated, _ = await loop.sock_accept(peer)  # the answerer's connect
                 await loop.sock_sendall(garbage, b"GET / HTTP/1.1\r\n")
                 assert await _eof(garbage)  # dropped, not taken
+                await loop.sock_sendall(stranger, NOMINATION + bytes(16))
+                assert await _eof(stranger)
                 assert not answering.done()
-                assert [type(e) for e in bad] == [BadNomination]
-                assert "instead of the nomination" in str(bad[0])
+                assert [type(e) for e in bad] == [BadNomination] * 2
+                assert all("instead of the nomination" in str(e) for e in bad)
                 # The transfer handshake follows the marker at once: none of it is lost.
-                await loop.sock_sendall(nominated, NOMINATION + b"hello")
+                await loop.sock_sendall(nominated, NOMINATION + session + b"hello")
             stream = answering.result()
             assert await receive_exactly(stream, 5) == b"hello"
             await stream.send_all(b"world")
@@ -306,6 +310,7 @@ async def test_garbage_instead_of_the_nomination_drops_that_connection_only() ->
             nominated.close()
         finally:
             garbage.close()
+            stranger.close()
 
 
 async def test_an_answerer_never_nominated_closes_every_connection_it_held() -> None:
