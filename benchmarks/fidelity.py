@@ -4,9 +4,10 @@
 [--modes off,on] [--out PATH]` (root only: it builds network namespaces)
 
 Real: a real `peerpost-rendezvous serve` and real `peerpost node`s, each in its own
-network namespace on one bridge (tests/natlab/shaped.py), every host's uplink and downlink
-shaped by `tc tbf`; the sender's node sends one file to every recipient at once, with
-co-recipient sourcing off (`peerpost node --no-co-recipients`) or on (the default).
+network namespace on one bridge (tests/natlab/shaped.py), every host's uplink (queued in
+a modem namespace of its own, as a home's) and downlink shaped by `tc tbf`; the sender's
+node sends one file to every recipient at once, with co-recipient sourcing off
+(`peerpost node --no-co-recipients`) or on (the default).
 Simulated: the same code (sim/fidelity.py) on the simulator with the same rates and the
 veths' sub-millisecond latency, charging Ethernet/IP/TCP headers as tbf does; also shown
 counting payload only, the simulator's default. A recipient's time runs from `send`
@@ -101,7 +102,8 @@ def main(argv: list[str]) -> int:
     report("fidelity", rows, out=args.out, meta={
         "recipients": args.recipients, "bytes": size, "up_mbit": args.up_mbit,
         "down_mbit": args.down_mbit, "seed": args.seed, "sim_seeds": args.sim_seeds,
-        "shaping": "tc tbf on every host's uplink (its eth0) and downlink (its bridge port), "
+        "shaping": "tc tbf on every host's uplink (its modem's egress to the bridge, outside "
+                   "the host's stack) and downlink (its bridge port), "
                    "burst 32kb, latency 200ms; server unshaped; no netem (no added delay)",
         "sim": "sim/fidelity.py: same code, same rates, one-way 0.1 ms, Ethernet/IP/TCP "
                "headers charged (sim.network.net.WIRE_HEADERS)",

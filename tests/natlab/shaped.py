@@ -7,13 +7,35 @@ sender-to-recipients delivery on it (the real half of the fidelity comparison).
 Topology (names prefixed per lab, as in `NatLab`): a bridge in `inet`; `server`
 (198.18.0.10 and .11, unshaped: an ISP's well-connected server), `snd` (198.18.0.30) and
 `r0`... (198.18.0.40 + i). No NAT anywhere: every node reaches every other directly.
+Each shaped host sits behind its own modem, a namespace `m-<host>` that routes (IP
+forwarding, proxy ARP both ways, its own address on `wan` the host's + 100), so the host
+keeps its address and everyone reaches it at that address as before:
+
+    snd eth0 -- lan [m-snd] wan --(tbf: uplink)-- p-snd [inet: br0] -- server, m-r0, ...
+                                                  ^ tbf on p-snd: snd's downlink
 
 Shaping (netem is not available here, so no added delay: the veths' own round trip is
-about 0.05-0.1 ms): a host's uplink is a `tbf` on its own `eth0` (egress towards the
-bridge), its downlink a `tbf` on its bridge port (egress towards the host). `tbf` counts
-whole frames, TCP/IP and Ethernet headers included; `burst` is 32 KB (a few ms at these
-rates: bursts never beat the rate by much) and `latency` 200 ms bounds each queue (at
-5 Mbit/s about 125 KB, so TCP fills the link without losing much to drops).
+about 0.05-0.1 ms): a host's uplink is a `tbf` on its modem's `wan` (egress towards the
+bridge), its downlink a `tbf` on its bridge port in `inet` (egress towards the modem).
+`tbf` counts whole frames, TCP/IP and Ethernet headers included; `burst` is 32 KB (a few
+ms at these rates: bursts never beat the rate by much) and `latency` 200 ms bounds each
+queue (at 5 Mbit/s about 125 KB, so TCP fills the link without losing much to drops).
+
+Why a modem, and why it routes: a home's uplink queue is in its modem or router, not in
+the sending host's own stack. TCP Small Queues limits how much of a socket's data may
+sit in qdiscs and devices before the packet is freed or detached from the socket: about
+max(2 packets, 1 ms at the socket's pacing rate). With the tbf on the host's own `eth0`
+(kernel 6.18, BBR; a 10 MB send to five recipients, sourcing off), two of five flows
+crawled at about 13 KB/s for 50 s (cwnd 8, 2-3 packets unacked, 75-110 KB not yet sent
+in the socket, no retransmissions: each of its 2 packets waited ~200 ms behind the other
+flows', so it never became cwnd-limited and never sped up) while the others took the
+rest of the 5 Mbit/s, and those two recipients got their first byte after 37 and 56 s.
+Crossing a veth into another namespace does not detach a packet from its socket, and
+neither does a bridge: a modem that bridged at L2 still showed 2 x 2280 bytes charged to
+a crawling socket (`ss -m` t4560) and a first byte after 67 s. IP receive does detach it
+(`ip_rcv` drops the socket reference), so in the routing modem the uplink queue is
+charged to no socket (t0 in every sample), every flow's in-flight data reaches its cwnd,
+and the five first bytes came after 3-19 s.
 """
 
 from __future__ import annotations
@@ -32,6 +54,7 @@ from tests.natlab.nodes import LabNetwork
 SERVER_ADDRS = ("198.18.0.10", "198.18.0.11")
 BURST = "32kb"
 QUEUE_LATENCY = "200ms"
+MAX_RECIPIENTS = 50  # r49 is 198.18.0.89, its modem .189
 
 
 def tc_missing() -> str | None:
@@ -46,14 +69,20 @@ class ShapedLab(NatLab):
 
     def __init__(self, recipients: int, *, up_bit: int | None, down_bit: int | None,
                  log_dir: Path | None = None) -> None:
+        if not 0 <= recipients <= MAX_RECIPIENTS:
+            raise ValueError(f"recipients must be 0..{MAX_RECIPIENTS}, not {recipients}")
         super().__init__(log_dir=log_dir)
         self.recipients = [f"r{i}" for i in range(recipients)]
-        self.hosts = ("inet", "server", "snd", *self.recipients)
+        shaped = ("snd", *self.recipients)
+        self.hosts = ("inet", "server", *shaped, *(modem_of(h) for h in shaped))
         self.up_bit = up_bit
         self.down_bit = down_bit
         self._addrs = {"server": SERVER_ADDRS[0], "server2": SERVER_ADDRS[1],
                        "snd": "198.18.0.30"}
         self._addrs |= {r: f"198.18.0.{40 + i}" for i, r in enumerate(self.recipients)}
+        # A modem's own address (its `wan`, for ARP) is its host's plus 100.
+        self._addrs |= {modem_of(h): f"198.18.0.{int(self._addrs[h].rsplit('.', 1)[1]) + 100}"
+                        for h in shaped}
 
     def addr_of(self, host: str) -> str:
         return self._addrs[host]
@@ -70,15 +99,33 @@ class ShapedLab(NatLab):
         self._cmd(["ip", "netns", "exec", self.ns(ns), "tc", *args])
 
     def _build(self) -> None:
-        """The server, then the sender and every recipient on shaped links."""
+        """The server, then the sender and every recipient each behind its own modem."""
         self._wire("server", "eth0", "srv", [f"{a}/24" for a in SERVER_ADDRS])
         for host in ("snd", *self.recipients):
-            port = f"p-{host}"
-            self._wire(host, "eth0", port, [f"{self._addrs[host]}/24"])
+            modem, port, addr = modem_of(host), f"p-{host}", self._addrs[host]
+            self._wire(modem, "wan", port, [f"{self._addrs[modem]}/24"])
+            self._ip("link", "add", "eth0", "type", "veth", "peer", "name", "lan",
+                     "netns", self.ns(modem), ns=host)
+            self._ip("link", "set", "lan", "up", ns=modem)
+            self._ip("route", "add", f"{addr}/32", "dev", "lan", ns=modem)
+            self._ip("addr", "add", f"{addr}/24", "dev", "eth0", ns=host)
+            self._ip("link", "set", "eth0", "up", ns=host)
+            # A router that answers ARP for the other side: for the host's address on `wan`,
+            # for everyone else's on `lan`; at once (a proxy reply waits up to 0.8 s by default).
+            self._sysctl(modem, "net.ipv4.ip_forward=1")
+            for dev in ("wan", "lan"):
+                self._sysctl(modem, f"net.ipv4.conf.{dev}.proxy_arp=1")
+                self._sysctl(modem, f"net.ipv4.neigh.{dev}.proxy_delay=0")
             if self.up_bit is not None:
-                self._tbf(host, "eth0", self.up_bit)
+                self._tbf(modem, "wan", self.up_bit)
             if self.down_bit is not None:
                 self._tbf("inet", port, self.down_bit)
+
+
+def modem_of(host: str) -> str:
+    """The lab host name of `host`'s modem (the namespace holding its uplink queue)."""
+    return f"m-{host}"
+
 
 def deliver_real(lab: ShapedLab, root: Path, path: Path, *, co_recipients: bool,
                  timeout: float = 600.0) -> list[dict[str, float]]:
