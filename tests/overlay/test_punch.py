@@ -39,6 +39,16 @@ ALICE, BOB = ("alice@x.net", b"a" * 20), ("bob@x.net", b"b" * 20)
 SESSION = b"s" * 16
 
 
+async def _request_reply(dialled: Stream, accepted: Stream) -> None:
+    """Bytes pass both ways over the one connection both ends kept; then both close."""
+    await dialled.send_all(b"request")
+    assert await receive_exactly(accepted, 7) == b"request"
+    await accepted.send_all(b"reply")
+    assert await receive_exactly(dialled, 5) == b"reply"
+    await dialled.aclose()
+    await accepted.aclose()
+
+
 @asynccontextmanager
 async def pair(*, bob_stun: bool = True, budget: float = 3.0
                ) -> AsyncIterator[tuple[PunchEndpoint, PunchEndpoint]]:
@@ -64,12 +74,7 @@ async def test_a_punched_stream_carries_bytes_both_ways_and_says_tcp_punch() -> 
         dialled = await alice.dial(*BOB)
         accepted = await asyncio.wait_for(bob.accept(), 5)
         assert dialled.path == accepted.path == "tcp-punch"
-        await dialled.send_all(b"request")
-        assert await receive_exactly(accepted, 7) == b"request"
-        await accepted.send_all(b"reply")
-        assert await receive_exactly(dialled, 5) == b"reply"
-        await dialled.aclose()
-        await accepted.aclose()
+        await _request_reply(dialled, accepted)
         assert alice.stats.dials == 1 and alice.stats.dial_failures == 0
         assert bob.stats.accepted == 1
 
@@ -233,12 +238,7 @@ async def test_each_end_holds_several_connections_and_both_keep_the_nominated_on
             if first != "dialer":
                 d = tg.create_task(run(dialer, answerer, Nomination.SEND))
         sd, sa = d.result(), a.result()
-        await sd.send_all(b"request")
-        assert await receive_exactly(sa, 7) == b"request"
-        await sa.send_all(b"reply")
-        assert await receive_exactly(sd, 5) == b"reply"
-        await sd.aclose()
-        await sa.aclose()
+        await _request_reply(sd, sa)
     finally:
         dialer.close()
         answerer.close()
@@ -374,12 +374,7 @@ async def test_a_new_dialer_and_an_answerer_of_the_earlier_protocol_share_a_stre
     try:
         dialled = await alice.dial(*BOB)
         accepted = await asyncio.wait_for(bobs.get(), 5)
-        await dialled.send_all(b"request")  # no marker before it: bob expects none
-        assert await receive_exactly(accepted, 7) == b"request"
-        await accepted.send_all(b"reply")
-        assert await receive_exactly(dialled, 5) == b"reply"
-        await dialled.aclose()
-        await accepted.aclose()
+        await _request_reply(dialled, accepted)  # no marker before it: bob expects none
     finally:
         await tasks.aclose()
         await alice.aclose()
@@ -405,12 +400,7 @@ async def test_a_dialer_of_the_earlier_protocol_and_a_new_answerer_share_a_strea
         async with asyncio.timeout(5):
             dialled = await simultaneous_open(port, answer.candidates)
             accepted = await bob.accept()
-        await dialled.send_all(b"request")
-        assert await receive_exactly(accepted, 7) == b"request"
-        await accepted.send_all(b"reply")
-        assert await receive_exactly(dialled, 5) == b"reply"
-        await dialled.aclose()
-        await accepted.aclose()
+        await _request_reply(dialled, accepted)
     finally:
         port.close()
         await bob.aclose()
