@@ -7,8 +7,10 @@ downlinks, co-recipient sourcing off and on. Every recipient gets the file in bo
 and the time until all three have it (p90 of three: the last) agrees within 25%. Not the
 p50: the simulator shares a link equally between the flows on it, while three real TCP
 flows on a drop-tail queue (this kernel has tbf and pfifo, no fair queueing) split the
-sender's uplink unevenly over ten seconds: measured real runs gave [10.0, 7.6, 5.2] s
-and [7.0, 10.1, 3.7] s where the simulator gives about 10 s to each. The last
+sender's uplink unevenly over ten seconds: real runs gave [10.0, 7.6, 5.2] s and [7.0,
+10.1, 3.7] s where the simulator gives about 10 s to each (measured when the lab still
+queued the uplink in the sending host's own stack, where TCP Small Queues held back slow
+flows; not measured again since, see tests/natlab/shaped.py). The last
 completion, set by the sender's uplink, came out within 1% in those runs; over 20 MB
 (160 s) the real flows even out and the p50s agree as well (the benchmark).
 """
