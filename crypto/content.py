@@ -68,10 +68,8 @@ so downloads started before an upgrade verify as they began.
 
 from __future__ import annotations
 
-import functools
 import hmac
 import os
-import platform
 import struct
 from collections.abc import Sequence
 from enum import IntEnum
@@ -172,19 +170,10 @@ def cpu_has_aes(cpuinfo: str | None, machine: str) -> bool:
     return machine.lower() in ("x86_64", "amd64", "arm64", "aarch64")
 
 
-def _cpuinfo() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return f.read(1 << 16)
-    except OSError:
-        return None
-
-
-@functools.cache
-def preferred_scheme() -> LeafScheme:
-    """The scheme `send` names new contents with on this machine (read once: the CPU does
-    not change under a running node)."""
-    if _HAVE_AES and cpu_has_aes(_cpuinfo(), platform.machine()):
+def preferred_scheme(cpuinfo: str | None, machine: str) -> LeafScheme:
+    """The scheme `send` names new contents with on a machine whose /proc/cpuinfo text is
+    `cpuinfo` (None where it has none) and whose `platform.machine()` is `machine`."""
+    if _HAVE_AES and cpu_has_aes(cpuinfo, machine):
         return LeafScheme.KEYED_PLAIN_AES
     return LeafScheme.KEYED_PLAIN
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import nacl.bindings
 import nacl.exceptions
@@ -144,14 +142,6 @@ class DeviceIdentity:
         return cls.from_seed(seed_from_json(text, "peerpost-device", _IDENTITY_FILE_VERSION,
                                             what="identity", label="device identity"))
 
-    def save(self, path: Path) -> None:
-        """Write atomically with mode 0600 (created that way, never widened)."""
-        write_secret_file(path, self.to_json())
-
-    @classmethod
-    def load(cls, path: Path) -> DeviceIdentity:
-        return cls.from_json(Path(path).read_text())
-
 
 def seed_from_json(text: str, kind: str, version: int, *, what: str, label: str) -> bytes:
     """The 32-byte seed of a key file `{"version", "kind", "seed": hex}` of `kind` and
@@ -173,16 +163,3 @@ def seed_from_json(text: str, kind: str, version: int, *, what: str, label: str)
     if len(raw) != 32:
         raise DecodeError(f"{what} seed must be 64 hex digits")
     return raw
-
-
-def write_secret_file(path: Path | str, text: str) -> None:
-    """Write `text` to `path` atomically, the file created with mode 0600 (never widened)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

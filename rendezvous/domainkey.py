@@ -24,7 +24,8 @@ from pathlib import Path
 import nacl.signing
 
 from crypto.errors import DecodeError
-from crypto.identity import PUBLIC_KEY_LEN, seed_from_json, write_secret_file
+from crypto.identity import PUBLIC_KEY_LEN, seed_from_json
+from rendezvous.keyfile import write_secret_file
 
 DOMAIN_KEY_NAME = "domain_key.json"
 TXT_VERSION = "peerpost1"

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Protocol, cast
 
 from crypto.identity import DeviceIdentity
+from rendezvous.keyfile import load_identity, save_identity
 from rendezvous.stun import StunServerProtocol, serve_stun, serve_stun_tcp
 
 IDENTITY_NAME = "server-identity.json"
@@ -114,7 +115,7 @@ def server_identity(data_dir: Path) -> DeviceIdentity:
     """The server's own key (for its DHT node id), created on first use, kept 0600."""
     path = Path(data_dir) / IDENTITY_NAME
     if path.exists():
-        return DeviceIdentity.load(path)
+        return load_identity(path)
     identity = DeviceIdentity.generate()
-    identity.save(path)
+    save_identity(identity, path)
     return identity

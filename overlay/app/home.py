@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
+from rendezvous.keyfile import load_identity, save_identity, write_secret_file
 
 if TYPE_CHECKING:
     # PyNaCl, which both need, costs about 15 ms of every CLI command's start; `send`,
@@ -181,17 +182,11 @@ class NodeHome:
             raise HomeError(f"{self.root} already holds a peerpost node ({addr})")
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
-        identity.save(self.identity_path)
+        save_identity(identity, self.identity_path)
         self.save_config(config)
 
     def save_config(self, config: NodeConfig) -> None:
-        tmp = self.config_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(config.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.config_path)
+        write_secret_file(self.config_path, config.to_json())
 
     def load_config(self) -> NodeConfig:
         if not self.config_path.exists():
@@ -205,11 +200,9 @@ class NodeHome:
             raise HomeError(f"{self.config_path}: {exc}") from None
 
     def load_identity(self) -> DeviceIdentity:
-        from crypto.identity import DeviceIdentity
-
         if not self.identity_path.exists():
             raise HomeError(f"no identity in {self.root}: run `peerpost init` first")
         try:
-            return DeviceIdentity.load(self.identity_path)
+            return load_identity(self.identity_path)
         except DecodeError as exc:
             raise HomeError(f"{self.identity_path}: {exc}") from None

@@ -31,6 +31,7 @@ from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver, txt_n
 from rendezvous.domainkey import encode_key, fingerprint
 from rendezvous.errors import ConnectionLostError, RemoteProtocolError, RendezvousError
 from rendezvous.framing import DEFAULT_MAX_FRAME, FrameDecoder
+from rendezvous.keyfile import save_identity
 from rendezvous.messages import Challenge, decode_server_message
 from rendezvous.tls import client_context
 
@@ -240,7 +241,7 @@ def device_key(home: NodeHome, console: Console) -> int:
     """`peerpost devices key`: this device's public key, made (0600) if the home has none."""
     if not home.identity_path.exists():
         home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        DeviceIdentity.generate().save(home.identity_path)
+        save_identity(DeviceIdentity.generate(), home.identity_path)
     identity = home.load_identity()
     print(device_key_text(identity.public.verify_key))  # one line, never wrapped
     if not home.exists():

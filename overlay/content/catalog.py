@@ -17,7 +17,9 @@ serving side reads plaintext into a reused buffer and seals it into the one that
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import platform
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -75,6 +77,18 @@ CREATE TABLE IF NOT EXISTS content (
     scheme INTEGER NOT NULL DEFAULT 1
 );
 """
+
+
+@functools.cache
+def local_scheme() -> LeafScheme:
+    """This machine's `preferred_scheme`, from its /proc/cpuinfo (read once: the CPU does
+    not change under a running node)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            cpuinfo: str | None = f.read(1 << 16)
+    except OSError:
+        cpuinfo = None
+    return preferred_scheme(cpuinfo, platform.machine())
 
 
 def _pack_leaves(leaves: Sequence[bytes]) -> bytes:
@@ -182,7 +196,7 @@ class ContentStore:
         """Register a file to send: hash every chunk once (in threads) to get the leaves
         and the content id. Only the plaintext file is kept, where it is. Key and capability
         are fresh unless given (another holder of the same content passes both, and its
-        scheme); the scheme is this machine's `preferred_scheme()` and the chunk size
+        scheme); the scheme is this machine's `local_scheme()` and the chunk size
         `chunk_size_for(size)` unless given."""
         return await asyncio.to_thread(self.add_local_file_blocking, path,
                                        chunk_size=chunk_size, key=key, capability=capability,
@@ -195,7 +209,7 @@ class ContentStore:
         """`add_local_file` for callers already in a thread."""
         path = Path(path).resolve()
         key = new_content_key() if key is None else key
-        scheme = preferred_scheme() if scheme is None else LeafScheme(scheme)
+        scheme = local_scheme() if scheme is None else LeafScheme(scheme)
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
             before = os.fstat(fd)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import stat
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,15 +29,6 @@ def test_peer_id_is_blake2b_160_of_the_public_key() -> None:
     assert ALICE.peer_id == hashlib.blake2b(ALICE.public.verify_key, digest_size=20).digest()
     assert peer_id_of(ALICE.public.verify_key) == ALICE.peer_id
     assert len(ALICE.public.fingerprint().replace(" ", "")) == 40
-
-
-def test_identity_file_round_trip_is_owner_only(tmp_path) -> None:
-    path = tmp_path / "identity.json"
-    ALICE.save(path)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    again = DeviceIdentity.load(path)
-    assert again.peer_id == ALICE.peer_id
-    assert b"pickle" not in path.read_bytes()
 
 
 @pytest.mark.parametrize(

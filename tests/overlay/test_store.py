@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import random
 import sqlite3
 from pathlib import Path
@@ -21,9 +22,11 @@ from crypto.content import (
     LeafScheme,
     chunk_count,
     chunk_size_for,
+    cpu_has_aes,
+    preferred_scheme,
 )
 from crypto.errors import VerificationError
-from overlay.content.catalog import ContentStore
+from overlay.content.catalog import ContentStore, local_scheme
 from overlay.content.diskio import DIRECT_ALIGN, SendBuffers
 from overlay.content.interfaces import ContentStoreError
 from overlay.content.local import LocalContent
@@ -373,3 +376,13 @@ def test_chunks_on_a_page_are_opened_where_they_lie(tmp_path: Path, scheme: Leaf
         assert part.write_chunk(i, _on_a_page(src.read_sealed(i), lead))
     assert part._buffers == []  # every chunk opened in its own buffer
     assert part.complete().read_bytes() == data
+
+
+def test_send_names_with_the_scheme_this_cpu_prefers() -> None:
+    try:
+        cpuinfo: str | None = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = None
+    assert local_scheme() is preferred_scheme(cpuinfo, platform.machine())
+    if cpu_has_aes(cpuinfo, platform.machine()):
+        assert local_scheme() is LeafScheme.KEYED_PLAIN_AES
