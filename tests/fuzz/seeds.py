@@ -24,6 +24,7 @@ from overlay.dht.tokens import TOKEN_LEN
 from overlay.mail.receipts import Receipt
 from overlay.transfer import frames as tf
 from overlay.transfer.core import Role, TransferConnection
+from overlay.transports.punch import PunchAnswer, PunchOffer, PunchReject, encode_punch
 from overlay.transports.signalling import Answer, Offer, Reject, encode_signal
 from rendezvous import messages as rv
 from rendezvous.framing import encode_frame
@@ -161,6 +162,12 @@ def _misc() -> dict[str, list[tuple[str, bytes]]]:
         "signal": [("offer", encode_signal(Offer(b"s" * 16, "v=0\r\no=- 1 1 IN IP4 0\r\n"))),
                    ("answer", encode_signal(Answer(b"s" * 16, "v=0" + "a" * 17000))),
                    ("reject", encode_signal(Reject(b"s" * 16, "busy")))],
+        "punch_signal": [
+            ("offer", encode_punch(PunchOffer(b"s" * 16, (("203.0.113.5", 40000),
+                                                          ("192.168.1.9", 40000)),
+                                              nominate=True))),
+            ("answer", encode_punch(PunchAnswer(b"s" * 16, (("2001:db8::7", 4000),)))),
+            ("reject", encode_punch(PunchReject(b"s" * 16, "no STUN over TCP")))],
         "receipt": [("valid", Receipt(MID, "downloaded", 1_700_000_000).encode())],
         "node_config": [("valid", cfg.to_json().encode())],
         "control_request": [

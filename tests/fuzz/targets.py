@@ -43,6 +43,7 @@ from overlay.transfer.core import (
 )
 from overlay.transfer.frames import Message as TransferMessage
 from overlay.transfer.frames import decode_header
+from overlay.transports.punch import PunchSignalError, decode_punch, encode_punch
 from overlay.transports.signalling import SignalError, decode_signal
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.framing import FrameDecoder
@@ -404,6 +405,17 @@ def signal(data: bytes) -> None:
         pass
 
 
+def punch_signal(data: bytes) -> None:
+    """decode_punch: None (another kind of PIPE payload), PunchSignalError, or a signal
+    that encodes to bytes that decode back to the same signal."""
+    try:
+        sig = decode_punch(data)
+    except PunchSignalError:
+        return
+    if sig is not None:
+        assert decode_punch(encode_punch(sig)) == sig, sig
+
+
 def receipt(data: bytes) -> None:
     try:
         Receipt.decode(data)
@@ -474,6 +486,7 @@ TARGETS: dict[str, Target] = {
     "envelope": envelope,
     "identity_file": identity_file,
     "signal": signal,
+    "punch_signal": punch_signal,
     "receipt": receipt,
     "node_config": node_config,
     "control_request": control_request,

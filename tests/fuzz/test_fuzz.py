@@ -20,6 +20,7 @@ from overlay.dht.state import decode_state
 from overlay.dht.wire import decode_datagram
 from overlay.mail.receipts import Receipt
 from overlay.transfer.frames import decode_header
+from overlay.transports.punch import decode_punch
 from overlay.transports.signalling import decode_signal
 from rendezvous.messages import decode_request, decode_server_message
 from tests.fuzz.driver import CORPUS, REPO, fuzz
@@ -57,6 +58,7 @@ _ACCEPT: dict[str, Callable[[bytes], object]] = {
     "dht_state": decode_state,
     "location": decode_location,
     "signal": decode_signal,
+    "punch_signal": decode_punch,
     "receipt": Receipt.decode,
     "identity_file": lambda d: DeviceIdentity.from_json(d.decode()),
     "node_config": lambda d: NodeConfig.from_json(d.decode()),
