@@ -1,4 +1,5 @@
-"""Secret files on disk: device identities, domain keys, a node's config.
+"""Secret files on disk: device identities, domain keys, TLS keys, a node's config and
+its web login token.
 
 The key types in crypto/ turn themselves into text and back (`to_json`, `from_json`) and
 do no I/O; reading and writing their files happens here. A secret file is written
@@ -15,13 +16,14 @@ if TYPE_CHECKING:
     from crypto.identity import DeviceIdentity
 
 
-def write_secret_file(path: Path | str, text: str) -> None:
-    """Write `text` to `path` atomically, the file created with mode 0600 (never widened)."""
+def write_secret_file(path: Path | str, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8) to `path` atomically, the file created with mode 0600
+    (never widened); a symbolic link in place of the temporary file is refused."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, text.encode())
+        os.write(fd, data.encode() if isinstance(data, str) else data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from rendezvous.keyfile import write_secret_file
 
 CERT_NAME = "tls_cert.pem"
 KEY_NAME = "tls_key.pem"
@@ -70,22 +71,11 @@ def self_signed(data_dir: Path, domain: str, now: datetime.datetime | None = Non
             .not_valid_after(start + datetime.timedelta(days=SELF_SIGNED_DAYS))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
             .sign(key, hashes.SHA256()))
-    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+    write_secret_file(key_path, key.private_bytes(serialization.Encoding.PEM,
                                                serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
-    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    write_secret_file(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def client_context() -> ssl.SSLContext:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+
+from rendezvous.keyfile import write_secret_file
 
 TOKEN_FILE = "web_token"
 TOKEN_TTL = 600.0  # seconds a login token stays redeemable
@@ -31,13 +32,7 @@ CSRF_HEADER = "X-CSRF-Token"
 def issue_login_token(home_root: Path, now: float) -> str:
     """Write a fresh login token into the home folder (0600) and return it."""
     token = secrets.token_urlsafe(32)
-    path = Path(home_root) / TOKEN_FILE
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"token": token, "issued": now}, fh)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    write_secret_file(Path(home_root) / TOKEN_FILE, json.dumps({"token": token, "issued": now}))
     return token
 
 
