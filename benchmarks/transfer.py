@@ -6,6 +6,9 @@
   other `recv_into`s a 1 MiB buffer, once dropping the bytes (the socket's ceiling) and once
   writing them to disk through the page cache (the same disk work with no crypto and no
   protocol).
+- disk: the same number of bytes written the way a receiving node writes them (O_DIRECT
+  into a new sparse file, one chunk per `pwrite`, as many threads as the downloader's filing
+  threads), with nothing else running: the disk's ceiling for the node-to-node rate.
 - CLI end to end: a fresh rendezvous server and two `peerpost node` daemons (real processes,
   `overlay.app.lab.LocalNetwork`); the clock starts when `peerpost send FILE --to bob`
   starts and stops when `peerpost fetch ID --wait` (started on bob as soon as the message is
@@ -33,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import report
+from crypto.content import chunk_size_for
 from overlay.app.control import ControlClient
 from overlay.app.lab import LocalNetwork
+from overlay.transfer.downloader import WRITERS
 
 MiB = 1 << 20
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -65,6 +70,39 @@ with open(sys.argv[1], "rb") as f:
     s.sendfile(f)
 s.close()
 """
+
+_DIRECT_WRITER = r"""
+import mmap, os, sys, threading, time
+path, size, chunk, writers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+try:
+    fd, how = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600), "O_DIRECT"
+except OSError:  # a filesystem without O_DIRECT (tmpfs): what the node falls back to
+    fd, how = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "page cache + fsync"
+os.ftruncate(fd, size)
+def write(k):
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(chunk))
+    view = memoryview(buf)
+    for i in range(k, -(-size // chunk), writers):
+        n = min(chunk, size - i * chunk)
+        os.pwrite(fd, view[:n], i * chunk)
+t0 = time.perf_counter()
+threads = [threading.Thread(target=write, args=(k,)) for k in range(writers)]
+for t in threads: t.start()
+for t in threads: t.join()
+os.fsync(fd)
+print(time.perf_counter() - t0, how)
+os.close(fd); os.unlink(path)
+"""
+
+
+def direct_write(folder: Path, size: int) -> tuple[float, str]:
+    """Seconds to write `size` bytes as a receiving node does, and how it wrote."""
+    out = subprocess.run(
+        [sys.executable, "-c", _DIRECT_WRITER, str(folder / "direct-write.bin"), str(size),
+         str(chunk_size_for(size)), str(WRITERS)],
+        capture_output=True, text=True, check=True).stdout.split(maxsplit=1)
+    return float(out[0]), out[1].strip()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -207,6 +245,8 @@ def main(argv: list[str]) -> int:
         os.sync()
         raw_mem = raw_copy(src, None)
         raw_disk = raw_copy(src, Path(tmp) / "raw-copy.bin")
+        os.sync()
+        disk = direct_write(Path(tmp), size)
         for i, (code, base) in enumerate(plan):
             os.sync()
             lab = Path(tmp) / f"lab{i}"
@@ -227,8 +267,10 @@ def main(argv: list[str]) -> int:
     rows: list[dict[str, Any]] = [
         {"metric": "raw socket copy, in memory (sendfile → recv_into)",
          "value": size / raw_mem[0] / 1e6, "unit": "MB/s"},
-        {"metric": "raw socket copy, to disk (sendfile → recv_into → write)",
+        {"metric": "raw socket copy, to disk (sendfile → recv_into → write, page cache)",
          "value": size / raw_disk[0] / 1e6, "unit": "MB/s"},
+        {"metric": f"disk alone: a receiver's writes ({disk[1]}, {WRITERS} threads)",
+         "value": size / disk[0] / 1e6, "unit": "MB/s"},
         {"metric": "CPU per GB, raw sender / receiver (in memory)",
          "value": f"{raw_mem[1] / gb:.2f} / {raw_mem[2] / gb:.2f}", "unit": "s/GB"},
         {"metric": "CLI end to end: `send` start → `fetch --wait` complete",
@@ -266,5 +308,6 @@ def main(argv: list[str]) -> int:
     report("transfer", rows, out=args.out,
            meta={"bytes": size, "baseline": str(args.baseline or ""),
                  "runs": [{"code": c, **r} for c, r in runs],
-                 "raw_in_memory": raw_mem, "raw_to_disk": raw_disk})
+                 "raw_in_memory": raw_mem, "raw_to_disk": raw_disk,
+                 "disk_write": disk})
     return 0
