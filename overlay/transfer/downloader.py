@@ -55,6 +55,8 @@ REFILL = 4
 # Filing threads. Each spends about 0.6 ms of CPU per 2 MiB chunk (open, hash) and then
 # waits 2-6 ms for its O_DIRECT write, so two of them were busy 97% of a 1 GiB delivery
 # here with chunks queueing behind them; four took that delivery from about 1.0 to 1.25 GB/s.
+# Eight were no faster: each write then waited 11 ms instead of 6, the disk giving about
+# 1.5 GB/s while both cores were busy (2.1 GB/s with nothing else running).
 WRITERS = 4
 
 
