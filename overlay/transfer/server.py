@@ -19,7 +19,7 @@ import collections
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
@@ -62,6 +62,13 @@ UPLOAD_SLOTS = 4
 # Sessions at once from one IP address: a household or an office behind one NAT fetches
 # several files at once, but one host cannot take every session slot.
 SESSIONS_PER_IP = 8
+# A requester that stops reading must not hold its session and upload slot for ever, and
+# one that reads slowly has not stopped: a send that moved less than this many bytes in
+# `send_timeout` seconds counts as stopped (64 KiB in 60 s: about 1.1 KB/s). One timeout
+# for a whole chunk cut chunks that were still moving: in the simulator, 3 MB to four
+# recipients over a 400 kbit/s uplink (four slots of 12.5 KB/s, 84 s per 1 MiB chunk)
+# took 364-604 s, against 246-251 s with chunks left to finish (the link allows 251 s).
+MIN_SEND_PROGRESS = 64 << 10
 # Seconds from accepting a session to its first OPEN with a valid capability proof. Only a
 # requester that holds a capability for something here may keep a session.
 PROOF_TIMEOUT = 10.0
@@ -72,6 +79,13 @@ class SendsMany(Protocol):
     """A stream that can take several buffers at once (direct TCP)."""
 
     async def send_many(self, bufs: Sequence[bytes | bytearray | memoryview]) -> None: ...
+
+
+@runtime_checkable
+class CountsSent(Protocol):
+    """A stream that says how many bytes have left this process (TCP, WebRTC)."""
+
+    def bytes_sent(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +240,7 @@ class _ServedSession:
         self.peer = stream.peer_address() or stream.path
         self.conn = TransferConnection(Role.RESPONDER, server.identity)
         self._sends_many = isinstance(stream, SendsMany)
+        self._bytes_sent = stream.bytes_sent if isinstance(stream, CountsSent) else None
         self.logic: ServingSession | None = None
         self.sealing = 0  # GETs with the sealers
         self.sealed: collections.deque[Message] = collections.deque()  # for the sender
@@ -289,10 +304,39 @@ class _ServedSession:
             await self._write_out()
 
     async def _send(self, msg: Message) -> None:
-        # A requester that stops reading must not hold its session slot for ever.
-        async with self.write_lock, asyncio.timeout(self.server.send_timeout):
+        async with self.write_lock:
             self.conn.send(msg)
-            await self._write_out()
+            await self._while_moving(self._write_out())
+
+    async def _while_moving(self, write: Awaitable[None]) -> None:
+        """Await `write`; TimeoutError once it moved less than MIN_SEND_PROGRESS bytes in
+        `send_timeout` seconds (a stream that can't tell: once it takes longer than that)."""
+        limit = self.server.send_timeout
+        count = self._bytes_sent
+        if count is None:
+            async with asyncio.timeout(limit):
+                await write
+            return
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(None) as deadline:
+            last = count()
+            timer: asyncio.TimerHandle | None = None
+
+            def check() -> None:
+                nonlocal last, timer
+                now = count()
+                if now - last < MIN_SEND_PROGRESS:
+                    deadline.reschedule(loop.time())  # expires now: the write is cancelled
+                    return
+                last = now
+                timer = loop.call_later(limit, check)
+
+            timer = loop.call_later(limit, check)
+            try:
+                await write
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     async def _send_paced(self, msg: Message, bucket: TokenBucket) -> None:
         """`_send` under the upload cap, PACE_SLICE bytes at a time, each after the bucket

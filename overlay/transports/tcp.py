@@ -226,6 +226,7 @@ class TcpStream:
         self._p = protocol
         self._eof_sent = False
         self._receiving = False
+        self._written = 0  # bytes handed to the transport
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Queue `data`, then wait while the transport's buffer is above its high water."""
@@ -247,11 +248,18 @@ class TcpStream:
                 t.write(buf)
         else:
             t.writelines(bufs)
+        self._written += sum(len(buf) for buf in bufs)
         await p.drain()
         if p.closed:
             raise StreamClosed("stream closed while sending")
         if p.lost is not None:
             raise StreamBroken(f"connection lost: {p.lost}")
+
+    def bytes_sent(self) -> int:
+        """Bytes that have left this process: what `send_all` took, less what still waits
+        in the transport's own buffer."""
+        t = self._p.transport
+        return self._written - (t.get_write_buffer_size() if t is not None else 0)
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
         """Some bytes as they arrived (at most `max_bytes`), or b"" at EOF."""

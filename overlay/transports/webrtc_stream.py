@@ -196,6 +196,11 @@ class WebRtcStream:
             self._sent += n
             pos += n
 
+    def bytes_sent(self) -> int:
+        """Bytes that have left this process: what went to the channel, less what it still
+        buffers."""
+        return self._sent - int(self._ch.bufferedAmount)
+
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
         """Some bytes (at most `max_bytes`), or b"" once the peer sent EOF or closed."""
         if max_bytes < 1:

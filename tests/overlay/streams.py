@@ -112,10 +112,22 @@ async def check_backpressure(make_pair: MakePair, size: int = 48 << 20) -> None:
         sender = asyncio.create_task(_send_in_pieces(a, data, 6))
         done, _ = await asyncio.wait([sender], timeout=0.5)
         assert not done, "send_all finished although nobody read: no backpressure"
+        # A stream that counts what left the process (the holder's send timeout watches it)
+        # counts nothing more once its buffers are full, and every byte once it was read.
+        count = getattr(a, "bytes_sent", None)
+        if count is not None:
+            async with asyncio.timeout(10):
+                before = -1
+                while count() != before:
+                    before = count()
+                    await asyncio.sleep(0.2)
+            assert 0 < before < size
         async with asyncio.timeout(60):
             got = await receive_exactly(b, size)
             await sender
         assert got == data
+        if count is not None:
+            assert count() == size
     finally:
         if not sender.done():
             sender.cancel()

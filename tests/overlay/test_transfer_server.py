@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,11 +16,12 @@ from crypto.identity import DeviceIdentity
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.content.local import LocalContent
+from overlay.transfer import server as server_module
 from overlay.transfer.errors import SessionFailed
 from overlay.transfer.frames import Chunk, Error, ErrorCode
 from overlay.transfer.requester import open_transfer_session
 from overlay.transfer.server import TransferServer
-from overlay.transports.tcp import connect_tcp
+from overlay.transports.tcp import TcpStream, connect_tcp
 
 ME = DeviceIdentity.from_seed(b"m" * 32)
 
@@ -121,6 +123,76 @@ async def test_a_requester_that_stops_reading_loses_its_session(tmp_path: Path) 
             await asyncio.wait([task])
         assert server.active_sessions == 0
         assert server.counters["send_timeouts"] == 1
+        await session.aclose()
+    finally:
+        await server.aclose()
+        store.close()
+
+
+class _SlowReader:
+    """A TCP stream whose reader takes at most 32 KiB every 10 ms (about 3 MB/s)."""
+
+    path = "tcp"
+
+    def __init__(self, inner: TcpStream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        await asyncio.sleep(0.01)
+        return await self.inner.receive_some(min(max_bytes, 32 << 10))
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def peer_address(self) -> str | None:
+        return self.inner.peer_address()
+
+
+@pytest.mark.parametrize("slow_is_stopped", [False, True])
+async def test_a_requester_that_reads_slowly_keeps_its_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow_is_stopped: bool,
+) -> None:
+    """A 12 MiB chunk to a reader taking 3 MB/s through a 64 KiB receive buffer outlasts
+    a 0.5 s send timeout several times over (the sender's kernel holds at most 4 MiB of
+    it), and arrives whole: the timeout is for a send that stopped moving. (With the
+    progress it needs set out of reach, the same send is cut, as one timeout per chunk
+    cut it.)"""
+    if slow_is_stopped:
+        monkeypatch.setattr(server_module, "MIN_SEND_PROGRESS", 1 << 40)
+    data = os.urandom(12 << 20)
+    (tmp_path / "big").write_bytes(data)
+    store = ContentStore(tmp_path / "store")
+    content = await store.add_local_file(tmp_path / "big", chunk_size=12 << 20)
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store, send_timeout=0.5)
+    host, port = await server.start()
+    loop = asyncio.get_running_loop()
+    try:
+        stream = await connect_tcp(host, port, read_high_water=64 << 10)
+        transport = stream._p.transport
+        assert transport is not None
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                                      64 << 10)
+        session = await open_transfer_session(_SlowReader(stream), ME)
+        await session.open(content.content_id, content.capability)
+        started = loop.time()
+        await session.request(content.content_id, 0)
+        async with asyncio.timeout(30):
+            if slow_is_stopped:
+                with pytest.raises(SessionFailed):
+                    await session.next_chunk()
+                assert server.counters["send_timeouts"] == 1
+                return
+            reply = await session.next_chunk()
+        assert loop.time() - started > 1.0  # twice the send timeout, at the least
+        assert isinstance(reply, Chunk) and reply.index == 0
+        assert content.cipher.open(0, reply.data) == data
+        assert server.counters["send_timeouts"] == 0
         await session.aclose()
     finally:
         await server.aclose()
