@@ -23,7 +23,9 @@ def write_secret_file(path: Path | str, data: str | bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, data.encode() if isinstance(data, str) else data)
+        left = memoryview(data.encode() if isinstance(data, str) else data)
+        while left:  # os.write may take less than it was given
+            left = left[os.write(fd, left):]
         os.fsync(fd)
     finally:
         os.close(fd)
