@@ -118,9 +118,8 @@ class ContentFetch:
             if first or now - last[0] >= PROGRESS_EVERY or partial.is_complete:
                 last[0] = now
                 progress(partial.held)
-            act.sources = {s.label: SourceView(peer=s.label, path=s.path or "?", bytes=s.bytes,
-                                               rate=s.rate, banned=s.outcome == "banned")
-                           for s in dl.stats}
+            act.show(SourceView(peer=s.label, path=s.path or "?", bytes=s.bytes, rate=s.rate,
+                                banned=s.outcome == "banned") for s in dl.stats)
 
         # A source's connect() may climb every rung of the ladder, each to its own timeout
         # (a held offer waits for a NATed holder to come back): give it the whole budget.

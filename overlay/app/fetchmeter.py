@@ -1,9 +1,10 @@
 """`FetchMeter`: counts what the download queue's fetcher does, for `--metrics`.
 
 It wraps the fetcher and counts each attempt's outcome (complete, retry, failed,
-cancelled) and the bytes each source delivered, by path (tcp, webrtc, relay): an
-attempt's bytes count while it runs (its live source views) and are kept once it ends, so
-the byte counter only grows. It imports nothing of Prometheus, so the node always has one.
+cancelled) and the bytes each source delivered, by path (tcp, tcp-punch, webrtc, relay): an
+attempt's bytes count while it runs (its live source views, `Activity.attempt`) and are
+kept once it ends, so the byte counter only grows. It imports nothing of Prometheus, so
+the node always has one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from overlay.mail.downloads import Activity, Fetcher, RetryLater, SourceView
 from overlay.mail.inbox import InboxEntry
 
 OUTCOMES = ("complete", "retry", "failed", "cancelled")
-PATHS = ("tcp", "webrtc", "relay")
+PATHS = ("tcp", "tcp-punch", "webrtc", "relay")
 
 
 class FetchMeter:
@@ -33,7 +34,7 @@ class FetchMeter:
     async def __call__(self, entry: InboxEntry, msg: LocationMessage, act: Activity,
                        progress: Callable[[int], None]) -> str:
         key = id(act)
-        self._live[key] = (act, act.sources)
+        self._live[key] = (act, act.attempt)
         outcome = "failed"
         try:
             path = await self.inner(entry, msg, act, progress)
@@ -48,14 +49,14 @@ class FetchMeter:
         finally:
             self.outcomes[outcome] += 1
             _, before = self._live.pop(key)
-            if act.sources is not before:
-                for src in act.sources.values():
+            if act.attempt is not before:
+                for src in act.attempt.values():
                     self.bytes_done[src.path] += src.bytes
 
     def _running(self) -> Iterator[SourceView]:
         for act, before in self._live.values():
-            if act.sources is not before:
-                yield from act.sources.values()
+            if act.attempt is not before:
+                yield from act.attempt.values()
 
     def bytes_by_path(self) -> Counter[str]:
         out = Counter(self.bytes_done)

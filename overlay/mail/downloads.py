@@ -18,8 +18,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
 
 from crypto.errors import CryptoError
 from crypto.location import LocationMessage, decode_location
@@ -57,10 +57,40 @@ class SourceView:
 
 @dataclass
 class Activity:
-    """Live view of one download, for `inbox` and `fetch --wait`."""
+    """Live view of one download, for `inbox` and `fetch --wait`.
 
-    sources: dict[str, SourceView] = field(default_factory=dict)
+    `attempt` holds the running attempt's sources, by peer. `sources` is what the user sees:
+    those plus every earlier attempt's since the node started, one view per peer and path,
+    so bytes fetched before a retry still count. An ended attempt's rates read 0.
+    """
+
+    sources: dict[tuple[str, str], SourceView] = field(default_factory=dict)
+    attempt: dict[str, SourceView] = field(default_factory=dict)
+    earlier: dict[tuple[str, str], SourceView] = field(default_factory=dict)
     started_at: float = 0.0
+
+    def show(self, views: Iterable[SourceView]) -> None:
+        """The running attempt's sources are now `views`."""
+        self.attempt = {v.peer: v for v in views}
+        shown = dict(self.earlier)
+        for v in self.attempt.values():
+            key = (v.peer, v.path)
+            old = shown.get(key)
+            shown[key] = v if old is None else replace(
+                v, bytes=old.bytes + v.bytes, banned=old.banned or v.banned)
+        self.sources = shown
+
+    def end_attempt(self) -> None:
+        """Keep what the attempt fetched (and whom it banned) in `earlier`."""
+        for v in self.attempt.values():
+            if not (v.bytes or v.banned):
+                continue
+            key = (v.peer, v.path)
+            old = self.earlier.get(key)
+            self.earlier[key] = replace(
+                v, rate=0.0, bytes=v.bytes + (old.bytes if old else 0),
+                banned=v.banned or (old is not None and old.banned))
+        self.show(())
 
 
 # fetch(entry, message, activity, on_progress(chunks_held)) -> final path
@@ -210,7 +240,10 @@ class DownloadQueue:
                 self._changed()
 
             try:
-                path = await self._fetch(entry, msg, act, progress)
+                try:
+                    path = await self._fetch(entry, msg, act, progress)
+                finally:
+                    act.end_attempt()
             except RetryLater as exc:
                 current = self.inbox.get(mid)
                 attempts = current.attempts if current else 1

@@ -119,6 +119,32 @@ def test_sender_offline_receiver_retries_then_completes(net: LocalNetwork, tmp_p
     assert same_bytes(src, Path(got["path"]))
 
 
+def test_bytes_fetched_before_a_retry_still_show_in_sources(net: LocalNetwork,
+                                                            tmp_path: Path) -> None:
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(8 * MiB)])
+    bob = net.add_node("bob", extra=["--retry-base", "0.5", "--retry-max", "2"])
+    net.start_node(alice)
+    net.start_node(bob)
+    src = make_file(tmp_path / "big.bin", 40 * MiB, seed=4)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and 0.2 < e["progress"] < 0.8,
+                   60, "a partial download", interval=0.1)
+    net.stop_node(alice)
+    e = net.wait_until(lambda: (x := net.inbox_entry(bob, mid)) and x["state"] == "retrying" and x,
+                       60, "bob to show retrying")
+    before = sum(s["bytes"] for s in e["sources"])
+    assert before >= 0.2 * src.stat().st_size, e["sources"]
+    assert all(s["rate"] == 0 for s in e["sources"]), e["sources"]
+
+    net.start_node(alice)
+    got = net.wait_complete(bob, mid, 120, "completion after the sender returns")
+    assert same_bytes(src, Path(got["path"]))
+    # One view per peer and path, summed over both attempts: every byte of the file came
+    # from alice, over TCP, part before the retry and the rest after it.
+    assert [(s["peer"], s["path"]) for s in got["sources"]] == [(got["sources"][0]["peer"], "tcp")]
+    assert got["sources"][0]["bytes"] >= src.stat().st_size > before
+
+
 def test_junk_never_fetched_and_priority_first(net: LocalNetwork, tmp_path: Path) -> None:
     # Alice's upload is slow, so her ordinary message is still downloading when (or if) the
     # priority one turns up: it must still come first.
