@@ -211,6 +211,15 @@ class DirectTcpProtocol(_TcpBase, asyncio.BufferedProtocol):
         self._target, self._target_got = buf, 0
         try:
             await self.wait_data()
+        except BaseException:
+            # Cancelled (a read deadline) in the loop turn that read the socket into `buf`:
+            # those bytes come next in the stream, so they go where the next receive looks
+            # first. Dropped, they shifted every later byte: a holder on a slow uplink was
+            # banned for a chunk that "does not open with the content key".
+            n, self._target_got = self._target_got, 0
+            if n:
+                self.data_received(bytes(buf[:n]))
+            raise
         finally:
             self._target = None
         n, self._target_got = self._target_got, 0

@@ -7,8 +7,10 @@ freshly connected streams; each check gets its own pair and closes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -215,6 +217,60 @@ async def check_send_to_closed_peer_fails(make_pair: MakePair) -> None:
         await _close(a, b)
 
 
+async def check_cancelled_receive_loses_nothing(make_pair: MakePair) -> None:
+    """A receive whose deadline expires in the loop turn its bytes arrive in (a read
+    deadline as a slow chunk trickles in) leaves them for the next receive: every byte
+    arrives once, in order, at either end. The loop is blocked while both happen, so that
+    one turn handles the readable socket and the expired deadline together."""
+    a, b = await _pair(make_pair)
+    try:
+        for sender, receiver in ((a, b), (b, a)):
+            await _cancel_receives(sender, receiver)
+    finally:
+        await _close(a, b)
+
+
+async def _cancel_receives(sender: Stream, receiver: Stream) -> None:
+    into = getattr(receiver, "receive_into", None)
+
+    async def receive(n: int) -> bytes:
+        if into is None:
+            return await receiver.receive_some(n)
+        buf = bytearray(n)
+        got = await into(memoryview(buf))
+        return bytes(buf[:got])
+
+    async def receive_by(deadline: float) -> bytes:
+        async with asyncio.timeout(deadline):
+            return await receive(4096)
+
+    sent = b""
+    got = bytearray()
+    for turn in range(6):
+        piece = _pattern(turn, 1000 + turn)
+        reader = asyncio.create_task(receive_by(0.02))
+        for _ in range(5):
+            await asyncio.sleep(0)  # the reader now waits for bytes
+        await sender.send_all(piece)
+        sent += piece
+        time.sleep(0.05)  # past the deadline, with the bytes in the receiver's socket
+        with contextlib.suppress(TimeoutError):
+            got += await reader
+    trailer = _pattern(99, 3000)
+    await sender.send_all(trailer)
+    sent += trailer
+    try:
+        async with asyncio.timeout(_WAIT):
+            while len(got) < len(sent):
+                more = await receive(len(sent) - len(got))
+                assert more, f"EOF after {len(got)} of {len(sent)} bytes"
+                got += more
+    except TimeoutError:
+        raise AssertionError(f"{len(sent) - len(got)} of {len(sent)} bytes never arrived "
+                             "after receives were cancelled") from None
+    assert bytes(got) == sent, f"{len(got)} bytes received, {len(sent)} sent"
+
+
 async def check_stream(make_pair: MakePair) -> None:
     """Run every check; a transport conforms when this returns."""
     for check in (
@@ -225,6 +281,7 @@ async def check_stream(make_pair: MakePair) -> None:
         check_close_wakes_peer,
         check_close_wakes_own_receiver,
         check_one_receiver_at_a_time,
+        check_cancelled_receive_loses_nothing,
         check_send_to_closed_peer_fails,
     ):
         await check(make_pair)
