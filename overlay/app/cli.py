@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--invite", help="invite token from the server's operator")
     s.add_argument("--listen", default="0.0.0.0:0",
                    help="HOST:PORT for direct transfers (default 0.0.0.0:0: any port, kept)")
-    s.add_argument("--download-dir", default="", help="where received files go")
+    s.add_argument("--download-dir", default="",
+                   help="where received files go (default: received/ in the home folder)")
     s.add_argument("--vouch", help="a vouch for this device's key from a device already "
                    "registered for the address (`peerpost devices vouch`)")
 
@@ -189,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--on-message", default=None, metavar="CMD",
                    help="run CMD (split like a shell would, run without one) when a message "
                         "arrives and when it completes; fields in PEERPOST_ID, PEERPOST_FROM,"
-                        " PEERPOST_TITLE, PEERPOST_STATE, PEERPOST_PATH (default: the "
-                        "config's on_message; '' for none)")
+                        " PEERPOST_TITLE, PEERPOST_STATE, PEERPOST_PATH, PEERPOST_EVENT "
+                        "(arrived or complete) (default: the config's on_message; '' for "
+                        "none)")
     s.add_argument("--web", default=None, metavar="HOST:PORT|off",
                    help="serve the web inbox here (default: the config's `web`, "
                         "127.0.0.1:8470, another free port if taken); off: none")
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="server, sender and three receivers on loopback")
     s.add_argument("--size-mib", type=float, default=None,
-                   help="clip size (default: a short real clip of a few MiB)")
+                   help="clip size in MiB (default: 23, a real WebM clip of about 14 s)")
     s.add_argument("--keep", action="store_true", help="keep the temporary folders")
     add_completion(sub, p.prog)
     for name, command in sub.choices.items():  # `peerpost inbox --home H` works too
@@ -697,22 +699,44 @@ async def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(items, indent=2))
         return 0
-    t = _table(title="sent messages")
-    for col in ("id", "title", "size", "recipient", "state", "updated"):
-        t.add_column(col)
+    # In 80 columns: each address whole (up to 24 characters a line), the id as short as
+    # the inbox's, the time under the date; title and state fold into what is left. rich
+    # crops a table whose folding columns can't shrink enough, so they get a max_width.
+    width = int(console.width)
+    longest = max((len(_clean(r["address"])) for m in items for r in m["recipients"]),
+                  default=9)
+    narrow = width < 120
+    size_width = max((len(_size(m["size"])) for m in items), default=4)
+    fixed = 19 + SHORT_ID + size_width + (10 if narrow else 19)  # borders, id, size, updated
+    rec = max(9, min(longest, 24, width - fixed - 16))
+    spare = max(width - fixed - rec, 12)
+    state_width = min(spare - 6, max(10, spare // 2))  # "downloaded" on one line
+    t = _table(title="sent messages", expand=False)
+    t.add_column("id", no_wrap=True, min_width=SHORT_ID)
+    t.add_column("title", overflow="fold", max_width=spare - state_width)
+    t.add_column("size", justify="right", no_wrap=True)
+    t.add_column("recipient", overflow="fold", min_width=rec, max_width=24)
+    t.add_column("state", overflow="fold", max_width=state_width)
+    t.add_column("updated", no_wrap=True)
     for m in items:
         for i, r in enumerate(m["recipients"]):
-            t.add_row(m["id"][:12] if i == 0 else "", _t(m["title"]) if i == 0 else "",
+            when = _when(r.get("updated_at"))
+            t.add_row(m["id"][:SHORT_ID] if i == 0 else "", _t(m["title"]) if i == 0 else "",
                       _size(m["size"]) if i == 0 else "", _t(r["address"]),
                       _t(r.get("shown") or r["state"]),
-                      _when(r.get("updated_at")))
+                      when.replace(" ", "\n") if narrow else when)
         if m.get("retention_done"):
-            t.add_row("", "", "", "", f"[dim]{_m(m['retention_done'])}[/]", "")
+            copy = RETAINED.get(m["retention_done"], str(m["retention_done"]))
+            t.add_row("", "", "", "", f"[dim]everyone has it; {_m(copy)}[/]", "")
         if m.get("source_changed"):
             t.add_row("", "", "", "", "[yellow]the file changed after sending: "
-                      f"`peerpost resend {m['id'][:12]}` sends it as it is now[/]", "")
+                      f"`peerpost resend {m['id'][:SHORT_ID]}` sends it as it is now[/]", "")
     console.print(t)
     return 0
+
+
+# What the sender's retention preference did with its copy once everyone had it.
+RETAINED = {"keep": "copy kept", "delete": "copy deleted", "archive": "copy archived"}
 
 
 async def cmd_cancel(home: NodeHome, args: argparse.Namespace) -> int:
