@@ -336,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     except ControlError as exc:
         return _fail(args, str(exc), EXIT_ERROR)
     except KeyboardInterrupt:
+        if watching := getattr(args, "watching", None):
+            return _fail(args, f"interrupted: the node goes on downloading {watching} "
+                         f"(`peerpost fetch --wait {watching}` shows it again, "
+                         f"`peerpost cancel {watching}` stops it)", EXIT_INTERRUPTED)
         return _fail(args, "interrupted", EXIT_INTERRUPTED)
 
 
@@ -475,6 +479,9 @@ def _when(ts: float | None) -> str:
 def cmd_send(home: NodeHome, args: argparse.Namespace) -> Any:
     # Checked here, before any daemon round trip, so the message names the user's input.
     path = Path(args.file).expanduser()
+    if path.is_dir():
+        raise CliError(f"{args.file} is a folder: send one file (an archive of the folder, "
+                       "e.g. made with tar, is one)")
     if not path.is_file():
         raise CliError(f"no such file: {args.file}")
     return _send(home, path.absolute(), recipients(args.to), args)
@@ -608,6 +615,7 @@ def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> Any:
     entry = control_call(home.control_path, "fetch", id=_message_id(args.id))
     if not args.wait or entry["state"] == "complete":
         return _fetched(entry, args)
+    args.watching = entry["id"][:SHORT_ID]  # from here a Ctrl-C stops the watching only
     if args.json and not sys.stderr.isatty():
         return _wait_unseen(home, entry, args)
     return _wait_with_bar(home, entry, args)
@@ -748,7 +756,14 @@ async def cmd_cancel(home: NodeHome, args: argparse.Namespace) -> int:
     except ControlError as exc:
         if not str(exc).startswith("no sent message"):
             raise
-        entry = await _call(home, "cancel", id=args.id)
+        try:
+            entry = await _call(home, "cancel", id=args.id)
+        except ControlError as inbox_exc:
+            if not str(inbox_exc).startswith("no message"):
+                raise
+            # Neither list has it: say that both were looked in, not the inbox alone.
+            raise CliError(f"no sent or received message {args.id!r} (`peerpost status` "
+                           "and `peerpost inbox` list them)") from None
         if args.json:
             print(json.dumps(entry, indent=2))
             return 0
@@ -794,6 +809,7 @@ async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
                            " retention keep|delete|archive, archive-dir DIR,"
                            " max-upload-rate RATE|none (e.g. 500KiB/s, 1MB/s; applies"
                            " at once))", EXIT_USAGE)
+        _check_pref_key(args.args[0])
         await _call(home, "prefs_set", key=args.args[0], value=args.args[1])
     prefs = await _call(home, "prefs")
     if args.json:
@@ -806,6 +822,24 @@ async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
         t.add_row(_t(k.replace("_", "-")), _t(_pref_text(k, v)))
     console.print(t)
     return 0
+
+
+# The names `prefs set` takes (`prefs --json` spells them with underscores, also taken).
+PREF_KEYS = ("auto-download", "auto-download-max", "retention", "archive-dir",
+             "max-upload-rate")
+
+
+def _check_pref_key(key: str) -> None:
+    """A misspelt name is a usage error that names the right one, not the daemon's bare
+    "unknown preference"."""
+    if key.replace("_", "-") in PREF_KEYS:
+        return
+    import difflib
+
+    near = difflib.get_close_matches(key.replace("_", "-"), PREF_KEYS, n=1)
+    hint = f"did you mean {near[0]}? " if near else ""
+    raise CliError(f"unknown preference {key!r}: {hint}`prefs set` takes "
+                   f"{', '.join(PREF_KEYS)}", EXIT_USAGE)
 
 
 def _pref_text(key: str, value: Any) -> str:
@@ -893,8 +927,9 @@ def cmd_web(home: NodeHome, args: argparse.Namespace) -> int:
 
     base = web_url(home.root)
     if base is None:
-        raise CliError("no web inbox is running for this home: start `peerpost node` "
-                       "(without `--web off`)", EXIT_NOT_RUNNING)
+        raise CliError(f"no web inbox is running for {home.root}: start "
+                       f"`peerpost --home {home.root} node` (without `--web off`)",
+                       EXIT_NOT_RUNNING)
     url = login_url(base, issue_login_token(home.root, time.time()))
     if args.json:
         print(json.dumps({"url": url}))

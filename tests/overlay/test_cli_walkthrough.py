@@ -3,8 +3,13 @@ the tables they read, with a real server and real nodes on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
+import pty
+import select
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +17,7 @@ import pytest
 
 from overlay.app.lab import LocalNetwork, NodeHandle, _script
 
+MiB = 1 << 20
 BORDERS = ("┃", "│", "┓", "┩", "┘", "┐", "┤", "┫")
 
 
@@ -49,6 +55,51 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
 
 
 @pytest.mark.slow
+def test_sending_a_folder_says_it_is_a_folder(net: LocalNetwork, tmp_path: Path) -> None:
+    alice, bob = net.nodes["alice"], net.nodes["bob"]
+    res = run(net, alice, "send", str(tmp_path), "--to", bob.address)
+    assert res.returncode == 1
+    assert f"{tmp_path} is a folder: send one file" in res.stderr
+    assert "no such file" not in res.stderr
+    res = run(net, alice, "send", str(tmp_path / "gone.bin"), "--to", bob.address)
+    assert f"no such file: {tmp_path / 'gone.bin'}" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_misspelt_preference_names_the_right_one(net: LocalNetwork) -> None:
+    bob = net.nodes["bob"]
+    res = run(net, bob, "prefs", "set", "auto-downlod", "off")
+    assert res.returncode == 2
+    assert "unknown preference 'auto-downlod': did you mean auto-download?" in res.stderr
+    assert "auto-download-max" in res.stderr and "max-upload-rate" in res.stderr
+    assert net.cli_json(bob, "prefs")["auto_download"] is True  # nothing changed
+    # Every name the CLI lets through is one the node knows (and shows).
+    from overlay.app.cli import PREF_KEYS
+
+    shown = {k.replace("_", "-") for k in net.cli_json(bob, "prefs")}
+    assert set(PREF_KEYS) <= shown
+    res = run(net, bob, "prefs", "set", "auto_download", "on")  # `prefs --json`'s spelling
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_cancel_of_an_unknown_id_says_both_lists_were_looked_in(net: LocalNetwork) -> None:
+    res = run(net, net.nodes["alice"], "cancel", "deadbeef", "--json")
+    assert res.returncode == 1
+    assert json.loads(res.stdout)["error"] == (
+        "no sent or received message 'deadbeef' (`peerpost status` and `peerpost inbox` "
+        "list them)")
+
+
+@pytest.mark.slow
+def test_web_of_a_stopped_node_names_its_home(net: LocalNetwork) -> None:
+    carol = net.nodes["carol"]
+    res = run(net, carol, "web", "--url")
+    assert res.returncode == 3
+    assert f"start `peerpost --home {carol.home} node`" in flat(res.stderr)
+
+
+@pytest.mark.slow
 def test_status_fits_80_columns_and_says_what_retention_did(net: LocalNetwork,
                                                             tmp_path: Path) -> None:
     alice, bob = net.nodes["alice"], net.nodes["bob"]
@@ -68,3 +119,48 @@ def test_status_fits_80_columns_and_says_what_retention_did(net: LocalNetwork,
     row = [line for line in lines if mid[:8] in line]
     assert row and bob.address in row[0] and "downloaded" in row[0], res.stdout
     assert "everyone has it; copy kept" in flat(res.stdout.replace("│", " "))
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_fetch_wait_says_the_download_goes_on(net: LocalNetwork,
+                                                            tmp_path: Path) -> None:
+    alice, bob = net.nodes["alice"], net.nodes["bob"]
+    net.cli(bob, "prefs", "set", "auto-download", "off")
+    net.cli(alice, "prefs", "set", "max-upload-rate", "1MiB/s")
+    try:
+        src = tmp_path / "slow.bin"
+        src.write_bytes(os.urandom(6 * MiB))
+        mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+        net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["state"] == "offered",
+                       60, "the offer at bob")
+        # On a terminal, so that the progress bar shows once it is waiting.
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([_script("peerpost"), "--home", str(bob.home), "fetch",
+                                 mid[:8], "--wait"], stdout=slave, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True, env=net.env)
+        os.close(slave)
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"MiB" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                seen += os.read(master, 4096)
+        assert b"MiB" in seen, seen
+        proc.send_signal(signal.SIGINT)
+        while proc.poll() is None and time.monotonic() < deadline + 30:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    os.read(master, 4096)
+                except OSError:  # the terminal's other side has closed
+                    break
+        _, err = proc.communicate(timeout=30)
+        os.close(master)
+        assert proc.returncode == 130
+        assert (f"interrupted: the node goes on downloading {mid[:8]} (`peerpost fetch "
+                f"--wait {mid[:8]}` shows it again") in flat(err)
+        got = net.wait_complete(bob, mid, 60, "the download after Ctrl-C")
+        assert Path(got["path"]).read_bytes() == src.read_bytes()
+    finally:
+        net.cli(alice, "prefs", "set", "max-upload-rate", "none")
+        net.cli(bob, "prefs", "set", "auto-download", "on")
