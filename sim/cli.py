@@ -2,7 +2,7 @@
 
     peerpost-sim list
     peerpost-sim run dht-lookup --seed 3 --out results/dht
-    peerpost-sim run my.toml --set nodes=1000 --set dead_fraction=0.1
+    peerpost-sim run my.toml --set topology.hosts=1000 --set churn.dead_share=0.1
     peerpost-sim sweep dht-lookup --grid topology.hosts=100,200 --seeds 1,2,3 --out results/s
 
 `run` shows progress (steps done, virtual time), then writes DIR/NAME.csv (one row per

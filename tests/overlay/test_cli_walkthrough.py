@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -42,6 +43,17 @@ def test_help_names_what_the_readme_says() -> None:
     assert "PEERPOST_EVENT (arrived or complete)" in helptext("node")
     assert "(default: received/ in the home folder)" in helptext("init")
     assert "(default: 23, a real WebM clip" in helptext("demo")
+
+
+def test_the_sims_help_examples_set_keys_that_exist() -> None:
+    help_text = subprocess.run([_script("peerpost-sim"), "--help"], capture_output=True,
+                               text=True, timeout=60).stdout
+    sets = re.findall(r"--set (\S+=\S+)", help_text)
+    assert sets, help_text
+    res = subprocess.run([_script("peerpost-sim"), "validate", "dht-lookup",
+                          *(f for kv in sets for f in ("--set", kv))],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.fixture(scope="module")
