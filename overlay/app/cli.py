@@ -428,8 +428,11 @@ def _devices(home: NodeHome, args: argparse.Namespace) -> int:
 
 def _setup_logging(args: argparse.Namespace, home: NodeHome) -> None:
     """Logs to stderr (key=value or JSON lines, as the server's); the daemon also
-    writes them to node.log in its home, rotated at 10 MiB with 3 old files kept."""
-    level = getattr(args, "log_level", None) or ("debug" if args.verbose else "info")
+    writes them to node.log in its home, rotated at 10 MiB with 3 old files kept. A
+    one-shot command (init, send, ...) says what it did on stdout and what went wrong as
+    its error: its info lines (`init`'s event=client.connected) are noise there."""
+    quiet = "info" if args.command in ("node", "demo") else "warning"
+    level = getattr(args, "log_level", None) or ("debug" if args.verbose else quiet)
     log_file = None
     if args.command == "node" and home.root.is_dir():
         log_file = home.log_path

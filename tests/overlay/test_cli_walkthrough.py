@@ -67,6 +67,16 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
 
 
 @pytest.mark.slow
+def test_init_prints_no_log_lines(net: LocalNetwork) -> None:
+    dave = NodeHandle("dave", f"dave@{net.domain}", net.root / "dave")
+    res = run(net, dave, "init", "--address", dave.address, "--server", net.server_hostport,
+              "--listen", "127.0.0.1:0")
+    assert res.returncode == 0, res.stderr
+    assert f"registered {dave.address}" in res.stdout
+    assert res.stderr == ""  # was: ts=... level=info ... event=client.connected ...
+
+
+@pytest.mark.slow
 def test_sending_a_folder_says_it_is_a_folder(net: LocalNetwork, tmp_path: Path) -> None:
     alice, bob = net.nodes["alice"], net.nodes["bob"]
     res = run(net, alice, "send", str(tmp_path), "--to", bob.address)
