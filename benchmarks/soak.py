@@ -74,6 +74,9 @@ class Soak:
     harsh: bool
     sent: list[Sent] = field(default_factory=list)
     refused: list[dict[str, Any]] = field(default_factory=list)
+    # Sends whose own node was killed while they ran: the CLI could not say whether the
+    # message went out. If the sender's outbox has it, it must be delivered like any other.
+    uncertain: list[Sent] = field(default_factory=list)
     down: dict[str, float] = field(default_factory=dict)  # node -> monotonic restart time
     server_down_until: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
@@ -208,6 +211,12 @@ class Soak:
             self.count("bytes_sent", size * len(to))
             self.log(f"send {doc['id'][:12]} {sender.name} -> {','.join(n.name for n in to)} "
                      f"{size:,} B ({how})")
+        elif "sender-killed" in how:
+            self.uncertain.append(Sent("", sender.name, [n.name for n in to], path, size,
+                                       digest, time.monotonic() - self.t0, how))
+            self.count("sends_cut")
+            self.log(f"send CUT {sender.name} -> {','.join(n.name for n in to)} "
+                     f"({how}): exit {res.returncode} {doc.get('error')}")
         else:
             self.refused.append({"sender": sender.name, "to": [n.name for n in to],
                                  "code": res.returncode, "error": doc.get("error"),
@@ -242,7 +251,11 @@ class Soak:
         elif r < 0.55 + kill_w and len(up) > 2:
             victim = self.recent_party() if self.rng.random() < 0.75 else None
             victim = victim or self.rng.choice(up)
-            if self.harsh and self.rng.random() < 0.3 and len(up) > 2:
+            if self.harsh and self.rng.random() < 0.15:
+                self.send_while(victim, lambda: self.take_down(victim, kill=True,
+                                                               why="during its own send"),
+                                "sender-killed-during-send")
+            elif self.harsh and self.rng.random() < 0.3 and len(up) > 2:
                 sender = self.rng.choice([n for n in up if n is not victim])
                 self.send_while(sender, lambda: self.take_down(victim, kill=True,
                                                                why="during a send"),
@@ -274,6 +287,7 @@ class Soak:
             time.sleep(2)
             self.revive(everything=True)
         self.log("settling: everything up")
+        self.adopt()
         start = last_change = time.monotonic()
         seen: Any = None
         while True:
@@ -290,6 +304,23 @@ class Soak:
                 self.counts["settle_s"] = int(now - start)
                 return {k: v for k, v in inbox.items()}
             time.sleep(2)
+
+    def adopt(self) -> None:
+        """Sends cut by their node's kill that its outbox holds count as sent."""
+        known = {s.id for s in self.sent}
+        status = self.statuses()
+        for (who, mid), row in sorted(status.items()):
+            if mid in known:
+                continue
+            to = sorted(r["address"].split("@")[0] for r in row["recipients"])
+            for u in self.uncertain:
+                if not u.id and u.sender == who and str(u.path) == row["path"] \
+                        and sorted(u.to) == to:
+                    u.id = mid
+                    self.sent.append(u)
+                    self.count("sends_cut_but_sent")
+                    self.log(f"adopted {mid[:12]}: {who}'s cut send is in its outbox")
+                    break
 
     def inboxes(self) -> dict[tuple[str, str], Any]:
         """(recipient, message id) -> the list of that node's inbox entries with that id."""
@@ -451,6 +482,10 @@ def main(argv: list[str]) -> int:
         {"metric": "bytes to deliver", "value": c.get("bytes_sent", 0), "unit": "B"},
         {"metric": "sends refused (clear error)", "value": c.get("sends_refused", 0),
          "unit": "sends"},
+        {"metric": "sends cut by their node's kill -9", "value": c.get("sends_cut", 0),
+         "unit": "sends"},
+        {"metric": "  of those in the outbox (must deliver)",
+         "value": c.get("sends_cut_but_sent", 0), "unit": "sends"},
         {"metric": "node kill -9", "value": c.get("node_kills", 0), "unit": ""},
         {"metric": "node stops", "value": c.get("node_stops", 0), "unit": ""},
         {"metric": "node starts", "value": c.get("node_starts", 0), "unit": ""},
