@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     except HomeError as exc:
         return _fail(args, str(exc), EXIT_ERROR)
     except NodeNotRunning as exc:
-        return _fail(args, str(exc), EXIT_NOT_RUNNING)
+        return _fail(args, _starting(home) or str(exc), EXIT_NOT_RUNNING)
     except ControlError as exc:
         return _fail(args, str(exc), EXIT_ERROR)
     except KeyboardInterrupt:
@@ -341,6 +341,33 @@ def main(argv: list[str] | None = None) -> int:
                          f"(`peerpost fetch --wait {watching}` shows it again, "
                          f"`peerpost cancel {watching}` stops it)", EXIT_INTERRUPTED)
         return _fail(args, "interrupted", EXIT_INTERRUPTED)
+
+
+def _starting(home: NodeHome) -> str | None:
+    """What to say when the control socket does not answer but a daemon holds the home's
+    lock: it is starting, and it opens the socket only once logged in to its server, for
+    which it waits as long as it has to. "Not running, start it" sent the user to a second
+    `peerpost node`, which refuses ("already running"). None when no daemon holds it."""
+    import fcntl
+    import os
+
+    try:
+        fd = os.open(home.lock_path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:  # a shared lock, dropped at once: the daemon's is exclusive
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            who = f" (pid {pid})" if pid.isdigit() else ""
+            return (f"the peerpost node for {home.root}{who} does not answer yet: it "
+                    "answers once it has logged in to its server, and waits for that as "
+                    f"long as it has to ({home.log_path} says why it can't)")
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 # Options whose value is a pasted token. Tokens print as hex now, but an invite from a

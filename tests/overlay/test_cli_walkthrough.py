@@ -186,3 +186,26 @@ def test_ctrl_c_during_fetch_wait_says_the_download_goes_on(net: LocalNetwork,
     finally:
         net.cli(alice, "prefs", "set", "max-upload-rate", "none")
         net.cli(bob, "prefs", "set", "auto-download", "on")
+
+
+@pytest.mark.slow
+def test_a_node_waiting_for_its_server_is_not_called_not_running(tmp_path: Path) -> None:
+    with LocalNetwork(tmp_path / "lab") as net:
+        net.start_server()
+        dave = net.add_node("dave")
+        assert net.server is not None
+        net.server.stop()
+        node = net._spawn("dave", [_script("peerpost"), "--home", str(dave.home), "node"])
+        try:
+            node.lines.wait_for(re.compile("not reachable"), 30, "the node waiting for its server")
+            res = run(net, dave, "info")
+            assert res.returncode == 3
+            err = flat(res.stderr)
+            assert (f"the peerpost node for {dave.home} (pid {node.popen.pid}) does not answer"
+                    " yet: it answers once it has logged in to its server") in err, err
+            assert "start it with" not in err
+        finally:
+            node.kill()  # SIGTERM does not end a node still waiting for its first login
+        res = run(net, dave, "info")  # no daemon at all: the usual text
+        assert res.returncode == 3
+        assert f"start it with `peerpost --home {dave.home} node`" in flat(res.stderr)
