@@ -880,10 +880,22 @@ def _pref_text(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if key == "max_upload_rate" and isinstance(value, int):
-        return f"{_size(value)}/s"
+        return f"{_size_as_set(value)}/s"
     if key == "auto_download_max" and isinstance(value, int):
-        return _size(value)
+        return _size_as_set(value)
     return str(value)
+
+
+def _size_as_set(n: int) -> str:
+    """A size in the unit it was likely given in: `prefs set auto-download-max 2GB` showed
+    "1.9 GiB", which reads as something other than what was asked. The largest unit,
+    binary or decimal, that divides it; else as `_size` shows sizes."""
+    for power, (binary, decimal) in ((4, ("TiB", "TB")), (3, ("GiB", "GB")),
+                                     (2, ("MiB", "MB")), (1, ("KiB", "kB"))):
+        for base, unit in ((1024, binary), (1000, decimal)):
+            if n >= base**power and n % base**power == 0:
+                return f"{n // base**power}.0 {unit}"  # as `_size` writes sizes
+    return _size(n)
 
 
 def _rate_arg(text: str) -> float:

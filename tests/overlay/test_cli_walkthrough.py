@@ -105,6 +105,23 @@ def test_a_misspelt_preference_names_the_right_one(net: LocalNetwork) -> None:
 
 
 @pytest.mark.slow
+def test_prefs_show_sizes_in_the_unit_they_were_given_in(net: LocalNetwork) -> None:
+    bob = net.nodes["bob"]
+    try:
+        for key, value, shown in (("auto-download-max", "2GB", "2.0 GB"),
+                                  ("auto-download-max", "1GiB", "1.0 GiB"),
+                                  ("max-upload-rate", "500KiB/s", "500.0 KiB/s"),
+                                  ("max-upload-rate", "1.5MB/s", "1500.0 kB/s")):
+            res = run(net, bob, "prefs", "set", key, value, env={"COLUMNS": "100"})
+            assert res.returncode == 0, res.stderr
+            (row,) = [line for line in res.stdout.splitlines() if f" {key} " in line]
+            assert f" {shown} " in row, row
+    finally:
+        net.cli(bob, "prefs", "set", "auto-download-max", "2GiB")
+        net.cli(bob, "prefs", "set", "max-upload-rate", "none")
+
+
+@pytest.mark.slow
 def test_cancel_of_an_unknown_id_says_both_lists_were_looked_in(net: LocalNetwork) -> None:
     res = run(net, net.nodes["alice"], "cancel", "deadbeef", "--json")
     assert res.returncode == 1
