@@ -31,6 +31,7 @@ from overlay.app.control_wire import ControlError, NodeNotRunning
 from overlay.app.control_wire import call as control_call
 from overlay.app.home import HomeError, NodeHome, default_home
 from rendezvous.cliutil import add_completion, add_version, completion_script, finish
+from rendezvous.errors import AuthenticationError
 from rendezvous.logfmt import FORMATS, LEVELS, configure
 
 if TYPE_CHECKING:
@@ -335,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, _starting(home) or str(exc), EXIT_NOT_RUNNING)
     except ControlError as exc:
         return _fail(args, str(exc), EXIT_ERROR)
+    except AuthenticationError as exc:
+        # `node` whose login is refused for good (the account deleted, the device revoked):
+        # the server's reason, not a traceback.
+        return _fail(args, f"the server refused this node's login: {exc}", EXIT_ERROR)
     except KeyboardInterrupt:
         if watching := getattr(args, "watching", None):
             return _fail(args, f"interrupted: the node goes on downloading {watching} "

@@ -226,3 +226,21 @@ def test_a_node_waiting_for_its_server_is_not_called_not_running(tmp_path: Path)
         res = run(net, dave, "info")  # no daemon at all: the usual text
         assert res.returncode == 3
         assert f"start it with `peerpost --home {dave.home} node`" in flat(res.stderr)
+
+
+@pytest.mark.slow
+def test_a_node_whose_account_was_deleted_says_so_without_a_traceback(tmp_path: Path) -> None:
+    with LocalNetwork(tmp_path / "lab") as net:
+        net.start_server()
+        eve = net.add_node("eve")
+        gone = subprocess.run([_script("peerpost-rendezvous"), "accounts", "delete",
+                               eve.address, "--data", str(net.data_dir)],
+                              capture_output=True, text=True, timeout=60)
+        assert gone.returncode == 0, gone.stderr
+        res = subprocess.run([_script("peerpost"), "--home", str(eve.home), "node"],
+                             capture_output=True, text=True, env=net.env, timeout=60,
+                             stdin=subprocess.DEVNULL)
+        assert res.returncode == 1
+        assert "Traceback" not in res.stderr, res.stderr
+        assert (f"error: the server refused this node's login: 401 no account {eve.address}"
+                in flat(res.stderr)), res.stderr
