@@ -205,10 +205,12 @@ class LocalNetwork:
         self.nodes[name] = node
         return node
 
-    def start_node(self, node: NodeHandle, timeout: float = 30.0) -> None:
+    def start_node(self, node: NodeHandle, timeout: float = 30.0, *, ready: bool = True) -> None:
+        """Start `peerpost node`; wait for its `ready` line unless `ready` is False."""
         argv = [_script("peerpost"), "--home", str(node.home), "node", *node.extra]
         node.proc = self._spawn(node.name, argv)
-        node.proc.lines.wait_for(_READY, timeout, f"peerpost node ({node.name})")
+        if ready:
+            node.proc.lines.wait_for(_READY, timeout, f"peerpost node ({node.name})")
 
     def stop_node(self, node: NodeHandle) -> None:
         if node.proc is not None:

@@ -122,6 +122,15 @@ class Node:
 
     # --- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> Node:
+        try:
+            return await self._start()
+        except BaseException:
+            # Refused, failed or stopped while starting (SIGTERM while the first login
+            # waits for its server): close what was opened, the listening socket first.
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> Node:
         st = self._stack
         self.db = NodeDB.open(self.home.db_path)
         st.callback(self.db.close)
@@ -146,10 +155,10 @@ class Node:
                                            rng=random.Random(self.rng.getrandbits(64)),
                                            alternates=self._failover.servers,
                                            on_failover=self._on_failover)
+        st.push_async_callback(self.rendezvous.aclose)
         await self._first_login()
         host, port = self.rendezvous.host, self.rendezvous.port  # another one after failover
         self._pin_server_key()
-        st.push_async_callback(self.rendezvous.aclose)
         self.reach = await probe(host, port, self.rendezvous.server_info.get("stun"),
                                  self.listen_addr[0] if self.listen_addr else "")
         if self._advertise() != self._advertised:
@@ -380,24 +389,40 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        async with Node(home, options=opts, wall=time.time) as node:
-            host, port = node.listen_addr or ("", 0)
-            metrics, shown = None, ""
-            if opts.metrics is not None:
-                from overlay.app.metrics import NodeMetrics  # aiohttp, prometheus_client
+        starting = asyncio.current_task()
 
-                metrics = NodeMetrics(node, node.fetch_meter)
-                node._stack.push_async_callback(metrics.aclose)
-                mhost, mport = await metrics.start(*opts.metrics)
-                shown = f" metrics={mhost}:{mport}"
-            print(f"ready address={node.address} listen={host}:{port} "
-                  f"control={home.control_path} web={node.web_url or 'off'}{shown}", flush=True)
-            notify("READY=1", f"STATUS=serving {node.address}")
-            await stop.wait()
-            log.info("stopping")
-            notify("STOPPING=1")
+        def on_signal() -> None:
+            stop.set()
+            if starting is not None:
+                starting.cancel()  # still starting: a first login may wait for its server
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            async with Node(home, options=opts, wall=time.time) as node:
+                starting = None
+                await serve(node, stop)
+        except asyncio.CancelledError:
+            if starting is None or not stop.is_set():
+                raise
+            log.info("stopped before it was serving")
+
+    async def serve(node: Node, stop: asyncio.Event) -> None:
+        host, port = node.listen_addr or ("", 0)
+        metrics, shown = None, ""
+        if opts.metrics is not None:
+            from overlay.app.metrics import NodeMetrics  # aiohttp, prometheus_client
+
+            metrics = NodeMetrics(node, node.fetch_meter)
+            node._stack.push_async_callback(metrics.aclose)
+            mhost, mport = await metrics.start(*opts.metrics)
+            shown = f" metrics={mhost}:{mport}"
+        print(f"ready address={node.address} listen={host}:{port} "
+              f"control={home.control_path} web={node.web_url or 'off'}{shown}", flush=True)
+        notify("READY=1", f"STATUS=serving {node.address}")
+        await stop.wait()
+        log.info("stopping")
+        notify("STOPPING=1")
 
     home.load_config()  # no home folder: say so before taking its lock
     with home.daemon_lock():  # HomeBusy (a HomeError) when another daemon has this home

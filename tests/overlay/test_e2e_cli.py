@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,19 @@ def test_a_node_started_while_its_server_is_down_waits_for_it(net: LocalNetwork,
     mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
     e = net.wait_complete(bob, mid, 60, "bob's download")
     assert same_bytes(Path(e["path"]), src)
+
+
+def test_a_node_waiting_for_its_server_stops_on_sigterm(net: LocalNetwork) -> None:
+    # `systemctl stop` (or Ctrl-C) while the server is down: the daemon ends at once, and
+    # the home is free for the next start.
+    alice = net.add_node("alice")
+    assert net.server is not None
+    net.server.stop()
+    net.start_node(alice, ready=False)
+    assert alice.proc is not None
+    alice.proc.lines.wait_for(re.compile("not reachable"), 30, "alice waiting for its server")
+    assert alice.proc.stop(timeout=10) == 0
+    assert "stopped before it was serving" in alice.proc.log()
+    net.start_server()
+    net.start_node(alice)
+    assert net.cli_json(alice, "info")["address"] == alice.address
