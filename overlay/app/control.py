@@ -119,7 +119,10 @@ class ControlServer:
                 except ValueError as exc:  # a reply over the frame limit
                     frame = _frame({"ok": False, "error": f"reply too large: {exc}"})
                 writer.write(frame)
-                await writer.drain()
+                try:
+                    await writer.drain()
+                except ConnectionError:
+                    return  # the caller left before its answer (Ctrl-C on `fetch --wait`)
         finally:
             writer.close()
 

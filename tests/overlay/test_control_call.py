@@ -14,7 +14,7 @@ import pytest
 
 from crypto.codec import Fields
 from overlay.app.control import ControlClient, ControlError, ControlServer, NodeNotRunning
-from overlay.app.control_wire import call
+from overlay.app.control_wire import call, frame
 
 
 async def _echo(a: Fields) -> Any:
@@ -84,3 +84,37 @@ async def test_a_node_that_hangs_up_is_a_clear_error(tmp_path: Path) -> None:
     async with server:
         by_client, by_call = await _both(path, "echo", text="x")
     assert by_call == by_client == (ControlError, "the node closed the control connection")
+
+
+async def test_a_caller_that_leaves_before_its_answer_is_no_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Ctrl-C on `peerpost fetch --wait` closes the socket while the node is answering:
+    # nothing is logged as an error, and the next caller is served.
+    path = tmp_path / "control.sock"
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow(a: Fields) -> Any:
+        asked.set()
+        await answer.wait()
+        return {"text": "x" * 200_000}  # more than the socket takes before the peer is gone
+
+    server = ControlServer(path, {"slow": slow, "echo": _echo})
+    await server.start()
+    loop_errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(frame({"op": "slow", "args": {}}))
+        await writer.drain()
+        await asyncio.wait_for(asked.wait(), 10)
+        writer.close()
+        await writer.wait_closed()
+        answer.set()
+        async with ControlClient(path) as c:
+            assert await c.call("echo", text="still here") == {"got": "still here", "n": None}
+        for _ in range(10):
+            await asyncio.sleep(0.01)  # the first connection's handler has ended by now
+    finally:
+        await server.aclose()
+    assert loop_errors == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
