@@ -163,8 +163,7 @@ class ControlOperations:
         return {"removed": gone, "inbox": self.inbox_state()}
 
     async def _remove(self, e: InboxEntry, *, delete_file: bool) -> dict[str, Any]:
-        await self.downloads.cancel(e.id)
-        self.inbox.remove(e.id)
+        await self.downloads.cancel(e.id, remove=True)
         deleted = None
         sent_too = any(m.content_id == e.content_id for m in self.outbox.list())
         if self.store is not None and not sent_too:

@@ -123,6 +123,7 @@ class DownloadQueue:
         self._preempting: set[bytes] = set()
         # Messages whose failure could not even be recorded: not started again this run.
         self._stuck: set[bytes] = set()
+        self._stopping: set[bytes] = set()  # being cancelled (see cancel)
         self.counters: dict[str, int] = {"failed": 0, "stuck": 0}
 
     def wake(self) -> None:
@@ -154,16 +155,25 @@ class DownloadQueue:
         self._changed()
         self.wake()
 
-    async def cancel(self, message_id: bytes) -> None:
-        """Stop the download of this message if one runs (`peerpost rm`); waits for it."""
-        self._requested.discard(message_id)
-        self._stuck.discard(message_id)
-        self.active.pop(message_id, None)
-        task = self._tasks.get(message_id)
-        self._tasks.cancel(message_id)
-        self._changed()
-        if task is not None:
-            await asyncio.wait([task])
+    async def cancel(self, message_id: bytes, *, remove: bool = False) -> None:
+        """Stop the download of this message if one runs, and wait for it; with `remove`
+        (`peerpost rm`), then take the message out of the inbox. The queue does not start
+        it again meanwhile: the ended task wakes the queue, and a message still in the
+        inbox as downloading was started anew, to fail on the entry `rm` then removed."""
+        self._stopping.add(message_id)
+        try:
+            self._requested.discard(message_id)
+            self._stuck.discard(message_id)
+            self.active.pop(message_id, None)
+            task = self._tasks.get(message_id)
+            self._tasks.cancel(message_id)
+            self._changed()
+            if task is not None:
+                await asyncio.wait([task])
+            if remove:
+                self.inbox.remove(message_id)
+        finally:
+            self._stopping.discard(message_id)
 
     def backoff(self, attempts: int) -> float:
         # Jitter keeps retries from bunching up.
@@ -191,7 +201,7 @@ class DownloadQueue:
         order = self.inbox.fetch_order(self.wall(), include_offered=self.prefs.auto_download,
                                        offered_max_size=self.prefs.auto_download_max)
         for entry in order:
-            if entry.id in self._tasks or entry.id in self._stuck:
+            if entry.id in self._tasks or entry.id in self._stuck or entry.id in self._stopping:
                 continue
             if len(self._tasks) >= self.max_active:
                 # Priority senders come first even when their message arrives while an

@@ -290,3 +290,25 @@ def test_a_node_waiting_for_its_server_stops_on_sigterm(net: LocalNetwork) -> No
     net.start_server()
     net.start_node(alice)
     assert net.cli_json(alice, "info")["address"] == alice.address
+
+
+def test_rm_during_a_download_stops_it_without_an_error(net: LocalNetwork,
+                                                        tmp_path: Path) -> None:
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(4 * MiB)])
+    bob = net.add_node("bob")
+    net.start_node(alice)
+    net.start_node(bob)
+    src = make_file(tmp_path / "big.bin", 24 * MiB, seed=7)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["progress"] > 0.1,
+                   60, "a partial download", interval=0.1)
+    assert "removed" in net.cli(bob, "rm", mid[:12]).stdout
+    assert net.inbox_entry(bob, mid) is None
+    later = net.cli(alice, "send", str(make_file(tmp_path / "small.bin", MiB, seed=8)),
+                    "--to", bob.address).stdout.strip()
+    net.wait_complete(bob, later, 60, "the next message")
+    assert bob.proc is not None
+    errors = [line for line in bob.proc.log().splitlines() if "level=error" in line]
+    assert errors == []
+    assert net.inbox_entry(bob, mid) is None  # not fetched again
+    assert not list((bob.home / "received").glob("big.bin*"))
