@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.app.lab import LocalNetwork, dir_size
+from overlay.app.lab import LocalNetwork, NodeHandle, dir_size
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,22 @@ def same_bytes(a: Path, b: Path) -> bool:
         return d.digest()
 
     return a.stat().st_size == b.stat().st_size and digest(a) == digest(b)
+
+
+def mid_transfer(net: LocalNetwork, tmp_path: Path, *, size: int, rate: int, seed: int,
+                 bob_extra: tuple[str, ...] = (), lo: float = 0.2, hi: float = 0.8,
+                 ) -> tuple[NodeHandle, NodeHandle, Path, str]:
+    """Alice, her uploads capped at `rate` bytes/s, sends `size` bytes to bob; returns
+    (alice, bob, the file, the message id) once bob holds between `lo` and `hi` of it."""
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(rate)])
+    bob = net.add_node("bob", extra=list(bob_extra))
+    net.start_node(alice)
+    net.start_node(bob)
+    src = make_file(tmp_path / "big.bin", size, seed=seed)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and lo < e["progress"] < hi,
+                   60, "a partial download", interval=0.1)
+    return alice, bob, src, mid
 
 
 @pytest.fixture
@@ -81,17 +97,7 @@ def test_delivery_to_two_receivers_one_offline(net: LocalNetwork, tmp_path: Path
 
 
 def test_resume_after_kill_9_refetches_nothing_verified(net: LocalNetwork, tmp_path: Path) -> None:
-    alice = net.add_node("alice", extra=["--max-upload-rate", str(8 * MiB)])
-    bob = net.add_node("bob")
-    net.start_node(alice)
-    net.start_node(bob)
-    src = make_file(tmp_path / "big.bin", 40 * MiB, seed=2)
-    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
-
-    def partly():
-        e = net.inbox_entry(bob, mid)
-        return e if e and 0.2 < e["progress"] < 0.8 else None
-    net.wait_until(partly, 60, "a partial download", interval=0.1)
+    alice, bob, src, mid = mid_transfer(net, tmp_path, size=40 * MiB, rate=8 * MiB, seed=2)
     net.kill_node(bob)
     net.start_node(bob)
     got = net.wait_complete(bob, mid, 120, "the resumed download")
@@ -122,14 +128,8 @@ def test_sender_offline_receiver_retries_then_completes(net: LocalNetwork, tmp_p
 
 def test_bytes_fetched_before_a_retry_still_show_in_sources(net: LocalNetwork,
                                                             tmp_path: Path) -> None:
-    alice = net.add_node("alice", extra=["--max-upload-rate", str(8 * MiB)])
-    bob = net.add_node("bob", extra=["--retry-base", "0.5", "--retry-max", "2"])
-    net.start_node(alice)
-    net.start_node(bob)
-    src = make_file(tmp_path / "big.bin", 40 * MiB, seed=4)
-    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
-    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and 0.2 < e["progress"] < 0.8,
-                   60, "a partial download", interval=0.1)
+    alice, bob, src, mid = mid_transfer(net, tmp_path, size=40 * MiB, rate=8 * MiB, seed=4,
+                                        bob_extra=("--retry-base", "0.5", "--retry-max", "2"))
     net.stop_node(alice)
     e = net.wait_until(lambda: (x := net.inbox_entry(bob, mid)) and x["state"] == "retrying" and x,
                        60, "bob to show retrying")
@@ -228,14 +228,8 @@ def test_a_receipt_the_server_missed_is_sent_when_it_can_be(net: LocalNetwork,
     # Bob finishes while his server is down (the bytes come from alice, peer to peer), and
     # is killed before the receipt got through. Nothing is lost: after both come back,
     # alice learns that bob has it, so she can apply her retention policy.
-    alice = net.add_node("alice", extra=["--max-upload-rate", str(2 * MiB)])
-    bob = net.add_node("bob")
-    net.start_node(alice)
-    net.start_node(bob)
-    src = make_file(tmp_path / "slow.bin", 8 * MiB, seed=11)
-    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
-    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["progress"] > 0, 30,
-                   "bob's download to start")
+    alice, bob, src, mid = mid_transfer(net, tmp_path, size=8 * MiB, rate=2 * MiB, seed=11,
+                                        lo=0.0, hi=1.01)  # started; it may even be done
     assert net.server is not None
     net.server.stop()
 
@@ -294,14 +288,8 @@ def test_a_node_waiting_for_its_server_stops_on_sigterm(net: LocalNetwork) -> No
 
 def test_rm_during_a_download_stops_it_without_an_error(net: LocalNetwork,
                                                         tmp_path: Path) -> None:
-    alice = net.add_node("alice", extra=["--max-upload-rate", str(4 * MiB)])
-    bob = net.add_node("bob")
-    net.start_node(alice)
-    net.start_node(bob)
-    src = make_file(tmp_path / "big.bin", 24 * MiB, seed=7)
-    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
-    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["progress"] > 0.1,
-                   60, "a partial download", interval=0.1)
+    alice, bob, _, mid = mid_transfer(net, tmp_path, size=24 * MiB, rate=4 * MiB, seed=7,
+                                      lo=0.1, hi=0.9)
     assert "removed" in net.cli(bob, "rm", mid[:12]).stdout
     assert net.inbox_entry(bob, mid) is None
     later = net.cli(alice, "send", str(make_file(tmp_path / "small.bin", MiB, seed=8)),
