@@ -212,6 +212,7 @@ class Node:
             contacts=self.contacts, outbox=self.outbox, announce=self.providers.announce,
             direct_addresses=self.direct_addresses, home_server=self.config.server,
             wall=self.wall)
+        self.sender.fail_unacknowledged()  # no send runs yet
         self.receipts = Receipts(self.identity, self.rendezvous, self.inbox, self.contacts,
                                  wall=self.wall, retry=self.options.receipt_retry)
         ladder = self.links.ladder

@@ -9,7 +9,9 @@ Each recipient moves through its own small machine:
 recipient's receipts. Those arrive over the network, late, twice or out of order, so a move
 that goes backwards or skips is not an error: a later state is taken (queued -> downloaded
 when the ack was lost), and an earlier or repeated one is ignored and reported as False.
-Only `failed -> queued` (resending) goes "back", and `downloaded` is final.
+Only `failed -> queued` (resending) goes "back", and `downloaded` is final. A recipient
+failed with NOT_SENT (the server never acknowledged the SEND) still takes `downloading` and
+`downloaded`: a SEND the server committed while its acknowledgement was lost is delivered.
 
 Once every recipient has the file, the node applies the sender's retention preference
 (keep, delete or archive its plaintext copy) and records that with `mark_retention_done`.
@@ -51,9 +53,17 @@ _RANK = {
 }
 
 
-def _accepts(old: RecipientStatus, new: RecipientStatus) -> bool:
+# The reason of a recipient whose SEND the server never acknowledged (it went away, or
+# refused it): the sender's node deposited nothing it knows of, so nothing will reach them.
+NOT_SENT = "not sent"
+
+
+def _accepts(old: RecipientStatus, new: RecipientStatus, reason: str | None = None) -> bool:
     """Whether a report of `new` changes a recipient now in `old` (see module docstring)."""
     if old is RecipientStatus.FAILED:
+        if reason is not None and reason.startswith(NOT_SENT):
+            return new in (RecipientStatus.QUEUED, RecipientStatus.DOWNLOADING,
+                           RecipientStatus.DOWNLOADED)
         return new is RecipientStatus.QUEUED
     if new is RecipientStatus.FAILED:
         return old is not RecipientStatus.DOWNLOADED
@@ -184,12 +194,12 @@ class Outbox:
             raise ValueError("a failed recipient needs a reason the sender will see")
         with self._db.transaction() as conn:
             row = conn.execute(
-                "SELECT state FROM outbox_recipient WHERE message_id = ? AND address = ?",
+                "SELECT state, reason FROM outbox_recipient WHERE message_id = ? AND address = ?",
                 (id, addr),
             ).fetchone()
             if row is None:
                 raise KeyError(f"outbox message {id.hex()} has no recipient {addr}")
-            if not _accepts(RecipientStatus(row["state"]), state):
+            if not _accepts(RecipientStatus(row["state"]), state, row["reason"]):
                 return False
             conn.execute(
                 "UPDATE outbox_recipient SET state = ?, reason = ?, updated_at = ?"
@@ -202,6 +212,18 @@ class Outbox:
                 ),
             )
         return True
+
+    def fail_unacknowledged(self, reason: str, now: float) -> int:
+        """Every recipient still `queued` (its SEND never acknowledged) -> failed with
+        `reason`; for a node's start, when no send is running. Returns how many."""
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE outbox_recipient SET state = ?, reason = ?, updated_at = ?"
+                " WHERE state = ?",
+                (RecipientStatus.FAILED.value, reason[:MAX_REASON_TEXT], now,
+                 RecipientStatus.QUEUED.value),
+            )
+        return int(cur.rowcount)
 
     def all_downloaded(self, id: bytes) -> bool:
         """True when every recipient reported the file downloaded."""

@@ -32,7 +32,7 @@ from crypto.location import (
 from overlay.content.catalog import ContentStore
 from overlay.mail.contacts import Contacts, PinResult
 from overlay.mail.describe import describe_media, make_thumbnail
-from overlay.mail.outbox import Outbox, RecipientStatus
+from overlay.mail.outbox import NOT_SENT, Outbox, RecipientStatus
 from rendezvous.client import RendezvousClient, RendezvousError
 from rendezvous.records import FingerResult
 from rendezvous.status import Status
@@ -193,6 +193,17 @@ class MailSender:
         self.home_server = home_server
         self.wall = wall
 
+    def fail_unacknowledged(self) -> int:
+        """At start: a send cut by the node's own end (kill -9, power loss) between writing
+        its outbox row and the server's acknowledgement is failed with the reason, so
+        `status` does not show it `queued` forever and `peerpost resend` can send it."""
+        n = self.outbox.fail_unacknowledged(
+            f"{NOT_SENT}: the node stopped before the server acknowledged it; "
+            "`peerpost resend` sends it again", self.wall())
+        if n:
+            log.warning("%d recipient(s) of sends cut by the node's stop marked failed", n)
+        return n
+
     async def send(self, path: Path, to: list[str], title: str, note: str) -> bytes:
         """Send `path` to the addresses `to`; returns the message id. Raises SendError, with
         nothing deposited, when the file, an address or a pinned key is refused."""
@@ -229,10 +240,23 @@ class MailSender:
         self.outbox.add(id=mid, path=str(path), title=title, size=content.size,
                         content_id=content.content_id, recipients=addresses,
                         created_at=self.wall(), message=msg.encode())
-        for batch in send_batches(items):  # many recipients: several SENDs, one id
-            await self.rendezvous.send(mid, batch)
-            for addr in dict.fromkeys(a for a, _, _ in batch):
-                self.outbox.set_recipient_state(mid, addr, RecipientStatus.SENT, self.wall())
+        acked: set[str] = set()
+        try:
+            for batch in send_batches(items):  # many recipients: several SENDs, one id
+                await self.rendezvous.send(mid, batch)
+                for addr in dict.fromkeys(a for a, _, _ in batch):
+                    self.outbox.set_recipient_state(mid, addr, RecipientStatus.SENT,
+                                                    self.wall())
+                    acked.add(normalize_address(addr))
+        except RendezvousError as exc:
+            # Left `queued`, these rows would wait forever: nothing sends them again.
+            unsent = [a for a in addresses if normalize_address(a) not in acked]
+            for addr in unsent:
+                self.outbox.set_recipient_state(mid, addr, RecipientStatus.FAILED, self.wall(),
+                                                reason=f"{NOT_SENT}: {exc}")
+            raise SendError(f"{mid.hex()[:12]} was not sent to {', '.join(unsent)}: the "
+                            f"server did not take it ({exc}); `peerpost resend "
+                            f"{mid.hex()[:12]}` sends it again") from None
         log.info("sent %s (%s, %d bytes) to %s", mid.hex(), title, content.size,
                  ", ".join(addresses))
         return mid
