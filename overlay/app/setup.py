@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import socket
 import ssl
 
 from rich.console import Console
@@ -127,6 +128,9 @@ async def probe(host: str, port: int) -> bytes:
     except TimeoutError:
         raise HomeError(f"nothing answers at {where} (no TCP answer within "
                         f"{PROBE_TIMEOUT:g} s): check --server HOST:PORT") from None
+    except socket.gaierror as exc:  # errno -2 etc., which os.strerror calls "unknown error"
+        raise HomeError(f"cannot resolve {host} ({exc.strerror or exc}): check the host "
+                        "name in --server HOST:PORT") from None
     except OSError as exc:
         why = os.strerror(exc.errno).lower() if exc.errno else str(exc) or "unreachable"
         raise HomeError(f"nothing answers at {where} ({why}): check --server HOST:PORT "

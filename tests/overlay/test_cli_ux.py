@@ -87,6 +87,18 @@ def test_completion_bash_names_the_subcommands(command: str) -> None:
     assert run(command, "completion", "zsh").stdout.startswith("#compdef")
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_reader_that_leaves_early_gets_no_traceback(command: str) -> None:
+    # `peerpost-sim completion bash | head -1`: the reader is gone before the output is out.
+    proc = subprocess.Popen([_script(command), "completion", "bash"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""
+
+
 # --- errors without a daemon ------------------------------------------------------------
 
 
@@ -121,6 +133,15 @@ def test_init_nothing_answers(tmp_path: Path, invite: list[str]) -> None:
     assert res.returncode == 1
     assert f"nothing answers at 127.0.0.1:{port}" in res.stderr
     assert "refused a@x.test" not in res.stderr
+    assert not (tmp_path / "h" / "config.json").exists()
+
+
+def test_init_with_a_host_that_does_not_resolve(tmp_path: Path) -> None:
+    res = run("peerpost", "--home", str(tmp_path / "h"), "init", "--address", "a@x.test",
+              "--server", "nosuchhost.invalid:4500")
+    assert res.returncode == 1
+    assert "cannot resolve nosuchhost.invalid (" in res.stderr
+    assert "unknown error" not in res.stderr.lower()
     assert not (tmp_path / "h" / "config.json").exists()
 
 
