@@ -88,7 +88,13 @@ from typing import TYPE_CHECKING, Any
 from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
 from rendezvous.admin import AdminError, record_domain, served_domain
-from rendezvous.cliutil import add_completion, add_version, completion_script, finish
+from rendezvous.cliutil import (
+    add_completion,
+    add_version,
+    completion_script,
+    finish,
+    reader_may_leave,
+)
 from rendezvous.datalock import DataInUse, DataLock
 from rendezvous.dns import DnsResolver, DomainLookupError
 from rendezvous.domainkey import load_or_create, txt_value
@@ -329,6 +335,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@reader_may_leave
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `peerpost-rendezvous` console script."""
     parser = _parser()

@@ -1,5 +1,6 @@
-"""What the three console scripts share: `--version`, help that shows defaults, and a
-`completion SHELL` command that prints a shell completion script (shtab).
+"""What the three console scripts share: `--version`, help that shows defaults, a
+`completion SHELL` command that prints a shell completion script (shtab), and a quiet end
+when the reader of their output leaves early (`| head -1`).
 
 Kept in the lowest package that has a command line so `peerpost-rendezvous`, `peerpost`
 and `peerpost-sim` all import it downward.
@@ -8,8 +9,15 @@ and `peerpost-sim` all import it downward.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from typing import Any
+import functools
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec
+
+# A writer to a pipe whose reader has gone dies of SIGPIPE in C tools; shells report 128 + 13.
+EXIT_BROKEN_PIPE = 141
+_P = ParamSpec("_P")
 
 SHELLS = ("bash", "zsh", "tcsh")
 
@@ -77,3 +85,24 @@ def finish(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for command in action.choices.values():
                 finish(command)
+
+
+def reader_may_leave(main: Callable[_P, int]) -> Callable[_P, int]:
+    """`main` of a console script, ending with EXIT_BROKEN_PIPE and no traceback when its
+    output's reader stops reading (`peerpost inbox | head -1`). Python ignores SIGPIPE, so
+    the write, or the flush at exit, raised BrokenPipeError and printed a traceback."""
+
+    @functools.wraps(main)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> int:
+        try:
+            code = main(*args, **kwargs)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            # Nothing more can reach the reader; the flush at exit must not try again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return EXIT_BROKEN_PIPE
+
+    return run

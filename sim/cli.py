@@ -25,7 +25,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rendezvous.cliutil import add_completion, add_version, completion_script, finish
+from rendezvous.cliutil import (
+    add_completion,
+    add_version,
+    completion_script,
+    finish,
+    reader_may_leave,
+)
 from sim import sweep
 from sim.plots import draw
 from sim.scenario import (
@@ -138,6 +144,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 0 if result.callback_errors == 0 else 1
 
 
+@reader_may_leave
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `peerpost-sim`."""
     parser = argparse.ArgumentParser(prog="peerpost-sim", description=__doc__,

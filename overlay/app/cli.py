@@ -30,7 +30,13 @@ from crypto.errors import DecodeError
 from overlay.app.control_wire import ControlError, NodeNotRunning
 from overlay.app.control_wire import call as control_call
 from overlay.app.home import HomeError, NodeHome, default_home
-from rendezvous.cliutil import add_completion, add_version, completion_script, finish
+from rendezvous.cliutil import (
+    add_completion,
+    add_version,
+    completion_script,
+    finish,
+    reader_may_leave,
+)
 from rendezvous.errors import AuthenticationError
 from rendezvous.logfmt import FORMATS, LEVELS, configure
 
@@ -289,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@reader_may_leave
 def main(argv: list[str] | None = None) -> int:
     argv = _glue_token_values(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
