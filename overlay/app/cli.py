@@ -866,22 +866,13 @@ async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
     return 0
 
 
-# The names `prefs set` takes (`prefs --json` spells them with underscores, also taken).
-PREF_KEYS = ("auto-download", "auto-download-max", "retention", "archive-dir",
-             "max-upload-rate")
-
-
 def _check_pref_key(key: str) -> None:
-    """A misspelt name is a usage error that names the right one, not the daemon's bare
-    "unknown preference"."""
-    if key.replace("_", "-") in PREF_KEYS:
-        return
-    import difflib
+    """A misspelt name is a usage error that names the right one, before the daemon is
+    asked."""
+    from overlay.mail.prefs import unknown_pref  # sqlite3 and the records: only here
 
-    near = difflib.get_close_matches(key.replace("_", "-"), PREF_KEYS, n=1)
-    hint = f"did you mean {near[0]}? " if near else ""
-    raise CliError(f"unknown preference {key!r}: {hint}`prefs set` takes "
-                   f"{', '.join(PREF_KEYS)}", EXIT_USAGE)
+    if (error := unknown_pref(key)) is not None:
+        raise CliError(error, EXIT_USAGE)
 
 
 def _pref_text(key: str, value: Any) -> str:

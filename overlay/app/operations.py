@@ -30,7 +30,7 @@ from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail
 from overlay.mail.outbox import Outbox, OutboxEntry, RecipientStatus, forwarding_text
 from overlay.mail.outgoing import MailSender, SendError
-from overlay.mail.prefs import RETENTIONS, Prefs, parse_rate, parse_size
+from overlay.mail.prefs import RETENTIONS, Prefs, parse_rate, parse_size, unknown_pref
 from overlay.transfer.server import TransferServer
 from rendezvous.client import RendezvousClient, RendezvousError
 
@@ -401,7 +401,7 @@ class ControlOperations:
                 raise ControlError(str(exc)) from None
             self.transfer.set_upload_rate(self.prefs.max_upload_rate)  # at once
         else:
-            raise ControlError(f"unknown preference {key!r}")
+            raise ControlError(unknown_pref(key) or f"unknown preference {key!r}")
         self.downloads.wake()
         return self.prefs.as_dict()
 

@@ -23,6 +23,20 @@ from overlay.mail.db import NodeDB, RecordLimitError, RecordsError, count_rows
 Retention = Literal["keep", "delete", "archive"]
 SenderClass = Literal["priority", "junk", "normal"]
 RETENTIONS: tuple[Retention, ...] = ("keep", "delete", "archive")
+# The names `prefs set` takes (`prefs --json` spells them with underscores, also taken).
+SETTABLE = ("auto-download", "auto-download-max", "retention", "archive-dir", "max-upload-rate")
+
+
+def unknown_pref(key: str) -> str | None:
+    """None for a name `prefs set` takes, else the error that names the closest one."""
+    name = key.replace("_", "-")
+    if name in SETTABLE:
+        return None
+    import difflib
+
+    near = difflib.get_close_matches(name, SETTABLE, n=1)
+    hint = f"did you mean {near[0]}? " if near else ""
+    return f"unknown preference {key!r}: {hint}`prefs set` takes {', '.join(SETTABLE)}"
 MAX_SENDER_RULES = 1000
 MAX_PATH_LEN = 4096
 MAX_UPLOAD_RATE = 100 * 1024**3  # bytes/s; anything larger is a typo, not a limit

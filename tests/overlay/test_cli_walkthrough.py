@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from overlay.app.control_wire import ControlError
+from overlay.app.control_wire import call as control_call
 from overlay.app.lab import LocalNetwork, NodeHandle, _script
 
 MiB = 1 << 20
@@ -96,10 +98,13 @@ def test_a_misspelt_preference_names_the_right_one(net: LocalNetwork) -> None:
     assert "auto-download-max" in res.stderr and "max-upload-rate" in res.stderr
     assert net.cli_json(bob, "prefs")["auto_download"] is True  # nothing changed
     # Every name the CLI lets through is one the node knows (and shows).
-    from overlay.app.cli import PREF_KEYS
+    from overlay.mail.prefs import SETTABLE
 
     shown = {k.replace("_", "-") for k in net.cli_json(bob, "prefs")}
-    assert set(PREF_KEYS) <= shown
+    assert set(SETTABLE) <= shown
+    # A client other than the CLI (the web inbox) gets the same answer from the node.
+    with pytest.raises(ControlError, match=r"did you mean retention\?"):
+        control_call(bob.home / "control.sock", "prefs_set", key="retenton", value="keep")
     res = run(net, bob, "prefs", "set", "auto_download", "on")  # `prefs --json`'s spelling
     assert res.returncode == 0, res.stderr
 
