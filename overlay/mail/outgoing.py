@@ -295,8 +295,10 @@ class MailSender:
                     log.info("%s is unreachable; sealing for %s with its %d pinned key(s)",
                              remote, addr, len(pinned))
                     return Recipient(addr, tuple(PublicIdentity(k) for k in sorted(pinned)))
-                raise SendError(f"{remote} is unreachable and {addr}'s keys are unknown; "
-                                "try again later") from None
+                # The server's text says why ("b.test is unreachable: no server found"): a
+                # misspelt domain and a server that is down call for different actions.
+                raise SendError(f"{exc.text}; {addr}'s keys are unknown, so nothing was "
+                                "sent: check the address, or try again later") from None
             raise SendError(f"{addr}: {exc}") from None
         info = answer
         keys = [d.verify_key for d in info.devices]

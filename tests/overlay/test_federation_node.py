@@ -43,8 +43,9 @@ def _sender(db: NodeDB) -> MailSender:
 async def test_unreachable_domain_and_unknown_keys_is_a_clear_error(db: NodeDB) -> None:
     with pytest.raises(SendError) as err:
         await _sender(db)._recipient("bob@b.test")
-    assert str(err.value) == ("b.test is unreachable and bob@b.test's keys are unknown; "
-                              "try again later")
+    assert str(err.value) == ("b.test is unreachable: cannot connect; bob@b.test's keys are "
+                              "unknown, so nothing was sent: check the address, or try again "
+                              "later")
 
 
 async def test_unreachable_domain_seals_for_the_pinned_keys(db: NodeDB) -> None:
