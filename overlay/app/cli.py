@@ -602,7 +602,10 @@ async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
         elif e["state"] == "unverified":
             notes.append(f"{_m(short)}  signed by a key you don't trust yet: "
                          "`peerpost contacts`")
-    console.print(t)
+    if entries:
+        console.print(t)
+    else:
+        console.print("no messages" + ("" if args.all else " (junk is hidden: `inbox --all`)"))
     if notes:
         console.print("files and notes (`peerpost fetch ID` takes the short id):")
         for line in notes:

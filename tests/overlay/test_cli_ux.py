@@ -281,6 +281,17 @@ def test_inbox_fits_80_columns(net: LocalNetwork, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_an_empty_inbox_says_so(net: LocalNetwork) -> None:
+    erin = net.add_node("erin")
+    net.start_node(erin)
+    res = _mine(net, erin, "inbox")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("no messages (junk is hidden: `inbox --all`)")
+    assert "┃" not in res.stdout  # no empty table
+    assert _mine(net, erin, "inbox", "--all").stdout.startswith("no messages\n")
+
+
+@pytest.mark.slow
 def test_fetch_wait_shows_mib_and_a_rate(net: LocalNetwork, tmp_path: Path) -> None:
     alice, bob = net.nodes["alice"], net.nodes["bob"]
     net.cli(bob, "prefs", "set", "auto-download", "off")
