@@ -277,7 +277,14 @@ class RendezvousClient:
     # --- lifecycle -----------------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        """Logged in now (not after the server refused a login: that ends the session)."""
+        return self._connected.is_set() and self._fatal is None
+
+    @property
+    def refused(self) -> str | None:
+        """Why the server refused to log this client in again (account deleted, device
+        revoked), which ends its reconnecting; None while that has not happened."""
+        return str(self._fatal) if self._fatal is not None else None
 
     @property
     def server_info(self) -> dict[str, int]:

@@ -957,7 +957,10 @@ async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
     t.add_column("value")
     t.add_row("address", _t(info["address"]))
     t.add_row("fingerprint", _t(info["fingerprint"]))
-    t.add_row("rendezvous", "connected" if info["connected"] else "[red]not connected[/]")
+    if info.get("refused"):
+        t.add_row("rendezvous", _styled(f"login refused: {info['refused']}", "red"))
+    else:
+        t.add_row("rendezvous", "connected" if info["connected"] else "[red]not connected[/]")
     t.add_row("direct transfers", _t(":".join(str(x) for x in info["listen"])))
     if "inbox" in info:
         full = info["inbox"].get("full")

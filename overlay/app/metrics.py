@@ -92,6 +92,8 @@ class NodeMetrics:
         node = self.node
         if node.rendezvous.connected:
             return True, f"connected to {node.config.server} as {node.address}"
+        if (refused := node.rendezvous.refused) is not None:
+            return False, f"the server {node.config.server} refused this node's login: {refused}"
         return False, f"not connected to the server {node.config.server}"
 
     async def start(self, host: str, port: int) -> tuple[str, int]:

@@ -97,6 +97,7 @@ class ControlOperations:
                 "fingerprint": self.identity.public.fingerprint(),
                 "listen": list(self.listen_addr or ()),
                 "connected": self.rendezvous.connected,
+                "refused": self.rendezvous.refused,
                 "counters": dict(self.incoming.counters),
                 "inbox": self.inbox_state()}
 
@@ -116,6 +117,9 @@ class ControlOperations:
             try:
                 await self.rendezvous.wait_connected(SEND_RECONNECT_WAIT)
             except RendezvousError:
+                if (refused := self.rendezvous.refused) is not None:
+                    raise ControlError(f"the server refused this node's login ({refused}); "
+                                       "nothing was sent") from None
                 raise ControlError(OFFLINE_TEXT) from None
         try:
             mid = await self.sender.send(Path(a.str("path", max_len=4096)), list(to),

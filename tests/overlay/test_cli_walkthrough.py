@@ -249,3 +249,27 @@ def test_a_node_whose_account_was_deleted_says_so_without_a_traceback(tmp_path: 
         assert "Traceback" not in res.stderr, res.stderr
         assert (f"error: the server refused this node's login: 401 no account {eve.address}"
                 in flat(res.stderr)), res.stderr
+
+
+@pytest.mark.slow
+def test_a_running_node_whose_account_is_deleted_says_it_was_refused(tmp_path: Path) -> None:
+    with LocalNetwork(tmp_path / "lab") as net:
+        net.start_server()
+        eve, bob = net.add_node("eve"), net.add_node("bob")
+        net.start_node(eve)
+        assert net.cli_json(eve, "info")["connected"] is True
+        gone = subprocess.run([_script("peerpost-rendezvous"), "accounts", "delete",
+                               eve.address, "--data", str(net.data_dir)],
+                              capture_output=True, text=True, timeout=60)
+        assert gone.returncode == 0, gone.stderr
+        info = net.wait_until(lambda: (i := net.cli_json(eve, "info"))["refused"] and i,
+                              30, "eve's node to be refused")
+        assert info["connected"] is False
+        assert f"no account {eve.address}" in info["refused"]
+        shown = run(net, eve, "info")
+        assert "login refused: 401 no account" in flat(shown.stdout), shown.stdout
+        src = tmp_path / "x.bin"
+        src.write_bytes(b"x" * 1000)
+        res = run(net, eve, "send", str(src), "--to", bob.address)
+        assert res.returncode == 1
+        assert "the server refused this node's login (401 no account" in flat(res.stderr)
