@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import hashlib
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -81,6 +82,13 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
         console = Console(width=110)
     root = Path(tempfile.mkdtemp(prefix="peerpost-demo-"))
     ok = False
+
+    def hang_up(signum: int, frame: object) -> None:
+        # The terminal closed: stop as Ctrl-C does. The server takes SIGHUP as "reload"
+        # and would outlive the demo, with the demo's folder.
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGHUP, hang_up)
     try:
         ok = _demo(root, args, console)
     except LabError as exc:
@@ -88,6 +96,7 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
         console.print(f"logs are in {root}")
         args.keep = True
     finally:
+        signal.signal(signal.SIGHUP, before)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
         else:

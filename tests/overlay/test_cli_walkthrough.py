@@ -8,8 +8,10 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -273,3 +275,51 @@ def test_a_running_node_whose_account_is_deleted_says_it_was_refused(tmp_path: P
         res = run(net, eve, "send", str(src), "--to", bob.address)
         assert res.returncode == 1
         assert "the server refused this node's login (401 no account" in flat(res.stderr)
+
+
+@pytest.mark.slow
+def test_closing_the_terminal_during_the_demo_leaves_nothing_running() -> None:
+    # The terminal's hangup goes to the demo's whole process group: the demo, its server
+    # (which takes SIGHUP as "reload") and its nodes. A short TMPDIR: the nodes' control
+    # sockets must fit a Unix socket path, which pytest's own folders don't.
+    tmp = Path(tempfile.mkdtemp(prefix="pp-"))
+    try:
+        _hang_up_the_demo(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _hang_up_the_demo(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([_script("peerpost"), "demo", "--size-mib", "1"], stdin=slave,
+                            stdout=slave, stderr=slave, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 120
+    try:
+        while b"press Enter" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the demo ended (and closed the terminal) first
+                    break
+        assert b"press Enter" in seen, seen.decode(errors="replace")
+        assert list(tmp_path.glob("peerpost-demo-*"))
+        os.killpg(proc.pid, signal.SIGHUP)
+        while proc.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    os.read(master, 4096)
+                except OSError:  # the terminal's other side has closed
+                    break
+        assert proc.wait(timeout=30) == 0  # at the prompt, as Enter or Ctrl-C end it
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not list(tmp_path.glob("peerpost-demo-*"))  # its folder is gone
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # and no process of it runs, the server included
