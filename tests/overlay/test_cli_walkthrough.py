@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +59,24 @@ def test_the_sims_help_examples_set_keys_that_exist() -> None:
                           *(f for kv in sets for f in ("--set", kv))],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def read_terminal(master: int, proc: subprocess.Popen[Any], deadline: float,
+                  until: bytes | None = None) -> bytes:
+    """What a program wrote to its terminal, read from the pty's `master` side until
+    `until` shows (None: until the program ends), the terminal closes, or `deadline`."""
+    seen = b""
+    while time.monotonic() < deadline:
+        done = proc.poll() is not None if until is None else until in seen
+        if done:
+            break
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:  # the terminal's other side has closed
+                break
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -185,21 +204,11 @@ def test_ctrl_c_during_fetch_wait_says_the_download_goes_on(net: LocalNetwork,
                                  mid[:8], "--wait"], stdout=slave, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True, env=net.env)
         os.close(slave)
-        seen = b""
         deadline = time.monotonic() + 30
-        while b"MiB" not in seen and time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1.0)
-            if ready:
-                seen += os.read(master, 4096)
+        seen = read_terminal(master, proc, deadline, b"MiB")
         assert b"MiB" in seen, seen
         proc.send_signal(signal.SIGINT)
-        while proc.poll() is None and time.monotonic() < deadline + 30:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    os.read(master, 4096)
-                except OSError:  # the terminal's other side has closed
-                    break
+        read_terminal(master, proc, deadline + 30)
         _, err = proc.communicate(timeout=30)
         os.close(master)
         assert proc.returncode == 130
@@ -295,26 +304,13 @@ def _hang_up_the_demo(tmp_path: Path) -> None:
                             stdout=slave, stderr=slave, start_new_session=True,
                             env={**os.environ, "TMPDIR": str(tmp_path)})
     os.close(slave)
-    seen = b""
     deadline = time.monotonic() + 120
     try:
-        while b"press Enter" not in seen and time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1.0)
-            if ready:
-                try:
-                    seen += os.read(master, 4096)
-                except OSError:  # the demo ended (and closed the terminal) first
-                    break
+        seen = read_terminal(master, proc, deadline, b"press Enter")
         assert b"press Enter" in seen, seen.decode(errors="replace")
         assert list(tmp_path.glob("peerpost-demo-*"))
         os.killpg(proc.pid, signal.SIGHUP)
-        while proc.poll() is None and time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    os.read(master, 4096)
-                except OSError:  # the terminal's other side has closed
-                    break
+        read_terminal(master, proc, deadline)
         assert proc.wait(timeout=30) == 0  # at the prompt, as Enter or Ctrl-C end it
     finally:
         os.close(master)
