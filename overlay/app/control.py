@@ -151,10 +151,10 @@ class ControlClient:
     async def call(self, op: str, **args: Any) -> Any:
         if self._reader is None or self._writer is None:
             raise ControlError("control client is not connected")
-        self._writer.write(request(op, args))
-        await self._writer.drain()
         try:
+            self._writer.write(request(op, args))
+            await self._writer.drain()
             reply = await _read_frame(self._reader)
-        except asyncio.IncompleteReadError:
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError):
             raise ControlError(CLOSED_TEXT) from None
         return result(reply)

@@ -73,9 +73,15 @@ def call(socket_path: Path, op: str, /, **args: Any) -> Any:
             sock.connect(str(socket_path))
         except (FileNotFoundError, ConnectionRefusedError):
             raise not_running(socket_path) from None
-        sock.sendall(request(op, args))
-        n = body_length(_receive(sock, PREFIX.size))
-        return result(decode_body(_receive(sock, n)))
+        try:
+            sock.sendall(request(op, args))
+            n = body_length(_receive(sock, PREFIX.size))
+            body = _receive(sock, n)
+        except (ConnectionResetError, BrokenPipeError):
+            # A node that dies with the request unread resets the socket (kill -9 while
+            # a send runs); to the user that is the same as a close.
+            raise ControlError(CLOSED_TEXT) from None
+        return result(decode_body(body))
 
 
 def _receive(sock: socket.socket, n: int) -> bytes:
