@@ -140,10 +140,13 @@ def test_bytes_fetched_before_a_retry_still_show_in_sources(net: LocalNetwork,
     net.start_node(alice)
     got = net.wait_complete(bob, mid, 120, "completion after the sender returns")
     assert same_bytes(src, Path(got["path"]))
-    # One view per peer and path, summed over both attempts: every byte of the file came
-    # from alice, over TCP, part before the retry and the rest after it.
-    assert [(s["peer"], s["path"]) for s in got["sources"]] == [(got["sources"][0]["peer"], "tcp")]
-    assert got["sources"][0]["bytes"] >= src.stat().st_size > before
+    # Summed over both attempts: every byte of the file came from alice, part before the
+    # retry and the rest after it. On loopback the second attempt may reach her by the TCP
+    # punch, which races direct TCP: one view per peer and path.
+    assert len({s["peer"] for s in got["sources"]}) == 1, got["sources"]
+    paths = [s["path"] for s in got["sources"]]
+    assert len(set(paths)) == len(paths) and set(paths) <= {"tcp", "tcp-punch"}, paths
+    assert sum(s["bytes"] for s in got["sources"]) >= src.stat().st_size > before
 
 
 def test_junk_never_fetched_and_priority_first(net: LocalNetwork, tmp_path: Path) -> None:
