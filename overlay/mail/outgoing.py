@@ -299,7 +299,9 @@ class MailSender:
                 # misspelt domain and a server that is down call for different actions.
                 raise SendError(f"{exc.text}; {addr}'s keys are unknown, so nothing was "
                                 "sent: check the address, or try again later") from None
-            raise SendError(f"{addr}: {exc}") from None
+            # The server's words, without its status code; named once.
+            text = exc.text or str(exc)
+            raise SendError(text if addr in text else f"{addr}: {text}") from None
         info = answer
         keys = [d.verify_key for d in info.devices]
         if not keys:
