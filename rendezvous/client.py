@@ -267,6 +267,7 @@ class RendezvousClient:
         self._reading_paused = False
         self._supervisor: asyncio.Task[None] | None = None
         self._fatal: RendezvousError | None = None
+        self._retry_now = asyncio.Event()  # cuts the reconnect backoff short (retry_now)
         self._closed = False
         self._services: dict[str, int] = {}
         self.reconnects = 0
@@ -323,6 +324,12 @@ class RendezvousClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    def retry_now(self) -> None:
+        """Reconnect at once instead of at the end of the backoff's wait: the user is
+        waiting (a `send` while disconnected). After a 10 s outage that wait reaches several
+        seconds, so the session came back up to 6 s after its server did."""
+        self._retry_now.set()
 
     async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait for an authenticated session; TimeoutError (RequestTimeoutError) if none."""
@@ -405,8 +412,11 @@ class RendezvousClient:
                 self._reading_paused = False
                 log.info(kv("client.disconnected", address=self.address))
             attempt += 1
-            await asyncio.sleep(Backoff(0.1, self.max_backoff, jitter=0.5).delay(attempt,
-                                                                                self._rng))
+            delay = Backoff(0.1, self.max_backoff, jitter=0.5).delay(attempt, self._rng)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._retry_now.wait()
+            self._retry_now.clear()
             try:
                 await self._connect_any()
             except AuthenticationError as exc:

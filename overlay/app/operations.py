@@ -111,9 +111,9 @@ class ControlOperations:
         (FINGER), so an offline node has nothing to seal to and keeps no queue."""
         to = a.list("to", _item_text, max_items=64) or ()
         if not self.rendezvous.connected:
-            # A reconnect in progress (the server restarted, or the node fails over to the
-            # domain's next server) takes well under a second: a send in that moment waits
-            # for it rather than failing.
+            # The server restarted, or the node fails over to the domain's next server: try
+            # at once (not when the backoff says), and wait for that rather than fail.
+            self.rendezvous.retry_now()
             try:
                 await self.rendezvous.wait_connected(SEND_RECONNECT_WAIT)
             except RendezvousError:

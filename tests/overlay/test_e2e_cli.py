@@ -304,3 +304,20 @@ def test_rm_during_a_download_stops_it_without_an_error(net: LocalNetwork,
     assert errors == []
     assert net.inbox_entry(bob, mid) is None  # not fetched again
     assert not list((bob.home / "received").glob("big.bin*"))
+
+
+def test_a_send_just_after_the_server_returns_goes_through(net: LocalNetwork,
+                                                           tmp_path: Path) -> None:
+    # After seconds of outage the node's reconnect backoff waits seconds between tries; a
+    # send made as the server comes back tries at once instead of saying "offline".
+    alice, bob = net.add_node("alice"), net.add_node("bob")
+    net.start_node(alice)
+    net.start_node(bob)
+    assert net.server is not None and alice.proc is not None
+    net.server.stop()
+    net.wait_until(lambda: "attempt=6" in alice.proc.log(), 30, "alice's sixth reconnect try")
+    net.start_server()
+    src = make_file(tmp_path / "now.bin", MiB, seed=21)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    got = net.wait_complete(bob, mid, 60, "bob's download")
+    assert same_bytes(src, Path(got["path"]))

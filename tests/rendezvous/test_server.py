@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
 import threading
@@ -19,6 +20,7 @@ from rendezvous.errors import (
     NotFoundError,
     NotOnlineError,
     QuotaError,
+    RequestTimeoutError,
     TooLargeError,
 )
 from rendezvous.limits import Limits
@@ -207,6 +209,49 @@ async def test_client_reconnects_after_a_server_restart(tmp_path: Path) -> None:
     finally:
         await a.aclose()
         await b.aclose()
+
+
+class _LogSeen(logging.Handler):
+    """Sets `event` when a record containing every one of `needles` is logged."""
+
+    def __init__(self, *needles: str) -> None:
+        super().__init__(logging.INFO)
+        self.needles = needles
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if all(n in record.getMessage() for n in self.needles):
+            self.event.set()
+
+
+async def test_retry_now_cuts_the_reconnect_backoff_short(tmp_path: Path) -> None:
+    # After a few seconds of outage the backoff waits seconds between attempts; a user who
+    # sends while disconnected should not wait for it once the server is back.
+    logger = logging.getLogger("rendezvous.client")
+    sixth = _LogSeen("client.reconnect_failed", "attempt=6")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(sixth)
+    try:
+        async with running_server(tmp_path) as first:
+            port = port_of(first)
+            b = client(first, BOB, "bob@example.net", max_backoff=60)
+            await b.start()
+        try:
+            async with asyncio.timeout(20):  # the sixth attempt fails 3.2-6.3 s from now
+                await sixth.event.wait()
+            async with running_server(tmp_path, port=port):
+                # The seventh attempt waits 3.2-6.4 s: none comes within this second.
+                with pytest.raises(RequestTimeoutError):
+                    await b.wait_connected(1.0)
+                b.retry_now()
+                await b.wait_connected(2)
+                assert b.connected and b.reconnects == 1
+        finally:
+            await b.aclose()
+    finally:
+        logger.removeHandler(sixth)
+        logger.setLevel(level)
 
 
 class _HeldStore(SqliteStore):
