@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
-import pytest
+from collections.abc import Callable
 
 from crypto.identity import DeviceIdentity
 from crypto.location import Description, Handle, Headers, LocationMessage
@@ -25,12 +22,6 @@ from overlay.mail.prefs import Prefs
 
 ALICE = DeviceIdentity.from_seed(b"a" * 32)
 MB = 1_000_000
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[NodeDB]:
-    with NodeDB.open(tmp_path) as opened:
-        yield opened
 
 
 def offer(inbox: Inbox) -> bytes:

@@ -9,7 +9,6 @@ nothing would ever send.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,19 +35,6 @@ class _GoneServer:
 
     async def send(self, message_id: bytes, items: list[Any]) -> None:
         raise RequestTimeoutError("not connected to 127.0.0.1:4500 within 10.0s")
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[NodeDB]:
-    with NodeDB.open(tmp_path / "node") as opened:
-        yield opened
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[ContentStore]:
-    s = ContentStore(tmp_path / "store")
-    yield s
-    s.close()
 
 
 async def test_an_unacknowledged_send_fails_its_recipients_with_the_reason(

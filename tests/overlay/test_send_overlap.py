@@ -10,7 +10,7 @@ starting the next thing never gets there and times out.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -55,19 +55,6 @@ class _Server:
 
     async def send(self, message_id: bytes, items: list[Any]) -> None:
         self.sent.append((message_id, items))
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[NodeDB]:
-    with NodeDB.open(tmp_path / "node") as opened:
-        yield opened
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[ContentStore]:
-    s = ContentStore(tmp_path / "store")
-    yield s
-    s.close()
 
 
 def _sender(db: NodeDB, store: ContentStore, server: _Server) -> MailSender:
