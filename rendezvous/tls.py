@@ -72,8 +72,8 @@ def self_signed(data_dir: Path, domain: str, now: datetime.datetime | None = Non
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
             .sign(key, hashes.SHA256()))
     write_secret_file(key_path, key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
     write_secret_file(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 

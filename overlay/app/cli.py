@@ -360,26 +360,12 @@ def _starting(home: NodeHome) -> str | None:
     lock: it is starting, and it opens the socket only once logged in to its server, for
     which it waits as long as it has to. "Not running, start it" sent the user to a second
     `peerpost node`, which refuses ("already running"). None when no daemon holds it."""
-    import fcntl
-    import os
-
-    try:
-        fd = os.open(home.lock_path, os.O_RDONLY)
-    except OSError:
+    who = home.daemon_running()
+    if who is None:
         return None
-    try:
-        try:  # a shared lock, dropped at once: the daemon's is exclusive
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            who = f" (pid {pid})" if pid.isdigit() else ""
-            return (f"the peerpost node for {home.root}{who} does not answer yet: it "
-                    "answers once it has logged in to its server, and waits for that as "
-                    f"long as it has to ({home.log_path} says why it can't)")
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    return (f"the peerpost node for {home.root}{who} does not answer yet: it answers once "
+            "it has logged in to its server, and waits for that as long as it has to "
+            f"({home.log_path} says why it can't)")
 
 
 # Options whose value is a pasted token. Tokens print as hex now, but an invite from a

@@ -158,16 +158,31 @@ class NodeHome:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                who = f" (pid {pid})" if pid.isdigit() else ""
                 raise HomeBusy(
-                    f"a peerpost node is already running for {self.root}{who}; stop it "
-                    "first, or use another --home") from None
+                    f"a peerpost node is already running for {self.root}{_holder(fd)}; stop "
+                    "it first, or use another --home") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+    def daemon_running(self) -> str | None:
+        """None when no daemon holds this home's lock; else how to name the one that does
+        (" (pid N)", or "" when its pid can't be read)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:  # a shared lock, dropped at once: the daemon's is exclusive
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _holder(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def received_dir(self, config: NodeConfig) -> Path:
         return Path(config.download_dir) if config.download_dir else self.root / "received"
@@ -206,3 +221,10 @@ class NodeHome:
             return load_identity(self.identity_path)
         except DecodeError as exc:
             raise HomeError(f"{self.identity_path}: {exc}") from None
+
+
+def _holder(lock_fd: int) -> str:
+    """How to name the lock's holder: " (pid N)" from the pid it wrote into the lock file,
+    else ""."""
+    pid = os.pread(lock_fd, 32, 0).decode("ascii", "replace").strip()
+    return f" (pid {pid})" if pid.isdigit() else ""

@@ -382,6 +382,8 @@ class ControlOperations:
 
     async def prefs_set(self, a: Fields) -> Any:
         key, value = a.str("key", max_len=64), a.str("value", max_len=4096)
+        if (error := unknown_pref(key)) is not None:
+            raise ControlError(error)
         key = key.replace("_", "-")  # `prefs --json` names them with underscores
         if key == "auto-download":
             if value not in ("on", "off"):
@@ -404,8 +406,6 @@ class ControlOperations:
             except ValueError as exc:
                 raise ControlError(str(exc)) from None
             self.transfer.set_upload_rate(self.prefs.max_upload_rate)  # at once
-        else:
-            raise ControlError(unknown_pref(key) or f"unknown preference {key!r}")
         self.downloads.wake()
         return self.prefs.as_dict()
 

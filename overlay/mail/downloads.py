@@ -59,38 +59,41 @@ class SourceView:
 class Activity:
     """Live view of one download, for `inbox` and `fetch --wait`.
 
-    `attempt` holds the running attempt's sources, by peer. `sources` is what the user sees:
-    those plus every earlier attempt's since the node started, one view per peer and path,
-    so bytes fetched before a retry still count. An ended attempt's rates read 0.
+    `attempt` holds the running attempt's sources, by peer; `earlier` what ended attempts
+    fetched since the node started (their rates 0). `sources`, what the user sees, is the
+    two together, one view per peer and path, so bytes fetched before a retry still count.
     """
 
-    sources: dict[tuple[str, str], SourceView] = field(default_factory=dict)
     attempt: dict[str, SourceView] = field(default_factory=dict)
     earlier: dict[tuple[str, str], SourceView] = field(default_factory=dict)
     started_at: float = 0.0
 
+    @property
+    def sources(self) -> dict[tuple[str, str], SourceView]:
+        return _added(self.earlier, self.attempt.values())
+
     def show(self, views: Iterable[SourceView]) -> None:
         """The running attempt's sources are now `views`."""
         self.attempt = {v.peer: v for v in views}
-        shown = dict(self.earlier)
-        for v in self.attempt.values():
-            key = (v.peer, v.path)
-            old = shown.get(key)
-            shown[key] = v if old is None else replace(
-                v, bytes=old.bytes + v.bytes, banned=old.banned or v.banned)
-        self.sources = shown
 
     def end_attempt(self) -> None:
         """Keep what the attempt fetched (and whom it banned) in `earlier`."""
-        for v in self.attempt.values():
-            if not (v.bytes or v.banned):
-                continue
-            key = (v.peer, v.path)
-            old = self.earlier.get(key)
-            self.earlier[key] = replace(
-                v, rate=0.0, bytes=v.bytes + (old.bytes if old else 0),
-                banned=v.banned or (old is not None and old.banned))
-        self.show(())
+        kept = (replace(v, rate=0.0) for v in self.attempt.values() if v.bytes or v.banned)
+        self.earlier = _added(self.earlier, kept)
+        self.attempt = {}
+
+
+def _added(base: dict[tuple[str, str], SourceView], views: Iterable[SourceView],
+           ) -> dict[tuple[str, str], SourceView]:
+    """`base` with `views` added, by peer and path: bytes summed, banned if either was, the
+    rate of the view added."""
+    out = dict(base)
+    for v in views:
+        key = (v.peer, v.path)
+        old = out.get(key)
+        out[key] = v if old is None else replace(v, bytes=old.bytes + v.bytes,
+                                                 banned=old.banned or v.banned)
+    return out
 
 
 # fetch(entry, message, activity, on_progress(chunks_held)) -> final path

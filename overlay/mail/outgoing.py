@@ -247,10 +247,10 @@ class MailSender:
                 for addr in dict.fromkeys(a for a, _, _ in batch):
                     self.outbox.set_recipient_state(mid, addr, RecipientStatus.SENT,
                                                     self.wall())
-                    acked.add(normalize_address(addr))
+                    acked.add(addr)
         except RendezvousError as exc:
             # Left `queued`, these rows would wait forever: nothing sends them again.
-            unsent = [a for a in addresses if normalize_address(a) not in acked]
+            unsent = [a for a in addresses if a not in acked]  # both normalised
             for addr in unsent:
                 self.outbox.set_recipient_state(mid, addr, RecipientStatus.FAILED, self.wall(),
                                                 reason=f"{NOT_SENT}: {exc}")

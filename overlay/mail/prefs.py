@@ -25,6 +25,17 @@ SenderClass = Literal["priority", "junk", "normal"]
 RETENTIONS: tuple[Retention, ...] = ("keep", "delete", "archive")
 # The names `prefs set` takes (`prefs --json` spells them with underscores, also taken).
 SETTABLE = ("auto-download", "auto-download-max", "retention", "archive-dir", "max-upload-rate")
+MAX_SENDER_RULES = 1000
+MAX_PATH_LEN = 4096
+MAX_UPLOAD_RATE = 100 * 1024**3  # bytes/s; anything larger is a typo, not a limit
+# Messages larger than this wait in `offered` for `peerpost fetch` instead of starting by
+# themselves: a stranger can't fill the disk or the memory with one message.
+DEFAULT_AUTO_DOWNLOAD_MAX = 2 * 1024**3
+MAX_AUTO_DOWNLOAD_MAX = 1 << 44  # the largest content a message may describe
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
+          "gib": 1024**3, "tib": 1024**4}
+_MAX_VALUE_BYTES = 8 * 1024
 
 
 def unknown_pref(key: str) -> str | None:
@@ -37,17 +48,6 @@ def unknown_pref(key: str) -> str | None:
     near = difflib.get_close_matches(name, SETTABLE, n=1)
     hint = f"did you mean {near[0]}? " if near else ""
     return f"unknown preference {key!r}: {hint}`prefs set` takes {', '.join(SETTABLE)}"
-MAX_SENDER_RULES = 1000
-MAX_PATH_LEN = 4096
-MAX_UPLOAD_RATE = 100 * 1024**3  # bytes/s; anything larger is a typo, not a limit
-# Messages larger than this wait in `offered` for `peerpost fetch` instead of starting by
-# themselves: a stranger can't fill the disk or the memory with one message.
-DEFAULT_AUTO_DOWNLOAD_MAX = 2 * 1024**3
-MAX_AUTO_DOWNLOAD_MAX = 1 << 44  # the largest content a message may describe
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
-          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
-          "gib": 1024**3, "tib": 1024**4}
-_MAX_VALUE_BYTES = 8 * 1024
 
 
 def _check_bool(v: Any) -> bool:
