@@ -138,9 +138,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     table.add_row("wall_s", f"{result.wall_s:.2f}")
     table.add_row("callback_errors", str(result.callback_errors))
     console.print(table)
-    pngs = ", ".join(f"{p.name}.png" for p in result.plots)
+    pngs = ", ".join(str(Path(args.out) / f"{p.name}.png") for p in result.plots)
     console.print(f"wrote {csv_path}, {Path(args.out) / 'summary.json'}"
-                  + (f" and {pngs}" if pngs else ""))
+                  + (f" and {pngs}" if pngs else ""), soft_wrap=True)  # paths stay whole
     return 0 if result.callback_errors == 0 else 1
 
 

@@ -61,3 +61,12 @@ def test_a_results_folder_named_like_a_built_in_does_not_hide_it(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "churn").mkdir()  # `peerpost-sim run churn --out churn`, then again
     assert load_scenario("churn").driver == "churn"
+
+
+def test_the_last_line_names_every_file_written_with_its_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    _run(out, 3)
+    last = " ".join(capsys.readouterr().out.split()).rsplit("wrote ", 1)[1]
+    for name in ("dht-lookup.csv", "summary.json", "lookup-latency-cdf.png"):
+        assert str(out / name) in last and (out / name).exists(), last
