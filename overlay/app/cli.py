@@ -588,15 +588,19 @@ async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
         elif e["state"] == "unverified":
             notes.append(f"{_m(short)}  signed by a key you don't trust yet: "
                          "`peerpost contacts`")
+    state = await _call(home, "ping")
+    hidden = 0 if args.all else int(state.get("inbox", {}).get("junk", 0))
     if entries:
         console.print(t)
     else:
-        console.print("no messages" + ("" if args.all else " (junk is hidden: `inbox --all`)"))
+        console.print("no messages")
+    if hidden:
+        console.print(f"{hidden} message{'s' if hidden != 1 else ''} from junk senders "
+                      "hidden: `peerpost inbox --all` shows them")
     if notes:
         console.print("files and notes (`peerpost fetch ID` takes the short id):")
         for line in notes:
             console.print(line, soft_wrap=True, highlight=False)
-    state = await _call(home, "ping")
     if state.get("inbox", {}).get("full"):
         err_console.print(f"[bold red]inbox full:[/] {_inbox_line(state['inbox'])}")
     return 0
@@ -872,10 +876,20 @@ def _pref_text(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if key == "max_upload_rate" and isinstance(value, int):
-        return f"{_size_as_set(value)}/s"
+        return f"{_size_as_set(value)}/s ({_bits(value)})"
     if key == "auto_download_max" and isinstance(value, int):
         return _size_as_set(value)
     return str(value)
+
+
+def _bits(rate: int) -> str:
+    """Bytes/s as a line speed: "500kb" is 500 kB/s, which a reader thinking of a line in
+    kbit/s should see is 4 Mbit/s."""
+    bits = rate * 8
+    for unit, div in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= div:
+            return f"{bits / div:.3g} {unit}"
+    return f"{bits} bit/s"
 
 
 def _size_as_set(n: int) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import shutil
 import signal
 import sys
@@ -77,11 +78,16 @@ def _wait_with_bar(net: LocalNetwork, node: NodeHandle, mid: str, size: int, con
 
 
 def run_demo(args: argparse.Namespace, console: Console) -> int:
+    """With `--json`, the story goes to stderr and stdout gets one JSON object: `ok`, the
+    `checks`, each receiver's times and sources, and `error` when the demo failed."""
+    as_json = bool(getattr(args, "json", False))
     # Piped or in CI, rich assumes 80 columns and would cut the tables' figures.
-    if not console.is_terminal:
+    if as_json:
+        console = Console(stderr=True, width=None if console.is_terminal else 110)
+    elif not console.is_terminal:
         console = Console(width=110)
     root = Path(tempfile.mkdtemp(prefix="peerpost-demo-"))
-    ok = False
+    report: dict[str, Any] = {"ok": False}
 
     def hang_up(signum: int, frame: object) -> None:
         # The terminal closed: stop as Ctrl-C does. The server takes SIGHUP as "reload"
@@ -90,10 +96,11 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
 
     before = signal.signal(signal.SIGHUP, hang_up)
     try:
-        ok = _demo(root, args, console)
+        report = _demo(root, args, console)
     except LabError as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         console.print(f"logs are in {root}")
+        report = {"ok": False, "error": str(exc), "logs": str(root)}
         args.keep = True
     finally:
         signal.signal(signal.SIGHUP, before)
@@ -101,7 +108,9 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
             shutil.rmtree(root, ignore_errors=True)
         else:
             console.print(f"kept {root}")
-    return 0 if ok else 1
+        if as_json:
+            print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
 
 
 def _peer_label(net: LocalNetwork, node: NodeHandle) -> str:
@@ -110,7 +119,6 @@ def _peer_label(net: LocalNetwork, node: NodeHandle) -> str:
 
 
 def _server_stats(net: LocalNetwork) -> dict[str, Any]:
-    import json
     import subprocess
     import sys
 
@@ -121,7 +129,7 @@ def _server_stats(net: LocalNetwork) -> dict[str, Any]:
     return stats
 
 
-def _demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
+def _demo(root: Path, args: argparse.Namespace, console: Console) -> dict[str, Any]:
     console.rule("peerpost demo")
     clip = root / "grandma-90th.webm"
     # About 23 MiB by default: big enough that the throughput figures mean something,
@@ -197,6 +205,7 @@ def _demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
         deposited = status[0]["created_at"]  # when the sender's node handed it to the server
         rows = ((bob, got_bob, deposited), (carol, got_carol, t_carol_on),
                 (dave, got_dave, t_dave_on))
+        receivers = []
         for node, got, start in rows:
             first = (got.get("first_byte_at") or start) - start
             done = (got.get("completed_at") or time.time()) - start
@@ -207,6 +216,11 @@ def _demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
                              for s in got["sources"] if s["bytes"])
             table.add_row(node.name, f"{first * 1000:.0f} ms", f"{done:.2f} s",
                           f"{rate / MiB:.0f} MiB/s", srcs or "-")
+            receivers.append({
+                "address": node.address, "first_byte_ms": round(first * 1000, 1),
+                "complete_s": round(done, 3), "bytes_per_s": round(rate),
+                "sources": [{"name": names.get(s["peer"], s["peer"]), "path": s["path"],
+                             "bytes": s["bytes"]} for s in got["sources"] if s["bytes"]]})
         console.print(table)
         summary = Table(title="bytes")
         summary.add_column("what")
@@ -228,4 +242,6 @@ def _demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
             console.print("the nodes keep running until you press Enter")
             with contextlib.suppress(EOFError, KeyboardInterrupt):
                 input()
-        return all(checks.values())
+        return {"ok": all(checks.values()), "message_id": mid, "size": size,
+                "send_seconds": round(t_send - t0, 3), "receivers": receivers,
+                "server_growth_bytes": max(grown, 0), "checks": checks}

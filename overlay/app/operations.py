@@ -104,6 +104,7 @@ class ControlOperations:
     def inbox_state(self) -> dict[str, Any]:
         n, limit = self.inbox.count(), self.inbox.max_entries
         return {"messages": n, "max": limit, "full": n >= limit,
+                "junk": self.inbox.count(junk_only=True),
                 "refused": self.incoming.counters["refused-inbox-full"]}
 
     async def send(self, a: Fields) -> Any:

@@ -235,9 +235,10 @@ class Inbox:
         """How many messages the inbox holds before it refuses new ones."""
         return self._max_entries
 
-    def count(self) -> int:
-        """Messages in the inbox, junk included."""
-        row = self._db.query_one("SELECT count(*) FROM inbox")
+    def count(self, *, junk_only: bool = False) -> int:
+        """Messages in the inbox, junk included (only junk with `junk_only`)."""
+        row = self._db.query_one("SELECT count(*) FROM inbox"
+                                 + (" WHERE junk = 1" if junk_only else ""))
         return int(row[0]) if row is not None else 0
 
     def is_full(self) -> bool:

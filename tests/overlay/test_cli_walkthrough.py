@@ -136,8 +136,11 @@ def test_prefs_show_sizes_in_the_unit_they_were_given_in(net: LocalNetwork) -> N
     try:
         for key, value, shown in (("auto-download-max", "2GB", "2.0 GB"),
                                   ("auto-download-max", "1GiB", "1.0 GiB"),
-                                  ("max-upload-rate", "500KiB/s", "500.0 KiB/s"),
-                                  ("max-upload-rate", "1.5MB/s", "1500.0 kB/s")):
+                                  ("max-upload-rate", "500KiB/s", "500.0 KiB/s (4.1 Mbit/s)"),
+                                  # bytes, as `prefs set`'s help says; the line speed
+                                  # beside it shows a reader who meant 500 kbit/s
+                                  ("max-upload-rate", "500kb", "500.0 kB/s (4 Mbit/s)"),
+                                  ("max-upload-rate", "1.5MB/s", "1500.0 kB/s (12 Mbit/s)")):
             res = run(net, bob, "prefs", "set", key, value, env={"COLUMNS": "100"})
             assert res.returncode == 0, res.stderr
             (row,) = [line for line in res.stdout.splitlines() if f" {key} " in line]
@@ -321,3 +324,24 @@ def _hang_up_the_demo(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("peerpost-demo-*"))  # its folder is gone
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)  # and no process of it runs, the server included
+
+
+@pytest.mark.slow
+def test_demo_json_prints_one_json_report_and_the_story_on_stderr() -> None:
+    # A script runs `peerpost demo --json | jq .ok`: stdout must be the report alone.
+    tmp = Path(tempfile.mkdtemp(prefix="pp-"))
+    try:
+        res = subprocess.run([_script("peerpost"), "demo", "--size-mib", "1", "--json"],
+                             capture_output=True, text=True, timeout=180,
+                             stdin=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmp)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    assert report["ok"] is True
+    assert all(report["checks"].values()) and len(report["checks"]) == 4
+    assert [r["address"].split("@")[0] for r in report["receivers"]] == ["bob", "carol", "dave"]
+    for r in report["receivers"]:
+        assert sum(s["bytes"] for s in r["sources"]) >= report["size"] > MiB // 2
+    assert "alice" not in {s["name"] for s in report["receivers"][2]["sources"]}
+    assert "peerpost demo" in res.stderr and "byte-identical" in res.stderr

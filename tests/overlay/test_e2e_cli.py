@@ -174,6 +174,11 @@ def test_junk_never_fetched_and_priority_first(net: LocalNetwork, tmp_path: Path
 
     listed = {e["id"] for e in net.cli_json(bob, "inbox")}
     assert junk not in listed, "junk is hidden from the default listing"
+    shown = net.cli(bob, "inbox").stdout
+    assert junk[:8] not in shown and ordinary[:8] in shown
+    assert "1 message from junk senders hidden: `peerpost inbox --all` shows them" in shown
+    assert junk[:8] in net.cli(bob, "inbox", "--all").stdout
+    assert "hidden" not in net.cli(bob, "inbox", "--all").stdout
     j = net.inbox_entry(bob, junk)
     assert j is not None and j["junk"] and j["state"] == "offered" and j["progress"] == 0
     (sent,) = [m for m in net.cli_json(dave, "status") if m["id"] == junk]
