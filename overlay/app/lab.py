@@ -16,6 +16,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -135,6 +136,7 @@ class LocalNetwork:
         self.server_args = server_args if server_args is not None else []
         self.server: Proc | None = None
         self.server_addr: tuple[str, int] | None = None
+        self._port_hold: socket.socket | None = None
         self.nodes: dict[str, NodeHandle] = {}
         self._spawned: list[Proc] = []  # every process started here, stopped by close()
         self.env = dict(os.environ)
@@ -159,16 +161,30 @@ class LocalNetwork:
         return self.root / "server-data"
 
     def start_server(self, timeout: float = 30.0) -> tuple[str, int]:
-        """Start (or restart, keeping its data) the rendezvous server; returns its address."""
-        listen = "127.0.0.1:0"
-        if self.server_addr is not None:  # a restart keeps the port the nodes know
-            listen = f"{self.server_addr[0]}:{self.server_addr[1]}"
-        services: list[str] = []
-        if not listen.endswith(":0"):
-            # At a given port P, `serve` puts STUN at UDP P and the DHT at UDP P + 1; on a
-            # machine full of test servers P + 1 may be taken, so let each pick a free port.
-            services = [f for name in ("--stun-port", "--dht-port")
-                        if name not in self.server_args for f in (name, "0")]
+        """Start (or restart, keeping its data) the rendezvous server; returns its address.
+
+        A restart keeps the port the nodes know. Between a stop and the restart, another
+        process's outgoing connection could be given that port as its ephemeral local
+        port, and the restart would fail with "Address already in use". So the lab holds
+        the port for its whole life: a socket bound to it with SO_REUSEADDR that never
+        listens. Linux gives no bound port to an outgoing connection, and lets a server
+        that also sets SO_REUSEADDR (asyncio's default) listen on it beside the hold."""
+        want = self.server_addr or ("127.0.0.1", 0)  # a test may set the port beforehand
+        if self._port_hold is not None and self._port_hold.getsockname()[:2] != want:
+            self._release_port()
+        if self._port_hold is None:
+            self._port_hold = socket.socket()
+            self._port_hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self._port_hold.bind(want)
+            except OSError:  # taken for good: the server says so when it cannot listen
+                self._release_port()
+        host, port = self._port_hold.getsockname()[:2] if self._port_hold else want
+        listen = f"{host}:{port}"
+        # At a given port P, `serve` puts STUN at UDP P and the DHT at UDP P + 1; on a
+        # machine full of test servers P + 1 may be taken, so let each pick a free port.
+        services = [f for name in ("--stun-port", "--dht-port")
+                    if name not in self.server_args for f in (name, "0")]
         argv = [_script("peerpost-rendezvous"), "serve", "--domain", self.domain,
                 "--listen", listen, "--data", str(self.data_dir), "--open-registration",
                 *([] if self.tls else ["--plaintext"]), *services, *self.server_args]
@@ -258,6 +274,12 @@ class LocalNetwork:
             if proc.alive():
                 with contextlib.suppress(LabError):
                     proc.stop(timeout=10)
+        self._release_port()
+
+    def _release_port(self) -> None:
+        if self._port_hold is not None:
+            self._port_hold.close()
+            self._port_hold = None
 
     def __enter__(self) -> LocalNetwork:
         return self
