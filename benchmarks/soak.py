@@ -1,7 +1,8 @@
 """A chaos soak of real delivery: random sends while nodes and the server are stopped,
 killed (-9) and restarted, then a check that every message arrived once and intact.
 
-`python -m benchmarks soak --minutes N --seed S [--nodes 5] [--harsh] [--root DIR]`
+`python -m benchmarks soak --minutes N --seed S [--nodes 5] [--harsh] [--root DIR]
+[--domains 2]`
 
 One `peerpost-rendezvous serve` and `--nodes` `peerpost node` daemons (real processes on
 loopback, `overlay.app.lab.LocalNetwork`). A `random.Random(seed)` picks every action:
@@ -25,6 +26,19 @@ every recipient `downloaded`. Nothing else may turn up: no inbox entry or outbox
 send the CLI reported as failed. Each failure prints the message, the node, its state and
 error, and the tail of that node's node.log.
 
+With `--domains 2`: mail between two domains, a.test and b.test, each with its own
+server (a port fixed before DNS is written, reused by every restart) and `--nodes` nodes
+(default 3 each, a0.. and b0..), made with `peerpost init --address NAME@DOMAIN` alone: one
+dnsmasq serves what each server's `dns-records` prints (PEERPOST_RESOLVER names it; without
+dnsmasq the soak says so and exits 2). Sends go within and across domains (often to both at
+once); a server stop or kill -9 picks either server, and one in three keeps it down 8-25 s,
+so that mail for it waits in the other server's outbound queue; a send that returns while
+a recipient's server is down is followed, two times in five, by a stop or kill -9 of the
+sender's own server, whose outbound queue then holds it. Each server cut and start logs and
+counts what waited in the outbound queues (read from the servers' SQLite stores). The end
+checks are the same (for mail across domains the sender's `status` must end `downloaded`
+too), and no server may have logged a bounce (the expiry is the default 5 days).
+
 Nodes run with `--retry-base 1 --retry-max 10` (defaults 5 and 300) so that a download
 whose sources were all down retries within seconds once they are back, and `--web off`.
 """
@@ -32,12 +46,15 @@ whose sources were all down retries within seconds once they are back, and `--we
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import random
 import shutil
+import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -47,11 +64,13 @@ from typing import Any
 
 from benchmarks.common import OUT_DIR, report
 from overlay.app.lab import LabError, LocalNetwork, NodeHandle
+from rendezvous.sqlite_store import DB_NAME
 
 KiB = 1 << 10
 MiB = 1 << 20
 MIN_SIZE, MAX_SIZE = 1 * KiB, 30 * MiB
 SLOW_RATE = 4 * MiB  # --max-upload-rate of a slowed sender
+DOMAINS = ("a.test", "b.test")  # --domains 2
 
 
 @dataclass
@@ -69,7 +88,7 @@ class Sent:
 @dataclass
 class Soak:
     rng: random.Random
-    net: LocalNetwork
+    nets: dict[str, LocalNetwork]  # mail domain -> its server and nodes
     files: Path
     harsh: bool
     sent: list[Sent] = field(default_factory=list)
@@ -79,7 +98,7 @@ class Soak:
     uncertain: list[Sent] = field(default_factory=list)
     not_sent: set[str] = field(default_factory=set)  # outbox rows shown failed `not sent`
     down: dict[str, float] = field(default_factory=dict)  # node -> monotonic restart time
-    server_down_until: float | None = None
+    server_down: dict[str, float] = field(default_factory=dict)  # domain -> restart time
     counts: dict[str, int] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     made: list[tuple[Path, int, str]] = field(default_factory=list)  # (path, size, digest)
@@ -93,9 +112,24 @@ class Soak:
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
 
-    # --- nodes and server ----------------------------------------------------------------
+    # --- nodes and servers ---------------------------------------------------------------
+    @property
+    def multi(self) -> bool:
+        return len(self.nets) > 1
+
+    @property
+    def nodes(self) -> dict[str, NodeHandle]:
+        """Every node of every domain by name (names are unique: the address's local part)."""
+        return {name: n for net in self.nets.values() for name, n in net.nodes.items()}
+
+    def net_of(self, node: NodeHandle) -> LocalNetwork:
+        return self.nets[domain_of(node.address)]
+
+    def server_label(self, domain: str) -> str:
+        return f"server {domain}" if self.multi else "server"
+
     def up(self) -> list[NodeHandle]:
-        return [n for n in self.net.nodes.values() if n.name not in self.down]
+        return [n for n in self.nodes.values() if n.name not in self.down]
 
     def start(self, node: NodeHandle) -> None:
         extra = ["--web", "off", "--retry-base", "1", "--retry-max", "10"]
@@ -104,7 +138,7 @@ class Soak:
         node.extra = extra
         try:
             # A node prints "ready" once logged in, so this runs only while the server is up.
-            self.net.start_node(node, timeout=60)
+            self.net_of(node).start_node(node, timeout=60)
         except LabError as exc:
             # Counted and reported; the node is tried again later.
             if node.proc is not None:
@@ -118,11 +152,11 @@ class Soak:
 
     def take_down(self, node: NodeHandle, *, kill: bool, why: str) -> None:
         if kill:
-            self.net.kill_node(node)
+            self.net_of(node).kill_node(node)
             self.count("node_kills")
         else:
             try:
-                self.net.stop_node(node)
+                self.net_of(node).stop_node(node)
             except LabError as exc:
                 self.log(f"STOP HUNG {node.name}: {exc}")
                 self.count("stop_hangs")
@@ -131,33 +165,56 @@ class Soak:
         self.down[node.name] = time.monotonic() + delay
         self.log(f"{'kill -9' if kill else 'stop'} {node.name} ({why}); back in {delay:.1f} s")
 
-    def server_restart(self, *, kill: bool, pause: float) -> None:
-        assert self.net.server is not None
+    def server_restart(self, domain: str, *, kill: bool, pause: float) -> None:
+        server = self.nets[domain].server
+        assert server is not None
+        note = self.queue_note(domain, "cut")
         if kill:
-            self.net.server.kill()
+            server.kill()
             self.count("server_kills")
         else:
             try:
-                self.net.server.stop()
+                server.stop()
             except LabError as exc:
                 self.log(f"SERVER STOP HUNG: {exc}")
                 self.count("stop_hangs")
             self.count("server_stops")
-        self.log(f"server {'kill -9' if kill else 'stop'}; back in {pause:.1f} s")
-        self.server_down_until = time.monotonic() + pause
+        if self.multi:
+            self.count(f"server_{'kills' if kill else 'stops'} {domain}")
+        self.log(f"{self.server_label(domain)} {'kill -9' if kill else 'stop'}; "
+                 f"back in {pause:.1f} s{note}")
+        self.server_down[domain] = time.monotonic() + pause
+
+    def queue_note(self, domain: str, when: str) -> str:
+        """With two domains: what waits in `domain`'s outbound queue and in the others'
+        queues for `domain`, counted as `when` (cut, start) with mail queued."""
+        if not self.multi:
+            return ""
+        out = outbound_waiting(self.nets[domain].data_dir)
+        mine = sum(out.values())
+        for_it = sum(outbound_waiting(net.data_dir).get(domain, 0)
+                     for d, net in self.nets.items() if d != domain)
+        if mine:
+            self.count(f"server_{when}_outbound_queued")
+        if for_it:
+            self.count(f"server_{when}_mail_queued_for_it")
+        return f" (its outbound queue {mine}, queued for it elsewhere {for_it})"
 
     def revive(self, *, everything: bool = False) -> None:
         now = time.monotonic()
-        if self.server_down_until is not None and (everything or now >= self.server_down_until):
-            self.net.start_server(timeout=60)
-            self.server_down_until = None
-            self.count("server_starts")
-            self.log("server up")
-        if self.server_down_until is not None:
-            return  # a node would wait for its login before it says ready
-        for name, when in sorted(self.down.items()):
+        for domain, when in sorted(self.server_down.items()):
             if everything or now >= when:
-                self.start(self.net.nodes[name])
+                note = self.queue_note(domain, "start")
+                self.nets[domain].start_server(timeout=60)
+                del self.server_down[domain]
+                self.count("server_starts")
+                self.log(f"{self.server_label(domain)} up{note}")
+        for name, when in sorted(self.down.items()):
+            node = self.nodes[name]
+            if domain_of(node.address) in self.server_down:
+                continue  # a node would wait for its login before it says ready
+            if everything or now >= when:
+                self.start(node)
                 if name not in self.down:
                     self.log(f"{name} up")
 
@@ -192,14 +249,15 @@ class Soak:
         return path, size, digest, "fresh"
 
     def send(self, sender: NodeHandle, during: str = "") -> None:
-        others = [n for n in self.net.nodes.values() if n is not sender]
+        others = [n for n in self.nodes.values() if n is not sender]
         k = self.rng.choices([1, 2, 3], weights=[5, 3, 2])[0]
         to = self.rng.sample(others, min(k, len(others)))
         path, size, digest, how = self.pick_file(sender)
         if during:
             how += f"+{during}"
-        res = self.net.cli(sender, "send", str(path), "--to", ",".join(n.address for n in to),
-                           "--json", check=False, timeout=180)
+        res = self.net_of(sender).cli(sender, "send", str(path), "--to",
+                                      ",".join(n.address for n in to), "--json", check=False,
+                                      timeout=180)
         self.count("send_attempts")
         try:
             doc = json.loads(res.stdout)
@@ -212,6 +270,8 @@ class Soak:
             self.count("bytes_sent", size * len(to))
             self.log(f"send {doc['id'][:12]} {sender.name} -> {','.join(n.name for n in to)} "
                      f"{size:,} B ({how})")
+            if self.multi:
+                self.count_cross(sender, to, during)
         elif "sender-killed" in how:
             self.uncertain.append(Sent("", sender.name, [n.name for n in to], path, size,
                                        digest, time.monotonic() - self.t0, how))
@@ -229,6 +289,21 @@ class Soak:
             self.log(f"send REFUSED {sender.name} -> {','.join(n.name for n in to)} "
                      f"({how}): exit {res.returncode} {doc.get('error')}")
 
+    def count_cross(self, sender: NodeHandle, to: list[NodeHandle], during: str) -> None:
+        """Two domains: count a sent message's kind; one for a domain whose server is down
+        waits in the sender's server's queue, which is then sometimes cut (stop, kill -9)."""
+        home = domain_of(sender.address)
+        domains = {domain_of(n.address) for n in to}
+        if domains - {home}:
+            self.count("sends_cross_domain")
+        if len(domains) > 1:
+            self.count("sends_to_both_domains")
+        if domains & set(self.server_down) - {home}:
+            self.count("sends_for_a_down_domain")
+            if not during and home not in self.server_down and self.rng.random() < 0.4:
+                self.server_restart(home, kill=self.rng.random() < 0.5,
+                                    pause=self.rng.uniform(0.0, 6.0))
+
     def send_while(self, sender: NodeHandle, cut: Any, what: str) -> None:
         """Run a send and, while it runs, `cut()` (a kill or a server restart)."""
         t = threading.Thread(target=self.send, args=(sender, what), daemon=True)
@@ -241,13 +316,14 @@ class Soak:
         """A sender or recipient of one of the last few messages: likely mid-transfer."""
         recent = [s for s in self.sent[-6:]]
         names = {n for s in recent for n in (s.sender, *s.to)} - set(self.down)
-        return self.net.nodes[self.rng.choice(sorted(names))] if names else None
+        return self.nodes[self.rng.choice(sorted(names))] if names else None
 
     # --- the run -------------------------------------------------------------------------
     def step(self) -> None:
         self.revive()
         up = self.up()
-        server_up = self.server_down_until is None
+        servers_up = [d for d in self.nets if d not in self.server_down]
+        server_up = bool(servers_up)
         r = self.rng.random()
         kill_w = 0.30 if self.harsh else 0.18
         if r < 0.55 and up:
@@ -271,12 +347,17 @@ class Soak:
         elif r < 0.55 + kill_w + (0.06 if self.harsh else 0.03) and server_up:
             kill = self.rng.random() < 0.5
             pause = self.rng.uniform(0.0, 6.0)
+            domain = servers_up[0]
+            if self.multi:
+                domain = self.rng.choice(servers_up)
+                if self.rng.random() < 0.35:  # long enough for mail to queue for it
+                    pause = self.rng.uniform(8.0, 25.0)
             if self.harsh and up and self.rng.random() < 0.5:
                 self.send_while(self.rng.choice(up),
-                                lambda: self.server_restart(kill=kill, pause=pause),
+                                lambda: self.server_restart(domain, kill=kill, pause=pause),
                                 "server-restart-during-send")
             else:
-                self.server_restart(kill=kill, pause=pause)
+                self.server_restart(domain, kill=kill, pause=pause)
         else:
             time.sleep(self.rng.uniform(0.2, 3.0 if not self.harsh else 1.5))
 
@@ -340,9 +421,9 @@ class Soak:
     def inboxes(self) -> dict[tuple[str, str], Any]:
         """(recipient, message id) -> the list of that node's inbox entries with that id."""
         out: dict[tuple[str, str], Any] = {}
-        for n in self.net.nodes.values():
+        for n in self.nodes.values():
             try:
-                entries = self.net.cli_json(n, "inbox", "--all")
+                entries = self.net_of(n).cli_json(n, "inbox", "--all")
             except (LabError, json.JSONDecodeError, subprocess.TimeoutExpired):
                 continue
             for e in entries:
@@ -352,9 +433,9 @@ class Soak:
     def statuses(self) -> dict[tuple[str, str], Any]:
         """(sender, message id) -> that message's row in the sender's `status`."""
         out: dict[tuple[str, str], Any] = {}
-        for n in self.net.nodes.values():
+        for n in self.nodes.values():
             try:
-                rows = self.net.cli_json(n, "status")
+                rows = self.net_of(n).cli_json(n, "status")
             except (LabError, json.JSONDecodeError, subprocess.TimeoutExpired):
                 continue
             for m in rows:
@@ -433,16 +514,104 @@ class Soak:
         for (who, mid), row in status.items():
             if mid not in ids:
                 fail(None, who, f"outbox row {mid} for no send that returned an id", row)
+        for domain, net in self.nets.items() if self.multi else ():
+            for line in net.server.log().splitlines() if net.server else ():
+                if "event=outbound.bounced" in line or "event=outbound.expired" in line:
+                    fail(None, f"server {domain}", f"bounced: {line}")
         return failures
 
     def tail(self, name: str, lines: int = 25) -> str:
-        node = self.net.nodes.get(name)
-        if node is None:
+        node = self.nodes.get(name)
+        domain = name.removeprefix("server ")
+        if node is None and domain in self.nets:
+            path = self.nets[domain].root / "server.log"
+        elif node is None:
             return ""
-        path = node.home / "node.log"
+        else:
+            path = node.home / "node.log"
         if not path.exists():
             return "(no node.log)"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
+def outbound_waiting(data_dir: Path) -> dict[str, int]:
+    """Envelopes waiting in a server's outbound queue, by destination domain (read from its
+    SQLite store, read-only; empty if it cannot be read)."""
+    db = data_dir / DB_NAME
+    if not db.exists():
+        return {}
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
+                                                timeout=5)) as conn:
+            return {str(d): int(n) for d, n in conn.execute(
+                "SELECT domain, COUNT(*) FROM outbound WHERE state='queued' GROUP BY domain")}
+    except sqlite3.Error:
+        return {}
+
+
+class Domains:
+    """Two mail domains on loopback: a LocalNetwork (server, nodes) per domain, each
+    server on a port fixed before DNS is written (a restart reuses it), and one dnsmasq
+    serving what each one's `peerpost-rendezvous dns-records` prints; every process finds
+    the other domain, and a node its own server at `init`, through it."""
+
+    def __init__(self, root: Path, domains: list[str]) -> None:
+        from tests.dnstest import _free_port, start_dnsmasq
+
+        self.nets: dict[str, LocalNetwork] = {}
+        zone: list[str] = []
+        for d in domains:
+            net = LocalNetwork(root / d, domain=d)
+            net.server_addr = ("127.0.0.1", _free_port())  # start_server listens there
+            zone += subprocess.run(
+                [sys.executable, "-m", "rendezvous", "dns-records", "--data",
+                 str(net.data_dir), "--domain", d, "--host", f"rv.{d}", "--port",
+                 str(net.server_addr[1])],
+                capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+            self.nets[d] = net
+        self.dns = start_dnsmasq(zone, {f"rv.{d}": "127.0.0.1" for d in domains})
+        for net in self.nets.values():
+            net.env["PEERPOST_RESOLVER"] = self.dns.hostport
+
+    def add_node(self, domain: str, name: str) -> NodeHandle:
+        """`peerpost init --address NAME@DOMAIN`: the server and its key come from DNS."""
+        net = self.nets[domain]
+        node = NodeHandle(name, f"{name}@{domain}", net.root / name)
+        net.cli(node, "init", "--address", node.address, "--listen", "127.0.0.1:0")
+        net.nodes[name] = node
+        return node
+
+    def close(self) -> None:
+        for net in self.nets.values():
+            net.close()
+        self.dns.stop()
+
+
+def multi_rows(c: dict[str, int], domains: list[str]) -> list[dict[str, Any]]:
+    """The report's rows that only two domains have."""
+    rows: list[dict[str, Any]] = [
+        {"metric": "sends with a recipient of the other domain",
+         "value": c.get("sends_cross_domain", 0), "unit": "msgs"},
+        {"metric": "sends to both domains at once", "value": c.get("sends_to_both_domains", 0),
+         "unit": "msgs"},
+        {"metric": "sends while a recipient's server was down",
+         "value": c.get("sends_for_a_down_domain", 0), "unit": "msgs"},
+    ]
+    for d in domains:
+        rows += [{"metric": f"server {d} kill -9", "value": c.get(f"server_kills {d}", 0),
+                  "unit": ""},
+                 {"metric": f"server {d} stops", "value": c.get(f"server_stops {d}", 0),
+                  "unit": ""}]
+    for when in ("cut", "start"):
+        rows += [{"metric": f"server {when}s with its outbound queue not empty",
+                  "value": c.get(f"server_{when}_outbound_queued", 0), "unit": ""},
+                 {"metric": f"server {when}s with mail queued for it at the other",
+                  "value": c.get(f"server_{when}_mail_queued_for_it", 0), "unit": ""}]
+    return rows
 
 
 def main(argv: list[str]) -> int:
@@ -450,7 +619,10 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--nodes", type=int, default=5)
+    p.add_argument("--domains", type=int, choices=(1, 2), default=1,
+                   help="2: a.test and b.test, each with its server, found through dnsmasq")
+    p.add_argument("--nodes", type=int,
+                   help="nodes per domain (default 5 with one domain, 3 with two)")
     p.add_argument("--harsh", action="store_true",
                    help="more kills; kills and server restarts while a send runs")
     p.add_argument("--stall", type=float, default=120.0,
@@ -460,18 +632,40 @@ def main(argv: list[str]) -> int:
                    "removed when everything passed)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    if a.nodes is None:
+        a.nodes = 5 if a.domains == 1 else 3
+    if a.domains > 1:
+        from tests.dnstest import dnsmasq_missing
 
-    root = a.root or Path(tempfile.mkdtemp(prefix=f"soak-{a.seed}-"))
+        if (why := dnsmasq_missing()) is not None:
+            print(f"soak --domains {a.domains} needs a name server: {why}", file=sys.stderr)
+            return 2
+
+    name = "soak" if a.domains == 1 else f"soak{a.domains}"
+    root = a.root or Path(tempfile.mkdtemp(prefix=f"{name}-{a.seed}-"))
     files = root / "files"
     files.mkdir(parents=True, exist_ok=True)
     rng = random.Random(a.seed)
-    print(f"soak: seed {a.seed}, {a.minutes} min, {a.nodes} nodes, lab in {root}", flush=True)
-    with LocalNetwork(root / "lab") as net:
-        net.start_server()
-        soak = Soak(rng, net, files, a.harsh)
-        for i in range(a.nodes):
-            net.add_node(f"n{i}")
-        for n in list(net.nodes.values()):
+    print(f"soak: seed {a.seed}, {a.minutes} min, "
+          + (f"{a.nodes} nodes" if a.domains == 1 else
+             f"{a.domains} domains of {a.nodes} nodes each")
+          + f", lab in {root}", flush=True)
+    with contextlib.ExitStack() as stack:
+        if a.domains == 1:
+            net = stack.enter_context(LocalNetwork(root / "lab"))
+            net.start_server()
+            soak = Soak(rng, {net.domain: net}, files, a.harsh)
+            for i in range(a.nodes):
+                net.add_node(f"n{i}")
+        else:
+            world = Domains(root / "lab", list(DOMAINS[:a.domains]))
+            stack.callback(world.close)
+            soak = Soak(rng, world.nets, files, a.harsh)
+            for d, dnet in world.nets.items():
+                dnet.start_server()
+                for i in range(a.nodes):
+                    world.add_node(d, f"{d[0]}{i}")
+        for n in list(soak.nodes.values()):
             soak.start(n)
         end = time.monotonic() + a.minutes * 60
         while time.monotonic() < end:
@@ -512,6 +706,7 @@ def main(argv: list[str]) -> int:
         {"metric": "node starts", "value": c.get("node_starts", 0), "unit": ""},
         {"metric": "server kill -9", "value": c.get("server_kills", 0), "unit": ""},
         {"metric": "server stops", "value": c.get("server_stops", 0), "unit": ""},
+        *(multi_rows(c, list(soak.nets)) if soak.multi else []),
         {"metric": "settle", "value": c.get("settle_s", 0), "unit": "s"},
         {"metric": "failures", "value": len(failures), "unit": "", "target": 0,
          "ok": not failures},
@@ -519,9 +714,10 @@ def main(argv: list[str]) -> int:
          "value": c.get("start_failures", 0) + c.get("stop_hangs", 0), "unit": "",
          "target": 0, "ok": not (c.get("start_failures", 0) + c.get("stop_hangs", 0))},
     ]
-    out = a.out or OUT_DIR / f"soak-{a.seed}.json"
-    report("soak", rows, out=out, meta={
+    out = a.out or OUT_DIR / f"{name}-{a.seed}.json"
+    report(name, rows, out=out, meta={
         "seed": a.seed, "minutes": a.minutes, "nodes": a.nodes, "harsh": a.harsh,
+        **({"domains": list(soak.nets)} if soak.multi else {}),
         "root": str(root), "counts": c, "failures": failures, "refused": soak.refused,
         "messages": [{"id": s.id, "sender": s.sender, "to": s.to, "size": s.size,
                       "how": s.note, "at": round(s.at, 1)} for s in soak.sent]})
