@@ -34,7 +34,9 @@ dnsmasq the soak says so and exits 2). Sends go within and across domains (often
 once); a server stop or kill -9 picks either server, and one in three keeps it down 8-25 s,
 so that mail for it waits in the other server's outbound queue; a send that returns while
 a recipient's server is down is followed, two times in five, by a stop or kill -9 of the
-sender's own server, whose outbound queue then holds it. Each server cut and start logs and
+sender's own server, whose outbound queue then holds it; a server that comes back while
+mail for it still waits in the other's queue (backed off) is, two times in five, stopped or
+killed again within 3 s. Each server cut and start logs and
 counts what waited in the outbound queues (read from the servers' SQLite stores). The end
 checks are the same (for mail across domains the sender's `status` must end `downloaded`
 too), and no server may have logged a bounce (the expiry is the default 5 days).
@@ -99,6 +101,8 @@ class Soak:
     not_sent: set[str] = field(default_factory=set)  # outbox rows shown failed `not sent`
     down: dict[str, float] = field(default_factory=dict)  # node -> monotonic restart time
     server_down: dict[str, float] = field(default_factory=dict)  # domain -> restart time
+    # domain -> when to cut its server again: it came up while mail for it waited elsewhere
+    recut: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     made: list[tuple[Path, int, str]] = field(default_factory=list)  # (path, size, digest)
@@ -190,15 +194,19 @@ class Soak:
         queues for `domain`, counted as `when` (cut, start) with mail queued."""
         if not self.multi:
             return ""
-        out = outbound_waiting(self.nets[domain].data_dir)
-        mine = sum(out.values())
-        for_it = sum(outbound_waiting(net.data_dir).get(domain, 0)
-                     for d, net in self.nets.items() if d != domain)
+        mine, for_it = self.queued(domain)
         if mine:
             self.count(f"server_{when}_outbound_queued")
         if for_it:
             self.count(f"server_{when}_mail_queued_for_it")
         return f" (its outbound queue {mine}, queued for it elsewhere {for_it})"
+
+    def queued(self, domain: str) -> tuple[int, int]:
+        """(envelopes in `domain`'s outbound queue, envelopes for `domain` in the others')."""
+        mine = sum(outbound_waiting(self.nets[domain].data_dir).values())
+        for_it = sum(outbound_waiting(net.data_dir).get(domain, 0)
+                     for d, net in self.nets.items() if d != domain)
+        return mine, for_it
 
     def revive(self, *, everything: bool = False) -> None:
         now = time.monotonic()
@@ -209,6 +217,11 @@ class Soak:
                 del self.server_down[domain]
                 self.count("server_starts")
                 self.log(f"{self.server_label(domain)} up{note}")
+                # Mail for it still waits at the other server (its retry is backed off):
+                # sometimes cut it again before that mail arrives.
+                if self.multi and not everything and self.queued(domain)[1] \
+                        and self.rng.random() < 0.4:
+                    self.recut[domain] = now + self.rng.uniform(0.0, 3.0)
         for name, when in sorted(self.down.items()):
             node = self.nodes[name]
             if domain_of(node.address) in self.server_down:
@@ -321,6 +334,13 @@ class Soak:
     # --- the run -------------------------------------------------------------------------
     def step(self) -> None:
         self.revive()
+        for domain, when in sorted(self.recut.items()):
+            if time.monotonic() >= when:
+                del self.recut[domain]
+                if domain not in self.server_down and self.queued(domain)[1]:
+                    self.count("server_recuts")
+                    self.server_restart(domain, kill=self.rng.random() < 0.7,
+                                        pause=self.rng.uniform(0.0, 6.0))
         up = self.up()
         servers_up = [d for d in self.nets if d not in self.server_down]
         server_up = bool(servers_up)
@@ -606,6 +626,8 @@ def multi_rows(c: dict[str, int], domains: list[str]) -> list[dict[str, Any]]:
                   "unit": ""},
                  {"metric": f"server {d} stops", "value": c.get(f"server_stops {d}", 0),
                   "unit": ""}]
+    rows.append({"metric": "servers cut again just after a start, mail for them still "
+                 "queued at the other", "value": c.get("server_recuts", 0), "unit": ""})
     for when in ("cut", "start"):
         rows += [{"metric": f"server {when}s with its outbound queue not empty",
                   "value": c.get(f"server_{when}_outbound_queued", 0), "unit": ""},
