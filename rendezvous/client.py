@@ -510,7 +510,8 @@ class RendezvousClient:
                 if not self.reconnect:
                     raise ConnectionLostError()
                 if remaining <= 0:
-                    raise RequestTimeoutError("not connected within the request timeout")
+                    raise RequestTimeoutError(f"not connected to {self.host}:{self.port} "
+                                              f"within {self.request_timeout}s")
                 await self.wait_connected(remaining)
                 continue
             req, fut = proto.request(make)
@@ -521,8 +522,8 @@ class RendezvousClient:
                 reply = await fut
             except TimeoutError:
                 proto.pending.pop(req.id, None)
-                raise RequestTimeoutError(
-                    f"no reply to {req.TAG} within {self.request_timeout}s") from None
+                raise RequestTimeoutError(f"no reply to {req.TAG} from {self.host}:{self.port} "
+                                          f"within {self.request_timeout}s") from None
             except ConnectionLostError:
                 if not self.reconnect:
                     raise

@@ -34,6 +34,7 @@ from overlay.mail.contacts import Contacts, PinResult
 from overlay.mail.describe import describe_media, make_thumbnail
 from overlay.mail.outbox import NOT_SENT, Outbox, RecipientStatus
 from rendezvous.client import RendezvousClient, RendezvousError
+from rendezvous.errors import ConnectionLostError, RequestTimeoutError
 from rendezvous.records import FingerResult
 from rendezvous.status import Status
 
@@ -299,6 +300,10 @@ class MailSender:
                 # misspelt domain and a server that is down call for different actions.
                 raise SendError(f"{exc.text}; {addr}'s keys are unknown, so nothing was "
                                 "sent: check the address, or try again later") from None
+            if isinstance(exc, RequestTimeoutError | ConnectionLostError):
+                raise SendError(f"your server did not answer when asked for {addr}'s keys "
+                                f"({exc}), so nothing was sent: try again later (`peerpost "
+                                "info` shows the connection)") from None
             # The server's words, without its status code; named once.
             text = exc.text or str(exc)
             raise SendError(text if addr in text else f"{addr}: {text}") from None
