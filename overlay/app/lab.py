@@ -223,7 +223,9 @@ class LocalNetwork:
 
     def start_node(self, node: NodeHandle, timeout: float = 30.0, *, ready: bool = True) -> None:
         """Start `peerpost node`; wait for its `ready` line unless `ready` is False."""
-        argv = [_script("peerpost"), "--home", str(node.home), "node", *node.extra]
+        # The web inbox on any free port: its default, 8470, may be a real node's.
+        web = [] if any(a.startswith("--web") for a in node.extra) else ["--web", "127.0.0.1:0"]
+        argv = [_script("peerpost"), "--home", str(node.home), "node", *web, *node.extra]
         node.proc = self._spawn(node.name, argv)
         if ready:
             node.proc.lines.wait_for(_READY, timeout, f"peerpost node ({node.name})")
