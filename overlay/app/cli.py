@@ -60,6 +60,12 @@ EXIT_CODES = """exit status:
 with --json, an error is {"error": TEXT, "code": STATUS} on stdout"""
 JSON_HELP = "machine-readable output on stdout (errors too: {\"error\": ..., \"code\": N})"
 MiB = 1 << 20
+WAIT_HELP = ("wait until every recipient has downloaded it, printing each change of "
+             "state; exit 0 when all have it, 1 when one ended otherwise (failed, cancelled, "
+             "the file changed); Ctrl-C stops the watching only")
+# Between two `status` calls of `send --wait` / `status ID --wait`: receipts change a
+# recipient's state a few times per message, so twice a second shows each change at once.
+WATCH_EVERY = 0.5
 PROGRESS_WAIT_MS = 200  # the longest `fetch --wait` lets the node hold a progress call
 
 
@@ -222,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipients: repeat --to or separate addresses with commas")
     s.add_argument("--title", default=None, help="subject line (default: the file's name)")
     s.add_argument("--note", default="", help="a short text sent with it")
+    s.add_argument("--wait", action="store_true", help=WAIT_HELP)
 
     s = sub.add_parser("inbox", help="list received messages, or prune old ones")
     s.add_argument("--json", action="store_true")
@@ -258,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="the sender's view: who has downloaded what")
     s.add_argument("id", nargs="?", help="a sent message's id or prefix (default: all)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--wait", action="store_true", help=WAIT_HELP + " (needs ID)")
 
     s = sub.add_parser("prefs", help="show or change preferences")
     s.add_argument("action", nargs="?", default="show",
@@ -348,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         # the server's reason, not a traceback.
         return _fail(args, f"the server refused this node's login: {exc}", EXIT_ERROR)
     except KeyboardInterrupt:
+        if watching := getattr(args, "watching_sent", None):
+            return _fail(args, f"interrupted: the message {watching} stays sent "
+                         f"(`peerpost status {watching} --wait` watches it again)",
+                         EXIT_INTERRUPTED)
         if watching := getattr(args, "watching", None):
             return _fail(args, f"interrupted: the node goes on downloading {watching} "
                          f"(`peerpost fetch --wait {watching}` shows it again, "
@@ -537,10 +549,52 @@ def _send(home: NodeHome, path: Path, to: list[str], args: argparse.Namespace) -
     res = control_call(home.control_path, "send", path=str(path), to=to,
                        title=args.title if args.title is not None else path.name,
                        note=args.note)
+    if args.wait:
+        if not args.json:
+            print(res["id"], flush=True)
+        return _watch_sent(home, res["id"], args)
     if args.json:
         print(json.dumps({"id": res["id"], "to": to}))
     else:
         print(res["id"])
+    return 0
+
+
+# A recipient's `shown` state after which nothing more happens to it.
+SENT_FINAL = ("downloaded", "failed", "cancelled", "source changed")
+
+
+def _watch_sent(home: NodeHome, mid: str, args: argparse.Namespace) -> int:
+    """Until every recipient of sent message `mid` is in a final state: a line per change
+    (`14:02:11 bob@example.net: downloading`), then what ended otherwise as the error.
+    `status` calls on a blocking socket, no event loop: this may run for days."""
+    args.watching_sent = mid[:SHORT_ID]  # from here a Ctrl-C stops the watching only
+    seen: dict[str, str] = {}
+    while True:
+        items = control_call(home.control_path, "status", id=mid)
+        if not items:
+            raise CliError(f"sent message {mid[:SHORT_ID]} is gone from the outbox")
+        m = items[0]
+        for r in m["recipients"]:
+            shown = str(r.get("shown") or r["state"])
+            if seen.get(r["address"]) != shown:
+                seen[r["address"]] = shown
+                if not args.json:
+                    when = _when(r.get("updated_at") or time.time())[11:]
+                    reason = f" ({r['reason']})" if r.get("reason") and shown == "failed" else ""
+                    console.print(f"{when} {_m(r['address'])}: {_m(shown + reason)}",
+                                  soft_wrap=True, highlight=False)
+        if all(state.startswith(SENT_FINAL) for state in seen.values()):
+            break
+        time.sleep(WATCH_EVERY)
+    if args.json:
+        print(json.dumps(m, indent=2))
+    short = {a: s for a, s in seen.items() if s != "downloaded"}
+    if short:
+        raise CliError(f"{len(seen) - len(short)} of {len(seen)} recipients have it; "
+                       + ", ".join(f"{a}: {s}" for a, s in short.items()))
+    if not args.json:
+        console.print(f"every recipient has {_m(m['title'])}", highlight=False)
     return 0
 
 
@@ -732,10 +786,25 @@ def _fetched(e: dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
+def cmd_status(home: NodeHome, args: argparse.Namespace) -> Any:
     want = args.id.strip() if args.id is not None else None
     if want is not None and not want:
         raise CliError("give a sent message's id (see `peerpost status`)", EXIT_USAGE)
+    if not args.wait:
+        return _status_table(home, args, want)
+    if not want:
+        raise CliError("status --wait watches one message: give its id (`peerpost status` "
+                       "lists them)", EXIT_USAGE)
+    items = control_call(home.control_path, "status", id=want)
+    if not items:
+        raise CliError(f"no sent message matches {want} (`peerpost status` lists them)")
+    if len(items) > 1:
+        raise CliError(f"{want} matches {len(items)} sent messages: give more of the id",
+                       EXIT_USAGE)
+    return _watch_sent(home, items[0]["id"], args)
+
+
+async def _status_table(home: NodeHome, args: argparse.Namespace, want: str | None) -> int:
     items = await _call(home, "status", id=want)
     if want and not items:
         raise CliError(f"no sent message matches {want} (`peerpost status` lists them)")
