@@ -17,11 +17,13 @@ from crypto.identity import DeviceIdentity
 from crypto.location import LocationMessage
 from overlay.app.holders import HolderFinder
 from overlay.content.catalog import ContentStore
-from overlay.content.interfaces import ContentStoreError
+from overlay.content.diskio import is_disk_full
+from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
 from overlay.mail.downloads import Activity, DownloadFailed, RetryLater, SourceView
 from overlay.mail.inbox import InboxEntry
 from overlay.transfer.downloader import (
     ChunkStored,
+    DiskFull,
     Downloader,
     FetchError,
     FetchEvent,
@@ -89,6 +91,8 @@ class ContentFetch:
                 self.store.open_partial, h.content_id, h.size, h.chunk_size, h.content_key,
                 h.capability, self.dest, msg.description.file_name or f"{entry.id.hex()}.bin",
                 scheme=h.scheme)
+        except NotEnoughSpace as exc:
+            raise RetryLater(f"{exc}: it starts by itself once there is room") from None
         except ContentStoreError as exc:
             # Already held in full (the same content twice, or a crash between the
             # rename and the inbox update): nothing to fetch.
@@ -97,6 +101,9 @@ class ContentFetch:
                 raise DownloadFailed(str(exc)) from None
             return str(held.path)
         except (DecodeError, OSError) as exc:
+            if is_disk_full(exc):
+                raise RetryLater(f"the disk is full ({exc}): the download starts by itself "
+                                 "once there is room") from None
             # A name or layout the disk refuses: retrying can't help.
             raise DownloadFailed(f"cannot store the file: {exc}") from None
         sources = await self.finder.sources(msg)
@@ -137,6 +144,9 @@ class ContentFetch:
         except NoSourceReachable as exc:
             progress(partial.held)
             raise RetryLater(str(exc)) from None
+        except DiskFull as exc:
+            raise RetryLater(f"{exc}: the download resumes by itself once there is room "
+                             "(its verified chunks are kept)") from None
         except FetchError as exc:
             raise DownloadFailed(str(exc)) from None
         finally:

@@ -190,7 +190,9 @@ class Node:
             self._tg.create_task(self.delivery.pushes(), name="pushes"),
             self._tg.create_task(self.links.serve_webrtc(), name="webrtc-accept"),
             self._tg.create_task(self.delivery.downloads_after_login(), name="downloads"),
-            self._tg.create_task(self.receipts.owed(), name="owed-receipts")]
+            self._tg.create_task(self.receipts.owed(), name="owed-receipts"),
+            self._tg.create_task(self.delivery.lookups(), name="key-lookups"),
+            self._tg.create_task(self.delivery.unstored(), name="unstored-retry")]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -241,7 +243,10 @@ class Node:
             self.rendezvous, self.incoming, self.outbox, self.store, self.prefs,
             self.downloads, archive=self.home.root / "archive", on_pipe=self.links.feed,
             on_relay=self.links.serve_relayed,
-            withdraw=self.providers.withdraw)
+            withdraw=self.providers.withdraw,
+            # A sender's keys looked up again as a download is retried.
+            lookup_backoff=Backoff(self.options.retry_base, self.options.retry_max,
+                                   jitter=0.8), rng=self.rng)
 
     async def _start_web(self, ops: ControlOperations) -> str | None:
         """The web inbox on this loop, closed with the node; its URL, or None when off."""

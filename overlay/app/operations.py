@@ -134,12 +134,15 @@ class ControlOperations:
 
     def entry_json(self, e: InboxEntry) -> dict[str, Any]:
         act = self.downloads.active.get(e.id)
+        state, next_attempt, error = e.state.value, e.next_attempt, e.error
+        if (held := self.downloads.held_off(e.id)) is not None:  # node.db took no state
+            state, (next_attempt, error) = InboxState.RETRYING.value, held
         return {
             "id": e.id.hex(), "from": e.sender, "title": e.title, "note": e.note,
             "size": e.size, "file_name": e.file_name, "media_type": e.media_type,
-            "state": e.state.value, "progress": round(e.progress, 4), "path": e.path,
+            "state": state, "progress": round(e.progress, 4), "path": e.path,
             "junk": e.junk, "priority": e.priority, "received_at": e.received_at,
-            "next_attempt": e.next_attempt, "attempts": e.attempts, "error": e.error,
+            "next_attempt": next_attempt, "attempts": e.attempts, "error": error,
             "started_at": e.started_at, "first_byte_at": e.first_byte_at,
             "completed_at": e.completed_at,
             "sources": [s.as_dict() for s in act.sources.values()] if act else [],

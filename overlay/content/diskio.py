@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
+import sqlite3
 import stat
 import sys
 import threading
@@ -16,7 +18,7 @@ from crypto.content import (
     ChunkCipher,
 )
 from crypto.errors import DecodeError
-from overlay.content.interfaces import ContentStoreError
+from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
 
 # Received chunks go to the disk with O_DIRECT when their length and offset are multiples
 # of this (every chunk of a 1 MiB layout but the last). Measured here writing 1 MiB blocks:
@@ -24,6 +26,18 @@ from overlay.content.interfaces import ContentStoreError
 # plus a final fsync of the whole file (~0.5 s per GiB) that the download waited for.
 DIRECT_ALIGN = 4096
 SEND_BUFFERS = 8  # sealed chunks per served content kept for reuse (some still in flight)
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write refused for want of room (ENOSPC, EDQUOT, SQLite's SQLITE_FULL): a state of
+    this machine's disk that freeing space ends, not a fault of the download."""
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    return (isinstance(exc, sqlite3.OperationalError)
+            and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)
 
 
 class ShortRead(Exception):
@@ -233,9 +247,9 @@ def preallocate(path: Path, size: int) -> None:
     """
     vfs = os.statvfs(path.parent)
     if size > vfs.f_bavail * vfs.f_frsize:
-        raise ContentStoreError(
-            f"not enough free space in {path.parent}: {size} bytes needed, "
-            f"{vfs.f_bavail * vfs.f_frsize} available")
+        raise NotEnoughSpace(
+            f"not enough free space in {path.parent}: {size:,} bytes needed, "
+            f"{vfs.f_bavail * vfs.f_frsize:,} available")
     fd = create_new(path)
     try:
         os.ftruncate(fd, size)

@@ -10,6 +10,10 @@ class ContentStoreError(Exception):
     """A store operation cannot be done (unknown content, file changed, wrong state)."""
 
 
+class NotEnoughSpace(ContentStoreError):
+    """The disk has no room for the file now; it may have later."""
+
+
 class ServedContent(Protocol):
     """What the serving side needs from one content it holds, fully or in part."""
 

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -29,11 +31,20 @@ from overlay.mail.outbox import Outbox
 from overlay.mail.prefs import Prefs
 from overlay.mail.receipts import RECEIPT_KIND, Receipt
 from overlay.mail.retention import apply_retention
-from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient, RendezvousError
+from rendezvous.backoff import Backoff
+from rendezvous.client import (
+    Envelope,
+    PipeMessage,
+    RelayInvite,
+    RendezvousClient,
+    RendezvousError,
+)
+from rendezvous.errors import NotFoundError
 
 log = logging.getLogger("peerpost.node")
 
 LOGIN_FLUSH_WAIT = 3.0  # seconds downloads wait at most for the mailbox queued at login
+LOOKUP_BACKOFF = Backoff(5.0, 300.0, jitter=0.8)  # a sender's keys looked up again
 
 
 class Receipts:
@@ -106,13 +117,24 @@ class Delivery:
     WebRTC signalling (False: not signalling), `on_relay(invite)` serves a relayed stream
     another device opened to us, `withdraw(content_id)` stops offering a content whose
     copy retention deleted or archived.
+
+    A sender whose keys could not be looked up (FINGER failed: its domain's server down,
+    the link between the servers cut, our own server away) is looked up again with
+    `lookup_backoff` until an answer comes (`lookups()`), so that its held messages go
+    on as soon as its domain answers, not only when it sends again.
+
+    An envelope the inbox could not store (node.db's disk full) is not acknowledged: it
+    stays at the server, and `unstored()` asks for it again with `lookup_backoff` until
+    it is stored (at the next login the server pushes it again anyway).
     """
 
     def __init__(self, rendezvous: RendezvousClient, incoming: IncomingMail, outbox: Outbox,
                  store: ContentStore, prefs: Prefs, downloads: DownloadQueue, *,
                  archive: Path, on_pipe: Callable[[PipeMessage], bool],
                  on_relay: Callable[[RelayInvite], None],
-                 withdraw: Callable[[bytes], Awaitable[None]]) -> None:
+                 withdraw: Callable[[bytes], Awaitable[None]],
+                 lookup_backoff: Backoff = LOOKUP_BACKOFF,
+                 rng: random.Random | None = None) -> None:
         self.rendezvous = rendezvous
         self.incoming = incoming
         self.outbox = outbox
@@ -126,6 +148,12 @@ class Delivery:
         self._handled: set[bytes] = set()
         self._login_pending: set[bytes] | None = None
         self._login_read = asyncio.Event()
+        self.lookup_backoff = lookup_backoff
+        self._rng = rng or random.Random()
+        self._lookup_failed: set[str] = set()  # senders to look up again
+        self._lookup_wake = asyncio.Event()
+        self._unstored: set[bytes] = set()  # envelopes left at the server, asked again
+        self._unstored_wake = asyncio.Event()
 
     async def downloads_after_login(self) -> None:
         """Start the download queue once the mailbox that was waiting at login is read.
@@ -168,29 +196,88 @@ class Delivery:
                     log.info("dropped a PIPE message from %s that isn't signalling",
                              push.sender)
                 continue
-            env = push.envelope
+            await self._take(push.envelope)
+            self._note_handled(push.envelope.message_id)
+
+    async def _take(self, env: Envelope) -> None:
+        """Into the inbox, then acknowledged; left at the server if it could not be stored."""
+        try:
             outcome, _ = self.incoming.handle(Pushed(env.message_id, env.sender, env.blob))
-            # Acknowledge only after the inbox committed it; a dropped one is removed too,
-            # or the server would hand the same garbage back at every login.
-            with contextlib.suppress(RendezvousError, OSError):
-                await self.rendezvous.remove(env.message_id)
-            self._note_handled(env.message_id)
-            while self.incoming.key_checks:
-                await self._recheck(self.incoming.key_checks.pop())
-            if outcome is Outcome.NEW:
-                self.downloads.wake()
-            elif outcome is Outcome.RECEIPT:
-                await self.retention()
+        except (sqlite3.Error, OSError) as exc:
+            if env.message_id not in self._unstored:
+                log.error("message %s from %s not stored (%s): it stays at the server and "
+                          "is taken again in a while", env.message_id.hex(), env.sender, exc)
+            self._unstored.add(env.message_id)
+            self._unstored_wake.set()
+            return
+        self._unstored.discard(env.message_id)
+        # Acknowledge only after the inbox committed it; a dropped one is removed too,
+        # or the server would hand the same garbage back at every login.
+        with contextlib.suppress(RendezvousError, OSError):
+            await self.rendezvous.remove(env.message_id)
+        while self.incoming.key_checks:
+            await self._recheck(self.incoming.key_checks.pop())
+        if outcome is Outcome.NEW:
+            self.downloads.wake()
+        elif outcome is Outcome.RECEIPT:
+            await self.retention()
+
+    async def unstored(self) -> None:
+        """Ask the server again, with backoff, for the envelopes the inbox could not
+        store, until each is stored or gone. Runs until cancelled."""
+        attempt = 0
+        while True:
+            if not self._unstored:
+                attempt = 0
+                self._unstored_wake.clear()
+                await self._unstored_wake.wait()
+                continue
+            attempt += 1
+            await asyncio.sleep(self.lookup_backoff.delay(attempt, self._rng))
+            for mid in sorted(self._unstored):
+                try:
+                    env = await self.rendezvous.retrieve(mid)
+                except NotFoundError:  # taken meanwhile (pushed again at a login)
+                    self._unstored.discard(mid)
+                    continue
+                except (RendezvousError, OSError) as exc:
+                    log.info("asking again for message %s failed: %s", mid.hex(), exc)
+                    continue
+                await self._take(env)
+                if mid not in self._unstored:
+                    log.info("message %s stored now", mid.hex())
 
     async def _recheck(self, sender: str) -> None:
         try:
             devices = (await self.rendezvous.finger(sender)).devices
-        except (RendezvousError, OSError) as exc:  # can't check: the messages stay held
+        except (RendezvousError, OSError) as exc:  # can't check: held, and asked again
             log.info("FINGER %s failed: %s", sender, exc)
             devices = ()
+            self._lookup_failed.add(sender)
+            self._lookup_wake.set()
+        else:
+            self._lookup_failed.discard(sender)
         vouches = {d.verify_key: d.vouch for d in devices if d.vouch is not None}
         if self.incoming.recheck_keys(sender, [d.verify_key for d in devices], vouches):
             self.downloads.wake()
+
+    async def lookups(self) -> None:
+        """Look up again, with backoff, the senders whose lookup failed, until each gets
+        an answer. At start every sender with a held message is looked up once (why it
+        is held is not stored). Runs until cancelled."""
+        held = await asyncio.to_thread(self.incoming.inbox.unverified_senders)
+        self._lookup_failed.update(held)
+        attempt = 0
+        while True:
+            if not self._lookup_failed:
+                attempt = 0
+                self._lookup_wake.clear()
+                await self._lookup_wake.wait()
+                continue
+            attempt += 1
+            await asyncio.sleep(self.lookup_backoff.delay(attempt, self._rng))
+            for sender in sorted(self._lookup_failed):
+                await self._recheck(sender)
 
     async def retention(self) -> None:
         """Apply the retention preference to every message all recipients now hold."""

@@ -6,9 +6,12 @@ until woken (a new message, a `fetch`, a node coming online) or until the next r
 due. When no source is reachable a download is not failed: it goes to `retrying` with an
 exponential backoff and shows the next attempt time in `inbox` (the seed's step 445).
 
-Any other failure of one download (a name the disk refuses, a bug) marks that message
-`failed` with the reason, logged once; it never ends the loop or restarts the same
-download in a tight loop. Offered messages larger than the `auto_download_max`
+A full disk is not a failure either: the download goes to `retrying` with the reason and
+resumes by itself once there is room. When node.db's disk is the full one and even that
+state can't be written, the queue keeps it (`held_off`, shown by `inbox`) and tries again
+after the backoff. Any other failure of one download (a name the disk refuses, a bug) marks
+that message `failed` with the reason, logged once; it never ends the loop or restarts the
+same download in a tight loop. Offered messages larger than the `auto_download_max`
 preference wait for `peerpost fetch`.
 """
 
@@ -124,8 +127,10 @@ class DownloadQueue:
         self._requested: set[bytes] = set()  # `fetch ID` while auto-download is off
         self._priority: dict[bytes, bool] = {}  # running downloads: from a priority sender?
         self._preempting: set[bytes] = set()
-        # Messages whose failure could not even be recorded: not started again this run.
-        self._stuck: set[bytes] = set()
+        # Messages whose retry or failure could not even be recorded (node.db's disk is
+        # full): not started again before this wall time, nor in a tight loop.
+        self._held_off: dict[bytes, tuple[float, str]] = {}  # id -> (until, why)
+        self._holds: dict[bytes, int] = {}  # how often in a row: node.db counts no attempt
         self._stopping: set[bytes] = set()  # being cancelled (see cancel)
         self.counters: dict[str, int] = {"failed": 0, "stuck": 0}
 
@@ -154,7 +159,7 @@ class DownloadQueue:
         elif entry.state is InboxState.RETRYING:
             self.inbox.transition(message_id, InboxState.DOWNLOADING)
         self._requested.add(message_id)
-        self._stuck.discard(message_id)
+        self._held_off.pop(message_id, None)
         self._changed()
         self.wake()
 
@@ -166,7 +171,8 @@ class DownloadQueue:
         self._stopping.add(message_id)
         try:
             self._requested.discard(message_id)
-            self._stuck.discard(message_id)
+            self._held_off.pop(message_id, None)
+            self._holds.pop(message_id, None)
             self.active.pop(message_id, None)
             task = self._tasks.get(message_id)
             self._tasks.cancel(message_id)
@@ -177,6 +183,11 @@ class DownloadQueue:
                 self.inbox.remove(message_id)
         finally:
             self._stopping.discard(message_id)
+
+    def held_off(self, message_id: bytes) -> tuple[float, str] | None:
+        """(when it is tried again, why) for a message whose state node.db would not
+        take, else None."""
+        return self._held_off.get(message_id)
 
     def backoff(self, attempts: int) -> float:
         # Jitter keeps retries from bunching up.
@@ -189,9 +200,11 @@ class DownloadQueue:
                 self._wake.clear()
                 self._start_due()
                 timeout = None
-                nxt = self.inbox.next_wakeup()
-                if nxt is not None:
-                    timeout = max(0.05, nxt - self.wall())
+                due = [t for t in (self.inbox.next_wakeup(),
+                                   *(until for until, _ in self._held_off.values()))
+                       if t is not None]
+                if due:
+                    timeout = max(0.05, min(due) - self.wall())
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await self._wake.wait()
@@ -203,8 +216,13 @@ class DownloadQueue:
     def _start_due(self) -> None:
         order = self.inbox.fetch_order(self.wall(), include_offered=self.prefs.auto_download,
                                        offered_max_size=self.prefs.auto_download_max)
+        now = self.wall()
+        for mid, (until, _) in list(self._held_off.items()):
+            if until <= now:
+                del self._held_off[mid]
         for entry in order:
-            if entry.id in self._tasks or entry.id in self._stuck or entry.id in self._stopping:
+            if entry.id in self._tasks or entry.id in self._held_off or \
+                    entry.id in self._stopping:
                 continue
             if len(self._tasks) >= self.max_active:
                 # Priority senders come first even when their message arrives while an
@@ -259,15 +277,21 @@ class DownloadQueue:
                     act.end_attempt()
             except RetryLater as exc:
                 current = self.inbox.get(mid)
-                attempts = current.attempts if current else 1
+                attempts = (current.attempts if current else 1) + self._holds.get(mid, 0)
                 when = self.wall() + self.backoff(attempts)
-                self.inbox.transition(mid, InboxState.RETRYING, next_attempt=when,
-                                      error=str(exc))
+                try:
+                    self.inbox.transition(mid, InboxState.RETRYING, next_attempt=when,
+                                          error=str(exc))
+                except Exception as db_exc:  # node.db's disk may be the full one
+                    self._hold_off(mid, when, str(exc), db_exc)
+                    return
+                self._holds.pop(mid, None)
                 log.info("message %s: %s; retrying in %.1f s", mid.hex(), exc, when - self.wall())
                 return
             except DownloadFailed as exc:
                 self._fail(mid, str(exc))
                 return
+            self._holds.pop(mid, None)
             self.inbox.mark_time(mid, "completed", self.wall())
             done = self.inbox.transition(mid, InboxState.COMPLETE, path=path)
             self._changed()  # before the receipt's round trip
@@ -287,7 +311,8 @@ class DownloadQueue:
             self._changed()  # retrying, failed, or paused for a priority sender
 
     def _fail(self, mid: bytes, reason: str) -> None:
-        """Mark the message failed with `reason`; if even that fails, leave it alone."""
+        """Mark the message failed with `reason`; if even that fails (a full disk refuses
+        node.db's write too), try the download again after the longest backoff."""
         self.counters["failed"] += 1
         try:
             current = self.inbox.get(mid)
@@ -295,7 +320,13 @@ class DownloadQueue:
                 self.inbox.transition(mid, InboxState.FAILED, error=reason or "failed")
             log.warning("message %s failed: %s", mid.hex(), reason)
         except Exception as exc:
-            self.counters["stuck"] += 1
-            self._stuck.add(mid)
-            log.error("message %s failed (%s) and could not be marked failed: %s",
-                      mid.hex(), reason, exc)
+            self._hold_off(mid, self.wall() + self.retry_max, reason, exc)
+
+    def _hold_off(self, mid: bytes, until: float, why: str, db_exc: Exception) -> None:
+        """Leave `mid` alone until `until` (wall time), its state unrecorded; the queue
+        starts it again then."""
+        self.counters["stuck"] += 1
+        self._holds[mid] = self._holds.get(mid, 0) + 1
+        self._held_off[mid] = (until, why)
+        log.error("message %s: %s (node.db did not take it: %s); trying again in %.0f s",
+                  mid.hex(), why, db_exc, until - self.wall())

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from crypto.errors import VerificationError
 from crypto.identity import DeviceIdentity
+from overlay.content.diskio import is_disk_full
 from overlay.content.partial import PartialContent
 from overlay.transfer.errors import RemoteError, SessionFailed, TransferError
 from overlay.transfer.frames import Chunk, ErrorCode, Have
@@ -132,6 +133,11 @@ class NoSourceReachable(FetchError):
         super().__init__(f"no source reachable for {missing} missing chunks ({detail})")
         self.failures = failures
         self.missing = missing
+
+
+class DiskFull(FetchError):
+    """A chunk could not be written for want of room on this disk: not a source's fault,
+    and freeing space ends it."""
 
 
 class SourceChanged(FetchError):
@@ -355,8 +361,13 @@ class Downloader:
         try:
             await self._run_tasks()
         except* OSError as eg:  # the disk, not a source: nothing to retry elsewhere
-            raise FetchError(f"cannot write {self.partial.part_path}: {eg.exceptions[0]}"
-                             ) from None
+            exc: BaseException = eg
+            while isinstance(exc, BaseExceptionGroup):
+                exc = exc.exceptions[0]
+            if is_disk_full(exc):
+                raise DiskFull(f"the disk is full: cannot write {self.partial.part_path} "
+                               f"({getattr(exc, 'strerror', None) or exc})") from None
+            raise FetchError(f"cannot write {self.partial.part_path}: {exc}") from None
 
     async def _run_tasks(self) -> None:
         try:

@@ -1,0 +1,95 @@
+"""A receiver whose disk fills up mid-download, with real processes and a real full
+filesystem (a 16 MiB tmpfs holding bob's home): the download waits as `retrying` with the
+reason, mail that arrives meanwhile stays at the server, nothing crashes, and once space is
+freed both finish with the sender's bytes, each once."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from overlay.app.lab import LocalNetwork
+
+pytestmark = pytest.mark.slow
+MiB = 1 << 20
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(f"CI must run the full-disk test, but: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An empty 16 MiB tmpfs at tmp_path/bob (mounting needs root)."""
+    where = tmp_path / "lab" / "bob"
+    where.mkdir(parents=True)
+    if os.geteuid() != 0:
+        _unavailable("mounting a small tmpfs needs root")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs",
+                          str(where)], capture_output=True, text=True)
+    if res.returncode != 0:
+        _unavailable(f"mount -t tmpfs failed: {res.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(path: Path) -> None:
+    with path.open("wb") as f:
+        block = bytes(MiB)
+        try:
+            while True:
+                f.write(block)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+def test_a_full_disk_pauses_the_download_and_loses_nothing(small_disk: Path,
+                                                            tmp_path: Path) -> None:
+    with LocalNetwork(tmp_path / "lab") as net:
+        net.start_server()
+        alice = net.add_node("alice", extra=["--max-upload-rate", str(MiB)])
+        bob = net.add_node("bob")  # its home is the small disk
+        assert bob.home == small_disk
+        net.start_node(alice)
+        net.start_node(bob)
+        clip = tmp_path / "clip.bin"
+        clip.write_bytes(os.urandom(8 * MiB))
+        mid = net.cli(alice, "send", str(clip), "--to", bob.address).stdout.strip()
+        net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["progress"] > 0.2,
+                       60, "a partial download", interval=0.1)
+
+        filler = small_disk / "filler"
+        fill(filler)
+        waiting = net.wait_until(
+            lambda: (e := net.inbox_entry(bob, mid)) and e["state"] == "retrying" and e,
+            30, "bob's download retrying", interval=0.2)
+        assert "the disk is full" in waiting["error"], waiting
+        assert "resumes by itself once there is room" in waiting["error"]
+
+        note = tmp_path / "note.bin"
+        note.write_bytes(os.urandom(100_000))
+        later = net.cli(alice, "send", str(note), "--to", bob.address).stdout.strip()
+        assert bob.proc is not None
+        bob.proc.lines.wait_for(re.compile(f"message {later} from alice@example.net not "
+                                           "stored"), 30, "bob's log")
+        assert bob.proc.alive()
+
+        filler.unlink()
+        for m, src in ((mid, clip), (later, note)):
+            got = net.wait_complete(bob, m, 90)
+            assert Path(got["path"]).read_bytes() == src.read_bytes()
+        inbox = [e["id"] for e in net.cli_json(bob, "inbox", "--all")]
+        assert sorted(inbox) == sorted([mid, later])  # each once
+        assert "banned" not in (bob.home / "node.log").read_text()  # alice was not blamed
+        assert bob.proc.alive()
