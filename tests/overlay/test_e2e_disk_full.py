@@ -93,3 +93,18 @@ def test_a_full_disk_pauses_the_download_and_loses_nothing(small_disk: Path,
         assert sorted(inbox) == sorted([mid, later])  # each once
         assert "banned" not in (bob.home / "node.log").read_text()  # alice was not blamed
         assert bob.proc.alive()
+
+        # No room for a new file at all: it waits too, and starts once there is room.
+        for m in (mid, later):
+            net.cli(bob, "rm", m, "--delete-file")
+        small = small_disk / "small"
+        small.write_bytes(bytes(9 * MiB))  # 16 MiB, less 9: no room for 8
+        third = net.cli(alice, "send", str(clip), "--to", bob.address).stdout.strip()
+        waiting = net.wait_until(
+            lambda: (e := net.inbox_entry(bob, third)) and e["state"] == "retrying" and e,
+            30, "bob's third download retrying", interval=0.2)
+        assert "not enough free space" in waiting["error"], waiting
+        assert "it starts by itself once there is room" in waiting["error"]
+        small.unlink()
+        got = net.wait_complete(bob, third, 90)
+        assert Path(got["path"]).read_bytes() == clip.read_bytes()
