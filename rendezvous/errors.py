@@ -10,8 +10,24 @@
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 from crypto import errors
 from rendezvous.status import Status
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write refused for want of room (ENOSPC, EDQUOT, SQLite's SQLITE_FULL, PostgreSQL's
+    disk_full): a state of a disk that freeing space ends, not a fault of the request."""
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return getattr(exc, "sqlstate", None) == _PG_DISK_FULL
 
 
 class LocalProtocolError(errors.LocalProtocolError):

@@ -119,6 +119,7 @@ from crypto.address import domain_of
 from crypto.codec import packb
 from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver
 from rendezvous.domainkey import DomainKey
+from rendezvous.errors import is_disk_full
 from rendezvous.federation import Federation
 from rendezvous.instances import InstanceBus, LocalBus
 from rendezvous.limits import Limits, TokenBucket
@@ -909,6 +910,9 @@ class RendezvousServer:
             return Status.BAD_REQUEST, str(exc), None
         if self._closing:
             return Status.UNAVAILABLE, "server shutting down", None
+        if is_disk_full(exc):  # nothing was stored; the operator has to free space
+            log.error(kv("storage.full", peer=conn.peer, verb=req.TAG, error=str(exc)))
+            return Status.UNAVAILABLE, "the server's storage is full: try again later", None
         log.error(kv("request.failed", peer=conn.peer, verb=req.TAG), exc_info=exc)
         return Status.SERVER_ERROR, "internal error", None
 

@@ -17,7 +17,6 @@ from crypto.identity import DeviceIdentity
 from crypto.location import LocationMessage
 from overlay.app.holders import HolderFinder
 from overlay.content.catalog import ContentStore
-from overlay.content.diskio import is_disk_full
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
 from overlay.mail.downloads import Activity, DownloadFailed, RetryLater, SourceView
 from overlay.mail.inbox import InboxEntry
@@ -29,6 +28,7 @@ from overlay.transfer.downloader import (
     FetchEvent,
     NoSourceReachable,
 )
+from rendezvous.errors import is_disk_full
 from rendezvous.taskset import TaskSet
 
 PROGRESS_EVERY = 0.25  # seconds between progress writes to node.db (each one fsync'd)

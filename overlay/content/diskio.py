@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
-import sqlite3
 import stat
 import sys
 import threading
@@ -26,18 +24,6 @@ from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
 # plus a final fsync of the whole file (~0.5 s per GiB) that the download waited for.
 DIRECT_ALIGN = 4096
 SEND_BUFFERS = 8  # sealed chunks per served content kept for reuse (some still in flight)
-
-
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """A write refused for want of room (ENOSPC, EDQUOT, SQLite's SQLITE_FULL): a state of
-    this machine's disk that freeing space ends, not a fault of the download."""
-    if isinstance(exc, OSError):
-        return exc.errno in _FULL_ERRNOS
-    return (isinstance(exc, sqlite3.OperationalError)
-            and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)
 
 
 class ShortRead(Exception):

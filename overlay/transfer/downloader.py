@@ -35,7 +35,6 @@ from pathlib import Path
 
 from crypto.errors import VerificationError
 from crypto.identity import DeviceIdentity
-from overlay.content.diskio import is_disk_full
 from overlay.content.partial import PartialContent
 from overlay.transfer.errors import RemoteError, SessionFailed, TransferError
 from overlay.transfer.frames import Chunk, ErrorCode, Have
@@ -45,6 +44,7 @@ from overlay.transfer.scheduler import Arrival, ChunkScheduler
 from overlay.transfer.workers import WorkQueue
 from overlay.transports.ladder import Source
 from overlay.transports.stream import StreamError
+from rendezvous.errors import is_disk_full
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,14 +27,13 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """An empty 16 MiB tmpfs at tmp_path/bob (mounting needs root)."""
-    where = tmp_path / "lab" / "bob"
+@contextmanager
+def _tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """An empty tmpfs of `size` at `where` (mounting needs root)."""
     where.mkdir(parents=True)
     if os.geteuid() != 0:
         _unavailable("mounting a small tmpfs needs root")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs",
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
                           str(where)], capture_output=True, text=True)
     if res.returncode != 0:
         _unavailable(f"mount -t tmpfs failed: {res.stderr.strip()}")
@@ -41,6 +41,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """bob's home on a 16 MiB tmpfs."""
+    with _tmpfs(tmp_path / "lab" / "bob", "16m") as where:
+        yield where
 
 
 def fill(path: Path) -> None:
@@ -108,3 +115,26 @@ def test_a_full_disk_pauses_the_download_and_loses_nothing(small_disk: Path,
         small.unlink()
         got = net.wait_complete(bob, third, 90)
         assert Path(got["path"]).read_bytes() == clip.read_bytes()
+
+
+def test_a_server_whose_disk_is_full_says_so_and_recovers(tmp_path: Path) -> None:
+    lab = tmp_path / "lab"
+    with _tmpfs(lab / "server-data", "8m") as data, LocalNetwork(lab) as net:
+        net.start_server()
+        alice, bob = net.add_node("alice"), net.add_node("bob")
+        net.start_node(alice)
+        net.start_node(bob)
+        note = tmp_path / "note.bin"
+        note.write_bytes(os.urandom(100_000))
+        fill(data / "filler")
+        res = net.cli(alice, "send", str(note), "--to", bob.address, check=False)
+        assert res.returncode == 1
+        assert ("the server did not take it (503 the server's storage is full: try again "
+                "later)") in " ".join(res.stderr.split()), res.stderr
+        assert net.server is not None and net.server.alive()
+        assert "event=storage.full" in net.server.log() and "Traceback" not in net.server.log()
+        (data / "filler").unlink()
+        mid = net.cli(alice, "send", str(note), "--to", bob.address).stdout.strip()
+        got = net.wait_complete(bob, mid, 60)
+        assert Path(got["path"]).read_bytes() == note.read_bytes()
+        assert len(net.cli_json(bob, "inbox", "--all")) == 1  # the refused one never came
