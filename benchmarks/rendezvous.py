@@ -35,6 +35,7 @@ import asyncio
 import gc
 import os
 import resource
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -400,7 +401,12 @@ async def _pg_instances(args: argparse.Namespace, cluster: Any, tmp: Path,
     try:
         drivers = []
         for i in range(count):
-            proc, port = await _serve(tmp / f"pg-data{count}-{i}", args, "--store", url)
+            data = tmp / f"pg-data{count}-{i}"
+            if i:  # the instances of a domain share its one domain key (serve checks)
+                data.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(tmp / f"pg-data{count}-0" / "domain_key.json",
+                             data / "domain_key.json")
+            proc, port = await _serve(data, args, "--store", url)
             procs.append(proc)
             drivers.append(Driver(port, args, first=(i + 1) * 1_000_000))
         senders = [c for i in range(args.senders) for c in

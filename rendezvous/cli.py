@@ -130,7 +130,7 @@ from rendezvous.storecli import (
     pg_read_stats,
     store_url,
 )
-from rendezvous.tls import self_signed, server_tls
+from rendezvous.tls import self_signed, server_tls, tls_files_problem
 
 if TYPE_CHECKING:
     from rendezvous.metrics import ServerMetrics
@@ -437,6 +437,11 @@ def _serve(argv: list[str] | None, args: argparse.Namespace) -> int:
         print("peerpost-rendezvous: --plaintext and --tls-cert exclude each other",
               file=sys.stderr)
         return 2
+    if args.tls_cert is not None:
+        problem = tls_files_problem(args.tls_cert, args.tls_key)
+        if problem is not None:  # before DATA is made: a typo leaves no folder behind
+            print(f"peerpost-rendezvous: {problem}", file=sys.stderr)
+            return 1
     try:
         args.data.mkdir(parents=True, exist_ok=True)
         lock = DataLock.acquire(args.data)
@@ -498,8 +503,9 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                 txt=f"_peerpost.{args.domain} TXT \"{txt_value(domain_key.public)}\""))
     if tls is None:
         log.warning(kv("server.plaintext", note="no TLS: for the simulator and benchmarks only"))
-    server = RendezvousServer(args.domain, make_store(args.store, data, args.domain,
-                                                      outbound_claim=args.outbound_claim),
+    store = make_store(args.store, data, args.domain, outbound_claim=args.outbound_claim,
+                       domain_key=domain_key.public)
+    server = RendezvousServer(args.domain, store,
                               open_registration=args.open_registration, limits=limits,
                               services=services, domain_key=domain_key, tls=tls,
                               finger_open=args.finger_open,
@@ -508,10 +514,18 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                               bus=make_bus(args.store, advertise=args.advertise,
                                            heartbeat=args.instance_heartbeat))
     try:
+        # Opened here, not inside start(): a database that does not answer is an OSError
+        # too, and must not read "cannot listen on ...".
+        await store.open()
+    except (OSError, RuntimeError) as exc:
+        await server.aclose()  # closes the services too
+        print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
+        return 1
+    try:
         host, port = await server.start(*args.listen)
     except OSError as exc:
         await server.aclose()  # closes the services too
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        reason = _bind_reason(exc)
         print(f"peerpost-rendezvous: cannot listen on {args.listen[0]}:{args.listen[1]} "
               f"(TCP): {reason}", file=sys.stderr)
         return 1
@@ -557,6 +571,19 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
     return 0
 
 
+def _bind_reason(exc: OSError) -> str:
+    """The OS's reason a bind failed ("Address already in use"). uvloop's UDP bind raises
+    "could not bind to local_addr ..." without an errno, the OSError with it as the cause."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        if seen is None:
+            break
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
+
+
 async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
     """STUN and the DHT bootstrap node on the --listen host (UDP), at the ports
     `service_ports` derives from --listen unless given or turned off."""
@@ -573,7 +600,7 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
                     identity = await asyncio.to_thread(server_identity, args.data)
                     services[name] = await start_dht(host, port, identity)
             except OSError as exc:
-                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                reason = _bind_reason(exc)
                 raise ConfigError(f"cannot run {name.upper()} on {host}:{port} (UDP): "
                                   f"{reason} (--{name}-port N moves it, off turns it "
                                   "off)") from None
@@ -587,7 +614,7 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
             try:
                 services["stun_tcp"] = await start_stun_tcp(host, port)
             except OSError as exc:
-                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                reason = _bind_reason(exc)
                 raise ConfigError(f"cannot run STUN on {host}:{port} (TCP): {reason} "
                                   "(--stun-port off turns it off)") from None
     except BaseException:

@@ -60,6 +60,7 @@ from typing import Any, TypeVar
 from crypto.codec import packb
 from crypto.identity import peer_id_of
 from rendezvous import pg_schema, pipe_hold
+from rendezvous.domainkey import decode_key, encode_key, fingerprint
 from rendezvous.logfmt import kv
 from rendezvous.messages import PipeMessage, Send, SendItem
 from rendezvous.records import Envelope, EnvelopeInfo
@@ -305,7 +306,7 @@ class _Op:
 class PgStore:
     """PostgreSQL-backed `Store` with group commit; see the module doc."""
 
-    def __init__(self, url: str, *, domain: str | None = None,
+    def __init__(self, url: str, *, domain: str | None = None, domain_key: bytes | None = None,
                  connect_timeout: float = 10.0, outbound_claim: float = 60.0) -> None:
         if outbound_claim <= 0:
             raise ValueError("outbound_claim must be positive")
@@ -315,6 +316,10 @@ class PgStore:
         self.claimant = secrets.token_hex(6)
         self._claims_held = False  # set by `outbound_due`, cleared by a renewal finding none
         self.domain = domain  # recorded on the first open, refused if another later
+        # The domain key's public half, recorded and refused alike: an instance started
+        # without a copy of the domain's domain_key.json would make its own key and prove
+        # it to nodes pinned to the domain's one (they refuse it at failover).
+        self.domain_key = domain_key
         self.connect_timeout = connect_timeout
         self._conn: Any = None  # None while open: the last one was lost, reconnect
         self._opened = False
@@ -352,6 +357,19 @@ class PgStore:
                 if served != self.domain:
                     raise pg_schema.SchemaError(f"{redacted(self.url)} serves {served}, "
                                                 f"not {self.domain}")
+            if self.domain_key is not None:
+                mine = encode_key(self.domain_key)
+                await conn.execute("INSERT INTO meta VALUES ('domain_key', $1) "
+                                   "ON CONFLICT DO NOTHING", mine)
+                recorded = await conn.fetchval(
+                    "SELECT value FROM meta WHERE key = 'domain_key'")
+                if recorded != mine:
+                    raise pg_schema.SchemaError(
+                        f"{redacted(self.url)} is served with the domain key "
+                        f"{fingerprint(decode_key(recorded))}, and this instance's "
+                        f"domain_key.json holds {fingerprint(self.domain_key)}: every "
+                        "instance of a domain needs a copy of the one domain_key.json "
+                        "(its DNS TXT record publishes it)")
         except asyncpg.PostgresError as exc:
             await conn.close()
             raise RuntimeError(f"{redacted(self.url)}: {exc}") from None

@@ -44,13 +44,14 @@ def store_url(text: str) -> str:
 
 
 def make_store(store: str | None, data: Path, domain: str, *,
-               outbound_claim: float = 60.0) -> Store:
-    """The store `serve` runs on: PostgreSQL with `--store`, else SQLite in `data`."""
+               outbound_claim: float = 60.0, domain_key: bytes | None = None) -> Store:
+    """The store `serve` runs on: PostgreSQL with `--store` (which refuses to serve with
+    another `domain_key` than the domain's first instance), else SQLite in `data`."""
     if store is None:
         return SqliteStore(data / DB_NAME)
     from rendezvous.pg_store import PgStore
 
-    return PgStore(store, domain=domain, outbound_claim=outbound_claim)
+    return PgStore(store, domain=domain, domain_key=domain_key, outbound_claim=outbound_claim)
 
 
 def add_migrate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -54,6 +55,36 @@ def server_tls(cert: Path, key: Path) -> ServerTls:
     ctx.load_cert_chain(str(cert), str(key))
     leaf = x509.load_pem_x509_certificate(Path(cert).read_bytes())
     return ServerTls(ctx, leaf.public_bytes(serialization.Encoding.DER))
+
+
+def tls_files_problem(cert: Path, key: Path) -> str | None:
+    """Why `--tls-cert cert --tls-key key` cannot serve, in the operator's terms, or None.
+
+    ssl's own errors name neither file ("[SSL] PEM lib", "KEY_VALUES_MISMATCH"), and an
+    encrypted key would make OpenSSL ask for a pass phrase on the terminal."""
+    blobs: dict[str, bytes] = {}
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            blobs[flag] = Path(path).read_bytes()
+        except OSError as exc:
+            return f"{flag} {path}: {exc.strerror or exc}"
+    try:
+        x509.load_pem_x509_certificate(blobs["--tls-cert"])
+    except ValueError:
+        return f"--tls-cert {cert} is not a PEM certificate (-----BEGIN CERTIFICATE-----)"
+    try:
+        serialization.load_pem_private_key(blobs["--tls-key"], password=None)
+    except TypeError:
+        return f"--tls-key {key} is encrypted: give the key without a pass phrase (mode 0600)"
+    except (ValueError, UnsupportedAlgorithm):
+        return f"--tls-key {key} is not a PEM private key (-----BEGIN PRIVATE KEY-----)"
+    try:
+        server_tls(cert, key)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return f"--tls-key {key} is not the private key of --tls-cert {cert}"
+        return f"--tls-cert {cert} with --tls-key {key}: {exc.reason or exc}"
+    return None
 
 
 def self_signed(data_dir: Path, domain: str, now: datetime.datetime | None = None,

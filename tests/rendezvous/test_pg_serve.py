@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -35,8 +36,11 @@ async def test_serve_on_postgresql_kill_9_loses_and_repeats_nothing(tmp_path: Pa
             assert await srv.proc.wait() == -signal.SIGKILL
     stats = json.loads(await cli("stats", "--data", str(data), "--store", pg_url, "--json"))
     assert (stats["accounts"], stats["queued_envelopes"]) == (2, 200)
-    # Another instance (own data folder) on the same database finds them all.
-    async with serve(tmp_path / "other", "--open-registration", "--store", pg_url) as srv:
+    # Another instance (own data folder, with the domain's key) on the database finds them all.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy2(data / "domain_key.json", other / "domain_key.json")
+    async with serve(other, "--open-registration", "--store", pg_url) as srv:
         async with rc(srv.port, BOB, "bob@example.net") as b:
             got: list[bytes] = []
             for p in await delivered(b, 200):
