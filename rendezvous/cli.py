@@ -139,6 +139,18 @@ log = logging.getLogger("rendezvous.cli")
 _DEFAULTS = Limits()
 _RELAY_COUNTERS = ("relayed_bytes", "relay_sessions", "relay_active", "relay_refused",
                    "relay_expired", "relay_cut_daily")
+# What `stats` shows of the running server's refusals and its links with other domains,
+# under the names it prints (the snapshot's names where they differ).
+_REFUSAL_COUNTERS = {"sessions_refused": "sessions_refused",
+                     "slow_readers_dropped": "slow_readers_dropped",
+                     "bad_input": "bad_input", "links_refused": "links_refused",
+                     "links_refused_alignment": "link_refused_alignment",
+                     "links_refused_blocked": "link_refused_blocked",
+                     "links_rate_limited": "link_rate_limited"}
+_LINK_COUNTERS = {"links_in": "links_in", "links_out": "fed_links_open",
+                  "forwarded": "fed_forwarded", "bounced": "fed_bounced",
+                  "link_failures": "fed_link_failures",
+                  "links_refused_identity": "fed_links_refused_identity"}
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -713,6 +725,7 @@ def _stats(args: argparse.Namespace) -> int:
         "devices": st.devices,
         "queued_envelopes": st.queued_envelopes,
         "bytes_stored": st.bytes_stored,
+        "outbound_queued": st.outbound_queued,
         "database_bytes": st.file_bytes,
         "server_running": live is not None,
         "online_sessions": live.get("online_sessions", 0) if live else 0,
@@ -721,6 +734,8 @@ def _stats(args: argparse.Namespace) -> int:
     }
     for key in _RELAY_COUNTERS:
         doc[key] = live.get(key, 0) if live else 0
+    for shown, key in (*_REFUSAL_COUNTERS.items(), *_LINK_COUNTERS.items()):
+        doc[shown] = live.get(key, 0) if live else 0
     if live:
         # The extra services' counters, as the server named them (stun_*, dht_*).
         doc.update({k: v for k, v in live.items()

@@ -1062,7 +1062,9 @@ async def _stats(conn: Any) -> StoreStats:
     count, size = await conn.fetchrow(
         "SELECT count(*), COALESCE(sum(octet_length(blob)), 0) FROM envelopes")
     on_disk = await conn.fetchval("SELECT pg_database_size(current_database())")
-    return StoreStats(int(accounts), int(devices), int(count), int(size), int(on_disk))
+    outbound = await conn.fetchval("SELECT count(*) FROM outbound WHERE state = 'queued'")
+    return StoreStats(int(accounts), int(devices), int(count), int(size), int(on_disk),
+                      int(outbound))
 
 
 async def _register(conn: Any, address: str, verify_key: bytes, peer_id: bytes,

@@ -37,6 +37,7 @@ while a commit is in progress. Same SQL, same group commit, same results.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import sqlite3
@@ -240,7 +241,11 @@ def _stats(conn: sqlite3.Connection, path: Path) -> StoreStats:
     devices = conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
     count, size = conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(length(blob)), 0) FROM envelopes").fetchone()
-    return StoreStats(accounts, devices, count, size, file_size(path))
+    outbound = 0
+    with contextlib.suppress(sqlite3.OperationalError):  # a file from before federation
+        outbound = conn.execute(
+            "SELECT COUNT(*) FROM outbound WHERE state='queued'").fetchone()[0]
+    return StoreStats(accounts, devices, count, size, file_size(path), int(outbound))
 
 
 _Op = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]

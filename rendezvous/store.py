@@ -82,6 +82,7 @@ class StoreStats:
     queued_envelopes: int
     bytes_stored: int          # blob bytes of queued envelopes
     file_bytes: int            # the database files on disk (main + WAL)
+    outbound_queued: int = 0   # envelopes waiting to be forwarded to other domains
 
 
 @dataclass(frozen=True, slots=True)
