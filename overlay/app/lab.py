@@ -124,9 +124,12 @@ class LocalNetwork:
     """A rendezvous server plus nodes under one folder, torn down on exit."""
 
     def __init__(self, root: Path, *, domain: str = "example.net",
-                 server_args: list[str] | None = None, tls: bool = True) -> None:
+                 server_args: list[str] | None = None, tls: bool = True,
+                 hold_port: bool = True) -> None:
         """`tls`: the server listens with TLS 1.3 (its self-signed certificate) as in
-        service, and nodes pin its domain key at `init`; False adds `--plaintext`."""
+        service, and nodes pin its domain key at `init`; False adds `--plaintext`.
+        `hold_port`: see `start_server`; False starts it the first time with
+        `--listen 127.0.0.1:0` and nothing else (its services on any free UDP ports)."""
         self.root = Path(root)
         self.tls = tls
         self.root.mkdir(parents=True, exist_ok=True)
@@ -137,6 +140,7 @@ class LocalNetwork:
         self.server: Proc | None = None
         self.server_addr: tuple[str, int] | None = None
         self._port_hold: socket.socket | None = None
+        self._hold_port = hold_port
         self.nodes: dict[str, NodeHandle] = {}
         self._spawned: list[Proc] = []  # every process started here, stopped by close()
         self.env = dict(os.environ)
@@ -172,7 +176,7 @@ class LocalNetwork:
         want = self.server_addr or ("127.0.0.1", 0)  # a test may set the port beforehand
         if self._port_hold is not None and self._port_hold.getsockname()[:2] != want:
             self._release_port()
-        if self._port_hold is None:
+        if self._port_hold is None and self._hold_port:
             self._port_hold = socket.socket()
             self._port_hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -183,8 +187,8 @@ class LocalNetwork:
         listen = f"{host}:{port}"
         # At a given port P, `serve` puts STUN at UDP P and the DHT at UDP P + 1; on a
         # machine full of test servers P + 1 may be taken, so let each pick a free port.
-        services = [f for name in ("--stun-port", "--dht-port")
-                    if name not in self.server_args for f in (name, "0")]
+        services = [] if port == 0 else [f for name in ("--stun-port", "--dht-port")
+                                         if name not in self.server_args for f in (name, "0")]
         argv = [_script("peerpost-rendezvous"), "serve", "--domain", self.domain,
                 "--listen", listen, "--data", str(self.data_dir), "--open-registration",
                 *([] if self.tls else ["--plaintext"]), *services, *self.server_args]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_the_minimal_serve_command_lets_a_late_recipient_fetch_from_a_co_recipient(
         tmp_path: Path) -> None:
-    with LocalNetwork(tmp_path / "lab") as net:
+    with LocalNetwork(tmp_path / "lab", hold_port=False) as net:
         net.start_server()
         assert net.server is not None
         argv = list(net.server.popen.args)  # type: ignore[arg-type]
