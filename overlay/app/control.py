@@ -32,6 +32,7 @@ from overlay.app.control_wire import (
     result,
 )
 from overlay.app.control_wire import frame as _frame
+from rendezvous.errors import is_disk_full
 from rendezvous.framing import PREFIX
 
 __all__ = ["MAX_CONTROL_FRAME", "ControlClient", "ControlError", "ControlServer",
@@ -109,11 +110,8 @@ class ControlServer:
                 else:
                     try:
                         reply = {"ok": True, "result": await handler(args)}
-                    except (ControlError, DecodeError, ValueError, OSError) as exc:
-                        reply = {"ok": False, "error": str(exc)}
-                    except Exception as exc:  # a bug must not take the daemon down
-                        log.exception("control op %s failed", op)
-                        reply = {"ok": False, "error": f"internal error: {exc!r}"}
+                    except Exception as exc:
+                        reply = {"ok": False, "error": _error_text(op, exc)}
                 try:
                     frame = _frame(reply)
                 except ValueError as exc:  # a reply over the frame limit
@@ -125,6 +123,18 @@ class ControlServer:
                     return  # the caller left before its answer (Ctrl-C on `fetch --wait`)
         finally:
             writer.close()
+
+
+def _error_text(op: str, exc: Exception) -> str:
+    """The caller's error for an op that raised `exc`; a bug is logged with its traceback
+    and must not take the daemon down."""
+    if is_disk_full(exc):  # node.db or the content store: nothing was changed
+        log.error("control op %s: the disk is full (%s)", op, exc)
+        return f"this node's disk is full ({exc}): free some space and try again"
+    if isinstance(exc, ControlError | DecodeError | ValueError | OSError):
+        return str(exc)
+    log.exception("control op %s failed", op, exc_info=exc)
+    return f"internal error: {exc!r}"
 
 
 class ControlClient:

@@ -138,3 +138,26 @@ def test_a_server_whose_disk_is_full_says_so_and_recovers(tmp_path: Path) -> Non
         got = net.wait_complete(bob, mid, 60)
         assert Path(got["path"]).read_bytes() == note.read_bytes()
         assert len(net.cli_json(bob, "inbox", "--all")) == 1  # the refused one never came
+
+
+def test_send_from_a_full_disk_says_so_and_sends_nothing(tmp_path: Path) -> None:
+    lab = tmp_path / "lab"
+    with _tmpfs(lab / "alice", "8m") as home, LocalNetwork(lab) as net:
+        net.start_server()
+        alice, bob = net.add_node("alice"), net.add_node("bob")
+        net.start_node(alice)
+        net.start_node(bob)
+        clip = tmp_path / "clip.bin"  # on another disk: only alice's home is full
+        clip.write_bytes(os.urandom(3 * MiB))
+        fill(home / "filler")
+        res = net.cli(alice, "send", str(clip), "--to", bob.address, check=False)
+        assert res.returncode == 1
+        assert ("this node's disk is full (database or disk is full): free some space and "
+                "try again") in " ".join(res.stderr.split()), res.stderr
+        assert alice.proc is not None and alice.proc.alive()
+        assert net.cli_json(alice, "status") == [] and net.cli_json(bob, "inbox") == []
+        assert "Traceback" not in alice.proc.log()
+        (home / "filler").unlink()
+        mid = net.cli(alice, "send", str(clip), "--to", bob.address).stdout.strip()
+        got = net.wait_complete(bob, mid, 60)
+        assert Path(got["path"]).read_bytes() == clip.read_bytes()
