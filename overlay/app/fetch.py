@@ -17,7 +17,7 @@ from crypto.identity import DeviceIdentity
 from crypto.location import LocationMessage
 from overlay.app.holders import HolderFinder
 from overlay.content.catalog import ContentStore
-from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
+from overlay.content.interfaces import ContentStoreError, NotEnoughSpace, PartialGone
 from overlay.mail.downloads import Activity, DownloadFailed, RetryLater, SourceView
 from overlay.mail.inbox import InboxEntry
 from overlay.transfer.downloader import (
@@ -147,6 +147,8 @@ class ContentFetch:
         except DiskFull as exc:
             raise RetryLater(f"{exc}: the download resumes by itself once there is room "
                              "(its verified chunks are kept)") from None
+        except PartialGone as exc:
+            raise RetryLater(f"{exc}: it starts again") from None
         except FetchError as exc:
             raise DownloadFailed(str(exc)) from None
         finally:

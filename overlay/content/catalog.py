@@ -260,8 +260,11 @@ class ContentStore:
             raise DecodeError("a content id is 32 bytes")
         file_name = safe_file_name(file_name)
         with self._lock:
-            if content_id in self._partials:
-                return self._partials[content_id]
+            if (cached := self._partials.get(content_id)) is not None:
+                if not cached.gone():
+                    return cached
+                cached.close()  # its .part was deleted: start it again from the record
+                del self._partials[content_id]
             row = self._db.execute(
                 "SELECT state, path, dest_dir, file_name, leaves, size, chunk_size, scheme"
                 " FROM content WHERE cid = ?", (content_id,),
@@ -275,8 +278,10 @@ class ContentStore:
                 leaves = (_unpack_leaves(bytes(row[4]), chunk_count(size, chunk_size))
                           if row[4] is not None else None)
                 if not part_path.is_file() or part_path.is_symlink():
-                    # Someone deleted the .part: its held bits would now be lies.
+                    # Someone deleted the .part (or its folder): its held bits would now
+                    # be lies.
                     self.have_path(content_id).unlink(missing_ok=True)
+                    private_dir(dest)
                     preallocate(part_path, size)
             else:
                 dest, name, leaves = Path(dest_dir), file_name, None

@@ -14,6 +14,11 @@ class NotEnoughSpace(ContentStoreError):
     """The disk has no room for the file now; it may have later."""
 
 
+class PartialGone(ContentStoreError):
+    """The `.part` file was deleted while it was being received: what it held is lost, and
+    the next `open_partial` starts it again."""
+
+
 class ServedContent(Protocol):
     """What the serving side needs from one content it holds, fully or in part."""
 

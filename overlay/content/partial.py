@@ -30,7 +30,7 @@ from overlay.content.diskio import (
     pwrite_all,
     read_and_seal,
 )
-from overlay.content.interfaces import ContentStoreError
+from overlay.content.interfaces import ContentStoreError, PartialGone
 
 
 class PartialOwner(Protocol):
@@ -267,6 +267,11 @@ class PartialContent:
                 os.link(self.part_path, final)
             except FileExistsError:
                 continue
+            except FileNotFoundError:
+                if self.gone():
+                    raise PartialGone(f"{self.part_path} was deleted during the download"
+                                      ) from None
+                raise
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
                     raise
@@ -281,6 +286,17 @@ class PartialContent:
             self.part_path.unlink(missing_ok=True)
         self.close()
         return final
+
+    def gone(self) -> bool:
+        """Whether the `.part` file was deleted (or replaced) under the open descriptor."""
+        if self._data_fd < 0:
+            return False
+        try:
+            st = os.stat(self.part_path, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        held = os.fstat(self._data_fd)
+        return (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
 
     def close(self) -> None:
         """Release the file descriptors (the partial state stays on disk)."""

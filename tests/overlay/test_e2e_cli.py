@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,17 @@ def test_a_send_just_after_the_server_returns_goes_through(net: LocalNetwork,
     mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
     got = net.wait_complete(bob, mid, 60, "bob's download")
     assert same_bytes(src, Path(got["path"]))
+
+
+def test_a_received_folder_deleted_mid_download_is_started_again(net: LocalNetwork,
+                                                                 tmp_path: Path) -> None:
+    # Its .part went with it: the download failed at the end with FileNotFoundError, and
+    # every `fetch` after that failed the same way, the store handing back the deleted file.
+    _, bob, src, mid = mid_transfer(net, tmp_path, size=6 * MiB, rate=MiB, seed=41)
+    shutil.rmtree(bob.home / "received")
+    got = net.wait_complete(bob, mid, 90, "bob's download, started again")
+    assert same_bytes(src, Path(got["path"]))
+    assert Path(got["path"]).parent == bob.home / "received"
+    log = (bob.home / "node.log").read_text()
+    assert "was deleted during the download: it starts again" in log
+    assert "FileNotFoundError" not in log
