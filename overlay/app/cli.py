@@ -546,8 +546,16 @@ def recipients(values: list[str]) -> list[str]:
 
 
 def _send(home: NodeHome, path: Path, to: list[str], args: argparse.Namespace) -> int:
-    res = control_call(home.control_path, "send", path=str(path), to=to,
-                       title=args.title if args.title is not None else path.name,
+    from crypto.location import MAX_NOTE, MAX_TITLE
+
+    for what, text, most in (("--title", args.title, MAX_TITLE), ("--note", args.note, MAX_NOTE)):
+        if text is not None and len(text) > most:
+            raise CliError(f"{what} takes at most {most} characters (this one has {len(text)})",
+                           EXIT_USAGE)
+    title = args.title
+    if title is None:  # the file's name, shortened to fit when it is longer than a title
+        title = path.name if len(path.name) <= MAX_TITLE else path.name[:MAX_TITLE - 1] + "…"
+    res = control_call(home.control_path, "send", path=str(path), to=to, title=title,
                        note=args.note)
     if args.wait:
         if not args.json:

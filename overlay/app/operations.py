@@ -19,7 +19,7 @@ from crypto.codec import Fields
 from crypto.content import DEFAULT_CHUNK_SIZE, chunk_count
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
-from crypto.location import decode_location
+from crypto.location import MAX_NOTE, MAX_TITLE, decode_location
 from overlay.app.control import ControlError, Operation
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
@@ -124,8 +124,8 @@ class ControlOperations:
                 raise ControlError(OFFLINE_TEXT) from None
         try:
             mid = await self.sender.send(Path(a.str("path", max_len=4096)), list(to),
-                                         a.str("title", max_len=200),
-                                         a.str("note", max_len=4000))
+                                         a.str("title", max_len=MAX_TITLE),
+                                         a.str("note", max_len=MAX_NOTE))
         except SendError as exc:
             if not self.rendezvous.connected:  # the server went away during the send
                 raise ControlError(f"{OFFLINE_TEXT} ({exc})") from None

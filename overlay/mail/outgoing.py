@@ -30,6 +30,7 @@ from crypto.location import (
     SenderHints,
 )
 from overlay.content.catalog import ContentStore
+from overlay.content.diskio import safe_file_name
 from overlay.mail.contacts import Contacts, PinResult
 from overlay.mail.describe import describe_media, make_thumbnail
 from overlay.mail.outbox import NOT_SENT, Outbox, RecipientStatus
@@ -92,7 +93,9 @@ async def describe(path: Path) -> tuple[Description, dict[str, Any]]:
     fields = [(k, v) for k, v in (("video_codec", info.video_codec),
                                   ("audio_codec", info.audio_codec)) if v]
     desc = Description(
-        media_type=info.media_type, file_name=path.name[:255], stamps=tuple(stamps),
+        # A legal name may be longer than a receiver can store with its suffixes: the name
+        # it would store, cut as it would cut it (the extension kept).
+        media_type=info.media_type, file_name=safe_file_name(path.name), stamps=tuple(stamps),
         fields=tuple(fields), duration_ms=info.duration_ms, width=info.width,
         height=info.height, thumbnail=thumb,
     )

@@ -341,3 +341,23 @@ def test_a_received_folder_deleted_mid_download_is_started_again(net: LocalNetwo
     log = (bob.home / "node.log").read_text()
     assert "was deleted during the download: it starts again" in log
     assert "FileNotFoundError" not in log
+
+
+def test_a_file_whose_name_is_longer_than_a_title_is_sent(net: LocalNetwork,
+                                                          tmp_path: Path) -> None:
+    # 250 characters is a legal name here; send said "control request.args.title: length
+    # 250 outside 0..200", then "location.d.name: longer than 241 bytes". The name is cut
+    # as the receiver cuts it, the extension kept.
+    alice, bob = net.add_node("alice"), net.add_node("bob")
+    net.start_node(alice)
+    net.start_node(bob)
+    src = make_file(tmp_path / ("family picnic by the lake " * 10 + ".mp4")[-250:], 200_000)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    got = net.wait_complete(bob, mid, 60)
+    name = Path(got["path"]).name
+    assert name.endswith(".mp4") and len(name.encode()) <= 241 and name.startswith("by the")
+    assert same_bytes(src, Path(got["path"]))
+    assert got["title"].endswith("…") and len(got["title"]) == 200
+    res = net.cli(alice, "send", str(src), "--to", bob.address, "--title", "t" * 201, check=False)
+    assert res.returncode == 2
+    assert "--title takes at most 200 characters (this one has 201)" in res.stderr
