@@ -522,6 +522,9 @@ def cmd_send(home: NodeHome, args: argparse.Namespace) -> Any:
     if path.is_dir():
         raise CliError(f"{args.file} is a folder: send one file (an archive of the folder, "
                        "e.g. made with tar, is one)")
+    if path.exists() and not path.is_file():
+        raise CliError(f"{args.file} is not a regular file (a device, a pipe or a socket): "
+                       "send a file")
     if not path.is_file():
         raise CliError(f"no such file: {args.file}")
     return _send(home, path.absolute(), recipients(args.to), args)

@@ -108,6 +108,11 @@ def test_sending_a_folder_says_it_is_a_folder(net: LocalNetwork, tmp_path: Path)
     assert "no such file" not in res.stderr
     res = run(net, alice, "send", str(tmp_path / "gone.bin"), "--to", bob.address)
     assert f"no such file: {tmp_path / 'gone.bin'}" in res.stderr
+    os.mkfifo(tmp_path / "pipe")
+    for odd in ("/dev/zero", str(tmp_path / "pipe")):  # it said "no such file" for these
+        res = run(net, alice, "send", odd, "--to", bob.address)
+        assert res.returncode == 1
+        assert f"{odd} is not a regular file (a device, a pipe or a socket)" in res.stderr
 
 
 @pytest.mark.slow
