@@ -78,6 +78,7 @@ import os
 import resource
 import secrets
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -153,6 +154,17 @@ _LINK_COUNTERS = {"links_in": "links_in", "links_out": "fed_links_open",
                   "links_refused_identity": "fed_links_refused_identity"}
 
 
+def _domain(text: str) -> str:
+    """A mail domain as addresses carry it (lower case, no trailing dot): `--domain
+    Example.NET` served a domain that no normalised address belongs to, so every invite
+    was refused ("DATA serves Example.NET, not example.net")."""
+    domain = str(text).strip().rstrip(".")
+    try:
+        return normalize_address(f"postmaster@{domain}").rpartition("@")[2]
+    except DecodeError:
+        raise argparse.ArgumentTypeError(f"not a mail domain: {text!r}") from None
+
+
 def _listen(text: str) -> tuple[str, int]:
     try:
         return parse_hostport(text, what="--listen", default_host="0.0.0.0")
@@ -216,8 +228,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, metavar="FILE",
                    help="TOML file with a key per flag (relay_rate = 1000000, ...); flags "
                         "override it; SIGHUP re-reads it")
-    s.add_argument("--domain", help="the mail domain this server is for (required, here or "
-                                    "in --config)")
+    s.add_argument("--domain", type=_domain,
+                   help="the mail domain this server is for (required, here or in --config)")
     s.add_argument("--listen", type=_listen, default=("127.0.0.1", 0), metavar="HOST:PORT",
                    help="where to listen (port 0: any free port, printed)")
     s.add_argument("--data", type=Path, help="data folder (SQLite, keys, stats; required, "
@@ -554,7 +566,14 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
 
             metrics = ServerMetrics(server, db_path=data / DB_NAME if args.store is None
                                     else None)
-            mhost, mport = await metrics.start(*args.metrics)
+            try:
+                mhost, mport = await metrics.start(*args.metrics)
+            except OSError as exc:
+                metrics = None
+                print(f"peerpost-rendezvous: cannot serve metrics on {args.metrics[0]}:"
+                      f"{args.metrics[1]} (TCP): {_bind_reason(exc)} (--metrics)",
+                      file=sys.stderr)
+                return 1
             print(f"metrics listening {mhost}:{mport}", flush=True)
         notify("READY=1", f"STATUS=serving {args.domain} on {host}:{port}")
         while not stop.is_set():
@@ -589,7 +608,10 @@ def _bind_reason(exc: OSError) -> str:
     seen: BaseException | None = exc
     for _ in range(4):
         if isinstance(seen, OSError) and seen.errno:
-            return os.strerror(seen.errno)
+            # A host name that does not resolve is a gaierror, errno -2: its strerror is
+            # "Name or service not known", os.strerror's "Unknown error -2". asyncio's
+            # own bind errors carry errno 98 and a strerror of its making.
+            return os.strerror(seen.errno) if seen.errno > 0 else str(seen.strerror)
         if seen is None:
             break
         seen = seen.__cause__ or seen.__context__
@@ -600,6 +622,11 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
     """STUN and the DHT bootstrap node on the --listen host (UDP), at the ports
     `service_ports` derives from --listen unless given or turned off."""
     host = args.listen[0]
+    try:  # else the first service to bind would blame its own port for a typo in the host
+        await asyncio.get_running_loop().getaddrinfo(host, None)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{args.listen[1]}: {exc.strerror} "
+                          "(--listen HOST:PORT)") from None
     ports = service_ports(args.listen[1], args.stun_port, args.dht_port)
     services: dict[str, ExtraService] = {}
     try:

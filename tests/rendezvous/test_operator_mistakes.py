@@ -130,3 +130,35 @@ async def test_an_instance_without_the_domain_key_is_refused_on_the_database(
     async with serve(stray, "--store", pg_url, "--stun-port", "off", "--dht-port", "off",
                      expect=1) as srv:
         assert srv.lines[0].startswith("listening ")
+
+
+async def test_a_busy_metrics_port_and_an_unknown_listen_host_are_one_line(
+        tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = await run("serve", "--domain", DOMAIN, "--data", str(tmp_path / "d"),
+                                 "--stun-port", "off", "--dht-port", "off",
+                                 "--metrics", f"127.0.0.1:{port}")
+    errors = [ln for ln in err.splitlines() if ln.startswith("peerpost-rendezvous:")]
+    assert code == 1 and errors == [
+        f"peerpost-rendezvous: cannot serve metrics on 127.0.0.1:{port} (TCP): Address "
+        "already in use (--metrics)"], err
+    # A host that does not resolve is the --listen flag's fault, not STUN's port.
+    code, _, err = await run("serve", "--domain", DOMAIN, "--data", str(tmp_path / "d"),
+                             "--listen", "no-such-host.invalid:4500")
+    assert code == 1 and err.startswith(
+        "peerpost-rendezvous: cannot listen on no-such-host.invalid:4500: "), err
+    assert err.rstrip().endswith("(--listen HOST:PORT)") and "STUN" not in err, err
+
+
+async def test_the_domain_is_checked_and_kept_as_addresses_carry_it(tmp_path: Path) -> None:
+    code, _, err = await run("serve", "--domain", "mail example", "--data", str(tmp_path / "x"))
+    assert code == 2 and "argument --domain: not a mail domain: 'mail example'" in err
+    conf = tmp_path / "rv.toml"
+    conf.write_text('domain = "Example.NET."\ndata = "d"\nstun_port = "off"\ndht_port = "off"\n')
+    async with serve(tmp_path / "d", "--config", str(conf), expect=1) as srv:
+        await srv.wait_log(f"event=server.listening domain={DOMAIN} ")
+        code, out, err = await run("invite", f"bob@{DOMAIN}", "--data", str(tmp_path / "d"))
+        assert code == 0 and out.strip(), err
