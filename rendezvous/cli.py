@@ -676,12 +676,16 @@ def _reload(argv: list[str] | None, current: argparse.Namespace,
             if hasattr(current, k) and getattr(new, k, None) != getattr(current, k)]
     for key in kept:
         setattr(new, key, getattr(current, key))
+    # What the reload applied, so an operator sees the edit took (or that it did not).
+    applied = sorted(k for k, v in vars(new).items()
+                     if k not in kept and k != "config" and not callable(v)
+                     and getattr(current, k, None) != v)
     logging.getLogger().setLevel(str(new.log_level).upper())
     server.reconfigure(_limits(new),
                        blocked_domains={d.strip().lower() for d in new.block_domain},
                        finger_open=new.finger_open, open_registration=new.open_registration)
     log.info(kv("server.reloaded", config=str(new.config) if new.config else "-",
-                needs_restart=",".join(kept) or "-"))
+                changed=",".join(applied) or "-", needs_restart=",".join(kept) or "-"))
     return new
 
 

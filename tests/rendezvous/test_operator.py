@@ -163,7 +163,7 @@ async def test_config_file_flags_override_and_sighup_reloads_limits(tmp_path: Pa
             mark = len(srv.log)
             srv.proc.send_signal(signal.SIGHUP)
             line = await srv.wait_log("event=server.reloaded", after=mark)
-            assert "needs_restart=-" in line
+            assert "changed=sessions_per_device needs_restart=-" in line
             async with rc(srv.port, ALICE, "alice@example.net", reconnect=False) as second:
                 assert (await second.finger("alice@example.net")).devices
             # The first session lived through the reload.
