@@ -17,6 +17,7 @@ import random
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from crypto.envelope import seal_for_recipients
 from crypto.errors import DecodeError
@@ -42,6 +43,8 @@ from rendezvous.client import (
 from rendezvous.errors import NotFoundError
 
 log = logging.getLogger("peerpost.node")
+
+_Item = TypeVar("_Item", bytes, str)  # a message id or an address, retried with backoff
 
 LOGIN_FLUSH_WAIT = 3.0  # seconds downloads wait at most for the mailbox queued at login
 LOOKUP_BACKOFF = Backoff(5.0, 300.0, jitter=0.8)  # a sender's keys looked up again
@@ -225,27 +228,36 @@ class Delivery:
     async def unstored(self) -> None:
         """Ask the server again, with backoff, for the envelopes the inbox could not
         store, until each is stored or gone. Runs until cancelled."""
+        await self._again(self._unstored, self._unstored_wake, self._ask_again)
+
+    async def _ask_again(self, mid: bytes) -> None:
+        try:
+            env = await self.rendezvous.retrieve(mid)
+        except NotFoundError:  # taken meanwhile (pushed again at a login)
+            self._unstored.discard(mid)
+            return
+        except (RendezvousError, OSError) as exc:
+            log.info("asking again for message %s failed: %s", mid.hex(), exc)
+            return
+        await self._take(env)
+        if mid not in self._unstored:
+            log.info("message %s stored now", mid.hex())
+
+    async def _again(self, pending: set[_Item], wake: asyncio.Event,
+                     each: Callable[[_Item], Awaitable[None]]) -> None:
+        """`each(item)` for every item of `pending`, after `lookup_backoff` (growing while
+        items stay), until `pending` is empty; then wait for `wake`. Runs until cancelled."""
         attempt = 0
         while True:
-            if not self._unstored:
+            if not pending:
                 attempt = 0
-                self._unstored_wake.clear()
-                await self._unstored_wake.wait()
+                wake.clear()
+                await wake.wait()
                 continue
             attempt += 1
             await asyncio.sleep(self.lookup_backoff.delay(attempt, self._rng))
-            for mid in sorted(self._unstored):
-                try:
-                    env = await self.rendezvous.retrieve(mid)
-                except NotFoundError:  # taken meanwhile (pushed again at a login)
-                    self._unstored.discard(mid)
-                    continue
-                except (RendezvousError, OSError) as exc:
-                    log.info("asking again for message %s failed: %s", mid.hex(), exc)
-                    continue
-                await self._take(env)
-                if mid not in self._unstored:
-                    log.info("message %s stored now", mid.hex())
+            for item in sorted(pending):
+                await each(item)
 
     async def _recheck(self, sender: str) -> None:
         try:
@@ -267,17 +279,7 @@ class Delivery:
         is held is not stored). Runs until cancelled."""
         held = await asyncio.to_thread(self.incoming.inbox.unverified_senders)
         self._lookup_failed.update(held)
-        attempt = 0
-        while True:
-            if not self._lookup_failed:
-                attempt = 0
-                self._lookup_wake.clear()
-                await self._lookup_wake.wait()
-                continue
-            attempt += 1
-            await asyncio.sleep(self.lookup_backoff.delay(attempt, self._rng))
-            for sender in sorted(self._lookup_failed):
-                await self._recheck(sender)
+        await self._again(self._lookup_failed, self._lookup_wake, self._recheck)
 
     async def retention(self) -> None:
         """Apply the retention preference to every message all recipients now hold."""
