@@ -22,7 +22,7 @@ from typing import Any
 
 from rendezvous.admin import Account, AdminError, hex_of
 from rendezvous.instances import announce_accounts_changed
-from rendezvous.pg_store import connect
+from rendezvous.pg_store import connect, redacted
 
 _ACCOUNT_SQL = """
 SELECT a.address, a.created,
@@ -33,6 +33,20 @@ SELECT a.address, a.created,
        (SELECT max(d.last_seen) FROM devices d WHERE d.address = a.address)
 FROM accounts a
 """
+
+
+async def _connect(url: str) -> Any:
+    """A connection to a database `serve --store` has set up; AdminError for any other (an
+    empty one raised asyncpg's 'relation "accounts" does not exist' with a traceback)."""
+    conn = await connect(url)
+    try:
+        if await conn.fetchval("SELECT to_regclass('accounts') IS NULL"):
+            raise AdminError(f"{redacted(url)} holds no peerpost server database (is it the "
+                             "one `serve --store` uses? serve sets it up at its first start)")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 async def _lock_account(conn: Any, address: str) -> bool:
@@ -49,7 +63,7 @@ def _account(row: Any) -> Account:
 
 
 async def list_accounts(url: str) -> list[Account]:
-    conn = await connect(url)
+    conn = await _connect(url)
     try:
         return [_account(r) for r in await conn.fetch(_ACCOUNT_SQL + " ORDER BY a.address")]
     finally:
@@ -58,7 +72,7 @@ async def list_accounts(url: str) -> list[Account]:
 
 async def show_account(url: str, address: str) -> dict[str, Any] | None:
     """The account and its devices, or None when there is no such account."""
-    conn = await connect(url)
+    conn = await _connect(url)
     try:
         row = await conn.fetchrow(_ACCOUNT_SQL + " WHERE a.address = $1", address)
         if row is None:
@@ -79,7 +93,7 @@ async def show_account(url: str, address: str) -> dict[str, Any] | None:
 async def delete_account(url: str, address: str) -> dict[str, int] | None:
     """Remove the account, its devices, everything queued for or held for them, its
     exchanged-mail pairs and relay volume. None when there is no such account."""
-    conn = await connect(url)
+    conn = await _connect(url)
     try:
         async with conn.transaction():
             if not await _lock_account(conn, address):
@@ -109,7 +123,7 @@ async def revoke_device(url: str, address: str, peer_id: str) -> tuple[bytes, di
     want = hex_of(peer_id)
     if len(want) < 8:
         raise AdminError("give at least 8 hex digits of the peer id")
-    conn = await connect(url)
+    conn = await _connect(url)
     try:
         async with conn.transaction():
             if not await _lock_account(conn, address):

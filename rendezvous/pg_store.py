@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -127,6 +128,12 @@ def redacted(url: str) -> str:
     return f"{head}{sep}{creds.split(':', 1)[0]}:***@{host}"
 
 
+def _password_given(url: str) -> bool:
+    """Whether libpq's rules give `url` a password: in it, PGPASSWORD, or a password file."""
+    passfile = os.path.expanduser(os.environ.get("PGPASSFILE", "~/.pgpass"))
+    return redacted(url) != url or bool(os.environ.get("PGPASSWORD")) or os.path.exists(passfile)
+
+
 async def connect(url: str, wait: float = 10.0) -> Any:
     """An asyncpg connection to `url`; a failure is a RuntimeError or OSError that names
     the database (password left out)."""
@@ -135,8 +142,13 @@ async def connect(url: str, wait: float = 10.0) -> Any:
     try:
         return await asyncpg.connect(url, timeout=wait, command_timeout=60)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        hint = ""
+        if isinstance(exc, asyncpg.InvalidPasswordError) and not _password_given(url):
+            # The documented URL form has no password; say where one goes.
+            hint = (" (no password was given: set PGPASSWORD, or a ~/.pgpass line for the "
+                    "user serve runs as, or put it in the URL, USER:PASSWORD@)")
         raise RuntimeError(f"cannot connect to {redacted(url)}: {exc or type(exc).__name__}"
-                           ) from None
+                           f"{hint}") from None
     except OSError as exc:
         raise OSError(f"cannot connect to {redacted(url)}: {exc.strerror or exc}") from None
 
