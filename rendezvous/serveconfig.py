@@ -19,6 +19,7 @@ it off.
 from __future__ import annotations
 
 import argparse
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ def apply_config(serve: argparse.ArgumentParser, doc: dict[str, Any], path: Path
     for key, value in doc.items():
         action = actions.get(key)
         if action is None:
-            raise ConfigError(f"config {path}: unknown key {key!r} (keys are the serve "
+            near = difflib.get_close_matches(str(key).replace("-", "_"), actions, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise ConfigError(f"config {path}: unknown key {key!r} ({hint}keys are the serve "
                               "flags with underscores, e.g. relay_rate)")
         values[key] = _convert(action, key, value, path)
     serve.set_defaults(**values)

@@ -190,7 +190,7 @@ async def test_a_bad_config_is_one_line(tmp_path: Path) -> None:
     conf.write_text('domain = "example.net"\ndata = "d"\nrelay_rat = 5\n')
     code, _, err = await run("serve", "--config", str(conf))
     assert code == 2 and err.strip().count("\n") == 0
-    assert "unknown key 'relay_rat'" in err
+    assert "unknown key 'relay_rat' (did you mean relay_rate? keys are" in err
     conf.write_text('domain = "example.net"\ndata = "d"\nsessions_per_ip = "many"\n')
     code, _, err = await run("serve", "--config", str(conf))
     assert code == 2 and "sessions_per_ip" in err and "Traceback" not in err
