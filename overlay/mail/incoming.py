@@ -84,7 +84,8 @@ class IncomingMail:
         if not device_keys:
             self.counters["key-check-failed"] += 1
             log.warning("could not look up the keys of %s: its unverified messages wait "
-                        "for `peerpost contacts accept %s`", sender, sender)
+                        "until a later lookup succeeds (the node tries again) or "
+                        "`peerpost contacts accept %s`", sender, sender)
             return []
         result = self.contacts.pin_keys(sender, device_keys, self.wall(), vouches=vouches,
                                         signers=signers)
