@@ -557,6 +557,8 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
         await server.aclose()  # closes the services too
         raise
     print(f"listening {host}:{port}", flush=True)
+    if tls is not None:  # a plaintext server is the simulator's or a benchmark's
+        server.check_own_records(port)
     for name, svc in services.items():
         print(f"{name} listening {svc.address[0]}:{svc.address[1]}", flush=True)
     metrics: ServerMetrics | None = None

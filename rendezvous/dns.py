@@ -22,7 +22,7 @@ import dns.resolver
 
 from crypto.address import parse_hostport
 from crypto.errors import DecodeError
-from rendezvous.domainkey import parse_txt
+from rendezvous.domainkey import fingerprint, parse_txt
 
 
 class DomainLookupError(Exception):
@@ -257,3 +257,30 @@ class DnsResolver:
             if answer is not None:
                 found.extend(str(rdata.address) for rdata in answer)
         return found
+
+
+# --- a server's own records -----------------------------------------------------------------
+
+PUBLISH_HINT = "publish what `peerpost-rendezvous dns-records` prints"
+
+
+async def own_records_problem(resolver: DomainResolver, domain: str, key: bytes,
+                              port: int) -> tuple[bool, str]:
+    """What DNS says of a server's own domain, as (a problem?, one line): missing records
+    or another domain key mean that nodes finding their server through DNS, and other
+    domains' servers, cannot reach this one or refuse it. A port the SRV records do not
+    name is only noted: a port forward may stand between them."""
+    try:
+        found = await resolver.resolve(domain)
+    except DomainLookupError as exc:
+        return True, (f"{exc}: nodes that find {domain}'s server through DNS, and other "
+                      f"domains' servers, cannot reach this one; {PUBLISH_HINT}")
+    if found.key != key:
+        return True, (f"_peerpost.{domain} TXT publishes domain key {fingerprint(found.key)}, "
+                      f"but this server's is {fingerprint(key)}: nodes and other domains' "
+                      f"servers will refuse it; {PUBLISH_HINT}")
+    servers = ", ".join(f"{h}:{p}" for h, p in found.servers)
+    if all(p != port for _, p in found.servers):
+        return False, (f"DNS names {servers} for {domain} and this server listens on port "
+                       f"{port}: right only if a port forward leads there")
+    return False, f"DNS publishes this server's key and {servers} for {domain}"

@@ -117,7 +117,7 @@ from typing import Any, Final, cast
 
 from crypto.address import domain_of
 from crypto.codec import packb
-from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver
+from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver, own_records_problem
 from rendezvous.domainkey import DomainKey
 from rendezvous.errors import is_disk_full
 from rendezvous.federation import Federation
@@ -527,7 +527,8 @@ class RendezvousServer:
         for conn in list(self._connections):
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.transport.pause_reading()
-        busy: list[asyncio.Future[Any]] = [t for t in self._tasks if t.get_name() != "sweep"]
+        busy: list[asyncio.Future[Any]] = [t for t in self._tasks
+                                           if t.get_name() not in ("sweep", "dns-check")]
         busy += self._storing
         if busy:
             await asyncio.wait(busy, timeout=_SHUTDOWN_GRACE)
@@ -726,6 +727,26 @@ class RendezvousServer:
     async def _touch(self, peer_id: bytes) -> None:
         with contextlib.suppress(RuntimeError):  # store closed during shutdown
             await self.store.touch(peer_id, self.clock())
+
+    def check_own_records(self, port: int) -> None:
+        """Look up this domain's records once, in the background, and log what they say
+        of this server (`dns.check`: a warning when nodes or other domains could not reach
+        or would refuse it). `port`: the one this server listens on."""
+        resolver = self.resolver
+        if resolver is None:
+            return
+
+        async def check(key: bytes) -> None:
+            try:
+                async with asyncio.timeout(30):
+                    problem, text = await own_records_problem(resolver, self.domain, key,
+                                                              port)
+            except TimeoutError:
+                problem, text = True, "no answer from DNS within 30 s"
+            (log.warning if problem else log.info)(kv("dns.check", domain=self.domain,
+                                                      result=text))
+
+        self._spawn(check(self.domain_key.public), name="dns-check")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
         if self._tasks.closed:  # a request that raced shutdown: nobody is left to answer
