@@ -36,10 +36,11 @@ so that mail for it waits in the other server's outbound queue; a send that retu
 a recipient's server is down is followed, two times in five, by a stop or kill -9 of the
 sender's own server, whose outbound queue then holds it; a server that comes back while
 mail for it still waits in the other's queue (backed off) is, two times in five, stopped or
-killed again within 3 s. Each server cut and start logs and
-counts what waited in the outbound queues (read from the servers' SQLite stores). The end
-checks are the same (for mail across domains the sender's `status` must end `downloaded`
-too), and no server may have logged a bounce (the expiry is the default 5 days).
+killed again within 3 s. Each server cut and start logs and counts what waited in the
+outbound queues (read from the servers' SQLite stores). The end checks are the same (for
+mail across domains the sender's `status` must end `downloaded` too), and no server may
+have logged a bounce (the expiry is the default 5 days). A server that needs SIGKILL to
+stop counts as a stop hang, as a node's does.
 
 Nodes run with `--retry-base 1 --retry-max 10` (defaults 5 and 300) so that a download
 whose sources were all down retries within seconds once they are back, and `--web off`.
