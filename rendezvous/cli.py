@@ -564,10 +564,14 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
     metrics: ServerMetrics | None = None
     try:
         if args.metrics is not None:
-            from rendezvous.metrics import ServerMetrics  # aiohttp, prometheus_client
+            from rendezvous.metrics import (  # aiohttp, prometheus_client
+                ServerMetrics,
+                postgres_counts,
+                sqlite_counts,
+            )
 
-            metrics = ServerMetrics(server, db_path=data / DB_NAME if args.store is None
-                                    else None)
+            metrics = ServerMetrics(server, counts=sqlite_counts(data / DB_NAME)
+                                    if args.store is None else postgres_counts(args.store))
             try:
                 mhost, mport = await metrics.start(*args.metrics)
             except OSError as exc:

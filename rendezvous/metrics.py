@@ -140,19 +140,22 @@ _SERVICE_GAUGES = {"contacts", "records"}
 class ServerCollector(Collector):
     """Families read from a live `RendezvousServer` at scrape time."""
 
-    def __init__(self, server: RendezvousServer, db_path: Path | None, *,
+    def __init__(self, server: RendezvousServer, counts: Counts | None, *,
                  db_every: float = 5.0) -> None:
         self.server = server
-        self.db_path = db_path
+        self.counts = counts
         self.db_every = db_every
         self._db: dict[str, int] = {}
         self._db_at = -1e18
 
     async def refresh(self) -> None:
         """Re-read the database counts if the last read is older than `db_every`."""
-        if self.db_path is None or time.monotonic() - self._db_at < self.db_every:
+        if self.counts is None or time.monotonic() - self._db_at < self.db_every:
             return
-        self._db = await asyncio.to_thread(_db_counts, self.db_path)
+        try:
+            self._db = await self.counts()
+        except Exception as exc:  # a database away for a moment: the rest still serves
+            log.warning(kv("metrics.counts_failed", error=str(exc)))
         self._db_at = time.monotonic()
 
     def collect(self) -> Iterator[Metric]:
@@ -183,7 +186,7 @@ class ServerCollector(Collector):
         yield gauge(p + "relay_active", "relay splices now", n("relay_active"))
         yield gauge(p + "relay_pending", "relay sessions offered, not yet accepted",
                     n("relay_pending"))
-        if self.db_path is not None:
+        if self.counts is not None:
             yield gauge(p + "queue_depth", "envelopes queued for devices",
                         self._db.get("queued", 0))
             yield gauge(p + "outbound_queue_depth", "envelopes waiting to be forwarded "
@@ -250,6 +253,30 @@ def _snap_int(snap: dict[str, Any]) -> Callable[[str], float]:
     return get
 
 
+Counts = Callable[[], Awaitable[dict[str, int]]]  # queue depths, read at most every 5 s
+
+
+def sqlite_counts(path: Path) -> Counts:
+    """Queue depths read from the SQLite file (read-only, in a thread)."""
+    return lambda: asyncio.to_thread(_db_counts, path)
+
+
+def postgres_counts(url: str) -> Counts:
+    """Queue depths read over a connection of their own: the store's writer batches SENDs,
+    and a count(*) inside a batch would hold their acknowledgements up."""
+    async def counts() -> dict[str, int]:
+        import asyncpg
+
+        conn = await asyncpg.connect(url, timeout=5.0)
+        try:
+            return {"queued": int(await conn.fetchval("SELECT count(*) FROM envelopes")),
+                    "outbound": int(await conn.fetchval(
+                        "SELECT count(*) FROM outbound WHERE state = 'queued'"))}
+        finally:
+            await conn.close()
+    return counts
+
+
 def _db_counts(path: Path) -> dict[str, int]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
     try:
@@ -265,10 +292,11 @@ def _db_counts(path: Path) -> dict[str, int]:
 class ServerMetrics:
     """The registry, histograms and HTTP endpoint of one `RendezvousServer`."""
 
-    def __init__(self, server: RendezvousServer, *, db_path: Path | None = None) -> None:
+    def __init__(self, server: RendezvousServer, *, counts: Counts | None = None) -> None:
+        """`counts`: `sqlite_counts` or `postgres_counts` of the server's store."""
         self.server = server
         self.registry = CollectorRegistry(auto_describe=True)
-        self.collector = ServerCollector(server, db_path)
+        self.collector = ServerCollector(server, counts)
         self.registry.register(self.collector)
         p = "peerpost_rendezvous_"
         self.request_seconds = Histogram(

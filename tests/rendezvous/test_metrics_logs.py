@@ -174,3 +174,22 @@ async def test_ready_and_stopping_reach_notify_socket(tmp_path: Path) -> None:
             assert await asyncio.wait_for(srv.proc.wait(), 20) == 0
     finally:
         sock.close()
+
+
+async def test_queue_depths_on_a_postgresql_store(tmp_path: Path, pg_url: str) -> None:
+    # They were read from the SQLite file only: on PostgreSQL /metrics had neither gauge.
+    async with serve(tmp_path / "data", "--store", pg_url) as srv:
+        async with rc(srv.port, BOB, "bob@example.net"), \
+                rc(srv.port, ALICE, "alice@example.net") as alice:
+            pass
+        async with rc(srv.port, ALICE, "alice@example.net") as alice:
+            for _ in range(3):  # bob is offline: they wait in his queue
+                m = mid()
+                await alice.send(m, [("bob@example.net", BOB.peer_id, b"hello")])
+        _, text = await asyncio.to_thread(fetch, srv.url("/metrics"))
+        got = samples(text)
+        p = "peerpost_rendezvous_"
+        assert value(got, p + "queue_depth") == 3
+        assert value(got, p + "outbound_queue_depth") == 0
+        srv.proc.terminate()
+        assert await asyncio.wait_for(srv.proc.wait(), 20) == 0
