@@ -43,6 +43,7 @@ from rendezvous.admin import (
     show_account,
 )
 from rendezvous.datalock import DataInUse, DataLock, holder
+from rendezvous.domainkey import DomainKey
 from rendezvous.sqlite_store import DB_NAME
 from rendezvous.storecli import STORE_HELP, store_url
 
@@ -214,14 +215,37 @@ def _restore(args: argparse.Namespace) -> tuple[Any, str]:
                              "before restoring into it")
         if (data / DB_NAME).exists() and not args.force:
             raise AdminError(f"{data} already holds a server database; --force replaces it")
+    old, new = _key_print(data), _key_print(src)
+    changed = old is not None and new is not None and old != new
+    if changed and not args.force:
+        # DNS may publish the folder's key already (`dns-records` makes one): restoring
+        # another would make nodes and other domains refuse the server.
+        raise AdminError(f"{data}'s domain key {old} is not the backup's {new}; --force "
+                         "replaces it with the backup's (then publish its TXT record: "
+                         "`peerpost-rendezvous dns-records`)")
     data.mkdir(parents=True, exist_ok=True)
     lock = DataLock.acquire(data)  # no `serve` may start while the files are replaced
     try:
         copied = restore(src, data)
     finally:
         lock.release()
-    return ({"restored": str(src), "data": str(data), "files": copied},
-            f"restored {src} into {data}: {', '.join(copied)}")
+    text = f"restored {src} into {data}: {', '.join(copied)}"
+    if changed:
+        text += (f"; the domain key is now the backup's {new} (it was {old}): publish its "
+                 "TXT record (`peerpost-rendezvous dns-records`)")
+    return ({"restored": str(src), "data": str(data), "files": copied,
+             "domain_key": new, "replaced_domain_key": old if changed else None}, text)
+
+
+def _key_print(folder: Path) -> str | None:
+    """The fingerprint of `folder`'s domain key, None without one."""
+    path = folder / "domain_key.json"
+    if not path.is_file():
+        return None
+    try:
+        return DomainKey.from_json(path.read_text()).fingerprint
+    except (OSError, ValueError) as exc:
+        raise AdminError(f"{path} is not a domain key: {exc}") from None
 
 
 def _tell_server(data: Path) -> int | None:
