@@ -598,13 +598,13 @@ def _watch_sent(home: NodeHome, mid: str, args: argparse.Namespace) -> int:
         if all(state.startswith(SENT_FINAL) for state in seen.values()):
             break
         time.sleep(WATCH_EVERY)
-    if args.json:
-        print(json.dumps(m, indent=2))
     short = {a: s for a, s in seen.items() if s != "downloaded"}
-    if short:
+    if short:  # with --json, this error is the one object on stdout
         raise CliError(f"{len(seen) - len(short)} of {len(seen)} recipients have it; "
                        + ", ".join(f"{a}: {s}" for a, s in short.items()))
-    if not args.json:
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
         console.print(f"every recipient has {_m(m['title'])}", highlight=False)
     return 0
 
