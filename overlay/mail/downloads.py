@@ -99,6 +99,16 @@ def _added(base: dict[tuple[str, str], SourceView], views: Iterable[SourceView],
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class _Hold:
+    """A message whose state node.db would not take: left alone until `until` (wall time).
+    `count`: holds in a row, which node.db did not count as attempts (the backoff grows)."""
+
+    until: float
+    why: str
+    count: int
+
+
 # fetch(entry, message, activity, on_progress(chunks_held)) -> final path
 Fetcher = Callable[[InboxEntry, LocationMessage, Activity, Callable[[int], None]],
                    Awaitable[str]]
@@ -128,9 +138,8 @@ class DownloadQueue:
         self._priority: dict[bytes, bool] = {}  # running downloads: from a priority sender?
         self._preempting: set[bytes] = set()
         # Messages whose retry or failure could not even be recorded (node.db's disk is
-        # full): not started again before this wall time, nor in a tight loop.
-        self._held_off: dict[bytes, tuple[float, str]] = {}  # id -> (until, why)
-        self._holds: dict[bytes, int] = {}  # how often in a row: node.db counts no attempt
+        # full): not started again before their hold ends, nor in a tight loop.
+        self._holds: dict[bytes, _Hold] = {}
         self._stopping: set[bytes] = set()  # being cancelled (see cancel)
         self.counters: dict[str, int] = {"failed": 0, "stuck": 0}
 
@@ -159,7 +168,7 @@ class DownloadQueue:
         elif entry.state is InboxState.RETRYING:
             self.inbox.transition(message_id, InboxState.DOWNLOADING)
         self._requested.add(message_id)
-        self._held_off.pop(message_id, None)
+        self._holds.pop(message_id, None)
         self._changed()
         self.wake()
 
@@ -171,7 +180,6 @@ class DownloadQueue:
         self._stopping.add(message_id)
         try:
             self._requested.discard(message_id)
-            self._held_off.pop(message_id, None)
             self._holds.pop(message_id, None)
             self.active.pop(message_id, None)
             task = self._tasks.get(message_id)
@@ -187,7 +195,8 @@ class DownloadQueue:
     def held_off(self, message_id: bytes) -> tuple[float, str] | None:
         """(when it is tried again, why) for a message whose state node.db would not
         take, else None."""
-        return self._held_off.get(message_id)
+        hold = self._holds.get(message_id)
+        return (hold.until, hold.why) if hold is not None and hold.until > self.wall() else None
 
     def backoff(self, attempts: int) -> float:
         # Jitter keeps retries from bunching up.
@@ -200,11 +209,12 @@ class DownloadQueue:
                 self._wake.clear()
                 self._start_due()
                 timeout = None
+                now = self.wall()
                 due = [t for t in (self.inbox.next_wakeup(),
-                                   *(until for until, _ in self._held_off.values()))
+                                   *(h.until for h in self._holds.values() if h.until > now))
                        if t is not None]
                 if due:
-                    timeout = max(0.05, min(due) - self.wall())
+                    timeout = max(0.05, min(due) - now)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await self._wake.wait()
@@ -214,15 +224,13 @@ class DownloadQueue:
             await self._tasks.wait()
 
     def _start_due(self) -> None:
-        order = self.inbox.fetch_order(self.wall(), include_offered=self.prefs.auto_download,
-                                       offered_max_size=self.prefs.auto_download_max)
         now = self.wall()
-        for mid, (until, _) in list(self._held_off.items()):
-            if until <= now:
-                del self._held_off[mid]
+        order = self.inbox.fetch_order(now, include_offered=self.prefs.auto_download,
+                                       offered_max_size=self.prefs.auto_download_max)
         for entry in order:
-            if entry.id in self._tasks or entry.id in self._held_off or \
-                    entry.id in self._stopping:
+            hold = self._holds.get(entry.id)
+            if entry.id in self._tasks or entry.id in self._stopping or \
+                    (hold is not None and hold.until > now):
                 continue
             if len(self._tasks) >= self.max_active:
                 # Priority senders come first even when their message arrives while an
@@ -277,7 +285,8 @@ class DownloadQueue:
                     act.end_attempt()
             except RetryLater as exc:
                 current = self.inbox.get(mid)
-                attempts = (current.attempts if current else 1) + self._holds.get(mid, 0)
+                hold = self._holds.get(mid)
+                attempts = (current.attempts if current else 1) + (hold.count if hold else 0)
                 when = self.wall() + self.backoff(attempts)
                 try:
                     self.inbox.transition(mid, InboxState.RETRYING, next_attempt=when,
@@ -319,6 +328,7 @@ class DownloadQueue:
             if current is not None and current.state is not InboxState.FAILED:
                 self.inbox.transition(mid, InboxState.FAILED, error=reason or "failed")
             log.warning("message %s failed: %s", mid.hex(), reason)
+            self._holds.pop(mid, None)
         except Exception as exc:
             self._hold_off(mid, self.wall() + self.retry_max, reason, exc)
 
@@ -326,7 +336,7 @@ class DownloadQueue:
         """Leave `mid` alone until `until` (wall time), its state unrecorded; the queue
         starts it again then."""
         self.counters["stuck"] += 1
-        self._holds[mid] = self._holds.get(mid, 0) + 1
-        self._held_off[mid] = (until, why)
+        before = self._holds.get(mid)
+        self._holds[mid] = _Hold(until, why, (before.count if before else 0) + 1)
         log.error("message %s: %s (node.db did not take it: %s); trying again in %.0f s",
                   mid.hex(), why, db_exc, until - self.wall())
