@@ -234,6 +234,13 @@ class LocalNetwork:
         if ready:
             node.proc.lines.wait_for(_READY, timeout, f"peerpost node ({node.name})")
 
+    def start_nodes(self, *names: str) -> list[NodeHandle]:
+        """`add_node` then `start_node` for each of `names`, in order."""
+        nodes = [self.add_node(name) for name in names]
+        for node in nodes:
+            self.start_node(node)
+        return nodes
+
     def stop_node(self, node: NodeHandle) -> None:
         if node.proc is not None:
             node.proc.stop()

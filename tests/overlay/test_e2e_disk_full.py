@@ -121,9 +121,7 @@ def test_a_server_whose_disk_is_full_says_so_and_recovers(tmp_path: Path) -> Non
     lab = tmp_path / "lab"
     with _tmpfs(lab / "server-data", "8m") as data, LocalNetwork(lab) as net:
         net.start_server()
-        alice, bob = net.add_node("alice"), net.add_node("bob")
-        net.start_node(alice)
-        net.start_node(bob)
+        alice, bob = net.start_nodes("alice", "bob")
         note = tmp_path / "note.bin"
         note.write_bytes(os.urandom(100_000))
         fill(data / "filler")
@@ -144,9 +142,7 @@ def test_send_from_a_full_disk_says_so_and_sends_nothing(tmp_path: Path) -> None
     lab = tmp_path / "lab"
     with _tmpfs(lab / "alice", "8m") as home, LocalNetwork(lab) as net:
         net.start_server()
-        alice, bob = net.add_node("alice"), net.add_node("bob")
-        net.start_node(alice)
-        net.start_node(bob)
+        alice, bob = net.start_nodes("alice", "bob")
         clip = tmp_path / "clip.bin"  # on another disk: only alice's home is full
         clip.write_bytes(os.urandom(3 * MiB))
         fill(home / "filler")

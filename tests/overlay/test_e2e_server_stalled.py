@@ -18,9 +18,7 @@ def test_send_to_a_server_that_does_not_answer_says_so_and_sends_nothing(
         tmp_path: Path) -> None:
     with LocalNetwork(tmp_path / "net") as net:
         net.start_server()
-        alice, bob = net.add_node("alice"), net.add_node("bob")
-        net.start_node(alice)
-        net.start_node(bob)
+        alice, bob = net.start_nodes("alice", "bob")
         clip = tmp_path / "clip.bin"
         clip.write_bytes(os.urandom(200_000))
         assert net.server is not None
