@@ -10,7 +10,6 @@ can be found and cancelled by key (a download by its message id).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Coroutine, Hashable, Iterator
 from typing import Any
@@ -102,16 +101,29 @@ class TaskSet:
             await asyncio.wait(tasks, timeout=timeout)
 
     async def aclose(self) -> None:
-        """Refuse new children, cancel every child and wait for all of them to end."""
+        """Refuse new children, cancel every child and wait for all of them to end.
+
+        If the task calling this is cancelled meanwhile, the children are still awaited
+        (their cleanup is not cut short), and then that CancelledError is raised: the caller's
+        owner is stopping it, and the caller must not carry on as if `aclose()` had just
+        returned (an `asyncio.timeout` around it raises TimeoutError as it should)."""
         self._closed = True
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        pending: set[asyncio.Task[Any]] = set(tasks)
+        cancelled: asyncio.CancelledError | None = None
+        while pending:
+            try:
+                # asyncio.wait raises only the caller's own cancel, never a child's.
+                _, pending = await asyncio.wait(pending)
+            except asyncio.CancelledError as exc:
+                cancelled = cancelled or exc  # the children have their cancel: let them
+                # finish their cleanup (a second cancel would cut it short)
         for task in tasks:  # their done callbacks may not have run yet
             self._done(task)
+        if cancelled is not None:
+            raise cancelled
 
     async def __aenter__(self) -> TaskSet:
         return self

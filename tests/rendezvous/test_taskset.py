@@ -92,3 +92,65 @@ def test_backoff_doubles_up_to_its_cap_with_jitter_inside_its_band() -> None:
         Backoff(0, 1)
     with pytest.raises(ValueError):
         Backoff(1, 2, jitter=1.5)
+
+
+async def test_aclose_finishes_closing_then_passes_on_the_callers_own_cancel() -> None:
+    """The task closing a set is itself cancelled meanwhile (its own owner stops): every
+    child still ends before `aclose()` returns, and then the caller's CancelledError goes
+    on; `aclose()` used to eat it and the caller carried on as if nothing had happened."""
+    tasks = TaskSet("t")
+    cleaning = asyncio.Event()
+    cleaned = asyncio.Event()
+    release = asyncio.Event()
+    after: list[str] = []
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cleaning.set()
+            await release.wait()  # e.g. a socket flushing its last bytes
+            cleaned.set()
+            raise
+
+    async def quick() -> None:
+        await asyncio.sleep(3600)
+
+    tasks.spawn(slow_to_stop(), name="slow")
+    tasks.spawn(quick(), name="quick")
+    await asyncio.sleep(0)
+
+    async def owner() -> None:
+        await tasks.aclose()
+        after.append("carried on")
+
+    closing = asyncio.get_running_loop().create_task(owner())
+    async with asyncio.timeout(5):
+        await cleaning.wait()
+    closing.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    async with asyncio.timeout(5):
+        await asyncio.wait([closing])
+    assert closing.cancelled(), f"the owner's cancel was lost: {after}"
+    assert cleaned.is_set() and len(tasks) == 0, "aclose returned before its children ended"
+
+
+async def test_aclose_under_a_timeout_still_raises_timeout() -> None:
+    """`asyncio.timeout` around `aclose()` sees its own cancel come back as TimeoutError."""
+    tasks = TaskSet("t")
+    release = asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await release.wait()
+
+    tasks.spawn(slow_to_stop())
+    await asyncio.sleep(0)
+    asyncio.get_running_loop().call_later(0.2, release.set)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await tasks.aclose()
+    assert len(tasks) == 0
