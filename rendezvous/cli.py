@@ -151,7 +151,8 @@ _REFUSAL_COUNTERS = {"sessions_refused": "sessions_refused",
 _LINK_COUNTERS = {"links_in": "links_in", "links_out": "fed_links_open",
                   "forwarded": "fed_forwarded", "bounced": "fed_bounced",
                   "link_failures": "fed_link_failures",
-                  "links_refused_identity": "fed_links_refused_identity"}
+                  "links_refused_identity": "fed_links_refused_identity",
+                  "links_refused_by_them": "fed_links_refused"}
 
 
 def _domain(text: str) -> str:

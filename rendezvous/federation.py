@@ -14,11 +14,12 @@ server does with it:
   acknowledged once the store has committed those envelopes to its outbound queue; then
   `wake(domain)` forwards them at once over the domain's link, grouped per (sender,
   message, recipient) with the sender named (`from`). While the domain is unreachable
-  (no records, no server answering, a refused link, a 429/5xx) every waiting envelope
-  records the error and when the outage began, and the worker tries again after
-  `Backoff` delays. A permanent refusal (400/403/404/413: no such address, alignment)
-  bounces that recipient's envelopes with the remote's text. After `expiry` (default
-  5 days) waiting envelopes bounce. The queue is in the store, so a restart (or kill -9)
+  (no records, no server answering, a LINK refused with 401 (its key check failed), a
+  429/5xx) every waiting envelope records the error and when the outage began, and the
+  worker tries again after `Backoff` delays. A permanent refusal (400/403/404/413: no
+  such address, alignment) bounces that recipient's envelopes with the remote's text,
+  and a LINK refused with 403 by every server of the domain (it blocks ours) bounces
+  everything waiting for it. After `expiry` (default 5 days) waiting envelopes bounce. The queue is in the store, so a restart (or kill -9)
   of either server loses nothing: `start()` wakes every domain with envelopes waiting,
   and the receiving server stores a repeated forward once (`Store.enqueue_forwarded`).
 - `finger(asker, address)`: FINGER over the link on behalf of `asker`, so the remote's
@@ -82,6 +83,16 @@ class LinkError(Exception):
     """The link could not be opened or broke; the text says why (shown to senders)."""
 
 
+class LinkRefused(LinkError):
+    """Every server of the other domain answered our LINK with 403: its operator refuses
+    links, and so mail, from this domain (`--block-domain`, or no federation at all). Not
+    an outage: waiting mail bounces at once instead of at expiry, as a 5xx in SMTP does."""
+
+    def __init__(self, text: str, remote_text: str) -> None:
+        super().__init__(text)
+        self.remote_text = remote_text  # the refusing server's own words
+
+
 class RemotePacing(LinkError):
     """The other domain answered 429: it is up, and takes our mail at its own rate."""
 
@@ -115,10 +126,14 @@ class LinkClient:
         """Open the link to the first server of the domain that takes it; LinkError if
         none does (the last reason)."""
         why = f"{self.remote} lists no server"
+        refusals: list[LinkRefused] = []
         for host, port in self.records.servers:
             try:
                 await asyncio.wait_for(self._open(host, port), self.timeout)
                 return
+            except LinkRefused as exc:
+                why = str(exc)
+                refusals.append(exc)
             except TimeoutError:
                 why = f"{host}:{port} did not answer within {self.timeout:g} s"
             except (OSError, ssl.SSLError) as exc:
@@ -128,6 +143,8 @@ class LinkClient:
             except LinkError as exc:
                 why = str(exc)
             await self.aclose()
+        if refusals and len(refusals) == len(self.records.servers):
+            raise LinkRefused(why, refusals[-1].remote_text)
         raise LinkError(why)
 
     async def _open(self, host: str, port: int) -> None:
@@ -154,6 +171,9 @@ class LinkClient:
             msg = await self._next(core)
             if isinstance(msg, Reply) and msg.id == rid:
                 break
+        if msg.status == Status.FORBIDDEN:
+            raise LinkRefused(f"{self.remote} refused the link: {msg.status} {msg.text}",
+                              msg.text or "")
         if not msg.ok:
             # The remote's word alone (its signature covers the key it looked up for us).
             raise LinkError(f"{self.remote} refused the link: {msg.status} {msg.text}")
@@ -273,6 +293,7 @@ class Federation:
         self.link_failures = 0
         self.paced = 0  # 429s from the other domain, each followed by PACE_DELAY
         self.links_refused_identity = 0
+        self.links_refused = 0  # LINKs the other domain refused for good (403)
 
     async def start(self) -> None:
         """Bounce what expired while we were down, then wake every waiting domain."""
@@ -291,6 +312,7 @@ class Federation:
         return {"fed_forwarded": self.forwarded, "fed_bounced": self.bounced,
                 "fed_link_failures": self.link_failures,
                 "fed_links_refused_identity": self.links_refused_identity,
+                "fed_links_refused": self.links_refused,
                 "fed_links_open": sum(link.alive for link in self._links.values())}
 
     # --- the queue -----------------------------------------------------------------------
@@ -329,6 +351,10 @@ class Federation:
                 try:
                     await self._forward(domain, rows)
                     attempt = 0
+                except LinkRefused as exc:
+                    _stop_if_cancelled()
+                    await self._bounce_refused(domain, rows, exc)
+                    attempt = 0
                 except RemotePacing as exc:
                     # The other domain is up and takes mail at its own rate: not an outage,
                     # so no "unreachable since" and no growing backoff, just a pause.
@@ -347,6 +373,17 @@ class Federation:
                     await asyncio.sleep(self.backoff.delay(attempt, self._rng))
         finally:
             self._running.discard(domain)
+
+    async def _bounce_refused(self, domain: str, rows: list[OutboundRow],
+                              exc: LinkRefused) -> None:
+        """Bounce `rows` (the next page of the domain's queue; the worker goes on to the
+        next) with the refusing server's words."""
+        reason = f"{domain} refused it: {exc.remote_text}"
+        ids = [r.id for r in rows]
+        self.bounced += len(ids)
+        self.links_refused += 1
+        log.warning(kv("outbound.refused", domain=domain, bounced=len(ids), reason=reason))
+        await self.store.outbound_done(ids, "bounced", reason, self.clock())
 
     async def _forward(self, domain: str, rows: list[OutboundRow]) -> None:
         now = self.clock()
@@ -467,6 +504,8 @@ class Federation:
         try:
             link = await self.link(domain)
             reply = await link.request(lambda rid: Finger(rid, address, asker))
+        except LinkRefused as exc:
+            return Status.FORBIDDEN, _refused_text(domain, self.domain, exc), None
         except LinkError as exc:
             return Status.UNAVAILABLE, f"{domain} is unreachable: {exc}", None
         status = Status(reply.status) if Status.known(reply.status) else Status.SERVER_ERROR
@@ -498,6 +537,8 @@ class Federation:
         try:
             link = await self.link(domain)
             reply = await link.request(make)
+        except LinkRefused as exc:
+            return Status.FORBIDDEN, _refused_text(domain, self.domain, exc), None
         except LinkError as exc:
             return Status.UNAVAILABLE, f"{domain} is unreachable: {exc}", None
         finally:
@@ -508,6 +549,10 @@ class Federation:
                 self._waiting.pop(domain, None)
         status = Status(reply.status) if Status.known(reply.status) else Status.SERVER_ERROR
         return status, reply.text, reply.body
+
+
+def _refused_text(remote: str, own: str, exc: LinkRefused) -> str:
+    return f"{remote} refuses mail from {own}: {exc.remote_text}"
 
 
 def _forward_send(mid: bytes, prio: int, items: tuple[SendItem, ...],

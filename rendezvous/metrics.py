@@ -198,6 +198,8 @@ class ServerCollector(Collector):
                       n("fed_bounced"))
         yield counter(p + "federation_link_failures", "failed attempts to link to a domain",
                       n("fed_link_failures"))
+        yield counter(p + "federation_links_refused", "links another domain refused for "
+                      "good (403): mail waiting for it bounced", n("fed_links_refused"))
         yield gauge(p + "federation_links_out", "open links to other domains",
                     n("fed_links_open"))
         yield gauge(p + "federation_links_in", "open links from other domains", n("links_in"))

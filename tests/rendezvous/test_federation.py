@@ -335,6 +335,33 @@ async def test_blocked_domain_is_refused(tmp_path: Path) -> None:
         assert b.link_refused_blocked == 1
 
 
+async def test_mail_waiting_for_a_domain_that_blocks_us_bounces_at_once(
+        tmp_path: Path, fed_log: LogWaiter) -> None:
+    """Not after the 5-day expiry: a LINK refused with 403 by every server of the domain
+    is its operator's decision, not an outage."""
+    world = World(tmp_path)
+    world.resolver.add(DomainRecords(B, (_closed_port(),), world.keys[B].public))  # down
+    async with world.server(A) as a, world.client(a, ALICE, "alice@a.test") as alice:
+        mids = [os.urandom(16), os.urandom(16)]
+        for mid in mids:
+            await alice.send(mid, [("bob@b.test", BOB.peer_id, b"x")])  # acked: queued
+        await fed_log.event("outbound.retry")
+        async with world.server(B, blocked=frozenset({A})):  # back, blocking a.test
+            line = await fed_log.event("outbound.refused")
+            assert "bounced=2" in line
+            for mid in mids:
+                state = (await _track(alice, mid))["bob@b.test"]
+                assert (state["state"], state["error"]) == (
+                    "bounced", "b.test refused it: links and mail from a.test are refused "
+                    "here")
+            with pytest.raises(RendezvousError, match=re.escape(
+                    "b.test refuses mail from a.test: links and mail from a.test are "
+                    "refused here")) as err:
+                await alice.finger("bob@b.test")
+            assert getattr(err.value, "status", None) == Status.FORBIDDEN
+        assert a.federation is not None and a.federation.links_refused >= 1
+
+
 async def test_per_domain_rate_limit(tmp_path: Path) -> None:
     world = World(tmp_path)
     limits = dataclasses.replace(Limits(), link_rate=0.001, link_burst=1,
