@@ -19,9 +19,10 @@ server does with it:
   worker tries again after `Backoff` delays. A permanent refusal (400/403/404/413: no
   such address, alignment) bounces that recipient's envelopes with the remote's text,
   and a LINK refused with 403 by every server of the domain (it blocks ours) bounces
-  everything waiting for it. After `expiry` (default 5 days) waiting envelopes bounce. The queue is in the store, so a restart (or kill -9)
-  of either server loses nothing: `start()` wakes every domain with envelopes waiting,
-  and the receiving server stores a repeated forward once (`Store.enqueue_forwarded`).
+  everything waiting for it. After `expiry` (default 5 days) waiting envelopes bounce.
+  The queue is in the store, so a restart (or kill -9) of either server loses nothing:
+  `start()` wakes every domain with envelopes waiting, and the receiving server stores a
+  repeated forward once (`Store.enqueue_forwarded`).
 - `finger(asker, address)`: FINGER over the link on behalf of `asker`, so the remote's
   privacy rules apply to the asking user; 503 "b.test is unreachable: ..." otherwise.
 

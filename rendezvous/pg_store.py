@@ -381,7 +381,8 @@ class PgStore:
                         f"{fingerprint(decode_key(recorded))}, and this instance's "
                         f"domain_key.json holds {fingerprint(self.domain_key)}: every "
                         "instance of a domain needs a copy of the one domain_key.json "
-                        "(its DNS TXT record publishes it)")
+                        "in its --data folder (its DNS TXT record publishes it): copy it "
+                        "from an instance that serves")
         except asyncpg.PostgresError as exc:
             await conn.close()
             raise RuntimeError(f"{redacted(self.url)}: {exc}") from None

@@ -124,7 +124,8 @@ async def test_an_instance_without_the_domain_key_is_refused_on_the_database(
         f"peerpost-rendezvous: {pg_url} is served with the domain key "
         f"{fingerprint(served.public)}, and this instance's domain_key.json holds "
         f"{fingerprint(own.public)}: every instance of a domain needs a copy of the one "
-        "domain_key.json (its DNS TXT record publishes it)"], err
+        "domain_key.json in its --data folder (its DNS TXT record publishes it): copy it "
+        "from an instance that serves"], err
     # With the copy it serves.
     shutil.copy2(first / "domain_key.json", stray / "domain_key.json")
     async with serve(stray, "--store", pg_url, "--stun-port", "off", "--dht-port", "off",
