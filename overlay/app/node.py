@@ -311,7 +311,8 @@ class Node:
             log.warning("DHT bootstrap through %s:%d after failover failed: %s",
                         *bootstrap, exc)
             return
-        log.info("DHT joined through %s:%d after failover: %d contacts", *bootstrap, found)
+        log.info("DHT joined through %s:%d after failover: %d contact%s in the routing table",
+                 *bootstrap, found, "" if found == 1 else "s")
 
     def _pin_server_key(self) -> None:
         """A config from before keys were pinned: pin the key this first session showed."""

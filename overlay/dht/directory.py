@@ -45,7 +45,8 @@ class ProviderDirectory:
             try:
                 async with asyncio.timeout(LOOKUP_TIMEOUT):
                     found = await self.dht.bootstrap(bootstrap)
-                log.info("DHT joined through %s: %d contacts", bootstrap, found)
+                log.info("DHT joined through %s: %d contact%s in the routing table",
+                         bootstrap, found, "" if found == 1 else "s")
             except (TimeoutError, OSError) as exc:
                 log.warning("DHT bootstrap through %s failed: %s", bootstrap, exc)
         return bound

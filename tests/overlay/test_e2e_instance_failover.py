@@ -100,7 +100,8 @@ def test_nodes_reconnect_to_the_other_instance_and_lose_nothing(
     for node in nodes:
         assert node.proc is not None
         joined = node.proc.lines.wait_for(re.compile(
-            rf"DHT joined through 127\.0\.0\.1:{dht2} after failover: (\d+) contacts"),
+            rf"DHT joined through 127\.0\.0\.1:{dht2} after failover: (\d+) contacts? "
+            r"in the routing table"),
             30, f"{node.name}'s DHT rejoin")
         assert int(joined.group(1)) >= 1  # the second instance's DHT node at least
         log = " ".join(node.proc.log().split())
