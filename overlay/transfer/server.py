@@ -69,6 +69,16 @@ SESSIONS_PER_IP = 8
 # recipients over a 400 kbit/s uplink (four slots of 12.5 KB/s, 84 s per 1 MiB chunk)
 # took 364-604 s, against 246-251 s with chunks left to finish (the link allows 251 s).
 MIN_SEND_PROGRESS = 64 << 10
+# A requester that reads slowly, but not slowly enough to count as stopped, holds an upload
+# slot for as long as its chunk takes: 1 MiB at 2 KB/s is nine minutes, and a few such
+# peers take every slot while others wait. While another session waits for a slot, a chunk
+# that moved less than SLOW_RATE bytes/s over SLOW_WINDOW seconds ends its session (the
+# slot goes to the one waiting; the requester may fetch from another source or come back).
+# 8 KiB/s is below a slot's share of any uplink over 256 kbit/s with four slots (the
+# 400 kbit/s simulator case above runs at 12.5 KB/s a slot); with nobody waiting, a slow
+# requester keeps its slot, as before.
+SLOW_RATE = 8 << 10
+SLOW_WINDOW = 30.0
 # Seconds from accepting a session to its first OPEN with a valid capability proof. Only a
 # requester that holds a capability for something here may keep a session.
 PROOF_TIMEOUT = 10.0
@@ -86,6 +96,10 @@ class CountsSent(Protocol):
     """A stream that says how many bytes have left this process (TCP, WebRTC)."""
 
     def bytes_sent(self) -> int: ...
+
+
+class SlowRequester(Exception):
+    """A session's chunk moved under the slow rate while another waited for its slot."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +129,7 @@ class TransferServer:
         idle_timeout: float = 300.0, send_timeout: float = 60.0,
         max_queued_gets: int = MAX_QUEUED_GETS, upload_slots: int = UPLOAD_SLOTS,
         sessions_per_ip: int = SESSIONS_PER_IP, proof_timeout: float = PROOF_TIMEOUT,
+        slow_rate: float = SLOW_RATE, slow_window: float = SLOW_WINDOW,
     ) -> None:
         self.identity = identity
         self.catalog = catalog
@@ -127,12 +142,17 @@ class TransferServer:
         self.max_queued_gets = max_queued_gets
         if upload_slots < 1 or sessions_per_ip < 1:
             raise ValueError("upload_slots and sessions_per_ip must be at least 1")
+        if slow_rate < 0 or slow_window <= 0:
+            raise ValueError("slow_rate must be at least 0 and slow_window positive")
+        self.slow_rate = slow_rate
+        self.slow_window = slow_window
         self.sessions_per_ip = sessions_per_ip
         self.proof_timeout = proof_timeout
         # Running sessions per peer IP (relayed streams, which name no peer, are not
         # counted here: the relay limits them per account). Entries leave at zero.
         self._per_ip: Counter[str] = Counter()
         self.upload_slots = asyncio.Semaphore(upload_slots)
+        self.slot_waiters = 0  # sessions with a sealed chunk waiting for an upload slot
         self._bucket: TokenBucket | None = None
         self._tcp: TcpServer | None = None
         self._running: set[asyncio.Task[object]] = set()
@@ -199,6 +219,10 @@ class TransferServer:
         except* StreamError as eg:
             self.counters["stream_errors"] += 1
             log.debug("transfer session stream error: %s", eg.exceptions[0])
+        except* SlowRequester as eg:
+            self.counters["slow_dropped"] += 1
+            log.info("transfer: %s %s; session dropped", stream.peer_address(),
+                     eg.exceptions[0])
         except* TimeoutError:
             self.counters["send_timeouts"] += 1
             log.info("transfer: %s stopped reading; session dropped", stream.peer_address())
@@ -303,40 +327,62 @@ class _ServedSession:
         async with self.write_lock:
             await self._write_out()
 
-    async def _send(self, msg: Message) -> None:
+    async def _send(self, msg: Message, *, holds_slot: bool = False) -> None:
         async with self.write_lock:
             self.conn.send(msg)
-            await self._while_moving(self._write_out())
+            await self._while_moving(self._write_out(), holds_slot=holds_slot)
 
-    async def _while_moving(self, write: Awaitable[None]) -> None:
+    async def _while_moving(self, write: Awaitable[None], *, holds_slot: bool = False) -> None:
         """Await `write`; TimeoutError once it moved less than MIN_SEND_PROGRESS bytes in
-        `send_timeout` seconds (a stream that can't tell: once it takes longer than that)."""
-        limit = self.server.send_timeout
+        `send_timeout` seconds (a stream that can't tell: once it takes longer than that).
+        If the write `holds_slot`, SlowRequester once it moved less than `slow_rate` bytes/s
+        over `slow_window` seconds while another session waited for a slot."""
+        server = self.server
+        limit = server.send_timeout
         count = self._bytes_sent
         if count is None:
             async with asyncio.timeout(limit):
                 await write
             return
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(None) as deadline:
-            last = count()
-            timer: asyncio.TimerHandle | None = None
+        slow: str | None = None
+        timers: dict[str, asyncio.TimerHandle] = {}  # the stop check and the slow check
+        try:
+            async with asyncio.timeout(None) as deadline:
+                last = slow_mark = count()
 
-            def check() -> None:
-                nonlocal last, timer
-                now = count()
-                if now - last < MIN_SEND_PROGRESS:
-                    deadline.reschedule(loop.time())  # expires now: the write is cancelled
-                    return
-                last = now
-                timer = loop.call_later(limit, check)
+                def check() -> None:
+                    nonlocal last
+                    now = count()
+                    if now - last < MIN_SEND_PROGRESS:
+                        deadline.reschedule(loop.time())  # expires now: the write is cancelled
+                        return
+                    last = now
+                    timers["stop"] = loop.call_later(limit, check)
 
-            timer = loop.call_later(limit, check)
-            try:
+                def check_slow() -> None:
+                    nonlocal slow, slow_mark
+                    now = count()
+                    moved = now - slow_mark
+                    if server.slot_waiters and moved < server.slow_rate * server.slow_window:
+                        slow = (f"reads at {moved / server.slow_window:.0f} B/s while "
+                                f"{server.slot_waiters} wait for an upload slot")
+                        deadline.reschedule(loop.time())
+                        return
+                    slow_mark = now
+                    timers["slow"] = loop.call_later(server.slow_window, check_slow)
+
+                timers["stop"] = loop.call_later(limit, check)
+                if holds_slot and server.slow_rate > 0:
+                    timers["slow"] = loop.call_later(server.slow_window, check_slow)
                 await write
-            finally:
-                if timer is not None:
-                    timer.cancel()
+        except TimeoutError:
+            if slow is not None:
+                raise SlowRequester(slow) from None
+            raise
+        finally:
+            for timer in timers.values():
+                timer.cancel()
 
     async def _send_paced(self, msg: Message, bucket: TokenBucket) -> None:
         """`_send` under the upload cap, PACE_SLICE bytes at a time, each after the bucket
@@ -469,14 +515,22 @@ class _ServedSession:
             if not isinstance(msg, Chunk):
                 await self._send(msg)
                 continue
-            async with self.server.upload_slots:  # waiting here is not sending: no timeout
+            slots = self.server.upload_slots
+            self.server.slot_waiters += 1
+            try:
+                await slots.acquire()  # waiting here is not sending: no timeout
+            finally:
+                self.server.slot_waiters -= 1
+            try:
                 if self.logic is not None and not self.logic.finish_get(msg.content_id,
                                                                         msg.index):
                     continue  # cancelled while it was sealed or waited: save the upload
                 bucket = self.server.bucket(loop.time())
                 if bucket is None:
-                    await self._send(msg)
+                    await self._send(msg, holds_slot=True)
                 else:
                     await self._send_paced(msg, bucket)
+            finally:
+                slots.release()
             self.server.count_served(msg.content_id)
             counters["bytes_served"] += len(msg.data)

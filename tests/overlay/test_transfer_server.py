@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from overlay.transfer.frames import Chunk, Error, ErrorCode
 from overlay.transfer.requester import open_transfer_session
 from overlay.transfer.server import TransferServer
 from overlay.transports.tcp import TcpStream, connect_tcp
+from rendezvous.taskset import TaskSet
 
 ME = DeviceIdentity.from_seed(b"m" * 32)
 
@@ -383,5 +385,78 @@ async def test_an_upload_cap_sends_a_chunk_in_slices_not_after_a_silence(
         assert isinstance(chunk, Chunk) and content.cipher.open(0, chunk.data) == data
         await session.aclose()
     finally:
+        await server.aclose()
+        store.close()
+
+
+class _Crawler(_SlowReader):
+    """A TCP stream whose reader takes 8 KiB every 100 ms (about 80 KiB/s): slow enough
+    to keep a 12 MiB chunk going for over two minutes, fast enough never to look stopped
+    to a 2 s send timeout (64 KiB in 2 s is 32 KiB/s)."""
+
+    def __init__(self, inner: TcpStream) -> None:
+        super().__init__(inner)
+        self.received = 0
+        self.chunk_flows = asyncio.Event()  # more came than any reply but a chunk
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        await asyncio.sleep(0.1)
+        data = await self.inner.receive_some(min(max_bytes, 8 << 10))
+        self.received += len(data)
+        if self.received > 64 << 10:
+            self.chunk_flows.set()
+        return data
+
+
+async def test_a_crawling_requester_gives_its_upload_slot_up_to_one_waiting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One upload slot; a requester that reads its 12 MiB chunk at ~80 KiB/s (a real
+    socket with a 64 KiB receive buffer) holds it while another requester waits for one
+    small chunk. The crawler is dropped once it moved less than the slow rate in a window
+    while the other waited, and the other gets its chunk in seconds, not after the
+    crawler's two minutes."""
+    data = os.urandom(12 << 20)
+    (tmp_path / "big").write_bytes(data)
+    (tmp_path / "small").write_bytes(b"s" * 5000)
+    store = ContentStore(tmp_path / "store")
+    big = await store.add_local_file(tmp_path / "big", chunk_size=12 << 20)
+    small = await store.add_local_file(tmp_path / "small", chunk_size=1024)
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store, send_timeout=2.0,
+                            upload_slots=1, slow_rate=256 << 10, slow_window=0.5)
+    host, port = await server.start()
+    tasks = TaskSet("crawl test")
+    caplog.set_level(logging.INFO, logger="overlay.transfer.server")
+    try:
+        stream = await connect_tcp(host, port, read_high_water=64 << 10)
+        transport = stream._p.transport
+        assert transport is not None
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                                      64 << 10)
+        crawling = _Crawler(stream)
+        crawler = await open_transfer_session(crawling, ME)
+        await crawler.open(big.content_id, big.capability)
+        await crawler.request(big.content_id, 0)
+        crawled = tasks.spawn(crawler.next_chunk())
+        assert crawled is not None
+        async with asyncio.timeout(10):  # the crawler's chunk has the slot
+            await crawling.chunk_flows.wait()
+        assert server.upload_slots.locked()
+        [crawl_served] = server._running
+        other = await open_transfer_session(await connect_tcp(host, port), ME)
+        await other.open(small.content_id, small.capability)
+        await other.request(small.content_id, 0)
+        async with asyncio.timeout(15):
+            reply = await other.next_chunk()
+        assert isinstance(reply, Chunk) and small.cipher.open(0, reply.data) == b"s" * 1024
+        async with asyncio.timeout(10):
+            await asyncio.wait([crawl_served])
+        assert server.counters["slow_dropped"] == 1 and server.active_sessions == 1
+        assert "wait for an upload slot; session dropped" in caplog.text
+        assert server.counters["send_timeouts"] == 0
+        await other.aclose()
+        await crawler.aclose()
+    finally:
+        await tasks.aclose()
         await server.aclose()
         store.close()
