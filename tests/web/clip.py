@@ -35,3 +35,17 @@ def make_webm(path: Path, *, seconds: int = 15, fps: int = 25, width: int = 320,
         for packet in stream.encode(None):
             out.mux(packet)
     return path
+
+
+def make_jpeg(path: Path, *, width: int = 640, height: int = 480, seed: int = 1) -> Path:
+    """A photo-like JPEG (one frame of noise) with PyAV's mjpeg encoder."""
+    frame = av.VideoFrame(width, height, "rgb24")
+    frame.planes[0].update(random.Random(seed).randbytes(width * height * 3))
+    with av.open(str(path), "w", format="image2") as out:
+        stream = out.add_stream("mjpeg", rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
+        for packet in stream.encode(frame.reformat(format="yuvj420p")):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path

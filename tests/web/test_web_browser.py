@@ -51,6 +51,8 @@ def test_live_inbox_and_playback_while_downloading(net: LocalNetwork, browser_pa
     entry = net.inbox_entry(bob, mid)
     assert entry is not None and entry["state"] == "downloading", entry
     assert "downloading" in page.inner_text("#msg-state")
+    # Where it comes from, by name (not a peer id) and in words.
+    assert page.inner_text("#msg-sources li").startswith(f"{alice.address}, direct: ")
     page.screenshot(path=str(artifacts / "player.png"))
 
     duration = page.evaluate("() => document.getElementById('player').duration")

@@ -27,12 +27,13 @@ from crypto.codec import Fields
 from crypto.errors import DecodeError
 from crypto.location import decode_location
 from overlay.app.control import ControlError
-from overlay.app.operations import ControlOperations
+from overlay.app.operations import CANCELLED_TEXT, ControlOperations
 from overlay.app.web.auth import CSRF_HEADER, SESSION_COOKIE, TOKEN_FILE, Session, WebAuth
 from overlay.app.web.media import Wanter, file_response, serve_partial
 from overlay.content.catalog import ContentStore
 from overlay.content.partial import PartialContent
 from overlay.mail.prefs import RETENTIONS
+from overlay.transfer.downloader import SOURCE_CHANGED_FAILURE, WITHDRAWN_FAILURE
 
 log = logging.getLogger("peerpost.web")
 
@@ -46,6 +47,19 @@ PLAYABLE = {
     "audio/mp4": "audio", "audio/ogg": "audio", "audio/wav": "audio", "audio/flac": "audio",
     "image/jpeg": "img", "image/png": "img", "image/webp": "img", "image/gif": "img",
 }
+
+# What each state is called on the page; `offered` and `failed` depend on more (state_text).
+STATE_TEXT = {"unverified": "on hold: sender not confirmed", "downloading": "downloading",
+              "retrying": "waiting for the sender", "complete": "received"}
+# How a source's bytes come: every path but the relay is a direct connection.
+PATH_TEXT = {"tcp": "direct", "tcp-punch": "direct", "webrtc": "direct",
+             "relay": "through the mail server"}
+FACT_TEXT = {"video_codec": "video format", "audio_codec": "sound format",
+             "modified": "file date", "recorded": "recorded"}
+# Which message-page elements show in which states (data-states; app.js keeps it so).
+PLAYS_IN = "downloading retrying complete"
+SIGN_IN = ("Open the inbox with <code>peerpost web</code> on this computer (it signs this "
+           "browser in), or ask whoever set peerpost up for you.")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -74,6 +88,55 @@ def _size(n: float) -> str:
 
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+def _limit(n: int | None) -> str:
+    """A byte count as `parse_size` reads it back, in the largest unit that is exact."""
+    if n is None:
+        return "none"
+    for unit, size in (("GB", 10**9), ("GiB", 1 << 30), ("MB", 10**6), ("MiB", 1 << 20),
+                       ("KB", 10**3)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return str(n)
+
+
+def state_text(e: dict[str, Any], auto: bool, limit: int | None) -> str:
+    """The state of an inbox entry in words: `offered` is waiting to download only when
+    the preferences fetch it by themselves, and `failed` says who stopped it."""
+    state = str(e["state"])
+    if state == "offered":
+        if e["junk"]:
+            return "not downloaded (junk sender)"
+        if auto and (limit is None or e["size"] <= limit):
+            return "waiting to download"
+        return "not downloaded yet"
+    if state == "failed":
+        if e["error"] == CANCELLED_TEXT:
+            return "stopped"
+        if e["error"] == WITHDRAWN_FAILURE:
+            return "cancelled by the sender"
+        if e["error"] == SOURCE_CHANGED_FAILURE:
+            return "the sender's file changed"
+        return "failed"
+    return STATE_TEXT.get(state, state)
+
+
+def _states(states: str, state: str) -> str:
+    """The data-states attribute, and `hidden` when `state` is not one of them."""
+    return f'data-states="{states}"' + ("" if state in states.split() else " hidden")
+
+
+def notice_page(title: str, text: str, status: int) -> web.Response:
+    """A page for someone without a session (or a message that has gone): the site's
+    look, what happened and the way forward, never a bare line of text."""
+    body = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport"'
+            f' content="width=device-width, initial-scale=1"><title>{_e(title)} · peerpost'
+            f'</title><link rel="stylesheet" href="/static/style.css"></head><body><header>'
+            f'<strong>peerpost</strong></header><main><h1>{_e(title)}</h1><p>{text}</p>'
+            f'</main></body></html>')
+    return web.Response(status=status, text=body, content_type="text/html",
+                        headers={"Cache-Control": "no-store"})
 
 
 class WebInbox:
@@ -156,6 +219,9 @@ class WebInbox:
             return await handler(request)
         session = self.auth.session(request.cookies.get(SESSION_COOKIE))
         if session is None:
+            if request.method == "GET" and not request.path.startswith(
+                    ("/api/", "/events", "/media/", "/thumb/")):
+                return notice_page("Not signed in", SIGN_IN, 401)
             return web.Response(status=401, text="log in with `peerpost web` first\n")
         if request.method not in ("GET", "HEAD") and \
                 not self.auth.csrf_ok(session, request.headers.get(CSRF_HEADER)):
@@ -164,10 +230,13 @@ class WebInbox:
         return await handler(request)
 
     async def login(self, request: web.Request) -> web.StreamResponse:
+        if self.auth.session(request.cookies.get(SESSION_COOKIE)) is not None:
+            # Signed in already: the link again from the history, a reload or a bookmark.
+            return web.HTTPSeeOther("/")
         session = self.auth.redeem(request.query.get("token", ""), self.wall())
         if session is None:
-            return web.Response(status=401, text="this login link is used up or expired: "
-                                                 "run `peerpost web` again\n")
+            return notice_page("This sign-in link has expired",
+                               "A link works once, within 10 minutes. " + SIGN_IN, 401)
         resp = web.HTTPSeeOther("/")
         resp.set_cookie(SESSION_COOKIE, session.sid, httponly=True, samesite="Strict",
                         path="/")
@@ -175,9 +244,21 @@ class WebInbox:
 
     # --- data --------------------------------------------------------------------------
     async def _inbox(self) -> list[dict[str, Any]]:
-        entries: list[dict[str, Any]] = await self.ops.inbox_list(Fields({}, "web"))
+        """Every entry, junk senders' too (a message page of one still updates; the list
+        leaves them out), each with its state in words and who its sources are."""
+        entries: list[dict[str, Any]] = await self.ops.inbox_list(
+            Fields({"include_junk": True}, "web"))
+        prefs = self.ops.prefs
+        auto, limit = prefs.auto_download, prefs.auto_download_max
+        names = {f.replace(" ", ""): c.address for c in self.ops.contacts.list()
+                 for f in c.fingerprints}
         for e in entries:
             e["thumbnail"] = self._thumb_of(e["id"]) is not None
+            e["state_text"] = state_text(e, auto, limit)
+            for s in e["sources"]:
+                who = next((a for f, a in names.items() if f.startswith(s["peer"])), None)
+                s["text"] = (f"{who or 'another recipient'}, "
+                             f"{PATH_TEXT.get(s['path'], s['path'])}: {_size(s['bytes'])}")
         return entries
 
     def _entry(self, mid: str) -> Any:
@@ -207,72 +288,115 @@ class WebInbox:
     async def inbox_page(self, request: web.Request) -> web.StreamResponse:
         rows = []
         for e in await self._inbox():
+            if e["junk"]:
+                continue
             thumb = (f'<img src="/thumb/{_e(e["id"])}" alt="">' if e["thumbnail"]
                      else '<div class="none"></div>')
             pct = round(e["progress"] * 100)
             rows.append(
                 f'<tr class="msg" data-id="{_e(e["id"])}"><td class="thumb">{thumb}</td>'
                 f'<td class="title"><a href="/message/{_e(e["id"])}">'
-                f'{_e(e["title"] or e["file_name"] or e["id"][:12])}</a></td>'
+                f'{_e(e["title"] or e["file_name"] or "(no title)")}</a></td>'
                 f'<td class="from">{_e(e["from"])}</td><td class="size">{_size(e["size"])}</td>'
-                f'<td class="state state-{_e(e["state"])}">{_e(e["state"])}'
-                f'{" (junk)" if e["junk"] else ""}</td>'
+                f'<td class="state state-{_e(e["state"])}">{_e(e["state_text"])}</td>'
                 f'<td class="progress"><span class="bar"><span style="width:{pct}%"></span>'
                 f'</span> {pct}%</td></tr>')
         body = ('<h1>Inbox</h1><table id="inbox"><thead><tr><th></th><th>Title</th>'
                 '<th>From</th><th>Size</th><th>State</th><th>Progress</th></tr></thead>'
-                f'<tbody id="inbox-rows">{"".join(rows)}</tbody></table>')
+                f'<tbody id="inbox-rows">{"".join(rows)}</tbody></table>'
+                f'<p id="inbox-empty"{" hidden" if rows else ""}>No messages yet. New ones '
+                'show up here by themselves.</p>')
         return self._page(request, "inbox", "Inbox", body)
 
     async def message_page(self, request: web.Request) -> web.StreamResponse:
-        e = self.ops.entry_json(self._entry(request.match_info["id"]))
-        mid = _e(e["id"])
         try:
-            d = decode_location(self._entry(e["id"]).message).description
-            facts = [(k, v) for k, v in d.fields] + [(k, _when(v)) for k, v in d.stamps]
-            if d.duration_ms:
+            entry = self.ops.find(request.match_info["id"])
+        except ControlError:
+            return notice_page("This message is not in your inbox",
+                               'It was removed, or the link is wrong. '
+                               '<a href="/">Back to the inbox</a>', 404)
+        e = next((x for x in await self._inbox() if x["id"] == entry.id.hex()), None)
+        if e is None:  # removed between the two reads
+            raise web.HTTPSeeOther("/")
+        mid, state = _e(e["id"]), e["state"]
+        kind = media_kind(e["media_type"], e["file_name"])
+        try:
+            d = decode_location(entry.message).description
+            facts = [(FACT_TEXT.get(k, k), v) for k, v in d.fields]
+            facts += [(FACT_TEXT.get(k, k), _when(v)) for k, v in d.stamps]
+            if d.duration_ms and (kind is None or kind[0] != "img"):
                 facts.append(("duration", f"{d.duration_ms / 1000:.1f} s"))
             if d.width and d.height:
-                facts.append(("resolution", f"{d.width}x{d.height}"))
+                facts.append(("size in pixels", f"{d.width} x {d.height}"))
         except DecodeError:
             facts = []
-        kind = media_kind(e["media_type"], e["file_name"])
         src = f"/media/{mid}"
-        if kind is None or e["state"] not in ("downloading", "complete", "retrying"):
-            player = ""
+        plays = _states(PLAYS_IN, state)
+        # The player's source is set once it can play: a page opened on an offered message
+        # gets it from app.js when the download starts.
+        at = f'src="{src}"' if "hidden" not in plays else f'data-src="{src}"'
+        if kind is None:
+            player, what = "", "file"
         elif kind[0] == "img":
-            player = f'<img class="media" src="{src}" alt="">'
+            player, what = f'<img class="media" id="player" {plays} {at} alt="">', "photo"
         else:
-            player = (f'<{kind[0]} id="player" controls preload="auto" src="{src}">'
-                      f'</{kind[0]}>')
-        sources = "".join(f"<li>{_e(s['peer'])} via {_e(s['path'])}: {_size(s['bytes'])}</li>"
-                          for s in e["sources"])
-        prio = _e(json.dumps({"address": e["from"], "list": "priority"}))
-        junk = _e(json.dumps({"address": e["from"], "list": "junk"}))
+            player = f'<{kind[0]} id="player" controls preload="auto" {plays} {at}></{kind[0]}>'
+            what = kind[0]
+        sources = "".join(f"<li>{_e(s['text'])}</li>" for s in e["sources"])
+        sender = self.ops.prefs.classify(e["from"])
+        on_list = {"junk": ("is on your junk list: new messages from them are hidden and "
+                            "not downloaded.", "Not junk"),
+                   "priority": ("is a priority sender: their messages download first.",
+                                "No longer priority")}
+        if sender in on_list:
+            said, undo = on_list[sender]
+            body_json = _e(json.dumps({"address": e["from"], "list": sender,
+                                       "action": "remove"}))
+            lists = (f'<p class="sender-note" id="sender-note"><strong>{_e(e["from"])}</strong>'
+                     f" {said} <button data-action=\"/api/sender\" data-body='{body_json}'>"
+                     f"{undo}</button></p>")
+            buttons = ""
+        else:
+            lists = ""
+            buttons = "".join(
+                f"<button data-action=\"/api/sender\" data-body='"
+                f"{_e(json.dumps({'address': e['from'], 'list': k}))}'>{label}</button>"
+                for k, label in (("priority", "Mark sender priority"),
+                                 ("junk", "Mark sender junk")))
+        title = e["title"] or e["file_name"] or "(no title)"
+        pct = round(e["progress"] * 100)
+        confirm = _e(f"Remove “{title}” from your inbox? A file already received stays "
+                     f"where it was saved.")
         body = (
-            f'<h1>{_e(e["title"] or e["file_name"])}</h1>{player}'
-            f'<p>from <strong>{_e(e["from"])}</strong> · {_size(e["size"])} · '
-            f'{_e(e["media_type"])} · <span id="msg-state" data-id="{mid}" '
-            f'class="state state-{_e(e["state"])}">{_e(e["state"])} '
-            f'{round(e["progress"] * 100)}%</span></p>'
-            + (f'<p class="warn">held: signed by a device key of {_e(e["from"])} you do not '
-               f'trust yet (see <a href="/contacts">contacts</a>)</p>'
-               if e["state"] == "unverified" else "")
-            + (f'<p class="state-failed">{_e(e["error"])}</p>' if e["error"] else "")
-            + f'<p class="note">{_e(e["note"])}</p>'
-            + f'<p><a href="{src}" download="{_e(e["file_name"])}">download</a></p>'
+            f'<h1>{_e(title)}</h1><p id="msg-gone" class="warn" hidden>This message was '
+            f'removed from your inbox. <a href="/">Back to the inbox</a></p>{player}'
+            f'<p>from <strong>{_e(e["from"])}</strong> · {_size(e["size"])} · {what} · '
+            f'<span id="msg-state" data-id="{mid}" data-state="{_e(state)}" '
+            f'class="state state-{_e(state)}">{_e(e["state_text"])}'
+            f'{f" {pct}%" if 0 < pct < 100 else ""}</span></p>{lists}'
+            f'<p class="warn" {_states("unverified", state)}>On hold: this message is signed '
+            f'by a new device of {_e(e["from"])} that you have not confirmed yet. Check with '
+            f'them, then accept it on the <a href="/contacts">Contacts</a> page.</p>'
+            f'<p id="msg-error" class="state-failed"{"" if e["error"] else " hidden"}>'
+            f'{_e(e["error"] or "")}</p>'
+            f'<p class="note">{_e(e["note"])}</p>'
+            f'<p {_states("complete", state)}><a id="save" href="{src}" '
+            f'download="{_e(e["file_name"])}">Save to this computer</a></p>'
+            f'<p class="hint" {_states("downloading retrying", state)}>It can be saved to this '
+            f'computer once all of it has arrived.</p>'
             + '<dl>' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts)
-            + f'<dt>file</dt><dd>{_e(e["file_name"])}</dd>'
+            + f'<dt>file name</dt><dd>{_e(e["file_name"])}</dd>'
             + f'<dt>received</dt><dd>{_when(e["received_at"])}</dd></dl>'
-            + f'<h2>Sources</h2><ul id="msg-sources">{sources}</ul>'
-            + f'<p><button data-action="/api/message/{mid}/fetch">Fetch</button>'
-            + (f'<button id="cancel" data-action="/api/message/{mid}/cancel">Cancel download'
-               f'</button>' if e["state"] in ("downloading", "retrying") else "")
-            + f'<button data-action="/api/message/{mid}/rm" data-then="/">Remove</button>'
-            + f"<button data-action=\"/api/sender\" data-body='{prio}'>Mark sender priority"
-            + f"</button><button data-action=\"/api/sender\" data-body='{junk}'>Mark sender "
-            + 'junk</button></p><p id="flash"></p>')
-        return self._page(request, "message", e["title"] or e["file_name"], body)
+            + f'<h2>Coming from</h2><ul id="msg-sources">{sources}</ul>'
+            + f'<p class="actions"><button {_states("offered", state)} '
+            f'data-action="/api/message/{mid}/fetch">Download it</button>'
+            f'<button {_states("failed", state)} data-action="/api/message/{mid}/fetch">'
+            f'Try again</button>'
+            f'<button id="cancel" {_states("downloading retrying", state)} '
+            f'data-action="/api/message/{mid}/cancel">Stop download</button>'
+            f'<button data-action="/api/message/{mid}/rm" data-then="/" '
+            f'data-confirm="{confirm}">Remove</button>{buttons}</p><p id="flash"></p>')
+        return self._page(request, "message", title, body)
 
     async def sent_page(self, request: web.Request) -> web.StreamResponse:
         items = await self.ops.status(Fields({}, "web"))
@@ -318,24 +442,34 @@ class WebInbox:
 
     async def prefs_page(self, request: web.Request) -> web.StreamResponse:
         prefs = await self.ops.prefs_get(Fields({}, "web"))
-        rows = "".join(
-            f"<dt>{_e(k)}</dt><dd>{_e(', '.join(v) if isinstance(v, list) else v)}</dd>"
-            for k, v in prefs.items())
         on = "on" if prefs["auto_download"] else "off"
         auto = "".join(f'<option value="{v}"{" selected" if v == on else ""}>{v}</option>'
                        for v in ("on", "off"))
-        limit = prefs["auto_download_max"]
         keep = "".join(f'<option value="{_e(v)}"{" selected" if v == prefs["retention"] else ""}'
                        f'>{_e(v)}</option>' for v in RETENTIONS)
+
+        def senders(key: str, heading: str, undo: str, empty: str) -> str:
+            items = "".join(
+                f"<li>{_e(a)} <button data-action=\"/api/sender\" data-body='"
+                f"{_e(json.dumps({'address': a, 'list': key, 'action': 'remove'}))}'>"
+                f"{undo}</button></li>" for a in prefs[f"{key}_senders"])
+            return f'<h2>{heading}</h2><ul id="{key}-senders">{items or f"<li>{empty}</li>"}</ul>'
+
+        rate = prefs["max_upload_rate"]
         body = (
             '<h1>Preferences</h1><form id="prefs-form" data-action="/api/prefs">'
             f'<label>auto-download <select name="auto-download">{auto}</select></label> '
             '<label>auto-download at most <input name="auto-download-max" size="10" '
-            f'value="{"none" if limit is None else _e(limit)}"></label> '
+            f'value="{_e(_limit(prefs["auto_download_max"]))}"></label> '
             f'<label>sent files after delivery <select name="retention">{keep}</select>'
             '</label> <button type="submit">Save</button></form><p id="flash"></p>'
-            f'<dl id="prefs">{rows}</dl>'
-            '<p>Sender lists and the rest: <code>peerpost prefs</code>.</p>')
+            + senders("priority", "Priority senders (their messages download first)",
+                      "Remove", "none")
+            + senders("junk", "Junk senders (their messages are hidden, not downloaded)",
+                      "Not junk", "none")
+            + '<h2>Set with <code>peerpost prefs</code></h2><dl id="prefs">'
+            f'<dt>upload speed limit</dt><dd>{"none" if rate is None else _size(rate) + "/s"}'
+            f'</dd><dt>archive folder</dt><dd>{_e(prefs["archive_dir"] or "none")}</dd></dl>')
         return self._page(request, "prefs", "Preferences", body)
 
     # --- data endpoints ----------------------------------------------------------------
@@ -429,9 +563,13 @@ class WebInbox:
         return resp
 
     async def act_sender(self, request: web.Request) -> web.StreamResponse:
+        """Put a sender on the priority or junk list, or (`action` remove) take it off."""
         body = await self._body(request)
+        action = body.get("action", "add")
+        if action not in ("add", "remove"):
+            return web.Response(status=400, text="action is add or remove\n")
         return await self._call(self.ops.prefs_list, {
-            "list": body.get("list"), "action": "add", "address": body.get("address")})
+            "list": body.get("list"), "action": action, "address": body.get("address")})
 
     async def act_accept(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)

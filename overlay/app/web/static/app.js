@@ -24,6 +24,7 @@ function renderInbox(entries) {
   if (!body) return;
   const rows = [];
   for (const e of entries) {
+    if (e.junk) continue; // a junk sender's message is listed by `peerpost inbox --all` only
     const tr = document.createElement("tr");
     tr.dataset.id = e.id;
     tr.className = "msg";
@@ -41,11 +42,11 @@ function renderInbox(entries) {
     const t = cell(tr, undefined, "title");
     const a = document.createElement("a");
     a.href = `/message/${e.id}`;
-    a.textContent = e.title || e.file_name || e.id.slice(0, 12);
+    a.textContent = e.title || e.file_name || "(no title)";
     t.appendChild(a);
     cell(tr, e.from, "from");
     cell(tr, size(e.size), "size");
-    cell(tr, e.state + (e.junk ? " (junk)" : ""), `state state-${e.state}`);
+    cell(tr, e.state_text, `state state-${e.state}`);
     const p = cell(tr, undefined, "progress");
     const bar = document.createElement("span");
     bar.className = "bar";
@@ -57,45 +58,95 @@ function renderInbox(entries) {
     rows.push(tr);
   }
   body.replaceChildren(...rows);
+  const empty = document.getElementById("inbox-empty");
+  if (empty) empty.hidden = rows.length > 0;
 }
 
-function renderMessage(e) {
+// The message page as the server would render it now: which buttons, links and player
+// show (data-states), the state, the error and the sources.
+function renderMessage(entries) {
   const st = document.getElementById("msg-state");
-  if (!st || st.dataset.id !== e.id) return;
-  st.textContent = `${e.state} ${Math.round(e.progress * 100)}%`;
+  if (!st) return;
+  const e = entries.find((x) => x.id === st.dataset.id);
+  if (!e) {
+    document.getElementById("msg-gone").hidden = false;
+    for (const b of document.querySelectorAll("button[data-action]")) b.disabled = true;
+    return;
+  }
+  const pct = Math.round(e.progress * 100);
+  st.textContent = e.state_text + (pct > 0 && pct < 100 ? ` ${pct}%` : "");
   st.className = `state state-${e.state}`;
+  st.dataset.state = e.state;
+  for (const el of document.querySelectorAll("[data-states]")) {
+    el.hidden = !el.dataset.states.split(" ").includes(e.state);
+    if (!el.hidden && el.dataset.src && !el.getAttribute("src")) el.src = el.dataset.src;
+  }
+  const err = document.getElementById("msg-error");
+  if (err) {
+    err.textContent = e.error || "";
+    err.hidden = !e.error;
+  }
   const src = document.getElementById("msg-sources");
   if (src) {
-    const items = e.sources.map((s) => {
+    src.replaceChildren(...e.sources.map((s) => {
       const li = document.createElement("li");
-      li.textContent = `${s.peer} via ${s.path}: ${size(s.bytes)}`;
+      li.textContent = s.text;
       return li;
-    });
-    src.replaceChildren(...items);
+    }));
   }
+}
+
+const LOST = "Lost contact with peerpost on this computer. Is it still running? "
+  + "This page catches up by itself once it is back.";
+const UNREACHED = "Could not reach peerpost on this computer: is it still running? "
+  + "Nothing was changed.";
+const SIGNED_OUT = "This page is signed out (peerpost was restarted). "
+  + "Open the inbox again with `peerpost web` on this computer.";
+
+function banner(text) {
+  const b = document.getElementById("offline");
+  b.textContent = text || "";
+  b.hidden = !text;
 }
 
 function listen() {
   const page = document.body.dataset.page;
   if (page !== "inbox" && page !== "message") return;
   const events = new EventSource("/events");
+  events.addEventListener("open", () => banner(""));
   events.addEventListener("inbox", (ev) => {
     const entries = JSON.parse(ev.data);
     renderInbox(entries);
-    for (const e of entries) renderMessage(e);
+    renderMessage(entries);
+  });
+  events.addEventListener("error", async () => {
+    banner(LOST);
+    if (events.readyState !== EventSource.CLOSED) return; // the browser tries again
+    // Refused rather than unreachable: a node restarted forgets its sessions.
+    try {
+      const res = await fetch("/api/inbox", { credentials: "same-origin" });
+      if (res.status === 401) { banner(SIGNED_OUT); return; }
+    } catch (err) { /* still unreachable */ }
+    setTimeout(listen, 2000);
   });
 }
 
 async function post(url, body) {
-  const res = await fetch(url, {
-    method: "POST",
-    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
-    body: JSON.stringify(body || {}),
-    credentials: "same-origin",
-  });
   const flash = document.getElementById("flash");
+  let res;
+  try {
+    res = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+      body: JSON.stringify(body || {}),
+      credentials: "same-origin",
+    });
+  } catch (err) {
+    if (flash) flash.textContent = UNREACHED;
+    return null;
+  }
   if (!res.ok) {
-    if (flash) flash.textContent = await res.text();
+    if (flash) flash.textContent = res.status === 401 ? SIGNED_OUT : await res.text();
     return null;
   }
   return res.json();
@@ -105,6 +156,7 @@ document.addEventListener("click", async (ev) => {
   const b = ev.target.closest("button[data-action]");
   if (!b) return;
   ev.preventDefault();
+  if (b.dataset.confirm && !window.confirm(b.dataset.confirm)) return;
   const out = await post(b.dataset.action, JSON.parse(b.dataset.body || "{}"));
   if (out && b.dataset.then) window.location.assign(b.dataset.then);
   else if (out) window.location.reload();

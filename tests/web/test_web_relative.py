@@ -1,0 +1,124 @@
+"""The web inbox as someone who never opens a terminal meets it (Debian's chromium against
+a real server and nodes): every page says what happened and what to do next, in words."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from overlay.app.lab import LocalNetwork
+from tests.web.clip import make_jpeg
+from tests.web.conftest import login_url, web_base
+
+pytestmark = pytest.mark.slow
+
+PHONE = {"width": 390, "height": 844}
+
+
+def test_signing_in_and_dead_links_say_the_way_forward(net: LocalNetwork,
+                                                      browser_page: Any) -> None:
+    page = browser_page
+    (bob,) = net.start_nodes("bob")
+    base = web_base(bob)
+    # The bare address, before any sign-in: a page that says how to get in.
+    page.goto(base + "/")
+    assert "Not signed in" in page.inner_text("h1")
+    assert "peerpost web" in page.inner_text("main")
+    page.goto(base + "/login?token=wrong")
+    assert "expired" in page.inner_text("h1") and "peerpost web" in page.inner_text("main")
+
+    url = login_url(net, bob)
+    page.goto(url)
+    assert page.url == base + "/"
+    assert "No messages yet" in page.inner_text("#inbox-empty")
+    # The used link again (the back button, a reload, a bookmark) while signed in: the inbox.
+    page.goto(base + "/prefs")
+    page.goto(url)
+    assert page.url == base + "/" and page.inner_text("h1") == "Inbox"
+    # A message that is not (or no longer) here.
+    page.goto(base + "/message/00ff00ff")
+    assert "not in your inbox" in page.inner_text("h1")
+    page.click("text=Back to the inbox")
+    assert page.url == base + "/"
+
+
+def test_a_photo_with_a_long_name_on_a_phone(net: LocalNetwork, browser_page: Any,
+                                             tmp_path: Path) -> None:
+    page = browser_page
+    page.set_viewport_size(PHONE)
+    alice, bob = net.start_nodes("alice", "bob")
+    net.cli(bob, "prefs", "set", "auto-download", "off")
+    name = "Familientreffen_am_See_mit_Oma_Ärger_und_Überraschung_" * 3 + ".jpg"
+    photo = make_jpeg(tmp_path / name)
+    mid = net.cli(alice, "send", str(photo), "--to", bob.address).stdout.strip()
+    stored = net.wait_until(lambda: net.inbox_entry(bob, mid), 30, "the message at bob")
+    base = web_base(bob)
+    page.goto(login_url(net, bob))
+
+    row = page.wait_for_selector(f'tr[data-id="{mid}"]')
+    assert row.query_selector(".state").inner_text() == "not downloaded yet"
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+    row.query_selector("a").click()
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert page.inner_text("#msg-state") == "not downloaded yet"
+    assert not page.is_visible("#save")
+    # Downloading it: the page follows without a reload, and offers to save it at the end.
+    page.click("button:text-is('Download it')")
+    page.wait_for_selector("#save", state="visible", timeout=30_000)
+    assert page.inner_text("#msg-state") == "received"
+    assert page.is_visible("img#player") and not page.is_visible("button:text-is('Download it')")
+    with page.expect_download() as info:
+        page.click("#save")
+    saved = info.value
+    assert saved.suggested_filename == stored["file_name"]
+    assert Path(saved.path()).read_bytes() == photo.read_bytes()
+
+    # Junk and back: the page says what marking did, and how to undo it.
+    page.click("text=Mark sender junk")
+    page.wait_for_selector("#sender-note")
+    assert "is on your junk list" in page.inner_text("#sender-note")
+    page.goto(base + "/prefs")
+    assert alice.address in page.inner_text("#junk-senders")
+    page.click(f"#junk-senders li:has-text('{alice.address}') button")
+    page.wait_for_selector(f"#junk-senders:not(:has-text('{alice.address}'))")
+    assert alice.address not in json.dumps(net.cli_json(bob, "prefs")["junk_senders"])
+
+    # Remove asks first; the back button then lands on a page that says it is gone.
+    page.goto(f"{base}/message/{mid}")
+    asked: list[str] = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.accept()))
+    page.click("button:text-is('Remove')")
+    page.wait_for_url(base + "/")
+    assert asked and "Remove" in asked[0]
+    assert "No messages yet" in page.inner_text("#inbox-empty")
+    page.go_back()
+    assert "not in your inbox" in page.inner_text("h1")
+
+
+def test_the_page_says_when_the_node_is_gone(net: LocalNetwork, browser_page: Any) -> None:
+    page = browser_page
+    (bob,) = net.start_nodes("bob")
+    page.goto(login_url(net, bob))
+    prefs = page.context.new_page()
+    web_base_was = web_base(bob)
+    prefs.goto(web_base_was + "/prefs")
+    page.bring_to_front()
+    net.stop_node(bob)
+    page.wait_for_selector("#offline", state="visible", timeout=10_000)
+    assert "Lost contact with peerpost" in page.inner_text("#offline")
+    # A button on a page opened before: it says so instead of doing nothing.
+    prefs.click("button:text-is('Save')")
+    prefs.wait_for_function("document.getElementById('flash').textContent !== ''")
+    assert re.match(r"Could not reach peerpost .* Nothing was changed", prefs.inner_text("#flash"))
+    # Started again (on the same port, as on 8470 by default), it has forgotten this
+    # browser's sign-in: the page says what to do.
+    bob.extra = ["--web", urlsplit(web_base_was).netloc]
+    net.start_node(bob)
+    page.wait_for_selector("#offline:has-text('signed out')", timeout=15_000)
+    assert "peerpost web" in page.inner_text("#offline")
