@@ -64,6 +64,7 @@ class PartialContent:
         self.key = key
         self.capability = capability
         self.part_path = part_path
+        self._renaming = threading.Lock()  # complete()'s rename against a serving read's open
         self.dest_dir = dest_dir
         self.file_name = file_name
         self.count = chunk_count(size, chunk_size)
@@ -240,8 +241,12 @@ class PartialContent:
         if not self.have(index) or self._verifier is None:
             raise ContentStoreError(f"chunk {index} is not held")
         n = plain_chunk_len(self.size, self.chunk_size, index)
-        # Its own descriptor, not _data_fd: complete() may close and rename meanwhile.
-        with open(self._final or self.part_path, "rb", buffering=0) as f:
+        # Its own descriptor, not _data_fd: complete() may close and rename meanwhile. The
+        # name is picked and opened under _renaming: a read that picked `.part` just before
+        # the rename and opened it just after found no file, and the chunk was refused.
+        with self._renaming:
+            file = open(self._final or self.part_path, "rb", buffering=0)
+        with file as f:
             try:
                 return read_and_seal(f.fileno(), self._cipher, index, n, self.chunk_size,
                                       self._scratch, self._outgoing)
@@ -260,27 +265,28 @@ class PartialContent:
         os.fsync(self._data_fd)
         self.dest_dir.mkdir(parents=True, exist_ok=True)
         linked = True
-        while True:
-            final = free_name(self.dest_dir, self.file_name)
-            try:
-                # link() fails if the name appeared meanwhile; rename() would clobber it.
-                os.link(self.part_path, final)
-            except FileExistsError:
-                continue
-            except FileNotFoundError:
-                if self.gone():
-                    raise PartialGone(f"{self.part_path} was deleted during the download"
-                                      ) from None
-                raise
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
+        with self._renaming:
+            while True:
+                final = free_name(self.dest_dir, self.file_name)
+                try:
+                    # link() fails if the name appeared meanwhile; rename() would clobber it.
+                    os.link(self.part_path, final)
+                except FileExistsError:
+                    continue
+                except FileNotFoundError:
+                    if self.gone():
+                        raise PartialGone(f"{self.part_path} was deleted during the download"
+                                          ) from None
                     raise
-                os.replace(self.part_path, final)  # no hard links here: best effort
-                linked = False
-            break
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
+                        raise
+                    os.replace(self.part_path, final)  # no hard links here: best effort
+                    linked = False
+                break
+            self._final = final  # before a serving read may open a name again
         # Final name first, record second, .part last: a crash in between leaves at worst
         # a stray file, never a lost one.
-        self._final = final
         self._owner.mark_complete(self, final)
         if linked:
             self.part_path.unlink(missing_ok=True)

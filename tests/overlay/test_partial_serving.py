@@ -1,0 +1,79 @@
+"""A co-recipient serves the chunks it holds while its own download runs, and keeps
+serving them across the moment that download completes and `.part` is renamed into place.
+
+The serving read runs in a sealing thread and the rename in another (the downloader's
+`complete()`): a read that picked the `.part` name just before the rename, and opened it
+just after, failed with FileNotFoundError, logged "cannot serve chunk N: ... .part" and
+answered the other receiver UNAVAILABLE for a chunk this node holds."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crypto.identity import DeviceIdentity
+from overlay.content import partial as partial_module
+from overlay.content.catalog import ContentStore
+from overlay.transfer.frames import Chunk
+from overlay.transfer.requester import open_transfer_session
+from overlay.transfer.server import TransferServer
+from overlay.transports.tcp import connect_tcp
+
+ME = DeviceIdentity.from_seed(b"r" * 32)
+
+
+async def test_a_chunk_read_as_the_download_completes_is_served(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(5000)
+    (tmp_path / "f").write_bytes(data)
+    sender = ContentStore(tmp_path / "sender")
+    source = await sender.add_local_file(tmp_path / "f", chunk_size=1024)
+    receiver = ContentStore(tmp_path / "receiver")
+    part = receiver.open_partial(source.content_id, source.size, source.chunk_size,
+                                 source.key, source.capability, tmp_path / "in", "f",
+                                 scheme=source.scheme)
+    part.set_leaves(source.leaves)
+    for i in range(5):
+        assert part.write_chunk(i, source.read_sealed(i))
+    assert part.is_complete
+
+    completing: list[threading.Thread] = []
+    real_open = builtins.open
+
+    def open_as_the_rename_lands(file: Any, *args: Any, **kwargs: Any) -> Any:
+        # The downloader's thread completes the file between the read picking a name and
+        # opening it (given half a second; a read that keeps it out meanwhile is fine).
+        if not completing and str(file).endswith(".part"):
+            t = threading.Thread(target=part.complete, name="complete")
+            completing.append(t)
+            t.start()
+            t.join(0.5)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(partial_module, "open", open_as_the_rename_lands, raising=False)
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), receiver)
+    host, port = await server.start()
+    try:
+        session = await open_transfer_session(await connect_tcp(host, port), ME)
+        await session.open(source.content_id, source.capability)
+        await session.request(source.content_id, 3)
+        async with asyncio.timeout(10):
+            reply = await session.next_chunk()
+        assert isinstance(reply, Chunk), f"a held chunk was refused: {reply}"
+        assert source.cipher.open(3, reply.data) == data[3072:4096]
+        assert server.counters["read_errors"] == 0
+        await session.aclose()
+    finally:
+        await server.aclose()
+        for t in completing:
+            await asyncio.to_thread(t.join)
+        receiver.close()
+        sender.close()
+    [final] = (tmp_path / "in").glob("f*")
+    assert final.read_bytes() == data and not list(tmp_path.glob("in/**/*.part"))
