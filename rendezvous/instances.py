@@ -64,7 +64,7 @@ from rendezvous.backoff import Backoff
 from rendezvous.logfmt import kv
 from rendezvous.messages import RelayInvite
 from rendezvous.store import ENVELOPE_COLUMNS, QueuedEnvelope, queued_envelope
-from rendezvous.taskset import TaskSet
+from rendezvous.taskset import TaskSet, raise_if_cancelled
 
 log = logging.getLogger("rendezvous.instances")
 
@@ -677,6 +677,9 @@ class PgInstanceBus:
         """Renew the lease with this instance's figures; sweep long-dead instances."""
         beats = 0
         while True:
+            # Its SELECT 1 below waits under asyncio.wait_for, which can hand back the answer
+            # instead of aclose()'s cancel: the loop went on and aclose waited for ever.
+            raise_if_cancelled()
             await asyncio.sleep(self.heartbeat)
             host = self._host
             stats = host.bus_stats() if host is not None else {}

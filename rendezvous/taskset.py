@@ -17,6 +17,20 @@ from typing import Any
 log = logging.getLogger("peerpost.tasks")
 
 
+def raise_if_cancelled() -> None:
+    """Raise CancelledError if the running task was cancelled although no await raised it.
+
+    Python 3.11's `asyncio.wait_for` returns the awaited result (or raises its error)
+    instead of the caller's CancelledError when both land in one loop iteration, and so
+    does everything built on it (dnspython's resolver, `RendezvousClient.start` and its
+    requests while reconnecting). The cancel is lost but `Task.cancelling()` still counts
+    it: a loop that runs until cancelled calls this once per round, or it goes on for ever
+    and the `aclose()` waiting for it never returns."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class TaskSetClosed(RuntimeError):
     """`spawn` after `aclose`: the owner is shutting down."""
 
