@@ -5,9 +5,10 @@
     peerpost-sim run my.toml --set topology.hosts=1000 --set churn.dead_share=0.1
     peerpost-sim sweep dht-lookup --grid topology.hosts=100,200 --seeds 1,2,3 --out results/s
 
-`run` shows progress (steps done, virtual time), then writes DIR/NAME.csv (one row per
-measured item), DIR/summary.json (the summary, the scenario and the seed) and prints the
-summary as a table, and draws the scenario's plots as DIR/*.png (CDFs and time series).
+`run` shows progress (items done, virtual time), then writes DIR/NAME.csv (one row per
+measured item), DIR/summary.json (the summary, the scenario with every default filled in,
+the seed, the trace hash and the commit: what a citation needs) and the scenario's plots
+as DIR/*.png, and prints the summary as a table. Ctrl-C writes nothing.
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from rendezvous.cliutil import (
     add_completion,
@@ -61,15 +71,22 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def write_results(out: Path, name: str, result: ScenarioResult, meta: dict[str, Any]) -> Path:
-    """Write NAME.csv, summary.json and the PNG plots into `out`; returns the CSV path."""
+    """Write NAME.csv, summary.json and the PNG plots into `out`; returns the CSV path.
+
+    The files an earlier run wrote there (summary.json's `files`) are deleted first: a
+    folder holds one run's results, never a CSV or plot left from another beside them.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    sweep.clear_earlier(out, "summary.json", "files")
     csv_path = out / f"{name}.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=result.columns)
         writer.writeheader()
         writer.writerows(result.rows)
+    files = [csv_path.name, "summary.json", *(f"{p.name}.png" for p in result.plots)]
     (out / "summary.json").write_text(
-        json.dumps({"summary": result.summary} | meta, indent=2, default=str))
+        json.dumps({"summary": result.summary} | meta | {"files": files}, indent=2,
+                   default=str))
     for plot in result.plots:
         draw(plot, out)
     return csv_path
@@ -108,20 +125,41 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
     return 2 if bad else 0
 
 
+class _VirtualTime(ProgressColumn):
+    """The running simulation's virtual time, read at each refresh of the bar."""
+
+    def __init__(self, sims: list[Simulation]) -> None:
+        super().__init__()
+        self._sims = sims
+
+    def render(self, task: Task) -> Text:
+        return Text(f"virtual {self._sims[-1].now:,.1f}s" if self._sims else "virtual 0s")
+
+
 def _run(args: argparse.Namespace, console: Console) -> int:
     spec = load_scenario(args.scenario, _parse_set(args.set))
     seed = spec.seed if args.seed is None else args.seed
+    out = Path(args.out) if args.out else Path("results") / spec.name
+    sims: list[Simulation] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("virtual {task.fields[vt]}"), TimeElapsedColumn())
+               _VirtualTime(sims), TimeElapsedColumn())
+    counted = [0, 0]  # items done, of
     with Progress(*columns, console=console, disable=args.quiet) as bar:
-        task = bar.add_task(spec.name, total=None, vt="0s")
-        sims: list[Simulation] = []
+        task = bar.add_task(spec.name, total=None)
 
         def progress(done: int, total: int) -> None:
-            vt = f"{sims[0].now:,.1f}s" if sims else ""
-            bar.update(task, completed=done, total=total, vt=vt)
+            counted[:] = [done, total]
+            bar.update(task, completed=done, total=total)
 
-        result = run(spec, seed, progress=progress, on_simulation=sims.append)
+        try:
+            result = run(spec, seed, progress=progress, on_simulation=sims.append)
+        except KeyboardInterrupt:
+            when = sims[-1].interrupted_at if sims else None
+            at = f" at virtual time {when:,.1f} s" if when is not None else ""
+            done = f", {counted[0]} of {counted[1]} items done" if counted[1] else ""
+            console.print(f"interrupted{at}{done}: nothing written ({out} is as it was)",
+                          highlight=False, soft_wrap=True)
+            return 130
     where, text = scenario_source(args.scenario)
     meta = {"scenario": spec.name, "runs_as": spec.driver, "seed": seed,
             "trace_hash": result.trace_hash, "commit": _commit(),
@@ -129,7 +167,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             "scenario_sha256": hashlib.sha256(text.encode()).hexdigest(),
             "overrides": _parse_set(args.set), "document": spec.doc,
             "wall_s": result.wall_s, "callback_errors": result.callback_errors}
-    csv_path = write_results(Path(args.out), spec.name, result, meta)
+    csv_path = write_results(out, spec.name, result, meta)
     table = Table(title=f"{spec.name} (seed {seed})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -138,8 +176,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     table.add_row("wall_s", f"{result.wall_s:.2f}")
     table.add_row("callback_errors", str(result.callback_errors))
     console.print(table)
-    pngs = ", ".join(str(Path(args.out) / f"{p.name}.png") for p in result.plots)
-    console.print(f"wrote {csv_path}, {Path(args.out) / 'summary.json'}"
+    pngs = ", ".join(str(out / f"{p.name}.png") for p in result.plots)
+    console.print(f"wrote {csv_path}, {out / 'summary.json'}"
                   + (f" and {pngs}" if pngs else ""), soft_wrap=True)  # paths stay whole
     return 0 if result.callback_errors == 0 else 1
 
@@ -148,8 +186,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `peerpost-sim`."""
     parser = argparse.ArgumentParser(prog="peerpost-sim", description=__doc__,
-                                     epilog="exit status: 0 ok, 1 callbacks raised during the run, "
-                                            "2 usage error or bad scenario")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="exit status: 0 ok, 1 callbacks raised during the run "
+                                            "(sweep: a run failed), 2 usage error or bad "
+                                            "scenario, 130 interrupted (Ctrl-C)")
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the built-in scenarios")
@@ -160,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     runp = sub.add_parser("run", help="run a scenario (built-in name or TOML file)")
     runp.add_argument("scenario", help="a name from `peerpost-sim list`, or a TOML file")
     runp.add_argument("--seed", type=int, help="overrides the scenario's seed")
-    runp.add_argument("--out", default="results", help="output folder")
+    runp.add_argument("--out", help="output folder (default: results/NAME); the files of "
+                                    "an earlier run there are replaced")
     runp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="set a key path, e.g. topology.hosts=100 or "
                            "'topology.up={dist=\"fixed\", value=2.0}'; repeatable")

@@ -98,6 +98,9 @@ class SimLoop(asyncio.BaseEventLoop):
         self._task_hosts: weakref.WeakKeyDictionary[asyncio.Task[Any], tuple[Host, int]] = (
             weakref.WeakKeyDictionary())
         self._timer_seq = itertools.count()
+        # Set by a Ctrl-C (Simulation.run's SIGINT handler): the next iteration raises
+        # KeyboardInterrupt between two callbacks, never inside one.
+        self.interrupted = False
 
     def attach(self, network: Network) -> None:
         """Connect the loop's socket methods to `network`."""
@@ -136,6 +139,9 @@ class SimLoop(asyncio.BaseEventLoop):
         times (asyncio compares `when` only, and a heap is not stable); packets of one stream
         rely on that to stay in order, and determinism does too.
         """
+        if self.interrupted:
+            self.interrupted = False
+            raise KeyboardInterrupt
         base: Any = self  # asyncio's private scheduling state is not in the type stubs
         heap: list[tuple[float, int, Any]] = base._scheduled
         if len(heap) > _MIN_HEAP_TO_PURGE and base._timer_cancelled_count * 2 > len(heap):

@@ -558,14 +558,14 @@ def variant(sim: Simulation, spec: ScenarioSpec, n: int,
     ends normally adds its trace digest to `digests` and its errors to `sim`'s; a fresh
     one is closed either way."""
     s = sim if n == 0 else build_simulation(spec, sim.seed)
-    try:
+    if s is sim:
         yield s
         digests.append(s.trace.digest())
-        if s is not sim:
-            sim.errors.extend(s.errors)
-    finally:
-        if s is not sim:
-            s.close()
+        return
+    with s:  # closed either way (abandoned on Ctrl-C)
+        yield s
+        digests.append(s.trace.digest())
+        sim.errors.extend(s.errors)
 
 
 def draw(dist: Mapping[str, Any], rng: random.Random) -> float:

@@ -19,6 +19,8 @@ import asyncio
 import gc
 import logging
 import random
+import signal
+import threading
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
@@ -52,6 +54,8 @@ class Simulation:
         self.loop.attach(self.network)
         self.errors: list[dict[str, Any]] = []
         self._closing = False
+        self._abandoned = False
+        self.interrupted_at: float | None = None  # virtual time of a Ctrl-C
         # What the real code draws from the OS (keys, ids, nonces) comes from the seed.
         self._entropy = self.rng_for("entropy")
         self.loop.set_exception_handler(self._on_error)
@@ -61,6 +65,8 @@ class Simulation:
         return random.Random(f"peerpost-sim/{self.seed}/{purpose}")
 
     def _on_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if self._abandoned:
+            return  # interrupted: its tasks are dropped unfinished, and that is no error
         if self._closing and isinstance(context.get("exception"), asyncio.CancelledError):
             return  # 3.11's StreamReaderProtocol trips over handler tasks cancelled at close
         if len(self.errors) < _MAX_ERRORS:
@@ -98,6 +104,11 @@ class Simulation:
         # them all every few thousand messages. Reference counting still frees nearly
         # everything; cycles are collected, just less often.
         gc.set_threshold(GC_THRESHOLD, 20, 50)
+        # Ctrl-C stops the loop between two callbacks: a KeyboardInterrupt raised inside
+        # one (in the node's or the server's code) leaves coroutines half run, and their
+        # clean-up at close then fails noisily.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if main else None
         try:
             with seeded(self._entropy):
                 result: T = self.loop.run_until_complete(task)
@@ -107,6 +118,13 @@ class Simulation:
             raise
         finally:
             gc.set_threshold(*thresholds)
+            if previous is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signal.SIGINT, previous)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.loop.interrupted:  # a second Ctrl-C: a callback runs on and on
+            raise KeyboardInterrupt
+        self.loop.interrupted = True
 
     def close(self) -> None:
         """Cancel what still runs, let it unwind, and close the loop."""
@@ -126,12 +144,22 @@ class Simulation:
             loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
+    def abandon(self) -> None:
+        """After a KeyboardInterrupt (Ctrl-C): close, reporting nothing more (hundreds of
+        tasks cut short would each log it)."""
+        self._abandoned = True
+        self.interrupted_at = self.now  # the unwinding at close moves the clock on
+        self.close()
+
     def __enter__(self) -> Simulation:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close()
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.abandon()
+        else:
+            self.close()
 
 
 async def _bounded(coro: Coroutine[Any, Any, T], seconds: float) -> T:

@@ -18,7 +18,8 @@ ran it.
 The sweep writes DIR/sweep.csv (one row per run), DIR/sweep.json (the same rows with the
 grid and seeds) and DIR/METRIC-vs-KEY.png for each numeric summary metric and each swept
 key: the mean over seeds with min-max bars. A run that raised is a row with its error; the
-sweep goes on and exits 1.
+sweep goes on and exits 1. Ctrl-C stops it: what finished is written, every other run is a
+row whose error says it was not run, sweep.json has "interrupted": true; exit status 130.
 
 The trace hash of a run is the simulation's event digest (sim.trace): it depends on the
 scenario document and the seed only, so the same run gives the same hash in this process,
@@ -42,7 +43,7 @@ import socket
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,10 @@ LEAD_COLUMNS = ["seed"]
 #: Columns every row has after the summary metrics.
 TAIL_COLUMNS = ["virtual_s", "callback_errors", "trace_hash", "wall_s", "worker",
                 "worker_address", "error"]
+
+
+#: The `error` of a run that a Ctrl-C left unrun.
+NOT_RUN = "not run: the sweep was interrupted (Ctrl-C)"
 
 
 class SweepError(ScenarioError):
@@ -246,7 +251,7 @@ def _dask_address() -> str:
 
 # -------------------------------------------------------------------------- executors
 
-Submit = Iterator[tuple[int, dict[str, Any]]]  # (index into the runs, outcome)
+Submit = Generator[tuple[int, dict[str, Any]], None, None]  # (run index, outcome)
 
 
 def _local(scenario: Scenario, grid: Mapping[str, list[Any]], runs: Sequence[Run],
@@ -438,14 +443,32 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def clear_earlier(out: Path, manifest: str, key: str) -> list[str]:
+    """Delete the files an earlier run or sweep wrote into `out`, as its `manifest` (JSON)
+    lists them under `key`, so that what `out` holds afterwards is one run's; other files
+    stay. Returns the names deleted."""
+    try:
+        listed = json.loads((out / manifest).read_text()).get(key, [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    gone = []
+    for name in listed if isinstance(listed, list) else []:
+        path = out / str(name)
+        if path.parent == out and path.is_file():  # a plain name, never a path elsewhere
+            path.unlink()
+            gone.append(str(name))
+    return gone
+
+
 def write_outputs(out: Path, scenario: str, grid: Mapping[str, list[Any]], seeds: Sequence[int],
                   rows: Sequence[Mapping[str, Any]],
                   plot_metrics: Sequence[str] | None = None,
                   meta: Mapping[str, Any] | None = None,
                   ) -> tuple[list[Path], dict[str, str]]:
     """sweep.csv, sweep.json and the plots; returns every path written, and the metrics
-    not plotted with the reason."""
+    not plotted with the reason. An earlier sweep's plots in `out` are deleted first."""
     out.mkdir(parents=True, exist_ok=True)
+    clear_earlier(out, "sweep.json", "plots")
     columns = columns_of(grid, rows)
     csv_path = out / "sweep.csv"
     with csv_path.open("w", newline="") as f:
@@ -484,30 +507,40 @@ def sweep(scenario: Scenario, grid: Mapping[str, list[Any]], seeds: Sequence[int
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     runs = plan(scenario, grid, seeds)
     name = scenario.name
+    n = workers or os.cpu_count() or 1
     where = f"the Dask cluster at {dask}" if dask else \
-        f"{workers or os.cpu_count() or 1} local worker processes"
+        f"{n} local worker process{'' if n == 1 else 'es'}"
     say(f"sweep {name}: {_count(len(runs), 'run')} ("
         f"{_count(len(runs) // len(seeds), 'combination')} x {_count(len(seeds), 'seed')}) "
         f"on {where}")
     done: dict[int, dict[str, Any]] = {}
     start = time.perf_counter()
     results = (_dask(scenario, grid, runs, dask) if dask
-               else _local(scenario, grid, runs, workers or os.cpu_count() or 1))
-    for i, outcome in results:
-        run = runs[i]
-        done[i] = row_for(grid, run, outcome)
-        elapsed = time.perf_counter() - start
-        eta = elapsed / len(done) * (len(runs) - len(done))
-        shown = " ".join(f"{k}={_label(v)}" for k, v in zip(grid, run.values, strict=True))
-        status = f"FAILED: {outcome['error']}" if outcome.get("error") else \
-            f"{outcome.get('wall_s', 0):.1f} s"
-        say(f"run {len(done)}/{len(runs)} done ({shown} seed={run.seed}) {status}; "
-            f"ETA {eta:.0f} s")
-    rows = [done[i] for i in range(len(runs))]
+               else _local(scenario, grid, runs, n))
+    interrupted = False
+    try:
+        for i, outcome in results:
+            run = runs[i]
+            done[i] = row_for(grid, run, outcome)
+            elapsed = time.perf_counter() - start
+            eta = elapsed / len(done) * (len(runs) - len(done))
+            shown = " ".join(f"{k}={_label(v)}" for k, v in zip(grid, run.values, strict=True))
+            status = f"FAILED: {outcome['error']}" if outcome.get("error") else \
+                f"{outcome.get('wall_s', 0):.1f} s"
+            say(f"run {len(done)}/{len(runs)} done ({shown}{' ' if shown else ''}"
+                f"seed={run.seed}) {status}; ETA {eta:.0f} s")
+    except KeyboardInterrupt:
+        # Ctrl-C: keep the runs that finished; the others are rows marked as not run.
+        interrupted = True
+        say(f"interrupted: {len(done)} of {len(runs)} runs done; writing those")
+    finally:
+        results.close()  # cancels what is queued or running
+    rows = [done[i] if i in done else row_for(grid, runs[i], {"error": NOT_RUN})
+            for i in range(len(runs))]
     from sim.cli import _commit  # sim.cli imports this module
 
     meta = {"scenario_file": scenario.source, "scenario_sha256": scenario.sha256,
-            "commit": _commit(), "document": scenario.doc}
+            "commit": _commit(), "document": scenario.doc, "interrupted": interrupted}
     paths, not_plotted = write_outputs(out, name, grid, seeds, rows, plot_metrics, meta)
     return rows, paths, not_plotted
 
@@ -533,7 +566,8 @@ def add_parser(sub: Any) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    """`peerpost-sim sweep`: 0 every run ok, 1 some run failed, 2 bad grid or scenario."""
+    """`peerpost-sim sweep`: 0 every run ok, 1 some run failed, 2 bad grid or scenario,
+    130 interrupted (what finished is written)."""
     try:
         if args.workers is not None and args.workers < 1:
             raise SweepError("--workers wants a positive number")
@@ -550,8 +584,12 @@ def command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failed = [r for r in rows if r.get("error")]
+    unrun = sum(1 for r in failed if r["error"] == NOT_RUN)
     print(f"{len(rows) - len(failed)}/{len(rows)} runs ok"
-          + (f", {len(failed)} failed (see the error column)" if failed else ""))
+          + (f", {len(failed) - unrun} failed (see the error column)"
+             if len(failed) > unrun else "")
+          + (f", {unrun} not run (interrupted; sweep.json says \"interrupted\": true)"
+             if unrun else ""))
     for metric, why in not_plotted.items():
         print(f"not plotted: {metric} ({why})")
     csv_path, json_path, *pngs = paths
@@ -559,4 +597,4 @@ def command(args: argparse.Namespace) -> int:
           + (f" and {len(pngs)} plot{'s' if len(pngs) > 1 else ''} in {csv_path.parent}: "
              + ", ".join(p.name for p in pngs)
              if pngs else ""))
-    return 1 if failed else 0
+    return 130 if unrun else 1 if failed else 0

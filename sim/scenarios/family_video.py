@@ -9,13 +9,18 @@ at its time, reads its mailbox and downloads as it would at home. With co-recipi
 sourcing on (the default `NodeOptions.co_recipients`), the node also fetches from the
 co-recipients the DHT names and looks again every `provider_refresh` seconds; off, from the
 sender alone. Chunks are really sealed, hashed, verified, decrypted and written, and every
-received file is compared with the original. The clip is random bytes. All hosts are
-public (direct TCP).
+received file is compared with the original. The clip is random bytes. Peer hosts sit
+behind the NATs `[topology] nat` draws (all public by default).
 
 Each mode runs in its own simulation with the same seed, so both see the same arrival
-times and links. Rows: one per recipient and mode. Bytes per source are the receiving
-node's own view of its last download attempt (`inbox --json` `sources`); "MB from sender"
-in the summary counts what the sender's transfer server served, every attempt included.
+times and links. Rows: one per recipient and mode. Times are virtual seconds since the
+sender's `send` returned: `online_at_s` when the recipient's node started,
+`completed_at_s` when the node recorded the download complete (its inbox entry's
+`completed_at`), `seconds` the difference. Bytes per source are the receiving node's own
+view, every attempt included (`inbox --json` `sources`): file bytes it verified and kept;
+"MB from sender" in the summary counts what the sender's transfer server served, chunks
+that no one kept included, and "relay MB" every byte the server's relay forwarded (both
+directions, the transfer protocol's own bytes included).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sim.deploy import SimNode, deploy_rendezvous
+from sim.deploy import EPOCH, SimNode, deploy_rendezvous
 from sim.network.host import Host
 from sim.plots import Plot
 from sim.scenario import (
@@ -179,6 +184,7 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
     sender_node = await sender.start()
     sent = await sender_host.create_task(sender_node.send(
         clip, [n.address for n in nodes], "family video", ""))
+    sent_at = sim.now  # time 0 of the rows
     message_id = bytes.fromhex(sent["id"])
     sender_label = sender_node.identity.peer_id.hex()[:16]
     original = file_digest(clip)
@@ -198,6 +204,8 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
             serve_bad_chunks(running.transfer)
         entries = await node.wait_inbox(holds, every=1.0)
         (entry,) = [e for e in entries if e.id == message_id]
+        # The node's own record, not the poll that saw it (up to `every` later).
+        done_at = sim.now if entry.completed_at is None else entry.completed_at - EPOCH
         act = running.downloads.active.get(message_id)
         views = list(act.sources.values()) if act else []
         from_sender = sum(v.bytes for v in views if v.peer == sender_label)
@@ -208,8 +216,8 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
             "nat": (nat_of or {}).get(node.host.name, "none"), "free_rider": i in free_riders,
             "bad_chunks": i in bad_sources,
             "sources_banned": sum(1 for v in views if v.banned),
-            "online_at_s": round(online_at[i], 3), "completed_at_s": round(sim.now, 3),
-            "seconds": round(sim.now - t0, 3),
+            "online_at_s": round(t0 - sent_at, 3), "completed_at_s": round(done_at - sent_at, 3),
+            "seconds": round(done_at - t0, 3),
             "from_sender_mb": round(from_sender / MB, 3),
             "from_peers_mb": round(from_peers / MB, 3),
             **{col: round(by_path[path] / MB, 3) for path, col in PATHS.items()},

@@ -70,3 +70,19 @@ def test_the_last_line_names_every_file_written_with_its_folder(
     last = " ".join(capsys.readouterr().out.split()).rsplit("wrote ", 1)[1]
     for name in ("dht-lookup.csv", "summary.json", "lookup-latency-cdf.png"):
         assert str(out / name) in last and (out / name).exists(), last
+
+
+def test_a_folder_run_into_again_holds_only_the_new_runs_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results" / "dht-lookup"  # the default folder: one per scenario
+    assert main(["run", "dht-lookup", *SMALL]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert (out / "lookup-messages-cdf.png").exists()
+    assert main(["run", "dht-lookup", *SMALL, "--set",
+                 'measure.plots=["lookup-latency-cdf"]']) == 0
+    # The earlier run's plot that this run did not draw is gone; what it never wrote stays.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dht-lookup.csv", "lookup-latency-cdf.png", "notes.txt", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["files"] == [
+        "dht-lookup.csv", "summary.json", "lookup-latency-cdf.png"]

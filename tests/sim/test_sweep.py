@@ -227,3 +227,16 @@ def test_a_sweep_on_a_dask_cluster_gives_the_in_process_trace_hashes(
                        scenario.base, scenario.name)
         assert here["error"] == "" and here["trace_hash"] == r["trace_hash"], r
     assert (out / "on-completion-p50-s-vs-topology-hosts.png").stat().st_size > 10_000
+
+
+def test_a_sweep_into_an_earlier_sweeps_folder_leaves_none_of_its_plots(
+        tmp_path: Path) -> None:
+    from sim.sweep import write_outputs
+
+    def rows(key: str) -> list[dict[str, object]]:
+        return [{key: x, "seed": 1, "found": 2.0 * x, "error": ""} for x in (1, 2)]
+
+    first, _ = write_outputs(tmp_path, "s", {"dht.alpha": [1, 2]}, [1], rows("dht.alpha"))
+    assert (tmp_path / "found-vs-dht-alpha.png") in first
+    write_outputs(tmp_path, "s", {"dht.ksize": [1, 2]}, [1], rows("dht.ksize"))
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["found-vs-dht-ksize.png"]

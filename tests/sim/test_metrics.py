@@ -1,0 +1,65 @@
+"""The numbers a scenario reports mean what docs/simulator.md says, checked against the
+network's own record of the run (every trace event, captured as it is hashed)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from sim.network.host import Host
+from sim.scenario import run
+from sim.simulation import Simulation
+from sim.trace import EventKind, Trace
+
+
+def _small_delivery(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[tuple[float, str, int,
+                                                                                int]]]:
+    """A 2 MB clip to 3 public recipients, sourcing off; and every trace event, with the
+    name of the host it happened at."""
+    names: dict[int, str] = {}
+    events: list[tuple[float, str, int, int]] = []
+    record, add_host = Trace.record, Simulation.add_host
+
+    def recording(self: Trace, when: float, host: int, kind: EventKind, size: int = 0) -> None:
+        events.append((when, names.get(host, "?"), int(kind), size))
+        record(self, when, host, kind, size)
+
+    def naming(self: Simulation, name: str, **kw: Any) -> Host:
+        h = add_host(self, name, **kw)
+        names[h.index] = name
+        return h
+
+    monkeypatch.setattr(Trace, "record", recording)
+    monkeypatch.setattr(Simulation, "add_host", naming)
+    result = run("family-video", seed=1, overrides={
+        "topology.hosts": 3, "workload.size_mb": {"dist": "fixed", "value": 2.0},
+        "workload.online": {"process": "uniform", "window_s": 10.0},
+        "workload.co_recipients": ["off"]})
+    return result, events
+
+
+def test_completion_times_are_the_nodes_own_on_one_clock_from_the_send(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    result, events = _small_delivery(monkeypatch)
+    last_data: dict[str, float] = {}
+    received: Counter[str] = Counter()
+    for when, host, kind, size in events:
+        if kind == EventKind.TCP_DATA:
+            received[host] += size
+            if size > 10_000:  # a chunk's segments, not a control message
+                last_data[host] = when
+    rows = result.rows
+    assert len(rows) == 3
+    for r in rows:
+        # Online and completion on the same clock, so the difference is the row's time.
+        assert r["completed_at_s"] - r["online_at_s"] == pytest.approx(r["seconds"], abs=0.002)
+        # Bytes per source: the file's bytes, as the network carried them (headers aside).
+        assert r["from_sender_mb"] == 2.0
+        assert 2_000_000 < received[r["recipient"]] < 2_000_000 * 1.005
+    # Completion is when the last chunk arrived (the node stores it in zero virtual time),
+    # not when a poll of the inbox saw it: the same offset (the send's time) for everyone.
+    offsets = [last_data[r["recipient"]] - r["completed_at_s"] for r in rows]
+    assert max(offsets) - min(offsets) < 0.01, offsets
+    assert result.summary["off: last done at s"] == max(r["completed_at_s"] for r in rows)
