@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from overlay.app.lab import LocalNetwork
+from tests.overlay.test_e2e_trust import second_device
 from tests.web.clip import make_jpeg
 from tests.web.conftest import login_url, web_base
 
@@ -122,3 +123,44 @@ def test_the_page_says_when_the_node_is_gone(net: LocalNetwork, browser_page: An
     net.start_node(bob)
     page.wait_for_selector("#offline:has-text('signed out')", timeout=15_000)
     assert "peerpost web" in page.inner_text("#offline")
+
+
+def test_a_cancelled_and_a_held_message_say_why_and_what_next(net: LocalNetwork,
+                                                             browser_page: Any,
+                                                             tmp_path: Path) -> None:
+    page = browser_page
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(1 << 20)])
+    bob = net.add_node("bob")
+    net.start_node(alice)
+    net.start_node(bob)
+    big = tmp_path / "film.bin"
+    big.write_bytes(bytes(8 << 20))
+    mid = net.cli(alice, "send", str(big), "--to", bob.address).stdout.strip()
+    base = web_base(bob)
+    page.goto(login_url(net, bob))
+    page.goto(f"{base}/message/{mid}")
+    page.wait_for_selector("#msg-state.state-downloading", timeout=30_000)
+    # The sender cancels: the open page follows, and says it in words.
+    net.cli(alice, "cancel", mid)
+    page.wait_for_selector("#msg-error", state="visible", timeout=30_000)
+    assert page.inner_text("#msg-state").startswith("cancelled by the sender")
+    assert page.inner_text("#msg-error-text") == ("The sender cancelled this message: it can "
+                                                  "no longer be downloaded.")
+    assert not page.is_visible("#msg-error-raw")  # the node's own words: under Details
+    assert not page.is_visible("#cancel")
+
+    # From a device of alice's that none of hers confirmed: on hold, and the way out.
+    alice2 = second_device(net, "alice2", alice.address)
+    photo = make_jpeg(tmp_path / "cake.jpg")
+    held = net.cli(alice2, "send", str(photo), "--to", bob.address).stdout.strip()
+    page.goto(f"{base}/message/{held}")
+    page.wait_for_selector("#msg-state.state-unverified", timeout=30_000)
+    assert page.inner_text("#msg-state") == "on hold: sender not confirmed"
+    assert "accept it on the Contacts page" in page.inner_text("main")
+    page.click("text=Contacts")
+    assert "new device, not confirmed" in page.inner_text("#contacts")
+    page.click("button:text-is('Accept')")
+    page.wait_for_selector("button:text-is('Accept')", state="detached")  # reloaded
+    page.goto(f"{base}/message/{held}")
+    page.wait_for_selector("#save", state="visible", timeout=30_000)
+    assert page.inner_text("#msg-state") == "received"

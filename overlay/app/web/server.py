@@ -122,6 +122,28 @@ def state_text(e: dict[str, Any], auto: bool, limit: int | None) -> str:
     return STATE_TEXT.get(state, state)
 
 
+def error_text(e: dict[str, Any]) -> str:
+    """Why a download stopped or waits, in words and with what happens next; the text
+    the node recorded (peer ids, errno, status codes) goes under Details."""
+    error, state = e["error"], e["state"]
+    if not error:
+        return ""
+    if error == CANCELLED_TEXT:
+        return "You stopped this download. “Try again” goes on from where it stopped."
+    if error == WITHDRAWN_FAILURE:
+        return "The sender cancelled this message: it can no longer be downloaded."
+    if error == SOURCE_CHANGED_FAILURE:
+        return ("The sender's file was changed, moved or deleted after they sent it: ask "
+                "them to send it again.")
+    if state == "retrying":
+        when = e["next_attempt"]
+        then = (f" (next try at {time.strftime('%H:%M:%S', time.localtime(when))})"
+                if when else "")
+        return (f"No computer that has this file can be reached right now (is "
+                f"{e['from']}'s switched off?). The download goes on by itself{then}.")
+    return "The download failed. “Try again” starts it once more."
+
+
 def _states(states: str, state: str) -> str:
     """The data-states attribute, and `hidden` when `state` is not one of them."""
     return f'data-states="{states}"' + ("" if state in states.split() else " hidden")
@@ -255,6 +277,7 @@ class WebInbox:
         for e in entries:
             e["thumbnail"] = self._thumb_of(e["id"]) is not None
             e["state_text"] = state_text(e, auto, limit)
+            e["error_text"] = error_text(e)
             for s in e["sources"]:
                 who = next((a for f, a in names.items() if f.startswith(s["peer"])), None)
                 s["text"] = (f"{who or 'another recipient'}, "
@@ -322,9 +345,10 @@ class WebInbox:
         kind = media_kind(e["media_type"], e["file_name"])
         try:
             d = decode_location(entry.message).description
-            facts = [(FACT_TEXT.get(k, k), v) for k, v in d.fields]
+            photo = kind is not None and kind[0] == "img"
+            facts = [(FACT_TEXT.get(k, k), v) for k, v in d.fields if not photo]
             facts += [(FACT_TEXT.get(k, k), _when(v)) for k, v in d.stamps]
-            if d.duration_ms and (kind is None or kind[0] != "img"):
+            if d.duration_ms and not photo:
                 facts.append(("duration", f"{d.duration_ms / 1000:.1f} s"))
             if d.width and d.height:
                 facts.append(("size in pixels", f"{d.width} x {d.height}"))
@@ -377,8 +401,9 @@ class WebInbox:
             f'<p class="warn" {_states("unverified", state)}>On hold: this message is signed '
             f'by a new device of {_e(e["from"])} that you have not confirmed yet. Check with '
             f'them, then accept it on the <a href="/contacts">Contacts</a> page.</p>'
-            f'<p id="msg-error" class="state-failed"{"" if e["error"] else " hidden"}>'
-            f'{_e(e["error"] or "")}</p>'
+            f'<div id="msg-error" class="state-failed"{"" if e["error"] else " hidden"}>'
+            f'<p id="msg-error-text">{_e(e["error_text"])}</p><details><summary>Details'
+            f'</summary><p id="msg-error-raw">{_e(e["error"] or "")}</p></details></div>'
             f'<p class="note">{_e(e["note"])}</p>'
             f'<p {_states("complete", state)}><a id="save" href="{src}" '
             f'download="{_e(e["file_name"])}">Save to this computer</a></p>'
@@ -412,29 +437,34 @@ class WebInbox:
                     f'<td>{_when(r.get("updated_at"))}</td></tr>')
         body = ('<h1>Sent</h1><table id="sent"><thead><tr><th>Title</th><th>Size</th>'
                 '<th>Recipient</th><th>State</th><th>Updated</th></tr></thead>'
-                f'<tbody>{"".join(rows)}</tbody></table>')
+                f'<tbody>{"".join(rows)}</tbody></table>'
+                + ("" if rows else "<p>Nothing sent from this computer yet.</p>"))
         return self._page(request, "sent", "Sent", body)
 
     async def contacts_page(self, request: web.Request) -> web.StreamResponse:
         rows = []
         for c in await self.ops.contacts_list(Fields({}, "web")):
             fps = [_e(f) for f in c["fingerprints"]]
-            fps += [f"{_e(f)} (pending)" for f in c["pending"]]
-            fps += [f"{_e(f)} (unvouched)" for f in c["unvouched"]]
+            fps += [f"{_e(f)} (waiting for you to accept)" for f in c["pending"]]
+            fps += [f"{_e(f)} (new device, not confirmed)" for f in c["unvouched"]]
             warn = []
             if c["changed"]:
-                warn.append('<span class="changed">KEY CHANGED: compare fingerprints out of '
-                            'band before accepting</span>')
+                warn.append('<span class="changed">Their key changed: this may be someone '
+                            'else. Compare the fingerprint with them in person or on the '
+                            'phone before you accept it.</span>')
             if c["unvouched"]:
-                warn.append('<span class="warn">new device key nobody vouched for: '
-                            'unverified</span>')
+                warn.append('<span class="warn">A new device that none of theirs confirmed: '
+                            'ask them whether they set it up and compare its fingerprint, '
+                            'then accept it. Until then its messages are on hold.</span>')
             if c["pending"] or c["unvouched"] or c["changed"]:
                 body = _e(json.dumps({"address": c["address"]}))
                 warn.append(f"<button data-action=\"/api/contacts/accept\" "
                             f"data-body='{body}'>Accept</button>")
             rows.append(f'<tr><td>{_e(c["address"])}</td><td>{"<br>".join(fps)}</td>'
                         f'<td>{_when(c["first_seen"])}</td><td>{" ".join(warn)}</td></tr>')
-        body = ('<h1>Contacts</h1><p>Compare fingerprints with each contact out of band.</p>'
+        body = ('<h1>Contacts</h1><p>The people who sent you mail, and the fingerprint of '
+                'each of their devices. To be sure a device is theirs, compare its '
+                'fingerprint with them in person or on the phone.</p>'
                 '<table id="contacts"><thead><tr><th>Address</th><th>Fingerprints</th>'
                 '<th>First seen</th><th></th></tr></thead>'
                 f'<tbody>{"".join(rows)}</tbody></table><p id="flash"></p>')

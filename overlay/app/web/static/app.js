@@ -83,7 +83,8 @@ function renderMessage(entries) {
   }
   const err = document.getElementById("msg-error");
   if (err) {
-    err.textContent = e.error || "";
+    document.getElementById("msg-error-text").textContent = e.error_text;
+    document.getElementById("msg-error-raw").textContent = e.error || "";
     err.hidden = !e.error;
   }
   const src = document.getElementById("msg-sources");
