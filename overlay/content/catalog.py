@@ -45,6 +45,8 @@ from crypto.content import (
 )
 from crypto.errors import DecodeError
 from overlay.content.diskio import (
+    ScratchBuffers,
+    SendBuffers,
     ShortRead,
     free_name,
     preallocate,
@@ -111,7 +113,7 @@ def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,
     count = chunk_count(size, chunk_size)
     cipher = ChunkCipher(key) if scheme is LeafScheme.SEALED else None
     key_l = leaf_key(key)
-    buffers: list[bytearray] = []
+    buffers = ScratchBuffers(HASH_WORKERS)
 
     def leaf(i: int) -> bytes:
         n = plain_chunk_len(size, chunk_size, i)
@@ -160,6 +162,9 @@ class ContentStore:
         self._lock = threading.Lock()
         self._partials: dict[bytes, PartialContent] = {}
         self._full: dict[bytes, LocalContent] = {}
+        # Every content's serving buffers (see diskio.SEND_BUFFERS).
+        self._scratch = ScratchBuffers()
+        self._outgoing = SendBuffers()
 
     def close(self) -> None:
         for p in list(self._partials.values()):
@@ -227,14 +232,16 @@ class ContentStore:
             raise DecodeError("a capability is 32 bytes")
         content = LocalContent(merkle_root(leaves), size, chunk_size, key,
                                capability or new_capability(), path, tuple(leaves),
-                               before.st_mtime_ns, scheme)
+                               before.st_mtime_ns, scheme, scratch=self._scratch,
+                               outgoing=self._outgoing)
         with self._lock:
             old = self._db.execute("SELECT capability FROM content WHERE cid = ?",
                                    (content.content_id,)).fetchone()
             if old is not None and capability is None:
                 # Same file, same key: same content id. Keep the capability already handed out.
                 content = LocalContent(content.content_id, size, chunk_size, key, bytes(old[0]),
-                                       path, content.leaves, content.mtime_ns, scheme)
+                                       path, content.leaves, content.mtime_ns, scheme,
+                                       scratch=self._scratch, outgoing=self._outgoing)
             self._db.execute(
                 "INSERT OR REPLACE INTO content (cid, state, path, content_key, capability,"
                 " size, chunk_size, leaves, mtime_ns, scheme)"
@@ -296,7 +303,8 @@ class ContentStore:
                      chunk_size, int(scheme)),
                 )
             partial = PartialContent(self, content_id, size, chunk_size, key, capability,
-                                     part_path, dest, name, leaves, scheme)
+                                     part_path, dest, name, leaves, scheme,
+                                     scratch=self._scratch, outgoing=self._outgoing)
             self._partials[content_id] = partial
             return partial
 
@@ -316,7 +324,8 @@ class ContentStore:
             self._partials.pop(partial.content_id, None)
             self._full[partial.content_id] = LocalContent(
                 partial.content_id, partial.size, partial.chunk_size, partial.key,
-                partial.capability, final, leaves, mtime_ns, partial.scheme)
+                partial.capability, final, leaves, mtime_ns, partial.scheme,
+                scratch=self._scratch, outgoing=self._outgoing)
         self.have_path(partial.content_id).unlink(missing_ok=True)
 
     # --- serving side -----------------------------------------------------------------
@@ -344,7 +353,8 @@ class ContentStore:
             content = LocalContent(content_id, row[3], row[4], bytes(row[1]), bytes(row[2]),
                                    Path(row[0]), _unpack_leaves(bytes(row[5]),
                                                                 chunk_count(row[3], row[4])),
-                                   int(row[6] or 0), LeafScheme(row[7]))
+                                   int(row[6] or 0), LeafScheme(row[7]),
+                                   scratch=self._scratch, outgoing=self._outgoing)
             self._full[content_id] = content
             return content
 

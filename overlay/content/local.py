@@ -17,7 +17,13 @@ from crypto.content import (
     plain_chunk_len,
     plain_leaf,
 )
-from overlay.content.diskio import ChunkChanged, SendBuffers, ShortRead, read_and_seal
+from overlay.content.diskio import (
+    ChunkChanged,
+    ScratchBuffers,
+    SendBuffers,
+    ShortRead,
+    read_and_seal,
+)
 from overlay.content.interfaces import ContentStoreError
 
 log = logging.getLogger(__name__)
@@ -48,11 +54,12 @@ class LocalContent:
     scheme: LeafScheme = LeafScheme.KEYED_PLAIN  # what its leaves hash
     cipher: ChunkCipher = field(init=False, repr=False, compare=False)
     leaf_key: bytes = field(init=False, repr=False, compare=False)
-    # Plaintext buffers the serving threads read into (one per thread at most).
-    scratch: list[bytearray] = field(init=False, repr=False, compare=False,
-                                     default_factory=list)
-    outgoing: SendBuffers = field(init=False, repr=False, compare=False,
-                                  default_factory=lambda: SendBuffers())
+    # Plaintext buffers the serving threads read into, and sealed ones on their way out:
+    # a content store gives all its contents the same two pools, so what stays allocated
+    # does not grow with the number of files it serves.
+    scratch: ScratchBuffers = field(repr=False, compare=False,
+                                    default_factory=ScratchBuffers)
+    outgoing: SendBuffers = field(repr=False, compare=False, default_factory=SendBuffers)
     changed: _Changed = field(init=False, repr=False, compare=False, default_factory=_Changed)
 
     def __post_init__(self) -> None:

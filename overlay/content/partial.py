@@ -20,6 +20,7 @@ from crypto.content import (
 )
 from overlay.content.diskio import (
     DIRECT_ALIGN,
+    ScratchBuffers,
     SendBuffers,
     ShortRead,
     bit,
@@ -56,6 +57,7 @@ class PartialContent:
         self, owner: PartialOwner, content_id: bytes, size: int, chunk_size: int, key: bytes,
         capability: bytes, part_path: Path, dest_dir: Path, file_name: str,
         leaves: tuple[bytes, ...] | None, scheme: LeafScheme = LeafScheme.KEYED_PLAIN,
+        *, scratch: ScratchBuffers | None = None, outgoing: SendBuffers | None = None,
     ) -> None:
         self._owner = owner
         self.content_id = content_id
@@ -97,8 +99,9 @@ class PartialContent:
         # a fresh megabyte per chunk costs page faults and zeroing on every chunk. Anonymous
         # mappings, so they are page-aligned as O_DIRECT wants.
         self._buffers: list[memoryview] = []
-        self._scratch: list[bytearray] = []  # read_sealed's, as LocalContent's
-        self._outgoing = SendBuffers()
+        # read_sealed's, as LocalContent's (its store's pools, shared by all its contents)
+        self._scratch = scratch if scratch is not None else ScratchBuffers()
+        self._outgoing = outgoing if outgoing is not None else SendBuffers()
         self._cipher = ChunkCipher(key, self.scheme)
 
     def _make_verifier(self, leaves: Sequence[bytes]) -> ChunkVerifier:
