@@ -278,14 +278,33 @@ def _why_not(path: str) -> str:
     return f"only {' and '.join(runs)} runs use it" if runs else "no run uses it"
 
 
+_CHURN_KEYS = ("churn.session", "churn.off_time", "churn.until_s")
+
+
+def _table_of(doc: Mapping[str, Any], path: str) -> str:
+    """A leaf inside a distribution or arrival-process table is reported as the table
+    (`churn.session`, not its `dist` and `value` one line each)."""
+    head, _, leaf = path.rpartition(".")
+    node: Any = doc
+    for part in head.split(".") if head else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    if leaf and isinstance(node, dict) and ("dist" in node or "process" in node):
+        return head
+    return path
+
+
 def _semantic_problems(doc: dict[str, Any], given: frozenset[str], driver: str,
                        base: Path) -> list[str]:
     out: list[str] = []
     what = {"family-video": "files on one domain", "churn": "files on one domain with churn",
             "federation": "files across domains", "dht-lookup": "lookups",
             "server-load": "envelopes"}[driver]
-    for path in sorted(given):
+    for path in sorted({_table_of(doc, g) for g in given}):
         if not _honoured(path, driver):
+            if driver == "family-video" and path in _CHURN_KEYS:
+                out.append(f"{path}: nobody churns (churn.share is 0; a share above 0 or a "
+                           "churn.trace makes this a churn run)")
+                continue
             out.append(f"{path}: not used by this scenario (it runs as {driver}: {what}; "
                        f"{_why_not(path)})")
     top, work, churn, adv = doc["topology"], doc["workload"], doc["churn"], doc["adversaries"]

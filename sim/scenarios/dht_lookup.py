@@ -81,7 +81,9 @@ class Params:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (nearest rank); NaN for no values."""
+    """The value at rank floor(q * n) + 1 of the n values sorted (capped at n): for an
+    even count the p50 is the upper middle value, the p90 of 10 values the largest (not
+    the nearest-rank definition, ceil(q * n)). NaN for no values."""
     if not values:
         return float("nan")
     ordered = sorted(values)

@@ -152,7 +152,9 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
                   bad_sources: frozenset[int] = frozenset(), sample_s: float = 1.0) -> Delivery:
     """Start the server and the sender's node, send, then start each recipient's node at
     its time and wait until it holds the clip. Every address is registered first (as
-    `peerpost init` does at install time); `after_setup` runs then (churn starts there).
+    `peerpost init` does at install time). `after_setup` runs once `send` has returned
+    (churn starts there), so that churn times, online times and completion times all count
+    from the send.
 
     Free riders (indices into `hosts`) download like anyone but their transfer server
     never grants an upload slot: sessions to them open and stall, and the downloader moves
@@ -170,8 +172,6 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
                      options=options) for h in hosts]
     for n in (sender, *nodes):
         await n.init()
-    if after_setup is not None:
-        after_setup()
     relay = deployed.server.relay
     peak = [0]
 
@@ -184,7 +184,9 @@ async def deliver(sim: Simulation, server_host: Host, sender_host: Host, hosts: 
     sender_node = await sender.start()
     sent = await sender_host.create_task(sender_node.send(
         clip, [n.address for n in nodes], "family video", ""))
-    sent_at = sim.now  # time 0 of the rows
+    sent_at = sim.now  # time 0 of the rows, and of churn
+    if after_setup is not None:
+        after_setup()
     message_id = bytes.fromhex(sent["id"])
     sender_label = sender_node.identity.peer_id.hex()[:16]
     original = file_digest(clip)

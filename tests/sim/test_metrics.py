@@ -4,6 +4,7 @@ network's own record of the run (every trace event, captured as it is hashed).""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,11 +14,11 @@ from sim.scenario import run
 from sim.simulation import Simulation
 from sim.trace import EventKind, Trace
 
+Event = tuple[float, str, int, int]  # virtual time, host name, EventKind, size
 
-def _small_delivery(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[tuple[float, str, int,
-                                                                                int]]]:
-    """A 2 MB clip to 3 public recipients, sourcing off; and every trace event, with the
-    name of the host it happened at."""
+
+def _capture(monkeypatch: pytest.MonkeyPatch) -> list[Event]:
+    """Every trace event from now on, with the name of the host it happened at."""
     names: dict[int, str] = {}
     events: list[tuple[float, str, int, int]] = []
     record, add_host = Trace.record, Simulation.add_host
@@ -33,6 +34,12 @@ def _small_delivery(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[tuple[fl
 
     monkeypatch.setattr(Trace, "record", recording)
     monkeypatch.setattr(Simulation, "add_host", naming)
+    return events
+
+
+def _small_delivery(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[Event]]:
+    """A 2 MB clip to 3 public recipients, sourcing off; and every trace event."""
+    events = _capture(monkeypatch)
     result = run("family-video", seed=1, overrides={
         "topology.hosts": 3, "workload.size_mb": {"dist": "fixed", "value": 2.0},
         "workload.online": {"process": "uniform", "window_s": 10.0},
@@ -63,3 +70,21 @@ def test_completion_times_are_the_nodes_own_on_one_clock_from_the_send(
     offsets = [last_data[r["recipient"]] - r["completed_at_s"] for r in rows]
     assert max(offsets) - min(offsets) < 0.01, offsets
     assert result.summary["off: last done at s"] == max(r["completed_at_s"] for r in rows)
+
+
+def test_a_churn_trace_counts_from_the_send_as_the_rows_do(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "trace.csv").write_text("host,at_s,online\n0,1,0\n0,5,1\n")
+    (tmp_path / "traced.toml").write_text(
+        '[topology]\nhosts = 2\n[workload]\nkind = "files"\n'
+        'size_mb = { dist = "fixed", value = 1.0 }\nonline = { process = "at_start" }\n'
+        '[churn]\ntrace = "trace.csv"\nuntil_s = 30.0\n')
+    events = _capture(monkeypatch)
+    result = run(str(tmp_path / "traced.toml"))
+    (steady,) = [r for r in result.rows if r["recipient"] == "r1"]
+    last = max(when for when, host, kind, size in events
+               if host == "r1" and kind == EventKind.TCP_DATA and size > 10_000)
+    sent_at = last - steady["completed_at_s"]  # the rows' time 0
+    flips = [(round(when - sent_at, 3), kind) for when, host, kind, _ in events
+             if host == "r0" and kind in (EventKind.HOST_DOWN, EventKind.HOST_UP)]
+    assert flips == [(1.0, EventKind.HOST_DOWN), (5.0, EventKind.HOST_UP)]

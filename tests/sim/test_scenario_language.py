@@ -69,6 +69,11 @@ def test_a_key_the_selected_run_would_ignore_is_refused() -> None:
         "topology.up.low: not a parameter of dist = 'fixed' (it takes value)"]
     assert _problems(LOOKUPS | {"churn": {"session": {"dist": "exponential", "mean": 9}}}) == [
         "churn.session: nobody churns (churn.share is 0)"]
+    # On files too, as one line for the table, saying what makes it a churn run.
+    assert _problems({"workload": {"kind": "files"},
+                      "churn": {"session": {"dist": "fixed", "value": 3}}}) == [
+        "churn.session: nobody churns (churn.share is 0; a share above 0 or a churn.trace "
+        "makes this a churn run)"]
     assert _problems(LOOKUPS | {"adversaries": {"sybil_behaviour": "lie"}}) == [
         "adversaries.sybil_behaviour: there are no Sybils (adversaries.sybil_share is 0)"]
 
