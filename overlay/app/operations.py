@@ -419,6 +419,11 @@ class ControlOperations:
         if action == "remove":
             if not self.prefs.remove_sender(pattern):
                 raise ControlError(f"{pattern} is not in the {which} list")
+            # What came while the sender was junk is theirs again: listed, downloadable.
+            for e in self.inbox.list(include_junk=True):
+                if e.junk and self.prefs.classify(e.sender) != "junk":
+                    self.inbox.set_flags(e.id, junk=False)
+            self.downloads.wake()
         elif which == "priority":
             self.prefs.add_priority(pattern)
         elif which == "junk":

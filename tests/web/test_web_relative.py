@@ -79,16 +79,31 @@ def test_a_photo_with_a_long_name_on_a_phone(net: LocalNetwork, browser_page: An
     saved = info.value
     assert saved.suggested_filename == stored["file_name"]
     assert Path(saved.path()).read_bytes() == photo.read_bytes()
+    # Where the node keeps it (what Remove leaves in place).
+    got = net.inbox_entry(bob, mid)
+    assert got is not None and page.inner_text("#msg-path") == got["path"]
 
     # Junk and back: the page says what marking did, and how to undo it.
     page.click("text=Mark sender junk")
     page.wait_for_selector("#sender-note")
     assert "is on your junk list" in page.inner_text("#sender-note")
-    page.goto(base + "/prefs")
+    # Her next message is left out of the list, and the list says so.
+    net.cli(alice, "send", str(photo), "--to", bob.address)
+    page.goto(base + "/")
+    page.wait_for_selector("#inbox-junk:has-text('1 message from senders on your junk list')",
+                           timeout=30_000)
+    page.click("text=Preferences")
     assert alice.address in page.inner_text("#junk-senders")
     page.click(f"#junk-senders li:has-text('{alice.address}') button")
     page.wait_for_selector(f"#junk-senders:not(:has-text('{alice.address}'))")
     assert alice.address not in json.dumps(net.cli_json(bob, "prefs")["junk_senders"])
+    # Not junk after all: what she sent meanwhile is in the list again, and can download.
+    page.goto(base + "/")
+    page.wait_for_selector("tr.msg >> nth=1")
+    assert page.inner_text("#inbox-junk") == ""
+    page.click("tr.msg >> nth=0 >> a")
+    page.click("button:text-is('Download it')")
+    page.wait_for_selector("#save", state="visible", timeout=30_000)
 
     # Remove asks first; the back button then lands on a page that says it is gone.
     page.goto(f"{base}/message/{mid}")
@@ -97,7 +112,7 @@ def test_a_photo_with_a_long_name_on_a_phone(net: LocalNetwork, browser_page: An
     page.click("button:text-is('Remove')")
     page.wait_for_url(base + "/")
     assert asked and "Remove" in asked[0]
-    assert "No messages yet" in page.inner_text("#inbox-empty")
+    assert page.locator(f'tr[data-id="{mid}"]').count() == 0
     page.go_back()
     assert "not in your inbox" in page.inner_text("h1")
 

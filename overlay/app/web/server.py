@@ -144,6 +144,15 @@ def error_text(e: dict[str, Any]) -> str:
     return "The download failed. “Try again” starts it once more."
 
 
+def junk_text(entries: list[dict[str, Any]]) -> str:
+    """The line under the list that says junk senders' messages are left out of it."""
+    n = sum(1 for e in entries if e["junk"])
+    if not n:
+        return ""
+    return (f"{n} message{'s' if n > 1 else ''} from senders on your junk list "
+            f"{'are' if n > 1 else 'is'} not shown (see Preferences).")
+
+
 def _states(states: str, state: str) -> str:
     """The data-states attribute, and `hidden` when `state` is not one of them."""
     return f'data-states="{states}"' + ("" if state in states.split() else " hidden")
@@ -310,7 +319,8 @@ class WebInbox:
     # --- pages -------------------------------------------------------------------------
     async def inbox_page(self, request: web.Request) -> web.StreamResponse:
         rows = []
-        for e in await self._inbox():
+        entries = await self._inbox()
+        for e in entries:
             if e["junk"]:
                 continue
             thumb = (f'<img src="/thumb/{_e(e["id"])}" alt="">' if e["thumbnail"]
@@ -328,7 +338,8 @@ class WebInbox:
                 '<th>From</th><th>Size</th><th>State</th><th>Progress</th></tr></thead>'
                 f'<tbody id="inbox-rows">{"".join(rows)}</tbody></table>'
                 f'<p id="inbox-empty"{" hidden" if rows else ""}>No messages yet. New ones '
-                'show up here by themselves.</p>')
+                'show up here by themselves.</p>'
+                f'<p id="inbox-junk" class="hint">{_e(junk_text(entries))}</p>')
         return self._page(request, "inbox", "Inbox", body)
 
     async def message_page(self, request: web.Request) -> web.StreamResponse:
@@ -411,6 +422,8 @@ class WebInbox:
             f'computer once all of it has arrived.</p>'
             + '<dl>' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts)
             + f'<dt>file name</dt><dd>{_e(e["file_name"])}</dd>'
+            + f'<div class="fact" {_states("complete", state)}><dt>saved on this computer '
+            f'as</dt><dd id="msg-path">{_e(e["path"] or "")}</dd></div>'
             + f'<dt>received</dt><dd>{_when(e["received_at"])}</dd></dl>'
             + f'<h2>Coming from</h2><ul id="msg-sources">{sources}</ul>'
             + f'<p class="actions"><button {_states("offered", state)} '

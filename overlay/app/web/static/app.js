@@ -60,6 +60,12 @@ function renderInbox(entries) {
   body.replaceChildren(...rows);
   const empty = document.getElementById("inbox-empty");
   if (empty) empty.hidden = rows.length > 0;
+  const junk = document.getElementById("inbox-junk");
+  const n = entries.length - rows.length;
+  if (junk) {
+    junk.textContent = n === 0 ? "" : `${n} message${n > 1 ? "s" : ""} from senders on your `
+      + `junk list ${n > 1 ? "are" : "is"} not shown (see Preferences).`;
+  }
 }
 
 // The message page as the server would render it now: which buttons, links and player
@@ -81,6 +87,8 @@ function renderMessage(entries) {
     el.hidden = !el.dataset.states.split(" ").includes(e.state);
     if (!el.hidden && el.dataset.src && !el.getAttribute("src")) el.src = el.dataset.src;
   }
+  const path = document.getElementById("msg-path");
+  if (path) path.textContent = e.path || "";
   const err = document.getElementById("msg-error");
   if (err) {
     document.getElementById("msg-error-text").textContent = e.error_text;
