@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,10 @@ def _error_text(op: str, exc: Exception) -> str:
     if is_disk_full(exc):  # node.db or the content store: nothing was changed
         log.error("control op %s: the disk is full (%s)", op, exc)
         return f"this node's disk is full ({exc}): free some space and try again"
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        log.error("control op %s: a database of this node is damaged (%s)", op, exc)
+        return (f"a database of this node is damaged ({exc}): stop the node and start it "
+                "again; it checks its files at start and says what to do")
     if isinstance(exc, ControlError | DecodeError | ValueError | OSError):
         return str(exc)
     log.exception("control op %s failed", op, exc_info=exc)

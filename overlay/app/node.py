@@ -31,14 +31,15 @@ from overlay.app.failover import ServerFailover
 from overlay.app.fetch import ContentFetch
 from overlay.app.fetchmeter import FetchMeter
 from overlay.app.holders import HolderFinder
-from overlay.app.home import NodeConfig, NodeHome
+from overlay.app.home import HomeError, NodeConfig, NodeHome
 from overlay.app.links import EndpointFactory, PeerLinks
 from overlay.app.notify import MessageHook
 from overlay.app.operations import ControlOperations
 from overlay.content.catalog import ContentStore
+from overlay.content.interfaces import ContentStoreError
 from overlay.dht.directory import ProviderDirectory
 from overlay.mail.contacts import Contacts
-from overlay.mail.db import NodeDB
+from overlay.mail.db import NodeDB, RecordsError
 from overlay.mail.delivery import Delivery, Receipts
 from overlay.mail.downloads import DownloadQueue
 from overlay.mail.inbox import DEFAULT_MAX_ENTRIES, Inbox, InboxEntry
@@ -56,7 +57,7 @@ from rendezvous.domainkey import encode_key, fingerprint
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
 from rendezvous.sdnotify import notify
 from rendezvous.stun import SocketMaker, reusable_socket
-from rendezvous.taskset import TaskSet
+from rendezvous.taskset import TaskSet, raise_if_cancelled
 
 log = logging.getLogger("peerpost.node")
 
@@ -274,6 +275,9 @@ class Node:
                 await self.rendezvous.start()
                 return
             except (ConnectionLostError, RequestTimeoutError) as exc:
+                # SIGTERM cancels this task; a refusal landing in the same loop iteration
+                # came back from asyncio.wait_for instead, and the node went on retrying.
+                raise_if_cancelled()
                 if await failover.login_elsewhere(self.rendezvous) is not None:
                     return
                 attempt += 1
@@ -434,10 +438,13 @@ def run_node(home: NodeHome, args: argparse.Namespace) -> int:
     home.load_config()  # no home folder: say so before taking its lock
     with home.daemon_lock():  # HomeBusy (a HomeError) when another daemon has this home
         try:
-            import uvloop
-
-            uvloop.run(main())
-        except ImportError:
-            asyncio.run(main())
+            try:
+                import uvloop
+            except ImportError:
+                asyncio.run(main())
+            else:
+                uvloop.run(main())
+        except (RecordsError, ContentStoreError) as exc:  # a damaged node.db or store
+            raise HomeError(str(exc)) from None
     return 0
 

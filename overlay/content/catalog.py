@@ -103,6 +103,17 @@ def _unpack_leaves(blob: bytes, count: int) -> tuple[bytes, ...]:
     return tuple(blob[i : i + HASH_LEN] for i in range(0, len(blob), HASH_LEN))
 
 
+def _damaged(path: Path, problem: str) -> str:
+    """What to do about a content store SQLite cannot read (a disk error, a bad copy)."""
+    problem = " ".join(problem.replace("*** in database main ***", "").split())
+    aside = path.parent / "damaged"
+    return (f"{path} is damaged ({problem}); the node does not start with it. Restore it "
+            f"from a backup, or move it aside with its journal (`mkdir -p {aside} && mv "
+            f"{path}* {aside}/`) to start with an empty one: received files stay where they "
+            "are, but unfinished downloads start over and files you sent are served again "
+            "only once you `peerpost resend` them")
+
+
 def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,
                 scheme: LeafScheme) -> list[bytes]:
     """The leaf of every chunk of the file open at `fd` (ShortRead if it ends early).
@@ -149,6 +160,24 @@ class ContentStore:
         fd = os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        try:
+            self._open_db()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.OperationalError):  # locked, full, unreadable
+                raise ContentStoreError(f"cannot open {db_path}: {exc}") from None
+            raise ContentStoreError(_damaged(db_path, str(exc))) from None
+        except BaseException:
+            self._db.close()
+            raise
+        self._lock = threading.Lock()
+        self._partials: dict[bytes, PartialContent] = {}
+        self._full: dict[bytes, LocalContent] = {}
+        # Every content's serving buffers (see diskio.SEND_BUFFERS).
+        self._scratch = ScratchBuffers()
+        self._outgoing = SendBuffers()
+
+    def _open_db(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -159,12 +188,9 @@ class ContentStore:
         if "scheme" not in columns:  # a store of version 1: all its contents are SEALED
             self._db.execute("ALTER TABLE content ADD COLUMN scheme INTEGER NOT NULL DEFAULT 1")
         self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-        self._lock = threading.Lock()
-        self._partials: dict[bytes, PartialContent] = {}
-        self._full: dict[bytes, LocalContent] = {}
-        # Every content's serving buffers (see diskio.SEND_BUFFERS).
-        self._scratch = ScratchBuffers()
-        self._outgoing = SendBuffers()
+        problem = self._db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if problem != "ok":
+            raise sqlite3.DatabaseError(problem)
 
     def close(self) -> None:
         for p in list(self._partials.values()):

@@ -34,6 +34,17 @@ class RecordsError(Exception):
     """The database can't be used: newer schema than this code knows, or a bad file."""
 
 
+def damaged_text(path: Path, problem: str) -> str:
+    """What to do about a node.db that SQLite finds damaged (a disk error, a bad copy)."""
+    problem = " ".join(problem.replace("*** in database main ***", "").split())
+    aside = path.parent / "damaged"
+    return (f"{path} is damaged ({problem}); the node does not start with it. Restore it "
+            f"from a backup, or move it aside with its journal (`mkdir -p {aside} && mv "
+            f"{path}* {aside}/`) to start with an empty one: your identity, received files "
+            "and what you sent stay, but the inbox list, contacts' pinned keys, preferences "
+            "and the status of sent mail start over")
+
+
 class RecordLimitError(RecordsError):
     """A bounded table is full (too many messages, contacts, keys or patterns)."""
 
@@ -255,8 +266,13 @@ class NodeDB:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             _migrate(conn, path, steps)
+            problem = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise RecordsError(damaged_text(path, problem))
         except sqlite3.DatabaseError as exc:
             conn.close()
+            if not isinstance(exc, sqlite3.OperationalError):  # not a database, malformed
+                raise RecordsError(damaged_text(path, str(exc))) from None
             raise RecordsError(f"{path} is not a usable node database: {exc}") from None
         except BaseException:
             conn.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,13 @@ async def _refuse(a: Fields) -> Any:
     raise ControlError("no message 'ab' in the inbox")
 
 
+async def _damaged(a: Fields) -> Any:
+    raise sqlite3.DatabaseError("database disk image is malformed")  # as a bad page reads
+
+
 @contextlib.asynccontextmanager
 async def _served(path: Path) -> AsyncIterator[None]:
-    server = ControlServer(path, {"echo": _echo, "refuse": _refuse})
+    server = ControlServer(path, {"echo": _echo, "refuse": _refuse, "damaged": _damaged})
     await server.start()
     try:
         yield
@@ -118,3 +123,12 @@ async def test_a_caller_that_leaves_before_its_answer_is_no_error(
         await server.aclose()
     assert loop_errors == []
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_damaged_database_says_what_to_do_not_internal_error(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    async with _served(path):
+        by_client, by_call = await _both(path, "damaged")
+    assert by_client == by_call == (ControlError, (
+        "a database of this node is damaged (database disk image is malformed): stop the "
+        "node and start it again; it checks its files at start and says what to do"))

@@ -140,7 +140,8 @@ def test_failed_migration_leaves_the_old_version(tmp_path: Path) -> None:
 def test_garbage_file_is_a_records_error(tmp_path: Path) -> None:
     path = tmp_path / DB_FILE_NAME
     path.write_bytes(os.urandom(8192))
-    with pytest.raises(RecordsError, match="not a usable node database"):
+    with pytest.raises(RecordsError, match=r"is damaged \(file is not a database\); the "
+                       "node does not start with it"):
         NodeDB.open(path)
 
 
