@@ -41,6 +41,7 @@ from rendezvous.client import (
     RendezvousError,
 )
 from rendezvous.errors import NotFoundError
+from rendezvous.taskset import raise_if_cancelled
 
 log = logging.getLogger("peerpost.node")
 
@@ -79,6 +80,7 @@ class Receipts:
         at start and then every `retry` seconds, until it does: without one the sender
         never learns we have the file and keeps its copy for good. Runs until cancelled."""
         while True:
+            raise_if_cancelled()  # a send may have eaten it (see `_again`)
             for entry_id, raw in await asyncio.to_thread(self.inbox.receipts_owed):
                 try:
                     msg = decode_location(raw)
@@ -249,6 +251,10 @@ class Delivery:
         items stay), until `pending` is empty; then wait for `wake`. Runs until cancelled."""
         attempt = 0
         while True:
+            # `each` asks the server, and a request made while the session reconnects
+            # waits under asyncio.wait_for, which hands back the reconnect instead of the
+            # node's cancel when both land in one loop iteration: the loop went on for ever.
+            raise_if_cancelled()
             if not pending:
                 attempt = 0
                 wake.clear()
