@@ -134,8 +134,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
         "retries (attempts beyond the first)": sum(r["attempts"] - 1 for r in rows),
         "hosts_run": "the real Node (peerpost node) per host, the real rendezvous server "
                      "with its DHT bootstrap node",
-        "payload": "real bytes: sealed, hashed, verified, written",
-        "trace_digest": sim.trace.digest()}
+        "payload": "real bytes: sealed, hashed, verified, written"}
     summary |= nat_summary(spec, peers.nat_of, p)
     summary |= path_summary("", rows, d, spec)
     plots = [Plot("completion-cdf", "cdf",

@@ -479,5 +479,4 @@ def _summary(sim: Simulation, p: Params, rows: list[dict[str, Any]], phases: dic
                                 if rows else None),
         "virtual_s": round(sim.now, 3),
         "messages_total": sim.trace.messages,
-        "trace_digest": sim.trace.digest(),
     }

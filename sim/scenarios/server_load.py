@@ -164,7 +164,7 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
         "push_latency_p99_ms (online)": q(online, 0.99),
         "push_latency_p50_ms (late, from login)": q(queued, 0.5),
         "max_queue_depth": max((d for _, d in depth), default=0),
-        "virtual_s": round(sim.now, 3), "trace_digest": sim.trace.digest()}
+        "virtual_s": round(sim.now, 3)}
     plots = [
         Plot("push-latency-cdf", "cdf", f"Push latency, {p.devices} devices on one server",
              "SEND to DELIVER (ms)", "fraction of messages",
