@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -115,12 +116,12 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
             spec = load_scenario(name, _parse_set(args.set))
         except ScenarioError as exc:
             bad += 1
-            console.print(f"{name}: [red]{len(exc.problems)} problem"
+            console.print(f"{escape(name)}: [red]{len(exc.problems)} problem"
                           f"{'s' if len(exc.problems) > 1 else ''}[/red]", highlight=False)
             for line in exc.problems:
                 console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
             continue
-        console.print(f"{name}: OK (runs as {spec.driver}, seed {spec.seed})",
+        console.print(f"{escape(name)}: OK (runs as {spec.driver}, seed {spec.seed})",
                       highlight=False)
     return 2 if bad else 0
 
@@ -158,7 +159,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             at = f" at virtual time {when:,.1f} s" if when is not None else ""
             done = f", {counted[0]} of {counted[1]} items done" if counted[1] else ""
             console.print(f"interrupted{at}{done}: nothing written ({out} is as it was)",
-                          highlight=False, soft_wrap=True)
+                          highlight=False, markup=False, soft_wrap=True)
             return 130
     where, text = scenario_source(args.scenario)
     meta = {"scenario": spec.name, "runs_as": spec.driver, "seed": seed,
@@ -177,8 +178,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     table.add_row("callback_errors", str(result.callback_errors))
     console.print(table)
     pngs = ", ".join(str(out / f"{p.name}.png") for p in result.plots)
-    console.print(f"wrote {csv_path}, {out / 'summary.json'}"
-                  + (f" and {pngs}" if pngs else ""), soft_wrap=True)  # paths stay whole
+    console.print(escape(f"wrote {csv_path}, {out / 'summary.json'}"
+                  + (f" and {pngs}" if pngs else "")), soft_wrap=True)  # paths stay whole
     return 0 if result.callback_errors == 0 else 1
 
 
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args, console)
         return _run(args, console)
     except ScenarioError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        # The text names files and keys as given: never markup, never wrapped mid-path.
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
 
 

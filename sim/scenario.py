@@ -487,7 +487,10 @@ def scenario_source(name_or_path: str) -> tuple[str, str]:
             text = resources.files("sim.scenarios").joinpath(f"{name_or_path}.toml").read_text()
             return f"sim/scenarios/{name_or_path}.toml", text
     except OSError as exc:
-        raise ScenarioError(f"cannot read scenario {name_or_path!r}: {exc}") from None
+        hint = (f" (the built-in is named {path.stem!r}, without .toml)"
+                if path.stem in builtin_names() and not path.exists() else "")
+        raise ScenarioError(f"cannot read scenario {name_or_path!r}: "
+                            f"{exc.strerror or exc}{hint}") from None
     raise ScenarioError(f"no scenario file or built-in named {name_or_path!r} "
                         f"(built-in: {', '.join(builtin_names())})")
 

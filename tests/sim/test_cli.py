@@ -87,3 +87,16 @@ def test_a_folder_run_into_again_holds_only_the_new_runs_files(
         "dht-lookup.csv", "lookup-latency-cdf.png", "notes.txt", "summary.json"]
     assert json.loads((out / "summary.json").read_text())["files"] == [
         "dht-lookup.csv", "summary.json", "lookup-latency-cdf.png"]
+
+
+def test_a_missing_file_is_named_as_typed_on_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "60")
+    assert main(["run", "sweep[bold]-of-seed-3-with-a-long-name.toml"]) == 2
+    assert capsys.readouterr().out == (
+        "error: cannot read scenario 'sweep[bold]-of-seed-3-with-a-long-name.toml': "
+        "No such file or directory\n")
+    assert main(["validate", "nat-mix.toml"]) == 2
+    assert "(the built-in is named 'nat-mix', without .toml)" in capsys.readouterr().out
