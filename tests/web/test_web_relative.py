@@ -155,8 +155,18 @@ def test_a_cancelled_and_a_held_message_say_why_and_what_next(net: LocalNetwork,
     page.goto(login_url(net, bob))
     page.goto(f"{base}/message/{mid}")
     page.wait_for_selector("#msg-state.state-downloading", timeout=30_000)
+    # The sender's own inbox in another tab of the same browser (another port of the same
+    # host): it says what the file still needs from her, and bob stays signed in.
+    sent = page.context.new_page()
+    sent.goto(login_url(net, alice))
+    sent.goto(web_base(alice) + "/sent")
+    assert "Keep this computer on" in sent.inner_text("#sent-owed")
+    assert sent.inner_text("#sent td.state") in ("in their inbox, not downloaded yet",
+                                                 "downloading it now")
     # The sender cancels: the open page follows, and says it in words.
     net.cli(alice, "cancel", mid)
+    sent.reload()
+    assert sent.inner_text("#sent td.state") == "cancelled"
     page.wait_for_selector("#msg-error", state="visible", timeout=30_000)
     assert page.inner_text("#msg-state").startswith("cancelled by the sender")
     assert page.inner_text("#msg-error-text") == ("The sender cancelled this message: it can "

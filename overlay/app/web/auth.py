@@ -25,7 +25,7 @@ from rendezvous.keyfile import write_secret_file
 TOKEN_FILE = "web_token"
 TOKEN_TTL = 600.0  # seconds a login token stays redeemable
 MAX_SESSIONS = 32  # live sessions kept; the oldest goes first
-SESSION_COOKIE = "peerpost_session"
+SESSION_COOKIE = "peerpost_session"  # + "_PORT": see WebAuth.cookie
 CSRF_HEADER = "X-CSRF-Token"
 
 
@@ -58,6 +58,13 @@ class WebAuth:
         if host not in ("0.0.0.0", "::", ""):
             names.add(f"[{host}]" if ":" in host else host)
         self.hosts = frozenset(f"{n}:{port}" for n in names)
+
+    @property
+    def cookie(self) -> str:
+        """The session cookie's name. Browsers keep cookies per host, not per port: two
+        nodes on one machine (two people's, or the demo's receivers) under one name
+        would sign each other's sessions out."""
+        return f"{SESSION_COOKIE}_{self.port}"
 
     def host_ok(self, host: str | None) -> bool:
         return host is not None and host.lower() in self.hosts

@@ -28,7 +28,7 @@ from crypto.errors import DecodeError
 from crypto.location import decode_location
 from overlay.app.control import ControlError
 from overlay.app.operations import CANCELLED_TEXT, ControlOperations
-from overlay.app.web.auth import CSRF_HEADER, SESSION_COOKIE, TOKEN_FILE, Session, WebAuth
+from overlay.app.web.auth import CSRF_HEADER, TOKEN_FILE, Session, WebAuth
 from overlay.app.web.media import Wanter, file_response, serve_partial
 from overlay.content.catalog import ContentStore
 from overlay.content.partial import PartialContent
@@ -144,6 +144,22 @@ def error_text(e: dict[str, Any]) -> str:
     return "The download failed. “Try again” starts it once more."
 
 
+# A recipient's state as the sender's page says it (`shown` when the node knows more).
+RECIPIENT_TEXT = {"queued": "waiting to be sent", "sent": "in their inbox, not downloaded yet",
+                  "downloading": "downloading it now", "downloaded": "has it",
+                  "failed": "did not get it"}
+
+
+def recipient_text(r: dict[str, Any]) -> str:
+    """What the Sent page says of one recipient: `status`'s own words for a cancelled
+    message, a changed file or mail waiting at the server for another domain."""
+    state = str(r["state"])
+    if r.get("shown") and r["shown"] != state:
+        return str(r["shown"])
+    text = RECIPIENT_TEXT.get(state, state)
+    return f"{text} ({r['reason']})" if r.get("reason") else text
+
+
 def junk_text(entries: list[dict[str, Any]]) -> str:
     """The line under the list that says junk senders' messages are left out of it."""
     n = sum(1 for e in entries if e["junk"])
@@ -248,7 +264,7 @@ class WebInbox:
             return web.Response(status=403, text="forbidden: cross-origin request\n")
         if request.path == "/login" or request.path.startswith("/static/"):
             return await handler(request)
-        session = self.auth.session(request.cookies.get(SESSION_COOKIE))
+        session = self.auth.session(request.cookies.get(self.auth.cookie))
         if session is None:
             if request.method == "GET" and not request.path.startswith(
                     ("/api/", "/events", "/media/", "/thumb/")):
@@ -261,7 +277,7 @@ class WebInbox:
         return await handler(request)
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        if self.auth.session(request.cookies.get(SESSION_COOKIE)) is not None:
+        if self.auth.session(request.cookies.get(self.auth.cookie)) is not None:
             # Signed in already: the link again from the history, a reload or a bookmark.
             return web.HTTPSeeOther("/")
         session = self.auth.redeem(request.query.get("token", ""), self.wall())
@@ -269,7 +285,7 @@ class WebInbox:
             return notice_page("This sign-in link has expired",
                                "A link works once, within 10 minutes. " + SIGN_IN, 401)
         resp = web.HTTPSeeOther("/")
-        resp.set_cookie(SESSION_COOKIE, session.sid, httponly=True, samesite="Strict",
+        resp.set_cookie(self.auth.cookie, session.sid, httponly=True, samesite="Strict",
                         path="/")
         return resp
 
@@ -439,19 +455,23 @@ class WebInbox:
     async def sent_page(self, request: web.Request) -> web.StreamResponse:
         items = await self.ops.status(Fields({}, "web"))
         rows = []
+        owed = False  # someone still to download: the file goes from this computer
         for m in items:
             for i, r in enumerate(m["recipients"]):
                 first = i == 0
+                owed = owed or r["shown"] in ("sent", "downloading")
                 rows.append(
                     f'<tr><td>{_e(m["title"]) if first else ""}</td>'
                     f'<td>{_size(m["size"]) if first else ""}</td><td>{_e(r["address"])}</td>'
-                    f'<td class="state">{_e(r["state"])}'
-                    f'{" (" + _e(r["reason"]) + ")" if r.get("reason") else ""}</td>'
+                    f'<td class="state">{_e(recipient_text(r))}</td>'
                     f'<td>{_when(r.get("updated_at"))}</td></tr>')
         body = ('<h1>Sent</h1><table id="sent"><thead><tr><th>Title</th><th>Size</th>'
                 '<th>Recipient</th><th>State</th><th>Updated</th></tr></thead>'
                 f'<tbody>{"".join(rows)}</tbody></table>'
-                + ("" if rows else "<p>Nothing sent from this computer yet.</p>"))
+                + ("" if rows else "<p>Nothing sent from this computer yet.</p>")
+                + ('<p id="sent-owed" class="warn">Keep this computer on, with peerpost '
+                   'running, until everyone has what you sent: the files go from here.</p>'
+                   if owed else ""))
         return self._page(request, "sent", "Sent", body)
 
     async def contacts_page(self, request: web.Request) -> web.StreamResponse:
