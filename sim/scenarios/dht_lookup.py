@@ -311,8 +311,10 @@ def run(sim: Simulation, spec: ScenarioSpec, progress: Progress | None) -> Scena
         Plot("lookup-latency-cdf", "cdf", f"Provider lookup latency ({label})",
              "lookup time (s, virtual)", "fraction of lookups",
              {name: pick("seconds", f) for name, f in curves.items()}),
-        Plot("lookup-messages-cdf", "cdf", f"Messages delivered per lookup ({label})",
-             "messages delivered during the lookup", "fraction of lookups",
+        Plot("lookup-messages-cdf", "cdf",
+             f"Messages the network delivered while each lookup ran ({label})",
+             "messages delivered network-wide during the lookup (concurrent lookups and "
+             "upkeep included)", "fraction of lookups",
              {name: pick("messages", f) for name, f in curves.items()}),
     ]
     if p.sybil_shares != (0.0,):
@@ -395,6 +397,7 @@ def _run_share(sim: Simulation, spec: ScenarioSpec, p: Params, share: float,
                              "seconds": round(sim.now - t0, 6),
                              "queries": nodes[i].sent() - q0,
                              "hops": nodes[i].hops() - h0,
+                             # every node's, concurrent lookups' included
                              "messages": sim.trace.messages - m0})
                 tick()
 
