@@ -198,24 +198,43 @@ def backup(data_dir: Path, dest: Path) -> dict[str, Any]:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise AdminError(f"{dest} exists and is not an empty folder")
     dest.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = dest / (DB_NAME + ".part")
     src = connect(db)
     try:
-        out = sqlite3.connect(tmp)
-        try:
-            src.backup(out)  # all pages in one step: one read snapshot of the source
-            out.execute("PRAGMA journal_mode=DELETE")  # a single self-contained file
-        finally:
-            out.close()
+        snapshot(src, dest / DB_NAME)
     finally:
         src.close()
-    os.replace(tmp, dest / DB_NAME)
     copied = [DB_NAME]
     for name in KEY_FILES:
         if (data_dir / name).exists():
-            _copy(data_dir / name, dest / name)
+            copy_file(data_dir / name, dest / name, private=name in _PRIVATE)
             copied.append(name)
     return {"dest": str(dest), "files": copied, "bytes": (dest / DB_NAME).stat().st_size}
+
+
+def snapshot(src: sqlite3.Connection, dest: Path) -> None:
+    """Copy the database `src` is open on to `dest`, one self-contained file, through
+    `dest`.part: all pages in one step of the online backup API, so one read snapshot,
+    consistent while other connections go on committing."""
+    tmp = dest.with_name(dest.name + ".part")
+    out = sqlite3.connect(tmp)
+    try:
+        src.backup(out)
+        out.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        out.close()
+    os.replace(tmp, dest)
+
+
+def integrity_problem(db: Path) -> str | None:
+    """What SQLite's integrity check finds wrong with the file `db` (read only), or None."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        result = str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    finally:
+        conn.close()
+    return None if result == "ok" else " ".join(result.split())
 
 
 def check_backup(src: Path) -> None:
@@ -223,15 +242,8 @@ def check_backup(src: Path) -> None:
     db = src / DB_NAME
     if not db.is_file():
         raise AdminError(f"{src} holds no {DB_NAME}: not a backup folder")
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        result = conn.execute("PRAGMA integrity_check").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
-        raise AdminError(f"{db}: {exc}") from None
-    finally:
-        conn.close()
-    if result != "ok":
-        raise AdminError(f"{db} is damaged: {result}")
+    if (problem := integrity_problem(db)) is not None:
+        raise AdminError(f"{db} is damaged: {problem}")
     if not (src / "domain_key.json").exists():
         raise AdminError(f"{src} holds no domain_key.json: nodes could not trust the "
                          "restored server")
@@ -248,14 +260,15 @@ def restore(src: Path, data_dir: Path) -> list[str]:
     copied = []
     for name in (DB_NAME, *KEY_FILES):
         if (src / name).exists():
-            _copy(src / name, data_dir / name)
+            copy_file(src / name, data_dir / name, private=name in _PRIVATE)
             copied.append(name)
     return copied
 
 
-def _copy(src: Path, dest: Path) -> None:
+def copy_file(src: Path, dest: Path, *, private: bool) -> None:
+    """Copy `src` to `dest` through `dest`.part (mode 0600 when `private`)."""
     tmp = dest.with_name(dest.name + ".part")
     shutil.copyfile(src, tmp)
-    if dest.name in _PRIVATE:
+    if private:
         os.chmod(tmp, 0o600)
     os.replace(tmp, dest)

@@ -283,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="this node: address, fingerprint, connection, counters")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("backup", help="copy this node's identity, settings and records into "
+                       "a new folder (the node may be running; received files are not copied)")
+    s.add_argument("dest", metavar="DEST", help="a new or empty folder")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("restore", help="put a backup's identity, settings and records in "
+                       "place (the node must be stopped)")
+    s.add_argument("src", metavar="SRC", help="a folder `peerpost backup` made")
+    s.add_argument("--force", action="store_true",
+                   help="replace a home that holds another device's identity")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("demo", help="server, sender and three receivers on loopback")
     s.add_argument("--size-mib", type=float, default=None,
                    help="clip size in MiB (default: 23, a real WebM clip of about 14 s)")
@@ -324,12 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     home = NodeHome(args.home or _default_home())
     _setup_logging(args, home)
     try:
-        if args.command not in ("init", "demo") and not (
+        if args.command not in ("init", "demo", "restore") and not (
                 args.command == "devices" and args.action == "key") and not home.exists():
             raise CliError(f"no peerpost home at {home.root}: run `peerpost init` first "
                            "(or give --home)", EXIT_NO_HOME)
         if args.command == "init":
             return _init(home, args)
+        if args.command in ("backup", "restore"):
+            return _backup_or_restore(home, args)
         if args.command == "devices":
             return _devices(home, args)
         if args.command == "node":
@@ -461,6 +475,21 @@ def _devices(home: NodeHome, args: argparse.Namespace) -> int:
             rc = vouch_device(home, args.key, _quiet())
     print(json.dumps({args.action: out.getvalue().strip()}))
     return rc
+
+
+def _backup_or_restore(home: NodeHome, args: argparse.Namespace) -> int:
+    from overlay.app.backup import backup, restore
+
+    if args.command == "backup":
+        done = backup(home, Path(args.dest))
+        text = (f"backed up {home.root} to {done['dest']}: {', '.join(done['files'])}; "
+                "received files are not in it (back up your download folder as usual)")
+    else:
+        done = restore(home, Path(args.src), force=args.force)
+        text = (f"restored {', '.join(done['files'])} into {done['home']} (device "
+                f"{done['key']}); start the node again")
+    print(json.dumps(done) if args.json else text)
+    return 0
 
 
 def _setup_logging(args: argparse.Namespace, home: NodeHome) -> None:

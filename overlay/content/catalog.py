@@ -108,10 +108,11 @@ def _damaged(path: Path, problem: str) -> str:
     problem = " ".join(problem.replace("*** in database main ***", "").split())
     aside = path.parent / "damaged"
     return (f"{path} is damaged ({problem}); the node does not start with it. Restore it "
-            f"from a backup, or move it aside with its journal (`mkdir -p {aside} && mv "
-            f"{path}* {aside}/`) to start with an empty one: received files stay where they "
-            "are, but unfinished downloads start over and files you sent are served again "
-            "only once you `peerpost resend` them")
+            "from a backup (`peerpost restore DEST` of one `peerpost backup` made), or move "
+            f"it aside with its journal (`mkdir -p {aside} && mv {path}* {aside}/`) to start "
+            "with an empty one: received files stay where they are, but unfinished downloads "
+            "start over and files you sent are served again only once you `peerpost resend` "
+            "them")
 
 
 def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,

@@ -39,10 +39,11 @@ def damaged_text(path: Path, problem: str) -> str:
     problem = " ".join(problem.replace("*** in database main ***", "").split())
     aside = path.parent / "damaged"
     return (f"{path} is damaged ({problem}); the node does not start with it. Restore it "
-            f"from a backup, or move it aside with its journal (`mkdir -p {aside} && mv "
-            f"{path}* {aside}/`) to start with an empty one: your identity, received files "
-            "and what you sent stay, but the inbox list, contacts' pinned keys, preferences "
-            "and the status of sent mail start over")
+            "from a backup (`peerpost restore DEST` of one `peerpost backup` made), or move "
+            f"it aside with its journal (`mkdir -p {aside} && mv {path}* {aside}/`) to start "
+            "with an empty one: your identity, received files and what you sent stay, but the "
+            "inbox list, contacts' pinned keys, preferences and the status of sent mail start "
+            "over")
 
 
 class RecordLimitError(RecordsError):
