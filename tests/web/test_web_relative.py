@@ -94,6 +94,10 @@ def test_a_photo_with_a_long_name_on_a_phone(net: LocalNetwork, browser_page: An
                            timeout=30_000)
     page.click("text=Preferences")
     assert alice.address in page.inner_text("#junk-senders")
+    page.select_option("select[name=auto-download]", "on")
+    page.click("button:text-is('Save')")
+    page.wait_for_selector("#flash:text-is('Saved.')")
+    assert net.cli_json(bob, "prefs")["auto_download"] is True
     page.click(f"#junk-senders li:has-text('{alice.address}') button")
     page.wait_for_selector(f"#junk-senders:not(:has-text('{alice.address}'))")
     assert alice.address not in json.dumps(net.cli_json(bob, "prefs")["junk_senders"])
@@ -101,8 +105,7 @@ def test_a_photo_with_a_long_name_on_a_phone(net: LocalNetwork, browser_page: An
     page.goto(base + "/")
     page.wait_for_selector("tr.msg >> nth=1")
     assert page.inner_text("#inbox-junk") == ""
-    page.click("tr.msg >> nth=0 >> a")
-    page.click("button:text-is('Download it')")
+    page.click("tr.msg >> nth=0 >> a")  # auto-download is on now: it comes by itself
     page.wait_for_selector("#save", state="visible", timeout=30_000)
 
     # Remove asks first; the back button then lands on a page that says it is gone.

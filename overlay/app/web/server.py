@@ -422,7 +422,7 @@ class WebInbox:
             f'<h1>{_e(title)}</h1><p id="msg-gone" class="warn" hidden>This message was '
             f'removed from your inbox. <a href="/">Back to the inbox</a></p>{player}'
             f'<p>from <strong>{_e(e["from"])}</strong> · {_size(e["size"])} · {what} · '
-            f'<span id="msg-state" data-id="{mid}" data-state="{_e(state)}" '
+            f'<span id="msg-state" role="status" data-id="{mid}" data-state="{_e(state)}" '
             f'class="state state-{_e(state)}">{_e(e["state_text"])}'
             f'{f" {pct}%" if 0 < pct < 100 else ""}</span></p>{lists}'
             f'<p class="warn" {_states("unverified", state)}>On hold: this message is signed '
@@ -449,7 +449,7 @@ class WebInbox:
             f'<button id="cancel" {_states("downloading retrying", state)} '
             f'data-action="/api/message/{mid}/cancel">Stop download</button>'
             f'<button data-action="/api/message/{mid}/rm" data-then="/" '
-            f'data-confirm="{confirm}">Remove</button>{buttons}</p><p id="flash"></p>')
+            f'data-confirm="{confirm}">Remove</button>{buttons}</p><p id="flash" role="alert"></p>')
         return self._page(request, "message", title, body)
 
     async def sent_page(self, request: web.Request) -> web.StreamResponse:
@@ -500,7 +500,7 @@ class WebInbox:
                 'fingerprint with them in person or on the phone.</p>'
                 '<table id="contacts"><thead><tr><th>Address</th><th>Fingerprints</th>'
                 '<th>First seen</th><th></th></tr></thead>'
-                f'<tbody>{"".join(rows)}</tbody></table><p id="flash"></p>')
+                f'<tbody>{"".join(rows)}</tbody></table><p id="flash" role="alert"></p>')
         return self._page(request, "contacts", "Contacts", body)
 
     async def prefs_page(self, request: web.Request) -> web.StreamResponse:
@@ -525,7 +525,7 @@ class WebInbox:
             '<label>auto-download at most <input name="auto-download-max" size="10" '
             f'value="{_e(_limit(prefs["auto_download_max"]))}"></label> '
             f'<label>sent files after delivery <select name="retention">{keep}</select>'
-            '</label> <button type="submit">Save</button></form><p id="flash"></p>'
+            '</label> <button type="submit">Save</button></form><p id="flash" role="alert"></p>'
             + senders("priority", "Priority senders (their messages download first)",
                       "Remove", "none")
             + senders("junk", "Junk senders (their messages are hidden, not downloaded)",

@@ -142,6 +142,7 @@ function listen() {
 
 async function post(url, body) {
   const flash = document.getElementById("flash");
+  if (flash) flash.className = "";
   let res;
   try {
     res = await fetch(url, {
@@ -177,7 +178,12 @@ document.addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const body = {};
   for (const [k, v] of new FormData(form)) body[k] = String(v);
-  if (await post(form.dataset.action, body)) window.location.reload();
+  // The form shows what was saved already: say so rather than reload.
+  if (await post(form.dataset.action, body)) {
+    const flash = document.getElementById("flash");
+    flash.textContent = "Saved.";
+    flash.className = "ok";
+  }
 });
 
 listen();
