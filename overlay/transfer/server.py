@@ -75,8 +75,9 @@ MIN_SEND_PROGRESS = 64 << 10
 # that moved less than SLOW_RATE bytes/s over SLOW_WINDOW seconds ends its session (the
 # slot goes to the one waiting; the requester may fetch from another source or come back).
 # 8 KiB/s is below a slot's share of any uplink over 256 kbit/s with four slots (the
-# 400 kbit/s simulator case above runs at 12.5 KB/s a slot); with nobody waiting, a slow
-# requester keeps its slot, as before.
+# 400 kbit/s simulator case above runs at 12.5 KB/s a slot); under an upload cap the floor
+# is at most half a slot's share of it. With nobody waiting, a slow requester keeps its
+# slot, as before.
 SLOW_RATE = 8 << 10
 SLOW_WINDOW = 30.0
 # Seconds from accepting a session to its first OPEN with a valid capability proof. Only a
@@ -151,6 +152,7 @@ class TransferServer:
         # Running sessions per peer IP (relayed streams, which name no peer, are not
         # counted here: the relay limits them per account). Entries leave at zero.
         self._per_ip: Counter[str] = Counter()
+        self.slot_count = upload_slots
         self.upload_slots = asyncio.Semaphore(upload_slots)
         self.slot_waiters = 0  # sessions with a sealed chunk waiting for an upload slot
         self._bucket: TokenBucket | None = None
@@ -178,6 +180,14 @@ class TransferServer:
         chunk sent waits under the new rate."""
         self.max_upload_rate = rate
         self._bucket = None
+
+    def slow_floor(self) -> float:
+        """Bytes/s under which a chunk gives its slot up to a waiting session: `slow_rate`,
+        or half a slot's share of the upload cap when that is lower (under a 100 KB/s cap
+        with four slots every chunk moves at 25 KB/s at most)."""
+        if self.max_upload_rate is None:
+            return self.slow_rate
+        return min(self.slow_rate, self.max_upload_rate / self.slot_count / 2)
 
     def bucket(self, now: float) -> TokenBucket | None:
         """The shared upload-rate bucket (None: unlimited)."""
@@ -327,69 +337,88 @@ class _ServedSession:
         async with self.write_lock:
             await self._write_out()
 
-    async def _send(self, msg: Message, *, holds_slot: bool = False) -> None:
+    async def _send(self, msg: Message) -> None:
         async with self.write_lock:
             self.conn.send(msg)
-            await self._while_moving(self._write_out(), holds_slot=holds_slot)
+            await self._while_moving(self._write_out())
 
-    async def _while_moving(self, write: Awaitable[None], *, holds_slot: bool = False) -> None:
+    async def _while_moving(self, write: Awaitable[None]) -> None:
         """Await `write`; TimeoutError once it moved less than MIN_SEND_PROGRESS bytes in
-        `send_timeout` seconds (a stream that can't tell: once it takes longer than that).
-        If the write `holds_slot`, SlowRequester once it moved less than `slow_rate` bytes/s
-        over `slow_window` seconds while another session waited for a slot."""
-        server = self.server
-        limit = server.send_timeout
+        `send_timeout` seconds (a stream that can't tell: once it takes longer than that)."""
+        limit = self.server.send_timeout
         count = self._bytes_sent
         if count is None:
             async with asyncio.timeout(limit):
                 await write
             return
         loop = asyncio.get_running_loop()
+        async with asyncio.timeout(None) as deadline:
+            last = count()
+            timer: asyncio.TimerHandle | None = None
+
+            def check() -> None:
+                nonlocal last, timer
+                now = count()
+                if now - last < MIN_SEND_PROGRESS:
+                    deadline.reschedule(loop.time())  # expires now: the write is cancelled
+                    return
+                last = now
+                timer = loop.call_later(limit, check)
+
+            timer = loop.call_later(limit, check)
+            try:
+                await write
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+    async def _holding_slot(self, send: Awaitable[None]) -> None:
+        """Await `send`, a chunk going out under an upload slot; SlowRequester once it
+        moved less than `slow_floor()` bytes/s over `slow_window` seconds (pauses under
+        the upload cap included) while another session waited for a slot."""
+        server = self.server
+        count = self._bytes_sent
+        if count is None or server.slow_rate <= 0:
+            await send
+            return
+        loop = asyncio.get_running_loop()
+        window = server.slow_window
         slow: str | None = None
-        timers: dict[str, asyncio.TimerHandle] = {}  # the stop check and the slow check
+        timer: asyncio.TimerHandle | None = None
         try:
             async with asyncio.timeout(None) as deadline:
-                last = slow_mark = count()
+                mark = count()
 
                 def check() -> None:
-                    nonlocal last
+                    nonlocal mark, slow, timer
                     now = count()
-                    if now - last < MIN_SEND_PROGRESS:
-                        deadline.reschedule(loop.time())  # expires now: the write is cancelled
-                        return
-                    last = now
-                    timers["stop"] = loop.call_later(limit, check)
-
-                def check_slow() -> None:
-                    nonlocal slow, slow_mark
-                    now = count()
-                    moved = now - slow_mark
-                    if server.slot_waiters and moved < server.slow_rate * server.slow_window:
-                        slow = (f"reads at {moved / server.slow_window:.0f} B/s while "
+                    moved = now - mark
+                    if server.slot_waiters and moved < server.slow_floor() * window:
+                        slow = (f"reads at {moved / window:.0f} B/s while "
                                 f"{server.slot_waiters} wait for an upload slot")
-                        deadline.reschedule(loop.time())
+                        deadline.reschedule(loop.time())  # the send is cancelled
                         return
-                    slow_mark = now
-                    timers["slow"] = loop.call_later(server.slow_window, check_slow)
+                    mark = now
+                    timer = loop.call_later(window, check)
 
-                timers["stop"] = loop.call_later(limit, check)
-                if holds_slot and server.slow_rate > 0:
-                    timers["slow"] = loop.call_later(server.slow_window, check_slow)
-                await write
+                timer = loop.call_later(window, check)
+                await send
         except TimeoutError:
             if slow is not None:
                 raise SlowRequester(slow) from None
             raise
         finally:
-            for timer in timers.values():
+            if timer is not None:
                 timer.cancel()
 
     async def _send_paced(self, msg: Message, bucket: TokenBucket) -> None:
         """`_send` under the upload cap, PACE_SLICE bytes at a time, each after the bucket
         allows it: the requester sees bytes arrive at the capped rate (its stall timer
         counts them) instead of a whole chunk's silence followed by a burst, 14 s of it
-        for a 2 MiB chunk at 150 KB/s. The send timeout applies to each slice, not to
-        the pauses between them."""
+        for a 2 MiB chunk at 150 KB/s. Each slice is held to the rule of `_while_moving`
+        (the pauses between them are not): a slice that finds the write buffer over its
+        high-water mark waits while 768 KiB drain, so one timeout per slice cut a reader
+        under 12.8 KB/s as if it had stopped."""
         loop = asyncio.get_running_loop()
         async with self.write_lock:
             self.conn.send(msg)
@@ -400,8 +429,7 @@ class _ServedSession:
                     delay = bucket.spend(len(piece), loop.time())
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    async with asyncio.timeout(self.server.send_timeout):
-                        await self.stream.send_all(piece)
+                    await self._while_moving(self.stream.send_all(piece))
 
     async def read_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -526,10 +554,8 @@ class _ServedSession:
                                                                         msg.index):
                     continue  # cancelled while it was sealed or waited: save the upload
                 bucket = self.server.bucket(loop.time())
-                if bucket is None:
-                    await self._send(msg, holds_slot=True)
-                else:
-                    await self._send_paced(msg, bucket)
+                await self._holding_slot(self._send(msg) if bucket is None
+                                         else self._send_paced(msg, bucket))
             finally:
                 slots.release()
             self.server.count_served(msg.content_id)

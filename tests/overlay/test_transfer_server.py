@@ -8,6 +8,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -22,6 +23,7 @@ from overlay.transfer.errors import SessionFailed
 from overlay.transfer.frames import Chunk, Error, ErrorCode
 from overlay.transfer.requester import open_transfer_session
 from overlay.transfer.server import TransferServer
+from overlay.transports.stream import Stream
 from overlay.transports.tcp import TcpStream, connect_tcp
 from rendezvous.taskset import TaskSet
 
@@ -392,7 +394,7 @@ async def test_an_upload_cap_sends_a_chunk_in_slices_not_after_a_silence(
 class _Crawler(_SlowReader):
     """A TCP stream whose reader takes 8 KiB every 100 ms (about 80 KiB/s): slow enough
     to keep a 12 MiB chunk going for over two minutes, fast enough never to look stopped
-    to a 2 s send timeout (64 KiB in 2 s is 32 KiB/s)."""
+    to a 5 s send timeout (64 KiB in 5 s is 13 KiB/s)."""
 
     def __init__(self, inner: TcpStream) -> None:
         super().__init__(inner)
@@ -408,22 +410,25 @@ class _Crawler(_SlowReader):
         return data
 
 
+@pytest.mark.parametrize("capped", [False, True])
 async def test_a_crawling_requester_gives_its_upload_slot_up_to_one_waiting(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capped: bool,
 ) -> None:
     """One upload slot; a requester that reads its 12 MiB chunk at ~80 KiB/s (a real
     socket with a 64 KiB receive buffer) holds it while another requester waits for one
     small chunk. The crawler is dropped once it moved less than the slow rate in a window
     while the other waited, and the other gets its chunk in seconds, not after the
-    crawler's two minutes."""
+    crawler's two minutes. The same under an upload cap (64 MiB/s here), where the chunk
+    goes out in slices with pauses between them."""
     data = os.urandom(12 << 20)
     (tmp_path / "big").write_bytes(data)
     (tmp_path / "small").write_bytes(b"s" * 5000)
     store = ContentStore(tmp_path / "store")
     big = await store.add_local_file(tmp_path / "big", chunk_size=12 << 20)
     small = await store.add_local_file(tmp_path / "small", chunk_size=1024)
-    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store, send_timeout=2.0,
-                            upload_slots=1, slow_rate=256 << 10, slow_window=0.5)
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store, send_timeout=5.0,
+                            upload_slots=1, slow_rate=256 << 10, slow_window=0.5,
+                            max_upload_rate=(64 << 20) if capped else None)
     host, port = await server.start()
     tasks = TaskSet("crawl test")
     caplog.set_level(logging.INFO, logger="overlay.transfer.server")
@@ -458,5 +463,59 @@ async def test_a_crawling_requester_gives_its_upload_slot_up_to_one_waiting(
         await crawler.aclose()
     finally:
         await tasks.aclose()
+        await server.aclose()
+        store.close()
+
+
+class _Trickle(_SlowReader):
+    """A TCP stream whose reader takes 32 KiB every 40 ms (about 800 KiB/s)."""
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        await asyncio.sleep(0.04)
+        return await self.inner.receive_some(min(max_bytes, 32 << 10))
+
+
+async def test_a_slow_requester_under_an_upload_cap_keeps_its_session(
+    tmp_path: Path,
+) -> None:
+    """Under an upload cap a chunk goes out in 64 KiB slices, and a slice waits while the
+    socket's write buffer drains from its 1 MiB high-water mark to 256 KiB: 768 KiB at
+    the reader's pace. With one send timeout per slice, a requester reading under 768 KiB
+    per send timeout (12.8 KB/s at the default 60 s) was cut as 'stopped reading'; the
+    rule is now the one of an uncapped send, 64 KiB of progress per send timeout. Here:
+    800 KiB/s against a 0.5 s timeout (1.5 MiB/s was needed), a 4 MiB chunk, a 64 MiB/s
+    cap, and the sender's kernel buffer fixed at 64 KiB as a slow path's would be (on
+    loopback it grows to 4 MiB, and the socket then takes bytes in megabyte steps)."""
+    data = os.urandom(4 << 20)
+    (tmp_path / "big").write_bytes(data)
+    store = ContentStore(tmp_path / "store")
+    content = await store.add_local_file(tmp_path / "big", chunk_size=4 << 20)
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store, send_timeout=0.5,
+                            max_upload_rate=64 << 20)
+    serve = server.handle_stream
+
+    async def small_send_buffer(stream: Stream) -> None:
+        served = cast(TcpStream, stream)._p.transport
+        assert served is not None
+        served.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        await serve(stream)
+
+    server.handle_stream = small_send_buffer  # type: ignore[method-assign]
+    host, port = await server.start()
+    try:
+        stream = await connect_tcp(host, port, read_high_water=64 << 10)
+        transport = stream._p.transport
+        assert transport is not None
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                                      64 << 10)
+        session = await open_transfer_session(_Trickle(stream), ME)
+        await session.open(content.content_id, content.capability)
+        await session.request(content.content_id, 0)
+        async with asyncio.timeout(60):
+            reply = await session.next_chunk()
+        assert isinstance(reply, Chunk) and content.cipher.open(0, reply.data) == data
+        assert server.counters["send_timeouts"] == 0
+        await session.aclose()
+    finally:
         await server.aclose()
         store.close()
