@@ -141,6 +141,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     spec = load_scenario(args.scenario, _parse_set(args.set))
     seed = spec.seed if args.seed is None else args.seed
     out = Path(args.out) if args.out else Path("results") / spec.name
+    sweep.check_out(out)
     sims: list[Simulation] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                _VirtualTime(sims), TimeElapsedColumn())

@@ -443,6 +443,19 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def check_out(out: Path) -> None:
+    """Refuse, before anything runs, an output folder that cannot be written: a file of
+    that name, or a parent that is a file or not writable (found only at the end, the
+    results were lost)."""
+    if out.exists() and not out.is_dir():
+        raise ScenarioError(f"--out {out}: a file of that name exists; give a folder")
+    first = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not first.is_dir():
+        raise ScenarioError(f"--out {out}: {first} is a file, not a folder")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise ScenarioError(f"--out {out}: {first} is not writable")
+
+
 def clear_earlier(out: Path, manifest: str, key: str) -> list[str]:
     """Delete the files an earlier run or sweep wrote into `out`, as its `manifest` (JSON)
     lists them under `key`, so that what `out` holds afterwards is one run's; other files
@@ -577,6 +590,7 @@ def command(args: argparse.Namespace) -> int:
             except ImportError:
                 raise SweepError(DASK_MISSING) from None
         scenario = load_document(args.scenario)
+        check_out(Path(args.out))
         rows, paths, not_plotted = sweep(scenario, parse_grid(args.grid), parse_seeds(args.seeds),
                             Path(args.out), workers=args.workers, dask=args.dask,
                             plot_metrics=args.metric)

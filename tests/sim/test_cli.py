@@ -100,3 +100,13 @@ def test_a_missing_file_is_named_as_typed_on_one_line(
         "No such file or directory\n")
     assert main(["validate", "nat-mix.toml"]) == 2
     assert "(the built-in is named 'nat-mix', without .toml)" in capsys.readouterr().out
+
+
+def test_an_output_folder_that_cannot_be_one_is_refused_before_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert main(["run", "dht-lookup", *SMALL, "--out", str(taken)]) == 2
+    assert f"--out {taken}: a file of that name exists" in capsys.readouterr().out
+    assert main(["sweep", "dht-lookup", "--out", str(taken / "sub")]) == 2
+    assert f"{taken} is a file, not a folder" in capsys.readouterr().err
