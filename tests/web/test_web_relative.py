@@ -110,6 +110,9 @@ def test_a_photo_with_a_long_name_on_a_phone(net: LocalNetwork, browser_page: An
 
     # Remove asks first; the back button then lands on a page that says it is gone.
     page.goto(f"{base}/message/{mid}")
+    other = page.context.new_page()  # the same message open in a second tab
+    other.goto(f"{base}/message/{mid}")
+    page.bring_to_front()
     asked: list[str] = []
     page.once("dialog", lambda d: (asked.append(d.message), d.accept()))
     page.click("button:text-is('Remove')")
@@ -118,6 +121,9 @@ def test_a_photo_with_a_long_name_on_a_phone(net: LocalNetwork, browser_page: An
     assert page.locator(f'tr[data-id="{mid}"]').count() == 0
     page.go_back()
     assert "not in your inbox" in page.inner_text("h1")
+    # The other tab says so by itself, and its buttons no longer act.
+    other.wait_for_selector("#msg-gone", state="visible")
+    assert other.is_disabled("button:text-is('Remove')")
 
 
 def test_the_page_says_when_the_node_is_gone(net: LocalNetwork, browser_page: Any) -> None:
