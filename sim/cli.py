@@ -140,6 +140,8 @@ class _VirtualTime(ProgressColumn):
 def _run(args: argparse.Namespace, console: Console) -> int:
     spec = load_scenario(args.scenario, _parse_set(args.set))
     seed = spec.seed if args.seed is None else args.seed
+    if not 0 <= seed < 2**63:  # as the scenario's own `seed` (a sweep's --seeds too)
+        raise ScenarioError(f"--seed: {seed} is not in [0, 2^63)")
     out = Path(args.out) if args.out else Path("results") / spec.name
     sweep.check_out(out)
     sims: list[Simulation] = []

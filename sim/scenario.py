@@ -178,6 +178,24 @@ def _messages(error: Any) -> list[str]:
     if error.validator == "anyOf":
         return [f"{_where(path)}: {error.instance!r} is not a number in [0, 0.9] "
                 "or a list of them"]
+    if error.validator == "type" and error.validator_value in ("object", "array"):
+        # Say how to write it: a bare value where a table or a list belongs.
+        node = _subschema(path)
+        props = node.get("properties", {})
+        shown = json.dumps(error.instance) if isinstance(error.instance, int | float | str) \
+            else None
+        if "dist" in props and isinstance(error.instance, int | float):
+            return [f"{_where(path)}: {error.instance!r} is not a distribution: write "
+                    f"{{ dist = \"fixed\", value = {shown} }}"]
+        if "process" in props:
+            return [f"{_where(path)}: {error.instance!r} is not an arrival process: write "
+                    "e.g. { process = \"uniform\", window_s = 60.0 }"]
+        if error.validator_value == "array" and node.get("minItems", 1) > 1:
+            example = f", e.g. {json.dumps(node['default'])}" if "default" in node else ""
+            return [f"{_where(path)}: {error.instance!r} is not a list of "
+                    f"{node['minItems']}{example}"]
+        if error.validator_value == "array" and shown is not None:
+            return [f"{_where(path)}: {error.instance!r} is not a list: write [{shown}]"]
     if error.validator == "enum":
         options = ", ".join(repr(v) for v in error.validator_value)
         return [f"{_where(path)}: {error.instance!r} is not one of {options}"]

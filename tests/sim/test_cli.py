@@ -51,6 +51,8 @@ def test_scenario_mistakes_are_reported_not_run(tmp_path: Path,
     assert main(["run", "dht-lookup", "--set", "topology.hostz=3", "--out", str(tmp_path),
                  "--quiet"]) == 2
     assert "topology.hostz: unknown key (did you mean hosts?)" in capsys.readouterr().out
+    assert main(["run", "dht-lookup", "--seed", "-1", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "--seed: -1 is not in [0, 2^63)" in capsys.readouterr().out
     with pytest.raises(ScenarioError, match="no scenario file or built-in"):
         load_scenario("no-such-scenario")
 

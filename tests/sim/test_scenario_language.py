@@ -42,6 +42,13 @@ def test_a_wrong_key_type_or_range_is_named_by_its_path() -> None:
         "topology.up.high: required when dist = 'uniform'"]
     assert _problems({"workload": {"kind": "gossip"}}) == [
         "workload.kind: 'gossip' is not one of 'files', 'lookups', 'envelopes'"]
+    # A bare value where a table or a list belongs: how to write it.
+    assert _problems({"workload": {"kind": "files", "size_mb": 5,
+                                   "co_recipients": "on"},
+                      "topology": {"latency": {"rtt": 0.1}}}) == [
+        "topology.latency.rtt: 0.1 is not a list of 2, e.g. [0.02, 0.2]",
+        "workload.co_recipients: 'on' is not a list: write [\"on\"]",
+        "workload.size_mb: 5 is not a distribution: write { dist = \"fixed\", value = 5 }"]
 
 
 def test_a_key_the_selected_run_would_ignore_is_refused() -> None:
