@@ -134,6 +134,14 @@ def test_the_page_says_when_the_node_is_gone(net: LocalNetwork, browser_page: An
     web_base_was = web_base(bob)
     prefs.goto(web_base_was + "/prefs")
     page.bring_to_front()
+    # The mail server away (the internet down): the open page says so, and when it is back.
+    assert net.server is not None
+    net.server.stop()
+    page.wait_for_selector("#server-down", state="visible", timeout=15_000)
+    assert "Not connected to the mail server" in page.inner_text("#server-down")
+    net.start_server()
+    page.wait_for_selector("#server-down", state="hidden", timeout=30_000)
+    # The node itself stopped.
     net.stop_node(bob)
     page.wait_for_selector("#offline", state="visible", timeout=10_000)
     assert "Lost contact with peerpost" in page.inner_text("#offline")

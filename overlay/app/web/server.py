@@ -321,10 +321,24 @@ class WebInbox:
         except (ControlError, DecodeError):
             return None
 
+    def _server_down(self) -> str:
+        """What the banner says while the node is not logged in to its server, or ''."""
+        rv = self.ops.rendezvous
+        if rv.connected:
+            return ""
+        if rv.refused:
+            return (f"The mail server does not accept this computer ({rv.refused}): ask "
+                    f"whoever set peerpost up for you.")
+        return ("Not connected to the mail server: new mail comes in once the connection is "
+                "back. peerpost keeps trying by itself.")
+
     def _page(self, request: web.Request, page: str, title: str, body: str) -> web.Response:
         session: Session = request["session"]
+        down = self._server_down()
+        banner = (f'<p id="server-down" class="warn" role="status"{"" if down else " hidden"}>'
+                  f'{_e(down)}</p>')
         text = self._template.substitute(title=_e(title), csrf=_e(session.csrf), page=page,
-                                         address=_e(self.ops.address), body=body)
+                                         address=_e(self.ops.address), body=banner + body)
         return web.Response(text=text, content_type="text/html", headers={
             "Content-Security-Policy": "default-src 'self'; img-src 'self'; "
                                        "media-src 'self'; object-src 'none'; "
@@ -547,12 +561,16 @@ class WebInbox:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-store"})
             await resp.prepare(request)
-            last = ""
+            last, last_down = "", None
             while not self._closing.is_set():
                 data = json.dumps(await self._inbox())
                 if data != last:
                     last = data
                     await resp.write(f"event: inbox\ndata: {data}\n\n".encode())
+                down = self._server_down()
+                if down != last_down:
+                    last_down = down
+                    await resp.write(f"event: server\ndata: {json.dumps(down)}\n\n".encode())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), EVENT_EVERY)
             return resp

@@ -128,6 +128,11 @@ function listen() {
     renderInbox(entries);
     renderMessage(entries);
   });
+  events.addEventListener("server", (ev) => {
+    const down = document.getElementById("server-down");
+    down.textContent = JSON.parse(ev.data);
+    down.hidden = !down.textContent;
+  });
   events.addEventListener("error", async () => {
     banner(LOST);
     if (events.readyState !== EventSource.CLOSED) return; // the browser tries again
