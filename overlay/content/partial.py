@@ -75,6 +75,8 @@ class PartialContent:
         self._lock = threading.Lock()
         self._final: Path | None = None
         self._data_fd = open_existing(part_path, os.O_RDWR)
+        held = os.fstat(self._data_fd)
+        self._file_id = (held.st_dev, held.st_ino)  # the file read_sealed must find (see there)
         self._direct_fd = open_direct(part_path) if chunk_size % DIRECT_ALIGN == 0 else -1
         have_path = owner.have_path(content_id)
         self._have_fd = os.open(have_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
@@ -250,6 +252,14 @@ class PartialContent:
         with self._renaming:
             file = open(self._final or self.part_path, "rb", buffering=0)
         with file as f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != self._file_id:
+                # The .part was deleted and the download started again under the same name
+                # (or the received file was replaced): its chunks are not the ones held.
+                # Served, they were the new file's zeros sealed under the content key, and
+                # the requester's leaf check banned this node as a lying holder.
+                raise ContentStoreError(f"{self.part_path} was replaced: chunk {index} is "
+                                        "no longer held")
             try:
                 return read_and_seal(f.fileno(), self._cipher, index, n, self.chunk_size,
                                       self._scratch, self._outgoing)
