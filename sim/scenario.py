@@ -598,6 +598,8 @@ def variant(sim: Simulation, spec: ScenarioSpec, n: int,
     ends normally adds its trace digest to `digests` and its errors to `sim`'s; a fresh
     one is closed either way."""
     s = sim if n == 0 else build_simulation(spec, sim.seed)
+    if s is not sim and sim.on_variant is not None:
+        sim.on_variant(s)
     if s is sim:
         yield s
         digests.append(s.trace.digest())
@@ -754,7 +756,8 @@ def run(spec_or_doc: ScenarioSpec | Mapping[str, Any] | str, seed: int | None = 
     `base`: the folder a document's relative file paths (churn trace, latency matrix) are
     read from (a spec or a file knows its own).
     Deterministic: the same scenario, overrides and seed give the same rows, summary and
-    `trace_hash` in any process. `on_simulation` sees the first simulation (progress bars).
+    `trace_hash` in any process. `on_simulation` sees each simulation as it starts (a run
+    of several modes or Sybil shares has one each; progress bars show the running one).
     """
     from sim.scenarios import runner_for
 
@@ -775,6 +778,7 @@ def run(spec_or_doc: ScenarioSpec | Mapping[str, Any] | str, seed: int | None = 
     with build_simulation(spec, seed) as sim:
         if on_simulation is not None:
             on_simulation(sim)
+            sim.on_variant = on_simulation
         if fast:
             from sim.fastsig import fast_signatures
 

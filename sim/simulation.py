@@ -21,7 +21,7 @@ import logging
 import random
 import signal
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -56,6 +56,8 @@ class Simulation:
         self._closing = False
         self._abandoned = False
         self.interrupted_at: float | None = None  # virtual time of a Ctrl-C
+        # Told of each further simulation of the same run (sim.scenario.variant).
+        self.on_variant: Callable[[Simulation], None] | None = None
         # What the real code draws from the OS (keys, ids, nonces) comes from the seed.
         self._entropy = self.rng_for("entropy")
         self.loop.set_exception_handler(self._on_error)

@@ -89,3 +89,26 @@ def test_ctrl_c_during_a_sweep_writes_what_finished_and_marks_the_rest(
     assert [(r["seed"], r["found"], r["error"]) for r in rows] == [
         ("1", "3.0", ""), ("2", "", NOT_RUN), ("3", "", NOT_RUN)]
     assert json.loads((out / "sweep.json").read_text())["interrupted"] is True
+
+
+def test_ctrl_c_in_a_runs_second_simulation_reports_that_ones_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    real_run = sim.scenario.run
+    seen: list[Simulation] = []
+
+    def interrupt_the_second(*args: Any, on_simulation: Any, **kw: Any) -> Any:
+        def hook(s: Simulation) -> None:
+            on_simulation(s)  # the progress bar follows the running simulation
+            seen.append(s)
+            if len(seen) == 2:  # co-recipients "on", after "off" ran to its end
+                s.loop.call_at(3.0, setattr, s.loop, "interrupted", True)
+        return real_run(*args, on_simulation=hook, **kw)
+
+    monkeypatch.setattr(sim.cli, "run", interrupt_the_second)
+    code = main(["run", "nat-mix", "--quiet", "--out", str(tmp_path / "out"),
+                 "--set", "topology.hosts=2", "--set", "workload.size_mb.value=1.0",
+                 "--set", 'workload.co_recipients=["off", "on"]'])
+    assert code == 130
+    assert len(seen) == 2 and seen[0].now > 3.0
+    assert "interrupted at virtual time 3.0 s, 2 of 4 items done" in capsys.readouterr().out
