@@ -109,6 +109,20 @@ def _commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def _versions() -> dict[str, str]:
+    """Python's and the libraries' versions that a trace hash also depends on."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("peerpost", "kademlia", "rpcudp", "pynacl", "cryptography"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def _validate(args: argparse.Namespace, console: Console) -> int:
     bad = 0
     for name in args.scenario:
@@ -166,7 +180,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             return 130
     where, text = scenario_source(args.scenario)
     meta = {"scenario": spec.name, "runs_as": spec.driver, "seed": seed,
-            "trace_hash": result.trace_hash, "commit": _commit(),
+            "trace_hash": result.trace_hash, "commit": _commit(), "versions": _versions(),
             "scenario_file": where,
             "scenario_sha256": hashlib.sha256(text.encode()).hexdigest(),
             "overrides": _parse_set(args.set), "document": spec.doc,

@@ -550,10 +550,11 @@ def sweep(scenario: Scenario, grid: Mapping[str, list[Any]], seeds: Sequence[int
         results.close()  # cancels what is queued or running
     rows = [done[i] if i in done else row_for(grid, runs[i], {"error": NOT_RUN})
             for i in range(len(runs))]
-    from sim.cli import _commit  # sim.cli imports this module
+    from sim.cli import _commit, _versions  # sim.cli imports this module
 
     meta = {"scenario_file": scenario.source, "scenario_sha256": scenario.sha256,
-            "commit": _commit(), "document": scenario.doc, "interrupted": interrupted}
+            "commit": _commit(), "versions": _versions(), "document": scenario.doc,
+            "interrupted": interrupted}
     paths, not_plotted = write_outputs(out, name, grid, seeds, rows, plot_metrics, meta)
     return rows, paths, not_plotted
 

@@ -21,6 +21,7 @@ def _run(out: Path, seed: int) -> dict[str, object]:
     summary: dict[str, object] = doc["summary"]
     assert doc["seed"] == seed and doc["document"]["topology"]["hosts"] == 40
     assert doc["trace_hash"] == doc["summary"]["trace_hash"]
+    assert doc["versions"]["kademlia"] == "2.2.3" and doc["versions"]["python"]
     return summary
 
 

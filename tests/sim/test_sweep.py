@@ -112,6 +112,7 @@ def test_local_pool_sweep_writes_a_row_per_run_plots_and_failures_as_rows(
     doc = json.loads((out / "sweep.json").read_text())
     assert doc["failed"] == 4 and len(doc["runs"]) == 8 and doc["seeds"] == [1, 2]
     assert doc["grid"]["topology.hosts"] == [30, 40]
+    assert doc["versions"]["rpcudp"] == "5.0.1"  # a trace hash depends on it too
 
 
 def test_without_dask_the_sweep_says_what_to_install(
