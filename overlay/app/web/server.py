@@ -139,8 +139,13 @@ def error_text(e: dict[str, Any]) -> str:
         when = e["next_attempt"]
         then = (f" (next try at {time.strftime('%H:%M:%S', time.localtime(when))})"
                 if when else "")
-        return (f"No computer that has this file can be reached right now (is "
-                f"{e['from']}'s switched off?). The download goes on by itself{then}.")
+        if error.startswith("the disk is full"):
+            return (f"This computer's disk is full: delete files you no longer need. The "
+                    f"download goes on by itself{then}.")
+        if error.startswith("no source reachable"):
+            return (f"No computer that has this file can be reached right now (is "
+                    f"{e['from']}'s switched off?). The download goes on by itself{then}.")
+        return f"The download was interrupted. It goes on by itself{then}."
     return "The download failed. “Try again” starts it once more."
 
 

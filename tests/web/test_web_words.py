@@ -1,0 +1,67 @@
+"""What the web inbox calls each state and each reason a download stopped or waits: words
+a receiver understands, and the way forward (the node's own text stays under Details)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from overlay.app.operations import CANCELLED_TEXT
+from overlay.app.web.server import _limit, error_text, state_text
+from overlay.transfer.downloader import SOURCE_CHANGED_FAILURE, WITHDRAWN_FAILURE
+
+
+def entry(state: str, error: str | None = None, **kw: Any) -> dict[str, Any]:
+    return {"state": state, "error": error, "junk": False, "size": 1000,
+            "next_attempt": None, "from": "alice@example.net", **kw}
+
+
+@pytest.mark.parametrize(("e", "auto", "limit", "want"), [
+    (entry("offered"), True, None, "waiting to download"),
+    (entry("offered", size=5000), True, 1000, "not downloaded yet"),  # over the limit
+    (entry("offered"), False, None, "not downloaded yet"),
+    (entry("offered", junk=True), True, None, "not downloaded (junk sender)"),
+    (entry("unverified"), True, None, "on hold: sender not confirmed"),
+    (entry("retrying"), True, None, "waiting for the sender"),
+    (entry("complete"), True, None, "received"),
+    (entry("failed", CANCELLED_TEXT), True, None, "stopped"),
+    (entry("failed", WITHDRAWN_FAILURE), True, None, "cancelled by the sender"),
+    (entry("failed", SOURCE_CHANGED_FAILURE), True, None, "the sender's file changed"),
+    (entry("failed", "ValueError: x"), True, None, "failed"),
+])
+def test_states_in_words(e: dict[str, Any], auto: bool, limit: int | None, want: str) -> None:
+    assert state_text(e, auto, limit) == want
+
+
+@pytest.mark.parametrize(("e", "starts"), [
+    (entry("downloading"), ""),
+    (entry("retrying", "no source reachable for 3 missing chunks (9b4c: tcp: [Errno 111])"),
+     "No computer that has this file can be reached right now (is alice@example.net's"),
+    (entry("retrying", "the disk is full: cannot write /x.part (No space left on device)"),
+     "This computer's disk is full: delete files you no longer need."),
+    (entry("retrying", "could not look up the sender"), "The download was interrupted."),
+    (entry("failed", CANCELLED_TEXT), "You stopped this download."),
+    (entry("failed", WITHDRAWN_FAILURE), "The sender cancelled this message"),
+    (entry("failed", SOURCE_CHANGED_FAILURE), "The sender's file was changed"),
+    (entry("failed", "DownloadFailed: bad chunk"), "The download failed. “Try again”"),
+])
+def test_why_a_download_stopped_in_words(e: dict[str, Any], starts: str) -> None:
+    text = error_text(e)
+    assert text.startswith(starts) if starts else text == ""
+    assert "Errno" not in text and "`" not in text and "9b4c" not in text
+
+
+def test_the_next_try_is_a_time_of_day() -> None:
+    e = entry("retrying", "no source reachable for 1 missing chunks ()",
+              next_attempt=1_800_000_000.0)
+    assert re.search(r"goes on by itself \(next try at \d\d:\d\d:\d\d\)\.$", error_text(e))
+
+
+@pytest.mark.parametrize(("n", "want"), [
+    (None, "none"), (2 << 30, "2 GiB"), (200_000_000, "200 MB"), (5 * (1 << 20), "5 MiB"),
+    (1234, "1234"), (3000, "3 KB"),
+])
+def test_a_limit_reads_back_as_written(n: int | None, want: str) -> None:
+    assert _limit(n) == want
