@@ -126,9 +126,12 @@ def parse_seeds(raw: str) -> list[int]:
         lo, dash, hi = part.strip().partition("-")
         try:
             first = int(lo)
-            seeds.extend(range(first, int(hi) + 1) if dash else [first])
+            last = int(hi) if dash else first
         except ValueError:
             raise SweepError(f"--seeds wants integers like 1,2,3 or 1-5, got {raw!r}") from None
+        if last < first:
+            raise SweepError(f"--seeds {part.strip()}: an empty range (write {last}-{first})")
+        seeds.extend(range(first, last + 1))
     if not seeds or len(set(seeds)) != len(seeds):
         raise SweepError(f"--seeds wants distinct integers, got {raw!r}")
     return seeds

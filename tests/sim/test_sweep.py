@@ -55,6 +55,8 @@ def test_grid_values_are_toml_and_mistakes_name_the_option() -> None:
         "name": ["a,b", "c"], "topology.loss": [0.0, 0.1], "x.y": [True, False],
         "workload.co_recipients": [["on"], ["off", "on"]]}
     assert parse_seeds("1-3,7") == [1, 2, 3, 7]
+    with pytest.raises(SweepError, match=r"--seeds 5-1: an empty range \(write 1-5\)"):
+        parse_seeds("5-1")
     for bad, said in [("topology.hosts", "KEY=V1,V2"), ("seed=1,2", "--seeds"),
                       ("topology.hosts=1,1", "given twice"), ("topology..x=1", "dotted path"),
                       ("topology.hosts=1,,2", "empty value")]:
