@@ -69,6 +69,7 @@ def test_a_photo_with_a_long_name_on_a_phone(net: LocalNetwork, browser_page: An
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     assert page.inner_text("#msg-state") == "not downloaded yet"
     assert not page.is_visible("#save")
+    assert not page.is_visible("#msg-from")  # no empty "Coming from" heading
     # Downloading it: the page follows without a reload, and offers to save it at the end.
     page.click("button:text-is('Download it')")
     page.wait_for_selector("#save", state="visible", timeout=30_000)

@@ -102,6 +102,7 @@ function renderMessage(entries) {
       li.textContent = s.text;
       return li;
     }));
+    document.getElementById("msg-from").hidden = e.sources.length === 0;
   }
 }
 
