@@ -95,6 +95,8 @@ def test_a_photo_with_a_long_name_on_a_phone(net: LocalNetwork, browser_page: An
                            timeout=30_000)
     page.click("text=Preferences")
     assert alice.address in page.inner_text("#junk-senders")
+    # What each choice does, in words: "delete" is the sender's own file.
+    assert "delete them from this computer" in page.inner_text("select[name=retention]")
     page.select_option("select[name=auto-download]", "on")
     page.click("button:text-is('Save')")
     page.wait_for_selector("#flash:text-is('Saved.')")

@@ -526,10 +526,14 @@ class WebInbox:
     async def prefs_page(self, request: web.Request) -> web.StreamResponse:
         prefs = await self.ops.prefs_get(Fields({}, "web"))
         on = "on" if prefs["auto_download"] else "off"
-        auto = "".join(f'<option value="{v}"{" selected" if v == on else ""}>{v}</option>'
-                       for v in ("on", "off"))
+        auto = "".join(f'<option value="{v}"{" selected" if v == on else ""}>{text}</option>'
+                       for v, text in (("on", "yes"), ("off", "no, only when I ask")))
+        # The node's default when no archive folder is set (overlay.app.node).
+        archive = prefs["archive_dir"] or str(self.home_root / "archive")
+        said = {"keep": "keep them", "delete": "delete them from this computer",
+                "archive": f"move them to {archive}"}
         keep = "".join(f'<option value="{_e(v)}"{" selected" if v == prefs["retention"] else ""}'
-                       f'>{_e(v)}</option>' for v in RETENTIONS)
+                       f'>{_e(said.get(v, v))}</option>' for v in RETENTIONS)
 
         def senders(key: str, heading: str, undo: str, empty: str) -> str:
             items = "".join(
@@ -541,18 +545,21 @@ class WebInbox:
         rate = prefs["max_upload_rate"]
         body = (
             '<h1>Preferences</h1><form id="prefs-form" data-action="/api/prefs">'
-            f'<label>auto-download <select name="auto-download">{auto}</select></label> '
-            '<label>auto-download at most <input name="auto-download-max" size="10" '
+            '<p><label>Download new mail by itself: <select name="auto-download">'
+            f'{auto}</select></label></p>'
+            '<p><label>… when it is at most <input name="auto-download-max" size="10" '
             f'value="{_e(_limit(prefs["auto_download_max"]))}"></label> '
-            f'<label>sent files after delivery <select name="retention">{keep}</select>'
-            '</label> <button type="submit">Save</button></form><p id="flash" role="alert"></p>'
+            '<span class="hint">(for example 500 MB or 2 GB; none: any size)</span></p>'
+            '<p><label>Files you sent, once everyone has them: <select name="retention">'
+            f'{keep}</select></label></p>'
+            '<p><button type="submit">Save</button></p></form><p id="flash" role="alert"></p>'
             + senders("priority", "Priority senders (their messages download first)",
                       "Remove", "none")
             + senders("junk", "Junk senders (their messages are hidden, not downloaded)",
                       "Not junk", "none")
             + '<h2>Set with <code>peerpost prefs</code></h2><dl id="prefs">'
             f'<dt>upload speed limit</dt><dd>{"none" if rate is None else _size(rate) + "/s"}'
-            f'</dd><dt>archive folder</dt><dd>{_e(prefs["archive_dir"] or "none")}</dd></dl>')
+            f'</dd><dt>archive folder</dt><dd>{_e(archive)}</dd></dl>')
         return self._page(request, "prefs", "Preferences", body)
 
     # --- data endpoints ----------------------------------------------------------------
