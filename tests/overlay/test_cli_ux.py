@@ -71,7 +71,7 @@ def test_help_shows_defaults_and_exit_codes() -> None:
     assert "default 30" in inbox and "--json" in inbox
     serve = run("peerpost-rendezvous", "serve", "--help").stdout
     assert "(default: 127.0.0.1:0)" in serve
-    assert "(default: results)" in run("peerpost-sim", "run", "--help").stdout
+    assert "(default: results/NAME)" in run("peerpost-sim", "run", "--help").stdout
 
 
 @pytest.mark.parametrize("command", COMMANDS)
