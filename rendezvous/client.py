@@ -40,6 +40,10 @@
   loss. The AUTHORIZATION announces the interval, so the server likewise closes the
   session when the client falls silent (a NAT that forgot the mapping): the device is
   offline there and its mail queues until the next login. 0 turns it off.
+- `moved(route_ip, advertise)`: the host changed network (the node notices its route to
+  the server starting from another address). A session whose socket has the old address
+  is dropped and a new one made at once, carrying `advertise`; without it only the
+  keepalive timeout ended it, and the server pushed mail into it for those 45 s.
 - `server_info`: the UDP ports of the server's extra services from the last CHALLENGE,
   e.g. `{"stun": 3478, "dht": 4000}`; a key is absent when the server doesn't run it.
 - `Envelope` (`rendezvous.records`): message_id, sender, recipient, device, priority, blob,
@@ -330,6 +334,45 @@ class RendezvousClient:
         waiting (a `send` while disconnected). After a 10 s outage that wait reaches several
         seconds, so the session came back up to 6 s after its server did."""
         self._retry_now.set()
+
+    @property
+    def local_ip(self) -> str | None:
+        """The local address of the current session's socket; None while disconnected."""
+        return self._session_ip("sockname")
+
+    @property
+    def server_ip(self) -> str | None:
+        """The server's address as the current session reached it (`host` may be a name);
+        None while disconnected."""
+        return self._session_ip("peername")
+
+    def _session_ip(self, which: str) -> str | None:
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            return None
+        name = proto.transport.get_extra_info(which)
+        return str(name[0]) if name else None
+
+    def moved(self, route_ip: str, advertise: dict[str, Any] | None = None) -> bool:
+        """The host changed network: the kernel now reaches the server from `route_ip`.
+
+        `advertise` (if given) replaces the reachability hints sent at the next login.
+        A session whose socket is bound to another address can never come back: nothing
+        it sends leaves from an address the host still has, so only the keepalive timeout
+        (45 s) would end it, and the server would push our mail into it meanwhile. It is
+        dropped and a new one started at once, from the new address; True then. A session
+        that still uses `route_ip` is kept (False)."""
+        if advertise is not None:
+            self._advertise = advertise
+        proto = self._proto
+        if proto is None or proto.transport is None or self.local_ip == route_ip:
+            if proto is None:
+                self._retry_now.set()  # reconnecting: don't wait out the backoff
+            return False
+        log.info(kv("client.moved", address=self.address, old=self.local_ip, new=route_ip))
+        proto.transport.abort()
+        self._retry_now.set()
+        return True
 
     async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait for an authenticated session; TimeoutError (RequestTimeoutError) if none."""

@@ -49,12 +49,12 @@ from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
 from overlay.mail.receipts import Receipt
 from overlay.transfer.server import TransferServer
-from overlay.transports.reachability import Reachability, probe
+from overlay.transports.reachability import Reachability, probe, route_ip
 from overlay.transports.webrtc import WebRtcEndpoint
 from rendezvous.backoff import Backoff
 from rendezvous.client import RendezvousClient
 from rendezvous.domainkey import encode_key, fingerprint
-from rendezvous.errors import ConnectionLostError, RequestTimeoutError
+from rendezvous.errors import ConnectionLostError, RendezvousError, RequestTimeoutError
 from rendezvous.sdnotify import notify
 from rendezvous.stun import SocketMaker, reusable_socket
 from rendezvous.taskset import TaskSet, raise_if_cancelled
@@ -63,6 +63,7 @@ log = logging.getLogger("peerpost.node")
 
 FIRST_LOGIN_BACKOFF = Backoff(1.0, 60.0)  # waiting for the server at start: 1 s doubling to 60 s
 DHT_REJOIN_TIMEOUT = 10.0  # pinging a new server's DHT node and a lookup of our own id
+NETWORK_CHECK = 2.0  # seconds between looks at which local address reaches the server
 
 
 @dataclass
@@ -88,6 +89,7 @@ class NodeOptions:
     metrics: tuple[str, int] | None = None  # Prometheus /metrics and /healthz (--metrics)
     on_message: str | None = None  # command run on arrival/completion; None: the config's
     desktop_notify: bool = True  # notify-send where it is installed
+    network_check: float = NETWORK_CHECK  # seconds between route looks (_watch_network); 0: off
 
 
 class _NotifyingIncoming(IncomingMail):
@@ -193,7 +195,8 @@ class Node:
             self._tg.create_task(self.delivery.downloads_after_login(), name="downloads"),
             self._tg.create_task(self.receipts.owed(), name="owed-receipts"),
             self._tg.create_task(self.delivery.lookups(), name="key-lookups"),
-            self._tg.create_task(self.delivery.unstored(), name="unstored-retry")]
+            self._tg.create_task(self.delivery.unstored(), name="unstored-retry"),
+            self._tg.create_task(self._watch_network(), name="network-watch")]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -317,6 +320,52 @@ class Node:
             return
         log.info("DHT joined through %s:%d after failover: %d contact%s in the routing table",
                  *bootstrap, found, "" if found == 1 else "s")
+
+    async def _watch_network(self) -> None:
+        """Follow the host to another network (a laptop from home Wi-Fi to a phone
+        hotspot): every `network_check` seconds ask the kernel (no packet is sent) which
+        local address reaches the server; when it changes, move with it (`_moved`)."""
+        every = self.options.network_check
+        if every <= 0:
+            return
+        known = self.reach.local_ip if self.reach else None
+        server = self.rendezvous.server_ip  # an address: a host name would be looked up
+        while True:
+            await asyncio.sleep(every)
+            server = self.rendezvous.server_ip or server
+            if server is None:
+                continue
+            now = await route_ip(server, self.rendezvous.port)
+            if now is None or now == known:
+                continue  # no route at all (nothing to move to yet), or no change
+            try:
+                await self._moved(known, now)
+            except (RendezvousError, OSError) as exc:
+                log.warning("telling the server our new addresses failed (%s); the next "
+                            "login carries them", exc)
+            known = now
+
+    async def _moved(self, old: str | None, new: str) -> None:
+        """The host now reaches the server from `new`. The server session bound to the old
+        address is dead (nothing sent from an address the host lost arrives) though only
+        its 45 s keepalive timeout would say so, and the server would push our mail into
+        it meanwhile; our NAT, and with it what FINGER and our DHT records should say, may
+        have changed too. So: find out what the new network is (STUN), log in again at
+        once from it with the new hints, and announce what we hold with the new
+        addresses."""
+        rv = self.rendezvous
+        log.warning("network changed: the server is reached from %s now (was %s); "
+                    "logging in again from it", new, old)
+        self.reach = await probe(rv.host, rv.port, rv.server_info.get("stun"),
+                                 self.listen_addr[0] if self.listen_addr else "")
+        self._advertised = self._advertise()
+        if not rv.moved(new, self._advertised) and rv.connected:
+            await rv.advertise(self._advertised)  # the session survived: update it
+        again = self.providers.readdress(self.direct_addresses())
+        log.info("now advertising %s (%s); %d content%s announced again",
+                 ", ".join(self._advertised["addrs"]) or "no direct address",
+                 "behind NAT" if self._advertised["nat"] else "directly reachable",
+                 again, "" if again == 1 else "s")
 
     def _pin_server_key(self) -> None:
         """A config from before keys were pinned: pin the key this first session showed."""

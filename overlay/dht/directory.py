@@ -73,6 +73,19 @@ class ProviderDirectory:
             self._announced.discard(content_id)  # try again at the next chance
             log.warning("announcing %s failed: %s", content_id.hex()[:16], exc)
 
+    def readdress(self, addresses: list[str]) -> int:
+        """Our addresses changed (the host moved to another network): announce every
+        content again with the new ones; the records already stored name the old
+        addresses until they expire. Returns how many contents are announced again."""
+        if addresses == self.addresses:
+            return 0
+        self.addresses = list(addresses)
+        again = list(self._announced)
+        self._announced.clear()
+        for content_id in again:
+            self.announce(content_id)
+        return len(again)
+
     async def withdraw(self, content_id: bytes) -> None:
         self._announced.discard(content_id)
         await self.dht.withdraw(content_id)
