@@ -75,8 +75,6 @@ class PartialContent:
         self._lock = threading.Lock()
         self._final: Path | None = None
         self._data_fd = open_existing(part_path, os.O_RDWR)
-        held = os.fstat(self._data_fd)
-        self._file_id = (held.st_dev, held.st_ino)  # the file read_sealed must find (see there)
         self._direct_fd = open_direct(part_path) if chunk_size % DIRECT_ALIGN == 0 else -1
         have_path = owner.have_path(content_id)
         self._have_fd = os.open(have_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
@@ -246,25 +244,30 @@ class PartialContent:
         if not self.have(index) or self._verifier is None:
             raise ContentStoreError(f"chunk {index} is not held")
         n = plain_chunk_len(self.size, self.chunk_size, index)
-        # Its own descriptor, not _data_fd: complete() may close and rename meanwhile. The
-        # name is picked and opened under _renaming: a read that picked `.part` just before
-        # the rename and opened it just after found no file, and the chunk was refused.
+        fd = self._reading_fd(index)
+        try:
+            return read_and_seal(fd, self._cipher, index, n, self.chunk_size, self._scratch,
+                                 self._outgoing)
+        except ShortRead:
+            raise ContentStoreError(f"{self.part_path} is shorter than expected") from None
+        finally:
+            os.close(fd)
+
+    def _reading_fd(self, index: int) -> int:
+        """A descriptor of its own (complete() closes ours) on the file this partial wrote:
+        a dup of the open `.part`, or the completed file. Not `.part` opened by name: its
+        name may have been deleted and taken by the download started again, and that new
+        file's zeros went out sealed under the content key (the requester's leaf check then
+        banned this node as a lying holder). Under _renaming, which complete() holds from
+        the rename until the final name is recorded (a read that picked `.part` just
+        before the rename and opened it just after found no file) and close() to close."""
         with self._renaming:
-            file = open(self._final or self.part_path, "rb", buffering=0)
-        with file as f:
-            st = os.fstat(f.fileno())
-            if (st.st_dev, st.st_ino) != self._file_id:
-                # The .part was deleted and the download started again under the same name
-                # (or the received file was replaced): its chunks are not the ones held.
-                # Served, they were the new file's zeros sealed under the content key, and
-                # the requester's leaf check banned this node as a lying holder.
-                raise ContentStoreError(f"{self.part_path} was replaced: chunk {index} is "
-                                        "no longer held")
-            try:
-                return read_and_seal(f.fileno(), self._cipher, index, n, self.chunk_size,
-                                      self._scratch, self._outgoing)
-            except ShortRead:
-                raise ContentStoreError(f"{self.part_path} is shorter than expected") from None
+            if self._final is not None:
+                return open_existing(self._final, os.O_RDONLY)
+            if self._data_fd < 0:
+                raise ContentStoreError(f"{self.part_path} is closed: chunk {index} is no "
+                                        "longer served")
+            return os.dup(self._data_fd)
 
     def complete(self) -> Path:
         """Flush, rename to the final name (never clobbering), register as a full holder.
@@ -319,8 +322,9 @@ class PartialContent:
 
     def close(self) -> None:
         """Release the file descriptors (the partial state stays on disk)."""
-        for fd in (self._data_fd, self._direct_fd, self._have_fd):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._data_fd = self._direct_fd = self._have_fd = -1
+        with self._renaming:  # never while a serving read takes a dup of _data_fd
+            for fd in (self._data_fd, self._direct_fd, self._have_fd):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._data_fd = self._direct_fd = self._have_fd = -1

@@ -45,19 +45,32 @@ async def test_a_chunk_read_as_the_download_completes_is_served(
     assert part.is_complete
 
     completing: list[threading.Thread] = []
-    real_open = builtins.open
+    real_open, real_os = builtins.open, os
 
-    def open_as_the_rename_lands(file: Any, *args: Any, **kwargs: Any) -> Any:
-        # The downloader's thread completes the file between the read picking a name and
-        # opening it (given half a second; a read that keeps it out meanwhile is fine).
-        if not completing and str(file).endswith(".part"):
+    def complete_now() -> None:
+        # The downloader's thread completes the file while the serving read gets its
+        # descriptor (given half a second; a read that keeps it out meanwhile is fine).
+        if not completing:
             t = threading.Thread(target=part.complete, name="complete")
             completing.append(t)
             t.start()
             t.join(0.5)
+
+    def open_as_the_rename_lands(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file).endswith(".part"):  # the name picked, the file not yet open
+            complete_now()
         return real_open(file, *args, **kwargs)
 
+    class DupAsTheRenameLands:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_os, name)
+
+        def dup(self, fd: int) -> int:
+            complete_now()
+            return real_os.dup(fd)
+
     monkeypatch.setattr(partial_module, "open", open_as_the_rename_lands, raising=False)
+    monkeypatch.setattr(partial_module, "os", DupAsTheRenameLands())
     server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), receiver)
     host, port = await server.start()
     try:
