@@ -158,15 +158,30 @@ class _SlowReader:
         return self.inner.peer_address()
 
 
+def _small_send_buffer(server: TransferServer) -> None:
+    """The server's sockets keep a 64 KiB kernel send buffer (128 KiB as Linux counts it),
+    as on a slow path. On loopback it grows to 4 MiB, and a socket is writable again only
+    once a third of that drained: the bytes a slow reader takes leave the process in steps
+    of over a megabyte, and a send looks stalled between them."""
+    serve = server.handle_stream
+
+    async def small_send_buffer(stream: Stream) -> None:
+        served = cast(TcpStream, stream)._p.transport
+        assert served is not None
+        served.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        await serve(stream)
+
+    server.handle_stream = small_send_buffer  # type: ignore[method-assign]
+
+
 @pytest.mark.parametrize("slow_is_stopped", [False, True])
 async def test_a_requester_that_reads_slowly_keeps_its_session(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow_is_stopped: bool,
 ) -> None:
     """A 12 MiB chunk to a reader taking 3 MB/s through a 64 KiB receive buffer outlasts
-    a 0.5 s send timeout several times over (the sender's kernel holds at most 4 MiB of
-    it), and arrives whole: the timeout is for a send that stopped moving. (With the
-    progress it needs set out of reach, the same send is cut, as one timeout per chunk
-    cut it.)"""
+    a 0.5 s send timeout several times over (the sender's kernel holds 128 KiB of it),
+    and arrives whole: the timeout is for a send that stopped moving. (With the progress
+    it needs set out of reach, the same send is cut, as one timeout per chunk cut it.)"""
     if slow_is_stopped:
         monkeypatch.setattr(server_module, "MIN_SEND_PROGRESS", 1 << 40)
     data = os.urandom(12 << 20)
@@ -174,6 +189,7 @@ async def test_a_requester_that_reads_slowly_keeps_its_session(
     store = ContentStore(tmp_path / "store")
     content = await store.add_local_file(tmp_path / "big", chunk_size=12 << 20)
     server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store, send_timeout=0.5)
+    _small_send_buffer(server)
     host, port = await server.start()
     loop = asyncio.get_running_loop()
     try:
@@ -492,15 +508,7 @@ async def test_a_slow_requester_under_an_upload_cap_keeps_its_session(
     content = await store.add_local_file(tmp_path / "big", chunk_size=4 << 20)
     server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store, send_timeout=0.5,
                             max_upload_rate=64 << 20)
-    serve = server.handle_stream
-
-    async def small_send_buffer(stream: Stream) -> None:
-        served = cast(TcpStream, stream)._p.transport
-        assert served is not None
-        served.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
-        await serve(stream)
-
-    server.handle_stream = small_send_buffer  # type: ignore[method-assign]
+    _small_send_buffer(server)
     host, port = await server.start()
     try:
         stream = await connect_tcp(host, port, read_high_water=64 << 10)
