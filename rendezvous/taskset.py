@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Hashable, Iterator
+from collections.abc import Coroutine, Hashable, Iterable, Iterator
 from typing import Any
 
 log = logging.getLogger("peerpost.tasks")
@@ -29,6 +29,21 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def wait_ended(tasks: Iterable[asyncio.Task[Any]]) -> asyncio.CancelledError | None:
+    """Wait until every one of `tasks` has ended, even if the calling task is cancelled
+    meanwhile (their cleanup is not cut short); that cancel is returned, for the caller to
+    raise once it has finished closing. Never raises a task's own error or cancel."""
+    pending = set(tasks)
+    cancelled: asyncio.CancelledError | None = None
+    while pending:
+        try:
+            # asyncio.wait raises only the caller's own cancel, never a task's.
+            _, pending = await asyncio.wait(pending)
+        except asyncio.CancelledError as exc:
+            cancelled = cancelled or exc
+    return cancelled
 
 
 class TaskSetClosed(RuntimeError):
@@ -125,15 +140,7 @@ class TaskSet:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        pending: set[asyncio.Task[Any]] = set(tasks)
-        cancelled: asyncio.CancelledError | None = None
-        while pending:
-            try:
-                # asyncio.wait raises only the caller's own cancel, never a child's.
-                _, pending = await asyncio.wait(pending)
-            except asyncio.CancelledError as exc:
-                cancelled = cancelled or exc  # the children have their cancel: let them
-                # finish their cleanup (a second cancel would cut it short)
+        cancelled = await wait_ended(tasks)
         for task in tasks:  # their done callbacks may not have run yet
             self._done(task)
         if cancelled is not None:

@@ -46,6 +46,7 @@ from overlay.transfer.workers import WorkQueue
 from overlay.transports.stream import Stream, StreamError
 from overlay.transports.tcp import TcpServer
 from rendezvous.limits import TokenBucket
+from rendezvous.taskset import wait_ended
 
 log = logging.getLogger(__name__)
 
@@ -246,17 +247,26 @@ class TransferServer:
             await stream.aclose()
 
     async def aclose(self) -> None:
-        """Stop listening and end every running session."""
+        """Stop listening, end every running session and the sealing threads. A cancel of
+        the caller meanwhile is raised once all of that is done (it was eaten, and the
+        caller carried on as if nothing had happened)."""
+        cancelled: asyncio.CancelledError | None = None
         if self._tcp is not None:
-            await self._tcp.aclose()
-            self._tcp = None
+            tcp, self._tcp = self._tcp, None
+            try:
+                await tcp.aclose()
+            except asyncio.CancelledError as exc:  # raised by TaskSet.aclose once closed
+                cancelled = exc
         tasks = list(self._running)
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        await self.sealers.aclose()
+        cancelled = await wait_ended(tasks) or cancelled
+        try:
+            await self.sealers.aclose()
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+        if cancelled is not None:
+            raise cancelled
 
 
 def _peer_ip(address: str | None) -> str | None:

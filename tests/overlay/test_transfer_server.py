@@ -527,3 +527,75 @@ async def test_a_slow_requester_under_an_upload_cap_keeps_its_session(
     finally:
         await server.aclose()
         store.close()
+
+
+class _SlowToClose:
+    """A stream that never receives anything and takes until `release` to close."""
+
+    path = "test"
+
+    def __init__(self) -> None:
+        self.closing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        return None
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        await asyncio.Event().wait()
+        return b""
+
+    async def send_eof(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self.closing.set()
+        await self.release.wait()
+
+    def peer_address(self) -> str | None:
+        return None
+
+
+async def test_aclose_ends_every_session_then_passes_on_the_callers_cancel(
+    served: tuple[ContentStore, LocalContent],
+) -> None:
+    """The node stops the transfer server while a session is still closing its stream, and
+    the node's own stop is cancelled meanwhile: the server still ends every session and
+    its sealing threads, and the cancel goes on; it was eaten and the caller carried on."""
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), served[0])
+    stream = _SlowToClose()
+    tasks = TaskSet("test")
+    session = tasks.spawn(server.handle_stream(stream))  # type: ignore[arg-type]
+    assert session is not None
+    await asyncio.sleep(0)
+    assert server.active_sessions == 1
+    after: list[str] = []
+
+    async def stopping() -> None:
+        await server.aclose()
+        after.append("carried on")
+
+    sealers_closed: list[bool] = []
+    close_sealers = server.sealers.aclose
+
+    async def closing_sealers() -> None:
+        await close_sealers()
+        sealers_closed.append(True)
+
+    server.sealers.aclose = closing_sealers  # type: ignore[method-assign]
+    stopper = tasks.spawn(stopping())
+    assert stopper is not None
+    try:
+        async with asyncio.timeout(5):
+            await stream.closing.wait()
+        stopper.cancel()
+        await asyncio.sleep(0)
+        stream.release.set()
+        async with asyncio.timeout(5):
+            await asyncio.wait([stopper])
+        assert stopper.cancelled(), f"the caller's cancel was lost: {after}"
+        assert session.done() and server.active_sessions == 0
+        assert sealers_closed, "the sealing threads were left running"
+    finally:
+        stream.release.set()
+        await tasks.aclose()
