@@ -353,7 +353,8 @@ class RendezvousClient:
         name = proto.transport.get_extra_info(which)
         return str(name[0]) if name else None
 
-    def moved(self, route_ip: str, advertise: dict[str, Any] | None = None) -> bool:
+    def moved(self, route_ip: str, advertise: dict[str, Any] | None = None, *,
+              force: bool = False) -> bool:
         """The host changed network: the kernel now reaches the server from `route_ip`.
 
         `advertise` (if given) replaces the reachability hints sent at the next login.
@@ -361,11 +362,13 @@ class RendezvousClient:
         it sends leaves from an address the host still has, so only the keepalive timeout
         (45 s) would end it, and the server would push our mail into it meanwhile. It is
         dropped and a new one started at once, from the new address; True then. A session
-        that still uses `route_ip` is kept (False)."""
+        that still uses `route_ip` is kept (False), unless `force` (the same address on
+        another network, behind another NAT that knows nothing of the session)."""
         if advertise is not None:
             self._advertise = advertise
         proto = self._proto
-        if proto is None or proto.transport is None or self.local_ip == route_ip:
+        if proto is None or proto.transport is None or (self.local_ip == route_ip
+                                                         and not force):
             if proto is None:
                 self._retry_now.set()  # reconnecting: don't wait out the backoff
             return False

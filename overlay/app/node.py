@@ -19,7 +19,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
 from overlay.mail.receipts import Receipt
 from overlay.transfer.server import TransferServer
+from overlay.transports.netwatch import NetworkEvents
 from overlay.transports.reachability import Reachability, probe, route_ip
 from overlay.transports.webrtc import WebRtcEndpoint
 from rendezvous.backoff import Backoff
@@ -64,6 +65,7 @@ log = logging.getLogger("peerpost.node")
 FIRST_LOGIN_BACKOFF = Backoff(1.0, 60.0)  # waiting for the server at start: 1 s doubling to 60 s
 DHT_REJOIN_TIMEOUT = 10.0  # pinging a new server's DHT node and a lookup of our own id
 NETWORK_CHECK = 2.0  # seconds between looks at which local address reaches the server
+NETWORK_SETTLE = 0.3  # quiet after a reported network change before looking
 
 
 @dataclass
@@ -323,43 +325,82 @@ class Node:
 
     async def _watch_network(self) -> None:
         """Follow the host to another network (a laptop from home Wi-Fi to a phone
-        hotspot): every `network_check` seconds ask the kernel (no packet is sent) which
-        local address reaches the server; when it changes, move with it (`_moved`)."""
+        hotspot). Every `network_check` seconds, and at once when the kernel reports a
+        link or address change (overlay.transports.netwatch), ask it which local address
+        reaches the server (no packet is sent); when that changed, move with it
+        (`_moved`). A reported change that left that address as it was (the new network
+        handed out the same private address) is checked with STUN: a public address other
+        than the one STUN showed before is a move too."""
         every = self.options.network_check
         if every <= 0:
             return
+        events = NetworkEvents()
+        heard = events.start()
         known = self.reach.local_ip if self.reach else None
         server = self.rendezvous.server_ip  # an address: a host name would be looked up
-        while True:
-            await asyncio.sleep(every)
-            server = self.rendezvous.server_ip or server
-            if server is None:
-                continue
-            now = await route_ip(server, self.rendezvous.port)
-            if now is None or now == known:
-                continue  # no route at all (nothing to move to yet), or no change
-            try:
-                await self._moved(known, now)
-            except (RendezvousError, OSError) as exc:
-                log.warning("telling the server our new addresses failed (%s); the next "
-                            "login carries them", exc)
-            known = now
+        try:
+            while True:
+                if heard and await events.wait(every):
+                    changed = True
+                    while await events.wait(NETWORK_SETTLE):
+                        pass  # a move is a burst of changes: look once it is over
+                else:
+                    changed = False
+                    if not heard:
+                        await asyncio.sleep(every)
+                server = self.rendezvous.server_ip or server
+                if server is None:
+                    continue
+                now = await route_ip(server, self.rendezvous.port)
+                if now is None:
+                    continue  # no route at all: nothing to move to yet
+                try:
+                    if now != known:
+                        await self._moved(known, now)
+                    elif changed:
+                        await self._maybe_moved(now)
+                except (RendezvousError, OSError) as exc:
+                    log.warning("telling the server our new addresses failed (%s); the "
+                                "next login carries them", exc)
+                known = now
+        finally:
+            events.close()
 
-    async def _moved(self, old: str | None, new: str) -> None:
-        """The host now reaches the server from `new`. The server session bound to the old
-        address is dead (nothing sent from an address the host lost arrives) though only
-        its 45 s keepalive timeout would say so, and the server would push our mail into
-        it meanwhile; our NAT, and with it what FINGER and our DHT records should say, may
-        have changed too. So: find out what the new network is (STUN), log in again at
-        once from it with the new hints, and announce what we hold with the new
-        addresses."""
+    async def _look(self) -> Reachability:
         rv = self.rendezvous
-        log.warning("network changed: the server is reached from %s now (was %s); "
-                    "logging in again from it", new, old)
-        self.reach = await probe(rv.host, rv.port, rv.server_info.get("stun"),
-                                 self.listen_addr[0] if self.listen_addr else "")
+        return await probe(rv.host, rv.port, rv.server_info.get("stun"),
+                           self.listen_addr[0] if self.listen_addr else "")
+
+    async def _maybe_moved(self, local: str) -> None:
+        """A link or address changed and the server is reached from `local` as before:
+        moved all the same if STUN now sees another public address."""
+        was = self.reach.mapped if self.reach else None
+        look = await self._look()
+        if was is None or look.mapped is None or look.mapped[0] == was[0]:
+            return
+        await self._moved(local, local, look, why=f"the server sees us from {look.mapped[0]} "
+                          f"now, not {was[0]}")
+
+    async def _moved(self, old: str | None, new: str, look: Reachability | None = None, *,
+                     why: str = "") -> None:
+        """The host now reaches the server from `new` (or, with `look`, from the same
+        address through another NAT). The server session of the old network is dead
+        (nothing it sends arrives) though only its 45 s keepalive timeout would say so, and
+        the server would push our mail into it meanwhile; our NAT, and with it what FINGER
+        and our DHT records should say, may have changed too. So: find out what the new
+        network is (STUN), log in again at once from it with the new hints, and announce
+        what we hold with the new addresses."""
+        rv = self.rendezvous
+        log.warning("network changed: %s; logging in again from it",
+                    why or f"the server is reached from {new} now (was {old})")
+        was = self.reach
+        self.reach = look or await self._look()
+        if self.reach.mapped is None and was is not None and was.mapped is not None:
+            # STUN answered before and not now (the new network is still coming up): a NAT
+            # we can't see is likelier than none, so keep what we knew of it.
+            self.reach = replace(self.reach, nat=was.nat)
         self._advertised = self._advertise()
-        if not rv.moved(new, self._advertised) and rv.connected:
+        if not rv.moved(new, self._advertised, force=look is not None) and rv.connected:
             await rv.advertise(self._advertised)  # the session survived: update it
         again = self.providers.readdress(self.direct_addresses())
         log.info("now advertising %s (%s); %d content%s announced again",

@@ -7,8 +7,9 @@
 10.3.0.0/24, an endpoint-independent NAT). `move(host)` does what a laptop's Wi-Fi does
 when it changes network: the old interface goes away with its address (sockets bound to
 it stay open but nothing they send arrives anywhere), and a new interface comes up with
-an address on the other network and a default route through its router. Processes keep
-running; they only see the network change under them.
+an address on the other network (or, with `keep_address`, the one it had) and a default
+route through its router. Processes keep running; they only see the network change under
+them.
 """
 
 from __future__ import annotations
@@ -48,24 +49,26 @@ class RoamLab(NatLab):
         self._wire(HOTSPOT, "wan", HOTSPOT, [f"{HOTSPOT_WAN}/24"])
         self._sysctl(HOTSPOT, "net.ipv4.ip_forward=1")
 
-    def move(self, host: str) -> str:
+    def move(self, host: str, *, keep_address: bool = False) -> str:
         """Take `host` off its home network and onto the hotspot; its new address.
 
         The old veth is deleted (the address with it); a new one joins the hotspot's LAN.
-        The hotspot's NAT rules name the host's new address."""
+        With `keep_address` the hotspot's LAN is numbered as the home's was and the host
+        gets the very address it had (two routers that both hand out 192.168.1.2): only
+        the NAT, and the public address the server sees, change."""
         if host not in ("h1", "h2") or self.moved:
             raise ValueError(f"{host} can't move: one home host moves, once, per lab")
-        addr = f"{HOTSPOT_LAN}.2"
+        lan = f"10.{host[1]}.0" if keep_address else HOTSPOT_LAN  # h1's home is 10.1.0.0/24
+        addr = f"{lan}.2"
         self._ip("link", "del", "eth0", ns=host)
         self._ip("link", "add", "eth1", "type", "veth", "peer", "name", "lan",
                  "netns", self.ns(HOTSPOT), ns=host)
-        self._ip("addr", "add", f"{HOTSPOT_LAN}.1/24", "dev", "lan", ns=HOTSPOT)
+        self._ip("addr", "add", f"{lan}.1/24", "dev", "lan", ns=HOTSPOT)
         self._ip("link", "set", "lan", "up", ns=HOTSPOT)
         self._cmd(["ip", "netns", "exec", self.ns(HOTSPOT), "nft", "-f", "-"],
                   stdin=_nat_rules(self.modes[HOTSPOT], addr))
         self._ip("addr", "add", f"{addr}/24", "dev", "eth1", ns=host)
         self._ip("link", "set", "eth1", "up", ns=host)
-        self._ip("route", "add", "default", "via", f"{HOTSPOT_LAN}.1", ns=host)
+        self._ip("route", "add", "default", "via", f"{lan}.1", ns=host)
         self.moved[host] = addr
         return addr
-
