@@ -8,7 +8,6 @@ nothing half-sent: no server copy, no outbox row.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -226,8 +225,9 @@ class MailSender:
         finally:
             if not describing.done():  # a recipient was refused
                 describing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await describing
+                # Not `await describing` under suppress(CancelledError): that would also
+                # swallow a cancel of this task arriving meanwhile.
+                await asyncio.wait([describing])
         if isinstance(named, BaseException):  # either one's error, as it was raised before
             raise named
         if isinstance(described, BaseException):

@@ -115,3 +115,28 @@ async def test_a_refused_address_is_the_error_and_nothing_is_left(
     pinned = Contacts(db)
     assert pinned.trusted_keys("bob@a.test") == {KEYS["bob@a.test"]}
     assert not pinned.trusted_keys("dave@a.test")
+
+
+async def test_a_cancel_while_the_description_winds_down_is_not_lost(
+        db: NodeDB, store: ContentStore, clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused address cancels the description; a cancel of the send itself (the node
+    stopping) that lands while the description winds down ends the send as cancelled, not
+    as the refusal: it was swallowed with the description's own cancel."""
+    winding_down = asyncio.Event()
+
+    async def describe(path: Path) -> Any:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            winding_down.set()
+            await asyncio.sleep(0.2)  # its cleanup (PyAV closing the file)
+
+    monkeypatch.setattr(outgoing, "describe", describe)
+    server = _Server(lambda: True, unknown=frozenset({"carol@a.test"}))
+    sending = asyncio.create_task(_sender(db, store, server).send(clip, ["carol@a.test"],
+                                                                   "t", ""))
+    async with asyncio.timeout(10):
+        await winding_down.wait()
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
