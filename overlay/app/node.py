@@ -43,6 +43,7 @@ from overlay.mail.db import NodeDB, RecordsError
 from overlay.mail.delivery import Delivery, Receipts
 from overlay.mail.downloads import DownloadQueue
 from overlay.mail.inbox import DEFAULT_MAX_ENTRIES, Inbox, InboxEntry
+from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail, Outcome, Pushed
 from overlay.mail.outbox import Outbox
 from overlay.mail.outgoing import MailSender
@@ -66,6 +67,7 @@ FIRST_LOGIN_BACKOFF = Backoff(1.0, 60.0)  # waiting for the server at start: 1 s
 DHT_REJOIN_TIMEOUT = 10.0  # pinging a new server's DHT node and a lookup of our own id
 NETWORK_CHECK = 2.0  # seconds between looks at which local address reaches the server
 NETWORK_SETTLE = 0.3  # quiet after a reported network change before looking
+MOVE_RETRY_WINDOW = 15.0  # seconds after a move in which a download it cut restarts at once
 
 
 @dataclass
@@ -403,10 +405,37 @@ class Node:
         if not rv.moved(new, self._advertised, force=look is not None) and rv.connected:
             await rv.advertise(self._advertised)  # the session survived: update it
         again = self.providers.readdress(self.direct_addresses())
+        if not self._following.closed:
+            self._following.spawn(self._restart_cut_downloads(), name="after-move")
         log.info("now advertising %s (%s); %d content%s announced again",
                  ", ".join(self._advertised["addrs"]) or "no direct address",
                  "behind NAT" if self._advertised["nat"] else "directly reachable",
                  again, "" if again == 1 else "s")
+
+    async def _restart_cut_downloads(self) -> None:
+        """Downloads running when the host moved fail in the next seconds (a source that
+        fell silent is judged stalled after ~2.6 s) and would then wait out the queue's
+        retry backoff (1-5 s) though the network is back: each starts again at once,
+        one time per move."""
+        waiting = {mid for mid in self.downloads.active
+                   if (e := self.inbox.get(mid)) is not None
+                   and e.state is InboxState.DOWNLOADING}
+        loop = asyncio.get_running_loop()
+        end = loop.time() + MOVE_RETRY_WINDOW
+        while waiting and (left := end - loop.time()) > 0:
+            changed = self.downloads.changed()
+            for mid in list(waiting):
+                entry = self.inbox.get(mid)
+                if entry is not None and entry.state is InboxState.DOWNLOADING:
+                    continue
+                waiting.discard(mid)
+                if entry is not None and entry.state is InboxState.RETRYING:
+                    log.info("message %s: the network changed under its download; "
+                             "trying again now", mid.hex())
+                    self.downloads.request(mid)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await changed.wait()
 
     def _pin_server_key(self) -> None:
         """A config from before keys were pinned: pin the key this first session showed."""

@@ -117,12 +117,15 @@ def _recipient_state(net: LabNetwork, sender: NodeHandle, mid: str, to: NodeHand
 def test_download_resumes_within_seconds_when_the_receiver_changes_network(
         roam_net: LabNetwork, tmp_path: Path) -> None:
     """A NATed sender is reached through the server (the TCP punch is signalled over it),
-    so the download can go on only once the receiver's session is back."""
+    so the download can go on only once the receiver's session is back; and only once it
+    is tried again, which the queue's retry backoff would delay."""
     net = roam_net
     lab = net.lab
     assert isinstance(lab, RoamLab)
     alice = net.add_node("alice", "h2", extra=["--max-upload-rate", str(RATE)])
-    bob = net.add_node("bob", "h1")
+    # A download that fails waits 24-30 s before it is tried again: one cut by the move
+    # must not (it is tried again at once, the network being back).
+    bob = net.add_node("bob", "h1", extra=["--retry-base", "30"])
     net.start_node(alice)
     net.start_node(bob)
     clip = _file(tmp_path, "clip.bin", SIZE)
