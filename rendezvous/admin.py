@@ -237,6 +237,18 @@ def integrity_problem(db: Path) -> str | None:
     return None if result == "ok" else " ".join(result.split())
 
 
+def damaged_text(path: Path, problem: str, *, kept: str) -> str:
+    """What to do about a node's SQLite file `path` that SQLite finds damaged (a disk
+    error, a bad copy): restore a backup, or move it and its journal aside; `kept` says
+    what stays and what starts over then."""
+    problem = " ".join(problem.replace("*** in database main ***", "").split())
+    aside = path.parent / "damaged"
+    return (f"{path} is damaged ({problem}); the node does not start with it. Restore it "
+            "from a backup (`peerpost restore DEST` of one `peerpost backup` made), or move "
+            f"it aside with its journal (`mkdir -p {aside} && mv {path}* {aside}/`) to start "
+            f"with an empty one: {kept}")
+
+
 def check_backup(src: Path) -> None:
     """Refuse a folder that is not a backup: no database, or one SQLite finds damaged."""
     db = src / DB_NAME

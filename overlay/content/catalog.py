@@ -105,14 +105,11 @@ def _unpack_leaves(blob: bytes, count: int) -> tuple[bytes, ...]:
 
 def _damaged(path: Path, problem: str) -> str:
     """What to do about a content store SQLite cannot read (a disk error, a bad copy)."""
-    problem = " ".join(problem.replace("*** in database main ***", "").split())
-    aside = path.parent / "damaged"
-    return (f"{path} is damaged ({problem}); the node does not start with it. Restore it "
-            "from a backup (`peerpost restore DEST` of one `peerpost backup` made), or move "
-            f"it aside with its journal (`mkdir -p {aside} && mv {path}* {aside}/`) to start "
-            "with an empty one: received files stay where they are, but unfinished downloads "
-            "start over and files you sent are served again only once you `peerpost resend` "
-            "them")
+    from rendezvous.admin import damaged_text  # 45 ms of imports, rarely needed
+
+    return damaged_text(path, problem, kept=(
+        "received files stay where they are, but unfinished downloads start over and files "
+        "you sent are served again only once you `peerpost resend` them"))
 
 
 def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,
