@@ -106,6 +106,7 @@ from rendezvous.records import (
     normalized_address,
     raw_map,
 )
+from rendezvous.taskset import wait_ended
 from rendezvous.tls import client_context, peer_binding
 
 log = logging.getLogger("rendezvous.client")
@@ -308,10 +309,11 @@ class RendezvousClient:
         if self._closed:
             return
         self._closed = True
+        cancelled = None
         if self._supervisor is not None:
             self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+            # A cancel of our caller meanwhile is raised once closed, not swallowed.
+            cancelled = await wait_ended([self._supervisor])
         proto, self._proto = self._proto, None
         self._connected.clear()
         if proto is not None and proto.transport is not None:
@@ -321,6 +323,8 @@ class RendezvousClient:
                     await asyncio.wait_for(fut, min(1.0, self.request_timeout))
             proto.transport.close()
         self._push_ready.set()
+        if cancelled is not None:
+            raise cancelled
 
     async def __aenter__(self) -> RendezvousClient:
         await self.start()
