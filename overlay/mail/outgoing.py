@@ -228,6 +228,10 @@ class MailSender:
                 # Not `await describing` under suppress(CancelledError): that would also
                 # swallow a cancel of this task arriving meanwhile.
                 await asyncio.wait([describing])
+                if not describing.cancelled():
+                    # A cancelled gather ends with CancelledError set as its exception:
+                    # retrieved here, or asyncio logs it as never retrieved.
+                    describing.exception()
         if isinstance(named, BaseException):  # either one's error, as it was raised before
             raise named
         if isinstance(described, BaseException):
