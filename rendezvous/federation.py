@@ -61,7 +61,7 @@ from rendezvous.logfmt import kv
 from rendezvous.messages import Challenge, Finger, Pipe, Relay, Reply, Request, Send, SendItem
 from rendezvous.status import Status
 from rendezvous.store import OutboundRow, Store
-from rendezvous.taskset import TaskSet
+from rendezvous.taskset import TaskSet, raise_if_cancelled
 from rendezvous.tls import client_context, peer_binding
 
 log = logging.getLogger("rendezvous.federation")
@@ -250,17 +250,6 @@ class LinkClient:
                 await asyncio.wait_for(w.wait_closed(), 1.0)
 
 
-def _stop_if_cancelled() -> None:
-    """Raise CancelledError if the running task was cancelled although no await raised
-    it: dnspython's resolver waits with asyncio.wait_for, which in Python 3.11 returns the
-    answer instead when it arrives in the loop iteration that cancels the caller. The
-    outbound worker cancelled by `aclose()` then went on retrying a domain that was down,
-    and `serve` never finished stopping."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 class Federation:
     """The outbound queue worker and the links of one server (see the module doc)."""
 
@@ -342,7 +331,7 @@ class Federation:
         attempt = 0
         try:
             while True:
-                _stop_if_cancelled()
+                raise_if_cancelled()
                 self._again.discard(domain)
                 rows = await self.store.outbound_due(domain, 0, _PAGE)
                 if not rows:
@@ -353,7 +342,7 @@ class Federation:
                     await self._forward(domain, rows)
                     attempt = 0
                 except LinkRefused as exc:
-                    _stop_if_cancelled()
+                    raise_if_cancelled()
                     await self._bounce_refused(domain, rows, exc)
                     attempt = 0
                 except RemotePacing as exc:
@@ -364,7 +353,7 @@ class Federation:
                                 reply=str(exc)))
                     await asyncio.sleep(PACE_DELAY)
                 except LinkError as exc:
-                    _stop_if_cancelled()
+                    raise_if_cancelled()
                     attempt += 1
                     self.link_failures += 1
                     text = f"{domain} unreachable: {exc}"

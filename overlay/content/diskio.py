@@ -79,11 +79,10 @@ class ScratchBuffers:
     def take(self, n: int) -> bytearray:
         """A buffer of at least `n` bytes that no other thread holds (stale contents)."""
         with self._lock:
-            fits = [b for b in self._bufs if len(b) >= n]
+            # By position: list.remove would look buffers up by their contents.
+            fits = [i for i, b in enumerate(self._bufs) if len(b) >= n]
             if fits:
-                buf = min(fits, key=len)
-                self._bufs.remove(buf)
-                return buf
+                return self._bufs.pop(min(fits, key=lambda i: len(self._bufs[i])))
         return bytearray(n)
 
     def give(self, buf: bytearray) -> None:
@@ -92,13 +91,10 @@ class ScratchBuffers:
             if len(self._bufs) < self._limit:
                 self._bufs.append(buf)
                 return
-            smallest = min(self._bufs, key=len)
-            if len(smallest) < len(buf):
-                self._bufs.remove(smallest)
-                self._bufs.append(buf)
+            smallest = min(range(len(self._bufs)), key=lambda i: len(self._bufs[i]))
+            if len(self._bufs[smallest]) < len(buf):
+                self._bufs[smallest] = buf
 
-    def __len__(self) -> int:
-        return len(self._bufs)
 
 
 def read_exactly(fd: int, view: memoryview, offset: int) -> None:
