@@ -44,6 +44,8 @@
   the server starting from another address). A session whose socket has the old address
   is dropped and a new one made at once, carrying `advertise`; without it only the
   keepalive timeout ended it, and the server pushed mail into it for those 45 s.
+- `relogin(why)`: the same at once whatever the session's address (the host woke from
+  sleep: the keepalive's clock stood still while it slept).
 - `server_info`: the UDP ports of the server's extra services from the last CHALLENGE,
   e.g. `{"stun": 3478, "dht": 4000}`; a key is absent when the server doesn't run it.
 - `Envelope` (`rendezvous.records`): message_id, sender, recipient, device, priority, blob,
@@ -380,6 +382,18 @@ class RendezvousClient:
         proto.transport.abort()
         self._retry_now.set()
         return True
+
+    def relogin(self, why: str) -> None:
+        """Drop the session, whatever state it seems to be in, and log in again at once.
+
+        For when its silence proves nothing: the host slept (CLOCK_MONOTONIC, which the
+        keepalive counts in, stood still), so the server may have closed the session and
+        the NAT forgotten it minutes ago while the keepalive thinks no time passed."""
+        proto = self._proto
+        if proto is not None and proto.transport is not None:
+            log.info(kv("client.relogin", address=self.address, text=why))
+            proto.transport.abort()
+        self._retry_now.set()
 
     async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait for an authenticated session; TimeoutError (RequestTimeoutError) if none."""

@@ -212,7 +212,10 @@ class SimNode:
         return replace(self.options or NodeOptions(),
                        webrtc_endpoint=lambda pipe, settings: SimWebRtcEndpoint(
                            pipe, settings, rng=rng),
-                       punch_socket=punch_socket)
+                       punch_socket=punch_socket,
+                       # A simulated host never sleeps; the real one's suspend must not
+                       # reach into a run (overlay.transports.wake).
+                       asleep=lambda: 0.0)
 
     async def _run(self, started: asyncio.Future[Node], stop: asyncio.Event) -> None:
         from overlay.app.home import NodeHome

@@ -52,6 +52,7 @@ from overlay.mail.receipts import Receipt
 from overlay.transfer.server import TransferServer
 from overlay.transports.netwatch import NetworkEvents
 from overlay.transports.reachability import Reachability, probe, route_ip
+from overlay.transports.wake import SleepWatch, time_asleep
 from overlay.transports.webrtc import WebRtcEndpoint
 from rendezvous.backoff import Backoff
 from rendezvous.client import RendezvousClient
@@ -67,6 +68,7 @@ FIRST_LOGIN_BACKOFF = Backoff(1.0, 60.0)  # waiting for the server at start: 1 s
 DHT_REJOIN_TIMEOUT = 10.0  # pinging a new server's DHT node and a lookup of our own id
 NETWORK_CHECK = 2.0  # seconds between looks at which local address reaches the server
 NETWORK_SETTLE = 0.3  # quiet after a reported network change before looking
+WAKE_CHECK = 1.0  # seconds between looks at whether the host slept (two clock reads)
 MOVE_RETRY_WINDOW = 15.0  # seconds after a move in which a download it cut restarts at once
 
 
@@ -94,6 +96,9 @@ class NodeOptions:
     on_message: str | None = None  # command run on arrival/completion; None: the config's
     desktop_notify: bool = True  # notify-send where it is installed
     network_check: float = NETWORK_CHECK  # seconds between route looks (_watch_network); 0: off
+    # Seconds the host has spent suspended since boot (overlay.transports.wake); a test
+    # passes its own to put the host to sleep.
+    asleep: Callable[[], float] = time_asleep
 
 
 class _NotifyingIncoming(IncomingMail):
@@ -192,6 +197,7 @@ class Node:
         self.web_url = await self._start_web(ops)
 
         await self.delivery.retention()  # finish what a crash interrupted
+        self._sleep = SleepWatch(self.options.asleep)  # a sleep from now on is a wake
         self._tg = await st.enter_async_context(asyncio.TaskGroup())
         self._running = [
             self._tg.create_task(self.delivery.pushes(), name="pushes"),
@@ -332,39 +338,47 @@ class Node:
         reaches the server (no packet is sent); when that changed, move with it
         (`_moved`). A reported change that left that address as it was (the new network
         handed out the same private address) is checked with STUN: a public address other
-        than the one STUN showed before is a move too."""
+        than the one STUN showed before is a move too. Every `WAKE_CHECK` seconds it also
+        looks whether the host slept meanwhile (`_woke`)."""
         every = self.options.network_check
         if every <= 0:
             return
         events = NetworkEvents()
         heard = events.start()
+        tick = min(every, WAKE_CHECK)
+        loop = asyncio.get_running_loop()
+        look_at = loop.time() + every
         known = self.reach.local_ip if self.reach else None
         server = self.rendezvous.server_ip  # an address: a host name would be looked up
         try:
             while True:
-                if heard and await events.wait(every):
+                if heard and await events.wait(tick):
                     changed = True
                     while await events.wait(NETWORK_SETTLE):
                         pass  # a move is a burst of changes: look once it is over
                 else:
                     changed = False
                     if not heard:
-                        await asyncio.sleep(every)
-                server = self.rendezvous.server_ip or server
-                if server is None:
+                        await asyncio.sleep(tick)
+                slept = self._sleep.slept()
+                if not (changed or slept) and loop.time() < look_at:
                     continue
-                now = await route_ip(server, self.rendezvous.port)
-                if now is None:
-                    continue  # no route at all: nothing to move to yet
+                look_at = loop.time() + every
+                server = self.rendezvous.server_ip or server
+                now = await route_ip(server, self.rendezvous.port) if server else None
                 try:
-                    if now != known:
+                    if slept:  # whether or not the network is back yet
+                        await self._woke(slept)
+                    elif now is None:
+                        continue  # no route at all: nothing to move to yet
+                    elif now != known:
                         await self._moved(known, now)
                     elif changed:
                         await self._maybe_moved(now)
                 except (RendezvousError, OSError) as exc:
                     log.warning("telling the server our new addresses failed (%s); the "
                                 "next login carries them", exc)
-                known = now
+                known = now or known
         finally:
             events.close()
 
@@ -395,6 +409,30 @@ class Node:
         rv = self.rendezvous
         log.warning("network changed: %s; logging in again from it",
                     why or f"the server is reached from {new} now (was {old})")
+        await self._look_again(look)
+        if not rv.moved(new, self._advertised, force=look is not None) and rv.connected:
+            await rv.advertise(self._advertised)  # the session survived: update it
+        self._after_move(self.providers.readdress(self.direct_addresses()))
+
+    async def _woke(self, slept: float) -> None:
+        """The host slept `slept` seconds (a laptop's lid was closed). asyncio's clock
+        stood still meanwhile, so the keepalive holds the session for as fresh as before,
+        though the server may have closed it and the NAT forgotten it long ago: mail would
+        wait for the next PING to fail (20 to 45 s). And the DHT's republishing stood
+        still too. So: log in again at once, then look at the network (it may be another
+        one now) and announce all we hold again."""
+        rv = self.rendezvous
+        log.warning("woke after %.0f s asleep; logging in again", slept)
+        rv.relogin(f"woke after {slept:.0f} s asleep")
+        was = self._advertised
+        await self._look_again()
+        if self._advertised != was:
+            await rv.advertise(self._advertised)  # after the new login, which carried `was`
+        again = self.providers.readdress(self.direct_addresses())
+        self._after_move(again or self.providers.announce_again())
+
+    async def _look_again(self, look: Reachability | None = None) -> None:
+        """Take `look` (else ask STUN now) as what the network is, and what to advertise."""
         was = self.reach
         self.reach = look or await self._look()
         if self.reach.mapped is None and was is not None and was.mapped is not None:
@@ -402,9 +440,9 @@ class Node:
             # we can't see is likelier than none, so keep what we knew of it.
             self.reach = replace(self.reach, nat=was.nat)
         self._advertised = self._advertise()
-        if not rv.moved(new, self._advertised, force=look is not None) and rv.connected:
-            await rv.advertise(self._advertised)  # the session survived: update it
-        again = self.providers.readdress(self.direct_addresses())
+
+    def _after_move(self, again: int) -> None:
+        """Restart the downloads the change cuts; say what we advertise now."""
         if not self._following.closed:
             self._following.spawn(self._restart_cut_downloads(), name="after-move")
         log.info("now advertising %s (%s); %d content%s announced again",
@@ -497,9 +535,12 @@ class Node:
         return {"id": (await self.sender.send(path, to, title, note)).hex()}
 
 
-def run_node(home: NodeHome, args: argparse.Namespace) -> int:
-    """`peerpost node`: run until SIGTERM/SIGINT; print `ready ...` once serving."""
-    opts = NodeOptions(max_upload_rate=args.max_upload_rate)
+def run_node(home: NodeHome, args: argparse.Namespace, *,
+             options: NodeOptions | None = None) -> int:
+    """`peerpost node`: run until SIGTERM/SIGINT; print `ready ...` once serving. The
+    command line's settings go into `options` (a test's clocks), else into defaults."""
+    opts = options or NodeOptions()
+    opts.max_upload_rate = args.max_upload_rate
     if args.retry_base is not None:
         opts.retry_base = args.retry_base
     if args.retry_max is not None:

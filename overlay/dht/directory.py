@@ -80,6 +80,14 @@ class ProviderDirectory:
         if addresses == self.addresses:
             return 0
         self.addresses = list(addresses)
+        return self.announce_again()
+
+    def announce_again(self) -> int:
+        """Announce every content again now (the host woke from sleep: the DHT's
+        republishing waits on asyncio's clock, which stood still, so our records may have
+        expired at the nodes that stored them). Returns how many are announced again."""
+        if not self.addresses:
+            return 0  # nothing to announce with (yet): what was announced stays listed
         again = list(self._announced)
         self._announced.clear()
         for content_id in again:

@@ -259,6 +259,17 @@ class NatLab:
                               capture_output=True, text=True, timeout=timeout, check=False)
 
 
+    def forget_mappings(self, router: str) -> None:
+        """Flush `router`'s conntrack table; segments of the forgotten flows are then
+        dropped in both directions (no loose pickup, invalid state dropped), as a NAT that
+        lost its mappings does. Neither end hears anything; new flows go through."""
+        for argv in (["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"],
+                     ["nft", "insert", "rule", "inet", "filter", "forward", "ct", "state",
+                      "invalid", "drop"],
+                     ["conntrack", "-F"]):
+            self._cmd(["ip", "netns", "exec", self.ns(router), *argv])
+
+
 def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> str:
     """The next stdout line of `proc` within `timeout` s; LabError if it exits or is silent."""
     out: IO[bytes] | None = proc.stdout

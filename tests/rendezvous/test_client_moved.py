@@ -40,3 +40,16 @@ async def test_a_session_that_uses_the_new_address_is_kept(server: RendezvousSer
         (dev,) = (await rc.finger(ALICE)).devices
         assert dev.advertise == HOME  # only the next login carries the new hints
         assert rc.reconnects == 0 and rc.connected
+
+
+async def test_relogin_replaces_a_session_that_seems_fine_at_once(
+        server: RendezvousServer) -> None:
+    """The host woke from sleep: the session's socket still has the host's address and
+    its keepalive saw no silence (its clock stood still), yet it is replaced at once."""
+    async with _client(server) as rc:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        rc.relogin("woke after 600 s asleep")
+        (dev,) = (await rc.finger(ALICE)).devices
+        assert dev.online
+        assert rc.reconnects == 1 and loop.time() - began < 2.0
