@@ -10,8 +10,10 @@
   and text from the server). With `reconnect=True` a background task notices a lost
   connection and reconnects with exponential backoff and jitter (up to `max_backoff`
   seconds), authenticating again each time; the server then flushes the queue again, so
-  a push can repeat across sessions until it is REMOVEd (dedupe by message id). If the
-  server refuses a re-authentication, reconnecting stops and requests raise that error.
+  a push can repeat across sessions until it is REMOVEd (dedupe by message id). Each new
+  login names the session before it (`replaces`), which the server ends at once if it
+  still holds it (it may not have noticed the loss). If the server refuses a
+  re-authentication, reconnecting stops and requests raise that error.
   With `alternates` (an async function returning the domain's servers, e.g. from its SRV
   records) a reconnect that cannot reach the current server tries the others at once, in
   the order given, skipping one that does not prove `server_key`; `on_failover(host,
@@ -275,6 +277,9 @@ class RendezvousClient:
         self._supervisor: asyncio.Task[None] | None = None
         self._fatal: RendezvousError | None = None
         self._retry_now = asyncio.Event()  # cuts the reconnect backoff short (retry_now)
+        # The cnonce of the last session: a login after it was lost asks the server to end
+        # it (its side may not know yet; rendezvous.messages `replaces`).
+        self._last_session: bytes | None = None
         self._closed = False
         self._services: dict[str, int] = {}
         self.reconnects = 0
@@ -379,8 +384,7 @@ class RendezvousClient:
                 self._retry_now.set()  # reconnecting: don't wait out the backoff
             return False
         log.info(kv("client.moved", address=self.address, old=self.local_ip, new=route_ip))
-        proto.transport.abort()
-        self._retry_now.set()
+        self._drop(proto)
         return True
 
     def relogin(self, why: str) -> None:
@@ -392,7 +396,15 @@ class RendezvousClient:
         proto = self._proto
         if proto is not None and proto.transport is not None:
             log.info(kv("client.relogin", address=self.address, text=why))
+            self._drop(proto)
+        self._retry_now.set()
+
+    def _drop(self, proto: _ClientProtocol) -> None:
+        """End `proto`'s session now and reconnect at once; not `connected` from here on
+        (connection_lost, which would say so, comes a loop turn later)."""
+        if proto.transport is not None:
             proto.transport.abort()
+        self._connected.clear()
         self._retry_now.set()
 
     async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
@@ -439,7 +451,8 @@ class RendezvousClient:
                     0, f"server is for domain {challenge.domain}, expected {self.domain}")
             rid = proto.core.authorize(self.identity, self.address, invite=self.invite,
                                        register=self.register, advertise=self._advertise,
-                                       vouch=self.vouch if self.register else None)
+                                       vouch=self.vouch if self.register else None,
+                                       replaces=self._last_session)
             fut: asyncio.Future[Reply] = loop.create_future()
             proto.pending[rid] = fut
             proto.flush()
@@ -461,6 +474,7 @@ class RendezvousClient:
         if self.server_key is None:
             self.server_key = proto.core.server_key_seen  # trusted on first use
         self._proto = proto
+        self._last_session = proto.core.client_nonce  # what the next login replaces
         self._services = challenge.services()
         self._connected.set()
         log.info(kv("client.connected", address=self.address, server=f"{self.host}:{self.port}"))

@@ -107,6 +107,7 @@ class ClientConnection:
         self._new_nonce = new_nonce or (lambda: os.urandom(NONCE_LEN))
         # (challenge answered, client nonce, our device key) of the AUTHORIZATION in flight
         self._answered: tuple[Challenge, bytes, bytes] | None = None
+        self.client_nonce = b""  # of our AUTHORIZATION: names this session to the server
         self.state = ClientState.AWAITING_CHALLENGE
         self.challenge: Challenge | None = None
         self._decoder = FrameDecoder(max_frame)
@@ -122,7 +123,8 @@ class ClientConnection:
 
     def authorize(self, identity: DeviceIdentity, address: str, *, invite: str | None = None,
                   register: bool = False, advertise: dict[str, Any] | None = None,
-                  relay: bool = False, vouch: bytes | None = None) -> int:
+                  relay: bool = False, vouch: bytes | None = None,
+                  replaces: bytes | None = None) -> int:
         """Answer the current challenge; returns the request id of the AUTHORIZATION."""
         if self.state is not ClientState.CHALLENGED or self.challenge is None:
             raise LocalProtocolError(f"no challenge to answer (state {self.state.value})")
@@ -132,8 +134,9 @@ class ClientConnection:
                                    self.challenge.nonce, address, client_nonce=cnonce,
                                    binding=self.binding, invite=invite, register=register,
                                    advertise=advertise, relay=relay, vouch=vouch,
-                                   keepalive_ms=keepalive_ms)
+                                   keepalive_ms=keepalive_ms, replaces=replaces)
         self._answered = (self.challenge, cnonce, identity.public.verify_key)
+        self.client_nonce = cnonce
         self._auth_id = req.id
         self.state = ClientState.AUTHENTICATING
         self._write(req)

@@ -8,7 +8,7 @@ table; a name from the wire is never used to look anything else up.
 | tag | fields |
 |---|---|
 | AUTHORIZATION | address, verify_key (32), signature (64), cnonce (32), invite?, register?, |
-| | advertise?, relay?, vouch? (96), keepalive? (ms) |
+| | advertise?, relay?, vouch? (96), keepalive? (ms), replaces? (32) |
 | QUIT | |
 | PING | (none): the server answers OK "pong"; valid before and after authentication |
 | SEND | mid (16), prio (0..7), items: [{to, device (20), blob}], from? (link only) |
@@ -70,6 +70,14 @@ without a byte from it, so a NAT that silently dropped the mapping leaves the de
 offline (pushes queue, PIPEs are held) instead of online behind a dead connection. A
 client that announces nothing is never timed out; an old server answers PING with a 400
 "unknown verb", which proves it alive just the same.
+
+`replaces`: a client that logs in again after losing its session (it moved to another
+network, woke from sleep behind a NAT that forgot it, or its keepalive gave up) names that
+session by the cnonce of its AUTHORIZATION. The server ends that session of the same
+device at once, if it still holds it, instead of at its keepalive timeout up to 45 s
+later, meanwhile counted against `Limits.sessions_per_device` and taking pushes nobody
+reads. Only that one: another process holding the same device key keeps its session. An
+old server ignores the field.
 """
 
 from __future__ import annotations
@@ -167,13 +175,16 @@ class Authorization:
     client_nonce: bytes = b""  # NONCE_LEN fresh bytes on the wire
     vouch: bytes | None = None  # a device joining an account: crypto.vouch bytes
     keepalive_ms: int = 0  # the client PINGs after this much send silence (0: it doesn't)
+    # The cnonce of this client's previous session, which it lost (see module doc).
+    replaces: bytes | None = None
 
     @classmethod
     def signed(cls, request_id: int, identity: DeviceIdentity, domain: str, nonce: bytes,
                address: str, *, client_nonce: bytes | None = None, binding: bytes = b"",
                invite: str | None = None, register: bool = False,
                advertise: dict[str, Any] | None = None, relay: bool = False,
-               vouch: bytes | None = None, keepalive_ms: int = 0) -> Authorization:
+               vouch: bytes | None = None, keepalive_ms: int = 0,
+               replaces: bytes | None = None) -> Authorization:
         """Build the answer to a challenge, signed by `identity` (fresh `client_nonce`
         from os.urandom unless given)."""
         key = identity.public.verify_key
@@ -181,7 +192,7 @@ class Authorization:
         sig = identity.sign(AUTH_CONTEXT,
                             auth_payload(domain, nonce, cnonce, binding, address, key))
         return cls(request_id, address, key, sig, invite, register, advertise, relay, cnonce,
-                   vouch, keepalive_ms)
+                   vouch, keepalive_ms, replaces)
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"address": self.address, "verify_key": self.verify_key,
@@ -197,6 +208,8 @@ class Authorization:
             out["vouch"] = self.vouch
         if self.keepalive_ms:
             out["keepalive"] = self.keepalive_ms
+        if self.replaces is not None:
+            out["replaces"] = self.replaces
         return out
 
     @classmethod
@@ -207,7 +220,8 @@ class Authorization:
                    bool(f.bool("register", optional=True)), _advertise(f, "advertise", True),
                    bool(f.bool("relay", optional=True)), f.bytes("cnonce", size=NONCE_LEN),
                    f.bytes("vouch", size=VOUCH_LEN, optional=True),
-                   f.int("keepalive", lo=1, hi=MAX_KEEPALIVE_MS, optional=True) or 0)
+                   f.int("keepalive", lo=1, hi=MAX_KEEPALIVE_MS, optional=True) or 0,
+                   f.bytes("replaces", size=NONCE_LEN, optional=True))
 
 
 @dataclass(frozen=True, slots=True)

@@ -187,9 +187,9 @@ _DEFAULT: Final = object()  # "the DNS resolver" for RendezvousServer(resolver=.
 class _Connection(asyncio.Protocol):
     """Feeds one transport into its ServerConnection and writes what comes out."""
 
-    __slots__ = ("_drained", "_flush_scheduled", "_last_bad", "_timer", "_timer_at", "core",
-                 "flush_hi", "flushed", "loop", "peer", "read_paused", "server", "side", "splice",
-                 "transport", "write_paused")
+    __slots__ = ("_drained", "_flush_scheduled", "_last_bad", "_timer", "_timer_at",
+                 "client_nonce", "core", "flush_hi", "flushed", "loop", "peer", "read_paused",
+                 "server", "side", "splice", "transport", "write_paused")
 
     def __init__(self, server: RendezvousServer) -> None:
         self.server = server
@@ -205,6 +205,7 @@ class _Connection(asyncio.Protocol):
         # Seqs <= flush_hi pushed to this session, kept for a while when the domain has
         # several instances (their envelopes may commit after `hi` with a smaller seq).
         self.flushed: set[int] | None = None
+        self.client_nonce = b""  # of the AUTHORIZATION: the client's name for this session
         self.read_paused = False
         self.write_paused = False
         self._drained: asyncio.Future[None] | None = None
@@ -445,6 +446,7 @@ class RendezvousServer:
         self.pipes_relayed = 0
         self.pipes_held = 0
         self.sessions_refused = 0
+        self.sessions_replaced = 0  # ended at the device's new login (`_end_replaced`)
         self.slow_readers_dropped = 0
         self.links_accepted = 0
         self.links_refused = 0
@@ -570,6 +572,7 @@ class RendezvousServer:
             "pipes_relayed": self.pipes_relayed,
             "pipes_held": self.pipes_held,
             "sessions_refused": self.sessions_refused,
+            "sessions_replaced": self.sessions_replaced,
             "slow_readers_dropped": self.slow_readers_dropped,
             "unsent_bytes": self.unsent_total,
             "bad_input": self.bad_input,
@@ -679,6 +682,20 @@ class RendezvousServer:
         if lim.sessions_per_ip and n >= lim.sessions_per_ip:
             return f"{n} sessions are already open from your IP address, the limit"
         return None
+
+    def _end_replaced(self, conn: _Connection, peer_id: bytes, nonce: bytes) -> None:
+        """The device logs in again in place of its session named `nonce`, which it lost
+        (it moved, or woke from sleep behind a NAT that forgot the session): end that one
+        now, before the cap on sessions counts it. Waiting for the keepalive would keep
+        it up to 45 s, pushing into a connection nobody reads."""
+        for old in list(self._online.get(peer_id, ())):
+            if old is conn or old.client_nonce != nonce:
+                continue
+            old.core.close(f"replaced by the device's new session from {conn.peer}",
+                           abort=True)
+            old._pump()  # logs conn.close and aborts the transport
+            self._detach(old)  # at once: connection_lost comes a loop turn later
+            self.sessions_replaced += 1
 
     def _count_session(self, conn: _Connection, delta: int) -> None:
         for counts, key in ((self._account_sessions, conn.core.address or ""),
@@ -793,6 +810,8 @@ class RendezvousServer:
             return
         if core.closed:
             return
+        if req.replaces is not None and not req.relay:
+            self._end_replaced(conn, ev.peer_id, req.replaces)
         if not req.relay and (why := self._session_refusal(conn, req.address, ev.peer_id)):
             self.sessions_refused += 1
             log.info(kv("auth.refused", peer=conn.peer, address=req.address,
@@ -808,6 +827,7 @@ class RendezvousServer:
             log.debug(kv("auth.relay", peer=conn.peer, address=req.address))
             conn.after_reply()
             return
+        conn.client_nonce = req.client_nonce
         self._go_online(conn, ev.peer_id)
         conn.flush_hi = outcome.hi
         if self.bus.shared:

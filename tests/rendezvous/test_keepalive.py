@@ -452,3 +452,40 @@ async def test_a_black_holed_client_goes_offline_then_reconnects_and_gets_its_ma
                 async with asyncio.timeout(1.0):
                     await anext(pushes)  # exactly once
             assert alice.reconnects >= 1
+
+
+async def test_a_login_after_a_lost_session_ends_it_at_the_server_at_once(
+        tmp_path: Path, log_events: LogEvents) -> None:
+    """The laptop woke (or moved) behind a NAT that forgot its session: the server still
+    holds it, for up to its 45 s keepalive timeout. The new login names it and the server
+    ends it there and then, so it takes no place under the cap on sessions (one here: the
+    new login was refused with 429, which ends reconnecting) and gets no more pushes. The
+    same device key's session in another process is left alone."""
+    alice_id, bob_id = ident(63), ident(64)
+    async with tls_server(tmp_path / "srv", Limits(sessions_per_device=2)) as srv:
+        assert srv.address is not None
+        port = srv.address[1]
+        async with BlackHoleProxy(port) as proxy, \
+                RendezvousClient("127.0.0.1", proxy.port, alice_id, "alice@example.net",
+                                 register=True, tls=True, request_timeout=5.0) as laptop, \
+                RendezvousClient("127.0.0.1", port, alice_id, "alice@example.net",
+                                 tls=True) as other, \
+                RendezvousClient("127.0.0.1", port, bob_id, "bob@example.net",
+                                 register=True, tls=True) as bob:
+            assert srv.snapshot()["online_sessions"] == 3
+            pushes = laptop.pushes()
+            proxy.black_hole()  # the NAT forgets the laptop's session, silently
+            proxy.forward()  # new connections go through
+            laptop.relogin("woke after 600 s asleep")
+            await laptop.wait_connected(5.0)
+            await log_events.wait_for("replaced by the device's new session", 2.0)
+            snap = srv.snapshot()
+            assert laptop.refused is None and laptop.connected
+            assert (snap["online_sessions"], snap["sessions_replaced"]) == (3, 1)
+            assert other.connected and other.reconnects == 0
+
+            m = mid()
+            await bob.send(m, [("alice@example.net", alice_id.peer_id, b"after-wake")])
+            async with asyncio.timeout(5.0):
+                push = await anext(pushes)
+            assert isinstance(push, Deliver) and push.envelope.blob == b"after-wake"
