@@ -130,6 +130,9 @@ def test_a_laptop_that_wakes_behind_a_nat_that_forgot_it_gets_mail_at_once(
     print(f"alice's note reached bob {took:.1f} s after he woke")
     assert took < WAKE_WITHIN, f"alice's note reached bob {took:.1f} s after he woke"
     bob.proc.lines.wait_for(re.compile(r"woke after 600 s asleep"), 1, "bob's wake line")
+    assert net.server is not None  # it ended bob's dead session at his new login
+    net.server.lines.wait_for(re.compile(r"conn\.close .*replaced by the device's new "
+                                         r"session .*bob@example\.net"), 1, "the old session")
     entry = net.wait_until(
         lambda: (e := net.inbox_entry(bob, m.group(0))) and e["state"] == "complete" and e,
         30, "bob to fetch alice's note", interval=0.2)
