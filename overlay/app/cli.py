@@ -775,7 +775,7 @@ async def _wait_with_bar(home: NodeHome, entry: dict[str, Any],
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from overlay.app.control import ControlClient
-    from overlay.app.progress import MiBColumn, RateColumn
+    from overlay.app.progress import MiBColumn, RateColumn, download_rate
 
     async with ControlClient(home.control_path) as c:
         start = int(entry["progress"] * entry["size"])
@@ -791,8 +791,12 @@ async def _wait_with_bar(home: NodeHome, entry: dict[str, Any],
                 # The node answers when the state or progress changes, else after
                 # wait_ms: the end of the download is seen at once, the bar moves.
                 e = await c.call("progress", id=entry["id"], wait_ms=PROGRESS_WAIT_MS)
+                # A download resumed by this wait had its first byte in an earlier run:
+                # its first-byte-to-complete rate would count the pause.
+                done = e["state"] == "complete" and not start
                 bar.update(task, completed=int(e["progress"] * e["size"]),
-                           description=f"{_m(e['title'][:30])} \\[{e['state']}]")
+                           description=f"{_m(e['title'][:30])} \\[{e['state']}]",
+                           rate=download_rate(e) if done else None)
                 if e["state"] in ("complete", "failed"):
                     break
                 now = (e["state"], e["progress"])

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from overlay.app.lab import LabError, LocalNetwork, NodeHandle, dir_size
-from overlay.app.progress import MiBColumn, RateColumn
+from overlay.app.progress import MiBColumn, RateColumn, download_rate
 from overlay.mail.describe import MediaInfo, describe_media, make_demo_clip
 
 MiB = 1 << 20
@@ -68,7 +68,8 @@ def _wait_with_bar(net: LocalNetwork, node: NodeHandle, mid: str, size: int, con
         while time.monotonic() < deadline:
             e = net.inbox_entry(node, mid)
             if e:
-                bar.update(task, completed=int(e["progress"] * size), state=e["state"])
+                bar.update(task, completed=int(e["progress"] * size), state=e["state"],
+                           rate=download_rate(e) if e["state"] == "complete" else None)
                 if e["state"] == "complete":
                     return e
                 if e["state"] == "failed":
@@ -209,8 +210,7 @@ def _demo(root: Path, args: argparse.Namespace, console: Console) -> dict[str, A
         for node, got, start in rows:
             first = (got.get("first_byte_at") or start) - start
             done = (got.get("completed_at") or time.time()) - start
-            busy = (got.get("completed_at") or 0) - (got.get("first_byte_at") or 0)
-            rate = size / busy if busy > 0 else 0.0
+            rate = download_rate(got) or 0.0
             srcs = ", ".join(f"{names.get(s['peer'], s['peer'][:8])} via {s['path']} "
                              f"{100 * s['bytes'] / size:.0f}%"
                              for s in got["sources"] if s["bytes"])

@@ -350,3 +350,12 @@ def test_demo_json_prints_one_json_report_and_the_story_on_stderr() -> None:
         assert sum(s["bytes"] for s in r["sources"]) >= report["size"] > MiB // 2
     assert "alice" not in {s["name"] for s in report["receivers"][2]["sources"]}
     assert "peerpost demo" in res.stderr and "byte-identical" in res.stderr
+    # Each receiver's finished bar gives the rate its table row gives (first byte to
+    # complete); the bar used to count the wait before the first byte (85 against 593).
+    for r in report["receivers"]:
+        name = r["address"].split("@")[0]
+        bar = [ln for ln in res.stderr.splitlines()
+               if ln.strip().startswith(name) and "complete" in ln and "MiB/s" in ln]
+        assert bar, res.stderr[-2000:]
+        shown = float(re.search(r"([\d.]+) MiB/s", bar[-1]).group(1))  # type: ignore[union-attr]
+        assert shown == pytest.approx(r["bytes_per_s"] / MiB, abs=0.06), bar[-1]
