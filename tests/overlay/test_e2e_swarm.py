@@ -40,9 +40,11 @@ def test_offline_co_recipient_fetches_from_the_other_after_the_sender_left(
 
 def test_a_holder_killed_mid_transfer_does_not_stop_the_download(
         net: LocalNetwork, tmp_path: Path) -> None:
-    # Two holders, each capped so the transfer takes a few seconds; one is killed midway.
+    # Two holders, each capped so r2's transfer takes a few seconds; one is killed
+    # midway. Alice's cap is set once r1 has the file (`prefs set` applies at once), and
+    # lifted after the kill: r1's own download and the rest after the kill go at full speed.
     rate = str(3 * MiB)
-    alice = net.add_node("alice", extra=["--max-upload-rate", rate])
+    alice = net.add_node("alice")
     r1 = net.add_node("r1", extra=["--max-upload-rate", rate])
     r2 = net.add_node("r2")
     net.start_node(alice)
@@ -50,6 +52,7 @@ def test_a_holder_killed_mid_transfer_does_not_stop_the_download(
     src = make_file(tmp_path / "clip.bin", 24 * MiB, seed=22)
     mid = net.cli(alice, "send", str(src), "--to", f"{r1.address},{r2.address}").stdout.strip()
     net.wait_complete(r1, mid, 60, "r1's download")
+    net.cli(alice, "prefs", "set", "max-upload-rate", rate)
 
     net.start_node(r2)
 
@@ -59,6 +62,7 @@ def test_a_holder_killed_mid_transfer_does_not_stop_the_download(
             sum(1 for s in e["sources"] if s["bytes"]) == 2 else None
     net.wait_until(two_sources_busy, 60, "r2 fetching from both holders", interval=0.1)
     net.kill_node(r1)
+    net.cli(alice, "prefs", "set", "max-upload-rate", "none")
     got = net.wait_complete(r2, mid, 90, "r2's download after the kill")
     assert same_bytes(src, Path(got["path"]))
 
