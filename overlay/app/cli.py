@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("web", help="open the web inbox of the running node in the browser")
     s.add_argument("--url", action="store_true",
                    help="print the login URL instead (its token works once, for 10 minutes)")
+    s.add_argument("--sign-out", action="store_true",
+                   help="sign every browser out of this home's web inbox (a sign-in lasts "
+                        "until unused for 30 days, across restarts of the node)")
 
     s = sub.add_parser("send", help="send a file to one or more addresses; prints the message id")
     s.add_argument("file", help="the file to send (it stays where it is; peers fetch from it)")
@@ -1086,9 +1089,17 @@ async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
 
 def cmd_web(home: NodeHome, args: argparse.Namespace) -> int:
     """`peerpost web`: a one-time login URL for the running node's web inbox."""
-    from overlay.app.web.auth import issue_login_token
+    from overlay.app.web.auth import issue_login_token, sign_out_all
     from overlay.app.web.server import login_url, web_url
 
+    if args.sign_out:
+        ended = sign_out_all(home.root)
+        if args.json:
+            print(json.dumps({"signed_out": ended}))
+        else:
+            print("signed out: every browser must sign in again with `peerpost web`"
+                  if ended else "no browser was signed in")
+        return 0
     base = web_url(home.root)
     if base is None:
         raise CliError(f"no web inbox is running for {home.root}: start "

@@ -77,3 +77,36 @@ def test_only_the_owner_with_a_session_and_csrf_token_gets_in(net: LocalNetwork)
                            body)
     assert status == 200
     assert "spam@example.net" in net.cli(bob, "prefs").stdout
+
+
+def test_a_sign_in_outlives_a_restart_of_the_node_until_sign_out(net: LocalNetwork) -> None:
+    bob = net.add_node("bob", extra=["--web", "127.0.0.1:0"])
+    net.start_node(bob)
+    base = web_base(bob)
+    status, headers, _ = request(base, "GET", login_url(net, bob)[len(base):])
+    assert status == 303
+    cookie = headers["set-cookie"]
+    assert "Max-Age=2592000" in cookie  # the browser keeps it as long as the node does
+    session = cookie.split(";")[0]
+    saved = bob.home / "web_sessions"
+    assert stat.S_IMODE(os.stat(saved).st_mode) == 0o600
+    assert session.split("=", 1)[1] not in saved.read_text()  # only its hash is kept
+    _, _, page = request(base, "GET", "/", {"Cookie": session})
+    csrf = page.split(b'name="csrf-token" content="')[1].split(b'"')[0]
+
+    # A restart (same port, so the same cookie name) keeps the browser signed in, with
+    # the CSRF token its open pages carry.
+    net.stop_node(bob)
+    bob.extra = ["--web", f"127.0.0.1:{urlsplit(base).port}"]
+    net.start_node(bob)
+    assert web_base(bob) == base
+    status, _, page = request(base, "GET", "/", {"Cookie": session})
+    assert status == 200 and b"Inbox" in page
+    assert csrf in page
+    post = {"Cookie": session, "Content-Type": "application/json", "X-CSRF-Token": csrf.decode()}
+    assert request(base, "POST", "/api/prefs", post, b"{}")[0] != 403
+
+    # `web --sign-out` ends it in the running node at once.
+    assert "signed out" in net.cli(bob, "web", "--sign-out").stdout
+    assert request(base, "GET", "/", {"Cookie": session})[0] == 401
+    assert net.cli(bob, "web", "--sign-out").stdout.strip() == "no browser was signed in"

@@ -152,10 +152,15 @@ def test_the_page_says_when_the_node_is_gone(net: LocalNetwork, browser_page: An
     prefs.click("button:text-is('Save')")
     prefs.wait_for_function("document.getElementById('flash').textContent !== ''")
     assert re.match(r"Could not reach peerpost .* Nothing was changed", prefs.inner_text("#flash"))
-    # Started again (on the same port, as on 8470 by default), it has forgotten this
-    # browser's sign-in: the page says what to do.
+    # Started again (on the same port, as on 8470 by default), it still knows this
+    # browser's sign-in: the page catches up by itself and its buttons work.
     bob.extra = ["--web", urlsplit(web_base_was).netloc]
     net.start_node(bob)
+    page.wait_for_selector("#offline", state="hidden", timeout=15_000)
+    prefs.click("button:text-is('Save')")
+    prefs.wait_for_selector("#flash:has-text('Saved.')", timeout=10_000)
+    # Signed out from the command line: the open page says so and what to do.
+    net.cli(bob, "web", "--sign-out")
     page.wait_for_selector("#offline:has-text('signed out')", timeout=15_000)
     assert "peerpost web" in page.inner_text("#offline")
 

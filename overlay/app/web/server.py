@@ -28,7 +28,14 @@ from crypto.errors import DecodeError
 from crypto.location import decode_location
 from overlay.app.control import ControlError
 from overlay.app.operations import CANCELLED_TEXT, ControlOperations
-from overlay.app.web.auth import CSRF_HEADER, TOKEN_FILE, Session, WebAuth
+from overlay.app.web.auth import (
+    CSRF_HEADER,
+    SESSION_IDLE,
+    SESSIONS_FILE,
+    TOKEN_FILE,
+    Session,
+    WebAuth,
+)
 from overlay.app.web.media import Wanter, file_response, serve_partial
 from overlay.content.catalog import ContentStore
 from overlay.content.partial import PartialContent
@@ -203,7 +210,8 @@ class WebInbox:
         self.listen = listen
         self.want = want
         self.wall = wall
-        self.auth = WebAuth(self.home_root / TOKEN_FILE)
+        self.auth = WebAuth(self.home_root / TOKEN_FILE, self.home_root / SESSIONS_FILE,
+                            wall=wall)
         self.url = ""
         self._streams = 0
         self._closing = asyncio.Event()
@@ -290,8 +298,10 @@ class WebInbox:
             return notice_page("This sign-in link has expired",
                                "A link works once, within 10 minutes. " + SIGN_IN, 401)
         resp = web.HTTPSeeOther("/")
+        # Kept by the browser as long as the node keeps the session unused: closing the
+        # browser or restarting the node does not sign its owner out.
         resp.set_cookie(self.auth.cookie, session.sid, httponly=True, samesite="Strict",
-                        path="/")
+                        path="/", max_age=int(SESSION_IDLE))
         return resp
 
     # --- data --------------------------------------------------------------------------
@@ -575,7 +585,10 @@ class WebInbox:
                                                "Cache-Control": "no-store"})
             await resp.prepare(request)
             last, last_down = "", None
+            cookie = request.cookies.get(self.auth.cookie)
             while not self._closing.is_set():
+                if self.auth.session(cookie) is None:
+                    break  # signed out meanwhile: the browser's retry meets the 401
                 data = json.dumps(await self._inbox())
                 if data != last:
                     last = data

@@ -110,7 +110,7 @@ const LOST = "Lost contact with peerpost on this computer. Is it still running? 
   + "This page catches up by itself once it is back.";
 const UNREACHED = "Could not reach peerpost on this computer: is it still running? "
   + "Nothing was changed.";
-const SIGNED_OUT = "This page is signed out (peerpost was restarted). "
+const SIGNED_OUT = "This page is signed out (30 days unused, or `peerpost web --sign-out`). "
   + "Open the inbox again with `peerpost web` on this computer.";
 
 function banner(text) {
@@ -137,7 +137,7 @@ function listen() {
   events.addEventListener("error", async () => {
     banner(LOST);
     if (events.readyState !== EventSource.CLOSED) return; // the browser tries again
-    // Refused rather than unreachable: a node restarted forgets its sessions.
+    // Refused rather than unreachable: signed out (`peerpost web --sign-out`, or unused).
     try {
       const res = await fetch("/api/inbox", { credentials: "same-origin" });
       if (res.status === 401) { banner(SIGNED_OUT); return; }
