@@ -100,6 +100,7 @@ def test_delivery_to_two_receivers_one_offline(net: LocalNetwork, tmp_path: Path
 def test_resume_after_kill_9_refetches_nothing_verified(net: LocalNetwork, tmp_path: Path) -> None:
     alice, bob, src, mid = mid_transfer(net, tmp_path, size=40 * MiB, rate=8 * MiB, seed=2)
     net.kill_node(bob)
+    net.cli(alice, "prefs", "set", "max-upload-rate", "none")  # the cap caught it midway
     net.start_node(bob)
     got = net.wait_complete(bob, mid, 120, "the resumed download")
     assert same_bytes(src, Path(got["path"]))
@@ -138,6 +139,7 @@ def test_bytes_fetched_before_a_retry_still_show_in_sources(net: LocalNetwork,
     assert before >= 0.2 * src.stat().st_size, e["sources"]
     assert all(s["rate"] == 0 for s in e["sources"]), e["sources"]
 
+    alice.extra = []  # back uncapped: the cap was there to stop her midway
     net.start_node(alice)
     got = net.wait_complete(bob, mid, 120, "completion after the sender returns")
     assert same_bytes(src, Path(got["path"]))
@@ -242,6 +244,7 @@ def test_a_receipt_the_server_missed_is_sent_when_it_can_be(net: LocalNetwork,
                                         lo=0.0, hi=1.01)  # started; it may even be done
     assert net.server is not None
     net.server.stop()
+    net.cli(alice, "prefs", "set", "max-upload-rate", "none")  # the rest at full speed
 
     e = net.wait_complete(bob, mid, 60, "bob's download, server down")
     assert same_bytes(Path(e["path"]), src)
