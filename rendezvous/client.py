@@ -13,7 +13,8 @@
   a push can repeat across sessions until it is REMOVEd (dedupe by message id). Each new
   login names the session before it (`replaces`), which the server ends at once if it
   still holds it (it may not have noticed the loss). If the server refuses a
-  re-authentication, reconnecting stops and requests raise that error.
+  re-authentication, reconnecting stops and requests raise that error; a 429 (over a cap
+  on live sessions) is tried again after the backoff instead, as a session may end.
   With `alternates` (an async function returning the domain's servers, e.g. from its SRV
   records) a reconnect that cannot reach the current server tries the others at once, in
   the order given, skipping one that does not prove `server_key`; `on_failover(host,
@@ -110,6 +111,7 @@ from rendezvous.records import (
     normalized_address,
     raw_map,
 )
+from rendezvous.status import Status
 from rendezvous.taskset import wait_ended
 from rendezvous.tls import client_context, peer_binding
 
@@ -498,6 +500,12 @@ class RendezvousClient:
             try:
                 await self._connect_any()
             except AuthenticationError as exc:
+                if exc.status == Status.RATE_LIMITED:
+                    # Over a cap on live sessions (the device's, the account's, the IP's):
+                    # one of them ends sooner or later; try again after the backoff.
+                    log.info(kv("client.reconnect_failed", address=self.address,
+                                text=exc.text, attempt=attempt))
+                    continue
                 log.warning(kv("client.reauth_refused", address=self.address, text=exc.text))
                 self._fatal = exc
                 self._connected.set()  # wake waiters so they see the error

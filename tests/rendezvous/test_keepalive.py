@@ -489,3 +489,31 @@ async def test_a_login_after_a_lost_session_ends_it_at_the_server_at_once(
             async with asyncio.timeout(5.0):
                 push = await anext(pushes)
             assert isinstance(push, Deliver) and push.envelope.blob == b"after-wake"
+
+
+async def test_a_relogin_over_the_session_cap_is_tried_again_not_given_up(
+        tmp_path: Path, log_events: LogEvents) -> None:
+    """While the laptop was away another process of its device took the one session the
+    cap allows: its new login gets a 429. It keeps trying (the other session may end, and
+    does), where it used to stop reconnecting for good."""
+    alice_id = ident(65)
+    async with tls_server(tmp_path / "srv", Limits(sessions_per_device=1)) as srv:
+        assert srv.address is not None
+        port = srv.address[1]
+        async with BlackHoleProxy(port) as proxy, \
+                RendezvousClient("127.0.0.1", proxy.port, alice_id, "alice@example.net",
+                                 register=True, tls=True, request_timeout=1.0,
+                                 max_backoff=0.3) as laptop:
+            proxy.black_hole()  # away: its session and its next logins go nowhere
+            laptop.relogin("woke after 600 s asleep")
+            await log_events.wait_for("client.reconnect_failed", 5.0)
+            for conn in list(srv._online.get(alice_id.peer_id, ())):
+                conn.core.close("the server timed it out", abort=True)
+                conn._pump()  # (its keepalive timeout, made short)
+            async with RendezvousClient("127.0.0.1", port, alice_id, "alice@example.net",
+                                        tls=True, reconnect=False):
+                proxy.forward()
+                await log_events.wait_for("this device already has 1 sessions", 5.0)
+                assert laptop.refused is None and not laptop.connected
+            await laptop.wait_connected(5.0)  # the other one ended: the laptop is back
+            assert laptop.refused is None
