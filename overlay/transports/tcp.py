@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
@@ -25,6 +26,13 @@ WRITE_HIGH_WATER = 1 << 20
 SCRATCH_READ = 256 << 10  # one read when nobody gave a buffer (uvloop's own size)
 PULL_READ = 16 << 10  # in pull mode: a frame header, and the next payload's first bytes
 CLOSE_TIMEOUT = 2.0
+# Seconds that sent bytes may stay unacknowledged before the kernel gives the connection
+# up (TCP_USER_TIMEOUT, RFC 5482). Without it Linux retransmits for about 15 minutes, and a
+# sender serving a peer that vanished (its laptop changed network: its address is gone)
+# kept the session, and one of its four upload slots, until its own 60 s send timeout
+# (60.5 s measured in the NAT lab). A peer that is slow or not reading still ACKs (its
+# zero-window probes too), so only a peer that is gone runs into it.
+UNACKED_LIMIT = 20.0
 
 
 class _TcpBase:
@@ -56,6 +64,7 @@ class _TcpBase:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        _limit_unacked(transport)
         if self.closed:  # closed before the connection was even made
             self.transport.abort()
         elif self._on_made is not None:
@@ -347,6 +356,19 @@ class TcpStream:
             host = str(addr[0])
             return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
         return None
+
+
+def _limit_unacked(transport: asyncio.BaseTransport) -> None:
+    """Set UNACKED_LIMIT on the connection's socket where the kernel has the option
+    (Linux; the simulator's sockets take and ignore options)."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    sock = transport.get_extra_info("socket")
+    if option is None or sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(UNACKED_LIMIT * 1000))
+    except (OSError, AttributeError):  # not TCP after all, or a socket without options
+        pass
 
 
 async def connect_tcp(

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import pytest
 import uvloop
 
 from overlay.transports.stream import Stream, StreamBroken, StreamClosed
-from overlay.transports.tcp import TcpStream, connect_tcp, serve_tcp
+from overlay.transports.tcp import UNACKED_LIMIT, TcpStream, connect_tcp, serve_tcp
 from tests.overlay.streams import MakePair, check_stream
 
 
@@ -173,3 +175,31 @@ async def test_server_bounds_its_connections_and_cancels_handlers_on_close() -> 
     assert cancelled == [True] and server.connections == 0
     await first.aclose()
     await second.aclose()
+
+
+async def _unacked_limits() -> list[int]:
+    """TCP_USER_TIMEOUT (ms) of both ends of one connection, as the kernel has it."""
+    pair = _tcp_pairs()
+    make_pair = await anext(pair)
+    try:
+        ends = await make_pair()
+        out = []
+        for end in ends:
+            assert isinstance(end, TcpStream)
+            transport = end._p.transport
+            assert transport is not None
+            sock = transport.get_extra_info("socket")
+            out.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+            await end.aclose()
+        return out
+    finally:
+        await pair.aclose()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_both_ends_give_a_vanished_peer_up_after_the_unacked_limit(run: Any) -> None:
+    """A peer whose address went away (it changed network) ACKs nothing: the kernel ends
+    the connection after UNACKED_LIMIT seconds, not after its 15 minutes of retries, so a
+    sender does not hold an upload slot for it until its own 60 s send timeout."""
+    assert run(_unacked_limits()) == [int(UNACKED_LIMIT * 1000)] * 2
