@@ -8,10 +8,13 @@ Workloads (all on the virtual-time loop, real asyncio protocols):
 - dht-lookup: the built-in scenario on our `overlay.dht.DhtNode` (signed records, Ed25519
   on every RPC: its rate is bound by that crypto, not by the engine) at each of --dht-sizes
   nodes, RTTs uniform in 20-200 ms: lookups with every node alive, then with 20% silently
-  dead; and the unmodified `kademlia` package at --kademlia-nodes for comparison.
+  dead; and the unmodified `kademlia` package at --kademlia-nodes for comparison;
+- sender upload: the built-in nat-mix (a 5-chunk clip, 16 recipients) and the family case
+  (20 MB to 3 recipients online within 30 s), each at --upload-seeds: MB the sender
+  uploaded (copies of the clip: super-seeding keeps it near one) and completion p50/p95.
 Targets: >= 50,000 simulated messages per wall-clock second; dht-lookup at 10,000
 nodes in < 5 min wall and < 8 GiB; lookups p50 < 300 ms with success >= 99.5% (all alive),
-p90 < 1.5 s with 20% dead.
+p90 < 1.5 s with 20% dead; the nat-mix sender under 3 copies (mean of the seeds).
 """
 
 from __future__ import annotations
@@ -119,6 +122,47 @@ def dht_lookup(nodes: int, lookups: int, implementation: str = "overlay"
     return result.summary, time.perf_counter() - t0
 
 
+# name -> (built-in scenario, overrides): the sender-upload cases.
+UPLOAD_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "nat-mix": ("nat-mix", {}),
+    "family of 3": ("family-video", {
+        "topology.hosts": 3, "workload.size_mb": {"dist": "fixed", "value": 20.0},
+        "workload.online": {"process": "uniform", "window_s": 30.0},
+        "workload.co_recipients": ["on"]}),
+}
+
+
+def _rank(values: list[float], p: int) -> float:
+    """pN as docs/simulator.md defines it: rank floor(N/100 x n) + 1, capped at n."""
+    v = sorted(values)
+    return v[min(len(v) - 1, p * len(v) // 100)]
+
+
+def sender_upload(seeds: list[int]) -> list[dict[str, Any]]:
+    """Rows: per case and seed, what the sender uploaded and the completion times."""
+    rows: list[dict[str, Any]] = []
+    for name, (scenario, overrides) in UPLOAD_CASES.items():
+        copies = []
+        for seed in seeds:
+            result = run(scenario, seed=seed, overrides=overrides)
+            s = result.summary
+            secs = [float(r["seconds"]) for r in result.rows if r.get("mode") == "on"]
+            copies.append(s["on: MB from sender"] / float(s["clip_mb"]))
+            tag = f"upload {name} seed {seed}"
+            rows += [
+                {"metric": f"{tag}: MB from sender", "value": float(s["on: MB from sender"]),
+                 "unit": f"MB ({copies[-1]:.1f} copies)"},
+                {"metric": f"{tag}: completion p50", "value": _rank(secs, 50), "unit": "s"},
+                {"metric": f"{tag}: completion p95", "value": _rank(secs, 95), "unit": "s"},
+            ]
+        mean = sum(copies) / len(copies)
+        target = name == "nat-mix"
+        rows.append({"metric": f"upload {name}: copies from sender, mean", "value": mean,
+                     "unit": "copies", "target": "< 3" if target else "",
+                     "ok": mean < 3 if target else None})
+    return rows
+
+
 def main(argv: list[str]) -> int:
     """Run the workloads and report messages per wall-clock second."""
     p = argparse.ArgumentParser(prog="python -m benchmarks sim", description=__doc__)
@@ -130,6 +174,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dht-lookups", type=int, default=1000,
                    help="lookups per phase (all alive, then 20%% dead)")
     p.add_argument("--kademlia-nodes", type=int, default=1000, help="0: skip the comparison")
+    p.add_argument("--upload-seeds", default="1,2,3",
+                   help="comma-separated seeds of the sender-upload cases (empty: skip)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
@@ -172,6 +218,9 @@ def main(argv: list[str]) -> int:
             {"metric": f"{tag}: rate", "value": summary["messages_total"] / wall,
              "unit": "msgs/wall s"},
         ]
+    upload_seeds = [int(x) for x in args.upload_seeds.split(",") if x.strip()]
+    if upload_seeds:
+        rows += sender_upload(upload_seeds)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows += [
         {"metric": "peak RSS (whole run)", "value": rss, "unit": "MiB",

@@ -33,6 +33,7 @@ from overlay.transfer.frames import (
     Open,
     Opened,
 )
+from overlay.transfer.superseed import SuperSeed
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ServingSession:
     def __init__(
         self, catalog: Catalog, transcript: bytes, counters: Counter[str], *, peer: str = "?",
         max_open: int = MAX_OPEN_CONTENTS, max_queued: int = MAX_QUEUED_GETS,
+        seeder: SuperSeed | None = None,
     ) -> None:
         self._catalog = catalog
         self._transcript = transcript
@@ -83,6 +85,10 @@ class ServingSession:
         self._unannounced: dict[bytes, GrowingContent] = {}
         # An OPEN with a valid capability proof came: the requester knows a content here.
         self.proven = False
+        # Super-seeding across the holder's sessions (superseed.py); None: every requester
+        # of a content held in full is told it holds every chunk.
+        self._seeder = seeder
+        self.now = 0.0  # the adapter's clock: it sets this before each call
 
     def content(self, content_id: bytes) -> ServedContent | None:
         """An opened content of this session."""
@@ -130,6 +136,41 @@ class ServingSession:
                 out.append(Have(cid, tuple(new[k : k + MAX_HAVE_ITEMS])))
         self.counters["haves_sent"] += len(out)
         return out
+
+    def sent(self, content_id: bytes, index: int) -> bool:
+        """A chunk went out. True if super-seeding may show this requester more now."""
+        if self._seeder is None:
+            return False
+        self._seeder.sent(self, content_id, index, self.now)
+        return self._seeder.showing(self, content_id)
+
+    def reveals(self) -> list[Have]:
+        """HAVE frames for the chunks super-seeding shows this requester now."""
+        out: list[Have] = []
+        if self._seeder is None:
+            return out
+        for cid in self._open:
+            if not self._seeder.showing(self, cid):
+                continue
+            outstanding = (sum(1 for g in self._gets if g.content_id == cid)
+                           + sum(1 for c, _ in self._in_service if c == cid))
+            new = self._seeder.reveal(self, cid, outstanding, self.now)
+            for k in range(0, len(new), MAX_HAVE_ITEMS):
+                out.append(Have(cid, tuple(new[k : k + MAX_HAVE_ITEMS])))
+        self.counters["super_seed_haves"] += len(out)
+        return out
+
+    def next_reveal(self) -> float | None:
+        """When an idle requester is next due more chunks shown (None: not waiting)."""
+        if self._seeder is None:
+            return None
+        due = [t for cid in self._open if (t := self._seeder.due(self, cid)) is not None]
+        return min(due, default=None)
+
+    def close(self) -> None:
+        """The session ended."""
+        if self._seeder is not None:
+            self._seeder.close(self)
 
     def bad_message(self, reason: str) -> Error:
         """The reply to an authentic frame that was not a valid message."""
@@ -182,6 +223,8 @@ class ServingSession:
             have, cursor = content.held_snapshot()
         else:
             have, cursor = content.have_bitmap(), None
+            if have is None and self._seeder is not None and content.leaves is not None:
+                have = self._seeder.open(self, msg.content_id, len(content.leaves), self.now)
         if content.leaves is None or (have is not None and len(have) > MAX_HAVE_BYTES):
             return self._refuse("unavailable", ErrorCode.UNAVAILABLE,
                                 "this holder cannot serve that content yet", msg.content_id)
@@ -225,6 +268,8 @@ class ServingSession:
             return self._refuse("busy", ErrorCode.BUSY, "too many outstanding requests",
                                 msg.content_id, msg.index)
         self._gets.append(msg)
+        if self._seeder is not None:
+            self._seeder.requested(self, msg.content_id, msg.index, self.now)
         return None
 
     def _handle_cancel(self, msg: Cancel) -> None:

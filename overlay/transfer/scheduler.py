@@ -561,6 +561,27 @@ class ChunkScheduler:
             return True
         return bool(_as_int(self._state.translate(_NONZERO)) & self._give(state))
 
+    def probe(self, sid: str) -> int | None:
+        """Ask partial holder `sid` for a missing chunk it did not say it has nor refused:
+        the download is stuck, and a sender that shows its chunks a few at a time
+        (super-seeding) serves it and shows more, where a partial holder without it
+        answers that it lacks it. None if there is no such chunk or `sid` is busy."""
+        state = self._sources.get(sid)
+        if state is None or state.have is None or state.requested or not self._pool:
+            return None
+        mask = _as_int(self._state.translate(_NONZERO))
+        mask &= ~self._give(state)
+        if state.lacks is not None:
+            mask &= ~_as_int(_spread(state.lacks, self.count))
+        if not mask:
+            return None
+        i = _next_set_byte(mask, self.rng.randrange(self.count))
+        self._take(i)
+        self._requesters[i] = [sid]
+        state.requested[i] = None
+        state.asked[i >> 3] |= 1 << (i & 7)
+        return i
+
     def stuck(self) -> bool:
         """Chunks are missing, nothing is in flight, and no source has any of them: only a
         HAVE or a new source can change that."""

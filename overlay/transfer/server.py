@@ -42,6 +42,7 @@ from overlay.transfer.holder import (
     gone_text,
     source_changed,
 )
+from overlay.transfer.superseed import SuperSeed
 from overlay.transfer.workers import WorkQueue
 from overlay.transports.stream import Stream, StreamError
 from overlay.transports.tcp import TcpServer
@@ -132,6 +133,7 @@ class TransferServer:
         max_queued_gets: int = MAX_QUEUED_GETS, upload_slots: int = UPLOAD_SLOTS,
         sessions_per_ip: int = SESSIONS_PER_IP, proof_timeout: float = PROOF_TIMEOUT,
         slow_rate: float = SLOW_RATE, slow_window: float = SLOW_WINDOW,
+        super_seed: bool = True,
     ) -> None:
         self.identity = identity
         self.catalog = catalog
@@ -160,6 +162,9 @@ class TransferServer:
         self._tcp: TcpServer | None = None
         self._running: set[asyncio.Task[object]] = set()
         self._served_by_content: Counter[bytes] = Counter()
+        # Requesters of a content held in full that another requester is fetching are
+        # shown a few chunks at a time, the least spread (superseed.py); None: off.
+        self.seeder = SuperSeed() if super_seed else None
         self.sealers: WorkQueue[_SealJob, bytes | bytearray] = WorkQueue(
             _seal, _sealed, workers=SEALERS, name="sealer")
 
@@ -307,6 +312,8 @@ class _ServedSession:
             self.ended = True  # sealed chunks still coming back are dropped
             for stop in self._unwatch:
                 stop()
+            if self.logic is not None:
+                self.logic.close()
 
     def _watch_growing(self) -> None:
         """Start HAVE updates for growing contents whose OPENED went out."""
@@ -323,11 +330,18 @@ class _ServedSession:
             self.held_more.set()  # chunks held between the OPENED snapshot and now
 
     async def announce_loop(self) -> None:
+        """HAVE frames: a growing content's new chunks, and the chunks super-seeding shows
+        next (after each chunk sent, or once the requester was idle long enough)."""
+        loop = asyncio.get_running_loop()
         while True:
-            await self.held_more.wait()
+            due = self.logic.next_reveal() if self.logic is not None else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(due):
+                    await self.held_more.wait()
             self.held_more.clear()
             if self.logic is not None:
-                for have in self.logic.haves():
+                self.logic.now = loop.time()
+                for have in [*self.logic.haves(), *self.logic.reveals()]:
                     await self._send(have)
 
     async def _write_out(self) -> None:
@@ -480,7 +494,7 @@ class _ServedSession:
             self.logic = ServingSession(
                 self.server.catalog, event.transcript, counters,
                 peer=f"{event.peer.peer_id.hex()[:12]}@{self.peer}",
-                max_queued=self.server.max_queued_gets,
+                max_queued=self.server.max_queued_gets, seeder=self.server.seeder,
             )
             return True
         if isinstance(event, ConnectionFailed):
@@ -491,12 +505,15 @@ class _ServedSession:
             return False
         if self.logic is None:  # the core emits messages only after the handshake
             return False
+        self.logic.now = asyncio.get_running_loop().time()
         if isinstance(event, BadMessage):
             await self._send(self.logic.bad_message(event.reason))
             return True
         for reply in self.logic.handle(event):
             await self._send(reply)
         self._watch_growing()
+        if self.logic.next_reveal() is not None:
+            self.held_more.set()  # the announcer's wait for an idle requester starts
         self.feed()
         return True
 
@@ -569,4 +586,8 @@ class _ServedSession:
             finally:
                 slots.release()
             self.server.count_served(msg.content_id)
+            if self.logic is not None:
+                self.logic.now = loop.time()
+                if self.logic.sent(msg.content_id, msg.index):
+                    self.held_more.set()  # super-seeding shows this requester another
             counters["bytes_served"] += len(msg.data)

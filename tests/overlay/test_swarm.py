@@ -300,8 +300,9 @@ async def test_a_source_added_while_running(swarm: Callable[..., object]) -> Non
 async def test_receivers_trade_chunks_while_downloading(swarm: Callable[..., object]) -> None:
     """One rate-limited sender, three receivers that serve their partial copies to each
     other (HAVE updates) and learn of each other at their first verified chunk, as DHT
-    providers: everyone ends with the bytes, and the sender uploads far less than three
-    copies."""
+    providers: everyone ends with the bytes, and the sender uploads under 1.3 copies (it
+    super-seeds: 1.1-1.2 here; 1.4-1.5 before, when each receiver asked it for the chunks
+    no other receiver held yet, the same ones)."""
     chunk = 64 << 10
     sw: Swarm = await swarm(48 * chunk, chunk)  # type: ignore[misc]
     sender = await sw.holder("sender", rate=2 * MiB)
@@ -325,7 +326,7 @@ async def test_receivers_trade_chunks_while_downloading(swarm: Callable[..., obj
         runs = [tg.create_task(d.run()) for d in downloaders]
     for run in runs:
         assert run.result().read_bytes() == sw.data
-    assert sender.served(sw.content) < 2 * 48, "the receivers served each other"
+    assert sender.served(sw.content) < 1.3 * 48, sender.served(sw.content)
     for d in downloaders:
         from_peers = sum(s.chunks for s in d.stats if s.label != "sender")
         assert from_peers > 0 and d.counters["haves_received"] > 0

@@ -1,0 +1,104 @@
+"""Super-seeding (overlay/transfer/superseed.py): the policy alone, in memory, then a
+sender on real TCP serving receivers at once on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+from overlay.transfer.downloader import Downloader
+from overlay.transfer.superseed import AHEAD, IDLE, SuperSeed
+from tests.overlay.test_swarm import ME, MiB, Swarm, swarm  # noqa: F401 (the fixture)
+
+CID = b"c" * 32
+
+
+def bits(bitmap: bytes | None) -> set[int]:
+    assert bitmap is not None
+    return {i for i in range(len(bitmap) * 8) if bitmap[i >> 3] & (1 << (i & 7))}
+
+
+def test_a_requester_alone_is_shown_every_chunk() -> None:
+    seed = SuperSeed()
+    assert seed.open("a", CID, 20, now=0.0) is None
+    assert not seed.showing("a", CID)
+    seed.close("a")
+    assert seed.open("b", CID, 20, now=1.0) is None  # alone again once a is gone
+
+
+def test_requesters_that_come_while_one_fetches_are_shown_distinct_chunks() -> None:
+    seed = SuperSeed()
+    assert seed.open("first", CID, 20, now=0.0) is None
+    for i in (0, 1, 2):  # what the first one asked for is not shown to the others
+        seed.requested("first", CID, i, now=0.0)
+    shown = [bits(seed.open(t, CID, 20, now=0.0)) for t in ("b", "c", "d")]
+    assert all(len(s) == AHEAD for s in shown)
+    assert not set.union(*shown) & {0, 1, 2}
+    assert len(set.union(*shown)) == 3 * AHEAD  # no chunk shown twice
+
+
+def test_each_chunk_sent_shows_one_more_and_an_idle_requester_gets_more() -> None:
+    seed = SuperSeed()
+    seed.open("first", CID, 8, now=0.0)
+    shown = bits(seed.open("b", CID, 8, now=0.0))
+    one = min(shown)
+    seed.requested("b", CID, one, now=0.5)
+    assert seed.reveal("b", CID, outstanding=1, now=0.5) == []  # nothing sent yet
+    seed.sent("b", CID, one, now=1.0)
+    more = seed.reveal("b", CID, outstanding=1, now=1.0)
+    assert len(more) == 1 and more[0] not in shown
+    # Nothing asked for IDLE seconds: AHEAD more, the least spread first.
+    assert seed.reveal("b", CID, outstanding=0, now=1.0 + IDLE / 2) == []
+    assert seed.due("b", CID) == 1.0 + IDLE
+    later = seed.reveal("b", CID, outstanding=0, now=1.0 + IDLE)
+    assert len(later) == AHEAD and not set(later) & (shown | set(more))
+
+
+def test_a_get_for_a_chunk_not_shown_is_a_stuck_requester_and_shows_one_more() -> None:
+    seed = SuperSeed()
+    seed.open("first", CID, 8, now=0.0)
+    for i in range(8):
+        seed.requested("first", CID, i, now=0.0)
+    assert bits(seed.open("b", CID, 8, now=0.0)) == set()  # all asked for already
+    seed.requested("b", CID, 5, now=1.0)  # the downloader's probe
+    more = seed.reveal("b", CID, outstanding=1, now=1.0)
+    assert len(more) == 1 and 5 not in more
+    seed.sent("b", CID, 5, now=2.0)
+    assert len(seed.reveal("b", CID, outstanding=0, now=2.0)) == 1
+
+
+def test_a_requester_with_chunks_outstanding_is_not_idle() -> None:
+    seed = SuperSeed()
+    seed.open("first", CID, 8, now=0.0)
+    seed.open("b", CID, 8, now=0.0)
+    assert seed.reveal("b", CID, outstanding=2, now=IDLE * 3) == []
+    assert seed.due("b", CID) == IDLE * 4  # its wait starts again from now
+
+
+def test_everything_is_shown_in_the_end() -> None:
+    seed = SuperSeed(ahead=3)
+    seed.open("first", CID, 10, now=0.0)
+    got = bits(seed.open("b", CID, 10, now=0.0))
+    t = 0.0
+    while seed.showing("b", CID):
+        t += IDLE
+        got |= set(seed.reveal("b", CID, outstanding=0, now=t))
+    assert got == set(range(10)) and seed.due("b", CID) is None
+
+
+async def test_receivers_that_only_reach_the_sender_still_finish(
+        swarm: Callable[..., object]) -> None:  # noqa: F811
+    """Two receivers at once that cannot reach each other: shown a few chunks at a time,
+    each still gets every chunk from the sender, without giving up."""
+    chunk = 64 << 10
+    sw: Swarm = await swarm(24 * chunk, chunk)  # type: ignore[misc]
+    sender = await sw.holder("sender", rate=4 * MiB)
+    downloaders = [Downloader(sw.partial(f"r{r}"), [sender.source()], ME, window=8,
+                              rng=random.Random(r)) for r in range(2)]
+    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+        runs = [tg.create_task(d.run()) for d in downloaders]
+    for run in runs:
+        assert run.result().read_bytes() == sw.data
+    assert sender.served(sw.content) == 2 * 24
+    assert sender.server.counters["super_seed_haves"] > 0  # the second was shown in part
