@@ -315,6 +315,7 @@ class Downloader:
         already asked of it: 1.3 s per seek step at 4 MB/s."""
         self.scheduler.want_first(first, end, pinned=pinned)
         self._hurry()
+        self._probe_wanted()
         self._wake_all()
 
     def _hurry(self) -> None:
@@ -330,6 +331,18 @@ class Downloader:
             self.counters["hurry_cancels"] += len(cancels)
             log.debug("fetch %s: wanted %s next from %s, %d requests cancelled before them",
                       self.partial.file_name, gets, label, len(cancels))
+
+    def _probe_wanted(self) -> None:
+        """Wanted chunks no source shows: ask a partial holder for each at once (a sender
+        super-seeding serves it) rather than when the download is stuck."""
+        active = [r for r in self._runs.values()
+                  if not r.ended and r.stats.outcome == "active" and r.pace is not None]
+        for i in self.scheduler.unshown_wanted():
+            for run in active:
+                if self.scheduler.probe(run.stats.label, i) is not None:
+                    run.urgent.append(i)
+                    self.counters["probes"] += 1
+                    break
 
     def _emit(self, event: FetchEvent) -> None:
         if self._on_event is not None:
@@ -533,6 +546,7 @@ class Downloader:
         # The supervisor too: a source that holds none of the missing chunks (a partial
         # holder, or a sender showing a few at a time) may leave the download stuck, and
         # the supervisor, last woken while it was connecting, would not start the wait.
+        self._probe_wanted()
         self._wake_all()
         try:
             async with asyncio.TaskGroup() as tg:

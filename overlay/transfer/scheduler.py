@@ -307,6 +307,11 @@ class ChunkScheduler:
         """The wanted ranges, newest first, then the pinned ones."""
         return [*self._wanted, *self._pinned]
 
+    def unshown_wanted(self) -> list[int]:
+        """Wanted chunks nobody is asked for that no connected source can give."""
+        return [i for first, end in (*self._wanted, *self._pinned) for i in range(first, end)
+                if self._state[i] and not any(s.can_give(i) for s in self._sources.values())]
+
     def _stored_range(self, w: tuple[int, int]) -> bool:
         return not any(self._state[i] or i in self._requesters or i in self._verifying
                        for i in range(*w))
@@ -561,21 +566,30 @@ class ChunkScheduler:
             return True
         return bool(_as_int(self._state.translate(_NONZERO)) & self._give(state))
 
-    def probe(self, sid: str) -> int | None:
-        """Ask partial holder `sid` for a missing chunk it did not say it has nor refused:
-        the download is stuck, and a sender that shows its chunks a few at a time
+    def probe(self, sid: str, index: int | None = None) -> int | None:
+        """Ask partial holder `sid` for a missing chunk it did not say it has nor refused
+        (`index`, or any when None): the download is stuck, or a player waits for that
+        chunk and no source shows it, and a sender that shows its chunks a few at a time
         (super-seeding) serves it and shows more, where a partial holder without it
         answers that it lacks it. None if there is no such chunk or `sid` is busy."""
         state = self._sources.get(sid)
-        if state is None or state.have is None or state.requested or not self._pool:
+        if state is None or state.have is None or not self._pool:
             return None
-        mask = _as_int(self._state.translate(_NONZERO))
-        mask &= ~self._give(state)
-        if state.lacks is not None:
-            mask &= ~_as_int(_spread(state.lacks, self.count))
-        if not mask:
-            return None
-        i = _next_set_byte(mask, self.rng.randrange(self.count))
+        if index is None:
+            if state.requested:
+                return None
+            mask = _as_int(self._state.translate(_NONZERO))
+            mask &= ~self._give(state)
+            if state.lacks is not None:
+                mask &= ~_as_int(_spread(state.lacks, self.count))
+            if not mask:
+                return None
+            i = _next_set_byte(mask, self.rng.randrange(self.count))
+        else:
+            i = index
+            if (not self._in_pool(i) or _bit(state.have, i) or len(state.requested)
+                    >= state.window or (state.lacks is not None and _bit(state.lacks, i))):
+                return None
         self._take(i)
         self._requesters[i] = [sid]
         state.requested[i] = None

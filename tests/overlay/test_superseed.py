@@ -7,7 +7,7 @@ import asyncio
 import random
 from collections.abc import Callable
 
-from overlay.transfer.downloader import Downloader
+from overlay.transfer.downloader import ChunkStored, Downloader
 from overlay.transfer.superseed import AHEAD, IDLE, SuperSeed
 from tests.overlay.test_swarm import ME, MiB, Swarm, swarm  # noqa: F401 (the fixture)
 
@@ -102,3 +102,25 @@ async def test_receivers_that_only_reach_the_sender_still_finish(
         assert run.result().read_bytes() == sw.data
     assert sender.served(sw.content) == 2 * 24
     assert sender.server.counters["super_seed_haves"] > 0  # the second was shown in part
+
+
+async def test_a_chunk_a_player_waits_for_comes_first_though_the_sender_did_not_show_it(
+        swarm: Callable[..., object]) -> None:  # noqa: F811
+    """Another recipient is fetching, so the sender shows this one the first chunks only;
+    the player wants the last one (a clip's index): it is asked for at once, not when the
+    download runs out of chunks shown (up to `probe_after` later)."""
+    chunk = 64 << 10
+    sw: Swarm = await swarm(24 * chunk, chunk)  # type: ignore[misc]
+    sender = await sw.holder("sender", rate=4 * MiB)
+    assert sender.server.seeder is not None
+    sender.server.seeder.open("another", sw.content.content_id, 24, now=0.0)
+    stored: list[int] = []
+    d = Downloader(sw.partial("r"), [sender.source()], ME, window=8, probe_after=30.0,
+                   on_event=lambda e: stored.append(e.index) if isinstance(e, ChunkStored)
+                   else None)
+    d.want_first(23, 24, pinned=True)
+    async with asyncio.timeout(60):
+        path = await d.run()
+    assert path.read_bytes() == sw.data
+    assert 23 in stored[:3], stored
+    assert d.counters["probes"] >= 1
