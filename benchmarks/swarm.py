@@ -53,7 +53,7 @@ def tcp_source(label: str, server: TransferServer, address: tuple[str, int]) -> 
 def open_partial(root: Path, name: str, c: LocalContent) -> tuple[ContentStore, PartialContent]:
     store = ContentStore(root / name)
     return store, store.open_partial(c.content_id, c.size, c.chunk_size, c.key, c.capability,
-                                     root / f"{name}-in", "clip.bin")
+                                     root / f"{name}-in", "clip.bin", scheme=c.scheme)
 
 
 async def add_file(root: Path, size: int, chunk: int) -> tuple[ContentStore, LocalContent]:
