@@ -28,7 +28,7 @@ demo: $(VENV)/.installed bytecode
 
 test: $(VENV)/.installed-test bytecode
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy

@@ -73,3 +73,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed:
         for name, logs in getattr(item, "natlab_logs", []):
             report.sections.append((f"logs of {name}", logs()))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the lab's tests all go to
+    one worker, one at a time: they share the host's network namespaces and nftables."""
+    for item in items:
+        if "natlab" in item.path.parts:
+            item.add_marker(pytest.mark.xdist_group("natlab"))
