@@ -17,6 +17,7 @@ from overlay.app.web.auth import (
     issue_login_token,
     sign_out_all,
 )
+from overlay.app.web.auth import log as auth_log
 
 
 class Clock:
@@ -79,13 +80,23 @@ def test_the_least_recently_used_session_goes_first(tmp_path: Path) -> None:
 @pytest.mark.parametrize("damage", [b"", b"{not json", b"[1, 2]", b'{"k": {"csrf": 1}}',
                                     b"\xff\xfe"])
 def test_a_damaged_sessions_file_signs_everyone_out_and_is_replaced(
-        tmp_path: Path, damage: bytes, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, damage: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
     _, sid = _signed_in(tmp_path, clock)
     (tmp_path / "web_sessions").write_bytes(damage)
-    with caplog.at_level(logging.WARNING):
+    # Caught at the module's logger itself: in a full run an earlier test's logging setup
+    # (a dictConfig that disables existing loggers, or replaced root handlers) may leave
+    # caplog's root handler out of the path.
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    monkeypatch.setattr(auth_log, "disabled", False)
+    auth_log.addHandler(handler)
+    try:
         auth = WebAuth(tmp_path / "web_token", tmp_path / "web_sessions", wall=clock)
-    assert "every browser must sign in again" in caplog.text
+    finally:
+        auth_log.removeHandler(handler)
+    assert any("every browser must sign in again" in m for m in seen), seen
     assert auth.session(sid) is None
     _, again = _signed_in(tmp_path, clock)  # signing in writes a good file
     assert WebAuth(tmp_path / "web_token", tmp_path / "web_sessions",
