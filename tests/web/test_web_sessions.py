@@ -84,18 +84,21 @@ def test_a_damaged_sessions_file_signs_everyone_out_and_is_replaced(
     clock = Clock()
     _, sid = _signed_in(tmp_path, clock)
     (tmp_path / "web_sessions").write_bytes(damage)
-    # Caught at the module's logger itself: in a full run an earlier test's logging setup
-    # (a dictConfig that disables existing loggers, or replaced root handlers) may leave
-    # caplog's root handler out of the path.
+    # Caught at the module's logger itself, its level set here: in a full run a simulator
+    # test earlier in the same worker sets the `overlay` logger to ERROR (sim.scenario
+    # quiets the nodes it runs), and caplog's root handler then hears nothing.
     seen: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
     monkeypatch.setattr(auth_log, "disabled", False)
+    old_level = auth_log.level
+    auth_log.setLevel(logging.WARNING)
     auth_log.addHandler(handler)
     try:
         auth = WebAuth(tmp_path / "web_token", tmp_path / "web_sessions", wall=clock)
     finally:
         auth_log.removeHandler(handler)
+        auth_log.setLevel(old_level)
     assert any("every browser must sign in again" in m for m in seen), seen
     assert auth.session(sid) is None
     _, again = _signed_in(tmp_path, clock)  # signing in writes a good file
