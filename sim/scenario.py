@@ -734,16 +734,26 @@ def combine_hashes(digests: list[str]) -> str:
 # --- running ---------------------------------------------------------------------------------
 
 
-def _quiet_logs() -> None:
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """For one run only: the levels are put back after it, so a program (or a test) that
+    runs a scenario in its own process logs as before once it is done."""
     import logging
 
     # Lost RPCs are what a scenario measures; the packages would print each one. The real
     # nodes and servers log as they do at home (a node waiting for its server, a source
     # gone): hundreds of hosts would bury the progress bar, and the CSV has the outcome.
-    for noisy in ("kademlia", "rpcudp"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    for chatty in ("peerpost", "overlay", "rendezvous", "aioice"):
-        logging.getLogger(chatty).setLevel(logging.ERROR)
+    levels = {"kademlia": logging.CRITICAL, "rpcudp": logging.CRITICAL,
+              "peerpost": logging.ERROR, "overlay": logging.ERROR,
+              "rendezvous": logging.ERROR, "aioice": logging.ERROR}
+    before = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def run(spec_or_doc: ScenarioSpec | Mapping[str, Any] | str, seed: int | None = None,
@@ -771,11 +781,10 @@ def run(spec_or_doc: ScenarioSpec | Mapping[str, Any] | str, seed: int | None = 
     else:
         spec = parse_scenario(apply_overrides(spec_or_doc, overrides or {}), base=base)
     seed = spec.seed if seed is None else seed
-    _quiet_logs()
     runner = runner_for(spec.driver)
     fast = spec.doc["simulation"]["signatures"] == "fast"
     wall = time.perf_counter()
-    with build_simulation(spec, seed) as sim:
+    with _quiet_logs(), build_simulation(spec, seed) as sim:
         if on_simulation is not None:
             on_simulation(sim)
             sim.on_variant = on_simulation

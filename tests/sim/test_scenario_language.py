@@ -313,3 +313,23 @@ def test_free_riders_leave_the_sender_to_serve_everyone() -> None:
     assert sharing["on: completed"] == riding["on: completed"] == "8/8"
     assert riding["free riders"] == 8
     assert riding["on: MB from sender"] >= 16.0 > sharing["on: MB from sender"]
+
+
+def test_a_run_puts_the_log_levels_it_quiets_back() -> None:
+    # A program that runs a scenario in its own process (a test worker, a notebook) logs as
+    # before afterwards: the nodes' warnings were silenced for good once a run had quieted
+    # them (a later test's caplog heard nothing from `overlay`).
+    import logging
+
+    overlay_log, kademlia_log = logging.getLogger("overlay"), logging.getLogger("kademlia")
+    before = overlay_log.level, kademlia_log.level
+    overlay_log.setLevel(logging.WARNING)
+    kademlia_log.setLevel(logging.INFO)
+    try:
+        run("dht-lookup", overrides={"topology.hosts": 10, "workload.lookups": 2,
+                                     "workload.keys": 1, "workload.healthy_lookups": 0,
+                                     "dht.bootstrap_batch": 10})
+        assert (overlay_log.level, kademlia_log.level) == (logging.WARNING, logging.INFO)
+    finally:
+        overlay_log.setLevel(before[0])
+        kademlia_log.setLevel(before[1])
