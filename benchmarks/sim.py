@@ -31,6 +31,7 @@ from typing import Any
 from benchmarks.common import report
 from sim.network.latency import CoordinateLatency, FixedLatency
 from sim.scenario import run
+from sim.scenarios.dht_lookup import percentile
 from sim.simulation import Simulation
 
 TARGET = 50_000
@@ -132,12 +133,6 @@ UPLOAD_CASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _rank(values: list[float], p: int) -> float:
-    """pN as docs/simulator.md defines it: rank floor(N/100 x n) + 1, capped at n."""
-    v = sorted(values)
-    return v[min(len(v) - 1, p * len(v) // 100)]
-
-
 def sender_upload(seeds: list[int]) -> list[dict[str, Any]]:
     """Rows: per case and seed, what the sender uploaded and the completion times."""
     rows: list[dict[str, Any]] = []
@@ -152,8 +147,8 @@ def sender_upload(seeds: list[int]) -> list[dict[str, Any]]:
             rows += [
                 {"metric": f"{tag}: MB from sender", "value": float(s["on: MB from sender"]),
                  "unit": f"MB ({copies[-1]:.1f} copies)"},
-                {"metric": f"{tag}: completion p50", "value": _rank(secs, 50), "unit": "s"},
-                {"metric": f"{tag}: completion p95", "value": _rank(secs, 95), "unit": "s"},
+                {"metric": f"{tag}: completion p50", "value": percentile(secs, 0.5), "unit": "s"},
+                {"metric": f"{tag}: completion p95", "value": percentile(secs, 0.95), "unit": "s"},
             ]
         mean = sum(copies) / len(copies)
         target = name == "nat-mix"
