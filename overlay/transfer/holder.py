@@ -88,7 +88,6 @@ class ServingSession:
         # Super-seeding across the holder's sessions (superseed.py); None: every requester
         # of a content held in full is told it holds every chunk.
         self._seeder = seeder
-        self.now = 0.0  # the adapter's clock: it sets this before each call
 
     def content(self, content_id: bytes) -> ServedContent | None:
         """An opened content of this session."""
@@ -137,15 +136,16 @@ class ServingSession:
         self.counters["haves_sent"] += len(out)
         return out
 
-    def sent(self, content_id: bytes, index: int) -> bool:
-        """A chunk went out. True if super-seeding may show this requester more now."""
+    def sent(self, content_id: bytes, index: int, now: float) -> bool:
+        """A chunk went out at `now`. True if super-seeding may show this requester more
+        now."""
         if self._seeder is None:
             return False
-        self._seeder.sent(self, content_id, index, self.now)
+        self._seeder.sent(self, content_id, index, now)
         return self._seeder.showing(self, content_id)
 
-    def reveals(self) -> list[Have]:
-        """HAVE frames for the chunks super-seeding shows this requester now."""
+    def reveals(self, now: float) -> list[Have]:
+        """HAVE frames for the chunks super-seeding shows this requester at `now`."""
         out: list[Have] = []
         if self._seeder is None:
             return out
@@ -154,7 +154,7 @@ class ServingSession:
                 continue
             outstanding = (sum(1 for g in self._gets if g.content_id == cid)
                            + sum(1 for c, _ in self._in_service if c == cid))
-            new = self._seeder.reveal(self, cid, outstanding, self.now)
+            new = self._seeder.reveal(self, cid, outstanding, now)
             for k in range(0, len(new), MAX_HAVE_ITEMS):
                 out.append(Have(cid, tuple(new[k : k + MAX_HAVE_ITEMS])))
         self.counters["super_seed_haves"] += len(out)
@@ -184,19 +184,20 @@ class ServingSession:
         log.info("transfer: refused %s: %s", self._peer, text)
         return Error(code, text, content_id, index)
 
-    def handle(self, msg: Message) -> list[Message]:
-        """Process one request; returns the replies to send now."""
+    def handle(self, msg: Message, now: float) -> list[Message]:
+        """Process one request that came at `now` (the adapter's clock); returns the
+        replies to send now."""
         if isinstance(msg, Open):
-            return [self._handle_open(msg)]
+            return [self._handle_open(msg, now)]
         if isinstance(msg, HashesRequest):
             return [self._handle_hashes(msg)]
         if isinstance(msg, Get):
-            refusal = self._handle_get(msg)
+            refusal = self._handle_get(msg, now)
             return [] if refusal is None else [refusal]
         if isinstance(msg, Gets):
             out: list[Message] = []
             for index in msg.indexes:  # as that many GETs, each refused on its own
-                refusal = self._handle_get(Get(msg.content_id, index))
+                refusal = self._handle_get(Get(msg.content_id, index), now)
                 if refusal is not None:
                     out.append(refusal)
             return out
@@ -205,7 +206,7 @@ class ServingSession:
             return []
         return [self.bad_message(f"{type(msg).__name__} is not a request")]
 
-    def _handle_open(self, msg: Open) -> Message:
+    def _handle_open(self, msg: Open, now: float) -> Message:
         content = self._catalog.lookup(msg.content_id)
         if content is None:
             return self._refuse("unknown_content", ErrorCode.UNKNOWN_CONTENT,
@@ -224,7 +225,7 @@ class ServingSession:
         else:
             have, cursor = content.have_bitmap(), None
             if have is None and self._seeder is not None and content.leaves is not None:
-                have = self._seeder.open(self, msg.content_id, len(content.leaves), self.now)
+                have = self._seeder.open(self, msg.content_id, len(content.leaves), now)
         if content.leaves is None or (have is not None and len(have) > MAX_HAVE_BYTES):
             return self._refuse("unavailable", ErrorCode.UNAVAILABLE,
                                 "this holder cannot serve that content yet", msg.content_id)
@@ -253,7 +254,7 @@ class ServingSession:
         end = min(len(leaves), msg.start + min(msg.count, MAX_HASH_PAGE))
         return Hashes(msg.content_id, msg.start, tuple(leaves[msg.start : end]))
 
-    def _handle_get(self, msg: Get) -> Error | None:
+    def _handle_get(self, msg: Get, now: float) -> Error | None:
         content = self._open.get(msg.content_id)
         if content is None:
             return self._refuse("not_open", ErrorCode.NOT_OPEN, "content not opened",
@@ -269,7 +270,7 @@ class ServingSession:
                                 msg.content_id, msg.index)
         self._gets.append(msg)
         if self._seeder is not None:
-            self._seeder.requested(self, msg.content_id, msg.index, self.now)
+            self._seeder.requested(self, msg.content_id, msg.index, now)
         return None
 
     def _handle_cancel(self, msg: Cancel) -> None:

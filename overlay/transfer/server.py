@@ -340,8 +340,7 @@ class _ServedSession:
                     await self.held_more.wait()
             self.held_more.clear()
             if self.logic is not None:
-                self.logic.now = loop.time()
-                for have in [*self.logic.haves(), *self.logic.reveals()]:
+                for have in [*self.logic.haves(), *self.logic.reveals(loop.time())]:
                     await self._send(have)
 
     async def _write_out(self) -> None:
@@ -505,11 +504,10 @@ class _ServedSession:
             return False
         if self.logic is None:  # the core emits messages only after the handshake
             return False
-        self.logic.now = asyncio.get_running_loop().time()
         if isinstance(event, BadMessage):
             await self._send(self.logic.bad_message(event.reason))
             return True
-        for reply in self.logic.handle(event):
+        for reply in self.logic.handle(event, asyncio.get_running_loop().time()):
             await self._send(reply)
         self._watch_growing()
         if self.logic.next_reveal() is not None:
@@ -587,7 +585,6 @@ class _ServedSession:
                 slots.release()
             self.server.count_served(msg.content_id)
             if self.logic is not None:
-                self.logic.now = loop.time()
-                if self.logic.sent(msg.content_id, msg.index):
+                if self.logic.sent(msg.content_id, msg.index, loop.time()):
                     self.held_more.set()  # super-seeding shows this requester another
             counters["bytes_served"] += len(msg.data)

@@ -436,7 +436,7 @@ async def test_a_source_sending_unasked_chunks_is_banned(world: World, tmp_path:
                     first = e.index if isinstance(e, Get) else e.indexes[0]
                     conn.send(Chunk(e.content_id, first + 1000, content.read_sealed(0)))
                 elif isinstance(e, Open | HashesRequest) and logic is not None:
-                    for reply in logic.handle(e):
+                    for reply in logic.handle(e, 0.0):
                         conn.send(reply)
             for buf in conn.data_to_send():
                 await stream.send_all(buf)

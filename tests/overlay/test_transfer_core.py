@@ -269,7 +269,7 @@ def serve(
         if isinstance(e, HandshakeComplete | ConnectionFailed | ConnectionClosed):
             continue
         replies = (logic.bad_message(e.reason) if isinstance(e, BadMessage)
-                   else logic.handle(e))
+                   else logic.handle(e, 0.0))
         for r in [replies] if isinstance(replies, Error) else replies:
             s.send(r)
     while (g := logic.pop_get()) is not None:
@@ -339,7 +339,7 @@ def test_get_queue_is_bounded(held: tuple[ContentStore, LocalContent]) -> None:
     serve(c, s, logic)
     s.receive_data(b"")
     for i in range(3):
-        logic.handle(Get(cid, i))
+        logic.handle(Get(cid, i), 0.0)
     assert logic.queued == 2 and counters["busy"] == 1
 
 
@@ -416,10 +416,10 @@ def test_gets_is_served_as_that_many_gets(held: tuple[ContentStore, LocalContent
     cid = content.content_id
     _, _, logic, counters = opened(held, max_queued=3)
     # Not open, not held, over the queue bound: each index is refused on its own.
-    assert logic.handle(Gets(b"u" * 32, (0, 1))) == [
+    assert logic.handle(Gets(b"u" * 32, (0, 1)), 0.0) == [
         Error(ErrorCode.NOT_OPEN, "content not opened", b"u" * 32, 0),
         Error(ErrorCode.NOT_OPEN, "content not opened", b"u" * 32, 1)]
-    replies = logic.handle(Gets(cid, (5, 6, 0, 1, 2)))
+    replies = logic.handle(Gets(cid, (5, 6, 0, 1, 2)), 0.0)
     assert [(e.code, e.index) for e in replies if isinstance(e, Error)] == [
         (ErrorCode.NOT_HELD, 6), (ErrorCode.BUSY, 2)]
     assert [g.index for g in (logic.pop_get(), logic.pop_get(), logic.pop_get())
@@ -484,14 +484,14 @@ def test_cancel_reaches_a_get_already_being_sealed(
     cid = content.content_id
     _, _, logic, counters = opened(held)
     for i in (0, 1, 2):
-        logic.handle(Get(cid, i))
+        logic.handle(Get(cid, i), 0.0)
     first, second = logic.pop_get(), logic.pop_get()  # both with the sealers now
     assert first is not None and second is not None
-    logic.handle(Cancel(cid, 1))  # too late for the queue, in time for the sender
-    logic.handle(Cancel(cid, 2))  # still queued
+    logic.handle(Cancel(cid, 1), 0.0)  # too late for the queue, in time for the sender
+    logic.handle(Cancel(cid, 2), 0.0)  # still queued
     assert logic.finish_get(cid, 0) and not logic.finish_get(cid, 1)
     assert logic.pop_get() is None and counters["cancelled"] == 2
-    logic.handle(Cancel(cid, 0))  # already sent: nothing to do, nothing grows
+    logic.handle(Cancel(cid, 0), 0.0)  # already sent: nothing to do, nothing grows
     assert logic.finish_get(cid, 0) and counters["cancelled"] == 2
 
 
