@@ -432,7 +432,8 @@ class Node:
         self._after_move(again or self.providers.announce_again())
 
     async def _look_again(self, look: Reachability | None = None) -> None:
-        """Take `look` (else ask STUN now) as what the network is, and what to advertise."""
+        """Take `look` (else ask STUN now) as what the network is: what to advertise, and
+        whether our DHT node serves."""
         was = self.reach
         self.reach = look or await self._look()
         if self.reach.mapped is None and was is not None and was.mapped is not None:
@@ -440,6 +441,10 @@ class Node:
             # we can't see is likelier than none, so keep what we knew of it.
             self.reach = replace(self.reach, nat=was.nat)
         self._advertised = self._advertise()
+        # The DHT role follows: behind a NAT, peers that routed to us would time out on
+        # us; reachable now, we can answer (the role was chosen from the network we
+        # started on).
+        self.providers.dht.set_client_only(self.reach.nat)
 
     def _after_move(self, again: int) -> None:
         """Restart the downloads the change cuts; say what we advertise now."""

@@ -10,6 +10,7 @@ What is kept from the package lives in the protocol, routing and storage modules
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from overlay.dht.records import (
 from overlay.dht.state import decode_state, encode_state, read_state, write_state
 from overlay.dht.storage import MAX_PER_KEY, MAX_TOTAL, ProviderStore
 from overlay.dht.wire import MAX_RECORDS_PER_REPLY, Contact, ErrorReply, Nodes, Ping, Stored
+
+log = logging.getLogger("peerpost.dht")
 
 REFRESH_INTERVAL = 600.0
 LOOKUP_DEADLINE = 20.0
@@ -72,6 +75,7 @@ class DhtNode:
         self._protocol: DhtProtocol | None = None
         self._announced: dict[bytes, asyncio.Task[None]] = {}
         self._refresher: asyncio.Task[None] | None = None
+        self._now_serving: asyncio.Task[None] | None = None
         self._address: tuple[str, int] | None = None
         self._closed = False
 
@@ -123,7 +127,8 @@ class DhtNode:
         if self._closed:
             return
         self._closed = True
-        tasks = [*self._announced.values(), *([self._refresher] if self._refresher else [])]
+        tasks = [*self._announced.values(),
+                 *(t for t in (self._refresher, self._now_serving) if t is not None)]
         self._announced.clear()
         for task in tasks:
             task.cancel()
@@ -131,6 +136,43 @@ class DhtNode:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._protocol is not None:
             self._protocol.close()
+
+    def set_client_only(self, client_only: bool) -> bool:
+        """Change role at runtime (the host moved behind a NAT, or out from behind one);
+        returns whether it changed.
+
+        Client-only: requests are refused from the next datagram on, and our requests say
+        we don't serve, so a peer that asks us and times out drops us from its table
+        (Kademlia's rule) and none adds us again. Serving: we answer from the next
+        datagram, and look up our own id at once, so every node on the way hears a
+        request that says we serve, pings us and adds us (peers add a requester only once
+        it answered their ping from its address).
+
+        Records others stored with us are kept, not handed off: each one was stored at the
+        k closest nodes and its provider republishes it every 22 h (records.
+        REPUBLISH_INTERVAL), so the replica we stop serving is one of up to 20; the store's
+        bounds hold them, they expire within the 48 h TTL, and we serve them again if we
+        serve again before then.
+        """
+        if client_only == self.client_only:
+            return False
+        self.client_only = client_only
+        if self._protocol is not None:
+            self._protocol.client_only = client_only
+        log.info("DHT: %s", "client only now: asking, no longer answering" if client_only
+                 else "serving now: answering requests, and telling our contacts")
+        if self._now_serving is not None:
+            self._now_serving.cancel()
+            self._now_serving = None
+        if not client_only and self._protocol is not None and not self._closed:
+            self._now_serving = asyncio.get_running_loop().create_task(
+                self._tell_contacts(), name="dht-now-serving")
+        return True
+
+    async def _tell_contacts(self) -> None:
+        found = await self.find_nodes(self.peer_id)
+        log.info("DHT: told the network we serve: %d node%s answered our lookup",
+                 len(found), "" if len(found) == 1 else "s")
 
     def stats(self) -> dict[str, int]:
         """Counters: "rpc.sent", "rpc.served", "rpc.timeout", "dropped.<reason>",
