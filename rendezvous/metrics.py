@@ -124,6 +124,7 @@ _REFUSALS = {
     "sessions_refused": "session_cap",
     "slow_readers_dropped": "slow_reader",
     "bad_input": "bad_input",
+    "connections_failed": "connection_failed",
     "links_refused": "link_refused",
     "link_refused_alignment": "link_alignment",
     "link_refused_blocked": "link_blocked",

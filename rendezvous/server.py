@@ -166,6 +166,10 @@ _PIPE_TRANSIT = 30.0
 # Seconds after a session's login during which another instance's envelope may still
 # commit with a seq below the session's `hi` (a transaction in flight at the login).
 _LATE_COMMIT = 60.0
+# A connection whose protocol can't be built or set up is logged with its traceback at most
+# once a minute per distinct error (a bug fails every connection alike), and counted.
+_FAILURE_LOG_EVERY = 60.0
+_FAILURES_REMEMBERED = 64
 
 Result = tuple[Status, str | None, dict[str, Any] | None]
 # `_dispatch` returns this when it has already written the reply itself (a splice).
@@ -218,10 +222,16 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's and the simulator's transports don't subclass asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
-        addr = transport.get_extra_info("peername")
-        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-        self.server._attach(self)
-        self._pump()
+        try:
+            addr = transport.get_extra_info("peername")
+            self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            self.server._attach(self)
+            self._pump()
+        except Exception as exc:
+            # Only the loop's exception handler would hear of it, and the client would
+            # wait on a connection nobody serves: log it, count it, and close this one.
+            self.server.connection_failed("set up", exc)
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.splice is not None:
@@ -376,6 +386,13 @@ class _Connection(asyncio.Protocol):
         self._drained = None
 
 
+class _Unbuilt(asyncio.Protocol):
+    """Takes a connection whose `_Connection` could not be built, and closes it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()
+
+
 class RendezvousServer:
     """The rendezvous server of one domain, usable in-process (tests, simulator) or by the CLI.
 
@@ -455,6 +472,8 @@ class RendezvousServer:
         self.link_rate_limited = 0
         self.relay_invites_forwarded = 0
         self.dht_domains_joined = 0
+        self.connections_failed = 0  # protocol not built or not set up (`connection_failed`)
+        self._failures_logged: dict[tuple[str, str, str], float] = {}
         # Called with (verb, status, seconds from the decoded request to its reply) for
         # every answered request of a session (rendezvous/metrics.py); None: not timed.
         self.on_reply: Callable[[str, int, float], None] | None = None
@@ -495,7 +514,7 @@ class RendezvousServer:
         await self.store.open()
         ctx = self.tls.context if self.tls is not None else None
         self._server = await self._loop.create_server(
-            lambda: _Connection(self), host, port, backlog=backlog, ssl=ctx,
+            self._new_connection, host, port, backlog=backlog, ssl=ctx,
             ssl_handshake_timeout=self.limits.auth_timeout if ctx is not None else None)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
@@ -584,6 +603,7 @@ class RendezvousServer:
             "link_rate_limited": self.link_rate_limited,
             "relay_invites_forwarded": self.relay_invites_forwarded,
             "dht_domains_joined": self.dht_domains_joined,
+            "connections_failed": self.connections_failed,
             **self.bus.snapshot(),
             **(self.federation.snapshot() if self.federation is not None else {}),
             **(self._relay.snapshot() if self._relay is not None else {}),
@@ -632,6 +652,31 @@ class RendezvousServer:
         return ended
 
     # --- connections -----------------------------------------------------------------
+    def _new_connection(self) -> asyncio.Protocol:
+        """The listener's protocol factory. It must not raise: uvloop stops accepting on
+        the listener for good when a factory raises, and asyncio's default loop drops the
+        connection without a word (outside debug mode)."""
+        try:
+            return _Connection(self)
+        except Exception as exc:
+            self.connection_failed("build", exc)
+            return _Unbuilt()
+
+    def connection_failed(self, stage: str, exc: Exception) -> None:
+        """A connection's protocol could not be built or set up (a bug, not the client's
+        doing): count it, and log it with its traceback once a minute per distinct error."""
+        self.connections_failed += 1
+        key = (stage, type(exc).__name__, str(exc))
+        now = self.loop.time()
+        last = self._failures_logged.get(key)
+        if last is not None and now - last < _FAILURE_LOG_EVERY:
+            return
+        if len(self._failures_logged) >= _FAILURES_REMEMBERED:
+            self._failures_logged.clear()
+        self._failures_logged[key] = now
+        log.error(kv("conn.failed", stage=stage, error=f"{type(exc).__name__}: {exc}",
+                     failed=self.connections_failed), exc_info=exc)
+
     def _attach(self, conn: _Connection) -> None:
         if self._closing:
             if conn.transport is not None:
