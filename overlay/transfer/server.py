@@ -9,7 +9,9 @@ loop and sends what the log holds since). Queued GETs go to the server's sealing
 `SEALERS + SEALED_AHEAD` chunks per session being sealed or sealed and waiting for the
 sender: memory per session stays at a few chunks whatever the file size. A misbehaving
 requester costs a counter and an error reply or its own session; the server and every other
-session carry on.
+session carry on. A device that comes back on a new session (its network changed) and opens
+a content again ends its old, silent session for it at once, and so frees that session's
+upload slot (REPLACED_SILENCE).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from overlay.transfer.core import (
     State,
     TransferConnection,
 )
-from overlay.transfer.frames import Chunk, Error, ErrorCode, Get, Message
+from overlay.transfer.frames import Chunk, Error, ErrorCode, Get, Message, Open, Opened
 from overlay.transfer.holder import (
     MAX_QUEUED_GETS,
     ServingSession,
@@ -85,6 +87,20 @@ SLOW_WINDOW = 30.0
 # Seconds from accepting a session to its first OPEN with a valid capability proof. Only a
 # requester that holds a capability for something here may keep a session.
 PROOF_TIMEOUT = 10.0
+# A requester whose network changed (a laptop from home Wi-Fi to a phone hotspot) comes
+# back over a new connection, and its old one goes silent: no FIN, no RST, and the kernel
+# gives it up only after TCP_USER_TIMEOUT (20 s, overlay.transports.tcp), an upload slot
+# held all that time. So when a device opens a content again (a valid OPEN, the same device
+# key) while its older session for that content has moved no byte either way for this many
+# seconds, the older one ends at once. The downloader keeps one session per holder per
+# download (a source's label is the holder's peer id, and a label in use is not added
+# again), so a second session means the first is lost on the requester's side; the silence
+# guards the session that is not. 2 s is the downloader's own judgement the other way: it
+# drops a fast source it hears nothing from for 2 s (pacing's min_stall). A session stuck
+# in a chunk is timed from the new OPEN (its sent count moved until then), so the slot is
+# free 2 s after the device came back, not 20. An old session heard from after the new
+# OPEN is alive, and is left alone.
+REPLACED_SILENCE = 2.0
 
 
 @runtime_checkable
@@ -103,6 +119,10 @@ class CountsSent(Protocol):
 
 class SlowRequester(Exception):
     """A session's chunk moved under the slow rate while another waited for its slot."""
+
+
+class Replaced(Exception):
+    """The session's device opened the content again on a new one while it was silent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +153,7 @@ class TransferServer:
         max_queued_gets: int = MAX_QUEUED_GETS, upload_slots: int = UPLOAD_SLOTS,
         sessions_per_ip: int = SESSIONS_PER_IP, proof_timeout: float = PROOF_TIMEOUT,
         slow_rate: float = SLOW_RATE, slow_window: float = SLOW_WINDOW,
-        super_seed: bool = True,
+        super_seed: bool = True, replaced_silence: float = REPLACED_SILENCE,
     ) -> None:
         self.identity = identity
         self.catalog = catalog
@@ -150,6 +170,12 @@ class TransferServer:
             raise ValueError("slow_rate must be at least 0 and slow_window positive")
         self.slow_rate = slow_rate
         self.slow_window = slow_window
+        if replaced_silence <= 0:
+            raise ValueError("replaced_silence must be positive")
+        self.replaced_silence = replaced_silence
+        # (device peer id, content id) -> the running sessions of that device that opened
+        # that content; entries leave with their sessions.
+        self._openers: dict[tuple[bytes, bytes], list[_ServedSession]] = {}
         self.sessions_per_ip = sessions_per_ip
         self.proof_timeout = proof_timeout
         # Running sessions per peer IP (relayed streams, which name no peer, are not
@@ -204,6 +230,50 @@ class TransferServer:
             self._bucket = TokenBucket(self.max_upload_rate, burst, now)
         return self._bucket
 
+    def session_opened(self, session: _ServedSession, content_id: bytes) -> None:
+        """`session` opened `content_id` (its OPEN was valid): its device's older sessions
+        for that content are ended once silent for `replaced_silence` seconds."""
+        if session.device is None:
+            return
+        openers = self._openers.setdefault((session.device, content_id), [])
+        if session in openers:
+            return
+        older = [s for s in openers if not s.ended]
+        openers.append(session)
+        for old in older:
+            old.heard_since_replaced = False
+            self._check_replaced(old, session, content_id)
+
+    def session_ended(self, session: _ServedSession) -> None:
+        """Forget `session` in the record of who opened what."""
+        if session.device is None:
+            return
+        for cid in session.opened:
+            key = (session.device, cid)
+            openers = [s for s in self._openers.get(key, ()) if s is not session]
+            if openers:
+                self._openers[key] = openers
+            else:
+                self._openers.pop(key, None)
+
+    def _check_replaced(self, old: _ServedSession, new: _ServedSession,
+                        content_id: bytes) -> None:
+        """End `old` if it has been silent long enough since `new` opened the content;
+        look again when it would be, while both run and `old` is not heard from."""
+        if old.ended or new.ended or old.heard_since_replaced:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        silent = old.silent_for(now)
+        if silent < self.replaced_silence:
+            old.later(loop.call_at(now + self.replaced_silence - silent, self._check_replaced,
+                                   old, new, content_id))
+            return
+        self.counters["sessions_replaced"] += 1
+        log.info("transfer: ended the silent session of %s for %s (nothing for %.1f s): it "
+                 "reconnected from %s", old.label, content_id.hex()[:16], silent, new.peer)
+        old.replace()
+
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen for direct TCP sessions; returns the bound address (port 0: any)."""
         # A few more TCP slots than sessions, so the excess gets counted and refused here.
@@ -235,6 +305,8 @@ class TransferServer:
         except* StreamError as eg:
             self.counters["stream_errors"] += 1
             log.debug("transfer session stream error: %s", eg.exceptions[0])
+        except* Replaced:
+            pass  # counted and logged where it was decided (`_check_replaced`)
         except* SlowRequester as eg:
             self.counters["slow_dropped"] += 1
             log.info("transfer: %s %s; session dropped", stream.peer_address(),
@@ -298,11 +370,26 @@ class _ServedSession:
         self.write_lock = asyncio.Lock()
         self.held_more = asyncio.Event()
         self._unwatch: list[Callable[[], None]] = []
+        # Who is at the other end (from the handshake), and what it opened here: the
+        # server ends this session when the same device opens one of these contents again
+        # on a new session while this one is silent (REPLACED_SILENCE).
+        self.device: bytes | None = None
+        self.label = self.peer
+        self.opened: set[bytes] = set()
+        # When bytes last came in or left: as of the last read or write, or of the last
+        # `silent_for` that saw the stream's sent count move (a blocked write moves it).
+        self.active_at = 0.0
+        self._sent_mark = 0
+        self.moved(asyncio.get_running_loop().time())
+        self.heard_since_replaced = False
+        self._replaced = asyncio.Event()
+        self._timers: list[asyncio.TimerHandle] = []
 
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self.send_loop()), tg.create_task(self.announce_loop())]
+                tasks = [tg.create_task(self.send_loop()), tg.create_task(self.announce_loop()),
+                         tg.create_task(self._until_replaced())]
                 try:
                     await self.read_loop()
                 finally:
@@ -312,8 +399,41 @@ class _ServedSession:
             self.ended = True  # sealed chunks still coming back are dropped
             for stop in self._unwatch:
                 stop()
+            for timer in self._timers:
+                timer.cancel()
+            self.server.session_ended(self)
             if self.logic is not None:
                 self.logic.close()
+
+    def moved(self, now: float) -> None:
+        """Bytes came in or left at `now`."""
+        self.active_at = now
+        if self._bytes_sent is not None:
+            self._sent_mark = self._bytes_sent()
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since a byte last came in or left. A write blocked on the path moves
+        the sent count without returning: a count that moved since the last look counts
+        as moving now, so a session stuck in a chunk is silent from the first look that
+        sees its count stand still."""
+        if self._bytes_sent is not None and self._bytes_sent() != self._sent_mark:
+            self.moved(now)
+        return now - self.active_at
+
+    def later(self, timer: asyncio.TimerHandle) -> None:
+        """Keep `timer` (a look at this session) to cancel when the session ends."""
+        now = asyncio.get_running_loop().time()
+        self._timers = [t for t in self._timers if t.when() > now]  # those not yet run
+        self._timers.append(timer)
+
+    def replace(self) -> None:
+        """End the session at once (its device came back on a new one): the chunk it is
+        sending is cancelled and its upload slot released."""
+        self._replaced.set()
+
+    async def _until_replaced(self) -> None:
+        await self._replaced.wait()
+        raise Replaced(f"{self.label} reconnected")
 
     def _watch_growing(self) -> None:
         """Start HAVE updates for growing contents whose OPENED went out."""
@@ -348,9 +468,10 @@ class _ServedSession:
         if self._sends_many and len(bufs) > 1:
             # A CHUNK's header and payload in one go (one writev on uvloop).
             await cast(SendsMany, self.stream).send_many(bufs)
-            return
-        for buf in bufs:
-            await self.stream.send_all(buf)
+        else:
+            for buf in bufs:
+                await self.stream.send_all(buf)
+        self.moved(asyncio.get_running_loop().time())
 
     async def _flush(self) -> None:
         # Nothing queued: no need to wait for the lock, which a chunk paced under the upload
@@ -453,6 +574,7 @@ class _ServedSession:
                     if delay > 0:
                         await asyncio.sleep(delay)
                     await self._while_moving(self.stream.send_all(piece))
+                    self.moved(loop.time())
 
     async def read_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -484,15 +606,19 @@ class _ServedSession:
                     return
                 log.info("transfer: %s timed out (%s)", self.peer, self.conn.state.name)
                 return
+            if data:
+                self.moved(loop.time())
+                self.heard_since_replaced = True
             self.conn.receive_data(data)
 
     async def on_event(self, event: Event) -> bool:
         """Handle one event from the core; False ends the session."""
         counters = self.server.counters
         if isinstance(event, HandshakeComplete):
+            self.device = event.peer.peer_id
+            self.label = f"{self.device.hex()[:12]}@{self.peer}"
             self.logic = ServingSession(
-                self.server.catalog, event.transcript, counters,
-                peer=f"{event.peer.peer_id.hex()[:12]}@{self.peer}",
+                self.server.catalog, event.transcript, counters, peer=self.label,
                 max_queued=self.server.max_queued_gets, seeder=self.server.seeder,
             )
             return True
@@ -507,7 +633,11 @@ class _ServedSession:
         if isinstance(event, BadMessage):
             await self._send(self.logic.bad_message(event.reason))
             return True
-        for reply in self.logic.handle(event, asyncio.get_running_loop().time()):
+        replies = self.logic.handle(event, asyncio.get_running_loop().time())
+        if isinstance(event, Open) and any(isinstance(r, Opened) for r in replies):
+            self.opened.add(event.content_id)
+            self.server.session_opened(self, event.content_id)
+        for reply in replies:
             await self._send(reply)
         self._watch_growing()
         if self.logic.next_reveal() is not None:
