@@ -17,6 +17,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,10 @@ RATE = 3_000_000  # bytes/s at the sender: about 8 s for the whole file
 # a new login takes one TLS handshake: seconds. Without following the move, the session
 # stays dead until its 45 s keepalive timeout, and all that waits for it waits as long.
 BACK_WITHIN = 20.0
+# alice ends bob's old session (stuck in a chunk, holding one of her upload slots) 2 s after
+# bob opens the clip again from his new network; the kernel would end it only once its
+# bytes had gone unacknowledged for TCP_USER_TIMEOUT, 20 s (23.7 s after the move).
+SLOT_FREE_WITHIN = 20.0
 SAME_ADDRESS_WITHIN = 10.0
 
 
@@ -133,11 +138,14 @@ def test_download_resumes_within_seconds_when_the_receiver_changes_network(
     net.wait_until(lambda: float(_entry(net, bob, mid).get("progress") or 0) >= 0.2, 60,
                    "a fifth of bob's download", interval=0.3)
 
-    (old,) = {a.split(":")[0] for addrs in _providers(net, bob).values() for a in addrs}
+    providers = _providers(net, bob)
+    (cid,) = providers
+    (old,) = {a.split(":")[0] for addrs in providers.values() for a in addrs}
     assert old == lab.addr_of("h1")
 
     new = lab.move("h1")
     moved = time.monotonic()
+    moved_at = time.time()
     before = float(_entry(net, bob, mid)["progress"])
 
     def resumed() -> bool:
@@ -156,6 +164,16 @@ def test_download_resumes_within_seconds_when_the_receiver_changes_network(
     # receiver whose session is dead falls back to the relay, after the PIPE times out.
     assert {s["path"] for s in entry["sources"]} == {"tcp-punch"}, entry["sources"]
     assert took < BACK_WITHIN, f"the download went on {took:.1f} s after the move"
+    # alice ended bob's old session when he opened the clip again, not when the kernel gave
+    # it up: her upload slot was free again seconds after the move.
+    assert alice.proc is not None
+    bob_id = str(net.cli_json(bob, "info")["peer_id"])
+    line = alice.proc.lines.wait_for(re.compile(
+        rf"ts=(\S+Z) .*ended the silent session of {bob_id[:12]}@\S+ for {cid[:16]} "
+        r".*it reconnected from"), 5, "alice ending bob's old session")
+    freed = datetime.fromisoformat(line.group(1)).timestamp() - moved_at
+    print(f"alice ended bob's old session {freed:.1f} s after the move")
+    assert freed < SLOT_FREE_WITHIN, f"alice ended bob's old session {freed:.1f} s after"
     # bob's record for the clip he holds now names his address on the new network.
     records = _providers(net, bob)
     assert records and all(a.split(":")[0] == new for addrs in records.values()
