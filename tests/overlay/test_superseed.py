@@ -122,5 +122,10 @@ async def test_a_chunk_a_player_waits_for_comes_first_though_the_sender_did_not_
     async with asyncio.timeout(60):
         path = await d.run()
     assert path.read_bytes() == sw.data
-    assert 23 in stored[:3], stored
+    # Asked for first, it is stored among the first half; shown only when its turn came
+    # (no probe), it was stored 22nd of 24. Not "among the first three": four filing
+    # threads finish in any order (unloaded: 23, 1, 2, 0, ...), and under a full test
+    # run's load one thread held off the CPU while chunks come every 16 ms let 0, 1, 2,
+    # 4, 3, 5 and more be stored before it.
+    assert stored.index(23) < len(stored) // 2, stored
     assert d.counters["probes"] >= 1
