@@ -30,8 +30,11 @@ CLOSE_TIMEOUT = 2.0
 # up (TCP_USER_TIMEOUT, RFC 5482). Without it Linux retransmits for about 15 minutes, and a
 # sender serving a peer that vanished (its laptop changed network: its address is gone)
 # kept the session, and one of its four upload slots, until its own 60 s send timeout
-# (60.5 s measured in the NAT lab). A peer that is slow or not reading still ACKs (its
-# zero-window probes too), so only a peer that is gone runs into it.
+# (60.5 s measured in the NAT lab). Linux applies it to a closed receive window too: a
+# peer that ACKs but reads nothing for that long is cut as well (a 2 s limit here gave
+# ETIMEDOUT 2.0 s after the last write, the reader still connected and not reading). A
+# slow reader opens its window now and then and is not; one that stalls (its disk) is
+# cut, and its download connects again as after any cut connection.
 UNACKED_LIMIT = 20.0
 
 
