@@ -9,6 +9,12 @@
 - disk: the same number of bytes written the way a receiving node writes them (O_DIRECT
   into a new sparse file, one chunk per `pwrite`, as many threads as the downloader's filing
   threads), with nothing else running: the disk's ceiling for the node-to-node rate.
+- floor: the CPU per GB of each step a delivery cannot skip, each timed alone on one
+  thread (reading a chunk from the page cache, its keyed BLAKE3 leaf, AES-256-GCM sealing
+  and opening, the O_DIRECT write above), added up per node with the raw copy's socket
+  costs: naming = read + leaf; serving = raw sender + read + seal; receiving = raw
+  receiver + open + leaf + write. From it, the end to end rate the measured `send` time
+  and that work alone on every core would give: a bound no code of this design beats here.
 - CLI end to end: a fresh rendezvous server and two `peerpost node` daemons (real processes,
   `overlay.app.lab.LocalNetwork`); the clock starts when `peerpost send FILE --to bob`
   starts and stops when `peerpost fetch ID --wait` (started on bob as soon as the message is
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import mmap
 import os
 import shutil
 import statistics
@@ -36,7 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import report
-from crypto.content import chunk_size_for
+from crypto.content import (
+    ChunkCipher,
+    LeafScheme,
+    chunk_size_for,
+    leaf_key,
+    new_content_key,
+    plain_leaf,
+)
 from overlay.app.control import ControlClient
 from overlay.app.lab import LocalNetwork
 from overlay.transfer.downloader import WRITERS
@@ -72,37 +86,74 @@ s.close()
 """
 
 _DIRECT_WRITER = r"""
-import mmap, os, sys, threading, time
+import mmap, os, resource, sys, threading, time
 path, size, chunk, writers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 try:
     fd, how = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600), "O_DIRECT"
 except OSError:  # a filesystem without O_DIRECT (tmpfs): what the node falls back to
     fd, how = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "page cache + fsync"
 os.ftruncate(fd, size)
-def write(k):
-    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+bufs = [mmap.mmap(-1, chunk) for _ in range(writers)]  # page-aligned, as O_DIRECT needs
+for buf in bufs:
     buf.write(os.urandom(chunk))
-    view = memoryview(buf)
+def write(k):
+    view = memoryview(bufs[k])
     for i in range(k, -(-size // chunk), writers):
         n = min(chunk, size - i * chunk)
         os.pwrite(fd, view[:n], i * chunk)
+cpu0 = time.process_time()
 t0 = time.perf_counter()
 threads = [threading.Thread(target=write, args=(k,)) for k in range(writers)]
 for t in threads: t.start()
 for t in threads: t.join()
 os.fsync(fd)
-print(time.perf_counter() - t0, how)
+print(time.perf_counter() - t0, time.process_time() - cpu0, how)
 os.close(fd); os.unlink(path)
 """
 
 
-def direct_write(folder: Path, size: int) -> tuple[float, str]:
-    """Seconds to write `size` bytes as a receiving node does, and how it wrote."""
+def direct_write(folder: Path, size: int) -> tuple[float, str, float]:
+    """Seconds to write `size` bytes as a receiving node does, how it wrote, and the CPU
+    seconds that took."""
     out = subprocess.run(
         [sys.executable, "-c", _DIRECT_WRITER, str(folder / "direct-write.bin"), str(size),
          str(chunk_size_for(size)), str(WRITERS)],
-        capture_output=True, text=True, check=True).stdout.split(maxsplit=1)
-    return float(out[0]), out[1].strip()
+        capture_output=True, text=True, check=True).stdout.split(maxsplit=2)
+    return float(out[0]), out[2].strip(), float(out[1])
+
+
+def cpu_floor(src: Path) -> dict[str, float]:
+    """CPU seconds per GB of each step a delivery cannot skip, on one thread, over `src`
+    (in the page cache) chunk by chunk as a node goes: "read" (pread into a reused
+    buffer), "leaf" (the keyed BLAKE3 leaf of the plaintext), "seal" (AES-256-GCM into
+    another buffer) and "open" (that sealed chunk opened into a third), each chunk in the
+    size a file of that size is named with."""
+    size = src.stat().st_size
+    cs = chunk_size_for(size)
+    key = new_content_key()
+    cipher, key_l = ChunkCipher(key, LeafScheme.KEYED_PLAIN_AES), leaf_key(key)
+    plain, opened = memoryview(mmap.mmap(-1, cs)), memoryview(mmap.mmap(-1, cs))
+    sealed = memoryview(mmap.mmap(-1, cs + cipher.overhead))
+    spent = dict.fromkeys(("read", "leaf", "seal", "open"), 0.0)
+    clock = time.process_time
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        for i in range(-(-size // cs)):
+            n = min(cs, size - i * cs)
+            t0 = clock()
+            os.preadv(fd, [plain[:n]], i * cs)
+            t1 = clock()
+            plain_leaf(key_l, plain[:n])
+            t2 = clock()
+            cipher.seal_into(i, plain[:n], sealed[:n + cipher.overhead])
+            t3 = clock()
+            cipher.open_into(i, sealed[:n + cipher.overhead], opened)
+            t4 = clock()
+            for k, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                spent[k] += dt
+    finally:
+        os.close(fd)
+    return {k: v / (size / 1e9) for k, v in spent.items()}
 
 
 def compile_tree(tree: Path) -> None:
@@ -260,6 +311,7 @@ def main(argv: list[str]) -> int:
         raw_disk = raw_copy(src, Path(tmp) / "raw-copy.bin")
         os.sync()
         disk = direct_write(Path(tmp), size)
+        floor = cpu_floor(src)
         for i, (code, base) in enumerate(plan):
             os.sync()
             lab = Path(tmp) / f"lab{i}"
@@ -277,6 +329,17 @@ def main(argv: list[str]) -> int:
         return statistics.median(r["cpu_send"] + r["cpu_serve"] + r["cpu_receive"]
                                  for c, r in runs if c == code)
 
+    # The floor: what a delivery must do per GB whatever the code around it, each step
+    # timed alone. Serving is the raw sender's socket copy plus reading the chunk into
+    # memory and sealing it; receiving, the raw receiver's plus opening, the leaf check and
+    # the O_DIRECT write. With both nodes' floor work on every core and nothing else, the
+    # end to end rate could be no better than `bound`.
+    floor["write"] = disk[2] / gb
+    f_send = floor["read"] + floor["leaf"]
+    f_serve = raw_mem[1] / gb + floor["read"] + floor["seal"]
+    f_recv = raw_mem[2] / gb + floor["open"] + floor["leaf"] + floor["write"]
+    cores = os.cpu_count() or 1
+    bound = size / (med("new", "send_seconds") + (f_serve + f_recv) * gb / cores) / 1e6
     rows: list[dict[str, Any]] = [
         {"metric": "raw socket copy, in memory (sendfile → recv_into)",
          "value": size / raw_mem[0] / 1e6, "unit": "MB/s"},
@@ -299,6 +362,14 @@ def main(argv: list[str]) -> int:
         {"metric": "CPU per GB, receiver", "value": med("new", "cpu_receive"), "unit": "s/GB"},
         {"metric": "CPU per GB, whole delivery (both nodes)", "value": cpu("new"),
          "unit": "s/GB", "target": "≤ 2.0", "ok": cpu("new") <= 2.0},
+        {"metric": "floor per GB, one step at a time: read / leaf / seal / open / write",
+         "value": " / ".join(f"{floor[k]:.2f}" for k in ("read", "leaf", "seal", "open",
+                                                         "write")), "unit": "CPU s/GB"},
+        {"metric": "floor per GB, whole delivery: send / serve / receive = whole",
+         "value": (f"{f_send:.2f} / {f_serve:.2f} / {f_recv:.2f} = "
+                   f"{f_send + f_serve + f_recv:.2f}"), "unit": "CPU s/GB"},
+        {"metric": f"end to end at the floor, {cores} cores busy (`send` as measured)",
+         "value": bound, "unit": "MB/s"},
         {"metric": "peak RSS, sender / receiver node",
          "value": f"{med('new', 'rss_sender') / MiB:.0f} / {med('new', 'rss_receiver') / MiB:.0f}",
          "unit": "MiB", "target": "< 200",
@@ -313,6 +384,8 @@ def main(argv: list[str]) -> int:
                        f"{med('old', 'cpu_receive'):.2f} = {cpu('old'):.2f}"), "unit": "s/GB"},
             {"metric": "end to end, new / old (medians)", "value": ratio, "unit": "x",
              "target": "≥ 2", "ok": ratio >= 2},
+            {"metric": "end to end at the floor / old", "value": bound / e2e("old"),
+             "unit": "x"},
         ]
     rows += [_run_row(i + 1, code, r, size) for i, (code, r) in enumerate(runs)]
     rows.append({"metric": "load average (1 min) before / after",
@@ -322,5 +395,7 @@ def main(argv: list[str]) -> int:
            meta={"bytes": size, "baseline": str(args.baseline or ""),
                  "runs": [{"code": c, **r} for c, r in runs],
                  "raw_in_memory": raw_mem, "raw_to_disk": raw_disk,
-                 "disk_write": disk})
+                 "disk_write": disk, "floor": floor,
+                 "floor_whole": {"send": f_send, "serve": f_serve, "receive": f_recv},
+                 "floor_e2e": bound})
     return 0
