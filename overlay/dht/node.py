@@ -175,7 +175,8 @@ class DhtNode:
                  len(found), "" if len(found) == 1 else "s")
 
     def stats(self) -> dict[str, int]:
-        """Counters: "rpc.sent", "rpc.served", "rpc.timeout", "dropped.<reason>",
+        """Counters: "rpc.sent", "rpc.served", "rpc.timeout", "rpc.late_timer",
+        "rpc.late_reply", "dropped.<reason>",
         "store_refused.<reason>", "stored", plus "contacts" and "records" gauges."""
         out = dict(self._protocol.counters) if self._protocol is not None else {}
         out["contacts"] = self._protocol.router.size() if self._protocol is not None else 0

@@ -24,7 +24,9 @@ What changes from the package, and why:
   contacts, and a reply that still came back truncated is asked again once, with its token.
 - Timeouts adapt (SRTT + 4 RTTVAR, per node and overall) instead of a fixed 5 s, and every
   RPC's future is owned here and always resolved: no `ensure_future`, no datagram raising
-  into the loop. The clock is the running loop's.
+  into the loop. The clock is the running loop's. A timer that fires late (our loop
+  stalled) waits a little more, a STORE waits the longest RTO, and a reply after its
+  timeout still puts its node back in the table.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from overlay.dht.errors import RemoteProtocolError
 from overlay.dht.ratelimit import SourceLimiter
 from overlay.dht.records import ProviderRecord, dht_key
 from overlay.dht.routing import ClockedRoutingTable
-from overlay.dht.rtt import MAX_RTO, RttTable
+from overlay.dht.rtt import MAX_RTO, MIN_RTO, RttTable
 from overlay.dht.storage import ProviderStore
 from overlay.dht.tokens import ROTATE_SECONDS, TokenIssuer
 from overlay.dht.wire import (
@@ -85,6 +87,20 @@ UNPROVEN_PAD_TO = 400
 # many kept (the least recently received goes first).
 TOKEN_USE_SECONDS = ROTATE_SECONDS - 60
 MAX_HELD_TOKENS = 4096
+# A timer that fires this late means the loop did not listen meanwhile (a long callback,
+# GC, a descheduled process): replies that came in are still unread in the socket, as
+# asyncio's default loop reads one datagram per socket per turn after running the timers
+# due (uvloop runs all due timers before polling at all). Judged then, every RPC in flight
+# timed out at once (20 stores of one announce, and their nodes left the routing table); so
+# a late timer gives the reply MIN_RTO more, up to MAX_GRACES times.
+LATE_TIMER = 0.02
+MAX_GRACES = 3
+# RPCs that timed out, remembered this long (at most MAX_OUTSTANDING of them): a reply that
+# comes after all proves the node alive, and it goes back into the routing table (the
+# timeout took it out) with the late round trip in its RTT estimate. Without this, a
+# joining node whose first FIND_NODE the busy bootstrap node answered 100 ms late had
+# removed its only contact and was left with an empty table.
+LATE_REPLY_WINDOW = 10.0
 # Bytes a reply adds around its body (envelope, msg_id, key, signature), bin16 header.
 REPLY_OVERHEAD = len(Reply(bytes(MSG_ID_LEN), bytes(32), b"", bytes(64)).encode()) + 1
 
@@ -116,6 +132,7 @@ class _Pending:
     sent_token: bool
     sent_at: float
     timer: asyncio.TimerHandle
+    graces: int = 0  # late timers so far (`LATE_TIMER`)
 
     @property
     def request_tag(self) -> int:
@@ -147,6 +164,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self._rng = rng
         self._pending: dict[bytes, _Pending] = {}
         self._verifying: set[bytes] = set()
+        self._timed_out: OrderedDict[bytes, tuple[Address, bytes | None, float]] = OrderedDict()
         self._closed = False
 
     def __getattr__(self, name: str) -> Any:
@@ -220,7 +238,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     def _on_reply(self, reply: Reply, source: Address) -> None:
         pending = self._pending.get(reply.msg_id)
         if pending is None:
-            raise RemoteProtocolError("unknown_reply", "late, duplicate or never asked")
+            self._on_late_reply(reply, source)
+            return
         if source != pending.addr:
             raise RemoteProtocolError("wrong_address", f"reply from {source}")
         try:
@@ -238,7 +257,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         except RemoteProtocolError:
             self._finish(reply.msg_id, RpcFailure("bad_reply"))
             raise
-        self.rtt.sample(peer_id, self._loop.time() - pending.sent_at)
+        if not pending.graces:  # else the wait measured our stall, not the path
+            self.rtt.sample(peer_id, self._loop.time() - pending.sent_at)
         node = Node(peer_id, source[0], source[1])
         if isinstance(body, Nodes) and body.token:
             self._hold_token(source, body.token)
@@ -249,6 +269,27 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
                 return
         self._finish(reply.msg_id, Answer(node, body))
         self.handle_call_response(node)
+
+    def _on_late_reply(self, reply: Reply, source: Address) -> None:
+        """A reply to an RPC that timed out: its node lives after all (`LATE_REPLY_WINDOW`)."""
+        late = self._timed_out.get(reply.msg_id)
+        now = self._loop.time()
+        if late is None or now - late[2] > LATE_REPLY_WINDOW:
+            raise RemoteProtocolError("unknown_reply", "late, duplicate or never asked")
+        addr, expect_id, sent_at = late
+        if source != addr:
+            raise RemoteProtocolError("wrong_address", f"reply from {source}")
+        try:
+            verify(reply.responder_key, REPLY_CONTEXT, reply.signed_bytes(), reply.signature)
+        except VerificationError:
+            raise RemoteProtocolError("bad_signature") from None
+        del self._timed_out[reply.msg_id]
+        peer_id = peer_id_of(reply.responder_key)
+        if expect_id is not None and peer_id != expect_id:
+            raise RemoteProtocolError("forged_id", "key does not hash to the id we were given")
+        self.counters["rpc.late_reply"] += 1
+        self.rtt.sample(peer_id, now - sent_at)
+        self.handle_call_response(Node(peer_id, source[0], source[1]))
 
     # --- the RPCs we answer (the package's rpc_* roles, typed) ---------------------------
 
@@ -312,7 +353,12 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     def _send_request(self, future: asyncio.Future[Outcome], addr: Address, body: RequestBody,
                       expect_id: bytes | None, token: bytes) -> None:
         msg_id = secrets.token_bytes(MSG_ID_LEN)  # unguessable: replies are matched on it
-        timer = self._loop.call_later(self.rtt.timeout_for(expect_id), self._on_timeout, msg_id)
+        # A STORE is on no lookup's path, so it waits the longest RTO: a shorter wait only
+        # miscounts stores the nodes made (all of one announce's 20 could time out at the
+        # 100 ms floor on a loaded machine, while the lookup before them had gone fine).
+        wait = MAX_RTO if isinstance(body, StoreProvider) else self.rtt.timeout_for(expect_id)
+        deadline = self._loop.time() + wait
+        timer = self._loop.call_at(deadline, self._on_timeout, msg_id, deadline)
         self._pending[msg_id] = _Pending(future, addr, expect_id, body, bool(token),
                                          self._loop.time(), timer)
         request = Request(msg_id, self.identity.public.verify_key, not self.client_only, body,
@@ -366,12 +412,22 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         body = StoreProvider(record.content_id, record.encode(), token)
         return self.request((node.ip, node.port), body, node.id)
 
-    def _on_timeout(self, msg_id: bytes) -> None:
+    def _on_timeout(self, msg_id: bytes, deadline: float) -> None:
         pending = self._pending.get(msg_id)
         if pending is None:
             return
+        now = self._loop.time()
+        if now - deadline > LATE_TIMER and pending.graces < MAX_GRACES:
+            pending.graces += 1
+            self.counters["rpc.late_timer"] += 1
+            pending.timer = self._loop.call_at(now + MIN_RTO, self._on_timeout, msg_id,
+                                               now + MIN_RTO)
+            return
         self.counters["rpc.timeout"] += 1
         self._finish(msg_id, RpcFailure("timeout"))
+        self._timed_out[msg_id] = (pending.addr, pending.expect_id, pending.sent_at)
+        while len(self._timed_out) > MAX_OUTSTANDING:
+            self._timed_out.popitem(last=False)
         if pending.expect_id is not None:
             # As the package does: a node that fails to answer leaves the table, and the
             # bucket's most recent replacement takes its place.

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import TYPE_CHECKING
+
+from kademlia.node import Node
 
 from crypto.identity import DeviceIdentity
 from overlay.dht.node import DhtNode
+
+if TYPE_CHECKING:
+    import pytest  # benchmarks/dht.py runs without it
 
 JOIN_BATCH = 10
 
@@ -38,3 +44,32 @@ async def close_all(nodes: list[DhtNode]) -> None:
     """Close every node (silently, as a crash looks to the others)."""
     for node in nodes:
         await node.aclose()
+
+
+def routes_to(node: DhtNode, peer_id: bytes) -> bool:
+    """Whether `peer_id` is in `node`'s routing table."""
+    return any(c.node_id == peer_id for c in node.contacts())
+
+
+def added_by(nodes: list[DhtNode], peer_id: bytes, want: int,
+             monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """An event set once `want` of `nodes` have put `peer_id` in their routing tables (a
+    protocol adds a node there when it answered and proved its id): to wait on, not poll."""
+    adders: set[bytes] = set()
+    done = asyncio.Event()
+
+    def watch(node: DhtNode) -> None:
+        add = node.protocol.handle_call_response
+
+        def added(contact: Node) -> None:
+            add(contact)
+            if contact.id == peer_id and routes_to(node, peer_id):
+                adders.add(node.peer_id)
+                if len(adders) >= want:
+                    done.set()
+
+        monkeypatch.setattr(node.protocol, "handle_call_response", added)
+
+    for node in nodes:
+        watch(node)
+    return done

@@ -27,13 +27,10 @@ async def test_provider_lookups_succeed_with_a_fifth_of_the_nodes_silently_dead(
         cids = [rng.randbytes(32) for _ in range(15)]
         providers = rng.sample(nodes[1:], len(cids))
         for cid, provider in zip(cids, providers, strict=True):
-            # At most twice, as the node's republishing would: 150 nodes share one loop
-            # here, their RPC timeouts settle at the 100 ms floor on loopback, and one
-            # stall of the machine timed out a whole announce (2 stores, once in a suite).
-            stored = await provider.announce(cid, ["127.0.0.1:4000"], HOME)
-            if stored < 15:
-                stored = await provider.announce(cid, ["127.0.0.1:4000"], HOME)
-            assert stored >= 15
+            # Once: a loaded machine made announces here store at 0-2 nodes (timers firing
+            # on replies not yet read, a joiner left with an empty table), now covered by
+            # tests/overlay/test_dht_timeouts.py.
+            assert await provider.announce(cid, ["127.0.0.1:4000"], HOME) >= 15
 
         async def lookups(alive: list[DhtNode]) -> int:
             hits = 0

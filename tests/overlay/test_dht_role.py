@@ -11,41 +11,13 @@ from kademlia.node import Node
 from overlay.dht import DhtNode
 from overlay.dht.protocol import Answer, RpcFailure
 from overlay.dht.wire import Nodes
-from tests.overlay.dht_swarm import close_all, start_swarm
+from tests.overlay.dht_swarm import added_by, close_all, routes_to, start_swarm
 
 WAIT = 10.0  # generous: two cores shared with other tests
 
 
-def _routes_to(node: DhtNode, peer_id: bytes) -> bool:
-    return any(c.node_id == peer_id for c in node.contacts())
-
-
 def _as_contact(node: DhtNode) -> Node:
     return Node(node.peer_id, *node.address)
-
-
-def _count_adds(nodes: list[DhtNode], peer_id: bytes, want: int,
-                monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
-    """An event set once `want` of `nodes` have put `peer_id` in their routing tables
-    (a protocol adds a node there when it answered and proved its id)."""
-    adders: set[bytes] = set()
-    done = asyncio.Event()
-
-    def watch(node: DhtNode) -> None:
-        add = node.protocol.handle_call_response
-
-        def added(contact: Node) -> None:
-            add(contact)
-            if contact.id == peer_id and _routes_to(node, peer_id):
-                adders.add(node.peer_id)
-                if len(adders) >= want:
-                    done.set()
-
-        monkeypatch.setattr(node.protocol, "handle_call_response", added)
-
-    for node in nodes:
-        watch(node)
-    return done
 
 
 async def test_a_client_switched_to_serving_answers_and_is_routed_to(
@@ -53,16 +25,16 @@ async def test_a_client_switched_to_serving_answers_and_is_routed_to(
     nodes = await start_swarm(12, seed=21, client_only=frozenset({11}))
     try:
         me, servers = nodes[11], nodes[:11]
-        assert not any(_routes_to(n, me.peer_id) for n in servers)
+        assert not any(routes_to(n, me.peer_id) for n in servers)
         refused = await servers[3].protocol.call_find_node(_as_contact(me), me.peer_id)
         assert refused == RpcFailure("timeout")
 
-        learned = _count_adds(servers, me.peer_id, 3, monkeypatch)
+        learned = added_by(servers, me.peer_id, 3, monkeypatch)
         assert me.set_client_only(False)
         assert not me.set_client_only(False)  # no change, nothing done
         # With nothing more than the switch, its own lookup tells the nodes it asks.
         await asyncio.wait_for(learned.wait(), WAIT)
-        assert sum(_routes_to(n, me.peer_id) for n in servers) >= 3
+        assert sum(routes_to(n, me.peer_id) for n in servers) >= 3
 
         answer = await servers[3].protocol.call_find_node(_as_contact(me), me.peer_id)
         assert isinstance(answer, Answer) and isinstance(answer.body, Nodes)
@@ -78,12 +50,12 @@ async def test_a_server_switched_to_client_only_stops_answering_and_being_added(
         me, peer = nodes[11], nodes[4]
         pong = await peer.protocol.call_ping(_as_contact(me))
         assert isinstance(pong, Answer)
-        assert _routes_to(peer, me.peer_id)
+        assert routes_to(peer, me.peer_id)
 
         assert me.set_client_only(True)
         refused = await peer.protocol.call_find_node(_as_contact(me), peer.peer_id)
         assert refused == RpcFailure("timeout")
-        assert not _routes_to(peer, me.peer_id)  # it timed out, so it left the table
+        assert not routes_to(peer, me.peer_id)  # it timed out, so it left the table
         assert me.stats()["dropped.not_serving"] >= 1
 
         # It still asks (and is answered), but its requests no longer say it serves: no
@@ -94,6 +66,6 @@ async def test_a_server_switched_to_client_only_stops_answering_and_being_added(
         await me.find_nodes(bytes(20))  # more round trips: a ping sent would be in by now
         assert peer.stats()["rpc.served"] > served
         assert me.stats()["dropped.not_serving"] == refusals
-        assert not _routes_to(peer, me.peer_id)
+        assert not routes_to(peer, me.peer_id)
     finally:
         await close_all(nodes)
