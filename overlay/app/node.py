@@ -444,7 +444,8 @@ class Node:
         # The DHT role follows: behind a NAT, peers that routed to us would time out on
         # us; reachable now, we can answer (the role was chosen from the network we
         # started on).
-        self.providers.dht.set_client_only(self.reach.nat)
+        self.providers.dht.set_client_only(self.reach.nat,
+                                           via=self._dht_bootstrap(self.rendezvous.host))
 
     def _after_move(self, again: int) -> None:
         """Restart the downloads the change cuts; say what we advertise now."""
@@ -513,8 +514,7 @@ class Node:
         self._stack.push_async_callback(self.providers.aclose)
         self._following = TaskSet("server-follow", logger=log)  # DHT rejoins on failover
         self._stack.push_async_callback(self._following.aclose)
-        dht_port = self.rendezvous.server_info.get("dht")  # from the server's CHALLENGE
-        bootstrap = [(server_host, int(dht_port))] if isinstance(dht_port, int) else []
+        bootstrap = self._dht_bootstrap(server_host)
         if not bootstrap:
             log.info("the server runs no DHT bootstrap node: co-recipients can't be found")
         host = self.listen_addr[0] if self.listen_addr else "0.0.0.0"
@@ -523,6 +523,11 @@ class Node:
         self.providers.home_server = self.config.server
         for cid in await asyncio.to_thread(self.store.content_ids):
             self.providers.announce(cid)
+
+    def _dht_bootstrap(self, server_host: str) -> list[tuple[str, int]]:
+        """The server's DHT bootstrap node, if it runs one (from its CHALLENGE)."""
+        dht_port = self.rendezvous.server_info.get("dht")
+        return [(server_host, int(dht_port))] if isinstance(dht_port, int) else []
 
     def _advertise(self) -> dict[str, Any]:
         """What FINGER shows of us: direct addresses, and whether a NAT is in front."""

@@ -137,16 +137,17 @@ class DhtNode:
         if self._protocol is not None:
             self._protocol.close()
 
-    def set_client_only(self, client_only: bool) -> bool:
+    def set_client_only(self, client_only: bool, *, via: list[tuple[str, int]] | None = None
+                        ) -> bool:
         """Change role at runtime (the host moved behind a NAT, or out from behind one);
         returns whether it changed.
 
         Client-only: requests are refused from the next datagram on, and our requests say
         we don't serve, so a peer that asks us and times out drops us from its table
         (Kademlia's rule) and none adds us again. Serving: we answer from the next
-        datagram, and look up our own id at once, so every node on the way hears a
-        request that says we serve, pings us and adds us (peers add a requester only once
-        it answered their ping from its address).
+        datagram, and ping `via` (the server's bootstrap node) and look up our own id at
+        once, so every node on the way hears a request that says we serve, pings us and
+        adds us (peers add a requester only once it answered their ping from its address).
 
         Records others stored with us are kept, not handed off: each one was stored at the
         k closest nodes and its provider republishes it every 22 h (records.
@@ -166,13 +167,13 @@ class DhtNode:
             self._now_serving = None
         if not client_only and self._protocol is not None and not self._closed:
             self._now_serving = asyncio.get_running_loop().create_task(
-                self._tell_contacts(), name="dht-now-serving")
+                self._tell_contacts(via or []), name="dht-now-serving")
         return True
 
-    async def _tell_contacts(self) -> None:
-        found = await self.find_nodes(self.peer_id)
-        log.info("DHT: told the network we serve: %d node%s answered our lookup",
-                 len(found), "" if len(found) == 1 else "s")
+    async def _tell_contacts(self, via: list[tuple[str, int]]) -> None:
+        found = await self.bootstrap(via)
+        log.info("DHT: told the network we serve: %d contact%s in the routing table",
+                 found, "" if found == 1 else "s")
 
     def stats(self) -> dict[str, int]:
         """Counters: "rpc.sent", "rpc.served", "rpc.timeout", "rpc.late_timer",

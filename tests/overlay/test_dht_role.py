@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from kademlia.node import Node
 
+from crypto.identity import DeviceIdentity
 from overlay.dht import DhtNode
 from overlay.dht.protocol import Answer, RpcFailure
 from overlay.dht.wire import Nodes
@@ -67,5 +68,22 @@ async def test_a_server_switched_to_client_only_stops_answering_and_being_added(
         assert peer.stats()["rpc.served"] > served
         assert me.stats()["dropped.not_serving"] == refusals
         assert not routes_to(peer, me.peer_id)
+    finally:
+        await close_all(nodes)
+
+
+async def test_a_client_with_an_empty_table_switched_to_serving_joins_through_via(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node whose table is empty when it may serve (its bootstrap failed on the old
+    network) joins through the server's bootstrap node, which then routes to it."""
+    nodes = await start_swarm(6, seed=23)
+    try:
+        async with DhtNode(DeviceIdentity.from_seed(b"\x17" * 32), client_only=True) as me:
+            await me.listen("127.0.0.1", 0)
+            learned = added_by([nodes[0]], me.peer_id, 1, monkeypatch)
+            assert me.set_client_only(False, via=[nodes[0].address])
+            await asyncio.wait_for(learned.wait(), WAIT)
+            assert routes_to(nodes[0], me.peer_id)
+            assert me.stats()["rpc.served"] >= 1  # the ping that proved it
     finally:
         await close_all(nodes)
