@@ -89,10 +89,10 @@ TOKEN_USE_SECONDS = ROTATE_SECONDS - 60
 MAX_HELD_TOKENS = 4096
 # A timer that fires this late means the loop did not listen meanwhile (a long callback,
 # GC, a descheduled process): replies that came in are still unread in the socket, as
-# asyncio's default loop reads one datagram per socket per turn after running the timers
-# due (uvloop runs all due timers before polling at all). Judged then, every RPC in flight
-# timed out at once (20 stores of one announce, and their nodes left the routing table); so
-# a late timer gives the reply MIN_RTO more, up to MAX_GRACES times.
+# asyncio's default loop reads one datagram per socket per turn and fires every timer due
+# in that same turn (uvloop runs all due timers before polling at all). Judged then, every
+# RPC in flight timed out at once (20 stores of one announce, and their nodes left the
+# routing table); so a late timer gives the reply MIN_RTO more, up to MAX_GRACES times.
 LATE_TIMER = 0.02
 MAX_GRACES = 3
 # RPCs that timed out, remembered this long (at most MAX_OUTSTANDING of them): a reply that
