@@ -467,9 +467,11 @@ def _devices(home: NodeHome, args: argparse.Namespace) -> int:
     if args.action == "vouch" and not args.key:
         raise CliError("usage: peerpost devices vouch KEY", EXIT_USAGE)
     if not args.json:
+        # stdout is the one line to paste (KEY=$(peerpost devices key) works); the hint goes
+        # to stderr, as `peerpost-rendezvous invite` prints its token.
         if args.action == "key":
-            return device_key(home, _rich(console))
-        return vouch_device(home, args.key, _rich(console))
+            return device_key(home, _rich(err_console))
+        return vouch_device(home, args.key, _rich(err_console))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         if args.action == "key":

@@ -361,3 +361,25 @@ def test_demo_json_prints_one_json_report_and_the_story_on_stderr() -> None:
         assert bar, res.stderr[-2000:]
         shown = float(re.search(r"([\d.]+) MiB/s", bar[-1]).group(1))  # type: ignore[union-attr]
         assert shown == pytest.approx(r["bytes_per_s"] / MiB, abs=0.06), bar[-1]
+
+
+@pytest.mark.slow
+def test_devices_key_and_vouch_print_only_the_line_to_paste_on_stdout(net: LocalNetwork) -> None:
+    bob = net.nodes["bob"]
+    laptop = NodeHandle("laptop", bob.address, net.root / "laptop")
+    res = run(net, laptop, "devices", "key")
+    assert res.returncode == 0, res.stderr
+    key = res.stdout.strip()  # was: the key, then "on a device already registered ..."
+    assert len(key.splitlines()) == 1 and re.fullmatch(r"[0-9a-f]{64}", key), res.stdout
+    assert "peerpost devices vouch KEY" in res.stderr
+    res = run(net, bob, "devices", "vouch", key)
+    assert res.returncode == 0, res.stderr
+    vouch = res.stdout.strip()  # what `init --vouch "$(peerpost devices vouch KEY)"` takes
+    assert len(vouch.splitlines()) == 1 and re.fullmatch(r"[0-9a-f]+", vouch), res.stdout
+    assert "compare that fingerprint with the new device's" in flat(res.stderr)
+    token = subprocess.run([_script("peerpost-rendezvous"), "invite", bob.address, "--data",
+                            str(net.data_dir)], capture_output=True, text=True, check=True,
+                           env=net.env).stdout.strip()
+    res = run(net, laptop, "init", "--address", bob.address, "--server", net.server_hostport,
+              "--invite", token, "--vouch", vouch, "--listen", "127.0.0.1:0")
+    assert res.returncode == 0, res.stderr
