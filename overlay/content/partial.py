@@ -67,6 +67,11 @@ class PartialContent:
         self.capability = capability
         self.part_path = part_path
         self._renaming = threading.Lock()  # complete()'s rename against a serving read's open
+        # One complete() at a time: two downloads of one content (one partial per content
+        # id) that finished together both passed the "not final yet" check, and the second
+        # linked the .part the first had just removed (FileNotFoundError) or gave the file
+        # a second name ("clip (1).ts").
+        self._completing = threading.Lock()
         self.dest_dir = dest_dir
         self.file_name = file_name
         self.count = chunk_count(size, chunk_size)
@@ -272,8 +277,13 @@ class PartialContent:
     def complete(self) -> Path:
         """Flush, rename to the final name (never clobbering), register as a full holder.
 
-        Blocking. Returns the final path; calling it again returns the same path.
+        Blocking. Returns the final path; calling it again, or at the same time from
+        another thread, returns the same path.
         """
+        with self._completing:
+            return self._complete()
+
+    def _complete(self) -> Path:
         if self._final is not None:
             return self._final
         if not self.is_complete or self._verifier is None:

@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import sqlite3
+import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -200,6 +201,32 @@ async def test_complete_never_clobbers_and_name_stays_in_dest(tmp_path: Path) ->
     part.write_chunk(0, src.read_sealed(0))
     assert part.complete() == dest / "clip (2).ts"
     assert (dest / "clip.ts").read_bytes() == b"mine"
+
+
+async def test_two_downloads_completing_one_content_at_once_give_one_file(
+        tmp_path: Path) -> None:
+    """Two downloads of one content share its partial; both finishing at the same moment
+    get the one final path, and the file has one name."""
+    data = _file(tmp_path / "src.ts", 3 * CHUNK + 5)
+    sender = ContentStore(tmp_path / "sender")
+    src = await sender.add_local_file(tmp_path / "src.ts", chunk_size=CHUNK)
+    store = ContentStore(tmp_path / "recv")
+    dest = tmp_path / "inbox"
+    part = _receive(store, src, dest, "clip.ts")
+    assert _receive(store, src, dest, "clip.ts") is part
+    part.set_leaves(src.leaves)
+    for i, sealed in enumerate(_sealed(src)):
+        part.write_chunk(i, sealed)
+    # Hold the rename until both calls are under way, as two filing threads finishing
+    # their downloads' last chunks together would be.
+    with ThreadPoolExecutor(2) as pool:
+        with part._renaming:
+            calls = [pool.submit(part.complete) for _ in range(2)]
+            time.sleep(0.2)
+        paths = [c.result(timeout=10) for c in calls]
+    assert paths == [dest / "clip.ts"] * 2
+    assert sorted(p.name for p in dest.iterdir()) == [".peerpost-partial", "clip.ts"]
+    assert (dest / "clip.ts").read_bytes() == data
 
 
 async def test_incomplete_cannot_complete(tmp_path: Path) -> None:
