@@ -959,11 +959,14 @@ async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
             raise CliError("usage: peerpost prefs set KEY VALUE  (keys: auto-download on|off,"
                            " auto-download-max SIZE|none (e.g. 500MB, 2GB, 1GiB; default"
                            " 2GiB; larger messages wait for `peerpost fetch`),"
-                           " retention keep|delete|archive, archive-dir DIR,"
+                           " retention keep|delete|archive, archive-dir DIR|none,"
                            " max-upload-rate RATE|none (e.g. 500KiB/s, 1MB/s; applies"
                            " at once))", EXIT_USAGE)
         _check_pref_key(args.args[0])
-        await _call(home, "prefs_set", key=args.args[0], value=args.args[1])
+        key, value = args.args
+        if key.replace("_", "-") == "archive-dir":
+            value = _shell_path(value)
+        await _call(home, "prefs_set", key=key, value=value)
     prefs = await _call(home, "prefs")
     if args.json:
         print(json.dumps(prefs, indent=2))
@@ -975,6 +978,12 @@ async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
         t.add_row(_t(k.replace("_", "-")), _t(_pref_text(k, v)))
     console.print(t)
     return 0
+
+
+def _shell_path(value: str) -> str:
+    """A folder for the node, which runs in a folder of its own: a relative path means this
+    shell's ("none" and "" unset it)."""
+    return value if value in ("", "none") else str(Path(value).expanduser().absolute())
 
 
 def _check_pref_key(key: str) -> None:

@@ -398,7 +398,9 @@ class ControlOperations:
                 raise ControlError(f"retention is one of {', '.join(RETENTIONS)}")
             self.prefs.retention = value
         elif key == "archive-dir":
-            self.prefs.archive_dir = value or None
+            if value not in ("", "none") and not Path(value).is_absolute():
+                raise ControlError(f"archive-dir must be an absolute path, not {value!r}")
+            self.prefs.archive_dir = None if value in ("", "none") else value
         elif key == "auto-download-max":
             try:
                 self.prefs.auto_download_max = parse_size(value)

@@ -383,3 +383,25 @@ def test_devices_key_and_vouch_print_only_the_line_to_paste_on_stdout(net: Local
     res = run(net, laptop, "init", "--address", bob.address, "--server", net.server_hostport,
               "--invite", token, "--vouch", vouch, "--listen", "127.0.0.1:0")
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_archive_dir_is_the_shells_folder_and_none_unsets_it(net: LocalNetwork,
+                                                             tmp_path: Path) -> None:
+    bob = net.nodes["bob"]
+    try:
+        # The node runs in a folder of its own; it archived into ITS "old-clips".
+        res = subprocess.run([_script("peerpost"), "--home", str(bob.home), "prefs", "set",
+                              "archive-dir", "old-clips"], capture_output=True, text=True,
+                             env=net.env, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+        assert res.returncode == 0, res.stderr
+        assert net.cli_json(bob, "prefs")["archive_dir"] == str(tmp_path / "old-clips")
+        # "none", as `prefs` shows an unset one, unsets it (it was a folder named none).
+        net.cli(bob, "prefs", "set", "archive-dir", "none")
+        assert net.cli_json(bob, "prefs")["archive_dir"] is None
+        # Another client (the web inbox) can't leave a relative path to the node's cwd.
+        with pytest.raises(ControlError, match="archive-dir must be an absolute path"):
+            control_call(bob.home / "control.sock", "prefs_set", key="archive-dir",
+                         value="old-clips")
+    finally:
+        net.cli(bob, "prefs", "set", "archive-dir", "none")
