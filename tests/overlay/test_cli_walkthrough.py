@@ -405,3 +405,21 @@ def test_archive_dir_is_the_shells_folder_and_none_unsets_it(net: LocalNetwork,
                          value="old-clips")
     finally:
         net.cli(bob, "prefs", "set", "archive-dir", "none")
+
+
+@pytest.mark.slow
+def test_info_says_its_counters_count_since_the_node_started(net: LocalNetwork,
+                                                             tmp_path: Path) -> None:
+    alice, bob = net.nodes["alice"], net.nodes["bob"]
+    src = tmp_path / "counted.bin"
+    src.write_bytes(os.urandom(64 * 1024))
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    net.wait_complete(bob, mid, 60, "bob's copy")
+    res = run(net, bob, "info", env={"COLUMNS": "80"})
+    assert res.returncode == 0, res.stderr
+    lines = [flat(line.replace("│", " ")) for line in res.stdout.splitlines()]
+    # "received 1" (or "unverified 1", of mail since accepted) read as the inbox now.
+    assert "since the node started" in lines, res.stdout
+    at = lines.index("since the node started")
+    assert any(line.startswith("received ") for line in lines[at:]), res.stdout
+    assert not any(line.startswith("received ") for line in lines[:at]), res.stdout
