@@ -172,15 +172,20 @@ def test_web_of_a_stopped_node_names_its_home(net: LocalNetwork) -> None:
     assert f"start `peerpost --home {carol.home} node`" in flat(res.stderr)
 
 
+def alice_to_bob(net: LocalNetwork, src: Path, size: int, *send_args: str) -> str:
+    """Send `size` random bytes from alice to bob; the message id, once bob has them."""
+    src.write_bytes(os.urandom(size))
+    mid = net.cli(net.nodes["alice"], "send", str(src), "--to", net.nodes["bob"].address,
+                  *send_args).stdout.strip()
+    net.wait_complete(net.nodes["bob"], mid, 60, "bob's copy")
+    return mid
+
+
 @pytest.mark.slow
 def test_status_fits_80_columns_and_says_what_retention_did(net: LocalNetwork,
                                                             tmp_path: Path) -> None:
     alice, bob = net.nodes["alice"], net.nodes["bob"]
-    src = tmp_path / "clip.bin"
-    src.write_bytes(os.urandom(256 * 1024))
-    mid = net.cli(alice, "send", str(src), "--to", bob.address, "--title",
-                  "Grandma's 90th").stdout.strip()
-    net.wait_complete(bob, mid, 60, "bob's copy")
+    mid = alice_to_bob(net, tmp_path / "clip.bin", 256 * 1024, "--title", "Grandma's 90th")
     net.wait_until(lambda: any(m["id"] == mid and m["retention_done"]
                                for m in net.cli_json(alice, "status")), 60,
                    "alice's retention step")
@@ -410,11 +415,8 @@ def test_archive_dir_is_the_shells_folder_and_none_unsets_it(net: LocalNetwork,
 @pytest.mark.slow
 def test_info_says_its_counters_count_since_the_node_started(net: LocalNetwork,
                                                              tmp_path: Path) -> None:
-    alice, bob = net.nodes["alice"], net.nodes["bob"]
-    src = tmp_path / "counted.bin"
-    src.write_bytes(os.urandom(64 * 1024))
-    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
-    net.wait_complete(bob, mid, 60, "bob's copy")
+    bob = net.nodes["bob"]
+    alice_to_bob(net, tmp_path / "counted.bin", 64 * 1024)
     res = run(net, bob, "info", env={"COLUMNS": "80"})
     assert res.returncode == 0, res.stderr
     lines = [flat(line.replace("│", " ")) for line in res.stdout.splitlines()]
