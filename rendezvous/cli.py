@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import logging
@@ -625,6 +626,21 @@ def _bind_reason(exc: OSError) -> str:
     return str(exc)
 
 
+def _tcp_in_use(host: str, port: int) -> str | None:
+    """"Address already in use" when something listens on TCP host:port, else None (a
+    bind with SO_REUSEADDR, as the server's own, fails only beside a listener)."""
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port,
+                                                           type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return os.strerror(exc.errno)
+    return None
+
+
 async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
     """STUN and the DHT bootstrap node on the --listen host (UDP), at the ports
     `service_ports` derives from --listen unless given or turned off."""
@@ -634,6 +650,9 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
     except socket.gaierror as exc:
         raise ConfigError(f"cannot listen on {host}:{args.listen[1]}: {exc.strerror} "
                           "(--listen HOST:PORT)") from None
+    if args.listen[1] and (busy := await asyncio.to_thread(_tcp_in_use, host, args.listen[1])):
+        # Else a second server on the same --listen was told to move its STUN port.
+        raise ConfigError(f"cannot listen on {host}:{args.listen[1]} (TCP): {busy}")
     ports = service_ports(args.listen[1], args.stun_port, args.dht_port)
     services: dict[str, ExtraService] = {}
     try:

@@ -216,6 +216,21 @@ async def test_one_server_per_data_folder_and_a_busy_port(tmp_path: Path) -> Non
             assert (await a.finger("alice@example.net")).devices
 
 
+async def test_a_second_server_on_the_same_port_is_told_the_tcp_port_is_taken(
+        tmp_path: Path) -> None:
+    async with serve(tmp_path / "one", "--open-registration") as srv:
+        (stun,) = [ln.split()[-1] for ln in srv.lines if ln.startswith("stun listening ")]
+        # As the same `serve --listen H:P` twice gives: STUN's UDP port is taken too, and
+        # was named first, with "--stun-port N moves it", which only led to the TCP error.
+        code, out, err = await run("serve", "--domain", DOMAIN, "--listen",
+                                   f"127.0.0.1:{srv.port}", "--stun-port", stun.split(":")[1],
+                                   "--dht-port", "0", "--data", str(tmp_path / "two"))
+        assert code == 1 and out == ""
+        errors = [ln for ln in err.splitlines() if ln.startswith("peerpost-rendezvous:")]
+        assert errors == [f"peerpost-rendezvous: cannot listen on 127.0.0.1:{srv.port} (TCP): "
+                          "Address already in use"], err
+
+
 async def test_invite_refuses_another_domain_and_a_missing_folder(tmp_path: Path) -> None:
     code, _, err = await run("invite", "bob@example.net", "--data", str(tmp_path / "nope"))
     assert code == 1 and f"no data folder {tmp_path / 'nope'}" in err
