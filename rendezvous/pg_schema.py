@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from rendezvous.instances import MIGRATIONS as INSTANCE_STEPS
 
 SCHEMA_VERSION = 3
-_MIGRATE_LOCK = 0x7065657270_01  # pg_advisory_xact_lock key while migrating
+MIGRATE_LOCK = 0x7065657270_01  # advisory lock key: migrate() per step, PgStore.open() around all
 
 
 class Migration(NamedTuple):
@@ -187,11 +187,11 @@ async def migrate(conn: Any) -> list[Migration]:
     """Apply the missing migrations in order; the ones applied (empty: up to date)."""
     done: list[Migration] = []
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
         await conn.execute(_VERSION_TABLE)
     while True:
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
             version = await conn.fetchval("SELECT COALESCE(max(version), 0) "
                                           "FROM schema_version")
             if version > SCHEMA_VERSION:

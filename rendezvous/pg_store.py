@@ -358,10 +358,17 @@ class PgStore:
 
         conn = await self._connect()
         try:
-            if await pg_schema.check(conn, redacted(self.url)) is None:
-                applied = await pg_schema.migrate(conn)
-                log.info(kv("store.schema_created", version=pg_schema.SCHEMA_VERSION,
-                            migrations=len(applied)))
+            # Held from the check to the last migration: an instance started beside one
+            # creating the schema waits for it, instead of reading a half-made schema's
+            # version and refusing it.
+            await conn.execute("SELECT pg_advisory_lock($1)", pg_schema.MIGRATE_LOCK)
+            try:
+                if await pg_schema.check(conn, redacted(self.url)) is None:
+                    applied = await pg_schema.migrate(conn)
+                    log.info(kv("store.schema_created", version=pg_schema.SCHEMA_VERSION,
+                                migrations=len(applied)))
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", pg_schema.MIGRATE_LOCK)
             if self.domain is not None:
                 await conn.execute("INSERT INTO meta VALUES ('domain', $1) "
                                    "ON CONFLICT DO NOTHING", self.domain)

@@ -107,3 +107,33 @@ async def test_migrate_an_sqlite_data_folder(tmp_path: Path) -> None:
         pass
     code, out, _ = await run("migrate", "--data", str(tmp_path / "data"))
     assert code == 0 and out.strip().endswith("schema version 4, up to date")
+
+
+
+async def test_an_instance_started_while_another_creates_the_schema_waits_for_it(
+        pg_url: str) -> None:
+    # Two `serve --store` started together (two hosts booting): the first creates the
+    # schema one migration per transaction, and the second, seeing version 1 of 3, said
+    # "run `peerpost-rendezvous migrate` first" and exited.
+    from rendezvous import pg_schema
+    from rendezvous.pg_store import PgStore
+
+    creator = await asyncpg.connect(pg_url)
+    store = PgStore(pg_url, domain="example.net")
+    try:
+        await creator.execute("SELECT pg_advisory_lock($1)", pg_schema.MIGRATE_LOCK)
+        await creator.execute(pg_schema._VERSION_TABLE)  # as migrate() leaves it after step 1
+        first = pg_schema.MIGRATIONS[0]
+        await creator.execute(first.sql)
+        await creator.execute("INSERT INTO schema_version (version, description) "
+                              "VALUES ($1, $2)", first.version, first.description)
+        opening = asyncio.create_task(store.open())
+        await asyncio.sleep(0.5)
+        assert not opening.done() or opening.exception() is None, opening.exception()
+        await pg_schema.migrate(creator)  # the rest, then the creator lets go
+        await creator.execute("SELECT pg_advisory_unlock($1)", pg_schema.MIGRATE_LOCK)
+        await asyncio.wait_for(opening, 10)
+        assert await pg_schema.current_version(creator) == pg_schema.SCHEMA_VERSION
+    finally:
+        await store.aclose()
+        await creator.close()
