@@ -249,6 +249,12 @@ class Outbox:
         )
         return self._entries(rows)
 
+    def set_path(self, id: bytes, path: str) -> None:
+        """Where the sent file is now (retention moved it into the archive folder)."""
+        with self._db.transaction() as conn:
+            if not conn.execute("UPDATE outbox SET path = ? WHERE id = ?", (path, id)).rowcount:
+                raise KeyError(f"no outbox message {id.hex()}")
+
     def mark_retention_done(self, id: bytes, action: str) -> None:
         """Record that the plaintext copy was kept, deleted or archived."""
         if action not in RETENTION_ACTIONS:

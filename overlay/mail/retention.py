@@ -36,6 +36,7 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
             elif action == "archive":
                 target = store.archive(entry.content_id, Path(prefs.archive_dir or
                                                               default_archive))
+                outbox.set_path(entry.id, str(target))  # for `status` and `resend`
                 log.info("archived %s to %s", entry.path, target)
         except ContentStoreError as exc:
             # Already gone (removed by hand, or an earlier run got this far): nothing to do.

@@ -231,6 +231,7 @@ def test_sender_applies_retention_once_everyone_has_it(net: LocalNetwork, tmp_pa
     assert not src.exists()
     if policy == "archive":
         assert (archive / "party.bin").read_bytes() == original
+        assert m["path"] == str(archive / "party.bin")  # was: the path it had been sent from
     else:
         assert not archive.exists() or not any(archive.iterdir())
 
