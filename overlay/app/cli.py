@@ -274,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", nargs="?", default="show",
                    choices=["show", "priority", "junk", "set"],
                    help="show | priority add|remove ADDR | junk add|remove ADDR | set KEY VALUE")
-    s.add_argument("args", nargs="*", help="add|remove ADDR, or KEY VALUE for set")
+    s.add_argument("args", nargs="*", help="add|remove ADDR, or KEY VALUE for set: "
+                   "auto-download on|off, auto-download-max SIZE|none, "
+                   "retention keep|delete|archive, archive-dir DIR|none, "
+                   "max-upload-rate RATE|none")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("contacts", help="pinned keys and fingerprints (compare out of band)")

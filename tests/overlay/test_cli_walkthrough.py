@@ -48,6 +48,9 @@ def test_help_names_what_the_readme_says() -> None:
     assert "PEERPOST_EVENT (arrived or complete)" in helptext("node")
     assert "(default: received/ in the home folder)" in helptext("init")
     assert "(default: 23, a real WebM clip" in helptext("demo")
+    from overlay.mail.prefs import SETTABLE  # `prefs --help` named none of them
+
+    assert all(f" {key} " in helptext("prefs") for key in SETTABLE), helptext("prefs")
 
 
 def test_the_sims_help_examples_set_keys_that_exist() -> None:
