@@ -103,7 +103,10 @@ def init_home(home: NodeHome, args: argparse.Namespace, console: Console,
                             f"{exc or 'timed out'}") from None
         how = "pinned on first use; compare it with what the server's operator publishes"
     home.create(NodeConfig(address=address, server=server, listen=args.listen,
-                           download_dir=args.download_dir, server_key=encode_key(server_key),
+                           # the node runs in a folder of its own: relative is this shell's
+                           download_dir=args.download_dir and os.path.abspath(
+                               os.path.expanduser(args.download_dir)),
+                           server_key=encode_key(server_key),
                            resolver=getattr(args, "resolver", None) or "",
                            srv=target is None),
                 identity)

@@ -103,6 +103,20 @@ def test_init_prints_no_log_lines(net: LocalNetwork) -> None:
 
 
 @pytest.mark.slow
+def test_init_download_dir_is_the_shells_folder(net: LocalNetwork, tmp_path: Path) -> None:
+    erin = NodeHandle("erin", f"erin@{net.domain}", net.root / "erin")
+    res = subprocess.run([_script("peerpost"), "--home", str(erin.home), "init", "--address",
+                          erin.address, "--server", net.server_hostport, "--listen",
+                          "127.0.0.1:0", "--download-dir", "dl"], capture_output=True,
+                         text=True, env=net.env, timeout=60, cwd=tmp_path,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr
+    # Was "dl": the node, started from another folder, put received files there.
+    config = json.loads((erin.home / "config.json").read_text())
+    assert config["download_dir"] == str(tmp_path / "dl")
+
+
+@pytest.mark.slow
 def test_sending_a_folder_says_it_is_a_folder(net: LocalNetwork, tmp_path: Path) -> None:
     alice, bob = net.nodes["alice"], net.nodes["bob"]
     res = run(net, alice, "send", str(tmp_path), "--to", bob.address)
