@@ -22,6 +22,11 @@ _P = ParamSpec("_P")
 SHELLS = ("bash", "zsh", "tcsh")
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 device", "3 devices": a count and its noun (plural with an s)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def package_version() -> str:
     # importlib.metadata and the lookup cost about 15 ms: only when --version asks.
     from importlib.metadata import PackageNotFoundError, version

@@ -61,6 +61,7 @@ from typing import Any, Protocol
 
 from crypto.codec import Fields
 from rendezvous.backoff import Backoff
+from rendezvous.cliutil import counted
 from rendezvous.logfmt import kv
 from rendezvous.messages import RelayInvite
 from rendezvous.store import ENVELOPE_COLUMNS, QueuedEnvelope, queued_envelope
@@ -825,12 +826,14 @@ def instances_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for i in report["instances"]:
         state = "alive" if i["alive"] else f"lease expired {i['lease_renewed_s_ago']:g} s ago"
-        lines.append(f"instance {i['id']} at {i['address']} ({state}): {i['devices']} "
-                     f"devices in {i['sessions']} sessions, {i['sends']} messages in, "
-                     f"{i['delivered']} pushed ({i['pushed_remote']} stored by other "
+        lines.append(f"instance {i['id']} at {i['address']} ({state}): "
+                     f"{counted(i['devices'], 'device')} in "
+                     f"{counted(i['sessions'], 'session')}, {counted(i['sends'], 'message')} "
+                     f"in, {i['delivered']} pushed ({i['pushed_remote']} stored by other "
                      "instances)")
     d = report["domain"]
-    lines.append(f"domain: {d['instances_alive']} instances alive, {d['instances_dead']} "
-                 f"expired; {d['online_devices']} devices in {d['online_sessions']} sessions, "
-                 f"{d['sends']} messages in, {d['delivered']} pushed")
+    lines.append(f"domain: {counted(d['instances_alive'], 'instance')} alive, "
+                 f"{d['instances_dead']} expired; {counted(d['online_devices'], 'device')} in "
+                 f"{counted(d['online_sessions'], 'session')}, "
+                 f"{counted(d['sends'], 'message')} in, {d['delivered']} pushed")
     return lines

@@ -42,6 +42,7 @@ from rendezvous.admin import (
     revoke_device,
     show_account,
 )
+from rendezvous.cliutil import counted
 from rendezvous.datalock import DataInUse, DataLock, holder
 from rendezvous.domainkey import DomainKey
 from rendezvous.sqlite_store import DB_NAME
@@ -189,8 +190,9 @@ def _deleted_text(address: str, counts: dict[str, int] | None, told: int | None,
     doc = {"deleted": address, **counts, "server_pid": told}
     if instances:
         doc["instances_told"] = True
-    return doc, (f"deleted {address}: {counts['devices']} devices, {counts['envelopes']} "
-                 f"queued envelopes, {counts['outbound']} outbound"
+    return doc, (f"deleted {address}: {counted(counts['devices'], 'device')}, "
+                 f"{counted(counts['envelopes'], 'queued envelope')}, {counts['outbound']} "
+                 "outbound"
                  f"{_told(told, instances)}")
 
 

@@ -227,9 +227,9 @@ def test_stats_text_names_each_instance_and_the_domain() -> None:
     assert lines == [
         "instance aaa at 10.0.0.1:4500 (alive): 3 devices in 4 sessions, 10 messages in, "
         "12 pushed (5 stored by other instances)",
-        "instance bbb at 10.0.0.2:4500 (lease expired 42 s ago): 1 devices in 0 sessions, "
+        "instance bbb at 10.0.0.2:4500 (lease expired 42 s ago): 1 device in 0 sessions, "
         "7 messages in, 0 pushed (0 stored by other instances)",
-        "domain: 1 instances alive, 1 expired; 3 devices in 4 sessions, 10 messages in, "
+        "domain: 1 instance alive, 1 expired; 3 devices in 4 sessions, 10 messages in, "
         "12 pushed"]
 
 

@@ -22,6 +22,7 @@ import pytest
 from rendezvous.client import RendezvousClient
 from rendezvous.errors import ConnectionLostError
 from rendezvous.messages import Deliver
+from rendezvous.opcli import _deleted_text
 
 from .conftest import DOMAIN, ident, mid
 
@@ -365,3 +366,12 @@ async def test_backup_while_a_client_sends_then_restore(tmp_path: Path) -> None:
                         assert p.envelope.blob == p.envelope.message_id * 8
                         got.add(p.envelope.message_id)
             assert got == in_copy
+
+
+def test_accounts_delete_says_one_device_not_one_devices() -> None:
+    _, one = _deleted_text("bob@example.net", {"devices": 1, "envelopes": 1, "outbound": 0},
+                           None)
+    assert one.startswith("deleted bob@example.net: 1 device, 1 queued envelope, 0 outbound")
+    _, two = _deleted_text("bob@example.net", {"devices": 2, "envelopes": 0, "outbound": 3},
+                           None)
+    assert two.startswith("deleted bob@example.net: 2 devices, 0 queued envelopes, 3 outbound")
