@@ -139,6 +139,18 @@ class _Pending:
         return self.body.TAG
 
 
+def _responder(reply: Reply, source: Address, asked: Address) -> bytes:
+    """The id of the node that signed `reply`, if it came from the address asked and its
+    signature holds (RemoteProtocolError if not)."""
+    if source != asked:
+        raise RemoteProtocolError("wrong_address", f"reply from {source}")
+    try:
+        verify(reply.responder_key, REPLY_CONTEXT, reply.signed_bytes(), reply.signature)
+    except VerificationError:
+        raise RemoteProtocolError("bad_signature") from None
+    return peer_id_of(reply.responder_key)
+
+
 class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     """One node's UDP endpoint. Create it inside the running loop (it reads the loop clock)."""
 
@@ -240,14 +252,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         if pending is None:
             self._on_late_reply(reply, source)
             return
-        if source != pending.addr:
-            raise RemoteProtocolError("wrong_address", f"reply from {source}")
-        try:
-            verify(reply.responder_key, REPLY_CONTEXT, reply.signed_bytes(), reply.signature)
-        except VerificationError:
-            # Leave the RPC waiting: the real reply may still come.
-            raise RemoteProtocolError("bad_signature") from None
-        peer_id = peer_id_of(reply.responder_key)
+        # A reply that fails here leaves the RPC waiting: the real reply may still come.
+        peer_id = _responder(reply, source, pending.addr)
         if pending.expect_id is not None and peer_id != pending.expect_id:
             self._finish(reply.msg_id, RpcFailure("forged_id"))
             self.router.remove_contact(Node(pending.expect_id))
@@ -277,14 +283,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         if late is None or now - late[2] > LATE_REPLY_WINDOW:
             raise RemoteProtocolError("unknown_reply", "late, duplicate or never asked")
         addr, expect_id, sent_at = late
-        if source != addr:
-            raise RemoteProtocolError("wrong_address", f"reply from {source}")
-        try:
-            verify(reply.responder_key, REPLY_CONTEXT, reply.signed_bytes(), reply.signature)
-        except VerificationError:
-            raise RemoteProtocolError("bad_signature") from None
+        peer_id = _responder(reply, source, addr)
         del self._timed_out[reply.msg_id]
-        peer_id = peer_id_of(reply.responder_key)
         if expect_id is not None and peer_id != expect_id:
             raise RemoteProtocolError("forged_id", "key does not hash to the id we were given")
         self.counters["rpc.late_reply"] += 1

@@ -318,9 +318,13 @@ class Downloader:
         self._probe_wanted()
         self._wake_all()
 
+    def _active_runs(self) -> list[_SourceRun]:
+        """Sources connected and fetching (their pace known)."""
+        return [r for r in self._runs.values()
+                if not r.ended and r.stats.outcome == "active" and r.pace is not None]
+
     def _hurry(self) -> None:
-        active = [r for r in self._runs.values()
-                  if not r.ended and r.stats.outcome == "active" and r.pace is not None]
+        active = self._active_runs()
         active.sort(key=lambda r: -(r.pace.rate or 0.0) if r.pace is not None else 0.0)
         for label, (gets, cancels) in self.scheduler.hurry(
                 [r.stats.label for r in active]).items():
@@ -335,8 +339,7 @@ class Downloader:
     def _probe_wanted(self) -> None:
         """Wanted chunks no source shows: ask a partial holder for each at once (a sender
         super-seeding serves it) rather than when the download is stuck."""
-        active = [r for r in self._runs.values()
-                  if not r.ended and r.stats.outcome == "active" and r.pace is not None]
+        active = self._active_runs()
         for i in self.scheduler.unshown_wanted():
             for run in active:
                 if self.scheduler.probe(run.stats.label, i) is not None:

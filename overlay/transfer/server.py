@@ -374,7 +374,6 @@ class _ServedSession:
         # server ends this session when the same device opens one of these contents again
         # on a new session while this one is silent (REPLACED_SILENCE).
         self.device: bytes | None = None
-        self.label = self.peer
         self.opened: set[bytes] = set()
         # When bytes last came in or left: as of the last read or write, or of the last
         # `silent_for` that saw the stream's sent count move (a blocked write moves it).
@@ -404,6 +403,11 @@ class _ServedSession:
             self.server.session_ended(self)
             if self.logic is not None:
                 self.logic.close()
+
+    @property
+    def label(self) -> str:
+        """The peer's address, with its device id once the handshake named it."""
+        return self.peer if self.device is None else f"{self.device.hex()[:12]}@{self.peer}"
 
     def moved(self, now: float) -> None:
         """Bytes came in or left at `now`."""
@@ -616,7 +620,6 @@ class _ServedSession:
         counters = self.server.counters
         if isinstance(event, HandshakeComplete):
             self.device = event.peer.peer_id
-            self.label = f"{self.device.hex()[:12]}@{self.peer}"
             self.logic = ServingSession(
                 self.server.catalog, event.transcript, counters, peer=self.label,
                 max_queued=self.server.max_queued_gets, seeder=self.server.seeder,
