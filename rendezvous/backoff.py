@@ -1,8 +1,10 @@
 """Exponential backoff with a cap and optional jitter, for every retry loop in the project.
 
-Three callers use it: a client reconnecting to its server (0.1 s doubling to 30 s, jitter
-0.5-1.0), a node waiting for its server at start (1 s doubling to 60 s) and a download
-retried when no source is reachable (5 s doubling to 300 s, jitter 0.8-1.0). Jitter keeps
+Its callers: a client reconnecting to its server (0.1 s doubling to 30 s, jitter
+0.5-1.0), a node waiting for its server at start (1 s doubling to 60 s), a client or node
+trying again a server that did not prove the pinned key (30 s doubling to 300 s, jitter
+0.8-1.0) and a download retried when no source is reachable (5 s doubling to 300 s, jitter
+0.8-1.0). Jitter keeps
 many clients cut off at the same moment from coming back at the same moment.
 """
 

@@ -15,11 +15,19 @@
   still holds it (it may not have noticed the loss). If the server refuses a
   re-authentication, reconnecting stops and requests raise that error; a 429 (over a cap
   on live sessions) is tried again after the backoff instead, as a session may end.
+  Something that does not prove `server_key` at the server's address (a hotel's
+  TLS-terminating proxy, a captive portal, a server moved without its data) is not the
+  server's word: it is never logged in to, and reconnecting goes on after
+  `mismatch_backoff` (30 s doubling to 5 min: what is in the way seldom leaves within
+  seconds, and `moved`/`relogin`/`retry_now` cut the wait short when the network
+  changes); `mismatch` describes it meanwhile. Before each of those attempts `pinned()`
+  (if given) names the key to expect now: a planned key change needs no restart.
   With `alternates` (an async function returning the domain's servers, e.g. from its SRV
   records) a reconnect that cannot reach the current server tries the others at once, in
-  the order given, skipping one that does not prove `server_key`; `on_failover(host,
-  port)` hears of the server it reached, which stays current. A domain's instances share
-  one database, so whichever it lands on flushes the same queue.
+  the order given (also when the current one shows another key), skipping one that does
+  not prove `server_key`; `on_failover(host, port)` hears of the server it reached, which
+  stays current. A domain's instances share one database, so whichever it lands on
+  flushes the same queue.
 - Each request waits at most `request_timeout` seconds in total. While reconnecting it
   waits for the session, and a request cut off by a lost connection is sent again on the
   next one: SEND and REMOVE are idempotent by message id, the others read only, except
@@ -34,7 +42,8 @@
   plaintext is for in-process servers: tests, simulator, benchmarks). No CA is consulted:
   `server_key` (the domain key pinned for this server) must sign the reply to our
   AUTHORIZATION over this connection, else `start()` raises `ServerIdentityError` (an
-  `AuthenticationError`) naming the expected and seen fingerprints. With no key pinned
+  `AuthenticationError`) naming the expected and seen fingerprints; a CHALLENGE naming
+  another key gets no AUTHORIZATION at all (rendezvous.client_core). With no key pinned
   the first session trusts the key the server shows and `server_key` is set to it, so
   reconnects must show the same one (`peerpost init` pins it in the node's config).
 - Keepalive: after `keepalive_interval` seconds (default 20) without sending, the client
@@ -119,7 +128,10 @@ log = logging.getLogger("rendezvous.client")
 
 Push = Deliver | PipeMessage | RelayInvite
 
-__all__ = ["Deliver", "Envelope", "EnvelopeInfo", "FingerResult", "PipeMessage",
+# Retrying a server that did not prove the pinned key: 30 s doubling to 5 min (module text).
+MISMATCH_BACKOFF = Backoff(30.0, 300.0, jitter=0.8)
+
+__all__ = ["Deliver", "Envelope", "EnvelopeInfo", "FingerResult", "KeyMismatch", "PipeMessage",
            "RelayInvite", "RendezvousClient", "RendezvousError", "ServerIdentityError",
            "is_relay_invite"]
 
@@ -127,6 +139,25 @@ __all__ = ["Deliver", "Envelope", "EnvelopeInfo", "FingerResult", "PipeMessage",
 def is_relay_invite(push: object) -> bool:
     """Whether a push from `pushes()` invites this device to a relayed stream."""
     return isinstance(push, RelayInvite)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMismatch:
+    """The last login attempt met, at `server` (HOST:PORT), a server that did not prove
+    the pinned key `expected` (it showed `seen`); the next attempt is at loop time
+    `retry_at`."""
+
+    server: str
+    error: ServerIdentityError
+    retry_at: float
+
+    @property
+    def expected(self) -> bytes | None:
+        return self.error.expected
+
+    @property
+    def seen(self) -> bytes | None:
+        return self.error.seen
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -248,7 +279,9 @@ class RendezvousClient:
                  vouch: bytes | None = None, keepalive_interval: float = 20.0,
                  keepalive_timeout: float = 45.0,
                  alternates: Callable[[], Awaitable[Sequence[tuple[str, int]]]] | None = None,
-                 on_failover: Callable[[str, int], None] | None = None) -> None:
+                 on_failover: Callable[[str, int], None] | None = None,
+                 mismatch_backoff: Backoff = MISMATCH_BACKOFF,
+                 pinned: Callable[[], bytes | None] | None = None) -> None:
         if keepalive_interval > 0 and not keepalive_interval < keepalive_timeout:
             raise ValueError("keepalive_interval must be under keepalive_timeout (or 0: off)")
         self.host = host
@@ -288,6 +321,9 @@ class RendezvousClient:
         self.alternates = alternates
         self.on_failover = on_failover
         self.failovers = 0
+        self.mismatch_backoff = mismatch_backoff
+        self.pinned = pinned
+        self._mismatch: KeyMismatch | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
     @property
@@ -300,6 +336,12 @@ class RendezvousClient:
         """Why the server refused to log this client in again (account deleted, device
         revoked), which ends its reconnecting; None while that has not happened."""
         return str(self._fatal) if self._fatal is not None else None
+
+    @property
+    def mismatch(self) -> KeyMismatch | None:
+        """While reconnecting after a server that did not prove the pinned key: which,
+        and when the next attempt is; None otherwise."""
+        return self._mismatch
 
     @property
     def server_info(self) -> dict[str, int]:
@@ -447,6 +489,9 @@ class RendezvousClient:
         except BaseException:
             transport.abort()
             raise
+        if (mismatch := proto.core.identity_error) is not None:
+            transport.abort()  # it showed another key: no AUTHORIZATION is signed for it
+            raise mismatch
         try:
             if self.domain is not None and challenge.domain != self.domain:
                 raise AuthenticationError(
@@ -467,8 +512,6 @@ class RendezvousClient:
             raise
         if (mismatch := proto.core.identity_error) is not None:
             transport.abort()
-            log.warning(kv("client.server_identity", server=f"{self.host}:{self.port}",
-                           text=mismatch.text))
             raise mismatch
         if not reply.ok:
             transport.close()
@@ -482,7 +525,9 @@ class RendezvousClient:
         log.info(kv("client.connected", address=self.address, server=f"{self.host}:{self.port}"))
 
     async def _supervise(self) -> None:
-        attempt = 0
+        loop = asyncio.get_running_loop()
+        attempt = 0  # failed reconnects since the session was lost
+        mismatched = 0  # of those, in a row, to a server that did not prove the key
         while not self._closed:
             proto = self._proto
             if proto is not None:
@@ -492,13 +537,27 @@ class RendezvousClient:
                 self._reading_paused = False
                 log.info(kv("client.disconnected", address=self.address))
             attempt += 1
-            delay = Backoff(0.1, self.max_backoff, jitter=0.5).delay(attempt, self._rng)
+            if self._mismatch is not None:
+                delay = max(0.0, self._mismatch.retry_at - loop.time())
+            else:
+                delay = Backoff(0.1, self.max_backoff, jitter=0.5).delay(attempt, self._rng)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._retry_now.wait()
             self._retry_now.clear()
+            if self._mismatch is not None:
+                self._repin()
             try:
                 await self._connect_any()
+            except ServerIdentityError as exc:
+                # Not the server's word (it never answered): wait, and try again.
+                mismatched += 1
+                wait = self.mismatch_backoff.delay(mismatched, self._rng)
+                where = f"{self.host}:{self.port}"
+                self._mismatch = KeyMismatch(where, exc, loop.time() + wait)
+                log.warning(kv("client.server_identity", address=self.address, server=where,
+                               text=exc.text, retry_in=f"{wait:.0f}s"))
+                continue
             except AuthenticationError as exc:
                 if exc.status == Status.RATE_LIMITED:
                     # Over a cap on live sessions (the device's, the account's, the IP's):
@@ -513,16 +572,27 @@ class RendezvousClient:
             except RendezvousError as exc:
                 log.info(kv("client.reconnect_failed", address=self.address, text=exc.text,
                             attempt=attempt))
+                self._mismatch, mismatched = None, 0  # unreachable now: another network
                 continue
             self.reconnects += 1
-            attempt = 0
+            attempt = mismatched = 0
+            self._mismatch = None
+
+    def _repin(self) -> None:
+        """Before trying again after a mismatch: the key `pinned()` names now."""
+        if self.pinned is None:
+            return
+        key = self.pinned()
+        if key is not None:
+            self.server_key = key
 
     async def _connect_any(self) -> None:
         """Connect to the current server, else to one of `alternates` (module text)."""
+        first: RendezvousError
         try:
             await self._connect_once()
             return
-        except (ConnectionLostError, RequestTimeoutError) as exc:
+        except (ConnectionLostError, RequestTimeoutError, ServerIdentityError) as exc:
             if self.alternates is None:
                 raise
             first = exc

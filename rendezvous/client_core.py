@@ -11,7 +11,10 @@ AUTHORIZATION must carry the domain key's signature over this connection (both n
 the channel binding `binding`), under `server_key` when one is pinned, else under the key
 the CHALLENGE named (trust on first use; `server_key_seen` then holds it for pinning). If
 it does not verify, the session is not accepted: `identity_error` is a
-`ServerIdentityError` naming the expected and the seen fingerprints.
+`ServerIdentityError` naming the expected and the seen fingerprints. A CHALLENGE that names
+another key than the pinned one sets `identity_error` at once, and then nothing is signed
+for that server (`authorize` and `link` refuse): it never sees our address, device key or
+reachability hints, only the TCP and TLS handshakes.
 
 Keepalive (when built with `keepalive_interval` and `keepalive_timeout` > 0): the
 AUTHORIZATION announces the interval; once authenticated, `get_timer()` names the next
@@ -126,16 +129,15 @@ class ClientConnection:
                   relay: bool = False, vouch: bytes | None = None,
                   replaces: bytes | None = None) -> int:
         """Answer the current challenge; returns the request id of the AUTHORIZATION."""
-        if self.state is not ClientState.CHALLENGED or self.challenge is None:
-            raise LocalProtocolError(f"no challenge to answer (state {self.state.value})")
+        challenge = self._check_answerable()
         cnonce = self._new_nonce()
         keepalive_ms = 0 if relay else round(self.keepalive_interval * 1000)
-        req = Authorization.signed(self.new_id(), identity, self.challenge.domain,
-                                   self.challenge.nonce, address, client_nonce=cnonce,
+        req = Authorization.signed(self.new_id(), identity, challenge.domain,
+                                   challenge.nonce, address, client_nonce=cnonce,
                                    binding=self.binding, invite=invite, register=register,
                                    advertise=advertise, relay=relay, vouch=vouch,
                                    keepalive_ms=keepalive_ms, replaces=replaces)
-        self._answered = (self.challenge, cnonce, identity.public.verify_key)
+        self._answered = (challenge, cnonce, identity.public.verify_key)
         self.client_nonce = cnonce
         self._auth_id = req.id
         self.state = ClientState.AUTHENTICATING
@@ -145,18 +147,27 @@ class ClientConnection:
     def link(self, domain_key: DomainKey, own_domain: str) -> int:
         """Answer the current challenge as the server of `own_domain` (a server link);
         returns the request id of the LINK."""
-        if self.state is not ClientState.CHALLENGED or self.challenge is None:
-            raise LocalProtocolError(f"no challenge to answer (state {self.state.value})")
         if self.server_key is None:
             raise LocalProtocolError("a link needs the remote domain's key from DNS")
+        challenge = self._check_answerable()
         cnonce = self._new_nonce()
-        req = Link.signed(self.new_id(), domain_key, own_domain, self.challenge.domain,
-                          self.challenge.nonce, cnonce, self.binding)
-        self._answered = (self.challenge, cnonce, domain_key.public)
+        req = Link.signed(self.new_id(), domain_key, own_domain, challenge.domain,
+                          challenge.nonce, cnonce, self.binding)
+        self._answered = (challenge, cnonce, domain_key.public)
         self._auth_id = req.id
         self.state = ClientState.AUTHENTICATING
         self._write(req)
         return req.id
+
+    def _check_answerable(self) -> Challenge:
+        """The challenge to answer; LocalProtocolError if none, or if it named another
+        key than the pinned one."""
+        if self.state is not ClientState.CHALLENGED or self.challenge is None:
+            raise LocalProtocolError(f"no challenge to answer (state {self.state.value})")
+        if self.server_key is not None and self.challenge.key != self.server_key:
+            raise LocalProtocolError("the server showed another key than the pinned one: "
+                                     "nothing is signed for it")
+        return self.challenge
 
     def send(self, request: Request) -> None:
         """Queue a request (its id from `new_id()`) for the transport."""
@@ -184,6 +195,9 @@ class ClientConnection:
                 self.challenge = msg
                 if self.state is not ClientState.AUTHENTICATED:
                     self.state = ClientState.CHALLENGED
+                    if self.server_key is not None and msg.key != self.server_key:
+                        self.identity_error = ServerIdentityError(
+                            self.server_key, msg.key, "the server presented another domain key")
             elif isinstance(msg, Reply) and msg.id == self._auth_id and self._auth_id:
                 self._auth_id = 0
                 self.identity_error = self._check_server(msg)
@@ -335,6 +349,9 @@ class RelayHandshake:
         if isinstance(msg, Challenge):
             if self._auth_id == 0:
                 self.challenge = msg
+                if (err := self._conn.identity_error) is not None:
+                    self.refusal = (0, err.text)  # nothing signed for a server we won't accept
+                    return
                 self._auth_id = self._conn.authorize(self._identity, self._address,
                                                      relay=True)
         elif isinstance(msg, Reply) and msg.id in (self._auth_id, self._relay_id):

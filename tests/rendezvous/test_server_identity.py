@@ -10,6 +10,7 @@ import pytest
 
 from rendezvous.client_core import ClientConnection, ClientState, RelayHandshake
 from rendezvous.domainkey import DomainKey, fingerprint
+from rendezvous.errors import LocalProtocolError
 from rendezvous.framing import encode_frame
 from rendezvous.limits import Limits
 from rendezvous.messages import (
@@ -81,11 +82,15 @@ def test_first_use_trusts_the_key_shown_and_reports_it() -> None:
 
 def test_another_domain_key_is_refused_naming_both_fingerprints() -> None:
     cli = ClientConnection(binding=BINDING, server_key=KEY.public)
-    login(server(OTHER), cli)
+    run(server(OTHER), cli)  # its CHALLENGE names OTHER
     err = cli.identity_error
     assert err is not None and cli.state is not ClientState.AUTHENTICATED
     assert "does not match the key pinned for it" in err.text
     assert fingerprint(KEY.public) in err.text and fingerprint(OTHER.public) in err.text
+    # Nothing is signed for it: it never sees our address, device key or hints.
+    with pytest.raises(LocalProtocolError, match="nothing is signed"):
+        cli.authorize(ident(1), "alice@example.net")
+    assert cli.data_to_send() == b""
 
 
 def test_another_channel_fails_both_signatures() -> None:
@@ -168,13 +173,28 @@ def test_the_relay_handshake_checks_the_server_too() -> None:
                         server_key=KEY.public)
     hs.set_binding(BINDING)
     hs.receive_data(srv.data_to_send())
+    assert hs.finished and not hs.spliced and hs.identity_error is not None
+    assert hs.refusal is not None and "does not match the key pinned" in hs.refusal[1]
+    assert hs.data_to_send() == b""  # neither AUTHORIZATION nor RELAY to an unproven server
+
+
+def test_a_proxy_relaying_the_real_challenge_is_caught_at_the_reply() -> None:
+    # The key named is the pinned one, so the AUTHORIZATION goes out (bound to the proxy's
+    # channel: useless elsewhere); the reply can't prove the key over that channel.
+    srv = server(binding=bytes(32))  # the device's signature let through, as above
+    hs = RelayHandshake(ident(1), "alice@example.net",
+                        lambda rid: Relay(rid, "bob@example.net", bytes(20), bytes(16)),
+                        server_key=KEY.public)
+    hs.set_binding(bytes(32))
+    hs.receive_data(srv.data_to_send())
     srv.receive_data(hs.data_to_send(), 0.0)
     (ev,) = [srv.next_event()]
     assert isinstance(ev, AuthRequested)
+    srv.binding = BINDING  # the server signs over its own certificate
     srv.accept_auth(ev.request.id, ev.request.address, ev.request.verify_key, relay=True)
     hs.receive_data(srv.data_to_send())
     assert hs.finished and not hs.spliced and hs.identity_error is not None
-    assert hs.refusal is not None and "does not match the key pinned" in hs.refusal[1]
+    assert hs.refusal is not None and "proxy terminating TLS" in hs.refusal[1]
     assert hs.data_to_send() == b""  # no RELAY went out to an unproven server
 
 
