@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first retry delay when no source is reachable (default 5)")
     s.add_argument("--retry-max", type=float, default=None, metavar="SECONDS",
                    help="longest retry delay (default 300)")
+    s.add_argument("--mismatch-retry", type=_seconds_arg, default=None, metavar="SECONDS",
+                   help="first wait before trying again when something at the server's "
+                        "address does not prove the pinned key; doubles up to ten times "
+                        "that (default 30)")
     s.add_argument("--provider-refresh", type=float, default=None, metavar="SECONDS",
                    help="how often a download looks for new holders in the DHT (default 10)")
     s.add_argument("--no-co-recipients", action="store_true",
@@ -395,9 +399,15 @@ def _starting(home: NodeHome) -> str | None:
     who = home.daemon_running()
     if who is None:
         return None
-    return (f"the peerpost node for {home.root}{who} does not answer yet: it answers once "
-            "it has logged in to its server, and waits for that as long as it has to "
-            f"({home.log_path} says why it can't)")
+    text = (f"the peerpost node for {home.root}{who} does not answer yet: it answers once "
+            "it has logged in to its server, and waits for that as long as it has to")
+    waiting = home.login_wait()
+    if waiting is None:
+        return f"{text} ({home.log_path} says why it can't)"
+    why, at = waiting
+    left = max(0.0, at - time.time())
+    return (f"{text}: {why}; next try at {time.strftime('%H:%M:%S', time.localtime(at))} "
+            f"(in {left:.0f} s)")
 
 
 # Options whose value is a pasted token. Tokens print as hex now, but an invite from a
@@ -1034,6 +1044,16 @@ def _size_as_set(n: int) -> str:
     return _size(n)
 
 
+def _seconds_arg(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < seconds < 86400:
+        raise argparse.ArgumentTypeError("give seconds above 0 and under a day")
+    return seconds
+
+
 def _rate_arg(text: str) -> float:
     from overlay.mail.prefs import parse_rate
 
@@ -1089,6 +1109,9 @@ async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
     t.add_row("fingerprint", _t(info["fingerprint"]))
     if info.get("refused"):
         t.add_row("rendezvous", _styled(f"login refused: {info['refused']}", "red"))
+    elif m := info.get("mismatch"):
+        t.add_row("rendezvous", _styled(f"not logged in: {m['text']}; trying again by "
+                                        f"itself, next in {m['next_try_in']:.0f} s", "red"))
     else:
         t.add_row("rendezvous", "connected" if info["connected"] else "[red]not connected[/]")
     t.add_row("direct transfers", _t(":".join(str(x) for x in info["listen"])))

@@ -11,6 +11,8 @@ Layout (all owner-only):
     node.log        the daemon's log (what `peerpost node` writes to stderr), rotated at
                     10 MiB, 3 old files kept (node.log.1 ...)
     node.lock       held (fcntl) by the one running daemon; holds its pid
+    login-wait.json while the daemon waits at start to log in (it answers only after):
+                    why, and when it tries next (`login_wait`)
 
 Without --home or $PEERPOST_HOME the folder is ~/.peerpost where that exists (homes made
 before), else the platform's user data folder (platformdirs: $XDG_DATA_HOME/peerpost,
@@ -148,6 +150,7 @@ class NodeHome:
     control_path = property(lambda self: self.root / "control.sock")
     log_path = property(lambda self: self.root / "node.log")
     lock_path = property(lambda self: self.root / "node.lock")
+    login_wait_path = property(lambda self: self.root / "login-wait.json")
 
     @contextlib.contextmanager
     def daemon_lock(self) -> Iterator[None]:
@@ -183,6 +186,31 @@ class NodeHome:
             return None
         finally:
             os.close(fd)
+
+    def note_login_wait(self, why: str | None, next_try: float = 0.0) -> None:
+        """The daemon waits at start to log in: `why`, and the wall-clock time of its next
+        try, for the CLI to show while the control socket is not up yet; None: done. Only
+        an aid to the eye: a home it can't be written in (full disk) does not stop the
+        login (the log says the same)."""
+        with contextlib.suppress(OSError):
+            if why is None:
+                self.login_wait_path.unlink(missing_ok=True)
+            else:
+                write_secret_file(self.login_wait_path,
+                                  json.dumps({"why": why[:2000], "next_try": next_try}))
+
+    def login_wait(self) -> tuple[str, float] | None:
+        """(why, next try) as `note_login_wait` left it; None if none or unreadable."""
+        try:
+            data = json.loads(self.login_wait_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        why, at = data.get("why"), data.get("next_try")
+        if not isinstance(why, str) or not isinstance(at, int | float) or isinstance(at, bool):
+            return None
+        return why, float(at)
 
     def received_dir(self, config: NodeConfig) -> Path:
         return Path(config.download_dir) if config.download_dir else self.root / "received"

@@ -197,6 +197,19 @@ class LocalNetwork:
         self.server_addr = (m.group(1), int(m.group(2)))
         return self.server_addr
 
+    def start_extra_server(self, name: str, data: Path,
+                           timeout: float = 30.0) -> tuple[Proc, tuple[str, int]]:
+        """Another `serve` of the domain on any free port, with its own `data` folder: its
+        own domain key unless one was copied in (another instance of the domain, or
+        something else answering where the nodes expect their server). Stopped by
+        `close()`; returns it and the address it listens on."""
+        argv = [_script("peerpost-rendezvous"), "serve", "--domain", self.domain, "--listen",
+                "127.0.0.1:0", "--data", str(data), "--open-registration",
+                *([] if self.tls else ["--plaintext"])]
+        proc = self._spawn(name, argv)
+        m = proc.lines.wait_for(_LISTENING, timeout, f"peerpost-rendezvous serve ({name})")
+        return proc, (m.group(1), int(m.group(2)))
+
     @property
     def server_hostport(self) -> str:
         if self.server_addr is None:

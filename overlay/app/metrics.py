@@ -22,6 +22,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from overlay.app.fetchmeter import FetchMeter
+from overlay.app.operations import mismatch_state
 from rendezvous.metrics import MetricsHttp, counter, gauge
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ class NodeMetrics:
             return True, f"connected to {node.config.server} as {node.address}"
         if (refused := node.rendezvous.refused) is not None:
             return False, f"the server {node.config.server} refused this node's login: {refused}"
+        if (m := mismatch_state(node.rendezvous)) is not None:
+            return False, f"not logged in: {m['text']}; next try in {m['next_try_in']:.0f} s"
         return False, f"not connected to the server {node.config.server}"
 
     async def start(self, host: str, port: int) -> tuple[str, int]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from crypto.address import parse_hostport
+from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from crypto.location import LocationMessage
 from overlay.app.control import ControlServer
@@ -34,7 +35,7 @@ from overlay.app.holders import HolderFinder
 from overlay.app.home import HomeError, NodeConfig, NodeHome
 from overlay.app.links import EndpointFactory, PeerLinks
 from overlay.app.notify import MessageHook
-from overlay.app.operations import ControlOperations
+from overlay.app.operations import ControlOperations, key_mismatch_text
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.dht.directory import ProviderDirectory
@@ -55,7 +56,7 @@ from overlay.transports.reachability import Reachability, probe, route_ip
 from overlay.transports.wake import SleepWatch, time_asleep
 from overlay.transports.webrtc import WebRtcEndpoint
 from rendezvous.backoff import Backoff
-from rendezvous.client import RendezvousClient
+from rendezvous.client import MISMATCH_BACKOFF, RendezvousClient, ServerIdentityError
 from rendezvous.domainkey import encode_key, fingerprint
 from rendezvous.errors import ConnectionLostError, RendezvousError, RequestTimeoutError
 from rendezvous.sdnotify import notify
@@ -96,6 +97,9 @@ class NodeOptions:
     on_message: str | None = None  # command run on arrival/completion; None: the config's
     desktop_notify: bool = True  # notify-send where it is installed
     network_check: float = NETWORK_CHECK  # seconds between route looks (_watch_network); 0: off
+    # Waiting to try again a server that did not prove the pinned key (at start and on
+    # reconnects); a test passes a short one (`node --mismatch-retry`).
+    mismatch_backoff: Backoff = MISMATCH_BACKOFF
     # Seconds the host has spent suspended since boot (overlay.transports.wake); a test
     # passes its own to put the host to sleep.
     asleep: Callable[[], float] = time_asleep
@@ -166,7 +170,9 @@ class Node:
                                            server_key=self.config.pinned_key(),
                                            rng=random.Random(self.rng.getrandbits(64)),
                                            alternates=self._failover.servers,
-                                           on_failover=self._on_failover)
+                                           on_failover=self._on_failover,
+                                           mismatch_backoff=self.options.mismatch_backoff,
+                                           pinned=self._pinned_now)
         st.push_async_callback(self.rendezvous.aclose)
         await self._first_login()
         host, port = self.rendezvous.host, self.rendezvous.port  # another one after failover
@@ -278,26 +284,65 @@ class Node:
     async def _first_login(self) -> None:
         """Log in to the server, waiting with backoff while it can't be reached: a node
         started before the network is up, or while its server restarts, waits for it
-        instead of exiting. A refused login (wrong key, unknown address) still ends it.
-        Each time it can't, a node whose server came from SRV records tries the domain's
-        other servers (overlay.app.failover)."""
-        attempt = 0
+        instead of exiting. Something at the server's address that does not prove the
+        pinned key (a hotel's proxy, a captive portal) is not logged in to and not the
+        server's word either: the node waits for its server then too, longer
+        (`mismatch_backoff`), re-reading the pinned key from config.json before each try.
+        A refusal by the server itself (unknown address, revoked device) ends it. Each time
+        it can't, a node whose server came from SRV records tries the domain's other
+        servers (overlay.app.failover). Why it waits, and until when, goes in the home for
+        `peerpost info` (the control socket opens only after the login)."""
+        attempt = mismatched = 0
         failover = self._failover
-        while True:
-            try:
-                await self.rendezvous.start()
-                return
-            except (ConnectionLostError, RequestTimeoutError) as exc:
-                # SIGTERM cancels this task; a refusal landing in the same loop iteration
-                # came back from asyncio.wait_for instead, and the node went on retrying.
-                raise_if_cancelled()
-                if await failover.login_elsewhere(self.rendezvous) is not None:
+        try:
+            while True:
+                try:
+                    await self.rendezvous.start()
                     return
-                attempt += 1
-                delay = FIRST_LOGIN_BACKOFF.delay(attempt)
-                log.warning("server %s not reachable (%s); trying again in %.0f s",
-                            self.config.server, exc, delay)
+                except (ConnectionLostError, RequestTimeoutError) as exc:
+                    # SIGTERM cancels this task; a refusal landing in the same loop
+                    # iteration came back from asyncio.wait_for instead, and the node went
+                    # on retrying.
+                    raise_if_cancelled()
+                    if await failover.login_elsewhere(self.rendezvous) is not None:
+                        return
+                    attempt, mismatched = attempt + 1, 0
+                    delay = FIRST_LOGIN_BACKOFF.delay(attempt)
+                    why = f"server {self.config.server} not reachable ({exc})"
+                except ServerIdentityError as exc:
+                    raise_if_cancelled()
+                    if await failover.login_elsewhere(self.rendezvous) is not None:
+                        return
+                    attempt, mismatched = 0, mismatched + 1
+                    delay = self.options.mismatch_backoff.delay(mismatched, self.rng)
+                    rv = self.rendezvous
+                    why = f"{key_mismatch_text(f'{rv.host}:{rv.port}', exc)}: not logging in to it"
+                log.warning("%s; trying again in %.0f s", why, delay)
+                self.home.note_login_wait(why, self.wall() + delay)
                 await asyncio.sleep(delay)
+                if mismatched:
+                    self.rendezvous.server_key = self._pinned_now()
+        finally:
+            self.home.note_login_wait(None)
+
+    def _pinned_now(self) -> bytes | None:
+        """The server key config.json pins now: after a planned key change the user puts
+        the new one there, and the next try expects it (no restart). The one pinned before
+        if the file can't be read."""
+        before = self.rendezvous.server_key
+        try:
+            config = self.home.load_config()
+            key = config.pinned_key()
+        except (HomeError, DecodeError, OSError) as exc:
+            log.warning("cannot read the pinned server key (%s); still expecting %s", exc,
+                        fingerprint(before) if before else "none")
+            return before
+        if key is None or key == before:
+            return before
+        log.warning("%s pins a new key for the server: %s (was %s)", self.home.config_path,
+                    fingerprint(key), fingerprint(before) if before else "none")
+        self.config.server_key = config.server_key
+        return key
 
     def _on_failover(self, host: str, port: int) -> None:
         """The session reconnected to another server of the domain: record it, and move
@@ -557,6 +602,9 @@ def run_node(home: NodeHome, args: argparse.Namespace, *,
         opts.retry_max = args.retry_max
     if args.provider_refresh is not None:
         opts.provider_refresh = args.provider_refresh
+    if getattr(args, "mismatch_retry", None) is not None:
+        opts.mismatch_backoff = Backoff(args.mismatch_retry, 10 * args.mismatch_retry,
+                                        jitter=0.8)
     if getattr(args, "no_co_recipients", False):
         opts.co_recipients = False
     if getattr(args, "inbox_max", None) is not None:

@@ -32,7 +32,8 @@ from overlay.mail.outbox import Outbox, OutboxEntry, RecipientStatus, forwarding
 from overlay.mail.outgoing import MailSender, SendError
 from overlay.mail.prefs import RETENTIONS, Prefs, parse_rate, parse_size, unknown_pref
 from overlay.transfer.server import TransferServer
-from rendezvous.client import RendezvousClient, RendezvousError
+from rendezvous.client import RendezvousClient, RendezvousError, ServerIdentityError
+from rendezvous.domainkey import fingerprint
 
 log = logging.getLogger("peerpost.node")
 WITHDRAWN_REASON = "cancelled by the sender"
@@ -44,6 +45,31 @@ _ENDED = (InboxState.COMPLETE, InboxState.FAILED)
 SEND_RECONNECT_WAIT = 2.0  # seconds a send waits for a session that is being re-established
 OFFLINE_TEXT = ("the node is offline: the server is unreachable; nothing was sent; try again "
                 "when `peerpost info` shows connected")
+
+
+def key_mismatch_text(server: str, error: ServerIdentityError) -> str:
+    """What the user reads while the node's server does not prove the pinned key: where,
+    and both fingerprints."""
+    pinned = fingerprint(error.expected) if error.expected is not None else "none"
+    shown = fingerprint(error.seen) if error.seen is not None else "none"
+    if error.seen is not None and error.expected in (None, error.seen):
+        what = (f"the server at {server} shows the key {shown} but does not prove it over "
+                "this connection (a proxy terminating TLS in between?)")
+    else:
+        what = (f"the server at {server} presented another key than the one pinned for it "
+                f"(pinned {pinned}, presented {shown})")
+    return what
+
+
+def mismatch_state(rendezvous: RendezvousClient) -> dict[str, Any] | None:
+    """The session's key mismatch for `ping` (JSON), or None while there is none."""
+    m = rendezvous.mismatch
+    if m is None:
+        return None
+    return {"server": m.server, "text": key_mismatch_text(m.server, m.error),
+            "pinned": fingerprint(m.expected) if m.expected is not None else None,
+            "presented": fingerprint(m.seen) if m.seen is not None else None,
+            "next_try_in": max(0.0, m.retry_at - asyncio.get_running_loop().time())}
 
 
 class ControlOperations:
@@ -98,6 +124,7 @@ class ControlOperations:
                 "listen": list(self.listen_addr or ()),
                 "connected": self.rendezvous.connected,
                 "refused": self.rendezvous.refused,
+                "mismatch": mismatch_state(self.rendezvous),
                 "counters": dict(self.incoming.counters),
                 "inbox": self.inbox_state()}
 
@@ -121,6 +148,9 @@ class ControlOperations:
                 if (refused := self.rendezvous.refused) is not None:
                     raise ControlError(f"the server refused this node's login ({refused}); "
                                        "nothing was sent") from None
+                if (m := self.rendezvous.mismatch) is not None:
+                    why = key_mismatch_text(m.server, m.error)
+                    raise ControlError(f"the node is offline: {why}; nothing was sent") from None
                 raise ControlError(OFFLINE_TEXT) from None
         try:
             mid = await self.sender.send(Path(a.str("path", max_len=4096)), list(to),

@@ -27,7 +27,7 @@ from crypto.codec import Fields
 from crypto.errors import DecodeError
 from crypto.location import decode_location
 from overlay.app.control import ControlError
-from overlay.app.operations import CANCELLED_TEXT, ControlOperations
+from overlay.app.operations import CANCELLED_TEXT, ControlOperations, key_mismatch_text
 from overlay.app.web.auth import (
     CSRF_HEADER,
     SESSION_IDLE,
@@ -344,6 +344,10 @@ class WebInbox:
         if rv.refused:
             return (f"The mail server does not accept this computer ({rv.refused}): ask "
                     f"whoever set peerpost up for you.")
+        if (m := rv.mismatch) is not None:
+            return (f"Not connected to the mail server: something else answers at its "
+                    f"address ({key_mismatch_text(m.server, m.error)}). New mail comes in "
+                    "once your own server answers there again.")
         return ("Not connected to the mail server: new mail comes in once the connection is "
                 "back. peerpost keeps trying by itself.")
 
