@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from crypto.identity import DeviceIdentity
+from overlay.app.home import NodeHome
 from overlay.app.node import Node
 from overlay.mail.delivery import Delivery
 from rendezvous.backoff import Backoff
@@ -53,7 +54,7 @@ class _Refusals:
 
 
 async def test_a_node_waiting_for_its_server_stops_when_the_refusal_ate_the_cancel(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`peerpost node` started while its server is down, then SIGTERM: the signal cancels
     the starting task as the connection attempt is refused. wait_for raised the refusal
     instead of the cancel, the first login took it for one more failed attempt, and the
@@ -62,6 +63,7 @@ async def test_a_node_waiting_for_its_server_stops_when_the_refusal_ate_the_canc
     refusals = _Refusals()
     monkeypatch.setattr(loop, "create_connection", refusals.create_connection)
     node = Node.__new__(Node)
+    node.home = NodeHome(tmp_path)  # where it says why it waits
     node.config = SimpleNamespace(server="127.0.0.1:9")  # type: ignore[assignment]
     node.rendezvous = RendezvousClient("127.0.0.1", 9, ME, "n@example.net", reconnect=True,
                                        request_timeout=5.0)
