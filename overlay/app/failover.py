@@ -81,10 +81,11 @@ class ServerFailover:
             self._resolver = DnsResolver(resolver_spec(self.config))
         return self._resolver
 
-    async def login_elsewhere(self, client: RendezvousClient) -> str | None:
+    async def login_elsewhere(self, client: RendezvousClient,
+                              why: str = "not reachable") -> str | None:
         """Start `client` at the first other SRV target that proves the pinned key; its
         HOST:PORT (saved as the config's `server`), or None with `client` pointed back at
-        the configured server."""
+        the configured server. `why`: what is wrong with the configured one, for the log."""
         pinned = self.config.pinned_key()
         if not self.enabled or pinned is None:
             return None
@@ -101,8 +102,8 @@ class ServerFailover:
         others = [s for s in records.servers if s != current]
         if not others:
             return None
-        log.warning("server %s not reachable; trying the other %d server(s) of %s (%s SRV)",
-                    self.config.server, len(others), self.domain, srv_name(self.domain))
+        log.warning("server %s %s; trying the other %d server(s) of %s (%s SRV)",
+                    self.config.server, why, len(others), self.domain, srv_name(self.domain))
         for host, port in others:
             where = _hostport(host, port)
             client.host, client.port = host, port

@@ -311,7 +311,8 @@ class Node:
                     why = f"server {self.config.server} not reachable ({exc})"
                 except ServerIdentityError as exc:
                     raise_if_cancelled()
-                    if await failover.login_elsewhere(self.rendezvous) is not None:
+                    if await failover.login_elsewhere(
+                            self.rendezvous, "does not prove the pinned key") is not None:
                         return
                     attempt, mismatched = 0, mismatched + 1
                     delay = self.options.mismatch_backoff.delay(mismatched, self.rng)
