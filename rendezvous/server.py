@@ -243,7 +243,10 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.splice is not None:
             self.splice.eof_received(self.side)
-            return True  # half-close: the other direction may still be running
+            # Half-close: the other direction may still be running. Not over TLS, which
+            # has none (asyncio closes, and logs a warning for a True).
+            t = self.transport
+            return t is None or t.get_extra_info("ssl_object") is None
         self.core.receive_eof()
         self._pump()
         return False

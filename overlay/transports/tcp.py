@@ -86,7 +86,10 @@ class _TcpBase:
     def eof_received(self) -> bool:
         self.eof = True
         self._wake_reader()
-        return True  # keep our sending half open: TCP half-close
+        # Keep our sending half open (TCP half-close). TLS has none: there asyncio closes
+        # the connection whatever this returns, and logs a warning if it is True.
+        t = self.transport
+        return t is None or t.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.transports.relay import RelayError, relay_dial
+from overlay.transports.relay import RelayError, RelayInvite, relay_accept, relay_dial
 from rendezvous.client import RendezvousClient, ServerIdentityError
 from rendezvous.domainkey import DOMAIN_KEY_NAME, DomainKey, fingerprint
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
@@ -32,11 +32,15 @@ SCRIPT = Path(sys.executable).with_name("peerpost-rendezvous")
 
 
 @asynccontextmanager
-async def serve(data: Path, *extra: str) -> AsyncIterator[int]:
-    proc = await asyncio.create_subprocess_exec(
-        str(SCRIPT), "serve", "--domain", DOMAIN, "--listen", "127.0.0.1:0", "--data",
-        str(data), "--open-registration", *extra, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL)
+async def serve(data: Path, *extra: str, log: Path | None = None) -> AsyncIterator[int]:
+    """A real server on a free port (yielded); its log goes to `log` when given."""
+    with contextlib.ExitStack() as files:
+        stderr = (files.enter_context(log.open("wb")) if log is not None
+                  else asyncio.subprocess.DEVNULL)
+        proc = await asyncio.create_subprocess_exec(
+            str(SCRIPT), "serve", "--domain", DOMAIN, "--listen", "127.0.0.1:0", "--data",
+            str(data), "--open-registration", *extra, stdout=asyncio.subprocess.PIPE,
+            stderr=stderr)
     try:
         if proc.stdout is None:
             raise AssertionError("no stdout pipe")
@@ -181,3 +185,44 @@ async def test_a_tls_terminating_proxy_is_refused_and_the_error_says_why(
                                     register=True, tls=True, server_key=key.public,
                                     reconnect=False) as a:
             assert a.connected
+
+
+async def test_a_relayed_stream_over_tls_carries_the_bytes_and_ends_without_warnings(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Nodes reach a real server's relay over TLS, which has no half-close: a protocol that
+    # asked to keep its sending half open at the peer's EOF made asyncio log a warning for
+    # every relayed stream, in the server's log and in both nodes'.
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    payload = os.urandom(3 << 20)
+    async with serve(data, log=log) as port:
+        key = DomainKey.from_json((data / DOMAIN_KEY_NAME).read_text()).public
+        async with RendezvousClient("127.0.0.1", port, ALICE, "alice@example.net",
+                                    register=True, tls=True, server_key=key), \
+                RendezvousClient("127.0.0.1", port, BOB, "bob@example.net", register=True,
+                                 tls=True, server_key=key) as bob:
+
+            async def accept() -> bytes:
+                async for push in bob.pushes():
+                    if isinstance(push, RelayInvite):
+                        s = await relay_accept("127.0.0.1", port, BOB, "bob@example.net", push,
+                                               tls=True, server_key=key)
+                        got = b""
+                        while len(got) < len(payload):
+                            got += await s.receive_some(1 << 20)
+                        await s.send_all(b"k")
+                        assert await s.receive_some(1) == b""  # alice closed
+                        await s.aclose()
+                        return got
+                raise AssertionError("no RELAY-INVITE")
+
+            accepting = asyncio.create_task(accept())
+            a = await relay_dial("127.0.0.1", port, ALICE, "alice@example.net",
+                                 "bob@example.net", BOB.peer_id, timeout=10, tls=True,
+                                 server_key=key)
+            await a.send_all(payload)
+            assert await a.receive_some(1) == b"k"
+            await a.aclose()
+            assert await asyncio.wait_for(accepting, 20) == payload
+    warning = "has no effect when using ssl"
+    assert warning not in log.read_text()
+    assert not [r for r in caplog.records if warning in r.getMessage()]
