@@ -9,6 +9,9 @@ no STUN server (host candidates). For the relay a third process is a real
 `peerpost-rendezvous serve` with its caps off (`--relay-rate 0 --relay-daily 0`: with the
 default 2 MB/s cap the relay measures the cap, not the code); the child keeps a control
 session and accepts the RELAY-INVITE, the parent dials with `overlay.transports.relay.relay_dial`.
+The relay runs twice: with `--plaintext` (the splice's own cost, which its target is about)
+and with TLS 1.3 on both legs, as nodes reach a real server (what relaying costs its
+operator).
 Reported per transport:
 
 - MB/s: bytes / (first byte sent .. the receiver's acknowledgement of EOF);
@@ -89,10 +92,13 @@ def _feed_line(line: bytes, rtc: WebRtcEndpoint | PunchEndpoint,
 
 # --- the receiving child ---------------------------------------------------------------
 async def _timed_send(s: Stream, size: int) -> tuple[int, float, float]:
-    """`size` bytes (whole MiB blocks) then EOF, until the receiver's "k": bytes sent,
-    seconds, and this process's CPU seconds."""
+    """`size` bytes (whole MiB blocks, after their count in 8 bytes) then EOF, until the
+    receiver's "k": bytes sent, seconds, and this process's CPU seconds. The receiver stops
+    at the count: over TLS (the relay's legs) there is no half-close to wait for."""
     block = bytes(range(256)) * (4 * KiB)  # 1 MiB
+    size = -(-size // len(block)) * len(block)
     cpu0, t0 = time.process_time(), time.perf_counter()
+    await s.send_all(size.to_bytes(8, "big"))
     sent = 0
     while sent < size:
         await s.send_all(block)
@@ -102,11 +108,21 @@ async def _timed_send(s: Stream, size: int) -> tuple[int, float, float]:
     return sent, time.perf_counter() - t0, time.process_time() - cpu0
 
 
+async def _send_nothing(s: Stream) -> None:
+    """What a setup dial sends: a count of 0, then EOF, until the receiver's "k"."""
+    await s.send_all(bytes(8))
+    await s.send_eof()
+    assert await s.receive_some(1) == b"k"
+
+
 async def _serve_one(stream: Stream, out: Any) -> None:
     await stream.send_all(b"h")
-    n = 0
+    head = b""
+    while len(head) < 8 and (chunk := await stream.receive_some(8 - len(head))):
+        head += chunk
+    want, n = int.from_bytes(head, "big") if len(head) == 8 else 0, 0
     cpu0 = time.process_time()
-    while chunk := await stream.receive_some(1 << 20):
+    while n < want and (chunk := await stream.receive_some(1 << 20)):
         n += len(chunk)
     cpu = time.process_time() - cpu0
     await stream.send_all(b"k")
@@ -114,16 +130,18 @@ async def _serve_one(stream: Stream, out: Any) -> None:
     out(f"result {n} {cpu:.4f}\n".encode())
 
 
-async def _relay_child(relay_port: int, reader: asyncio.StreamReader, out: Any) -> None:
+async def _relay_child(relay_port: int, reader: asyncio.StreamReader, out: Any,
+                       tls: bool) -> None:
     async with RendezvousClient("127.0.0.1", relay_port, _RECEIVER_KEY, _RECEIVER[0],
-                                register=True) as rc, asyncio.TaskGroup() as tg:
+                                register=True, tls=tls) as rc, asyncio.TaskGroup() as tg:
         out(b"port 0\n")
 
         async def serve() -> None:
             async for push in rc.pushes():
                 if isinstance(push, RelayInvite):
                     s = await relay_accept("127.0.0.1", relay_port, _RECEIVER_KEY,
-                                           _RECEIVER[0], push)
+                                           _RECEIVER[0], push, tls=tls,
+                                           server_key=rc.server_key)
                     await _serve_one(s, out)
                     await s.aclose()
         server_task = tg.create_task(serve())
@@ -139,12 +157,14 @@ class _RelayServer:
         self.port = port
 
     @classmethod
-    async def start(cls, data: Path) -> _RelayServer:
+    async def start(cls, data: Path, tls: bool) -> _RelayServer:
+        """`tls` False: `--plaintext`, the splice's own cost; True: TLS 1.3 on both legs,
+        as a node's relay connections run, and what an operator's server pays."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "rendezvous", "serve", "--domain", "bench.example",
             "--listen", "127.0.0.1:0", "--data", str(data), "--open-registration",
             "--relay-rate", "0", "--relay-daily", "0", "--log-level", "warning",
-            "--plaintext",  # the splice's own cost; a node's relay leg also runs TLS
+            *(() if tls else ("--plaintext",)),
             stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
@@ -201,8 +221,7 @@ async def _punch_child(role: str, stun: tuple[str, int], size: int,
             s = await punch.dial(*_RECEIVER)
             assert await s.receive_some(1) == b"h"
             setups.append(time.perf_counter() - t0)
-            await s.send_eof()
-            assert await s.receive_some(1) == b"k"
+            await _send_nothing(s)
             await s.aclose()
         s = await punch.dial(*_RECEIVER)
         assert s.path == "tcp-punch" and await s.receive_some(1) == b"h"
@@ -288,8 +307,8 @@ async def _child(kind: str, tuning: ChannelTuning, relay_port: int = 0,
     if kind in ("punch-send", "punch-recv") and stun is not None:
         await _punch_child(kind, stun, size, reader, out)
         return
-    if kind == "relay":
-        await _relay_child(relay_port, reader, out)
+    if kind in ("relay", "relay-tls"):
+        await _relay_child(relay_port, reader, out, kind == "relay-tls")
         return
     if kind == "tcp":
         async def handler(s: TcpStream) -> None:
@@ -343,10 +362,10 @@ class _Child:
 
 async def _measure(kind: str, tuning: ChannelTuning, size: int, loop_name: str
                    ) -> dict[str, Any]:
-    if kind != "relay":
+    if kind not in ("relay", "relay-tls"):
         return await _measure_pair(kind, tuning, size, loop_name, None)
     with tempfile.TemporaryDirectory() as data:
-        server = await _RelayServer.start(Path(data))
+        server = await _RelayServer.start(Path(data), kind == "relay-tls")
         try:
             return await _measure_pair(kind, tuning, size, loop_name, server)
         finally:
@@ -370,15 +389,16 @@ async def _measure_pair(kind: str, tuning: ChannelTuning, size: int, loop_name: 
         control = None
         if relay is not None:  # the sender's account must exist, and a session is usual
             control = RendezvousClient("127.0.0.1", relay_port, _SENDER_KEY, _SENDER[0],
-                                       register=True)
+                                       register=True, tls=kind == "relay-tls")
             await control.start()
 
         async def dial() -> Stream:
             if kind == "tcp":
                 return await connect_tcp("127.0.0.1", child.port)
-            if kind == "relay":
+            if control is not None:
                 return await relay_dial("127.0.0.1", relay_port, _SENDER_KEY, _SENDER[0],
-                                        _RECEIVER[0], _RECEIVER_KEY.peer_id, timeout=30)
+                                        _RECEIVER[0], _RECEIVER_KEY.peer_id, timeout=30,
+                                        tls=control.tls, server_key=control.server_key)
             return await rtc.dial(*_RECEIVER)
 
         setups = []
@@ -387,8 +407,7 @@ async def _measure_pair(kind: str, tuning: ChannelTuning, size: int, loop_name: 
             s = await dial()
             assert await s.receive_some(1) == b"h"
             setups.append(time.perf_counter() - t0)
-            await s.send_eof()
-            assert await s.receive_some(1) == b"k"
+            await _send_nothing(s)
             await s.aclose()
             await child.results.get()
 
@@ -453,8 +472,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-relay", action="store_true", help="skip the relay row")
     ap.add_argument("--no-punch", action="store_true", help="skip the TCP punch row")
     ap.add_argument("--only-punch", action="store_true", help="only the TCP punch row")
-    ap.add_argument("--child", choices=["tcp", "webrtc", "relay", "punch-stun", "punch-send",
-                                        "punch-recv"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["tcp", "webrtc", "relay", "relay-tls", "punch-stun",
+                                        "punch-send", "punch-recv"], help=argparse.SUPPRESS)
     ap.add_argument("--stun", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--relay-port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--loop", default="uvloop", help=argparse.SUPPRESS)
@@ -513,6 +532,16 @@ def main(argv: list[str]) -> int:
              "value": relay["setup_ms"], "unit": "ms"},
             {"metric": "relay CPU (both ends)", "value": relay["cpu_s_per_gb"], "unit": "s/GB"},
             {"metric": "relay CPU (server)", "value": relay["server_cpu_s_per_gb"],
+             "unit": "s/GB"},
+        ]
+        tls = _run("relay-tls", default, tcp_size, "uvloop")
+        meta["runs"].append({"kind": "relay-tls", "loop": "uvloop", "caps": "off", **tls})
+        rows += [
+            {"metric": "relay with TLS on both legs (as nodes run it), caps off, uvloop",
+             "value": tls["mbps"], "unit": "MB/s"},
+            {"metric": "relay with TLS: CPU (server)", "value": tls["server_cpu_s_per_gb"],
+             "unit": "s/GB"},
+            {"metric": "relay with TLS: CPU (both ends)", "value": tls["cpu_s_per_gb"],
              "unit": "s/GB"},
         ]
     if not args.no_sweep:
