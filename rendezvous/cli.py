@@ -100,6 +100,7 @@ from rendezvous.cliutil import (
 from rendezvous.datalock import DataInUse, DataLock
 from rendezvous.dns import DnsResolver, DomainLookupError
 from rendezvous.domainkey import load_or_create, txt_value
+from rendezvous.heap import keep_heap
 from rendezvous.instances import instances_lines, instances_report, make_bus, read_instances
 from rendezvous.limits import DAY, Limits
 from rendezvous.logfmt import FORMATS, LEVELS, configure, kv
@@ -484,6 +485,7 @@ def _serve(argv: list[str] | None, args: argparse.Namespace) -> int:
             record_domain(args.data / DB_NAME, args.domain)  # PostgreSQL: at open
         _raise_nofile()
         _tune_gc()
+        keep_heap()
         return _run(_serve_async(argv, args, _limits(args)))
     except (AdminError, OSError, RuntimeError) as exc:
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
