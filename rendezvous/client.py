@@ -546,7 +546,7 @@ class RendezvousClient:
                     await self._retry_now.wait()
             self._retry_now.clear()
             if self._mismatch is not None:
-                self._repin()
+                self.repin()
             try:
                 await self._connect_any()
             except ServerIdentityError as exc:
@@ -578,7 +578,7 @@ class RendezvousClient:
             attempt = mismatched = 0
             self._mismatch = None
 
-    def _repin(self) -> None:
+    def repin(self) -> None:
         """Before trying again after a mismatch: the key `pinned()` names now."""
         if self.pinned is None:
             return

@@ -156,7 +156,7 @@ from rendezvous.session import (
 from rendezvous.status import Status
 from rendezvous.store import EnqueueOutcome, QueuedEnvelope, Quota, RegistrationPolicy, Store
 from rendezvous.taskset import TaskSet
-from rendezvous.tls import ServerTls
+from rendezvous.tls import ServerTls, can_half_close
 
 log = logging.getLogger("rendezvous.server")
 
@@ -243,10 +243,8 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.splice is not None:
             self.splice.eof_received(self.side)
-            # Half-close: the other direction may still be running. Not over TLS, which
-            # has none (asyncio closes, and logs a warning for a True).
-            t = self.transport
-            return t is None or t.get_extra_info("ssl_object") is None
+            # Half-close: the other direction may still be running.
+            return can_half_close(self.transport)
         self.core.receive_eof()
         self._pump()
         return False

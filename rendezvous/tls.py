@@ -118,6 +118,13 @@ def client_context() -> ssl.SSLContext:
     return ctx
 
 
+def can_half_close(transport: Any) -> bool:
+    """Whether `transport` (None: not connected yet) can keep sending after the peer's EOF,
+    as `eof_received` returning True asks. Plain TCP can; TLS has no half-close, and there
+    asyncio closes whatever `eof_received` returns and logs a warning for a True."""
+    return transport is None or transport.get_extra_info("ssl_object") is None
+
+
 def peer_binding(transport: Any) -> bytes:
     """The channel binding a client sees on `transport` (b"" when it is not TLS)."""
     ssl_object = transport.get_extra_info("ssl_object")

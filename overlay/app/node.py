@@ -322,7 +322,7 @@ class Node:
                 self.home.note_login_wait(why, self.wall() + delay)
                 await asyncio.sleep(delay)
                 if mismatched:
-                    self.rendezvous.server_key = self._pinned_now()
+                    self.rendezvous.repin()
         finally:
             self.home.note_login_wait(None)
 

@@ -53,12 +53,10 @@ def key_mismatch_text(server: str, error: ServerIdentityError) -> str:
     pinned = fingerprint(error.expected) if error.expected is not None else "none"
     shown = fingerprint(error.seen) if error.seen is not None else "none"
     if error.seen is not None and error.expected in (None, error.seen):
-        what = (f"the server at {server} shows the key {shown} but does not prove it over "
+        return (f"the server at {server} shows the key {shown} but does not prove it over "
                 "this connection (a proxy terminating TLS in between?)")
-    else:
-        what = (f"the server at {server} presented another key than the one pinned for it "
-                f"(pinned {pinned}, presented {shown})")
-    return what
+    return (f"the server at {server} presented another key than the one pinned for it "
+            f"(pinned {pinned}, presented {shown})")
 
 
 def mismatch_state(rendezvous: RendezvousClient) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from typing import cast
 
 from overlay.transports.stream import StreamBroken, StreamBusy, StreamClosed
 from rendezvous.taskset import TaskSet
+from rendezvous.tls import can_half_close
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,7 @@ class _TcpBase:
     def eof_received(self) -> bool:
         self.eof = True
         self._wake_reader()
-        # Keep our sending half open (TCP half-close). TLS has none: there asyncio closes
-        # the connection whatever this returns, and logs a warning if it is True.
-        t = self.transport
-        return t is None or t.get_extra_info("ssl_object") is None
+        return can_half_close(self.transport)  # keep our sending half open
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
