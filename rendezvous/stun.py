@@ -284,29 +284,37 @@ async def query_mapping(
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(_ClientProtocol, local_addr=local_addr)
     try:
-        out: list[Address] = []
-        for server in servers:
-            request, tid = binding_request()
-            try:
-                async with asyncio.timeout(timeout):
-                    out.append(await _one_query(transport, proto, server, request, tid,
-                                                retransmit))
-            except TimeoutError:
-                raise TimeoutError(f"no STUN answer from {server[0]}:{server[1]} "
-                                   f"within {timeout} s") from None
-        return out
+        return [await query_on(transport, proto.replies, server, timeout=timeout,
+                               retransmit=retransmit) for server in servers]
     finally:
         transport.close()
 
 
-async def _one_query(transport: asyncio.DatagramTransport, proto: _ClientProtocol,
+async def query_on(transport: asyncio.DatagramTransport,
+                   replies: asyncio.Queue[tuple[bytes, Address]], server: Address, *,
+                   timeout: float = 3.0, retransmit: float = 0.5,  # noqa: ASYNC109
+                   ) -> Address:
+    """The mapping `server` sees for the socket under `transport`, whose protocol puts what
+    it receives into `replies` (the QUIC rung asks from the socket it then punches with).
+    TimeoutError names the server that did not answer."""
+    request, tid = binding_request()
+    try:
+        async with asyncio.timeout(timeout):
+            return await _one_query(transport, replies, server, request, tid, retransmit)
+    except TimeoutError:
+        raise TimeoutError(f"no STUN answer from {server[0]}:{server[1]} "
+                           f"within {timeout} s") from None
+
+
+async def _one_query(transport: asyncio.DatagramTransport,
+                     replies: asyncio.Queue[tuple[bytes, Address]],
                      server: Address, request: bytes, tid: bytes, retransmit: float) -> Address:
     while True:
         transport.sendto(request, server)
         try:
             async with asyncio.timeout(retransmit):
                 while True:
-                    data, _ = await proto.replies.get()
+                    data, _ = await replies.get()
                     try:
                         return parse_binding_response(data, tid)
                     except StunDecodeError:

@@ -16,7 +16,7 @@ import collections
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 from overlay.transports.signalling import PipeSender
 from overlay.transports.stream import Stream, StreamClosed
@@ -25,8 +25,15 @@ from rendezvous.taskset import TaskSet
 
 RECENT_SESSIONS = 1024  # offers remembered to drop PIPE's repeats
 
-Offer = TypeVar("Offer")
-Reply = TypeVar("Reply")
+class Signal(Protocol):
+    """What every offer, answer and reject names: the dial session."""
+
+    @property
+    def session(self) -> bytes: ...
+
+
+Offer = TypeVar("Offer", bound=Signal)
+Reply = TypeVar("Reply", bound=Signal)
 
 
 class EndpointLimits(Protocol):
@@ -81,6 +88,7 @@ class SignalledEndpoint(Generic[Offer, Reply]):
         self._backlog: asyncio.Queue[Stream | None] | None = None
         self._recent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._closed = False
+        self._log = logger
 
     # --- lifecycle -------------------------------------------------------------------
     def _open_backlog(self) -> None:
@@ -101,6 +109,34 @@ class SignalledEndpoint(Generic[Offer, Reply]):
             self._backlog.put_nowait(None)
 
     # --- signalling in ---------------------------------------------------------------
+    def _route(self, msg: PipeMessage, decode: Callable[[bytes], Offer | Reply | None],
+               offer: type[Offer]) -> bool:
+        """`feed` for a rung whose `decode` gives its signal, None for another rung's
+        payload (False: route it elsewhere), or raises ValueError for a malformed one
+        (dropped and counted)."""
+        try:
+            sig = decode(msg.payload)
+        except ValueError as exc:
+            self.stats.bad_signals += 1
+            self._log.info("bad %s signal from %s: %s", self.NAME, msg.sender, exc)
+            return True
+        if sig is None:
+            return False
+        if isinstance(sig, offer):
+            self._on_offer(msg, sig.session, sig)
+        else:
+            self._on_reply(msg, sig.session, cast(Reply, sig))
+        return True
+
+    async def _send_reject(self, msg: PipeMessage, payload: bytes) -> None:
+        """Send a reject's `payload` back to `msg`'s device (a courtesy: if it does not
+        arrive, the dialer times out)."""
+        try:
+            await self._pipe.pipe(msg.sender, payload, device=msg.sender_device)
+        except Exception as exc:
+            self._log.info("could not send a %s reject to %s: %s", self.NAME, msg.sender,
+                           exc)
+
     def _on_reply(self, msg: PipeMessage, session: bytes, reply: Reply) -> None:
         dial = self._dials.get(session)
         if dial is None or dial.address != msg.sender or dial.device != msg.sender_device:

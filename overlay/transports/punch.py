@@ -69,10 +69,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from crypto.address import parse_hostport
-from crypto.codec import Fields, item_str, packb, unpackb
+from crypto.codec import Fields, item_str, packb
 from crypto.errors import DecodeError
 from overlay.transports.endpoint import SignalledEndpoint
-from overlay.transports.signalling import MAX_REASON, MAX_SIGNAL, SESSION_LEN, PipeSender
+from overlay.transports.signalling import SESSION_LEN, PipeSender, Reject, decode_tagged
 from overlay.transports.stream import Stream, StreamBroken, StreamClosed
 from overlay.transports.tcp import DirectTcpProtocol, TcpStream
 from rendezvous.backoff import Backoff
@@ -107,7 +107,8 @@ class PunchSignalError(ValueError):
     """A PIPE payload is not a valid punch signal (the sender misbehaved)."""
 
 
-def _candidate(text: str) -> Address:
+def candidate(text: str) -> Address:
+    """A candidate from the wire: an IP literal and a usable port (DecodeError if not)."""
     host, port = parse_hostport(text, what="candidate")
     try:
         ipaddress.ip_address(host)
@@ -118,7 +119,8 @@ def _candidate(text: str) -> Address:
     return host, port
 
 
-def _hostport(addr: Address) -> str:
+def hostport(addr: Address) -> str:
+    """`addr` as HOST:PORT, an IPv6 host in brackets."""
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
@@ -132,7 +134,7 @@ class _Candidates:
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"s": self.session,
-                               "c": [_hostport(c) for c in self.candidates]}
+                               "c": [hostport(c) for c in self.candidates]}
         if self.nominate:
             out["n"] = True
         return out
@@ -142,7 +144,7 @@ class _Candidates:
         texts = f.list("c", item_str(64), max_items=MAX_CANDIDATES) or ()
         if not texts:
             raise DecodeError("no candidates")
-        return cls(f.bytes("s", size=SESSION_LEN), tuple(_candidate(t) for t in texts),
+        return cls(f.bytes("s", size=SESSION_LEN), tuple(candidate(t) for t in texts),
                    bool(f.bool("n", optional=True)))
 
 
@@ -164,19 +166,10 @@ class PunchAnswer(_Candidates):
 
 
 @dataclass(frozen=True, slots=True)
-class PunchReject:
+class PunchReject(Reject):
     """The callee won't punch this session; `reason` is shown to the dialer's user."""
 
     TAG: ClassVar[str] = "punch-reject"
-    session: bytes
-    reason: str
-
-    def fields(self) -> dict[str, Any]:
-        return {"s": self.session, "why": self.reason[:MAX_REASON]}
-
-    @classmethod
-    def decode(cls, f: Fields) -> PunchReject:
-        return cls(f.bytes("s", size=SESSION_LEN), f.str("why", max_len=MAX_REASON))
 
 
 PunchSignal = PunchOffer | PunchAnswer | PunchReject
@@ -196,17 +189,7 @@ def encode_punch(sig: PunchSignal) -> bytes:
 def decode_punch(payload: bytes) -> PunchSignal | None:
     """The punch signal in a PIPE payload; None if it is not one (route it elsewhere),
     PunchSignalError if it is one but malformed."""
-    try:
-        f = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), "punch")
-        decode = _SIGNALS.get(f.str("t", max_len=32))
-    except DecodeError:
-        return None
-    if decode is None:
-        return None
-    try:
-        return decode(f)
-    except DecodeError as exc:
-        raise PunchSignalError(str(exc)) from None
+    return decode_tagged(payload, _SIGNALS, "punch", PunchSignalError)
 
 
 class PunchedTcpStream(TcpStream):
@@ -215,12 +198,13 @@ class PunchedTcpStream(TcpStream):
     path = "tcp-punch"
 
 
-def _targets(mine: TcpMapping, theirs: tuple[Address, ...], family: int) -> list[Address]:
+def targets(our_public: str, theirs: tuple[Address, ...], family: int) -> list[Address]:
     """What to dial of the peer's candidates: its public mapping, and its local address
-    only when it is behind the same public address as we are."""
+    only when it is behind the same public address (`our_public`, the host STUN saw) as
+    we are, so a peer can't aim our packets into our own LAN."""
     public, *local = theirs
     out = [public]
-    if public[0] == mine.mapped[0]:
+    if public[0] == our_public:
         out += local
     v6 = family == socket.AF_INET6
     return [a for a in dict.fromkeys(out) if (":" in a[0]) == v6]
@@ -299,7 +283,7 @@ class Nomination(enum.Enum):
 
 def _peer(sock: socket.socket) -> str:
     try:
-        return _hostport(sock.getpeername()[:2])
+        return hostport(sock.getpeername()[:2])
     except OSError:
         return "a closed connection"
 
@@ -339,16 +323,16 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...], *,
     marker = NOMINATION + session
     mapping = port.mapping
     family = mapping.sock.family
-    targets = _targets(mapping, theirs, family)
-    if not targets:
+    dial = targets(mapping.mapped[0], theirs, family)
+    if not dial:
         raise PunchError("no candidate of the peer's address family")
     local = mapping.local  # the address and port STUN saw us come from
-    hosts = {t[0] for t in targets}
+    hosts = {t[0] for t in dial}
     awaiting = nomination is Nomination.AWAIT
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(_connect_from(local, t, family, port.make_socket, rng),
-                              name=f"punch {_hostport(t)}")
-             for t in targets]
+                              name=f"punch {hostport(t)}")
+             for t in dial]
     accepting = loop.create_task(_accept_from(port.listener, hosts), name="punch accept")
     tasks.append(accepting)
     held: dict[asyncio.Task[socket.socket], socket.socket] = {}  # AWAIT: read for the mark
@@ -375,7 +359,7 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...], *,
                 try:
                     won = t.result()
                 except OSError as exc:  # binding the port again failed
-                    raise PunchError(f"cannot dial from {_hostport(local)}: {exc}") from None
+                    raise PunchError(f"cannot dial from {hostport(local)}: {exc}") from None
                 if t is accepting and awaiting:  # the dialer's pick may come in next
                     accepting = loop.create_task(_accept_from(port.listener, hosts),
                                                  name="punch accept")
@@ -454,19 +438,7 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
     # --- signalling in ---------------------------------------------------------------
     def feed(self, msg: PipeMessage) -> bool:
         """Handle one PIPE push. False if it is not a punch signal (route it elsewhere)."""
-        try:
-            sig = decode_punch(msg.payload)
-        except PunchSignalError as exc:
-            self.stats.bad_signals += 1
-            log.info("bad punch signal from %s: %s", msg.sender, exc)
-            return True
-        if sig is None:
-            return False
-        if isinstance(sig, PunchOffer):
-            self._on_offer(msg, sig.session, sig)
-        else:
-            self._on_reply(msg, sig.session, sig)
-        return True
+        return self._route(msg, decode_punch, PunchOffer)
 
     def _refusal(self, msg: PipeMessage) -> str | None:
         if not self._closed and self._backlog is not None and self.settings.stun is None:
@@ -477,11 +449,7 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
         self.stats.bad_signals += 1
 
     async def _reject(self, msg: PipeMessage, session: bytes, reason: str) -> None:
-        try:
-            await self._pipe.pipe(msg.sender, encode_punch(PunchReject(session, reason)),
-                                  device=msg.sender_device)
-        except Exception as exc:  # a reject is a courtesy; the dialer times out
-            log.info("could not send a punch reject to %s: %s", msg.sender, exc)
+        await self._send_reject(msg, encode_punch(PunchReject(session, reason)))
 
     async def _port(self) -> PunchPort:
         stun = self.settings.stun
@@ -491,12 +459,12 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
             mapping = await query_tcp_mapping(stun, timeout=self.settings.budget,
                                               make_socket=self.settings.make_socket)
         except (OSError, StunDecodeError) as exc:
-            raise PunchError(f"STUN over TCP at {_hostport(stun)}: {exc}") from None
+            raise PunchError(f"STUN over TCP at {hostport(stun)}: {exc}") from None
         try:
             return PunchPort.ready(mapping, self.settings.make_socket)
         except OSError as exc:
             mapping.close()
-            raise PunchError(f"cannot listen on {_hostport(mapping.local)}: {exc}") from None
+            raise PunchError(f"cannot listen on {hostport(mapping.local)}: {exc}") from None
 
     # --- accepting -------------------------------------------------------------------
     async def _answer(self, msg: PipeMessage, offer: PunchOffer) -> None:

@@ -14,9 +14,9 @@ with the same `pipe()` call `RendezvousClient` offers.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from crypto.codec import Fields, packb, unpackb
 from crypto.errors import DecodeError
@@ -106,7 +106,7 @@ class Reject:
         return {"s": self.session, "why": self.reason[:MAX_REASON]}
 
     @classmethod
-    def decode(cls, f: Fields) -> Reject:
+    def decode(cls, f: Fields) -> Self:
         return cls(f.bytes("s", size=SESSION_LEN), f.str("why", max_len=MAX_REASON))
 
 
@@ -148,6 +148,27 @@ def decode_signal(payload: bytes) -> Signal:
         return decode(f)
     except DecodeError as exc:
         raise SignalError(str(exc)) from None
+
+
+T = TypeVar("T")
+
+
+def decode_tagged(payload: bytes, table: Mapping[str, Callable[[Fields], T]], what: str,
+                  error: type[ValueError]) -> T | None:
+    """The signal of `table` a PIPE payload carries, chosen by its tag "t": None if the
+    payload names no tag of `table` (another rung's, route it elsewhere), `error` if it is
+    one but malformed. (The TCP punch's and QUIC's signals; WebRTC's are `decode_signal`.)"""
+    try:
+        f = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), what)
+        decode = table.get(f.str("t", max_len=32))
+    except DecodeError:
+        return None
+    if decode is None:
+        return None
+    try:
+        return decode(f)
+    except DecodeError as exc:
+        raise error(str(exc)) from None
 
 
 class PipeSender(Protocol):

@@ -20,6 +20,8 @@ Semantics, which the conformance suite checks:
 
 from __future__ import annotations
 
+import asyncio
+import collections
 from typing import Protocol, runtime_checkable
 
 
@@ -67,3 +69,64 @@ class Stream(Protocol):
     def peer_address(self) -> str | None:
         """The remote address as "host:port" where the transport knows one."""
         ...
+
+
+class ChunkReceiver:
+    """`receive_some` over the pieces a message transport hands us (WebRTC's data channel
+    messages, QUIC's stream frames), for a stream class that sets `_closed`, `_eof_in` and
+    `_broken` (and wakes `_readable` when they change), calls `_push` with each piece and
+    hears of each read in `_on_consumed` (to grant the peer credit)."""
+
+    _closed: bool
+    _eof_in: bool
+    _broken: str | None
+
+    def _init_receiver(self) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0  # received, not read yet
+        self._consumed = 0  # read in all
+        self._receiving = False
+        self._readable = asyncio.Event()
+
+    def _push(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._readable.set()
+
+    def _on_consumed(self) -> None:
+        """Called after each read (the subclass grants credit here)."""
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        """Some bytes (at most `max_bytes`), or b"" once the peer sent EOF or closed."""
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        if self._receiving:
+            raise StreamBusy("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            while True:
+                if self._closed:
+                    raise StreamClosed("stream is closed")
+                if self._chunks:
+                    return self._take(max_bytes)
+                if self._eof_in:
+                    return b""
+                if self._broken is not None:
+                    raise StreamBroken(self._broken)
+                self._readable.clear()
+                await self._readable.wait()
+        finally:
+            self._receiving = False
+
+    def _take(self, max_bytes: int) -> bytes:
+        head = self._chunks[0]
+        if len(head) <= max_bytes:
+            self._chunks.popleft()
+            out = head
+        else:
+            out = head[:max_bytes]
+            self._chunks[0] = head[max_bytes:]
+        self._buffered -= len(out)
+        self._consumed += len(out)
+        self._on_consumed()
+        return out

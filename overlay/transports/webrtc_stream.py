@@ -20,14 +20,13 @@ control, data past the window, data after EOF) gets the connection closed.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 from dataclasses import dataclass
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 
-from overlay.transports.stream import StreamBroken, StreamBusy, StreamClosed
+from overlay.transports.stream import ChunkReceiver, StreamBroken, StreamClosed
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class ChannelTuning:
             raise ValueError("window must hold at least one message")
 
 
-class WebRtcStream:
+class WebRtcStream(ChunkReceiver):
     """A `Stream` over a data channel; it owns the peer connection and closes it."""
 
     path = "webrtc"
@@ -66,9 +65,7 @@ class WebRtcStream:
         self.tuning = tuning
         self._pc = pc
         self._ch = channel
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._consumed = 0
+        self._init_receiver()
         self._granted = 0
         self._sent = 0
         self._peer_consumed = 0
@@ -77,9 +74,7 @@ class WebRtcStream:
         self._eof_sent = False
         self._closed = False
         self._broken: str | None = None
-        self._receiving = False
         self._opened = asyncio.get_running_loop().create_future()
-        self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._bye = asyncio.Event()
         self._teardown: asyncio.Task[None] | None = None
@@ -111,12 +106,9 @@ class WebRtcStream:
             if self._eof_in:
                 self._violation("data after EOF")
                 return
-            self._chunks.append(msg)
-            self._buffered += len(msg)
+            self._push(msg)
             if self._buffered > self.tuning.window:
                 self._violation("peer overran the flow-control window")
-                return
-            self._readable.set()
             return
         self._on_control(msg)
 
@@ -201,42 +193,10 @@ class WebRtcStream:
         buffers."""
         return self._sent - int(self._ch.bufferedAmount)
 
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
-        """Some bytes (at most `max_bytes`), or b"" once the peer sent EOF or closed."""
-        if max_bytes < 1:
-            raise ValueError("max_bytes must be positive")
-        if self._receiving:
-            raise StreamBusy("another task is already receiving on this stream")
-        self._receiving = True
-        try:
-            while True:
-                if self._closed:
-                    raise StreamClosed("stream is closed")
-                if self._chunks:
-                    return self._take(max_bytes)
-                if self._eof_in:
-                    return b""
-                if self._broken is not None:
-                    raise StreamBroken(self._broken)
-                self._readable.clear()
-                await self._readable.wait()
-        finally:
-            self._receiving = False
-
-    def _take(self, max_bytes: int) -> bytes:
-        head = self._chunks[0]
-        if len(head) <= max_bytes:
-            self._chunks.popleft()
-            out = head
-        else:
-            out = head[:max_bytes]
-            self._chunks[0] = head[max_bytes:]
-        self._buffered -= len(out)
-        self._consumed += len(out)
+    def _on_consumed(self) -> None:
         if self._consumed - self._granted >= self.tuning.window // 4:
             self._granted = self._consumed
             self._send_control(f"c:{self._consumed}")
-        return out
 
     async def send_eof(self) -> None:
         """Tell the peer no more data comes (a marker after the data); receiving goes on."""

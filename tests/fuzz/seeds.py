@@ -25,6 +25,7 @@ from overlay.mail.receipts import Receipt
 from overlay.transfer import frames as tf
 from overlay.transfer.core import Role, TransferConnection
 from overlay.transports.punch import PunchAnswer, PunchOffer, PunchReject, encode_punch
+from overlay.transports.quic import QuicAnswer, QuicOffer, QuicReject, encode_quic
 from overlay.transports.signalling import Answer, Offer, Reject, encode_signal
 from rendezvous import messages as rv
 from rendezvous.framing import encode_frame
@@ -168,6 +169,11 @@ def _misc() -> dict[str, list[tuple[str, bytes]]]:
                                               nominate=True))),
             ("answer", encode_punch(PunchAnswer(b"s" * 16, (("2001:db8::7", 4000),)))),
             ("reject", encode_punch(PunchReject(b"s" * 16, "no STUN over TCP")))],
+        "quic_signal": [
+            ("offer", encode_quic(QuicOffer(b"s" * 16, (("203.0.113.5", 40000),
+                                                        ("192.168.1.9", 40000))))),
+            ("answer", encode_quic(QuicAnswer(b"s" * 16, (("2001:db8::7", 4000),), "0f" * 32))),
+            ("reject", encode_quic(QuicReject(b"s" * 16, "QUIC is turned off")))],
         "receipt": [("valid", Receipt(MID, "downloaded", 1_700_000_000).encode())],
         "node_config": [("valid", cfg.to_json().encode())],
         "control_request": [

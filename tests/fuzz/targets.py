@@ -44,6 +44,7 @@ from overlay.transfer.core import (
 from overlay.transfer.frames import Message as TransferMessage
 from overlay.transfer.frames import decode_header
 from overlay.transports.punch import PunchSignalError, decode_punch, encode_punch
+from overlay.transports.quic import QuicSignalError, decode_quic, encode_quic
 from overlay.transports.signalling import SignalError, decode_signal
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.framing import FrameDecoder
@@ -416,6 +417,17 @@ def punch_signal(data: bytes) -> None:
         assert decode_punch(encode_punch(sig)) == sig, sig
 
 
+def quic_signal(data: bytes) -> None:
+    """decode_quic: None (another kind of PIPE payload), QuicSignalError, or a signal that
+    encodes to bytes that decode back to the same signal."""
+    try:
+        sig = decode_quic(data)
+    except QuicSignalError:
+        return
+    if sig is not None:
+        assert decode_quic(encode_quic(sig)) == sig, sig
+
+
 def receipt(data: bytes) -> None:
     try:
         Receipt.decode(data)
@@ -487,6 +499,7 @@ TARGETS: dict[str, Target] = {
     "identity_file": identity_file,
     "signal": signal,
     "punch_signal": punch_signal,
+    "quic_signal": quic_signal,
     "receipt": receipt,
     "node_config": node_config,
     "control_request": control_request,

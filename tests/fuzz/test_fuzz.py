@@ -21,6 +21,7 @@ from overlay.dht.wire import decode_datagram
 from overlay.mail.receipts import Receipt
 from overlay.transfer.frames import decode_header
 from overlay.transports.punch import decode_punch
+from overlay.transports.quic import decode_quic
 from overlay.transports.signalling import decode_signal
 from rendezvous.messages import decode_request, decode_server_message
 from tests.fuzz.driver import CORPUS, REPO, fuzz
@@ -59,6 +60,7 @@ _ACCEPT: dict[str, Callable[[bytes], object]] = {
     "location": decode_location,
     "signal": decode_signal,
     "punch_signal": decode_punch,
+    "quic_signal": decode_quic,
     "receipt": Receipt.decode,
     "identity_file": lambda d: DeviceIdentity.from_json(d.decode()),
     "node_config": lambda d: NodeConfig.from_json(d.decode()),
