@@ -213,6 +213,10 @@ class SimNode:
                        webrtc_endpoint=lambda pipe, settings: SimWebRtcEndpoint(
                            pipe, settings, rng=rng),
                        punch_socket=punch_socket,
+                       # No QUIC rung: qh3's transport reads the kernel's socket itself
+                       # (recvmmsg), which a simulated host does not have. Pairs that
+                       # need it get WebRTC, as before it existed.
+                       quic=False,
                        # A simulated host never sleeps; the real one's suspend must not
                        # reach into a run (overlay.transports.wake).
                        asleep=lambda: 0.0)

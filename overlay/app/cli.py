@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-co-recipients", action="store_true",
                    help="download from the sender alone, never from co-recipients the DHT "
                         "names as holders (default: from both)")
+    s.add_argument("--no-quic", action="store_true",
+                   help="no QUIC rung: a peer that a TCP punch can't reach gets WebRTC "
+                        "instead, and QUIC offers are declined (default: the config's "
+                        "`quic`, on)")
     s.add_argument("--inbox-max", type=int, default=None, metavar="N",
                    help="messages the inbox keeps before it refuses new ones (default 10000)")
     s.add_argument("--on-message", default=None, metavar="CMD",

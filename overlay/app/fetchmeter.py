@@ -1,7 +1,7 @@
 """`FetchMeter`: counts what the download queue's fetcher does, for `--metrics`.
 
 It wraps the fetcher and counts each attempt's outcome (complete, retry, failed,
-cancelled) and the bytes each source delivered, by path (tcp, tcp-punch, webrtc, relay): an
+cancelled) and the bytes each source delivered, by path (tcp, tcp-punch, quic, webrtc, relay): an
 attempt's bytes count while it runs (its live source views, `Activity.attempt`) and are
 kept once it ends, so the byte counter only grows. It imports nothing of Prometheus, so
 the node always has one.
@@ -18,7 +18,7 @@ from overlay.mail.downloads import Activity, Fetcher, RetryLater, SourceView
 from overlay.mail.inbox import InboxEntry
 
 OUTCOMES = ("complete", "retry", "failed", "cancelled")
-PATHS = ("tcp", "tcp-punch", "webrtc", "relay")
+PATHS = ("tcp", "tcp-punch", "quic", "webrtc", "relay")
 
 
 class FetchMeter:

@@ -88,6 +88,9 @@ class NodeConfig:
     # The server was found through the domain's `_peerpost._tcp` SRV records at `init`: a
     # node that cannot reach it tries the domain's other SRV targets (overlay.app.failover).
     srv: bool = False
+    # The QUIC rung (overlay.transports.quic) between the TCP punch and WebRTC; false turns
+    # it off (`node --no-quic` for one run): offers are declined, dials go on to WebRTC.
+    quic: bool = True
 
     def pinned_key(self) -> bytes | None:
         """The pinned server key, or None if none is pinned yet."""
@@ -120,9 +123,12 @@ class NodeConfig:
                 on_message=str(obj.get("on_message", "")),
                 resolver=str(obj.get("resolver", "")),
                 srv=obj.get("srv", False) is True,
+                quic=obj.get("quic", True),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DecodeError(f"config.json: bad or missing field: {exc}") from None
+        if not isinstance(cfg.quic, bool):
+            raise DecodeError(f"config.json: quic must be true or false, not {cfg.quic!r}")
         cfg.pinned_key()  # a key that is there must be a key
         parse_hostport(cfg.server, what="server")
         parse_hostport(cfg.listen, what="listen")

@@ -1,15 +1,16 @@
-"""The ways past direct TCP: a TCP hole punch and WebRTC, both signalled over PIPE, the
-server's relay, and the ladder.
+"""The ways past direct TCP: a TCP hole punch, QUIC over punched UDP and WebRTC, all
+signalled over PIPE, the server's relay, and the ladder.
 
-Outbound, `PeerLinks.ladder` turns a holder into a source that tries direct TCP, then a
-TCP punch from the mapping the server's STUN over TCP shows, then WebRTC through the
-server's STUN, then the relay, each to its own timeout; for a holder of another domain the
-PIPE signalling and the RELAY go to our own server all the same, which forwards them over
-its server link. An invite from a caller of another domain names the caller's server,
-which hosts that splice: we join there. Inbound, a punched or WebRTC stream another device
-opened, or a relay invite it sent, is served by the transfer server in a task this object
-owns (the device that dialled is the transfer client, whichever end's connect won);
-`aclose()` ends them and the punch and WebRTC endpoints.
+Outbound, `PeerLinks.ladder` turns a holder into a source that tries direct TCP, then a TCP
+punch from the mapping the server's STUN over TCP shows, then QUIC from a UDP socket whose
+mapping the server's STUN shows (unless this node has QUIC turned off), then WebRTC through
+the server's STUN, then the relay, each to its own timeout; for a holder of another domain
+the PIPE signalling and the RELAY go to our own server all the same, which forwards them
+over its server link. An invite from a caller of another domain names the caller's server,
+which hosts that splice: we join there. Inbound, a punched, QUIC or WebRTC stream another
+device opened, or a relay invite it sent, is served by the transfer server in a task this
+object owns (the device that dialled is the transfer client, whichever end's connect won);
+`aclose()` ends them and the punch, QUIC and WebRTC endpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from crypto.identity import DeviceIdentity
 from overlay.transfer.server import TransferServer
 from overlay.transports.ladder import ConnectionLadder, Holder
 from overlay.transports.punch import PunchEndpoint, PunchSettings
+from overlay.transports.quic import QuicEndpoint, QuicSettings
 from overlay.transports.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
 from overlay.transports.relay import relay_accept, relay_dial
 from overlay.transports.signalling import PipeSender
@@ -39,12 +41,14 @@ EndpointFactory = Callable[[PipeSender, WebRtcSettings], WebRtcEndpoint]
 
 
 class PeerLinks:
-    """WebRTC and relay for one node, dialling out (the ladder) and serving in."""
+    """The punch, QUIC, WebRTC and relay for one node, dialling out (the ladder) and
+    serving in. `quic`: False turns the QUIC rung off (offers are declined at once, so a
+    dialler goes on to WebRTC without waiting)."""
 
     def __init__(self, identity: DeviceIdentity, address: str, server: tuple[str, int],
                  rendezvous: RendezvousClient, transfer: TransferServer,
                  endpoint: EndpointFactory, *,
-                 punch_socket: SocketMaker = reusable_socket,
+                 punch_socket: SocketMaker = reusable_socket, quic: bool = True,
                  rng: random.Random | None = None) -> None:
         self.identity = identity
         self.address = address
@@ -57,10 +61,16 @@ class PeerLinks:
         self.punch = PunchEndpoint(rendezvous, PunchSettings(stun=self._stun_tcp(),
                                                              make_socket=punch_socket),
                                    rng=rng)
+        stun = self._stun_udp()
+        self.quic = QuicEndpoint(rendezvous, QuicSettings(stun=stun[0] if stun else None,
+                                                          enabled=quic))
         self.ladder = ConnectionLadder(
             webrtc=self._dial_webrtc, relay=self._dial_relay,
             punch=self._dial_punch if self.punch.settings.stun is not None else None,
+            # A server that runs no STUN: no QUIC (the answer would be a refusal too).
+            quic=self._dial_quic if quic and stun else None,
             punch_timeout=self.punch.settings.budget,
+            quic_timeout=self.quic.settings.budget,
             webrtc_timeout=self.settings.answer_timeout + self.settings.connect_timeout,
             relay_timeout=RELAY_TIMEOUT)
         self._serving = TaskSet("node-serve", logger=log)  # one task per inbound stream
@@ -68,10 +78,13 @@ class PeerLinks:
     async def start(self) -> None:
         await self.rtc.start()
         await self.punch.start()
-        self._spawn(self._serve_punched(), "punch-accept")
+        await self.quic.start()
+        self._spawn(self._serve_accepted(self.punch, "serve-punch"), "punch-accept")
+        self._spawn(self._serve_accepted(self.quic, "serve-quic"), "quic-accept")
 
     async def aclose(self) -> None:
         await self.punch.aclose()
+        await self.quic.aclose()
         await self._serving.aclose()
         await self.rtc.aclose()
 
@@ -86,9 +99,10 @@ class PeerLinks:
         return (self.rendezvous.host, int(stun)) if isinstance(stun, int) else None
 
     def follow_server(self) -> None:
-        """Point WebRTC's and the punch's STUN at the server the session is on now: after a
-        failover the first instance is gone, and a mapping it would show is of no use.
-        Called before each dial and each signal, so a negotiation uses the current one."""
+        """Point the STUN of WebRTC, QUIC and the punch at the server the session is on now:
+        after a failover the first instance is gone, and a mapping it would show is of no
+        use. Called before each dial and each signal, so a negotiation uses the current
+        one."""
         stun = self._stun_udp()
         if list(self.settings.stun) != stun:
             log.info("STUN for WebRTC now %s", stun)
@@ -100,10 +114,16 @@ class PeerLinks:
         if stun_tcp is not None and stun_tcp != self.punch.settings.stun:
             log.info("STUN over TCP for the punch now %s:%d", *stun_tcp)
             self.punch.settings = replace(self.punch.settings, stun=stun_tcp)
+        if stun and stun[0] != self.quic.settings.stun:
+            self.quic.settings = replace(self.quic.settings, stun=stun[0])
 
     async def _dial_punch(self, holder: Holder) -> Stream:
         self.follow_server()
         return await self.punch.dial(holder.address or "", holder.peer_id)
+
+    async def _dial_quic(self, holder: Holder) -> Stream:
+        self.follow_server()
+        return await self.quic.dial(holder.address or "", holder.peer_id)
 
     async def _dial_webrtc(self, holder: Holder) -> Stream:
         self.follow_server()
@@ -121,9 +141,11 @@ class PeerLinks:
                                 tls=self.rendezvous.tls, server_key=self.rendezvous.server_key)
 
     def feed(self, message: PipeMessage) -> bool:
-        """A PIPE message for punch or WebRTC signalling; False if it is not signalling."""
+        """A PIPE message for punch, QUIC or WebRTC signalling; False if it is not
+        signalling."""
         self.follow_server()  # an offer is answered with the current server's STUN
-        return self.punch.feed(message) or self.rtc.feed(message)
+        return (self.punch.feed(message) or self.quic.feed(message)
+                or self.rtc.feed(message))
 
     def serve_relayed(self, invite: RelayInvite) -> None:
         """Join, in a task of our own, the relayed stream `invite` names, and serve it."""
@@ -154,15 +176,15 @@ class PeerLinks:
                 return
             self._spawn(self.transfer.handle_stream(stream), "serve-webrtc")
 
-    async def _serve_punched(self) -> None:
-        """Hand each accepted punched stream to the transfer server, until the endpoint
-        closes."""
+    async def _serve_accepted(self, endpoint: PunchEndpoint | QuicEndpoint,
+                              name: str) -> None:
+        """Hand each stream `endpoint` accepts to the transfer server, until it closes."""
         while True:
             try:
-                stream = await self.punch.accept()
+                stream = await endpoint.accept()
             except StreamClosed:
                 return
-            self._spawn(self.transfer.handle_stream(stream), "serve-punch")
+            self._spawn(self.transfer.handle_stream(stream), name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self._serving.spawn(coro, name=name)

@@ -92,6 +92,9 @@ class NodeOptions:
     # How the TCP punch makes its sockets: the kernel's in production; the simulator
     # passes its network's, so the real punch runs over the simulated NATs.
     punch_socket: SocketMaker = reusable_socket
+    # The QUIC rung; None: the config's `quic` (on unless turned off). The simulator turns
+    # it off: qh3's transport reads the kernel's socket itself (recvmmsg).
+    quic: bool | None = None
     web: str | None = None  # the web inbox's HOST:PORT or "off"; None: the config's `web`
     metrics: tuple[str, int] | None = None  # Prometheus /metrics and /healthz (--metrics)
     on_message: str | None = None  # command run on arrival/completion; None: the config's
@@ -185,6 +188,8 @@ class Node:
         self.links = PeerLinks(self.identity, self.address, (host, port), self.rendezvous,
                                self.transfer, self.options.webrtc_endpoint,
                                punch_socket=self.options.punch_socket,
+                               quic=(self.config.quic if self.options.quic is None
+                                     else self.options.quic),
                                rng=random.Random(self.rng.getrandbits(64)))
         await self.links.start()
         st.push_async_callback(self.links.aclose)
@@ -608,6 +613,8 @@ def run_node(home: NodeHome, args: argparse.Namespace, *,
                                         jitter=0.8)
     if getattr(args, "no_co_recipients", False):
         opts.co_recipients = False
+    if getattr(args, "no_quic", False):
+        opts.quic = False
     if getattr(args, "inbox_max", None) is not None:
         opts.inbox_max = args.inbox_max
     opts.web = getattr(args, "web", None)

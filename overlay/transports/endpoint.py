@@ -169,6 +169,7 @@ class SignalledEndpoint(Generic[Offer, Reply]):
                               name=f"{self.TASKS} answer {msg.sender}")
             return
         self.stats.rejected += 1
+        self._log.info("%s offer from %s declined: %s", self.NAME, msg.sender, reason)
         if not self._closed:
             self._tasks.spawn(self._reject(msg, session, reason),
                               name=f"{self.TASKS} reject {msg.sender}")

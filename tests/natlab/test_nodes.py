@@ -4,9 +4,10 @@ inside the namespaces, driven through the `peerpost` CLI, deliver a file byte fo
 Each test builds a fresh lab, starts the server on the public side, first checks what each
 home's NAT does as the server's STUN sees it (tests/natlab/nodes.py, `assert_nat`), then
 sends a small file and checks what the receiver's `inbox --json` says about how it came:
-the path of each source (tcp, tcp-punch, webrtc or relay) and the bytes each delivered. A
-failed test shows every process's log (conftest.py). The TCP punch between two cone NATs
-has its own tests (test_punch_nat.py).
+the path of each source (tcp, tcp-punch, quic, webrtc or relay) and the bytes each
+delivered. A failed test shows every process's log (conftest.py). The TCP punch between two
+cone NATs has its own tests (test_punch_nat.py), and so has QUIC, which joins a full-cone
+and a symmetric NAT (test_quic_nat.py).
 """
 
 from __future__ import annotations
@@ -122,27 +123,6 @@ def _two_homes(net: LabNetwork) -> tuple[NodeHandle, NodeHandle]:
     net.start_node(alice)
     net.start_node(bob)
     return alice, bob
-
-
-# --- a symmetric NAT defeats the TCP punch, not ICE: WebRTC, not the relay ------------------
-
-@pytest.mark.parametrize(("h1", "h2"), [
-    pytest.param(NatMode.FULL_CONE, NatMode.SYMMETRIC, id="fullcone-sender-symmetric-receiver"),
-    pytest.param(NatMode.SYMMETRIC, NatMode.FULL_CONE, id="symmetric-sender-fullcone-receiver"),
-])
-def test_punchable_nats_deliver_over_webrtc(nat_net: MakeNet, tmp_path: Path,
-                                            h1: NatMode, h2: NatMode) -> None:
-    net = nat_net(h1, h2)
-    alice, bob = _two_homes(net)
-    clip = _file(tmp_path, "clip.bin")
-
-    mid = _send(net, alice, clip, bob)
-    entry = _complete(net, bob, mid)
-
-    assert _digest(entry["path"]) == _digest(clip)
-    paths = _paths(entry)
-    assert set(paths) == {"webrtc"} and paths["webrtc"] >= SIZE, entry["sources"]
-    assert _server_stats(net)["relayed_bytes"] == 0
 
 
 # --- hole punching fails: the relay, and the server keeps no copy --------------------------

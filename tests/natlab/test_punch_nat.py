@@ -3,8 +3,9 @@
 
 Homes whose NATs map endpoint-independently get the file over a punched TCP connection
 (`tcp-punch` in the receiver's `inbox --json` sources). A symmetric NAT on one side gives
-the punch another port than STUN saw, so the punch fails and WebRTC carries the file,
-started within the punch's budget. (Two symmetric NATs: the relay, in test_nodes.py.)
+the punch another port than STUN saw, so the punch fails and QUIC carries the file
+(test_quic_nat.py); where the peer has QUIC turned off, WebRTC does, started within the
+punch's budget and QUIC's refusal. (Two symmetric NATs: the relay, in test_nodes.py.)
 """
 
 from __future__ import annotations
@@ -52,16 +53,22 @@ def test_cone_nats_deliver_over_a_tcp_punch(nat_net: MakeNet,  # noqa: F811 (the
     assert _server_stats(net)["relayed_bytes"] == 0
 
 
-# The punch gives up after its budget; then WebRTC needs an answer, ICE, DTLS and SCTP
-# (1-3 s in the lab) and moves the 1 MB in well under a second even on a loaded machine.
+# The punch gives up after its budget; QUIC is declined at once (one PIPE round trip);
+# then WebRTC needs an answer, ICE, DTLS and SCTP (1-3 s in the lab) and moves the 1 MB in
+# well under a second even on a loaded machine.
 FALLBACK_SIZE = 1_000_000
 FALLBACK_WITHIN = PUNCH_BUDGET + 10.0
 
 
-def test_a_pair_the_punch_cannot_join_falls_back_to_webrtc_in_time(
+def test_a_pair_the_punch_cannot_join_falls_back_to_webrtc_in_time_without_quic(
         nat_net: MakeNet, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
+    """The sender has QUIC turned off (`node --no-quic`): the receiver's QUIC offer is
+    declined and WebRTC starts without waiting out QUIC's budget."""
     net = nat_net(NatMode.FULL_CONE, NatMode.SYMMETRIC)
-    alice, bob = _two_homes(net)
+    alice = net.add_node("alice", "h1", extra=["--no-quic"])
+    bob = net.add_node("bob", "h2")
+    net.start_node(alice)
+    net.start_node(bob)
     clip = _file(tmp_path, "clip.bin", FALLBACK_SIZE)
 
     t0 = time.monotonic()
@@ -72,5 +79,8 @@ def test_a_pair_the_punch_cannot_join_falls_back_to_webrtc_in_time(
     assert _digest(entry["path"]) == _digest(clip)
     assert set(_paths(entry)) == {"webrtc"}, entry["sources"]
     assert took < FALLBACK_WITHIN, f"delivery over WebRTC took {took:.1f} s"
-    # The punch was tried and failed (alice answered bob's offer; the SYNs never met).
-    assert "TCP punch from bob@example.net failed" in net.logs()
+    # The punch was tried and failed (alice answered bob's offer; the SYNs never met), and
+    # QUIC was declined.
+    logs = net.logs()
+    assert "TCP punch from bob@example.net failed" in logs
+    assert "QUIC offer from bob@example.net declined: QUIC is turned off" in logs

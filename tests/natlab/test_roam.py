@@ -216,7 +216,8 @@ def test_a_node_that_moved_gets_mail_and_is_found_at_its_new_address(
     entry = net.wait_until(lambda: (e := _entry(net, carol, mid))["state"] == "complete" and e,
                            60, "carol to fetch bob's clip", interval=0.3)
     assert _digest(entry["path"]) == _digest(clip)
-    assert {s["path"] for s in entry["sources"]} <= {"tcp-punch", "webrtc"}, entry["sources"]
+    assert {s["path"] for s in entry["sources"]} <= {"tcp-punch", "quic", "webrtc"}, \
+        entry["sources"]
     net.wait_until(lambda: _recipient_state(net, bob, mid, carol) == "downloaded", 30,
                    "bob's status to say downloaded", interval=0.5)
 

@@ -85,7 +85,7 @@ async def test_bytes_of_an_attempt_that_ended_in_a_retry_still_show_once(db: Nod
         ("mallory", "tcp"): (0, 0.0)}
     assert act.attempt == {}
     # The metrics count each byte once: 3 + 2 MB over TCP, 1 MB relayed.
-    assert meter.bytes_by_path() == {"tcp": 5 * MB, "tcp-punch": 0, "webrtc": 0,
+    assert meter.bytes_by_path() == {"tcp": 5 * MB, "tcp-punch": 0, "quic": 0, "webrtc": 0,
                                      "relay": 1 * MB}
     assert meter.outcomes["retry"] == 1 and meter.outcomes["complete"] == 1
     assert sum(meter.sources_by_path().values()) == 0

@@ -59,7 +59,7 @@ PLAYABLE = {
 STATE_TEXT = {"unverified": "on hold: sender not confirmed", "downloading": "downloading",
               "retrying": "waiting for the sender", "complete": "received"}
 # How a source's bytes come: every path but the relay is a direct connection.
-PATH_TEXT = {"tcp": "direct", "tcp-punch": "direct", "webrtc": "direct",
+PATH_TEXT = {"tcp": "direct", "tcp-punch": "direct", "quic": "direct", "webrtc": "direct",
              "relay": "through the mail server"}
 FACT_TEXT = {"video_codec": "video format", "audio_codec": "sound format",
              "modified": "file date", "recorded": "recorded"}

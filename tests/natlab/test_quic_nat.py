@@ -1,0 +1,54 @@
+"""The NAT lab: the QUIC rung, with real `peerpost-rendezvous serve` and `peerpost node`
+processes in two NATed homes, driven through the `peerpost` CLI.
+
+A symmetric NAT on one side gives the TCP punch another port than STUN saw, so the punch
+fails; QUIC's UDP probes name that port to the other side (the address the first probe came
+from), and the file comes over `quic` in the receiver's `inbox --json` sources, in both
+orders. A node with QUIC turned off declines the offer at once and the pair still falls
+back to WebRTC in time (test_punch_nat.py). Cone NATs keep the TCP punch
+(test_punch_nat.py), two symmetric NATs the relay (test_nodes.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.natlab.lab import NatMode
+from tests.natlab.test_nodes import (  # noqa: F401 (nat_net is a fixture)
+    MakeNet,
+    _complete,
+    _digest,
+    _file,
+    _paths,
+    _send,
+    _server_stats,
+    _two_homes,
+    nat_net,
+)
+
+pytestmark = pytest.mark.netns
+
+SIZE = 8_000_000  # QUIC moves it in well under a second in the lab
+
+
+@pytest.mark.parametrize(("h1", "h2"), [
+    pytest.param(NatMode.FULL_CONE, NatMode.SYMMETRIC, id="fullcone-sender-symmetric-receiver"),
+    pytest.param(NatMode.SYMMETRIC, NatMode.FULL_CONE, id="symmetric-sender-fullcone-receiver"),
+])
+def test_a_pair_the_tcp_punch_cannot_join_delivers_over_quic(
+        nat_net: MakeNet, tmp_path, h1: NatMode, h2: NatMode) -> None:  # noqa: F811
+    net = nat_net(h1, h2)
+    alice, bob = _two_homes(net)
+    clip = _file(tmp_path, "clip.bin", SIZE)
+
+    mid = _send(net, alice, clip, bob)
+    entry = _complete(net, bob, mid)
+
+    assert _digest(entry["path"]) == _digest(clip)
+    paths = _paths(entry)
+    assert set(paths) == {"quic"} and paths["quic"] >= SIZE, entry["sources"]
+    assert entry["attempts"] == 1, entry
+    assert _server_stats(net)["relayed_bytes"] == 0
+    logs = net.logs()
+    assert "TCP punch from bob@example.net failed" in logs  # tried first, and failed
+    assert "QUIC from bob@example.net failed" not in logs
