@@ -1,7 +1,8 @@
 """Transports on loopback, two processes: direct TCP, the WebRTC data channel, the relay;
 and a TCP hole punch between two NATed homes of the NAT lab.
 
-`python -m benchmarks paths [--mib 64] [--tcp-mib 512] [--quick] [--no-sweep] [--no-punch]`
+`python -m benchmarks paths [--mib 64] [--tcp-mib 512] [--quick] [--no-sweep] [--no-punch]
+[--no-quic] [--only-quic]`
 
 The dialing process sends; a child process accepts and reads to EOF, like two nodes. For
 WebRTC the offer and answer travel over the child's stdin/stdout (a stand-in for PIPE), with
@@ -26,10 +27,13 @@ For the TCP punch (`tcp-punch`, overlay.transports.punch) the NAT lab of tests/n
 over TCP on the public side and a sending and a receiving process in the two homes; their
 PIPE is this process, carrying `sig` lines from one's stdout to the other's stdin. Setup
 is from `dial` (STUN, offer, answer, simultaneous open) to the first byte from the peer.
-The lab needs root, `ip` and `nft`: elsewhere the row is skipped and says why.
+QUIC (`quic`, overlay.transports.quic) and, to compare with it, WebRTC run the same way
+between a full-cone and a symmetric NAT, the pair a TCP punch can't join, with a STUN over
+UDP on the public side (QUIC: `--mib` x 8, as the TCP runs move far more than WebRTC's).
+The lab needs root, `ip` and `nft`: elsewhere those rows are skipped and say why.
 
 Targets: WebRTC >= 6 MB/s on uvloop, WebRTC setup < 300 ms, relay >= 50% of direct TCP,
-TCP punch >= 300 MB/s.
+TCP punch >= 300 MB/s, QUIC through the lab >= 3x WebRTC through the lab.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ import uvloop
 from benchmarks.common import report
 from crypto.identity import DeviceIdentity
 from overlay.transports.punch import PunchEndpoint, PunchSettings
+from overlay.transports.quic import QuicEndpoint, QuicSettings
 from overlay.transports.relay import relay_accept, relay_dial
 from overlay.transports.signalling import PipeSender
 from overlay.transports.stream import Stream, StreamClosed
@@ -81,8 +86,10 @@ class _LinePipe:
         self._write(f"sig {payload.hex()}\n".encode())
 
 
-def _feed_line(line: bytes, rtc: WebRtcEndpoint | PunchEndpoint,
-               sender: tuple[str, bytes]) -> bool:
+LabEndpoint = WebRtcEndpoint | PunchEndpoint | QuicEndpoint
+
+
+def _feed_line(line: bytes, rtc: LabEndpoint, sender: tuple[str, bytes]) -> bool:
     words = line.decode().split()
     if words[:1] == ["sig"] and len(words) == 2:
         rtc.feed(PipeMessage(sender[0], sender[1], bytes.fromhex(words[1])))
@@ -182,20 +189,39 @@ class _RelayServer:
         await self.proc.wait()
 
 
-# --- the TCP punch through the NAT lab --------------------------------------------------
-async def _punch_stun_child(host: str, out: Any, reader: asyncio.StreamReader) -> None:
-    from rendezvous.stun import serve_stun_tcp
+# --- the TCP punch, QUIC and WebRTC through the NAT lab ---------------------------------
+RUNGS = ("tcp-punch", "quic", "webrtc")
 
-    stun = await serve_stun_tcp(host, 0)
-    out(f"port {stun.address[1]}\n".encode())
-    await reader.read()  # until the parent closes our stdin
-    await stun.aclose()
+
+async def _punch_stun_child(host: str, out: Any, reader: asyncio.StreamReader,
+                            rung: str) -> None:
+    """STUN on the lab's public side: over TCP for the punch, over UDP for the others."""
+    from rendezvous.stun import serve_stun, serve_stun_tcp
+
+    if rung == "tcp-punch":
+        stun = await serve_stun_tcp(host, 0)
+        out(f"port {stun.address[1]}\n".encode())
+        await reader.read()  # until the parent closes our stdin
+        await stun.aclose()
+        return
+    transport, addr = await serve_stun(host, 0, rate=1000, burst=1000)
+    out(f"port {addr[1]}\n".encode())
+    await reader.read()
+    transport.close()
+
+
+def _lab_endpoint(rung: str, pipe: PipeSender, stun: tuple[str, int]) -> LabEndpoint:
+    if rung == "quic":
+        return QuicEndpoint(pipe, QuicSettings(stun))
+    if rung == "webrtc":
+        return WebRtcEndpoint(pipe, WebRtcSettings(stun=[stun]))
+    return PunchEndpoint(pipe, PunchSettings(stun))
 
 
 async def _punch_child(role: str, stun: tuple[str, int], size: int,
-                       reader: asyncio.StreamReader, out: Any) -> None:
-    """The receiving ("punch-recv") or sending ("punch-send") home of the punch run."""
-    punch = PunchEndpoint(_LinePipe(out), PunchSettings(stun))
+                       reader: asyncio.StreamReader, out: Any, rung: str) -> None:
+    """The receiving ("punch-recv") or sending ("punch-send") home of a lab run of `rung`."""
+    punch = _lab_endpoint(rung, _LinePipe(out), stun)
     await punch.start()
     peer = _SENDER if role == "punch-recv" else _RECEIVER
 
@@ -224,7 +250,7 @@ async def _punch_child(role: str, stun: tuple[str, int], size: int,
             await _send_nothing(s)
             await s.aclose()
         s = await punch.dial(*_RECEIVER)
-        assert s.path == "tcp-punch" and await s.receive_some(1) == b"h"
+        assert s.path == rung and await s.receive_some(1) == b"h"
         sent, seconds, cpu = await _timed_send(s, size)
         out(f"sent {sent} {seconds:.6f} {cpu:.4f} {statistics.median(setups):.6f} "
             f"{s.peer_address()}\n".encode())
@@ -233,16 +259,20 @@ async def _punch_child(role: str, stun: tuple[str, int], size: int,
         feeder.cancel()
 
 
-async def _punch_lab(size: int) -> dict[str, Any]:
-    """Run the punch between the lab's two homes; the sender's figures and the receiver's."""
+async def _punch_lab(size: int, rung: str = "tcp-punch") -> dict[str, Any]:
+    """Run `rung` between the lab's two homes (endpoint-independent NATs for the punch, a
+    full-cone sender and a symmetric receiver for QUIC and WebRTC); the sender's figures
+    and the receiver's."""
     from tests.natlab.lab import NatLab, NatMode
 
-    with NatLab(NatMode.EIM, NatMode.EIM) as lab:
+    modes = (NatMode.EIM, NatMode.EIM) if rung == "tcp-punch" else (NatMode.FULL_CONE,
+                                                                      NatMode.SYMMETRIC)
+    with NatLab(*modes) as lab:
         def spawn(host: str, *args: str) -> Any:
             return asyncio.create_subprocess_exec(
                 "ip", "netns", "exec", lab.ns(host), sys.executable, "-m", "benchmarks.paths",
-                *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                cwd=Path(__file__).resolve().parents[1])
+                *args, "--rung", rung, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
 
         server = lab.addr_of("server")
         stun_proc = await spawn("server", "--child", "punch-stun", "--stun", f"{server}:0")
@@ -276,14 +306,17 @@ async def _punch_lab(size: int) -> dict[str, Any]:
                     await pump(send.stdout, recv.stdin, lambda w: sent.extend(w))
                     recv.stdin.close()
             if sent[:1] != ["sent"] or len(results) != _SETUPS + 1:
-                raise RuntimeError(f"punch run failed: sender said {sent}, receiver {results}")
+                raise RuntimeError(f"{rung} run failed: sender said {sent}, receiver "
+                                   f"{results}")
             received, cpu_receiver = results[-1]
             if received != size:
-                raise RuntimeError(f"tcp-punch: receiver got {received} of {size} bytes")
+                raise RuntimeError(f"{rung}: receiver got {received} of {size} bytes")
             seconds, cpu_sender, setup = float(sent[2]), float(sent[3]), float(sent[4])
             return {"mbps": size / seconds / 1e6, "setup_ms": setup * 1000,
                     "cpu_s_per_gb": (cpu_sender + cpu_receiver) / (size / 1e9),
-                    "seconds": seconds, "peer": sent[5]}
+                    "seconds": seconds, "peer": sent[5], "bytes": size,
+                    "nat": "/".join(m.value for m in modes),
+                    "load": [round(x, 2) for x in os.getloadavg()]}
         finally:
             for p in procs:
                 if p.returncode is None:
@@ -292,7 +325,8 @@ async def _punch_lab(size: int) -> dict[str, Any]:
 
 
 async def _child(kind: str, tuning: ChannelTuning, relay_port: int = 0,
-                 stun: tuple[str, int] | None = None, size: int = 0) -> None:
+                 stun: tuple[str, int] | None = None, size: int = 0,
+                 rung: str = "tcp-punch") -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -302,10 +336,10 @@ async def _child(kind: str, tuning: ChannelTuning, relay_port: int = 0,
         sys.stdout.flush()
 
     if kind == "punch-stun" and stun is not None:
-        await _punch_stun_child(stun[0], out, reader)
+        await _punch_stun_child(stun[0], out, reader, rung)
         return
     if kind in ("punch-send", "punch-recv") and stun is not None:
-        await _punch_child(kind, stun, size, reader, out)
+        await _punch_child(kind, stun, size, reader, out, rung)
         return
     if kind in ("relay", "relay-tls"):
         await _relay_child(relay_port, reader, out, kind == "relay-tls")
@@ -463,6 +497,37 @@ def _punch_rows(size: int, meta: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _quic_rows(quic_size: int, rtc_size: int, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """QUIC and WebRTC between a full-cone and a symmetric NAT (the pair the TCP punch
+    can't join), side by side."""
+    from tests.natlab.lab import natlab_unavailable
+
+    why = natlab_unavailable()
+    if why is not None:
+        meta["runs"].append({"kind": "quic", "skipped": why})
+        return [{"metric": f"quic through a full-cone and a symmetric NAT: skipped, {why}",
+                 "value": "skipped", "unit": ""}]
+    quic = uvloop.run(_punch_lab(quic_size, "quic"))
+    rtc = uvloop.run(_punch_lab(rtc_size, "webrtc"))
+    meta["runs"] += [{"kind": "quic", "loop": "uvloop", **quic},
+                     {"kind": "webrtc-lab", "loop": "uvloop", **rtc}]
+    ratio = quic["mbps"] / rtc["mbps"]
+    return [
+        {"metric": "quic through a full-cone and a symmetric NAT (NAT lab), uvloop",
+         "value": quic["mbps"], "unit": "MB/s"},
+        {"metric": "WebRTC through the same pair (NAT lab), uvloop", "value": rtc["mbps"],
+         "unit": "MB/s"},
+        {"metric": "quic / WebRTC through the pair", "value": ratio, "unit": "x",
+         "target": ">= 3", "ok": ratio >= 3},
+        {"metric": "quic setup (dial → STUN → offer/answer → probes → first byte)",
+         "value": quic["setup_ms"], "unit": "ms"},
+        {"metric": "WebRTC setup through the pair", "value": rtc["setup_ms"], "unit": "ms"},
+        {"metric": "quic CPU (both ends)", "value": quic["cpu_s_per_gb"], "unit": "s/GB"},
+        {"metric": "WebRTC CPU through the pair (both ends)", "value": rtc["cpu_s_per_gb"],
+         "unit": "s/GB"},
+    ]
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks paths")
     ap.add_argument("--mib", type=int, default=64, help="MiB per WebRTC run")
@@ -472,9 +537,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-relay", action="store_true", help="skip the relay row")
     ap.add_argument("--no-punch", action="store_true", help="skip the TCP punch row")
     ap.add_argument("--only-punch", action="store_true", help="only the TCP punch row")
+    ap.add_argument("--no-quic", action="store_true",
+                    help="skip the QUIC and WebRTC rows through the NAT lab")
+    ap.add_argument("--only-quic", action="store_true",
+                    help="only the QUIC and WebRTC rows through the NAT lab")
     ap.add_argument("--child", choices=["tcp", "webrtc", "relay", "relay-tls", "punch-stun",
                                         "punch-send", "punch-recv"], help=argparse.SUPPRESS)
     ap.add_argument("--stun", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rung", default="tcp-punch", choices=RUNGS, help=argparse.SUPPRESS)
     ap.add_argument("--relay-port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--loop", default="uvloop", help=argparse.SUPPRESS)
     ap.add_argument("--tuning", default="{}", help=argparse.SUPPRESS)
@@ -486,7 +556,7 @@ def main(argv: list[str]) -> int:
             host, _, port = args.stun.rpartition(":")
             stun = (host, int(port))
         (uvloop.run if args.loop == "uvloop" else asyncio.run)(
-            _child(args.child, tuning, args.relay_port, stun, args.tcp_mib * MiB))
+            _child(args.child, tuning, args.relay_port, stun, args.tcp_mib * MiB, args.rung))
         return 0
     rtc_size = (16 if args.quick else args.mib) * MiB
     tcp_size = (128 if args.quick else args.tcp_mib) * MiB
@@ -494,6 +564,9 @@ def main(argv: list[str]) -> int:
     rows: list[dict[str, Any]] = []
     meta: dict[str, Any] = {"webrtc_bytes": rtc_size, "tcp_bytes": tcp_size, "runs": []}
 
+    if args.only_quic:
+        report("paths", _quic_rows(8 * rtc_size, rtc_size, meta), meta=meta)
+        return 0
     if not args.no_punch:
         rows += _punch_rows(tcp_size, meta)
     if args.only_punch:
@@ -518,6 +591,8 @@ def main(argv: list[str]) -> int:
          "target": "< 300", "ok": rtc["setup_ms"] < 300},
         {"metric": "WebRTC CPU (both ends)", "value": rtc["cpu_s_per_gb"], "unit": "s/GB"},
     ]
+    if not args.no_quic:
+        rows += _quic_rows(8 * rtc_size, rtc_size, meta)
     if not args.no_relay:
         relay = _run("relay", default, tcp_size, "uvloop")
         meta["runs"].append({"kind": "relay", "loop": "uvloop", "caps": "off", **relay})
