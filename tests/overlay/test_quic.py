@@ -6,6 +6,7 @@ tests/natlab/test_quic_nat.py.)"""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -271,6 +272,28 @@ async def test_a_peer_that_vanishes_breaks_the_stream(monkeypatch: pytest.Monkey
         async with asyncio.timeout(10):
             with pytest.raises(StreamBroken, match="closed by the peer or timed out"):
                 await reader
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_a_reader_that_stalls_past_the_idle_timeout_loses_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver that stops reading (its disk is slow) stops the sender by flow control;
+    the keep-alive PINGs keep the connection up past the idle timeout, and every byte
+    arrives once it reads again."""
+    monkeypatch.setattr("overlay.transports.quic_stream.IDLE_TIMEOUT", 1.0)
+    monkeypatch.setattr("overlay.transports.quic_stream.KEEPALIVE", 0.3)
+    a, b = await _loopback_pair()
+    data = random.Random(7).randbytes(12 << 20)  # three windows
+    try:
+        sender = asyncio.create_task(a.send_all(data))
+        await asyncio.sleep(2.5)  # 2.5 idle timeouts without a byte read
+        assert not sender.done()
+        async with asyncio.timeout(30):
+            got = await receive_exactly(b, len(data))
+            await sender
+        assert got == data
     finally:
         await a.aclose()
         await b.aclose()
