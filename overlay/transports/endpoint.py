@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable, Coroutine
+import os
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
-from overlay.transports.signalling import PipeSender
-from overlay.transports.stream import Stream, StreamClosed
+from overlay.transports.signalling import SESSION_LEN, PipeSender, Reject
+from overlay.transports.stream import Stream, StreamBroken, StreamClosed
 from rendezvous.messages import PipeMessage
 from rendezvous.taskset import TaskSet
 
@@ -32,8 +33,22 @@ class Signal(Protocol):
     def session(self) -> bytes: ...
 
 
+class Port(Protocol):
+    """The local end a punch made ready (a socket and its NAT mapping); closed after use."""
+
+    def close(self) -> None: ...
+
+
 Offer = TypeVar("Offer", bound=Signal)
 Reply = TypeVar("Reply", bound=Signal)
+P = TypeVar("P", bound=Port)
+
+
+@dataclass(slots=True)
+class Step:
+    """Where a dial or an answer is, named in the error when its budget runs out."""
+
+    now: str = "STUN"
 
 
 class EndpointLimits(Protocol):
@@ -188,6 +203,83 @@ class SignalledEndpoint(Generic[Offer, Reply]):
                 reason: str) -> Coroutine[Any, Any, None]:
         """Tell the dialer why not (a courtesy: its dial times out otherwise)."""
         raise NotImplementedError
+
+    # --- a punch: port, signal, connect, within a budget ------------------------------
+    async def _answer_punch(self, msg: PipeMessage, budget: float,
+                            open_port: Callable[[], Awaitable[P]],
+                            answer: Callable[[P], bytes],
+                            connect: Callable[[P, Step], Awaitable[Stream]],
+                            error: type[StreamBroken]) -> None:
+        """`_answer` of a punching rung: a port, our `answer` payload back to the dialer,
+        the connection (`connect` may name finer steps), the stream to `_hand_over`, all
+        within `budget`. A failure is counted and logged, never raised."""
+        port: P | None = None
+        stream: Stream | None = None
+        handed = False
+        step = Step()
+        try:
+            async with asyncio.timeout(budget):
+                port = await open_port()
+                step.now = "the answer"
+                await self._pipe.pipe(msg.sender, answer(port), device=msg.sender_device)
+                step.now = "the connect"
+                stream = await connect(port, step)
+            if not self._hand_over(stream):
+                raise error("accept backlog full")
+            handed = True
+        except Exception as exc:  # one failed answer must not end the node
+            self.stats.accept_failures += 1
+            why = f"{step.now} took over {budget} s" if isinstance(exc, TimeoutError) \
+                else str(exc)
+            self._log.info("%s from %s failed: %s", self.NAME, msg.sender, why)
+        finally:
+            if stream is not None and not handed:
+                await stream.aclose()
+            if port is not None:
+                port.close()
+
+    async def _dial_punch(self, address: str, device: bytes, budget: float,
+                          open_port: Callable[[bytes], Awaitable[P]],
+                          offer: Callable[[bytes, P], bytes],
+                          connect: Callable[[P, Reply, bytes, Step], Awaitable[Stream]],
+                          error: type[StreamBroken]) -> Stream:
+        """`dial` of a punching rung: a port, our `offer` payload (for a fresh session),
+        the callee's answer (a Reject is `error` with its reason), the connection, all
+        within `budget`; `error` says which step failed or ran out of time."""
+        if (busy := self._cannot_dial()) is not None:
+            raise error(busy)
+        session = os.urandom(SESSION_LEN)
+        dial = self._dialling(session, address, device)
+        port: P | None = None
+        ok = False
+        step = Step()
+        try:
+            async with asyncio.timeout(budget):
+                port = await open_port(session)
+                step.now = "the offer"
+                try:
+                    await self._pipe.pipe(address, offer(session, port), device=device)
+                except Exception as exc:  # RendezvousError: offline, unknown, ...
+                    raise error(f"could not send the offer to {address}: {exc}") from None
+                step.now = "an answer"
+                reply = await dial.reply
+                if isinstance(reply, Reject):
+                    raise error(f"{address} declined: {reply.reason}")
+                step.now = "a connection"
+                stream = await connect(port, reply, session, step)
+            ok = True
+            return stream
+        except TimeoutError:
+            raise error(f"no {self.NAME} to {address} within {budget} s (waiting for "
+                        f"{step.now})") from None
+        except asyncio.CancelledError:
+            if self._closed:
+                raise StreamClosed(f"{self.NAME} endpoint closed during the dial") from None
+            raise
+        finally:
+            self._dial_ended(session, ok)
+            if port is not None:
+                port.close()
 
     # --- accepting -------------------------------------------------------------------
     def _hand_over(self, stream: Stream) -> bool:

@@ -61,19 +61,18 @@ import asyncio
 import enum
 import ipaddress
 import logging
-import os
 import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, cast
 
 from crypto.address import parse_hostport
 from crypto.codec import Fields, item_str, packb
 from crypto.errors import DecodeError
-from overlay.transports.endpoint import SignalledEndpoint
+from overlay.transports.endpoint import SignalledEndpoint, Step
 from overlay.transports.signalling import SESSION_LEN, PipeSender, Reject, decode_tagged
-from overlay.transports.stream import Stream, StreamBroken, StreamClosed
+from overlay.transports.stream import Stream, StreamBroken
 from overlay.transports.tcp import DirectTcpProtocol, TcpStream
 from rendezvous.backoff import Backoff
 from rendezvous.messages import PipeMessage
@@ -468,79 +467,36 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
 
     # --- accepting -------------------------------------------------------------------
     async def _answer(self, msg: PipeMessage, offer: PunchOffer) -> None:
-        port: PunchPort | None = None
-        stream: Stream | None = None
-        handed = False
-        step = "STUN"
-        try:
-            async with asyncio.timeout(self.settings.budget):
-                port = await self._port()
-                step = "the answer"
-                await self._pipe.pipe(msg.sender, encode_punch(
-                    PunchAnswer(offer.session, port.candidates, nominate=offer.nominate)),
-                    device=msg.sender_device)
-                step = "the connect"
-                stream = await simultaneous_open(
-                    port, offer.candidates, rng=self._rng, on_bad=self._bad_nomination,
-                    nomination=Nomination.AWAIT if offer.nominate else Nomination.NONE,
-                    session=offer.session)
-            if not self._hand_over(stream):
-                raise PunchError("accept backlog full")
-            handed = True
-        except Exception as exc:  # one failed answer must not end the node
-            self.stats.accept_failures += 1
-            why = f"{step} took over {self.settings.budget} s" \
-                if isinstance(exc, TimeoutError) else str(exc)
-            log.info("TCP punch from %s failed: %s", msg.sender, why)
-        finally:
-            if stream is not None and not handed:
-                await stream.aclose()
-            if port is not None:
-                port.close()
+        async def connect(port: PunchPort, step: Step) -> Stream:
+            return await simultaneous_open(
+                port, offer.candidates, rng=self._rng, on_bad=self._bad_nomination,
+                nomination=Nomination.AWAIT if offer.nominate else Nomination.NONE,
+                session=offer.session)
+
+        await self._answer_punch(
+            msg, self.settings.budget, self._port,
+            lambda port: encode_punch(PunchAnswer(offer.session, port.candidates,
+                                                  nominate=offer.nominate)),
+            connect, PunchError)
 
     # --- dialing ---------------------------------------------------------------------
     async def dial(self, address: str, device: bytes) -> Stream:
         """A punched stream to `device` of `address` within `budget`; PunchError says why
         not."""
-        if (busy := self._cannot_dial()) is not None:
-            raise PunchError(busy)
-        budget = self.settings.budget
-        session = os.urandom(SESSION_LEN)
-        dial = self._dialling(session, address, device)
-        port: PunchPort | None = None
-        ok = False
-        step = "STUN"
-        try:
-            async with asyncio.timeout(budget):
-                port = await self._port()
-                step = "the offer"
-                try:
-                    await self._pipe.pipe(address, encode_punch(
-                        PunchOffer(session, port.candidates, nominate=True)),
-                        device=device)
-                except Exception as exc:  # RendezvousError: offline, unknown, ...
-                    raise PunchError(f"could not send the offer to {address}: {exc}"
-                                     ) from None
-                step = "an answer"
-                reply = await dial.reply
-                if isinstance(reply, PunchReject):
-                    raise PunchError(f"{address} declined: {reply.reason}")
-                step = "a connection"
-                stream = await simultaneous_open(
-                    port, reply.candidates, rng=self._rng,
-                    nomination=Nomination.SEND if reply.nominate else Nomination.NONE,
-                    session=session)
-            ok = True
-            return stream
-        except TimeoutError:
-            raise PunchError(f"no TCP punch to {address} within {budget} s (waiting for "
-                             f"{step})") from None
-        except asyncio.CancelledError:
-            if self._closed:
-                raise StreamClosed("TCP punch endpoint closed during the dial") from None
-            raise
-        finally:
-            self._dial_ended(session, ok)
-            if port is not None:
-                port.close()
+        async def open_port(session: bytes) -> PunchPort:
+            return await self._port()
+
+        async def connect(port: PunchPort, reply: PunchAnswer | PunchReject, session: bytes,
+                          step: Step) -> Stream:
+            answer = cast(PunchAnswer, reply)  # _dial_punch raised on a reject
+            return await simultaneous_open(
+                port, answer.candidates, rng=self._rng,
+                nomination=Nomination.SEND if answer.nominate else Nomination.NONE,
+                session=session)
+
+        return await self._dial_punch(
+            address, device, self.settings.budget, open_port,
+            lambda session, port: encode_punch(PunchOffer(session, port.candidates,
+                                                          nominate=True)),
+            connect, PunchError)
 

@@ -42,15 +42,14 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, cast
 
 from crypto.codec import Fields, item_str, packb
 from crypto.errors import DecodeError
-from overlay.transports.endpoint import SignalledEndpoint
+from overlay.transports.endpoint import SignalledEndpoint, Step
 from overlay.transports.punch import candidate, hostport, targets
 from overlay.transports.quic_stream import (
     QuicStream,
@@ -59,7 +58,7 @@ from overlay.transports.quic_stream import (
     udp_transport,
 )
 from overlay.transports.signalling import SESSION_LEN, PipeSender, Reject, decode_tagged
-from overlay.transports.stream import Stream, StreamBroken, StreamClosed
+from overlay.transports.stream import Stream, StreamBroken
 from rendezvous.messages import PipeMessage
 from rendezvous.stun import Address, query_on
 
@@ -344,90 +343,56 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
 
     # --- accepting -------------------------------------------------------------------
     async def _answer(self, msg: PipeMessage, offer: QuicOffer) -> None:
-        port: QuicPort | None = None
-        stream: Stream | None = None
-        handed = False
-        step = "STUN"
-        try:
-            async with asyncio.timeout(self.settings.budget):
-                port = await self._port()
-                if self._certificate is None:
-                    self._certificate = ThrowawayCertificate.make()
-                cert = self._certificate
-                port.prober.expect(offer.session)
-                step = "the answer"
-                await self._pipe.pipe(msg.sender, encode_quic(
-                    QuicAnswer(offer.session, port.candidates, cert.fingerprint)),
-                    device=msg.sender_device)
-                step = "a probe and the client's first packet"
-                peer, early = await meet(port, offer.session, offer.candidates, server=True)
-                step = "the QUIC handshake"
-                port.handed = True
-                stream = await QuicStream.open(
-                    port.transport, peer,
-                    quic_configuration(is_client=False, certificate=cert), early=early)
-            if not self._hand_over(stream):
-                raise QuicError("accept backlog full")
-            handed = True
-        except Exception as exc:  # one failed answer must not end the node
-            self.stats.accept_failures += 1
-            why = f"{step} took over {self.settings.budget} s" \
-                if isinstance(exc, TimeoutError) else str(exc)
-            log.info("QUIC from %s failed: %s", msg.sender, why)
-        finally:
-            if stream is not None and not handed:
-                await stream.aclose()
-            if port is not None:
-                port.close()
+        if self._certificate is None:
+            self._certificate = ThrowawayCertificate.make()
+        cert = self._certificate
+
+        async def open_port() -> QuicPort:
+            port = await self._port()
+            port.prober.expect(offer.session)  # the dialer probes once it has our answer
+            return port
+
+        async def connect(port: QuicPort, step: Step) -> Stream:
+            step.now = "a probe and the client's first packet"
+            peer, early = await meet(port, offer.session, offer.candidates, server=True)
+            step.now = "the QUIC handshake"
+            port.handed = True
+            return await QuicStream.open(
+                port.transport, peer, quic_configuration(is_client=False, certificate=cert),
+                early=early)
+
+        await self._answer_punch(
+            msg, self.settings.budget, open_port,
+            lambda port: encode_quic(QuicAnswer(offer.session, port.candidates,
+                                                cert.fingerprint)),
+            connect, QuicError)
 
     # --- dialing ---------------------------------------------------------------------
     async def dial(self, address: str, device: bytes) -> Stream:
         """A QUIC stream to `device` of `address` within `budget`; QuicError says why not."""
-        if (busy := self._cannot_dial()) is not None:
-            raise QuicError(busy)
         if not self.settings.enabled:
             raise QuicError("QUIC is turned off")
-        budget = self.settings.budget
-        session = os.urandom(SESSION_LEN)
-        dial = self._dialling(session, address, device)
-        port: QuicPort | None = None
-        ok = False
-        step = "STUN"
-        try:
-            async with asyncio.timeout(budget):
-                port = await self._port()
-                port.prober.expect(session)
-                step = "the offer"
-                try:
-                    await self._pipe.pipe(address, encode_quic(
-                        QuicOffer(session, port.candidates)), device=device)
-                except Exception as exc:  # RendezvousError: offline, unknown, ...
-                    raise QuicError(f"could not send the offer to {address}: {exc}"
-                                    ) from None
-                step = "an answer"
-                reply = await dial.reply
-                if isinstance(reply, QuicReject):
-                    raise QuicError(f"{address} declined: {reply.reason}")
-                step = "a probe from the peer"
-                peer, _ = await meet(port, session, reply.candidates, server=False)
-                step = "the QUIC handshake"
-                port.handed = True
-                stream = await QuicStream.open(port.transport, peer,
-                                               quic_configuration(is_client=True),
-                                               fingerprint=reply.fingerprint)
-            ok = True
-            return stream
-        except TimeoutError:
-            raise QuicError(f"no QUIC to {address} within {budget} s (waiting for "
-                            f"{step})") from None
-        except asyncio.CancelledError:
-            if self._closed:
-                raise StreamClosed("QUIC endpoint closed during the dial") from None
-            raise
-        finally:
-            self._dial_ended(session, ok)
-            if port is not None:
-                port.close()
+
+        async def open_port(session: bytes) -> QuicPort:
+            port = await self._port()
+            port.prober.expect(session)  # the callee may probe before its answer is in
+            return port
+
+        async def connect(port: QuicPort, reply: QuicAnswer | QuicReject, session: bytes,
+                          step: Step) -> Stream:
+            answer = cast(QuicAnswer, reply)  # _dial_punch raised on a reject
+            step.now = "a probe from the peer"
+            peer, _ = await meet(port, session, answer.candidates, server=False)
+            step.now = "the QUIC handshake"
+            port.handed = True
+            return await QuicStream.open(port.transport, peer,
+                                         quic_configuration(is_client=True),
+                                         fingerprint=answer.fingerprint)
+
+        return await self._dial_punch(
+            address, device, self.settings.budget, open_port,
+            lambda session, port: encode_quic(QuicOffer(session, port.candidates)),
+            connect, QuicError)
 
 
 def _local_host(toward: Address) -> str:
