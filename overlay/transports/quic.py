@@ -17,14 +17,15 @@ candidates (the mapping, then its local address), the callee answers with its ow
 SHA-256 fingerprint of the certificate it will serve (`QuicAnswer`). Both then send probes,
 `PROBE` followed by the session id, to the other's candidates (its local one only when both
 have the same public address, as punch.py's rule) every `PROBE_INTERVAL`, and each adopts the
-address the peer's first valid probe came from and answers it there: a symmetric NAT gives
-the packets to the peer another port than STUN saw, and that port is only learnt this way
-(ICE's peer-reflexive candidate, RFC 8445 7.3.1.3). A probe without the session id, or
-from an address the peer did not name, is ignored (`bad_signals` counts the malformed ones).
-Then the device that sent the offer is QUIC client and transfer client, the one that answered
-QUIC server and transfer server, as over the TCP punch; the client pins the server's
-certificate to the fingerprint in the answer. The server stays a prober until the client's
-Initial comes in, answering probes that come late.
+address the peer's first valid probe came from, answers that probe there at once and probes
+it from then on: a symmetric NAT gives the packets to the peer another port than STUN saw,
+and that port is only learnt this way (ICE's peer-reflexive candidate, RFC 8445 7.3.1.3).
+A probe of another session, or from a host the peer did not name, is dropped and counted
+(`bad_signals`). Then the device that sent the offer is QUIC client and transfer client, the
+one that answered QUIC server and transfer server, as over the TCP punch; the client pins
+the server's certificate to the fingerprint in the answer. The server goes on probing until
+the client's Initial comes in (it holds the first MAX_EARLY datagrams for QUIC), so a lost
+probe or a lost Initial costs a probe interval or a retransmission, not the dial.
 
 The peer's candidates are IP literals only (at most MAX_CANDIDATES); offers are bounded
 (`max_incoming`), answers are taken only from the device dialled, bad payloads are dropped and
