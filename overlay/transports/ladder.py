@@ -6,7 +6,7 @@ a TCP hole punch (overlay.transports.punch) started after a short delay, or at o
 the holder says it is behind NAT, racing direct TCP (the first path that works wins and
 the others are closed);
 QUIC over a punched UDP pair (overlay.transports.quic) once the TCP punch has failed (or
-has had its budget), racing on;
+has had a head start of a second, which a punch that can join needs at most), racing on;
 a WebRTC data channel once QUIC has failed (or has had its budget), racing on;
 and, only when all of them fail, a stream relayed by the rendezvous server. TCP, direct
 or punched, goes first (~2 GB/s through the NAT lab); QUIC serves the pairs a TCP punch
@@ -37,6 +37,10 @@ log = logging.getLogger("peerpost.sources")
 MAX_ADDRESSES_PER_HOLDER = 8
 CONNECT_TIMEOUT = 5.0
 WEBRTC_DELAY = 0.25  # give direct TCP a head start (to the punch too: it costs a STUN)
+# QUIC starts this long after the TCP punch even while the punch still tries: a punch that
+# can join does so in < 0.5 s on a home line, one that can't (a symmetric NAT drops its
+# SYNs) would otherwise hold QUIC back for its whole budget (3 s).
+PUNCH_HEAD_START = 1.0
 
 # dial(holder) -> Stream, for the punch, QUIC, WebRTC and relay rungs (they signal to
 # holder.address)
@@ -102,6 +106,7 @@ class ConnectionLadder:
     webrtc_delay: float = WEBRTC_DELAY
     punch_timeout: float = PUNCH_BUDGET  # overlay.transports.punch.PunchSettings.budget
     quic_timeout: float = QUIC_BUDGET  # overlay.transports.quic.QuicSettings.budget
+    punch_head_start: float = PUNCH_HEAD_START
     webrtc_timeout: float = 40.0  # WebRtcSettings: answer_timeout + connect_timeout
     relay_timeout: float = 40.0  # overlay.transports.relay.DEFAULT_TIMEOUT
     counters: dict[str, int] = field(default_factory=dict)
@@ -130,11 +135,13 @@ class ConnectionLadder:
             rungs.append((0.0, "tcp", tcp_dialer(holder.direct)))
         delay = 0.0 if holder.nat or not holder.direct else self.webrtc_delay
         # Each rung past the punch starts when the one before it has failed or had its
-        # budget (`over`, `limit`): it would cost more CPU per byte than that one.
+        # time (`over`, `limit`): it would cost more CPU per byte than that one. The
+        # punch's time, for QUIC, is its head start.
         over: asyncio.Event | None = None
         limit = 0.0
         if self.punch is not None and holder.address:
-            punch, over, limit = self.punch, asyncio.Event(), self.punch_timeout
+            punch, over = self.punch, asyncio.Event()
+            limit = min(self.punch_timeout, self.punch_head_start)
             rungs.append((delay, "tcp-punch", _flagged(lambda: punch(holder), over)))
         if self.quic is not None and holder.address:
             quic, quic_over = self.quic, asyncio.Event()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 from overlay.app.lab import LabError, LocalNetwork, NodeHandle, Proc, _script
@@ -106,3 +107,13 @@ class LabNetwork(LocalNetwork):
             lines = log.read_text(errors="replace").splitlines()[-tail:]
             parts.append(f"===== {log.name} =====\n" + "\n".join(lines))
         return "\n".join(parts)
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """The logs, once `text` is in them (a step a process logs when it ends, such as
+        a punch that runs out its budget after a faster rung has already won)."""
+        deadline = time.monotonic() + timeout
+        while text not in (logs := self.logs()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged within {timeout} s:\n{logs}")
+            time.sleep(0.1)
+        return logs

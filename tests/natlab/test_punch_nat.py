@@ -81,6 +81,5 @@ def test_a_pair_the_punch_cannot_join_falls_back_to_webrtc_in_time_without_quic(
     assert took < FALLBACK_WITHIN, f"delivery over WebRTC took {took:.1f} s"
     # The punch was tried and failed (alice answered bob's offer; the SYNs never met), and
     # QUIC was declined.
-    logs = net.logs()
-    assert "TCP punch from bob@example.net failed" in logs
+    logs = net.wait_log("TCP punch from bob@example.net failed", timeout=PUNCH_BUDGET + 5)
     assert "QUIC offer from bob@example.net declined: QUIC is turned off" in logs

@@ -34,6 +34,15 @@ async def test_quic_waits_for_a_punch_that_may_still_win() -> None:
     assert s.path == "tcp-punch" and quic_made == []
 
 
+async def test_quic_does_not_wait_out_a_punch_that_hangs() -> None:
+    # A symmetric NAT drops the punch's SYNs: the punch would run its whole budget.
+    ladder = ConnectionLadder(punch=rung("tcp-punch", delay=30), quic=rung("quic"),
+                              punch_timeout=3.0, punch_head_start=0.3)
+    t0 = time.monotonic()
+    s = await asyncio.wait_for(ladder.dial(NATED), 5)
+    assert s.path == "quic" and 0.3 <= time.monotonic() - t0 < 1.5
+
+
 async def test_webrtc_starts_as_soon_as_quic_fails() -> None:
     ladder = ConnectionLadder(punch=rung("tcp-punch", fail=True),
                               quic=rung("quic", delay=0.05, fail=True),
