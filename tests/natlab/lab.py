@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 import itertools
 import os
+import re
 import select
 import shutil
 import signal
@@ -268,6 +269,41 @@ class NatLab:
                       "invalid", "drop"],
                      ["conntrack", "-F"]):
             self._cmd(["ip", "netns", "exec", self.ns(router), *argv])
+
+    def lose_udp(self, router: str, percent: int) -> None:
+        """Drop `percent` % of the UDP datagrams `router` forwards, at random, each way (this
+        kernel has no netem); 0 stops the loss. Packets to and from the router itself (none
+        of the lab's traffic) are untouched.
+
+        A sender using UDP GSO (QUIC does) hands the kernel one packet of up to 64
+        datagrams, and veths and the bridge pass it on whole, so the router would drop
+        whole bursts at a time. The two links into the router (its home's `eth0`, its port
+        on the bridge) are set to cut such packets into datagrams before they reach it,
+        as a real NIC does before the wire."""
+        if not 0 <= percent <= 100:
+            raise ValueError(f"loss must be 0-100 %, not {percent}")
+        if router not in self.modes:
+            raise ValueError(f"{router!r} is not a NAT router of the lab")
+        self._ip("link", "set", "eth0", "gso_max_segs", "1", ns=f"h{router[1:]}")
+        self._ip("link", "set", router, "gso_max_segs", "1", ns="inet")
+        nft = ["ip", "netns", "exec", self.ns(router), "nft"]
+        self._cmd([*nft, "add", "chain", "inet", "filter", "loss",
+                   "{ type filter hook forward priority filter - 10; policy accept; }"])
+        self._cmd([*nft, "flush", "chain", "inet", "filter", "loss"])
+        if percent:
+            self._cmd([*nft, "add", "rule", "inet", "filter", "loss", "meta", "l4proto",
+                       "udp", "numgen", "random", "mod", "100", "<", str(percent), "counter",
+                       "drop"])
+
+    def udp_lost(self, router: str) -> int:
+        """UDP packets `lose_udp` has dropped at `router` so far."""
+        r = subprocess.run(["ip", "netns", "exec", self.ns(router), "nft", "list", "chain",
+                            "inet", "filter", "loss"], capture_output=True, text=True,
+                           timeout=10, check=False)
+        if r.returncode != 0:
+            return 0
+        found = re.search(r"counter packets (\d+)", r.stdout)
+        return int(found.group(1)) if found else 0
 
 
 def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> str:
