@@ -25,7 +25,7 @@ from crypto.identity import DeviceIdentity
 from overlay.transfer.server import TransferServer
 from overlay.transports.ladder import ConnectionLadder, Holder
 from overlay.transports.punch import PunchEndpoint, PunchSettings
-from overlay.transports.quic import QuicEndpoint, QuicSettings
+from overlay.transports.quic import QuicEndpoint, QuicSettings, UdpOpener, kernel_udp
 from overlay.transports.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
 from overlay.transports.relay import relay_accept, relay_dial
 from overlay.transports.signalling import PipeSender
@@ -43,12 +43,13 @@ EndpointFactory = Callable[[PipeSender, WebRtcSettings], WebRtcEndpoint]
 class PeerLinks:
     """The punch, QUIC, WebRTC and relay for one node, dialling out (the ladder) and
     serving in. `quic`: False turns the QUIC rung off (offers are declined at once, so a
-    dialler goes on to WebRTC without waiting)."""
+    dialler goes on to WebRTC without waiting); `quic_udp` makes its UDP ports."""
 
     def __init__(self, identity: DeviceIdentity, address: str, server: tuple[str, int],
                  rendezvous: RendezvousClient, transfer: TransferServer,
                  endpoint: EndpointFactory, *,
                  punch_socket: SocketMaker = reusable_socket, quic: bool = True,
+                 quic_udp: UdpOpener = kernel_udp,
                  rng: random.Random | None = None) -> None:
         self.identity = identity
         self.address = address
@@ -63,7 +64,7 @@ class PeerLinks:
                                    rng=rng)
         stun = self._stun_udp()
         self.quic = QuicEndpoint(rendezvous, QuicSettings(stun=stun[0] if stun else None,
-                                                          enabled=quic))
+                                                          enabled=quic, open_udp=quic_udp))
         self.ladder = ConnectionLadder(
             webrtc=self._dial_webrtc, relay=self._dial_relay,
             punch=self._dial_punch if self.punch.settings.stun is not None else None,

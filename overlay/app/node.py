@@ -52,6 +52,7 @@ from overlay.mail.prefs import Prefs
 from overlay.mail.receipts import Receipt
 from overlay.transfer.server import TransferServer
 from overlay.transports.netwatch import NetworkEvents
+from overlay.transports.quic import UdpOpener, kernel_udp
 from overlay.transports.reachability import Reachability, probe, route_ip
 from overlay.transports.wake import SleepWatch, time_asleep
 from overlay.transports.webrtc import WebRtcEndpoint
@@ -92,9 +93,11 @@ class NodeOptions:
     # How the TCP punch makes its sockets: the kernel's in production; the simulator
     # passes its network's, so the real punch runs over the simulated NATs.
     punch_socket: SocketMaker = reusable_socket
-    # The QUIC rung; None: the config's `quic` (on unless turned off). The simulator turns
-    # it off: qh3's transport reads the kernel's socket itself (recvmmsg).
+    # The QUIC rung; None: the config's `quic` (on unless turned off).
     quic: bool | None = None
+    # How the QUIC rung makes its UDP ports: the kernel's in production; the simulator
+    # passes the loop's (`loop_udp`), a port on its simulated host.
+    quic_udp: UdpOpener = kernel_udp
     web: str | None = None  # the web inbox's HOST:PORT or "off"; None: the config's `web`
     metrics: tuple[str, int] | None = None  # Prometheus /metrics and /healthz (--metrics)
     on_message: str | None = None  # command run on arrival/completion; None: the config's
@@ -190,6 +193,7 @@ class Node:
                                punch_socket=self.options.punch_socket,
                                quic=(self.config.quic if self.options.quic is None
                                      else self.options.quic),
+                               quic_udp=self.options.quic_udp,
                                rng=random.Random(self.rng.getrandbits(64)))
         await self.links.start()
         st.push_async_callback(self.links.aclose)

@@ -34,7 +34,10 @@ dialer goes on to WebRTC without waiting); a node of the earlier protocol drops 
 PIPE payload without a word, so the dialer waits out `budget`.
 
 The socket is a UDP port a firewall must let out (as WebRTC's are); nothing listens on a
-fixed port.
+fixed port. `QuicSettings.open_udp` makes it: `kernel_udp` on a node (qh3's batched transport
+over a kernel socket), `loop_udp` in the simulator (the loop's `create_datagram_endpoint`,
+which there is a port on a simulated host, in virtual time); the rest runs the same over
+either.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import collections
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self, cast
 
@@ -261,16 +264,49 @@ async def meet(port: QuicPort, session: bytes, theirs: tuple[Address, ...], *,
                 await prober.wake.wait()
 
 
+# A UDP port of the family given, on any local address, delivering to the protocol given;
+# OSError if none can be bound.
+UdpOpener = Callable[[asyncio.DatagramProtocol, int], Awaitable[asyncio.DatagramTransport]]
+
+
+def _any_address(family: int) -> Address:
+    return ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
+
+
+async def kernel_udp(protocol: asyncio.DatagramProtocol, family: int
+                     ) -> asyncio.DatagramTransport:
+    """A kernel UDP socket under qh3's batched transport (recvmmsg, GSO): a node's."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind(_any_address(family))
+    except OSError:
+        sock.close()
+        raise
+    return await udp_transport(sock, protocol)
+
+
+async def loop_udp(protocol: asyncio.DatagramProtocol, family: int
+                   ) -> asyncio.DatagramTransport:
+    """A UDP endpoint from the running loop's `create_datagram_endpoint`: the simulator's
+    (a port on the simulated host the caller runs as). One datagram per call each way."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(lambda: protocol,
+                                                       local_addr=_any_address(family))
+    return transport
+
+
 @dataclass(frozen=True, slots=True)
 class QuicSettings:
     """Where the server's STUN (UDP) is, how long a QUIC dial may take, how many at once,
-    and whether this node takes part (off: offers are rejected at once)."""
+    whether this node takes part (off: offers are rejected at once), and how its UDP
+    ports are made."""
 
     stun: Address | None = None
     budget: float = QUIC_BUDGET  # from dial() to a stream, every step included
     max_dials: int = 32
     max_incoming: int = 16
     enabled: bool = True
+    open_udp: UdpOpener = kernel_udp
 
 
 class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
@@ -321,14 +357,11 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
         if stun is None:
             raise QuicError("our server runs no STUN")
         family = socket.AF_INET6 if ":" in stun[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-        except OSError as exc:
-            sock.close()
-            raise QuicError(f"cannot bind a UDP socket: {exc}") from None
         prober = Prober(self._bad_probe)
-        transport = await udp_transport(sock, prober)
+        try:
+            transport = await self.settings.open_udp(prober, family)
+        except OSError as exc:
+            raise QuicError(f"cannot bind a UDP socket: {exc}") from None
         try:
             mapped = await query_on(transport, prober.replies, stun,
                                     timeout=self.settings.budget)
@@ -339,8 +372,10 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
             transport.close()
             raise
         name = transport.get_extra_info("sockname")
-        local = (_local_host(stun), int(name[1]))
-        return QuicPort(transport, prober, mapped, local)
+        host = str(name[0])
+        if host in ("0.0.0.0", "::"):  # bound to any address: the one that reaches STUN
+            host = _local_host(stun)
+        return QuicPort(transport, prober, mapped, (host, int(name[1])))
 
     # --- accepting -------------------------------------------------------------------
     async def _answer(self, msg: PipeMessage, offer: QuicOffer) -> None:
