@@ -2,7 +2,7 @@
 and a TCP hole punch between two NATed homes of the NAT lab.
 
 `python -m benchmarks paths [--mib 64] [--tcp-mib 512] [--quick] [--no-sweep] [--no-punch]
-[--no-quic] [--only-quic]`
+[--no-quic] [--only-quic] [--loss PCT]`
 
 The dialing process sends; a child process accepts and reads to EOF, like two nodes. For
 WebRTC the offer and answer travel over the child's stdin/stdout (a stand-in for PIPE), with
@@ -30,6 +30,9 @@ is from `dial` (STUN, offer, answer, simultaneous open) to the first byte from t
 QUIC (`quic`, overlay.transports.quic) and, to compare with it, WebRTC run the same way
 between a full-cone and a symmetric NAT, the pair a TCP punch can't join, with a STUN over
 UDP on the public side (QUIC: `--mib` x 8, as the TCP runs move far more than WebRTC's).
+`--loss PCT` has the sender's NAT router drop PCT % of the UDP datagrams it forwards, each
+way, for those two rows (`NatLab.lose_udp`; `--loss 0` only cuts UDP GSO bursts into
+datagrams before the router, as the lossy runs need: the baseline to compare them with).
 The lab needs root, `ip` and `nft`: elsewhere those rows are skipped and say why.
 
 Targets: WebRTC >= 6 MB/s on uvloop, WebRTC setup < 300 ms, relay >= 50% of direct TCP,
@@ -259,15 +262,18 @@ async def _punch_child(role: str, stun: tuple[str, int], size: int,
         feeder.cancel()
 
 
-async def _punch_lab(size: int, rung: str = "tcp-punch") -> dict[str, Any]:
+async def _punch_lab(size: int, rung: str = "tcp-punch",
+                     loss: int | None = None) -> dict[str, Any]:
     """Run `rung` between the lab's two homes (endpoint-independent NATs for the punch, a
     full-cone sender and a symmetric receiver for QUIC and WebRTC); the sender's figures
-    and the receiver's."""
+    and the receiver's. `loss`: % of UDP datagrams the sender's router drops each way."""
     from tests.natlab.lab import NatLab, NatMode
 
     modes = (NatMode.EIM, NatMode.EIM) if rung == "tcp-punch" else (NatMode.FULL_CONE,
                                                                       NatMode.SYMMETRIC)
     with NatLab(*modes) as lab:
+        if loss is not None:
+            lab.lose_udp("r1", loss)
         def spawn(host: str, *args: str) -> Any:
             return asyncio.create_subprocess_exec(
                 "ip", "netns", "exec", lab.ns(host), sys.executable, "-m", "benchmarks.paths",
@@ -316,6 +322,8 @@ async def _punch_lab(size: int, rung: str = "tcp-punch") -> dict[str, Any]:
                     "cpu_s_per_gb": (cpu_sender + cpu_receiver) / (size / 1e9),
                     "seconds": seconds, "peer": sent[5], "bytes": size,
                     "nat": "/".join(m.value for m in modes),
+                    **({} if loss is None else {"loss_pct": loss,
+                                                "udp_dropped": lab.udp_lost("r1")}),
                     "load": [round(x, 2) for x in os.getloadavg()]}
         finally:
             for p in procs:
@@ -497,9 +505,10 @@ def _punch_rows(size: int, meta: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _quic_rows(quic_size: int, rtc_size: int, meta: dict[str, Any]) -> list[dict[str, Any]]:
+def _quic_rows(quic_size: int, rtc_size: int, meta: dict[str, Any],
+               loss: int | None = None) -> list[dict[str, Any]]:
     """QUIC and WebRTC between a full-cone and a symmetric NAT (the pair the TCP punch
-    can't join), side by side."""
+    can't join), side by side; with `loss` % of the UDP datagrams dropped each way."""
     from tests.natlab.lab import natlab_unavailable
 
     why = natlab_unavailable()
@@ -507,16 +516,17 @@ def _quic_rows(quic_size: int, rtc_size: int, meta: dict[str, Any]) -> list[dict
         meta["runs"].append({"kind": "quic", "skipped": why})
         return [{"metric": f"quic through a full-cone and a symmetric NAT: skipped, {why}",
                  "value": "skipped", "unit": ""}]
-    quic = uvloop.run(_punch_lab(quic_size, "quic"))
-    rtc = uvloop.run(_punch_lab(rtc_size, "webrtc"))
+    quic = uvloop.run(_punch_lab(quic_size, "quic", loss))
+    rtc = uvloop.run(_punch_lab(rtc_size, "webrtc", loss))
     meta["runs"] += [{"kind": "quic", "loop": "uvloop", **quic},
                      {"kind": "webrtc-lab", "loop": "uvloop", **rtc}]
     ratio = quic["mbps"] / rtc["mbps"]
+    lossy = "" if loss is None else f", {loss}% UDP loss each way"
     return [
-        {"metric": "quic through a full-cone and a symmetric NAT (NAT lab), uvloop",
+        {"metric": f"quic through a full-cone and a symmetric NAT (NAT lab{lossy}), uvloop",
          "value": quic["mbps"], "unit": "MB/s"},
-        {"metric": "WebRTC through the same pair (NAT lab), uvloop", "value": rtc["mbps"],
-         "unit": "MB/s"},
+        {"metric": f"WebRTC through the same pair (NAT lab{lossy}), uvloop",
+         "value": rtc["mbps"], "unit": "MB/s"},
         {"metric": "quic / WebRTC through the pair", "value": ratio, "unit": "x",
          "target": ">= 3", "ok": ratio >= 3},
         {"metric": "quic setup (dial → STUN → offer/answer → probes → first byte)",
@@ -541,6 +551,9 @@ def main(argv: list[str]) -> int:
                     help="skip the QUIC and WebRTC rows through the NAT lab")
     ap.add_argument("--only-quic", action="store_true",
                     help="only the QUIC and WebRTC rows through the NAT lab")
+    ap.add_argument("--loss", type=int, default=None, metavar="PCT",
+                    help="the QUIC and WebRTC lab rows with PCT %% of UDP datagrams dropped "
+                         "each way")
     ap.add_argument("--child", choices=["tcp", "webrtc", "relay", "relay-tls", "punch-stun",
                                         "punch-send", "punch-recv"], help=argparse.SUPPRESS)
     ap.add_argument("--stun", default=None, help=argparse.SUPPRESS)
@@ -563,9 +576,11 @@ def main(argv: list[str]) -> int:
     default = ChannelTuning()
     rows: list[dict[str, Any]] = []
     meta: dict[str, Any] = {"webrtc_bytes": rtc_size, "tcp_bytes": tcp_size, "runs": []}
+    if args.loss is not None and not 0 <= args.loss <= 100:
+        ap.error(f"--loss is a percentage, 0-100, not {args.loss}")
 
     if args.only_quic:
-        report("paths", _quic_rows(8 * rtc_size, rtc_size, meta), meta=meta)
+        report("paths", _quic_rows(8 * rtc_size, rtc_size, meta, args.loss), meta=meta)
         return 0
     if not args.no_punch:
         rows += _punch_rows(tcp_size, meta)
@@ -592,7 +607,7 @@ def main(argv: list[str]) -> int:
         {"metric": "WebRTC CPU (both ends)", "value": rtc["cpu_s_per_gb"], "unit": "s/GB"},
     ]
     if not args.no_quic:
-        rows += _quic_rows(8 * rtc_size, rtc_size, meta)
+        rows += _quic_rows(8 * rtc_size, rtc_size, meta, args.loss)
     if not args.no_relay:
         relay = _run("relay", default, tcp_size, "uvloop")
         meta["runs"].append({"kind": "relay", "loop": "uvloop", "caps": "off", **relay})
