@@ -386,7 +386,11 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
         if self._conn is None or self._broken is not None:
             return
         self._pings += 1
-        self._conn.send_ping(self._pings)
+        try:
+            self._conn.send_ping(self._pings)
+        except QuicConnectionError as exc:  # draining the peer's close: its event comes later
+            self._lose(f"QUIC connection closed: {exc.reason_phrase or exc}")
+            return
         self._transmit()
         self._arm_keepalive()
 
