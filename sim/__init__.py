@@ -10,8 +10,11 @@ The project's own code runs on it unchanged: `sim.deploy` puts the real rendezvo
 shape whose channel opens as the NAT model and the measured setup cost say. The TCP punch
 rung is the real `overlay.transports.punch` over simulated sockets (sim.network.sockets):
 the server's STUN over TCP, the NATs' TCP mapping and filtering and a simultaneous open.
-The server's STUN on UDP answers each node's start-up reachability probe through the NATs'
-UDP mapping, so a NATed node knows it is one, as on a real network.
+The QUIC rung is the real `overlay.transports.quic` and qh3 over simulated UDP ports
+(`loop_udp`): STUN on UDP, the probes through the NATs' UDP mapping and filtering, the
+handshake, congestion control and timers in virtual time. The server's STUN on UDP also
+answers each node's start-up reachability probe, so a NATed node knows it is one, as on a
+real network.
 """
 
 from sim.loop import SimDeadlock, SimLoop

@@ -14,7 +14,9 @@ the `rendezvous.stun` responder `serve` runs, so each node's start-up `probe`
 whether it is behind a NAT (it then says so to peers and joins the DHT as a client); and over
 TCP, so the nodes' ladder has its TCP punch rung: the real `overlay.transports.punch` code,
 over the host's simulated sockets (`sim.network.sockets`) and the NAT model's TCP mapping
-and filtering.
+and filtering. The QUIC rung is the real `overlay.transports.quic` with qh3, its UDP ports
+made by the loop (`loop_udp`, on the host's simulated network), so a pair the punch can't
+join (full cone/symmetric) gets `quic` as a real pair does; WebRTC is `sim.webrtc`'s model.
 
 Nothing here stands in for project code: `RendezvousServer` is the one `peerpost-rendezvous
 serve` runs (its store is `SqliteStore(":memory:", inline=True)`: same SQL, no writer
@@ -196,10 +198,12 @@ class SimNode:
 
     def _node_options(self) -> NodeOptions:
         """The node's options, with the simulated WebRTC rung instead of aiortc, and the
-        TCP punch's sockets on this host's simulated network instead of the kernel's."""
+        TCP punch's sockets and QUIC's UDP ports on this host's simulated network instead
+        of the kernel's."""
         from dataclasses import replace
 
         from overlay.app.node import NodeOptions
+        from overlay.transports.quic import loop_udp
         from sim.network.sockets import SimSocket
         from sim.webrtc import SimWebRtcEndpoint
 
@@ -213,10 +217,7 @@ class SimNode:
                        webrtc_endpoint=lambda pipe, settings: SimWebRtcEndpoint(
                            pipe, settings, rng=rng),
                        punch_socket=punch_socket,
-                       # No QUIC rung: qh3's transport reads the kernel's socket itself
-                       # (recvmmsg), which a simulated host does not have. Pairs that
-                       # need it get WebRTC, as before it existed.
-                       quic=False,
+                       quic_udp=loop_udp,
                        # A simulated host never sleeps; the real one's suspend must not
                        # reach into a run (overlay.transports.wake).
                        asleep=lambda: 0.0)

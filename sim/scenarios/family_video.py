@@ -56,10 +56,10 @@ DHT_PORT = 8468
 COLUMNS = ["mode", "recipient", "nat", "free_rider", "bad_chunks", "sources_banned",
            "online_at_s", "completed_at_s",
            "seconds", "from_sender_mb", "from_peers_mb", "direct_mb", "punch_mb",
-           "webrtc_mb", "relay_mb", "attempts", "bytes_equal"]
+           "quic_mb", "webrtc_mb", "relay_mb", "attempts", "bytes_equal"]
 # A stream's path (as `inbox --json` sources show it) -> the column of MB it carried.
-PATHS = {"tcp": "direct_mb", "tcp-punch": "punch_mb", "webrtc": "webrtc_mb",
-         "relay": "relay_mb"}
+PATHS = {"tcp": "direct_mb", "tcp-punch": "punch_mb", "quic": "quic_mb",
+         "webrtc": "webrtc_mb", "relay": "relay_mb"}
 MB = 1_000_000
 MODES = ("off", "on")
 
@@ -376,7 +376,7 @@ def nat_summary(spec: ScenarioSpec, nat_of: dict[str, str], p: Params) -> dict[s
 
 def path_summary(prefix: str, rows: list[dict[str, Any]], d: Delivery,
                  spec: ScenarioSpec) -> dict[str, Any]:
-    """Bytes by path (direct TCP, TCP punch, WebRTC, relay), by NAT kind when NATs are in
+    """Bytes by path (direct TCP, TCP punch, QUIC, WebRTC, relay), by NAT kind when NATs are in
     the mix, and the relay's load."""
     out: dict[str, Any] = {}
     total = sum(r[c] for r in rows for c in PATHS.values()) or 1.0
@@ -387,7 +387,7 @@ def path_summary(prefix: str, rows: list[dict[str, Any]], d: Delivery,
         for kind in kinds:
             mine = [r for r in rows if r["nat"] == kind]
             t = sum(r[c] for r in mine for c in PATHS.values()) or 1.0
-            out[f"{prefix}{kind}: share via direct/punch/webrtc/relay"] = "/".join(
+            out[f"{prefix}{kind}: share via direct/punch/quic/webrtc/relay"] = "/".join(
                 f"{sum(r[c] for r in mine) / t:.2f}" for c in PATHS.values())
             out[f"{prefix}{kind}: completion p50 s"] = round(
                 percentile([r["seconds"] for r in mine], 0.5), 1)

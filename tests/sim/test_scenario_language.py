@@ -118,7 +118,8 @@ def test_nat_mix_all_symmetric_goes_through_the_relay_all_public_goes_direct() -
     assert s["on: completed"] == "5/5" and s["on: all bytes equal"]
     assert s["on: share via relay"] == 1.0
     assert s["on: relay MB"] >= 5.0 and s["on: relay peak concurrent circuits"] >= 1
-    assert all(r["relay_mb"] == 1.0 and r["direct_mb"] == r["punch_mb"] == r["webrtc_mb"] == 0
+    assert all(r["relay_mb"] == 1.0 and r["direct_mb"] == r["punch_mb"] == r["quic_mb"]
+               == r["webrtc_mb"] == 0
                for r in relayed.rows)
     direct = run("nat-mix", overrides=SMALL_NAT | {"topology.nat": {"none": 1.0}})
     assert direct.summary["on: share via tcp"] == 1.0
@@ -130,11 +131,11 @@ def test_nat_mix_reports_each_path_by_nat_kind_and_is_deterministic() -> None:
     s = first.summary
     assert s["on: completed"] == "8/8" and s["on: all bytes equal"]
     assert s["nat mix (hosts)"] == "none 3, full_cone 2, port_restricted 2, symmetric 2"
-    assert {k for k in s if k.endswith(": share via direct/punch/webrtc/relay")} == {
-        f"on: {k}: share via direct/punch/webrtc/relay"
+    assert {k for k in s if k.endswith(": share via direct/punch/quic/webrtc/relay")} == {
+        f"on: {k}: share via direct/punch/quic/webrtc/relay"
         for k in ("none", "full_cone", "port_restricted", "symmetric")}
     assert abs(sum(s[f"on: share via {p}"]
-                   for p in ("tcp", "tcp-punch", "webrtc", "relay")) - 1) < 1e-3
+                   for p in ("tcp", "tcp-punch", "quic", "webrtc", "relay")) - 1) < 1e-3
     assert s["on: share via tcp-punch"] > 0  # the cone pairs meet in a TCP punch
     again = run("nat-mix", overrides=SMALL_NAT | {"topology.hosts": 8})
     assert again.trace_hash == first.trace_hash and again.summary == s

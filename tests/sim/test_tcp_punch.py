@@ -2,7 +2,7 @@
 
 The NAT lab (tests/natlab/test_punch_nat.py, test_nodes.py) is the reference: cone/cone
 and full-cone/cone homes get the file over `tcp-punch`; full cone/symmetric falls back to
-WebRTC within the punch's budget; symmetric/symmetric goes through the relay. Here the
+QUIC (tests/sim/test_quic.py); symmetric/symmetric goes through the relay. Here the
 same pairs run with the real rendezvous server (STUN over TCP beside it) and real nodes on
 simulated hosts, and the punch's own pieces (`query_tcp_mapping`, `simultaneous_open`)
 over the simulated sockets.
@@ -11,14 +11,12 @@ over the simulated sockets.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from overlay.mail.inbox_state import InboxState
 from overlay.transports.punch import (
     PUNCH_BUDGET,
     Nomination,
@@ -27,7 +25,6 @@ from overlay.transports.punch import (
 )
 from overlay.transports.stream import Stream
 from rendezvous.stun import TcpMapping, query_tcp_mapping, serve_stun_tcp
-from sim.deploy import SimNode, deploy_rendezvous
 from sim.network.host import Host
 from sim.network.latency import FixedLatency
 from sim.network.nat import Filtering, Mapping, NatBehaviour
@@ -35,9 +32,8 @@ from sim.network.sockets import SimSocket
 from sim.simulation import Simulation
 from sim.trace import EventKind
 from tests.overlay.streams import check_stream
+from tests.sim.delivery import SIZE, deliver
 
-MB = 1_000_000
-SIZE = 1_000_000
 CONE = NatBehaviour.port_restricted_cone()  # the lab's EIM: masquerade
 FULL = NatBehaviour.full_cone()
 SYMMETRIC = NatBehaviour.symmetric()  # masquerade fully-random
@@ -275,79 +271,18 @@ def test_the_punch_retries_draw_their_jitter_from_the_run_not_the_process() -> N
     assert digests[0] == digests[1]
 
 
-def _deliver(tmp: Path, a: NatBehaviour, b: NatBehaviour
-             ) -> tuple[dict[str, int], float, bool]:
-    """alice (behind `a`) sends a file to bob (behind `b`): bob's bytes by path as its
-    `inbox --json` sources show them, the virtual seconds from send to complete, and
-    whether the bytes are equal."""
-    with Simulation(seed=1, latency=FixedLatency(0.02)) as sim:
-        rv = sim.add_host("rv")
-        ha = sim.add_host("alice", up=2.5 * MB, down=10 * MB, nat=a)
-        hb = sim.add_host("bob", up=2.5 * MB, down=10 * MB, nat=b)
-        tmp.mkdir(parents=True, exist_ok=True)
-        clip = tmp / "clip.bin"
-        clip.write_bytes(sim.rng_for("clip").randbytes(SIZE))
-
-        async def main() -> tuple[dict[str, int], float, bool]:
-            deployed = await deploy_rendezvous(sim, rv, "example.net")
-            alice = SimNode(sim, ha, tmp / "alice", "alice@example.net", deployed.address)
-            bob = SimNode(sim, hb, tmp / "bob", "bob@example.net", deployed.address)
-            for n in (alice, bob):
-                await n.init()
-                await n.start()
-            assert alice.node is not None and bob.node is not None
-            t0 = sim.now
-            await ha.create_task(alice.node.send(clip, ["bob@example.net"], "clip", ""))
-            async with asyncio.timeout(600):
-                (entry,) = await bob.wait_inbox(
-                    lambda es: bool(es) and es[0].state is InboxState.COMPLETE)
-            took = sim.now - t0
-            act = bob.node.downloads.active.get(entry.id)
-            paths: dict[str, int] = {}
-            for s in act.sources.values() if act else ():
-                view = s.as_dict()
-                paths[str(view["path"])] = paths.get(str(view["path"]), 0) + int(
-                    str(view["bytes"]))
-            same = Path(str(entry.path)).read_bytes() == clip.read_bytes()
-            for n in (alice, bob):
-                await n.stop()
-            await rv.create_task(deployed.server.aclose())
-            return paths, took, same
-
-        out = sim.run(main())
-        assert not sim.errors, sim.errors[:3]
-        return out
-
-
 @pytest.mark.parametrize(("a", "b"), [
     pytest.param(CONE, CONE, id="cone-cone"),
     pytest.param(FULL, CONE, id="fullcone-sender-cone-receiver"),
 ])
 def test_cone_nats_deliver_over_a_tcp_punch(tmp_path: Path, a: NatBehaviour,
                                            b: NatBehaviour) -> None:
-    paths, _, same = _deliver(tmp_path, a, b)
-    assert same
-    assert set(paths) == {"tcp-punch"} and paths["tcp-punch"] >= SIZE, paths
+    got = deliver(tmp_path, a, b)
+    assert got.same
+    assert set(got.paths) == {"tcp-punch"} and got.paths["tcp-punch"] >= SIZE, got.paths
 
 
 def test_two_symmetric_nats_deliver_through_the_relay(tmp_path: Path) -> None:
-    paths, _, same = _deliver(tmp_path, SYMMETRIC, SYMMETRIC)
-    assert same
-    assert set(paths) == {"relay"}, paths
-
-
-@pytest.mark.parametrize(("a", "b"), [
-    pytest.param(FULL, SYMMETRIC, id="fullcone-sender-symmetric-receiver"),
-    pytest.param(SYMMETRIC, FULL, id="symmetric-sender-fullcone-receiver"),
-])
-def test_a_pair_the_punch_cannot_join_falls_back_to_webrtc_in_time(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, a: NatBehaviour,
-        b: NatBehaviour) -> None:
-    caplog.set_level(logging.INFO, logger="overlay.transports.punch")
-    paths, took, same = _deliver(tmp_path, a, b)
-    assert same
-    assert set(paths) == {"webrtc"}, paths
-    # WebRTC starts when the punch has failed or had its budget; the lab allows 10 s more.
-    assert took < PUNCH_BUDGET + 10.0, took
-    # The punch was tried and failed (alice answered bob's offer; the SYNs never met).
-    assert "TCP punch from bob@example.net failed" in caplog.text
+    got = deliver(tmp_path, SYMMETRIC, SYMMETRIC)
+    assert got.same
+    assert set(got.paths) == {"relay"}, got.paths
