@@ -93,6 +93,10 @@ TIMER_FLOOR = 0.001
 IDLE_TIMEOUT = 15.0  # no packet from the peer for this long: it is gone
 KEEPALIVE = 4.0  # a PING from each end, so a stalled reader is not taken for a gone peer
 CLOSE_TIMEOUT = 2.0
+# aclose stops waiting for acknowledgements once the peer has sent nothing this long since
+# our FIN, which a live peer acknowledges within a round trip: a killed peer's stream closes
+# in this, not CLOSE_TIMEOUT (a download's retry waited on it).
+PEER_SILENT = 1.0
 WINDOW = 4 << 20  # bytes the peer's reader may have unconsumed from us
 HIGH_WATER = 4 << 20  # unsent bytes the connection may hold before send_all waits
 LOW_WATER = 1 << 20
@@ -186,6 +190,7 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
         self._timer_at: float | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._pings = 0
+        self._heard = self._loop.time()  # the last datagram from the peer
         self._init_receiver()
         self._received = 0  # data bytes the peer has sent us
         self._granted = 0  # the last total we told the peer
@@ -253,6 +258,7 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
         if (addr[0], addr[1]) != self.peer:
             self.strays += len(data)
             return
+        self._heard = self._loop.time()
         if not self._connected.done():  # a late punch probe is no QUIC packet (RFC 9000 17)
             data = [d for d in data if d and d[0] & _FIXED_BIT]
             if not data:
@@ -422,6 +428,21 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
             return 0
         return self._conn.get_send_buffer_size(self._data_out)
 
+    async def _wait_acked(self) -> None:
+        """Until the peer has acknowledged everything, CLOSE_TIMEOUT s have passed, or it
+        has sent nothing for PEER_SILENT s since the wait began."""
+        start = self._loop.time()
+        while not self._acked.is_set():
+            now = self._loop.time()
+            left = min(start + CLOSE_TIMEOUT, max(self._heard, start) + PEER_SILENT) - now
+            if left <= 0:
+                log.debug("quic %s: closed with data unacknowledged (nothing heard for "
+                          "%.1f s)", hostport(self.peer), now - self._heard)
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._acked.wait()
+
     def _all_acked(self) -> bool:
         conn = self._conn
         if conn is None or self._backlog():
@@ -495,9 +516,7 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
                     self._write(self._data_out, b"", end=True)
                 self._acked.clear()
                 self._transmit()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(CLOSE_TIMEOUT):
-                        await self._acked.wait()
+                await self._wait_acked()
                 self._close_connection("")
         finally:
             self._abort()

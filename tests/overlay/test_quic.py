@@ -31,6 +31,8 @@ from overlay.transports.quic import (
     encode_quic,
 )
 from overlay.transports.quic_stream import (
+    CLOSE_TIMEOUT,
+    PEER_SILENT,
     QuicPinError,
     QuicStream,
     ThrowawayCertificate,
@@ -274,6 +276,39 @@ async def test_a_peer_that_vanishes_breaks_the_stream(monkeypatch: pytest.Monkey
                 await reader
     finally:
         await a.aclose()
+        await b.aclose()
+
+
+async def test_closing_a_stream_to_a_vanished_peer_does_not_wait_for_its_acks() -> None:
+    """A downloader drops a source whose node was killed: aclose gives up on the
+    acknowledgements once the peer has been silent PEER_SILENT s, not after CLOSE_TIMEOUT
+    (the download's retry waited on it)."""
+    a, b = await _loopback_pair()
+    try:
+        b._transport.abort()  # gone without a word (its process killed)
+        await a.send_all(b"GET" * 100)  # in flight, never acknowledged
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await a.aclose()
+        assert PEER_SILENT <= loop.time() - t0 < CLOSE_TIMEOUT
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_closing_waits_until_a_live_peer_has_everything() -> None:
+    """The graceful close still holds for a live peer: every byte sent before aclose
+    arrives, then EOF."""
+    a, b = await _loopback_pair()
+    data = random.Random(8).randbytes(3 << 20)
+    try:
+        await asyncio.sleep(PEER_SILENT + 0.2)  # an idle pair is not a gone one
+        await a.send_all(data)
+        await a.aclose()
+        async with asyncio.timeout(10):
+            assert await receive_exactly(b, len(data)) == data
+            assert await b.receive_some() == b""
+    finally:
         await b.aclose()
 
 
