@@ -53,8 +53,9 @@ _NATED = {"fullcone": FULL, "cone": NatBehaviour.port_restricted_cone(), "symmet
 def test_without_the_punch_quic_joins_the_nated_pairs_ice_joins(
         tmp_path: Path, a: NatBehaviour, b: NatBehaviour) -> None:
     # QUIC's probes learn the peer's address as ICE's checks do (peer-reflexive), so it
-    # joins the pairs the NAT model's ICE run joins (EIM/EIM, full cone/symmetric; the NAT
-    # lab agrees) and the others go on to the relay (WebRTC can't join them either).
+    # joins the pairs the NAT model's ICE run joins (EIM/EIM, full cone/symmetric: what
+    # aiortc joined in the NAT lab, where QUIC joins full cone/symmetric too) and the
+    # others go on to the relay (WebRTC can't join them either).
     got = deliver(tmp_path, a, b, punch=False)
     assert got.same
     assert set(got.paths) == ({"quic"} if webrtc_possible(a, b) else {"relay"}), got.paths
