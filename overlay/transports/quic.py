@@ -242,7 +242,7 @@ async def meet(port: QuicPort, session: bytes, theirs: tuple[Address, ...], *,
     """Probe the peer's usable candidates until its first valid probe names its address
     (runs until then: bound it). A server goes on until the client's first datagram
     from there. The address, and (server) the datagrams to hand to QUIC."""
-    family = socket.AF_INET6 if ":" in port.local[0] else socket.AF_INET
+    family = _family(port.local[0])
     to = targets(port.mapped[0], theirs, family)
     if not to:
         raise QuicError("no candidate of the peer's address family")
@@ -267,6 +267,10 @@ async def meet(port: QuicPort, session: bytes, theirs: tuple[Address, ...], *,
 # A UDP port of the family given, on any local address, delivering to the protocol given;
 # OSError if none can be bound.
 UdpOpener = Callable[[asyncio.DatagramProtocol, int], Awaitable[asyncio.DatagramTransport]]
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _any_address(family: int) -> Address:
@@ -356,7 +360,7 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
         stun = self.settings.stun
         if stun is None:
             raise QuicError("our server runs no STUN")
-        family = socket.AF_INET6 if ":" in stun[0] else socket.AF_INET
+        family = _family(stun[0])
         prober = Prober(self._bad_probe)
         try:
             transport = await self.settings.open_udp(prober, family)
@@ -433,7 +437,7 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
 
 def _local_host(toward: Address) -> str:
     """Our address on the route to `toward` (a connected UDP socket sends nothing)."""
-    family = socket.AF_INET6 if ":" in toward[0] else socket.AF_INET
+    family = _family(toward[0])
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         try:
             s.connect(toward)

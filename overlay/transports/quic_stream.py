@@ -230,11 +230,11 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
             raise
         return self
 
-    def _handshake_done(self) -> None:
+    def _handshake_done(self, conn: QuicConnection) -> None:
         if self._connected.done():
             return
         if self._fingerprint is not None:
-            cert = self._conn.get_peercert() if self._conn is not None else None
+            cert = conn.get_peercert()
             seen = hashlib.sha256(cert.public_bytes()).hexdigest() if cert else "none"
             if seen != self._fingerprint.lower():
                 why = (f"the QUIC peer at {hostport(self.peer)} has certificate "
@@ -243,9 +243,8 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
                 self._lose(why)
                 self._close_connection("certificate not the one signalled")
                 return
-        assert self._conn is not None  # its event called us
         for want in (_DATA[self._is_client], _CREDIT_STREAM[self._is_client]):
-            if self._conn._open_stream(is_unidirectional=True) != want:  # qh3's own create_stream
+            if conn._open_stream(is_unidirectional=True) != want:  # qh3's own create_stream
                 raise AssertionError(f"qh3 did not open stream {want} first")
         self._connected.set_result(None)
         self._arm_keepalive()
@@ -307,7 +306,7 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
                 else:
                     self._violation(f"data on unexpected stream {event.stream_id}")
             elif isinstance(event, events.HandshakeCompleted):
-                self._handshake_done()
+                self._handshake_done(conn)
             elif isinstance(event, events.ConnectionTerminated):
                 why = event.reason_phrase or f"error code {event.error_code}"
                 self._lose(f"QUIC connection closed by the peer or timed out: {why}")
