@@ -1101,6 +1101,14 @@ async def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
     return 0
 
 
+def _reach_line(reach: dict[str, Any]) -> Text:
+    """`info`'s network row: whether a NAT stands in front, from the server's STUN."""
+    if reach["nat"] is None:
+        return _t("unknown: the server runs no STUN, or it did not answer")
+    where = "behind a NAT" if reach["nat"] else "directly reachable"
+    return _t(f"{where}: the server sees this node as {reach['seen_as']}")
+
+
 async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
     info = await _call(home, "ping")
     if args.json:
@@ -1119,6 +1127,9 @@ async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
     else:
         t.add_row("rendezvous", "connected" if info["connected"] else "[red]not connected[/]")
     t.add_row("direct transfers", _t(":".join(str(x) for x in info["listen"])))
+    if (reach := info.get("reach")) is not None:
+        t.add_row("network", _reach_line(reach))
+        t.add_row("paths to peers", _t(", ".join(reach["paths"])))
     if "inbox" in info:
         full = info["inbox"].get("full")
         t.add_row("inbox", _styled(_inbox_line(info["inbox"]), "bold red" if full else ""))

@@ -204,7 +204,7 @@ class Node:
             inbox=self.inbox, outbox=self.outbox, prefs=self.prefs, contacts=self.contacts,
             downloads=self.downloads, transfer=self.transfer,
             max_in_flight=self.options.max_in_flight, store=self.store,
-            withdraw=self.providers.withdraw)
+            withdraw=self.providers.withdraw, reach=self.reach_info)
         ops.rewithdraw()  # messages cancelled before a restart stay unserved
         self.control = ControlServer(self.home.control_path, ops.table())
         await self.control.start()
@@ -591,6 +591,15 @@ class Node:
             host = self.reach.local_ip or "" if self.reach else ""
         return {"addrs": [f"{host}:{port}"] if host else [],
                 "nat": bool(self.reach and self.reach.nat)}
+
+    def reach_info(self) -> dict[str, Any]:
+        """For `info`: whether a NAT stands in front of us (None: the server runs no STUN,
+        so we can't tell), the address the server sees us from, and the rungs we dial
+        peers over."""
+        seen = self.reach.mapped if self.reach is not None else None
+        return {"nat": self.reach.nat if self.reach is not None and seen else None,
+                "seen_as": f"{seen[0]}:{seen[1]}" if seen else None,
+                "paths": self.links.paths()}
 
     def direct_addresses(self) -> list[str]:
         return list(self._advertise()["addrs"])

@@ -79,7 +79,8 @@ class ControlOperations:
                  prefs: Prefs, contacts: Contacts, downloads: DownloadQueue,
                  transfer: TransferServer, max_in_flight: int,
                  store: ContentStore | None = None,
-                 withdraw: Callable[[bytes], Awaitable[None]] | None = None) -> None:
+                 withdraw: Callable[[bytes], Awaitable[None]] | None = None,
+                 reach: Callable[[], dict[str, Any]] | None = None) -> None:
         self.identity = identity
         self.address = address
         self.listen_addr = listen_addr
@@ -95,6 +96,7 @@ class ControlOperations:
         self.max_in_flight = max_in_flight
         self.store = store
         self.withdraw_announcement = withdraw  # the DHT's provider record of a content
+        self.reach = reach  # NAT, the address the server sees, the rungs we dial over
 
     def table(self) -> dict[str, Operation]:
         return {
@@ -124,7 +126,8 @@ class ControlOperations:
                 "refused": self.rendezvous.refused,
                 "mismatch": mismatch_state(self.rendezvous),
                 "counters": dict(self.incoming.counters),
-                "inbox": self.inbox_state()}
+                "inbox": self.inbox_state(),
+                **({"reach": self.reach()} if self.reach is not None else {})}
 
     def inbox_state(self) -> dict[str, Any]:
         n, limit = self.inbox.count(), self.inbox.max_entries

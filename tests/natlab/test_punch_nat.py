@@ -43,6 +43,11 @@ def test_cone_nats_deliver_over_a_tcp_punch(nat_net: MakeNet,  # noqa: F811 (the
     net = nat_net(h1, h2)
     alice, bob = _two_homes(net)
     clip = _file(tmp_path, "clip.bin", SIZE)
+    # `info` tells the user what STUN saw: the home router's public address, so a NAT.
+    reach = net.cli_json(alice, "info")["reach"]
+    assert reach["nat"] is True, reach
+    assert reach["seen_as"].startswith(net.lab.addr_of("r1") + ":"), reach
+    assert reach["paths"] == ["tcp", "tcp-punch", "quic", "webrtc", "relay"]
 
     mid = _send(net, alice, clip, bob)
     entry = _complete(net, bob, mid)
