@@ -107,15 +107,17 @@ class PunchSignalError(ValueError):
 
 
 def candidate(text: str) -> Address:
-    """A candidate from the wire: an IP literal and a usable port (DecodeError if not)."""
+    """A candidate from the wire: an IP literal and a usable port (DecodeError if not).
+    The host comes back in its canonical text (an IPv6 one compressed, lowercase), as the
+    kernel names the source of a packet: that is what the peer's probes are matched on."""
     host, port = parse_hostport(text, what="candidate")
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         raise DecodeError(f"candidate {text!r} is not an IP address") from None
     if not 0 < port < 65536:
         raise DecodeError(f"candidate {text!r} has no usable port")
-    return host, port
+    return str(ip), port
 
 
 def hostport(addr: Address) -> str:

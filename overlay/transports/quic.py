@@ -37,7 +37,9 @@ The socket is a UDP port a firewall must let out (as WebRTC's are); nothing list
 fixed port. `QuicSettings.open_udp` makes it: `kernel_udp` on a node (qh3's batched transport
 over a kernel socket), `loop_udp` in the simulator (the loop's `create_datagram_endpoint`,
 which there is a port on a simulated host, in virtual time); the rest runs the same over
-either.
+either. The port is IPv4 or IPv6, as the address of the server's STUN is (a host name is
+resolved first), and so are the candidates: a callee declines an offer with none of its
+family at once, naming both families, and a dialler fails as soon as an answer has none.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -245,7 +248,8 @@ async def meet(port: QuicPort, session: bytes, theirs: tuple[Address, ...], *,
     family = _family(port.local[0])
     to = targets(port.mapped[0], theirs, family)
     if not to:
-        raise QuicError("no candidate of the peer's address family")
+        raise QuicError(f"the peer's candidates are {_family_names(theirs)} only and our "
+                        f"UDP port is {_FAMILY_NAME[family]}: no address family in common")
     prober = port.prober
     prober.expect(session, {t[0] for t in to})
     while True:
@@ -271,6 +275,14 @@ UdpOpener = Callable[[asyncio.DatagramProtocol, int], Awaitable[asyncio.Datagram
 
 def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+_FAMILY_NAME: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+
+
+def _family_names(candidates: tuple[Address, ...]) -> str:
+    """The address families of `candidates`, for an error: "IPv4", "IPv6" or both."""
+    return " and ".join(sorted({_FAMILY_NAME[_family(c[0])] for c in candidates}))
 
 
 def _any_address(family: int) -> Address:
@@ -357,9 +369,13 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
         await self._send_reject(msg, encode_quic(QuicReject(session, reason)))
 
     async def _port(self) -> QuicPort:
-        stun = self.settings.stun
-        if stun is None:
+        named = self.settings.stun
+        if named is None:
             raise QuicError("our server runs no STUN")
+        try:
+            stun = await _resolve(named)
+        except OSError as exc:
+            raise QuicError(f"STUN at {hostport(named)}: {exc}") from None
         family = _family(stun[0])
         prober = Prober(self._bad_probe)
         try:
@@ -381,8 +397,29 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
             host = _local_host(stun)
         return QuicPort(transport, prober, mapped, (host, int(name[1])))
 
+    async def _no_common_family(self, theirs: tuple[Address, ...]) -> str | None:
+        """Why a port of ours could reach none of `theirs`, or None (also when our STUN
+        can't be resolved: `_port` says so)."""
+        if self.settings.stun is None:
+            return None
+        try:
+            ours = _family((await _resolve(self.settings.stun))[0])
+        except OSError:
+            return None
+        if any(_family(c[0]) == ours for c in theirs):
+            return None
+        return (f"the offer has {_family_names(theirs)} candidates only and this node's "
+                f"UDP port would be {_FAMILY_NAME[ours]}, as its server's STUN is")
+
     # --- accepting -------------------------------------------------------------------
     async def _answer(self, msg: PipeMessage, offer: QuicOffer) -> None:
+        if (why := await self._no_common_family(offer.candidates)) is not None:
+            # Our port would be of our STUN's family (one socket, one family): say so at
+            # once, not after a STUN query and an answer the dialer could not use.
+            self.stats.rejected += 1
+            log.info("QUIC offer from %s declined: %s", msg.sender, why)
+            await self._reject(msg, offer.session, why)
+            return
         if self._certificate is None:
             self._certificate = ThrowawayCertificate.make()
         cert = self._certificate
@@ -433,6 +470,26 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
             address, device, self.settings.budget, open_port,
             lambda session, port: encode_quic(QuicOffer(session, port.candidates)),
             connect, QuicError)
+
+
+def _literal_family(host: str) -> int | None:
+    """The family of an IP literal; None for a host name."""
+    try:
+        return _family(str(ipaddress.ip_address(host)))
+    except ValueError:
+        return None
+
+
+async def _resolve(stun: Address) -> Address:
+    """`stun` with an IP literal for its host: a server given by name may have an IPv6
+    address only, and our UDP port must be of the family STUN is reached over."""
+    if _literal_family(stun[0]) is not None:
+        return stun
+    infos = await asyncio.get_running_loop().getaddrinfo(stun[0], stun[1],
+                                                         type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"{stun[0]} has no address")
+    return str(infos[0][4][0]), int(infos[0][4][1])
 
 
 def _local_host(toward: Address) -> str:

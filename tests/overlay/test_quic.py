@@ -6,6 +6,7 @@ tests/natlab/test_quic_nat.py.)"""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import socket
 import time
@@ -49,17 +50,18 @@ ALICE, BOB = ("alice@x.net", b"a" * 20), ("bob@x.net", b"b" * 20)
 SESSION = b"s" * 16
 
 
-async def _udp() -> tuple[asyncio.DatagramTransport, tuple[str, int]]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    addr = sock.getsockname()
+async def _udp(host: str = "127.0.0.1") -> tuple[asyncio.DatagramTransport, tuple[str, int]]:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    addr = sock.getsockname()[:2]
     return await udp_transport(sock, asyncio.DatagramProtocol()), addr
 
 
-async def _loopback_pair(fingerprint: str | None = None) -> tuple[QuicStream, QuicStream]:
+async def _loopback_pair(fingerprint: str | None = None, host: str = "127.0.0.1"
+                         ) -> tuple[QuicStream, QuicStream]:
     """A client and a server QuicStream on two loopback sockets (no punch needed)."""
     cert = ThrowawayCertificate.make()
-    (tc, client_addr), (ts, server_addr) = await _udp(), await _udp()
+    (tc, client_addr), (ts, server_addr) = await _udp(host), await _udp(host)
     server, client = await asyncio.gather(
         QuicStream.open(ts, client_addr, quic_configuration(is_client=False,
                                                             certificate=cert)),
@@ -155,9 +157,12 @@ def test_bad_signals_are_refused_with_the_reason() -> None:
 
 
 @asynccontextmanager
-async def endpoints(*, bob: QuicSettings | None = None, budget: float = 3.0
+async def endpoints(*, bob: QuicSettings | None = None, budget: float = 3.0,
+                    host: str = "127.0.0.1",
                     ) -> AsyncIterator[tuple[QuicEndpoint, QuicEndpoint]]:
-    transport, stun = await serve_stun("127.0.0.1", 0, rate=1000, burst=1000)
+    """Alice and Bob on one PIPE hub, both asking a STUN served on `host` (unless `bob`
+    gives Bob's own settings)."""
+    transport, stun = await serve_stun(host, 0, rate=1000, burst=1000)
     hub = MemoryPipe()
     alice = QuicEndpoint(hub.sender(*ALICE), QuicSettings(stun, budget=budget))
     bob_ep = QuicEndpoint(hub.sender(*BOB), bob or QuicSettings(stun, budget=budget))
@@ -173,12 +178,29 @@ async def endpoints(*, bob: QuicSettings | None = None, budget: float = 3.0
         transport.close()
 
 
-async def test_two_endpoints_meet_and_carry_bytes_both_ways() -> None:
-    async with endpoints() as (alice, bob):
+def has_ipv6_loopback() -> bool:
+    """::1 can be bound here (a host or container may have IPv6 turned off)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+NEEDS_V6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no ::1 on this host")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=NEEDS_V6, id="ipv6")])
+async def test_two_endpoints_meet_and_carry_bytes_both_ways(host: str) -> None:
+    async with endpoints(host=host) as (alice, bob):
         dialled = await alice.dial(*BOB)
         accepted: Stream = await asyncio.wait_for(bob.accept(), 5)
         try:
             assert dialled.path == accepted.path == "quic"
+            for s in (dialled, accepted):  # the port and the peer of STUN's family
+                peer = (s.peer_address() or "").rpartition(":")[0].strip("[]")
+                assert ipaddress.ip_address(peer) in ipaddress.ip_network(host), peer
             await dialled.send_all(b"request")
             assert await receive_exactly(accepted, 7) == b"request"
             await accepted.send_all(b"reply")
