@@ -28,7 +28,7 @@ from overlay.transports.punch import PunchEndpoint, PunchSettings
 from overlay.transports.quic import QuicEndpoint, QuicSettings, UdpOpener, kernel_udp
 from overlay.transports.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
 from overlay.transports.relay import relay_accept, relay_dial
-from overlay.transports.signalling import PipeSender
+from overlay.transports.signalling import PipeSender, UnknownOffers
 from overlay.transports.stream import Stream, StreamClosed, StreamError
 from overlay.transports.webrtc import AiortcChannels, WebRtcEndpoint, WebRtcSettings
 from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient
@@ -75,6 +75,8 @@ class PeerLinks:
             webrtc_timeout=self.settings.answer_timeout + self.settings.connect_timeout,
             relay_timeout=RELAY_TIMEOUT)
         self._serving = TaskSet("node-serve", logger=log)  # one task per inbound stream
+        # An offer of a rung we don't know (a later release's) is answered 'unsupported'.
+        self.unknown = UnknownOffers(rendezvous)
 
     async def start(self) -> None:
         await self.rtc.start()
@@ -86,6 +88,7 @@ class PeerLinks:
     async def aclose(self) -> None:
         await self.punch.aclose()
         await self.quic.aclose()
+        await self.unknown.aclose()
         await self._serving.aclose()
         await self.rtc.aclose()
 
@@ -152,11 +155,11 @@ class PeerLinks:
                                 tls=self.rendezvous.tls, server_key=self.rendezvous.server_key)
 
     def feed(self, message: PipeMessage) -> bool:
-        """A PIPE message for punch, QUIC or WebRTC signalling; False if it is not
-        signalling."""
+        """A PIPE message for punch, QUIC or WebRTC signalling, or an offer of another rung
+        (answered 'unsupported'); False if it is not signalling."""
         self.follow_server()  # an offer is answered with the current server's STUN
         return (self.punch.feed(message) or self.quic.feed(message)
-                or self.rtc.feed(message))
+                or self.rtc.feed(message) or self.unknown.feed(message))
 
     def serve_relayed(self, invite: RelayInvite) -> None:
         """Join, in a task of our own, the relayed stream `invite` names, and serve it."""

@@ -3,9 +3,11 @@
 Served by the node's own event loop (rendezvous.metrics.MetricsHttp, aiohttp), from a
 `CollectorRegistry` of this node alone. The figures are read at scrape time from what the
 parts already count: the inbox's rows by state (node.db), the mail counters of
-IncomingMail, the download queue's counters and running downloads, the transfer server's
-counters (what this node serves), the DHT node's counters and table sizes, and whether
-the rendezvous session is up (also the health: 200 while connected, 503 otherwise).
+IncomingMail (with the PIPE messages dropped as not signalling), the offers of unknown
+rungs answered 'unsupported' (overlay.transports.signalling), the download queue's
+counters and running downloads, the transfer server's counters (what this node serves),
+the DHT node's counters and table sizes, and whether the rendezvous session is up (also
+the health: 200 while connected, 503 otherwise).
 
 Downloads are measured where they run, by `overlay.app.fetchmeter.FetchMeter` around
 the download queue's fetcher: attempts by outcome, bytes by path (tcp, webrtc, relay),
@@ -54,6 +56,10 @@ class NodeCollector(Collector):
         yield counter(p + "mail_events", "incoming mail by what happened to it", 0,
                       [({"event": k}, float(v))
                        for k, v in sorted({"received": 0, **node.incoming.counters}.items())])
+        yield counter(p + "unknown_offers", "PIPE offers of a rung this node does not know: "
+                      "answered 'unsupported', or dropped over the reply rate", 0,
+                      [({"event": k}, float(v)) for k, v in sorted(
+                          {"answered": 0, "limited": 0, **node.links.unknown.counters}.items())])
         yield gauge(p + "downloads_running", "download attempts running", meter.running)
         yield counter(p + "downloads", "download attempts by outcome", 0,
                       [({"outcome": k}, float(v)) for k, v in sorted(meter.outcomes.items())])

@@ -19,7 +19,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
-from overlay.transports.signalling import SESSION_LEN, PipeSender, Reject
+from overlay.transports.signalling import (
+    SESSION_LEN,
+    PipeSender,
+    Reject,
+    Unsupported,
+    decode_unsupported,
+)
 from overlay.transports.stream import Stream, StreamBroken, StreamClosed
 from rendezvous.messages import PipeMessage
 from rendezvous.taskset import TaskSet
@@ -75,17 +81,18 @@ class EndpointStats:
 
 @dataclass(slots=True)
 class PendingDial(Generic[Reply]):
-    """A dial waiting for the callee's answer or reject."""
+    """A dial waiting for the callee's answer, reject or `unsupported`."""
 
     address: str
     device: bytes
-    reply: asyncio.Future[Reply]
+    reply: asyncio.Future[Reply | Unsupported]
 
 
 class SignalledEndpoint(Generic[Offer, Reply]):
     """The common part of a PIPE-signalled endpoint (see the module docstring)."""
 
     NAME: ClassVar[str]  # in messages: "WebRTC", "TCP punch"
+    OFFER_TAG: ClassVar[str]  # its offer's tag: an `Unsupported` naming it is a reply
     TASKS: ClassVar[str]  # the prefix of its task names
     TOO_MANY_DIALS: ClassVar[str]  # the refusal when `max_dials` are in progress
 
@@ -128,9 +135,11 @@ class SignalledEndpoint(Generic[Offer, Reply]):
                offer: type[Offer]) -> bool:
         """`feed` for a rung whose `decode` gives its signal, None for another rung's
         payload (False: route it elsewhere), or raises ValueError for a malformed one
-        (dropped and counted)."""
+        (dropped and counted). An `Unsupported` naming our offer is a reply, as a Reject."""
         try:
-            sig = decode(msg.payload)
+            sig: Offer | Reply | Unsupported | None = decode(msg.payload)
+            if sig is None:
+                sig = decode_unsupported(msg.payload, self.OFFER_TAG)
         except ValueError as exc:
             self.stats.bad_signals += 1
             self._log.info("bad %s signal from %s: %s", self.NAME, msg.sender, exc)
@@ -140,7 +149,7 @@ class SignalledEndpoint(Generic[Offer, Reply]):
         if isinstance(sig, offer):
             self._on_offer(msg, sig.session, sig)
         else:
-            self._on_reply(msg, sig.session, cast(Reply, sig))
+            self._on_reply(msg, sig.session, cast(Reply | Unsupported, sig))
         return True
 
     async def _send_reject(self, msg: PipeMessage, payload: bytes) -> None:
@@ -152,7 +161,8 @@ class SignalledEndpoint(Generic[Offer, Reply]):
             self._log.info("could not send a %s reject to %s: %s", self.NAME, msg.sender,
                            exc)
 
-    def _on_reply(self, msg: PipeMessage, session: bytes, reply: Reply) -> None:
+    def _on_reply(self, msg: PipeMessage, session: bytes,
+                  reply: Reply | Unsupported) -> None:
         dial = self._dials.get(session)
         if dial is None or dial.address != msg.sender or dial.device != msg.sender_device:
             self.stats.bad_signals += 1  # late, duplicate, or not from the device we dialled
@@ -263,7 +273,7 @@ class SignalledEndpoint(Generic[Offer, Reply]):
                     raise error(f"could not send the offer to {address}: {exc}") from None
                 step.now = "an answer"
                 reply = await dial.reply
-                if isinstance(reply, Reject):
+                if isinstance(reply, Reject | Unsupported):
                     raise error(f"{address} declined: {reply.reason}")
                 step.now = "a connection"
                 stream = await connect(port, reply, session, step)

@@ -414,6 +414,7 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
     """Dials and accepts punched TCP streams for one device (see the module docstring)."""
 
     NAME = "TCP punch"
+    OFFER_TAG = PunchOffer.TAG
     TASKS = "punch"
     TOO_MANY_DIALS = "too many TCP punches in progress"
 

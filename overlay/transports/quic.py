@@ -30,8 +30,9 @@ probe or a lost Initial costs a probe interval or a retransmission, not the dial
 The peer's candidates are IP literals only (at most MAX_CANDIDATES); offers are bounded
 (`max_incoming`), answers are taken only from the device dialled, bad payloads are dropped and
 counted. A node with QUIC turned off (`QuicSettings.enabled`) rejects offers at once (the
-dialer goes on to WebRTC without waiting); a node of the earlier protocol drops an unknown
-PIPE payload without a word, so the dialer waits out `budget`.
+dialer goes on to WebRTC without waiting), as a node that knows no QUIC rung answers
+`unsupported` (signalling.py); one of a release before that drops an unknown PIPE payload
+without a word, so the dialer waits out `budget`.
 
 The socket is a UDP port a firewall must let out (as WebRTC's are); nothing listens on a
 fixed port. `QuicSettings.open_udp` makes it: `kernel_udp` on a node (qh3's batched transport
@@ -330,6 +331,7 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
     docstring)."""
 
     NAME = "QUIC"
+    OFFER_TAG = QuicOffer.TAG
     TASKS = "quic"
     TOO_MANY_DIALS = "too many QUIC dials in progress"
 

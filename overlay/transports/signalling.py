@@ -1,4 +1,15 @@
-"""WebRTC signalling messages carried in rendezvous PIPE payloads.
+"""Signalling carried in rendezvous PIPE payloads: WebRTC's messages, and what every rung's
+messages share.
+
+Every rung that signals over PIPE (the TCP punch, QUIC, WebRTC, and any a later release
+adds) opens with an offer by one convention: a msgpack map whose string tag "t" ends in
+"-offer" (at most MAX_TAG characters) and whose "s" is the dial session, 16 bytes. A node
+that gets such an offer of a rung it does not know answers it with `Unsupported` (tag
+"unsupported", the session, and the offer's tag as "of"), and the dialler goes on to its
+next rung at once instead of waiting out this one's budget (`UnknownOffers` sends it; each
+rung's dial fails on it with "declined: the peer does not know ..."). Nothing else is ever
+answered so: not an `unsupported`, not an answer, not a payload of another shape, so two
+nodes cannot bounce replies off each other.
 
 Three messages, each naming a dial session (16 random bytes chosen by the dialer):
 `Offer` and `Answer` carry an SDP (complete, with every ICE candidate: aiortc does not
@@ -13,19 +24,29 @@ with the same `pipe()` call `RendezvousClient` offers.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from crypto.codec import Fields, packb, unpackb
 from crypto.errors import DecodeError
+from rendezvous.limits import TokenBucket
 from rendezvous.messages import PipeMessage
+from rendezvous.taskset import TaskSet
+
+log = logging.getLogger(__name__)
 
 MAX_SIGNAL = 16 * 1024
 MAX_SDP = 64 * 1024  # after inflating
 SESSION_LEN = 16
 MAX_REASON = 200
+MAX_TAG = 32
+OFFER_SUFFIX = "-offer"
+UNSUPPORTED_RATE = 10.0  # `unsupported` replies a second, and as many at once
 
 
 class SignalError(ValueError):
@@ -132,7 +153,7 @@ def encode_signal(sig: Signal) -> bytes:
 def signal_tag(payload: bytes) -> str | None:
     """The tag of a PIPE payload if it is a msgpack map naming a WebRTC signal, else None."""
     try:
-        tag = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), "signal").str("t", max_len=32)
+        tag = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), "signal").str("t", max_len=MAX_TAG)
     except DecodeError:
         return None
     return tag if tag in SIGNALS else None
@@ -142,12 +163,121 @@ def decode_signal(payload: bytes) -> Signal:
     """Check one PIPE payload into a signal; SignalError says what is wrong."""
     try:
         f = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), "signal")
-        decode = SIGNALS.get(f.str("t", max_len=32))
+        decode = SIGNALS.get(f.str("t", max_len=MAX_TAG))
         if decode is None:
             raise SignalError("not a WebRTC signal")
         return decode(f)
     except DecodeError as exc:
         raise SignalError(str(exc)) from None
+
+
+def _is_offer_tag(tag: str) -> bool:
+    return len(tag) > len(OFFER_SUFFIX) and tag.endswith(OFFER_SUFFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class Unsupported:
+    """The reply to an offer of a rung the callee does not know: `offer` is its tag. Any
+    rung's dial fails on it at once with `reason` (see the module docstring)."""
+
+    TAG: ClassVar[str] = "unsupported"
+    session: bytes
+    offer: str
+
+    @property
+    def reason(self) -> str:
+        return f"the peer does not know {self.offer}"
+
+    def fields(self) -> dict[str, Any]:
+        return {"s": self.session, "of": self.offer}
+
+    @classmethod
+    def decode(cls, f: Fields) -> Self:
+        offer = f.str("of", max_len=MAX_TAG)
+        if not _is_offer_tag(offer):
+            raise DecodeError(f"unsupported.of: {offer!r} is not an offer's tag")
+        return cls(f.bytes("s", size=SESSION_LEN), offer)
+
+
+def encode_unsupported(sig: Unsupported) -> bytes:
+    """The PIPE payload for `sig`."""
+    return packb({**sig.fields(), "t": sig.TAG})
+
+
+def decode_unsupported(payload: bytes, offer: str) -> Unsupported | None:
+    """The `unsupported` reply to an offer tagged `offer` a PIPE payload carries: None if
+    it is none, or the reply to another rung's offer (route it elsewhere); SignalError if
+    it is one but malformed."""
+    try:
+        f = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), "unsupported")
+        if (f.str("t", max_len=MAX_TAG) != Unsupported.TAG
+                or f.str("of", max_len=MAX_TAG) != offer):
+            return None
+    except DecodeError:
+        return None
+    try:
+        return Unsupported.decode(f)
+    except DecodeError as exc:
+        raise SignalError(str(exc)) from None
+
+
+def offered(payload: bytes) -> tuple[str, bytes] | None:
+    """The tag and session of a PIPE payload that is an offer by the convention of the
+    module docstring, whichever rung's; None for anything else."""
+    try:
+        f = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), "offer")
+        tag, session = f.str("t", max_len=MAX_TAG), f.bytes("s", size=SESSION_LEN)
+    except DecodeError:
+        return None
+    return (tag, session) if _is_offer_tag(tag) else None
+
+
+class UnknownOffers:
+    """Answers each offer no rung of ours claimed with `Unsupported`, PIPEd back to the
+    device that sent it (see the module docstring). At most `rate` replies a second (and as
+    many at once): a flood of junk offers must not spend our own PIPE rate at the server;
+    the rest are dropped. `counters`: "answered", "limited" (dropped over the rate)."""
+
+    def __init__(self, pipe: PipeSender, *, rate: float = UNSUPPORTED_RATE) -> None:
+        self.counters: Counter[str] = Counter()
+        self._pipe = pipe
+        self._rate = rate
+        self._bucket: TokenBucket | None = None  # made at the first offer, on the loop's clock
+        # Each send is bounded by the client's request timeout; this bounds how many wait.
+        self._tasks = TaskSet("unsupported", limit=max(1, int(2 * rate)), logger=log)
+
+    def feed(self, msg: PipeMessage) -> bool:
+        """Answer `msg` if it is an offer by the convention (True, also when it is over the
+        rate or we are closing); False for anything else."""
+        offer = offered(msg.payload)
+        if offer is None:
+            return False
+        if self._tasks.closed:
+            return True
+        tag, session = offer
+        now = asyncio.get_running_loop().time()
+        if self._bucket is None:
+            self._bucket = TokenBucket(self._rate, self._rate, now)
+        if not self._bucket.take(1, now) or self._tasks.spawn(
+                self._reply(msg, Unsupported(session, tag)),
+                name=f"unsupported {msg.sender}") is None:
+            self.counters["limited"] += 1
+            return True
+        self.counters["answered"] += 1
+        log.info("a %s from %s answered 'unsupported': no rung of ours takes it", tag,
+                 msg.sender)
+        return True
+
+    async def _reply(self, msg: PipeMessage, sig: Unsupported) -> None:
+        try:
+            await self._pipe.pipe(msg.sender, encode_unsupported(sig),
+                                  device=msg.sender_device)
+        except Exception as exc:  # a courtesy: without it the dialler waits out its budget
+            log.info("could not send 'unsupported' to %s: %s", msg.sender, exc)
+
+    async def aclose(self) -> None:
+        """Stop answering; cancel the replies still being sent."""
+        await self._tasks.aclose()
 
 
 T = TypeVar("T")
@@ -160,7 +290,7 @@ def decode_tagged(payload: bytes, table: Mapping[str, Callable[[Fields], T]], wh
     one but malformed. (The TCP punch's and QUIC's signals; WebRTC's are `decode_signal`.)"""
     try:
         f = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), what)
-        decode = table.get(f.str("t", max_len=32))
+        decode = table.get(f.str("t", max_len=MAX_TAG))
     except DecodeError:
         return None
     if decode is None:

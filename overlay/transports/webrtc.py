@@ -47,7 +47,7 @@ from overlay.transports.signalling import (
     PipeSender,
     Reject,
     Signal,
-    SignalError,
+    Unsupported,
     decode_signal,
     encode_signal,
     signal_tag,
@@ -99,6 +99,12 @@ def _check_offer(text: str) -> None:
     if (media.ice is None or not media.ice.usernameFragment
             or media.dtls is None or not media.dtls.fingerprints):
         raise ValueError("no ICE credentials or DTLS fingerprint")
+
+
+def _decode_rtc(payload: bytes) -> Signal | None:
+    """The WebRTC signal a PIPE payload carries; None if it names none, SignalError if it
+    does but is malformed."""
+    return decode_signal(payload) if signal_tag(payload) is not None else None
 
 
 def _describe(pc: RTCPeerConnection) -> str:
@@ -246,6 +252,7 @@ class WebRtcEndpoint(SignalledEndpoint[Offer, Answer | Reject]):
     """
 
     NAME = "WebRTC"
+    OFFER_TAG = Offer.TAG
     TASKS = "webrtc"
     TOO_MANY_DIALS = "too many WebRTC dials in progress"
 
@@ -282,22 +289,7 @@ class WebRtcEndpoint(SignalledEndpoint[Offer, Answer | Reject]):
     # --- signalling in ---------------------------------------------------------------
     def feed(self, msg: PipeMessage) -> bool:
         """Handle one PIPE push. False if it is not a WebRTC signal (route it elsewhere)."""
-        if signal_tag(msg.payload) is None:
-            return False
-        try:
-            sig = decode_signal(msg.payload)
-        except SignalError as exc:
-            self.stats.bad_signals += 1
-            log.info("bad WebRTC signal from %s: %s", msg.sender, exc)
-            return True
-        self._on_signal(msg, sig)
-        return True
-
-    def _on_signal(self, msg: PipeMessage, sig: Signal) -> None:
-        if isinstance(sig, Offer):
-            self._on_offer(msg, sig.session, sig)
-        else:
-            self._on_reply(msg, sig.session, sig)
+        return self._route(msg, _decode_rtc, Offer)
 
     async def _reject(self, msg: PipeMessage, session: bytes, reason: str) -> None:
         await self._send(msg.sender, msg.sender_device, Reject(session, reason))
@@ -378,7 +370,7 @@ class WebRtcEndpoint(SignalledEndpoint[Offer, Answer | Reject]):
             except TimeoutError:
                 raise WebRtcConnectError(
                     f"{address} did not answer within {s.answer_timeout} s") from None
-            if isinstance(reply, Reject):
+            if isinstance(reply, Reject | Unsupported):
                 raise WebRtcConnectError(f"{address} declined: {reply.reason}")
             try:
                 await negotiation.complete(reply.sdp)

@@ -26,7 +26,14 @@ from overlay.transfer import frames as tf
 from overlay.transfer.core import Role, TransferConnection
 from overlay.transports.punch import PunchAnswer, PunchOffer, PunchReject, encode_punch
 from overlay.transports.quic import QuicAnswer, QuicOffer, QuicReject, encode_quic
-from overlay.transports.signalling import Answer, Offer, Reject, encode_signal
+from overlay.transports.signalling import (
+    Answer,
+    Offer,
+    Reject,
+    Unsupported,
+    encode_signal,
+    encode_unsupported,
+)
 from rendezvous import messages as rv
 from rendezvous.framing import encode_frame
 from rendezvous.records import Envelope
@@ -174,6 +181,9 @@ def _misc() -> dict[str, list[tuple[str, bytes]]]:
                                                         ("192.168.1.9", 40000))))),
             ("answer", encode_quic(QuicAnswer(b"s" * 16, (("2001:db8::7", 4000),), "0f" * 32))),
             ("reject", encode_quic(QuicReject(b"s" * 16, "QUIC is turned off")))],
+        "unsupported": [
+            ("reply", encode_unsupported(Unsupported(b"s" * 16, "zz-offer"))),
+            ("offer", packb({"t": "zz-offer", "s": b"s" * 16, "c": ["203.0.113.5:4000"]}))],
         "receipt": [("valid", Receipt(MID, "downloaded", 1_700_000_000).encode())],
         "node_config": [("valid", cfg.to_json().encode())],
         "control_request": [

@@ -45,7 +45,13 @@ from overlay.transfer.frames import Message as TransferMessage
 from overlay.transfer.frames import decode_header
 from overlay.transports.punch import PunchSignalError, decode_punch, encode_punch
 from overlay.transports.quic import QuicSignalError, decode_quic, encode_quic
-from overlay.transports.signalling import SignalError, decode_signal
+from overlay.transports.signalling import (
+    SignalError,
+    decode_signal,
+    decode_unsupported,
+    encode_unsupported,
+    offered,
+)
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.framing import FrameDecoder
 from rendezvous.messages import (
@@ -428,6 +434,22 @@ def quic_signal(data: bytes) -> None:
         assert decode_quic(encode_quic(sig)) == sig, sig
 
 
+def unsupported(data: bytes) -> None:
+    """offered: None, or an offer's tag (ending in -offer) and 16-byte session;
+    decode_unsupported for each rung's offer and an unknown one: None, SignalError, or the
+    reply naming that offer, which encodes to bytes that decode back to it."""
+    offer = offered(data)
+    if offer is not None:
+        assert offer[0].endswith("-offer") and len(offer[1]) == 16, offer
+    for of in ("punch-offer", "quic-offer", "rtc-offer", "zz-offer"):
+        try:
+            sig = decode_unsupported(data, of)
+        except SignalError:
+            continue
+        if sig is not None:
+            assert sig.offer == of and decode_unsupported(encode_unsupported(sig), of) == sig
+
+
 def receipt(data: bytes) -> None:
     try:
         Receipt.decode(data)
@@ -500,6 +522,7 @@ TARGETS: dict[str, Target] = {
     "signal": signal,
     "punch_signal": punch_signal,
     "quic_signal": quic_signal,
+    "unsupported": unsupported,
     "receipt": receipt,
     "node_config": node_config,
     "control_request": control_request,

@@ -22,7 +22,7 @@ from overlay.mail.receipts import Receipt
 from overlay.transfer.frames import decode_header
 from overlay.transports.punch import decode_punch
 from overlay.transports.quic import decode_quic
-from overlay.transports.signalling import decode_signal
+from overlay.transports.signalling import decode_signal, decode_unsupported
 from rendezvous.messages import decode_request, decode_server_message
 from tests.fuzz.driver import CORPUS, REPO, fuzz
 from tests.fuzz.seeds import seeds
@@ -61,6 +61,7 @@ _ACCEPT: dict[str, Callable[[bytes], object]] = {
     "signal": decode_signal,
     "punch_signal": decode_punch,
     "quic_signal": decode_quic,
+    "unsupported": lambda d: decode_unsupported(d, "zz-offer"),
     "receipt": Receipt.decode,
     "identity_file": lambda d: DeviceIdentity.from_json(d.decode()),
     "node_config": lambda d: NodeConfig.from_json(d.decode()),
