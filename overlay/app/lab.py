@@ -214,7 +214,8 @@ class LocalNetwork:
     def server_hostport(self) -> str:
         if self.server_addr is None:
             raise LabError("the server has not been started")
-        return f"{self.server_addr[0]}:{self.server_addr[1]}"
+        host, port = self.server_addr
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def cli(self, node: NodeHandle, *args: str, timeout: float = 120.0,
             check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -67,13 +67,13 @@ class LabNetwork(LocalNetwork):
         return self.server_addr
 
     def add_node(self, name: str, host: str = "h1", *,  # type: ignore[override]
-                 extra: list[str] | None = None) -> NodeHandle:
-        """`peerpost init` inside `host` (registers NAME@example.net), listening on any
-        address and port, as a real install does."""
+                 extra: list[str] | None = None, listen: str = "0.0.0.0:0") -> NodeHandle:
+        """`peerpost init` inside `host` (registers NAME@example.net), listening on
+        `listen`: any address and port by default, as a real install does."""
         node = NodeHandle(name, f"{name}@{self.domain}", self.root / name, extra=extra or [])
         self.hosts[name] = host
         argv = [_script("peerpost"), "--home", str(node.home), "init", "--address",
-                node.address, "--server", self.server_hostport, "--listen", "0.0.0.0:0"]
+                node.address, "--server", self.server_hostport, "--listen", listen]
         res = self.lab.exec(host, argv, timeout=60, env=self.env)
         if res.returncode != 0:
             raise LabError(f"`peerpost init` for {name} in {host} exited {res.returncode}: "

@@ -15,7 +15,7 @@ from typing import Self
 
 import pytest
 
-from overlay.app.lab import LabError, NodeHandle, _script
+from overlay.app.lab import NodeHandle, _script
 from tests.natlab.lab import NatLab
 from tests.natlab.nodes import _LISTENING, LabNetwork
 from tests.natlab.test_nodes import _complete, _digest, _file, _paths, _send, _server_stats
@@ -74,19 +74,10 @@ class Ipv6Network(LabNetwork):
         return self.server_addr
 
     def add_node(self, name: str, host: str = HOST, *,
-                 extra: list[str] | None = None) -> NodeHandle:
-        node = NodeHandle(name, f"{name}@{self.domain}", self.root / name,
-                          extra=["--web", "[::1]:0", *(extra or [])])
-        self.hosts[name] = host
-        argv = [_script("peerpost"), "--home", str(node.home), "init", "--address",
-                node.address, "--server", f"[::1]:{self.services[''][1]}",
-                "--listen", "[::1]:0"]
-        res = self.lab.exec(host, argv, timeout=60, env=self.env)
-        if res.returncode != 0:
-            raise LabError(f"`peerpost init` for {name} exited {res.returncode}: "
-                           f"{res.stderr.strip() or res.stdout.strip()}")
-        self.nodes[name] = node
-        return node
+                 extra: list[str] | None = None, listen: str = "[::1]:0") -> NodeHandle:
+        """`peerpost init` as in the NAT lab, on ::1 (the web inbox too)."""
+        return super().add_node(name, host, extra=["--web", "[::1]:0", *(extra or [])],
+                                listen=listen)
 
 
 def test_a_file_comes_over_quic_on_an_ipv6_only_host(
