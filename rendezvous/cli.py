@@ -272,7 +272,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="how often DATA/stats.json is written")
     s.add_argument("--stun-port", type=service_port, metavar="N|off",
                    help="answer STUN on this UDP port (default: the --listen port, UDP; "
-                        "0: any free port; off: no STUN)")
+                        "0: any free port; off: no STUN); rate-limited per client IP address "
+                        "or IPv6 /64")
     s.add_argument("--dht-port", type=service_port, metavar="N|off",
                    help="run the DHT bootstrap node on this UDP port (default: the --listen "
                         "port + 1; 0: any free port; off: no DHT node, and nodes then find "
@@ -290,8 +291,8 @@ def _parser() -> argparse.ArgumentParser:
                    default=_DEFAULTS.sessions_per_account, metavar="N",
                    help="live sessions per account (0: no cap; default %(default)s)")
     s.add_argument("--sessions-per-ip", type=_count, default=_DEFAULTS.sessions_per_ip,
-                   metavar="N", help="live sessions per client IP address "
-                                     "(0: no cap; default %(default)s)")
+                   metavar="N", help="live sessions per client IP address, an IPv6 "
+                                     "client's per /64 (0: no cap; default %(default)s)")
     s.add_argument("--push-buffer-total", type=_count, default=_DEFAULTS.push_buffer_total,
                    metavar="BYTES", help="unsent push bytes of all sessions together; over "
                                          "it the slowest readers are dropped "

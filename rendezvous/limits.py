@@ -2,10 +2,14 @@
 
 Everything that grows with outside input has a bound here.
 `TokenBucket` takes `now` from its caller, so tests and the simulator drive its clock.
+`source_key` is what every per-address limit (STUN, sessions, the DHT, transfer sessions)
+counts a source under, and `SourceLimiter` the bounded table of buckets per source.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from rendezvous.framing import DEFAULT_MAX_FRAME
@@ -133,3 +137,82 @@ class TokenBucket:
             return float("inf")
         wait = -self._tokens / self.rate
         return wait if wait >= MIN_WAIT else 0.0
+
+
+V6_PREFIX = 64  # bits of an IPv6 source that a per-address limit counts as one source
+
+
+def source_key(host: str) -> str:
+    """The key a per-address limit counts the source `host` (an IP literal) under.
+
+    An IPv4 address is itself. An IPv6 address counts as its /64: an end site gets a /64 at
+    the least (RFC 6177; a home line, a cheap VPS or a phone usually gets a whole one) and
+    picks any address in it at will (RFC 4941, RFC 8981), so a limit per IPv6 address would
+    be multiplied by 2^64 for anyone who takes a fresh source address per request, and a
+    flood through fresh addresses could evict everyone else from a bounded table. One /64
+    is roughly what one public IPv4 address is: one household or one host. An IPv4-mapped
+    address (`::ffff:192.0.2.1`, what a dual-stack socket reports for an IPv4 peer) is the
+    IPv4 address, or every IPv4 client would share `::ffff:0:0/64`. `[brackets]` are
+    removed; a zone (`fe80::1%eth0`) stays in the key, since two links are two networks.
+    Text that is not an IP literal (a host name, HOST:PORT) raises ValueError.
+    """
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"not an IP address: {host!r}") from None
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    net = ipaddress.IPv6Network((int(ip) >> (128 - V6_PREFIX) << (128 - V6_PREFIX),
+                                 V6_PREFIX))
+    return f"{net}%{ip.scope_id}" if ip.scope_id else str(net)
+
+
+def source_of(host: str) -> str:
+    """`source_key(host)`, or `host` itself where it is no IP literal (a Unix socket's empty
+    peer name): a limit counts every source somewhere, and a peer we can't place is one."""
+    try:
+        return source_key(host)
+    except ValueError:
+        return host
+
+
+def source_label(key: str) -> str:
+    """How an error text addressed to the source names what `source_key` gave `key` for."""
+    return "your network (IPv6 /64)" if "/" in key else "your IP address"
+
+
+class SourceLimiter:
+    """`allow(host, now)`: whether one more request from `host` (an IP literal) is within
+    its source's token bucket (`rate` per second, `burst`), keyed by `source_key`.
+
+    The table keeps the `max_sources` most recently heard sources; the least recently heard
+    one makes way for a new one, so a flood from many (spoofed) sources costs memory up to
+    the bound and at worst hands an evicted source a fresh burst, which errs towards
+    answering.
+    """
+
+    def __init__(self, rate: float, burst: float, max_sources: int) -> None:
+        if max_sources < 1:
+            raise ValueError("max_sources must be at least 1")
+        self.rate = rate
+        self.burst = burst
+        self.max_sources = max_sources
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, host: str, now: float) -> bool:
+        """Spend one token of `host`'s source; whether there was one."""
+        key = source_of(host)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_sources:
+                self._buckets.popitem(last=False)
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+        else:
+            self._buckets.move_to_end(key)
+        return bucket.take(1.0, now)

@@ -25,11 +25,12 @@ injected `clock` (default `time.time`); rate limits and timers use the running l
 
 Bounds on sessions and pushes (`Limits`): at most `sessions_per_device`,
 `sessions_per_account` and `sessions_per_ip` live sessions (relay connections don't
-count; they have their own caps); the AUTHORIZATION over a cap is refused with 429 and
-the cap in the text. A reader that lets more than `Limits.max_push_buffer` bytes pile up
-is disconnected, and so are the readers with the most unsent bytes while all sessions
-together have more than `push_buffer_total` unsent (`slow_readers_dropped` counts both);
-their envelopes stay queued for their next session.
+count; they have their own caps; an IPv6 client counts per /64, `limits.source_key`); the
+AUTHORIZATION over a cap is refused with 429 and the cap in the text. A reader that lets
+more than `Limits.max_push_buffer` bytes pile up is disconnected, and so are the readers
+with the most unsent bytes while all sessions together have more than `push_buffer_total`
+unsent (`slow_readers_dropped` counts both); their envelopes stay queued for their next
+session.
 
 FINGER and privacy: anyone may learn an address's device keys (SEND needs them), but
 presence, last seen and reachability (the advertisement: addresses, NAT) go only to an
@@ -122,7 +123,7 @@ from rendezvous.domainkey import DomainKey
 from rendezvous.errors import is_disk_full
 from rendezvous.federation import Federation
 from rendezvous.instances import InstanceBus, LocalBus
-from rendezvous.limits import Limits, TokenBucket
+from rendezvous.limits import Limits, TokenBucket, source_label, source_of
 from rendezvous.logfmt import kv
 from rendezvous.messages import (
     NONCE_LEN,
@@ -193,7 +194,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = ("_drained", "_flush_scheduled", "_last_bad", "_timer", "_timer_at",
                  "client_nonce", "core", "flush_hi", "flushed", "loop", "peer", "read_paused",
-                 "server", "side", "splice", "transport", "write_paused")
+                 "server", "side", "source", "splice", "transport", "write_paused")
 
     def __init__(self, server: RendezvousServer) -> None:
         self.server = server
@@ -205,6 +206,7 @@ class _Connection(asyncio.Protocol):
         self.splice: Splice | None = None  # set once this relay connection is spliced
         self.side = 0
         self.peer = "?"
+        self.source = "?"  # what per-address limits count it under (`source_of`)
         self.flush_hi = 0
         # Seqs <= flush_hi pushed to this session, kept for a while when the domain has
         # several instances (their envelopes may commit after `hi` with a smaller seq).
@@ -225,6 +227,7 @@ class _Connection(asyncio.Protocol):
         try:
             addr = transport.get_extra_info("peername")
             self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            self.source = source_of(str(addr[0])) if isinstance(addr, tuple) else self.peer
             self.server._attach(self)
             self._pump()
         except Exception as exc:
@@ -711,10 +714,6 @@ class RendezvousServer:
                     self._spawn(self._touch(peer_id))
 
     # --- bounds on sessions and unsent pushes ------------------------------------------
-    @staticmethod
-    def _ip_of(conn: _Connection) -> str:
-        return conn.peer.rsplit(":", 1)[0]
-
     def _session_refusal(self, conn: _Connection, address: str, peer_id: bytes) -> str | None:
         """Why one more live session for this device, account and IP is refused (or None)."""
         lim = self.limits
@@ -724,9 +723,9 @@ class RendezvousServer:
         n = self._account_sessions.get(address, 0)
         if lim.sessions_per_account and n >= lim.sessions_per_account:
             return f"{address} already has {n} sessions, the limit; close one first"
-        n = self._ip_sessions.get(self._ip_of(conn), 0)
+        n = self._ip_sessions.get(conn.source, 0)
         if lim.sessions_per_ip and n >= lim.sessions_per_ip:
-            return f"{n} sessions are already open from your IP address, the limit"
+            return f"{n} sessions are already open from {source_label(conn.source)}, the limit"
         return None
 
     def _end_replaced(self, conn: _Connection, peer_id: bytes, nonce: bytes) -> None:
@@ -745,7 +744,7 @@ class RendezvousServer:
 
     def _count_session(self, conn: _Connection, delta: int) -> None:
         for counts, key in ((self._account_sessions, conn.core.address or ""),
-                            (self._ip_sessions, self._ip_of(conn))):
+                            (self._ip_sessions, conn.source)):
             left = counts.get(key, 0) + delta
             if left > 0:
                 counts[key] = left

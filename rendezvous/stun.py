@@ -5,7 +5,8 @@ at their own server's STUN port and never at a public default. Three layers:
 
 - a codec (`binding_request`, `parse_binding_response`) shared by server and client;
 - `StunResponder`, the sans-I/O core: `datagram_received(data, addr, now)` returns the
-  reply bytes or None, after a per-source-IP token bucket (a flood is dropped and counted);
+  reply bytes or None, after a token bucket per source IPv4 address or IPv6 /64 (a flood
+  is dropped and counted);
 - asyncio adapters: `serve_stun()` (the server) and `query_mapping()` (a client that asks
   several servers from one local socket: the NAT lab uses it to tell an endpoint-
   independent mapping from a symmetric one);
@@ -23,7 +24,6 @@ Requests without the magic cookie (RFC 3489 clients) are dropped.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import ipaddress
 import os
@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from rendezvous.limits import TokenBucket
+from rendezvous.limits import SourceLimiter
 
 MAGIC_COOKIE = 0x2112A442
 BINDING_REQUEST = 0x0001
@@ -170,7 +170,8 @@ class StunStats:
 
 
 class StunResponder:
-    """Sans-I/O Binding responder with a per-source-IP token bucket.
+    """Sans-I/O Binding responder with a token bucket per source (an IPv4 address or an
+    IPv6 /64, `rendezvous.limits.source_key`).
 
     The bucket table is an LRU bounded by `max_sources`; evicting an idle source only
     forgets how much of its burst it had spent, which errs towards answering.
@@ -184,22 +185,13 @@ class StunResponder:
         self.burst = burst
         self.max_sources = max_sources
         self.stats = StunStats()
-        self._buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
-
-    def _allow(self, host: str, now: float) -> bool:
-        bucket = self._buckets.get(host)
-        if bucket is None:
-            if len(self._buckets) >= self.max_sources:
-                self._buckets.popitem(last=False)
-            bucket = self._buckets[host] = TokenBucket(self.rate, self.burst, now)
-        else:
-            self._buckets.move_to_end(host)
-        self.stats.sources = len(self._buckets)
-        return bucket.take(1, now)
+        self._sources = SourceLimiter(rate, burst, max_sources)
 
     def datagram_received(self, data: bytes, addr: Address, now: float) -> bytes | None:
         """The reply to send back to `addr`, or None to drop the datagram."""
-        if not self._allow(addr[0], now):
+        allowed = self._sources.allow(addr[0], now)
+        self.stats.sources = len(self._sources)
+        if not allowed:
             self.stats.rate_limited += 1
             return None
         try:
@@ -252,8 +244,8 @@ async def serve_stun(
 ) -> tuple[asyncio.DatagramTransport, Address]:
     """Answer Binding requests on UDP (host, port); returns the transport and bound address.
 
-    `rate`/`burst` are per source IP (requests per second). Close with `transport.close()`;
-    counters are at `transport.get_protocol().responder.stats`.
+    `rate`/`burst` are per source (IPv4 address or IPv6 /64; requests per second). Close
+    with `transport.close()`; counters are at `transport.get_protocol().responder.stats`.
     """
     loop = asyncio.get_running_loop()
     responder = StunResponder(rate=rate, burst=burst, max_sources=max_sources)
@@ -437,7 +429,7 @@ async def serve_stun_tcp(
     max_sources: int = 65536, max_connections: int = 1024,
 ) -> StunTcpServer:
     """Answer Binding requests over TCP on (host, port), at most `max_connections` at once.
-    `rate`/`burst` are per source IP, as on UDP."""
+    `rate`/`burst` are per source (IPv4 address or IPv6 /64), as on UDP."""
     loop = asyncio.get_running_loop()
     responder = StunResponder(rate=rate, burst=burst, max_sources=max_sources)
     live: set[StunTcpProtocol] = set()

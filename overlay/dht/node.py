@@ -25,7 +25,7 @@ from overlay.dht.errors import LocalProtocolError, RemoteProtocolError
 from overlay.dht.lookup import Lookup, run_lookup
 from overlay.dht.protocol import Answer, DhtProtocol, Outcome
 from overlay.dht.ranking import rank_providers
-from overlay.dht.ratelimit import SOURCE_BURST, SOURCE_RATE, SourceLimiter
+from overlay.dht.ratelimit import SOURCE_BURST, SOURCE_RATE, dht_source_limiter
 from overlay.dht.records import (
     CONTENT_ID_LEN,
     REPUBLISH_INTERVAL,
@@ -59,8 +59,9 @@ class DhtNode:
         source_rate: float = SOURCE_RATE,
         source_burst: float = SOURCE_BURST,
     ) -> None:
-        """`source_rate`/`source_burst`: requests answered per second per source IP (many
-        nodes on one loopback address in tests share one allowance)."""
+        """`source_rate`/`source_burst`: requests answered per second per source IPv4
+        address or IPv6 /64 (many nodes on one loopback address in tests share one
+        allowance)."""
         if not 1 <= alpha <= ksize <= 32:
             raise LocalProtocolError("need 1 <= alpha <= ksize <= 32")
         self.identity = identity
@@ -111,7 +112,7 @@ class DhtNode:
         _, protocol = await loop.create_datagram_endpoint(
             lambda: DhtProtocol(self.identity, self.storage, self.ksize,
                                 client_only=self.client_only, wall=self._wall, rng=self._rng,
-                                limiter=SourceLimiter(*self._source_limits)),
+                                limiter=dht_source_limiter(*self._source_limits)),
             local_addr=(host, port))
         self._protocol = protocol
         self._refresher = loop.create_task(self._refresh_forever(), name="dht-refresh")

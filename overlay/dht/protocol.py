@@ -12,7 +12,8 @@ What changes from the package, and why:
   and are never added.
 - `rpc_store` accepts only a signed, unexpired `ProviderRecord` for the content id given,
   with a return-routability token (BEP 5); find replies hand tokens out.
-- Requests are answered at most SOURCE_RATE a second per source IP (`ratelimit`), and a
+- Requests are answered at most SOURCE_RATE a second per source IPv4 address or IPv6 /64
+  (`ratelimit`), and a
   request without a valid token for its source address gets a reply no larger than
   AMPLIFICATION_FACTOR (3) times the request: contacts and records that do not fit are
   left out and the reply says so. A spoofed source therefore never receives more than 3x
@@ -46,7 +47,7 @@ from rpcudp.protocol import RPCProtocol
 from crypto.errors import VerificationError
 from crypto.identity import DeviceIdentity, peer_id_of, verify
 from overlay.dht.errors import RemoteProtocolError
-from overlay.dht.ratelimit import SourceLimiter
+from overlay.dht.ratelimit import dht_source_limiter
 from overlay.dht.records import ProviderRecord, dht_key
 from overlay.dht.routing import ClockedRoutingTable
 from overlay.dht.rtt import MAX_RTO, MIN_RTO, RttTable
@@ -73,6 +74,7 @@ from overlay.dht.wire import (
     decode_reply_body,
     encode_reply_body,
 )
+from rendezvous.limits import SourceLimiter
 
 Address = tuple[str, int]
 REPLY_CONTEXT = b"dht-reply"
@@ -168,7 +170,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self.router = ClockedRoutingTable(ksize, self.source_node, self._loop.time,
                                           self._check_head)
         self.tokens = TokenIssuer(self._loop.time())
-        self.limiter = limiter if limiter is not None else SourceLimiter()
+        self.limiter = limiter if limiter is not None else dht_source_limiter()
         self._held_tokens: OrderedDict[Address, tuple[bytes, float]] = OrderedDict()
         self.rtt = RttTable()
         self.counters: Counter[str] = Counter()

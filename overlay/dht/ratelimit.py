@@ -1,45 +1,22 @@
-"""Requests answered per source IP: a token bucket each, in a bounded table.
+"""Requests the DHT answers per source: its rates for `rendezvous.limits.SourceLimiter`.
 
-A source over its rate gets no reply (the datagram is counted and dropped). The table
-keeps the `max_sources` most recently heard sources; the least recently heard one makes
-way for a new one, so a flood from many (spoofed) addresses costs memory up to the bound
-and at worst hands an evicted source a fresh burst.
+A source over its rate gets no reply (the datagram is counted and dropped). A source is an
+IPv4 address or an IPv6 /64 (`rendezvous.limits.source_key`), so fresh addresses from one
+/64 share one bucket instead of bringing a fresh burst each.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
-from rendezvous.limits import TokenBucket
+from rendezvous.limits import SourceLimiter
 
 # A lookup asks each node once or twice; a node behind one address running a few lookups
-# at once, or a household behind one NAT, stays well under this.
-SOURCE_RATE = 50.0     # requests per second per source IP...
+# at once, or a household behind one NAT (or on one IPv6 /64), stays well under this.
+SOURCE_RATE = 50.0     # requests per second per source...
 SOURCE_BURST = 200.0   # ...with this burst
 MAX_SOURCES = 10_000   # about 1.5 MB of buckets
 
 
-class SourceLimiter:
-    """`allow(ip, now)`: whether to answer one more request from `ip`."""
-
-    def __init__(self, rate: float = SOURCE_RATE, burst: float = SOURCE_BURST,
-                 max_sources: int = MAX_SOURCES) -> None:
-        if max_sources < 1:
-            raise ValueError("max_sources must be at least 1")
-        self.rate = rate
-        self.burst = burst
-        self.max_sources = max_sources
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def allow(self, ip: str, now: float) -> bool:
-        bucket = self._buckets.get(ip)
-        if bucket is None:
-            if len(self._buckets) >= self.max_sources:
-                self._buckets.popitem(last=False)
-            bucket = self._buckets[ip] = TokenBucket(self.rate, self.burst, now)
-        else:
-            self._buckets.move_to_end(ip)
-        return bucket.take(1.0, now)
+def dht_source_limiter(rate: float = SOURCE_RATE, burst: float = SOURCE_BURST,
+                       max_sources: int = MAX_SOURCES) -> SourceLimiter:
+    """The DHT's per-source limiter, with its defaults."""
+    return SourceLimiter(rate, burst, max_sources)

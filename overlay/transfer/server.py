@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
+from crypto.address import parse_hostport
+from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from overlay.content.interfaces import Catalog, ContentStoreError, ServedContent
 from overlay.transfer.core import (
@@ -48,7 +50,7 @@ from overlay.transfer.superseed import SuperSeed
 from overlay.transfer.workers import WorkQueue
 from overlay.transports.stream import Stream, StreamError
 from overlay.transports.tcp import TcpServer
-from rendezvous.limits import TokenBucket
+from rendezvous.limits import TokenBucket, source_of
 from rendezvous.taskset import wait_ended
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,9 @@ SEALERS = 2  # two chunks sealed at once: one per core, so sealing is not the ca
 # timeout fires: chunks only we hold never get out, and the swarm starves. With four, each
 # chunk goes out at a quarter of the uplink and co-recipients pass it on.
 UPLOAD_SLOTS = 4
-# Sessions at once from one IP address: a household or an office behind one NAT fetches
-# several files at once, but one host cannot take every session slot.
+# Sessions at once from one IP address (an IPv6 /64, `rendezvous.limits.source_key`): a
+# household or an office behind one NAT fetches several files at once, but one host cannot
+# take every session slot.
 SESSIONS_PER_IP = 8
 # A requester that stops reading must not hold its session and upload slot for ever, and
 # one that reads slowly has not stopped: a send that moved less than this many bytes in
@@ -178,8 +181,9 @@ class TransferServer:
         self._openers: dict[tuple[bytes, bytes], list[_ServedSession]] = {}
         self.sessions_per_ip = sessions_per_ip
         self.proof_timeout = proof_timeout
-        # Running sessions per peer IP (relayed streams, which name no peer, are not
-        # counted here: the relay limits them per account). Entries leave at zero.
+        # Running sessions per peer IPv4 address or IPv6 /64 (relayed streams, which name
+        # no peer, are not counted here: the relay limits them per account). Entries leave
+        # at zero.
         self._per_ip: Counter[str] = Counter()
         self.slot_count = upload_slots
         self.upload_slots = asyncio.Semaphore(upload_slots)
@@ -284,7 +288,7 @@ class TransferServer:
         """Serve one session on an already connected stream (TCP, WebRTC, relay) until it
         ends; closes the stream."""
         task = asyncio.current_task()
-        ip = _peer_ip(stream.peer_address())
+        ip = _peer_source(stream.peer_address())
         counted = False
         try:
             if task is None or len(self._running) >= self.max_sessions:
@@ -294,7 +298,7 @@ class TransferServer:
                 if self._per_ip[ip] >= self.sessions_per_ip:
                     self.counters["sessions_refused"] += 1
                     self.counters["sessions_refused.per_ip"] += 1
-                    log.info("transfer: refused %s: %d sessions from that address already",
+                    log.info("transfer: refused %s: %d sessions from there already",
                              ip, self._per_ip[ip])
                     return
                 self._per_ip[ip] += 1
@@ -346,12 +350,16 @@ class TransferServer:
             raise cancelled
 
 
-def _peer_ip(address: str | None) -> str | None:
-    """The host part of "host:port" or "[v6]:port"; None where the stream names no peer."""
+def _peer_source(address: str | None) -> str | None:
+    """What the per-address cap counts "host:port" or "[v6]:port" under (`source_of`: an
+    IPv6 host as its /64); None where the stream names no peer."""
     if not address:
         return None
-    host = address.rsplit(":", 1)[0] if ":" in address else address
-    return host.strip("[]") or None
+    try:
+        host, _ = parse_hostport(address)
+    except DecodeError:
+        host = address
+    return source_of(host) or None
 
 
 class _ServedSession:

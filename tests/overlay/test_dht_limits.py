@@ -16,7 +16,7 @@ from kademlia.node import Node
 from crypto.identity import DeviceIdentity
 from overlay.dht import DhtNode, ProviderRecord
 from overlay.dht.ranking import rank_providers
-from overlay.dht.ratelimit import SourceLimiter
+from overlay.dht.ratelimit import dht_source_limiter
 from overlay.dht.wire import (
     AMPLIFICATION_FACTOR,
     FindNode,
@@ -145,12 +145,23 @@ async def test_requests_over_a_sources_rate_go_unanswered_others_are_served(
 
 
 def test_the_source_table_is_bounded() -> None:
-    limiter = SourceLimiter(rate=1.0, burst=1.0, max_sources=3)
+    limiter = dht_source_limiter(rate=1.0, burst=1.0, max_sources=3)
     for i in range(10):
         assert limiter.allow(f"192.0.2.{i}", 0.0)
     assert len(limiter) == 3
     assert not limiter.allow("192.0.2.9", 0.0)  # still tracked: its burst is spent
     assert limiter.allow("192.0.2.0", 0.0)      # evicted long ago: a fresh bucket
+
+
+def test_fresh_addresses_of_one_ipv6_64_neither_multiply_the_rate_nor_evict() -> None:
+    limiter = dht_source_limiter(rate=1.0, burst=5.0, max_sources=3)
+    assert limiter.allow("192.0.2.1", 0.0)
+    answered = sum(limiter.allow(f"2001:db8:1:2::{i + 1:x}", 0.0) for i in range(1000))
+    assert answered == 5
+    assert len(limiter) == 2
+    assert limiter.allow("2001:db8:1:3::1", 0.0)
+    # 192.0.2.1 kept its bucket through the flood: its burst is still partly spent.
+    assert sum(limiter.allow("192.0.2.1", 0.0) for _ in range(10)) == 4
 
 
 def test_providers_are_ranked_diverse_then_direct_then_fresh() -> None:

@@ -349,6 +349,16 @@ async def test_sessions_per_ip_are_capped(served: tuple[ContentStore, LocalConte
         await server.aclose()
 
 
+def test_the_session_cap_counts_an_ipv6_peer_per_64() -> None:
+    source = server_module._peer_source
+    assert source("[2001:db8:1:2::5]:4000") == source("[2001:db8:1:2::9]:4001") \
+        == "2001:db8:1:2::/64"
+    assert source("[2001:db8:1:3::5]:4000") == "2001:db8:1:3::/64"
+    assert source("203.0.113.1:4000") == "203.0.113.1"
+    assert source("[::ffff:203.0.113.1]:4000") == "203.0.113.1"
+    assert source(None) is None and source("") is None
+
+
 async def test_a_session_without_a_capability_proof_is_closed(
     served: tuple[ContentStore, LocalContent],
 ) -> None:

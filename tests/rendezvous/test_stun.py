@@ -93,6 +93,21 @@ def test_flood_from_one_source_is_limited_others_still_answered() -> None:
     assert sum(a is not None for a in later) == 10
 
 
+def test_fresh_addresses_of_one_ipv6_64_share_one_bucket() -> None:
+    responder = StunResponder(rate=10, burst=20)
+    request, _ = binding_request()
+    # A new source address per request, all of one /64: 20 answers in all, not 1000.
+    answers = [responder.datagram_received(request, (f"2001:db8:1:2::{n + 1:x}", 9), 5.0)
+               for n in range(1000)]
+    assert sum(a is not None for a in answers) == 20
+    assert responder.stats.sources == 1
+    assert responder.datagram_received(request, ("2001:db8:1:3::1", 9), 5.0) is not None
+    # A dual-stack socket's IPv4 peers count as their IPv4 addresses, one each.
+    for n in range(30):
+        assert responder.datagram_received(request, (f"::ffff:198.51.100.{n}", 9), 5.0)
+    assert responder.stats.sources == 32
+
+
 def test_source_table_is_bounded() -> None:
     responder = StunResponder(max_sources=100)
     request, _ = binding_request()
