@@ -199,6 +199,16 @@ class SignalledEndpoint(Generic[Offer, Reply]):
             self._tasks.spawn(self._reject(msg, session, reason),
                               name=f"{self.TASKS} reject {msg.sender}")
 
+    async def _declined(self, msg: PipeMessage, session: bytes, why: str | None) -> bool:
+        """Decline an admitted offer at once if there is a reason `why` (counted, logged
+        and sent back, as a refusal is); False if there is none."""
+        if why is None:
+            return False
+        self.stats.rejected += 1
+        self._log.info("%s offer from %s declined: %s", self.NAME, msg.sender, why)
+        await self._reject(msg, session, why)
+        return True
+
     async def _answering(self, msg: PipeMessage, offer: Offer) -> None:
         try:
             await self._answer(msg, offer)

@@ -49,9 +49,12 @@ client, the one that answered gets it from `accept` and serves. The stream is th
 
 The peer's candidates are only dialled, never resolved (IP literals only, at most
 MAX_CANDIDATES); its local address only when both ends have the same public address (one
-home behind one NAT), so a peer can't aim our connects into our own LAN. Incoming offers are
-bounded (`max_incoming`), answers are taken only from the device dialled, bad payloads and
-connections that send something other than the marker are dropped and counted
+home behind one NAT), so a peer can't aim our connects into our own LAN (candidates.py has
+the rules, shared with QUIC). The port is IPv4 or IPv6, as the address of the server's STUN
+is: a callee declines an offer with no candidate of its family at once, before it opens a
+socket, naming both families, and a dialler fails as soon as an answer has none. Incoming
+offers are bounded (`max_incoming`), answers are taken only from the device dialled, bad
+payloads and connections that send something other than the marker are dropped and counted
 (`bad_signals`).
 """
 
@@ -59,7 +62,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import ipaddress
 import logging
 import random
 import socket
@@ -67,9 +69,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self, cast
 
-from crypto.address import parse_hostport
-from crypto.codec import Fields, item_str, packb
-from crypto.errors import DecodeError
+from crypto.codec import Fields, packb
+from overlay.transports.candidates import (
+    MAX_CANDIDATES,
+    decode_candidates,
+    hostport,
+    no_common_family,
+    nothing_to_dial,
+    own_candidates,
+    targets,
+)
 from overlay.transports.endpoint import SignalledEndpoint, Step
 from overlay.transports.signalling import SESSION_LEN, PipeSender, Reject, decode_tagged
 from overlay.transports.stream import Stream, StreamBroken
@@ -88,7 +97,6 @@ from rendezvous.stun import (
 log = logging.getLogger(__name__)
 
 PUNCH_BUDGET = 3.0  # STUN, the PIPE round trip and the connects, on a home line: < 0.5 s
-MAX_CANDIDATES = 4
 RETRY = Backoff(base=0.02, cap=0.25, jitter=0.5)  # after a refused or unreachable connect
 NOMINATION = b"pp-punch"  # the dialer's first bytes on the connection both ends keep
 MAX_HELD = 2 * MAX_CANDIDATES  # connections the answerer holds until one is nominated
@@ -104,25 +112,6 @@ class BadNomination(PunchError):
 
 class PunchSignalError(ValueError):
     """A PIPE payload is not a valid punch signal (the sender misbehaved)."""
-
-
-def candidate(text: str) -> Address:
-    """A candidate from the wire: an IP literal and a usable port (DecodeError if not).
-    The host comes back in its canonical text (an IPv6 one compressed, lowercase), as the
-    kernel names the source of a packet: that is what the peer's probes are matched on."""
-    host, port = parse_hostport(text, what="candidate")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise DecodeError(f"candidate {text!r} is not an IP address") from None
-    if not 0 < port < 65536:
-        raise DecodeError(f"candidate {text!r} has no usable port")
-    return str(ip), port
-
-
-def hostport(addr: Address) -> str:
-    """`addr` as HOST:PORT, an IPv6 host in brackets."""
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +131,7 @@ class _Candidates:
 
     @classmethod
     def decode(cls, f: Fields) -> Self:
-        texts = f.list("c", item_str(64), max_items=MAX_CANDIDATES) or ()
-        if not texts:
-            raise DecodeError("no candidates")
-        return cls(f.bytes("s", size=SESSION_LEN), tuple(candidate(t) for t in texts),
+        return cls(f.bytes("s", size=SESSION_LEN), decode_candidates(f),
                    bool(f.bool("n", optional=True)))
 
 
@@ -197,18 +183,6 @@ class PunchedTcpStream(TcpStream):
     """A TcpStream that came through a hole punch (shown as "tcp-punch" in inbox sources)."""
 
     path = "tcp-punch"
-
-
-def targets(our_public: str, theirs: tuple[Address, ...], family: int) -> list[Address]:
-    """What to dial of the peer's candidates: its public mapping, and its local address
-    only when it is behind the same public address (`our_public`, the host STUN saw) as
-    we are, so a peer can't aim our packets into our own LAN."""
-    public, *local = theirs
-    out = [public]
-    if public[0] == our_public:
-        out += local
-    v6 = family == socket.AF_INET6
-    return [a for a in dict.fromkeys(out) if (":" in a[0]) == v6]
 
 
 async def _connect_from(local: Address, peer: Address, family: int,
@@ -267,7 +241,7 @@ class PunchPort:
     @property
     def candidates(self) -> tuple[Address, ...]:
         """Ours: the public mapping, then the local address (for a peer behind our NAT)."""
-        return tuple(dict.fromkeys((self.mapping.mapped, self.mapping.local)))
+        return own_candidates(self.mapping.mapped, self.mapping.local)
 
     def close(self) -> None:
         self.listener.close()
@@ -326,7 +300,7 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...], *,
     family = mapping.sock.family
     dial = targets(mapping.mapped[0], theirs, family)
     if not dial:
-        raise PunchError("no candidate of the peer's address family")
+        raise PunchError(nothing_to_dial(theirs, family, "TCP port"))
     local = mapping.local  # the address and port STUN saw us come from
     hosts = {t[0] for t in dial}
     awaiting = nomination is Nomination.AWAIT
@@ -470,6 +444,12 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
 
     # --- accepting -------------------------------------------------------------------
     async def _answer(self, msg: PipeMessage, offer: PunchOffer) -> None:
+        # Our port is of our STUN's family (its connection holds the NAT's mapping): say
+        # so at once, not after a STUN query and an answer the dialer could not use.
+        if await self._declined(msg, offer.session, await no_common_family(
+                self.settings.stun, offer.candidates, "TCP port")):
+            return
+
         async def connect(port: PunchPort, step: Step) -> Stream:
             return await simultaneous_open(
                 port, offer.candidates, rng=self._rng, on_bad=self._bad_nomination,

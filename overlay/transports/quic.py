@@ -27,7 +27,7 @@ the server's certificate to the fingerprint in the answer. The server goes on pr
 the client's Initial comes in (it holds the first MAX_EARLY datagrams for QUIC), so a lost
 probe or a lost Initial costs a probe interval or a retransmission, not the dial.
 
-The peer's candidates are IP literals only (at most MAX_CANDIDATES); offers are bounded
+The peer's candidates are IP literals only (candidates.py says which are used); offers are bounded
 (`max_incoming`), answers are taken only from the device dialled, bad payloads are dropped and
 counted. A node with QUIC turned off (`QuicSettings.enabled`) rejects offers at once (the
 dialer goes on to WebRTC without waiting), as a node that knows no QUIC rung answers
@@ -48,17 +48,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self, cast
 
-from crypto.codec import Fields, item_str, packb
+from crypto.codec import Fields, packb
 from crypto.errors import DecodeError
+from overlay.transports.candidates import (
+    decode_candidates,
+    family_of,
+    hostport,
+    no_common_family,
+    nothing_to_dial,
+    own_candidates,
+    resolve,
+    targets,
+)
 from overlay.transports.endpoint import SignalledEndpoint, Step
-from overlay.transports.punch import candidate, hostport, targets
 from overlay.transports.quic_stream import (
     QuicStream,
     ThrowawayCertificate,
@@ -73,7 +81,6 @@ from rendezvous.stun import Address, query_on
 log = logging.getLogger(__name__)
 
 QUIC_BUDGET = 4.0  # STUN, the PIPE round trip, the probes and the handshake: < 0.5 s at home
-MAX_CANDIDATES = 4
 PROBE = b"\x00pp-quic"  # first byte 0: neither QUIC (fixed bit clear) nor a STUN reply
 PROBE_INTERVAL = 0.02
 MAX_EARLY = 8  # datagrams (the client's Initial) held until the prober hands over
@@ -101,7 +108,7 @@ class QuicOffer:
 
     @classmethod
     def decode(cls, f: Fields) -> Self:
-        return cls(f.bytes("s", size=SESSION_LEN), _candidates(f))
+        return cls(f.bytes("s", size=SESSION_LEN), decode_candidates(f))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +129,7 @@ class QuicAnswer:
         fp = f.str("fp", max_len=_FINGERPRINT_LEN, min_len=_FINGERPRINT_LEN)
         if any(ch not in "0123456789abcdef" for ch in fp):
             raise DecodeError("fingerprint is not lowercase hex")
-        return cls(f.bytes("s", size=SESSION_LEN), _candidates(f), fp)
+        return cls(f.bytes("s", size=SESSION_LEN), decode_candidates(f), fp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,13 +137,6 @@ class QuicReject(Reject):
     """The callee won't take this session; `reason` is shown to the dialer's user."""
 
     TAG: ClassVar[str] = "quic-reject"
-
-
-def _candidates(f: Fields) -> tuple[Address, ...]:
-    texts = f.list("c", item_str(64), max_items=MAX_CANDIDATES) or ()
-    if not texts:
-        raise DecodeError("no candidates")
-    return tuple(candidate(t) for t in texts)
 
 
 QuicSignal = QuicOffer | QuicAnswer | QuicReject
@@ -234,7 +234,7 @@ class QuicPort:
 
     @property
     def candidates(self) -> tuple[Address, ...]:
-        return tuple(dict.fromkeys((self.mapped, self.local)))
+        return own_candidates(self.mapped, self.local)
 
     def close(self) -> None:
         if not self.handed:
@@ -246,11 +246,10 @@ async def meet(port: QuicPort, session: bytes, theirs: tuple[Address, ...], *,
     """Probe the peer's usable candidates until its first valid probe names its address
     (runs until then: bound it). A server goes on until the client's first datagram
     from there. The address, and (server) the datagrams to hand to QUIC."""
-    family = _family(port.local[0])
+    family = family_of(port.local[0])
     to = targets(port.mapped[0], theirs, family)
     if not to:
-        raise QuicError(f"the peer's candidates are {_family_names(theirs)} only and our "
-                        f"UDP port is {_FAMILY_NAME[family]}: no address family in common")
+        raise QuicError(nothing_to_dial(theirs, family, "UDP port"))
     prober = port.prober
     prober.expect(session, {t[0] for t in to})
     while True:
@@ -272,18 +271,6 @@ async def meet(port: QuicPort, session: bytes, theirs: tuple[Address, ...], *,
 # A UDP port of the family given, on any local address, delivering to the protocol given;
 # OSError if none can be bound.
 UdpOpener = Callable[[asyncio.DatagramProtocol, int], Awaitable[asyncio.DatagramTransport]]
-
-
-def _family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-_FAMILY_NAME: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
-
-
-def _family_names(candidates: tuple[Address, ...]) -> str:
-    """The address families of `candidates`, for an error: "IPv4", "IPv6" or both."""
-    return " and ".join(sorted({_FAMILY_NAME[_family(c[0])] for c in candidates}))
 
 
 def _any_address(family: int) -> Address:
@@ -375,10 +362,10 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
         if named is None:
             raise QuicError("our server runs no STUN")
         try:
-            stun = await _resolve(named)
+            stun = await resolve(named)
         except OSError as exc:
             raise QuicError(f"STUN at {hostport(named)}: {exc}") from None
-        family = _family(stun[0])
+        family = family_of(stun[0])
         prober = Prober(self._bad_probe)
         try:
             transport = await self.settings.open_udp(prober, family)
@@ -399,28 +386,12 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
             host = _local_host(stun)
         return QuicPort(transport, prober, mapped, (host, int(name[1])))
 
-    async def _no_common_family(self, theirs: tuple[Address, ...]) -> str | None:
-        """Why a port of ours could reach none of `theirs`, or None (also when our STUN
-        can't be resolved: `_port` says so)."""
-        if self.settings.stun is None:
-            return None
-        try:
-            ours = _family((await _resolve(self.settings.stun))[0])
-        except OSError:
-            return None
-        if any(_family(c[0]) == ours for c in theirs):
-            return None
-        return (f"the offer has {_family_names(theirs)} candidates only and this node's "
-                f"UDP port would be {_FAMILY_NAME[ours]}, as its server's STUN is")
-
     # --- accepting -------------------------------------------------------------------
     async def _answer(self, msg: PipeMessage, offer: QuicOffer) -> None:
-        if (why := await self._no_common_family(offer.candidates)) is not None:
-            # Our port would be of our STUN's family (one socket, one family): say so at
-            # once, not after a STUN query and an answer the dialer could not use.
-            self.stats.rejected += 1
-            log.info("QUIC offer from %s declined: %s", msg.sender, why)
-            await self._reject(msg, offer.session, why)
+        # Our port would be of our STUN's family (one socket, one family): say so at once,
+        # not after a STUN query and an answer the dialer could not use.
+        if await self._declined(msg, offer.session, await no_common_family(
+                self.settings.stun, offer.candidates, "UDP port")):
             return
         if self._certificate is None:
             self._certificate = ThrowawayCertificate.make()
@@ -474,29 +445,9 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
             connect, QuicError)
 
 
-def _literal_family(host: str) -> int | None:
-    """The family of an IP literal; None for a host name."""
-    try:
-        return _family(str(ipaddress.ip_address(host)))
-    except ValueError:
-        return None
-
-
-async def _resolve(stun: Address) -> Address:
-    """`stun` with an IP literal for its host: a server given by name may have an IPv6
-    address only, and our UDP port must be of the family STUN is reached over."""
-    if _literal_family(stun[0]) is not None:
-        return stun
-    infos = await asyncio.get_running_loop().getaddrinfo(stun[0], stun[1],
-                                                         type=socket.SOCK_DGRAM)
-    if not infos:
-        raise OSError(f"{stun[0]} has no address")
-    return str(infos[0][4][0]), int(infos[0][4][1])
-
-
 def _local_host(toward: Address) -> str:
     """Our address on the route to `toward` (a connected UDP socket sends nothing)."""
-    family = _family(toward[0])
+    family = family_of(toward[0])
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         try:
             s.connect(toward)

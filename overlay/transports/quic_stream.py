@@ -66,7 +66,7 @@ from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import QuicPacketType, pull_quic_header
 from qh3.tls import SignatureAlgorithm
 
-from overlay.transports.punch import hostport
+from overlay.transports.candidates import hostport
 from overlay.transports.stream import ChunkReceiver, StreamBroken, StreamClosed
 
 log = logging.getLogger(__name__)

@@ -33,9 +33,10 @@ from overlay.transports.stream import Stream
 from rendezvous.messages import PipeMessage
 from rendezvous.stun import TcpMapping, query_tcp_mapping, reusable_socket, serve_stun_tcp
 from rendezvous.taskset import TaskSet
+from tests.overlay.signalled_pair import ALICE, BOB, wired
 from tests.overlay.streams import check_stream, receive_exactly
+from tests.overlay.test_quic import NEEDS_V6
 
-ALICE, BOB = ("alice@x.net", b"a" * 20), ("bob@x.net", b"b" * 20)
 SESSION = b"s" * 16
 
 
@@ -50,30 +51,28 @@ async def _request_reply(dialled: Stream, accepted: Stream) -> None:
 
 
 @asynccontextmanager
-async def pair(*, bob_stun: bool = True, budget: float = 3.0
+async def pair(*, bob_stun: bool = True, budget: float = 3.0, host: str = "127.0.0.1"
                ) -> AsyncIterator[tuple[PunchEndpoint, PunchEndpoint]]:
-    stun = await serve_stun_tcp("127.0.0.1", 0)
+    stun = await serve_stun_tcp(host, 0)
     hub = MemoryPipe()
-    alice = PunchEndpoint(hub.sender(*ALICE), PunchSettings(stun.address, budget=budget))
-    bob = PunchEndpoint(hub.sender(*BOB),
-                        PunchSettings(stun.address if bob_stun else None, budget=budget))
-    hub.attach(*ALICE, alice.feed)
-    hub.attach(*BOB, bob.feed)
-    await alice.start()
-    await bob.start()
     try:
-        yield alice, bob
+        async with wired(hub, PunchEndpoint(hub.sender(*ALICE),
+                                            PunchSettings(stun.address, budget=budget)),
+                         PunchEndpoint(hub.sender(*BOB), PunchSettings(
+                             stun.address if bob_stun else None, budget=budget))) as both:
+            yield both
     finally:
-        await alice.aclose()
-        await bob.aclose()
         await stun.aclose()
 
 
-async def test_a_punched_stream_carries_bytes_both_ways_and_says_tcp_punch() -> None:
-    async with pair() as (alice, bob):
+@pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=NEEDS_V6, id="ipv6")])
+async def test_a_punched_stream_carries_bytes_both_ways_and_says_tcp_punch(host: str) -> None:
+    async with pair(host=host) as (alice, bob):
         dialled = await alice.dial(*BOB)
         accepted = await asyncio.wait_for(bob.accept(), 5)
         assert dialled.path == accepted.path == "tcp-punch"
+        for s in (dialled, accepted):  # the port and the peer of STUN's family
+            assert (s.peer_address() or "").startswith("[::1]:" if ":" in host else host), s
         await _request_reply(dialled, accepted)
         assert alice.stats.dials == 1 and alice.stats.dial_failures == 0
         assert bob.stats.accepted == 1

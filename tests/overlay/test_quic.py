@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crypto.codec import packb
+from overlay.transports.candidates import candidate, hostport, unroutable
 from overlay.transports.quic import (
     PROBE,
     QuicAnswer,
@@ -44,9 +45,9 @@ from overlay.transports.signalling import MemoryPipe
 from overlay.transports.stream import Stream, StreamBroken
 from rendezvous.messages import PipeMessage
 from rendezvous.stun import serve_stun
+from tests.overlay.signalled_pair import ALICE, BOB, wired
 from tests.overlay.streams import check_stream, receive_exactly
 
-ALICE, BOB = ("alice@x.net", b"a" * 20), ("bob@x.net", b"b" * 20)
 SESSION = b"s" * 16
 
 
@@ -117,7 +118,8 @@ async def test_datagrams_from_another_address_are_dropped() -> None:
 # --- signalling --------------------------------------------------------------------------
 
 @given(session=st.binary(min_size=16, max_size=16),
-       hosts=st.lists(st.ip_addresses().map(str), min_size=1, max_size=4),
+       hosts=st.lists(st.ip_addresses().map(lambda ip: candidate(hostport((str(ip), 1)))[0])
+                      .filter(lambda h: unroutable(h) is None), min_size=1, max_size=4),
        port=st.integers(1, 65535), fp=st.text("0123456789abcdef", min_size=64, max_size=64))
 @settings(max_examples=200)
 def test_signals_round_trip(session: bytes, hosts: list[str], port: int, fp: str) -> None:
@@ -164,17 +166,12 @@ async def endpoints(*, bob: QuicSettings | None = None, budget: float = 3.0,
     gives Bob's own settings)."""
     transport, stun = await serve_stun(host, 0, rate=1000, burst=1000)
     hub = MemoryPipe()
-    alice = QuicEndpoint(hub.sender(*ALICE), QuicSettings(stun, budget=budget))
-    bob_ep = QuicEndpoint(hub.sender(*BOB), bob or QuicSettings(stun, budget=budget))
-    hub.attach(*ALICE, alice.feed)
-    hub.attach(*BOB, bob_ep.feed)
-    await alice.start()
-    await bob_ep.start()
     try:
-        yield alice, bob_ep
+        async with wired(hub, QuicEndpoint(hub.sender(*ALICE), QuicSettings(stun, budget=budget)),
+                         QuicEndpoint(hub.sender(*BOB), bob or QuicSettings(stun, budget=budget))
+                         ) as pair:
+            yield pair
     finally:
-        await alice.aclose()
-        await bob_ep.aclose()
         transport.close()
 
 

@@ -1,0 +1,176 @@
+"""The addresses the punching rungs trade (the TCP punch and QUIC): candidates.
+
+An offer or an answer names the sender's candidates: first the public address its server's
+STUN saw, then its local address (for a peer behind the same NAT). Here is what both rungs
+do with them:
+
+- On the wire a candidate is an IP literal and a port (`candidate`), never a name: a peer
+  must not make us resolve what it chose. It comes back in the text the kernel gives the
+  source of a packet (inet_ntop's: an IPv6 one compressed and lowercase, an IPv4-mapped one
+  as ::ffff:a.b.c.d), since the peer's probes and connections are matched on that text.
+- Some addresses mean nothing to another host (`unroutable`): a link-local one, or any with a
+  zone (`fe80::1%eth0`: the zone is an interface of the sender's, the address is on its link
+  only), an unspecified one (0.0.0.0/8, ::; a connect to 0.0.0.0 reaches our own host),
+  multicast, broadcast and IPv4's reserved block. A local candidate of that kind is dropped when the
+  signal is decoded (`decode_candidates`), so the peer that sent it still gets through on
+  its public one; a public one of that kind makes the whole signal invalid (the locals are
+  dialled only behind the same public address, which such a mapping can't tell), and a
+  node never sends one of its own (`own_candidates`).
+- What we dial (`targets`): the public candidate, and the locals only when we are behind the
+  same public address; only those of our port's address family; and a loopback one only
+  when we are on loopback too (the same host), so a peer can't aim our packets into our
+  own LAN or at our own host's services.
+- A port is IPv4 or IPv6, as the address of our server's STUN is (a name is resolved
+  first, `resolve`). A callee whose port could reach none of an offer's candidates says so
+  at once, before it opens any socket (`no_common_family`), and a dialler says why an
+  answer leaves nothing to dial (`nothing_to_dial`), naming the families.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+from crypto.address import parse_hostport
+from crypto.codec import Fields, item_str
+from crypto.errors import DecodeError
+from rendezvous.stun import Address
+
+MAX_CANDIDATES = 4
+FAMILY_NAME: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+
+
+def family_of(host: str) -> int:
+    """The address family of an IP literal (an IPv6 one has a colon)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def family_names(candidates: tuple[Address, ...]) -> str:
+    """The address families of `candidates`, for an error: "IPv4", "IPv6" or both."""
+    return " and ".join(sorted({FAMILY_NAME[family_of(c[0])] for c in candidates}))
+
+
+def hostport(addr: Address) -> str:
+    """`addr` as HOST:PORT, an IPv6 host in brackets."""
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+def _canonical(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """`ip` as a socket names a packet's source (inet_ntop): Python 3.11's own text differs
+    for an IPv4-mapped address (::ffff:7f00:1 where a socket says ::ffff:127.0.0.1)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is None:
+        return socket.inet_ntop(socket.AF_INET6, ip.packed)
+    return str(ip)
+
+
+def candidate(text: str) -> Address:
+    """A candidate from the wire: an IP literal and a usable port (DecodeError if not).
+    The host comes back in its canonical text (see the module docstring)."""
+    host, port = parse_hostport(text, what="candidate")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise DecodeError(f"candidate {text!r} is not an IP address") from None
+    if not 0 < port < 65536:
+        raise DecodeError(f"candidate {text!r} has no usable port")
+    return _canonical(ip), port
+
+
+def unroutable(host: str) -> str | None:
+    """Why the IP literal `host` means nothing to a host elsewhere, or None."""
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id:
+            return f"has a zone (%{ip.scope_id}, an interface of the sender's)"
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+    if ip.is_link_local:
+        return "is link-local (it means something on the sender's link only)"
+    if ip.is_unspecified or (isinstance(ip, ipaddress.IPv4Address) and ip.packed[0] == 0):
+        return "is unspecified (in 0.0.0.0/8, or ::): a connect takes it for its own host"
+    if ip.is_multicast:
+        return "is multicast"
+    if isinstance(ip, ipaddress.IPv4Address) and ip.is_reserved:
+        return "is reserved or broadcast"
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def decode_candidates(f: Fields) -> tuple[Address, ...]:
+    """A signal's candidates ("c"): the public one first, which must mean something here,
+    then the locals, of which those that can't are dropped (see the module docstring)."""
+    texts = f.list("c", item_str(64), max_items=MAX_CANDIDATES) or ()
+    if not texts:
+        raise DecodeError("no candidates")
+    public, *local = (candidate(t) for t in texts)
+    if (why := unroutable(public[0])) is not None:
+        raise DecodeError(f"the public candidate {texts[0]!r} {why}")
+    return public, *(c for c in local if unroutable(c[0]) is None)
+
+
+def own_candidates(mapped: Address, local: Address) -> tuple[Address, ...]:
+    """What we offer or answer: the public address STUN saw, then our local address
+    unless it means nothing to another host (a link-local one from the route to STUN)."""
+    if unroutable(local[0]) is not None:
+        return (mapped,)
+    return tuple(dict.fromkeys((mapped, local)))
+
+
+def targets(our_public: str, theirs: tuple[Address, ...], family: int) -> list[Address]:
+    """What to dial of the peer's candidates from a port of `family` whose public address
+    is `our_public` (the host STUN saw): see the module docstring."""
+    public, *local = theirs
+    out = [public]
+    if public[0] == our_public:
+        out += local
+    here = _is_loopback(our_public)
+    return [a for a in dict.fromkeys(out)
+            if family_of(a[0]) == family and (here or not _is_loopback(a[0]))]
+
+
+def nothing_to_dial(theirs: tuple[Address, ...], family: int, port: str) -> str:
+    """Why `targets` left nothing of `theirs` for our `port` ("UDP port", "TCP port")."""
+    if all(family_of(c[0]) != family for c in theirs):
+        return (f"the peer's candidates are {family_names(theirs)} only and our {port} is "
+                f"{FAMILY_NAME[family]}: no address family in common")
+    return (f"the peer's candidates ({', '.join(hostport(c) for c in theirs)}) reach it "
+            "from its own host only, and ours are not on loopback")
+
+
+async def resolve(server: Address) -> Address:
+    """`server` with an IP literal for its host: a server given by name may have an IPv6
+    address only, and our port must be of the family the server is reached over."""
+    try:
+        ipaddress.ip_address(server[0])
+        return server
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(server[0], server[1],
+                                                         type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"{server[0]} has no address")
+    return str(infos[0][4][0]), int(infos[0][4][1])
+
+
+async def no_common_family(stun: Address | None, theirs: tuple[Address, ...],
+                           port: str) -> str | None:
+    """Why our `port` ("UDP port", "TCP port"), of the family of our server's `stun`,
+    could reach none of an offer's candidates, or None (also when there is no STUN or it
+    can't be resolved: opening the port says so)."""
+    if stun is None:
+        return None
+    try:
+        ours = family_of((await resolve(stun))[0])
+    except OSError:
+        return None
+    if any(family_of(c[0]) == ours for c in theirs):
+        return None
+    return (f"the offer has {family_names(theirs)} candidates only and this node's {port} "
+            f"would be {FAMILY_NAME[ours]}, as its server's STUN is")
