@@ -8,7 +8,7 @@ counts a source under, and `SourceLimiter` the bounded table of buckets per sour
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -139,7 +139,7 @@ class TokenBucket:
         return wait if wait >= MIN_WAIT else 0.0
 
 
-V6_PREFIX = 64  # bits of an IPv6 source that a per-address limit counts as one source
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96 (RFC 4291 section 2.5.5.2)
 
 
 def source_key(host: str) -> str:
@@ -156,18 +156,22 @@ def source_key(host: str) -> str:
     removed; a zone (`fe80::1%eth0`) stays in the key, since two links are two networks.
     Text that is not an IP literal (a host name, HOST:PORT) raises ValueError.
     """
+    # inet_pton/inet_ntop, not the ipaddress module: this runs for every STUN and DHT
+    # datagram, and they take 1 us where ipaddress took 10 (tests check they agree).
     text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    addr, pct, zone = text.partition("%")
     try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
+        if ":" not in addr and not pct:
+            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, addr))
+        if pct and (not zone or "/" in zone or "%" in zone):
+            raise OSError("bad zone")
+        packed = socket.inet_pton(socket.AF_INET6, addr)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         raise ValueError(f"not an IP address: {host!r}") from None
-    if isinstance(ip, ipaddress.IPv4Address):
-        return str(ip)
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    net = ipaddress.IPv6Network((int(ip) >> (128 - V6_PREFIX) << (128 - V6_PREFIX),
-                                 V6_PREFIX))
-    return f"{net}%{ip.scope_id}" if ip.scope_id else str(net)
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    net = socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+    return f"{net}%{zone}" if zone else net
 
 
 def source_of(host: str) -> str:
@@ -180,7 +184,7 @@ def source_of(host: str) -> str:
 
 
 def source_label(key: str) -> str:
-    """How an error text addressed to the source names what `source_key` gave `key` for."""
+    """What a refusal tells the source whose key is `key`: its IP address or its /64."""
     return "your network (IPv6 /64)" if "/" in key else "your IP address"
 
 
