@@ -82,8 +82,12 @@ class WebRtcSettings:
     tuning: ChannelTuning = field(default_factory=ChannelTuning)
 
     def rtc_configuration(self) -> RTCConfiguration:
-        """Always explicit: aiortc's default would query a public STUN host."""
-        urls = [f"stun:[{h}]:{p}" if ":" in h else f"stun:{h}:{p}" for h, p in self.stun]
+        """Always explicit: aiortc's default would query a public STUN host. A STUN server
+        at an IPv6 literal is left out: aiortc 1.16 can't name one (its URI pattern takes
+        no brackets, and "stun:[::1]:P" raised 'malformed uri' for every offer and answer,
+        so a node whose server is on IPv6 never got WebRTC). ICE then offers its host
+        candidates alone, which is what an IPv6 host without a NAT is reached at."""
+        urls = [f"stun:{h}:{p}" for h, p in self.stun if ":" not in h]
         return RTCConfiguration(iceServers=[RTCIceServer(urls=urls)] if urls else [])
 
 

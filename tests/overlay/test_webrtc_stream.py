@@ -37,3 +37,19 @@ async def test_stream_reports_path_and_peer() -> None:
         finally:
             await a.aclose()
             await b.aclose()
+
+
+async def test_a_stun_server_on_ipv6_leaves_the_host_candidates_to_connect() -> None:
+    """A node whose server is on IPv6 hands WebRTC an IPv6 STUN address, which aiortc 1.16
+    can't take ('malformed uri' for every offer); the channel still opens on the host
+    candidates."""
+    settings = WebRtcSettings(stun=[("::1", 3478)])
+    async with webrtc_pair(settings) as pair:
+        a, b = await pair.make_pair()
+        try:
+            await a.send_all(b"ping")
+            assert await receive_exactly(b, 4) == b"ping"
+        finally:
+            await a.aclose()
+            await b.aclose()
+    assert settings.rtc_configuration().iceServers == []
