@@ -47,12 +47,28 @@ class Ipv6Host(NatLab):
 
     def tcp_only_to(self, *ports: int) -> None:
         """Reset every TCP connection made in the namespace except to `ports`."""
-        allowed = ", ".join(str(p) for p in ports)
+        self._reset_tcp("!=", ports)
+
+    def tcp_refused_by(self, *ports: int) -> None:
+        """Reset every TCP connection made in the namespace to `ports` (a node's listen
+        port that a firewall keeps closed, while the punch's ports stay open)."""
+        self._reset_tcp("", ports)
+
+    def _reset_tcp(self, op: str, ports: tuple[int, ...]) -> None:
+        listed = ", ".join(str(p) for p in ports)
         self._cmd(["ip", "netns", "exec", self.ns(HOST), "nft", "-f", "-"], stdin=(
             "table inet firewall {\n chain out {\n"
             "  type filter hook output priority 0; policy accept;\n"
-            f"  tcp flags & (syn | ack) == syn tcp dport != {{ {allowed} }} "
+            f"  tcp flags & (syn | ack) == syn tcp dport {op} {{ {listed} }} "
             "reject with tcp reset\n }\n}\n"))
+
+    def add_routable(self, address: str) -> None:
+        """`address` (/64) on a veth in the namespace: the address beyond loopback that a
+        real IPv6-only host has, and that ICE gathers (aioice takes no loopback address)."""
+        self._ip("link", "add", "v6a", "type", "veth", "peer", "name", "v6b", ns=HOST)
+        for link in ("v6a", "v6b"):
+            self._ip("link", "set", link, "up", ns=HOST)
+        self._ip("addr", "add", f"{address}/64", "dev", "v6a", "nodad", ns=HOST)
 
 
 class Ipv6Network(LabNetwork):
