@@ -51,6 +51,7 @@ from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
 from overlay.mail.receipts import Receipt
 from overlay.transfer.server import TransferServer
+from overlay.transports.candidates import hostport
 from overlay.transports.netwatch import NetworkEvents
 from overlay.transports.quic import UdpOpener, kernel_udp
 from overlay.transports.reachability import Reachability, probe, route_ip
@@ -589,7 +590,9 @@ class Node:
         host, port = self.listen_addr or ("", 0)
         if host in ("0.0.0.0", "::", ""):
             host = self.reach.local_ip or "" if self.reach else ""
-        return {"addrs": [f"{host}:{port}"] if host else [],
+        # An IPv6 host in brackets: the DHT's provider records refuse ::1:P (every announce
+        # failed), and HOST:PORT parsers only took it because the port comes last.
+        return {"addrs": [hostport((host, port))] if host else [],
                 "nat": bool(self.reach and self.reach.nat)}
 
     def reach_info(self) -> dict[str, Any]:
@@ -598,7 +601,7 @@ class Node:
         peers over."""
         seen = self.reach.mapped if self.reach is not None else None
         return {"nat": self.reach.nat if self.reach is not None and seen else None,
-                "seen_as": f"{seen[0]}:{seen[1]}" if seen else None,
+                "seen_as": hostport(seen) if seen else None,
                 "paths": self.links.paths()}
 
     def direct_addresses(self) -> list[str]:
