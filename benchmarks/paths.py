@@ -61,6 +61,7 @@ from typing import Any
 import uvloop
 
 from benchmarks.common import report
+from crypto.address import format_hostport, parse_hostport
 from crypto.identity import DeviceIdentity
 from overlay.transports.punch import PunchEndpoint, PunchSettings
 from overlay.transports.quic import QuicEndpoint, QuicSettings
@@ -291,7 +292,7 @@ async def _punch_lab(size: int, rung: str = "tcp-punch",
         try:
             assert stun_proc.stdout is not None
             line = (await asyncio.wait_for(stun_proc.stdout.readline(), 30)).decode()
-            stun = f"{server}:{int(line.split()[1])}"
+            stun = format_hostport(server, int(line.split()[1]))
             recv = await spawn("h2", "--child", "punch-recv", "--stun", stun)
             procs.append(recv)
             assert recv.stdout is not None and recv.stdin is not None
@@ -571,8 +572,7 @@ def main(argv: list[str]) -> int:
         tuning = ChannelTuning(**json.loads(args.tuning))
         stun = None
         if args.stun:
-            host, _, port = args.stun.rpartition(":")
-            stun = (host, int(port))
+            stun = parse_hostport(args.stun, what="--stun")
         (uvloop.run if args.loop == "uvloop" else asyncio.run)(
             _child(args.child, tuning, args.relay_port, stun, args.tcp_mib * MiB, args.rung))
         return 0

@@ -27,6 +27,12 @@ def domain_of(address: str) -> str:
     return address.rsplit("@", 1)[1]
 
 
+def format_hostport(host: str, port: int) -> str:
+    """HOST:PORT text for a human or a peer to read back with `parse_hostport`: an IPv6
+    host in brackets ([::1]:8470), since in ::1:8470 the port could be the last group."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_hostport(text: str, *, what: str = "address",
                    default_host: str | None = None) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 as [::1]:PORT) into host and port, or raise DecodeError (a

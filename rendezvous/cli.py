@@ -30,7 +30,8 @@ value that publishes it are logged at every start. Nodes pin it (`peerpost init`
 `--plaintext` is for the simulator and benchmarks only.
 
 `serve` prints one machine-readable line `listening HOST:PORT` on stdout (flushed) once
-the socket is bound, so `--listen 127.0.0.1:0` can be read back, then `stun listening
+the socket is bound (an IPv6 host in brackets, `listening [::1]:8470`, as --listen takes
+it), so `--listen 127.0.0.1:0` can be read back, then `stun listening
 HOST:PORT` and `dht listening HOST:PORT` for the services it runs (by default both, on
 the --listen host, UDP: STUN at the --listen port, the DHT at the port above; port 0: any
 free port; serveconfig.py), then `metrics listening HOST:PORT` with
@@ -87,7 +88,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crypto.address import normalize_address, parse_hostport
+from crypto.address import format_hostport, normalize_address, parse_hostport
 from crypto.errors import DecodeError
 from rendezvous.admin import AdminError, record_domain, served_domain
 from rendezvous.cliutil import (
@@ -555,17 +556,17 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
     except OSError as exc:
         await server.aclose()  # closes the services too
         reason = _bind_reason(exc)
-        print(f"peerpost-rendezvous: cannot listen on {args.listen[0]}:{args.listen[1]} "
+        print(f"peerpost-rendezvous: cannot listen on {format_hostport(*args.listen)} "
               f"(TCP): {reason}", file=sys.stderr)
         return 1
     except BaseException:
         await server.aclose()  # closes the services too
         raise
-    print(f"listening {host}:{port}", flush=True)
+    print(f"listening {format_hostport(host, port)}", flush=True)
     if tls is not None:  # a plaintext server is the simulator's or a benchmark's
         server.check_own_records(port)
     for name, svc in services.items():
-        print(f"{name} listening {svc.address[0]}:{svc.address[1]}", flush=True)
+        print(f"{name} listening {format_hostport(*svc.address)}", flush=True)
     metrics: ServerMetrics | None = None
     try:
         if args.metrics is not None:
@@ -581,12 +582,12 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                 mhost, mport = await metrics.start(*args.metrics)
             except OSError as exc:
                 metrics = None
-                print(f"peerpost-rendezvous: cannot serve metrics on {args.metrics[0]}:"
-                      f"{args.metrics[1]} (TCP): {_bind_reason(exc)} (--metrics)",
+                print(f"peerpost-rendezvous: cannot serve metrics on "
+                      f"{format_hostport(*args.metrics)} (TCP): {_bind_reason(exc)} (--metrics)",
                       file=sys.stderr)
                 return 1
-            print(f"metrics listening {mhost}:{mport}", flush=True)
-        notify("READY=1", f"STATUS=serving {args.domain} on {host}:{port}")
+            print(f"metrics listening {format_hostport(mhost, mport)}", flush=True)
+        notify("READY=1", f"STATUS=serving {args.domain} on {format_hostport(host, port)}")
         while not stop.is_set():
             write_stats(data, server.snapshot(), running=True, now=time.time())
             try:
@@ -651,11 +652,12 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
     try:  # else the first service to bind would blame its own port for a typo in the host
         await asyncio.get_running_loop().getaddrinfo(host, None)
     except socket.gaierror as exc:
-        raise ConfigError(f"cannot listen on {host}:{args.listen[1]}: {exc.strerror} "
-                          "(--listen HOST:PORT)") from None
+        raise ConfigError(f"cannot listen on {format_hostport(host, args.listen[1])}: "
+                          f"{exc.strerror} (--listen HOST:PORT)") from None
     if args.listen[1] and (busy := await asyncio.to_thread(_tcp_in_use, host, args.listen[1])):
         # Else a second server on the same --listen was told to move its STUN port.
-        raise ConfigError(f"cannot listen on {host}:{args.listen[1]} (TCP): {busy}")
+        raise ConfigError(f"cannot listen on {format_hostport(host, args.listen[1])} (TCP): "
+                          f"{busy}")
     ports = service_ports(args.listen[1], args.stun_port, args.dht_port)
     services: dict[str, ExtraService] = {}
     try:
@@ -669,9 +671,9 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
                     services[name] = await start_dht(host, port, identity)
             except OSError as exc:
                 reason = _bind_reason(exc)
-                raise ConfigError(f"cannot run {name.upper()} on {host}:{port} (UDP): "
-                                  f"{reason} (--{name}-port N moves it, off turns it "
-                                  "off)") from None
+                raise ConfigError(f"cannot run {name.upper()} on {format_hostport(host, port)} "
+                                  f"(UDP): {reason} (--{name}-port N moves it, off turns "
+                                  "it off)") from None
         if "stun" in ports:
             # STUN over TCP, for hole punching, runs and stops with STUN: on TCP the
             # STUN's own number, except that STUN at the listen port P puts it at TCP
@@ -683,8 +685,8 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
                 services["stun_tcp"] = await start_stun_tcp(host, port)
             except OSError as exc:
                 reason = _bind_reason(exc)
-                raise ConfigError(f"cannot run STUN on {host}:{port} (TCP): {reason} "
-                                  "(--stun-port off turns it off)") from None
+                raise ConfigError(f"cannot run STUN on {format_hostport(host, port)} (TCP): "
+                                  f"{reason} (--stun-port off turns it off)") from None
     except BaseException:
         for svc in services.values():
             await svc.aclose()

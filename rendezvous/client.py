@@ -77,7 +77,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from crypto.address import normalize_address
+from crypto.address import format_hostport, normalize_address
 from crypto.codec import Fields
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
@@ -325,6 +325,11 @@ class RendezvousClient:
         self.pinned = pinned
         self._mismatch: KeyMismatch | None = None
 
+    @property
+    def server_text(self) -> str:
+        """The server as HOST:PORT, for messages."""
+        return format_hostport(self.host, self.port)
+
     # --- lifecycle -----------------------------------------------------------------------
     @property
     def connected(self) -> bool:
@@ -459,7 +464,7 @@ class RendezvousClient:
             await asyncio.wait_for(self._connected.wait(), timeout)
         except TimeoutError:
             raise RequestTimeoutError(
-                f"not connected to {self.host}:{self.port} within {timeout}s") from None
+                f"not connected to {self.server_text} within {timeout}s") from None
         if self._fatal is not None:
             raise self._fatal
 
@@ -472,18 +477,18 @@ class RendezvousClient:
                                        self.port, ssl=self._ssl), timeout)
         except ssl.SSLError as exc:
             raise ConnectionLostError(
-                f"TLS 1.3 handshake with {self.host}:{self.port} failed ({exc}); is it a "
+                f"TLS 1.3 handshake with {self.server_text} failed ({exc}); is it a "
                 "peerpost rendezvous server with TLS on?") from None
         except (OSError, TimeoutError) as exc:
             raise ConnectionLostError(
-                f"cannot connect to {self.host}:{self.port}: {exc or type(exc).__name__}"
+                f"cannot connect to {self.server_text}: {exc or type(exc).__name__}"
             ) from None
         try:
             challenge = await asyncio.wait_for(asyncio.shield(proto.challenge), timeout)
         except TimeoutError:
             transport.abort()
             raise RequestTimeoutError(
-                f"no CHALLENGE from {self.host}:{self.port} within {timeout}s"
+                f"no CHALLENGE from {self.server_text} within {timeout}s"
                 + ("" if self.tls else " (a server with TLS on says nothing to a "
                    "plaintext client)")) from None
         except BaseException:
@@ -522,7 +527,7 @@ class RendezvousClient:
         self._last_session = proto.core.client_nonce  # what the next login replaces
         self._services = challenge.services()
         self._connected.set()
-        log.info(kv("client.connected", address=self.address, server=f"{self.host}:{self.port}"))
+        log.info(kv("client.connected", address=self.address, server=self.server_text))
 
     async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()
@@ -553,7 +558,7 @@ class RendezvousClient:
                 # Not the server's word (it never answered): wait, and try again.
                 mismatched += 1
                 wait = self.mismatch_backoff.delay(mismatched, self._rng)
-                where = f"{self.host}:{self.port}"
+                where = self.server_text
                 self._mismatch = KeyMismatch(where, exc, loop.time() + wait)
                 log.warning(kv("client.server_identity", address=self.address, server=where,
                                text=exc.text, retry_in=f"{wait:.0f}s"))
@@ -608,11 +613,11 @@ class RendezvousClient:
                 await self._connect_once()
             except RendezvousError as exc:
                 log.info(kv("client.alternate_failed", address=self.address,
-                            server=f"{host}:{port}", text=exc.text))
+                            server=self.server_text, text=exc.text))
                 continue
             self.failovers += 1
             log.warning(kv("client.failover", address=self.address,
-                           old=f"{current[0]}:{current[1]}", new=f"{host}:{port}"))
+                           old=format_hostport(*current), new=self.server_text))
             if self.on_failover is not None:
                 self.on_failover(host, port)
             return
@@ -666,7 +671,7 @@ class RendezvousClient:
                 if not self.reconnect:
                     raise ConnectionLostError()
                 if remaining <= 0:
-                    raise RequestTimeoutError(f"not connected to {self.host}:{self.port} "
+                    raise RequestTimeoutError(f"not connected to {self.server_text} "
                                               f"within {self.request_timeout}s")
                 await self.wait_connected(remaining)
                 continue
@@ -678,7 +683,7 @@ class RendezvousClient:
                 reply = await fut
             except TimeoutError:
                 proto.pending.pop(req.id, None)
-                raise RequestTimeoutError(f"no reply to {req.TAG} from {self.host}:{self.port} "
+                raise RequestTimeoutError(f"no reply to {req.TAG} from {self.server_text} "
                                           f"within {self.request_timeout}s") from None
             except ConnectionLostError:
                 if not self.reconnect:

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec
 
+from crypto.address import format_hostport
+
 # A writer to a pipe whose reader has gone dies of SIGPIPE in C tools; shells report 128 + 13.
 EXIT_BROKEN_PIPE = 141
 _P = ParamSpec("_P")
@@ -57,7 +59,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or (not action.option_strings and action.nargs not in ("?", "*"))):
             return text
         if isinstance(default, tuple):  # a parsed HOST:PORT
-            shown = ":".join(str(x) for x in default)
+            shown = format_hostport(str(default[0]), int(default[1]))
             return f"{text} (default: {shown.replace('%', '%%')})"
         return f"{text} (default: %(default)s)"
 

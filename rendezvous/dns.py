@@ -20,7 +20,7 @@ import dns.exception
 import dns.name
 import dns.resolver
 
-from crypto.address import parse_hostport
+from crypto.address import format_hostport, parse_hostport
 from crypto.errors import DecodeError
 from rendezvous.domainkey import fingerprint, parse_txt
 
@@ -138,11 +138,10 @@ class DnsResolver:
     def nameserver_text(self) -> str:
         """Who is asked, for error texts."""
         if self._nameserver is not None:
-            host, port = self._nameserver
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            return format_hostport(*self._nameserver)
         r = self._get_resolver()
-        shown = [f"{ns}:{r.port}" for ns in r.nameservers]
-        return ", ".join(str(s) for s in shown) or "(none configured)"
+        shown = [format_hostport(str(ns), r.port) for ns in r.nameservers]
+        return ", ".join(shown) or "(none configured)"
 
     def _get_resolver(self) -> dns.asyncresolver.Resolver:
         if self._resolver is None:
@@ -279,7 +278,7 @@ async def own_records_problem(resolver: DomainResolver, domain: str, key: bytes,
         return True, (f"_peerpost.{domain} TXT publishes domain key {fingerprint(found.key)}, "
                       f"but this server's is {fingerprint(key)}: nodes and other domains' "
                       f"servers will refuse it; {PUBLISH_HINT}")
-    servers = ", ".join(f"{h}:{p}" for h, p in found.servers)
+    servers = ", ".join(format_hostport(h, p) for h, p in found.servers)
     if all(p != port for _, p in found.servers):
         return False, (f"DNS names {servers} for {domain} and this server listens on port "
                        f"{port}: right only if a port forward leads there")

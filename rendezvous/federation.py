@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from crypto.address import domain_of
+from crypto.address import domain_of, format_hostport
 from rendezvous.backoff import Backoff
 from rendezvous.client_core import ClientConnection
 from rendezvous.dns import DomainLookupError, DomainRecords, DomainResolver
@@ -129,6 +129,7 @@ class LinkClient:
         why = f"{self.remote} lists no server"
         refusals: list[LinkRefused] = []
         for host, port in self.records.servers:
+            where = format_hostport(host, port)
             try:
                 await asyncio.wait_for(self._open(host, port), self.timeout)
                 return
@@ -136,11 +137,11 @@ class LinkClient:
                 why = str(exc)
                 refusals.append(exc)
             except TimeoutError:
-                why = f"{host}:{port} did not answer within {self.timeout:g} s"
+                why = f"{where} did not answer within {self.timeout:g} s"
             except (OSError, ssl.SSLError) as exc:
-                why = f"cannot connect to {host}:{port}: {exc or type(exc).__name__}"
+                why = f"cannot connect to {where}: {exc or type(exc).__name__}"
             except RemoteProtocolError as exc:
-                why = f"{host}:{port} sent garbage: {exc.text}"
+                why = f"{where} sent garbage: {exc.text}"
             except LinkError as exc:
                 why = str(exc)
             await self.aclose()
@@ -149,6 +150,7 @@ class LinkClient:
         raise LinkError(why)
 
     async def _open(self, host: str, port: int) -> None:
+        where = format_hostport(host, port)
         reader, writer = await asyncio.open_connection(
             host, port, ssl=client_context() if self.tls else None,
             limit=self.max_frame + 16)
@@ -158,12 +160,12 @@ class LinkClient:
         self._core = core
         first = await self._next(core)
         if not isinstance(first, Challenge):
-            raise LinkError(f"{host}:{port} did not start with a CHALLENGE")
+            raise LinkError(f"{where} did not start with a CHALLENGE")
         if first.domain != self.remote:
-            raise LinkError(f"{host}:{port} is the server of {first.domain}, not {self.remote}")
+            raise LinkError(f"{where} is the server of {first.domain}, not {self.remote}")
         if first.key != self.records.key:  # no LINK signed for a server we won't accept
             self.identity_mismatch = True
-            raise LinkError(f"{self.remote} ({host}:{port}) did not prove the domain key "
+            raise LinkError(f"{self.remote} ({where}) did not prove the domain key "
                             f"DNS publishes for it: it shows {fingerprint(first.key)}, DNS "
                             f"publishes {fingerprint(self.records.key)}")
         rid = core.link(self.domain_key, self.own_domain)
@@ -180,13 +182,13 @@ class LinkClient:
             raise LinkError(f"{self.remote} refused the link: {msg.status} {msg.text}")
         if core.identity_error is not None:
             self.identity_mismatch = True
-            raise LinkError(f"{self.remote} ({host}:{port}) did not prove the domain key "
+            raise LinkError(f"{self.remote} ({where}) did not prove the domain key "
                             f"DNS publishes for it: {core.identity_error.text}")
         self.identity_mismatch = False
         self.challenge = first
         peer = writer.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else host
-        log.info(kv("link.up", remote=self.remote, server=f"{host}:{port}"))
+        log.info(kv("link.up", remote=self.remote, server=where))
 
     async def _next(self, core: ClientConnection) -> Any:
         reader = self._reader

@@ -59,6 +59,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from crypto.address import format_hostport
 from crypto.codec import Fields
 from rendezvous.backoff import Backoff
 from rendezvous.cliutil import counted
@@ -491,8 +492,7 @@ class PgInstanceBus:
 
     def snapshot(self) -> dict[str, Any]:
         return {"instance": self.instance,
-                "instance_address": f"{self.address[0]}:{self.address[1]}"
-                if self.address else None,
+                "instance_address": format_hostport(*self.address) if self.address else None,
                 "bus_published": self.published, "bus_received": self.received,
                 "pushed_remote": self.pushed_remote, "bus_bad_events": self.bad_events,
                 "bus_listener_reconnects": self.listener_reconnects}
@@ -811,7 +811,7 @@ def instances_report(rows: Sequence[InstanceRow]) -> dict[str, Any]:
     """What `stats --store` shows of the instances: each one, and the domain's totals."""
     return {
         "instances": [{
-            "id": r.id, "address": f"{r.host}:{r.port}", "alive": r.alive,
+            "id": r.id, "address": format_hostport(r.host, r.port), "alive": r.alive,
             "lease_renewed_s_ago": round(r.heartbeat_age, 1), "devices": r.sessions,
             "sessions": int(r.stats.get("online_sessions", 0) or 0),
             **{k: int(r.stats.get(k, 0) or 0) for k in (

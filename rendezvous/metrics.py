@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from crypto.address import format_hostport
 from rendezvous.logfmt import kv
 
 if TYPE_CHECKING:
@@ -227,7 +228,7 @@ class ServerCollector(Collector):
         address = bus.address or self.server.address
         yield gauge(p + "instance", "this instance of the domain (always 1)", 0,
                     [({"instance_id": bus.instance,
-                       "address": f"{address[0]}:{address[1]}" if address else ""}, 1.0)])
+                       "address": format_hostport(*address) if address else ""}, 1.0)])
         rows = bus.instances()
         if not rows:
             return
@@ -326,7 +327,7 @@ class ServerMetrics:
             return False, "not listening yet"
         if srv.closing:
             return False, "shutting down"
-        return True, f"serving {srv.domain} on {srv.address[0]}:{srv.address[1]}"
+        return True, f"serving {srv.domain} on {format_hostport(*srv.address)}"
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         return await self.http.start(host, port)

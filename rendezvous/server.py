@@ -116,7 +116,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
-from crypto.address import domain_of
+from crypto.address import domain_of, format_hostport
 from crypto.codec import packb
 from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver, own_records_problem
 from rendezvous.domainkey import DomainKey
@@ -226,7 +226,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         try:
             addr = transport.get_extra_info("peername")
-            self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            self.peer = format_hostport(*addr[:2]) if isinstance(addr, tuple) else str(addr)
             self.source = source_of(str(addr[0])) if isinstance(addr, tuple) else self.peer
             self.server._attach(self)
             self._pump()
@@ -585,7 +585,7 @@ class RendezvousServer:
         """Live figures for `stats`: sessions, devices online, counters."""
         return {
             "domain": self.domain,
-            "listening": f"{self.address[0]}:{self.address[1]}" if self.address else None,
+            "listening": format_hostport(*self.address) if self.address else None,
             "connections": len(self._connections),
             "online_sessions": sum(len(v) for v in self._online.values()),
             "online_devices": len(self._online),
@@ -1508,7 +1508,7 @@ class RendezvousServer:
         return {"online_sessions": sum(len(v) for v in self._online.values()),
                 "online_devices": len(self._online), "sends": self.sends,
                 "delivered": self.delivered, "requests": self.requests,
-                "listening": f"{self.address[0]}:{self.address[1]}" if self.address else None}
+                "listening": format_hostport(*self.address) if self.address else None}
 
     # --- housekeeping ------------------------------------------------------------------
     async def _save_relay_usage(self) -> None:

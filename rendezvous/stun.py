@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from crypto.address import format_hostport
 from rendezvous.limits import SourceLimiter
 
 MAGIC_COOKIE = 0x2112A442
@@ -294,7 +295,7 @@ async def query_on(transport: asyncio.DatagramTransport,
         async with asyncio.timeout(timeout):
             return await _one_query(transport, replies, server, request, tid, retransmit)
     except TimeoutError:
-        raise TimeoutError(f"no STUN answer from {server[0]}:{server[1]} "
+        raise TimeoutError(f"no STUN answer from {format_hostport(*server)} "
                            f"within {timeout} s") from None
 
 

@@ -170,6 +170,7 @@ class SimNode:
 
     async def init(self) -> None:
         """`peerpost init`: register the address (as this host), then write the home."""
+        from crypto.address import format_hostport
         from crypto.identity import DeviceIdentity
         from overlay.app.home import NodeConfig, NodeHome
         from overlay.app.setup import register
@@ -181,8 +182,8 @@ class SimNode:
         key = await self.host.create_task(register(host, port, identity, self.address, None,
                                                    tls=False))
         NodeHome(self.root).create(
-            NodeConfig(address=self.address, server=f"{host}:{port}",
-                       listen=f"{self.host.address}:0", server_key=encode_key(key),
+            NodeConfig(address=self.address, server=format_hostport(host, port),
+                       listen=format_hostport(self.host.address, 0), server_key=encode_key(key),
                        plaintext=True, web="off"), identity)
 
     async def start(self) -> Node:

@@ -25,7 +25,7 @@ import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crypto.address import parse_hostport
+from crypto.address import format_hostport, parse_hostport
 from crypto.errors import DecodeError
 from overlay.app.control_wire import ControlError, NodeNotRunning
 from overlay.app.control_wire import call as control_call
@@ -1126,7 +1126,8 @@ async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
                                         f"itself, next in {m['next_try_in']:.0f} s", "red"))
     else:
         t.add_row("rendezvous", "connected" if info["connected"] else "[red]not connected[/]")
-    t.add_row("direct transfers", _t(":".join(str(x) for x in info["listen"])))
+    listen = info["listen"]
+    t.add_row("direct transfers", _t(format_hostport(*listen) if listen else ""))
     if (reach := info.get("reach")) is not None:
         t.add_row("network", _reach_line(reach))
         t.add_row("paths to peers", _t(", ".join(reach["paths"])))

@@ -146,8 +146,8 @@ def _demo(root: Path, args: argparse.Namespace, console: Console) -> dict[str, A
     console.print(f"clip: {clip.name}, {_size(size)}, {clip_summary(info)}")
 
     with LocalNetwork(root / "lab") as net:
-        host, port = net.start_server()
-        console.print(f"rendezvous server for {net.domain} on {host}:{port} (SQLite in "
+        net.start_server()
+        console.print(f"rendezvous server for {net.domain} on {net.server_hostport} (SQLite in "
                       f"{net.data_dir.name}/)")
         alice, carol, dave = (net.add_node(n) for n in ("alice", "carol", "dave"))
         bob = net.add_node("bob", extra=["--web", "127.0.0.1:0"])

@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-from crypto.address import domain_of, parse_hostport
+from crypto.address import domain_of, format_hostport, parse_hostport
 from crypto.errors import DecodeError
 from overlay.app.home import NodeConfig, NodeHome
 from rendezvous.client import RendezvousClient
@@ -37,10 +37,6 @@ def resolver_spec(config: NodeConfig, environ: Mapping[str, str] | None = None) 
     """The name server to ask (HOST:PORT), or None for the system's."""
     env = os.environ if environ is None else environ
     return env.get(RESOLVER_ENV) or config.resolver or None
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ServerFailover:
@@ -70,7 +66,7 @@ class ServerFailover:
 
     def record(self, host: str, port: int) -> None:
         """The session failed over to host:port: it becomes the config's `server`."""
-        where = _hostport(host, port)
+        where = format_hostport(host, port)
         log.warning("failed over from %s to %s (reconnect); recorded in %s",
                     self.config.server, where, self.home.config_path)
         self.config.server = where
@@ -105,7 +101,7 @@ class ServerFailover:
         log.warning("server %s %s; trying the other %d server(s) of %s (%s SRV)",
                     self.config.server, why, len(others), self.domain, srv_name(self.domain))
         for host, port in others:
-            where = _hostport(host, port)
+            where = format_hostport(host, port)
             client.host, client.port = host, port
             try:
                 await client.start()

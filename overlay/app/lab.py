@@ -26,8 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-_LISTENING = re.compile(r"listening (\S+):(\d+)")
+from crypto.address import format_hostport, parse_hostport
+
+# `serve` prints `listening HOST:PORT` (the mailbox) first, then `stun listening HOST:PORT`
+# and the like for each service; HOST:PORT as parse_hostport reads it ([::1]:P on IPv6).
+LISTENING = re.compile(r"^(?:(\w+) )?listening (\S+:\d+)$")
 _READY = re.compile(r"^ready\b")
+
+
+def listening(m: re.Match[str]) -> tuple[str, tuple[str, int]]:
+    """The service a LISTENING line names ("" for the mailbox) and the address it has."""
+    return m.group(1) or "", parse_hostport(m.group(2))
 
 
 class LabError(Exception):
@@ -184,7 +193,7 @@ class LocalNetwork:
             except OSError:  # taken for good: the server says so when it cannot listen
                 self._release_port()
         host, port = self._port_hold.getsockname()[:2] if self._port_hold else want
-        listen = f"{host}:{port}"
+        listen = format_hostport(host, port)
         # At a given port P, `serve` puts STUN at UDP P and the DHT at UDP P + 1; on a
         # machine full of test servers P + 1 may be taken, so let each pick a free port.
         services = [] if port == 0 else [f for name in ("--stun-port", "--dht-port")
@@ -193,8 +202,8 @@ class LocalNetwork:
                 "--listen", listen, "--data", str(self.data_dir), "--open-registration",
                 *([] if self.tls else ["--plaintext"]), *services, *self.server_args]
         self.server = self._spawn("server", argv)
-        m = self.server.lines.wait_for(_LISTENING, timeout, "peerpost-rendezvous serve")
-        self.server_addr = (m.group(1), int(m.group(2)))
+        m = self.server.lines.wait_for(LISTENING, timeout, "peerpost-rendezvous serve")
+        self.server_addr = listening(m)[1]
         return self.server_addr
 
     def start_extra_server(self, name: str, data: Path,
@@ -207,15 +216,14 @@ class LocalNetwork:
                 "127.0.0.1:0", "--data", str(data), "--open-registration",
                 *([] if self.tls else ["--plaintext"])]
         proc = self._spawn(name, argv)
-        m = proc.lines.wait_for(_LISTENING, timeout, f"peerpost-rendezvous serve ({name})")
-        return proc, (m.group(1), int(m.group(2)))
+        m = proc.lines.wait_for(LISTENING, timeout, f"peerpost-rendezvous serve ({name})")
+        return proc, listening(m)[1]
 
     @property
     def server_hostport(self) -> str:
         if self.server_addr is None:
             raise LabError("the server has not been started")
-        host, port = self.server_addr
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_hostport(*self.server_addr)
 
     def cli(self, node: NodeHandle, *args: str, timeout: float = 120.0,
             check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -231,11 +239,12 @@ class LocalNetwork:
     def cli_json(self, node: NodeHandle, *args: str) -> Any:
         return json.loads(self.cli(node, *args, "--json").stdout)
 
-    def add_node(self, name: str, *, extra: list[str] | None = None) -> NodeHandle:
+    def add_node(self, name: str, *, extra: list[str] | None = None,
+                 listen: str = "127.0.0.1:0") -> NodeHandle:
         """Create a node's home with `peerpost init` (registers its address)."""
         node = NodeHandle(name, f"{name}@{self.domain}", self.root / name, extra=extra or [])
         self.cli(node, "init", "--address", node.address, "--server", self.server_hostport,
-                 "--listen", "127.0.0.1:0")
+                 "--listen", listen)
         self.nodes[name] = node
         return node
 

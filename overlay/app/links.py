@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
+from crypto.address import format_hostport
 from crypto.identity import DeviceIdentity
 from overlay.transfer.server import TransferServer
 from overlay.transports.ladder import ConnectionLadder, Holder
@@ -116,7 +117,7 @@ class PeerLinks:
                 self.rtc.channels.settings = self.settings
         stun_tcp = self._stun_tcp()
         if stun_tcp is not None and stun_tcp != self.punch.settings.stun:
-            log.info("STUN over TCP for the punch now %s:%d", *stun_tcp)
+            log.info("STUN over TCP for the punch now %s", format_hostport(*stun_tcp))
             self.punch.settings = replace(self.punch.settings, stun=stun_tcp)
         if stun and stun[0] != self.quic.settings.stun:
             self.quic.settings = replace(self.quic.settings, stun=stun[0])

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from crypto.address import parse_hostport
+from crypto.address import format_hostport, parse_hostport
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from crypto.location import LocationMessage
@@ -51,7 +51,6 @@ from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
 from overlay.mail.receipts import Receipt
 from overlay.transfer.server import TransferServer
-from overlay.transports.candidates import hostport
 from overlay.transports.netwatch import NetworkEvents
 from overlay.transports.quic import UdpOpener, kernel_udp
 from overlay.transports.reachability import Reachability, probe, route_ip
@@ -327,7 +326,7 @@ class Node:
                     attempt, mismatched = 0, mismatched + 1
                     delay = self.options.mismatch_backoff.delay(mismatched, self.rng)
                     rv = self.rendezvous
-                    why = f"{key_mismatch_text(f'{rv.host}:{rv.port}', exc)}: not logging in to it"
+                    why = f"{key_mismatch_text(rv.server_text, exc)}: not logging in to it"
                 log.warning("%s; trying again in %.0f s", why, delay)
                 self.home.note_login_wait(why, self.wall() + delay)
                 await asyncio.sleep(delay)
@@ -364,13 +363,11 @@ class Node:
         if links is not None:
             links.follow_server()
         info = self.rendezvous.server_info  # from the new server's CHALLENGE
-        where = f"[{host}]" if ":" in host else host
         stun, stun_tcp, dht = info.get("stun"), info.get("stun_tcp"), info.get("dht")
-        log.warning("now using the services of %s:%d: STUN %s, STUN over TCP %s, "
-                    "DHT bootstrap %s", where, port,
-                    f"{where}:{stun}" if isinstance(stun, int) else "none",
-                    f"{where}:{stun_tcp}" if isinstance(stun_tcp, int) else "none",
-                    f"{where}:{dht}" if isinstance(dht, int) else "none")
+        log.warning("now using the services of %s: STUN %s, STUN over TCP %s, "
+                    "DHT bootstrap %s", format_hostport(host, port),
+                    *(format_hostport(host, p) if isinstance(p, int) else "none"
+                      for p in (stun, stun_tcp, dht)))
         following: TaskSet | None = getattr(self, "_following", None)
         if isinstance(dht, int) and following is not None and not following.closed:
             following.spawn(self._rejoin_dht((host, dht)), name="dht-rejoin")
@@ -381,11 +378,11 @@ class Node:
             async with asyncio.timeout(DHT_REJOIN_TIMEOUT):
                 found = await self.providers.dht.bootstrap([bootstrap])
         except (TimeoutError, OSError) as exc:
-            log.warning("DHT bootstrap through %s:%d after failover failed: %s",
-                        *bootstrap, exc)
+            log.warning("DHT bootstrap through %s after failover failed: %s",
+                        format_hostport(*bootstrap), exc)
             return
-        log.info("DHT joined through %s:%d after failover: %d contact%s in the routing table",
-                 *bootstrap, found, "" if found == 1 else "s")
+        log.info("DHT joined through %s after failover: %d contact%s in the routing table",
+                 format_hostport(*bootstrap), found, "" if found == 1 else "s")
 
     async def _watch_network(self) -> None:
         """Follow the host to another network (a laptop from home Wi-Fi to a phone
@@ -592,7 +589,7 @@ class Node:
             host = self.reach.local_ip or "" if self.reach else ""
         # An IPv6 host in brackets: the DHT's provider records refuse ::1:P (every announce
         # failed), and HOST:PORT parsers only took it because the port comes last.
-        return {"addrs": [hostport((host, port))] if host else [],
+        return {"addrs": [format_hostport(host, port)] if host else [],
                 "nat": bool(self.reach and self.reach.nat)}
 
     def reach_info(self) -> dict[str, Any]:
@@ -601,7 +598,7 @@ class Node:
         peers over."""
         seen = self.reach.mapped if self.reach is not None else None
         return {"nat": self.reach.nat if self.reach is not None and seen else None,
-                "seen_as": hostport(seen) if seen else None,
+                "seen_as": format_hostport(*seen) if seen else None,
                 "paths": self.links.paths()}
 
     def direct_addresses(self) -> list[str]:
@@ -669,8 +666,8 @@ def run_node(home: NodeHome, args: argparse.Namespace, *,
             metrics = NodeMetrics(node, node.fetch_meter)
             node._stack.push_async_callback(metrics.aclose)
             mhost, mport = await metrics.start(*opts.metrics)
-            shown = f" metrics={mhost}:{mport}"
-        print(f"ready address={node.address} listen={host}:{port} "
+            shown = f" metrics={format_hostport(mhost, mport)}"
+        print(f"ready address={node.address} listen={format_hostport(host, port)} "
               f"control={home.control_path} web={node.web_url or 'off'}{shown}", flush=True)
         notify("READY=1", f"STATUS=serving {node.address}")
         await stop.wait()

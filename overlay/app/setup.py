@@ -23,7 +23,7 @@ import ssl
 
 from rich.console import Console
 
-from crypto.address import domain_of, normalize_address, parse_hostport
+from crypto.address import domain_of, format_hostport, normalize_address, parse_hostport
 from crypto.errors import CryptoError, DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
 from crypto.vouch import Vouch, device_key_text, make_vouch, parse_device_key
@@ -121,7 +121,7 @@ async def probe(host: str, port: int) -> bytes:
     """The key of the server's CHALLENGE, or HomeError saying what answers at HOST:PORT
     instead: nothing (refused, no TCP answer), or something that is no rendezvous server
     (no TLS, or no CHALLENGE within PROBE_TIMEOUT)."""
-    where = _hostport(host, port)
+    where = format_hostport(host, port)
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
             _, writer = await asyncio.open_connection(host, port)
@@ -176,10 +176,6 @@ def _wrong_key(where: str, seen: bytes | None, domain: str, published: bytes) ->
                      "(someone is in the way, or the domain's records are stale)")
 
 
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def _register_found(resolver: DomainResolver, identity: DeviceIdentity, address: str,
                           invite: str | None, vouch: bytes | None) -> tuple[str, bytes]:
     """Register with the first server of the address's domain that answers, in the order
@@ -194,7 +190,7 @@ async def _register_found(resolver: DomainResolver, identity: DeviceIdentity, ad
         raise HomeError(f"cannot find the server of {domain}: {exc}") from None
     failures: list[str] = []
     for host, port in records.servers:
-        where = _hostport(host, port)
+        where = format_hostport(host, port)
         try:
             # The key the CHALLENGE names is checked before anything is sent, so a server
             # with another key never gets the registration; the handshake then proves it.

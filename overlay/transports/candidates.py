@@ -32,7 +32,7 @@ import asyncio
 import ipaddress
 import socket
 
-from crypto.address import parse_hostport
+from crypto.address import format_hostport, parse_hostport
 from crypto.codec import Fields, item_str
 from crypto.errors import DecodeError
 from rendezvous.stun import Address
@@ -49,11 +49,6 @@ def family_of(host: str) -> int:
 def family_names(candidates: tuple[Address, ...]) -> str:
     """The address families of `candidates`, for an error: "IPv4", "IPv6" or both."""
     return " and ".join(sorted({FAMILY_NAME[family_of(c[0])] for c in candidates}))
-
-
-def hostport(addr: Address) -> str:
-    """`addr` as HOST:PORT, an IPv6 host in brackets."""
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 def _canonical(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
@@ -140,7 +135,7 @@ def nothing_to_dial(theirs: tuple[Address, ...], family: int, port: str) -> str:
     if all(family_of(c[0]) != family for c in theirs):
         return (f"the peer's candidates are {family_names(theirs)} only and our {port} is "
                 f"{FAMILY_NAME[family]}: no address family in common")
-    return (f"the peer's candidates ({', '.join(hostport(c) for c in theirs)}) reach it "
+    return (f"the peer's candidates ({', '.join(format_hostport(*c) for c in theirs)}) reach it "
             "from its own host only, and ours are not on loopback")
 
 

@@ -69,11 +69,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self, cast
 
+from crypto.address import format_hostport
 from crypto.codec import Fields, packb
 from overlay.transports.candidates import (
     MAX_CANDIDATES,
     decode_candidates,
-    hostport,
     no_common_family,
     nothing_to_dial,
     own_candidates,
@@ -124,7 +124,7 @@ class _Candidates:
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"s": self.session,
-                               "c": [hostport(c) for c in self.candidates]}
+                               "c": [format_hostport(*c) for c in self.candidates]}
         if self.nominate:
             out["n"] = True
         return out
@@ -258,7 +258,7 @@ class Nomination(enum.Enum):
 
 def _peer(sock: socket.socket) -> str:
     try:
-        return hostport(sock.getpeername()[:2])
+        return format_hostport(*sock.getpeername()[:2])
     except OSError:
         return "a closed connection"
 
@@ -306,7 +306,7 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...], *,
     awaiting = nomination is Nomination.AWAIT
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(_connect_from(local, t, family, port.make_socket, rng),
-                              name=f"punch {hostport(t)}")
+                              name=f"punch {format_hostport(*t)}")
              for t in dial]
     accepting = loop.create_task(_accept_from(port.listener, hosts), name="punch accept")
     tasks.append(accepting)
@@ -334,7 +334,7 @@ async def simultaneous_open(port: PunchPort, theirs: tuple[Address, ...], *,
                 try:
                     won = t.result()
                 except OSError as exc:  # binding the port again failed
-                    raise PunchError(f"cannot dial from {hostport(local)}: {exc}") from None
+                    raise PunchError(f"cannot dial from {format_hostport(*local)}: {exc}") from None
                 if t is accepting and awaiting:  # the dialer's pick may come in next
                     accepting = loop.create_task(_accept_from(port.listener, hosts),
                                                  name="punch accept")
@@ -435,12 +435,12 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
             mapping = await query_tcp_mapping(stun, timeout=self.settings.budget,
                                               make_socket=self.settings.make_socket)
         except (OSError, StunDecodeError) as exc:
-            raise PunchError(f"STUN over TCP at {hostport(stun)}: {exc}") from None
+            raise PunchError(f"STUN over TCP at {format_hostport(*stun)}: {exc}") from None
         try:
             return PunchPort.ready(mapping, self.settings.make_socket)
         except OSError as exc:
             mapping.close()
-            raise PunchError(f"cannot listen on {hostport(mapping.local)}: {exc}") from None
+            raise PunchError(f"cannot listen on {format_hostport(*mapping.local)}: {exc}") from None
 
     # --- accepting -------------------------------------------------------------------
     async def _answer(self, msg: PipeMessage, offer: PunchOffer) -> None:

@@ -54,12 +54,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self, cast
 
+from crypto.address import format_hostport
 from crypto.codec import Fields, packb
 from crypto.errors import DecodeError
 from overlay.transports.candidates import (
     decode_candidates,
     family_of,
-    hostport,
     no_common_family,
     nothing_to_dial,
     own_candidates,
@@ -104,7 +104,7 @@ class QuicOffer:
     candidates: tuple[Address, ...]
 
     def fields(self) -> dict[str, Any]:
-        return {"s": self.session, "c": [hostport(c) for c in self.candidates]}
+        return {"s": self.session, "c": [format_hostport(*c) for c in self.candidates]}
 
     @classmethod
     def decode(cls, f: Fields) -> Self:
@@ -121,7 +121,7 @@ class QuicAnswer:
     fingerprint: str
 
     def fields(self) -> dict[str, Any]:
-        return {"s": self.session, "c": [hostport(c) for c in self.candidates],
+        return {"s": self.session, "c": [format_hostport(*c) for c in self.candidates],
                 "fp": self.fingerprint}
 
     @classmethod
@@ -364,7 +364,7 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
         try:
             stun = await resolve(named)
         except OSError as exc:
-            raise QuicError(f"STUN at {hostport(named)}: {exc}") from None
+            raise QuicError(f"STUN at {format_hostport(*named)}: {exc}") from None
         family = family_of(stun[0])
         prober = Prober(self._bad_probe)
         try:
@@ -376,7 +376,7 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
                                     timeout=self.settings.budget)
         except (OSError, TimeoutError) as exc:
             transport.close()
-            raise QuicError(f"STUN at {hostport(stun)}: {exc}") from None
+            raise QuicError(f"STUN at {format_hostport(*stun)}: {exc}") from None
         except BaseException:
             transport.close()
             raise

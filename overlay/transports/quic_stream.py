@@ -66,7 +66,7 @@ from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import QuicPacketType, pull_quic_header
 from qh3.tls import SignatureAlgorithm
 
-from overlay.transports.candidates import hostport
+from crypto.address import format_hostport
 from overlay.transports.stream import ChunkReceiver, StreamBroken, StreamClosed
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
             cert = conn.get_peercert()
             seen = hashlib.sha256(cert.public_bytes()).hexdigest() if cert else "none"
             if seen != self._fingerprint.lower():
-                why = (f"the QUIC peer at {hostport(self.peer)} has certificate "
+                why = (f"the QUIC peer at {format_hostport(*self.peer)} has certificate "
                        f"{seen[:16]}..., not {self._fingerprint[:16]}... as its answer said")
                 self._connected.set_exception(QuicPinError(why))
                 self._lose(why)
@@ -287,7 +287,7 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
         return self._conn
 
     def error_received(self, exc: Exception) -> None:
-        log.debug("quic %s: %s", hostport(self.peer), exc)  # ICMP; the timers decide
+        log.debug("quic %s: %s", format_hostport(*self.peer), exc)  # ICMP; the timers decide
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose("the UDP socket closed")
@@ -312,7 +312,7 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
                 self._lose(f"QUIC connection closed by the peer or timed out: {why}")
                 if not self._connected.done():
                     self._connected.set_exception(StreamBroken(
-                        f"QUIC handshake with {hostport(self.peer)} failed: {why}"))
+                        f"QUIC handshake with {format_hostport(*self.peer)} failed: {why}"))
             elif isinstance(event, events.StreamReset | events.StopSendingReceived):
                 self._lose(f"the peer reset stream {event.stream_id}")
 
@@ -347,7 +347,7 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
         self._writable.set()
 
     def _violation(self, what: str) -> None:
-        log.warning("quic peer %s broke the stream protocol: %s", hostport(self.peer), what)
+        log.warning("quic peer %s broke the stream protocol: %s", format_hostport(*self.peer), what)
         self._lose(f"peer protocol error: {what}")
         self._close_connection(what)
 
@@ -436,7 +436,7 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
             left = min(start + CLOSE_TIMEOUT, max(self._heard, start) + PEER_SILENT) - now
             if left <= 0:
                 log.debug("quic %s: closed with data unacknowledged (nothing heard for "
-                          "%.1f s)", hostport(self.peer), now - self._heard)
+                          "%.1f s)", format_hostport(*self.peer), now - self._heard)
                 return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
@@ -541,7 +541,7 @@ class QuicStream(ChunkReceiver, asyncio.DatagramProtocol):
 
     def peer_address(self) -> str | None:
         """The punched address of the peer, as "host:port"."""
-        return hostport(self.peer)
+        return format_hostport(*self.peer)
 
 
 async def udp_transport(sock: socket.socket, protocol: asyncio.DatagramProtocol

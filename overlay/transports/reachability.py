@@ -14,6 +14,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from crypto.address import format_hostport
 from rendezvous.stun import query_mapping
 
 log = logging.getLogger("peerpost.reachability")
@@ -54,11 +55,11 @@ async def probe(server_host: str, server_port: int, stun_port: int | None,
         (mapped,) = await query_mapping([(server_host, stun_port)], local_addr=(bind, 0),
                                         timeout=STUN_TIMEOUT)
     except (TimeoutError, OSError, ValueError) as exc:
-        log.info("STUN at %s:%d did not answer (%s); assuming no NAT", server_host,
-                 stun_port, exc)
+        log.info("STUN at %s did not answer (%s); assuming no NAT",
+                 format_hostport(server_host, stun_port), exc)
         return Reachability(local, None, False)
     ours = local if bind == "0.0.0.0" else listen_host
     nat = mapped[0] != ours
-    log.info("outbound address %s, the server sees %s:%d: %s", ours, mapped[0], mapped[1],
+    log.info("outbound address %s, the server sees %s: %s", ours, format_hostport(*mapped),
              "behind NAT" if nat else "directly reachable")
     return Reachability(local, (mapped[0], mapped[1]), nat)

@@ -33,6 +33,7 @@ import os
 import ssl
 from typing import cast
 
+from crypto.address import format_hostport
 from crypto.identity import DeviceIdentity
 from overlay.transports.stream import StreamBroken
 from overlay.transports.tcp import StreamProtocol, TcpStream
@@ -130,10 +131,11 @@ async def _open(host: str, port: int, core: RelayHandshake, timeout: float,  # n
                 await loop.create_connection(lambda: hs, host, port,
                                              ssl=client_context() if tls else None)
             except ssl.SSLError as exc:
-                raise RelayError(0, f"TLS 1.3 handshake with {host}:{port} failed: "
+                raise RelayError(0, f"TLS 1.3 handshake with {format_hostport(host, port)} failed: "
                                     f"{exc}") from None
             except OSError as exc:
-                raise RelayError(0, f"cannot connect to {host}:{port}: {exc}") from None
+                raise RelayError(0, f"cannot connect to {format_hostport(host, port)}: "
+                                    f"{exc}") from None
             return await hs.done
     except BaseException as exc:
         if hs.transport is not None:

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
+from crypto.address import format_hostport
 from overlay.transports.stream import StreamBroken, StreamBusy, StreamClosed
 from rendezvous.taskset import TaskSet
 from rendezvous.tls import can_half_close
@@ -357,8 +358,7 @@ class TcpStream:
         t = self._p.transport
         addr = t.get_extra_info("peername") if t is not None else None
         if isinstance(addr, tuple) and len(addr) >= 2:
-            host = str(addr[0])
-            return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+            return format_hostport(str(addr[0]), addr[1])
         return None
 
 
@@ -387,7 +387,8 @@ async def connect_tcp(
                 lambda: DirectTcpProtocol(read_high_water), host, port
             )
     except (OSError, TimeoutError) as exc:
-        raise StreamBroken(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from None
+        raise StreamBroken(f"cannot connect to {format_hostport(host, port)}: "
+                           f"{exc or 'timed out'}") from None
     return TcpStream(proto)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 
+from crypto.address import format_hostport
 from overlay.transports.stream import ChunkReceiver, StreamBroken, StreamClosed
 
 log = logging.getLogger(__name__)
@@ -239,4 +240,4 @@ class WebRtcStream(ChunkReceiver):
             host, port = str(pair.remote_candidate.host), int(pair.remote_candidate.port)
         except AttributeError:
             return None
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_hostport(host, port)

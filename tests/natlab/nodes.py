@@ -21,15 +21,12 @@ endpoint-independent mapping from a symmetric one (what `assert_nat` checks).
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
-from overlay.app.lab import LabError, LocalNetwork, NodeHandle, Proc, _script
+from overlay.app.lab import LISTENING, LabError, LocalNetwork, NodeHandle, Proc, _script, listening
 from tests.natlab.conftest import REPO, python_argv
 from tests.natlab.lab import NatLab, NatMode, read_line
-
-_LISTENING = re.compile(r"^(\w+ )?listening (\S+):(\d+)$")
 
 
 class LabNetwork(LocalNetwork):
@@ -55,8 +52,9 @@ class LabNetwork(LocalNetwork):
         self.server = self._spawn("server", argv)
         found: dict[str, tuple[str, int]] = {}
         while len(found) < 3:  # listening, stun listening, dht listening
-            m = self.server.lines.wait_for(_LISTENING, timeout, "peerpost-rendezvous serve")
-            found[(m.group(1) or "").strip()] = (m.group(2), int(m.group(3)))
+            name, where = listening(
+                self.server.lines.wait_for(LISTENING, timeout, "peerpost-rendezvous serve"))
+            found[name] = where
         self.server_addr = found[""]
         if found["stun"][0] != addr:
             raise LabError(f"the server's STUN listens on {found['stun']}, not on {addr}")

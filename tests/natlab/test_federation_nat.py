@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from overlay.app.lab import LabError, NodeHandle, _script
+from overlay.app.lab import LISTENING, LabError, NodeHandle, _script, listening
 from tests.dnstest import flags_from_bind
 from tests.natlab.lab import NatLab, NatMode, read_line
 from tests.natlab.nodes import LabNetwork
@@ -38,7 +38,6 @@ A, B = "a.test", "b.test"
 SIZE = 3_000_000
 DELIVERY_TIMEOUT = 90.0
 DNS_PORT = 53
-_LISTENING = re.compile(r"^(\w+ )?listening (\S+):(\d+)$")
 
 
 class DomainNetwork(LabNetwork):
@@ -59,9 +58,8 @@ class DomainNetwork(LabNetwork):
                 "--listen", f"{self.addr}:0", "--data", str(self.data_dir),
                 "--open-registration", *self.server_args]
         self.server = self._spawn("server", argv)
-        m = self.server.lines.wait_for(re.compile(r"^listening (\S+):(\d+)$"), timeout,
-                                       f"{self.domain}'s server")
-        self.server_addr = (m.group(1), int(m.group(2)))
+        m = self.server.lines.wait_for(LISTENING, timeout, f"{self.domain}'s server")
+        self.server_addr = listening(m)[1]
         return self.server_addr
 
     def dns_records(self) -> list[str]:

@@ -15,9 +15,9 @@ from typing import Self
 
 import pytest
 
-from overlay.app.lab import NodeHandle, _script
+from overlay.app.lab import LISTENING, NodeHandle, _script, listening
 from tests.natlab.lab import NatLab
-from tests.natlab.nodes import _LISTENING, LabNetwork
+from tests.natlab.nodes import LabNetwork
 from tests.natlab.test_nodes import _complete, _digest, _file, _paths, _send, _server_stats
 
 pytestmark = pytest.mark.netns
@@ -84,8 +84,9 @@ class Ipv6Network(LabNetwork):
                 "--listen", "[::1]:0", "--data", str(self.data_dir), "--open-registration"]
         self.server = self._spawn("server", argv)
         while len(self.services) < 4:  # the mailbox, stun, dht, stun_tcp
-            m = self.server.lines.wait_for(_LISTENING, timeout, "peerpost-rendezvous serve")
-            self.services[(m.group(1) or "").strip()] = (m.group(2), int(m.group(3)))
+            name, addr = listening(
+                self.server.lines.wait_for(LISTENING, timeout, "peerpost-rendezvous serve"))
+            self.services[name] = addr
         self.server_addr = self.services[""]
         return self.server_addr
 

@@ -11,13 +11,12 @@ allowance, and a source of the other /64 is served beside it.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Self
 
 import pytest
 
-from overlay.app.lab import _script
+from overlay.app.lab import LISTENING, _script, listening
 from tests.natlab.conftest import REPO, python_argv
 from tests.natlab.lab import read_line
 from tests.natlab.test_quic_ipv6 import HOST, Ipv6Host
@@ -25,7 +24,6 @@ from tests.natlab.test_quic_ipv6 import HOST, Ipv6Host
 pytestmark = pytest.mark.netns
 
 SERVER = "2001:db8:1:2::1"
-_LISTENING = re.compile(r"^(\w+ )?listening (\S+):(\d+)$")
 
 
 class TwoPrefixes(Ipv6Host):
@@ -53,9 +51,10 @@ def _serve(lab: TwoPrefixes, data: Path) -> dict[str, tuple[str, int]]:
                           "--open-registration", "--plaintext", "--sessions-per-ip", "2"])
     found: dict[str, tuple[str, int]] = {}
     while len(found) < 4:  # the mailbox, stun, dht, stun_tcp
-        m = _LISTENING.match(read_line(proc, 30, "peerpost-rendezvous serve"))
+        m = LISTENING.match(read_line(proc, 30, "peerpost-rendezvous serve"))
         if m is not None:
-            found[(m.group(1) or "").strip()] = (m.group(2).strip("[]"), int(m.group(3)))
+            name, addr = listening(m)
+            found[name] = addr
     return found
 
 

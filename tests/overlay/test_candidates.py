@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from crypto.address import format_hostport
 from crypto.codec import packb
 from overlay.transports.candidates import (
     candidate,
@@ -64,21 +65,17 @@ hosts = st.ip_addresses().map(str) | st.builds(
     lambda ip, zone: f"{ip}%{zone}", st.ip_addresses(v=6), st.sampled_from(["eth0", "lo", "3"]))
 
 
-def _bracketed(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 @pytest.mark.parametrize(("tag", "decode", "error", "extra"), CODECS)
 @given(host=hosts, port=st.integers(1, 65535))
 def test_a_local_candidate_that_means_nothing_elsewhere_is_dropped_the_rest_kept(
         tag: str, decode: Callable[[bytes], Any], error: type[Exception],
         extra: dict[str, Any], host: str, port: int) -> None:
-    sig = decode(packb({"t": tag, "s": SESSION, "c": [PUBLIC, _bracketed(host, port)],
+    sig = decode(packb({"t": tag, "s": SESSION, "c": [PUBLIC, format_hostport(host, port)],
                         **extra}))
     if _means_nothing_elsewhere(host):
         assert sig.candidates == (("198.51.100.7", 4000),)
     else:
-        assert sig.candidates == (("198.51.100.7", 4000), candidate(_bracketed(host, port)))
+        assert sig.candidates == (("198.51.100.7", 4000), candidate(format_hostport(host, port)))
 
 
 @pytest.mark.parametrize(("tag", "decode", "error", "extra"), CODECS)
@@ -86,7 +83,7 @@ def test_a_local_candidate_that_means_nothing_elsewhere_is_dropped_the_rest_kept
 def test_a_public_candidate_that_means_nothing_elsewhere_refuses_the_signal(
         tag: str, decode: Callable[[bytes], Any], error: type[Exception],
         extra: dict[str, Any], host: str, port: int) -> None:
-    text = _bracketed(host, port)
+    text = format_hostport(host, port)
     payload = packb({"t": tag, "s": SESSION, "c": [text, PUBLIC], **extra})
     if not _means_nothing_elsewhere(host):
         assert decode(payload).candidates[0] == candidate(text)

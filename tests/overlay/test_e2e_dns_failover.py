@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from overlay.app.home import NodeHome
-from overlay.app.lab import LocalNetwork, NodeHandle, Proc
+from overlay.app.lab import LISTENING, LocalNetwork, NodeHandle, Proc, listening
 from overlay.app.setup import register
 from rendezvous.domainkey import fingerprint, load_or_create
 from tests.dnstest import Dnsmasq
@@ -26,9 +25,6 @@ pytestmark = pytest.mark.slow
 
 DOMAIN = "a.test"
 RENDEZVOUS = Path(sys.executable).with_name("peerpost-rendezvous")
-LISTENING = re.compile(r"listening (\S+):(\d+)")
-
-
 def srv_line(data: Path, host: str, port: int, priority: int) -> list[str]:
     """The SRV line, then the TXT line, `dns-records` prints for one target."""
     argv = [str(RENDEZVOUS), "dns-records", "--data", str(data), "--domain", DOMAIN,
@@ -55,7 +51,7 @@ def extra_servers(net: LocalNetwork) -> Iterator[Callable[[str, Path], tuple[Pro
         proc = net._spawn(name, argv)
         started.append(proc)
         m = proc.lines.wait_for(LISTENING, 30, name)
-        return proc, int(m.group(2))
+        return proc, listening(m)[1][1]
 
     yield start
     for proc in started:

@@ -18,8 +18,9 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from crypto.address import format_hostport
 from crypto.codec import packb
-from overlay.transports.candidates import candidate, hostport, unroutable
+from overlay.transports.candidates import candidate, unroutable
 from overlay.transports.quic import (
     PROBE,
     QuicAnswer,
@@ -118,7 +119,7 @@ async def test_datagrams_from_another_address_are_dropped() -> None:
 # --- signalling --------------------------------------------------------------------------
 
 @given(session=st.binary(min_size=16, max_size=16),
-       hosts=st.lists(st.ip_addresses().map(lambda ip: candidate(hostport((str(ip), 1)))[0])
+       hosts=st.lists(st.ip_addresses().map(lambda ip: candidate(format_hostport(str(ip), 1))[0])
                       .filter(lambda h: unroutable(h) is None), min_size=1, max_size=4),
        port=st.integers(1, 65535), fp=st.text("0123456789abcdef", min_size=64, max_size=64))
 @settings(max_examples=200)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from crypto.address import parse_hostport
 from crypto.identity import DeviceIdentity
 from overlay.dht import DhtNode
 from overlay.transports.relay import relay_accept, relay_dial
@@ -33,8 +34,7 @@ SCRIPT = Path(sys.executable).with_name("peerpost-rendezvous")
 def _hostport(line: str, prefix: str) -> tuple[str, int]:
     if not line.startswith(prefix):
         raise AssertionError(f"expected {prefix!r}..., got {line!r}")
-    host, _, port = line[len(prefix):].strip().rpartition(":")
-    return host, int(port)
+    return parse_hostport(line[len(prefix):].strip())
 
 
 @asynccontextmanager

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from crypto.address import format_hostport
 from rendezvous.keyfile import write_secret_file
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,10 @@ class WebAuth:
     def bind(self, host: str, port: int) -> None:
         """The address actually listened on: what Host and Origin must name."""
         self.port = port
-        names = {"127.0.0.1", "localhost", "[::1]"}
+        names = {"127.0.0.1", "localhost", "::1"}
         if host not in ("0.0.0.0", "::", ""):
-            names.add(f"[{host}]" if ":" in host else host)
-        self.hosts = frozenset(f"{n}:{port}" for n in names)
+            names.add(host)
+        self.hosts = frozenset(format_hostport(n, port) for n in names)
 
     @property
     def cookie(self) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from crypto.address import parse_hostport
+from crypto.address import format_hostport, parse_hostport
 from crypto.codec import Fields
 from crypto.errors import DecodeError
 from crypto.location import decode_location
@@ -255,7 +255,7 @@ class WebInbox:
         bound = self._runner.addresses[-1]  # (host, port, ...) of the socket just bound
         self.auth.bind(host, int(bound[1]))
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        self.url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{bound[1]}"
+        self.url = f"http://{format_hostport(shown, bound[1])}"
         (self.home_root / WEB_FILE).write_text(json.dumps({"url": self.url}))
         log.info("web inbox at %s (open it with `peerpost web`)", self.url)
         return self.url
