@@ -1,6 +1,7 @@
 """`peerpost-rendezvous`: run a domain's rendezvous server, issue invites, show stats.
 
-    peerpost-rendezvous serve --domain D --listen HOST:PORT --data DIR [--config FILE]
+    peerpost-rendezvous serve --domain D --listen HOST:PORT [--listen HOST:PORT] --data DIR
+                              [--config FILE]
                               [--open-registration]
                               [--tls-cert PEM --tls-key PEM | --plaintext]
                               [--stun-port N|off] [--dht-port N|off]
@@ -34,7 +35,9 @@ the socket is bound (an IPv6 host in brackets, `listening [::1]:8470`, as --list
 it), so `--listen 127.0.0.1:0` can be read back, then `stun listening
 HOST:PORT` and `dht listening HOST:PORT` for the services it runs (by default both, on
 the --listen host, UDP: STUN at the --listen port, the DHT at the port above; port 0: any
-free port; serveconfig.py), then `metrics listening HOST:PORT` with
+free port; serveconfig.py; `--listen` given twice, at one port, e.g. 0.0.0.0:4500 and
+[::]:4500: each line once for each address, the ports the same), then `metrics listening
+HOST:PORT` with
 `--metrics` (Prometheus /metrics and /healthz, rendezvous/metrics.py). Logs go to stderr
 as key=value lines, or JSON lines with `--log-format json` (logfmt.py). Once serving it
 tells systemd READY=1 when $NOTIFY_SOCKET is set (sdnotify.py). SIGTERM or
@@ -117,6 +120,7 @@ from rendezvous.serveconfig import (
 )
 from rendezvous.server import RendezvousServer
 from rendezvous.services import (
+    BothFamilies,
     ExtraService,
     StunService,
     load_starter,
@@ -174,6 +178,31 @@ def _listen(text: str) -> tuple[str, int]:
         return parse_hostport(text, what="--listen", default_host="0.0.0.0")
     except DecodeError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _ListenAction(argparse._AppendAction):
+    """`--listen` may be given twice; the command line's replace the default's (or the
+    --config file's) instead of adding to them, as the other flags override."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        given = getattr(namespace, self.dest, None)
+        items = [] if given is self.default or given is None else list(given)
+        setattr(namespace, self.dest, [*items, values])
+
+
+def _split_listen(args: argparse.Namespace) -> None:
+    """`args.listen` becomes the first --listen and `args.listen_also` the other host: a
+    second address shares the first's port (its services' ports are announced once)."""
+    given = list(args.listen) if isinstance(args.listen, list) else [args.listen]
+    if len(given) > 2:
+        raise ConfigError("--listen at most twice (an IPv4 and an IPv6 address)")
+    if len(given) == 2 and given[1][1] != given[0][1]:
+        raise ConfigError(f"the second --listen takes the first's port: "
+                          f"{given[0][1]}, not {given[1][1]} (e.g. --listen 0.0.0.0:4500 "
+                          "--listen [::]:4500)")
+    args.listen = given[0]
+    args.listen_also = [host for host, _ in given[1:]]
 
 
 def _metrics_listen(text: str) -> tuple[str, int]:
@@ -234,8 +263,12 @@ def _parser() -> argparse.ArgumentParser:
                         "override it; SIGHUP re-reads it")
     s.add_argument("--domain", type=_domain,
                    help="the mail domain this server is for (required, here or in --config)")
-    s.add_argument("--listen", type=_listen, default=("127.0.0.1", 0), metavar="HOST:PORT",
-                   help="where to listen (port 0: any free port, printed)")
+    s.add_argument("--listen", type=_listen, action=_ListenAction, default=[("127.0.0.1", 0)],
+                   metavar="HOST:PORT",
+                   help="where to listen (port 0: any free port, printed); give it twice, "
+                        "at one port, to serve IPv4 and IPv6 (0.0.0.0:4500 and [::]:4500): "
+                        "the mailbox, STUN (UDP and TCP) and the DHT then answer at the "
+                        "same ports on both")
     s.add_argument("--data", type=Path, help="data folder (SQLite, keys, stats; required, "
                                              "here or in --config)")
     s.add_argument("--store", type=store_url, metavar="URL", help=STORE_HELP)
@@ -420,6 +453,7 @@ def _serve_args(argv: list[str] | None) -> argparse.Namespace:
     if args.config is not None:
         apply_config(_subparser(parser, "serve"), read_config(args.config), args.config)
         args = parser.parse_args(argv)
+    _split_listen(args)
     missing = [f"--{k}" for k in ("domain", "data") if getattr(args, k) is None]
     if missing:
         raise ConfigError(f"serve needs {' and '.join(missing)} (a flag or a key of --config)")
@@ -552,7 +586,7 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
         return 1
     try:
-        host, port = await server.start(*args.listen)
+        host, port = await server.start(*args.listen, also=args.listen_also)
     except OSError as exc:
         await server.aclose()  # closes the services too
         reason = _bind_reason(exc)
@@ -565,8 +599,13 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
     print(f"listening {format_hostport(host, port)}", flush=True)
     if tls is not None:  # a plaintext server is the simulator's or a benchmark's
         server.check_own_records(port)
+    for other in server.addresses[1:]:  # --listen given twice
+        print(f"listening {format_hostport(*other)}", flush=True)
     for name, svc in services.items():
         print(f"{name} listening {format_hostport(*svc.address)}", flush=True)
+    for name, svc in services.items():
+        if isinstance(svc, BothFamilies):
+            print(f"{name} listening {format_hostport(*svc.members[1].address)}", flush=True)
     metrics: ServerMetrics | None = None
     try:
         if args.metrics is not None:
@@ -647,8 +686,25 @@ def _tcp_in_use(host: str, port: int) -> str | None:
 
 async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
     """STUN and the DHT bootstrap node on the --listen host (UDP), at the ports
-    `service_ports` derives from --listen unless given or turned off."""
-    host = args.listen[0]
+    `service_ports` derives from --listen unless given or turned off; with a second
+    --listen, on its host too at the same ports (`BothFamilies`)."""
+    services = await _start_services_on(args, args.listen[0])
+    for host in args.listen_also:
+        try:
+            more = await _start_services_on(args, host, {n: s.address[1]
+                                                         for n, s in services.items()})
+        except BaseException:
+            for svc in services.values():
+                await svc.aclose()
+            raise
+        services = {name: BothFamilies(svc, more[name]) for name, svc in services.items()}
+    return services
+
+
+async def _start_services_on(args: argparse.Namespace, host: str,
+                             same_as: dict[str, int] | None = None
+                             ) -> dict[str, ExtraService]:
+    """The services on `host`: at the ports of `same_as` (the first host's) when given."""
     try:  # else the first service to bind would blame its own port for a typo in the host
         await asyncio.get_running_loop().getaddrinfo(host, None)
     except socket.gaierror as exc:
@@ -659,6 +715,8 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
         raise ConfigError(f"cannot listen on {format_hostport(host, args.listen[1])} (TCP): "
                           f"{busy}")
     ports = service_ports(args.listen[1], args.stun_port, args.dht_port)
+    if same_as is not None:
+        ports = {name: port for name, port in same_as.items() if name != "stun_tcp"}
     services: dict[str, ExtraService] = {}
     try:
         for name, port in ports.items():
@@ -681,6 +739,8 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
             listen, port = args.listen[1], ports["stun"]
             if port == listen and listen:
                 port = listen + 1 if listen < 65535 else 0
+            if same_as is not None:
+                port = same_as["stun_tcp"]
             try:
                 services["stun_tcp"] = await start_stun_tcp(host, port)
             except OSError as exc:

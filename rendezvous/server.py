@@ -113,7 +113,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, cast
 
 from crypto.address import domain_of, format_hostport
@@ -456,9 +456,11 @@ class RendezvousServer:
         self._links_in: dict[str, int] = {}  # linking domain -> live links
         self._storing: set[asyncio.Future[Any]] = set()  # SEND / REMOVE at the store
         self._server: asyncio.Server | None = None
+        self._also: list[asyncio.Server] = []  # start(also=...): the other family's
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.address: tuple[str, int] | None = None
+        self.addresses: list[tuple[str, int]] = []
         # counters (see `snapshot`)
         self.bad_input = 0
         self.requests = 0
@@ -511,8 +513,11 @@ class RendezvousServer:
         self.services[name] = service
 
     async def start(self, host: str = "127.0.0.1", port: int = 0,
-                    backlog: int = 4096) -> tuple[str, int]:
-        """Open the store, listen on host:port (0 picks a free port); return the bound address."""
+                    backlog: int = 4096, *, also: Sequence[str] = ()) -> tuple[str, int]:
+        """Open the store, listen on host:port (0 picks a free port); return the bound address.
+
+        `also`: more hosts to listen on at the same port (the other address family's, so
+        that one server is reached over IPv4 and IPv6; `addresses` lists every one)."""
         self._loop = asyncio.get_running_loop()
         self._relay = RelayRegistry(self.limits, self._loop, self.clock)
         await self.store.open()
@@ -522,6 +527,14 @@ class RendezvousServer:
             ssl_handshake_timeout=self.limits.auth_timeout if ctx is not None else None)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
+        self.addresses = [self.address]
+        for other in also:
+            extra = await self._loop.create_server(
+                self._new_connection, other, sock[1], backlog=backlog, ssl=ctx,
+                ssl_handshake_timeout=self.limits.auth_timeout if ctx is not None else None)
+            self._also.append(extra)
+            name = extra.sockets[0].getsockname()
+            self.addresses.append((name[0], name[1]))
         self._spawn(self._sweep(), name="sweep")
         await self.bus.start(self, self.address)
         if self.federation is not None:
@@ -545,8 +558,9 @@ class RendezvousServer:
         if self._closing:
             return
         self._closing = True
-        if self._server is not None:
-            self._server.close()
+        for listener in (self._server, *self._also):
+            if listener is not None:
+                listener.close()
         if self._relay is not None:
             self._relay.close()  # offered sessions refused, splices reset
         for conn in list(self._connections):
@@ -570,9 +584,10 @@ class RendezvousServer:
             await self.federation.aclose()
         with contextlib.suppress(Exception):
             await self._save_relay_usage()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        for listener in (self._server, *self._also):
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(listener.wait_closed(), 2.0)
         await self.store.aclose()
         for name, svc in self.services.items():
             try:

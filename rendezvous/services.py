@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -77,7 +78,7 @@ class StunService:
     @classmethod
     async def start(cls, host: str, port: int) -> StunService:
         """Answer STUN Binding requests on UDP host:port (0: any free port)."""
-        transport, address = await serve_stun(host, port)
+        transport, address = await serve_stun(host, port, sock=await bind_udp(host, port))
         return cls(transport, address)
 
     @property
@@ -89,6 +90,63 @@ class StunService:
 
     async def aclose(self) -> None:
         self._transport.close()
+
+
+async def bind_udp(host: str, port: int) -> socket.socket:
+    """A UDP socket bound to host:port for a service; an IPv6 one takes IPv6 alone
+    (IPV6_V6ONLY, which asyncio sets on its TCP listeners but not on UDP). Linux binds
+    [::] for IPv4 too by default, so [::]:P could not be bound beside 0.0.0.0:P (`serve
+    --listen` given twice), and an IPv4 client would be seen as ::ffff:a.b.c.d: STUN
+    would answer it with an IPv6 address, and every IPv4 client share one /64's limits."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setblocking(False)
+        sock.bind(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class BothFamilies:
+    """One service on the server's IPv4 and IPv6 addresses (`serve --listen` given twice):
+    the instances are announced as one (the first's port, which the second shares, as
+    CHALLENGE gives one port a service) and counted as one. A DHT node per family, as
+    BitTorrent's IPv4 and IPv6 DHTs are separate (BEP 32): a contact of one family means
+    nothing to a node of the other; `bootstrap` hands each its own family's peers."""
+
+    def __init__(self, first: ExtraService, second: ExtraService) -> None:
+        self.members = (first, second)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.members[0].address
+
+    def stats(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for member in self.members:
+            for key, value in member.stats().items():
+                out[key] = out.get(key, 0) + value
+        return out
+
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> int:
+        """Each member that can `bootstrap` joins the `addrs` of its own family."""
+        size = 0
+        for member in self.members:
+            join = getattr(member, "bootstrap", None)
+            v6 = ":" in member.address[0]
+            mine = [a for a in addrs if (":" in a[0]) == v6]
+            if callable(join) and mine:
+                size += await join(mine)
+        return size
+
+    async def aclose(self) -> None:
+        for member in self.members:
+            await member.aclose()
 
 
 async def start_stun_tcp(host: str, port: int) -> ExtraService:

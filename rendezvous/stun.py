@@ -241,9 +241,10 @@ class StunServerProtocol(asyncio.DatagramProtocol):
 
 async def serve_stun(
     host: str, port: int, *, rate: float = 20.0, burst: float = 40.0,
-    max_sources: int = 65536,
+    max_sources: int = 65536, sock: socket.socket | None = None,
 ) -> tuple[asyncio.DatagramTransport, Address]:
-    """Answer Binding requests on UDP (host, port); returns the transport and bound address.
+    """Answer Binding requests on UDP (host, port), or on `sock` already bound; returns the
+    transport and bound address.
 
     `rate`/`burst` are per source (IPv4 address or IPv6 /64; requests per second). Close
     with `transport.close()`; counters are at `transport.get_protocol().responder.stats`.
@@ -251,9 +252,10 @@ async def serve_stun(
     loop = asyncio.get_running_loop()
     responder = StunResponder(rate=rate, burst=burst, max_sources=max_sources)
     transport, _ = await loop.create_datagram_endpoint(
-        lambda: StunServerProtocol(responder), local_addr=(host, port))
-    sock = transport.get_extra_info("sockname")
-    return transport, (str(sock[0]), int(sock[1]))
+        lambda: StunServerProtocol(responder),
+        **({"sock": sock} if sock is not None else {"local_addr": (host, port)}))
+    name = transport.get_extra_info("sockname")
+    return transport, (str(name[0]), int(name[1]))
 
 
 class _ClientProtocol(asyncio.DatagramProtocol):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from overlay.dht.records import (
 from overlay.dht.state import decode_state, encode_state, read_state, write_state
 from overlay.dht.storage import MAX_PER_KEY, MAX_TOTAL, ProviderStore
 from overlay.dht.wire import MAX_RECORDS_PER_REPLY, Contact, ErrorReply, Nodes, Ping, Stored
+from rendezvous.services import bind_udp
 
 log = logging.getLogger("peerpost.dht")
 
@@ -104,8 +106,10 @@ class DhtNode:
                         tb: TracebackType | None) -> None:
         await self.aclose()
 
-    async def listen(self, host: str, port: int) -> tuple[str, int]:
-        """Bind the UDP socket (clients bind one too, to send queries); return its address."""
+    async def listen(self, host: str, port: int, *,
+                     sock: socket.socket | None = None) -> tuple[str, int]:
+        """Bind the UDP socket (clients bind one too, to send queries), or take `sock`
+        already bound; return its address."""
         if self._protocol is not None:
             raise LocalProtocolError("already listening")
         loop = asyncio.get_running_loop()
@@ -113,7 +117,7 @@ class DhtNode:
             lambda: DhtProtocol(self.identity, self.storage, self.ksize,
                                 client_only=self.client_only, wall=self._wall, rng=self._rng,
                                 limiter=dht_source_limiter(*self._source_limits)),
-            local_addr=(host, port))
+            **({"sock": sock} if sock is not None else {"local_addr": (host, port)}))
         self._protocol = protocol
         self._refresher = loop.create_task(self._refresh_forever(), name="dht-refresh")
         sockname = protocol.transport.get_extra_info("sockname")
@@ -356,7 +360,8 @@ async def run_bootstrap_node(host: str, port: int, identity: DeviceIdentity) -> 
     """
     node = DhtNode(identity)
     try:
-        await node.listen(host, port)
+        # IPv6 alone on an IPv6 address, beside IPv4 at the same port (bind_udp says why).
+        await node.listen(host, port, sock=await bind_udp(host, port))
     except BaseException:
         await node.aclose()
         raise
