@@ -25,6 +25,7 @@ only from the device that was dialed. Bad payloads are dropped and counted.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import random
@@ -41,6 +42,7 @@ from aiortc import (
 )
 
 from overlay.transports.endpoint import SignalledEndpoint
+from overlay.transports.reachability import route_ip
 from overlay.transports.signalling import (
     Answer,
     Offer,
@@ -63,6 +65,11 @@ _CHANNEL_ID = 0
 
 class WebRtcConnectError(StreamBroken):
     """A WebRTC attempt failed; the text says at which step and why."""
+
+
+class NoRoute(WebRtcConnectError):
+    """None of the peer's candidates can be reached from this host: ICE cannot succeed
+    (the endpoint declines the offer at once, with this text)."""
 
 
 class UnusableDescription(WebRtcConnectError):
@@ -103,6 +110,33 @@ def _check_offer(text: str) -> None:
     if (media.ice is None or not media.ice.usernameFragment
             or media.dtls is None or not media.dtls.fingerprints):
         raise ValueError("no ICE credentials or DTLS fingerprint")
+
+
+async def unroutable(description: str) -> str | None:
+    """Why ICE can't connect to the peer of `description` from this host: the kernel has a
+    route to none of its candidates' addresses (a UDP socket connected to each, which sends
+    nothing, as `route_ip` does). None when one has a route, a candidate is not an IP
+    literal (an mDNS name), or there is no candidate to judge by.
+
+    An IPv4-only node and an IPv6-only one meet so: the IPv4-only host's LAN may still
+    have an IPv6 ULA, which aioice offers, so both sides hold IPv6 candidates and ICE
+    checked pairs that could never work until `connect_timeout` (10 s) was out."""
+    try:
+        parsed = sdp.SessionDescription.parse(description)
+    except (ValueError, KeyError, IndexError):
+        return None  # `_check_offer` says what is wrong with it
+    hosts = sorted({c.ip for m in parsed.media for c in m.ice_candidates})
+    if not hosts:
+        return None
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        if await route_ip(host, 9) is not None:
+            return None
+    return (f"no route from this host to any of the offer's candidates ({', '.join(hosts)}): "
+            "ICE cannot connect")
 
 
 def _decode_rtc(payload: bytes) -> Signal | None:
@@ -166,7 +200,8 @@ class ChannelFactory(Protocol):
     async def answer(self, session: bytes, offer: str, address: str,
                      device: bytes) -> Negotiation:
         """Begin the channel `offer` asks for: the negotiation's `sdp` is the answer.
-        `UnusableDescription` if the offer isn't one we answer."""
+        `UnusableDescription` if the offer isn't one we answer, `NoRoute` if ICE can't
+        reach any of its candidates from here."""
         ...
 
 
@@ -229,6 +264,8 @@ class AiortcChannels:
     async def answer(self, session: bytes, offer: str, address: str,
                      device: bytes) -> Negotiation:
         s = self.settings
+        if (why := await unroutable(offer)) is not None:
+            raise NoRoute(why)
         pc = RTCPeerConnection(s.rtc_configuration())
         stream: WebRtcStream | None = None
         try:
@@ -330,6 +367,9 @@ class WebRtcEndpoint(SignalledEndpoint[Offer, Answer | Reject]):
                 await self._send(msg.sender, msg.sender_device,
                                  Reject(offer.session, "offer SDP not understood"))
                 raise WebRtcConnectError(f"unusable offer: {exc}") from None
+            except NoRoute as exc:
+                await self._send(msg.sender, msg.sender_device, Reject(offer.session, str(exc)))
+                raise
             await self._pipe.pipe(msg.sender, encode_signal(
                 Answer(offer.session, negotiation.sdp)), device=msg.sender_device)
             stream = await self._opened(negotiation, "no connection")
