@@ -50,7 +50,11 @@ async def probe(server_host: str, server_port: int, stun_port: int | None,
     local = await route_ip(server_host, server_port)
     if stun_port is None:
         return Reachability(local, None, False)
-    bind = listen_host if listen_host not in ("", "0.0.0.0", "::") else "0.0.0.0"
+    # A node listening on any address asks from any address of the server's family: from
+    # 0.0.0.0 an IPv6 server's STUN was never asked ('socket family mismatch'), so a node
+    # on [::] with a server on IPv6 knew neither its NAT nor the address the server sees.
+    wildcard = listen_host in ("", "0.0.0.0", "::")
+    bind = listen_host if not wildcard else "::" if ":" in (local or server_host) else "0.0.0.0"
     try:
         (mapped,) = await query_mapping([(server_host, stun_port)], local_addr=(bind, 0),
                                         timeout=STUN_TIMEOUT)
@@ -58,7 +62,7 @@ async def probe(server_host: str, server_port: int, stun_port: int | None,
         log.info("STUN at %s did not answer (%s); assuming no NAT",
                  format_hostport(server_host, stun_port), exc)
         return Reachability(local, None, False)
-    ours = local if bind == "0.0.0.0" else listen_host
+    ours = local if wildcard else listen_host
     nat = mapped[0] != ours
     log.info("outbound address %s, the server sees %s: %s", ours, format_hostport(*mapped),
              "behind NAT" if nat else "directly reachable")

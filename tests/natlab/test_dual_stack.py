@@ -191,5 +191,7 @@ def test_ipv4_only_and_ipv6_only_nodes_meet_through_the_relay(
                    f"the offer's candidates ({V6[1]})" in logs, logs
             assert f"WebRTC from {alice.address} failed: no route from this host to any of " \
                    f"the offer's candidates ({V4[1]}, {ULA})" in logs, logs
-            assert "Traceback" not in logs, logs
+            # b, on [::], asks the server's STUN over IPv6 (it asked from 0.0.0.0 and failed).
+            assert bob.proc is not None and f"the server sees [{V6[1]}]:" in bob.proc.log()
+            assert "Traceback" not in logs and "did not answer" not in logs, logs
             assert re.search(r"level=error", logs) is None, logs
