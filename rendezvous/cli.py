@@ -590,7 +590,10 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
     except OSError as exc:
         await server.aclose()  # closes the services too
         reason = _bind_reason(exc)
-        print(f"peerpost-rendezvous: cannot listen on {format_hostport(*args.listen)} "
+        # The first address bound and the second (--listen given twice) did not.
+        failed = (args.listen_also[0] if server.address is not None else args.listen[0],
+                  server.address[1] if server.address is not None else args.listen[1])
+        print(f"peerpost-rendezvous: cannot listen on {format_hostport(*failed)} "
               f"(TCP): {reason}", file=sys.stderr)
         return 1
     except BaseException:

@@ -70,6 +70,15 @@ async def test_listen_mistakes_are_one_line(tmp_path: Path) -> None:
     assert (code, err) == (2, "peerpost-rendezvous: --listen at most twice (an IPv4 and an "
                               "IPv6 address)\n")
     assert not (tmp_path / "d").exists()
+    # The second address's port taken: the line names that address, not the first.
+    with socket.socket(socket.AF_INET6) as busy:
+        busy.bind(("::1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = await run(*base, "--listen", f"127.0.0.1:{port}", "--listen",
+                                 f"[::1]:{port}")
+    assert (code, err) == (1, f"peerpost-rendezvous: cannot listen on [::1]:{port} (TCP): "
+                              "Address already in use\n")
 
 
 async def test_an_ipv6_service_socket_takes_ipv6_alone() -> None:
