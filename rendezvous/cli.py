@@ -268,7 +268,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where to listen (port 0: any free port, printed); give it twice, "
                         "at one port, to serve IPv4 and IPv6 (0.0.0.0:4500 and [::]:4500): "
                         "the mailbox, STUN (UDP and TCP) and the DHT then answer at the "
-                        "same ports on both")
+                        "same ports on both (default: 127.0.0.1:0)")
     s.add_argument("--data", type=Path, help="data folder (SQLite, keys, stats; required, "
                                              "here or in --config)")
     s.add_argument("--store", type=store_url, metavar="URL", help=STORE_HELP)
