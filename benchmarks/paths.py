@@ -186,7 +186,7 @@ class _RelayServer:
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         if not line.startswith("listening "):
             raise RuntimeError(f"rendezvous server did not start: {line!r}")
-        return cls(proc, int(line.split()[1].rsplit(":", 1)[1]))
+        return cls(proc, parse_hostport(line.split()[1])[1])
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process so far (from /proc)."""

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import report
+from crypto.address import parse_hostport
 from crypto.identity import DeviceIdentity
 from rendezvous.client import RendezvousClient
 from rendezvous.errors import ConnectionLostError
@@ -283,7 +284,7 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             if proc.stdout is None:
                 raise RuntimeError("no stdout")
             line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-            port = int(line.split()[1].rsplit(":", 1)[1])
+            port = parse_hostport(line.split()[1])[1]
             drv = Driver(port, args)
             # Warm the server up (imports, SQLite cache, first allocations) before measuring.
             warm = await drv.open_many("warm", 50, reconnect=False)
@@ -377,7 +378,7 @@ async def _serve(data: Path, args: argparse.Namespace,
     if not line.startswith("listening "):
         proc.kill()
         raise RuntimeError(f"serve did not start: {line!r}")
-    return proc, int(line.split()[1].rsplit(":", 1)[1])
+    return proc, parse_hostport(line.split()[1])[1]
 
 
 async def _pg_commits(url: str) -> int:

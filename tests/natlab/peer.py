@@ -26,17 +26,13 @@ from typing import Any
 
 import uvloop
 
+from crypto.address import parse_hostport
 from crypto.identity import DeviceIdentity
 from overlay.transports.stream import Stream, StreamError
 from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
 from rendezvous.client import RendezvousClient
 from rendezvous.messages import PipeMessage
 from rendezvous.stun import query_mapping
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port)
 
 
 def _identity(seed: int) -> DeviceIdentity:
@@ -61,14 +57,14 @@ async def _read_all(stream: Stream) -> bytes:
 
 
 async def probe(servers: list[str]) -> int:
-    mapped = await query_mapping([_hostport(s) for s in servers])
+    mapped = await query_mapping([parse_hostport(s) for s in servers])
     _emit({"mapped": [list(m) for m in mapped]})
     return 0
 
 
 async def session(args: argparse.Namespace) -> int:
-    rv_host, rv_port = _hostport(args.rv)
-    settings = WebRtcSettings(stun=[_hostport(args.stun)], connect_timeout=args.timeout)
+    rv_host, rv_port = parse_hostport(args.rv)
+    settings = WebRtcSettings(stun=[parse_hostport(args.stun)], connect_timeout=args.timeout)
     me = _identity(args.seed)
     loop = asyncio.get_running_loop()
     async with RendezvousClient(rv_host, rv_port, me, args.address, register=True) as client, \

@@ -18,7 +18,7 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crypto.address import format_hostport
+from crypto.address import format_hostport, parse_hostport
 from crypto.codec import packb
 from overlay.transports.candidates import candidate, unroutable
 from overlay.transports.quic import (
@@ -197,7 +197,7 @@ async def test_two_endpoints_meet_and_carry_bytes_both_ways(host: str) -> None:
         try:
             assert dialled.path == accepted.path == "quic"
             for s in (dialled, accepted):  # the port and the peer of STUN's family
-                peer = (s.peer_address() or "").rpartition(":")[0].strip("[]")
+                peer = parse_hostport(s.peer_address() or "")[0]
                 assert ipaddress.ip_address(peer) in ipaddress.ip_network(host), peer
             await dialled.send_all(b"request")
             assert await receive_exactly(accepted, 7) == b"request"
