@@ -104,6 +104,7 @@ from rendezvous.cliutil import (
 from rendezvous.datalock import DataInUse, DataLock
 from rendezvous.dns import DnsResolver, DomainLookupError
 from rendezvous.domainkey import load_or_create, txt_value
+from rendezvous.errors import is_disk_full
 from rendezvous.heap import keep_heap
 from rendezvous.instances import instances_lines, instances_report, make_bus, read_instances
 from rendezvous.limits import DAY, Limits
@@ -128,7 +129,7 @@ from rendezvous.services import (
     start_stun_tcp,
 )
 from rendezvous.sqlite_store import DB_NAME, create_invite, read_stats
-from rendezvous.stats import read_live_stats, write_stats, write_stopped
+from rendezvous.stats import STATS_NAME, read_live_stats, write_stats, write_stopped
 from rendezvous.storecli import (
     STORE_HELP,
     add_migrate_command,
@@ -630,8 +631,9 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                 return 1
             print(f"metrics listening {format_hostport(mhost, mport)}", flush=True)
         notify("READY=1", f"STATUS=serving {args.domain} on {format_hostport(host, port)}")
+        stats_failing: str | None = None
         while not stop.is_set():
-            write_stats(data, server.snapshot(), running=True, now=time.time())
+            stats_failing = _refresh_stats(data, server.snapshot(), stats_failing)
             try:
                 await asyncio.wait_for(wake.wait(), args.stats_interval)
             except TimeoutError:
@@ -652,8 +654,26 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
             if metrics is not None:
                 await metrics.aclose()
         finally:
-            write_stats(data, server.snapshot(), running=False, now=time.time())
+            _refresh_stats(data, server.snapshot(), None, running=False)
     return 0
+
+
+def _refresh_stats(data: Path, snapshot: dict[str, Any], failing: str | None, *,
+                   running: bool = True) -> str | None:
+    """Rewrite DATA/stats.json; a disk that refuses it (full, read-only) is logged when it
+    starts and stops doing so, and the server goes on serving: what it returns is the
+    error now (None once the file is written again), for the next call's `failing`."""
+    try:
+        write_stats(data, snapshot, running=running, now=time.time())
+    except OSError as exc:
+        why = f"{type(exc).__name__}: {exc.strerror or exc}"
+        if why != failing:
+            log.error(kv("storage.full" if is_disk_full(exc) else "stats.unwritable",
+                         file=str(data / STATS_NAME), error=why))
+        return why
+    if failing is not None:
+        log.info(kv("stats.written_again", file=str(data / STATS_NAME)))
+    return None
 
 
 def _bind_reason(exc: OSError) -> str:

@@ -20,6 +20,9 @@ _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full
 
 
+STORAGE_FULL = "the server's storage is full: try again later"
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """A write refused for want of room (ENOSPC, EDQUOT, SQLite's SQLITE_FULL, PostgreSQL's
     disk_full): a state of a disk that freeing space ends, not a fault of the request."""

@@ -62,6 +62,7 @@ from crypto.codec import packb
 from crypto.identity import peer_id_of
 from rendezvous import pg_schema, pipe_hold
 from rendezvous.domainkey import decode_key, encode_key, fingerprint
+from rendezvous.errors import STORAGE_FULL
 from rendezvous.logfmt import kv
 from rendezvous.messages import PipeMessage, Send, SendItem
 from rendezvous.records import Envelope, EnvelopeInfo
@@ -715,7 +716,7 @@ class PgStore:
     async def authenticate(self, address: str, verify_key: bytes, *, register: bool,
                            invite: str | None, advertise: dict[str, Any] | None, now: float,
                            policy: RegistrationPolicy, page: int,
-                           vouch: bytes | None = None) -> AuthOutcome:
+                           vouch: bytes | None = None, record: bool = True) -> AuthOutcome:
         peer_id = peer_id_of(verify_key)
 
         async def op(tx: _Tx) -> AuthOutcome:
@@ -727,16 +728,19 @@ class PgStore:
                 return AuthOutcome(Status.FORBIDDEN,
                                    "this device key is bound to another address")
             if bound is None:
+                if not record:
+                    return AuthOutcome(Status.UNAVAILABLE, STORAGE_FULL)
                 refusal = await _register(conn, address, verify_key, peer_id, register,
                                           invite, now, policy, vouch)
                 if refusal is not None:
                     return refusal
                 tx.bound[peer_id] = address
                 created = True
-            adv = None if advertise is None else packb(advertise)
-            await conn.execute("UPDATE devices SET last_seen = $1, "
-                               "advertise = COALESCE($2, advertise) WHERE peer_id = $3",
-                               now, adv, peer_id)
+            if record:
+                adv = None if advertise is None else packb(advertise)
+                await conn.execute("UPDATE devices SET last_seen = $1, "
+                                   "advertise = COALESCE($2, advertise) WHERE peer_id = $3",
+                                   now, adv, peer_id)
             hi = int(await conn.fetchval("SELECT COALESCE(max(seq), 0) FROM envelopes"))
             first = await _pending(conn, peer_id, 0, hi, page, now)
             return AuthOutcome(Status.OK, "authenticated", created, tuple(first), hi)

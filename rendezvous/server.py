@@ -120,7 +120,7 @@ from crypto.address import domain_of, format_hostport
 from crypto.codec import packb
 from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver, own_records_problem
 from rendezvous.domainkey import DomainKey
-from rendezvous.errors import is_disk_full
+from rendezvous.errors import STORAGE_FULL, is_disk_full
 from rendezvous.federation import Federation
 from rendezvous.instances import InstanceBus, LocalBus
 from rendezvous.limits import Limits, TokenBucket, source_label, source_of
@@ -155,7 +155,14 @@ from rendezvous.session import (
     ServerConnection,
 )
 from rendezvous.status import Status
-from rendezvous.store import EnqueueOutcome, QueuedEnvelope, Quota, RegistrationPolicy, Store
+from rendezvous.store import (
+    AuthOutcome,
+    EnqueueOutcome,
+    QueuedEnvelope,
+    Quota,
+    RegistrationPolicy,
+    Store,
+)
 from rendezvous.taskset import TaskSet
 from rendezvous.tls import ServerTls, can_half_close
 
@@ -802,8 +809,15 @@ class RendezvousServer:
                         f"{lim.push_buffer_total}")
 
     async def _touch(self, peer_id: bytes) -> None:
-        with contextlib.suppress(RuntimeError):  # store closed during shutdown
+        try:
             await self.store.touch(peer_id, self.clock())
+        except RuntimeError:  # store closed during shutdown
+            pass
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # When the device was last seen: soft state, the next login writes it.
+            log.error(kv("storage.full", verb="touch", error=str(exc)))
 
     def check_own_records(self, port: int) -> None:
         """Look up this domain's records once, in the background, and log what they say
@@ -852,14 +866,30 @@ class RendezvousServer:
             core.reject_auth(req.id, Status.TOO_LARGE, why)
             conn.after_reply()
             return
-        try:
-            outcome = await self.store.authenticate(
+        def authenticate(record: bool) -> Awaitable[AuthOutcome]:
+            return self.store.authenticate(
                 req.address, req.verify_key, register=req.register, invite=req.invite,
                 advertise=req.advertise, now=self.clock(), policy=self.policy,
-                page=0 if req.relay else self.limits.flush_page, vouch=req.vouch)
-        except Exception:
-            log.exception(kv("auth.store_failed", peer=conn.peer))
-            core.reject_auth(req.id, Status.SERVER_ERROR, "server error while authenticating")
+                page=0 if req.relay else self.limits.flush_page, vouch=req.vouch,
+                record=record)
+
+        try:
+            try:
+                outcome = await authenticate(True)
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                # Last seen and the advertisement are soft state: let a known device in
+                # without them, so its queued mail still reaches it while the disk is full.
+                log.error(kv("storage.full", peer=conn.peer, verb=req.TAG, error=str(exc)))
+                outcome = await authenticate(False)
+        except Exception as exc:
+            if is_disk_full(exc):
+                core.reject_auth(req.id, Status.UNAVAILABLE, STORAGE_FULL)
+            else:
+                log.exception(kv("auth.store_failed", peer=conn.peer))
+                core.reject_auth(req.id, Status.SERVER_ERROR,
+                                 "server error while authenticating")
             conn.after_reply()
             return
         if outcome.status != Status.OK:
@@ -1013,7 +1043,7 @@ class RendezvousServer:
             return Status.UNAVAILABLE, "server shutting down", None
         if is_disk_full(exc):  # nothing was stored; the operator has to free space
             log.error(kv("storage.full", peer=conn.peer, verb=req.TAG, error=str(exc)))
-            return Status.UNAVAILABLE, "the server's storage is full: try again later", None
+            return Status.UNAVAILABLE, STORAGE_FULL, None
         log.error(kv("request.failed", peer=conn.peer, verb=req.TAG), exc_info=exc)
         return Status.SERVER_ERROR, "internal error", None
 

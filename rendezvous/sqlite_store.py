@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 from crypto.codec import packb
 from crypto.identity import peer_id_of
 from rendezvous import pipe_hold
+from rendezvous.errors import STORAGE_FULL
 from rendezvous.messages import PipeMessage, Send
 from rendezvous.records import Envelope, EnvelopeInfo
 from rendezvous.status import Status
@@ -477,7 +478,7 @@ class SqliteStore:
     async def authenticate(self, address: str, verify_key: bytes, *, register: bool,
                            invite: str | None, advertise: dict[str, Any] | None, now: float,
                            policy: RegistrationPolicy, page: int,
-                           vouch: bytes | None = None) -> AuthOutcome:
+                           vouch: bytes | None = None, record: bool = True) -> AuthOutcome:
         peer_id = peer_id_of(verify_key)
 
         def op(conn: sqlite3.Connection) -> AuthOutcome:
@@ -488,14 +489,17 @@ class SqliteStore:
                 return AuthOutcome(Status.FORBIDDEN,
                                    "this device key is bound to another address")
             if row is None:
+                if not record:
+                    return AuthOutcome(Status.UNAVAILABLE, STORAGE_FULL)
                 refusal = _register(conn, address, verify_key, peer_id, register, invite, now,
                                     policy, vouch)
                 if refusal is not None:
                     return refusal
                 created = True
-            adv = None if advertise is None else packb(advertise)
-            conn.execute("UPDATE devices SET last_seen=?, advertise=COALESCE(?, advertise) "
-                          "WHERE peer_id=?", (now, adv, peer_id))
+            if record:
+                adv = None if advertise is None else packb(advertise)
+                conn.execute("UPDATE devices SET last_seen=?, advertise=COALESCE(?, advertise)"
+                             " WHERE peer_id=?", (now, adv, peer_id))
             hi = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM envelopes").fetchone()[0]
             first = _pending(conn, peer_id, 0, hi, page, now)
             return AuthOutcome(Status.OK, "authenticated", created, tuple(first), hi)

@@ -244,7 +244,7 @@ class Store(Protocol):
     async def authenticate(self, address: str, verify_key: bytes, *, register: bool,
                            invite: str | None, advertise: dict[str, Any] | None, now: float,
                            policy: RegistrationPolicy, page: int,
-                           vouch: bytes | None = None) -> AuthOutcome:
+                           vouch: bytes | None = None, record: bool = True) -> AuthOutcome:
         """Check (or, with `register`, create) the binding of a device key to an address.
 
         A key already bound to `address` is accepted whatever `register`/`invite` say.
@@ -254,6 +254,10 @@ class Store(Protocol):
         verifies under a device already bound to the address, and refused otherwise; on a
         new account or a known device it is ignored. On success the device's last-seen
         time (and advertisement, when given) are updated.
+
+        `record=False` writes nothing, for a server whose disk is full: a device already
+        bound is let in without those updates (soft state the next login writes), and one
+        that would have to be registered is refused with UNAVAILABLE and `STORAGE_FULL`.
         """
         ...
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.app.lab import LocalNetwork
+from overlay.app.lab import LabError, LocalNetwork
 
 pytestmark = pytest.mark.slow
 MiB = 1 << 20
@@ -166,3 +166,42 @@ def test_send_from_a_full_disk_says_so_and_sends_nothing(tmp_path: Path) -> None
         mid = net.cli(alice, "send", str(clip), "--to", bob.address).stdout.strip()
         got = net.wait_complete(bob, mid, 60)
         assert Path(got["path"]).read_bytes() == clip.read_bytes()
+
+
+def test_nodes_log_in_to_a_server_whose_disk_is_full(tmp_path: Path) -> None:
+    """A login records when the device was last seen and the addresses it advertises: soft
+    state. With the server's disk full, a node that logs in (restarted, woken, moved) still
+    gets in, mail already queued for it still arrives, and a new device is told why it
+    can't register."""
+    lab = tmp_path / "lab"
+    with _tmpfs(lab / "server-data", "8m") as data, LocalNetwork(lab) as net:
+        net.start_server()
+        alice, bob = net.start_nodes("alice", "bob")
+        clip = tmp_path / "clip.bin"
+        clip.write_bytes(os.urandom(200_000))
+        net.stop_node(bob)
+        mid = net.cli(alice, "send", str(clip), "--to", bob.address).stdout.strip()
+        fill(data / "filler")
+        net.stop_node(alice)
+        net.start_node(alice, 60)  # a login while the disk is full
+        net.start_node(bob, 60)
+        got = net.wait_complete(bob, mid, 60)  # queued before: pushed at bob's login
+        assert Path(got["path"]).read_bytes() == clip.read_bytes()
+        res = net.cli(alice, "send", str(clip), "--to", bob.address, check=False)
+        assert ("the server did not take it (503 the server's storage is full: try again "
+                "later)") in " ".join(res.stderr.split()), res.stderr
+        with pytest.raises(LabError, match="the server's storage is full: try again later"):
+            net.add_node("carol")  # `peerpost init` registers carol's device
+        # Every 2 s the server rewrites stats.json, which the full disk refuses too: that
+        # stopped the server once, and a node was told it was unreachable.
+        server = net.server
+        assert server is not None
+        net.wait_until(lambda: "event=storage.full file=" in server.log(), 10,
+                       "the server to log stats.json unwritable")
+        assert server.alive() and "Traceback" not in server.log()
+        (data / "filler").unlink()
+        net.wait_until(lambda: "event=stats.written_again" in server.log(), 10,
+                       "stats.json written again")
+        again = net.cli(alice, "send", str(clip), "--to", bob.address).stdout.strip()
+        assert Path(net.wait_complete(bob, again, 60)["path"]).read_bytes() == clip.read_bytes()
+        net.add_node("carol")

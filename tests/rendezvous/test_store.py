@@ -95,6 +95,25 @@ async def test_registration_rules(store: AnyStore) -> None:
     assert r.status == Status.FORBIDDEN
 
 
+async def test_a_login_that_records_nothing(store: AnyStore) -> None:
+    """`record=False` (the server's disk is full): a known device gets in with its queued
+    mail and nothing about it changes; a new one is refused with the reason."""
+    await register(store, 2, "bob@example.net")
+    key = ident(2).public.verify_key
+    before = await store.devices("bob@example.net")
+    r = await store.authenticate("bob@example.net", key, register=False, invite=None,
+                                 advertise={"addrs": ["192.0.2.7:4000"], "nat": False},
+                                 now=50.0, policy=OPEN, page=10, record=False)
+    assert r.status == Status.OK and not r.created
+    assert await store.devices("bob@example.net") == before  # last seen 1.0, no advert
+    r = await store.authenticate("new@example.net", ident(5).public.verify_key, register=True,
+                                 invite=None, advertise=None, now=50.0, policy=OPEN, page=10,
+                                 record=False)
+    assert (r.status, r.text) == (Status.UNAVAILABLE,
+                                  "the server's storage is full: try again later")
+    assert await store.devices("new@example.net") is None
+
+
 async def test_send_is_all_or_nothing_and_idempotent(store: AnyStore) -> None:
     await register(store, 2, "bob@example.net")
     m = mid()
