@@ -1565,13 +1565,22 @@ class RendezvousServer:
                 await self.store.save_relay_usage(changed)
 
     async def _sweep(self) -> None:
+        """Expire envelopes and save the relay meters, every `interval` for the server's
+        life: a round that fails (a full disk, a database gone away for a while) is logged
+        and the next one tries again."""
         interval = max(1.0, min(60.0, self.limits.envelope_ttl / 10))
         while True:
             await asyncio.sleep(interval)
             try:
                 expired = await self.store.expire(self.clock())
-            except RuntimeError:
+                await self._save_relay_usage()
+            except RuntimeError:  # the store closed: the server is stopping
                 return
-            await self._save_relay_usage()
+            except Exception as exc:
+                if is_disk_full(exc):
+                    log.error(kv("storage.full", verb="sweep", error=str(exc)))
+                else:
+                    log.exception(kv("sweep.failed"))
+                continue
             if expired:
                 log.info(kv("sweep", envelopes_expired=expired))
