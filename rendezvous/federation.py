@@ -55,7 +55,7 @@ from rendezvous.backoff import Backoff
 from rendezvous.client_core import ClientConnection
 from rendezvous.dns import DomainLookupError, DomainRecords, DomainResolver
 from rendezvous.domainkey import DomainKey, fingerprint
-from rendezvous.errors import RemoteProtocolError
+from rendezvous.errors import RemoteProtocolError, is_disk_full
 from rendezvous.framing import DEFAULT_MAX_FRAME
 from rendezvous.logfmt import kv
 from rendezvous.messages import Challenge, Finger, Pipe, Relay, Reply, Request, Send, SendItem
@@ -330,41 +330,65 @@ class Federation:
         self._tasks.spawn(self._worker(domain), name=f"outbound {domain}")
 
     async def _worker(self, domain: str) -> None:
+        """Forward what waits for `domain`, page by page, until nothing does. A round the
+        store fails (a full disk refusing the bookkeeping, a database restarting) is
+        logged and tried again after the backoff: a worker that ended on it left the
+        domain's mail waiting for the next send to it or a restart (nothing else wakes a
+        domain on SQLite)."""
         attempt = 0
         try:
             while True:
                 raise_if_cancelled()
                 self._again.discard(domain)
-                rows = await self.store.outbound_due(domain, 0, _PAGE)
-                if not rows:
-                    if domain in self._again:
-                        continue
-                    return  # `finally` runs before any other callback: no wake is lost
                 try:
-                    await self._forward(domain, rows)
-                    attempt = 0
-                except LinkRefused as exc:
-                    raise_if_cancelled()
-                    await self._bounce_refused(domain, rows, exc)
-                    attempt = 0
-                except RemotePacing as exc:
-                    # The other domain is up and takes mail at its own rate: not an outage,
-                    # so no "unreachable since" and no growing backoff, just a pause.
-                    self.paced += 1
-                    log.info(kv("outbound.paced", domain=domain, waiting=len(rows),
-                                reply=str(exc)))
-                    await asyncio.sleep(PACE_DELAY)
-                except LinkError as exc:
+                    more, attempt = await self._round(domain, attempt)
+                except RuntimeError:  # the store closed: the server is stopping
+                    return
+                except Exception as exc:
                     raise_if_cancelled()
                     attempt += 1
-                    self.link_failures += 1
-                    text = f"{domain} unreachable: {exc}"
-                    log.warning(kv("outbound.retry", domain=domain, attempt=attempt,
-                                   waiting=len(rows), error=str(exc)))
-                    await self.store.outbound_failed(domain, text, self.clock())
+                    if is_disk_full(exc):
+                        log.error(kv("storage.full", verb="outbound", domain=domain,
+                                     error=str(exc)))
+                    else:
+                        log.exception(kv("outbound.round_failed", domain=domain))
                     await asyncio.sleep(self.backoff.delay(attempt, self._rng))
+                    continue
+                if not more:
+                    return  # `finally` runs before any other callback: no wake is lost
         finally:
             self._running.discard(domain)
+
+    async def _round(self, domain: str, attempt: int) -> tuple[bool, int]:
+        """Forward the next page of `domain`'s queue: whether to go on, and the attempt
+        the link's backoff is at."""
+        rows = await self.store.outbound_due(domain, 0, _PAGE)
+        if not rows:
+            return domain in self._again, attempt
+        try:
+            await self._forward(domain, rows)
+            attempt = 0
+        except LinkRefused as exc:
+            raise_if_cancelled()
+            await self._bounce_refused(domain, rows, exc)
+            attempt = 0
+        except RemotePacing as exc:
+            # The other domain is up and takes mail at its own rate: not an outage,
+            # so no "unreachable since" and no growing backoff, just a pause.
+            self.paced += 1
+            log.info(kv("outbound.paced", domain=domain, waiting=len(rows),
+                        reply=str(exc)))
+            await asyncio.sleep(PACE_DELAY)
+        except LinkError as exc:
+            raise_if_cancelled()
+            attempt += 1
+            self.link_failures += 1
+            text = f"{domain} unreachable: {exc}"
+            log.warning(kv("outbound.retry", domain=domain, attempt=attempt,
+                           waiting=len(rows), error=str(exc)))
+            await self.store.outbound_failed(domain, text, self.clock())
+            await asyncio.sleep(self.backoff.delay(attempt, self._rng))
+        return True, attempt
 
     async def _bounce_refused(self, domain: str, rows: list[OutboundRow],
                               exc: LinkRefused) -> None:

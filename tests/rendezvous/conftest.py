@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,13 @@ DOMAIN = "example.net"
 def ident(n: int) -> DeviceIdentity:
     """A deterministic device identity."""
     return DeviceIdentity.from_seed(bytes([n]) * 32)
+
+
+def disk_full() -> sqlite3.OperationalError:
+    """The error SQLite raises when the disk is full, to inject at a store's boundary."""
+    exc = sqlite3.OperationalError("database or disk is full")
+    exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # as sqlite3 sets it on a real one
+    return exc
 
 
 @asynccontextmanager

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,6 +31,8 @@ from rendezvous.server import RendezvousServer
 from rendezvous.sqlite_store import SqliteStore
 from rendezvous.status import Status
 from rendezvous.tls import self_signed, server_tls
+
+from .conftest import disk_full
 
 A, B = "a.test", "b.test"
 
@@ -289,6 +292,38 @@ async def test_b_down_at_send_queued_across_a_restart_then_delivered(
             env = (await _next_deliver(bob)).envelope
             assert env.blob == b"held at a"
             await _no_deliver(bob)
+
+
+@pytest.mark.parametrize("failure", [disk_full, lambda: sqlite3.OperationalError("I/O")])
+async def test_an_outbound_round_the_store_fails_is_tried_again(
+        tmp_path: Path, fed_log: LogWaiter, failure: object) -> None:
+    """b.test is down and a.test's store refuses to note it (its disk is full): the
+    worker for b.test ended there, and the mail waited for the next send to b.test or a
+    restart. It is logged and tried again, and delivered once b.test is back."""
+    world = World(tmp_path)
+    async with world.server(B) as b:
+        await _register_bob(world, b)
+    world.resolver.add(DomainRecords(B, (_closed_port(),), world.keys[B].public))
+    async with world.server(A) as a, world.client(a, ALICE, "alice@a.test") as alice:
+        real = a.store.outbound_failed
+        calls: list[str] = []
+
+        async def outbound_failed(domain: str, error: str, now: float) -> None:
+            calls.append(domain)
+            if len(calls) == 1:
+                raise failure()  # type: ignore[operator]
+            await real(domain, error, now)
+
+        a.store.outbound_failed = outbound_failed  # type: ignore[method-assign]
+        mid = os.urandom(16)
+        await alice.send(mid, [("bob@b.test", BOB.peer_id, b"held at a")])
+        line = await fed_log.event("storage.full" if failure is disk_full
+                                   else "outbound.round_failed")
+        assert "domain=b.test" in line
+        await fed_log.event("outbound.retry")  # the next round
+        async with world.server(B) as b, world.client(b, BOB, "bob@b.test") as bob:
+            assert (await _next_deliver(bob)).envelope.blob == b"held at a"
+            assert (await _track(alice, mid))["bob@b.test"]["state"] == "delivered"
 
 
 def _closed_port() -> tuple[str, int]:

@@ -12,16 +12,10 @@ import pytest
 
 from rendezvous.limits import Limits
 
-from .conftest import running_server
+from .conftest import disk_full, running_server
 
 
-def _disk_full() -> sqlite3.OperationalError:
-    exc = sqlite3.OperationalError("database or disk is full")
-    exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # as sqlite3 sets it on a real one
-    return exc
-
-
-@pytest.mark.parametrize("failure", [_disk_full, lambda: sqlite3.OperationalError("I/O")])
+@pytest.mark.parametrize("failure", [disk_full, lambda: sqlite3.OperationalError("I/O")])
 async def test_a_failed_sweep_is_logged_and_the_next_one_runs(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, failure: object) -> None:
     caplog.set_level(logging.INFO, "rendezvous.server")
@@ -43,7 +37,7 @@ async def test_a_failed_sweep_is_logged_and_the_next_one_runs(
             await asyncio.sleep(0.1)
         assert len(calls) >= 2, "no sweep after the failed one"
     text = caplog.text
-    if failure is _disk_full:
+    if failure is disk_full:
         assert "event=storage.full verb=sweep" in text and "Traceback" not in text
     else:
         assert "event=sweep.failed" in text
