@@ -81,15 +81,25 @@ class Receipts:
         never learns we have the file and keeps its copy for good. Runs until cancelled."""
         while True:
             raise_if_cancelled()  # a send may have eaten it (see `_again`)
-            for entry_id, raw in await asyncio.to_thread(self.inbox.receipts_owed):
-                try:
-                    msg = decode_location(raw)
-                except DecodeError as exc:  # stored only after it decoded; never expected
-                    log.warning("inbox %s: stored message unreadable: %s", entry_id.hex(), exc)
-                    continue
-                if await self.send(entry_id, msg):
-                    log.info("sent the owed receipt for %s", entry_id.hex())
+            try:
+                await self._send_owed()
+            except (sqlite3.Error, OSError) as exc:
+                # node.db could not be read or written (its disk full, say): what is owed
+                # stays owed, and the next round tries again. This ended the loop, and
+                # with it the node (its tasks fail together).
+                log.warning("owed receipts not sent this round (tried again in %.0f s): %s",
+                            self.retry, exc)
             await asyncio.sleep(self.retry)
+
+    async def _send_owed(self) -> None:
+        for entry_id, raw in await asyncio.to_thread(self.inbox.receipts_owed):
+            try:
+                msg = decode_location(raw)
+            except DecodeError as exc:  # stored only after it decoded; never expected
+                log.warning("inbox %s: stored message unreadable: %s", entry_id.hex(), exc)
+                continue
+            if await self.send(entry_id, msg):
+                log.info("sent the owed receipt for %s", entry_id.hex())
 
     async def send_to_sender(self, msg: LocationMessage, kind: str, body: bytes) -> bool:
         """Seal `body` to the sender's trusted device that sent `msg` (to all its trusted
@@ -276,7 +286,18 @@ class Delivery:
         else:
             self._lookup_failed.discard(sender)
         vouches = {d.verify_key: d.vouch for d in devices if d.vouch is not None}
-        if self.incoming.recheck_keys(sender, [d.verify_key for d in devices], vouches):
+        try:
+            offered = self.incoming.recheck_keys(sender, [d.verify_key for d in devices],
+                                                 vouches)
+        except (sqlite3.Error, OSError) as exc:
+            # node.db refused the update (its disk full, say): looked up again later. It
+            # raised out of the push loop, or the retry loop, and so ended the node.
+            log.warning("the keys of %s not checked (looked up again later): %s",
+                        sender, exc)
+            self._lookup_failed.add(sender)
+            self._lookup_wake.set()
+            return
+        if offered:
             self.downloads.wake()
 
     async def lookups(self) -> None:
@@ -295,6 +316,8 @@ class Delivery:
             for entry, action in done:
                 if action != "keep":
                     await self.withdraw(entry.content_id)
-        except OSError as exc:  # a full or read-only archive disk must not stop the node
+        except (OSError, sqlite3.Error) as exc:
+            # A full or read-only disk (the archive's, or node.db's) must not stop the
+            # node: node.db's error raised out of the push loop and ended it.
             log.warning("retention step failed (it is retried at the next receipt or "
                         "start): %s", exc)

@@ -1,0 +1,101 @@
+"""The node's mail loops outlive a round whose node.db write fails (its disk full): the
+owed receipts go again next round, a sender whose keys could not be re-checked is looked
+up again, and retention waits for the next receipt. Each raised out of its loop before,
+and a loop of the node that fails ends the node (its tasks run in one TaskGroup)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from overlay.mail.delivery import Delivery, Receipts
+from rendezvous.backoff import Backoff
+from tests.rendezvous.conftest import disk_full, ident
+
+
+class _FailsOnce:
+    """A store method that raises `error` at its first call and returns `then` after."""
+
+    def __init__(self, error: Exception, then: Any) -> None:
+        self.error, self.then, self.calls = error, then, 0
+        self.again = asyncio.Event()
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise self.error
+        self.again.set()
+        return self.then
+
+
+async def _until(event: asyncio.Event, task: asyncio.Task[Any], what: str) -> None:
+    waiting = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiting, task}, timeout=5,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        assert not task.done(), f"the loop ended: {task.exception()!r}"
+        assert waiting in done, f"no {what} after the failed one"
+    finally:
+        waiting.cancel()
+        task.cancel()
+        await asyncio.wait({task})
+
+
+async def test_owed_receipts_are_tried_again_after_node_db_failed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "peerpost.node")
+    owed = _FailsOnce(disk_full(), [])
+    inbox = SimpleNamespace(receipts_owed=owed)
+    receipts = Receipts(ident(1), None, inbox, None,  # type: ignore[arg-type]
+                        wall=lambda: 0.0, retry=0.01)
+    await _until(owed.again, asyncio.create_task(receipts.owed()), "round")
+    assert "owed receipts not sent this round (tried again in 0 s): database or disk is " \
+           "full" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def _delivery(tmp_path: Path, incoming: Any, downloads: Any, outbox: Any = None,
+              finger: Any = None) -> Delivery:
+    async def withdraw(content_id: bytes) -> None:
+        return None
+
+    return Delivery(SimpleNamespace(finger=finger), incoming, outbox,  # type: ignore[arg-type]
+                    None, None, downloads, archive=tmp_path,  # type: ignore[arg-type]
+                    on_pipe=lambda m: False, on_relay=lambda i: None, withdraw=withdraw,
+                    lookup_backoff=Backoff(0.01, 0.05), rng=random.Random(1))
+
+
+async def test_a_sender_whose_keys_were_not_rechecked_is_looked_up_again(
+        tmp_path: Path) -> None:
+    """FINGER answered but node.db refused to apply the keys: the sender's held message
+    waited until it sent again or the node restarted (or the node ended, from the loop)."""
+    key = ident(2).public.verify_key
+
+    async def finger(sender: str) -> Any:
+        return SimpleNamespace(devices=[SimpleNamespace(verify_key=key, vouch=None)])
+
+    recheck = _FailsOnce(sqlite3.OperationalError("database is locked"), [b"m" * 16])
+    incoming = SimpleNamespace(
+        recheck_keys=recheck, key_checks=[],
+        inbox=SimpleNamespace(unverified_senders=lambda: ["alice@example.net"]))
+    woken = asyncio.Event()
+    delivery = _delivery(tmp_path, incoming, SimpleNamespace(wake=woken.set), finger=finger)
+    await _until(woken, asyncio.create_task(delivery.lookups()), "look-up")
+    assert recheck.calls == 2
+
+
+async def test_retention_that_node_db_refuses_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Run when a receipt arrives, from the loop that reads the server's pushes."""
+    caplog.set_level(logging.INFO, "peerpost.node")
+    outbox = SimpleNamespace(pending_retention=_FailsOnce(disk_full(), []))
+    await _delivery(tmp_path, None, None, outbox).retention()
+    assert "retention step failed (it is retried at the next receipt or start): " \
+           "database or disk is full" in caplog.text
