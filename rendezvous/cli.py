@@ -644,8 +644,7 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                 args = _reload(argv, args, server)
             if "reread" in asked and not stop.is_set():
                 asked.discard("reread")
-                ended = await server.reread_accounts()
-                log.info(kv("server.accounts_reread", sessions_ended=ended))
+                await _reread_accounts(server)
     finally:
         log.info(kv("server.stopping", reason="signal" if stop.is_set() else "error"))
         notify("STOPPING=1")
@@ -656,6 +655,22 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
         finally:
             _refresh_stats(data, server.snapshot(), None, running=False)
     return 0
+
+
+async def _reread_accounts(server: RendezvousServer) -> None:
+    """SIGUSR1: end the sessions of devices an operator removed. A store that can't answer
+    now (PostgreSQL restarting) is logged and the server serves on; the next SIGUSR1 tries
+    again. The error ended the server: a SIGUSR1 while PostgreSQL was down stopped it
+    ('cannot connect to ...: Connection refused')."""
+    try:
+        ended = await server.reread_accounts()
+    except Exception as exc:
+        if isinstance(exc, OSError | RuntimeError) or is_disk_full(exc):  # can't connect
+            log.error(kv("server.accounts_reread_failed", error=str(exc) or repr(exc)))
+        else:
+            log.exception(kv("server.accounts_reread_failed"))
+        return
+    log.info(kv("server.accounts_reread", sessions_ended=ended))
 
 
 def _refresh_stats(data: Path, snapshot: dict[str, Any], failing: str | None, *,

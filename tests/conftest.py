@@ -10,9 +10,9 @@ import signal
 import hypothesis  # noqa: F401
 
 from tests.dnstest import dns_server
-from tests.pgtest import pg_cluster, pg_url
+from tests.pgtest import own_pg_cluster, pg_cluster, pg_url
 
-__all__ = ["dns_server", "pg_cluster", "pg_url"]
+__all__ = ["dns_server", "own_pg_cluster", "pg_cluster", "pg_url"]
 
 # A shell without job control (`pytest ... &` in a script, CI runners) starts background
 # commands with SIGINT ignored, and every process they start inherits that: the tests that

@@ -11,6 +11,9 @@ API (fixtures are registered in tests/conftest.py, so every test folder can use 
   start their own durable server with `PgCluster.start(durable=True)`).
 - `pg_url` (function fixture) -> `str`: the URL of a new, empty database of that server
   (`postgresql://postgres@127.0.0.1:PORT/t_N`), made for the test and left behind.
+- `own_pg_cluster` (function fixture) -> `PgCluster`: a server of the test's own, for a
+  test that stops it (`.stop()`) and starts it again (`.start_again()`): a database
+  going away and coming back. About 1 s more than `pg_url`.
 - `PgCluster.url(dbname)`: the URL of one of its databases; `PgCluster.create_database()`
   makes a fresh one and returns its URL (several per test: one per "domain").
 - `PgCluster.start(base, durable=...)` / `.stop()`: for code that runs outside pytest
@@ -113,9 +116,13 @@ class PgCluster:
         with (cluster.data / "postgresql.conf").open("a") as f:
             for key, value in opts.items():
                 f.write(f"{key} = '{value}'\n")
-        cluster._run([str(bindir / "pg_ctl"), "-D", str(cluster.data), "-l", str(cluster.log),
-                      "-w", "-t", "60", "start"])
+        cluster.start_again()
         return cluster
+
+    def start_again(self) -> None:
+        """Start the server: at first, or again after `stop()` (same port and files)."""
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                   "-w", "-t", "60", "start"])
 
     def _run(self, argv: list[str]) -> None:
         if os.geteuid() == 0:
@@ -168,6 +175,16 @@ def _ci() -> bool:
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
     """One PostgreSQL server for the test session (see the module doc)."""
+    yield from _cluster()
+
+
+@pytest.fixture
+def own_pg_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL server for this test alone, which it may stop and start again."""
+    yield from _cluster()
+
+
+def _cluster() -> Iterator[PgCluster]:
     reason = unavailable()
     if reason is not None:
         if _ci():
