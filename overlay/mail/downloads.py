@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 
@@ -258,10 +259,22 @@ class DownloadQueue:
         mid = entry.id
         act = self.active.setdefault(mid, Activity())
         act.started_at = act.started_at or self.wall()
-        self.inbox.mark_time(mid, "started", act.started_at)
         try:
-            if entry.state is not InboxState.DOWNLOADING:
-                entry = self.inbox.transition(mid, InboxState.DOWNLOADING)
+            try:
+                self.inbox.mark_time(mid, "started", act.started_at)
+                moved = entry.state is not InboxState.DOWNLOADING
+                if moved:
+                    entry = self.inbox.transition(mid, InboxState.DOWNLOADING)
+            except (sqlite3.Error, OSError) as db_exc:
+                # node.db would not take the start (its disk full): the queue starts it
+                # again after the backoff. The mark raised out of the task, and the queue
+                # started it again at once, a traceback each time, for as long as the
+                # disk stayed full.
+                hold = self._holds.get(mid)
+                self._hold_off(mid, self.wall() + self.backoff(1 + (hold.count if hold else 0)),
+                               "not started", db_exc)
+                return
+            if moved:
                 self._changed()
             try:
                 msg = decode_location(entry.message)

@@ -1,7 +1,8 @@
 """The node's mail loops outlive a round whose node.db write fails (its disk full): the
 owed receipts go again next round, a sender whose keys could not be re-checked is looked
-up again, and retention waits for the next receipt. Each raised out of its loop before,
-and a loop of the node that fails ends the node (its tasks run in one TaskGroup)."""
+up again, retention waits for the next receipt, and a download node.db won't start waits
+its backoff. Each raised out of its loop before, and a loop of the node that fails ends
+the node (its tasks run in one TaskGroup); the download was started again at once."""
 
 from __future__ import annotations
 
@@ -9,14 +10,22 @@ import asyncio
 import logging
 import random
 import sqlite3
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from crypto.location import LocationMessage
+from overlay.mail.db import NodeDB
 from overlay.mail.delivery import Delivery, Receipts
+from overlay.mail.downloads import Activity, DownloadQueue
+from overlay.mail.inbox import Inbox, InboxEntry
+from overlay.mail.inbox_state import InboxState
+from overlay.mail.prefs import Prefs
 from rendezvous.backoff import Backoff
+from tests.overlay.test_download_sources import offer
 from tests.rendezvous.conftest import disk_full, ident
 
 
@@ -99,3 +108,45 @@ async def test_retention_that_node_db_refuses_is_logged(
     await _delivery(tmp_path, None, None, outbox).retention()
     assert "retention step failed (it is retried at the next receipt or start): " \
            "database or disk is full" in caplog.text
+
+
+async def test_a_download_node_db_will_not_start_waits_its_backoff(
+        db: NodeDB, caplog: pytest.LogCaptureFixture) -> None:
+    """node.db refuses the download's start mark for 0.6 s: the queue tries again after
+    0.1, 0.2, 0.4 s (about), then the download runs. It started it again at once, a
+    traceback each time, as long as the disk stayed full."""
+    starts: list[float] = []
+    full_until = time.monotonic() + 0.6
+
+    class FullAtStart(Inbox):
+        def mark_time(self, id: bytes, event: str, when: float) -> None:
+            if event == "started":
+                starts.append(when)
+                if time.monotonic() < full_until:
+                    raise disk_full()
+            super().mark_time(id, event, when)
+
+    inbox = FullAtStart(db)
+    mid = offer(inbox)
+    done = asyncio.Event()
+
+    async def fetch(entry: InboxEntry, msg: LocationMessage, act: Activity,
+                    progress: Any) -> str:
+        return str(Path("clip.ts").absolute())
+
+    async def completed(entry: InboxEntry, msg: LocationMessage) -> None:
+        done.set()
+
+    q = DownloadQueue(inbox, Prefs(db), fetch, completed, wall=time.time,
+                      rng=random.Random(1), retry_base=0.1, retry_max=0.4)
+    runner = asyncio.create_task(q.run())
+    try:
+        async with asyncio.timeout(10):
+            await done.wait()
+    finally:
+        runner.cancel()
+        await asyncio.wait({runner})
+    assert inbox.get(mid).state is InboxState.COMPLETE  # type: ignore[union-attr]
+    assert 2 <= len(starts) <= 8, f"{len(starts)} starts in 0.6 s"
+    assert "not started (node.db did not take it: database or disk is full)" in caplog.text
+    assert "Traceback" not in caplog.text
