@@ -365,7 +365,21 @@ class SqliteStore:
 
     def _run_batch(self, conn: sqlite3.Connection,
                    ops: list[_Op]) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        """One transaction for the batch; each op's outcome, in order (see module doc)."""
+        """One transaction for the batch; each op's outcome, in order (see module doc).
+
+        A batch SQLite refuses as a whole (BEGIN finding the file locked by another
+        process past busy_timeout, an I/O error) fails each of its ops, and the next batch
+        runs: the error ended the writer thread, and every request to the store after it
+        waited for ever."""
+        try:
+            return self._transact(conn, ops)
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._rollback(conn)
+            return [(fut, None, exc) for _, fut in ops]
+
+    def _transact(self, conn: sqlite3.Connection,
+                  ops: list[_Op]) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         conn.execute("BEGIN IMMEDIATE")
         try:
