@@ -25,6 +25,7 @@ from crypto.identity import DeviceIdentity, PublicIdentity
 from crypto.location import LocationMessage, decode_location
 from overlay.content.catalog import ContentStore
 from overlay.mail.contacts import Contacts
+from overlay.mail.db import RecordLimitError
 from overlay.mail.downloads import DownloadQueue
 from overlay.mail.inbox import Inbox, InboxEntry
 from overlay.mail.incoming import IncomingMail, Outcome, Pushed
@@ -289,6 +290,11 @@ class Delivery:
         try:
             offered = self.incoming.recheck_keys(sender, [d.verify_key for d in devices],
                                                  vouches)
+        except RecordLimitError as exc:
+            # More devices than a contact may pin, or the contacts full: a later look-up
+            # would find the same. It raised out of the loop and ended the node.
+            log.warning("the keys of %s not checked: %s", sender, exc)
+            return
         except (sqlite3.Error, OSError) as exc:
             # node.db refused the update (its disk full, say): looked up again later. It
             # raised out of the push loop, or the retry loop, and so ended the node.

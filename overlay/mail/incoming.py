@@ -139,7 +139,13 @@ class IncomingMail:
             return self._drop("location", env, "signed by another device than it names")
         if self.address not in h.recipients:
             return self._drop("location", env, "this address is not among the recipients")
-        trusted = self.contacts.note_signer(h.sender, key, self.wall())
+        try:
+            trusted = self.contacts.note_signer(h.sender, key, self.wall())
+        except RecordLimitError as exc:
+            # A sender never seen before needs a contact entry and the contacts are full.
+            # This raised out of the push loop and ended the node, and the envelope, not
+            # acknowledged, ended it again at every login.
+            return self._refused("contacts-full", env, msg, exc)
         if not trusted:
             # One key can't show it is the same person's device; the node asks the server
             # for the whole device set and its vouches (recheck_keys).
@@ -148,12 +154,9 @@ class IncomingMail:
         try:
             added = self._add(env, msg, body, kind, unverified=not trusted)
         except RecordLimitError as exc:
-            # Acknowledged all the same: left on the server it would come back at every
-            # login. The user frees room with `peerpost rm` or `peerpost inbox --prune`.
-            self.counters["refused-inbox-full"] += 1
-            log.warning("REFUSED message %s from %s: %s (`peerpost inbox --prune` or "
-                        "`peerpost rm ID` make room)", env.message_id.hex(), env.sender, exc)
-            return Outcome.REFUSED, msg
+            # The user frees room with `peerpost rm` or `peerpost inbox --prune`.
+            return self._refused("inbox-full", env, msg, f"{exc} (`peerpost inbox --prune` "
+                                 "or `peerpost rm ID` make room)")
         if not added:
             self.counters["duplicate"] += 1
             return Outcome.DUPLICATE, msg
@@ -198,6 +201,13 @@ class IncomingMail:
         LOCATION_KIND: _location,
         RECEIPT_KIND: _receipt,
     }
+
+    def _refused(self, what: str, env: Pushed, msg: LocationMessage,
+                 why: object) -> tuple[Outcome, LocationMessage | Receipt | None]:
+        # Acknowledged all the same: left on the server it would come back at every login.
+        self.counters[f"refused-{what}"] += 1
+        log.warning("REFUSED message %s from %s: %s", env.message_id.hex(), env.sender, why)
+        return Outcome.REFUSED, msg
 
     def _drop(self, what: str, env: Pushed,
               why: object) -> tuple[Outcome, LocationMessage | Receipt | None]:

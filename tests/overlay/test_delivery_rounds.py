@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from crypto.location import LocationMessage
-from overlay.mail.db import NodeDB
+from overlay.mail.db import NodeDB, RecordLimitError
 from overlay.mail.delivery import Delivery, Receipts
 from overlay.mail.downloads import Activity, DownloadQueue
 from overlay.mail.inbox import Inbox, InboxEntry
@@ -150,3 +150,32 @@ async def test_a_download_node_db_will_not_start_waits_its_backoff(
     assert 2 <= len(starts) <= 8, f"{len(starts)} starts in 0.6 s"
     assert "not started (node.db did not take it: database or disk is full)" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+async def test_a_sender_with_more_devices_than_a_contact_pins_is_not_looked_up_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A sender's server lists more vouched devices than a contact may pin: the limit
+    raised out of the look-up loop (and the push loop) and ended the node. Logged; the
+    same answer would come again, so it is not asked again."""
+    caplog.set_level(logging.INFO, "peerpost.node")
+    key = ident(2).public.verify_key
+
+    async def finger(sender: str) -> Any:
+        return SimpleNamespace(devices=[SimpleNamespace(verify_key=key, vouch=None)])
+
+    recheck = _FailsOnce(
+        RecordLimitError("alice@example.net would have more than 16 pinned devices"), [])
+    incoming = SimpleNamespace(
+        recheck_keys=recheck, key_checks=[],
+        inbox=SimpleNamespace(unverified_senders=lambda: ["alice@example.net"]))
+    delivery = _delivery(tmp_path, incoming, None, finger=finger)
+    looking = asyncio.create_task(delivery.lookups())
+    try:
+        await asyncio.sleep(0.3)  # the look-up, then several backoffs (0.01-0.05 s)
+        assert not looking.done(), looking.exception()
+        assert recheck.calls == 1
+    finally:
+        looking.cancel()
+        await asyncio.wait({looking})
+    assert "the keys of alice@example.net not checked: alice@example.net would have more " \
+           "than 16 pinned devices" in caplog.text

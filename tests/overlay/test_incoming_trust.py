@@ -137,3 +137,16 @@ def test_upgrade_to_v4_keeps_inbox_and_contacts(tmp_path: Path) -> None:
         with pytest.raises(sqlite3.IntegrityError):
             with db.transaction() as conn:
                 conn.execute("UPDATE inbox SET state = 'bogus'")
+
+
+def test_mail_from_a_new_sender_when_the_contacts_are_full_is_refused(db: NodeDB) -> None:
+    """A sender never seen before needs a contact entry. With the contacts full that
+    raised out of `handle`, which ended the node, and again at every login (the envelope
+    was not acknowledged): anyone could stop a node by writing from enough addresses."""
+    inbox, contacts = Inbox(db), Contacts(db, max_contacts=1)
+    contacts.pin_keys("carol@example.net", [BOB.public.verify_key], 1.0)
+    mail = IncomingMail(BOB, "bob@example.net", inbox, Outbox(db), Prefs(db), contacts,
+                        wall=lambda: 100.0)
+    assert mail.handle(pushed(1, ALICE1))[0] is Outcome.REFUSED
+    assert inbox.get((1).to_bytes(16, "big")) is None
+    assert mail.counters["refused-contacts-full"] == 1
