@@ -619,7 +619,17 @@ class RendezvousClient:
             log.warning(kv("client.failover", address=self.address,
                            old=format_hostport(*current), new=self.server_text))
             if self.on_failover is not None:
-                self.on_failover(host, port)
+                try:
+                    self.on_failover(host, port)
+                except Exception as exc:
+                    # The session is up. The hook's error (a node's full disk refusing
+                    # config.json) ended the reconnect loop, and the client never
+                    # reconnected again after this session; or it failed the start.
+                    if isinstance(exc, OSError):
+                        log.error(kv("client.on_failover_failed", address=self.address,
+                                     error=str(exc)))
+                    else:
+                        log.exception(kv("client.on_failover_failed", address=self.address))
             return
         self.host, self.port = current
         raise first
