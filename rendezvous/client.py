@@ -624,7 +624,7 @@ class RendezvousClient:
                 except Exception as exc:
                     # The session is up. The hook's error (a node's full disk refusing
                     # config.json) ended the reconnect loop, and the client never
-                    # reconnected again after this session; or it failed the start.
+                    # reconnected again after this session.
                     if isinstance(exc, OSError):
                         log.error(kv("client.on_failover_failed", address=self.address,
                                      error=str(exc)))
