@@ -92,12 +92,17 @@ class StunService:
         self._transport.close()
 
 
-async def bind_udp(host: str, port: int) -> socket.socket:
-    """A UDP socket bound to host:port for a service; an IPv6 one takes IPv6 alone
+async def bind_udp(host: str, port: int) -> socket.socket | None:
+    """For a service on an IPv6 address: a UDP socket bound to it that takes IPv6 alone
     (IPV6_V6ONLY, which asyncio sets on its TCP listeners but not on UDP). Linux binds
     [::] for IPv4 too by default, so [::]:P could not be bound beside 0.0.0.0:P (`serve
     --listen` given twice), and an IPv4 client would be seen as ::ffff:a.b.c.d: STUN
-    would answer it with an IPv6 address, and every IPv4 client share one /64's limits."""
+    would answer it with an IPv6 address, and every IPv4 client share one /64's limits.
+
+    None for any other host: the loop binds it (`local_addr`), as the simulator's loop
+    must, whose hosts are IPv4 and whose sockets are not the kernel's."""
+    if ":" not in host:
+        return None
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, kind, proto, _, addr = infos[0]
     sock = socket.socket(family, kind, proto)
