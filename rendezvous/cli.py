@@ -303,7 +303,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="requests per second per connection")
     s.add_argument("--envelope-days", type=float, default=_DEFAULTS.envelope_ttl / DAY,
                    metavar="DAYS", help="an undelivered envelope is dropped after this long")
-    s.add_argument("--stats-interval", type=float, default=2.0, metavar="SECONDS",
+    s.add_argument("--stats-interval", type=_positive, default=2.0, metavar="SECONDS",
                    help="how often DATA/stats.json is written")
     s.add_argument("--stun-port", type=service_port, metavar="N|off",
                    help="answer STUN on this UDP port (default: the --listen port, UDP; "

@@ -178,6 +178,13 @@ async def test_config_file_flags_override_and_sighup_reloads_limits(tmp_path: Pa
             srv.proc.send_signal(signal.SIGHUP)
             await srv.wait_log("event=server.reload_failed", after=mark)
             assert first.connected and (await first.finger("alice@example.net")).devices
+            # stats.json written every 0 s: the main loop rewrote it without a pause for
+            # the server's life (a third of a core, measured).
+            conf.write_text(text.replace("stats_interval = 0.2", "stats_interval = 0"))
+            mark = len(srv.log)
+            srv.proc.send_signal(signal.SIGHUP)
+            line = await srv.wait_log("event=server.reload_failed", after=mark)
+            assert "stats_interval: expected more than 0, got '0'" in line, line
         srv.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(srv.proc.wait(), 20) == 0
     doc = json.loads((data / "stats.json").read_text())
