@@ -299,8 +299,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="envelopes queued for one recipient")
     s.add_argument("--quota-bytes", type=int, default=_DEFAULTS.quota_bytes, metavar="BYTES",
                    help="bytes queued for one recipient")
-    s.add_argument("--request-rate", type=float, default=_DEFAULTS.request_rate, metavar="N",
-                   help="requests per second per connection")
+    s.add_argument("--request-rate", type=_positive, default=_DEFAULTS.request_rate,
+                   metavar="N", help="requests per second per connection")
     s.add_argument("--envelope-days", type=float, default=_DEFAULTS.envelope_ttl / DAY,
                    metavar="DAYS", help="an undelivered envelope is dropped after this long")
     s.add_argument("--stats-interval", type=_positive, default=2.0, metavar="SECONDS",

@@ -185,12 +185,26 @@ async def test_config_file_flags_override_and_sighup_reloads_limits(tmp_path: Pa
             srv.proc.send_signal(signal.SIGHUP)
             line = await srv.wait_log("event=server.reload_failed", after=mark)
             assert "stats_interval: expected more than 0, got '0'" in line, line
+            # A negative request rate: every new connection's token bucket refused it.
+            conf.write_text(text + "request_rate = -1\n")
+            mark = len(srv.log)
+            srv.proc.send_signal(signal.SIGHUP)
+            line = await srv.wait_log("event=server.reload_failed", after=mark)
+            assert "request_rate: expected 0 or more, got '-1'" in line, line
+            async with rc(srv.port, ALICE, "alice@example.net", reconnect=False) as third:
+                assert (await third.finger("alice@example.net")).devices
         srv.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(srv.proc.wait(), 20) == 0
     doc = json.loads((data / "stats.json").read_text())
     assert doc["running"] is False
     assert (await ok_json("stats", "--data", str(data)))["server_running"] is False  # type: ignore[index]
     assert not any("Traceback" in line for line in srv.log)
+
+
+async def test_a_request_rate_below_or_at_0_is_refused(tmp_path: Path) -> None:
+    for rate, why in (("-1", "expected 0 or more, got '-1'"), ("0", "expected more than 0")):
+        code, _, err = await run("serve", "--data", str(tmp_path / "d"), "--request-rate", rate)
+        assert code == 2 and f"argument --request-rate: {why}" in err, err
 
 
 async def test_a_bad_config_is_one_line(tmp_path: Path) -> None:
