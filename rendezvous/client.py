@@ -120,7 +120,6 @@ from rendezvous.records import (
     normalized_address,
     raw_map,
 )
-from rendezvous.status import Status
 from rendezvous.taskset import wait_ended
 from rendezvous.tls import client_context, peer_binding
 
@@ -564,9 +563,11 @@ class RendezvousClient:
                                text=exc.text, retry_in=f"{wait:.0f}s"))
                 continue
             except AuthenticationError as exc:
-                if exc.status == Status.RATE_LIMITED:
+                if exc.transient:
                     # Over a cap on live sessions (the device's, the account's, the IP's):
-                    # one of them ends sooner or later; try again after the backoff.
+                    # one of them ends sooner or later. Or a server error (its store down,
+                    # its disk full), which says nothing about this device, unlike a
+                    # revoked one's 403. Either way, try again after the backoff.
                     log.info(kv("client.reconnect_failed", address=self.address,
                                 text=exc.text, attempt=attempt))
                     continue

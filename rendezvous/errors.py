@@ -61,6 +61,13 @@ class RendezvousError(Exception):
 class AuthenticationError(RendezvousError):
     """The server refused AUTHORIZATION (unknown device, bad signature, no invite...)."""
 
+    @property
+    def transient(self) -> bool:
+        """The server failed (5xx: its store down, its disk full) or is over a session cap
+        (429), which says nothing about this device: log in again later. Any other status
+        (401, 403: no such account, a revoked device) is the server's word on the device."""
+        return self.status >= 500 or self.status == Status.RATE_LIMITED
+
 
 class BadRequestError(RendezvousError):
     """The server found the request malformed (400)."""

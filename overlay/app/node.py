@@ -59,7 +59,12 @@ from overlay.transports.webrtc import WebRtcEndpoint
 from rendezvous.backoff import Backoff
 from rendezvous.client import MISMATCH_BACKOFF, RendezvousClient, ServerIdentityError
 from rendezvous.domainkey import encode_key, fingerprint
-from rendezvous.errors import ConnectionLostError, RendezvousError, RequestTimeoutError
+from rendezvous.errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    RendezvousError,
+    RequestTimeoutError,
+)
 from rendezvous.sdnotify import notify
 from rendezvous.stun import SocketMaker, reusable_socket
 from rendezvous.taskset import TaskSet, raise_if_cancelled
@@ -297,10 +302,12 @@ class Node:
         pinned key (a hotel's proxy, a captive portal) is not logged in to and not the
         server's word either: the node waits for its server then too, longer
         (`mismatch_backoff`), re-reading the pinned key from config.json before each try.
-        A refusal by the server itself (unknown address, revoked device) ends it. Each time
-        it can't, a node whose server came from SRV records tries the domain's other
-        servers (overlay.app.failover). Why it waits, and until when, goes in the home for
-        `peerpost info` (the control socket opens only after the login)."""
+        A refusal by the server itself (unknown address, revoked device) ends it; a server
+        error (5xx) or a session cap (429) at login is waited out as an unreachable server
+        is. Each time it can't reach it, a node whose server came from SRV records tries
+        the domain's other servers (overlay.app.failover). Why it waits, and until when,
+        goes in the home for `peerpost info` (the control socket opens only after the
+        login)."""
         attempt = mismatched = 0
         failover = self._failover
         try:
@@ -318,6 +325,17 @@ class Node:
                     attempt, mismatched = attempt + 1, 0
                     delay = FIRST_LOGIN_BACKOFF.delay(attempt)
                     why = f"server {self.config.server} not reachable ({exc})"
+                except AuthenticationError as exc:
+                    # A server error (5xx: its store down, its disk full) or a session cap
+                    # says nothing about this node: wait for the server, as the client
+                    # does when a later login gets one. Only the server's word on this
+                    # device (401, 403) ends the node.
+                    if not exc.transient:
+                        raise
+                    raise_if_cancelled()
+                    attempt, mismatched = attempt + 1, 0
+                    delay = FIRST_LOGIN_BACKOFF.delay(attempt)
+                    why = f"server {self.config.server} did not log this node in ({exc})"
                 except ServerIdentityError as exc:
                     raise_if_cancelled()
                     if await failover.login_elsewhere(

@@ -1,0 +1,44 @@
+"""The client's reconnect loop outlives a round that fails: a server error at a later login
+(5xx) is waited out as an unreachable server is. It ended the loop: the client stayed
+offline for good, refused with the 500."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from rendezvous.client import RendezvousClient
+from rendezvous.server import RendezvousServer
+
+from .conftest import ident, port_of
+
+
+async def test_a_server_error_at_a_later_login_is_tried_again(
+        server: RendezvousServer, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, "rendezvous.client")
+    real = server.store.authenticate
+    failing = [True]
+
+    async def authenticate(*args: Any, **kw: Any) -> Any:
+        if failing[0]:
+            raise RuntimeError("the test fails the store")
+        return await real(*args, **kw)
+
+    async with RendezvousClient("127.0.0.1", port_of(server), ident(1), "alice@example.net",
+                                register=True, request_timeout=3.0) as rc:
+        monkeypatch.setattr(server.store, "authenticate", authenticate)
+        rc.relogin("the test")
+        with pytest.raises(Exception, match="not connected"):
+            await rc.wait_connected(1.0)
+        assert rc.refused is None
+        failing[0] = False
+        rc.retry_now()
+        assert (await rc.finger("alice@example.net")).devices
+        assert rc.reconnects == 1
+    assert ("event=client.reconnect_failed address=alice@example.net "
+            "text=\"server error while authenticating\"") in caplog.text
+    assert "client.reauth_refused" not in caplog.text
+
