@@ -120,7 +120,7 @@ from rendezvous.records import (
     normalized_address,
     raw_map,
 )
-from rendezvous.taskset import wait_ended
+from rendezvous.taskset import raise_if_cancelled, wait_ended
 from rendezvous.tls import client_context, peer_binding
 
 log = logging.getLogger("rendezvous.client")
@@ -549,9 +549,9 @@ class RendezvousClient:
                 async with asyncio.timeout(delay):
                     await self._retry_now.wait()
             self._retry_now.clear()
-            if self._mismatch is not None:
-                self.repin()
             try:
+                if self._mismatch is not None:
+                    self.repin()
                 await self._connect_any()
             except ServerIdentityError as exc:
                 # Not the server's word (it never answered): wait, and try again.
@@ -579,6 +579,14 @@ class RendezvousClient:
                 log.info(kv("client.reconnect_failed", address=self.address, text=exc.text,
                             attempt=attempt))
                 self._mismatch, mismatched = None, 0  # unreachable now: another network
+                continue
+            except Exception:
+                # A bug, or an error of a hook (alternates, pinned): try again after the
+                # backoff. Out of this loop, it left the client offline for good, with no
+                # trace but a task exception never retrieved.
+                raise_if_cancelled()
+                log.exception(kv("client.reconnect_failed", address=self.address,
+                                 attempt=attempt))
                 continue
             self.reconnects += 1
             attempt = mismatched = 0

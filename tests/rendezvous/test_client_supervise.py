@@ -1,6 +1,7 @@
 """The client's reconnect loop outlives a round that fails: a server error at a later login
-(5xx) is waited out as an unreachable server is. It ended the loop: the client stayed
-offline for good, refused with the 500."""
+(5xx) is waited out as an unreachable server is, and an unexpected error in a round is
+logged with its traceback. Either one ended the loop: the client stayed offline for good
+(refused with the 500, or silently but for a never-retrieved task exception)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,25 @@ async def test_a_server_error_at_a_later_login_is_tried_again(
             "text=\"server error while authenticating\"") in caplog.text
     assert "client.reauth_refused" not in caplog.text
 
+
+async def test_an_unexpected_error_in_a_reconnect_round_is_logged_and_the_loop_goes_on(
+        server: RendezvousServer, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, "rendezvous.client")
+    async with RendezvousClient("127.0.0.1", port_of(server), ident(1), "alice@example.net",
+                                register=True, request_timeout=3.0) as rc:
+        real = rc._connect_once
+        rounds = [0]
+
+        async def connect_once() -> None:
+            rounds[0] += 1
+            if rounds[0] == 1:
+                raise ValueError("the test breaks one round")
+            await real()
+
+        monkeypatch.setattr(rc, "_connect_once", connect_once)
+        rc.relogin("the test")
+        assert (await rc.finger("alice@example.net")).devices
+        assert rounds[0] == 2 and rc.reconnects == 1
+    assert "event=client.reconnect_failed address=alice@example.net attempt=1" in caplog.text
+    assert "ValueError: the test breaks one round" in caplog.text
