@@ -14,9 +14,10 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from kademlia.node import Node
 
@@ -172,7 +173,9 @@ class DhtNode:
             self._now_serving = None
         if not client_only and self._protocol is not None and not self._closed:
             self._now_serving = asyncio.get_running_loop().create_task(
-                self._tell_contacts(via or []), name="dht-now-serving")
+                self._survive("telling the network we serve", self._tell_contacts(via or []),
+                              then="our next lookups tell the nodes they ask"),
+                name="dht-now-serving")
         return True
 
     async def _tell_contacts(self, via: list[tuple[str, int]]) -> None:
@@ -294,16 +297,41 @@ class DhtNode:
 
     async def _republish_forever(self, content_id: bytes, addresses: list[str],
                                  home_server: str) -> None:
+        # A round that fails is tried again at the next: the record, published 22 h
+        # before, lives 48 h (records.RECORD_TTL), so one lost round loses nothing.
         while True:
             await asyncio.sleep(REPUBLISH_INTERVAL)
-            await self._publish(content_id, addresses, home_server)
+            await self._survive(f"republishing {content_id.hex()[:8]}",
+                                self._publish(content_id, addresses, home_server))
 
     async def _refresh_forever(self) -> None:
         # Kademlia section 2.3: look up a random id in each bucket idle for an hour.
         while True:
             await asyncio.sleep(REFRESH_INTERVAL)
-            for target in self.protocol.get_refresh_ids():
-                await self.find_nodes(target)
+            await self._survive("refreshing the routing table", self._refresh())
+
+    async def _refresh(self) -> None:
+        for target in self.protocol.get_refresh_ids():
+            await self.find_nodes(target)
+
+    async def _survive(self, what: str, round_: Coroutine[Any, Any, object], *,
+                       then: str = "trying again at the next round") -> None:
+        """Run one round of a loop that runs for the node's life, and log its failure and
+        what `then` happens.
+
+        These loops have no owner to hear of their end: out of a round, an error ended
+        the loop with no trace but asyncio's 'Task exception was never retrieved', and
+        the node went on without it (no republish: our records expired and co-recipients
+        stopped finding us; no refresh: the table went stale). A cancel ends the loop."""
+        try:
+            await round_
+        except Exception as exc:
+            if self._closed:
+                return  # the socket closed under the round: shutting down
+            if isinstance(exc, OSError):  # the network went away under the round
+                log.warning("DHT: %s failed (%s); %s", what, exc, then)
+            else:
+                log.exception("DHT: %s failed; %s", what, then)
 
     # --- lookups ------------------------------------------------------------------------
 
