@@ -325,17 +325,6 @@ class Node:
                     attempt, mismatched = attempt + 1, 0
                     delay = FIRST_LOGIN_BACKOFF.delay(attempt)
                     why = f"server {self.config.server} not reachable ({exc})"
-                except AuthenticationError as exc:
-                    # A server error (5xx: its store down, its disk full) or a session cap
-                    # says nothing about this node: wait for the server, as the client
-                    # does when a later login gets one. Only the server's word on this
-                    # device (401, 403) ends the node.
-                    if not exc.transient:
-                        raise
-                    raise_if_cancelled()
-                    attempt, mismatched = attempt + 1, 0
-                    delay = FIRST_LOGIN_BACKOFF.delay(attempt)
-                    why = f"server {self.config.server} did not log this node in ({exc})"
                 except ServerIdentityError as exc:
                     raise_if_cancelled()
                     if await failover.login_elsewhere(
@@ -345,6 +334,17 @@ class Node:
                     delay = self.options.mismatch_backoff.delay(mismatched, self.rng)
                     rv = self.rendezvous
                     why = f"{key_mismatch_text(rv.server_text, exc)}: not logging in to it"
+                except AuthenticationError as exc:
+                    # After ServerIdentityError, which is one of these. A server error (5xx:
+                    # its store down, its disk full) or a session cap says nothing about
+                    # this node: wait for the server, as the client does when a later login
+                    # gets one. Only the server's word on this device (401, 403) ends it.
+                    if not exc.transient:
+                        raise
+                    raise_if_cancelled()
+                    attempt, mismatched = attempt + 1, 0
+                    delay = FIRST_LOGIN_BACKOFF.delay(attempt)
+                    why = f"server {self.config.server} did not log this node in ({exc})"
                 log.warning("%s; trying again in %.0f s", why, delay)
                 self.home.note_login_wait(why, self.wall() + delay)
                 await asyncio.sleep(delay)
