@@ -83,6 +83,7 @@ from rendezvous.store import (
     RecentMessages,
     RegistrationFacts,
     RegistrationPolicy,
+    RegistrationVerdict,
     StoreStats,
     judge_registration,
     load_advertise,
@@ -729,7 +730,11 @@ class PgStore:
                                    "this device key is bound to another address")
             if bound is None:
                 if not record:
-                    return AuthOutcome(Status.UNAVAILABLE, STORAGE_FULL)
+                    # Binding it would write. The rules' refusal (an unknown or revoked
+                    # device: 401) still stands; only a device they would let in waits.
+                    _, verdict = await _judge(conn, address, verify_key, register, invite,
+                                              now, policy, vouch)
+                    return verdict.refusal or AuthOutcome(Status.UNAVAILABLE, STORAGE_FULL)
                 refusal = await _register(conn, address, verify_key, peer_id, register,
                                           invite, now, policy, vouch)
                 if refusal is not None:
@@ -1096,15 +1101,8 @@ async def _register(conn: Any, address: str, verify_key: bytes, peer_id: bytes,
                     policy: RegistrationPolicy, vouch: bytes | None) -> AuthOutcome | None:
     """Bind a new device (creating the account if needed), or say why not
     (`judge_registration`)."""
-    found = RegistrationFacts(
-        exists=await conn.fetchval("SELECT 1 FROM accounts WHERE address = $1",
-                                   address) is not None,
-        invite=None if invite is None else await conn.fetchrow(
-            "SELECT address, expires_at, used_by FROM invites WHERE token = $1", invite),
-        device_keys=frozenset(bytes(r[0]) for r in await conn.fetch(
-            "SELECT verify_key FROM devices WHERE address = $1", address)))
-    verdict = judge_registration(address, verify_key, register, invite, now, policy, vouch,
-                                 found)
+    found, verdict = await _judge(conn, address, verify_key, register, invite, now, policy,
+                                  vouch)
     if verdict.refusal is not None:
         return verdict.refusal
     if not found.exists:
@@ -1117,6 +1115,22 @@ async def _register(conn: Any, address: str, verify_key: bytes, peer_id: bytes,
     if verdict.invite_ok:
         await conn.execute("UPDATE invites SET used_by = $1 WHERE token = $2", peer_id, invite)
     return None
+
+
+async def _judge(conn: Any, address: str, verify_key: bytes, register: bool,
+                 invite: str | None, now: float, policy: RegistrationPolicy,
+                 vouch: bytes | None) -> tuple[RegistrationFacts, RegistrationVerdict]:
+    """What the database says about binding a new device, and the rules' verdict; reads
+    only."""
+    found = RegistrationFacts(
+        exists=await conn.fetchval("SELECT 1 FROM accounts WHERE address = $1",
+                                   address) is not None,
+        invite=None if invite is None else await conn.fetchrow(
+            "SELECT address, expires_at, used_by FROM invites WHERE token = $1", invite),
+        device_keys=frozenset(bytes(r[0]) for r in await conn.fetch(
+            "SELECT verify_key FROM devices WHERE address = $1", address)))
+    return found, judge_registration(address, verify_key, register, invite, now, policy,
+                                     vouch, found)
 
 
 def _connection_lost(exc: BaseException) -> bool:

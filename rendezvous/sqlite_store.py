@@ -68,6 +68,7 @@ from rendezvous.store import (
     RecentMessages,
     RegistrationFacts,
     RegistrationPolicy,
+    RegistrationVerdict,
     StoreStats,
     judge_registration,
     load_advertise,
@@ -504,7 +505,11 @@ class SqliteStore:
                                    "this device key is bound to another address")
             if row is None:
                 if not record:
-                    return AuthOutcome(Status.UNAVAILABLE, STORAGE_FULL)
+                    # Binding it would write. The rules' refusal (an unknown or revoked
+                    # device: 401) still stands; only a device they would let in waits.
+                    _, verdict = _judge(conn, address, verify_key, register, invite, now,
+                                        policy, vouch)
+                    return verdict.refusal or AuthOutcome(Status.UNAVAILABLE, STORAGE_FULL)
                 refusal = _register(conn, address, verify_key, peer_id, register, invite, now,
                                     policy, vouch)
                 if refusal is not None:
@@ -871,16 +876,7 @@ def _register(conn: sqlite3.Connection, address: str, verify_key: bytes, peer_id
               policy: RegistrationPolicy, vouch: bytes | None) -> AuthOutcome | None:
     """Bind a new device (creating the account if needed), or say why not
     (`judge_registration`)."""
-    found = RegistrationFacts(
-        exists=conn.execute("SELECT 1 FROM accounts WHERE address=?",
-                            (address,)).fetchone() is not None,
-        invite=None if invite is None else conn.execute(
-            "SELECT address, expires_at, used_by FROM invites WHERE token=?",
-            (invite,)).fetchone(),
-        device_keys=frozenset(bytes(r[0]) for r in conn.execute(
-            "SELECT verify_key FROM devices WHERE address=?", (address,))))
-    verdict = judge_registration(address, verify_key, register, invite, now, policy, vouch,
-                                 found)
+    found, verdict = _judge(conn, address, verify_key, register, invite, now, policy, vouch)
     if verdict.refusal is not None:
         return verdict.refusal
     if not found.exists:
@@ -890,6 +886,23 @@ def _register(conn: sqlite3.Connection, address: str, verify_key: bytes, peer_id
     if verdict.invite_ok:
         conn.execute("UPDATE invites SET used_by=? WHERE token=?", (peer_id, invite))
     return None
+
+
+def _judge(conn: sqlite3.Connection, address: str, verify_key: bytes, register: bool,
+           invite: str | None, now: float, policy: RegistrationPolicy,
+           vouch: bytes | None) -> tuple[RegistrationFacts, RegistrationVerdict]:
+    """What the database says about binding a new device, and the rules' verdict; reads
+    only."""
+    found = RegistrationFacts(
+        exists=conn.execute("SELECT 1 FROM accounts WHERE address=?",
+                            (address,)).fetchone() is not None,
+        invite=None if invite is None else conn.execute(
+            "SELECT address, expires_at, used_by FROM invites WHERE token=?",
+            (invite,)).fetchone(),
+        device_keys=frozenset(bytes(r[0]) for r in conn.execute(
+            "SELECT verify_key FROM devices WHERE address=?", (address,))))
+    return found, judge_registration(address, verify_key, register, invite, now, policy,
+                                     vouch, found)
 
 
 def _settle_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

@@ -256,8 +256,9 @@ class Store(Protocol):
         time (and advertisement, when given) are updated.
 
         `record=False` writes nothing, for a server whose disk is full: a device already
-        bound is let in without those updates (soft state the next login writes), and one
-        that would have to be registered is refused with UNAVAILABLE and `STORAGE_FULL`.
+        bound is let in without those updates (soft state the next login writes), one the
+        registration rules refuse (unknown, revoked, no invite) gets their refusal as
+        ever, and one they would bind is refused with UNAVAILABLE and `STORAGE_FULL`.
         """
         ...
 

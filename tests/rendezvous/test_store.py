@@ -114,6 +114,24 @@ async def test_a_login_that_records_nothing(store: AnyStore) -> None:
     assert await store.devices("new@example.net") is None
 
 
+async def test_a_login_that_records_nothing_still_refuses_what_the_rules_refuse(
+        store: AnyStore) -> None:
+    """`record=False`: a device the server would refuse anyway (not bound, as a revoked
+    one is not; no invite on a closed server) gets that refusal, not the full disk's 503,
+    which a node takes as 'try again later' and retries for as long as the disk is full."""
+    await register(store, 2, "bob@example.net")
+    r = await store.authenticate("bob@example.net", ident(3).public.verify_key,
+                                 register=False, invite=None, advertise=None, now=50.0,
+                                 policy=OPEN, page=10, record=False)
+    assert (r.status, r.text) == (Status.UNAUTHORIZED,
+                                  "this device is not bound to bob@example.net")
+    r = await store.authenticate("new@example.net", ident(5).public.verify_key,
+                                 register=True, invite=None, advertise=None, now=50.0,
+                                 policy=CLOSED, page=10, record=False)
+    assert r.status == Status.FORBIDDEN and "needs an invite" in r.text
+    assert await store.devices("new@example.net") is None
+
+
 async def test_send_is_all_or_nothing_and_idempotent(store: AnyStore) -> None:
     await register(store, 2, "bob@example.net")
     m = mid()
