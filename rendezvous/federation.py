@@ -342,10 +342,12 @@ class Federation:
                 self._again.discard(domain)
                 try:
                     more, attempt = await self._round(domain, attempt)
-                except RuntimeError:  # the store closed: the server is stopping
-                    return
                 except Exception as exc:
                     raise_if_cancelled()
+                    if self._tasks.closed:  # the store closed under it: the server stops
+                        return
+                    # A RuntimeError too: PgStore fails a round with one while PostgreSQL
+                    # starts up or shuts down ('cannot connect to ...').
                     attempt += 1
                     if is_disk_full(exc):
                         log.error(kv("storage.full", verb="outbound", domain=domain,
@@ -464,9 +466,9 @@ class Federation:
                 if claim is not None:
                     for domain in await self.store.outbound_domains():
                         self.wake(domain)
-            except RuntimeError:  # the store closed during shutdown
-                return
             except Exception as exc:  # a lost database connection: the next round retries
+                if self._tasks.closed:  # the store closed during shutdown
+                    return
                 log.warning(kv("outbound.sweep_failed", error=str(exc) or repr(exc)))
 
     async def _expire(self, now: float) -> None:

@@ -1574,9 +1574,11 @@ class RendezvousServer:
             try:
                 expired = await self.store.expire(self.clock())
                 await self._save_relay_usage()
-            except RuntimeError:  # the store closed: the server is stopping
-                return
             except Exception as exc:
+                if self._closing:  # the store closed under the round: the server is stopping
+                    return
+                # A RuntimeError too: PgStore fails a round with one while PostgreSQL starts
+                # up or shuts down ('cannot connect to ...'), and the next round may work.
                 if is_disk_full(exc):
                     log.error(kv("storage.full", verb="sweep", error=str(exc)))
                 else:

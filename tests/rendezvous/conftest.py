@@ -36,6 +36,13 @@ def disk_full() -> sqlite3.OperationalError:
     return exc
 
 
+def pg_starting_up() -> RuntimeError:
+    """What PgStore fails an op with while PostgreSQL starts up or shuts down (its
+    reconnect refused: CannotConnectNowError, a PostgresError, becomes a RuntimeError)."""
+    return RuntimeError("cannot connect to postgresql://rv@127.0.0.1/rv: the database "
+                        "system is starting up")
+
+
 @asynccontextmanager
 async def running_server(data: Path, *, open_registration: bool = True,
                          limits: Limits | None = None, port: int = 0,

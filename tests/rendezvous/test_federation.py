@@ -32,7 +32,7 @@ from rendezvous.sqlite_store import SqliteStore
 from rendezvous.status import Status
 from rendezvous.tls import self_signed, server_tls
 
-from .conftest import disk_full
+from .conftest import disk_full, pg_starting_up
 
 A, B = "a.test", "b.test"
 
@@ -294,7 +294,8 @@ async def test_b_down_at_send_queued_across_a_restart_then_delivered(
             await _no_deliver(bob)
 
 
-@pytest.mark.parametrize("failure", [disk_full, lambda: sqlite3.OperationalError("I/O")])
+@pytest.mark.parametrize("failure", [disk_full, lambda: sqlite3.OperationalError("I/O"),
+                                     pg_starting_up])
 async def test_an_outbound_round_the_store_fails_is_tried_again(
         tmp_path: Path, fed_log: LogWaiter, failure: object) -> None:
     """b.test is down and a.test's store refuses to note it (its disk is full): the
@@ -324,6 +325,32 @@ async def test_an_outbound_round_the_store_fails_is_tried_again(
         async with world.server(B) as b, world.client(b, BOB, "bob@b.test") as bob:
             assert (await _next_deliver(bob)).envelope.blob == b"held at a"
             assert (await _track(alice, mid))["bob@b.test"]["state"] == "delivered"
+
+
+async def test_the_outbound_sweep_outlives_postgresql_starting_up(
+        tmp_path: Path, fed_log: LogWaiter) -> None:
+    """The sweep (expiry, and on PostgreSQL the wake that forwards a dead instance's
+    rows) got a RuntimeError from a store that could not reconnect and took it for the
+    store closing: it ended for the server's life. Now the next round runs."""
+    world = World(tmp_path)
+    limits = dataclasses.replace(Limits(), outbound_expiry=0.5)  # a round a second
+    async with world.server(A, limits=limits) as a:
+        real = a.store.outbound_expire
+        calls: list[float] = []
+
+        async def outbound_expire(now: float) -> int:
+            calls.append(now)
+            if len(calls) == 1:
+                raise pg_starting_up()
+            return await real(now)
+
+        a.store.outbound_expire = outbound_expire  # type: ignore[method-assign]
+        assert "starting up" in await fed_log.event("outbound.sweep_failed")
+        for _ in range(40):
+            if len(calls) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(calls) >= 2, "no sweep after the failed one"
 
 
 def _closed_port() -> tuple[str, int]:

@@ -12,10 +12,11 @@ import pytest
 
 from rendezvous.limits import Limits
 
-from .conftest import disk_full, running_server
+from .conftest import disk_full, pg_starting_up, running_server
 
 
-@pytest.mark.parametrize("failure", [disk_full, lambda: sqlite3.OperationalError("I/O")])
+@pytest.mark.parametrize("failure", [disk_full, lambda: sqlite3.OperationalError("I/O"),
+                                     pg_starting_up])
 async def test_a_failed_sweep_is_logged_and_the_next_one_runs(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, failure: object) -> None:
     caplog.set_level(logging.INFO, "rendezvous.server")
