@@ -590,12 +590,17 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
         host, port = await server.start(*args.listen, also=args.listen_also)
     except OSError as exc:
         await server.aclose()  # closes the services too
-        reason = _bind_reason(exc)
-        # The first address bound and the second (--listen given twice) did not.
-        failed = (args.listen_also[0] if server.address is not None else args.listen[0],
-                  server.address[1] if server.address is not None else args.listen[1])
+        bound = len(server.addresses)
+        if bound >= 1 + len(args.listen_also[:1]):
+            # Every address listened: what failed came after (the instance bus reaching
+            # PostgreSQL, federation), and its own text says what.
+            print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
+            return 1
+        # The first address did not bind, or it did and the second (--listen twice) did not.
+        failed = (args.listen if bound == 0 else
+                  (args.listen_also[0], server.addresses[0][1]))
         print(f"peerpost-rendezvous: cannot listen on {format_hostport(*failed)} "
-              f"(TCP): {reason}", file=sys.stderr)
+              f"(TCP): {_bind_reason(exc)}", file=sys.stderr)
         return 1
     except BaseException:
         await server.aclose()  # closes the services too
