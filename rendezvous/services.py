@@ -103,12 +103,12 @@ async def bind_udp(host: str, port: int) -> socket.socket | None:
     must, whose hosts are IPv4 and whose sockets are not the kernel's."""
     if ":" not in host:
         return None
+    # getaddrinfo gives the bind address with its scope id (fe80::1%eth0).
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, kind, proto, _, addr = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setblocking(False)
         sock.bind(addr)
     except BaseException:
