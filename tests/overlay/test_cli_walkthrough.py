@@ -368,7 +368,9 @@ def test_demo_json_prints_one_json_report_and_the_story_on_stderr() -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(res.stdout)
     assert report["ok"] is True
-    assert all(report["checks"].values()) and len(report["checks"]) == 4
+    assert all(report["checks"].values()) and len(report["checks"]) == 5
+    # Read from the server's relay counter, which a server with its relay on keeps.
+    assert "the server relayed no media (its relay counter: 0 bytes)" in report["checks"]
     assert [r["address"].split("@")[0] for r in report["receivers"]] == ["bob", "carol", "dave"]
     for r in report["receivers"]:
         assert sum(s["bytes"] for s in r["sources"]) >= report["size"] > MiB // 2
