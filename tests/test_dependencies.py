@@ -42,9 +42,9 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
     """(top-level module, line, at module level) of each absolute import in `path`."""
     tree = ast.parse(path.read_text(), str(path))
     top = {id(n) for n in tree.body}
-    for node in tree.body:  # `if TYPE_CHECKING:` and `try:` at module level count as top
-        if isinstance(node, ast.If | ast.Try):
-            top |= {id(n) for n in ast.walk(node)}
+    for stmt in tree.body:  # `if TYPE_CHECKING:` and `try:` at module level count as top
+        if isinstance(stmt, ast.If | ast.Try):
+            top |= {id(n) for n in ast.walk(stmt)}
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
