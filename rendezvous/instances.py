@@ -403,16 +403,21 @@ class PgInstanceBus:
     async def start(self, host: BusHost, address: tuple[str, int]) -> None:
         import asyncpg
 
+        from rendezvous.pg_store import redacted
+
         self._host = host
         if self.address is None:
             self.address = address
-        self._conn = await asyncpg.connect(self.dsn)
+        self._conn = await self._connect()
         h, p = self.address
-        await self._conn.execute(
-            "INSERT INTO rv_instances (id, host, port) VALUES ($1, $2, $3) "
-            "ON CONFLICT (id) DO UPDATE SET host = $2, port = $3, heartbeat_at = now()",
-            self.instance, h, p)
-        await self._listen()
+        try:
+            await self._conn.execute(
+                "INSERT INTO rv_instances (id, host, port) VALUES ($1, $2, $3) "
+                "ON CONFLICT (id) DO UPDATE SET host = $2, port = $3, heartbeat_at = now()",
+                self.instance, h, p)
+            await self._listen()
+        except asyncpg.PostgresError as exc:  # one line naming the database, as the store's
+            raise RuntimeError(f"{redacted(self.dsn)}: {exc}") from None
         self._tasks.spawn(self._publisher(), name="bus-publish")
         self._tasks.spawn(self._presence_writer(), name="bus-presence")
         self._tasks.spawn(self._fetcher(), name="bus-fetch")
@@ -501,10 +506,15 @@ class PgInstanceBus:
         return list(self._instances)
 
     # --- listening -------------------------------------------------------------------------
-    async def _listen(self) -> None:
-        import asyncpg
+    async def _connect(self) -> Any:
+        """A connection to the database; one that fails is a RuntimeError or OSError naming
+        it (serve prints it as its one line when the bus starts: the listeners are bound)."""
+        from rendezvous.pg_store import connect
 
-        self._listener = await asyncpg.connect(self.dsn)
+        return await connect(self.dsn)
+
+    async def _listen(self) -> None:
+        self._listener = await self._connect()
         self._listener.add_termination_listener(self._listener_lost)
         await self._listener.add_listener(CHANNEL, self._notified)
         self._listening.set()
@@ -721,10 +731,8 @@ class PgInstanceBus:
 
     async def _reconnect(self) -> None:
         """The main connection is gone: open another, renew the lease, restate presence."""
-        import asyncpg
-
         try:
-            conn = await asyncpg.connect(self.dsn)
+            conn = await self._connect()
             h, p = self.address or ("", 0)
             await conn.execute(
                 "INSERT INTO rv_instances (id, host, port) VALUES ($1, $2, $3) "
