@@ -29,7 +29,7 @@ from overlay.transports.punch import PunchEndpoint, PunchSettings
 from overlay.transports.quic import QuicEndpoint, QuicSettings, UdpOpener, kernel_udp
 from overlay.transports.relay import DEFAULT_TIMEOUT as RELAY_TIMEOUT
 from overlay.transports.relay import relay_accept, relay_dial
-from overlay.transports.signalling import PipeSender, UnknownOffers
+from overlay.transports.signalling import PipeSender, UnknownOffers, read_signal
 from overlay.transports.stream import Stream, StreamClosed, StreamError
 from overlay.transports.webrtc import AiortcChannels, WebRtcEndpoint, WebRtcSettings
 from rendezvous.client import PipeMessage, RelayInvite, RendezvousClient
@@ -78,6 +78,8 @@ class PeerLinks:
         self._serving = TaskSet("node-serve", logger=log)  # one task per inbound stream
         # An offer of a rung we don't know (a later release's) is answered 'unsupported'.
         self.unknown = UnknownOffers(rendezvous)
+        self._rungs: dict[str, PunchEndpoint | QuicEndpoint | WebRtcEndpoint] = {
+            tag: rung for rung in (self.punch, self.quic, self.rtc) for tag in rung.SIGNALS}
 
     async def start(self) -> None:
         await self.rtc.start()
@@ -157,10 +159,17 @@ class PeerLinks:
 
     def feed(self, message: PipeMessage) -> bool:
         """A PIPE message for punch, QUIC or WebRTC signalling, or an offer of another rung
-        (answered 'unsupported'); False if it is not signalling."""
+        (answered 'unsupported'); False if it is not signalling. The payload is read once
+        and handed to the rung its tag names (an `unsupported` to the rung of the offer it
+        answers)."""
+        sig = read_signal(message.payload)
+        if sig is None:
+            return False
         self.follow_server()  # an offer is answered with the current server's STUN
-        return (self.punch.feed(message) or self.quic.feed(message)
-                or self.rtc.feed(message) or self.unknown.feed(message))
+        rung = self._rungs.get(sig.route or "")
+        if rung is not None and rung.take(message, sig):
+            return True
+        return self.unknown.take(message, sig)
 
     def serve_relayed(self, invite: RelayInvite) -> None:
         """Join, in a task of our own, the relayed stream `invite` names, and serve it."""

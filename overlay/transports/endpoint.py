@@ -15,16 +15,18 @@ import asyncio
 import collections
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
+from crypto.codec import Fields
 from overlay.transports.signalling import (
     SESSION_LEN,
     PipeSender,
+    PipeSignal,
     Reject,
     Unsupported,
-    decode_unsupported,
+    read_signal,
 )
 from overlay.transports.stream import Stream, StreamBroken, StreamClosed
 from rendezvous.messages import PipeMessage
@@ -93,6 +95,12 @@ class SignalledEndpoint(Generic[Offer, Reply]):
 
     NAME: ClassVar[str]  # in messages: "WebRTC", "TCP punch"
     OFFER_TAG: ClassVar[str]  # its offer's tag: an `Unsupported` naming it is a reply
+    OFFER: ClassVar[type[Any]]  # its offer's class (the `Offer` of this endpoint)
+    # Its signals by tag, what their decode errors name them, and the error a malformed
+    # one raises.
+    SIGNALS: ClassVar[Mapping[str, Callable[[Fields], Signal]]]
+    WHAT: ClassVar[str]
+    SIGNAL_ERROR: ClassVar[type[ValueError]]
     TASKS: ClassVar[str]  # the prefix of its task names
     TOO_MANY_DIALS: ClassVar[str]  # the refusal when `max_dials` are in progress
 
@@ -131,25 +139,30 @@ class SignalledEndpoint(Generic[Offer, Reply]):
             self._backlog.put_nowait(None)
 
     # --- signalling in ---------------------------------------------------------------
-    def _route(self, msg: PipeMessage, decode: Callable[[bytes], Offer | Reply | None],
-               offer: type[Offer]) -> bool:
-        """`feed` for a rung whose `decode` gives its signal, None for another rung's
-        payload (False: route it elsewhere), or raises ValueError for a malformed one
-        (dropped and counted). An `Unsupported` naming our offer is a reply, as a Reject."""
+    def feed(self, msg: PipeMessage) -> bool:
+        """Handle one PIPE push. False if it is not this rung's signal (route it elsewhere).
+        A node reads each payload once and calls `take` on the rung its tag names."""
+        sig = read_signal(msg.payload)
+        return sig is not None and self.take(msg, sig)
+
+    def take(self, msg: PipeMessage, sig: PipeSignal) -> bool:
+        """`feed` for a payload already read: a signal of `SIGNALS` or an `Unsupported`
+        naming our offer (a reply, as a Reject) is handled (True); a malformed one is
+        dropped and counted (True); anything else is False (another rung's)."""
         try:
-            sig: Offer | Reply | Unsupported | None = decode(msg.payload)
-            if sig is None:
-                sig = decode_unsupported(msg.payload, self.OFFER_TAG)
+            got: Signal | None = sig.decode(self.SIGNALS, self.WHAT, self.SIGNAL_ERROR)
+            if got is None:
+                got = sig.unsupported(self.OFFER_TAG)
         except ValueError as exc:
             self.stats.bad_signals += 1
             self._log.info("bad %s signal from %s: %s", self.NAME, msg.sender, exc)
             return True
-        if sig is None:
+        if got is None:
             return False
-        if isinstance(sig, offer):
-            self._on_offer(msg, sig.session, sig)
+        if isinstance(got, self.OFFER):
+            self._on_offer(msg, got.session, cast(Offer, got))
         else:
-            self._on_reply(msg, sig.session, cast(Reply | Unsupported, sig))
+            self._on_reply(msg, got.session, cast(Reply | Unsupported, got))
         return True
 
     async def _send_reject(self, msg: PipeMessage, payload: bytes) -> None:

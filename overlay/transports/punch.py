@@ -389,6 +389,10 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
 
     NAME = "TCP punch"
     OFFER_TAG = PunchOffer.TAG
+    OFFER = PunchOffer
+    SIGNALS = _SIGNALS
+    WHAT = "punch"
+    SIGNAL_ERROR = PunchSignalError
     TASKS = "punch"
     TOO_MANY_DIALS = "too many TCP punches in progress"
 
@@ -412,10 +416,6 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
         await self._close_common()
 
     # --- signalling in ---------------------------------------------------------------
-    def feed(self, msg: PipeMessage) -> bool:
-        """Handle one PIPE push. False if it is not a punch signal (route it elsewhere)."""
-        return self._route(msg, decode_punch, PunchOffer)
-
     def _refusal(self, msg: PipeMessage) -> str | None:
         if not self._closed and self._backlog is not None and self.settings.stun is None:
             return "no STUN over TCP at our server"

@@ -319,6 +319,10 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
 
     NAME = "QUIC"
     OFFER_TAG = QuicOffer.TAG
+    OFFER = QuicOffer
+    SIGNALS = _SIGNALS
+    WHAT = "quic"
+    SIGNAL_ERROR = QuicSignalError
     TASKS = "quic"
     TOO_MANY_DIALS = "too many QUIC dials in progress"
 
@@ -339,10 +343,6 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
         await self._close_common()
 
     # --- signalling in ---------------------------------------------------------------
-    def feed(self, msg: PipeMessage) -> bool:
-        """Handle one PIPE push. False if it is not a QUIC signal (route it elsewhere)."""
-        return self._route(msg, decode_quic, QuicOffer)
-
     def _refusal(self, msg: PipeMessage) -> str | None:
         if not self._closed and self._backlog is not None:
             if not self.settings.enabled:

@@ -18,6 +18,12 @@ trickle), `Reject` says why a peer won't answer. A PIPE payload is at most 16 Ki
 plus about 0.1 KiB per candidate, so it is sent as text and deflated only when it would not
 fit. Inflating is bounded, so a compressed bomb is just a bad message.
 
+A node reads each PIPE payload once (`read_signal`: the msgpack map, bounded by MAX_SIGNAL,
+and its tag) and hands the `PipeSignal` to the rung that owns the tag (`PipeSignal.route`),
+which decodes its own fields from the map (`PipeSignal.decode`); an offer no rung owns goes
+to `UnknownOffers`. The functions that take bytes (`decode_tagged`, `decode_unsupported`,
+`offered`) read the payload the same way, for a single rung and for tests.
+
 `MemoryPipe` connects signalling endpoints in one process (tests, benchmarks, the demo)
 with the same `pipe()` call `RendezvousClient` offers.
 """
@@ -47,6 +53,8 @@ MAX_REASON = 200
 MAX_TAG = 32
 OFFER_SUFFIX = "-offer"
 UNSUPPORTED_RATE = 10.0  # `unsupported` replies a second, and as many at once
+
+T = TypeVar("T")
 
 
 class SignalError(ValueError):
@@ -204,32 +212,78 @@ def encode_unsupported(sig: Unsupported) -> bytes:
     return packb({**sig.fields(), "t": sig.TAG})
 
 
-def decode_unsupported(payload: bytes, offer: str) -> Unsupported | None:
-    """The `unsupported` reply to an offer tagged `offer` a PIPE payload carries: None if
-    it is none, or the reply to another rung's offer (route it elsewhere); SignalError if
-    it is one but malformed."""
-    try:
-        f = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), "unsupported")
-        if (f.str("t", max_len=MAX_TAG) != Unsupported.TAG
-                or f.str("of", max_len=MAX_TAG) != offer):
+@dataclass(frozen=True, slots=True)
+class PipeSignal:
+    """One PIPE payload read once (`read_signal`): a msgpack map with a text tag "t" of at
+    most MAX_TAG characters. The rung its tag names decodes the rest (`decode`)."""
+
+    tag: str
+    body: dict[str, Any]
+
+    @property
+    def route(self) -> str | None:
+        """The tag of the rung this belongs to: an `unsupported` reply's offer ("of"), else
+        the tag itself; None for an `unsupported` naming no tag at all."""
+        if self.tag != Unsupported.TAG:
+            return self.tag
+        of = self.body.get("of")
+        return of if isinstance(of, str) and len(of) <= MAX_TAG else None
+
+    def decode(self, table: Mapping[str, Callable[[Fields], T]], what: str,
+               error: type[ValueError]) -> T | None:
+        """The signal of `table` this is, chosen by its tag: None if the tag is none of
+        `table`'s (another rung's), `error` if it is one but malformed. `what` names the
+        rung in the error's text."""
+        decode = table.get(self.tag)
+        if decode is None:
             return None
+        try:
+            return decode(Fields(self.body, what))
+        except DecodeError as exc:
+            raise error(str(exc)) from None
+
+    def unsupported(self, offer: str) -> Unsupported | None:
+        """The `unsupported` reply to an offer tagged `offer` this is: None if it is none,
+        or the reply to another rung's offer (route it elsewhere); SignalError if it is one
+        but malformed."""
+        if self.tag != Unsupported.TAG or self.route != offer:
+            return None
+        try:
+            return Unsupported.decode(Fields(self.body, "unsupported"))
+        except DecodeError as exc:
+            raise SignalError(str(exc)) from None
+
+    def offer(self) -> tuple[str, bytes] | None:
+        """The tag and session of an offer by the convention of the module docstring,
+        whichever rung's; None for anything else."""
+        session = self.body.get("s")
+        if (_is_offer_tag(self.tag) and isinstance(session, bytes)
+                and len(session) == SESSION_LEN):
+            return self.tag, session
+        return None
+
+
+def read_signal(payload: bytes) -> PipeSignal | None:
+    """The tagged map a PIPE payload carries; None if it carries none (not msgpack, over
+    MAX_SIGNAL, not a map, or no text tag of at most MAX_TAG characters): not signalling."""
+    try:
+        body = unpackb(payload, max_bytes=MAX_SIGNAL)
+        tag = Fields(body, "signal").str("t", max_len=MAX_TAG)
     except DecodeError:
         return None
-    try:
-        return Unsupported.decode(f)
-    except DecodeError as exc:
-        raise SignalError(str(exc)) from None
+    return PipeSignal(tag, body)
+
+
+def decode_unsupported(payload: bytes, offer: str) -> Unsupported | None:
+    """`PipeSignal.unsupported` of a PIPE payload (None if it is no tagged map)."""
+    sig = read_signal(payload)
+    return None if sig is None else sig.unsupported(offer)
 
 
 def offered(payload: bytes) -> tuple[str, bytes] | None:
-    """The tag and session of a PIPE payload that is an offer by the convention of the
-    module docstring, whichever rung's; None for anything else."""
-    try:
-        f = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), "offer")
-        tag, session = f.str("t", max_len=MAX_TAG), f.bytes("s", size=SESSION_LEN)
-    except DecodeError:
-        return None
-    return (tag, session) if _is_offer_tag(tag) else None
+    """`PipeSignal.offer` of a PIPE payload (None if it is no tagged map)."""
+    sig = read_signal(payload)
+    return None if sig is None else sig.offer()
 
 
 class UnknownOffers:
@@ -249,7 +303,12 @@ class UnknownOffers:
     def feed(self, msg: PipeMessage) -> bool:
         """Answer `msg` if it is an offer by the convention (True, also when it is over the
         rate or we are closing); False for anything else."""
-        offer = offered(msg.payload)
+        sig = read_signal(msg.payload)
+        return sig is not None and self.take(msg, sig)
+
+    def take(self, msg: PipeMessage, sig: PipeSignal) -> bool:
+        """`feed` for a payload already read: answer `sig` if it is an offer."""
+        offer = sig.offer()
         if offer is None:
             return False
         if self._tasks.closed:
@@ -280,25 +339,14 @@ class UnknownOffers:
         await self._tasks.aclose()
 
 
-T = TypeVar("T")
-
 
 def decode_tagged(payload: bytes, table: Mapping[str, Callable[[Fields], T]], what: str,
                   error: type[ValueError]) -> T | None:
-    """The signal of `table` a PIPE payload carries, chosen by its tag "t": None if the
-    payload names no tag of `table` (another rung's, route it elsewhere), `error` if it is
-    one but malformed. (The TCP punch's and QUIC's signals; WebRTC's are `decode_signal`.)"""
-    try:
-        f = Fields(unpackb(payload, max_bytes=MAX_SIGNAL), what)
-        decode = table.get(f.str("t", max_len=MAX_TAG))
-    except DecodeError:
-        return None
-    if decode is None:
-        return None
-    try:
-        return decode(f)
-    except DecodeError as exc:
-        raise error(str(exc)) from None
+    """`PipeSignal.decode` of a PIPE payload: None if it names no tag of `table` (another
+    rung's, route it elsewhere), `error` if it is one but malformed. (The TCP punch's and
+    QUIC's signals; WebRTC's are `decode_signal`.)"""
+    sig = read_signal(payload)
+    return None if sig is None else sig.decode(table, what, error)
 
 
 class PipeSender(Protocol):

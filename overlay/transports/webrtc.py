@@ -44,15 +44,15 @@ from aiortc import (
 from overlay.transports.endpoint import SignalledEndpoint
 from overlay.transports.reachability import route_ip
 from overlay.transports.signalling import (
+    SIGNALS,
     Answer,
     Offer,
     PipeSender,
     Reject,
     Signal,
+    SignalError,
     Unsupported,
-    decode_signal,
     encode_signal,
-    signal_tag,
 )
 from overlay.transports.stream import Stream, StreamBroken, StreamClosed
 from overlay.transports.webrtc_stream import ChannelTuning, WebRtcStream
@@ -137,12 +137,6 @@ async def unroutable(description: str) -> str | None:
             return None
     return (f"no route from this host to any of the offer's candidates ({', '.join(hosts)}): "
             "ICE cannot connect")
-
-
-def _decode_rtc(payload: bytes) -> Signal | None:
-    """The WebRTC signal a PIPE payload carries; None if it names none, SignalError if it
-    does but is malformed."""
-    return decode_signal(payload) if signal_tag(payload) is not None else None
 
 
 def _describe(pc: RTCPeerConnection) -> str:
@@ -294,6 +288,10 @@ class WebRtcEndpoint(SignalledEndpoint[Offer, Answer | Reject]):
 
     NAME = "WebRTC"
     OFFER_TAG = Offer.TAG
+    OFFER = Offer
+    SIGNALS = SIGNALS
+    WHAT = "signal"
+    SIGNAL_ERROR = SignalError
     TASKS = "webrtc"
     TOO_MANY_DIALS = "too many WebRTC dials in progress"
 
@@ -328,10 +326,6 @@ class WebRtcEndpoint(SignalledEndpoint[Offer, Answer | Reject]):
         await self.aclose()
 
     # --- signalling in ---------------------------------------------------------------
-    def feed(self, msg: PipeMessage) -> bool:
-        """Handle one PIPE push. False if it is not a WebRTC signal (route it elsewhere)."""
-        return self._route(msg, _decode_rtc, Offer)
-
     async def _reject(self, msg: PipeMessage, session: bytes, reason: str) -> None:
         await self._send(msg.sender, msg.sender_device, Reject(session, reason))
 

@@ -278,6 +278,43 @@ async def _feed_a_node(payloads: list[bytes]) -> None:
         await links.aclose()
 
 
+async def test_a_node_reads_each_pipe_payload_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kind of PIPE message is unpacked once on its way through PeerLinks.feed, and
+    still reaches the rung it belongs to (each used to be unpacked by every rung in turn,
+    and again as an `unsupported`: up to six times for a WebRTC offer)."""
+    import overlay.transports.signalling as signalling
+
+    hub = MemoryPipe()
+    links = PeerLinks(DeviceIdentity.from_seed(b"\x02" * 32), BOB[0], ("127.0.0.1", 0),
+                      cast(RendezvousClient, _NoServer(hub)), cast(TransferServer, None),
+                      WebRtcEndpoint)
+    alice = Inbox()
+    hub.attach(*ALICE, alice.feed)
+    real, reads = signalling.unpackb, [0]
+
+    def counted(data: bytes, *, max_bytes: int) -> Any:
+        reads[0] += 1
+        return real(data, max_bytes=max_bytes)
+
+    monkeypatch.setattr(signalling, "unpackb", counted)
+    await links.start()
+    try:
+        sdp = "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n"
+        for tag, body in (("rtc-answer", {"sdp": sdp}), ("quic-reject", {"why": "no"}),
+                          ("punch-answer", {"c": ["203.0.113.5:4000"]}),
+                          ("unsupported", {"of": "rtc-offer"}), ("zz-offer", {}),
+                          ("relay-open", {})):
+            reads[0] = 0
+            claimed = links.feed(_from_alice(packb({"t": tag, "s": SESSION, **body})))
+            assert (reads[0], claimed) == (1, tag != "relay-open"), tag
+        # the stray replies were each their own rung's bad signal
+        assert [links.rtc.stats.bad_signals, links.quic.stats.bad_signals,
+                links.punch.stats.bad_signals] == [2, 1, 1]
+        assert len(await alice.wait_for(1, "unsupported")) == 1  # the zz-offer's
+    finally:
+        await links.aclose()
+
+
 # --- a real node behind a real server ------------------------------------------------
 
 @pytest.mark.slow
