@@ -211,7 +211,11 @@ class SourceLimiter:
 
     def allow(self, host: str, now: float) -> bool:
         """Spend one token of `host`'s source; whether there was one."""
-        key = source_of(host)
+        return self.allow_key(source_of(host), now)
+
+    def allow_key(self, key: str, now: float) -> bool:
+        """Spend one token of the source named `key` as it is (a peer's address and device,
+        where the source is not an IP address); whether there was one."""
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_sources:

@@ -57,9 +57,11 @@ class NodeCollector(Collector):
                       [({"event": k}, float(v))
                        for k, v in sorted({"received": 0, **node.incoming.counters}.items())])
         yield counter(p + "unknown_offers", "PIPE offers of a rung this node does not know: "
-                      "answered 'unsupported', or dropped over the reply rate", 0,
+                      "answered 'unsupported', or dropped over the sender's reply rate "
+                      "(limited) or over the total (limited-all)", 0,
                       [({"event": k}, float(v)) for k, v in sorted(
-                          {"answered": 0, "limited": 0, **node.links.unknown.counters}.items())])
+                          {"answered": 0, "limited": 0, "limited-all": 0,
+                           **node.links.unknown.counters}.items())])
         yield gauge(p + "downloads_running", "download attempts running", meter.running)
         yield counter(p + "downloads", "download attempts by outcome", 0,
                       [({"outcome": k}, float(v)) for k, v in sorted(meter.outcomes.items())])

@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from crypto.codec import Fields, packb, unpackb
 from crypto.errors import DecodeError
-from rendezvous.limits import TokenBucket
+from rendezvous.limits import SourceLimiter, TokenBucket
 from rendezvous.messages import PipeMessage
 from rendezvous.taskset import TaskSet
 
@@ -52,7 +52,9 @@ SESSION_LEN = 16
 MAX_REASON = 200
 MAX_TAG = 32
 OFFER_SUFFIX = "-offer"
-UNSUPPORTED_RATE = 10.0  # `unsupported` replies a second, and as many at once
+UNSUPPORTED_RATE = 10.0  # `unsupported` replies a second to one device, and as many at once
+UNSUPPORTED_TOTAL_RATE = 50.0  # ... and to all of them together (a backstop)
+UNSUPPORTED_SENDERS = 1024  # devices whose reply rate is kept (0.35 MB for 40-character addresses)
 
 T = TypeVar("T")
 
@@ -288,17 +290,25 @@ def offered(payload: bytes) -> tuple[str, bytes] | None:
 
 class UnknownOffers:
     """Answers each offer no rung of ours claimed with `Unsupported`, PIPEd back to the
-    device that sent it (see the module docstring). At most `rate` replies a second (and as
-    many at once): a flood of junk offers must not spend our own PIPE rate at the server;
-    the rest are dropped. `counters`: "answered", "limited" (dropped over the rate)."""
+    device that sent it (see the module docstring). Each sending device gets at most `rate`
+    replies a second (and as many at once), and all of them together at most `total_rate`:
+    a flood of junk offers must not spend our own PIPE rate at the server, and one peer's
+    flood must not use up the replies another peer's dialler is waiting for. The rest are
+    dropped. The buckets of the `max_senders` devices heard most recently are kept (one
+    evicted by a flood from many senders comes back with a fresh burst, which the total
+    still bounds). `counters`: "answered", "limited" (the sender over its rate),
+    "limited-all" (all senders together over `total_rate`)."""
 
-    def __init__(self, pipe: PipeSender, *, rate: float = UNSUPPORTED_RATE) -> None:
+    def __init__(self, pipe: PipeSender, *, rate: float = UNSUPPORTED_RATE,
+                 total_rate: float = UNSUPPORTED_TOTAL_RATE,
+                 max_senders: int = UNSUPPORTED_SENDERS) -> None:
         self.counters: Counter[str] = Counter()
         self._pipe = pipe
-        self._rate = rate
-        self._bucket: TokenBucket | None = None  # made at the first offer, on the loop's clock
+        self._total_rate = total_rate
+        self.senders = SourceLimiter(rate, rate, max_senders)
+        self._total: TokenBucket | None = None  # made at the first offer, on the loop's clock
         # Each send is bounded by the client's request timeout; this bounds how many wait.
-        self._tasks = TaskSet("unsupported", limit=max(1, int(2 * rate)), logger=log)
+        self._tasks = TaskSet("unsupported", limit=max(1, int(2 * total_rate)), logger=log)
 
     def feed(self, msg: PipeMessage) -> bool:
         """Answer `msg` if it is an offer by the convention (True, also when it is over the
@@ -315,12 +325,15 @@ class UnknownOffers:
             return True
         tag, session = offer
         now = asyncio.get_running_loop().time()
-        if self._bucket is None:
-            self._bucket = TokenBucket(self._rate, self._rate, now)
-        if not self._bucket.take(1, now) or self._tasks.spawn(
+        if self._total is None:
+            self._total = TokenBucket(self._total_rate, self._total_rate, now)
+        if not self.senders.allow_key(f"{msg.sender} {msg.sender_device.hex()}", now):
+            self.counters["limited"] += 1
+            return True
+        if not self._total.take(1, now) or self._tasks.spawn(
                 self._reply(msg, Unsupported(session, tag)),
                 name=f"unsupported {msg.sender}") is None:
-            self.counters["limited"] += 1
+            self.counters["limited-all"] += 1
             return True
         self.counters["answered"] += 1
         log.info("a %s from %s answered 'unsupported': no rung of ours takes it", tag,

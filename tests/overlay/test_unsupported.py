@@ -142,6 +142,40 @@ async def test_a_flood_of_offers_gets_at_most_the_bucket() -> None:
             i.to_bytes(16, "big") for i in range(answered)]
 
 
+async def test_one_peers_flood_does_not_cost_another_peer_its_reply() -> None:
+    """ALICE floods junk offers; CAROL's one unknown offer, after them, still gets its
+    'unsupported' (the reply rate was shared by all peers, and ALICE's flood used it up)."""
+    carol = ("carol@y.net", b"c" * 20)
+    async with callee_without_rungs() as (hub, bob, _):
+        carols = Inbox()
+        hub.attach(*carol, carols.feed)
+        for i in range(100):
+            bob.feed(_from_alice(packb({"t": "zz-offer", "s": i.to_bytes(16, "big")})))
+        assert bob.feed(PipeMessage(*carol, packb({"t": "yy-offer", "s": SESSION}))) is True
+        (reply,) = await carols.wait_for(1)
+        assert unpackb(reply.payload, max_bytes=1024) == {"t": "unsupported", "s": SESSION,
+                                                          "of": "yy-offer"}
+        assert bob.counters["limited"] >= 89 and "limited-all" not in bob.counters
+
+
+async def test_offers_from_many_senders_are_bounded_in_replies_and_memory() -> None:
+    """5,000 senders with one offer each (a hostile domain can name any number): the
+    senders' table stays at its bound and the replies at the total's burst."""
+    hub = MemoryPipe()
+    bob = UnknownOffers(hub.sender(*BOB), rate=10, total_rate=50, max_senders=256)
+    try:
+        for i in range(5000):
+            sender = PipeMessage(f"u{i}@evil.example", i.to_bytes(20, "big"),
+                                 packb({"t": "zz-offer", "s": SESSION}))
+            assert bob.feed(sender) is True
+        assert len(bob.senders) == 256
+        answered = bob.counters["answered"]
+        assert 50 <= answered <= 55  # the burst, and what refilled while the loop fed
+        assert bob.counters["limited-all"] == 5000 - answered
+    finally:
+        await bob.aclose()
+
+
 # --- each of today's diallers --------------------------------------------------------
 
 Dialler = PunchEndpoint | QuicEndpoint | WebRtcEndpoint
