@@ -13,13 +13,19 @@ do with them:
   only), an unspecified one (0.0.0.0/8, ::; a connect to 0.0.0.0 reaches our own host),
   multicast, broadcast and IPv4's reserved block. A local candidate of that kind is dropped when the
   signal is decoded (`decode_candidates`), so the peer that sent it still gets through on
-  its public one; a public one of that kind makes the whole signal invalid (the locals are
-  dialled only behind the same public address, which such a mapping can't tell), and a
-  node never sends one of its own (`own_candidates`).
+  its public one, and a node never sends one of its own (`own_candidates`). A public one
+  of that kind makes the whole signal invalid (the locals are dialled only behind the same
+  public address, which such a mapping can't tell), but for a link-local one without a
+  zone: that is what STUN saw of a node on its server's link (a LAN with no DHCP, a server
+  reached over fe80:: or 169.254/16), and it is kept as a same-link candidate (`targets`).
 - What we dial (`targets`): the public candidate, and the locals only when we are behind the
-  same public address; only those of our port's address family; and a loopback one only
+  same public address; only those of our port's address family; a loopback one only
   when we are on loopback too (the same host), so a peer can't aim our packets into our
-  own LAN or at our own host's services.
+  own LAN or at our own host's services; and a link-local one only when our own public
+  address is link-local too (our server is on our link, so the peer's may be ours) and it
+  is IPv4 (169.254/16, which our routing table puts on a link). An IPv6 one would need
+  a zone, an interface of ours, that our ports don't carry (a socket gives its local
+  address without one), so it is not dialled and `nothing_to_dial` says why.
 - A port is IPv4 or IPv6, as the address of our server's STUN is (a name is resolved
   first, `resolve`). A callee whose port could reach none of an offer's candidates says so
   at once, before it opens any socket (`no_common_family`), and a dialler says why an
@@ -91,21 +97,32 @@ def unroutable(host: str) -> str | None:
     return None
 
 
-def _is_loopback(host: str) -> bool:
+def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IP literal `host`; an IPv4-mapped IPv6 one as its IPv4 address."""
     ip = ipaddress.ip_address(host)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
+        return ip.ipv4_mapped
+    return ip
+
+
+def _is_loopback(host: str) -> bool:
+    return _unmapped(host).is_loopback
+
+
+def _on_link(host: str) -> bool:
+    """Whether `host` is link-local without a zone: as STUN names a node on its link."""
+    return "%" not in host and _unmapped(host).is_link_local
 
 
 def decode_candidates(f: Fields) -> tuple[Address, ...]:
-    """A signal's candidates ("c"): the public one first, which must mean something here,
-    then the locals, of which those that can't are dropped (see the module docstring)."""
+    """A signal's candidates ("c"): the public one first, which must mean something here
+    or on a link we may share, then the locals, of which those that mean nothing to
+    another host are dropped (see the module docstring)."""
     texts = f.list("c", item_str(64), max_items=MAX_CANDIDATES) or ()
     if not texts:
         raise DecodeError("no candidates")
     public, *local = (candidate(t) for t in texts)
-    if (why := unroutable(public[0])) is not None:
+    if (why := unroutable(public[0])) is not None and not _on_link(public[0]):
         raise DecodeError(f"the public candidate {texts[0]!r} {why}")
     return public, *(c for c in local if unroutable(c[0]) is None)
 
@@ -127,7 +144,13 @@ def targets(our_public: str, theirs: tuple[Address, ...], family: int) -> list[A
         out += local
     here = _is_loopback(our_public)
     return [a for a in dict.fromkeys(out)
-            if family_of(a[0]) == family and (here or not _is_loopback(a[0]))]
+            if family_of(a[0]) == family and (here or not _is_loopback(a[0]))
+            and (not _on_link(a[0]) or _same_link(our_public, a[0]))]
+
+
+def _same_link(our_public: str, host: str) -> bool:
+    """Whether we may reach the link-local `host` (see the module docstring)."""
+    return _on_link(our_public) and _unmapped(host).version == 4
 
 
 def nothing_to_dial(theirs: tuple[Address, ...], family: int, port: str) -> str:
@@ -135,6 +158,14 @@ def nothing_to_dial(theirs: tuple[Address, ...], family: int, port: str) -> str:
     if all(family_of(c[0]) != family for c in theirs):
         return (f"the peer's candidates are {family_names(theirs)} only and our {port} is "
                 f"{FAMILY_NAME[family]}: no address family in common")
+    ours = [c for c in theirs if family_of(c[0]) == family]
+    if all(_on_link(c[0]) for c in ours):
+        listed = ", ".join(format_hostport(*c) for c in ours)
+        if any(_unmapped(c[0]).version == 6 for c in ours):
+            return (f"the peer's candidates ({listed}) are IPv6 link-local: dialling one "
+                    f"needs a zone (an interface of ours), which our {port} does not carry")
+        return (f"the peer's candidates ({listed}) are link-local, on its server's link, "
+                "and ours are not: this node's server is not on a link with it")
     return (f"the peer's candidates ({', '.join(format_hostport(*c) for c in theirs)}) reach it "
             "from its own host only, and ours are not on loopback")
 

@@ -1,9 +1,10 @@
 """The candidates the TCP punch and QUIC trade (overlay/transports/candidates.py), in both
 codecs alike: an address that means nothing to another host (link-local, zoned, unspecified,
 multicast, reserved) is dropped when a peer names it as a local candidate, so that peer still
-gets through, and makes the signal invalid as its public one, with the reason; a loopback
-candidate is dialled only from loopback; a candidate comes back in the text a socket gives
-the source of a packet."""
+gets through, and makes the signal invalid as its public one, with the reason, but for a
+link-local one without a zone (what STUN sees of a node on its server's link), which is
+dialled from a link-local address alone; a loopback candidate is dialled only from loopback;
+a candidate comes back in the text a socket gives the source of a packet."""
 
 from __future__ import annotations
 
@@ -59,6 +60,16 @@ def _means_nothing_elsewhere(text: str) -> bool:
     return any(ip.version == n.version and ip in n for n in NOWHERE)
 
 
+def _on_a_link(text: str) -> bool:
+    """Link-local without a zone: a public candidate STUN gave a node on its server's link."""
+    if "%" in text:
+        return False
+    ip = ipaddress.ip_address(text)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip in ipaddress.ip_network("169.254.0.0/16" if ip.version == 4 else "fe80::/10")
+
+
 # Any address, now and then with a zone; link-local and the other special ranges are drawn
 # often by Hypothesis's ip_addresses.
 hosts = st.ip_addresses().map(str) | st.builds(
@@ -85,7 +96,7 @@ def test_a_public_candidate_that_means_nothing_elsewhere_refuses_the_signal(
         extra: dict[str, Any], host: str, port: int) -> None:
     text = format_hostport(host, port)
     payload = packb({"t": tag, "s": SESSION, "c": [text, PUBLIC], **extra})
-    if not _means_nothing_elsewhere(host):
+    if not _means_nothing_elsewhere(host) or _on_a_link(host):
         assert decode(payload).candidates[0] == candidate(text)
         return
     with pytest.raises(error) as caught:
@@ -95,8 +106,6 @@ def test_a_public_candidate_that_means_nothing_elsewhere_refuses_the_signal(
 
 @pytest.mark.parametrize(("text", "why"), [
     ("[fe80::1%eth0]:9", "has a zone (%eth0, an interface of the sender's)"),
-    ("[fe80::1]:9", "is link-local (it means something on the sender's link only)"),
-    ("169.254.10.1:9", "is link-local (it means something on the sender's link only)"),
     ("0.0.0.0:9", "is unspecified (in 0.0.0.0/8, or ::): a connect takes it for its own host"),
     ("[::ffff:0.0.0.0]:9", "is unspecified"),
     ("[ff02::1]:9", "is multicast"),
@@ -128,6 +137,41 @@ def test_a_loopback_candidate_is_dialled_only_from_loopback(
     if not dialled:
         assert nothing_to_dial(theirs, family, "TCP port").endswith(
             "reach it from its own host only, and ours are not on loopback")
+
+
+@pytest.mark.parametrize(("ours", "theirs", "dialled"), [
+    # Both on their servers' links (IPv4 link-local, no DHCP): dialled, as the pair connects.
+    ("169.254.7.1", (("169.254.9.2", 4000),), [("169.254.9.2", 4000)]),
+    ("::ffff:169.254.7.1", (("::ffff:169.254.9.2", 4000),), [("::ffff:169.254.9.2", 4000)]),
+    # We are not on a link with our server: its link is not ours to aim at.
+    ("198.51.100.1", (("169.254.9.2", 4000),), []),
+    # IPv6 link-local would need a zone of ours, which our ports don't carry.
+    ("fe80::1", (("fe80::2", 4000),), []),
+    # A link-local public candidate does not stop a routable one of ours being dialled.
+    ("169.254.7.1", (("203.0.113.9", 4000),), [("203.0.113.9", 4000)]),
+])
+def test_a_link_local_public_candidate_is_dialled_only_on_a_link(
+        ours: str, theirs: tuple[Address, ...], dialled: list[Address]) -> None:
+    family = socket.AF_INET6 if ":" in theirs[0][0] else socket.AF_INET
+    assert targets(ours, theirs, family) == dialled
+
+
+@pytest.mark.parametrize(("tag", "decode", "error", "extra"), CODECS)
+def test_a_link_local_public_candidate_is_kept_and_a_failure_says_why(
+        tag: str, decode: Callable[[bytes], Any], error: type[Exception],
+        extra: dict[str, Any]) -> None:
+    """What STUN sees of a node on its server's link is its public candidate: the signal
+    is valid (it was refused as the peer's fault, so the dialler waited out its budget)."""
+    for text, host in (("169.254.9.2:4000", "169.254.9.2"), ("[fe80::2]:4000", "fe80::2")):
+        sig = decode(packb({"t": tag, "s": SESSION, "c": [text, "10.0.0.2:4000"], **extra}))
+        assert sig.candidates == ((host, 4000), ("10.0.0.2", 4000))
+    v4 = (("169.254.9.2", 4000),)
+    assert nothing_to_dial(v4, socket.AF_INET, "UDP port") == (
+        "the peer's candidates (169.254.9.2:4000) are link-local, on its server's link, and "
+        "ours are not: this node's server is not on a link with it")
+    assert nothing_to_dial((("fe80::2", 4000),), socket.AF_INET6, "TCP port") == (
+        "the peer's candidates ([fe80::2]:4000) are IPv6 link-local: dialling one needs a "
+        "zone (an interface of ours), which our TCP port does not carry")
 
 
 @NEEDS_V6
