@@ -79,6 +79,7 @@ class EndpointStats:
     accept_failures: int = 0
     rejected: int = 0
     bad_signals: int = 0
+    candidates_dropped: int = 0  # WebRTC: ICE candidates of an SDP over its cap, left out
 
 
 @dataclass(slots=True)

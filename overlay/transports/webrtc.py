@@ -61,6 +61,12 @@ from rendezvous.messages import PipeMessage
 log = logging.getLogger(__name__)
 
 _CHANNEL_ID = 0
+# ICE candidates of a peer's offer or answer that are considered: aiortc sends one host
+# candidate per local address and one server-reflexive per IPv4 one, a handful on a home
+# device; a hostile SDP may carry hundreds (an offer inflates to MAX_SDP), and each costs
+# a route check here and connectivity checks in aioice, which caps neither. With our own
+# few candidates, 32 keeps the pairs near the 100 RFC 8445 6.1.2.5 allows by default.
+MAX_ICE_CANDIDATES = 32
 
 
 class WebRtcConnectError(StreamBroken):
@@ -96,6 +102,26 @@ class WebRtcSettings:
         candidates alone, which is what an IPv6 host without a NAT is reached at."""
         urls = [f"stun:{h}:{p}" for h, p in self.stun if ":" not in h]
         return RTCConfiguration(iceServers=[RTCIceServer(urls=urls)] if urls else [])
+
+
+def cap_candidates(description: str, limit: int = MAX_ICE_CANDIDATES) -> tuple[str, int]:
+    """`description` with at most `limit` ICE candidates ("a=candidate:" lines), and how
+    many were left out. When there are more, the server-reflexive and relayed ones are kept
+    first (aioice lists them after every host candidate, and they are what crosses a NAT),
+    then host ones, each in the order given."""
+    lines = description.splitlines(keepends=True)
+    found = [i for i, line in enumerate(lines) if line.startswith("a=candidate:")]
+    if len(found) <= limit:
+        return description, 0
+
+    def is_host(line: str) -> bool:
+        words = line.split()
+        return "typ" in words[:-1] and words[words.index("typ") + 1] == "host"
+
+    kept = set(([i for i in found if not is_host(lines[i])]
+                + [i for i in found if is_host(lines[i])])[:limit])
+    dropped = set(found) - kept
+    return "".join(line for i, line in enumerate(lines) if i not in dropped), len(dropped)
 
 
 def _check_offer(text: str) -> None:
@@ -335,6 +361,16 @@ class WebRtcEndpoint(SignalledEndpoint[Offer, Answer | Reject]):
         except Exception as exc:  # a reject is a courtesy; the dialer times out
             log.info("could not send %s to %s: %s", sig.TAG, to, exc)
 
+    def _capped(self, description: str, what: str, sender: str) -> str:
+        """`description` with at most MAX_ICE_CANDIDATES candidates; the rest are counted
+        and logged."""
+        description, dropped = cap_candidates(description)
+        if dropped:
+            self.stats.candidates_dropped += dropped
+            log.info("WebRTC %s from %s: %d ICE candidates over %d left out", what, sender,
+                     dropped, MAX_ICE_CANDIDATES)
+        return description
+
     async def _opened(self, negotiation: Negotiation, what: str) -> Stream:
         """The negotiation's stream once open; after `connect_timeout` a
         WebRtcConnectError saying `what` did not happen in time, and how far it got."""
@@ -354,8 +390,9 @@ class WebRtcEndpoint(SignalledEndpoint[Offer, Answer | Reject]):
         handed = False
         try:
             try:
-                negotiation = await self.channels.answer(offer.session, offer.sdp, msg.sender,
-                                                         msg.sender_device)
+                negotiation = await self.channels.answer(
+                    offer.session, self._capped(offer.sdp, "offer", msg.sender), msg.sender,
+                    msg.sender_device)
             except UnusableDescription as exc:
                 self.stats.bad_signals += 1
                 await self._send(msg.sender, msg.sender_device,
@@ -411,7 +448,7 @@ class WebRtcEndpoint(SignalledEndpoint[Offer, Answer | Reject]):
             if isinstance(reply, Reject | Unsupported):
                 raise WebRtcConnectError(f"{address} declined: {reply.reason}")
             try:
-                await negotiation.complete(reply.sdp)
+                await negotiation.complete(self._capped(reply.sdp, "answer", address))
             except UnusableDescription as exc:
                 self.stats.bad_signals += 1
                 raise WebRtcConnectError(f"unusable answer from {address}: {exc}") from None
