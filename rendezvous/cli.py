@@ -42,9 +42,10 @@ HOST:PORT` with
 as key=value lines, or JSON lines with `--log-format json` (logfmt.py). Once serving it
 tells systemd READY=1 when $NOTIFY_SOCKET is set (sdnotify.py). SIGTERM or
 SIGINT shut it down cleanly; SIGHUP re-reads `--config` (limits, block list, registration,
-log level) keeping every session; SIGUSR1 (sent by `accounts delete` and `devices revoke`)
-re-reads accounts and ends the sessions of removed devices (with `--store`, the commands
-announce the change to every instance on the database instead). One `serve` per data folder:
+log level) and the TLS certificate and key, keeping every session; SIGUSR1 (sent by
+`accounts delete` and `devices revoke`) re-reads accounts and ends the sessions of removed
+devices (with `--store`, the commands announce the change to every instance on the
+database instead). One `serve` per data folder:
 it holds an fcntl lock on DATA/serve.lock (datalock.py), and the folder keeps the domain
 it was first served for. It uses uvloop when installed.
 Every few seconds it writes DATA/stats.json, which `stats` reads for the online sessions,
@@ -568,6 +569,8 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                 txt=f"_peerpost.{args.domain} TXT \"{txt_value(domain_key.public)}\""))
     if tls is None:
         log.warning(kv("server.plaintext", note="no TLS: for the simulator and benchmarks only"))
+    else:
+        log.info(kv("server.tls", sha256=tls.binding.hex(), not_after=tls.not_after.isoformat()))
     store = make_store(args.store, data, args.domain, outbound_claim=args.outbound_claim,
                        domain_key=domain_key.public)
     server = RendezvousServer(args.domain, store,
@@ -815,12 +818,38 @@ def _reload(argv: list[str] | None, current: argparse.Namespace,
                      if k not in kept and k != "config" and not callable(v)
                      and getattr(current, k, None) != v)
     logging.getLogger().setLevel(str(new.log_level).upper())
+    if server.tls is not None:
+        _reload_tls(new, server)
     server.reconfigure(_limits(new),
                        blocked_domains={d.strip().lower() for d in new.block_domain},
                        finger_open=new.finger_open, open_registration=new.open_registration)
     log.info(kv("server.reloaded", config=str(new.config) if new.config else "-",
                 changed=",".join(applied) or "-", needs_restart=",".join(kept) or "-"))
     return new
+
+
+def _reload_tls(args: argparse.Namespace, server: RendezvousServer) -> None:
+    """SIGHUP: read the certificate and key again (a renewed certificate at the same paths,
+    or new paths in --config) and present them from the next handshake on. Files that
+    can't serve (half written, a key of another certificate) are logged and the old
+    certificate stays."""
+    cert, key = ((args.tls_cert, args.tls_key) if args.tls_cert is not None
+                 else self_signed(args.data, args.domain))
+    problem = tls_files_problem(cert, key)
+    if problem is None:
+        try:
+            tls = server_tls(cert, key)
+        except (OSError, ValueError, ssl.SSLError) as exc:  # replaced since it was checked
+            problem = str(exc)
+    if problem is not None:
+        log.error(kv("server.tls_reload_failed", error=problem,
+                     note="the old certificate stays"))
+        return
+    if tls.binding == server.binding:
+        return
+    server.reload_tls(tls)
+    log.info(kv("server.tls_reloaded", cert=str(cert), sha256=tls.binding.hex(),
+                not_after=tls.not_after.isoformat()))
 
 
 def new_invite_token() -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 OFF = "off"
 # What a reload cannot change in a running process.
-RESTART_KEYS = ("domain", "listen", "listen_also", "data", "tls_cert", "tls_key", "plaintext",
+RESTART_KEYS = ("domain", "listen", "listen_also", "data", "plaintext",
                 "stun_port", "dht_port", "config", "resolver", "store", "advertise",
                 "instance_heartbeat", "outbound_claim")
 

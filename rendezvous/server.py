@@ -46,7 +46,9 @@ PIPE and RELAY give, after the same single store lookup as a known one.
 
 The listener speaks TLS 1.3 when given a `ServerTls` (rendezvous/tls.py), relay
 connections included; the domain key signs the server's half of every handshake
-(rendezvous/session.py).
+(rendezvous/session.py). `reload_tls` puts another certificate in front of every handshake
+from then on (`serve` does it on SIGHUP, for a renewed certificate); a connection keeps the
+certificate its handshake used, and the binding it signs is that certificate's.
 
 Federation (rendezvous/federation.py): with a `DomainResolver` (by default the DNS one)
 the server links to other domains. A node's SEND naming foreign recipients is
@@ -112,7 +114,9 @@ import functools
 import logging
 import random
 import secrets
+import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, cast
 
@@ -235,6 +239,9 @@ class _Connection(asyncio.Protocol):
             addr = transport.get_extra_info("peername")
             self.peer = format_hostport(*addr[:2]) if isinstance(addr, tuple) else str(addr)
             self.source = source_of(str(addr[0])) if isinstance(addr, tuple) else self.peer
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:  # the handshake is done: its certificate is known
+                self.core.binding = self.server.tls_binding_of(ssl_object)
             self.server._attach(self)
             self._pump()
         except Exception as exc:
@@ -430,6 +437,10 @@ class RendezvousServer:
         self.domain_key = domain_key or DomainKey.generate()
         self.tls = tls
         self.binding = tls.binding if tls is not None else b""
+        # The binding of each certificate context a handshake may have used (the one the
+        # listener was made with and every one `reload_tls` put in front since).
+        self._tls_bindings: weakref.WeakKeyDictionary[ssl.SSLContext, bytes] = (
+            weakref.WeakKeyDictionary())
         self.store = store
         self.bus: InstanceBus = bus or LocalBus()
         self.limits = limits or Limits()
@@ -529,6 +540,9 @@ class RendezvousServer:
         self._relay = RelayRegistry(self.limits, self._loop, self.clock)
         await self.store.open()
         ctx = self.tls.context if self.tls is not None else None
+        if self.tls is not None and ctx is not None:
+            self._tls_bindings[ctx] = self.tls.binding
+            ctx.sni_callback = self._present_current_tls
         self._server = await self._loop.create_server(
             self._new_connection, host, port, backlog=backlog, ssl=ctx,
             ssl_handshake_timeout=self.limits.auth_timeout if ctx is not None else None)
@@ -551,6 +565,26 @@ class RendezvousServer:
                     tls="1.3" if ctx is not None else "off",
                     domain_key=self.domain_key.fingerprint))
         return self.address
+
+    def reload_tls(self, tls: ServerTls) -> None:
+        """Present `tls`'s certificate in every TLS handshake from now on. Connections already
+        up keep theirs, and each signs the binding of the certificate it was shown."""
+        if self.tls is None:
+            raise ValueError("a plaintext server has no certificate to replace")
+        self._tls_bindings[tls.context] = tls.binding
+        self.tls, self.binding = tls, tls.binding
+
+    def _present_current_tls(self, ssl_object: ssl.SSLObject, server_name: str | None,
+                             context: ssl.SSLContext) -> None:
+        # OpenSSL calls this on every ClientHello, with or without a server name: the
+        # listener's context is fixed when it is made, the certificate in front is not.
+        del server_name, context
+        if self.tls is not None and ssl_object.context is not self.tls.context:
+            ssl_object.context = self.tls.context
+
+    def tls_binding_of(self, ssl_object: ssl.SSLObject) -> bytes:
+        """The channel binding of the certificate a finished handshake presented."""
+        return self._tls_bindings.get(ssl_object.context, self.binding)
 
     async def __aenter__(self) -> RendezvousServer:
         if self._server is None:

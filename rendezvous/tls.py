@@ -47,6 +47,11 @@ class ServerTls:
     def binding(self) -> bytes:
         return binding_of(self.cert_der)
 
+    @property
+    def not_after(self) -> datetime.datetime:
+        """When the certificate expires (UTC)."""
+        return x509.load_der_x509_certificate(self.cert_der).not_valid_after_utc
+
 
 def server_tls(cert: Path, key: Path) -> ServerTls:
     """A TLS 1.3-only server context for the certificate (chain) in `cert`."""
