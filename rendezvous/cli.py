@@ -287,7 +287,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--open-registration", action="store_true",
                    help="anyone may create an account (demos and tests)")
     s.add_argument("--tls-cert", type=Path, metavar="PEM",
-                   help="TLS certificate (chain); default: a self-signed one made in --data")
+                   help="TLS certificate (chain); default: a self-signed one made in --data. "
+                        "SIGHUP reads it and --tls-key again (a renewed certificate)")
     s.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
     s.add_argument("--plaintext", action="store_true",
                    help="no TLS: only for the simulator and benchmarks, never in service "
