@@ -1,4 +1,5 @@
-"""A NATed host of the lab: probe its NAT, or move bytes over WebRTC through it.
+"""A NATed host of the lab: probe its NAT, or move bytes over WebRTC (or another signalled
+rung, `--rung tcp-punch` or `--rung quic`, STUN over TCP or UDP at `--stun`) through it.
 
     python -m tests.natlab.peer probe IP:PORT IP:PORT
         one UDP socket asks both STUN servers; prints {"mapped": [[ip, port], [ip, port]]}
@@ -11,23 +12,28 @@
         prints {"ok": true, "sent": n, "sha256": hex, "peer_sha256": hex, "setup_s": s}
         or {"ok": false, "error": "..."} (exit 1)
 
-Both run uvloop, as a node does, with the transport's own ICE timeout (`--timeout`).
+Both run uvloop, as a node does, with the transport's own ICE timeout (`--timeout`; the
+punch's and QUIC's budget).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import uvloop
 
 from crypto.address import parse_hostport
 from crypto.identity import DeviceIdentity
+from overlay.transports.punch import PunchEndpoint, PunchSettings
+from overlay.transports.quic import QuicEndpoint, QuicSettings
 from overlay.transports.stream import Stream, StreamError
 from overlay.transports.webrtc import WebRtcEndpoint, WebRtcSettings
 from rendezvous.client import RendezvousClient
@@ -43,7 +49,10 @@ def _emit(doc: dict[str, Any]) -> None:
     print(json.dumps(doc), flush=True)
 
 
-async def _feed(client: RendezvousClient, rtc: WebRtcEndpoint) -> None:
+Rung = PunchEndpoint | QuicEndpoint | WebRtcEndpoint
+
+
+async def _feed(client: RendezvousClient, rtc: Rung) -> None:
     async for push in client.pushes():
         if isinstance(push, PipeMessage):
             rtc.feed(push)
@@ -62,13 +71,31 @@ async def probe(servers: list[str]) -> int:
     return 0
 
 
+@contextlib.asynccontextmanager
+async def _rung(client: RendezvousClient, args: argparse.Namespace) -> AsyncIterator[Rung]:
+    rtc = _endpoint(client, args)
+    await rtc.start()
+    try:
+        yield rtc
+    finally:
+        await rtc.aclose()
+
+
+def _endpoint(client: RendezvousClient, args: argparse.Namespace) -> Rung:
+    stun = parse_hostport(args.stun)
+    if args.rung == "tcp-punch":
+        return PunchEndpoint(client, PunchSettings(stun=stun, budget=args.timeout))
+    if args.rung == "quic":
+        return QuicEndpoint(client, QuicSettings(stun=stun, budget=args.timeout))
+    return WebRtcEndpoint(client, WebRtcSettings(stun=[stun], connect_timeout=args.timeout))
+
+
 async def session(args: argparse.Namespace) -> int:
     rv_host, rv_port = parse_hostport(args.rv)
-    settings = WebRtcSettings(stun=[parse_hostport(args.stun)], connect_timeout=args.timeout)
     me = _identity(args.seed)
     loop = asyncio.get_running_loop()
     async with RendezvousClient(rv_host, rv_port, me, args.address, register=True) as client, \
-            WebRtcEndpoint(client, settings) as rtc, asyncio.TaskGroup() as tg:
+            _rung(client, args) as rtc, asyncio.TaskGroup() as tg:
         feeder = tg.create_task(_feed(client, rtc))
         try:
             if args.role == "answer":
@@ -113,6 +140,7 @@ def main(argv: list[str]) -> int:
         s.add_argument("--seed", type=int, required=True)
         s.add_argument("--address", required=True)
         s.add_argument("--timeout", type=float, default=10.0)
+        s.add_argument("--rung", choices=("webrtc", "tcp-punch", "quic"), default="webrtc")
         if role == "dial":
             s.add_argument("--to", required=True)
             s.add_argument("--to-seed", type=int, required=True)
