@@ -158,14 +158,14 @@ def nothing_to_dial(theirs: tuple[Address, ...], family: int, port: str) -> str:
     if all(family_of(c[0]) != family for c in theirs):
         return (f"the peer's candidates are {family_names(theirs)} only and our {port} is "
                 f"{FAMILY_NAME[family]}: no address family in common")
-    ours = [c for c in theirs if family_of(c[0]) == family]
-    if all(_on_link(c[0]) for c in ours):
-        listed = ", ".join(format_hostport(*c) for c in ours)
-        if any(_unmapped(c[0]).version == 6 for c in ours):
-            return (f"the peer's candidates ({listed}) are IPv6 link-local: dialling one "
+    public = theirs[0]
+    if family_of(public[0]) == family and _on_link(public[0]):
+        named = format_hostport(*public)
+        if _unmapped(public[0]).version == 6:
+            return (f"the peer's public candidate {named} is IPv6 link-local: dialling it "
                     f"needs a zone (an interface of ours), which our {port} does not carry")
-        return (f"the peer's candidates ({listed}) are link-local, on its server's link, "
-                "and ours are not: this node's server is not on a link with it")
+        return (f"the peer's public candidate {named} is link-local, on its server's link, "
+                "and ours is not: this node's server is not on a link with it")
     return (f"the peer's candidates ({', '.join(format_hostport(*c) for c in theirs)}) reach it "
             "from its own host only, and ours are not on loopback")
 

@@ -167,10 +167,13 @@ def test_a_link_local_public_candidate_is_kept_and_a_failure_says_why(
         assert sig.candidates == ((host, 4000), ("10.0.0.2", 4000))
     v4 = (("169.254.9.2", 4000),)
     assert nothing_to_dial(v4, socket.AF_INET, "UDP port") == (
-        "the peer's candidates (169.254.9.2:4000) are link-local, on its server's link, and "
-        "ours are not: this node's server is not on a link with it")
-    assert nothing_to_dial((("fe80::2", 4000),), socket.AF_INET6, "TCP port") == (
-        "the peer's candidates ([fe80::2]:4000) are IPv6 link-local: dialling one needs a "
+        "the peer's public candidate 169.254.9.2:4000 is link-local, on its server's link, "
+        "and ours is not: this node's server is not on a link with it")
+    # The same host (its loopback local candidate left out): the link-local one is why.
+    v6 = (("fe80::2", 4000), ("::1", 4000))
+    assert targets("fe80::2", v6, socket.AF_INET6) == []
+    assert nothing_to_dial(v6, socket.AF_INET6, "TCP port") == (
+        "the peer's public candidate [fe80::2]:4000 is IPv6 link-local: dialling it needs a "
         "zone (an interface of ours), which our TCP port does not carry")
 
 
