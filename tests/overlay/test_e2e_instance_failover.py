@@ -10,28 +10,19 @@ import json
 import re
 import shutil
 import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from overlay.app.lab import LocalNetwork, NodeHandle
+from overlay.app.lab import LocalNetwork
 from rendezvous.domainkey import load_or_create
 from tests.dnstest import Dnsmasq
+from tests.overlay.srv_domain import RENDEZVOUS, init_from_dns, srv_zone
 
 pytestmark = pytest.mark.slow
 
 DOMAIN = "a.test"
-RENDEZVOUS = Path(sys.executable).with_name("peerpost-rendezvous")
-
-
-def srv_line(data: Path, host: str, port: int, priority: int) -> list[str]:
-    argv = [str(RENDEZVOUS), "dns-records", "--data", str(data), "--domain", DOMAIN,
-            "--port", str(port), "--host", host, "--priority", str(priority)]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
-    return res.stdout.splitlines()
 
 
 def free_port() -> int:
@@ -72,18 +63,12 @@ def test_nodes_reconnect_to_the_other_instance_and_lose_nothing(
                                   "--stun-port", str(stun2), "--dht-port", str(dht2)])
     port2 = int(other.lines.wait_for(re.compile(r"listening \S+:(\d+)"), 30,
                                      "second instance").group(1))
-    zone = (srv_line(net.data_dir, "rv1.a.test", port1, 0)[:1]
-            + srv_line(net.data_dir, "rv2.a.test", port2, 10))
-    ns = dns_server(zone, {"rv1.a.test": "127.0.0.1", "rv2.a.test": "127.0.0.1"})
-
-    nodes: list[NodeHandle] = []
-    for name in ("alice", "bob"):
-        node = NodeHandle(name, f"{name}@{DOMAIN}", net.root / name)
-        net.cli(node, "init", "--address", node.address, "--resolver", ns.hostport,
-                "--listen", "127.0.0.1:0")
-        net.nodes[name] = node
+    ns = dns_server(srv_zone(net.data_dir, DOMAIN, [("rv1.a.test", port1, 0),
+                                                    ("rv2.a.test", port2, 10)]),
+                    {"rv1.a.test": "127.0.0.1", "rv2.a.test": "127.0.0.1"})
+    nodes = init_from_dns(net, ns, "alice", "bob")
+    for node in nodes:
         net.start_node(node, timeout=60)
-        nodes.append(node)
     alice, bob = nodes
     for node in nodes:
         assert json.loads((node.home / "config.json").read_text())["server"] \
