@@ -24,10 +24,12 @@
   (if given) names the key to expect now: a planned key change needs no restart.
   With `alternates` (an async function returning the domain's servers, e.g. from its SRV
   records) a reconnect that cannot reach the current server tries the others at once, in
-  the order given (also when the current one shows another key), skipping one that does
-  not prove `server_key`; `on_failover(host, port)` hears of the server it reached, which
-  stays current. A domain's instances share one database, so whichever it lands on
-  flushes the same queue.
+  the order given (also when the current one shows another key, or answers the login
+  with a server error or a session cap: 5xx, 429, `another_may_take`), skipping one that
+  does not prove `server_key`; `on_failover(host, port)` hears of the server it reached,
+  which stays current. While none takes it, each is tried once per backoff step, so two
+  full instances are not hopped between faster than that. A domain's instances usually
+  share one database, so whichever it lands on flushes the same queue.
 - Each request waits at most `request_timeout` seconds in total. While reconnecting it
   waits for the session, and a request cut off by a lost connection is sent again on the
   next one: SEND and REMOVE are idempotent by message id, the others read only, except
@@ -606,8 +608,8 @@ class RendezvousClient:
         try:
             await self._connect_once()
             return
-        except (ConnectionLostError, RequestTimeoutError, ServerIdentityError) as exc:
-            if self.alternates is None:
+        except RendezvousError as exc:
+            if self.alternates is None or not another_may_take(exc):
                 raise
             first = exc
         current = (self.host, self.port)
@@ -626,7 +628,8 @@ class RendezvousClient:
                 continue
             self.failovers += 1
             log.warning(kv("client.failover", address=self.address,
-                           old=format_hostport(*current), new=self.server_text))
+                           old=format_hostport(*current), new=self.server_text,
+                           text=first.text or str(first)))
             if self.on_failover is not None:
                 try:
                     self.on_failover(host, port)
@@ -817,6 +820,16 @@ class Tracked:
                    f.int("since", lo=0, hi=1 << 40, optional=True),
                    f.str("error", max_len=1024, optional=True),
                    f.int("updated_at", lo=0, hi=1 << 40))
+
+
+def another_may_take(exc: RendezvousError) -> bool:
+    """Whether another server of the domain may log in a client that `exc` kept out of
+    this one: it can't be reached, does not prove the pinned key, or failed or is full at
+    the login (5xx, 429: its store or disk broken, its sessions capped, which says nothing
+    about the device). A refusal (401, 403) is the domain's word on the device."""
+    if isinstance(exc, ConnectionLostError | RequestTimeoutError | ServerIdentityError):
+        return True
+    return isinstance(exc, AuthenticationError) and exc.transient
 
 
 def _time_out(fut: asyncio.Future[Reply]) -> None:

@@ -2,17 +2,20 @@
 
 A domain may run several rendezvous servers, published as `_peerpost._tcp.DOMAIN` SRV
 records. A node whose server was found that way at `init` (config `srv`) and whose
-configured server does not answer at login looks the records up again and tries the other
-targets in RFC 2782 order. It accepts only a server that proves the domain key pinned in
+configured server does not answer at login, or answers it with a server error or a session
+cap (5xx: its store or disk broken; 429: full), looks the records up again and tries the
+other targets in RFC 2782 order, before waiting out its backoff step; while none takes it,
+each is tried once per step. It accepts only a server that proves the domain key pinned in
 its config (never a new key, whatever the TXT record says now); the server it logs in to
 becomes the config's `server`. The name server asked is `$PEERPOST_RESOLVER`, else the
 config's `resolver` (`init --resolver`), else the system's: the environment wins, as for
 the other environment overrides. A node set up with `--server` never looks in DNS.
 
-The same holds on a reconnect: when the server a running node was logged in to dies (an
-instance of a domain that runs several on one database), the session's reconnect tries
-the other SRV targets within its backoff (`servers` is the client's `alternates`,
-`record` its `on_failover`), and the instance it lands on flushes the same queue.
+The same holds on a reconnect: when the server a running node was logged in to dies or
+fails its login (an instance of a domain that runs several on one database), the
+session's reconnect tries the other SRV targets within its backoff (`servers` is the
+client's `alternates`, `record` its `on_failover`), and the instance it lands on flushes
+the same queue.
 """
 
 from __future__ import annotations

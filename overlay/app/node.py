@@ -304,10 +304,10 @@ class Node:
         (`mismatch_backoff`), re-reading the pinned key from config.json before each try.
         A refusal by the server itself (unknown address, revoked device) ends it; a server
         error (5xx) or a session cap (429) at login is waited out as an unreachable server
-        is. Each time it can't reach it, a node whose server came from SRV records tries
-        the domain's other servers (overlay.app.failover). Why it waits, and until when,
-        goes in the home for `peerpost info` (the control socket opens only after the
-        login)."""
+        is. Each time it can't reach it, or gets such an error from it, a node whose server
+        came from SRV records first tries the domain's other servers
+        (overlay.app.failover). Why it waits, and until when, goes in the home for
+        `peerpost info` (the control socket opens only after the login)."""
         attempt = mismatched = 0
         failover = self._failover
         try:
@@ -342,9 +342,15 @@ class Node:
                     if not exc.transient:
                         raise
                     raise_if_cancelled()
+                    # Another instance of the domain may take it now (this one's store or
+                    # disk broken, its sessions capped); each is tried once per backoff
+                    # step, so full instances are not hopped between faster than that.
+                    refused = f"did not log this node in ({exc})"
+                    if await failover.login_elsewhere(self.rendezvous, refused) is not None:
+                        return
                     attempt, mismatched = attempt + 1, 0
                     delay = FIRST_LOGIN_BACKOFF.delay(attempt)
-                    why = f"server {self.config.server} did not log this node in ({exc})"
+                    why = f"server {self.config.server} {refused}"
                 log.warning("%s; trying again in %.0f s", why, delay)
                 self.home.note_login_wait(why, self.wall() + delay)
                 await asyncio.sleep(delay)
