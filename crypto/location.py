@@ -47,6 +47,10 @@ MAX_FIELD_VALUE = 1000
 MAX_STAMPS = 8
 MAX_HINT_ADDRS = 8
 MAX_HINT_LEN = 255
+# A folder archive's entries (files and folders). Bounds what a receiver is asked to
+# create; a family's photo folder is hundreds, a music collection tens of thousands.
+MAX_FOLDER_ENTRIES = 100_000
+FOLDER_MEDIA_TYPE = "application/x-tar"
 _TIME_MAX = 1 << 40  # unix seconds (or ms) far beyond any real date; bounds the integer
 
 
@@ -58,6 +62,18 @@ class Headers:
     recipients: tuple[str, ...]
     created: int  # unix seconds
     version: int = LOCATION_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class FolderInfo:
+    """The content is an uncompressed tar of one folder named `name` (all members under
+    `name/`): what a receiver unpacks into its download folder. `size` is the bytes of
+    its files, `files` and `folders` how many of each (the top folder not counted)."""
+
+    name: str
+    files: int
+    folders: int
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +93,9 @@ class Description:
     width: int | None = None
     height: int | None = None
     thumbnail: bytes | None = None
+    # Set for a folder (or several files) sent as one tar; a receiver that does not know
+    # the field ignores it and keeps the .tar, which opens as usual.
+    folder: FolderInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +142,10 @@ def _to_wire(m: LocationMessage) -> dict[str, Any]:
         "d": {"title": d.title, "note": d.note, "type": d.media_type, "name": d.file_name,
               "stamps": [[k_, v] for k_, v in d.stamps], "copyright": d.copyright,
               "fields": [[k_, v] for k_, v in d.fields], "duration_ms": d.duration_ms,
-              "width": d.width, "height": d.height, "thumb": d.thumbnail},
+              "width": d.width, "height": d.height, "thumb": d.thumbnail,
+              **({} if d.folder is None else {"folder": {
+                  "name": d.folder.name, "files": d.folder.files,
+                  "folders": d.folder.folders, "size": d.folder.size}})},
         "k": {"cid": k.content_id, "size": k.size, "chunk": k.chunk_size,
               "key": k.content_key, "cap": k.capability,
               "src": None if k.sender is None else {
@@ -183,8 +205,11 @@ def decode_location(data: bytes) -> LocationMessage:
         width=d.int("width", lo=1, hi=1 << 16, optional=True),
         height=d.int("height", lo=1, hi=1 << 16, optional=True),
         thumbnail=d.bytes("thumb", max_len=MAX_THUMBNAIL, optional=True),
+        folder=_folder(d.map("folder", optional=True)),
     )
     size = k.int("size", lo=0, hi=1 << 62)
+    if description.folder is not None and description.folder.size > size:
+        raise DecodeError("location.d.folder.size: more than the archive holds")
     chunk = k.int("chunk", lo=1, hi=1 << 40)
     check_layout(size, chunk)
     src = k.map("src", optional=True)
@@ -205,6 +230,17 @@ def decode_location(data: bytes) -> LocationMessage:
         scheme=_SCHEME_OF_VERSION[version],
     )
     return LocationMessage(headers=headers, description=description, handle=handle)
+
+
+def _folder(f: Fields | None) -> FolderInfo | None:
+    if f is None:
+        return None
+    name = _file_name(f.str("name", min_len=1, max_len=MAX_FILE_NAME))
+    if not name:
+        raise DecodeError("location.d.folder.name: empty")
+    return FolderInfo(name=name, files=f.int("files", lo=0, hi=MAX_FOLDER_ENTRIES),
+                      folders=f.int("folders", lo=0, hi=MAX_FOLDER_ENTRIES),
+                      size=f.int("size", lo=0, hi=1 << 62))
 
 
 def _file_name(name: str) -> str:

@@ -233,8 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sign every browser out of this home's web inbox (a sign-in lasts "
                         "until unused for 30 days, across restarts of the node)")
 
-    s = sub.add_parser("send", help="send a file to one or more addresses; prints the message id")
-    s.add_argument("file", help="the file to send (it stays where it is; peers fetch from it)")
+    s = sub.add_parser("send", help="send a file, a folder or several files to one or more "
+                       "addresses as one message; prints the message id")
+    s.add_argument("paths", nargs="+", metavar="PATH",
+                   help="the file to send (it stays where it is; peers fetch from it); a "
+                        "folder, or several paths, go as one archive packed into the home "
+                        "folder (deleted once every recipient has it) that recipients get "
+                        "unpacked as a folder")
     s.add_argument("--to", required=True, action="append", metavar="ADDR[,ADDR...]",
                    help="recipients: repeat --to or separate addresses with commas")
     s.add_argument("--title", default=None, help="subject line (default: the file's name)")
@@ -569,16 +574,99 @@ def _when(ts: float | None) -> str:
 
 def cmd_send(home: NodeHome, args: argparse.Namespace) -> Any:
     # Checked here, before any daemon round trip, so the message names the user's input.
-    path = Path(args.file).expanduser()
-    if path.is_dir():
-        raise CliError(f"{args.file} is a folder: send one file (an archive of the folder, "
-                       "e.g. made with tar, is one)")
-    if path.exists() and not path.is_file():
-        raise CliError(f"{args.file} is not a regular file (a device, a pipe or a socket): "
-                       "send a file")
-    if not path.is_file():
-        raise CliError(f"no such file: {args.file}")
-    return _send(home, path.absolute(), recipients(args.to), args)
+    paths = [Path(p).expanduser() for p in args.paths]
+    for given, path in zip(args.paths, paths, strict=True):
+        if path.exists() and not path.is_file() and not path.is_dir():
+            raise CliError(f"{given} is not a regular file (a device, a pipe or a socket): "
+                           "send a file or a folder")
+        if not path.exists():
+            raise CliError(f"no such file: {given}")
+    if len(set(p.resolve() for p in paths)) != len(paths):
+        raise CliError("the same path is given twice", EXIT_USAGE)
+    to = recipients(args.to)
+    if len(paths) == 1 and paths[0].is_file():
+        return _send(home, paths[0].absolute(), to, args)
+    return _send_folder(home, [p.absolute() for p in paths], to, args)
+
+
+def _send_folder(home: NodeHome, paths: list[Path], to: list[str],
+                 args: argparse.Namespace) -> int:
+    """Pack the folder (or the files) into one archive in the home, with a progress bar,
+    and send that. The archive is the node's from the moment it is handed over; until then
+    any failure or a Ctrl-C deletes it."""
+    from overlay.content.interfaces import NotEnoughSpace
+    from overlay.mail.folders import FolderError, given_name, plan_pack, summary
+
+    _check_text(args)
+    control_call(home.control_path, "ping")  # a node that is not running: say so first
+    try:
+        plan = plan_pack(paths)
+    except FolderError as exc:
+        raise CliError(str(exc)) from None
+    out = err_console  # stdout is the message id alone (scripts read it)
+    if plan.skipped:
+        out.print(f"skipped {len(plan.skipped)} (not a regular file or a folder; nothing "
+                  "inside the folder is followed out of it):", highlight=False)
+        for sk in plan.skipped[:20]:
+            out.print(f"  {_m(sk.path)}: {sk.why}", highlight=False, soft_wrap=True)
+        if len(plan.skipped) > 20:
+            out.print(f"  and {len(plan.skipped) - 20} more", highlight=False)
+    info = plan.info()
+    try:
+        archive = _pack_with_bar(plan, home, _rich(err_console))
+    except (FolderError, NotEnoughSpace) as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot pack {plan.name}: {exc}") from None
+    names = None if len(paths) == 1 else [given_name(p) for p in paths]
+    title = args.title
+    if title is None:
+        from crypto.location import MAX_TITLE
+
+        title = summary(info, names)
+        title = title if len(title) <= MAX_TITLE else title[:MAX_TITLE - 1] + "…"
+    folder = {"name": info.name, "files": info.files, "folders": info.folders,
+              "size": info.size}
+    try:
+        res = control_call(home.control_path, "send", path=str(archive), to=to, title=title,
+                           note=args.note, folder=folder)
+    except BaseException:
+        _forget_archive(home, archive)
+        raise
+    return _sent(home, res["id"], to, args)
+
+
+def _pack_with_bar(plan: Any, home: NodeHome, bar_console: Any) -> Path:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from overlay.app.progress import MiBColumn, RateColumn
+    from overlay.mail.folders import pack
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MiBColumn(), RateColumn(),
+                  TimeRemainingColumn(), console=bar_console, transient=True) as bar:
+        task = bar.add_task(f"packing {_m(plan.name[:30])}", total=plan.size)
+        path: Path = pack(plan, home.store_dir, lambda n: bar.update(task, completed=n))
+    return path
+
+
+def _forget_archive(home: NodeHome, archive: Path) -> None:
+    """The send of `archive` failed or was interrupted: delete it unless the node recorded
+    a message naming it (it sent it, or keeps it for `peerpost resend`)."""
+    try:
+        sent = control_call(home.control_path, "status")
+    except (ControlError, OSError):
+        sent = []  # the node is gone: nothing of it names the archive
+    if not any(m.get("path") == str(archive) for m in sent):
+        archive.unlink(missing_ok=True)
+
+
+def _check_text(args: argparse.Namespace) -> None:
+    from crypto.location import MAX_NOTE, MAX_TITLE
+
+    for what, text, most in (("--title", args.title, MAX_TITLE), ("--note", args.note, MAX_NOTE)):
+        if text is not None and len(text) > most:
+            raise CliError(f"{what} takes at most {most} characters (this one has {len(text)})",
+                           EXIT_USAGE)
 
 
 def recipients(values: list[str]) -> list[str]:
@@ -600,25 +688,26 @@ def recipients(values: list[str]) -> list[str]:
 
 
 def _send(home: NodeHome, path: Path, to: list[str], args: argparse.Namespace) -> int:
-    from crypto.location import MAX_NOTE, MAX_TITLE
+    from crypto.location import MAX_TITLE
 
-    for what, text, most in (("--title", args.title, MAX_TITLE), ("--note", args.note, MAX_NOTE)):
-        if text is not None and len(text) > most:
-            raise CliError(f"{what} takes at most {most} characters (this one has {len(text)})",
-                           EXIT_USAGE)
+    _check_text(args)
     title = args.title
     if title is None:  # the file's name, shortened to fit when it is longer than a title
         title = path.name if len(path.name) <= MAX_TITLE else path.name[:MAX_TITLE - 1] + "…"
     res = control_call(home.control_path, "send", path=str(path), to=to, title=title,
                        note=args.note)
+    return _sent(home, res["id"], to, args)
+
+
+def _sent(home: NodeHome, mid: str, to: list[str], args: argparse.Namespace) -> int:
     if args.wait:
         if not args.json:
-            print(res["id"], flush=True)
-        return _watch_sent(home, res["id"], args)
+            print(mid, flush=True)
+        return _watch_sent(home, mid, args)
     if args.json:
-        print(json.dumps({"id": res["id"], "to": to}))
+        print(json.dumps({"id": mid, "to": to}))
     else:
-        print(res["id"])
+        print(mid)
     return 0
 
 

@@ -19,6 +19,7 @@ from overlay.app.holders import HolderFinder
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace, PartialGone
 from overlay.mail.downloads import Activity, DownloadFailed, RetryLater, SourceView
+from overlay.mail.folders import FolderError, unpack
 from overlay.mail.inbox import InboxEntry
 from overlay.transfer.downloader import (
     ChunkStored,
@@ -99,7 +100,7 @@ class ContentFetch:
             held = self.store.local(h.content_id)
             if held is None:
                 raise DownloadFailed(str(exc)) from None
-            return str(held.path)
+            return await self._unpacked(msg, held.path)
         except (DecodeError, OSError) as exc:
             if is_disk_full(exc):
                 raise RetryLater(f"the disk is full ({exc}): the download starts by itself "
@@ -155,4 +156,31 @@ class ContentFetch:
             if self.running.get(h.content_id) is dl:
                 del self.running[h.content_id]
         progress(partial.held)
-        return str(path)
+        return await self._unpacked(msg, path)
+
+    async def _unpacked(self, msg: LocationMessage, path: Path) -> str:
+        """`path`, or for a folder archive the folder it is unpacked into, the archive
+        then deleted. A refused archive fails the download naming the members (the .tar
+        is kept, and is where `inbox` points); no room to unpack: retried later."""
+        folder = msg.description.folder
+        if folder is None:
+            return str(path)
+        try:
+            unpacked = await asyncio.to_thread(unpack, path, folder, self.dest)
+        except FolderError as exc:
+            raise DownloadFailed(str(exc)) from None
+        except NotEnoughSpace as exc:
+            raise RetryLater(f"{exc}: it is unpacked once there is room (the archive is "
+                             f"kept at {path})") from None
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise RetryLater(f"the disk filled up while unpacking {folder.name} ({exc}): "
+                                 "it is unpacked again once there is room") from None
+            raise DownloadFailed(f"cannot unpack {path.name}: {exc} (the archive is kept "
+                                 f"at {path})") from None
+        try:
+            await asyncio.to_thread(self.store.remove, msg.handle.content_id,
+                                    delete_file=True)
+        except ContentStoreError:
+            pass  # already forgotten
+        return str(unpacked)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,16 +20,31 @@ from crypto.codec import Fields
 from crypto.content import DEFAULT_CHUNK_SIZE, chunk_count
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
-from crypto.location import MAX_NOTE, MAX_TITLE, decode_location
+from crypto.location import (
+    FOLDER_MEDIA_TYPE,
+    MAX_FILE_NAME,
+    MAX_FOLDER_ENTRIES,
+    MAX_NOTE,
+    MAX_TITLE,
+    FolderInfo,
+    decode_location,
+)
 from overlay.app.control import ControlError, Operation
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.mail.contacts import Contacts
 from overlay.mail.downloads import DownloadQueue
+from overlay.mail.folders import is_own_archive, release_archives
 from overlay.mail.inbox import Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail
-from overlay.mail.outbox import Outbox, OutboxEntry, RecipientStatus, forwarding_text
+from overlay.mail.outbox import (
+    WITHDRAWN_REASON,
+    Outbox,
+    OutboxEntry,
+    RecipientStatus,
+    forwarding_text,
+)
 from overlay.mail.outgoing import MailSender, SendError
 from overlay.mail.prefs import RETENTIONS, Prefs, parse_rate, parse_size, unknown_pref
 from overlay.transfer.server import TransferServer
@@ -36,7 +52,6 @@ from rendezvous.client import RendezvousClient, RendezvousError, ServerIdentityE
 from rendezvous.domainkey import fingerprint
 
 log = logging.getLogger("peerpost.node")
-WITHDRAWN_REASON = "cancelled by the sender"
 CANCELLED_TEXT = "cancelled; fetch it to go on (the chunks already here are kept)"
 # The longest a `progress` call waits for a change; `fetch --wait` asks for 200 ms, so
 # its bar still moves about five times a second.
@@ -153,10 +168,16 @@ class ControlOperations:
                     why = key_mismatch_text(m.server, m.error)
                     raise ControlError(f"the node is offline: {why}; nothing was sent") from None
                 raise ControlError(OFFLINE_TEXT) from None
+        folder = None
+        if (f := a.map("folder", optional=True)) is not None:
+            folder = FolderInfo(name=f.str("name", min_len=1, max_len=MAX_FILE_NAME),
+                                files=f.int("files", lo=0, hi=MAX_FOLDER_ENTRIES),
+                                folders=f.int("folders", lo=0, hi=MAX_FOLDER_ENTRIES),
+                                size=f.int("size", lo=0, hi=1 << 62))
         try:
             mid = await self.sender.send(Path(a.str("path", max_len=4096)), list(to),
                                          a.str("title", max_len=MAX_TITLE),
-                                         a.str("note", max_len=MAX_NOTE))
+                                         a.str("note", max_len=MAX_NOTE), folder)
         except SendError as exc:
             if not self.rendezvous.connected:  # the server went away during the send
                 raise ControlError(f"{OFFLINE_TEXT} ({exc})") from None
@@ -177,6 +198,7 @@ class ControlOperations:
             "started_at": e.started_at, "first_byte_at": e.first_byte_at,
             "completed_at": e.completed_at,
             "sources": [s.as_dict() for s in act.sources.values()] if act else [],
+            "folder": folder_json(e),
         }
 
     async def inbox_list(self, a: Fields) -> Any:
@@ -368,6 +390,8 @@ class ControlOperations:
             if self.outbox.set_recipient_state(m.id, r.address, RecipientStatus.FAILED, now,
                                                reason=WITHDRAWN_REASON):
                 cancelled.append(r.address)
+        if self.store is not None:  # a folder archive nobody needs now goes
+            await asyncio.to_thread(release_archives, self.outbox, self.store)
         return {"id": m.id.hex(), "title": m.title, "cancelled": cancelled,
                 "unqueued": sum(taken_back) if taken_back is not None else None}
 
@@ -386,12 +410,18 @@ class ControlOperations:
         a new message (new id, new content)."""
         m = self.find_sent(a.str("id", min_len=1, max_len=32))
         try:
-            note = decode_location(m.message).description.note
+            desc = decode_location(m.message).description
+            note, folder = desc.note, desc.folder
         except DecodeError:
-            note = ""
+            note, folder = "", None
         to = [r.address for r in m.recipients]
+        if (folder is not None and self.store is not None
+                and is_own_archive(self.store.root, m.path)
+                and not await asyncio.to_thread(os.path.exists, m.path)):
+            raise ControlError(f"the archive of {folder.name}/ is gone (nobody needed it any "
+                               "more): send the folder again with `peerpost send`")
         try:
-            mid = await self.sender.send(Path(m.path), to, m.title, note)
+            mid = await self.sender.send(Path(m.path), to, m.title, note, folder)
         except SendError as exc:
             raise ControlError(str(exc)) from None
         return {"id": mid.hex(), "replaces": m.id.hex(), "to": to}
@@ -484,6 +514,21 @@ class ControlOperations:
         if self.incoming.release(addr):
             self.downloads.wake()
         return await self.contacts_list(a)
+
+
+def folder_json(e: InboxEntry) -> dict[str, Any] | None:
+    """A folder archive's name and counts for `inbox --json` (its `path` is the unpacked
+    folder once complete); None for a single file."""
+    if e.media_type != FOLDER_MEDIA_TYPE:
+        return None
+    try:
+        folder = decode_location(e.message).description.folder
+    except DecodeError:
+        return None
+    if folder is None:
+        return None
+    return {"name": folder.name, "files": folder.files, "folders": folder.folders,
+            "size": folder.size}
 
 
 def _item_text(v: Any, what: str) -> str:

@@ -56,6 +56,8 @@ _RANK = {
 # The reason of a recipient whose SEND the server never acknowledged (it went away, or
 # refused it): the sender's node deposited nothing it knows of, so nothing will reach them.
 NOT_SENT = "not sent"
+# The reason of a recipient of a message the sender withdrew (`peerpost cancel`).
+WITHDRAWN_REASON = "cancelled by the sender"
 
 
 def _accepts(old: RecipientStatus, new: RecipientStatus, reason: str | None = None) -> bool:

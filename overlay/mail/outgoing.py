@@ -21,8 +21,10 @@ from crypto.envelope import seal_for_recipients
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
 from crypto.location import (
+    FOLDER_MEDIA_TYPE,
     MAX_TITLE,
     Description,
+    FolderInfo,
     Handle,
     Headers,
     LocationMessage,
@@ -32,6 +34,7 @@ from overlay.content.catalog import ContentStore
 from overlay.content.diskio import safe_file_name
 from overlay.mail.contacts import Contacts, PinResult
 from overlay.mail.describe import describe_media, make_thumbnail
+from overlay.mail.folders import TAR_SUFFIX, discard_unsent, is_own_archive
 from overlay.mail.outbox import NOT_SENT, Outbox, RecipientStatus
 from rendezvous.client import RendezvousClient, RendezvousError
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
@@ -101,6 +104,16 @@ async def describe(path: Path) -> tuple[Description, dict[str, Any]]:
     return desc, {"media_type": info.media_type, "duration_ms": info.duration_ms}
 
 
+async def describe_folder(path: Path, folder: FolderInfo) -> tuple[Description, dict[str, Any]]:
+    """A folder archive's description: a tar named like the folder (what a receiver that
+    does not unpack keeps), with the folder's name and counts; nothing for PyAV to read."""
+    mtime = int((await asyncio.to_thread(path.stat)).st_mtime)
+    desc = Description(media_type=FOLDER_MEDIA_TYPE,
+                       file_name=safe_file_name(folder.name + TAR_SUFFIX),
+                       stamps=(("modified", mtime),), folder=folder)
+    return desc, {"media_type": FOLDER_MEDIA_TYPE, "duration_ms": None}
+
+
 def build_message(
     identity: DeviceIdentity, sender: str, recipients: list[str], content: PreparedContent,
     description: Description, *, title: str, note: str, home_server: str,
@@ -114,6 +127,7 @@ def build_message(
         copyright=description.copyright, fields=description.fields,
         duration_ms=description.duration_ms, width=description.width,
         height=description.height, thumbnail=description.thumbnail,
+        folder=description.folder,
     )
     msg = LocationMessage(
         headers=Headers(message_id=os.urandom(16), sender=sender,
@@ -207,9 +221,29 @@ class MailSender:
             log.warning("%d recipient(s) of sends cut by the node's stop marked failed", n)
         return n
 
-    async def send(self, path: Path, to: list[str], title: str, note: str) -> bytes:
+    async def send(self, path: Path, to: list[str], title: str, note: str,
+                   folder: FolderInfo | None = None) -> bytes:
         """Send `path` to the addresses `to`; returns the message id. Raises SendError, with
-        nothing deposited, when the file, an address or a pinned key is refused."""
+        nothing deposited, when the file, an address or a pinned key is refused.
+
+        With `folder`, `path` is a folder archive this node packed (in the store's
+        outgoing folder, and nowhere else: it is deleted once nobody needs it); one whose
+        send fails before it is recorded is deleted at once."""
+        if folder is None:
+            return await self._send(path, to, title, note, None)
+        if not is_own_archive(self.store.root, path):
+            raise SendError(f"{path} is not a folder archive this node packed")
+        named: list[bytes] = []  # its content id, then its message id, once known
+        try:
+            return await self._send(path, to, title, note, folder, named)
+        except BaseException:
+            recorded = len(named) > 1 and self.outbox.get(named[1]) is not None
+            if not recorded:  # else `resend` may send it again; released when done
+                discard_unsent(self.outbox, self.store, path, named[0] if named else None)
+            raise
+
+    async def _send(self, path: Path, to: list[str], title: str, note: str,
+                    folder: FolderInfo | None, named_ids: list[bytes] | None = None) -> bytes:
         addresses = check_recipients(to)
         if not await asyncio.to_thread(path.is_file):
             raise SendError(f"no such file: {path}")
@@ -217,7 +251,9 @@ class MailSender:
         # starts now, beside the FINGER round trips, and goes on beside the hash pass that
         # names the file (the store's threads), which waits for the recipients because it
         # records the content. A refused recipient cancels the description.
-        describing = asyncio.gather(describe(path), return_exceptions=True)
+        describing = asyncio.gather(
+            describe(path) if folder is None else describe_folder(path, folder),
+            return_exceptions=True)
         try:
             recipients = await self._recipients(addresses)
             named, (described,) = await asyncio.gather(
@@ -237,6 +273,8 @@ class MailSender:
         if isinstance(described, BaseException):
             raise described
         local, (description, _) = named, described
+        if named_ids is not None:
+            named_ids.append(local.content_id)
         self.announce(local.content_id)
         content = PreparedContent(local.content_id, local.size, local.chunk_size, local.key,
                                   local.capability, local.scheme)
@@ -245,6 +283,8 @@ class MailSender:
                             direct_addresses=self.direct_addresses(), now=self.wall())
         items = seal_message(self.identity, msg, recipients)
         mid = msg.headers.message_id
+        if named_ids is not None:
+            named_ids.append(mid)
         self.outbox.add(id=mid, path=str(path), title=title, size=content.size,
                         content_id=content.content_id, recipients=addresses,
                         created_at=self.wall(), message=msg.encode())

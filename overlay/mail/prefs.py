@@ -126,6 +126,15 @@ def _parse_bytes(text: str, what: str, examples: str) -> int | None:
     return int(value * _UNITS[unit])
 
 
+def size_text(n: float) -> str:
+    """A byte count as the inbox and the web inbox show it: `1.2 GiB`, `300 B`."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 # name -> (default, checker). The checker runs on every write and every read.
 _SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "auto_download": (True, _check_bool),

@@ -5,6 +5,10 @@ say; the default is to keep it. The same file may be in several messages still b
 fetched: its copy is touched only when the last of them is done, earlier ones are recorded
 as kept. A crash between the last receipt and this step is finished at the next start,
 because the outbox remembers which messages are still pending.
+
+A folder archive this node packed is not the user's file but its own copy: it is deleted
+whatever the preference, once no message that names it is still wanted
+(`folders.release_archives`, which also runs when a message is withdrawn).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
+from overlay.mail.folders import is_own_archive, release_archives
 from overlay.mail.outbox import Outbox, OutboxEntry
 from overlay.mail.prefs import Prefs
 
@@ -26,12 +31,15 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
     done: list[tuple[OutboxEntry, str]] = []
     for entry in outbox.pending_retention():
         action = prefs.retention
+        own = is_own_archive(store.root, entry.path)
+        if own:
+            action = "delete"  # our copy, not the user's; release_archives deletes it
         still_needed = any(m.content_id == entry.content_id and m.id != entry.id
                            and not m.retention_done for m in outbox.list())
         if still_needed:
             action = "keep"  # another message still needs this copy; it decides later
         try:
-            if action == "delete":
+            if action == "delete" and not own:
                 store.remove(entry.content_id, delete_file=True)
             elif action == "archive":
                 target = store.archive(entry.content_id, Path(prefs.archive_dir or
@@ -45,4 +53,5 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
         log.info("message %s: every recipient has it; copy %s", entry.id.hex(),
                  {"keep": "kept", "delete": "deleted", "archive": "archived"}[action])
         done.append((entry, action))
+    release_archives(outbox, store)
     return done

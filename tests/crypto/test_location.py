@@ -16,6 +16,7 @@ from crypto.identity import DeviceIdentity
 from crypto.location import (
     MAX_THUMBNAIL,
     Description,
+    FolderInfo,
     Handle,
     Headers,
     LocationMessage,
@@ -130,3 +131,16 @@ def test_any_title_and_note_within_limits_round_trip(title: str, note: str) -> N
     msg = dataclasses.replace(msg, description=dataclasses.replace(msg.description, title=title,
                                                                    note=note))
     assert decode_location(msg.encode()) == msg
+
+
+def test_a_folder_archive_says_so_within_bounds() -> None:
+    folder = FolderInfo(name="sunday", files=48, folders=3, size=9_000_000)
+    msg = sample(folder=folder)
+    assert decode_location(msg.encode()).description.folder == folder
+    assert decode_location(sample().encode()).description.folder is None
+    for bad in (dataclasses.replace(folder, name="a/b"), dataclasses.replace(folder, name=".."),
+                dataclasses.replace(folder, name=""),
+                dataclasses.replace(folder, files=10**6),
+                dataclasses.replace(folder, size=10_000_001)):  # more than the archive
+        with pytest.raises(DecodeError):
+            sample(folder=bad).encode()

@@ -39,7 +39,7 @@ from overlay.app.web.auth import (
 from overlay.app.web.media import Wanter, file_response, serve_partial
 from overlay.content.catalog import ContentStore
 from overlay.content.partial import PartialContent
-from overlay.mail.prefs import RETENTIONS
+from overlay.mail.prefs import RETENTIONS, size_text
 from overlay.transfer.downloader import SOURCE_CHANGED_FAILURE, WITHDRAWN_FAILURE
 
 log = logging.getLogger("peerpost.web")
@@ -85,12 +85,7 @@ def media_kind(media_type: str, file_name: str) -> tuple[str, str] | None:
     return (kind, media_type) if kind else None
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+_size = size_text
 
 
 def _when(ts: float | None) -> str:
@@ -426,6 +421,12 @@ class WebInbox:
         else:
             player = f'<{kind[0]} id="player" controls preload="auto" {plays} {at}></{kind[0]}>'
             what = kind[0]
+        folder = e.get("folder")
+        # A folder is unpacked on this computer: there is no one file to save or play.
+        save = _states("complete", state)
+        if folder is not None:
+            n = folder["files"]
+            what, save = f"folder of {n} file{'s' if n != 1 else ''}", 'data-states="" hidden'
         sources = "".join(f"<li>{_e(s['text'])}</li>" for s in e["sources"])
         sender = self.ops.prefs.classify(e["from"])
         on_list = {"junk": ("is on your junk list: new messages from them are hidden and "
@@ -465,7 +466,7 @@ class WebInbox:
             f'<p id="msg-error-text">{_e(e["error_text"])}</p><details><summary>Details'
             f'</summary><p id="msg-error-raw">{_e(e["error"] or "")}</p></details></div>'
             f'<p class="note">{_e(e["note"])}</p>'
-            f'<p {_states("complete", state)}><a id="save" href="{src}" '
+            f'<p {save}><a id="save" href="{src}" '
             f'download="{_e(e["file_name"])}">Save to this computer</a></p>'
             f'<p class="hint" {_states("downloading retrying", state)}>It can be saved to this '
             f'computer once all of it has arrived.</p>'

@@ -1,0 +1,482 @@
+"""A folder, or several files, sent as one message: one uncompressed tar.
+
+The sender packs what it was given into `<store>/outgoing/NAME.tar` (PAX format, members
+in sorted order under one top folder `NAME/`, regular files and folders only: media is
+already compressed, and a receiver never has to create a link or a device), sends that
+file as usual with a `folder` field in the description, and deletes it once nobody needs
+it (`release_archives`). A receiver that knows the field unpacks it into its download
+folder as `NAME/` (`NAME (1)/` if taken); one that does not keeps a valid .tar.
+
+Unpacking trusts nothing in the archive: every member is judged first (tarfile's `data`
+filter, then our own rules: under `NAME/`, a file or a folder, a short plain name, no
+duplicates, the whole no larger than the archive), and one bad member refuses the whole
+archive with every bad member named, before anything is written. What is written goes to
+a private folder first and is moved into place in one rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crypto.location import MAX_FILE_NAME_BYTES, MAX_FOLDER_ENTRIES, FolderInfo
+from overlay.content.catalog import ContentStore
+from overlay.content.diskio import private_dir
+from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
+from overlay.mail.outbox import WITHDRAWN_REASON, Outbox, OutboxEntry, RecipientStatus
+from overlay.mail.prefs import size_text
+
+log = logging.getLogger("peerpost.folders")
+
+OUTGOING_DIR = "outgoing"  # under the content store's root: the archives this node made
+TAR_SUFFIX = ".tar"
+# Room in a name for the `.tar` we add and free_name's ` (NNN)`.
+MAX_NAME_BYTES = MAX_FILE_NAME_BYTES - len(TAR_SUFFIX) - 8
+MAX_PATH_BYTES = 4000  # below PATH_MAX (4096) with room for the download folder
+# What one member costs in the archive beyond its data: a 512-byte header, a PAX header
+# (2 blocks) for a long or non-ASCII name, and the padding of its data to 512 bytes.
+MEMBER_OVERHEAD = 4 * tarfile.BLOCKSIZE
+COPY_BUFFER = 1 << 20
+SHOWN_REFUSALS = 10  # members named in a refusal; the rest are counted
+
+
+class FolderError(Exception):
+    """Packing or unpacking refused; the text names the cause (and the member)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    path: str
+    why: str
+
+
+@dataclass
+class PackPlan:
+    """What `pack` will write: (source, member name) pairs, a source None for a folder."""
+
+    name: str
+    entries: list[tuple[Path | None, str]] = field(default_factory=list)
+    files: int = 0
+    folders: int = 0
+    size: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def archive_size(self) -> int:
+        """At most this many bytes of tar (each member's overhead, the closing blocks)."""
+        return (self.size + (len(self.entries) + 1) * MEMBER_OVERHEAD
+                + tarfile.RECORDSIZE)
+
+    def info(self) -> FolderInfo:
+        return FolderInfo(name=self.name, files=self.files, folders=self.folders,
+                          size=self.size)
+
+
+def clean_name(name: str, fallback: str = "folder") -> str:
+    """`name` as one plain, printable name of at most MAX_NAME_BYTES of UTF-8 (the
+    extension kept when the stem is cut); `fallback` if nothing usable is left."""
+    name = "".join(c for c in name.replace("/", "_").replace("\\", "_")
+                   if ord(c) >= 0x20 and ord(c) != 0x7F and not 0xD800 <= ord(c) < 0xE000)
+    name = name.strip()
+    if name in ("", ".", ".."):
+        name = fallback
+    if len(name.encode()) > MAX_NAME_BYTES:
+        stem, dot, ext = name.rpartition(".")
+        if not stem or len(ext.encode()) > 16:
+            stem, dot, ext = name, "", ""
+        keep = MAX_NAME_BYTES - len((dot + ext).encode())
+        stem = stem.encode()[:keep].decode("utf-8", "ignore").rstrip() or fallback
+        name = stem + dot + ext
+    return name
+
+
+def numbered(name: str, n: int, *, keep_extension: bool) -> str:
+    """`name (n)` (before the extension of a file name): how a taken name is varied."""
+    stem, dot, ext = name.rpartition(".") if keep_extension else ("", "", "")
+    if not stem:
+        stem, dot, ext = name, "", ""
+    return f"{stem} ({n}){dot}{ext}"
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """One clean name per name given, in order, no two alike even to a file system that
+    ignores case: the second `a.jpg` becomes `a (1).jpg`."""
+    out: list[str] = []
+    taken: set[str] = set()
+    for raw in names:
+        base = clean_name(raw, "file")
+        name, n = base, 0
+        while name.casefold() in taken:
+            n += 1
+            name = clean_name(numbered(base, n, keep_extension=True), "file")
+            if n > 1_000_000:  # unreachable: a clean name always has a free number
+                raise FolderError(f"no free name for {raw!r}")
+        taken.add(name.casefold())
+        out.append(name)
+    return out
+
+
+def given_name(path: Path) -> str:
+    """The name a path was given by (a symlink's own name), or its target's for `..`."""
+    return path.name if path.name not in ("", "..") else path.resolve().name
+
+
+def archive_name(paths: list[Path]) -> str:
+    """The top folder of the archive: the folder's own name, or `N files`."""
+    if len(paths) == 1:
+        return clean_name(given_name(paths[0]))
+    return f"{len(paths)} files"
+
+
+def plan_pack(paths: list[Path]) -> PackPlan:
+    """Walk what is to be sent (blocking). Each path given is taken as it is named (a
+    symlink given by name is followed); inside a folder nothing is followed: symlinks,
+    devices, pipes and sockets are skipped and listed. FolderError for a path that is
+    neither a file nor a folder, or too many entries."""
+    plan = PackPlan(archive_name(paths))
+    top = plan.name
+    names = ([top] if len(paths) == 1 and paths[0].is_dir()
+             else [f"{top}/{n}" for n in unique_names(given_name(p) for p in paths)])
+    plan.entries.append((None, top))
+    for path, member in zip(paths, names, strict=True):
+        if path.is_dir():
+            if member != top:
+                _add_folder(plan, member)
+            _walk(plan, path, member)
+        elif path.is_file():
+            _add_file(plan, path, member, path.stat().st_size)
+        else:
+            raise FolderError(f"{path} is neither a file nor a folder")
+    return plan
+
+
+def _add_folder(plan: PackPlan, member: str) -> None:
+    plan.folders += 1
+    _add(plan, None, member)
+
+
+def _add_file(plan: PackPlan, source: Path, member: str, size: int) -> None:
+    plan.files += 1
+    plan.size += size
+    _add(plan, source, member)
+
+
+def _add(plan: PackPlan, source: Path | None, member: str) -> None:
+    if len(plan.entries) >= MAX_FOLDER_ENTRIES:
+        raise FolderError(f"more than {MAX_FOLDER_ENTRIES:,} files and folders: send it in "
+                          "parts")
+    plan.entries.append((source, member))
+
+
+def _walk(plan: PackPlan, folder: Path, member: str) -> None:
+    try:
+        with os.scandir(folder) as it:
+            found = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise FolderError(f"cannot read {folder}: {exc.strerror or exc}") from None
+    for entry in found:
+        path = Path(entry.path)
+        try:
+            entry.name.encode("utf-8")
+        except UnicodeEncodeError:
+            plan.skipped.append(Skipped(str(path), "its name is not UTF-8"))
+            continue
+        name = f"{member}/{entry.name}"
+        if len(name.encode()) > MAX_PATH_BYTES:
+            plan.skipped.append(Skipped(str(path), "its path is too long"))
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            plan.skipped.append(Skipped(str(path), exc.strerror or str(exc)))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            _add_folder(plan, name)
+            _walk(plan, path, name)
+        elif stat.S_ISREG(st.st_mode):
+            _add_file(plan, path, name, st.st_size)
+        else:
+            plan.skipped.append(Skipped(str(path), _kind(st.st_mode)))
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    return "a device"
+
+
+def outgoing_dir(store_root: Path) -> Path:
+    return Path(store_root) / OUTGOING_DIR
+
+
+def is_own_archive(store_root: Path, path: Path | str) -> bool:
+    """Whether `path` is an archive this node packed (and so deletes when done)."""
+    p = Path(path)
+    return p.suffix == TAR_SUFFIX and os.path.realpath(p.parent) == os.path.realpath(
+        outgoing_dir(store_root))
+
+
+def free_space(folder: Path) -> int:
+    vfs = os.statvfs(folder)
+    return vfs.f_bavail * vfs.f_frsize
+
+
+def pack(plan: PackPlan, store_root: Path, progress: Callable[[int], None]) -> Path:
+    """Write the archive into `<store_root>/outgoing` (blocking); its path. `progress(n)`
+    is told the bytes of file data written so far. Free space is checked first
+    (NotEnoughSpace naming both sizes); on any failure, or a KeyboardInterrupt, nothing
+    is left behind."""
+    folder = outgoing_dir(store_root)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    need, free = plan.archive_size, free_space(folder)
+    if need > free:
+        raise NotEnoughSpace(f"not enough free space in {folder} to pack {plan.name}: "
+                             f"{size_text(need)} needed, {size_text(free)} free")
+    tmp = folder / f".{os.urandom(6).hex()}.tmp"
+    try:
+        with open(tmp, "xb") as out:
+            _write(plan, out, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        n = 0
+        while True:
+            target = folder / (numbered(plan.name, n, keep_extension=False) if n
+                               else plan.name)
+            target = target.with_name(target.name + TAR_SUFFIX)
+            try:
+                os.link(tmp, target)  # never over an archive of another send
+            except FileExistsError:
+                n += 1
+                continue
+            break
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise NotEnoughSpace(f"the disk of {folder} filled up while packing "
+                                 f"{plan.name} ({size_text(need)} needed)") from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _write(plan: PackPlan, out: object, progress: Callable[[int], None]) -> None:
+    done = 0
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
+                      copybufsize=COPY_BUFFER) as tar:
+        for source, member in plan.entries:
+            info = tarfile.TarInfo(member)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if source is None:
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                tar.addfile(info)
+                continue
+            try:
+                fd = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError as exc:
+                raise FolderError(f"cannot read {source}: {exc.strerror or exc}") from None
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise FolderError(f"{source} is no longer a regular file")
+                info.size, info.mtime = st.st_size, int(st.st_mtime)
+                info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+                try:
+                    tar.addfile(info, _Counted(f, progress, done))
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        raise
+                    raise FolderError(f"cannot read {source}: {exc}") from None
+            done += info.size
+            progress(done)
+
+
+class _Counted:
+    """A file object whose reads are reported (bytes so far), for the progress bar."""
+
+    def __init__(self, f: object, seen: Callable[[int], None], before: int) -> None:
+        self._f = f
+        self._seen = seen
+        self._n = before  # the bytes of the files before this one
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._f.read(n)  # type: ignore[attr-defined]
+        self._n += len(data)
+        self._seen(self._n)
+        if n and n > 0 and len(data) < n:
+            # tarfile would raise a bare "unexpected end of data": say which file.
+            raise OSError(f"{getattr(self._f, 'name', 'a file')} shrank while being packed")
+        return data
+
+
+def summary(info: FolderInfo, top_names: list[str] | None = None) -> str:
+    """What the message's title says: `sunday/: 48 files, 1.2 GiB`."""
+    files = f"{info.files} file{'s' if info.files != 1 else ''}"
+    if top_names:
+        return f"{files}, {size_text(info.size)}: {', '.join(top_names)}"
+    return f"{info.name}/: {files}, {size_text(info.size)}"
+
+
+# --- the sender's copy ------------------------------------------------------------------
+
+def needed(entry: OutboxEntry) -> bool:
+    """Whether a recipient may still fetch this message: one not yet downloaded, unless
+    the sender withdrew it (a send the server never took stays: `resend` needs it)."""
+    return any(r.state is not RecipientStatus.DOWNLOADED
+               and not (r.state is RecipientStatus.FAILED and r.reason == WITHDRAWN_REASON)
+               for r in entry.recipients)
+
+
+def release_archives(outbox: Outbox, store: ContentStore) -> list[str]:
+    """Delete every archive this node packed that no sent message needs any more (each
+    recipient has it, or the message was withdrawn); blocking. The paths deleted."""
+    by_path: dict[str, list[OutboxEntry]] = {}
+    for m in outbox.list(limit=1_000_000):
+        if is_own_archive(store.root, m.path):
+            by_path.setdefault(m.path, []).append(m)
+    gone = []
+    for path, entries in by_path.items():
+        if any(needed(m) for m in entries) or not os.path.lexists(path):
+            continue
+        for m in entries:
+            with contextlib.suppress(ContentStoreError):
+                store.remove(m.content_id)
+        Path(path).unlink(missing_ok=True)
+        log.info("deleted the folder archive %s: no recipient needs it any more", path)
+        gone.append(path)
+    return gone
+
+
+def discard_unsent(outbox: Outbox, store: ContentStore, path: Path,
+                   content_id: bytes | None) -> None:
+    """A send of an archive of ours failed before it was recorded: the archive goes,
+    unless another sent message names it (a `resend`)."""
+    if any(m.path == str(path) for m in outbox.list(limit=1_000_000)):
+        return
+    if content_id is not None:
+        with contextlib.suppress(ContentStoreError):
+            store.remove(content_id)
+    path.unlink(missing_ok=True)
+
+
+# --- receiving --------------------------------------------------------------------------
+
+def unpack(archive: Path, info: FolderInfo, dest_dir: Path) -> Path:
+    """Unpack a received folder archive into `dest_dir` as `NAME/` (or `NAME (1)/`...);
+    the folder's path. Blocking. FolderError naming every refused member, with nothing
+    written, for an archive that breaks a rule; NotEnoughSpace if the files don't fit."""
+    try:
+        tar = tarfile.open(archive, mode="r:")  # uncompressed only: no decompression bomb
+    except (tarfile.TarError, OSError) as exc:
+        raise FolderError(f"{archive.name} is not a tar archive ({exc})") from None
+    with tar:
+        members = _judge(tar, archive, info)
+        total = sum(m.size for m in members if m.isreg())
+        free = free_space(dest_dir)
+        need = total + len(members) * tarfile.BLOCKSIZE * 8
+        if need > free:
+            raise NotEnoughSpace(f"not enough free space in {dest_dir} to unpack "
+                                 f"{info.name}: {size_text(need)} needed, {size_text(free)} free")
+        work = private_dir(dest_dir) / f"{os.urandom(6).hex()}.unpack"
+        work.mkdir(mode=0o700)
+        try:
+            (work / info.name).mkdir()
+            tar.extractall(work, members=members, filter="data")
+            return _move_into_place(work / info.name, dest_dir, info.name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _judge(tar: tarfile.TarFile, archive: Path, info: FolderInfo) -> list[tarfile.TarInfo]:
+    """Every member checked before anything is written; FolderError naming the bad ones."""
+    refused: list[str] = []
+    members: list[tarfile.TarInfo] = []
+    seen: set[str] = set()
+    total, limit = 0, archive.stat().st_size
+    top = info.name
+    for m in tar:
+        if len(members) + len(refused) >= MAX_FOLDER_ENTRIES:
+            refused.append(f"more than {MAX_FOLDER_ENTRIES:,} entries")
+            break
+        why = _refusal(m, top, str(archive.parent))
+        name = m.name.rstrip("/")
+        if why is None and name in seen:
+            why = "named twice"
+        if why is None and m.isreg():
+            total += m.size
+            if total > limit:
+                why = "the files add up to more than the archive holds"
+        if why is not None:
+            refused.append(f"{m.name!r}: {why}")
+            continue
+        seen.add(name)
+        if name != top:
+            members.append(m)
+    if refused:
+        more = len(refused) - SHOWN_REFUSALS
+        shown = "; ".join(refused[:SHOWN_REFUSALS]) + (f"; and {more} more" if more > 0 else "")
+        raise FolderError(f"refused to unpack {archive.name}: {shown}; nothing was unpacked, "
+                          f"the archive is kept at {archive}")
+    return members
+
+
+def _refusal(m: tarfile.TarInfo, top: str, dest: str) -> str | None:
+    """Why member `m` may not be unpacked, or None."""
+    name = m.name.rstrip("/")
+    if m.name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "an absolute name"
+    parts = name.split("/")
+    if ".." in parts:
+        return "'..' in its name (it would leave the folder)"
+    if any(p in ("", ".") for p in parts):
+        return "not a plain relative name"
+    try:
+        tarfile.data_filter(m, dest)
+    except tarfile.FilterError as exc:
+        return str(exc)
+    if name != top and not name.startswith(top + "/"):
+        return f"not inside {top}/"
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES or any(
+            len(p.encode("utf-8", "surrogateescape")) > 255 for p in parts):
+        return "name too long"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "control character in the name"
+    if not (m.isreg() or m.isdir()):
+        return "not a regular file or a folder (links and devices are not unpacked)"
+    return None
+
+
+def _move_into_place(built: Path, dest_dir: Path, name: str) -> Path:
+    """Rename the unpacked folder to the first free `name`, `name (1)`... in `dest_dir`:
+    the name is taken by an empty folder first, which the rename then replaces, so a file
+    or folder that appears meanwhile is never overwritten."""
+    n = 0
+    while True:
+        target = dest_dir / (numbered(name, n, keep_extension=False) if n else name)
+        n += 1
+        try:
+            target.mkdir()
+        except FileExistsError:
+            continue
+        try:
+            os.rename(built, target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                with contextlib.suppress(OSError):
+                    target.rmdir()
+                raise
+            continue  # something was put into it meanwhile: leave it be
+        return target

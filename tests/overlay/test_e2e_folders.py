@@ -1,0 +1,192 @@
+"""End to end: a folder, or several files, sent as one message, with real nodes, a real
+server and the `peerpost` CLI. The receiver gets the same tree (names and bytes); the
+sender's archive goes once nobody needs it; a hostile archive is refused member by member
+with nothing written outside its folder; a home with no room says so and keeps nothing."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from overlay.app.control_wire import call as control_call
+from overlay.app.lab import LocalNetwork, NodeHandle
+from overlay.mail.folders import OUTGOING_DIR
+from tests.overlay.test_e2e_disk_full import _tmpfs
+
+# One network for the module (a worker of its own under --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e-folders")]
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
+    root = tmp_path_factory.mktemp("folders")
+    with LocalNetwork(root / "lab") as net:
+        net.start_server()
+        net.start_nodes("alice", "bob")
+        net.add_node("carol")  # never started: a recipient who is away
+        yield net
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under `root`, by relative name."""
+    out: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
+        for f in filenames:
+            p = Path(dirpath, f)
+            out[os.path.relpath(p, root)] = None if p.is_symlink() else p.read_bytes()
+    return out
+
+
+def outgoing(node: NodeHandle) -> list[str]:
+    folder = node.home / "store" / OUTGOING_DIR
+    return sorted(os.listdir(folder)) if folder.is_dir() else []
+
+
+def sent(net: LocalNetwork, node: NodeHandle, mid: str) -> dict:
+    (m,) = [m for m in net.cli_json(node, "status") if m["id"] == mid]
+    return dict(m)
+
+
+def test_a_folder_arrives_as_the_same_tree(lab: LocalNetwork, tmp_path: Path) -> None:
+    alice, bob = lab.nodes["alice"], lab.nodes["bob"]
+    src = tmp_path / "sunday"
+    (src / "beach" / "ünïcode 日本").mkdir(parents=True)
+    (src / "empty folder").mkdir()
+    (src / "beach" / "ünïcode 日本" / "café.jpg").write_bytes(os.urandom(300_000))
+    (src / "beach" / "big.bin").write_bytes(os.urandom(3 * MiB + 17))
+    (src / "zero bytes").write_bytes(b"")
+    (src / "notes.txt").write_text("sunday at the beach\n")
+    (src / "passwords").symlink_to("/etc")  # skipped: never followed out of the tree
+    want = {k: v for k, v in tree(src).items() if k != "passwords"}
+
+    received = bob.home / "received"
+    before = set(os.listdir(received)) if received.is_dir() else set()
+    res = lab.cli(alice, "send", str(src), "--to", bob.address)
+    mid = res.stdout.strip()
+    assert len(mid) == 32, res.stdout  # stdout is the id alone
+    assert "passwords: a symlink" in res.stderr and "skipped 1" in res.stderr
+
+    got = lab.wait_complete(bob, mid, 60, "bob's folder")
+    folder = Path(got["path"])
+    assert folder.name == "sunday" and folder.is_dir()
+    assert folder.parent == received
+    assert tree(folder) == want
+    assert got["folder"] == {"name": "sunday", "files": 4, "folders": 3,
+                             "size": 3 * MiB + 17 + 300_000 + 20}
+    assert got["title"] == "sunday/: 4 files, 3.3 MiB"
+    # The .tar is not left beside it, and nothing else was written there.
+    assert set(os.listdir(received)) - before - {".peerpost-partial"} == {"sunday"}
+
+    # Once bob has it, alice's archive goes; her folder is untouched.
+    lab.wait_until(lambda: sent(lab, alice, mid)["recipients"][0]["state"] == "downloaded",
+                   30, "bob's receipt")
+    lab.wait_until(lambda: outgoing(alice) == [], 30, "the archive deleted")
+    assert tree(src).keys() == want.keys() | {"passwords"}
+
+    # The same name again: `sunday (1)`, the first one untouched.
+    mid2 = lab.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    again = Path(lab.wait_complete(bob, mid2, 60, "the second copy")["path"])
+    assert again.name == "sunday (1)" and tree(again) == want == tree(folder)
+
+
+def test_two_files_sent_together(lab: LocalNetwork, tmp_path: Path) -> None:
+    alice, bob = lab.nodes["alice"], lab.nodes["bob"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = tmp_path / "a" / "clip.mp4"
+    two = tmp_path / "b" / "clip.mp4"  # the same name from another folder
+    one.write_bytes(os.urandom(200_000))
+    two.write_bytes(os.urandom(100_000))
+    mid = lab.cli(alice, "send", str(one), str(two), "--to", bob.address).stdout.strip()
+    got = lab.wait_complete(bob, mid, 60, "bob's two files")
+    folder = Path(got["path"])
+    assert folder.name == "2 files"
+    assert tree(folder) == {"clip.mp4": one.read_bytes(), "clip (1).mp4": two.read_bytes()}
+    assert got["title"].startswith("2 files, 293.0 KiB: clip.mp4, clip.mp4")
+
+
+def test_a_withdrawn_folder_send_deletes_the_archive(lab: LocalNetwork,
+                                                     tmp_path: Path) -> None:
+    alice, carol = lab.nodes["alice"], lab.nodes["carol"]
+    src = tmp_path / "for carol"
+    src.mkdir()
+    (src / "x.bin").write_bytes(os.urandom(50_000))
+    mid = lab.cli(alice, "send", str(src), "--to", carol.address).stdout.strip()
+    assert outgoing(alice) == ["for carol.tar"]  # carol is away: it waits for her
+    lab.cli(alice, "cancel", mid)
+    assert outgoing(alice) == []
+    res = lab.cli(alice, "resend", mid, check=False)
+    assert res.returncode == 1 and "send the folder again" in res.stderr, res.stderr
+
+
+def test_a_hostile_archive_is_refused_member_by_member(lab: LocalNetwork,
+                                                       tmp_path: Path) -> None:
+    alice, bob = lab.nodes["alice"], lab.nodes["bob"]
+    # Crafted with tarfile and put where alice's node keeps its archives, then sent
+    # through the real send path as a folder archive.
+    archive = alice.home / "store" / OUTGOING_DIR / "evil.tar"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("evil/fine.txt", b"fine"), ("evil/../x", b"escaped"),
+                           ("/tmp/abs-from-evil", b"absolute")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("evil/etc")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        tar.addfile(link)
+    size = archive.stat().st_size
+    received = bob.home / "received"
+    before = set(os.listdir(received)) if received.is_dir() else set()
+    res = control_call(alice.home / "control.sock", "send", path=str(archive),
+                       to=[bob.address], title="evil", note="",
+                       folder={"name": "evil", "files": 3, "folders": 0, "size": 20})
+    mid = res["id"]
+
+    def failed() -> dict | None:
+        e = lab.inbox_entry(bob, mid)
+        return e if e and e["state"] == "failed" else None
+    e = lab.wait_until(failed, 60, "the refusal")
+    error = e["error"]
+    for said in ("'evil/../x': '..' in its name (it would leave the folder)",
+                 "'/tmp/abs-from-evil': an absolute name",
+                 "'evil/etc': 'evil/etc' is a link to an absolute path"):
+        assert said in error, error
+    assert "'evil/fine.txt'" not in error
+    kept = received / "evil.tar"
+    assert f"the archive is kept at {kept}" in error
+    assert kept.stat().st_size == size  # nothing lost
+    assert set(os.listdir(received)) == before | {".peerpost-partial", "evil.tar"}
+    assert os.listdir(received / ".peerpost-partial") == []
+    assert not (bob.home / "x").exists() and not (received / "x").exists()
+    assert not Path("/tmp/abs-from-evil").exists()
+
+
+def test_no_room_to_pack_says_so_and_leaves_nothing(lab: LocalNetwork,
+                                                    tmp_path: Path) -> None:
+    bob = lab.nodes["bob"]
+    with _tmpfs(lab.root / "dave", "8m"):
+        dave = lab.add_node("dave")
+        lab.start_node(dave)
+        try:
+            src = tmp_path / "too big"
+            src.mkdir()
+            for i in range(3):
+                (src / f"{i}.bin").write_bytes(os.urandom(4 * MiB))
+            res = lab.cli(dave, "send", str(src), "--to", bob.address, check=False)
+            assert res.returncode == 1
+            text = " ".join(res.stderr.split())
+            assert f"not enough free space in {dave.home / 'store' / OUTGOING_DIR}" in text
+            assert "to pack too big: 12.0 MiB needed," in text and " free" in text, text
+            assert outgoing(dave) == []
+            assert lab.cli_json(dave, "status") == []
+        finally:
+            lab.stop_node(dave)

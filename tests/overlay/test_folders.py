@@ -1,0 +1,139 @@
+"""Folder archives without the network: names, packing, and the receiver's rules.
+
+The end-to-end tests (test_e2e_folders.py) send real folders between real nodes; these
+check what is cheaper to check here: any set of names gives unique, safe names, an
+interrupted pack leaves nothing, and each rule of unpacking refuses with the member named
+and writes nothing."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crypto.location import MAX_FILE_NAME_BYTES, FolderInfo
+from crypto.location import _file_name as location_file_name
+from overlay.mail.folders import (
+    FolderError,
+    clean_name,
+    pack,
+    plan_pack,
+    unique_names,
+    unpack,
+)
+
+
+@given(st.lists(st.text(min_size=0, max_size=300), max_size=30))
+def test_any_names_give_unique_safe_names(names: list[str]) -> None:
+    out = unique_names(names)
+    assert len(out) == len(names)
+    # Unique even where case does not count (a receiver's disk may not tell them apart).
+    assert len({n.casefold() for n in out}) == len(out)
+    for n in out:
+        assert location_file_name(n) == n  # a plain name a location message carries
+        assert n and "/" not in n and n not in (".", "..") and n == n.strip()
+        assert len((n + ".tar").encode()) <= MAX_FILE_NAME_BYTES
+
+
+@given(st.text(max_size=600))
+def test_a_folder_name_is_always_usable(name: str) -> None:
+    clean = clean_name(name)
+    assert location_file_name(clean) == clean and clean
+
+
+def _folder(root: Path) -> Path:
+    src = root / "trip"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "empty").mkdir()
+    (src / "a" / "b" / "x.bin").write_bytes(os.urandom(70_000))
+    (src / "zero").write_bytes(b"")
+    return src
+
+
+def test_pack_then_unpack_gives_the_tree_and_a_taken_name_is_kept(tmp_path: Path) -> None:
+    plan = plan_pack([_folder(tmp_path)])
+    assert [m for _, m in plan.entries] == ["trip", "trip/a", "trip/a/b", "trip/a/b/x.bin",
+                                            "trip/empty", "trip/zero"]  # sorted, relative
+    archive = pack(plan, tmp_path / "store", lambda n: None)
+    with tarfile.open(archive) as tar:
+        assert tar.format == tarfile.PAX_FORMAT and all(m.uid == 0 for m in tar)
+    dest = tmp_path / "received"
+    dest.mkdir()
+    (dest / "trip").mkdir()  # taken: never written into
+    (dest / "trip" / "mine").write_text("keep")
+    got = unpack(archive, plan.info(), dest)
+    assert got == dest / "trip (1)"
+    assert (got / "a" / "b" / "x.bin").read_bytes() == (
+        tmp_path / "trip" / "a" / "b" / "x.bin").read_bytes()
+    assert (got / "empty").is_dir() and (got / "zero").read_bytes() == b""
+    assert os.listdir(dest / "trip") == ["mine"]
+
+
+def test_an_interrupted_pack_leaves_nothing(tmp_path: Path) -> None:
+    plan = plan_pack([_folder(tmp_path)])
+
+    def interrupt(n: int) -> None:
+        if n:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(plan, tmp_path / "store", interrupt)
+    assert os.listdir(tmp_path / "store" / "outgoing") == []
+
+
+def _tar(path: Path, members: list[tuple[str, bytes | None]], mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as tar:  # type: ignore[call-overload]
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize(("members", "said"), [
+    ([("top/a", b"1"), ("top/a", b"2")], "'top/a': named twice"),
+    ([("top/a", b"1"), ("other/b", b"2")], "'other/b': not inside top/"),
+    ([("top/./a", b"1")], "'top/./a': not a plain relative name"),
+    ([("top/a\x1b[2J", b"1")], "control character"),
+    ([("top/" + "n" * 300, b"1")], "name too long"),
+])
+def test_each_rule_refuses_naming_the_member(tmp_path: Path, members: list[tuple[str, bytes]],
+                                             said: str) -> None:
+    archive = _tar(tmp_path / "top.tar", members)
+    dest = tmp_path / "received"
+    dest.mkdir()
+    with pytest.raises(FolderError) as err:
+        unpack(archive, FolderInfo("top", len(members), 0, 2), dest)
+    assert said in str(err.value) and f"the archive is kept at {archive}" in str(err.value)
+    assert os.listdir(dest) in ([], [".peerpost-partial"])
+    assert archive.exists()
+
+
+def test_devices_and_hard_links_are_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "top.tar"
+    with tarfile.open(archive, "w") as tar:
+        dev = tarfile.TarInfo("top/null")
+        dev.type, dev.devmajor, dev.devminor = tarfile.CHRTYPE, 1, 3
+        tar.addfile(dev)
+        hard = tarfile.TarInfo("top/shadow")
+        hard.type, hard.linkname = tarfile.LNKTYPE, "/etc/shadow"
+        tar.addfile(hard)
+    with pytest.raises(FolderError) as err:
+        unpack(archive, FolderInfo("top", 2, 0, 0), tmp_path)
+    assert "'top/null':" in str(err.value) and "'top/shadow':" in str(err.value)
+    assert not (tmp_path / "top").exists()
+
+
+def test_a_compressed_archive_is_not_opened(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "top.tar", [("top/a", bytes(1 << 20))], mode="w:gz")
+    with pytest.raises(FolderError, match="is not a tar archive"):
+        unpack(archive, FolderInfo("top", 1, 0, 1), tmp_path)
