@@ -630,6 +630,12 @@ def _send_folder(home: NodeHome, paths: list[Path], to: list[str],
     try:
         res = control_call(home.control_path, "send", path=str(archive), to=to, title=title,
                            note=args.note, folder=folder)
+    except KeyboardInterrupt:
+        # The node has the request and goes on with it (as with one file): the archive is
+        # its copy now. One that never reached it is swept at the node's next start.
+        raise CliError(f"interrupted: the node may still send {plan.name} (`peerpost "
+                       "status` shows it; `peerpost cancel ID` withdraws it)",
+                       EXIT_INTERRUPTED) from None
     except BaseException:
         _forget_archive(home, archive)
         raise

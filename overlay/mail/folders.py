@@ -360,6 +360,30 @@ def release_archives(outbox: Outbox, store: ContentStore) -> list[str]:
     return gone
 
 
+# An archive in the outgoing folder that no sent message names, this much older than the
+# node's start, was left by a `send` cut before the node took it (Ctrl-C, a node that
+# stopped): a `send` packing right now is younger.
+ORPHAN_AGE = 3600.0
+
+
+def sweep_orphans(outbox: Outbox, store: ContentStore, now: float) -> list[Path]:
+    """At start (no send runs): delete archives no sent message names and older than
+    ORPHAN_AGE, and packing leftovers as old; the paths deleted. Blocking."""
+    folder = outgoing_dir(store.root)
+    if not folder.is_dir():
+        return []
+    named = {m.path for m in outbox.list(limit=1_000_000)}
+    gone = []
+    for p in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if str(p) not in named and now - p.lstat().st_mtime > ORPHAN_AGE:
+                p.unlink()
+                gone.append(p)
+    if gone:
+        log.info("deleted %d folder archive(s) no sent message names", len(gone))
+    return gone
+
+
 def discard_unsent(outbox: Outbox, store: ContentStore, path: Path,
                    content_id: bytes | None) -> None:
     """A send of an archive of ours failed before it was recorded: the archive goes,

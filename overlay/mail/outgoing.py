@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from overlay.content.catalog import ContentStore
 from overlay.content.diskio import safe_file_name
 from overlay.mail.contacts import Contacts, PinResult
 from overlay.mail.describe import describe_media, make_thumbnail
-from overlay.mail.folders import TAR_SUFFIX, discard_unsent, is_own_archive
+from overlay.mail.folders import TAR_SUFFIX, discard_unsent, is_own_archive, sweep_orphans
 from overlay.mail.outbox import NOT_SENT, Outbox, RecipientStatus
 from rendezvous.client import RendezvousClient, RendezvousError
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
@@ -213,12 +214,16 @@ class MailSender:
     def fail_unacknowledged(self) -> int:
         """At start: a send cut by the node's own end (kill -9, power loss) between writing
         its outbox row and the server's acknowledgement is failed with the reason, so
-        `status` does not show it `queued` forever and `peerpost resend` can send it."""
+        `status` does not show it `queued` forever and `peerpost resend` can send it.
+        A folder archive packed for a send that never reached the node is deleted."""
         n = self.outbox.fail_unacknowledged(
             f"{NOT_SENT}: the node stopped before the server acknowledged it; "
             "`peerpost resend` sends it again", self.wall())
         if n:
             log.warning("%d recipient(s) of sends cut by the node's stop marked failed", n)
+        # A folder archive whose `send` was cut before it reached the node goes too (file
+        # times are the real clock's, whatever clock the node runs on).
+        sweep_orphans(self.outbox, self.store, time.time())
         return n
 
     async def send(self, path: Path, to: list[str], title: str, note: str,

@@ -18,14 +18,19 @@ from hypothesis import strategies as st
 
 from crypto.location import MAX_FILE_NAME_BYTES, FolderInfo
 from crypto.location import _file_name as location_file_name
+from overlay.content.catalog import ContentStore
+from overlay.mail.db import NodeDB
 from overlay.mail.folders import (
+    ORPHAN_AGE,
     FolderError,
     clean_name,
     pack,
     plan_pack,
+    sweep_orphans,
     unique_names,
     unpack,
 )
+from overlay.mail.outbox import Outbox
 
 
 @given(st.lists(st.text(min_size=0, max_size=300), max_size=30))
@@ -137,3 +142,20 @@ def test_a_compressed_archive_is_not_opened(tmp_path: Path) -> None:
     archive = _tar(tmp_path / "top.tar", [("top/a", bytes(1 << 20))], mode="w:gz")
     with pytest.raises(FolderError, match="is not a tar archive"):
         unpack(archive, FolderInfo("top", 1, 0, 1), tmp_path)
+
+
+def test_at_start_only_old_archives_no_message_names_go(db: NodeDB,
+                                                        store: ContentStore) -> None:
+    outbox = Outbox(db)
+    folder = store.root / "outgoing"
+    folder.mkdir()
+    old = ORPHAN_AGE + 60
+    for name in ("orphan.tar", ".abc.tmp", "sent.tar", "packing.tar"):
+        (folder / name).write_bytes(b"x")
+    for name in ("orphan.tar", ".abc.tmp", "sent.tar"):
+        os.utime(folder / name, (1e9, 1e9))
+    outbox.add(id=b"m" * 16, path=str(folder / "sent.tar"), title="t", size=1,
+               content_id=b"c" * 32, created_at=0, recipients=["bob@example.net"])
+    gone = sweep_orphans(outbox, store, 1e9 + old)
+    assert sorted(p.name for p in gone) == [".abc.tmp", "orphan.tar"]
+    assert sorted(os.listdir(folder)) == ["packing.tar", "sent.tar"]
