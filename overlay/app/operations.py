@@ -34,7 +34,7 @@ from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.mail.contacts import Contacts
 from overlay.mail.downloads import DownloadQueue
-from overlay.mail.folders import is_own_archive, release_archives
+from overlay.mail.folders import delete_received, is_own_archive, release_archives
 from overlay.mail.inbox import Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail
@@ -235,6 +235,10 @@ class ControlOperations:
                 pass  # nothing was fetched yet
             else:
                 deleted = str(held.path) if held is not None and delete_file else None
+        if (delete_file and deleted is None and e.path and e.state is InboxState.COMPLETE
+                and folder_json(e) is not None):  # an unpacked folder: no content held
+            if await asyncio.to_thread(delete_received, Path(e.path)):
+                deleted = e.path
         return {"id": e.id.hex(), "title": e.title, "deleted_file": deleted}
 
     def find(self, prefix: str) -> InboxEntry:

@@ -483,6 +483,18 @@ def _refusal(m: tarfile.TarInfo, top: str, dest: str) -> str | None:
     return None
 
 
+def delete_received(folder: Path) -> bool:
+    """Delete a received folder (`rm --delete-file`); False if it is not a folder any more
+    (moved, or a symlink put in its place: never followed). Blocking."""
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(folder)  # links inside are removed, never followed
+    return True
+
+
 def _move_into_place(built: Path, dest_dir: Path, name: str) -> Path:
     """Rename the unpacked folder to the first free `name`, `name (1)`... in `dest_dir`:
     the name is taken by an empty folder first, which the rename then replaces, so a file

@@ -111,6 +111,9 @@ def test_two_files_sent_together(lab: LocalNetwork, tmp_path: Path) -> None:
     assert folder.name == "2 files"
     assert tree(folder) == {"clip.mp4": one.read_bytes(), "clip (1).mp4": two.read_bytes()}
     assert got["title"].startswith("2 files, 293.0 KiB: clip.mp4, clip.mp4")
+    # `rm --delete-file` deletes the folder, as it deletes a received file.
+    res = lab.cli_json(bob, "rm", mid, "--delete-file")
+    assert res["removed"][0]["deleted_file"] == str(folder) and not folder.exists()
 
 
 def test_a_withdrawn_folder_send_deletes_the_archive(lab: LocalNetwork,
