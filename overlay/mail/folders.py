@@ -151,8 +151,8 @@ def plan_pack(paths: list[Path]) -> PackPlan:
             if member != top:
                 _add_folder(plan, member)
             _walk(plan, path, member)
-        elif path.is_file():
-            _add_file(plan, path, member, path.stat().st_size)
+        elif path.is_file():  # resolved: the pack never follows a link itself
+            _add_file(plan, path.resolve(), member, path.stat().st_size)
         else:
             raise FolderError(f"{path} is neither a file nor a folder")
     return plan
@@ -198,11 +198,14 @@ def _walk(plan: PackPlan, folder: Path, member: str) -> None:
         except OSError as exc:
             plan.skipped.append(Skipped(str(path), exc.strerror or str(exc)))
             continue
-        if stat.S_ISDIR(st.st_mode):
-            _add_folder(plan, name)
-            _walk(plan, path, name)
-        elif stat.S_ISREG(st.st_mode):
-            _add_file(plan, path, name, st.st_size)
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+            if not os.access(path, os.R_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)):
+                plan.skipped.append(Skipped(str(path), "not readable (permission denied)"))
+            elif stat.S_ISDIR(st.st_mode):
+                _add_folder(plan, name)
+                _walk(plan, path, name)
+            else:
+                _add_file(plan, path, name, st.st_size)
         else:
             plan.skipped.append(Skipped(str(path), _kind(st.st_mode)))
 
@@ -285,7 +288,8 @@ def _write(plan: PackPlan, out: object, progress: Callable[[int], None]) -> None
                 tar.addfile(info)
                 continue
             try:
-                fd = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                # Not through a link, and never blocking on a pipe put in its place.
+                fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
             except OSError as exc:
                 raise FolderError(f"cannot read {source}: {exc.strerror or exc}") from None
             with os.fdopen(fd, "rb") as f:

@@ -159,3 +159,18 @@ def test_at_start_only_old_archives_no_message_names_go(db: NodeDB,
     gone = sweep_orphans(outbox, store, 1e9 + old)
     assert sorted(p.name for p in gone) == [".abc.tmp", "orphan.tar"]
     assert sorted(os.listdir(folder)) == ["packing.tar", "sent.tar"]
+
+
+def test_a_link_given_by_name_is_followed_and_keeps_its_name(tmp_path: Path) -> None:
+    real = tmp_path / "IMG_0001.jpg"
+    real.write_bytes(b"jpeg")
+    link = tmp_path / "cake.jpg"
+    link.symlink_to(real)
+    other = tmp_path / "note.txt"
+    other.write_text("hi")
+    plan = plan_pack([link, other])
+    archive = pack(plan, tmp_path / "store", lambda n: None)
+    got = unpack(archive, plan.info(), tmp_path)
+    assert got.name == "2 files"
+    assert (got / "cake.jpg").read_bytes() == b"jpeg" and not (got / "cake.jpg").is_symlink()
+    assert (got / "note.txt").read_text() == "hi"
