@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ from overlay.app.control_wire import call as control_call
 from overlay.app.lab import LocalNetwork, NodeHandle
 from overlay.mail.folders import OUTGOING_DIR
 from tests.overlay.test_e2e_disk_full import _tmpfs
+from tests.web.test_web_access import request
+from tests.web.test_web_actions import login
 
 # One network for the module (a worker of its own under --dist loadgroup).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e-folders")]
@@ -90,6 +93,15 @@ def test_a_folder_arrives_as_the_same_tree(lab: LocalNetwork, tmp_path: Path) ->
                    30, "bob's receipt")
     lab.wait_until(lambda: outgoing(alice) == [], 30, "the archive deleted")
     assert tree(src).keys() == want.keys() | {"passwords"}
+
+    # The web inbox lists it and says what it is; no one file to save.
+    base, headers = login(lab, bob)
+    cookie = {"Cookie": headers["Cookie"]}
+    status, _, page = request(base, "GET", "/", cookie)
+    assert status == 200 and b"sunday/: 4 files, 3.3 MiB" in page
+    status, _, page = request(base, "GET", f"/message/{mid}", cookie)
+    assert status == 200 and b"folder of 4 files" in page
+    assert re.search(rb'<p data-states="" hidden><a id="save"', page), page
 
     # The same name again: `sunday (1)`, the first one untouched.
     mid2 = lab.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
