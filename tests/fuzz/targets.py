@@ -43,15 +43,17 @@ from overlay.transfer.core import (
 )
 from overlay.transfer.frames import Message as TransferMessage
 from overlay.transfer.frames import decode_header
-from overlay.transports.punch import PunchSignalError, decode_punch, encode_punch
-from overlay.transports.quic import QuicSignalError, decode_quic, encode_quic
+from overlay.transports.punch import PunchEndpoint, PunchSignalError, decode_punch, encode_punch
+from overlay.transports.quic import QuicEndpoint, QuicSignalError, decode_quic, encode_quic
 from overlay.transports.signalling import (
     SignalError,
     decode_signal,
     decode_unsupported,
     encode_unsupported,
     offered,
+    read_signal,
 )
+from overlay.transports.webrtc import WebRtcEndpoint
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.framing import FrameDecoder
 from rendezvous.messages import (
@@ -437,7 +439,8 @@ def quic_signal(data: bytes) -> None:
 def unsupported(data: bytes) -> None:
     """offered: None, or an offer's tag (ending in -offer) and 16-byte session;
     decode_unsupported for each rung's offer and an unknown one: None, SignalError, or the
-    reply naming that offer, which encodes to bytes that decode back to it."""
+    reply naming that offer, which encodes to bytes that decode back to it; and the rung a
+    node routes the payload to is the one that claims it (`_routed_as_asked`)."""
     offer = offered(data)
     if offer is not None:
         assert offer[0].endswith("-offer") and len(offer[1]) == 16, offer
@@ -448,6 +451,29 @@ def unsupported(data: bytes) -> None:
             continue
         if sig is not None:
             assert sig.offer == of and decode_unsupported(encode_unsupported(sig), of) == sig
+    _routed_as_asked(data)
+
+
+_RUNGS = (PunchEndpoint, QuicEndpoint, WebRtcEndpoint)
+
+
+def _routed_as_asked(data: bytes) -> None:
+    """A node reads a PIPE payload once and hands it to the rung its route names: the rung
+    that claims it when each is asked in turn (a signal of its own, malformed or not, or an
+    `unsupported` naming its offer) is that one, and no other claims it."""
+    sig = read_signal(data)
+    if sig is None:
+        return
+    claims = []
+    for rung in _RUNGS:
+        try:
+            got = (sig.decode(rung.SIGNALS, rung.WHAT, rung.SIGNAL_ERROR)
+                   or sig.unsupported(rung.OFFER_TAG))
+        except ValueError:  # malformed: claimed, as a bad signal of that rung
+            got = sig
+        if got is not None:
+            claims.append(rung)
+    assert claims in ([], [r for r in _RUNGS if (sig.route or "") in r.SIGNALS]), claims
 
 
 def receipt(data: bytes) -> None:
