@@ -80,6 +80,8 @@ class PeerLinks:
         self.unknown = UnknownOffers(rendezvous)
         self._rungs: dict[str, PunchEndpoint | QuicEndpoint | WebRtcEndpoint] = {
             tag: rung for rung in (self.punch, self.quic, self.rtc) for tag in rung.SIGNALS}
+        for rung in (self.punch, self.quic, self.rtc):  # rejects of bad offers: one rate
+            rung.replies = self.unknown.replies  # for every reply owed to nobody
 
     async def start(self) -> None:
         await self.rtc.start()

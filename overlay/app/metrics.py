@@ -4,7 +4,8 @@ Served by the node's own event loop (rendezvous.metrics.MetricsHttp, aiohttp), f
 `CollectorRegistry` of this node alone. The figures are read at scrape time from what the
 parts already count: the inbox's rows by state (node.db), the mail counters of
 IncomingMail (with the PIPE messages dropped as not signalling), the offers of unknown
-rungs answered 'unsupported' (overlay.transports.signalling), the download queue's
+rungs answered 'unsupported' (overlay.transports.signalling) and the offers of our own
+rungs rejected as invalid (overlay.transports.endpoint), the download queue's
 counters and running downloads, the transfer server's counters (what this node serves),
 the DHT node's counters and table sizes, and whether the rendezvous session is up (also
 the health: 200 while connected, 503 otherwise).
@@ -62,6 +63,15 @@ class NodeCollector(Collector):
                       [({"event": k}, float(v)) for k, v in sorted(
                           {"answered": 0, "limited": 0, "limited-all": 0,
                            **node.links.unknown.counters}.items())])
+        links = node.links
+        yield counter(p + "bad_offers", "PIPE offers of a rung of ours that do not decode: "
+                      "rejected with the reason, or unanswered (over the sender's reply rate "
+                      "or the total, or with no session to name)", 0,
+                      [({"rung": name, "event": event}, float(n))
+                       for name, rung in (("tcp-punch", links.punch), ("quic", links.quic),
+                                          ("webrtc", links.rtc))
+                       for event, n in (("rejected", rung.stats.bad_offers_rejected),
+                                        ("unanswered", rung.stats.bad_offers_unanswered))])
         yield gauge(p + "downloads_running", "download attempts running", meter.running)
         yield counter(p + "downloads", "download attempts by outcome", 0,
                       [({"outcome": k}, float(v)) for k, v in sorted(meter.outcomes.items())])

@@ -25,7 +25,8 @@ do with them:
   address is link-local too (our server is on our link, so the peer's may be ours) and it
   is IPv4 (169.254/16, which our routing table puts on a link). An IPv6 one would need
   a zone, an interface of ours, that our ports don't carry (a socket gives its local
-  address without one), so it is not dialled and `nothing_to_dial` says why.
+  address without one), so it is not dialled and `nothing_to_dial` says why: a callee in
+  its reject instead of an answer (`undialable`), a dialler in its error.
 - A port is IPv4 or IPv6, as the address of our server's STUN is (a name is resolved
   first, `resolve`). A callee whose port could reach none of an offer's candidates says so
   at once, before it opens any socket (`no_common_family`), and a dialler says why an
@@ -65,9 +66,11 @@ def _canonical(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return str(ip)
 
 
-def candidate(text: str) -> Address:
-    """A candidate from the wire: an IP literal and a usable port (DecodeError if not).
-    The host comes back in its canonical text (see the module docstring)."""
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _parsed(text: str) -> tuple[IP, int]:
+    """The IP address and usable port of a candidate from the wire (DecodeError if not)."""
     host, port = parse_hostport(text, what="candidate")
     try:
         ip = ipaddress.ip_address(host)
@@ -75,12 +78,22 @@ def candidate(text: str) -> Address:
         raise DecodeError(f"candidate {text!r} is not an IP address") from None
     if not 0 < port < 65536:
         raise DecodeError(f"candidate {text!r} has no usable port")
+    return ip, port
+
+
+def candidate(text: str) -> Address:
+    """A candidate from the wire: an IP literal and a usable port (DecodeError if not).
+    The host comes back in its canonical text (see the module docstring)."""
+    ip, port = _parsed(text)
     return _canonical(ip), port
 
 
 def unroutable(host: str) -> str | None:
     """Why the IP literal `host` means nothing to a host elsewhere, or None."""
-    ip = ipaddress.ip_address(host)
+    return _unroutable(ipaddress.ip_address(host))
+
+
+def _unroutable(ip: IP) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id:
             return f"has a zone (%{ip.scope_id}, an interface of the sender's)"
@@ -114,6 +127,15 @@ def _on_link(host: str) -> bool:
     return "%" not in host and _unmapped(host).is_link_local
 
 
+def _on_link_ip(ip: IP) -> bool:
+    """`_on_link` of an address already parsed."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id:
+            return False
+        ip = ip.ipv4_mapped or ip
+    return ip.is_link_local
+
+
 def decode_candidates(f: Fields) -> tuple[Address, ...]:
     """A signal's candidates ("c"): the public one first, which must mean something here
     or on a link we may share, then the locals, of which those that mean nothing to
@@ -121,10 +143,12 @@ def decode_candidates(f: Fields) -> tuple[Address, ...]:
     texts = f.list("c", item_str(64), max_items=MAX_CANDIDATES) or ()
     if not texts:
         raise DecodeError("no candidates")
-    public, *local = (candidate(t) for t in texts)
-    if (why := unroutable(public[0])) is not None and not _on_link(public[0]):
+    # Each address is parsed once: ipaddress's parse was most of an offer's decode.
+    (public, port), *local = (_parsed(t) for t in texts)
+    if (why := _unroutable(public)) is not None and not _on_link_ip(public):
         raise DecodeError(f"the public candidate {texts[0]!r} {why}")
-    return public, *(c for c in local if unroutable(c[0]) is None)
+    return (_canonical(public), port), *((_canonical(ip), p) for ip, p in local
+                                         if _unroutable(ip) is None)
 
 
 def own_candidates(mapped: Address, local: Address) -> tuple[Address, ...]:
@@ -159,8 +183,11 @@ def nothing_to_dial(theirs: tuple[Address, ...], family: int, port: str) -> str:
         return (f"the peer's candidates are {family_names(theirs)} only and our {port} is "
                 f"{FAMILY_NAME[family]}: no address family in common")
     public = theirs[0]
-    if family_of(public[0]) == family and _on_link(public[0]):
-        named = format_hostport(*public)
+    named = format_hostport(*public)
+    if family_of(public[0]) != family:  # its locals are dialled behind our public address only
+        return (f"the peer's public candidate {named} is {FAMILY_NAME[family_of(public[0])]} "
+                f"and our {port} is {FAMILY_NAME[family]}")
+    if _on_link(public[0]):
         if _unmapped(public[0]).version == 6:
             return (f"the peer's public candidate {named} is IPv6 link-local: dialling it "
                     f"needs a zone (an interface of ours), which our {port} does not carry")
@@ -168,6 +195,14 @@ def nothing_to_dial(theirs: tuple[Address, ...], family: int, port: str) -> str:
                 "and ours is not: this node's server is not on a link with it")
     return (f"the peer's candidates ({', '.join(format_hostport(*c) for c in theirs)}) reach it "
             "from its own host only, and ours are not on loopback")
+
+
+def undialable(our_public: str, theirs: tuple[Address, ...], family: int,
+               port: str) -> str | None:
+    """Why `targets` leaves nothing of `theirs` to dial from our `port` (`nothing_to_dial`),
+    or None: a callee says so in its reject instead of answering an offer it can't use."""
+    return None if targets(our_public, theirs, family) else nothing_to_dial(theirs, family,
+                                                                           port)
 
 
 async def resolve(server: Address) -> Address:

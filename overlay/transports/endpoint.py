@@ -3,10 +3,18 @@
 The WebRTC endpoint and the TCP punch endpoint both trade an offer and an answer (or a
 reject) over PIPE, keyed by a dial session the dialer draws. `SignalledEndpoint` keeps
 their common part: the dials waiting for a reply (a reply counts only from the device that
-was dialled), offers seen recently (PIPE may repeat one across a reconnect), the admission
-of an offer (closed, not accepted, busy), the bounded backlog of accepted streams, the
-counters and the closing. A subclass makes the connection: `_answer` for an admitted
-offer, `_reject` to say no, and its own `dial`.
+was dialled), offers seen recently (PIPE may repeat one across a reconnect: a repeat is
+dropped before its fields are decoded), the admission of an offer (closed, not accepted,
+busy), the bounded backlog of accepted streams, the counters and the closing. A subclass
+makes the connection: `_answer` for an admitted offer, `_reject` to say no, and its own
+`dial`.
+
+An offer that does not decode (a malformed field, a candidate that means nothing, an SDP
+that is not one) is rejected at once with the reason, when its session can be read, so the
+dialler fails this rung at once instead of waiting out its budget. Those rejects are owed
+to nobody, and a flood of bad offers must not spend our PIPE rate: they go at the rate of
+`replies` (an `OfferReplies`, which a node shares with its `UnknownOffers`). Nothing but an
+offer is ever answered so.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 from crypto.codec import Fields
 from overlay.transports.signalling import (
     SESSION_LEN,
+    OfferReplies,
     PipeSender,
     PipeSignal,
     Reject,
@@ -80,6 +89,10 @@ class EndpointStats:
     rejected: int = 0
     bad_signals: int = 0
     candidates_dropped: int = 0  # WebRTC: ICE candidates of an SDP over its cap, left out
+    # Offers that did not decode (counted in bad_signals too): rejected with the reason,
+    # or left unanswered, over the reply rate or with no session to name.
+    bad_offers_rejected: int = 0
+    bad_offers_unanswered: int = 0
 
 
 @dataclass(slots=True)
@@ -96,7 +109,6 @@ class SignalledEndpoint(Generic[Offer, Reply]):
 
     NAME: ClassVar[str]  # in messages: "WebRTC", "TCP punch"
     OFFER_TAG: ClassVar[str]  # its offer's tag: an `Unsupported` naming it is a reply
-    OFFER: ClassVar[type[Any]]  # its offer's class (the `Offer` of this endpoint)
     # Its signals by tag, what their decode errors name them, and the error a malformed
     # one raises.
     SIGNALS: ClassVar[Mapping[str, Callable[[Fields], Signal]]]
@@ -118,6 +130,7 @@ class SignalledEndpoint(Generic[Offer, Reply]):
         self._incoming = 0
         self._backlog: asyncio.Queue[Stream | None] | None = None
         self._recent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.replies = OfferReplies()  # the rate of rejects of bad offers (a node shares one)
         self._closed = False
         self._log = logger
 
@@ -149,7 +162,11 @@ class SignalledEndpoint(Generic[Offer, Reply]):
     def take(self, msg: PipeMessage, sig: PipeSignal) -> bool:
         """`feed` for a payload already read: a signal of `SIGNALS` or an `Unsupported`
         naming our offer (a reply, as a Reject) is handled (True); a malformed one is
-        dropped and counted (True); anything else is False (another rung's)."""
+        dropped and counted (True), and rejected if it is an offer; anything else is False
+        (another rung's)."""
+        if sig.tag == self.OFFER_TAG:
+            self._take_offer(msg, sig)
+            return True
         try:
             got: Signal | None = sig.decode(self.SIGNALS, self.WHAT, self.SIGNAL_ERROR)
             if got is None:
@@ -160,11 +177,49 @@ class SignalledEndpoint(Generic[Offer, Reply]):
             return True
         if got is None:
             return False
-        if isinstance(got, self.OFFER):
-            self._on_offer(msg, got.session, cast(Offer, got))
-        else:
-            self._on_reply(msg, got.session, cast(Reply | Unsupported, got))
+        self._on_reply(msg, got.session, cast(Reply | Unsupported, got))
         return True
+
+    def _take_offer(self, msg: PipeMessage, sig: PipeSignal) -> None:
+        """An offer: a repeat is dropped before it is decoded (most of the cost), a bad one
+        rejected at once (see the module docstring), a good one admitted or declined."""
+        readable = sig.offer()  # its session, if that much is well formed
+        if readable is not None and not self._first_time(msg, readable[1]):
+            return  # PIPE may repeat one across a reconnect
+        try:
+            offer = sig.decode(self.SIGNALS, self.WHAT, self.SIGNAL_ERROR)
+        except ValueError as exc:
+            self.stats.bad_signals += 1
+            self._bad_offer(msg, None if readable is None else readable[1], str(exc))
+            return
+        if offer is not None:  # always, for OFFER_TAG's decoder
+            self._on_offer(msg, offer.session, cast(Offer, offer))
+
+    def _first_time(self, msg: PipeMessage, session: bytes) -> bool:
+        """Whether this session of `msg`'s device is new; remembered from now on."""
+        key = msg.sender_device + session
+        if key in self._recent:
+            return False
+        self._recent[key] = None
+        if len(self._recent) > RECENT_SESSIONS:
+            self._recent.popitem(last=False)
+        return True
+
+    def _bad_offer(self, msg: PipeMessage, session: bytes | None, why: str) -> None:
+        """Reject an offer that did not decode, at the rate `replies` allows; the reason
+        names what is wrong with the offer (the sender's own data), nothing of ours."""
+        unanswered = ("no session to name" if session is None else "closing" if self._closed
+                      else self.replies.spend(msg))
+        if unanswered is not None or session is None:
+            self.stats.bad_offers_unanswered += 1  # a flood's: counted, logged at debug
+            self._log.log(logging.INFO if session is None else logging.DEBUG,
+                          "bad %s offer from %s, not answered (%s): %s", self.NAME,
+                          msg.sender, unanswered, why)
+            return
+        self.stats.bad_offers_rejected += 1
+        self._log.info("bad %s offer from %s, rejected: %s", self.NAME, msg.sender, why)
+        self._tasks.spawn(self._reject(msg, session, f"invalid offer: {why}"),
+                          name=f"{self.TASKS} reject {msg.sender}")
 
     async def _send_reject(self, msg: PipeMessage, payload: bytes) -> None:
         """Send a reject's `payload` back to `msg`'s device (a courtesy: if it does not
@@ -195,12 +250,6 @@ class SignalledEndpoint(Generic[Offer, Reply]):
         return None
 
     def _on_offer(self, msg: PipeMessage, session: bytes, offer: Offer) -> None:
-        key = msg.sender_device + session
-        if key in self._recent:
-            return  # PIPE may repeat across a reconnect
-        self._recent[key] = None
-        if len(self._recent) > RECENT_SESSIONS:
-            self._recent.popitem(last=False)
         reason = self._refusal(msg)
         if reason is None:
             self._incoming += 1
@@ -239,14 +288,17 @@ class SignalledEndpoint(Generic[Offer, Reply]):
         raise NotImplementedError
 
     # --- a punch: port, signal, connect, within a budget ------------------------------
-    async def _answer_punch(self, msg: PipeMessage, budget: float,
+    async def _answer_punch(self, msg: PipeMessage, session: bytes, budget: float,
                             open_port: Callable[[], Awaitable[P]],
+                            unusable: Callable[[P], str | None],
                             answer: Callable[[P], bytes],
                             connect: Callable[[P, Step], Awaitable[Stream]],
                             error: type[StreamBroken]) -> None:
         """`_answer` of a punching rung: a port, our `answer` payload back to the dialer,
         the connection (`connect` may name finer steps), the stream to `_hand_over`, all
-        within `budget`. A failure is counted and logged, never raised."""
+        within `budget`; but a reject instead of the answer when `unusable` says why the
+        port can use none of the offer's candidates (the dialler would wait out its budget
+        for a connect that never comes). A failure is counted and logged, never raised."""
         port: P | None = None
         stream: Stream | None = None
         handed = False
@@ -254,6 +306,8 @@ class SignalledEndpoint(Generic[Offer, Reply]):
         try:
             async with asyncio.timeout(budget):
                 port = await open_port()
+                if await self._declined(msg, session, unusable(port)):
+                    return
                 step.now = "the answer"
                 await self._pipe.pipe(msg.sender, answer(port), device=msg.sender_device)
                 step.now = "the connect"

@@ -52,7 +52,10 @@ MAX_CANDIDATES); its local address only when both ends have the same public addr
 home behind one NAT), so a peer can't aim our connects into our own LAN (candidates.py has
 the rules, shared with QUIC). The port is IPv4 or IPv6, as the address of the server's STUN
 is: a callee declines an offer with no candidate of its family at once, before it opens a
-socket, naming both families, and a dialler fails as soon as an answer has none. Incoming
+socket, naming both families, and one it can dial none of (an IPv6 link-local public
+candidate) as soon as its port is ready, instead of answering; a dialler fails as soon as
+an answer has none. An offer that does not decode is rejected with the reason
+(endpoint.py). Incoming
 offers are bounded (`max_incoming`), answers are taken only from the device dialled, bad
 payloads and connections that send something other than the marker are dropped and counted
 (`bad_signals`).
@@ -78,6 +81,7 @@ from overlay.transports.candidates import (
     nothing_to_dial,
     own_candidates,
     targets,
+    undialable,
 )
 from overlay.transports.endpoint import SignalledEndpoint, Step
 from overlay.transports.signalling import SESSION_LEN, PipeSender, Reject, decode_tagged
@@ -389,7 +393,6 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
 
     NAME = "TCP punch"
     OFFER_TAG = PunchOffer.TAG
-    OFFER = PunchOffer
     SIGNALS = _SIGNALS
     WHAT = "punch"
     SIGNAL_ERROR = PunchSignalError
@@ -457,7 +460,9 @@ class PunchEndpoint(SignalledEndpoint[PunchOffer, PunchAnswer | PunchReject]):
                 session=offer.session)
 
         await self._answer_punch(
-            msg, self.settings.budget, self._port,
+            msg, offer.session, self.settings.budget, self._port,
+            lambda port: undialable(port.mapping.mapped[0], offer.candidates,
+                                    port.mapping.sock.family, "TCP port"),
             lambda port: encode_punch(PunchAnswer(offer.session, port.candidates,
                                                   nominate=offer.nominate)),
             connect, PunchError)

@@ -40,7 +40,9 @@ over a kernel socket), `loop_udp` in the simulator (the loop's `create_datagram_
 which there is a port on a simulated host, in virtual time); the rest runs the same over
 either. The port is IPv4 or IPv6, as the address of the server's STUN is (a host name is
 resolved first), and so are the candidates: a callee declines an offer with none of its
-family at once, naming both families, and a dialler fails as soon as an answer has none.
+family at once, naming both families, and one it can dial none of (an IPv6 link-local public
+candidate) as soon as its port is ready, instead of answering; a dialler fails as soon as an
+answer has none. An offer that does not decode is rejected with the reason (endpoint.py).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from overlay.transports.candidates import (
     own_candidates,
     resolve,
     targets,
+    undialable,
 )
 from overlay.transports.endpoint import SignalledEndpoint, Step
 from overlay.transports.quic_stream import (
@@ -319,7 +322,6 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
 
     NAME = "QUIC"
     OFFER_TAG = QuicOffer.TAG
-    OFFER = QuicOffer
     SIGNALS = _SIGNALS
     WHAT = "quic"
     SIGNAL_ERROR = QuicSignalError
@@ -412,7 +414,9 @@ class QuicEndpoint(SignalledEndpoint[QuicOffer, QuicAnswer | QuicReject]):
                 early=early)
 
         await self._answer_punch(
-            msg, self.settings.budget, open_port,
+            msg, offer.session, self.settings.budget, open_port,
+            lambda port: undialable(port.mapped[0], offer.candidates,
+                                    family_of(port.local[0]), "UDP port"),
             lambda port: encode_quic(QuicAnswer(offer.session, port.candidates,
                                                 cert.fingerprint)),
             connect, QuicError)

@@ -9,7 +9,9 @@ that gets such an offer of a rung it does not know answers it with `Unsupported`
 next rung at once instead of waiting out this one's budget (`UnknownOffers` sends it; each
 rung's dial fails on it with "declined: the peer does not know ..."). Nothing else is ever
 answered so: not an `unsupported`, not an answer, not a payload of another shape, so two
-nodes cannot bounce replies off each other.
+nodes cannot bounce replies off each other. An offer of a rung we know that does not decode
+gets that rung's reject with the reason (endpoint.py); both kinds of reply, owed to
+nobody, share one rate (`OfferReplies`).
 
 Three messages, each naming a dial session (16 random bytes chosen by the dialer):
 `Offer` and `Answer` carry an SDP (complete, with every ICE candidate: aiortc does not
@@ -288,27 +290,58 @@ def offered(payload: bytes) -> tuple[str, bytes] | None:
     return None if sig is None else sig.offer()
 
 
+class OfferReplies:
+    """The rate of the replies a node owes nobody: `unsupported` to an offer no rung takes,
+    and a rung's reject of an offer it can't read. Each sending device gets at most `rate`
+    a second (and as many at once), and all of them together at most `total_rate`: a flood
+    of junk offers must not spend our own PIPE rate at the server, and one peer's flood
+    must not use up the replies another peer's dialler is waiting for. The buckets of the
+    `max_senders` devices heard most recently are kept (one evicted by a flood from many
+    senders comes back with a fresh burst, which the total still bounds). A node's rungs
+    and its `UnknownOffers` share one."""
+
+    def __init__(self, rate: float = UNSUPPORTED_RATE,
+                 total_rate: float = UNSUPPORTED_TOTAL_RATE,
+                 max_senders: int = UNSUPPORTED_SENDERS) -> None:
+        self.total_rate = total_rate
+        self.senders = SourceLimiter(rate, rate, max_senders)
+        self._total: TokenBucket | None = None  # made at the first offer, on the loop's clock
+
+    def spend(self, msg: PipeMessage) -> str | None:
+        """Take one reply to `msg`'s sending device from both buckets: None if it may go,
+        else why not, "limited" (the sender over its rate) or "limited-all" (everyone)."""
+        now = asyncio.get_running_loop().time()
+        if self._total is None:
+            self._total = TokenBucket(self.total_rate, self.total_rate, now)
+        if not self.senders.allow_key(f"{msg.sender} {msg.sender_device.hex()}", now):
+            return "limited"
+        if not self._total.take(1, now):
+            return "limited-all"
+        return None
+
+
 class UnknownOffers:
     """Answers each offer no rung of ours claimed with `Unsupported`, PIPEd back to the
-    device that sent it (see the module docstring). Each sending device gets at most `rate`
-    replies a second (and as many at once), and all of them together at most `total_rate`:
-    a flood of junk offers must not spend our own PIPE rate at the server, and one peer's
-    flood must not use up the replies another peer's dialler is waiting for. The rest are
-    dropped. The buckets of the `max_senders` devices heard most recently are kept (one
-    evicted by a flood from many senders comes back with a fresh burst, which the total
-    still bounds). `counters`: "answered", "limited" (the sender over its rate),
-    "limited-all" (all senders together over `total_rate`)."""
+    device that sent it (see the module docstring), at the rate `replies` allows (made of
+    `rate`, `total_rate` and `max_senders` unless given); the rest are dropped.
+    `counters`: "answered", "limited" (the sender over its rate), "limited-all" (all
+    senders together over the total)."""
 
     def __init__(self, pipe: PipeSender, *, rate: float = UNSUPPORTED_RATE,
                  total_rate: float = UNSUPPORTED_TOTAL_RATE,
-                 max_senders: int = UNSUPPORTED_SENDERS) -> None:
+                 max_senders: int = UNSUPPORTED_SENDERS,
+                 replies: OfferReplies | None = None) -> None:
         self.counters: Counter[str] = Counter()
         self._pipe = pipe
-        self._total_rate = total_rate
-        self.senders = SourceLimiter(rate, rate, max_senders)
-        self._total: TokenBucket | None = None  # made at the first offer, on the loop's clock
+        self.replies = replies or OfferReplies(rate, total_rate, max_senders)
         # Each send is bounded by the client's request timeout; this bounds how many wait.
-        self._tasks = TaskSet("unsupported", limit=max(1, int(2 * total_rate)), logger=log)
+        self._tasks = TaskSet("unsupported", limit=max(1, int(2 * self.replies.total_rate)),
+                              logger=log)
+
+    @property
+    def senders(self) -> SourceLimiter:
+        """The reply buckets of the devices heard most recently."""
+        return self.replies.senders
 
     def feed(self, msg: PipeMessage) -> bool:
         """Answer `msg` if it is an offer by the convention (True, also when it is over the
@@ -324,15 +357,11 @@ class UnknownOffers:
         if self._tasks.closed:
             return True
         tag, session = offer
-        now = asyncio.get_running_loop().time()
-        if self._total is None:
-            self._total = TokenBucket(self._total_rate, self._total_rate, now)
-        if not self.senders.allow_key(f"{msg.sender} {msg.sender_device.hex()}", now):
-            self.counters["limited"] += 1
+        if (limited := self.replies.spend(msg)) is not None:
+            self.counters[limited] += 1
             return True
-        if not self._total.take(1, now) or self._tasks.spawn(
-                self._reply(msg, Unsupported(session, tag)),
-                name=f"unsupported {msg.sender}") is None:
+        if self._tasks.spawn(self._reply(msg, Unsupported(session, tag)),
+                             name=f"unsupported {msg.sender}") is None:
             self.counters["limited-all"] += 1
             return True
         self.counters["answered"] += 1

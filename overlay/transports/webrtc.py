@@ -18,8 +18,9 @@ take about 64 s to report failure). Both sides create the same pre-negotiated ch
 `StreamBroken`) whose text says which step failed, so the caller can fall back to the relay.
 
 Incoming offers are bounded (`max_incoming` negotiating or waiting in the accept backlog);
-beyond that, or when `accept_from` says no, the dialer gets a `Reject`. Answers are taken
-only from the device that was dialed. Bad payloads are dropped and counted.
+beyond that, or when `accept_from` says no, the dialer gets a `Reject`, as it does at once
+for an offer that does not decode (endpoint.py). Answers are taken only from the device
+that was dialed. Bad payloads are dropped and counted.
 """
 
 from __future__ import annotations
@@ -314,7 +315,6 @@ class WebRtcEndpoint(SignalledEndpoint[Offer, Answer | Reject]):
 
     NAME = "WebRTC"
     OFFER_TAG = Offer.TAG
-    OFFER = Offer
     SIGNALS = SIGNALS
     WHAT = "signal"
     SIGNAL_ERROR = SignalError

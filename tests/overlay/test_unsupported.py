@@ -271,6 +271,24 @@ class _NoServer:
         self.pipe = hub.sender(*BOB).pipe
 
 
+@asynccontextmanager
+async def node_and_alice() -> AsyncIterator[tuple[PeerLinks, Inbox]]:
+    """BOB's punch, QUIC and WebRTC rungs and 'unsupported' replies as a node wires them,
+    behind a server with no STUN, started (closed after use), and what BOB PIPEs back to
+    ALICE."""
+    hub = MemoryPipe()
+    links = PeerLinks(DeviceIdentity.from_seed(b"\x02" * 32), BOB[0], ("127.0.0.1", 0),
+                      cast(RendezvousClient, _NoServer(hub)), cast(TransferServer, None),
+                      WebRtcEndpoint)
+    alice = Inbox()
+    hub.attach(*ALICE, alice.feed)
+    await links.start()
+    try:
+        yield links, alice
+    finally:
+        await links.aclose()
+
+
 _tags = st.sampled_from([*sorted(KNOWN), "zz-offer", "unsupported", "rtc-answer",
                          "quic-reject", "-offer", "zz-answer"])
 _values = (_tags | st.binary(min_size=16, max_size=16) | st.binary(max_size=20)
@@ -291,14 +309,7 @@ def test_any_payload_is_claimed_answered_or_dropped(payloads: list[bytes]) -> No
 
 
 async def _feed_a_node(payloads: list[bytes]) -> None:
-    hub = MemoryPipe()
-    rendezvous = cast(RendezvousClient, _NoServer(hub))
-    links = PeerLinks(DeviceIdentity.from_seed(b"\x02" * 32), BOB[0], ("127.0.0.1", 0),
-                      rendezvous, cast(TransferServer, None), WebRtcEndpoint)
-    alice = Inbox()
-    hub.attach(*ALICE, alice.feed)
-    await links.start()
-    try:
+    async with node_and_alice() as (links, alice):
         expected = 0
         for payload in payloads:
             claimed = links.feed(_from_alice(payload))  # never raises
@@ -308,8 +319,6 @@ async def _feed_a_node(payloads: list[bytes]) -> None:
                 expected += offer[0] not in KNOWN  # answered 'unsupported'
         assert links.unknown.counters["answered"] == expected
         assert len(await alice.wait_for(expected, "unsupported")) == expected
-    finally:
-        await links.aclose()
 
 
 async def test_a_node_reads_each_pipe_payload_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -318,12 +327,6 @@ async def test_a_node_reads_each_pipe_payload_once(monkeypatch: pytest.MonkeyPat
     and again as an `unsupported`: up to six times for a WebRTC offer)."""
     import overlay.transports.signalling as signalling
 
-    hub = MemoryPipe()
-    links = PeerLinks(DeviceIdentity.from_seed(b"\x02" * 32), BOB[0], ("127.0.0.1", 0),
-                      cast(RendezvousClient, _NoServer(hub)), cast(TransferServer, None),
-                      WebRtcEndpoint)
-    alice = Inbox()
-    hub.attach(*ALICE, alice.feed)
     real, reads = signalling.unpackb, [0]
 
     def counted(data: bytes, *, max_bytes: int) -> Any:
@@ -331,8 +334,7 @@ async def test_a_node_reads_each_pipe_payload_once(monkeypatch: pytest.MonkeyPat
         return real(data, max_bytes=max_bytes)
 
     monkeypatch.setattr(signalling, "unpackb", counted)
-    await links.start()
-    try:
+    async with node_and_alice() as (links, alice):
         sdp = "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n"
         for tag, body in (("rtc-answer", {"sdp": sdp}), ("quic-reject", {"why": "no"}),
                           ("punch-answer", {"c": ["203.0.113.5:4000"]}),
@@ -345,14 +347,15 @@ async def test_a_node_reads_each_pipe_payload_once(monkeypatch: pytest.MonkeyPat
         assert [links.rtc.stats.bad_signals, links.quic.stats.bad_signals,
                 links.punch.stats.bad_signals] == [2, 1, 1]
         assert len(await alice.wait_for(1, "unsupported")) == 1  # the zz-offer's
-    finally:
-        await links.aclose()
 
 
 # --- a real node behind a real server ------------------------------------------------
 
-@pytest.mark.slow
-async def test_a_node_answers_an_unknown_offer_through_the_server(tmp_path: Path) -> None:
+async def pipe_to_a_node(tmp_path: Path, payload: bytes
+                         ) -> tuple[dict[str, Any], str, dict[Any, float]]:
+    """A real server and node (bob, with metrics); a raw client, zed@example.net, PIPEs
+    `payload` to bob's device and gets bob's first PIPE back: its payload (unpacked), and
+    bob's log and metrics after it. Bob is still running at the end."""
     with LocalNetwork(tmp_path / "lab") as net:
         net.start_server()
         bob = net.add_node("bob", extra=["--metrics", "127.0.0.1:0"])
@@ -363,17 +366,22 @@ async def test_a_node_answers_an_unknown_offer_through_the_server(tmp_path: Path
                                     tls=net.tls) as zed:
             (dev,) = (await zed.finger(bob.address)).devices
             bob_device = PublicIdentity(dev.verify_key).peer_id
-            offer = packb({"t": "zz-offer", "s": SESSION, "c": ["203.0.113.5:4000"]})
-            await zed.pipe(bob.address, offer, device=bob_device)
+            await zed.pipe(bob.address, payload, device=bob_device)
             async with asyncio.timeout(20):
                 reply = await anext(p async for p in zed.pushes()
                                     if isinstance(p, PipeMessage))
             assert (reply.sender, reply.sender_device) == (bob.address, bob_device)
-            assert unpackb(reply.payload, max_bytes=1024) == {
-                "t": "unsupported", "s": SESSION, "of": "zz-offer"}
         assert bob.proc is not None
         log = bob.proc.log()
-        assert re.search(r"a zz-offer from zed@example\.net answered 'unsupported'", log), log
         got = samples(fetch(metrics_url(log) + "/metrics")[1])
-        assert got[("peerpost_node_unknown_offers_total", (("event", "answered"),))] == 1
         assert bob.proc.alive()
+        return unpackb(reply.payload, max_bytes=1024), log, got
+
+
+@pytest.mark.slow
+async def test_a_node_answers_an_unknown_offer_through_the_server(tmp_path: Path) -> None:
+    reply, log, got = await pipe_to_a_node(tmp_path, packb(
+        {"t": "zz-offer", "s": SESSION, "c": ["203.0.113.5:4000"]}))
+    assert reply == {"t": "unsupported", "s": SESSION, "of": "zz-offer"}
+    assert re.search(r"a zz-offer from zed@example\.net answered 'unsupported'", log), log
+    assert got[("peerpost_node_unknown_offers_total", (("event", "answered"),))] == 1
