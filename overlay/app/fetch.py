@@ -8,6 +8,7 @@ looked up again in a task owned by this download and cancelled when it ends.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +17,11 @@ from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from crypto.location import LocationMessage
 from overlay.app.holders import HolderFinder
+from overlay.content.archive import ArchiveView
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace, PartialGone
 from overlay.mail.downloads import Activity, DownloadFailed, RetryLater, SourceView
-from overlay.mail.folders import FolderError, unpack
+from overlay.mail.folders import FolderError, unpack_with_layout
 from overlay.mail.inbox import InboxEntry
 from overlay.transfer.downloader import (
     ChunkStored,
@@ -31,6 +33,8 @@ from overlay.transfer.downloader import (
 )
 from rendezvous.errors import is_disk_full
 from rendezvous.taskset import TaskSet
+
+log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 0.25  # seconds between progress writes to node.db (each one fsync'd)
 # Media a browser plays whose index may be at the end of the file: a WebM's Cues follow
@@ -160,13 +164,18 @@ class ContentFetch:
 
     async def _unpacked(self, msg: LocationMessage, path: Path) -> str:
         """`path`, or for a folder archive the folder it is unpacked into, the archive
-        then deleted. A refused archive fails the download naming the members (the .tar
-        is kept, and is where `inbox` points); no room to unpack: retried later."""
+        then deleted: the folder's files serve its bytes to co-recipients from then on
+        (an ArchiveView). A refused archive fails the download naming the members (the
+        .tar is kept, and is where `inbox` points); no room to unpack: retried later."""
         folder = msg.description.folder
         if folder is None:
             return str(path)
+        cid = msg.handle.content_id
+        if isinstance(held := self.store.local(cid), ArchiveView):
+            return str(held.path)  # unpacked before the node stopped
         try:
-            unpacked = await asyncio.to_thread(unpack, path, folder, self.dest)
+            unpacked, files = await asyncio.to_thread(unpack_with_layout, path, folder,
+                                                      self.dest)
         except FolderError as exc:
             raise DownloadFailed(str(exc)) from None
         except NotEnoughSpace as exc:
@@ -179,8 +188,14 @@ class ContentFetch:
             raise DownloadFailed(f"cannot unpack {path.name}: {exc} (the archive is kept "
                                  f"at {path})") from None
         try:
-            await asyncio.to_thread(self.store.remove, msg.handle.content_id,
-                                    delete_file=True)
+            if files is None:
+                raise ContentStoreError("its archive holds a sparse file")
+            await asyncio.to_thread(self.store.add_archive_view, cid, unpacked, files)
+            return str(unpacked)
+        except (ContentStoreError, OSError) as exc:
+            log.warning("the folder %s is not served to its co-recipients: %s", unpacked, exc)
+        try:
+            await asyncio.to_thread(self.store.remove, cid, delete_file=True)
         except ContentStoreError:
             pass  # already forgotten
         return str(unpacked)

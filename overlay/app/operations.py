@@ -30,6 +30,7 @@ from crypto.location import (
     decode_location,
 )
 from overlay.app.control import ControlError, Operation
+from overlay.content.archive import ArchiveView
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.mail.contacts import Contacts
@@ -234,9 +235,10 @@ class ControlOperations:
             except ContentStoreError:
                 pass  # nothing was fetched yet
             else:
-                deleted = str(held.path) if held is not None and delete_file else None
+                deleted = (str(held.path) if held is not None and delete_file
+                           and not isinstance(held, ArchiveView) else None)
         if (delete_file and deleted is None and e.path and e.state is InboxState.COMPLETE
-                and folder_json(e) is not None):  # an unpacked folder: no content held
+                and folder_json(e) is not None):  # an unpacked folder: the store leaves it
             if await asyncio.to_thread(delete_received, Path(e.path)):
                 deleted = e.path
         return {"id": e.id.hex(), "title": e.title, "deleted_file": deleted}

@@ -4,7 +4,9 @@ One plaintext copy per content and nothing else: a sender's file stays where the
 it and is sealed chunk by chunk on the way out. A receiver writes
 verified chunks into a preallocated `<name>.part` and records each one in a bitmap file as
 soon as its bytes are written, so after `kill -9` at any point it resumes without
-re-fetching a verified chunk; `complete()` renames the file and makes it servable.
+re-fetching a verified chunk; `complete()` renames the file and makes it servable. A
+received folder archive, once unpacked, is served from the folder's files instead
+(`add_archive_view`; its map and gap bytes in `views/`), and the archive is deleted.
 
 Records (content id → path, key, capability, layout, leaf hashes) live in one SQLite file
 (mode 0600: it holds content keys and capabilities). Methods that hash, seal or write
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import platform
 import sqlite3
@@ -44,6 +47,13 @@ from crypto.content import (
     preferred_scheme,
 )
 from crypto.errors import DecodeError
+from overlay.content.archive import (
+    ArchiveFile,
+    ArchiveView,
+    load_view,
+    save_view,
+    view_paths,
+)
 from overlay.content.diskio import (
     ScratchBuffers,
     SendBuffers,
@@ -57,6 +67,8 @@ from overlay.content.diskio import (
 from overlay.content.interfaces import Catalog, ContentStoreError, ServedContent
 from overlay.content.local import LocalContent
 from overlay.content.partial import PartialContent
+
+log = logging.getLogger(__name__)
 
 # 2: the `scheme` column (LeafScheme; rows written by version 1 are SEALED). A node of
 # version 1 refuses a store of version 2 rather than misjudge its KEYED_PLAIN contents.
@@ -154,6 +166,8 @@ class ContentStore:
     def __init__(self, root_dir: Path) -> None:
         self.root = Path(root_dir)
         (self.root / "partial").mkdir(parents=True, exist_ok=True)
+        self.views = self.root / "views"  # received folders' maps (overlay/content/archive.py)
+        self.views.mkdir(mode=0o700, exist_ok=True)
         db_path = self.root / "content.sqlite"
         fd = os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
@@ -352,6 +366,34 @@ class ContentStore:
                 scratch=self._scratch, outgoing=self._outgoing)
         self.have_path(partial.content_id).unlink(missing_ok=True)
 
+    def add_archive_view(self, content_id: bytes, folder: Path,
+                         files: Sequence[ArchiveFile]) -> ArchiveView:
+        """A complete folder archive was unpacked into `folder`: serve the content from the
+        folder's files from now on (see ArchiveView) and delete the archive. Blocking.
+        ContentStoreError (the archive kept, as held) if a file is not what it holds."""
+        held = self.local(content_id)
+        if held is None or isinstance(held, ArchiveView):
+            raise ContentStoreError(f"no complete archive {content_id.hex()} to unpack")
+        map_path, gaps_path = view_paths(self.views, content_id)
+        folder = Path(folder).resolve()
+        try:
+            layout = save_view(held.path, folder, files, map_path, gaps_path)
+            if layout.size != held.size:
+                raise ContentStoreError(f"{held.path} is not the archive received")
+        except BaseException:
+            map_path.unlink(missing_ok=True)
+            gaps_path.unlink(missing_ok=True)
+            raise
+        view = ArchiveView(content_id, held.size, held.chunk_size, held.key, held.capability,
+                           folder, held.leaves, 0, held.scheme, scratch=self._scratch,
+                           outgoing=self._outgoing, layout=layout, gaps_path=gaps_path)
+        with self._lock:
+            self._db.execute("UPDATE content SET path = ?, mtime_ns = 0 WHERE cid = ?",
+                             (str(folder), content_id))
+            self._full[content_id] = view
+        held.path.unlink(missing_ok=True)
+        return view
+
     # --- serving side -----------------------------------------------------------------
     def lookup(self, content_id: bytes) -> ServedContent | None:
         """The full or partial content with this id, if held."""
@@ -374,11 +416,23 @@ class ContentStore:
             ).fetchone()
             if row is None:
                 return None
-            content = LocalContent(content_id, row[3], row[4], bytes(row[1]), bytes(row[2]),
-                                   Path(row[0]), _unpack_leaves(bytes(row[5]),
-                                                                chunk_count(row[3], row[4])),
-                                   int(row[6] or 0), LeafScheme(row[7]),
-                                   scratch=self._scratch, outgoing=self._outgoing)
+            args = (content_id, row[3], row[4], bytes(row[1]), bytes(row[2]), Path(row[0]),
+                    _unpack_leaves(bytes(row[5]), chunk_count(row[3], row[4])),
+                    int(row[6] or 0), LeafScheme(row[7]))
+            map_path, gaps_path = view_paths(self.views, content_id)
+            try:
+                saved = load_view(map_path)
+            except ContentStoreError as exc:
+                log.warning("content %s is not served: %s", content_id.hex(), exc)
+                return None
+            content: LocalContent
+            # A map naming another path is left from an unpack cut short before the row
+            # moved to the folder: the row's file is still the archive.
+            if saved is not None and saved[1] == Path(row[0]):
+                content = ArchiveView(*args, scratch=self._scratch, outgoing=self._outgoing,
+                                      layout=saved[0], gaps_path=gaps_path)
+            else:
+                content = LocalContent(*args, scratch=self._scratch, outgoing=self._outgoing)
             self._full[content_id] = content
             return content
 
@@ -400,14 +454,19 @@ class ContentStore:
             self._db.execute("DELETE FROM content WHERE cid = ?", (content_id,))
         if partial is not None:
             partial.close()
-        if row[0] == "partial" or delete_file:
+        map_path, gaps_path = view_paths(self.views, content_id)
+        a_view = map_path.exists()
+        # A received folder is the user's now: its caller deletes it (`rm --delete-file`).
+        if row[0] == "partial" or (delete_file and not a_view):
             Path(row[1]).unlink(missing_ok=True)
         self.have_path(content_id).unlink(missing_ok=True)
+        map_path.unlink(missing_ok=True)
+        gaps_path.unlink(missing_ok=True)
 
     def archive(self, content_id: bytes, folder: Path) -> Path:
         """Move a complete content's file into `folder` (no clobbering) and forget it."""
         content = self.local(content_id)
-        if content is None:
+        if content is None or isinstance(content, ArchiveView):
             raise ContentStoreError(f"no complete content {content_id.hex()} to archive")
         Path(folder).mkdir(parents=True, exist_ok=True)
         target = free_name(Path(folder), content.path.name)

@@ -132,11 +132,18 @@ def read_and_seal(fd: int, cipher: ChunkCipher, index: int, n: int, chunk_size: 
     `check` sees the plaintext before it is sealed; False raises ChunkChanged and nothing
     is sealed (a KEYED_PLAIN sender's leaf check)."""
     with read_chunk(fd, index, n, chunk_size, scratch) as view:
-        if check is not None and not check(view):
-            raise ChunkChanged
-        out = outgoing.take(n + cipher.overhead)
-        cipher.seal_into(index, view, out)
-        return out
+        return seal_checked(view, cipher, index, outgoing, check)
+
+
+def seal_checked(view: memoryview, cipher: ChunkCipher, index: int, outgoing: SendBuffers,
+                 check: Callable[[memoryview], bool] | None = None) -> bytearray:
+    """The plaintext chunk `view` sealed into a buffer from `outgoing`; `check` sees it
+    first, and False raises ChunkChanged with nothing sealed."""
+    if check is not None and not check(view):
+        raise ChunkChanged
+    out = outgoing.take(len(view) + cipher.overhead)
+    cipher.seal_into(index, view, out)
+    return out
 
 
 def open_direct(path: Path) -> int:

@@ -132,12 +132,29 @@ class LocalContent:
         if self.changed.reason is not None:
             raise ContentStoreError(self.changed.reason)
         n = plain_chunk_len(self.size, self.chunk_size, index)
-        check = self._leaf_check(index) if self.scheme is LeafScheme.KEYED_PLAIN else None
+        check = self._leaf_check(index) if self._checks_leaves() else None
+        try:
+            sealed: bytearray | None = self._read_and_seal(index, n, check)
+        except ChunkChanged:
+            sealed = None
+        if sealed is None or (self.scheme is LeafScheme.SEALED
+                              and chunk_hash(sealed) != self.leaves[index]):
+            raise ContentStoreError(self._mark_changed(self._mismatch_text(index)))
+        return sealed
+
+    def _checks_leaves(self) -> bool:
+        """Whether a chunk's plaintext is checked against its leaf before it is sealed."""
+        return self.scheme is LeafScheme.KEYED_PLAIN
+
+    def _read_and_seal(self, index: int, n: int,
+                       check: Callable[[memoryview], bool] | None) -> bytearray:
+        """Chunk `index` (`n` bytes) read and sealed; ContentStoreError if the file can't
+        give it, ChunkChanged if `check` refuses its plaintext."""
         try:
             with open(self.path, "rb", buffering=0) as f:
                 self._check_unchanged(os.fstat(f.fileno()))
-                sealed = read_and_seal(f.fileno(), self.cipher, index, n, self.chunk_size,
-                                       self.scratch, self.outgoing, check)
+                return read_and_seal(f.fileno(), self.cipher, index, n, self.chunk_size,
+                                     self.scratch, self.outgoing, check)
         except FileNotFoundError:
             raise ContentStoreError(self._mark_changed(
                 f"{self.path} was moved or deleted since it was added")) from None
@@ -146,11 +163,6 @@ class LocalContent:
         except ShortRead:
             raise ContentStoreError(self._mark_changed(
                 f"{self.path} changed since it was added")) from None
-        except ChunkChanged:
-            sealed = None
-        if sealed is None or (self.scheme is LeafScheme.SEALED
-                              and chunk_hash(sealed) != self.leaves[index]):
-            raise ContentStoreError(self._mark_changed(
-                f"{self.path} changed since it was added: chunk {index} no longer matches "
-                "its hash"))
-        return sealed
+
+    def _mismatch_text(self, index: int) -> str:
+        return f"{self.path} changed since it was added: chunk {index} no longer matches its hash"

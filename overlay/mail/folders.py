@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crypto.location import MAX_FILE_NAME_BYTES, MAX_FOLDER_ENTRIES, FolderInfo
+from overlay.content.archive import ArchiveFile
 from overlay.content.catalog import ContentStore
 from overlay.content.diskio import private_dir
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
@@ -406,6 +407,14 @@ def unpack(archive: Path, info: FolderInfo, dest_dir: Path) -> Path:
     """Unpack a received folder archive into `dest_dir` as `NAME/` (or `NAME (1)/`...);
     the folder's path. Blocking. FolderError naming every refused member, with nothing
     written, for an archive that breaks a rule; NotEnoughSpace if the files don't fit."""
+    return unpack_with_layout(archive, info, dest_dir)[0]
+
+
+def unpack_with_layout(archive: Path, info: FolderInfo,
+                       dest_dir: Path) -> tuple[Path, list[ArchiveFile] | None]:
+    """`unpack`, and where each file's data lies in the archive (names under the folder),
+    from which the folder serves the archive's bytes (ContentStore.add_archive_view);
+    None for an archive whose files don't hold its bytes as they are (a sparse member)."""
     try:
         tar = tarfile.open(archive, mode="r:")  # uncompressed only: no decompression bomb
     except (tarfile.TarError, OSError) as exc:
@@ -423,9 +432,17 @@ def unpack(archive: Path, info: FolderInfo, dest_dir: Path) -> Path:
         try:
             (work / info.name).mkdir()
             tar.extractall(work, members=members, filter="data")
-            return _move_into_place(work / info.name, dest_dir, info.name)
+            return (_move_into_place(work / info.name, dest_dir, info.name),
+                    _layout(members, info.name))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _layout(members: list[tarfile.TarInfo], top: str) -> list[ArchiveFile] | None:
+    if any(m.issparse() for m in members):
+        return None  # its data in the archive is not the file's bytes
+    return [ArchiveFile(m.name[len(top) + 1:], m.offset_data, m.size)
+            for m in members if m.isreg() and m.size > 0]
 
 
 def _judge(tar: tarfile.TarFile, archive: Path, info: FolderInfo) -> list[tarfile.TarInfo]:

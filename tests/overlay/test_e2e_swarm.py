@@ -1,14 +1,18 @@
 """End to end: co-recipients found through the DHT serve each other, with real
-server and node processes on loopback driven through the CLI."""
+server and node processes on loopback driven through the CLI. A received folder serves
+from its unpacked files (its archive deleted), across a restart, and never serves bytes
+its owner edited."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from overlay.app.lab import LocalNetwork
+from overlay.app.lab import LocalNetwork, NodeHandle
 from tests.overlay.test_e2e_cli import MiB, make_file, same_bytes
+from tests.overlay.test_e2e_folders import tree
 
 pytestmark = pytest.mark.slow
 
@@ -84,3 +88,82 @@ def test_receivers_starting_together_trade_chunks(net: LocalNetwork, tmp_path: P
         assert same_bytes(src, Path(got[me]["path"]))
         from_other = sum(s["bytes"] for s in got[me]["sources"] if s["peer"] == ids[other])
         assert from_other > 0, f"{me} got nothing from {other}: {got[me]['sources']}"
+
+
+def _folder(root: Path) -> Path:
+    """Three chunks and more of files, nested, one of them small and one empty."""
+    src = root / "sunday"
+    (src / "beach").mkdir(parents=True)
+    make_file(src / "IMG_0001.jpg", MiB + 300_000, seed=31)
+    make_file(src / "beach" / "IMG_0002.jpg", 2 * MiB + 5, seed=32)
+    (src / "beach" / "notes.txt").write_text("sand\n")
+    (src / "empty").write_bytes(b"")
+    return src
+
+
+def _folder_to_two(net: LocalNetwork, tmp_path: Path
+                   ) -> tuple[NodeHandle, NodeHandle, NodeHandle, Path, str, Path]:
+    """alice sends a folder to r1 and r2 (r2 not started); r1 has it: the nodes, the
+    folder sent, the message id and r1's folder."""
+    alice, r1, r2 = net.add_node("alice"), net.add_node("r1"), net.add_node("r2")
+    net.start_node(alice)
+    net.start_node(r1)
+    src = _folder(tmp_path)
+    mid = net.cli(alice, "send", str(src), "--to", f"{r1.address},{r2.address}").stdout.strip()
+    first = Path(net.wait_complete(r1, mid, 60, "r1's folder")["path"])
+    return alice, r1, r2, src, mid, first
+
+
+def _received_files(node: NodeHandle) -> list[str]:
+    received = node.home / "received"
+    return sorted(p for p in os.listdir(received) if p != ".peerpost-partial")
+
+
+def test_a_folder_is_fetched_from_a_co_recipient_after_its_restart_and_the_sender_left(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    alice, r1, r2, src, mid, first = _folder_to_two(net, tmp_path)
+    assert tree(first) == tree(src) and _received_files(r1) == ["sunday"]  # no .tar kept
+    net.stop_node(r1)  # the view is in r1's store: it serves again after a restart
+    net.start_node(r1)
+    net.stop_node(alice)  # the sender is gone for good
+
+    net.start_node(r2)
+    got = net.wait_complete(r2, mid, 90, "r2's folder from r1")
+    assert tree(Path(got["path"])) == tree(src)
+    delivered = {s["peer"]: s["bytes"] for s in got["sources"] if s["bytes"]}
+    r1_id = net.cli_json(r1, "info")["peer_id"][:16]
+    assert list(delivered) == [r1_id], f"every byte came from r1: {got['sources']}"
+    assert delivered[r1_id] >= 3 * MiB
+
+    # `rm --delete-file` deletes r1's folder (and forgets the view).
+    res = net.cli_json(r1, "rm", mid, "--delete-file")
+    assert res["removed"][0]["deleted_file"] == str(first) and not first.exists()
+    assert not list((r1.home / "store" / "views").iterdir())
+
+
+def test_an_edited_file_in_a_received_folder_is_not_served(net: LocalNetwork,
+                                                           tmp_path: Path) -> None:
+    alice, r1, r2, src, mid, first = _folder_to_two(net, tmp_path)
+    # Edited in place, its size and mtime put back: only the chunk's hash tells.
+    edited = first / "beach" / "IMG_0002.jpg"
+    st = edited.stat()
+    with open(edited, "r+b") as f:
+        f.seek(MiB)
+        f.write(b"edited by r1's owner")
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
+    net.stop_node(alice)
+
+    net.start_node(r2)
+    waiting = net.wait_until(lambda: (e := net.inbox_entry(r2, mid)) and
+                             e["state"] == "retrying" and e, 60, "r2 retrying without the sender")
+    # r1 refused the edited chunk (its leaf check) rather than serve it and be banned.
+    assert not any(s["banned"] for s in waiting["sources"]), waiting["sources"]
+    assert r1.proc is not None
+    net.wait_until(lambda: "sunday/beach/IMG_0002.jpg changed since it was received"
+                   in r1.proc.log(), 10, "r1's log line")
+    assert "no chunk of the folder is served any more" in r1.proc.log()
+
+    net.start_node(alice)
+    net.cli(r2, "fetch", mid)  # now, not after the backoff
+    got = net.wait_complete(r2, mid, 90, "r2's folder once the sender is back")
+    assert tree(Path(got["path"])) == tree(src)  # nothing of the edit reached it

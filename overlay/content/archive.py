@@ -1,0 +1,336 @@
+"""A received folder served from its unpacked files: the archive's bytes, without the archive.
+
+A folder travels as one uncompressed tar, and a receiver unpacks it and deletes the .tar.
+To go on serving its co-recipients it keeps what the files don't hold: the archive's
+header blocks, the zero padding after each file's data and the end-of-archive blocks (a
+few hundred bytes to ~1.5 KiB per member, in a `.gaps` file in the store), and a map of
+where each file's data lies in the archive (`.map`, msgpack). Byte `b` of the content is
+then byte `b` of that concatenation: chunk i is read piece by piece from the gaps and the
+files, and sealed as a file's chunk is.
+
+Each file's size and mtime after unpacking are recorded and checked on every read, as a
+sent file's are (LocalContent), and a chunk is checked against its leaf before it is
+sealed (under KEYED_PLAIN and KEYED_PLAIN_AES alike): bytes a user edited are never served,
+and the first edit found stops the whole folder from being served, as an edited sent file
+is (the rest may be edited too, and a receiver bans a holder for one bad chunk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from crypto.location import MAX_FOLDER_ENTRIES
+from overlay.content.diskio import ShortRead, pwrite_all, read_exactly, seal_checked
+from overlay.content.interfaces import ContentStoreError
+from overlay.content.local import LocalContent
+
+log = logging.getLogger(__name__)
+
+MAP_VERSION = 1
+MAP_SUFFIX = ".map"
+GAPS_SUFFIX = ".gaps"
+MAX_MEMBER_NAME_BYTES = 4096  # the unpacker allows 4,000 (below PATH_MAX)
+# A map is at most this big: each entry a name and three integers.
+MAX_MAP_BYTES = MAX_FOLDER_ENTRIES * (MAX_MEMBER_NAME_BYTES + 64) + 1024
+COPY_BLOCK = 1 << 20
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveFile:
+    """One regular file of the archive with data: its name under the top folder ('/'
+    between parts), where its data starts in the archive, its size, and its mtime on disk
+    once unpacked (0 until it is recorded)."""
+
+    name: str
+    offset: int
+    size: int
+    mtime_ns: int = 0
+
+
+def _check_name(name: str) -> None:
+    parts = name.split("/")
+    if (not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts)
+            or len(name.encode("utf-8", "surrogateescape")) > MAX_MEMBER_NAME_BYTES
+            or "\x00" in name):
+        raise ContentStoreError(f"folder map: unusable member name {name!r}")
+
+
+class ArchiveMap:
+    """Where each file's data lies in an archive of `size` bytes; every other byte is a
+    gap byte, kept in order in the gaps file. Files with no data have no entry."""
+
+    __slots__ = ("_sources", "_starts", "files", "gaps_size", "size")
+
+    def __init__(self, size: int, files: Iterable[ArchiveFile]) -> None:
+        self.size = size
+        self.files = tuple(files)
+        if len(self.files) > MAX_FOLDER_ENTRIES:
+            raise ContentStoreError(f"folder map: more than {MAX_FOLDER_ENTRIES:,} files")
+        # Pieces in archive order: _starts[k] is where piece k begins; _sources[k] >= 0 is
+        # a file's index, < 0 a gap whose bytes start at -_sources[k] - 1 in the gaps file.
+        self._starts = array("q")
+        self._sources = array("q")
+        at = gaps = 0
+        for i, f in enumerate(self.files):
+            _check_name(f.name)
+            if f.size <= 0 or f.offset < at or f.offset + f.size > size:
+                raise ContentStoreError(f"folder map: {f.name!r} at {f.offset} ({f.size} "
+                                        "bytes) overlaps another or lies outside the archive")
+            if f.offset > at:
+                self._starts.append(at)
+                self._sources.append(-gaps - 1)
+                gaps += f.offset - at
+            self._starts.append(f.offset)
+            self._sources.append(i)
+            at = f.offset + f.size
+        if size > at:
+            self._starts.append(at)
+            self._sources.append(-gaps - 1)
+            gaps += size - at
+        self.gaps_size = gaps
+
+    def gap_ranges(self) -> Iterator[tuple[int, int]]:
+        """(archive offset, length) of each gap, in order."""
+        for k, src in enumerate(self._sources):
+            if src < 0:
+                yield self._starts[k], self._end(k) - self._starts[k]
+
+    def _end(self, k: int) -> int:
+        return self._starts[k + 1] if k + 1 < len(self._starts) else self.size
+
+    def pieces(self, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+        """The pieces under archive bytes [start, end): (offset into the range, length,
+        source, offset into the source); a source >= 0 is a file, < 0 the gaps file."""
+        k = bisect_right(self._starts, start) - 1
+        pos = start
+        while pos < end and k < len(self._starts):
+            piece_end = min(self._end(k), end)
+            src, into = self._sources[k], pos - self._starts[k]
+            if src < 0:
+                into += -src - 1
+            yield pos - start, piece_end - pos, src, into
+            pos = piece_end
+            k += 1
+
+    def encode(self, folder: Path) -> bytes:
+        """The map as saved: versioned msgpack, with the folder it describes."""
+        blob: bytes = msgpack.packb({
+            "v": MAP_VERSION, "folder": os.fsencode(folder), "size": self.size,
+            "files": [[f.name, f.offset, f.size, f.mtime_ns] for f in self.files]},
+            use_bin_type=True)
+        return blob
+
+    @classmethod
+    def decode(cls, blob: bytes) -> tuple[ArchiveMap, Path]:
+        """A saved map and its folder, checked as wire input is; ContentStoreError."""
+        try:
+            d = msgpack.unpackb(blob, raw=False, strict_map_key=True,
+                                max_bin_len=MAX_MEMBER_NAME_BYTES,
+                                max_str_len=MAX_MEMBER_NAME_BYTES,
+                                max_array_len=MAX_FOLDER_ENTRIES, max_map_len=8)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise ContentStoreError(f"folder map is damaged: {exc}") from None
+        if not isinstance(d, dict) or d.get("v") != MAP_VERSION:
+            raise ContentStoreError("folder map of an unknown version")
+        folder, size, rows = d.get("folder"), d.get("size"), d.get("files")
+        if (not isinstance(folder, bytes) or not isinstance(size, int) or size < 0
+                or not isinstance(rows, list)):
+            raise ContentStoreError("folder map is damaged")
+        files = []
+        for r in rows:
+            if (not isinstance(r, list) or len(r) != 4 or not isinstance(r[0], str)
+                    or not all(isinstance(x, int) and x >= 0 for x in r[1:])):
+                raise ContentStoreError("folder map is damaged")
+            files.append(ArchiveFile(r[0], r[1], r[2], r[3]))
+        return cls(size, files), Path(os.fsdecode(folder))
+
+
+def view_paths(views_dir: Path, content_id: bytes) -> tuple[Path, Path]:
+    """Where a content's folder map and gap bytes are kept."""
+    stem = views_dir / content_id.hex()
+    return stem.with_suffix(MAP_SUFFIX), stem.with_suffix(GAPS_SUFFIX)
+
+
+def _write_new(path: Path, write: Callable[[int], None]) -> None:
+    """Write `path` through a temporary name, fsync'd, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+    try:
+        try:
+            write(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_view(archive: Path, folder: Path, files: Iterable[ArchiveFile],
+              map_path: Path, gaps_path: Path) -> ArchiveMap:
+    """Record the view of `archive` over its unpacked `folder` (blocking): each file's size
+    is checked on disk and its mtime recorded, the gap bytes are copied out of the archive.
+    ContentStoreError if a file is not what the archive holds."""
+    recorded = []
+    for f in files:
+        path = folder / f.name
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            raise ContentStoreError(f"cannot read {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size != f.size:
+            raise ContentStoreError(f"{path} is not the file the archive holds")
+        recorded.append(ArchiveFile(f.name, f.offset, f.size, st.st_mtime_ns))
+    with open(archive, "rb", buffering=0) as src:
+        layout = ArchiveMap(os.fstat(src.fileno()).st_size, recorded)
+
+        def copy_gaps(fd: int) -> None:
+            buf, out = bytearray(COPY_BLOCK), 0
+            for at, n in layout.gap_ranges():
+                while n:
+                    view = memoryview(buf)[:min(n, COPY_BLOCK)]
+                    read_exactly(src.fileno(), view, at)
+                    pwrite_all(fd, view, out)
+                    at, n, out = at + len(view), n - len(view), out + len(view)
+
+        try:
+            _write_new(gaps_path, copy_gaps)
+        except ShortRead:
+            raise ContentStoreError(f"{archive} shrank while its folder map was made") from None
+    blob = memoryview(layout.encode(folder))
+    _write_new(map_path, lambda fd: pwrite_all(fd, blob, 0))
+    return layout
+
+
+def load_view(map_path: Path) -> tuple[ArchiveMap, Path] | None:
+    """The saved map and its folder, None if there is none; ContentStoreError if damaged."""
+    try:
+        with open(map_path, "rb") as f:
+            blob = f.read(MAX_MAP_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    if len(blob) > MAX_MAP_BYTES:
+        raise ContentStoreError(f"{map_path} is larger than a folder map can be")
+    return ArchiveMap.decode(blob)
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveView(LocalContent):
+    """A complete content served from an unpacked folder (`path`) and its gap bytes."""
+
+    layout: ArchiveMap = field(kw_only=True, repr=False, compare=False)
+    gaps_path: Path = field(kw_only=True)
+
+    def _checks_leaves(self) -> bool:
+        # Under KEYED_PLAIN_AES too (a sent file is not: a fresh nonce per chunk, so the
+        # receiver's check is enough there): people edit what they received, and an
+        # edit that keeps size and mtime would get this holder banned by every
+        # co-recipient it serves. One BLAKE3 pass, 0.16 CPU s per GB.
+        return self.scheme.plain_leaves
+
+    def _member(self, f: ArchiveFile) -> str:
+        return f"{self.path.name}/{f.name}"
+
+    def _mark_changed(self, reason: str) -> str:
+        if self.changed.reason is None:
+            log.warning("%s; no chunk of the folder is served any more", reason)
+            self.changed.reason = reason
+        return self.changed.reason
+
+    def source_changed(self) -> str | None:
+        """Why this folder can't be served any more, or None while it is still there. One
+        stat of the folder; its files are checked as their chunks are read."""
+        if self.changed.reason is not None:
+            return self.changed.reason
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError:
+            return None  # unreadable now: maybe not for good
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            return self._mark_changed(f"{self.path} was moved or deleted since it was "
+                                      "received")
+        return None
+
+    def _read_and_seal(self, index: int, n: int,
+                       check: Callable[[memoryview], bool] | None) -> bytearray:
+        plain = self.scratch.take(self.chunk_size)
+        try:
+            view = memoryview(plain)[:n]
+            with contextlib.ExitStack() as opened:
+                gaps_fd: int | None = None
+                for into, length, src, at in self.layout.pieces(index * self.chunk_size,
+                                                                index * self.chunk_size + n):
+                    part = view[into : into + length]
+                    if src >= 0:
+                        self._read_file(self.layout.files[src], part, at)
+                        continue
+                    if gaps_fd is None:
+                        gaps_fd = self._open_gaps()
+                        opened.callback(os.close, gaps_fd)
+                    try:
+                        read_exactly(gaps_fd, part, at)
+                    except ShortRead:
+                        raise ContentStoreError(self._mark_changed(
+                            f"{self.gaps_path} is damaged")) from None
+            return seal_checked(view, self.cipher, index, self.outgoing, check)
+        finally:
+            self.scratch.give(plain)
+
+    def _open_gaps(self) -> int:
+        try:
+            return os.open(self.gaps_path, os.O_RDONLY | _NOFOLLOW)
+        except FileNotFoundError:
+            raise ContentStoreError(self._mark_changed(
+                f"{self.gaps_path} is missing: the folder {self.path} can't be served"))\
+                from None
+        except OSError as exc:
+            raise ContentStoreError(f"cannot read {self.gaps_path}: {exc.strerror}") from None
+
+    def _read_file(self, f: ArchiveFile, part: memoryview, at: int) -> None:
+        """Fill `part` from member `f` at `at`, refusing a file changed since it was
+        unpacked (size and mtime, as LocalContent judges a sent file)."""
+        path, fd = self.path / f.name, -1
+        changed = f"{self._member(f)} changed since it was received"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
+            st = os.fstat(fd)
+            if (not stat.S_ISREG(st.st_mode) or st.st_size != f.size
+                    or st.st_mtime_ns != f.mtime_ns):
+                raise ContentStoreError(self._mark_changed(changed))
+            read_exactly(fd, part, at)
+        except FileNotFoundError:
+            raise ContentStoreError(self._mark_changed(
+                f"{self._member(f)} was moved or deleted since it was received")) from None
+        except ShortRead:
+            raise ContentStoreError(self._mark_changed(changed)) from None
+        except OSError as exc:
+            raise ContentStoreError(f"cannot read {path}: {exc.strerror}") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _mismatch_text(self, index: int) -> str:
+        start = index * self.chunk_size
+        names = [self._member(self.layout.files[src]) for _, _, src, _ in
+                 self.layout.pieces(start, start + self.chunk_size) if src >= 0]
+        if len(names) == 1:
+            which = names[0]
+        else:  # a gap byte, or one of the files
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3
+                                            else "")
+            which = f"a file of {self.path.name}/" + (f" ({shown})" if shown else "")
+        return (f"{which} changed since it was received: chunk {index} no longer matches "
+                "its hash")
