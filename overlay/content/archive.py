@@ -18,6 +18,7 @@ is (the rest may be edited too, and a receiver bans a holder for one bad chunk).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -311,12 +312,14 @@ class ArchiveView(LocalContent):
                     or st.st_mtime_ns != f.mtime_ns):
                 raise ContentStoreError(self._mark_changed(changed))
             read_exactly(fd, part, at)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ContentStoreError(self._mark_changed(
                 f"{self._member(f)} was moved or deleted since it was received")) from None
         except ShortRead:
             raise ContentStoreError(self._mark_changed(changed)) from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink put in its place: never followed
+                raise ContentStoreError(self._mark_changed(changed)) from None
             raise ContentStoreError(f"cannot read {path}: {exc.strerror}") from None
         finally:
             if fd >= 0:

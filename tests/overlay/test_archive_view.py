@@ -167,3 +167,18 @@ def test_a_damaged_map_is_not_served(tmp_path: Path,
     assert store.lookup(cid) is None
     assert "folder map is damaged" in caplog.text
     store.close()
+
+
+def test_a_file_replaced_by_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    store, _, view = _received(tmp_path, [3000], 1024)
+    target = view.path / "IMG_0000.jpg"
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 3000)  # same size: only the link itself tells
+    target.unlink()
+    target.symlink_to(secret)
+    with pytest.raises(ContentStoreError, match=r"sunday/IMG_0000\.jpg changed since it "
+                       "was received"):
+        _plain(view)
+    assert view.source_changed() is not None
+    store.close()
+
