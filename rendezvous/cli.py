@@ -140,7 +140,7 @@ from rendezvous.storecli import (
     pg_read_stats,
     store_url,
 )
-from rendezvous.tls import self_signed, server_tls, tls_files_problem
+from rendezvous.tls import ServerTls, self_signed, server_tls, tls_files_problem
 
 if TYPE_CHECKING:
     from rendezvous.metrics import ServerMetrics
@@ -833,16 +833,21 @@ def _reload_tls(args: argparse.Namespace, server: RendezvousServer) -> None:
     """SIGHUP: read the certificate and key again (a renewed certificate at the same paths,
     or new paths in --config) and present them from the next handshake on. Files that
     can't serve (half written, a key of another certificate) are logged and the old
-    certificate stays."""
-    cert, key = ((args.tls_cert, args.tls_key) if args.tls_cert is not None
-                 else self_signed(args.data, args.domain))
-    problem = tls_files_problem(cert, key)
-    if problem is None:
+    certificate stays, as it does for a config that names one of the two files only (at
+    start that is a usage error; here an exception would end serve)."""
+    tls: ServerTls | None = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        problem: str | None = "--tls-cert and --tls-key go together"
+    else:
         try:
-            tls = server_tls(cert, key)
-        except (OSError, ValueError, ssl.SSLError) as exc:  # replaced since it was checked
-            problem = str(exc)
-    if problem is not None:
+            cert, key = ((args.tls_cert, args.tls_key) if args.tls_cert is not None
+                         else self_signed(args.data, args.domain))
+            problem = tls_files_problem(cert, key)
+            if problem is None:
+                tls = server_tls(cert, key)
+        except (OSError, ValueError, ssl.SSLError) as exc:  # replaced since it was checked,
+            problem = str(exc)  # or DATA refusing a self-signed one
+    if problem is not None or tls is None:
         log.error(kv("server.tls_reload_failed", error=problem,
                      note="the old certificate stays"))
         return

@@ -200,3 +200,36 @@ async def test_a_reload_between_accept_and_client_hello(tmp_path: Path) -> None:
                 await client.aclose()
     finally:
         await server.aclose()
+
+
+async def test_a_reload_naming_a_certificate_without_its_key_keeps_serving(
+        tmp_path: Path) -> None:
+    """A --config edited to name --tls-cert without --tls-key (the key line lost) is
+    logged on SIGHUP, as at start, and the server goes on with the old certificate."""
+    openssl = _openssl()
+    (tmp_path / "certs").mkdir()
+    cert, key = self_signed(tmp_path / "certs", DOMAIN)
+    config, log = tmp_path / "serve.toml", tmp_path / "serve.log"
+    both = (f'domain = "{DOMAIN}"\ndata = "data"\nlisten = "127.0.0.1:0"\n'
+            'open_registration = true\nstun_port = "off"\ndht_port = "off"\n'
+            f'tls_cert = "{cert}"\n')
+    config.write_text(both + f'tls_key = "{key}"\n')
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            str(SCRIPT), "serve", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=err)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line.startswith("listening "), line
+        port = int(line.rsplit(":", 1)[1])
+        config.write_text(both)
+        proc.send_signal(signal.SIGHUP)
+        line = await logged(log, "server.tls_reload_failed")
+        assert "--tls-cert and --tls-key go together" in line, line
+        assert await presented(openssl, port) == binding_of_file(cert)
+        assert proc.returncode is None, log.read_text()[-3000:]
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 30)
