@@ -237,9 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "addresses as one message; prints the message id")
     s.add_argument("paths", nargs="+", metavar="PATH",
                    help="the file to send (it stays where it is; peers fetch from it); a "
-                        "folder, or several paths, go as one archive packed into the home "
-                        "folder (deleted once every recipient has it) that recipients get "
-                        "unpacked as a folder")
+                        "folder, or several paths, go as one archive that recipients get "
+                        "unpacked as a folder; it is read from the files themselves (they "
+                        "stay too: only a small map is written into the home folder)")
     s.add_argument("--to", required=True, action="append", metavar="ADDR[,ADDR...]",
                    help="recipients: repeat --to or separate addresses with commas")
     s.add_argument("--title", default=None, help="subject line (default: the file's name)")
@@ -591,11 +591,12 @@ def cmd_send(home: NodeHome, args: argparse.Namespace) -> Any:
 
 def _send_folder(home: NodeHome, paths: list[Path], to: list[str],
                  args: argparse.Namespace) -> int:
-    """Pack the folder (or the files) into one archive in the home, with a progress bar,
-    and send that. The archive is the node's from the moment it is handed over; until then
-    any failure or a Ctrl-C deletes it."""
+    """Map the folder (or the files) as one archive, and send that: only the map is
+    written (in the home), and the node reads the archive's bytes through it from the
+    files themselves. The map is the node's from the moment it is handed over; until
+    then any failure or a Ctrl-C deletes it."""
     from overlay.content.interfaces import NotEnoughSpace
-    from overlay.mail.folders import FolderError, given_name, plan_pack, summary
+    from overlay.mail.folders import FolderError, given_name, plan_pack, summary, write_map
 
     _check_text(args)
     control_call(home.control_path, "ping")  # a node that is not running: say so first
@@ -611,13 +612,12 @@ def _send_folder(home: NodeHome, paths: list[Path], to: list[str],
             out.print(f"  {_m(sk.path)}: {sk.why}", highlight=False, soft_wrap=True)
         if len(plan.skipped) > 20:
             out.print(f"  and {len(plan.skipped) - 20} more", highlight=False)
-    info = plan.info()
     try:
-        archive = _pack_with_bar(plan, home, _rich(err_console))
+        archive, info = write_map(plan, home.store_dir)
     except (FolderError, NotEnoughSpace) as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
-        raise CliError(f"cannot pack {plan.name}: {exc}") from None
+        raise CliError(f"cannot map {plan.name}: {exc}") from None
     names = None if len(paths) == 1 else [given_name(p) for p in paths]
     title = args.title
     if title is None:
@@ -631,8 +631,8 @@ def _send_folder(home: NodeHome, paths: list[Path], to: list[str],
         res = control_call(home.control_path, "send", path=str(archive), to=to, title=title,
                            note=args.note, folder=folder)
     except KeyboardInterrupt:
-        # The node has the request and goes on with it (as with one file): the archive is
-        # its copy now. One that never reached it is swept at the node's next start.
+        # The node has the request and goes on with it (as with one file): the map is the
+        # node's now. One that never reached it is swept at the node's next start.
         raise CliError(f"interrupted: the node may still send {plan.name} (`peerpost "
                        "status` shows it; `peerpost cancel ID` withdraws it)",
                        EXIT_INTERRUPTED) from None
@@ -642,22 +642,10 @@ def _send_folder(home: NodeHome, paths: list[Path], to: list[str],
     return _sent(home, res["id"], to, args)
 
 
-def _pack_with_bar(plan: Any, home: NodeHome, bar_console: Any) -> Path:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from overlay.app.progress import MiBColumn, RateColumn
-    from overlay.mail.folders import pack
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MiBColumn(), RateColumn(),
-                  TimeRemainingColumn(), console=bar_console, transient=True) as bar:
-        task = bar.add_task(f"packing {_m(plan.name[:30])}", total=plan.size)
-        path: Path = pack(plan, home.store_dir, lambda n: bar.update(task, completed=n))
-    return path
-
-
 def _forget_archive(home: NodeHome, archive: Path) -> None:
-    """The send of `archive` failed or was interrupted: delete it unless the node recorded
-    a message naming it (it sent it, or keeps it for `peerpost resend`)."""
+    """The send of the folder map `archive` failed or was interrupted: delete it (never
+    the files it names) unless the node recorded a message naming it (it sent it, or
+    keeps it for `peerpost resend`)."""
     try:
         sent = control_call(home.control_path, "status")
     except (ControlError, OSError):

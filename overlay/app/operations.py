@@ -424,7 +424,7 @@ class ControlOperations:
         if (folder is not None and self.store is not None
                 and is_own_archive(self.store.root, m.path)
                 and not await asyncio.to_thread(os.path.exists, m.path)):
-            raise ControlError(f"the archive of {folder.name}/ is gone (nobody needed it any "
+            raise ControlError(f"the map of {folder.name}/ is gone (nobody needed it any "
                                "more): send the folder again with `peerpost send`")
         try:
             mid = await self.sender.send(Path(m.path), to, m.title, note, folder)

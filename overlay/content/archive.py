@@ -13,6 +13,13 @@ sent file's are (LocalContent), and a chunk is checked against its leaf before i
 sealed (under KEYED_PLAIN and KEYED_PLAIN_AES alike): bytes a user edited are never served,
 and the first edit found stops the whole folder from being served, as an edited sent file
 is (the rest may be edited too, and a receiver bans a holder for one bad chunk).
+
+A folder being sent is served the same way from the sender's own files, with no archive
+written at all: the CLI computes the archive's header, padding and end bytes and where each
+file's data lies, and writes only that map (its gap bytes inside it, its files named by
+their absolute paths) into the store's `outgoing/` folder; the node names the content by
+reading through it (ContentStore.add_sent_archive). A file edited since stops the serving
+as an edited sent file does.
 """
 
 from __future__ import annotations
@@ -39,10 +46,17 @@ log = logging.getLogger(__name__)
 
 MAP_VERSION = 1
 MAP_SUFFIX = ".map"
+OUTGOING_DIR = "outgoing"  # under the content store's root: the sender's folder maps
 GAPS_SUFFIX = ".gaps"
 MAX_MEMBER_NAME_BYTES = 4096  # the unpacker allows 4,000 (below PATH_MAX)
-# A map is at most this big: each entry a name and three integers.
-MAX_MAP_BYTES = MAX_FOLDER_ENTRIES * (MAX_MEMBER_NAME_BYTES + 64) + 1024
+MAX_SOURCE_PATH_BYTES = 4096  # a sent file's absolute path: PATH_MAX
+# What a member adds to the gaps at most: its header, a PAX header of two names (each at
+# most 4,000 bytes, padded to blocks) and the padding of its data.
+MAX_GAP_BYTES_PER_MEMBER = 12 * 1024
+# A map is at most this big: each entry a name and three integers, and a sender's gap
+# bytes (beyond the members', the end blocks and the record padding: 10 KiB).
+MAX_MAP_BYTES = (MAX_FOLDER_ENTRIES * (MAX_SOURCE_PATH_BYTES + 64 + MAX_GAP_BYTES_PER_MEMBER)
+                 + 32 * 1024)
 COPY_BLOCK = 1 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
@@ -59,7 +73,12 @@ class ArchiveFile:
     mtime_ns: int = 0
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, *, absolute: bool) -> None:
+    if absolute:  # a sender's own file, opened where the user keeps it
+        if (not name.startswith("/") or "\x00" in name
+                or len(name.encode("utf-8", "surrogateescape")) > MAX_SOURCE_PATH_BYTES):
+            raise ContentStoreError(f"folder map: unusable file path {name!r}")
+        return
     parts = name.split("/")
     if (not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts)
             or len(name.encode("utf-8", "surrogateescape")) > MAX_MEMBER_NAME_BYTES
@@ -69,37 +88,44 @@ def _check_name(name: str) -> None:
 
 class ArchiveMap:
     """Where each file's data lies in an archive of `size` bytes; every other byte is a
-    gap byte, kept in order in the gaps file. Files with no data have no entry."""
+    gap byte, kept in order in the gaps file. Files with no data have no entry.
 
-    __slots__ = ("_sources", "_starts", "files", "gaps_size", "size")
+    A sender's map holds its gap bytes (`gaps`), and names its files by absolute path."""
 
-    def __init__(self, size: int, files: Iterable[ArchiveFile]) -> None:
+    __slots__ = ("_sources", "_starts", "files", "gaps", "gaps_size", "size")
+
+    def __init__(self, size: int, files: Iterable[ArchiveFile],
+                 gaps: bytes | None = None) -> None:
         self.size = size
         self.files = tuple(files)
+        self.gaps = gaps
         if len(self.files) > MAX_FOLDER_ENTRIES:
             raise ContentStoreError(f"folder map: more than {MAX_FOLDER_ENTRIES:,} files")
         # Pieces in archive order: _starts[k] is where piece k begins; _sources[k] >= 0 is
         # a file's index, < 0 a gap whose bytes start at -_sources[k] - 1 in the gaps file.
         self._starts = array("q")
         self._sources = array("q")
-        at = gaps = 0
+        at = held = 0
         for i, f in enumerate(self.files):
-            _check_name(f.name)
+            _check_name(f.name, absolute=self.gaps is not None)
             if f.size <= 0 or f.offset < at or f.offset + f.size > size:
                 raise ContentStoreError(f"folder map: {f.name!r} at {f.offset} ({f.size} "
                                         "bytes) overlaps another or lies outside the archive")
             if f.offset > at:
                 self._starts.append(at)
-                self._sources.append(-gaps - 1)
-                gaps += f.offset - at
+                self._sources.append(-held - 1)
+                held += f.offset - at
             self._starts.append(f.offset)
             self._sources.append(i)
             at = f.offset + f.size
         if size > at:
             self._starts.append(at)
-            self._sources.append(-gaps - 1)
-            gaps += size - at
-        self.gaps_size = gaps
+            self._sources.append(-held - 1)
+            held += size - at
+        self.gaps_size = held
+        if self.gaps is not None and len(self.gaps) != held:
+            raise ContentStoreError(f"folder map: {len(self.gaps)} gap bytes kept, "
+                                    f"{held} needed")
 
     def gap_ranges(self) -> Iterator[tuple[int, int]]:
         """(archive offset, length) of each gap, in order."""
@@ -126,10 +152,12 @@ class ArchiveMap:
 
     def encode(self, folder: Path) -> bytes:
         """The map as saved: versioned msgpack, with the folder it describes."""
-        blob: bytes = msgpack.packb({
+        saved: dict[str, object] = {
             "v": MAP_VERSION, "folder": os.fsencode(folder), "size": self.size,
-            "files": [[f.name, f.offset, f.size, f.mtime_ns] for f in self.files]},
-            use_bin_type=True)
+            "files": [[f.name, f.offset, f.size, f.mtime_ns] for f in self.files]}
+        if self.gaps is not None:
+            saved["gaps"] = self.gaps
+        blob: bytes = msgpack.packb(saved, use_bin_type=True)
         return blob
 
     @classmethod
@@ -137,16 +165,18 @@ class ArchiveMap:
         """A saved map and its folder, checked as wire input is; ContentStoreError."""
         try:
             d = msgpack.unpackb(blob, raw=False, strict_map_key=True,
-                                max_bin_len=MAX_MEMBER_NAME_BYTES,
-                                max_str_len=MAX_MEMBER_NAME_BYTES,
+                                max_bin_len=MAX_MAP_BYTES,
+                                max_str_len=MAX_SOURCE_PATH_BYTES,
                                 max_array_len=MAX_FOLDER_ENTRIES, max_map_len=8)
         except (ValueError, msgpack.UnpackException) as exc:
             raise ContentStoreError(f"folder map is damaged: {exc}") from None
         if not isinstance(d, dict) or d.get("v") != MAP_VERSION:
             raise ContentStoreError("folder map of an unknown version")
         folder, size, rows = d.get("folder"), d.get("size"), d.get("files")
-        if (not isinstance(folder, bytes) or not isinstance(size, int) or size < 0
-                or not isinstance(rows, list)):
+        gaps = d.get("gaps")
+        if (not isinstance(folder, bytes) or len(folder) > MAX_SOURCE_PATH_BYTES
+                or not isinstance(size, int) or size < 0 or not isinstance(rows, list)
+                or not (gaps is None or isinstance(gaps, bytes))):
             raise ContentStoreError("folder map is damaged")
         files = []
         for r in rows:
@@ -154,7 +184,7 @@ class ArchiveMap:
                     or not all(isinstance(x, int) and x >= 0 for x in r[1:])):
                 raise ContentStoreError("folder map is damaged")
             files.append(ArchiveFile(r[0], r[1], r[2], r[3]))
-        return cls(size, files), Path(os.fsdecode(folder))
+        return cls(size, files, gaps), Path(os.fsdecode(folder))
 
 
 def view_paths(views_dir: Path, content_id: bytes) -> tuple[Path, Path]:
@@ -228,10 +258,21 @@ def load_view(map_path: Path) -> tuple[ArchiveMap, Path] | None:
 
 @dataclass(frozen=True, slots=True)
 class ArchiveView(LocalContent):
-    """A complete content served from an unpacked folder (`path`) and its gap bytes."""
+    """A complete content served from an unpacked folder (`path`) and its gap bytes, or,
+    on the sender, from the files its map names (`path` is then the map itself, in the
+    store's outgoing folder, and the gap bytes are in it)."""
 
     layout: ArchiveMap = field(kw_only=True, repr=False, compare=False)
     gaps_path: Path = field(kw_only=True)
+
+    @property
+    def sent(self) -> bool:
+        """Whether this is a sender's view over the files it was asked to send."""
+        return self.layout.gaps is not None
+
+    @property
+    def _since(self) -> str:
+        return "sent" if self.sent else "received"
 
     def _checks_leaves(self) -> bool:
         # Under KEYED_PLAIN_AES too (a sent file is not: a fresh nonce per chunk, so the
@@ -241,7 +282,7 @@ class ArchiveView(LocalContent):
         return self.scheme.plain_leaves
 
     def _member(self, f: ArchiveFile) -> str:
-        return f"{self.path.name}/{f.name}"
+        return f.name if self.sent else f"{self.path.name}/{f.name}"
 
     def _mark_changed(self, reason: str) -> str:
         if self.changed.reason is None:
@@ -251,7 +292,8 @@ class ArchiveView(LocalContent):
 
     def source_changed(self) -> str | None:
         """Why this folder can't be served any more, or None while it is still there. One
-        stat of the folder; its files are checked as their chunks are read."""
+        stat of the folder (a sender's: of its map); its files are checked as their chunks
+        are read."""
         if self.changed.reason is not None:
             return self.changed.reason
         try:
@@ -260,9 +302,27 @@ class ArchiveView(LocalContent):
             st = None
         except OSError:
             return None  # unreadable now: maybe not for good
-        if st is None or not stat.S_ISDIR(st.st_mode):
+        if self.sent:
+            if st is None or not stat.S_ISREG(st.st_mode):
+                return self._mark_changed(f"the folder map {self.path} was deleted: the "
+                                          "folder can't be served")
+        elif st is None or not stat.S_ISDIR(st.st_mode):
             return self._mark_changed(f"{self.path} was moved or deleted since it was "
                                       "received")
+        return None
+
+    def files_changed(self) -> str | None:
+        """The first file whose size or mtime is not what the map recorded (one stat of
+        each), as `source_changed` would say it; None if none. Not recorded: a sender
+        checks this once its naming pass is done."""
+        for f in self.layout.files:
+            try:
+                st = os.stat(self.path / f.name, follow_symlinks=False)
+            except OSError:
+                return f"{self._member(f)} was moved or deleted since it was {self._since}"
+            if (not stat.S_ISREG(st.st_mode) or st.st_size != f.size
+                    or st.st_mtime_ns != f.mtime_ns):
+                return f"{self._member(f)} changed since it was {self._since}"
         return None
 
     def _read_and_seal(self, index: int, n: int,
@@ -270,25 +330,32 @@ class ArchiveView(LocalContent):
         plain = self.scratch.take(self.chunk_size)
         try:
             view = memoryview(plain)[:n]
-            with contextlib.ExitStack() as opened:
-                gaps_fd: int | None = None
-                for into, length, src, at in self.layout.pieces(index * self.chunk_size,
-                                                                index * self.chunk_size + n):
-                    part = view[into : into + length]
-                    if src >= 0:
-                        self._read_file(self.layout.files[src], part, at)
-                        continue
-                    if gaps_fd is None:
-                        gaps_fd = self._open_gaps()
-                        opened.callback(os.close, gaps_fd)
-                    try:
-                        read_exactly(gaps_fd, part, at)
-                    except ShortRead:
-                        raise ContentStoreError(self._mark_changed(
-                            f"{self.gaps_path} is damaged")) from None
+            self.read_plain(index * self.chunk_size, view)
             return seal_checked(view, self.cipher, index, self.outgoing, check)
         finally:
             self.scratch.give(plain)
+
+    def read_plain(self, start: int, view: memoryview) -> None:
+        """Fill `view` with the archive's bytes from `start` (blocking); ContentStoreError
+        if a file changed (recorded: nothing is served any more) or can't be read."""
+        with contextlib.ExitStack() as opened:
+            gaps_fd: int | None = None
+            for into, length, src, at in self.layout.pieces(start, start + len(view)):
+                part = view[into : into + length]
+                if src >= 0:
+                    self._read_file(self.layout.files[src], part, at)
+                    continue
+                if self.layout.gaps is not None:
+                    part[:] = self.layout.gaps[at : at + length]
+                    continue
+                if gaps_fd is None:
+                    gaps_fd = self._open_gaps()
+                    opened.callback(os.close, gaps_fd)
+                try:
+                    read_exactly(gaps_fd, part, at)
+                except ShortRead:
+                    raise ContentStoreError(self._mark_changed(
+                        f"{self.gaps_path} is damaged")) from None
 
     def _open_gaps(self) -> int:
         try:
@@ -302,9 +369,9 @@ class ArchiveView(LocalContent):
 
     def _read_file(self, f: ArchiveFile, part: memoryview, at: int) -> None:
         """Fill `part` from member `f` at `at`, refusing a file changed since it was
-        unpacked (size and mtime, as LocalContent judges a sent file)."""
-        path, fd = self.path / f.name, -1
-        changed = f"{self._member(f)} changed since it was received"
+        unpacked or sent (size and mtime, as LocalContent judges a sent file)."""
+        path, fd = self.path / f.name, -1  # a sender's names are absolute: f.name itself
+        changed = f"{self._member(f)} changed since it was {self._since}"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
             st = os.fstat(fd)
@@ -314,7 +381,8 @@ class ArchiveView(LocalContent):
             read_exactly(fd, part, at)
         except (FileNotFoundError, NotADirectoryError):
             raise ContentStoreError(self._mark_changed(
-                f"{self._member(f)} was moved or deleted since it was received")) from None
+                f"{self._member(f)} was moved or deleted since it was {self._since}")) \
+                from None
         except ShortRead:
             raise ContentStoreError(self._mark_changed(changed)) from None
         except OSError as exc:
@@ -334,6 +402,7 @@ class ArchiveView(LocalContent):
         else:  # a gap byte, or one of the files
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3
                                             else "")
-            which = f"a file of {self.path.name}/" + (f" ({shown})" if shown else "")
-        return (f"{which} changed since it was received: chunk {index} no longer matches "
-                "its hash")
+            which = ((f"a file of {self.path.name}/" if not self.sent else "a file sent")
+                 + (f" ({shown})" if shown else ""))
+        return (f"{which} changed since it was {self._since}: chunk {index} no longer "
+                "matches its hash")

@@ -6,7 +6,9 @@ verified chunks into a preallocated `<name>.part` and records each one in a bitm
 soon as its bytes are written, so after `kill -9` at any point it resumes without
 re-fetching a verified chunk; `complete()` renames the file and makes it servable. A
 received folder archive, once unpacked, is served from the folder's files instead
-(`add_archive_view`; its map and gap bytes in `views/`), and the archive is deleted.
+(`add_archive_view`; its map and gap bytes in `views/`), and the archive is deleted. A
+folder being sent is served the same way from the sender's files, through the map the CLI
+wrote into `outgoing/` (`add_sent_archive`): no archive is written on either side.
 
 Records (content id → path, key, capability, layout, leaf hashes) live in one SQLite file
 (mode 0600: it holds content keys and capabilities). Methods that hash, seal or write
@@ -25,7 +27,7 @@ import os
 import platform
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,6 +50,8 @@ from crypto.content import (
 )
 from crypto.errors import DecodeError
 from overlay.content.archive import (
+    MAP_SUFFIX,
+    OUTGOING_DIR,
     ArchiveFile,
     ArchiveView,
     load_view,
@@ -61,7 +65,7 @@ from overlay.content.diskio import (
     free_name,
     preallocate,
     private_dir,
-    read_chunk,
+    read_exactly,
     safe_file_name,
 )
 from overlay.content.interfaces import Catalog, ContentStoreError, ServedContent
@@ -131,6 +135,14 @@ def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,
     KEYED_PLAIN: each chunk is read into a buffer its thread reuses and hashed there, one
     BLAKE3 pass and no sealing. SEALED: read, sealed, hashed. Both release the GIL, so
     HASH_WORKERS threads use both cores; each holds one chunk."""
+    return name_chunks_from(lambda start, view: read_exactly(fd, view, start), size,
+                            chunk_size, key, scheme)
+
+
+def name_chunks_from(fill: Callable[[int, memoryview], None], size: int, chunk_size: int,
+                     key: bytes, scheme: LeafScheme) -> list[bytes]:
+    """`name_chunks` of a content whose bytes from offset `start` `fill(start, view)` puts
+    into `view` (a sent folder's, read through its ArchiveView)."""
     count = chunk_count(size, chunk_size)
     cipher = ChunkCipher(key) if scheme is LeafScheme.SEALED else None
     key_l = leaf_key(key)
@@ -138,12 +150,17 @@ def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,
 
     def leaf(i: int) -> bytes:
         n = plain_chunk_len(size, chunk_size, i)
-        with read_chunk(fd, i, n, chunk_size, buffers) as view:
+        plain = buffers.take(chunk_size)
+        try:
+            view = memoryview(plain)[:n]
+            fill(i * chunk_size, view)
             if cipher is None:
                 return plain_leaf(key_l, view)
             sealed = bytearray(n + TAG_LEN)
             cipher.seal_into(i, view, sealed)
             return chunk_hash(sealed)
+        finally:
+            buffers.give(plain)
 
     def every_nth(first: int) -> list[bytes]:
         return [leaf(i) for i in range(first, count, HASH_WORKERS)]
@@ -266,20 +283,27 @@ class ContentStore:
             after = os.fstat(fd)
         if (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
             raise ContentStoreError(f"{path} changed while it was being added")
+        return self._hold(functools.partial(
+            LocalContent, size=size, chunk_size=chunk_size, key=key, path=path,
+            leaves=tuple(leaves), mtime_ns=before.st_mtime_ns, scheme=scheme,
+            scratch=self._scratch, outgoing=self._outgoing), leaves, capability)
+
+    def _hold(self, make: Callable[..., LocalContent], leaves: Sequence[bytes],
+              capability: bytes | None) -> LocalContent:
+        """Record a complete content this node named from its `leaves`:
+        `make(content_id=, capability=)` builds it; the capability is fresh unless given or
+        already handed out for this content (same bytes, same key: same content id)."""
         if capability is not None and len(capability) != CAPABILITY_LEN:
             raise DecodeError("a capability is 32 bytes")
-        content = LocalContent(merkle_root(leaves), size, chunk_size, key,
-                               capability or new_capability(), path, tuple(leaves),
-                               before.st_mtime_ns, scheme, scratch=self._scratch,
-                               outgoing=self._outgoing)
+        content = make(content_id=merkle_root(leaves),
+                       capability=capability or new_capability())
+        size, chunk_size, key, path, scheme = (content.size, content.chunk_size, content.key,
+                                               content.path, content.scheme)
         with self._lock:
             old = self._db.execute("SELECT capability FROM content WHERE cid = ?",
                                    (content.content_id,)).fetchone()
             if old is not None and capability is None:
-                # Same file, same key: same content id. Keep the capability already handed out.
-                content = LocalContent(content.content_id, size, chunk_size, key, bytes(old[0]),
-                                       path, content.leaves, content.mtime_ns, scheme,
-                                       scratch=self._scratch, outgoing=self._outgoing)
+                content = make(content_id=content.content_id, capability=bytes(old[0]))
             self._db.execute(
                 "INSERT OR REPLACE INTO content (cid, state, path, content_key, capability,"
                 " size, chunk_size, leaves, mtime_ns, scheme)"
@@ -289,6 +313,47 @@ class ContentStore:
             )
             self._full[content.content_id] = content
         return content
+
+    async def add_sent_archive(self, map_path: Path) -> ArchiveView:
+        """Register a folder to send from the map the CLI wrote in the outgoing folder
+        (see overlay/content/archive.py): its chunks are named by reading through the view
+        over the user's files, and served from there; no archive is written."""
+        return await asyncio.to_thread(self.add_sent_archive_blocking, map_path)
+
+    def add_sent_archive_blocking(self, map_path: Path) -> ArchiveView:
+        """`add_sent_archive` for callers already in a thread. ContentStoreError if the
+        map is not a sender's, or a file changed since the map was made."""
+        map_path = Path(map_path)
+        if not self._is_sent_map(map_path):
+            raise ContentStoreError(f"{map_path} is not a folder map in {self.sent_maps}")
+        saved = load_view(map_path)
+        if saved is None or saved[0].gaps is None:
+            raise ContentStoreError(f"{map_path} is not the folder map of a send")
+        layout = saved[0]
+        key, scheme = new_content_key(), local_scheme()
+        chunk_size = chunk_size_for(layout.size)
+        check_layout(layout.size, chunk_size)
+        make = functools.partial(
+            ArchiveView, size=layout.size, chunk_size=chunk_size, key=key, path=map_path,
+            mtime_ns=0, scheme=scheme, scratch=self._scratch, outgoing=self._outgoing,
+            layout=layout, gaps_path=map_path)
+        reader = make(content_id=b"", capability=b"", leaves=())
+        leaves = name_chunks_from(reader.read_plain, layout.size, chunk_size, key, scheme)
+        if (changed := reader.files_changed()) is not None:  # during the pass
+            raise ContentStoreError(changed)
+        content = self._hold(functools.partial(make, leaves=tuple(leaves)), leaves, None)
+        if not isinstance(content, ArchiveView):  # unreachable: `make` builds views
+            raise ContentStoreError(f"{map_path} is not a folder map")
+        return content
+
+    @property
+    def sent_maps(self) -> Path:
+        """Where the maps of folders being sent are (the CLI writes them)."""
+        return self.root / OUTGOING_DIR
+
+    def _is_sent_map(self, path: Path) -> bool:
+        return path.suffix == MAP_SUFFIX and os.path.realpath(path.parent) == \
+            os.path.realpath(self.sent_maps)
 
     # --- receiving side ---------------------------------------------------------------
     def open_partial(
@@ -420,6 +485,9 @@ class ContentStore:
                     _unpack_leaves(bytes(row[5]), chunk_count(row[3], row[4])),
                     int(row[6] or 0), LeafScheme(row[7]))
             map_path, gaps_path = view_paths(self.views, content_id)
+            sent = self._is_sent_map(Path(row[0]))
+            if sent:  # a folder being sent: its map is the row's file
+                map_path = gaps_path = Path(row[0])
             try:
                 saved = load_view(map_path)
             except ContentStoreError as exc:
@@ -428,7 +496,7 @@ class ContentStore:
             content: LocalContent
             # A map naming another path is left from an unpack cut short before the row
             # moved to the folder: the row's file is still the archive.
-            if saved is not None and saved[1] == Path(row[0]):
+            if saved is not None and (saved[1] == Path(row[0]) or sent):
                 content = ArchiveView(*args, scratch=self._scratch, outgoing=self._outgoing,
                                       layout=saved[0], gaps_path=gaps_path)
             else:

@@ -1,11 +1,16 @@
 """A folder, or several files, sent as one message: one uncompressed tar.
 
-The sender packs what it was given into `<store>/outgoing/NAME.tar` (PAX format, members
-in sorted order under one top folder `NAME/`, regular files and folders only: media is
-already compressed, and a receiver never has to create a link or a device), sends that
-file as usual with a `folder` field in the description, and deletes it once nobody needs
-it (`release_archives`). A receiver that knows the field unpacks it into its download
-folder as `NAME/` (`NAME (1)/` if taken); one that does not keeps a valid .tar.
+The archive is a PAX tar, members in sorted order under one top folder `NAME/`, regular
+files and folders only (media is already compressed, and a receiver never has to create a
+link or a device). The sender never writes it: `write_map` computes each member's header
+bytes as tarfile would write them, the padding and the end blocks, and writes only those
+and where each file's data lies, `<store>/outgoing/NAME.map` (a few hundred bytes per
+file), which the node reads the archive's bytes through, from the user's own files
+(overlay/content/archive.py). It is sent as usual with a `folder` field in the
+description, and the map is deleted once nobody needs it (`release_archives`); the files
+are the user's and are never deleted. `pack` writes the same archive as a real file. A
+receiver that knows the field unpacks it into its download folder as `NAME/` (`NAME (1)/`
+if taken); one that does not keeps a valid .tar.
 
 Unpacking trusts nothing in the archive: every member is judged first (tarfile's `data`
 filter, then our own rules: under `NAME/`, a file or a folder, a short plain name, no
@@ -17,6 +22,7 @@ a private folder first and is moved into place in one rename.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -26,9 +32,10 @@ import tarfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from crypto.location import MAX_FILE_NAME_BYTES, MAX_FOLDER_ENTRIES, FolderInfo
-from overlay.content.archive import ArchiveFile
+from overlay.content.archive import MAP_SUFFIX, OUTGOING_DIR, ArchiveFile, ArchiveMap
 from overlay.content.catalog import ContentStore
 from overlay.content.diskio import private_dir
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
@@ -37,7 +44,6 @@ from overlay.mail.prefs import size_text
 
 log = logging.getLogger("peerpost.folders")
 
-OUTGOING_DIR = "outgoing"  # under the content store's root: the archives this node made
 TAR_SUFFIX = ".tar"
 # Room in a name for the `.tar` we add and free_name's ` (NNN)`.
 MAX_NAME_BYTES = MAX_FILE_NAME_BYTES - len(TAR_SUFFIX) - 8
@@ -226,10 +232,11 @@ def outgoing_dir(store_root: Path) -> Path:
 
 
 def is_own_archive(store_root: Path, path: Path | str) -> bool:
-    """Whether `path` is an archive this node packed (and so deletes when done)."""
+    """Whether `path` is a folder map (or, from an older version, an archive) this node
+    wrote for a send, and so deletes when done: never one of the user's files."""
     p = Path(path)
-    return p.suffix == TAR_SUFFIX and os.path.realpath(p.parent) == os.path.realpath(
-        outgoing_dir(store_root))
+    return p.suffix in (MAP_SUFFIX, TAR_SUFFIX) and os.path.realpath(
+        p.parent) == os.path.realpath(outgoing_dir(store_root))
 
 
 def free_space(folder: Path) -> int:
@@ -237,42 +244,122 @@ def free_space(folder: Path) -> int:
     return vfs.f_bavail * vfs.f_frsize
 
 
+def member_info(member: str, st: os.stat_result | None) -> tarfile.TarInfo:
+    """The header of a member as the archive has it: a folder (`st` None) or a file of
+    that stat; owner 0, no names, no times but a file's whole-second mtime."""
+    info = tarfile.TarInfo(member)
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    if st is None:
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+    else:
+        info.size, info.mtime = st.st_size, int(st.st_mtime)
+        info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+    return info
+
+
+def plan_view(plan: PackPlan) -> ArchiveMap:
+    """The archive of `plan` without its file data: each member's header bytes exactly as
+    tarfile writes them (`TarInfo.tobuf` in PAX format, tarfile's own encoding), each
+    file's data padded to a block, the two end blocks and the padding to a record, and
+    where each file's data lies (its absolute path, size and mtime as stat'ed now).
+    Blocking: one lstat per file. FolderError for a file that is no longer one."""
+    gaps = bytearray()
+    files: list[ArchiveFile] = []
+    at = 0
+    for source, member in plan.entries:
+        st = None
+        if source is not None:
+            try:
+                st = os.lstat(source)
+            except OSError as exc:
+                raise FolderError(f"cannot read {source}: {exc.strerror or exc}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise FolderError(f"{source} is no longer a regular file")
+        header = member_info(member, st).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING,
+                                               "surrogateescape")
+        gaps += header
+        at += len(header)
+        if st is not None and st.st_size:
+            files.append(ArchiveFile(str(source), at, st.st_size, st.st_mtime_ns))
+            at += st.st_size
+            pad = -st.st_size % tarfile.BLOCKSIZE
+            gaps += bytes(pad)
+            at += pad
+    end = 2 * tarfile.BLOCKSIZE  # tarfile's close: two zero blocks, then a whole record
+    end += -(at + end) % tarfile.RECORDSIZE
+    gaps += bytes(end)
+    try:
+        return ArchiveMap(at + end, files, bytes(gaps))
+    except ContentStoreError as exc:
+        raise FolderError(str(exc)) from None
+
+
+def write_map(plan: PackPlan, store_root: Path) -> tuple[Path, FolderInfo]:
+    """Write the map of `plan`'s archive (`plan_view`) into `<store_root>/outgoing` as
+    `NAME.map` (`NAME (1).map`... if taken), for the node to send the folder from the
+    files themselves; its path, and the folder as mapped (its size is the files' as
+    stat'ed for the map, which a file rewritten since the walk may have changed).
+    Blocking. NotEnoughSpace naming both sizes if even the map does not fit; on any
+    failure, or a KeyboardInterrupt, nothing is left behind."""
+    folder = outgoing_dir(store_root)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    layout = plan_view(plan)
+    blob = layout.encode(Path(plan.name))
+    free = free_space(folder)
+    if len(blob) > free:
+        raise NotEnoughSpace(f"not enough free space in {folder} for the map of "
+                             f"{plan.name}: {size_text(len(blob))} needed, "
+                             f"{size_text(free)} free")
+    path = _link_new(folder, plan.name, MAP_SUFFIX, lambda out: out.write(blob),
+                     f"writing the map of {plan.name} ({size_text(len(blob))} needed)")
+    return path, dataclasses.replace(plan.info(), size=sum(f.size for f in layout.files))
+
+
+def _link_new(folder: Path, name: str, suffix: str, write: Callable[[Any], object],
+              doing: str) -> Path:
+    """Write a new file through a temporary name (fsync'd), then link it in as the first
+    free `name` + `suffix`, `name (1)` + `suffix`...: never over another send's. Nothing
+    is left on any failure; a full disk is NotEnoughSpace saying what was being done."""
+    tmp = folder / f".{os.urandom(6).hex()}.tmp"
+    try:
+        with open(tmp, "xb") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        n = 0
+        while True:
+            target = folder / (numbered(name, n, keep_extension=False) if n else name)
+            target = target.with_name(target.name + suffix)
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                n += 1
+                continue
+            return target
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise NotEnoughSpace(f"the disk of {folder} filled up while {doing}") from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def pack(plan: PackPlan, store_root: Path, progress: Callable[[int], None]) -> Path:
     """Write the archive into `<store_root>/outgoing` (blocking); its path. `progress(n)`
     is told the bytes of file data written so far. Free space is checked first
     (NotEnoughSpace naming both sizes); on any failure, or a KeyboardInterrupt, nothing
-    is left behind."""
+    is left behind. The CLI does not pack (it writes the map); this is the archive a
+    receiver gets, as a file."""
     folder = outgoing_dir(store_root)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     need, free = plan.archive_size, free_space(folder)
     if need > free:
         raise NotEnoughSpace(f"not enough free space in {folder} to pack {plan.name}: "
                              f"{size_text(need)} needed, {size_text(free)} free")
-    tmp = folder / f".{os.urandom(6).hex()}.tmp"
-    try:
-        with open(tmp, "xb") as out:
-            _write(plan, out, progress)
-            out.flush()
-            os.fsync(out.fileno())
-        n = 0
-        while True:
-            target = folder / (numbered(plan.name, n, keep_extension=False) if n
-                               else plan.name)
-            target = target.with_name(target.name + TAR_SUFFIX)
-            try:
-                os.link(tmp, target)  # never over an archive of another send
-            except FileExistsError:
-                n += 1
-                continue
-            break
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise NotEnoughSpace(f"the disk of {folder} filled up while packing "
-                                 f"{plan.name} ({size_text(need)} needed)") from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return _link_new(folder, plan.name, TAR_SUFFIX, lambda out: _write(plan, out, progress),
+                     f"packing {plan.name} ({size_text(need)} needed)")
 
 
 def _write(plan: PackPlan, out: object, progress: Callable[[int], None]) -> None:
@@ -280,13 +367,8 @@ def _write(plan: PackPlan, out: object, progress: Callable[[int], None]) -> None
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
                       copybufsize=COPY_BUFFER) as tar:
         for source, member in plan.entries:
-            info = tarfile.TarInfo(member)
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
             if source is None:
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                tar.addfile(info)
+                tar.addfile(member_info(member, None))
                 continue
             try:
                 # Not through a link, and never blocking on a pipe put in its place.
@@ -297,8 +379,7 @@ def _write(plan: PackPlan, out: object, progress: Callable[[int], None]) -> None
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise FolderError(f"{source} is no longer a regular file")
-                info.size, info.mtime = st.st_size, int(st.st_mtime)
-                info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+                info = member_info(member, st)
                 try:
                     tar.addfile(info, _Counted(f, progress, done))
                 except OSError as exc:
@@ -346,8 +427,9 @@ def needed(entry: OutboxEntry) -> bool:
 
 
 def release_archives(outbox: Outbox, store: ContentStore) -> list[str]:
-    """Delete every archive this node packed that no sent message needs any more (each
-    recipient has it, or the message was withdrawn); blocking. The paths deleted."""
+    """Delete every folder map (or archive) this node wrote that no sent message needs any
+    more (each recipient has it, or the message was withdrawn), never the files a map
+    names; blocking. The paths deleted."""
     by_path: dict[str, list[OutboxEntry]] = {}
     for m in outbox.list(limit=1_000_000):
         if is_own_archive(store.root, m.path):
@@ -360,7 +442,7 @@ def release_archives(outbox: Outbox, store: ContentStore) -> list[str]:
             with contextlib.suppress(ContentStoreError):
                 store.remove(m.content_id)
         Path(path).unlink(missing_ok=True)
-        log.info("deleted the folder archive %s: no recipient needs it any more", path)
+        log.info("deleted the folder map %s: no recipient needs it any more", path)
         gone.append(path)
     return gone
 

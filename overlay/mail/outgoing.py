@@ -31,8 +31,10 @@ from crypto.location import (
     LocationMessage,
     SenderHints,
 )
+from overlay.content.archive import MAP_SUFFIX
 from overlay.content.catalog import ContentStore
 from overlay.content.diskio import safe_file_name
+from overlay.content.interfaces import ContentStoreError
 from overlay.mail.contacts import Contacts, PinResult
 from overlay.mail.describe import describe_media, make_thumbnail
 from overlay.mail.folders import TAR_SUFFIX, discard_unsent, is_own_archive, sweep_orphans
@@ -231,9 +233,10 @@ class MailSender:
         """Send `path` to the addresses `to`; returns the message id. Raises SendError, with
         nothing deposited, when the file, an address or a pinned key is refused.
 
-        With `folder`, `path` is a folder archive this node packed (in the store's
-        outgoing folder, and nowhere else: it is deleted once nobody needs it); one whose
-        send fails before it is recorded is deleted at once."""
+        With `folder`, `path` is the map of a folder (or an archive an older version
+        packed) in the store's outgoing folder, and nowhere else: it is deleted once nobody
+        needs it, the files it names never; one whose send fails before it is recorded is
+        deleted at once."""
         if folder is None:
             return await self._send(path, to, title, note, None)
         if not is_own_archive(self.store.root, path):
@@ -261,8 +264,10 @@ class MailSender:
             return_exceptions=True)
         try:
             recipients = await self._recipients(addresses)
-            named, (described,) = await asyncio.gather(
-                self.store.add_local_file(path), describing, return_exceptions=True)
+            naming = (self.store.add_sent_archive(path) if path.suffix == MAP_SUFFIX
+                      and folder is not None else self.store.add_local_file(path))
+            named, (described,) = await asyncio.gather(naming, describing,
+                                                       return_exceptions=True)
         finally:
             if not describing.done():  # a recipient was refused
                 describing.cancel()
@@ -273,6 +278,9 @@ class MailSender:
                     # A cancelled gather ends with CancelledError set as its exception:
                     # retrieved here, or asyncio logs it as never retrieved.
                     describing.exception()
+        if isinstance(named, ContentStoreError):  # changed since it was mapped or named
+            again = "; send the folder again with `peerpost send`" if folder else ""
+            raise SendError(f"{named}{again}; nothing was sent") from None
         if isinstance(named, BaseException):  # either one's error, as it was raised before
             raise named
         if isinstance(described, BaseException):

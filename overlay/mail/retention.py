@@ -6,9 +6,10 @@ fetched: its copy is touched only when the last of them is done, earlier ones ar
 as kept. A crash between the last receipt and this step is finished at the next start,
 because the outbox remembers which messages are still pending.
 
-A folder archive this node packed is not the user's file but its own copy: it is deleted
-whatever the preference, once no message that names it is still wanted
-(`folders.release_archives`, which also runs when a message is withdrawn).
+A folder's map (or an archive an older version packed) in the store's outgoing folder is
+not the user's file but the node's own: it is deleted whatever the preference, once no
+message that names it is still wanted (`folders.release_archives`, which also runs when a
+message is withdrawn); the files a map names are the user's and stay.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """End to end: a folder, or several files, sent as one message, with real nodes, a real
 server and the `peerpost` CLI. The receiver gets the same tree (names and bytes); the
-sender's archive goes once nobody needs it; a hostile archive is refused member by member
-with nothing written outside its folder; a home with no room says so and keeps nothing."""
+sender writes no archive, only a small map, which goes once nobody needs it while the
+sender's files stay; a hostile archive is refused member by member with nothing written
+outside its folder; a folder larger than the sender's free space is sent, and a home with
+no room even for the map says so and keeps nothing."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 from overlay.app.control_wire import call as control_call
 from overlay.app.lab import LocalNetwork, NodeHandle
 from overlay.mail.folders import OUTGOING_DIR
-from tests.overlay.test_e2e_disk_full import _tmpfs
+from tests.overlay.test_e2e_disk_full import _tmpfs, fill
 from tests.web.test_web_access import request
 from tests.web.test_web_actions import login
 
@@ -76,6 +78,10 @@ def test_a_folder_arrives_as_the_same_tree(lab: LocalNetwork, tmp_path: Path) ->
     mid = res.stdout.strip()
     assert len(mid) == 32, res.stdout  # stdout is the id alone
     assert "passwords: a symlink" in res.stderr and "skipped 1" in res.stderr
+    # No archive was written: at most the map, a few KiB (gone once bob has it).
+    assert all(n == "sunday.map" for n in outgoing(alice)), outgoing(alice)
+    assert sum((alice.home / "store" / OUTGOING_DIR / n).stat().st_size
+               for n in outgoing(alice)) < 32 * 1024
 
     got = lab.wait_complete(bob, mid, 60, "bob's folder")
     folder = Path(got["path"])
@@ -88,11 +94,11 @@ def test_a_folder_arrives_as_the_same_tree(lab: LocalNetwork, tmp_path: Path) ->
     # The .tar is not left beside it, and nothing else was written there.
     assert set(os.listdir(received)) - before - {".peerpost-partial"} == {"sunday"}
 
-    # Once bob has it, alice's archive goes; her folder is untouched.
+    # Once bob has it, alice's map goes; her folder is untouched.
     lab.wait_until(lambda: sent(lab, alice, mid)["recipients"][0]["state"] == "downloaded",
                    30, "bob's receipt")
-    lab.wait_until(lambda: outgoing(alice) == [], 30, "the archive deleted")
-    assert tree(src).keys() == want.keys() | {"passwords"}
+    lab.wait_until(lambda: outgoing(alice) == [], 30, "the map deleted")
+    assert tree(src) == {**want, "passwords": None}
 
     # The web inbox lists it and says what it is; no one file to save.
     base, headers = login(lab, bob)
@@ -128,16 +134,18 @@ def test_two_files_sent_together(lab: LocalNetwork, tmp_path: Path) -> None:
     assert res["removed"][0]["deleted_file"] == str(folder) and not folder.exists()
 
 
-def test_a_withdrawn_folder_send_deletes_the_archive(lab: LocalNetwork,
-                                                     tmp_path: Path) -> None:
+def test_a_withdrawn_folder_send_deletes_the_map_not_the_files(lab: LocalNetwork,
+                                                              tmp_path: Path) -> None:
     alice, carol = lab.nodes["alice"], lab.nodes["carol"]
     src = tmp_path / "for carol"
     src.mkdir()
-    (src / "x.bin").write_bytes(os.urandom(50_000))
+    data = os.urandom(50_000)
+    (src / "x.bin").write_bytes(data)
     mid = lab.cli(alice, "send", str(src), "--to", carol.address).stdout.strip()
-    assert outgoing(alice) == ["for carol.tar"]  # carol is away: it waits for her
+    assert outgoing(alice) == ["for carol.map"]  # carol is away: it waits for her
     lab.cli(alice, "cancel", mid)
     assert outgoing(alice) == []
+    assert os.listdir(src) == ["x.bin"] and (src / "x.bin").read_bytes() == data
     res = lab.cli(alice, "resend", mid, check=False)
     assert res.returncode == 1 and "send the folder again" in res.stderr, res.stderr
 
@@ -185,10 +193,10 @@ def test_a_hostile_archive_is_refused_member_by_member(lab: LocalNetwork,
     assert not Path("/tmp/abs-from-evil").exists()
 
 
-def test_no_room_to_pack_says_so_and_leaves_nothing(lab: LocalNetwork,
-                                                    tmp_path: Path) -> None:
+def test_a_folder_bigger_than_the_free_space_is_sent_and_no_room_for_its_map_leaves_nothing(
+        lab: LocalNetwork, tmp_path: Path) -> None:
     bob = lab.nodes["bob"]
-    with _tmpfs(lab.root / "dave", "8m"):
+    with _tmpfs(lab.root / "dave", "8m") as home_disk:
         dave = lab.add_node("dave")
         lab.start_node(dave)
         try:
@@ -196,12 +204,56 @@ def test_no_room_to_pack_says_so_and_leaves_nothing(lab: LocalNetwork,
             src.mkdir()
             for i in range(3):
                 (src / f"{i}.bin").write_bytes(os.urandom(4 * MiB))
+            want = tree(src)
+            # 12 MiB from a home with less than 8 MiB free: nothing big is written there.
+            mid = lab.cli(dave, "send", str(src), "--to", bob.address).stdout.strip()
+            assert not [n for n in outgoing(dave) if not n.endswith(".map")]
+            got = lab.wait_complete(bob, mid, 60, "bob's 12 MiB folder")
+            assert tree(Path(got["path"])) == want
+
+            # No room even for the map: it says so, and nothing is left or sent.
+            fill(home_disk / "filler")
+            sends = len(lab.cli_json(dave, "status"))
             res = lab.cli(dave, "send", str(src), "--to", bob.address, check=False)
             assert res.returncode == 1
             text = " ".join(res.stderr.split())
             assert f"not enough free space in {dave.home / 'store' / OUTGOING_DIR}" in text
-            assert "to pack too big: 12.0 MiB needed," in text and " free" in text, text
-            assert outgoing(dave) == []
-            assert lab.cli_json(dave, "status") == []
+            assert "for the map of too big: " in text and " free" in text, text
+            (home_disk / "filler").unlink()
+            assert "too big (1).map" not in outgoing(dave)
+            assert not [n for n in outgoing(dave) if n.endswith(".tmp")]
+            assert len(lab.cli_json(dave, "status")) == sends
+            assert tree(src) == want
         finally:
             lab.stop_node(dave)
+
+
+def test_a_file_edited_after_sending_stops_the_serving(lab: LocalNetwork,
+                                                       tmp_path: Path) -> None:
+    alice, bob = lab.nodes["alice"], lab.nodes["bob"]
+    src = tmp_path / "edited"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(os.urandom(200_000))
+    (src / "b.jpg").write_bytes(os.urandom(100_000))
+    lab.stop_node(bob)  # it fetches once the file was edited
+    try:
+        mid = lab.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+        edited = bytearray((src / "b.jpg").read_bytes())
+        edited[5] ^= 1
+        (src / "b.jpg").write_bytes(bytes(edited))
+    finally:
+        lab.start_node(bob)
+    assert alice.proc is not None
+    lab.wait_until(lambda: f"{src / 'b.jpg'} changed since it was sent" in alice.proc.log(),
+                   60, "alice's log line")
+    assert "no chunk of the folder is served any more" in alice.proc.log()
+    e = lab.wait_until(lambda: (e := lab.inbox_entry(bob, mid)) and e["state"] == "failed"
+                       and e, 60, "bob told it can't be had")
+    assert e["error"].startswith("source changed: the sender's file was edited"), e
+    assert not (bob.home / "received" / "edited").exists()
+    assert (src / "b.jpg").read_bytes() == edited  # the user's edit is theirs to keep
+    res = lab.cli(alice, "resend", mid, check=False)
+    text = " ".join(res.stderr.split())
+    assert res.returncode == 1 and "b.jpg changed since it was sent; send the folder again " \
+        "with `peerpost send`; nothing was sent" in text, text
+    assert "edited.map" in outgoing(alice)  # still named by the message: cancel deletes it
