@@ -163,14 +163,19 @@ async def test_offers_from_many_senders_are_bounded_in_replies_and_memory() -> N
     senders' table stays at its bound and the replies at the total's burst."""
     hub = MemoryPipe()
     bob = UnknownOffers(hub.sender(*BOB), rate=10, total_rate=50, max_senders=256)
+    loop = asyncio.get_running_loop()
     try:
+        started = loop.time()
         for i in range(5000):
             sender = PipeMessage(f"u{i}@evil.example", i.to_bytes(20, "big"),
                                  packb({"t": "zz-offer", "s": SESSION}))
             assert bob.feed(sender) is True
+        fed_for = loop.time() - started
         assert len(bob.senders) == 256
         answered = bob.counters["answered"]
-        assert 50 <= answered <= 55  # the burst, and what refilled while the loop fed
+        # The burst, and what the total's 50 a second refilled while the loop fed: a few
+        # on an idle machine (30 ms), more on a loaded one, never one per sender.
+        assert 50 <= answered <= 50 + int(50 * fed_for), fed_for
         assert bob.counters["limited-all"] == 5000 - answered
     finally:
         await bob.aclose()
