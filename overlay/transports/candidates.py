@@ -172,9 +172,17 @@ def targets(our_public: str, theirs: tuple[Address, ...], family: int) -> list[A
             and (not _on_link(a[0]) or _same_link(our_public, a[0]))]
 
 
+# Link-local IPv4 addresses no peer holds: the first and last /24 (RFC 3927 2.1: no host
+# picks them) and the metadata service clouds answer at, which a peer must not aim us at.
+_NOT_A_PEER = (ipaddress.ip_network("169.254.0.0/24"), ipaddress.ip_network("169.254.255.0/24"),
+               ipaddress.ip_network("169.254.169.254/32"))
+
+
 def _same_link(our_public: str, host: str) -> bool:
     """Whether we may reach the link-local `host` (see the module docstring)."""
-    return _on_link(our_public) and _unmapped(host).version == 4
+    ip = _unmapped(host)
+    return (_on_link(our_public) and ip.version == 4
+            and not any(ip in net for net in _NOT_A_PEER))
 
 
 def nothing_to_dial(theirs: tuple[Address, ...], family: int, port: str) -> str:

@@ -149,6 +149,11 @@ def test_a_loopback_candidate_is_dialled_only_from_loopback(
     ("fe80::1", (("fe80::2", 4000),), []),
     # A link-local public candidate does not stop a routable one of ours being dialled.
     ("169.254.7.1", (("203.0.113.9", 4000),), [("203.0.113.9", 4000)]),
+    # Never the cloud metadata service, nor the /24s no host on a link may pick.
+    ("169.254.7.1", (("169.254.169.254", 80),), []),
+    ("::ffff:169.254.7.1", (("::ffff:169.254.169.254", 80),), []),
+    ("169.254.7.1", (("169.254.0.9", 4000),), []),
+    ("169.254.7.1", (("169.254.255.9", 4000),), []),
 ])
 def test_a_link_local_public_candidate_is_dialled_only_on_a_link(
         ours: str, theirs: tuple[Address, ...], dialled: list[Address]) -> None:
