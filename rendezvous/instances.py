@@ -416,8 +416,10 @@ class PgInstanceBus:
                 "ON CONFLICT (id) DO UPDATE SET host = $2, port = $3, heartbeat_at = now()",
                 self.instance, h, p)
             await self._listen()
-        except asyncpg.PostgresError as exc:  # one line naming the database, as the store's
-            raise RuntimeError(f"{redacted(self.dsn)}: {exc}") from None
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            # One line naming the database, as the store's errors are: PostgreSQL's refusal,
+            # or the connection lost or timed out in the middle of a statement.
+            raise RuntimeError(f"{redacted(self.dsn)}: {str(exc) or type(exc).__name__}") from None
         self._tasks.spawn(self._publisher(), name="bus-publish")
         self._tasks.spawn(self._presence_writer(), name="bus-presence")
         self._tasks.spawn(self._fetcher(), name="bus-fetch")

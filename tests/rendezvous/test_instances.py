@@ -330,3 +330,32 @@ async def test_relay_from_another_domain_names_the_callers_instance(
     finally:
         for s in instances:
             await s.aclose()
+
+
+@pytest.mark.parametrize("error", [
+    "interface", ConnectionResetError(104, "Connection reset by peer"), TimeoutError()])
+async def test_a_bus_losing_its_connection_at_start_says_so_in_one_line(error: Any) -> None:
+    # A connection lost in the middle of the first statement (asyncpg's InterfaceError), or
+    # a timed-out one: `serve` prints RuntimeError as one line, anything else as a traceback.
+    import asyncpg
+
+    exc = asyncpg.InterfaceError("connection was closed in the middle of operation") \
+        if error == "interface" else error
+
+    class Lost:
+        async def execute(self, *args: Any) -> None:
+            raise exc
+
+    bus = PgInstanceBus("postgresql://rv:secret@127.0.0.1:5/rv")
+
+    async def connect() -> Lost:
+        return Lost()
+
+    bus._connect = connect  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError) as err:
+        await bus.start(FakeHost(), ("127.0.0.1", 4500))
+    text = str(err.value)
+    assert text.startswith("postgresql://rv:***@127.0.0.1:5/rv: ") and "secret" not in text
+    assert text.removeprefix("postgresql://rv:***@127.0.0.1:5/rv: ") in (
+        "connection was closed in the middle of operation",
+        "[Errno 104] Connection reset by peer", "TimeoutError")
