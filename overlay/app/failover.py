@@ -72,8 +72,18 @@ class ServerFailover:
         where = format_hostport(host, port)
         log.warning("failed over from %s to %s (reconnect); recorded in %s",
                     self.config.server, where, self.home.config_path)
+        self._remember(where)
+
+    def _remember(self, where: str) -> None:
+        """Make `where` the config's `server`. A config that can't be written (a full disk)
+        leaves the session where it is: only the next start tries the old server first."""
         self.config.server = where
-        self.home.save_config(self.config)
+        try:
+            self.home.save_config(self.config)
+        except OSError as exc:
+            log.error("cannot record the server %s in %s (%s): this session stays on it, "
+                      "the next start tries %s's servers again", where,
+                      self.home.config_path, exc.strerror or exc, self.domain)
 
     def _get_resolver(self) -> DomainResolver:
         if self._resolver is None:
@@ -120,8 +130,7 @@ class ServerFailover:
             log.warning("failed over from %s to %s, which proves the pinned key %s of %s; "
                         "recorded in %s", self.config.server, where, fingerprint(pinned),
                         self.domain, self.home.config_path)
-            self.config.server = where
-            self.home.save_config(self.config)
+            self._remember(where)
             return where
         client.host, client.port = current
         return None

@@ -119,3 +119,38 @@ def test_webrtc_and_the_punch_use_the_stun_of_the_server_the_session_is_on() -> 
     assert ice_urls() == ["stun:127.0.0.2:5478"]
     assert links.rtc.settings.stun == [("127.0.0.2", 5478)]
     assert links.punch.settings.stun == ("127.0.0.2", 5479)
+
+
+def test_a_failover_whose_config_cannot_be_written_keeps_the_session(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from rendezvous.server import RendezvousServer
+    from rendezvous.sqlite_store import SqliteStore
+    from rendezvous.tls import self_signed, server_tls
+
+    async def run() -> None:
+        data = tmp_path / "srv"
+        data.mkdir()
+        key = DomainKey.generate()
+        server = RendezvousServer("a.test", SqliteStore(data / "rv.sqlite3"),
+                                  open_registration=True, domain_key=key,
+                                  tls=server_tls(*self_signed(data, "a.test")))
+        other = await server.start("127.0.0.1", 0)
+        try:
+            dead = f"127.0.0.1:{closed_port()}"
+            cfg = NodeConfig(ADDR, dead, server_key=encode_key(key.public), srv=True)
+            resolver = StaticResolver({"a.test": DomainRecords("a.test", (other,), key.public)})
+            home = NodeHome(tmp_path / "home")
+            home.config_path.mkdir(parents=True)  # a config that can't be replaced
+            client = _client(dead)
+            client.register = True
+            where = await ServerFailover(home, cfg, resolver).login_elsewhere(client)
+            try:
+                assert where == f"127.0.0.1:{other[1]}" == cfg.server
+                assert (await client.finger(ADDR)).address == ADDR  # the session works
+            finally:
+                await client.aclose()
+        finally:
+            await server.aclose()
+
+    asyncio.run(run())
+    assert any("cannot record the server" in r.getMessage() for r in caplog.records)
