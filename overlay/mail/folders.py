@@ -41,6 +41,7 @@ from overlay.content.diskio import private_dir
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
 from overlay.mail.outbox import WITHDRAWN_REASON, Outbox, OutboxEntry, RecipientStatus
 from overlay.mail.prefs import size_text
+from overlay.mail.tarheaders import HeaderRefused, bounded_tarinfo
 
 log = logging.getLogger("peerpost.folders")
 
@@ -498,7 +499,10 @@ def unpack_with_layout(archive: Path, info: FolderInfo,
     from which the folder serves the archive's bytes (ContentStore.add_archive_view);
     None for an archive whose files don't hold its bytes as they are (a sparse member)."""
     try:
-        tar = tarfile.open(archive, mode="r:")  # uncompressed only: no decompression bomb
+        # Uncompressed only (no decompression bomb), and no header read whole past a bound.
+        tar = tarfile.open(archive, mode="r:", tarinfo=bounded_tarinfo())
+    except HeaderRefused as exc:
+        raise _refused(archive, [str(exc)]) from None
     except (tarfile.TarError, OSError) as exc:
         raise FolderError(f"{archive.name} is not a tar archive ({exc})") from None
     with tar:
@@ -534,9 +538,17 @@ def _judge(tar: tarfile.TarFile, archive: Path, info: FolderInfo) -> list[tarfil
     seen: set[str] = set()
     total, limit = 0, archive.stat().st_size
     top = info.name
-    for m in tar:
+    listing = iter(tar)
+    while True:
         if len(members) + len(refused) >= MAX_FOLDER_ENTRIES:
             refused.append(f"more than {MAX_FOLDER_ENTRIES:,} entries")
+            break
+        try:
+            m = next(listing, None)
+        except HeaderRefused as exc:
+            refused.append(str(exc))
+            break
+        if m is None:
             break
         why = _refusal(m, top, str(archive.parent))
         name = m.name.rstrip("/")
@@ -553,11 +565,15 @@ def _judge(tar: tarfile.TarFile, archive: Path, info: FolderInfo) -> list[tarfil
         if name != top:
             members.append(m)
     if refused:
-        more = len(refused) - SHOWN_REFUSALS
-        shown = "; ".join(refused[:SHOWN_REFUSALS]) + (f"; and {more} more" if more > 0 else "")
-        raise FolderError(f"refused to unpack {archive.name}: {shown}; nothing was unpacked, "
-                          f"the archive is kept at {archive}")
+        raise _refused(archive, refused)
     return members
+
+
+def _refused(archive: Path, refused: list[str]) -> FolderError:
+    more = len(refused) - SHOWN_REFUSALS
+    shown = "; ".join(refused[:SHOWN_REFUSALS]) + (f"; and {more} more" if more > 0 else "")
+    return FolderError(f"refused to unpack {archive.name}: {shown}; nothing was unpacked, "
+                       f"the archive is kept at {archive}")
 
 
 def _refusal(m: tarfile.TarInfo, top: str, dest: str) -> str | None:
