@@ -240,6 +240,13 @@ def is_own_archive(store_root: Path, path: Path | str) -> bool:
         p.parent) == os.path.realpath(outgoing_dir(store_root))
 
 
+def same_place(path: Path | str) -> str:
+    """`path` with its folder resolved (symlinks, `..`), the name itself kept: how two
+    texts naming one file of the outgoing folder compare equal."""
+    p = Path(path)
+    return os.path.join(os.path.realpath(p.parent), p.name)
+
+
 def free_space(folder: Path) -> int:
     vfs = os.statvfs(folder)
     return vfs.f_bavail * vfs.f_frsize
@@ -434,7 +441,7 @@ def release_archives(outbox: Outbox, store: ContentStore) -> list[str]:
     by_path: dict[str, list[OutboxEntry]] = {}
     for m in outbox.list(limit=1_000_000):
         if is_own_archive(store.root, m.path):
-            by_path.setdefault(m.path, []).append(m)
+            by_path.setdefault(same_place(m.path), []).append(m)
     gone = []
     for path, entries in by_path.items():
         if any(needed(m) for m in entries) or not os.path.lexists(path):
@@ -460,11 +467,12 @@ def sweep_orphans(outbox: Outbox, store: ContentStore, now: float) -> list[Path]
     folder = outgoing_dir(store.root)
     if not folder.is_dir():
         return []
-    named = {m.path for m in outbox.list(limit=1_000_000)}
+    # A home reached through a symlink or `..` names one file by several texts.
+    named = {same_place(m.path) for m in outbox.list(limit=1_000_000)}
     gone = []
     for p in folder.iterdir():
         with contextlib.suppress(OSError):
-            if str(p) not in named and now - p.lstat().st_mtime > ORPHAN_AGE:
+            if same_place(p) not in named and now - p.lstat().st_mtime > ORPHAN_AGE:
                 p.unlink()
                 gone.append(p)
     if gone:
@@ -476,7 +484,7 @@ def discard_unsent(outbox: Outbox, store: ContentStore, path: Path,
                    content_id: bytes | None) -> None:
     """A send of an archive of ours failed before it was recorded: the archive goes,
     unless another sent message names it (a `resend`)."""
-    if any(m.path == str(path) for m in outbox.list(limit=1_000_000)):
+    if any(same_place(m.path) == same_place(path) for m in outbox.list(limit=1_000_000)):
         return
     if content_id is not None:
         with contextlib.suppress(ContentStoreError):

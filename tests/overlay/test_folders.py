@@ -174,3 +174,30 @@ def test_a_link_given_by_name_is_followed_and_keeps_its_name(tmp_path: Path) -> 
     assert got.name == "2 files"
     assert (got / "cake.jpg").read_bytes() == b"jpeg" and not (got / "cake.jpg").is_symlink()
     assert (got / "note.txt").read_text() == "hi"
+
+
+@pytest.mark.parametrize("named_by", ["a symlinked home", "a path with '..'"])
+def test_at_start_a_pending_send_named_by_another_path_is_kept(
+        db: NodeDB, tmp_path: Path, named_by: str) -> None:
+    # The store is opened through one path, the send recorded the map by another: the
+    # same file, which the old text comparison deleted an hour later under a pending send.
+    real = tmp_path / "real"
+    (real / "store" / "outgoing").mkdir(parents=True)
+    link = tmp_path / "home"
+    link.symlink_to(real)
+    store = ContentStore(link / "store")
+    try:
+        outgoing = (real / "store" / "outgoing" if named_by == "a symlinked home"
+                    else link / "store" / ".." / "store" / "outgoing")
+        (real / "store" / "outgoing" / "sunday.map").write_bytes(b"x")
+        (real / "store" / "outgoing" / "orphan.map").write_bytes(b"x")
+        for name in ("sunday.map", "orphan.map"):
+            os.utime(real / "store" / "outgoing" / name, (1e9, 1e9))
+        outbox = Outbox(db)
+        outbox.add(id=b"m" * 16, path=str(outgoing / "sunday.map"), title="t", size=1,
+                   content_id=b"c" * 32, created_at=0, recipients=["bob@example.net"])
+        gone = sweep_orphans(outbox, store, 1e9 + ORPHAN_AGE + 60)
+        assert [p.name for p in gone] == ["orphan.map"]
+        assert os.listdir(real / "store" / "outgoing") == ["sunday.map"]
+    finally:
+        store.close()
