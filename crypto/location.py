@@ -208,8 +208,8 @@ def decode_location(data: bytes) -> LocationMessage:
         folder=_folder(d.map("folder", optional=True)),
     )
     size = k.int("size", lo=0, hi=1 << 62)
-    if description.folder is not None and description.folder.size > size:
-        raise DecodeError("location.d.folder.size: more than the archive holds")
+    if description.folder is not None:
+        check_folder(description.folder, size)
     chunk = k.int("chunk", lo=1, hi=1 << 40)
     check_layout(size, chunk)
     src = k.map("src", optional=True)
@@ -235,12 +235,26 @@ def decode_location(data: bytes) -> LocationMessage:
 def _folder(f: Fields | None) -> FolderInfo | None:
     if f is None:
         return None
-    name = _file_name(f.str("name", min_len=1, max_len=MAX_FILE_NAME))
-    if not name:
-        raise DecodeError("location.d.folder.name: empty")
-    return FolderInfo(name=name, files=f.int("files", lo=0, hi=MAX_FOLDER_ENTRIES),
+    return FolderInfo(name=f.str("name", min_len=1, max_len=MAX_FILE_NAME),
+                      files=f.int("files", lo=0, hi=MAX_FOLDER_ENTRIES),
                       folders=f.int("folders", lo=0, hi=MAX_FOLDER_ENTRIES),
                       size=f.int("size", lo=0, hi=1 << 62))
+
+
+def check_folder(folder: FolderInfo, archive_size: int) -> None:
+    """The rules a receiver holds a message's `folder` field to, for an archive of
+    `archive_size` bytes: a plain name, at most MAX_FOLDER_ENTRIES files and folders
+    (the top one included), files no larger than the archive. DecodeError names the
+    rule; the control `send` op asks the same before the node sends (a client other than
+    our CLI must not make it send what every recipient refuses)."""
+    if not folder.name or _file_name(folder.name) != folder.name:
+        raise DecodeError("location.d.folder.name: empty")
+    if not (0 <= folder.files and 0 <= folder.folders
+            and folder.files + folder.folders < MAX_FOLDER_ENTRIES):
+        raise DecodeError(f"location.d.folder: more than {MAX_FOLDER_ENTRIES:,} files and "
+                          "folders")
+    if not 0 <= folder.size <= archive_size:
+        raise DecodeError("location.d.folder.size: more than the archive holds")
 
 
 def _file_name(name: str) -> str:

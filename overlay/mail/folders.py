@@ -34,8 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crypto.location import MAX_FILE_NAME_BYTES, MAX_FOLDER_ENTRIES, FolderInfo
-from overlay.content.archive import MAP_SUFFIX, OUTGOING_DIR, ArchiveFile, ArchiveMap
+from crypto.errors import DecodeError
+from crypto.location import MAX_FILE_NAME_BYTES, MAX_FOLDER_ENTRIES, FolderInfo, check_folder
+from overlay.content.archive import (
+    MAP_SUFFIX,
+    OUTGOING_DIR,
+    ArchiveFile,
+    ArchiveMap,
+    load_view,
+)
 from overlay.content.catalog import ContentStore
 from overlay.content.diskio import private_dir
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
@@ -238,6 +245,29 @@ def is_own_archive(store_root: Path, path: Path | str) -> bool:
     p = Path(path)
     return p.suffix in (MAP_SUFFIX, TAR_SUFFIX) and os.path.realpath(
         p.parent) == os.path.realpath(outgoing_dir(store_root))
+
+
+def check_sent_folder(path: Path, folder: FolderInfo) -> None:
+    """Whether `folder` describes the archive of ours at `path` as a receiver will judge
+    it (check_folder, and for a map its top folder's name, which every member is under);
+    FolderError naming the rule. An unreadable map is left to the send, which says so."""
+    try:
+        if path.suffix == MAP_SUFFIX:
+            loaded = load_view(path)
+            if loaded is None:
+                return
+            size, top = loaded[0].size, str(loaded[1])
+        else:
+            size, top = path.stat().st_size, None
+    except (OSError, ContentStoreError):
+        return
+    try:
+        check_folder(folder, size)
+    except DecodeError as exc:
+        raise FolderError(f"the folder field is refused: {exc}") from None
+    if top is not None and folder.name != top:
+        raise FolderError(f"the folder field is refused: its name {folder.name!r} is not "
+                          f"the archive's top folder {top!r}")
 
 
 def same_place(path: Path | str) -> str:

@@ -37,7 +37,14 @@ from overlay.content.diskio import safe_file_name
 from overlay.content.interfaces import ContentStoreError
 from overlay.mail.contacts import Contacts, PinResult
 from overlay.mail.describe import describe_media, make_thumbnail
-from overlay.mail.folders import TAR_SUFFIX, discard_unsent, is_own_archive, sweep_orphans
+from overlay.mail.folders import (
+    TAR_SUFFIX,
+    FolderError,
+    check_sent_folder,
+    discard_unsent,
+    is_own_archive,
+    sweep_orphans,
+)
 from overlay.mail.outbox import NOT_SENT, Outbox, RecipientStatus
 from rendezvous.client import RendezvousClient, RendezvousError
 from rendezvous.errors import ConnectionLostError, RequestTimeoutError
@@ -241,6 +248,10 @@ class MailSender:
             return await self._send(path, to, title, note, None)
         if not is_own_archive(self.store.root, path):
             raise SendError(f"{path} is not a folder archive this node packed")
+        try:
+            await asyncio.to_thread(check_sent_folder, path, folder)
+        except FolderError as exc:
+            raise SendError(f"{exc}; nothing was sent") from None
         named: list[bytes] = []  # its content id, then its message id, once known
         try:
             return await self._send(path, to, title, note, folder, named)

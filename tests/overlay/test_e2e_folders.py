@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from overlay.app.control_wire import ControlError
 from overlay.app.control_wire import call as control_call
 from overlay.app.lab import LocalNetwork, NodeHandle
-from overlay.mail.folders import OUTGOING_DIR
+from overlay.mail.folders import OUTGOING_DIR, plan_pack, write_map
 from tests.overlay.test_e2e_disk_full import _tmpfs, fill
 from tests.web.test_web_access import request
 from tests.web.test_web_actions import login
@@ -191,6 +192,34 @@ def test_a_hostile_archive_is_refused_member_by_member(lab: LocalNetwork,
     assert os.listdir(received / ".peerpost-partial") == []
     assert not (bob.home / "x").exists() and not (received / "x").exists()
     assert not Path("/tmp/abs-from-evil").exists()
+
+
+@pytest.mark.parametrize(("field", "said"), [
+    ({"name": "monday"}, "its name 'monday' is not the archive's top folder 'sunday'"),
+    ({"name": "a/b"}, "not a plain file name"),
+    ({"size": 1 << 40}, "more than the archive holds"),
+    ({"files": 60_000, "folders": 40_000}, "more than 100,000 files and folders"),
+])
+def test_the_send_op_refuses_a_folder_field_every_recipient_would(
+        lab: LocalNetwork, tmp_path: Path, field: dict, said: str) -> None:
+    # A client other than our CLI: a real map, a folder field that does not describe it.
+    alice, bob = lab.nodes["alice"], lab.nodes["bob"]
+    src = tmp_path / "sunday"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(os.urandom(1000))
+    plan = plan_pack([src])
+    path, info = write_map(plan, alice.home / "store")
+    sent_before = len(lab.cli_json(alice, "status"))
+    fields = {"name": info.name, "files": info.files, "folders": info.folders,
+              "size": info.size} | field
+    with pytest.raises(ControlError) as err:
+        control_call(alice.home / "control.sock", "send", path=str(path),
+                     to=[bob.address], title="t", note="", folder=fields)
+    text = str(err.value)
+    assert "the folder field is refused: " in text and said in text, text
+    assert "nothing was sent" in text
+    assert len(lab.cli_json(alice, "status")) == sent_before
+    path.unlink()
 
 
 def test_a_folder_bigger_than_the_free_space_is_sent_and_no_room_for_its_map_leaves_nothing(
