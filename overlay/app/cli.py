@@ -757,7 +757,7 @@ async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
             print(json.dumps(res, indent=2))
             return 0
         for r in res["removed"]:
-            gone = f" (deleted {_m(r['deleted_file'])})" if r.get("deleted_file") else ""
+            gone = _file_fate(r)
             console.print(f"removed {r['id'][:12]} {_m(r['title'])}{gone}")
         console.print(f"{len(res['removed'])} removed; {_inbox_line(res['inbox'])}")
         return 0
@@ -834,13 +834,22 @@ def _message_id(text: str) -> str:
     return text.strip()
 
 
+def _file_fate(removed: dict[str, Any]) -> str:
+    """What `rm`/`inbox --prune` did with a removed message's file."""
+    if removed.get("deleted_file"):
+        return f" (deleted {_m(removed['deleted_file'])})"
+    if removed.get("kept_file"):
+        return f" ({_m(removed['kept_file'])})"
+    return ""
+
+
 async def cmd_rm(home: NodeHome, args: argparse.Namespace) -> int:
     res = await _call(home, "rm", id=_message_id(args.id), delete_file=bool(args.delete_file))
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     for r in res["removed"]:
-        gone = f" (deleted {_m(r['deleted_file'])})" if r.get("deleted_file") else ""
+        gone = _file_fate(r)
         console.print(f"removed {r['id'][:12]} {_m(r['title'])}{gone}")
     return 0
 

@@ -226,7 +226,14 @@ class ControlOperations:
 
     async def _remove(self, e: InboxEntry, *, delete_file: bool) -> dict[str, Any]:
         await self.downloads.cancel(e.id, remove=True)
-        deleted = None
+        deleted = kept = None
+        # The same content received twice is one file (or folder): it stays for the other.
+        if shared := self.inbox.sharing(e):
+            if delete_file and e.path:
+                kept = (f"{e.path} is kept: message {shared[0].id.hex()[:12]} "
+                        f"({shared[0].title}) uses it too")
+            return {"id": e.id.hex(), "title": e.title, "deleted_file": None,
+                    "kept_file": kept}
         sent_too = any(m.content_id == e.content_id for m in self.outbox.list())
         if self.store is not None and not sent_too:
             held = self.store.local(e.content_id)
@@ -241,7 +248,8 @@ class ControlOperations:
                 and folder_json(e) is not None):  # an unpacked folder: the store leaves it
             if await asyncio.to_thread(delete_received, Path(e.path)):
                 deleted = e.path
-        return {"id": e.id.hex(), "title": e.title, "deleted_file": deleted}
+        return {"id": e.id.hex(), "title": e.title, "deleted_file": deleted,
+                "kept_file": kept}
 
     def find(self, prefix: str) -> InboxEntry:
         """The one inbox entry whose id starts with `prefix` (hex), or ControlError."""

@@ -244,6 +244,14 @@ class Inbox:
     def is_full(self) -> bool:
         return self.count() >= self._max_entries
 
+    def sharing(self, entry: InboxEntry, limit: int = 10) -> builtins.list[InboxEntry]:
+        """Other entries of the same content, or pointing at the same file or folder (a
+        content received twice is kept once): what removing `entry`'s file would take."""
+        rows = self._db.query(
+            "SELECT * FROM inbox WHERE id != ? AND (content_id = ? OR path = ?) "
+            "ORDER BY received_at LIMIT ?", (entry.id, entry.content_id, entry.path, limit))
+        return [_entry(r) for r in rows]
+
     def prunable(self, *, before: float, junk: bool = False,
                  limit: int = 100_000) -> builtins.list[InboxEntry]:
         """Entries `peerpost inbox --prune` removes: complete or failed ones received before

@@ -1,0 +1,77 @@
+"""`rm --delete-file` of a message whose received folder another inbox entry also uses
+(the same content received twice is kept once): the folder stays, and the answer says
+why, until the last entry goes. The control op over a real node.db and real folders; the
+network parts it does not touch are left out."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from crypto.codec import Fields
+from crypto.identity import DeviceIdentity
+from crypto.location import Description, FolderInfo, Handle, Headers, LocationMessage
+from overlay.app.operations import ControlOperations
+from overlay.mail.db import NodeDB
+from overlay.mail.downloads import DownloadQueue
+from overlay.mail.inbox import Inbox, InboxState
+from overlay.mail.outbox import Outbox
+from overlay.mail.prefs import Prefs
+
+
+def _receive(inbox: Inbox, sender: DeviceIdentity, n: int, content_id: bytes,
+             folder: Path) -> bytes:
+    """An entry of the folder message `n`, complete, its path the received folder."""
+    mid = n.to_bytes(16, "big")
+    msg = LocationMessage(
+        headers=Headers(message_id=mid, sender="alice@example.net",
+                        sender_peer_id=sender.peer_id, recipients=("bob@example.net",),
+                        created=1_700_000_000),
+        description=Description(title=f"sunday {n}", file_name="sunday.tar",
+                                media_type="application/x-tar",
+                                folder=FolderInfo("sunday", 1, 0, 3)),
+        handle=Handle(content_id=content_id, size=10_240, chunk_size=1 << 20,
+                      content_key=b"k" * 32, capability=b"p" * 32))
+    inbox.add(id=mid, sender="alice@example.net", sender_peer_id=sender.peer_id,
+              title=f"sunday {n}", note="", size=10_240, file_name="sunday.tar",
+              media_type="application/x-tar", content_id=content_id, chunk_count=1,
+              message=msg.encode(), received_at=1_700_000_000 + n)
+    inbox.transition(mid, InboxState.DOWNLOADING)
+    inbox.transition(mid, InboxState.COMPLETE, path=str(folder))
+    return mid
+
+
+async def test_a_folder_two_messages_share_goes_with_the_last(tmp_path: Path) -> None:
+    folder = tmp_path / "received" / "sunday"
+    folder.mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(b"jpg")
+    with NodeDB.open(tmp_path / "node") as db:
+        inbox, outbox, prefs = Inbox(db), Outbox(db), Prefs(db)
+        downloads = DownloadQueue(inbox, prefs, fetch=None, on_complete=None,  # type: ignore[arg-type]
+                                  wall=time.time, rng=random.Random(1))
+        none: Any = None
+        ops = ControlOperations(
+            DeviceIdentity.generate(), "bob@example.net", listen_addr=None,
+            rendezvous=none,
+            incoming=SimpleNamespace(counters={"refused-inbox-full": 0}),  # type: ignore[arg-type]
+            sender=none, inbox=inbox, outbox=outbox,
+            prefs=prefs, contacts=none, downloads=downloads, transfer=none,
+            max_in_flight=1)
+        alice = DeviceIdentity.generate()
+        cid = os.urandom(32)
+        first = _receive(inbox, alice, 1, cid, folder)
+        second = _receive(inbox, alice, 2, cid, folder)
+
+        res = await ops.rm(Fields({"id": first.hex(), "delete_file": True}, "rm"))
+        (gone,) = res["removed"]
+        assert gone["deleted_file"] is None
+        assert gone["kept_file"] == (f"{folder} is kept: message {second.hex()[:12]} "
+                                     "(sunday 2) uses it too")
+        assert (folder / "a.jpg").read_bytes() == b"jpg" and inbox.get(first) is None
+
+        res = await ops.rm(Fields({"id": second.hex(), "delete_file": True}, "rm"))
+        assert res["removed"][0]["deleted_file"] == str(folder) and not folder.exists()
