@@ -612,6 +612,8 @@ def _send_folder(home: NodeHome, paths: list[Path], to: list[str],
             out.print(f"  {_m(sk.path)}: {sk.why}", highlight=False, soft_wrap=True)
         if len(plan.skipped) > 20:
             out.print(f"  and {len(plan.skipped) - 20} more", highlight=False)
+    for sk in plan.renamed:
+        out.print(f"{_m(sk.path)}: {sk.why}", highlight=False, soft_wrap=True)
     try:
         archive, info = write_map(plan, home.store_dir)
     except (FolderError, NotEnoughSpace) as exc:

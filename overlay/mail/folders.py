@@ -83,6 +83,7 @@ class PackPlan:
     folders: int = 0
     size: int = 0
     skipped: list[Skipped] = field(default_factory=list)
+    renamed: list[Skipped] = field(default_factory=list)
 
     @property
     def archive_size(self) -> int:
@@ -197,6 +198,10 @@ def _walk(plan: PackPlan, folder: Path, member: str) -> None:
             found = sorted(it, key=lambda e: e.name)
     except OSError as exc:
         raise FolderError(f"cannot read {folder}: {exc.strerror or exc}") from None
+    # A receiver refuses two names alike where case does not count (on its disk one
+    # would overwrite the other): the later ones are numbered, `IMG (1).jpg`.
+    taken: set[str] = set()
+    names = {e.name.casefold() for e in found}
     for entry in found:
         path = Path(entry.path)
         try:
@@ -204,7 +209,16 @@ def _walk(plan: PackPlan, folder: Path, member: str) -> None:
         except UnicodeEncodeError:
             plan.skipped.append(Skipped(str(path), "its name is not UTF-8"))
             continue
-        name = f"{member}/{entry.name}"
+        here, n = entry.name, 0
+        while here.casefold() in taken or (n and here.casefold() in names):
+            n += 1
+            # From a clean name, which leaves room for the number.
+            here = numbered(clean_name(entry.name, "file"), n, keep_extension=True)
+        taken.add(here.casefold())
+        if n:
+            plan.renamed.append(Skipped(str(path), f"sent as {here!r}: another name there "
+                                        "differs only in case"))
+        name = f"{member}/{here}"
         if len(name.encode()) > MAX_PATH_BYTES:
             plan.skipped.append(Skipped(str(path), "its path is too long"))
             continue
@@ -573,7 +587,11 @@ def _judge(tar: tarfile.TarFile, archive: Path, info: FolderInfo) -> list[tarfil
     """Every member checked before anything is written; FolderError naming the bad ones."""
     refused: list[str] = []
     members: list[tarfile.TarInfo] = []
-    seen: set[str] = set()
+    # By name as a disk that ignores case sees it: each member's name, each file's, and
+    # each folder a member needs (its parents), with the member that first needed it.
+    seen: dict[str, str] = {}
+    files: dict[str, str] = {}
+    needed: dict[str, str] = {}
     total, limit = 0, archive.stat().st_size
     top = info.name
     listing = iter(tar)
@@ -590,8 +608,8 @@ def _judge(tar: tarfile.TarFile, archive: Path, info: FolderInfo) -> list[tarfil
             break
         why = _refusal(m, top, str(archive.parent))
         name = m.name.rstrip("/")
-        if why is None and name in seen:
-            why = "named twice"
+        if why is None:
+            why = _clash(m, name, seen, files, needed)
         if why is None and m.isreg():
             total += m.size
             if total > limit:
@@ -599,7 +617,7 @@ def _judge(tar: tarfile.TarFile, archive: Path, info: FolderInfo) -> list[tarfil
         if why is not None:
             refused.append(f"{m.name!r}: {why}")
             continue
-        seen.add(name)
+        _record(m, name, seen, files, needed)
         if name != top:
             members.append(m)
     if refused:
@@ -612,6 +630,37 @@ def _refused(archive: Path, refused: list[str]) -> FolderError:
     shown = "; ".join(refused[:SHOWN_REFUSALS]) + (f"; and {more} more" if more > 0 else "")
     return FolderError(f"refused to unpack {archive.name}: {shown}; nothing was unpacked, "
                        f"the archive is kept at {archive}")
+
+
+def _clash(m: tarfile.TarInfo, name: str, seen: dict[str, str], files: dict[str, str],
+           needed: dict[str, str]) -> str | None:
+    """Why `m` can't sit beside the members before it: the same name (also where case
+    does not count: on such a disk the second would overwrite the first), a name inside
+    a file, or a file where a folder is needed. Extraction would otherwise fail midway
+    ('Not a directory', naming our private folder) or lose a file."""
+    key = name.casefold()
+    if key in seen:
+        first = seen[key]
+        return ("named twice" if first == name
+                else f"the same name as {first!r} where case does not count")
+    parts = key.split("/")
+    for i in range(1, len(parts)):
+        if (inside := files.get("/".join(parts[:i]))) is not None:
+            return f"inside {inside!r}, which is a file"
+    if not m.isdir() and key in needed:
+        return f"a file where {needed[key]!r} needs a folder"
+    return None
+
+
+def _record(m: tarfile.TarInfo, name: str, seen: dict[str, str], files: dict[str, str],
+            needed: dict[str, str]) -> None:
+    key = name.casefold()
+    seen[key] = name
+    if not m.isdir():
+        files[key] = name
+    parts = key.split("/")
+    for i in range(1, len(parts)):
+        needed.setdefault("/".join(parts[:i]), name)
 
 
 def _refusal(m: tarfile.TarInfo, top: str, dest: str) -> str | None:

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from crypto.location import FolderInfo
-from overlay.mail.folders import MAX_PATH_BYTES, FolderError, member_info, unpack
+from overlay.mail.folders import (
+    MAX_PATH_BYTES,
+    FolderError,
+    member_info,
+    pack,
+    plan_pack,
+    unpack,
+)
 from overlay.mail.tarheaders import MAX_EXTENDED_HEADER
 
 
@@ -133,3 +140,44 @@ def test_our_longest_names_take_a_small_pax_header(tmp_path: Path) -> None:
     header = member_info(name, os.stat(__file__)).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING,
                                                         "surrogateescape")
     assert len(header) < MAX_EXTENDED_HEADER // 8
+
+
+@pytest.mark.parametrize(("members", "said"), [
+    # Extraction failed midway on 'Not a directory', naming our private work folder.
+    ([("top/a", b"1"), ("top/a/b", b"2")], "'top/a/b': inside 'top/a', which is a file"),
+    ([("top/a/b", b"2"), ("top/a", b"1")], "'top/a': a file where 'top/a/b' needs a folder"),
+    # On a disk that ignores case the second overwrote the first.
+    ([("top/X", b"1"), ("top/x", b"2")],
+     "'top/x': the same name as 'top/X' where case does not count"),
+    ([("top/Dir", None), ("top/Dir/a", b"1"), ("top/dir/A", b"2")],
+     "'top/dir/A': the same name as 'top/Dir/a' where case does not count"),
+])
+def test_layouts_that_cannot_be_unpacked_as_sent_are_refused(
+        tmp_path: Path, members: list[tuple[str, bytes | None]], said: str) -> None:
+    archive = tmp_path / "top.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            if data is None:
+                _raw(tar, name, tarfile.DIRTYPE, b"")
+            else:
+                _file(tar, name, data)
+    text, _ = _unpack_refused(archive, tmp_path / "in")
+    assert said in text, text
+    assert ".unpack" not in text  # never our private folder's name
+
+
+def test_names_alike_but_for_case_are_numbered_when_sent(tmp_path: Path) -> None:
+    src = tmp_path / "trip"
+    src.mkdir()
+    for name in ("IMG.jpg", "img.jpg", "img (1).jpg"):
+        (src / name).write_text(name)
+    plan = plan_pack([src])
+    assert [m for _, m in plan.entries] == ["trip", "trip/IMG.jpg", "trip/img (1).jpg",
+                                            "trip/img (2).jpg"]
+    assert [r.why for r in plan.renamed] == [
+        "sent as 'img (2).jpg': another name there differs only in case"]
+    dest = tmp_path / "in"
+    dest.mkdir()
+    got = unpack(pack(plan, tmp_path / "store", lambda n: None), plan.info(), dest)
+    assert {p.name: p.read_text() for p in got.iterdir()} == {
+        "IMG.jpg": "IMG.jpg", "img (1).jpg": "img (1).jpg", "img (2).jpg": "img.jpg"}
