@@ -21,7 +21,7 @@ from overlay.content.archive import ArchiveView
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace, PartialGone
 from overlay.mail.downloads import Activity, DownloadFailed, RetryLater, SourceView
-from overlay.mail.folders import FolderError, unpack_with_layout
+from overlay.mail.folders import FolderError, UnpackRecord, unpack_with_layout
 from overlay.mail.inbox import InboxEntry
 from overlay.transfer.downloader import (
     ChunkStored,
@@ -171,11 +171,18 @@ class ContentFetch:
         if folder is None:
             return str(path)
         cid = msg.handle.content_id
+        record = UnpackRecord(self.dest, cid)
         if isinstance(held := self.store.local(cid), ArchiveView):
-            return str(held.path)  # unpacked before the node stopped
+            # Unpacked before the node stopped; a kill may have left the archive.
+            await asyncio.to_thread(record.finish, held.path)
+            return str(held.path)
         try:
-            unpacked, files = await asyncio.to_thread(unpack_with_layout, path, folder,
-                                                      self.dest)
+            # A kill after the folder was moved into place: it is there, not unpacked again.
+            resumed = await asyncio.to_thread(record.resume, path, folder)
+            if resumed is None:
+                resumed = await asyncio.to_thread(unpack_with_layout, path, folder, self.dest,
+                                                  record.moving(path))
+            unpacked, files = resumed
         except FolderError as exc:
             raise DownloadFailed(str(exc)) from None
         except NotEnoughSpace as exc:
@@ -191,6 +198,7 @@ class ContentFetch:
             if files is None:
                 raise ContentStoreError("its archive holds a sparse file")
             await asyncio.to_thread(self.store.add_archive_view, cid, unpacked, files)
+            await asyncio.to_thread(record.finish, unpacked)
             return str(unpacked)
         except (ContentStoreError, OSError) as exc:
             log.warning("the folder %s is not served to its co-recipients: %s", unpacked, exc)
@@ -198,4 +206,5 @@ class ContentFetch:
             await asyncio.to_thread(self.store.remove, cid, delete_file=True)
         except ContentStoreError:
             pass  # already forgotten
+        await asyncio.to_thread(record.finish, unpacked)
         return str(unpacked)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import os
 import shutil
@@ -545,19 +546,32 @@ def unpack(archive: Path, info: FolderInfo, dest_dir: Path) -> Path:
     return unpack_with_layout(archive, info, dest_dir)[0]
 
 
-def unpack_with_layout(archive: Path, info: FolderInfo,
-                       dest_dir: Path) -> tuple[Path, list[ArchiveFile] | None]:
-    """`unpack`, and where each file's data lies in the archive (names under the folder),
-    from which the folder serves the archive's bytes (ContentStore.add_archive_view);
-    None for an archive whose files don't hold its bytes as they are (a sparse member)."""
+def _opened(archive: Path) -> tarfile.TarFile:
     try:
         # Uncompressed only (no decompression bomb), and no header read whole past a bound.
-        tar = tarfile.open(archive, mode="r:", tarinfo=bounded_tarinfo())
+        return tarfile.open(archive, mode="r:", tarinfo=bounded_tarinfo())
     except HeaderRefused as exc:
         raise _refused(archive, [str(exc)]) from None
     except (tarfile.TarError, OSError) as exc:
         raise FolderError(f"{archive.name} is not a tar archive ({exc})") from None
-    with tar:
+
+
+def archive_layout(archive: Path, info: FolderInfo) -> list[ArchiveFile] | None:
+    """The layout `unpack_with_layout` gives, with nothing unpacked (the archive judged
+    again): for a folder already moved into place. Blocking; FolderError as unpack."""
+    with _opened(archive) as tar:
+        return _layout(_judge(tar, archive, info), info.name)
+
+
+def unpack_with_layout(archive: Path, info: FolderInfo, dest_dir: Path,
+                       moving: Callable[[Path], None] | None = None,
+                       ) -> tuple[Path, list[ArchiveFile] | None]:
+    """`unpack`, and where each file's data lies in the archive (names under the folder),
+    from which the folder serves the archive's bytes (ContentStore.add_archive_view);
+    None for an archive whose files don't hold its bytes as they are (a sparse member).
+    `moving(target)` is told the folder's name once it is reserved, before the folder is
+    moved there (UnpackRecord keeps it, so a restart finds the folder)."""
+    with _opened(archive) as tar:
         members = _judge(tar, archive, info)
         total = sum(m.size for m in members if m.isreg())
         free = free_space(dest_dir)
@@ -570,7 +584,7 @@ def unpack_with_layout(archive: Path, info: FolderInfo,
         try:
             (work / info.name).mkdir()
             tar.extractall(work, members=members, filter="data")
-            return (_move_into_place(work / info.name, dest_dir, info.name),
+            return (_move_into_place(work / info.name, dest_dir, info.name, moving),
                     _layout(members, info.name))
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -701,10 +715,11 @@ def delete_received(folder: Path) -> bool:
     return True
 
 
-def _move_into_place(built: Path, dest_dir: Path, name: str) -> Path:
+def _move_into_place(built: Path, dest_dir: Path, name: str,
+                     moving: Callable[[Path], None] | None) -> Path:
     """Rename the unpacked folder to the first free `name`, `name (1)`... in `dest_dir`:
     the name is taken by an empty folder first, which the rename then replaces, so a file
-    or folder that appears meanwhile is never overwritten."""
+    or folder that appears meanwhile is never overwritten. `moving(target)` between."""
     n = 0
     while True:
         target = dest_dir / (numbered(name, n, keep_extension=False) if n else name)
@@ -714,6 +729,8 @@ def _move_into_place(built: Path, dest_dir: Path, name: str) -> Path:
         except FileExistsError:
             continue
         try:
+            if moving is not None:
+                moving(target)
             os.rename(built, target)
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
@@ -722,3 +739,71 @@ def _move_into_place(built: Path, dest_dir: Path, name: str) -> Path:
                 raise
             continue  # something was put into it meanwhile: leave it be
         return target
+
+
+class UnpackRecord:
+    """Where a received folder archive is being unpacked, kept on disk between moving the
+    folder into place and recording it (ContentStore.add_archive_view, which deletes the
+    archive): a node killed in between finds the folder on its next start instead of
+    unpacking it again as `NAME (1)`, and deletes an archive the kill left. One small
+    JSON file per content in the download folder's private folder (mode 0700)."""
+
+    def __init__(self, dest_dir: Path, content_id: bytes) -> None:
+        self.dest_dir = dest_dir
+        self.name = f"{content_id.hex()}.unpacking"
+
+    def _path(self) -> Path:
+        return private_dir(self.dest_dir) / self.name
+
+    def moving(self, archive: Path) -> Callable[[Path], None]:
+        """The `moving` callback of unpack_with_layout: records archive and target."""
+        def record(target: Path) -> None:
+            blob = json.dumps({"archive": str(archive), "target": str(target)}).encode()
+            tmp = self._path().with_suffix(".tmp")
+            with open(tmp, "wb") as out:
+                out.write(blob)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self._path())
+        return record
+
+    def _read(self) -> dict[str, str] | None:
+        try:
+            saved = json.loads(self._path().read_bytes())
+        except (OSError, ValueError, ContentStoreError):
+            return None
+        if (not isinstance(saved, dict)
+                or not all(isinstance(saved.get(k), str) for k in ("archive", "target"))):
+            return None
+        return saved
+
+    def resume(self, archive: Path,
+               info: FolderInfo) -> tuple[Path, list[ArchiveFile] | None] | None:
+        """The folder a kill left moved into place but not recorded, and its layout; None
+        if there is none (an empty folder reserved before the move is removed: unpacking
+        again gives the same). Blocking; FolderError as unpack."""
+        saved = self._read()
+        if saved is None or saved["archive"] != str(archive):
+            return None
+        target = Path(saved["target"])
+        try:
+            if not stat.S_ISDIR(os.lstat(target).st_mode):
+                return None
+            if not any(target.iterdir()):
+                target.rmdir()
+                return None
+        except OSError:
+            return None
+        return target, archive_layout(archive, info)
+
+    def finish(self, keep: Path | None = None) -> None:
+        """The folder is recorded: delete the archive if a kill left it (never `keep`, the
+        folder itself), then the record. Blocking."""
+        saved = self._read()
+        if (saved is not None and Path(saved["archive"]) != keep
+                and same_place(Path(saved["archive"]).parent) == same_place(self.dest_dir)):
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(saved["archive"]).st_mode):
+                    os.unlink(saved["archive"])
+        with contextlib.suppress(OSError, ContentStoreError):
+            self._path().unlink(missing_ok=True)
