@@ -583,7 +583,10 @@ def unpack_with_layout(archive: Path, info: FolderInfo, dest_dir: Path,
         work.mkdir(mode=0o700)
         try:
             (work / info.name).mkdir()
-            tar.extractall(work, members=members, filter="data")
+            try:
+                tar.extractall(work, members=members, filter="data")
+            except tarfile.TarError as exc:  # a member's data cut short
+                raise _refused(archive, [f"damaged ({exc})"]) from None
             return (_move_into_place(work / info.name, dest_dir, info.name, moving),
                     _layout(members, info.name))
         finally:
@@ -617,6 +620,13 @@ def _judge(tar: tarfile.TarFile, archive: Path, info: FolderInfo) -> list[tarfil
             m = next(listing, None)
         except HeaderRefused as exc:
             refused.append(str(exc))
+            break
+        except (tarfile.TarError, ValueError, OverflowError, OSError) as exc:
+            # A header tarfile can't read after a good one, or a negative size (its seek
+            # to -1 is EINVAL); a read error of the disk itself is raised as it is.
+            if isinstance(exc, OSError) and exc.errno != errno.EINVAL:
+                raise
+            refused.append(f"damaged after {len(members) + len(refused)} members ({exc})")
             break
         if m is None:
             break
@@ -680,6 +690,9 @@ def _record(m: tarfile.TarInfo, name: str, seen: dict[str, str], files: dict[str
 def _refusal(m: tarfile.TarInfo, top: str, dest: str) -> str | None:
     """Why member `m` may not be unpacked, or None."""
     name = m.name.rstrip("/")
+    # First: a NUL (a PAX name may hold one) makes tarfile's filter raise ValueError.
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in m.name + m.linkname):
+        return "control character in the name"
     if m.name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         return "an absolute name"
     parts = name.split("/")
@@ -696,8 +709,6 @@ def _refusal(m: tarfile.TarInfo, top: str, dest: str) -> str | None:
     if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES or any(
             len(p.encode("utf-8", "surrogateescape")) > 255 for p in parts):
         return "name too long"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        return "control character in the name"
     if not (m.isreg() or m.isdir()):
         return "not a regular file or a folder (links and devices are not unpacked)"
     return None

@@ -42,6 +42,8 @@ class _Seen:
 
     def check(self, info: tarfile.TarInfo) -> None:
         kind = _EXTENDED.get(info.type)
+        if info.size < 0:  # a base-256 size field can say so; tarfile would read with it
+            raise HeaderRefused(f"{info.name!r}: a negative size")
         if info.type == tarfile.GNUTYPE_SPARSE:
             raise HeaderRefused(f"{info.name!r}: a sparse file (not unpacked)")
         if kind is None:

@@ -6,9 +6,12 @@ are committed, so a decoder change that stops accepting a valid message fails th
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import sys
+import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from overlay.dht import wire as dht
 from overlay.dht.records import ProviderRecord
 from overlay.dht.state import encode_state
 from overlay.dht.tokens import TOKEN_LEN
+from overlay.mail.folders import pack, plan_pack
 from overlay.mail.receipts import Receipt
 from overlay.transfer import frames as tf
 from overlay.transfer.core import Role, TransferConnection
@@ -195,6 +199,29 @@ def _misc() -> dict[str, list[tuple[str, bytes]]]:
     }
 
 
+def _folder_archives() -> Iterator[tuple[str, bytes]]:
+    """What our sender packs (a nested folder, a non-ASCII name long enough for a PAX
+    header, an empty file), and layouts the receiver refuses."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "top"
+        (src / "a" / "b").mkdir(parents=True)
+        (src / "a" / "b" / ("é" * 60 + ".jpg")).write_bytes(b"jpeg" * 100)
+        (src / "empty").write_bytes(b"")
+        yield "packed", pack(plan_pack([src]), Path(tmp) / "store", lambda n: None).read_bytes()
+
+    def tar(members: list[tuple[str, bytes]], form: int = tarfile.PAX_FORMAT) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=form) as t:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        return out.getvalue()
+    yield "file-then-inside", tar([("top/a", b"1"), ("top/a/b", b"2")])
+    yield "case", tar([("top/X", b"1"), ("top/x", b"2")])
+    yield "gnu-long", tar([("top/" + "n" * 200, b"1")], tarfile.GNU_FORMAT)
+
+
 def seeds() -> dict[str, list[tuple[str, bytes]]]:
     out = {
         "frame_decoder": list(_frames()),
@@ -207,6 +234,7 @@ def seeds() -> dict[str, list[tuple[str, bytes]]]:
         "dht_datagram": list(_dht()),
         "location": list(_location()),
         "envelope": list(_envelopes()),
+        "folder_archive": list(_folder_archives()),
     }
     out.update(_misc())
     return out

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import shutil
 import struct
+import tarfile
+import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -23,15 +27,17 @@ from crypto.codec import Fields, unpackb
 from crypto.envelope import open_envelope
 from crypto.errors import CryptoError, DecodeError
 from crypto.identity import DeviceIdentity, seal
-from crypto.location import decode_location
+from crypto.location import FolderInfo, decode_location
 from overlay.app.control import ControlServer
 from overlay.app.home import NodeConfig
+from overlay.content.interfaces import NotEnoughSpace
 from overlay.dht.errors import RemoteProtocolError as DhtRemoteProtocolError
 from overlay.dht.records import ProviderRecord
 from overlay.dht.state import decode_state
 from overlay.dht.wire import REQUESTS as DHT_REQUESTS
 from overlay.dht.wire import Reply as DhtReply
 from overlay.dht.wire import decode_datagram, decode_reply_body
+from overlay.mail.folders import FolderError, unpack_with_layout
 from overlay.mail.receipts import Receipt
 from overlay.transfer.core import (
     BadMessage,
@@ -531,6 +537,47 @@ def control_request(data: bytes) -> None:
             raise AssertionError(f"control reply {reply!r}")
 
 
+def _with_checksums(data: bytes) -> bytes:
+    """`data` with every 512-byte block that is not all zeros given a valid header
+    checksum, so that mutations reach tarfile's parsing and our judging past the check."""
+    out = bytearray(data)
+    for at in range(0, len(out) - tarfile.BLOCKSIZE + 1, tarfile.BLOCKSIZE):
+        block = out[at:at + tarfile.BLOCKSIZE]
+        if any(block):
+            block[148:156] = b" " * 8
+            out[at + 148:at + 156] = b"%06o\0 " % sum(block)
+    return bytes(out)
+
+
+def folder_archive(data: bytes) -> None:
+    """unpack_with_layout of any archive under `top/`: FolderError or NotEnoughSpace with
+    nothing written, or the folder `top/` holding only folders and regular files, whose
+    layout names each file's bytes where they lie in the archive; never anything else."""
+    work = Path(tempfile.mkdtemp(prefix="fuzz-folder-"))
+    try:
+        archive, dest = work / "top.tar", work / "in"
+        archive.write_bytes(_with_checksums(data))
+        dest.mkdir()
+        try:
+            folder, layout = unpack_with_layout(archive, FolderInfo("top", 0, 0, 0), dest)
+        except (FolderError, NotEnoughSpace):
+            if sorted(os.listdir(work)) != ["in", "top.tar"] or any(
+                    os.listdir(p) for p in dest.iterdir()):
+                raise AssertionError(f"a refusal left {sorted(work.rglob('*'))}") from None
+            return
+        if folder != dest / "top" or sorted(os.listdir(work)) != ["in", "top.tar"]:
+            raise AssertionError(f"unpacked to {folder}: {sorted(work.rglob('*'))}")
+        for p in folder.rglob("*"):
+            if p.is_symlink() or not (p.is_dir() or p.is_file()):
+                raise AssertionError(f"{p} is neither a folder nor a regular file")
+        raw = archive.read_bytes()
+        for f in layout or ():
+            if (folder / f.name).read_bytes() != raw[f.offset:f.offset + f.size]:
+                raise AssertionError(f"{f} is not the file's bytes")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 TARGETS: dict[str, Target] = {
     "frame_decoder": frame_decoder,
     "rendezvous_request": rendezvous_request,
@@ -552,4 +599,5 @@ TARGETS: dict[str, Target] = {
     "receipt": receipt,
     "node_config": node_config,
     "control_request": control_request,
+    "folder_archive": folder_archive,
 }

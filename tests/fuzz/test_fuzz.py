@@ -29,8 +29,9 @@ from tests.fuzz.seeds import seeds
 from tests.fuzz.targets import TARGETS
 
 CI_RUNS = int(os.environ.get("FUZZ_CI_RUNS", "30000"))
-# Targets that copy a whole session or seal per input run ~10x slower: fewer inputs in CI.
-SLOW = {"transfer_session": 5, "envelope": 2}
+# Targets that copy a whole session, seal or unpack on disk per input run ~10x slower:
+# fewer inputs in CI.
+SLOW = {"transfer_session": 5, "envelope": 2, "folder_archive": 10}
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
