@@ -122,13 +122,10 @@ def _is_loopback(host: str) -> bool:
     return _unmapped(host).is_loopback
 
 
-def _on_link(host: str) -> bool:
-    """Whether `host` is link-local without a zone: as STUN names a node on its link."""
-    return "%" not in host and _unmapped(host).is_link_local
-
-
-def _on_link_ip(ip: IP) -> bool:
-    """`_on_link` of an address already parsed."""
+def _on_link(host: str | IP) -> bool:
+    """Whether `host` (an IP literal or one already parsed) is link-local without a zone:
+    as STUN names a node on its link."""
+    ip = ipaddress.ip_address(host) if isinstance(host, str) else host
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id:
             return False
@@ -145,7 +142,7 @@ def decode_candidates(f: Fields) -> tuple[Address, ...]:
         raise DecodeError("no candidates")
     # Each address is parsed once: ipaddress's parse was most of an offer's decode.
     (public, port), *local = (_parsed(t) for t in texts)
-    if (why := _unroutable(public)) is not None and not _on_link_ip(public):
+    if (why := _unroutable(public)) is not None and not _on_link(public):
         raise DecodeError(f"the public candidate {texts[0]!r} {why}")
     return (_canonical(public), port), *((_canonical(ip), p) for ip, p in local
                                          if _unroutable(ip) is None)
