@@ -29,7 +29,7 @@ from overlay.transports.stream import StreamBroken
 from overlay.transports.webrtc import WebRtcConnectError, WebRtcEndpoint, WebRtcSettings
 from rendezvous.client import PipeMessage
 from rendezvous.stun import serve_stun, serve_stun_tcp
-from tests.overlay.signalled_pair import ALICE, BOB
+from tests.overlay.signalled_pair import ALICE, BOB, wired
 from tests.overlay.test_quic import NEEDS_V6
 from tests.overlay.test_unsupported import Inbox, node_and_alice, pipe_to_a_node
 
@@ -86,21 +86,13 @@ async def _dial_rejected(kind: str, field: str, value: object, host: str = "127.
     """ALICE dials BOB over `kind` with her offer's `field` set to `value`: the error, the
     time it took, and both endpoints (closed)."""
     hub = MemoryPipe()
-    async with stun_servers(host) as stun:
-        alice = _make(kind, Tampering(hub, field, value), stun)
-        bob = _make(kind, hub.sender(*BOB), stun)
-        hub.attach(*ALICE, alice.feed)
-        hub.attach(*BOB, bob.feed)
-        await alice.start()
-        await bob.start()
-        try:
-            t0 = time.monotonic()
-            with pytest.raises(ERRORS[kind]) as caught:
-                await alice.dial(*BOB)
-            return str(caught.value), time.monotonic() - t0, alice, bob
-        finally:
-            await alice.aclose()
-            await bob.aclose()
+    async with stun_servers(host) as stun, wired(
+            hub, _make(kind, Tampering(hub, field, value), stun),
+            _make(kind, hub.sender(*BOB), stun)) as (alice, bob):
+        t0 = time.monotonic()
+        with pytest.raises(ERRORS[kind]) as caught:
+            await alice.dial(*BOB)
+        return str(caught.value), time.monotonic() - t0, alice, bob
 
 
 @pytest.mark.parametrize("kind, field, value, reason", [
