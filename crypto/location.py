@@ -205,7 +205,7 @@ def decode_location(data: bytes) -> LocationMessage:
         width=d.int("width", lo=1, hi=1 << 16, optional=True),
         height=d.int("height", lo=1, hi=1 << 16, optional=True),
         thumbnail=d.bytes("thumb", max_len=MAX_THUMBNAIL, optional=True),
-        folder=_folder(d.map("folder", optional=True)),
+        folder=folder_from_fields(d.map("folder", optional=True)),
     )
     size = k.int("size", lo=0, hi=1 << 62)
     if description.folder is not None:
@@ -232,7 +232,9 @@ def decode_location(data: bytes) -> LocationMessage:
     return LocationMessage(headers=headers, description=description, handle=handle)
 
 
-def _folder(f: Fields | None) -> FolderInfo | None:
+def folder_from_fields(f: Fields | None) -> FolderInfo | None:
+    """A `folder` field (a message's, or the control `send` op's) read within its bounds;
+    DecodeError naming the field."""
     if f is None:
         return None
     return FolderInfo(name=f.str("name", min_len=1, max_len=MAX_FILE_NAME),

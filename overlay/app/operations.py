@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -22,12 +23,10 @@ from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
 from crypto.location import (
     FOLDER_MEDIA_TYPE,
-    MAX_FILE_NAME,
-    MAX_FOLDER_ENTRIES,
     MAX_NOTE,
     MAX_TITLE,
-    FolderInfo,
     decode_location,
+    folder_from_fields,
 )
 from overlay.app.control import ControlError, Operation
 from overlay.content.archive import ArchiveView
@@ -169,12 +168,7 @@ class ControlOperations:
                     why = key_mismatch_text(m.server, m.error)
                     raise ControlError(f"the node is offline: {why}; nothing was sent") from None
                 raise ControlError(OFFLINE_TEXT) from None
-        folder = None
-        if (f := a.map("folder", optional=True)) is not None:
-            folder = FolderInfo(name=f.str("name", min_len=1, max_len=MAX_FILE_NAME),
-                                files=f.int("files", lo=0, hi=MAX_FOLDER_ENTRIES),
-                                folders=f.int("folders", lo=0, hi=MAX_FOLDER_ENTRIES),
-                                size=f.int("size", lo=0, hi=1 << 62))
+        folder = folder_from_fields(a.map("folder", optional=True))
         try:
             mid = await self.sender.send(Path(a.str("path", max_len=4096)), list(to),
                                          a.str("title", max_len=MAX_TITLE),
@@ -539,10 +533,7 @@ def folder_json(e: InboxEntry) -> dict[str, Any] | None:
         folder = decode_location(e.message).description.folder
     except DecodeError:
         return None
-    if folder is None:
-        return None
-    return {"name": folder.name, "files": folder.files, "folders": folder.folders,
-            "size": folder.size}
+    return None if folder is None else dataclasses.asdict(folder)
 
 
 def _item_text(v: Any, what: str) -> str:
