@@ -38,7 +38,13 @@ from pathlib import Path
 import msgpack
 
 from crypto.location import MAX_FOLDER_ENTRIES
-from overlay.content.diskio import ShortRead, pwrite_all, read_exactly, seal_checked
+from overlay.content.diskio import (
+    ShortRead,
+    pwrite_all,
+    read_exactly,
+    seal_checked,
+    write_replace,
+)
 from overlay.content.interfaces import ContentStoreError
 from overlay.content.local import LocalContent
 
@@ -193,21 +199,6 @@ def view_paths(views_dir: Path, content_id: bytes) -> tuple[Path, Path]:
     return stem.with_suffix(MAP_SUFFIX), stem.with_suffix(GAPS_SUFFIX)
 
 
-def _write_new(path: Path, write: Callable[[int], None]) -> None:
-    """Write `path` through a temporary name, fsync'd, then renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
-    try:
-        try:
-            write(fd)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_view(archive: Path, folder: Path, files: Iterable[ArchiveFile],
               map_path: Path, gaps_path: Path) -> ArchiveMap:
     """Record the view of `archive` over its unpacked `folder` (blocking): each file's size
@@ -236,11 +227,11 @@ def save_view(archive: Path, folder: Path, files: Iterable[ArchiveFile],
                     at, n, out = at + len(view), n - len(view), out + len(view)
 
         try:
-            _write_new(gaps_path, copy_gaps)
+            write_replace(gaps_path, copy_gaps)
         except ShortRead:
             raise ContentStoreError(f"{archive} shrank while its folder map was made") from None
     blob = memoryview(layout.encode(folder))
-    _write_new(map_path, lambda fd: pwrite_all(fd, blob, 0))
+    write_replace(map_path, lambda fd: pwrite_all(fd, blob, 0))
     return layout
 
 
@@ -333,7 +324,7 @@ class ArchiveView(LocalContent):
                 return f"{self._member(f)} was moved or deleted since it was {self._since}"
             if (not stat.S_ISREG(st.st_mode) or st.st_size != f.size
                     or st.st_mtime_ns != f.mtime_ns):
-                return f"{self._member(f)} changed since it was {self._since}"
+                return self._changed_text(f)
         return None
 
     def _read_and_seal(self, index: int, n: int,

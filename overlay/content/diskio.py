@@ -229,6 +229,22 @@ PARTIAL_DIR = ".peerpost-partial"  # beside the received files: same file system
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
+def write_replace(path: Path, write: Callable[[int], None]) -> None:
+    """Write `path` through a temporary name (mode 0600, `write(fd)`), fsync'd, then
+    renamed into place: a crash leaves the old file or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+    try:
+        try:
+            write(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def private_dir(parent: Path) -> Path:
     """`parent/.peerpost-partial`, made mode 0700 if missing; ContentStoreError unless it
     is a real directory owned by this user (a planted symlink or a stranger's folder is

@@ -45,7 +45,7 @@ from overlay.content.archive import (
     load_view,
 )
 from overlay.content.catalog import ContentStore
-from overlay.content.diskio import private_dir
+from overlay.content.diskio import private_dir, pwrite_all, write_replace
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
 from overlay.mail.outbox import WITHDRAWN_REASON, Outbox, OutboxEntry, RecipientStatus
 from overlay.mail.prefs import size_text
@@ -769,13 +769,9 @@ class UnpackRecord:
     def moving(self, archive: Path) -> Callable[[Path], None]:
         """The `moving` callback of unpack_with_layout: records archive and target."""
         def record(target: Path) -> None:
-            blob = json.dumps({"archive": str(archive), "target": str(target)}).encode()
-            tmp = self._path().with_suffix(".tmp")
-            with open(tmp, "wb") as out:
-                out.write(blob)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self._path())
+            blob = memoryview(json.dumps({"archive": str(archive),
+                                          "target": str(target)}).encode())
+            write_replace(self._path(), lambda fd: pwrite_all(fd, blob, 0))
         return record
 
     def _read(self) -> dict[str, str] | None:
