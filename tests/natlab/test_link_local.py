@@ -8,19 +8,17 @@ out its budget and the pair lost both rungs."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from crypto.address import parse_hostport
+from overlay.app.lab import LISTENING, _script, listening
 from tests.natlab.conftest import REPO, python_argv
 from tests.natlab.lab import NatLab, read_line
 
 pytestmark = pytest.mark.netns
 
 ADDRS = {"server": "169.254.0.10", "h1": "169.254.1.1", "h2": "169.254.2.2"}
-SCRIPT = Path(sys.executable).with_name("peerpost-rendezvous")
 BYTES = 1_000_000
 
 
@@ -41,13 +39,16 @@ class LinkLab(NatLab):
 
 def _serve(lab: LinkLab, data: Path) -> dict[str, tuple[str, int]]:
     """A plaintext `serve` on the server's link-local address: its services' addresses."""
-    proc = lab.run("server", [str(SCRIPT), "serve", "--domain", "example.net", "--data",
-                              str(data), "--listen", f"{ADDRS['server']}:0", "--plaintext",
-                              "--open-registration"], cwd=REPO)
-    found = {}
-    for _ in range(4):  # the mailbox, STUN, the DHT and STUN over TCP
-        name, _, where = read_line(proc, 30, "serve").rpartition("listening ")
-        found[name.strip()] = parse_hostport(where)
+    proc = lab.run("server", [_script("peerpost-rendezvous"), "serve", "--domain",
+                              "example.net", "--data", str(data), "--listen",
+                              f"{ADDRS['server']}:0", "--plaintext", "--open-registration"],
+                   cwd=REPO)
+    found: dict[str, tuple[str, int]] = {}
+    while len(found) < 4:  # the mailbox, STUN, the DHT and STUN over TCP
+        m = LISTENING.match(read_line(proc, 30, "serve"))
+        if m is not None:
+            name, where = listening(m)
+            found[name] = where
     return found
 
 
