@@ -249,8 +249,9 @@ def check_folder(folder: FolderInfo, archive_size: int) -> None:
     (the top one included), files no larger than the archive. DecodeError names the
     rule; the control `send` op asks the same before the node sends (a client other than
     our CLI must not make it send what every recipient refuses)."""
-    if not folder.name or _file_name(folder.name) != folder.name:
+    if not folder.name:
         raise DecodeError("location.d.folder.name: empty")
+    _file_name(folder.name)
     if not (0 <= folder.files and 0 <= folder.folders
             and folder.files + folder.folders < MAX_FOLDER_ENTRIES):
         raise DecodeError(f"location.d.folder: more than {MAX_FOLDER_ENTRIES:,} files and "
