@@ -584,7 +584,7 @@ def unpack_with_layout(archive: Path, info: FolderInfo, dest_dir: Path,
         try:
             (work / info.name).mkdir()
             try:
-                tar.extractall(work, members=members, filter="data")
+                tar.extractall(work, members=members, filter=_unpack_filter)
             except tarfile.TarError as exc:  # a member's data cut short
                 raise _refused(archive, [f"damaged ({exc})"]) from None
             return (_move_into_place(work / info.name, dest_dir, info.name, moving),
@@ -685,6 +685,15 @@ def _record(m: tarfile.TarInfo, name: str, seen: dict[str, str], files: dict[str
     parts = key.split("/")
     for i in range(1, len(parts)):
         needed.setdefault("/".join(parts[:i]), name)
+
+
+def _unpack_filter(m: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's data filter, and a folder without a time (ours carry none: mtime 0, so
+    the content id is the files' alone) keeps the time it is made, not 1970."""
+    out = tarfile.data_filter(m, dest)
+    if out.isdir() and not out.mtime:
+        return out.replace(mtime=None, deep=False)  # type: ignore[arg-type]  # None: unset
+    return out
 
 
 def _refusal(m: tarfile.TarInfo, top: str, dest: str) -> str | None:

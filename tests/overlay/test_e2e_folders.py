@@ -89,6 +89,9 @@ def test_a_folder_arrives_as_the_same_tree(lab: LocalNetwork, tmp_path: Path) ->
     assert folder.name == "sunday" and folder.is_dir()
     assert folder.parent == received
     assert tree(folder) == want
+    # The archive carries no folder times: its folders have the time they were made.
+    assert all(os.stat(folder / d).st_mtime > 1e9 for d in ("beach", "empty folder")), \
+        [os.stat(folder / d).st_mtime for d in ("beach", "empty folder")]
     assert got["folder"] == {"name": "sunday", "files": 4, "folders": 3,
                              "size": 3 * MiB + 17 + 300_000 + 20}
     assert got["title"] == "sunday/: 4 files, 3.3 MiB"
