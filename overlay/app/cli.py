@@ -1000,7 +1000,11 @@ async def _status_table(home: NodeHome, args: argparse.Namespace, want: str | No
         if m.get("retention_done"):
             copy = RETAINED.get(m["retention_done"], str(m["retention_done"]))
             t.add_row("", "", "", "", f"[dim]everyone has it; {_m(copy)}[/]", "")
-        if m.get("source_changed"):
+        if m.get("source_changed") and m.get("folder"):
+            # `resend` refuses a folder: the map names the files as they were.
+            t.add_row("", "", "", "", "[yellow]a file of the folder changed after sending: "
+                      "send the folder again with `peerpost send`[/]", "")
+        elif m.get("source_changed"):
             t.add_row("", "", "", "", "[yellow]the file changed after sending: "
                       f"`peerpost resend {m['id'][:SHORT_ID]}` sends it as it is now[/]", "")
     console.print(t)
@@ -1008,7 +1012,8 @@ async def _status_table(home: NodeHome, args: argparse.Namespace, want: str | No
 
 
 # What the sender's retention preference did with its copy once everyone had it.
-RETAINED = {"keep": "copy kept", "delete": "copy deleted", "archive": "copy archived"}
+RETAINED = {"keep": "copy kept", "delete": "copy deleted", "archive": "copy archived",
+            "map": "folder kept (its map deleted)"}
 
 
 async def cmd_cancel(home: NodeHome, args: argparse.Namespace) -> int:

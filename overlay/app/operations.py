@@ -324,13 +324,17 @@ class ControlOperations:
                     shown[addr] = "cancelled"
                 elif changed:
                     shown[addr] = "source changed"
+            # A folder's map is the node's, deleted whatever the preference once nobody
+            # needs it; the user's files stay: "map", not the "delete" recorded for it.
+            folder = self.store is not None and is_own_archive(self.store.root, m.path)
+            done = m.retention_action if m.retention_done else None
             out.append({
-                "source_changed": changed,
+                "source_changed": changed, "folder": folder,
                 "id": m.id.hex(), "title": m.title, "size": m.size, "path": m.path,
                 "content_id": m.content_id.hex(), "created_at": m.created_at,
                 "chunk_count": chunk_count(m.size, chunk_size),
                 "chunks_served": served, "max_in_flight": self.max_in_flight,
-                "retention_done": m.retention_action if m.retention_done else None,
+                "retention_done": "map" if folder and done else done,
                 "recipients": [{"address": r.address, "state": r.state.value,
                                 "updated_at": r.updated_at, "reason": r.reason,
                                 "shown": shown.get(r.address, r.state.value)}

@@ -103,6 +103,10 @@ def test_a_folder_arrives_as_the_same_tree(lab: LocalNetwork, tmp_path: Path) ->
                    30, "bob's receipt")
     lab.wait_until(lambda: outgoing(alice) == [], 30, "the map deleted")
     assert tree(src) == {**want, "passwords": None}
+    # `status` says so: not "copy deleted" (the node's map went, never the folder).
+    lab.wait_until(lambda: sent(lab, alice, mid)["retention_done"], 30, "the retention step")
+    shown = " ".join(lab.cli(alice, "status", mid).stdout.replace("│", " ").split())
+    assert "everyone has it; folder kept (its map deleted)" in shown, shown
 
     # The web inbox lists it and says what it is; no one file to save.
     base, headers = login(lab, bob)
@@ -289,3 +293,7 @@ def test_a_file_edited_after_sending_stops_the_serving(lab: LocalNetwork,
     assert res.returncode == 1 and "b.jpg changed since it was sent; send the folder again " \
         "with `peerpost send`; nothing was sent" in text, text
     assert "edited.map" in outgoing(alice)  # still named by the message: cancel deletes it
+    # `status` gives the way that works for a folder, not `resend`.
+    shown = " ".join(lab.cli(alice, "status", mid).stdout.replace("│", " ").split())
+    assert "a file of the folder changed after sending: send the folder again with " \
+        "`peerpost send`" in shown and "resend" not in shown, shown
