@@ -386,7 +386,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--domain", required=True, help="the mail domain the records publish")
     d.add_argument("--host", action="append", required=True, metavar="NAME",
                    help="host name of an instance (repeat for several)")
-    d.add_argument("--port", type=_port, required=True, help="the port `serve` listens on")
+    d.add_argument("--port", type=_port, action="append", required=True,
+                   help="the port `serve` listens on: once for all hosts or once per --host")
     d.add_argument("--priority", type=_count, action="append", metavar="N",
                    help="SRV priority, lower tried first: once for all hosts or once per "
                         "--host (default 10)")
@@ -966,13 +967,13 @@ def _dns_records(args: argparse.Namespace) -> int:
     published before the first `serve`, which then uses the same key."""
     hosts: list[str] = args.host
     per_host: dict[str, list[int]] = {}
-    for name, given, default in (("priority", args.priority, 10), ("weight", args.weight, 0)):
-        values = given or [default]
-        if len(values) == 1:
-            values = values * len(hosts)
+    # A repeated --port was once taken as the last one for every host.
+    for name, given, low in (("port", args.port, 1), ("priority", args.priority or [10], 0),
+                             ("weight", args.weight or [0], 0)):
+        values = given * len(hosts) if len(given) == 1 else given
         if len(values) != len(hosts) or any(v > 65535 for v in values):
-            print(f"peerpost-rendezvous: give --{name} (0..65535) once, or once per --host",
-                  file=sys.stderr)
+            print(f"peerpost-rendezvous: give --{name} ({low}..65535) once, or once per "
+                  "--host", file=sys.stderr)
             return 2
         per_host[name] = values
     domain = str(args.domain).strip().rstrip(".").lower()
@@ -985,10 +986,10 @@ def _dns_records(args: argparse.Namespace) -> int:
     except (OSError, DecodeError) as exc:
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
         return 1
-    for host, prio, weight in zip(hosts, per_host["priority"], per_host["weight"],
-                                  strict=True):
+    for host, port, prio, weight in zip(hosts, per_host["port"], per_host["priority"],
+                                        per_host["weight"], strict=True):
         target = host.strip().rstrip(".") + "."
-        print(f"_peerpost._tcp.{domain}. {DNS_TTL} IN SRV {prio} {weight} {args.port} {target}")
+        print(f"_peerpost._tcp.{domain}. {DNS_TTL} IN SRV {prio} {weight} {port} {target}")
     print(f"_peerpost.{domain}. {DNS_TTL} IN TXT \"{txt_value(domain_key.public)}\"")
     print(f"domain key {domain_key.fingerprint} ({args.data / 'domain_key.json'})",
           file=sys.stderr)

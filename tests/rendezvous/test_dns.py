@@ -194,6 +194,22 @@ async def test_dns_records_make_the_key_and_publish_it(tmp_path: Path, dns_serve
     assert records.key == key.public
 
 
+def test_dns_records_takes_a_port_per_host(tmp_path: Path) -> None:
+    # Two instances on one host: a second --port was taken for both.
+    res = _dns_records("--data", str(tmp_path), "--domain", "a.test", "--host", "rv.a.test",
+                       "--host", "rv.a.test", "--port", "4500", "--port", "4510")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[:2] == [
+        "_peerpost._tcp.a.test. 300 IN SRV 10 0 4500 rv.a.test.",
+        "_peerpost._tcp.a.test. 300 IN SRV 10 0 4510 rv.a.test.",
+    ]
+    res = _dns_records("--data", str(tmp_path), "--domain", "a.test", "--host", "x.a.test",
+                       "--host", "y.a.test", "--host", "z.a.test", "--port", "1",
+                       "--port", "2")
+    assert res.returncode == 2
+    assert "give --port (1..65535) once, or once per --host" in res.stderr
+
+
 def test_dns_records_refuses_mismatched_priorities(tmp_path: Path) -> None:
     res = _dns_records("--data", str(tmp_path), "--domain", "a.test", "--host", "x.a.test",
                        "--host", "y.a.test", "--host", "z.a.test", "--port", "1",
