@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import stat
 import sys
@@ -23,6 +24,7 @@ from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
 # 0.08 s of CPU per GB and nothing left to flush, against 0.26 s/GB through the page cache
 # plus a final fsync of the whole file (~0.5 s per GiB) that the download waited for.
 DIRECT_ALIGN = 4096
+HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and arm64 with 4 KiB pages
 # Buffers kept for reuse by one content store, shared by every content it serves: a pool
 # per content kept its chunks' buffers for as long as the node ran, about 2 MiB per file
 # sent (1.6 GB of RSS after 600 small sends). At 2 MiB chunks these bound what stays
@@ -144,6 +146,28 @@ def seal_checked(view: memoryview, cipher: ChunkCipher, index: int, outgoing: Se
     out = outgoing.take(len(view) + cipher.overhead)
     cipher.seal_into(index, view, out)
     return out
+
+
+def direct_buffer(n: int, lead: int = 0) -> memoryview:
+    """`n` bytes of fresh memory whose byte `lead` (0 <= lead < a page) starts a page, for
+    data written with O_DIRECT from there: private anonymous memory, the whole 2 MiB pages
+    inside it asked to be transparent huge pages. The kernel pins a buffer's pages for
+    every O_DIRECT write; a huge page is pinned as one (a shared mapping, as mmap(-1)
+    makes, is shmem and is pinned and faulted 4 KiB at a time). Measured here, 2 MiB
+    O_DIRECT writes took 0.024-0.031 CPU s per GB from huge pages, 0.039-0.045 from
+    private 4 KiB pages and 0.050-0.076 from a shared mapping."""
+    if not 0 <= lead < mmap.PAGESIZE:
+        raise ValueError(f"a lead of {lead} bytes is not within a page")
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    huge = advise is not None and n - lead >= HUGE_PAGE
+    align = HUGE_PAGE if huge else mmap.PAGESIZE
+    m = mmap.mmap(-1, n + align, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    start = -(base + lead) % align  # base + start + lead is on an `align` boundary
+    if huge and advise is not None:
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+            m.madvise(advise, start + lead, (n - lead) // HUGE_PAGE * HUGE_PAGE)
+    return memoryview(m)[start : start + n]
 
 
 def open_direct(path: Path) -> int:

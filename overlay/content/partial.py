@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from overlay.content.diskio import (
     ShortRead,
     bit,
     direct_aligned,
+    direct_buffer,
     free_name,
     open_direct,
     open_existing,
@@ -117,7 +117,7 @@ class PartialContent:
         try:
             return self._buffers.pop()  # list.pop/append are atomic under the GIL
         except IndexError:
-            return memoryview(mmap.mmap(-1, max(self.chunk_size, 1)))
+            return direct_buffer(max(self.chunk_size, 1))
 
     def _write_plain(self, view: memoryview, offset: int) -> None:
         """Write an opened chunk: straight to the device where the filesystem allows

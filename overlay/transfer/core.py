@@ -29,6 +29,7 @@ from crypto.handshake import (
     SessionCipher,
 )
 from crypto.identity import DeviceIdentity, PublicIdentity
+from overlay.content.diskio import direct_buffer
 from overlay.transfer.errors import LocalProtocolError, RemoteProtocolError
 from overlay.transfer.frames import (
     MAX_HEADER,
@@ -271,8 +272,7 @@ class TransferConnection:
                 return self._spare.pop(i)  # every byte is overwritten before delivery
         if self._payload_lead is None:
             return bytearray(n)
-        start = -self._payload_lead % mmap.PAGESIZE
-        return memoryview(mmap.mmap(-1, start + n))[start:]
+        return direct_buffer(n, self._payload_lead)
 
     def payload_space(self) -> memoryview | None:
         """Where the rest of the CHUNK payload being received goes, or None outside one.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import platform
 import random
@@ -30,7 +32,13 @@ from crypto.content import (
 )
 from crypto.errors import VerificationError
 from overlay.content.catalog import ContentStore, local_scheme
-from overlay.content.diskio import DIRECT_ALIGN, SendBuffers
+from overlay.content.diskio import (
+    DIRECT_ALIGN,
+    HUGE_PAGE,
+    SendBuffers,
+    direct_aligned,
+    direct_buffer,
+)
 from overlay.content.interfaces import ContentStoreError
 from overlay.content.local import LocalContent
 from overlay.content.partial import PartialContent
@@ -307,6 +315,34 @@ def test_aligned_chunks_go_straight_to_disk_or_through_the_cache(
         # A chunk written either way is read back and served as its leaf names it.
         assert _opened(src, i, part.read_sealed(i)) == _opened(src, i, src.read_sealed(i))
     assert (part._direct_fd >= 0) is direct or not hasattr(os, "O_DIRECT")
+    assert part.complete().read_bytes() == data
+
+
+@pytest.mark.parametrize(("n", "lead"), [(1, 0), (DIRECT_ALIGN, 0), ((1 << 20) + 28, 12),
+                                         (HUGE_PAGE + 28, 12), (2 * HUGE_PAGE + 7, 100)])
+def test_direct_buffer_starts_a_page_at_its_lead(n: int, lead: int) -> None:
+    """Received payloads are opened in place and written with O_DIRECT from `lead` on; from
+    a huge page's worth on, that byte starts a huge page (pinned as one by each write)."""
+    buf = direct_buffer(n, lead)
+    assert len(buf) == n and not buf.readonly
+    buf[:] = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    assert direct_aligned(buf[lead:])
+    if n - lead >= HUGE_PAGE:
+        assert ctypes.addressof(ctypes.c_char.from_buffer(buf[lead:])) % HUGE_PAGE == 0
+    with pytest.raises(ValueError, match="within a page"):
+        direct_buffer(n, mmap.PAGESIZE)
+
+
+def test_huge_page_chunks_reach_the_disk_whole(tmp_path: Path) -> None:
+    """Chunks of a large-file layout (2 MiB) opened into huge-page buffers and written with
+    O_DIRECT read back as the file that was sent."""
+    chunk = HUGE_PAGE
+    data = _file(tmp_path / "f", 2 * chunk + 4096)
+    src = ContentStore(tmp_path / "s").add_local_file_blocking(tmp_path / "f", chunk_size=chunk)
+    part = _receive(ContentStore(tmp_path / "r"), src, tmp_path / "in", "f")
+    part.set_leaves(src.leaves)
+    for i in part.missing():
+        assert part.write_chunk(i, bytes(src.read_sealed(i)))  # read-only: a buffer of ours
     assert part.complete().read_bytes() == data
 
 
