@@ -43,16 +43,18 @@ def served_domain(db: Path) -> str | None:
     return str(row[0]) if row else None
 
 
-def record_domain(db: Path, domain: str) -> None:
+def record_domain(db: Path, domain: str, *, record: bool = True) -> None:
     """Record `domain` as the database's on the first `serve`; refuse another one later
-    (a data folder holds one domain's accounts and its domain key)."""
+    (a data folder holds one domain's accounts and its domain key). `record=False` only
+    refuses: `serve` records once it listens, so a start that failed binds no domain."""
     conn = connect(db)
     try:
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('domain', ?)", (domain,))
+        if record:
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('domain', ?)", (domain,))
         row = conn.execute("SELECT value FROM meta WHERE key='domain'").fetchone()
     finally:
         conn.close()
-    if row[0] != domain:
+    if row is not None and row[0] != domain:
         raise AdminError(f"{db.parent} serves {row[0]}, not {domain}")
 
 

@@ -521,8 +521,10 @@ def _serve(argv: list[str] | None, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         write_stopped(args.data, now=time.time())  # a killed predecessor's file says running
-        if args.store is None:
-            record_domain(args.data / DB_NAME, args.domain)  # PostgreSQL: at open
+        if args.store is None:  # PostgreSQL: at open
+            # Only checked here: a start that fails (a port in use) must not bind a new
+            # folder to a mistyped domain. Recorded once it listens.
+            record_domain(args.data / DB_NAME, args.domain, record=False)
         _raise_nofile()
         _tune_gc()
         keep_heap()
@@ -610,6 +612,8 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
     except BaseException:
         await server.aclose()  # closes the services too
         raise
+    if args.store is None:
+        record_domain(data / DB_NAME, args.domain)  # checked before: this one is ours
     print(f"listening {format_hostport(host, port)}", flush=True)
     if tls is not None:  # a plaintext server is the simulator's or a benchmark's
         server.check_own_records(port)

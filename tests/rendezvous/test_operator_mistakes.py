@@ -92,6 +92,30 @@ async def test_a_udp_port_in_use_says_the_os_reason(tmp_path: Path) -> None:
                 f"already in use ({flag} N moves it, off turns it off)"], err
 
 
+async def test_a_start_that_never_listened_binds_no_domain(tmp_path: Path) -> None:
+    # A mistyped domain whose first start failed (its port taken) was kept: the folder was
+    # then "data serves exmaple.net, not example.net", and `invite` took the typo.
+    data = tmp_path / "data"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = await run("serve", "--domain", "exmaple.net", "--data", str(data),
+                                 "--listen", f"127.0.0.1:{port}", "--stun-port", "off",
+                                 "--dht-port", "off")
+    assert code == 1 and f"cannot listen on 127.0.0.1:{port} (TCP)" in err, err
+    code, _, err = await run("invite", "bob@exmaple.net", "--data", str(data))
+    assert code == 1 and "is not a server's data folder yet" in err, err
+    async with serve(data, "--stun-port", "off", "--dht-port", "off", expect=1) as srv:
+        await srv.wait_log(f"event=server.listening domain={DOMAIN} ")
+        code, out, err = await run("invite", f"bob@{DOMAIN}", "--data", str(data))
+        assert code == 0 and out.strip(), err
+    # Once it has listened, the folder is the domain's.
+    code, _, err = await run("serve", "--domain", "other.test", "--data", str(data),
+                             "--listen", "127.0.0.1:0")
+    assert code == 1 and f"{data} serves {DOMAIN}, not other.test" in err, err
+
+
 async def test_a_database_that_does_not_answer_is_not_a_busy_listen_port(
         tmp_path: Path) -> None:
     pytest.importorskip("asyncpg")
