@@ -824,8 +824,10 @@ def _reload(argv: list[str] | None, current: argparse.Namespace,
                      if k not in kept and k != "config" and not callable(v)
                      and getattr(current, k, None) != v)
     logging.getLogger().setLevel(str(new.log_level).upper())
-    if server.tls is not None:
-        _reload_tls(new, server)
+    if server.tls is not None and not _reload_tls(new, server):
+        # The old certificate stays, and so do its paths: not reported as changed.
+        new.tls_cert, new.tls_key = current.tls_cert, current.tls_key
+        applied = [k for k in applied if k not in ("tls_cert", "tls_key")]
     server.reconfigure(_limits(new),
                        blocked_domains={d.strip().lower() for d in new.block_domain},
                        finger_open=new.finger_open, open_registration=new.open_registration)
@@ -834,12 +836,12 @@ def _reload(argv: list[str] | None, current: argparse.Namespace,
     return new
 
 
-def _reload_tls(args: argparse.Namespace, server: RendezvousServer) -> None:
+def _reload_tls(args: argparse.Namespace, server: RendezvousServer) -> bool:
     """SIGHUP: read the certificate and key again (a renewed certificate at the same paths,
     or new paths in --config) and present them from the next handshake on. Files that
     can't serve (half written, a key of another certificate) are logged and the old
     certificate stays, as it does for a config that names one of the two files only (at
-    start that is a usage error; here an exception would end serve)."""
+    start that is a usage error; here an exception would end serve). False if so."""
     tls: ServerTls | None = None
     if (args.tls_cert is None) != (args.tls_key is None):
         problem: str | None = "--tls-cert and --tls-key go together"
@@ -855,12 +857,13 @@ def _reload_tls(args: argparse.Namespace, server: RendezvousServer) -> None:
     if problem is not None or tls is None:
         log.error(kv("server.tls_reload_failed", error=problem,
                      note="the old certificate stays"))
-        return
+        return False
     if tls.binding == server.binding:
-        return
+        return True
     server.reload_tls(tls)
     log.info(kv("server.tls_reloaded", cert=str(cert), sha256=tls.binding.hex(),
                 not_after=tls.not_after.isoformat()))
+    return True
 
 
 def new_invite_token() -> str:

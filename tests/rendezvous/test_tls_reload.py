@@ -227,6 +227,9 @@ async def test_a_reload_naming_a_certificate_without_its_key_keeps_serving(
         proc.send_signal(signal.SIGHUP)
         line = await logged(log, "server.tls_reload_failed")
         assert "--tls-cert and --tls-key go together" in line, line
+        # Not applied, so not reported as changed (it said changed=tls_key).
+        line = await logged(log, "server.reloaded")
+        assert " changed=- " in line, line
         assert await presented(openssl, port) == binding_of_file(cert)
         assert proc.returncode is None, log.read_text()[-3000:]
     finally:
