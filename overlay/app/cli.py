@@ -708,7 +708,7 @@ def _sent(home: NodeHome, mid: str, to: list[str], args: argparse.Namespace) -> 
 
 
 # A recipient's `shown` state after which nothing more happens to it.
-SENT_FINAL = ("downloaded", "failed", "cancelled", "source changed")
+SENT_FINAL = ("downloaded", "declined", "failed", "cancelled", "source changed")
 
 
 def _watch_sent(home: NodeHome, mid: str, args: argparse.Namespace) -> int:
@@ -998,8 +998,7 @@ async def _status_table(home: NodeHome, args: argparse.Namespace, want: str | No
                       _t(r.get("shown") or r["state"]),
                       when.replace(" ", "\n") if narrow else when)
         if m.get("retention_done"):
-            copy = RETAINED.get(m["retention_done"], str(m["retention_done"]))
-            t.add_row("", "", "", "", f"[dim]everyone has it; {_m(copy)}[/]", "")
+            t.add_row("", "", "", "", f"[dim]{_m(retained_text(m))}[/]", "")
         if m.get("source_changed") and m.get("folder"):
             # `resend` refuses a folder: the map names the files as they were.
             t.add_row("", "", "", "", "[yellow]a file of the folder changed after sending: "
@@ -1014,6 +1013,17 @@ async def _status_table(home: NodeHome, args: argparse.Namespace, want: str | No
 # What the sender's retention preference did with its copy once everyone had it.
 RETAINED = {"keep": "copy kept", "delete": "copy deleted", "archive": "copy archived",
             "map": "folder kept (its map deleted)"}
+
+
+def retained_text(m: dict[str, Any]) -> str:
+    """The line under a sent message nobody will fetch any more: what became of the copy.
+    When every recipient declined it the preference did not apply: the file is kept."""
+    states = {r["state"] for r in m["recipients"]}
+    if "downloaded" not in states:
+        what = "folder is kept (its map deleted)" if m.get("folder") else "file is kept"
+        return f"nobody will download it; your {what}, no longer served"
+    copy = RETAINED.get(m["retention_done"], str(m["retention_done"]))
+    return f"everyone has it{' or declined it' if 'declined' in states else ''}; {copy}"
 
 
 async def cmd_cancel(home: NodeHome, args: argparse.Namespace) -> int:

@@ -24,12 +24,14 @@ from overlay.mail.downloads import Activity, DownloadFailed, RetryLater, SourceV
 from overlay.mail.folders import FolderError, UnpackRecord, unpack_with_layout
 from overlay.mail.inbox import InboxEntry
 from overlay.transfer.downloader import (
+    WITHDRAWN_FAILURE,
     ChunkStored,
     DiskFull,
     Downloader,
     FetchError,
     FetchEvent,
     NoSourceReachable,
+    SourceChanged,
 )
 from rendezvous.errors import is_disk_full
 from rendezvous.taskset import TaskSet
@@ -44,6 +46,9 @@ INDEX_AT_END = frozenset({"video/webm", "audio/webm", "video/x-matroska", "video
                           "audio/mp4", "video/quicktime"})
 INDEX_SUFFIXES = (".webm", ".mkv", ".mp4", ".m4v", ".m4a", ".mov")
 TAIL_CHUNKS = 2
+# What a declined receipt tells the sender of a failure of this disk (its text, which names
+# local paths, stays here).
+STORE_FAILED = "failed: the recipient's disk can't store it"
 
 
 def index_at_end(media_type: str, file_name: str) -> bool:
@@ -103,14 +108,15 @@ class ContentFetch:
             # rename and the inbox update): nothing to fetch.
             held = self.store.local(h.content_id)
             if held is None:
-                raise DownloadFailed(str(exc)) from None
+                raise DownloadFailed(str(exc), declined=STORE_FAILED) from None
             return await self._unpacked(msg, held.path)
         except (DecodeError, OSError) as exc:
             if is_disk_full(exc):
                 raise RetryLater(f"the disk is full ({exc}): the download starts by itself "
                                  "once there is room") from None
             # A name or layout the disk refuses: retrying can't help.
-            raise DownloadFailed(f"cannot store the file: {exc}") from None
+            raise DownloadFailed(f"cannot store the file: {exc}", declined=STORE_FAILED) \
+                from None
         sources = await self.finder.sources(msg)
         if partial.held:
             self.announce(h.content_id)  # resumed: we already serve some chunks
@@ -154,8 +160,12 @@ class ContentFetch:
                              "(its verified chunks are kept)") from None
         except PartialGone as exc:
             raise RetryLater(f"{exc}: it starts again") from None
+        except SourceChanged as exc:
+            # The sender's own cancel needs no answer; a changed file is its to send again.
+            raise DownloadFailed(str(exc), declined=None if str(exc) == WITHDRAWN_FAILURE
+                                 else "source changed") from None
         except FetchError as exc:
-            raise DownloadFailed(str(exc)) from None
+            raise DownloadFailed(str(exc), declined=STORE_FAILED) from None
         finally:
             if self.running.get(h.content_id) is dl:
                 del self.running[h.content_id]
@@ -184,7 +194,8 @@ class ContentFetch:
                                                   record.moving(path))
             unpacked, files = resumed
         except FolderError as exc:
-            raise DownloadFailed(str(exc)) from None
+            raise DownloadFailed(str(exc), declined=f"refused: {exc.why}" if exc.why else
+                                 "refused: the folder archive can't be unpacked") from None
         except NotEnoughSpace as exc:
             raise RetryLater(f"{exc}: it is unpacked once there is room (the archive is "
                              f"kept at {path})") from None
@@ -193,7 +204,7 @@ class ContentFetch:
                 raise RetryLater(f"the disk filled up while unpacking {folder.name} ({exc}): "
                                  "it is unpacked again once there is room") from None
             raise DownloadFailed(f"cannot unpack {path.name}: {exc} (the archive is kept "
-                                 f"at {path})") from None
+                                 f"at {path})", declined=STORE_FAILED) from None
         try:
             if files is None:
                 raise ContentStoreError("its archive holds a sparse file")

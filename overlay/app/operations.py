@@ -35,10 +35,11 @@ from overlay.content.interfaces import ContentStoreError
 from overlay.mail.contacts import Contacts
 from overlay.mail.downloads import DownloadQueue
 from overlay.mail.folders import delete_received, is_own_archive, release_archives
-from overlay.mail.inbox import Inbox, InboxEntry
+from overlay.mail.inbox import Decline, Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail
 from overlay.mail.outbox import (
+    SETTLED,
     WITHDRAWN_REASON,
     Outbox,
     OutboxEntry,
@@ -47,6 +48,7 @@ from overlay.mail.outbox import (
 )
 from overlay.mail.outgoing import MailSender, SendError
 from overlay.mail.prefs import RETENTIONS, Prefs, parse_rate, parse_size, unknown_pref
+from overlay.mail.receipts import REMOVED_REASON
 from overlay.transfer.server import TransferServer
 from rendezvous.client import RendezvousClient, RendezvousError, ServerIdentityError
 from rendezvous.domainkey import fingerprint
@@ -219,7 +221,9 @@ class ControlOperations:
         return {"removed": gone, "inbox": self.inbox_state()}
 
     async def _remove(self, e: InboxEntry, *, delete_file: bool) -> dict[str, Any]:
-        await self.downloads.cancel(e.id, remove=True)
+        # Not downloaded: its sender is told (unless junk or unverified, see Inbox.remove).
+        await self.downloads.cancel(e.id, remove=True,
+                                    decline=Decline(REMOVED_REASON, self.downloads.wall()))
         deleted = kept = None
         # The same content received twice is one file (or folder): it stays for the other.
         if shared := self.inbox.sharing(e):
@@ -324,6 +328,9 @@ class ControlOperations:
                     shown[addr] = "cancelled"
                 elif changed:
                     shown[addr] = "source changed"
+            for r in m.recipients:
+                if r.state is RecipientStatus.DECLINED:
+                    shown[r.address] = f"declined ({r.reason})"
             # A folder's map is the node's, deleted whatever the preference once nobody
             # needs it; the user's files stay: "map", not the "delete" recorded for it.
             folder = self.store is not None and is_own_archive(self.store.root, m.path)
@@ -354,12 +361,13 @@ class ControlOperations:
 
     @staticmethod
     def _pending(m: OutboxEntry) -> dict[str, bool]:
-        """Recipients that don't have it yet -> True, cancelled ones -> False."""
+        """Recipients that don't have it yet (nor declined it) -> True, cancelled ones ->
+        False."""
         out: dict[str, bool] = {}
         for r in m.recipients:
             if r.state is RecipientStatus.FAILED and r.reason == WITHDRAWN_REASON:
                 out[r.address] = False
-            elif r.state not in (RecipientStatus.DOWNLOADED, RecipientStatus.FAILED):
+            elif r.state not in (*SETTLED, RecipientStatus.FAILED):
                 out[r.address] = True
         return out
 

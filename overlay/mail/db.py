@@ -217,9 +217,43 @@ def _to_v4(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE contact_key_v4 RENAME TO contact_key")
 
 
+_V5 = """
+CREATE TABLE outbox_recipient_v5 (
+    message_id      BLOB NOT NULL REFERENCES outbox (id) ON DELETE CASCADE,
+    address         TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('queued', 'sent', 'downloading',
+                                                   'downloaded', 'declined', 'failed')),
+    reason          TEXT,
+    updated_at      REAL NOT NULL,
+    PRIMARY KEY (message_id, address),
+    CHECK (state NOT IN ('failed', 'declined') OR reason IS NOT NULL)
+) WITHOUT ROWID;
+CREATE TABLE declined_receipt (
+    message_id      BLOB PRIMARY KEY CHECK (length(message_id) = 16),
+    reason          TEXT NOT NULL,
+    declined_at     REAL NOT NULL,
+    message         BLOB NOT NULL,
+    sent_at         REAL
+)
+"""
+
+
+def _to_v5(conn: sqlite3.Connection) -> None:
+    # Declined receipts. A sent message's recipient may be 'declined' (with the reason it
+    # gave): the recipients' table is copied into one whose CHECK allows it. And a
+    # recipient's own declines wait in declined_receipt until the server took them: a row
+    # outlives the inbox entry `rm` removed, and stays once sent so that none goes twice.
+    for statement in _V5.split(";"):
+        conn.execute(statement)
+    conn.execute("INSERT INTO outbox_recipient_v5 SELECT message_id, address, state, reason,"
+                 " updated_at FROM outbox_recipient")
+    conn.execute("DROP TABLE outbox_recipient")
+    conn.execute("ALTER TABLE outbox_recipient_v5 RENAME TO outbox_recipient")
+
+
 # version n -> the step that makes it n + 1. Append only; never edit a shipped step.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4}
+    0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4, 4: _to_v5}
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -31,7 +31,7 @@ from overlay.mail.inbox import Inbox, InboxEntry
 from overlay.mail.incoming import IncomingMail, Outcome, Pushed
 from overlay.mail.outbox import Outbox
 from overlay.mail.prefs import Prefs
-from overlay.mail.receipts import RECEIPT_KIND, Receipt
+from overlay.mail.receipts import DECLINED, RECEIPT_KIND, Receipt
 from overlay.mail.retention import apply_retention
 from rendezvous.backoff import Backoff
 from rendezvous.client import (
@@ -53,7 +53,12 @@ LOOKUP_BACKOFF = Backoff(5.0, 300.0, jitter=0.8)  # a sender's keys looked up ag
 
 
 class Receipts:
-    """Receipts to senders: one when a download completes, and the owed ones again."""
+    """Receipts to senders: one when a download completes, and the owed ones again.
+
+    Declined receipts are queued in node.db by whoever declines (`Inbox.remove`, a
+    download failed for good) and sent only by `owed()`, which `wake()` starts at once: one
+    sender of them, so none goes twice, and a node offline or restarted sends them later.
+    """
 
     def __init__(self, identity: DeviceIdentity, rendezvous: RendezvousClient, inbox: Inbox,
                  contacts: Contacts, *, wall: Callable[[], float], retry: float) -> None:
@@ -63,6 +68,11 @@ class Receipts:
         self.contacts = contacts
         self.wall = wall
         self.retry = retry
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """A declined receipt was queued: send it now rather than at the next round."""
+        self._wake.set()
 
     async def completed(self, entry: InboxEntry, msg: LocationMessage) -> None:
         """The download queue's completion hook."""
@@ -78,29 +88,41 @@ class Receipts:
 
     async def owed(self) -> None:
         """Receipts the server did not take (it was down, or we were cut off) go again,
-        at start and then every `retry` seconds, until it does: without one the sender
-        never learns we have the file and keeps its copy for good. Runs until cancelled."""
+        at start and then every `retry` seconds (declined ones at once when woken),
+        until it does: without one the sender never learns we have the file, or never
+        will, and keeps its copy for good. Runs until cancelled."""
         while True:
             raise_if_cancelled()  # a send may have eaten it (see `_again`)
+            self._wake.clear()
             try:
                 await self._send_owed()
+                await self._send_declines()
             except (sqlite3.Error, OSError) as exc:
                 # node.db could not be read or written (its disk full, say): what is owed
                 # stays owed, and the next round tries again. This ended the loop, and
                 # with it the node (its tasks fail together).
                 log.warning("owed receipts not sent this round (tried again in %.0f s): %s",
                             self.retry, exc)
-            await asyncio.sleep(self.retry)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.retry):
+                    await self._wake.wait()
 
     async def _send_owed(self) -> None:
         for entry_id, raw in await asyncio.to_thread(self.inbox.receipts_owed):
-            try:
-                msg = decode_location(raw)
-            except DecodeError as exc:  # stored only after it decoded; never expected
-                log.warning("inbox %s: stored message unreadable: %s", entry_id.hex(), exc)
-                continue
-            if await self.send(entry_id, msg):
+            msg = _stored(entry_id, raw)
+            if msg is not None and await self.send(entry_id, msg):
                 log.info("sent the owed receipt for %s", entry_id.hex())
+
+    async def _send_declines(self) -> None:
+        for mid, raw, reason, at in await asyncio.to_thread(self.inbox.declines_owed):
+            msg = _stored(mid, raw)
+            if msg is None:
+                continue
+            receipt = Receipt(mid, DECLINED, int(at), reason)
+            if await self.send_to_sender(msg, RECEIPT_KIND, receipt.encode()):
+                await asyncio.to_thread(self.inbox.mark_decline_sent, mid, self.wall())
+                log.info("told %s that message %s will not be downloaded: %s",
+                         msg.headers.sender, mid.hex(), reason)
 
     async def send_to_sender(self, msg: LocationMessage, kind: str, body: bytes) -> bool:
         """Seal `body` to the sender's trusted device that sent `msg` (to all its trusted
@@ -124,6 +146,14 @@ class Receipts:
                         msg.headers.message_id.hex(), exc)
             return False
         return True
+
+
+def _stored(entry_id: bytes, raw: bytes) -> LocationMessage | None:
+    try:
+        return decode_location(raw)
+    except DecodeError as exc:  # stored only after it decoded; never expected
+        log.warning("inbox %s: stored message unreadable: %s", entry_id.hex(), exc)
+        return None
 
 
 class Delivery:
@@ -315,12 +345,14 @@ class Delivery:
         await self._again(self._lookup_failed, self._lookup_wake, self._recheck)
 
     async def retention(self) -> None:
-        """Apply the retention preference to every message all recipients now hold."""
+        """Apply the retention preference to every message all recipients now hold (or
+        declined); a content the node no longer holds is no longer announced."""
         try:
             done = await asyncio.to_thread(apply_retention, self.outbox, self.store,
                                            self.prefs, self.archive)
-            for entry, action in done:
-                if action != "keep":
+            for entry, _ in done:
+                # Deleted, archived, or released (a folder's map, a file nobody wanted).
+                if await asyncio.to_thread(self.store.local, entry.content_id) is None:
                     await self.withdraw(entry.content_id)
         except (OSError, sqlite3.Error) as exc:
             # A full or read-only disk (the archive's, or node.db's) must not stop the

@@ -13,6 +13,11 @@ after the backoff. Any other failure of one download (a name the disk refuses, a
 that message `failed` with the reason, logged once; it never ends the loop or restarts the
 same download in a tight loop. Offered messages larger than the `auto_download_max`
 preference wait for `peerpost fetch`.
+
+A download that fails for good (DownloadFailed: an archive refused, the sender's file
+changed) queues a declined receipt with the failure's short reason, in the transaction
+that records the failure, and calls `on_declined` (the receipts' wake-up); a retryable
+failure, a user's cancel and an error of our own (a bug) queue nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from crypto.errors import CryptoError
 from crypto.location import LocationMessage, decode_location
-from overlay.mail.inbox import Inbox, InboxEntry
+from overlay.mail.inbox import Decline, Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.prefs import Prefs
 from rendezvous.backoff import Backoff
@@ -41,7 +46,15 @@ class RetryLater(Exception):
 
 
 class DownloadFailed(Exception):
-    """The download can't succeed (e.g. the content does not match its id); no retry."""
+    """The download can't succeed (e.g. the content does not match its id); no retry.
+
+    `declined`: the short reason the sender is told in a declined receipt (no local path
+    in it: it leaves this machine), or None when the sender is not told (it withdrew the
+    message itself)."""
+
+    def __init__(self, text: str, *, declined: str | None = None) -> None:
+        super().__init__(text)
+        self.declined = declined
 
 
 @dataclass
@@ -121,8 +134,10 @@ class DownloadQueue:
 
     def __init__(self, inbox: Inbox, prefs: Prefs, fetch: Fetcher, on_complete: Completed, *,
                  wall: Callable[[], float], rng: random.Random, max_active: int = 1,
-                 retry_base: float = 5.0, retry_max: float = 300.0) -> None:
+                 retry_base: float = 5.0, retry_max: float = 300.0,
+                 on_declined: Callable[[], None] | None = None) -> None:
         self.inbox = inbox
+        self._on_declined = on_declined
         self.prefs = prefs
         self._fetch = fetch
         self._on_complete = on_complete
@@ -173,9 +188,11 @@ class DownloadQueue:
         self._changed()
         self.wake()
 
-    async def cancel(self, message_id: bytes, *, remove: bool = False) -> None:
+    async def cancel(self, message_id: bytes, *, remove: bool = False,
+                     decline: Decline | None = None) -> None:
         """Stop the download of this message if one runs, and wait for it; with `remove`
-        (`peerpost rm`), then take the message out of the inbox. The queue does not start
+        (`peerpost rm`), then take the message out of the inbox, with `decline` queuing
+        a declined receipt if it was not complete (`Inbox.remove`). The queue does not start
         it again meanwhile: the ended task wakes the queue, and a message still in the
         inbox as downloading was started anew, to fail on the entry `rm` then removed."""
         self._stopping.add(message_id)
@@ -189,7 +206,9 @@ class DownloadQueue:
             if task is not None:
                 await asyncio.wait([task])
             if remove:
-                self.inbox.remove(message_id)
+                self.inbox.remove(message_id, decline=decline)
+                if decline is not None:
+                    self._declined()
         finally:
             self._stopping.discard(message_id)
 
@@ -311,7 +330,7 @@ class DownloadQueue:
                 log.info("message %s: %s; retrying in %.1f s", mid.hex(), exc, when - self.wall())
                 return
             except DownloadFailed as exc:
-                self._fail(mid, str(exc))
+                self._fail(mid, str(exc), declined=exc.declined)
                 return
             self._holds.pop(mid, None)
             self.inbox.mark_time(mid, "completed", self.wall())
@@ -332,18 +351,27 @@ class DownloadQueue:
             self._requested.discard(mid)
             self._changed()  # retrying, failed, or paused for a priority sender
 
-    def _fail(self, mid: bytes, reason: str) -> None:
-        """Mark the message failed with `reason`; if even that fails (a full disk refuses
-        node.db's write too), try the download again after the longest backoff."""
+    def _fail(self, mid: bytes, reason: str, *, declined: str | None = None) -> None:
+        """Mark the message failed with `reason` (and queue a declined receipt saying
+        `declined`, if given); if even that fails (a full disk refuses node.db's write
+        too), try the download again after the longest backoff."""
         self.counters["failed"] += 1
         try:
             current = self.inbox.get(mid)
             if current is not None and current.state is not InboxState.FAILED:
-                self.inbox.transition(mid, InboxState.FAILED, error=reason or "failed")
+                self.inbox.transition(
+                    mid, InboxState.FAILED, error=reason or "failed",
+                    decline=Decline(declined, self.wall()) if declined else None)
+                if declined:
+                    self._declined()
             log.warning("message %s failed: %s", mid.hex(), reason)
             self._holds.pop(mid, None)
         except Exception as exc:
             self._hold_off(mid, self.wall() + self.retry_max, reason, exc)
+
+    def _declined(self) -> None:
+        if self._on_declined is not None:
+            self._on_declined()
 
     def _hold_off(self, mid: bytes, until: float, why: str, db_exc: Exception) -> None:
         """Leave `mid` alone until `until` (wall time), its state unrecorded; the queue

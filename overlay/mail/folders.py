@@ -47,7 +47,13 @@ from overlay.content.archive import (
 from overlay.content.catalog import ContentStore
 from overlay.content.diskio import private_dir, pwrite_all, write_replace
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
-from overlay.mail.outbox import WITHDRAWN_REASON, Outbox, OutboxEntry, RecipientStatus
+from overlay.mail.outbox import (
+    SETTLED,
+    WITHDRAWN_REASON,
+    Outbox,
+    OutboxEntry,
+    RecipientStatus,
+)
 from overlay.mail.prefs import size_text
 from overlay.mail.tarheaders import HeaderRefused, bounded_tarinfo
 
@@ -65,7 +71,13 @@ SHOWN_REFUSALS = 10  # members named in a refusal; the rest are counted
 
 
 class FolderError(Exception):
-    """Packing or unpacking refused; the text names the cause (and the member)."""
+    """Packing or unpacking refused; the text names the cause (and the member). `why`,
+    for a received archive refused, is the cause without any local path: what the
+    sender is told in a declined receipt."""
+
+    def __init__(self, text: str, *, why: str | None = None) -> None:
+        super().__init__(text)
+        self.why = why
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,17 +484,18 @@ def summary(info: FolderInfo, top_names: list[str] | None = None) -> str:
 # --- the sender's copy ------------------------------------------------------------------
 
 def needed(entry: OutboxEntry) -> bool:
-    """Whether a recipient may still fetch this message: one not yet downloaded, unless
-    the sender withdrew it (a send the server never took stays: `resend` needs it)."""
-    return any(r.state is not RecipientStatus.DOWNLOADED
+    """Whether a recipient may still fetch this message: one that has not downloaded nor
+    declined it, unless the sender withdrew it (a send the server never took stays:
+    `resend` needs it)."""
+    return any(r.state not in SETTLED
                and not (r.state is RecipientStatus.FAILED and r.reason == WITHDRAWN_REASON)
                for r in entry.recipients)
 
 
 def release_archives(outbox: Outbox, store: ContentStore) -> list[str]:
     """Delete every folder map (or archive) this node wrote that no sent message needs any
-    more (each recipient has it, or the message was withdrawn), never the files a map
-    names; blocking. The paths deleted."""
+    more (each recipient has it or declined it, or the message was withdrawn), never the
+    files a map names; blocking. The paths deleted."""
     by_path: dict[str, list[OutboxEntry]] = {}
     for m in outbox.list(limit=1_000_000):
         if is_own_archive(store.root, m.path):
@@ -553,7 +566,8 @@ def _opened(archive: Path) -> tarfile.TarFile:
     except HeaderRefused as exc:
         raise _refused(archive, [str(exc)]) from None
     except (tarfile.TarError, OSError) as exc:
-        raise FolderError(f"{archive.name} is not a tar archive ({exc})") from None
+        raise FolderError(f"{archive.name} is not a tar archive ({exc})",
+                          why="not a tar archive") from None
 
 
 def archive_layout(archive: Path, info: FolderInfo) -> list[ArchiveFile] | None:
@@ -653,7 +667,7 @@ def _refused(archive: Path, refused: list[str]) -> FolderError:
     more = len(refused) - SHOWN_REFUSALS
     shown = "; ".join(refused[:SHOWN_REFUSALS]) + (f"; and {more} more" if more > 0 else "")
     return FolderError(f"refused to unpack {archive.name}: {shown}; nothing was unpacked, "
-                       f"the archive is kept at {archive}")
+                       f"the archive is kept at {archive}", why=shown)
 
 
 def _clash(m: tarfile.TarInfo, name: str, seen: dict[str, str], files: dict[str, str],

@@ -17,16 +17,27 @@ import dataclasses
 import sqlite3
 from dataclasses import dataclass
 
-from overlay.mail.db import NodeDB, check_message_row, is_new_message
+from overlay.mail.db import NodeDB, check_message_row, count_rows, is_new_message
 from overlay.mail.inbox_state import (
     ACTIVE_STATES,
     IllegalTransition,
     InboxState,
     check_transition,
 )
+from overlay.mail.receipts import reason_text
 
 DEFAULT_MAX_ENTRIES = 10_000
 MAX_ERROR_TEXT = 500
+# Declined receipts kept once sent (so that none goes twice); the oldest sent go first.
+MAX_DECLINED = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Decline:
+    """Tell the sender it will not be downloaded: why (a receipt's reason) and when."""
+
+    reason: str
+    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,14 +155,16 @@ class Inbox:
         error: str | None = None,
         next_attempt: float | None = None,
         path: str | None = None,
+        decline: Decline | None = None,
     ) -> InboxEntry:
         """Move the entry to `new_state` and return it as stored.
 
         Entering `downloading` counts an attempt and clears the error; `retrying` needs
-        `next_attempt` (when to try again); `failed` needs `error` (shown to the user);
-        `complete` needs `path` and marks every chunk held. A junk message never leaves
-        `offered` (it may reach it from `unverified`). IllegalTransition names the entry
-        and the moves allowed from its state.
+        `next_attempt` (when to try again); `failed` needs `error` (shown to the user),
+        and with `decline` (a failure for good) queues a declined receipt in the same
+        transaction (`queue_decline`); `complete` needs `path` and marks every chunk
+        held. A junk message never leaves `offered` (it may reach it from `unverified`).
+        IllegalTransition names the entry and the moves allowed from its state.
         """
         with self._db.transaction() as conn:
             old = self._locked_get(conn, id)
@@ -170,6 +183,8 @@ class Inbox:
                     new.chunks_held, id,
                 ),
             )
+            if decline is not None and new_state is InboxState.FAILED:
+                _queue_decline(conn, old, decline)
         return new
 
     def set_progress(self, id: bytes, chunks_held: int) -> None:
@@ -280,10 +295,38 @@ class Inbox:
                               " ORDER BY sender", (InboxState.UNVERIFIED.value,))
         return [str(r["sender"]) for r in rows]
 
-    def remove(self, id: bytes) -> bool:
-        """Forget the entry (the caller deletes any file); False if it wasn't there."""
+    def remove(self, id: bytes, *, decline: Decline | None = None) -> bool:
+        """Forget the entry (the caller deletes any file); False if it wasn't there. With
+        `decline` (the user removed it), a declined receipt is queued in the same
+        transaction if the entry is not complete (see `_queue_decline`)."""
         with self._db.transaction() as conn:
+            row = conn.execute("SELECT * FROM inbox WHERE id = ?", (id,)).fetchone()
+            if row is None:
+                return False
+            if decline is not None:
+                _queue_decline(conn, _entry(row), decline)
             return conn.execute("DELETE FROM inbox WHERE id = ?", (id,)).rowcount > 0
+
+    def declines_owed(self, limit: int = 100) -> builtins.list[tuple[bytes, bytes, str, float]]:
+        """(id, location message, reason, declined at) of declined receipts not yet sent,
+        oldest first; they outlive the inbox entry."""
+        rows = self._db.query(
+            "SELECT message_id, message, reason, declined_at FROM declined_receipt"
+            " WHERE sent_at IS NULL ORDER BY declined_at LIMIT ?", (limit,))
+        return [(bytes(r["message_id"]), bytes(r["message"]), str(r["reason"]),
+                 float(r["declined_at"])) for r in rows]
+
+    def mark_decline_sent(self, id: bytes, when: float) -> None:
+        """The declined receipt for this message is in the server's hands (durably)."""
+        with self._db.transaction() as conn:
+            conn.execute("UPDATE declined_receipt SET sent_at = ? WHERE message_id = ?",
+                         (when, id))
+
+    def declined(self, id: bytes) -> tuple[str, float | None] | None:
+        """(reason, when sent or None) of this message's declined receipt, or None."""
+        row = self._db.query_one("SELECT reason, sent_at FROM declined_receipt"
+                                 " WHERE message_id = ?", (id,))
+        return None if row is None else (str(row["reason"]), row["sent_at"])
 
     def fetch_order(
         self, now: float, *, include_offered: bool = False, offered_max_size: int | None = None,
@@ -319,6 +362,26 @@ class Inbox:
         if row is None:
             raise KeyError(f"no inbox message {id.hex()}")
         return _entry(row)
+
+
+def _queue_decline(conn: sqlite3.Connection, entry: InboxEntry, decline: Decline) -> None:
+    """Queue a declined receipt for `entry`, once per message, unless it is complete (its
+    "downloaded" receipt is the last word), from a junk sender (a junked sender learns
+    nothing, as mail doesn't bounce spam) or unverified (signed by a key not trusted for
+    its sender: the sender may be forged). Beyond MAX_DECLINED rows, the oldest sent
+    ones go (and, were all unsent, the oldest: its sender is then never told)."""
+    if entry.state in (InboxState.COMPLETE, InboxState.UNVERIFIED) or entry.junk:
+        return
+    conn.execute(
+        "INSERT OR IGNORE INTO declined_receipt (message_id, reason, declined_at, message)"
+        " VALUES (?, ?, ?, ?)", (entry.id, reason_text(decline.reason), decline.at,
+                                 entry.message))
+    over = count_rows(conn, "declined_receipt") - MAX_DECLINED
+    if over > 0:
+        conn.execute(
+            "DELETE FROM declined_receipt WHERE message_id IN (SELECT message_id FROM"
+            " declined_receipt ORDER BY sent_at IS NULL, sent_at, declined_at LIMIT ?)",
+            (over,))
 
 
 def _apply(

@@ -189,10 +189,13 @@ class IncomingMail:
         entry = self.outbox.get(receipt.message_id)
         if entry is None or env.sender not in {r.address for r in entry.recipients}:
             return self._drop("receipt", env, "receipt for a message we did not send to them")
-        self.outbox.set_recipient_state(receipt.message_id, env.sender,
-                                        RecipientStatus(receipt.state)
-                                        if receipt.state != "deleted"
-                                        else RecipientStatus.DOWNLOADED, self.wall())
+        state = (RecipientStatus.DOWNLOADED if receipt.state == "deleted"
+                 else RecipientStatus(receipt.state))
+        if self.outbox.set_recipient_state(receipt.message_id, env.sender, state, self.wall(),
+                                           reason=receipt.reason) \
+                and state is RecipientStatus.DECLINED:
+            log.info("%s will not download message %s: %s", env.sender,
+                     receipt.message_id.hex(), receipt.reason)
         self.counters["receipts"] += 1
         return Outcome.RECEIPT, receipt
 

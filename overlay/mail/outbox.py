@@ -3,18 +3,26 @@
 Each recipient moves through its own small machine:
 
     queued ──> sent ──> downloading ──> downloaded
-       └─────────┴───────────┴────> failed ──> queued (the user sends again)
+       │         │           │              ▲
+       ├─────────┼───────────┼──> declined ─┘ (the recipient will never download it)
+       └─────────┴───────────┴──> failed ──> queued (the user sends again)
 
-`sent` is the server's acknowledgement of SEND; `downloading` and `downloaded` come from the
-recipient's receipts. Those arrive over the network, late, twice or out of order, so a move
-that goes backwards or skips is not an error: a later state is taken (queued -> downloaded
-when the ack was lost), and an earlier or repeated one is ignored and reported as False.
-Only `failed -> queued` (resending) goes "back", and `downloaded` is final. A recipient
-failed with NOT_SENT (the server never acknowledged the SEND) still takes `downloading` and
-`downloaded`: a SEND the server committed while its acknowledgement was lost is delivered.
+`sent` is the server's acknowledgement of SEND; `downloading`, `downloaded` and `declined`
+come from the recipient's receipts (a declined one carries the recipient's reason). Those
+arrive over the network, late, twice or out of order, so a move that goes backwards or
+skips is not an error: a later state is taken (queued -> downloaded when the ack was
+lost), and an earlier or repeated one is ignored and reported as False. Only
+`failed -> queued` (resending) goes "back", and `downloaded` is final. `declined` is final
+too but for a later `downloaded`, which wins: the recipient fetched it after all (it tried
+again after a failure). A recipient failed with NOT_SENT (the server never
+acknowledged the SEND) still takes `downloading`, `downloaded` and `declined`: a SEND the
+server committed while its acknowledgement was lost is delivered. A recipient the sender
+withdrew from (`cancel`) takes no receipt.
 
-Once every recipient has the file, the node applies the sender's retention preference
-(keep, delete or archive its plaintext copy) and records that with `mark_retention_done`.
+Once every recipient has the file or declined it (`settled`), the node applies the
+sender's retention preference (keep, delete or archive its plaintext copy) if at least one
+recipient downloaded it, and only releases what it holds for serving if none did (the
+user's file is then the only copy); `mark_retention_done` records it.
 """
 
 from __future__ import annotations
@@ -41,7 +49,12 @@ class RecipientStatus(Enum):
     SENT = "sent"
     DOWNLOADING = "downloading"
     DOWNLOADED = "downloaded"
+    DECLINED = "declined"
     FAILED = "failed"
+
+
+# The states that end a recipient's want of the file: it has it, or will never fetch it.
+SETTLED = frozenset({RecipientStatus.DOWNLOADED, RecipientStatus.DECLINED})
 
 
 # How far along the happy path each state is; receipts only ever move a recipient forward.
@@ -51,6 +64,9 @@ _RANK = {
     RecipientStatus.DOWNLOADING: 2,
     RecipientStatus.DOWNLOADED: 3,
 }
+
+
+_WITH_REASON = frozenset({RecipientStatus.FAILED, RecipientStatus.DECLINED})
 
 
 # The reason of a recipient whose SEND the server never acknowledged (it went away, or
@@ -65,9 +81,13 @@ def _accepts(old: RecipientStatus, new: RecipientStatus, reason: str | None = No
     if old is RecipientStatus.FAILED:
         if reason is not None and reason.startswith(NOT_SENT):
             return new in (RecipientStatus.QUEUED, RecipientStatus.DOWNLOADING,
-                           RecipientStatus.DOWNLOADED)
+                           RecipientStatus.DOWNLOADED, RecipientStatus.DECLINED)
         return new is RecipientStatus.QUEUED
+    if old is RecipientStatus.DECLINED:
+        return new is RecipientStatus.DOWNLOADED
     if new is RecipientStatus.FAILED:
+        return old is not RecipientStatus.DOWNLOADED
+    if new is RecipientStatus.DECLINED:
         return old is not RecipientStatus.DOWNLOADED
     return _RANK[new] > _RANK[old]
 
@@ -98,6 +118,15 @@ class OutboxEntry:
     @property
     def all_downloaded(self) -> bool:
         return all(r.state is RecipientStatus.DOWNLOADED for r in self.recipients)
+
+    @property
+    def settled(self) -> bool:
+        """Every recipient has it or declined it: nobody will fetch it any more."""
+        return all(r.state in SETTLED for r in self.recipients)
+
+    @property
+    def anyone_downloaded(self) -> bool:
+        return any(r.state is RecipientStatus.DOWNLOADED for r in self.recipients)
 
 
 def forwarding_text(state: str, home_domain: str, recipient: str, since: float | None,
@@ -188,12 +217,13 @@ class Outbox:
     ) -> bool:
         """Apply a report about one recipient; True if it changed anything.
 
-        Raises KeyError for an unknown message or recipient, ValueError for `failed`
-        without a reason. Stale and repeated reports return False (module docstring).
+        Raises KeyError for an unknown message or recipient, ValueError for `failed` or
+        `declined` without a reason. Stale and repeated reports return False (module
+        docstring).
         """
         addr = normalize_address(address)
-        if state is RecipientStatus.FAILED and not reason:
-            raise ValueError("a failed recipient needs a reason the sender will see")
+        if state in _WITH_REASON and not reason:
+            raise ValueError(f"a {state.value} recipient needs a reason the sender will see")
         with self._db.transaction() as conn:
             row = conn.execute(
                 "SELECT state, reason FROM outbox_recipient WHERE message_id = ? AND address = ?",
@@ -208,8 +238,7 @@ class Outbox:
                 " WHERE message_id = ? AND address = ?",
                 (
                     state.value,
-                    reason[:MAX_REASON_TEXT] if state is RecipientStatus.FAILED and reason
-                    else None,
+                    reason[:MAX_REASON_TEXT] if state in _WITH_REASON and reason else None,
                     now, id, addr,
                 ),
             )
@@ -239,7 +268,8 @@ class Outbox:
         return bool(row["n"] == row["done"])
 
     def pending_retention(self) -> builtins.list[OutboxEntry]:
-        """Entries every recipient has downloaded whose retention is not applied yet.
+        """Entries every recipient has downloaded or declined (`settled`) whose retention
+        is not applied yet.
 
         The node calls this at start-up too, so a crash between the last receipt and the
         delete/archive step is finished later.
@@ -247,7 +277,7 @@ class Outbox:
         rows = self._db.query(
             "SELECT * FROM outbox o WHERE retention_done = 0 AND NOT EXISTS ("
             " SELECT 1 FROM outbox_recipient r WHERE r.message_id = o.id"
-            " AND r.state <> 'downloaded') ORDER BY created_at"
+            " AND r.state NOT IN ('downloaded', 'declined')) ORDER BY created_at"
         )
         return self._entries(rows)
 

@@ -1,7 +1,11 @@
 """What the sender does with its copy once every recipient has it (keep, delete, archive).
 
 The seed's sender "deletes or archives its copy once everyone has it", as its preferences
-say; the default is to keep it. The same file may be in several messages still being
+say; the default is to keep it. A recipient that declined (removed it unread, or its
+download failed for good) counts as done: once at least one recipient downloaded it and
+the rest declined, the preference applies. When every recipient declined, the user's file
+is the only copy: it is never deleted or archived, but the node stops serving it (the
+content is forgotten, a folder's map released). The same file may be in several messages still being
 fetched: its copy is touched only when the last of them is done, earlier ones are recorded
 as kept. A crash between the last receipt and this step is finished at the next start,
 because the outbox remembers which messages are still pending.
@@ -28,10 +32,12 @@ log = logging.getLogger("peerpost.retention")
 
 def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
                     default_archive: Path) -> list[tuple[OutboxEntry, str]]:
-    """Apply the retention preference to every fully downloaded message; blocking I/O."""
+    """Apply the retention preference to every message nobody will fetch any more (each
+    recipient downloaded or declined it); blocking I/O."""
     done: list[tuple[OutboxEntry, str]] = []
     for entry in outbox.pending_retention():
-        action = prefs.retention
+        # Nobody has it: the user's file is the only copy, so the preference does not apply.
+        action = prefs.retention if entry.anyone_downloaded else "keep"
         own = is_own_archive(store.root, entry.path)
         if own:
             action = "delete"  # our copy, not the user's; release_archives deletes it
@@ -47,12 +53,18 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
                                                               default_archive))
                 outbox.set_path(entry.id, str(target))  # for `status` and `resend`
                 log.info("archived %s to %s", entry.path, target)
+            elif not entry.anyone_downloaded and not own and not still_needed:
+                store.remove(entry.content_id)  # not served any more; the file stays
+                log.info("message %s: every recipient declined it; %s is kept and no "
+                         "longer served", entry.id.hex(), entry.path)
         except ContentStoreError as exc:
             # Already gone (removed by hand, or an earlier run got this far): nothing to do.
             log.info("retention %s for %s: %s", action, entry.id.hex(), exc)
         outbox.mark_retention_done(entry.id, action)
-        log.info("message %s: every recipient has it; copy %s", entry.id.hex(),
-                 {"keep": "kept", "delete": "deleted", "archive": "archived"}[action])
+        if entry.anyone_downloaded:
+            log.info("message %s: every recipient has it or declined it; copy %s",
+                     entry.id.hex(),
+                     {"keep": "kept", "delete": "deleted", "archive": "archived"}[action])
         done.append((entry, action))
     release_archives(outbox, store)
     return done

@@ -188,7 +188,9 @@ def _misc() -> dict[str, list[tuple[str, bytes]]]:
         "unsupported": [
             ("reply", encode_unsupported(Unsupported(b"s" * 16, "zz-offer"))),
             ("offer", packb({"t": "zz-offer", "s": b"s" * 16, "c": ["203.0.113.5:4000"]}))],
-        "receipt": [("valid", Receipt(MID, "downloaded", 1_700_000_000).encode())],
+        "receipt": [("valid", Receipt(MID, "downloaded", 1_700_000_000).encode()),
+                    ("declined", Receipt(MID, "declined", 1_700_000_000,
+                                         "refused: 'top/../x': outside top/").encode())],
         "node_config": [("valid", cfg.to_json().encode())],
         "control_request": [
             ("echo", encode_frame(packb({"op": "echo", "args": {"x": "hi"}}))

@@ -236,6 +236,61 @@ def test_sender_applies_retention_once_everyone_has_it(net: LocalNetwork, tmp_pa
         assert not archive.exists() or not any(archive.iterdir())
 
 
+def test_a_recipient_who_removes_it_unread_declines_and_retention_runs(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    """Bob removes the message before downloading it; alice's `status` shows him as
+    declined with his reason, and once carol has it the retention preference runs. Bob
+    used to stay `sent` for ever, and alice's copy with him."""
+    alice, bob, carol = net.add_node("alice"), net.add_node("bob"), net.add_node("carol")
+    for n in (alice, bob, carol):
+        net.start_node(n)
+    net.cli(bob, "prefs", "set", "auto-download", "off")
+    net.cli(carol, "prefs", "set", "auto-download", "off")  # until bob has declined
+    net.cli(alice, "prefs", "set", "retention", "delete")
+    src = make_file(tmp_path / "party.bin", 2 * MiB, seed=8)
+    mid = net.cli(alice, "send", str(src), "--to", f"{bob.address},{carol.address}").stdout.strip()
+    net.wait_until(lambda: net.inbox_entry(bob, mid), 30, "the message in bob's inbox")
+    net.cli(bob, "rm", mid[:8])
+
+    def sent() -> dict:
+        (m,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
+        return dict(m)
+
+    def states() -> dict[str, tuple[str, str | None]]:
+        return {r["address"]: (r["state"], r["reason"]) for r in sent()["recipients"]}
+
+    net.wait_until(lambda: states()[bob.address][0] == "declined", 30, "bob's decline")
+    assert states()[bob.address] == ("declined", "removed by the recipient")
+    # Carol has not got it yet: the copy stays, and is served to her.
+    assert src.exists() and sent()["retention_done"] is None
+    net.cli(carol, "fetch", mid[:8])
+    net.wait_complete(carol, mid, 60, "carol's download")
+    m = net.wait_until(lambda: (x := sent())["retention_done"] and x, 30, "retention")
+    assert m["retention_done"] == "delete" and not src.exists()
+    assert {r["address"]: (r["state"], r["reason"], r["shown"]) for r in m["recipients"]} == {
+        bob.address: ("declined", "removed by the recipient",
+                      "declined (removed by the recipient)"),
+        carol.address: ("downloaded", None, "downloaded")}
+    # Watching it ends at once: bob's state is final, and not having it is the error.
+    res = net.cli(alice, "status", mid[:8], "--wait", check=False)
+    assert f"{bob.address}: declined (removed by the recipient)" in res.stdout, res.stdout
+    assert res.returncode == 1 and "1 of 2 recipients have it; " in res.stderr, res.stderr
+    shown = " ".join(net.cli(alice, "status", mid[:8]).stdout.replace("│", " ").split())
+    assert "everyone has it or declined it; copy deleted" in shown, shown
+    assert bob.proc is not None and bob.proc.log().count("told alice@") == 1
+
+    # Nobody downloads the next one: `delete` would lose the only copy; it is kept.
+    other = make_file(tmp_path / "draft.bin", MiB, seed=9)
+    original = other.read_bytes()
+    mid = net.cli(alice, "send", str(other), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: net.inbox_entry(bob, mid), 30, "the second message at bob's")
+    net.cli(bob, "rm", mid[:8])
+    m = net.wait_until(lambda: (x := sent())["retention_done"] and x, 30, "retention")
+    assert m["recipients"][0]["state"] == "declined" and other.read_bytes() == original
+    shown = " ".join(net.cli(alice, "status", mid[:8]).stdout.replace("│", " ").split())
+    assert "nobody will download it; your file is kept, no longer served" in shown, shown
+
+
 def test_a_receipt_the_server_missed_is_sent_when_it_can_be(net: LocalNetwork,
                                                             tmp_path: Path) -> None:
     # Bob finishes while his server is down (the bytes come from alice, peer to peer), and

@@ -158,6 +158,34 @@ def test_a_withdrawn_folder_send_deletes_the_map_not_the_files(lab: LocalNetwork
     assert res.returncode == 1 and "send the folder again" in res.stderr, res.stderr
 
 
+def test_a_folder_its_only_recipient_declines_releases_the_map_not_the_files(
+        lab: LocalNetwork, tmp_path: Path) -> None:
+    """Bob removes the folder message unread: alice's node is told, deletes its map and
+    stops serving, and her folder stays as it was (nobody has another copy). The map
+    stayed until `cancel` before."""
+    alice, bob = lab.nodes["alice"], lab.nodes["bob"]
+    src = tmp_path / "monday"
+    (src / "inner").mkdir(parents=True)
+    (src / "inner" / "a.bin").write_bytes(os.urandom(200_000))
+    (src / "b.txt").write_text("monday\n")
+    want = tree(src)
+    lab.cli(bob, "prefs", "set", "auto-download", "off")
+    try:
+        mid = lab.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+        assert outgoing(alice) == ["monday.map"]
+        lab.wait_until(lambda: lab.inbox_entry(bob, mid), 30, "the message at bob's")
+        lab.cli(bob, "rm", mid)
+    finally:
+        lab.cli(bob, "prefs", "set", "auto-download", "on")
+    lab.wait_until(lambda: outgoing(alice) == [], 30, "the map released")
+    (r,) = sent(lab, alice, mid)["recipients"]
+    assert (r["state"], r["reason"]) == ("declined", "removed by the recipient")
+    assert tree(src) == want
+    lab.wait_until(lambda: sent(lab, alice, mid)["retention_done"], 30, "the retention step")
+    shown = " ".join(lab.cli(alice, "status", mid).stdout.replace("│", " ").split())
+    assert "nobody will download it; your folder is kept (its map deleted)" in shown, shown
+
+
 def test_a_hostile_archive_is_refused_member_by_member(lab: LocalNetwork,
                                                        tmp_path: Path) -> None:
     alice, bob = lab.nodes["alice"], lab.nodes["bob"]
@@ -199,6 +227,13 @@ def test_a_hostile_archive_is_refused_member_by_member(lab: LocalNetwork,
     assert os.listdir(received / ".peerpost-partial") == []
     assert not (bob.home / "x").exists() and not (received / "x").exists()
     assert not Path("/tmp/abs-from-evil").exists()
+    # Alice is told why, without bob's paths, and her archive goes: nobody will fetch it.
+    lab.wait_until(lambda: sent(lab, alice, mid)["recipients"][0]["state"] == "declined",
+                   30, "bob's decline")
+    reason = sent(lab, alice, mid)["recipients"][0]["reason"]
+    assert reason.startswith("refused: ") and "'evil/../x': '..' in its name" in reason, reason
+    assert str(bob.home) not in reason
+    lab.wait_until(lambda: "evil.tar" not in outgoing(alice), 30, "alice's archive released")
 
 
 @pytest.mark.parametrize(("field", "said"), [
@@ -266,14 +301,16 @@ def test_a_folder_bigger_than_the_free_space_is_sent_and_no_room_for_its_map_lea
 
 def test_a_file_edited_after_sending_stops_the_serving(lab: LocalNetwork,
                                                        tmp_path: Path) -> None:
-    alice, bob = lab.nodes["alice"], lab.nodes["bob"]
+    alice, bob, carol = lab.nodes["alice"], lab.nodes["bob"], lab.nodes["carol"]
     src = tmp_path / "edited"
     src.mkdir()
     (src / "a.jpg").write_bytes(os.urandom(200_000))
     (src / "b.jpg").write_bytes(os.urandom(100_000))
     lab.stop_node(bob)  # it fetches once the file was edited
     try:
-        mid = lab.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+        # Carol is away: the message still waits for her after bob's node declines it.
+        mid = lab.cli(alice, "send", str(src), "--to",
+                      f"{bob.address},{carol.address}").stdout.strip()
         edited = bytearray((src / "b.jpg").read_bytes())
         edited[5] ^= 1
         (src / "b.jpg").write_bytes(bytes(edited))
@@ -288,6 +325,10 @@ def test_a_file_edited_after_sending_stops_the_serving(lab: LocalNetwork,
     assert e["error"].startswith("source changed: the sender's file was edited"), e
     assert not (bob.home / "received" / "edited").exists()
     assert (src / "b.jpg").read_bytes() == edited  # the user's edit is theirs to keep
+    # Bob's node tells alice's it will never have it, and why.
+    lab.wait_until(lambda: sent(lab, alice, mid)["recipients"][0]["state"] == "declined",
+                   30, "bob's decline")
+    assert sent(lab, alice, mid)["recipients"][0]["reason"] == "source changed"
     res = lab.cli(alice, "resend", mid, check=False)
     text = " ".join(res.stderr.split())
     assert res.returncode == 1 and "b.jpg changed since it was sent; send the folder again " \

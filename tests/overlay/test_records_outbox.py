@@ -150,7 +150,7 @@ def test_survives_reopen(tmp_path: Path) -> None:
 @given(reports=st.lists(st.sampled_from(list(RecipientStatus)), max_size=12))
 def test_reports_in_any_order_only_move_forward(tmp_path_factory: pytest.TempPathFactory,
                                                 reports: list[RecipientStatus]) -> None:
-    rank = {R.QUEUED: 0, R.SENT: 1, R.DOWNLOADING: 2, R.DOWNLOADED: 3}
+    rank = {R.QUEUED: 0, R.SENT: 1, R.DOWNLOADING: 2, R.DECLINED: 3, R.DOWNLOADED: 4}
     with NodeDB.open(tmp_path_factory.mktemp("outbox")) as db:
         outbox = Outbox(db)
         send(outbox, to=("bob@b.example",))
@@ -162,9 +162,72 @@ def test_reports_in_any_order_only_move_forward(tmp_path_factory: pytest.TempPat
             assert changed == (now is not state)
             if state is R.DOWNLOADED:
                 assert now is R.DOWNLOADED  # final
+            elif state is R.DECLINED:
+                assert now in (R.DECLINED, R.DOWNLOADED)  # final but for downloaded
             elif state is not R.FAILED and now is not R.FAILED:
                 assert rank[now] >= rank[state]
             state = now
+
+
+def test_declined_is_final_but_for_a_later_downloaded(db: NodeDB) -> None:
+    """A recipient that declined keeps its reason; a repeat, a late `downloading`, the
+    sender's own cancel do not move it; a `downloaded` does (it fetched it after all),
+    and nothing moves a recipient that downloaded to declined."""
+    outbox = Outbox(db)
+    send(outbox)
+    bob, carol = "bob@b.example", "carol@c.example"
+    with pytest.raises(ValueError, match="a declined recipient needs a reason"):
+        outbox.set_recipient_state(MID, bob, R.DECLINED, 101.0)
+    assert outbox.set_recipient_state(MID, bob, R.SENT, 101.0)
+    assert outbox.set_recipient_state(MID, bob, R.DECLINED, 102.0,
+                                      reason="removed by the recipient")
+    for late in (R.DECLINED, R.DOWNLOADING, R.SENT, R.FAILED, R.QUEUED):
+        assert not outbox.set_recipient_state(MID, bob, late, 103.0, reason="other")
+    r = outbox.get(MID).recipients[0]  # type: ignore[union-attr]
+    assert (r.state, r.reason, r.updated_at) == (R.DECLINED, "removed by the recipient",
+                                                 102.0)
+    assert outbox.set_recipient_state(MID, bob, R.DOWNLOADED, 104.0)
+    r = outbox.get(MID).recipients[0]  # type: ignore[union-attr]
+    assert (r.state, r.reason) == (R.DOWNLOADED, None)
+    assert outbox.set_recipient_state(MID, carol, R.DOWNLOADED, 105.0)
+    assert not outbox.set_recipient_state(MID, carol, R.DECLINED, 106.0, reason="late")
+    assert outbox.get(MID).recipients[1].state is R.DOWNLOADED  # type: ignore[union-attr]
+
+
+def test_a_send_whose_ack_was_lost_takes_a_declined_receipt(db: NodeDB) -> None:
+    from overlay.mail.outbox import NOT_SENT, WITHDRAWN_REASON
+
+    outbox = Outbox(db)
+    send(outbox)
+    outbox.set_recipient_state(MID, "bob@b.example", R.FAILED, 101.0, reason=NOT_SENT)
+    assert outbox.set_recipient_state(MID, "bob@b.example", R.DECLINED, 102.0,
+                                      reason="source changed")
+    # The sender withdrew it from carol: her receipt changes nothing.
+    outbox.set_recipient_state(MID, "carol@c.example", R.FAILED, 101.0,
+                               reason=WITHDRAWN_REASON)
+    assert not outbox.set_recipient_state(MID, "carol@c.example", R.DECLINED, 102.0,
+                                          reason="removed by the recipient")
+
+
+def test_retention_waits_for_everyone_to_download_or_decline(db: NodeDB) -> None:
+    outbox = Outbox(db)
+    send(outbox)
+    outbox.set_recipient_state(MID, "bob@b.example", R.DECLINED, 110.0,
+                               reason="removed by the recipient")
+    e = outbox.get(MID)
+    assert e is not None and not e.settled and not e.anyone_downloaded
+    assert outbox.pending_retention() == []
+    outbox.set_recipient_state(MID, "carol@c.example", R.DOWNLOADED, 111.0)
+    e = outbox.get(MID)
+    assert e is not None and e.settled and e.anyone_downloaded and not e.all_downloaded
+    assert [e.id for e in outbox.pending_retention()] == [MID]
+    # Nobody downloaded: settled all the same (what retention then does is its own test).
+    send(outbox, b"n" * 16, to=("bob@b.example",))
+    outbox.set_recipient_state(b"n" * 16, "bob@b.example", R.DECLINED, 112.0,
+                               reason="source changed")
+    outbox.mark_retention_done(MID, "keep")
+    assert [e.id for e in outbox.pending_retention()] == [b"n" * 16]
+    assert not outbox.pending_retention()[0].anyone_downloaded
 
 
 def test_send_batches_fit_the_server_limits_and_keep_every_item() -> None:

@@ -154,14 +154,14 @@ def error_text(e: dict[str, Any]) -> str:
 # A recipient's state as the sender's page says it (`shown` when the node knows more).
 RECIPIENT_TEXT = {"queued": "waiting to be sent", "sent": "in their inbox, not downloaded yet",
                   "downloading": "downloading it now", "downloaded": "has it",
-                  "failed": "did not get it"}
+                  "declined": "will not download it", "failed": "did not get it"}
 
 
 def recipient_text(r: dict[str, Any]) -> str:
     """What the Sent page says of one recipient: `status`'s own words for a cancelled
     message, a changed file or mail waiting at the server for another domain."""
     state = str(r["state"])
-    if r.get("shown") and r["shown"] != state:
+    if r.get("shown") and r["shown"] != state and state != "declined":
         return str(r["shown"])
     text = RECIPIENT_TEXT.get(state, state)
     return f"{text} ({r['reason']})" if r.get("reason") else text

@@ -1,0 +1,207 @@
+"""A recipient's declined receipts: queued in node.db by a user's remove or a download that
+failed for good (never for a complete, junk or unverified message, never twice), sent by
+the receipts loop once the server takes them, and filed by the sender as `declined`."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from crypto.identity import DeviceIdentity
+from crypto.location import Description, Handle, Headers, LocationMessage
+from overlay.mail.db import NodeDB
+from overlay.mail.delivery import Receipts
+from overlay.mail.downloads import Activity, DownloadFailed, DownloadQueue, RetryLater
+from overlay.mail.inbox import Decline, Inbox, InboxEntry
+from overlay.mail.inbox_state import InboxState
+from overlay.mail.incoming import IncomingMail, Outcome, Pushed
+from overlay.mail.outbox import Outbox, RecipientStatus
+from overlay.mail.prefs import Prefs
+from overlay.mail.receipts import REMOVED_REASON
+from rendezvous.client import RendezvousError
+
+ALICE = DeviceIdentity.from_seed(b"a" * 32)
+BOB = DeviceIdentity.from_seed(b"b" * 32)
+S = InboxState
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[NodeDB]:
+    with NodeDB.open(tmp_path / "bob") as opened:
+        yield opened
+
+
+def location(n: int) -> LocationMessage:
+    return LocationMessage(
+        headers=Headers(message_id=bytes([n]) * 16, sender="alice@example.net",
+                        sender_peer_id=ALICE.peer_id, recipients=("bob@example.net",),
+                        created=1_700_000_000),
+        description=Description(title=f"clip {n}", file_name="clip.ts"),
+        handle=Handle(content_id=bytes([n]) * 32, size=3_000_000, chunk_size=1 << 20,
+                      content_key=b"k" * 32, capability=b"p" * 32))
+
+
+def offer(inbox: Inbox, n: int, **flags: bool) -> bytes:
+    msg = location(n)
+    inbox.add(id=msg.headers.message_id, sender="alice@example.net",
+              sender_peer_id=ALICE.peer_id, title=f"clip {n}", note="", size=3_000_000,
+              file_name="clip.ts", media_type="video/mp2t", content_id=msg.handle.content_id,
+              chunk_count=3, message=msg.encode(), received_at=1000.0 + n, **flags)
+    return msg.headers.message_id
+
+
+def owed(inbox: Inbox) -> dict[bytes, str]:
+    return {mid: reason for mid, _, reason, _ in inbox.declines_owed()}
+
+
+def test_one_decline_per_message_and_none_for_complete_junk_or_unverified(
+        db: NodeDB, tmp_path: Path) -> None:
+    inbox = Inbox(db)
+    removed, failed, complete = offer(inbox, 1), offer(inbox, 2), offer(inbox, 3)
+    junk, unverified = offer(inbox, 4, junk=True), offer(inbox, 5, unverified=True)
+
+    assert inbox.remove(removed, decline=Decline(REMOVED_REASON, 5.0))
+    inbox.transition(failed, S.DOWNLOADING)
+    inbox.transition(failed, S.FAILED, error="source changed: ...",
+                     decline=Decline("source changed", 6.0))
+    inbox.transition(failed, S.DOWNLOADING)  # the user tried again: failed again
+    inbox.transition(failed, S.FAILED, error="x", decline=Decline("refused: other", 7.0))
+    assert inbox.remove(failed, decline=Decline(REMOVED_REASON, 8.0))
+    inbox.transition(complete, S.DOWNLOADING)
+    inbox.transition(complete, S.COMPLETE, path="/home/bob/clip.ts")
+    for mid in (complete, junk, unverified):
+        assert inbox.remove(mid, decline=Decline(REMOVED_REASON, 9.0))
+    assert not inbox.remove(removed, decline=Decline(REMOVED_REASON, 9.0))
+    assert owed(inbox) == {removed: REMOVED_REASON, failed: "source changed"}
+    assert inbox.list(include_junk=True) == []
+    raw = inbox.declines_owed()[0][1]
+    assert raw == location(1).encode()  # the message outlives the entry
+
+    inbox.mark_decline_sent(removed, 10.0)
+    # The server hands the message again (a lost REMOVE): a second rm tells nobody.
+    offer(inbox, 1)
+    inbox.remove(removed, decline=Decline(REMOVED_REASON, 11.0))
+    assert owed(inbox) == {failed: "source changed"}
+    db.close()
+    with NodeDB.open(tmp_path / "bob") as again:  # queued durably
+        assert owed(Inbox(again)) == {failed: "source changed"}
+        assert Inbox(again).declined(removed) == (REMOVED_REASON, 10.0)
+
+
+async def test_the_queue_declines_only_a_download_failed_for_good(db: NodeDB) -> None:
+    """A refused archive is declined with the fetcher's short reason; a retry, the
+    sender's own withdrawal (declined=None) and a bug of ours tell the sender nothing."""
+    inbox = Inbox(db)
+    refused, retried, withdrawn, bug = (offer(inbox, n) for n in (1, 2, 3, 4))
+    ends = {refused: DownloadFailed("refused to unpack /home/bob/x.tar: ...",
+                                    declined="refused: 'top/../x': outside top/"),
+            retried: RetryLater("no source reachable"),
+            withdrawn: DownloadFailed("withdrawn: the sender cancelled this message"),
+            bug: RuntimeError("a bug")}
+    woken: list[int] = []
+
+    async def fetch(entry: InboxEntry, msg: LocationMessage, act: Activity,
+                    progress: Any) -> str:
+        raise ends[entry.id]
+
+    async def completed(entry: InboxEntry, msg: LocationMessage) -> None:
+        raise AssertionError("nothing completes")
+
+    q = DownloadQueue(inbox, Prefs(db), fetch, completed, wall=time.time,
+                      rng=random.Random(1), max_active=4, retry_base=60,
+                      on_declined=lambda: woken.append(1))
+    runner = asyncio.create_task(q.run())
+    try:
+        async with asyncio.timeout(10):
+            while any(e.state in (S.OFFERED, S.DOWNLOADING) for e in inbox.list()):
+                await q.changed().wait()
+    finally:
+        runner.cancel()
+        await asyncio.wait({runner})
+    states = {e.id: e.state for e in inbox.list()}
+    assert states == {refused: S.FAILED, retried: S.RETRYING, withdrawn: S.FAILED,
+                      bug: S.FAILED}
+    assert owed(inbox) == {refused: "refused: 'top/../x': outside top/"}
+    assert woken == [1]
+
+
+class _Server:
+    """The rendezvous client's SEND: refused while `down`, else kept."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.sent: list[tuple[str, bytes, bytes]] = []
+        self.tried = asyncio.Event()
+
+    async def send(self, mid: bytes, items: list[tuple[str, bytes, bytes]]) -> None:
+        self.tried.set()
+        if self.down:
+            raise RendezvousError(0, "server unreachable")
+        self.sent += items
+
+
+class _Rounds(Inbox):
+    """An inbox that says when the receipts loop has looked at the declines (a round)."""
+
+    def __init__(self, db: NodeDB) -> None:
+        super().__init__(db)
+        self.loop = asyncio.get_running_loop()
+        self.round = asyncio.Event()
+
+    def declines_owed(self, limit: int = 100) -> list[tuple[bytes, bytes, str, float]]:
+        self.loop.call_soon_threadsafe(self.round.set)
+        return super().declines_owed(limit)
+
+    async def next_round(self) -> None:
+        self.round.clear()
+        await self.round.wait()
+
+
+async def test_a_decline_goes_once_when_the_server_takes_it_and_the_sender_files_it(
+        db: NodeDB, tmp_path: Path) -> None:
+    inbox = _Rounds(db)
+    mid = offer(inbox, 1)
+    inbox.remove(mid, decline=Decline(REMOVED_REASON, 1_700_000_100.0))
+    server = _Server()
+    contacts = SimpleNamespace(trusted_keys=lambda sender: [ALICE.public.verify_key])
+    receipts = Receipts(BOB, server, inbox, contacts,  # type: ignore[arg-type]
+                        wall=time.time, retry=3600)
+    loop = asyncio.create_task(receipts.owed())
+    try:
+        async with asyncio.timeout(10):
+            await server.tried.wait()  # the first round: the server is away
+            assert owed(inbox) == {mid: REMOVED_REASON}
+            server.down = False
+            # Woken as a new decline wakes it, each round comes at once; the third
+            # starting means the second (which found nothing owed) has ended.
+            for _ in range(3):
+                receipts.wake()
+                await inbox.next_round()
+    finally:
+        assert not loop.done(), loop.exception()
+        loop.cancel()
+        await asyncio.wait({loop})
+    assert owed(inbox) == {}
+    assert len(server.sent) == 1  # once, though woken again
+    to, peer, blob = server.sent[0]
+    assert (to, peer) == ("alice@example.net", ALICE.peer_id)
+
+    # Alice's node files it: Bob declined, with his reason.
+    with NodeDB.open(tmp_path / "alice") as adb:
+        outbox = Outbox(adb)
+        outbox.add(id=mid, path="/home/alice/clip.ts", title="clip 1", size=3_000_000,
+                   content_id=b"\x01" * 32, created_at=1.0,
+                   recipients=["bob@example.net"], message=location(1).encode())
+        incoming = IncomingMail(ALICE, "alice@example.net", Inbox(adb), outbox, Prefs(adb),
+                                None, wall=lambda: 50.0)  # type: ignore[arg-type]
+        outcome, _ = incoming.handle(Pushed(b"e" * 16, "bob@example.net", blob))
+        assert outcome is Outcome.RECEIPT
+        r = outbox.get(mid).recipients[0]  # type: ignore[union-attr]
+        assert (r.state, r.reason) == (RecipientStatus.DECLINED, REMOVED_REASON)
