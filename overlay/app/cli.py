@@ -39,6 +39,7 @@ from rendezvous.cliutil import (
 )
 from rendezvous.errors import AuthenticationError
 from rendezvous.logfmt import FORMATS, LEVELS, configure
+from rendezvous.status import Status
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -386,8 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, str(exc), EXIT_ERROR)
     except AuthenticationError as exc:
         # `node` whose login is refused for good (the account deleted, the device revoked):
-        # the server's reason, not a traceback.
-        return _fail(args, f"the server refused this node's login: {exc}", EXIT_ERROR)
+        # the server's reason, not a traceback, and the only way back.
+        again = ("; this home can't log in again: ask the server's operator for an invite "
+                 "and set this device up anew in another home (`peerpost --home NEW init "
+                 "... --invite TOKEN`)") if exc.status == Status.UNAUTHORIZED else ""
+        return _fail(args, f"the server refused this node's login: {exc}{again}", EXIT_ERROR)
     except KeyboardInterrupt:
         if watching := getattr(args, "watching_sent", None):
             return _fail(args, f"interrupted: the message {watching} stays sent "

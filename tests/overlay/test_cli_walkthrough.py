@@ -294,6 +294,10 @@ def test_a_node_whose_account_was_deleted_says_so_without_a_traceback(tmp_path: 
         assert "Traceback" not in res.stderr, res.stderr
         assert (f"error: the server refused this node's login: 401 no account {eve.address}"
                 in flat(res.stderr)), res.stderr
+        # And the way back: this home is done with.
+        assert ("this home can't log in again: ask the server's operator for an invite and "
+                "set this device up anew in another home (`peerpost --home NEW init ... "
+                "--invite TOKEN`)") in flat(res.stderr), res.stderr
 
 
 @pytest.mark.slow
