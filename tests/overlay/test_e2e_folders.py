@@ -115,6 +115,7 @@ def test_a_folder_arrives_as_the_same_tree(lab: LocalNetwork, tmp_path: Path) ->
     assert status == 200 and b"sunday/: 4 files, 3.3 MiB" in page
     status, _, page = request(base, "GET", f"/message/{mid}", cookie)
     assert status == 200 and b"folder of 4 files" in page
+    assert b"<dt>folder name</dt><dd>sunday/</dd>" in page and b"<dt>file name" not in page
     assert re.search(rb'<p data-states="" hidden><a id="save"', page), page
 
     # The same name again: `sunday (1)`, the first one untouched.

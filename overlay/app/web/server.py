@@ -424,9 +424,11 @@ class WebInbox:
         folder = e.get("folder")
         # A folder is unpacked on this computer: there is no one file to save or play.
         save = _states("complete", state)
+        named = ("file name", e["file_name"])
         if folder is not None:
             n = folder["files"]
             what, save = f"folder of {n} file{'s' if n != 1 else ''}", 'data-states="" hidden'
+            named = ("folder name", f'{folder["name"]}/')  # not the NAME.tar it came in
         sources = "".join(f"<li>{_e(s['text'])}</li>" for s in e["sources"])
         sender = self.ops.prefs.classify(e["from"])
         on_list = {"junk": ("is on your junk list: new messages from them are hidden and "
@@ -471,7 +473,7 @@ class WebInbox:
             f'<p class="hint" {_states("downloading retrying", state)}>It can be saved to this '
             f'computer once all of it has arrived.</p>'
             + '<dl>' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts)
-            + f'<dt>file name</dt><dd>{_e(e["file_name"])}</dd>'
+            + f'<dt>{named[0]}</dt><dd>{_e(named[1])}</dd>'
             + f'<div class="fact" {_states("complete", state)}><dt>saved on this computer '
             f'as</dt><dd id="msg-path">{_e(e["path"] or "")}</dd></div>'
             + f'<dt>received</dt><dd>{_when(e["received_at"])}</dd></dl>'
