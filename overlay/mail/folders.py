@@ -159,10 +159,15 @@ def given_name(path: Path) -> str:
 
 
 def archive_name(paths: list[Path]) -> str:
-    """The top folder of the archive: the folder's own name, or `N files`."""
+    """The top folder of the archive: the folder's own name, or `N files` (`N folders`,
+    `N files and folders`) for the paths given: two folders sent together arrived as
+    `2 files/`."""
     if len(paths) == 1:
         return clean_name(given_name(paths[0]))
-    return f"{len(paths)} files"
+    dirs = sum(p.is_dir() for p in paths)
+    kind = ("files" if not dirs else "folders" if dirs == len(paths)
+            else "files and folders")
+    return f"{len(paths)} {kind}"
 
 
 def plan_pack(paths: list[Path]) -> PackPlan:

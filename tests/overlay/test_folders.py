@@ -176,6 +176,22 @@ def test_a_link_given_by_name_is_followed_and_keeps_its_name(tmp_path: Path) -> 
     assert (got / "note.txt").read_text() == "hi"
 
 
+def test_several_paths_arrive_in_a_folder_named_by_what_they_are(tmp_path: Path) -> None:
+    # Two folders sent together arrived as `2 files/`, holding no file at its top.
+    for name in ("sunday", "monday"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.jpg").write_bytes(name.encode())
+    (tmp_path / "note.txt").write_text("hi")
+    sunday, monday, note = tmp_path / "sunday", tmp_path / "monday", tmp_path / "note.txt"
+    assert plan_pack([sunday, monday]).name == "2 folders"
+    assert plan_pack([sunday, note, monday]).name == "3 files and folders"
+    assert plan_pack([note, sunday / "a.jpg"]).name == "2 files"
+    plan = plan_pack([sunday, monday])
+    (tmp_path / "in").mkdir()
+    got = unpack(pack(plan, tmp_path / "store", lambda n: None), plan.info(), tmp_path / "in")
+    assert got.name == "2 folders" and (got / "monday" / "a.jpg").read_bytes() == b"monday"
+
+
 @pytest.mark.parametrize("named_by", ["a symlinked home", "a path with '..'"])
 def test_at_start_a_pending_send_named_by_another_path_is_kept(
         db: NodeDB, tmp_path: Path, named_by: str) -> None:
