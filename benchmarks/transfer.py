@@ -8,7 +8,8 @@
   protocol).
 - disk: the same number of bytes written the way a receiving node writes them (O_DIRECT
   into a new sparse file, one chunk per `pwrite`, as many threads as the downloader's filing
-  threads), with nothing else running: the disk's ceiling for the node-to-node rate.
+  threads, from buffers like the node's: `diskio.direct_buffer`), with nothing else running:
+  the disk's ceiling for the node-to-node rate.
 - floor: the CPU per GB of each step a delivery cannot skip, each timed alone on one
   thread (reading a chunk from the page cache, its keyed BLAKE3 leaf, AES-256-GCM sealing
   and opening, the O_DIRECT write above), added up per node with the raw copy's socket
@@ -86,18 +87,20 @@ s.close()
 """
 
 _DIRECT_WRITER = r"""
-import mmap, os, resource, sys, threading, time
+import os, sys, threading, time
 path, size, chunk, writers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+sys.path.insert(0, sys.argv[5])
+from overlay.content.diskio import direct_buffer
 try:
     fd, how = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600), "O_DIRECT"
 except OSError:  # a filesystem without O_DIRECT (tmpfs): what the node falls back to
     fd, how = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "page cache + fsync"
 os.ftruncate(fd, size)
-bufs = [mmap.mmap(-1, chunk) for _ in range(writers)]  # page-aligned, as O_DIRECT needs
+bufs = [direct_buffer(chunk) for _ in range(writers)]  # the node's kind: aligned, huge pages
 for buf in bufs:
-    buf.write(os.urandom(chunk))
+    buf[:] = os.urandom(chunk)
 def write(k):
-    view = memoryview(bufs[k])
+    view = bufs[k]
     for i in range(k, -(-size // chunk), writers):
         n = min(chunk, size - i * chunk)
         os.pwrite(fd, view[:n], i * chunk)
@@ -117,7 +120,7 @@ def direct_write(folder: Path, size: int) -> tuple[float, str, float]:
     seconds that took."""
     out = subprocess.run(
         [sys.executable, "-c", _DIRECT_WRITER, str(folder / "direct-write.bin"), str(size),
-         str(chunk_size_for(size)), str(WRITERS)],
+         str(chunk_size_for(size)), str(WRITERS), str(Path(__file__).resolve().parents[1])],
         capture_output=True, text=True, check=True).stdout.split(maxsplit=2)
     return float(out[0]), out[2].strip(), float(out[1])
 
