@@ -857,6 +857,8 @@ async def cmd_rm(home: NodeHome, args: argparse.Namespace) -> int:
     for r in res["removed"]:
         gone = _file_fate(r)
         console.print(f"removed {r['id'][:12]} {_m(r['title'])}{gone}")
+        if r.get("sender_told"):
+            console.print(f"{_m(r['sender_told'])} is told you will not download it")
     return 0
 
 

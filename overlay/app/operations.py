@@ -224,6 +224,7 @@ class ControlOperations:
         # Not downloaded: its sender is told (unless junk or unverified, see Inbox.remove).
         await self.downloads.cancel(e.id, remove=True,
                                     decline=Decline(REMOVED_REASON, self.downloads.wall()))
+        told = e.sender if self.inbox.declined(e.id) is not None else None
         deleted = kept = None
         # The same content received twice is one file (or folder): it stays for the other.
         if shared := self.inbox.sharing(e):
@@ -231,7 +232,7 @@ class ControlOperations:
                 kept = (f"{e.path} is kept: message {shared[0].id.hex()[:12]} "
                         f"({shared[0].title}) uses it too")
             return {"id": e.id.hex(), "title": e.title, "deleted_file": None,
-                    "kept_file": kept}
+                    "kept_file": kept, "sender_told": told}
         sent_too = any(m.content_id == e.content_id for m in self.outbox.list())
         if self.store is not None and not sent_too:
             held = self.store.local(e.content_id)
@@ -247,7 +248,7 @@ class ControlOperations:
             if await asyncio.to_thread(delete_received, Path(e.path)):
                 deleted = e.path
         return {"id": e.id.hex(), "title": e.title, "deleted_file": deleted,
-                "kept_file": kept}
+                "kept_file": kept, "sender_told": told}
 
     def find(self, prefix: str) -> InboxEntry:
         """The one inbox entry whose id starts with `prefix` (hex), or ControlError."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from crypto.identity import DeviceIdentity
 from crypto.location import Description, Handle, Headers, LocationMessage
-from overlay.mail.db import NodeDB
+from overlay.mail.db import _MIGRATIONS, NodeDB
 from overlay.mail.delivery import Receipts
 from overlay.mail.downloads import Activity, DownloadFailed, DownloadQueue, RetryLater
 from overlay.mail.inbox import Decline, Inbox, InboxEntry
@@ -205,3 +206,25 @@ async def test_a_decline_goes_once_when_the_server_takes_it_and_the_sender_files
         assert outcome is Outcome.RECEIPT
         r = outbox.get(mid).recipients[0]  # type: ignore[union-attr]
         assert (r.state, r.reason) == (RecipientStatus.DECLINED, REMOVED_REASON)
+
+
+def test_upgrade_to_v5_keeps_the_outbox_and_allows_declined(tmp_path: Path) -> None:
+    steps = {k: v for k, v in _MIGRATIONS.items() if k < 4}
+    with NodeDB.open(tmp_path, migrations=steps) as old:
+        Outbox(old).add(id=b"m" * 16, path="/home/alice/clip.ts", title="clip", size=1,
+                        content_id=b"c" * 32, created_at=1.0,
+                        recipients=["bob@example.net", "carol@example.net"], message=b"\x93")
+        Outbox(old).set_recipient_state(b"m" * 16, "bob@example.net",
+                                        RecipientStatus.DOWNLOADED, 2.0)
+    with NodeDB.open(tmp_path) as db:
+        outbox = Outbox(db)
+        assert [(r.address, r.state) for r in outbox.get(b"m" * 16).recipients] == [  # type: ignore[union-attr]
+            ("bob@example.net", RecipientStatus.DOWNLOADED),
+            ("carol@example.net", RecipientStatus.QUEUED)]
+        assert outbox.set_recipient_state(b"m" * 16, "carol@example.net",
+                                          RecipientStatus.DECLINED, 3.0, reason="no")
+        with pytest.raises(sqlite3.IntegrityError):  # a declined one without its reason
+            with db.transaction() as conn:
+                conn.execute("UPDATE outbox_recipient SET reason = NULL")
+        assert outbox.remove(b"m" * 16)  # the recipients go with it (the foreign key)
+        assert db.query("SELECT * FROM outbox_recipient") == []

@@ -250,7 +250,8 @@ def test_a_recipient_who_removes_it_unread_declines_and_retention_runs(
     src = make_file(tmp_path / "party.bin", 2 * MiB, seed=8)
     mid = net.cli(alice, "send", str(src), "--to", f"{bob.address},{carol.address}").stdout.strip()
     net.wait_until(lambda: net.inbox_entry(bob, mid), 30, "the message in bob's inbox")
-    net.cli(bob, "rm", mid[:8])
+    said = net.cli(bob, "rm", mid[:8]).stdout
+    assert f"{alice.address} is told you will not download it" in said, said
 
     def sent() -> dict:
         (m,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
@@ -284,7 +285,7 @@ def test_a_recipient_who_removes_it_unread_declines_and_retention_runs(
     original = other.read_bytes()
     mid = net.cli(alice, "send", str(other), "--to", bob.address).stdout.strip()
     net.wait_until(lambda: net.inbox_entry(bob, mid), 30, "the second message at bob's")
-    net.cli(bob, "rm", mid[:8])
+    assert net.cli_json(bob, "rm", mid[:8])["removed"][0]["sender_told"] == alice.address
     m = net.wait_until(lambda: (x := sent())["retention_done"] and x, 30, "retention")
     assert m["recipients"][0]["state"] == "declined" and other.read_bytes() == original
     shown = " ".join(net.cli(alice, "status", mid[:8]).stdout.replace("│", " ").split())
