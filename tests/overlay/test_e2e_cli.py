@@ -292,6 +292,33 @@ def test_a_recipient_who_removes_it_unread_declines_and_retention_runs(
     assert "nobody will download it; your file is kept, no longer served" in shown, shown
 
 
+def test_a_decline_made_while_the_server_is_down_survives_a_kill(net: LocalNetwork,
+                                                                 tmp_path: Path) -> None:
+    """Bob removes the message while his server is down and is killed before it is back:
+    the decline waits in node.db and reaches alice after both come back."""
+    alice, bob = net.add_node("alice"), net.add_node("bob")
+    for n in (alice, bob):
+        net.start_node(n)
+    net.cli(bob, "prefs", "set", "auto-download", "off")
+    src = make_file(tmp_path / "clip.bin", MiB, seed=12)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: net.inbox_entry(bob, mid), 30, "the message in bob's inbox")
+    assert net.server is not None
+    net.server.stop()
+    net.cli(bob, "rm", mid[:8])
+    net.kill_node(bob)
+    net.start_server()
+    net.start_node(bob)
+
+    def bob_state() -> tuple[str, str | None]:
+        (m,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
+        (r,) = m["recipients"]
+        return r["state"], r["reason"]
+
+    net.wait_until(lambda: bob_state()[0] == "declined", 60, "alice to hear bob declined")
+    assert bob_state() == ("declined", "removed by the recipient")
+
+
 def test_a_receipt_the_server_missed_is_sent_when_it_can_be(net: LocalNetwork,
                                                             tmp_path: Path) -> None:
     # Bob finishes while his server is down (the bytes come from alice, peer to peer), and
