@@ -185,6 +185,9 @@ def test_a_folder_its_only_recipient_declines_releases_the_map_not_the_files(
     lab.wait_until(lambda: sent(lab, alice, mid)["retention_done"], 30, "the retention step")
     shown = " ".join(lab.cli(alice, "status", mid).stdout.replace("│", " ").split())
     assert "nobody will download it; your folder is kept (its map deleted)" in shown, shown
+    base, headers = login(lab, alice)
+    status, _, page = request(base, "GET", "/sent", {"Cookie": headers["Cookie"]})
+    assert status == 200 and b"will not download it (removed by the recipient)" in page
 
 
 def test_a_hostile_archive_is_refused_member_by_member(lab: LocalNetwork,
