@@ -24,6 +24,7 @@ from overlay.mail.downloads import Activity, DownloadFailed, RetryLater, SourceV
 from overlay.mail.folders import FolderError, UnpackRecord, unpack_with_layout
 from overlay.mail.inbox import InboxEntry
 from overlay.transfer.downloader import (
+    SOURCE_CHANGED,
     WITHDRAWN_FAILURE,
     ChunkStored,
     DiskFull,
@@ -163,7 +164,7 @@ class ContentFetch:
         except SourceChanged as exc:
             # The sender's own cancel needs no answer; a changed file is its to send again.
             raise DownloadFailed(str(exc), declined=None if str(exc) == WITHDRAWN_FAILURE
-                                 else "source changed") from None
+                                 else SOURCE_CHANGED) from None
         except FetchError as exc:
             raise DownloadFailed(str(exc), declined=STORE_FAILED) from None
         finally:

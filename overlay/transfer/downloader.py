@@ -155,8 +155,14 @@ class SourceChanged(FetchError):
     """The sender's file changed after sending and no other source can finish: failed."""
 
 
-SOURCE_CHANGED_FAILURE = ("source changed: the sender's file was edited, moved or deleted "
-                          "after it was sent; ask them to send it again (`peerpost resend`)")
+SOURCE_CHANGED = "source changed"
+SOURCE_CHANGED_FAILURE = (f"{SOURCE_CHANGED}: the sender's file was edited, moved or deleted "
+                          "after it was sent; they are told, and can send it again")
+
+
+def changed_source(error: str | None) -> bool:
+    """Whether a recorded failure is a changed source's, in this wording or an older one."""
+    return error is not None and error.startswith(SOURCE_CHANGED + ":")
 
 
 WITHDRAWN_FAILURE = "withdrawn: the sender cancelled this message"

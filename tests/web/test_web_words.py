@@ -12,6 +12,10 @@ from overlay.app.operations import CANCELLED_TEXT
 from overlay.app.web.server import _limit, error_text, state_text
 from overlay.transfer.downloader import SOURCE_CHANGED_FAILURE, WITHDRAWN_FAILURE
 
+# The text an earlier version recorded in node.db; such rows still read the same.
+OLD_SOURCE_CHANGED = ("source changed: the sender's file was edited, moved or deleted after "
+                      "it was sent; ask them to send it again (`peerpost resend`)")
+
 
 def entry(state: str, error: str | None = None, **kw: Any) -> dict[str, Any]:
     return {"state": state, "error": error, "junk": False, "size": 1000,
@@ -29,6 +33,7 @@ def entry(state: str, error: str | None = None, **kw: Any) -> dict[str, Any]:
     (entry("failed", CANCELLED_TEXT), True, None, "stopped"),
     (entry("failed", WITHDRAWN_FAILURE), True, None, "cancelled by the sender"),
     (entry("failed", SOURCE_CHANGED_FAILURE), True, None, "the sender's file changed"),
+    (entry("failed", OLD_SOURCE_CHANGED), True, None, "the sender's file changed"),
     (entry("failed", "ValueError: x"), True, None, "failed"),
 ])
 def test_states_in_words(e: dict[str, Any], auto: bool, limit: int | None, want: str) -> None:
@@ -45,6 +50,7 @@ def test_states_in_words(e: dict[str, Any], auto: bool, limit: int | None, want:
     (entry("failed", CANCELLED_TEXT), "You stopped this download."),
     (entry("failed", WITHDRAWN_FAILURE), "The sender cancelled this message"),
     (entry("failed", SOURCE_CHANGED_FAILURE), "The sender's file was changed"),
+    (entry("failed", OLD_SOURCE_CHANGED), "The sender's file was changed"),
     (entry("failed", "DownloadFailed: bad chunk"), "The download failed. “Try again”"),
 ])
 def test_why_a_download_stopped_in_words(e: dict[str, Any], starts: str) -> None:

@@ -40,7 +40,7 @@ from overlay.app.web.media import Wanter, file_response, serve_partial
 from overlay.content.catalog import ContentStore
 from overlay.content.partial import PartialContent
 from overlay.mail.prefs import RETENTIONS, size_text
-from overlay.transfer.downloader import SOURCE_CHANGED_FAILURE, WITHDRAWN_FAILURE
+from overlay.transfer.downloader import WITHDRAWN_FAILURE, changed_source
 
 log = logging.getLogger("peerpost.web")
 
@@ -118,7 +118,7 @@ def state_text(e: dict[str, Any], auto: bool, limit: int | None) -> str:
             return "stopped"
         if e["error"] == WITHDRAWN_FAILURE:
             return "cancelled by the sender"
-        if e["error"] == SOURCE_CHANGED_FAILURE:
+        if changed_source(e["error"]):
             return "the sender's file changed"
         return "failed"
     return STATE_TEXT.get(state, state)
@@ -134,9 +134,9 @@ def error_text(e: dict[str, Any]) -> str:
         return "You stopped this download. “Try again” goes on from where it stopped."
     if error == WITHDRAWN_FAILURE:
         return "The sender cancelled this message: it can no longer be downloaded."
-    if error == SOURCE_CHANGED_FAILURE:
-        return ("The sender's file was changed, moved or deleted after they sent it: ask "
-                "them to send it again.")
+    if changed_source(error):
+        return ("The sender's file was changed, moved or deleted after they sent it; they "
+                "are told, and can send it again.")
     if state == "retrying":
         when = e["next_attempt"]
         then = (f" (next try at {time.strftime('%H:%M:%S', time.localtime(when))})"
