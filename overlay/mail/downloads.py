@@ -192,9 +192,10 @@ class DownloadQueue:
                      decline: Decline | None = None) -> None:
         """Stop the download of this message if one runs, and wait for it; with `remove`
         (`peerpost rm`), then take the message out of the inbox, with `decline` queuing
-        a declined receipt if it was not complete (`Inbox.remove`). The queue does not start
-        it again meanwhile: the ended task wakes the queue, and a message still in the
-        inbox as downloading was started anew, to fail on the entry `rm` then removed."""
+        a declined receipt if it was not complete nor its sender junk (`Inbox.remove`,
+        `_unless_junk`). The queue does not start it again meanwhile: the ended task
+        wakes the queue, and a message still in the inbox as downloading was started
+        anew, to fail on the entry `rm` then removed."""
         self._stopping.add(message_id)
         try:
             self._requested.discard(message_id)
@@ -206,6 +207,8 @@ class DownloadQueue:
             if task is not None:
                 await asyncio.wait([task])
             if remove:
+                entry = self.inbox.get(message_id)
+                decline = self._unless_junk(entry, decline)
                 self.inbox.remove(message_id, decline=decline)
                 if decline is not None:
                     self._declined()
@@ -359,15 +362,25 @@ class DownloadQueue:
         try:
             current = self.inbox.get(mid)
             if current is not None and current.state is not InboxState.FAILED:
-                self.inbox.transition(
-                    mid, InboxState.FAILED, error=reason or "failed",
-                    decline=Decline(declined, self.wall()) if declined else None)
-                if declined:
+                decline = self._unless_junk(
+                    current, Decline(declined, self.wall()) if declined else None)
+                self.inbox.transition(mid, InboxState.FAILED, error=reason or "failed",
+                                      decline=decline)
+                if decline is not None:
                     self._declined()
             log.warning("message %s failed: %s", mid.hex(), reason)
             self._holds.pop(mid, None)
         except Exception as exc:
             self._hold_off(mid, self.wall() + self.retry_max, reason, exc)
+
+    def _unless_junk(self, entry: InboxEntry | None,
+                     decline: Decline | None) -> Decline | None:
+        """`decline`, or None if `entry`'s sender is on the junk list now: its junk flag
+        says how the sender was classed when the message came, and a sender the user
+        junked since learns nothing either (`Inbox.remove` checks the flag)."""
+        if decline is None or entry is None or self.prefs.classify(entry.sender) == "junk":
+            return None
+        return decline
 
     def _declined(self) -> None:
         if self._on_declined is not None:

@@ -228,3 +228,39 @@ def test_upgrade_to_v5_keeps_the_outbox_and_allows_declined(tmp_path: Path) -> N
                 conn.execute("UPDATE outbox_recipient SET reason = NULL")
         assert outbox.remove(b"m" * 16)  # the recipients go with it (the foreign key)
         assert db.query("SELECT * FROM outbox_recipient") == []
+
+
+async def test_a_sender_put_on_the_junk_list_after_its_message_came_is_told_nothing(
+        db: NodeDB) -> None:
+    """The entry's junk flag says how its sender was classed when it arrived; a sender
+    the user puts on the junk list afterwards learns nothing either, from a remove or
+    from a download that fails for good."""
+    inbox = Inbox(db)
+    removed, failed = offer(inbox, 1), offer(inbox, 2)
+    prefs = Prefs(db)
+    prefs.add_junk("alice@example.net")
+
+    async def fetch(entry: InboxEntry, msg: LocationMessage, act: Activity,
+                    progress: Any) -> str:
+        raise DownloadFailed("source changed: ...", declined="source changed")
+
+    async def completed(entry: InboxEntry, msg: LocationMessage) -> None:
+        raise AssertionError("nothing completes")
+
+    woken: list[int] = []
+    q = DownloadQueue(inbox, prefs, fetch, completed, wall=time.time,
+                      rng=random.Random(1), on_declined=lambda: woken.append(1))
+    await q.cancel(removed, remove=True, decline=Decline(REMOVED_REASON, 5.0))
+    q.request(failed)
+    runner = asyncio.create_task(q.run())
+    try:
+        async with asyncio.timeout(10):
+            while inbox.get(failed).state is not S.FAILED:  # type: ignore[union-attr]
+                await q.changed().wait()
+    finally:
+        runner.cancel()
+        await asyncio.wait({runner})
+    assert inbox.get(removed) is None
+    assert owed(inbox) == {}
+    assert inbox.declined(removed) is None and inbox.declined(failed) is None
+    assert woken == []
