@@ -730,8 +730,14 @@ def _refusal(m: tarfile.TarInfo, top: str, dest: str) -> str | None:
         return "not a plain relative name"
     try:
         tarfile.data_filter(m, dest)
+    except (tarfile.LinkOutsideDestinationError, tarfile.OutsideDestinationError) as exc:
+        # tarfile's text names where it would land on this disk: a refusal goes to the
+        # sender (a declined receipt), which would learn where we keep our downloads.
+        return ("a link that leads outside the folder"
+                if isinstance(exc, tarfile.LinkOutsideDestinationError)
+                else "it would be unpacked outside the folder")
     except tarfile.FilterError as exc:
-        return str(exc)
+        return str(exc)  # names the member only
     if name != top and not name.startswith(top + "/"):
         return f"not inside {top}/"
     if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES or any(

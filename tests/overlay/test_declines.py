@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from crypto.location import Description, Handle, Headers, LocationMessage
 from overlay.mail.db import _MIGRATIONS, NodeDB
 from overlay.mail.delivery import Receipts
 from overlay.mail.downloads import Activity, DownloadFailed, DownloadQueue, RetryLater
+from overlay.mail.folders import FolderError, FolderInfo, unpack
 from overlay.mail.inbox import Decline, Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail, Outcome, Pushed
@@ -264,3 +266,26 @@ async def test_a_sender_put_on_the_junk_list_after_its_message_came_is_told_noth
     assert owed(inbox) == {}
     assert inbox.declined(removed) is None and inbox.declined(failed) is None
     assert woken == []
+
+
+def test_a_refused_archives_reason_names_no_path_of_the_recipient(tmp_path: Path) -> None:
+    """What a declined receipt says of a refused folder archive (FolderError.why) goes to
+    the sender: a link leading out of the folder is refused without the path it would
+    reach on the recipient's disk (tarfile's own text names it: the sender's link,
+    resolved where the recipient keeps its downloads, would tell where that is)."""
+    received = tmp_path / "bob" / "received"
+    received.mkdir(parents=True)
+    archive = received / "top.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, kind, target in (("top/up", tarfile.SYMTYPE, "../../x"),
+                                   ("top/hard", tarfile.LNKTYPE, "top/../../y")):
+            member = tarfile.TarInfo(name)
+            member.type, member.linkname = kind, target
+            tar.addfile(member)
+    with pytest.raises(FolderError) as err:
+        unpack(archive, FolderInfo("top", 2, 0, 0), received)
+    why = err.value.why
+    assert why == ("'top/up': a link that leads outside the folder; "
+                   "'top/hard': a link that leads outside the folder"), why
+    assert str(tmp_path) not in why
+    assert f"the archive is kept at {archive}" in str(err.value)  # the user's own text
