@@ -240,11 +240,13 @@ class LocalNetwork:
         return json.loads(self.cli(node, *args, "--json").stdout)
 
     def add_node(self, name: str, *, extra: list[str] | None = None,
-                 listen: str = "127.0.0.1:0") -> NodeHandle:
-        """Create a node's home with `peerpost init` (registers its address)."""
+                 listen: str = "127.0.0.1:0", resolver: str | None = None) -> NodeHandle:
+        """Create a node's home with `peerpost init` (registers its address). With
+        `resolver` (HOST:PORT of a name server) it finds its server in DNS through it,
+        as `init --resolver` does, instead of being given the lab's server."""
         node = NodeHandle(name, f"{name}@{self.domain}", self.root / name, extra=extra or [])
-        self.cli(node, "init", "--address", node.address, "--server", self.server_hostport,
-                 "--listen", listen)
+        server = ["--resolver", resolver] if resolver else ["--server", self.server_hostport]
+        self.cli(node, "init", "--address", node.address, *server, "--listen", listen)
         self.nodes[name] = node
         return node
 

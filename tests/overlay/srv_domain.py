@@ -5,13 +5,12 @@ SRV targets, and nodes set up from it with `init --resolver`, as the failover te
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-from overlay.app.lab import LocalNetwork, NodeHandle
+from overlay.app.lab import LocalNetwork, NodeHandle, _script
 from tests.dnstest import Dnsmasq
 
-RENDEZVOUS = Path(sys.executable).with_name("peerpost-rendezvous")
+RENDEZVOUS = _script("peerpost-rendezvous")
 
 
 def srv_zone(data: Path, domain: str, targets: list[tuple[str, int, int]]) -> list[str]:
@@ -20,7 +19,7 @@ def srv_zone(data: Path, domain: str, targets: list[tuple[str, int, int]]) -> li
     srv: list[str] = []
     txt: list[str] = []
     for host, port, priority in targets:
-        argv = [str(RENDEZVOUS), "dns-records", "--data", str(data), "--domain", domain,
+        argv = [RENDEZVOUS, "dns-records", "--data", str(data), "--domain", domain,
                 "--port", str(port), "--host", host, "--priority", str(priority)]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
         line, *txt = res.stdout.splitlines()
@@ -31,11 +30,4 @@ def srv_zone(data: Path, domain: str, targets: list[tuple[str, int, int]]) -> li
 def init_from_dns(net: LocalNetwork, ns: Dnsmasq, *names: str) -> list[NodeHandle]:
     """`peerpost init` for NAME@domain of the lab, each finding its server through `ns`
     (recorded as the node's resolver); added to the lab, not started."""
-    nodes = []
-    for name in names:
-        node = NodeHandle(name, f"{name}@{net.domain}", net.root / name)
-        net.cli(node, "init", "--address", node.address, "--resolver", ns.hostport,
-                "--listen", "127.0.0.1:0")
-        net.nodes[name] = node
-        nodes.append(node)
-    return nodes
+    return [net.add_node(name, resolver=ns.hostport) for name in names]
