@@ -8,24 +8,23 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from overlay.app.lab import LocalNetwork, NodeHandle
+from overlay.app.lab import LocalNetwork, NodeHandle, _script
 from rendezvous.domainkey import DomainKey, encode_key, fingerprint, load_or_create, txt_value
 from tests.dnstest import Dnsmasq
 
 pytestmark = pytest.mark.slow
 
 DOMAIN = "a.test"
-RENDEZVOUS = Path(sys.executable).with_name("peerpost-rendezvous")
+RENDEZVOUS = _script("peerpost-rendezvous")
 
 
 def dns_records(data: Path, port: int, *hosts: str, priorities: tuple[int, ...] = ()) -> list[str]:
-    argv = [str(RENDEZVOUS), "dns-records", "--data", str(data), "--domain", DOMAIN,
+    argv = [RENDEZVOUS, "dns-records", "--data", str(data), "--domain", DOMAIN,
             "--port", str(port)]
     for h in hosts:
         argv += ["--host", h]

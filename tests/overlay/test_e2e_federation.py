@@ -17,7 +17,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 
 from crypto.identity import DeviceIdentity
-from overlay.app.lab import LocalNetwork, NodeHandle
+from overlay.app.lab import LocalNetwork, NodeHandle, _script
 from rendezvous.dns import DnsResolver
 from rendezvous.domainkey import fingerprint, load_or_create
 from rendezvous.federation import LinkClient
@@ -37,13 +36,13 @@ from tests.dnstest import Dnsmasq
 pytestmark = pytest.mark.slow
 
 A, B = "a.test", "b.test"
-RENDEZVOUS = Path(sys.executable).with_name("peerpost-rendezvous")
+RENDEZVOUS = _script("peerpost-rendezvous")
 # Each domain's server; the DHT bootstrap node and STUN beside it, as in service.
 SERVER_ARGS = ["--dht-port", "0", "--stun-port", "0"]
 
 
 def dns_records(data: Path, domain: str, port: int) -> list[str]:
-    res = subprocess.run([str(RENDEZVOUS), "dns-records", "--data", str(data), "--domain",
+    res = subprocess.run([RENDEZVOUS, "dns-records", "--data", str(data), "--domain",
                           domain, "--host", f"rv.{domain}", "--port", str(port)],
                          capture_output=True, text=True, timeout=60, check=True)
     return res.stdout.splitlines()

@@ -10,20 +10,19 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from overlay.app.lab import LocalNetwork, NodeHandle
+from overlay.app.lab import LocalNetwork, NodeHandle, _script
 from tests.dnstest import Dnsmasq
 from tests.overlay.test_e2e_cli import MiB, make_file, same_bytes
 
 pytestmark = pytest.mark.slow
 
 A, B = "a.test", "b.test"
-RENDEZVOUS = Path(sys.executable).with_name("peerpost-rendezvous")
+RENDEZVOUS = _script("peerpost-rendezvous")
 
 
 def _free_port() -> int:
@@ -33,7 +32,7 @@ def _free_port() -> int:
 
 
 def _dns_records(data: Path, domain: str, port: int) -> list[str]:
-    res = subprocess.run([str(RENDEZVOUS), "dns-records", "--data", str(data), "--domain",
+    res = subprocess.run([RENDEZVOUS, "dns-records", "--data", str(data), "--domain",
                           domain, "--host", f"rv.{domain}", "--port", str(port)],
                          capture_output=True, text=True, timeout=60, check=True)
     return res.stdout.splitlines()

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import stat
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from crypto.address import parse_hostport
 from crypto.identity import DeviceIdentity
+from overlay.app.lab import _script
 from overlay.dht import DhtNode
 from overlay.transports.relay import relay_accept, relay_dial
 from rendezvous.client import RendezvousClient
@@ -28,7 +28,7 @@ from .conftest import DOMAIN, ident
 
 pytestmark = pytest.mark.slow
 ALICE, BOB = ident(41), ident(42)
-SCRIPT = Path(sys.executable).with_name("peerpost-rendezvous")
+SCRIPT = _script("peerpost-rendezvous")
 
 
 def _hostport(line: str, prefix: str) -> tuple[str, int]:
@@ -41,7 +41,7 @@ def _hostport(line: str, prefix: str) -> tuple[str, int]:
 async def serve(data: Path, *extra: str) -> AsyncIterator[tuple[asyncio.subprocess.Process,
                                                                  list[str]]]:
     proc = await asyncio.create_subprocess_exec(
-        str(SCRIPT), "serve", "--domain", DOMAIN, "--listen", "127.0.0.1:0", "--data",
+        SCRIPT, "serve", "--domain", DOMAIN, "--listen", "127.0.0.1:0", "--data",
         str(data), "--open-registration", *extra, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL)
     try:
@@ -59,7 +59,7 @@ async def serve(data: Path, *extra: str) -> AsyncIterator[tuple[asyncio.subproce
 
 async def stats(data: Path) -> dict[str, object]:
     proc = await asyncio.create_subprocess_exec(
-        str(SCRIPT), "stats", "--data", str(data), "--json", stdout=asyncio.subprocess.PIPE)
+        SCRIPT, "stats", "--data", str(data), "--json", stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     doc = json.loads(out)
     if not isinstance(doc, dict):
@@ -152,7 +152,7 @@ async def test_serve_runs_stun_and_dht_and_reports_relay_counters(tmp_path: Path
 async def test_serve_with_services_off_announces_none(tmp_path: Path) -> None:
     data = tmp_path / "data"
     proc = await asyncio.create_subprocess_exec(
-        str(SCRIPT), "serve", "--domain", DOMAIN, "--listen", "127.0.0.1:0", "--data",
+        SCRIPT, "serve", "--domain", DOMAIN, "--listen", "127.0.0.1:0", "--data",
         str(data), "--open-registration", "--stun-port", "off", "--dht-port", "off",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:

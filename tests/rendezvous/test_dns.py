@@ -9,7 +9,6 @@ import re
 import socket
 import stat
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from overlay.app.lab import _script
 from rendezvous.dns import DnsResolver, DomainLookupError, SrvTarget, rfc2782_order
 from rendezvous.domainkey import DomainKey, load_or_create, txt_value
 
@@ -161,11 +161,11 @@ async def test_silent_name_server_times_out_clearly() -> None:
 
 # --- dns-records ------------------------------------------------------------------------
 
-SCRIPT = Path(sys.executable).with_name("peerpost-rendezvous")
+SCRIPT = _script("peerpost-rendezvous")
 
 
 def _dns_records(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(SCRIPT), "dns-records", *args],
+    return subprocess.run([SCRIPT, "dns-records", *args],
                           capture_output=True, text=True, timeout=60, check=False)
 
 

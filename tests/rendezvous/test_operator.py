@@ -12,13 +12,13 @@ import re
 import signal
 import socket
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
+from overlay.app.lab import _script
 from rendezvous.client import RendezvousClient
 from rendezvous.errors import ConnectionLostError
 from rendezvous.messages import Deliver
@@ -28,7 +28,7 @@ from .conftest import DOMAIN, ident, mid
 
 pytestmark = pytest.mark.slow
 ALICE, ALICE2, BOB = ident(61), ident(62), ident(63)
-SCRIPT = Path(sys.executable).with_name("peerpost-rendezvous")
+SCRIPT = _script("peerpost-rendezvous")
 
 
 class Server:
@@ -64,7 +64,7 @@ class Server:
 async def serve(data: Path, *extra: str, listen: str = "127.0.0.1:0",
                 expect: int = 3) -> AsyncIterator[Server]:
     """`serve --domain example.net --listen ... --data DATA EXTRA...` and its first lines."""
-    argv = [str(SCRIPT), "serve", "--listen", listen, *extra]
+    argv = [SCRIPT, "serve", "--listen", listen, *extra]
     if "--config" not in extra:
         argv += ["--domain", DOMAIN, "--data", str(data)]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
@@ -93,7 +93,7 @@ async def serve(data: Path, *extra: str, listen: str = "127.0.0.1:0",
 
 async def run(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        str(SCRIPT), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        SCRIPT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()

@@ -10,13 +10,13 @@ import contextlib
 import os
 import shutil
 import stat
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
+from overlay.app.lab import _script
 from overlay.transports.relay import RelayError, RelayInvite, relay_accept, relay_dial
 from rendezvous.client import RendezvousClient, ServerIdentityError
 from rendezvous.domainkey import DOMAIN_KEY_NAME, DomainKey, fingerprint
@@ -28,7 +28,7 @@ from .conftest import DOMAIN, ident
 pytestmark = pytest.mark.slow
 
 ALICE, BOB = ident(51), ident(52)
-SCRIPT = Path(sys.executable).with_name("peerpost-rendezvous")
+SCRIPT = _script("peerpost-rendezvous")
 
 
 @asynccontextmanager
@@ -38,7 +38,7 @@ async def serve(data: Path, *extra: str, log: Path | None = None) -> AsyncIterat
         stderr = (files.enter_context(log.open("wb")) if log is not None
                   else asyncio.subprocess.DEVNULL)
         proc = await asyncio.create_subprocess_exec(
-            str(SCRIPT), "serve", "--domain", DOMAIN, "--listen", "127.0.0.1:0", "--data",
+            SCRIPT, "serve", "--domain", DOMAIN, "--listen", "127.0.0.1:0", "--data",
             str(data), "--open-registration", *extra, stdout=asyncio.subprocess.PIPE,
             stderr=stderr)
     try:
