@@ -298,11 +298,12 @@ async def test_a_node_rejects_bad_offers_of_every_rung_within_one_reply_rate() -
 
 @pytest.mark.slow
 async def test_a_node_rejects_a_bad_quic_offer_through_the_server(tmp_path: Path) -> None:
+    rejected = (r"bad QUIC offer from zed@example\.net, rejected: the public candidate "
+                r"'\[ff02::1\]:4000' is multicast")
     reply, log, got = await pipe_to_a_node(tmp_path, packb(
-        {"t": "quic-offer", "s": SESSION, "c": ["[ff02::1]:4000"]}))
+        {"t": "quic-offer", "s": SESSION, "c": ["[ff02::1]:4000"]}), rejected)
     assert reply == {"t": "quic-reject", "s": SESSION,
                      "why": "invalid offer: the public candidate '[ff02::1]:4000' is multicast"}
-    assert re.search(r"bad QUIC offer from zed@example\.net, rejected: the public "
-                     r"candidate '\[ff02::1\]:4000' is multicast", log), log
+    assert re.search(rejected, log), log
     assert got[("peerpost_node_bad_offers_total",
                 (("event", "rejected"), ("rung", "quic")))] == 1
