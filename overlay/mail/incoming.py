@@ -34,7 +34,7 @@ from overlay.mail.db import RecordLimitError
 from overlay.mail.inbox import Inbox
 from overlay.mail.outbox import Outbox, RecipientStatus
 from overlay.mail.prefs import Prefs
-from overlay.mail.receipts import RECEIPT_KIND, Receipt
+from overlay.mail.receipts import RECEIPT_KIND, Receipt, reason_text
 
 log = logging.getLogger("peerpost.incoming")
 
@@ -44,7 +44,8 @@ LOCATION_KIND = "location"
 class Outcome(Enum):
     NEW = "new"  # a new location message is in the inbox
     UNVERIFIED = "unverified"  # a new one, held: its signing key is not trusted yet
-    DUPLICATE = "duplicate"  # seen before (the server redelivered)
+    DUPLICATE = "duplicate"  # seen before (the server redelivered), or a receipt that
+    # changed nothing (replayed, stale, out of order)
     RECEIPT = "receipt"  # a recipient's receipt for something we sent
     DROPPED = "dropped"  # bad input: logged and counted
     REFUSED = "refused"  # the inbox is full: logged and counted, nothing stored changed
@@ -191,11 +192,17 @@ class IncomingMail:
             return self._drop("receipt", env, "receipt for a message we did not send to them")
         state = (RecipientStatus.DOWNLOADED if receipt.state == "deleted"
                  else RecipientStatus(receipt.state))
-        if self.outbox.set_recipient_state(receipt.message_id, env.sender, state, self.wall(),
-                                           reason=receipt.reason) \
-                and state is RecipientStatus.DECLINED:
+        # Filed readable: status, the web's Sent page and the log show it as it is.
+        reason = None if receipt.reason is None else reason_text(receipt.reason)
+        if not self.outbox.set_recipient_state(receipt.message_id, env.sender, state,
+                                               self.wall(), reason=reason):
+            # Replayed, stale or out of order: nothing to do, so no retention pass (which
+            # reads the whole outbox) either.
+            self.counters["receipts-unchanged"] += 1
+            return Outcome.DUPLICATE, receipt
+        if state is RecipientStatus.DECLINED:
             log.info("%s will not download message %s: %s", env.sender,
-                     receipt.message_id.hex(), receipt.reason)
+                     receipt.message_id.hex(), reason)
         self.counters["receipts"] += 1
         return Outcome.RECEIPT, receipt
 

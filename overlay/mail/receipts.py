@@ -15,6 +15,7 @@ counter), and its user sees that recipient as `sent`, as before.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 from crypto.codec import Fields, packb, unpackb
@@ -26,6 +27,7 @@ DECLINED = "declined"
 RECEIPT_STATES = ("downloading", "downloaded", "deleted", DECLINED)
 MAX_RECEIPT = 1024
 MAX_REASON = 200  # characters of a declined receipt's reason (800 bytes of UTF-8 at most)
+MAX_MARKS = 3  # combining marks kept on one letter (200 of them stack up the page)
 # The reasons this node gives (a user's remove; the fetcher names the permanent failures).
 REMOVED_REASON = "removed by the recipient"
 
@@ -41,10 +43,21 @@ def check_reason(reason: str) -> str:
 
 
 def reason_text(text: str) -> str:
-    """`text` as a declined receipt's reason: control characters replaced, cut to
-    MAX_REASON characters."""
-    clean = "".join("?" if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 else c
-                    for c in text.strip()) or "declined"
+    """`text` as a declined receipt's reason, what this node sends and what it files of a
+    recipient's: every character a terminal or a page would not show as itself (control,
+    bidi override, zero-width, line separator) replaced by '?', other spaces by ' ', at
+    most MAX_MARKS combining marks on a letter, cut to MAX_REASON characters."""
+    out: list[str] = []
+    marks = 0
+    for c in text.strip():
+        marks = marks + 1 if unicodedata.combining(c) else 0
+        if marks > MAX_MARKS:
+            continue
+        if c.isprintable():
+            out.append(c)
+        else:
+            out.append(" " if unicodedata.category(c) == "Zs" else "?")
+    clean = "".join(out) or "declined"
     return clean if len(clean) <= MAX_REASON else clean[:MAX_REASON - 1] + "…"
 
 
