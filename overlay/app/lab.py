@@ -71,6 +71,10 @@ class _Lines:
         self.q.put(None)
         self._log.close()
 
+    def drain(self, timeout: float) -> None:
+        """Wait until every line the child wrote is in the log file (its stdout at EOF)."""
+        self._t.join(timeout)
+
     def wait_for(self, pattern: re.Pattern[str], timeout: float, what: str) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         while True:
@@ -103,18 +107,22 @@ class Proc:
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
             try:
-                return self.popen.wait(timeout)
+                self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
                 raise LabError(f"{self.name} did not stop within {timeout} s of SIGTERM") from None
-        return self.popen.returncode
+        # Its last lines (what it said on the way out) are read by a thread, which a loaded
+        # machine may run after the exit: log() right after stop() missed them.
+        self.lines.drain(5.0)
+        return self.popen.wait()
 
     def kill(self) -> None:
         """SIGKILL: the crash case."""
         if self.alive():
             self.popen.kill()
         self.popen.wait()
+        self.lines.drain(5.0)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

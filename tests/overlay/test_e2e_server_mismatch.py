@@ -249,4 +249,6 @@ def test_a_planned_key_change_is_taken_from_config_json_without_a_restart(
         net.wait_until(lambda: net.cli_json(alice, "info")["connected"], 30,
                        "alice logged in under the new key")
         assert alice.proc is not None and alice.proc.alive()
-        assert f"pins a new key for the server: {new.fingerprint}" in alice.proc.log()
+        pinned = f"pins a new key for the server: {new.fingerprint}"
+        alice.proc.lines.wait_for(re.compile(re.escape(pinned)), 10, "alice's log")
+        assert pinned in alice.proc.log()
