@@ -402,6 +402,31 @@ class ChunkCipher:
         self._aead.encrypt_into(_IETF_NONCE_PAD + index.to_bytes(8, "big"), plaintext,
                                 _aad(index), out)
 
+    def seal_in_place(self, index: int, buf: bytearray | memoryview, n: int) -> None:
+        """Seal chunk `index` where it lies: `buf` is exactly `n + self.overhead` bytes with
+        the `n` plaintext bytes from `scheme.seal_lead` on, and afterwards holds what
+        `seal_into` would have written. The file is read straight into the buffer that goes
+        out: serving 1 GiB from the page cache, a second 2 MiB buffer for the plaintext
+        made each chunk's working set twice this machine's 2 MiB L2, and reading then
+        sealing cost 0.02-0.03 CPU s/GB more than in one buffer. OpenSSL's EVP calls allow
+        input and output to be the same bytes (not partly overlapping ones, which the
+        layout here never makes)."""
+        if n < 0 or len(buf) != n + self.overhead:
+            raise DecodeError(f"a sealed chunk of {n} bytes needs {n + self.overhead} bytes "
+                              f"of room, got {len(buf)}")
+        if self._aes is None and self._aead is None:
+            seal_chunk_in_place(self._key, index, buf, n)
+            return
+        with memoryview(buf) as view:
+            if self._aes is not None:
+                nonce = os.urandom(GCM_NONCE_LEN)
+                view[:GCM_NONCE_LEN] = nonce
+                body = view[GCM_NONCE_LEN:]
+                self._aes.encrypt_into(nonce, body[:n], _aad(index), body)
+            elif self._aead is not None:
+                self._aead.encrypt_into(_IETF_NONCE_PAD + index.to_bytes(8, "big"),
+                                        view[:n], _aad(index), view)
+
     def open_into(self, index: int, sealed: bytes | bytearray | memoryview,
                   out: bytearray | memoryview) -> memoryview:
         """Decrypt and authenticate chunk `index` into `out`: the view of `out` holding

@@ -154,7 +154,7 @@ class LocalContent:
             with open(self.path, "rb", buffering=0) as f:
                 self._check_unchanged(os.fstat(f.fileno()))
                 return read_and_seal(f.fileno(), self.cipher, index, n, self.chunk_size,
-                                     self.scratch, self.outgoing, check)
+                                     self.outgoing, check)
         except FileNotFoundError:
             raise ContentStoreError(self._mark_changed(
                 f"{self.path} was moved or deleted since it was added")) from None

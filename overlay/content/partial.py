@@ -251,7 +251,7 @@ class PartialContent:
         n = plain_chunk_len(self.size, self.chunk_size, index)
         fd = self._reading_fd(index)
         try:
-            return read_and_seal(fd, self._cipher, index, n, self.chunk_size, self._scratch,
+            return read_and_seal(fd, self._cipher, index, n, self.chunk_size,
                                  self._outgoing)
         except ShortRead:
             raise ContentStoreError(f"{self.part_path} is shorter than expected") from None

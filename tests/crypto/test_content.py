@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import nacl.bindings
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from crypto.content import (
     ChunkCipher,
     ChunkVerifier,
     LeafScheme,
+    aes_key,
     chunk_count,
     chunk_hash,
     cpu_has_aes,
@@ -381,6 +383,29 @@ def test_aes_nonces_are_fresh_for_every_sealing_and_the_index_is_bound() -> None
         v.open_verified(cipher, 0, chunks[0][:-1], bytearray(1024))
     with pytest.raises(DecodeError, match="room"):
         cipher.seal_into(0, data[:1024], bytearray(1024 + TAG_LEN))
+
+
+@pytest.mark.parametrize("scheme", list(LeafScheme))
+@given(st.binary(min_size=32, max_size=32), st.binary(max_size=70_000),
+       st.integers(min_value=0, max_value=2**64 - 1))
+@settings(max_examples=40)
+def test_sealing_in_place_makes_the_bytes_sealing_into_a_second_buffer_does(
+        scheme: LeafScheme, key: bytes, plain: bytes, index: int) -> None:
+    # Serving reads a chunk straight into the buffer that goes out and seals it there.
+    cipher = ChunkCipher(key, scheme)
+    n, lead = len(plain), scheme.seal_lead
+    buf = bytearray(b"\xaa" * (n + cipher.overhead))
+    buf[lead : lead + n] = plain
+    cipher.seal_in_place(index, buf, n)
+    if scheme is LeafScheme.KEYED_PLAIN_AES:  # one-shot AES-GCM under the nonce it drew
+        nonce = bytes(buf[:GCM_NONCE_LEN])
+        aad = b"peerpost/chunk/v1" + index.to_bytes(8, "big")
+        assert buf[GCM_NONCE_LEN:] == AESGCM(aes_key(key)).encrypt(nonce, plain, aad)
+    else:
+        assert buf == seal_chunk(key, index, plain)
+    assert cipher.open(index, buf) == plain
+    with pytest.raises(DecodeError, match="room"):
+        cipher.seal_in_place(index, bytearray(n + cipher.overhead + 1), n)
 
 
 def test_aes_catches_a_key_holder_that_seals_other_plaintext() -> None:
