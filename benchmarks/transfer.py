@@ -23,8 +23,9 @@
   chunk written to the last (the nodes' own times), and the CPU seconds per GB of the two
   node daemons (from /proc) split into `send` (naming the file), serving and receiving.
 - `--baseline DIR`: a checkout of other code (e.g. `git worktree add /tmp/base HEAD~5`) run
-  the same way, alternating with this tree (old, new, old, new, ...; `--pairs` pairs): the
-  nodes and CLI of an old run import DIR first (PYTHONPATH). Each run has its own load
+  the same way, alternating with this tree (old, new, new, old, old, new, ...; `--pairs`
+  pairs, each other pair in the other order): the nodes and CLI of an old run import DIR
+  first (PYTHONPATH). Each run has its own load
   average: on a two-core box anything else running moves both rates.
 """
 
@@ -297,7 +298,11 @@ def main(argv: list[str]) -> int:
     load_before = os.getloadavg()[0]
     plan: list[tuple[str, Path | None]] = [("new", None)]
     if args.baseline is not None:
-        plan = [("old", args.baseline.resolve()), ("new", None)] * args.pairs
+        old_run: tuple[str, Path | None] = ("old", args.baseline.resolve())
+        pair = [old_run, ("new", None)]
+        # Every other pair runs the new code first: the second run of a pair measured
+        # about 0.03 CPU s/GB less serving with the same code on both sides (12 pairs).
+        plan = [run for i in range(args.pairs) for run in (pair if i % 2 == 0 else pair[::-1])]
     compile_tree(Path(__file__).resolve().parents[1])
     if args.baseline is not None:
         compile_tree(args.baseline.resolve())
