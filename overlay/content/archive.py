@@ -40,9 +40,9 @@ import msgpack
 from crypto.location import MAX_FOLDER_ENTRIES
 from overlay.content.diskio import (
     ShortRead,
+    fill_and_seal,
     pwrite_all,
     read_exactly,
-    seal_checked,
     write_replace,
 )
 from overlay.content.interfaces import ContentStoreError
@@ -329,13 +329,8 @@ class ArchiveView(LocalContent):
 
     def _read_and_seal(self, index: int, n: int,
                        check: Callable[[memoryview], bool] | None) -> bytearray:
-        plain = self.scratch.take(self.chunk_size)
-        try:
-            view = memoryview(plain)[:n]
-            self.read_plain(index * self.chunk_size, view)
-            return seal_checked(view, self.cipher, index, self.outgoing, check)
-        finally:
-            self.scratch.give(plain)
+        return fill_and_seal(lambda plain: self.read_plain(index * self.chunk_size, plain),
+                             self.cipher, index, n, self.outgoing, check)
 
     def read_plain(self, start: int, view: memoryview) -> None:
         """Fill `view` with the archive's bytes from `start` (blocking); ContentStoreError

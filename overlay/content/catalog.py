@@ -203,7 +203,6 @@ class ContentStore:
         self._partials: dict[bytes, PartialContent] = {}
         self._full: dict[bytes, LocalContent] = {}
         # Every content's serving buffers (see diskio.SEND_BUFFERS).
-        self._scratch = ScratchBuffers()
         self._outgoing = SendBuffers()
 
     def _open_db(self) -> None:
@@ -286,7 +285,7 @@ class ContentStore:
         return self._hold(functools.partial(
             LocalContent, size=size, chunk_size=chunk_size, key=key, path=path,
             leaves=tuple(leaves), mtime_ns=before.st_mtime_ns, scheme=scheme,
-            scratch=self._scratch, outgoing=self._outgoing), leaves, capability)
+            outgoing=self._outgoing), leaves, capability)
 
     def _hold(self, make: Callable[..., LocalContent], leaves: Sequence[bytes],
               capability: bytes | None) -> LocalContent:
@@ -335,7 +334,7 @@ class ContentStore:
         check_layout(layout.size, chunk_size)
         make = functools.partial(
             ArchiveView, size=layout.size, chunk_size=chunk_size, key=key, path=map_path,
-            mtime_ns=0, scheme=scheme, scratch=self._scratch, outgoing=self._outgoing,
+            mtime_ns=0, scheme=scheme, outgoing=self._outgoing,
             layout=layout, gaps_path=map_path)
         reader = make(content_id=b"", capability=b"", leaves=())
         leaves = name_chunks_from(reader.read_plain, layout.size, chunk_size, key, scheme)
@@ -407,7 +406,7 @@ class ContentStore:
                 )
             partial = PartialContent(self, content_id, size, chunk_size, key, capability,
                                      part_path, dest, name, leaves, scheme,
-                                     scratch=self._scratch, outgoing=self._outgoing)
+                                     outgoing=self._outgoing)
             self._partials[content_id] = partial
             return partial
 
@@ -428,7 +427,7 @@ class ContentStore:
             self._full[partial.content_id] = LocalContent(
                 partial.content_id, partial.size, partial.chunk_size, partial.key,
                 partial.capability, final, leaves, mtime_ns, partial.scheme,
-                scratch=self._scratch, outgoing=self._outgoing)
+                outgoing=self._outgoing)
         self.have_path(partial.content_id).unlink(missing_ok=True)
 
     def add_archive_view(self, content_id: bytes, folder: Path,
@@ -450,7 +449,7 @@ class ContentStore:
             gaps_path.unlink(missing_ok=True)
             raise
         view = ArchiveView(content_id, held.size, held.chunk_size, held.key, held.capability,
-                           folder, held.leaves, 0, held.scheme, scratch=self._scratch,
+                           folder, held.leaves, 0, held.scheme,
                            outgoing=self._outgoing, layout=layout, gaps_path=gaps_path)
         with self._lock:
             self._db.execute("UPDATE content SET path = ?, mtime_ns = 0 WHERE cid = ?",
@@ -497,10 +496,10 @@ class ContentStore:
             # A map naming another path is left from an unpack cut short before the row
             # moved to the folder: the row's file is still the archive.
             if saved is not None and (saved[1] == Path(row[0]) or sent):
-                content = ArchiveView(*args, scratch=self._scratch, outgoing=self._outgoing,
+                content = ArchiveView(*args, outgoing=self._outgoing,
                                       layout=saved[0], gaps_path=gaps_path)
             else:
-                content = LocalContent(*args, scratch=self._scratch, outgoing=self._outgoing)
+                content = LocalContent(*args, outgoing=self._outgoing)
             self._full[content_id] = content
             return content
 

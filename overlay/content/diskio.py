@@ -109,34 +109,32 @@ def read_exactly(fd: int, view: memoryview, offset: int) -> None:
         got += k
 
 
-def read_and_seal(fd: int, cipher: ChunkCipher, index: int, n: int, chunk_size: int,
-                  outgoing: SendBuffers,
+def fill_and_seal(fill: Callable[[memoryview], object], cipher: ChunkCipher, index: int,
+                  n: int, outgoing: SendBuffers,
                   check: Callable[[memoryview], bool] | None = None) -> bytearray:
-    """Chunk `index` read straight into the buffer that goes out (reused once the transport
-    let go of it) and sealed there in place: one copy in, one out, and one chunk-sized
-    buffer in the cache instead of two (`ChunkCipher.seal_in_place`).
+    """Chunk `index` (`n` plaintext bytes) put by `fill` straight into the buffer that goes
+    out (reused once the transport let go of it) and sealed there in place: one copy in,
+    one out, and one chunk-sized buffer in the cache instead of two
+    (`ChunkCipher.seal_in_place`).
 
     `check` sees the plaintext before it is sealed; False raises ChunkChanged and nothing
     is sealed (a KEYED_PLAIN sender's leaf check)."""
     out = outgoing.take(n + cipher.overhead)
     lead = cipher.scheme.seal_lead
     with memoryview(out) as whole, whole[lead : lead + n] as plain:
-        read_exactly(fd, plain, index * chunk_size)
+        fill(plain)
         if check is not None and not check(plain):
             raise ChunkChanged
     cipher.seal_in_place(index, out, n)
     return out
 
 
-def seal_checked(view: memoryview, cipher: ChunkCipher, index: int, outgoing: SendBuffers,
-                 check: Callable[[memoryview], bool] | None = None) -> bytearray:
-    """The plaintext chunk `view` sealed into a buffer from `outgoing`; `check` sees it
-    first, and False raises ChunkChanged with nothing sealed."""
-    if check is not None and not check(view):
-        raise ChunkChanged
-    out = outgoing.take(len(view) + cipher.overhead)
-    cipher.seal_into(index, view, out)
-    return out
+def read_and_seal(fd: int, cipher: ChunkCipher, index: int, n: int, chunk_size: int,
+                  outgoing: SendBuffers,
+                  check: Callable[[memoryview], bool] | None = None) -> bytearray:
+    """`fill_and_seal` of chunk `index` read from the file `fd`."""
+    return fill_and_seal(lambda plain: read_exactly(fd, plain, index * chunk_size), cipher,
+                         index, n, outgoing, check)
 
 
 def direct_buffer(n: int, lead: int = 0) -> memoryview:

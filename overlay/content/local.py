@@ -19,7 +19,6 @@ from crypto.content import (
 )
 from overlay.content.diskio import (
     ChunkChanged,
-    ScratchBuffers,
     SendBuffers,
     ShortRead,
     read_and_seal,
@@ -54,11 +53,9 @@ class LocalContent:
     scheme: LeafScheme = LeafScheme.KEYED_PLAIN  # what its leaves hash
     cipher: ChunkCipher = field(init=False, repr=False, compare=False)
     leaf_key: bytes = field(init=False, repr=False, compare=False)
-    # Plaintext buffers the serving threads read into, and sealed ones on their way out:
-    # a content store gives all its contents the same two pools, so what stays allocated
-    # does not grow with the number of files it serves.
-    scratch: ScratchBuffers = field(repr=False, compare=False,
-                                    default_factory=ScratchBuffers)
+    # The buffers serving threads read chunks into and seal them in, on their way out: a
+    # content store gives all its contents the same pool, so what stays allocated does not
+    # grow with the number of files it serves.
     outgoing: SendBuffers = field(repr=False, compare=False, default_factory=SendBuffers)
     changed: _Changed = field(init=False, repr=False, compare=False, default_factory=_Changed)
 

@@ -19,7 +19,6 @@ from crypto.content import (
 )
 from overlay.content.diskio import (
     DIRECT_ALIGN,
-    ScratchBuffers,
     SendBuffers,
     ShortRead,
     bit,
@@ -57,7 +56,7 @@ class PartialContent:
         self, owner: PartialOwner, content_id: bytes, size: int, chunk_size: int, key: bytes,
         capability: bytes, part_path: Path, dest_dir: Path, file_name: str,
         leaves: tuple[bytes, ...] | None, scheme: LeafScheme = LeafScheme.KEYED_PLAIN,
-        *, scratch: ScratchBuffers | None = None, outgoing: SendBuffers | None = None,
+        *, outgoing: SendBuffers | None = None,
     ) -> None:
         self._owner = owner
         self.content_id = content_id
@@ -104,8 +103,7 @@ class PartialContent:
         # a fresh megabyte per chunk costs page faults and zeroing on every chunk. Anonymous
         # mappings, so they are page-aligned as O_DIRECT wants.
         self._buffers: list[memoryview] = []
-        # read_sealed's, as LocalContent's (its store's pools, shared by all its contents)
-        self._scratch = scratch if scratch is not None else ScratchBuffers()
+        # read_sealed's, as LocalContent's (its store's pool, shared by all its contents)
         self._outgoing = outgoing if outgoing is not None else SendBuffers()
         self._cipher = ChunkCipher(key, self.scheme)
 
