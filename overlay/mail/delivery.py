@@ -50,6 +50,7 @@ _Item = TypeVar("_Item", bytes, str)  # a message id or an address, retried with
 
 LOGIN_FLUSH_WAIT = 3.0  # seconds downloads wait at most for the mailbox queued at login
 LOOKUP_BACKOFF = Backoff(5.0, 300.0, jitter=0.8)  # a sender's keys looked up again
+DECLINES_PAGE = 100  # owed declines read from node.db at a time
 
 
 class Receipts:
@@ -114,15 +115,29 @@ class Receipts:
                 log.info("sent the owed receipt for %s", entry_id.hex())
 
     async def _send_declines(self) -> None:
-        for mid, raw, reason, at in await asyncio.to_thread(self.inbox.declines_owed):
-            msg = _stored(mid, raw)
-            if msg is None:
-                continue
-            receipt = Receipt(mid, DECLINED, int(at), reason)
-            if await self.send_to_sender(msg, RECEIPT_KIND, receipt.encode()):
+        """Every owed decline, a page at a time. A sender that did not take one (no
+        trusted key for it, or the server refused it) is not tried again this round, and
+        the pages go on past it: its declines, the oldest, do not hold up the others'."""
+        untaken: set[str] = set()
+        after: tuple[float, bytes] | None = None
+        while True:
+            page = await asyncio.to_thread(self.inbox.declines_owed, DECLINES_PAGE, after)
+            for mid, raw, reason, at in page:
+                msg = _stored(mid, raw)
+                if msg is None or msg.headers.sender in untaken:
+                    continue
+                receipt = Receipt(mid, DECLINED, int(at), reason)
+                if not await self.send_to_sender(msg, RECEIPT_KIND, receipt.encode()):
+                    if not self.rendezvous.connected:
+                        return  # the server is away: no use trying every other sender
+                    untaken.add(msg.headers.sender)
+                    continue
                 await asyncio.to_thread(self.inbox.mark_decline_sent, mid, self.wall())
                 log.info("told %s that message %s will not be downloaded: %s",
                          msg.headers.sender, mid.hex(), reason)
+            if len(page) < DECLINES_PAGE:
+                return
+            after = (page[-1][3], page[-1][0])
 
     async def send_to_sender(self, msg: LocationMessage, kind: str, body: bytes) -> bool:
         """Seal `body` to the sender's trusted device that sent `msg` (to all its trusted

@@ -307,12 +307,16 @@ class Inbox:
                 _queue_decline(conn, _entry(row), decline)
             return conn.execute("DELETE FROM inbox WHERE id = ?", (id,)).rowcount > 0
 
-    def declines_owed(self, limit: int = 100) -> builtins.list[tuple[bytes, bytes, str, float]]:
+    def declines_owed(self, limit: int = 100, after: tuple[float, bytes] | None = None,
+                      ) -> builtins.list[tuple[bytes, bytes, str, float]]:
         """(id, location message, reason, declined at) of declined receipts not yet sent,
-        oldest first; they outlive the inbox entry."""
+        oldest first; they outlive the inbox entry. `after`: (declined at, id) of the
+        last one of the previous page."""
+        at, mid = after if after is not None else (float("-inf"), b"")
         rows = self._db.query(
             "SELECT message_id, message, reason, declined_at FROM declined_receipt"
-            " WHERE sent_at IS NULL ORDER BY declined_at LIMIT ?", (limit,))
+            " WHERE sent_at IS NULL AND (declined_at, message_id) > (?, ?)"
+            " ORDER BY declined_at, message_id LIMIT ?", (at, mid, limit))
         return [(bytes(r["message_id"]), bytes(r["message"]), str(r["reason"]),
                  float(r["declined_at"])) for r in rows]
 

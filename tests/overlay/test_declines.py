@@ -10,6 +10,7 @@ import sqlite3
 import tarfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -143,6 +144,10 @@ class _Server:
         self.sent: list[tuple[str, bytes, bytes]] = []
         self.tried = asyncio.Event()
 
+    @property
+    def connected(self) -> bool:
+        return not self.down
+
     async def send(self, mid: bytes, items: list[tuple[str, bytes, bytes]]) -> None:
         self.tried.set()
         if self.down:
@@ -158,9 +163,10 @@ class _Rounds(Inbox):
         self.loop = asyncio.get_running_loop()
         self.round = asyncio.Event()
 
-    def declines_owed(self, limit: int = 100) -> list[tuple[bytes, bytes, str, float]]:
+    def declines_owed(self, limit: int = 100, after: tuple[float, bytes] | None = None,
+                      ) -> list[tuple[bytes, bytes, str, float]]:
         self.loop.call_soon_threadsafe(self.round.set)
-        return super().declines_owed(limit)
+        return super().declines_owed(limit, after)
 
     async def next_round(self) -> None:
         self.round.clear()
@@ -289,3 +295,39 @@ def test_a_refused_archives_reason_names_no_path_of_the_recipient(tmp_path: Path
                    "'top/hard': a link that leads outside the folder"), why
     assert str(tmp_path) not in why
     assert f"the archive is kept at {archive}" in str(err.value)  # the user's own text
+
+
+async def test_declines_a_sender_cannot_take_do_not_hold_up_the_others(db: NodeDB) -> None:
+    """A sender with no trusted key any more (or that the server refuses) never takes its
+    declines: they stay owed, and go on being tried, but the ones after them go."""
+    inbox = _Rounds(db)
+    for n in range(1, 106):  # more than one page of the oldest, all to a gone sender
+        msg = location(n)
+        gone = replace(msg, headers=replace(msg.headers, sender="gone@example.net"))
+        inbox.add(id=gone.headers.message_id, sender="gone@example.net",
+                  sender_peer_id=ALICE.peer_id, title="old", note="", size=3_000_000,
+                  file_name="clip.ts", media_type="video/mp2t",
+                  content_id=gone.handle.content_id, chunk_count=3,
+                  message=gone.encode(), received_at=float(n))
+        inbox.remove(gone.headers.message_id, decline=Decline(REMOVED_REASON, float(n)))
+    latest = offer(inbox, 200)
+    inbox.remove(latest, decline=Decline(REMOVED_REASON, 1_000.0))
+    server = _Server()
+    server.down = False
+    contacts = SimpleNamespace(trusted_keys=lambda sender: [ALICE.public.verify_key]
+                               if sender == "alice@example.net" else [])
+    receipts = Receipts(BOB, server, inbox, contacts,  # type: ignore[arg-type]
+                        wall=time.time, retry=3600)
+    loop = asyncio.create_task(receipts.owed())
+    try:
+        async with asyncio.timeout(10):
+            await server.tried.wait()
+            receipts.wake()  # the next round starting means the first has ended
+            await inbox.next_round()
+    finally:
+        assert not loop.done(), loop.exception()
+        loop.cancel()
+        await asyncio.wait({loop})
+    assert [to for to, _, _ in server.sent] == ["alice@example.net"]
+    assert inbox.declined(latest) == (REMOVED_REASON, pytest.approx(time.time(), abs=60))
+    assert len(inbox.declines_owed(limit=1000)) == 105  # still owed, tried each round

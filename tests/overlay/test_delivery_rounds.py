@@ -61,7 +61,7 @@ async def test_owed_receipts_are_tried_again_after_node_db_failed(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "peerpost.node")
     owed = _FailsOnce(disk_full(), [])
-    inbox = SimpleNamespace(receipts_owed=owed, declines_owed=lambda: [])
+    inbox = SimpleNamespace(receipts_owed=owed, declines_owed=lambda *_: [])
     receipts = Receipts(ident(1), None, inbox, None,  # type: ignore[arg-type]
                         wall=lambda: 0.0, retry=0.01)
     await _until(owed.again, asyncio.create_task(receipts.owed()), "round")
