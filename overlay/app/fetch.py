@@ -47,9 +47,6 @@ INDEX_AT_END = frozenset({"video/webm", "audio/webm", "video/x-matroska", "video
                           "audio/mp4", "video/quicktime"})
 INDEX_SUFFIXES = (".webm", ".mkv", ".mp4", ".m4v", ".m4a", ".mov")
 TAIL_CHUNKS = 2
-# What a declined receipt tells the sender of a failure of this disk (its text, which names
-# local paths, stays here).
-STORE_FAILED = "failed: the recipient's disk can't store it"
 
 
 def index_at_end(media_type: str, file_name: str) -> bool:
@@ -109,15 +106,16 @@ class ContentFetch:
             # rename and the inbox update): nothing to fetch.
             held = self.store.local(h.content_id)
             if held is None:
-                raise DownloadFailed(str(exc), declined=STORE_FAILED) from None
+                raise DownloadFailed(str(exc)) from None
             return await self._unpacked(msg, held.path)
         except (DecodeError, OSError) as exc:
             if is_disk_full(exc):
                 raise RetryLater(f"the disk is full ({exc}): the download starts by itself "
                                  "once there is room") from None
-            # A name or layout the disk refuses: retrying can't help.
-            raise DownloadFailed(f"cannot store the file: {exc}", declined=STORE_FAILED) \
-                from None
+            # A name or layout the disk refuses: retrying as it is can't help. The sender
+            # is not told: the user may mend the folder and try again, or remove it (which
+            # tells them).
+            raise DownloadFailed(f"cannot store the file: {exc}") from None
         sources = await self.finder.sources(msg)
         if partial.held:
             self.announce(h.content_id)  # resumed: we already serve some chunks
@@ -166,7 +164,7 @@ class ContentFetch:
             raise DownloadFailed(str(exc), declined=None if str(exc) == WITHDRAWN_FAILURE
                                  else SOURCE_CHANGED) from None
         except FetchError as exc:
-            raise DownloadFailed(str(exc), declined=STORE_FAILED) from None
+            raise DownloadFailed(str(exc)) from None
         finally:
             if self.running.get(h.content_id) is dl:
                 del self.running[h.content_id]
@@ -205,7 +203,7 @@ class ContentFetch:
                 raise RetryLater(f"the disk filled up while unpacking {folder.name} ({exc}): "
                                  "it is unpacked again once there is room") from None
             raise DownloadFailed(f"cannot unpack {path.name}: {exc} (the archive is kept "
-                                 f"at {path})", declined=STORE_FAILED) from None
+                                 f"at {path})") from None
         try:
             if files is None:
                 raise ContentStoreError("its archive holds a sparse file")

@@ -49,8 +49,9 @@ class DownloadFailed(Exception):
     """The download can't succeed (e.g. the content does not match its id); no retry.
 
     `declined`: the short reason the sender is told in a declined receipt (no local path
-    in it: it leaves this machine), or None when the sender is not told (it withdrew the
-    message itself)."""
+    in it: it leaves this machine), or None when the sender is not told: it withdrew the
+    message itself, or this machine's disk or folder failed, which the user may mend and
+    try again (removing the entry tells the sender)."""
 
     def __init__(self, text: str, *, declined: str | None = None) -> None:
         super().__init__(text)

@@ -5,6 +5,7 @@ step; the restart is a new ContentStore on the same root and a new fetcher."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +14,11 @@ import pytest
 
 from crypto.identity import DeviceIdentity
 from crypto.location import Description, Handle, Headers, LocationMessage
+from overlay.app import fetch as fetch_module
 from overlay.app.fetch import ContentFetch
 from overlay.content.archive import ArchiveView
 from overlay.content.catalog import ContentStore
+from overlay.mail.downloads import DownloadFailed
 from overlay.mail.folders import pack, plan_pack
 
 
@@ -116,3 +119,20 @@ async def test_a_kill_before_the_archive_is_deleted_deletes_it_on_restart(
     assert got == dest / "sunday" and _tree(got) == _tree(tmp_path / "sunday")
     assert sorted(os.listdir(dest)) == [".peerpost-partial", "sunday"]  # the .tar gone
     assert os.listdir(dest / ".peerpost-partial") == []
+
+
+async def test_a_folder_this_disk_refuses_fails_and_tells_the_sender_nothing(
+        tmp_path: Path, received: tuple[Path, Path, LocationMessage],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download folder the user can't write to (EACCES, as for a non-root user; simulated,
+    since the tests may run as root): the download fails with the path, the archive is kept,
+    and no declined receipt is asked for: the user may mend the folder and try again."""
+    archive, dest, msg = received
+
+    def refused(*args: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(dest / "sunday"))
+    monkeypatch.setattr(fetch_module, "unpack_with_layout", refused)
+    with pytest.raises(DownloadFailed, match="Permission denied") as failed:
+        await _unpacked(tmp_path / "store", dest, msg, archive)
+    assert failed.value.declined is None
+    assert archive.exists() and str(archive) in str(failed.value)
