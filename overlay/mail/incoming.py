@@ -11,8 +11,9 @@ messages move on to `offered` (`release`); anything else waits for
 Everything from the server is outside input. An envelope that does not open for this
 device, is badly signed, is malformed, or contradicts what the server authenticated (the
 sender address) is dropped with a log line and a counter; nothing already stored is
-touched. The caller acknowledges (REMOVE) an envelope only after `handle()` returned, so a
-message is on disk before the server forgets it.
+touched. A receipt counts only when signed by a device key pinned for its recipient. The
+caller acknowledges (REMOVE) an envelope only after `handle()` returned, so a message is on
+disk before the server forgets it.
 """
 
 from __future__ import annotations
@@ -190,6 +191,16 @@ class IncomingMail:
         entry = self.outbox.get(receipt.message_id)
         if entry is None or env.sender not in {r.address for r in entry.recipients}:
             return self._drop("receipt", env, "receipt for a message we did not send to them")
+        if key not in self.contacts.trusted_keys(env.sender):
+            # Only a device the message was sealed to can have opened it, and it was sealed
+            # only to keys pinned for the recipient, so another key is the recipient's
+            # server speaking for it (or a device whose trust was withdrawn since). Filed,
+            # a forged "downloaded" let retention delete our copy while the recipient had
+            # nothing, a forged "declined" stopped the serving. Dropped (and acknowledged):
+            # the recipient stays as it was.
+            return self._drop("receipt", env, f"signed by device "
+                              f"{PublicIdentity(key).fingerprint()}, not trusted for "
+                              f"{env.sender}")
         state = (RecipientStatus.DOWNLOADED if receipt.state == "deleted"
                  else RecipientStatus(receipt.state))
         # Filed readable: status, the web's Sent page and the log show it as it is.

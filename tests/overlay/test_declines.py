@@ -19,6 +19,7 @@ import pytest
 
 from crypto.identity import DeviceIdentity
 from crypto.location import Description, Handle, Headers, LocationMessage
+from overlay.mail.contacts import Contacts
 from overlay.mail.db import _MIGRATIONS, NodeDB
 from overlay.mail.delivery import Receipts
 from overlay.mail.downloads import Activity, DownloadFailed, DownloadQueue, RetryLater
@@ -208,8 +209,10 @@ async def test_a_decline_goes_once_when_the_server_takes_it_and_the_sender_files
         outbox.add(id=mid, path="/home/alice/clip.ts", title="clip 1", size=3_000_000,
                    content_id=b"\x01" * 32, created_at=1.0,
                    recipients=["bob@example.net"], message=location(1).encode())
+        contacts = Contacts(adb)
+        contacts.pin("bob@example.net", BOB.public.verify_key, 1.0)
         incoming = IncomingMail(ALICE, "alice@example.net", Inbox(adb), outbox, Prefs(adb),
-                                None, wall=lambda: 50.0)  # type: ignore[arg-type]
+                                contacts, wall=lambda: 50.0)
         outcome, _ = incoming.handle(Pushed(b"e" * 16, "bob@example.net", blob))
         assert outcome is Outcome.RECEIPT
         r = outbox.get(mid).recipients[0]  # type: ignore[union-attr]

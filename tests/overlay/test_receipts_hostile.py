@@ -1,10 +1,12 @@
 """A sender's node against a recipient's hostile or repeated receipts: the reason is filed
 readable wherever it is shown (bidi overrides, zero-width and line-separator characters,
-a flood of combining marks), and a receipt that changes nothing (replayed, stale,
-reordered) is taken as a duplicate, which runs no retention pass."""
+a flood of combining marks), a receipt that changes nothing (replayed, stale,
+reordered) is taken as a duplicate, which runs no retention pass, and one signed by a
+device not trusted for the recipient (its server forging it) is not filed."""
 
 from __future__ import annotations
 
+import logging
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ import pytest
 from crypto.envelope import seal_for_recipients
 from crypto.identity import DeviceIdentity
 from overlay.app.web.server import recipient_text
+from overlay.mail.contacts import Contacts
 from overlay.mail.db import NodeDB
 from overlay.mail.inbox import Inbox
 from overlay.mail.incoming import IncomingMail, Outcome, Pushed
@@ -24,6 +27,8 @@ from overlay.mail.receipts import MAX_MARKS, MAX_REASON, Receipt
 
 ALICE = DeviceIdentity.from_seed(b"a" * 32)
 BOB = DeviceIdentity.from_seed(b"b" * 32)
+BOB_SERVER = DeviceIdentity.from_seed(b"s" * 32)  # a key bob's server registered itself
+CAROL = DeviceIdentity.from_seed(b"c" * 32)
 MID = b"m" * 16
 
 
@@ -34,13 +39,17 @@ def alice(tmp_path: Path) -> Iterator[tuple[IncomingMail, Outbox]]:
         outbox.add(id=MID, path="/home/alice/clip.ts", title="clip", size=1,
                    content_id=b"c" * 32, created_at=1.0,
                    recipients=["bob@example.net", "carol@example.net"], message=b"\x93")
+        outbox.set_recipient_state(MID, "bob@example.net", RecipientStatus.SENT, 1.0)
+        contacts = Contacts(db)
+        contacts.pin("bob@example.net", BOB.public.verify_key, 1.0)  # sealed to when sent
         yield IncomingMail(ALICE, "alice@example.net", Inbox(db), outbox, Prefs(db),
-                           None, wall=time.time), outbox  # type: ignore[arg-type]
+                           contacts, wall=time.time), outbox
 
 
-def receipt(state: str, reason: str | None = None, sender: str = "bob@example.net") -> Pushed:
+def receipt(state: str, reason: str | None = None, sender: str = "bob@example.net",
+            signer: DeviceIdentity = BOB) -> Pushed:
     body = Receipt(MID, state, 1_700_000_000, reason).encode()
-    ((_, blob),) = seal_for_recipients(BOB, "receipt", body, [ALICE.public])
+    ((_, blob),) = seal_for_recipients(signer, "receipt", body, [ALICE.public])
     return Pushed(b"e" * 16, sender, blob)
 
 
@@ -91,3 +100,31 @@ def test_a_receipt_that_changes_nothing_is_a_duplicate(
     assert mail.handle(receipt("downloaded"))[0] is Outcome.DUPLICATE
     assert bob(outbox) == (RecipientStatus.DOWNLOADED, None)
     assert mail.counters["receipts"] == 2 and mail.counters["receipts-unchanged"] == 4
+
+
+@pytest.mark.parametrize(("state", "reason"), [("downloaded", None), ("deleted", None),
+                                               ("declined", "removed by the recipient")])
+def test_a_receipt_signed_by_a_device_not_trusted_for_the_recipient_is_not_filed(
+        alice: tuple[IncomingMail, Outbox], caplog: pytest.LogCaptureFixture,
+        state: str, reason: str | None) -> None:
+    """Bob's server (or anyone it takes as bob@) signs with a key of its own: filed, a
+    "downloaded" let retention delete alice's copy while bob had nothing, a "declined"
+    stopped the serving. Bob stays `sent`, and bob's own device's receipt is filed after."""
+    caplog.set_level(logging.WARNING, "peerpost.incoming")
+    mail, outbox = alice
+    assert mail.handle(receipt(state, reason, signer=BOB_SERVER))[0] is Outcome.DROPPED
+    assert bob(outbox) == (RecipientStatus.SENT, None)
+    assert mail.counters["dropped-receipt"] == 1 and mail.counters["receipts"] == 0
+    assert (f"receipt: signed by device {BOB_SERVER.public.fingerprint()}, not trusted for "
+            "bob@example.net") in caplog.text
+    assert mail.handle(receipt(state, reason))[0] is Outcome.RECEIPT
+    assert bob(outbox)[0] is not RecipientStatus.SENT
+
+
+def test_a_receipt_signed_by_another_recipients_device_is_not_filed(
+        alice: tuple[IncomingMail, Outbox]) -> None:
+    """Carol's trusted device can't speak for bob: trust is per recipient."""
+    mail, outbox = alice
+    mail.contacts.pin("carol@example.net", CAROL.public.verify_key, 1.0)
+    assert mail.handle(receipt("downloaded", signer=CAROL))[0] is Outcome.DROPPED
+    assert bob(outbox) == (RecipientStatus.SENT, None)
