@@ -47,10 +47,12 @@ from rendezvous.taskset import raise_if_cancelled
 log = logging.getLogger("peerpost.node")
 
 _Item = TypeVar("_Item", bytes, str)  # a message id or an address, retried with backoff
+# An owed receipt as node.db pages it: (message id, location message, ..., time queued).
+_Owed = TypeVar("_Owed", tuple[bytes, bytes, float], tuple[bytes, bytes, str, float])
 
 LOGIN_FLUSH_WAIT = 3.0  # seconds downloads wait at most for the mailbox queued at login
 LOOKUP_BACKOFF = Backoff(5.0, 300.0, jitter=0.8)  # a sender's keys looked up again
-DECLINES_PAGE = 100  # owed declines read from node.db at a time
+OWED_PAGE = 100  # owed receipts (downloaded, declined) read from node.db at a time
 
 
 class Receipts:
@@ -109,35 +111,48 @@ class Receipts:
                     await self._wake.wait()
 
     async def _send_owed(self) -> None:
-        for entry_id, raw in await asyncio.to_thread(self.inbox.receipts_owed):
-            msg = _stored(entry_id, raw)
-            if msg is not None and await self.send(entry_id, msg):
-                log.info("sent the owed receipt for %s", entry_id.hex())
+        async def downloaded(row: tuple[bytes, bytes, float], msg: LocationMessage) -> bool:
+            if not await self.send(row[0], msg):
+                return False
+            log.info("sent the owed receipt for %s", row[0].hex())
+            return True
+
+        await self._each_owed(self.inbox.receipts_owed, downloaded)
 
     async def _send_declines(self) -> None:
-        """Every owed decline, a page at a time. A sender that did not take one (no
-        trusted key for it, or the server refused it) is not tried again this round, and
-        the pages go on past it: its declines, the oldest, do not hold up the others'."""
+        async def declined(row: tuple[bytes, bytes, str, float], msg: LocationMessage) -> bool:
+            mid, _, reason, at = row
+            receipt = Receipt(mid, DECLINED, int(at), reason)
+            if not await self.send_to_sender(msg, RECEIPT_KIND, receipt.encode()):
+                return False
+            await asyncio.to_thread(self.inbox.mark_decline_sent, mid, self.wall())
+            log.info("told %s that message %s will not be downloaded: %s",
+                     msg.headers.sender, mid.hex(), reason)
+            return True
+
+        await self._each_owed(self.inbox.declines_owed, declined)
+
+    async def _each_owed(self, read: Callable[[int, tuple[float, bytes] | None], list[_Owed]],
+                         send: Callable[[_Owed, LocationMessage], Awaitable[bool]]) -> None:
+        """`send` every owed receipt `read` gives, a page at a time (oldest first, each page
+        after the (time, id) of the last). A sender that did not take one (no trusted key
+        for it, or the server refused it) is not tried again this round, and the pages go
+        on past it: its receipts, the oldest, do not hold up the others'."""
         untaken: set[str] = set()
         after: tuple[float, bytes] | None = None
         while True:
-            page = await asyncio.to_thread(self.inbox.declines_owed, DECLINES_PAGE, after)
-            for mid, raw, reason, at in page:
-                msg = _stored(mid, raw)
+            page = await asyncio.to_thread(read, OWED_PAGE, after)
+            for row in page:
+                msg = _stored(row[0], row[1])
                 if msg is None or msg.headers.sender in untaken:
                     continue
-                receipt = Receipt(mid, DECLINED, int(at), reason)
-                if not await self.send_to_sender(msg, RECEIPT_KIND, receipt.encode()):
+                if not await send(row, msg):
                     if not self.rendezvous.connected:
                         return  # the server is away: no use trying every other sender
                     untaken.add(msg.headers.sender)
-                    continue
-                await asyncio.to_thread(self.inbox.mark_decline_sent, mid, self.wall())
-                log.info("told %s that message %s will not be downloaded: %s",
-                         msg.headers.sender, mid.hex(), reason)
-            if len(page) < DECLINES_PAGE:
+            if len(page) < OWED_PAGE:
                 return
-            after = (page[-1][3], page[-1][0])
+            after = (page[-1][-1], page[-1][0])
 
     async def send_to_sender(self, msg: LocationMessage, kind: str, body: bytes) -> bool:
         """Seal `body` to the sender's trusted device that sent `msg` (to all its trusted

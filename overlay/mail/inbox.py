@@ -217,12 +217,17 @@ class Inbox:
             conn.execute("UPDATE inbox SET receipt_sent_at = ? WHERE id = ? AND state = ?",
                          (when, id, InboxState.COMPLETE.value))
 
-    def receipts_owed(self, limit: int = 100) -> builtins.list[tuple[bytes, bytes]]:
-        """(id, location message) of complete entries whose receipt is not sent yet."""
+    def receipts_owed(self, limit: int = 100, after: tuple[float, bytes] | None = None,
+                      ) -> builtins.list[tuple[bytes, bytes, float]]:
+        """(id, location message, received at) of complete entries whose receipt is not
+        sent yet, oldest first. `after`: (received at, id) of the last of the previous
+        page."""
+        at, mid = after if after is not None else (float("-inf"), b"")
         rows = self._db.query(
-            "SELECT id, message FROM inbox WHERE state = ? AND receipt_sent_at IS NULL "
-            "ORDER BY received_at LIMIT ?", (InboxState.COMPLETE.value, limit))
-        return [(bytes(r["id"]), bytes(r["message"])) for r in rows]
+            "SELECT id, message, received_at FROM inbox WHERE state = ?"
+            " AND receipt_sent_at IS NULL AND (received_at, id) > (?, ?)"
+            " ORDER BY received_at, id LIMIT ?", (InboxState.COMPLETE.value, at, mid, limit))
+        return [(bytes(r["id"]), bytes(r["message"]), float(r["received_at"])) for r in rows]
 
     def set_flags(
         self, id: bytes, *, junk: bool | None = None, priority: bool | None = None

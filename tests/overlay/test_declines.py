@@ -304,7 +304,35 @@ async def test_declines_a_sender_cannot_take_do_not_hold_up_the_others(db: NodeD
     """A sender with no trusted key any more (or that the server refuses) never takes its
     declines: they stay owed, and go on being tried, but the ones after them go."""
     inbox = _Rounds(db)
-    for n in range(1, 106):  # more than one page of the oldest, all to a gone sender
+    for n, mid in enumerate(_from_a_gone_sender(inbox, 105), 1):
+        inbox.remove(mid, decline=Decline(REMOVED_REASON, float(n)))
+    latest = offer(inbox, 200)
+    inbox.remove(latest, decline=Decline(REMOVED_REASON, 1_000.0))
+    assert await _one_round_alice_trusted(inbox) == ["alice@example.net"]
+    assert inbox.declined(latest) == (REMOVED_REASON, pytest.approx(time.time(), abs=60))
+    assert len(inbox.declines_owed(limit=1000)) == 105  # still owed, tried each round
+
+
+async def test_downloaded_receipts_a_sender_cannot_take_do_not_hold_up_the_others(
+        db: NodeDB) -> None:
+    """The same for the receipts of complete downloads: the 100 oldest, to a sender with
+    no trusted key, were all the loop read each round, and a later one never went."""
+    inbox = _Rounds(db)
+    _from_a_gone_sender(inbox, 105)
+    latest = offer(inbox, 200)
+    for entry in inbox.list(limit=1000):
+        inbox.transition(entry.id, S.DOWNLOADING)
+        inbox.transition(entry.id, S.COMPLETE, path=f"/home/bob/{entry.id.hex()}.ts")
+    assert await _one_round_alice_trusted(inbox) == ["alice@example.net"]
+    left = inbox.receipts_owed(limit=1000)
+    assert len(left) == 105 and latest not in {mid for mid, _, _ in left}
+
+
+def _from_a_gone_sender(inbox: Inbox, count: int) -> list[bytes]:
+    """`count` messages received (at 1.0, 2.0, ...) from a sender this node has no
+    trusted key for any more: more than one page of the oldest."""
+    mids = []
+    for n in range(1, count + 1):
         msg = location(n)
         gone = replace(msg, headers=replace(msg.headers, sender="gone@example.net"))
         inbox.add(id=gone.headers.message_id, sender="gone@example.net",
@@ -312,9 +340,12 @@ async def test_declines_a_sender_cannot_take_do_not_hold_up_the_others(db: NodeD
                   file_name="clip.ts", media_type="video/mp2t",
                   content_id=gone.handle.content_id, chunk_count=3,
                   message=gone.encode(), received_at=float(n))
-        inbox.remove(gone.headers.message_id, decline=Decline(REMOVED_REASON, float(n)))
-    latest = offer(inbox, 200)
-    inbox.remove(latest, decline=Decline(REMOVED_REASON, 1_000.0))
+        mids.append(gone.headers.message_id)
+    return mids
+
+
+async def _one_round_alice_trusted(inbox: _Rounds) -> list[str]:
+    """Who the receipts loop sent to in its first round, alice's the only trusted key."""
     server = _Server()
     server.down = False
     contacts = SimpleNamespace(trusted_keys=lambda sender: [ALICE.public.verify_key]
@@ -331,6 +362,4 @@ async def test_declines_a_sender_cannot_take_do_not_hold_up_the_others(db: NodeD
         assert not loop.done(), loop.exception()
         loop.cancel()
         await asyncio.wait({loop})
-    assert [to for to, _, _ in server.sent] == ["alice@example.net"]
-    assert inbox.declined(latest) == (REMOVED_REASON, pytest.approx(time.time(), abs=60))
-    assert len(inbox.declines_owed(limit=1000)) == 105  # still owed, tried each round
+    return [to for to, _, _ in server.sent]
