@@ -74,12 +74,16 @@ class Receipts:
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
-        """A declined receipt was queued: send it now rather than at the next round."""
+        """A receipt was left owed (a decline queued, a send not taken): send it now
+        rather than at the next round."""
         self._wake.set()
 
     async def completed(self, entry: InboxEntry, msg: LocationMessage) -> None:
-        """The download queue's completion hook."""
-        await self.send(entry.id, msg)
+        """The download queue's completion hook. A receipt the server did not take goes
+        with the owed ones: the loop's next round starts now, and, if the server is away,
+        again as soon as the session is back."""
+        if not await self.send(entry.id, msg):
+            self.wake()
 
     async def send(self, entry_id: bytes, msg: LocationMessage) -> bool:
         """Tell the sender we hold it; remembered as sent only once the server took it."""
@@ -97,9 +101,10 @@ class Receipts:
         while True:
             raise_if_cancelled()  # a send may have eaten it (see `_again`)
             self._wake.clear()
+            away = False
             try:
-                await self._send_owed()
-                await self._send_declines()
+                away = await self._send_owed()
+                away = await self._send_declines() or away
             except (sqlite3.Error, OSError) as exc:
                 # node.db could not be read or written (its disk full, say): what is owed
                 # stays owed, and the next round tries again. This ended the loop, and
@@ -108,18 +113,40 @@ class Receipts:
                             self.retry, exc)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.retry):
-                    await self._wake.wait()
+                    await self._until_next_round(away)
 
-    async def _send_owed(self) -> None:
+    async def _until_next_round(self, away: bool) -> None:
+        """Until woken or, after a round the server was `away` for, until the session is
+        back (now, if it already is): a receipt owed for want of a server goes at the
+        reconnect, not up to `retry` seconds later (the sender's status lagged by a minute
+        after each outage)."""
+        if away:
+            if self.rendezvous.connected:
+                return
+            back = asyncio.ensure_future(self.rendezvous.wait_connected())
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                done, _ = await asyncio.wait({back, woken},
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                back.cancel()
+                woken.cancel()
+            # A login refused for good raises here at once: no session comes back, and
+            # the rounds go on at `retry` as before.
+            if woken in done or (back in done and back.exception() is None):
+                return
+        await self._wake.wait()
+
+    async def _send_owed(self) -> bool:
         async def downloaded(row: tuple[bytes, bytes, float], msg: LocationMessage) -> bool:
             if not await self.send(row[0], msg):
                 return False
             log.info("sent the owed receipt for %s", row[0].hex())
             return True
 
-        await self._each_owed(self.inbox.receipts_owed, downloaded)
+        return await self._each_owed(self.inbox.receipts_owed, downloaded)
 
-    async def _send_declines(self) -> None:
+    async def _send_declines(self) -> bool:
         async def declined(row: tuple[bytes, bytes, str, float], msg: LocationMessage) -> bool:
             mid, _, reason, at = row
             receipt = Receipt(mid, DECLINED, int(at), reason)
@@ -130,14 +157,15 @@ class Receipts:
                      msg.headers.sender, mid.hex(), reason)
             return True
 
-        await self._each_owed(self.inbox.declines_owed, declined)
+        return await self._each_owed(self.inbox.declines_owed, declined)
 
     async def _each_owed(self, read: Callable[[int, tuple[float, bytes] | None], list[_Owed]],
-                         send: Callable[[_Owed, LocationMessage], Awaitable[bool]]) -> None:
+                         send: Callable[[_Owed, LocationMessage], Awaitable[bool]]) -> bool:
         """`send` every owed receipt `read` gives, a page at a time (oldest first, each page
         after the (time, id) of the last). A sender that did not take one (no trusted key
         for it, or the server refused it) is not tried again this round, and the pages go
-        on past it: its receipts, the oldest, do not hold up the others'."""
+        on past it: its receipts, the oldest, do not hold up the others'. True when it
+        stopped because the server is away."""
         untaken: set[str] = set()
         after: tuple[float, bytes] | None = None
         while True:
@@ -148,10 +176,10 @@ class Receipts:
                     continue
                 if not await send(row, msg):
                     if not self.rendezvous.connected:
-                        return  # the server is away: no use trying every other sender
+                        return True  # the server is away: no use trying every other sender
                     untaken.add(msg.headers.sender)
             if len(page) < OWED_PAGE:
-                return
+                return False
             after = (page[-1][-1], page[-1][0])
 
     async def send_to_sender(self, msg: LocationMessage, kind: str, body: bytes) -> bool:

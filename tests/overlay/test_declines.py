@@ -144,10 +144,19 @@ class _Server:
         self.down = True
         self.sent: list[tuple[str, bytes, bytes]] = []
         self.tried = asyncio.Event()
+        self._up = asyncio.Event()
 
     @property
     def connected(self) -> bool:
         return not self.down
+
+    async def wait_connected(self) -> None:
+        await self._up.wait()
+
+    def come_back(self) -> None:
+        """The session is back, as the client's reconnect sets it."""
+        self.down = False
+        self._up.set()
 
     async def send(self, mid: bytes, items: list[tuple[str, bytes, bytes]]) -> None:
         self.tried.set()
@@ -363,3 +372,35 @@ async def _one_round_alice_trusted(inbox: _Rounds) -> list[str]:
         loop.cancel()
         await asyncio.wait({loop})
     return [to for to, _, _ in server.sent]
+
+
+async def test_a_receipt_the_server_missed_goes_when_the_session_is_back(
+        db: NodeDB) -> None:
+    """A download completed while the server was away: its receipt goes as soon as the
+    session is back, not at the next round `retry` (an hour here) later. Nothing wakes the
+    loop but the reconnect."""
+    inbox = _Rounds(db)
+    mid = offer(inbox, 1)
+    inbox.transition(mid, S.DOWNLOADING)
+    entry = inbox.transition(mid, S.COMPLETE, path="/home/bob/clip.ts")
+    server = _Server()
+    contacts = SimpleNamespace(trusted_keys=lambda sender: [ALICE.public.verify_key])
+    receipts = Receipts(BOB, server, inbox, contacts,  # type: ignore[arg-type]
+                        wall=time.time, retry=3600)
+    await receipts.completed(entry, location(1))  # the server is away: owed
+    assert [m for m, _, _ in inbox.receipts_owed()] == [mid]
+    server.tried.clear()
+    loop = asyncio.create_task(receipts.owed())
+    try:
+        async with asyncio.timeout(10):
+            await server.tried.wait()  # the loop's round: the server is still away
+            await inbox.next_round()  # ... and that round has ended
+            server.come_back()
+            await inbox.next_round()  # a round, though nothing woke the loop
+    finally:
+        assert not loop.done(), loop.exception()
+        loop.cancel()
+        await asyncio.wait({loop})
+    assert inbox.receipts_owed() == []
+    assert [(to, peer) for to, peer, _ in server.sent] == [("alice@example.net",
+                                                            ALICE.peer_id)]

@@ -344,6 +344,31 @@ def test_a_receipt_the_server_missed_is_sent_when_it_can_be(net: LocalNetwork,
     net.wait_until(lambda: bob_state() == "downloaded", 60, "alice to hear that bob has it")
 
 
+def test_a_receipt_the_server_missed_goes_when_the_server_is_back(net: LocalNetwork,
+                                                                   tmp_path: Path) -> None:
+    """Bob finishes while his server is down and stays up: once his receipt has failed,
+    it goes at his reconnect, and alice hears within seconds of the server's return. It
+    waited for the next round of owed receipts, a minute after the failure."""
+    alice, bob, src, mid = mid_transfer(net, tmp_path, size=8 * MiB, rate=2 * MiB, seed=13)
+    assert net.server is not None and bob.proc is not None
+    net.server.stop()
+    net.cli(alice, "prefs", "set", "max-upload-rate", "none")
+    e = net.wait_complete(bob, mid, 60, "bob's download, server down")
+    assert same_bytes(Path(e["path"]), src)
+    bob.proc.lines.wait_for(re.compile(rf"receipt for {mid}\w* not sent"), 60,
+                            "bob's receipt failing")
+    net.start_server()
+
+    def bob_state() -> str:
+        (m,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
+        (r,) = m["recipients"]
+        return str(r["state"])
+
+    # Both nodes reconnect within their backoff (8 s at this point); the next round of
+    # owed receipts would have been 60 s after the failure.
+    net.wait_until(lambda: bob_state() == "downloaded", 40, "alice to hear that bob has it")
+
+
 def test_a_node_started_while_its_server_is_down_waits_for_it(net: LocalNetwork,
                                                               tmp_path: Path) -> None:
     # A home device boots before its network (or during the server's restart): the daemon
