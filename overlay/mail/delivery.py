@@ -95,15 +95,17 @@ class Receipts:
 
     async def owed(self) -> None:
         """Receipts the server did not take (it was down, or we were cut off) go again,
-        at start and then every `retry` seconds (declined ones at once when woken),
-        until it does: without one the sender never learns we have the file, or never
-        will, and keeps its copy for good. Runs until cancelled."""
+        at start and then every `retry` seconds, sooner when woken (a decline queued, a
+        completion's receipt not taken) or, after a round the server was away for, when
+        the session is back (`_until_next_round`), until it does: without one the sender
+        never learns we have the file, or never will, and keeps its copy for good. Runs
+        until cancelled."""
         while True:
             raise_if_cancelled()  # a send may have eaten it (see `_again`)
             self._wake.clear()
             away = False
             try:
-                away = await self._send_owed()
+                away = await self._send_downloaded()
                 away = await self._send_declines() or away
             except (sqlite3.Error, OSError) as exc:
                 # node.db could not be read or written (its disk full, say): what is owed
@@ -137,7 +139,7 @@ class Receipts:
                 return
         await self._wake.wait()
 
-    async def _send_owed(self) -> bool:
+    async def _send_downloaded(self) -> bool:
         async def downloaded(row: tuple[bytes, bytes, float], msg: LocationMessage) -> bool:
             if not await self.send(row[0], msg):
                 return False

@@ -378,7 +378,7 @@ class DownloadQueue:
                      decline: Decline | None) -> Decline | None:
         """`decline`, or None if `entry`'s sender is on the junk list now: its junk flag
         says how the sender was classed when the message came, and a sender the user
-        junked since learns nothing either (`Inbox.remove` checks the flag)."""
+        junked since learns nothing either (`Inbox` checks the flag, `_queue_decline`)."""
         if decline is None or entry is None or self.prefs.classify(entry.sender) == "junk":
             return None
         return decline

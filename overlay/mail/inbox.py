@@ -162,7 +162,7 @@ class Inbox:
         Entering `downloading` counts an attempt and clears the error; `retrying` needs
         `next_attempt` (when to try again); `failed` needs `error` (shown to the user),
         and with `decline` (a failure for good) queues a declined receipt in the same
-        transaction (`queue_decline`); `complete` needs `path` and marks every chunk
+        transaction (`_queue_decline`); `complete` needs `path` and marks every chunk
         held. A junk message never leaves `offered` (it may reach it from `unverified`).
         IllegalTransition names the entry and the moves allowed from its state.
         """

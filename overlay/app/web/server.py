@@ -159,7 +159,8 @@ RECIPIENT_TEXT = {"queued": "waiting to be sent", "sent": "in their inbox, not d
 
 def recipient_text(r: dict[str, Any]) -> str:
     """What the Sent page says of one recipient: `status`'s own words for a cancelled
-    message, a changed file or mail waiting at the server for another domain."""
+    message, a changed file or mail waiting at the server for another domain; a declined
+    one in the page's words, with its reason."""
     state = str(r["state"])
     if r.get("shown") and r["shown"] != state and state != "declined":
         return str(r["shown"])
