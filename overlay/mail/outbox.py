@@ -85,9 +85,7 @@ def _accepts(old: RecipientStatus, new: RecipientStatus, reason: str | None = No
         return new is RecipientStatus.QUEUED
     if old is RecipientStatus.DECLINED:
         return new is RecipientStatus.DOWNLOADED
-    if new is RecipientStatus.FAILED:
-        return old is not RecipientStatus.DOWNLOADED
-    if new is RecipientStatus.DECLINED:
+    if new in (RecipientStatus.FAILED, RecipientStatus.DECLINED):
         return old is not RecipientStatus.DOWNLOADED
     return _RANK[new] > _RANK[old]
 
