@@ -62,6 +62,11 @@ def offer(inbox: Inbox, n: int, **flags: bool) -> bytes:
     return msg.headers.message_id
 
 
+async def never_completes(entry: InboxEntry, msg: LocationMessage) -> None:
+    """The download queue's completion hook where every download fails."""
+    raise AssertionError("nothing completes")
+
+
 def owed(inbox: Inbox) -> dict[bytes, str]:
     return {mid: reason for mid, _, reason, _ in inbox.declines_owed()}
 
@@ -116,10 +121,7 @@ async def test_the_queue_declines_only_a_download_failed_for_good(db: NodeDB) ->
                     progress: Any) -> str:
         raise ends[entry.id]
 
-    async def completed(entry: InboxEntry, msg: LocationMessage) -> None:
-        raise AssertionError("nothing completes")
-
-    q = DownloadQueue(inbox, Prefs(db), fetch, completed, wall=time.time,
+    q = DownloadQueue(inbox, Prefs(db), fetch, never_completes, wall=time.time,
                       rng=random.Random(1), max_active=4, retry_base=60,
                       on_declined=lambda: woken.append(1))
     runner = asyncio.create_task(q.run())
@@ -264,11 +266,8 @@ async def test_a_sender_put_on_the_junk_list_after_its_message_came_is_told_noth
                     progress: Any) -> str:
         raise DownloadFailed("source changed: ...", declined="source changed")
 
-    async def completed(entry: InboxEntry, msg: LocationMessage) -> None:
-        raise AssertionError("nothing completes")
-
     woken: list[int] = []
-    q = DownloadQueue(inbox, prefs, fetch, completed, wall=time.time,
+    q = DownloadQueue(inbox, prefs, fetch, never_completes, wall=time.time,
                       rng=random.Random(1), on_declined=lambda: woken.append(1))
     await q.cancel(removed, remove=True, decline=Decline(REMOVED_REASON, 5.0))
     q.request(failed)
