@@ -122,22 +122,21 @@ class Receipts:
         back (now, if it already is): a receipt owed for want of a server goes at the
         reconnect, not up to `retry` seconds later (the sender's status lagged by a minute
         after each outage)."""
-        if away:
-            if self.rendezvous.connected:
-                return
-            back = asyncio.ensure_future(self.rendezvous.wait_connected())
-            woken = asyncio.ensure_future(self._wake.wait())
-            try:
-                done, _ = await asyncio.wait({back, woken},
-                                             return_when=asyncio.FIRST_COMPLETED)
-            finally:
+        if away and self.rendezvous.connected:
+            return
+        async with asyncio.TaskGroup() as tg:
+            back = tg.create_task(self._wake_when_back(), name="receipts: session back") \
+                if away else None
+            await self._wake.wait()
+            if back is not None:
                 back.cancel()
-                woken.cancel()
-            # A login refused for good raises here at once: no session comes back, and
-            # the rounds go on at `retry` as before.
-            if woken in done or (back in done and back.exception() is None):
-                return
-        await self._wake.wait()
+
+    async def _wake_when_back(self) -> None:
+        # A login refused for good raises at once: no session comes back, and the rounds
+        # go on at `retry` as before.
+        with contextlib.suppress(RendezvousError):
+            await self.rendezvous.wait_connected()
+            self.wake()
 
     async def _send_downloaded(self) -> bool:
         async def downloaded(row: tuple[bytes, bytes, float], msg: LocationMessage) -> bool:
