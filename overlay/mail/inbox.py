@@ -305,11 +305,10 @@ class Inbox:
         `decline` (the user removed it), a declined receipt is queued in the same
         transaction if the entry is not complete (see `_queue_decline`)."""
         with self._db.transaction() as conn:
-            row = conn.execute("SELECT * FROM inbox WHERE id = ?", (id,)).fetchone()
-            if row is None:
-                return False
             if decline is not None:
-                _queue_decline(conn, _entry(row), decline)
+                row = conn.execute("SELECT * FROM inbox WHERE id = ?", (id,)).fetchone()
+                if row is not None:
+                    _queue_decline(conn, _entry(row), decline)
             return conn.execute("DELETE FROM inbox WHERE id = ?", (id,)).rowcount > 0
 
     def declines_owed(self, limit: int = 100, after: tuple[float, bytes] | None = None,

@@ -5,9 +5,9 @@ say; the default is to keep it. A recipient that declined (removed it unread, or
 download failed for good) counts as done: once at least one recipient downloaded it and
 the rest declined, the preference applies. When every recipient declined, the user's file
 is the only copy: it is never deleted or archived, but the node stops serving it (the
-content is forgotten, a folder's map released). The same file may be in several messages still being
-fetched: its copy is touched only when the last of them is done, earlier ones are recorded
-as kept. A crash between the last receipt and this step is finished at the next start,
+content is forgotten, a folder's map released). The same file may be in several messages
+still being fetched: its copy is touched only when the last of them is done, earlier ones
+are recorded as kept. A crash between the last receipt and this step is finished at the next start,
 because the outbox remembers which messages are still pending.
 
 A folder's map (or an archive an older version packed) in the store's outgoing folder is
