@@ -16,6 +16,7 @@ from crypto.codec import Fields, item_str, packb, unpackb
 from crypto.content import HASH_LEN, KEY_LEN, LeafScheme, check_layout
 from crypto.errors import DecodeError
 from crypto.identity import PEER_ID_LEN
+from crypto.limits import MAX_NOTE, MAX_TITLE
 
 # The version says what the content id's leaves hash and how chunks are sealed
 # (LeafScheme): 2, keyed hashes of the plaintext chunks, which are sealed with
@@ -32,8 +33,6 @@ MESSAGE_ID_LEN = 16
 MAX_LOCATION_MESSAGE = 60 * 1024  # fits a 64 KiB envelope once signed and sealed
 MAX_THUMBNAIL = 32 * 1024
 MAX_RECIPIENTS = 128  # the total size limit binds first for long addresses
-MAX_TITLE = 200
-MAX_NOTE = 4000
 MAX_FILE_NAME = 255
 # A file system name holds 255 bytes; the receiver's store adds `.<8 hex>.part` (14 bytes)
 # while it downloads, so a name is at most 241 bytes of UTF-8.

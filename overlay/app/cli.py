@@ -627,7 +627,7 @@ def _send_folder(home: NodeHome, paths: list[Path], to: list[str],
     names = None if len(paths) == 1 else [given_name(p) for p in paths]
     title = args.title
     if title is None:
-        from crypto.location import MAX_TITLE
+        from crypto.limits import MAX_TITLE
 
         title = summary(info, names)
         title = title if len(title) <= MAX_TITLE else title[:MAX_TITLE - 1] + "…"
@@ -661,7 +661,7 @@ def _forget_archive(home: NodeHome, archive: Path) -> None:
 
 
 def _check_text(args: argparse.Namespace) -> None:
-    from crypto.location import MAX_NOTE, MAX_TITLE
+    from crypto.limits import MAX_NOTE, MAX_TITLE
 
     for what, text, most in (("--title", args.title, MAX_TITLE), ("--note", args.note, MAX_NOTE)):
         if text is not None and len(text) > most:
@@ -688,7 +688,7 @@ def recipients(values: list[str]) -> list[str]:
 
 
 def _send(home: NodeHome, path: Path, to: list[str], args: argparse.Namespace) -> int:
-    from crypto.location import MAX_TITLE
+    from crypto.limits import MAX_TITLE
 
     _check_text(args)
     title = args.title

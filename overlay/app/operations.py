@@ -21,13 +21,8 @@ from crypto.codec import Fields
 from crypto.content import DEFAULT_CHUNK_SIZE, chunk_count
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
-from crypto.location import (
-    FOLDER_MEDIA_TYPE,
-    MAX_NOTE,
-    MAX_TITLE,
-    decode_location,
-    folder_from_fields,
-)
+from crypto.limits import MAX_NOTE, MAX_TITLE
+from crypto.location import FOLDER_MEDIA_TYPE, decode_location, folder_from_fields
 from overlay.app.control import ControlError, Operation
 from overlay.content.archive import ArchiveView
 from overlay.content.catalog import ContentStore
@@ -267,9 +262,17 @@ class ControlOperations:
                 f"{e.id.hex()[:12]} is signed by a device key of {e.sender} that you do not "
                 f"trust yet; compare fingerprints (`peerpost contacts`), then "
                 f"`peerpost contacts accept {e.sender}`")
+        self.inbox.take_back_decline(e.id)  # not sent yet: the sender need not know
         self.downloads.request(e.id)
         fresh = self.inbox.get(e.id)
-        return self.entry_json(fresh or e)
+        return {**self.entry_json(fresh or e), "declined": self.declined_json(e.id)}
+
+    def declined_json(self, mid: bytes) -> dict[str, Any] | None:
+        """This node's declined receipt for an inbox message: its reason, and whether the
+        sender has it (`sent`: then the sender may have stopped serving the message, if
+        every recipient declined it); None if it declined nothing."""
+        told = self.inbox.declined(mid)
+        return None if told is None else {"reason": told[0], "sent": told[1] is not None}
 
     async def cancel(self, a: Fields) -> Any:
         """Stop a running or waiting download. The message goes to `failed` (the state a

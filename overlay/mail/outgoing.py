@@ -21,9 +21,9 @@ from crypto.content import LeafScheme
 from crypto.envelope import seal_for_recipients
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
+from crypto.limits import MAX_TITLE
 from crypto.location import (
     FOLDER_MEDIA_TYPE,
-    MAX_TITLE,
     Description,
     FolderInfo,
     Handle,

@@ -225,6 +225,24 @@ def test_repeated_to_and_comma_lists_reach_everyone(net: LocalNetwork, tmp_path:
 
 
 @pytest.mark.slow
+def test_send_loads_no_crypto_library(net: LocalNetwork, tmp_path: Path) -> None:
+    """`send FILE` hands the work to the node: the CLI itself loads neither PyNaCl nor
+    cryptography (about 25 ms of each `send`)."""
+    alice, bob = net.nodes["alice"], net.nodes["bob"]
+    src = _file(tmp_path, "light.bin", 1024)
+    res = _mine(net, alice, "send", str(src), "--title", "t", "--note", "n", "--to",
+                bob.address, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert res.returncode == 0, res.stderr
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
+              if line.startswith("import time:")}
+    assert "overlay.app.cli" in loaded  # the listing is there to read
+    assert not {m for m in loaded if m.split(".")[0] in ("nacl", "cryptography")}
+    res = _mine(net, alice, "send", str(src), "--to", bob.address, "--title", "x" * 201)
+    assert res.returncode == 2
+    assert "--title takes at most 200 characters (this one has 201)" in res.stderr
+
+
+@pytest.mark.slow
 def test_semicolon_list_gets_a_comma_hint(net: LocalNetwork, tmp_path: Path) -> None:
     alice, bob, carol = (net.nodes[n] for n in ("alice", "bob", "carol"))
     src = _file(tmp_path, "x.bin", 1024)
