@@ -864,6 +864,11 @@ async def cmd_rm(home: NodeHome, args: argparse.Namespace) -> int:
 
 def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> Any:
     entry = control_call(home.control_path, "fetch", id=_message_id(args.id))
+    if (told := entry.get("declined")) and told["sent"] and entry["state"] != "complete":
+        (err_console if args.json else console).print(
+            f"{_m(entry['from'])} was told you would not download it ({_m(told['reason'])}) "
+            "and may have stopped serving it: this try fails if no one else has it",
+            soft_wrap=True, highlight=False)
     if not args.wait or entry["state"] == "complete":
         return _fetched(entry, args)
     args.watching = entry["id"][:SHORT_ID]  # from here a Ctrl-C stops the watching only
@@ -1203,6 +1208,8 @@ async def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
         fps = [_clean(f) for f in c["fingerprints"]]
         fps += [f"{_clean(f)} (pending)" for f in c.get("pending", ())]
         fps += [f"{_clean(f)} (unvouched)" for f in c.get("unvouched", ())]
+        fps += [f"{_clean(r['fingerprint'])} (retired {_when(r['retired_at'])}: its server "
+                "no longer lists it)" for r in c.get("retired", ())]
         if c.get("unvouched"):
             note = (note + "\n" if note else "") + "[bold yellow]NEW DEVICE KEY no trusted " \
                 "device vouched for: verify, then `peerpost contacts accept`[/]"

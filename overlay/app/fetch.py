@@ -20,7 +20,13 @@ from overlay.app.holders import HolderFinder
 from overlay.content.archive import ArchiveView
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace, PartialGone
-from overlay.mail.downloads import Activity, DownloadFailed, RetryLater, SourceView
+from overlay.mail.downloads import (
+    Activity,
+    DownloadFailed,
+    NoSourceNow,
+    RetryLater,
+    SourceView,
+)
 from overlay.mail.folders import FolderError, UnpackRecord, unpack_with_layout
 from overlay.mail.inbox import InboxEntry
 from overlay.transfer.downloader import (
@@ -153,7 +159,7 @@ class ContentFetch:
                 path = await dl.run()
         except NoSourceReachable as exc:
             progress(partial.held)
-            raise RetryLater(str(exc)) from None
+            raise NoSourceNow(str(exc)) from None
         except DiskFull as exc:
             raise RetryLater(f"{exc}: the download resumes by itself once there is room "
                              "(its verified chunks are kept)") from None

@@ -17,7 +17,10 @@ preference wait for `peerpost fetch`.
 A download that fails for good (DownloadFailed: an archive refused, the sender's file
 changed) queues a declined receipt with the failure's short reason, in the transaction
 that records the failure, and calls `on_declined` (the receipts' wake-up); a retryable
-failure, a user's cancel and an error of our own (a bug) queue nothing.
+failure, a user's cancel and an error of our own (a bug) queue nothing. A later `fetch`
+(Try again) of such a message is one try when the sender has that receipt: it may have
+stopped serving the message (every recipient declined it), so when no source serves it
+the try fails saying so (`NoSourceNow`) instead of waiting for ever.
 """
 
 from __future__ import annotations
@@ -43,6 +46,28 @@ log = logging.getLogger("peerpost.downloads")
 
 class RetryLater(Exception):
     """No source could be reached now; try again after a backoff."""
+
+
+class NoSourceNow(RetryLater):
+    """No source could serve the missing chunks now (none reached, or none holds them).
+
+    Retried after a backoff, unless this node told the sender it would never download the
+    message (a declined receipt sent): once every recipient declined, the sender stops
+    serving it, so only a co-recipient could, and waiting for one would be for ever. That
+    try fails, with `told_no_source_text` (`DownloadQueue._download`)."""
+
+
+# The start of the failure of a retry that found no source, of a message whose sender this
+# node told it would never download it (the web inbox words it by this).
+TOLD_NO_SOURCE = "no source has it"
+
+
+def told_no_source_text(sender: str, reason: str, detail: str) -> str:
+    """The failure of a retry no source served, of a message whose sender was told this
+    node would not download it (`reason`, the declined receipt's); `detail`: the sources'
+    answers."""
+    return (f"{TOLD_NO_SOURCE}: {sender} was told you would not download it ({reason}) and "
+            f"may have stopped serving it; ask them to send it again ({detail})")
 
 
 class DownloadFailed(Exception):
@@ -320,6 +345,10 @@ class DownloadQueue:
                 finally:
                     act.end_attempt()
             except RetryLater as exc:
+                told = self.inbox.declined(mid) if isinstance(exc, NoSourceNow) else None
+                if told is not None and told[1] is not None:  # the sender knows: no wait
+                    self._fail(mid, told_no_source_text(entry.sender, told[0], str(exc)))
+                    return
                 current = self.inbox.get(mid)
                 hold = self._holds.get(mid)
                 attempts = (current.attempts if current else 1) + (hold.count if hold else 0)

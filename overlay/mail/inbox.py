@@ -330,6 +330,15 @@ class Inbox:
             conn.execute("UPDATE declined_receipt SET sent_at = ? WHERE message_id = ?",
                          (when, id))
 
+    def take_back_decline(self, id: bytes) -> bool:
+        """The user asked for this message again (`fetch`, Try again) before its declined
+        receipt went: it does not go (a failure for good queues one again). True if one
+        was queued; a decline already sent can't be taken back (a `downloaded` receipt
+        wins over it at the sender)."""
+        with self._db.transaction() as conn:
+            return conn.execute("DELETE FROM declined_receipt WHERE message_id = ?"
+                                " AND sent_at IS NULL", (id,)).rowcount > 0
+
     def declined(self, id: bytes) -> tuple[str, float | None] | None:
         """(reason, when sent or None) of this message's declined receipt, or None."""
         row = self._db.query_one("SELECT reason, sent_at FROM declined_receipt"

@@ -17,12 +17,20 @@ from typing import Any
 
 import pytest
 
+from crypto.codec import Fields
 from crypto.identity import DeviceIdentity
 from crypto.location import Description, Handle, Headers, LocationMessage
+from overlay.app.operations import ControlOperations
 from overlay.mail.contacts import Contacts
 from overlay.mail.db import _MIGRATIONS, NodeDB
 from overlay.mail.delivery import Receipts
-from overlay.mail.downloads import Activity, DownloadFailed, DownloadQueue, RetryLater
+from overlay.mail.downloads import (
+    Activity,
+    DownloadFailed,
+    DownloadQueue,
+    NoSourceNow,
+    RetryLater,
+)
 from overlay.mail.folders import FolderError, FolderInfo, unpack
 from overlay.mail.inbox import Decline, Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
@@ -403,3 +411,80 @@ async def test_a_receipt_the_server_missed_goes_when_the_session_is_back(
     assert inbox.receipts_owed() == []
     assert [(to, peer) for to, peer, _ in server.sent] == [("alice@example.net",
                                                             ALICE.peer_id)]
+
+
+NO_SOURCE = NoSourceNow("no source reachable for 3 missing chunks (alice: no content 0101)")
+
+
+def _failed_for_good(inbox: Inbox, n: int) -> bytes:
+    """Message `n`, failed with `source changed`, its declined receipt queued."""
+    mid = offer(inbox, n)
+    inbox.transition(mid, S.DOWNLOADING)
+    inbox.transition(mid, S.FAILED, error="source changed: ...",
+                     decline=Decline("source changed", 5.0))
+    return mid
+
+
+async def test_try_again_of_a_message_whose_sender_was_told_ends_when_no_source_has_it(
+        db: NodeDB) -> None:
+    """Every recipient declined, so the sender stopped serving it: Try again of a message
+    whose decline the sender has fails, saying so, when no source serves it. It was
+    `retrying` for ever, at `no source reachable`. A message it never declined, or whose
+    decline did not go (the user took it back by asking again), is tried again later as
+    before; so is a full disk."""
+    inbox = Inbox(db)
+    told, plain, disk = _failed_for_good(inbox, 1), offer(inbox, 2), _failed_for_good(inbox, 3)
+    for mid in (told, disk):
+        inbox.mark_decline_sent(mid, 6.0)
+    ends: dict[bytes, RetryLater] = {told: NO_SOURCE, plain: NO_SOURCE,
+                                     disk: RetryLater("the disk is full")}
+
+    async def fetch(entry: InboxEntry, msg: LocationMessage, act: Activity,
+                    progress: Any) -> str:
+        raise ends[entry.id]
+
+    q = DownloadQueue(inbox, Prefs(db), fetch, never_completes, wall=time.time,
+                      rng=random.Random(1), max_active=4, retry_base=60)
+    for mid in (told, plain, disk):
+        q.request(mid)
+    runner = asyncio.create_task(q.run())
+    try:
+        async with asyncio.timeout(10):
+            while any(e.state is S.DOWNLOADING for e in inbox.list()):
+                await q.changed().wait()
+    finally:
+        runner.cancel()
+        await asyncio.wait({runner})
+    e = inbox.get(told)
+    assert e is not None and e.state is S.FAILED
+    assert e.error == ("no source has it: alice@example.net was told you would not download "
+                       "it (source changed) and may have stopped serving it; ask them to "
+                       "send it again (no source reachable for 3 missing chunks (alice: no "
+                       "content 0101))")
+    assert inbox.get(plain).state is S.RETRYING  # type: ignore[union-attr]
+    assert inbox.get(disk).state is S.RETRYING  # type: ignore[union-attr]
+    assert owed(inbox) == {} and inbox.declined(told) == ("source changed", 6.0)
+
+
+async def test_fetch_takes_back_a_decline_not_sent_and_says_when_the_sender_has_it(
+        db: NodeDB) -> None:
+    """`fetch` (Try again) of a message failed for good: a decline still queued does not
+    go (the user wants it after all); one the sender has is in the answer, which the CLI
+    and the web show at once."""
+    inbox = Inbox(db)
+    queued, sent = _failed_for_good(inbox, 1), _failed_for_good(inbox, 2)
+    inbox.mark_decline_sent(sent, 6.0)
+    prefs = Prefs(db)
+    downloads = DownloadQueue(inbox, prefs, fetch=None, on_complete=None,  # type: ignore[arg-type]
+                              wall=time.time, rng=random.Random(1))
+    none: Any = None
+    ops = ControlOperations(
+        BOB, "bob@example.net", listen_addr=None, rendezvous=none, incoming=none,
+        sender=none, inbox=inbox, outbox=Outbox(db), prefs=prefs, contacts=none,
+        downloads=downloads, transfer=none, max_in_flight=1)
+    res = await ops.fetch(Fields({"id": queued.hex()}, "fetch"))
+    assert res["state"] == "downloading" and res["declined"] is None
+    assert owed(inbox) == {} and inbox.declined(queued) is None
+    res = await ops.fetch(Fields({"id": sent.hex()}, "fetch"))
+    assert res["declined"] == {"reason": "source changed", "sent": True}
+    assert inbox.declined(sent) == ("source changed", 6.0)

@@ -39,6 +39,7 @@ from overlay.app.web.auth import (
 from overlay.app.web.media import Wanter, file_response, serve_partial
 from overlay.content.catalog import ContentStore
 from overlay.content.partial import PartialContent
+from overlay.mail.downloads import TOLD_NO_SOURCE
 from overlay.mail.prefs import RETENTIONS, size_text
 from overlay.transfer.downloader import WITHDRAWN_FAILURE, changed_source
 
@@ -137,6 +138,10 @@ def error_text(e: dict[str, Any]) -> str:
     if changed_source(error):
         return ("The sender's file was changed, moved or deleted after they sent it; they "
                 "are told, and can send it again.")
+    if error.startswith(TOLD_NO_SOURCE + ":"):
+        return (f"No computer that has this file answered. {e['from']} was told you would "
+                f"not download it, and may have stopped serving it: ask them to send it "
+                f"again.")
     if state == "retrying":
         when = e["next_attempt"]
         then = (f" (next try at {time.strftime('%H:%M:%S', time.localtime(when))})"
@@ -453,6 +458,12 @@ class WebInbox:
                                  ("junk", "Mark sender junk")))
         title = e["title"] or e["file_name"] or "(no title)"
         pct = round(e["progress"] * 100)
+        declined = self.ops.declined_json(entry.id)
+        told = (f'<p class="warn" id="msg-declined" {_states("failed downloading retrying", state)}'
+                f'>{_e(e["from"])} was told you would not download this '
+                f'({_e(declined["reason"])}), and may have stopped serving it: “Try again” '
+                f'gets it only if someone still has it.</p>'
+                if declined is not None and declined["sent"] else "")
         confirm = _e(f"Remove “{title}” from your inbox? A file already received stays "
                      f"where it was saved.")
         body = (
@@ -465,7 +476,7 @@ class WebInbox:
             f'<p class="warn" {_states("unverified", state)}>On hold: this message is signed '
             f'by a new device of {_e(e["from"])} that you have not confirmed yet. Check with '
             f'them, then accept it on the <a href="/contacts">Contacts</a> page.</p>'
-            f'<div id="msg-error" class="state-failed"{"" if e["error"] else " hidden"}>'
+            f'{told}<div id="msg-error" class="state-failed"{"" if e["error"] else " hidden"}>'
             f'<p id="msg-error-text">{_e(e["error_text"])}</p><details><summary>Details'
             f'</summary><p id="msg-error-raw">{_e(e["error"] or "")}</p></details></div>'
             f'<p class="note">{_e(e["note"])}</p>'
@@ -518,6 +529,8 @@ class WebInbox:
             fps = [_e(f) for f in c["fingerprints"]]
             fps += [f"{_e(f)} (waiting for you to accept)" for f in c["pending"]]
             fps += [f"{_e(f)} (new device, not confirmed)" for f in c["unvouched"]]
+            fps += [f"{_e(r['fingerprint'])} (removed from their account "
+                    f"{_when(r['retired_at'])}: no longer trusted)" for r in c["retired"]]
             warn = []
             if c["changed"]:
                 warn.append('<span class="changed">Their key changed: this may be someone '
