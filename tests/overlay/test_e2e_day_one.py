@@ -158,6 +158,19 @@ def test_a_file_edited_after_sending_fails_clearly_and_resend_delivers(
     assert e["error"].startswith("source changed")
     assert "alice" not in e["error"] and str(src) not in e["error"]  # no sender path leaked
 
+    # Bob, its only recipient, declined it: alice stops serving it. Bob's Try again says
+    # at once that she may have, and ends when nobody serves it: it waited at `no source
+    # reachable` for ever.
+    assert bob.proc is not None
+    net.wait_until(lambda: f"told {alice.address} that message {mid}" in bob.proc.log(), 30,
+                   "bob's decline to go")
+    net.wait_until(lambda: sent(mid)["retention_done"] is not None, 30, "alice's retention")
+    res = net.cli(bob, "fetch", mid[:10], "--wait", check=False, timeout=90)
+    told = f"{alice.address} was told you would not download it (source changed)"
+    assert told in " ".join(res.stdout.split()), res.stdout
+    err = " ".join(res.stderr.split())
+    assert res.returncode == 1 and f"failed: no source has it: {told}" in err, err
+
     new = net.cli(alice, "resend", mid[:10]).stdout.strip()
     assert len(new) == 32 and new != mid
     got = net.wait_complete(bob, new, 60, "the resent message")

@@ -10,6 +10,7 @@ import pytest
 
 from overlay.app.operations import CANCELLED_TEXT
 from overlay.app.web.server import _limit, error_text, state_text
+from overlay.mail.downloads import told_no_source_text
 from overlay.transfer.downloader import SOURCE_CHANGED_FAILURE, WITHDRAWN_FAILURE
 
 # The text an earlier version recorded in node.db; such rows still read the same.
@@ -52,6 +53,9 @@ def test_states_in_words(e: dict[str, Any], auto: bool, limit: int | None, want:
     (entry("failed", SOURCE_CHANGED_FAILURE), "The sender's file was changed"),
     (entry("failed", OLD_SOURCE_CHANGED), "The sender's file was changed"),
     (entry("failed", "DownloadFailed: bad chunk"), "The download failed. “Try again”"),
+    (entry("failed", told_no_source_text("alice@example.net", "source changed",
+                                         "no source reachable (9b4c: no content 0101)")),
+     "No computer that has this file answered. alice@example.net was told you would not"),
 ])
 def test_why_a_download_stopped_in_words(e: dict[str, Any], starts: str) -> None:
     text = error_text(e)
