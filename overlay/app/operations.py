@@ -524,7 +524,9 @@ class ControlOperations:
                                                          for k in c.keys],
                  "first_seen": c.first_seen, "changed": c.changed,
                  "pending": list(c.pending_fingerprints),
-                 "unvouched": list(c.unvouched_fingerprints)}
+                 "unvouched": list(c.unvouched_fingerprints),
+                 "retired": [{"fingerprint": f, "retired_at": at} for f, at
+                             in zip(c.retired_fingerprints, c.retired_at, strict=True)]}
                 for c in self.contacts.list()]
 
     async def contacts_accept(self, a: Fields) -> Any:

@@ -5,14 +5,19 @@ binds to that address, each with the vouch it registered with, if any (`crypto.v
 existing device's signature over (address, new key)). The server is not trusted to add
 keys, so the rule for a presented set is:
 
-- first contact (no pinned key for the address): trust on first use, all presented keys
-  are pinned (`NEW`). When the lookup was made because a message arrived (`signers` given),
+- first contact (no key was ever pinned for the address): trust on first use, all presented
+  keys are pinned (`NEW`). When the lookup was made because a message arrived (`signers` given),
   only if the key that signed it is among the keys FINGER returns at that time; otherwise
   nothing is pinned and the signer stays `unvouched` (`UNVOUCHED`).
+- a pinned key missing from the set is **retired** (`RETIRED`, when nothing else needs the
+  user): the server lists an offline device too, so missing means unbound (the operator
+  revoked it, `peerpost-rendezvous devices revoke`, or the account dropped it). A retired
+  key is never sealed to again and a message or receipt it signed is believed no more than
+  one from a stranger's key; `peerpost contacts` shows it with when. This happens at the
+  next FINGER of the address: a send to it, or a message signed by a key not trusted yet.
 - keys already pinned: `SAME`. A new key carrying a vouch that verifies under a pinned key
-  (or under a key pinned this way, so a chain of vouches works) is pinned too (`ADDED`).
-  Pinned keys missing from the set stay pinned (a device that is offline or retired does
-  no harm, and if it comes back it is still trusted).
+  presented now (or under a key pinned this way, so a chain of vouches works) is pinned too
+  (`ADDED`).
 - a new key next to pinned ones without such a vouch is `unvouched` (`UNVOUCHED`): shown,
   never sealed to, and its messages are held. A server that adds a rogue key next to the
   real ones gets exactly this. `accept` (`peerpost contacts accept`) pins it.
@@ -21,6 +26,18 @@ keys, so the rule for a presented set is:
   older pending set) and the contact is flagged until the user compares fingerprints out of
   band and calls `accept`/`accept_change`, which makes the pending set the pinned set, or
   `dismiss_change`, which drops it.
+
+Retiring never opens a door. A contact whose pinned keys are all retired is not a first
+contact (a key was pinned once: `retired_key` keeps a row per retired key), so the keys it
+presents next are `CHANGED` unless a key still pinned vouches for them, and none is. A vouch
+by a retired key counts for nothing: whoever holds the lost device holds its key and can
+vouch for a key of their own. A retired key the server lists again is not vouched back in
+either: a vouch signs (address, key) with no date, so the one it registered with is as good
+as new for a server that kept it; it is shown as unvouched (or pending), and only the user's
+`accept` trusts it again. So a server can retire keys only by unlisting them, which denies
+service (it could refuse the mail anyway), and cannot get a key of its choosing trusted: it
+can present keys, but only a vouch from a key still pinned and presented, first contact, or
+the user pins one.
 
 `trusted_keys` returns only pinned keys, so nothing is sealed to a key the user or a pinned
 device has not vouched for. `note_signer` is the receiving side's check of the one key that
@@ -43,6 +60,9 @@ from crypto.vouch import Vouch
 from overlay.mail.db import NodeDB, RecordLimitError, count_rows
 
 MAX_KEYS_PER_ADDRESS = 16
+# Retired keys remembered per address: only keys once pinned get here (first contact, a
+# vouch by a pinned device, the user's accept), so a server can't fill it on its own.
+MAX_RETIRED_PER_ADDRESS = 4 * MAX_KEYS_PER_ADDRESS
 DEFAULT_MAX_CONTACTS = 10_000
 
 
@@ -52,6 +72,7 @@ class PinResult(Enum):
     ADDED = "added"  # new keys vouched for by pinned ones: pinned as new devices
     UNVOUCHED = "unvouched"  # a new key without a vouch from a pinned one: held for the user
     CHANGED = "changed"  # none of the pinned keys is presented: flag loudly, pin nothing
+    RETIRED = "retired"  # pinned keys missing from the set were retired, nothing else new
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +86,9 @@ class Contact:
     pending_fingerprints: tuple[str, ...]
     unvouched_keys: tuple[bytes, ...] = ()
     unvouched_fingerprints: tuple[str, ...] = ()
+    retired_keys: tuple[bytes, ...] = ()  # unlisted by the server: never trusted again
+    retired_fingerprints: tuple[str, ...] = ()
+    retired_at: tuple[float, ...] = ()  # when each was retired
 
 
 class Contacts:
@@ -94,8 +118,11 @@ class Contacts:
         signed = frozenset(signers)
         with self._db.transaction() as conn:
             self._ensure_contact(conn, addr, now)
+            gone = _keys(conn, addr, "pinned") - presented
+            _retire(conn, addr, gone, now)
             pinned = _keys(conn, addr, "pinned")
-            if not pinned:
+            retired = _retired_keys(conn, addr)
+            if not pinned and not retired:  # no key was ever pinned: see the module docstring
                 if signed and not signed & presented:
                     _set_unvouched(conn, addr, signed, now)
                     _refresh_changed_flag(conn, addr, now)
@@ -105,8 +132,8 @@ class Contacts:
                 _insert_keys(conn, addr, presented, "pinned", now)
                 _refresh_changed_flag(conn, addr, now)
                 return PinResult.NEW
-            vouched = _vouched_for(addr, presented, pinned, vouches or {})
-            if not presented & pinned and not vouched:
+            vouched = _vouched_for(addr, presented - retired, pinned, vouches or {})
+            if not pinned and not vouched:
                 conn.execute(
                     "DELETE FROM contact_key WHERE address = ? AND status = 'pending'", (addr,)
                 )
@@ -120,11 +147,13 @@ class Contacts:
                 )
             _delete_keys(conn, addr, vouched)
             _insert_keys(conn, addr, vouched, "pinned", now)
-            rest = (presented | signed) - pinned - vouched
+            rest = (presented | (signed - retired)) - pinned - vouched
             _set_unvouched(conn, addr, rest, now)
             _refresh_changed_flag(conn, addr, now)
             if rest:
                 return PinResult.UNVOUCHED
+            if gone:
+                return PinResult.RETIRED
             return PinResult.ADDED if vouched else PinResult.SAME
 
     def note_signer(self, address: str, verify_key: bytes, now: float) -> bool:
@@ -137,6 +166,8 @@ class Contacts:
             self._ensure_contact(conn, addr, now)
             if key in _keys(conn, addr, "pinned"):
                 return True
+            if key in _retired_keys(conn, addr):
+                return False  # shown as retired; trusted again only as the docstring says
             if key not in _keys(conn, addr, "unvouched"):
                 held = _keys(conn, addr, "unvouched")
                 if len(held) >= MAX_KEYS_PER_ADDRESS:
@@ -171,8 +202,7 @@ class Contacts:
                 conn.execute(
                     "DELETE FROM contact_key WHERE address = ? AND status = 'pinned'", (addr,)
                 )
-            conn.execute("UPDATE contact_key SET status = 'pinned' WHERE address = ?", (addr,))
-            conn.execute("UPDATE contact SET changed = 0 WHERE address = ?", (addr,))
+            _pin_waiting(conn, addr)
             return frozenset(new - pinned)
 
     def _ensure_contact(self, conn: sqlite3.Connection, addr: str, now: float) -> None:
@@ -202,10 +232,7 @@ class Contacts:
             conn.execute(
                 "DELETE FROM contact_key WHERE address = ? AND status = 'pinned'", (addr,)
             )
-            conn.execute(
-                "UPDATE contact_key SET status = 'pinned' WHERE address = ?", (addr,)
-            )
-            conn.execute("UPDATE contact SET changed = 0 WHERE address = ?", (addr,))
+            _pin_waiting(conn, addr)
 
     def dismiss_change(self, address: str) -> bool:
         """Drop the pending and unvouched keys and keep the pinned ones; False if nothing
@@ -220,7 +247,8 @@ class Contacts:
             return gone > 0
 
     def trusted_keys(self, address: str) -> frozenset[bytes]:
-        """The pinned keys of `address` (empty if unknown): the only ones to seal to."""
+        """The pinned keys of `address` (empty if unknown): the only ones to seal to, and
+        the only ones whose messages and receipts are believed (never a retired one)."""
         addr = normalize_address(address)
         rows = self._db.query(
             "SELECT verify_key FROM contact_key WHERE address = ? AND status = 'pinned'",
@@ -253,11 +281,17 @@ class Contacts:
         keys: dict[tuple[str, str], builtins.list[bytes]] = {}
         for k in key_rows:
             keys.setdefault((k["address"], k["status"]), []).append(bytes(k["verify_key"]))
+        retired: dict[str, builtins.list[tuple[bytes, float]]] = {}
+        for k in self._db.query(f"SELECT address, verify_key, retired_at FROM retired_key"
+                                f" {where} ORDER BY retired_at, verify_key", params):
+            retired.setdefault(k["address"], []).append(
+                (bytes(k["verify_key"]), float(k["retired_at"])))
         out = []
         for r in rows:
             pinned = tuple(keys.get((r["address"], "pinned"), ()))
             pending = tuple(keys.get((r["address"], "pending"), ()))
             unvouched = tuple(keys.get((r["address"], "unvouched"), ()))
+            gone = retired.get(r["address"], [])
             out.append(
                 Contact(
                     address=r["address"],
@@ -270,6 +304,10 @@ class Contacts:
                     unvouched_keys=unvouched,
                     unvouched_fingerprints=tuple(
                         PublicIdentity(k).fingerprint() for k in unvouched),
+                    retired_keys=tuple(k for k, _ in gone),
+                    retired_fingerprints=tuple(PublicIdentity(k).fingerprint()
+                                               for k, _ in gone),
+                    retired_at=tuple(at for _, at in gone),
                 )
             )
         return out
@@ -287,6 +325,40 @@ def _keys(conn: sqlite3.Connection, address: str, status: str) -> frozenset[byte
         "SELECT verify_key FROM contact_key WHERE address = ? AND status = ?", (address, status)
     ).fetchall()
     return frozenset(bytes(r["verify_key"]) for r in rows)
+
+
+def _retired_keys(conn: sqlite3.Connection, address: str) -> frozenset[bytes]:
+    rows = conn.execute("SELECT verify_key FROM retired_key WHERE address = ?",
+                        (address,)).fetchall()
+    return frozenset(bytes(r["verify_key"]) for r in rows)
+
+
+def _retire(conn: sqlite3.Connection, address: str, keys: frozenset[bytes],
+            now: float) -> None:
+    """Unpin `keys` and record them retired, keeping the newest MAX_RETIRED_PER_ADDRESS
+    (a row, not a pinned key, is what keeps the address from being a first contact)."""
+    if not keys:
+        return
+    _delete_keys(conn, address, keys)
+    conn.executemany(
+        "INSERT OR REPLACE INTO retired_key (address, verify_key, retired_at) VALUES (?, ?, ?)",
+        [(address, k, now) for k in sorted(keys)])
+    conn.execute(
+        "DELETE FROM retired_key WHERE address = ? AND verify_key NOT IN (SELECT verify_key"
+        " FROM retired_key WHERE address = ? ORDER BY retired_at DESC, verify_key LIMIT ?)",
+        (address, address, MAX_RETIRED_PER_ADDRESS))
+
+
+def _pin_waiting(conn: sqlite3.Connection, address: str) -> None:
+    """The user accepted: the pending and unvouched keys of `address` are pinned (a retired
+    one among them is no longer retired) and the contact is no longer flagged."""
+    conn.execute(
+        "DELETE FROM retired_key WHERE address = ? AND verify_key IN (SELECT verify_key FROM"
+        " contact_key WHERE address = ? AND status IN ('pending', 'unvouched'))",
+        (address, address))
+    conn.execute("UPDATE contact_key SET status = 'pinned' WHERE address = ? AND status IN"
+                 " ('pending', 'unvouched')", (address,))
+    conn.execute("UPDATE contact SET changed = 0 WHERE address = ?", (address,))
 
 
 def _insert_keys(

@@ -251,9 +251,22 @@ def _to_v5(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE outbox_recipient_v5 RENAME TO outbox_recipient")
 
 
+def _to_v6(conn: sqlite3.Connection) -> None:
+    # Retired keys: a contact's pinned key its server no longer lists is unpinned and
+    # remembered here, never trusted again but by the user's accept (overlay.mail.contacts).
+    # A table of its own, not a contact_key status, so that a retired key the server lists
+    # again can show as unvouched or pending there and still be known as retired.
+    conn.execute("""CREATE TABLE retired_key (
+        address     TEXT NOT NULL REFERENCES contact (address) ON DELETE CASCADE,
+        verify_key  BLOB NOT NULL CHECK (length(verify_key) = 32),
+        retired_at  REAL NOT NULL,
+        PRIMARY KEY (address, verify_key)
+    ) WITHOUT ROWID""")
+
+
 # version n -> the step that makes it n + 1. Append only; never edit a shipped step.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4, 4: _to_v5}
+    0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4, 4: _to_v5, 5: _to_v6}
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -103,6 +103,10 @@ class IncomingMail:
                         "`peerpost contacts accept %s`", sender, sender)
         elif result is PinResult.ADDED:
             log.info("%s has a new device vouched for by a known one; trusted it", sender)
+        elif result is PinResult.RETIRED:
+            log.warning("%s: its server no longer lists some device key(s) you trusted (a "
+                        "device revoked or removed): retired, their messages and receipts "
+                        "are not believed", sender)
         return self.release(sender)
 
     def release(self, sender: str) -> list[bytes]:

@@ -369,6 +369,13 @@ class MailSender:
                     return Recipient(addr, tuple(PublicIdentity(k) for k in sorted(pinned)))
                 # The server's text says why ("b.test is unreachable: no server found"): a
                 # misspelt domain and a server that is down call for different actions.
+                known = self.contacts.get(addr)
+                if known is not None and known.retired_keys:
+                    raise SendError(
+                        f"{exc.text}; no key of {addr} is trusted (its server no longer "
+                        f"listed the ones you trusted: retired), so nothing was sent: "
+                        f"compare fingerprints (`peerpost contacts`), then `peerpost "
+                        f"contacts accept {addr}`, or try again later") from None
                 raise SendError(f"{exc.text}; {addr}'s keys are unknown, so nothing was "
                                 "sent: check the address, or try again later") from None
             if isinstance(exc, RequestTimeoutError | ConnectionLostError):
@@ -385,10 +392,17 @@ class MailSender:
         vouches = {d.verify_key: d.vouch for d in info.devices if d.vouch is not None}
         pin = self.contacts.pin_keys(addr, keys, self.wall(), vouches=vouches)
         if pin is PinResult.CHANGED:
+            # Pinned keys its server no longer lists are retired by now, so no key is left
+            # to seal to; nothing was recorded or sent.
             raise SendError(
-                f"the keys of {addr} have CHANGED since you last sent to them. Compare "
+                f"the keys of {addr} have CHANGED since you last sent to them: its server "
+                f"no longer lists any device key you trusted (those are retired), and none "
+                f"of the keys it lists was vouched for by one; nothing was sent. Compare "
                 f"fingerprints out of band (`peerpost contacts`), then "
                 f"`peerpost contacts accept {addr}` to send anyway")
+        if pin is PinResult.RETIRED:
+            log.warning("%s: its server no longer lists some device key(s) you trusted (a "
+                        "device revoked or removed): retired, not sealed to", addr)
         trusted = self.contacts.trusted_keys(addr)
         if pin is PinResult.UNVOUCHED:
             log.warning("%s: not sealing to %d device key(s) no trusted device vouched for; "

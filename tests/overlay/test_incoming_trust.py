@@ -125,7 +125,9 @@ def test_junk_from_an_unverified_key_stays_junk(db: NodeDB) -> None:
 def test_upgrade_to_v4_keeps_inbox_and_contacts(tmp_path: Path) -> None:
     steps = {k: v for k, v in _MIGRATIONS.items() if k < 3}
     with NodeDB.open(tmp_path, migrations=steps) as old:
-        Contacts(old).pin_keys(ALICE, [K1], 1.0)
+        with old.transaction() as conn:  # as the v3 code pinned a key (today's needs v6)
+            conn.execute("INSERT INTO contact VALUES (?, 1.0, 1.0, 0)", (ALICE,))
+            conn.execute("INSERT INTO contact_key VALUES (?, ?, 'pinned', 1.0)", (ALICE, K1))
         Inbox(old).add(id=b"m" * 16, sender=ALICE, sender_peer_id=ALICE1.peer_id, title="t",
                        note="", size=1, file_name="f", media_type="x/y",
                        content_id=b"c" * 32, chunk_count=1, message=b"\x93",

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from crypto.vouch import make_vouch
-from overlay.mail.contacts import MAX_KEYS_PER_ADDRESS, Contacts, PinResult
-from overlay.mail.db import NodeDB, RecordLimitError
+from overlay.mail.contacts import (
+    MAX_KEYS_PER_ADDRESS,
+    MAX_RETIRED_PER_ADDRESS,
+    Contacts,
+    PinResult,
+)
+from overlay.mail.db import _MIGRATIONS, SCHEMA_VERSION, NodeDB, RecordLimitError
 
 BOB = "bob@b.example"
 
@@ -51,16 +59,21 @@ def test_second_device_vouched_for_by_a_pinned_one_is_added(db: NodeDB) -> None:
     assert c.pin_keys(BOB, [key(1), key(2)], 20.0,
                       vouches={key(2): vouch(1, 2)}) is PinResult.ADDED
     assert c.trusted_keys(BOB) == {key(1), key(2)}
-    # a retired device missing from the set stays pinned and raises no alarm
-    assert c.pin_keys(BOB, [key(2)], 30.0) is PinResult.SAME
-    assert not c.get(BOB).changed  # type: ignore[union-attr]
+    # a device its server no longer lists (revoked) is retired, with no alarm
+    assert c.pin_keys(BOB, [key(2)], 30.0) is PinResult.RETIRED
+    assert c.trusted_keys(BOB) == {key(2)}
+    contact = c.get(BOB)
+    assert contact is not None and not contact.changed and contact.keys == (key(2),)
+    assert contact.retired_keys == (key(1),) and contact.retired_at == (30.0,)
+    assert contact.retired_fingerprints == (ident(1).public.fingerprint(),)
+    assert c.pin_keys(BOB, [key(2)], 40.0) is PinResult.SAME
 
 
 def test_a_chain_of_vouches_reaches_a_pinned_key(db: NodeDB) -> None:
     c = Contacts(db)
     c.pin_keys(BOB, [key(1)], 10.0)
-    # 3 was vouched for by 2, 2 by 1; the voucher of 2 need not be online (presented)
-    assert c.pin_keys(BOB, [key(3), key(2)], 20.0,
+    # 3 was vouched for by 2, 2 by 1 (listed, so still bound: it may be offline)
+    assert c.pin_keys(BOB, [key(3), key(2), key(1)], 20.0,
                       vouches={key(2): vouch(1, 2), key(3): vouch(2, 3)}) is PinResult.ADDED
     assert c.trusted_keys(BOB) == {key(1), key(2), key(3)}
 
@@ -115,9 +128,11 @@ def test_changed_key_is_not_silently_replaced(db: NodeDB) -> None:
     c = Contacts(db)
     c.pin_keys(BOB, [key(1), key(2)], 10.0)
     assert c.pin_keys(BOB, [key(3)], 20.0) is PinResult.CHANGED
-    assert c.trusted_keys(BOB) == {key(1), key(2)}  # nothing sealed to the new key yet
+    # nothing is sealed to the new key yet, nor to the old ones, no longer listed
+    assert c.trusted_keys(BOB) == frozenset()
     contact = c.get(BOB)
     assert contact is not None and contact.changed and contact.pending_keys == (key(3),)
+    assert set(contact.retired_keys) == {key(1), key(2)}
     assert c.pin_keys(BOB, [key(3)], 21.0) is PinResult.CHANGED  # still loud
     c.accept_change(BOB, key(3))
     assert c.trusted_keys(BOB) == {key(3)}
@@ -141,7 +156,7 @@ def test_accepting_a_superseded_key_fails(db: NodeDB) -> None:
     c.pin(BOB, key(3), 30.0)  # the newest presentation replaces the pending set
     with pytest.raises(KeyError, match="no pending key change"):
         c.accept_change(BOB, key(2))
-    assert c.trusted_keys(BOB) == {key(1)}
+    assert c.trusted_keys(BOB) == frozenset()  # 1 retired, 3 pending
 
 
 def test_dismiss_keeps_the_old_keys(db: NodeDB) -> None:
@@ -160,8 +175,8 @@ def test_single_key_seen_next_to_the_pinned_one_waits_for_a_vouch(db: NodeDB) ->
     # vouch from the pinned one (or the user's acceptance).
     c = Contacts(db)
     c.pin(BOB, key(1), 10.0)
-    assert c.pin(BOB, key(2), 20.0) is PinResult.CHANGED
-    assert c.pin_keys(BOB, [key(1), key(2)], 21.0) is PinResult.UNVOUCHED
+    assert not c.note_signer(BOB, key(2), 20.0)
+    assert c.pin_keys(BOB, [key(1), key(2)], 21.0, signers=[key(2)]) is PinResult.UNVOUCHED
     contact = c.get(BOB)
     assert contact is not None and not contact.changed
     assert contact.keys == (key(1),) and contact.unvouched_keys == (key(2),)
@@ -192,4 +207,193 @@ def test_pins_survive_reopen(tmp_path: Path) -> None:
     with NodeDB.open(tmp_path) as db:
         contact = Contacts(db).get(BOB)
         assert contact is not None and contact.changed
-        assert contact.keys == (key(1),) and contact.pending_keys == (key(9),)
+        assert contact.keys == () and contact.pending_keys == (key(9),)
+        assert contact.retired_keys == (key(1),) and contact.retired_at == (2.0,)
+
+
+def test_a_vouch_by_a_key_retired_now_counts_for_nothing(db: NodeDB) -> None:
+    # Bob's laptop (1) is revoked; whoever holds it can vouch for a key of their own (2).
+    c = Contacts(db)
+    c.pin_keys(BOB, [key(1)], 10.0)
+    assert c.pin_keys(BOB, [key(2)], 20.0, vouches={key(2): vouch(1, 2)}) is PinResult.CHANGED
+    assert c.trusted_keys(BOB) == frozenset()
+    contact = c.get(BOB)
+    assert contact is not None and contact.changed
+    assert contact.pending_keys == (key(2),) and contact.retired_keys == (key(1),)
+
+
+def test_all_keys_retired_is_not_a_first_contact(db: NodeDB) -> None:
+    c = Contacts(db)
+    c.pin_keys(BOB, [key(1)], 10.0)
+    assert c.pin_keys(BOB, [key(2)], 20.0) is PinResult.CHANGED  # 1 retired, 2 pending
+    assert c.dismiss_change(BOB)
+    assert c.trusted_keys(BOB) == frozenset()
+    # no pinned key left, yet nothing presented now is trusted on first use
+    for n, at in ((3, 30.0), (1, 40.0), (4, 50.0)):  # 1: the retired key listed again
+        assert c.pin_keys(BOB, [key(n)], at, signers=[key(n)]) is PinResult.CHANGED
+        assert c.trusted_keys(BOB) == frozenset()
+    assert not c.note_signer(BOB, key(1), 60.0)
+    # a message from the address is checked the same way
+    assert c.pin_keys(BOB, [key(5)], 70.0, signers=[key(5)]) is PinResult.CHANGED
+    assert c.trusted_keys(BOB) == frozenset()
+    # the user compared fingerprints
+    assert c.accept(BOB) == {key(5)}
+    assert c.trusted_keys(BOB) == {key(5)}
+    assert c.get(BOB).retired_keys == (key(1),)  # type: ignore[union-attr]
+
+
+def test_a_retired_key_listed_again_is_trusted_only_when_accepted(db: NodeDB) -> None:
+    c = Contacts(db)
+    c.pin_keys(BOB, [key(1), key(2)], 10.0)
+    assert c.pin_keys(BOB, [key(1)], 20.0) is PinResult.RETIRED
+    # the server lists it again, with a vouch by a pinned key (the one it registered
+    # with, kept): not trusted, shown as unvouched, and so at every later lookup
+    for at in (30.0, 31.0):
+        assert c.pin_keys(BOB, [key(1), key(2)], at,
+                          vouches={key(2): vouch(1, 2)}) is PinResult.UNVOUCHED
+        assert c.trusted_keys(BOB) == {key(1)}
+    contact = c.get(BOB)
+    assert contact is not None and contact.unvouched_keys == (key(2),)
+    assert contact.retired_keys == (key(2),) and contact.retired_at == (20.0,)
+    # nor does a chain through it count: 3 vouched for by the retired 2
+    assert c.pin_keys(BOB, [key(1), key(2), key(3)], 32.0,
+                      vouches={key(2): vouch(1, 2), key(3): vouch(2, 3)}) is PinResult.UNVOUCHED
+    assert c.trusted_keys(BOB) == {key(1)}
+    assert not c.note_signer(BOB, key(2), 33.0)
+    assert c.accept(BOB) == {key(2), key(3)}
+    assert c.trusted_keys(BOB) == {key(1), key(2), key(3)}
+    assert c.get(BOB).retired_keys == ()  # type: ignore[union-attr]
+
+
+def test_a_message_signed_by_a_retired_key_is_not_trusted(db: NodeDB) -> None:
+    c = Contacts(db)
+    c.pin_keys(BOB, [key(1), key(2)], 10.0)
+    c.pin_keys(BOB, [key(1)], 20.0)
+    assert not c.note_signer(BOB, key(2), 30.0)
+    contact = c.get(BOB)
+    assert contact is not None and contact.retired_keys == (key(2),)
+    assert contact.unvouched_keys == ()  # retired, not a new device to accept
+    with pytest.raises(KeyError):
+        c.accept(BOB)
+    assert c.trusted_keys(BOB) == {key(1)}
+
+
+def test_retired_keys_are_bounded_newest_kept(db: NodeDB) -> None:
+    c = Contacts(db)
+    total = MAX_RETIRED_PER_ADDRESS + 3
+    c.pin_keys(BOB, [key(1)], 1.0)
+    for n in range(2, total + 2):  # each device vouches for the next, then goes
+        c.pin_keys(BOB, [key(n - 1), key(n)], float(n), vouches={key(n): vouch(n - 1, n)})
+        assert c.pin_keys(BOB, [key(n)], n + 0.5) is PinResult.RETIRED
+    contact = c.get(BOB)
+    assert contact is not None and contact.keys == (key(total + 1),)
+    assert len(contact.retired_keys) == MAX_RETIRED_PER_ADDRESS
+    assert contact.retired_keys[-1] == key(total) and key(1) not in contact.retired_keys
+
+
+def test_upgrade_to_v6_keeps_the_contacts(tmp_path: Path) -> None:
+    steps = {k: v for k, v in _MIGRATIONS.items() if k < 5}
+    with NodeDB.open(tmp_path, migrations=steps) as old, old.transaction() as conn:
+        assert old.schema_version == 5
+        # what the v5 code wrote: bob with two pinned keys and an unvouched one, carol
+        # flagged with a pending key
+        conn.executemany("INSERT INTO contact VALUES (?, ?, ?, ?)",
+                         [(BOB, 10.0, 20.0, 0), ("carol@c.example", 30.0, 40.0, 1)])
+        conn.executemany("INSERT INTO contact_key VALUES (?, ?, ?, ?)", [
+            (BOB, key(1), "pinned", 10.0), (BOB, key(2), "pinned", 10.0),
+            (BOB, key(3), "unvouched", 20.0), ("carol@c.example", key(4), "pinned", 30.0),
+            ("carol@c.example", key(5), "pending", 40.0)])
+    with NodeDB.open(tmp_path) as db:
+        assert db.schema_version == SCHEMA_VERSION
+        c = Contacts(db)
+        bob, carol = c.list()
+        assert set(bob.keys) == {key(1), key(2)} and bob.first_seen == 10.0
+        assert bob.unvouched_keys == (key(3),) and not bob.changed
+        assert carol.changed and carol.keys == (key(4),) and carol.pending_keys == (key(5),)
+        assert c.pin_keys(BOB, [key(2)], 50.0) is PinResult.RETIRED
+        assert c.get(BOB).retired_keys == (key(1),)  # type: ignore[union-attr]
+
+
+# Keys 1..5 of one address, every vouch among them, and one signed for another address.
+_POOL = range(1, 6)
+_VOUCHES = {(b, f): vouch(b, f) for b in _POOL for f in _POOL if b != f}
+_FOREIGN = {f: vouch(1 if f != 1 else 2, f, "carol@b.example") for f in _POOL}
+_keyset = st.sets(st.sampled_from(_POOL), min_size=1, max_size=5)
+_op = st.one_of(
+    st.tuples(st.just("pin"), _keyset,
+              st.dictionaries(st.sampled_from(_POOL),
+                              st.one_of(st.sampled_from(_POOL), st.just(0))),
+              st.sets(st.sampled_from(_POOL), max_size=2)),
+    st.tuples(st.just("signer"), st.sampled_from(_POOL)),
+    st.tuples(st.just("accept")),
+    st.tuples(st.just("accept_change"), st.sampled_from(_POOL)),
+    st.tuples(st.just("dismiss")),
+)
+
+
+def _closure(start: set[int], candidates: set[int], vouched_by: dict[int, int]) -> set[int]:
+    trusted, grew = set(start), True
+    while grew:
+        grew = False
+        for k in candidates - trusted:
+            if vouched_by.get(k) in trusted:
+                trusted.add(k)
+                grew = True
+    return trusted - start
+
+
+def test_no_sequence_of_presented_sets_trusts_a_key_it_should_not(tmp_path: Path) -> None:
+    """Whatever the server presents, in whatever order, and whatever the user does: a key
+    becomes trusted only on first contact, by a vouch from a key pinned (and listed) at
+    that time and never retired, or by the user's accept of a key shown as waiting; a key
+    not listed is not trusted after the lookup; a retired key stays shown as retired until
+    the user accepts it."""
+    with NodeDB.open(tmp_path) as db:
+        c = Contacts(db)
+        by_key = {key(n): n for n in _POOL}
+
+        @settings(max_examples=300, deadline=None)
+        @given(ops=st.lists(_op, max_size=12))
+        def run(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+            c.remove(BOB)
+            ever_pinned, retired = False, set[int]()
+            for now, op in enumerate(ops):
+                before = {by_key[k] for k in c.trusted_keys(BOB)}
+                shown = c.get(BOB)
+                waiting = set() if shown is None else {
+                    by_key[k] for k in shown.pending_keys + shown.unvouched_keys}
+                if op[0] == "pin":
+                    _, presented, chosen, signers = op
+                    raw = {key(f): _VOUCHES[(b, f)] if b and b != f else _FOREIGN[f]
+                           for f, b in chosen.items()}
+                    c.pin_keys(BOB, [key(n) for n in presented], float(now), vouches=raw,
+                               signers=[key(n) for n in signers])
+                    allowed = _closure(before & presented, presented - retired,
+                                       {f: b for f, b in chosen.items() if b and b != f})
+                    if not ever_pinned:
+                        allowed |= presented
+                    retired |= before - presented
+                elif op[0] == "signer":
+                    c.note_signer(BOB, key(op[1]), float(now))
+                    allowed = set()
+                elif op[0] == "accept":
+                    with contextlib.suppress(KeyError):
+                        c.accept(BOB)
+                    allowed = waiting
+                elif op[0] == "accept_change":
+                    with contextlib.suppress(KeyError):
+                        c.accept_change(BOB, key(op[1]))
+                    allowed = waiting
+                else:
+                    c.dismiss_change(BOB)
+                    allowed = set()
+                after = {by_key[k] for k in c.trusted_keys(BOB)}
+                assert after - before <= allowed, (op, before, after)
+                if op[0] == "pin":
+                    assert after <= op[1]  # never a key the server does not list
+                retired -= after
+                ever_pinned |= bool(after)
+                got = c.get(BOB)
+                assert {by_key[k] for k in (got.retired_keys if got else ())} == retired
+
+        run()
