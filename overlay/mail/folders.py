@@ -48,6 +48,7 @@ from overlay.content.catalog import ContentStore
 from overlay.content.diskio import private_dir, pwrite_all, write_replace
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace
 from overlay.mail.outbox import (
+    ALL_SENT,
     SETTLED,
     WITHDRAWN_REASON,
     Outbox,
@@ -497,12 +498,14 @@ def needed(entry: OutboxEntry) -> bool:
                for r in entry.recipients)
 
 
-def release_archives(outbox: Outbox, store: ContentStore) -> list[str]:
+def release_archives(outbox: Outbox, store: ContentStore,
+                     entries: list[OutboxEntry] | None = None) -> list[str]:
     """Delete every folder map (or archive) this node wrote that no sent message needs any
     more (each recipient has it or declined it, or the message was withdrawn), never the
-    files a map names; blocking. The paths deleted."""
+    files a map names; blocking. `entries`: the whole outbox as the caller just read it
+    (else it is read here). The paths deleted."""
     by_path: dict[str, list[OutboxEntry]] = {}
-    for m in outbox.list(limit=1_000_000):
+    for m in entries if entries is not None else outbox.list(limit=ALL_SENT):
         if is_own_archive(store.root, m.path):
             by_path.setdefault(same_place(m.path), []).append(m)
     gone = []
@@ -531,7 +534,7 @@ def sweep_orphans(outbox: Outbox, store: ContentStore, now: float) -> list[Path]
     if not folder.is_dir():
         return []
     # A home reached through a symlink or `..` names one file by several texts.
-    named = {same_place(m.path) for m in outbox.list(limit=1_000_000)}
+    named = {same_place(m.path) for m in outbox.list(limit=ALL_SENT)}
     gone = []
     for p in folder.iterdir():
         with contextlib.suppress(OSError):
@@ -547,7 +550,7 @@ def discard_unsent(outbox: Outbox, store: ContentStore, path: Path,
                    content_id: bytes | None) -> None:
     """A send of an archive of ours failed before it was recorded: the archive goes,
     unless another sent message names it (a `resend`)."""
-    if any(same_place(m.path) == same_place(path) for m in outbox.list(limit=1_000_000)):
+    if any(same_place(m.path) == same_place(path) for m in outbox.list(limit=ALL_SENT)):
         return
     if content_id is not None:
         with contextlib.suppress(ContentStoreError):

@@ -40,6 +40,7 @@ from overlay.mail.db import NodeDB, check_message_row, is_new_message
 
 MAX_REASON_TEXT = 500
 DEFAULT_MAX_ENTRIES = 10_000
+ALL_SENT = 1_000_000  # a `list` limit above any max_entries: every entry
 _IDS_PER_QUERY = 500  # stays far below SQLite's limit on bound parameters
 RETENTION_ACTIONS = frozenset({"keep", "delete", "archive"})
 
@@ -125,6 +126,15 @@ class OutboxEntry:
     @property
     def anyone_downloaded(self) -> bool:
         return any(r.state is RecipientStatus.DOWNLOADED for r in self.recipients)
+
+
+def pending_retention(entries: Iterable[OutboxEntry]) -> list[OutboxEntry]:
+    """Of `entries`, those every recipient has downloaded or declined (`settled`) whose
+    retention is not applied yet, oldest first. Retention reads the whole outbox once and
+    runs at start-up too, so a crash between the last receipt and the delete or archive
+    step is finished later."""
+    return sorted((m for m in entries if m.settled and not m.retention_done),
+                  key=lambda m: m.created_at)
 
 
 def forwarding_text(state: str, home_domain: str, recipient: str, since: float | None,
@@ -264,20 +274,6 @@ class Outbox:
         if row is None or row["n"] == 0:
             raise KeyError(f"no outbox message {id.hex()}")
         return bool(row["n"] == row["done"])
-
-    def pending_retention(self) -> builtins.list[OutboxEntry]:
-        """Entries every recipient has downloaded or declined (`settled`) whose retention
-        is not applied yet.
-
-        The node calls this at start-up too, so a crash between the last receipt and the
-        delete/archive step is finished later.
-        """
-        rows = self._db.query(
-            "SELECT * FROM outbox o WHERE retention_done = 0 AND NOT EXISTS ("
-            " SELECT 1 FROM outbox_recipient r WHERE r.message_id = o.id"
-            " AND r.state NOT IN ('downloaded', 'declined')) ORDER BY created_at"
-        )
-        return self._entries(rows)
 
     def set_path(self, id: bytes, path: str) -> None:
         """Where the sent file is now (retention moved it into the archive folder)."""

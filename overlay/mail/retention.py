@@ -19,12 +19,13 @@ message is withdrawn); the files a map names are the user's and stay.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.mail.folders import is_own_archive, release_archives
-from overlay.mail.outbox import Outbox, OutboxEntry
+from overlay.mail.outbox import ALL_SENT, Outbox, OutboxEntry, pending_retention
 from overlay.mail.prefs import Prefs
 
 log = logging.getLogger("peerpost.retention")
@@ -35,14 +36,18 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
     """Apply the retention preference to every message nobody will fetch any more (each
     recipient downloaded or declined it); blocking I/O."""
     done: list[tuple[OutboxEntry, str]] = []
-    for entry in outbox.pending_retention():
+    # One read of the outbox: it was listed again for each entry settled (quadratic, and
+    # only the newest 1,000 were looked at), and once more by release_archives.
+    entries = outbox.list(limit=ALL_SENT)
+    # Messages of each content whose retention is not applied yet, this pass's included.
+    undone = Counter(m.content_id for m in entries if not m.retention_done)
+    for entry in pending_retention(entries):
         # Nobody has it: the user's file is the only copy, so the preference does not apply.
         action = prefs.retention if entry.anyone_downloaded else "keep"
         own = is_own_archive(store.root, entry.path)
         if own:
             action = "delete"  # our copy, not the user's; release_archives deletes it
-        still_needed = any(m.content_id == entry.content_id and m.id != entry.id
-                           and not m.retention_done for m in outbox.list())
+        still_needed = undone[entry.content_id] > 1
         if still_needed:
             action = "keep"  # another message still needs this copy; it decides later
         try:
@@ -61,10 +66,11 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
             # Already gone (removed by hand, or an earlier run got this far): nothing to do.
             log.info("retention %s for %s: %s", action, entry.id.hex(), exc)
         outbox.mark_retention_done(entry.id, action)
+        undone[entry.content_id] -= 1
         if entry.anyone_downloaded:
             log.info("message %s: every recipient has it or declined it; copy %s",
                      entry.id.hex(),
                      {"keep": "kept", "delete": "deleted", "archive": "archived"}[action])
         done.append((entry, action))
-    release_archives(outbox, store)
+    release_archives(outbox, store, entries)
     return done

@@ -1,0 +1,102 @@
+"""The sender's retention pass (`apply_retention`) over a real node.db and content store:
+a copy another message still needs is kept however long the outbox is, and the pass
+reads the outbox once, not once per message it settles."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from overlay.content.catalog import ContentStore
+from overlay.mail.db import NodeDB
+from overlay.mail.outbox import ALL_SENT, Outbox, OutboxEntry, RecipientStatus
+from overlay.mail.prefs import Prefs
+from overlay.mail.retention import apply_retention
+
+BOB = "bob@example.net"
+
+
+class CountedOutbox(Outbox):
+    """An outbox that counts how often it is listed."""
+
+    def __init__(self, db: NodeDB) -> None:
+        super().__init__(db)
+        self.lists = 0
+
+    def list(self, *, limit: int = 1000) -> list[OutboxEntry]:
+        self.lists += 1
+        return super().list(limit=limit)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[NodeDB]:
+    with NodeDB.open(tmp_path / "alice") as opened:
+        yield opened
+
+
+def sent(outbox: Outbox, n: int, content_id: bytes, path: Path, *,
+         downloaded: bool = True) -> bytes:
+    """Message `n` of `content_id` to bob, sent at time `n`, downloaded by him (or not)."""
+    mid = n.to_bytes(16, "big")
+    outbox.add(id=mid, path=str(path), title=f"clip {n}", size=path.stat().st_size,
+               content_id=content_id, created_at=float(n), recipients=[BOB],
+               message=b"\x93")
+    outbox.set_recipient_state(mid, BOB, RecipientStatus.SENT, float(n))
+    if downloaded:
+        outbox.set_recipient_state(mid, BOB, RecipientStatus.DOWNLOADED, float(n))
+    return mid
+
+
+def test_a_copy_another_message_needs_is_kept_however_many_were_sent_since(
+        db: NodeDB, tmp_path: Path) -> None:
+    """The same file sent twice, long ago: the first message is settled, the second not.
+    With retention `delete` the copy stays until the second is settled too, though 1,000
+    messages were sent since. The pass looked only at the newest 1,000 for another
+    message of the content, deleted the user's file and left the second one nothing to
+    serve."""
+    store = ContentStore(tmp_path / "store")
+    clip = tmp_path / "clip.bin"
+    clip.write_bytes(os.urandom(100_000))
+    cid = store.add_local_file_blocking(clip).content_id
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"x")
+    outbox, prefs = CountedOutbox(db), Prefs(db)
+    prefs.retention = "delete"
+    first = sent(outbox, 1, cid, clip)
+    second = sent(outbox, 2, cid, clip, downloaded=False)
+    for n in range(3, 1003):
+        sent(outbox, n, os.urandom(32), other, downloaded=False)
+
+    done = apply_retention(outbox, store, prefs, tmp_path / "archive")
+    assert [(e.id, action) for e, action in done] == [(first, "keep")]
+    assert clip.exists() and store.local(cid) is not None
+    assert outbox.lists == 1  # read once, for settling and for folder maps both
+
+    outbox.set_recipient_state(second, BOB, RecipientStatus.DOWNLOADED, 2000.0)
+    done = apply_retention(outbox, store, prefs, tmp_path / "archive")
+    assert [(e.id, action) for e, action in done] == [(second, "delete")]
+    assert not clip.exists() and store.local(cid) is None
+    e = outbox.get(second)
+    assert e is not None and e.retention_action == "delete"
+
+
+def test_one_read_of_the_outbox_however_many_are_settled(db: NodeDB, tmp_path: Path) -> None:
+    """200 messages settled at once (a start after a crash, a burst of receipts): one
+    read, where the pass listed the outbox again for each of them. Two messages of the
+    same file: the older keeps the copy for the newer, which applies `delete`."""
+    store = ContentStore(tmp_path / "store")
+    clip = tmp_path / "clip.bin"
+    clip.write_bytes(b"c")
+    outbox, prefs = CountedOutbox(db), Prefs(db)
+    prefs.retention = "delete"
+    shared = os.urandom(32)
+    for n in range(1, 201):
+        sent(outbox, n, shared if n in (7, 9) else os.urandom(32), clip)
+    done = apply_retention(outbox, store, prefs, tmp_path / "archive")
+    assert outbox.lists == 1
+    assert len(done) == 200 and all(e.retention_done for e in outbox.list(limit=ALL_SENT))
+    assert [int.from_bytes(e.id, "big") for e, _ in done] == list(range(1, 201))
+    assert {int.from_bytes(e.id, "big") for e, action in done if action == "keep"} == {7}
