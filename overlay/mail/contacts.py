@@ -15,6 +15,7 @@ keys, so the rule for a presented set is:
   key is never sealed to again and a message or receipt it signed is believed no more than
   one from a stranger's key; `peerpost contacts` shows it with when. This happens at the
   next FINGER of the address: a send to it, or a message signed by a key not trusted yet.
+  A send whose FINGER lists no device at all retires every pinned key (`retire_all`).
 - keys already pinned: `SAME`. A new key carrying a vouch that verifies under a pinned key
   presented now (or under a key pinned this way, so a chain of vouches works) is pinned too
   (`ADDED`).
@@ -155,6 +156,15 @@ class Contacts:
             if gone:
                 return PinResult.RETIRED
             return PinResult.ADDED if vouched else PinResult.SAME
+
+    def retire_all(self, address: str, now: float) -> frozenset[bytes]:
+        """The address's server lists no device for it now (FINGER answered with none, its
+        last device revoked): every pinned key is retired. Returns the keys retired."""
+        addr = normalize_address(address)
+        with self._db.transaction() as conn:
+            gone = _keys(conn, addr, "pinned")
+            _retire(conn, addr, gone, now)
+            return gone
 
     def note_signer(self, address: str, verify_key: bytes, now: float) -> bool:
         """Whether the key that signed a message is pinned for `address`; if not, it is

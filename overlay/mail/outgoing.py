@@ -388,7 +388,10 @@ class MailSender:
         info = answer
         keys = [d.verify_key for d in info.devices]
         if not keys:
-            raise SendError(f"{addr}: no device is registered for this address")
+            # Its last device revoked or removed: what was pinned is retired too.
+            gone = self.contacts.retire_all(addr, self.wall())
+            raise SendError(f"{addr}: no device is registered for this address"
+                            + (" (the keys you trusted for it are retired)" if gone else ""))
         vouches = {d.verify_key: d.vouch for d in info.devices if d.vouch is not None}
         pin = self.contacts.pin_keys(addr, keys, self.wall(), vouches=vouches)
         if pin is PinResult.CHANGED:

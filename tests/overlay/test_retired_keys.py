@@ -50,19 +50,23 @@ class _Server:
         self.sent += items
 
 
-def _sender(db: NodeDB, store: ContentStore, server: _Server) -> MailSender:
-    return MailSender(SENDER, "alice@a.test", rendezvous=cast(Any, server), store=store,
-                      contacts=Contacts(db), outbox=Outbox(db), announce=lambda c: None,
-                      direct_addresses=list, home_server="a.test", wall=lambda: 1000.0)
+async def _sent_once(db: NodeDB, store: ContentStore, tmp_path: Path,
+                     *listed: DeviceIdentity) -> tuple[Path, _Server, MailSender]:
+    """A clip, bob's server listing `listed`, and alice's sender, which sent bob the clip
+    once (first contact: `listed` are pinned)."""
+    clip = tmp_path / "clip.bin"
+    clip.write_bytes(b"x" * 5000)
+    server = _Server(*listed)
+    sender = MailSender(SENDER, "alice@a.test", rendezvous=cast(Any, server), store=store,
+                        contacts=Contacts(db), outbox=Outbox(db), announce=lambda c: None,
+                        direct_addresses=list, home_server="a.test", wall=lambda: 1000.0)
+    await sender.send(clip, ["bob@b.test"], "t", "")
+    return clip, server, sender
 
 
 async def test_a_revoked_device_is_not_sealed_to_even_while_its_domain_is_away(
         db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
-    clip = tmp_path / "clip.bin"
-    clip.write_bytes(b"x" * 5000)
-    server = _Server(BOB1, BOB2)
-    sender = _sender(db, store, server)
-    await sender.send(clip, ["bob@b.test"], "t", "")  # first contact: both pinned
+    clip, server, sender = await _sent_once(db, store, tmp_path, BOB1, BOB2)
     assert {peer for _, peer, _ in server.sent} == {BOB1.peer_id, BOB2.peer_id}
 
     server.listed, server.sent = server.listed[:1], []  # the operator revoked BOB2
@@ -82,11 +86,7 @@ async def test_a_revoked_device_is_not_sealed_to_even_while_its_domain_is_away(
 
 async def test_a_send_with_no_trusted_key_left_fails_and_records_nothing(
         db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
-    clip = tmp_path / "clip.bin"
-    clip.write_bytes(b"x" * 5000)
-    server = _Server(BOB1)
-    sender = _sender(db, store, server)
-    await sender.send(clip, ["bob@b.test"], "t", "")
+    clip, server, sender = await _sent_once(db, store, tmp_path, BOB1)
     # BOB1 revoked; the server lists a new key, vouched for by the revoked one (whoever
     # holds the lost device can make that vouch)
     vouch = make_vouch(BOB1, "bob@b.test", BOB3.public.verify_key).to_bytes()
@@ -143,3 +143,24 @@ def test_a_receipt_signed_by_a_retired_key_is_dropped(alice: Any) -> None:
     assert mail.handle(receipt("downloaded", signer=bob1))[0] is Outcome.RECEIPT
     assert bob(outbox)[0] is RecipientStatus.DOWNLOADED
     assert MID in {m.id for m in outbox.list()}
+
+
+async def test_an_address_with_no_device_left_retires_every_key(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    clip, server, sender = await _sent_once(db, store, tmp_path, BOB1, BOB2)
+    server.listed, server.sent = (), []  # both revoked: the account lists no device
+    with pytest.raises(SendError, match="no device is registered for this address "
+                                        r"\(the keys you trusted for it are retired\)"):
+        await sender.send(clip, ["bob@b.test"], "t", "")
+    contact = Contacts(db).get("bob@b.test")
+    assert contact is not None and contact.keys == ()
+    assert set(contact.retired_keys) == {BOB1.public.verify_key, BOB2.public.verify_key}
+    server.unreachable = True  # nothing is sealed to them while the domain is away
+    with pytest.raises(SendError, match=r"no key of bob@b\.test is trusted"):
+        await sender.send(clip, ["bob@b.test"], "t", "")
+    assert server.sent == []
+    # an address never seen that lists no device is not made a contact
+    server.unreachable = False
+    with pytest.raises(SendError, match=r"no device is registered for this address$"):
+        await sender.send(clip, ["carol@b.test"], "t", "")
+    assert Contacts(db).get("carol@b.test") is None
