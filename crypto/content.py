@@ -68,11 +68,13 @@ so downloads started before an upgrade verify as they began.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import IntEnum
+from typing import Protocol
 
 import blake3
 import nacl.bindings
@@ -347,6 +349,64 @@ def hchacha20(key: bytes, nonce16: bytes) -> bytes:
     return struct.pack("<8I", *s[0:4], *s[12:16])
 
 
+class _IntoAead(Protocol):
+    """What `in_place_aead` drives: an AEAD of `cryptography` with the *_into calls."""
+
+    def __init__(self, key: bytes) -> None: ...
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+
+    def encrypt_into(self, nonce: bytes, data: memoryview, associated_data: bytes | None,
+                     buf: memoryview) -> int: ...
+
+    def decrypt_into(self, nonce: bytes, data: memoryview, associated_data: bytes | None,
+                     buf: memoryview) -> int: ...
+
+
+def aliasing_into_works(aeads: Iterable[type[_IntoAead]]) -> bool:
+    """Whether each AEAD seals and opens with input and output the same bytes (the layout
+    of `ChunkCipher.seal_in_place` and of a chunk opened where it arrived) and gets the
+    bytes it gets out of place. cryptography 50 does (OpenSSL's EVP calls allow exact
+    aliasing); 51.0.1, after pyca/cryptography#15656, raises ValueError "data and buf must
+    not overlap" for any overlap, exact or partial; a release may as well copy or garble.
+    A refusal or a wrong byte means False."""
+    key, nonce, aad = bytes(range(KEY_LEN)), bytes(GCM_NONCE_LEN), b"peerpost/in-place"
+    plain = bytes(range(256)) * 4 + b"odd"  # several blocks and a partial one
+    try:
+        for make in aeads:
+            aead = make(key)
+            sealed = aead.encrypt(nonce, plain, aad)
+            buf = bytearray(plain) + bytes(len(sealed) - len(plain))
+            with memoryview(buf) as view:
+                aead.encrypt_into(nonce, view[:len(plain)], aad, view)
+                if buf != sealed:
+                    return False
+                aead.decrypt_into(nonce, view, aad, view[:len(plain)])
+                if buf[:len(plain)] != plain:
+                    return False
+    except Exception:  # whatever a release raises, in place is off
+        return False
+    return True
+
+
+@functools.cache
+def in_place_aead() -> bool:
+    """`aliasing_into_works` for the installed `cryptography`, checked once per process:
+    each ChunkCipher reads the answer when it is made, so a chunk costs one attribute
+    test. False: chunks are copied before OpenSSL seals or opens them where they lie."""
+    return _HAVE_AES and _HAVE_OPENSSL_INTO and aliasing_into_works(
+        (_AESGCM, _ChaCha20Poly1305))
+
+
+def _shares_memory(a: memoryview, b: memoryview) -> bool:
+    """Whether two buffers overlap in memory."""
+    if not a.nbytes or not b.nbytes:
+        return False
+    pa = int(_ffi.cast("uintptr_t", _ffi.from_buffer(a)))
+    pb = int(_ffi.cast("uintptr_t", _ffi.from_buffer(b)))
+    return pa < pb + b.nbytes and pb < pa + a.nbytes
+
+
 class ChunkCipher:
     """Seals and opens the chunks of one content, as its scheme says.
 
@@ -360,14 +420,20 @@ class ChunkCipher:
 
     KEYED_PLAIN_AES: AES-256-GCM under K_E, a fresh random nonce per sealing in front of
     the ciphertext; the AAD binds the chunk index as above.
+
+    `in_place` (default: `in_place_aead()`, this installation's answer) says whether
+    OpenSSL may seal and open with input and output the same bytes; False copies the input
+    first wherever the two would share memory.
     """
 
-    __slots__ = ("_aead", "_aes", "_key", "overhead", "scheme")
+    __slots__ = ("_aead", "_aes", "_in_place", "_key", "overhead", "scheme")
 
-    def __init__(self, key: bytes, scheme: LeafScheme = LeafScheme.SEALED) -> None:
+    def __init__(self, key: bytes, scheme: LeafScheme = LeafScheme.SEALED, *,
+                 in_place: bool | None = None) -> None:
         if len(key) != KEY_LEN:
             raise DecodeError("a content key is 32 bytes")
         self._key = key
+        self._in_place = in_place_aead() if in_place is None else in_place
         self.scheme = LeafScheme(scheme)
         self.overhead = self.scheme.seal_overhead
         self._aes = None
@@ -410,7 +476,8 @@ class ChunkCipher:
         made each chunk's working set twice this machine's 2 MiB L2, and reading then
         sealing cost 0.02-0.03 CPU s/GB more than in one buffer. OpenSSL's EVP calls allow
         input and output to be the same bytes (not partly overlapping ones, which the
-        layout here never makes)."""
+        layout here never makes), up to cryptography 50: `in_place_aead` checks it, and
+        where it fails the plaintext is copied out first (one chunk-sized copy more)."""
         if n < 0 or len(buf) != n + self.overhead:
             raise DecodeError(f"a sealed chunk of {n} bytes needs {n + self.overhead} bytes "
                               f"of room, got {len(buf)}")
@@ -422,10 +489,12 @@ class ChunkCipher:
                 nonce = os.urandom(GCM_NONCE_LEN)
                 view[:GCM_NONCE_LEN] = nonce
                 body = view[GCM_NONCE_LEN:]
-                self._aes.encrypt_into(nonce, body[:n], _aad(index), body)
+                plain = body[:n] if self._in_place else bytes(body[:n])
+                self._aes.encrypt_into(nonce, plain, _aad(index), body)
             elif self._aead is not None:
+                plain = view[:n] if self._in_place else bytes(view[:n])
                 self._aead.encrypt_into(_IETF_NONCE_PAD + index.to_bytes(8, "big"),
-                                        view[:n], _aad(index), view)
+                                        plain, _aad(index), view)
 
     def open_into(self, index: int, sealed: bytes | bytearray | memoryview,
                   out: bytearray | memoryview) -> memoryview:
@@ -441,6 +510,8 @@ class ChunkCipher:
             nonce, body = bytes(body[:GCM_NONCE_LEN]), body[GCM_NONCE_LEN:]
         n = _opened_len(index, body, out)
         view = memoryview(out)[:n]
+        if not self._in_place and _shares_memory(body, view):
+            body = memoryview(bytes(body))
         try:
             if aes is not None:
                 aes.decrypt_into(nonce, body, _aad(index), view)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from crypto.address import format_hostport, parse_hostport
+from crypto.content import in_place_aead
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from crypto.location import LocationMessage
@@ -167,6 +168,10 @@ class Node:
         rate = self.options.max_upload_rate or self.prefs.max_upload_rate
         self.store = ContentStore(self.home.store_dir)
         st.push_async_callback(self.store.aclose)
+        if not in_place_aead():
+            log.warning("the installed cryptography package refuses (or garbles) sealing "
+                        "and opening in place: every chunk served or received is copied "
+                        "once more first")
         self.transfer = TransferServer(self.identity, self.store.catalog,
                                        max_upload_rate=int(rate) if rate else None)
         st.push_async_callback(self.transfer.aclose)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import nacl.bindings
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from nacl._sodium import ffi
 
+from crypto import content
 from crypto.capability import check_capability_proof, new_capability, prove_capability
 from crypto.content import (
     GCM_NONCE_LEN,
@@ -17,10 +21,12 @@ from crypto.content import (
     ChunkVerifier,
     LeafScheme,
     aes_key,
+    aliasing_into_works,
     chunk_count,
     chunk_hash,
     cpu_has_aes,
     hchacha20,
+    in_place_aead,
     leaf_key,
     merkle_proof,
     merkle_root,
@@ -385,14 +391,18 @@ def test_aes_nonces_are_fresh_for_every_sealing_and_the_index_is_bound() -> None
         cipher.seal_into(0, data[:1024], bytearray(1024 + TAG_LEN))
 
 
+@pytest.mark.parametrize("in_place", [None, False], ids=["installed", "copying"])
 @pytest.mark.parametrize("scheme", list(LeafScheme))
 @given(st.binary(min_size=32, max_size=32), st.binary(max_size=70_000),
        st.integers(min_value=0, max_value=2**64 - 1))
 @settings(max_examples=40)
 def test_sealing_in_place_makes_the_bytes_sealing_into_a_second_buffer_does(
-        scheme: LeafScheme, key: bytes, plain: bytes, index: int) -> None:
-    # Serving reads a chunk straight into the buffer that goes out and seals it there.
-    cipher = ChunkCipher(key, scheme)
+        in_place: bool | None, scheme: LeafScheme, key: bytes, plain: bytes,
+        index: int) -> None:
+    # Serving reads a chunk straight into the buffer that goes out and seals it there;
+    # receiving opens it where it arrived. Both ways: as this installation's
+    # `cryptography` allows, and copying first as where it refuses aliased buffers.
+    cipher = ChunkCipher(key, scheme, in_place=in_place)
     n, lead = len(plain), scheme.seal_lead
     buf = bytearray(b"\xaa" * (n + cipher.overhead))
     buf[lead : lead + n] = plain
@@ -404,8 +414,112 @@ def test_sealing_in_place_makes_the_bytes_sealing_into_a_second_buffer_does(
     else:
         assert buf == seal_chunk(key, index, plain)
     assert cipher.open(index, buf) == plain
+    with memoryview(buf) as view:
+        assert cipher.open_into(index, view, view[lead:]) == plain
+    assert buf[lead : lead + n] == plain
     with pytest.raises(DecodeError, match="room"):
         cipher.seal_in_place(index, bytearray(n + cipher.overhead + 1), n)
+
+
+def _address_range(b: Any) -> tuple[int, int]:
+    view = memoryview(b)
+    start = int(ffi.cast("uintptr_t", ffi.from_buffer(view)))
+    return start, start + view.nbytes
+
+
+class _WrappedAead:
+    """An AEAD of `cryptography` (its classes can't be subclassed), passed through."""
+
+    base: Any
+
+    def __init__(self, key: bytes) -> None:
+        self.real = self.base(key)
+
+    def encrypt(self, nonce: bytes, data: Any, aad: Any) -> bytes:
+        return bytes(self.real.encrypt(nonce, data, aad))
+
+    def decrypt(self, nonce: bytes, data: Any, aad: Any) -> bytes:
+        return bytes(self.real.decrypt(nonce, data, aad))
+
+    def encrypt_into(self, nonce: bytes, data: Any, aad: Any, buf: Any) -> int:
+        return int(self.real.encrypt_into(nonce, data, aad, buf))
+
+    def decrypt_into(self, nonce: bytes, data: Any, aad: Any, buf: Any) -> int:
+        return int(self.real.decrypt_into(nonce, data, aad, buf))
+
+
+def _refusing_overlap(aead: type[Any]) -> type[Any]:
+    """`aead` as cryptography 51.0.1 has it (pyca/cryptography#15656): *_into with input
+    and output sharing any byte, exact aliasing too, raises ValueError."""
+
+    class Refusing(_WrappedAead):
+        base = aead
+
+        def _check(self, data: Any, buf: Any) -> None:
+            (a0, a1), (b0, b1) = _address_range(data), _address_range(buf)
+            if a0 < b1 and b0 < a1:
+                raise ValueError("data and buf must not overlap")
+
+        def encrypt_into(self, nonce: bytes, data: Any, aad: Any, buf: Any) -> int:
+            self._check(data, buf)
+            return super().encrypt_into(nonce, data, aad, buf)
+
+        def decrypt_into(self, nonce: bytes, data: Any, aad: Any, buf: Any) -> int:
+            self._check(data, buf)
+            return super().decrypt_into(nonce, data, aad, buf)
+
+    return Refusing
+
+
+def _garbling_aliases(aead: type[Any]) -> type[Any]:
+    """`aead` where sealing in place gives other bytes than sealing out of place (as a
+    release that reads input it has already overwritten would)."""
+
+    class Garbling(_WrappedAead):
+        base = aead
+
+        def encrypt_into(self, nonce: bytes, data: Any, aad: Any, buf: Any) -> int:
+            n = super().encrypt_into(nonce, data, aad, buf)
+            if _address_range(data)[0] == _address_range(buf)[0]:
+                memoryview(buf)[0] ^= 1
+            return n
+
+    return Garbling
+
+
+def test_in_place_is_used_only_where_the_installed_cryptography_gets_it_right() -> None:
+    assert in_place_aead() is aliasing_into_works((AESGCM, ChaCha20Poly1305))
+    for wrap in (_refusing_overlap, _garbling_aliases):
+        assert not aliasing_into_works((wrap(AESGCM), ChaCha20Poly1305))
+        assert not aliasing_into_works((AESGCM, wrap(ChaCha20Poly1305)))
+
+
+@pytest.mark.parametrize("scheme", [LeafScheme.SEALED, LeafScheme.KEYED_PLAIN_AES])
+def test_a_cryptography_that_refuses_aliased_buffers_still_seals_and_opens(
+        monkeypatch: pytest.MonkeyPatch, scheme: LeafScheme) -> None:
+    monkeypatch.setattr(content, "_AESGCM", _refusing_overlap(AESGCM))
+    monkeypatch.setattr(content, "_ChaCha20Poly1305", _refusing_overlap(ChaCha20Poly1305))
+    verdict = aliasing_into_works((content._AESGCM, content._ChaCha20Poly1305))
+    assert verdict is False
+    plain = bytes(range(256)) * 300 + b"tail"
+    n, lead = len(plain), scheme.seal_lead
+    for in_place in (True, verdict):
+        cipher = ChunkCipher(KEY, scheme, in_place=in_place)
+        buf = bytearray(n + cipher.overhead)
+        buf[lead : lead + n] = plain
+        if in_place:  # what the node did before it checked: every served chunk failed
+            with pytest.raises(ValueError, match="must not overlap"):
+                cipher.seal_in_place(3, buf, n)
+            continue
+        cipher.seal_in_place(3, buf, n)
+        reference = ChunkCipher(KEY, scheme, in_place=False)
+        assert reference.open(3, buf) == plain
+        if scheme is LeafScheme.SEALED:
+            assert buf == seal_chunk(KEY, 3, plain)
+        assert cipher.open_into(3, bytes(buf), bytearray(n)) == plain  # two buffers
+        with memoryview(buf) as view:
+            assert cipher.open_into(3, view, view[lead:]) == plain  # opened where it lies
+        assert buf[lead : lead + n] == plain
 
 
 def test_aes_catches_a_key_holder_that_seals_other_plaintext() -> None:
