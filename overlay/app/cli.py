@@ -858,8 +858,21 @@ async def cmd_rm(home: NodeHome, args: argparse.Namespace) -> int:
         gone = _file_fate(r)
         console.print(f"removed {r['id'][:12]} {_m(r['title'])}{gone}")
         if r.get("sender_told"):
-            console.print(f"{_m(r['sender_told'])} is told you will not download it")
+            console.print(told_text(r), soft_wrap=True, highlight=False)
     return 0
+
+
+def told_text(removed: dict[str, Any]) -> str:
+    """What `rm` says its sender hears: that you will not download it, or, when a download
+    that failed for good queued the decline earlier, that with its reason (already told,
+    if it went)."""
+    who, earlier = _m(removed["sender_told"]), removed.get("told_earlier")
+    if not earlier:
+        return f"{who} is told you will not download it"
+    why = _m(earlier["reason"])
+    if earlier["sent"]:
+        return f"{who} was told already that you will not download it ({why})"
+    return f"{who} is told you will not download it ({why})"
 
 
 def cmd_fetch(home: NodeHome, args: argparse.Namespace) -> Any:

@@ -216,7 +216,9 @@ class ControlOperations:
         return {"removed": gone, "inbox": self.inbox_state()}
 
     async def _remove(self, e: InboxEntry, *, delete_file: bool) -> dict[str, Any]:
-        # Not downloaded: its sender is told (unless junk or unverified, see Inbox.remove).
+        # Not downloaded: its sender is told (unless junk or unverified, see Inbox.remove);
+        # a download that failed for good may have queued that earlier, with its reason.
+        earlier = self.declined_json(e.id)
         await self.downloads.cancel(e.id, remove=True,
                                     decline=Decline(REMOVED_REASON, self.downloads.wall()))
         told = e.sender if self.inbox.declined(e.id) is not None else None
@@ -227,7 +229,7 @@ class ControlOperations:
                 kept = (f"{e.path} is kept: message {shared[0].id.hex()[:12]} "
                         f"({shared[0].title}) uses it too")
             return {"id": e.id.hex(), "title": e.title, "deleted_file": None,
-                    "kept_file": kept, "sender_told": told}
+                    "kept_file": kept, "sender_told": told, "told_earlier": earlier}
         sent_too = any(m.content_id == e.content_id for m in self.outbox.list())
         if self.store is not None and not sent_too:
             held = self.store.local(e.content_id)
@@ -243,7 +245,7 @@ class ControlOperations:
             if await asyncio.to_thread(delete_received, Path(e.path)):
                 deleted = e.path
         return {"id": e.id.hex(), "title": e.title, "deleted_file": deleted,
-                "kept_file": kept, "sender_told": told}
+                "kept_file": kept, "sender_told": told, "told_earlier": earlier}
 
     def find(self, prefix: str) -> InboxEntry:
         """The one inbox entry whose id starts with `prefix` (hex), or ControlError."""

@@ -20,6 +20,7 @@ import pytest
 from crypto.codec import Fields
 from crypto.identity import DeviceIdentity
 from crypto.location import Description, Handle, Headers, LocationMessage
+from overlay.app.cli import told_text
 from overlay.app.operations import ControlOperations
 from overlay.mail.contacts import Contacts
 from overlay.mail.db import _MIGRATIONS, NodeDB
@@ -474,17 +475,43 @@ async def test_fetch_takes_back_a_decline_not_sent_and_says_when_the_sender_has_
     inbox = Inbox(db)
     queued, sent = _failed_for_good(inbox, 1), _failed_for_good(inbox, 2)
     inbox.mark_decline_sent(sent, 6.0)
-    prefs = Prefs(db)
-    downloads = DownloadQueue(inbox, prefs, fetch=None, on_complete=None,  # type: ignore[arg-type]
-                              wall=time.time, rng=random.Random(1))
-    none: Any = None
-    ops = ControlOperations(
-        BOB, "bob@example.net", listen_addr=None, rendezvous=none, incoming=none,
-        sender=none, inbox=inbox, outbox=Outbox(db), prefs=prefs, contacts=none,
-        downloads=downloads, transfer=none, max_in_flight=1)
+    ops = _operations(db, inbox)
     res = await ops.fetch(Fields({"id": queued.hex()}, "fetch"))
     assert res["state"] == "downloading" and res["declined"] is None
     assert owed(inbox) == {} and inbox.declined(queued) is None
     res = await ops.fetch(Fields({"id": sent.hex()}, "fetch"))
     assert res["declined"] == {"reason": "source changed", "sent": True}
     assert inbox.declined(sent) == ("source changed", 6.0)
+
+
+def _operations(db: NodeDB, inbox: Inbox) -> ControlOperations:
+    """Bob's control operations over `inbox`; the network parts they don't use left out."""
+    prefs = Prefs(db)
+    downloads = DownloadQueue(inbox, prefs, fetch=None, on_complete=None,  # type: ignore[arg-type]
+                              wall=time.time, rng=random.Random(1))
+    none: Any = None
+    return ControlOperations(
+        BOB, "bob@example.net", listen_addr=None, rendezvous=none,
+        incoming=SimpleNamespace(counters={"refused-inbox-full": 0}),  # type: ignore[arg-type]
+        sender=none, inbox=inbox, outbox=Outbox(db), prefs=prefs, contacts=none,
+        downloads=downloads, transfer=none, max_in_flight=1)
+
+
+async def test_rm_says_what_the_sender_hears(db: NodeDB) -> None:
+    """`rm` of a message unread tells its sender; of one whose download failed for good,
+    the decline was queued then, with that reason (and may have gone): `rm` said 'is told
+    you will not download it' of each, as though the remove were the news."""
+    inbox = Inbox(db)
+    unread, queued, sent = offer(inbox, 1), _failed_for_good(inbox, 2), _failed_for_good(inbox, 3)
+    inbox.mark_decline_sent(sent, 6.0)
+    ops = _operations(db, inbox)
+    said = {}
+    for mid in (unread, queued, sent):
+        (r,) = (await ops.rm(Fields({"id": mid.hex()}, "rm")))["removed"]
+        said[mid] = told_text(r)
+    assert said == {
+        unread: "alice@example.net is told you will not download it",
+        queued: "alice@example.net is told you will not download it (source changed)",
+        sent: "alice@example.net was told already that you will not download it "
+              "(source changed)"}
+    assert owed(inbox) == {unread: REMOVED_REASON, queued: "source changed"}
