@@ -67,7 +67,14 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
             log.info("retention %s for %s: %s", action, entry.id.hex(), exc)
         outbox.mark_retention_done(entry.id, action)
         undone[entry.content_id] -= 1
-        if entry.anyone_downloaded:
+        if own and not still_needed:
+            # The map is the node's, the folder the user's: it stays whatever the
+            # preference; release_archives deletes the map (and logs it) below.
+            log.info("message %s: every recipient %s; the folder is kept and no longer "
+                     "served (its map %s goes)", entry.id.hex(),
+                     "has it or declined it" if entry.anyone_downloaded else "declined it",
+                     entry.path)
+        elif entry.anyone_downloaded:
             log.info("message %s: every recipient has it or declined it; copy %s",
                      entry.id.hex(),
                      {"keep": "kept", "delete": "deleted", "archive": "archived"}[action])

@@ -4,6 +4,7 @@ reads the outbox once, not once per message it settles."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from overlay.content.catalog import ContentStore
 from overlay.mail.db import NodeDB
+from overlay.mail.folders import outgoing_dir
 from overlay.mail.outbox import ALL_SENT, Outbox, OutboxEntry, RecipientStatus
 from overlay.mail.prefs import Prefs
 from overlay.mail.retention import apply_retention
@@ -100,3 +102,28 @@ def test_one_read_of_the_outbox_however_many_are_settled(db: NodeDB, tmp_path: P
     assert len(done) == 200 and all(e.retention_done for e in outbox.list(limit=ALL_SENT))
     assert [int.from_bytes(e.id, "big") for e, _ in done] == list(range(1, 201))
     assert {int.from_bytes(e.id, "big") for e, action in done if action == "keep"} == {7}
+
+
+@pytest.mark.parametrize("downloaded", [False, True])
+def test_a_folder_nobody_will_fetch_any_more_is_logged(
+        db: NodeDB, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        downloaded: bool) -> None:
+    """Every recipient declined a folder (or has it): its map goes and the folder is no
+    longer served, and the log says so as it does for a file. Nothing was logged when all
+    declined, and 'copy deleted' when one had it, though the user's folder stays."""
+    store = ContentStore(tmp_path / "store")
+    folder_map = outgoing_dir(store.root) / "sunday.map"
+    folder_map.parent.mkdir()
+    folder_map.write_bytes(b"the map")
+    outbox = Outbox(db)
+    mid = sent(outbox, 1, os.urandom(32), folder_map, downloaded=downloaded)
+    if not downloaded:
+        outbox.set_recipient_state(mid, BOB, RecipientStatus.DECLINED, 2.0,
+                                   reason="removed by the recipient")
+    caplog.set_level(logging.INFO, "peerpost")
+    apply_retention(outbox, store, Prefs(db), tmp_path / "archive")
+    who = "has it or declined it" if downloaded else "declined it"
+    assert (f"message {mid.hex()}: every recipient {who}; the folder is kept and no longer "
+            f"served (its map {folder_map} goes)") in caplog.text
+    assert "copy deleted" not in caplog.text
+    assert f"deleted the folder map {folder_map}" in caplog.text and not folder_map.exists()
