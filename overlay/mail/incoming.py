@@ -202,9 +202,11 @@ class IncomingMail:
             # a forged "downloaded" let retention delete our copy while the recipient had
             # nothing, a forged "declined" stopped the serving. Dropped (and acknowledged):
             # the recipient stays as it was.
+            # Counted apart from malformed ones: a rise means a server (or a revoked
+            # device) speaking for its users, not a bug or line noise.
             return self._drop("receipt", env, f"signed by device "
                               f"{PublicIdentity(key).fingerprint()}, not trusted for "
-                              f"{env.sender}")
+                              f"{env.sender}", counter="dropped-receipt-untrusted")
         state = (RecipientStatus.DOWNLOADED if receipt.state == "deleted"
                  else RecipientStatus(receipt.state))
         # Filed readable: status, the web's Sent page and the log show it as it is.
@@ -234,9 +236,9 @@ class IncomingMail:
         log.warning("REFUSED message %s from %s: %s", env.message_id.hex(), env.sender, why)
         return Outcome.REFUSED, msg
 
-    def _drop(self, what: str, env: Pushed,
-              why: object) -> tuple[Outcome, LocationMessage | Receipt | None]:
-        self.counters[f"dropped-{what}"] += 1
+    def _drop(self, what: str, env: Pushed, why: object, *,
+              counter: str | None = None) -> tuple[Outcome, LocationMessage | Receipt | None]:
+        self.counters[counter or f"dropped-{what}"] += 1
         log.warning("dropped envelope %s from %s: %s: %s", env.message_id.hex(), env.sender,
                     what, why)
         return Outcome.DROPPED, None

@@ -114,7 +114,9 @@ def test_a_receipt_signed_by_a_device_not_trusted_for_the_recipient_is_not_filed
     mail, outbox = alice
     assert mail.handle(receipt(state, reason, signer=BOB_SERVER))[0] is Outcome.DROPPED
     assert bob(outbox) == (RecipientStatus.SENT, None)
-    assert mail.counters["dropped-receipt"] == 1 and mail.counters["receipts"] == 0
+    # Counted apart from a malformed receipt, which an operator reads differently.
+    assert mail.counters["dropped-receipt-untrusted"] == 1 and mail.counters["receipts"] == 0
+    assert mail.counters["dropped-receipt"] == 0
     assert (f"receipt: signed by device {BOB_SERVER.public.fingerprint()}, not trusted for "
             "bob@example.net") in caplog.text
     assert mail.handle(receipt(state, reason))[0] is Outcome.RECEIPT
@@ -128,3 +130,16 @@ def test_a_receipt_signed_by_another_recipients_device_is_not_filed(
     mail.contacts.pin("carol@example.net", CAROL.public.verify_key, 1.0)
     assert mail.handle(receipt("downloaded", signer=CAROL))[0] is Outcome.DROPPED
     assert bob(outbox) == (RecipientStatus.SENT, None)
+
+
+def test_a_malformed_receipt_is_counted_apart_from_an_untrusted_one(
+        alice: tuple[IncomingMail, Outbox]) -> None:
+    """Bob's own device sends a receipt that does not decode (a bug, a newer format): it
+    is dropped as malformed, not counted with forgeries, so an operator reading the
+    counters can tell a server speaking for its users from noise."""
+    mail, outbox = alice
+    ((_, blob),) = seal_for_recipients(BOB, "receipt", b"\xc1 not msgpack", [ALICE.public])
+    assert mail.handle(Pushed(b"e" * 16, "bob@example.net", blob))[0] is Outcome.DROPPED
+    assert bob(outbox) == (RecipientStatus.SENT, None)
+    assert mail.counters["dropped-receipt"] == 1
+    assert mail.counters["dropped-receipt-untrusted"] == 0

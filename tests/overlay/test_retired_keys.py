@@ -139,7 +139,7 @@ def test_a_receipt_signed_by_a_retired_key_is_dropped(alice: Any) -> None:
     # whoever holds bob2 (with bob's server) forges "downloaded": alice's copy stays
     assert mail.handle(receipt("downloaded", signer=bob2))[0] is Outcome.DROPPED
     assert bob(outbox) == (RecipientStatus.SENT, None)
-    assert mail.counters["dropped-receipt"] == 1
+    assert mail.counters["dropped-receipt-untrusted"] == 1
     assert mail.handle(receipt("downloaded", signer=bob1))[0] is Outcome.RECEIPT
     assert bob(outbox)[0] is RecipientStatus.DOWNLOADED
     assert MID in {m.id for m in outbox.list()}
