@@ -167,3 +167,37 @@ def test_peerpost_web_opens_the_login_url_in_the_browser(net: LocalNetwork,
     status, headers, _ = request(base, "GET", url[len(base):])
     assert status == 303 and headers["location"] == "/"
     assert not (bob.home / "web_token").exists()
+
+
+def test_try_again_after_the_sender_was_told_says_so_and_ends(net: LocalNetwork,
+                                                              tmp_path: Path) -> None:
+    """Alice edits the file after sending: bob's download fails (source changed), his node
+    tells hers he will not download it, and she, nobody else to serve, stops serving it.
+    Bob's Try again in the web inbox: the page says at once that alice was told, and the
+    try ends failed in words. It waited at 'waiting for the sender' for ever."""
+    alice = net.add_node("alice")
+    bob = net.add_node("bob", extra=["--web", "127.0.0.1:0"])
+    net.start_node(alice)
+    src = make_file(tmp_path / "clip.bin", MiB)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    src.write_bytes(b"edited")
+    net.start_node(bob)
+    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["state"] == "failed",
+                   60, "bob's download to fail")
+    assert bob.proc is not None
+    net.wait_until(lambda: f"told {alice.address} that message {mid}" in bob.proc.log(), 30,
+                   "bob's decline to go")
+    net.wait_until(lambda: net.cli_json(alice, "status")[0]["retention_done"] is not None,
+                   30, "alice to stop serving it")
+    base, post = login(net, bob)
+    get = {"Cookie": post["Cookie"]}
+    assert request(base, "POST", f"/api/message/{mid}/fetch", post, b"{}")[0] == 200
+    _, _, page = request(base, "GET", f"/message/{mid}", get)
+    told = (f"{alice.address} was told you would not download this (source changed), and "
+            "may have stopped serving it").encode()
+    assert told in page, page
+    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["state"] == "failed",
+                   60, "the try to end")
+    _, _, page = request(base, "GET", f"/message/{mid}", get)
+    assert (f"No computer that has this file answered. {alice.address} was told you would "
+            "not download it").encode() in page, page
