@@ -5,10 +5,10 @@ binds to that address, each with the vouch it registered with, if any (`crypto.v
 existing device's signature over (address, new key)). The server is not trusted to add
 keys, so the rule for a presented set is:
 
-- first contact (no key was ever pinned for the address): trust on first use, all presented
-  keys are pinned (`NEW`). When the lookup was made because a message arrived (`signers` given),
-  only if the key that signed it is among the keys FINGER returns at that time; otherwise
-  nothing is pinned and the signer stays `unvouched` (`UNVOUCHED`).
+- first contact (no key was ever pinned for the address): trust on first use, all
+  presented keys are pinned (`NEW`). When the lookup was made because a message arrived
+  (`signers` given), only if the key that signed it is among the keys FINGER returns at
+  that time; otherwise nothing is pinned and the signer stays `unvouched` (`UNVOUCHED`).
 - a pinned key missing from the set is **retired** (`RETIRED`, when nothing else needs the
   user): the server lists an offline device too, so missing means unbound (the operator
   revoked it, `peerpost-rendezvous devices revoke`, or the account dropped it). A retired
@@ -23,9 +23,10 @@ keys, so the rule for a presented set is:
   never sealed to, and its messages are held. A server that adds a rogue key next to the
   real ones gets exactly this. `accept` (`peerpost contacts accept`) pins it.
 - the set shares no key with the pinned ones and nothing in it is vouched for by one:
-  `CHANGED`. Nothing is replaced. The presented keys are recorded as pending (replacing any
-  older pending set) and the contact is flagged until the user compares fingerprints out of
-  band and calls `accept`/`accept_change`, which makes the pending set the pinned set, or
+  `CHANGED`. Nothing new is pinned (the pinned keys, all missing, are retired). The
+  presented keys are recorded as pending (replacing any older pending set) and the
+  contact is flagged until the user compares fingerprints out of band and calls
+  `accept`/`accept_change`, which makes the pending set the pinned set, or
   `dismiss_change`, which drops it.
 
 Retiring never opens a door. A contact whose pinned keys are all retired is not a first
