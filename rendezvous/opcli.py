@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -43,7 +44,7 @@ from rendezvous.admin import (
     show_account,
 )
 from rendezvous.cliutil import counted
-from rendezvous.datalock import DataInUse, DataLock, holder
+from rendezvous.datalock import LOCK_NAME, DataInUse, DataLock, holder
 from rendezvous.domainkey import DomainKey
 from rendezvous.sqlite_store import DB_NAME
 from rendezvous.storecli import STORE_HELP, store_url
@@ -225,12 +226,22 @@ def _restore(args: argparse.Namespace) -> tuple[Any, str]:
         raise AdminError(f"{data}'s domain key {old} is not the backup's {new}; --force "
                          "replaces it with the backup's (then publish its TXT record: "
                          "`peerpost-rendezvous dns-records`)")
+    made_dir, made_lock = not data.exists(), not (data / LOCK_NAME).exists()
     data.mkdir(parents=True, exist_ok=True)
     lock = DataLock.acquire(data)  # no `serve` may start while the files are replaced
     try:
         copied = restore(src, data)
-    finally:
+    except BaseException:
+        # Nothing was put in place: take away the lock file and folder this run made, so
+        # the folder is as it was (a rerun is not told it already holds something).
+        if made_lock:
+            lock.path.unlink(missing_ok=True)
         lock.release()
+        if made_dir:
+            with contextlib.suppress(OSError):  # not empty: someone else's files
+                data.rmdir()
+        raise
+    lock.release()
     text = f"restored {src} into {data}: {', '.join(copied)}"
     if changed:
         text += (f"; the domain key is now the backup's {new} (it was {old}): publish its "

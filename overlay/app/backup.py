@@ -10,21 +10,26 @@ backed up with everything else, not here.
 
 `restore` needs the node stopped (it takes the home's daemon lock), checks the backup
 (SQLite's integrity check on both databases, the identity readable), refuses to replace
-another device's identity without `force`, drops the home's old WAL and shared-memory
-files (SQLite would replay them onto the restored database) and copies each file through
-a temporary name.
+another device's identity without `force`, and puts the files in place all or nothing
+(`rendezvous.admin.install_files`): all are copied into a staging folder first, and only
+then are the home's old WAL and shared-memory files dropped (SQLite would replay them onto
+the restored database) and the copies renamed into place. A restore that fails (a bad
+file, a full disk) leaves the home as it was, its databases' WAL included; what it made
+in a home that was not there is taken away again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from crypto.errors import DecodeError
+from crypto.identity import DeviceIdentity
 from overlay.app.home import HomeError, NodeHome
-from rendezvous.admin import copy_file, integrity_problem, snapshot
+from rendezvous.admin import copy_file, install_files, integrity_problem, snapshot
 from rendezvous.keyfile import load_identity
 
 IDENTITY, CONFIG, NODE_DB, STORE_DB = ("identity.json", "config.json", "node.db",
@@ -74,7 +79,24 @@ def restore(home: NodeHome, src: Path, *, force: bool = False) -> dict[str, Any]
         restored = load_identity(src / IDENTITY)
     except DecodeError as exc:
         raise HomeError(f"{src / IDENTITY}: {exc}") from None
+    made = [p for p in (home.root, home.root / "store", home.lock_path) if not p.exists()]
     home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        files = _restore_locked(home, src, restored, force=force)
+    except BaseException:
+        for path in reversed(made):  # what this run made, never anything else
+            with contextlib.suppress(OSError):  # a folder someone else put files in
+                if path.is_dir():
+                    path.rmdir()
+                else:
+                    path.unlink()
+        raise
+    return {"home": str(home.root), "files": files,
+            "key": restored.public.fingerprint()}
+
+
+def _restore_locked(home: NodeHome, src: Path, restored: DeviceIdentity, *,
+                    force: bool) -> list[str]:
     with home.daemon_lock():  # HomeBusy while the node runs
         if home.identity_path.exists() and not force:
             try:
@@ -87,11 +109,14 @@ def restore(home: NodeHome, src: Path, *, force: bool = False) -> dict[str, Any]
                     f"the backup is of {restored.public.fingerprint()}. Restoring replaces "
                     "this device's identity with the backup's: add --force to do so")
         (home.root / "store").mkdir(exist_ok=True, mode=0o700)
-        for name in DATABASES:
-            for suffix in ("-wal", "-shm"):
-                (home.root / (name + suffix)).unlink(missing_ok=True)
+        # Identity and config first: a run killed between two renames leaves this device's
+        # identity, so a rerun needs no --force.
         files = [name for name in (IDENTITY, CONFIG, *DATABASES) if (src / name).exists()]
-        for name in files:
-            copy_file(src / name, home.root / name, private=True)
-    return {"home": str(home.root), "files": files,
-            "key": restored.public.fingerprint()}
+        try:
+            install_files(home.root, [(src / name, name, True) for name in files],
+                          drop=[name + suffix for name in DATABASES
+                                for suffix in ("-wal", "-shm")])
+        except OSError as exc:
+            raise HomeError(f"restoring {src} into {home.root} failed, nothing there was "
+                            f"changed: {exc}") from None
+    return files

@@ -1,0 +1,82 @@
+"""`peerpost restore` that fails midway (a full disk, tests/diskfull.py) changes nothing:
+a home that was not there is not left half made, and an existing home keeps its identity,
+config, database and the commits still in its WAL (real processes, real files)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from crypto.identity import DeviceIdentity
+from overlay.app.backup import backup
+from overlay.app.home import NodeConfig, NodeHome
+from tests import diskfull
+from tests.diskfull import rows
+
+LIMIT = 200_000
+
+
+def restore(home: Path, src: Path, *, max_file: int | None = None) -> (
+        subprocess.CompletedProcess[str]):
+    code = "import sys; from overlay.app.cli import main; sys.exit(main(sys.argv[1:]))"
+    return diskfull.run([sys.executable, "-c", code, "--home", str(home), "restore",
+                         str(src)], max_file=max_file)
+
+
+def make_backup(tmp_path: Path) -> tuple[NodeHome, Path]:
+    """A home whose node.db is bigger than LIMIT, and its backup."""
+    home = NodeHome(tmp_path / "home")
+    home.create(NodeConfig("bob@example.net", "127.0.0.1:4500"), DeviceIdentity.generate())
+    conn = sqlite3.connect(home.db_path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.executemany("INSERT INTO t VALUES (?)", [(bytes(1000),)] * 300)
+    conn.commit()
+    conn.close()
+    dest = tmp_path / "backup"
+    backup(home, dest)
+    assert (dest / "node.db").stat().st_size > LIMIT
+    return home, dest
+
+
+def test_a_restore_into_a_lost_home_that_fails_leaves_nothing(tmp_path: Path) -> None:
+    _, src = make_backup(tmp_path)
+    lost = tmp_path / "lost"
+    done = restore(lost, src, max_file=LIMIT)
+    assert done.returncode == 1
+    assert f"restoring {src} into {lost} failed, nothing there was changed" in done.stderr
+    assert "File too large" in done.stderr
+    assert not lost.exists()  # no identity without its records, no lock, no store/
+
+    done = restore(lost, src)
+    assert done.returncode == 0, done.stderr
+    assert rows(lost / "node.db") == 300
+    assert (lost / "identity.json").read_bytes() == (src / "identity.json").read_bytes()
+
+
+def test_a_failed_restore_keeps_the_home_and_its_wal(tmp_path: Path) -> None:
+    home, src = make_backup(tmp_path)
+    # The node was killed with commits still in its WAL: node.db alone lacks them.
+    script = ("import os, sqlite3, sys\n"
+              "c = sqlite3.connect(sys.argv[1])\n"
+              "c.execute('PRAGMA journal_mode=WAL')\n"
+              "c.execute('DELETE FROM t WHERE rowid > 7')\n"
+              "c.commit()\n"
+              "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", script, str(home.db_path)], check=True)
+    assert Path(f"{home.db_path}-wal").stat().st_size > 0
+    before = {p.relative_to(home.root): p.read_bytes() for p in home.root.rglob("*")
+              if p.is_file() and p != home.lock_path}
+
+    done = restore(home.root, src, max_file=LIMIT)
+    assert done.returncode == 1 and "nothing there was changed" in done.stderr
+    after = {p.relative_to(home.root): p.read_bytes() for p in home.root.rglob("*")
+             if p.is_file() and p != home.lock_path}
+    assert after == before
+    assert [p.name for p in home.root.iterdir() if p.is_dir()] == []  # no staging folder
+    assert rows(home.db_path) == 7
+
+    done = restore(home.root, src)
+    assert done.returncode == 0, done.stderr
+    assert rows(home.db_path) == 300
