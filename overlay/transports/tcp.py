@@ -53,6 +53,7 @@ class _TcpBase:
         self.transport: asyncio.Transport | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
+        self.received = 0  # bytes read from the socket so far, wherever they went
         self.eof = False
         self.lost: BaseException | None = None
         self.closed = False
@@ -78,6 +79,7 @@ class _TcpBase:
     def data_received(self, data: bytes) -> None:
         if not data:
             return
+        self.received += len(data)
         self.chunks.append(data)
         self.buffered += len(data)
         if self.buffered > self._high and not self._flow_paused:
@@ -120,10 +122,11 @@ class _TcpBase:
             else:
                 t.resume_reading()
 
-    async def wait_into(self, buf: memoryview) -> int:
+    async def wait_into(self, buf: memoryview, *, fill: bool = False) -> int:
         """Wait for bytes; a protocol that can read straight into `buf` does and returns
-        how many it put there, this one returns 0 and leaves them in `chunks`."""
-        del buf
+        how many it put there (with `fill`, once `buf` is full or the stream ended), this
+        one returns 0 and leaves them in `chunks`."""
+        del buf, fill
         await self.wait_data()
         return 0
 
@@ -186,6 +189,12 @@ class DirectTcpProtocol(_TcpBase, asyncio.BufferedProtocol):
     payload: no copy at all), else a small scratch read (a frame header and the start of
     the next payload). Bytes it didn't ask for stay in the kernel, which is the
     backpressure.
+
+    A receive that asks to `fill` its buffer (a CHUNK payload, whose length is known) is
+    woken once, when the buffer is full: the reads in between go on from the loop's read
+    callback, with no task step, future or pause and resume of reading each. Then one
+    more scratch read may follow (the next frame's header, there in the same loop turn
+    when the socket holds it) before reading pauses.
     """
 
     def __init__(
@@ -196,17 +205,27 @@ class DirectTcpProtocol(_TcpBase, asyncio.BufferedProtocol):
         self._scratch = memoryview(bytearray(SCRATCH_READ))
         self._target: memoryview | None = None
         self._target_got = 0
+        self._fill = False
         self._pull = False
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._target is not None:
-            return self._target
+            return self._target[self._target_got:] if self._target_got else self._target
         return self._scratch[:PULL_READ] if self._pull else self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._target is not None:
+        target = self._target
+        if target is not None:
+            self.received += nbytes
+            self._target_got += nbytes
+            if self._fill:
+                if nbytes and self._target_got < len(target):
+                    return  # reading goes on into the rest of it
+                # Full: reading stays on for one scratch read (the next frame's start).
+                self._target = None
+                self._wake_reader()
+                return
             self._target = None
-            self._target_got = nbytes
             self._wake_reader()
         else:
             self.data_received(bytes(self._scratch[:nbytes]))
@@ -220,19 +239,21 @@ class DirectTcpProtocol(_TcpBase, asyncio.BufferedProtocol):
             self._sync_reading()
         await super().wait_data()
 
-    async def wait_into(self, buf: memoryview) -> int:
+    async def wait_into(self, buf: memoryview, *, fill: bool = False) -> int:
         self._pull = True
-        self._target, self._target_got = buf, 0
+        self._target, self._target_got, self._fill = buf, 0, fill
         try:
             await self.wait_data()
         except BaseException:
-            # Cancelled (a read deadline) in the loop turn that read the socket into `buf`:
-            # those bytes come next in the stream, so they go where the next receive looks
-            # first. Dropped, they shifted every later byte: a holder on a slow uplink was
-            # banned for a chunk that "does not open with the content key".
+            # Cancelled (a read deadline) in the loop turn that read the socket into `buf`,
+            # or with `fill` before it was full: those bytes come next in the stream (before
+            # any scratch read after them), so they go where the next receive looks first.
+            # Dropped, they shifted every later byte: a holder on a slow uplink was banned
+            # for a chunk that "does not open with the content key".
             n, self._target_got = self._target_got, 0
             if n:
-                self.data_received(bytes(buf[:n]))
+                self.chunks.appendleft(bytes(buf[:n]))
+                self.buffered += n
             raise
         finally:
             self._target = None
@@ -288,23 +309,29 @@ class TcpStream:
         """Some bytes as they arrived (at most `max_bytes`), or b"" at EOF."""
         if max_bytes < 1:
             raise ValueError("max_bytes must be positive")
-        await self._receive(None)
+        await self._receive(None, False)
         return self._p.take(max_bytes) if self._p.chunks else b""
 
-    async def receive_into(self, buf: memoryview) -> int:
+    def bytes_received(self) -> int:
+        """Bytes read from the connection so far, also those of a receive still waiting
+        to `fill` its buffer."""
+        return self._p.received
+
+    async def receive_into(self, buf: memoryview, *, fill: bool = False) -> int:
         """Like `receive_some`, into `buf` (writable, not empty): how many bytes were put
         there, 0 at EOF. Bytes already buffered are copied; otherwise the socket is read
-        straight into `buf` where the protocol can."""
+        straight into `buf` where the protocol can, and with `fill` until `buf` is full
+        (or the stream ended) instead of only once."""
         if not len(buf):
             raise ValueError("receive_into needs room for at least one byte")
-        n = await self._receive(buf)
+        n = await self._receive(buf, fill)
         if n or not self._p.chunks:
             return n
         data = self._p.take(len(buf))
         buf[: len(data)] = data
         return len(data)
 
-    async def _receive(self, buf: memoryview | None) -> int:
+    async def _receive(self, buf: memoryview | None, fill: bool) -> int:
         """Wait until bytes are buffered or EOF came (0), or the protocol read `n` bytes
         straight into `buf` (n); one receiving task at a time."""
         p = self._p
@@ -319,7 +346,7 @@ class TcpStream:
                     return 0
                 if buf is None:
                     await p.wait_data()
-                elif n := await p.wait_into(buf):
+                elif n := await p.wait_into(buf, fill=fill):
                     return n
         finally:
             self._receiving = False

@@ -12,7 +12,13 @@ import pytest
 import uvloop
 
 from overlay.transports.stream import Stream, StreamBroken, StreamClosed
-from overlay.transports.tcp import UNACKED_LIMIT, TcpStream, connect_tcp, serve_tcp
+from overlay.transports.tcp import (
+    PULL_READ,
+    UNACKED_LIMIT,
+    TcpStream,
+    connect_tcp,
+    serve_tcp,
+)
 from tests.overlay.streams import MakePair, check_stream
 
 
@@ -93,11 +99,12 @@ async def _receive_into_mixed(seed: int) -> None:
                     got += part
                 else:
                     buf = bytearray(rng.randint(1, 1_200_000))
-                    n = await client.receive_into(memoryview(buf))
+                    n = await client.receive_into(memoryview(buf), fill=rng.random() < 0.5)
                     if not n:
                         break
                     got += buf[:n]
         assert got == data
+        assert client.bytes_received() == len(data)
         assert await client.receive_into(memoryview(bytearray(10))) == 0  # EOF stays EOF
         with pytest.raises(ValueError):
             await client.receive_into(memoryview(bytearray()))
@@ -118,6 +125,59 @@ def test_receive_into_reads_straight_into_the_buffer_on_uvloop(seed: int) -> Non
     """uvloop takes the buffered-protocol path only for a protocol that is not an
     asyncio.Protocol: the same bytes either way, in pull mode, whatever the buffer sizes."""
     uvloop.run(_receive_into_mixed(seed))
+
+
+async def _fill_cut_by_a_deadline(seed: int) -> None:
+    """A receive waiting to fill its buffer whose deadline expires with part of it there
+    (a slow chunk) loses nothing: the bytes come next, in order, and were counted as they
+    arrived (the downloader's stall timer takes them for a trickle)."""
+    rng = random.Random(seed)
+    first, rest = rng.randbytes(5000), rng.randbytes(2 << 20)
+    gen = _tcp_pairs()
+    make_pair = await anext(gen)
+    try:
+        client, server = await make_pair()
+        assert isinstance(client, TcpStream)
+        await server.send_all(first)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await client.receive_into(memoryview(bytearray(1 << 20)), fill=True)
+        assert client.bytes_received() == len(first)
+
+        async def send() -> None:
+            await server.send_all(rest)
+            await server.send_eof()
+
+        sizes = []
+        got = bytearray()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(send())
+            while True:
+                buf = bytearray(600_000)
+                n = await client.receive_into(memoryview(buf), fill=True)
+                if not n:
+                    break
+                sizes.append(n)
+                got += buf[:n]
+        assert got == first + rest
+        # What the cut receive had comes back at once, as do the bytes of a scratch read
+        # after a full buffer; else each buffer comes back full, until the stream ends.
+        assert sizes[0] == len(first)
+        assert all(n == 600_000 or n <= PULL_READ for n in sizes[1:-1])
+        assert sizes.count(600_000) >= 2
+        assert client.bytes_received() == len(first) + len(rest)
+        await client.aclose()
+    finally:
+        await gen.aclose()
+
+
+@pytest.mark.parametrize("seed", range(2))
+async def test_a_fill_cut_by_a_deadline_loses_nothing(seed: int) -> None:
+    await _fill_cut_by_a_deadline(seed)
+
+
+def test_a_fill_cut_by_a_deadline_loses_nothing_on_uvloop() -> None:
+    uvloop.run(_fill_cut_by_a_deadline(7))
 
 
 async def _send_many_in_order() -> None:
