@@ -29,13 +29,16 @@ This module holds what the server adapter (server.py) needs besides its connecti
   (it resumes by `call_later` when the debt is paid). Over the daily volume the splice is
   cut: both sockets are reset, so each stream sees a break, not a clean end, and the
   account's next RELAY is refused with the reason. EOF on one side becomes EOF on the
-  other (half-close); a reset becomes a reset.
+  other (half-close); a reset becomes a reset (RST: `abort` alone would end with a FIN).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -95,6 +98,16 @@ class AccountMeter:
     @property
     def idle(self) -> bool:
         return self.used == 0
+
+
+def _reset(t: asyncio.Transport) -> None:
+    """Close `t` with a reset (RST): abort() alone ends a socket with a FIN when nothing
+    is unread, which the peer can't tell from a clean end."""
+    sock = t.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    t.abort()
 
 
 class Splice:
@@ -160,7 +173,7 @@ class Splice:
         """`side` is gone: close the other side the same way (reset for a reset)."""
         other = self._t[1 - side]
         if exc is not None:
-            other.abort()
+            _reset(other)
         elif not other.is_closing():
             other.close()
         self._end()
@@ -180,7 +193,7 @@ class Splice:
         log.info(kv("relay.cut", session=self.session, account=self.account, reason=reason,
                     bytes=self.bytes))
         for t in self._t:
-            t.abort()
+            _reset(t)
         self._end()
 
     def _end(self) -> None:

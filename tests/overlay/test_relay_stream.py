@@ -16,6 +16,7 @@ from rendezvous.limits import Limits
 from rendezvous.messages import RelayInvite
 from rendezvous.server import RendezvousServer
 from rendezvous.sqlite_store import SqliteStore
+from rendezvous.tls import self_signed, server_tls
 
 from .streams import check_stream
 
@@ -31,6 +32,7 @@ class RelayPair:
             raise RuntimeError("server not started")
         self.host, self.port = server.address
         self.pushes = bob.pushes()
+        self.tls = {"tls": True, "server_key": bob.server_key} if bob.tls else {}
 
     async def next_invite(self) -> RelayInvite:
         async for push in self.pushes:
@@ -40,23 +42,30 @@ class RelayPair:
 
     async def __call__(self) -> tuple[Stream, Stream]:
         dial = asyncio.create_task(relay_dial(self.host, self.port, ALICE, "alice@example.net",
-                                              "bob@example.net", BOB.peer_id, timeout=10))
+                                              "bob@example.net", BOB.peer_id, timeout=10,
+                                              **self.tls))
         invite = await self.next_invite()
-        b = await relay_accept(self.host, self.port, BOB, "bob@example.net", invite)
+        b = await relay_accept(self.host, self.port, BOB, "bob@example.net", invite,
+                               **self.tls)
         a = await dial
         return a, b
 
 
 @asynccontextmanager
-async def relay_setup(data: Path, limits: Limits | None = None
+async def relay_setup(data: Path, limits: Limits | None = None, *, tls: bool = False
                       ) -> AsyncIterator[tuple[RendezvousServer, RelayPair]]:
-    """A server with open registration and Bob online; yields it and a pair factory."""
+    """A server with open registration and Bob online; yields it and a pair factory.
+    `tls`: TLS 1.3 on every connection (a self-signed certificate), as nodes reach it."""
     server = RendezvousServer(DOMAIN, SqliteStore(data / "rv.sqlite3"), open_registration=True,
-                              limits=limits)
+                              limits=limits,
+                              tls=server_tls(*self_signed(data, DOMAIN)) if tls else None)
     host, port = await server.start("127.0.0.1", 0)
+    pin = {"tls": True, "server_key": server.domain_key.public} if tls else {}
     try:
-        async with RendezvousClient(host, port, ALICE, "alice@example.net", register=True), \
-                RendezvousClient(host, port, BOB, "bob@example.net", register=True) as bob:
+        async with RendezvousClient(host, port, ALICE, "alice@example.net", register=True,
+                                    **pin), \
+                RendezvousClient(host, port, BOB, "bob@example.net", register=True,
+                                 **pin) as bob:
             yield server, RelayPair(server, bob)
     finally:
         await server.aclose()

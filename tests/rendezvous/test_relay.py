@@ -1,7 +1,8 @@
 """The relay of last resort, server side: its caps hold (rate: the stream slows to the cap;
 daily: the splice is cut and the next RELAY is refused with the reason), it never writes
-relayed bytes to disk, other users carry on while it runs flat out, and sessions that are
-not accepted end with a clear error."""
+relayed bytes to disk, other users carry on while it runs flat out, sessions that are not
+accepted end with a clear error, and a reset (a peer's, a cut, the shutdown) reaches the
+other end as a reset, on plaintext and TLS legs, on the default loop and on uvloop."""
 
 from __future__ import annotations
 
@@ -9,25 +10,33 @@ import asyncio
 import contextlib
 import os
 import re
+import socket
+import struct
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 
-from overlay.transports.relay import RelayError, relay_dial
+from overlay.transports.relay import RelayError, RelayStream, relay_dial
 from overlay.transports.stream import Stream, StreamBroken
 from rendezvous.client import RendezvousClient
 from rendezvous.limits import Limits
 from rendezvous.messages import Deliver, PipeMessage
+from rendezvous.server import RendezvousServer
 from rendezvous.status import Status
 from tests.overlay.streams import receive_exactly
-from tests.overlay.test_relay_stream import ALICE, BOB, relay_setup
+from tests.overlay.test_relay_stream import ALICE, BOB, RelayPair, relay_setup
 
 from .conftest import ident, mid
 
 CAROL = ident(43)
 MB = 1_000_000
 UNCAPPED = Limits(relay_rate=0, relay_daily=0)
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+LOOPS = pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
 
 
 def dir_bytes(path: Path) -> int:
@@ -43,6 +52,45 @@ async def pump(stream: Stream, total: int, block: int = 256 * 1024) -> None:
         await stream.send_all(data[:n])
         sent += n
     await stream.send_eof()
+
+
+def in_loop(run: Runner, tmp_path: Path, limits: Limits,
+            body: Callable[[RendezvousServer, RelayPair], Awaitable[None]],
+            tls: bool = False) -> None:
+    """`body(server, pair)` on the loop `run` makes, with a relay server of `limits`."""
+    async def main() -> None:
+        async with relay_setup(tmp_path, limits, tls=tls) as (server, pair):
+            await body(server, pair)
+    run(main())
+
+
+def reset(s: Stream) -> None:
+    """Close `s`'s socket with a reset (linger 0), as a crashed peer's kernel would."""
+    assert isinstance(s, RelayStream) and s._p.transport is not None
+    sock = s._p.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s._p.transport.abort()
+
+
+async def gone(s: Stream) -> BaseException | None:
+    """How the connection under a relay stream ended, once it has."""
+    assert isinstance(s, RelayStream)
+    await s._p.lost_event.wait()
+    return s._p.lost
+
+
+def was_reset(exc: BaseException | None) -> bool:
+    """A reset from the kernel (errno set), not the stand-in for a clean close."""
+    return isinstance(exc, ConnectionResetError) and exc.errno is not None
+
+
+async def until(cond: Callable[[], bool], seconds: float = 5) -> None:
+    """Poll `cond` (server state no event announces) until it holds."""
+    async with asyncio.timeout(seconds):
+        while True:
+            if cond():
+                return
+            await asyncio.sleep(0.005)
 
 
 async def test_rate_cap_slows_the_stream_to_the_cap(tmp_path: Path) -> None:
@@ -83,6 +131,8 @@ async def test_daily_cap_cuts_the_splice_then_refuses_with_the_reason(tmp_path: 
                     await b.send_all(b"x" * 65536)
                     await asyncio.sleep(0.01)
             await asyncio.wait([sender])
+            exc = await gone(b)
+        assert was_reset(exc), f"Bob's end closed with {exc!r}, not a reset"
         assert sender.exception() is None or isinstance(sender.exception(), StreamBroken)
         await a.aclose()
         await b.aclose()
@@ -196,5 +246,27 @@ async def test_shutdown_breaks_splices_and_refuses_offers_promptly(tmp_path: Pat
                 while True:
                     await a.send_all(b"x" * 65536)
                     await asyncio.sleep(0.01)
+        async with asyncio.timeout(5):
+            exc_a, exc_b = await gone(a), await gone(b)
+        assert was_reset(exc_a) and was_reset(exc_b), (exc_a, exc_b)
         await a.aclose()
         await b.aclose()
+
+
+@LOOPS
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_a_reset_reaches_the_other_end_as_a_reset(run: Runner, tls: bool,
+                                                  tmp_path: Path) -> None:
+    async def body(server: RendezvousServer, pair: RelayPair) -> None:
+        a, b = await pair()
+        await a.send_all(b"x" * 1000)
+        assert await receive_exactly(b, 1000) == b"x" * 1000
+        reset(a)
+        async with asyncio.timeout(5):
+            assert await b.receive_some() == b""
+            exc = await gone(b)
+        assert was_reset(exc), f"Bob's end closed with {exc!r}, not a reset"
+        await until(lambda: not server.relay.splices)
+        await a.aclose()
+        await b.aclose()
+    in_loop(run, tmp_path, UNCAPPED, body, tls=tls)
