@@ -221,7 +221,10 @@ class ControlOperations:
         earlier = self.declined_json(e.id)
         await self.downloads.cancel(e.id, remove=True,
                                     decline=Decline(REMOVED_REASON, self.downloads.wall()))
-        told = e.sender if self.inbox.declined(e.id) is not None else None
+        # A message fetched after all (Try again) keeps its old decline: its `downloaded`
+        # receipt was the last word, not that.
+        told = (e.sender if e.state is not InboxState.COMPLETE
+                and self.inbox.declined(e.id) is not None else None)
         deleted = kept = None
         # The same content received twice is one file (or folder): it stays for the other.
         if shared := self.inbox.sharing(e):

@@ -515,3 +515,10 @@ async def test_rm_says_what_the_sender_hears(db: NodeDB) -> None:
         sent: "alice@example.net was told already that you will not download it "
               "(source changed)"}
     assert owed(inbox) == {unread: REMOVED_REASON, queued: "source changed"}
+    # Fetched after all (Try again, from a co-recipient): its sender has 'downloaded' last.
+    got = _failed_for_good(inbox, 4)
+    inbox.mark_decline_sent(got, 6.0)
+    inbox.transition(got, S.DOWNLOADING)
+    inbox.transition(got, S.COMPLETE, path="/home/bob/clip.ts")
+    (r,) = (await ops.rm(Fields({"id": got.hex()}, "rm")))["removed"]
+    assert r["sender_told"] is None
