@@ -27,7 +27,7 @@ from overlay.content.catalog import ContentStore
 from overlay.mail.contacts import Contacts
 from overlay.mail.db import RecordLimitError
 from overlay.mail.downloads import DownloadQueue
-from overlay.mail.inbox import Inbox, InboxEntry
+from overlay.mail.inbox import Decline, Inbox, InboxEntry
 from overlay.mail.incoming import IncomingMail, Outcome, Pushed
 from overlay.mail.outbox import Outbox
 from overlay.mail.prefs import Prefs
@@ -149,11 +149,12 @@ class Receipts:
 
     async def _send_declines(self) -> bool:
         async def declined(row: tuple[bytes, bytes, str, float], msg: LocationMessage) -> bool:
-            mid, _, reason, at = row
+            mid, raw, reason, at = row
             receipt = Receipt(mid, DECLINED, int(at), reason)
             if not await self.send_to_sender(msg, RECEIPT_KIND, receipt.encode()):
                 return False
-            await asyncio.to_thread(self.inbox.mark_decline_sent, mid, self.wall())
+            await asyncio.to_thread(self.inbox.mark_decline_sent, mid, self.wall(),
+                                    sent=(Decline(reason, at), raw))
             log.info("told %s that message %s will not be downloaded: %s",
                      msg.headers.sender, mid.hex(), reason)
             return True

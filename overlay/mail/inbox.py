@@ -324,11 +324,23 @@ class Inbox:
         return [(bytes(r["message_id"]), bytes(r["message"]), str(r["reason"]),
                  float(r["declined_at"])) for r in rows]
 
-    def mark_decline_sent(self, id: bytes, when: float) -> None:
-        """The declined receipt for this message is in the server's hands (durably)."""
+    def mark_decline_sent(self, id: bytes, when: float, *,
+                          sent: tuple[Decline, bytes] | None = None) -> None:
+        """The declined receipt for this message is in the server's hands (durably).
+        `sent`: the decline that went and its location message, recorded again if the
+        user took it back (`take_back_decline`) while it was on its way: the sender has it
+        all the same, and a retry must know (`NoSourceNow`)."""
         with self._db.transaction() as conn:
-            conn.execute("UPDATE declined_receipt SET sent_at = ? WHERE message_id = ?",
-                         (when, id))
+            if sent is None:
+                conn.execute("UPDATE declined_receipt SET sent_at = ? WHERE message_id = ?",
+                             (when, id))
+                return
+            decline, message = sent
+            conn.execute(
+                "INSERT INTO declined_receipt (message_id, reason, declined_at, message,"
+                " sent_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE"
+                " SET sent_at = excluded.sent_at",
+                (id, reason_text(decline.reason), decline.at, message, when))
 
     def take_back_decline(self, id: bytes) -> bool:
         """The user asked for this message again (`fetch`, Try again) before its declined

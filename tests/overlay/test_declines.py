@@ -361,9 +361,9 @@ def _from_a_gone_sender(inbox: Inbox, count: int) -> list[bytes]:
     return mids
 
 
-async def _one_round_alice_trusted(inbox: _Rounds) -> list[str]:
+async def _one_round_alice_trusted(inbox: _Rounds, server: _Server | None = None) -> list[str]:
     """Who the receipts loop sent to in its first round, alice's the only trusted key."""
-    server = _Server()
+    server = server or _Server()
     server.down = False
     contacts = SimpleNamespace(trusted_keys=lambda sender: [ALICE.public.verify_key]
                                if sender == "alice@example.net" else [])
@@ -522,3 +522,22 @@ async def test_rm_says_what_the_sender_hears(db: NodeDB) -> None:
     inbox.transition(got, S.COMPLETE, path="/home/bob/clip.ts")
     (r,) = (await ops.rm(Fields({"id": got.hex()}, "rm")))["removed"]
     assert r["sender_told"] is None
+
+
+async def test_a_decline_taken_back_while_on_its_way_is_known_as_sent(db: NodeDB) -> None:
+    """The user presses Try again while the receipts loop hands the decline to the
+    server: taken back, yet the sender has it. It is recorded as sent, so the retry knows
+    the sender may have stopped serving (NoSourceNow); it was forgotten, and the retry
+    could wait for ever again."""
+    inbox = _Rounds(db)
+    mid = _failed_for_good(inbox, 1)
+
+    class TakenBackOnItsWay(_Server):
+        async def send(self, to: bytes, items: list[tuple[str, bytes, bytes]]) -> None:
+            assert inbox.take_back_decline(mid)  # `fetch` meanwhile
+            await super().send(to, items)
+
+    assert await _one_round_alice_trusted(inbox, TakenBackOnItsWay()) == ["alice@example.net"]
+    assert owed(inbox) == {}
+    told = inbox.declined(mid)
+    assert told is not None and told[0] == "source changed" and told[1] is not None
