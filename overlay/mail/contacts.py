@@ -39,7 +39,8 @@ as new for a server that kept it; it is shown as unvouched (or pending), and onl
 `accept` trusts it again. So a server can retire keys only by unlisting them, which denies
 service (it could refuse the mail anyway), and cannot get a key of its choosing trusted: it
 can present keys, but only a vouch from a key still pinned and presented, first contact, or
-the user pins one.
+the user pins one. A retired key is never forgotten (its old vouch would pin it again); an
+address with `MAX_RETIRED_PER_ADDRESS` of them takes no vouch any more, only `accept`.
 
 `trusted_keys` returns only pinned keys, so nothing is sealed to a key the user or a pinned
 device has not vouched for. `note_signer` is the receiving side's check of the one key that
@@ -62,8 +63,10 @@ from crypto.vouch import Vouch
 from overlay.mail.db import NodeDB, RecordLimitError, count_rows
 
 MAX_KEYS_PER_ADDRESS = 16
-# Retired keys remembered per address: only keys once pinned get here (first contact, a
-# vouch by a pinned device, the user's accept), so a server can't fill it on its own.
+# Retired keys of an address past which a vouch counts for nothing (a new device needs the
+# user's accept). A retired key is never forgotten: forgotten, the vouch it registered with
+# would pin it again. Only keys once pinned get retired (first contact, a vouch, an accept),
+# so past this only keys the user accepted (and the at most 16 pinned then) add rows.
 MAX_RETIRED_PER_ADDRESS = 4 * MAX_KEYS_PER_ADDRESS
 DEFAULT_MAX_CONTACTS = 10_000
 
@@ -134,7 +137,8 @@ class Contacts:
                 _insert_keys(conn, addr, presented, "pinned", now)
                 _refresh_changed_flag(conn, addr, now)
                 return PinResult.NEW
-            vouched = _vouched_for(addr, presented - retired, pinned, vouches or {})
+            vouched = (_vouched_for(addr, presented - retired, pinned, vouches or {})
+                       if len(retired) < MAX_RETIRED_PER_ADDRESS else frozenset())
             if not pinned and not vouched:
                 conn.execute(
                     "DELETE FROM contact_key WHERE address = ? AND status = 'pending'", (addr,)
@@ -346,18 +350,15 @@ def _retired_keys(conn: sqlite3.Connection, address: str) -> frozenset[bytes]:
 
 def _retire(conn: sqlite3.Connection, address: str, keys: frozenset[bytes],
             now: float) -> None:
-    """Unpin `keys` and record them retired, keeping the newest MAX_RETIRED_PER_ADDRESS
-    (a row, not a pinned key, is what keeps the address from being a first contact)."""
+    """Unpin `keys` and record them retired, for good (a row, not a pinned key, is what
+    keeps the address from being a first contact, and what keeps a key's old vouch from
+    pinning it again; see MAX_RETIRED_PER_ADDRESS for the bound)."""
     if not keys:
         return
     _delete_keys(conn, address, keys)
     conn.executemany(
         "INSERT OR REPLACE INTO retired_key (address, verify_key, retired_at) VALUES (?, ?, ?)",
         [(address, k, now) for k in sorted(keys)])
-    conn.execute(
-        "DELETE FROM retired_key WHERE address = ? AND verify_key NOT IN (SELECT verify_key"
-        " FROM retired_key WHERE address = ? ORDER BY retired_at DESC, verify_key LIMIT ?)",
-        (address, address, MAX_RETIRED_PER_ADDRESS))
 
 
 def _pin_waiting(conn: sqlite3.Connection, address: str) -> None:

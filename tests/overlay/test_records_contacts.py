@@ -278,17 +278,46 @@ def test_a_message_signed_by_a_retired_key_is_not_trusted(db: NodeDB) -> None:
     assert c.trusted_keys(BOB) == {key(1)}
 
 
-def test_retired_keys_are_bounded_newest_kept(db: NodeDB) -> None:
+def test_retired_keys_are_bounded_by_vouches_stopping(db: NodeDB) -> None:
+    # Each device vouches for the next, then goes: past the bound a vouch counts for
+    # nothing (a thief's pinned device could otherwise retire keys without end), and the
+    # user's accept still pins; no retired key is forgotten.
     c = Contacts(db)
-    total = MAX_RETIRED_PER_ADDRESS + 3
     c.pin_keys(BOB, [key(1)], 1.0)
-    for n in range(2, total + 2):  # each device vouches for the next, then goes
-        c.pin_keys(BOB, [key(n - 1), key(n)], float(n), vouches={key(n): vouch(n - 1, n)})
+    for n in range(2, MAX_RETIRED_PER_ADDRESS + 2):
+        assert c.pin_keys(BOB, [key(n - 1), key(n)], float(n),
+                          vouches={key(n): vouch(n - 1, n)}) is PinResult.ADDED
         assert c.pin_keys(BOB, [key(n)], n + 0.5) is PinResult.RETIRED
+    last = MAX_RETIRED_PER_ADDRESS + 1
+    assert c.pin_keys(BOB, [key(last), key(last + 1)], 100.0,
+                      vouches={key(last + 1): vouch(last, last + 1)}) is PinResult.UNVOUCHED
+    assert c.trusted_keys(BOB) == {key(last)}
+    assert c.accept(BOB) == {key(last + 1)}
+    assert c.pin_keys(BOB, [key(last + 1)], 101.0) is PinResult.RETIRED
     contact = c.get(BOB)
-    assert contact is not None and contact.keys == (key(total + 1),)
-    assert len(contact.retired_keys) == MAX_RETIRED_PER_ADDRESS
-    assert contact.retired_keys[-1] == key(total) and key(1) not in contact.retired_keys
+    assert contact is not None and contact.keys == (key(last + 1),)
+    assert set(contact.retired_keys) == {key(n) for n in range(1, last + 1)}
+
+
+def test_a_retired_key_is_never_forgotten_so_its_old_vouch_stays_void(db: NodeDB) -> None:
+    # Bob's laptop (2), vouched for by his phone (1), is stolen and revoked; over the
+    # years more devices than the bound come and go. His server (or whoever it answers
+    # for) lists the laptop again with the vouch it registered with: it stays untrusted.
+    c = Contacts(db)
+    c.pin_keys(BOB, [key(1)], 1.0)
+    c.pin_keys(BOB, [key(1), key(2)], 2.0, vouches={key(2): vouch(1, 2)})
+    assert c.pin_keys(BOB, [key(1)], 3.0) is PinResult.RETIRED
+    for n in range(3, MAX_RETIRED_PER_ADDRESS + 4):
+        if c.pin_keys(BOB, [key(1), key(n)], float(n),
+                      vouches={key(n): vouch(1, n)}) is PinResult.UNVOUCHED:
+            c.accept(BOB)
+        assert c.pin_keys(BOB, [key(1)], n + 0.5) is PinResult.RETIRED
+    assert c.pin_keys(BOB, [key(1), key(2)], 500.0,
+                      vouches={key(2): vouch(1, 2)}) is PinResult.UNVOUCHED
+    assert c.trusted_keys(BOB) == {key(1)}
+    contact = c.get(BOB)
+    assert contact is not None and key(2) in contact.retired_keys
+    assert contact.unvouched_keys == (key(2),)
 
 
 def test_upgrade_to_v6_keeps_the_contacts(tmp_path: Path) -> None:
