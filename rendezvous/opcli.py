@@ -216,20 +216,13 @@ def _restore(args: argparse.Namespace) -> tuple[Any, str]:
         if held:
             raise AdminError(f"{data} is in use by a server (pid {pid or '?'}): stop it "
                              "before restoring into it")
-        if (data / DB_NAME).exists() and not args.force:
-            raise AdminError(f"{data} already holds a server database; --force replaces it")
-    old, new = _key_print(data), _key_print(src)
-    changed = old is not None and new is not None and old != new
-    if changed and not args.force:
-        # DNS may publish the folder's key already (`dns-records` makes one): restoring
-        # another would make nodes and other domains refuse the server.
-        raise AdminError(f"{data}'s domain key {old} is not the backup's {new}; --force "
-                         "replaces it with the backup's (then publish its TXT record: "
-                         "`peerpost-rendezvous dns-records`)")
     made_dir, made_lock = not data.exists(), not (data / LOCK_NAME).exists()
     data.mkdir(parents=True, exist_ok=True)
     lock = DataLock.acquire(data)  # no `serve` may start while the files are replaced
     try:
+        # Checked under the lock: a restore that took it first may have put a database
+        # and another domain key here since the folder was looked at.
+        old, new = _refusal_under_lock(data, src, force=args.force)
         copied = restore(src, data)
     except BaseException:
         # Nothing was put in place: take away the lock file and folder this run made, so
@@ -242,12 +235,29 @@ def _restore(args: argparse.Namespace) -> tuple[Any, str]:
                 data.rmdir()
         raise
     lock.release()
+    changed = old is not None and new is not None and old != new
     text = f"restored {src} into {data}: {', '.join(copied)}"
     if changed:
         text += (f"; the domain key is now the backup's {new} (it was {old}): publish its "
                  "TXT record (`peerpost-rendezvous dns-records`)")
     return ({"restored": str(src), "data": str(data), "files": copied,
              "domain_key": new, "replaced_domain_key": old if changed else None}, text)
+
+
+def _refusal_under_lock(data: Path, src: Path, *, force: bool,
+                        ) -> tuple[str | None, str | None]:
+    """AdminError unless `force` when `data` (whose lock the caller holds) has a database
+    or another domain key than the backup; else (the folder's key, the backup's)."""
+    if (data / DB_NAME).exists() and not force:
+        raise AdminError(f"{data} already holds a server database; --force replaces it")
+    old, new = _key_print(data), _key_print(src)
+    if old is not None and new is not None and old != new and not force:
+        # DNS may publish the folder's key already (`dns-records` makes one): restoring
+        # another would make nodes and other domains refuse the server.
+        raise AdminError(f"{data}'s domain key {old} is not the backup's {new}; --force "
+                         "replaces it with the backup's (then publish its TXT record: "
+                         "`peerpost-rendezvous dns-records`)")
+    return old, new
 
 
 def _key_print(folder: Path) -> str | None:

@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from rendezvous import opcli
+from rendezvous.cli import main as rendezvous_main
 from rendezvous.domainkey import load_or_create
 from rendezvous.sqlite_store import DB_NAME
 from tests import diskfull
@@ -96,3 +100,27 @@ def test_a_failed_forced_restore_keeps_the_folder_and_its_wal(tmp_path: Path) ->
     assert [p for p in data.iterdir() if p.is_dir()] == []  # no staging folder
     assert rows(data / DB_NAME) == 7 and load_or_create(data).fingerprint == ours
     restores(backup, data, theirs, "--force")
+
+
+def test_two_restores_at_once_the_second_is_refused_under_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Two operators restore two domains' backups into one new folder at once. The other
+    # restore (a real process) finishes between this one's look at the folder and its
+    # taking the lock: this one must be refused then, not put its domain key in.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, first_key = make_backup(tmp_path / "a")
+    second, _ = make_backup(tmp_path / "b")
+    data = tmp_path / "data"
+    take = opcli.DataLock.acquire
+
+    def other_restore_first(folder: Path) -> opcli.DataLock:
+        restores(first, data, first_key)
+        return take(folder)
+
+    monkeypatch.setattr(opcli.DataLock, "acquire", other_restore_first)
+    assert rendezvous_main(["restore", str(second), "--data", str(data)]) == 1
+    assert "already holds a server database; --force replaces it" in capsys.readouterr().err
+    assert rows(data / DB_NAME) == 300 and load_or_create(data).fingerprint == first_key
+    assert {p.name for p in data.iterdir()} - {"serve.lock"} == {p.name for p in first.iterdir()}
