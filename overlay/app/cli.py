@@ -1216,24 +1216,55 @@ async def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
     for col in ("address", "fingerprints", "first seen", "note"):
         t.add_column(col)
     for c in contacts:
-        note = "[bold red]KEY CHANGED: verify, then `peerpost contacts accept`[/]" \
-            if c.get("changed") else ""
-        fps = [_clean(f) for f in c["fingerprints"]]
-        fps += [f"{_clean(f)} (pending)" for f in c.get("pending", ())]
-        fps += [f"{_clean(f)} (unvouched)" for f in c.get("unvouched", ())]
-        fps += [f"{_clean(r['fingerprint'])} (retired {_when(r['retired_at'])}: its server "
-                "no longer lists it)" for r in c.get("retired", ())]
-        if c.get("unvouched"):
-            note = (note + "\n" if note else "") + "[bold yellow]NEW DEVICE KEY no trusted " \
-                "device vouched for: verify, then `peerpost contacts accept`[/]"
-        t.add_row(_t(c["address"]), "\n".join(fps), _when(c.get("first_seen")), note)
+        fps, notes = contact_cells(c)
+        t.add_row(_t(c["address"]), "\n".join(fps), _when(c.get("first_seen")),
+                  "\n".join(notes))
     console.print(t)
-    if any(c.get("changed") for c in contacts):
+    if any(_waiting(c)[0] for c in contacts):
         err_console.print("[bold red]warning:[/] a contact's key has changed")
-    if any(c.get("unvouched") for c in contacts):
+    if any(_waiting(c)[1] for c in contacts):
         err_console.print("[bold yellow]warning:[/] a contact has a device key nobody vouched "
                           "for; its messages are held `unverified`")
+    if any(_waiting(c)[2] for c in contacts):
+        err_console.print("[bold yellow]warning:[/] a contact's server lists again a key it "
+                          "had stopped listing; its messages are held `unverified`")
     return 0
+
+
+def _waiting(c: dict[str, Any]) -> tuple[list[str], list[str], dict[str, float]]:
+    """A contact's (pending, unvouched) fingerprints that were never retired, and the
+    retired ones its server lists again (pending or unvouched now), with when retired."""
+    retired = {r["fingerprint"]: r["retired_at"] for r in c.get("retired", ())}
+    pending = [f for f in c.get("pending", ()) if f not in retired]
+    unvouched = [f for f in c.get("unvouched", ()) if f not in retired]
+    back = {f: retired[f] for f in (*c.get("pending", ()), *c.get("unvouched", ()))
+            if f in retired}
+    return pending, unvouched, back
+
+
+def contact_cells(c: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """`contacts`' fingerprint lines and notes for one contact (as `contacts --json` has
+    it). A retired key its server lists again is shown once, as that: it was trusted, and
+    `contacts accept` is the way back (or the way in for whoever holds a revoked device)."""
+    pending, unvouched, back = _waiting(c)
+    fps = [_clean(f) for f in c["fingerprints"]]
+    fps += [f"{_clean(f)} (pending)" for f in pending]
+    fps += [f"{_clean(f)} (unvouched)" for f in unvouched]
+    fps += [f"{_clean(f)} (retired {_when(at)}, listed again: not trusted until you accept "
+            "it)" for f, at in back.items()]
+    fps += [f"{_clean(r['fingerprint'])} (retired {_when(r['retired_at'])}: its server "
+            "no longer lists it)" for r in c.get("retired", ()) if r["fingerprint"] not in back]
+    notes = []
+    if c.get("changed") and pending:
+        notes.append("[bold red]KEY CHANGED: verify, then `peerpost contacts accept`[/]")
+    if unvouched:
+        notes.append("[bold yellow]NEW DEVICE KEY no trusted device vouched for: verify, "
+                     "then `peerpost contacts accept`[/]")
+    if back:
+        notes.append("[bold yellow]A KEY YOU TRUSTED, RETIRED, IS LISTED AGAIN (its server "
+                     "lost it for a while, or it was put back, or someone has that device): "
+                     "ask them, then `peerpost contacts accept`[/]")
+    return fps, notes
 
 
 def _reach_line(reach: dict[str, Any]) -> Text:

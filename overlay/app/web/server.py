@@ -156,6 +156,38 @@ def error_text(e: dict[str, Any]) -> str:
     return "The download failed. “Try again” starts it once more."
 
 
+def contact_cells(c: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The contacts page's fingerprint lines and warnings (HTML) for one contact. A key
+    removed from their account (retired) that their server lists again is shown once, as
+    that: trusted before, and Accept is the way back (or in, for whoever has the device)."""
+    retired = {r["fingerprint"]: r["retired_at"] for r in c["retired"]}
+    back = {f: retired[f] for f in (*c["pending"], *c["unvouched"]) if f in retired}
+    pending = [f for f in c["pending"] if f not in back]
+    unvouched = [f for f in c["unvouched"] if f not in back]
+    fps = [_e(f) for f in c["fingerprints"]]
+    fps += [f"{_e(f)} (waiting for you to accept)" for f in pending]
+    fps += [f"{_e(f)} (new device, not confirmed)" for f in unvouched]
+    fps += [f"{_e(f)} (removed from their account {_when(at)}, now listed again: not "
+            f"trusted until you accept it)" for f, at in back.items()]
+    fps += [f"{_e(f)} (removed from their account {_when(at)}: no longer trusted)"
+            for f, at in retired.items() if f not in back]
+    warn = []
+    if c["changed"] and pending:
+        warn.append('<span class="changed">Their key changed: this may be someone '
+                    'else. Compare the fingerprint with them in person or on the '
+                    'phone before you accept it.</span>')
+    if unvouched:
+        warn.append('<span class="warn">A new device that none of theirs confirmed: '
+                    'ask them whether they set it up and compare its fingerprint, '
+                    'then accept it. Until then its messages are on hold.</span>')
+    if back:
+        warn.append('<span class="warn">A device you trusted before, removed from their '
+                    'account, is listed again: their server may have lost it for a while, '
+                    'they may have put it back, or someone else may have that device. Ask '
+                    'them, then accept it. Until then its messages are on hold.</span>')
+    return fps, warn
+
+
 # A recipient's state as the sender's page says it (`shown` when the node knows more).
 RECIPIENT_TEXT = {"queued": "waiting to be sent", "sent": "in their inbox, not downloaded yet",
                   "downloading": "downloading it now", "downloaded": "has it",
@@ -526,20 +558,7 @@ class WebInbox:
     async def contacts_page(self, request: web.Request) -> web.StreamResponse:
         rows = []
         for c in await self.ops.contacts_list(Fields({}, "web")):
-            fps = [_e(f) for f in c["fingerprints"]]
-            fps += [f"{_e(f)} (waiting for you to accept)" for f in c["pending"]]
-            fps += [f"{_e(f)} (new device, not confirmed)" for f in c["unvouched"]]
-            fps += [f"{_e(r['fingerprint'])} (removed from their account "
-                    f"{_when(r['retired_at'])}: no longer trusted)" for r in c["retired"]]
-            warn = []
-            if c["changed"]:
-                warn.append('<span class="changed">Their key changed: this may be someone '
-                            'else. Compare the fingerprint with them in person or on the '
-                            'phone before you accept it.</span>')
-            if c["unvouched"]:
-                warn.append('<span class="warn">A new device that none of theirs confirmed: '
-                            'ask them whether they set it up and compare its fingerprint, '
-                            'then accept it. Until then its messages are on hold.</span>')
+            fps, warn = contact_cells(c)
             if c["pending"] or c["unvouched"] or c["changed"]:
                 body = _e(json.dumps({"address": c["address"]}))
                 warn.append(f"<button data-action=\"/api/contacts/accept\" "

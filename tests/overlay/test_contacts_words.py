@@ -1,0 +1,95 @@
+"""How `peerpost contacts` and the web's contacts page show a retired key its server lists
+again: once, as a key trusted before that only the user's accept brings back, not as a
+stranger's new device or a changed key, nor as one its server no longer lists."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from crypto.codec import Fields
+from crypto.identity import DeviceIdentity
+from overlay.app.cli import contact_cells as cli_cells
+from overlay.app.operations import ControlOperations
+from overlay.app.web import server as web
+from overlay.mail.contacts import Contacts, PinResult
+from overlay.mail.db import NodeDB
+
+BOB = "bob@b.example"
+
+
+def ident(n: int) -> DeviceIdentity:
+    return DeviceIdentity.from_seed(bytes([n]) * 32)
+
+
+def shown(tmp_path: Path, steps: Any) -> dict[str, Any]:
+    """Bob's contact as `contacts --json` gives it after `steps(contacts)`."""
+    with NodeDB.open(tmp_path) as db:
+        c = Contacts(db)
+        steps(c)
+        ops = SimpleNamespace(contacts=c)
+        (got,) = asyncio.run(ControlOperations.contacts_list(ops, Fields({}, "test")))  # type: ignore[arg-type]
+        return got  # type: ignore[no-any-return]
+
+
+def lines_of(text: list[str], fp: str) -> list[str]:
+    return [line for line in text if fp in line]
+
+
+def test_keys_retired_by_an_empty_listing_then_listed_again(tmp_path: Path) -> None:
+    # A glitch on bob's server: one lookup lists no device, the next lists both again.
+    one, two = ident(1).public, ident(2).public
+
+    def steps(c: Contacts) -> None:
+        c.pin_keys(BOB, [one.verify_key, two.verify_key], 10.0)
+        assert c.retire_all(BOB, 20.0)
+        assert c.pin_keys(BOB, [one.verify_key, two.verify_key], 30.0) is PinResult.CHANGED
+
+    c = shown(tmp_path, steps)
+    fps, notes = cli_cells(c)
+    for fp in (one.fingerprint(), two.fingerprint()):
+        (line,) = lines_of(fps, fp)  # once, not also as pending or as unlisted
+        assert "listed again: not trusted until you accept it" in line
+    text = "\n".join(notes)
+    assert "KEY CHANGED" not in text and "NEW DEVICE KEY" not in text
+    assert "RETIRED, IS LISTED AGAIN" in text and "`peerpost contacts accept`" in text
+
+    fps, warn = web.contact_cells(c)
+    for fp in (one.fingerprint(), two.fingerprint()):
+        (line,) = lines_of(fps, fp)
+        assert "now listed again: not trusted until you accept it" in line
+    page = re.sub("<[^>]+>", "", " ".join(warn))
+    assert "this may be someone else" not in page and "new device" not in page
+    assert "is listed again" in page and "accept it" in page
+
+
+def test_a_retired_key_listed_again_next_to_a_new_one(tmp_path: Path) -> None:
+    # One key retired and listed again, a stranger's key next to it, a third gone for good.
+    one, two, three, four = (ident(n).public for n in (1, 2, 3, 4))
+
+    def steps(c: Contacts) -> None:
+        c.pin_keys(BOB, [one.verify_key, two.verify_key, three.verify_key], 10.0)
+        c.pin_keys(BOB, [one.verify_key], 20.0)
+        assert c.pin_keys(BOB, [one.verify_key, two.verify_key, four.verify_key],
+                          30.0) is PinResult.UNVOUCHED
+
+    c = shown(tmp_path, steps)
+    fps, notes = cli_cells(c)
+    (line,) = lines_of(fps, two.fingerprint())
+    assert "listed again" in line
+    (line,) = lines_of(fps, four.fingerprint())
+    assert line.endswith("(unvouched)")
+    (line,) = lines_of(fps, three.fingerprint())
+    assert "its server no longer lists it" in line
+    text = "\n".join(notes)
+    assert "NEW DEVICE KEY" in text and "RETIRED, IS LISTED AGAIN" in text
+    fps, warn = web.contact_cells(c)
+    (line,) = lines_of(fps, two.fingerprint())
+    assert "now listed again" in line
+    (line,) = lines_of(fps, three.fingerprint())
+    assert "no longer trusted" in line
+    page = " ".join(warn)
+    assert "A new device that none of theirs confirmed" in page and "is listed again" in page
