@@ -18,13 +18,12 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rendezvous.sqlite_store import DB_NAME, connect
+from rendezvous.staged import install_files
 
 # What a backup copies besides the database: the keys nodes and other domains pinned.
 KEY_FILES = ("domain_key.json", "server-identity.json", "tls_cert.pem", "tls_key.pem")
@@ -268,8 +267,8 @@ def check_backup(src: Path) -> None:
 def restore(src: Path, data_dir: Path) -> list[str]:
     """Put a backup's files in `data_dir` (the caller holds its lock) all or nothing
     (`install_files`), dropping the old database's WAL and shared-memory files so they
-    cannot be replayed onto it. The keys go in first and the database last: a process
-    killed between two renames leaves no database, so a rerun is not refused."""
+    cannot be replayed onto it. The keys go in first and the database last; a run killed
+    while they go in is finished by the next holder of the lock (`serve`, a rerun)."""
     check_backup(src)
     data_dir.mkdir(parents=True, exist_ok=True)
     names = [name for name in (*KEY_FILES, DB_NAME) if (src / name).exists()]
@@ -280,41 +279,6 @@ def restore(src: Path, data_dir: Path) -> list[str]:
         raise AdminError(f"restoring {src} into {data_dir} failed, nothing there was "
                          f"changed: {exc}") from None
     return [DB_NAME, *(name for name in names if name != DB_NAME)]
-
-
-STAGING_PREFIX = ".restore-part-"
-
-
-def install_files(dest_dir: Path, files: Sequence[tuple[Path, str, bool]], *,
-                  drop: Sequence[str] = ()) -> None:
-    """Copy each (source, name, private) to `dest_dir` / name all or nothing. Every file
-    is first copied into a staging folder inside `dest_dir` and flushed to disk; only when
-    all are there are the `drop` names removed and the copies renamed into place, in the
-    order given (renames in one file system, which need no room). Any failure before that
-    (a bad file in the backup, a full disk) removes the staging folder and leaves
-    `dest_dir` as it was. A staging folder left by a killed run is removed first: the
-    caller holds the folder's lock, so no other run is using it."""
-    for stale in dest_dir.glob(STAGING_PREFIX + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dest_dir))
-    try:
-        for src, name, private in files:
-            staged = staging / name
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, staged)
-            if private:
-                os.chmod(staged, 0o600)
-            fd = os.open(staged, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        for name in drop:
-            (dest_dir / name).unlink(missing_ok=True)
-        for _, name, _ in files:
-            os.replace(staging / name, dest_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def copy_file(src: Path, dest: Path, *, private: bool) -> None:

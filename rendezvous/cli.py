@@ -130,6 +130,7 @@ from rendezvous.services import (
     start_stun_tcp,
 )
 from rendezvous.sqlite_store import DB_NAME, create_invite, read_stats
+from rendezvous.staged import finish_interrupted
 from rendezvous.stats import STATS_NAME, read_live_stats, write_stats, write_stopped
 from rendezvous.storecli import (
     STORE_HELP,
@@ -520,6 +521,11 @@ def _serve(argv: list[str] | None, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
+        # A restore killed while it put its files in place: finished before anything opens
+        # the folder, so the server never starts on its keys without its database.
+        if finished := finish_interrupted(args.data):
+            log.warning(kv("restore.finished", files=",".join(finished),
+                           note="a restore stopped midway was finished"))
         write_stopped(args.data, now=time.time())  # a killed predecessor's file says running
         if args.store is None:  # PostgreSQL: at open
             # Only checked here: a start that fails (a port in use) must not bind a new

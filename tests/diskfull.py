@@ -7,6 +7,7 @@ from __future__ import annotations
 import resource
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -28,3 +29,25 @@ def rows(db: Path) -> int:
         return int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
     finally:
         conn.close()
+
+
+# Runs a CLI's main with os.replace ended, as by a kill, before the call numbered argv[1].
+_KILLED_BEFORE_RENAME = """
+import importlib, os, sys
+stop, real, seen = int(sys.argv[1]), os.replace, [0]
+def replace(src, dst, *args, **kwargs):
+    if seen[0] == stop:
+        os._exit(9)
+    seen[0] += 1
+    return real(src, dst, *args, **kwargs)
+os.replace = replace
+sys.exit(importlib.import_module(sys.argv[2]).main(sys.argv[3:]))
+"""
+
+
+def run_killed_before_rename(stop: int, cli_module: str, args: list[str],
+                             ) -> subprocess.CompletedProcess[str]:
+    """Run `cli_module`.main(args) in a process that exits with 9, as if killed, just
+    before its os.replace call numbered `stop` (from 0)."""
+    return subprocess.run([sys.executable, "-c", _KILLED_BEFORE_RENAME, str(stop),
+                           cli_module, *args], capture_output=True, text=True, timeout=60)

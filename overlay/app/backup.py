@@ -11,7 +11,7 @@ backed up with everything else, not here.
 `restore` needs the node stopped (it takes the home's daemon lock), checks the backup
 (SQLite's integrity check on both databases, the identity readable), refuses to replace
 another device's identity without `force`, and puts the files in place all or nothing
-(`rendezvous.admin.install_files`): all are copied into a staging folder first, and only
+(`rendezvous.staged.install_files`): all are copied into a staging folder first, and only
 then are the home's old WAL and shared-memory files dropped (SQLite would replay them onto
 the restored database) and the copies renamed into place. A restore that fails (a bad
 file, a full disk) leaves the home as it was, its databases' WAL included; what it made
@@ -29,8 +29,9 @@ from typing import Any
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from overlay.app.home import HomeError, NodeHome
-from rendezvous.admin import copy_file, install_files, integrity_problem, snapshot
+from rendezvous.admin import copy_file, integrity_problem, snapshot
 from rendezvous.keyfile import load_identity
+from rendezvous.staged import install_files
 
 IDENTITY, CONFIG, NODE_DB, STORE_DB = ("identity.json", "config.json", "node.db",
                                        "store/content.sqlite")

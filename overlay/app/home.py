@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shlex
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING
 from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
 from rendezvous.keyfile import load_identity, save_identity, write_secret_file
+from rendezvous.staged import finish_interrupted
 
 if TYPE_CHECKING:
     # PyNaCl, which both need, costs about 15 ms of every CLI command's start; `send`,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from crypto.identity import DeviceIdentity
 
 CONFIG_VERSION = 1
+log = logging.getLogger("peerpost.home")
 DEFAULT_WEB = "127.0.0.1:8470"  # the web inbox; another free port if taken, "off": none
 
 
@@ -161,7 +164,9 @@ class NodeHome:
     @contextlib.contextmanager
     def daemon_lock(self) -> Iterator[None]:
         """Hold the home's daemon lock (fcntl, released by the kernel when the process
-        ends, even on SIGKILL); HomeBusy naming the holder's pid when another has it."""
+        ends, even on SIGKILL); HomeBusy naming the holder's pid when another has it. A
+        `restore` killed while it put its files in place is finished first
+        (`rendezvous.staged`), so nothing runs on half a home."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
@@ -172,6 +177,9 @@ class NodeHome:
                     "it first, or use another --home") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            if finished := finish_interrupted(self.root):
+                log.warning("finished a restore that was stopped midway: put %s in place",
+                            ", ".join(finished))
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock

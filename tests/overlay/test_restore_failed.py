@@ -9,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from crypto.identity import DeviceIdentity
 from overlay.app.backup import backup
 from overlay.app.home import NodeConfig, NodeHome
 from tests import diskfull
-from tests.diskfull import rows
+from tests.diskfull import rows, run_killed_before_rename
 
 LIMIT = 200_000
 
@@ -80,3 +82,25 @@ def test_a_failed_restore_keeps_the_home_and_its_wal(tmp_path: Path) -> None:
     done = restore(home.root, src)
     assert done.returncode == 0, done.stderr
     assert rows(home.db_path) == 300
+
+
+@pytest.mark.parametrize("stop", [0, 1, 2, 3])
+def test_a_restore_killed_at_each_step_is_finished_or_undone_by_the_node(
+        tmp_path: Path, stop: int) -> None:
+    # Into a lost home: os.replace 0 puts the flushed plan in place, then identity,
+    # config, node.db. Killed after the plan, the home holds an identity without its
+    # records until the next holder of its lock (the node starting) finishes the restore.
+    _, src = make_backup(tmp_path)
+    lost = NodeHome(tmp_path / "lost")
+    done = run_killed_before_rename(stop, "overlay.app.cli",
+                                    ["--home", str(lost.root), "restore", str(src)])
+    assert done.returncode == 9, done.stderr
+    assert not lost.db_path.exists()
+    with lost.daemon_lock():  # what `peerpost node` takes before it opens anything
+        if stop == 0:
+            assert sorted(p.name for p in lost.root.iterdir()) == ["node.lock", "store"]
+        else:
+            assert rows(lost.db_path) == 300
+            assert lost.identity_path.read_bytes() == (src / "identity.json").read_bytes()
+            assert lost.config_path.read_bytes() == (src / "config.json").read_bytes()
+        assert not list(lost.root.glob(".restore-part-*"))

@@ -40,6 +40,20 @@ def make_backup(tmp_path: Path, rows: int = 300) -> tuple[Path, str]:
     return dest, key
 
 
+def killed_with_wal(db: Path) -> None:
+    """A server killed with 7 rows committed only in its WAL (the database file alone
+    lacks them)."""
+    script = ("import os, sqlite3, sys\n"
+              "c = sqlite3.connect(sys.argv[1])\n"
+              "c.execute('PRAGMA journal_mode=WAL')\n"
+              "c.execute('CREATE TABLE t (x)')\n"
+              "c.executemany('INSERT INTO t VALUES (?)', [(b'ours',)] * 7)\n"
+              "c.commit()\n"
+              "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", script, str(db)], check=True)
+    assert Path(f"{db}-wal").stat().st_size > 0
+
+
 def restores(backup: Path, data: Path, key: str, *force: str) -> None:
     """A rerun restores the backup: its 300 rows and its domain key."""
     done = run("restore", str(backup), "--data", str(data), *force)
@@ -80,16 +94,7 @@ def test_a_failed_forced_restore_keeps_the_folder_and_its_wal(tmp_path: Path) ->
     data = tmp_path / "data"
     data.mkdir()
     ours = load_or_create(data).fingerprint
-    # A server killed with commits still in its WAL: the database file alone lacks them.
-    script = ("import os, sqlite3, sys\n"
-              "c = sqlite3.connect(sys.argv[1])\n"
-              "c.execute('PRAGMA journal_mode=WAL')\n"
-              "c.execute('CREATE TABLE t (x)')\n"
-              "c.executemany('INSERT INTO t VALUES (?)', [(b'ours',)] * 7)\n"
-              "c.commit()\n"
-              "os._exit(0)\n")
-    subprocess.run([sys.executable, "-c", script, str(data / DB_NAME)], check=True)
-    assert (data / (DB_NAME + "-wal")).stat().st_size > 0
+    killed_with_wal(data / DB_NAME)
     before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
 
     done = run("restore", str(backup), "--data", str(data), "--force", max_file=200_000)
