@@ -31,6 +31,7 @@ from overlay.app.control_wire import ControlError, NodeNotRunning
 from overlay.app.control_wire import call as control_call
 from overlay.app.home import HomeError, NodeHome, default_home
 from rendezvous.cliutil import (
+    ArgumentParser,
     add_completion,
     add_version,
     completion_script,
@@ -154,7 +155,7 @@ def _default_home() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p: argparse.ArgumentParser = ArgumentParser(
         prog="peerpost",
         description="Send large media like e-mail; the bytes move peer to peer.",
         epilog=EXIT_CODES,
