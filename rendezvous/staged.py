@@ -72,6 +72,13 @@ def finish_interrupted(dest_dir: Path) -> list[str]:
     return done
 
 
+def interrupted(dest_dir: Path) -> bool:
+    """Whether `dest_dir` holds a staging folder with a plan: a restore that was killed
+    while it put its files in place (or that is putting them there now)."""
+    return any((staging / _PLAN).exists() and not staging.is_symlink()
+               for staging in Path(dest_dir).glob(STAGING_PREFIX + "*"))
+
+
 def _put_in_place(dest_dir: Path, staging: Path) -> list[str]:
     try:
         plan = json.loads((staging / _PLAN).read_text())

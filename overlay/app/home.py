@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
 from rendezvous.keyfile import load_identity, save_identity, write_secret_file
-from rendezvous.staged import finish_interrupted
+from rendezvous.staged import finish_interrupted, interrupted
 
 if TYPE_CHECKING:
     # PyNaCl, which both need, costs about 15 ms of every CLI command's start; `send`,
@@ -247,6 +247,10 @@ class NodeHome:
 
     def load_config(self) -> NodeConfig:
         if not self.config_path.exists():
+            if interrupted(self.root):  # finished under the lock: `restore` takes it
+                raise HomeError(
+                    f"a restore into {self.root} was stopped before it was done: run "
+                    "`peerpost restore` with the same backup again, which finishes it")
             raise HomeError(
                 f"no peerpost node in {self.root}: run `peerpost --home {self.root} init "
                 "--address NAME@DOMAIN --server HOST:PORT` first"

@@ -13,7 +13,7 @@ import pytest
 
 from crypto.identity import DeviceIdentity
 from overlay.app.backup import backup
-from overlay.app.home import NodeConfig, NodeHome
+from overlay.app.home import HomeError, NodeConfig, NodeHome
 from tests import diskfull
 from tests.diskfull import rows, run_killed_before_rename
 
@@ -96,6 +96,12 @@ def test_a_restore_killed_at_each_step_is_finished_or_undone_by_the_node(
                                     ["--home", str(lost.root), "restore", str(src)])
     assert done.returncode == 9, done.stderr
     assert not lost.db_path.exists()
+    if stop in (1, 2):  # no config.json yet: `peerpost node` can't start, and says why
+        with pytest.raises(HomeError) as refused:
+            lost.load_config()
+        assert str(refused.value) == (f"a restore into {lost.root} was stopped before it was "
+                                      "done: run `peerpost restore` with the same backup "
+                                      "again, which finishes it")
     with lost.daemon_lock():  # what `peerpost node` takes before it opens anything
         if stop == 0:
             assert sorted(p.name for p in lost.root.iterdir()) == ["node.lock", "store"]
