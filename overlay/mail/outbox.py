@@ -30,6 +30,7 @@ from __future__ import annotations
 import builtins
 import datetime
 import sqlite3
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -126,15 +127,6 @@ class OutboxEntry:
     @property
     def anyone_downloaded(self) -> bool:
         return any(r.state is RecipientStatus.DOWNLOADED for r in self.recipients)
-
-
-def pending_retention(entries: Iterable[OutboxEntry]) -> list[OutboxEntry]:
-    """Of `entries`, those every recipient has downloaded or declined (`settled`) whose
-    retention is not applied yet, oldest first. Retention reads the whole outbox once and
-    runs at start-up too, so a crash between the last receipt and the delete or archive
-    step is finished later."""
-    return sorted((m for m in entries if m.settled and not m.retention_done),
-                  key=lambda m: m.created_at)
 
 
 def forwarding_text(state: str, home_domain: str, recipient: str, since: float | None,
@@ -274,6 +266,44 @@ class Outbox:
         if row is None or row["n"] == 0:
             raise KeyError(f"no outbox message {id.hex()}")
         return bool(row["n"] == row["done"])
+
+    def pending_retention(self) -> builtins.list[OutboxEntry]:
+        """Entries every recipient has downloaded or declined (`settled`) whose retention
+        is not applied yet, oldest first.
+
+        The node calls this at start-up too, so a crash between the last receipt and the
+        delete/archive step is finished later.
+        """
+        rows = self._db.query(
+            "SELECT * FROM outbox o WHERE retention_done = 0 AND NOT EXISTS ("
+            " SELECT 1 FROM outbox_recipient r WHERE r.message_id = o.id"
+            " AND r.state NOT IN ('downloaded', 'declined')) ORDER BY created_at"
+        )
+        return self._entries(rows)
+
+    def not_done(self, content_ids: Iterable[bytes]) -> Counter[bytes]:
+        """How many messages of each of `content_ids` have their retention still to
+        apply: a copy stays while more than the one being settled need it."""
+        ids = sorted(set(content_ids))
+        out: Counter[bytes] = Counter()
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            batch = ids[start : start + _IDS_PER_QUERY]
+            for r in self._db.query(
+                    "SELECT content_id, count(*) AS n FROM outbox WHERE retention_done = 0"
+                    f" AND content_id IN ({','.join('?' * len(batch))}) GROUP BY content_id",
+                    batch):
+                out[bytes(r["content_id"])] = int(r["n"])
+        return out
+
+    def ending_with(self, suffixes: tuple[str, ...]) -> builtins.list[OutboxEntry]:
+        """Entries whose path ends with one of `suffixes` (a folder map's or archive's,
+        which the caller checks for itself: a user's file may end so too)."""
+        if not suffixes:
+            return []
+        rows = self._db.query(
+            "SELECT * FROM outbox WHERE " + " OR ".join("path LIKE ?" for _ in suffixes),
+            [f"%{x}" for x in suffixes])
+        return self._entries(rows)
 
     def set_path(self, id: bytes, path: str) -> None:
         """Where the sent file is now (retention moved it into the archive folder)."""

@@ -19,13 +19,12 @@ message is withdrawn); the files a map names are the user's and stay.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.mail.folders import is_own_archive, release_archives
-from overlay.mail.outbox import ALL_SENT, Outbox, OutboxEntry, pending_retention
+from overlay.mail.outbox import Outbox, OutboxEntry
 from overlay.mail.prefs import Prefs
 
 log = logging.getLogger("peerpost.retention")
@@ -36,12 +35,13 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
     """Apply the retention preference to every message nobody will fetch any more (each
     recipient downloaded or declined it); blocking I/O."""
     done: list[tuple[OutboxEntry, str]] = []
-    # One read of the outbox: it was listed again for each entry settled (quadratic, and
-    # only the newest 1,000 were looked at), and once more by release_archives.
-    entries = outbox.list(limit=ALL_SENT)
-    # Messages of each content whose retention is not applied yet, this pass's included.
-    undone = Counter(m.content_id for m in entries if not m.retention_done)
-    for entry in pending_retention(entries):
+    # Only what the pass needs, not the whole outbox, which it listed again for each
+    # message settled (quadratic, and only the newest 1,000 were looked at for another
+    # message of the same content). Of each content, the messages whose retention is not
+    # applied yet, this pass's included: the last one decides.
+    pending = outbox.pending_retention()
+    undone = outbox.not_done(m.content_id for m in pending)
+    for entry in pending:
         # Nobody has it: the user's file is the only copy, so the preference does not apply.
         action = prefs.retention if entry.anyone_downloaded else "keep"
         own = is_own_archive(store.root, entry.path)
@@ -79,5 +79,5 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
                      entry.id.hex(),
                      {"keep": "kept", "delete": "deleted", "archive": "archived"}[action])
         done.append((entry, action))
-    release_archives(outbox, store, entries)
+    release_archives(outbox, store)
     return done

@@ -36,7 +36,7 @@ class _FailsOnce:
         self.error, self.then, self.calls = error, then, 0
         self.again = asyncio.Event()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any) -> Any:
         self.calls += 1
         if self.calls == 1:
             raise self.error
@@ -104,7 +104,7 @@ async def test_retention_that_node_db_refuses_is_logged(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Run when a receipt arrives, from the loop that reads the server's pushes."""
     caplog.set_level(logging.INFO, "peerpost.node")
-    outbox = SimpleNamespace(list=_FailsOnce(disk_full(), []))
+    outbox = SimpleNamespace(pending_retention=_FailsOnce(disk_full(), []))
     await _delivery(tmp_path, None, None, outbox).retention()
     assert "retention step failed (it is retried at the next receipt or start): " \
            "database or disk is full" in caplog.text

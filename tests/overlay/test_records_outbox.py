@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay.mail.db import NodeDB, RecordLimitError
-from overlay.mail.outbox import Outbox, RecipientStatus, pending_retention
+from overlay.mail.outbox import Outbox, RecipientStatus
 
 R = RecipientStatus
 MID = b"m" * 16
@@ -113,16 +113,16 @@ def test_retention_after_everyone_downloaded(db: NodeDB) -> None:
     send(outbox, b"n" * 16, to=("bob@b.example",))
     outbox.set_recipient_state(MID, "bob@b.example", R.DOWNLOADED, 110.0)
     assert not outbox.all_downloaded(MID)
-    assert pending_retention(outbox.list()) == []
+    assert outbox.pending_retention() == []
     outbox.set_recipient_state(MID, "carol@c.example", R.DOWNLOADED, 111.0)
     assert outbox.all_downloaded(MID)
-    assert [e.id for e in pending_retention(outbox.list())] == [MID]
+    assert [e.id for e in outbox.pending_retention()] == [MID]
     with pytest.raises(ValueError, match="retention action"):
         outbox.mark_retention_done(MID, "shred")
     outbox.mark_retention_done(MID, "archive")
     e = outbox.get(MID)
     assert e is not None and e.retention_done and e.retention_action == "archive"
-    assert pending_retention(outbox.list()) == []
+    assert outbox.pending_retention() == []
 
 
 def test_outbox_is_bounded_and_checks_recipients(db: NodeDB) -> None:
@@ -216,18 +216,18 @@ def test_retention_waits_for_everyone_to_download_or_decline(db: NodeDB) -> None
                                reason="removed by the recipient")
     e = outbox.get(MID)
     assert e is not None and not e.settled and not e.anyone_downloaded
-    assert pending_retention(outbox.list()) == []
+    assert outbox.pending_retention() == []
     outbox.set_recipient_state(MID, "carol@c.example", R.DOWNLOADED, 111.0)
     e = outbox.get(MID)
     assert e is not None and e.settled and e.anyone_downloaded and not e.all_downloaded
-    assert [e.id for e in pending_retention(outbox.list())] == [MID]
+    assert [e.id for e in outbox.pending_retention()] == [MID]
     # Nobody downloaded: settled all the same (what retention then does is its own test).
     send(outbox, b"n" * 16, to=("bob@b.example",))
     outbox.set_recipient_state(b"n" * 16, "bob@b.example", R.DECLINED, 112.0,
                                reason="source changed")
     outbox.mark_retention_done(MID, "keep")
-    assert [e.id for e in pending_retention(outbox.list())] == [b"n" * 16]
-    assert not pending_retention(outbox.list())[0].anyone_downloaded
+    assert [e.id for e in outbox.pending_retention()] == [b"n" * 16]
+    assert not outbox.pending_retention()[0].anyone_downloaded
 
 
 def test_send_batches_fit_the_server_limits_and_keep_every_item() -> None:
