@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rendezvous.sqlite_store import DB_NAME, connect
-from rendezvous.staged import install_files
+from rendezvous.staged import Unfinished, install_files
 
 # What a backup copies besides the database: the keys nodes and other domains pinned.
 KEY_FILES = ("domain_key.json", "server-identity.json", "tls_cert.pem", "tls_key.pem")
@@ -278,6 +278,9 @@ def restore(src: Path, data_dir: Path) -> list[str]:
     except OSError as exc:
         raise AdminError(f"restoring {src} into {data_dir} failed, nothing there was "
                          f"changed: {exc}") from None
+    except Unfinished as exc:
+        raise AdminError(f"restoring {src} into {data_dir} stopped while its files went in "
+                         f"({exc}): `serve` or a rerun finishes it once that is mended") from None
     return [DB_NAME, *(name for name in names if name != DB_NAME)]
 
 

@@ -31,7 +31,7 @@ from crypto.identity import DeviceIdentity
 from overlay.app.home import HomeError, NodeHome
 from rendezvous.admin import copy_file, integrity_problem, snapshot
 from rendezvous.keyfile import load_identity
-from rendezvous.staged import install_files
+from rendezvous.staged import Unfinished, install_files
 
 IDENTITY, CONFIG, NODE_DB, STORE_DB = ("identity.json", "config.json", "node.db",
                                        "store/content.sqlite")
@@ -120,4 +120,8 @@ def _restore_locked(home: NodeHome, src: Path, restored: DeviceIdentity, *,
         except OSError as exc:
             raise HomeError(f"restoring {src} into {home.root} failed, nothing there was "
                             f"changed: {exc}") from None
+        except Unfinished as exc:
+            raise HomeError(f"restoring {src} into {home.root} stopped while its files went "
+                            f"in ({exc}): the node's next start or a rerun finishes it once "
+                            "that is mended") from None
     return files

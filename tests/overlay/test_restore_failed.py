@@ -4,9 +4,11 @@ config, database and the commits still in its WAL (real processes, real files)."
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -84,29 +86,60 @@ def test_a_failed_restore_keeps_the_home_and_its_wal(tmp_path: Path) -> None:
     assert rows(home.db_path) == 300
 
 
-@pytest.mark.parametrize("stop", [0, 1, 2, 3])
+@pytest.mark.parametrize("stop", [0, 1, 2, 3, 4])
 def test_a_restore_killed_at_each_step_is_finished_or_undone_by_the_node(
         tmp_path: Path, stop: int) -> None:
-    # Into a lost home: os.replace 0 puts the flushed plan in place, then identity,
-    # config, node.db. Killed after the plan, the home holds an identity without its
-    # records until the next holder of its lock (the node starting) finishes the restore.
+    # Into a lost home: os.replace 0 puts the plan in place, 1 the mark (the point of no
+    # return), then identity, config, node.db. Killed after the mark, the home holds an
+    # identity without its records until the next holder of its lock (the node starting)
+    # finishes the restore.
     _, src = make_backup(tmp_path)
     lost = NodeHome(tmp_path / "lost")
     done = run_killed_before_rename(stop, "overlay.app.cli",
                                     ["--home", str(lost.root), "restore", str(src)])
     assert done.returncode == 9, done.stderr
     assert not lost.db_path.exists()
-    if stop in (1, 2):  # no config.json yet: `peerpost node` can't start, and says why
+    if stop in (2, 3):  # no config.json yet: `peerpost node` can't start, and says why
         with pytest.raises(HomeError) as refused:
             lost.load_config()
         assert str(refused.value) == (f"a restore into {lost.root} was stopped before it was "
                                       "done: run `peerpost restore` with the same backup "
                                       "again, which finishes it")
     with lost.daemon_lock():  # what `peerpost node` takes before it opens anything
-        if stop == 0:
+        if stop <= 1:
             assert sorted(p.name for p in lost.root.iterdir()) == ["node.lock", "store"]
         else:
             assert rows(lost.db_path) == 300
             assert lost.identity_path.read_bytes() == (src / "identity.json").read_bytes()
             assert lost.config_path.read_bytes() == (src / "config.json").read_bytes()
-        assert not list(lost.root.glob(".restore-part-*"))
+        assert not list(lost.root.rglob(".restore-part-*"))
+
+
+def test_a_store_on_another_disk_is_restored_too(tmp_path: Path) -> None:
+    # The home's store/ is a link to another file system (a bigger disk): its database's
+    # copy is staged there, so it is renamed in like the others. It was staged beside
+    # node.db: the rename failed (EXDEV) after node.db had gone in, and the restore said
+    # nothing had changed.
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    home, src = make_backup(tmp_path)
+    (src / "store").mkdir(exist_ok=True)
+    (home.root / "store").mkdir(exist_ok=True)
+    store = sqlite3.connect(src / "store" / "content.sqlite")
+    store.execute("CREATE TABLE IF NOT EXISTS restored (x)")
+    store.commit()
+    store.close()
+    far = Path(tempfile.mkdtemp(dir=other))
+    try:
+        shutil.move(home.root / "store", far / "store")
+        (home.root / "store").symlink_to(far / "store")
+        done = restore(home.root, src)
+        assert done.returncode == 0, done.stderr
+        assert rows(home.db_path) == 300
+        assert ((far / "store" / "content.sqlite").read_bytes()
+                == (src / "store" / "content.sqlite").read_bytes())
+        assert not list(home.root.glob(".restore-part-*"))
+        assert not list((far / "store").glob(".restore-part-*"))
+    finally:
+        shutil.rmtree(far)
