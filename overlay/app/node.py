@@ -286,7 +286,7 @@ class Node:
             withdraw=self.providers.withdraw,
             # A sender's keys looked up again as a download is retried.
             lookup_backoff=Backoff(self.options.retry_base, self.options.retry_max,
-                                   jitter=0.8), rng=self.rng)
+                                   jitter=0.8), rng=self.rng, on_finger=self.holders.remember)
 
     async def _start_web(self, ops: ControlOperations) -> str | None:
         """The web inbox on this loop, closed with the node; its URL, or None when off."""

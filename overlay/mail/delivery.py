@@ -42,6 +42,7 @@ from rendezvous.client import (
     RendezvousError,
 )
 from rendezvous.errors import NotFoundError
+from rendezvous.records import DeviceInfo, FingerResult
 from rendezvous.taskset import raise_if_cancelled
 
 log = logging.getLogger("peerpost.node")
@@ -222,7 +223,9 @@ class Delivery:
     Hooks into the transports and the DHT: `on_pipe(message)` feeds a PIPE message to
     WebRTC signalling (False: not signalling), `on_relay(invite)` serves a relayed stream
     another device opened to us, `withdraw(content_id)` stops offering a content whose
-    copy retention deleted or archived.
+    copy retention deleted or archived, `on_finger(address, answer)` hands on the answer
+    to each FINGER of a sender (the holder finder would ask the same as its download
+    starts).
 
     A sender whose keys could not be looked up (FINGER failed: its domain's server down,
     the link between the servers cut, our own server away) is looked up again with
@@ -240,7 +243,8 @@ class Delivery:
                  on_relay: Callable[[RelayInvite], None],
                  withdraw: Callable[[bytes], Awaitable[None]],
                  lookup_backoff: Backoff = LOOKUP_BACKOFF,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 on_finger: Callable[[str, FingerResult], object] | None = None) -> None:
         self.rendezvous = rendezvous
         self.incoming = incoming
         self.outbox = outbox
@@ -251,6 +255,7 @@ class Delivery:
         self.on_pipe = on_pipe
         self.on_relay = on_relay
         self.withdraw = withdraw
+        self.on_finger = on_finger
         self._handled: set[bytes] = set()
         self._login_pending: set[bytes] | None = None
         self._login_read = asyncio.Event()
@@ -317,15 +322,19 @@ class Delivery:
             self._unstored_wake.set()
             return
         self._unstored.discard(env.message_id)
+        # The download is woken (a new message; a first contact's once FINGER has
+        # listed its key) before the REMOVE: it came first, and its round trip and
+        # commit at the server stood between the inbox and the download, and held up
+        # the FINGER behind it (the server's store answers in order).
+        if outcome is Outcome.NEW:
+            self.downloads.wake()
+        while self.incoming.key_checks:
+            await self._recheck(self.incoming.key_checks.pop())
         # Acknowledge only after the inbox committed it; a dropped one is removed too,
         # or the server would hand the same garbage back at every login.
         with contextlib.suppress(RendezvousError, OSError):
             await self.rendezvous.remove(env.message_id)
-        while self.incoming.key_checks:
-            await self._recheck(self.incoming.key_checks.pop())
-        if outcome is Outcome.NEW:
-            self.downloads.wake()
-        elif outcome is Outcome.RECEIPT:
+        if outcome is Outcome.RECEIPT:
             await self.retention()
 
     async def unstored(self) -> None:
@@ -368,14 +377,17 @@ class Delivery:
 
     async def _recheck(self, sender: str) -> None:
         try:
-            devices = (await self.rendezvous.finger(sender)).devices
+            info = await self.rendezvous.finger(sender)
         except (RendezvousError, OSError) as exc:  # can't check: held, and asked again
             log.info("FINGER %s failed: %s", sender, exc)
-            devices = ()
+            devices: tuple[DeviceInfo, ...] = ()
             self._lookup_failed.add(sender)
             self._lookup_wake.set()
         else:
+            devices = info.devices
             self._lookup_failed.discard(sender)
+            if self.on_finger is not None:
+                self.on_finger(sender, info)  # what the download about to start asks
         vouches = {d.verify_key: d.vouch for d in devices if d.vouch is not None}
         try:
             offered = self.incoming.recheck_keys(sender, [d.verify_key for d in devices],

@@ -1,8 +1,10 @@
 """HolderFinder: FINGER answers reused for FINGER_CACHE seconds, our own address skipped,
-the sender first, co-recipients only when asked for."""
+the sender first, co-recipients only when asked for, the FINGERs and the DHT lookup at
+once."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -11,6 +13,7 @@ from overlay.app.holders import FINGER_CACHE, HolderFinder
 from overlay.dht.directory import ProviderDirectory
 from overlay.transports.ladder import ConnectionLadder
 from rendezvous.client import RendezvousClient
+from rendezvous.records import FingerResult
 
 SENDER_ID = b"s" * 32
 PEER_ID = b"p" * 32
@@ -94,3 +97,42 @@ async def test_sender_first_then_co_recipients_only_when_on() -> None:
     off = await finder(FakeRendezvous(), co_recipients=False).holders(msg)
     assert [h.peer_id for h in off] == [SENDER_ID]
 
+
+
+class _Meeting:
+    """A FINGER and a DHT lookup that each answer only once the other was asked: a finder
+    that waits for one round trip before it starts the other never gets an answer."""
+
+    def __init__(self) -> None:
+        self.fingered = asyncio.Event()
+        self.looked_up = asyncio.Event()
+
+    async def finger(self, address: str) -> Info:
+        self.fingered.set()
+        await self.looked_up.wait()
+        return await FakeRendezvous().finger(address)
+
+    async def find(self, content_id: bytes, *, exclude: set[bytes]) -> list[Record]:
+        self.looked_up.set()
+        await self.fingered.wait()
+        return await FakeProviders().find(content_id, exclude=exclude)
+
+
+async def test_fingers_and_the_dht_lookup_go_out_together() -> None:
+    both = _Meeting()
+    f = HolderFinder("bob@x", cast(RendezvousClient, both), cast(ProviderDirectory, both),
+                     cast(ConnectionLadder, None), co_recipients=True, refresh=10.0)
+    async with asyncio.timeout(5):
+        found = await f.holders(cast(LocationMessage, Msg()))
+    assert [h.peer_id for h in found] == [SENDER_ID, PEER_ID]
+    assert found[1].nat  # carol's advertisement, from the FINGER, reached her holder
+
+
+async def test_an_answer_remembered_from_elsewhere_is_not_asked_again() -> None:
+    """The inbox's FINGER of a first contact, just before its download starts."""
+    rv = FakeRendezvous()
+    f = finder(rv, co_recipients=False)
+    f.remember("alice@x", cast(FingerResult, await FakeRendezvous().finger("alice@x")))
+    found = await f.holders(cast(LocationMessage, Msg()))
+    assert rv.asked == ["carol@x"]  # alice's devices came from the remembered answer
+    assert "10.0.0.1:9000" in found[0].direct  # from its advertisement
