@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 from crypto.address import normalize_address, parse_hostport
 from crypto.errors import DecodeError
 from rendezvous.keyfile import load_identity, save_identity, write_secret_file
-from rendezvous.staged import finish_interrupted, interrupted
 
 if TYPE_CHECKING:
     # PyNaCl, which both need, costs about 15 ms of every CLI command's start; `send`,
@@ -177,6 +176,8 @@ class NodeHome:
                     "it first, or use another --home") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            from rendezvous.staged import finish_interrupted  # see load_config
+
             if finished := finish_interrupted(self.root):
                 log.warning("finished a restore that was stopped midway: put %s in place",
                             ", ".join(finished))
@@ -247,6 +248,11 @@ class NodeHome:
 
     def load_config(self) -> NodeConfig:
         if not self.config_path.exists():
+            # Imported here, as above: it imports shutil and tempfile, which every CLI
+            # command loaded with this module only for these two rare paths (2-3 ms of
+            # each command's start, as argparse's shutil was: rendezvous.cliutil).
+            from rendezvous.staged import interrupted
+
             if interrupted(self.root):  # finished under the lock: `restore` takes it
                 raise HomeError(
                     f"a restore into {self.root} was stopped before it was done: run "
