@@ -95,7 +95,7 @@ async def until(cond: Callable[[], bool], seconds: float = 5) -> None:
 
 async def test_rate_cap_slows_the_stream_to_the_cap(tmp_path: Path) -> None:
     cap = 2 * MB
-    async with relay_setup(tmp_path, Limits(relay_rate=cap, relay_daily=0)) as (server, pair):
+    async with relay_setup(tmp_path, Limits(relay_rate=cap, relay_daily=0)) as (_, pair):
         a, b = await pair()
         sender = asyncio.create_task(pump(a, 100 * MB))
         try:
@@ -105,8 +105,6 @@ async def test_rate_cap_slows_the_stream_to_the_cap(tmp_path: Path) -> None:
                 got += len(await b.receive_some(1 << 20))
             rate = got / (time.monotonic() - t0)
             assert 0.75 * cap <= rate <= 1.25 * cap, f"{rate / MB:.2f} MB/s against a cap of 2"
-            # Plaintext legs: the kernel moved these bytes, and the cap held there.
-            assert [s.in_kernel for s in server.relay.splices] == [hasattr(os, "splice")]
         finally:
             sender.cancel()
             await a.aclose()
@@ -260,11 +258,7 @@ async def test_shutdown_breaks_splices_and_refuses_offers_promptly(tmp_path: Pat
 def test_a_reset_reaches_the_other_end_as_a_reset(run: Runner, tls: bool,
                                                   tmp_path: Path) -> None:
     async def body(server: RendezvousServer, pair: RelayPair) -> None:
-        fds = len(os.listdir("/proc/self/fd"))
         a, b = await pair()
-        # Plaintext legs are spliced in the kernel (test_relay_kernel.py), TLS legs copied.
-        kernel = not tls and hasattr(os, "splice")
-        await until(lambda: [s.in_kernel for s in server.relay.splices] == [kernel])
         await a.send_all(b"x" * 1000)
         assert await receive_exactly(b, 1000) == b"x" * 1000
         reset(a)
@@ -275,5 +269,4 @@ def test_a_reset_reaches_the_other_end_as_a_reset(run: Runner, tls: bool,
         await until(lambda: not server.relay.splices)
         await a.aclose()
         await b.aclose()
-        await until(lambda: len(os.listdir("/proc/self/fd")) == fds)  # nothing left open
     in_loop(run, tmp_path, UNCAPPED, body, tls=tls)
