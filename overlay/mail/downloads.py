@@ -240,6 +240,9 @@ class DownloadQueue:
                     self._declined()
         finally:
             self._stopping.discard(message_id)
+            # A `fetch` (Try again) while it stopped moved it to downloading, and the
+            # queue, woken by the ended task, passed it over as still stopping.
+            self.wake()
 
     def held_off(self, message_id: bytes) -> tuple[float, str] | None:
         """(when it is tried again, why) for a message whose state node.db would not
@@ -309,6 +312,15 @@ class DownloadQueue:
         act.started_at = act.started_at or self.wall()
         try:
             try:
+                # The entry as stored now, not as the queue saw it when it spawned this
+                # task: a `fetch` in between (`request`) moves it to downloading itself,
+                # and moving it again failed the download the user had just asked for
+                # (IllegalTransition: cannot go from downloading to downloading).
+                current = self.inbox.get(mid)
+                if current is None or current.junk or \
+                        current.state not in (entry.state, InboxState.DOWNLOADING):
+                    return  # removed, junked or settled meanwhile: nothing to start
+                entry = current
                 self.inbox.mark_time(mid, "started", act.started_at)
                 moved = entry.state is not InboxState.DOWNLOADING
                 if moved:
