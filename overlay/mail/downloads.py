@@ -321,10 +321,13 @@ class DownloadQueue:
                         current.state not in (entry.state, InboxState.DOWNLOADING):
                     return  # removed, junked or settled meanwhile: nothing to start
                 entry = current
-                self.inbox.mark_time(mid, "started", act.started_at)
+                # One commit (an fsync on the loop) for the start time and the state.
+                started = ("started", act.started_at)
                 moved = entry.state is not InboxState.DOWNLOADING
                 if moved:
-                    entry = self.inbox.transition(mid, InboxState.DOWNLOADING)
+                    entry = self.inbox.transition(mid, InboxState.DOWNLOADING, mark=started)
+                else:
+                    self.inbox.mark_time(mid, *started)
             except (sqlite3.Error, OSError) as db_exc:
                 # node.db would not take the start (its disk full): the queue starts it
                 # again after the backoff. The mark raised out of the task, and the queue
@@ -345,10 +348,10 @@ class DownloadQueue:
             first = [entry.first_byte_at is not None]
 
             def progress(held: int) -> None:
-                self.inbox.set_progress(mid, held)
-                if not first[0] and held:
-                    first[0] = True
-                    self.inbox.mark_time(mid, "first_byte", self.wall())
+                # The first chunk's time in the same commit as its progress.
+                first_byte = None if first[0] or not held else self.wall()
+                self.inbox.set_progress(mid, held, first_byte=first_byte)
+                first[0] = first[0] or first_byte is not None
                 self._changed()
 
             try:
@@ -378,8 +381,8 @@ class DownloadQueue:
                 self._fail(mid, str(exc), declined=exc.declined)
                 return
             self._holds.pop(mid, None)
-            self.inbox.mark_time(mid, "completed", self.wall())
-            done = self.inbox.transition(mid, InboxState.COMPLETE, path=path)
+            done = self.inbox.transition(mid, InboxState.COMPLETE, path=path,
+                                         mark=("completed", self.wall()))
             self._changed()  # before the receipt's round trip
             log.info("message %s complete: %s", mid.hex(), path)
             await self._on_complete(done, msg)

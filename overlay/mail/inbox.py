@@ -80,6 +80,18 @@ _TIME_COLUMNS = {"started": "started_at", "first_byte": "first_byte_at",
                  "completed": "completed_at"}
 
 
+def _time_column(event: str) -> str:
+    column = _TIME_COLUMNS.get(event)
+    if column is None:
+        raise ValueError(f"unknown download event {event!r}")
+    return column
+
+
+def _mark(conn: sqlite3.Connection, id: bytes, column: str, when: float) -> None:
+    """The first mark of each kind is kept (see `Inbox.mark_time`)."""
+    conn.execute(f"UPDATE inbox SET {column} = coalesce({column}, ?) WHERE id = ?", (when, id))
+
+
 class Inbox:
     """Typed access to the `inbox` table; see the module docstring for the rules."""
 
@@ -156,6 +168,7 @@ class Inbox:
         next_attempt: float | None = None,
         path: str | None = None,
         decline: Decline | None = None,
+        mark: tuple[str, float] | None = None,
     ) -> InboxEntry:
         """Move the entry to `new_state` and return it as stored.
 
@@ -165,7 +178,10 @@ class Inbox:
         transaction (`_queue_decline`); `complete` needs `path` and marks every chunk
         held. A junk message never leaves `offered` (it may reach it from `unverified`).
         IllegalTransition names the entry and the moves allowed from its state.
+        `mark` (event, when): `mark_time` in the same transaction (one commit, each an
+        fsync, where a download's start and end made two).
         """
+        column = None if mark is None else _time_column(mark[0])
         with self._db.transaction() as conn:
             old = self._locked_get(conn, id)
             what = f"inbox message {id.hex()}"
@@ -185,10 +201,15 @@ class Inbox:
             )
             if decline is not None and new_state is InboxState.FAILED:
                 _queue_decline(conn, old, decline)
+            if column is not None and mark is not None:
+                _mark(conn, id, column, mark[1])
+                new = self._locked_get(conn, id)
         return new
 
-    def set_progress(self, id: bytes, chunks_held: int) -> None:
-        """Record how many chunks are verified and written (while downloading or retrying)."""
+    def set_progress(self, id: bytes, chunks_held: int, *,
+                     first_byte: float | None = None) -> None:
+        """Record how many chunks are verified and written (while downloading or retrying);
+        with `first_byte`, mark it as the `first_byte` time in the same commit."""
         with self._db.transaction() as conn:
             old = self._locked_get(conn, id)
             if old.state not in ACTIVE_STATES:
@@ -198,18 +219,17 @@ class Inbox:
             if not 0 <= chunks_held <= old.chunk_count:
                 raise ValueError(f"chunks_held {chunks_held} outside 0..{old.chunk_count}")
             conn.execute("UPDATE inbox SET chunks_held = ? WHERE id = ?", (chunks_held, id))
+            if first_byte is not None:
+                _mark(conn, id, "first_byte_at", first_byte)
 
     def mark_time(self, id: bytes, event: str, when: float) -> None:
         """Record when a download `started`, got its `first_byte`, or `completed`.
 
         The first mark of each kind is kept: a resumed download still shows when it began.
         """
-        column = _TIME_COLUMNS.get(event)
-        if column is None:
-            raise ValueError(f"unknown download event {event!r}")
+        column = _time_column(event)
         with self._db.transaction() as conn:
-            conn.execute(f"UPDATE inbox SET {column} = coalesce({column}, ?) WHERE id = ?",
-                         (when, id))
+            _mark(conn, id, column, when)
 
     def mark_receipt_sent(self, id: bytes, when: float) -> None:
         """The receipt for this complete entry is in the server's hands (durably)."""

@@ -110,6 +110,17 @@ async def test_retention_that_node_db_refuses_is_logged(
            "database or disk is full" in caplog.text
 
 
+async def run_until(q: DownloadQueue, done: asyncio.Event) -> None:
+    """Run the queue's loop until `done` is set (10 s at most), then stop it."""
+    runner = asyncio.create_task(q.run())
+    try:
+        async with asyncio.timeout(10):
+            await done.wait()
+    finally:
+        runner.cancel()
+        await asyncio.wait({runner})
+
+
 async def test_a_download_node_db_will_not_start_waits_its_backoff(
         db: NodeDB, caplog: pytest.LogCaptureFixture) -> None:
     """node.db refuses the download's start mark for 0.6 s: the queue tries again after
@@ -118,13 +129,21 @@ async def test_a_download_node_db_will_not_start_waits_its_backoff(
     starts: list[float] = []
     full_until = time.monotonic() + 0.6
 
-    class FullAtStart(Inbox):
+    def start(event: str, when: float) -> None:
+        if event == "started":
+            starts.append(when)
+            if time.monotonic() < full_until:
+                raise disk_full()
+
+    class FullAtStart(Inbox):  # the start mark goes with the move to downloading
         def mark_time(self, id: bytes, event: str, when: float) -> None:
-            if event == "started":
-                starts.append(when)
-                if time.monotonic() < full_until:
-                    raise disk_full()
+            start(event, when)
             super().mark_time(id, event, when)
+
+        def transition(self, id: bytes, new_state: InboxState, **kw: Any) -> InboxEntry:
+            if kw.get("mark") is not None:
+                start(*kw["mark"])
+            return super().transition(id, new_state, **kw)
 
     inbox = FullAtStart(db)
     mid = offer(inbox)
@@ -139,13 +158,7 @@ async def test_a_download_node_db_will_not_start_waits_its_backoff(
 
     q = DownloadQueue(inbox, Prefs(db), fetch, completed, wall=time.time,
                       rng=random.Random(1), retry_base=0.1, retry_max=0.4)
-    runner = asyncio.create_task(q.run())
-    try:
-        async with asyncio.timeout(10):
-            await done.wait()
-    finally:
-        runner.cancel()
-        await asyncio.wait({runner})
+    await run_until(q, done)
     assert inbox.get(mid).state is InboxState.COMPLETE  # type: ignore[union-attr]
     assert 2 <= len(starts) <= 8, f"{len(starts)} starts in 0.6 s"
     assert "not started (node.db did not take it: database or disk is full)" in caplog.text
