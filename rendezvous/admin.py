@@ -229,15 +229,26 @@ def snapshot(src: sqlite3.Connection, dest: Path) -> None:
 
 
 def integrity_problem(db: Path) -> str | None:
-    """What SQLite's integrity check finds wrong with the file `db` (read only), or None."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    """What is wrong with the file `db` as a backup's copy of a database (read only), or
+    None: not a file, what SQLite's integrity check finds, or no table at all (a copy cut
+    to nothing opens as an empty database and passes the check)."""
+    if not db.is_file():
+        return "not a file"
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return str(exc)
     try:
         result = str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+        tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+                              ).fetchone()[0]
     except sqlite3.DatabaseError as exc:
         return str(exc)
     finally:
         conn.close()
-    return None if result == "ok" else " ".join(result.split())
+    if result != "ok":
+        return " ".join(result.split())
+    return None if tables else "it holds no tables"
 
 
 def damaged_text(path: Path, problem: str, *, kept: str) -> str:

@@ -86,6 +86,25 @@ def test_a_failed_restore_keeps_the_home_and_its_wal(tmp_path: Path) -> None:
     assert rows(home.db_path) == 300
 
 
+@pytest.mark.parametrize("spoilt", ["node.db", "store/content.sqlite"])
+def test_a_backup_with_an_empty_or_no_database_file_is_refused(tmp_path: Path,
+                                                               spoilt: str) -> None:
+    # An empty node.db (a copy cut to nothing) passed the integrity check and replaced the
+    # home's inbox, outbox and contacts with nothing; a store/content.sqlite that is not a
+    # file ended the command with a traceback.
+    home, src = make_backup(tmp_path)
+    if spoilt == "node.db":
+        (src / spoilt).write_bytes(b"")
+    else:
+        (src / spoilt).unlink(missing_ok=True)
+        (src / spoilt).mkdir(parents=True)
+    why = "it holds no tables" if spoilt == "node.db" else "not a file"
+    done = restore(home.root, src)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"error: {src / spoilt} is damaged ({why}): not restored"
+    assert rows(home.db_path) == 300
+
+
 @pytest.mark.parametrize("stop", [0, 1, 2, 3, 4])
 def test_a_restore_killed_at_each_step_is_finished_or_undone_by_the_node(
         tmp_path: Path, stop: int) -> None:

@@ -107,6 +107,22 @@ def test_a_failed_forced_restore_keeps_the_folder_and_its_wal(tmp_path: Path) ->
     restores(backup, data, theirs, "--force")
 
 
+def test_a_backup_whose_database_is_empty_is_refused(tmp_path: Path) -> None:
+    # A copy cut to nothing (a disk full as it was copied, a sync that stopped) opens as
+    # an empty database and passes the integrity check: put in place with --force, it
+    # left the server with no account, device or queue.
+    backup, _ = make_backup(tmp_path)
+    (backup / DB_NAME).write_bytes(b"")
+    data = tmp_path / "data"
+    data.mkdir()
+    load_or_create(data)
+    killed_with_wal(data / DB_NAME)
+    done = run("restore", str(backup), "--data", str(data), "--force")
+    assert done.returncode == 1
+    assert f"{backup / DB_NAME} is damaged: it holds no tables" in done.stderr
+    assert rows(data / DB_NAME) == 7
+
+
 def test_two_restores_at_once_the_second_is_refused_under_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
