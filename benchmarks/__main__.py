@@ -11,7 +11,7 @@ import pkgutil
 import sys
 from pathlib import Path
 
-_SKIP = {"common"}
+_SKIP = {"common", "__main__"}
 
 
 def _names() -> list[str]:
