@@ -446,6 +446,14 @@ class ChunkCipher:
         elif _HAVE_OPENSSL_INTO:
             self._aead = _ChaCha20Poly1305(hchacha20(key, _NONCE_PREFIX))
 
+    @property
+    def in_place(self) -> bool:
+        """Whether sealing or opening a chunk where it lies costs no copy: False where the
+        installed cryptography refuses it (51 and later) and the input would be copied
+        first, so a caller with a second buffer at hand should seal or open into that
+        (`seal_into`, `open_into`) rather than in place."""
+        return self._in_place or (self._aes is None and self._aead is None)
+
     def seal_into(self, index: int, plaintext: bytes | bytearray | memoryview,
                   out: bytearray | memoryview) -> None:
         """Seal chunk `index` into `out`, exactly `len(plaintext) + self.overhead` bytes that

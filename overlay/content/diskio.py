@@ -54,6 +54,8 @@ class SendBuffers:
         self._limit = limit
         self._bufs: list[bytearray] = []
         self._lock = threading.Lock()
+        # Plaintext read for sealing where the cipher can't seal in place (fill_and_seal).
+        self.scratch = ScratchBuffers()
 
     def take(self, n: int) -> bytearray:
         """A buffer of exactly `n` bytes that nothing else references (stale contents)."""
@@ -115,18 +117,34 @@ def fill_and_seal(fill: Callable[[memoryview], object], cipher: ChunkCipher, ind
     """Chunk `index` (`n` plaintext bytes) put by `fill` straight into the buffer that goes
     out (reused once the transport let go of it) and sealed there in place: one copy in,
     one out, and one chunk-sized buffer in the cache instead of two
-    (`ChunkCipher.seal_in_place`).
+    (`ChunkCipher.seal_in_place`). Where the cipher can't seal in place without copying
+    the plaintext first (cryptography 51 and later), `fill` puts it into a reused scratch
+    buffer of `outgoing`'s instead, sealed from there into the outgoing one.
 
     `check` sees the plaintext before it is sealed; False raises ChunkChanged and nothing
     is sealed (a KEYED_PLAIN sender's leaf check)."""
     out = outgoing.take(n + cipher.overhead)
+    if not cipher.in_place:
+        scratch = outgoing.scratch.take(n)
+        try:
+            with memoryview(scratch) as whole, whole[:n] as plain:
+                _fill_checked(fill, plain, check)
+                cipher.seal_into(index, plain, out)
+        finally:
+            outgoing.scratch.give(scratch)
+        return out
     lead = cipher.scheme.seal_lead
     with memoryview(out) as whole, whole[lead : lead + n] as plain:
-        fill(plain)
-        if check is not None and not check(plain):
-            raise ChunkChanged
+        _fill_checked(fill, plain, check)
     cipher.seal_in_place(index, out, n)
     return out
+
+
+def _fill_checked(fill: Callable[[memoryview], object], plain: memoryview,
+                  check: Callable[[memoryview], bool] | None) -> None:
+    fill(plain)
+    if check is not None and not check(plain):
+        raise ChunkChanged
 
 
 def read_and_seal(fd: int, cipher: ChunkCipher, index: int, n: int, chunk_size: int,

@@ -15,9 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from crypto import content as crypto_content
 from crypto.content import (
     DEFAULT_CHUNK_SIZE,
     LARGE_CHUNK_SIZE,
@@ -42,6 +44,7 @@ from overlay.content.diskio import (
 from overlay.content.interfaces import ContentStoreError
 from overlay.content.local import LocalContent
 from overlay.content.partial import PartialContent
+from tests.crypto.test_content import _refusing_overlap
 
 CHUNK = 1024
 
@@ -445,17 +448,28 @@ def _on_a_page(sealed: bytes, lead: int) -> memoryview:
     return view
 
 
+def _sender_and_receiver(tmp_path: Path, size: int, chunk: int, scheme: LeafScheme,
+                         ) -> tuple[bytes, LocalContent, PartialContent]:
+    """A file of `size` random bytes added to one store and opened for receiving in
+    another, its hash list known."""
+    data = _file(tmp_path / "f", size)
+    src = ContentStore(tmp_path / "s").add_local_file_blocking(tmp_path / "f", chunk_size=chunk,
+                                                               scheme=scheme)
+    part = _receive(ContentStore(tmp_path / "r"), src, tmp_path / "in", "f")
+    part.set_leaves(src.leaves)
+    return data, src, part
+
+
 @pytest.mark.parametrize("scheme", list(LeafScheme))
 def test_chunks_on_a_page_are_opened_where_they_lie(tmp_path: Path, scheme: LeafScheme) -> None:
     """A chunk whose ciphertext starts a page is opened in place (no second buffer) and
     written from there; one that fails its AEAD or its leaf writes nothing and leaves no
     plaintext in its buffer."""
     chunk = 2 * DIRECT_ALIGN
-    data = _file(tmp_path / "f", 4 * chunk + 100)
-    src = ContentStore(tmp_path / "s").add_local_file_blocking(tmp_path / "f", chunk_size=chunk,
-                                                               scheme=scheme)
-    part = _receive(ContentStore(tmp_path / "r"), src, tmp_path / "in", "f")
-    part.set_leaves(src.leaves)
+    data, src, part = _sender_and_receiver(tmp_path, 4 * chunk + 100, chunk, scheme)
+    # Where the installed cryptography can't open in place (51 and later) every chunk is
+    # opened into the one reused aligned buffer instead.
+    in_place = part._cipher.in_place
     lead = scheme.seal_lead
     forged = _on_a_page(src.read_sealed(1), lead)
     forged[-1] ^= 1  # the tag
@@ -467,11 +481,46 @@ def test_chunks_on_a_page_are_opened_where_they_lie(tmp_path: Path, scheme: Leaf
         lie = _on_a_page(bytes(other), lead)
         with pytest.raises(VerificationError, match="does not match its hash"):
             part.write_chunk(2, lie)
-        assert bytes(lie[lead : lead + chunk]) == bytes(chunk)  # no plaintext left behind
+        opened = lie[lead : lead + chunk] if in_place else part._buffers[-1][:chunk]
+        assert bytes(opened) == bytes(chunk)  # no plaintext left behind
     assert part.held == 0
     for i in part.missing():
         assert part.write_chunk(i, _on_a_page(src.read_sealed(i), lead))
-    assert part._buffers == []  # every chunk opened in its own buffer
+    assert len(part._buffers) == (0 if in_place else 1)  # opened where it lies, or not
+    assert part.complete().read_bytes() == data
+
+
+@pytest.mark.parametrize("scheme", list(LeafScheme))
+def test_where_chunks_cant_be_sealed_or_opened_in_place_none_is_copied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: LeafScheme) -> None:
+    """Under a cryptography that refuses input and output sharing memory (51 and later),
+    a served chunk is read into a reused plaintext buffer and sealed from there into the
+    one that goes out, and a received one is opened from where it arrived into a reused
+    aligned buffer: the bytes arrive whole and no chunk is copied on the way (sealing or
+    opening in place copied each chunk first)."""
+    monkeypatch.setattr(crypto_content, "_AESGCM", _refusing_overlap(AESGCM))
+    monkeypatch.setattr(crypto_content, "_ChaCha20Poly1305", _refusing_overlap(ChaCha20Poly1305))
+    monkeypatch.setattr(crypto_content, "in_place_aead", lambda: False)
+    chunk = 64 * DIRECT_ALIGN
+    data, src, part = _sender_and_receiver(tmp_path, 6 * chunk + 100, chunk, scheme)
+    assert not src.cipher.in_place and not part._cipher.in_place
+    lead = scheme.seal_lead
+
+    def deliver(i: int) -> None:  # a served chunk received on a page, as a session does
+        sealed = src.read_sealed(i)
+        page = _on_a_page(sealed, lead)
+        del sealed  # the transport let go of it: its buffer is reused
+        assert part.write_chunk(i, page)
+
+    deliver(0)  # the reused buffers are made
+    tracemalloc.start()
+    try:
+        for i in range(1, len(src.leaves)):
+            deliver(i)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < chunk // 4
     assert part.complete().read_bytes() == data
 
 
