@@ -273,11 +273,12 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 class NodeDB:
     """One open `node.db`: a connection behind a lock, with transactions and queries."""
 
-    __slots__ = ("_conn", "_lock", "path")
+    __slots__ = ("_conn", "_lock", "_nested", "path")
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self._lock = threading.RLock()
+        self._nested = 0  # savepoints open inside the current transaction
         self.path = path
 
     @classmethod
@@ -330,8 +331,26 @@ class NodeDB:
 
         BEGIN IMMEDIATE takes the write lock up front, so a read-check-write inside the
         block can't be raced by another process sharing the file.
+
+        Inside another transaction of this thread (the lock is reentrant) the block is a
+        SAVEPOINT of it: an error rolls back the block alone, and its changes commit with
+        the outer ones, in one fsync (a first contact's contact row and its message).
         """
         with self._lock:
+            if self._conn.in_transaction:
+                self._nested += 1
+                name = f"nested_{self._nested}"
+                self._conn.execute(f"SAVEPOINT {name}")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute(f"ROLLBACK TO {name}")
+                    self._conn.execute(f"RELEASE {name}")
+                    raise
+                finally:
+                    self._nested -= 1
+                self._conn.execute(f"RELEASE {name}")
+                return
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn

@@ -13,6 +13,7 @@ listing needs, and decides junk and priority from `overlay.mail.prefs` when it a
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import sqlite3
 from dataclasses import dataclass
@@ -100,6 +101,11 @@ class Inbox:
     def __init__(self, db: NodeDB, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self._db = db
         self._max_entries = max_entries
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """node.db's transaction: the changes made inside it through this inbox and the
+        records sharing its node.db (contacts) commit together, in one fsync."""
+        return self._db.transaction()
 
     def add(
         self,

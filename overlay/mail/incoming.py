@@ -89,8 +89,10 @@ class IncomingMail:
                         "until a later lookup succeeds (the node tries again) or "
                         "`peerpost contacts accept %s`", sender, sender)
             return []
-        result = self.contacts.pin_keys(sender, device_keys, self.wall(), vouches=vouches,
-                                        signers=signers)
+        with self.inbox.transaction():  # the keys and the messages they release: one commit
+            result = self.contacts.pin_keys(sender, device_keys, self.wall(),
+                                            vouches=vouches, signers=signers)
+            released = self.release(sender)
         if result is PinResult.CHANGED:
             self.counters["key-changed"] += 1
             log.warning("KEY CHANGED for %s: the message is held, compare fingerprints "
@@ -107,7 +109,7 @@ class IncomingMail:
             log.warning("%s: its server no longer lists some device key(s) you trusted (a "
                         "device revoked or removed): retired, their messages and receipts "
                         "are not believed", sender)
-        return self.release(sender)
+        return released
 
     def release(self, sender: str) -> list[bytes]:
         """Move `sender`'s held messages signed by a now trusted key to `offered`."""
@@ -145,24 +147,26 @@ class IncomingMail:
             return self._drop("location", env, "signed by another device than it names")
         if self.address not in h.recipients:
             return self._drop("location", env, "this address is not among the recipients")
-        try:
-            trusted = self.contacts.note_signer(h.sender, key, self.wall())
-        except RecordLimitError as exc:
-            # A sender never seen before needs a contact entry and the contacts are full.
-            # This raised out of the push loop and ended the node, and the envelope, not
-            # acknowledged, ended it again at every login.
-            return self._refused("contacts-full", env, msg, exc)
+        # A new sender's contact row and its message: one commit (each is an fsync).
+        with self.inbox.transaction():
+            try:
+                trusted = self.contacts.note_signer(h.sender, key, self.wall())
+            except RecordLimitError as exc:
+                # A sender never seen before needs a contact entry and the contacts are
+                # full. This raised out of the push loop and ended the node, and the
+                # envelope, not acknowledged, ended it again at every login.
+                return self._refused("contacts-full", env, msg, exc)
+            kind = self.prefs.classify(h.sender)
+            try:
+                added = self._add(env, msg, body, kind, unverified=not trusted)
+            except RecordLimitError as exc:
+                # The user frees room with `peerpost rm` or `peerpost inbox --prune`.
+                return self._refused("inbox-full", env, msg, f"{exc} (`peerpost inbox "
+                                     "--prune` or `peerpost rm ID` make room)")
         if not trusted:
             # One key can't show it is the same person's device; the node asks the server
             # for the whole device set and its vouches (recheck_keys).
             self.key_checks.add(h.sender)
-        kind = self.prefs.classify(h.sender)
-        try:
-            added = self._add(env, msg, body, kind, unverified=not trusted)
-        except RecordLimitError as exc:
-            # The user frees room with `peerpost rm` or `peerpost inbox --prune`.
-            return self._refused("inbox-full", env, msg, f"{exc} (`peerpost inbox --prune` "
-                                 "or `peerpost rm ID` make room)")
         if not added:
             self.counters["duplicate"] += 1
             return Outcome.DUPLICATE, msg

@@ -110,6 +110,24 @@ def test_first_contact_is_trusted_only_when_finger_lists_the_signing_key(db: Nod
     assert inbox.get(mid).state is InboxState.OFFERED  # type: ignore[union-attr]
 
 
+def test_a_first_contact_takes_one_commit_to_file_and_one_to_release(db: NodeDB) -> None:
+    """Each commit is an fsync on the node's loop, between the push and the download: the
+    new contact's row and its message went in two, the keys FINGER listed and the release
+    of the held message in two more."""
+    mail, inbox, contacts = receiver(db, known=False)
+    commits: list[str] = []
+    db._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    try:
+        assert mail.handle(pushed(1, ALICE1))[0] is Outcome.UNVERIFIED
+        assert len(commits) == 1
+        assert mail.recheck_keys(ALICE, [K1], {}) == [(1).to_bytes(16, "big")]
+        assert len(commits) == 2
+    finally:
+        db._conn.set_trace_callback(None)
+    assert inbox.get((1).to_bytes(16, "big")).state is InboxState.OFFERED  # type: ignore[union-attr]
+    assert contacts.trusted_keys(ALICE) == {K1}
+
+
 def test_junk_from_an_unverified_key_stays_junk(db: NodeDB) -> None:
     mail, inbox, contacts = receiver(db)
     Prefs(db).add_junk(ALICE)

@@ -153,6 +153,28 @@ def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
         assert db.query("SELECT * FROM pref") == []
 
 
+def test_a_transaction_inside_another_commits_with_it(tmp_path: Path) -> None:
+    """A nested block is a savepoint: its error undoes it alone, and what stays commits
+    once, with the outer block (a first contact's contact row and message, one fsync)."""
+    commits: list[str] = []
+    with NodeDB.open(tmp_path) as db:
+        db._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO pref (name, value) VALUES ('a', x'00')")
+            with pytest.raises(RuntimeError), db.transaction() as inner:
+                inner.execute("INSERT INTO pref (name, value) VALUES ('b', x'00')")
+                raise RuntimeError("stop")
+            with db.transaction() as inner:
+                inner.execute("INSERT INTO pref (name, value) VALUES ('c', x'00')")
+        assert commits == ["COMMIT"]
+        with pytest.raises(RuntimeError), db.transaction() as conn:
+            with db.transaction() as inner:
+                inner.execute("INSERT INTO pref (name, value) VALUES ('d', x'00')")
+            raise RuntimeError("the outer one fails: the inner one's rows go too")
+        db._conn.set_trace_callback(None)
+        assert [r["name"] for r in db.query("SELECT name FROM pref ORDER BY name")] == ["a", "c"]
+
+
 def test_calls_from_worker_threads_are_serialised(tmp_path: Path) -> None:
     # The node may call from asyncio.to_thread workers: one shared connection, one lock.
     from concurrent.futures import ThreadPoolExecutor
