@@ -31,23 +31,29 @@ def rows(db: Path) -> int:
         conn.close()
 
 
-# Runs a CLI's main with os.replace ended, as by a kill, before the call numbered argv[1].
+# Runs a CLI's main with os.replace ended, as by a kill, before the call numbered argv[1]
+# (or, with argv[2] "fail", that call failing with EIO).
 _KILLED_BEFORE_RENAME = """
-import importlib, os, sys
-stop, real, seen = int(sys.argv[1]), os.replace, [0]
+import errno, importlib, os, sys
+stop, fail, real, seen = int(sys.argv[1]), sys.argv[2] == "fail", os.replace, [0]
 def replace(src, dst, *args, **kwargs):
     if seen[0] == stop:
+        if fail:
+            seen[0] += 1
+            raise OSError(errno.EIO, "Input/output error (injected)")
         os._exit(9)
     seen[0] += 1
     return real(src, dst, *args, **kwargs)
 os.replace = replace
-sys.exit(importlib.import_module(sys.argv[2]).main(sys.argv[3:]))
+sys.exit(importlib.import_module(sys.argv[3]).main(sys.argv[4:]))
 """
 
 
-def run_killed_before_rename(stop: int, cli_module: str, args: list[str],
-                             ) -> subprocess.CompletedProcess[str]:
+def run_killed_before_rename(stop: int, cli_module: str, args: list[str], *,
+                             fail: bool = False) -> subprocess.CompletedProcess[str]:
     """Run `cli_module`.main(args) in a process that exits with 9, as if killed, just
-    before its os.replace call numbered `stop` (from 0)."""
+    before its os.replace call numbered `stop` (from 0); with `fail`, that call raises
+    EIO instead and the process goes on."""
     return subprocess.run([sys.executable, "-c", _KILLED_BEFORE_RENAME, str(stop),
-                           cli_module, *args], capture_output=True, text=True, timeout=60)
+                           "fail" if fail else "kill", cli_module, *args],
+                          capture_output=True, text=True, timeout=60)

@@ -134,6 +134,26 @@ def test_a_restore_killed_at_each_step_is_finished_or_undone_by_the_node(
         assert not list(lost.root.rglob(".restore-part-*"))
 
 
+def test_a_rename_that_fails_past_the_point_of_no_return_is_said_and_finished_later(
+        tmp_path: Path) -> None:
+    # The identity went in, then renaming config.json failed (EIO): the home is changed,
+    # so the restore must not say nothing was; the node's next start finishes it.
+    _, src = make_backup(tmp_path)
+    lost = NodeHome(tmp_path / "lost")
+    done = run_killed_before_rename(3, "overlay.app.cli",
+                                    ["--home", str(lost.root), "restore", str(src)], fail=True)
+    assert done.returncode == 1
+    assert "nothing there was changed" not in done.stderr
+    assert (f"restoring {src} into {lost.root} stopped while its files went in ([Errno 5] "
+            "Input/output error (injected)): the node's next start or a rerun finishes it "
+            "once that is mended") in done.stderr
+    assert lost.identity_path.read_bytes() == (src / "identity.json").read_bytes()
+    with lost.daemon_lock():
+        assert rows(lost.db_path) == 300
+        assert lost.config_path.read_bytes() == (src / "config.json").read_bytes()
+        assert not list(lost.root.rglob(".restore-part-*"))
+
+
 def test_a_store_on_another_disk_is_restored_too(tmp_path: Path) -> None:
     # The home's store/ is a link to another file system (a bigger disk): its database's
     # copy is staged there, so it is renamed in like the others. It was staged beside
