@@ -40,7 +40,9 @@ from overlay.transfer.downloader import (
     FetchEvent,
     NoSourceReachable,
     SourceChanged,
+    SourceStats,
 )
+from overlay.transfer.frames import ErrorCode
 from rendezvous.errors import is_disk_full
 from rendezvous.taskset import TaskSet
 
@@ -71,6 +73,18 @@ def want_ends(dl: Downloader, count: int) -> None:
         dl.want_first(i, i + 1, pinned=True)
     if count:
         dl.want_first(0, 1)
+
+
+# How the transfer layer words a holder's "no content" answer (RemoteError: code, text).
+_NO_CONTENT = f"{int(ErrorCode.UNKNOWN_CONTENT)} "
+
+
+def none_serve(stats: list[SourceStats]) -> bool:
+    """Every source answered that it does not have the content ("no content") or no
+    longer serves it (its file changed): none will later, unlike one that was unreachable,
+    stalled, or held none of the missing chunks yet (`NoSourceNow.none_serve`)."""
+    return bool(stats) and all(s.source_changed or s.reason.startswith(_NO_CONTENT)
+                               for s in stats)
 
 
 class ContentFetch:
@@ -165,7 +179,7 @@ class ContentFetch:
                 path = await dl.run()
         except NoSourceReachable as exc:
             progress(partial.held)
-            raise NoSourceNow(str(exc)) from None
+            raise NoSourceNow(str(exc), none_serve=none_serve(dl.stats)) from None
         except DiskFull as exc:
             raise RetryLater(f"{exc}: the download resumes by itself once there is room "
                              "(its verified chunks are kept)") from None

@@ -19,8 +19,9 @@ changed) queues a declined receipt with the failure's short reason, in the trans
 that records the failure, and calls `on_declined` (the receipts' wake-up); a retryable
 failure, a user's cancel and an error of our own (a bug) queue nothing. A later `fetch`
 (Try again) of such a message is one try when the sender has that receipt: it may have
-stopped serving the message (every recipient declined it), so when no source serves it
-the try fails saying so (`NoSourceNow`) instead of waiting for ever.
+stopped serving the message (every recipient declined it), so when every source answers
+that it does not serve it the try fails saying so (`NoSourceNow`) instead of waiting for
+ever; a source unreachable or stalled is still a retry.
 """
 
 from __future__ import annotations
@@ -52,9 +53,16 @@ class NoSourceNow(RetryLater):
     """No source could serve the missing chunks now (none reached, or none holds them).
 
     Retried after a backoff, unless this node told the sender it would never download the
-    message (a declined receipt sent): once every recipient declined, the sender stops
-    serving it, so only a co-recipient could, and waiting for one would be for ever. That
-    try fails, with `told_no_source_text` (`DownloadQueue._download`)."""
+    message (a declined receipt sent) and `none_serve`: every source answered that it does
+    not have the content or no longer serves it. Once every recipient declined, the sender
+    stops serving it, so only a co-recipient could, and waiting for one would be for ever.
+    That try fails, with `told_no_source_text` (`DownloadQueue._download`). A source that
+    could not be reached or stalled (the sender offline, a co-recipient that has it
+    offline) may serve it later: that is a retry as before."""
+
+    def __init__(self, text: str, *, none_serve: bool = False) -> None:
+        super().__init__(text)
+        self.none_serve = none_serve
 
 
 # The start of the failure of a retry that found no source, of a message whose sender this
@@ -360,7 +368,8 @@ class DownloadQueue:
                 finally:
                     act.end_attempt()
             except RetryLater as exc:
-                told = self.inbox.declined(mid) if isinstance(exc, NoSourceNow) else None
+                told = (self.inbox.declined(mid)
+                        if isinstance(exc, NoSourceNow) and exc.none_serve else None)
                 if told is not None and told[1] is not None:  # the sender knows: no wait
                     self._fail(mid, told_no_source_text(entry.sender, told[0], str(exc)))
                     return

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -21,7 +21,10 @@ from crypto.codec import Fields
 from crypto.identity import DeviceIdentity
 from crypto.location import Description, Handle, Headers, LocationMessage
 from overlay.app.cli import told_text
+from overlay.app.fetch import ContentFetch
+from overlay.app.holders import HolderFinder
 from overlay.app.operations import ControlOperations
+from overlay.content.catalog import ContentStore
 from overlay.mail.contacts import Contacts
 from overlay.mail.db import _MIGRATIONS, NodeDB
 from overlay.mail.delivery import Receipts
@@ -29,6 +32,7 @@ from overlay.mail.downloads import (
     Activity,
     DownloadFailed,
     DownloadQueue,
+    Fetcher,
     NoSourceNow,
     RetryLater,
 )
@@ -39,6 +43,10 @@ from overlay.mail.incoming import IncomingMail, Outcome, Pushed
 from overlay.mail.outbox import Outbox, RecipientStatus
 from overlay.mail.prefs import Prefs
 from overlay.mail.receipts import REMOVED_REASON
+from overlay.transfer.server import TransferServer
+from overlay.transports.ladder import Source
+from overlay.transports.stream import Stream
+from overlay.transports.tcp import connect_tcp
 from rendezvous.client import RendezvousError
 
 ALICE = DeviceIdentity.from_seed(b"a" * 32)
@@ -414,7 +422,8 @@ async def test_a_receipt_the_server_missed_goes_when_the_session_is_back(
                                                             ALICE.peer_id)]
 
 
-NO_SOURCE = NoSourceNow("no source reachable for 3 missing chunks (alice: no content 0101)")
+NO_SOURCE = NoSourceNow("no source reachable for 3 missing chunks (alice: no content 0101)",
+                        none_serve=True)
 
 
 def _failed_for_good(inbox: Inbox, n: int) -> bytes:
@@ -424,6 +433,24 @@ def _failed_for_good(inbox: Inbox, n: int) -> bytes:
     inbox.transition(mid, S.FAILED, error="source changed: ...",
                      decline=Decline("source changed", 5.0))
     return mid
+
+
+async def _tried_once(db: NodeDB, inbox: Inbox, fetch: Fetcher,
+                      mids: tuple[bytes, ...]) -> None:
+    """Try again (`fetch`) each of `mids` through a download queue, until none is
+    downloading any more."""
+    q = DownloadQueue(inbox, Prefs(db), fetch, never_completes, wall=time.time,
+                      rng=random.Random(1), max_active=4, retry_base=60)
+    for mid in mids:
+        q.request(mid)
+    runner = asyncio.create_task(q.run())
+    try:
+        async with asyncio.timeout(20):
+            while any(e.state is S.DOWNLOADING for e in inbox.list()):
+                await q.changed().wait()
+    finally:
+        runner.cancel()
+        await asyncio.wait({runner})
 
 
 async def test_try_again_of_a_message_whose_sender_was_told_ends_when_no_source_has_it(
@@ -444,18 +471,7 @@ async def test_try_again_of_a_message_whose_sender_was_told_ends_when_no_source_
                     progress: Any) -> str:
         raise ends[entry.id]
 
-    q = DownloadQueue(inbox, Prefs(db), fetch, never_completes, wall=time.time,
-                      rng=random.Random(1), max_active=4, retry_base=60)
-    for mid in (told, plain, disk):
-        q.request(mid)
-    runner = asyncio.create_task(q.run())
-    try:
-        async with asyncio.timeout(10):
-            while any(e.state is S.DOWNLOADING for e in inbox.list()):
-                await q.changed().wait()
-    finally:
-        runner.cancel()
-        await asyncio.wait({runner})
+    await _tried_once(db, inbox, fetch, (told, plain, disk))
     e = inbox.get(told)
     assert e is not None and e.state is S.FAILED
     assert e.error == ("no source has it: alice@example.net was told you would not download "
@@ -465,6 +481,69 @@ async def test_try_again_of_a_message_whose_sender_was_told_ends_when_no_source_
     assert inbox.get(plain).state is S.RETRYING  # type: ignore[union-attr]
     assert inbox.get(disk).state is S.RETRYING  # type: ignore[union-attr]
     assert owed(inbox) == {} and inbox.declined(told) == ("source changed", 6.0)
+
+
+class _Holders:
+    """The HolderFinder's part a ContentFetch uses: each message's sources, given."""
+
+    def __init__(self, sources: dict[bytes, list[Source]]) -> None:
+        self.given = sources
+
+    async def sources(self, msg: LocationMessage) -> list[Source]:
+        return self.given[msg.headers.message_id]
+
+    async def refresh(self, dl: Any, msg: LocationMessage) -> None:
+        await asyncio.Event().wait()  # no new holders while a download runs
+
+
+async def test_try_again_after_the_decline_went_fails_only_when_every_source_says_no_content(
+        tmp_path: Path, db: NodeDB) -> None:
+    """Real transfer servers on 127.0.0.1 behind a real ContentFetch: Try again of a
+    message whose decline the sender has fails for good when the sender answers that it
+    has no such content, and only then. A sender that can't be reached (offline), or a
+    co-recipient that can't be reached while the sender says no content, may serve it
+    later: those are retried as before (both failed for good at once on the old code)."""
+    serving = TransferServer(ALICE, ContentStore(tmp_path / "alice"))  # holds nothing
+    gone = TransferServer(DeviceIdentity.from_seed(b"c" * 32), ContentStore(tmp_path / "c"))
+    store = ContentStore(tmp_path / "bob-store")
+    try:
+        host, port = await serving.start("127.0.0.1", 0)
+        gone_host, gone_port = await gone.start("127.0.0.1", 0)
+        await gone.aclose()  # offline: its port refuses
+
+        def source(label: str, at: tuple[str, int], peer_id: bytes) -> Source:
+            async def connect() -> Stream:
+                return await connect_tcp(*at, timeout=5)
+            return Source(label, connect, peer_id)
+
+        alice = source("alice", (host, port), ALICE.peer_id)
+        alice_offline = source("alice", (gone_host, gone_port), ALICE.peer_id)
+        carol_offline = source("carol", (gone_host, gone_port), gone.identity.peer_id)
+        inbox = Inbox(db)
+        no_content, offline, co_offline = (_failed_for_good(inbox, n) for n in (1, 2, 3))
+        for mid in (no_content, offline, co_offline):
+            inbox.mark_decline_sent(mid, 6.0)
+        finder = _Holders({no_content: [alice], offline: [alice_offline],
+                           co_offline: [alice, carol_offline]})
+        fetch = ContentFetch(BOB, store, cast(HolderFinder, finder),
+                             dest=tmp_path / "received", announce=lambda cid: None,
+                             window=4, connect_timeout=5.0)
+        await _tried_once(db, inbox, fetch, (no_content, offline, co_offline))
+        states = {mid: inbox.get(mid) for mid in (no_content, offline, co_offline)}
+        e = states[no_content]
+        assert e is not None and e.state is S.FAILED, e and e.error
+        assert e.error is not None and e.error.startswith(
+            "no source has it: alice@example.net was told you would not download it (source "
+            "changed) and may have stopped serving it; ask them to send it again (no source "
+            "reachable for 3 missing chunks (alice: 404 no content 0101")
+        for mid in (offline, co_offline):
+            e = states[mid]
+            assert e is not None and e.state is S.RETRYING, e and e.error
+            assert e.error is not None and "cannot connect" in e.error
+        assert owed(inbox) == {}
+    finally:
+        await serving.aclose()
+        store.close()
 
 
 async def test_fetch_takes_back_a_decline_not_sent_and_says_when_the_sender_has_it(
