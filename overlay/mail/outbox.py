@@ -28,10 +28,12 @@ user's file is then the only copy); `mark_retention_done` records it.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime
 import sqlite3
+import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -148,11 +150,48 @@ def forwarding_text(state: str, home_domain: str, recipient: str, since: float |
 class Outbox:
     """Typed access to the `outbox` and `outbox_recipient` tables."""
 
-    __slots__ = ("_db", "_max_entries")
+    __slots__ = ("_db", "_files", "_max_entries", "_sending")
 
     def __init__(self, db: NodeDB, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self._db = db
         self._max_entries = max_entries
+        # The files a send is reading or recording now (their paths as the outbox records
+        # them), and the guard retention holds while it decides on a copy and deletes or
+        # moves it (`sending`, `copy_unneeded`).
+        self._files = threading.Lock()
+        self._sending: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def sending(self, path: str) -> Iterator[None]:
+        """Held by a send of the file at `path` from before it reads the file until its
+        message is recorded (or nothing was): retention does not delete or move that file
+        meanwhile (`copy_unneeded`). A pass that had read the outbox before the new message
+        was recorded deleted the file the new message was to serve."""
+        with self._files:
+            self._sending[path] += 1
+        try:
+            yield
+        finally:
+            with self._files:
+                self._sending[path] -= 1
+                if not self._sending[path]:
+                    del self._sending[path]
+
+    @contextlib.contextmanager
+    def copy_unneeded(self, entry: OutboxEntry) -> Iterator[bool]:
+        """Whether no message but `entry` needs its copy: none of its content or of its
+        file (the same file sent again is a new content) has its retention still to apply,
+        and no send of that file runs. Held while the caller deletes or moves the copy: a
+        send of that file starting meanwhile waits, then finds it gone (`sending`)."""
+        with self._files:
+            if self._sending[entry.path]:
+                yield False
+                return
+            other = self._db.query_one(
+                "SELECT 1 FROM outbox WHERE retention_done = 0 AND id != ?"
+                " AND (content_id = ? OR path = ?) LIMIT 1",
+                (entry.id, entry.content_id, entry.path))
+            yield other is None
 
     def add(
         self,

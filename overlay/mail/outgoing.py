@@ -263,6 +263,14 @@ class MailSender:
 
     async def _send(self, path: Path, to: list[str], title: str, note: str,
                     folder: FolderInfo | None, named_ids: list[bytes] | None = None) -> bytes:
+        # From before the file is read until the send ends (its message recorded by then,
+        # or nothing was): a retention pass meanwhile leaves the file where it is.
+        with self.outbox.sending(str(path)):
+            return await self._named_and_sent(path, to, title, note, folder, named_ids)
+
+    async def _named_and_sent(self, path: Path, to: list[str], title: str, note: str,
+                              folder: FolderInfo | None,
+                              named_ids: list[bytes] | None) -> bytes:
         addresses = check_recipients(to)
         if not await asyncio.to_thread(path.is_file):
             raise SendError(f"no such file: {path}")

@@ -6,9 +6,11 @@ download failed for good) counts as done: once at least one recipient downloaded
 the rest declined, the preference applies. When every recipient declined, the user's file
 is the only copy: it is never deleted or archived, but the node stops serving it (the
 content is forgotten, a folder's map released). The same file may be in several messages
-still being fetched: its copy is touched only when the last of them is done, earlier ones
-are recorded as kept. A crash between the last receipt and this step is finished at the next start,
-because the outbox remembers which messages are still pending.
+still being fetched (the same content, or the file sent again, which is a new content):
+its copy is touched only when the last of them is done, earlier ones are recorded as kept.
+A send of that file that runs while a pass decides counts too (`Outbox.copy_unneeded`).
+A crash between the last receipt and this step is finished at the next start, because the
+outbox remembers which messages are still pending.
 
 A folder's map (or an archive an older version packed) in the store's outgoing folder is
 not the user's file but the node's own: it is deleted whatever the preference, once no
@@ -51,13 +53,19 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
         if still_needed:
             action = "keep"  # another message still needs this copy; it decides later
         try:
-            if action == "delete" and not own:
-                store.remove(entry.content_id, delete_file=True)
-            elif action == "archive":
-                target = store.archive(entry.content_id, Path(prefs.archive_dir or
-                                                              default_archive))
-                outbox.set_path(entry.id, str(target))  # for `status` and `resend`
-                log.info("archived %s to %s", entry.path, target)
+            if action in ("delete", "archive") and not own:
+                # Decided again and done under the outbox's guard: a send of the same file
+                # recorded since this pass read the outbox, or running now, keeps it.
+                with outbox.copy_unneeded(entry) as unneeded:
+                    if not unneeded:
+                        action, still_needed = "keep", True
+                    elif action == "delete":
+                        store.remove(entry.content_id, delete_file=True)
+                    else:
+                        target = store.archive(entry.content_id, Path(prefs.archive_dir or
+                                                                      default_archive))
+                        outbox.set_path(entry.id, str(target))  # for `status` and `resend`
+                        log.info("archived %s to %s", entry.path, target)
             elif not entry.anyone_downloaded and not own and not still_needed:
                 store.remove(entry.content_id)  # not served any more; the file stays
                 log.info("message %s: every recipient declined it; %s is kept and no "

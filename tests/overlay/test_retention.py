@@ -4,21 +4,30 @@ reads what it settles, never the whole outbox (it listed it once per message set
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
+from crypto.identity import DeviceIdentity
 from overlay.content.catalog import ContentStore
+from overlay.mail.contacts import Contacts
 from overlay.mail.db import NodeDB
 from overlay.mail.folders import outgoing_dir
 from overlay.mail.outbox import ALL_SENT, Outbox, OutboxEntry, RecipientStatus
+from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
 from overlay.mail.retention import apply_retention
+from rendezvous.records import DeviceInfo, FingerResult
 
 BOB = "bob@example.net"
+BOB_KEY = DeviceIdentity.from_seed(b"b" * 32).public.verify_key
 
 
 class CountedOutbox(Outbox):
@@ -89,14 +98,15 @@ def test_the_outbox_is_not_listed_however_many_are_settled(db: NodeDB,
                                                            tmp_path: Path) -> None:
     """200 messages settled at once (a start after a crash, a burst of receipts): the
     pass listed the whole outbox again for each of them. Two messages of the
-    same file: the older keeps the copy for the newer, which applies `delete`."""
+    same content (7 and 9): the older keeps the copy for the newer, which applies
+    `delete`; each of the others has a file of its own."""
     store = ContentStore(tmp_path / "store")
-    clip = tmp_path / "clip.bin"
-    clip.write_bytes(b"c")
     outbox, prefs = CountedOutbox(db), Prefs(db)
     prefs.retention = "delete"
     shared = os.urandom(32)
     for n in range(1, 201):
+        clip = tmp_path / f"clip{9 if n == 7 else n}.bin"
+        clip.write_bytes(b"c")
         sent(outbox, n, shared if n in (7, 9) else os.urandom(32), clip)
     done = apply_retention(outbox, store, prefs, tmp_path / "archive")
     assert outbox.lists == 0
@@ -128,3 +138,110 @@ def test_a_folder_nobody_will_fetch_any_more_is_logged(
             f"served (its map {folder_map} goes)") in caplog.text
     assert "copy deleted" not in caplog.text
     assert f"deleted the folder map {folder_map}" in caplog.text and not folder_map.exists()
+
+
+class _Server:
+    """The rendezvous client as a send uses it: FINGER answered once `answer` is set."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.answer = asyncio.Event()
+        self.answer.set()
+
+    async def finger(self, address: str) -> FingerResult:
+        self.asked.set()
+        await self.answer.wait()
+        return FingerResult(address, (DeviceInfo(BOB_KEY, True, None, {}),))
+
+    async def send(self, message_id: bytes, items: list[Any]) -> None:
+        pass
+
+
+class _PausedOutbox(Outbox):
+    """An outbox whose retention pass, once it has read what it settles, waits for
+    `go_on` (set by the test once a send ran in between)."""
+
+    def __init__(self, db: NodeDB) -> None:
+        super().__init__(db)
+        self.read, self.go_on = threading.Event(), threading.Event()
+
+    def not_done(self, content_ids: Iterable[bytes]) -> Counter[bytes]:
+        counts = super().not_done(content_ids)
+        self.read.set()
+        if not self.go_on.wait(10):
+            raise AssertionError("the test did not let the pass go on")
+        return counts
+
+
+def _sent_once_delete(db: NodeDB, store: ContentStore, outbox: Outbox, clip: Path
+                      ) -> tuple[bytes, MailSender, _Server]:
+    """`clip` sent once (by hand) and downloaded, retention `delete`; a real MailSender."""
+    Prefs(db).retention = "delete"
+    first = sent(outbox, 1, store.add_local_file_blocking(clip).content_id, clip)
+    server = _Server()
+    sender = MailSender(DeviceIdentity.from_seed(b"a" * 32), "alice@example.net",
+                        rendezvous=cast(Any, server), store=store, contacts=Contacts(db),
+                        outbox=outbox, announce=lambda cid: None, direct_addresses=list,
+                        home_server="example.net", wall=lambda: 1000.0)
+    return first, sender, server
+
+
+def _still_served(store: ContentStore, outbox: Outbox, mid: bytes, clip: Path,
+                  data: bytes) -> None:
+    e = outbox.get(mid)
+    assert e is not None and e.retention_done is False
+    content = store.local(e.content_id)
+    assert content is not None and content.path == clip.resolve()
+    assert clip.read_bytes() == data
+
+
+async def test_a_send_recorded_after_the_pass_read_the_outbox_keeps_the_file(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """The same file sent again (a new content) is recorded after a pass read the outbox
+    and before it applies `delete` to the first message: the file stays for the second,
+    which decides once it is settled. The pass deleted the file the new message serves."""
+    clip = tmp_path / "clip.bin"
+    clip.write_bytes(data := os.urandom(100_000))
+    outbox = _PausedOutbox(db)
+    first, sender, _ = _sent_once_delete(db, store, outbox, clip)
+    prefs = Prefs(db)
+    passing = asyncio.create_task(asyncio.to_thread(
+        apply_retention, outbox, store, prefs, tmp_path / "archive"))
+    try:
+        async with asyncio.timeout(10):
+            assert await asyncio.to_thread(outbox.read.wait, 10)
+            second = await sender.send(clip, [BOB], "clip again", "")
+    finally:
+        outbox.go_on.set()
+    done = await passing
+    assert [(e.id, action) for e, action in done] == [(first, "keep")]
+    _still_served(store, outbox, second, clip, data)
+
+    outbox.set_recipient_state(second, BOB, RecipientStatus.DOWNLOADED, 2000.0)
+    done = apply_retention(outbox, store, prefs, tmp_path / "archive")
+    assert [(e.id, action) for e, action in done] == [(second, "delete")]
+    assert not clip.exists()
+
+
+async def test_a_send_running_while_the_pass_decides_keeps_the_file(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """A send of the same file has started (it waits for the recipient's keys) while a
+    pass applies `delete` to the first message: the file stays, and the send goes out
+    with it. The pass deleted it, and the send failed on the missing file."""
+    clip = tmp_path / "clip.bin"
+    clip.write_bytes(data := os.urandom(100_000))
+    outbox = Outbox(db)
+    first, sender, server = _sent_once_delete(db, store, outbox, clip)
+    server.answer.clear()
+    sending = asyncio.create_task(sender.send(clip, [BOB], "clip again", ""))
+    try:
+        async with asyncio.timeout(10):
+            await server.asked.wait()
+            done = await asyncio.to_thread(apply_retention, outbox, store, Prefs(db),
+                                           tmp_path / "archive")
+            server.answer.set()
+            second = await sending
+    finally:
+        sending.cancel()
+    assert [(e.id, action) for e, action in done] == [(first, "keep")]
+    _still_served(store, outbox, second, clip, data)
