@@ -1,12 +1,14 @@
 """The sender's retention pass: time and CPU of `apply_retention` over a long outbox.
 
-`python -m benchmarks retention [--sent 10000] [--settled 1,100,1000] [--passes 3]` fills a
-node.db with `--sent` sent messages (one recipient each, none settled), then for each
-count in `--settled` marks that many downloaded and times retention passes: one such
-pass runs at every receipt that settles a message and at the node's start. Before each
-pass the same messages are made pending again (not timed). Retention is `keep` and the
-content store is empty, so the pass is the outbox's reading and bookkeeping, not file
-work. Prints the median wall and CPU milliseconds of a pass and CPU per settled message.
+`python -m benchmarks retention [--sent 10000] [--settled 1,100,1000] [--passes 3]
+[--retention keep|delete]` fills a node.db with `--sent` sent messages (one recipient and
+one file name each, none settled), then for each count in `--settled` marks that many
+downloaded and times retention passes: one such pass runs at every receipt that settles a
+message and at the node's start. Before each pass the same messages are made pending
+again (not timed). Retention is `keep` unless asked, and the content store is empty, so
+the pass is the outbox's reading and bookkeeping, not file work (with `delete`, each
+settled copy is decided again under the outbox's guard first). Prints the median wall
+and CPU milliseconds of a pass and CPU per settled message.
 Only APIs older than the change are used, so the same file times an older checkout (run
 it with that checkout as the working directory).
 """
@@ -31,12 +33,14 @@ from overlay.mail.retention import apply_retention
 BOB = "bob@example.net"
 
 
-def _fill(outbox: Outbox, sent: int, path: Path) -> list[bytes]:
-    """`sent` messages to bob, oldest first, each acknowledged by the server."""
+def _fill(outbox: Outbox, sent: int, folder: Path) -> list[bytes]:
+    """`sent` messages to bob, oldest first, each of its own file, acknowledged by the
+    server."""
     mids = []
     for n in range(sent):
         mid = n.to_bytes(16, "big")
-        outbox.add(id=mid, path=str(path), title=f"clip {n}", size=1, content_id=os.urandom(32),
+        outbox.add(id=mid, path=str(folder / f"clip{n}.bin"), title=f"clip {n}", size=1,
+                   content_id=os.urandom(32),
                    created_at=1_700_000_000.0 + n, recipients=[BOB], message=b"\x93" * 600)
         outbox.set_recipient_state(mid, BOB, RecipientStatus.SENT, 1_700_000_000.0 + n)
         mids.append(mid)
@@ -55,6 +59,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--settled", default="1,100,1000",
                     help="comma-separated counts of messages settled before a pass")
     ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--retention", choices=("keep", "delete"), default="keep")
     ap.add_argument("--out", type=Path, default=None, help="the JSON file (default out/)")
     args = ap.parse_args(argv)
     counts = [int(c) for c in args.settled.split(",")]
@@ -62,13 +67,12 @@ def main(argv: list[str]) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="retention-") as tmp:
         root = Path(tmp)
-        clip = root / "clip.bin"
-        clip.write_bytes(b"c")
         store = ContentStore(root / "store")
         with NodeDB.open(root / "node") as db:
             outbox, prefs = Outbox(db, max_entries=args.sent), Prefs(db)
+            prefs.retention = args.retention
             t0 = time.perf_counter()
-            mids = _fill(outbox, args.sent, clip)
+            mids = _fill(outbox, args.sent, root)
             print(f"{args.sent} sent messages in {time.perf_counter() - t0:.1f} s")
             settled = 0
             for count in counts:
@@ -97,5 +101,6 @@ def main(argv: list[str]) -> int:
                 ]
         store.close()
     report("retention", rows, out=args.out, meta={"sent": args.sent, "settled": counts,
-                                    "passes": args.passes, "load": os.getloadavg()})
+                                    "passes": args.passes, "retention": args.retention,
+                                    "load": os.getloadavg()})
     return 0

@@ -41,22 +41,23 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
     # message settled (quadratic, and only the newest 1,000 were looked at for another
     # message of the same content). Of each content, the messages whose retention is not
     # applied yet, this pass's included: the last one decides.
+    seen = outbox.sends_seen  # before the reads: a send recorded after them changes it
     pending = outbox.pending_retention()
-    undone = outbox.not_done(m.content_id for m in pending)
+    undone, undone_files = outbox.not_done(pending)
     for entry in pending:
         # Nobody has it: the user's file is the only copy, so the preference does not apply.
         action = prefs.retention if entry.anyone_downloaded else "keep"
         own = is_own_archive(store.root, entry.path)
         if own:
             action = "delete"  # our copy, not the user's; release_archives deletes it
-        still_needed = undone[entry.content_id] > 1
+        still_needed = undone[entry.content_id] > 1 or undone_files[entry.path] > 1
         if still_needed:
             action = "keep"  # another message still needs this copy; it decides later
         try:
             if action in ("delete", "archive") and not own:
                 # Decided again and done under the outbox's guard: a send of the same file
                 # recorded since this pass read the outbox, or running now, keeps it.
-                with outbox.copy_unneeded(entry) as unneeded:
+                with outbox.copy_unneeded(entry, seen=seen) as unneeded:
                     if not unneeded:
                         action, still_needed = "keep", True
                     elif action == "delete":
@@ -75,6 +76,7 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
             log.info("retention %s for %s: %s", action, entry.id.hex(), exc)
         outbox.mark_retention_done(entry.id, action)
         undone[entry.content_id] -= 1
+        undone_files[entry.path] -= 1
         if own and not still_needed:
             # The map is the node's, the folder the user's: it stays whatever the
             # preference; release_archives deletes the map (and logs it) below.

@@ -94,6 +94,22 @@ def test_a_copy_another_message_needs_is_kept_however_many_were_sent_since(
     assert e is not None and e.retention_action == "delete"
 
 
+def test_the_same_file_sent_again_as_a_new_content_keeps_it_for_that_message(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """The same file sent twice is two contents (each send names it with a fresh key): with
+    `delete`, the first message settled deleted the file the second still serves."""
+    clip = tmp_path / "clip.bin"
+    clip.write_bytes(data := os.urandom(50_000))
+    outbox, prefs = Outbox(db), Prefs(db)
+    prefs.retention = "delete"
+    first = sent(outbox, 1, store.add_local_file_blocking(clip).content_id, clip)
+    second = sent(outbox, 2, store.add_local_file_blocking(clip).content_id, clip,
+                  downloaded=False)
+    done = apply_retention(outbox, store, prefs, tmp_path / "archive")
+    assert [(e.id, action) for e, action in done] == [(first, "keep")]
+    _still_served(store, outbox, second, clip, data)
+
+
 def test_the_outbox_is_not_listed_however_many_are_settled(db: NodeDB,
                                                            tmp_path: Path) -> None:
     """200 messages settled at once (a start after a crash, a burst of receipts): the
@@ -165,8 +181,9 @@ class _PausedOutbox(Outbox):
         super().__init__(db)
         self.read, self.go_on = threading.Event(), threading.Event()
 
-    def not_done(self, content_ids: Iterable[bytes]) -> Counter[bytes]:
-        counts = super().not_done(content_ids)
+    def not_done(self, entries: Iterable[OutboxEntry]
+                 ) -> tuple[Counter[bytes], Counter[str]]:
+        counts = super().not_done(entries)
         self.read.set()
         if not self.go_on.wait(10):
             raise AssertionError("the test did not let the pass go on")
