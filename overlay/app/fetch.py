@@ -42,7 +42,6 @@ from overlay.transfer.downloader import (
     SourceChanged,
     SourceStats,
 )
-from overlay.transfer.frames import ErrorCode
 from rendezvous.errors import is_disk_full
 from rendezvous.taskset import TaskSet
 
@@ -75,16 +74,11 @@ def want_ends(dl: Downloader, count: int) -> None:
         dl.want_first(0, 1)
 
 
-# How the transfer layer words a holder's "no content" answer (RemoteError: code, text).
-_NO_CONTENT = f"{int(ErrorCode.UNKNOWN_CONTENT)} "
-
-
 def none_serve(stats: list[SourceStats]) -> bool:
     """Every source answered that it does not have the content ("no content") or no
     longer serves it (its file changed): none will later, unlike one that was unreachable,
     stalled, or held none of the missing chunks yet (`NoSourceNow.none_serve`)."""
-    return bool(stats) and all(s.source_changed or s.reason.startswith(_NO_CONTENT)
-                               for s in stats)
+    return bool(stats) and all(s.source_changed or s.no_content for s in stats)
 
 
 class ContentFetch:

@@ -120,6 +120,7 @@ class SourceStats:
     recent_rate: float = 0.0  # its measured rate now (bytes/s), what its window follows
     source_changed: bool = False  # it answered SOURCE_CHANGED: it will never serve this
     gone: str = ""  # the text of that answer
+    no_content: bool = False  # its last try was answered UNKNOWN_CONTENT: it lacks this
 
     @property
     def rate(self) -> float:
@@ -293,7 +294,7 @@ class Downloader:
         if old is not None and (not old.ended or old.stats.outcome == "banned"):
             return False
         stats = old.stats if old is not None else SourceStats(source.label)
-        stats.outcome, stats.reason = "pending", ""
+        stats.outcome, stats.reason, stats.no_content = "pending", "", False
         run = _SourceRun(source, stats)
         self._runs[source.label] = run
         if self._tg is not None:
@@ -507,6 +508,8 @@ class Downloader:
             if run.stats.outcome != "banned":
                 reason = "stalled or timed out" if isinstance(exc, TimeoutError) else str(exc)
                 run.stats.outcome, run.stats.reason = "failed", reason
+                run.stats.no_content = (isinstance(exc, RemoteError)
+                                        and exc.code == ErrorCode.UNKNOWN_CONTENT)
                 log.info("fetch %s: source %s failed: %s", self.partial.file_name, label,
                          reason)
                 self._emit(SourceFailed(label, reason))

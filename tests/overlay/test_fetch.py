@@ -322,6 +322,34 @@ async def test_wrong_peer_unreachable_and_garbage(world: World, tmp_path: Path) 
     assert path.read_bytes() == h.data
 
 
+async def test_a_holder_answering_no_content_is_recorded_so_and_no_other_failure_is(
+    world: World, tmp_path: Path
+) -> None:
+    """`SourceStats.no_content` (what the fetch's none_serve reads): set for the holder
+    without the content, not for one that refused the capability or could not be reached."""
+    h = await world()
+    other = await world()
+    dead = await world()
+    await dead.server.aclose()
+    # The same file under another key: `other` holds h's content, not this one.
+    wanted = await ContentStore(tmp_path / "elsewhere").add_local_file(
+        h.content.path, chunk_size=CHUNK, key=b"x" * 32, capability=b"c" * 32)
+    wrong = replace(h.content, capability=b"w" * 32)
+    d = Downloader(partial_for(tmp_path, wanted),
+                   [other.source("lacks"), dead.source("dead")], ME)
+    with pytest.raises(NoSourceReachable, match="404 no content"):
+        await d.run()
+    by = {s.label: s for s in d.stats}
+    assert by["lacks"].no_content and by["lacks"].reason.startswith("404 no content")
+    assert not by["dead"].no_content and "cannot connect" in by["dead"].reason
+
+    d = Downloader(partial_for(tmp_path, wrong, "refused"), [h.source("sender")], ME)
+    with pytest.raises(NoSourceReachable, match="403"):
+        await d.run()
+    [stats] = d.stats
+    assert stats.reason == "403 capability proof rejected" and not stats.no_content
+
+
 async def test_a_holder_cut_off_mid_chunk_is_not_called_a_protocol_violation(
         world: World, tmp_path: Path) -> None:
     # A holder whose send timed out (a starved TCP flow) or who went away closes its
