@@ -47,7 +47,7 @@ from overlay.mail.folders import (
 )
 from overlay.mail.outbox import NOT_SENT, Outbox, RecipientStatus
 from rendezvous.client import RendezvousClient, RendezvousError
-from rendezvous.errors import ConnectionLostError, RequestTimeoutError
+from rendezvous.errors import ConnectionLostError, RequestTimeoutError, is_disk_full
 from rendezvous.records import FingerResult
 from rendezvous.status import Status
 
@@ -76,6 +76,15 @@ class PreparedContent:
     key: bytes
     capability: bytes
     scheme: LeafScheme = LeafScheme.KEYED_PLAIN_AES  # how its chunks are named and sealed
+
+
+def _unreadable(path: Path, exc: BaseException) -> BaseException:
+    """What a send raises for `exc`, an error naming or describing `path`: an OSError (the
+    file removed, moved or made unreadable since it was checked) as a SendError that says
+    nothing was sent; a full disk, and any other error, as it was raised."""
+    if isinstance(exc, OSError) and not is_disk_full(exc):
+        return SendError(f"cannot read {path}: {exc.strerror or exc}; nothing was sent")
+    return exc
 
 
 def check_recipients(addresses: list[str]) -> list[str]:
@@ -301,9 +310,9 @@ class MailSender:
             again = "; send the folder again with `peerpost send`" if folder else ""
             raise SendError(f"{named}{again}; nothing was sent") from None
         if isinstance(named, BaseException):  # either one's error, as it was raised before
-            raise named
+            raise _unreadable(path, named)
         if isinstance(described, BaseException):
-            raise described
+            raise _unreadable(path, described)
         local, (description, _) = named, described
         if named_ids is not None:
             named_ids.append(local.content_id)

@@ -1,6 +1,7 @@
 """`MailSender.send` overlaps what it waits for: the recipients' FINGERs go out at once,
 and the file's description (PyAV) runs while they are answered. A refused address is the
-error it was when they went one by one, and leaves nothing behind.
+error it was when they went one by one, and leaves nothing behind. So does a file that
+goes away while they are answered.
 
 The fake server below answers a FINGER only once the test's condition holds (every
 address asked; the description started): a send that waits for one round trip before
@@ -10,6 +11,7 @@ starting the next thing never gets there and times out.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 from collections.abc import Callable
 from pathlib import Path
@@ -144,3 +146,45 @@ async def test_a_cancel_while_the_description_winds_down_is_not_lost(
         sending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await sending
+
+
+async def test_a_file_removed_while_the_fingers_are_answered_is_not_sent(
+        db: NodeDB, store: ContentStore, clip: Path) -> None:
+    """Removed after the send checked it, before it was named: the error says so and that
+    nothing was sent (it was a bare `[Errno 2] No such file or directory`)."""
+    def remove_then_answer() -> bool:
+        clip.unlink(missing_ok=True)
+        return True
+
+    server = _Server(remove_then_answer)
+    with pytest.raises(SendError) as err:
+        async with asyncio.timeout(10):
+            await _sender(db, store, server).send(clip, ["bob@a.test"], "t", "")
+    assert str(err.value) == (f"cannot read {clip}: No such file or directory; "
+                              "nothing was sent")
+    assert server.asked == ["bob@a.test"]
+    assert server.sent == [] and Outbox(db).list() == [] and store.content_ids() == []
+
+
+@pytest.mark.parametrize("raised", [PermissionError(errno.EACCES, "Permission denied"),
+                                    OSError(errno.ENOSPC, "No space left on device")],
+                         ids=["unreadable", "disk-full"])
+async def test_naming_that_fails_is_a_send_error_unless_the_disk_is_full(
+        db: NodeDB, store: ContentStore, clip: Path, monkeypatch: pytest.MonkeyPatch,
+        raised: OSError) -> None:
+    """A file made unreadable is the user's to mend: a SendError. A full disk stays the
+    OSError it was, which the control socket words as this node's full disk."""
+    async def add_local_file(path: Path) -> Any:
+        raise raised
+
+    monkeypatch.setattr(store, "add_local_file", add_local_file)
+    server = _Server(lambda: True)
+    with pytest.raises((SendError, OSError)) as err:
+        async with asyncio.timeout(10):
+            await _sender(db, store, server).send(clip, ["bob@a.test"], "t", "")
+    if raised.errno == errno.ENOSPC:
+        assert err.value is raised
+    else:
+        assert isinstance(err.value, SendError)
+        assert str(err.value) == f"cannot read {clip}: Permission denied; nothing was sent"
+    assert server.sent == [] and Outbox(db).list() == []
