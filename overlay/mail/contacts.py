@@ -123,9 +123,10 @@ class Contacts:
         signed = frozenset(signers)
         with self._db.transaction() as conn:
             self._ensure_contact(conn, addr, now)
-            gone = _keys(conn, addr, "pinned") - presented
-            _retire(conn, addr, gone, now)
             pinned = _keys(conn, addr, "pinned")
+            gone = pinned - presented
+            _retire(conn, addr, gone, now)
+            pinned -= gone
             retired = _retired_keys(conn, addr)
             if not pinned and not retired:  # no key was ever pinned: see the module docstring
                 if signed and not signed & presented:
