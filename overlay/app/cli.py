@@ -35,7 +35,6 @@ from rendezvous.cliutil import (
     add_completion,
     add_version,
     completion_script,
-    finish,
     reader_may_leave,
 )
 from rendezvous.errors import AuthenticationError
@@ -332,7 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             command.add_argument("--json", action="store_true", help=JSON_HELP)
         command.epilog = command.epilog or EXIT_CODES
-    finish(p)
     return p
 
 
