@@ -28,13 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 STAGING_PREFIX = ".restore-part-"
+_NAMES = "names.json"  # the plan, written first: where the copies go, what is dropped
+_READY = "ready"  # the point of no return
 
 
 class Unfinished(Exception):
     """Putting the files in place failed past the point of no return: some may be in, and
     the next holder of the folder's lock tries again (`finish_interrupted`)."""
-_NAMES = "names.json"  # written first: where this run's copies go, even before the plan
-_READY = "ready"  # the point of no return
 
 
 def install_files(dest_dir: Path, files: Sequence[tuple[Path, str, bool]], *,
