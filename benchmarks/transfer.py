@@ -5,7 +5,8 @@
 - raw: two Python processes on loopback TCP, the same size: one `sendfile`s the file, the
   other `recv_into`s a 1 MiB buffer, once dropping the bytes (the socket's ceiling) and once
   writing them to disk through the page cache (the same disk work with no crypto and no
-  protocol).
+  protocol); and once more dropping them with the sender sending from one chunk-sized
+  buffer in memory (what a node that seals each chunk in memory can do at best).
 - disk: the same number of bytes written the way a receiving node writes them (O_DIRECT
   into a new sparse file, one chunk per `pwrite`, as many threads as the downloader's filing
   threads, from buffers like the node's: `diskio.direct_buffer`), with nothing else running:
@@ -13,9 +14,10 @@
 - floor: the CPU per GB of each step a delivery cannot skip, each timed alone on one
   thread (reading a chunk from the page cache, its keyed BLAKE3 leaf, AES-256-GCM sealing
   and opening, the O_DIRECT write above), added up per node with the raw copy's socket
-  costs: naming = read + leaf; serving = raw sender + read + seal; receiving = raw
-  receiver + open + leaf + write. From it, the end to end rate the measured `send` time
-  and that work alone on every core would give: a bound no code of this design beats here.
+  costs: naming = read + leaf; serving = raw sender from a buffer + read + seal;
+  receiving = raw receiver + open + leaf + write. From it, the end to end rate the
+  measured `send` time and that work alone on every core would give: a bound no code of
+  this design beats here.
 - CLI end to end: a fresh rendezvous server and two `peerpost node` daemons (real processes,
   `overlay.app.lab.LocalNetwork`); the clock starts when `peerpost send FILE --to bob`
   starts and stops when `peerpost fetch ID --wait` (started on bob as soon as the message is
@@ -80,10 +82,18 @@ print(total, flush=True)
 """
 
 _RAW_SENDER = r"""
-import socket, sys
+import os, socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
-with open(sys.argv[1], "rb") as f:
-    s.sendfile(f)
+if sys.argv[3] == "sendfile":
+    with open(sys.argv[1], "rb") as f:
+        s.sendfile(f)
+else:  # one chunk-sized buffer sent over and over: a send from user memory, no read
+    left, chunk = os.stat(sys.argv[1]).st_size, int(sys.argv[3])
+    buf = memoryview(bytearray(os.urandom(chunk)))
+    while left:
+        n = min(chunk, left)
+        s.sendall(buf[:n])
+        left -= n
 s.close()
 """
 
@@ -191,14 +201,18 @@ def make_file(path: Path, size: int) -> None:
             left -= n
 
 
-def raw_copy(src: Path, dst: Path | None) -> tuple[float, float, float]:
-    """Seconds, sender CPU s, receiver CPU s; `dst` None drops the bytes."""
+def raw_copy(src: Path, dst: Path | None, from_buffer: bool = False
+             ) -> tuple[float, float, float]:
+    """Seconds, sender CPU s, receiver CPU s; `dst` None drops the bytes. The sender
+    `sendfile`s `src`, or with `from_buffer` sends as many bytes from one reused
+    chunk-sized buffer in memory, as a node sends what it sealed there."""
     recv = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER, str(dst or "-")],
                             stdout=subprocess.PIPE, text=True)
     assert recv.stdout is not None
     port = recv.stdout.readline().strip()
     t0 = time.perf_counter()
-    send = subprocess.Popen([sys.executable, "-c", _RAW_SENDER, str(src), port])
+    how = str(chunk_size_for(src.stat().st_size)) if from_buffer else "sendfile"
+    send = subprocess.Popen([sys.executable, "-c", _RAW_SENDER, str(src), port, how])
     # CPU of a finished child is only visible through wait4's rusage.
     _, _, send_ru = os.wait4(send.pid, 0)
     total = int(recv.stdout.readline())
@@ -318,6 +332,7 @@ def main(argv: list[str]) -> int:
         # nothing left to write back, and its files are gone before the next.
         os.sync()
         raw_mem = raw_copy(src, None)
+        raw_buf = raw_copy(src, None, from_buffer=True)
         raw_disk = raw_copy(src, Path(tmp) / "raw-copy.bin")
         os.sync()
         disk = direct_write(Path(tmp), size)
@@ -339,14 +354,15 @@ def main(argv: list[str]) -> int:
         return statistics.median(r["cpu_send"] + r["cpu_serve"] + r["cpu_receive"]
                                  for c, r in runs if c == code)
 
-    # The floor: what a delivery must do per GB whatever the code around it, each step
-    # timed alone. Serving is the raw sender's socket copy plus reading the chunk into
-    # memory and sealing it; receiving, the raw receiver's plus opening, the leaf check and
-    # the O_DIRECT write. With both nodes' floor work on every core and nothing else, the
-    # end to end rate could be no better than `bound`.
+    # The floor: what a delivery must do per GB whatever the code around it, each step timed
+    # alone. Serving is a raw sender's socket copy from a buffer in memory (sealed bytes are in
+    # user memory, so `sendfile`, which hands the kernel the file's own pages, is not open to it)
+    # plus reading the chunk into memory and sealing it; receiving, the raw receiver's plus
+    # opening, the leaf check and the O_DIRECT write. With both nodes' floor work on every core
+    # and nothing else, the end to end rate could be no better than `bound`.
     floor["write"] = disk[2] / gb
     f_send = floor["read"] + floor["leaf"]
-    f_serve = raw_mem[1] / gb + floor["read"] + floor["seal"]
+    f_serve = raw_buf[1] / gb + floor["read"] + floor["seal"]
     f_recv = raw_mem[2] / gb + floor["open"] + floor["leaf"] + floor["write"]
     cores = os.cpu_count() or 1
     bound = size / (med("new", "send_seconds") + (f_serve + f_recv) * gb / cores) / 1e6
@@ -359,6 +375,9 @@ def main(argv: list[str]) -> int:
          "value": size / disk[0] / 1e6, "unit": "MB/s"},
         {"metric": "CPU per GB, raw sender / receiver (in memory)",
          "value": f"{raw_mem[1] / gb:.2f} / {raw_mem[2] / gb:.2f}", "unit": "s/GB"},
+        {"metric": "raw socket copy from a buffer (send → recv_into): MB/s, sender CPU",
+         "value": f"{size / raw_buf[0] / 1e6:,.0f} MB/s, {raw_buf[1] / gb:.2f} s/GB",
+         "unit": ""},
         {"metric": "CLI end to end: `send` start → `fetch --wait` complete",
          "value": e2e("new"), "unit": "MB/s", "target": "≥ 2x old" if args.baseline else ""},
         {"metric": "node → node (first chunk written → last)",
@@ -410,7 +429,8 @@ def main(argv: list[str]) -> int:
     report("transfer", rows, out=args.out,
            meta={"bytes": size, "baseline": str(args.baseline or ""),
                  "runs": [{"code": c, **r} for c, r in runs],
-                 "raw_in_memory": raw_mem, "raw_to_disk": raw_disk,
+                 "raw_in_memory": raw_mem, "raw_from_buffer": raw_buf,
+                 "raw_to_disk": raw_disk,
                  "disk_write": disk, "floor": floor,
                  "floor_whole": {"send": f_send, "serve": f_serve, "receive": f_recv},
                  "floor_e2e": bound})
