@@ -531,7 +531,8 @@ class ControlOperations:
                  "pending": list(c.pending_fingerprints),
                  "unvouched": list(c.unvouched_fingerprints),
                  "retired": [{"fingerprint": f, "retired_at": at} for f, at
-                             in zip(c.retired_fingerprints, c.retired_at, strict=True)]}
+                             in zip(c.retired_fingerprints, c.retired_at, strict=True)],
+                 "keys_confirmed_at": c.keys_confirmed_at}
                 for c in self.contacts.list()]
 
     async def contacts_accept(self, a: Fields) -> Any:

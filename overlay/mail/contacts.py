@@ -14,8 +14,12 @@ keys, so the rule for a presented set is:
   revoked it, `peerpost-rendezvous devices revoke`, or the account dropped it). A retired
   key is never sealed to again and a message or receipt it signed is believed no more than
   one from a stranger's key; `peerpost contacts` shows it with when. This happens at the
-  next FINGER of the address: a send to it, or a message signed by a key not trusted yet.
-  A send whose FINGER lists no device at all retires every pinned key (`retire_all`).
+  next FINGER of the address: a send to it, a message signed by a key not trusted yet, or
+  a message or receipt signed by a pinned key when the address's keys were last confirmed
+  (by any FINGER of it) more than KEYS_FRESH ago (`needs_confirming`): so a revoked device
+  is believed at most KEYS_FRESH after the revoke even by a contact that never writes to
+  the address again. A FINGER that lists no device at all retires every pinned key
+  (`retire_all`).
 - keys already pinned: `SAME`. A new key carrying a vouch that verifies under a pinned key
   presented now (or under a key pinned this way, so a chain of vouches works) is pinned too
   (`ADDED`).
@@ -69,6 +73,13 @@ MAX_KEYS_PER_ADDRESS = 16
 # so past this only keys the user accepted (and the at most 16 pinned then) add rows.
 MAX_RETIRED_PER_ADDRESS = 4 * MAX_KEYS_PER_ADDRESS
 DEFAULT_MAX_CONTACTS = 10_000
+# Seconds a FINGER's word on an address's keys is taken as current. Past it, a message or
+# receipt signed by a pinned key waits for one FINGER of the address before it is believed:
+# at most one lookup round trip per contact per hour, whatever the contact sends (a
+# thousand receipts an hour cost one), against a stolen device's key believed for at most
+# an hour after the operator revoked it (a send to the address, or any other lookup,
+# retires it at once). A clock set back by more than this makes the keys stale too.
+KEYS_FRESH = 3600.0
 
 
 class PinResult(Enum):
@@ -94,6 +105,7 @@ class Contact:
     retired_keys: tuple[bytes, ...] = ()  # unlisted by the server: never trusted again
     retired_fingerprints: tuple[str, ...] = ()
     retired_at: tuple[float, ...] = ()  # when each was retired
+    keys_confirmed_at: float | None = None  # the last FINGER of the address (None: never)
 
 
 class Contacts:
@@ -123,6 +135,7 @@ class Contacts:
         signed = frozenset(signers)
         with self._db.transaction() as conn:
             self._ensure_contact(conn, addr, now)
+            _confirmed(conn, addr, now)
             pinned = _keys(conn, addr, "pinned")
             gone = pinned - presented
             _retire(conn, addr, gone, now)
@@ -170,7 +183,22 @@ class Contacts:
         with self._db.transaction() as conn:
             gone = _keys(conn, addr, "pinned")
             _retire(conn, addr, gone, now)
+            _confirmed(conn, addr, now)
             return gone
+
+    def needs_confirming(self, address: str, verify_key: bytes, now: float) -> bool:
+        """Whether `verify_key` is pinned for `address` but the address's keys were last
+        confirmed by a FINGER more than KEYS_FRESH before `now` (or after it, the clock set
+        back; or never): what it signs is believed only after a FINGER (`pin_keys`, or
+        `retire_all` when it lists none) says whether the key is still bound."""
+        row = self._db.query_one(
+            "SELECT c.keys_confirmed_at FROM contact_key k JOIN contact c USING (address)"
+            " WHERE k.address = ? AND k.verify_key = ? AND k.status = 'pinned'",
+            (normalize_address(address), bytes(verify_key)))
+        if row is None:
+            return False  # not trusted anyway: a FINGER follows as for any unknown key
+        at = row["keys_confirmed_at"]
+        return at is None or abs(now - float(at)) > KEYS_FRESH
 
     def note_signer(self, address: str, verify_key: bytes, now: float) -> bool:
         """Whether the key that signed a message is pinned for `address`; if not, it is
@@ -324,6 +352,8 @@ class Contacts:
                     retired_fingerprints=tuple(PublicIdentity(k).fingerprint()
                                                for k, _ in gone),
                     retired_at=tuple(at for _, at in gone),
+                    keys_confirmed_at=(None if r["keys_confirmed_at"] is None
+                                       else float(r["keys_confirmed_at"])),
                 )
             )
         return out
@@ -360,6 +390,11 @@ def _retire(conn: sqlite3.Connection, address: str, keys: frozenset[bytes],
     conn.executemany(
         "INSERT OR REPLACE INTO retired_key (address, verify_key, retired_at) VALUES (?, ?, ?)",
         [(address, k, now) for k in sorted(keys)])
+
+
+def _confirmed(conn: sqlite3.Connection, address: str, now: float) -> None:
+    """A FINGER answered for `address` at `now`: its pinned keys are as current as that."""
+    conn.execute("UPDATE contact SET keys_confirmed_at = ? WHERE address = ?", (now, address))
 
 
 def _pin_waiting(conn: sqlite3.Connection, address: str) -> None:

@@ -264,9 +264,17 @@ def _to_v6(conn: sqlite3.Connection) -> None:
     ) WITHOUT ROWID""")
 
 
+def _to_v7(conn: sqlite3.Connection) -> None:
+    # When a FINGER last confirmed a contact's keys (overlay.mail.contacts, KEYS_FRESH):
+    # a key pinned long ago is looked up again before what it signs is believed. NULL, as
+    # for every contact before this version, is "not known", so taken as stale: one
+    # lookup per contact at its next message or receipt.
+    conn.execute("ALTER TABLE contact ADD COLUMN keys_confirmed_at REAL")
+
+
 # version n -> the step that makes it n + 1. Append only; never edit a shipped step.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4, 4: _to_v5, 5: _to_v6}
+    0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4, 4: _to_v5, 5: _to_v6, 6: _to_v7}
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -312,14 +312,18 @@ class Delivery:
 
     async def _take(self, env: Envelope) -> None:
         """Into the inbox, then acknowledged; left at the server if it could not be stored."""
-        try:
-            outcome, _ = self.incoming.handle(Pushed(env.message_id, env.sender, env.blob))
-        except (sqlite3.Error, OSError) as exc:
-            if env.message_id not in self._unstored:
-                log.error("message %s from %s not stored (%s): it stays at the server and "
-                          "is taken again in a while", env.message_id.hex(), env.sender, exc)
-            self._unstored.add(env.message_id)
-            self._unstored_wake.set()
+        pushed = Pushed(env.message_id, env.sender, env.blob)
+        outcome = self._handle(pushed)
+        looked_up: set[str] = set()
+        if outcome is Outcome.RECHECK:
+            # Signed by a pinned key whose trust is older than KEYS_FRESH: judged on the
+            # keys its sender's server lists now, or, if it can't be asked, as before.
+            while self.incoming.key_checks:
+                sender = self.incoming.key_checks.pop()
+                looked_up.add(sender)
+                await self._recheck(sender)
+            outcome = self._handle(pushed)
+        if outcome is None:
             return
         self._unstored.discard(env.message_id)
         # The download is woken (a new message; a first contact's once FINGER has
@@ -329,13 +333,30 @@ class Delivery:
         if outcome is Outcome.NEW:
             self.downloads.wake()
         while self.incoming.key_checks:
-            await self._recheck(self.incoming.key_checks.pop())
+            sender = self.incoming.key_checks.pop()
+            if sender not in looked_up:  # a retired key's message: its lookup just ran
+                await self._recheck(sender)
         # Acknowledge only after the inbox committed it; a dropped one is removed too,
         # or the server would hand the same garbage back at every login.
         with contextlib.suppress(RendezvousError, OSError):
             await self.rendezvous.remove(env.message_id)
         if outcome is Outcome.RECEIPT:
             await self.retention()
+
+    def _handle(self, pushed: Pushed) -> Outcome | None:
+        """The inbox's outcome, or None if node.db could not store it (it stays at the
+        server and is asked for again)."""
+        try:
+            outcome, _ = self.incoming.handle(pushed)
+        except (sqlite3.Error, OSError) as exc:
+            if pushed.message_id not in self._unstored:
+                log.error("message %s from %s not stored (%s): it stays at the server and "
+                          "is taken again in a while", pushed.message_id.hex(),
+                          pushed.sender, exc)
+            self._unstored.add(pushed.message_id)
+            self._unstored_wake.set()
+            return None
+        return outcome
 
     async def unstored(self) -> None:
         """Ask the server again, with backoff, for the envelopes the inbox could not
@@ -376,11 +397,11 @@ class Delivery:
                 await each(item)
 
     async def _recheck(self, sender: str) -> None:
+        devices: tuple[DeviceInfo, ...] | None = None
         try:
             info = await self.rendezvous.finger(sender)
         except (RendezvousError, OSError) as exc:  # can't check: held, and asked again
             log.info("FINGER %s failed: %s", sender, exc)
-            devices: tuple[DeviceInfo, ...] = ()
             self._lookup_failed.add(sender)
             self._lookup_wake.set()
         else:
@@ -388,10 +409,11 @@ class Delivery:
             self._lookup_failed.discard(sender)
             if self.on_finger is not None:
                 self.on_finger(sender, info)  # what the download about to start asks
-        vouches = {d.verify_key: d.vouch for d in devices if d.vouch is not None}
+        vouches = {d.verify_key: d.vouch for d in devices or () if d.vouch is not None}
         try:
-            offered = self.incoming.recheck_keys(sender, [d.verify_key for d in devices],
-                                                 vouches)
+            offered = self.incoming.recheck_keys(
+                sender, None if devices is None else [d.verify_key for d in devices],
+                vouches)
         except RecordLimitError as exc:
             # More devices than a contact may pin, or the contacts full: a later look-up
             # would find the same. It raised out of the loop and ended the node.

@@ -8,6 +8,14 @@ whose signing key is among the keys FINGER returns at that time, becomes trusted
 messages move on to `offered` (`release`); anything else waits for
 `peerpost contacts accept`.
 
+A pinned key is believed only as long as a FINGER of its address said it is still bound
+within `KEYS_FRESH` (overlay.mail.contacts): a message or receipt it signs past that is
+not judged yet (`Outcome.RECHECK`, the sender put in `key_checks`); the caller looks the
+sender up and hands the same envelope in again, which is then judged on the keys the
+server lists now (a revoked device's key retired: its message held unverified, its receipt
+dropped). A lookup that fails leaves the pinned keys believed as before (logged once): the
+envelope is filed either way, and the node keeps trying the lookup.
+
 Everything from the server is outside input. An envelope that does not open for this
 device, is badly signed, is malformed, or contradicts what the server authenticated (the
 sender address) is dropped with a log line and a counter; nothing already stored is
@@ -50,6 +58,8 @@ class Outcome(Enum):
     RECEIPT = "receipt"  # a recipient's receipt for something we sent
     DROPPED = "dropped"  # bad input: logged and counted
     REFUSED = "refused"  # the inbox is full: logged and counted, nothing stored changed
+    RECHECK = "recheck"  # signed by a pinned key not confirmed for KEYS_FRESH: nothing
+    # filed; hand the envelope in again once the sender in key_checks was looked up
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,20 +85,32 @@ class IncomingMail:
         self.wall = wall
         self.counters: Counter[str] = Counter()
         self.key_checks: set[str] = set()  # senders whose key looked new: see recheck_keys
+        # Senders a lookup was asked for because their keys were stale (RECHECK), and
+        # those a lookup then failed for: their pinned keys are believed as before until
+        # one succeeds (see the module docstring).
+        self._confirming: set[str] = set()
+        self.unconfirmed: set[str] = set()
 
-    def recheck_keys(self, sender: str, device_keys: list[bytes],
+    def recheck_keys(self, sender: str, device_keys: list[bytes] | None,
                      vouches: dict[bytes, bytes] | None = None) -> list[bytes]:
-        """Apply the key set (and vouches) the server lists for `sender` now; move the
+        """Apply the key set (and vouches) the server lists for `sender` now (None: the
+        lookup failed; empty: it lists no device, so every pinned key is retired); move the
         held messages whose signing key is trusted afterwards to `offered` and return
         their ids. Warns when keys are left for the user to accept."""
+        if device_keys is None:
+            self.counters["key-check-failed"] += 1
+            self._not_confirmed(sender, "could not look up the keys of %s")
+            return []
+        self._confirming.discard(sender)
+        self.unconfirmed.discard(sender)
+        if not device_keys:
+            if self.contacts.retire_all(sender, self.wall()):
+                log.warning("%s: its server lists no device for it any more (revoked or "
+                            "removed): the keys you trusted are retired, their messages "
+                            "and receipts are not believed", sender)
+            return []
         contact = self.contacts.get(sender)
         signers = contact.unvouched_keys if contact is not None else ()
-        if not device_keys:
-            self.counters["key-check-failed"] += 1
-            log.warning("could not look up the keys of %s: its unverified messages wait "
-                        "until a later lookup succeeds (the node tries again) or "
-                        "`peerpost contacts accept %s`", sender, sender)
-            return []
         with self.inbox.transaction():  # the keys and the messages they release: one commit
             result = self.contacts.pin_keys(sender, device_keys, self.wall(),
                                             vouches=vouches, signers=signers)
@@ -111,6 +133,32 @@ class IncomingMail:
                         "are not believed", sender)
         return released
 
+    def _not_confirmed(self, sender: str, what: str) -> None:
+        """A lookup of `sender` did not confirm its keys: warned once, until one does."""
+        if sender in self.unconfirmed:
+            return
+        self.unconfirmed.add(sender)
+        log.warning(what + ": the devices trusted for it stay trusted until a lookup "
+                    "succeeds (the node tries again); its messages signed by any other key "
+                    "wait for that or `peerpost contacts accept %s`", sender, sender)
+
+    def _stale(self, sender: str, key: bytes) -> bool:
+        """Whether what `key` signed waits for a lookup of `sender` (RECHECK): the key is
+        pinned, its trust older than KEYS_FRESH, and no lookup was tried for it since.
+        When one was (this is the envelope handed in again) and did not confirm the keys,
+        they are believed as before."""
+        if sender in self.unconfirmed or not self.contacts.needs_confirming(
+                sender, key, self.wall()):
+            return False
+        if sender in self._confirming:
+            self._confirming.discard(sender)
+            self._not_confirmed(sender, "the keys of %s were not confirmed")
+            return False
+        self._confirming.add(sender)
+        self.key_checks.add(sender)
+        self.counters["keys-confirm"] += 1
+        return True
+
     def release(self, sender: str) -> list[bytes]:
         """Move `sender`'s held messages signed by a now trusted key to `offered`."""
         sender = normalize_address(sender)
@@ -121,7 +169,9 @@ class IncomingMail:
         return released
 
     def handle(self, env: Pushed) -> tuple[Outcome, LocationMessage | Receipt | None]:
-        """File one envelope. Never raises for bad input: it drops and counts instead."""
+        """File one envelope. Never raises for bad input: it drops and counts instead.
+        RECHECK: look up the senders in `key_checks` (`recheck_keys`), then hand the same
+        envelope in again."""
         try:
             opened = open_envelope(self.identity, env.blob)
         except CryptoError as exc:
@@ -147,6 +197,8 @@ class IncomingMail:
             return self._drop("location", env, "signed by another device than it names")
         if self.address not in h.recipients:
             return self._drop("location", env, "this address is not among the recipients")
+        if self._stale(h.sender, key):
+            return Outcome.RECHECK, msg
         # A new sender's contact row and its message: one commit (each is an fsync).
         with self.inbox.transaction():
             try:
@@ -199,6 +251,8 @@ class IncomingMail:
         entry = self.outbox.get(receipt.message_id)
         if entry is None or env.sender not in {r.address for r in entry.recipients}:
             return self._drop("receipt", env, "receipt for a message we did not send to them")
+        if self._stale(env.sender, key):
+            return Outcome.RECHECK, receipt
         if key not in self.contacts.trusted_keys(env.sender):
             # Only a device the message was sealed to can have opened it, and it was sealed
             # only to keys pinned for the recipient, so another key is the recipient's

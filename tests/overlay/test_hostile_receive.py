@@ -74,7 +74,8 @@ def pushed(msg: LocationMessage) -> Pushed:
 
 def incoming(db: NodeDB, inbox: Inbox) -> IncomingMail:
     contacts = Contacts(db)
-    contacts.pin_keys("alice@example.net", [ALICE.public.verify_key], 0.0)  # a known sender
+    # a known sender, its keys looked up just now (older than KEYS_FRESH: looked up again)
+    contacts.pin_keys("alice@example.net", [ALICE.public.verify_key], time.time())
     return IncomingMail(BOB, "bob@example.net", inbox, Outbox(db), Prefs(db), contacts,
                         wall=time.time)
 

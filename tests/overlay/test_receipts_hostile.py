@@ -41,7 +41,8 @@ def alice(tmp_path: Path) -> Iterator[tuple[IncomingMail, Outbox]]:
                    recipients=["bob@example.net", "carol@example.net"], message=b"\x93")
         outbox.set_recipient_state(MID, "bob@example.net", RecipientStatus.SENT, 1.0)
         contacts = Contacts(db)
-        contacts.pin("bob@example.net", BOB.public.verify_key, 1.0)  # sealed to when sent
+        # sealed to when sent, just now (a lookup older than KEYS_FRESH is made again)
+        contacts.pin("bob@example.net", BOB.public.verify_key, time.time())
         yield IncomingMail(ALICE, "alice@example.net", Inbox(db), outbox, Prefs(db),
                            contacts, wall=time.time), outbox
 

@@ -5,6 +5,8 @@ trusted key fails with the address and what to do, and records nothing."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,7 +21,7 @@ from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import Outcome
 from overlay.mail.outbox import Outbox, RecipientStatus
 from overlay.mail.outgoing import MailSender, SendError
-from rendezvous.client import RendezvousError
+from rendezvous.client import Deliver, RendezvousError
 from rendezvous.records import DeviceInfo, FingerResult
 from rendezvous.status import Status
 
@@ -32,35 +34,50 @@ BOB1, BOB2, BOB3 = (DeviceIdentity.from_seed(bytes([n]) * 32) for n in (0x21, 0x
 
 
 class _Server:
-    """FINGER answers with the devices listed now (or the domain is unreachable); SENDs
-    are kept."""
+    """FINGER answers with the devices listed now (or the domain is unreachable), and
+    counts them (`answered` is set once one is answered); SENDs are kept; `pushes` hands
+    over what `queued` holds, then ends."""
 
     def __init__(self, *listed: DeviceIdentity) -> None:
         self.listed: tuple[DeviceInfo, ...] = tuple(
             DeviceInfo(d.public.verify_key, True, None, {}) for d in listed)
         self.unreachable = False
         self.sent: list[tuple[str, bytes, bytes]] = []
+        self.fingers = 0
+        self.answered = asyncio.Event()
+        self.queued: list[Deliver] = []
 
     async def finger(self, address: str) -> FingerResult:
+        self.fingers += 1
         if self.unreachable:
             raise RendezvousError(Status.UNAVAILABLE, "b.test is unreachable: no server found")
+        self.answered.set()
         return FingerResult(address, self.listed)
 
     async def send(self, message_id: bytes, items: list[Any]) -> None:
         self.sent += items
 
+    async def pushes(self) -> AsyncIterator[Deliver]:
+        while self.queued:
+            yield self.queued.pop(0)
+
+    async def remove(self, message_id: bytes) -> None:
+        return None
+
 
 async def _sent_once(db: NodeDB, store: ContentStore, tmp_path: Path,
-                     *listed: DeviceIdentity) -> tuple[Path, _Server, MailSender]:
+                     *listed: DeviceIdentity, wall: Callable[[], float] = lambda: 1000.0,
+                     me: tuple[DeviceIdentity, str] = (SENDER, "alice@a.test"),
+                     to: str = "bob@b.test") -> tuple[Path, _Server, MailSender]:
     """A clip, bob's server listing `listed`, and alice's sender, which sent bob the clip
-    once (first contact: `listed` are pinned)."""
+    once (first contact: `listed` are pinned). `me` and `to` name others."""
     clip = tmp_path / "clip.bin"
     clip.write_bytes(b"x" * 5000)
     server = _Server(*listed)
-    sender = MailSender(SENDER, "alice@a.test", rendezvous=cast(Any, server), store=store,
+    sender = MailSender(*me, rendezvous=cast(Any, server), store=store,
                         contacts=Contacts(db), outbox=Outbox(db), announce=lambda c: None,
-                        direct_addresses=list, home_server="a.test", wall=lambda: 1000.0)
-    await sender.send(clip, ["bob@b.test"], "t", "")
+                        direct_addresses=list, home_server="a.test", wall=wall)
+    await sender.send(clip, [to], "t", "")
     return clip, server, sender
 
 
@@ -132,10 +149,10 @@ def test_a_receipt_signed_by_a_retired_key_is_dropped(alice: Any) -> None:
     vouch = make_vouch(bob1, "bob@example.net", bob2.public.verify_key).to_bytes()
     contacts = mail.contacts
     contacts.pin_keys("bob@example.net", [bob1.public.verify_key, bob2.public.verify_key],
-                      2.0, vouches={bob2.public.verify_key: vouch})
+                      mail.wall(), vouches={bob2.public.verify_key: vouch})
     assert contacts.trusted_keys("bob@example.net") == {bob1.public.verify_key,
                                                         bob2.public.verify_key}
-    contacts.pin_keys("bob@example.net", [bob1.public.verify_key], 3.0)  # bob2 revoked
+    contacts.pin_keys("bob@example.net", [bob1.public.verify_key], mail.wall())  # bob2 revoked
     # whoever holds bob2 (with bob's server) forges "downloaded": alice's copy stays
     assert mail.handle(receipt("downloaded", signer=bob2))[0] is Outcome.DROPPED
     assert bob(outbox) == (RecipientStatus.SENT, None)
