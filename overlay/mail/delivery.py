@@ -323,6 +323,9 @@ class Delivery:
                 looked_up.add(sender)
                 await self._recheck(sender)
             outcome = self._handle(pushed)
+            if outcome is Outcome.RECHECK:  # stale again (the clock jumped): not acknowledged
+                self._leave(pushed, "not judged after its sender's lookup")
+                return
         if outcome is None:
             return
         self._unstored.discard(env.message_id)
@@ -349,14 +352,17 @@ class Delivery:
         try:
             outcome, _ = self.incoming.handle(pushed)
         except (sqlite3.Error, OSError) as exc:
-            if pushed.message_id not in self._unstored:
-                log.error("message %s from %s not stored (%s): it stays at the server and "
-                          "is taken again in a while", pushed.message_id.hex(),
-                          pushed.sender, exc)
-            self._unstored.add(pushed.message_id)
-            self._unstored_wake.set()
+            self._leave(pushed, exc)
             return None
         return outcome
+
+    def _leave(self, pushed: Pushed, why: object) -> None:
+        """Not acknowledged: it stays at the server and `unstored()` asks for it again."""
+        if pushed.message_id not in self._unstored:
+            log.error("message %s from %s not stored (%s): it stays at the server and is "
+                      "taken again in a while", pushed.message_id.hex(), pushed.sender, why)
+        self._unstored.add(pushed.message_id)
+        self._unstored_wake.set()
 
     async def unstored(self) -> None:
         """Ask the server again, with backoff, for the envelopes the inbox could not
@@ -414,8 +420,9 @@ class Delivery:
             offered = self.incoming.recheck_keys(
                 sender, None if devices is None else [d.verify_key for d in devices],
                 vouches)
-        except RecordLimitError as exc:
-            # More devices than a contact may pin, or the contacts full: a later look-up
+        except (RecordLimitError, ValueError) as exc:
+            # More devices than a contact may pin (ValueError: listed, as a foreign
+            # domain's server may list up to 256), or the contacts full: a later look-up
             # would find the same. It raised out of the loop and ended the node.
             log.warning("the keys of %s not checked: %s", sender, exc)
             return

@@ -101,10 +101,10 @@ class IncomingMail:
             self.counters["key-check-failed"] += 1
             self._not_confirmed(sender, "could not look up the keys of %s")
             return []
-        self._confirming.discard(sender)
-        self.unconfirmed.discard(sender)
         if not device_keys:
-            if self.contacts.retire_all(sender, self.wall()):
+            gone = self.contacts.retire_all(sender, self.wall())
+            self._confirmed(sender)
+            if gone:
                 log.warning("%s: its server lists no device for it any more (revoked or "
                             "removed): the keys you trusted are retired, their messages "
                             "and receipts are not believed", sender)
@@ -115,6 +115,7 @@ class IncomingMail:
             result = self.contacts.pin_keys(sender, device_keys, self.wall(),
                                             vouches=vouches, signers=signers)
             released = self.release(sender)
+        self._confirmed(sender)  # not before: an answer that can't be applied confirms nothing
         if result is PinResult.CHANGED:
             self.counters["key-changed"] += 1
             log.warning("KEY CHANGED for %s: the message is held, compare fingerprints "
@@ -132,6 +133,10 @@ class IncomingMail:
                         "device revoked or removed): retired, their messages and receipts "
                         "are not believed", sender)
         return released
+
+    def _confirmed(self, sender: str) -> None:
+        self._confirming.discard(sender)
+        self.unconfirmed.discard(sender)
 
     def _not_confirmed(self, sender: str, what: str) -> None:
         """A lookup of `sender` did not confirm its keys: warned once, until one does."""

@@ -38,6 +38,7 @@ from overlay.mail.prefs import Prefs
 from overlay.mail.receipts import RECEIPT_KIND, Receipt
 from rendezvous.backoff import Backoff
 from rendezvous.client import Deliver, Envelope
+from rendezvous.records import DeviceInfo
 
 from .test_incoming_trust import ALICE, ALICE1, ALICE2, BOB, K1, K2, pushed
 from .test_retired_keys import _sent_once, _Server
@@ -231,3 +232,21 @@ def test_an_older_node_db_opens_with_its_contacts_taken_as_not_confirmed(
         assert contacts.needs_confirming(ALICE, K1, 50.0 - KEYS_FRESH - 1)  # clock set back
         # a key not pinned needs no confirming: it is not believed anyway
         assert not contacts.needs_confirming(ALICE, K2, 1e9)
+
+
+async def test_a_lookup_listing_more_devices_than_a_contact_pins_leaves_the_keys_believed(
+        db: NodeDB, store: ContentStore, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Alice's server (a foreign domain's, not bound by ours' limits) lists 17 devices: an
+    answer no contact can hold. It raised out of the push loop and ended bob's node."""
+    bob = await bob_sent_to_alice(db, store, tmp_path, ALICE1, ALICE2)
+    bob.server.listed += tuple(
+        DeviceInfo(DeviceIdentity.from_seed(bytes([0x40 + n]) * 32).public.verify_key,
+                   True, None, {}) for n in range(15))
+    bob.clock.now += KEYS_FRESH + 1
+
+    await bob.receive(message_from(ALICE1, 1))
+    assert state_of(bob, 1) is InboxState.OFFERED  # believed as before, filed
+    assert f"the keys of {ALICE} not checked: an address presents 1..16 device keys" \
+        in caplog.text
+    assert caplog.text.count(f"the keys of {ALICE} were not confirmed") == 1
