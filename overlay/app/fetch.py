@@ -1,8 +1,10 @@
 """Fetch one inbox message's content from every holder known (the download queue's fetcher).
 
 The content store opens (or resumes) the partial file, the HolderFinder names the sources,
-the Downloader pulls chunks from all of them at once. While it runs, the providers are
-looked up again in a task owned by this download and cancelled when it ends.
+the Downloader pulls chunks from all of them at once. It starts from the sender once its
+FINGER is back; the co-recipients the DHT lookup (sent with that FINGER) names join it when
+the lookup returns. While it runs, the providers are looked up again in a task owned by
+this download and cancelled when it ends.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from overlay.transfer.downloader import (
     SourceChanged,
     SourceStats,
 )
+from overlay.transports.ladder import Source
 from rendezvous.errors import is_disk_full
 from rendezvous.taskset import TaskSet
 
@@ -136,7 +139,20 @@ class ContentFetch:
             # is not told: the user may mend the folder and try again, or remove it (which
             # tells them).
             raise DownloadFailed(f"cannot store the file: {exc}") from None
-        sources = await self.finder.sources(msg)
+        async with TaskSet(f"fetch {entry.id.hex()}") as lookups:
+            # The co-recipients' lookup goes out with the sender's FINGER; the download
+            # starts from the sender once that is back, and the lookup's providers join it.
+            found = lookups.spawn(self.finder.co_sources(msg), name="provider-lookup")
+            sender = await self.finder.sender_source(msg)
+            path = await self._download(entry, msg, act, progress, partial, sender, found)
+        return await self._unpacked(msg, path)
+
+    async def _download(self, entry: InboxEntry, msg: LocationMessage, act: Activity,
+                        progress: Callable[[int], None], partial: PartialContent,
+                        sender: Source, found: asyncio.Task[list[Source]] | None) -> Path:
+        """Download into `partial` from `sender`, and from the sources `found` names once
+        it is back: until then a sender gone or stuck does not end the download."""
+        h = msg.handle
         if partial.held:
             self.announce(h.content_id)  # resumed: we already serve some chunks
         progress(partial.held)
@@ -160,9 +176,11 @@ class ContentFetch:
 
         # A source's connect() may climb every rung of the ladder, each to its own timeout
         # (a held offer waits for a NATed holder to come back): give it the whole budget.
-        dl = Downloader(partial, sources, self.identity, window=self.window,
+        dl = Downloader(partial, [sender], self.identity, window=self.window,
                         connect_timeout=self.connect_timeout, on_event=on_event,
                         rng=random.Random(self.rng.getrandbits(64)) if self.rng else None)
+        if found is not None:
+            dl.add_found(found)
         d = msg.description
         if index_at_end(d.media_type, d.file_name or ""):
             want_ends(dl, partial.count)
@@ -189,7 +207,7 @@ class ContentFetch:
             if self.running.get(h.content_id) is dl:
                 del self.running[h.content_id]
         progress(partial.held)
-        return await self._unpacked(msg, path)
+        return path
 
     async def _unpacked(self, msg: LocationMessage, path: Path) -> str:
         """`path`, or for a folder archive the folder it is unpacked into, the archive

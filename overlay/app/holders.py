@@ -14,7 +14,6 @@ from typing import Any
 
 from crypto.location import MAX_RECIPIENTS, LocationMessage
 from overlay.dht.directory import ProviderDirectory
-from overlay.dht.records import ProviderRecord
 from overlay.transfer.downloader import Downloader
 from overlay.transports.ladder import ConnectionLadder, Holder, Source, sender_addresses
 from rendezvous.client import RendezvousClient, RendezvousError
@@ -45,6 +44,14 @@ class HolderFinder:
         """Every holder of `msg`'s content, as a source on the connection ladder."""
         return [self.ladder.source(h) for h in await self.holders(msg)]
 
+    async def sender_source(self, msg: LocationMessage) -> Source:
+        """The sender, on the connection ladder: a download starts from it at once."""
+        return self.ladder.source(await self.sender_holder(msg))
+
+    async def co_sources(self, msg: LocationMessage) -> list[Source]:
+        """The co-recipients the DHT names, on the connection ladder (`co_holders`)."""
+        return [self.ladder.source(h) for h in await self.co_holders(msg)]
+
     async def refresh(self, dl: Downloader, msg: LocationMessage) -> None:
         """Look the providers up again every `refresh` seconds during a long download:
         co-recipients that got chunks since it started become sources too, and a holder
@@ -59,23 +66,40 @@ class HolderFinder:
     async def holders(self, msg: LocationMessage) -> list[Holder]:
         """The sender and every co-recipient the DHT names as a provider, with what FINGER
         says about reaching each (addresses now, NAT, the address to signal through).
-        The FINGERs and the DHT lookup are independent round trips and go out together:
-        one after the other, the lookup (about 2 ms on loopback, a DHT walk elsewhere)
-        came on top of the FINGER before a download could start."""
+        The sender's FINGER and the DHT lookup are independent round trips and go out
+        together."""
+        async with asyncio.TaskGroup() as tg:  # neither raises (both log and go on)
+            others = tg.create_task(self.co_holders(msg))
+            sender = await self.sender_holder(msg)
+        return [sender, *others.result()]
+
+    async def sender_holder(self, msg: LocationMessage) -> Holder:
+        """The sender, with what its FINGER says (or the message's own addresses if the
+        FINGER fails). It is always a holder: a download needs nothing else to start, and
+        waits for no DHT walk (a few round trips, more with dead nodes to time out)."""
         sender = msg.headers.sender_peer_id
-        finding = self.devices([msg.headers.sender, *msg.headers.recipients])
-        providers: list[ProviderRecord] = []
-        if self.co_recipients:
-            async with asyncio.TaskGroup() as tg:  # neither raises (both log and go on)
-                asked = tg.create_task(finding)
-                providers = await self.providers.find(msg.handle.content_id,
-                                                      exclude={sender})
-            devices = asked.result()
-        else:
-            devices = await finding
+        devices = await self.devices([msg.headers.sender])
         s_addr, s_adv = devices.get(sender, (msg.headers.sender, {}))
-        holders = [Holder(sender, s_addr, tuple(sender_addresses(msg, _addrs(s_adv))),
-                          bool(s_adv.get("nat")))]
+        return Holder(sender, s_addr, tuple(sender_addresses(msg, _addrs(s_adv))),
+                      bool(s_adv.get("nat")))
+
+    async def co_holders(self, msg: LocationMessage) -> list[Holder]:
+        """Every device the DHT names as a provider of `msg`'s content but the sender's
+        (none unless `co_recipients`), with what FINGER says of it. The co-recipients'
+        FINGERs go out with the lookup; a provider none of them lists (another device of
+        the sender) is looked for among the sender's devices once the lookup is back,
+        whose FINGER the download asked for at the start (an answer, by then, that is
+        remembered)."""
+        if not self.co_recipients:
+            return []
+        sender = msg.headers.sender_peer_id
+        async with asyncio.TaskGroup() as tg:  # neither raises (both log and go on)
+            asked = tg.create_task(self.devices(list(msg.headers.recipients)))
+            providers = await self.providers.find(msg.handle.content_id, exclude={sender})
+        devices = asked.result()
+        if any(rec.peer_id not in devices for rec in providers):
+            devices |= await self.devices([msg.headers.sender])
+        holders = []
         for rec in providers:
             addr, adv = devices.get(rec.peer_id, (None, {}))
             holders.append(Holder(rec.peer_id, addr, tuple(rec.addresses),

@@ -16,7 +16,8 @@ hears back in batches, not once per chunk. Chunks arrive in page-aligned buffers
 stored chunk's buffer goes back to its session for a later chunk.
 A chunk that doesn't verify bans its source for this content and goes back to the pool; a
 source that errors or stalls is dropped and its requests reassigned. Sources can be added
-while the download runs (`add_source`: a provider found by a later DHT lookup). When chunks
+while the download runs (`add_source`: a provider found by a later DHT lookup; `add_found`:
+those a lookup still running will name, which the download waits for). When chunks
 are missing that no connected source has, the download asks each partial holder for one of
 them after `probe_after` seconds (a sender that shows its chunks a few at a time serves
 it), waits `have_wait` seconds for a HAVE or a new source, then gives up with
@@ -259,6 +260,7 @@ class Downloader:
         self._leaves_lock = asyncio.Lock()
         self._tg: asyncio.TaskGroup | None = None
         self._accepting = True
+        self._lookups = 0  # lookups whose sources `add_found` adds once they end
         self.chunks_received = 0
         self.counters: Counter[str] = Counter()
 
@@ -300,6 +302,26 @@ class Downloader:
         if self._tg is not None:
             self._start(run, self._tg)
         return True
+
+    def add_found(self, lookup: asyncio.Future[list[Source]]) -> None:
+        """Add the sources `lookup` names once it ends (a DHT provider lookup that started
+        with the download: a walk of several round trips, longer with dead nodes to time
+        out). Until it ends the download does not end for want of a source: with every
+        source failed, or none showing a missing chunk, it waits for the lookup's before
+        NoSourceReachable, as when it started only once the lookup was back. A lookup that
+        fails or is cancelled adds nothing."""
+        self._lookups += 1
+
+        def ended(done: asyncio.Future[list[Source]]) -> None:
+            self._lookups -= 1
+            if not done.cancelled() and done.exception() is None:
+                for source in done.result():
+                    if self.add_source(source):
+                        log.info("fetch %s: source %s found", self.partial.file_name,
+                                 source.label)
+            self._wake_all()
+
+        lookup.add_done_callback(ended)
 
     def _start(self, run: _SourceRun, tg: asyncio.TaskGroup) -> None:
         run.task = tg.create_task(self._run_source(run))
@@ -436,9 +458,9 @@ class Downloader:
             if self._failure is not None:
                 raise self._failure
             live = [r for r in self._runs.values() if not r.ended]
-            if not live:
+            if not live and (self.scheduler.done or not self._lookups):
                 return
-            connecting = any(r.stats.outcome == "pending" for r in live)
+            connecting = bool(self._lookups) or any(r.stats.outcome == "pending" for r in live)
             if self.scheduler.done:
                 for r in live:  # still connecting: not needed any more
                     if r.stats.outcome == "pending" and r.task is not None:

@@ -489,8 +489,11 @@ class _Holders:
     def __init__(self, sources: dict[bytes, list[Source]]) -> None:
         self.given = sources
 
-    async def sources(self, msg: LocationMessage) -> list[Source]:
-        return self.given[msg.headers.message_id]
+    async def sender_source(self, msg: LocationMessage) -> Source:
+        return self.given[msg.headers.message_id][0]
+
+    async def co_sources(self, msg: LocationMessage) -> list[Source]:
+        return self.given[msg.headers.message_id][1:]
 
     async def refresh(self, dl: Any, msg: LocationMessage) -> None:
         await asyncio.Event().wait()  # no new holders while a download runs

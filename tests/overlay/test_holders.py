@@ -134,5 +134,41 @@ async def test_an_answer_remembered_from_elsewhere_is_not_asked_again() -> None:
     f = finder(rv, co_recipients=False)
     f.remember("alice@x", cast(FingerResult, await FakeRendezvous().finger("alice@x")))
     found = await f.holders(cast(LocationMessage, Msg()))
-    assert rv.asked == ["carol@x"]  # alice's devices came from the remembered answer
+    # alice's devices came from the remembered answer; with co-recipient sourcing off,
+    # nobody else's FINGER is of use
+    assert rv.asked == []
     assert "10.0.0.1:9000" in found[0].direct  # from its advertisement
+
+
+class _HeldLookup:
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    async def find(self, content_id: bytes, *, exclude: set[bytes]) -> list[Record]:
+        await self.go.wait()
+        return [Record(PEER_ID, ["10.0.0.2:9000"]), Record(b"o" * 32, ["10.0.0.3:9000"])]
+
+
+async def test_the_sender_is_known_while_the_lookup_runs() -> None:
+    """The sender's holder does not wait for the DHT lookup. A provider that no
+    co-recipient's FINGER lists is looked for among the sender's devices (asked once)."""
+    rv, held = FakeRendezvous(), _HeldLookup()
+
+    async def finger(address: str) -> Info:
+        rv.asked.append(address)
+        own = [Device(b"o" * 32, {"addrs": ["10.0.0.3:9000"]})] if address == "alice@x" else []
+        return Info([*own, *(await FakeRendezvous().finger(address)).devices])
+
+    rv.finger = finger  # type: ignore[method-assign]
+    f = HolderFinder("bob@x", cast(RendezvousClient, rv), cast(ProviderDirectory, held),
+                     cast(ConnectionLadder, None), co_recipients=True, refresh=10.0)
+    msg = cast(LocationMessage, Msg())
+    async with asyncio.TaskGroup() as tg:
+        others = tg.create_task(f.co_holders(msg))
+        async with asyncio.timeout(5):
+            sender = await f.sender_holder(msg)
+        assert sender.peer_id == SENDER_ID and not others.done()
+        held.go.set()
+    assert [(h.peer_id, h.address) for h in others.result()] == [
+        (PEER_ID, "carol@x"), (b"o" * 32, "alice@x")]
+    assert sorted(rv.asked) == ["alice@x", "carol@x"]
