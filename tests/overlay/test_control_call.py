@@ -117,8 +117,11 @@ async def test_a_caller_that_leaves_before_its_answer_is_no_error(
         answer.set()
         async with ControlClient(path) as c:
             assert await c.call("echo", text="still here") == {"got": "still here", "n": None}
-        for _ in range(10):
-            await asyncio.sleep(0.01)  # the first connection's handler has ended by now
+        handlers = {t for t in asyncio.all_tasks()
+                    if getattr(t.get_coro(), "__qualname__", "") == "ControlServer._serve"}
+        if handlers:  # both connections' handlers end (the first's answer meets no caller)
+            _, running = await asyncio.wait(handlers, timeout=10)
+            assert not running, "a control connection's handler still runs"
     finally:
         await server.aclose()
     assert loop_errors == []

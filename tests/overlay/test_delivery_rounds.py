@@ -7,6 +7,7 @@ the node (its tasks run in one TaskGroup); the download was started again at onc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import sqlite3
@@ -34,10 +35,11 @@ class _FailsOnce:
 
     def __init__(self, error: Exception, then: Any) -> None:
         self.error, self.then, self.calls = error, then, 0
-        self.again = asyncio.Event()
+        self.called, self.again = asyncio.Event(), asyncio.Event()
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
+        self.called.set()
         if self.calls == 1:
             raise self.error
         self.again.set()
@@ -184,7 +186,13 @@ async def test_a_sender_with_more_devices_than_a_contact_pins_is_not_looked_up_a
     delivery = _delivery(tmp_path, incoming, None, finger=finger)
     looking = asyncio.create_task(delivery.lookups())
     try:
-        await asyncio.sleep(0.3)  # the look-up, then several backoffs (0.01-0.05 s)
+        try:
+            await asyncio.wait_for(recheck.called.wait(), 10)
+        except TimeoutError:
+            raise AssertionError("the sender was not looked up") from None
+        # Several backoffs (0.01-0.05 s) in which a look-up again would come.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(recheck.again.wait(), 0.3)
         assert not looking.done(), looking.exception()
         assert recheck.calls == 1
     finally:

@@ -289,11 +289,13 @@ async def test_a_malformed_sdp_is_refused_with_the_reason_and_nothing_breaks() -
 
 
 class _StuckNegotiation:
-    """A channel that never opens; `released` counts the endpoint's aclose calls."""
+    """A channel that never opens; the endpoint's aclose calls log "released" and set
+    `released`."""
 
-    def __init__(self, log: list[str], sdp: str) -> None:
+    def __init__(self, log: list[str], sdp: str, released: asyncio.Event) -> None:
         self._log = log
         self.sdp = sdp
+        self.released = released
 
     async def complete(self, answer: str) -> None:
         if answer != "v=0 answer":
@@ -309,6 +311,7 @@ class _StuckNegotiation:
 
     async def aclose(self) -> None:
         self._log.append("released")
+        self.released.set()
 
 
 class _StuckChannels:
@@ -317,6 +320,7 @@ class _StuckChannels:
     def __init__(self, answer_sdp: str = "v=0 answer") -> None:
         self.log: list[str] = []
         self.answer_sdp = answer_sdp
+        self.released = asyncio.Event()
 
     async def start(self) -> None:
         self.log.append("start")
@@ -326,12 +330,12 @@ class _StuckChannels:
 
     async def offer(self, session: bytes, address: str, device: bytes) -> Negotiation:
         self.log.append(f"offer to {address}")
-        return _StuckNegotiation(self.log, "v=0 offer")
+        return _StuckNegotiation(self.log, "v=0 offer", self.released)
 
     async def answer(self, session: bytes, offer: str, address: str,
                      device: bytes) -> Negotiation:
         self.log.append(f"answer {offer!r} from {address}")
-        return _StuckNegotiation(self.log, self.answer_sdp)
+        return _StuckNegotiation(self.log, self.answer_sdp, self.released)
 
 
 async def test_the_signalling_drives_any_channel_factory_and_bounds_its_open() -> None:
@@ -346,7 +350,10 @@ async def test_the_signalling_drives_any_channel_factory_and_bounds_its_open() -
         with pytest.raises(WebRtcConnectError, match=r"no WebRTC connection to bob@example\.net "
                            r"within 0\.2 s \(stuck on purpose\)"):
             await pair.alice.dial(BOB, BOB_DEV)
-        await asyncio.sleep(0.1)  # bob's answer task gives up too
+        try:  # bob's answer task gives up too (its own 0.2 s)
+            await asyncio.wait_for(bob.released.wait(), 10)
+        except TimeoutError:
+            raise AssertionError(f"bob's answer still waits: {bob.log}") from None
         assert alice.log == ["start", "offer to bob@example.net", "complete", "released"]
         assert bob.log == ["start", "answer 'v=0 offer' from alice@example.net", "released"]
         assert pair.alice.stats.dial_failures == 1 and pair.bob.stats.accept_failures == 1

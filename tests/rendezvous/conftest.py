@@ -6,7 +6,7 @@ import asyncio
 import os
 import sqlite3
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -143,3 +143,19 @@ class RawSession:
 
 def mid() -> bytes:
     return os.urandom(16)
+
+
+async def eventually(check: Callable[[], Awaitable[None]], within: float = 15.0) -> None:
+    """Run `check` until its assertions hold, again every 50 ms, for state no event
+    announces (a database row another process writes, a lease ending). After `within`
+    seconds its last AssertionError is the failure."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            await check()
+            return
+        except AssertionError:
+            if loop.time() >= deadline:
+                raise
+        await asyncio.sleep(0.05)

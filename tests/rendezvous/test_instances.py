@@ -26,6 +26,8 @@ from rendezvous.pg_schema import migrate
 from rendezvous.records import Envelope
 from rendezvous.store import QueuedEnvelope
 
+from .conftest import eventually
+
 D1, D2 = b"\x01" * 20, b"\x02" * 20  # peer ids
 
 
@@ -165,8 +167,10 @@ async def test_presence_events_and_lease(
     a._conn.terminate()
     a._listener.terminate()
     assert await b.online_elsewhere([D1]) == {D1: a.instance}
-    await asyncio.sleep(a.lease + 0.3)
-    assert await b.online_elsewhere([D1]) == {}
+
+    async def offline() -> None:
+        assert await b.online_elsewhere([D1]) == {}, f"online after a's {a.lease} s lease"
+    await eventually(offline)
 
 
 async def test_finger_pipe_and_relay_across_instances(pg_url: str) -> None:

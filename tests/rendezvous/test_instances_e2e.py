@@ -28,7 +28,7 @@ from rendezvous.client import RendezvousClient
 from rendezvous.domainkey import load_or_create
 from rendezvous.messages import Deliver, PipeMessage
 
-from .conftest import DOMAIN, ident, mid
+from .conftest import DOMAIN, eventually, ident, mid
 
 pytestmark = pytest.mark.slow
 ALICE, BOB, CAROL, DAVE, ERIN = ident(1), ident(2), ident(3), ident(4), ident(5)
@@ -207,9 +207,10 @@ async def test_held_pipe_offer_survives_its_instance(
             assert isinstance(push, PipeMessage)
             assert (push.sender, push.payload) == ("carol@example.net", b"offer: v=0 ...")
         # The dead instance's lease (3 heartbeats of 0.5 s) ends: carol is offline.
-        await asyncio.sleep(2.0)
-        (dev,) = (await erin.finger("carol@example.net")).devices
-        assert not dev.online
+        async def offline() -> None:
+            (dev,) = (await erin.finger("carol@example.net")).devices
+            assert not dev.online, "carol still online after her instance's lease ended"
+        await eventually(offline)
 
 
 async def test_stats_and_metrics_show_each_instance_and_the_domain(
@@ -221,16 +222,22 @@ async def test_stats_and_metrics_show_each_instance_and_the_domain(
         m = mid()
         await alice.send(m, [("bob@example.net", BOB.peer_id, m)])
         await asyncio.wait_for(next_deliver(pushes), 10)
-        await asyncio.sleep(1.2)  # both renew their lease with their figures
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rendezvous", "stats", "--data", str(tmp_path / "one"),
-            "--store", pg_url, "--json", stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0, err.decode()
-        url = f"http://127.0.0.1:{one.metrics_port}/metrics"
-        metrics = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+        # Both renew their lease with their figures (every 0.5 s), and instance 1 reads
+        # the domain's back.
+        await eventually(lambda: _shown(one, two, pg_url, tmp_path / "one"))
+
+
+async def _shown(one: Instance, two: Instance, pg_url: str, data: Path) -> None:
+    """`stats --json` and instance 1's /metrics show each instance and the domain."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rendezvous", "stats", "--data", str(data),
+        "--store", pg_url, "--json", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    url = f"http://127.0.0.1:{one.metrics_port}/metrics"
+    metrics = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(url, timeout=10).read().decode())
     doc = json.loads(out)
     by_port = {i["address"]: i for i in doc["instances"]}
     first, second = by_port[f"127.0.0.1:{one.port}"], by_port[f"127.0.0.1:{two.port}"]

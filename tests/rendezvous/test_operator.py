@@ -51,13 +51,18 @@ class Server:
             self._new.set()
 
     async def wait_log(self, text: str, after: int = 0, within: float = 20) -> str:
-        async with asyncio.timeout(within):
-            while True:
-                for line in self.log[after:]:
-                    if text in line:
-                        return line
-                self._new.clear()
-                await self._new.wait()
+        """The first log line from line `after` on holding `text`, waited for `within` s."""
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    for line in self.log[after:]:
+                        if text in line:
+                            return line
+                    self._new.clear()
+                    await self._new.wait()
+        except TimeoutError:
+            raise AssertionError(f"no {text!r} in the server log within {within} s:\n"
+                                 + "".join(self.log[-30:])) from None
 
 
 @asynccontextmanager

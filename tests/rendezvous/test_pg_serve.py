@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from .conftest import ident, mid
+from .conftest import eventually, ident, mid
 from .test_processes import cli, delivered, rc, serve
 
 pytestmark = pytest.mark.slow
@@ -128,7 +128,14 @@ async def test_an_instance_started_while_another_creates_the_schema_waits_for_it
         await creator.execute("INSERT INTO schema_version (version, description) "
                               "VALUES ($1, $2)", first.version, first.description)
         opening = asyncio.create_task(store.open())
-        await asyncio.sleep(0.5)
+
+        async def waits_or_ended() -> None:  # for the creator's lock, or (wrongly) not
+            waiting = await creator.fetchval(
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                "WHERE l.locktype = 'advisory' AND NOT l.granted "
+                "AND d.datname = current_database()")
+            assert waiting or opening.done(), "the second instance neither waits nor ends"
+        await eventually(waits_or_ended)
         assert not opening.done() or opening.exception() is None, opening.exception()
         await pg_schema.migrate(creator)  # the rest, then the creator lets go
         await creator.execute("SELECT pg_advisory_unlock($1)", pg_schema.MIGRATE_LOCK)

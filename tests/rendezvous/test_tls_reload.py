@@ -13,8 +13,7 @@ import contextlib
 import re
 import shutil
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import ssl
 from pathlib import Path
 
 import pytest
@@ -28,30 +27,12 @@ from rendezvous.sqlite_store import SqliteStore
 from rendezvous.tls import binding_of, peer_binding, self_signed, server_tls
 
 from .conftest import DOMAIN, ident
-from .test_tls import SCRIPT, _openssl
+from .test_operator import serve
+from .test_tls import _openssl
 
 pytestmark = pytest.mark.slow
 
 ALICE, BOB = ident(61), ident(62)
-
-
-@asynccontextmanager
-async def serve(data: Path, cert: Path, key: Path, log: Path,
-                ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            str(SCRIPT), "serve", "--domain", DOMAIN, "--listen", "127.0.0.1:0", "--data",
-            str(data), "--open-registration", "--tls-cert", str(cert), "--tls-key", str(key),
-            stdout=asyncio.subprocess.PIPE, stderr=err)
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert line.startswith("listening "), line
-        yield proc, int(line.rsplit(":", 1)[1])
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await asyncio.wait_for(proc.wait(), 30)
 
 
 async def presented(openssl: str, port: int) -> bytes:
@@ -72,18 +53,6 @@ def binding_of_file(cert: Path) -> bytes:
                       .public_bytes(serialization.Encoding.DER))
 
 
-async def logged(log: Path, event: str) -> str:
-    """The server log's first line of `event`, waited for up to 15 s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15.0
-    while loop.time() < deadline:
-        for line in log.read_text(errors="replace").splitlines():
-            if f"event={event} " in line or line.endswith(f"event={event}"):
-                return line
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no {event} in the server log:\n{log.read_text()[-3000:]}")
-
-
 async def test_sighup_presents_the_renewed_certificate_and_keeps_sessions(
         tmp_path: Path) -> None:
     openssl = _openssl()
@@ -95,8 +64,10 @@ async def test_sighup_presents_the_renewed_certificate_and_keeps_sessions(
     cert, key = live / "fullchain.pem", live / "privkey.pem"
     shutil.copy(old_cert, cert)
     shutil.copy(old_key, key)
-    data, log = tmp_path / "data", tmp_path / "serve.log"
-    async with serve(data, cert, key, log) as (proc, port):
+    data = tmp_path / "data"
+    async with serve(data, "--open-registration", "--tls-cert", str(cert), "--tls-key",
+                     str(key), expect=1) as srv:
+        proc, port = srv.proc, srv.port
         assert await presented(openssl, port) == binding_of_file(old_cert)
         pinned = DomainKey.from_json((data / DOMAIN_KEY_NAME).read_text()).public
         async with contextlib.AsyncExitStack() as stack:
@@ -107,7 +78,7 @@ async def test_sighup_presents_the_renewed_certificate_and_keeps_sessions(
             shutil.copy(new_cert, cert)
             shutil.copy(new_key, key)
             proc.send_signal(signal.SIGHUP)
-            line = await logged(log, "server.tls_reloaded")
+            line = await srv.wait_log("event=server.tls_reloaded ")
             assert f"sha256={binding_of_file(new_cert).hex()}" in line, line
             assert await presented(openssl, port) == binding_of_file(new_cert)
             # The session from before the reload still answers, on its old certificate.
@@ -122,7 +93,7 @@ async def test_sighup_presents_the_renewed_certificate_and_keeps_sessions(
             # A key that is not the certificate's: logged, and the certificate stays.
             shutil.copy(old_key, key)
             proc.send_signal(signal.SIGHUP)
-            line = await logged(log, "server.tls_reload_failed")
+            line = await srv.wait_log("event=server.tls_reload_failed ")
             assert "is not the private key of --tls-cert" in line, line
             assert await presented(openssl, port) == binding_of_file(new_cert)
             async with RendezvousClient("127.0.0.1", port, ident(63), "carol@example.net",
@@ -180,15 +151,26 @@ async def test_a_reload_between_accept_and_client_hello(tmp_path: Path) -> None:
                               tls=server_tls(*self_signed(data, DOMAIN)))
     await server.start("127.0.0.1", 0)
     try:
-        assert server.address is not None
+        assert server.address is not None and server.tls is not None
         new = server_tls(*self_signed(tmp_path / "new", DOMAIN))
+        wrapped = asyncio.Event()
+
+        class Announced(ssl.SSLObject):
+            """The server's TLS object of a connection, made when the server accepts it
+            (with the listener's context, the old certificate's), before any ClientHello."""
+
+            def __new__(cls) -> Announced:
+                wrapped.set()
+                return super().__new__(cls)
+
+        server.tls.context.sslobject_class = Announced
         async with HeldForwarder(server.address[1]) as fwd:
             client = RendezvousClient("127.0.0.1", fwd.port, ALICE, "alice@example.net",
                                       register=True, tls=True,
                                       server_key=server.domain_key.public, reconnect=False)
             login = asyncio.create_task(client.start())
             await asyncio.wait_for(fwd.accepted.wait(), 10)
-            await asyncio.sleep(0.2)  # the server has accepted the connection by now
+            await asyncio.wait_for(wrapped.wait(), 10)  # accepted: TLS set up, no byte read
             server.reload_tls(new)
             fwd.release.set()
             await asyncio.wait_for(login, 10)
@@ -209,30 +191,18 @@ async def test_a_reload_naming_a_certificate_without_its_key_keeps_serving(
     openssl = _openssl()
     (tmp_path / "certs").mkdir()
     cert, key = self_signed(tmp_path / "certs", DOMAIN)
-    config, log = tmp_path / "serve.toml", tmp_path / "serve.log"
+    config = tmp_path / "serve.toml"
     both = (f'domain = "{DOMAIN}"\ndata = "data"\nlisten = "127.0.0.1:0"\n'
             'open_registration = true\nstun_port = "off"\ndht_port = "off"\n'
             f'tls_cert = "{cert}"\n')
     config.write_text(both + f'tls_key = "{key}"\n')
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            str(SCRIPT), "serve", "--config", str(config),
-            stdout=asyncio.subprocess.PIPE, stderr=err)
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert line.startswith("listening "), line
-        port = int(line.rsplit(":", 1)[1])
+    async with serve(tmp_path / "data", "--config", str(config), expect=1) as srv:
         config.write_text(both)
-        proc.send_signal(signal.SIGHUP)
-        line = await logged(log, "server.tls_reload_failed")
+        srv.proc.send_signal(signal.SIGHUP)
+        line = await srv.wait_log("event=server.tls_reload_failed ")
         assert "--tls-cert and --tls-key go together" in line, line
         # Not applied, so not reported as changed (it said changed=tls_key).
-        line = await logged(log, "server.reloaded")
+        line = await srv.wait_log("event=server.reloaded ")
         assert " changed=- " in line, line
-        assert await presented(openssl, port) == binding_of_file(cert)
-        assert proc.returncode is None, log.read_text()[-3000:]
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await asyncio.wait_for(proc.wait(), 30)
+        assert await presented(openssl, srv.port) == binding_of_file(cert)
+        assert srv.proc.returncode is None, "".join(srv.log[-30:])
