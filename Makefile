@@ -9,12 +9,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# editable_mode=compat: the install's .pth puts the source tree on sys.path. setuptools'
+# default for this flat layout is a finder that a .pth imports at every interpreter start
+# (with pathlib, importlib.util, re, fnmatch): 15 ms of each `peerpost` command and of
+# `python -c pass` (27 -> 12 ms here). A PYTHONPATH still comes first.
+EDITABLE := --config-settings editable_mode=compat
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e . $(EDITABLE)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test]' $(EDITABLE)
 	touch $@ $(VENV)/.installed
 
 # The packages' bytecode, written ahead of use: where PYTHONDONTWRITEBYTECODE is set, every
