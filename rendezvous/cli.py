@@ -96,10 +96,10 @@ from crypto.address import format_hostport, normalize_address, parse_hostport
 from crypto.errors import DecodeError
 from rendezvous.admin import AdminError, record_domain, served_domain
 from rendezvous.cliutil import (
+    ArgumentParser,
     add_completion,
     add_version,
     completion_script,
-    finish,
     reader_may_leave,
 )
 from rendezvous.datalock import DataInUse, DataLock
@@ -255,9 +255,9 @@ def _count(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peerpost-rendezvous",
-                                description="The rendezvous server of one peerpost domain.",
-                                epilog="exit status: 0 ok, 1 error, 2 usage error")
+    p: argparse.ArgumentParser = ArgumentParser(
+        prog="peerpost-rendezvous", description="The rendezvous server of one peerpost domain.",
+        epilog="exit status: 0 ok, 1 error, 2 usage error")
     add_version(p)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the server")
@@ -398,7 +398,6 @@ def _parser() -> argparse.ArgumentParser:
     add_operator_commands(sub)
     add_migrate_command(sub)
     add_completion(sub, p.prog)
-    finish(p)
     return p
 
 
