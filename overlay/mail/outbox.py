@@ -30,10 +30,11 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime
+import os
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -94,6 +95,47 @@ def _accepts(old: RecipientStatus, new: RecipientStatus, reason: str | None = No
     return _RANK[new] > _RANK[old]
 
 
+# One of the names of a file for `file_keys`: ("path", the path as recorded),
+# ("file", device, inode), ("entry", its folder's device and inode, its name).
+FileKey = tuple[str | int, ...]
+
+
+def file_keys(path: str, *, files: Container[tuple[int, int]] | None = None
+              ) -> frozenset[FileKey]:
+    """What deleting (or moving) the file at `path` takes away, as keys: two paths that
+    share one name the same file, and deleting it by one takes it from the other.
+    Blocking: a stat, and for a file with several names a realpath and one more.
+
+    Always the path as recorded: the same path is the same file, even one replaced there
+    since by a new file. For a file that exists, the file itself (device, inode) if it
+    has one name, however the path reaches it (a symlink, `..`, a symlinked folder, a bind
+    mount); if it has several (hard links), the directory entry the path resolves to (its
+    folder's device and inode, and its name): deleting one hard link leaves the file to
+    the others. The CLI records the path as given (absolute, not resolved), and an outbox
+    written before this records nothing more, so the file is looked at now.
+    `files`: only for these (device, inode) more than the path (the caller's own files:
+    another file cannot share a key with them)."""
+    keys: set[FileKey] = {("path", path)}
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # gone (nothing to delete), or not a path at all
+        return frozenset(keys)
+    file = (st.st_dev, st.st_ino)
+    if files is not None and file not in files:
+        return frozenset(keys)
+    if st.st_nlink <= 1:
+        keys.add(("file", *file))
+        return frozenset(keys)
+    folder, name = os.path.split(os.path.realpath(path))
+    try:
+        fst = os.stat(folder)
+    except OSError:
+        keys.add(("path", os.path.join(folder, name)))
+    else:
+        keys.add(("entry", fst.st_dev, fst.st_ino, name))
+    return frozenset(keys)
+
+
 @dataclass(frozen=True, slots=True)
 class RecipientState:
     address: str
@@ -131,6 +173,41 @@ class OutboxEntry:
         return any(r.state is RecipientStatus.DOWNLOADED for r in self.recipients)
 
 
+@dataclass(frozen=True, slots=True)
+class Undone:
+    """Of the messages whose retention is still to apply, how many need each content and
+    each file (`file_keys`), as a retention pass read them (`Outbox.not_done`); the
+    pass counts off each message it settles."""
+
+    contents: Counter[bytes]
+    files: Counter[FileKey]
+    keys: dict[bytes, frozenset[FileKey]]  # each message's file, by message id
+
+    def _keys(self, entry: OutboxEntry) -> frozenset[FileKey]:
+        return self.keys.get(entry.id, frozenset({("path", entry.path)}))
+
+    def needed_by_another(self, entry: OutboxEntry) -> bool:
+        """Whether a message besides `entry` needs its copy (its content or its file)."""
+        return self.contents[entry.content_id] > 1 or any(
+            self.files[k] > 1 for k in self._keys(entry))
+
+    def settled(self, entry: OutboxEntry) -> None:
+        """`entry`'s retention is applied: it needs its copy no more."""
+        self.contents[entry.content_id] -= 1
+        for k in self._keys(entry):
+            self.files[k] -= 1
+
+
+def _size_and_file(path: str) -> tuple[int, set[tuple[int, int]]]:
+    """The size of the file at `path` now and its (device, inode); -1 (no file has that
+    size) and none if there is no file."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return -1, set()
+    return st.st_size, {(st.st_dev, st.st_ino)}
+
+
 def forwarding_text(state: str, home_domain: str, recipient: str, since: float | None,
                     error: str | None) -> str:
     """How `peerpost status` shows a foreign recipient the sender's server still holds
@@ -157,7 +234,7 @@ class Outbox:
         self._max_entries = max_entries
         # The files a send is reading or recording now (their paths as the outbox records
         # them), how many times a send started or ended, and the guard retention holds
-        # while it decides on a copy and deletes or moves it (`sending`, `copy_unneeded`).
+        # while it decides on a copy and deletes or moves it (`sending`, `file_unneeded`).
         self._files = threading.Lock()
         self._sending: Counter[str] = Counter()
         self._sends_seen = 0
@@ -165,9 +242,10 @@ class Outbox:
     @contextlib.contextmanager
     def sending(self, path: str) -> Iterator[None]:
         """Held by a send of the file at `path` from before it reads the file until its
-        message is recorded (or nothing was): retention does not delete or move that file
-        meanwhile (`copy_unneeded`). A pass that had read the outbox before the new message
-        was recorded deleted the file the new message was to serve."""
+        message is recorded (or nothing was): retention does not delete or move that file,
+        by that path or another (`file_keys`), meanwhile (`file_unneeded`). A pass that had
+        read the outbox before the new message was recorded deleted the file the new
+        message was to serve."""
         with self._files:
             self._sending[path] += 1
             self._sends_seen += 1
@@ -187,29 +265,50 @@ class Outbox:
         return self._sends_seen
 
     @contextlib.contextmanager
+    def file_unneeded(self, path: str, *, seen: int | None,
+                      needed: Callable[[], bool]) -> Iterator[bool]:
+        """Whether the file at `path` may go: no send of that file (`file_keys`: by that
+        path or another) runs, and `needed()`, which reads the outbox again, is False if a
+        send started or ended since `seen`. Held while the caller deletes or moves the
+        file: a send of it starting meanwhile waits, then finds it gone (`sending`).
+
+        `seen`: `sends_seen` from before the caller read the outbox and found no message
+        that needs the file. If no send started or ended since, that read still holds and
+        node.db is not read again (a scan of the outbox each, 3 ms with 10,000 sent, which
+        made a pass settling 1,000 take 3 s instead of 0.14)."""
+        with self._files:
+            mine = file_keys(path)
+            if any(mine & file_keys(other) for other in self._sending):
+                yield False
+                return
+            yield seen == self._sends_seen or not needed()
+
+    @contextlib.contextmanager
     def copy_unneeded(self, entry: OutboxEntry, *, seen: int | None = None
                       ) -> Iterator[bool]:
         """Whether no message but `entry` needs its copy: none of its content or of its
-        file (the same file sent again is a new content) has its retention still to apply,
-        and no send of that file runs. Held while the caller deletes or moves the copy: a
-        send of that file starting meanwhile waits, then finds it gone (`sending`).
+        file (the same file sent again is a new content; by the same path or another,
+        `file_keys`) has its retention still to apply, and no send of that file runs
+        (`file_unneeded`, with `seen`). Held while the caller deletes or moves the copy."""
+        with self.file_unneeded(entry.path, seen=seen,
+                                needed=lambda: self._needed_by_another(entry)) as unneeded:
+            yield unneeded
 
-        `seen`: `sends_seen` from before the caller read the outbox and found no other
-        message that needs the copy (`not_done`). If no send started or ended since, that
-        read still holds and node.db is not read again (a scan of the outbox each, 3 ms
-        with 10,000 sent, which made a pass settling 1,000 take 3 s instead of 0.14)."""
-        with self._files:
-            if self._sending[entry.path]:
-                yield False
-                return
-            if seen == self._sends_seen:
-                yield True
-                return
-            other = self._db.query_one(
-                "SELECT 1 FROM outbox WHERE retention_done = 0 AND id != ?"
-                " AND (content_id = ? OR path = ?) LIMIT 1",
-                (entry.id, entry.content_id, entry.path))
-            yield other is None
+    def _needed_by_another(self, entry: OutboxEntry) -> bool:
+        """Whether a message besides `entry` whose retention is still to apply has its
+        content or its file (`file_keys`; only a file of its size can be it, and one of
+        another size since it was sent cannot be served)."""
+        size, files = _size_and_file(entry.path)
+        mine = file_keys(entry.path)
+        for r in self._db.query(
+                "SELECT content_id, path FROM outbox WHERE retention_done = 0 AND id != ?"
+                " AND (content_id = ? OR path = ? OR size = ?)",
+                (entry.id, entry.content_id, entry.path, size)):
+            if bytes(r["content_id"]) == entry.content_id:
+                return True
+            if mine & file_keys(r["path"], files=files):
+                return True
+        return False
 
     def add(
         self,
@@ -338,25 +437,39 @@ class Outbox:
         )
         return self._entries(rows)
 
-    def not_done(self, entries: Iterable[OutboxEntry]
-                 ) -> tuple[Counter[bytes], Counter[str]]:
-        """How many messages of each content and of each file (path) of `entries` have
-        their retention still to apply: a copy stays while more than the one being
-        settled need it (the same file sent again is a new content)."""
-        keys = sorted({(e.content_id, e.path) for e in entries})
-        contents: Counter[bytes] = Counter()
-        paths: Counter[str] = Counter()
+    def not_done(self, entries: Iterable[OutboxEntry]) -> Undone:
+        """How many messages of each content and of each file (`file_keys`) of `entries`
+        have their retention still to apply: a copy stays while more than the one being
+        settled need it (the same file sent again is a new content, perhaps by another
+        path). Blocking: a stat of each file read. Only the messages that may share one
+        are read: the same content or path, or a file of the size one of `entries` has
+        now (a message whose file changed size since it was sent cannot serve it)."""
+        entries = builtins.list(entries)
+        files: set[tuple[int, int]] = set()
+        sizes: set[int] = set()
+        for e in entries:
+            size, file = _size_and_file(e.path)
+            if file:
+                sizes.add(size)
+                files.update(file)
+        rows: dict[bytes, tuple[bytes, str]] = {}  # by id: a row two queries match once
+        where = "SELECT id, content_id, path FROM outbox WHERE retention_done = 0 AND "
         step = _IDS_PER_QUERY // 2  # two parameters each
-        for start in range(0, len(keys), step):
-            batch = keys[start : start + step]
+        for start in range(0, len(entries), step):
+            batch = entries[start : start + step]
             marks = ",".join("?" * len(batch))
             for r in self._db.query(
-                    "SELECT content_id, path FROM outbox WHERE retention_done = 0"
-                    f" AND (content_id IN ({marks}) OR path IN ({marks}))",
-                    [c for c, _ in batch] + [p for _, p in batch]):
-                contents[bytes(r["content_id"])] += 1
-                paths[r["path"]] += 1
-        return contents, paths
+                    where + f"(content_id IN ({marks}) OR path IN ({marks}))",
+                    [e.content_id for e in batch] + [e.path for e in batch]):
+                rows[bytes(r["id"])] = (bytes(r["content_id"]), r["path"])
+        by_size = sorted(sizes)
+        for start in range(0, len(by_size), _IDS_PER_QUERY):
+            some = by_size[start : start + _IDS_PER_QUERY]
+            for r in self._db.query(where + f"size IN ({','.join('?' * len(some))})", some):
+                rows[bytes(r["id"])] = (bytes(r["content_id"]), r["path"])
+        keys = {mid: file_keys(path, files=files) for mid, (_, path) in rows.items()}
+        return Undone(Counter(cid for cid, _ in rows.values()),
+                      Counter(k for ks in keys.values() for k in ks), keys)
 
     def ending_with(self, suffixes: tuple[str, ...]) -> builtins.list[OutboxEntry]:
         """Entries whose path ends with one of `suffixes` (a folder map's or archive's,

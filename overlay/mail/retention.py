@@ -6,8 +6,12 @@ download failed for good) counts as done: once at least one recipient downloaded
 the rest declined, the preference applies. When every recipient declined, the user's file
 is the only copy: it is never deleted or archived, but the node stops serving it (the
 content is forgotten, a folder's map released). The same file may be in several messages
-still being fetched (the same content, or the file sent again, which is a new content):
-its copy is touched only when the last of them is done, earlier ones are recorded as kept.
+still being fetched (the same content, or the file sent again, which is a new content, by
+the same path or another: a symlink, `..`, a symlinked folder; `outbox.file_keys`): its
+copy is touched only when the last of them is done, earlier ones are recorded as kept.
+What `delete` deletes is the file (a symlink's target, the path the store resolved when
+it was sent), not a symlink it was sent by, which is left dangling; a hard link is a name
+of its own: deleting it leaves the file to the others, so each goes with its message.
 A send of that file that runs while a pass decides counts too (`Outbox.copy_unneeded`).
 A crash between the last receipt and this step is finished at the next start, because the
 outbox remembers which messages are still pending.
@@ -43,14 +47,14 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
     # applied yet, this pass's included: the last one decides.
     seen = outbox.sends_seen  # before the reads: a send recorded after them changes it
     pending = outbox.pending_retention()
-    undone, undone_files = outbox.not_done(pending)
+    undone = outbox.not_done(pending)
     for entry in pending:
         # Nobody has it: the user's file is the only copy, so the preference does not apply.
         action = prefs.retention if entry.anyone_downloaded else "keep"
         own = is_own_archive(store.root, entry.path)
         if own:
             action = "delete"  # our copy, not the user's; release_archives deletes it
-        still_needed = undone[entry.content_id] > 1 or undone_files[entry.path] > 1
+        still_needed = undone.needed_by_another(entry)
         if still_needed:
             action = "keep"  # another message still needs this copy; it decides later
         try:
@@ -75,8 +79,7 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
             # Already gone (removed by hand, or an earlier run got this far): nothing to do.
             log.info("retention %s for %s: %s", action, entry.id.hex(), exc)
         outbox.mark_retention_done(entry.id, action)
-        undone[entry.content_id] -= 1
-        undone_files[entry.path] -= 1
+        undone.settled(entry)
         if own and not still_needed:
             # The map is the node's, the folder the user's: it stays whatever the
             # preference; release_archives deletes the map (and logs it) below.

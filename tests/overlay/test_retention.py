@@ -8,7 +8,6 @@ import asyncio
 import logging
 import os
 import threading
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -20,7 +19,7 @@ from overlay.content.catalog import ContentStore
 from overlay.mail.contacts import Contacts
 from overlay.mail.db import NodeDB
 from overlay.mail.folders import outgoing_dir
-from overlay.mail.outbox import ALL_SENT, Outbox, OutboxEntry, RecipientStatus
+from overlay.mail.outbox import ALL_SENT, Outbox, OutboxEntry, RecipientStatus, Undone
 from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
 from overlay.mail.retention import apply_retention
@@ -181,8 +180,7 @@ class _PausedOutbox(Outbox):
         super().__init__(db)
         self.read, self.go_on = threading.Event(), threading.Event()
 
-    def not_done(self, entries: Iterable[OutboxEntry]
-                 ) -> tuple[Counter[bytes], Counter[str]]:
+    def not_done(self, entries: Iterable[OutboxEntry]) -> Undone:
         counts = super().not_done(entries)
         self.read.set()
         if not self.go_on.wait(10):
@@ -190,17 +188,31 @@ class _PausedOutbox(Outbox):
         return counts
 
 
-def _sent_once_delete(db: NodeDB, store: ContentStore, outbox: Outbox, clip: Path
-                      ) -> tuple[bytes, MailSender, _Server]:
-    """`clip` sent once (by hand) and downloaded, retention `delete`; a real MailSender."""
-    Prefs(db).retention = "delete"
-    first = sent(outbox, 1, store.add_local_file_blocking(clip).content_id, clip)
+def _sender(db: NodeDB, store: ContentStore, outbox: Outbox) -> tuple[MailSender, _Server]:
+    """A real MailSender, its server answering FINGER once `answer` is set."""
     server = _Server()
     sender = MailSender(DeviceIdentity.from_seed(b"a" * 32), "alice@example.net",
                         rendezvous=cast(Any, server), store=store, contacts=Contacts(db),
                         outbox=outbox, announce=lambda cid: None, direct_addresses=list,
                         home_server="example.net", wall=lambda: 1000.0)
-    return first, sender, server
+    return sender, server
+
+
+def _sent_once_delete(db: NodeDB, store: ContentStore, outbox: Outbox, clip: Path
+                      ) -> tuple[bytes, MailSender, _Server]:
+    """`clip` sent once (by hand) and downloaded, retention `delete`; a real MailSender."""
+    Prefs(db).retention = "delete"
+    first = sent(outbox, 1, store.add_local_file_blocking(clip).content_id, clip)
+    return first, *_sender(db, store, outbox)
+
+
+def _again(clip: Path, by: str) -> Path:
+    """The name the file is sent by again: its own, or a symlink to it."""
+    if by == "its name":
+        return clip
+    link = clip.with_name("link.bin")
+    link.symlink_to(clip)
+    return link
 
 
 def _still_served(store: ContentStore, outbox: Outbox, mid: bytes, clip: Path,
@@ -212,11 +224,13 @@ def _still_served(store: ContentStore, outbox: Outbox, mid: bytes, clip: Path,
     assert clip.read_bytes() == data
 
 
+@pytest.mark.parametrize("by", ["its name", "a symlink"])
 async def test_a_send_recorded_after_the_pass_read_the_outbox_keeps_the_file(
-        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+        db: NodeDB, store: ContentStore, tmp_path: Path, by: str) -> None:
     """The same file sent again (a new content) is recorded after a pass read the outbox
     and before it applies `delete` to the first message: the file stays for the second,
-    which decides once it is settled. The pass deleted the file the new message serves."""
+    which decides once it is settled. The pass deleted the file the new message serves
+    (by its name; through a symlink, even with the fix for that name)."""
     clip = tmp_path / "clip.bin"
     clip.write_bytes(data := os.urandom(100_000))
     outbox = _PausedOutbox(db)
@@ -227,7 +241,7 @@ async def test_a_send_recorded_after_the_pass_read_the_outbox_keeps_the_file(
     try:
         async with asyncio.timeout(10):
             assert await asyncio.to_thread(outbox.read.wait, 10)
-            second = await sender.send(clip, [BOB], "clip again", "")
+            second = await sender.send(_again(clip, by), [BOB], "clip again", "")
     finally:
         outbox.go_on.set()
     done = await passing
@@ -240,17 +254,19 @@ async def test_a_send_recorded_after_the_pass_read_the_outbox_keeps_the_file(
     assert not clip.exists()
 
 
+@pytest.mark.parametrize("by", ["its name", "a symlink"])
 async def test_a_send_running_while_the_pass_decides_keeps_the_file(
-        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
-    """A send of the same file has started (it waits for the recipient's keys) while a
-    pass applies `delete` to the first message: the file stays, and the send goes out
-    with it. The pass deleted it, and the send failed on the missing file."""
+        db: NodeDB, store: ContentStore, tmp_path: Path, by: str) -> None:
+    """A send of the same file (by its name or through a symlink) has started (it waits
+    for the recipient's keys) while a pass applies `delete` to the first message: the file
+    stays, and the send goes out with it. The pass deleted it, and the send failed on the
+    missing file."""
     clip = tmp_path / "clip.bin"
     clip.write_bytes(data := os.urandom(100_000))
     outbox = Outbox(db)
     first, sender, server = _sent_once_delete(db, store, outbox, clip)
     server.answer.clear()
-    sending = asyncio.create_task(sender.send(clip, [BOB], "clip again", ""))
+    sending = asyncio.create_task(sender.send(_again(clip, by), [BOB], "clip again", ""))
     try:
         async with asyncio.timeout(10):
             await server.asked.wait()
@@ -262,3 +278,102 @@ async def test_a_send_running_while_the_pass_decides_keeps_the_file(
         sending.cancel()
     assert [(e.id, action) for e, action in done] == [(first, "keep")]
     _still_served(store, outbox, second, clip, data)
+
+
+def _names(tmp_path: Path, how: str) -> tuple[Path, Path, Path]:
+    """The file `clip` and two names it is sent by, first and second, the way `how` says:
+    a symlink to it (after or before its own path), its path spelt through `..`, or
+    through a symlinked folder."""
+    real = tmp_path / "Videos"
+    real.mkdir()
+    clip = real / "clip.bin"
+    if how in ("link second", "link first"):
+        link = tmp_path / "link.bin"
+        link.symlink_to(clip)
+        return clip, *((clip, link) if how == "link second" else (link, clip))
+    if how == "dotdot":
+        return clip, clip, Path(f"{real}/../{real.name}/{clip.name}")
+    (tmp_path / "linked").symlink_to(real, target_is_directory=True)
+    return clip, clip, tmp_path / "linked" / clip.name
+
+
+def _sent_twice(db: NodeDB, store: ContentStore, first_name: Path, second_name: Path
+                ) -> tuple[Outbox, bytes, bytes, list[tuple[bytes, str]]]:
+    """A file sent by `first_name`, downloaded, then by `second_name`, not yet, retention
+    `delete`; then a pass: the outbox, both message ids and what the pass did."""
+    outbox = Outbox(db)
+    Prefs(db).retention = "delete"
+    first = sent(outbox, 1, store.add_local_file_blocking(first_name).content_id,
+                 first_name)
+    second = sent(outbox, 2, store.add_local_file_blocking(second_name).content_id,
+                  second_name, downloaded=False)
+    done = apply_retention(outbox, store, Prefs(db), store.root.parent / "archive")
+    return outbox, first, second, [(e.id, action) for e, action in done]
+
+
+def _second_settled(db: NodeDB, store: ContentStore, outbox: Outbox, second: bytes) -> None:
+    """The second message downloaded too: the pass deletes its copy."""
+    outbox.set_recipient_state(second, BOB, RecipientStatus.DOWNLOADED, 2000.0)
+    done = apply_retention(outbox, store, Prefs(db), store.root.parent / "archive")
+    assert [(e.id, action) for e, action in done] == [(second, "delete")]
+
+
+@pytest.mark.parametrize("how", ["link second", "link first", "dotdot", "linked folder"])
+def test_the_same_file_sent_by_two_names_is_kept_until_both_are_settled(
+        db: NodeDB, store: ContentStore, tmp_path: Path, how: str) -> None:
+    """The same file sent twice by two names (as the CLI records them: absolute, not
+    resolved), with `delete`: the first message settled keeps it for the second, which
+    deletes it. The names were two files: the first settled deleted the file the second
+    still serves. What goes is the file; a symlink sent by name is left (dangling): it
+    is the user's name for the file, not a copy of it."""
+    clip, first_name, second_name = _names(tmp_path, how)
+    clip.write_bytes(data := os.urandom(50_000))
+    outbox, first, second, done = _sent_twice(db, store, first_name, second_name)
+    assert done == [(first, "keep")]
+    _still_served(store, outbox, second, second_name, data)
+
+    _second_settled(db, store, outbox, second)
+    assert not clip.exists()  # the file, not only a name for it
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_symlink()) == (
+        ["link.bin"] if how.startswith("link ") else ["linked"] if how == "linked folder"
+        else [])
+
+
+def test_a_file_replaced_at_its_path_is_kept_for_the_message_of_the_new_one(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """A file sent, then replaced at its path by a new one (another inode, another size)
+    that is sent too, with `delete`: the path is the same file as before, so the first
+    message settled keeps the new file for the second."""
+    clip = tmp_path / "clip.bin"
+    clip.write_bytes(os.urandom(50_000))
+    outbox, prefs = Outbox(db), Prefs(db)
+    prefs.retention = "delete"
+    first = sent(outbox, 1, store.add_local_file_blocking(clip).content_id, clip)
+    new = tmp_path / "new.bin"
+    new.write_bytes(data := os.urandom(60_000))
+    new.replace(clip)
+    second = sent(outbox, 2, store.add_local_file_blocking(clip).content_id, clip,
+                  downloaded=False)
+    done = apply_retention(outbox, store, prefs, tmp_path / "archive")
+    assert [(e.id, action) for e, action in done] == [(first, "keep")]
+    _still_served(store, outbox, second, clip, data)
+
+
+def test_a_hard_link_sent_keeps_the_file_for_its_message(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """The same file sent by two hard links, with `delete`: the first message settled
+    deletes its own name only, the file stays under the second's, which still serves it
+    (the same inode, its bytes unchanged); the second settled deletes the file."""
+    first_name, second_name = tmp_path / "clip.bin", tmp_path / "again.bin"
+    first_name.write_bytes(data := os.urandom(50_000))
+    os.link(first_name, second_name)
+    inode = second_name.stat().st_ino
+    outbox, first, second, done = _sent_twice(db, store, first_name, second_name)
+    assert done == [(first, "delete")]
+    assert not first_name.exists()
+    _still_served(store, outbox, second, second_name, data)
+    assert second_name.stat().st_ino == inode
+
+    _second_settled(db, store, outbox, second)
+    assert not second_name.exists()
+
