@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -503,22 +504,43 @@ def release_archives(outbox: Outbox, store: ContentStore) -> list[str]:
     more (each recipient has it or declined it, or the message was withdrawn), never the
     files a map names; blocking. The paths deleted. Only the messages whose path ends as
     a map's or archive's are read: reading every message was most of the 0.14 CPU s a
-    retention pass took with 10,000 sent, at each receipt that settled one (0.015 now)."""
+    retention pass took with 10,000 sent, at each receipt that settled one (0.015 now).
+
+    Decided again and done under the outbox's guard (`Outbox.file_unneeded`), as
+    retention deletes a user's file: a send of the map running (`resend`), or one
+    recorded since the outbox was read, keeps it. The map was deleted under the send, or
+    after it was recorded, and the new message had no folder to serve."""
+    seen = outbox.sends_seen  # before the read: a send recorded after it changes it
+    gone = []
+    for path, entries in _own_maps(outbox, store).items():
+        if any(needed(m) for m in entries) or not os.path.lexists(path):
+            continue
+        with outbox.file_unneeded(path, seen=seen, needed=functools.partial(
+                _map_needed, outbox, store, path)) as unneeded:
+            if not unneeded:
+                continue
+            for m in entries:
+                with contextlib.suppress(ContentStoreError):
+                    store.remove(m.content_id)
+            Path(path).unlink(missing_ok=True)
+        log.info("deleted the folder map %s: no recipient needs it any more", path)
+        gone.append(path)
+    return gone
+
+
+def _own_maps(outbox: Outbox, store: ContentStore) -> dict[str, list[OutboxEntry]]:
+    """The messages of each folder map (or archive) this node wrote, by its `same_place`."""
     by_path: dict[str, list[OutboxEntry]] = {}
     for m in outbox.ending_with((MAP_SUFFIX, TAR_SUFFIX)):
         if is_own_archive(store.root, m.path):
             by_path.setdefault(same_place(m.path), []).append(m)
-    gone = []
-    for path, entries in by_path.items():
-        if any(needed(m) for m in entries) or not os.path.lexists(path):
-            continue
-        for m in entries:
-            with contextlib.suppress(ContentStoreError):
-                store.remove(m.content_id)
-        Path(path).unlink(missing_ok=True)
-        log.info("deleted the folder map %s: no recipient needs it any more", path)
-        gone.append(path)
-    return gone
+    return by_path
+
+
+def _map_needed(outbox: Outbox, store: ContentStore, path: str) -> bool:
+    """Whether a message names the map at `path` (a `same_place`) that a recipient may
+    still fetch, as the outbox is now."""
+    return any(needed(m) for m in _own_maps(outbox, store).get(path, []))
 
 
 # An archive in the outgoing folder that no sent message names, this much older than the

@@ -15,10 +15,11 @@ from typing import Any, cast
 import pytest
 
 from crypto.identity import DeviceIdentity
+from crypto.location import FolderInfo
 from overlay.content.catalog import ContentStore
 from overlay.mail.contacts import Contacts
 from overlay.mail.db import NodeDB
-from overlay.mail.folders import outgoing_dir
+from overlay.mail.folders import outgoing_dir, plan_pack, release_archives, write_map
 from overlay.mail.outbox import ALL_SENT, Outbox, OutboxEntry, RecipientStatus, Undone
 from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
@@ -377,3 +378,81 @@ def test_a_hard_link_sent_keeps_the_file_for_its_message(
     _second_settled(db, store, outbox, second)
     assert not second_name.exists()
 
+
+class _PausedReleaseOutbox(Outbox):
+    """An outbox whose first reading of the folder maps' messages (a release's) waits for
+    `go_on` (set by the test once a send ran in between)."""
+
+    def __init__(self, db: NodeDB) -> None:
+        super().__init__(db)
+        self.read, self.go_on = threading.Event(), threading.Event()
+
+    def ending_with(self, suffixes: tuple[str, ...]) -> list[OutboxEntry]:
+        entries = super().ending_with(suffixes)
+        if not self.read.is_set():
+            self.read.set()
+            if not self.go_on.wait(10):
+                raise AssertionError("the test did not let the release go on")
+        return entries
+
+
+def _settled_folder(outbox: Outbox, store: ContentStore, tmp_path: Path
+                    ) -> tuple[Path, FolderInfo]:
+    """A folder's map, sent once (by hand) and downloaded: nobody needs it any more."""
+    src = tmp_path / "sunday"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(os.urandom(1000))
+    map_path, info = write_map(plan_pack([src]), store.root)
+    sent(outbox, 1, os.urandom(32), map_path)
+    return map_path, info
+
+
+def _sends_the_map(outbox: Outbox, store: ContentStore, mid: bytes, map_path: Path) -> None:
+    """The message `mid` names the map, which is there, and its folder is served."""
+    e = outbox.get(mid)
+    assert e is not None and e.path == str(map_path) and map_path.exists()
+    assert store.local(e.content_id) is not None
+
+
+async def test_a_folder_sent_again_while_its_map_is_released_keeps_the_map(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """A folder's message is settled and the folder is sent again from its map
+    (`resend`): a release running while that send waits for the recipient's keys keeps
+    the map, which goes once the new message is settled too. The release deleted the map
+    under the send, which failed on it."""
+    outbox = Outbox(db)
+    map_path, info = _settled_folder(outbox, store, tmp_path)
+    sender, server = _sender(db, store, outbox)
+    server.answer.clear()
+    sending = asyncio.create_task(sender.send(map_path, [BOB], "sunday again", "", info))
+    try:
+        async with asyncio.timeout(10):
+            await server.asked.wait()
+            gone = await asyncio.to_thread(release_archives, outbox, store)
+            server.answer.set()
+            second = await sending
+    finally:
+        sending.cancel()
+    assert gone == []
+    _sends_the_map(outbox, store, second, map_path)
+    outbox.set_recipient_state(second, BOB, RecipientStatus.DOWNLOADED, 2000.0)
+    assert release_archives(outbox, store) == [str(map_path)] and not map_path.exists()
+
+
+async def test_a_folder_sent_again_after_a_release_read_the_outbox_keeps_the_map(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """The folder sent again is recorded after a release read the outbox and before it
+    deletes the map: the map stays for the new message. The release deleted the map the
+    new message serves its folder from."""
+    outbox = _PausedReleaseOutbox(db)
+    map_path, info = _settled_folder(outbox, store, tmp_path)
+    sender, _ = _sender(db, store, outbox)
+    releasing = asyncio.create_task(asyncio.to_thread(release_archives, outbox, store))
+    try:
+        async with asyncio.timeout(10):
+            assert await asyncio.to_thread(outbox.read.wait, 10)
+            second = await sender.send(map_path, [BOB], "sunday again", "", info)
+    finally:
+        outbox.go_on.set()
+    assert await releasing == []
+    _sends_the_map(outbox, store, second, map_path)
