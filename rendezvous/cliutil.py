@@ -22,6 +22,11 @@ EXIT_BROKEN_PIPE = 141
 _P = ParamSpec("_P")
 
 SHELLS = ("bash", "zsh", "tcsh")
+# The choices of `--log-level` and `--log-format` (rendezvous.logfmt reads them from here): a
+# command line offers them without importing logging, which a command that logs nothing
+# (`peerpost send`) does not load.
+LEVELS = ("debug", "info", "warning", "error", "critical")
+FORMATS = ("text", "json")
 
 
 def counted(n: int, noun: str) -> str:

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-LEVELS = ("debug", "info", "warning", "error", "critical")
-FORMATS = ("text", "json")
+from rendezvous.cliutil import FORMATS as FORMATS
+from rendezvous.cliutil import LEVELS as LEVELS
 
 
 def _quote(value: Any) -> str:

@@ -31,6 +31,8 @@ from overlay.app.control_wire import ControlError, NodeNotRunning
 from overlay.app.control_wire import call as control_call
 from overlay.app.home import HomeError, NodeHome, default_home
 from rendezvous.cliutil import (
+    FORMATS,
+    LEVELS,
     ArgumentParser,
     add_completion,
     add_version,
@@ -38,7 +40,6 @@ from rendezvous.cliutil import (
     reader_may_leave,
 )
 from rendezvous.errors import AuthenticationError
-from rendezvous.logfmt import FORMATS, LEVELS, configure
 from rendezvous.status import Status
 
 if TYPE_CHECKING:
@@ -522,11 +523,20 @@ def _backup_or_restore(home: NodeHome, args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands whose process only asks the node and prints its answer: nothing in them logs, so
+# without -v they set up no logging, and never import it (5 ms of each one's start here).
+UNLOGGED = ("send", "fetch", "inbox", "status")
+
+
 def _setup_logging(args: argparse.Namespace, home: NodeHome) -> None:
     """Logs to stderr (key=value or JSON lines, as the server's); the daemon also
     writes them to node.log in its home, rotated at 10 MiB with 3 old files kept. A
     one-shot command (init, send, ...) says what it did on stdout and what went wrong as
     its error: its info lines (`init`'s event=client.connected) are noise there."""
+    if args.command in UNLOGGED and not args.verbose:
+        return
+    from rendezvous.logfmt import configure
+
     quiet = "info" if args.command in ("node", "demo") else "warning"
     level = getattr(args, "log_level", None) or ("debug" if args.verbose else quiet)
     log_file = None
@@ -543,19 +553,15 @@ def _metrics_arg(text: str) -> tuple[str, int]:
 
 
 def _run(coro_or_code: Any) -> int:
+    """A command's exit status. Commands make their requests on blocking sockets
+    (control_call): importing asyncio took 35 ms of `inbox`'s start here. Only
+    `fetch --wait` drawing its bar returns a coroutine to run."""
     if isinstance(coro_or_code, int):
         return coro_or_code
-    import asyncio  # not for `send`, whose one request needs no event loop
+    import asyncio
 
     rc: int = asyncio.run(coro_or_code)
     return rc
-
-
-async def _call(home: NodeHome, op: str, **args: Any) -> Any:
-    from overlay.app.control import ControlClient
-
-    async with ControlClient(home.control_path) as c:
-        return await c.call(op, **args)
 
 
 def _size(n: float) -> str:
@@ -754,10 +760,10 @@ def _watch_sent(home: NodeHome, mid: str, args: argparse.Namespace) -> int:
 SHORT_ID = 8
 
 
-async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
+def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
     if args.prune:
-        res = await _call(home, "prune", days=args.days, junk=bool(args.junk),
-                          delete_file=bool(args.delete_file))
+        res = control_call(home.control_path, "prune", days=args.days, junk=bool(args.junk),
+                           delete_file=bool(args.delete_file))
         if args.json:
             print(json.dumps(res, indent=2))
             return 0
@@ -766,7 +772,7 @@ async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
             console.print(f"removed {r['id'][:12]} {_m(r['title'])}{gone}")
         console.print(f"{len(res['removed'])} removed; {_inbox_line(res['inbox'])}")
         return 0
-    entries = await _call(home, "inbox", include_junk=bool(args.all))
+    entries = control_call(home.control_path, "inbox", include_junk=bool(args.all))
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
@@ -792,7 +798,7 @@ async def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
         elif e["state"] == "unverified":
             notes.append(f"{_m(short)}  signed by a key you don't trust yet: "
                          "`peerpost contacts`")
-    state = await _call(home, "ping")
+    state = control_call(home.control_path, "ping")
     hidden = 0 if args.all else int(state.get("inbox", {}).get("junk", 0))
     if entries:
         console.print(t)
@@ -848,8 +854,9 @@ def _file_fate(removed: dict[str, Any]) -> str:
     return ""
 
 
-async def cmd_rm(home: NodeHome, args: argparse.Namespace) -> int:
-    res = await _call(home, "rm", id=_message_id(args.id), delete_file=bool(args.delete_file))
+def cmd_rm(home: NodeHome, args: argparse.Namespace) -> int:
+    res = control_call(home.control_path, "rm", id=_message_id(args.id),
+                       delete_file=bool(args.delete_file))
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -987,8 +994,8 @@ def cmd_status(home: NodeHome, args: argparse.Namespace) -> Any:
     return _watch_sent(home, items[0]["id"], args)
 
 
-async def _status_table(home: NodeHome, args: argparse.Namespace, want: str | None) -> int:
-    items = await _call(home, "status", id=want)
+def _status_table(home: NodeHome, args: argparse.Namespace, want: str | None) -> int:
+    items = control_call(home.control_path, "status", id=want)
     if want and not items:
         raise CliError(f"no sent message matches {want} (`peerpost status` lists them)")
     if args.json:
@@ -1049,17 +1056,17 @@ def retained_text(m: dict[str, Any]) -> str:
     return f"everyone has it{' or declined it' if 'declined' in states else ''}; {copy}"
 
 
-async def cmd_cancel(home: NodeHome, args: argparse.Namespace) -> int:
+def cmd_cancel(home: NodeHome, args: argparse.Namespace) -> int:
     """A sent message's id: withdraw it; else an inbox message's: stop its download."""
     try:
-        res = await _call(home, "withdraw", id=args.id)
+        res = control_call(home.control_path, "withdraw", id=args.id)
     except NodeNotRunning:
         raise
     except ControlError as exc:
         if not str(exc).startswith("no sent message"):
             raise
         try:
-            entry = await _call(home, "cancel", id=args.id)
+            entry = control_call(home.control_path, "cancel", id=args.id)
         except ControlError as inbox_exc:
             if not str(inbox_exc).startswith("no message"):
                 raise
@@ -1087,8 +1094,8 @@ async def cmd_cancel(home: NodeHome, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_resend(home: NodeHome, args: argparse.Namespace) -> int:
-    res = await _call(home, "resend", id=args.id)
+def cmd_resend(home: NodeHome, args: argparse.Namespace) -> int:
+    res = control_call(home.control_path, "resend", id=args.id)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -1096,13 +1103,13 @@ async def cmd_resend(home: NodeHome, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
+def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
     if args.action in ("priority", "junk"):
         if len(args.args) != 2 or args.args[0] not in ("add", "remove"):
             raise CliError(f"usage: peerpost prefs {args.action} add|remove ADDRESS",
                            EXIT_USAGE)
-        await _call(home, "prefs_list", list=args.action, action=args.args[0],
-                    address=args.args[1])
+        control_call(home.control_path, "prefs_list", list=args.action, action=args.args[0],
+                     address=args.args[1])
     elif args.action == "set":
         if len(args.args) != 2:
             raise CliError("usage: peerpost prefs set KEY VALUE  (keys: auto-download on|off,"
@@ -1115,8 +1122,8 @@ async def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
         key, value = args.args
         if key.replace("_", "-") == "archive-dir":
             value = _shell_path(value)
-        await _call(home, "prefs_set", key=key, value=value)
-    prefs = await _call(home, "prefs")
+        control_call(home.control_path, "prefs_set", key=key, value=value)
+    prefs = control_call(home.control_path, "prefs")
     if args.json:
         print(json.dumps(prefs, indent=2))
         return 0
@@ -1202,12 +1209,12 @@ def _rate_arg(text: str) -> float:
     return float(rate)
 
 
-async def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
+def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
     if args.action == "accept":
         if not args.address:
             raise CliError("usage: peerpost contacts accept ADDRESS", EXIT_USAGE)
-        await _call(home, "contacts_accept", address=args.address)
-    contacts = await _call(home, "contacts")
+        control_call(home.control_path, "contacts_accept", address=args.address)
+    contacts = control_call(home.control_path, "contacts")
     if args.json:
         print(json.dumps(contacts, indent=2))
         return 0
@@ -1274,8 +1281,8 @@ def _reach_line(reach: dict[str, Any]) -> Text:
     return _t(f"{where}: the server sees this node as {reach['seen_as']}")
 
 
-async def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
-    info = await _call(home, "ping")
+def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
+    info = control_call(home.control_path, "ping")
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -225,19 +225,48 @@ def test_repeated_to_and_comma_lists_reach_everyone(net: LocalNetwork, tmp_path:
     net.wait_complete(bob, sent["id"], 60, "bob's copy")
 
 
+# What the everyday commands must not import, with what each cost of their start here: the
+# crypto libraries (25 ms: the node does that work), asyncio (35 ms: their requests go on
+# blocking sockets), logging (5 ms: nothing in them logs) and sqlite3 (3 ms); where nothing
+# is drawn, rich (38 ms) and dataclasses with inspect (7 ms) too.
+NEVER_LOADED = ("nacl", "cryptography", "asyncio", "logging", "sqlite3")
+LOADED_TO_DRAW = ("rich", "dataclasses", "inspect")
+
+
+def _imported(res: subprocess.CompletedProcess[str]) -> set[str]:
+    """The modules a command run with PYTHONPROFILEIMPORTTIME=1 imported."""
+    return {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
+            if line.startswith("import time:")}
+
+
 @pytest.mark.slow
-def test_send_loads_no_crypto_library(net: LocalNetwork, tmp_path: Path) -> None:
-    """`send FILE` hands the work to the node: the CLI itself loads neither PyNaCl nor
-    cryptography (about 25 ms of each `send`)."""
+def test_everyday_commands_import_only_what_they_use(net: LocalNetwork, tmp_path: Path
+                                                     ) -> None:
+    """`send`, `fetch --wait --json`, `inbox` and `status` ask the node and print: a module
+    that comes back into one of them fails here, with the command's name."""
     alice, bob = net.nodes["alice"], net.nodes["bob"]
     src = _file(tmp_path, "light.bin", 1024)
-    res = _mine(net, alice, "send", str(src), "--title", "t", "--note", "n", "--to",
-                bob.address, env={"PYTHONPROFILEIMPORTTIME": "1"})
-    assert res.returncode == 0, res.stderr
-    loaded = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
-              if line.startswith("import time:")}
-    assert "overlay.app.cli" in loaded  # the listing is there to read
-    assert not {m for m in loaded if m.split(".")[0] in ("nacl", "cryptography")}
+    timed = {"PYTHONPROFILEIMPORTTIME": "1"}
+    sent = _mine(net, alice, "send", str(src), "--title", "t", "--note", "n", "--to",
+                 bob.address, env=timed)
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    mid = sent.stdout.strip()
+    runs = {  # command -> (its run, whether it draws a table)
+        "send": (sent, False),
+        "fetch --wait --json": (_mine(net, bob, "fetch", mid, "--wait", "--json", env=timed),
+                                False),
+        "inbox --json": (_mine(net, bob, "inbox", "--json", env=timed), False),
+        "status --json": (_mine(net, alice, "status", "--json", env=timed), False),
+        "inbox": (_mine(net, bob, "inbox", env=timed), True),
+        "status": (_mine(net, alice, "status", env=timed), True),
+    }
+    for command, (res, draws) in runs.items():
+        assert res.returncode == 0, (command, res.stderr[-2000:])
+        loaded = _imported(res)
+        assert "overlay.app.cli" in loaded, command  # the listing is there to read
+        assert ("rich.table" in loaded) is draws, command
+        banned = NEVER_LOADED if draws else NEVER_LOADED + LOADED_TO_DRAW
+        assert not sorted(m for m in loaded if m.split(".")[0] in banned), command
     res = _mine(net, alice, "send", str(src), "--to", bob.address, "--title", "x" * 201)
     assert res.returncode == 2
     assert "--title takes at most 200 characters (this one has 201)" in res.stderr

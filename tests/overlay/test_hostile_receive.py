@@ -247,14 +247,14 @@ def _render_inbox(monkeypatch: pytest.MonkeyPatch, title: str, sender: str) -> s
     entry = {"id": "ab" * 16, "from": sender, "title": title, "size": 10,
              "state": "failed", "error": title, "progress": 0.0, "sources": []}
 
-    async def call(home: Any, op: str, **args: Any) -> Any:
+    def call(socket_path: Any, op: str, /, **args: Any) -> Any:
         if op == "ping":
             return {"inbox": {"messages": 1, "max": 10, "full": False}}
         return [entry]
 
-    monkeypatch.setattr(cli, "_call", call)
+    monkeypatch.setattr(cli, "control_call", call)
     args = cli.build_parser().parse_args(["inbox"])
-    asyncio.run(cli.cmd_inbox(cli.NodeHome("/nonexistent"), args))
+    cli.cmd_inbox(cli.NodeHome("/nonexistent"), args)
     return out.getvalue()
 
 
