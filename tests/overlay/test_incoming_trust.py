@@ -104,6 +104,8 @@ def test_first_contact_is_trusted_only_when_finger_lists_the_signing_key(db: Nod
     assert mail.recheck_keys(ALICE, [K2], {}) == []
     assert contacts.trusted_keys(ALICE) == frozenset()
     # FINGER unreachable: stays held
+    assert mail.recheck_keys(ALICE, None, {}) == []
+    # the server lists no device for the address: nothing to trust, stays held
     assert mail.recheck_keys(ALICE, [], {}) == []
     # the signing key is among those FINGER returns: trust on first use
     assert mail.recheck_keys(ALICE, [K1], {}) == [mid]
