@@ -313,17 +313,18 @@ class Delivery:
     async def _take(self, env: Envelope) -> None:
         """Into the inbox, then acknowledged; left at the server if it could not be stored."""
         pushed = Pushed(env.message_id, env.sender, env.blob)
-        outcome = self._handle(pushed)
+        outcome = self._handle(pushed, self.incoming.handle)
         looked_up: set[str] = set()
         if outcome is Outcome.RECHECK:
             # Signed by a pinned key whose trust is older than KEYS_FRESH: judged on the
             # keys its sender's server lists now, or, if it can't be asked, as before.
-            while self.incoming.key_checks:
-                sender = self.incoming.key_checks.pop()
-                looked_up.add(sender)
-                await self._recheck(sender)
-            outcome = self._handle(pushed)
-            if outcome is Outcome.RECHECK:  # stale again (the clock jumped): not acknowledged
+            # Its own lookup, not whatever `key_checks` holds: another envelope taken
+            # meanwhile (`unstored`) may have taken its sender from there.
+            self.incoming.key_checks.discard(env.sender)
+            looked_up.add(env.sender)
+            await self._recheck(env.sender)
+            outcome = self._handle(pushed, self.incoming.handle_looked_up)
+            if outcome is Outcome.RECHECK:  # not expected: left at the server, not lost
                 self._leave(pushed, "not judged after its sender's lookup")
                 return
         if outcome is None:
@@ -346,11 +347,12 @@ class Delivery:
         if outcome is Outcome.RECEIPT:
             await self.retention()
 
-    def _handle(self, pushed: Pushed) -> Outcome | None:
-        """The inbox's outcome, or None if node.db could not store it (it stays at the
-        server and is asked for again)."""
+    def _handle(self, pushed: Pushed, handle: Callable[[Pushed], tuple[Outcome, object]]
+                ) -> Outcome | None:
+        """The inbox's outcome (`handle`'s), or None if node.db could not store it (it
+        stays at the server and is asked for again)."""
         try:
-            outcome, _ = self.incoming.handle(pushed)
+            outcome, _ = handle(pushed)
         except (sqlite3.Error, OSError) as exc:
             self._leave(pushed, exc)
             return None

@@ -59,7 +59,7 @@ class Outcome(Enum):
     DROPPED = "dropped"  # bad input: logged and counted
     REFUSED = "refused"  # the inbox is full: logged and counted, nothing stored changed
     RECHECK = "recheck"  # signed by a pinned key not confirmed for KEYS_FRESH: nothing
-    # filed; hand the envelope in again once the sender in key_checks was looked up
+    # filed; look its sender up, then hand the envelope in again (`handle_looked_up`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +85,10 @@ class IncomingMail:
         self.wall = wall
         self.counters: Counter[str] = Counter()
         self.key_checks: set[str] = set()  # senders whose key looked new: see recheck_keys
-        # Senders a lookup was asked for because their keys were stale (RECHECK), and
-        # those a lookup then failed for: their pinned keys are believed as before until
-        # one succeeds (see the module docstring).
-        self._confirming: set[str] = set()
+        # Senders a lookup failed for (or whose answer could not be applied): their pinned
+        # keys are believed as before until one succeeds (see the module docstring).
         self.unconfirmed: set[str] = set()
+        self._looked_up = False  # within `handle_looked_up` only
 
     def recheck_keys(self, sender: str, device_keys: list[bytes] | None,
                      vouches: dict[bytes, bytes] | None = None) -> list[bytes]:
@@ -135,7 +134,6 @@ class IncomingMail:
         return released
 
     def _confirmed(self, sender: str) -> None:
-        self._confirming.discard(sender)
         self.unconfirmed.discard(sender)
 
     def _not_confirmed(self, sender: str, what: str) -> None:
@@ -149,17 +147,14 @@ class IncomingMail:
 
     def _stale(self, sender: str, key: bytes) -> bool:
         """Whether what `key` signed waits for a lookup of `sender` (RECHECK): the key is
-        pinned, its trust older than KEYS_FRESH, and no lookup was tried for it since.
-        When one was (this is the envelope handed in again) and did not confirm the keys,
-        they are believed as before."""
+        pinned and its trust older than KEYS_FRESH. When this envelope's own lookup ran
+        (`handle_looked_up`) and did not confirm the keys, they are believed as before."""
         if sender in self.unconfirmed or not self.contacts.needs_confirming(
                 sender, key, self.wall()):
             return False
-        if sender in self._confirming:
-            self._confirming.discard(sender)
+        if self._looked_up:
             self._not_confirmed(sender, "the keys of %s were not confirmed")
             return False
-        self._confirming.add(sender)
         self.key_checks.add(sender)
         self.counters["keys-confirm"] += 1
         return True
@@ -173,10 +168,24 @@ class IncomingMail:
             log.info("%d held message(s) from %s are verified now", len(released), sender)
         return released
 
+    def handle_looked_up(self, env: Pushed
+                         ) -> tuple[Outcome, LocationMessage | Receipt | None]:
+        """`handle` an envelope that came back RECHECK, once its sender was looked up
+        (`recheck_keys`): keys that lookup did not confirm (it failed, or its answer could
+        not be applied) are believed as before, warned once; never RECHECK again. Told for
+        this envelope, not remembered for its sender: another envelope of the sender taken
+        while its lookup runs (the push loop and the retry of envelopes left at the server
+        run at once) was believed without one, its lookup taken for that one's."""
+        self._looked_up = True  # handle does not await: no other envelope sees it
+        try:
+            return self.handle(env)
+        finally:
+            self._looked_up = False
+
     def handle(self, env: Pushed) -> tuple[Outcome, LocationMessage | Receipt | None]:
         """File one envelope. Never raises for bad input: it drops and counts instead.
-        RECHECK: look up the senders in `key_checks` (`recheck_keys`), then hand the same
-        envelope in again."""
+        RECHECK: look up its sender (`recheck_keys`), then hand the same envelope in again
+        (`handle_looked_up`)."""
         try:
             opened = open_envelope(self.identity, env.blob)
         except CryptoError as exc:

@@ -250,3 +250,41 @@ async def test_a_lookup_listing_more_devices_than_a_contact_pins_leaves_the_keys
     assert f"the keys of {ALICE} not checked: an address presents 1..16 device keys" \
         in caplog.text
     assert caplog.text.count(f"the keys of {ALICE} were not confirmed") == 1
+
+
+async def test_an_envelope_taken_while_another_waits_for_the_lookup_waits_for_one_too(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """The push loop and the retry of an envelope left at the server (`unstored`) take
+    envelopes at once. The thief's message waits for alice's lookup; his `downloaded`
+    receipt, taken meanwhile, was believed at once without one (the lookup in flight was
+    taken for its own, failed): counted, and bob's file deleted before alice had it."""
+    bob = await bob_sent_to_alice(db, store, tmp_path, ALICE1, ALICE2)
+    bob.server.listed = bob.server.listed[:1]  # the operator revoked ALICE2 (stolen)
+    bob.clock.now += KEYS_FRESH + 1
+    answer = asyncio.Event()
+    asked: list[asyncio.Event] = [asyncio.Event(), asyncio.Event()]  # first, second FINGER
+    finger = bob.server.finger
+
+    async def slow_finger(address: str) -> Any:
+        for ask in asked:
+            if not ask.is_set():
+                ask.set()
+                break
+        await answer.wait()
+        return await finger(address)
+
+    bob.server.finger = slow_finger  # type: ignore[method-assign]
+    async with asyncio.timeout(10):
+        first = asyncio.create_task(bob.delivery._take(message_from(ALICE2, 1)))
+        await asked[0].wait()  # the message waits for its lookup
+        second = asyncio.create_task(bob.delivery._take(receipt_from(ALICE2, bob.sent_id)))
+        # the receipt taken meanwhile: judged at once (the parent), or asking too
+        waiting = asyncio.create_task(asked[1].wait())
+        await asyncio.wait({second, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        answer.set()
+        await asyncio.gather(first, second)
+    assert state_of(bob, 1) is InboxState.UNVERIFIED
+    assert bob.alice_state() is RecipientStatus.SENT  # DOWNLOADED on the parent
+    assert bob.clip.exists()
+    assert bob.incoming.counters["dropped-receipt-untrusted"] == 1
