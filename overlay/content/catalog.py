@@ -255,6 +255,14 @@ class ContentStore:
             raise ContentStoreError(f"unknown content {content_id.hex()}")
         return int(row[0])
 
+    def file_of(self, content_id: bytes) -> Path | None:
+        """The file a complete content is served from, which `remove(delete_file=True)`
+        deletes: its path as resolved when it was added (None: not held complete)."""
+        with self._lock:
+            row = self._db.execute("SELECT path FROM content WHERE cid = ? AND state = 'full'",
+                                   (content_id,)).fetchone()
+        return None if row is None else Path(row[0])
+
     def have_path(self, content_id: bytes) -> Path:
         return self.root / "partial" / f"{content_id.hex()}.have"
 

@@ -98,6 +98,9 @@ def _accepts(old: RecipientStatus, new: RecipientStatus, reason: str | None = No
 # One of the names of a file for `file_keys`: ("path", the path as recorded),
 # ("file", device, inode), ("entry", its folder's device and inode, its name).
 FileKey = tuple[str | int, ...]
+# The file the node serves a content from (a message's copy, what retention deletes or
+# moves): its path as the store resolved it at the send, or None if it holds none.
+Served = Callable[[bytes], str | None]
 
 
 def file_keys(path: str, *, files: Container[tuple[int, int]] | None = None
@@ -198,6 +201,21 @@ class Undone:
             self.files[k] -= 1
 
 
+def copy_paths(path: str, content_id: bytes, served: Served | None) -> tuple[str, ...]:
+    """The names of a message's copy: its path as recorded and, if the node serves its
+    content from another (`served`: the path resolved at the send, when a symlink it was
+    sent by was removed or pointed elsewhere since), that one: the file that serving
+    reads and deleting removes."""
+    there = None if served is None else served(content_id)
+    return (path,) if there is None or there == path else (path, there)
+
+
+def copy_keys(paths: Iterable[str], *, files: Container[tuple[int, int]] | None = None
+              ) -> frozenset[FileKey]:
+    """`file_keys` of each of `paths` (`copy_paths`), together."""
+    return frozenset(k for p in paths for k in file_keys(p, files=files))
+
+
 def _size_and_file(path: str) -> tuple[int, set[tuple[int, int]]]:
     """The size of the file at `path` now and its (device, inode); -1 (no file has that
     size) and none if there is no file."""
@@ -265,48 +283,60 @@ class Outbox:
         return self._sends_seen
 
     @contextlib.contextmanager
-    def file_unneeded(self, path: str, *, seen: int | None,
-                      needed: Callable[[], bool]) -> Iterator[bool]:
-        """Whether the file at `path` may go: no send of that file (`file_keys`: by that
-        path or another) runs, and `needed()`, which reads the outbox again, is False if a
-        send started or ended since `seen`. Held while the caller deletes or moves the
-        file: a send of it starting meanwhile waits, then finds it gone (`sending`).
+    def file_unneeded(self, path: str, *, seen: int | None, needed: Callable[[], bool],
+                      also: Iterable[str] = ()) -> Iterator[bool]:
+        """Whether the file at `path` (and `also`: other names of it, `copy_paths`) may
+        go: no send of that file (`file_keys`: by that path or another) runs, and
+        `needed()`, which reads the outbox again, is False if a send started or ended
+        since `seen`. Held while the caller deletes or moves the file: a send of it
+        starting meanwhile waits, then finds it gone (`sending`).
 
         `seen`: `sends_seen` from before the caller read the outbox and found no message
         that needs the file. If no send started or ended since, that read still holds and
         node.db is not read again (a scan of the outbox each, 3 ms with 10,000 sent, which
         made a pass settling 1,000 take 3 s instead of 0.14)."""
         with self._files:
-            mine = file_keys(path)
+            mine = copy_keys((path, *also))
             if any(mine & file_keys(other) for other in self._sending):
                 yield False
                 return
             yield seen == self._sends_seen or not needed()
 
     @contextlib.contextmanager
-    def copy_unneeded(self, entry: OutboxEntry, *, seen: int | None = None
-                      ) -> Iterator[bool]:
+    def copy_unneeded(self, entry: OutboxEntry, *, seen: int | None = None,
+                      served: Served | None = None) -> Iterator[bool]:
         """Whether no message but `entry` needs its copy: none of its content or of its
         file (the same file sent again is a new content; by the same path or another,
-        `file_keys`) has its retention still to apply, and no send of that file runs
-        (`file_unneeded`, with `seen`). Held while the caller deletes or moves the copy."""
-        with self.file_unneeded(entry.path, seen=seen,
-                                needed=lambda: self._needed_by_another(entry)) as unneeded:
+        `file_keys`, or the one its content is `served` from) has its retention still to
+        apply, and no send of that file runs (`file_unneeded`, with `seen`). Held while
+        the caller deletes or moves the copy."""
+        paths = copy_paths(entry.path, entry.content_id, served)
+        with self.file_unneeded(
+                entry.path, seen=seen, also=paths[1:],
+                needed=lambda: self._needed_by_another(entry, paths, served)) as unneeded:
             yield unneeded
 
-    def _needed_by_another(self, entry: OutboxEntry) -> bool:
-        """Whether a message besides `entry` whose retention is still to apply has its
-        content or its file (`file_keys`; only a file of its size can be it, and one of
-        another size since it was sent cannot be served)."""
-        size, files = _size_and_file(entry.path)
-        mine = file_keys(entry.path)
+    def _needed_by_another(self, entry: OutboxEntry, paths: tuple[str, ...],
+                           served: Served | None) -> bool:
+        """Whether a message besides `entry` (its copy's `paths`) whose retention is still
+        to apply has its content or its file (`copy_keys`; only a file of its size can be
+        it, and one of another size since it was sent cannot be served)."""
+        sizes: set[int] = set()
+        files: set[tuple[int, int]] = set()
+        for p in paths:
+            size, file = _size_and_file(p)
+            sizes.add(size)
+            files.update(file)
+        mine = copy_keys(paths)
+        by_size = sorted(sizes)
         for r in self._db.query(
                 "SELECT content_id, path FROM outbox WHERE retention_done = 0 AND id != ?"
-                " AND (content_id = ? OR path = ? OR size = ?)",
-                (entry.id, entry.content_id, entry.path, size)):
-            if bytes(r["content_id"]) == entry.content_id:
+                " AND (content_id = ? OR path IN (?, ?) OR size IN (?, ?))",
+                (entry.id, entry.content_id, paths[0], paths[-1], by_size[0], by_size[-1])):
+            cid = bytes(r["content_id"])
+            if cid == entry.content_id:
                 return True
-            if mine & file_keys(r["path"], files=files):
+            if mine & copy_keys(copy_paths(r["path"], cid, served), files=files):
                 return True
         return False
 
@@ -437,21 +467,24 @@ class Outbox:
         )
         return self._entries(rows)
 
-    def not_done(self, entries: Iterable[OutboxEntry]) -> Undone:
-        """How many messages of each content and of each file (`file_keys`) of `entries`
-        have their retention still to apply: a copy stays while more than the one being
-        settled need it (the same file sent again is a new content, perhaps by another
-        path). Blocking: a stat of each file read. Only the messages that may share one
-        are read: the same content or path, or a file of the size one of `entries` has
-        now (a message whose file changed size since it was sent cannot serve it)."""
+    def not_done(self, entries: Iterable[OutboxEntry], served: Served | None = None
+                 ) -> Undone:
+        """How many messages of each content and of each file (`copy_keys`: by its path
+        as recorded, or the one its content is `served` from) of `entries` have their
+        retention still to apply: a copy stays while more than the one being settled
+        need it (the same file sent again is a new content, perhaps by another path).
+        Blocking: a stat of each file read. Only the messages that may share one are
+        read: the same content or path, or a file of the size one of `entries` has now
+        (a message whose file changed size since it was sent cannot serve it)."""
         entries = builtins.list(entries)
         files: set[tuple[int, int]] = set()
         sizes: set[int] = set()
         for e in entries:
-            size, file = _size_and_file(e.path)
-            if file:
-                sizes.add(size)
-                files.update(file)
+            for p in copy_paths(e.path, e.content_id, served):
+                size, file = _size_and_file(p)
+                if file:
+                    sizes.add(size)
+                    files.update(file)
         rows: dict[bytes, tuple[bytes, str]] = {}  # by id: a row two queries match once
         where = "SELECT id, content_id, path FROM outbox WHERE retention_done = 0 AND "
         step = _IDS_PER_QUERY // 2  # two parameters each
@@ -467,7 +500,8 @@ class Outbox:
             some = by_size[start : start + _IDS_PER_QUERY]
             for r in self._db.query(where + f"size IN ({','.join('?' * len(some))})", some):
                 rows[bytes(r["id"])] = (bytes(r["content_id"]), r["path"])
-        keys = {mid: file_keys(path, files=files) for mid, (_, path) in rows.items()}
+        keys = {mid: copy_keys(copy_paths(path, cid, served), files=files)
+                for mid, (cid, path) in rows.items()}
         return Undone(Counter(cid for cid, _ in rows.values()),
                       Counter(k for ks in keys.values() for k in ks), keys)
 

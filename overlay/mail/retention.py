@@ -47,7 +47,13 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
     # applied yet, this pass's included: the last one decides.
     seen = outbox.sends_seen  # before the reads: a send recorded after them changes it
     pending = outbox.pending_retention()
-    undone = outbox.not_done(pending)
+    def served(content_id: bytes) -> str | None:
+        # The file delete removes (the path resolved at the send), which the path as
+        # recorded may no longer name: a symlink removed or pointed elsewhere since.
+        there = store.file_of(content_id)
+        return None if there is None else str(there)
+
+    undone = outbox.not_done(pending, served)
     for entry in pending:
         # Nobody has it: the user's file is the only copy, so the preference does not apply.
         action = prefs.retention if entry.anyone_downloaded else "keep"
@@ -61,7 +67,7 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
             if action in ("delete", "archive") and not own:
                 # Decided again and done under the outbox's guard: a send of the same file
                 # recorded since this pass read the outbox, or running now, keeps it.
-                with outbox.copy_unneeded(entry, seen=seen) as unneeded:
+                with outbox.copy_unneeded(entry, seen=seen, served=served) as unneeded:
                     if not unneeded:
                         action, still_needed = "keep", True
                     elif action == "delete":

@@ -20,7 +20,14 @@ from overlay.content.catalog import ContentStore
 from overlay.mail.contacts import Contacts
 from overlay.mail.db import NodeDB
 from overlay.mail.folders import outgoing_dir, plan_pack, release_archives, write_map
-from overlay.mail.outbox import ALL_SENT, Outbox, OutboxEntry, RecipientStatus, Undone
+from overlay.mail.outbox import (
+    ALL_SENT,
+    Outbox,
+    OutboxEntry,
+    RecipientStatus,
+    Served,
+    Undone,
+)
 from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
 from overlay.mail.retention import apply_retention
@@ -181,8 +188,9 @@ class _PausedOutbox(Outbox):
         super().__init__(db)
         self.read, self.go_on = threading.Event(), threading.Event()
 
-    def not_done(self, entries: Iterable[OutboxEntry]) -> Undone:
-        counts = super().not_done(entries)
+    def not_done(self, entries: Iterable[OutboxEntry], served: Served | None = None
+                 ) -> Undone:
+        counts = super().not_done(entries, served)
         self.read.set()
         if not self.go_on.wait(10):
             raise AssertionError("the test did not let the pass go on")
@@ -377,6 +385,40 @@ def test_a_hard_link_sent_keeps_the_file_for_its_message(
 
     _second_settled(db, store, outbox, second)
     assert not second_name.exists()
+
+
+@pytest.mark.parametrize("how", ["first's link removed", "first's link re-pointed",
+                                 "second's link removed"])
+def test_a_file_sent_by_a_symlink_changed_since_is_kept_for_the_other_message(
+        db: NodeDB, store: ContentStore, tmp_path: Path, how: str) -> None:
+    """A file sent by a symlink and by its own name, with `delete`; the symlink removed
+    since, or pointed at another file of the same size. Each message serves, and delete
+    removes, the file its path resolved to when it was sent: the first message settled
+    keeps it for the second. The symlink's name as it is now was compared, which names
+    nothing (or the other file), so the first settled deleted the file the second serves."""
+    clip, link = tmp_path / "clip.bin", tmp_path / "link.bin"
+    clip.write_bytes(data := os.urandom(50_000))
+    link.symlink_to(clip)
+    outbox = Outbox(db)
+    Prefs(db).retention = "delete"
+    first_name, second_name = (clip, link) if how.startswith("second") else (link, clip)
+    first = sent(outbox, 1, store.add_local_file_blocking(first_name).content_id,
+                 first_name)
+    second = sent(outbox, 2, store.add_local_file_blocking(second_name).content_id,
+                  second_name, downloaded=False)
+    link.unlink()
+    other = tmp_path / "other.bin"
+    if how == "first's link re-pointed":
+        other.write_bytes(os.urandom(50_000))
+        link.symlink_to(other)
+
+    done = apply_retention(outbox, store, Prefs(db), tmp_path / "archive")
+    assert [(e.id, action) for e, action in done] == [(first, "keep")]  # delete: parent
+    _still_served(store, outbox, second, clip, data)
+
+    _second_settled(db, store, outbox, second)
+    assert not clip.exists()
+    assert other.exists() == (how == "first's link re-pointed")
 
 
 class _PausedReleaseOutbox(Outbox):
