@@ -103,6 +103,13 @@ class ScratchBuffers:
 
 
 
+# Pages of a mapping read in before it is used (Linux 5.14; the constant is Python 3.12's).
+# Not MAP_POPULATE: with a page the file system fails to read (an I/O error, a FUSE or
+# network file system gone), mmap(MAP_POPULATE) retried in the kernel for as long as the
+# error lasted (10 minutes in a trial here, a core busy), where this fails at once (EFAULT).
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
 def ignore_lease_breaks() -> None:
     """Let this process map the chunks it reads under read leases (`leased_chunk`): a
     lease break signals the holder with SIGIO, whose default action ends the process. Call
@@ -156,12 +163,20 @@ def leased_chunk(fd: int, offset: int, n: int) -> Iterator[memoryview | None]:
             with contextlib.suppress(OSError):  # pages the kernel reads ahead, if it can
                 os.posix_fadvise(fd, offset, 2 * n, os.POSIX_FADV_WILLNEED)
             try:
-                m = mmap.mmap(own, offset + n - start, mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                              mmap.PROT_READ, offset=start)
+                m = mmap.mmap(own, offset + n - start, mmap.MAP_SHARED, mmap.PROT_READ,
+                              offset=start)
             except OSError:
                 m = None  # a file system that can't map it: read it
             else:
-                whole = memoryview(m)
+                try:
+                    m.madvise(_MADV_POPULATE_READ)
+                except OSError:
+                    # A page the file system can't read (EFAULT), or a kernel before 5.14
+                    # (EINVAL): read it, and an I/O error is then an OSError, not SIGBUS.
+                    m.close()
+                    m = None
+                else:
+                    whole = memoryview(m)
         with contextlib.ExitStack() as views:
             if whole is not None:
                 views.callback(whole.release)

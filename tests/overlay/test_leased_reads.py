@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,3 +145,114 @@ def test_a_truncate_waits_until_the_mapped_chunk_is_read(tmp_path: Path,
         # The next chunk is refused as the file now ends before it.
         with pytest.raises(ShortRead), leased_chunk(f.fileno(), CHUNK, CHUNK):
             pass
+
+
+# A FUSE file system of one file, f.bin, with the bytes of a backing file; while the
+# backing file's name + ".eio" exists, every read of it fails with EIO (a disk's bad
+# sector, a network file system whose server went away). No attribute or page caching.
+_EIO_FS = r"""
+import errno, os, stat, sys
+from fusepy import FUSE, FuseOSError, Operations
+BACK = sys.argv[2]
+
+class FS(Operations):
+    def getattr(self, path, fh=None):
+        if path == "/":
+            return dict(st_mode=stat.S_IFDIR | 0o755, st_nlink=2)
+        if path != "/f.bin":
+            raise FuseOSError(errno.ENOENT)
+        st = os.stat(BACK)
+        return dict(st_mode=stat.S_IFREG | 0o644, st_nlink=1, st_size=st.st_size,
+                    st_mtime=st.st_mtime, st_uid=os.getuid(), st_gid=os.getgid())
+
+    def readdir(self, path, fh):
+        return [".", "..", "f.bin"]
+
+    def open(self, path, flags):
+        return 0
+
+    def read(self, path, size, offset, fh):
+        if os.path.exists(BACK + ".eio"):
+            raise FuseOSError(errno.EIO)
+        with open(BACK, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+FUSE(FS(), sys.argv[1], foreground=True, nothreads=True, attr_timeout=0, entry_timeout=0)
+"""
+
+# In a process of its own: on the old code it never came back from mmap.
+_READ_FAILING = r"""
+import asyncio, errno, os, signal, sys
+from pathlib import Path
+from overlay.content.catalog import ContentStore
+from overlay.content.diskio import leased_chunk
+from overlay.content.interfaces import ContentStoreError
+signal.signal(signal.SIGIO, signal.SIG_IGN)
+path, flag, store = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+with open(path, "rb") as f, leased_chunk(f.fileno(), 0, 1) as view:
+    print("leased" if view is not None else "no lease", flush=True)
+content = asyncio.run(ContentStore(store).add_local_file(path, chunk_size=64 << 10))
+flag.touch()
+with open(path, "rb") as f:
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+try:
+    content.read_sealed(1)
+except ContentStoreError as exc:
+    print("served:", exc, flush=True)
+try:
+    asyncio.run(ContentStore(store).add_local_file(path, chunk_size=64 << 10))
+except OSError as exc:
+    print("named:", errno.errorcode[exc.errno], flush=True)
+"""
+
+
+@pytest.fixture
+def failing_fs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(the FUSE file, the flag that makes its reads fail); skips without FUSE or fusepy."""
+    system_python = "/usr/bin/python3"
+    if not os.path.exists("/dev/fuse") or subprocess.run(
+            [system_python, "-c", "import fusepy"], capture_output=True).returncode != 0:
+        pytest.skip("needs /dev/fuse and the system Python's fusepy (python3-fusepy)")
+    back, mnt = tmp_path / "back.bin", tmp_path / "mnt"
+    _file(back, 8 * CHUNK)
+    mnt.mkdir()
+    server = subprocess.Popen([system_python, "-c", _EIO_FS, str(mnt), str(back)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(mnt):
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.skip(f"no FUSE mount here: {server.communicate()[1].strip()}")
+            time.sleep(0.02)
+        yield mnt / "f.bin", Path(str(back) + ".eio")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_a_file_whose_reads_fail_gives_the_error(tmp_path: Path,
+                                                 failing_fs: tuple[Path, Path]) -> None:
+    """A chunk the file system can't read (EIO) is refused with that error, when named and
+    when served, as when it is read: mmap(MAP_POPULATE) retried it in the kernel for as
+    long as the error lasted, a thread stuck and a core busy, and a mapped page read
+    without it would have been SIGBUS."""
+    path, flag = failing_fs
+    child = subprocess.Popen([sys.executable, "-c", _READ_FAILING, str(path), str(flag),
+                              str(tmp_path / "store")], stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = child.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        out, _ = child.communicate()
+        pytest.fail(f"reading a file whose reads fail hung: {out!r}")
+    if out.startswith("no lease"):
+        pytest.skip("no read lease on a FUSE file here: such a file is read, never mapped")
+    assert child.returncode == 0, out
+    assert out.splitlines() == [
+        "leased",
+        f"served: cannot read {path}: Input/output error",
+        "named: EIO",
+    ]
