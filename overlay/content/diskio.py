@@ -109,6 +109,26 @@ class ScratchBuffers:
 # error lasted (10 minutes in a trial here, a core busy), where this fails at once (EFAULT).
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
+# File systems (statfs f_type) whose files change only through this kernel, so that a read
+# lease covers every change: ext2/3/4, XFS, Btrfs, tmpfs, F2FS. A file elsewhere is read,
+# never mapped: a FUSE or network file system's file can shrink at its server, unseen by
+# the lease, and a mapped page then past its end is SIGBUS (seen here with a FUSE file
+# truncated behind it while a chunk was mapped).
+_LEASE_COVERS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010})
+
+
+def _fs_type(fd: int) -> int | None:
+    """The f_type of the file system of the file open at `fd` (None if fstatfs fails)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs (120 bytes), f_type first
+    if _fstatfs(fd, buf) != 0:
+        return None
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
+_fstatfs = ctypes.CDLL(None, use_errno=True).fstatfs
+_fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+_fstatfs.restype = ctypes.c_int
+
 
 def ignore_lease_breaks() -> None:
     """Let this process map the chunks it reads under read leases (`leased_chunk`): a
@@ -121,8 +141,9 @@ def ignore_lease_breaks() -> None:
 def _leased(fd: int) -> int | None:
     """A new open file description of the file at `fd` holding a read lease, or None
     where none is to be had: SIGIO not ignored, no /proc, a file someone has open for
-    writing (EAGAIN), another user's file (EACCES), a file system without leases."""
-    if signal.getsignal(signal.SIGIO) is not signal.SIG_IGN:
+    writing (EAGAIN), another user's file (EACCES), a file system without leases or one
+    whose files can change unseen by a lease (not in _LEASE_COVERS)."""
+    if signal.getsignal(signal.SIGIO) is not signal.SIG_IGN or _fs_type(fd) not in _LEASE_COVERS:
         return None
     try:
         own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
