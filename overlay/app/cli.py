@@ -1226,51 +1226,40 @@ def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
         t.add_row(_t(c["address"]), "\n".join(fps), _when(c.get("first_seen")),
                   "\n".join(notes))
     console.print(t)
-    if any(_waiting(c)[0] for c in contacts):
+    alerts = {a for c in contacts for a in c["alerts"]}
+    if "key_changed" in alerts:
         err_console.print("[bold red]warning:[/] a contact's key has changed")
-    if any(_waiting(c)[1] for c in contacts):
+    if "unvouched" in alerts:
         err_console.print("[bold yellow]warning:[/] a contact has a device key nobody vouched "
                           "for; its messages are held `unverified`")
-    if any(_waiting(c)[2] for c in contacts):
+    if "listed_again" in alerts:
         err_console.print("[bold yellow]warning:[/] a contact's server lists again a key it "
                           "had stopped listing; its messages are held `unverified`")
     return 0
 
 
-def _waiting(c: dict[str, Any]) -> tuple[list[str], list[str], dict[str, float]]:
-    """A contact's (pending, unvouched) fingerprints that were never retired, and the
-    retired ones its server lists again (pending or unvouched now), with when retired."""
-    retired = {r["fingerprint"]: r["retired_at"] for r in c.get("retired", ())}
-    pending = [f for f in c.get("pending", ()) if f not in retired]
-    unvouched = [f for f in c.get("unvouched", ()) if f not in retired]
-    back = {f: retired[f] for f in (*c.get("pending", ()), *c.get("unvouched", ()))
-            if f in retired}
-    return pending, unvouched, back
+# How `contacts` shows a key in each state of `contacts --json`'s `keys` (operations).
+_KEY_LINES = {"pinned": "{fp}", "pending": "{fp} (pending)", "unvouched": "{fp} (unvouched)",
+              "listed_again": "{fp} (retired {at}, listed again: not trusted until you "
+                              "accept it)",
+              "retired": "{fp} (retired {at}: its server no longer lists it)"}
+# The note for each of its `alerts`, in the words of the warning printed below the table.
+_ALERT_NOTES = {
+    "key_changed": "[bold red]KEY CHANGED: verify, then `peerpost contacts accept`[/]",
+    "unvouched": "[bold yellow]NEW DEVICE KEY no trusted device vouched for: verify, then "
+                 "`peerpost contacts accept`[/]",
+    "listed_again": "[bold yellow]A KEY YOU TRUSTED, RETIRED, IS LISTED AGAIN (its server "
+                    "lost it for a while, or it was put back, or someone has that device): "
+                    "ask them, then `peerpost contacts accept`[/]"}
 
 
 def contact_cells(c: dict[str, Any]) -> tuple[list[str], list[str]]:
     """`contacts`' fingerprint lines and notes for one contact (as `contacts --json` has
     it). A retired key its server lists again is shown once, as that: it was trusted, and
     `contacts accept` is the way back (or the way in for whoever holds a revoked device)."""
-    pending, unvouched, back = _waiting(c)
-    fps = [_clean(f) for f in c["fingerprints"]]
-    fps += [f"{_clean(f)} (pending)" for f in pending]
-    fps += [f"{_clean(f)} (unvouched)" for f in unvouched]
-    fps += [f"{_clean(f)} (retired {_when(at)}, listed again: not trusted until you accept "
-            "it)" for f, at in back.items()]
-    fps += [f"{_clean(r['fingerprint'])} (retired {_when(r['retired_at'])}: its server "
-            "no longer lists it)" for r in c.get("retired", ()) if r["fingerprint"] not in back]
-    notes = []
-    if c.get("changed") and pending:
-        notes.append("[bold red]KEY CHANGED: verify, then `peerpost contacts accept`[/]")
-    if unvouched:
-        notes.append("[bold yellow]NEW DEVICE KEY no trusted device vouched for: verify, "
-                     "then `peerpost contacts accept`[/]")
-    if back:
-        notes.append("[bold yellow]A KEY YOU TRUSTED, RETIRED, IS LISTED AGAIN (its server "
-                     "lost it for a while, or it was put back, or someone has that device): "
-                     "ask them, then `peerpost contacts accept`[/]")
-    return fps, notes
+    fps = [_KEY_LINES[k["state"]].format(fp=_clean(k["fingerprint"]), at=_when(k["retired_at"]))
+           for k in c["keys"]]
+    return fps, [_ALERT_NOTES[a] for a in c["alerts"]]
 
 
 def _reach_line(reach: dict[str, Any]) -> Text:

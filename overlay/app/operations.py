@@ -27,7 +27,7 @@ from overlay.app.control import ControlError, Operation
 from overlay.content.archive import ArchiveView
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
-from overlay.mail.contacts import Contacts
+from overlay.mail.contacts import Contact, Contacts
 from overlay.mail.downloads import DownloadQueue
 from overlay.mail.folders import delete_received, is_own_archive, release_archives
 from overlay.mail.inbox import Decline, Inbox, InboxEntry
@@ -525,15 +525,7 @@ class ControlOperations:
         return self.prefs.as_dict()
 
     async def contacts_list(self, a: Fields) -> Any:
-        return [{"address": c.address, "fingerprints": [PublicIdentity(k).fingerprint()
-                                                         for k in c.keys],
-                 "first_seen": c.first_seen, "changed": c.changed,
-                 "pending": list(c.pending_fingerprints),
-                 "unvouched": list(c.unvouched_fingerprints),
-                 "retired": [{"fingerprint": f, "retired_at": at} for f, at
-                             in zip(c.retired_fingerprints, c.retired_at, strict=True)],
-                 "keys_confirmed_at": c.keys_confirmed_at}
-                for c in self.contacts.list()]
+        return [contact_json(c) for c in self.contacts.list()]
 
     async def contacts_accept(self, a: Fields) -> Any:
         """The user compared fingerprints: trust the waiting keys of an address, and let
@@ -546,6 +538,35 @@ class ControlOperations:
         if self.incoming.release(addr):
             self.downloads.wake()
         return await self.contacts_list(a)
+
+
+def contact_json(c: Contact) -> dict[str, Any]:
+    """A contact as `contacts --json` has it. Besides the key lists as node.db keeps them,
+    `keys` has every fingerprint once, in the order `contacts` and the web page show them,
+    with its `state`: pinned, pending (a key change), unvouched (a new device nobody
+    vouched for), listed_again (retired, and its server lists it again: pending or
+    unvouched in node.db, but a key the user trusted before) or retired (no longer listed),
+    and `retired_at` for the last two. `alerts` is what waits for the user, as both say it:
+    key_changed (a pending key, not one listed again: the contacts module flags `changed`
+    exactly when a key is pending, so `changed` adds nothing), unvouched, listed_again."""
+    retired = dict(zip(c.retired_fingerprints, c.retired_at, strict=True))
+    fingerprints = [PublicIdentity(k).fingerprint() for k in c.keys]
+    pending = [f for f in c.pending_fingerprints if f not in retired]
+    unvouched = [f for f in c.unvouched_fingerprints if f not in retired]
+    back = [f for f in (*c.pending_fingerprints, *c.unvouched_fingerprints) if f in retired]
+    keys = [{"fingerprint": f, "state": state, "retired_at": retired.get(f)}
+            for state, fps in (("pinned", fingerprints), ("pending", pending),
+                               ("unvouched", unvouched), ("listed_again", back),
+                               ("retired", [f for f in retired if f not in back]))
+            for f in fps]
+    alerts = [name for name, due in (("key_changed", pending), ("unvouched", unvouched),
+                                     ("listed_again", back)) if due]
+    return {"address": c.address, "fingerprints": fingerprints,
+            "first_seen": c.first_seen, "changed": c.changed,
+            "pending": list(c.pending_fingerprints),
+            "unvouched": list(c.unvouched_fingerprints),
+            "retired": [{"fingerprint": f, "retired_at": at} for f, at in retired.items()],
+            "keys_confirmed_at": c.keys_confirmed_at, "keys": keys, "alerts": alerts}
 
 
 def folder_json(e: InboxEntry) -> dict[str, Any] | None:

@@ -5,13 +5,18 @@ stranger's new device or a changed key, nor as one its server no longer lists.""
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+from rich.console import Console
+
 from crypto.codec import Fields
 from crypto.identity import DeviceIdentity
+from overlay.app import cli
 from overlay.app.cli import contact_cells as cli_cells
 from overlay.app.operations import ControlOperations
 from overlay.app.web import server as web
@@ -93,3 +98,84 @@ def test_a_retired_key_listed_again_next_to_a_new_one(tmp_path: Path) -> None:
     assert "no longer trusted" in line
     page = " ".join(warn)
     assert "A new device that none of theirs confirmed" in page and "is listed again" in page
+
+
+# Every state a contact reaches through its server's listings and the user's accept or
+# dismiss, with the alerts it must raise (KEY CHANGED, NEW DEVICE KEY, LISTED AGAIN).
+STATES: dict[str, tuple[Any, set[str]]] = {
+    "pinned": (lambda c: c.pin_keys(BOB, [key(1)], 10.0), set()),
+    "first message, not listed": (lambda c: c.note_signer(BOB, key(1), 10.0), {"new"}),
+    "changed": (lambda c: (c.pin_keys(BOB, [key(1)], 10.0), c.pin_keys(BOB, [key(2)], 20.0)),
+                {"changed"}),
+    "changed twice": (lambda c: (c.pin_keys(BOB, [key(1)], 10.0),
+                                 c.pin_keys(BOB, [key(2)], 20.0),
+                                 c.pin_keys(BOB, [key(3)], 30.0)), {"changed"}),
+    "new device": (lambda c: (c.pin_keys(BOB, [key(1)], 10.0),
+                              c.pin_keys(BOB, [key(1), key(2)], 20.0)), {"new"}),
+    "a device retired": (lambda c: (c.pin_keys(BOB, [key(1), key(2)], 10.0),
+                                    c.pin_keys(BOB, [key(1)], 20.0)), set()),
+    "all retired": (lambda c: (c.pin_keys(BOB, [key(1)], 10.0), c.retire_all(BOB, 20.0)),
+                    set()),
+    "listed again": (lambda c: (c.pin_keys(BOB, [key(1)], 10.0), c.retire_all(BOB, 20.0),
+                                c.pin_keys(BOB, [key(1)], 30.0)), {"again"}),
+    "listed again with a new key": (lambda c: (c.pin_keys(BOB, [key(1)], 10.0),
+                                               c.retire_all(BOB, 20.0),
+                                               c.pin_keys(BOB, [key(1), key(2)], 30.0)),
+                                    {"changed", "again"}),
+    "listed again next to a new device": (
+        lambda c: (c.pin_keys(BOB, [key(1), key(2)], 10.0), c.pin_keys(BOB, [key(1)], 20.0),
+                   c.pin_keys(BOB, [key(1), key(2), key(3)], 30.0)), {"new", "again"}),
+    "change accepted": (lambda c: (c.pin_keys(BOB, [key(1)], 10.0),
+                                   c.pin_keys(BOB, [key(2)], 20.0), c.accept(BOB)), set()),
+    "change dismissed": (lambda c: (c.pin_keys(BOB, [key(1)], 10.0),
+                                    c.pin_keys(BOB, [key(2)], 20.0),
+                                    c.dismiss_change(BOB)), set()),
+    "listed again, accepted": (lambda c: (c.pin_keys(BOB, [key(1)], 10.0),
+                                          c.retire_all(BOB, 20.0),
+                                          c.pin_keys(BOB, [key(1)], 30.0), c.accept(BOB)),
+                               set()),
+}
+# What `peerpost contacts` prints below the table, and writes in the row, for each alert.
+WARNINGS = {"changed": "a contact's key has changed", "new": "nobody vouched",
+            "again": "lists again a key it had stopped listing"}
+NOTES = {"changed": "KEY CHANGED", "new": "NEW DEVICE KEY", "again": "IS LISTED AGAIN"}
+PAGE = {"changed": "this may be someone else", "new": "none of theirs confirmed",
+        "again": "is listed again"}
+
+
+def key(n: int) -> bytes:
+    return ident(n).public.verify_key
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_the_warning_the_row_and_the_page_agree(tmp_path: Path, state: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    steps, alerts = STATES[state]
+    c = shown(tmp_path, steps)
+    out, err = contacts_output(monkeypatch, tmp_path, [c])
+    row = " ".join(out.split())
+    assert {a for a, text in WARNINGS.items() if text in err} == alerts
+    assert {a for a, text in NOTES.items() if text in row} == alerts
+    _, warn = web.contact_cells(c)
+    assert {a for a, text in PAGE.items() if text in " ".join(warn)} == alerts
+    for f in c["fingerprints"] + c["pending"] + c["unvouched"]:
+        assert _spaced(f) in row  # every key the alerts are about is in the row
+    assert ("\u2502" in out) and BOB in out
+
+
+def contacts_output(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                    contacts: list[dict[str, Any]]) -> tuple[str, str]:
+    """What `peerpost contacts` prints (stdout, stderr) for `contacts` as the node answers
+    them, on a terminal wide enough that no cell wraps."""
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=400))
+    monkeypatch.setattr(cli, "err_console", Console(file=err, width=400))
+    monkeypatch.setattr(cli, "control_call", lambda *a, **kw: contacts)
+    home = SimpleNamespace(control_path=tmp_path / "control")
+    args = SimpleNamespace(action=None, json=False, address=None)
+    assert cli.cmd_contacts(home, args) == 0  # type: ignore[arg-type]
+    return out.getvalue(), err.getvalue()
+
+
+def _spaced(fp: str) -> str:
+    return " ".join(fp.split())

@@ -156,36 +156,33 @@ def error_text(e: dict[str, Any]) -> str:
     return "The download failed. “Try again” starts it once more."
 
 
+# How the contacts page shows a key in each state of `contacts_list`'s `keys`.
+_KEY_LINES = {"pinned": "{fp}", "pending": "{fp} (waiting for you to accept)",
+              "unvouched": "{fp} (new device, not confirmed)",
+              "listed_again": "{fp} (removed from their account {at}, now listed again: not "
+                              "trusted until you accept it)",
+              "retired": "{fp} (removed from their account {at}: no longer trusted)"}
+# The warning for each of a contact's `alerts`.
+_ALERT_NOTES = {
+    "key_changed": '<span class="changed">Their key changed: this may be someone else. '
+                   'Compare the fingerprint with them in person or on the phone before you '
+                   'accept it.</span>',
+    "unvouched": '<span class="warn">A new device that none of theirs confirmed: ask them '
+                 'whether they set it up and compare its fingerprint, then accept it. Until '
+                 'then its messages are on hold.</span>',
+    "listed_again": '<span class="warn">A device you trusted before, removed from their '
+                    'account, is listed again: their server may have lost it for a while, '
+                    'they may have put it back, or someone else may have that device. Ask '
+                    'them, then accept it. Until then its messages are on hold.</span>'}
+
+
 def contact_cells(c: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The contacts page's fingerprint lines and warnings (HTML) for one contact. A key
     removed from their account (retired) that their server lists again is shown once, as
     that: trusted before, and Accept is the way back (or in, for whoever has the device)."""
-    retired = {r["fingerprint"]: r["retired_at"] for r in c["retired"]}
-    back = {f: retired[f] for f in (*c["pending"], *c["unvouched"]) if f in retired}
-    pending = [f for f in c["pending"] if f not in back]
-    unvouched = [f for f in c["unvouched"] if f not in back]
-    fps = [_e(f) for f in c["fingerprints"]]
-    fps += [f"{_e(f)} (waiting for you to accept)" for f in pending]
-    fps += [f"{_e(f)} (new device, not confirmed)" for f in unvouched]
-    fps += [f"{_e(f)} (removed from their account {_when(at)}, now listed again: not "
-            f"trusted until you accept it)" for f, at in back.items()]
-    fps += [f"{_e(f)} (removed from their account {_when(at)}: no longer trusted)"
-            for f, at in retired.items() if f not in back]
-    warn = []
-    if c["changed"] and pending:
-        warn.append('<span class="changed">Their key changed: this may be someone '
-                    'else. Compare the fingerprint with them in person or on the '
-                    'phone before you accept it.</span>')
-    if unvouched:
-        warn.append('<span class="warn">A new device that none of theirs confirmed: '
-                    'ask them whether they set it up and compare its fingerprint, '
-                    'then accept it. Until then its messages are on hold.</span>')
-    if back:
-        warn.append('<span class="warn">A device you trusted before, removed from their '
-                    'account, is listed again: their server may have lost it for a while, '
-                    'they may have put it back, or someone else may have that device. Ask '
-                    'them, then accept it. Until then its messages are on hold.</span>')
-    return fps, warn
+    fps = [_KEY_LINES[k["state"]].format(fp=_e(k["fingerprint"]), at=_when(k["retired_at"]))
+           for k in c["keys"]]
+    return fps, [_ALERT_NOTES[a] for a in c["alerts"]]
 
 
 # A recipient's state as the sender's page says it (`shown` when the node knows more).
