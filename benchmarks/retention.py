@@ -1,14 +1,18 @@
 """The sender's retention pass: time and CPU of `apply_retention` over a long outbox.
 
 `python -m benchmarks retention [--sent 10000] [--settled 1,100,1000] [--passes 3]
-[--retention keep|delete]` fills a node.db with `--sent` sent messages (one recipient and
-one file name each, none settled), then for each count in `--settled` marks that many
-downloaded and times retention passes: one such pass runs at every receipt that settles a
-message and at the node's start. Before each pass the same messages are made pending
-again (not timed). Retention is `keep` unless asked, and the content store is empty, so
-the pass is the outbox's reading and bookkeeping, not file work (with `delete`, each
-settled copy is decided again under the outbox's guard first). Prints the median wall
-and CPU milliseconds of a pass and CPU per settled message.
+[--retention keep|delete] [--files none|distinct|same]` fills a node.db with `--sent`
+sent messages (one recipient and one file name each, none settled), then for each count
+in `--settled` marks that many downloaded and times retention passes: one such pass runs
+at every receipt that settles a message and at the node's start. Before each pass the
+same messages are made pending again (not timed). Retention is `keep` unless asked, and
+the content store is empty, so the pass is the outbox's reading and bookkeeping, not file
+work (with `delete`, each settled copy is decided again under the outbox's guard first).
+With `--files`, each message's file exists (of a size of its own, or all of one size:
+every message then may share a file with those settled, so each is read and its file
+looked at), which retention names by identity; the store holds none of them, so none is
+deleted. Prints the median wall and CPU milliseconds of a pass and CPU per settled
+message.
 Only APIs older than the change are used, so the same file times an older checkout (run
 it with that checkout as the working directory).
 """
@@ -33,13 +37,16 @@ from overlay.mail.retention import apply_retention
 BOB = "bob@example.net"
 
 
-def _fill(outbox: Outbox, sent: int, folder: Path) -> list[bytes]:
+def _fill(outbox: Outbox, sent: int, folder: Path, files: str = "none") -> list[bytes]:
     """`sent` messages to bob, oldest first, each of its own file, acknowledged by the
-    server."""
+    server; the files written unless `files` is none."""
     mids = []
     for n in range(sent):
         mid = n.to_bytes(16, "big")
-        outbox.add(id=mid, path=str(folder / f"clip{n}.bin"), title=f"clip {n}", size=1,
+        path, size = folder / f"clip{n}.bin", (n + 1 if files == "distinct" else 1)
+        if files != "none":
+            path.write_bytes(b"x" * size)
+        outbox.add(id=mid, path=str(path), title=f"clip {n}", size=size,
                    content_id=os.urandom(32),
                    created_at=1_700_000_000.0 + n, recipients=[BOB], message=b"\x93" * 600)
         outbox.set_recipient_state(mid, BOB, RecipientStatus.SENT, 1_700_000_000.0 + n)
@@ -60,6 +67,8 @@ def main(argv: list[str]) -> int:
                     help="comma-separated counts of messages settled before a pass")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--retention", choices=("keep", "delete"), default="keep")
+    ap.add_argument("--files", choices=("none", "distinct", "same"), default="none",
+                    help="write each message's file: of its own size, or all of one")
     ap.add_argument("--out", type=Path, default=None, help="the JSON file (default out/)")
     args = ap.parse_args(argv)
     counts = [int(c) for c in args.settled.split(",")]
@@ -72,7 +81,7 @@ def main(argv: list[str]) -> int:
             outbox, prefs = Outbox(db, max_entries=args.sent), Prefs(db)
             prefs.retention = args.retention
             t0 = time.perf_counter()
-            mids = _fill(outbox, args.sent, root)
+            mids = _fill(outbox, args.sent, root, args.files)
             print(f"{args.sent} sent messages in {time.perf_counter() - t0:.1f} s")
             settled = 0
             for count in counts:
@@ -102,5 +111,6 @@ def main(argv: list[str]) -> int:
         store.close()
     report("retention", rows, out=args.out, meta={"sent": args.sent, "settled": counts,
                                     "passes": args.passes, "retention": args.retention,
+                                    "files": args.files,
                                     "load": os.getloadavg()})
     return 0

@@ -27,7 +27,7 @@ import os
 import platform
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -255,13 +255,19 @@ class ContentStore:
             raise ContentStoreError(f"unknown content {content_id.hex()}")
         return int(row[0])
 
-    def file_of(self, content_id: bytes) -> Path | None:
-        """The file a complete content is served from, which `remove(delete_file=True)`
-        deletes: its path as resolved when it was added (None: not held complete)."""
+    def files_of(self, content_ids: Iterable[bytes]) -> dict[bytes, Path]:
+        """The file each of `content_ids` held complete is served from, which
+        `remove(delete_file=True)` deletes: its path as resolved when it was added."""
+        ids = list(dict.fromkeys(content_ids))
+        out: dict[bytes, Path] = {}
         with self._lock:
-            row = self._db.execute("SELECT path FROM content WHERE cid = ? AND state = 'full'",
-                                   (content_id,)).fetchone()
-        return None if row is None else Path(row[0])
+            for start in range(0, len(ids), 500):
+                batch = ids[start : start + 500]
+                for cid, path in self._db.execute(
+                        "SELECT cid, path FROM content WHERE state = 'full'"
+                        f" AND cid IN ({','.join('?' * len(batch))})", batch):
+                    out[bytes(cid)] = Path(path)
+        return out
 
     def have_path(self, content_id: bytes) -> Path:
         return self.root / "partial" / f"{content_id.hex()}.have"

@@ -98,9 +98,9 @@ def _accepts(old: RecipientStatus, new: RecipientStatus, reason: str | None = No
 # One of the names of a file for `file_keys`: ("path", the path as recorded),
 # ("file", device, inode), ("entry", its folder's device and inode, its name).
 FileKey = tuple[str | int, ...]
-# The file the node serves a content from (a message's copy, what retention deletes or
-# moves): its path as the store resolved it at the send, or None if it holds none.
-Served = Callable[[bytes], str | None]
+# The file the node serves each of some contents from (a message's copy, what retention
+# deletes or moves): its path as the store resolved it at the send; none if it holds none.
+Served = Callable[[builtins.list[bytes]], dict[bytes, str]]
 
 
 def file_keys(path: str, *, files: Container[tuple[int, int]] | None = None
@@ -201,18 +201,19 @@ class Undone:
             self.files[k] -= 1
 
 
-def copy_paths(path: str, content_id: bytes, served: Served | None) -> tuple[str, ...]:
+def copy_paths(path: str, there: str | None) -> tuple[str, ...]:
     """The names of a message's copy: its path as recorded and, if the node serves its
-    content from another (`served`: the path resolved at the send, when a symlink it was
-    sent by was removed or pointed elsewhere since), that one: the file that serving
+    content from another, `there` (`Served`: the path resolved at the send, when a
+    symlink it was sent by was removed or pointed elsewhere since): the file that serving
     reads and deleting removes."""
-    there = None if served is None else served(content_id)
     return (path,) if there is None or there == path else (path, there)
 
 
-def copy_keys(paths: Iterable[str], *, files: Container[tuple[int, int]] | None = None
+def copy_keys(paths: tuple[str, ...], *, files: Container[tuple[int, int]] | None = None
               ) -> frozenset[FileKey]:
     """`file_keys` of each of `paths` (`copy_paths`), together."""
+    if len(paths) == 1:  # most: sent by the path the store resolved
+        return file_keys(paths[0], files=files)
     return frozenset(k for p in paths for k in file_keys(p, files=files))
 
 
@@ -310,7 +311,8 @@ class Outbox:
         `file_keys`, or the one its content is `served` from) has its retention still to
         apply, and no send of that file runs (`file_unneeded`, with `seen`). Held while
         the caller deletes or moves the copy."""
-        paths = copy_paths(entry.path, entry.content_id, served)
+        there = {} if served is None else served([entry.content_id])
+        paths = copy_paths(entry.path, there.get(entry.content_id))
         with self.file_unneeded(
                 entry.path, seen=seen, also=paths[1:],
                 needed=lambda: self._needed_by_another(entry, paths, served)) as unneeded:
@@ -329,16 +331,15 @@ class Outbox:
             files.update(file)
         mine = copy_keys(paths)
         by_size = sorted(sizes)
-        for r in self._db.query(
+        rows = [(bytes(r["content_id"]), r["path"]) for r in self._db.query(
                 "SELECT content_id, path FROM outbox WHERE retention_done = 0 AND id != ?"
                 " AND (content_id = ? OR path IN (?, ?) OR size IN (?, ?))",
-                (entry.id, entry.content_id, paths[0], paths[-1], by_size[0], by_size[-1])):
-            cid = bytes(r["content_id"])
-            if cid == entry.content_id:
-                return True
-            if mine & copy_keys(copy_paths(r["path"], cid, served), files=files):
-                return True
-        return False
+                (entry.id, entry.content_id, paths[0], paths[-1], by_size[0], by_size[-1]))]
+        if any(cid == entry.content_id for cid, _ in rows):
+            return True
+        there = {} if served is None else served([cid for cid, _ in rows])
+        return any(mine & copy_keys(copy_paths(path, there.get(cid)), files=files)
+                   for cid, path in rows)
 
     def add(
         self,
@@ -477,10 +478,11 @@ class Outbox:
         read: the same content or path, or a file of the size one of `entries` has now
         (a message whose file changed size since it was sent cannot serve it)."""
         entries = builtins.list(entries)
+        there = {} if served is None else served([e.content_id for e in entries])
         files: set[tuple[int, int]] = set()
         sizes: set[int] = set()
         for e in entries:
-            for p in copy_paths(e.path, e.content_id, served):
+            for p in copy_paths(e.path, there.get(e.content_id)):
                 size, file = _size_and_file(p)
                 if file:
                     sizes.add(size)
@@ -500,7 +502,9 @@ class Outbox:
             some = by_size[start : start + _IDS_PER_QUERY]
             for r in self._db.query(where + f"size IN ({','.join('?' * len(some))})", some):
                 rows[bytes(r["id"])] = (bytes(r["content_id"]), r["path"])
-        keys = {mid: copy_keys(copy_paths(path, cid, served), files=files)
+        if served is not None:
+            there.update(served([cid for cid, _ in rows.values() if cid not in there]))
+        keys = {mid: copy_keys(copy_paths(path, there.get(cid)), files=files)
                 for mid, (cid, path) in rows.items()}
         return Undone(Counter(cid for cid, _ in rows.values()),
                       Counter(k for ks in keys.values() for k in ks), keys)

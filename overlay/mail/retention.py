@@ -47,11 +47,10 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
     # applied yet, this pass's included: the last one decides.
     seen = outbox.sends_seen  # before the reads: a send recorded after them changes it
     pending = outbox.pending_retention()
-    def served(content_id: bytes) -> str | None:
+    def served(content_ids: list[bytes]) -> dict[bytes, str]:
         # The file delete removes (the path resolved at the send), which the path as
         # recorded may no longer name: a symlink removed or pointed elsewhere since.
-        there = store.file_of(content_id)
-        return None if there is None else str(there)
+        return {cid: str(path) for cid, path in store.files_of(content_ids).items()}
 
     undone = outbox.not_done(pending, served)
     for entry in pending:
