@@ -1256,10 +1256,14 @@ _ALERT_NOTES = {
 def contact_cells(c: dict[str, Any]) -> tuple[list[str], list[str]]:
     """`contacts`' fingerprint lines and notes for one contact (as `contacts --json` has
     it). A retired key its server lists again is shown once, as that: it was trusted, and
-    `contacts accept` is the way back (or the way in for whoever holds a revoked device)."""
+    `contacts accept` is the way back (or the way in for whoever holds a revoked device).
+    The last note is when its server last confirmed the keys (none: never asked yet)."""
     fps = [_KEY_LINES[k["state"]].format(fp=_clean(k["fingerprint"]), at=_when(k["retired_at"]))
            for k in c["keys"]]
-    return fps, [_ALERT_NOTES[a] for a in c["alerts"]]
+    notes = [_ALERT_NOTES[a] for a in c["alerts"]]
+    if c["keys_confirmed_at"] is not None:
+        notes.append(f"keys confirmed {_when(c['keys_confirmed_at'])}")
+    return fps, notes
 
 
 def _reach_line(reach: dict[str, Any]) -> Text:

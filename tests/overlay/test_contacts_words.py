@@ -179,3 +179,30 @@ def contacts_output(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 
 def _spaced(fp: str) -> str:
     return " ".join(fp.split())
+
+
+def test_the_row_and_the_page_say_when_the_keys_were_confirmed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # bob's server answered a lookup at 10 and at 20; carol only wrote (never looked up).
+    def steps(c: Contacts) -> None:
+        c.pin_keys(BOB, [key(1)], 10.0)
+        c.pin_keys(BOB, [key(1), key(2)], 20.0)
+        c.note_signer("carol@c.example", key(3), 30.0)
+
+    with NodeDB.open(tmp_path) as db:
+        c = Contacts(db)
+        steps(c)
+        ops = SimpleNamespace(contacts=c)
+        bob, carol = sorted(asyncio.run(ControlOperations.contacts_list(ops, Fields({}, "t"))),  # type: ignore[arg-type]
+                            key=lambda x: x["address"])
+    assert bob["keys_confirmed_at"] == 20.0 and carol["keys_confirmed_at"] is None
+    out, _ = contacts_output(monkeypatch, tmp_path, [bob, carol])
+    bob_rows, carol_rows = out.split("carol@c.example")  # bob's row, then carol's
+    assert f"keys confirmed {cli._when(20.0)}" in bob_rows
+    assert "keys confirmed" not in carol_rows
+    _, notes = cli_cells(bob)
+    assert notes[-1] == f"keys confirmed {cli._when(20.0)}"  # after what needs the user
+    assert not [n for n in cli_cells(carol)[1] if "confirmed" in n]
+    page = re.sub("<[^>]+>", "", " ".join(web.contact_cells(bob)[1]))
+    assert f"Their server confirmed these devices {web._when(20.0)}." in page
+    assert "confirmed these devices" not in " ".join(web.contact_cells(carol)[1])

@@ -179,10 +179,15 @@ _ALERT_NOTES = {
 def contact_cells(c: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The contacts page's fingerprint lines and warnings (HTML) for one contact. A key
     removed from their account (retired) that their server lists again is shown once, as
-    that: trusted before, and Accept is the way back (or in, for whoever has the device)."""
+    that: trusted before, and Accept is the way back (or in, for whoever has the device).
+    The last line says when their server last confirmed the devices, if it was ever asked."""
     fps = [_KEY_LINES[k["state"]].format(fp=_e(k["fingerprint"]), at=_when(k["retired_at"]))
            for k in c["keys"]]
-    return fps, [_ALERT_NOTES[a] for a in c["alerts"]]
+    warn = [_ALERT_NOTES[a] for a in c["alerts"]]
+    if c["keys_confirmed_at"] is not None:
+        warn.append(f'<span class="confirmed">Their server confirmed these devices '
+                    f'{_when(c["keys_confirmed_at"])}.</span>')
+    return fps, warn
 
 
 # A recipient's state as the sender's page says it (`shown` when the node knows more).
