@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -214,13 +215,20 @@ except OSError as exc:
 """
 
 
+def _missing(reason: str) -> NoReturn:
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(f"CI must run the FUSE tests, but: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def fuse_file(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """(the FUSE file, its backing file); skips without FUSE or fusepy."""
+    """(the FUSE file, its backing file); skips without FUSE or fusepy, which under
+    CI=true is an error (.ci/run installs python3-fusepy)."""
     system_python = "/usr/bin/python3"
     if not os.path.exists("/dev/fuse") or subprocess.run(
             [system_python, "-c", "import fusepy"], capture_output=True).returncode != 0:
-        pytest.skip("needs /dev/fuse and the system Python's fusepy (python3-fusepy)")
+        _missing("needs /dev/fuse and the system Python's fusepy (python3-fusepy)")
     back, mnt = tmp_path / "back.bin", tmp_path / "mnt"
     _file(back, 8 * CHUNK)
     mnt.mkdir()
@@ -231,7 +239,7 @@ def fuse_file(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         while not os.path.ismount(mnt):
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                pytest.skip(f"no FUSE mount here: {server.communicate()[1].strip()}")
+                _missing(f"no FUSE mount here: {server.communicate()[1].strip()}")
             time.sleep(0.02)
         yield mnt / "f.bin", back
     finally:
