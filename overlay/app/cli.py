@@ -1218,6 +1218,11 @@ def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(contacts, indent=2))
         return 0
+    if any("keys" not in c for c in contacts):
+        # A node started before an upgrade answers without the fields the table is drawn
+        # from (contacts --json still prints what it has).
+        raise CliError("the running node is older than this command: restart it "
+                       "(stop `peerpost node` and start it again) to list contacts")
     t = _table(title="contacts (compare fingerprints out of band)")
     for col in ("address", "fingerprints", "first seen", "note"):
         t.add_column(col)

@@ -206,3 +206,18 @@ def test_the_row_and_the_page_say_when_the_keys_were_confirmed(
     page = re.sub("<[^>]+>", "", " ".join(web.contact_cells(bob)[1]))
     assert f"Their server confirmed these devices {web._when(20.0)}." in page
     assert "confirmed these devices" not in " ".join(web.contact_cells(carol)[1])
+
+
+def test_a_node_older_than_the_command_is_named_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node started before an upgrade answers `contacts` without `keys` and `alerts`:
+    the table says to restart it; --json prints what the node sent."""
+    old = {"address": BOB, "fingerprints": ["ab cd"], "pending": [], "unvouched": [],
+           "changed": False, "first_seen": 1.0}
+    with pytest.raises(cli.CliError, match="older than this command: restart it"):
+        contacts_output(monkeypatch, tmp_path, [old])
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    args = SimpleNamespace(action=None, json=True, address=None)
+    assert cli.cmd_contacts(SimpleNamespace(control_path=tmp_path / "c"), args) == 0  # type: ignore[arg-type]
+    assert '"address": "bob@' in out.getvalue()
