@@ -75,43 +75,26 @@ refuses links, and so mail, from D.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
-import gc
-import json
-import logging
 import os
-import resource
-import secrets
-import signal
-import socket
-import ssl
 import sys
 import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crypto.address import format_hostport, normalize_address, parse_hostport
 from crypto.errors import DecodeError
-from rendezvous.admin import AdminError, record_domain, served_domain
+from rendezvous import defaults
 from rendezvous.cliutil import (
+    FORMATS,
+    LEVELS,
     ArgumentParser,
     add_completion,
     add_version,
     completion_script,
     reader_may_leave,
 )
-from rendezvous.datalock import DataInUse, DataLock
-from rendezvous.dns import DnsResolver, DomainLookupError
-from rendezvous.domainkey import load_or_create, txt_value
-from rendezvous.errors import is_disk_full
-from rendezvous.heap import keep_heap
-from rendezvous.instances import instances_lines, instances_report, make_bus, read_instances
-from rendezvous.limits import DAY, Limits
-from rendezvous.logfmt import FORMATS, LEVELS, configure, kv
-from rendezvous.opcli import OPERATOR_COMMANDS, add_operator_commands, run_operator_command
-from rendezvous.sdnotify import notify
+from rendezvous.defaults import DAY
 from rendezvous.serveconfig import (
     RESTART_KEYS,
     ConfigError,
@@ -120,34 +103,21 @@ from rendezvous.serveconfig import (
     service_port,
     service_ports,
 )
-from rendezvous.server import RendezvousServer
-from rendezvous.services import (
-    BothFamilies,
-    ExtraService,
-    StunService,
-    load_starter,
-    server_identity,
-    start_stun_tcp,
-)
-from rendezvous.sqlite_store import DB_NAME, create_invite, read_stats
-from rendezvous.staged import finish_interrupted
-from rendezvous.stats import STATS_NAME, read_live_stats, write_stats, write_stopped
-from rendezvous.storecli import (
-    STORE_HELP,
-    add_migrate_command,
-    make_store,
-    migrate_command,
-    pg_create_invite,
-    pg_read_stats,
-    store_url,
-)
-from rendezvous.tls import ServerTls, self_signed, server_tls, tls_files_problem
+from rendezvous.storecli import STORE_HELP, add_migrate_command, store_url
 
+# Building the parser loads only the modules above: each command imports what it runs
+# (the server, dnspython, the stores) when it runs, so `--help`, `accounts list` or a
+# cron `backup` do not pay for `serve`'s imports.
 if TYPE_CHECKING:
-    from rendezvous.metrics import ServerMetrics
+    import logging
+    from collections.abc import Coroutine
 
-log = logging.getLogger("rendezvous.cli")
-_DEFAULTS = Limits()
+    from rendezvous.limits import Limits
+    from rendezvous.metrics import ServerMetrics
+    from rendezvous.server import RendezvousServer
+    from rendezvous.services import ExtraService
+
+OPERATOR_COMMANDS = ("accounts", "devices", "backup", "restore")  # run by opcli.py
 _RELAY_COUNTERS = ("relayed_bytes", "relay_sessions", "relay_active", "relay_refused",
                    "relay_expired", "relay_cut_daily")
 # What `stats` shows of the running server's refusals and its links with other domains,
@@ -163,6 +133,12 @@ _LINK_COUNTERS = {"links_in": "links_in", "links_out": "fed_links_open",
                   "link_failures": "fed_link_failures",
                   "links_refused_identity": "fed_links_refused_identity",
                   "links_refused_by_them": "fed_links_refused"}
+
+
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger("rendezvous.cli")
 
 
 def _domain(text: str) -> str:
@@ -294,17 +270,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--plaintext", action="store_true",
                    help="no TLS: only for the simulator and benchmarks, never in service "
                         "(clients can then be impersonated by anyone on the path)")
-    s.add_argument("--max-envelope", type=int, default=_DEFAULTS.max_envelope, metavar="BYTES",
+    s.add_argument("--max-envelope", type=int, default=defaults.MAX_ENVELOPE, metavar="BYTES",
                    help="largest envelope (sealed location message) a SEND may carry")
-    s.add_argument("--max-frame", type=int, default=_DEFAULTS.max_frame, metavar="BYTES",
+    s.add_argument("--max-frame", type=int, default=defaults.MAX_FRAME, metavar="BYTES",
                    help="largest protocol frame read from a client")
-    s.add_argument("--quota-count", type=int, default=_DEFAULTS.quota_count, metavar="N",
+    s.add_argument("--quota-count", type=int, default=defaults.QUOTA_COUNT, metavar="N",
                    help="envelopes queued for one recipient")
-    s.add_argument("--quota-bytes", type=int, default=_DEFAULTS.quota_bytes, metavar="BYTES",
+    s.add_argument("--quota-bytes", type=int, default=defaults.QUOTA_BYTES, metavar="BYTES",
                    help="bytes queued for one recipient")
-    s.add_argument("--request-rate", type=_positive, default=_DEFAULTS.request_rate,
+    s.add_argument("--request-rate", type=_positive, default=defaults.REQUEST_RATE,
                    metavar="N", help="requests per second per connection")
-    s.add_argument("--envelope-days", type=float, default=_DEFAULTS.envelope_ttl / DAY,
+    s.add_argument("--envelope-days", type=float, default=defaults.ENVELOPE_TTL / DAY,
                    metavar="DAYS", help="an undelivered envelope is dropped after this long")
     s.add_argument("--stats-interval", type=_positive, default=2.0, metavar="SECONDS",
                    help="how often DATA/stats.json is written")
@@ -316,47 +292,47 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the DHT bootstrap node on this UDP port (default: the --listen "
                         "port + 1; 0: any free port; off: no DHT node, and nodes then find "
                         "no co-recipients to fetch from)")
-    s.add_argument("--relay-rate", type=_non_negative, default=_DEFAULTS.relay_rate,
+    s.add_argument("--relay-rate", type=_non_negative, default=defaults.RELAY_RATE,
                    metavar="BYTES_PER_S",
                    help="relayed bytes per second per account (0: no cap; default %(default)g)")
-    s.add_argument("--relay-daily", type=_non_negative, default=_DEFAULTS.relay_daily,
+    s.add_argument("--relay-daily", type=_non_negative, default=defaults.RELAY_DAILY,
                    metavar="BYTES",
                    help="relayed bytes per account per UTC day (0: no cap; default %(default)g)")
     s.add_argument("--sessions-per-device", type=_count,
-                   default=_DEFAULTS.sessions_per_device, metavar="N",
+                   default=defaults.SESSIONS_PER_DEVICE, metavar="N",
                    help="live sessions per device (0: no cap; default %(default)s)")
     s.add_argument("--sessions-per-account", type=_count,
-                   default=_DEFAULTS.sessions_per_account, metavar="N",
+                   default=defaults.SESSIONS_PER_ACCOUNT, metavar="N",
                    help="live sessions per account (0: no cap; default %(default)s)")
-    s.add_argument("--sessions-per-ip", type=_count, default=_DEFAULTS.sessions_per_ip,
+    s.add_argument("--sessions-per-ip", type=_count, default=defaults.SESSIONS_PER_IP,
                    metavar="N", help="live sessions per client IP address, an IPv6 "
                                      "client's per /64 (0: no cap; default %(default)s)")
-    s.add_argument("--push-buffer-total", type=_count, default=_DEFAULTS.push_buffer_total,
+    s.add_argument("--push-buffer-total", type=_count, default=defaults.PUSH_BUFFER_TOTAL,
                    metavar="BYTES", help="unsent push bytes of all sessions together; over "
                                          "it the slowest readers are dropped "
                                          "(default %(default)s)")
     s.add_argument("--sender-quota-count", type=_count,
-                   default=_DEFAULTS.sender_quota_count, metavar="N",
+                   default=defaults.SENDER_QUOTA_COUNT, metavar="N",
                    help="envelopes one sender may have queued for one recipient "
                         "(0: no cap; default %(default)s)")
     s.add_argument("--sender-quota-bytes", type=_count,
-                   default=_DEFAULTS.sender_quota_bytes, metavar="BYTES",
+                   default=defaults.SENDER_QUOTA_BYTES, metavar="BYTES",
                    help="bytes one sender may have queued for one recipient "
                         "(0: no cap; default %(default)s)")
     s.add_argument("--keepalive-timeout", type=_non_negative,
-                   default=_DEFAULTS.keepalive_timeout, metavar="SECONDS",
+                   default=defaults.KEEPALIVE_TIMEOUT, metavar="SECONDS",
                    help="close a session whose client announced PINGs after this long "
                         "without a byte from it (0: never)")
     s.add_argument("--finger-open", action="store_true",
                    help="FINGER shows presence and reachability to every account, not only "
                         "to those that exchanged mail (demos and tests)")
     s.add_argument("--outbound-expiry", type=_non_negative, metavar="DAYS",
-                   default=_DEFAULTS.outbound_expiry / DAY,
+                   default=defaults.OUTBOUND_EXPIRY / DAY,
                    help="mail for another domain bounces after waiting this long (default 5)")
     s.add_argument("--link-rate", type=_non_negative, metavar="N",
-                   default=_DEFAULTS.link_rate,
+                   default=defaults.LINK_RATE,
                    help="envelopes per second each other domain may forward here (0: no "
-                        f"cap; default {_DEFAULTS.link_rate:g})")
+                        f"cap; default {defaults.LINK_RATE:g})")
     s.add_argument("--block-domain", action="append", default=[], metavar="DOMAIN",
                    help="refuse server links, and so mail, from DOMAIN (repeatable)")
     s.add_argument("--resolver", metavar="HOST:PORT", default=None,
@@ -401,6 +377,45 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The flags of OPERATOR_COMMANDS; rendezvous/opcli.py runs them."""
+
+    def data_and_json(p: argparse.ArgumentParser) -> None:
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--data", type=Path, help="the data folder `serve` uses")
+        where.add_argument("--store", type=store_url, metavar="URL", help=STORE_HELP)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    a = sub.add_parser("accounts", help="list, show or delete accounts")
+    asub = a.add_subparsers(dest="action", required=True)
+    data_and_json(asub.add_parser("list", help="every account with its devices and queue"))
+    show = asub.add_parser("show", help="one account and its devices (peer ids)")
+    show.add_argument("address", help="NAME@DOMAIN")
+    data_and_json(show)
+    delete = asub.add_parser("delete", help="remove an account, its devices and its queue; "
+                                            "a running server ends its sessions")
+    delete.add_argument("address", help="NAME@DOMAIN")
+    data_and_json(delete)
+    d = sub.add_parser("devices", help="revoke a device of an account")
+    dsub = d.add_subparsers(dest="action", required=True)
+    revoke = dsub.add_parser("revoke", help="unbind a device (lost or stolen); a running "
+                                            "server ends its sessions")
+    revoke.add_argument("address", help="NAME@DOMAIN")
+    revoke.add_argument("peer_id", help="the device's peer id (hex, as `accounts show` "
+                                        "prints it; 8 digits or more of it)")
+    data_and_json(revoke)
+    b = sub.add_parser("backup", help="copy the database (consistent while serving) and "
+                                      "the keys into a new folder")
+    b.add_argument("dest", type=Path, help="a folder that does not exist yet (or is empty)")
+    data_and_json(b)
+    r = sub.add_parser("restore", help="put a backup in place as a data folder (the server "
+                                       "must be stopped)")
+    r.add_argument("src", type=Path, help="a folder made by `backup`")
+    data_and_json(r)
+    r.add_argument("--force", action="store_true",
+                   help="replace the database a stopped server left in --data")
+
+
 @reader_may_leave
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `peerpost-rendezvous` console script."""
@@ -412,10 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(argv, args)
     if args.command in OPERATOR_COMMANDS:
+        from rendezvous.opcli import run_operator_command
+
         return run_operator_command(args)
     if args.command == "invite":
         return _invite(args)
     if args.command == "migrate":
+        from rendezvous.storecli import migrate_command
+
         return migrate_command(args)
     if args.command == "dns-records":
         return _dns_records(args)
@@ -423,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
+    import asyncio
+
     try:
         import uvloop
     except ImportError:
@@ -432,6 +453,8 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def _raise_nofile() -> None:
+    import resource
+
     # Every session is a socket; let the server use as many as the hard limit allows.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -439,6 +462,8 @@ def _raise_nofile() -> None:
 
 
 def _tune_gc() -> None:
+    import gc
+
     # Each session keeps a few dozen small objects alive for as long as it is connected,
     # so with 10,000 sessions a full collection walks hundreds of thousands of them. At
     # the default gen-0 threshold (700) the objects of requests in flight (waiting for a
@@ -473,6 +498,8 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 
 def _limits(args: argparse.Namespace) -> Limits:
+    from rendezvous.limits import Limits
+
     return Limits(max_envelope=args.max_envelope, max_frame=args.max_frame,
                   quota_count=args.quota_count, quota_bytes=args.quota_bytes,
                   request_rate=args.request_rate,
@@ -491,6 +518,17 @@ def _limits(args: argparse.Namespace) -> Limits:
 
 
 def _serve(argv: list[str] | None, args: argparse.Namespace) -> int:
+    import signal
+
+    from rendezvous.admin import AdminError, record_domain
+    from rendezvous.datalock import DataInUse, DataLock
+    from rendezvous.heap import keep_heap
+    from rendezvous.logfmt import configure, kv
+    from rendezvous.sqlite_store import DB_NAME
+    from rendezvous.staged import finish_interrupted
+    from rendezvous.stats import write_stopped
+    from rendezvous.tls import tls_files_problem
+
     try:
         args = _serve_args(argv)
     except ConfigError as exc:
@@ -523,7 +561,7 @@ def _serve(argv: list[str] | None, args: argparse.Namespace) -> int:
         # A restore killed while it put its files in place: finished before anything opens
         # the folder, so the server never starts on its keys without its database.
         if finished := finish_interrupted(args.data):
-            log.warning(kv("restore.finished", files=",".join(finished),
+            _log().warning(kv("restore.finished", files=",".join(finished),
                            note="a restore stopped midway was finished"))
         write_stopped(args.data, now=time.time())  # a killed predecessor's file says running
         if args.store is None:  # PostgreSQL: at open
@@ -543,6 +581,22 @@ def _serve(argv: list[str] | None, args: argparse.Namespace) -> int:
 
 async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                        limits: Limits) -> int:
+    import asyncio
+    import signal
+    import ssl
+
+    from rendezvous.admin import record_domain
+    from rendezvous.dns import DnsResolver, DomainLookupError
+    from rendezvous.domainkey import load_or_create, txt_value
+    from rendezvous.instances import make_bus
+    from rendezvous.logfmt import kv
+    from rendezvous.sdnotify import notify
+    from rendezvous.server import RendezvousServer
+    from rendezvous.services import BothFamilies
+    from rendezvous.sqlite_store import DB_NAME
+    from rendezvous.storecli import make_store
+    from rendezvous.tls import self_signed, server_tls
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     wake = asyncio.Event()  # a signal arrived: stop, reload or re-read
@@ -574,12 +628,12 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
             await svc.aclose()
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
         return 1
-    log.info(kv("server.domain_key", fingerprint=domain_key.fingerprint,
+    _log().info(kv("server.domain_key", fingerprint=domain_key.fingerprint,
                 txt=f"_peerpost.{args.domain} TXT \"{txt_value(domain_key.public)}\""))
     if tls is None:
-        log.warning(kv("server.plaintext", note="no TLS: for the simulator and benchmarks only"))
+        _log().warning(kv("server.plaintext", note="no TLS: for the simulator and benchmarks only"))
     else:
-        log.info(kv("server.tls", sha256=tls.binding.hex(), not_after=tls.not_after.isoformat()))
+        _log().info(kv("server.tls", sha256=tls.binding.hex(), not_after=tls.not_after.isoformat()))
     store = make_store(args.store, data, args.domain, outbound_claim=args.outbound_claim,
                        domain_key=domain_key.public)
     server = RendezvousServer(args.domain, store,
@@ -665,7 +719,7 @@ async def _serve_async(argv: list[str] | None, args: argparse.Namespace,
                 asked.discard("reread")
                 await _reread_accounts(server)
     finally:
-        log.info(kv("server.stopping", reason="signal" if stop.is_set() else "error"))
+        _log().info(kv("server.stopping", reason="signal" if stop.is_set() else "error"))
         notify("STOPPING=1")
         try:
             await server.aclose()
@@ -681,15 +735,18 @@ async def _reread_accounts(server: RendezvousServer) -> None:
     now (PostgreSQL restarting) is logged and the server serves on; the next SIGUSR1 tries
     again. The error ended the server: a SIGUSR1 while PostgreSQL was down stopped it
     ('cannot connect to ...: Connection refused')."""
+    from rendezvous.errors import is_disk_full
+    from rendezvous.logfmt import kv
+
     try:
         ended = await server.reread_accounts()
     except Exception as exc:
         if isinstance(exc, OSError | RuntimeError) or is_disk_full(exc):  # can't connect
-            log.error(kv("server.accounts_reread_failed", error=str(exc) or repr(exc)))
+            _log().error(kv("server.accounts_reread_failed", error=str(exc) or repr(exc)))
         else:
-            log.exception(kv("server.accounts_reread_failed"))
+            _log().exception(kv("server.accounts_reread_failed"))
         return
-    log.info(kv("server.accounts_reread", sessions_ended=ended))
+    _log().info(kv("server.accounts_reread", sessions_ended=ended))
 
 
 def _refresh_stats(data: Path, snapshot: dict[str, Any], failing: str | None, *,
@@ -697,16 +754,20 @@ def _refresh_stats(data: Path, snapshot: dict[str, Any], failing: str | None, *,
     """Rewrite DATA/stats.json; a disk that refuses it (full, read-only) is logged when it
     starts and stops doing so, and the server goes on serving: what it returns is the
     error now (None once the file is written again), for the next call's `failing`."""
+    from rendezvous.errors import is_disk_full
+    from rendezvous.logfmt import kv
+    from rendezvous.stats import STATS_NAME, write_stats
+
     try:
         write_stats(data, snapshot, running=running, now=time.time())
     except OSError as exc:
         why = f"{type(exc).__name__}: {exc.strerror or exc}"
         if why != failing:
-            log.error(kv("storage.full" if is_disk_full(exc) else "stats.unwritable",
+            _log().error(kv("storage.full" if is_disk_full(exc) else "stats.unwritable",
                          file=str(data / STATS_NAME), error=why))
         return why
     if failing is not None:
-        log.info(kv("stats.written_again", file=str(data / STATS_NAME)))
+        _log().info(kv("stats.written_again", file=str(data / STATS_NAME)))
     return None
 
 
@@ -729,6 +790,8 @@ def _bind_reason(exc: OSError) -> str:
 def _tcp_in_use(host: str, port: int) -> str | None:
     """"Address already in use" when something listens on TCP host:port, else None (a
     bind with SO_REUSEADDR, as the server's own, fails only beside a listener)."""
+    import socket
+
     for family, kind, proto, _, addr in socket.getaddrinfo(host, port,
                                                            type=socket.SOCK_STREAM):
         with socket.socket(family, kind, proto) as probe:
@@ -745,6 +808,8 @@ async def _start_services(args: argparse.Namespace) -> dict[str, ExtraService]:
     """STUN and the DHT bootstrap node on the --listen host (UDP), at the ports
     `service_ports` derives from --listen unless given or turned off; with a second
     --listen, on its host too at the same ports (`BothFamilies`)."""
+    from rendezvous.services import BothFamilies
+
     services = await _start_services_on(args, args.listen[0])
     for host in args.listen_also:
         try:
@@ -762,6 +827,11 @@ async def _start_services_on(args: argparse.Namespace, host: str,
                              same_as: dict[str, int] | None = None
                              ) -> dict[str, ExtraService]:
     """The services on `host`: at the ports of `same_as` (the first host's) when given."""
+    import asyncio
+    import socket
+
+    from rendezvous.services import StunService, load_starter, server_identity, start_stun_tcp
+
     try:  # else the first service to bind would blame its own port for a typo in the host
         await asyncio.get_running_loop().getaddrinfo(host, None)
     except socket.gaierror as exc:
@@ -815,10 +885,14 @@ def _reload(argv: list[str] | None, current: argparse.Namespace,
             server: RendezvousServer) -> argparse.Namespace:
     """SIGHUP: read --config again and apply what a running server can change (limits,
     block list, registration, FINGER, log level, stats interval); sessions stay."""
+    import logging
+
+    from rendezvous.logfmt import kv
+
     try:
         new = _serve_args(argv)
     except (ConfigError, SystemExit) as exc:
-        log.error(kv("server.reload_failed", error=str(exc), note="the old settings stay"))
+        _log().error(kv("server.reload_failed", error=str(exc), note="the old settings stay"))
         return current
     kept = [k for k in (*RESTART_KEYS, "log_format", "metrics")
             if hasattr(current, k) and getattr(new, k, None) != getattr(current, k)]
@@ -836,7 +910,7 @@ def _reload(argv: list[str] | None, current: argparse.Namespace,
     server.reconfigure(_limits(new),
                        blocked_domains={d.strip().lower() for d in new.block_domain},
                        finger_open=new.finger_open, open_registration=new.open_registration)
-    log.info(kv("server.reloaded", config=str(new.config) if new.config else "-",
+    _log().info(kv("server.reloaded", config=str(new.config) if new.config else "-",
                 changed=",".join(applied) or "-", needs_restart=",".join(kept) or "-"))
     return new
 
@@ -847,6 +921,11 @@ def _reload_tls(args: argparse.Namespace, server: RendezvousServer) -> bool:
     can't serve (half written, a key of another certificate) are logged and the old
     certificate stays, as it does for a config that names one of the two files only (at
     start that is a usage error; here an exception would end serve). False if so."""
+    import ssl
+
+    from rendezvous.logfmt import kv
+    from rendezvous.tls import ServerTls, self_signed, server_tls, tls_files_problem
+
     tls: ServerTls | None = None
     if (args.tls_cert is None) != (args.tls_key is None):
         problem: str | None = "--tls-cert and --tls-key go together"
@@ -860,13 +939,13 @@ def _reload_tls(args: argparse.Namespace, server: RendezvousServer) -> bool:
         except (OSError, ValueError, ssl.SSLError) as exc:  # replaced since it was checked,
             problem = str(exc)  # or DATA refusing a self-signed one
     if problem is not None or tls is None:
-        log.error(kv("server.tls_reload_failed", error=problem,
+        _log().error(kv("server.tls_reload_failed", error=problem,
                      note="the old certificate stays"))
         return False
     if tls.binding == server.binding:
         return True
     server.reload_tls(tls)
-    log.info(kv("server.tls_reloaded", cert=str(cert), sha256=tls.binding.hex(),
+    _log().info(kv("server.tls_reloaded", cert=str(cert), sha256=tls.binding.hex(),
                 not_after=tls.not_after.isoformat()))
     return True
 
@@ -875,10 +954,16 @@ def new_invite_token() -> str:
     """A single-use invite token: 128 random bits as hex. Hex, because a token printed
     for `peerpost init --invite TOKEN` must never start with '-', which the command line
     takes for an option (base64url tokens did, one in 64)."""
+    import secrets
+
     return secrets.token_hex(16)
 
 
 def _invite(args: argparse.Namespace) -> int:
+    from rendezvous.admin import served_domain
+    from rendezvous.sqlite_store import DB_NAME, create_invite
+    from rendezvous.storecli import pg_create_invite
+
     try:
         address = normalize_address(args.address)
     except DecodeError as exc:
@@ -920,6 +1005,14 @@ def _invite(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from rendezvous.instances import instances_lines, instances_report, read_instances
+    from rendezvous.sqlite_store import DB_NAME, read_stats
+    from rendezvous.stats import read_live_stats
+    from rendezvous.storecli import pg_read_stats
+
     db = args.data / DB_NAME
     if args.store is not None:
         try:
@@ -977,6 +1070,8 @@ def _dns_records(args: argparse.Namespace) -> int:
     """The zone lines (BIND syntax) that publish the domain: an SRV line per --host and the
     TXT line with the domain key, made in --data if missing so the records can be
     published before the first `serve`, which then uses the same key."""
+    from rendezvous.domainkey import load_or_create, txt_value
+
     hosts: list[str] = args.host
     per_host: dict[str, list[int]] = {}
     # A repeated --port was once taken as the last one for every host.

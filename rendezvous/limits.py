@@ -12,26 +12,25 @@ import socket
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from rendezvous.framing import DEFAULT_MAX_FRAME
-
-DAY = 86400.0
+from rendezvous import defaults
+from rendezvous.defaults import DAY as DAY
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Every bound the server enforces. Defaults suit a small public server."""
 
-    max_frame: int = DEFAULT_MAX_FRAME
-    max_envelope: int = 64 * 1024          # sealed location messages are small by design
+    max_frame: int = defaults.MAX_FRAME
+    max_envelope: int = defaults.MAX_ENVELOPE  # sealed location messages are small by design
     max_items_per_send: int = 64
-    envelope_ttl: float = 30 * DAY
-    quota_count: int = 10_000              # queued envelopes per recipient account
-    quota_bytes: int = 64 * 1024 * 1024    # queued blob bytes per recipient account
+    envelope_ttl: float = defaults.ENVELOPE_TTL
+    quota_count: int = defaults.QUOTA_COUNT  # queued envelopes per recipient account
+    quota_bytes: int = defaults.QUOTA_BYTES  # queued blob bytes per recipient account
     # Of those, what one sender account may have queued for one recipient account, so
     # one account can't fill another's queue for the whole envelope lifetime.
-    sender_quota_count: int = 1_000
-    sender_quota_bytes: int = 8 * 1024 * 1024
-    request_rate: float = 2_000.0          # requests per second per connection...
+    sender_quota_count: int = defaults.SENDER_QUOTA_COUNT
+    sender_quota_bytes: int = defaults.SENDER_QUOTA_BYTES
+    request_rate: float = defaults.REQUEST_RATE  # requests per second per connection...
     request_burst: float = 4_000.0         # ...with this burst
     pipe_bytes_rate: float = 256 * 1024.0  # PIPE payload bytes per second per connection
     max_pipe_payload: int = 16 * 1024
@@ -46,38 +45,38 @@ class Limits:
     max_push_buffer: int = 8 * 1024 * 1024  # unsent bytes before a slow reader is dropped
     # Unsent bytes of all sessions together; over it the sessions with the most unsent
     # are dropped first until the total is back under it.
-    push_buffer_total: int = 256 * 1024 * 1024
+    push_buffer_total: int = defaults.PUSH_BUFFER_TOTAL
     # Live sessions (not relay connections); 0 turns a cap off.
-    sessions_per_device: int = 4
-    sessions_per_account: int = 16
-    sessions_per_ip: int = 64
+    sessions_per_device: int = defaults.SESSIONS_PER_DEVICE
+    sessions_per_account: int = defaults.SESSIONS_PER_ACCOUNT
+    sessions_per_ip: int = defaults.SESSIONS_PER_IP
     auth_timeout: float = 30.0             # seconds to authenticate after connecting
     partial_frame_timeout: float = 60.0    # seconds a half-received frame may linger
     # A session whose client announced a PING interval (AUTHORIZATION `keepalive`) is
     # closed after this many seconds without a byte from it (at least twice the interval),
     # so a NAT that dropped its mapping takes the device offline; 0 turns it off. 45 s
     # against the client's default 20 s PING leaves two missed PINGs of slack.
-    keepalive_timeout: float = 45.0
+    keepalive_timeout: float = defaults.KEEPALIVE_TIMEOUT
     auth_attempts: int = 3
     # Server links from other domains (rendezvous/federation.py): per linking domain, the
     # envelopes per second it may forward (a token bucket), what it may have queued here
     # from all its senders, and its live links; 0 turns a cap off.
-    link_rate: float = 1_000.0
+    link_rate: float = defaults.LINK_RATE
     link_burst: float = 10_000.0
     link_quota_count: int = 100_000
     link_quota_bytes: int = 512 * 1024 * 1024
     links_per_domain: int = 8
     # The sending side: how long an envelope for another domain waits before it bounces,
     # and how many one sender may have waiting.
-    outbound_expiry: float = 5 * DAY
+    outbound_expiry: float = defaults.OUTBOUND_EXPIRY
     outbound_per_sender: int = 10_000
     flush_page: int = 128                  # queued envelopes read per page on flush
     max_devices_per_account: int = 16
     max_advertise: int = 1024              # packed bytes of a device's reachability hints
     # The relay of last resort (rendezvous/relay.py). The caller's account pays for both
     # directions of its relayed streams; 0 turns a cap off.
-    relay_rate: float = 2_000_000.0        # relayed bytes per second per account...
-    relay_daily: int = 2_000_000_000       # ...and per account per UTC day
+    relay_rate: float = defaults.RELAY_RATE  # relayed bytes per second per account...
+    relay_daily: int = defaults.RELAY_DAILY  # ...and per account per UTC day
     relay_accept_timeout: float = 30.0     # seconds the callee has to accept a session
     relay_sessions_per_account: int = 8    # offered or spliced at once
     relay_sessions_total: int = 512        # offered or spliced at once, whole server

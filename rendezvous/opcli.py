@@ -16,6 +16,10 @@ instance on their channel, which does the same re-read. `backup` and `restore` a
 data folder's SQLite file (a PostgreSQL database is backed up with its own tools). `restore`
 refuses a folder a server is using (its lock, datalock.py), and one that already holds a
 database unless `--force`.
+
+Their flags are defined in rendezvous/cli.py (`add_operator_commands`), which imports this
+module only to run one of them: the admin and store modules it loads are not needed to
+build the parser or show its help.
 """
 
 from __future__ import annotations
@@ -47,46 +51,6 @@ from rendezvous.cliutil import counted
 from rendezvous.datalock import LOCK_NAME, DataInUse, DataLock, holder
 from rendezvous.domainkey import DomainKey
 from rendezvous.sqlite_store import DB_NAME
-from rendezvous.storecli import STORE_HELP, store_url
-
-OPERATOR_COMMANDS = ("accounts", "devices", "backup", "restore")
-
-
-def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def data_and_json(p: argparse.ArgumentParser) -> None:
-        where = p.add_mutually_exclusive_group(required=True)
-        where.add_argument("--data", type=Path, help="the data folder `serve` uses")
-        where.add_argument("--store", type=store_url, metavar="URL", help=STORE_HELP)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-
-    a = sub.add_parser("accounts", help="list, show or delete accounts")
-    asub = a.add_subparsers(dest="action", required=True)
-    data_and_json(asub.add_parser("list", help="every account with its devices and queue"))
-    show = asub.add_parser("show", help="one account and its devices (peer ids)")
-    show.add_argument("address", help="NAME@DOMAIN")
-    data_and_json(show)
-    delete = asub.add_parser("delete", help="remove an account, its devices and its queue; "
-                                            "a running server ends its sessions")
-    delete.add_argument("address", help="NAME@DOMAIN")
-    data_and_json(delete)
-    d = sub.add_parser("devices", help="revoke a device of an account")
-    dsub = d.add_subparsers(dest="action", required=True)
-    revoke = dsub.add_parser("revoke", help="unbind a device (lost or stolen); a running "
-                                            "server ends its sessions")
-    revoke.add_argument("address", help="NAME@DOMAIN")
-    revoke.add_argument("peer_id", help="the device's peer id (hex, as `accounts show` "
-                                        "prints it; 8 digits or more of it)")
-    data_and_json(revoke)
-    b = sub.add_parser("backup", help="copy the database (consistent while serving) and "
-                                      "the keys into a new folder")
-    b.add_argument("dest", type=Path, help="a folder that does not exist yet (or is empty)")
-    data_and_json(b)
-    r = sub.add_parser("restore", help="put a backup in place as a data folder (the server "
-                                       "must be stopped)")
-    r.add_argument("src", type=Path, help="a folder made by `backup`")
-    data_and_json(r)
-    r.add_argument("--force", action="store_true",
-                   help="replace the database a stopped server left in --data")
 
 
 def run_operator_command(args: argparse.Namespace) -> int:

@@ -19,15 +19,15 @@ old version may still be running against it.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import sqlite3
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rendezvous.sqlite_store import DB_NAME, SCHEMA_VERSION, SqliteStore, connect
-from rendezvous.store import Store, StoreStats
+if TYPE_CHECKING:
+    from rendezvous.store import Store, StoreStats
+
+# The parser's parts (STORE_HELP, store_url, add_migrate_command) load no store: the other
+# functions import theirs when they run, so a command without --store loads neither.
 
 STORE_HELP = ("the database: postgresql://USER@HOST:PORT/DB, shared by every instance of "
               "the domain (default: SQLite in --data)")
@@ -48,6 +48,8 @@ def make_store(store: str | None, data: Path, domain: str, *,
     """The store `serve` runs on: PostgreSQL with `--store` (which refuses to serve with
     another `domain_key` than the domain's first instance), else SQLite in `data`."""
     if store is None:
+        from rendezvous.sqlite_store import DB_NAME, SqliteStore
+
         return SqliteStore(data / DB_NAME)
     from rendezvous.pg_store import PgStore
 
@@ -65,6 +67,10 @@ def add_migrate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def migrate_command(args: argparse.Namespace) -> int:
     """`migrate`: apply what is missing; print the version before and after, and each step."""
+    import asyncio
+    import json
+    import sqlite3
+
     try:
         if args.store is not None:
             doc = asyncio.run(_migrate_pg(args.store))
@@ -97,6 +103,10 @@ async def _migrate_pg(url: str) -> dict[str, Any]:
 
 
 def _migrate_sqlite(data: Path) -> dict[str, Any]:
+    import sqlite3
+
+    from rendezvous.sqlite_store import DB_NAME, SCHEMA_VERSION, connect
+
     db = data / DB_NAME
     if not db.is_file():
         raise OSError(f"no database in {data} (serve creates it)")
@@ -118,6 +128,8 @@ def pg_create_invite(url: str, address: str, token: str, now: float,
                      expires_at: float) -> str | None:
     """`invite --store URL`: the invite is recorded; the refusal text when the database
     serves another domain or none yet."""
+    import asyncio
+
     from rendezvous.pg_store import create_invite, served_domain
 
     async def run() -> str | None:
@@ -135,6 +147,8 @@ def pg_create_invite(url: str, address: str, token: str, now: float,
 
 def pg_read_stats(url: str) -> StoreStats:
     """`stats --store URL`: the store's counts."""
+    import asyncio
+
     from rendezvous.pg_store import read_stats
 
     return asyncio.run(read_stats(url))
