@@ -65,8 +65,9 @@ async def test_sighup_presents_the_renewed_certificate_and_keeps_sessions(
     shutil.copy(old_cert, cert)
     shutil.copy(old_key, key)
     data = tmp_path / "data"
+    # No STUN or DHT node: nothing here uses them (the other tests' config says the same).
     async with serve(data, "--open-registration", "--tls-cert", str(cert), "--tls-key",
-                     str(key), expect=1) as srv:
+                     str(key), "--stun-port", "off", "--dht-port", "off", expect=1) as srv:
         proc, port = srv.proc, srv.port
         assert await presented(openssl, port) == binding_of_file(old_cert)
         pinned = DomainKey.from_json((data / DOMAIN_KEY_NAME).read_text()).public
