@@ -94,8 +94,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser with HelpFormatter from the start (`finish` gives it to the
-    subcommands of a plain one once built; this one's subcommands are of this class)."""
+    """argparse's parser with HelpFormatter from the start, and its subcommands too:
+    add_subparsers makes them of this class."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
@@ -111,8 +111,7 @@ def add_completion(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    prog: str) -> None:
     """`completion SHELL`: the command `main` answers with `completion_script`."""
     c = sub.add_parser("completion", help="print a shell completion script, e.g. "
-                       f"`eval \"$({prog} completion bash)\"` in ~/.bashrc",
-                       formatter_class=HelpFormatter)
+                       f"`eval \"$({prog} completion bash)\"` in ~/.bashrc")
     c.add_argument("shell", choices=SHELLS, help="the shell to complete for")
 
 
@@ -121,15 +120,6 @@ def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
 
     text: str = shtab.complete(parser, shell=shell)
     return text
-
-
-def finish(parser: argparse.ArgumentParser) -> None:
-    """Give every subcommand the shared help formatter (subparsers don't inherit it)."""
-    parser.formatter_class = HelpFormatter
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for command in action.choices.values():
-                finish(command)
 
 
 def reader_may_leave(main: Callable[_P, int]) -> Callable[_P, int]:

@@ -37,10 +37,10 @@ from rich.table import Table
 from rich.text import Text
 
 from rendezvous.cliutil import (
+    ArgumentParser,
     add_completion,
     add_version,
     completion_script,
-    finish,
     reader_may_leave,
 )
 from sim import sweep
@@ -203,11 +203,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 @reader_may_leave
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `peerpost-sim`."""
-    parser = argparse.ArgumentParser(prog="peerpost-sim", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="exit status: 0 ok, 1 callbacks raised during the run "
-                                            "(sweep: a run failed), 2 usage error or bad "
-                                            "scenario, 130 interrupted (Ctrl-C)")
+    parser: argparse.ArgumentParser = ArgumentParser(
+        prog="peerpost-sim", description=__doc__,
+        epilog="exit status: 0 ok, 1 callbacks raised during the run (sweep: a run failed), "
+               "2 usage error or bad scenario, 130 interrupted (Ctrl-C)")
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the built-in scenarios")
@@ -226,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     runp.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.add_parser(sub)
     add_completion(sub, parser.prog)
-    finish(parser)
     args = parser.parse_args(argv)
     if args.command == "completion":
         print(completion_script(parser, args.shell), end="")

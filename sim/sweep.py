@@ -566,7 +566,7 @@ def add_parser(sub: Any) -> None:
     """The `sweep` subcommand's arguments (`sub` is the CLI's subparsers object)."""
     p: argparse.ArgumentParser = sub.add_parser(
         "sweep", help="run a scenario over a grid of values and seeds (process pool or Dask)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__)
     p.add_argument("scenario", help="a name from `peerpost-sim list`, or a TOML file")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="a dotted key of the scenario and its values (TOML); repeatable, "
