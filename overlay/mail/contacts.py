@@ -33,6 +33,15 @@ keys, so the rule for a presented set is:
   `accept`/`accept_change`, which makes the pending set the pinned set, or
   `dismiss_change`, which drops it.
 
+A contact holds at most MAX_KEYS_PER_ADDRESS pinned keys (and as many unvouched, and as
+many pending), but a server may list more devices (a foreign domain's up to 256). Such a
+set is still what the server binds now: pinned keys it does not list are retired and the
+address is confirmed as for any other. Of the new keys it would pin (first contact, a
+vouch) only as many as fit are pinned, those that signed the messages being checked first,
+then in the server's order; the others are unvouched (shown, never sealed to, their
+messages held), and only the first MAX_KEYS_PER_ADDRESS of those, or of a `CHANGED` set,
+are recorded. A warning names the limit.
+
 Retiring never opens a door. A contact whose pinned keys are all retired is not a first
 contact (a key was pinned once: `retired_key` keeps a row per retired key), so the keys it
 presents next are `CHANGED` unless a key still pinned vouches for them, and none is. A vouch
@@ -55,6 +64,7 @@ signed a message: pinned, or recorded as `unvouched` until a FINGER lookup (`pin
 from __future__ import annotations
 
 import builtins
+import logging
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -65,6 +75,8 @@ from crypto.errors import CryptoError
 from crypto.identity import PublicIdentity
 from crypto.vouch import Vouch
 from overlay.mail.db import NodeDB, RecordLimitError, count_rows
+
+log = logging.getLogger("peerpost.contacts")
 
 MAX_KEYS_PER_ADDRESS = 16
 # Retired keys of an address past which a vouch counts for nothing (a new device needs the
@@ -131,50 +143,71 @@ class Contacts:
         docstring for the rule.
         """
         addr = normalize_address(address)
-        presented = _checked_keys(verify_keys)
+        listed = _checked_keys(verify_keys)
+        presented = frozenset(listed)
         signed = frozenset(signers)
         with self._db.transaction() as conn:
-            self._ensure_contact(conn, addr, now)
-            _confirmed(conn, addr, now)
-            pinned = _keys(conn, addr, "pinned")
-            gone = pinned - presented
-            _retire(conn, addr, gone, now)
-            pinned -= gone
-            retired = _retired_keys(conn, addr)
-            if not pinned and not retired:  # no key was ever pinned: see the module docstring
-                if signed and not signed & presented:
-                    _set_unvouched(conn, addr, signed, now)
-                    _refresh_changed_flag(conn, addr, now)
-                    return PinResult.UNVOUCHED
-                _set_unvouched(conn, addr, signed - presented, now)
-                _delete_keys(conn, addr, presented)
-                _insert_keys(conn, addr, presented, "pinned", now)
+            result, trusted = self._pin_keys(conn, addr, listed, now, vouches or {}, signed)
+        if len(presented) > MAX_KEYS_PER_ADDRESS:
+            log.warning("%s: its server lists %d devices, more than the %d a contact holds: "
+                        "%d of them are not trusted (nothing is sealed to them, what they "
+                        "sign is held) while it lists more than %d", addr, len(presented),
+                        MAX_KEYS_PER_ADDRESS, len(presented - trusted), MAX_KEYS_PER_ADDRESS)
+        return result
+
+    def _pin_keys(self, conn: sqlite3.Connection, addr: str, listed: tuple[bytes, ...],
+                  now: float, vouches: Mapping[bytes, bytes], signed: frozenset[bytes]
+                  ) -> tuple[PinResult, frozenset[bytes]]:
+        """`pin_keys` in its transaction: the result and the keys pinned afterwards."""
+        presented = frozenset(listed)
+        order = {k: i for i, k in enumerate(listed)}
+
+        def first(keys: frozenset[bytes], n: int = MAX_KEYS_PER_ADDRESS) -> frozenset[bytes]:
+            """The `n` of `keys` kept where not all fit: signers, then the server's order."""
+            return frozenset(sorted(keys, key=lambda k: (k not in signed,
+                                                         order.get(k, len(order)), k))[:n])
+
+        self._ensure_contact(conn, addr, now)
+        _confirmed(conn, addr, now)
+        pinned = _keys(conn, addr, "pinned")
+        gone = pinned - presented
+        _retire(conn, addr, gone, now)
+        pinned -= gone
+        retired = _retired_keys(conn, addr)
+        if not pinned and not retired:  # no key was ever pinned: see the module docstring
+            if signed and not signed & presented:
+                _set_unvouched(conn, addr, first(signed), now)
                 _refresh_changed_flag(conn, addr, now)
-                return PinResult.NEW
-            vouched = (_vouched_for(addr, presented - retired, pinned, vouches or {})
-                       if len(retired) < MAX_RETIRED_PER_ADDRESS else frozenset())
-            if not pinned and not vouched:
-                conn.execute(
-                    "DELETE FROM contact_key WHERE address = ? AND status = 'pending'", (addr,)
-                )
-                _delete_keys(conn, addr, presented)  # unvouched before, part of it now
-                _insert_keys(conn, addr, presented, "pending", now)
-                _refresh_changed_flag(conn, addr, now)
-                return PinResult.CHANGED
-            if len(pinned) + len(vouched) > MAX_KEYS_PER_ADDRESS:
-                raise RecordLimitError(
-                    f"{addr} would have more than {MAX_KEYS_PER_ADDRESS} pinned devices"
-                )
-            _delete_keys(conn, addr, vouched)
-            _insert_keys(conn, addr, vouched, "pinned", now)
-            rest = (presented | (signed - retired)) - pinned - vouched
-            _set_unvouched(conn, addr, rest, now)
+                return PinResult.UNVOUCHED, pinned
+            new = first(presented)
+            over = presented - new
+            _set_unvouched(conn, addr, first((signed - presented) | over), now)
+            _delete_keys(conn, addr, new)
+            _insert_keys(conn, addr, new, "pinned", now)
             _refresh_changed_flag(conn, addr, now)
-            if rest:
-                return PinResult.UNVOUCHED
-            if gone:
-                return PinResult.RETIRED
-            return PinResult.ADDED if vouched else PinResult.SAME
+            return (PinResult.UNVOUCHED if over else PinResult.NEW), new
+        vouched = (_vouched_for(addr, presented - retired, pinned, vouches)
+                   if len(retired) < MAX_RETIRED_PER_ADDRESS else frozenset())
+        if not pinned and not vouched:
+            conn.execute(
+                "DELETE FROM contact_key WHERE address = ? AND status = 'pending'", (addr,)
+            )
+            pending = first(presented)
+            _delete_keys(conn, addr, pending)  # unvouched before, part of it now
+            _insert_keys(conn, addr, pending, "pending", now)
+            _refresh_changed_flag(conn, addr, now)
+            return PinResult.CHANGED, pinned
+        added = first(vouched, MAX_KEYS_PER_ADDRESS - len(pinned))  # the rest: no room
+        _delete_keys(conn, addr, added)
+        _insert_keys(conn, addr, added, "pinned", now)
+        rest = (presented | (signed - retired)) - pinned - added
+        _set_unvouched(conn, addr, first(rest), now)
+        _refresh_changed_flag(conn, addr, now)
+        if rest:
+            return PinResult.UNVOUCHED, pinned | added
+        if gone:
+            return PinResult.RETIRED, pinned
+        return (PinResult.ADDED if added else PinResult.SAME), pinned | added
 
     def retire_all(self, address: str, now: float) -> frozenset[bytes]:
         """The address's server lists no device for it now (FINGER answered with none, its
@@ -359,10 +392,12 @@ class Contacts:
         return out
 
 
-def _checked_keys(verify_keys: Iterable[bytes]) -> frozenset[bytes]:
-    keys = frozenset(PublicIdentity(bytes(k)).verify_key for k in verify_keys)
-    if not 1 <= len(keys) <= MAX_KEYS_PER_ADDRESS:
-        raise ValueError(f"an address presents 1..{MAX_KEYS_PER_ADDRESS} device keys")
+def _checked_keys(verify_keys: Iterable[bytes]) -> tuple[bytes, ...]:
+    """The keys presented, each once, in the server's order (more than a contact holds
+    too: see the module docstring)."""
+    keys = tuple(dict.fromkeys(PublicIdentity(bytes(k)).verify_key for k in verify_keys))
+    if not keys:
+        raise ValueError("an address presents 1 or more device keys")
     return keys
 
 
@@ -439,10 +474,11 @@ def _vouched_for(address: str, presented: frozenset[bytes], pinned: frozenset[by
     that qualifies this way (a chain), for `address`."""
     trusted = set(pinned)
     found: set[bytes] = set()
+    bad: set[bytes] = set()  # checked once: up to 256 listed, each failing every round
     progress = True
     while progress:
         progress = False
-        for key in presented - trusted:
+        for key in presented - trusted - bad:
             raw = vouches.get(key)
             if raw is None:
                 continue
@@ -452,6 +488,7 @@ def _vouched_for(address: str, presented: frozenset[bytes], pinned: frozenset[by
                     continue
                 vouch.verify(address, key)
             except CryptoError:
+                bad.add(key)
                 continue
             trusted.add(key)
             found.add(key)

@@ -422,10 +422,10 @@ class Delivery:
             offered = self.incoming.recheck_keys(
                 sender, None if devices is None else [d.verify_key for d in devices],
                 vouches)
-        except (RecordLimitError, ValueError) as exc:
-            # More devices than a contact may pin (ValueError: listed, as a foreign
-            # domain's server may list up to 256), or the contacts full: a later look-up
-            # would find the same. It raised out of the loop and ended the node.
+        except RecordLimitError as exc:
+            # The contacts full (a sender no longer among them): a later look-up would
+            # find the same. It raised out of the loop and ended the node. (More devices
+            # listed than a contact holds is applied as far as it fits: see contacts.)
             log.warning("the keys of %s not checked: %s", sender, exc)
             return
         except (sqlite3.Error, OSError) as exc:

@@ -38,7 +38,7 @@ from crypto.envelope import open_envelope
 from crypto.errors import CryptoError
 from crypto.identity import DeviceIdentity, PublicIdentity, peer_id_of
 from crypto.location import LocationMessage, decode_location
-from overlay.mail.contacts import Contacts, PinResult
+from overlay.mail.contacts import MAX_KEYS_PER_ADDRESS, Contacts, PinResult
 from overlay.mail.db import RecordLimitError
 from overlay.mail.inbox import Inbox
 from overlay.mail.outbox import Outbox, RecipientStatus
@@ -110,6 +110,8 @@ class IncomingMail:
             return []
         contact = self.contacts.get(sender)
         signers = contact.unvouched_keys if contact is not None else ()
+        # pinned keys not listed now: retired by pin_keys, whatever else it finds
+        gone = frozenset(contact.keys if contact is not None else ()) - frozenset(device_keys)
         with self.inbox.transaction():  # the keys and the messages they release: one commit
             result = self.contacts.pin_keys(sender, device_keys, self.wall(),
                                             vouches=vouches, signers=signers)
@@ -122,12 +124,13 @@ class IncomingMail:
                         sender, sender)
         elif result is PinResult.UNVOUCHED:
             self.counters["key-unvouched"] += 1
-            log.warning("%s has a device key no device you trust vouched for: its messages "
-                        "are held; compare fingerprints (`peerpost contacts`), then "
-                        "`peerpost contacts accept %s`", sender, sender)
+            if len(frozenset(device_keys)) <= MAX_KEYS_PER_ADDRESS:  # else contacts warned
+                log.warning("%s has a device key no device you trust vouched for: its "
+                            "messages are held; compare fingerprints (`peerpost contacts`), "
+                            "then `peerpost contacts accept %s`", sender, sender)
         elif result is PinResult.ADDED:
             log.info("%s has a new device vouched for by a known one; trusted it", sender)
-        elif result is PinResult.RETIRED:
+        if gone and result is not PinResult.CHANGED:  # CHANGED: all gone, and said so
             log.warning("%s: its server no longer lists some device key(s) you trusted (a "
                         "device revoked or removed): retired, their messages and receipts "
                         "are not believed", sender)

@@ -191,13 +191,47 @@ def test_bad_keys_and_bounds(db: NodeDB) -> None:
         c.pin(BOB, b"short", 1.0)
     with pytest.raises(ValueError, match="device keys"):
         c.pin_keys(BOB, [], 1.0)
-    with pytest.raises(ValueError, match="device keys"):
-        c.pin_keys(BOB, [key(n) for n in range(MAX_KEYS_PER_ADDRESS + 1)], 1.0)
     c.pin(BOB, key(1), 1.0)
     with pytest.raises(RecordLimitError):
         c.pin("carol@c.example", key(2), 1.0)
     assert c.remove(BOB)
     assert c.get(BOB) is None and c.trusted_keys(BOB) == frozenset()
+
+
+def test_more_devices_listed_than_a_contact_holds(
+        db: NodeDB, caplog: pytest.LogCaptureFixture) -> None:
+    """A server may list more devices than a contact holds (a foreign domain's up to 256):
+    the set still retires and confirms; what does not fit is not trusted. ValueError on
+    the old code, for every one of these."""
+    c = Contacts(db)
+    many = [key(n) for n in range(1, MAX_KEYS_PER_ADDRESS + 3)]  # 18, in the server's order
+    # first contact, a message signed by the last one listed: it is among those pinned
+    assert c.pin_keys(BOB, many, 10.0, signers=[many[-1]]) is PinResult.UNVOUCHED
+    contact = c.get(BOB)
+    assert contact is not None and set(contact.keys) == {many[-1], *many[:15]}
+    assert set(contact.unvouched_keys) == {many[15], many[16]}
+    assert f"{BOB}: its server lists 18 devices, more than the 16 a contact holds: 2 of " \
+           "them are not trusted" in caplog.text
+    # a pinned device revoked: retired and the keys confirmed, nothing else trusted
+    listed = [k for k in many if k != key(3)]
+    assert c.pin_keys(BOB, listed, 20.0) is PinResult.UNVOUCHED
+    contact = c.get(BOB)
+    assert contact is not None and contact.retired_keys == (key(3),)
+    assert contact.keys_confirmed_at == 20.0 and len(contact.keys) == 15
+    # two devices vouched for by a pinned one, room for one: the first listed is pinned
+    vouches = {many[15]: vouch(1, 16), key(99): vouch(1, 99)}
+    assert c.pin_keys(BOB, [*listed, key(99)], 30.0, vouches=vouches) is PinResult.UNVOUCHED
+    assert c.trusted_keys(BOB) == frozenset(listed) - {many[16]}
+    assert set(c.get(BOB).unvouched_keys) == {many[16], key(99)}  # type: ignore[union-attr]
+    # every pinned key gone, 17 others listed: the first 16 wait for the user
+    carol = "carol@c.example"
+    c.pin(carol, key(1), 40.0)
+    others = [key(n) for n in range(100, 100 + MAX_KEYS_PER_ADDRESS + 1)]
+    assert c.pin_keys(carol, others, 50.0) is PinResult.CHANGED
+    contact = c.get(carol)
+    assert contact is not None and contact.retired_keys == (key(1),)
+    assert set(contact.pending_keys) == set(others[:16])
+    assert c.accept(carol) == frozenset(others[:16])
 
 
 def test_pins_survive_reopen(tmp_path: Path) -> None:

@@ -181,3 +181,19 @@ async def test_an_address_with_no_device_left_retires_every_key(
     with pytest.raises(SendError, match=r"no device is registered for this address$"):
         await sender.send(clip, ["carol@b.test"], "t", "")
     assert Contacts(db).get("carol@b.test") is None
+
+
+async def test_a_send_to_an_address_listing_more_devices_than_a_contact_holds(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """Bob's server (a foreign domain's may list up to 256) lists 17 devices, BOB2 revoked:
+    the send raised ValueError and bob's retired device was never retired."""
+    clip, server, sender = await _sent_once(db, store, tmp_path, BOB1, BOB2)
+    more = tuple(DeviceInfo(DeviceIdentity.from_seed(bytes([0x50 + n]) * 32).public.verify_key,
+                            True, None, {}) for n in range(16))
+    server.listed, server.sent = server.listed[:1] + more, []
+    await sender.send(clip, ["bob@b.test"], "t", "")
+    assert [peer for _, peer, _ in server.sent] == [BOB1.peer_id]  # the rest not vouched for
+    contact = Contacts(db).get("bob@b.test")
+    assert contact is not None and contact.keys == (BOB1.public.verify_key,)
+    assert contact.retired_keys == (BOB2.public.verify_key,)
+    assert set(contact.unvouched_keys) == {d.verify_key for d in more}
