@@ -172,7 +172,8 @@ class SimNode:
         """`peerpost init`: register the address (as this host), then write the home."""
         from crypto.address import format_hostport
         from crypto.identity import DeviceIdentity
-        from overlay.app.home import NodeConfig, NodeHome
+        from overlay.app.config import NodeConfig
+        from overlay.app.home import NodeHome
         from overlay.app.setup import register
         from rendezvous.domainkey import encode_key
 

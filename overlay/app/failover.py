@@ -26,7 +26,8 @@ from collections.abc import Mapping
 
 from crypto.address import domain_of, format_hostport, parse_hostport
 from crypto.errors import DecodeError
-from overlay.app.home import NodeConfig, NodeHome
+from overlay.app.config import NodeConfig
+from overlay.app.home import NodeHome
 from rendezvous.client import RendezvousClient
 from rendezvous.client_core import ServerIdentityError
 from rendezvous.dns import RESOLVER_ENV, DnsResolver, DomainLookupError, DomainResolver, srv_name

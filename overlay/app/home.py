@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     # `inbox`, ... only find the control socket here: imported where keys are read.
     from crypto.identity import DeviceIdentity
 
-    # Where its importers know it from; at run time `__getattr__` below, at first use.
-    from overlay.app.config import NodeConfig as NodeConfig
+    # dataclasses and inspect, which NodeConfig brings (7 ms): imported where a config is read.
+    from overlay.app.config import NodeConfig
 
 
 class HomeError(Exception):
@@ -196,16 +196,6 @@ class NodeHome:
             return load_identity(self.identity_path)
         except DecodeError as exc:
             raise HomeError(f"{self.identity_path}: {exc}") from None
-
-
-def __getattr__(name: str) -> object:
-    """`from overlay.app.home import NodeConfig` as before it moved to overlay.app.config,
-    which is imported at this first use, not with this module (see its docstring)."""
-    if name == "NodeConfig":
-        from overlay.app.config import NodeConfig
-
-        return NodeConfig
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _holder(lock_fd: int) -> str:

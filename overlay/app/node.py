@@ -28,12 +28,13 @@ from crypto.content import in_place_aead
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
 from crypto.location import LocationMessage
+from overlay.app.config import NodeConfig
 from overlay.app.control import ControlServer
 from overlay.app.failover import ServerFailover
 from overlay.app.fetch import ContentFetch
 from overlay.app.fetchmeter import FetchMeter
 from overlay.app.holders import HolderFinder
-from overlay.app.home import HomeError, NodeConfig, NodeHome
+from overlay.app.home import HomeError, NodeHome
 from overlay.app.links import EndpointFactory, PeerLinks
 from overlay.app.notify import MessageHook
 from overlay.app.operations import ControlOperations, key_mismatch_text

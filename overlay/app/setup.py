@@ -27,7 +27,8 @@ from crypto.address import domain_of, format_hostport, normalize_address, parse_
 from crypto.errors import CryptoError, DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
 from crypto.vouch import Vouch, device_key_text, make_vouch, parse_device_key
-from overlay.app.home import HomeError, NodeConfig, NodeHome
+from overlay.app.config import NodeConfig
+from overlay.app.home import HomeError, NodeHome
 from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver, txt_name
 from rendezvous.domainkey import encode_key, fingerprint
 from rendezvous.errors import ConnectionLostError, RemoteProtocolError, RendezvousError

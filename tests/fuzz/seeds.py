@@ -19,7 +19,7 @@ from crypto.codec import packb
 from crypto.envelope import sign_payload
 from crypto.identity import seal
 from crypto.location import Description, Handle, Headers, LocationMessage, SenderHints
-from overlay.app.home import NodeConfig
+from overlay.app.config import NodeConfig
 from overlay.dht import wire as dht
 from overlay.dht.records import ProviderRecord
 from overlay.dht.state import encode_state

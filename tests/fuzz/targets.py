@@ -28,8 +28,8 @@ from crypto.envelope import open_envelope
 from crypto.errors import CryptoError, DecodeError
 from crypto.identity import DeviceIdentity, seal
 from crypto.location import FolderInfo, decode_location
+from overlay.app.config import NodeConfig
 from overlay.app.control import ControlServer
-from overlay.app.home import NodeConfig
 from overlay.content.interfaces import NotEnoughSpace
 from overlay.dht.errors import RemoteProtocolError as DhtRemoteProtocolError
 from overlay.dht.records import ProviderRecord

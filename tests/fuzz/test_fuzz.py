@@ -15,7 +15,7 @@ import pytest
 
 from crypto.identity import DeviceIdentity
 from crypto.location import decode_location
-from overlay.app.home import NodeConfig
+from overlay.app.config import NodeConfig
 from overlay.dht.state import decode_state
 from overlay.dht.wire import decode_datagram
 from overlay.mail.receipts import Receipt

@@ -14,8 +14,9 @@ import pytest
 
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
+from overlay.app.config import NodeConfig
 from overlay.app.failover import ServerFailover, resolver_spec
-from overlay.app.home import NodeConfig, NodeHome
+from overlay.app.home import NodeHome
 from overlay.app.links import PeerLinks
 from overlay.transfer.server import TransferServer
 from overlay.transports.webrtc import AiortcChannels, WebRtcEndpoint

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from crypto.errors import DecodeError
-from overlay.app.home import NodeConfig
+from overlay.app.config import NodeConfig
 
 ADDR = "bob@a.test"
 

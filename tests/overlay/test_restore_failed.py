@@ -15,7 +15,8 @@ import pytest
 
 from crypto.identity import DeviceIdentity
 from overlay.app.backup import backup
-from overlay.app.home import HomeError, NodeConfig, NodeHome
+from overlay.app.config import NodeConfig
+from overlay.app.home import HomeError, NodeHome
 from tests import diskfull
 from tests.diskfull import rows, run_killed_before_rename
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from crypto.errors import DecodeError
-from overlay.app.home import NodeConfig
+from overlay.app.config import NodeConfig
 from overlay.app.lab import LocalNetwork, NodeHandle
 from rendezvous.domainkey import DOMAIN_KEY_NAME, DomainKey, encode_key
 
