@@ -39,7 +39,6 @@ from overlay.app.links import EndpointFactory, PeerLinks
 from overlay.app.notify import MessageHook
 from overlay.app.operations import ControlOperations, key_mismatch_text
 from overlay.content.catalog import ContentStore
-from overlay.content.diskio import ignore_lease_breaks
 from overlay.content.interfaces import ContentStoreError
 from overlay.dht.directory import ProviderDirectory
 from overlay.mail.contacts import Contacts
@@ -680,7 +679,6 @@ def run_node(home: NodeHome, args: argparse.Namespace, *,
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        ignore_lease_breaks()  # files sent are named and served mapped, under read leases
         try:
             async with Node(home, options=opts, wall=time.time) as node:
                 starting = None

@@ -29,7 +29,6 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 from crypto.capability import CAPABILITY_LEN, new_capability
@@ -64,7 +63,6 @@ from overlay.content.diskio import (
     SendBuffers,
     ShortRead,
     free_name,
-    leased_chunk,
     preallocate,
     private_dir,
     read_exactly,
@@ -134,22 +132,17 @@ def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,
                 scheme: LeafScheme) -> list[bytes]:
     """The leaf of every chunk of the file open at `fd` (ShortRead if it ends early).
 
-    KEYED_PLAIN: each chunk is hashed where it lies in the page cache (`leased_chunk`), or
-    where the file can't be mapped so, read into a buffer its thread reuses and hashed
-    there: one BLAKE3 pass and no sealing. SEALED: read, sealed, hashed. Both release the
-    GIL, so HASH_WORKERS threads use both cores; each holds one chunk."""
+    KEYED_PLAIN: each chunk is read into a buffer its thread reuses and hashed there, one
+    BLAKE3 pass and no sealing. SEALED: read, sealed, hashed. Both release the GIL, so
+    HASH_WORKERS threads use both cores; each holds one chunk."""
     return name_chunks_from(lambda start, view: read_exactly(fd, view, start), size,
-                            chunk_size, key, scheme,
-                            mapped=lambda start, n: leased_chunk(fd, start, n))
+                            chunk_size, key, scheme)
 
 
 def name_chunks_from(fill: Callable[[int, memoryview], None], size: int, chunk_size: int,
-                     key: bytes, scheme: LeafScheme, *,
-                     mapped: Callable[[int, int], AbstractContextManager[memoryview | None]]
-                     | None = None) -> list[bytes]:
+                     key: bytes, scheme: LeafScheme) -> list[bytes]:
     """`name_chunks` of a content whose bytes from offset `start` `fill(start, view)` puts
-    into `view` (a sent folder's, read through its ArchiveView); or, where `mapped(start,
-    n)` gives them, a view of those `n` bytes in place."""
+    into `view` (a sent folder's, read through its ArchiveView)."""
     count = chunk_count(size, chunk_size)
     cipher = ChunkCipher(key) if scheme is LeafScheme.SEALED else None
     key_l = leaf_key(key)
@@ -157,10 +150,6 @@ def name_chunks_from(fill: Callable[[int, memoryview], None], size: int, chunk_s
 
     def leaf(i: int) -> bytes:
         n = plain_chunk_len(size, chunk_size, i)
-        if cipher is None and mapped is not None:
-            with mapped(i * chunk_size, n) as lying:
-                if lying is not None:
-                    return plain_leaf(key_l, lying)
         plain = buffers.take(chunk_size)
         try:
             view = memoryview(plain)[:n]

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import mmap
 import os
-import signal
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from crypto.content import (
@@ -103,115 +101,6 @@ class ScratchBuffers:
 
 
 
-# Pages of a mapping read in before it is used (Linux 5.14; the constant is Python 3.12's).
-# Not MAP_POPULATE: with a page the file system fails to read (an I/O error, a FUSE or
-# network file system gone), mmap(MAP_POPULATE) retried in the kernel for as long as the
-# error lasted (10 minutes in a trial here, a core busy), where this fails at once (EFAULT).
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-
-# File systems (statfs f_type) whose files change only through this kernel, so that a read
-# lease covers every change: ext2/3/4, XFS, Btrfs, tmpfs, F2FS. A file elsewhere is read,
-# never mapped: a FUSE or network file system's file can shrink at its server, unseen by
-# the lease, and a mapped page then past its end is SIGBUS (seen here with a FUSE file
-# truncated behind it while a chunk was mapped).
-_LEASE_COVERS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010})
-
-
-def _fs_type(fd: int) -> int | None:
-    """The f_type of the file system of the file open at `fd` (None if fstatfs fails)."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs (120 bytes), f_type first
-    if _fstatfs(fd, buf) != 0:
-        return None
-    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
-
-
-_fstatfs = ctypes.CDLL(None, use_errno=True).fstatfs
-_fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
-_fstatfs.restype = ctypes.c_int
-
-
-def ignore_lease_breaks() -> None:
-    """Let this process map the chunks it reads under read leases (`leased_chunk`): a
-    lease break signals the holder with SIGIO, whose default action ends the process. Call
-    from the main thread (the node, at its start); nothing here uses SIGIO otherwise, as
-    every lease is let go after one chunk without being told."""
-    signal.signal(signal.SIGIO, signal.SIG_IGN)
-
-
-def _leased(fd: int) -> int | None:
-    """A new open file description of the file at `fd` holding a read lease, or None
-    where none is to be had: SIGIO not ignored, no /proc, a file someone has open for
-    writing (EAGAIN), another user's file (EACCES), a file system without leases or one
-    whose files can change unseen by a lease (not in _LEASE_COVERS)."""
-    if signal.getsignal(signal.SIGIO) is not signal.SIG_IGN or _fs_type(fd) not in _LEASE_COVERS:
-        return None
-    try:
-        own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fcntl.fcntl(own, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-    except OSError:
-        os.close(own)
-        return None
-    return own
-
-
-@contextlib.contextmanager
-def leased_chunk(fd: int, offset: int, n: int) -> Iterator[memoryview | None]:
-    """Bytes `offset`..`offset + n` of the file open at `fd`, mapped read-only under a read
-    lease; None where that can't be had (the caller reads the chunk instead). ShortRead if
-    the file now ends before them. The view is only good inside the block.
-
-    Mapped, a chunk goes from the page cache straight into the hash or the cipher with no
-    copy into a buffer first: one thread, 1 GiB in the page cache in 2 MiB chunks, naming
-    took 0.29 CPU s against 0.36-0.47 read, sealing 0.26-0.27 against 0.31-0.33. Reading a
-    mapping of a file that another process truncates kills the reader (SIGBUS), and the
-    lease is what rules that out: the kernel grants it only while nobody has the file open
-    for writing, and while it is held another open for writing, or a truncate, waits until
-    it is let go, at the end of this block (about a millisecond for 2 MiB). So the mapped
-    bytes can neither change nor vanish while they are read. The lease is taken on a new
-    open file description (through /proc/self/fd) for each chunk: a lease belongs to the
-    description, and naming reads chunks on two threads at once."""
-    own = _leased(fd) if n > 0 else None
-    m: mmap.mmap | None = None
-    whole: memoryview | None = None
-    try:
-        if own is not None:
-            if os.fstat(own).st_size < offset + n:
-                raise ShortRead
-            start = offset - offset % mmap.ALLOCATIONGRANULARITY
-            with contextlib.suppress(OSError):  # pages the kernel reads ahead, if it can
-                os.posix_fadvise(fd, offset, 2 * n, os.POSIX_FADV_WILLNEED)
-            try:
-                m = mmap.mmap(own, offset + n - start, mmap.MAP_SHARED, mmap.PROT_READ,
-                              offset=start)
-            except OSError:
-                m = None  # a file system that can't map it: read it
-            else:
-                try:
-                    m.madvise(_MADV_POPULATE_READ)
-                except OSError:
-                    # A page the file system can't read (EFAULT), or a kernel before 5.14
-                    # (EINVAL): read it, and an I/O error is then an OSError, not SIGBUS.
-                    m.close()
-                    m = None
-                else:
-                    whole = memoryview(m)
-        with contextlib.ExitStack() as views:
-            if whole is not None:
-                views.callback(whole.release)
-                view = views.enter_context(whole[offset - start:])
-                yield view
-            else:
-                yield None
-    finally:
-        if m is not None:
-            m.close()  # unmapped before the lease goes: the mapping holds the description
-        if own is not None:
-            os.close(own)
-
-
 def read_exactly(fd: int, view: memoryview, offset: int) -> None:
     """Fill `view` from the file at `offset` (ShortRead if the file ends first)."""
     got, n = 0, len(view)
@@ -261,16 +150,7 @@ def _fill_checked(fill: Callable[[memoryview], object], plain: memoryview,
 def read_and_seal(fd: int, cipher: ChunkCipher, index: int, n: int, chunk_size: int,
                   outgoing: SendBuffers,
                   check: Callable[[memoryview], bool] | None = None) -> bytearray:
-    """`fill_and_seal` of chunk `index` of the file `fd`: mapped under a read lease where
-    the file allows (`leased_chunk`), sealed from the page cache into the buffer that goes
-    out; else read into it and sealed there."""
-    with leased_chunk(fd, index * chunk_size, n) as plain:
-        if plain is not None:
-            if check is not None and not check(plain):
-                raise ChunkChanged
-            out = outgoing.take(n + cipher.overhead)
-            cipher.seal_into(index, plain, out)
-            return out
+    """`fill_and_seal` of chunk `index` read from the file `fd`."""
     return fill_and_seal(lambda plain: read_exactly(fd, plain, index * chunk_size), cipher,
                          index, n, outgoing, check)
 
