@@ -184,7 +184,8 @@ async def test_an_address_with_no_device_left_retires_every_key(
 
 
 async def test_a_send_to_an_address_listing_more_devices_than_a_contact_holds(
-        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+        db: NodeDB, store: ContentStore, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Bob's server (a foreign domain's may list up to 256) lists 17 devices, BOB2 revoked:
     the send raised ValueError and bob's retired device was never retired."""
     clip, server, sender = await _sent_once(db, store, tmp_path, BOB1, BOB2)
@@ -197,3 +198,8 @@ async def test_a_send_to_an_address_listing_more_devices_than_a_contact_holds(
     assert contact is not None and contact.keys == (BOB1.public.verify_key,)
     assert contact.retired_keys == (BOB2.public.verify_key,)
     assert set(contact.unvouched_keys) == {d.verify_key for d in more}
+    # `contacts accept` can't pin past the limit, so the sender is not told to run it.
+    sent = [r.getMessage() for r in caplog.records if r.name == "peerpost.send"]
+    assert any("not sealing to 16 of the 17 device keys its server lists: a contact holds "
+               "at most 16" in m for m in sent), sent
+    assert not any("contacts accept" in m for m in sent), sent
