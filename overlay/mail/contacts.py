@@ -85,6 +85,12 @@ MAX_KEYS_PER_ADDRESS = 16
 # so past this only keys the user accepted (and the at most 16 pinned then) add rows.
 MAX_RETIRED_PER_ADDRESS = 4 * MAX_KEYS_PER_ADDRESS
 DEFAULT_MAX_CONTACTS = 10_000
+
+
+def more_than_held(listed: Iterable[bytes]) -> bool:
+    """Whether a server lists more device keys than a contact holds: `pin_keys` then
+    warns naming the limit, and `contacts accept` can't pin the rest either."""
+    return len(frozenset(listed)) > MAX_KEYS_PER_ADDRESS
 # Seconds a FINGER's word on an address's keys is taken as current. Past it, a message or
 # receipt signed by a pinned key waits for one FINGER of the address before it is believed:
 # at most one lookup round trip per contact per hour, whatever the contact sends (a
@@ -148,7 +154,7 @@ class Contacts:
         signed = frozenset(signers)
         with self._db.transaction() as conn:
             result, trusted = self._pin_keys(conn, addr, listed, now, vouches or {}, signed)
-        if len(presented) > MAX_KEYS_PER_ADDRESS:
+        if more_than_held(presented):
             log.warning("%s: its server lists %d devices, more than the %d a contact holds: "
                         "%d of them are not trusted (nothing is sealed to them, what they "
                         "sign is held) while it lists more than %d", addr, len(presented),

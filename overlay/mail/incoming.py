@@ -38,7 +38,7 @@ from crypto.envelope import open_envelope
 from crypto.errors import CryptoError
 from crypto.identity import DeviceIdentity, PublicIdentity, peer_id_of
 from crypto.location import LocationMessage, decode_location
-from overlay.mail.contacts import MAX_KEYS_PER_ADDRESS, Contacts, PinResult
+from overlay.mail.contacts import Contacts, PinResult, more_than_held
 from overlay.mail.db import RecordLimitError
 from overlay.mail.inbox import Inbox
 from overlay.mail.outbox import Outbox, RecipientStatus
@@ -124,7 +124,7 @@ class IncomingMail:
                         sender, sender)
         elif result is PinResult.UNVOUCHED:
             self.counters["key-unvouched"] += 1
-            if len(frozenset(device_keys)) <= MAX_KEYS_PER_ADDRESS:  # else contacts warned
+            if not more_than_held(device_keys):  # else pin_keys warned
                 log.warning("%s has a device key no device you trust vouched for: its "
                             "messages are held; compare fingerprints (`peerpost contacts`), "
                             "then `peerpost contacts accept %s`", sender, sender)

@@ -35,7 +35,7 @@ from overlay.content.archive import MAP_SUFFIX
 from overlay.content.catalog import ContentStore
 from overlay.content.diskio import safe_file_name
 from overlay.content.interfaces import ContentStoreError
-from overlay.mail.contacts import MAX_KEYS_PER_ADDRESS, Contacts, PinResult
+from overlay.mail.contacts import MAX_KEYS_PER_ADDRESS, Contacts, PinResult, more_than_held
 from overlay.mail.describe import describe_media, make_thumbnail
 from overlay.mail.folders import (
     TAR_SUFFIX,
@@ -424,7 +424,7 @@ class MailSender:
             log.warning("%s: its server no longer lists some device key(s) you trusted (a "
                         "device revoked or removed): retired, not sealed to", addr)
         trusted = self.contacts.trusted_keys(addr)
-        if pin is PinResult.UNVOUCHED and len(set(keys)) > MAX_KEYS_PER_ADDRESS:
+        if pin is PinResult.UNVOUCHED and more_than_held(keys):
             # `contacts accept` can't pin past the limit either: only fewer devices can help.
             log.warning("%s: not sealing to %d of the %d device keys its server lists: a "
                         "contact holds at most %d", addr, sum(k not in trusted for k in keys),
