@@ -15,9 +15,9 @@ import logging
 import os
 import random
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from crypto.envelope import seal_for_recipients
 from crypto.errors import DecodeError
@@ -43,7 +43,7 @@ from rendezvous.client import (
 )
 from rendezvous.errors import NotFoundError
 from rendezvous.records import DeviceInfo, FingerResult
-from rendezvous.taskset import raise_if_cancelled
+from rendezvous.taskset import TaskSet, raise_if_cancelled
 
 log = logging.getLogger("peerpost.node")
 
@@ -54,6 +54,12 @@ _Owed = TypeVar("_Owed", tuple[bytes, bytes, float], tuple[bytes, bytes, str, fl
 LOGIN_FLUSH_WAIT = 3.0  # seconds downloads wait at most for the mailbox queued at login
 LOOKUP_BACKOFF = Backoff(5.0, 300.0, jitter=0.8)  # a sender's keys looked up again
 OWED_PAGE = 100  # owed receipts (downloaded, declined) read from node.db at a time
+# Senders looked up (FINGER) at once: a flood of mail from unknown senders makes our server
+# open no more links to their domains than this.
+MAX_LOOKUPS = 8
+# Envelopes the push loop sets aside for their sender's lookup; past it the loop waits for
+# the lookup itself, as it always did (each is at most a frame in memory).
+MAX_SET_ASIDE = 256
 
 
 class Receipts:
@@ -235,6 +241,17 @@ class Delivery:
     An envelope the inbox could not store (node.db's disk full) is not acknowledged: it
     stays at the server, and `unstored()` asks for it again with `lookup_backoff` until
     it is stored (at the next login the server pushes it again anyway).
+
+    An envelope that waits for a lookup of its sender (a pinned key's trust older than
+    KEYS_FRESH), or for an earlier envelope of its sender that does, is set aside and
+    judged once that lookup answers or fails; the push loop goes on taking the others. A
+    contact's slow or unreachable server (FINGER waits up to the link's timeout) held up
+    every message behind that contact's, from anyone. Kept from before: an envelope is
+    acknowledged only once stored (a crash meanwhile loses nothing: the server pushes it
+    again), one sender's envelopes are filed in the order taken, none is believed on a
+    stale key before a lookup of its sender ran, at most one lookup per sender runs at a
+    time (a second envelope waits for the one running) and MAX_LOOKUPS in all. The lookup
+    a key not trusted yet asks for runs beside the push loop the same way.
     """
 
     def __init__(self, rendezvous: RendezvousClient, incoming: IncomingMail, outbox: Outbox,
@@ -265,6 +282,18 @@ class Delivery:
         self._lookup_wake = asyncio.Event()
         self._unstored: set[bytes] = set()  # envelopes left at the server, asked again
         self._unstored_wake = asyncio.Event()
+        # Per sender, the last envelope set aside and not judged yet: the next one of that
+        # sender waits for it (`_in_turn`), so both are filed in the order taken.
+        self._turns: dict[str, asyncio.Future[None]] = {}
+        self._set_aside = 0
+        self._looking: dict[str, asyncio.Future[None]] = {}  # the lookup running per sender
+        self._lookup_slots = asyncio.Semaphore(MAX_LOOKUPS)
+
+    @property
+    def waiting(self) -> int:
+        """Envelopes taken and not judged yet: they wait for a lookup of their sender, or
+        behind an earlier envelope of their sender that does."""
+        return self._set_aside
 
     async def downloads_after_login(self) -> None:
         """Start the download queue once the mailbox that was waiting at login is read.
@@ -296,54 +325,122 @@ class Delivery:
             self._login_read.set()
 
     async def pushes(self) -> None:
-        """Handle every push of the session until it ends."""
-        async for push in self.rendezvous.pushes():
-            if isinstance(push, RelayInvite):
-                self.on_relay(push)
-                continue
-            if isinstance(push, PipeMessage):
-                if not self.on_pipe(push):
-                    self.incoming.counters["dropped-pipe"] += 1
-                    log.info("dropped a PIPE message from %s that isn't signalling",
-                             push.sender)
-                continue
-            await self._take(push.envelope)
-            self._note_handled(push.envelope.message_id)
+        """Handle every push of the session until it ends. An envelope that waits for a
+        lookup is judged in a child of this loop (`_take`); when the pushes end, the loop
+        waits for those, and a cancel leaves them at the server."""
+        async with TaskSet("envelopes set aside", limit=MAX_SET_ASIDE, logger=log) as aside:
+            async for push in self.rendezvous.pushes():
+                if isinstance(push, RelayInvite):
+                    self.on_relay(push)
+                    continue
+                if isinstance(push, PipeMessage):
+                    if not self.on_pipe(push):
+                        self.incoming.counters["dropped-pipe"] += 1
+                        log.info("dropped a PIPE message from %s that isn't signalling",
+                                 push.sender)
+                    continue
+                await self._take(push.envelope, aside)
+                self._note_handled(push.envelope.message_id)
+            await aside.wait()
 
-    async def _take(self, env: Envelope) -> None:
-        """Into the inbox, then acknowledged; left at the server if it could not be stored."""
+    async def _take(self, env: Envelope, aside: TaskSet | None = None) -> None:
+        """Into the inbox, then acknowledged; left at the server if it could not be stored.
+
+        Signed by a pinned key whose trust is older than KEYS_FRESH (RECHECK), it is judged
+        on the keys its sender's server lists now, or, if it can't be asked, as before;
+        taken while an earlier envelope of its sender waits for that, it waits behind it.
+        With `aside` (the push loop's children) such an envelope, and one whose key asks
+        for a lookup once filed, is finished in a child and this returns at once; without
+        (the retry of envelopes left at the server) it returns once all is done.
+        """
         pushed = Pushed(env.message_id, env.sender, env.blob)
-        outcome = self._handle(pushed, self.incoming.handle)
-        looked_up: set[str] = set()
-        if outcome is Outcome.RECHECK:
-            # Signed by a pinned key whose trust is older than KEYS_FRESH: judged on the
-            # keys its sender's server lists now, or, if it can't be asked, as before.
-            # Its own lookup, not whatever `key_checks` holds: another envelope taken
-            # meanwhile (`unstored`) may have taken its sender from there.
-            self.incoming.key_checks.discard(env.sender)
-            looked_up.add(env.sender)
-            await self._recheck(env.sender)
-            outcome = self._handle(pushed, self.incoming.handle_looked_up)
-            if outcome is Outcome.RECHECK:  # not expected: left at the server, not lost
-                self._leave(pushed, "not judged after its sender's lookup")
+        if env.sender not in self._turns:
+            outcome, asked = self._judge(pushed, self.incoming.handle)
+            if outcome is not Outcome.RECHECK:
+                def rest() -> Coroutine[Any, Any, None]:
+                    return self._filed(pushed, outcome, lookup=asked)
+                if not asked or aside is None or aside.spawn(
+                        rest(), name=f"lookup of {env.sender}") is None:
+                    await rest()
                 return
+        previous = self._turns.get(env.sender)
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._turns[env.sender] = turn
+        self._set_aside += 1
+
+        def judge() -> Coroutine[Any, Any, None]:
+            return self._in_turn(pushed, previous, turn)
+        task = None if aside is None else aside.spawn(
+            judge(), name=f"envelope from {env.sender}")
+        if task is None:
+            await judge()
+        else:  # cancelled before it ran: the next of its sender still gets its turn
+            task.add_done_callback(lambda _: self._turn_over(pushed.sender, turn, previous))
+
+    async def _in_turn(self, pushed: Pushed, previous: asyncio.Future[None] | None,
+                       turn: asyncio.Future[None]) -> None:
+        """Judge `pushed` once the envelope of its sender taken before it (`previous`) is
+        judged, after a lookup of its sender when its key's trust is stale (without
+        `previous`, `_take` found that already); then `turn` ends and the next may go."""
+        outcome: Outcome | None = Outcome.RECHECK
+        asked = False
+        try:
+            if previous is not None:
+                await asyncio.wait({previous})  # which a cancel here does not cancel
+                outcome, asked = self._judge(pushed, self.incoming.handle)
+            if outcome is Outcome.RECHECK:
+                # The lookup of its sender that runs now, or its own: judged on its answer
+                # (`handle_looked_up`), never on another's taken for it.
+                await self._lookup(pushed.sender)
+                outcome, _ = self._judge(pushed, self.incoming.handle_looked_up)
+                asked = False  # a retired key's message asks for one: this one just ran
+                if outcome is Outcome.RECHECK:  # not expected: left at the server, not lost
+                    self._leave(pushed, "not judged after its sender's lookup")
+                    return
+        finally:
+            self._turn_over(pushed.sender, turn, previous)
+        await self._filed(pushed, outcome, lookup=asked)
+
+    def _turn_over(self, sender: str, turn: asyncio.Future[None],
+                   previous: asyncio.Future[None] | None) -> None:
+        """`turn` ends, but not before `previous` (its envelope cancelled while waiting)."""
+        if previous is not None and not previous.done():
+            previous.add_done_callback(lambda _: self._turn_over(sender, turn, None))
+            return
+        if turn.done():
+            return
+        turn.set_result(None)
+        self._set_aside -= 1
+        if self._turns.get(sender) is turn:
+            del self._turns[sender]
+
+    def _judge(self, pushed: Pushed, handle: Callable[[Pushed], tuple[Outcome, object]]
+               ) -> tuple[Outcome | None, bool]:
+        """`handle`'s outcome (`_handle`), and whether it asked for a lookup of the sender
+        (the sender taken from `key_checks`, which no await separates from `handle`)."""
+        outcome = self._handle(pushed, handle)
+        asked = pushed.sender in self.incoming.key_checks
+        self.incoming.key_checks.discard(pushed.sender)
+        return outcome, asked
+
+    async def _filed(self, pushed: Pushed, outcome: Outcome | None, *, lookup: bool) -> None:
+        """After the inbox took `pushed`: the download woken, its sender looked up if its
+        key asked for that (`lookup`), then acknowledged."""
         if outcome is None:
             return
-        self._unstored.discard(env.message_id)
+        self._unstored.discard(pushed.message_id)
         # The download is woken (a new message; a first contact's once FINGER has
         # listed its key) before the REMOVE: it came first, and its round trip and
         # commit at the server stood between the inbox and the download, and held up
         # the FINGER behind it (the server's store answers in order).
         if outcome is Outcome.NEW:
             self.downloads.wake()
-        while self.incoming.key_checks:
-            sender = self.incoming.key_checks.pop()
-            if sender not in looked_up:  # a retired key's message: its lookup just ran
-                await self._recheck(sender)
+        if lookup:
+            await self._lookup(pushed.sender)
         # Acknowledge only after the inbox committed it; a dropped one is removed too,
         # or the server would hand the same garbage back at every login.
         with contextlib.suppress(RendezvousError, OSError):
-            await self.rendezvous.remove(env.message_id)
+            await self.rendezvous.remove(pushed.message_id)
         if outcome is Outcome.RECEIPT:
             await self.retention()
 
@@ -404,6 +501,25 @@ class Delivery:
             for item in sorted(pending):
                 await each(item)
 
+    async def _lookup(self, sender: str) -> None:
+        """Look `sender` up (`_recheck`), or wait for its lookup that runs now: one per
+        sender at a time, MAX_LOOKUPS in all. No await lies between the answer applied
+        (`recheck_keys`) and this lookup's end, so an envelope filed before it ended had
+        its signing key among those the answer was judged with."""
+        while (running := self._looking.get(sender)) is not None:
+            await asyncio.wait({running})
+            if not running.cancelled():
+                return
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._looking[sender] = mine
+        try:
+            async with self._lookup_slots:
+                await self._recheck(sender)
+            mine.set_result(None)
+        finally:
+            del self._looking[sender]
+            mine.cancel()  # cancelled, or failed: whoever waits for it looks up on its own
+
     async def _recheck(self, sender: str) -> None:
         devices: tuple[DeviceInfo, ...] | None = None
         try:
@@ -445,7 +561,7 @@ class Delivery:
         is held is not stored). Runs until cancelled."""
         held = await asyncio.to_thread(self.incoming.inbox.unverified_senders)
         self._lookup_failed.update(held)
-        await self._again(self._lookup_failed, self._lookup_wake, self._recheck)
+        await self._again(self._lookup_failed, self._lookup_wake, self._lookup)
 
     async def retention(self) -> None:
         """Apply the retention preference to every message all recipients now hold (or

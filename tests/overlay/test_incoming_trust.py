@@ -34,16 +34,16 @@ def db(tmp_path: Path) -> Iterator[NodeDB]:
         yield opened
 
 
-def pushed(n: int, signer: DeviceIdentity) -> Pushed:
+def pushed(n: int, signer: DeviceIdentity, sender: str = ALICE) -> Pushed:
     msg = LocationMessage(
-        headers=Headers(message_id=n.to_bytes(16, "big"), sender=ALICE,
+        headers=Headers(message_id=n.to_bytes(16, "big"), sender=sender,
                         sender_peer_id=signer.peer_id, recipients=("bob@example.net",),
                         created=1_700_000_000),
         description=Description(title=f"clip {n}", file_name="clip.ts"),
         handle=Handle(content_id=bytes([n]) * 32, size=1000, chunk_size=1 << 20,
                       content_key=b"k" * 32, capability=b"p" * 32))
     ((_, blob),) = seal_for_recipients(signer, "location", msg.encode(), [BOB.public])
-    return Pushed(msg.headers.message_id, ALICE, blob)
+    return Pushed(msg.headers.message_id, sender, blob)
 
 
 def receiver(db: NodeDB, *, known: bool = True) -> tuple[IncomingMail, Inbox, Contacts]:

@@ -47,12 +47,15 @@ ME = "bob@example.net"
 
 
 class Clock:
-    """The wall clock alice's node reads; the test moves it."""
+    """The wall clock alice's node reads; the test moves it (and, with `tick`, so does
+    each reading)."""
 
     def __init__(self, now: float) -> None:
         self.now = now
+        self.tick = 0.0
 
     def __call__(self) -> float:
+        self.now += self.tick
         return self.now
 
 
@@ -105,9 +108,10 @@ async def bob_sent_to_alice(db: NodeDB, store: ContentStore, tmp_path: Path,
     return BobNode(clock, server, delivery, incoming, outbox, inbox, clip, sent.id)
 
 
-def message_from(device: DeviceIdentity, n: int) -> Envelope:
-    """A location message alice's `device` signed, for bob, as his server pushes it."""
-    p = pushed(n, device)
+def message_from(device: DeviceIdentity, n: int, sender: str = ALICE) -> Envelope:
+    """A location message alice's (or `sender`'s) `device` signed, for bob, as his server
+    pushes it."""
+    p = pushed(n, device, sender)
     return Envelope(p.message_id, p.sender, ME, BOB.peer_id, 0, p.blob, 0.0)
 
 
@@ -250,12 +254,13 @@ def test_an_older_node_db_opens_with_its_contacts_taken_as_not_confirmed(
         assert not contacts.needs_confirming(ALICE, K2, 1e9)
 
 
-async def test_an_envelope_taken_while_another_waits_for_the_lookup_waits_for_one_too(
+async def test_an_envelope_taken_while_another_waits_for_the_lookup_waits_for_it_too(
         db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
     """The push loop and the retry of an envelope left at the server (`unstored`) take
     envelopes at once. The thief's message waits for alice's lookup; his `downloaded`
     receipt, taken meanwhile, was believed at once without one (the lookup in flight was
-    taken for its own, failed): counted, and bob's file deleted before alice had it."""
+    taken for its own, failed): counted, and bob's file deleted before alice had it. It
+    waits for that lookup (one per sender at a time), then is judged on its answer."""
     bob = await bob_sent_to_alice(db, store, tmp_path, ALICE1, ALICE2)
     bob.server.listed = bob.server.listed[:1]  # the operator revoked ALICE2 (stolen)
     bob.clock.now += KEYS_FRESH + 1
@@ -276,12 +281,14 @@ async def test_an_envelope_taken_while_another_waits_for_the_lookup_waits_for_on
         first = asyncio.create_task(bob.delivery._take(message_from(ALICE2, 1)))
         await asked[0].wait()  # the message waits for its lookup
         second = asyncio.create_task(bob.delivery._take(receipt_from(ALICE2, bob.sent_id)))
-        # the receipt taken meanwhile: judged at once (the parent), or asking too
-        waiting = asyncio.create_task(asked[1].wait())
-        await asyncio.wait({second, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
+        # the receipt taken meanwhile, at its first step: judged at once, asking a lookup
+        # of its own, or waiting for the one that runs
+        await asyncio.sleep(0)
+        assert not second.done() and not asked[1].is_set()
+        assert bob.delivery.waiting == 2
         answer.set()
         await asyncio.gather(first, second)
+    assert bob.server.fingers == 1 and bob.delivery.waiting == 0
     assert state_of(bob, 1) is InboxState.UNVERIFIED
     assert bob.alice_state() is RecipientStatus.SENT  # DOWNLOADED on the parent
     assert bob.clip.exists()
