@@ -3,8 +3,9 @@ contact's key whose trust is older than KEYS_FRESH waits for a FINGER of its sen
 that server is slow or down the FINGER takes up to the link's timeout, and the push loop
 waited for it, so every message behind it, from anyone, waited too. Now such an envelope
 is set aside and judged when its lookup answers (or fails: the pinned keys believed, as
-before); the loop goes on. Still: one sender's envelopes are filed in the order taken,
-none is believed before the lookup, each is acknowledged once, after it is stored, and at
+before); the loop goes on, and so it does past a first contact's lookup. Still: one
+sender's envelopes are filed in the order taken, none is believed before the lookup, each
+is acknowledged once, after it is stored (a node stopped meanwhile loses nothing), and at
 most MAX_LOOKUPS lookups run at once.
 
 Bob's node is its real pieces (node.db, contacts, inbox, `Delivery` reading the pushes)
@@ -112,7 +113,7 @@ async def until_carols_is_in(bob: BobNode, woken: asyncio.Event,
     waiting = asyncio.create_task(woken.wait())
     await asyncio.wait({waiting, pushing}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
     waiting.cancel()
-    assert woken.is_set(), "carol's message waited for alice's lookup"
+    assert woken.is_set(), "carol's message waited for another sender's lookup"
     assert state_of(bob, 9) is InboxState.OFFERED
 
 
@@ -223,3 +224,51 @@ async def test_no_more_than_max_lookups_run_at_once(
     assert {state_of(bob, 20 + n) for n in range(10)} == {InboxState.OFFERED}
     assert sorted(hang.removed) == sorted(ids(9, *range(20, 30)))
     assert "could not look up" not in caplog.text
+
+
+async def test_a_first_contacts_lookup_that_hangs_holds_up_no_one_else(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """Dave writes for the first time: his message is filed held (unverified) at once and
+    acknowledged only after the lookup that may trust his key, which hangs meanwhile."""
+    bob = await stale_alice_and_fresh_carol(db, store, tmp_path)
+    dave, dave1 = "dave@example.com", DeviceIdentity.from_seed(b"d" * 32)
+
+    async def daves_server(address: str) -> FingerResult:
+        return FingerResult(address, (DeviceInfo(dave1.public.verify_key, True, None, {}),))
+
+    hang = HangingLookups(bob, {dave}, daves_server)
+    with woken_downloads(bob) as woken:
+        pushing = await push(bob, message_from(dave1, 1, dave), message_from(CAROL1, 9, CAROL))
+        try:
+            await until_carols_is_in(bob, woken, pushing)
+            assert hang.asked == [dave] and state_of(bob, 1) is InboxState.UNVERIFIED
+            assert hang.removed == ids(9)
+        finally:
+            await finished(pushing, hang)
+    assert state_of(bob, 1) is InboxState.OFFERED  # his server listed the key: trusted
+    assert hang.removed == ids(9, 1) and hang.asked == [dave]
+
+
+async def test_a_node_stopped_while_a_lookup_hangs_loses_nothing(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """The push loop cancelled (the node stops) while alice's lookup hangs: her message
+    is neither filed nor acknowledged, so the server pushes it again at the next login,
+    and then it is filed once."""
+    bob = await stale_alice_and_fresh_carol(db, store, tmp_path)
+    hang = HangingLookups(bob, {ALICE})
+    with woken_downloads(bob) as woken:
+        pushing = await push(bob, message_from(ALICE1, 1), message_from(CAROL1, 9, CAROL))
+        try:
+            await until_carols_is_in(bob, woken, pushing)
+        finally:
+            pushing.cancel()
+            await asyncio.wait({pushing})
+    assert pushing.cancelled() and hang.hanging == 0  # the lookup ended with the loop
+    assert bob.inbox.get(ids(1)[0]) is None and hang.removed == ids(9)
+    assert bob.delivery.waiting == 0
+
+    hang.answer.set()  # the next login: alice's server answers
+    await bob.receive(message_from(ALICE1, 1), message_from(CAROL1, 9, CAROL))
+    assert state_of(bob, 1) is InboxState.OFFERED
+    assert sorted(e.id for e in bob.inbox.list()) == ids(1, 9)
+    assert hang.removed == ids(9, 9, 1)  # carol's again: a duplicate, acknowledged
