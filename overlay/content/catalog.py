@@ -29,6 +29,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from crypto.capability import CAPABILITY_LEN, new_capability
@@ -128,19 +129,38 @@ def _damaged(path: Path, problem: str) -> str:
         "you sent are served again only once you `peerpost resend` them"))
 
 
+class NamingStopped(Exception):
+    """A naming pass ended early because its caller set its `stop` flag: nothing was named."""
+
+
+@dataclass(frozen=True, slots=True)
+class NamedContent:
+    """A content whose chunks are named (its one hash pass done) but not yet recorded:
+    `ContentStore.hold` records it. A send names its file while the recipients' keys are
+    looked up, and records it only once every recipient is accepted."""
+
+    make: Callable[..., LocalContent]  # builds it, given content_id= and capability=
+    leaves: tuple[bytes, ...]
+    # Raises if the source is no longer what was named (OSError if it is gone,
+    # ContentStoreError if it changed): a send may hold a name for a WAN round trip.
+    check_source: Callable[[], None]
+
+
 def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,
-                scheme: LeafScheme) -> list[bytes]:
-    """The leaf of every chunk of the file open at `fd` (ShortRead if it ends early).
+                scheme: LeafScheme, stop: threading.Event | None = None) -> list[bytes]:
+    """The leaf of every chunk of the file open at `fd` (ShortRead if it ends early;
+    NamingStopped, once every thread has let go of its chunk, if `stop` is set meanwhile).
 
     KEYED_PLAIN: each chunk is read into a buffer its thread reuses and hashed there, one
     BLAKE3 pass and no sealing. SEALED: read, sealed, hashed. Both release the GIL, so
     HASH_WORKERS threads use both cores; each holds one chunk."""
     return name_chunks_from(lambda start, view: read_exactly(fd, view, start), size,
-                            chunk_size, key, scheme)
+                            chunk_size, key, scheme, stop)
 
 
 def name_chunks_from(fill: Callable[[int, memoryview], None], size: int, chunk_size: int,
-                     key: bytes, scheme: LeafScheme) -> list[bytes]:
+                     key: bytes, scheme: LeafScheme,
+                     stop: threading.Event | None = None) -> list[bytes]:
     """`name_chunks` of a content whose bytes from offset `start` `fill(start, view)` puts
     into `view` (a sent folder's, read through its ArchiveView)."""
     count = chunk_count(size, chunk_size)
@@ -149,6 +169,9 @@ def name_chunks_from(fill: Callable[[int, memoryview], None], size: int, chunk_s
     buffers = ScratchBuffers(HASH_WORKERS)
 
     def leaf(i: int) -> bytes:
+        # Checked per chunk: a refused send stops a pass over a 10 GB file within a chunk.
+        if stop is not None and stop.is_set():
+            raise NamingStopped("the naming pass was stopped")
         n = plain_chunk_len(size, chunk_size, i)
         plain = buffers.take(chunk_size)
         try:
@@ -280,6 +303,21 @@ class ContentStore:
         capability: bytes | None = None, scheme: LeafScheme | None = None,
     ) -> LocalContent:
         """`add_local_file` for callers already in a thread."""
+        return self.hold(self.name_local_file_blocking(path, chunk_size=chunk_size, key=key,
+                                                       scheme=scheme), capability)
+
+    async def name_local_file(self, path: Path, *,
+                              stop: threading.Event | None = None) -> NamedContent:
+        """`add_local_file`'s hash pass alone (in threads), recording nothing: `hold`
+        records what it names. Setting `stop` ends the pass early (NamingStopped)."""
+        return await asyncio.to_thread(self.name_local_file_blocking, path, stop=stop)
+
+    def name_local_file_blocking(
+        self, path: Path, *, chunk_size: int | None = None, key: bytes | None = None,
+        scheme: LeafScheme | None = None, stop: threading.Event | None = None,
+    ) -> NamedContent:
+        """`name_local_file` for callers already in a thread (with `add_local_file`'s
+        chunk size, key and scheme)."""
         path = Path(path).resolve()
         key = new_content_key() if key is None else key
         scheme = local_scheme() if scheme is None else LeafScheme(scheme)
@@ -290,24 +328,34 @@ class ContentStore:
             chunk_size = chunk_size_for(size) if chunk_size is None else chunk_size
             check_layout(size, chunk_size)
             try:
-                leaves = name_chunks(fd, size, chunk_size, key, scheme)
+                leaves = name_chunks(fd, size, chunk_size, key, scheme, stop)
             except ShortRead:
                 raise ContentStoreError(f"{path} shrank while it was being added") from None
             after = os.fstat(fd)
-        if (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
+        named = (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
+        if named[2:] != (size, before.st_mtime_ns):
             raise ContentStoreError(f"{path} changed while it was being added")
-        return self._hold(functools.partial(
+
+        def check_source() -> None:
+            now = os.stat(path)  # FileNotFoundError if it went meanwhile
+            if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != named:
+                raise ContentStoreError(f"{path} changed while it was being added")
+
+        return NamedContent(functools.partial(
             LocalContent, size=size, chunk_size=chunk_size, key=key, path=path,
             leaves=tuple(leaves), mtime_ns=before.st_mtime_ns, scheme=scheme,
-            outgoing=self._outgoing), leaves, capability)
+            outgoing=self._outgoing), tuple(leaves), check_source)
 
-    def _hold(self, make: Callable[..., LocalContent], leaves: Sequence[bytes],
-              capability: bytes | None) -> LocalContent:
-        """Record a complete content this node named from its `leaves`:
-        `make(content_id=, capability=)` builds it; the capability is fresh unless given or
-        already handed out for this content (same bytes, same key: same content id)."""
+    def hold(self, named: NamedContent, capability: bytes | None = None) -> LocalContent:
+        """Record a complete content this node named (`name_local_file`,
+        `name_sent_archive`), if its source is still what was named (else the error
+        `named.check_source` raises, and nothing is recorded). The capability is fresh
+        unless given or already handed out for this content (same bytes, same key: same
+        content id). Blocking."""
         if capability is not None and len(capability) != CAPABILITY_LEN:
             raise DecodeError("a capability is 32 bytes")
+        named.check_source()
+        make, leaves = named.make, named.leaves
         content = make(content_id=merkle_root(leaves),
                        capability=capability or new_capability())
         size, chunk_size, key, path, scheme = (content.size, content.chunk_size, content.key,
@@ -336,6 +384,21 @@ class ContentStore:
     def add_sent_archive_blocking(self, map_path: Path) -> ArchiveView:
         """`add_sent_archive` for callers already in a thread. ContentStoreError if the
         map is not a sender's, or a file changed since the map was made."""
+        content = self.hold(self.name_sent_archive_blocking(map_path))
+        if not isinstance(content, ArchiveView):  # unreachable: its `make` builds views
+            raise ContentStoreError(f"{map_path} is not a folder map")
+        return content
+
+    async def name_sent_archive(self, map_path: Path, *,
+                                stop: threading.Event | None = None) -> NamedContent:
+        """`add_sent_archive`'s hash pass alone (in threads), recording nothing: `hold`
+        records what it names. Setting `stop` ends the pass early (NamingStopped)."""
+        return await asyncio.to_thread(self.name_sent_archive_blocking, map_path, stop=stop)
+
+    def name_sent_archive_blocking(self, map_path: Path, *,
+                                   stop: threading.Event | None = None) -> NamedContent:
+        """`name_sent_archive` for callers already in a thread. ContentStoreError as
+        `add_sent_archive`'s."""
         map_path = Path(map_path)
         if not self._is_sent_map(map_path):
             raise ContentStoreError(f"{map_path} is not a folder map in {self.sent_maps}")
@@ -351,13 +414,16 @@ class ContentStore:
             mtime_ns=0, scheme=scheme, outgoing=self._outgoing,
             layout=layout, gaps_path=map_path)
         reader = make(content_id=b"", capability=b"", leaves=())
-        leaves = name_chunks_from(reader.read_plain, layout.size, chunk_size, key, scheme)
-        if (changed := reader.files_changed()) is not None:  # during the pass
-            raise ContentStoreError(changed)
-        content = self._hold(functools.partial(make, leaves=tuple(leaves)), leaves, None)
-        if not isinstance(content, ArchiveView):  # unreachable: `make` builds views
-            raise ContentStoreError(f"{map_path} is not a folder map")
-        return content
+        leaves = name_chunks_from(reader.read_plain, layout.size, chunk_size, key, scheme,
+                                  stop)
+
+        def check_source() -> None:
+            if (changed := reader.files_changed()) is not None:
+                raise ContentStoreError(changed)
+
+        check_source()  # during the pass
+        return NamedContent(functools.partial(make, leaves=tuple(leaves)), tuple(leaves),
+                            check_source)
 
     @property
     def sent_maps(self) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -283,22 +284,40 @@ class MailSender:
         addresses = check_recipients(to)
         if not await asyncio.to_thread(path.is_file):
             raise SendError(f"no such file: {path}")
-        # Describing the file (PyAV's probe and thumbnail, in a thread) only reads it: it
-        # starts now, beside the FINGER round trips, and goes on beside the hash pass that
-        # names the file (the store's threads), which waits for the recipients because it
-        # records the content. A refused recipient cancels the description.
+        # Three things start at once: the FINGER round trips (one per address, across
+        # domains a WAN round trip or more through the remote server), the hash pass that
+        # names the file (the store's threads, about 0.2 s a GiB here) and its description
+        # (PyAV's probe and thumbnail, in a thread). Naming records nothing: the content is
+        # recorded (`hold`) only once every recipient is accepted. A refused recipient
+        # stops the pass (checked per chunk) and cancels the description, and the send
+        # raises only once both have ended: nothing reads the file behind the user's back.
+        stop = threading.Event()
+        naming = asyncio.gather(
+            self.store.name_sent_archive(path, stop=stop) if path.suffix == MAP_SUFFIX
+            and folder is not None else self.store.name_local_file(path, stop=stop),
+            return_exceptions=True)
         describing = asyncio.gather(
             describe(path) if folder is None else describe_folder(path, folder),
             return_exceptions=True)
         try:
             recipients = await self._recipients(addresses)
-            naming = (self.store.add_sent_archive(path) if path.suffix == MAP_SUFFIX
-                      and folder is not None else self.store.add_local_file(path))
-            named, (described,) = await asyncio.gather(naming, describing,
-                                                       return_exceptions=True)
+            # Not `gather`: cancelled, it would cancel naming's task and leave its threads
+            # reading; `wait` leaves both to the `finally` below.
+            both: list[asyncio.Future[Any]] = [naming, describing]
+            await asyncio.wait(both)
+            (named,), (described,) = naming.result(), describing.result()
         finally:
-            if not describing.done():  # a recipient was refused
+            stopping = not naming.done()  # a recipient was refused, or this send cancelled
+            if stopping:
+                # Not cancelled: that would leave its threads reading. Its outcome (the
+                # NamingStopped, or a name nobody records) is in the gather's result.
+                stop.set()
+            cancelling = not describing.done()
+            if cancelling:
                 describing.cancel()
+            if stopping:
+                await asyncio.wait([naming])
+            if cancelling:
                 # Not `await describing` under suppress(CancelledError): that would also
                 # swallow a cancel of this task arriving meanwhile.
                 await asyncio.wait([describing])
@@ -306,14 +325,15 @@ class MailSender:
                     # A cancelled gather ends with CancelledError set as its exception:
                     # retrieved here, or asyncio logs it as never retrieved.
                     describing.exception()
-        if isinstance(named, ContentStoreError):  # changed since it was mapped or named
-            again = "; send the folder again with `peerpost send`" if folder else ""
-            raise SendError(f"{named}{again}; nothing was sent") from None
         if isinstance(named, BaseException):  # either one's error, as it was raised before
-            raise _unreadable(path, named)
+            raise self._unnamed(path, folder, named)
         if isinstance(described, BaseException):
             raise _unreadable(path, described)
-        local, (description, _) = named, described
+        try:  # the file may have gone or changed while the recipients were judged
+            local = await asyncio.to_thread(self.store.hold, named)
+        except (ContentStoreError, OSError) as exc:
+            raise self._unnamed(path, folder, exc) from None
+        description = described[0]
         if named_ids is not None:
             named_ids.append(local.content_id)
         self.announce(local.content_id)
@@ -349,6 +369,14 @@ class MailSender:
         log.info("sent %s (%s, %d bytes) to %s", mid.hex(), title, content.size,
                  ", ".join(addresses))
         return mid
+
+    @staticmethod
+    def _unnamed(path: Path, folder: FolderInfo | None, exc: BaseException) -> BaseException:
+        """What a send raises when naming or recording `path` raised `exc`."""
+        if isinstance(exc, ContentStoreError):  # changed since it was mapped or named
+            again = "; send the folder again with `peerpost send`" if folder else ""
+            return SendError(f"{exc}{again}; nothing was sent")
+        return _unreadable(path, exc)
 
     async def _recipients(self, addresses: list[str]) -> list[Recipient]:
         """Each address's Recipient: the FINGERs go out at once (one round trip, not one

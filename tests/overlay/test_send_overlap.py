@@ -1,7 +1,8 @@
 """`MailSender.send` overlaps what it waits for: the recipients' FINGERs go out at once,
-and the file's description (PyAV) runs while they are answered. A refused address is the
-error it was when they went one by one, and leaves nothing behind. So does a file that
-goes away while they are answered.
+and the file's naming (the hash pass) and description (PyAV) run while they are answered;
+the content is recorded only once every recipient is accepted. A refused address is the
+error it was when they went one by one, stops the hash pass and leaves nothing behind. So
+does a file that goes away or changes while they are answered.
 
 The fake server below answers a FINGER only once the test's condition holds (every
 address asked; the description started): a send that waits for one round trip before
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -20,10 +22,12 @@ from typing import Any, cast
 import pytest
 
 from crypto.identity import DeviceIdentity
+from overlay.content import catalog
 from overlay.content.catalog import ContentStore
 from overlay.mail import outgoing
 from overlay.mail.contacts import Contacts
 from overlay.mail.db import NodeDB
+from overlay.mail.folders import plan_pack, write_map
 from overlay.mail.outbox import Outbox
 from overlay.mail.outgoing import MailSender, SendError
 from rendezvous.errors import error_for
@@ -174,10 +178,10 @@ async def test_naming_that_fails_is_a_send_error_unless_the_disk_is_full(
         raised: OSError) -> None:
     """A file made unreadable is the user's to mend: a SendError. A full disk stays the
     OSError it was, which the control socket words as this node's full disk."""
-    async def add_local_file(path: Path) -> Any:
+    async def name_local_file(path: Path, *, stop: Any = None) -> Any:
         raise raised
 
-    monkeypatch.setattr(store, "add_local_file", add_local_file)
+    monkeypatch.setattr(store, "name_local_file", name_local_file)
     server = _Server(lambda: True)
     with pytest.raises((SendError, OSError)) as err:
         async with asyncio.timeout(10):
@@ -188,3 +192,170 @@ async def test_naming_that_fails_is_a_send_error_unless_the_disk_is_full(
         assert isinstance(err.value, SendError)
         assert str(err.value) == f"cannot read {clip}: Permission denied; nothing was sent"
     assert server.sent == [] and Outbox(db).list() == []
+
+
+async def test_the_file_is_named_while_the_server_answers(
+        db: NodeDB, store: ContentStore, clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FINGER that takes a WAN round trip (100 ms here) no longer comes before the hash
+    pass: naming starts before the answer, and the content is recorded only after it.
+    On the parent the pass started once the answer was in: the send took the sum."""
+    events: list[str] = []
+    real = catalog.name_chunks_from
+
+    def name_chunks_from(*args: Any, **kwargs: Any) -> list[bytes]:
+        events.append("naming")  # list.append: safe from the naming thread
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(catalog, "name_chunks_from", name_chunks_from)
+    recorded_at_answer: list[list[bytes]] = []
+
+    class _SlowServer(_Server):
+        async def finger(self, address: str) -> FingerResult:
+            await asyncio.sleep(0.1)  # the round trip through a remote domain's server
+            events.append("answer")
+            recorded_at_answer.append(store.content_ids())
+            return await super().finger(address)
+
+    server = _SlowServer(lambda: True)
+    async with asyncio.timeout(10):
+        mid = await _sender(db, store, server).send(clip, ["bob@a.test"], "t", "")
+    assert events == ["naming", "answer"]
+    assert recorded_at_answer == [[]]
+    entry = Outbox(db).get(mid)
+    assert entry is not None and store.content_ids() == [entry.content_id]
+    assert [m for m, _ in server.sent] == [mid]
+
+
+class _WatchedPass:
+    """The naming pass, watched: `started` once its first chunk is read; each later read
+    waits (at most 5 s) until the send sets the pass's stop flag, so a pass nobody stops
+    reads every chunk; `ended` once its threads are done, with its error if any."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started, self.ended = threading.Event(), threading.Event()
+        self.reads: list[int] = []
+        self.error: BaseException | None = None
+        real = catalog.name_chunks_from
+
+        def name_chunks_from(fill: Callable[[int, memoryview], None], size: int,
+                             chunk_size: int, key: bytes, scheme: Any,
+                             stop: threading.Event | None = None) -> list[bytes]:
+            never = threading.Event()
+
+            def watched_fill(start: int, view: memoryview) -> None:
+                self.reads.append(start)
+                if self.started.is_set():
+                    (stop or never).wait(5)
+                self.started.set()
+                fill(start, view)
+
+            try:
+                return real(watched_fill, size, chunk_size, key, scheme, stop)
+            except BaseException as exc:
+                self.error = exc
+                raise
+            finally:
+                self.ended.set()
+
+        monkeypatch.setattr(catalog, "name_chunks_from", name_chunks_from)
+
+
+class _RefusingServer(_Server):
+    """Refuses every address (unknown), once the naming pass has read a chunk (or 5 s)."""
+
+    def __init__(self, watched: _WatchedPass) -> None:
+        super().__init__(lambda: True)
+        self.watched = watched
+
+    async def finger(self, address: str) -> FingerResult:
+        await asyncio.to_thread(self.watched.started.wait, 5)
+        raise error_for(Status.NOT_FOUND, "no such address")
+
+
+CHUNKS = 6  # of 1 MiB: the size `chunk_size_for` gives a file this small
+
+
+async def test_a_refused_address_stops_the_naming_and_records_nothing(
+        db: NodeDB, store: ContentStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused while its file is being named: the pass stops within a chunk and has ended
+    when `send` raises; nothing is in the content store or the outbox."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes((CHUNKS - 1) << 20) + b"x")
+    watched = _WatchedPass(monkeypatch)
+    server = _RefusingServer(watched)
+    with pytest.raises(SendError) as err:
+        async with asyncio.timeout(30):
+            await _sender(db, store, server).send(big, ["carol@a.test"], "t", "")
+    assert watched.ended.is_set()  # before `send` raised
+    assert str(err.value) == "carol@a.test: no such address"
+    assert isinstance(watched.error, catalog.NamingStopped)
+    assert len(watched.reads) < CHUNKS
+    assert server.sent == [] and Outbox(db).list() == [] and store.content_ids() == []
+
+
+async def test_a_refused_folder_send_stops_the_naming_and_deletes_only_its_map(
+        db: NodeDB, store: ContentStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for a folder, named through its map: the map goes, the files stay."""
+    src = tmp_path / "sunday"
+    src.mkdir()
+    (src / "a.bin").write_bytes(bytes((CHUNKS - 1) << 20) + b"x")
+    map_path, info = write_map(plan_pack([src]), store.root)
+    watched = _WatchedPass(monkeypatch)
+    server = _RefusingServer(watched)
+    with pytest.raises(SendError) as err:
+        async with asyncio.timeout(30):
+            await _sender(db, store, server).send(map_path, ["carol@a.test"], "t", "", info)
+    assert watched.ended.is_set()
+    assert str(err.value) == "carol@a.test: no such address"
+    assert isinstance(watched.error, catalog.NamingStopped)
+    assert len(watched.reads) < CHUNKS
+    assert server.sent == [] and Outbox(db).list() == [] and store.content_ids() == []
+    assert not map_path.exists() and (src / "a.bin").stat().st_size == ((CHUNKS - 1) << 20) + 1
+
+
+@pytest.mark.parametrize("change", ["edited", "removed"])
+async def test_a_file_changed_once_named_while_the_server_answers_is_not_sent(
+        db: NodeDB, store: ContentStore, clip: Path, monkeypatch: pytest.MonkeyPatch,
+        change: str) -> None:
+    """Named and described before the FINGER is answered, then edited or removed: the
+    send is refused as if that had happened before naming, and nothing is recorded."""
+    named, described = asyncio.Event(), asyncio.Event()
+    name, describe = store.name_local_file, outgoing.describe
+
+    async def name_local_file(path: Path, *, stop: Any = None) -> Any:
+        try:
+            return await name(path, stop=stop)
+        finally:
+            named.set()
+
+    async def describing(path: Path) -> Any:
+        try:
+            return await describe(path)
+        finally:
+            described.set()
+
+    monkeypatch.setattr(store, "name_local_file", name_local_file)
+    monkeypatch.setattr(outgoing, "describe", describing)
+
+    class _ChangingServer(_Server):
+        async def finger(self, address: str) -> FingerResult:
+            await named.wait()
+            await described.wait()
+            if change == "edited":
+                with clip.open("ab") as f:
+                    f.write(b"more")
+            else:
+                clip.unlink()
+            return await super().finger(address)
+
+    server = _ChangingServer(lambda: True)
+    with pytest.raises(SendError) as err:
+        async with asyncio.timeout(10):
+            await _sender(db, store, server).send(clip, ["bob@a.test"], "t", "")
+    assert str(err.value) == {
+        "edited": f"{clip.resolve()} changed while it was being added; nothing was sent",
+        "removed": f"cannot read {clip}: No such file or directory; nothing was sent",
+    }[change]
+    assert server.sent == [] and Outbox(db).list() == [] and store.content_ids() == []
