@@ -1,7 +1,8 @@
 """The downloader: fetch a content's missing chunks from several holders at once.
 
 Per source, one task: connect, handshake (refusing a holder that isn't the expected peer),
-OPEN with a capability proof, get the chunk-hash list if we don't have a verified one yet,
+then in one flight OPEN with a capability proof, the chunk-hash list's requests if we don't
+have a verified one yet (and no other source is getting it) and the first window of GETs,
 then two loops joined in a TaskGroup: the *requester* keeps the source's window of GETs
 outstanding as `ChunkScheduler` decides (rarest first, duplicates only in the endgame) and
 sends CANCELs; the *reader* files what comes back: chunks, refusals and HAVE updates from a
@@ -556,25 +557,58 @@ class Downloader:
             run.task.cancel()
 
     async def _serve_from(self, run: _SourceRun) -> None:
-        p = self.partial
+        p, sched, label = self.partial, self.scheduler, run.stats.label
         async with asyncio.timeout(self.connect_timeout):
             stream = await run.source.connect()
         run.session = session = await open_transfer_session(
             stream, self.identity, expected_peer=run.source.peer_id,
             handshake_timeout=self.handshake_timeout)
         run.stats.path = session.path
-        async with asyncio.timeout(self.stall_timeout):
-            info = await session.open(p.content_id, p.capability)
-        if (info.size, info.chunk_size) != (p.size, p.chunk_size):
-            raise _Ban(f"claims layout {info.size}/{info.chunk_size}, "
-                       f"the handle says {p.size}/{p.chunk_size}")
+        # The handle gives the layout, so OPEN, the HASHES requests (one source at a time
+        # while the hash list is not known) and the first GETs go in one flight: the first
+        # chunk comes one round trip after the handshake, not three. The GETs are picked as
+        # of a holder of every chunk; the holder serves those its OPENED shows (`Gets.
+        # shown`), and the others go back to the pool here. The holder answers in order:
+        # the hash list goes out before it even reads the GETs (a chunk queued first held
+        # it back a whole chunk's time on a slow uplink, past the stall timeout), and the
+        # chunks wait in the session until the hash list is verified.
         session.align_payloads(p.scheme.seal_lead)
-        await self._ensure_leaves(session)
         run.pace = pace = SourcePace(
             p.chunk_size, min_window=self.min_window, max_window=self.window,
             target_latency=self.target_latency, min_stall=self.min_stall,
             max_stall=self.stall_timeout)
-        self.scheduler.add_source(run.stats.label, window=pace.window, have=info.have)
+        sched.add_source(label, window=pace.window)
+        first = list(iter(lambda: sched.next_request(label), None))
+        pages: list[tuple[int, int]] | None = None
+        ask_leaves = p.leaves is None and not self._leaves_lock.locked()
+        if ask_leaves:
+            await self._leaves_lock.acquire()  # not held: taken at once
+        try:
+            session.queue_open(p.content_id, p.capability)
+            if ask_leaves:
+                pages = session.queue_hashes(p.content_id, p.size, p.chunk_size)
+            self.counters["get_frames"] += session.queue_first(p.content_id, first)
+            await session.flush()
+            if first:
+                pace.busy(asyncio.get_running_loop().time())
+            async with asyncio.timeout(self.stall_timeout):
+                info = await session.opened(p.content_id)
+            if (info.size, info.chunk_size) != (p.size, p.chunk_size):
+                raise _Ban(f"claims layout {info.size}/{info.chunk_size}, "
+                           f"the handle says {p.size}/{p.chunk_size}")
+            sched.set_have(label, info.have)
+            taken = [i for i in first if info.has(i)]
+            for i in first:
+                if not info.has(i):
+                    sched.chunk_failed(label, i)  # not shown: not served, back to the pool
+            self.counters["gets"] += len(taken)
+            self.counters["first_gets"] += len(taken)  # sent with the OPEN
+            if pages is not None:
+                await self._verify_leaves(session, pages)
+        finally:
+            if ask_leaves:
+                self._leaves_lock.release()
+        await self._ensure_leaves(session)
         run.stats.outcome, run.stats.window = "active", pace.window
         self._emit(SourceConnected(run.stats.label, session.path, info.have is None))
         # The supervisor too: a source that holds none of the missing chunks (a partial
@@ -591,16 +625,26 @@ class Downloader:
             raise _first_error(eg) from None
 
     async def _ensure_leaves(self, session: TransferSession) -> None:
-        p = self.partial
+        """The verified hash list, asked of this source if no other one got it (the source
+        that asked for it with its OPEN holds the lock meanwhile)."""
         async with self._leaves_lock:
-            if p.leaves is not None:
-                return
-            async with asyncio.timeout(self.stall_timeout):
+            if self.partial.leaves is None:
+                await self._verify_leaves(session, None)
+
+    async def _verify_leaves(self, session: TransferSession,
+                             pages: list[tuple[int, int]] | None) -> None:
+        """Read the hash list (the replies to `pages` asked for already, or asked now) and
+        check it against the content id; the leaves lock is held."""
+        p = self.partial
+        async with asyncio.timeout(self.stall_timeout):
+            if pages is None:
                 leaves = await session.all_hashes(p.content_id, p.size, p.chunk_size)
-            try:
-                await asyncio.to_thread(p.set_leaves, leaves)
-            except VerificationError:
-                raise _Ban("hash list does not match the content id") from None
+            else:
+                leaves = await session.hash_pages(p.content_id, pages)
+        try:
+            await asyncio.to_thread(p.set_leaves, leaves)
+        except VerificationError:
+            raise _Ban("hash list does not match the content id") from None
 
     def _may_refill(self, label: str) -> bool:
         """Request more of this source now: a batch's worth of its window is free (or it

@@ -228,14 +228,21 @@ class Gets:
     """Several GETs of one content in one frame: a requester refilling its window asks for
     the chunks it picked at once, so both ends seal, send and open one control header per
     batch instead of one per chunk. The holder treats it exactly as that many GETs, in
-    order (each one may be refused on its own)."""
+    order (each one may be refused on its own).
+
+    `shown`: GETs sent in the same flight as the OPEN, before its OPENED came (the
+    requester knows the layout from its handle): the holder takes only the chunks its
+    OPENED showed (a partial holder's bitmap, the few a super-seeding sender shows; all
+    when it showed no bitmap) and drops the others unanswered, as the requester, which
+    reads the same OPENED, drops them too."""
 
     TAG: ClassVar[int] = 10
     content_id: bytes
     indexes: tuple[int, ...]
+    shown: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {"c": self.content_id, "l": list(self.indexes)}
+        return {"c": self.content_id, "l": list(self.indexes), "s": self.shown or None}
 
     @classmethod
     def from_wire(cls, f: Fields) -> Gets:
@@ -244,7 +251,7 @@ class Gets:
             raise DecodeError("GETS names no chunk")
         if len(set(indexes)) != len(indexes):
             raise DecodeError("GETS names a chunk twice")
-        return cls(_cid(f), indexes)
+        return cls(_cid(f), indexes, bool(f.bool("s", optional=True)))
 
 
 Message = Open | Opened | HashesRequest | Hashes | Get | Chunk | Cancel | Error | Have | Gets

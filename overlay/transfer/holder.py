@@ -15,6 +15,7 @@ from collections import Counter
 
 from crypto.capability import check_capability_proof
 from crypto.errors import VerificationError
+from overlay.content.diskio import bit
 from overlay.content.interfaces import Catalog, GrowingContent, ServedContent
 from overlay.content.local import LocalContent
 from overlay.transfer.frames import (
@@ -83,6 +84,9 @@ class ServingSession:
         # watches the content; only then may HAVEs for it go out (never before OPENED).
         self._cursors: dict[bytes, int] = {}
         self._unannounced: dict[bytes, GrowingContent] = {}
+        # The have-bitmap an OPENED showed (None: every chunk), which the GETS sent with
+        # the OPEN is held to (`Gets.shown`); kept until the first GET of that content.
+        self._shown_at_open: dict[bytes, bytes | None] = {}
         # An OPEN with a valid capability proof came: the requester knows a content here.
         self.proven = False
         # Super-seeding across the holder's sessions (superseed.py); None: every requester
@@ -192,11 +196,18 @@ class ServingSession:
         if isinstance(msg, HashesRequest):
             return [self._handle_hashes(msg)]
         if isinstance(msg, Get):
+            self._shown_at_open.pop(msg.content_id, None)
             refusal = self._handle_get(msg, now)
             return [] if refusal is None else [refusal]
         if isinstance(msg, Gets):
+            shown = self._shown_at_open.pop(msg.content_id, None)
+            if not msg.shown:
+                shown = None
             out: list[Message] = []
             for index in msg.indexes:  # as that many GETs, each refused on its own
+                if shown is not None and not (index >> 3 < len(shown) and bit(shown, index)):
+                    self.counters["first_not_shown"] += 1
+                    continue  # not shown: the requester, reading the OPENED, drops it too
                 refusal = self._handle_get(Get(msg.content_id, index), now)
                 if refusal is not None:
                     out.append(refusal)
@@ -239,6 +250,7 @@ class ServingSession:
             self._cursors[msg.content_id] = cursor
         self.counters["opened"] += 1
         self.proven = True
+        self._shown_at_open[msg.content_id] = have
         return Opened(msg.content_id, content.size, content.chunk_size, have)
 
     def _handle_hashes(self, msg: HashesRequest) -> Message:

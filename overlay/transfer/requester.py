@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
@@ -90,6 +91,7 @@ class TransferSession:
         self._chunks: collections.deque[ChunkReply] = collections.deque()
         self._send_lock = asyncio.Lock()
         self._received = 0
+        self._awaited = 0  # control replies asked for (OPEN, HASHES) and not yet taken
 
     @property
     def bytes_received(self) -> int:
@@ -151,19 +153,35 @@ class TransferSession:
                 self._chunks.append(event)
             else:
                 self._control.append(event)
-                if len(self._control) > _MAX_UNSOLICITED:
+                if len(self._control) > self._awaited + _MAX_UNSOLICITED:
                     raise SessionFailed("the holder sends replies nobody asked for")
 
     async def _control_reply(self) -> Message:
         while not self._control:
             await self._pump()
+        self._awaited = max(0, self._awaited - 1)
         return self._control.popleft()
 
+    def _ask(self, msg: Open | HashesRequest) -> None:
+        """Queue a request answered by one control reply (sent by the next flush)."""
+        self._conn.send(msg)
+        self._awaited += 1
+
+    async def flush(self) -> None:
+        """Send every queued request in one go (one flight: the holder answers them in
+        order, and their replies are read in that order)."""
+        await self._flush()
+
     # --- requests ---------------------------------------------------------------------
-    async def open(self, content_id: bytes, capability: bytes) -> OpenInfo:
-        """Prove the capability for `content_id`; RemoteError if the holder refuses."""
-        await self._send(Open(content_id, prove_capability(capability, content_id,
-                                                           self.transcript)))
+    # Each request has a `queue_` half (queues it; `flush` sends) and a reading half, so a
+    # requester that knows the layout from its handle sends OPEN, the HASHES requests and
+    # its first GETs in one flight and reads the replies after one round trip, not three.
+    def queue_open(self, content_id: bytes, capability: bytes) -> None:
+        """Queue the OPEN proving the capability for `content_id`."""
+        self._ask(Open(content_id, prove_capability(capability, content_id, self.transcript)))
+
+    async def opened(self, content_id: bytes) -> OpenInfo:
+        """The reply to the OPEN; RemoteError if the holder refuses."""
         reply = await self._control_reply()
         if isinstance(reply, Error):
             raise RemoteError(reply.code, reply.text)
@@ -172,9 +190,24 @@ class TransferSession:
         self._conn.limit_payload(reply.chunk_size + MAX_SEAL_OVERHEAD)
         return OpenInfo(reply.size, reply.chunk_size, reply.have)
 
-    async def hashes(self, content_id: bytes, start: int, count: int) -> tuple[bytes, ...]:
-        """One page of the chunk-hash list (may be shorter than asked)."""
-        await self._send(HashesRequest(content_id, start, min(count, MAX_HASH_PAGE)))
+    async def open(self, content_id: bytes, capability: bytes) -> OpenInfo:
+        """Prove the capability for `content_id`; RemoteError if the holder refuses."""
+        self.queue_open(content_id, capability)
+        await self._flush()
+        return await self.opened(content_id)
+
+    def queue_hashes(self, content_id: bytes, size: int, chunk_size: int
+                     ) -> list[tuple[int, int]]:
+        """Queue a HASHES request for every page of the hash list; returns the pages
+        (start, count) for `hash_pages`."""
+        n = chunk_count(size, chunk_size)
+        pages = [(start, min(MAX_HASH_PAGE, n - start)) for start in range(0, n, MAX_HASH_PAGE)]
+        for start, count in pages:
+            self._ask(HashesRequest(content_id, start, count))
+        return pages
+
+    async def _hashes_reply(self, content_id: bytes, start: int, count: int
+                            ) -> tuple[bytes, ...]:
         reply = await self._control_reply()
         if isinstance(reply, Error):
             raise RemoteError(reply.code, reply.text)
@@ -183,15 +216,45 @@ class TransferSession:
             raise SessionFailed("HASHES reply does not answer the request")
         return reply.leaves[:count]
 
-    async def all_hashes(self, content_id: bytes, size: int, chunk_size: int) -> list[bytes]:
-        """The whole hash list, page by page (the caller checks it against the root)."""
-        n = chunk_count(size, chunk_size)
+    async def hashes(self, content_id: bytes, start: int, count: int) -> tuple[bytes, ...]:
+        """One page of the chunk-hash list (may be shorter than asked)."""
+        count = min(count, MAX_HASH_PAGE)
+        self._ask(HashesRequest(content_id, start, count))
+        await self._flush()
+        return await self._hashes_reply(content_id, start, count)
+
+    async def hash_pages(self, content_id: bytes, pages: Sequence[tuple[int, int]]
+                         ) -> list[bytes]:
+        """The whole hash list from the replies to `queue_hashes`, in order; a page
+        answered short is completed page by page afterwards (the caller checks the list
+        against the root)."""
+        got = [list(await self._hashes_reply(content_id, start, count))
+               for start, count in pages]
         leaves: list[bytes] = []
-        while len(leaves) < n:
-            leaves += await self.hashes(content_id, len(leaves), n - len(leaves))
+        for (start, count), page in zip(pages, got, strict=True):
+            while len(page) < count:
+                page += await self.hashes(content_id, start + len(page), count - len(page))
+            leaves += page
         if any(len(h) != HASH_LEN for h in leaves):
             raise SessionFailed("hash list entry of the wrong size")
         return leaves
+
+    def queue_first(self, content_id: bytes, indexes: Sequence[int]) -> int:
+        """Queue GETs sent before the OPENED is read, after the OPEN and any HASHES
+        requests (so the hash list comes before their chunks): the holder serves those its
+        OPENED shows (`Gets.shown`), and so should the caller count them. Returns how many
+        frames carry them."""
+        batches = [indexes[k : k + MAX_GET_BATCH] for k in range(0, len(indexes), MAX_GET_BATCH)]
+        for batch in batches:
+            self._conn.send(Gets(content_id, tuple(batch), shown=True))
+        return len(batches)
+
+    async def all_hashes(self, content_id: bytes, size: int, chunk_size: int) -> list[bytes]:
+        """The whole hash list, every page asked for at once (the caller checks it against
+        the root)."""
+        pages = self.queue_hashes(content_id, size, chunk_size)
+        await self._flush()
+        return await self.hash_pages(content_id, pages)
 
     async def request(self, content_id: bytes, index: int) -> None:
         """Send a GET; the reply comes from `next_chunk()`."""

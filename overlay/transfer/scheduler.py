@@ -189,6 +189,21 @@ class ChunkScheduler:
                 self._shift(bitmap, +1)
         self._sources[sid] = _SourceState(window, bitmap, bytearray(nbytes), counted)
 
+    def set_have(self, sid: str, have: bytes | None) -> None:
+        """A source added before its holder said what it has (its first GETs went out with
+        the OPEN, asked as of a full holder) has answered: `have`, None for every chunk.
+        Its requests stay as they are: the caller releases those the holder did not take
+        (`chunk_failed`)."""
+        state = self._sources.get(sid)
+        if state is None or have is None:
+            return
+        if state.have is not None:
+            raise ValueError(f"source {sid!r} already has a bitmap")
+        del self._sources[sid]
+        self.add_source(sid, window=state.window, have=have)
+        new = self._sources[sid]
+        new.requested, new.asked, new.lacks = state.requested, state.asked, state.lacks
+
     def remove_source(self, sid: str) -> list[int]:
         """Forget a source; chunks requested from it alone go back to the pool (returned)."""
         state = self._sources.get(sid)

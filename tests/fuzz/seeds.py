@@ -113,8 +113,8 @@ def _transfer_sessions() -> Iterator[tuple[str, bytes]]:
 
     replies: list[tf.Message] = [tf.Opened(CID, 1 << 20, 1 << 16, None),
                                  tf.Chunk(CID, 3, b"z" * 40), tf.Have(CID, (1, 2))]
-    requests: list[tf.Message] = [tf.Open(CID, b"p" * 32), tf.Gets(CID, (4, 5)),
-                                  tf.Cancel(CID, 4)]
+    requests: list[tf.Message] = [tf.Open(CID, b"p" * 32), tf.Gets(CID, (6,), shown=True),
+                                  tf.Gets(CID, (4, 5)), tf.Cancel(CID, 4)]
     yield "replies", b"\x01" + b"".join(record(m) for m in replies)
     yield "requests", b"\x00" + b"".join(record(m) for m in requests)
 

@@ -48,6 +48,7 @@ from overlay.transfer.frames import (
     encode_header,
 )
 from overlay.transfer.holder import ServingSession
+from overlay.transfer.superseed import SuperSeed
 
 CLIENT = DeviceIdentity.from_seed(b"c" * 32)
 SERVER = DeviceIdentity.from_seed(b"s" * 32)
@@ -116,7 +117,7 @@ def test_every_message_round_trips_and_roles_are_enforced() -> None:
     c, s = connected()
     cid = b"i" * 32
     requests: list[Message] = [Open(cid, b"p" * 32), HashesRequest(cid, 0, 10), Get(cid, 3),
-                               Cancel(cid, 3), Gets(cid, (9, 4, 5))]
+                               Cancel(cid, 3), Gets(cid, (9, 4, 5)), Gets(cid, (2,), True)]
     for msg in requests:
         c.send(msg)
     replies: list[Message] = [Opened(cid, 5000, CHUNK, b"\x05"), Opened(cid, 5000, CHUNK),
@@ -327,6 +328,77 @@ def test_open_with_good_and_bad_proofs(held: tuple[ContentStore, LocalContent]) 
     [refused] = [e for e in got if isinstance(e, Error)]
     assert refused.code == ErrorCode.NOT_HELD and refused.index == 6
     assert counters["cancelled"] == 1
+
+
+def test_gets_sent_with_the_open_are_served_only_as_its_opened_shows(
+    held: tuple[ContentStore, LocalContent], tmp_path: Path
+) -> None:
+    """GETS sent in the OPEN's flight (`shown`): refused as not opened when the OPEN is
+    refused, else served only for the chunks the OPENED showed: every one of a full holder
+    alone, the held ones of a partial holder, those a super-seeding sender shows this
+    requester. The hash list asked for in between comes before their chunks."""
+    store, content = held
+    cid = content.content_id
+
+    def session(catalog: ContentStore, seeder: SuperSeed | None = None
+                ) -> tuple[TransferConnection, TransferConnection, ServingSession]:
+        c, s = connected()
+        return c, s, ServingSession(catalog, s.transcript or b"", Counter(), seeder=seeder)
+
+    def proof(c: TransferConnection) -> bytes:
+        return prove_capability(content.capability, cid, c.transcript or b"")
+
+    c, s, logic = session(store)
+    c.send(Open(cid, prove_capability(b"w" * 32, cid, c.transcript or b"")))
+    c.send(HashesRequest(cid, 0, 4))
+    c.send(Gets(cid, (0, 2), shown=True))
+    refused, hashes, get0, get2 = serve(c, s, logic)
+    assert refused == Error(ErrorCode.BAD_CAPABILITY, "capability proof rejected", cid)
+    assert isinstance(hashes, Error) and hashes.code == ErrorCode.NOT_OPEN
+    assert get0 == Error(ErrorCode.NOT_OPEN, "content not opened", cid, 0)
+    assert get2 == Error(ErrorCode.NOT_OPEN, "content not opened", cid, 2)
+    assert logic.queued == 0
+
+    c, s, logic = session(store)
+    c.send(Open(cid, proof(c)))
+    c.send(HashesRequest(cid, 0, 6))
+    c.send(Gets(cid, (4, 0), shown=True))
+    opened, hashes, chunk4, chunk0 = serve(c, s, logic)
+    assert opened == Opened(cid, content.size, CHUNK, None)
+    assert isinstance(hashes, Hashes)
+    assert isinstance(chunk4, Chunk) and chunk4.index == 4
+    assert isinstance(chunk0, Chunk) and chunk0.index == 0
+
+    co = ContentStore(tmp_path / "co")
+    part = co.open_partial(cid, content.size, CHUNK, content.key, content.capability,
+                           tmp_path / "co-in", "f", scheme=content.scheme)
+    part.set_leaves(content.leaves)
+    part.write_chunk(1, content.read_sealed(1))
+    c, s, logic = session(co)
+    c.send(Open(cid, proof(c)))
+    c.send(Gets(cid, (0, 1), shown=True))
+    opened, chunk = serve(c, s, logic)  # nothing about 0: the requester reads the bitmap
+    assert opened == Opened(cid, content.size, CHUNK, bytes([0b10]))
+    assert isinstance(chunk, Chunk) and chunk.index == 1
+
+    seeder = SuperSeed(ahead=2)
+    c, s, first = session(store, seeder)
+    c.send(Open(cid, proof(c)))
+    c.send(Gets(cid, (5,), shown=True))
+    [opened, chunk] = serve(c, s, first)
+    assert opened == Opened(cid, content.size, CHUNK, None)  # alone: shown every chunk
+    c, s, second = session(store, seeder)
+    c.send(Open(cid, proof(c)))
+    c.send(Gets(cid, tuple(range(6)), shown=True))
+    opened, *chunks = serve(c, s, second)
+    assert isinstance(opened, Opened) and opened.have is not None
+    shown = [i for i in range(6) if opened.have[i >> 3] & (1 << (i & 7))]
+    assert len(shown) == 2 and 5 not in shown  # the least spread: not the one sent
+    assert sorted(c.index for c in chunks if isinstance(c, Chunk)) == shown
+    assert second.counters["first_not_shown"] == 4
+    c.send(Gets(cid, (5,), shown=True))  # only the GETS of the OPEN's flight is held to it
+    [chunk] = serve(c, s, second)
+    assert isinstance(chunk, Chunk) and chunk.index == 5
 
 
 def test_get_queue_is_bounded(held: tuple[ContentStore, LocalContent]) -> None:

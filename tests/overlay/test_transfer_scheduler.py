@@ -15,7 +15,7 @@ from rendezvous.limits import TokenBucket
 
 SOURCES = ["a", "b", "c", "d"]
 OPS = ["add", "have", "request", "receive", "stray", "store", "reject", "fail", "lack",
-       "remove"]
+       "remove", "opened"]
 ops = st.lists(
     st.tuples(st.sampled_from(OPS), st.sampled_from(SOURCES), st.integers(0, 40)),
     max_size=250,
@@ -35,6 +35,7 @@ class Model:
         self.has: dict[str, set[int] | None] = {}
         self.lacks: dict[str, set[int]] = {}
         self.asked: dict[str, set[int]] = {}
+        self.unopened: set[str] = set()  # added as of a full holder before its OPENED
 
     def requested(self, sid: str) -> set[int]:
         return {i for i, who in self.requesters.items() if sid in who}
@@ -86,9 +87,18 @@ def check_script(n: int, script: list[tuple[str, str, int]], seed: int,
         present = sid in m.has
         if op == "add" and not present:
             h = initial_have(sid, n)
+            if h is not None and k % 2:  # its first GETs go before its OPENED says
+                h = None
+                m.unopened.add(sid)
             sched.add_source(sid, window=m.windows[sid],
                              have=None if h is None else bitmap(h, n))
             m.has[sid], m.lacks[sid], m.asked[sid] = h, set(), set()
+        elif op == "opened" and sid in m.unopened:
+            h = initial_have(sid, n)
+            assert h is not None
+            sched.set_have(sid, bitmap(h, n))  # what it asked stays asked
+            m.has[sid] = h
+            m.unopened.discard(sid)
         elif op == "have" and present:
             h = m.has[sid]
             useful = sched.add_have(sid, [k % n])
@@ -164,6 +174,7 @@ def check_script(n: int, script: list[tuple[str, str, int]], seed: int,
                 m.back_to_pool(i, sid)
             assert set(back) == {i for i in mine if i in m.pool}
             del m.has[sid], m.lacks[sid], m.asked[sid]
+            m.unopened.discard(sid)
         # Every chunk in exactly one place, and the scheduler agrees on each count.
         places = [m.pool, set(m.requesters), m.verifying, m.stored]
         assert sum(map(len, places)) == n and set().union(*places) == set(range(n))
