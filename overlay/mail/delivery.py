@@ -353,7 +353,7 @@ class Delivery:
         for a lookup once filed, is finished in a child and this returns at once; without
         (the retry of envelopes left at the server) it returns once all is done.
         """
-        pushed = Pushed(env.message_id, env.sender, env.blob)
+        pushed = Pushed(env.message_id, env.sender, env.blob, self.incoming.wall())
         if env.sender not in self._turns:
             outcome, asked = self._judge(pushed, self.incoming.handle)
             if outcome is not Outcome.RECHECK:

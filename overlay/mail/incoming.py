@@ -69,6 +69,9 @@ class Pushed:
     message_id: bytes
     sender: str  # the address the server authenticated
     blob: bytes
+    # When the node took it from the server: its inbox time, also for one filed later
+    # (set aside until a lookup of its sender answers). None: filed at once, now.
+    taken_at: float | None = None
 
 
 class IncomingMail:
@@ -258,7 +261,7 @@ class IncomingMail:
             file_name=msg.description.file_name, media_type=msg.description.media_type,
             content_id=msg.handle.content_id,
             chunk_count=chunk_count(msg.handle.size, msg.handle.chunk_size),
-            message=body, received_at=self.wall(),
+            message=body, received_at=self.wall() if env.taken_at is None else env.taken_at,
             junk=kind == "junk", priority=kind == "priority", unverified=unverified,
         )
 

@@ -135,6 +135,7 @@ async def test_a_fresh_senders_message_is_filed_while_a_stale_senders_lookup_han
     bob = await stale_alice_and_fresh_carol(db, store, tmp_path)
     hang = HangingLookups(bob, {ALICE})
     hang.fail = fails
+    taken = bob.clock.now
     with woken_downloads(bob) as woken:
         pushing = await push(bob, message_from(ALICE1, 1), message_from(CAROL1, 9, CAROL))
         try:
@@ -143,8 +144,12 @@ async def test_a_fresh_senders_message_is_filed_while_a_stale_senders_lookup_han
             assert hang.asked == [ALICE] and hang.hanging == 1
             assert bob.inbox.get(ids(1)[0]) is None and bob.delivery.waiting == 1
             assert hang.removed == ids(9)
+            bob.clock.now += 9  # her server answers 9 s later
         finally:
             await finished(pushing, hang)
+    # Both in the inbox at the time they came, alice's not after carol's, which came later.
+    received = {e.id: e.received_at for e in bob.inbox.list()}
+    assert received == {ids(1)[0]: taken, ids(9)[0]: taken}
     # filed once the lookup answered, or failed (the pinned key believed as before)
     assert state_of(bob, 1) is InboxState.OFFERED
     assert sorted(e.id for e in bob.inbox.list()) == ids(1, 9)  # each once, nothing lost
@@ -181,7 +186,8 @@ async def test_two_envelopes_of_a_stale_sender_wait_for_its_lookup_and_keep_thei
     first, second = (bob.inbox.get(i) for i in ids(2, 1))
     assert first is not None and second is not None
     assert first.received_at < second.received_at
-    assert [e.id for e in bob.inbox.list()] == ids(1, 2, 9)  # newest first
+    # Newest first, by the time each came: carol's was taken last, filed first.
+    assert [e.id for e in bob.inbox.list()] == ids(9, 1, 2)
     assert sorted(hang.removed) == sorted(ids(1, 2, 9)) and len(hang.removed) == 3
     contact = Contacts(db).get(ALICE)
     assert contact is not None and contact.retired_keys == (ALICE2.public.verify_key,)
