@@ -13,7 +13,7 @@ each into a fresh store and node.db; a run's figure is its median.
 
 `--baseline DIR`: a checkout of other code (`git worktree add DIR COMMIT`) run the same
 way, alternating with this tree (old, new, new, old, ...), the old runs with DIR first on
-PYTHONPATH. Run it under `flock /work/bench.lock`: the machine's 2 cores are shared.
+PYTHONPATH. Run it with nothing else busy: the machine's 2 cores are shared.
 """
 
 from __future__ import annotations
