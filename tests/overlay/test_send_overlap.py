@@ -359,3 +359,25 @@ async def test_a_file_changed_once_named_while_the_server_answers_is_not_sent(
         "removed": f"cannot read {clip}: No such file or directory; nothing was sent",
     }[change]
     assert server.sent == [] and Outbox(db).list() == [] and store.content_ids() == []
+
+
+async def test_a_send_cancelled_while_naming_stops_the_pass_before_it_ends(
+        db: NodeDB, store: ContentStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node stopping cancels a send whose FINGER is out: its hash pass stops within a
+    chunk and has ended when the cancelled send does, with nothing recorded."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes((CHUNKS - 1) << 20) + b"x")
+    watched = _WatchedPass(monkeypatch)
+    server = _Server(lambda: False)  # never answers
+    sending = asyncio.create_task(_sender(db, store, server).send(big, ["bob@a.test"],
+                                                                   "t", ""))
+    async with asyncio.timeout(30):
+        assert await asyncio.to_thread(watched.started.wait, 10)
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+    assert watched.ended.is_set()
+    assert isinstance(watched.error, catalog.NamingStopped)
+    assert len(watched.reads) < CHUNKS
+    assert server.sent == [] and Outbox(db).list() == [] and store.content_ids() == []
