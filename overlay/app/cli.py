@@ -798,6 +798,10 @@ def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
         elif e["state"] == "unverified":
             notes.append(f"{_m(short)}  signed by a key you don't trust yet: "
                          "`peerpost contacts`")
+        if e.get("note"):  # the sender's `send --note`, its lines kept, each cleaned
+            lines = str(e["note"]).splitlines() or [""]
+            indent = "\n" + " " * (SHORT_ID + len("  note: "))
+            notes.append(f"{_m(short)}  note: " + indent.join(_m(ln) for ln in lines))
     state = control_call(home.control_path, "ping")
     hidden = 0 if args.all else int(state.get("inbox", {}).get("junk", 0))
     if entries:

@@ -337,8 +337,9 @@ def test_inbox_fits_80_columns(net: LocalNetwork, tmp_path: Path) -> None:
     alice, carol = net.nodes["alice"], net.nodes["carol"]
     src = _file(tmp_path, "clip.bin", 3 * MiB)
     title = "Grandma's 90th birthday, the whole evening including the speeches and the cake"
-    mid = net.cli(alice, "send", str(src), "--to", carol.address, "--title", title
-                  ).stdout.strip()
+    note = "We all sang [bold]twice[/bold].\nThe cake is at 4:10 \x1b[2J"
+    mid = net.cli(alice, "send", str(src), "--to", carol.address, "--title", title,
+                  "--note", note).stdout.strip()
     got = net.wait_complete(carol, mid, 60, "carol's download")
     res = _mine(net, carol, "inbox", env={"COLUMNS": "80"})
     assert res.returncode == 0, res.stderr
@@ -351,6 +352,10 @@ def test_inbox_fits_80_columns(net: LocalNetwork, tmp_path: Path) -> None:
                in table.splitlines()[1:] if line.strip())
     assert f"{mid[:8]}  {got['path']}" in notes  # the file's path, never cut
     assert "Grandma's 90th" in table
+    # The sender's note, as written: markup stays text, a line break stays one, an
+    # escape is shown, not run.
+    assert (f"{mid[:8]}  note: We all sang [bold]twice[/bold].\n"
+            f"{' ' * 16}The cake is at 4:10 \\x1b[2J\n") in notes, notes
 
 
 @pytest.mark.slow
