@@ -279,7 +279,7 @@ class Node:
             self.inbox, self.prefs, self.fetch_meter, completed, wall=self.wall,
             rng=self.rng, max_active=self.options.max_active_downloads,
             retry_base=self.options.retry_base, retry_max=self.options.retry_max,
-            on_declined=receipts.wake)
+            on_declined=receipts.wake, on_started=receipts.started)
         self.delivery = Delivery(
             self.rendezvous, self.incoming, self.outbox, self.store, self.prefs,
             self.downloads, archive=self.home.root / "archive", on_pipe=self.links.feed,

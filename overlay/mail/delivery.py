@@ -28,6 +28,7 @@ from overlay.mail.contacts import Contacts
 from overlay.mail.db import RecordLimitError
 from overlay.mail.downloads import DownloadQueue
 from overlay.mail.inbox import Decline, Inbox, InboxEntry
+from overlay.mail.inbox_state import ACTIVE_STATES
 from overlay.mail.incoming import IncomingMail, Outcome, Pushed
 from overlay.mail.outbox import Outbox
 from overlay.mail.prefs import Prefs
@@ -54,6 +55,8 @@ _Owed = TypeVar("_Owed", tuple[bytes, bytes, float], tuple[bytes, bytes, str, fl
 LOGIN_FLUSH_WAIT = 3.0  # seconds downloads wait at most for the mailbox queued at login
 LOOKUP_BACKOFF = Backoff(5.0, 300.0, jitter=0.8)  # a sender's keys looked up again
 OWED_PAGE = 100  # owed receipts (downloaded, declined) read from node.db at a time
+# Downloads whose `downloading` receipt waits to go; more start only at the queue's pace.
+MAX_STARTED = 256
 # Senders looked up (FINGER) at once: a flood of mail from unknown senders makes our server
 # open no more links to their domains than this.
 MAX_LOOKUPS = 8
@@ -63,7 +66,13 @@ MAX_SET_ASIDE = 256
 
 
 class Receipts:
-    """Receipts to senders: one when a download completes, and the owed ones again.
+    """Receipts to senders: `downloading` when a download stores its first chunk, one when
+    it completes, and the owed ones again.
+
+    The `downloading` receipt is best effort and never owed: kept in memory until the
+    server takes it (a node restarted meanwhile does not send it, as its first chunk came
+    before), and not sent once the download has ended, whose own receipt (or none, for a
+    junk sender) says more.
 
     Declined receipts are queued in node.db by whoever declines (`Inbox.remove`, a
     download failed for good) and sent only by `owed()`, which `wake()` starts at once: one
@@ -79,11 +88,19 @@ class Receipts:
         self.wall = wall
         self.retry = retry
         self._wake = asyncio.Event()
+        self._started: dict[bytes, LocationMessage] = {}
 
     def wake(self) -> None:
         """A receipt was left owed (a decline queued, a send not taken): send it now
         rather than at the next round."""
         self._wake.set()
+
+    def started(self, entry: InboxEntry, msg: LocationMessage) -> None:
+        """The download queue's first-chunk hook: the sender's `status` shows the
+        recipient `downloading` once the owed loop's next round has sent it."""
+        if entry.id in self._started or len(self._started) < MAX_STARTED:
+            self._started[entry.id] = msg
+            self.wake()
 
     async def completed(self, entry: InboxEntry, msg: LocationMessage) -> None:
         """The download queue's completion hook. A receipt the server did not take goes
@@ -112,7 +129,8 @@ class Receipts:
             self._wake.clear()
             away = False
             try:
-                away = await self._send_downloaded()
+                away = await self._send_started()
+                away = await self._send_downloaded() or away
                 away = await self._send_declines() or away
             except (sqlite3.Error, OSError) as exc:
                 # node.db could not be read or written (its disk full, say): what is owed
@@ -144,6 +162,19 @@ class Receipts:
         with contextlib.suppress(RendezvousError):
             await self.rendezvous.wait_connected()
             self.wake()
+
+    async def _send_started(self) -> bool:
+        """Send the `downloading` receipts of downloads still going; True when the server
+        is away (those not sent wait for it)."""
+        for mid, msg in list(self._started.items()):
+            entry = self.inbox.get(mid)
+            if entry is not None and entry.state in ACTIVE_STATES:
+                receipt = Receipt(mid, "downloading", int(self.wall()))
+                if not await self.send_to_sender(msg, RECEIPT_KIND, receipt.encode()) \
+                        and not self.rendezvous.connected:
+                    return True
+            self._started.pop(mid, None)
+        return False
 
     async def _send_downloaded(self) -> bool:
         async def downloaded(row: tuple[bytes, bytes, float], msg: LocationMessage) -> bool:

@@ -169,9 +169,12 @@ class DownloadQueue:
     def __init__(self, inbox: Inbox, prefs: Prefs, fetch: Fetcher, on_complete: Completed, *,
                  wall: Callable[[], float], rng: random.Random, max_active: int = 1,
                  retry_base: float = 5.0, retry_max: float = 300.0,
-                 on_declined: Callable[[], None] | None = None) -> None:
+                 on_declined: Callable[[], None] | None = None,
+                 on_started: Callable[[InboxEntry, LocationMessage], None] | None = None
+                 ) -> None:
         self.inbox = inbox
         self._on_declined = on_declined
+        self._on_started = on_started  # a message's first chunk stored (once per message)
         self.prefs = prefs
         self._fetch = fetch
         self._on_complete = on_complete
@@ -361,6 +364,8 @@ class DownloadQueue:
                 self.inbox.set_progress(mid, held, first_byte=first_byte)
                 first[0] = first[0] or first_byte is not None
                 self._changed()
+                if first_byte is not None and self._on_started is not None:
+                    self._on_started(entry, msg)
 
             try:
                 try:

@@ -62,6 +62,28 @@ def test_send_wait_returns_once_the_recipient_has_it(net: LocalNetwork, tmp_path
     assert rec["state"] == "downloaded"
 
 
+def test_the_sender_sees_a_recipient_downloading(net: LocalNetwork, tmp_path: Path) -> None:
+    """Between `sent` and `downloaded` the sender sees the recipient `downloading`: the
+    recipient's node says so once its first chunk is stored. Alice serves at 768 KiB/s, so
+    bob's 3 MiB (three chunks) take about 4 s."""
+    clip = tmp_path / "slow.bin"
+    clip.write_bytes(os.urandom(3 << 20))
+    alice = net.nodes["alice"]
+    net.cli(alice, "prefs", "set", "max-upload-rate", "768KiB/s")
+    try:
+        proc = watch(net, "send", str(clip), "--to", "bob@example.net", "--wait")
+        try:
+            lines = until_line(proc, "bob@example.net: downloading")
+            assert not any("downloaded" in line for line in lines), lines
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    finally:
+        net.cli(alice, "prefs", "set", "max-upload-rate", "none")
+    assert proc.returncode == 0, err
+    assert "bob@example.net: downloaded" in out and "every recipient has slow.bin" in out
+
+
 def test_status_wait_follows_an_offline_recipient_until_it_has_it(
         net: LocalNetwork, tmp_path: Path) -> None:
     clip = tmp_path / "late.bin"
