@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from crypto.address import format_hostport, parse_hostport
 from crypto.errors import DecodeError
-from overlay.app.control_wire import ControlError, NodeNotRunning
+from overlay.app.control_wire import CLOSED_TEXT, ControlError, NodeNotRunning
 from overlay.app.control_wire import call as control_call
 from overlay.app.home import HomeError, NodeHome, default_home
 from rendezvous.cliutil import (
@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     except NodeNotRunning as exc:
         return _fail(args, _starting(home) or str(exc), EXIT_NOT_RUNNING)
     except ControlError as exc:
+        if str(exc) == CLOSED_TEXT and (stopped := _stopped_while_watching(args)):
+            return _fail(args, stopped, EXIT_NOT_RUNNING)
         return _fail(args, str(exc), EXIT_ERROR)
     except AuthenticationError as exc:
         # `node` whose login is refused for good (the account deleted, the device revoked):
@@ -402,6 +404,20 @@ def main(argv: list[str] | None = None) -> int:
                          f"(`peerpost fetch --wait {watching}` shows it again, "
                          f"`peerpost cancel {watching}` stops it)", EXIT_INTERRUPTED)
         return _fail(args, "interrupted", EXIT_INTERRUPTED)
+
+
+def _stopped_while_watching(args: argparse.Namespace) -> str | None:
+    """What a `--wait` says when the node stops under it (SIGTERM, a crash): what became of
+    the download or the message, and how to watch again; None when nothing was watched."""
+    if watching := getattr(args, "watching_sent", None):
+        return (f"the node stopped while you watched {watching}: the message stays sent, "
+                f"and `peerpost status {watching} --wait` watches it again once `peerpost "
+                "node` runs")
+    if watching := getattr(args, "watching", None):
+        return (f"the node stopped while you watched {watching}: the download resumes from "
+                f"its verified chunks once `peerpost node` runs again (`peerpost fetch "
+                f"--wait {watching}` shows it)")
+    return None
 
 
 def _starting(home: NodeHome) -> str | None:

@@ -138,3 +138,40 @@ def test_status_wait_needs_one_message(net: LocalNetwork) -> None:
     res = net.cli(net.nodes["alice"], "status", "--wait", check=False)
     assert res.returncode == 2
     assert "status --wait watches one message: give its id" in res.stderr
+
+
+def test_fetch_wait_says_what_becomes_of_a_download_whose_node_stops(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    """`fetch --wait` whose node is stopped under it says what became of the download and
+    how to watch again (exit 3), not that "the node closed the control connection"; the node
+    started again finishes it, the bytes equal."""
+    alice, bob = net.nodes["alice"], net.nodes["bob"]
+    clip = tmp_path / "stopped.bin"
+    clip.write_bytes(os.urandom(4 << 20))
+    net.cli(alice, "prefs", "set", "max-upload-rate", "1MiB/s")
+    net.cli(bob, "prefs", "set", "auto-download", "off")
+    try:
+        mid = net.cli(alice, "send", str(clip), "--to", "bob@example.net").stdout.strip()
+        net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["state"] == "offered",
+                       30, "the offer at bob")
+        proc = subprocess.Popen([_script("peerpost"), "--home", str(bob.home), "fetch",
+                                 mid[:8], "--wait"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=net.env,
+                                stdin=subprocess.DEVNULL)
+        try:
+            net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["progress"] > 0,
+                           30, "bob's first chunk")
+            net.stop_node(bob)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert proc.returncode == 3, err
+        assert (f"the node stopped while you watched {mid[:8]}: the download resumes from its "
+                f"verified chunks once `peerpost node` runs again (`peerpost fetch --wait "
+                f"{mid[:8]}` shows it)") in " ".join(err.split()), err
+        net.start_node(bob)
+        got = net.wait_complete(bob, mid, 60, "bob's download, resumed")
+    finally:
+        net.cli(alice, "prefs", "set", "max-upload-rate", "none")
+    net.cli(bob, "prefs", "set", "auto-download", "on")
+    assert Path(got["path"]).read_bytes() == clip.read_bytes()
