@@ -837,18 +837,24 @@ def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
 
 
 def _entry_state(e: dict[str, Any]) -> str:
-    """A short state: `downloading 40% tcp`, `retrying 14:02:11`, `complete`, ..."""
-    state = str(e["state"])
-    if state in ("downloading", "retrying", "offered") and e["progress"]:
+    """A short state: `downloading 40% tcp`, `retrying 14:02:11`, `queued 26%`, ..."""
+    state = _shown_state(e)
+    if state in ("downloading", "retrying", "offered", "queued") and e["progress"]:
         state += f" {e['progress'] * 100:.0f}%"
     if e["state"] == "retrying" and e.get("next_attempt"):
         state += f" next {_when(e['next_attempt'])[11:]}"
     paths = sorted({str(s.get("path", "?")) for s in e["sources"]})
-    if paths and e["state"] in ("downloading", "retrying"):
+    if paths and state.startswith(("downloading", "retrying")):
         state += f" via {'/'.join(paths)}"
     if e.get("junk"):
         state += " (junk)"
     return state
+
+
+def _shown_state(e: dict[str, Any]) -> str:
+    """The inbox state, but `queued` for one downloading whose turn has not come (another
+    download runs first; a node from before `queued` never says so)."""
+    return "queued" if e.get("queued") else str(e["state"])
 
 
 def _inbox_line(s: dict[str, Any]) -> str:
@@ -961,7 +967,7 @@ async def _wait_with_bar(home: NodeHome, entry: dict[str, Any],
                 # its first-byte-to-complete rate would count the pause.
                 done = e["state"] == "complete" and not start
                 bar.update(task, completed=int(e["progress"] * e["size"]),
-                           description=f"{_m(e['title'][:30])} \\[{e['state']}]",
+                           description=f"{_m(e['title'][:30])} \\[{_shown_state(e)}]",
                            rate=download_rate(e) if done else None)
                 if e["state"] in ("complete", "failed"):
                     break

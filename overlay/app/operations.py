@@ -189,6 +189,8 @@ class ControlOperations:
             "next_attempt": next_attempt, "attempts": e.attempts, "error": error,
             "started_at": e.started_at, "first_byte_at": e.first_byte_at,
             "completed_at": e.completed_at,
+            # Downloading, but its turn has not come: another download runs first.
+            "queued": state == InboxState.DOWNLOADING.value and not self.downloads.running(e.id),
             "sources": [s.as_dict() for s in act.sources.values()] if act else [],
             "folder": folder_json(e),
         }

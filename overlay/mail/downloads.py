@@ -209,6 +209,12 @@ class DownloadQueue:
         event, self._changes = self._changes, asyncio.Event()
         event.set()
 
+    def running(self, message_id: bytes) -> bool:
+        """Whether this message's download runs now: one `downloading` in the inbox that
+        does not waits its turn (another download first, or paused for a priority
+        sender's message)."""
+        return message_id in self._tasks
+
     def request(self, message_id: bytes) -> None:
         """The user asked for this message (`peerpost fetch`)."""
         entry = self.inbox.get(message_id)

@@ -390,6 +390,38 @@ def test_fetch_wait_shows_mib_and_a_rate(net: LocalNetwork, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_a_download_waiting_its_turn_says_queued(net: LocalNetwork, tmp_path: Path) -> None:
+    """One download runs at a time: a second `fetch` waits its turn, and inbox says
+    `queued` for it, not `downloading` with a figure that does not move."""
+    alice, bob = net.nodes["alice"], net.nodes["bob"]
+    net.cli(bob, "prefs", "set", "auto-download", "off")
+    net.cli(alice, "prefs", "set", "max-upload-rate", "1MiB/s")
+    try:
+        first, second = (net.cli(alice, "send", str(_file(tmp_path, f"{n}.bin", 4 * MiB)),
+                                 "--to", bob.address).stdout.strip() for n in ("one", "two"))
+        for mid in (first, second):
+            net.wait_until(lambda m=mid: (e := net.inbox_entry(bob, m)) and
+                           e["state"] == "offered", 60, "the offer at bob")
+        net.cli(bob, "fetch", first[:8])
+        net.wait_until(lambda: (e := net.inbox_entry(bob, first)) and e["progress"] > 0, 30,
+                       "the first download's first chunk")
+        net.cli(bob, "fetch", second[:8])
+        waiting = net.inbox_entry(bob, second)
+        res = _mine(net, bob, "inbox", env={"COLUMNS": "100"})
+        net.wait_complete(bob, second, 60, "the second download")
+    finally:
+        net.cli(bob, "prefs", "set", "auto-download", "on")
+        net.cli(alice, "prefs", "set", "max-upload-rate", "none")
+    assert waiting is not None and waiting["state"] == "downloading" and waiting["queued"]
+    rows = {mid: [line for line in res.stdout.splitlines() if mid[:8] in line]
+            for mid in (first, second)}
+    assert "│ queued" in rows[second][0] and "downloading" not in rows[second][0], res.stdout
+    assert "downloading" in rows[first][0], res.stdout
+    done = net.inbox_entry(bob, first)
+    assert done is not None and done["queued"] is False
+
+
+@pytest.mark.slow
 def test_send_while_the_server_is_down(tmp_path: Path) -> None:
     with LocalNetwork(tmp_path / "lab", server_args=[]) as net:
         net.start_server()

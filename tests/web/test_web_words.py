@@ -30,6 +30,8 @@ def entry(state: str, error: str | None = None, **kw: Any) -> dict[str, Any]:
     (entry("offered", junk=True), True, None, "not downloaded (junk sender)"),
     (entry("unverified"), True, None, "on hold: sender not confirmed"),
     (entry("retrying"), True, None, "waiting for the sender"),
+    (entry("downloading", queued=False), True, None, "downloading"),
+    (entry("downloading", queued=True), True, None, "waiting for another download"),
     (entry("complete"), True, None, "received"),
     (entry("failed", CANCELLED_TEXT), True, None, "stopped"),
     (entry("failed", WITHDRAWN_FAILURE), True, None, "cancelled by the sender"),

@@ -122,6 +122,8 @@ def state_text(e: dict[str, Any], auto: bool, limit: int | None) -> str:
         if changed_source(e["error"]):
             return "the sender's file changed"
         return "failed"
+    if state == "downloading" and e.get("queued"):
+        return "waiting for another download"
     return STATE_TEXT.get(state, state)
 
 
