@@ -1157,7 +1157,10 @@ def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
     t.add_column("preference")
     t.add_column("value")
     for k, v in prefs.items():  # the names `prefs set` takes
-        t.add_row(_t(k.replace("_", "-")), _t(_pref_text(k, v)))
+        shown = _pref_text(k, v)
+        if k == "archive_dir" and v is None:  # where `archive` retention moves files now
+            shown += f" ({home.root / 'archive'})"
+        t.add_row(_t(k.replace("_", "-")), _t(shown))
     console.print(t)
     return 0
 

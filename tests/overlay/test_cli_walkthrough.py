@@ -427,8 +427,10 @@ def test_archive_dir_is_the_shells_folder_and_none_unsets_it(net: LocalNetwork,
         assert res.returncode == 0, res.stderr
         assert net.cli_json(bob, "prefs")["archive_dir"] == str(tmp_path / "old-clips")
         # "none", as `prefs` shows an unset one, unsets it (it was a folder named none).
-        net.cli(bob, "prefs", "set", "archive-dir", "none")
+        res = run(net, bob, "prefs", "set", "archive-dir", "none", env={"COLUMNS": "200"})
         assert net.cli_json(bob, "prefs")["archive_dir"] is None
+        # ... and says where `retention archive` moves files then: the home's archive/.
+        assert f"│ none ({bob.home / 'archive'})" in res.stdout, res.stdout
         # Another client (the web inbox) can't leave a relative path to the node's cwd.
         with pytest.raises(ControlError, match="archive-dir must be an absolute path"):
             control_call(bob.home / "control.sock", "prefs_set", key="archive-dir",
