@@ -62,8 +62,9 @@ from overlay.mail.tarheaders import HeaderRefused, bounded_tarinfo
 log = logging.getLogger("peerpost.folders")
 
 TAR_SUFFIX = ".tar"
-# Room in a name for the `.tar` we add and free_name's ` (NNN)`.
-MAX_NAME_BYTES = MAX_FILE_NAME_BYTES - len(TAR_SUFFIX) - 8
+NUMBER_ROOM = 8  # bytes of ` (NNNNN)` that `numbered` may add to a clean name
+# Room in a name for the `.tar` we add and a number.
+MAX_NAME_BYTES = MAX_FILE_NAME_BYTES - len(TAR_SUFFIX) - NUMBER_ROOM
 MAX_PATH_BYTES = 4000  # below PATH_MAX (4096) with room for the download folder
 # What one member costs in the archive beyond its data: a 512-byte header, a PAX header
 # (2 blocks) for a long or non-ASCII name, and the padding of its data to 512 bytes.
@@ -130,11 +131,17 @@ def clean_name(name: str, fallback: str = "folder") -> str:
 
 
 def numbered(name: str, n: int, *, keep_extension: bool) -> str:
-    """`name (n)` (before the extension of a file name): how a taken name is varied."""
+    """`name (n)` (before the extension of a file name): how a taken name is varied. At
+    most NUMBER_ROOM bytes longer than MAX_NAME_BYTES: a stem that would pass that is cut,
+    never the number (cut, every number gave the same name)."""
     stem, dot, ext = name.rpartition(".") if keep_extension else ("", "", "")
     if not stem:
         stem, dot, ext = name, "", ""
-    return f"{stem} ({n}){dot}{ext}"
+    tail = f" ({n}){dot}{ext}"
+    room = MAX_NAME_BYTES + NUMBER_ROOM - len(tail.encode())
+    if len(stem.encode()) > room:
+        stem = stem.encode()[:max(room, 0)].decode("utf-8", "ignore").rstrip() or "file"
+    return stem + tail
 
 
 def unique_names(names: Iterable[str]) -> list[str]:
@@ -147,7 +154,7 @@ def unique_names(names: Iterable[str]) -> list[str]:
         name, n = base, 0
         while name.casefold() in taken:
             n += 1
-            name = clean_name(numbered(base, n, keep_extension=True), "file")
+            name = numbered(base, n, keep_extension=True)
             if n > 1_000_000:  # unreachable: a clean name always has a free number
                 raise FolderError(f"no free name for {raw!r}")
         taken.add(name.casefold())

@@ -24,6 +24,7 @@ from overlay.mail.folders import (
     ORPHAN_AGE,
     FolderError,
     clean_name,
+    numbered,
     pack,
     plan_pack,
     sweep_orphans,
@@ -43,6 +44,21 @@ def test_any_names_give_unique_safe_names(names: list[str]) -> None:
         assert location_file_name(n) == n  # a plain name a location message carries
         assert n and "/" not in n and n not in (".", "..") and n == n.strip()
         assert len((n + ".tar").encode()) <= MAX_FILE_NAME_BYTES
+
+
+def test_long_names_alike_in_their_first_bytes_are_numbered() -> None:
+    """Cut to fit, three long names were the same name, and each number added was cut off
+    again: the send failed with 'no free name' after a million tries."""
+    long = "Ṱ̺̺̕o͞ " * 60  # 600 bytes of UTF-8 with combining marks
+    out = unique_names([long + "a.jpg", long + "b.jpg", long.upper() + ".JPG", "short"])
+    assert len({n.casefold() for n in out}) == 4
+    assert [n.rpartition(".")[2] for n in out[:3]] == ["jpg", "jpg", "JPG"]
+    assert out[3] == "short"
+    for n in out:
+        assert location_file_name(n) == n and n == n.strip()
+        assert len((n + ".tar").encode()) <= MAX_FILE_NAME_BYTES
+    huge = numbered("x" * 300, 10**9, keep_extension=False)  # more numbers than room
+    assert huge.endswith(f" ({10**9})") and len((huge + ".tar").encode()) <= MAX_FILE_NAME_BYTES
 
 
 @given(st.text(max_size=600))
