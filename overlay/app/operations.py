@@ -44,6 +44,7 @@ from overlay.mail.outbox import (
 from overlay.mail.outgoing import MailSender, SendError
 from overlay.mail.prefs import RETENTIONS, Prefs, parse_rate, parse_size, unknown_pref
 from overlay.mail.receipts import REMOVED_REASON
+from overlay.transfer.downloader import WITHDRAWN_FAILURE
 from overlay.transfer.server import TransferServer
 from rendezvous.client import RendezvousClient, RendezvousError, ServerIdentityError
 from rendezvous.domainkey import fingerprint
@@ -220,9 +221,12 @@ class ControlOperations:
     async def _remove(self, e: InboxEntry, *, delete_file: bool) -> dict[str, Any]:
         # Not downloaded: its sender is told (unless junk or unverified, see Inbox.remove);
         # a download that failed for good may have queued that earlier, with its reason.
+        # A message its sender withdrew (`cancel`) goes without a word: the sender knows,
+        # and shows the recipient cancelled whatever it is told.
         earlier = self.declined_json(e.id)
-        await self.downloads.cancel(e.id, remove=True,
-                                    decline=Decline(REMOVED_REASON, self.downloads.wall()))
+        withdrawn = e.state is InboxState.FAILED and e.error == WITHDRAWN_FAILURE
+        await self.downloads.cancel(e.id, remove=True, decline=None if withdrawn else
+                                    Decline(REMOVED_REASON, self.downloads.wall()))
         # A message fetched after all (Try again) keeps its old decline: its `downloaded`
         # receipt was the last word, not that.
         told = (e.sender if e.state is not InboxState.COMPLETE

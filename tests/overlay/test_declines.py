@@ -43,6 +43,7 @@ from overlay.mail.incoming import IncomingMail, Outcome, Pushed
 from overlay.mail.outbox import Outbox, RecipientStatus
 from overlay.mail.prefs import Prefs
 from overlay.mail.receipts import REMOVED_REASON
+from overlay.transfer.downloader import WITHDRAWN_FAILURE
 from overlay.transfer.server import TransferServer
 from overlay.transports.ladder import Source
 from overlay.transports.stream import Stream
@@ -604,6 +605,13 @@ async def test_rm_says_what_the_sender_hears(db: NodeDB) -> None:
     inbox.transition(got, S.COMPLETE, path="/home/bob/clip.ts")
     (r,) = (await ops.rm(Fields({"id": got.hex()}, "rm")))["removed"]
     assert r["sender_told"] is None
+    # Withdrawn by its sender (`cancel`): nothing to tell, and nothing is sent.
+    gone = offer(inbox, 5)
+    inbox.transition(gone, S.DOWNLOADING)
+    inbox.transition(gone, S.FAILED, error=WITHDRAWN_FAILURE)
+    (r,) = (await ops.rm(Fields({"id": gone.hex()}, "rm")))["removed"]
+    assert r["sender_told"] is None
+    assert gone not in owed(inbox)
 
 
 async def test_a_decline_taken_back_while_on_its_way_is_known_as_sent(db: NodeDB) -> None:
