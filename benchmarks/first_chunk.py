@@ -8,10 +8,12 @@ the delay is `DelayLink`: a TCP proxy on 127.0.0.1 that hands every byte on `del
 after it came, in each direction (real sockets on both sides, a round trip of twice the
 delay). Each run is a fresh process running the code under test (this tree, or `--baseline`
 DIR by PYTHONPATH, runs alternating) with a holder (`TransferServer`) and a `Downloader` of
-an 8 MiB content in 1 MiB chunks through the link. Reported: TCP connect returned → first
-chunk stored, in ms and in round trips, medians over the runs.
+an 8 MiB content in 1 MiB chunks through the link, each of the three in a process of its
+own. Reported: TCP connect returned → first chunk stored, in ms and in round trips, medians
+over the runs, and what is left of it past the two round trips the protocol needs (the
+handshake, then the OPEN flight and its first chunk): the part that is not network.
 
-Each run's process runs this file by path (`python -P`), so only the standard library and
+Each run's processes run this file by path (`python -P`), so only the standard library and
 the tree under test's packages are imported there.
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1 << 20
+HERE = Path(__file__).resolve()
 
 
 class DelayLink:
@@ -134,35 +137,85 @@ class TimedSource:
             self.first = asyncio.get_running_loop().time()
 
 
+async def _serve(size: int, tmp: Path) -> None:
+    """The holder's process: serve `tmp/clip.bin` until stdin closes. Prints one JSON line:
+    its port and what a handle would give."""
+    from crypto.identity import DeviceIdentity
+    from overlay.content.catalog import ContentStore
+    from overlay.transfer.server import TransferServer
+
+    store = ContentStore(tmp / "holder")
+    content = await store.add_local_file(tmp / "clip.bin", chunk_size=MiB, key=b"k" * 32,
+                                         capability=b"c" * 32)
+    server = TransferServer(DeviceIdentity.from_seed(b"h" * 32), store)
+    try:
+        _, port = await server.start("127.0.0.1", 0)
+        print(json.dumps({"port": port, "peer_id": server.identity.peer_id.hex(),
+                          "content_id": content.content_id.hex(), "size": content.size,
+                          "chunk_size": content.chunk_size, "key": content.key.hex(),
+                          "capability": content.capability.hex(),
+                          "scheme": int(content.scheme)}), flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+    finally:
+        await server.aclose()
+
+
+async def _link(delay: float, port: int) -> None:
+    """The link's process: a DelayLink to 127.0.0.1:`port` until stdin closes. Prints its
+    own port."""
+    link = DelayLink(delay)
+    try:
+        print(json.dumps({"port": (await link.start("127.0.0.1", port))[1]}), flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+    finally:
+        await link.aclose()
+
+
+async def _child(*args: str) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    """This file run by path with `args` in a process of its own (the same tree); returns
+    it and the JSON line it printed once ready."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-P", str(HERE), *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    line = await proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"{args[0]} ended before it was ready")
+    ready: dict[str, Any] = json.loads(line)
+    return proc, ready
+
+
 async def _one_run(delay: float, size: int, tmp: Path) -> dict[str, float]:
-    """One holder, one downloader through a DelayLink: connect → first chunk stored."""
+    """One holder, one downloader through a DelayLink, each in a process of its own (as on
+    three machines: neither side's work holds up the other's loop or the link's): connect
+    → first chunk stored, measured in the downloader's."""
     from crypto.identity import DeviceIdentity
     from overlay.content.catalog import ContentStore
     from overlay.transfer.downloader import Downloader
-    from overlay.transfer.server import TransferServer
 
     loop = asyncio.get_running_loop()
     src = tmp / "clip.bin"
     src.write_bytes(random.Random(1).randbytes(size))
-    store = ContentStore(tmp / "holder")
-    content = await store.add_local_file(src, chunk_size=MiB, key=b"k" * 32,
-                                         capability=b"c" * 32)
-    server = TransferServer(DeviceIdentity.from_seed(b"h" * 32), store)
-    link = DelayLink(delay)
+    procs: list[asyncio.subprocess.Process] = []
     try:
-        host, port = await link.start(*await server.start("127.0.0.1", 0))
+        holder, h = await _child("--serve", "--size", str(size), "--tmp", str(tmp))
+        procs.append(holder)
+        link, lk = await _child("--link", "--delay", str(delay), "--port", str(h["port"]))
+        procs.append(link)
         partial = ContentStore(tmp / "recv").open_partial(
-            content.content_id, content.size, content.chunk_size, content.key,
-            content.capability, tmp / "inbox", "clip.bin", scheme=content.scheme)
-        timed = TimedSource(host, port, server.identity.peer_id)
+            bytes.fromhex(h["content_id"]), h["size"], h["chunk_size"], bytes.fromhex(h["key"]),
+            bytes.fromhex(h["capability"]), tmp / "inbox", "clip.bin", scheme=h["scheme"])
+        timed = TimedSource("127.0.0.1", lk["port"], bytes.fromhex(h["peer_id"]))
         path = await Downloader(partial, [timed.source], DeviceIdentity.from_seed(b"r" * 32),
                                 on_event=timed.on_event).run()
         done = loop.time()
         if path.read_bytes() != src.read_bytes():
             raise SystemExit("the downloaded file differs")
     finally:
-        await link.aclose()
-        await server.aclose()
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            await proc.wait()
     first = timed.first - timed.connected
     return {"first_ms": first * 1000, "round_trips": first / (2 * delay),
             "total_ms": (done - timed.connected) * 1000}
@@ -173,7 +226,7 @@ def _spawn(tree: Path, delay: float, size: int) -> dict[str, float]:
         p for p in (str(tree), os.environ.get("PYTHONPATH")) if p))
     with tempfile.TemporaryDirectory(prefix="peerpost-rtt-") as tmp:
         done = subprocess.run(
-            [sys.executable, "-P", str(Path(__file__).resolve()), "--one", "--delay",
+            [sys.executable, "-P", str(HERE), "--one", "--delay",
              str(delay), "--size", str(size), "--tmp", tmp],
             env=env, cwd=tmp, capture_output=True, text=True, check=False, timeout=300)
     if done.returncode:
@@ -191,12 +244,21 @@ def main(argv: list[str]) -> int:
                     help="a checkout of older code to run alternately with this one")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--link", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--delay", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(asyncio.run(_one_run(args.delay, args.size, args.tmp))))
+        return 0
+    if args.serve:
+        asyncio.run(_serve(args.size, args.tmp))
+        return 0
+    if args.link:
+        asyncio.run(_link(args.delay, args.port))
         return 0
     from benchmarks.common import report
     from benchmarks.transfer import compile_tree
@@ -225,6 +287,9 @@ def main(argv: list[str]) -> int:
              "value": med(code, "first_ms"), "unit": "ms"},
             {"metric": f"{code}: the same in round trips of {2 * args.delay_ms:.0f} ms",
              "value": med(code, "round_trips"), "unit": "RTT"},
+            {"metric": f"{code}: not network (first chunk - the 2 round trips: handshake, "
+                       "then OPEN with the first GETs)",
+             "value": med(code, "first_ms") - 4 * args.delay_ms, "unit": "ms"},
             {"metric": f"{code}: connect → complete ({args.mib} MiB)",
              "value": med(code, "total_ms"), "unit": "ms"},
             {"metric": f"{code}: each run, first chunk",
