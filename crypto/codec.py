@@ -35,10 +35,12 @@ def packb(obj: Any) -> bytes:
     return out
 
 
-def unpackb(data: bytes | memoryview, *, max_bytes: int) -> Any:
+def unpackb(data: bytes | memoryview, *, max_bytes: int,
+            object_hook: Callable[[dict[str, Any]], Any] | None = None) -> Any:
     """Decode one msgpack object of at most `max_bytes`, or raise DecodeError.
 
     Extension types and non-string map keys are refused; trailing bytes are an error.
+    `object_hook` makes each decoded map into what it returns (msgpack's own hook).
     """
     if len(data) > max_bytes:
         raise DecodeError(f"message too large: {len(data)} bytes, limit {max_bytes}")
@@ -49,6 +51,7 @@ def unpackb(data: bytes | memoryview, *, max_bytes: int) -> Any:
             strict_map_key=True,
             use_list=True,
             ext_hook=_refuse_ext,
+            object_hook=object_hook,
         )
     except DecodeError:
         raise

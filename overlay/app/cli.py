@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from crypto.address import format_hostport, parse_hostport
 from crypto.errors import DecodeError
-from overlay.app.control_wire import CLOSED_TEXT, ControlError, NodeNotRunning
+from overlay.app.control_wire import (
+    CLOSED_TEXT,
+    RESTART,
+    ControlError,
+    NodeNotRunning,
+    NodeTooOld,
+)
 from overlay.app.control_wire import call as control_call
 from overlay.app.home import HomeError, NodeHome, default_home
 from rendezvous.cliutil import (
@@ -383,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, str(exc), EXIT_ERROR)
     except NodeNotRunning as exc:
         return _fail(args, _starting(home) or str(exc), EXIT_NOT_RUNNING)
+    except NodeTooOld as exc:
+        return _fail(args, older_text(home, exc), EXIT_ERROR)
     except ControlError as exc:
         if str(exc) == CLOSED_TEXT and (stopped := _stopped_while_watching(args)):
             return _fail(args, stopped, EXIT_NOT_RUNNING)
@@ -418,6 +426,26 @@ def _stopped_while_watching(args: argparse.Namespace) -> str | None:
                 f"its verified chunks once `peerpost node` runs again (`peerpost fetch "
                 f"--wait {watching}` shows it)")
     return None
+
+
+def older_text(home: NodeHome, exc: NodeTooOld) -> str:
+    """What to say when the running node lacks a field, an operation or an argument this
+    peerpost asks for (a node started before an upgrade): both versions, and to restart
+    it. A node that says no version is older than the one that started saying it."""
+    from rendezvous.cliutil import package_version
+
+    try:
+        node = control_call(home.control_path, "ping").get("version")
+    except (ControlError, OSError):
+        node = None
+    mine = package_version()
+    if node is None:
+        which = f"{mine}; the node does not say its version"
+    elif node != mine:
+        which = f"{mine}; the node runs {node}"
+    else:
+        which = f"{mine}; the node says {node} too, but it was started before this one"
+    return exc.text(f" ({_clean(which)})")
 
 
 def _starting(home: NodeHome) -> str | None:
@@ -624,7 +652,13 @@ def _send_folder(home: NodeHome, paths: list[Path], to: list[str],
     from overlay.mail.folders import FolderError, given_name, plan_pack, summary, write_map
 
     _check_text(args)
-    control_call(home.control_path, "ping")  # a node that is not running: say so first
+    state = control_call(home.control_path, "ping")  # a node not running: say so first
+    if "version" not in state:
+        # A node that ignores `folder` (from before folders) would send the map itself as
+        # a file, and one of the first folder sends took a .tar: only a node that says its
+        # version (it came after both) is handed a map.
+        raise NodeTooOld("send", "it does not say its version, and this peerpost sends a "
+                         "folder only to a node that does")
     try:
         plan = plan_pack(paths)
     except FolderError as exc:
@@ -1148,7 +1182,13 @@ def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
         key, value = args.args
         if key.replace("_", "-") == "archive-dir":
             value = _shell_path(value)
-        control_call(home.control_path, "prefs_set", key=key, value=value)
+        try:
+            control_call(home.control_path, "prefs_set", key=key, value=value)
+        except ControlError as exc:
+            # This peerpost knows the name (_check_pref_key): a node that does not is older.
+            if str(exc).startswith("unknown preference"):
+                raise NodeTooOld("prefs_set", f"it does not know the preference {key}") from None
+            raise
     prefs = control_call(home.control_path, "prefs")
     if args.json:
         print(json.dumps(prefs, indent=2))
@@ -1247,11 +1287,6 @@ def cmd_contacts(home: NodeHome, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(contacts, indent=2))
         return 0
-    if any("keys" not in c for c in contacts):
-        # A node started before an upgrade answers without the fields the table is drawn
-        # from (contacts --json still prints what it has).
-        raise CliError("the running node is older than this command: restart it "
-                       "(stop `peerpost node` and start it again) to list contacts")
     t = _table(title="contacts (compare fingerprints out of band)")
     for col in ("address", "fingerprints", "first seen", "note"):
         t.add_column(col)
@@ -1308,6 +1343,17 @@ def _reach_line(reach: dict[str, Any]) -> Text:
     return _t(f"{where}: the server sees this node as {reach['seen_as']}")
 
 
+def _node_version(info: dict[str, Any]) -> Text:
+    """`info`'s version row: the node's, or, from a node that does not say it (started
+    before it did), that it is older than this peerpost."""
+    if (version := info.get("version")) is not None:
+        return _t(version)
+    from rendezvous.cliutil import package_version
+
+    return _styled(f"not said: the node is older than this peerpost ({package_version()}); "
+                   f"{RESTART}", "yellow")
+
+
 def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
     info = control_call(home.control_path, "ping")
     if args.json:
@@ -1318,6 +1364,7 @@ def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
     t.add_column("value")
     t.add_row("address", _t(info["address"]))
     t.add_row("fingerprint", _t(info["fingerprint"]))
+    t.add_row("version", _node_version(info))
     if info.get("refused"):
         t.add_row("rendezvous", _styled(f"login refused: {info['refused']}", "red"))
     elif m := info.get("mismatch"):

@@ -44,9 +44,10 @@ log = logging.getLogger("peerpost.control")
 Operation = Callable[[Fields], Awaitable[Any]]
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> Any:
+async def _read_frame(reader: asyncio.StreamReader, op: str | None = None) -> Any:
+    """A request (no `op`), or the answer to `op` (decode_body)."""
     n = body_length(await reader.readexactly(PREFIX.size))
-    return decode_body(await reader.readexactly(n))
+    return decode_body(await reader.readexactly(n), op)
 
 
 async def _answers(path: Path) -> bool:
@@ -169,7 +170,7 @@ class ControlClient:
         try:
             self._writer.write(request(op, args))
             await self._writer.drain()
-            reply = await _read_frame(self._reader)
+            reply = await _read_frame(self._reader, op)
         except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError):
             raise ControlError(CLOSED_TEXT) from None
-        return result(reply)
+        return result(reply, op)

@@ -47,6 +47,7 @@ from overlay.mail.receipts import REMOVED_REASON
 from overlay.transfer.downloader import WITHDRAWN_FAILURE
 from overlay.transfer.server import TransferServer
 from rendezvous.client import RendezvousClient, RendezvousError, ServerIdentityError
+from rendezvous.cliutil import package_version
 from rendezvous.domainkey import fingerprint
 
 log = logging.getLogger("peerpost.node")
@@ -110,6 +111,7 @@ class ControlOperations:
         self.store = store
         self.withdraw_announcement = withdraw  # the DHT's provider record of a content
         self.reach = reach  # NAT, the address the server sees, the rungs we dial over
+        self.version = package_version()
 
     def table(self) -> dict[str, Operation]:
         return {
@@ -132,7 +134,9 @@ class ControlOperations:
         }
 
     async def ping(self, a: Fields) -> Any:
-        return {"address": self.address, "peer_id": self.identity.peer_id.hex(),
+        # `version`: what a newer CLI names when this node lacks something it asks for.
+        return {"address": self.address, "version": self.version,
+                "peer_id": self.identity.peer_id.hex(),
                 "fingerprint": self.identity.public.fingerprint(),
                 "listen": list(self.listen_addr or ()),
                 "connected": self.rendezvous.connected,

@@ -18,6 +18,7 @@ from crypto.codec import Fields
 from crypto.identity import DeviceIdentity
 from overlay.app import cli
 from overlay.app.cli import contact_cells as cli_cells
+from overlay.app.control_wire import NodeTooOld, reply_type
 from overlay.app.operations import ControlOperations
 from overlay.app.web import server as web
 from overlay.mail.contacts import Contacts, PinResult
@@ -212,9 +213,10 @@ def test_a_node_older_than_the_command_is_named_not_a_traceback(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A node started before an upgrade answers `contacts` without `keys` and `alerts`:
     the table says to restart it; --json prints what the node sent."""
-    old = {"address": BOB, "fingerprints": ["ab cd"], "pending": [], "unvouched": [],
-           "changed": False, "first_seen": 1.0}
-    with pytest.raises(cli.CliError, match="older than this command: restart it"):
+    old = reply_type("contacts")({"address": BOB, "fingerprints": ["ab cd"], "pending": [],
+                                  "unvouched": [], "changed": False, "first_seen": 1.0})
+    with pytest.raises(NodeTooOld, match=r"older than this peerpost: restart it .*"
+                       r"answered `contacts` without `keys`"):
         contacts_output(monkeypatch, tmp_path, [old])
     out = io.StringIO()
     monkeypatch.setattr("sys.stdout", out)
