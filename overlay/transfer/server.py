@@ -282,7 +282,10 @@ class TransferServer:
         """Listen for direct TCP sessions; returns the bound address (port 0: any)."""
         # A few more TCP slots than sessions, so the excess gets counted and refused here.
         self._tcp = TcpServer(self.handle_stream, max_connections=self.max_sessions + 8)
-        return await self._tcp.start(host, port)
+        bound = await self._tcp.start(host, port)
+        # The sealing threads now, not inside the first GETs of the first session.
+        self.sealers.start()
+        return bound
 
     async def handle_stream(self, stream: Stream) -> None:
         """Serve one session on an already connected stream (TCP, WebRTC, relay) until it

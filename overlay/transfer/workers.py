@@ -22,6 +22,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
+# Longest a thread started by `start` waits for the others to start (a thread the system
+# would not start ends the wait at once; this only bounds a start that is slow).
+START_WAIT = 1.0
+
 J = TypeVar("J")
 R = TypeVar("R")
 
@@ -49,25 +53,83 @@ class WorkQueue(Generic[J, R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._executor: ThreadPoolExecutor | None = None
+        self._started = False  # `start` ran since the executor was made
+        # `start`'s first thread is starting the others: jobs wait for it, so that the
+        # executor is not asked for a thread on the loop meanwhile. Set on the loop, cleared
+        # by that thread.
+        self._starting = False
         self._running: set[asyncio.Future[None]] = set()
         self._changed = asyncio.Event()
         self.pending = 0
 
-    def submit(self, job: J) -> None:
+    def _bind(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop, self._loop_thread = loop, threading.get_ident()
             self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=self._name)
+        return loop
+
+    def start(self) -> None:
+        """Start the `workers` threads now, idle. Otherwise the executor starts each inside
+        the `submit` that first needs it, and the loop waits until the new thread runs: on
+        a session's first GETs, with the first sealer already working and both cores busy,
+        that held the loop (and the replies and chunks it had to send) 1-7 ms a thread.
+        Here the loop waits for the first thread only, which starts the others; jobs
+        submitted meanwhile wait for them. The threads stay until `aclose`, as they do
+        after any job. An executor that runs work inline (the simulator's loop) starts
+        none. Once per queue; from the loop thread."""
+        loop = self._bind()
+        if self._started or self._running:  # threads in use are started already
+            return
+        self._started = self._starting = True
+        try:
+            fut = loop.run_in_executor(self._executor, self._start_others)
+        except BaseException:
+            self._starting = False
+            raise
+        self._running.add(fut)
+        fut.add_done_callback(self._ended)
+
+    def _start_others(self) -> None:
+        """The first thread's first call (`start`): start the other threads, then take jobs
+        as `_run` does."""
+        executor, loop = self._executor, self._loop  # `aclose` waits for this call
+        inline = threading.get_ident() == self._loop_thread
+        try:
+            if not inline and executor is not None and self._workers > 1:
+                # Each holds its thread until all have one, so that the executor, asked
+                # again, starts another thread instead of handing the call to one just idle.
+                gate = threading.Barrier(self._workers - 1)
+                try:
+                    for _ in range(self._workers - 1):
+                        executor.submit(_wait_at, gate)
+                except RuntimeError:  # no thread could be started: jobs start one as before
+                    gate.abort()
+        finally:
+            self._starting = False
+            if not inline and loop is not None:  # jobs that came meanwhile go to them too
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(self._spawn_queued)
+        self._run()
+
+    def submit(self, job: J) -> None:
+        self._bind()
         self.pending += 1
         self._jobs.put(job)
         self._spawn()
 
     def _spawn(self) -> None:
-        if self._loop is None or len(self._running) >= self._workers or self._jobs.empty():
+        if (self._loop is None or self._starting or len(self._running) >= self._workers
+                or self._jobs.empty()):
             return
         fut = self._loop.run_in_executor(self._executor, self._run)
         self._running.add(fut)
         fut.add_done_callback(self._ended)
+
+    def _spawn_queued(self) -> None:
+        """A call for each job queued, up to `workers` calls running."""
+        for _ in range(min(self._jobs.qsize(), self._workers)):
+            self._spawn()
 
     def _ended(self, fut: asyncio.Future[None]) -> None:
         self._running.discard(fut)
@@ -126,4 +188,10 @@ class WorkQueue(Generic[J, R]):
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
+        self._started = False
         self._loop = None
+
+
+def _wait_at(gate: threading.Barrier) -> None:
+    with contextlib.suppress(threading.BrokenBarrierError):
+        gate.wait(START_WAIT)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
@@ -19,10 +21,12 @@ from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.content.local import LocalContent
 from overlay.transfer import server as server_module
+from overlay.transfer.downloader import ChunkStored, Downloader, FetchEvent, SourceConnected
 from overlay.transfer.errors import SessionFailed
 from overlay.transfer.frames import Chunk, Error, ErrorCode
 from overlay.transfer.requester import open_transfer_session
 from overlay.transfer.server import TransferServer
+from overlay.transports.ladder import Source
 from overlay.transports.stream import Stream
 from overlay.transports.tcp import TcpStream, connect_tcp
 from rendezvous.taskset import TaskSet
@@ -609,3 +613,52 @@ async def test_aclose_ends_every_session_then_passes_on_the_callers_cancel(
     finally:
         stream.release.set()
         await tasks.aclose()
+
+
+async def test_the_first_session_starts_no_thread_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A holder's sealing threads start with `start`, and a download's filing threads as
+    its first flight (OPEN and first GETs) goes out, so neither side's loop waits for a
+    thread to start as the first GETs or chunks come; the download is whole."""
+    data = random.Random(3).randbytes(3 << 20)
+    (tmp_path / "f").write_bytes(data)
+    store = ContentStore(tmp_path / "store")
+    content = await store.add_local_file(tmp_path / "f", chunk_size=1 << 20)
+    log: list[str] = []
+    loop_thread = threading.get_ident()
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        kind = thread.name.rsplit("_", 1)[0]
+        if threading.get_ident() == loop_thread and kind in ("sealer", "filer"):
+            log.append("start " + kind)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), store)
+    host, port = await server.start()
+    try:
+        log.append("listening")
+
+        def on_event(event: FetchEvent) -> None:
+            if isinstance(event, SourceConnected | ChunkStored):
+                log.append(type(event).__name__)
+
+        receiving = ContentStore(tmp_path / "recv")
+        partial = receiving.open_partial(
+            content.content_id, content.size, content.chunk_size, content.key,
+            content.capability, tmp_path / "inbox", "f", scheme=content.scheme)
+        source = Source("holder", lambda: connect_tcp(host, port, timeout=10),
+                        server.identity.peer_id)
+        downloader = Downloader(partial, [source], ME, writers=2, on_event=on_event)
+        async with asyncio.timeout(30):
+            path = await downloader.run()
+        assert path.read_bytes() == data
+        assert log == ["start sealer", "listening", "start filer", "SourceConnected",
+                       "ChunkStored", "ChunkStored", "ChunkStored"]
+        assert server.chunks_served(content.content_id) == 3
+        receiving.close()
+    finally:
+        await server.aclose()
+        store.close()
