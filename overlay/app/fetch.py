@@ -42,6 +42,7 @@ from overlay.transfer.downloader import (
     FetchEvent,
     NoSourceReachable,
     SourceChanged,
+    SourceFailed,
     SourceStats,
 )
 from overlay.transports.ladder import Source
@@ -168,6 +169,10 @@ class ContentFetch:
             if first:
                 got_chunk[0] = True
                 self.announce(h.content_id)  # partial holders serve what they have
+            if isinstance(ev, SourceFailed) and ev.source == sender.label:
+                # What FINGER said of the sender may be what failed (a node restarted
+                # on another port): the next attempt, or the refresh, asks again.
+                self.finder.forget(msg.headers.sender)
             if first or now - last[0] >= PROGRESS_EVERY or partial.is_complete:
                 last[0] = now
                 progress(partial.held)

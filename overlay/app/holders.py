@@ -115,6 +115,14 @@ class HolderFinder:
         self._finger_cache[address] = (asyncio.get_running_loop().time(), found)
         return found
 
+    def forget(self, address: str) -> None:
+        """Drop the FINGER answer kept for `address`: a source it named failed. The next
+        attempt asks what the device advertises now; a device restarted on another port
+        (its own was taken meanwhile) is reached directly again, where the kept answer
+        sent the retry to the port it left and on up the ladder (punch, QUIC, WebRTC,
+        the relay) for up to FINGER_CACHE seconds."""
+        self._finger_cache.pop(address, None)
+
     async def devices(self, addresses: list[str]) -> dict[bytes, tuple[str, dict[str, Any]]]:
         """peer id -> (address, advertisement) for the devices of `addresses` (FINGER)."""
         loop = asyncio.get_running_loop()

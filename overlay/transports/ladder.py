@@ -159,6 +159,11 @@ class ConnectionLadder:
                 errors.append(f"relay: {exc}")
         if stream is None:
             raise StreamBroken("; ".join(errors) or "no way to reach this holder")
+        if errors:
+            # The ladder's decision, when a rung failed before another won: why a holder
+            # that advertises direct addresses was reached by the relay (or the punch).
+            log.info("%s (%s) reached by %s after %s", holder.address or "a holder",
+                     holder.peer_id.hex()[:16], stream.path, "; ".join(errors))
         self.counters[stream.path] = self.counters.get(stream.path, 0) + 1
         return stream
 

@@ -140,6 +140,20 @@ async def test_an_answer_remembered_from_elsewhere_is_not_asked_again() -> None:
     assert "10.0.0.1:9000" in found[0].direct  # from its advertisement
 
 
+async def test_a_forgotten_answer_is_asked_again() -> None:
+    """A download's sender source failed (a node back on another port): the answer kept
+    for it is dropped, and the next attempt asks the server what it advertises now."""
+    rv = FakeRendezvous()
+    f = finder(rv, co_recipients=False)
+    await f.sender_holder(cast(LocationMessage, Msg()))
+    await f.sender_holder(cast(LocationMessage, Msg()))
+    assert rv.asked == ["alice@x"]  # kept
+    f.forget("alice@x")
+    found = await f.sender_holder(cast(LocationMessage, Msg()))
+    assert rv.asked == ["alice@x", "alice@x"]
+    assert "10.0.0.1:9000" in found.direct
+
+
 class _HeldLookup:
     def __init__(self) -> None:
         self.go = asyncio.Event()
