@@ -370,7 +370,9 @@ class DownloadQueue:
                 self.inbox.set_progress(mid, held, first_byte=first_byte)
                 first[0] = first[0] or first_byte is not None
                 self._changed()
-                if first_byte is not None and self._on_started is not None:
+                # Not when the first chunk is the whole file: `downloaded` follows at once.
+                if first_byte is not None and held < entry.chunk_count and \
+                        self._on_started is not None:
                     self._on_started(entry, msg)
 
             try:

@@ -83,3 +83,38 @@ def test_a_mark_with_a_transition_keeps_the_first_of_its_kind(db: NodeDB) -> Non
     with pytest.raises(ValueError, match="unknown download event"):
         inbox.transition(mid, InboxState.COMPLETE, path="/x", mark=("finished", 23.0))
     assert inbox.get(mid).state is InboxState.DOWNLOADING  # type: ignore[union-attr]
+
+
+async def _started_calls(db: NodeDB, steps: list[int]) -> list[bytes]:
+    """The `on_started` calls of one download of a 6-chunk message whose fetcher reports
+    `steps` (chunks held) as it goes."""
+    inbox = Inbox(db)
+    offer(inbox)
+    started: list[bytes] = []
+    done = asyncio.Event()
+
+    async def fetch(entry: InboxEntry, msg: LocationMessage, act: Activity,
+                    progress: Any) -> str:
+        for held in steps:
+            progress(held)
+        return str(Path("clip.ts").absolute())
+
+    async def completed(entry: InboxEntry, msg: LocationMessage) -> None:
+        done.set()
+
+    q = DownloadQueue(inbox, Prefs(db), fetch, completed, wall=time.time,
+                      rng=random.Random(1),
+                      on_started=lambda e, msg: started.append(msg.headers.message_id))
+    await run_until(q, done)
+    return started
+
+
+async def test_the_started_hook_goes_once_at_a_first_chunk_with_more_to_come(
+        db: NodeDB, tmp_path: Path) -> None:
+    """`on_started` (the sender's `downloading` receipt) is called once, when the first
+    chunk is stored and more are to come; not when the first progress is the whole file
+    (a message of one chunk, or one held already), whose `downloaded` receipt follows at
+    once: a second envelope to the sender for nothing."""
+    assert await _started_calls(db, [0, 1, 2, 6]) == [b"m" * 16]
+    with NodeDB.open(tmp_path / "whole") as other:
+        assert await _started_calls(other, [0, 6]) == []
