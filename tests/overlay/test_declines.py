@@ -499,6 +499,9 @@ class _Holders:
     async def refresh(self, dl: Any, msg: LocationMessage) -> None:
         await asyncio.Event().wait()  # no new holders while a download runs
 
+    def forget(self, address: str) -> None:
+        pass  # no FINGER answer is kept: the sources are given
+
 
 async def test_try_again_after_the_decline_went_fails_only_when_every_source_says_no_content(
         tmp_path: Path, db: NodeDB) -> None:
