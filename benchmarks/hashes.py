@@ -12,6 +12,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import blake3
 
@@ -34,6 +35,8 @@ def _rate(fn: Callable[[bytes], object], data: bytes, mib: int) -> float:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks hashes")
     ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON file (default benchmarks/out/hashes.json)")
     args = ap.parse_args(argv)
     data = os.urandom(CHUNK)
     key = os.urandom(32)
@@ -49,5 +52,5 @@ def main(argv: list[str]) -> int:
     }
     rows = [{"metric": name, "value": round(_rate(fn, data, args.mib), 1), "unit": "MiB/s"}
             for name, fn in cases.items()]
-    report("hashes", rows, meta={"mib": args.mib, "chunk": CHUNK})
+    report("hashes", rows, out=args.out, meta={"mib": args.mib, "chunk": CHUNK})
     return 0

@@ -579,6 +579,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--relay-port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--loop", default="uvloop", help=argparse.SUPPRESS)
     ap.add_argument("--tuning", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON file (default benchmarks/out/paths.json)")
     args = ap.parse_args(argv)
     if args.child:
         tuning = ChannelTuning(**json.loads(args.tuning))
@@ -597,12 +599,13 @@ def main(argv: list[str]) -> int:
         ap.error(f"--loss is a percentage, 0-100, not {args.loss}")
 
     if args.only_quic:
-        report("paths", _quic_rows(8 * rtc_size, rtc_size, meta, args.loss), meta=meta)
+        report("paths", _quic_rows(8 * rtc_size, rtc_size, meta, args.loss), out=args.out,
+               meta=meta)
         return 0
     if not args.no_punch and not args.only_relay:
         rows += _punch_rows(tcp_size, meta)
     if args.only_punch:
-        report("paths", rows, meta=meta)
+        report("paths", rows, out=args.out, meta=meta)
         return 0
     tcp = _run("tcp", default, tcp_size, "uvloop")
     meta["runs"].append({"kind": "tcp", **tcp})
@@ -663,7 +666,7 @@ def main(argv: list[str]) -> int:
             meta["runs"].append({"kind": "webrtc", "loop": "uvloop", "tuning": asdict(t), **r})
             rows.append({"metric": f"WebRTC sweep: {_label(t)}", "value": r["mbps"],
                          "unit": "MB/s"})
-    report("paths", rows, meta=meta)
+    report("paths", rows, out=args.out, meta=meta)
     return 0
 
 

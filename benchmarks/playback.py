@@ -183,6 +183,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--mb", type=int, default=100, help="clip size in MB (10^6 bytes)")
     ap.add_argument("--rate-mb", type=float, default=4.0,
                     help="the sender's --max-upload-rate in MB/s")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON file (default benchmarks/out/playback.json)")
     args = ap.parse_args(argv)
     if shutil.which("chromium") is None:
         print("needs Debian's chromium (apt-get install -y chromium) and playwright "
@@ -215,5 +217,6 @@ def main(argv: list[str]) -> int:
         {"metric": "load average (1 min) before / after",
          "value": f"{load_before:.2f} / {load_after:.2f}", "unit": f"{os.cpu_count()} CPUs"},
     ]
-    report("playback", rows, meta={"bytes": size, "rate": int(args.rate_mb * MB), **r})
+    report("playback", rows, out=args.out,
+           meta={"bytes": size, "rate": int(args.rate_mb * MB), **r})
     return 0
