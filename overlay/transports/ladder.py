@@ -66,12 +66,18 @@ class Holder:
     nat: bool = False  # it says it is behind NAT: start WebRTC at once
 
 
+class TcpRefused(StreamBroken):
+    """No advertised address took the connection, and at least one refused it at once:
+    that host is up and nothing listened on the port then (a node starting again)."""
+
+
 def tcp_dialer(addresses: Sequence[str]) -> Callable[[], Awaitable[Stream]]:
     """Try each advertised HOST:PORT in turn; the first that answers wins."""
     addrs = list(dict.fromkeys(addresses))[:MAX_ADDRESSES_PER_HOLDER]
 
     async def dial() -> Stream:
         errors: list[str] = []
+        refused = False
         for a in addrs:
             try:
                 host, port = parse_hostport(a)
@@ -82,7 +88,10 @@ def tcp_dialer(addresses: Sequence[str]) -> Callable[[], Awaitable[Stream]]:
                 return await connect_tcp(host, port, timeout=CONNECT_TIMEOUT)
             except StreamBroken as exc:
                 errors.append(str(exc))
-        raise StreamBroken("; ".join(errors) or "no address to try")
+                # connect_tcp raises from None: the OSError is still its context.
+                refused = refused or isinstance(exc.__context__, ConnectionRefusedError)
+        raise (TcpRefused if refused else StreamBroken)("; ".join(errors)
+                                                       or "no address to try")
 
     return dial
 
@@ -131,8 +140,10 @@ class ConnectionLadder:
     async def dial(self, holder: Holder) -> Stream:
         errors: list[str] = []
         rungs: list[tuple[float, str, Callable[[], Awaitable[Stream]]]] = []
+        refused: list[bool] = []
         if holder.direct:
-            rungs.append((0.0, "tcp", tcp_dialer(holder.direct)))
+            direct = tcp_dialer(holder.direct)
+            rungs.append((0.0, "tcp", _noting_refused(direct, refused)))
         delay = 0.0 if holder.nat or not holder.direct else self.webrtc_delay
         # Each rung past the punch starts when the one before it has failed or had its
         # time (`over`, `limit`): it would cost more CPU per byte than that one. The
@@ -152,6 +163,15 @@ class ConnectionLadder:
             rtc = self.webrtc
             rungs.append((delay, "webrtc", _gated(lambda: rtc(holder), over, limit)))
         stream = await _race(rungs, errors)
+        if stream is None and refused and self.relay is not None and holder.address:
+            # Its address refused at once, and the other rungs took their time: a node that
+            # was starting again (a retry that fired while its sender restarted) listens by
+            # now, and the relay, slow and paid for by the server, would carry the whole
+            # rest of the download. One more direct dial first (refused again: at once).
+            try:
+                stream = await direct()
+            except StreamError as exc:
+                errors.append(f"tcp again: {exc}")
         if stream is None and self.relay is not None and holder.address:
             try:
                 stream = await self.relay(holder)
@@ -166,6 +186,19 @@ class ConnectionLadder:
                      holder.peer_id.hex()[:16], stream.path, "; ".join(errors))
         self.counters[stream.path] = self.counters.get(stream.path, 0) + 1
         return stream
+
+
+def _noting_refused(dial: Callable[[], Awaitable[Stream]], refused: list[bool]
+                    ) -> Callable[[], Awaitable[Stream]]:
+    """`dial`, appending to `refused` when it fails with TcpRefused."""
+    async def noting() -> Stream:
+        try:
+            return await dial()
+        except TcpRefused:
+            refused.append(True)
+            raise
+
+    return noting
 
 
 def _flagged(dial: Callable[[], Awaitable[Stream]], over: asyncio.Event

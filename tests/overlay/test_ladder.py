@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 
 import pytest
 
@@ -64,6 +65,39 @@ async def test_webrtc_when_tcp_fails_and_relay_last() -> None:
     s = await ladder.dial(Holder(PEER, "bob@x.net", dead))
     assert s.path == "relay"
     assert ladder.counters == {"relay": 1}
+
+
+async def test_a_holder_that_refused_then_listens_is_dialled_again_before_the_relay() -> None:
+    """A retry that fires while its sender's node starts again: the advertised port refuses
+    at once, the other rungs take their time, and by then the node listens. Without one
+    more direct dial the relay carried the rest of the download."""
+    async def serve(stream) -> None:
+        await stream.aclose()
+
+    with socket.socket() as probe:  # a free port, nothing listening on it yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = TcpServer(serve)
+    relayed: list[FakeStream] = []
+
+    async def slow_webrtc(holder: Holder) -> FakeStream:
+        await server.start("127.0.0.1", port)  # the node is up while WebRTC fails
+        await asyncio.sleep(0.05)
+        raise StreamBroken("webrtc: no answer")
+
+    try:
+        ladder = ConnectionLadder(webrtc=slow_webrtc, relay=rung("relay", made=relayed),
+                                  webrtc_delay=0.01)
+        s = await ladder.dial(Holder(PEER, "bob@x.net", (f"127.0.0.1:{port}",)))
+        assert s.path == "tcp" and relayed == []
+        await s.aclose()
+        # Refused again: the relay, as before (the dial again took no time).
+        await server.aclose()
+        server = TcpServer(serve)
+        s = await ladder.dial(Holder(PEER, "bob@x.net", ("127.0.0.1:1",)))
+        assert s.path == "relay"
+    finally:
+        await server.aclose()
 
 
 async def test_a_nated_holder_gets_webrtc_at_once() -> None:
