@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -12,6 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 OUT_DIR = Path(__file__).parent / "out"
+
+
+def tree_first(tree: Path) -> str:
+    """A PYTHONPATH that runs the code in `tree` (a checkout of other code, `--baseline`)
+    before what the caller's PYTHONPATH holds (another cryptography, say)."""
+    return os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
 
 
 def report(name: str, rows: list[dict[str, Any]], *, out: Path | None = None,

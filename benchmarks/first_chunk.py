@@ -222,8 +222,9 @@ async def _one_run(delay: float, size: int, tmp: Path) -> dict[str, float]:
 
 
 def _spawn(tree: Path, delay: float, size: int) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(tree), os.environ.get("PYTHONPATH")) if p))
+    from benchmarks.common import tree_first
+
+    env = dict(os.environ, PYTHONPATH=tree_first(tree))
     with tempfile.TemporaryDirectory(prefix="peerpost-rtt-") as tmp:
         done = subprocess.run(
             [sys.executable, "-P", str(HERE), "--one", "--delay",

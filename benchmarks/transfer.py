@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import report
+from benchmarks.common import report, tree_first
 from crypto.content import (
     ChunkCipher,
     LeafScheme,
@@ -247,9 +247,7 @@ def cli_end_to_end(src: Path, root: Path, baseline: Path | None) -> dict[str, fl
     """One delivery through the CLI on a fresh network; `baseline`: run that code instead."""
     with LocalNetwork(root) as net:
         if baseline is not None:
-            # First, before what the caller put on the path (another cryptography, say).
-            net.env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(baseline), os.environ.get("PYTHONPATH")) if p)
+            net.env["PYTHONPATH"] = tree_first(baseline)
         net.start_server()
         alice, bob = net.add_node("alice"), net.add_node("bob")
         net.start_node(alice)

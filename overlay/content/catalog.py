@@ -328,7 +328,7 @@ class ContentStore:
             chunk_size = chunk_size_for(size) if chunk_size is None else chunk_size
             check_layout(size, chunk_size)
             try:
-                leaves = name_chunks(fd, size, chunk_size, key, scheme, stop)
+                leaves = tuple(name_chunks(fd, size, chunk_size, key, scheme, stop))
             except ShortRead:
                 raise ContentStoreError(f"{path} shrank while it was being added") from None
             after = os.fstat(fd)
@@ -343,8 +343,8 @@ class ContentStore:
 
         return NamedContent(functools.partial(
             LocalContent, size=size, chunk_size=chunk_size, key=key, path=path,
-            leaves=tuple(leaves), mtime_ns=before.st_mtime_ns, scheme=scheme,
-            outgoing=self._outgoing), tuple(leaves), check_source)
+            leaves=leaves, mtime_ns=before.st_mtime_ns, scheme=scheme,
+            outgoing=self._outgoing), leaves, check_source)
 
     def hold(self, named: NamedContent, capability: bytes | None = None) -> LocalContent:
         """Record a complete content this node named (`name_local_file`,
@@ -414,15 +414,15 @@ class ContentStore:
             mtime_ns=0, scheme=scheme, outgoing=self._outgoing,
             layout=layout, gaps_path=map_path)
         reader = make(content_id=b"", capability=b"", leaves=())
-        leaves = name_chunks_from(reader.read_plain, layout.size, chunk_size, key, scheme,
-                                  stop)
+        leaves = tuple(name_chunks_from(reader.read_plain, layout.size, chunk_size, key,
+                                        scheme, stop))
 
         def check_source() -> None:
             if (changed := reader.files_changed()) is not None:
                 raise ContentStoreError(changed)
 
         check_source()  # during the pass
-        return NamedContent(functools.partial(make, leaves=tuple(leaves)), tuple(leaves),
+        return NamedContent(functools.partial(make, leaves=leaves), leaves,
                             check_source)
 
     @property
