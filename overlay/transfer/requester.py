@@ -17,6 +17,7 @@ from crypto.capability import prove_capability
 from crypto.content import HASH_LEN, MAX_SEAL_OVERHEAD, chunk_count
 from crypto.identity import DeviceIdentity, PublicIdentity
 from overlay.transfer.core import (
+    SPARE_PAYLOADS,
     BadMessage,
     ConnectionClosed,
     ConnectionFailed,
@@ -288,10 +289,11 @@ class TransferSession:
             await self._pump()
         return self._chunks.popleft()
 
-    def align_payloads(self, lead: int) -> None:
+    def align_payloads(self, lead: int, spare: int = SPARE_PAYLOADS) -> None:
         """Receive chunks into page-aligned buffers, `lead` bytes before a page boundary
-        (`TransferConnection.align_payloads`): the opener's nonce."""
-        self._conn.align_payloads(lead)
+        (`TransferConnection.align_payloads`): the opener's nonce; keep up to `spare`
+        recycled ones."""
+        self._conn.align_payloads(lead, spare)
 
     def recycle(self, chunk: Chunk) -> None:
         """The caller is done with this chunk's data and holds no reference to it: its

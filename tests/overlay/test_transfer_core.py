@@ -682,3 +682,28 @@ def test_aligned_payloads_put_the_byte_after_the_lead_on_a_page(lead: int) -> No
     assert bytes(again.data) == payloads[2]
     with pytest.raises(LocalProtocolError, match="not within a page"):
         c.align_payloads(mmap.PAGESIZE)
+
+
+@pytest.mark.parametrize("spare", [0, 2, 9])
+def test_as_many_recycled_payloads_are_kept_as_the_receiver_asked(spare: int) -> None:
+    """align_payloads(lead, spare): `spare` recycled buffers are reused by the next
+    chunks, none beyond it (a buffer past the bound is let go, the chunk after it gets a
+    fresh one)."""
+    c, s = connected()
+    c.align_payloads(0, spare=spare)
+    cid = b"k" * 32
+    n = spare + 2
+    payloads = [random.Random(i).randbytes(CHUNK + 16) for i in range(2 * n)]
+    for i in range(n):
+        s.send(Chunk(cid, i, payloads[i]))
+    c.receive_data(wire(s))
+    first = [e for e in events(c) if isinstance(e, Chunk)]
+    for e in first:
+        c.recycle(e.data)
+    for i in range(n, 2 * n):
+        s.send(Chunk(cid, i, payloads[i]))
+    c.receive_data(wire(s))
+    second = [e for e in events(c) if isinstance(e, Chunk)]
+    assert [bytes(e.data) for e in second] == payloads[n:]
+    old = {id(e.data) for e in first}
+    assert sum(id(e.data) in old for e in second) == spare
