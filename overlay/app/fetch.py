@@ -78,6 +78,22 @@ def want_ends(dl: Downloader, count: int) -> None:
         dl.want_first(0, 1)
 
 
+def source_views(stats: list[SourceStats]) -> list[SourceView]:
+    """One view per source and path: a source that moved from the relay to tcp shows the
+    bytes each carried, the rate on the path it uses now."""
+    views = []
+    for s in stats:
+        current = s.path or "?"
+        paths = dict(s.by_path)
+        paths.setdefault(current, 0)
+        for path, n in paths.items():
+            here = path == current
+            views.append(SourceView(peer=s.label, path=path, bytes=n,
+                                    rate=s.rate if here else 0.0,
+                                    banned=here and s.outcome == "banned", left=not here))
+    return views
+
+
 def none_serve(stats: list[SourceStats]) -> bool:
     """Every source answered that it does not have the content ("no content") or no
     longer serves it (its file changed): none will later, unlike one that was unreachable,
@@ -176,8 +192,7 @@ class ContentFetch:
             if first or now - last[0] >= PROGRESS_EVERY or partial.is_complete:
                 last[0] = now
                 progress(partial.held)
-            act.show(SourceView(peer=s.label, path=s.path or "?", bytes=s.bytes, rate=s.rate,
-                                banned=s.outcome == "banned") for s in dl.stats)
+            act.show(source_views(dl.stats))
 
         # A source's connect() may climb every rung of the ladder, each to its own timeout
         # (a held offer waits for a NATed holder to come back): give it the whole budget.

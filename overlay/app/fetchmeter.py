@@ -29,7 +29,7 @@ class FetchMeter:
         self.outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
         self.bytes_done: Counter[str] = Counter({p: 0 for p in PATHS})
         # running attempts: activity -> its source views as they were when it started
-        self._live: dict[int, tuple[Activity, dict[str, SourceView]]] = {}
+        self._live: dict[int, tuple[Activity, dict[tuple[str, str], SourceView]]] = {}
 
     async def __call__(self, entry: InboxEntry, msg: LocationMessage, act: Activity,
                        progress: Callable[[int], None]) -> str:
@@ -67,7 +67,7 @@ class FetchMeter:
     def sources_by_path(self) -> Counter[str]:
         out: Counter[str] = Counter({p: 0 for p in PATHS})
         for src in self._running():
-            if not src.banned:
+            if not src.banned and not src.left:
                 out[src.path] += 1
         return out
 

@@ -100,6 +100,7 @@ class SourceView:
     bytes: int = 0
     rate: float = 0.0
     banned: bool = False
+    left: bool = False  # a path the source moved off to a faster one: its bytes, no more
 
     def as_dict(self) -> dict[str, object]:
         return {"peer": self.peer, "path": self.path, "bytes": self.bytes,
@@ -110,12 +111,13 @@ class SourceView:
 class Activity:
     """Live view of one download, for `inbox` and `fetch --wait`.
 
-    `attempt` holds the running attempt's sources, by peer; `earlier` what ended attempts
+    `attempt` holds the running attempt's sources, by peer and path (a source that moved
+    to a faster path shows both); `earlier` what ended attempts
     fetched since the node started (their rates 0). `sources`, what the user sees, is the
     two together, one view per peer and path, so bytes fetched before a retry still count.
     """
 
-    attempt: dict[str, SourceView] = field(default_factory=dict)
+    attempt: dict[tuple[str, str], SourceView] = field(default_factory=dict)
     earlier: dict[tuple[str, str], SourceView] = field(default_factory=dict)
     started_at: float = 0.0
 
@@ -125,7 +127,7 @@ class Activity:
 
     def show(self, views: Iterable[SourceView]) -> None:
         """The running attempt's sources are now `views`."""
-        self.attempt = {v.peer: v for v in views}
+        self.attempt = {(v.peer, v.path): v for v in views}
 
     def end_attempt(self) -> None:
         """Keep what the attempt fetched (and whom it banned) in `earlier`."""

@@ -23,6 +23,15 @@ are missing that no connected source has, the download asks each partial holder 
 them after `probe_after` seconds (a sender that shows its chunks a few at a time serves
 it), waits `have_wait` seconds for a HAVE or a new source, then gives up with
 NoSourceReachable (the node retries later).
+A source connected through a slow path (the relay, WebRTC: `SLOW_PATHS`) is dialled again
+over the fast rungs alone (`Source.upgrade`) in the background, after `upgrade_after`
+seconds and then backing off to `upgrade_max`, unless the download would be over within
+`upgrade_left` seconds at its rate anyway. When one connects and its handshake proves the
+same peer, the source moves over (`_Moved`): its slow session's loops stop, the chunks it
+still had outstanding go back to the pool (those that arrived are filed as usual), the slow
+session is closed, and the new one opens the content and serves the source from then on.
+The source neither fails nor restarts; `SourceStats.by_path` keeps the bytes each path
+carried.
 Memory is bounded by the windows and the write queue, never by the file size.
 """
 
@@ -46,8 +55,9 @@ from overlay.transfer.pacing import SourcePace
 from overlay.transfer.requester import TransferSession, open_transfer_session
 from overlay.transfer.scheduler import Arrival, ChunkScheduler
 from overlay.transfer.workers import WorkQueue
-from overlay.transports.ladder import Source
+from overlay.transports.ladder import SLOW_PATHS, Source
 from overlay.transports.stream import StreamError
+from rendezvous.backoff import Backoff
 from rendezvous.errors import is_disk_full
 
 log = logging.getLogger(__name__)
@@ -72,6 +82,15 @@ PROBE_AFTER = 5.0
 # Eight were no faster: each write then waited 11 ms instead of 6, the disk giving about
 # 1.5 GB/s while both cores were busy (2.1 GB/s with nothing else running).
 WRITERS = 4
+# A source on a slow path (SLOW_PATHS) is dialled over the fast rungs again after this many
+# seconds, then after twice that and so on up to UPGRADE_MAX: a holder that was starting
+# again listens within seconds, and one that can only be relayed costs a failed dial (and
+# at most a STUN and a PIPE for the punch) every two minutes, not a stream of them.
+UPGRADE_AFTER = 3.0
+UPGRADE_MAX = 120.0
+# No upgrade is tried when the rest of the download would take less than this at the
+# source's current rate: the move itself costs a round trip or two and a new window.
+UPGRADE_LEFT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +142,9 @@ class SourceStats:
     source_changed: bool = False  # it answered SOURCE_CHANGED: it will never serve this
     gone: str = ""  # the text of that answer
     no_content: bool = False  # its last try was answered UNKNOWN_CONTENT: it lacks this
+    # Bytes each path carried, in the order the source used them (relay, then tcp after a
+    # move to a fast path); they add up to `bytes`.
+    by_path: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -179,6 +201,16 @@ class _Stalled(TransferError):
     pass
 
 
+class _Moved(Exception):
+    """A source's upgrade connected: its session is `session` from now on, `after` seconds
+    after its slow session opened."""
+
+    def __init__(self, session: TransferSession, after: float) -> None:
+        super().__init__("moved to a faster path")
+        self.session = session
+        self.after = after
+
+
 @dataclass(slots=True)
 class _SourceRun:
     source: Source
@@ -192,12 +224,14 @@ class _SourceRun:
     urgent: list[int] = field(default_factory=list)  # wanted GETs it owes, before any other
     read_timeout: asyncio.Timeout | None = None  # the reader's current wait
     probed_at: int = -1  # chunks remaining when it was last probed (`_probe`)
+    reclaim: list[int] = field(default_factory=list)  # outstanding when it moved (`_move`)
 
 
 @dataclass(slots=True)
 class _Arrival:
     run: _SourceRun
     chunk: Chunk = field(repr=False)
+    session: TransferSession = field(repr=False)  # the one whose buffer holds it
 
 
 _Filed = tuple[_Arrival, bool | None, BaseException | None]  # from the filing workers
@@ -228,7 +262,9 @@ class Downloader:
         min_stall: float = 2.0,
         connect_timeout: float = 10.0, handshake_timeout: float = 10.0,
         have_wait: float | None = None, probe_after: float = PROBE_AFTER,
-        rng: random.Random | None = None, on_event: Callable[[FetchEvent], None] | None = None,
+        upgrade_after: float = UPGRADE_AFTER, upgrade_max: float = UPGRADE_MAX,
+        upgrade_left: float = UPGRADE_LEFT, rng: random.Random | None = None,
+        on_event: Callable[[FetchEvent], None] | None = None,
     ) -> None:
         labels = [s.label for s in sources]
         if len(set(labels)) != len(labels):
@@ -245,6 +281,8 @@ class Downloader:
         self.handshake_timeout = handshake_timeout
         self.have_wait = stall_timeout if have_wait is None else have_wait
         self.probe_after = probe_after
+        self.upgrade_backoff = Backoff(upgrade_after, max(upgrade_after, upgrade_max))
+        self.upgrade_left = upgrade_left
         self._on_event = on_event
         self._runs: dict[str, _SourceRun] = {s.label: _SourceRun(s, SourceStats(s.label))
                                              for s in sources}
@@ -557,12 +595,20 @@ class Downloader:
             run.task.cancel()
 
     async def _serve_from(self, run: _SourceRun) -> None:
-        p, sched, label = self.partial, self.scheduler, run.stats.label
         async with asyncio.timeout(self.connect_timeout):
             stream = await run.source.connect()
-        run.session = session = await open_transfer_session(
+        session: TransferSession | None = await open_transfer_session(
             stream, self.identity, expected_peer=run.source.peer_id,
             handshake_timeout=self.handshake_timeout)
+        while session is not None:
+            session = await self._serve_session(run, session)
+
+    async def _serve_session(self, run: _SourceRun, session: TransferSession
+                             ) -> TransferSession | None:
+        """Serve the source over `session` until the download no longer needs it; returns
+        the session it moved to when its upgrade connected (None when it is done)."""
+        p, sched, label = self.partial, self.scheduler, run.stats.label
+        run.session = session
         run.stats.path = session.path
         # The handle gives the layout, so OPEN, the HASHES requests (one source at a time
         # while the hash list is not known) and the first GETs go in one flight: the first
@@ -623,10 +669,90 @@ class Downloader:
         try:
             async with asyncio.TaskGroup() as tg:
                 reader = tg.create_task(self._receive_loop(run, session, pace))
+                upgrader = tg.create_task(self._upgrade_loop(run, session))
                 await self._request_loop(run, session, pace)
                 reader.cancel()
+                upgrader.cancel()
         except BaseExceptionGroup as eg:
-            raise _first_error(eg) from None
+            exc = _first_error(eg)
+            if not isinstance(exc, _Moved):
+                raise exc from None
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled as the upgrade connected (the TaskGroup raised the move, not
+                # the cancel): the new session is not needed.
+                with contextlib.suppress(StreamError):
+                    await exc.session.aclose()
+                raise asyncio.CancelledError() from None
+            await self._move(run, session, exc)
+            return exc.session
+        return None
+
+    async def _upgrade_loop(self, run: _SourceRun, session: TransferSession) -> None:
+        """While the source is on a slow path, dial its fast rungs again now and then
+        (`Source.upgrade`; see the module docstring); raises _Moved with the new session
+        once one connects and proves the same peer."""
+        upgrade, peer = run.source.upgrade, run.source.peer_id
+        if upgrade is None or peer is None or session.path not in SLOW_PATHS:
+            return
+        label = run.stats.label
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        attempt = 0
+        while True:
+            attempt += 1
+            await asyncio.sleep(self.upgrade_backoff.delay(attempt))
+            if self.scheduler.done:
+                return
+            # Its average over this session, not the pace's recent rate: a relay's first
+            # burst (its token bucket full) measured five times its steady rate here.
+            left = self.scheduler.remaining * self.partial.chunk_size
+            rate = session.bytes_received / max(loop.time() - opened, 1e-3)
+            if session.bytes_received and left < rate * self.upgrade_left:
+                return  # over within seconds anyway
+            self.counters["upgrade_attempts"] += 1
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    stream = await upgrade()
+            except (StreamError, OSError, TimeoutError) as exc:
+                log.debug("fetch %s: source %s still on %s: %s", self.partial.file_name,
+                          label, session.path, exc)
+                continue
+            try:
+                new = await open_transfer_session(stream, self.identity, expected_peer=peer,
+                                                  handshake_timeout=self.handshake_timeout)
+            except TransferError as exc:  # the stream is closed
+                log.info("fetch %s: source %s: its %s connection failed the handshake: %s",
+                         self.partial.file_name, label, stream.path, exc)
+                continue
+            except BaseException:
+                await stream.aclose()
+                raise
+            raise _Moved(new, loop.time() - opened)
+
+    async def _move(self, run: _SourceRun, old: TransferSession, moved: _Moved) -> None:
+        """Hand the source over from `old` to the session it `moved` to: its loops on `old`
+        have stopped; the chunks it had outstanding there go back to the pool (no CANCEL:
+        `old` is closed, and whatever it still carries is dropped with it) and are asked of
+        the new session first (`_reclaim`). Chunks that arrived on `old` are being filed
+        and count as usual; the new session joins the scheduler as the same source when
+        its OPEN flight goes out."""
+        label = run.stats.label
+        run.pace, run.read_timeout = None, None
+        run.urgent.clear()
+        run.cancels.clear()
+        back = self.scheduler.remove_source(label)
+        run.reclaim = back
+        run.session = moved.session  # what `_run_source` closes should this be cancelled
+        self.counters["moves"] += 1
+        self.counters["moved_back_to_pool"] += len(back)
+        with contextlib.suppress(StreamError):
+            await old.aclose()
+        log.info("fetch %s: %s moved from %s to %s after %.1f s (%d bytes over %s; %d "
+                 "requests back in the pool)", self.partial.file_name, label, old.path,
+                 moved.session.path, moved.after, run.stats.by_path.get(old.path, 0),
+                 old.path, len(back))
+        self._wake_all()
 
     async def _ensure_leaves(self, session: TransferSession) -> None:
         """The verified hash list, asked of this source if no other one got it (the source
@@ -676,6 +802,8 @@ class Downloader:
             sched.set_window(label, pace.window)
             # Wanted chunks `_hurry` put on this source go first, whatever the batching.
             gets, run.urgent = run.urgent, []
+            if run.reclaim and self._may_refill(label):
+                self._reclaim(run, gets)
             if self._may_refill(label):
                 while (index := sched.next_request(label)) is not None:
                     gets.append(index)
@@ -694,6 +822,23 @@ class Downloader:
                 self.counters["cancels_sent"] += len(cancels)
                 self.counters["get_frames"] += await session.send_requests(cid, gets, cancels)
             await run.wake.wait()
+
+    def _reclaim(self, run: _SourceRun, gets: list[int]) -> None:
+        """Ask the source again, as its window allows, for the chunks its previous session
+        had outstanding when it moved, the holder's OPENED showing them or not: a holder
+        super-seeding (superseed.py) that still counted that session as another requester
+        hid them from the new one, and each then waited for the stuck download's probe
+        (5 s apiece here). Those it shows anyway, or that are no longer wanted, take the
+        usual way."""
+        sched, label = self.scheduler, run.stats.label
+        left, run.reclaim = run.reclaim, []
+        for n, i in enumerate(left):
+            if sched.requested(label) >= sched.window(label):
+                run.reclaim = left[n:]
+                return
+            if sched.probe(label, i) is not None:
+                gets.append(i)
+                self.counters["reclaimed"] += 1
 
     async def _receive_loop(self, run: _SourceRun, session: TransferSession,
                             pace: SourcePace) -> None:
@@ -762,10 +907,16 @@ class Downloader:
             st.first_at = now if st.first_at is None else st.first_at
             st.last_at = now
             st.bytes += len(reply.data)
+            st.by_path[session.path] = st.by_path.get(session.path, 0) + len(reply.data)
             st.window, st.recent_rate = pace.window, pace.rate or 0.0
-            while self._filer.pending >= self._filing_limit:
-                await self._filer.changed()
-            self._filer.submit(_Arrival(run, reply))
+            try:
+                while self._filer.pending >= self._filing_limit:
+                    await self._filer.changed()
+            finally:
+                # Filed even when this loop is cancelled meanwhile (the source moved to a
+                # faster path, or is done): the scheduler counts it arrived, and nothing
+                # else would ask for it again.
+                self._filer.submit(_Arrival(run, reply, session))
 
     # --- verify and write -------------------------------------------------------------
     def _file(self, arrival: _Arrival) -> bool:
@@ -789,8 +940,7 @@ class Downloader:
                 if self._failure is None:
                     self._failure = error
                 continue
-            if run.session is not None:
-                run.session.recycle(chunk)  # the filing thread is done with its buffer
+            arrival.session.recycle(chunk)  # the filing thread is done with its buffer
             sched.chunk_stored(chunk.index)
             run.stats.chunks += 1
             self._emit(ChunkStored(chunk.index, run.stats.label))

@@ -15,6 +15,11 @@ full-cone/symmetric pair, where a WebRTC data channel (aiortc, pure-Python SCTP)
 26 MB/s at 73. WebRTC stays for a peer with QUIC turned off or of the earlier protocol,
 and for UDP that QUIC's probes don't get through; the relay for the pairs ICE can't join
 either.
+
+A Source reached by a slow rung (`SLOW_PATHS`) also carries `upgrade`, the fast rungs alone
+(direct TCP, then the TCP punch): the Downloader tries it again now and then while the
+download runs, and moves the download over when it connects (a holder that was starting
+again, a punch that lost its race, a NAT mapping that changed).
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ WEBRTC_DELAY = 0.25  # give direct TCP a head start (to the punch too: it costs 
 # SYNs) would otherwise hold QUIC back for its whole budget (3 s).
 PUNCH_HEAD_START = 1.0
 
+# Paths a download tries to leave for direct TCP or the punch while it runs: the relay (2 MB/s
+# by default, paid for by the server) and WebRTC (12-26 MB/s at 73-161 CPU s/GB). QUIC is
+# not among them: it wins only where the TCP punch has failed or had its head start (a
+# symmetric NAT on one side), so trying the punch again mostly fails again, at a STUN and a
+# PIPE each time, and at 150-170 MB/s (7.7 CPU s/GB) a 2 GB download is over in 13 s.
+SLOW_PATHS = frozenset({"relay", "webrtc"})
+
 # dial(holder) -> Stream, for the punch, QUIC, WebRTC and relay rungs (they signal to
 # holder.address)
 PeerDialer = Callable[["Holder"], Awaitable[Stream]]
@@ -54,6 +66,9 @@ class Source:
     label: str
     connect: Callable[[], Awaitable[Stream]]
     peer_id: bytes | None = None  # the holder's peer id, checked in the handshake
+    # The fast rungs alone (direct TCP, the TCP punch), tried again while a download runs
+    # over a slow path (SLOW_PATHS); None when the holder has none to try.
+    upgrade: Callable[[], Awaitable[Stream]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +150,31 @@ class ConnectionLadder:
         async def connect() -> Stream:
             return await self.dial(holder)
 
-        return Source(label=holder.peer_id.hex()[:16], connect=connect, peer_id=holder.peer_id)
+        async def upgrade() -> Stream:
+            return await self.dial_fast(holder)
+
+        fast = bool(holder.direct) or (self.punch is not None and bool(holder.address))
+        return Source(label=holder.peer_id.hex()[:16], connect=connect, peer_id=holder.peer_id,
+                      upgrade=upgrade if fast else None)
+
+    async def dial_fast(self, holder: Holder) -> Stream:
+        """Direct TCP, and the TCP punch after the usual head start (at once for a holder
+        behind NAT): a download on a slow path tries these again (`Source.upgrade`). No
+        QUIC, WebRTC or relay: they are what it would leave."""
+        errors: list[str] = []
+        rungs: list[tuple[float, str, Callable[[], Awaitable[Stream]]]] = []
+        if holder.direct:
+            rungs.append((0.0, "tcp", tcp_dialer(holder.direct)))
+        if self.punch is not None and holder.address:
+            punch = self.punch
+            delay = 0.0 if holder.nat or not holder.direct else self.webrtc_delay
+            rungs.append((delay, "tcp-punch", lambda: punch(holder)))
+        stream = await _race(rungs, errors)
+        if stream is None:
+            raise StreamBroken("; ".join(errors) or "no fast way to reach this holder")
+        self.counters[f"upgrade-{stream.path}"] = (
+            self.counters.get(f"upgrade-{stream.path}", 0) + 1)
+        return stream
 
     async def dial(self, holder: Holder) -> Stream:
         errors: list[str] = []
