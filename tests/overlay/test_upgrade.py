@@ -19,17 +19,21 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import DeviceIdentity
+from crypto.location import LocationMessage
 from overlay.app.fetch import source_views
+from overlay.app.fetchmeter import FetchMeter
 from overlay.content.catalog import ContentStore
 from overlay.content.local import LocalContent
 from overlay.content.partial import PartialContent
 from overlay.mail.downloads import Activity
+from overlay.mail.inbox import InboxEntry
 from overlay.transfer.downloader import (
     ChunkStored,
     Downloader,
     FetchEvent,
     SourceBanned,
     SourceFailed,
+    SourceStats,
 )
 from overlay.transfer.server import TransferServer
 from overlay.transports.ladder import ConnectionLadder, Holder, Source
@@ -298,3 +302,30 @@ async def test_an_upgrade_that_reaches_another_peer_is_not_taken(tmp_path: Path)
     assert tries and d.counters["moves"] == 0
     [stats] = d.stats
     assert list(stats.by_path) == ["relay"] and stats.outcome == "done"
+
+
+async def test_a_moved_source_shows_the_bytes_of_each_path_and_counts_once_in_the_metrics(
+        ) -> None:
+    """inbox --json and the web inbox show a row per path (relay, then tcp), the rate on
+    tcp only; `--metrics` counts each byte once by path and the source once, on tcp."""
+    mb = 1_000_000
+    moved = SourceStats("alice", path="tcp", bytes=8 * mb, outcome="active",
+                        recent_rate=5e7, by_path={"relay": 3 * mb, "tcp": 5 * mb})
+    seen: dict[str, object] = {}
+
+    async def fetch(entry: InboxEntry, msg: LocationMessage, act: Activity,
+                    progress: Callable[[int], None]) -> str:
+        act.show(source_views([moved]))
+        seen["sources"] = dict(act.sources)
+        seen["count"] = meter.sources_by_path()
+        return "/tmp/clip.ts"
+
+    meter = FetchMeter(fetch)
+    act = Activity()
+    await meter(None, None, act, lambda n: None)  # type: ignore[arg-type]
+    assert [v.as_dict() for v in seen["sources"].values()] == [  # type: ignore[attr-defined]
+        {"peer": "alice", "path": "relay", "bytes": 3 * mb, "rate": 0.0, "banned": False},
+        {"peer": "alice", "path": "tcp", "bytes": 5 * mb, "rate": 5e7, "banned": False}]
+    assert seen["count"] == {"tcp": 1, "tcp-punch": 0, "quic": 0, "webrtc": 0, "relay": 0}
+    assert meter.bytes_by_path() == {"tcp": 5 * mb, "tcp-punch": 0, "quic": 0, "webrtc": 0,
+                                     "relay": 3 * mb}
