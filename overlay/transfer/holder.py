@@ -66,7 +66,7 @@ class ServingSession:
     def __init__(
         self, catalog: Catalog, transcript: bytes, counters: Counter[str], *, peer: str = "?",
         max_open: int = MAX_OPEN_CONTENTS, max_queued: int = MAX_QUEUED_GETS,
-        seeder: SuperSeed | None = None,
+        seeder: SuperSeed | None = None, device: bytes | None = None,
     ) -> None:
         self._catalog = catalog
         self._transcript = transcript
@@ -92,6 +92,7 @@ class ServingSession:
         # Super-seeding across the holder's sessions (superseed.py); None: every requester
         # of a content held in full is told it holds every chunk.
         self._seeder = seeder
+        self._device = device  # the requester's peer id, from the handshake
 
     def content(self, content_id: bytes) -> ServedContent | None:
         """An opened content of this session."""
@@ -236,7 +237,8 @@ class ServingSession:
         else:
             have, cursor = content.have_bitmap(), None
             if have is None and self._seeder is not None and content.leaves is not None:
-                have = self._seeder.open(self, msg.content_id, len(content.leaves), now)
+                have = self._seeder.open(self, msg.content_id, len(content.leaves), now,
+                                         device=self._device)
         if content.leaves is None or (have is not None and len(have) > MAX_HAVE_BYTES):
             return self._refuse("unavailable", ErrorCode.UNAVAILABLE,
                                 "this holder cannot serve that content yet", msg.content_id)

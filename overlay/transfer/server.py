@@ -634,6 +634,7 @@ class _ServedSession:
             self.logic = ServingSession(
                 self.server.catalog, event.transcript, counters, peer=self.label,
                 max_queued=self.server.max_queued_gets, seeder=self.server.seeder,
+                device=self.device,
             )
             return True
         if isinstance(event, ConnectionFailed):

@@ -13,7 +13,10 @@ too: the downloader sends one when it is stuck, no source it knows showing a chu
 lacks (`Downloader._probe`). One that asks for nothing for `IDLE` seconds is shown `AHEAD`
 more, least spread first (a copy sent weighs `SENT`, a requester shown it or asking for
 it 1), for requesters that never probe. A requester alone is shown every chunk (no
-bitmap): one recipient gets the sender's whole uplink, as before.
+bitmap): one recipient gets the sender's whole uplink, as before. Sessions of one device
+(`device`) are one requester: a download that moves to a faster path opens its new session
+while the holder may still count the old one, and would be shown AHEAD chunks, one more per
+chunk sent, instead of every chunk.
 
 Measured in the simulator (seeds 1-3, docs/simulator.md): in nat-mix (a 5-chunk clip, 16
 recipients, the sender on a 5 Mbit/s uplink) every recipient asked the sender for the
@@ -65,11 +68,13 @@ class SuperSeed:
         self.idle = idle
         self._contents: dict[bytes, _Content] = {}
         self._shown: dict[tuple[object, bytes], _Shown] = {}
+        self._devices: dict[object, bytes] = {}  # the device of each token opened with one
 
-    def open(self, token: object, content_id: bytes, count: int, now: float) -> bytes | None:
+    def open(self, token: object, content_id: bytes, count: int, now: float, *,
+             device: bytes | None = None) -> bytes | None:
         """A session opens a content held in full: the have-bitmap to answer with. None
-        (every chunk) when no other session has it open; else up to AHEAD chunks nobody
-        was shown, asked for or sent yet."""
+        (every chunk) when no session of another device (or of no known device) has it
+        open; else up to AHEAD chunks nobody was shown, asked for or sent yet."""
         content = self._contents.pop(content_id, None)
         if content is None or len(content.spread) != count:
             content = _Content(bytearray(count))
@@ -79,7 +84,10 @@ class SuperSeed:
             if self._contents[oldest].fetching:
                 break
             del self._contents[oldest]
-        others = bool(content.fetching - {token})
+        if device is not None:
+            self._devices[token] = device
+        others = any(t != token and (device is None or self._devices.get(t) != device)
+                     for t in content.fetching)
         content.fetching.add(token)
         shown = self._shown.get((token, content_id))
         if shown is not None:  # opened again in the same session
@@ -93,6 +101,7 @@ class SuperSeed:
 
     def close(self, token: object) -> None:
         """The session ended."""
+        self._devices.pop(token, None)
         for cid, content in self._contents.items():
             content.fetching.discard(token)
             self._shown.pop((token, cid), None)

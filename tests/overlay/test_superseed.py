@@ -7,6 +7,7 @@ import asyncio
 import random
 from collections.abc import Callable
 
+from crypto.identity import DeviceIdentity
 from overlay.transfer.downloader import ChunkStored, Downloader
 from overlay.transfer.superseed import AHEAD, IDLE, SuperSeed
 from tests.overlay.test_swarm import ME, MiB, Swarm, swarm  # noqa: F401 (the fixture)
@@ -25,6 +26,20 @@ def test_a_requester_alone_is_shown_every_chunk() -> None:
     assert not seed.showing("a", CID)
     seed.close("a")
     assert seed.open("b", CID, 20, now=1.0) is None  # alone again once a is gone
+
+
+def test_a_second_session_of_the_same_device_is_shown_every_chunk() -> None:
+    """A download that moved to a faster path opens its new session while its old one may
+    still be open here: one requester, not two. Another device is still shown a few."""
+    seed = SuperSeed()
+    assert seed.open("relayed", CID, 20, now=0.0, device=b"bob") is None
+    assert seed.open("direct", CID, 20, now=1.0, device=b"bob") is None
+    assert len(bits(seed.open("carol", CID, 20, now=1.0, device=b"carol"))) == AHEAD
+    assert len(bits(seed.open("unknown", CID, 20, now=1.0))) == AHEAD
+    seed.close("carol")
+    seed.close("unknown")
+    seed.close("relayed")
+    assert seed.open("again", CID, 20, now=2.0, device=b"bob") is None
 
 
 def test_requesters_that_come_while_one_fetches_are_shown_distinct_chunks() -> None:
@@ -94,7 +109,9 @@ async def test_receivers_that_only_reach_the_sender_still_finish(
     chunk = 64 << 10
     sw: Swarm = await swarm(24 * chunk, chunk)  # type: ignore[misc]
     sender = await sw.holder("sender", rate=4 * MiB)
-    downloaders = [Downloader(sw.partial(f"r{r}"), [sender.source()], ME, window=8,
+    # Two devices: two sessions of one device are one requester to the sender.
+    downloaders = [Downloader(sw.partial(f"r{r}"), [sender.source()],
+                              DeviceIdentity.from_seed(bytes([r + 101]) * 32), window=8,
                               rng=random.Random(r)) for r in range(2)]
     async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
         runs = [tg.create_task(d.run()) for d in downloaders]

@@ -320,8 +320,10 @@ async def test_receivers_trade_chunks_while_downloading(swarm: Callable[..., obj
                     if other != me:
                         d.add_source(peers[me])
 
-        downloaders.append(Downloader(part, [sender.source()], ME, window=8,
-                                      rng=random.Random(r), on_event=on_event))
+        # Three devices: two sessions of one device are one requester to the sender.
+        downloaders.append(Downloader(part, [sender.source()],
+                                      DeviceIdentity.from_seed(bytes([r + 101]) * 32),
+                                      window=8, rng=random.Random(r), on_event=on_event))
     async with asyncio.TaskGroup() as tg:
         runs = [tg.create_task(d.run()) for d in downloaders]
     for run in runs:

@@ -32,6 +32,7 @@ from overlay.transfer.downloader import (
     Downloader,
     FetchEvent,
     SourceBanned,
+    SourceConnected,
     SourceFailed,
     SourceStats,
 )
@@ -178,6 +179,9 @@ async def test_a_download_on_the_relay_moves_to_tcp_once_the_holder_listens(
         relayed, stats.by_path)
     assert d.counters["moves"] == 1
     assert ladder.counters == {"relay": 1, "upgrade-tcp": 1}
+    # The holder counts both sessions as one requester: the new one is shown every chunk,
+    # not a few at a time as to a second requester (superseed.py).
+    assert [e.has_all for e in events if isinstance(e, SourceConnected)] == [True, True]
     [moved] = [r.getMessage() for r in caplog.records if " moved from " in r.getMessage()]
     assert f"{source.label} moved from relay to tcp after " in moved, moved
     # What inbox --json's sources show: the bytes each path carried, the rate on tcp.
