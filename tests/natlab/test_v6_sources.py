@@ -74,8 +74,14 @@ def test_one_64_gets_one_allowance_of_sessions_stun_and_dht(
                    "2 sessions are already open from your network (IPv6 /64), the limit")
     assert [s[1:] for s in got["sessions"]] == [
         [200, ok], [200, ok], [429, limited], [200, ok]], got["sessions"]
-    fresh, other = got["stun"]
-    assert 40 <= fresh <= 45 and other == 1, got["stun"]  # of 100; burst 40, 20/s
-    fresh, other = got["dht"]
-    assert 200 <= fresh <= 215 and other == 1, got["dht"]  # of 300; burst 200, 50/s
+    # Of the fresh sources, the /64's one burst and what its rate refilled while the
+    # server took them: no more than over the probe's span from its first request to its
+    # last reply. A fixed 215 failed at load ~8 with 220; 3 probes at once beside 4 busy
+    # loops took the DHT's 300 in 0.15-0.40 s and 206-219 were answered.
+    fresh, other, seconds = got["stun"]
+    assert 40 <= fresh <= 40 + 20 * seconds + 1 and fresh < 100, got["stun"]  # burst 40, 20/s
+    assert other == 1, got["stun"]
+    fresh, other, seconds = got["dht"]
+    assert 200 <= fresh <= 200 + 50 * seconds + 1 and fresh < 300, got["dht"]  # 200, 50/s
+    assert other == 1, got["dht"]
 

@@ -5,8 +5,12 @@ once more from another /64 (2001:db8:1:3::/64). Run inside a namespace where bot
 local. Prints one JSON line:
 
     {"sessions": [[source, status, text], ...],     # one AUTHORIZATION per source, held
-     "stun": [answered of the fresh sources, answered from the other /64],
+     "stun": [answered of the fresh sources, answered from the other /64, seconds],
      "dht": [the same for FIND_NODE]}
+
+`seconds` is the time from the first fresh request sent to the last reply to one received
+(CLOCK_MONOTONIC, the server's clock too): the server took every answered request within
+it, so its token bucket refilled for no longer than that.
 """
 
 from __future__ import annotations
@@ -53,20 +57,23 @@ class _Answers(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if not self.answered.done():
-            self.answered.set_result(True)
+            self.answered.set_result(asyncio.get_running_loop().time())
 
 
-async def answered(to: tuple[str, int], sources: list[str], request: Any) -> int:
+async def answered(to: tuple[str, int], sources: list[str],
+                   request: Any) -> tuple[int, float]:
     """How many of `sources` (one UDP socket each, all opened before the first send) get
-    a reply to the datagram `request()` makes."""
+    a reply to the datagram `request()` makes, and the seconds from the first send to the
+    last reply received (0 if none came)."""
     loop = asyncio.get_running_loop()
     ends = [await loop.create_datagram_endpoint(_Answers, local_addr=(s, 0))
             for s in sources]
     try:
+        first = loop.time()
         for transport, _ in ends:
             transport.sendto(request(), to)
         done, _ = await asyncio.wait([p.answered for _, p in ends], timeout=WAIT)
-        return len(done)
+        return len(done), max((f.result() - first for f in done), default=0.0)
     finally:
         for transport, _ in ends:
             transport.close()
@@ -80,16 +87,18 @@ async def main(host: str, port: int, stun_port: int, dht_port: int) -> dict[str,
     out: dict[str, Any] = {"sessions": await sessions(
         host, port, [f"{ONE}::a", f"{ONE}::b", f"{ONE}:0:1:2:c", f"{OTHER}::a"])}
     stun = (host, stun_port)
-    out["stun"] = [await answered(stun, _fresh(STUN_FRESH), lambda: binding_request()[0]),
-                   await answered(stun, [f"{OTHER}::b"], lambda: binding_request()[0])]
+    fresh, seconds = await answered(stun, _fresh(STUN_FRESH), lambda: binding_request()[0])
+    other, _ = await answered(stun, [f"{OTHER}::b"], lambda: binding_request()[0])
+    out["stun"] = [fresh, other, seconds]
 
     def find_node() -> bytes:
         return Request(os.urandom(20), ident(99).public.verify_key, False,
                        FindNode(os.urandom(20))).encode()
 
     dht = (host, dht_port)
-    out["dht"] = [await answered(dht, _fresh(DHT_FRESH), find_node),
-                  await answered(dht, [f"{OTHER}::c"], find_node)]
+    fresh, seconds = await answered(dht, _fresh(DHT_FRESH), find_node)
+    other, _ = await answered(dht, [f"{OTHER}::c"], find_node)
+    out["dht"] = [fresh, other, seconds]
     return out
 
 
