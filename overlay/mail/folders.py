@@ -27,6 +27,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import stat
@@ -738,11 +739,19 @@ def _record(m: tarfile.TarInfo, name: str, seen: dict[str, str], files: dict[str
         needed.setdefault("/".join(parts[:i]), name)
 
 
+# The largest time os.utime takes, either way (time_t); far past any file system's range.
+_MAX_MTIME = 2**62
+
+
 def _unpack_filter(m: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     """tarfile's data filter, and a folder without a time (ours carry none: mtime 0, so
-    the content id is the files' alone) keeps the time it is made, not 1970."""
+    the content id is the files' alone) keeps the time it is made, not 1970. So does a
+    member whose time no file can be given (a base-256 header field or a PAX `mtime` of
+    1e30, inf or nan): os.utime raised OverflowError or ValueError from the middle of
+    extractall, which no refusal caught."""
     out = tarfile.data_filter(m, dest)
-    if out.isdir() and not out.mtime:
+    t = out.mtime
+    if (out.isdir() and not t) or not (math.isfinite(t) and -_MAX_MTIME < t < _MAX_MTIME):
         return out.replace(mtime=None, deep=False)  # type: ignore[arg-type]  # None: unset
     return out
 

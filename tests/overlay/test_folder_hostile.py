@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -181,3 +182,40 @@ def test_names_alike_but_for_case_are_numbered_when_sent(tmp_path: Path) -> None
     got = unpack(pack(plan, tmp_path / "store", lambda n: None), plan.info(), dest)
     assert {p.name: p.read_text() for p in got.iterdir()} == {
         "IMG.jpg": "IMG.jpg", "img (1).jpg": "img (1).jpg", "img (2).jpg": "img.jpg"}
+
+
+@pytest.mark.parametrize("mtime", ["1e30", "-1e30", "inf", "nan", "9223372036854775808"])
+def test_a_member_time_no_file_can_have_is_not_kept(tmp_path: Path, mtime: str) -> None:
+    """A PAX `mtime` os.utime can't set (out of time_t's range, infinite, not a number)
+    made extractall raise OverflowError or ValueError halfway through the unpack; the
+    member is unpacked with the time it is made instead, like our own timeless folders."""
+    archive = tmp_path / "top.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        _raw(tar, "top", tarfile.DIRTYPE, b"")
+        _raw(tar, "pax", tarfile.XHDTYPE, _records(mtime=mtime))
+        _file(tar, "top/a.txt", b"hello")
+    dest = tmp_path / "in"
+    dest.mkdir()
+    folder = unpack(archive, FolderInfo("top", 1, 0, 5), dest)
+    assert (folder / "a.txt").read_bytes() == b"hello"
+    assert abs((folder / "a.txt").stat().st_mtime - time.time()) < 600
+
+
+def test_a_base256_header_time_out_of_range_is_not_kept(tmp_path: Path) -> None:
+    """The same for a ustar header whose mtime field is a base-256 number past time_t."""
+    archive = tmp_path / "top.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tar:
+        _raw(tar, "top", tarfile.DIRTYPE, b"")
+        _file(tar, "top/a.txt", b"hello")
+    raw = bytearray(archive.read_bytes())
+    header = 512  # the file's header, after the folder's
+    raw[header + 136:header + 148] = b"\x80" + b"\xff" * 11  # 2**88 - 1 seconds
+    block = raw[header:header + 512]
+    block[148:156] = b" " * 8
+    raw[header + 148:header + 156] = b"%06o\0 " % sum(block)
+    archive.write_bytes(bytes(raw))
+    assert tarfile.open(archive).getmember("top/a.txt").mtime > 2**64
+    dest = tmp_path / "in"
+    dest.mkdir()
+    folder = unpack(archive, FolderInfo("top", 1, 0, 5), dest)
+    assert (folder / "a.txt").read_bytes() == b"hello"
