@@ -185,7 +185,12 @@ def test_offline_nated_sender_answers_the_held_offer_when_it_comes_back(
     took = time.monotonic() - back
 
     assert _digest(entry["path"]) == _digest(clip)
-    assert set(_paths(entry)) == {"webrtc"}, entry["sources"]
+    # The held offer carried the start; a download that WebRTC moves slowly (CPU-bound:
+    # 2 MB in 4.5 s at load ~7) may then move to the punch (the downloader's upgrade), so
+    # the rest may come over tcp-punch, never by another attempt.
+    paths = _paths(entry)
+    assert paths.get("webrtc", 0) > 0 and set(paths) <= {"webrtc", "tcp-punch"}, (
+        entry["sources"])
     states = [e["state"] for e in seen]
     assert "retrying" not in states and entry["attempts"] == 1, (
         f"bob retried instead of waiting for the held offer: {states}, "
