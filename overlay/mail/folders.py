@@ -739,7 +739,8 @@ def _record(m: tarfile.TarInfo, name: str, seen: dict[str, str], files: dict[str
         needed.setdefault("/".join(parts[:i]), name)
 
 
-# The largest time os.utime takes, either way (time_t); far past any file system's range.
+# Times past this are not set: os.utime refuses what does not fit time_t (2**63 s), and a
+# float that large rounds past it; no file system stores a time near either.
 _MAX_MTIME = 2**62
 
 

@@ -826,10 +826,11 @@ class Downloader:
     def _reclaim(self, run: _SourceRun, gets: list[int]) -> None:
         """Ask the source again, as its window allows, for the chunks its previous session
         had outstanding when it moved, the holder's OPENED showing them or not: a holder
-        super-seeding (superseed.py) that still counted that session as another requester
-        hid them from the new one, and each then waited for the stuck download's probe
-        (5 s apiece here). Those it shows anyway, or that are no longer wanted, take the
-        usual way."""
+        super-seeding among several requesters (superseed.py) shows a new session only
+        chunks nobody asked for yet, and the old session had asked for these (a holder
+        that counts that session as another requester hides them too), so each waited
+        for the stuck download's probe (5 s apiece here). Those it shows anyway, or that
+        are no longer wanted, take the usual way."""
         sched, label = self.scheduler, run.stats.label
         left, run.reclaim = run.reclaim, []
         for n, i in enumerate(left):

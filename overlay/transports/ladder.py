@@ -167,14 +167,18 @@ class ConnectionLadder:
             rungs.append((0.0, "tcp", tcp_dialer(holder.direct)))
         if self.punch is not None and holder.address:
             punch = self.punch
-            delay = 0.0 if holder.nat or not holder.direct else self.webrtc_delay
-            rungs.append((delay, "tcp-punch", lambda: punch(holder)))
+            rungs.append((self._head_start(holder), "tcp-punch", lambda: punch(holder)))
         stream = await _race(rungs, errors)
         if stream is None:
             raise StreamBroken("; ".join(errors) or "no fast way to reach this holder")
         self.counters[f"upgrade-{stream.path}"] = (
             self.counters.get(f"upgrade-{stream.path}", 0) + 1)
         return stream
+
+    def _head_start(self, holder: Holder) -> float:
+        """How long direct TCP runs alone before the other rungs start: none for a holder
+        behind NAT or with no address to dial."""
+        return 0.0 if holder.nat or not holder.direct else self.webrtc_delay
 
     async def dial(self, holder: Holder) -> Stream:
         errors: list[str] = []
@@ -183,7 +187,7 @@ class ConnectionLadder:
         if holder.direct:
             direct = tcp_dialer(holder.direct)
             rungs.append((0.0, "tcp", _noting_refused(direct, refused)))
-        delay = 0.0 if holder.nat or not holder.direct else self.webrtc_delay
+        delay = self._head_start(holder)
         # Each rung past the punch starts when the one before it has failed or had its
         # time (`over`, `limit`): it would cost more CPU per byte than that one. The
         # punch's time, for QUIC, is its head start.
