@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 from crypto.capability import check_capability_proof
 from crypto.errors import VerificationError
@@ -67,6 +68,7 @@ class ServingSession:
         self, catalog: Catalog, transcript: bytes, counters: Counter[str], *, peer: str = "?",
         max_open: int = MAX_OPEN_CONTENTS, max_queued: int = MAX_QUEUED_GETS,
         seeder: SuperSeed | None = None, device: bytes | None = None,
+        wake: Callable[[], None] | None = None,
     ) -> None:
         self._catalog = catalog
         self._transcript = transcript
@@ -93,6 +95,7 @@ class ServingSession:
         # of a content held in full is told it holds every chunk.
         self._seeder = seeder
         self._device = device  # the requester's peer id, from the handshake
+        self._wake = wake  # super-seeding has more to show this requester (see `reveals`)
 
     def content(self, content_id: bytes) -> ServedContent | None:
         """An opened content of this session."""
@@ -172,10 +175,11 @@ class ServingSession:
         due = [t for cid in self._open if (t := self._seeder.due(self, cid)) is not None]
         return min(due, default=None)
 
-    def close(self) -> None:
-        """The session ended."""
+    def close(self, now: float | None = None) -> None:
+        """The session ended: at `now` when the requester closed it, None when it failed
+        (super-seeding then takes nothing from how long it lasted)."""
         if self._seeder is not None:
-            self._seeder.close(self)
+            self._seeder.close(self, now)
 
     def bad_message(self, reason: str) -> Error:
         """The reply to an authentic frame that was not a valid message."""
@@ -238,7 +242,7 @@ class ServingSession:
             have, cursor = content.have_bitmap(), None
             if have is None and self._seeder is not None and content.leaves is not None:
                 have = self._seeder.open(self, msg.content_id, len(content.leaves), now,
-                                         device=self._device)
+                                         device=self._device, wake=self._wake)
         if content.leaves is None or (have is not None and len(have) > MAX_HAVE_BYTES):
             return self._refuse("unavailable", ErrorCode.UNAVAILABLE,
                                 "this holder cannot serve that content yet", msg.content_id)

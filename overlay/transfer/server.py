@@ -394,6 +394,7 @@ class _ServedSession:
         self.heard_since_replaced = False
         self._replaced = asyncio.Event()
         self._timers: list[asyncio.TimerHandle] = []
+        self.closed_at: float | None = None  # when the requester closed it (not cut)
 
     async def run(self) -> None:
         try:
@@ -413,7 +414,7 @@ class _ServedSession:
                 timer.cancel()
             self.server.session_ended(self)
             if self.logic is not None:
-                self.logic.close()
+                self.logic.close(self.closed_at)
 
     @property
     def label(self) -> str:
@@ -634,7 +635,7 @@ class _ServedSession:
             self.logic = ServingSession(
                 self.server.catalog, event.transcript, counters, peer=self.label,
                 max_queued=self.server.max_queued_gets, seeder=self.server.seeder,
-                device=self.device,
+                device=self.device, wake=self.held_more.set,
             )
             return True
         if isinstance(event, ConnectionFailed):
@@ -642,6 +643,7 @@ class _ServedSession:
             log.info("transfer: dropped %s: %s", self.peer, event.reason)
             return False
         if isinstance(event, ConnectionClosed):
+            self.closed_at = asyncio.get_running_loop().time()
             return False
         if self.logic is None:  # the core emits messages only after the handshake
             return False

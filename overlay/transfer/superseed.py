@@ -16,7 +16,9 @@ it 1), for requesters that never probe. A requester alone is shown every chunk (
 bitmap): one recipient gets the sender's whole uplink, as before. Sessions of one device
 (`device`) are one requester: a download that moves to a faster path opens its new session
 while the holder may still count the old one, and would be shown AHEAD chunks, one more per
-chunk sent, instead of every chunk.
+chunk sent, instead of every chunk. A small content this holder delivered whole within
+`QUICK` seconds is no longer super-seeded (see QUICK): an uplink that fast has no copies
+to save.
 
 Measured in the simulator (seeds 1-3, docs/simulator.md): in nat-mix (a 5-chunk clip, 16
 recipients, the sender on a 5 Mbit/s uplink) every recipient asked the sender for the
@@ -27,6 +29,7 @@ few chunks no co-recipient it knew held, the same ones at once: the sender uploa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 AHEAD = 2  # chunks shown at once to a requester that shares this holder with others
@@ -35,6 +38,16 @@ SENT = 16  # a chunk's spread per copy sent, against 1 per requester shown it
 # Contents whose spread is kept, the least recently opened forgotten first (one byte per
 # chunk: 1 MiB for a content of 2^20 chunks); one still open is kept whatever the count.
 CONTENTS = 64
+# A content of at most QUICK_CHUNKS chunks that one requester fetched whole from this
+# holder, every chunk sent to it, within QUICK seconds of its OPEN (timed to the end of its
+# session, so bytes still queued in a socket don't count as delivered) is not super-seeded
+# any more: every requester is shown every chunk, and those waiting on a few are shown the
+# rest at once. Super-seeding saves a slow uplink copies; one that delivers a copy that fast
+# has nothing to save, and a small content's first requester asks for every chunk in its
+# first window, so the others, shown nothing, waited for the downloader's probe: 4 MB to
+# three recipients on loopback, two of them done after 5.2 s instead of 0.2.
+QUICK = 1.0
+QUICK_CHUNKS = 64
 
 
 def _bit(bitmap: bytearray, i: int) -> bool:
@@ -56,6 +69,11 @@ class _Content:
     spread: bytearray  # per chunk: SENT per copy sent + 1 per requester shown it (max 255)
     fetching: set[object] = field(default_factory=set)  # sessions with it open
     cursor: int = 0  # where the next search for a least-spread chunk starts
+    # A whole copy went out within QUICK seconds (see QUICK): nothing is hidden any more.
+    quick: bool = False
+    # Per session with it open, while it may still prove QUICK: when it opened, and which
+    # chunks were sent to it.
+    copies: dict[object, tuple[float, set[int]]] = field(default_factory=dict)
 
 
 class SuperSeed:
@@ -69,12 +87,18 @@ class SuperSeed:
         self._contents: dict[bytes, _Content] = {}
         self._shown: dict[tuple[object, bytes], _Shown] = {}
         self._devices: dict[object, bytes] = {}  # the device of each token opened with one
+        # Called when a content turns quick, per session shown only some of it: it may ask
+        # for the rest now (the holder's HAVE for what `reveal` then shows).
+        self._wakers: dict[object, Callable[[], None]] = {}
 
     def open(self, token: object, content_id: bytes, count: int, now: float, *,
-             device: bytes | None = None) -> bytes | None:
+             device: bytes | None = None, wake: Callable[[], None] | None = None
+             ) -> bytes | None:
         """A session opens a content held in full: the have-bitmap to answer with. None
         (every chunk) when no session of another device (or of no known device) has it
-        open; else up to AHEAD chunks nobody was shown, asked for or sent yet."""
+        open, or the content is quick (QUICK); else up to AHEAD chunks nobody was shown,
+        asked for or sent yet. `wake` is called should the content turn quick while this
+        session is shown only some of it."""
         content = self._contents.pop(content_id, None)
         if content is None or len(content.spread) != count:
             content = _Content(bytearray(count))
@@ -86,25 +110,44 @@ class SuperSeed:
             del self._contents[oldest]
         if device is not None:
             self._devices[token] = device
+        if wake is not None:
+            self._wakers[token] = wake
+        if not content.quick and count <= QUICK_CHUNKS:
+            content.copies.setdefault(token, (now, set()))
         others = any(t != token and (device is None or self._devices.get(t) != device)
                      for t in content.fetching)
         content.fetching.add(token)
         shown = self._shown.get((token, content_id))
         if shown is not None:  # opened again in the same session
             return bytes(shown.bitmap)
-        if not others:
+        if not others or content.quick:
             return None
         shown = _Shown(bytearray((count + 7) // 8), count, now)
         self._shown[(token, content_id)] = shown
         self._show(content, shown, self.ahead, below=1)
         return bytes(shown.bitmap)
 
-    def close(self, token: object) -> None:
-        """The session ended."""
+    def close(self, token: object, now: float | None = None) -> None:
+        """The session ended (at `now`: None, when it is not known, proves nothing quick)."""
         self._devices.pop(token, None)
+        self._wakers.pop(token, None)
         for cid, content in self._contents.items():
             content.fetching.discard(token)
             self._shown.pop((token, cid), None)
+            copy = content.copies.pop(token, None)
+            if (copy is not None and now is not None and not content.quick
+                    and len(copy[1]) == len(content.spread) and now - copy[0] <= QUICK):
+                self._turn_quick(cid, content)
+
+    def _turn_quick(self, cid: bytes, content: _Content) -> None:
+        """A whole copy of this content went out within QUICK: wake every session still
+        shown only some of it (their next `reveal` shows the rest)."""
+        content.quick = True
+        content.copies.clear()
+        for token in list(content.fetching):
+            shown = self._shown.get((token, cid))
+            if shown is not None and shown.left and (wake := self._wakers.get(token)):
+                wake()
 
     def showing(self, token: object, content_id: bytes) -> bool:
         """This session was shown only some chunks so far (more are to come)."""
@@ -135,6 +178,8 @@ class SuperSeed:
         content = self._contents.get(content_id)
         if content is not None and 0 <= index < len(content.spread):
             content.spread[index] = min(255, content.spread[index] + SENT)
+            if (copy := content.copies.get(token)) is not None:
+                copy[1].add(index)
         shown = self._shown.get((token, content_id))
         if shown is not None:
             shown.last_active = now
@@ -144,11 +189,14 @@ class SuperSeed:
                ) -> list[int]:
         """Chunks to show this session now (a HAVE): one per chunk sent to it since the
         last call, or AHEAD when nothing is `outstanding` here and it was idle `idle`
-        seconds."""
+        seconds; every one left once the content is quick."""
         shown = self._shown.get((token, content_id))
         content = self._contents.get(content_id)
         if shown is None or content is None or not shown.left:
             return []
+        if content.quick:
+            shown.credit = 0
+            return self._show(content, shown, shown.left)
         n, shown.credit = shown.credit, 0
         if outstanding:
             shown.last_active = now  # waiting for chunks here is not idle
@@ -162,6 +210,9 @@ class SuperSeed:
         shown = self._shown.get((token, content_id))
         if shown is None or not shown.left:
             return None
+        content = self._contents.get(content_id)
+        if content is not None and content.quick:
+            return shown.last_active  # due now
         return shown.last_active + self.idle
 
     def _show(self, content: _Content, shown: _Shown, n: int, below: int = 256

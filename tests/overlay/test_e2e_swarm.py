@@ -90,6 +90,28 @@ def test_receivers_starting_together_trade_chunks(net: LocalNetwork, tmp_path: P
         assert from_other > 0, f"{me} got nothing from {other}: {got[me]['sources']}"
 
 
+def test_a_small_clip_to_recipients_online_together_is_not_held_back(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    """A 4 MiB clip (four chunks) to three recipients online at once: the first to open
+    asks for every chunk in its first window, so the sender's super-seeding has nothing
+    left to show the other two. The sender's first copy goes out in a fraction of a second
+    (16 MiB/s here), so it hides nothing from them: each is done well before the 5 s the
+    downloader waits, shown no chunk, before it asks the sender anyway (5.1-5.2 s for the
+    other two before)."""
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(16 * MiB)])
+    rs = [net.add_node(f"r{i}") for i in range(3)]
+    for n in (alice, *rs):
+        net.start_node(n)
+    src = make_file(tmp_path / "clip.bin", 4 * MiB, seed=24)
+    mid = net.cli(alice, "send", str(src), "--to",
+                  ",".join(r.address for r in rs)).stdout.strip()
+    for r in rs:
+        got = net.wait_complete(r, mid, 60, f"{r.name}'s download")
+        assert same_bytes(src, Path(got["path"]))
+        took = got["completed_at"] - got["started_at"]
+        assert took < 3.0, f"{r.name} took {took:.1f} s: {got['sources']}"
+
+
 def _folder(root: Path) -> Path:
     """Three chunks and more of files, nested, one of them small and one empty."""
     src = root / "sunday"

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from crypto.identity import DeviceIdentity
 from overlay.transfer.downloader import ChunkStored, Downloader
-from overlay.transfer.superseed import AHEAD, IDLE, SuperSeed
+from overlay.transfer.superseed import AHEAD, IDLE, QUICK, QUICK_CHUNKS, SuperSeed
 from tests.overlay.test_swarm import ME, MiB, Swarm, swarm  # noqa: F401 (the fixture)
 
 CID = b"c" * 32
@@ -100,6 +100,63 @@ def test_everything_is_shown_in_the_end() -> None:
         t += IDLE
         got |= set(seed.reveal("b", CID, outstanding=0, now=t))
     assert got == set(range(10)) and seed.due("b", CID) is None
+
+
+def _first_copy(seed: SuperSeed, count: int, *, took: float, cut: bool = False,
+                sent: int | None = None) -> list[str]:
+    """"a" fetches a content alone while "b" (waiting to be woken) and "c" open it too;
+    `sent` of its chunks (all by default) go to "a", which closes `took` seconds after
+    its OPEN (or is cut). The wake-ups "b" and "c" got."""
+    woken: list[str] = []
+    assert seed.open("a", CID, count, now=0.0) is None
+    for i in range(count):
+        seed.requested("a", CID, i, now=0.0)  # a small content: all in the first window
+    for t in ("b", "c"):
+        assert bits(seed.open(t, CID, count, now=0.0,
+                              wake=lambda t=t: woken.append(t))) == set()  # nothing left
+    for i in range(count if sent is None else sent):
+        seed.sent("a", CID, i, now=took / 2)
+    seed.close("a", None if cut else took)
+    return woken
+
+
+def test_a_content_a_requester_got_whole_within_quick_is_shown_whole_to_the_others() -> None:
+    """The others were shown nothing (the first asked for every chunk): they are woken,
+    and shown every chunk; one opening later is shown every chunk at once."""
+    seed = SuperSeed()
+    assert sorted(_first_copy(seed, 4, took=QUICK / 2)) == ["b", "c"]
+    for t in ("b", "c"):
+        assert seed.due(t, CID) is not None and seed.due(t, CID) <= QUICK / 2
+        assert sorted(seed.reveal(t, CID, outstanding=0, now=QUICK / 2)) == [0, 1, 2, 3]
+        assert not seed.showing(t, CID)
+    assert seed.open("d", CID, 4, now=1.0) is None
+
+
+def test_a_slow_copy_a_cut_session_or_a_partial_copy_proves_nothing() -> None:
+    """A copy that took longer than QUICK (a slow uplink: what super-seeding is for), a
+    session that was cut (its last chunks may still have been in a socket buffer), or one
+    that got only some chunks here: the others stay hidden from as before."""
+    for kwargs in ({"took": QUICK * 2}, {"took": QUICK / 2, "cut": True},
+                   {"took": QUICK / 2, "sent": 3}):
+        seed = SuperSeed()
+        assert _first_copy(seed, 4, **kwargs) == [], kwargs  # type: ignore[arg-type]
+        assert seed.reveal("b", CID, outstanding=0, now=QUICK) == []
+        assert len(bits(seed.open("d", CID, 4, now=QUICK))) == 0
+
+
+def test_a_content_over_quick_chunks_is_always_super_seeded() -> None:
+    """A large content leaves chunks to show the others anyway: it is not timed."""
+    seed = SuperSeed()
+    count = QUICK_CHUNKS + 1
+    woken: list[str] = []
+    assert seed.open("a", CID, count, now=0.0) is None
+    assert len(bits(seed.open("b", CID, count, now=0.0,
+                              wake=lambda: woken.append("b")))) == AHEAD
+    for i in range(count):
+        seed.sent("a", CID, i, now=0.1)
+    seed.close("a", 0.2)
+    assert woken == [] and seed.reveal("b", CID, outstanding=0, now=0.3) == []
+    assert seed.open("c", CID, count, now=0.3) is not None
 
 
 async def test_receivers_that_only_reach_the_sender_still_finish(
