@@ -102,11 +102,15 @@ def none_serve(stats: list[SourceStats]) -> bool:
 
 
 class ContentFetch:
-    """`await fetch(entry, msg, activity, progress)` -> the path of the finished file."""
+    """`await fetch(entry, msg, activity, progress)` -> the path of the finished file.
+
+    `alone`: co-recipient sourcing is off, so every download fetches from the sender only
+    and tells it so (`Downloader.alone`)."""
 
     def __init__(self, identity: DeviceIdentity, store: ContentStore, finder: HolderFinder,
                  *, dest: Path, announce: Callable[[bytes], None], window: int,
-                 connect_timeout: float, rng: random.Random | None = None) -> None:
+                 connect_timeout: float, rng: random.Random | None = None,
+                 alone: bool = False) -> None:
         self.identity = identity
         # Each download's chunk order is drawn from here (None: from the OS); the node hands
         # one derived from its own, so a simulated node's seed fixes the order.
@@ -117,6 +121,7 @@ class ContentFetch:
         self.announce = announce
         self.window = window
         self.connect_timeout = connect_timeout
+        self.alone = alone
         self.running: dict[bytes, Downloader] = {}  # content id -> its download, while it runs
 
     def want_first(self, content_id: bytes, first: int, end: int) -> None:
@@ -198,7 +203,8 @@ class ContentFetch:
         # (a held offer waits for a NATed holder to come back): give it the whole budget.
         dl = Downloader(partial, [sender], self.identity, window=self.window,
                         connect_timeout=self.connect_timeout, on_event=on_event,
-                        rng=random.Random(self.rng.getrandbits(64)) if self.rng else None)
+                        rng=random.Random(self.rng.getrandbits(64)) if self.rng else None,
+                        alone=self.alone)
         if found is not None:
             dl.add_found(found)
         d = msg.description

@@ -266,7 +266,8 @@ class Node:
                              announce=self.providers.announce,
                              window=self.options.max_in_flight,
                              connect_timeout=ladder.budget,
-                             rng=random.Random(self.rng.getrandbits(64)))
+                             rng=random.Random(self.rng.getrandbits(64)),
+                             alone=not self.options.co_recipients)
         self.fetch = fetch
         receipts, hook = self.receipts, self.hook
 

@@ -72,9 +72,14 @@ REFILL = 4
 # (superseed.py) serves it and shows more. At once, a recipient whose co-recipients were
 # still connecting or fetching took the chunk from the sender: in the simulator's nat-mix
 # (seeds 1-3) the sender uploaded 13.7, 23.4 and 19.4 MB of a 5 MB clip; after 3 s 10.0,
-# 15.2 and 15.2; after 5 s 10.0, 14.2 and 14.2. The price: a recipient that reaches only
-# the sender while others fetch from it waits that long when shown nothing (a 2 MB clip to
-# three recipients, sourcing off: done in 11.4 s instead of 6.5).
+# 15.2 and 15.2; after 5 s 10.0, 14.2 and 14.2. The price: a recipient that shares but
+# reaches only the sender while others fetch from it waits that long when shown nothing
+# (2 MB to three recipients on a shaped 5 Mbit/s uplink, tests/natlab/test_fidelity.py:
+# the last was done after 11.7-12.1 s with sourcing on, 10.0-11.5 with it off). One that
+# fetches from the sender alone (sourcing off: `alone`) is shown every chunk and never
+# waits: in the simulator (family-video, 2 MB to three recipients online within 10 s,
+# sourcing off, seeds 1-3) two of the three waited, done 9.4-10.7 s after coming online
+# against 4.1-4.6 for the first; now all three are done after 4.1-7.6 s.
 PROBE_AFTER = 5.0
 # Filing threads. Each spends about 0.6 ms of CPU per 2 MiB chunk (open, hash) and then
 # waits 2-6 ms for its O_DIRECT write, so two of them were busy 97% of a 1 GiB delivery
@@ -253,6 +258,13 @@ class Downloader:
     `window` is the most GETs one source may have outstanding; each source's actual window
     starts at `min_window` and follows its rate (`SourcePace`). `counters` count what a
     test or a status page wants to see: duplicate requests, cancels, late copies, HAVEs.
+
+    `alone`: this download fetches from the sender only, never from co-recipients (the
+    node's co-recipient sourcing is off). Its OPENs say so (`Open.alone`), and a sender
+    that super-seeds shows it every chunk: hiding chunks from it buys nothing, as nobody
+    else will pass them on, and cost it `probe_after` seconds whenever other recipients
+    had asked for every chunk already. A download with sourcing on does not say so, even
+    while the sender is its only source: co-recipients join it later, found in the DHT.
     """
 
     def __init__(
@@ -264,7 +276,7 @@ class Downloader:
         have_wait: float | None = None, probe_after: float = PROBE_AFTER,
         upgrade_after: float = UPGRADE_AFTER, upgrade_max: float = UPGRADE_MAX,
         upgrade_left: float = UPGRADE_LEFT, rng: random.Random | None = None,
-        on_event: Callable[[FetchEvent], None] | None = None,
+        on_event: Callable[[FetchEvent], None] | None = None, alone: bool = False,
     ) -> None:
         labels = [s.label for s in sources]
         if len(set(labels)) != len(labels):
@@ -283,6 +295,7 @@ class Downloader:
         self.probe_after = probe_after
         self.upgrade_backoff = Backoff(upgrade_after, max(upgrade_after, upgrade_max))
         self.upgrade_left = upgrade_left
+        self.alone = alone
         self._on_event = on_event
         self._runs: dict[str, _SourceRun] = {s.label: _SourceRun(s, SourceStats(s.label))
                                              for s in sources}
@@ -631,7 +644,7 @@ class Downloader:
         if ask_leaves:
             await self._leaves_lock.acquire()  # not held: taken at once
         try:
-            session.queue_open(p.content_id, p.capability)
+            session.queue_open(p.content_id, p.capability, alone=self.alone)
             if ask_leaves:
                 pages = session.queue_hashes(p.content_id, p.size, p.chunk_size)
             self.counters["get_frames"] += session.queue_first(p.content_id, first)

@@ -64,18 +64,26 @@ def _index(f: Fields, key: str = "i") -> int:
 
 @dataclass(frozen=True, slots=True)
 class Open:
-    """Ask to fetch a content, proving the capability on this session."""
+    """Ask to fetch a content, proving the capability on this session.
+
+    `alone`: this requester fetches the content from no other holder (its node's
+    co-recipient sourcing is off), so a holder that super-seeds shows it every chunk, as it
+    would a requester alone (superseed.py). On the wire only when true; a holder that does
+    not know the key ignores it, and an OPEN without it is a requester that may share."""
 
     TAG: ClassVar[int] = 1
     content_id: bytes
     proof: bytes
+    alone: bool = False
 
     def to_wire(self) -> dict[str, Any]:
+        if self.alone:
+            return {"c": self.content_id, "p": self.proof, "a": True}
         return {"c": self.content_id, "p": self.proof}
 
     @classmethod
     def from_wire(cls, f: Fields) -> Open:
-        return cls(_cid(f), f.bytes("p", size=PROOF_LEN))
+        return cls(_cid(f), f.bytes("p", size=PROOF_LEN), bool(f.bool("a", optional=True)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,7 +242,8 @@ class ServingSession:
             have, cursor = content.have_bitmap(), None
             if have is None and self._seeder is not None and content.leaves is not None:
                 have = self._seeder.open(self, msg.content_id, len(content.leaves), now,
-                                         device=self._device, wake=self._wake)
+                                         device=self._device, wake=self._wake,
+                                         alone=msg.alone)
         if content.leaves is None or (have is not None and len(have) > MAX_HAVE_BYTES):
             return self._refuse("unavailable", ErrorCode.UNAVAILABLE,
                                 "this holder cannot serve that content yet", msg.content_id)
@@ -287,8 +288,9 @@ class ServingSession:
             return self._refuse("busy", ErrorCode.BUSY, "too many outstanding requests",
                                 msg.content_id, msg.index)
         self._gets.append(msg)
-        if self._seeder is not None:
-            self._seeder.requested(self, msg.content_id, msg.index, now)
+        if self._seeder is not None and self._seeder.requested(self, msg.content_id,
+                                                               msg.index, now):
+            self.counters["super_seed_probes"] += 1  # a chunk not shown to it: a probe
         return None
 
     def _handle_cancel(self, msg: Cancel) -> None:

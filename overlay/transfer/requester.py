@@ -177,9 +177,12 @@ class TransferSession:
     # Each request has a `queue_` half (queues it; `flush` sends) and a reading half, so a
     # requester that knows the layout from its handle sends OPEN, the HASHES requests and
     # its first GETs in one flight and reads the replies after one round trip, not three.
-    def queue_open(self, content_id: bytes, capability: bytes) -> None:
-        """Queue the OPEN proving the capability for `content_id`."""
-        self._ask(Open(content_id, prove_capability(capability, content_id, self.transcript)))
+    def queue_open(self, content_id: bytes, capability: bytes, *, alone: bool = False
+                   ) -> None:
+        """Queue the OPEN proving the capability for `content_id`; `alone`: we fetch it
+        from no other holder (`Open.alone`)."""
+        self._ask(Open(content_id, prove_capability(capability, content_id, self.transcript),
+                       alone))
 
     async def opened(self, content_id: bytes) -> OpenInfo:
         """The reply to the OPEN; RemoteError if the holder refuses."""

@@ -103,6 +103,7 @@ def _transfer_headers() -> Iterator[tuple[str, bytes]]:
     for m in msgs:
         n = len(m.data) if isinstance(m, tf.Chunk) else 0
         yield type(m).__name__.lower(), bytes([n]) + tf.encode_header(m)
+    yield "open-alone", bytes([0]) + tf.encode_header(tf.Open(CID, b"p" * 32, alone=True))
 
 
 def _transfer_sessions() -> Iterator[tuple[str, bytes]]:

@@ -42,6 +42,29 @@ def test_a_second_session_of_the_same_device_is_shown_every_chunk() -> None:
     assert seed.open("again", CID, 20, now=2.0, device=b"bob") is None
 
 
+def test_a_requester_that_fetches_from_no_other_holder_is_shown_every_chunk() -> None:
+    """Co-recipient sourcing off: nobody passes chunks on to it, so it is shown every chunk
+    whoever else fetches, and a GET of it is never a probe. It still counts for one that
+    shares, which is shown only chunks it has not asked for (its node serves them)."""
+    seed = SuperSeed()
+    assert seed.open("first", CID, 8, now=0.0) is None
+    for i in range(8):
+        seed.requested("first", CID, i, now=0.0)
+    assert bits(seed.open("shares", CID, 8, now=0.0)) == set()  # all asked for already
+    assert seed.open("off", CID, 8, now=0.0, device=b"off", alone=True) is None
+    assert not seed.showing("off", CID) and seed.due("off", CID) is None
+    assert not seed.requested("off", CID, 5, now=1.0)
+    assert seed.reveal("off", CID, outstanding=0, now=IDLE * 2) == []
+    assert seed.requested("shares", CID, 5, now=1.0)  # not shown to it: a probe
+    assert seed.open("off", CID, 8, now=2.0, device=b"off", alone=True) is None  # again
+    seed = SuperSeed()
+    assert seed.open("off", CID, 8, now=3.0, device=b"off", alone=True) is None
+    for i in (0, 1, 2):
+        seed.requested("off", CID, i, now=3.0)
+    later = bits(seed.open("later", CID, 8, now=3.0, device=b"later"))
+    assert len(later) == AHEAD and not later & {0, 1, 2}
+
+
 def test_requesters_that_come_while_one_fetches_are_shown_distinct_chunks() -> None:
     seed = SuperSeed()
     assert seed.open("first", CID, 20, now=0.0) is None

@@ -401,6 +401,65 @@ def test_gets_sent_with_the_open_are_served_only_as_its_opened_shows(
     assert isinstance(chunk, Chunk) and chunk.index == 5
 
 
+def test_open_says_when_the_requester_fetches_from_no_other_holder() -> None:
+    """`Open.alone` goes on the wire only when true: any other OPEN is byte for byte what
+    requesters sent before it (a holder that does not know the key ignores it, as decoders
+    ignore keys they don't know), and an OPEN without it decodes as one that may share.
+    Anything but true/false (or nil, read as absent) is refused with the usual text."""
+    cid, proof = b"i" * 32, b"p" * 32
+    before = packb({"c": cid, "p": proof, "t": Open.TAG})
+    assert encode_header(Open(cid, proof)) == before
+    assert decode_header(before, b"") == Open(cid, proof, alone=False)
+    alone = encode_header(Open(cid, proof, alone=True))
+    assert decode_header(alone, b"") == Open(cid, proof, alone=True)
+    assert len(alone) == len(before) + 3  # "a": true
+    assert decode_header(packb({"c": cid, "p": proof, "t": Open.TAG, "z": 7}), b"") == Open(
+        cid, proof)
+    assert decode_header(packb({"c": cid, "p": proof, "t": Open.TAG, "a": None}), b"") == Open(
+        cid, proof)
+    for bad in (1, 0, "yes", b"\x01", [True], {"a": True}, 1.0):
+        with pytest.raises(DecodeError, match=r"^transfer message\.a: expected true/false, got "):
+            decode_header(packb({"c": cid, "p": proof, "t": Open.TAG, "a": bad}), b"")
+
+
+def test_a_requester_that_fetches_from_no_other_holder_is_shown_every_chunk(
+    held: tuple[ContentStore, LocalContent]
+) -> None:
+    """Another requester asked a super-seeding holder for every chunk. A second one that
+    may share is shown none (its download would wait to probe); one whose OPEN says it
+    fetches from no other holder is shown every chunk and served the GETS of its OPEN's
+    flight, none of them a probe."""
+    store, content = held
+    cid = content.content_id
+    seeder = SuperSeed()
+    counters: Counter[str] = Counter()
+    every = tuple(range(6))
+
+    def fetch(device: bytes, alone: bool) -> tuple[Opened, list[int], TransferConnection,
+                                                   TransferConnection, ServingSession]:
+        c, s = connected()
+        logic = ServingSession(store, s.transcript or b"", counters, seeder=seeder,
+                               device=device)
+        c.send(Open(cid, prove_capability(content.capability, cid, c.transcript or b""),
+                    alone))
+        c.send(Gets(cid, every, shown=True))
+        opened, *chunks = serve(c, s, logic)
+        assert isinstance(opened, Opened)
+        return opened, [e.index for e in chunks if isinstance(e, Chunk)], c, s, logic
+
+    opened, got, *_ = fetch(b"first", alone=False)
+    assert opened.have is None and got == list(every)  # alone: every chunk
+    opened, got, c, s, sharing = fetch(b"shares", alone=False)
+    assert opened.have == bytes(1) and got == []  # every chunk asked for already
+    opened, got, *_ = fetch(b"sourcing off", alone=True)
+    assert opened.have is None and got == list(every)
+    assert counters["first_not_shown"] == 6 and counters["super_seed_probes"] == 0
+    c.send(Get(cid, 3))  # the sharing one, stuck, probes
+    [chunk] = serve(c, s, sharing)
+    assert isinstance(chunk, Chunk) and chunk.index == 3
+    assert counters["super_seed_probes"] == 1
+
+
 def test_get_queue_is_bounded(held: tuple[ContentStore, LocalContent]) -> None:
     store, content = held
     c, s = connected()
