@@ -398,6 +398,7 @@ class PgInstanceBus:
         self._instances: list[InstanceRow] = []
         self._owe_rescan = False
         self._alive: set[str] = set()
+        self._presence_unread = False  # online_elsewhere's last read failed (warned once)
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self, host: BusHost, address: tuple[str, int]) -> None:
@@ -486,15 +487,28 @@ class PgInstanceBus:
         self._out_ready.set()
 
     async def online_elsewhere(self, devices: Sequence[bytes]) -> dict[bytes, str]:
+        """Which of `devices` have a session on another live instance. Nothing when the
+        database can't say (its connection lost until the next heartbeat reconnects it,
+        or the server down): a FINGER then answers with this instance's presence alone,
+        as a server of one instance would, instead of failing. One warning per outage."""
         if not devices or self._conn is None:
             return {}
-        async with self._lock:
-            rows = await self._conn.fetch(
-                "SELECT p.device, p.instance FROM rv_presence p "
-                "JOIN rv_instances i ON i.id = p.instance "
-                "WHERE p.device = ANY($1::bytea[]) AND p.instance <> $2 "
-                "AND i.heartbeat_at > now() - make_interval(secs => $3)",
-                list(devices), self.instance, self.lease)
+        try:
+            async with self._lock:
+                rows = await self._conn.fetch(
+                    "SELECT p.device, p.instance FROM rv_presence p "
+                    "JOIN rv_instances i ON i.id = p.instance "
+                    "WHERE p.device = ANY($1::bytea[]) AND p.instance <> $2 "
+                    "AND i.heartbeat_at > now() - make_interval(secs => $3)",
+                    list(devices), self.instance, self.lease)
+        except Exception as exc:
+            if not self._presence_unread:
+                self._presence_unread = True
+                log.warning(kv("instance.presence_read_failed", error=str(exc) or repr(exc),
+                               note="presence on other instances unknown until the "
+                               "database answers again"))
+            return {}
+        self._presence_unread = False
         return {bytes(r["device"]): str(r["instance"]) for r in rows}
 
     def snapshot(self) -> dict[str, Any]:
