@@ -350,8 +350,8 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
                              round(achieved), "unit": "msg/s", "target": "", "ok": None})
                 for r in receivers:
                     await r.aclose()
-                for c in consumers:
-                    await c
+                for t in consumers:
+                    await t
             count = 2000 if args.quick else 10_000
             per_msg = await _storage(drv, senders, data, count)
             rows.append({"metric": f"bytes stored per message ({BLOB}-byte blob, {count:,})",
@@ -460,8 +460,8 @@ async def _pg_instances(args: argparse.Namespace, cluster: Any, tmp: Path,
                          "target": "", "ok": None})
             for r in receivers:
                 await r.aclose()
-            for c in consumers:
-                await c
+            for t in consumers:
+                await t
         for c in senders:
             await c.aclose()
     finally:

@@ -110,8 +110,8 @@ async def _measure(args: argparse.Namespace, url: str, cluster: Any,
             m["msg_per_commit"] = n / max(1, await _pg_commits(url) - commits0 - 2)
             for r in receivers:
                 await r.aclose()
-            for c in consumers:
-                await c
+            for t in consumers:
+                await t
         for c in senders:
             await c.aclose()
         # 2. idle sessions and their keepalive
