@@ -172,9 +172,9 @@ def dns_server() -> Iterator[Callable[..., Dnsmasq]]:
         pytest.skip(reason)
     started: list[Dnsmasq] = []
 
-    def make(zone_lines: Iterable[str], hosts: Mapping[str, str] | None = None,
-             **kw: object) -> Dnsmasq:
-        server = start_dnsmasq(zone_lines, hosts, **kw)  # type: ignore[arg-type]
+    def make(zone_lines: Iterable[str], hosts: Mapping[str, str] | None = None, *,
+             extra: Iterable[str] = (), local: Iterable[str] = ("test",)) -> Dnsmasq:
+        server = start_dnsmasq(zone_lines, hosts, extra=extra, local=local)
         started.append(server)
         return server
 

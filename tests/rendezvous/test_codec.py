@@ -28,9 +28,11 @@ from rendezvous.messages import (
     Quit,
     Remove,
     Reply,
+    Request,
     Retrieve,
     Send,
     SendItem,
+    ServerMessage,
     decode_request,
     decode_server_message,
     encode_request,
@@ -111,8 +113,8 @@ def test_structured_garbage_gives_a_reply_not_a_crash(tag: str, rid: object,
     assert req.TAG == tag
 
 
-def _roundtrip_request(req: object) -> object:
-    return decode_request(encode_request(req), LIMIT)  # type: ignore[arg-type]
+def _roundtrip_request(req: Request) -> Request:
+    return decode_request(encode_request(req), LIMIT)
 
 
 @pytest.mark.parametrize("req", [
@@ -128,7 +130,7 @@ def _roundtrip_request(req: object) -> object:
     Pipe(9, "bob@example.net", b"offer"),
     Advertise(10, {"nat": True, "port": 4567}),
 ])
-def test_requests_round_trip(req: object) -> None:
+def test_requests_round_trip(req: Request) -> None:
     assert _roundtrip_request(req) == req
 
 
@@ -138,8 +140,8 @@ def test_requests_round_trip(req: object) -> None:
     Deliver(Envelope(MID, "a@example.net", "b@example.net", PEER, 1, b"sealed", 1.5)),
     PipeMessage("a@example.net", PEER, b"answer"),
 ])
-def test_server_messages_round_trip(msg: object) -> None:
-    assert decode_server_message(encode_server_message(msg), LIMIT) == msg  # type: ignore
+def test_server_messages_round_trip(msg: ServerMessage) -> None:
+    assert decode_server_message(encode_server_message(msg), LIMIT) == msg
 
 
 def test_unknown_verb_is_named_in_the_error() -> None:

@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from overlay.app.lab import _script
 from rendezvous.dns import DnsResolver, DomainLookupError, SrvTarget, rfc2782_order
 from rendezvous.domainkey import DomainKey, load_or_create, txt_value
+from tests.dnstest import Dnsmasq
 
 # --- RFC 2782 order ---------------------------------------------------------------------
 
@@ -100,7 +102,7 @@ A_ZONE = [
 HOSTS = {"rv1.a.test": "127.0.0.1", "rv2.a.test": "127.0.0.2"}
 
 
-async def test_srv_order_and_key_from_dnsmasq(dns_server) -> None:
+async def test_srv_order_and_key_from_dnsmasq(dns_server: Callable[..., Dnsmasq]) -> None:
     ns = dns_server(A_ZONE, HOSTS)
     records = await DnsResolver(ns.hostport).resolve("a.test")
     assert records.domain == "a.test"
@@ -108,13 +110,14 @@ async def test_srv_order_and_key_from_dnsmasq(dns_server) -> None:
     assert records.key == KEY.public
 
 
-async def test_environment_picks_the_name_server(dns_server) -> None:
+async def test_environment_picks_the_name_server(dns_server: Callable[..., Dnsmasq]) -> None:
     ns = dns_server(A_ZONE, HOSTS)
     resolver = DnsResolver(environ={"PEERPOST_RESOLVER": ns.hostport})
     assert (await resolver.resolve("A.test.")).key == KEY.public
 
 
-async def test_weighted_instances_follow_the_seeded_rng(dns_server) -> None:
+async def test_weighted_instances_follow_the_seeded_rng(
+        dns_server: Callable[..., Dnsmasq]) -> None:
     zone = [f"_peerpost._tcp.w.test. 300 IN SRV 10 {w} 4600 rv{i}.w.test."
             for i, w in enumerate((1, 9))]
     zone.append(f'_peerpost.w.test. 300 IN TXT "{txt_value(KEY.public)}"')
@@ -141,7 +144,8 @@ async def test_weighted_instances_follow_the_seeded_rng(dns_server) -> None:
       f'_peerpost.f.test. 300 IN TXT "{txt_value(KEY.public)}"'], "f.test",
      "no A/AAAA record for nowhere.f.test (the target of the _peerpost._tcp.f.test SRV record)"),
 ])
-async def test_missing_or_bad_records_are_named(dns_server, zone: list[str], domain: str,
+async def test_missing_or_bad_records_are_named(dns_server: Callable[..., Dnsmasq],
+                                                zone: list[str], domain: str,
                                                 text: str) -> None:
     ns = dns_server(zone, HOSTS)
     with pytest.raises(DomainLookupError) as info:
@@ -169,7 +173,8 @@ def _dns_records(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-async def test_dns_records_make_the_key_and_publish_it(tmp_path: Path, dns_server) -> None:
+async def test_dns_records_make_the_key_and_publish_it(
+        tmp_path: Path, dns_server: Callable[..., Dnsmasq]) -> None:
     data = tmp_path / "data"
     res = _dns_records("--data", str(data), "--domain", "Pub.Test", "--host", "rv1.pub.test",
                        "--host", "rv2.pub.test.", "--port", "4500", "--priority", "10",

@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -192,7 +192,8 @@ async def test_receiver_refuses_a_link_signed_by_another_key(tmp_path: Path,
     # b's resolver has the wrong key for a.test.
     wrong = StaticResolver({})
     async with world.server(A) as a, world.server(B, resolver=wrong) as b:
-        wrong.add(DomainRecords(A, (a.address,), DomainKey.generate().public))  # type: ignore[arg-type]
+        assert a.address is not None
+        wrong.add(DomainRecords(A, (a.address,), DomainKey.generate().public))
         world.publish(b)
         await _register_bob(world, b)
         assert b.address is not None
@@ -297,7 +298,7 @@ async def test_b_down_at_send_queued_across_a_restart_then_delivered(
 @pytest.mark.parametrize("failure", [disk_full, lambda: sqlite3.OperationalError("I/O"),
                                      pg_starting_up])
 async def test_an_outbound_round_the_store_fails_is_tried_again(
-        tmp_path: Path, fed_log: LogWaiter, failure: object) -> None:
+        tmp_path: Path, fed_log: LogWaiter, failure: Callable[[], Exception]) -> None:
     """b.test is down and a.test's store refuses to note it (its disk is full): the
     worker for b.test ended there, and the mail waited for the next send to b.test or a
     restart. It is logged and tried again, and delivered once b.test is back."""
@@ -312,7 +313,7 @@ async def test_an_outbound_round_the_store_fails_is_tried_again(
         async def outbound_failed(domain: str, error: str, now: float) -> None:
             calls.append(domain)
             if len(calls) == 1:
-                raise failure()  # type: ignore[operator]
+                raise failure()
             await real(domain, error, now)
 
         a.store.outbound_failed = outbound_failed  # type: ignore[method-assign]

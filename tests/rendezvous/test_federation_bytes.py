@@ -114,12 +114,13 @@ async def test_relay_between_two_domains_carries_bytes_both_ways(tmp_path: Path,
             assert isinstance(invite, RelayInvite)
             # b.test names a.test's server as its records say, with a.test's domain key.
             assert (invite.host, invite.port, invite.key) == (*a.address, a.domain_key.public)
+            assert invite.host is not None and invite.port is not None
             assert (invite.sender, invite.sender_device) == ("alice@a.test", ALICE.peer_id)
             # The splice needs the very device key the invite was for.
             with pytest.raises(RelayError, match="offered to another device"):
-                await relay_accept(invite.host, invite.port, CAROL, "bob@b.test", invite,  # type: ignore[arg-type]
+                await relay_accept(invite.host, invite.port, CAROL, "bob@b.test", invite,
                                    tls=tls, server_key=invite.key)
-            callee = await relay_accept(invite.host, invite.port, BOB, "bob@b.test", invite,  # type: ignore[arg-type]
+            callee = await relay_accept(invite.host, invite.port, BOB, "bob@b.test", invite,
                                         tls=tls, server_key=invite.key)
             caller = await dial
             assert caller.path == callee.path == "relay"

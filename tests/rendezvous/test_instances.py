@@ -187,14 +187,15 @@ async def test_finger_pipe_and_relay_across_instances(pg_url: str) -> None:
     from tests.overlay.test_relay_stream import ALICE, BOB
 
     key = DomainKey.generate()
+    buses = [PgInstanceBus(pg_url, heartbeat=0.2) for _ in range(2)]
     servers = [RendezvousServer("example.net", PgStore(pg_url), open_registration=True,
-                                domain_key=key, finger_open=True, resolver=None,
-                                bus=PgInstanceBus(pg_url, heartbeat=0.2)) for _ in range(2)]
+                                domain_key=key, finger_open=True, resolver=None, bus=bus)
+               for bus in buses]
     (h1, p1), (h2, p2) = [await s.start("127.0.0.1", 0) for s in servers]
     try:
         async with RendezvousClient(h1, p1, ALICE, "alice@example.net", register=True) as a, \
                 RendezvousClient(h2, p2, BOB, "bob@example.net", register=True) as b:
-            await servers[1].bus.settle()  # type: ignore[attr-defined]
+            await buses[1].settle()
             (dev,) = (await a.finger("bob@example.net")).devices
             assert dev.online
             pushes = b.pushes()
@@ -206,6 +207,7 @@ async def test_finger_pipe_and_relay_across_instances(pg_url: str) -> None:
                 invite = await asyncio.wait_for(anext(pushes), 5)
                 assert isinstance(invite, RelayInvite)
                 assert (invite.host, invite.port, invite.key) == (h1, p1, key.public)
+                assert invite.host is not None and invite.port is not None
                 return await relay_accept(invite.host, invite.port, BOB, "bob@example.net",
                                           invite, server_key=key.public)
 
@@ -252,9 +254,9 @@ async def test_envelope_committed_after_a_login_with_a_smaller_seq_is_pushed_onc
     from tests.overlay.test_relay_stream import ALICE, BOB
 
     key = DomainKey.generate()
+    buses = [PgInstanceBus(pg_url, heartbeat=0.2) for _ in range(2)]
     servers = [RendezvousServer("example.net", PgStore(pg_url), open_registration=True,
-                                domain_key=key, resolver=None,
-                                bus=PgInstanceBus(pg_url, heartbeat=0.2)) for _ in range(2)]
+                                domain_key=key, resolver=None, bus=bus) for bus in buses]
     (h1, p1), (h2, p2) = [await s.start("127.0.0.1", 0) for s in servers]
     conn = await asyncpg.connect(pg_url)
     try:
@@ -282,7 +284,7 @@ async def test_envelope_committed_after_a_login_with_a_smaller_seq_is_pushed_onc
                 assert seq < max(c.flush_hi for c in servers[0]._online[BOB.peer_id])
                 # Announced again (a rescan): not pushed a second time.
                 servers[1].bus.stored([QueuedEnvelope(seq, second.envelope)])
-                await servers[1].bus.settle()  # type: ignore[attr-defined]
+                await buses[1].settle()
                 with pytest.raises(TimeoutError):
                     await asyncio.wait_for(anext(pushes), 0.5)
     finally:
@@ -323,7 +325,9 @@ async def test_relay_from_another_domain_names_the_callers_instance(
                     async for invite in bob.pushes():
                         if isinstance(invite, RelayInvite):
                             break
+                assert isinstance(invite, RelayInvite)
                 assert (invite.host, invite.port) == second
+                assert invite.host is not None and invite.port is not None
                 callee = await relay_accept(invite.host, invite.port, BOB, "bob@b.test",
                                             invite, server_key=invite.key)
                 caller = await dial

@@ -34,7 +34,14 @@ from rendezvous.messages import (
 )
 from rendezvous.records import Envelope
 from rendezvous.server import RendezvousServer
-from rendezvous.session import AuthRequested, Closing, Event, ServerConnection, SessionState
+from rendezvous.session import (
+    AuthRequested,
+    Closing,
+    Event,
+    RequestReceived,
+    ServerConnection,
+    SessionState,
+)
 from rendezvous.sqlite_store import SqliteStore
 from rendezvous.status import Status
 from rendezvous.tls import self_signed, server_tls
@@ -167,7 +174,8 @@ def test_traffic_resets_both_timers() -> None:
     p.now = start + 15
     p.client.send(Finger(p.client.new_id(), "bob@example.net"))
     events, _ = p.transfer()
-    p.server.reply(events[0].request.id, Status.NOT_FOUND)  # type: ignore[union-attr]
+    assert isinstance(events[0], RequestReceived)
+    p.server.reply(events[0].request.id, Status.NOT_FOUND)
     p.transfer()
     assert p.server.get_timer() == start + 15 + TIMEOUT
     assert p.client.get_timer() == start + 15 + INTERVAL

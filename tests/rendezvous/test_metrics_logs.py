@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from crypto.identity import DeviceIdentity
 from rendezvous.client import RendezvousClient
 
 from .conftest import DOMAIN, ident, mid
@@ -98,8 +99,8 @@ def value(got: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str,
     return got.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
 
-def rc(port: int, who: object, address: str) -> RendezvousClient:
-    return RendezvousClient("127.0.0.1", port, who, address, request_timeout=10.0,  # type: ignore
+def rc(port: int, who: DeviceIdentity, address: str) -> RendezvousClient:
+    return RendezvousClient("127.0.0.1", port, who, address, request_timeout=10.0,
                             tls=True, register=True)
 
 

@@ -15,9 +15,11 @@ import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from crypto.identity import DeviceIdentity
 from overlay.app.lab import _script
 from rendezvous.client import RendezvousClient
 from rendezvous.errors import ConnectionLostError
@@ -104,15 +106,15 @@ async def run(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def ok_json(*args: str) -> object:
+async def ok_json(*args: str) -> Any:
     code, out, err = await run(*args, "--json")
     assert code == 0, err
     return json.loads(out)
 
 
-def rc(port: int, who: object, address: str, **kw: object) -> RendezvousClient:
-    return RendezvousClient("127.0.0.1", port, who, address, request_timeout=10.0,  # type: ignore
-                            tls=True, **kw)  # type: ignore[arg-type]
+def rc(port: int, who: DeviceIdentity, address: str, **kw: Any) -> RendezvousClient:
+    return RendezvousClient("127.0.0.1", port, who, address, request_timeout=10.0,
+                            tls=True, **kw)
 
 
 def free_port_pair() -> int:
@@ -120,7 +122,7 @@ def free_port_pair() -> int:
     for _ in range(50):
         with socket.socket() as t:
             t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
+            port = int(t.getsockname()[1])
             if port >= 65535:
                 continue
             try:
@@ -175,7 +177,7 @@ async def test_config_file_flags_override_and_sighup_reloads_limits(tmp_path: Pa
             # The first session lived through the reload.
             assert first.connected
             assert (await first.finger("alice@example.net")).devices
-            assert (await ok_json("stats", "--data", str(data)))["server_running"] is True  # type: ignore[index]
+            assert (await ok_json("stats", "--data", str(data)))["server_running"] is True
 
             # A broken file on reload keeps the old settings, and the server.
             conf.write_text("sessions_per_device = [\n")
@@ -202,7 +204,7 @@ async def test_config_file_flags_override_and_sighup_reloads_limits(tmp_path: Pa
         assert await asyncio.wait_for(srv.proc.wait(), 20) == 0
     doc = json.loads((data / "stats.json").read_text())
     assert doc["running"] is False
-    assert (await ok_json("stats", "--data", str(data)))["server_running"] is False  # type: ignore[index]
+    assert (await ok_json("stats", "--data", str(data)))["server_running"] is False
     assert not any("Traceback" in line for line in srv.log)
 
 
@@ -293,12 +295,12 @@ async def test_accounts_and_device_revocation_next_to_a_serving_server(tmp_path:
             await a2.send(mid(), [("bob@example.net", BOB.peer_id, b"x" * 50)])
 
         rows = await ok_json("accounts", "list", "--data", str(data))
-        assert [(r["address"], r["devices"]) for r in rows] == [  # type: ignore[union-attr]
+        assert [(r["address"], r["devices"]) for r in rows] == [
             ("alice@example.net", 2), ("bob@example.net", 1)]
         code, out, _ = await run("accounts", "list", "--data", str(data))
         assert code == 0 and "alice@example.net" in out and "2 accounts" in out
         shown = await ok_json("accounts", "show", "Alice@Example.net", "--data", str(data))
-        assert [d["peer_id"] for d in shown["device_list"]] == [  # type: ignore[index]
+        assert [d["peer_id"] for d in shown["device_list"]] == [
             ALICE.peer_id.hex(), ALICE2.peer_id.hex()]
 
         # Revoke ALICE2 while it is connected: its session ends, and it cannot log in.
@@ -307,8 +309,8 @@ async def test_accounts_and_device_revocation_next_to_a_serving_server(tmp_path:
             mark = len(srv.log)
             done = await ok_json("devices", "revoke", "alice@example.net",
                                  ALICE2.peer_id.hex()[:12], "--data", str(data))
-            assert done["revoked"] == ALICE2.peer_id.hex()  # type: ignore[index]
-            assert done["server_pid"] == srv.proc.pid  # type: ignore[index]
+            assert done["revoked"] == ALICE2.peer_id.hex()
+            assert done["server_pid"] == srv.proc.pid
             await srv.wait_log("event=server.accounts_reread sessions_ended=1", after=mark)
             with pytest.raises(ConnectionLostError):
                 await a2.finger("alice@example.net")
@@ -323,13 +325,13 @@ async def test_accounts_and_device_revocation_next_to_a_serving_server(tmp_path:
 
         # Delete Bob with his queued envelope; the server forgets him at once.
         done = await ok_json("accounts", "delete", "bob@example.net", "--data", str(data))
-        assert (done["devices"], done["envelopes"]) == (1, 1)  # type: ignore[index]
+        assert (done["devices"], done["envelopes"]) == (1, 1)
         await srv.wait_log("event=server.accounts_reread")
         async with rc(srv.port, ALICE, "alice@example.net") as a1:
             with pytest.raises(Exception, match=r"no such address: bob@example\.net"):
                 await a1.finger("bob@example.net")
         rows = await ok_json("accounts", "list", "--data", str(data))
-        assert [r["address"] for r in rows] == ["alice@example.net"]  # type: ignore[union-attr]
+        assert [r["address"] for r in rows] == ["alice@example.net"]
         code, _, err = await run("accounts", "show", "bob@example.net", "--data", str(data))
         assert code == 1 and "no account bob@example.net" in err
 

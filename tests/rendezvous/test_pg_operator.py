@@ -59,12 +59,12 @@ async def test_revoke_and_delete_on_postgresql_reach_every_instance(tmp_path: Pa
             await a1.send(mid(), [("bob@example.net", BOB.peer_id, b"x" * 50)])
 
         rows = await ok_json("accounts", "list", "--store", pg_url)
-        assert [(r["address"], r["devices"], r["queued_envelopes"])  # type: ignore[union-attr]
+        assert [(r["address"], r["devices"], r["queued_envelopes"])
                 for r in rows] == [("alice@example.net", 2, 1), ("bob@example.net", 1, 1)]
         code, out, _ = await run("accounts", "list", "--store", pg_url)
         assert code == 0 and "2 accounts" in out
         shown = await ok_json("accounts", "show", "Alice@Example.net", "--store", pg_url)
-        assert [d["peer_id"] for d in shown["device_list"]] == [  # type: ignore[index]
+        assert [d["peer_id"] for d in shown["device_list"]] == [
             ALICE.peer_id.hex(), ALICE2.peer_id.hex()]
 
         # ALICE2 is connected to instance two; the revoke is made against the database.
@@ -74,8 +74,8 @@ async def test_revoke_and_delete_on_postgresql_reach_every_instance(tmp_path: Pa
             t0 = time.monotonic()
             done = await ok_json("devices", "revoke", "alice@example.net",
                                  ALICE2.peer_id.hex()[:12], "--store", pg_url)
-            assert done["revoked"] == ALICE2.peer_id.hex()  # type: ignore[index]
-            assert done["instances_told"] is True  # type: ignore[index]
+            assert done["revoked"] == ALICE2.peer_id.hex()
+            assert done["instances_told"] is True
             line = await two.wait_log("event=instance.accounts_reread", after=mark_two,
                                       within=10)
             took = time.monotonic() - t0
@@ -99,7 +99,7 @@ async def test_revoke_and_delete_on_postgresql_reach_every_instance(tmp_path: Pa
         async with rc(two.port, BOB, "bob@example.net", reconnect=False) as b:
             mark = len(two.log)
             done = await ok_json("accounts", "delete", "bob@example.net", "--store", pg_url)
-            assert (done["devices"], done["envelopes"]) == (1, 1)  # type: ignore[index]
+            assert (done["devices"], done["envelopes"]) == (1, 1)
             assert "sessions_ended=1" in await two.wait_log(
                 "event=instance.accounts_reread", after=mark, within=10)
             with pytest.raises(ConnectionLostError):
@@ -109,7 +109,7 @@ async def test_revoke_and_delete_on_postgresql_reach_every_instance(tmp_path: Pa
                 with pytest.raises(Exception, match=r"no such address: bob@example\.net"):
                     await a1.finger("bob@example.net")
         rows = await ok_json("accounts", "list", "--store", pg_url)
-        assert [(r["address"], r["queued_envelopes"])  # type: ignore[union-attr]
+        assert [(r["address"], r["queued_envelopes"])
                 for r in rows] == [("alice@example.net", 1)]
         code, _, err = await run("accounts", "show", "bob@example.net", "--store", pg_url)
         assert code == 1 and "no account bob@example.net" in err

@@ -11,9 +11,11 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from crypto.identity import DeviceIdentity
 from rendezvous.client import RendezvousClient
 from rendezvous.errors import ConnectionLostError
 from rendezvous.messages import Deliver
@@ -63,9 +65,9 @@ async def cli(*args: str) -> str:
     return out.decode()
 
 
-def rc(port: int, who: object, address: str, **kw: object) -> RendezvousClient:
-    return RendezvousClient("127.0.0.1", port, who, address, request_timeout=10.0,  # type: ignore
-                            tls=True, **kw)  # type: ignore[arg-type]
+def rc(port: int, who: DeviceIdentity, address: str, **kw: Any) -> RendezvousClient:
+    return RendezvousClient("127.0.0.1", port, who, address, request_timeout=10.0,
+                            tls=True, **kw)
 
 
 async def delivered(client: RendezvousClient, n: int) -> list[Deliver]:

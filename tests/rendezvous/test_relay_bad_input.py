@@ -21,6 +21,7 @@ from rendezvous.client import RendezvousClient
 from rendezvous.errors import RemoteProtocolError
 from rendezvous.limits import Limits
 from rendezvous.messages import (
+    Challenge,
     Relay,
     RelayAccept,
     RelayInvite,
@@ -156,4 +157,5 @@ def test_relay_invite_and_challenge_garbage_from_a_server_is_refused(
     if isinstance(msg, RelayInvite):
         assert len(msg.session) == 16 and len(msg.sender_device) == 20
     else:
-        assert all(1 <= p <= 65535 for p in msg.services().values())  # type: ignore[union-attr]
+        assert isinstance(msg, Challenge)
+        assert all(1 <= p <= 65535 for p in msg.services().values())

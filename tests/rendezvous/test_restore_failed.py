@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rendezvous import opcli
 from rendezvous.cli import main as rendezvous_main
+from rendezvous.datalock import DataLock
 from rendezvous.domainkey import load_or_create
 from rendezvous.sqlite_store import DB_NAME
 from tests import diskfull
@@ -134,13 +134,13 @@ def test_two_restores_at_once_the_second_is_refused_under_the_lock(
     first, first_key = make_backup(tmp_path / "a")
     second, _ = make_backup(tmp_path / "b")
     data = tmp_path / "data"
-    take = opcli.DataLock.acquire
+    take = DataLock.acquire
 
-    def other_restore_first(folder: Path) -> opcli.DataLock:
+    def other_restore_first(folder: Path) -> DataLock:
         restores(first, data, first_key)
         return take(folder)
 
-    monkeypatch.setattr(opcli.DataLock, "acquire", other_restore_first)
+    monkeypatch.setattr(DataLock, "acquire", other_restore_first)
     assert rendezvous_main(["restore", str(second), "--data", str(data)]) == 1
     assert "already holds a server database; --force replaces it" in capsys.readouterr().err
     assert rows(data / DB_NAME) == 300 and load_or_create(data).fingerprint == first_key

@@ -34,10 +34,10 @@ ALICE, BOB, BOB2 = ident(1), ident(2), ident(3)
 
 
 def client(server: RendezvousServer, who: DeviceIdentity, address: str,
-           **kw: object) -> RendezvousClient:
+           **kw: Any) -> RendezvousClient:
     kw.setdefault("register", True)
     kw.setdefault("request_timeout", 5.0)
-    return RendezvousClient("127.0.0.1", port_of(server), who, address, **kw)  # type: ignore
+    return RendezvousClient("127.0.0.1", port_of(server), who, address, **kw)
 
 
 async def take(it: AsyncIterator[object], n: int, within: float = 5.0) -> list[object]:
@@ -311,10 +311,10 @@ async def test_send_and_remove_are_answered_only_after_their_commit(tmp_path: Pa
 class _CoroutineStore(SqliteStore):
     """A Store whose SEND and REMOVE are plain coroutines, as the Protocol allows."""
 
-    async def enqueue(self, *args: Any) -> Any:  # type: ignore[override]
+    async def enqueue(self, *args: Any) -> Any:
         return await super().enqueue(*args)
 
-    async def remove(self, *args: Any) -> Any:  # type: ignore[override]
+    async def remove(self, *args: Any) -> Any:
         return await super().remove(*args)
 
 

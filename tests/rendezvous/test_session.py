@@ -85,7 +85,8 @@ def replies(msgs: list[ServerMessage]) -> list[Reply]:
 
 def test_challenge_then_auth_then_requests_flow() -> None:
     p = Pair()
-    assert p.client.state is ClientState.CHALLENGED
+    before_login = p.client.state  # read apart: mypy keeps a narrowed attribute across login()
+    assert before_login is ClientState.CHALLENGED
     p.login()
     assert p.server.state is SessionState.AUTHENTICATED
     assert p.client.state is ClientState.AUTHENTICATED

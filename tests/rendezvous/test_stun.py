@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from rendezvous.stun import (
     StunDecodeError,
     StunResponder,
+    StunServerProtocol,
     binding_request,
     binding_success,
     parse_binding_response,
@@ -124,7 +125,9 @@ async def test_server_on_udp_answers_with_the_client_socket_address() -> None:
         mapped = await query_mapping([addr1, addr2], local_addr=("127.0.0.1", 0))
         assert mapped[0] == mapped[1]
         assert mapped[0][0] == "127.0.0.1" and mapped[0][1] not in (0, addr1[1], addr2[1])
-        assert t1.get_protocol().responder.stats.answered == 1  # type: ignore[attr-defined]
+        proto = t1.get_protocol()
+        assert isinstance(proto, StunServerProtocol)
+        assert proto.responder.stats.answered == 1
     finally:
         t1.close()
         t2.close()

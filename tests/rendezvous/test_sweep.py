@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from .conftest import disk_full, pg_starting_up, running_server
 @pytest.mark.parametrize("failure", [disk_full, lambda: sqlite3.OperationalError("I/O"),
                                      pg_starting_up])
 async def test_a_failed_sweep_is_logged_and_the_next_one_runs(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, failure: object) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, failure: Callable[[], Exception]) -> None:
     caplog.set_level(logging.INFO, "rendezvous.server")
     # A 10 s envelope lifetime sweeps every second.
     async with running_server(tmp_path, limits=Limits(envelope_ttl=10)) as server:
@@ -28,7 +29,7 @@ async def test_a_failed_sweep_is_logged_and_the_next_one_runs(
         async def expire(now: float) -> int:
             calls.append(now)
             if len(calls) == 1:
-                raise failure()  # type: ignore[operator]
+                raise failure()
             return await real(now)
 
         server.store.expire = expire  # type: ignore[method-assign]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from crypto.identity import DeviceIdentity
 from crypto.vouch import Vouch, make_vouch
 from rendezvous.client import RendezvousClient
 from rendezvous.errors import AuthenticationError
@@ -19,9 +21,9 @@ BOB1, BOB2, BOB3, ROGUE = ident(21), ident(22), ident(23), ident(24)
 ADDR = "bob@example.net"
 
 
-def client(server: RendezvousServer, who: object, **kw: object) -> RendezvousClient:
-    return RendezvousClient("127.0.0.1", port_of(server), who, ADDR,  # type: ignore[arg-type]
-                            register=True, request_timeout=5.0, **kw)  # type: ignore[arg-type]
+def client(server: RendezvousServer, who: DeviceIdentity, **kw: Any) -> RendezvousClient:
+    return RendezvousClient("127.0.0.1", port_of(server), who, ADDR,
+                            register=True, request_timeout=5.0, **kw)
 
 
 async def test_a_vouched_device_shows_its_vouch_in_finger(tmp_path: Path) -> None:
