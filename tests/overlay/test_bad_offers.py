@@ -147,16 +147,17 @@ async def test_an_ipv6_link_local_public_candidate_is_declined_not_answered(
 
 def _offer(kind: str, session: bytes, **bad: object) -> bytes:
     """A `kind` offer of `session` (valid unless `bad` replaces fields)."""
-    body: dict[str, object] = {
+    bodies: dict[str, dict[str, object]] = {
         "punch": {"t": "punch-offer", "c": ["203.0.113.5:4000"], "n": True},
         "quic": {"t": "quic-offer", "c": ["203.0.113.5:4000"]},
         "webrtc": {"t": "rtc-offer", "sdp": "v=0\r\n"},
-    }[kind]
-    return packb({**body, "s": session, **bad})
+    }
+    return packb({**bodies[kind], "s": session, **bad})
 
 
-BAD = {"punch": {"c": ["224.0.0.1:4000"]}, "quic": {"c": ["example.net:4000"]},
-       "webrtc": {"sdp": "x"}}
+BAD: dict[str, dict[str, object]] = {
+    "punch": {"c": ["224.0.0.1:4000"]}, "quic": {"c": ["example.net:4000"]},
+    "webrtc": {"sdp": "x"}}
 
 
 @asynccontextmanager
@@ -240,9 +241,11 @@ async def test_a_repeated_offer_is_dropped_before_it_is_decoded(
         kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """PIPE may repeat an offer across a reconnect: the repeat was decoded in full
     (ipaddress twice for each candidate, most of its cost) before it was found to be one."""
-    table, tag = {"punch": (punch_module._SIGNALS, PunchOffer.TAG),
-                  "quic": (quic_module._SIGNALS, QuicOffer.TAG),
-                  "webrtc": (signalling.SIGNALS, Offer.TAG)}[kind]
+    tables: dict[str, tuple[Mapping[str, Callable[[Fields], Any]], str]] = {
+        "punch": (punch_module._SIGNALS, PunchOffer.TAG),
+        "quic": (quic_module._SIGNALS, QuicOffer.TAG),
+        "webrtc": (signalling.SIGNALS, Offer.TAG)}
+    table, tag = tables[kind]
     decodes = _counted(monkeypatch, table, tag)
     parses = [0]
 

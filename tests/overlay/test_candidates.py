@@ -31,9 +31,10 @@ from overlay.transports.punch import PunchSignalError, decode_punch, encode_punc
 from overlay.transports.quic import QuicSignalError, decode_quic, encode_quic
 from overlay.transports.signalling import MemoryPipe
 from rendezvous.stun import Address
+from tests.overlay.signalled_pair import BOB
 from tests.overlay.streams import receive_exactly
 from tests.overlay.test_punch import pair
-from tests.overlay.test_quic import BOB, NEEDS_V6, SESSION, endpoints
+from tests.overlay.test_quic import NEEDS_V6, SESSION, endpoints
 
 # What means nothing off the sender's host or link, written out here as networks (the code
 # asks ipaddress's is_* properties): an IPv4-mapped IPv6 address is judged as its IPv4 one.

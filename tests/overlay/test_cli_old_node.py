@@ -45,7 +45,7 @@ ENTRY = {"id": MID, "from": BOB, "title": "clip", "note": "", "size": 4096,
          "priority": False, "received_at": 1.0, "next_attempt": None, "attempts": 1,
          "error": None, "started_at": 2.0, "first_byte_at": 3.0, "completed_at": None,
          "sources": []}
-SENT = {"id": MID, "title": "clip", "size": 4096, "path": "/tmp/clip.bin",
+SENT: dict[str, Any] = {"id": MID, "title": "clip", "size": 4096, "path": "/tmp/clip.bin",
         "content_id": "00" * 32, "created_at": 1.0, "chunk_count": 1, "chunks_served": 0,
         "max_in_flight": 4, "retention_done": None,
         "recipients": [{"address": BOB, "state": "sent", "updated_at": 1.0, "reason": None,
@@ -114,7 +114,7 @@ def older(why: str, node: str = "the node does not say its version") -> str:
 # Each command, the old node it meets, and what that node lacks. Where no released node
 # lacked a field a command reads, the field is left out anyway: it stands for one a later
 # peerpost adds.
-CASES = {
+CASES: dict[str, tuple[list[str], dict[str, Any], str]] = {
     "contacts": (["contacts"], {"ping": OLD_PING, "contacts": [OLD_CONTACT]},
                  "it answered `contacts` without `keys`"),
     "contacts accept": (["contacts", "accept", BOB],

@@ -19,7 +19,7 @@ import pytest
 
 from crypto.codec import Fields
 from crypto.identity import DeviceIdentity
-from crypto.location import Description, Handle, Headers, LocationMessage
+from crypto.location import Description, FolderInfo, Handle, Headers, LocationMessage
 from overlay.app.cli import told_text
 from overlay.app.fetch import ContentFetch
 from overlay.app.holders import HolderFinder
@@ -36,7 +36,7 @@ from overlay.mail.downloads import (
     NoSourceNow,
     RetryLater,
 )
-from overlay.mail.folders import FolderError, FolderInfo, unpack
+from overlay.mail.folders import FolderError, unpack
 from overlay.mail.inbox import Decline, Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail, Outcome, Pushed
@@ -238,10 +238,10 @@ async def test_a_decline_goes_once_when_the_server_takes_it_and_the_sender_files
         outbox.add(id=mid, path="/home/alice/clip.ts", title="clip 1", size=3_000_000,
                    content_id=b"\x01" * 32, created_at=1.0,
                    recipients=["bob@example.net"], message=location(1).encode())
-        contacts = Contacts(adb)
-        contacts.pin("bob@example.net", BOB.public.verify_key, 1.0)
+        alice_contacts = Contacts(adb)
+        alice_contacts.pin("bob@example.net", BOB.public.verify_key, 1.0)
         incoming = IncomingMail(ALICE, "alice@example.net", Inbox(adb), outbox, Prefs(adb),
-                                contacts, wall=lambda: 50.0)
+                                alice_contacts, wall=lambda: 50.0)
         outcome, _ = incoming.handle(Pushed(b"e" * 16, "bob@example.net", blob))
         assert outcome is Outcome.RECEIPT
         r = outbox.get(mid).recipients[0]  # type: ignore[union-attr]
@@ -335,7 +335,9 @@ async def test_declines_a_sender_cannot_take_do_not_hold_up_the_others(db: NodeD
     latest = offer(inbox, 200)
     inbox.remove(latest, decline=Decline(REMOVED_REASON, 1_000.0))
     assert await _one_round_alice_trusted(inbox) == ["alice@example.net"]
-    assert inbox.declined(latest) == (REMOVED_REASON, pytest.approx(time.time(), abs=60))
+    declined = inbox.declined(latest)
+    assert declined is not None and declined[0] == REMOVED_REASON
+    assert declined[1] == pytest.approx(time.time(), abs=60)  # sent this round
     assert len(inbox.declines_owed(limit=1000)) == 105  # still owed, tried each round
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -33,7 +33,7 @@ class _Server:
 
     def __init__(self, env: Pushed) -> None:
         self.env = env
-        self.ready = lambda: True
+        self.ready: Callable[[], bool] = lambda: True
         self.changed = asyncio.Event()
         self.fingered: list[str] = []
         self.removed: list[bytes] = []

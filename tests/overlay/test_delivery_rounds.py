@@ -63,9 +63,11 @@ async def test_owed_receipts_are_tried_again_after_node_db_failed(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "peerpost.node")
     owed = _FailsOnce(disk_full(), [])
-    inbox = SimpleNamespace(receipts_owed=owed, declines_owed=lambda *_: [])
-    receipts = Receipts(ident(1), SimpleNamespace(connected=True),  # type: ignore[arg-type]
-                        inbox, None, wall=lambda: 0.0, retry=0.01)
+    # Stand-ins for the parts this round reaches (the contacts it never does).
+    server: Any = SimpleNamespace(connected=True)
+    inbox: Any = SimpleNamespace(receipts_owed=owed, declines_owed=lambda *_: [])
+    contacts: Any = None
+    receipts = Receipts(ident(1), server, inbox, contacts, wall=lambda: 0.0, retry=0.01)
     await _until(owed.again, asyncio.create_task(receipts.owed()), "round")
     assert "owed receipts not sent this round (tried again in 0 s): database or disk is " \
            "full" in caplog.text

@@ -180,8 +180,9 @@ async def test_forged_expired_and_misfiled_records_are_not_stored(
     peer = await open_peer(ident(7))
     found = await peer.ask(addr, FindProviders(CID))
     assert isinstance(found, Nodes)
-    cases = [(CID, forged, "signature does not verify"), (CID, expired, "expired"),
-             (OTHER_CID, good, "another content id"), (CID, b"\x93\x01\x02\x03", "record")]
+    cases: list[tuple[bytes, ProviderRecord | bytes, str]] = [
+        (CID, forged, "signature does not verify"), (CID, expired, "expired"),
+        (OTHER_CID, good, "another content id"), (CID, b"\x93\x01\x02\x03", "record")]
     for cid, rec, why in cases:
         blob = rec if isinstance(rec, bytes) else rec.encode()
         reply = await peer.ask(addr, StoreProvider(cid, blob, found.token))

@@ -5,7 +5,9 @@ running, and loses nothing it already had."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def net(tmp_path: Path):
+def net(tmp_path: Path) -> Iterator[LocalNetwork]:
     with LocalNetwork(tmp_path / "lab") as n:
         n.start_server()
         yield n
@@ -42,7 +44,9 @@ async def test_garbage_and_forgeries_from_the_server_are_dropped(net: LocalNetwo
                                 reconnect=False, tls=net.tls) as rc:
         (dev,) = (await rc.finger(bob.address)).devices
         bob_key = PublicIdentity(dev.verify_key)
-        to = lambda blob: [(bob.address, bob_key.peer_id, blob)]  # noqa: E731
+
+        def to(blob: bytes) -> list[tuple[str, bytes, bytes]]:
+            return [(bob.address, bob_key.peer_id, blob)]
 
         # 1. random bytes where a sealed envelope should be
         await rc.send(os.urandom(16), to(os.urandom(500)))
@@ -57,7 +61,7 @@ async def test_garbage_and_forgeries_from_the_server_are_dropped(net: LocalNetwo
         ((_, blob),) = seal_for_recipients(mallory, "launch-missiles", b"", [bob_key])
         await rc.send(os.urandom(16), to(blob))
 
-    def all_dropped():
+    def all_dropped() -> Any:
         c = net.cli_json(bob, "info")["counters"]
         dropped = sum(v for k, v in c.items() if k.startswith("dropped-"))
         return c if dropped >= 4 else None

@@ -8,7 +8,9 @@ import random
 import re
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,7 +61,7 @@ def mid_transfer(net: LocalNetwork, tmp_path: Path, *, size: int, rate: int, see
 
 
 @pytest.fixture
-def net(tmp_path: Path):
+def net(tmp_path: Path) -> Iterator[LocalNetwork]:
     with LocalNetwork(tmp_path / "lab") as n:
         n.start_server()
         yield n
@@ -91,7 +93,7 @@ def test_delivery_to_two_receivers_one_offline(net: LocalNetwork, tmp_path: Path
     assert dir_size(net.data_dir) < 1 * MiB
 
     # The sender sees both recipients' receipts.
-    def both_downloaded():
+    def both_downloaded() -> Any:
         (msg,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
         return all(r["state"] == "downloaded" for r in msg["recipients"]) and msg
     msg = net.wait_until(both_downloaded, 60, "receipts at the sender")
@@ -249,7 +251,7 @@ def test_sender_applies_retention_once_everyone_has_it(net: LocalNetwork, tmp_pa
     mid = net.cli(alice, "send", str(src), "--to", f"{bob.address},{carol.address}").stdout.strip()
     net.wait_complete(bob, mid, 60, "bob's download")
 
-    def sent():
+    def sent() -> Any:
         (m,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
         return m
     # Carol hasn't got it yet: the sender keeps its copy.
@@ -284,7 +286,7 @@ def test_a_recipient_who_removes_it_unread_declines_and_retention_runs(
     said = net.cli(bob, "rm", mid[:8]).stdout
     assert f"{alice.address} is told you will not download it" in said, said
 
-    def sent() -> dict:
+    def sent() -> dict[str, Any]:
         (m,) = [m for m in net.cli_json(alice, "status") if m["id"] == mid]
         return dict(m)
 

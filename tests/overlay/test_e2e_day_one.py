@@ -6,7 +6,9 @@ new-message hook."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +21,7 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def net(tmp_path: Path):
+def net(tmp_path: Path) -> Iterator[LocalNetwork]:
     with LocalNetwork(tmp_path / "lab") as n:
         n.start_server()
         yield n
@@ -145,7 +147,7 @@ def test_a_file_edited_after_sending_fails_clearly_and_resend_delivers(
     mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
     make_file(src, 2 * MiB + 5, seed=42)  # edited before bob fetched anything
 
-    def sent(m_id: str):
+    def sent(m_id: str) -> Any:
         (m,) = [m for m in net.cli_json(alice, "status") if m["id"] == m_id]
         return m
     m = sent(mid)

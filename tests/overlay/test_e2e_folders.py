@@ -13,13 +13,15 @@ import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from overlay.app.control_wire import ControlError
 from overlay.app.control_wire import call as control_call
 from overlay.app.lab import LocalNetwork, NodeHandle
-from overlay.mail.folders import OUTGOING_DIR, plan_pack, write_map
+from overlay.content.archive import OUTGOING_DIR
+from overlay.mail.folders import plan_pack, write_map
 from tests.overlay.test_e2e_disk_full import _tmpfs, fill
 from tests.web.test_web_access import request
 from tests.web.test_web_actions import login
@@ -56,7 +58,7 @@ def outgoing(node: NodeHandle) -> list[str]:
     return sorted(os.listdir(folder)) if folder.is_dir() else []
 
 
-def sent(net: LocalNetwork, node: NodeHandle, mid: str) -> dict:
+def sent(net: LocalNetwork, node: NodeHandle, mid: str) -> dict[str, Any]:
     (m,) = [m for m in net.cli_json(node, "status") if m["id"] == mid]
     return dict(m)
 
@@ -214,7 +216,7 @@ def test_a_hostile_archive_is_refused_member_by_member(lab: LocalNetwork,
                        folder={"name": "evil", "files": 3, "folders": 0, "size": 20})
     mid = res["id"]
 
-    def failed() -> dict | None:
+    def failed() -> dict[str, Any] | None:
         e = lab.inbox_entry(bob, mid)
         return e if e and e["state"] == "failed" else None
     e = lab.wait_until(failed, 60, "the refusal")
@@ -247,7 +249,7 @@ def test_a_hostile_archive_is_refused_member_by_member(lab: LocalNetwork,
     ({"files": 60_000, "folders": 40_000}, "more than 100,000 files and folders"),
 ])
 def test_the_send_op_refuses_a_folder_field_every_recipient_would(
-        lab: LocalNetwork, tmp_path: Path, field: dict, said: str) -> None:
+        lab: LocalNetwork, tmp_path: Path, field: dict[str, Any], said: str) -> None:
     # A client other than our CLI: a real map, a folder field that does not describe it.
     alice, bob = lab.nodes["alice"], lab.nodes["bob"]
     src = tmp_path / "sunday"

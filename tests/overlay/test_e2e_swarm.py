@@ -6,7 +6,9 @@ its owner edited."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def net(tmp_path: Path):
+def net(tmp_path: Path) -> Iterator[LocalNetwork]:
     with LocalNetwork(tmp_path / "lab") as n:
         n.start_server()
         yield n
@@ -60,7 +62,7 @@ def test_a_holder_killed_mid_transfer_does_not_stop_the_download(
 
     net.start_node(r2)
 
-    def two_sources_busy():
+    def two_sources_busy() -> dict[str, Any] | None:
         e = net.inbox_entry(r2, mid)
         return e if e and e["progress"] > 0.2 and \
             sum(1 for s in e["sources"] if s["bytes"]) == 2 else None

@@ -4,6 +4,7 @@ trusted device vouched for is neither trusted for receiving nor sealed to."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def net(tmp_path: Path):
+def net(tmp_path: Path) -> Iterator[LocalNetwork]:
     with LocalNetwork(tmp_path / "lab") as n:
         n.start_server()
         yield n

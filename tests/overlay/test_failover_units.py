@@ -109,8 +109,9 @@ def test_webrtc_and_the_punch_use_the_stun_of_the_server_the_session_is_on() -> 
     assert isinstance(channels, AiortcChannels)
 
     def ice_urls() -> list[str]:
-        return [u for s in channels.settings.rtc_configuration().iceServers
-                for u in ([s.urls] if isinstance(s.urls, str) else s.urls)]
+        servers = channels.settings.rtc_configuration().iceServers
+        assert servers is not None
+        return [u for s in servers for u in ([s.urls] if isinstance(s.urls, str) else s.urls)]
     assert ice_urls() == ["stun:127.0.0.1:3478"]
     assert links.punch.settings.stun == ("127.0.0.1", 3478)
 

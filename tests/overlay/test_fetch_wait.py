@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ OP_GAP = 0.1
 
 
 @pytest.fixture
-def net(tmp_path: Path):
+def net(tmp_path: Path) -> Iterator[LocalNetwork]:
     with LocalNetwork(tmp_path / "lab") as n:
         n.start_server()
         yield n

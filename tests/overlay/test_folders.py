@@ -11,6 +11,7 @@ import gzip
 import io
 import os
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,8 @@ def test_an_interrupted_pack_leaves_nothing(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "store" / "outgoing") == []
 
 
-def _tar(path: Path, members: list[tuple[str, bytes | None]], mode: str = "w") -> Path:
-    with tarfile.open(path, mode) as tar:  # type: ignore[call-overload]
+def _tar(path: Path, members: Sequence[tuple[str, bytes | None]]) -> Path:
+    with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             if data is None:

@@ -33,6 +33,7 @@ from crypto.location import (
     decode_location,
 )
 from overlay.app import cli
+from overlay.app.home import NodeHome
 from overlay.content.catalog import ContentStore
 from overlay.content.diskio import PARTIAL_DIR, safe_file_name
 from overlay.mail.contacts import Contacts
@@ -254,7 +255,7 @@ def _render_inbox(monkeypatch: pytest.MonkeyPatch, title: str, sender: str) -> s
 
     monkeypatch.setattr(cli, "control_call", call)
     args = cli.build_parser().parse_args(["inbox"])
-    cli.cmd_inbox(cli.NodeHome("/nonexistent"), args)
+    cli.cmd_inbox(NodeHome("/nonexistent"), args)
     return out.getvalue()
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from overlay.transports.ladder import ConnectionLadder, Holder
-from overlay.transports.stream import StreamBroken
+from overlay.transports.stream import Stream, StreamBroken
 from overlay.transports.tcp import TcpServer
 
 
@@ -22,8 +23,22 @@ class FakeStream:
     async def aclose(self) -> None:
         self.closed = True
 
+    # The rest of `Stream`: the ladder only dials and closes.
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise AssertionError("the ladder sends nothing")
 
-def rung(path: str, *, delay: float = 0.0, fail: bool = False, made: list | None = None):
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        raise AssertionError("the ladder receives nothing")
+
+    async def send_eof(self) -> None:
+        raise AssertionError("the ladder sends nothing")
+
+    def peer_address(self) -> str | None:
+        return None
+
+
+def rung(path: str, *, delay: float = 0.0, fail: bool = False,
+         made: list[FakeStream] | None = None) -> Callable[[Holder], Awaitable[FakeStream]]:
     async def dial(holder: Holder) -> FakeStream:
         await asyncio.sleep(delay)
         if fail:
@@ -40,7 +55,7 @@ PEER = b"p" * 20
 
 
 async def test_direct_tcp_wins_when_it_works() -> None:
-    async def serve(stream) -> None:
+    async def serve(stream: Stream) -> None:
         await stream.aclose()
 
     server = TcpServer(serve)
@@ -71,7 +86,7 @@ async def test_a_holder_that_refused_then_listens_is_dialled_again_before_the_re
     """A retry that fires while its sender's node starts again: the advertised port refuses
     at once, the other rungs take their time, and by then the node listens. Without one
     more direct dial the relay carried the rest of the download."""
-    async def serve(stream) -> None:
+    async def serve(stream: Stream) -> None:
         await stream.aclose()
 
     with socket.socket() as probe:  # a free port, nothing listening on it yet
@@ -155,11 +170,12 @@ async def test_of_rungs_done_in_the_same_step_the_earlier_wins() -> None:
     for _ in range(50):
         made: list[FakeStream] = []
         errors: list[str] = []
-        rungs = [(0.0, "a", functools.partial(refused, "a")),
-                 (0.0, "b", functools.partial(refused, "b")),
-                 (0.0, "c", functools.partial(ok, "c", made)),
-                 (0.0, "d", functools.partial(ok, "d", made))]
-        won = await _race(rungs, errors)  # type: ignore[arg-type]
+        rungs: list[tuple[float, str, Callable[[], Awaitable[Stream]]]] = [
+            (0.0, "a", functools.partial(refused, "a")),
+            (0.0, "b", functools.partial(refused, "b")),
+            (0.0, "c", functools.partial(ok, "c", made)),
+            (0.0, "d", functools.partial(ok, "d", made))]
+        won = await _race(rungs, errors)
         assert won is not None and won.path == "c"
         assert errors == ["a: a refused", "b: b refused"]
         assert [s.path for s in made if s.closed] == ["d"]

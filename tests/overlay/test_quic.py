@@ -73,11 +73,11 @@ async def _loopback_pair(fingerprint: str | None = None, host: str = "127.0.0.1"
 
 
 def test_a_quic_stream_conforms_on_uvloop() -> None:
-    uvloop.run(check_stream(_loopback_pair))  # type: ignore[arg-type]
+    uvloop.run(check_stream(_loopback_pair))
 
 
 async def test_a_quic_stream_conforms_on_the_default_loop() -> None:
-    await check_stream(_loopback_pair)  # type: ignore[arg-type]
+    await check_stream(_loopback_pair)
 
 
 async def test_the_stream_says_quic_and_its_peer() -> None:

@@ -46,11 +46,9 @@ from overlay.transports.signalling import MemoryPipe, PipeSender
 from overlay.transports.stream import StreamBroken
 from rendezvous.messages import PipeMessage
 from rendezvous.stun import Address, serve_stun, serve_stun_tcp
-from tests.overlay.signalled_pair import wired
+from tests.overlay.signalled_pair import ALICE, BOB, wired
 from tests.overlay.streams import receive_exactly
 from tests.overlay.test_quic import (
-    ALICE,
-    BOB,
     NEEDS_V6,
     SESSION,
     _loopback_pair,

@@ -99,7 +99,7 @@ def test_three_sources_on_2_20_chunks_cost_little() -> None:
         sched.add_source("sender", window=8)
         sched.add_source("p", window=8, have=half)
         sched.add_source("q", window=8, have=other)
-        sender = []
+        sender: list[int] = []
         for _ in range(200):
             for sid in ("sender", "p", "q"):
                 i = sched.next_request(sid)

@@ -40,7 +40,7 @@ def test_add_is_idempotent_by_id(db: NodeDB) -> None:
     inbox = Inbox(db)
     mid = offer(inbox, 1)
     first = inbox.get(mid)
-    again = dict(
+    again: dict[str, Any] = dict(
         id=mid, sender="mallory@example.net", sender_peer_id=b"m" * 20, title="other",
         note="", size=1, file_name="x", media_type="x/y", content_id=b"x" * 32,
         chunk_count=1, message=b"other", received_at=5.0,

@@ -32,7 +32,8 @@ class RelayPair:
             raise RuntimeError("server not started")
         self.host, self.port = server.address
         self.pushes = bob.pushes()
-        self.tls = {"tls": True, "server_key": bob.server_key} if bob.tls else {}
+        self.tls = bob.tls
+        self.server_key = bob.server_key if bob.tls else None
 
     async def next_invite(self) -> RelayInvite:
         async for push in self.pushes:
@@ -43,10 +44,10 @@ class RelayPair:
     async def __call__(self) -> tuple[Stream, Stream]:
         dial = asyncio.create_task(relay_dial(self.host, self.port, ALICE, "alice@example.net",
                                               "bob@example.net", BOB.peer_id, timeout=10,
-                                              **self.tls))
+                                              tls=self.tls, server_key=self.server_key))
         invite = await self.next_invite()
         b = await relay_accept(self.host, self.port, BOB, "bob@example.net", invite,
-                               **self.tls)
+                               tls=self.tls, server_key=self.server_key)
         a = await dial
         return a, b
 
@@ -60,12 +61,12 @@ async def relay_setup(data: Path, limits: Limits | None = None, *, tls: bool = F
                               limits=limits,
                               tls=server_tls(*self_signed(data, DOMAIN)) if tls else None)
     host, port = await server.start("127.0.0.1", 0)
-    pin = {"tls": True, "server_key": server.domain_key.public} if tls else {}
+    key = server.domain_key.public if tls else None
     try:
         async with RendezvousClient(host, port, ALICE, "alice@example.net", register=True,
-                                    **pin), \
+                                    tls=tls, server_key=key), \
                 RendezvousClient(host, port, BOB, "bob@example.net", register=True,
-                                 **pin) as bob:
+                                 tls=tls, server_key=key) as bob:
             yield server, RelayPair(server, bob)
     finally:
         await server.aclose()

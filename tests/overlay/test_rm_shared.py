@@ -18,7 +18,8 @@ from crypto.location import Description, FolderInfo, Handle, Headers, LocationMe
 from overlay.app.operations import ControlOperations
 from overlay.mail.db import NodeDB
 from overlay.mail.downloads import DownloadQueue
-from overlay.mail.inbox import Inbox, InboxState
+from overlay.mail.inbox import Inbox
+from overlay.mail.inbox_state import InboxState
 from overlay.mail.outbox import Outbox
 from overlay.mail.prefs import Prefs
 

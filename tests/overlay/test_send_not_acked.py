@@ -92,5 +92,6 @@ def test_a_send_cut_by_the_nodes_own_end_is_failed_at_the_next_start(
     states = {m.id: m.recipients[0] for m in outbox.list()}
     assert states[fine].state is RecipientStatus.SENT
     assert states[cut].state is RecipientStatus.FAILED
-    assert states[cut].reason is not None and states[cut].reason.startswith(NOT_SENT)
-    assert "resend" in states[cut].reason
+    reason = states[cut].reason
+    assert reason is not None and reason.startswith(NOT_SENT)
+    assert "resend" in reason

@@ -55,7 +55,7 @@ def _file(path: Path, size: int, seed: int = 0) -> bytes:
     return data
 
 
-def _sealed(content: LocalContent) -> list[bytes]:
+def _sealed(content: LocalContent) -> list[bytearray]:
     return [content.read_sealed(i) for i in range(chunk_count(content.size, content.chunk_size))]
 
 
@@ -439,7 +439,7 @@ def test_large_files_are_named_in_larger_chunks(tmp_path: Path) -> None:
     assert chunk_size_for(10) == DEFAULT_CHUNK_SIZE and chunk_size_for(1 << 40) == LARGE_CHUNK_SIZE
 
 
-def _on_a_page(sealed: bytes, lead: int) -> memoryview:
+def _on_a_page(sealed: bytes | bytearray, lead: int) -> memoryview:
     """`sealed` as a transfer session receives it after align_payloads(lead)."""
     import mmap
     start = -lead % mmap.PAGESIZE

@@ -4,13 +4,14 @@ sender on real TCP serving receivers at once on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
-from collections.abc import Callable
+from typing import Any
 
 from crypto.identity import DeviceIdentity
 from overlay.transfer.downloader import ChunkStored, Downloader
 from overlay.transfer.superseed import AHEAD, IDLE, QUICK, QUICK_CHUNKS, SuperSeed
-from tests.overlay.test_swarm import ME, MiB, Swarm, swarm  # noqa: F401 (the fixture)
+from tests.overlay.test_swarm import ME, MakeSwarm, MiB, Swarm, swarm  # noqa: F401 (the fixture)
 
 CID = b"c" * 32
 
@@ -136,7 +137,7 @@ def _first_copy(seed: SuperSeed, count: int, *, took: float, cut: bool = False,
         seed.requested("a", CID, i, now=0.0)  # a small content: all in the first window
     for t in ("b", "c"):
         assert bits(seed.open(t, CID, count, now=0.0,
-                              wake=lambda t=t: woken.append(t))) == set()  # nothing left
+                              wake=functools.partial(woken.append, t))) == set()  # nothing left
     for i in range(count if sent is None else sent):
         seed.sent("a", CID, i, now=took / 2)
     seed.close("a", None if cut else took)
@@ -149,7 +150,8 @@ def test_a_content_a_requester_got_whole_within_quick_is_shown_whole_to_the_othe
     seed = SuperSeed()
     assert sorted(_first_copy(seed, 4, took=QUICK / 2)) == ["b", "c"]
     for t in ("b", "c"):
-        assert seed.due(t, CID) is not None and seed.due(t, CID) <= QUICK / 2
+        due = seed.due(t, CID)
+        assert due is not None and due <= QUICK / 2
         assert sorted(seed.reveal(t, CID, outstanding=0, now=QUICK / 2)) == [0, 1, 2, 3]
         assert not seed.showing(t, CID)
     assert seed.open("d", CID, 4, now=1.0) is None
@@ -159,10 +161,11 @@ def test_a_slow_copy_a_cut_session_or_a_partial_copy_proves_nothing() -> None:
     """A copy that took longer than QUICK (a slow uplink: what super-seeding is for), a
     session that was cut (its last chunks may still have been in a socket buffer), or one
     that got only some chunks here: the others stay hidden from as before."""
-    for kwargs in ({"took": QUICK * 2}, {"took": QUICK / 2, "cut": True},
-                   {"took": QUICK / 2, "sent": 3}):
+    cases: list[dict[str, Any]] = [{"took": QUICK * 2}, {"took": QUICK / 2, "cut": True},
+                                   {"took": QUICK / 2, "sent": 3}]
+    for kwargs in cases:
         seed = SuperSeed()
-        assert _first_copy(seed, 4, **kwargs) == [], kwargs  # type: ignore[arg-type]
+        assert _first_copy(seed, 4, **kwargs) == [], kwargs
         assert seed.reveal("b", CID, outstanding=0, now=QUICK) == []
         assert len(bits(seed.open("d", CID, 4, now=QUICK))) == 0
 
@@ -183,11 +186,11 @@ def test_a_content_over_quick_chunks_is_always_super_seeded() -> None:
 
 
 async def test_receivers_that_only_reach_the_sender_still_finish(
-        swarm: Callable[..., object]) -> None:  # noqa: F811
+        swarm: MakeSwarm) -> None:  # noqa: F811
     """Two receivers at once that cannot reach each other: shown a few chunks at a time,
     each still gets every chunk from the sender, without giving up."""
     chunk = 64 << 10
-    sw: Swarm = await swarm(24 * chunk, chunk)  # type: ignore[misc]
+    sw: Swarm = await swarm(24 * chunk, chunk)
     sender = await sw.holder("sender", rate=4 * MiB)
     # Two devices: two sessions of one device are one requester to the sender.
     downloaders = [Downloader(sw.partial(f"r{r}"), [sender.source()],
@@ -202,12 +205,12 @@ async def test_receivers_that_only_reach_the_sender_still_finish(
 
 
 async def test_a_chunk_a_player_waits_for_comes_first_though_the_sender_did_not_show_it(
-        swarm: Callable[..., object]) -> None:  # noqa: F811
+        swarm: MakeSwarm) -> None:  # noqa: F811
     """Another recipient is fetching, so the sender shows this one the first chunks only;
     the player wants the last one (a clip's index): it is asked for at once, not when the
     download runs out of chunks shown (up to `probe_after` later)."""
     chunk = 64 << 10
-    sw: Swarm = await swarm(24 * chunk, chunk)  # type: ignore[misc]
+    sw: Swarm = await swarm(24 * chunk, chunk)
     sender = await sw.holder("sender", rate=4 * MiB)
     assert sender.server.seeder is not None
     sender.server.seeder.open("another", sw.content.content_id, 24, now=0.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,8 +94,12 @@ class Swarm:
         return await self.holder(name, store=self.stores[-1]), part
 
 
+# The `swarm` fixture: `await swarm(size, chunk_size)` is a holder store of `size` bytes.
+MakeSwarm = Callable[[int, int], Awaitable[Swarm]]
+
+
 @pytest.fixture
-async def swarm(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
+async def swarm(tmp_path: Path) -> AsyncIterator[MakeSwarm]:
     made: list[Swarm] = []
 
     async def make(size: int, chunk_size: int) -> Swarm:
@@ -119,11 +123,11 @@ def stored_times(events: list[tuple[float, FetchEvent]]) -> list[float]:
     return [t for t, e in events if isinstance(e, ChunkStored)]
 
 
-async def test_four_rate_limited_holders_add_up(swarm: Callable[..., object],
+async def test_four_rate_limited_holders_add_up(swarm: MakeSwarm,
                                                 tmp_path: Path) -> None:
     """Four holders limited to R each; the receiver gets close to 4R."""
     rate, size, chunk = 4 * MiB, 48 * MiB, 256 << 10
-    sw: Swarm = await swarm(size, chunk)  # type: ignore[misc]
+    sw: Swarm = await swarm(size, chunk)
     holders = [await sw.holder(f"h{i}", rate=rate) for i in range(4)]
     loop = asyncio.get_running_loop()
     events: list[tuple[float, FetchEvent]] = []
@@ -146,9 +150,9 @@ async def test_four_rate_limited_holders_add_up(swarm: Callable[..., object],
 
 
 async def test_a_holder_killed_mid_transfer_does_not_stop_it(
-    swarm: Callable[..., object]
+    swarm: MakeSwarm
 ) -> None:
-    sw: Swarm = await swarm(12 * MiB, 128 << 10)  # type: ignore[misc]
+    sw: Swarm = await swarm(12 * MiB, 128 << 10)
     holders = [await sw.holder(f"h{i}", rate=4 * MiB) for i in range(3)]
     victim = holders[1]
     third = asyncio.Event()
@@ -181,9 +185,9 @@ async def test_a_holder_killed_mid_transfer_does_not_stop_it(
 
 
 async def test_two_partial_holders_that_together_have_everything(
-    swarm: Callable[..., object]
+    swarm: MakeSwarm
 ) -> None:
-    sw: Swarm = await swarm(40 * (64 << 10) + 5, 64 << 10)  # type: ignore[misc]
+    sw: Swarm = await swarm(40 * (64 << 10) + 5, 64 << 10)
     # Overlapping halves: 0..24 and 16..40; 16..24 at both.
     a, _ = await sw.partial_holder("a", lambda i: i <= 24)
     b, _ = await sw.partial_holder("b", lambda i: i >= 16)
@@ -198,11 +202,11 @@ async def test_two_partial_holders_that_together_have_everything(
 
 
 async def test_have_lets_it_fetch_a_chunk_a_holder_gets_mid_download(
-    swarm: Callable[..., object]
+    swarm: MakeSwarm
 ) -> None:
     """Nobody has chunk 7 at first. When the receiver holds everything else, holder b
     verifies chunk 7 (from elsewhere); its HAVE reaches the receiver, which fetches it."""
-    sw: Swarm = await swarm(30 * (64 << 10), 64 << 10)  # type: ignore[misc]
+    sw: Swarm = await swarm(30 * (64 << 10), 64 << 10)
     a, _ = await sw.partial_holder("a", lambda i: i % 2 == 0 and i != 7)
     b, b_part = await sw.partial_holder("b", lambda i: i % 2 == 1 and i != 7)
     rest = asyncio.Event()
@@ -230,9 +234,9 @@ async def test_have_lets_it_fetch_a_chunk_a_holder_gets_mid_download(
 
 
 async def test_missing_chunk_nobody_has_gives_up_after_have_wait(
-    swarm: Callable[..., object]
+    swarm: MakeSwarm
 ) -> None:
-    sw: Swarm = await swarm(10 * (64 << 10), 64 << 10)  # type: ignore[misc]
+    sw: Swarm = await swarm(10 * (64 << 10), 64 << 10)
     a, _ = await sw.partial_holder("a", lambda i: i != 3)
     d = Downloader(sw.partial("recv"), [a.source()], ME, have_wait=0.3)
     with pytest.raises(NoSourceReachable, match="1 missing chunks") as info:
@@ -242,12 +246,12 @@ async def test_missing_chunk_nobody_has_gives_up_after_have_wait(
 
 
 async def test_endgame_duplicates_only_at_the_end_cancelled_on_arrival(
-    swarm: Callable[..., object]
+    swarm: MakeSwarm
 ) -> None:
     """A fast holder and a slow one: when nothing is left to hand out, the fast one is
     asked for what the slow one still owes; the slow one gets CANCELs and sends less."""
     chunk = 16 << 10
-    sw: Swarm = await swarm(160 * chunk, chunk)  # type: ignore[misc]
+    sw: Swarm = await swarm(160 * chunk, chunk)
     fast = await sw.holder("fast", rate=2 * MiB)
     slow = await sw.holder("slow", rate=192 << 10)
     d = Downloader(sw.partial("recv"), [fast.source(), slow.source()], ME, window=16)
@@ -267,8 +271,8 @@ async def test_endgame_duplicates_only_at_the_end_cancelled_on_arrival(
     assert 160 <= served <= 160 + c["duplicate_requests"]
 
 
-async def test_a_source_added_while_running(swarm: Callable[..., object]) -> None:
-    sw: Swarm = await swarm(64 * (32 << 10), 32 << 10)  # type: ignore[misc]
+async def test_a_source_added_while_running(swarm: MakeSwarm) -> None:
+    sw: Swarm = await swarm(64 * (32 << 10), 32 << 10)
     slow = await sw.holder("slow", rate=256 << 10)
     late = await sw.holder("late")
     some = asyncio.Event()
@@ -297,14 +301,14 @@ async def test_a_source_added_while_running(swarm: Callable[..., object]) -> Non
     assert not d.add_source(late.source()), "the download is over"
 
 
-async def test_receivers_trade_chunks_while_downloading(swarm: Callable[..., object]) -> None:
+async def test_receivers_trade_chunks_while_downloading(swarm: MakeSwarm) -> None:
     """One rate-limited sender, three receivers that serve their partial copies to each
     other (HAVE updates) and learn of each other at their first verified chunk, as DHT
     providers: everyone ends with the bytes, and the sender uploads under 1.3 copies (it
     super-seeds: 1.1-1.2 here; 1.4-1.5 before, when each receiver asked it for the chunks
     no other receiver held yet, the same ones)."""
     chunk = 64 << 10
-    sw: Swarm = await swarm(48 * chunk, chunk)  # type: ignore[misc]
+    sw: Swarm = await swarm(48 * chunk, chunk)
     sender = await sw.holder("sender", rate=2 * MiB)
     downloaders: list[Downloader] = []
     peers: list[Source] = []

@@ -47,7 +47,7 @@ from overlay.transfer.frames import (
     decode_header,
     encode_header,
 )
-from overlay.transfer.holder import ServingSession
+from overlay.transfer.holder import MAX_QUEUED_GETS, ServingSession
 from overlay.transfer.superseed import SuperSeed
 
 CLIENT = DeviceIdentity.from_seed(b"c" * 32)
@@ -497,13 +497,13 @@ def test_authentic_garbage_gets_an_error_reply(
 
 
 def opened(
-    held: tuple[ContentStore, LocalContent], **kw: int
+    held: tuple[ContentStore, LocalContent], *, max_queued: int = MAX_QUEUED_GETS
 ) -> tuple[TransferConnection, TransferConnection, ServingSession, Counter[str]]:
     """A session that has opened the held content."""
     store, content = held
     c, s = connected()
     counters: Counter[str] = Counter()
-    logic = ServingSession(store, s.transcript or b"", counters, **kw)
+    logic = ServingSession(store, s.transcript or b"", counters, max_queued=max_queued)
     cid = content.content_id
     c.send(Open(cid, prove_capability(content.capability, cid, c.transcript or b"")))
     serve(c, s, logic)
@@ -733,7 +733,9 @@ def test_aligned_payloads_put_the_byte_after_the_lead_on_a_page(lead: int) -> No
         view = memoryview(e.data)
         assert not view.readonly
         assert ctypes.addressof(ctypes.c_char.from_buffer(view[lead:])) % mmap.PAGESIZE == 0
-    c.recycle(got[0].data)
+    buf = got[0].data
+    assert not isinstance(buf, bytes)  # received into a buffer of our own
+    c.recycle(buf)
     s.send(Chunk(cid, 3, payloads[2]))
     c.receive_data(wire(s))
     [again] = events(c)
@@ -758,6 +760,7 @@ def test_as_many_recycled_payloads_are_kept_as_the_receiver_asked(spare: int) ->
     c.receive_data(wire(s))
     first = [e for e in events(c) if isinstance(e, Chunk)]
     for e in first:
+        assert not isinstance(e.data, bytes)
         c.recycle(e.data)
     for i in range(n, 2 * n):
         s.send(Chunk(cid, i, payloads[i]))

@@ -18,6 +18,7 @@ import random
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -100,7 +101,7 @@ class WatchedSlots(asyncio.Semaphore):
         super().__init__(value)
         self.queued = asyncio.Event()
 
-    async def acquire(self) -> bool:
+    async def acquire(self) -> Literal[True]:
         if self.locked():
             self.queued.set()
         return await super().acquire()

@@ -298,6 +298,7 @@ def test_rarest_first_over_partial_holders() -> None:
     assert sched.next_request("full") is None
     assert sched.chunk_received("full", 4) == (Arrival.ACCEPTED, [])
     oldest = p_picks[0]
+    assert oldest is not None
     assert sched.next_request("full") == oldest and sched.duplicates == 1
     assert sched.chunk_received("full", oldest) == (Arrival.ACCEPTED, ["p"])
     assert sched.chunk_received("p", oldest) == (Arrival.LATE, [])

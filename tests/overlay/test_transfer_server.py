@@ -579,7 +579,7 @@ async def test_aclose_ends_every_session_then_passes_on_the_callers_cancel(
     server = TransferServer(DeviceIdentity.from_seed(b"s" * 32), served[0])
     stream = _SlowToClose()
     tasks = TaskSet("test")
-    session = tasks.spawn(server.handle_stream(stream))  # type: ignore[arg-type]
+    session = tasks.spawn(server.handle_stream(stream))
     assert session is not None
     await asyncio.sleep(0)
     assert server.active_sessions == 1

@@ -187,7 +187,8 @@ async def _send_many_in_order() -> None:
         a, b = await make_pair()
         assert isinstance(a, TcpStream)
         big = random.Random(3).randbytes(3 << 20)  # more than the write buffer's high water
-        bufs = [b"head", bytearray(big), memoryview(b"tail")]
+        bufs: list[bytes | bytearray | memoryview] = [b"head", bytearray(big),
+                                                      memoryview(b"tail")]
         send = asyncio.create_task(a.send_many(bufs))
         got = bytearray()
         async with asyncio.timeout(10):

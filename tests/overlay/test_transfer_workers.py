@@ -145,7 +145,7 @@ async def test_start_runs_every_worker_and_the_loop_waits_for_one_start_only(
 class _InlineLoop(asyncio.SelectorEventLoop):
     """A loop that runs executor work at once on the loop's thread, as the simulator's."""
 
-    def run_in_executor(self, executor: object, func: Callable[..., T],  # type: ignore[override]
+    def run_in_executor(self, executor: object, func: Callable[..., T],
                         *args: object) -> asyncio.Future[T]:
         fut: asyncio.Future[T] = self.create_future()
         fut.set_result(func(*args))

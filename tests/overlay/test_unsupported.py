@@ -332,7 +332,7 @@ async def test_a_node_reads_each_pipe_payload_once(monkeypatch: pytest.MonkeyPat
     and again as an `unsupported`: up to six times for a WebRTC offer)."""
     import overlay.transports.signalling as signalling
 
-    real, reads = signalling.unpackb, [0]
+    real, reads = unpackb, [0]  # the function signalling imported
 
     def counted(data: bytes, *, max_bytes: int) -> Any:
         reads[0] += 1
