@@ -497,9 +497,10 @@ def test_in_place_is_used_only_where_the_installed_cryptography_gets_it_right() 
 @pytest.mark.parametrize("scheme", [LeafScheme.SEALED, LeafScheme.KEYED_PLAIN_AES])
 def test_a_cryptography_that_refuses_aliased_buffers_still_seals_and_opens(
         monkeypatch: pytest.MonkeyPatch, scheme: LeafScheme) -> None:
-    monkeypatch.setattr(content, "_AESGCM", _refusing_overlap(AESGCM))
-    monkeypatch.setattr(content, "_ChaCha20Poly1305", _refusing_overlap(ChaCha20Poly1305))
-    verdict = aliasing_into_works((content._AESGCM, content._ChaCha20Poly1305))
+    aes, chacha = _refusing_overlap(AESGCM), _refusing_overlap(ChaCha20Poly1305)
+    monkeypatch.setattr(content, "_AESGCM", aes)
+    monkeypatch.setattr(content, "_ChaCha20Poly1305", chacha)
+    verdict = aliasing_into_works((aes, chacha))
     assert verdict is False
     plain = bytes(range(256)) * 300 + b"tail"
     n, lead = len(plain), scheme.seal_lead

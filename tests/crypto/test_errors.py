@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 
 import overlay.dht.errors as dht
@@ -11,8 +13,8 @@ from crypto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 
 @pytest.mark.parametrize("module", [rendezvous, transfer, dht])
-def test_each_protocols_errors_are_caught_through_the_one_base(module: object) -> None:
-    local, remote = module.LocalProtocolError, module.RemoteProtocolError  # type: ignore[attr-defined]
+def test_each_protocols_errors_are_caught_through_the_one_base(module: ModuleType) -> None:
+    local, remote = module.LocalProtocolError, module.RemoteProtocolError
     assert issubclass(local, LocalProtocolError) and issubclass(remote, RemoteProtocolError)
     assert not issubclass(remote, LocalProtocolError)
     with pytest.raises(ProtocolError, match="bad frame"):

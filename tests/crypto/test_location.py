@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -28,8 +29,8 @@ ALICE = DeviceIdentity.from_seed(b"a" * 32)
 BOB = DeviceIdentity.from_seed(b"b" * 32)
 
 
-def sample(**desc: object) -> LocationMessage:
-    fields: dict[str, object] = {"thumbnail": b"\xff\xd8" + b"j" * 100, "note": "the cake!"}
+def sample(**desc: Any) -> LocationMessage:
+    fields: dict[str, Any] = {"thumbnail": b"\xff\xd8" + b"j" * 100, "note": "the cake!"}
     fields.update(desc)
     return LocationMessage(
         headers=Headers(message_id=b"m" * 16, sender="alice@example.net",
@@ -39,7 +40,7 @@ def sample(**desc: object) -> LocationMessage:
                                 file_name="party.ts", stamps=(("recorded", 1_699_990_000),),
                                 copyright="(c) Alice", fields=(("place", "Lyon"),),
                                 duration_ms=4000, width=640, height=360,
-                                **fields),  # type: ignore[arg-type]
+                                **fields),
         handle=Handle(content_id=b"c" * 32, size=10_000_000, chunk_size=1 << 20,
                       content_key=b"k" * 32, capability=b"p" * 32,
                       sender=SenderHints(peer_id=ALICE.peer_id, home_server="127.0.0.1:4000",

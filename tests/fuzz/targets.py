@@ -473,11 +473,11 @@ def _routed_as_asked(data: bytes) -> None:
     claims = []
     for rung in _RUNGS:
         try:
-            got = (sig.decode(rung.SIGNALS, rung.WHAT, rung.SIGNAL_ERROR)
-                   or sig.unsupported(rung.OFFER_TAG))
+            claimed = (sig.decode(rung.SIGNALS, rung.WHAT, rung.SIGNAL_ERROR)
+                       or sig.unsupported(rung.OFFER_TAG)) is not None
         except ValueError:  # malformed: claimed, as a bad signal of that rung
-            got = sig
-        if got is not None:
+            claimed = True
+        if claimed:
             claims.append(rung)
     assert claims in ([], [r for r in _RUNGS if (sig.route or "") in r.SIGNALS]), claims
 

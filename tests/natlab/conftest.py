@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,15 +64,16 @@ def start_public(lab: NatLab) -> tuple[int, list[int]]:
     return int(words[1]), [int(w) for w in words[2:]]
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A failed lab test shows every process's log (fixtures put a `logs()` callable
     on `item.natlab_logs`)."""
-    outcome = yield
-    report = outcome.get_result()  # type: ignore[attr-defined]
+    report = yield
     if report.failed:
         for name, logs in getattr(item, "natlab_logs", []):
             report.sections.append((f"logs of {name}", logs()))
+    return report
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

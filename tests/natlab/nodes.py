@@ -64,14 +64,16 @@ class LabNetwork(LocalNetwork):
         self.stun_servers = [found["stun"], (addr2, int(words[1]))]
         return self.server_addr
 
-    def add_node(self, name: str, host: str = "h1", *,  # type: ignore[override]
-                 extra: list[str] | None = None, listen: str = "0.0.0.0:0") -> NodeHandle:
+    def add_node(self, name: str, host: str = "h1", *, extra: list[str] | None = None,
+                 listen: str = "0.0.0.0:0", resolver: str | None = None) -> NodeHandle:
         """`peerpost init` inside `host` (registers NAME@example.net), listening on
-        `listen`: any address and port by default, as a real install does."""
+        `listen`: any address and port by default, as a real install does. With `resolver`
+        it finds its server in DNS through that name server, as in `LocalNetwork`."""
         node = NodeHandle(name, f"{name}@{self.domain}", self.root / name, extra=extra or [])
         self.hosts[name] = host
+        server = ["--resolver", resolver] if resolver else ["--server", self.server_hostport]
         argv = [_script("peerpost"), "--home", str(node.home), "init", "--address",
-                node.address, "--server", self.server_hostport, "--listen", listen]
+                node.address, *server, "--listen", listen]
         res = self.lab.exec(host, argv, timeout=60, env=self.env)
         if res.returncode != 0:
             raise LabError(f"`peerpost init` for {name} in {host} exited {res.returncode}: "

@@ -100,15 +100,17 @@ class DualStackNetwork(LabNetwork):
         self.server_addr = mailbox[0]
         return self.server_addr
 
-    def add_node(self, name: str, host: str = "a", *,
-                 extra: list[str] | None = None, listen: str = "") -> NodeHandle:
-        """`peerpost init` in `host` with the server's address of that host's family."""
+    def add_node(self, name: str, host: str = "a", *, extra: list[str] | None = None,
+                 listen: str = "", resolver: str | None = None) -> NodeHandle:
+        """`peerpost init` in `host` with the server's address of that host's family (and
+        listening on any address of it: `listen` is not read)."""
         self.server_addr = self.by_host[host]
         try:
             if host == "a":
-                return super().add_node(name, host, extra=extra, listen="0.0.0.0:0")
+                return super().add_node(name, host, extra=extra, listen="0.0.0.0:0",
+                                        resolver=resolver)
             return super().add_node(name, host, extra=["--web", "[::1]:0", *(extra or [])],
-                                    listen="[::]:0")
+                                    listen="[::]:0", resolver=resolver)
         finally:
             self.server_addr = self.by_host["a"]
 

@@ -70,14 +70,15 @@ class DomainNetwork(LabNetwork):
                              capture_output=True, text=True, timeout=60, check=True)
         return res.stdout.splitlines()
 
-    def add_node(self, name: str, host: str = "h1", *,  # type: ignore[override]
-                 extra: list[str] | None = None) -> NodeHandle:
+    def add_node(self, name: str, host: str = "h1", *, extra: list[str] | None = None,
+                 listen: str = "0.0.0.0:0", resolver: str | None = None) -> NodeHandle:
         """`peerpost init --address NAME@DOMAIN` inside `host`: the server and its key
-        come from DNS."""
+        come from DNS (this domain's name server, or `resolver`)."""
         node = NodeHandle(name, f"{name}@{self.domain}", self.root / name, extra=extra or [])
         self.hosts[name] = host
+        dns = ["--resolver", resolver] if resolver else []
         argv = [_script("peerpost"), "--home", str(node.home), "init", "--address",
-                node.address, "--listen", "0.0.0.0:0"]
+                node.address, *dns, "--listen", listen]
         res = self.lab.exec(host, argv, timeout=60, env=self.env)
         if res.returncode != 0:
             raise LabError(f"`peerpost init` for {name} in {host} exited {res.returncode}: "

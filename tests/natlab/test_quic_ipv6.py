@@ -90,11 +90,11 @@ class Ipv6Network(LabNetwork):
         self.server_addr = self.services[""]
         return self.server_addr
 
-    def add_node(self, name: str, host: str = HOST, *,
-                 extra: list[str] | None = None, listen: str = "[::1]:0") -> NodeHandle:
+    def add_node(self, name: str, host: str = HOST, *, extra: list[str] | None = None,
+                 listen: str = "[::1]:0", resolver: str | None = None) -> NodeHandle:
         """`peerpost init` as in the NAT lab, on ::1 (the web inbox too)."""
         return super().add_node(name, host, extra=["--web", "[::1]:0", *(extra or [])],
-                                listen=listen)
+                                listen=listen, resolver=resolver)
 
 
 def test_a_file_comes_over_quic_on_an_ipv6_only_host(

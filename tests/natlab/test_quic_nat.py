@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +47,7 @@ SIZE = 8_000_000  # QUIC moves it in well under a second in the lab
     pytest.param(NatMode.SYMMETRIC, NatMode.FULL_CONE, id="symmetric-sender-fullcone-receiver"),
 ])
 def test_a_pair_the_tcp_punch_cannot_join_delivers_over_quic(
-        nat_net: MakeNet, tmp_path, h1: NatMode, h2: NatMode) -> None:  # noqa: F811
+        nat_net: MakeNet, tmp_path: Path, h1: NatMode, h2: NatMode) -> None:  # noqa: F811
     net = nat_net(h1, h2)
     alice, bob = _two_homes(net)
     clip = _file(tmp_path, "clip.bin", SIZE)
@@ -71,7 +72,7 @@ LOSSY_SIZE = 6_000_000
 
 
 def test_quic_delivers_through_three_percent_udp_loss_each_way(
-        nat_net: MakeNet, tmp_path) -> None:  # noqa: F811
+        nat_net: MakeNet, tmp_path: Path) -> None:  # noqa: F811
     """r1 drops 3% of the UDP packets it forwards, out and in, from before the send: STUN,
     the probes, the handshake and the data all cross it. QUIC's retransmissions carry the
     file: bytes equal, each chunk once, one attempt, nothing relayed."""
@@ -104,7 +105,7 @@ _SOURCE_FAILED = re.compile(r"^ts=(\S+Z) .*fetch clip\.bin: source (\w+) failed:
 
 
 def test_a_sender_killed_mid_transfer_over_quic_is_resumed_once_it_is_back(
-        nat_net: MakeNet, tmp_path) -> None:  # noqa: F811
+        nat_net: MakeNet, tmp_path: Path) -> None:  # noqa: F811
     """alice is SIGKILLed while bob fetches from her over quic (no CONNECTION_CLOSE: her
     socket just goes) and started again. bob's log says why her source failed, in words and
     well within QUIC's idle timeout; his download goes on from the chunks he held, over quic

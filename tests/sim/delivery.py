@@ -13,7 +13,7 @@ from pathlib import Path
 
 from overlay.app.node import NodeOptions
 from overlay.mail.inbox_state import InboxState
-from sim.deploy import SimNode, deploy_rendezvous
+from sim.deploy import STUN_TCP_PORT, SimNode, deploy_rendezvous
 from sim.network.latency import FixedLatency
 from sim.network.nat import NatBehaviour
 from sim.simulation import Simulation
@@ -50,7 +50,7 @@ def deliver(tmp: Path, a: NatBehaviour | None, b: NatBehaviour | None, *,
 
         async def main() -> tuple[dict[str, int], float, bool]:
             deployed = await deploy_rendezvous(
-                sim, rv, "example.net", **({} if punch else {"stun_tcp_port": None}))
+                sim, rv, "example.net", stun_tcp_port=STUN_TCP_PORT if punch else None)
             alice = SimNode(sim, ha, tmp / "alice", "alice@example.net", deployed.address,
                             options=alice_options)
             bob = SimNode(sim, hb, tmp / "bob", "bob@example.net", deployed.address,

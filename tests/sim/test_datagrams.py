@@ -38,7 +38,7 @@ async def _bind(host: Host, port: int = 0, reflect: bool = False) -> Collect:
         loop = asyncio.get_running_loop()
         _, proto = await loop.create_datagram_endpoint(lambda: Collect(reflect),
                                                        local_addr=("0.0.0.0", port))
-        return proto  # type: ignore[return-value]
+        return proto
 
     return await host.create_task(bind())
 
@@ -169,7 +169,7 @@ def test_a_protocol_that_raises_on_a_datagram_is_reported_and_the_run_goes_on() 
                 loop = asyncio.get_running_loop()
                 _, proto = await loop.create_datagram_endpoint(
                     _Fragile, local_addr=("0.0.0.0", 5000))
-                return proto  # type: ignore[return-value]
+                return proto
 
             rx = await b.create_task(bind())
             tx = await _bind(a)

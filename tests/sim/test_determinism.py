@@ -60,6 +60,7 @@ def scenario(seed: int) -> tuple[str, float, int]:
                 await h.create_task(setup(h))
             for h in hosts:
                 proto = h.udp[7000].get_protocol()
+                assert isinstance(proto, Gossip)
                 proto.datagram_received(bytes([60]) + h.name.encode(), ("0.0.0.0", 0))
             uploads = [h.create_task(upload(rng.randrange(1, 300_000), rng.choice(public)[0]))
                        for h in hosts]

@@ -12,6 +12,7 @@ import random
 import time
 from pathlib import Path
 
+from overlay.mail.inbox import InboxEntry
 from overlay.mail.inbox_state import InboxState
 from sim.deploy import SimNode, deploy_rendezvous
 from sim.network.latency import FixedLatency
@@ -21,7 +22,7 @@ MB = 1_000_000
 CLIP = 3 * 1024 * 1024 + 12345
 
 
-def _complete(entries: list) -> bool:  # type: ignore[type-arg]
+def _complete(entries: list[InboxEntry]) -> bool:
     return bool(entries) and all(e.state is InboxState.COMPLETE for e in entries)
 
 
@@ -104,7 +105,7 @@ def test_one_message_to_seventy_recipients_arrives_once_at_each(tmp_path: Path) 
         path = tmp_path / "note.bin"
         path.write_bytes(sim.rng_for("note").randbytes(5000))
 
-        async def main() -> list[list[object]]:
+        async def main() -> list[list[InboxEntry]]:
             deployed = await deploy_rendezvous(sim, rv, "example.net")
             nodes = [SimNode(sim, sim.add_host(f"h{i}"), tmp_path / f"n{i}",
                              f"n{i}@example.net", deployed.address) for i in range(n + 1)]

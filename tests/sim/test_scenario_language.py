@@ -243,7 +243,7 @@ def _problems_of(path: Path) -> list[str]:
 
 
 def test_a_message_to_several_recipients_across_domains_reaches_each_once() -> None:
-    doc = {"topology": {"domains": 2, "hosts": 2},
+    doc: dict[str, Any] = {"topology": {"domains": 2, "hosts": 2},
            "workload": {"kind": "files", "messages": {"dist": "fixed", "value": 1},
                         "recipients": 2, "size_mb": {"dist": "fixed", "value": 0.2},
                         "send": {"process": "uniform", "window_s": 10.0}}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -152,8 +153,9 @@ def test_two_flows_share_the_uplink(sim: Simulation) -> None:
     assert all(t == pytest.approx(4.0, rel=0.05) for t in done), done
 
 
-async def _listen(cb: object) -> int:
-    server = await asyncio.start_server(cb, None, 0)  # type: ignore[arg-type]
+async def _listen(cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                 Awaitable[None]]) -> int:
+    server = await asyncio.start_server(cb, None, 0)
     return int(server.sockets[0].getsockname()[1])
 
 

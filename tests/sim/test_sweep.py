@@ -158,7 +158,7 @@ class _Process:
             try:
                 line = self.lines.get(timeout=timeout)
             except queue.Empty:
-                raise AssertionError(f"no {pattern!r} from {self.proc.args}:\n"
+                raise AssertionError(f"no {pattern!r} from {self.proc.args!r}:\n"
                                      + "".join(self.seen[-30:])) from None
             self.seen.append(line)
             if found := re.search(pattern, line):

@@ -117,7 +117,12 @@ def test_a_photo_with_a_long_name_on_a_phone(net: LocalNetwork, browser_page: An
     other.goto(f"{base}/message/{mid}")
     page.bring_to_front()
     asked: list[str] = []
-    page.once("dialog", lambda d: (asked.append(d.message), d.accept()))
+
+    def answer(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", answer)
     page.click("button:text-is('Remove')")
     page.wait_for_url(base + "/")
     assert asked and "Remove" in asked[0]
