@@ -27,8 +27,8 @@ from overlay.transports.candidates import (
     own_candidates,
     targets,
 )
-from overlay.transports.punch import PunchSignalError, decode_punch, encode_punch
-from overlay.transports.quic import QuicSignalError, decode_quic, encode_quic
+from overlay.transports.punch import PunchReject, PunchSignalError, decode_punch, encode_punch
+from overlay.transports.quic import QuicReject, QuicSignalError, decode_quic, encode_quic
 from overlay.transports.signalling import MemoryPipe
 from rendezvous.stun import Address
 from tests.overlay.signalled_pair import BOB
@@ -203,11 +203,13 @@ def test_an_ipv4_mapped_candidate_is_the_text_a_dual_stack_socket_gives_its_sour
 def _with_a_link_local_candidate(payload: bytes) -> bytes:
     """`payload` (a punch or QUIC offer or answer) naming one more local candidate, a
     zoned link-local one, as a peer on a LAN with IPv6 might."""
-    for decode, encode in ((decode_punch, encode_punch), (decode_quic, encode_quic)):
-        sig = decode(payload)
-        if sig is not None and hasattr(sig, "candidates"):
-            more = (*sig.candidates, ("fe80::1%lo", 9))
-            return encode(dataclasses.replace(sig, candidates=more))  # type: ignore[arg-type]
+    zoned = ("fe80::1%lo", 9)
+    punch = decode_punch(payload)
+    if punch is not None and not isinstance(punch, PunchReject):
+        return encode_punch(dataclasses.replace(punch, candidates=(*punch.candidates, zoned)))
+    quic = decode_quic(payload)
+    if quic is not None and not isinstance(quic, QuicReject):
+        return encode_quic(dataclasses.replace(quic, candidates=(*quic.candidates, zoned)))
     return payload
 
 

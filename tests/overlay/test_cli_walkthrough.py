@@ -22,6 +22,7 @@ import pytest
 from overlay.app.control_wire import ControlError
 from overlay.app.control_wire import call as control_call
 from overlay.app.lab import LocalNetwork, NodeHandle, _script
+from tests.present import present
 
 MiB = 1 << 20
 BORDERS = ("┃", "│", "┓", "┩", "┘", "┐", "┤", "┫")
@@ -389,7 +390,7 @@ def test_demo_json_prints_one_json_report_and_the_story_on_stderr() -> None:
         bar = [ln for ln in res.stderr.splitlines()
                if ln.strip().startswith(name) and "complete" in ln and "MiB/s" in ln]
         assert bar, res.stderr[-2000:]
-        shown = float(re.search(r"([\d.]+) MiB/s", bar[-1]).group(1))  # type: ignore[union-attr]
+        shown = float(present(re.search(r"([\d.]+) MiB/s", bar[-1])).group(1))
         assert shown == pytest.approx(r["bytes_per_s"] / MiB, abs=0.06), bar[-1]
 
 

@@ -49,6 +49,7 @@ from overlay.transports.ladder import Source
 from overlay.transports.stream import Stream
 from overlay.transports.tcp import connect_tcp
 from rendezvous.client import RendezvousError
+from tests.present import present
 
 ALICE = DeviceIdentity.from_seed(b"a" * 32)
 BOB = DeviceIdentity.from_seed(b"b" * 32)
@@ -244,7 +245,7 @@ async def test_a_decline_goes_once_when_the_server_takes_it_and_the_sender_files
                                 alice_contacts, wall=lambda: 50.0)
         outcome, _ = incoming.handle(Pushed(b"e" * 16, "bob@example.net", blob))
         assert outcome is Outcome.RECEIPT
-        r = outbox.get(mid).recipients[0]  # type: ignore[union-attr]
+        r = present(outbox.get(mid)).recipients[0]
         assert (r.state, r.reason) == (RecipientStatus.DECLINED, REMOVED_REASON)
 
 
@@ -258,7 +259,7 @@ def test_upgrade_to_v5_keeps_the_outbox_and_allows_declined(tmp_path: Path) -> N
                                         RecipientStatus.DOWNLOADED, 2.0)
     with NodeDB.open(tmp_path) as db:
         outbox = Outbox(db)
-        assert [(r.address, r.state) for r in outbox.get(b"m" * 16).recipients] == [  # type: ignore[union-attr]
+        assert [(r.address, r.state) for r in present(outbox.get(b"m" * 16)).recipients] == [
             ("bob@example.net", RecipientStatus.DOWNLOADED),
             ("carol@example.net", RecipientStatus.QUEUED)]
         assert outbox.set_recipient_state(b"m" * 16, "carol@example.net",
@@ -292,7 +293,7 @@ async def test_a_sender_put_on_the_junk_list_after_its_message_came_is_told_noth
     runner = asyncio.create_task(q.run())
     try:
         async with asyncio.timeout(10):
-            while inbox.get(failed).state is not S.FAILED:  # type: ignore[union-attr]
+            while present(inbox.get(failed)).state is not S.FAILED:
                 await q.changed().wait()
     finally:
         runner.cancel()
@@ -481,8 +482,8 @@ async def test_try_again_of_a_message_whose_sender_was_told_ends_when_no_source_
                        "it (source changed) and may have stopped serving it; ask them to "
                        "send it again (no source reachable for 3 missing chunks (alice: no "
                        "content 0101))")
-    assert inbox.get(plain).state is S.RETRYING  # type: ignore[union-attr]
-    assert inbox.get(disk).state is S.RETRYING  # type: ignore[union-attr]
+    assert present(inbox.get(plain)).state is S.RETRYING
+    assert present(inbox.get(disk)).state is S.RETRYING
     assert owed(inbox) == {} and inbox.declined(told) == ("source changed", 6.0)
 
 

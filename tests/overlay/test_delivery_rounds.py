@@ -27,6 +27,7 @@ from overlay.mail.inbox_state import InboxState
 from overlay.mail.prefs import Prefs
 from rendezvous.backoff import Backoff
 from tests.overlay.test_download_sources import offer
+from tests.present import present
 from tests.rendezvous.conftest import disk_full, ident
 
 
@@ -163,7 +164,7 @@ async def test_a_download_node_db_will_not_start_waits_its_backoff(
     q = DownloadQueue(inbox, Prefs(db), fetch, completed, wall=time.time,
                       rng=random.Random(1), retry_base=0.1, retry_max=0.4)
     await run_until(q, done)
-    assert inbox.get(mid).state is InboxState.COMPLETE  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).state is InboxState.COMPLETE
     assert 2 <= len(starts) <= 8, f"{len(starts)} starts in 0.6 s"
     assert "not started (node.db did not take it: database or disk is full)" in caplog.text
     assert "Traceback" not in caplog.text

@@ -13,7 +13,7 @@ import time
 import pytest
 from kademlia.node import Node
 
-from overlay.dht.protocol import Answer, DhtProtocol
+from overlay.dht.protocol import Answer, DhtProtocol, Outcome
 from overlay.dht.records import ProviderRecord
 from tests.overlay.dht_swarm import added_by, close_all, routes_to, start_swarm
 
@@ -50,11 +50,11 @@ async def test_an_announce_counts_the_stores_made_though_the_loop_stalled(
     stalled: list[bool] = []
 
     def call_store(self: DhtProtocol, node: Node, record: ProviderRecord,
-                   token: bytes) -> asyncio.Future[object]:
+                   token: bytes) -> asyncio.Future[Outcome]:
         if not stalled:  # once, as the first of the 20 stores goes out
             stalled.append(True)
             _stall_soon()
-        return store(self, node, record, token)  # type: ignore[return-value]
+        return store(self, node, record, token)
 
     monkeypatch.setattr(DhtProtocol, "call_store", call_store)
     try:

@@ -24,6 +24,7 @@ from overlay.mail.inbox_state import InboxState
 from overlay.mail.prefs import Prefs
 from tests.overlay.test_delivery_rounds import run_until
 from tests.overlay.test_download_sources import offer
+from tests.present import present
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ async def test_start_first_chunk_and_end_are_one_commit_each(db: NodeDB) -> None
     mid = offer(inbox)
     commits: list[str] = []
     done = asyncio.Event()
-    count = inbox.get(mid).chunk_count  # type: ignore[union-attr]
+    count = present(inbox.get(mid)).chunk_count
 
     async def fetch(entry: InboxEntry, msg: LocationMessage, act: Activity,
                     progress: Any) -> str:
@@ -79,10 +80,10 @@ def test_a_mark_with_a_transition_keeps_the_first_of_its_kind(db: NodeDB) -> Non
     assert again.started_at == 10.0  # a resumed download still shows when it began
     inbox.set_progress(mid, 1, first_byte=21.0)
     inbox.set_progress(mid, 2, first_byte=22.0)
-    assert inbox.get(mid).first_byte_at == 21.0  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).first_byte_at == 21.0
     with pytest.raises(ValueError, match="unknown download event"):
         inbox.transition(mid, InboxState.COMPLETE, path="/x", mark=("finished", 23.0))
-    assert inbox.get(mid).state is InboxState.DOWNLOADING  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).state is InboxState.DOWNLOADING
 
 
 async def _started_calls(db: NodeDB, steps: list[int]) -> list[bytes]:

@@ -19,6 +19,7 @@ from overlay.mail.downloads import Activity, DownloadQueue, RetryLater, SourceVi
 from overlay.mail.inbox import Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.prefs import Prefs
+from tests.present import present
 
 ALICE = DeviceIdentity.from_seed(b"a" * 32)
 MB = 1_000_000
@@ -70,7 +71,7 @@ async def test_bytes_of_an_attempt_that_ended_in_a_retry_still_show_once(db: Nod
             await done.wait()
         runner.cancel()
 
-    assert inbox.get(mid).state is InboxState.COMPLETE  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).state is InboxState.COMPLETE
     first, second = seen
     assert [v.as_dict() for v in first.values()] == [
         {"peer": "alice", "path": "tcp", "bytes": 3 * MB, "rate": 2e6, "banned": False}]

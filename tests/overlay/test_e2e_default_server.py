@@ -21,7 +21,8 @@ def test_the_minimal_serve_command_lets_a_late_recipient_fetch_from_a_co_recipie
     with LocalNetwork(tmp_path / "lab", hold_port=False) as net:
         net.start_server()
         assert net.server is not None
-        argv = list(net.server.popen.args)  # type: ignore[arg-type]
+        argv = net.server.popen.args
+        assert isinstance(argv, list)  # the lab spawns it from an argv list
         assert argv[1:] == ["serve", "--domain", net.domain, "--listen", "127.0.0.1:0",
                             "--data", str(net.data_dir), "--open-registration"]
         # The services' lines follow the `listening` line the lab waited for.

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from benchmarks.first_chunk import DelayLink, TimedSource
 from crypto.capability import prove_capability
 from crypto.identity import DeviceIdentity
 from overlay.content.catalog import ContentStore
-from overlay.content.interfaces import ServedContent
+from overlay.content.interfaces import Catalog, ServedContent
 from overlay.content.local import LocalContent
 from overlay.content.partial import PartialContent
 from overlay.transfer.core import HandshakeComplete, Role, TransferConnection
@@ -31,7 +32,7 @@ from overlay.transfer.downloader import (
     fetch,
 )
 from overlay.transfer.errors import RemoteError
-from overlay.transfer.frames import Chunk, ErrorCode, Get, Gets, HashesRequest, Open
+from overlay.transfer.frames import Chunk, Error, ErrorCode, Get, Gets, HashesRequest, Open
 from overlay.transfer.holder import ServingSession
 from overlay.transfer.requester import open_transfer_session
 from overlay.transfer.server import TransferServer
@@ -129,14 +130,14 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     servers: list[TransferServer] = []
     seeds = iter(range(1, 100))
 
-    async def holder(catalog: Callable[[ContentStore], object] | None = None,
-                     **kw: object) -> Holder:
+    async def holder(catalog: Callable[[ContentStore], Catalog] | None = None,
+                     **kw: Any) -> Holder:
         n = next(seeds)
         store = ContentStore(tmp_path / f"holder{n}")
         content = await store.add_local_file(tmp_path / "clip.ts", chunk_size=CHUNK,
                                              key=b"k" * 32, capability=b"c" * 32)
         server = TransferServer(DeviceIdentity.from_seed(bytes([n]) * 32),
-                                catalog(store) if catalog else store, **kw)  # type: ignore[arg-type]
+                                catalog(store) if catalog else store, **kw)
         servers.append(server)
         return Holder(server, await server.start("127.0.0.1", 0), content, data)
 
@@ -293,7 +294,7 @@ async def test_a_proof_replayed_from_another_session_is_rejected(world: World) -
     second._conn.send(Open(cid, proof))
     await second._flush()
     reply = await second._control_reply()
-    assert reply.code == ErrorCode.BAD_CAPABILITY  # type: ignore[union-attr]
+    assert isinstance(reply, Error) and reply.code == ErrorCode.BAD_CAPABILITY
     with pytest.raises(RemoteError, match="403"):
         await second.open(cid, b"w" * 32)
     info = await first.open(cid, h.content.capability)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +30,7 @@ from overlay.content.catalog import ContentStore
 from overlay.content.local import LocalContent
 from overlay.dht.directory import ProviderDirectory
 from overlay.dht.records import ProviderRecord
-from overlay.mail.downloads import Activity, NoSourceNow
+from overlay.mail.downloads import Activity, NoSourceNow, SourceView
 from overlay.mail.inbox import InboxEntry
 from overlay.transfer.server import TransferServer
 from overlay.transports.ladder import ConnectionLadder
@@ -79,8 +79,8 @@ class Watched(Activity):
         super().__init__()
         self.shown = asyncio.Event()
 
-    def show(self, views: object) -> None:
-        super().show(views)  # type: ignore[arg-type]
+    def show(self, views: Iterable[SourceView]) -> None:
+        super().show(views)
         self.shown.set()
 
 

@@ -44,6 +44,7 @@ from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail, Outcome, Pushed
 from overlay.mail.outbox import Outbox
 from overlay.mail.prefs import Prefs, parse_size
+from tests.present import present
 
 ALICE = DeviceIdentity.from_seed(b"a" * 32)
 BOB = DeviceIdentity.from_seed(b"b" * 32)
@@ -195,7 +196,7 @@ async def test_one_failing_download_is_marked_failed_and_the_queue_goes_on(db: N
     assert failed is not None and failed.state is InboxState.FAILED
     assert "File name too long" in (failed.error or "")
     assert calls == {bad: 1, good: 1}
-    assert inbox.get(good).state is InboxState.COMPLETE  # type: ignore[union-attr]
+    assert present(inbox.get(good)).state is InboxState.COMPLETE
 
 
 # --- 3. layouts and the auto-download limit ----------------------------------------------

@@ -20,6 +20,7 @@ from overlay.mail.inbox_state import IllegalTransition, InboxState
 from overlay.mail.incoming import IncomingMail, Outcome, Pushed
 from overlay.mail.outbox import Outbox
 from overlay.mail.prefs import Prefs
+from tests.present import present
 
 ALICE = "alice@example.net"
 ALICE1 = DeviceIdentity.from_seed(b"1" * 32)  # pinned
@@ -61,7 +62,7 @@ def offered_ids(inbox: Inbox) -> set[bytes]:
 def test_a_pinned_key_files_ordinary_mail(db: NodeDB) -> None:
     mail, inbox, _ = receiver(db)
     assert mail.handle(pushed(1, ALICE1))[0] is Outcome.NEW
-    assert inbox.get((1).to_bytes(16, "big")).state is InboxState.OFFERED  # type: ignore[union-attr]
+    assert present(inbox.get((1).to_bytes(16, "big"))).state is InboxState.OFFERED
     assert not mail.key_checks
 
 
@@ -69,19 +70,19 @@ def test_an_unknown_extra_key_is_held_until_the_user_accepts(db: NodeDB) -> None
     mail, inbox, contacts = receiver(db)
     mid = (2).to_bytes(16, "big")
     assert mail.handle(pushed(2, ALICE2))[0] is Outcome.UNVERIFIED
-    assert inbox.get(mid).state is InboxState.UNVERIFIED  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).state is InboxState.UNVERIFIED
     assert mid not in offered_ids(inbox)  # auto-download never picks it
     assert mail.key_checks == {ALICE}
     with pytest.raises(IllegalTransition):
         inbox.transition(mid, InboxState.DOWNLOADING)
     # FINGER lists the key next to the pinned one, without a vouch: still held
     assert mail.recheck_keys(ALICE, [K1, K2], {}) == []
-    assert inbox.get(mid).state is InboxState.UNVERIFIED  # type: ignore[union-attr]
-    assert contacts.get(ALICE).unvouched_keys == (K2,)  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).state is InboxState.UNVERIFIED
+    assert present(contacts.get(ALICE)).unvouched_keys == (K2,)
     # the user compares fingerprints and accepts
     contacts.accept(ALICE)
     assert mail.release(ALICE) == [mid]
-    assert inbox.get(mid).state is InboxState.OFFERED  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).state is InboxState.OFFERED
     assert mid in offered_ids(inbox)
     assert mail.handle(pushed(3, ALICE2))[0] is Outcome.NEW
 
@@ -109,7 +110,7 @@ def test_first_contact_is_trusted_only_when_finger_lists_the_signing_key(db: Nod
     assert mail.recheck_keys(ALICE, [], {}) == []
     # the signing key is among those FINGER returns: trust on first use
     assert mail.recheck_keys(ALICE, [K1], {}) == [mid]
-    assert inbox.get(mid).state is InboxState.OFFERED  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).state is InboxState.OFFERED
 
 
 def test_a_first_contact_takes_one_commit_to_file_and_one_to_release(db: NodeDB) -> None:
@@ -126,7 +127,7 @@ def test_a_first_contact_takes_one_commit_to_file_and_one_to_release(db: NodeDB)
         assert len(commits) == 2
     finally:
         db._conn.set_trace_callback(None)
-    assert inbox.get((1).to_bytes(16, "big")).state is InboxState.OFFERED  # type: ignore[union-attr]
+    assert present(inbox.get((1).to_bytes(16, "big"))).state is InboxState.OFFERED
     assert contacts.trusted_keys(ALICE) == {K1}
 
 
@@ -138,7 +139,7 @@ def test_junk_from_an_unverified_key_stays_junk(db: NodeDB) -> None:
     assert entry is not None and entry.junk and entry.state is InboxState.UNVERIFIED
     contacts.accept(ALICE)
     mail.release(ALICE)
-    assert inbox.get(entry.id).state is InboxState.OFFERED  # type: ignore[union-attr]
+    assert present(inbox.get(entry.id)).state is InboxState.OFFERED
     assert entry.id not in offered_ids(inbox)
 
 
@@ -154,7 +155,7 @@ def test_upgrade_to_v4_keeps_inbox_and_contacts(tmp_path: Path) -> None:
                        received_at=1.0)
     with NodeDB.open(tmp_path) as db:
         assert Contacts(db).trusted_keys(ALICE) == {K1}
-        assert Inbox(db).get(b"m" * 16).state is InboxState.OFFERED  # type: ignore[union-attr]
+        assert present(Inbox(db).get(b"m" * 16)).state is InboxState.OFFERED
         Contacts(db).note_signer(ALICE, K2, 2.0)  # the new status is allowed
         with pytest.raises(sqlite3.IntegrityError):
             with db.transaction() as conn:

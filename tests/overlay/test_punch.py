@@ -80,11 +80,11 @@ async def test_a_punched_stream_carries_bytes_both_ways_and_says_tcp_punch(host:
 
 async def test_punched_streams_pass_the_stream_conformance_suite() -> None:
     async with pair() as (alice, bob):
-        async def make() -> tuple[object, object]:
+        async def make() -> tuple[Stream, Stream]:
             d = await alice.dial(*BOB)
             return d, await asyncio.wait_for(bob.accept(), 5)
 
-        await check_stream(make)  # type: ignore[arg-type]
+        await check_stream(make)
 
 
 async def test_a_callee_without_stun_over_tcp_declines_at_once() -> None:

@@ -24,6 +24,7 @@ from overlay.mail.incoming import IncomingMail, Outcome, Pushed
 from overlay.mail.outbox import Outbox, RecipientStatus
 from overlay.mail.prefs import Prefs
 from overlay.mail.receipts import MAX_MARKS, MAX_REASON, Receipt
+from tests.present import present
 
 ALICE = DeviceIdentity.from_seed(b"a" * 32)
 BOB = DeviceIdentity.from_seed(b"b" * 32)
@@ -55,7 +56,7 @@ def receipt(state: str, reason: str | None = None, sender: str = "bob@example.ne
 
 
 def bob(outbox: Outbox) -> tuple[RecipientStatus, str | None]:
-    r = next(r for r in outbox.get(MID).recipients  # type: ignore[union-attr]
+    r = next(r for r in present(outbox.get(MID)).recipients
              if r.address == "bob@example.net")
     return r.state, r.reason
 

@@ -15,6 +15,7 @@ import pytest
 from overlay.mail.db import DB_FILE_NAME, SCHEMA_VERSION, NodeDB, RecordsError
 from overlay.mail.inbox import Inbox
 from overlay.mail.inbox_state import InboxState
+from tests.present import present
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,9 +34,9 @@ def test_open_sets_durable_pragmas_and_schema(tmp_path: Path) -> None:
     with NodeDB.open(tmp_path) as db:  # a folder means folder/node.db
         assert db.path == tmp_path / DB_FILE_NAME
         assert db.schema_version == SCHEMA_VERSION
-        assert db.query_one("PRAGMA journal_mode")[0] == "wal"  # type: ignore[index]
-        assert db.query_one("PRAGMA synchronous")[0] == 2  # type: ignore[index]  # FULL
-        assert db.query_one("PRAGMA foreign_keys")[0] == 1  # type: ignore[index]
+        assert present(db.query_one("PRAGMA journal_mode"))[0] == "wal"
+        assert present(db.query_one("PRAGMA synchronous"))[0] == 2  # FULL
+        assert present(db.query_one("PRAGMA foreign_keys"))[0] == 1
     assert (tmp_path / DB_FILE_NAME).exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from overlay.mail.contacts import (
     PinResult,
 )
 from overlay.mail.db import _MIGRATIONS, SCHEMA_VERSION, NodeDB, RecordLimitError
+from tests.present import present
 
 BOB = "bob@b.example"
 
@@ -101,13 +103,13 @@ def test_note_signer_holds_an_unknown_key_until_settled(db: NodeDB) -> None:
     c.pin_keys(BOB, [key(1)], 10.0)
     assert c.note_signer(BOB, key(1), 11.0)
     assert not c.note_signer(BOB, key(2), 12.0)
-    assert c.get(BOB).unvouched_keys == (key(2),)  # type: ignore[union-attr]
+    assert present(c.get(BOB)).unvouched_keys == (key(2),)
     assert c.trusted_keys(BOB) == {key(1)}
     # FINGER shows it vouched for by the pinned key: now trusted
     assert c.pin_keys(BOB, [key(1), key(2)], 13.0, vouches={key(2): vouch(1, 2)},
                       signers=[key(2)]) is PinResult.ADDED
     assert c.trusted_keys(BOB) == {key(1), key(2)}
-    assert c.get(BOB).unvouched_keys == ()  # type: ignore[union-attr]
+    assert present(c.get(BOB)).unvouched_keys == ()
 
 
 def test_first_contact_is_trusted_only_if_finger_lists_the_signer(db: NodeDB) -> None:
@@ -117,11 +119,11 @@ def test_first_contact_is_trusted_only_if_finger_lists_the_signer(db: NodeDB) ->
     # the server lists other keys than the one that signed: nothing is pinned
     assert c.pin_keys(BOB, [key(2)], 11.0, signers=[key(1)]) is PinResult.UNVOUCHED
     assert c.trusted_keys(BOB) == frozenset()
-    assert c.get(BOB).unvouched_keys == (key(1),)  # type: ignore[union-attr]
+    assert present(c.get(BOB)).unvouched_keys == (key(1),)
     # it lists the signer: trust on first use
     assert c.pin_keys(BOB, [key(1)], 12.0, signers=[key(1)]) is PinResult.NEW
     assert c.trusted_keys(BOB) == {key(1)}
-    assert c.get(BOB).unvouched_keys == ()  # type: ignore[union-attr]
+    assert present(c.get(BOB)).unvouched_keys == ()
 
 
 def test_changed_key_is_not_silently_replaced(db: NodeDB) -> None:
@@ -136,7 +138,7 @@ def test_changed_key_is_not_silently_replaced(db: NodeDB) -> None:
     assert c.pin_keys(BOB, [key(3)], 21.0) is PinResult.CHANGED  # still loud
     c.accept_change(BOB, key(3))
     assert c.trusted_keys(BOB) == {key(3)}
-    assert not c.get(BOB).changed  # type: ignore[union-attr]
+    assert not present(c.get(BOB)).changed
     assert c.pin(BOB, key(3), 30.0) is PinResult.SAME
 
 
@@ -144,7 +146,7 @@ def test_accepting_each_pending_key_in_turn_is_fine(db: NodeDB) -> None:
     c = Contacts(db)
     c.pin(BOB, key(1), 10.0)
     assert c.pin_keys(BOB, [key(4), key(5)], 20.0) is PinResult.CHANGED
-    for k in c.get(BOB).pending_keys:  # type: ignore[union-attr]
+    for k in present(c.get(BOB)).pending_keys:
         c.accept_change(BOB, k)
     assert c.trusted_keys(BOB) == {key(4), key(5)}
 
@@ -182,7 +184,7 @@ def test_single_key_seen_next_to_the_pinned_one_waits_for_a_vouch(db: NodeDB) ->
     assert contact.keys == (key(1),) and contact.unvouched_keys == (key(2),)
     assert c.pin_keys(BOB, [key(1), key(2)], 22.0,
                       vouches={key(2): vouch(1, 2)}) is PinResult.ADDED
-    assert set(c.get(BOB).keys) == {key(1), key(2)}  # type: ignore[union-attr]
+    assert set(present(c.get(BOB)).keys) == {key(1), key(2)}
 
 
 def test_bad_keys_and_bounds(db: NodeDB) -> None:
@@ -222,7 +224,7 @@ def test_more_devices_listed_than_a_contact_holds(
     vouches = {many[15]: vouch(1, 16), key(99): vouch(1, 99)}
     assert c.pin_keys(BOB, [*listed, key(99)], 30.0, vouches=vouches) is PinResult.UNVOUCHED
     assert c.trusted_keys(BOB) == frozenset(listed) - {many[16]}
-    assert set(c.get(BOB).unvouched_keys) == {many[16], key(99)}  # type: ignore[union-attr]
+    assert set(present(c.get(BOB)).unvouched_keys) == {many[16], key(99)}
     # every pinned key gone, 17 others listed: the first 16 wait for the user
     carol = "carol@c.example"
     c.pin(carol, key(1), 40.0)
@@ -273,7 +275,7 @@ def test_all_keys_retired_is_not_a_first_contact(db: NodeDB) -> None:
     # the user compared fingerprints
     assert c.accept(BOB) == {key(5)}
     assert c.trusted_keys(BOB) == {key(5)}
-    assert c.get(BOB).retired_keys == (key(1),)  # type: ignore[union-attr]
+    assert present(c.get(BOB)).retired_keys == (key(1),)
 
 
 def test_a_retired_key_listed_again_is_trusted_only_when_accepted(db: NodeDB) -> None:
@@ -296,7 +298,7 @@ def test_a_retired_key_listed_again_is_trusted_only_when_accepted(db: NodeDB) ->
     assert not c.note_signer(BOB, key(2), 33.0)
     assert c.accept(BOB) == {key(2), key(3)}
     assert c.trusted_keys(BOB) == {key(1), key(2), key(3)}
-    assert c.get(BOB).retired_keys == ()  # type: ignore[union-attr]
+    assert present(c.get(BOB)).retired_keys == ()
 
 
 def test_a_message_signed_by_a_retired_key_is_not_trusted(db: NodeDB) -> None:
@@ -374,7 +376,7 @@ def test_upgrade_to_v6_keeps_the_contacts(tmp_path: Path) -> None:
         assert bob.unvouched_keys == (key(3),) and not bob.changed
         assert carol.changed and carol.keys == (key(4),) and carol.pending_keys == (key(5),)
         assert c.pin_keys(BOB, [key(2)], 50.0) is PinResult.RETIRED
-        assert c.get(BOB).retired_keys == (key(1),)  # type: ignore[union-attr]
+        assert present(c.get(BOB)).retired_keys == (key(1),)
 
 
 # Keys 1..5 of one address, every vouch among them, and one signed for another address.
@@ -418,7 +420,7 @@ def test_no_sequence_of_presented_sets_trusts_a_key_it_should_not(tmp_path: Path
 
         @settings(max_examples=300, deadline=None)
         @given(ops=st.lists(_op, max_size=12))
-        def run(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+        def run(ops: list[tuple[Any, ...]]) -> None:
             c.remove(BOB)
             ever_pinned, retired = False, set[int]()
             for now, op in enumerate(ops):

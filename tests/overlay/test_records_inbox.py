@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from overlay.mail.db import NodeDB, RecordLimitError
 from overlay.mail.inbox import Inbox, InboxEntry
 from overlay.mail.inbox_state import TRANSITIONS, IllegalTransition, InboxState
+from tests.present import present
 
 S = InboxState
 
@@ -100,7 +101,7 @@ def test_illegal_transition_says_what_and_why(db: NodeDB) -> None:
     inbox.transition(mid, S.COMPLETE, path="/x")
     with pytest.raises(IllegalTransition, match=r"complete to downloading.*none, it is final"):
         inbox.transition(mid, S.DOWNLOADING)
-    assert inbox.get(mid).state is S.COMPLETE  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).state is S.COMPLETE
 
 
 def test_transition_arguments_are_required(db: NodeDB) -> None:
@@ -113,7 +114,7 @@ def test_transition_arguments_are_required(db: NodeDB) -> None:
         inbox.transition(mid, S.FAILED)
     with pytest.raises(ValueError, match="path"):
         inbox.transition(mid, S.COMPLETE)
-    assert inbox.get(mid).state is S.DOWNLOADING  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).state is S.DOWNLOADING
     with pytest.raises(KeyError, match="no inbox message"):
         inbox.transition(b"\1" * 16, S.DOWNLOADING)
 
@@ -166,13 +167,13 @@ def test_progress_is_bounded_and_only_while_active(db: NodeDB) -> None:
     with pytest.raises(ValueError, match=r"outside 0\.\.3"):
         inbox.set_progress(mid, 4)
     inbox.set_progress(mid, 2)
-    assert inbox.get(mid).progress == pytest.approx(2 / 3)  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).progress == pytest.approx(2 / 3)
 
 
 def test_empty_file_counts_as_fully_held(db: NodeDB) -> None:
     inbox = Inbox(db)
     mid = offer(inbox, 1, size=0, chunk_count=0)
-    assert inbox.get(mid).progress == 1.0  # type: ignore[union-attr]
+    assert present(inbox.get(mid)).progress == 1.0
 
 
 def test_inbox_is_bounded(db: NodeDB) -> None:

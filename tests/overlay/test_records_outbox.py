@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from overlay.mail.db import NodeDB, RecordLimitError
 from overlay.mail.outbox import Outbox, RecipientStatus
+from tests.present import present
 
 R = RecipientStatus
 MID = b"m" * 16
@@ -71,7 +72,7 @@ def test_receipts_move_forward_and_late_ones_are_ignored(db: NodeDB) -> None:
     assert not outbox.set_recipient_state(MID, bob, R.DOWNLOADING, 106.0)
     assert not outbox.set_recipient_state(MID, bob, R.DOWNLOADED, 107.0)
     assert not outbox.set_recipient_state(MID, bob, R.FAILED, 108.0, reason="too late")
-    r = outbox.get(MID).recipients[0]  # type: ignore[union-attr]
+    r = present(outbox.get(MID)).recipients[0]
     assert (r.state, r.updated_at) == (R.DOWNLOADED, 105.0)
 
 
@@ -88,11 +89,11 @@ def test_failed_needs_a_reason_and_can_be_resent(db: NodeDB) -> None:
     with pytest.raises(ValueError, match="reason"):
         outbox.set_recipient_state(MID, carol, R.FAILED, 101.0)
     assert outbox.set_recipient_state(MID, carol, R.FAILED, 101.0, reason="unknown address")
-    r = outbox.get(MID).recipients[1]  # type: ignore[union-attr]
+    r = present(outbox.get(MID)).recipients[1]
     assert (r.state, r.reason) == (R.FAILED, "unknown address")
     assert not outbox.set_recipient_state(MID, carol, R.SENT, 102.0)
     assert outbox.set_recipient_state(MID, carol, R.QUEUED, 103.0)
-    r = outbox.get(MID).recipients[1]  # type: ignore[union-attr]
+    r = present(outbox.get(MID)).recipients[1]
     assert (r.state, r.reason) == (R.QUEUED, None)
 
 
@@ -143,7 +144,7 @@ def test_survives_reopen(tmp_path: Path) -> None:
         send(Outbox(db))
         Outbox(db).set_recipient_state(MID, "bob@b.example", R.SENT, 101.0)
     with NodeDB.open(tmp_path) as db:
-        assert Outbox(db).get(MID).recipients[0].state is R.SENT  # type: ignore[union-attr]
+        assert present(Outbox(db).get(MID)).recipients[0].state is R.SENT
 
 
 @settings(max_examples=40, deadline=None)
@@ -158,7 +159,7 @@ def test_reports_in_any_order_only_move_forward(tmp_path_factory: pytest.TempPat
         for t, report in enumerate(reports):
             changed = outbox.set_recipient_state(MID, "bob@b.example", report, float(t),
                                                  reason="r")
-            now = outbox.get(MID).recipients[0].state  # type: ignore[union-attr]
+            now = present(outbox.get(MID)).recipients[0].state
             assert changed == (now is not state)
             if state is R.DOWNLOADED:
                 assert now is R.DOWNLOADED  # final
@@ -183,15 +184,15 @@ def test_declined_is_final_but_for_a_later_downloaded(db: NodeDB) -> None:
                                       reason="removed by the recipient")
     for late in (R.DECLINED, R.DOWNLOADING, R.SENT, R.FAILED, R.QUEUED):
         assert not outbox.set_recipient_state(MID, bob, late, 103.0, reason="other")
-    r = outbox.get(MID).recipients[0]  # type: ignore[union-attr]
+    r = present(outbox.get(MID)).recipients[0]
     assert (r.state, r.reason, r.updated_at) == (R.DECLINED, "removed by the recipient",
                                                  102.0)
     assert outbox.set_recipient_state(MID, bob, R.DOWNLOADED, 104.0)
-    r = outbox.get(MID).recipients[0]  # type: ignore[union-attr]
+    r = present(outbox.get(MID)).recipients[0]
     assert (r.state, r.reason) == (R.DOWNLOADED, None)
     assert outbox.set_recipient_state(MID, carol, R.DOWNLOADED, 105.0)
     assert not outbox.set_recipient_state(MID, carol, R.DECLINED, 106.0, reason="late")
-    assert outbox.get(MID).recipients[1].state is R.DOWNLOADED  # type: ignore[union-attr]
+    assert present(outbox.get(MID)).recipients[1].state is R.DOWNLOADED
 
 
 def test_a_send_whose_ack_was_lost_takes_a_declined_receipt(db: NodeDB) -> None:

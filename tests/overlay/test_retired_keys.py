@@ -24,6 +24,7 @@ from overlay.mail.outgoing import MailSender, SendError
 from rendezvous.client import Deliver, RendezvousError
 from rendezvous.records import DeviceInfo, FingerResult
 from rendezvous.status import Status
+from tests.present import present
 
 from .test_incoming_trust import ALICE, ALICE1, ALICE2, K1, K2, pushed, receiver
 from .test_receipts_hostile import MID, bob, receipt
@@ -137,7 +138,7 @@ def test_mail_signed_by_a_retired_key_is_held_unverified(db: NodeDB) -> None:
     assert held is not None and held.state is InboxState.UNVERIFIED
     assert mail.key_checks == {ALICE}
     assert mail.recheck_keys(ALICE, [K1]) == []  # looked up: still not listed, still held
-    assert inbox.get((1).to_bytes(16, "big")).state is InboxState.UNVERIFIED  # type: ignore[union-attr]
+    assert present(inbox.get((1).to_bytes(16, "big"))).state is InboxState.UNVERIFIED
     assert mail.handle(pushed(2, ALICE1))[0] is Outcome.NEW
     c = contacts.get(ALICE)
     assert c is not None and c.retired_keys == (K2,) and c.unvouched_keys == ()

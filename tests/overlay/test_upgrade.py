@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,7 +198,7 @@ Address = tuple[str, int]
 
 async def download_on_relay(tmp_path: Path, size: int, rate: int,
                             upgrade: Callable[[Address], Awaitable[Stream]],
-                            **kw: object) -> Downloader:
+                            **kw: Any) -> Downloader:
     """Download `size` bytes from a holder capped at `rate` bytes/s (over any path), first
     over a TCP stream that says it is the relay, its fast rungs `upgrade(its address)`;
     checks the bytes, every chunk stored once and no source failed or banned."""
@@ -211,7 +212,7 @@ async def download_on_relay(tmp_path: Path, size: int, rate: int,
     events: list[FetchEvent] = []
     source = Source("bob", connect, HOLDER.peer_id, upgrade=lambda: upgrade(address))
     d = Downloader(partial_for(tmp_path, content), [source], ME, on_event=events.append,
-                   **kw)  # type: ignore[arg-type]
+                   **kw)
     try:
         async with asyncio.timeout(60):
             path = await d.run()
@@ -315,7 +316,7 @@ async def test_a_moved_source_shows_the_bytes_of_each_path_and_counts_once_in_th
     mb = 1_000_000
     moved = SourceStats("alice", path="tcp", bytes=8 * mb, outcome="active",
                         recent_rate=5e7, by_path={"relay": 3 * mb, "tcp": 5 * mb})
-    seen: dict[str, object] = {}
+    seen: dict[str, Any] = {}
 
     async def fetch(entry: InboxEntry, msg: LocationMessage, act: Activity,
                     progress: Callable[[int], None]) -> str:
@@ -327,7 +328,7 @@ async def test_a_moved_source_shows_the_bytes_of_each_path_and_counts_once_in_th
     meter = FetchMeter(fetch)
     act = Activity()
     await meter(None, None, act, lambda n: None)  # type: ignore[arg-type]
-    assert [v.as_dict() for v in seen["sources"].values()] == [  # type: ignore[attr-defined]
+    assert [v.as_dict() for v in seen["sources"].values()] == [
         {"peer": "alice", "path": "relay", "bytes": 3 * mb, "rate": 0.0, "banned": False},
         {"peer": "alice", "path": "tcp", "bytes": 5 * mb, "rate": 5e7, "banned": False}]
     assert seen["count"] == {"tcp": 1, "tcp-punch": 0, "quic": 0, "webrtc": 0, "relay": 0}

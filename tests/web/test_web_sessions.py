@@ -18,6 +18,7 @@ from overlay.app.web.auth import (
     sign_out_all,
 )
 from overlay.app.web.auth import log as auth_log
+from tests.present import present
 
 
 class Clock:
@@ -67,7 +68,7 @@ def test_the_least_recently_used_session_goes_first(tmp_path: Path) -> None:
     sids = [first]
     for _ in range(MAX_SESSIONS - 1):
         clock.t += 1
-        sids.append(auth.redeem(issue_login_token(tmp_path, clock()), clock()).sid)  # type: ignore[union-attr]
+        sids.append(present(auth.redeem(issue_login_token(tmp_path, clock()), clock())).sid)
     assert auth.session(first) is not None  # used: now the most recent
     clock.t += 1
     auth.redeem(issue_login_token(tmp_path, clock()), clock())
