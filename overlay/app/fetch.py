@@ -44,6 +44,7 @@ from overlay.transfer.downloader import (
     SourceChanged,
     SourceFailed,
     SourceStats,
+    Stuck,
 )
 from overlay.transports.ladder import Source
 from rendezvous.errors import is_disk_full
@@ -182,7 +183,12 @@ class ContentFetch:
         got_chunk = [False]
         loop = asyncio.get_running_loop()
 
+        stuck = asyncio.Event()
+
         def on_event(ev: FetchEvent) -> None:
+            if isinstance(ev, Stuck):
+                stuck.set()  # the refresh looks for co-recipients sooner
+                return
             # Progress goes to SQLite (fsync'd): at most a few times a second, not per chunk,
             # except the first chunk, whose time is the "first byte" people see.
             now = loop.time()
@@ -213,7 +219,7 @@ class ContentFetch:
         self.running[h.content_id] = dl
         try:
             async with TaskSet(f"refresh {entry.id.hex()}") as refresher:
-                refresher.spawn(self.finder.refresh(dl, msg), name="provider-refresh")
+                refresher.spawn(self.finder.refresh(dl, msg, stuck), name="provider-refresh")
                 path = await dl.run()
         except NoSourceReachable as exc:
             progress(partial.held)

@@ -9,6 +9,7 @@ into a source the Downloader can connect to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -21,6 +22,16 @@ from rendezvous.records import FingerResult
 
 log = logging.getLogger("peerpost.node")
 
+# Seconds between lookups of the co-recipients while a download is stuck (its sources show
+# none of its missing chunks), until it probes the sender (`Downloader.probe_after`): two
+# in a 5 s wait. 2 MiB to three recipients online at once from a sender capped at
+# 512 KiB/s: the first asks for both chunks, the sender's super-seeding shows the other two
+# nothing, and they took them from the first once it held them: all three done after
+# 3.9 s. Looked up only every `refresh` seconds (10 by default), they waited for the
+# probe and took what was left from the sender: the last done after 10.0 s. Every 1 s
+# instead of 2 was no faster there, and in the simulator's nat-mix (seeds 1-12) the
+# completion p90 came out 1.3 s later on average than with no such lookups, against 0.7.
+STUCK_LOOKUP = 2.0
 FINGER_CACHE = 30.0  # seconds a co-recipient's FINGER answer is reused while downloading
 Device = tuple[bytes, tuple[str, dict[str, Any]]]  # peer id, (address, advertisement)
 
@@ -52,16 +63,48 @@ class HolderFinder:
         """The co-recipients the DHT names, on the connection ladder (`co_holders`)."""
         return [self.ladder.source(h) for h in await self.co_holders(msg)]
 
-    async def refresh(self, dl: Downloader, msg: LocationMessage) -> None:
+    async def refresh(self, dl: Downloader, msg: LocationMessage,
+                      stuck: asyncio.Event | None = None) -> None:
         """Look the providers up again every `refresh` seconds during a long download:
         co-recipients that got chunks since it started become sources too, and a holder
-        that failed earlier (a sender that was away) is tried again. Runs until cancelled."""
+        that failed earlier (a sender that was away) is tried again. Runs until cancelled.
+
+        `stuck` is set when the download's sources show none of its missing chunks (a
+        super-seeding sender shows them to other recipients first): the co-recipients are
+        then looked up every STUCK_LOOKUP seconds until the download probes the sender,
+        and those that got chunks meanwhile serve them."""
+        loop = asyncio.get_running_loop()
+        full_at = loop.time() + self.refresh_every
         while True:
-            await asyncio.sleep(self.refresh_every)
-            for source in await self.sources(msg):
-                if dl.add_source(source):  # False while in use, or if it lied
-                    log.info("message %s: new source %s", msg.headers.message_id.hex(),
-                             source.label)
+            if stuck is None or not self.co_recipients:
+                await asyncio.sleep(full_at - loop.time())
+            else:
+                with contextlib.suppress(TimeoutError):  # the full refresh is due
+                    async with asyncio.timeout_at(full_at):
+                        await stuck.wait()
+                        stuck.clear()
+                        await self._while_stuck(dl, msg, full_at)
+                        continue
+            full_at = loop.time() + self.refresh_every
+            self._add(dl, msg, await self.sources(msg))
+
+    async def _while_stuck(self, dl: Downloader, msg: LocationMessage, until: float) -> None:
+        """The co-recipients, every STUCK_LOOKUP seconds while `dl` stays stuck, until
+        its probe (`probe_after`) or the full refresh at `until` (loop time)."""
+        loop = asyncio.get_running_loop()
+        ends = min(loop.time() + dl.probe_after, until)
+        while loop.time() + STUCK_LOOKUP < ends:
+            await asyncio.sleep(STUCK_LOOKUP)
+            if not dl.scheduler.stuck():
+                return
+            self._add(dl, msg, await self.co_sources(msg))
+
+    @staticmethod
+    def _add(dl: Downloader, msg: LocationMessage, sources: list[Source]) -> None:
+        for source in sources:
+            if dl.add_source(source):  # False while in use, or if it lied
+                log.info("message %s: new source %s", msg.headers.message_id.hex(),
+                         source.label)
 
     async def holders(self, msg: LocationMessage) -> list[Holder]:
         """The sender and every co-recipient the DHT names as a provider, with what FINGER

@@ -73,9 +73,11 @@ REFILL = 4
 # still connecting or fetching took the chunk from the sender: in the simulator's nat-mix
 # (seeds 1-3) the sender uploaded 13.7, 23.4 and 19.4 MB of a 5 MB clip; after 3 s 10.0,
 # 15.2 and 15.2; after 5 s 10.0, 14.2 and 14.2. The price: a recipient that shares but
-# reaches only the sender while others fetch from it waits that long when shown nothing
-# (2 MB to three recipients on a shaped 5 Mbit/s uplink, tests/natlab/test_fidelity.py:
-# the last was done after 11.7-12.1 s with sourcing on, 10.0-11.5 with it off). One that
+# finds no co-recipient holding a chunk waits that long when shown nothing. The node looks
+# the co-recipients up meanwhile (`Stuck`; STUCK_LOOKUP in overlay/app/holders.py) and
+# those that got chunks serve them: 2 MB to three recipients on a shaped 5 Mbit/s uplink
+# (tests/natlab/test_fidelity.py), the last was done after 8.8 s with sourcing on, against
+# 11.7-12.1 when they were looked up only every 10 s, and 10.0 with sourcing off. One that
 # fetches from the sender alone (sourcing off: `alone`) is shown every chunk and never
 # waits: in the simulator (family-video, 2 MB to three recipients online within 10 s,
 # sourcing off, seeds 1-3) two of the three waited, done 9.4-10.7 s after coming online
@@ -127,7 +129,15 @@ class SourceFailed:
     reason: str
 
 
-FetchEvent = SourceConnected | ChunkStored | SourceBanned | SourceFailed
+@dataclass(frozen=True, slots=True)
+class Stuck:
+    """Chunks are missing and no connected source shows any of them (a sender
+    super-seeding shows them to others first): only a HAVE or a new source helps."""
+
+    remaining: int
+
+
+FetchEvent = SourceConnected | ChunkStored | SourceBanned | SourceFailed | Stuck
 
 
 @dataclass(slots=True)
@@ -519,13 +529,19 @@ class Downloader:
                         r.stats.outcome, r.stats.reason = "done", "not needed any more"
                         r.task.cancel()
             deadline = None
-            if self.scheduler.stuck() and not connecting:
+            # Stuck: a source is connected and none shows a missing chunk. The wait goes
+            # on while more sources connect (a lookup's, the refresh's): one that shows
+            # nothing either does not put the probe off. It did, and with co-recipients
+            # found every second while stuck the probe never came.
+            stuck = self.scheduler.stuck() and any(r.stats.outcome == "active" for r in live)
+            if stuck and (stuck_since is None or self.scheduler.remaining != stuck_remaining):
+                # Stuck again after chunks came in (a super-seeding sender shows its
+                # chunks a few at a time): a new wait, not the old one going on. The
+                # waits added up, and a download that was moving gave up.
+                stuck_since, stuck_remaining = loop.time(), self.scheduler.remaining
+                self._emit(Stuck(stuck_remaining))
+            if stuck and stuck_since is not None and not connecting:
                 now = loop.time()
-                if stuck_since is None or self.scheduler.remaining != stuck_remaining:
-                    # Stuck again after chunks came in (a super-seeding sender shows its
-                    # chunks a few at a time): a new wait, not the old one going on. The
-                    # waits added up, and a download that was moving gave up.
-                    stuck_since, stuck_remaining = now, self.scheduler.remaining
                 # Deadlines compared as computed: `now - since >= wait` could stay a hair
                 # short at the very time the timer fired, and a virtual clock never moves on.
                 probe_at = stuck_since + self.probe_after
@@ -542,7 +558,7 @@ class Downloader:
                     await asyncio.wait([r.task for r in live if r.task is not None])
                     return
                 deadline = give_up_at if now >= probe_at else min(probe_at, give_up_at)
-            else:
+            elif not stuck:
                 stuck_since = None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):

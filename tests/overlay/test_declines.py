@@ -499,7 +499,8 @@ class _Holders:
     async def co_sources(self, msg: LocationMessage) -> list[Source]:
         return self.given[msg.headers.message_id][1:]
 
-    async def refresh(self, dl: Any, msg: LocationMessage) -> None:
+    async def refresh(self, dl: Any, msg: LocationMessage,
+                      stuck: asyncio.Event | None = None) -> None:
         await asyncio.Event().wait()  # no new holders while a download runs
 
     def forget(self, address: str) -> None:

@@ -114,6 +114,31 @@ def test_a_small_clip_to_recipients_online_together_is_not_held_back(
         assert took < 3.0, f"{r.name} took {took:.1f} s: {got['sources']}"
 
 
+def test_a_recipient_shown_nothing_fetches_from_the_co_recipients_once_they_hold_chunks(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    """A 2 MiB clip (two chunks) to three recipients online at once, from a sender whose
+    uplink is capped at 512 KiB/s: the first to open asks for both chunks, and the sender's
+    super-seeding shows the other two nothing. Stuck, they look the co-recipients up every
+    two seconds and take both chunks from the first once it holds them: all three done
+    after 3.9 s. Before, the two looked again only after 10 s: one took a chunk from the
+    sender after the downloader's 5 s probe, and was done after 10.0 s."""
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(MiB // 2)])
+    rs = [net.add_node(f"r{i}") for i in range(3)]
+    for n in (alice, *rs):
+        net.start_node(n)
+    sender = net.cli_json(alice, "info")["peer_id"][:16]
+    src = make_file(tmp_path / "clip.bin", 2 * MiB, seed=25)
+    mid = net.cli(alice, "send", str(src), "--to",
+                  ",".join(r.address for r in rs)).stdout.strip()
+    got = [net.wait_complete(r, mid, 60, f"{r.name}'s download") for r in rs]
+    for r, entry in zip(rs, got, strict=True):
+        assert same_bytes(src, Path(entry["path"]))
+        took = entry["completed_at"] - entry["started_at"]
+        assert took < 7.5, f"{r.name} took {took:.1f} s: {entry['sources']}"
+    from_peers = [sum(s["bytes"] for s in e["sources"] if s["peer"] != sender) for e in got]
+    assert sum(1 for n in from_peers if n) >= 2, [e["sources"] for e in got]
+
+
 def _folder(root: Path) -> Path:
     """Three chunks and more of files, nested, one of them small and one empty."""
     src = root / "sunday"
