@@ -34,6 +34,7 @@ demo: $(VENV)/.installed bytecode
 
 test: $(VENV)/.installed-test bytecode
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 typecheck: $(VENV)/.installed-test
