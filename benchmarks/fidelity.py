@@ -14,8 +14,9 @@ counting payload only, the simulator's default. A recipient's time runs from `se
 returning to its inbox entry's `completed_at`. The target: per mode, the real p50 and
 the median over `--sim-seeds` simulated seeds of the simulated p50 within 15%. One seed
 is one sample: with co-recipient sourcing on, when each co-recipient is found (provider
-lookups every 10 s) sets how much the sender must upload, and 8 seeds of the same setup
-gave simulated p50s from 54 s to 69 s.
+lookups every 10 s, every 2 s while a download is stuck) sets how much the sender must
+upload, and 8 seeds of the same setup gave simulated p50s from 45 s to 52 s (54 to 69 s
+before the sender super-seeded).
 """
 
 from __future__ import annotations
