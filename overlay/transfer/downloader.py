@@ -529,10 +529,10 @@ class Downloader:
                         r.stats.outcome, r.stats.reason = "done", "not needed any more"
                         r.task.cancel()
             deadline = None
-            # Stuck: a source is connected and none shows a missing chunk. The wait goes
-            # on while more sources connect (a lookup's, the refresh's): one that shows
-            # nothing either does not put the probe off. It did, and with co-recipients
-            # found every second while stuck the probe never came.
+            # Stuck: a source is connected and none shows a missing chunk. The wait runs on
+            # while more sources connect (those the node's lookups find every STUCK_LOOKUP
+            # seconds while stuck, a refresh's): one that connects and shows nothing does
+            # not start it over, or each lookup that found one would put the probe off.
             stuck = self.scheduler.stuck() and any(r.stats.outcome == "active" for r in live)
             if stuck and (stuck_since is None or self.scheduler.remaining != stuck_remaining):
                 # Stuck again after chunks came in (a super-seeding sender shows its
