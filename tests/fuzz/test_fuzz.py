@@ -49,7 +49,9 @@ def test_fuzz(atheris_available: None, target: str) -> None:
     saved = ", ".join(str(p.relative_to(REPO)) for p in out.artifacts) or "nothing saved"
     assert out.ok, (f"{target} crashed after {out.inputs} inputs ({saved}):\n"
                     + "\n".join(out.log.splitlines()[-40:]))
-    assert out.inputs == runs
+    # Every input asked for ran: the run did not stop early. libFuzzer's -runs may be
+    # passed by one (folder_archive ran 3,001 of 3,000 once, in a fresh clone's CI).
+    assert runs <= out.inputs <= runs + 1, (out.inputs, runs)
 
 
 _ACCEPT: dict[str, Callable[[bytes], object]] = {
