@@ -533,7 +533,7 @@ class Downloader:
             # while more sources connect (those the node's lookups find every STUCK_LOOKUP
             # seconds while stuck, a refresh's): one that connects and shows nothing does
             # not start it over, or each lookup that found one would put the probe off.
-            stuck = self.scheduler.stuck() and any(r.stats.outcome == "active" for r in live)
+            stuck = self.scheduler.stuck() and bool(self._active_runs())
             if stuck and (stuck_since is None or self.scheduler.remaining != stuck_remaining):
                 # Stuck again after chunks came in (a super-seeding sender shows its
                 # chunks a few at a time): a new wait, not the old one going on. The
