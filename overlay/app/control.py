@@ -70,6 +70,8 @@ class ControlServer:
         self.path = path
         self._ops = dict(operations)
         self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()  # one per open connection
+        self._closing = False
 
     async def start(self) -> None:
         """Listen on the socket; a socket left by a killed daemon is replaced, one that
@@ -87,15 +89,28 @@ class ControlServer:
         os.chmod(self.path, 0o600)
 
     async def aclose(self) -> None:
+        """Stop listening and end every connection's handler before returning: the node
+        closes its databases next, and a call still running (`fetch --wait`'s progress
+        holds one up to 200 ms) would read a closed one. Its caller sees the connection
+        close, as when the node stops between two calls."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
+            for task in self._handlers:
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
+            if self._closing:  # accepted as the server closed: not served
+                return
             while True:
                 try:
                     req = Fields(await _read_frame(reader), "control request")
@@ -124,6 +139,8 @@ class ControlServer:
                 except ConnectionError:
                     return  # the caller left before its answer (Ctrl-C on `fetch --wait`)
         finally:
+            if task is not None:
+                self._handlers.discard(task)
             writer.close()
 
 
@@ -133,7 +150,8 @@ def _error_text(op: str, exc: Exception) -> str:
     if is_disk_full(exc):  # node.db or the content store: nothing was changed
         log.error("control op %s: the disk is full (%s)", op, exc)
         return f"this node's disk is full ({exc}): free some space and try again"
-    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+            exc, sqlite3.OperationalError | sqlite3.ProgrammingError):  # closed: a bug
         log.error("control op %s: a database of this node is damaged (%s)", op, exc)
         return (f"a database of this node is damaged ({exc}): stop the node and start it "
                 "again; it checks its files at start and says what to do")

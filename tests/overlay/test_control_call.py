@@ -15,7 +15,7 @@ import pytest
 
 from crypto.codec import Fields
 from overlay.app.control import ControlClient, ControlError, ControlServer, NodeNotRunning
-from overlay.app.control_wire import call, frame
+from overlay.app.control_wire import CLOSED_TEXT, call, frame
 
 
 async def _echo(a: Fields) -> Any:
@@ -135,3 +135,32 @@ async def test_a_damaged_database_says_what_to_do_not_internal_error(tmp_path: P
     assert by_client == by_call == (ControlError, (
         "a database of this node is damaged (database disk image is malformed): stop the "
         "node and start it again; it checks its files at start and says what to do"))
+
+
+async def test_a_call_running_when_the_node_stops_ends_before_its_database_closes(
+        tmp_path: Path) -> None:
+    """The node stops its control socket, then closes its databases. A call still running
+    (`fetch --wait`'s progress call waits up to 200 ms) is ended with its connection, so its
+    caller hears that the node closed the connection, not "a database of this node is
+    damaged (Cannot operate on a closed database.)" (seen in a loaded test run)."""
+    path = tmp_path / "control.sock"
+    db = sqlite3.connect(tmp_path / "node.db")
+    asked, go = asyncio.Event(), asyncio.Event()
+
+    async def progress(a: Fields) -> Any:
+        asked.set()
+        await go.wait()
+        return db.execute("SELECT 1").fetchone()[0]
+
+    server = ControlServer(path, {"progress": progress})
+    await server.start()
+    async with ControlClient(path) as c:
+        waiting = asyncio.create_task(c.call("progress"))
+        await asyncio.wait_for(asked.wait(), 10)
+        await server.aclose()
+        db.close()
+        go.set()
+        with pytest.raises(ControlError) as err:
+            await asyncio.wait_for(waiting, 10)
+    assert str(err.value) == CLOSED_TEXT
+    assert not path.exists()
