@@ -147,9 +147,15 @@ async def probe(host: str, port: int) -> bytes:
     except TimeoutError:
         raise HomeError(f"{where} is not a peerpost rendezvous server (no CHALLENGE within "
                         f"{PROBE_TIMEOUT:g} s)") from None
+    except ConnectionResetError:
+        # The server's STUN-over-TCP port (the one beside --listen's) resets a TLS hello.
+        raise HomeError(f"{where} is not a peerpost rendezvous server (it reset the "
+                        "connection at the TLS handshake): check the port in --server "
+                        "HOST:PORT, the one `peerpost-rendezvous serve` prints as "
+                        "`listening HOST:PORT`") from None
     except (ConnectionLostError, RemoteProtocolError, DecodeError, EOFError, OSError) as exc:
         raise HomeError(f"{where} is not a peerpost rendezvous server "
-                        f"({exc or type(exc).__name__})") from None
+                        f"({str(exc) or type(exc).__name__})") from None
 
 
 async def _challenge_key(host: str, port: int, within: float = REGISTER_TIMEOUT) -> bytes:

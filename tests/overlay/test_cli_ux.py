@@ -8,6 +8,8 @@ import argparse
 import http.server
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -178,6 +180,33 @@ def test_init_against_an_http_server_says_so_quickly(tmp_path: Path) -> None:
     assert err["error"].startswith(f"127.0.0.1:{port} is not a peerpost rendezvous server (")
     assert err["error"].endswith(")") and "()" not in err["error"]
     assert took < 8  # not the 15 s registration timeout
+
+
+def test_init_against_a_port_that_resets_names_the_port_to_check(tmp_path: Path) -> None:
+    # As the server's STUN-over-TCP port (the one after --listen's) answers a TLS hello.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def reset_after_hello() -> None:
+            for _ in range(2):  # init's TCP probe, then its TLS hello
+                conn, _ = listener.accept()
+                conn.recv(4096)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+        t = threading.Thread(target=reset_after_hello, daemon=True)
+        t.start()
+        res = run("peerpost", "--home", str(tmp_path / "h"), "init", "--address",
+                  "a@x.test", "--server", f"127.0.0.1:{port}", "--invite", "abc", "--json")
+        t.join(10)
+    assert res.returncode == 1
+    assert json.loads(res.stdout)["error"] == (
+        f"127.0.0.1:{port} is not a peerpost rendezvous server (it reset the connection at "
+        "the TLS handshake): check the port in --server HOST:PORT, the one "
+        "`peerpost-rendezvous serve` prints as `listening HOST:PORT`")
+    assert not (tmp_path / "h").exists()
 
 
 def test_demo_clip_line_names_only_present_codecs() -> None:
