@@ -989,8 +989,12 @@ def _invite(args: argparse.Namespace) -> int:
         return 1
     domain = served_domain(db) if db.is_file() else None
     if domain is None:
-        print(f"peerpost-rendezvous: {args.data} is not a server's data folder yet: start "
-              f"`peerpost-rendezvous serve --data {args.data}` once first", file=sys.stderr)
+        # `serve` without --domain is refused, and a `serve` that could not listen (its
+        # port taken) left this folder so: the hint says both.
+        print(f"peerpost-rendezvous: {args.data} is not a server's data folder yet: no "
+              "`serve` has listened with it (one that failed to start, say on a port in "
+              "use, does not count: its error says why); start `peerpost-rendezvous serve "
+              f"--domain DOMAIN --data {args.data}` first", file=sys.stderr)
         return 1
     if address.rpartition("@")[2] != domain:
         print(f"peerpost-rendezvous: {args.data} serves {domain}, not "

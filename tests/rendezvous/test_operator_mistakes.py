@@ -105,7 +105,12 @@ async def test_a_start_that_never_listened_binds_no_domain(tmp_path: Path) -> No
                                  "--dht-port", "off")
     assert code == 1 and f"cannot listen on 127.0.0.1:{port} (TCP)" in err, err
     code, _, err = await run("invite", "bob@exmaple.net", "--data", str(data))
-    assert code == 1 and "is not a server's data folder yet" in err, err
+    # What to run names --domain, which `serve` can't go without.
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        f"peerpost-rendezvous: {data} is not a server's data folder yet: no `serve` has "
+        "listened with it (one that failed to start, say on a port in use, does not count: "
+        "its error says why); start `peerpost-rendezvous serve --domain DOMAIN --data "
+        f"{data}` first"), err
     async with serve(data, "--stun-port", "off", "--dht-port", "off", expect=1) as srv:
         await srv.wait_log(f"event=server.listening domain={DOMAIN} ")
         code, out, err = await run("invite", f"bob@{DOMAIN}", "--data", str(data))
