@@ -829,11 +829,16 @@ def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
     t = _table(title=f"inbox of {_m(home.root)}", expand=False)
     # 80 columns: 16 of borders and padding, 8 id, 9 size, state up to 16; `from` (20 to
     # 24, a whole common address) and `title` share the rest and fold. A min_width on
-    # `state` made rich lay the table out one column too wide and crop it.
+    # `state` made rich lay the table out one column too wide and crop it, and so did a
+    # title left to rich beside a folded state ("downloading 50% via tcp") and a long
+    # title: it gets what the other columns leave, as in `status`.
     t.add_column("id", no_wrap=True, min_width=SHORT_ID)
     longest = max((len(_clean(e["from"])) for e in entries), default=4)
     t.add_column("from", overflow="fold", min_width=min(longest, 20), max_width=24)
-    t.add_column("title", overflow="fold")
+    size_width = max((len(_size(e["size"])) for e in entries), default=4)
+    state_width = min(max((len(_entry_state(e)) for e in entries), default=5), 16)
+    rest = int(console.width) - 16 - SHORT_ID - size_width - min(longest, 24) - state_width
+    t.add_column("title", overflow="fold", max_width=max(rest, 8))
     t.add_column("size", justify="right", no_wrap=True)
     t.add_column("state", overflow="fold", max_width=16)
     notes: list[str] = []

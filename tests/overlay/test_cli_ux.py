@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import io
 import json
 import os
 import socket
@@ -16,10 +17,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from rich.console import Console
 
+from overlay.app import cli
 from overlay.app.cli import _glue_token_values, build_parser
+from overlay.app.home import NodeHome
 from overlay.app.lab import LocalNetwork, NodeHandle, _script
 from overlay.mail.describe import MediaInfo
 from rendezvous.cli import _parser as rendezvous_parser
@@ -385,6 +390,37 @@ def test_inbox_fits_80_columns(net: LocalNetwork, tmp_path: Path) -> None:
     # escape is shown, not run.
     assert (f"{mid[:8]}  note: We all sang [bold]twice[/bold].\n"
             f"{' ' * 16}The cake is at 4:10 \\x1b[2J\n") in notes, notes
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_inbox_with_a_download_and_long_titles_fits_without_cropping(
+        monkeypatch: pytest.MonkeyPatch, width: int) -> None:
+    # The inbox of the README's walk-through: rich cropped this one at 80 columns, the
+    # state column's right edge and border gone.
+    def entry(n: int, title: str, size: int, state: str, progress: float = 1.0,
+              sources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return {"id": f"{n:02x}" * 16, "from": "alice@example.net", "title": title,
+                "size": size, "state": state, "progress": progress, "sources": sources or [],
+                "path": None, "error": None, "note": ""}
+
+    entries = [entry(1, "big.webm", 6_000_000, "downloading", 0.5,
+                     [{"path": "tcp", "bytes": 3_000_000}]),
+               entry(2, "3 files, 6 B: a.jpg, a.jpg, c.mp4", 10_240, "complete"),
+               entry(3, "sunday/: 4 files, 878.9 KiB", 911_360, "complete"),
+               entry(4, "Grandma's 90th", 2_000_008, "complete")]
+
+    def call(socket_path: Any, op: str, /, **args: Any) -> Any:
+        return {"inbox": {"messages": 4, "max": 10}} if op == "ping" else entries
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=width, color_system=None))
+    monkeypatch.setattr(cli, "control_call", call)
+    assert cli.cmd_inbox(NodeHome("/nonexistent"), build_parser().parse_args(["inbox"])) == 0
+    table = out.getvalue()
+    lines = [line for line in table.splitlines()[1:] if line.strip()]
+    assert all(line.rstrip().endswith(("┃", "│", "┓", "┩", "┘", "┐", "┤", "┫"))
+               for line in lines), table
+    assert "downloading 50%" in table and "via tcp" in table
 
 
 @pytest.mark.slow
