@@ -243,8 +243,12 @@ class ControlOperations:
                         f"({shared[0].title}) uses it too")
             return {"id": e.id.hex(), "title": e.title, "deleted_file": None,
                     "kept_file": kept, "sender_told": told, "told_earlier": earlier}
-        sent_too = any(m.content_id == e.content_id for m in self.outbox.list())
-        if self.store is not None and not sent_too:
+        sent_too = next((m for m in self.outbox.list() if m.content_id == e.content_id), None)
+        if sent_too is not None and delete_file and e.path and folder_json(e) is None:
+            # Mail to oneself: the inbox's path is the file this node serves as sent.
+            kept = (f"{e.path} is kept: it is the file you sent as message "
+                    f"{sent_too.id.hex()[:12]}")
+        if self.store is not None and sent_too is None:
             held = self.store.local(e.content_id)
             try:
                 self.store.remove(e.content_id, delete_file=delete_file)

@@ -46,22 +46,26 @@ def _receive(inbox: Inbox, sender: DeviceIdentity, n: int, content_id: bytes,
     return mid
 
 
+def _operations(db: NodeDB, address: str) -> tuple[ControlOperations, Inbox, Outbox]:
+    """The control operations of a node of `address` over `db`, with its inbox and outbox."""
+    inbox, outbox, prefs = Inbox(db), Outbox(db), Prefs(db)
+    downloads = DownloadQueue(inbox, prefs, fetch=None, on_complete=None,  # type: ignore[arg-type]
+                              wall=time.time, rng=random.Random(1))
+    none: Any = None
+    ops = ControlOperations(
+        DeviceIdentity.generate(), address, listen_addr=None, rendezvous=none,
+        incoming=SimpleNamespace(counters={"refused-inbox-full": 0}),  # type: ignore[arg-type]
+        sender=none, inbox=inbox, outbox=outbox, prefs=prefs, contacts=none,
+        downloads=downloads, transfer=none, max_in_flight=1)
+    return ops, inbox, outbox
+
+
 async def test_a_folder_two_messages_share_goes_with_the_last(tmp_path: Path) -> None:
     folder = tmp_path / "received" / "sunday"
     folder.mkdir(parents=True)
     (folder / "a.jpg").write_bytes(b"jpg")
     with NodeDB.open(tmp_path / "node") as db:
-        inbox, outbox, prefs = Inbox(db), Outbox(db), Prefs(db)
-        downloads = DownloadQueue(inbox, prefs, fetch=None, on_complete=None,  # type: ignore[arg-type]
-                                  wall=time.time, rng=random.Random(1))
-        none: Any = None
-        ops = ControlOperations(
-            DeviceIdentity.generate(), "bob@example.net", listen_addr=None,
-            rendezvous=none,
-            incoming=SimpleNamespace(counters={"refused-inbox-full": 0}),  # type: ignore[arg-type]
-            sender=none, inbox=inbox, outbox=outbox,
-            prefs=prefs, contacts=none, downloads=downloads, transfer=none,
-            max_in_flight=1)
+        ops, inbox, _ = _operations(db, "bob@example.net")
         alice = DeviceIdentity.generate()
         cid = os.urandom(32)
         first = _receive(inbox, alice, 1, cid, folder)
@@ -76,3 +80,31 @@ async def test_a_folder_two_messages_share_goes_with_the_last(tmp_path: Path) ->
 
         res = await ops.rm(Fields({"id": second.hex(), "delete_file": True}, "rm"))
         assert res["removed"][0]["deleted_file"] == str(folder) and not folder.exists()
+
+
+async def test_mail_to_oneself_keeps_the_sent_file_and_says_so(tmp_path: Path) -> None:
+    # A node that mails its own address holds the content already: the inbox entry is
+    # complete at once, at the path of the file it sent.
+    sent = tmp_path / "clip.webm"
+    sent.write_bytes(b"clip")
+    with NodeDB.open(tmp_path / "node") as db:
+        ops, inbox, outbox = _operations(db, "alice@example.net")
+        cid = os.urandom(32)
+        sent_id = (7).to_bytes(16, "big")
+        assert outbox.add(id=sent_id, path=str(sent), title="clip.webm", size=4,
+                          content_id=cid, created_at=1_700_000_000,
+                          recipients=["alice@example.net"])
+        mid = (8).to_bytes(16, "big")
+        inbox.add(id=mid, sender="alice@example.net", sender_peer_id=b"a" * 20,
+                  title="clip.webm", note="", size=4, file_name="clip.webm",
+                  media_type="video/webm", content_id=cid, chunk_count=1, message=b"",
+                  received_at=1_700_000_001)
+        inbox.transition(mid, InboxState.DOWNLOADING)
+        inbox.transition(mid, InboxState.COMPLETE, path=str(sent))
+
+        res = await ops.rm(Fields({"id": mid.hex(), "delete_file": True}, "rm"))
+        (gone,) = res["removed"]
+        assert gone["deleted_file"] is None
+        assert gone["kept_file"] == (f"{sent} is kept: it is the file you sent as message "
+                                     f"{sent_id.hex()[:12]}")
+        assert sent.read_bytes() == b"clip" and inbox.get(mid) is None
