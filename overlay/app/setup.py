@@ -112,9 +112,11 @@ def init_home(home: NodeHome, args: argparse.Namespace, console: Console,
                            srv=target is None),
                 identity)
     console.print(f"registered [bold]{address}[/] with {server} ({domain})")
-    console.print(f"server key: {fingerprint(server_key)} ({how})")
+    # Not folded at the console's width: the command and the key are copied from here.
+    console.print(f"server key: {fingerprint(server_key)} ({how})", soft_wrap=True)
     console.print(f"device fingerprint: {identity.public.fingerprint()}")
-    console.print(f"home: {home.root}; start the node with `peerpost --home {home.root} node`")
+    console.print(f"home: {home.root}; start the node with `peerpost --home {home.root} node`",
+                  soft_wrap=True)
     return 0
 
 

@@ -104,6 +104,21 @@ def test_init_prints_no_log_lines(net: LocalNetwork) -> None:
 
 
 @pytest.mark.slow
+def test_init_prints_the_command_to_start_the_node_on_one_line(net: LocalNetwork) -> None:
+    # Folded at 80 columns, the command broke in two where it was to be copied from.
+    frank = NodeHandle("frank", f"frank@{net.domain}", net.root / ("frank-" + "f" * 40))
+    res = run(net, frank, "init", "--address", frank.address, "--server",
+              net.server_hostport, "--listen", "127.0.0.1:0", env={"COLUMNS": "80"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert f"home: {frank.home}; start the node with `peerpost --home {frank.home} node`" in (
+        lines), res.stdout
+    assert any(line.startswith("server key: SHA256:") and line.endswith(
+        "(pinned on first use; compare it with what the server's operator publishes)")
+        for line in lines), res.stdout
+
+
+@pytest.mark.slow
 def test_init_download_dir_is_the_shells_folder(net: LocalNetwork, tmp_path: Path) -> None:
     erin = NodeHandle("erin", f"erin@{net.domain}", net.root / "erin")
     res = subprocess.run([_script("peerpost"), "--home", str(erin.home), "init", "--address",
