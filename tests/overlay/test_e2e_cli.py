@@ -405,19 +405,17 @@ def test_a_receipt_the_server_missed_goes_when_the_server_is_back(net: LocalNetw
 def test_a_node_started_while_its_server_is_down_waits_for_it(net: LocalNetwork,
                                                               tmp_path: Path) -> None:
     # A home device boots before its network (or during the server's restart): the daemon
-    # waits and logs in when the server is back, rather than exiting.
-    import threading
-
+    # waits and logs in when the server is back, rather than exiting. The server comes back
+    # once the node has said it could not reach it: a timer of 2 s was passed by a node
+    # that took longer than that to start under load, and it never saw the server down.
     alice, bob = net.add_node("alice"), net.add_node("bob")
     assert net.server is not None
     net.server.stop()
-    back = threading.Timer(2.0, net.start_server)
-    back.start()
-    try:
-        net.start_node(alice, timeout=45)  # "ready" only once it has logged in
-    finally:
-        back.join()
-    assert alice.proc is not None and "not reachable" in alice.proc.log()
+    net.start_node(alice, ready=False)
+    assert alice.proc is not None
+    alice.proc.lines.wait_for(re.compile(r"not reachable"), 45, "alice's first login failing")
+    net.start_server()
+    alice.proc.lines.wait_for(re.compile(r"^ready\b"), 45, "alice, ready once logged in")
     net.start_node(bob)
     src = make_file(tmp_path / "after.bin", MiB, seed=12)
     mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
