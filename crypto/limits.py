@@ -7,3 +7,4 @@ about 25 ms of every `send` on this machine (0.05 s → 0.08 s for the CLI's imp
 
 MAX_TITLE = 200
 MAX_NOTE = 4000
+MAX_SEND_TO = 64  # addresses one `send` names (the node's send operation takes no more)

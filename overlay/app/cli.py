@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prune", action="store_true",
                    help="remove complete and failed messages older than --days (received "
                         "files stay unless --delete-file)")
-    s.add_argument("--days", type=int, default=30, metavar="N",
+    s.add_argument("--days", type=_days_arg, default=30, metavar="N",
                    help="with --prune: age in days of what goes (default 30; 0: all)")
     s.add_argument("--junk", action="store_true",
                    help="with --prune: also every junk sender's message, whatever its age")
@@ -739,6 +739,11 @@ def recipients(values: list[str]) -> list[str]:
                 out.append(addr)
     if not out:
         raise CliError("--to needs at least one address", EXIT_USAGE)
+    from crypto.limits import MAX_SEND_TO
+
+    if len(out) > MAX_SEND_TO:
+        raise CliError(f"--to names {len(out)} addresses; a message goes to at most "
+                       f"{MAX_SEND_TO}: send it to them in several", EXIT_USAGE)
     return out
 
 
@@ -1259,6 +1264,16 @@ def _size_as_set(n: int) -> str:
             if n >= base**power and n % base**power == 0:
                 return f"{n // base**power}.0 {unit}"  # as `_size` writes sizes
     return _size(n)
+
+
+def _days_arg(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
+    if days < 0:
+        raise argparse.ArgumentTypeError("give 0 or more days (0: whatever its age)")
+    return days
 
 
 def _seconds_arg(text: str) -> float:

@@ -21,7 +21,7 @@ from crypto.codec import Fields
 from crypto.content import DEFAULT_CHUNK_SIZE, chunk_count
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity, PublicIdentity
-from crypto.limits import MAX_NOTE, MAX_TITLE
+from crypto.limits import MAX_NOTE, MAX_SEND_TO, MAX_TITLE
 from crypto.location import FOLDER_MEDIA_TYPE, decode_location, folder_from_fields
 from overlay.app.control import ControlError, Operation
 from overlay.content.archive import ArchiveView
@@ -155,7 +155,7 @@ class ControlOperations:
     async def send(self, a: Fields) -> Any:
         """Send now or not at all: the recipients' device keys come from the server
         (FINGER), so an offline node has nothing to seal to and keeps no queue."""
-        to = a.list("to", _item_text, max_items=64) or ()
+        to = a.list("to", _item_text, max_items=MAX_SEND_TO) or ()
         if not self.rendezvous.connected:
             # The server restarted, or the node fails over to the domain's next server: try
             # at once (not when the backoff says), and wait for that rather than fail.

@@ -344,6 +344,23 @@ def test_semicolon_list_gets_a_comma_hint(net: LocalNetwork, tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_too_many_addresses_and_negative_days_are_usage_errors(net: LocalNetwork,
+                                                               tmp_path: Path) -> None:
+    # Both reached the node and came back as "control request.args.to: 65 items, limit 64"
+    # and "control request.args.days: -1 outside 0..100000", with status 1.
+    alice = net.nodes["alice"]
+    src = _file(tmp_path, "x.bin", 1024)
+    many = ",".join(f"u{i}@{net.domain}" for i in range(65))
+    res = _mine(net, alice, "send", str(src), "--to", many)
+    assert res.returncode == 2
+    assert res.stderr == ("error: --to names 65 addresses; a message goes to at most 64: send "
+                          "it to them in several\n")
+    res = _mine(net, alice, "inbox", "--prune", "--days", "-1")
+    assert res.returncode == 2
+    assert res.stderr.endswith("argument --days: give 0 or more days (0: whatever its age)\n")
+
+
+@pytest.mark.slow
 def test_fetch_and_status_mistakes(net: LocalNetwork, tmp_path: Path) -> None:
     alice, bob = net.nodes["alice"], net.nodes["bob"]
     res = _mine(net, bob, "fetch", "")
