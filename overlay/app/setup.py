@@ -196,7 +196,8 @@ async def _register_found(resolver: DomainResolver, identity: DeviceIdentity, ad
     try:
         records = await resolver.resolve(domain)
     except DomainLookupError as exc:
-        raise HomeError(f"cannot find the server of {domain}: {exc}") from None
+        raise HomeError(f"cannot find the server of {domain}: {exc}; if its operator gave "
+                        "you the server's address, give it as --server HOST:PORT") from None
     failures: list[str] = []
     for host, port in records.servers:
         where = format_hostport(host, port)

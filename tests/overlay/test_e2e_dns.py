@@ -120,7 +120,9 @@ def test_init_names_the_missing_srv_record(
     net.env["PEERPOST_RESOLVER"] = ns.hostport
     dave, res = init(net, "dave", domain="nosrv.test", check=False)
     assert res.returncode != 0
-    assert "no _peerpost._tcp.nosrv.test SRV record" in " ".join(res.stderr.split())
+    assert ("error: cannot find the server of nosrv.test: no _peerpost._tcp.nosrv.test SRV "
+            "record; if its operator gave you the server's address, give it as --server "
+            "HOST:PORT") == " ".join(res.stderr.split())  # what to do without the records
     assert not (dave.home / "config.json").exists()
 
 
