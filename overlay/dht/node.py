@@ -185,6 +185,7 @@ class DhtNode:
 
     def stats(self) -> dict[str, int]:
         """Counters: "rpc.sent", "rpc.served", "rpc.timeout", "rpc.late_timer",
+        "rpc.read_at_timer",
         "rpc.late_reply", "dropped.<reason>",
         "store_refused.<reason>", "stored", plus "contacts" and "records" gauges."""
         out = dict(self._protocol.counters) if self._protocol is not None else {}
