@@ -92,6 +92,7 @@ from rendezvous.errors import (
     RendezvousError,
     RequestTimeoutError,
     error_for,
+    error_text,
 )
 from rendezvous.framing import DEFAULT_MAX_FRAME
 from rendezvous.logfmt import kv
@@ -482,7 +483,7 @@ class RendezvousClient:
                 "peerpost rendezvous server with TLS on?") from None
         except (OSError, TimeoutError) as exc:
             raise ConnectionLostError(
-                f"cannot connect to {self.server_text}: {exc or type(exc).__name__}"
+                f"cannot connect to {self.server_text}: {error_text(exc)}"
             ) from None
         try:
             challenge = await asyncio.wait_for(asyncio.shield(proto.challenge), timeout)

@@ -23,6 +23,13 @@ _PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full
 STORAGE_FULL = "the server's storage is full: try again later"
 
 
+def error_text(exc: BaseException) -> str:
+    """What went wrong, for a message: the exception's text, or when it has none (asyncio's
+    connect timeout raises `TimeoutError()`, a reset TLS handshake `ConnectionResetError()`)
+    "timed out" or its type. `f"{exc or ...}"` never falls back: an exception is true."""
+    return str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """A write refused for want of room (ENOSPC, EDQUOT, SQLite's SQLITE_FULL, PostgreSQL's
     disk_full): a state of a disk that freeing space ends, not a fault of the request."""

@@ -55,7 +55,7 @@ from rendezvous.backoff import Backoff
 from rendezvous.client_core import ClientConnection
 from rendezvous.dns import DomainLookupError, DomainRecords, DomainResolver
 from rendezvous.domainkey import DomainKey, fingerprint
-from rendezvous.errors import RemoteProtocolError, is_disk_full
+from rendezvous.errors import RemoteProtocolError, error_text, is_disk_full
 from rendezvous.framing import DEFAULT_MAX_FRAME
 from rendezvous.logfmt import kv
 from rendezvous.messages import Challenge, Finger, Pipe, Relay, Reply, Request, Send, SendItem
@@ -139,7 +139,7 @@ class LinkClient:
             except TimeoutError:
                 why = f"{where} did not answer within {self.timeout:g} s"
             except (OSError, ssl.SSLError) as exc:
-                why = f"cannot connect to {where}: {exc or type(exc).__name__}"
+                why = f"cannot connect to {where}: {error_text(exc)}"
             except RemoteProtocolError as exc:
                 why = f"{where} sent garbage: {exc.text}"
             except LinkError as exc:

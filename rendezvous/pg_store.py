@@ -62,7 +62,7 @@ from crypto.codec import packb
 from crypto.identity import peer_id_of
 from rendezvous import pg_schema, pipe_hold
 from rendezvous.domainkey import decode_key, encode_key, fingerprint
-from rendezvous.errors import STORAGE_FULL
+from rendezvous.errors import STORAGE_FULL, error_text
 from rendezvous.logfmt import kv
 from rendezvous.messages import PipeMessage, Send, SendItem
 from rendezvous.records import Envelope, EnvelopeInfo
@@ -149,7 +149,7 @@ async def connect(url: str, wait: float = 10.0) -> Any:
             # The documented URL form has no password; say where one goes.
             hint = (" (no password was given: set PGPASSWORD, or a ~/.pgpass line for the "
                     "user serve runs as, or put it in the URL, USER:PASSWORD@)")
-        raise RuntimeError(f"cannot connect to {redacted(url)}: {exc or type(exc).__name__}"
+        raise RuntimeError(f"cannot connect to {redacted(url)}: {error_text(exc)}"
                            f"{hint}") from None
     except OSError as exc:
         raise OSError(f"cannot connect to {redacted(url)}: {exc.strerror or exc}") from None

@@ -31,7 +31,12 @@ from overlay.app.config import NodeConfig
 from overlay.app.home import HomeError, NodeHome
 from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver, txt_name
 from rendezvous.domainkey import encode_key, fingerprint
-from rendezvous.errors import ConnectionLostError, RemoteProtocolError, RendezvousError
+from rendezvous.errors import (
+    ConnectionLostError,
+    RemoteProtocolError,
+    RendezvousError,
+    error_text,
+)
 from rendezvous.framing import DEFAULT_MAX_FRAME, FrameDecoder
 from rendezvous.keyfile import save_identity
 from rendezvous.messages import Challenge, decode_server_message
@@ -101,7 +106,7 @@ def init_home(home: NodeHome, args: argparse.Namespace, console: Console,
             raise HomeError(f"the server refused {address}: {exc}") from None
         except (OSError, TimeoutError) as exc:
             raise HomeError(f"cannot reach the rendezvous server at {server}: "
-                            f"{exc or 'timed out'}") from None
+                            f"{error_text(exc)}") from None
         how = "pinned on first use; compare it with what the server's operator publishes"
     home.create(NodeConfig(address=address, server=server, listen=args.listen,
                            # the node runs in a folder of its own: relative is this shell's
@@ -157,7 +162,7 @@ async def probe(host: str, port: int) -> bytes:
                         "`listening HOST:PORT`") from None
     except (ConnectionLostError, RemoteProtocolError, DecodeError, EOFError, OSError) as exc:
         raise HomeError(f"{where} is not a peerpost rendezvous server "
-                        f"({str(exc) or type(exc).__name__})") from None
+                        f"({error_text(exc)})") from None
 
 
 async def _challenge_key(host: str, port: int, within: float = REGISTER_TIMEOUT) -> bytes:
@@ -212,7 +217,7 @@ async def _register_found(resolver: DomainResolver, identity: DeviceIdentity, ad
         except ServerIdentityError as exc:
             raise _wrong_key(where, exc.seen, domain, records.key) from None
         except (OSError, TimeoutError, ConnectionLostError, RemoteProtocolError) as exc:
-            failures.append(f"{where}: {exc or 'timed out'}")
+            failures.append(f"{where}: {error_text(exc)}")
             continue
         except RendezvousError as exc:
             raise HomeError(f"the server at {where} refused {address}: {exc}") from None

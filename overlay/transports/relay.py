@@ -38,7 +38,7 @@ from crypto.identity import DeviceIdentity
 from overlay.transports.stream import StreamBroken
 from overlay.transports.tcp import StreamProtocol, TcpStream
 from rendezvous.client_core import RelayHandshake
-from rendezvous.errors import RemoteProtocolError
+from rendezvous.errors import RemoteProtocolError, error_text
 from rendezvous.messages import RELAY_SESSION_LEN, Relay, RelayAccept, RelayInvite
 from rendezvous.tls import client_context, peer_binding
 
@@ -112,7 +112,8 @@ class _Handshake(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
-            self._fail(0, f"connection to the server lost before the splice: {exc or 'closed'}")
+            why = "closed" if exc is None else error_text(exc)
+            self._fail(0, f"connection to the server lost before the splice: {why}")
 
     def _fail(self, status: int, text: str) -> None:
         if not self.done.done():

@@ -18,6 +18,7 @@ from typing import cast
 
 from crypto.address import format_hostport
 from overlay.transports.stream import StreamBroken, StreamBusy, StreamClosed
+from rendezvous.errors import error_text
 from rendezvous.taskset import TaskSet
 from rendezvous.tls import can_half_close
 
@@ -415,7 +416,7 @@ async def connect_tcp(
             )
     except (OSError, TimeoutError) as exc:
         raise StreamBroken(f"cannot connect to {format_hostport(host, port)}: "
-                           f"{exc or 'timed out'}") from None
+                           f"{error_text(exc)}") from None
     return TcpStream(proto)
 
 

@@ -6,11 +6,13 @@ logged with its traceback. Either one ended the loop: the client stayed offline 
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 import pytest
 
 from rendezvous.client import RendezvousClient
+from rendezvous.errors import ConnectionLostError
 from rendezvous.server import RendezvousServer
 
 from .conftest import ident, port_of
@@ -65,3 +67,20 @@ async def test_an_unexpected_error_in_a_reconnect_round_is_logged_and_the_loop_g
         assert rounds[0] == 2 and rc.reconnects == 1
     assert "event=client.reconnect_failed address=alice@example.net attempt=1" in caplog.text
     assert "ValueError: the test breaks one round" in caplog.text
+
+
+async def test_a_connect_that_times_out_says_it_timed_out() -> None:
+    # A listener whose queue is full drops the SYN, as a firewall does: asyncio's connect
+    # timeout raises TimeoutError(), which has no text. The node's log and `peerpost info`
+    # said "cannot connect to 127.0.0.1:P: " and nothing after it.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):  # fills the queue
+            client = RendezvousClient("127.0.0.1", port, ident(1), "alice@example.net",
+                                      request_timeout=0.5, reconnect=False)
+            with pytest.raises(ConnectionLostError) as caught:
+                async with client:
+                    pass
+    assert str(caught.value) == f"cannot connect to 127.0.0.1:{port}: timed out"
