@@ -1,7 +1,11 @@
 """A location message claiming the most chunks a layout allows (crypto.content.MAX_CHUNKS,
 64 GiB in 64 KiB chunks) costs the receiver almost nothing before any source is contacted,
 and little after: the per-chunk state is bitmaps and a byte per chunk, not objects.
-Per-chunk lists, sets and buckets cost 148 MiB and 0.66 s of blocked loop here."""
+Per-chunk lists, sets and buckets cost 148 MiB and 0.66 s of blocked loop here.
+Costs are timed in this thread's CPU time, which is how long the work blocks the loop; the
+wall clock adds the other processes of a loaded machine (the three sources' 0.16 s of CPU
+took 0.8 s beside two CPU hogs, and 2.2-3.0 s in 5 of 10 runs with the tests' other
+worker besides)."""
 
 from __future__ import annotations
 
@@ -66,10 +70,10 @@ def _traced() -> Iterator[list[int]]:
 
 def test_opening_a_2_20_chunk_offer_for_fetch_costs_little(tmp_path: Path) -> None:
     identity = DeviceIdentity.generate()
-    start = time.perf_counter()
+    start = time.thread_time()
     partial = _open(tmp_path, 1)
     down = Downloader(partial, [], identity)
-    took = time.perf_counter() - start
+    took = time.thread_time() - start
     assert took < 0.1, f"{took:.3f} s of blocked loop"
     assert down.scheduler.remaining == down.scheduler.pool_size == MAX_CHUNKS
     assert partial.missing_count == MAX_CHUNKS and partial.held_snapshot()[1] == 0
@@ -93,7 +97,7 @@ def test_three_sources_on_2_20_chunks_cost_little() -> None:
     never[0] = 0b0101_0101
     half = bytes([half[0] & 0b1010_1010]) + half[1:]
     other = bytes([other[0] & 0b1010_1010]) + other[1:]
-    start = time.perf_counter()
+    start = time.thread_time()
     with _traced() as mem:
         sched = ChunkScheduler(count=MAX_CHUNKS, held=bytes(NBYTES), rng=random.Random(2))
         sched.add_source("sender", window=8)
@@ -118,7 +122,7 @@ def test_three_sources_on_2_20_chunks_cost_little() -> None:
         sched.remove_source("p")
         sched.remove_source("q")
         assert sched.availability(1) == 0
-    took = time.perf_counter() - start
+    took = time.thread_time() - start
     assert sched.remaining == MAX_CHUNKS - 600
     assert mem[1] < 32 * MiB, f"peak {mem[1] / MiB:.1f} MiB"
     assert took < 2.0, f"{took:.2f} s"
