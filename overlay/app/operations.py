@@ -269,7 +269,12 @@ class ControlOperations:
         matches = [e for e in self.inbox.list(include_junk=True) if e.id.hex().startswith(
             prefix.lower())]
         if not matches:
-            raise ControlError(f"no message {prefix!r} in the inbox")
+            # `send` printed it, so it is the id at hand: `fetch` it on the sending node.
+            if any(m.id.hex().startswith(prefix.lower()) for m in self.outbox.list()):
+                raise ControlError(f"no message {prefix!r} in the inbox: it is one you sent "
+                                   f"(`peerpost status {prefix}` shows who has it)")
+            raise ControlError(f"no message {prefix!r} in the inbox (`peerpost inbox` lists "
+                               "them)")
         if len(matches) > 1:
             raise ControlError(f"{prefix!r} matches {len(matches)} messages; give more digits")
         return matches[0]

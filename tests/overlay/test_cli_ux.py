@@ -381,6 +381,14 @@ def test_fetch_and_status_mistakes(net: LocalNetwork, tmp_path: Path) -> None:
     res = _mine(net, bob, "fetch", mid[:8])  # the short id the inbox shows
     assert res.returncode == 0, res.stderr
     assert f"complete: {got['path']}" in res.stdout
+    # The id `send` printed, fetched where it was sent from; an id nobody has.
+    res = _mine(net, alice, "fetch", mid[:8])
+    assert res.returncode == 1
+    assert res.stderr == (f"error: no message '{mid[:8]}' in the inbox: it is one you sent "
+                          f"(`peerpost status {mid[:8]}` shows who has it)\n")
+    res = _mine(net, bob, "rm", "zzzz")
+    assert res.returncode == 1
+    assert res.stderr == "error: no message 'zzzz' in the inbox (`peerpost inbox` lists them)\n"
 
 
 @pytest.mark.slow
