@@ -788,8 +788,9 @@ def _bind_reason(exc: OSError) -> str:
 
 
 def _tcp_in_use(host: str, port: int) -> str | None:
-    """"Address already in use" when something listens on TCP host:port, else None (a
-    bind with SO_REUSEADDR, as the server's own, fails only beside a listener)."""
+    """"Address already in use" when something listens on TCP host:port (a bind with
+    SO_REUSEADDR, as the server's own, fails only beside a listener), or why the host is
+    none of this machine's; else None."""
     import socket
 
     for family, kind, proto, _, addr in socket.getaddrinfo(host, port,
@@ -801,6 +802,9 @@ def _tcp_in_use(host: str, port: int) -> str | None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     return os.strerror(exc.errno)
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return (f"{os.strerror(exc.errno)} (not an address of this host: check "
+                            "--listen)")
     return None
 
 
@@ -837,8 +841,9 @@ async def _start_services_on(args: argparse.Namespace, host: str,
     except socket.gaierror as exc:
         raise ConfigError(f"cannot listen on {format_hostport(host, args.listen[1])}: "
                           f"{exc.strerror} (--listen HOST:PORT)") from None
-    if args.listen[1] and (busy := await asyncio.to_thread(_tcp_in_use, host, args.listen[1])):
-        # Else a second server on the same --listen was told to move its STUN port.
+    if busy := await asyncio.to_thread(_tcp_in_use, host, args.listen[1]):
+        # Else a second server on the same --listen was told to move its STUN port, and
+        # one on an address this host does not have, to move it or turn it off.
         raise ConfigError(f"cannot listen on {format_hostport(host, args.listen[1])} (TCP): "
                           f"{busy}")
     ports = service_ports(args.listen[1], args.stun_port, args.dht_port)

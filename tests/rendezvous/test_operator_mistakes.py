@@ -92,6 +92,18 @@ async def test_a_udp_port_in_use_says_the_os_reason(tmp_path: Path) -> None:
                 f"already in use ({flag} N moves it, off turns it off)"], err
 
 
+@pytest.mark.parametrize("port", [4500, 0])
+async def test_a_listen_address_this_host_lacks_blames_listen(tmp_path: Path, port: int) -> None:
+    # Was "cannot run STUN on 192.0.2.1:P (UDP): Cannot assign requested address
+    # (--stun-port N moves it, off turns it off)": STUN binds first, and took the blame.
+    code, _, err = await run("serve", "--domain", DOMAIN, "--data", str(tmp_path / "data"),
+                             "--listen", f"192.0.2.1:{port}")
+    errors = [ln for ln in err.splitlines() if ln.startswith("peerpost-rendezvous:")]
+    assert code == 1 and errors == [
+        f"peerpost-rendezvous: cannot listen on 192.0.2.1:{port} (TCP): Cannot assign "
+        "requested address (not an address of this host: check --listen)"], err
+
+
 async def test_a_start_that_never_listened_binds_no_domain(tmp_path: Path) -> None:
     # A mistyped domain whose first start failed (its port taken) was kept: the folder was
     # then "data serves exmaple.net, not example.net", and `invite` took the typo.
