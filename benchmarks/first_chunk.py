@@ -39,10 +39,16 @@ class DelayLink:
     """A TCP proxy on 127.0.0.1 to one target: every byte reaches the other end `delay`
     seconds after it came, in each direction, in order (a path whose round trip is
     `2 * delay`, without netem). Buffers without bound: for tests and benchmarks that move
-    a few MiB."""
+    a few MiB.
+
+    `turns` counts the client's flights: its first bytes, and each later piece that came
+    after bytes of the target reached it (for a link that carries one connection).
+    """
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
+        self.turns = 0
+        self._answered = True  # the client's first bytes start its first flight
         self._target: tuple[str, int] = ("127.0.0.1", 0)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -63,8 +69,8 @@ class DelayLink:
             t_reader, t_writer = await asyncio.open_connection(*self._target)
             writers.append(t_writer)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._carry(reader, t_writer))
-                tg.create_task(self._carry(t_reader, writer))
+                tg.create_task(self._carry(reader, t_writer, from_client=True))
+                tg.create_task(self._carry(t_reader, writer, from_client=False))
         except* (OSError, asyncio.CancelledError):
             # A connection's end (or `aclose`) ends its task quietly: asyncio's server
             # logs a handler task that ends cancelled as an error.
@@ -75,7 +81,8 @@ class DelayLink:
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                     from_client: bool) -> None:
         """One direction: read as bytes come, write each piece `delay` after it came."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -89,12 +96,17 @@ class DelayLink:
                         writer.write_eof()
                     return
                 writer.write(data)
+                if not from_client:
+                    self._answered = True
                 await writer.drain()
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(deliver())
             while True:
                 data = await reader.read(1 << 16)
+                if from_client and data and self._answered:
+                    self.turns += 1
+                    self._answered = False
                 queue.put_nowait((loop.time() + self.delay, data))
                 if not data:
                     break
