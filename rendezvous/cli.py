@@ -550,8 +550,13 @@ def _serve(argv: list[str] | None, args: argparse.Namespace) -> int:
     try:
         args.data.mkdir(parents=True, exist_ok=True)
         lock = DataLock.acquire(args.data)
-    except (OSError, DataInUse) as exc:
+    except DataInUse as exc:
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # was "[Errno 17] File exists: 'DATA'", naming no flag
+        why = "it is a file" if isinstance(exc, FileExistsError) else exc.strerror or exc
+        print(f"peerpost-rendezvous: cannot use --data {args.data} as the data folder: {why}",
+              file=sys.stderr)
         return 1
     # Until the loop's handlers are in place, these must not end the process (SIGUSR1
     # comes from `accounts delete`/`devices revoke`, SIGHUP from an operator's reload).

@@ -104,6 +104,17 @@ async def test_a_listen_address_this_host_lacks_blames_listen(tmp_path: Path, po
         "requested address (not an address of this host: check --listen)"], err
 
 
+async def test_a_data_folder_that_cannot_be_one_names_the_flag(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    for data, why in (("afile", "it is a file"), ("afile/sub", "Not a directory")):
+        code, _, err = await run("serve", "--domain", DOMAIN, "--data", str(tmp_path / data),
+                                 "--listen", "127.0.0.1:0")
+        errors = [ln for ln in err.splitlines() if ln.startswith("peerpost-rendezvous:")]
+        assert code == 1 and errors == [  # was "[Errno 17] File exists: '.../afile'"
+            f"peerpost-rendezvous: cannot use --data {tmp_path / data} as the data folder: "
+            f"{why}"], err
+
+
 async def test_a_start_that_never_listened_binds_no_domain(tmp_path: Path) -> None:
     # A mistyped domain whose first start failed (its port taken) was kept: the folder was
     # then "data serves exmaple.net, not example.net", and `invite` took the typo.
