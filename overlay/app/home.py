@@ -154,6 +154,21 @@ class NodeHome:
     def exists(self) -> bool:
         return bool(self.identity_path.exists() and self.config_path.exists())
 
+    def check_creatable(self) -> None:
+        """HomeError when the folder can't be made (a file in its place or above it, a
+        folder not writable). `init` asks before it registers: a failure after that left
+        the address bound to a key never saved, and its invite used."""
+        path = self.root
+        while not path.exists() and not path.is_symlink() and path.parent != path:
+            path = path.parent
+        if path == self.root and not path.is_dir():
+            raise HomeError(f"--home {self.root} is a file, not a folder: choose another "
+                            "--home")
+        if not path.is_dir():
+            raise HomeError(f"--home {self.root} can't be made: {path} is a file")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise HomeError(f"--home {self.root} can't be made: {path} is not writable")
+
     def create(self, config: NodeConfig, identity: DeviceIdentity) -> None:
         """Make the folder (0700) and write identity and config; refuse to overwrite."""
         if self.exists():

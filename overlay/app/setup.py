@@ -84,6 +84,7 @@ def init_home(home: NodeHome, args: argparse.Namespace, console: Console,
     except (DecodeError, ValueError) as exc:
         raise HomeError(str(exc)) from None
     domain = domain_of(address)
+    home.check_creatable()
     identity = _identity_for_init(home)
     vouch = _checked_vouch(getattr(args, "vouch", None), address, identity)
     if target is None:
@@ -258,6 +259,7 @@ def _checked_vouch(text: str | None, address: str,
 def device_key(home: NodeHome, console: Console) -> int:
     """`peerpost devices key`: this device's public key, made (0600) if the home has none."""
     if not home.identity_path.exists():
+        home.check_creatable()
         home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         save_identity(DeviceIdentity.generate(), home.identity_path)
     identity = home.load_identity()

@@ -119,6 +119,26 @@ def test_init_prints_the_command_to_start_the_node_on_one_line(net: LocalNetwork
 
 
 @pytest.mark.slow
+def test_init_into_a_file_is_refused_before_the_address_is_taken(net: LocalNetwork) -> None:
+    # It registered first and then failed to make the folder, with a traceback: the address
+    # was bound to a key never saved (and an invite, had there been one, used up).
+    gina = NodeHandle("gina", f"gina@{net.domain}", net.root / "gina-file")
+    gina.home.write_text("notes\n")
+    for home, why in ((gina.home, f"--home {gina.home} is a file, not a folder: choose "
+                                  "another --home"),
+                      (gina.home / "sub", f"--home {gina.home / 'sub'} can't be made: "
+                                          f"{gina.home} is a file")):
+        res = run(net, NodeHandle("gina", gina.address, home), "init", "--address",
+                  gina.address, "--server", net.server_hostport, "--listen", "127.0.0.1:0")
+        assert (res.returncode, res.stderr) == (1, f"error: {why}\n")
+        res = run(net, NodeHandle("gina", gina.address, home), "devices", "key")
+        assert (res.returncode, res.stderr) == (1, f"error: {why}\n")
+    res = run(net, NodeHandle("gina", gina.address, net.root / "gina"), "init", "--address",
+              gina.address, "--server", net.server_hostport, "--listen", "127.0.0.1:0")
+    assert res.returncode == 0, res.stderr  # the address is still free
+
+
+@pytest.mark.slow
 def test_init_download_dir_is_the_shells_folder(net: LocalNetwork, tmp_path: Path) -> None:
     erin = NodeHandle("erin", f"erin@{net.domain}", net.root / "erin")
     res = subprocess.run([_script("peerpost"), "--home", str(erin.home), "init", "--address",
