@@ -85,6 +85,9 @@ def init_home(home: NodeHome, args: argparse.Namespace, console: Console,
         raise HomeError(str(exc)) from None
     domain = domain_of(address)
     home.check_creatable()
+    if args.download_dir and os.path.exists(dl := os.path.expanduser(args.download_dir)) and (
+            not os.path.isdir(dl)):  # every download would fail: "[Errno 17] File exists"
+        raise HomeError(f"--download-dir {args.download_dir} is a file, not a folder")
     identity = _identity_for_init(home)
     vouch = _checked_vouch(getattr(args, "vouch", None), address, identity)
     if target is None:

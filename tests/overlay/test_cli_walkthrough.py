@@ -134,6 +134,12 @@ def test_init_into_a_file_is_refused_before_the_address_is_taken(net: LocalNetwo
         res = run(net, NodeHandle("gina", gina.address, home), "devices", "key")
         assert (res.returncode, res.stderr) == (1, f"error: {why}\n")
     res = run(net, NodeHandle("gina", gina.address, net.root / "gina"), "init", "--address",
+              gina.address, "--server", net.server_hostport, "--listen", "127.0.0.1:0",
+              "--download-dir", str(gina.home))
+    # Every download into it failed: "cannot store the file: [Errno 17] File exists: ...".
+    assert (res.returncode, res.stderr) == (
+        1, f"error: --download-dir {gina.home} is a file, not a folder\n")
+    res = run(net, NodeHandle("gina", gina.address, net.root / "gina"), "init", "--address",
               gina.address, "--server", net.server_hostport, "--listen", "127.0.0.1:0")
     assert res.returncode == 0, res.stderr  # the address is still free
 
