@@ -373,9 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "devices":
             return _devices(home, args)
         if args.command == "node":
-            from overlay.app.node import run_node
+            home.load_config()  # no home folder: say so before taking its lock
+            # The lock before the import, which takes about 0.9 s here: a command run
+            # meanwhile said "not running (start it ...)" of a node already starting.
+            with home.daemon_lock():
+                from overlay.app.node import run_node
 
-            return run_node(home, args)
+                return run_node(home, args)
         if args.command == "web":
             return cmd_web(home, args)
         if args.command == "demo":

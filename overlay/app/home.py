@@ -67,6 +67,7 @@ class NodeHome:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().absolute()
+        self._lock_depth = 0  # daemon_lock()s this object holds: the outer one has the lock
 
     identity_path = property(lambda self: self.root / "identity.json")
     config_path = property(lambda self: self.root / "config.json")
@@ -82,7 +83,15 @@ class NodeHome:
         """Hold the home's daemon lock (fcntl, released by the kernel when the process
         ends, even on SIGKILL); HomeBusy naming the holder's pid when another has it. A
         `restore` killed while it put its files in place is finished first
-        (`rendezvous.staged`), so nothing runs on half a home."""
+        (`rendezvous.staged`), so nothing runs on half a home. Taken again through the same
+        object, it is already held: `peerpost node` takes it before importing the node."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
@@ -102,8 +111,10 @@ class NodeHome:
                 logging.getLogger("peerpost.home").warning(
                     "finished a restore that was stopped midway: put %s in place",
                     ", ".join(finished))
+            self._lock_depth = 1
             yield
         finally:
+            self._lock_depth = 0
             os.close(fd)  # closing the descriptor releases the lock
 
     def daemon_running(self) -> str | None:

@@ -3,6 +3,8 @@ the tables they read, with a real server and real nodes on loopback."""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import json
 import os
 import pty
@@ -11,7 +13,9 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +23,12 @@ from typing import Any
 
 import pytest
 
+from crypto.identity import DeviceIdentity
+from overlay.app import cli
+from overlay.app.config import NodeConfig
 from overlay.app.control_wire import ControlError
 from overlay.app.control_wire import call as control_call
+from overlay.app.home import NodeHome
 from overlay.app.lab import LocalNetwork, NodeHandle, _script
 from tests.present import present
 
@@ -295,6 +303,56 @@ def test_ctrl_c_during_fetch_wait_says_the_download_goes_on(net: LocalNetwork,
     finally:
         net.cli(alice, "prefs", "set", "max-upload-rate", "none")
         net.cli(bob, "prefs", "set", "auto-download", "on")
+
+
+def test_a_node_still_loading_its_code_is_called_starting(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # `peerpost node` spends about 0.9 s importing the node before it runs; a command in
+    # that time said "not running (start it with `peerpost ... node`)", and a second node
+    # started on that advice was refused as "already running". The node's code is held
+    # back here by an import hook, in this process, while another process asks.
+    home = NodeHome(tmp_path / "h")
+    home.create(NodeConfig(address="erin@example.net", server="127.0.0.1:9"),
+                DeviceIdentity.generate())
+    importing, go = threading.Event(), threading.Event()
+
+    class HeldBack(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+            if name != "overlay.app.node":
+                return None
+            importing.set()
+            go.wait(30)
+            return importlib.util.spec_from_loader(name, self)
+
+        def create_module(self, spec: Any) -> None:
+            return None
+
+        def exec_module(self, module: Any) -> None:
+            module.run_node = lambda home, args: 0
+
+    real = sys.modules.pop("overlay.app.node", None)
+    monkeypatch.setattr(sys, "meta_path", [HeldBack(), *sys.meta_path])
+    monkeypatch.setattr(cli, "_setup_logging", lambda args, home: None)
+    codes: list[int] = []
+    starting = threading.Thread(target=lambda: codes.append(
+        cli.main(["--home", str(home.root), "node"])))
+    starting.start()
+    try:
+        assert importing.wait(30)
+        res = subprocess.run([_script("peerpost"), "--home", str(home.root), "info"],
+                             capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL)
+    finally:
+        go.set()
+        starting.join(30)
+        sys.modules.pop("overlay.app.node", None)
+        if real is not None:
+            sys.modules["overlay.app.node"] = real
+    assert codes == [0]
+    assert res.returncode == 3
+    assert (f"the peerpost node for {home.root} (pid {os.getpid()}) does not answer yet"
+            in flat(res.stderr)), res.stderr
+    assert "start it with" not in res.stderr
 
 
 @pytest.mark.slow
