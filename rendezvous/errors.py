@@ -21,6 +21,32 @@ _PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full
 
 
 STORAGE_FULL = "the server's storage is full: try again later"
+DATABASE_AWAY = "the server's database is unavailable: try again later"
+
+
+class DatabaseAway(ConnectionError):
+    """The database server could not be reached (stopped, restarting, failing over): a
+    state of the database that ends when it is back, not a fault of the request."""
+
+
+def is_database_away(exc: BaseException) -> bool:
+    """`exc` says the database server is away: it could not be reached (DatabaseAway), or
+    it ended the session or refused a new one while it shuts down or starts up (asyncpg's
+    connection and client errors, SQLSTATE 57P01-57P03). SQLite, a file in this process,
+    raises none of these."""
+    if isinstance(exc, DatabaseAway):
+        return True
+    asyncpg = sys.modules.get("asyncpg")  # loaded only by a server with a PostgreSQL store
+    if asyncpg is None:
+        return False
+    e = asyncpg.exceptions
+    # The client's own errors too: the store's connections run one statement at a time, so
+    # these come from a session the server ended under a statement ('connection is
+    # closed'; 'cannot switch to state 15; another operation (2) is in progress' when
+    # PostgreSQL shut down during a COMMIT).
+    return isinstance(exc, e.PostgresConnectionError | e.AdminShutdownError
+                      | e.CrashShutdownError | e.CannotConnectNowError | e.InterfaceError
+                      | e.InternalClientError)
 
 
 def error_text(exc: BaseException) -> str:

@@ -62,7 +62,7 @@ from crypto.codec import packb
 from crypto.identity import peer_id_of
 from rendezvous import pg_schema, pipe_hold
 from rendezvous.domainkey import decode_key, encode_key, fingerprint
-from rendezvous.errors import STORAGE_FULL, error_text
+from rendezvous.errors import STORAGE_FULL, DatabaseAway, error_text, is_database_away
 from rendezvous.logfmt import kv
 from rendezvous.messages import PipeMessage, Send, SendItem
 from rendezvous.records import Envelope, EnvelopeInfo
@@ -138,7 +138,8 @@ def _password_given(url: str) -> bool:
 
 async def connect(url: str, wait: float = 10.0) -> Any:
     """An asyncpg connection to `url`; a failure is a RuntimeError or OSError that names
-    the database (password left out)."""
+    the database (password left out): DatabaseAway, an OSError, when the server did not
+    answer, refused the connection or is starting up or shutting down."""
     import asyncpg  # only an operator who chose PostgreSQL needs it
 
     try:
@@ -149,10 +150,15 @@ async def connect(url: str, wait: float = 10.0) -> Any:
             # The documented URL form has no password; say where one goes.
             hint = (" (no password was given: set PGPASSWORD, or a ~/.pgpass line for the "
                     "user serve runs as, or put it in the URL, USER:PASSWORD@)")
-        raise RuntimeError(f"cannot connect to {redacted(url)}: {error_text(exc)}"
-                           f"{hint}") from None
+        text = f"cannot connect to {redacted(url)}: {error_text(exc)}{hint}"
+        if isinstance(exc, TimeoutError) or is_database_away(exc):
+            raise DatabaseAway(text) from None
+        raise RuntimeError(text) from None
     except OSError as exc:
-        raise OSError(f"cannot connect to {redacted(url)}: {exc.strerror or exc}") from None
+        text = f"cannot connect to {redacted(url)}: {exc.strerror or exc}"
+        if isinstance(exc, ConnectionError):
+            raise DatabaseAway(text) from None
+        raise OSError(text) from None
 
 
 def _domain(address: str) -> str:

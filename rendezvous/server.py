@@ -124,7 +124,13 @@ from crypto.address import domain_of, format_hostport
 from crypto.codec import packb
 from rendezvous.dns import DnsResolver, DomainLookupError, DomainResolver, own_records_problem
 from rendezvous.domainkey import DomainKey
-from rendezvous.errors import STORAGE_FULL, is_disk_full
+from rendezvous.errors import (
+    DATABASE_AWAY,
+    STORAGE_FULL,
+    error_text,
+    is_database_away,
+    is_disk_full,
+)
 from rendezvous.federation import Federation
 from rendezvous.instances import InstanceBus, LocalBus
 from rendezvous.limits import Limits, TokenBucket, source_label, source_of
@@ -848,10 +854,13 @@ class RendezvousServer:
         except RuntimeError:  # store closed during shutdown
             pass
         except Exception as exc:
-            if not is_disk_full(exc):
-                raise
             # When the device was last seen: soft state, the next login writes it.
-            log.error(kv("storage.full", verb="touch", error=str(exc)))
+            if is_disk_full(exc):
+                log.error(kv("storage.full", verb="touch", error=str(exc)))
+            elif is_database_away(exc):
+                log.warning(kv("storage.unavailable", verb="touch", error=error_text(exc)))
+            else:
+                raise
 
     def check_own_records(self, port: int) -> None:
         """Look up this domain's records once, in the background, and log what they say
@@ -920,6 +929,10 @@ class RendezvousServer:
         except Exception as exc:
             if is_disk_full(exc):
                 core.reject_auth(req.id, Status.UNAVAILABLE, STORAGE_FULL)
+            elif is_database_away(exc):
+                log.warning(kv("storage.unavailable", peer=conn.peer, verb=req.TAG,
+                               error=error_text(exc)))
+                core.reject_auth(req.id, Status.UNAVAILABLE, DATABASE_AWAY)
             else:
                 log.exception(kv("auth.store_failed", peer=conn.peer))
                 core.reject_auth(req.id, Status.SERVER_ERROR,
@@ -1078,6 +1091,10 @@ class RendezvousServer:
         if is_disk_full(exc):  # nothing was stored; the operator has to free space
             log.error(kv("storage.full", peer=conn.peer, verb=req.TAG, error=str(exc)))
             return Status.UNAVAILABLE, STORAGE_FULL, None
+        if is_database_away(exc):  # nothing was stored; asked again once it is back
+            log.warning(kv("storage.unavailable", peer=conn.peer, verb=req.TAG,
+                           error=error_text(exc)))
+            return Status.UNAVAILABLE, DATABASE_AWAY, None
         log.error(kv("request.failed", peer=conn.peer, verb=req.TAG), exc_info=exc)
         return Status.SERVER_ERROR, "internal error", None
 
@@ -1611,10 +1628,10 @@ class RendezvousServer:
             except Exception as exc:
                 if self._closing:  # the store closed under the round: the server is stopping
                     return
-                # A RuntimeError too: PgStore fails a round with one while PostgreSQL starts
-                # up or shuts down ('cannot connect to ...'), and the next round may work.
                 if is_disk_full(exc):
                     log.error(kv("storage.full", verb="sweep", error=str(exc)))
+                elif is_database_away(exc):
+                    log.warning(kv("storage.unavailable", verb="sweep", error=error_text(exc)))
                 else:
                     log.exception(kv("sweep.failed"))
                 continue

@@ -16,6 +16,7 @@ import pytest
 from crypto.identity import DeviceIdentity
 from rendezvous.client_core import ClientConnection
 from rendezvous.domainkey import load_or_create
+from rendezvous.errors import DatabaseAway
 from rendezvous.limits import Limits
 from rendezvous.messages import Challenge, Reply, Request, ServerMessage, encode_request
 from rendezvous.server import RendezvousServer
@@ -36,10 +37,10 @@ def disk_full() -> sqlite3.OperationalError:
     return exc
 
 
-def pg_starting_up() -> RuntimeError:
+def pg_starting_up() -> DatabaseAway:
     """What PgStore fails an op with while PostgreSQL starts up or shuts down (its
-    reconnect refused: CannotConnectNowError, a PostgresError, becomes a RuntimeError)."""
-    return RuntimeError("cannot connect to postgresql://rv@127.0.0.1/rv: the database "
+    reconnect refused with CannotConnectNowError)."""
+    return DatabaseAway("cannot connect to postgresql://rv@127.0.0.1/rv: the database "
                         "system is starting up")
 
 

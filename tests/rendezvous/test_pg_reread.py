@@ -4,11 +4,13 @@ re-reads. The error ended the server ('cannot connect to ...: Connection refused
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
 import pytest
 
+from rendezvous.errors import DATABASE_AWAY, ServerError
 from tests.pgtest import PgCluster
 
 from .conftest import ident
@@ -64,5 +66,33 @@ async def test_a_finger_while_the_instance_bus_is_cut_off_answers_with_local_pre
                 assert [d.online for d in devices] == [False]
         warnings = [line for line in srv.log[mark:] if "instance.presence_read_failed" in line]
         assert len(warnings) == 1 and "connection is closed" in warnings[0], srv.log[mark:]
+        assert srv.proc.returncode is None
+        assert "Traceback" not in "".join(srv.log)
+
+
+async def test_a_request_while_the_database_is_down_is_told_to_come_back(
+        tmp_path: Path, own_pg_cluster: PgCluster) -> None:
+    """PostgreSQL stops under a serving server. A message deposited meanwhile is answered
+    503 "the server's database is unavailable: try again later", not 500 "internal error"
+    with a traceback in the log; the same deposit once the database is back is stored,
+    once. A session that ends meanwhile (its last-seen time is not written) is a warning."""
+    async with serve(tmp_path / "data", "--store", own_pg_cluster.create_database(),
+                     "--stun-port", "off", "--dht-port", "off", "--open-registration",
+                     expect=1) as srv:
+        async with rc(srv.port, BOB, "bob@example.net", register=True):
+            pass
+        mid = os.urandom(16)
+        item = [("bob@example.net", BOB.peer_id, b"sealed location message")]
+        async with rc(srv.port, ALICE, "alice@example.net", register=True) as alice:
+            own_pg_cluster.stop()
+            with pytest.raises(ServerError) as refused:
+                await alice.send(mid, item)
+            assert (refused.value.status, refused.value.text) == (503, DATABASE_AWAY)
+        await srv.wait_log("event=storage.unavailable verb=touch")
+        own_pg_cluster.start_again()
+        async with rc(srv.port, ALICE, "alice@example.net") as alice:
+            await alice.send(mid, item)
+        async with rc(srv.port, BOB, "bob@example.net") as bob:
+            assert [e.message_id for e in await bob.list()] == [mid]
         assert srv.proc.returncode is None
         assert "Traceback" not in "".join(srv.log)

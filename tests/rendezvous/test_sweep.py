@@ -41,5 +41,7 @@ async def test_a_failed_sweep_is_logged_and_the_next_one_runs(
     text = caplog.text
     if failure is disk_full:
         assert "event=storage.full verb=sweep" in text and "Traceback" not in text
+    elif failure is pg_starting_up:
+        assert "event=storage.unavailable verb=sweep" in text and "Traceback" not in text
     else:
         assert "event=sweep.failed" in text
