@@ -36,15 +36,23 @@ SENDER = DeviceIdentity.from_seed(b"s" * 32)
 LAPTOP = DeviceIdentity.from_seed(b"l" * 32)
 FAMILY = DeviceIdentity.from_seed(b"f" * 32)
 # Chunks larger than what the kernel buffers between the sender and the blackhole (the
-# sender's send buffer grows to 4 MiB, the proxy's receive buffer is held at 64 KiB): the
+# sender's send buffer is held at `SNDBUF`, the proxy's receive buffer at 64 KiB): the
 # sender's first chunk can't all leave, so its session holds the slot.
 CHUNK = 8 << 20
+# The sender's send buffer, held at this (the kernel doubles it). Let grow to 4 MiB, it was
+# still taking bytes of the stuck chunk after the laptop's new OPEN (1.5 MB more) on a
+# loaded machine; and while the proxy's reader still took bytes after the cut, the window
+# it opened let 190 KB more leave later. The server then rightly saw the session move and
+# gave it REPLACED_SILENCE more: the family waited 4.1 s in 3 of 6 runs beside two CPU
+# hogs with either of the two alone, in none of 8 with both.
+SNDBUF = 256 << 10
 SIZE = 3 * CHUNK - 4321
 
 
 class Blackhole:
     """A TCP proxy to (host, port) that forwards `forward` bytes towards the client, then
-    forwards nothing more either way and closes nothing (`cut` is set then)."""
+    forwards nothing more either way, reads nothing more from the target and closes
+    nothing (`cut` is set then)."""
 
     def __init__(self, host: str, port: int, forward: int) -> None:
         self.target = (host, port)
@@ -80,6 +88,9 @@ class Blackhole:
             client_w.write(data)
             await client_w.drain()
             self.left -= len(data)
+        upstream_transport = up_w.transport  # the socket's, which reads too
+        assert isinstance(upstream_transport, asyncio.ReadTransport)
+        upstream_transport.pause_reading()  # a dead path: no window opens again
         self.cut.set()
         await pump
 
@@ -119,6 +130,9 @@ async def test_a_moved_requester_s_silent_session_gives_its_slot_up_when_it_reco
     server = TransferServer(SENDER, store, upload_slots=1)
     slots = server.upload_slots = WatchedSlots(1)
     host, port = await server.start()
+    assert server._tcp is not None and server._tcp._server is not None
+    for listening in server._tcp._server.sockets:  # accepted sockets inherit it
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
     proxy = Blackhole(host, port, forward=1 << 20)
     p_host, p_port = await proxy.start()
     receiver = ContentStore(tmp_path / "laptop")
