@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prune", action="store_true",
                    help="remove complete and failed messages older than --days (received "
                         "files stay unless --delete-file)")
-    s.add_argument("--days", type=_days_arg, default=30, metavar="N",
+    s.add_argument("--days", type=_days_arg, default=None, metavar="N",
                    help="with --prune: age in days of what goes (default 30; 0: all)")
     s.add_argument("--junk", action="store_true",
                    help="with --prune: also every junk sender's message, whatever its age")
@@ -820,8 +820,12 @@ SHORT_ID = 8
 
 
 def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
+    if args.days is not None and not args.prune:  # listing takes no age: it was ignored
+        raise CliError("--days goes with --prune: `peerpost inbox --prune --days "
+                       f"{args.days}` removes what is older", EXIT_USAGE)
     if args.prune:
-        res = control_call(home.control_path, "prune", days=args.days, junk=bool(args.junk),
+        days = 30 if args.days is None else args.days
+        res = control_call(home.control_path, "prune", days=days, junk=bool(args.junk),
                            delete_file=bool(args.delete_file))
         if args.json:
             print(json.dumps(res, indent=2))

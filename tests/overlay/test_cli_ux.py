@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from crypto.identity import DeviceIdentity
 from overlay.app import cli
 from overlay.app.cli import _glue_token_values, build_parser
+from overlay.app.config import NodeConfig
 from overlay.app.home import NodeHome
 from overlay.app.lab import LocalNetwork, NodeHandle, _script
 from overlay.mail.describe import MediaInfo
@@ -126,6 +128,18 @@ def test_usage_error_with_json_is_json(tmp_path: Path) -> None:
     assert res.returncode == 2
     err = json.loads(res.stdout)
     assert err["code"] == 2 and "--days" in err["error"]
+
+
+def test_days_without_prune_is_a_usage_error(tmp_path: Path) -> None:
+    # `inbox --days 7` listed the whole inbox: the age was ignored, and nothing said so.
+    home = NodeHome(tmp_path / "home")
+    home.create(NodeConfig("bob@example.net", "127.0.0.1:4500"), DeviceIdentity.generate())
+    res = run("peerpost", "--home", str(home.root), "inbox", "--days", "7")
+    assert res.returncode == 2
+    assert res.stderr == ("error: --days goes with --prune: `peerpost inbox --prune --days 7` "
+                          "removes what is older\n")
+    res = run("peerpost", "--home", str(home.root), "inbox", "--days", "7", "--json")
+    assert json.loads(res.stdout)["code"] == 2
 
 
 # An invite from a server of an earlier version is base64url and may begin with "-".
