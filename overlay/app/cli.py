@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("args", nargs="*", help="add|remove ADDR, or KEY VALUE for set: "
                    "auto-download on|off, auto-download-max SIZE|none, "
                    "retention keep|delete|archive, archive-dir DIR|none, "
-                   "max-upload-rate RATE|none")
+                   "max-upload-rate RATE|none (none or 0: no cap)")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("contacts", help="pinned keys and fingerprints (compare out of band)")
@@ -1194,8 +1194,8 @@ def cmd_prefs(home: NodeHome, args: argparse.Namespace) -> int:
                            " auto-download-max SIZE|none (e.g. 500MB, 2GB, 1GiB; default"
                            " 2GiB; larger messages wait for `peerpost fetch`),"
                            " retention keep|delete|archive, archive-dir DIR|none,"
-                           " max-upload-rate RATE|none (e.g. 500KiB/s, 1MB/s; applies"
-                           " at once))", EXIT_USAGE)
+                           " max-upload-rate RATE|none (e.g. 500KiB/s, 1MB/s; none or 0:"
+                           " no cap; applies at once))", EXIT_USAGE)
         _check_pref_key(args.args[0])
         key, value = args.args
         if key.replace("_", "-") == "archive-dir":

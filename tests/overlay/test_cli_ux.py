@@ -84,6 +84,18 @@ def test_help_shows_defaults_and_exit_codes() -> None:
     assert "(default: results/NAME)" in run("peerpost-sim", "run", "--help").stdout
 
 
+def test_prefs_help_says_what_lifts_the_upload_cap(tmp_path: Path) -> None:
+    # `prefs set max-upload-rate 0` lifts the cap, as `none` does: the help said only none.
+    assert "max-upload-rate RATE|none (none or 0: no cap)" in " ".join(
+        run("peerpost", "prefs", "--help", env={"COLUMNS": "4000"}).stdout.split())
+    home = NodeHome(tmp_path / "home")
+    home.create(NodeConfig("bob@example.net", "127.0.0.1:4500"), DeviceIdentity.generate())
+    res = run("peerpost", "--home", str(home.root), "prefs", "set", "max-upload-rate")
+    assert res.returncode == 2
+    assert "max-upload-rate RATE|none (e.g. 500KiB/s, 1MB/s; none or 0: no cap; applies at " \
+        "once)" in res.stderr
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_completion_bash_names_the_subcommands(command: str) -> None:
     res = run(command, "completion", "bash")

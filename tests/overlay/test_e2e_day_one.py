@@ -90,6 +90,11 @@ def test_upload_cap_applies_at_once_and_prefs_show_set_names(net: LocalNetwork,
     assert same_bytes(src, Path(got["path"]))
     # 4 MiB under a 1 MiB/s cap set while the node ran (a 100 KiB burst): over 3 s.
     assert got["completed_at"] - got["started_at"] >= 3.0
+    # 0 lifts the cap, as `none` does (the README and the help say both), and shows so.
+    shown = net.cli(alice, "prefs", "set", "max-upload-rate", "0").stdout
+    row = next(line for line in shown.splitlines() if "max-upload-rate" in line)
+    assert row.split("│")[2].strip() == "none", shown
+    assert net.cli_json(alice, "prefs")["max_upload_rate"] is None
 
 
 RECORDER = """\
