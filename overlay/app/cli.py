@@ -641,6 +641,8 @@ def cmd_send(home: NodeHome, args: argparse.Namespace) -> Any:
     if len(set(p.resolve() for p in paths)) != len(paths):
         raise CliError("the same path is given twice", EXIT_USAGE)
     to = recipients(args.to)
+    if args.title is not None and not args.title.strip():
+        args.title = None  # as `--note ""` is no note: the title without --title
     if len(paths) == 1 and paths[0].is_file():
         return _send(home, paths[0].absolute(), to, args)
     return _send_folder(home, [p.absolute() for p in paths], to, args)

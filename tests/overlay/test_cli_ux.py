@@ -370,6 +370,18 @@ def test_semicolon_list_gets_a_comma_hint(net: LocalNetwork, tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_a_blank_title_is_the_files_name(net: LocalNetwork, tmp_path: Path) -> None:
+    # `send --title ""` reached bob as a message with a blank title; `--note ""` is no note.
+    alice, bob = net.nodes["alice"], net.nodes["bob"]
+    src = _file(tmp_path, "holiday.bin", 1024)
+    for blank in ("", "  \t"):
+        mid = net.cli(alice, "send", str(src), "--to", bob.address, "--title", blank,
+                      "--note", "").stdout.strip()
+        got = net.wait_complete(bob, mid, 60, "bob's download")
+        assert (got["title"], got["note"]) == ("holiday.bin", "")
+
+
+@pytest.mark.slow
 def test_too_many_addresses_and_negative_days_are_usage_errors(net: LocalNetwork,
                                                                tmp_path: Path) -> None:
     # Both reached the node and came back as "control request.args.to: 65 items, limit 64"
