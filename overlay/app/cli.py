@@ -906,8 +906,9 @@ def _entry_state(e: dict[str, Any]) -> str:
 
 
 def _shown_state(e: dict[str, Any]) -> str:
-    """The inbox state, but `queued` for one downloading whose turn has not come (another
-    download runs first; a node from before `queued` never says so)."""
+    """The inbox state, but `queued` for one whose download starts by itself once
+    another ends: fetched, paused, or offered to auto-download (a node from before
+    `queued` never says so). `offered` alone waits for `peerpost fetch`."""
     return "queued" if e.get("queued") else str(e["state"])
 
 

@@ -194,11 +194,23 @@ class ControlOperations:
             "next_attempt": next_attempt, "attempts": e.attempts, "error": error,
             "started_at": e.started_at, "first_byte_at": e.first_byte_at,
             "completed_at": e.completed_at,
-            # Downloading, but its turn has not come: another download runs first.
-            "queued": state == InboxState.DOWNLOADING.value and not self.downloads.running(e.id),
+            "queued": self._waits_its_turn(e, state),
             "sources": [s.as_dict() for s in act.sources.values()] if act else [],
             "folder": folder_json(e),
         }
+
+    def _waits_its_turn(self, e: InboxEntry, state: str) -> bool:
+        """Its download starts by itself once another one ends: one downloading whose turn
+        has not come (fetched, or paused for a priority sender's), or one still `offered`
+        that the preferences fetch without a `fetch` (auto-download, at most
+        auto-download-max), which the downloader moves on only when it starts it. An
+        `offered` one they do not fetch waits for the user."""
+        if state == InboxState.DOWNLOADING.value:
+            return not self.downloads.running(e.id)
+        if state != InboxState.OFFERED.value or e.junk or not self.prefs.auto_download:
+            return False
+        most = self.prefs.auto_download_max
+        return most is None or e.size <= most
 
     async def inbox_list(self, a: Fields) -> Any:
         include_junk = bool(a.bool("include_junk", optional=True))

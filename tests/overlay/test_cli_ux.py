@@ -550,6 +550,29 @@ def test_a_download_waiting_its_turn_says_queued(net: LocalNetwork, tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_an_auto_download_waiting_its_turn_says_queued(net: LocalNetwork,
+                                                        tmp_path: Path) -> None:
+    """A second message that auto-download takes waits while the first downloads: inbox
+    says `queued`, not `offered`, which is what waits for `peerpost fetch`."""
+    alice, bob = net.nodes["alice"], net.nodes["bob"]
+    net.cli(alice, "prefs", "set", "max-upload-rate", "1MiB/s")
+    try:
+        first, second = (net.cli(alice, "send", str(_file(tmp_path, f"auto-{n}.bin", 6 * MiB)),
+                                 "--to", bob.address).stdout.strip() for n in ("one", "two"))
+        net.wait_until(lambda: (e := net.inbox_entry(bob, first)) and e["progress"] > 0, 30,
+                       "the first download's first chunk")
+        net.wait_until(lambda: net.inbox_entry(bob, second), 30, "the second offer at bob")
+        waiting = net.inbox_entry(bob, second)
+        res = _mine(net, bob, "inbox", env={"COLUMNS": "100"})
+        net.wait_complete(bob, second, 60, "the second download")
+    finally:
+        net.cli(alice, "prefs", "set", "max-upload-rate", "none")
+    assert waiting is not None and waiting["state"] == "offered" and waiting["queued"]
+    row = [line for line in res.stdout.splitlines() if second[:8] in line]
+    assert "│ queued" in row[0] and "offered" not in row[0], res.stdout
+
+
+@pytest.mark.slow
 def test_send_while_the_server_is_down(tmp_path: Path) -> None:
     with LocalNetwork(tmp_path / "lab", server_args=[]) as net:
         net.start_server()
