@@ -43,8 +43,9 @@ def backup(home: NodeHome, dest: Path) -> dict[str, Any]:
     folder made owner-only. Returns what was copied."""
     if not home.exists():
         raise HomeError(f"no peerpost node in {home.root} to back up")
-    dest = Path(dest).expanduser().absolute()
-    if dest == home.root or home.root in dest.parents:
+    dest = Path(dest).expanduser().resolve()  # said back to the user: `run1/../bk` as bk
+    root = home.root.resolve()
+    if dest == root or root in dest.parents:
         raise HomeError(f"{dest} is inside the home folder it would back up")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise HomeError(f"{dest} exists and is not an empty folder")

@@ -7,9 +7,13 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
-from overlay.app.lab import LocalNetwork
+from crypto.identity import DeviceIdentity
+from overlay.app.config import NodeConfig
+from overlay.app.home import NodeHome
+from overlay.app.lab import LocalNetwork, _script
 
 
 def _mode(path: Path) -> int:
@@ -59,3 +63,23 @@ def test_a_backup_restores_a_lost_home(tmp_path: Path) -> None:
         assert other.returncode == 1
         assert "holds another device" in other.stderr and "--force" in other.stderr
         assert "restored" in net.cli(carol, "restore", str(dest), "--force").stdout
+
+
+def test_backup_names_the_folder_it_made(tmp_path: Path) -> None:
+    # `backup run1/../bk` said "backed up ... to /tmp/x/run1/../bk": the path as typed.
+    home = NodeHome(tmp_path / "run1" / "home")
+    home.create(NodeConfig("bob@example.net", "127.0.0.1:4500"), DeviceIdentity.generate())
+
+    def backup(dest: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([_script("peerpost"), "--home", "run1/home", "backup", dest],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "4000"})
+
+    res = backup("run1/../bk")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"backed up {home.root} to {tmp_path.resolve() / 'bk'}: "), \
+        res.stdout
+    assert (tmp_path / "bk" / "identity.json").is_file()
+    inside = backup("run1/x/../home/bk")
+    assert inside.returncode == 1
+    assert f"{home.root.resolve() / 'bk'} is inside the home folder" in inside.stderr
