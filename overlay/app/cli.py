@@ -1093,7 +1093,10 @@ def _status_table(home: NodeHome, args: argparse.Namespace, want: str | None) ->
     fixed = 19 + SHORT_ID + size_width + (10 if narrow else 19)  # borders, id, size, updated
     rec = max(9, min(longest, 24, width - fixed - 16))
     spare = max(width - fixed - rec, 12)
-    state_width = min(spare - 6, max(10, spare // 2))  # "downloaded" on one line
+    # Each word of a state whole ("downloading", "unreachable"); the title folds instead.
+    word = max((len(w) for m in items for r in m["recipients"]
+                for w in _clean(r.get("shown") or r["state"]).split()), default=10)
+    state_width = min(spare - 6, max(10, min(word, 16), spare // 2))
     t = _table(title="sent messages", expand=False)
     t.add_column("id", no_wrap=True, min_width=SHORT_ID)
     t.add_column("title", overflow="fold", max_width=spare - state_width)

@@ -486,6 +486,37 @@ def test_inbox_with_a_download_and_long_titles_fits_without_cropping(
     assert "downloading 50%" in table and "via tcp" in table
 
 
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_status_keeps_each_state_word_whole(monkeypatch: pytest.MonkeyPatch,
+                                            width: int) -> None:
+    # At 80 columns the state column was 10 wide: "downloadin" over "g", "unreachabl" over
+    # "e". The title folds instead, and nothing of it is cut.
+    def recipient(address: str, shown: str) -> dict[str, Any]:
+        return {"address": address, "state": "sent", "updated_at": 1.8e9, "reason": None,
+                "shown": shown}
+
+    titles = ("Grandma's 90th birthday, the whole evening", "big.webm")
+    items = [{"id": "ab" * 16, "title": titles[0], "size": 23_000_000,
+              "recipients": [recipient("bob@example.net", "downloading"),
+                             recipient("carol@example.net", "downloaded")]},
+             {"id": "cd" * 16, "title": titles[1], "size": 6_000_000,
+              "recipients": [recipient("dave@example.net", "queued at b.example (b.example "
+                                       "unreachable since 12:00)")],
+              "source_changed": "the file changed"}]
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=width, color_system=None))
+    monkeypatch.setattr(cli, "control_call", lambda *_, **__: items)
+    assert cli.cmd_status(NodeHome("/nonexistent"), build_parser().parse_args(["status"])) == 0
+    table = out.getvalue()
+    rows = [line.split("│") for line in table.splitlines() if line.startswith("│")]
+    assert rows and all(len(cells) == 8 for cells in rows), table  # no column cropped
+    states = [word for cells in rows for word in cells[5].split()]
+    for word in ("downloading", "downloaded", "unreachable", "`peerpost", "resend"):
+        assert word in states, table
+    assert "".join("".join(cells[2].split()) for cells in rows) == "".join(
+        "".join(title.split()) for title in titles), table
+
+
 @pytest.mark.slow
 def test_an_empty_inbox_says_so(net: LocalNetwork) -> None:
     erin = net.add_node("erin")
