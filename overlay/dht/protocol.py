@@ -459,7 +459,11 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         fd = -1 if sock is None else sock.fileno()
         if fd < 0:
             return
-        with socket.socket(sock.family, sock.type, fileno=os.dup(fd)) as own:
+        try:
+            own = socket.socket(sock.family, sock.type, fileno=os.dup(fd))
+        except OSError:  # out of file descriptors: judged unread, as before the look
+            return
+        with own:
             for _ in range(MAX_UNREAD):
                 try:  # one byte over the limit, so an oversized datagram is seen as one
                     data, addr = own.recvfrom(MAX_DATAGRAM + 1, socket.MSG_DONTWAIT)

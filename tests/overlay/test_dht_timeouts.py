@@ -8,6 +8,9 @@ joining nodes whose one contact (the busy bootstrap node) answered late and was 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import socket
 import time
 
 import pytest
@@ -119,3 +122,25 @@ async def test_a_reply_after_its_timeout_puts_the_node_back_in_the_table(
         assert me.protocol.rtt.timeout_for(slow.peer_id) > STALL
     finally:
         await close_all(nodes)
+
+
+async def test_a_timer_that_cannot_look_at_its_socket_still_times_its_rpc_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of file descriptors, the timer's look at the socket is skipped, and the RPC to a
+    node that never answers times out as before: its future is resolved all the same."""
+    [me] = await start_swarm(1, seed=35)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+
+        def no_fd(fd: int) -> int:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        monkeypatch.setattr(os, "dup", no_fd)
+        try:
+            ping = me.protocol.call_ping(Node(bytes(20), *silent.getsockname()))
+            async with asyncio.timeout(10):
+                outcome = await ping
+            assert not isinstance(outcome, Answer) and outcome.reason == "timeout"
+        finally:
+            monkeypatch.undo()
+            await close_all([me])
