@@ -536,8 +536,8 @@ class PgInstanceBus:
         self._listening.set()
 
     def _listener_lost(self, conn: Any) -> None:
-        if self._closed or conn is not self._listener:
-            return
+        if self._closed or conn is not self._listener or not self._listening.is_set():
+            return  # closing, an old listener, or this one's loss is seen already
         self._listening.clear()
         log.warning(kv("instance.listener_lost", instance=self.instance))
         self._tasks.spawn(self._relisten(), name="bus-relisten")
@@ -744,6 +744,10 @@ class PgInstanceBus:
                 log.warning(kv("instance.heartbeat_failed", error=str(exc) or repr(exc)))
                 if self._conn is not None and self._conn.is_closed():
                     await self._reconnect()
+                if self._listener is not None and self._listener.is_closed():
+                    # asyncpg aborts a connection on a protocol error (PostgreSQL ending
+                    # the session mid-statement) without calling termination listeners.
+                    self._listener_lost(self._listener)
 
     async def _reconnect(self) -> None:
         """The main connection is gone: open another, renew the lease, restate presence."""

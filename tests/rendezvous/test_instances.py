@@ -367,3 +367,26 @@ async def test_a_bus_losing_its_connection_at_start_says_so_in_one_line(error: A
     assert text.removeprefix("postgresql://rv:***@127.0.0.1:5/rv: ") in (
         "connection was closed in the middle of operation",
         "[Errno 104] Connection reset by peer", "TimeoutError")
+
+
+async def test_a_listener_asyncpg_aborts_without_telling_is_listened_again(
+        buses: tuple[PgInstanceBus, FakeHost, PgInstanceBus, FakeHost]) -> None:
+    """asyncpg aborts a connection on a protocol error (its `_coreproto_error`, as when
+    PostgreSQL ends the session in the middle of a statement) without calling its
+    termination listeners. A loaded test run saw the bus go on with such a listener: every
+    heartbeat failed with 'connection is closed', and no event came in again. The failed
+    check of the listener now counts as losing it: the bus listens again and re-reads what
+    it may have missed."""
+    a, ha, b, _ = buses
+    ha.devices.append(D1)
+    a.session_up(D1, 0)
+    await a.settle()
+    listener = a._listener
+    listener._abort()  # what asyncpg's protocol error does: no termination listener runs
+    kind, device, seqs, _, _ = await asyncio.wait_for(ha.calls.get(), 10)
+    assert (kind, device, seqs) == ("deliver", D1, None)  # the re-scan after listening
+    assert a.listener_reconnects == 1 and a._listener is not listener
+    b.stored([queued(11, D1)])
+    while (call := await asyncio.wait_for(ha.calls.get(), 5))[0] != "push":
+        pass
+    assert call[1:3] == (D1, {11})
