@@ -74,7 +74,10 @@ def test_a_photo_with_a_long_name_on_a_phone(net: LocalNetwork, browser_page: An
     page.click("button:text-is('Download it')")
     page.wait_for_selector("#save", state="visible", timeout=30_000)
     assert page.inner_text("#msg-state") == "received"
-    assert page.is_visible("img#player") and not page.is_visible("button:text-is('Download it')")
+    # The photo shows once it has loaded: an <img> has no box before that (a loaded full
+    # test run looked at once and found it not visible yet).
+    page.wait_for_selector("img#player", state="visible", timeout=10_000)
+    assert not page.is_visible("button:text-is('Download it')")
     with page.expect_download() as info:
         page.click("#save")
     saved = info.value
