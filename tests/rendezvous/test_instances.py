@@ -187,7 +187,10 @@ async def test_finger_pipe_and_relay_across_instances(pg_url: str) -> None:
     from tests.overlay.test_relay_stream import ALICE, BOB
 
     key = DomainKey.generate()
-    buses = [PgInstanceBus(pg_url, heartbeat=0.2) for _ in range(2)]
+    # A lease no load outlasts: with the default (3 heartbeats, 0.6 s) a loaded run saw
+    # FINGER find bob online and the PIPE right after find him offline (480). The lease
+    # ending is test_presence_events_and_lease's subject, not this test's.
+    buses = [PgInstanceBus(pg_url, heartbeat=0.2, lease=30.0) for _ in range(2)]
     servers = [RendezvousServer("example.net", PgStore(pg_url), open_registration=True,
                                 domain_key=key, finger_open=True, resolver=None, bus=bus)
                for bus in buses]
@@ -254,7 +257,10 @@ async def test_envelope_committed_after_a_login_with_a_smaller_seq_is_pushed_onc
     from tests.overlay.test_relay_stream import ALICE, BOB
 
     key = DomainKey.generate()
-    buses = [PgInstanceBus(pg_url, heartbeat=0.2) for _ in range(2)]
+    # A lease no load outlasts: with the default (3 heartbeats, 0.6 s) a loaded run saw
+    # FINGER find bob online and the PIPE right after find him offline (480). The lease
+    # ending is test_presence_events_and_lease's subject, not this test's.
+    buses = [PgInstanceBus(pg_url, heartbeat=0.2, lease=30.0) for _ in range(2)]
     servers = [RendezvousServer("example.net", PgStore(pg_url), open_registration=True,
                                 domain_key=key, resolver=None, bus=bus) for bus in buses]
     (h1, p1), (h2, p2) = [await s.start("127.0.0.1", 0) for s in servers]
