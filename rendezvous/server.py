@@ -178,6 +178,21 @@ from rendezvous.tls import ServerTls, can_half_close
 
 log = logging.getLogger("rendezvous.server")
 
+
+def _storage_trouble(exc: BaseException, verb: str, **where: Any) -> str | None:
+    """The reply for a store failure that is the storage's state, not a fault of the
+    request: a full disk (logged as an error: the operator has to free space) or a
+    database that is away (a warning: it ends when the database is back). None for any
+    other failure."""
+    if is_disk_full(exc):
+        log.error(kv("storage.full", **where, verb=verb, error=str(exc)))
+        return STORAGE_FULL
+    if is_database_away(exc):
+        log.warning(kv("storage.unavailable", **where, verb=verb, error=error_text(exc)))
+        return DATABASE_AWAY
+    return None
+
+
 _SHUTDOWN_GRACE = 5.0
 # Seconds a PIPE message for a device on another instance is held for that instance to take.
 _PIPE_TRANSIT = 30.0
@@ -855,11 +870,7 @@ class RendezvousServer:
             pass
         except Exception as exc:
             # When the device was last seen: soft state, the next login writes it.
-            if is_disk_full(exc):
-                log.error(kv("storage.full", verb="touch", error=str(exc)))
-            elif is_database_away(exc):
-                log.warning(kv("storage.unavailable", verb="touch", error=error_text(exc)))
-            else:
+            if _storage_trouble(exc, "touch") is None:
                 raise
 
     def check_own_records(self, port: int) -> None:
@@ -927,12 +938,10 @@ class RendezvousServer:
                 log.error(kv("storage.full", peer=conn.peer, verb=req.TAG, error=str(exc)))
                 outcome = await authenticate(False)
         except Exception as exc:
-            if is_disk_full(exc):
+            if is_disk_full(exc):  # logged above
                 core.reject_auth(req.id, Status.UNAVAILABLE, STORAGE_FULL)
-            elif is_database_away(exc):
-                log.warning(kv("storage.unavailable", peer=conn.peer, verb=req.TAG,
-                               error=error_text(exc)))
-                core.reject_auth(req.id, Status.UNAVAILABLE, DATABASE_AWAY)
+            elif (trouble := _storage_trouble(exc, req.TAG, peer=conn.peer)) is not None:
+                core.reject_auth(req.id, Status.UNAVAILABLE, trouble)
             else:
                 log.exception(kv("auth.store_failed", peer=conn.peer))
                 core.reject_auth(req.id, Status.SERVER_ERROR,
@@ -1088,13 +1097,8 @@ class RendezvousServer:
             return Status.BAD_REQUEST, str(exc), None
         if self._closing:
             return Status.UNAVAILABLE, "server shutting down", None
-        if is_disk_full(exc):  # nothing was stored; the operator has to free space
-            log.error(kv("storage.full", peer=conn.peer, verb=req.TAG, error=str(exc)))
-            return Status.UNAVAILABLE, STORAGE_FULL, None
-        if is_database_away(exc):  # nothing was stored; asked again once it is back
-            log.warning(kv("storage.unavailable", peer=conn.peer, verb=req.TAG,
-                           error=error_text(exc)))
-            return Status.UNAVAILABLE, DATABASE_AWAY, None
+        if (trouble := _storage_trouble(exc, req.TAG, peer=conn.peer)) is not None:
+            return Status.UNAVAILABLE, trouble, None  # nothing was stored
         log.error(kv("request.failed", peer=conn.peer, verb=req.TAG), exc_info=exc)
         return Status.SERVER_ERROR, "internal error", None
 
@@ -1628,11 +1632,7 @@ class RendezvousServer:
             except Exception as exc:
                 if self._closing:  # the store closed under the round: the server is stopping
                     return
-                if is_disk_full(exc):
-                    log.error(kv("storage.full", verb="sweep", error=str(exc)))
-                elif is_database_away(exc):
-                    log.warning(kv("storage.unavailable", verb="sweep", error=error_text(exc)))
-                else:
+                if _storage_trouble(exc, "sweep") is None:
                     log.exception(kv("sweep.failed"))
                 continue
             if expired:
