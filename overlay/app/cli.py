@@ -821,10 +821,25 @@ def _watch_sent(home: NodeHome, mid: str, args: argparse.Namespace) -> int:
 SHORT_ID = 8
 
 
+def _prune_only(args: argparse.Namespace) -> None:
+    """Refuse the `inbox` flags that mean something only with --prune: a listing ignored
+    them and nothing said so. The message gives the command that does what they ask."""
+    if args.prune:
+        return
+    given = [(typed, does) for typed, does in (
+        (f"--days {args.days}" if args.days is not None else "", "removes what is older"),
+        ("--junk" if args.junk else "", "also removes every junk sender's message"),
+        ("--delete-file" if args.delete_file else "", "also deletes the received files"),
+    ) if typed]
+    if given:
+        names = " and ".join(typed.split()[0] for typed, _ in given)
+        command = "peerpost inbox --prune " + " ".join(typed for typed, _ in given)
+        raise CliError(f"{names} {'goes' if len(given) == 1 else 'go'} with --prune: "
+                       f"`{command}` " + " and ".join(does for _, does in given), EXIT_USAGE)
+
+
 def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
-    if args.days is not None and not args.prune:  # listing takes no age: it was ignored
-        raise CliError("--days goes with --prune: `peerpost inbox --prune --days "
-                       f"{args.days}` removes what is older", EXIT_USAGE)
+    _prune_only(args)
     if args.prune:
         days = 30 if args.days is None else args.days
         res = control_call(home.control_path, "prune", days=days, junk=bool(args.junk),

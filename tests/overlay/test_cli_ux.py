@@ -142,16 +142,28 @@ def test_usage_error_with_json_is_json(tmp_path: Path) -> None:
     assert err["code"] == 2 and "--days" in err["error"]
 
 
-def test_days_without_prune_is_a_usage_error(tmp_path: Path) -> None:
-    # `inbox --days 7` listed the whole inbox: the age was ignored, and nothing said so.
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--days", "7"], "--days goes with --prune: `peerpost inbox --prune --days 7` "
+                      "removes what is older"),
+    (["--junk"], "--junk goes with --prune: `peerpost inbox --prune --junk` also removes "
+                 "every junk sender's message"),
+    (["--delete-file"], "--delete-file goes with --prune: `peerpost inbox --prune "
+                        "--delete-file` also deletes the received files"),
+    (["--delete-file", "--days", "0"], "--days and --delete-file go with --prune: `peerpost "
+     "inbox --prune --days 0 --delete-file` removes what is older and also deletes the "
+     "received files"),
+], ids=["days", "junk", "delete-file", "two"])
+def test_prune_flags_without_prune_are_a_usage_error(
+        tmp_path: Path, flags: list[str], said: str) -> None:
+    # `inbox --days 7`, `inbox --junk` and `inbox --delete-file` listed the whole inbox: the
+    # flag was ignored, and nothing said so.
     home = NodeHome(tmp_path / "home")
     home.create(NodeConfig("bob@example.net", "127.0.0.1:4500"), DeviceIdentity.generate())
-    res = run("peerpost", "--home", str(home.root), "inbox", "--days", "7")
+    res = run("peerpost", "--home", str(home.root), "inbox", *flags)
     assert res.returncode == 2
-    assert res.stderr == ("error: --days goes with --prune: `peerpost inbox --prune --days 7` "
-                          "removes what is older\n")
-    res = run("peerpost", "--home", str(home.root), "inbox", "--days", "7", "--json")
-    assert json.loads(res.stdout)["code"] == 2
+    assert res.stderr == f"error: {said}\n"
+    res = run("peerpost", "--home", str(home.root), "inbox", *flags, "--json")
+    assert json.loads(res.stdout) == {"error": said, "code": 2}
 
 
 # An invite from a server of an earlier version is base64url and may begin with "-".
