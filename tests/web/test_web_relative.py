@@ -173,6 +173,35 @@ def test_the_page_says_when_the_node_is_gone(net: LocalNetwork, browser_page: An
     assert "peerpost web" in page.inner_text("#offline")
 
 
+def test_an_offer_says_whether_it_downloads_by_itself(net: LocalNetwork, browser_page: Any,
+                                                      tmp_path: Path) -> None:
+    """An offered message that auto-download takes once the running download ends says
+    `waiting to download`; one over auto-download-max waits for the user and says `not
+    downloaded yet`. The words come from the node's `queued`, as `peerpost inbox` has it."""
+    page = browser_page
+    # 2 MiB at 128 KiB/s: the first download runs 16 s, the second offer waits all along.
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(128 << 10)])
+    bob = net.add_node("bob")
+    net.start_node(alice)
+    net.start_node(bob)
+    net.cli(bob, "prefs", "set", "auto-download-max", "3MiB")
+    sent = []
+    for name, size in (("first.bin", 2 << 20), ("second.bin", 2 << 20), ("big.bin", 4 << 20)):
+        (tmp_path / name).write_bytes(bytes(size))
+        sent.append(net.cli(alice, "send", str(tmp_path / name), "--to",
+                            bob.address).stdout.strip())
+    first, second, big = sent
+    page.goto(login_url(net, bob))
+    for mid, words in ((first, "downloading"), (second, "waiting to download"),
+                       (big, "not downloaded yet")):
+        page.wait_for_selector(f'tr[data-id="{mid}"] .state:text-is("{words}")',
+                               timeout=30_000)
+    waiting = net.inbox_entry(bob, second)
+    assert waiting is not None and waiting["state"] == "offered" and waiting["queued"]
+    page.goto(f"{web_base(bob)}/message/{second}")
+    assert page.inner_text("#msg-state") == "waiting to download"
+
+
 def test_a_cancelled_and_a_held_message_say_why_and_what_next(net: LocalNetwork,
                                                              browser_page: Any,
                                                              tmp_path: Path) -> None:

@@ -19,28 +19,29 @@ OLD_SOURCE_CHANGED = ("source changed: the sender's file was edited, moved or de
 
 
 def entry(state: str, error: str | None = None, **kw: Any) -> dict[str, Any]:
-    return {"state": state, "error": error, "junk": False, "size": 1000,
+    return {"state": state, "error": error, "junk": False, "size": 1000, "queued": False,
             "next_attempt": None, "from": "alice@example.net", **kw}
 
 
-@pytest.mark.parametrize(("e", "auto", "limit", "want"), [
-    (entry("offered"), True, None, "waiting to download"),
-    (entry("offered", size=5000), True, 1000, "not downloaded yet"),  # over the limit
-    (entry("offered"), False, None, "not downloaded yet"),
-    (entry("offered", junk=True), True, None, "not downloaded (junk sender)"),
-    (entry("unverified"), True, None, "on hold: sender not confirmed"),
-    (entry("retrying"), True, None, "waiting for the sender"),
-    (entry("downloading", queued=False), True, None, "downloading"),
-    (entry("downloading", queued=True), True, None, "waiting for another download"),
-    (entry("complete"), True, None, "received"),
-    (entry("failed", CANCELLED_TEXT), True, None, "stopped"),
-    (entry("failed", WITHDRAWN_FAILURE), True, None, "cancelled by the sender"),
-    (entry("failed", SOURCE_CHANGED_FAILURE), True, None, "the sender's file changed"),
-    (entry("failed", OLD_SOURCE_CHANGED), True, None, "the sender's file changed"),
-    (entry("failed", "ValueError: x"), True, None, "failed"),
+# `queued` as the node gives it: true for one downloading that waits its turn, and for one
+# offered that auto-download takes (on, at most auto-download-max, not a junk sender's).
+@pytest.mark.parametrize(("e", "want"), [
+    (entry("offered", queued=True), "waiting to download"),
+    (entry("offered"), "not downloaded yet"),  # auto-download off, or over its limit
+    (entry("offered", junk=True), "not downloaded (junk sender)"),
+    (entry("unverified"), "on hold: sender not confirmed"),
+    (entry("retrying"), "waiting for the sender"),
+    (entry("downloading"), "downloading"),
+    (entry("downloading", queued=True), "waiting for another download"),
+    (entry("complete"), "received"),
+    (entry("failed", CANCELLED_TEXT), "stopped"),
+    (entry("failed", WITHDRAWN_FAILURE), "cancelled by the sender"),
+    (entry("failed", SOURCE_CHANGED_FAILURE), "the sender's file changed"),
+    (entry("failed", OLD_SOURCE_CHANGED), "the sender's file changed"),
+    (entry("failed", "ValueError: x"), "failed"),
 ])
-def test_states_in_words(e: dict[str, Any], auto: bool, limit: int | None, want: str) -> None:
-    assert state_text(e, auto, limit) == want
+def test_states_in_words(e: dict[str, Any], want: str) -> None:
+    assert state_text(e) == want
 
 
 @pytest.mark.parametrize(("e", "starts"), [

@@ -104,16 +104,14 @@ def _limit(n: int | None) -> str:
     return str(n)
 
 
-def state_text(e: dict[str, Any], auto: bool, limit: int | None) -> str:
+def state_text(e: dict[str, Any]) -> str:
     """The state of an inbox entry in words: `offered` is waiting to download only when
-    the preferences fetch it by themselves, and `failed` says who stopped it."""
+    the node's `queued` says auto-download takes it, and `failed` says who stopped it."""
     state = str(e["state"])
     if state == "offered":
         if e["junk"]:
             return "not downloaded (junk sender)"
-        if auto and (limit is None or e["size"] <= limit):
-            return "waiting to download"
-        return "not downloaded yet"
+        return "waiting to download" if e["queued"] else "not downloaded yet"
     if state == "failed":
         if e["error"] == CANCELLED_TEXT:
             return "stopped"
@@ -122,7 +120,7 @@ def state_text(e: dict[str, Any], auto: bool, limit: int | None) -> str:
         if changed_source(e["error"]):
             return "the sender's file changed"
         return "failed"
-    if state == "downloading" and e.get("queued"):
+    if state == "downloading" and e["queued"]:
         return "waiting for another download"
     return STATE_TEXT.get(state, state)
 
@@ -347,13 +345,11 @@ class WebInbox:
         leaves them out), each with its state in words and who its sources are."""
         entries: list[dict[str, Any]] = await self.ops.inbox_list(
             Fields({"include_junk": True}, "web"))
-        prefs = self.ops.prefs
-        auto, limit = prefs.auto_download, prefs.auto_download_max
         names = {f.replace(" ", ""): c.address for c in self.ops.contacts.list()
                  for f in c.fingerprints}
         for e in entries:
             e["thumbnail"] = self._thumb_of(e["id"]) is not None
-            e["state_text"] = state_text(e, auto, limit)
+            e["state_text"] = state_text(e)
             e["error_text"] = error_text(e)
             for s in e["sources"]:
                 who = next((a for f, a in names.items() if f.startswith(s["peer"])), None)
