@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 from crypto.errors import DecodeError
 from crypto.identity import DeviceIdentity
-from crypto.location import LocationMessage
+from crypto.location import FolderInfo, LocationMessage
 from overlay.app.holders import HolderFinder
-from overlay.content.archive import ArchiveView
+from overlay.content.archive import ArchiveFile, ArchiveView
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError, NotEnoughSpace, PartialGone
 from overlay.content.partial import PartialContent
@@ -30,7 +31,7 @@ from overlay.mail.downloads import (
     RetryLater,
     SourceView,
 )
-from overlay.mail.folders import FolderError, UnpackRecord, unpack_with_layout
+from overlay.mail.folders import ArchiveOpener, FolderError, UnpackRecord, unpack_with_layout
 from overlay.mail.inbox import InboxEntry
 from overlay.transfer.downloader import (
     SOURCE_CHANGED,
@@ -252,28 +253,12 @@ class ContentFetch:
         cid = msg.handle.content_id
         record = UnpackRecord(self.dest, cid)
         if isinstance(held := self.store.local(cid), ArchiveView):
+            if held.sent:
+                return await self._sent_to_self(held, folder, record)
             # Unpacked before the node stopped; a kill may have left the archive.
             await asyncio.to_thread(record.finish, held.path)
             return str(held.path)
-        try:
-            # A kill after the folder was moved into place: it is there, not unpacked again.
-            resumed = await asyncio.to_thread(record.resume, path, folder)
-            if resumed is None:
-                resumed = await asyncio.to_thread(unpack_with_layout, path, folder, self.dest,
-                                                  record.moving(path))
-            unpacked, files = resumed
-        except FolderError as exc:
-            raise DownloadFailed(str(exc), declined=f"refused: {exc.why}" if exc.why else
-                                 "refused: the folder archive can't be unpacked") from None
-        except NotEnoughSpace as exc:
-            raise RetryLater(f"{exc}: it is unpacked once there is room (the archive is "
-                             f"kept at {path})") from None
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise RetryLater(f"the disk filled up while unpacking {folder.name} ({exc}): "
-                                 "it is unpacked again once there is room") from None
-            raise DownloadFailed(f"cannot unpack {path.name}: {exc} (the archive is kept "
-                                 f"at {path})") from None
+        unpacked, files = await self._unpack(record, path, folder)
         try:
             if files is None:
                 raise ContentStoreError("its archive holds a sparse file")
@@ -288,3 +273,46 @@ class ContentFetch:
             pass  # already forgotten
         await asyncio.to_thread(record.finish, unpacked)
         return str(unpacked)
+
+    async def _sent_to_self(self, sent: ArchiveView, folder: FolderInfo,
+                            record: UnpackRecord) -> str:
+        """A folder this node sent to its own address: the folder itself, as a file mailed
+        to oneself is the file sent (its map, which the node deletes once nobody needs
+        it, is no place to point at). Several paths sent together are in no one folder:
+        they are unpacked into the download folder from the sender's own files, as a
+        recipient unpacks them; the content stays the one sent, served from the map."""
+        source = sent.layout.source
+        if source is not None and await asyncio.to_thread(os.path.isdir, source):
+            return str(source)
+        unpacked, _ = await self._unpack(record, sent.path, folder, sent.reader)
+        await asyncio.to_thread(record.finish, unpacked)
+        return str(unpacked)
+
+    async def _unpack(self, record: UnpackRecord, path: Path, folder: FolderInfo,
+                      reader: ArchiveOpener | None = None,
+                      ) -> tuple[Path, list[ArchiveFile] | None]:
+        """Unpack the archive at `path` (or read by `reader`) into the download folder,
+        or find it there moved into place before a kill; the folder and its layout.
+        DownloadFailed, or RetryLater for want of room, saying why."""
+        kept = f" (the archive is kept at {path})" if reader is None else ""
+        try:
+            # A kill after the folder was moved into place: it is there, not unpacked again.
+            resumed = await asyncio.to_thread(record.resume, path, folder, reader)
+            if resumed is None:
+                resumed = await asyncio.to_thread(unpack_with_layout, path, folder, self.dest,
+                                                  record.moving(path), reader)
+            return resumed
+        except FolderError as exc:
+            raise DownloadFailed(str(exc), declined=f"refused: {exc.why}" if exc.why else
+                                 "refused: the folder archive can't be unpacked") from None
+        except NotEnoughSpace as exc:
+            raise RetryLater(f"{exc}: it is unpacked once there is room{kept}") from None
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise RetryLater(f"the disk filled up while unpacking {folder.name} ({exc}): "
+                                 "it is unpacked again once there is room") from None
+            raise DownloadFailed(f"cannot unpack {path.name}: {exc}{kept}") from None
+        except ContentStoreError as exc:  # a sent file read through the map changed
+            if reader is None:
+                raise
+            raise DownloadFailed(f"cannot unpack {folder.name}: {exc}") from None

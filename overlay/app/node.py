@@ -215,7 +215,7 @@ class Node:
             inbox=self.inbox, outbox=self.outbox, prefs=self.prefs, contacts=self.contacts,
             downloads=self.downloads, transfer=self.transfer,
             max_in_flight=self.options.max_in_flight, store=self.store,
-            withdraw=self.providers.withdraw, reach=self.reach_info)
+            withdraw=self.providers.withdraw, reach=self.reach_info, received=self.fetch.dest)
         ops.rewithdraw()  # messages cancelled before a restart stay unserved
         self.control = ControlServer(self.home.control_path, ops.table())
         await self.control.start()

@@ -94,7 +94,8 @@ class ControlOperations:
                  transfer: TransferServer, max_in_flight: int,
                  store: ContentStore | None = None,
                  withdraw: Callable[[bytes], Awaitable[None]] | None = None,
-                 reach: Callable[[], dict[str, Any]] | None = None) -> None:
+                 reach: Callable[[], dict[str, Any]] | None = None,
+                 received: Path | None = None) -> None:
         self.identity = identity
         self.address = address
         self.listen_addr = listen_addr
@@ -111,6 +112,7 @@ class ControlOperations:
         self.store = store
         self.withdraw_announcement = withdraw  # the DHT's provider record of a content
         self.reach = reach  # NAT, the address the server sees, the rungs we dial over
+        self.received = received  # the download folder
         self.version = package_version()
 
     def table(self) -> dict[str, Operation]:
@@ -255,11 +257,15 @@ class ControlOperations:
                         f"({shared[0].title}) uses it too")
             return {"id": e.id.hex(), "title": e.title, "deleted_file": None,
                     "kept_file": kept, "sender_told": told, "told_earlier": earlier}
-        sent_too = next((m for m in self.outbox.list() if m.content_id == e.content_id), None)
-        if sent_too is not None and delete_file and e.path and folder_json(e) is None:
-            # Mail to oneself: the inbox's path is the file this node serves as sent.
-            kept = (f"{e.path} is kept: it is the file you sent as message "
-                    f"{sent_too.id.hex()[:12]}")
+        sent_too = self.outbox.newest_of(e.content_id)
+        folder = folder_json(e) is not None
+        # Mail to oneself: the inbox's path is the file or folder this node sent, except a
+        # copy of several paths sent together, unpacked into the download folder.
+        own = (sent_too if sent_too is not None and e.path
+               and not (folder and self._unpacked_here(e)) else None)
+        if own is not None and delete_file:
+            kept = (f"{e.path} is kept: it is the {'folder' if folder else 'file'} you sent "
+                    f"as message {own.id.hex()[:12]}")
         if self.store is not None and sent_too is None:
             held = self.store.local(e.content_id)
             try:
@@ -270,11 +276,17 @@ class ControlOperations:
                 deleted = (str(held.path) if held is not None and delete_file
                            and not isinstance(held, ArchiveView) else None)
         if (delete_file and deleted is None and e.path and e.state is InboxState.COMPLETE
-                and folder_json(e) is not None):  # an unpacked folder: the store leaves it
+                and folder and own is None):  # an unpacked folder: the store leaves it
             if await asyncio.to_thread(delete_received, Path(e.path)):
                 deleted = e.path
         return {"id": e.id.hex(), "title": e.title, "deleted_file": deleted,
                 "kept_file": kept, "sender_told": told, "told_earlier": earlier}
+
+    def _unpacked_here(self, e: InboxEntry) -> bool:
+        """Whether `e`'s folder lies in the download folder, where received folders are
+        unpacked (a folder sent to oneself is the user's, wherever it is)."""
+        return (self.received is not None and e.path is not None
+                and os.path.realpath(Path(e.path).parent) == os.path.realpath(self.received))
 
     def find(self, prefix: str) -> InboxEntry:
         """The one inbox entry whose id starts with `prefix` (hex), or ControlError."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import stat
@@ -34,6 +35,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -96,15 +98,20 @@ class ArchiveMap:
     """Where each file's data lies in an archive of `size` bytes; every other byte is a
     gap byte, kept in order in the gaps file. Files with no data have no entry.
 
-    A sender's map holds its gap bytes (`gaps`), and names its files by absolute path."""
+    A sender's map holds its gap bytes (`gaps`), and names its files by absolute path;
+    `source` is the folder it was made of (absolute), None for several paths sent together
+    and for a map from before it was kept."""
 
-    __slots__ = ("_sources", "_starts", "files", "gaps", "gaps_size", "size")
+    __slots__ = ("_sources", "_starts", "files", "gaps", "gaps_size", "size", "source")
 
     def __init__(self, size: int, files: Iterable[ArchiveFile],
-                 gaps: bytes | None = None) -> None:
+                 gaps: bytes | None = None, source: Path | None = None) -> None:
         self.size = size
         self.files = tuple(files)
         self.gaps = gaps
+        self.source = source
+        if source is not None and (gaps is None or not source.is_absolute()):
+            raise ContentStoreError(f"folder map: unusable source folder {str(source)!r}")
         if len(self.files) > MAX_FOLDER_ENTRIES:
             raise ContentStoreError(f"folder map: more than {MAX_FOLDER_ENTRIES:,} files")
         # Pieces in archive order: _starts[k] is where piece k begins; _sources[k] >= 0 is
@@ -163,6 +170,8 @@ class ArchiveMap:
             "files": [[f.name, f.offset, f.size, f.mtime_ns] for f in self.files]}
         if self.gaps is not None:
             saved["gaps"] = self.gaps
+        if self.source is not None:
+            saved["source"] = os.fsencode(self.source)
         blob: bytes = msgpack.packb(saved, use_bin_type=True)
         return blob
 
@@ -179,10 +188,12 @@ class ArchiveMap:
         if not isinstance(d, dict) or d.get("v") != MAP_VERSION:
             raise ContentStoreError("folder map of an unknown version")
         folder, size, rows = d.get("folder"), d.get("size"), d.get("files")
-        gaps = d.get("gaps")
+        gaps, source = d.get("gaps"), d.get("source")
         if (not isinstance(folder, bytes) or len(folder) > MAX_SOURCE_PATH_BYTES
                 or not isinstance(size, int) or size < 0 or not isinstance(rows, list)
-                or not (gaps is None or isinstance(gaps, bytes))):
+                or not (gaps is None or isinstance(gaps, bytes))
+                or not (source is None or (isinstance(source, bytes) and b"\x00" not in source
+                                           and len(source) <= MAX_SOURCE_PATH_BYTES))):
             raise ContentStoreError("folder map is damaged")
         files = []
         for r in rows:
@@ -190,7 +201,8 @@ class ArchiveMap:
                     or not all(isinstance(x, int) and x >= 0 for x in r[1:])):
                 raise ContentStoreError("folder map is damaged")
             files.append(ArchiveFile(r[0], r[1], r[2], r[3]))
-        return cls(size, files, gaps), Path(os.fsdecode(folder))
+        return (cls(size, files, gaps, None if source is None else Path(os.fsdecode(source))),
+                Path(os.fsdecode(folder)))
 
 
 def view_paths(views_dir: Path, content_id: bytes) -> tuple[Path, Path]:
@@ -354,6 +366,12 @@ class ArchiveView(LocalContent):
                     raise ContentStoreError(self._mark_changed(
                         f"{self.gaps_path} is damaged")) from None
 
+    def reader(self) -> io.BufferedReader:
+        """The archive's bytes as a seekable file (read through `read_plain`): what a
+        node that sent a folder to its own address unpacks, as a recipient unpacks the
+        archive it received. A read raises ContentStoreError as `read_plain` does."""
+        return io.BufferedReader(_ArchiveReader(self), COPY_BLOCK)
+
     def _open_gaps(self) -> int:
         try:
             return os.open(self.gaps_path, os.O_RDONLY | _NOFOLLOW)
@@ -405,3 +423,35 @@ class ArchiveView(LocalContent):
                  + (f" ({shown})" if shown else ""))
         return (f"{which} changed since it was {self._since}: chunk {index} no longer "
                 "matches its hash")
+
+
+class _ArchiveReader(io.RawIOBase):
+    """`ArchiveView.reader`'s raw file: reads at a position, seeks anywhere."""
+
+    def __init__(self, view: ArchiveView) -> None:
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._view.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        with memoryview(b) as out:
+            n = max(0, min(len(out), self._view.size - self._pos))
+            if n:
+                self._view.read_plain(self._pos, out.cast("B")[:n])
+        self._pos += n
+        return n

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import io
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ import tarfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from crypto.errors import DecodeError
 from crypto.location import MAX_FILE_NAME_BYTES, MAX_FOLDER_ENTRIES, FolderInfo, check_folder
@@ -92,9 +93,11 @@ class Skipped:
 
 @dataclass
 class PackPlan:
-    """What `pack` will write: (source, member name) pairs, a source None for a folder."""
+    """What `pack` will write: (source, member name) pairs, a source None for a folder.
+    `source`: the folder sent, when one folder is (resolved), else None."""
 
     name: str
+    source: Path | None = None
     entries: list[tuple[Path | None, str]] = field(default_factory=list)
     files: int = 0
     folders: int = 0
@@ -185,9 +188,10 @@ def plan_pack(paths: list[Path]) -> PackPlan:
     symlink given by name is followed); inside a folder nothing is followed: symlinks,
     devices, pipes and sockets are skipped and listed. FolderError for a path that is
     neither a file nor a folder, or too many entries."""
-    plan = PackPlan(archive_name(paths))
+    one_folder = len(paths) == 1 and paths[0].is_dir()
+    plan = PackPlan(archive_name(paths), paths[0].resolve() if one_folder else None)
     top = plan.name
-    names = ([top] if len(paths) == 1 and paths[0].is_dir()
+    names = ([top] if one_folder
              else [f"{top}/{n}" for n in unique_names(given_name(p) for p in paths)])
     plan.entries.append((None, top))
     for path, member in zip(paths, names, strict=True):
@@ -371,7 +375,7 @@ def plan_view(plan: PackPlan) -> ArchiveMap:
     end += -(at + end) % tarfile.RECORDSIZE
     gaps += bytes(end)
     try:
-        return ArchiveMap(at + end, files, bytes(gaps))
+        return ArchiveMap(at + end, files, bytes(gaps), plan.source)
     except ContentStoreError as exc:
         raise FolderError(str(exc)) from None
 
@@ -597,10 +601,16 @@ def unpack(archive: Path, info: FolderInfo, dest_dir: Path) -> Path:
     return unpack_with_layout(archive, info, dest_dir)[0]
 
 
-def _opened(archive: Path) -> tarfile.TarFile:
+# What gives the archive's bytes when they are not a file at the archive's path: a node
+# that mailed a folder to its own address reads it through its map (ArchiveView.reader).
+ArchiveOpener = Callable[[], IO[bytes]]
+
+
+def _opened(archive: Path, reader: ArchiveOpener | None = None) -> tarfile.TarFile:
     try:
         # Uncompressed only (no decompression bomb), and no header read whole past a bound.
-        return tarfile.open(archive, mode="r:", tarinfo=bounded_tarinfo())
+        return tarfile.open(archive, mode="r:", tarinfo=bounded_tarinfo(),
+                            fileobj=None if reader is None else reader())
     except HeaderRefused as exc:
         raise _refused(archive, [str(exc)]) from None
     except (tarfile.TarError, OSError) as exc:
@@ -608,23 +618,27 @@ def _opened(archive: Path) -> tarfile.TarFile:
                           why="not a tar archive") from None
 
 
-def archive_layout(archive: Path, info: FolderInfo) -> list[ArchiveFile] | None:
+def archive_layout(archive: Path, info: FolderInfo,
+                   reader: ArchiveOpener | None = None) -> list[ArchiveFile] | None:
     """The layout `unpack_with_layout` gives, with nothing unpacked (the archive judged
     again): for a folder already moved into place. Blocking; FolderError as unpack."""
-    with _opened(archive) as tar:
-        return _layout(_judge(tar, archive, info), info.name)
+    with _opened(archive, reader) as tar:
+        return _layout(_judge(tar, archive, info, _archive_size(archive, reader)), info.name)
 
 
 def unpack_with_layout(archive: Path, info: FolderInfo, dest_dir: Path,
                        moving: Callable[[Path], None] | None = None,
+                       reader: ArchiveOpener | None = None,
                        ) -> tuple[Path, list[ArchiveFile] | None]:
     """`unpack`, and where each file's data lies in the archive (names under the folder),
     from which the folder serves the archive's bytes (ContentStore.add_archive_view);
     None for an archive whose files don't hold its bytes as they are (a sparse member).
     `moving(target)` is told the folder's name once it is reserved, before the folder is
-    moved there (UnpackRecord keeps it, so a restart finds the folder)."""
-    with _opened(archive) as tar:
-        members = _judge(tar, archive, info)
+    moved there (UnpackRecord keeps it, so a restart finds the folder). `reader`: where
+    the archive's bytes are read from instead of the file `archive` (which then only
+    names it)."""
+    with _opened(archive, reader) as tar:
+        members = _judge(tar, archive, info, _archive_size(archive, reader))
         total = sum(m.size for m in members if m.isreg())
         free = free_space(dest_dir)
         need = total + len(members) * tarfile.BLOCKSIZE * 8
@@ -652,8 +666,17 @@ def _layout(members: list[tarfile.TarInfo], top: str) -> list[ArchiveFile] | Non
             for m in members if m.isreg() and m.size > 0]
 
 
-def _judge(tar: tarfile.TarFile, archive: Path, info: FolderInfo) -> list[tarfile.TarInfo]:
-    """Every member checked before anything is written; FolderError naming the bad ones."""
+def _archive_size(archive: Path, reader: ArchiveOpener | None) -> int:
+    if reader is None:
+        return archive.stat().st_size
+    with reader() as f:
+        return f.seek(0, io.SEEK_END)
+
+
+def _judge(tar: tarfile.TarFile, archive: Path, info: FolderInfo,
+           size: int) -> list[tarfile.TarInfo]:
+    """Every member checked before anything is written; FolderError naming the bad ones.
+    `size`: the archive's, which its files can't add up to more than."""
     refused: list[str] = []
     members: list[tarfile.TarInfo] = []
     # By name as a disk that ignores case sees it: each member's name, each file's, and
@@ -661,7 +684,7 @@ def _judge(tar: tarfile.TarFile, archive: Path, info: FolderInfo) -> list[tarfil
     seen: dict[str, str] = {}
     files: dict[str, str] = {}
     needed: dict[str, str] = {}
-    total, limit = 0, archive.stat().st_size
+    total, limit = 0, size
     top = info.name
     listing = iter(tar)
     while True:
@@ -860,8 +883,8 @@ class UnpackRecord:
             return None
         return saved
 
-    def resume(self, archive: Path,
-               info: FolderInfo) -> tuple[Path, list[ArchiveFile] | None] | None:
+    def resume(self, archive: Path, info: FolderInfo, reader: ArchiveOpener | None = None,
+               ) -> tuple[Path, list[ArchiveFile] | None] | None:
         """The folder a kill left moved into place but not recorded, and its layout; None
         if there is none (an empty folder reserved before the move is removed: unpacking
         again gives the same). Blocking; FolderError as unpack."""
@@ -877,7 +900,7 @@ class UnpackRecord:
                 return None
         except OSError:
             return None
-        return target, archive_layout(archive, info)
+        return target, archive_layout(archive, info, reader)
 
     def finish(self, keep: Path | None = None) -> None:
         """The folder is recorded: delete the archive if a kill left it (never `keep`, the

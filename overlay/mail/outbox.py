@@ -386,6 +386,13 @@ class Outbox:
             return None
         return self._entries([row])[0]
 
+    def newest_of(self, content_id: bytes) -> OutboxEntry | None:
+        """The newest message sent of this content, however many were sent since; None
+        if none was."""
+        row = self._db.query_one("SELECT * FROM outbox WHERE content_id = ? "
+                                 "ORDER BY created_at DESC, id LIMIT 1", (content_id,))
+        return None if row is None else self._entries([row])[0]
+
     def list(self, *, limit: int = 1000) -> builtins.list[OutboxEntry]:
         """Entries newest first."""
         rows = self._db.query(

@@ -145,6 +145,72 @@ def test_two_files_sent_together(lab: LocalNetwork, tmp_path: Path) -> None:
     assert res["removed"][0]["deleted_file"] == str(folder) and not folder.exists()
 
 
+def test_a_folder_sent_to_your_own_address_is_the_folder_itself(lab: LocalNetwork,
+                                                                tmp_path: Path) -> None:
+    """As a file mailed to oneself is the file sent, the folder is: the inbox points at
+    it, not at the node's map (deleted once nobody needs it, so the entry opened to
+    nothing before), no copy lands in received/, and neither retention (`delete`, the
+    harshest) nor `rm --delete-file` deletes any of it."""
+    alice = lab.nodes["alice"]
+    src = tmp_path / "photos"
+    (src / "beach").mkdir(parents=True)
+    (src / "a.jpg").write_bytes(os.urandom(200_000))
+    (src / "notes.txt").write_text("to myself\n")
+    (src / "beach" / "b.jpg").write_bytes(os.urandom(100_000))
+    want = tree(src)
+    received = alice.home / "received"
+    before = set(os.listdir(received)) if received.is_dir() else set()
+    lab.cli(alice, "prefs", "set", "retention", "delete")
+    try:
+        mid = lab.cli(alice, "send", str(src), "--to", alice.address).stdout.strip()
+        got = lab.wait_complete(alice, mid, 60, "the folder in alice's own inbox")
+        # Retention's sweep ran: the map is gone.
+        lab.wait_until(lambda: sent(lab, alice, mid)["retention_done"], 30, "retention")
+        assert not Path(sent(lab, alice, mid)["path"]).exists()
+    finally:
+        lab.cli(alice, "prefs", "set", "retention", "keep")
+    (e,) = [e for e in lab.cli_json(alice, "inbox") if e["id"] == mid]
+    assert e["path"] == str(src) == got["path"] and e["state"] == "complete"
+    assert e["folder"] == {"name": "photos", "files": 3, "folders": 1, "size": 300_010}
+    assert tree(Path(e["path"])) == want
+    assert (set(os.listdir(received)) if received.is_dir() else set()) - before \
+        - {".peerpost-partial"} == set()
+    assert str(src) in lab.cli(alice, "inbox").stdout.replace("\n", "")
+
+    res = lab.cli_json(alice, "rm", mid, "--delete-file")
+    (gone,) = res["removed"]
+    assert gone["deleted_file"] is None
+    assert gone["kept_file"] == (f"{src} is kept: it is the folder you sent as message "
+                                 f"{mid[:12]}")
+    assert tree(src) == want and lab.inbox_entry(alice, mid) is None
+
+
+def test_several_files_sent_to_your_own_address_land_in_received(lab: LocalNetwork,
+                                                                 tmp_path: Path) -> None:
+    """Several files sent together are in no one folder: they are unpacked into
+    received/ as a recipient's node unpacks them (the same names, `clip (1).mp4` for the
+    second), read from the files themselves; that copy stays once the map is gone, and
+    `rm --delete-file` deletes it, never the files sent."""
+    alice = lab.nodes["alice"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one, two = tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mp4"
+    one.write_bytes(os.urandom(200_000))
+    two.write_bytes(os.urandom(100_000))
+    want = {"clip.mp4": one.read_bytes(), "clip (1).mp4": two.read_bytes()}
+    mid = lab.cli(alice, "send", str(one), str(two), "--to", alice.address).stdout.strip()
+    got = lab.wait_complete(alice, mid, 60, "the two files in alice's own inbox")
+    lab.wait_until(lambda: sent(lab, alice, mid)["retention_done"], 30, "retention")
+    assert not Path(sent(lab, alice, mid)["path"]).exists()
+    folder = Path(got["path"])
+    assert folder.parent == alice.home / "received" and folder.name.startswith("2 files")
+    assert tree(folder) == want
+
+    res = lab.cli_json(alice, "rm", mid, "--delete-file")
+    assert res["removed"][0]["deleted_file"] == str(folder) and not folder.exists()
+    assert (one.read_bytes(), two.read_bytes()) == (want["clip.mp4"], want["clip (1).mp4"])
+
+
 def test_a_withdrawn_folder_send_deletes_the_map_not_the_files(lab: LocalNetwork,
                                                               tmp_path: Path) -> None:
     alice, carol = lab.nodes["alice"], lab.nodes["carol"]

@@ -108,3 +108,33 @@ async def test_mail_to_oneself_keeps_the_sent_file_and_says_so(tmp_path: Path) -
         assert gone["kept_file"] == (f"{sent} is kept: it is the file you sent as message "
                                      f"{sent_id.hex()[:12]}")
         assert sent.read_bytes() == b"clip" and inbox.get(mid) is None
+
+
+async def test_a_folder_mailed_to_oneself_is_kept_behind_a_thousand_newer_sends(
+        tmp_path: Path) -> None:
+    """The inbox entry of a folder a node sent to its own address is the user's folder:
+    `rm --delete-file` keeps it, however many messages were sent since: the sent message
+    is looked up by its content, not among the newest 1,000 sent only, past which the
+    folder would be deleted as a received one is."""
+    sent = tmp_path / "photos"
+    (sent / "beach").mkdir(parents=True)
+    (sent / "beach" / "a.jpg").write_bytes(b"jpg")
+    with NodeDB.open(tmp_path / "node") as db:
+        ops, inbox, outbox = _operations(db, "alice@example.net")
+        cid = os.urandom(32)
+        sent_id = (7).to_bytes(16, "big")
+        assert outbox.add(id=sent_id, path=str(tmp_path / "store" / "outgoing" / "photos.map"),
+                          title="photos/: 1 file, 3 B", size=10_240, content_id=cid,
+                          created_at=1_700_000_000, recipients=["alice@example.net"])
+        for n in range(1000):
+            assert outbox.add(id=(100 + n).to_bytes(16, "big"), path=f"/x/{n}", title="x",
+                              size=1, content_id=os.urandom(32),
+                              created_at=1_700_000_100 + n, recipients=["bob@example.net"])
+        mid = _receive(inbox, DeviceIdentity.generate(), 8, cid, sent)
+
+        res = await ops.rm(Fields({"id": mid.hex(), "delete_file": True}, "rm"))
+        (gone,) = res["removed"]
+        assert gone["deleted_file"] is None
+        assert gone["kept_file"] == (f"{sent} is kept: it is the folder you sent as message "
+                                     f"{sent_id.hex()[:12]}")
+        assert (sent / "beach" / "a.jpg").read_bytes() == b"jpg" and inbox.get(mid) is None

@@ -12,12 +12,13 @@ import os
 import tempfile
 from pathlib import Path
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crypto.content import ChunkCipher, chunk_count
-from overlay.content.archive import ArchiveView
+from overlay.content.archive import ArchiveMap, ArchiveView
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.mail.folders import pack, plan_pack, write_map
@@ -68,6 +69,11 @@ def test_the_sent_view_is_tarfiles_archive_byte_for_byte(
         try:
             assert view.sent and view.size == len(want)
             assert _plain(view) == want
+            # What a node that mailed it to itself unpacks from: the same bytes, any seek.
+            with view.reader() as f:
+                assert f.read() == want
+                assert f.seek(len(want) // 3) == len(want) // 3
+                assert f.read(700) == want[len(want) // 3:len(want) // 3 + 700]
             # Only the map was written: the gap bytes and the files' paths, no file data.
             assert os.listdir(store.sent_maps) == ["sunday.map"] == [map_path.name]
             assert map_path.stat().st_size <= view.layout.gaps_size + sum(
@@ -161,3 +167,30 @@ def test_only_a_map_in_the_outgoing_folder_is_taken(tmp_path: Path) -> None:
             store.add_sent_archive_blocking(elsewhere)
     finally:
         store.close()
+
+
+def test_the_map_names_the_folder_sent_and_none_for_several_files(tmp_path: Path) -> None:
+    """A node that mails a folder to its own address points its inbox at the folder the
+    map names, also after a restart; several files are in no one folder."""
+    src = _tree(tmp_path)
+    store = ContentStore(tmp_path / "store")
+    try:
+        view = store.add_sent_archive_blocking(write_map(plan_pack([src]), store.root)[0])
+        files = store.add_sent_archive_blocking(write_map(plan_pack(
+            [src / "IMG_0000.jpg", src / "beach" / "IMG_0001.jpg"]), store.root)[0])
+        store.close()
+        store = ContentStore(tmp_path / "store")
+        again, several = store.local(view.content_id), store.local(files.content_id)
+        assert isinstance(again, ArchiveView) and isinstance(several, ArchiveView)
+        assert again.layout.source == src.resolve() and several.layout.source is None
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("source", [b"relative/sunday", b"", b"/a\x00b", b"/" * 5000, 7])
+def test_a_map_naming_no_usable_folder_is_refused(tmp_path: Path, source: object) -> None:
+    map_path = write_map(plan_pack([_tree(tmp_path)]), tmp_path / "store")[0]
+    saved = msgpack.unpackb(map_path.read_bytes())
+    saved["source"] = source
+    with pytest.raises(ContentStoreError, match="folder map"):
+        ArchiveMap.decode(msgpack.packb(saved, use_bin_type=True))

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import DeviceIdentity
-from crypto.location import Description, Handle, Headers, LocationMessage
+from crypto.location import Description, FolderInfo, Handle, Headers, LocationMessage
 from overlay.app import fetch as fetch_module
 from overlay.app.fetch import ContentFetch
 from overlay.content.archive import ArchiveView
 from overlay.content.catalog import ContentStore
+from overlay.content.local import LocalContent
 from overlay.mail.downloads import DownloadFailed
-from overlay.mail.folders import pack, plan_pack
+from overlay.mail.folders import UnpackRecord, pack, plan_pack, write_map
 
 
 class Killed(BaseException):
@@ -42,16 +43,19 @@ def received(tmp_path: Path) -> Iterator[tuple[Path, Path, LocationMessage]]:
         held = store.add_local_file_blocking(archive)
     finally:
         store.close()
+    yield archive, dest, _message(held, plan.info(), "bob@example.net")
+
+
+def _message(held: LocalContent, folder: FolderInfo, to: str) -> LocationMessage:
+    """alice's message of the folder archive `held` to `to`."""
     me = DeviceIdentity.generate()
-    msg = LocationMessage(
-        headers=Headers(message_id=b"m" * 16, sender="alice@example.net",
-                        sender_peer_id=me.peer_id, recipients=("bob@example.net",),
-                        created=1_700_000_000),
-        description=Description(file_name="sunday.tar", media_type="application/x-tar",
-                                folder=plan.info()),
+    return LocationMessage(
+        headers=Headers(message_id=os.urandom(16), sender="alice@example.net",
+                        sender_peer_id=me.peer_id, recipients=(to,), created=1_700_000_000),
+        description=Description(file_name=f"{folder.name}.tar",
+                                media_type="application/x-tar", folder=folder),
         handle=Handle(content_id=held.content_id, size=held.size, chunk_size=held.chunk_size,
                       content_key=held.key, capability=held.capability))
-    yield archive, dest, msg
 
 
 async def _unpacked(root: Path, dest: Path, msg: LocationMessage, path: Path) -> Path:
@@ -136,3 +140,43 @@ async def test_a_folder_this_disk_refuses_fails_and_tells_the_sender_nothing(
         await _unpacked(tmp_path / "store", dest, msg, archive)
     assert failed.value.declined is None
     assert archive.exists() and str(archive) in str(failed.value)
+
+
+async def test_several_files_mailed_to_oneself_are_not_unpacked_twice_after_a_kill(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several files a node sent to its own address are unpacked from the sender's files
+    through the map; a kill after the move finds that folder on restart (no `2 files
+    (1)`), and the content stays the one sent, its map and files untouched."""
+    one, two = tmp_path / "a.bin", tmp_path / "b.bin"
+    one.write_bytes(os.urandom(5000))
+    two.write_bytes(os.urandom(3000))
+    plan = plan_pack([one, two])
+    store = ContentStore(tmp_path / "store")
+    try:
+        sent = store.add_sent_archive_blocking(write_map(plan, store.root)[0])
+    finally:
+        store.close()
+    msg = _message(sent, plan.info(), "alice@example.net")
+    dest = tmp_path / "received"
+    dest.mkdir()
+
+    def killed(*args: object) -> None:
+        raise Killed
+    with monkeypatch.context() as m:
+        m.setattr(UnpackRecord, "finish", killed)
+        with pytest.raises(Killed):
+            await _unpacked(tmp_path / "store", dest, msg, sent.path)
+    assert (dest / "2 files").is_dir()
+
+    got = await _unpacked(tmp_path / "store", dest, msg, sent.path)
+    assert got == dest / "2 files"
+    assert _tree(got) == {"a.bin": one.read_bytes(), "b.bin": two.read_bytes()}
+    assert sorted(os.listdir(dest)) == [".peerpost-partial", "2 files"]
+    assert os.listdir(dest / ".peerpost-partial") == []
+    store = ContentStore(tmp_path / "store")
+    try:
+        held = store.local(sent.content_id)
+        assert isinstance(held, ArchiveView) and held.sent and held.path == sent.path
+        assert held.path.exists() and held.source_changed() is None
+    finally:
+        store.close()
