@@ -848,8 +848,7 @@ def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
             print(json.dumps(res, indent=2))
             return 0
         for r in res["removed"]:
-            gone = _file_fate(r)
-            console.print(f"removed {r['id'][:12]} {_m(r['title'])}{gone}")
+            _print_removed(r)
         console.print(f"{len(res['removed'])} removed; {_inbox_line(res['inbox'])}")
         return 0
     entries = control_call(home.control_path, "inbox", include_junk=bool(args.all))
@@ -941,13 +940,18 @@ def _message_id(text: str) -> str:
     return text.strip()
 
 
-def _file_fate(removed: dict[str, Any]) -> str:
-    """What `rm`/`inbox --prune` did with a removed message's file."""
+def _print_removed(removed: dict[str, Any], *, told: bool = False) -> None:
+    """What `rm`/`inbox --prune` did with one message, for 80 columns: the title folds on
+    the first line; what became of its file and, with `told`, what its sender hears, each
+    on a line of its own (rich broke `(deleted` from its path, and a told line of a
+    17-character address and its reason was 81 columns)."""
+    console.print(f"removed {removed['id'][:12]} {_m(removed['title'])}")
     if removed.get("deleted_file"):
-        return f" (deleted {_m(removed['deleted_file'])})"
-    if removed.get("kept_file"):
-        return f" ({_m(removed['kept_file'])})"
-    return ""
+        console.print(f"deleted {_m(removed['deleted_file'])}", highlight=False)
+    elif removed.get("kept_file"):
+        console.print(_m(removed["kept_file"]), highlight=False)
+    if told and removed.get("sender_told"):
+        console.print(told_text(removed), highlight=False)
 
 
 def cmd_rm(home: NodeHome, args: argparse.Namespace) -> int:
@@ -957,10 +961,7 @@ def cmd_rm(home: NodeHome, args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
         return 0
     for r in res["removed"]:
-        gone = _file_fate(r)
-        console.print(f"removed {r['id'][:12]} {_m(r['title'])}{gone}")
-        if r.get("sender_told"):
-            console.print(told_text(r), soft_wrap=True, highlight=False)
+        _print_removed(r, told=True)
     return 0
 
 
@@ -973,7 +974,7 @@ def told_text(removed: dict[str, Any]) -> str:
         return f"{who} is told you will not download it"
     why = _m(earlier["reason"])
     if earlier["sent"]:
-        return f"{who} was told already that you will not download it ({why})"
+        return f"{who} was already told you will not download it ({why})"
     return f"{who} is told you will not download it ({why})"
 
 
@@ -1170,23 +1171,25 @@ def cmd_cancel(home: NodeHome, args: argparse.Namespace) -> int:
             if not str(inbox_exc).startswith("no message"):
                 raise
             # Neither list has it: say that both were looked in, not the inbox alone.
-            raise CliError(f"no sent or received message {args.id!r} (`peerpost status` "
-                           "and `peerpost inbox` list them)") from None
+            raise CliError(f"{args.id!r} is in neither `peerpost status` nor `peerpost "
+                           "inbox`") from None
         if args.json:
             print(json.dumps(entry, indent=2))
             return 0
-        console.print(f"stopped {entry['id'][:12]} {_m(entry['title'])}: {_m(entry['error'])}")
+        # In 80 columns the title folds on its own line, and what happens next has one.
+        console.print(f"stopped {entry['id'][:12]} {_m(entry['title'])}")
+        console.print(_m(entry["error"]), highlight=False)
         return 0
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     who = ", ".join(res["cancelled"]) or "nobody (everyone has it already)"
-    console.print(f"withdrew {res['id'][:12]} {_m(res['title'])}: no longer served; "
-                  f"cancelled for {_m(who)}")
+    console.print(f"withdrew {res['id'][:12]} {_m(res['title'])}")
+    console.print(f"no longer served; cancelled for {_m(who)}", highlight=False)
     unqueued = res.get("unqueued")
     if unqueued is None:
-        console.print("the server could not be asked to take back queued copies; whoever "
-                      "fetches one is told it was withdrawn")
+        console.print("the server could not be asked to take back queued copies:\n"
+                      "whoever fetches one is told it was withdrawn")
     elif unqueued:
         console.print(f"{unqueued} queued cop{'y' if unqueued == 1 else 'ies'} taken back "
                       "from the server")

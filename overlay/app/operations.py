@@ -293,10 +293,11 @@ class ControlOperations:
         matches = [e for e in self.inbox.list(include_junk=True) if e.id.hex().startswith(
             prefix.lower())]
         if not matches:
-            # `send` printed it, so it is the id at hand: `fetch` it on the sending node.
+            # `send` printed it, so it is the id at hand: `fetch` it on the sending node. At
+            # most 12 of its digits (still a prefix of the one sent) keep it to 80 columns.
             if any(m.id.hex().startswith(prefix.lower()) for m in self.outbox.list()):
-                raise ControlError(f"no message {prefix!r} in the inbox: it is one you sent "
-                                   f"(`peerpost status {prefix}` shows who has it)")
+                raise ControlError(f"{prefix[:12]} is a message you sent (`peerpost status` "
+                                   "shows who has it)")
             raise ControlError(f"no message {prefix!r} in the inbox (`peerpost inbox` lists "
                                "them)")
         if len(matches) > 1:

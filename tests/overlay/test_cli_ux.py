@@ -434,8 +434,8 @@ def test_fetch_and_status_mistakes(net: LocalNetwork, tmp_path: Path) -> None:
     # The id `send` printed, fetched where it was sent from; an id nobody has.
     res = _mine(net, alice, "fetch", mid[:8])
     assert res.returncode == 1
-    assert res.stderr == (f"error: no message '{mid[:8]}' in the inbox: it is one you sent "
-                          f"(`peerpost status {mid[:8]}` shows who has it)\n")
+    assert res.stderr == (f"error: {mid[:8]} is a message you sent (`peerpost status` shows "
+                          "who has it)\n")
     res = _mine(net, bob, "rm", "zzzz")
     assert res.returncode == 1
     assert res.stderr == "error: no message 'zzzz' in the inbox (`peerpost inbox` lists them)\n"
@@ -465,6 +465,79 @@ def test_inbox_fits_80_columns(net: LocalNetwork, tmp_path: Path) -> None:
     # escape is shown, not run.
     assert (f"{mid[:8]}  note: We all sang [bold]twice[/bold].\n"
             f"{' ' * 16}The cake is at 4:10 \\x1b[2J\n") in notes, notes
+
+
+@pytest.mark.slow
+def test_rm_and_cancel_fit_80_columns(net: LocalNetwork, tmp_path: Path) -> None:
+    """Every line `rm` and `cancel` print, of mail received, sent and sent to oneself,
+    with a long title and 17-character addresses, fits in 80 columns, and says all it
+    said. Before: the 'was told already' line was 81 columns, the two errors 96 and 107,
+    and `(deleted` ended one line with its path on the next."""
+    alice, bob, carol = (net.nodes[n] for n in ("alice", "bob", "carol"))
+    title = "Grandma's 90th birthday, the whole evening including the speeches and the cake"
+    said: list[str] = []
+
+    def say(node: NodeHandle, *args: str, status: int = 0) -> str:
+        res = _mine(net, node, *args, env={"COLUMNS": "80"})
+        assert res.returncode == status, res.stderr
+        said.extend((res.stdout + res.stderr).splitlines())
+        return res.stdout + res.stderr
+
+    def send(to: str, src: Path) -> str:
+        return net.cli(alice, "send", str(src), "--to", to, "--title", title).stdout.strip()
+
+    def offered(mid: str) -> Any:
+        return net.wait_until(lambda: net.inbox_entry(carol, mid), 30, "the offer at carol")
+
+    got = net.wait_complete(carol, send(carol.address, _file(tmp_path, "a.bin", 1000)), 60)
+    out = say(carol, "rm", got["id"][:8], "--delete-file")
+    assert f"\ndeleted {got['path']}\n" in out and "Grandma's 90th" in out
+    net.cli(carol, "prefs", "set", "auto-download", "off")
+    try:
+        mid = send(carol.address, _file(tmp_path, "b.bin", 1000))
+        offered(mid)
+        assert f"\n{alice.address} is told you will not download it\n" in say(carol, "rm", mid)
+        # Failed for good (the file changed after the send), its decline gone already.
+        src = _file(tmp_path, "c.bin", 1000)
+        mid = send(carol.address, src)
+        offered(mid)
+        src.write_bytes(os.urandom(1000))
+        net.cli(carol, "fetch", mid[:8])
+        assert carol.proc is not None
+        net.wait_until(lambda: f"told {alice.address} that message {mid}" in carol.proc.log(),
+                       30, "carol's decline to go")
+        assert (f"\n{alice.address} was already told you will not download it (source "
+                "changed)\n") in say(carol, "rm", mid)
+        # A download stopped half way.
+        net.cli(alice, "prefs", "set", "max-upload-rate", "128KiB/s")
+        mid = send(carol.address, _file(tmp_path, "d.bin", 2 * MiB))
+        offered(mid)
+        net.cli(carol, "fetch", mid[:8])
+        net.wait_until(lambda: (e := net.inbox_entry(carol, mid)) and e["progress"] > 0, 30,
+                       "the first chunk")
+        out = say(carol, "cancel", mid[:8])
+        assert "\ncancelled; fetch it to go on (the chunks already here are kept)\n" in out
+    finally:
+        net.cli(carol, "prefs", "set", "auto-download", "on")
+        net.cli(alice, "prefs", "set", "max-upload-rate", "none")
+    mid = net.cli(alice, "send", str(_file(tmp_path, "e.bin", 1000)), "--to",
+                  f"{carol.address},{bob.address}", "--title", title).stdout.strip()
+    for node in (bob, carol):
+        net.wait_complete(node, mid, 60)
+    out = say(alice, "cancel", mid[:8])
+    assert "no longer served; cancelled for nobody (everyone has it already)" in out
+    assert say(alice, "rm", mid, status=1) == (f"error: {mid[:12]} is a message you sent "
+                                               "(`peerpost status` shows who has it)\n")
+    assert say(alice, "cancel", "deadbeef00", status=1) == (
+        "error: 'deadbeef00' is in neither `peerpost status` nor `peerpost inbox`\n")
+    # To oneself: the inbox's file is the one sent, and stays.
+    src = _file(tmp_path, "f.bin", 1000)
+    mid = send(alice.address, src)
+    net.wait_complete(alice, mid, 60)
+    out = " ".join(say(alice, "rm", mid[:8], "--delete-file").split())
+    assert f"{src} is kept: it is the file you sent as message {mid[:12]}" in out
+    too_wide = [line for line in said if len(line) > 80]
+    assert not too_wide, "\n".join(said)
 
 
 @pytest.mark.parametrize("width", [80, 100, 120])

@@ -229,8 +229,7 @@ def test_cancel_of_an_unknown_id_says_both_lists_were_looked_in(net: LocalNetwor
     res = run(net, net.nodes["alice"], "cancel", "deadbeef", "--json")
     assert res.returncode == 1
     assert json.loads(res.stdout)["error"] == (
-        "no sent or received message 'deadbeef' (`peerpost status` and `peerpost inbox` "
-        "list them)")
+        "'deadbeef' is in neither `peerpost status` nor `peerpost inbox`")
 
 
 @pytest.mark.slow

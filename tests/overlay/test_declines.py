@@ -602,8 +602,7 @@ async def test_rm_says_what_the_sender_hears(db: NodeDB) -> None:
     assert said == {
         unread: "alice@example.net is told you will not download it",
         queued: "alice@example.net is told you will not download it (source changed)",
-        sent: "alice@example.net was told already that you will not download it "
-              "(source changed)"}
+        sent: "alice@example.net was already told you will not download it (source changed)"}
     assert owed(inbox) == {unread: REMOVED_REASON, queued: "source changed"}
     # Fetched after all (Try again, from a co-recipient): its sender has 'downloaded' last.
     got = _failed_for_good(inbox, 4)

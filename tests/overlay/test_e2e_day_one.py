@@ -179,7 +179,7 @@ def test_a_file_edited_after_sending_fails_clearly_and_resend_delivers(
     assert res.returncode == 1 and f"failed: no source has it: {told}" in err, err
     # Removing it says what alice heard, and when: not 'is told' as though it were news.
     said = " ".join(net.cli(bob, "rm", mid[:10]).stdout.split())
-    assert f"{alice.address} was told already that you will not download it (source " \
+    assert f"{alice.address} was already told you will not download it (source " \
         "changed)" in said, said
 
     new = net.cli(alice, "resend", mid[:10]).stdout.strip()
