@@ -599,7 +599,7 @@ class Delivery:
         declined); a content the node no longer holds is no longer announced."""
         try:
             done = await asyncio.to_thread(apply_retention, self.outbox, self.store,
-                                           self.prefs, self.archive)
+                                           self.prefs, self.archive, self.incoming.inbox)
             for entry, _ in done:
                 # Deleted, archived, or released (a folder's map, a file nobody wanted).
                 if await asyncio.to_thread(self.store.local, entry.content_id) is None:

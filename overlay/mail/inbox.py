@@ -290,6 +290,12 @@ class Inbox:
     def is_full(self) -> bool:
         return self.count() >= self._max_entries
 
+    def holds(self, content_id: bytes) -> bool:
+        """Whether a complete message of this content is in the inbox."""
+        return self._db.query_one(
+            "SELECT 1 FROM inbox WHERE content_id = ? AND state = ? LIMIT 1",
+            (content_id, InboxState.COMPLETE.value)) is not None
+
     def sharing(self, entry: InboxEntry, limit: int = 10) -> builtins.list[InboxEntry]:
         """Other entries of the same content, or pointing at the same file or folder (a
         content received twice is kept once): what removing `entry`'s file would take."""

@@ -20,6 +20,11 @@ A folder's map (or an archive an older version packed) in the store's outgoing f
 not the user's file but the node's own: it is deleted whatever the preference, once no
 message that names it is still wanted (`folders.release_archives`, which also runs when a
 message is withdrawn); the files a map names are the user's and stay.
+
+A file mailed to one's own address is, in the sender's inbox, the file sent: `delete` or
+`archive` would take the message received with it, so it is kept while that inbox holds
+the message complete (a content id is new with each send: only this node's own send has
+it).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.mail.folders import is_own_archive, release_archives
+from overlay.mail.inbox import Inbox
 from overlay.mail.outbox import Outbox, OutboxEntry
 from overlay.mail.prefs import Prefs
 
@@ -37,9 +43,11 @@ log = logging.getLogger("peerpost.retention")
 
 
 def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
-                    default_archive: Path) -> list[tuple[OutboxEntry, str]]:
+                    default_archive: Path, inbox: Inbox | None = None,
+                    ) -> list[tuple[OutboxEntry, str]]:
     """Apply the retention preference to every message nobody will fetch any more (each
-    recipient downloaded or declined it); blocking I/O."""
+    recipient downloaded or declined it); blocking I/O. `inbox`: this node's, whose
+    complete messages of a content keep its file (mail to oneself)."""
     done: list[tuple[OutboxEntry, str]] = []
     # Only what the pass needs, not the whole outbox, which it listed again for each
     # message settled (quadratic, and only the newest 1,000 were looked at for another
@@ -56,6 +64,8 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
     for entry in pending:
         # Nobody has it: the user's file is the only copy, so the preference does not apply.
         action = prefs.retention if entry.anyone_downloaded else "keep"
+        if inbox is not None and action != "keep" and inbox.holds(entry.content_id):
+            action = "keep"  # mailed to oneself: the message received is this very file
         own = is_own_archive(store.root, entry.path)
         if own:
             action = "delete"  # our copy, not the user's; release_archives deletes it

@@ -110,7 +110,7 @@ async def test_retention_that_node_db_refuses_is_logged(
     """Run when a receipt arrives, from the loop that reads the server's pushes."""
     caplog.set_level(logging.INFO, "peerpost.node")
     outbox = SimpleNamespace(sends_seen=0, pending_retention=_FailsOnce(disk_full(), []))
-    await _delivery(tmp_path, None, None, outbox).retention()
+    await _delivery(tmp_path, SimpleNamespace(inbox=None), None, outbox).retention()
     assert "retention step failed (it is retried at the next receipt or start): " \
            "database or disk is full" in caplog.text
 

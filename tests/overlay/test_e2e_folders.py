@@ -150,7 +150,8 @@ def test_a_folder_sent_to_your_own_address_is_the_folder_itself(lab: LocalNetwor
     """As a file mailed to oneself is the file sent, the folder is: the inbox points at
     it, not at the node's map (deleted once nobody needs it, so the entry opened to
     nothing before), no copy lands in received/, and neither retention (`delete`, the
-    harshest) nor `rm --delete-file` deletes any of it."""
+    harshest, which keeps a file mailed to oneself too) nor `rm --delete-file` deletes
+    any of it."""
     alice = lab.nodes["alice"]
     src = tmp_path / "photos"
     (src / "beach").mkdir(parents=True)
@@ -160,6 +161,8 @@ def test_a_folder_sent_to_your_own_address_is_the_folder_itself(lab: LocalNetwor
     want = tree(src)
     received = alice.home / "received"
     before = set(os.listdir(received)) if received.is_dir() else set()
+    clip = tmp_path / "clip.bin"
+    clip.write_bytes(clip_data := os.urandom(50_000))
     lab.cli(alice, "prefs", "set", "retention", "delete")
     try:
         mid = lab.cli(alice, "send", str(src), "--to", alice.address).stdout.strip()
@@ -167,6 +170,12 @@ def test_a_folder_sent_to_your_own_address_is_the_folder_itself(lab: LocalNetwor
         # Retention's sweep ran: the map is gone.
         lab.wait_until(lambda: sent(lab, alice, mid)["retention_done"], 30, "retention")
         assert not Path(sent(lab, alice, mid)["path"]).exists()
+        # A file mailed to oneself is kept too: `delete` took the inbox's file with it.
+        one = lab.cli(alice, "send", str(clip), "--to", alice.address).stdout.strip()
+        assert lab.wait_complete(alice, one, 60, "the file")["path"] == str(clip)
+        lab.wait_until(lambda: sent(lab, alice, one)["retention_done"], 30, "retention")
+        assert sent(lab, alice, one)["retention_done"] == "keep"
+        assert clip.read_bytes() == clip_data
     finally:
         lab.cli(alice, "prefs", "set", "retention", "keep")
     (e,) = [e for e in lab.cli_json(alice, "inbox") if e["id"] == mid]

@@ -20,6 +20,8 @@ from overlay.content.catalog import ContentStore
 from overlay.mail.contacts import Contacts
 from overlay.mail.db import NodeDB
 from overlay.mail.folders import outgoing_dir, plan_pack, release_archives, write_map
+from overlay.mail.inbox import Inbox
+from overlay.mail.inbox_state import InboxState
 from overlay.mail.outbox import (
     ALL_SENT,
     Outbox,
@@ -29,7 +31,7 @@ from overlay.mail.outbox import (
     Undone,
 )
 from overlay.mail.outgoing import MailSender
-from overlay.mail.prefs import Prefs
+from overlay.mail.prefs import Prefs, Retention
 from overlay.mail.retention import apply_retention
 from rendezvous.records import DeviceInfo, FingerResult
 
@@ -498,3 +500,35 @@ async def test_a_folder_sent_again_after_a_release_read_the_outbox_keeps_the_map
         outbox.go_on.set()
     assert await releasing == []
     _sends_the_map(outbox, store, second, map_path)
+
+
+@pytest.mark.parametrize("retention", ["delete", "archive"])
+def test_a_file_mailed_to_oneself_stays_where_the_inbox_points(
+        db: NodeDB, store: ContentStore, tmp_path: Path, retention: Retention) -> None:
+    """A file sent to bob and to one's own address: in the sender's inbox the message
+    received is the file sent, so `delete` and `archive` keep it while that message is
+    there (they deleted or moved it, and the inbox pointed at nothing); removed from the
+    inbox, the next message of it goes as the preference says."""
+    clip = tmp_path / "clip.bin"
+    clip.write_bytes(data := os.urandom(50_000))
+    outbox, prefs, inbox = Outbox(db), Prefs(db), Inbox(db)
+    prefs.retention = retention
+    cid = store.add_local_file_blocking(clip).content_id
+    mid = sent(outbox, 1, cid, clip)
+    got = (2).to_bytes(16, "big")
+    inbox.add(id=got, sender="alice@example.net", sender_peer_id=b"a" * 20, title="clip",
+              note="", size=len(data), file_name="clip.bin",
+              media_type="application/octet-stream", content_id=cid, chunk_count=1,
+              message=b"", received_at=1.0)
+    inbox.transition(got, InboxState.DOWNLOADING)
+    inbox.transition(got, InboxState.COMPLETE, path=str(clip))
+
+    done = apply_retention(outbox, store, prefs, tmp_path / "archive", inbox)
+    assert [(e.id, action) for e, action in done] == [(mid, "keep")]
+    assert clip.read_bytes() == data and not (tmp_path / "archive").exists()
+
+    assert inbox.remove(got)
+    again = sent(outbox, 3, store.add_local_file_blocking(clip).content_id, clip)
+    done = apply_retention(outbox, store, prefs, tmp_path / "archive", inbox)
+    assert [(e.id, action) for e, action in done] == [(again, retention)]
+    assert not clip.exists()
