@@ -206,15 +206,21 @@ class ConnectionLadder:
             rtc = self.webrtc
             rungs.append((delay, "webrtc", _gated(lambda: rtc(holder), over, limit)))
         stream = await _race(rungs, errors)
-        if stream is None and refused and self.relay is not None and holder.address:
+        if refused and (stream is None or stream.path in SLOW_PATHS):
             # Its address refused at once, and the other rungs took their time: a node that
             # was starting again (a retry that fired while its sender restarted) listens by
-            # now, and the relay, slow and paid for by the server, would carry the whole
-            # rest of the download. One more direct dial first (refused again: at once).
+            # now, and the relay (slow, paid for by the server) or WebRTC (12-26 MB/s) would
+            # carry the rest of the download (the Downloader moves it to TCP only when more
+            # than 5 s of it are left). One more direct dial first (refused again: at once).
             try:
-                stream = await direct()
+                again = await direct()
             except StreamError as exc:
                 errors.append(f"tcp again: {exc}")
+            else:
+                if stream is not None:
+                    errors.append(f"{stream.path}: left for tcp, dialled again")
+                    await stream.aclose()
+                stream = again
         if stream is None and self.relay is not None and holder.address:
             try:
                 stream = await self.relay(holder)

@@ -115,6 +115,39 @@ async def test_a_holder_that_refused_then_listens_is_dialled_again_before_the_re
         await server.aclose()
 
 
+async def test_a_holder_that_refused_then_listens_is_not_left_on_webrtc() -> None:
+    """The same retry, where the node came up in time to answer WebRTC's offer: WebRTC
+    connected, and carried the rest of the download at a fraction of TCP's rate (a full
+    test run's retry came over it). The direct address is dialled again, and WebRTC's
+    stream closed."""
+    async def serve(stream: Stream) -> None:
+        await stream.aclose()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = TcpServer(serve)
+    made: list[FakeStream] = []
+
+    async def answered_webrtc(holder: Holder) -> FakeStream:
+        await server.start("127.0.0.1", port)  # the node is up and answers the offer
+        return await rung("webrtc", made=made)(holder)
+
+    try:
+        ladder = ConnectionLadder(webrtc=answered_webrtc, webrtc_delay=0.01)
+        s = await ladder.dial(Holder(PEER, "bob@x.net", (f"127.0.0.1:{port}",)))
+        assert s.path == "tcp"
+        assert [m.closed for m in made] == [True]
+        assert ladder.counters == {"tcp": 1}
+        await s.aclose()
+    finally:
+        await server.aclose()
+    # Refused again: WebRTC stays.
+    ladder = ConnectionLadder(webrtc=rung("webrtc"), webrtc_delay=0.01)
+    s = await ladder.dial(Holder(PEER, "bob@x.net", ("127.0.0.1:1",)))
+    assert s.path == "webrtc"
+
+
 async def test_a_nated_holder_gets_webrtc_at_once() -> None:
     made: list[FakeStream] = []
     ladder = ConnectionLadder(webrtc=rung("webrtc", delay=0.05, made=made),
