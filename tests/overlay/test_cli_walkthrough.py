@@ -451,7 +451,7 @@ def _hang_up_the_demo(tmp_path: Path) -> None:
         # of the first budget, and the wait below ran out 30 s after it.
         read_terminal(master, proc, time.monotonic() + 60)
         # As Ctrl-C ends it: 0 at the prompt, 130 a moment before it (the line that
-        # asks for Enter is out before input() waits).
+        # asks for Enter is out before the wait for it starts).
         assert proc.wait(timeout=30) in (0, 130)
     finally:
         os.close(master)
@@ -460,6 +460,63 @@ def _hang_up_the_demo(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("peerpost-demo-*"))  # its folder is gone
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)  # and no process of it runs, the server included
+
+
+# The demo's wait for Enter, in a process of its own: SIGHUP raises KeyboardInterrupt as in
+# the demo, and the main thread blocks SIGHUP, so the kernel hands it to another thread.
+# That thread's C handler notes it, as it does when the hangup lands in the instant
+# before the main thread's read starts; the main thread is not woken from its read.
+_WAIT_FOR_ENTER = """
+import signal, sys, threading
+from overlay.app.demo import wait_for_enter
+def hang_up(signum, frame):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGHUP, hang_up)
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+print("waiting", flush=True)
+try:
+    wait_for_enter()
+except KeyboardInterrupt:
+    sys.exit("hung up")
+print("Enter pressed")
+"""
+
+
+def _asleep(pid: int) -> bool:
+    # The third field of /proc/PID/stat is the main thread's state: S, blocked in a call.
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
+
+
+@pytest.mark.parametrize("press", [b"", b"\n"], ids=["hangup", "enter"])
+def test_the_demos_wait_for_enter_ends_at_a_hangup_already_caught(press: bytes) -> None:
+    # Under load a hangup at the prompt could land after the last check for a caught
+    # signal and before input()'s read: the demo then waited for an Enter that never
+    # came, its nodes gone, its server and its folder left behind.
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", _WAIT_FOR_ENTER], stdin=slave,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(slave)
+    try:
+        assert present(proc.stdout).readline() == "waiting\n"
+        # Sent once the wait blocks (no event says so; the kernel's state does).
+        deadline = time.monotonic() + 30
+        while not _asleep(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if press:
+            os.write(master, press)
+        else:
+            os.kill(proc.pid, signal.SIGHUP)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if press:
+        assert (proc.returncode, out, err) == (0, "Enter pressed\n", "")
+    else:
+        assert (proc.returncode, out, err) == (1, "", "hung up\n")
 
 
 @pytest.mark.slow
