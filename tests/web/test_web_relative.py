@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from overlay.app.lab import LocalNetwork
+from overlay.app.lab import LocalNetwork, NodeHandle
 from tests.overlay.test_e2e_trust import second_device
 from tests.web.clip import make_jpeg
 from tests.web.conftest import login_url, web_base
@@ -19,6 +19,15 @@ from tests.web.conftest import login_url, web_base
 pytestmark = pytest.mark.slow
 
 PHONE = {"width": 390, "height": 844}
+
+
+def slow_sender_and_bob(net: LocalNetwork, rate: int) -> tuple[NodeHandle, NodeHandle]:
+    """alice, whose uploads are capped at `rate` bytes a second, and bob, both running."""
+    alice = net.add_node("alice", extra=["--max-upload-rate", str(rate)])
+    bob = net.add_node("bob")
+    net.start_node(alice)
+    net.start_node(bob)
+    return alice, bob
 
 
 def test_signing_in_and_dead_links_say_the_way_forward(net: LocalNetwork,
@@ -173,6 +182,41 @@ def test_the_page_says_when_the_node_is_gone(net: LocalNetwork, browser_page: An
     assert "peerpost web" in page.inner_text("#offline")
 
 
+def test_a_photo_waiting_for_another_download_shows_once_it_is_in(
+        net: LocalNetwork, browser_page: Any, tmp_path: Path) -> None:
+    """A photo asked for while another download runs is `downloading` but waits its turn,
+    with nothing held. Its page gave the <img> its source at once: /media answered 404,
+    and the photo stayed broken after it arrived (a loaded run met the same 404 in the
+    moment before a download opens its file)."""
+    page = browser_page
+    # At 256 KiB/s the first download (8 MiB) would run 32 s: the cancel ends it. The
+    # photo (2400 x 1800, two 1 MiB chunks) takes 5 s: the page loads it mid-download.
+    alice, bob = slow_sender_and_bob(net, 256 << 10)
+    net.cli(bob, "prefs", "set", "auto-download", "off")
+    (tmp_path / "film.bin").write_bytes(bytes(8 << 20))
+    photo = make_jpeg(tmp_path / "garden.jpg", width=2400, height=1800)
+    assert photo.stat().st_size > 1 << 20
+    first, mid = (net.cli(alice, "send", str(f), "--to", bob.address).stdout.strip()
+                  for f in (tmp_path / "film.bin", photo))
+    net.wait_until(lambda: net.inbox_entry(bob, mid), 30, "the photo at bob")
+    net.cli(bob, "fetch", first)
+    media: list[Any] = []
+    page.on("response", lambda r: media.append(r) if "/media/" in r.url else None)
+    page.goto(login_url(net, bob))
+    page.goto(f"{web_base(bob)}/message/{mid}")
+    page.click("button:text-is('Download it')")
+    waiting = "#msg-state:text-is('waiting for another download')"
+    page.wait_for_selector(waiting, timeout=30_000)
+    page.reload()  # the page as the server renders it in that state
+    page.wait_for_selector(waiting)
+    net.cli(bob, "cancel", first)
+    page.wait_for_selector("#save", state="visible", timeout=60_000)
+    page.wait_for_selector("img#player", state="visible", timeout=10_000)
+    assert page.evaluate("document.getElementById('player').naturalWidth") == 2400
+    # One fetch of the photo, whole: none before the node had any of it.
+    assert [(r.status, r.body() == photo.read_bytes()) for r in media] == [(200, True)]
+
+
 def test_an_offer_says_whether_it_downloads_by_itself(net: LocalNetwork, browser_page: Any,
                                                       tmp_path: Path) -> None:
     """An offered message that auto-download takes once the running download ends says
@@ -180,10 +224,7 @@ def test_an_offer_says_whether_it_downloads_by_itself(net: LocalNetwork, browser
     downloaded yet`. The words come from the node's `queued`, as `peerpost inbox` has it."""
     page = browser_page
     # 2 MiB at 128 KiB/s: the first download runs 16 s, the second offer waits all along.
-    alice = net.add_node("alice", extra=["--max-upload-rate", str(128 << 10)])
-    bob = net.add_node("bob")
-    net.start_node(alice)
-    net.start_node(bob)
+    alice, bob = slow_sender_and_bob(net, 128 << 10)
     net.cli(bob, "prefs", "set", "auto-download-max", "3MiB")
     sent = []
     for name, size in (("first.bin", 2 << 20), ("second.bin", 2 << 20), ("big.bin", 4 << 20)):
@@ -210,10 +251,7 @@ def test_a_cancelled_and_a_held_message_say_why_and_what_next(net: LocalNetwork,
     # 5.4-6.7 s with 3 copies at once at load ~7, against the 8 s that 8 MiB took at 1 MiB/s
     # (the sent page once showed 'has it' and no #sent-owed). At 128 KiB/s it takes 64 s;
     # the cancel ends it, so the test takes no longer.
-    alice = net.add_node("alice", extra=["--max-upload-rate", str(128 << 10)])
-    bob = net.add_node("bob")
-    net.start_node(alice)
-    net.start_node(bob)
+    alice, bob = slow_sender_and_bob(net, 128 << 10)
     big = tmp_path / "film.bin"
     big.write_bytes(bytes(8 << 20))
     mid = net.cli(alice, "send", str(big), "--to", bob.address).stdout.strip()

@@ -221,6 +221,12 @@ def _states(states: str, state: str) -> str:
     return f'data-states="{states}"' + ("" if state in states.split() else " hidden")
 
 
+def _held(e: dict[str, Any]) -> bool:
+    """Whether /media can answer for this inbox entry: complete, or some of it in and its
+    download not waiting its turn (app.js's renderMessage has the same rule)."""
+    return bool(e["state"] == "complete" or (e["progress"] > 0 and not e["queued"]))
+
+
 def notice_page(title: str, text: str, status: int) -> web.Response:
     """A page for someone without a session (or a message that has gone): the site's
     look, what happened and the way forward, never a bare line of text."""
@@ -449,9 +455,10 @@ class WebInbox:
             facts = []
         src = f"/media/{mid}"
         plays = _states(PLAYS_IN, state)
-        # The player's source is set once it can play: a page opened on an offered message
-        # gets it from app.js when the download starts.
-        at = f'src="{src}"' if "hidden" not in plays else f'data-src="{src}"'
+        # The player's source is set once the node holds some of the file (app.js sets it
+        # then): /media has nothing to answer before, and a photo that got its 404 stayed
+        # broken once complete. A download waiting its turn may not have its file open.
+        at = f'src="{src}"' if "hidden" not in plays and _held(e) else f'data-src="{src}"'
         if kind is None:
             player, what = "", "file"
         elif kind[0] == "img":

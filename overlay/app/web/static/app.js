@@ -83,9 +83,12 @@ function renderMessage(entries) {
   st.textContent = e.state_text + (pct > 0 && pct < 100 ? ` ${pct}%` : "");
   st.className = `state state-${e.state}`;
   st.dataset.state = e.state;
+  // The player's source once the node holds some of the file (the server's _held): an
+  // <img> given it earlier got a 404 and stayed broken after the download completed.
+  const held = e.state === "complete" || (e.progress > 0 && !e.queued);
   for (const el of document.querySelectorAll("[data-states]")) {
     el.hidden = !el.dataset.states.split(" ").includes(e.state);
-    if (!el.hidden && el.dataset.src && !el.getAttribute("src")) el.src = el.dataset.src;
+    if (!el.hidden && held && el.dataset.src && !el.getAttribute("src")) el.src = el.dataset.src;
   }
   const path = document.getElementById("msg-path");
   if (path) path.textContent = e.path || "";
