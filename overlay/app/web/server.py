@@ -668,6 +668,9 @@ class WebInbox:
             return await serve_partial(request, held, ctype, self.want)
         local = self.store.local(entry.content_id)
         path = local.path if local is not None else (Path(entry.path) if entry.path else None)
+        if path is None and isinstance(held, PartialContent):
+            # Renamed to its final name, not yet recorded complete: the file is whole.
+            path = held.final_path
         if path is None or not path.is_file():
             raise web.HTTPNotFound(text="not fetched yet: fetch it first\n")
         resp = file_response(path, ctype)
