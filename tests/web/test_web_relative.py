@@ -21,10 +21,12 @@ pytestmark = pytest.mark.slow
 PHONE = {"width": 390, "height": 844}
 
 
-def slow_sender_and_bob(net: LocalNetwork, rate: int) -> tuple[NodeHandle, NodeHandle]:
-    """alice, whose uploads are capped at `rate` bytes a second, and bob, both running."""
+def slow_sender_and_bob(net: LocalNetwork, rate: int, *, bob_extra: tuple[str, ...] = ()
+                        ) -> tuple[NodeHandle, NodeHandle]:
+    """alice, whose uploads are capped at `rate` bytes a second, and bob (started with
+    `bob_extra`), both running."""
     alice = net.add_node("alice", extra=["--max-upload-rate", str(rate)])
-    bob = net.add_node("bob")
+    bob = net.add_node("bob", extra=list(bob_extra))
     net.start_node(alice)
     net.start_node(bob)
     return alice, bob
@@ -293,3 +295,47 @@ def test_a_cancelled_and_a_held_message_say_why_and_what_next(net: LocalNetwork,
     page.goto(f"{base}/message/{held}")
     page.wait_for_selector("#save", state="visible", timeout=30_000)
     assert page.inner_text("#msg-state") == "received"
+
+
+def test_a_photo_that_failed_to_load_shows_once_it_is_in(net: LocalNetwork, browser_page: Any,
+                                                         tmp_path: Path) -> None:
+    """bob holds part of a photo and his node restarts while alice, the sender, is stopped.
+    His page, opened in `retrying`, gives the <img> its source, and its load fails: a 404
+    before the download has reopened its file, else the chunk alice has not sent is waited
+    for 20 s and the answer is a 503 or a body cut short (both seen). The page loaded the
+    photo again only on a reload; now it does so by itself when the state moves on."""
+    page = browser_page
+    # At 256 KiB/s the photo's first 1 MiB chunk takes 4 s; alice stops before the second.
+    alice, bob = slow_sender_and_bob(net, 256 << 10,
+                                     bob_extra=("--retry-base", "0.5", "--retry-max", "2"))
+    photo = make_jpeg(tmp_path / "garden.jpg", width=2400, height=1800)
+    assert photo.stat().st_size > 1 << 20
+    mid = net.cli(alice, "send", str(photo), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["progress"] > 0, 60,
+                   "part of the photo at bob")
+    net.stop_node(alice)
+    net.stop_node(bob)
+    net.start_node(bob)
+    e = net.wait_until(lambda: (x := net.inbox_entry(bob, mid)) and x["state"] == "retrying"
+                       and x, 60, "bob to show retrying")
+    assert 0 < e["progress"] < 1
+    media: list[Any] = []
+    page.on("response", lambda r: media.append(r) if "/media/" in r.url else None)
+    page.goto(login_url(net, bob))
+    page.goto(f"{web_base(bob)}/message/{mid}")
+    page.evaluate("window.notReloaded = true")
+    # The broken photo the user saw: a 404, or a body cut short when the rest did not come.
+    page.wait_for_function("(p => p.complete && p.naturalWidth === 0)"
+                           "(document.getElementById('player'))", timeout=60_000)
+    assert len(media) == 1, [r.status for r in media]
+
+    alice.extra = []  # back uncapped: the cap was there to stop her midway
+    net.start_node(alice)
+    page.wait_for_selector("#save", state="visible", timeout=60_000)
+    page.wait_for_selector("img#player", state="visible", timeout=10_000)
+    assert page.evaluate("document.getElementById('player').naturalWidth") == 2400
+    assert page.evaluate("window.notReloaded") is True
+    # The photo as sent, from the last load; the first one is the failed one.
+    assert (media[-1].status, media[-1].body()) == (200, photo.read_bytes()), [
+        (r.status, r.url) for r in media]
+    assert len(media) >= 2

@@ -68,6 +68,24 @@ function renderInbox(entries) {
   }
 }
 
+// A player whose load failed: /media answered 404 before the download reopened its file
+// (after a node restart), 503 after a stall, or the connection was cut. The browser never
+// asks again by itself.
+function loadFailed(el) {
+  if (!el.getAttribute("src")) return false;
+  if (el instanceof HTMLImageElement) return el.complete && el.naturalWidth === 0;
+  return el instanceof HTMLMediaElement && el.error !== null;
+}
+
+// Load a failed player again: a new query, so neither the browser's cache nor its list of
+// images already fetched answers with the old failure. Called once per state change, so a
+// source that keeps failing is asked again only when the message moves on.
+function reload(el) {
+  const url = new URL(el.getAttribute("src"), document.baseURI);
+  url.searchParams.set("try", String(Number(url.searchParams.get("try") || 0) + 1));
+  el.src = url.pathname + url.search;
+}
+
 // The message page as the server would render it now: which buttons, links and player
 // show (data-states), the state, the error and the sources.
 function renderMessage(entries) {
@@ -80,6 +98,7 @@ function renderMessage(entries) {
     return;
   }
   const pct = Math.round(e.progress * 100);
+  const changed = st.dataset.state !== e.state;
   st.textContent = e.state_text + (pct > 0 && pct < 100 ? ` ${pct}%` : "");
   st.className = `state state-${e.state}`;
   st.dataset.state = e.state;
@@ -89,6 +108,7 @@ function renderMessage(entries) {
   for (const el of document.querySelectorAll("[data-states]")) {
     el.hidden = !el.dataset.states.split(" ").includes(e.state);
     if (!el.hidden && held && el.dataset.src && !el.getAttribute("src")) el.src = el.dataset.src;
+    else if (!el.hidden && held && changed && loadFailed(el)) reload(el);
   }
   const path = document.getElementById("msg-path");
   if (path) path.textContent = e.path || "";
