@@ -66,6 +66,7 @@ FACT_TEXT = {"video_codec": "video format", "audio_codec": "sound format",
              "modified": "file date", "recorded": "recorded"}
 # Which message-page elements show in which states (data-states; app.js keeps it so).
 PLAYS_IN = "downloading retrying complete"
+SESSION = web.RequestKey("session", Session)  # the signed-in session, set by the middleware
 SIGN_IN = ("Open the inbox with <code>peerpost web</code> on this computer (it signs this "
            "browser in), or ask whoever set peerpost up for you.")
 
@@ -327,7 +328,7 @@ class WebInbox:
         if request.method not in ("GET", "HEAD") and \
                 not self.auth.csrf_ok(session, request.headers.get(CSRF_HEADER)):
             return web.Response(status=403, text="forbidden: missing or wrong CSRF token\n")
-        request["session"] = session
+        request[SESSION] = session
         return await handler(request)
 
     async def login(self, request: web.Request) -> web.StreamResponse:
@@ -391,7 +392,7 @@ class WebInbox:
                 "back. peerpost keeps trying by itself.")
 
     def _page(self, request: web.Request, page: str, title: str, body: str) -> web.Response:
-        session: Session = request["session"]
+        session = request[SESSION]
         down = self._server_down()
         banner = (f'<p id="server-down" class="warn" role="status"{"" if down else " hidden"}>'
                   f'{_e(down)}</p>')
