@@ -285,6 +285,11 @@ class ContentFetch:
         if source is not None and await asyncio.to_thread(os.path.isdir, source):
             return str(source)
         unpacked, _ = await self._unpack(record, sent.path, folder, sent.reader)
+        try:
+            await asyncio.to_thread(record.record_copy, unpacked)
+        except (OSError, ContentStoreError) as exc:
+            # Unrecorded, `rm --delete-file` keeps the copy as possibly the user's folder.
+            log.warning("cannot record %s as the node's own copy: %s", unpacked, exc)
         await asyncio.to_thread(record.finish, unpacked)
         return str(unpacked)
 

@@ -29,7 +29,12 @@ from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.mail.contacts import Contact, Contacts
 from overlay.mail.downloads import DownloadQueue
-from overlay.mail.folders import delete_received, is_own_archive, release_archives
+from overlay.mail.folders import (
+    UnpackRecord,
+    delete_received,
+    is_own_archive,
+    release_archives,
+)
 from overlay.mail.inbox import Decline, Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.incoming import IncomingMail
@@ -260,12 +265,13 @@ class ControlOperations:
         sent_too = self.outbox.newest_of(e.content_id)
         folder = folder_json(e) is not None
         # Mail to oneself: the inbox's path is the file or folder this node sent, except a
-        # copy of several paths sent together, unpacked into the download folder.
-        own = (sent_too if sent_too is not None and e.path
-               and not (folder and self._unpacked_here(e)) else None)
-        if own is not None and delete_file:
+        # copy it unpacked into the download folder (of several paths sent together, or of
+        # a folder gone by then).
+        copy = (sent_too is not None and bool(e.path) and folder
+                and await asyncio.to_thread(self._sent_copy, e))
+        if sent_too is not None and e.path and not copy and delete_file:
             kept = (f"{e.path} is kept: it is the {'folder' if folder else 'file'} you sent "
-                    f"as message {own.id.hex()[:12]}")
+                    f"as message {sent_too.id.hex()[:12]}")
         if self.store is not None and sent_too is None:
             held = self.store.local(e.content_id)
             try:
@@ -276,17 +282,27 @@ class ControlOperations:
                 deleted = (str(held.path) if held is not None and delete_file
                            and not isinstance(held, ArchiveView) else None)
         if (delete_file and deleted is None and e.path and e.state is InboxState.COMPLETE
-                and folder and own is None):  # an unpacked folder: the store leaves it
+                and folder and (sent_too is None or copy)):
+            # An unpacked folder: the store leaves it.
             if await asyncio.to_thread(delete_received, Path(e.path)):
                 deleted = e.path
+        if sent_too is not None and folder and self.received is not None:
+            await asyncio.to_thread(UnpackRecord(self.received, e.content_id).forget_copy)
         return {"id": e.id.hex(), "title": e.title, "deleted_file": deleted,
                 "kept_file": kept, "sender_told": told, "told_earlier": earlier}
 
-    def _unpacked_here(self, e: InboxEntry) -> bool:
-        """Whether `e`'s folder lies in the download folder, where received folders are
-        unpacked (a folder sent to oneself is the user's, wherever it is)."""
-        return (self.received is not None and e.path is not None
-                and os.path.realpath(Path(e.path).parent) == os.path.realpath(self.received))
+    def _sent_copy(self, e: InboxEntry) -> bool:
+        """Of a folder this node sent to its own address, whether `e`'s path is a copy it
+        unpacked rather than the folder sent: by the sent map's `source` while the map is
+        held, else by the copy the unpack recorded. A copy unpacked before copies were
+        recorded is taken for the user's folder and kept. Blocking."""
+        here = os.path.realpath(e.path or "")
+        held = self.store.local(e.content_id) if self.store is not None else None
+        if isinstance(held, ArchiveView) and held.sent:
+            return held.layout.source is None or os.path.realpath(held.layout.source) != here
+        copy = None if self.received is None else UnpackRecord(
+            self.received, e.content_id).copy()
+        return copy is not None and os.path.realpath(copy) == here
 
     def find(self, prefix: str) -> InboxEntry:
         """The one inbox entry whose id starts with `prefix` (hex), or ControlError."""

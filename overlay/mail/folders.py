@@ -913,3 +913,31 @@ class UnpackRecord:
                     os.unlink(saved["archive"])
         with contextlib.suppress(OSError, ContentStoreError):
             self._path().unlink(missing_ok=True)
+
+    # A copy the node unpacked of a folder archive it sent to its own address (several
+    # paths sent together, or a folder gone since it was sent) is the node's, not the
+    # user's: `rm --delete-file` deletes it. The map that told it apart is released once
+    # the address has the message, so the copy's place is kept here until the message goes.
+
+    def _copy_path(self) -> Path:
+        return private_dir(self.dest_dir) / f"{self.name.removesuffix('.unpacking')}.copy"
+
+    def record_copy(self, target: Path) -> None:
+        """`target` is the node's own unpacked copy of what it sent to its own address.
+        Blocking; ContentStoreError or OSError if it can't be written."""
+        blob = memoryview(json.dumps({"copy": str(target)}).encode())
+        write_replace(self._copy_path(), lambda fd: pwrite_all(fd, blob, 0))
+
+    def copy(self) -> Path | None:
+        """The copy `record_copy` recorded, None if none was. Blocking."""
+        try:
+            saved = json.loads(self._copy_path().read_bytes())
+        except (OSError, ValueError, ContentStoreError):
+            return None
+        copy = saved.get("copy") if isinstance(saved, dict) else None
+        return Path(copy) if isinstance(copy, str) else None
+
+    def forget_copy(self) -> None:
+        """The message of the copy is removed: its record goes. Blocking."""
+        with contextlib.suppress(OSError, ContentStoreError):
+            self._copy_path().unlink(missing_ok=True)

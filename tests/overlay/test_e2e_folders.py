@@ -217,7 +217,32 @@ def test_several_files_sent_to_your_own_address_land_in_received(lab: LocalNetwo
 
     res = lab.cli_json(alice, "rm", mid, "--delete-file")
     assert res["removed"][0]["deleted_file"] == str(folder) and not folder.exists()
+    assert not list((alice.home / "received" / ".peerpost-partial").glob("*.copy"))
     assert (one.read_bytes(), two.read_bytes()) == (want["clip.mp4"], want["clip (1).mp4"])
+
+
+def test_a_folder_in_received_sent_to_yourself_is_kept(lab: LocalNetwork) -> None:
+    """A folder that already lies in received/ (one received earlier, say) and is sent to
+    one's own address is, in the inbox, that folder: `rm --delete-file` of the self-sent
+    message keeps it with the same names and bytes, as it keeps a file sent to oneself,
+    once the map that named it is gone."""
+    alice = lab.nodes["alice"]
+    received = alice.home / "received"
+    src = received / "from bob earlier"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(os.urandom(150_000))
+    (src / "sub" / "b.txt").write_text("kept\n")
+    want = tree(src)
+    mid = lab.cli(alice, "send", str(src), "--to", alice.address).stdout.strip()
+    assert lab.wait_complete(alice, mid, 60, "the folder in alice's inbox")["path"] == str(src)
+    lab.wait_until(lambda: sent(lab, alice, mid)["retention_done"], 30, "retention")
+    assert not Path(sent(lab, alice, mid)["path"]).exists()
+
+    (gone,) = lab.cli_json(alice, "rm", mid, "--delete-file")["removed"]
+    assert gone["deleted_file"] is None
+    assert gone["kept_file"] == (f"{src} is kept: it is the folder you sent as message "
+                                 f"{mid[:12]}")
+    assert tree(src) == want and lab.inbox_entry(alice, mid) is None
 
 
 def test_a_withdrawn_folder_send_deletes_the_map_not_the_files(lab: LocalNetwork,

@@ -172,7 +172,9 @@ async def test_several_files_mailed_to_oneself_are_not_unpacked_twice_after_a_ki
     assert got == dest / "2 files"
     assert _tree(got) == {"a.bin": one.read_bytes(), "b.bin": two.read_bytes()}
     assert sorted(os.listdir(dest)) == [".peerpost-partial", "2 files"]
-    assert os.listdir(dest / ".peerpost-partial") == []
+    # What is left: the record that the folder is the node's copy, for `rm --delete-file`.
+    assert os.listdir(dest / ".peerpost-partial") == [f"{sent.content_id.hex()}.copy"]
+    assert UnpackRecord(dest, sent.content_id).copy() == got
     store = ContentStore(tmp_path / "store")
     try:
         held = store.local(sent.content_id)
