@@ -511,10 +511,14 @@ def needed(entry: OutboxEntry) -> bool:
                for r in entry.recipients)
 
 
-def release_archives(outbox: Outbox, store: ContentStore) -> list[str]:
+def release_archives(outbox: Outbox, store: ContentStore,
+                     held: Callable[[bytes], bool] | None = None) -> list[str]:
     """Delete every folder map (or archive) this node wrote that no sent message needs any
     more (each recipient has it or declined it, or the message was withdrawn), never the
-    files a map names; blocking. The paths deleted. Only the messages whose path ends as
+    files a map names; blocking. The paths deleted. A map of a content `held(content_id)`
+    says this node's inbox holds complete (mailed to its own address) stays while it does:
+    the address's receipt is this node's own, and its other devices fetch the folder from
+    this map, which has it alone. Only the messages whose path ends as
     a map's or archive's are read: reading every message was most of the 0.14 CPU s a
     retention pass took with 10,000 sent, at each receipt that settled one (0.015 now).
 
@@ -525,7 +529,8 @@ def release_archives(outbox: Outbox, store: ContentStore) -> list[str]:
     seen = outbox.sends_seen  # before the read: a send recorded after it changes it
     gone = []
     for path, entries in _own_maps(outbox, store).items():
-        if any(needed(m) for m in entries) or not os.path.lexists(path):
+        if (any(needed(m) for m in entries) or not os.path.lexists(path)
+                or (held is not None and any(held(m.content_id) for m in entries))):
             continue
         with outbox.file_unneeded(path, seen=seen, needed=functools.partial(
                 _map_needed, outbox, store, path)) as unneeded:

@@ -19,7 +19,10 @@ outbox remembers which messages are still pending.
 A folder's map (or an archive an older version packed) in the store's outgoing folder is
 not the user's file but the node's own: it is deleted whatever the preference, once no
 message that names it is still wanted (`folders.release_archives`, which also runs when a
-message is withdrawn); the files a map names are the user's and stay.
+message is withdrawn); the files a map names are the user's and stay. A folder mailed to
+one's own address keeps its map while the inbox holds the message complete: the address
+counts as having it at this node's own receipt, and the address's other devices can
+fetch it from this map only (`rm` of the message releases it).
 
 A file mailed to one's own address is, in the sender's inbox, the file sent: `delete` or
 `archive` would take the message received with it, so it is kept while that inbox holds
@@ -95,7 +98,11 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
             log.info("retention %s for %s: %s", action, entry.id.hex(), exc)
         outbox.mark_retention_done(entry.id, action)
         undone.settled(entry)
-        if own and not still_needed:
+        if own and not still_needed and inbox is not None and inbox.holds(entry.content_id):
+            log.info("message %s: mailed to this address, whose inbox holds it; its map %s "
+                     "stays for the address's other devices until it is removed",
+                     entry.id.hex(), entry.path)
+        elif own and not still_needed:
             # The map is the node's, the folder the user's: it stays whatever the
             # preference; release_archives deletes the map (and logs it) below.
             log.info("message %s: every recipient %s; the folder is kept and no longer "
@@ -107,5 +114,5 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
                      entry.id.hex(),
                      {"keep": "kept", "delete": "deleted", "archive": "archived"}[action])
         done.append((entry, action))
-    release_archives(outbox, store)
+    release_archives(outbox, store, None if inbox is None else inbox.holds)
     return done

@@ -23,6 +23,7 @@ from overlay.app.lab import LocalNetwork, NodeHandle
 from overlay.content.archive import OUTGOING_DIR
 from overlay.mail.folders import plan_pack, write_map
 from tests.overlay.test_e2e_disk_full import _tmpfs, fill
+from tests.overlay.test_e2e_trust import second_device
 from tests.web.test_web_access import request
 from tests.web.test_web_actions import login
 
@@ -167,9 +168,9 @@ def test_a_folder_sent_to_your_own_address_is_the_folder_itself(lab: LocalNetwor
     try:
         mid = lab.cli(alice, "send", str(src), "--to", alice.address).stdout.strip()
         got = lab.wait_complete(alice, mid, 60, "the folder in alice's own inbox")
-        # Retention's sweep ran: the map is gone.
+        # Retention's sweep ran; the map stays while the inbox holds the message.
         lab.wait_until(lambda: sent(lab, alice, mid)["retention_done"], 30, "retention")
-        assert not Path(sent(lab, alice, mid)["path"]).exists()
+        assert Path(sent(lab, alice, mid)["path"]).exists()
         # A file mailed to oneself is kept too: `delete` took the inbox's file with it.
         one = lab.cli(alice, "send", str(clip), "--to", alice.address).stdout.strip()
         assert lab.wait_complete(alice, one, 60, "the file")["path"] == str(clip)
@@ -192,6 +193,7 @@ def test_a_folder_sent_to_your_own_address_is_the_folder_itself(lab: LocalNetwor
     assert gone["kept_file"] == (f"{src} is kept: it is the folder you sent as message "
                                  f"{mid[:12]}")
     assert tree(src) == want and lab.inbox_entry(alice, mid) is None
+    assert not Path(sent(lab, alice, mid)["path"]).exists()  # the map goes with it
 
 
 def test_several_files_sent_to_your_own_address_land_in_received(lab: LocalNetwork,
@@ -210,7 +212,7 @@ def test_several_files_sent_to_your_own_address_land_in_received(lab: LocalNetwo
     mid = lab.cli(alice, "send", str(one), str(two), "--to", alice.address).stdout.strip()
     got = lab.wait_complete(alice, mid, 60, "the two files in alice's own inbox")
     lab.wait_until(lambda: sent(lab, alice, mid)["retention_done"], 30, "retention")
-    assert not Path(sent(lab, alice, mid)["path"]).exists()
+    assert Path(sent(lab, alice, mid)["path"]).exists()
     folder = Path(got["path"])
     assert folder.parent == alice.home / "received" and folder.name.startswith("2 files")
     assert tree(folder) == want
@@ -218,6 +220,7 @@ def test_several_files_sent_to_your_own_address_land_in_received(lab: LocalNetwo
     res = lab.cli_json(alice, "rm", mid, "--delete-file")
     assert res["removed"][0]["deleted_file"] == str(folder) and not folder.exists()
     assert not list((alice.home / "received" / ".peerpost-partial").glob("*.copy"))
+    assert not Path(sent(lab, alice, mid)["path"]).exists()
     assert (one.read_bytes(), two.read_bytes()) == (want["clip.mp4"], want["clip (1).mp4"])
 
 
@@ -225,7 +228,7 @@ def test_a_folder_in_received_sent_to_yourself_is_kept(lab: LocalNetwork) -> Non
     """A folder that already lies in received/ (one received earlier, say) and is sent to
     one's own address is, in the inbox, that folder: `rm --delete-file` of the self-sent
     message keeps it with the same names and bytes, as it keeps a file sent to oneself,
-    once the map that named it is gone."""
+    after retention's pass."""
     alice = lab.nodes["alice"]
     received = alice.home / "received"
     src = received / "from bob earlier"
@@ -236,13 +239,41 @@ def test_a_folder_in_received_sent_to_yourself_is_kept(lab: LocalNetwork) -> Non
     mid = lab.cli(alice, "send", str(src), "--to", alice.address).stdout.strip()
     assert lab.wait_complete(alice, mid, 60, "the folder in alice's inbox")["path"] == str(src)
     lab.wait_until(lambda: sent(lab, alice, mid)["retention_done"], 30, "retention")
-    assert not Path(sent(lab, alice, mid)["path"]).exists()
+    assert Path(sent(lab, alice, mid)["path"]).exists()
 
     (gone,) = lab.cli_json(alice, "rm", mid, "--delete-file")["removed"]
     assert gone["deleted_file"] is None
     assert gone["kept_file"] == (f"{src} is kept: it is the folder you sent as message "
                                  f"{mid[:12]}")
     assert tree(src) == want and lab.inbox_entry(alice, mid) is None
+    assert not Path(sent(lab, alice, mid)["path"]).exists()
+
+
+def test_a_folder_sent_to_your_own_address_reaches_your_other_device(tmp_path: Path) -> None:
+    """Alice's laptop sends a folder to her own address while her phone is off: the
+    laptop's own download counts as the address's, yet the phone, started after
+    retention's pass, gets the same tree from the laptop's map, which has it alone; `rm`
+    on the laptop then releases the map (the folder stays)."""
+    with LocalNetwork(tmp_path / "lab") as net:
+        net.start_server()
+        (laptop,) = net.start_nodes("alice")
+        phone = second_device(net, "phone", laptop.address, vouch_from=laptop)
+        net.stop_node(phone)
+        src = tmp_path / "trip"
+        (src / "day 2").mkdir(parents=True)
+        (src / "a.jpg").write_bytes(os.urandom(300_000))
+        (src / "day 2" / "b.jpg").write_bytes(os.urandom(100_000))
+        want = tree(src)
+        mid = net.cli(laptop, "send", str(src), "--to", laptop.address).stdout.strip()
+        assert net.wait_complete(laptop, mid, 60, "the laptop's own copy")["path"] == str(src)
+        net.wait_until(lambda: sent(net, laptop, mid)["retention_done"], 30, "retention")
+
+        net.start_node(phone)
+        got = net.wait_complete(phone, mid, 60, "the folder on alice's phone")
+        assert tree(Path(got["path"])) == want
+
+        net.cli(laptop, "rm", mid)
+        assert not Path(sent(net, laptop, mid)["path"]).exists() and tree(src) == want
 
 
 def test_a_withdrawn_folder_send_deletes_the_map_not_the_files(lab: LocalNetwork,
