@@ -18,6 +18,7 @@ from crypto.location import Description, FolderInfo, Handle, Headers, LocationMe
 from overlay.app.operations import ControlOperations
 from overlay.mail.db import NodeDB
 from overlay.mail.downloads import DownloadQueue
+from overlay.mail.folders import UnpackRecord
 from overlay.mail.inbox import Inbox
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.outbox import Outbox
@@ -46,8 +47,10 @@ def _receive(inbox: Inbox, sender: DeviceIdentity, n: int, content_id: bytes,
     return mid
 
 
-def _operations(db: NodeDB, address: str) -> tuple[ControlOperations, Inbox, Outbox]:
-    """The control operations of a node of `address` over `db`, with its inbox and outbox."""
+def _operations(db: NodeDB, address: str, received: Path | None = None,
+                ) -> tuple[ControlOperations, Inbox, Outbox]:
+    """The control operations of a node of `address` over `db` (its download folder
+    `received`), with its inbox and outbox."""
     inbox, outbox, prefs = Inbox(db), Outbox(db), Prefs(db)
     downloads = DownloadQueue(inbox, prefs, fetch=None, on_complete=None,  # type: ignore[arg-type]
                               wall=time.time, rng=random.Random(1))
@@ -56,7 +59,7 @@ def _operations(db: NodeDB, address: str) -> tuple[ControlOperations, Inbox, Out
         DeviceIdentity.generate(), address, listen_addr=None, rendezvous=none,
         incoming=SimpleNamespace(counters={"refused-inbox-full": 0}),  # type: ignore[arg-type]
         sender=none, inbox=inbox, outbox=outbox, prefs=prefs, contacts=none,
-        downloads=downloads, transfer=none, max_in_flight=1)
+        downloads=downloads, transfer=none, max_in_flight=1, received=received)
     return ops, inbox, outbox
 
 
@@ -138,3 +141,35 @@ async def test_a_folder_mailed_to_oneself_is_kept_behind_a_thousand_newer_sends(
         assert gone["kept_file"] == (f"{sent} is kept: it is the folder you sent as message "
                                      f"{sent_id.hex()[:12]}")
         assert (sent / "beach" / "a.jpg").read_bytes() == b"jpg" and inbox.get(mid) is None
+
+
+async def test_once_the_map_is_gone_the_unpack_record_tells_the_copy_from_your_folder(
+        tmp_path: Path) -> None:
+    """With no map of what it sent to its own address left, the node still knows its own
+    unpacked copy by the record the unpack left: `rm --delete-file` deletes that copy,
+    and keeps a folder in received/ it has no record of (the user's, sent as it lay)."""
+    received = tmp_path / "received"
+    copy, mine = received / "2 files", received / "from bob"
+    for folder in (copy, mine):
+        folder.mkdir(parents=True)
+        (folder / "a.bin").write_bytes(b"abc")
+    with NodeDB.open(tmp_path / "node") as db:
+        ops, inbox, outbox = _operations(db, "alice@example.net", received)
+        gone = {}
+        for n, folder in ((1, copy), (2, mine)):
+            cid = os.urandom(32)
+            assert outbox.add(id=(10 + n).to_bytes(16, "big"),
+                              path=str(tmp_path / "store" / "outgoing" / f"{n}.map"),
+                              title=folder.name, size=10_240, content_id=cid,
+                              created_at=1_700_000_000 + n, recipients=["alice@example.net"])
+            mid = _receive(inbox, DeviceIdentity.generate(), n, cid, folder)
+            if folder == copy:
+                UnpackRecord(received, cid).record_copy(copy)
+            res = await ops.rm(Fields({"id": mid.hex(), "delete_file": True}, "rm"))
+            (gone[folder],) = res["removed"]
+    assert gone[copy]["deleted_file"] == str(copy) and not copy.exists()
+    assert gone[mine]["deleted_file"] is None
+    assert gone[mine]["kept_file"] == (f"{mine} is kept: it is the folder you sent as "
+                                       f"message {(12).to_bytes(16, 'big').hex()[:12]}")
+    assert (mine / "a.bin").read_bytes() == b"abc"
+    assert os.listdir(received / ".peerpost-partial") == []  # the copy's record went too
