@@ -944,12 +944,14 @@ def _print_removed(removed: dict[str, Any], *, told: bool = False) -> None:
     """What `rm`/`inbox --prune` did with one message, for 80 columns: the title folds on
     the first line; what became of its file and, with `told`, what its sender hears, each
     on a line of its own (rich broke `(deleted` from its path, and a told line of a
-    17-character address and its reason was 81 columns)."""
+    17-character address and its reason was 81 columns). A path is never broken, so that
+    it can be copied: a long one goes past the edge and the terminal wraps it."""
     console.print(f"removed {removed['id'][:12]} {_m(removed['title'])}")
     if removed.get("deleted_file"):
-        console.print(f"deleted {_m(removed['deleted_file'])}", highlight=False)
+        console.print(f"deleted {_m(removed['deleted_file'])}", highlight=False,
+                      soft_wrap=True)
     elif removed.get("kept_file"):
-        console.print(_m(removed["kept_file"]), highlight=False)
+        console.print(_m(removed["kept_file"]), highlight=False, soft_wrap=True)
     if told and removed.get("sender_told"):
         console.print(told_text(removed), highlight=False)
 
