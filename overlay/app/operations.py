@@ -286,11 +286,14 @@ class ControlOperations:
             # An unpacked folder: the store leaves it.
             if await asyncio.to_thread(delete_received, Path(e.path)):
                 deleted = e.path
-        if sent_too is not None and folder and self.received is not None:
-            await asyncio.to_thread(UnpackRecord(self.received, e.content_id).forget_copy)
-        if sent_too is not None and folder and self.store is not None:
-            # Mailed to oneself: the map kept for the address's other devices goes now.
-            await asyncio.to_thread(release_archives, self.outbox, self.store, self.inbox.holds)
+        if sent_too is not None and folder:
+            # Mailed to oneself: the copy's record, and the map kept for the address's
+            # other devices, go now.
+            if self.received is not None:
+                await asyncio.to_thread(UnpackRecord(self.received, e.content_id).forget_copy)
+            if self.store is not None:
+                await asyncio.to_thread(release_archives, self.outbox, self.store,
+                                        self.inbox.holds)
         return {"id": e.id.hex(), "title": e.title, "deleted_file": deleted,
                 "kept_file": kept, "sender_told": told, "told_earlier": earlier}
 

@@ -67,8 +67,10 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
     for entry in pending:
         # Nobody has it: the user's file is the only copy, so the preference does not apply.
         action = prefs.retention if entry.anyone_downloaded else "keep"
-        if inbox is not None and action != "keep" and inbox.holds(entry.content_id):
-            action = "keep"  # mailed to oneself: the message received is this very file
+        # Mailed to oneself: the message received is this very file (or folder).
+        to_self = inbox is not None and inbox.holds(entry.content_id)
+        if to_self:
+            action = "keep"
         own = is_own_archive(store.root, entry.path)
         if own:
             action = "delete"  # our copy, not the user's; release_archives deletes it
@@ -98,7 +100,7 @@ def apply_retention(outbox: Outbox, store: ContentStore, prefs: Prefs,
             log.info("retention %s for %s: %s", action, entry.id.hex(), exc)
         outbox.mark_retention_done(entry.id, action)
         undone.settled(entry)
-        if own and not still_needed and inbox is not None and inbox.holds(entry.content_id):
+        if own and not still_needed and to_self:
             log.info("message %s: mailed to this address, whose inbox holds it; its map %s "
                      "stays for the address's other devices until it is removed",
                      entry.id.hex(), entry.path)
