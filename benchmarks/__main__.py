@@ -1,4 +1,5 @@
-"""Run one benchmark by name: `python -m benchmarks NAME [options]`, or `all`.
+"""Run one benchmark by name: `python -m benchmarks NAME [options]`, or `all`;
+`python -m benchmarks list` names them, one a line.
 
 Each benchmark is a module `benchmarks/NAME.py` with `main(argv: list[str]) -> int`.
 It prints a table and writes `benchmarks/out/NAME.json` (or `--out PATH`).
@@ -25,6 +26,12 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         print("benchmarks:", ", ".join(names) or "(none)")
         return 0 if argv else 2
+    if argv[0] == "list":
+        if argv[1:]:
+            print(f"`list` takes no arguments, not {' '.join(argv[1:])!r}", file=sys.stderr)
+            return 2
+        print("\n".join(names))
+        return 0
     name, rest = argv[0], argv[1:]
     if name == "all":
         codes = [importlib.import_module(f"benchmarks.{n}").main(rest) for n in names]

@@ -19,3 +19,15 @@ def test_the_list_names_only_benchmarks() -> None:
     assert "__main__" not in names and "common" not in names
     for name in names:  # each one is a module with the entry point `all` calls
         assert callable(importlib.import_module(f"benchmarks.{name}").main)
+
+
+def test_list_names_every_benchmark_one_a_line_and_runs_none() -> None:
+    # `python -m benchmarks list` (as `peerpost-sim list` is spelled) was taken for a
+    # benchmark's name: "unknown benchmark 'list'" and exit 2.
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "list"], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    names = done.stdout.split()
+    assert "hashes" in names and "retention" in names and "paths" in names
+    assert "list" not in names and "__main__" not in names and "common" not in names
