@@ -59,9 +59,9 @@ def run_operator_command(args: argparse.Namespace) -> int:
     except (AdminError, DataInUse, DecodeError, RuntimeError) as exc:
         print(f"peerpost-rendezvous: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"peerpost-rendezvous: {exc.filename or ''}: {exc.strerror or exc}",
-              file=sys.stderr)
+    except OSError as exc:  # a file's error names the file; a database's names itself
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"peerpost-rendezvous: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     print(json.dumps(doc) if args.json else text)
     return 0

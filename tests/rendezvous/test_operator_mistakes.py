@@ -159,6 +159,24 @@ async def test_a_database_that_does_not_answer_is_not_a_busy_listen_port(
         f"peerpost-rendezvous: cannot connect to {url}: Connection refused"], err
 
 
+async def test_the_operator_commands_name_a_database_that_does_not_answer(
+        tmp_path: Path) -> None:
+    # `accounts` and `devices` printed "peerpost-rendezvous: : cannot connect to ...", an
+    # empty file name in front of the database's error.
+    pytest.importorskip("asyncpg")
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"postgresql://peerpost@127.0.0.1:{closed.getsockname()[1]}/rv"
+        for args in (("accounts", "list"), ("accounts", "show", "bob@example.net"),
+                     ("accounts", "delete", "bob@example.net"),
+                     ("devices", "revoke", "bob@example.net", "3f9a01c2"),
+                     ("invite", "bob@example.net")):
+            code, out, err = await run(*args, "--store", url)
+            assert code == 1 and out == "", (args, out)
+            (line,) = err.splitlines()
+            assert line.startswith(f"peerpost-rendezvous: cannot connect to {url}: "), args
+
+
 async def test_an_instance_without_the_domain_key_is_refused_on_the_database(
         tmp_path: Path, pg_url: str) -> None:
     first = tmp_path / "one"
