@@ -52,6 +52,7 @@ from overlay.mail.outbox import Outbox
 from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
 from overlay.mail.receipts import Receipt
+from overlay.transfer.holder import source_changed
 from overlay.transfer.server import TransferServer
 from overlay.transports.netwatch import NetworkEvents
 from overlay.transports.quic import UdpOpener, kernel_udp
@@ -217,6 +218,7 @@ class Node:
             max_in_flight=self.options.max_in_flight, store=self.store,
             withdraw=self.providers.withdraw, reach=self.reach_info, received=self.fetch.dest)
         ops.rewithdraw()  # messages cancelled before a restart stay unserved
+        await self._announce_held()  # after rewithdraw: a cancelled content is not offered
         self.control = ControlServer(self.home.control_path, ops.table())
         await self.control.start()
         st.push_async_callback(self.control.aclose)
@@ -595,7 +597,8 @@ class Node:
     async def _start_dht(self, server_host: str) -> None:
         """Join the DHT through the server's bootstrap node and announce what we hold."""
         self.providers = ProviderDirectory(self.identity, wall=self.wall, rng=self.rng,
-                                           client_only=self.reach is not None and self.reach.nat)
+                                           client_only=self.reach is not None and self.reach.nat,
+                                           held=self._serves)
         self._stack.push_async_callback(self.providers.aclose)
         self._following = TaskSet("server-follow", logger=log)  # DHT rejoins on failover
         self._stack.push_async_callback(self._following.aclose)
@@ -606,8 +609,20 @@ class Node:
         await self.providers.start(host, bootstrap)
         self.providers.addresses = self.direct_addresses()
         self.providers.home_server = self.config.server
+
+    async def _announce_held(self) -> None:
+        """Announce every content in the store; those not served now (a received file
+        deleted from disk, a cancelled message's, a download not resumed yet) are left
+        out as each announce finds them (`_serves`)."""
         for cid in await asyncio.to_thread(self.store.content_ids):
             self.providers.announce(cid)
+
+    def _serves(self, content_id: bytes) -> bool:
+        """Whether a requester of `content_id` would be served now: it is in the store
+        (a download's partial once it resumed) and its file is as it was sent. Blocking:
+        the store's database, and one stat."""
+        content = self.store.lookup(content_id)
+        return content is not None and not source_changed(content)
 
     def _dht_bootstrap(self, server_host: str) -> list[tuple[str, int]]:
         """The server's DHT bootstrap node, if it runs one (from its CHALLENGE)."""

@@ -294,6 +294,9 @@ class ControlOperations:
             if self.store is not None:
                 await asyncio.to_thread(release_archives, self.outbox, self.store,
                                         self.inbox.holds)
+        if self.store is not None and await asyncio.to_thread(self.store.lookup,
+                                                              e.content_id) is None:
+            await self._unannounce(e.content_id)  # forgotten, or a map released
         return {"id": e.id.hex(), "title": e.title, "deleted_file": deleted,
                 "kept_file": kept, "sender_told": told, "told_earlier": earlier}
 
@@ -473,12 +476,7 @@ class ControlOperations:
             content = self.store.local(m.content_id)
             if content is not None:
                 content.withdraw()
-        if self.withdraw_announcement is not None:
-            try:
-                async with asyncio.timeout(10.0):
-                    await self.withdraw_announcement(m.content_id)
-            except (TimeoutError, OSError):
-                pass  # the DHT record expires by itself
+        await self._unannounce(m.content_id)
         now = self.downloads.wall()
         cancelled = []
         for r in m.recipients:
@@ -489,6 +487,15 @@ class ControlOperations:
             await asyncio.to_thread(release_archives, self.outbox, self.store)
         return {"id": m.id.hex(), "title": m.title, "cancelled": cancelled,
                 "unqueued": sum(taken_back) if taken_back is not None else None}
+
+    async def _unannounce(self, content_id: bytes) -> None:
+        """Stop offering `content_id` in the DHT: this node no longer serves it."""
+        if self.withdraw_announcement is not None:
+            try:
+                async with asyncio.timeout(10.0):
+                    await self.withdraw_announcement(content_id)
+            except (TimeoutError, OSError):
+                pass  # the DHT record expires by itself
 
     def rewithdraw(self) -> None:
         """At start: contents of messages the sender cancelled are not served again."""

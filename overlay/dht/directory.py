@@ -7,6 +7,13 @@ have). A downloader asks the DHT for providers when it starts and again every
 or started later, become sources. Announcing runs
 in tasks this object owns; a failed announce is logged and retried by the DHT's own
 republishing, and never stops a download.
+
+A content the node no longer holds (retention deleted or archived it, `rm`, `cancel`, a
+received file deleted from disk) is not announced again: `held(content_id)` is asked before
+each announce and each 22 h republish. The node calls `withdraw()` when it drops one; the
+records other DHT nodes keep can't be recalled and lapse within their 48 h TTL, so a
+downloader may still find and ask us until then (we refuse: "no content", or "source
+changed").
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 from collections.abc import Callable
 
 from crypto.identity import DeviceIdentity
-from overlay.dht import DhtNode, ProviderRecord
+from overlay.dht import RECORD_TTL, DhtNode, ProviderRecord
 from rendezvous.taskset import TaskSet
 
 log = logging.getLogger("peerpost.providers")
@@ -30,8 +38,12 @@ class ProviderDirectory:
     """Announce and look up provider records through one DhtNode."""
 
     def __init__(self, identity: DeviceIdentity, *, wall: Callable[[], float],
-                 rng: random.Random, client_only: bool = False) -> None:
+                 rng: random.Random, client_only: bool = False,
+                 held: Callable[[bytes], bool] | None = None) -> None:
+        """`held(content_id)`: whether we serve that content now (blocking: run in a
+        thread); None announces whatever `announce` is given."""
         self.identity = identity
+        self._held = held
         self.dht = DhtNode(identity, client_only=client_only, wall=wall, rng=rng)
         self._tasks = TaskSet("dht-announce", logger=log)
         self._announced: set[bytes] = set()
@@ -66,8 +78,13 @@ class ProviderDirectory:
 
     async def _announce(self, content_id: bytes) -> None:
         try:
+            if not await self._still_held(content_id):
+                self._announced.discard(content_id)
+                log.info("not announcing %s: it is no longer held here", content_id.hex()[:16])
+                return
             async with asyncio.timeout(LOOKUP_TIMEOUT * 3):
-                n = await self.dht.announce(content_id, self.addresses, self.home_server)
+                n = await self.dht.announce(content_id, self.addresses, self.home_server,
+                                            keep=lambda: self._still_held(content_id))
             log.info("announced %s to %d DHT nodes", content_id.hex()[:16], n)
         except (TimeoutError, OSError, ValueError) as exc:
             self._announced.discard(content_id)  # try again at the next chance
@@ -94,9 +111,25 @@ class ProviderDirectory:
             self.announce(content_id)
         return len(again)
 
+    async def _still_held(self, content_id: bytes) -> bool:
+        if self._held is None:
+            return True
+        try:
+            return await asyncio.to_thread(self._held, content_id)
+        except (OSError, sqlite3.Error) as exc:  # node.db unreadable now: maybe not for good
+            log.warning("could not tell whether %s is still held (%s); announcing it",
+                        content_id.hex()[:16], exc)
+            return True
+
     async def withdraw(self, content_id: bytes) -> None:
+        """We no longer hold `content_id`: stop announcing it. Other DHT nodes' copies of
+        our record lapse within its 48 h TTL (records.RECORD_TTL)."""
+        was = content_id in self._announced
         self._announced.discard(content_id)
         await self.dht.withdraw(content_id)
+        if was:
+            log.info("withdrew %s from the DHT: no longer held here (the records other "
+                     "nodes keep lapse within %d h)", content_id.hex()[:16], RECORD_TTL // 3600)
 
     async def find(self, content_id: bytes, *, exclude: set[bytes]) -> list[ProviderRecord]:
         """Provider records for `content_id`, without ourselves and `exclude` (peer ids)."""

@@ -14,7 +14,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -252,9 +252,12 @@ class DhtNode:
                           stop=lambda: len(found) >= limit)
         return rank_providers(found.values(), limit)
 
-    async def announce(self, content_id: bytes, addresses: list[str], home_server: str) -> int:
+    async def announce(self, content_id: bytes, addresses: list[str], home_server: str, *,
+                       keep: Callable[[], Awaitable[bool]] | None = None) -> int:
         """Publish our signed record to the k closest nodes and keep it fresh (every 22 h)
-        until `withdraw()` or `aclose()`. Returns how many nodes stored it now."""
+        until `withdraw()` or `aclose()`, or until `keep()`, asked before each republish,
+        says False (we no longer hold the content): then it is withdrawn. Returns how
+        many nodes stored it now."""
         _check_content_id(content_id)
         # Sign once up front so a bad address fails here, in the caller, not in the task.
         ProviderRecord.create(self.identity, content_id, addresses, home_server, self._wall())
@@ -263,12 +266,14 @@ class DhtNode:
         if old is not None:
             old.cancel()
         self._announced[content_id] = asyncio.get_running_loop().create_task(
-            self._republish_forever(content_id, list(addresses), home_server),
+            self._republish_forever(content_id, list(addresses), home_server, keep),
             name=f"dht-republish-{content_id.hex()[:8]}")
         return stored
 
     async def withdraw(self, content_id: bytes) -> None:
-        """Stop republishing; our record lapses from the network within its TTL."""
+        """Stop republishing, and drop our record from our own store. The copies other
+        nodes store can't be recalled (a STORE only ever replaces a record with one that
+        lives longer): they lapse within the TTL, 48 h (records.RECORD_TTL)."""
         task = self._announced.pop(content_id, None)
         self.storage.remove(content_id, self.peer_id)
         if task is not None:
@@ -297,11 +302,24 @@ class DhtNode:
         return sum(1 for o in outcomes if isinstance(o, Answer) and isinstance(o.body, Stored))
 
     async def _republish_forever(self, content_id: bytes, addresses: list[str],
-                                 home_server: str) -> None:
+                                 home_server: str,
+                                 keep: Callable[[], Awaitable[bool]] | None) -> None:
         # A round that fails is tried again at the next: the record, published 22 h
         # before, lives 48 h (records.RECORD_TTL), so one lost round loses nothing.
         while True:
             await asyncio.sleep(REPUBLISH_INTERVAL)
+            try:
+                kept = keep is None or await keep()
+            except Exception:
+                log.exception("DHT: asking whether %s is still held failed; republishing it",
+                              content_id.hex()[:8])
+                kept = True
+            if not kept:
+                log.info("DHT: no longer republishing %s: it is no longer held here",
+                         content_id.hex()[:16])
+                self._announced.pop(content_id, None)
+                self.storage.remove(content_id, self.peer_id)
+                return
             await self._survive(f"republishing {content_id.hex()[:8]}",
                                 self._publish(content_id, addresses, home_server))
 

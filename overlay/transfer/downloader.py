@@ -351,11 +351,15 @@ class Downloader:
         """Use one more holder, also while `run()` runs (a provider found later).
 
         False if the download is over, the label is in use now, or it was banned. A source
-        that failed or finished earlier is tried again (it may be back, or hold more)."""
+        that failed or finished earlier is tried again (it may be back, or hold more),
+        except one that answered it has no such content or no longer serves it (410):
+        a provider that dropped the content stays named in the DHT until its record
+        lapses (up to 48 h), and every provider refresh (10 s) connected to it again."""
         if not self._accepting:
             return False
         old = self._runs.get(source.label)
-        if old is not None and (not old.ended or old.stats.outcome == "banned"):
+        if old is not None and (not old.ended or old.stats.outcome == "banned"
+                                or old.stats.no_content or old.stats.source_changed):
             return False
         stats = old.stats if old is not None else SourceStats(source.label)
         stats.outcome, stats.reason, stats.no_content = "pending", "", False

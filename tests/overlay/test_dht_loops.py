@@ -85,3 +85,41 @@ async def test_a_refresh_round_that_fails_is_logged_and_the_next_one_runs(
     assert "DHT: refreshing the routing table failed; trying again at the next round" \
         in short_rounds.text
     assert "RuntimeError: the test breaks one round" in short_rounds.text
+
+
+async def test_a_record_no_longer_held_is_withdrawn_at_the_next_republish(
+        short_rounds: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`keep` is asked before each republish: once it says the content is gone, no round
+    publishes it again and our own store drops our record. Before, a content the node
+    dropped was published every 22 h for as long as the node ran."""
+    nodes = await start_swarm(4, seed=33)
+    try:
+        me, real = nodes[3], nodes[3]._publish
+        published = []
+
+        async def publish(*args: Any) -> int:
+            published.append(args[0])
+            return await real(*args)
+
+        monkeypatch.setattr(me, "_publish", publish)
+        asked = []
+        dropped = asyncio.Event()
+
+        async def keep() -> bool:
+            asked.append(len(published))
+            if len(asked) < 2:
+                return True  # still held at the first republish
+            dropped.set()
+            return False
+
+        cid = bytes(range(32))
+        assert await me.announce(cid, ["127.0.0.1:1"], HOME, keep=keep) >= 1
+        assert me.storage.providers(cid, 20)
+        await asyncio.wait_for(dropped.wait(), WAIT)
+        await asyncio.sleep(0.5)  # ten rounds of 50 ms that must not come
+        assert asked == [1, 2] and len(published) == 2  # the announce and one republish
+        assert not [r for r in me.storage.providers(cid, 20) if r.peer_id == me.peer_id]
+    finally:
+        await close_all(nodes)
+    assert "DHT: no longer republishing 0001020304050607: it is no longer held here" \
+        in short_rounds.text
