@@ -33,6 +33,7 @@ from overlay.app.control_wire import (
     ControlError,
     NodeNotRunning,
     NodeTooOld,
+    shown_id,
 )
 from overlay.app.control_wire import call as control_call
 from overlay.app.home import HomeError, NodeHome, default_home
@@ -1173,8 +1174,8 @@ def cmd_cancel(home: NodeHome, args: argparse.Namespace) -> int:
             if not str(inbox_exc).startswith("no message"):
                 raise
             # Neither list has it: say that both were looked in, not the inbox alone.
-            raise CliError(f"{args.id!r} is in neither `peerpost status` nor `peerpost "
-                           "inbox`") from None
+            raise CliError(f"{shown_id(args.id)} is in neither `peerpost status` nor "
+                           "`peerpost inbox`") from None
         if args.json:
             print(json.dumps(entry, indent=2))
             return 0

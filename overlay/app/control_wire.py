@@ -29,6 +29,18 @@ class NodeNotRunning(ControlError):
     pass
 
 
+SHOWN_ID_DIGITS = 12
+
+
+def shown_id(text: str) -> str:
+    """A message id as an error quotes it: whole up to 12 characters, else its first 12
+    and "...", so that the line it is in fits 80 columns (32 hex digits made `rm`'s
+    95)."""
+    if len(text) <= SHOWN_ID_DIGITS:
+        return repr(text)
+    return repr(text[:SHOWN_ID_DIGITS] + "...")
+
+
 RESTART = "restart it (stop `peerpost node` and start it again)"
 
 

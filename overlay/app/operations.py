@@ -24,6 +24,7 @@ from crypto.identity import DeviceIdentity, PublicIdentity
 from crypto.limits import MAX_NOTE, MAX_SEND_TO, MAX_TITLE
 from crypto.location import FOLDER_MEDIA_TYPE, decode_location, folder_from_fields
 from overlay.app.control import ControlError, Operation
+from overlay.app.control_wire import shown_id
 from overlay.content.archive import ArchiveView
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
@@ -323,10 +324,11 @@ class ControlOperations:
             if any(m.id.hex().startswith(prefix.lower()) for m in self.outbox.list()):
                 raise ControlError(f"{prefix[:12]} is a message you sent (`peerpost status` "
                                    "shows who has it)")
-            raise ControlError(f"no message {prefix!r} in the inbox (`peerpost inbox` lists "
-                               "them)")
+            raise ControlError(f"no message {shown_id(prefix)} in the inbox (`peerpost inbox` "
+                               "lists them)")
         if len(matches) > 1:
-            raise ControlError(f"{prefix!r} matches {len(matches)} messages; give more digits")
+            raise ControlError(f"{shown_id(prefix)} matches {len(matches)} messages; give more "
+                               "digits")
         return matches[0]
 
     async def fetch(self, a: Fields) -> Any:
@@ -453,9 +455,10 @@ class ControlOperations:
         """The one sent message whose id starts with `prefix` (hex), or ControlError."""
         matches = [m for m in self.outbox.list() if m.id.hex().startswith(prefix.lower())]
         if not matches:
-            raise ControlError(f"no sent message {prefix!r} (see `peerpost status`)")
+            raise ControlError(f"no sent message {shown_id(prefix)} (see `peerpost status`)")
         if len(matches) > 1:
-            raise ControlError(f"{prefix!r} matches {len(matches)} messages; give more digits")
+            raise ControlError(f"{shown_id(prefix)} matches {len(matches)} messages; give more "
+                               "digits")
         return matches[0]
 
     async def withdraw(self, a: Fields) -> Any:

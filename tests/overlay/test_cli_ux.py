@@ -472,7 +472,8 @@ def test_rm_and_cancel_fit_80_columns(net: LocalNetwork, tmp_path: Path) -> None
     """Every line `rm` and `cancel` print, of mail received, sent and sent to oneself,
     with a long title and 17-character addresses, fits in 80 columns, and says all it
     said. Before: the 'was told already' line was 81 columns, the two errors 96 and 107,
-    and `(deleted` ended one line with its path on the next."""
+    those of an unknown 32-digit id 95 and 93, and `(deleted` ended one line with its
+    path on the next."""
     alice, bob, carol = (net.nodes[n] for n in ("alice", "bob", "carol"))
     title = "Grandma's 90th birthday, the whole evening including the speeches and the cake"
     said: list[str] = []
@@ -532,6 +533,14 @@ def test_rm_and_cancel_fit_80_columns(net: LocalNetwork, tmp_path: Path) -> None
                                                "(`peerpost status` shows who has it)\n")
     assert say(alice, "cancel", "deadbeef00", status=1) == (
         "error: 'deadbeef00' is in neither `peerpost status` nor `peerpost inbox`\n")
+    # An id nobody has, as long as the ids `send` prints (32 digits) or a part of one: it
+    # is quoted by its first 12 digits (95 and 93 columns before at 32).
+    for digits in (20, 26, 32):
+        unknown = ("0f" * 16)[:digits]
+        assert say(carol, "rm", unknown, status=1) == (
+            "error: no message '0f0f0f0f0f0f...' in the inbox (`peerpost inbox` lists them)\n")
+        assert say(carol, "cancel", unknown, status=1) == (
+            "error: '0f0f0f0f0f0f...' is in neither `peerpost status` nor `peerpost inbox`\n")
     # To oneself: the inbox's file is the one sent, and stays.
     src = _file(tmp_path, "f.bin", 1000)
     mid = send(alice.address, src)
