@@ -584,8 +584,17 @@ class ControlOperations:
     async def prefs_list(self, a: Fields) -> Any:
         which, action = a.str("list", max_len=16), a.str("action", max_len=16)
         pattern = a.str("address", max_len=254)
+        if which not in ("priority", "junk"):
+            raise ControlError(f"unknown list {which!r}")
         if action == "remove":
-            if not self.prefs.remove_sender(pattern):
+            # Off the list named only: `priority remove` of a junk sender took it off the
+            # junk list, and its held messages started downloading.
+            if not self.prefs.remove_sender(pattern, which):
+                other = self.prefs.list_of(pattern)
+                if other is not None:
+                    raise ControlError(f"{pattern} is on the {other} list, not the {which} "
+                                       f"list; nothing changed (`prefs {other} remove` "
+                                       "takes it off that one)")
                 raise ControlError(f"{pattern} is not in the {which} list")
             # What came while the sender was junk is theirs again: listed, downloadable.
             for e in self.inbox.list(include_junk=True):
@@ -594,10 +603,8 @@ class ControlOperations:
             self.downloads.wake()
         elif which == "priority":
             self.prefs.add_priority(pattern)
-        elif which == "junk":
-            self.prefs.add_junk(pattern)
         else:
-            raise ControlError(f"unknown list {which!r}")
+            self.prefs.add_junk(pattern)
         return self.prefs.as_dict()
 
     async def contacts_list(self, a: Fields) -> Any:

@@ -225,11 +225,19 @@ class Prefs:
         """Put an address or `@domain` on the junk list; returns the stored pattern."""
         return self._add_rule(pattern, "junk")
 
-    def remove_sender(self, pattern: str) -> bool:
-        """Take a pattern off whichever list has it; False if neither did."""
+    def remove_sender(self, pattern: str, kind: str) -> bool:
+        """Take a pattern off the `kind` list (`priority` or `junk`); False if that list
+        did not have it (the other list is left alone)."""
         key = sender_pattern(pattern)
         with self._db.transaction() as conn:
-            return conn.execute("DELETE FROM sender_rule WHERE pattern = ?", (key,)).rowcount > 0
+            return conn.execute("DELETE FROM sender_rule WHERE pattern = ? AND kind = ?",
+                                (key, kind)).rowcount > 0
+
+    def list_of(self, pattern: str) -> str | None:
+        """The list (`priority` or `junk`) that has this very pattern, or None."""
+        rows = self._db.query("SELECT kind FROM sender_rule WHERE pattern = ?",
+                              (sender_pattern(pattern),))
+        return str(rows[0]["kind"]) if rows else None
 
     def classify(self, sender: str) -> SenderClass:
         """`priority`, `junk` or `normal` for a sender address (address rules beat domains).

@@ -224,6 +224,32 @@ def test_junk_never_fetched_and_priority_first(net: LocalNetwork, tmp_path: Path
     assert sent["chunks_served"] == 0, "nothing was fetched from the junk sender"
 
 
+def test_priority_remove_leaves_a_junk_sender_junk(net: LocalNetwork, tmp_path: Path) -> None:
+    # `prefs priority remove` took the address off whichever list had it: a junk sender
+    # left the junk list without a word, and its held message was listed and downloaded.
+    dave, bob = net.add_node("dave"), net.add_node("bob")
+    net.start_node(dave)
+    net.start_node(bob)
+    net.cli(bob, "prefs", "junk", "add", dave.address)
+    junk = net.cli(dave, "send", str(make_file(tmp_path / "d.bin", 4096)), "--to",
+                   bob.address).stdout.strip()
+    net.wait_until(lambda: net.inbox_entry(bob, junk), 30, "the junk message")
+
+    res = net.cli(bob, "prefs", "priority", "remove", dave.address, check=False)
+    assert res.returncode == 1
+    assert res.stderr.strip() == (
+        f"error: {dave.address} is on the junk list, not the priority list; nothing "
+        "changed (`prefs junk remove` takes it off that one)")
+    assert net.cli_json(bob, "prefs")["junk_senders"] == [dave.address]
+    assert junk[:8] not in net.cli(bob, "inbox").stdout, "still hidden as junk"
+    j = net.inbox_entry(bob, junk)
+    assert j is not None and j["junk"] and j["state"] == "offered"
+
+    net.cli(bob, "prefs", "junk", "remove", dave.address)  # the list that has it
+    assert net.cli_json(bob, "prefs")["junk_senders"] == []
+    net.wait_complete(bob, junk, 60, "the message of a sender no longer junk")
+
+
 def test_clear_errors_for_bad_send_and_no_daemon(net: LocalNetwork, tmp_path: Path) -> None:
     alice = net.add_node("alice")
     res = net.cli(alice, "inbox", check=False)

@@ -80,8 +80,12 @@ def test_a_pattern_is_on_one_list_only(db: NodeDB) -> None:
     p.add_priority("bob@b.example")
     assert p.priority_senders() == {"bob@b.example"}
     assert p.junk_senders() == frozenset()
-    assert p.remove_sender("BOB@b.example")
-    assert not p.remove_sender("bob@b.example")
+    assert p.list_of("BOB@b.example") == "priority"
+    assert not p.remove_sender("bob@b.example", "junk")  # not on that list: kept
+    assert p.classify("bob@b.example") == "priority"
+    assert p.remove_sender("BOB@b.example", "priority")
+    assert not p.remove_sender("bob@b.example", "priority")
+    assert p.list_of("bob@b.example") is None
     assert p.classify("bob@b.example") == "normal"
 
 
