@@ -192,14 +192,21 @@ class DnsResolver:
         key = await self.domain_key(domain)
         servers: list[tuple[str, int]] = []
         unresolved: list[str] = []
+        failures: list[DomainLookupError] = []
         for t in targets:
-            found = await self.addresses(t.target)
+            try:
+                found = await self.addresses(t.target)
+            except DomainLookupError as exc:  # the next target may still be found
+                failures.append(exc)
+                continue
             if not found:
                 unresolved.append(t.target)
             for addr in found:
                 if (addr, t.port) not in servers:
                     servers.append((addr, t.port))
         if not servers:
+            if failures:
+                raise failures[0]
             raise DomainLookupError(
                 f"no A/AAAA record for {', '.join(unresolved)} (the target of the "
                 f"{srv_name(domain)} SRV record)")
@@ -249,12 +256,22 @@ class DnsResolver:
         return distinct[0]
 
     async def addresses(self, host: str) -> list[str]:
-        """The A then AAAA addresses of `host`, asked of the same name server."""
+        """The A then AAAA addresses of `host`, asked of the same name server. A type it
+        fails to answer (refused, timed out) costs only that type's addresses: RFC 4074
+        describes name servers that answer A and drop or refuse AAAA queries. The failure
+        is raised when neither type gave an address."""
         found: list[str] = []
+        failure: DomainLookupError | None = None
         for rdtype in ("A", "AAAA"):
-            answer = await self._query(host, rdtype)
+            try:
+                answer = await self._query(host, rdtype)
+            except DomainLookupError as exc:
+                failure = failure or exc
+                continue
             if answer is not None:
                 found.extend(str(rdata.address) for rdata in answer)
+        if not found and failure is not None:
+            raise failure
         return found
 
 

@@ -153,6 +153,28 @@ async def test_missing_or_bad_records_are_named(dns_server: Callable[..., Dnsmas
     assert str(info.value).startswith(text), str(info.value)
 
 
+async def test_a_target_the_name_server_refuses_to_resolve_is_passed_over(
+        dns_server: Callable[..., Dnsmasq]) -> None:
+    # dnsmasq with no upstream answers a name outside its --local domains from its host
+    # records (A) and refuses the rest (AAAA: REFUSED), as RFC 4074's name servers do. That
+    # refused AAAA failed the whole lookup ("failed to answer AAAA rv.other.example"),
+    # and `init` gave up although it had the A record and two more targets.
+    zone = ["_peerpost._tcp.g.test. 300 IN SRV 10 0 4601 rv.other.example.",
+            "_peerpost._tcp.g.test. 300 IN SRV 20 0 4602 gone.other.example.",
+            "_peerpost._tcp.g.test. 300 IN SRV 30 0 4603 rv3.g.test.",
+            f'_peerpost.g.test. 300 IN TXT "{txt_value(KEY.public)}"']
+    ns = dns_server(zone, {"rv.other.example": "127.0.0.3", "rv3.g.test": "127.0.0.5"})
+    records = await DnsResolver(ns.hostport).resolve("g.test")
+    assert records.servers == (("127.0.0.3", 4601), ("127.0.0.5", 4603))
+    assert records.key == KEY.public
+    # With no target left that resolves, the name server's refusal is the error.
+    only_gone = [zone[1], zone[3]]
+    ns = dns_server(only_gone, {})
+    with pytest.raises(DomainLookupError, match=re.escape(
+            f"name server {ns.hostport} failed to answer A gone.other.example")):
+        await DnsResolver(ns.hostport).resolve("g.test")
+
+
 async def test_silent_name_server_times_out_clearly() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))  # receives the query and never answers
