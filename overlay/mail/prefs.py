@@ -245,20 +245,25 @@ class Prefs:
         An address that doesn't parse is `junk`: nothing legitimate arrives from it.
         """
         try:
-            addr = normalize_address(sender)
+            rule = self.rule_for(sender)
         except DecodeError:
             return "junk"
+        return "normal" if rule is None else rule[1]
+
+    def rule_for(self, sender: str) -> tuple[str, Literal["priority", "junk"]] | None:
+        """The pattern that classifies a sender address (its own, else `@` its domain) and
+        its list, or None. Raises DecodeError for an address that doesn't parse."""
+        addr = normalize_address(sender)
+        domain = "@" + domain_of(addr)
         rows = self._db.query(
-            "SELECT pattern, kind FROM sender_rule WHERE pattern IN (?, ?)",
-            (addr, "@" + domain_of(addr)),
-        )
+            "SELECT pattern, kind FROM sender_rule WHERE pattern IN (?, ?)", (addr, domain))
         kinds = {r["pattern"]: r["kind"] for r in rows}
-        kind = kinds.get(addr) or kinds.get("@" + domain_of(addr))
-        if kind == "priority":
-            return "priority"
-        if kind == "junk":
-            return "junk"
-        return "normal"
+        for pattern in (addr, domain):
+            if kinds.get(pattern) == "priority":
+                return pattern, "priority"
+            if kinds.get(pattern) == "junk":
+                return pattern, "junk"
+        return None
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting and both lists, JSON-ready (for `peerpost prefs`)."""

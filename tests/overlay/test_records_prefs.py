@@ -72,6 +72,10 @@ def test_classify_address_beats_domain(db: NodeDB) -> None:
     assert p.classify("x@sub.spam.example") == "normal"  # a domain rule is that domain only
     assert p.classify("stranger@elsewhere.example") == "normal"
     assert p.classify("not an address") == "junk"
+    # Which rule decides, for an undo that takes off the right one.
+    assert p.rule_for("Friend@spam.example") == ("friend@spam.example", "priority")
+    assert p.rule_for("anyone@spam.example") == ("@spam.example", "junk")
+    assert p.rule_for("stranger@elsewhere.example") is None
 
 
 def test_a_pattern_is_on_one_list_only(db: NodeDB) -> None:

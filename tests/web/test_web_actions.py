@@ -4,6 +4,7 @@ the missing chunks is gone. Real server and nodes, plain HTTP requests."""
 
 from __future__ import annotations
 
+import html
 import random
 import re
 import stat
@@ -145,6 +146,34 @@ def test_preferences_change_through_the_page(net: LocalNetwork) -> None:
     status, _, text = request(base, "POST", "/api/prefs", post, b'{"retention": "burn"}')
     assert status == 400 and b"retention is one of keep, delete, archive" in text
     assert request(base, "POST", "/api/prefs", post, b'{"archive-dir": "/"}')[0] == 400
+
+
+def test_not_junk_of_a_sender_junked_by_domain_takes_the_domain_off(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    # The message page's "Not junk" asked to take the sender's address off the junk list;
+    # for a sender junked by `@domain` that was refused ("... is not in the junk list"),
+    # and the message stayed junk.
+    alice = net.add_node("alice")
+    bob = net.add_node("bob", extra=["--web", "127.0.0.1:0"])
+    net.start_node(alice)
+    net.start_node(bob)
+    domain = "@" + alice.address.split("@")[1]
+    net.cli(bob, "prefs", "junk", "add", domain)
+    mid = net.cli(alice, "send", str(make_file(tmp_path / "a.bin", 4096)), "--to",
+                  bob.address).stdout.strip()
+    net.wait_until(lambda: net.inbox_entry(bob, mid), 30, "the junk message")
+    base, post = login(net, bob)
+    _, _, page = request(base, "GET", f"/message/{mid}", {"Cookie": post["Cookie"]})
+    note = page.split(b'id="sender-note">')[1].split(b"</p>")[0].decode()
+    assert f"is on your junk list (all of {domain})" in note
+    assert f">Not junk: all of {domain}</button>" in note
+    found = re.search(r"data-body='([^']*)'", note)
+    assert found is not None
+    status, _, text = request(base, "POST", "/api/sender", post,
+                              html.unescape(found[1]).encode())
+    assert status == 200, text
+    assert net.cli_json(bob, "prefs")["junk_senders"] == []
+    net.wait_complete(bob, mid, 60, "the message of a sender no longer junk")
 
 
 def test_peerpost_web_opens_the_login_url_in_the_browser(net: LocalNetwork,

@@ -476,14 +476,23 @@ class WebInbox:
             what, save = f"folder of {n} file{'s' if n != 1 else ''}", 'data-states="" hidden'
             named = ("folder name", f'{folder["name"]}/')  # not the NAME.tar it came in
         sources = "".join(f"<li>{_e(s['text'])}</li>" for s in e["sources"])
-        sender = self.ops.prefs.classify(e["from"])
-        on_list = {"junk": ("is on your junk list: new messages from them are hidden and "
-                            "not downloaded.", "Not junk"),
-                   "priority": ("is a priority sender: their messages download first.",
-                                "No longer priority")}
-        if sender in on_list:
-            said, undo = on_list[sender]
-            body_json = _e(json.dumps({"address": e["from"], "list": sender,
+        try:
+            rule = self.ops.prefs.rule_for(e["from"])
+        except DecodeError:  # a sender that doesn't parse is classed junk, by no rule
+            rule = None
+        if rule is not None:
+            # The undo takes off the pattern that matched. For a domain's rule that is the
+            # domain, and the note and the button say so: the address is on no list.
+            pattern, sender = rule
+            scope = f" (all of {_e(pattern)})" if pattern.startswith("@") else ""
+            said, undo = {
+                "junk": (f"is on your junk list{scope}: new messages from them are hidden "
+                         "and not downloaded.", "Not junk"),
+                "priority": (f"is a priority sender{scope}: their messages download first.",
+                             "No longer priority")}[sender]
+            if scope:
+                undo = f"{undo}: all of {_e(pattern)}"
+            body_json = _e(json.dumps({"address": pattern, "list": sender,
                                        "action": "remove"}))
             lists = (f'<p class="sender-note" id="sender-note"><strong>{_e(e["from"])}</strong>'
                      f" {said} <button data-action=\"/api/sender\" data-body='{body_json}'>"
