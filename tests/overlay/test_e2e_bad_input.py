@@ -5,7 +5,6 @@ running, and loses nothing it already had."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,6 @@ from overlay.app.lab import LocalNetwork
 from rendezvous.client import RendezvousClient
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def net(tmp_path: Path) -> Iterator[LocalNetwork]:
-    with LocalNetwork(tmp_path / "lab") as n:
-        n.start_server()
-        yield n
 
 
 async def test_garbage_and_forgeries_from_the_server_are_dropped(net: LocalNetwork,

@@ -8,7 +8,6 @@ import random
 import re
 import shutil
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +57,6 @@ def mid_transfer(net: LocalNetwork, tmp_path: Path, *, size: int, rate: int, see
     net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and lo < e["progress"] < hi,
                    60, "a partial download", interval=0.1)
     return alice, bob, src, mid
-
-
-@pytest.fixture
-def net(tmp_path: Path) -> Iterator[LocalNetwork]:
-    with LocalNetwork(tmp_path / "lab") as n:
-        n.start_server()
-        yield n
 
 
 def test_delivery_to_two_receivers_one_offline(net: LocalNetwork, tmp_path: Path) -> None:

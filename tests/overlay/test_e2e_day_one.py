@@ -6,7 +6,6 @@ new-message hook."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,6 @@ from tests.overlay.test_e2e_cli import make_file, same_bytes
 pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def net(tmp_path: Path) -> Iterator[LocalNetwork]:
-    with LocalNetwork(tmp_path / "lab") as n:
-        n.start_server()
-        yield n
 
 
 def peerpost(net: LocalNetwork, *args: str,

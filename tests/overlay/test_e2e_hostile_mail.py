@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.slow
 INBOX_MAX = 4
 GiB = 1 << 30
 RSS_LIMIT_KIB = 300 * 1024
-
-
-@pytest.fixture
-def net(tmp_path: Path) -> Iterator[LocalNetwork]:
-    with LocalNetwork(tmp_path / "lab") as n:
-        n.start_server()
-        yield n
 
 
 def peak_rss_kib(pid: int) -> int:

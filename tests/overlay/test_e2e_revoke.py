@@ -18,7 +18,6 @@ from overlay.mail.contacts import KEYS_FRESH
 
 from .test_e2e_cli import MiB, make_file, same_bytes
 from .test_e2e_trust import contact, entry, second_device
-from .test_e2e_trust import net as net  # the fixture: a lab with its server started
 
 pytestmark = pytest.mark.slow
 

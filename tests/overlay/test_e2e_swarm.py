@@ -6,7 +6,6 @@ its owner edited."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,6 @@ from tests.overlay.test_e2e_cli import MiB, make_file, same_bytes
 from tests.overlay.test_e2e_folders import tree
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def net(tmp_path: Path) -> Iterator[LocalNetwork]:
-    with LocalNetwork(tmp_path / "lab") as n:
-        n.start_server()
-        yield n
 
 
 def test_offline_co_recipient_fetches_from_the_other_after_the_sender_left(

@@ -4,7 +4,6 @@ trusted device vouched for is neither trusted for receiving nor sealed to."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,6 @@ from overlay.app.lab import LocalNetwork, NodeHandle, _script
 from .test_e2e_cli import MiB, make_file, same_bytes
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def net(tmp_path: Path) -> Iterator[LocalNetwork]:
-    with LocalNetwork(tmp_path / "lab") as n:
-        n.start_server()
-        yield n
 
 
 def invite(net: LocalNetwork, address: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,6 @@ RATE = 3 * MiB  # bytes per second alice serves: each download takes about a sec
 # to 0.19 s); waiting on the node's change event, 0.01 to 0.025 s, the exit included.
 CLI_GAP = 0.15
 OP_GAP = 0.1
-
-
-@pytest.fixture
-def net(tmp_path: Path) -> Iterator[LocalNetwork]:
-    with LocalNetwork(tmp_path / "lab") as n:
-        n.start_server()
-        yield n
 
 
 def offered(net: LocalNetwork, bob: NodeHandle, src: Path, alice: NodeHandle) -> str:
