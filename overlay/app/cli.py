@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also delete the received file (a partial download always goes)")
 
     s = sub.add_parser("cancel", help="withdraw a sent message (its file is no longer served"
-                       "; recipients see it cancelled), or stop an inbox message's download")
+                       "; recipients' downloads of it fail as withdrawn), or stop an inbox "
+                       "message's download")
     s.add_argument("id", help="message id (hex, or a unique prefix)")
     s.add_argument("--json", action="store_true")
 
