@@ -32,6 +32,22 @@ def slow_sender_and_bob(net: LocalNetwork, rate: int, *, bob_extra: tuple[str, .
     return alice, bob
 
 
+def sent_in_part_then_restarted(net: LocalNetwork, alice: NodeHandle, bob: NodeHandle,
+                                path: Path) -> str:
+    """alice sends bob `path`; once bob holds part of it, her node stops, and his restarts
+    while hers is stopped: the message is `retrying`, with some of it in. Its id."""
+    mid = net.cli(alice, "send", str(path), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["progress"] > 0, 60,
+                   f"part of {path.name} at bob")
+    net.stop_node(alice)
+    net.stop_node(bob)
+    net.start_node(bob)
+    e = net.wait_until(lambda: (x := net.inbox_entry(bob, mid)) and x["state"] == "retrying"
+                       and x, 60, "bob to show retrying")
+    assert 0 < e["progress"] < 1
+    return mid
+
+
 def test_signing_in_and_dead_links_say_the_way_forward(net: LocalNetwork,
                                                       browser_page: Any) -> None:
     page = browser_page
@@ -310,15 +326,7 @@ def test_a_photo_that_failed_to_load_shows_once_it_is_in(net: LocalNetwork, brow
                                      bob_extra=("--retry-base", "0.5", "--retry-max", "2"))
     photo = make_jpeg(tmp_path / "garden.jpg", width=2400, height=1800)
     assert photo.stat().st_size > 1 << 20
-    mid = net.cli(alice, "send", str(photo), "--to", bob.address).stdout.strip()
-    net.wait_until(lambda: (e := net.inbox_entry(bob, mid)) and e["progress"] > 0, 60,
-                   "part of the photo at bob")
-    net.stop_node(alice)
-    net.stop_node(bob)
-    net.start_node(bob)
-    e = net.wait_until(lambda: (x := net.inbox_entry(bob, mid)) and x["state"] == "retrying"
-                       and x, 60, "bob to show retrying")
-    assert 0 < e["progress"] < 1
+    mid = sent_in_part_then_restarted(net, alice, bob, photo)
     media: list[Any] = []
     page.on("response", lambda r: media.append(r) if "/media/" in r.url else None)
     page.goto(login_url(net, bob))

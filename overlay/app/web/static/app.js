@@ -68,19 +68,53 @@ function renderInbox(entries) {
   }
 }
 
+// A <video> or <audio> whose loading stopped: `stalled` (no data for 3 s) and no data
+// since. When /media cuts a range short and answers Chromium's retry with a 503 (a chunk
+// that did not come in 20 s), Chromium asks no more and fires no error: played, the clip
+// ends where its data ends. A stalled load still waiting for its chunk is loaded again
+// too, at a state change; the clip goes on where it was.
+const stalled = new WeakSet();
+// Media the user set playing: the pause Chromium adds to a network error does not count.
+const playing = new WeakSet();
+// Where a reloaded clip goes on (seconds, and whether it plays), kept until its metadata
+// is in: a reload that fails too leaves currentTime at 0.
+const resumeAt = new WeakMap();
+
+function onMedia(type, handle) {
+  document.addEventListener(type, (ev) => {
+    if (ev.target instanceof HTMLMediaElement) handle(ev.target);
+  }, true); // media events do not bubble
+}
+onMedia("stalled", (el) => stalled.add(el));
+onMedia("progress", (el) => stalled.delete(el));
+onMedia("loadstart", (el) => stalled.delete(el));
+onMedia("play", (el) => playing.add(el));
+onMedia("pause", (el) => { if (!el.error) playing.delete(el); });
+onMedia("loadedmetadata", (el) => {
+  const at = resumeAt.get(el);
+  if (!at) return;
+  resumeAt.delete(el);
+  if (at.time > 0) el.currentTime = at.time;
+  if (at.play) el.play().catch(() => {}); // refused (no user gesture yet): it waits paused
+});
+
 // A player whose load failed: /media answered 404 before the download reopened its file
 // (after a node restart), 503 after a stall, or the connection was cut. The browser never
 // asks again by itself.
 function loadFailed(el) {
   if (!el.getAttribute("src")) return false;
   if (el instanceof HTMLImageElement) return el.complete && el.naturalWidth === 0;
-  return el instanceof HTMLMediaElement && el.error !== null;
+  return el instanceof HTMLMediaElement && (el.error !== null || stalled.has(el));
 }
 
 // Load a failed player again: a new query, so neither the browser's cache nor its list of
 // images already fetched answers with the old failure. Called once per state change, so a
-// source that keeps failing is asked again only when the message moves on.
+// source that keeps failing is asked again only when the message moves on. A clip goes on
+// where it stopped, playing if it was.
 function reload(el) {
+  if (el instanceof HTMLMediaElement && !resumeAt.has(el)) {
+    resumeAt.set(el, { time: el.ended ? 0 : el.currentTime, play: playing.has(el) });
+  }
   const url = new URL(el.getAttribute("src"), document.baseURI);
   url.searchParams.set("try", String(Number(url.searchParams.get("try") || 0) + 1));
   el.src = url.pathname + url.search;
