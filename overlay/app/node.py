@@ -17,6 +17,7 @@ import contextlib
 import logging
 import random
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -47,11 +48,10 @@ from overlay.mail.delivery import Delivery, Receipts
 from overlay.mail.downloads import DownloadQueue
 from overlay.mail.inbox import DEFAULT_MAX_ENTRIES, Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
-from overlay.mail.incoming import IncomingMail, Outcome, Pushed
+from overlay.mail.incoming import IncomingMail
 from overlay.mail.outbox import Outbox
 from overlay.mail.outgoing import MailSender
 from overlay.mail.prefs import Prefs
-from overlay.mail.receipts import Receipt
 from overlay.transfer.holder import source_changed
 from overlay.transfer.server import TransferServer
 from overlay.transports.netwatch import NetworkEvents
@@ -117,20 +117,6 @@ class NodeOptions:
     # Seconds the host has spent suspended since boot (overlay.transports.wake); a test
     # passes its own to put the host to sleep.
     asleep: Callable[[], float] = time_asleep
-
-
-class _NotifyingIncoming(IncomingMail):
-    """IncomingMail that runs the message hook for each new message it files."""
-
-    hook: MessageHook | None = None
-
-    def handle(self, env: Pushed) -> tuple[Outcome, LocationMessage | Receipt | None]:
-        outcome, msg = super().handle(env)
-        if self.hook is not None and outcome in (Outcome.NEW, Outcome.UNVERIFIED):
-            entry = self.inbox.get(env.message_id)
-            if entry is not None:
-                self.hook.fire(entry, "arrived")
-        return outcome, msg
 
 
 class Node:
@@ -248,9 +234,8 @@ class Node:
         self.hook = MessageHook(self.config.on_message if command is None else command,
                                 desktop=self.options.desktop_notify)
         self._stack.push_async_callback(self.hook.aclose)
-        self.incoming = _NotifyingIncoming(self.identity, self.address, self.inbox,
-                                           self.outbox, self.prefs, self.contacts, self.wall)
-        self.incoming.hook = self.hook
+        self.incoming = IncomingMail(self.identity, self.address, self.inbox, self.outbox,
+                                     self.prefs, self.contacts, self.wall)
         self.sender = MailSender(
             self.identity, self.address, rendezvous=self.rendezvous, store=self.store,
             contacts=self.contacts, outbox=self.outbox, announce=self.providers.announce,
@@ -277,6 +262,15 @@ class Node:
             hook.fire(entry, "complete")
             await receipts.completed(entry, msg)
 
+        def arrived(message_id: bytes) -> None:
+            try:
+                entry = self.inbox.get(message_id)
+            except (sqlite3.Error, OSError) as exc:  # filed already: nothing is lost
+                log.warning("message hook for %s not run: %s", message_id.hex(), exc)
+                return
+            if entry is not None:
+                hook.fire(entry, "arrived")
+
         self.fetch_meter = FetchMeter(fetch)  # attempts and bytes by path, for --metrics
         self.downloads = DownloadQueue(
             self.inbox, self.prefs, self.fetch_meter, completed, wall=self.wall,
@@ -290,7 +284,8 @@ class Node:
             withdraw=self.providers.withdraw,
             # A sender's keys looked up again as a download is retried.
             lookup_backoff=Backoff(self.options.retry_base, self.options.retry_max,
-                                   jitter=0.8), rng=self.rng, on_finger=self.holders.remember)
+                                   jitter=0.8), rng=self.rng, on_finger=self.holders.remember,
+            on_arrived=arrived if hook.enabled else None)
 
     async def _start_web(self, ops: ControlOperations) -> str | None:
         """The web inbox on this loop, closed with the node; its URL, or None when off."""

@@ -8,6 +8,13 @@ PEERPOST_ID, PEERPOST_FROM, PEERPOST_TITLE, PEERPOST_STATE (`offered`, `unverifi
 PEERPOST_EVENT (`arrived` or `complete`). Title and sender are a stranger's text: a
 command that passes them on must quote them.
 
+`arrived` runs once per message, with the state the message keeps: for one from a first
+contact or a contact's new device, once the node has looked the sender's keys up (a first
+contact's message is `offered` then, a key left for `peerpost contacts accept` or a lookup
+that failed leaves it `unverified`); for any other, as soon as it is filed. Moving on from
+`unverified` later (a lookup that succeeds on a retry, `peerpost contacts accept`) runs
+nothing: it is not an arrival.
+
 Bounded: at most `max_running` commands at once, at most `max_waiting` more wait their turn
 (further events are dropped with a log line and a counter), and each is killed after
 `timeout` seconds. `notify-send`, where it is installed, shows a desktop notification the

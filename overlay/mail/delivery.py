@@ -262,7 +262,12 @@ class Delivery:
     another device opened to us, `withdraw(content_id)` stops offering a content whose
     copy retention deleted or archived, `on_finger(address, answer)` hands on the answer
     to each FINGER of a sender (the holder finder would ask the same as its download
-    starts).
+    starts), `on_arrived(message_id)` tells of each new message once it is filed as it
+    will stay: at once, or, for one filed `unverified` whose sender it looks up (a first
+    contact, a contact's new device), once that lookup answered or failed (a first
+    contact's message has moved on to `offered` by then; told as it was filed, it showed
+    `unverified` for the few milliseconds before). Once per message: the lookups asked
+    again later and `peerpost contacts accept` are not arrivals.
 
     A sender whose keys could not be looked up (FINGER failed: its domain's server down,
     the link between the servers cut, our own server away) is looked up again with
@@ -292,7 +297,8 @@ class Delivery:
                  withdraw: Callable[[bytes], Awaitable[None]],
                  lookup_backoff: Backoff = LOOKUP_BACKOFF,
                  rng: random.Random | None = None,
-                 on_finger: Callable[[str, FingerResult], object] | None = None) -> None:
+                 on_finger: Callable[[str, FingerResult], object] | None = None,
+                 on_arrived: Callable[[bytes], None] | None = None) -> None:
         self.rendezvous = rendezvous
         self.incoming = incoming
         self.outbox = outbox
@@ -304,6 +310,7 @@ class Delivery:
         self.on_relay = on_relay
         self.withdraw = withdraw
         self.on_finger = on_finger
+        self.on_arrived = on_arrived
         self._handled: set[bytes] = set()
         self._login_pending: set[bytes] | None = None
         self._login_read = asyncio.Event()
@@ -456,7 +463,8 @@ class Delivery:
 
     async def _filed(self, pushed: Pushed, outcome: Outcome | None, *, lookup: bool) -> None:
         """After the inbox took `pushed`: the download woken, its sender looked up if its
-        key asked for that (`lookup`), then acknowledged."""
+        key asked for that (`lookup`), `on_arrived` told (after that lookup), then
+        acknowledged."""
         if outcome is None:
             return
         self._unstored.discard(pushed.message_id)
@@ -466,8 +474,14 @@ class Delivery:
         # the FINGER behind it (the server's store answers in order).
         if outcome is Outcome.NEW:
             self.downloads.wake()
-        if lookup:
-            await self._lookup(pushed.sender)
+        try:
+            if lookup:
+                await self._lookup(pushed.sender)
+        finally:
+            # Also when the lookup is cancelled (the node stopping): the message is in the
+            # inbox, and taken again at the next login it is a duplicate, told nothing.
+            if outcome in (Outcome.NEW, Outcome.UNVERIFIED) and self.on_arrived is not None:
+                self.on_arrived(pushed.message_id)
         # Acknowledge only after the inbox committed it; a dropped one is removed too,
         # or the server would hand the same garbage back at every login.
         with contextlib.suppress(RendezvousError, OSError):
