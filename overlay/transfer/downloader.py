@@ -482,16 +482,22 @@ class Downloader:
         return await asyncio.to_thread(self.partial.complete)
 
     async def _fetch_all(self) -> None:
+        failed: BaseException | None = None
         try:
             await self._run_tasks()
         except* OSError as eg:  # the disk, not a source: nothing to retry elsewhere
-            exc: BaseException = eg
-            while isinstance(exc, BaseExceptionGroup):
-                exc = exc.exceptions[0]
-            if is_disk_full(exc):
-                raise DiskFull(f"the disk is full: cannot write {self.partial.part_path} "
-                               f"({getattr(exc, 'strerror', None) or exc})") from None
-            raise FetchError(f"cannot write {self.partial.part_path}: {exc}") from None
+            failed = eg
+            while isinstance(failed, BaseExceptionGroup):
+                failed = failed.exceptions[0]
+        # Raised here, not in the except* block: Python before 3.11.4 (Debian 12's python3
+        # is 3.11.2) wraps what that block raises in an ExceptionGroup, which no caller's
+        # `except DiskFull` or `except FetchError` catches.
+        if failed is None:
+            return
+        if is_disk_full(failed):
+            raise DiskFull(f"the disk is full: cannot write {self.partial.part_path} "
+                           f"({getattr(failed, 'strerror', None) or failed})")
+        raise FetchError(f"cannot write {self.partial.part_path}: {failed}")
 
     async def _run_tasks(self) -> None:
         try:
