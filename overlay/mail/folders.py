@@ -22,6 +22,7 @@ a private folder first and is moved into place in one rename.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import errno
 import functools
@@ -33,6 +34,7 @@ import os
 import shutil
 import stat
 import tarfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -655,7 +657,11 @@ def unpack_with_layout(archive: Path, info: FolderInfo, dest_dir: Path,
         try:
             (work / info.name).mkdir()
             try:
-                tar.extractall(work, members=members, filter=_unpack_filter)
+                if _HAS_FILTERS:
+                    tar.extractall(work, members=members, filter=_unpack_filter)
+                else:
+                    tar.extractall(work, members=[_unpack_filter(m, str(work))
+                                                  for m in members])
             except tarfile.TarError as exc:  # a member's data cut short
                 raise _refused(archive, [f"damaged ({exc})"]) from None
             return (_move_into_place(work / info.name, dest_dir, info.name, moving),
@@ -772,17 +778,72 @@ def _record(m: tarfile.TarInfo, name: str, seen: dict[str, str], files: dict[str
 _MAX_MTIME = 2**62
 
 
+# tarfile's extraction filters came in Python 3.11.4; Debian 12's python3 is 3.11.2. Without
+# them the members `_judge` lets through (plain relative names, regular files and folders
+# only) get the same checks and the same attributes from the code below.
+_HAS_FILTERS = hasattr(tarfile, "data_filter")
+
+
 def _unpack_filter(m: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     """tarfile's data filter, and a folder without a time (ours carry none: mtime 0, so
     the content id is the files' alone) keeps the time it is made, not 1970. So does a
     member whose time no file can be given (a base-256 header field or a PAX `mtime` of
     1e30, inf or nan): os.utime raised OverflowError or ValueError from the middle of
     extractall, which no refusal caught."""
-    out = tarfile.data_filter(m, dest)
+    if _HAS_FILTERS:
+        out = tarfile.data_filter(m, dest)
+    else:
+        # The data filter's attributes: no owner from the archive, no set-id, sticky or
+        # group/other write bits, a file its owner can read and write. A folder's mode
+        # is ignored there; the tarfile before filters sets a mode, so it is 0o755 here.
+        out = copy.copy(m)
+        out.uid, out.gid, out.uname, out.gname = os.getuid(), os.getgid(), "", ""
+        mode = m.mode & 0o755
+        if m.isreg():
+            out.mode = (mode if mode & 0o100 else mode & ~0o111) | 0o600
+        else:
+            out.mode = 0o755
     t = out.mtime
     if (out.isdir() and not t) or not (math.isfinite(t) and -_MAX_MTIME < t < _MAX_MTIME):
+        if not _HAS_FILTERS:  # no "unset" there: the time it is made
+            out.mtime = time.time()
+            return out
         return out.replace(mtime=None, deep=False)  # type: ignore[arg-type]  # None: unset
     return out
+
+
+def _filter_refusal(m: tarfile.TarInfo, dest: str) -> str | None:
+    """Why tarfile's data filter refuses `m` (a plain relative name) unpacked in `dest`,
+    in words that name no path on this disk; None if it does not."""
+    if _HAS_FILTERS:
+        try:
+            tarfile.data_filter(m, dest)
+        except (tarfile.LinkOutsideDestinationError, tarfile.OutsideDestinationError) as exc:
+            # tarfile's text names where it would land on this disk: a refusal goes to the
+            # sender (a declined receipt), which would learn where we keep our downloads.
+            return ("a link that leads outside the folder"
+                    if isinstance(exc, tarfile.LinkOutsideDestinationError)
+                    else "it would be unpacked outside the folder")
+        except tarfile.FilterError as exc:
+            return str(exc)  # names the member only
+        return None
+    # The data filter's checks, in its order and with its texts.
+    real = os.path.realpath(dest)
+
+    def outside(path: str) -> bool:
+        return os.path.commonpath([os.path.realpath(path), real]) != real
+
+    if outside(os.path.join(real, m.name)):
+        return "it would be unpacked outside the folder"
+    if not (m.isreg() or m.islnk() or m.isdir() or m.issym()):
+        return f"{m.name!r} is a special file"
+    if m.islnk() or m.issym():
+        if os.path.isabs(m.linkname):
+            return f"{m.name!r} is a link to an absolute path"
+        base = os.path.dirname(m.name) if m.issym() else ""
+        if outside(os.path.join(real, base, m.linkname)):
+            return "a link that leads outside the folder"
+    return None
 
 
 def _refusal(m: tarfile.TarInfo, top: str, dest: str) -> str | None:
@@ -798,16 +859,8 @@ def _refusal(m: tarfile.TarInfo, top: str, dest: str) -> str | None:
         return "'..' in its name (it would leave the folder)"
     if any(p in ("", ".") for p in parts):
         return "not a plain relative name"
-    try:
-        tarfile.data_filter(m, dest)
-    except (tarfile.LinkOutsideDestinationError, tarfile.OutsideDestinationError) as exc:
-        # tarfile's text names where it would land on this disk: a refusal goes to the
-        # sender (a declined receipt), which would learn where we keep our downloads.
-        return ("a link that leads outside the folder"
-                if isinstance(exc, tarfile.LinkOutsideDestinationError)
-                else "it would be unpacked outside the folder")
-    except tarfile.FilterError as exc:
-        return str(exc)  # names the member only
+    if (why := _filter_refusal(m, dest)) is not None:
+        return why
     if name != top and not name.startswith(top + "/"):
         return f"not inside {top}/"
     if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES or any(

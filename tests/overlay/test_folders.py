@@ -10,7 +10,9 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import stat
 import tarfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 from crypto.location import MAX_FILE_NAME_BYTES, FolderInfo
 from crypto.location import _file_name as location_file_name
 from overlay.content.catalog import ContentStore
+from overlay.mail import folders
 from overlay.mail.db import NodeDB
 from overlay.mail.folders import (
     ORPHAN_AGE,
@@ -154,6 +157,69 @@ def test_devices_and_hard_links_are_refused(tmp_path: Path) -> None:
         unpack(archive, FolderInfo("top", 2, 0, 0), tmp_path)
     assert "'top/null':" in str(err.value) and "'top/shadow':" in str(err.value)
     assert not (tmp_path / "top").exists()
+
+
+@pytest.fixture(params=["filters", "no filters"])
+def tarfile_filters(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unpacking with tarfile's extraction filters and as on Python before 3.11.4 (Debian
+    12's python3 is 3.11.2), which has none."""
+    if request.param == "filters" and not hasattr(tarfile, "data_filter"):
+        pytest.skip("tarfile's extraction filters need Python 3.11.4 or later")
+    monkeypatch.setattr(folders, "_HAS_FILTERS", request.param == "filters")
+
+
+def test_links_and_devices_are_refused_in_the_same_words_with_or_without_filters(
+        tmp_path: Path, tarfile_filters: None) -> None:
+    archive = tmp_path / "top.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, kind, target in (("top/null", tarfile.CHRTYPE, ""),
+                                   ("top/etc", tarfile.SYMTYPE, "/etc"),
+                                   ("top/up", tarfile.SYMTYPE, "../../x"),
+                                   ("top/hard", tarfile.LNKTYPE, "top/../../y"),
+                                   ("top/near", tarfile.SYMTYPE, "etc")):
+            member = tarfile.TarInfo(name)
+            member.type, member.linkname = kind, target
+            tar.addfile(member)
+    with pytest.raises(FolderError) as err:
+        unpack(archive, FolderInfo("top", 5, 0, 0), tmp_path)
+    assert err.value.why == (
+        "'top/null': 'top/null' is a special file; "
+        "'top/etc': 'top/etc' is a link to an absolute path; "
+        "'top/up': a link that leads outside the folder; "
+        "'top/hard': a link that leads outside the folder; "
+        "'top/near': not a regular file or a folder (links and devices are not unpacked)")
+    assert sorted(os.listdir(tmp_path)) == ["top.tar"]
+
+
+def test_modes_and_owners_are_the_data_filters_with_or_without_filters(
+        tmp_path: Path, tarfile_filters: None) -> None:
+    """No set-id bit, no group or other write, a file its owner can read and write, no
+    owner from the archive, and a folder without a time gets the time it is made."""
+    archive = tmp_path / "top.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, mode, data in (("top", 0o777, None), ("top/run", 0o6777, b"#!"),
+                                 ("top/ro", 0o444, b"ro"), ("top/sub", 0o700, None)):
+            member = tarfile.TarInfo(name)
+            member.mode, member.uid, member.gid = mode, 4242, 4242
+            member.uname = member.gname = "root"
+            if data is None:
+                member.type = tarfile.DIRTYPE
+                tar.addfile(member)
+            else:
+                member.size, member.mtime = len(data), 1_000_000_000
+                tar.addfile(member, io.BytesIO(data))
+    (tmp_path / "in").mkdir()
+    before = time.time()
+    out = unpack(archive, FolderInfo("top", 2, 1, 4), tmp_path / "in")
+    assert (out / "run").read_bytes() == b"#!" and (out / "ro").read_bytes() == b"ro"
+    assert stat.S_IMODE((out / "run").stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "ro").stat().st_mode) == 0o644
+    for path in (out, out / "run", out / "ro", out / "sub"):
+        st_ = path.stat()
+        assert (st_.st_uid, st_.st_gid) == (os.getuid(), os.getgid())
+        assert not st_.st_mode & 0o022
+    assert (out / "run").stat().st_mtime == 1_000_000_000
+    assert (out / "sub").stat().st_mtime >= before - 1
 
 
 def test_a_compressed_archive_is_not_opened(tmp_path: Path) -> None:
