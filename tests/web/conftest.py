@@ -51,10 +51,17 @@ def browser_page(tmp_path: Path) -> Iterator[Any]:
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
+    # Chromium keeps its crash-report settings under $XDG_CONFIG_HOME (~/.config/chromium)
+    # and GTK its dconf file under $XDG_CACHE_HOME, whatever the profile: here both are
+    # in this test's tmp folder, so a run writes nothing in the user's home.
+    env: dict[str, str | float | bool] = {
+        **os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
+        "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}
     with sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=shutil.which("chromium"),
-            headless=True, args=CHROMIUM_ARGS, viewport={"width": 1100, "height": 800})
+            headless=True, args=CHROMIUM_ARGS, viewport={"width": 1100, "height": 800},
+            env=env)
         try:
             yield ctx.pages[0] if ctx.pages else ctx.new_page()
         finally:
