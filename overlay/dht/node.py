@@ -274,11 +274,16 @@ class DhtNode:
         """Stop republishing, and drop our record from our own store. The copies other
         nodes store can't be recalled (a STORE only ever replaces a record with one that
         lives longer): they lapse within the TTL, 48 h (records.RECORD_TTL)."""
-        task = self._announced.pop(content_id, None)
-        self.storage.remove(content_id, self.peer_id)
+        task = self._forget_own(content_id)
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    def _forget_own(self, content_id: bytes) -> asyncio.Task[None] | None:
+        """No more republishing of our record for `content_id`, nor our own copy of it;
+        the republishing task, if one runs (not cancelled here)."""
+        self.storage.remove(content_id, self.peer_id)
+        return self._announced.pop(content_id, None)
 
     async def _publish(self, content_id: bytes, addresses: list[str], home_server: str) -> int:
         protocol = self.protocol
@@ -317,8 +322,7 @@ class DhtNode:
             if not kept:
                 log.info("DHT: no longer republishing %s: it is no longer held here",
                          content_id.hex()[:16])
-                self._announced.pop(content_id, None)
-                self.storage.remove(content_id, self.peer_id)
+                self._forget_own(content_id)
                 return
             await self._survive(f"republishing {content_id.hex()[:8]}",
                                 self._publish(content_id, addresses, home_server))

@@ -992,8 +992,8 @@ class UnpackRecord:
             saved = json.loads(self._copy_path().read_bytes())
         except (OSError, ValueError, ContentStoreError):
             return None
-        copy = saved.get("copy") if isinstance(saved, dict) else None
-        return Path(copy) if isinstance(copy, str) else None
+        where = saved.get("copy") if isinstance(saved, dict) else None
+        return Path(where) if isinstance(where, str) else None
 
     def forget_copy(self) -> None:
         """The message of the copy is removed: its record goes. Blocking."""

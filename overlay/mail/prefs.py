@@ -259,10 +259,9 @@ class Prefs:
             "SELECT pattern, kind FROM sender_rule WHERE pattern IN (?, ?)", (addr, domain))
         kinds = {r["pattern"]: r["kind"] for r in rows}
         for pattern in (addr, domain):
-            if kinds.get(pattern) == "priority":
-                return pattern, "priority"
-            if kinds.get(pattern) == "junk":
-                return pattern, "junk"
+            kind = kinds.get(pattern)
+            if kind in ("priority", "junk"):
+                return pattern, kind
         return None
 
     def as_dict(self) -> dict[str, Any]:
