@@ -494,7 +494,7 @@ class Node:
         await self._look_again(look)
         if not rv.moved(new, self._advertised, force=look is not None) and rv.connected:
             await rv.advertise(self._advertised)  # the session survived: update it
-        self._after_move(self.providers.readdress(self.direct_addresses()))
+        self._after_move(await self.providers.readdress(self.direct_addresses()))
 
     async def _woke(self, slept: float) -> None:
         """The host slept `slept` seconds (a laptop's lid was closed). asyncio's clock
@@ -510,8 +510,8 @@ class Node:
         await self._look_again()
         if self._advertised != was:
             await rv.advertise(self._advertised)  # after the new login, which carried `was`
-        again = self.providers.readdress(self.direct_addresses())
-        self._after_move(again or self.providers.announce_again())
+        again = await self.providers.readdress(self.direct_addresses())
+        self._after_move(again or await self.providers.announce_again())
 
     async def _look_again(self, look: Reachability | None = None) -> None:
         """Take `look` (else ask STUN now) as what the network is: what to advertise, and

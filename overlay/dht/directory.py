@@ -90,32 +90,43 @@ class ProviderDirectory:
             self._announced.discard(content_id)  # try again at the next chance
             log.warning("announcing %s failed: %s", content_id.hex()[:16], exc)
 
-    def readdress(self, addresses: list[str]) -> int:
+    async def readdress(self, addresses: list[str]) -> int:
         """Our addresses changed (the host moved to another network): announce every
         content again with the new ones; the records already stored name the old
         addresses until they expire. Returns how many contents are announced again."""
         if addresses == self.addresses:
             return 0
         self.addresses = list(addresses)
-        return self.announce_again()
+        return await self.announce_again()
 
-    def announce_again(self) -> int:
+    async def announce_again(self) -> int:
         """Announce every content again now (the host woke from sleep: the DHT's
         republishing waits on asyncio's clock, which stood still, so our records may have
-        expired at the nodes that stored them). Returns how many are announced again."""
+        expired at the nodes that stored them). A content no longer held is withdrawn
+        instead. Returns how many are announced again."""
         if not self.addresses:
             return 0  # nothing to announce with (yet): what was announced stays listed
         again = list(self._announced)
-        self._announced.clear()
+        held = set(await asyncio.to_thread(lambda: [c for c in again if self._holds(c)]))
         for content_id in again:
-            self.announce(content_id)
-        return len(again)
+            if content_id not in self._announced:
+                continue  # withdrawn meanwhile
+            if content_id in held:
+                self._announced.discard(content_id)
+                self.announce(content_id)
+            else:
+                await self.withdraw(content_id)
+        return len(held)
 
     async def _still_held(self, content_id: bytes) -> bool:
+        return await asyncio.to_thread(self._holds, content_id)
+
+    def _holds(self, content_id: bytes) -> bool:
+        """`held(content_id)`, True when it can't tell. Blocking."""
         if self._held is None:
             return True
         try:
-            return await asyncio.to_thread(self._held, content_id)
+            return self._held(content_id)
         except (OSError, sqlite3.Error) as exc:  # node.db unreadable now: maybe not for good
             log.warning("could not tell whether %s is still held (%s); announcing it",
                         content_id.hex()[:16], exc)
