@@ -12,8 +12,8 @@ A content the node no longer holds (retention deleted or archived it, `rm`, `can
 received file deleted from disk) is not announced again: `held(content_id)` is asked before
 each announce and each 22 h republish. The node calls `withdraw()` when it drops one; the
 records other DHT nodes keep can't be recalled and lapse within their 48 h TTL, so a
-downloader may still find and ask us until then (we refuse: "no content", or "source
-changed").
+downloader may still find and ask us until then (we refuse: "no such content here", or
+"source changed").
 """
 
 from __future__ import annotations

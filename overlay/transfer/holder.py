@@ -89,6 +89,8 @@ class ServingSession:
         # The have-bitmap an OPENED showed (None: every chunk), which the GETS sent with
         # the OPEN is held to (`Gets.shown`); kept until the first GET of that content.
         self._shown_at_open: dict[bytes, bytes | None] = {}
+        # Contents (None: a bad message) a refusal was logged for, at most `max_open`.
+        self._refused: set[bytes | None] = set()
         # An OPEN with a valid capability proof came: the requester knows a content here.
         self.proven = False
         # Super-seeding across the holder's sessions (superseed.py); None: every requester
@@ -189,8 +191,16 @@ class ServingSession:
         self, counter: str, code: ErrorCode, text: str, content_id: bytes | None = None,
         index: int | None = None,
     ) -> Error:
+        """The refusal to send, counted. Logged once per content per session: the GETs
+        a requester sends with its OPEN, in one flight, are each refused too when the OPEN
+        is ("content not opened"), and the log said so in a line each."""
         self.counters[counter] += 1
-        log.info("transfer: refused %s: %s", self._peer, text)
+        first = content_id not in self._refused
+        if first and len(self._refused) < self._max_open:
+            self._refused.add(content_id)
+        what = "" if content_id is None else f" content {content_id.hex()[:16]}"
+        log.log(logging.INFO if first else logging.DEBUG, "transfer: refused %s%s: %s",
+                self._peer, what, text)
         return Error(code, text, content_id, index)
 
     def handle(self, msg: Message, now: float) -> list[Message]:
@@ -226,7 +236,7 @@ class ServingSession:
         content = self._catalog.lookup(msg.content_id)
         if content is None:
             return self._refuse("unknown_content", ErrorCode.UNKNOWN_CONTENT,
-                                f"no content {msg.content_id.hex()[:16]}", msg.content_id)
+                                "no such content here", msg.content_id)
         try:
             check_capability_proof(content.capability, msg.content_id, self._transcript,
                                    msg.proof)

@@ -29,7 +29,7 @@ def _content(net: LocalNetwork, sender: NodeHandle, mid: str) -> str:
 
 
 def _refusals(node: NodeHandle, text: str) -> int:
-    """Connections `node` refused with `text` (each OPEN refused is one log line)."""
+    """Connections `node` refused with `text` (each is one log line)."""
     return sum(1 for line in _log(node).splitlines()
                if "transfer: refused" in line and text in line)
 
@@ -64,7 +64,7 @@ def _fetched_without(net: LocalNetwork, r2: NodeHandle, dropped: NodeHandle, src
 def test_a_co_recipient_that_removed_the_file_withdraws_it_and_is_asked_once(
         net: LocalNetwork, tmp_path: Path) -> None:
     """`rm --delete-file` withdraws the announcement. Its record stays at the other DHT
-    nodes, so r2 finds r1, asks, and is refused "404 no content"; before, r2 asked r1
+    nodes, so r2 finds r1, asks, and is refused "404 no such content here"; before, r2 asked r1
     again at every provider lookup (every 0.5 s here, 10 s by default) for the whole
     download: 8 connections refused in a 4 s download."""
     r1, r2, src, mid, cid = _slow_sender_and_two(net, tmp_path)
@@ -74,7 +74,7 @@ def test_a_co_recipient_that_removed_the_file_withdraws_it_and_is_asked_once(
 
     net.start_node(r2)
     _fetched_without(net, r2, r1, src, mid)
-    assert _refusals(r1, f"no content {cid}") == 1, _log(r2)[-4000:]
+    assert _refusals(r1, f"content {cid}: no such content here") == 1, _log(r2)[-4000:]
 
 
 def test_a_received_file_deleted_from_disk_is_not_offered_after_a_restart(
@@ -120,7 +120,7 @@ def test_a_folder_sent_to_oneself_is_withdrawn_when_rm_releases_its_map(
         net: LocalNetwork, tmp_path: Path) -> None:
     """Mailed to one's own address, a folder is served from its map while the inbox holds
     the message; `rm` releases the map, and now withdraws the announcement too (before,
-    the node went on announcing a content it refused with "no content")."""
+    the node went on announcing a content it refused with "no such content here")."""
     alice = net.add_node("alice")
     net.start_node(alice)
     src = tmp_path / "sunday"

@@ -342,10 +342,10 @@ async def test_a_holder_answering_no_content_is_recorded_so_and_no_other_failure
     wrong = replace(h.content, capability=b"w" * 32)
     d = Downloader(partial_for(tmp_path, wanted),
                    [other.source("lacks"), dead.source("dead")], ME)
-    with pytest.raises(NoSourceReachable, match="404 no content"):
+    with pytest.raises(NoSourceReachable, match="404 no such content here"):
         await d.run()
     by = {s.label: s for s in d.stats}
-    assert by["lacks"].no_content and by["lacks"].reason.startswith("404 no content")
+    assert by["lacks"].no_content and by["lacks"].reason.startswith("404 no such content here")
     assert not by["dead"].no_content and "cannot connect" in by["dead"].reason
 
     d = Downloader(partial_for(tmp_path, wrong, "refused"), [h.source("sender")], ME)

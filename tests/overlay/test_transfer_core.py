@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from pathlib import Path
@@ -328,6 +329,29 @@ def test_open_with_good_and_bad_proofs(held: tuple[ContentStore, LocalContent]) 
     [refused] = [e for e in got if isinstance(e, Error)]
     assert refused.code == ErrorCode.NOT_HELD and refused.index == 6
     assert counters["cancelled"] == 1
+
+
+def test_a_refused_open_and_the_gets_of_its_flight_log_one_line(
+    held: tuple[ContentStore, LocalContent], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A requester opens a content whose file was deleted and sends GETs in the same
+    flight: each is refused, and the holder's log (at the node's default level) has one
+    line naming the requester, the content and why. Before, one line each: the OPEN's,
+    then "content not opened" for every GET."""
+    store, content = held
+    cid = content.content_id
+    content.path.unlink()
+    c, s = connected()
+    logic = ServingSession(store, s.transcript or b"", Counter(), peer="7002463fb353@peer")
+    c.send(Open(cid, prove_capability(content.capability, cid, c.transcript or b"")))
+    c.send(Gets(cid, (0, 1, 2), shown=True))
+    with caplog.at_level(logging.INFO, "overlay.transfer.holder"):
+        refused, *gets = serve(c, s, logic)
+    assert isinstance(refused, Error) and refused.code == ErrorCode.SOURCE_CHANGED
+    assert [g.code for g in gets if isinstance(g, Error)] == [ErrorCode.NOT_OPEN] * 3
+    assert [r.getMessage() for r in caplog.records if r.name == "overlay.transfer.holder"
+            and r.levelno >= logging.INFO] == [
+        f"transfer: refused 7002463fb353@peer content {cid.hex()[:16]}: {refused.text}"]
 
 
 def test_gets_sent_with_the_open_are_served_only_as_its_opened_shows(
