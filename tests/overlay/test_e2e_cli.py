@@ -74,6 +74,9 @@ def test_delivery_to_two_receivers_one_offline(net: LocalNetwork, tmp_path: Path
     assert got["from"] == alice.address and got["title"] == "Grandma's 90th"
     assert same_bytes(src, Path(got["path"]))
     assert got["sources"] and all(s["path"] == "tcp" for s in got["sources"])
+    # Every byte fetched shows, up to the last chunk's (sealed: up to 28 bytes a chunk more).
+    size = src.stat().st_size
+    assert size <= sum(s["bytes"] for s in got["sources"]) <= size + 50 * 28, got["sources"]
 
     # Carol was offline at send time: she gets it when she comes back.
     net.start_node(carol)
