@@ -595,6 +595,7 @@ class Node:
                                            client_only=self.reach is not None and self.reach.nat,
                                            held=self._serves)
         self._stack.push_async_callback(self.providers.aclose)
+        self.transfer.unserved = self.providers.unserved
         self._following = TaskSet("server-follow", logger=log)  # DHT rejoins on failover
         self._stack.push_async_callback(self._following.aclose)
         bootstrap = self._dht_bootstrap(server_host)

@@ -10,7 +10,8 @@ republishing, and never stops a download.
 
 A content the node no longer holds (retention deleted or archived it, `rm`, `cancel`, a
 received file deleted from disk) is not announced again: `held(content_id)` is asked before
-each announce and each 22 h republish. The node calls `withdraw()` when it drops one; the
+each announce and each 22 h republish. The node calls `withdraw()` when it drops one, and
+`unserved()` when serving finds one gone (a file deleted while the node runs); the
 records other DHT nodes keep can't be recalled and lapse within their 48 h TTL, so a
 downloader may still find and ask us until then (we refuse: "no such content here", or
 "source changed").
@@ -131,6 +132,21 @@ class ProviderDirectory:
             log.warning("could not tell whether %s is still held (%s); announcing it",
                         content_id.hex()[:16], exc)
             return True
+
+    def unserved(self, content_id: bytes) -> None:
+        """Serving just refused `content_id` as gone (no such content here, or its file
+        changed): if we announced it and it is indeed no longer held, withdraw it now,
+        not at the next 22 h republish. A file found changed stays so until the node
+        restarts (`LocalContent.source_changed`); a restart, or a new announce (the file
+        sent again), offers it again once it is served."""
+        if content_id not in self._announced or self._tasks.closed:
+            return  # not ours to withdraw (anyone may ask for any id), or done already
+        self._tasks.spawn(self._withdraw_unserved(content_id), key=("unserved", content_id),
+                          name=f"unserved-{content_id.hex()[:8]}")
+
+    async def _withdraw_unserved(self, content_id: bytes) -> None:
+        if not await self._still_held(content_id):
+            await self.withdraw(content_id)
 
     async def withdraw(self, content_id: bytes) -> None:
         """We no longer hold `content_id`: stop announcing it. Other DHT nodes' copies of

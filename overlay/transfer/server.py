@@ -104,6 +104,8 @@ PROOF_TIMEOUT = 10.0
 # free 2 s after the device came back, not 20. An old session heard from after the new
 # OPEN is alive, and is left alone.
 REPLACED_SILENCE = 2.0
+# Refusals that say this holder does not serve the content (now or ever again).
+GONE = frozenset({ErrorCode.UNKNOWN_CONTENT, ErrorCode.SOURCE_CHANGED})
 
 
 @runtime_checkable
@@ -197,6 +199,9 @@ class TransferServer:
         self.seeder = SuperSeed() if super_seed else None
         self.sealers: WorkQueue[_SealJob, bytes | bytearray] = WorkQueue(
             _seal, _sealed, workers=SEALERS, name="sealer")
+        # Told the id of each content a requester is refused as not here (404) or no
+        # longer served (410): the node stops offering it in the DHT. None: nobody.
+        self.unserved: Callable[[bytes], None] | None = None
 
     def chunks_served(self, content_id: bytes) -> int:
         """How many chunks of this content went out (since start)."""
@@ -498,6 +503,9 @@ class _ServedSession:
             await self._write_out()
 
     async def _send(self, msg: Message) -> None:
+        if (isinstance(msg, Error) and msg.code in GONE and msg.content_id is not None
+                and self.server.unserved is not None):
+            self.server.unserved(msg.content_id)
         async with self.write_lock:
             self.conn.send(msg)
             await self._while_moving(self._write_out())

@@ -5,6 +5,7 @@ processes on loopback, driven through the CLI; what each node did is read from i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,34 @@ def test_a_received_file_deleted_from_disk_is_not_offered_after_a_restart(
     net.start_node(r2)
     _fetched_without(net, r2, r1, src, mid)
     assert _refusals(r1, "source changed") == 1, _log(r2)[-4000:]
+
+
+def test_a_received_file_deleted_while_the_node_runs_is_withdrawn_at_the_first_refusal(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    """The user deletes r1's received file while r1 runs. r2 finds r1 in the DHT and asks
+    it; r1 refuses it and withdraws its announcement at once (before, it stayed announced
+    and republished until the next 22 h round or a restart). The file put back, as it
+    was, is served and announced again after a restart."""
+    r1, r2, src, mid, cid = _slow_sender_and_two(net, tmp_path)
+    got = net.inbox_entry(r1, mid)
+    assert got is not None
+    path = Path(got["path"])
+    kept, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    path.unlink()
+
+    net.start_node(r2)
+    net.wait_until(lambda: f"withdrew {cid} from the DHT" in _log(r1), 30,
+                   "r1's withdrawal at the refusal")
+    _fetched_without(net, r2, r1, src, mid)
+    assert _refusals(r1, f"content {cid}") == 1, _log(r2)[-4000:]
+
+    path.write_bytes(kept)
+    os.utime(path, ns=(mtime, mtime))
+    net.stop_node(r1)
+    net.start_node(r1)
+    net.wait_until(lambda: _log(r1).count(f"announced {cid}") > 1
+                   or f"not announcing {cid}" in _log(r1), 30, "r1's announcements")
+    assert f"not announcing {cid}" not in _log(r1)
 
 
 def test_a_cancelled_message_is_not_offered_after_a_restart(net: LocalNetwork,
