@@ -262,14 +262,14 @@ class Node:
             hook.fire(entry, "complete")
             await receipts.completed(entry, msg)
 
-        def arrived(message_id: bytes) -> None:
-            try:
-                entry = self.inbox.get(message_id)
-            except (sqlite3.Error, OSError) as exc:  # filed already: nothing is lost
-                log.warning("message hook for %s not run: %s", message_id.hex(), exc)
-                return
-            if entry is not None:
-                hook.fire(entry, "arrived")
+        def arrived(entry: InboxEntry) -> None:
+            def told() -> None:
+                try:
+                    self.inbox.arrival_told(entry.id)
+                except (sqlite3.Error, OSError) as exc:  # told again at the next start
+                    log.warning("message hook for %s not recorded as run: %s",
+                                entry.id.hex(), exc)
+            hook.fire(entry, "arrived", told)
 
         self.fetch_meter = FetchMeter(fetch)  # attempts and bytes by path, for --metrics
         self.downloads = DownloadQueue(
@@ -286,6 +286,7 @@ class Node:
             lookup_backoff=Backoff(self.options.retry_base, self.options.retry_max,
                                    jitter=0.8), rng=self.rng, on_finger=self.holders.remember,
             on_arrived=arrived if hook.enabled else None)
+        self.delivery.tell_due()  # what the last stop cut short
 
     async def _start_web(self, ops: ControlOperations) -> str | None:
         """The web inbox on this loop, closed with the node; its URL, or None when off."""

@@ -13,7 +13,13 @@ contact or a contact's new device, once the node has looked the sender's keys up
 contact's message is `offered` then, a key left for `peerpost contacts accept` or a lookup
 that failed leaves it `unverified`); for any other, as soon as it is filed. Moving on from
 `unverified` later (a lookup that succeeds on a retry, `peerpost contacts accept`) runs
-nothing: it is not an arrival.
+nothing: it is not an arrival. A node stopped during that lookup runs nothing for the
+message then; the lookup runs again at the next start, and `arrived` with it. A command
+the node's stop killed (or that had not started) runs again at the next start, with the
+message's state then: only one that ran to its end, failed to start or ran over
+`timeout` counts as run (overlay.mail.delivery keeps that in node.db). A message whose
+download prefs start at once is `offered` in PEERPOST_STATE: `arrived` is told before the
+download starts, though CMD may run while it goes on; `complete` follows when it ends.
 
 Bounded: at most `max_running` commands at once, at most `max_waiting` more wait their turn
 (further events are dropped with a log line and a counter), and each is killed after
@@ -30,7 +36,8 @@ import os
 import shlex
 import shutil
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 from overlay.mail.inbox import InboxEntry
 from rendezvous.taskset import TaskSet
@@ -60,8 +67,11 @@ class MessageHook:
     def enabled(self) -> bool:
         return bool(self.argv or self.notify_send)
 
-    def fire(self, entry: InboxEntry, event: str) -> None:
-        """A message arrived (`arrived`) or finished downloading (`complete`)."""
+    def fire(self, entry: InboxEntry, event: str,
+             done: Callable[[], None] | None = None) -> None:
+        """A message arrived (`arrived`) or finished downloading (`complete`). `done()` is
+        called once every command this event started ended by itself (or was dropped over
+        the bound), never when the node's stop cancelled one."""
         env = {
             "PEERPOST_ID": entry.id.hex(),
             "PEERPOST_FROM": _field(entry.sender),
@@ -70,21 +80,41 @@ class MessageHook:
             "PEERPOST_PATH": entry.path or "",
             "PEERPOST_EVENT": event,
         }
-        if self.argv:
-            self._spawn(self.argv, env)
+        commands = [self.argv] if self.argv else []
         if self.notify_send:
             what = "new message" if event == "arrived" else "download complete"
-            self._spawn([self.notify_send, "--app-name=peerpost", "--",
-                         f"peerpost: {what} from {env['PEERPOST_FROM']}",
-                         env["PEERPOST_TITLE"]], env)
+            commands.append([self.notify_send, "--app-name=peerpost", "--",
+                             f"peerpost: {what} from {env['PEERPOST_FROM']}",
+                             env["PEERPOST_TITLE"]])
+        left = len(commands)
 
-    def _spawn(self, argv: list[str], fields: Mapping[str, str]) -> None:
-        if self._tasks.closed or self._tasks.full:
+        def ended() -> None:
+            nonlocal left
+            left -= 1
+            if left <= 0 and done is not None:
+                done()
+        if not commands:
+            ended()
+        for argv in commands:
+            self._spawn(argv, env, ended)
+
+    def _spawn(self, argv: list[str], fields: Mapping[str, str],
+               ended: Callable[[], None]) -> None:
+        if self._tasks.closed:
+            return  # the node stopping: `done` is not called, told again at its next start
+        if self._tasks.full:
             self.counters["dropped"] += 1
             log.warning("message hook dropped for %s: %d already running or waiting",
                         fields["PEERPOST_ID"], len(self._tasks))
+            ended()
             return
-        self._tasks.spawn(self._run(argv, fields), name=f"hook-{argv[0]}")
+        self._tasks.spawn(self._ended(self._run(argv, fields), ended),
+                          name=f"hook-{argv[0]}")
+
+    @staticmethod
+    async def _ended(run: Coroutine[Any, Any, None], ended: Callable[[], None]) -> None:
+        await run  # a cancel (the node stopping) raises here: `ended` is not called
+        ended()
 
     async def _run(self, argv: list[str], fields: Mapping[str, str]) -> None:
         async with self._slots:

@@ -272,9 +272,20 @@ def _to_v7(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE contact ADD COLUMN keys_confirmed_at REAL")
 
 
+def _to_v8(conn: sqlite3.Connection) -> None:
+    # How far `node --on-message`'s `arrived` got (overlay.mail.delivery): `pending` while
+    # the lookup of its sender that settles its state has not ended (the envelope is not
+    # acknowledged yet, so the server pushes it again after a stop), `due` once settled
+    # and its command not finished, `told` once it ran (or no command was set). Messages
+    # filed before this version were told as they were filed.
+    conn.execute("ALTER TABLE inbox ADD COLUMN arrival TEXT NOT NULL DEFAULT 'told'"
+                 " CHECK (arrival IN ('pending', 'due', 'told'))")
+    conn.execute("CREATE INDEX inbox_by_arrival ON inbox (arrival) WHERE arrival <> 'told'")
+
+
 # version n -> the step that makes it n + 1. Append only; never edit a shipped step.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4, 4: _to_v5, 5: _to_v6, 6: _to_v7}
+    0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4, 4: _to_v5, 5: _to_v6, 6: _to_v7, 7: _to_v8}
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -262,12 +262,17 @@ class Delivery:
     another device opened to us, `withdraw(content_id)` stops offering a content whose
     copy retention deleted or archived, `on_finger(address, answer)` hands on the answer
     to each FINGER of a sender (the holder finder would ask the same as its download
-    starts), `on_arrived(message_id)` tells of each new message once it is filed as it
-    will stay: at once, or, for one filed `unverified` whose sender it looks up (a first
+    starts), `on_arrived(entry)` tells of each new message once it is filed as it will
+    stay: at once, or, for one filed `unverified` whose sender it looks up (a first
     contact, a contact's new device), once that lookup answered or failed (a first
     contact's message has moved on to `offered` by then; told as it was filed, it showed
     `unverified` for the few milliseconds before). Once per message: the lookups asked
-    again later and `peerpost contacts accept` are not arrivals.
+    again later and `peerpost contacts accept` are not arrivals. Whether it was told is
+    kept in the inbox (`arrival`): a node stopped during that lookup tells nothing then
+    (the message was not settled; told `unverified` then, it was never told again) and
+    leaves the envelope at the server, whose push at the next login runs the lookup again
+    and tells it then; `on_arrived`'s owner marks it told (`Inbox.arrival_told`) once its
+    work is done, and `tell_due()` tells again, at start, what a stop cut short.
 
     A sender whose keys could not be looked up (FINGER failed: its domain's server down,
     the link between the servers cut, our own server away) is looked up again with
@@ -298,7 +303,7 @@ class Delivery:
                  lookup_backoff: Backoff = LOOKUP_BACKOFF,
                  rng: random.Random | None = None,
                  on_finger: Callable[[str, FingerResult], object] | None = None,
-                 on_arrived: Callable[[bytes], None] | None = None) -> None:
+                 on_arrived: Callable[[InboxEntry], None] | None = None) -> None:
         self.rendezvous = rendezvous
         self.incoming = incoming
         self.outbox = outbox
@@ -474,20 +479,51 @@ class Delivery:
         # the FINGER behind it (the server's store answers in order).
         if outcome is Outcome.NEW:
             self.downloads.wake()
-        try:
-            if lookup:
-                await self._lookup(pushed.sender)
-        finally:
-            # Also when the lookup is cancelled (the node stopping): the message is in the
-            # inbox, and taken again at the next login it is a duplicate, told nothing.
-            if outcome in (Outcome.NEW, Outcome.UNVERIFIED) and self.on_arrived is not None:
-                self.on_arrived(pushed.message_id)
+        if lookup:
+            # Cancelled (the node stopping), the message is not settled: nothing is told
+            # and it is not acknowledged, so the next login takes it again (a duplicate
+            # then, whose sender is looked up again) and tells it as it settles then.
+            await self._lookup(pushed.sender)
+        if outcome in (Outcome.NEW, Outcome.UNVERIFIED, Outcome.DUPLICATE):
+            self._settled(pushed.message_id)
         # Acknowledge only after the inbox committed it; a dropped one is removed too,
         # or the server would hand the same garbage back at every login.
         with contextlib.suppress(RendezvousError, OSError):
             await self.rendezvous.remove(pushed.message_id)
         if outcome is Outcome.RECEIPT:
             await self.retention()
+
+    def _settled(self, message_id: bytes) -> None:
+        """The message keeps its state now: told once (a duplicate whose arrival was told
+        already, or a receipt, is not pending and tells nothing)."""
+        try:
+            entry = self.incoming.inbox.settle_arrival(message_id)
+        except (sqlite3.Error, OSError) as exc:  # stays pending: told at its next push
+            log.warning("arrival of message %s not recorded: %s", message_id.hex(), exc)
+            return
+        if entry is None:
+            return
+        self._tell(entry)
+
+    def _tell(self, entry: InboxEntry) -> None:
+        if self.on_arrived is not None:
+            self.on_arrived(entry)
+            return
+        try:
+            self.incoming.inbox.arrival_told(entry.id)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("arrival of message %s not recorded: %s", entry.id.hex(), exc)
+
+    def tell_due(self) -> None:
+        """Tell (`on_arrived`) each message settled whose arrival was not told to the end:
+        the node stopped before its command ran or finished. Call once, at start."""
+        try:
+            due = self.incoming.inbox.arrivals_due()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("arrivals not told at the last stop not read: %s", exc)
+            return
+        for entry in due:
+            self._tell(entry)
 
     def _handle(self, pushed: Pushed, handle: Callable[[Pushed], tuple[Outcome, object]]
                 ) -> Outcome | None:

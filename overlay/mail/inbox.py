@@ -141,16 +141,37 @@ class Inbox:
             conn.execute(
                 "INSERT INTO inbox (id, sender, sender_peer_id, title, note, size, file_name,"
                 " media_type, content_id, state, junk, priority, received_at, chunk_count,"
-                " message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " message, arrival) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     id, sender, sender_peer_id, title, note, size, file_name, media_type,
                     content_id,
                     (InboxState.UNVERIFIED if unverified else InboxState.OFFERED).value,
                     int(junk), int(priority),
-                    received_at, chunk_count, message,
+                    received_at, chunk_count, message, "pending",
                 ),
             )
         return True
+
+    def settle_arrival(self, id: bytes) -> InboxEntry | None:
+        """The message's state is the one it keeps now (the lookup of its sender ended):
+        its arrival moves from `pending` to `due`. The entry, or None if it was not
+        pending (told already, due already, or no such message): one caller tells it."""
+        with self._db.transaction() as conn:
+            moved = conn.execute("UPDATE inbox SET arrival = 'due' WHERE id = ? AND"
+                                 " arrival = 'pending'", (id,)).rowcount
+            return self._locked_get(conn, id) if moved else None
+
+    def arrivals_due(self, limit: int = 1000) -> builtins.list[InboxEntry]:
+        """Messages settled whose arrival was not told to the end (the node stopped while
+        its command ran, or before it started), oldest first."""
+        rows = self._db.query("SELECT * FROM inbox WHERE arrival = 'due'"
+                              " ORDER BY received_at, id LIMIT ?", (limit,))
+        return [_entry(r) for r in rows]
+
+    def arrival_told(self, id: bytes) -> None:
+        """The message's arrival was told (its command ran): never told again."""
+        with self._db.transaction() as conn:
+            conn.execute("UPDATE inbox SET arrival = 'told' WHERE id = ?", (id,))
 
     def get(self, id: bytes) -> InboxEntry | None:
         """The entry with this message id, or None."""

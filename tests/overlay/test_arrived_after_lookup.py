@@ -1,8 +1,10 @@
 """`Delivery.on_arrived` (what runs `node --on-message`'s `arrived`) tells of a first
 contact's message once the lookup of its sender ended, with the state it has then: the
-lookup answers (`offered`), fails (`unverified`) or is cancelled as the node stops
-(`unverified`: told all the same, since the server's next push of it is a duplicate and
-tells nothing). Once each, and a message that needs no lookup is told at once.
+lookup answers (`offered`) or fails (`unverified`). Once each, and a message that needs no
+lookup is told at once. A node stopped while that lookup runs tells nothing (it told
+`unverified`, and never again): the envelope stays at the server, and its push at the next
+start runs the lookup again and tells it then. A message told but whose command the stop
+cut short is told again at the next start (`tell_due`), and one told to the end never.
 
 Bob's node is its real pieces against a fake server whose FINGER of carol, a first
 contact, hangs until the test lets it answer (tests/overlay/test_stale_keys_aside.py)."""
@@ -16,6 +18,7 @@ import pytest
 
 from overlay.content.catalog import ContentStore
 from overlay.mail.db import NodeDB
+from overlay.mail.inbox import InboxEntry
 from overlay.mail.inbox_state import InboxState
 from rendezvous.records import DeviceInfo, FingerResult
 
@@ -25,15 +28,16 @@ from .test_stale_keys_aside import CAROL, CAROL1, HangingLookups, ids, push
 
 
 def told(bob: BobNode) -> tuple[list[tuple[bytes, InboxState]], asyncio.Event]:
-    """What `on_arrived` is told, with each message's state at that moment, and an event
-    set at each call."""
+    """What `on_arrived` is told, with each message's state as told and as stored at that
+    moment (they must agree), and an event set at each call. Not marked told: the node
+    marks it once the command ran."""
     calls: list[tuple[bytes, InboxState]] = []
     called = asyncio.Event()
 
-    def arrived(message_id: bytes) -> None:
-        entry = bob.inbox.get(message_id)
-        assert entry is not None
-        calls.append((message_id, entry.state))
+    def arrived(entry: InboxEntry) -> None:
+        stored = bob.inbox.get(entry.id)
+        assert stored is not None and stored.state is entry.state
+        calls.append((entry.id, entry.state))
         called.set()
     bob.delivery.on_arrived = arrived
     return calls, called
@@ -58,10 +62,37 @@ async def test_a_first_contacts_message_is_told_once_its_lookup_ended(
         pushing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pushing
+        assert calls == [(ids(1)[0], InboxState.OFFERED)]  # carol's: not settled
+        assert hang.removed == ids(1)  # carol's left at the server
+        # The next start: the server pushes carol's again, and her server answers now.
+        hang.answer.set()
+        async with asyncio.timeout(10):
+            await (await push(bob, message_from(CAROL1, 9, CAROL)))
     else:
         hang.fail = end == "fails"
         hang.answer.set()
         async with asyncio.timeout(10):
             await pushing
-    want = InboxState.OFFERED if end == "answers" else InboxState.UNVERIFIED
+    want = InboxState.OFFERED if end in ("answers", "cancelled") else InboxState.UNVERIFIED
     assert calls == [(ids(1)[0], InboxState.OFFERED), (ids(9)[0], want)]
+    assert sorted(hang.removed) == sorted(ids(1, 9))
+
+
+async def test_an_arrival_cut_short_is_told_again_at_the_next_start_and_one_told_never(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    bob = await bob_sent_to_alice(db, store, tmp_path, ALICE1)
+    calls, _ = told(bob)
+    HangingLookups(bob, set())
+    await bob.receive(message_from(ALICE1, 1), message_from(ALICE1, 2))
+    assert calls == [(i, InboxState.OFFERED) for i in ids(1, 2)]
+    bob.inbox.arrival_told(ids(1)[0])  # 1's command ran; the node stopped during 2's
+
+    calls.clear()
+    bob.delivery.tell_due()  # the next start
+    assert calls == [(ids(2)[0], InboxState.OFFERED)]
+    # Pushed again (its REMOVE lost): a duplicate, told nothing.
+    await bob.receive(message_from(ALICE1, 1), message_from(ALICE1, 2))
+    bob.inbox.arrival_told(ids(2)[0])
+    bob.delivery.tell_due()
+    assert calls == [(ids(2)[0], InboxState.OFFERED)]
+

@@ -149,10 +149,12 @@ def test_upgrade_to_v4_keeps_inbox_and_contacts(tmp_path: Path) -> None:
         with old.transaction() as conn:  # as the v3 code pinned a key (today's needs v6)
             conn.execute("INSERT INTO contact VALUES (?, 1.0, 1.0, 0)", (ALICE,))
             conn.execute("INSERT INTO contact_key VALUES (?, ?, 'pinned', 1.0)", (ALICE, K1))
-        Inbox(old).add(id=b"m" * 16, sender=ALICE, sender_peer_id=ALICE1.peer_id, title="t",
-                       note="", size=1, file_name="f", media_type="x/y",
-                       content_id=b"c" * 32, chunk_count=1, message=b"\x93",
-                       received_at=1.0)
+            # as the v3 code filed a message (today's needs v8)
+            conn.execute(
+                "INSERT INTO inbox (id, sender, sender_peer_id, title, note, size, file_name,"
+                " media_type, content_id, state, junk, priority, received_at, chunk_count,"
+                " message) VALUES (?, ?, ?, 't', '', 1, 'f', 'x/y', ?, 'offered', 0, 0, 1.0,"
+                " 1, ?)", (b"m" * 16, ALICE, ALICE1.peer_id, b"c" * 32, b"\x93"))
     with NodeDB.open(tmp_path) as db:
         assert Contacts(db).trusted_keys(ALICE) == {K1}
         assert present(Inbox(db).get(b"m" * 16)).state is InboxState.OFFERED

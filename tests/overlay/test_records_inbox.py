@@ -11,7 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from overlay.mail.db import NodeDB, RecordLimitError
+from overlay.mail.db import _MIGRATIONS, NodeDB, RecordLimitError
 from overlay.mail.inbox import Inbox, InboxEntry
 from overlay.mail.inbox_state import TRANSITIONS, IllegalTransition, InboxState
 from tests.present import present
@@ -292,3 +292,30 @@ def test_download_times_keep_the_first_mark_and_survive_reopening(db: NodeDB,
     assert (e.started_at, e.first_byte_at, e.completed_at) == (100.0, 100.5, 201.0)
     with pytest.raises(ValueError, match="unknown download event"):
         inbox.mark_time(mid, "exploded", 1.0)
+
+
+def test_an_arrival_is_pending_until_settled_then_due_until_told(db: NodeDB) -> None:
+    inbox = Inbox(db)
+    mid = offer(inbox, 1)
+    assert inbox.arrivals_due() == []  # pending: its sender's lookup may still run
+    settled = inbox.settle_arrival(mid)
+    assert settled is not None and settled.id == mid
+    assert inbox.settle_arrival(mid) is None  # told by one caller only
+    assert [e.id for e in inbox.arrivals_due()] == [mid]
+    inbox.arrival_told(mid)
+    assert inbox.arrivals_due() == [] and inbox.settle_arrival(mid) is None
+
+
+def test_messages_filed_before_the_arrival_column_are_not_told_again(tmp_path: Path) -> None:
+    """Upgrading must not run `node --on-message` for every message already received."""
+    steps = {k: v for k, v in _MIGRATIONS.items() if k < 7}
+    with NodeDB.open(tmp_path, migrations=steps) as old, old.transaction() as conn:
+        conn.execute(  # as the v7 code filed it
+            "INSERT INTO inbox (id, sender, sender_peer_id, title, note, size, file_name,"
+            " media_type, content_id, state, junk, priority, received_at, chunk_count,"
+            " message) VALUES (?, 'a@b.c', ?, 't', '', 1, 'f', 'x/y', ?, 'offered', 0, 0,"
+            " 1.0, 1, ?)", (b"m" * 16, b"p" * 32, b"c" * 32, b"\x93"))
+    with NodeDB.open(tmp_path) as db:
+        inbox = Inbox(db)
+        assert inbox.arrivals_due() == [] and inbox.settle_arrival(b"m" * 16) is None
+        assert present(inbox.get(b"m" * 16)).state is InboxState.OFFERED

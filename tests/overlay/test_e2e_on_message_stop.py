@@ -1,0 +1,129 @@
+"""End to end (real servers, nodes and hook processes): `node --on-message`'s `arrived`
+runs once per message, to its end, with the state the message settled in, also when the
+node stops at the wrong moment.
+
+A node stopped while it looked up a first contact (the sender's domain not answering yet)
+ran `arrived` with `unverified`, a process its stop then killed, and at its next start the
+message, pushed again, was a duplicate: the user's command never saw it settle, and mostly
+never ran at all. A command the node's stop killed half way counted as run: never run
+again. Now the first is told at the next start, once its lookup ran, and the second runs
+again then."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from overlay.app.lab import LocalNetwork
+from tests.overlay.test_e2e_federation import World, complete, make_file, make_world, send
+
+from .test_e2e_on_message_trust import recorded, runs
+
+pytestmark = pytest.mark.slow
+
+__all__ = ["make_world"]  # the fixture, used by name
+
+
+def test_a_node_stopped_during_a_first_contacts_lookup_runs_arrived_once_as_it_settles(
+        make_world: Callable[..., World], tmp_path: Path) -> None:
+    hook, events = recorded(tmp_path)
+    w = make_world()
+    w.a.start()
+    w.b.start()
+    alice, _ = w.a.init("alice")
+    bob, _ = w.b.init("bob")
+    alice.extra = ["--web", "off", *hook]
+    bob.extra = ["--web", "off"]
+    w.b.net.start_node(bob)
+    src = make_file(tmp_path / "first.bin", 256 << 10)
+    mid = send(w.b, bob, src, alice.address)  # alice's node is not running: it waits at a.test
+    w.b.wait_log(r"event=outbound\.delivered .*to=alice@a\.test")
+
+    # b.test stops answering (its connections stay up): alice's node files bob's message
+    # `unverified` and its lookup of bob hangs. Her node stops meanwhile.
+    assert w.b.net.server is not None
+    b_server = w.b.net.server.popen.pid
+    os.kill(b_server, signal.SIGSTOP)
+    try:
+        w.a.net.start_node(alice)
+        assert alice.proc is not None
+        alice.proc.lines.wait_for(re.compile(r"unverified: signed by device"), 30,
+                                  "alice's node filing bob's message")
+        w.a.net.stop_node(alice)
+    finally:
+        os.kill(b_server, signal.SIGCONT)
+    assert runs(events, mid, "arrived") == []  # not settled: nothing to tell yet
+
+    # Her next start looks bob up again, and tells the message as it settled: once.
+    w.a.net.start_node(alice)
+    (arrived,) = w.a.net.wait_until(lambda: runs(events, mid, "arrived"), 60,
+                                    "the hook's `arrived` run after the restart")
+    assert arrived["PEERPOST_STATE"] == "offered"
+    assert arrived["PEERPOST_FROM"] == bob.address
+    got = w.a.net.wait_until(lambda: complete(w.a, alice, mid), 120, "alice's download")
+    assert Path(got["path"]).read_bytes() == src.read_bytes()
+    w.a.net.wait_until(lambda: runs(events, mid, "complete"), 30, "the hook's `complete` run")
+    assert len(runs(events, mid, "arrived")) == 1
+
+
+# Appends a line when it starts and one when it ends; while the file named by its second
+# argument exists it does not end (the test holds it there while the node stops).
+HELD = """\
+import json, os, sys, time
+out, hold = sys.argv[1], sys.argv[2]
+run = {k: os.environ.get(k) for k in ("PEERPOST_ID", "PEERPOST_EVENT", "PEERPOST_STATE")}
+with open(out, "a") as f:
+    f.write(json.dumps({**run, "at": "start"}) + "\\n")
+while os.path.exists(hold):
+    time.sleep(0.05)
+with open(out, "a") as f:
+    f.write(json.dumps({**run, "at": "end"}) + "\\n")
+"""
+
+
+def test_an_arrived_command_the_stop_killed_runs_again_at_the_next_start(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    import json
+    import shlex
+
+    script, out, hold = tmp_path / "held.py", tmp_path / "runs.jsonl", tmp_path / "hold"
+    script.write_text(HELD)
+    hold.touch()
+    alice = net.add_node("alice")
+    bob = net.add_node("bob", extra=["--on-message", shlex.join(
+        [sys.executable, str(script), str(out), str(hold)])])
+    net.start_node(alice)
+    net.start_node(bob)
+    src = make_file(tmp_path / "clip.bin", 64 << 10)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+
+    def arrived(at: str, message: str = mid) -> list[dict[str, str]]:
+        lines = out.read_text().splitlines() if out.exists() else []
+        return [r for r in map(json.loads, lines)
+                if r["PEERPOST_ID"] == message and r["PEERPOST_EVENT"] == "arrived"
+                and r["at"] == at]
+
+    net.wait_until(lambda: arrived("start"), 30, "the hook's `arrived` run starting")
+    net.stop_node(bob)  # kills the command half way
+    assert arrived("end") == []
+
+    hold.unlink()
+    net.start_node(bob)
+    (ended,) = net.wait_until(lambda: arrived("end"), 30, "the `arrived` run again, to its end")
+    assert ended["PEERPOST_STATE"] in ("offered", "downloading", "retrying", "complete")
+    got = net.wait_complete(bob, mid, 60, "bob's download")
+    assert Path(got["path"]).read_bytes() == src.read_bytes()
+
+    # Run to its end once: a later start runs it no more. The hooks start in the order
+    # fired, so once a new message's has ended, a repeat of the first would show.
+    net.stop_node(bob)
+    net.start_node(bob)
+    mid2 = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: arrived("end", mid2), 30, "the next message's `arrived` run")
+    assert len(arrived("start")) == 2 and len(arrived("end")) == 1
