@@ -1437,7 +1437,8 @@ def cmd_info(home: NodeHome, args: argparse.Namespace) -> int:
         full = info["inbox"].get("full")
         t.add_row("inbox", _styled(_inbox_line(info["inbox"]), "bold red" if full else ""))
     if info["counters"]:
-        # Events, not the inbox now: "unverified 1" stays after the sender's key is checked.
+        # Events, not the inbox now: "unverified 1" (a message held once its sender was
+        # looked up) stays after `contacts accept` or a later lookup moved it on.
         t.add_section()
         t.add_row("[dim]since the node started[/]", "")
     for k, v in sorted(info["counters"].items()):

@@ -28,7 +28,7 @@ from overlay.mail.contacts import Contacts
 from overlay.mail.db import RecordLimitError
 from overlay.mail.downloads import DownloadQueue
 from overlay.mail.inbox import Decline, Inbox, InboxEntry
-from overlay.mail.inbox_state import ACTIVE_STATES
+from overlay.mail.inbox_state import ACTIVE_STATES, InboxState
 from overlay.mail.incoming import IncomingMail, Outcome, Pushed
 from overlay.mail.outbox import Outbox
 from overlay.mail.prefs import Prefs
@@ -272,7 +272,9 @@ class Delivery:
     (the message was not settled; told `unverified` then, it was never told again) and
     leaves the envelope at the server, whose push at the next login runs the lookup again
     and tells it then; `on_arrived`'s owner marks it told (`Inbox.arrival_told`) once its
-    work is done, and `tell_due()` tells again, at start, what a stop cut short.
+    work is done, and `tell_due()` tells again, at start, what a stop cut short. The
+    counter `unverified` counts a message once it settled so, not each one filed so
+    (nearly every first contact's, which went on to `offered` a moment later).
 
     A sender whose keys could not be looked up (FINGER failed: its domain's server down,
     the link between the servers cut, our own server away) is looked up again with
@@ -495,7 +497,7 @@ class Delivery:
 
     def _settled(self, message_id: bytes) -> None:
         """The message keeps its state now: told once (a duplicate whose arrival was told
-        already, or a receipt, is not pending and tells nothing)."""
+        already, or a receipt, is not pending and tells nothing), counted if held."""
         try:
             entry = self.incoming.inbox.settle_arrival(message_id)
         except (sqlite3.Error, OSError) as exc:  # stays pending: told at its next push
@@ -503,6 +505,8 @@ class Delivery:
             return
         if entry is None:
             return
+        if entry.state is InboxState.UNVERIFIED:
+            self.incoming.counters["unverified"] += 1
         self._tell(entry)
 
     def _tell(self, entry: InboxEntry) -> None:

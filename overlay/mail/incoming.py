@@ -248,7 +248,8 @@ class IncomingMail:
                  "" if trusted else " [unverified: signed by device "
                  f"{PublicIdentity(key).fingerprint()}, not trusted for the sender]")
         if not trusted:
-            self.counters["unverified"] += 1
+            # Counted once it settles (overlay.mail.delivery): most move on to `offered`
+            # as the lookup of their sender answers.
             return Outcome.UNVERIFIED, msg
         return Outcome.NEW, msg
 

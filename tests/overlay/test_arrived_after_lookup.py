@@ -5,6 +5,8 @@ lookup is told at once. A node stopped while that lookup runs tells nothing (it 
 `unverified`, and never again): the envelope stays at the server, and its push at the next
 start runs the lookup again and tells it then. A message told but whose command the stop
 cut short is told again at the next start (`tell_due`), and one told to the end never.
+`info`'s counter `unverified` counts a message held once it settled, not a first
+contact's that went on to `offered`.
 
 Bob's node is its real pieces against a fake server whose FINGER of carol, a first
 contact, hangs until the test lets it answer (tests/overlay/test_stale_keys_aside.py)."""
@@ -76,6 +78,9 @@ async def test_a_first_contacts_message_is_told_once_its_lookup_ended(
     want = InboxState.OFFERED if end in ("answers", "cancelled") else InboxState.UNVERIFIED
     assert calls == [(ids(1)[0], InboxState.OFFERED), (ids(9)[0], want)]
     assert sorted(hang.removed) == sorted(ids(1, 9))
+    # Counted once, as it settled: carol's `unverified` only while her lookup fails.
+    assert bob.incoming.counters["unverified"] == (end == "fails")
+    assert bob.incoming.counters["received"] == 2
 
 
 async def test_an_arrival_cut_short_is_told_again_at_the_next_start_and_one_told_never(
@@ -96,3 +101,21 @@ async def test_an_arrival_cut_short_is_told_again_at_the_next_start_and_one_told
     bob.delivery.tell_due()
     assert calls == [(ids(2)[0], InboxState.OFFERED)]
 
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_info_counts_a_first_contacts_message_once_in_the_state_it_settled_in(
+        db: NodeDB, store: ContentStore, tmp_path: Path, fails: bool) -> None:
+    """`peerpost info` showed `unverified 1` for every first contact's message that went
+    on to `offered` as its sender's lookup answered."""
+    bob = await bob_sent_to_alice(db, store, tmp_path, ALICE1)
+    hang = HangingLookups(bob, {CAROL}, answers=carols)
+    hang.fail = fails
+    hang.answer.set()
+    async with asyncio.timeout(10):
+        await bob.receive(message_from(CAROL1, 9, CAROL))
+    entry = bob.inbox.get(ids(9)[0])
+    assert entry is not None
+    assert entry.state is (InboxState.UNVERIFIED if fails else InboxState.OFFERED)
+    assert dict(bob.incoming.counters) == (
+        {"received": 1, "unverified": 1, "key-check-failed": 1} if fails
+        else {"received": 1})
