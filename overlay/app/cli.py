@@ -221,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run CMD (split like a shell would, run without one) when a message "
                         "arrives and when it completes; fields in PEERPOST_ID, PEERPOST_FROM,"
                         " PEERPOST_TITLE, PEERPOST_STATE, PEERPOST_PATH, PEERPOST_EVENT "
-                        "(arrived or complete) (default: the config's on_message; '' for "
-                        "none)")
+                        "(arrived or complete). `arrived` runs once per message, once its "
+                        "sender's keys were looked up, before an automatic download starts;"
+                        " none for a junk sender's (default: the config's on_message; '' "
+                        "for none)")
     s.add_argument("--web", default=None, metavar="HOST:PORT|off",
                    help="serve the web inbox here (default: the config's `web`, "
                         "127.0.0.1:8470, another free port if taken); off: none")

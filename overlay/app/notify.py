@@ -19,7 +19,9 @@ the node's stop killed (or that had not started) runs again at the next start, w
 message's state then: only one that ran to its end, failed to start or ran over
 `timeout` counts as run (overlay.mail.delivery keeps that in node.db). A message whose
 download prefs start at once is `offered` in PEERPOST_STATE: `arrived` is told before the
-download starts, though CMD may run while it goes on; `complete` follows when it ends.
+download starts, though CMD may run while it goes on; `complete` follows when it ends. A
+junk sender's message (`peerpost prefs junk`) runs nothing: the inbox hides it and it is
+never fetched.
 
 Bounded: at most `max_running` commands at once, at most `max_waiting` more wait their turn
 (further events are dropped with a log line and a counter), and each is killed after
@@ -72,6 +74,10 @@ class MessageHook:
         """A message arrived (`arrived`) or finished downloading (`complete`). `done()` is
         called once every command this event started ended by itself (or was dropped over
         the bound), never when the node's stop cancelled one."""
+        if entry.junk and event == "arrived":
+            if done is not None:
+                done()
+            return
         env = {
             "PEERPOST_ID": entry.id.hex(),
             "PEERPOST_FROM": _field(entry.sender),

@@ -133,6 +133,7 @@ def test_on_message_runs_the_command_with_fields_in_the_environment(
     assert done["PEERPOST_STATE"] == "complete" and done["PEERPOST_PATH"] == got["path"]
     arrived = next(r for r in rows if r["PEERPOST_EVENT"] == "arrived")
     assert arrived["PEERPOST_PATH"] == ""
+    assert arrived["PEERPOST_STATE"] == "offered"  # told before the download started
     assert not (net.root / "pwned").exists() and not (tmp_path / "pwned").exists()
 
 

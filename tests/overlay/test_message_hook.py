@@ -1,6 +1,8 @@
-"""`MessageHook` (what `node --on-message` runs), with a real command: `done` is called
-once the command ran to its end, not when the node's stop killed it (then the node runs
-it again at its next start)."""
+"""`MessageHook` (what `node --on-message` runs), with a real command: a junk sender's
+message runs nothing on arrival (it ran the command, and popped a desktop notification,
+for mail the inbox hides and never fetches), and `done` is called once the command ran to
+its end, not when the node's stop killed it (then the node runs it again at its next
+start)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,26 @@ def hook(tmp_path: Path, *extra: str) -> tuple[MessageHook, Path]:
 
 def ran(out: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+
+async def test_a_junk_senders_message_runs_nothing_on_arrival(tmp_path: Path) -> None:
+    h, out = hook(tmp_path)
+    done: list[int] = []
+    both = asyncio.Event()
+
+    def told(n: int) -> None:
+        done.append(n)
+        if len(done) == 2:
+            both.set()
+    h.fire(entry(1, junk=True), "arrived", lambda: told(1))
+    h.fire(entry(2, junk=False), "arrived", lambda: told(2))
+    async with asyncio.timeout(30):
+        await both.wait()
+    await h.aclose()
+    assert sorted(done) == [1, 2]  # the junk one: nothing to run, told at once
+    assert ran(out) == [{"PEERPOST_ID": (2).to_bytes(16, "big").hex(),
+                         "PEERPOST_STATE": "offered", "PEERPOST_EVENT": "arrived"}]
+    assert h.counters["ran"] == 1
 
 
 async def test_a_command_the_stop_kills_is_not_done(tmp_path: Path) -> None:
