@@ -1,9 +1,11 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# PYTHON and VENV on the command line pick another interpreter and its venv: .ci/run runs part of the tests
+# again on Debian's python3 with `make pytest PYTHON=/usr/bin/python3 VENV=.venv-system`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck bench fuzz clean bytecode
+.PHONY: demo test pytest lint typecheck bench fuzz clean bytecode
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +39,11 @@ test: $(VENV)/.installed-test bytecode
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
+# pytest alone, on PYTEST_ARGS (test paths and options; none runs the whole suite).
+PYTEST_ARGS ?=
+pytest: $(VENV)/.installed-test bytecode
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
@@ -50,4 +57,4 @@ fuzz: $(VENV)/.installed-test
 	$(BIN)/python -m tests.fuzz.driver --runs $(FUZZ_RUNS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache results
+	rm -rf $(VENV) .venv-system build *.egg-info .pytest_cache .ruff_cache .mypy_cache results
