@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
-# PYTHON and VENV on the command line pick another interpreter and its venv: .ci/run runs part of the tests
-# again on Debian's python3 with `make pytest PYTHON=/usr/bin/python3 VENV=.venv-system`.
+# PYTHON and VENV, given on the command line, pick another interpreter and its venv: .ci/run
+# runs tests again on Debian's python3 with `make pytest PYTHON=/usr/bin/python3
+# VENV=.venv-system`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
