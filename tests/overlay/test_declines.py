@@ -546,7 +546,7 @@ async def test_try_again_after_the_decline_went_fails_only_when_every_source_say
         assert e.error is not None and e.error.startswith(
             "no source has it: alice@example.net was told you would not download it (source "
             "changed) and may have stopped serving it; ask them to send it again (no source "
-            "reachable for 3 missing chunks (alice: 404 no content 0101")
+            "reachable for 3 missing chunks (alice: 404 no such content here")
         for mid in (offline, co_offline):
             e = states[mid]
             assert e is not None and e.state is S.RETRYING, e and e.error
