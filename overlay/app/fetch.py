@@ -216,7 +216,7 @@ class ContentFetch:
         dl = Downloader(partial, [sender], self.identity, window=self.window,
                         connect_timeout=self.connect_timeout, on_event=on_event,
                         rng=random.Random(self.rng.getrandbits(64)) if self.rng else None,
-                        alone=self.alone)
+                        alone=self.alone, sender=sender.label)
         if found is not None:
             dl.add_found(found)
         d = msg.description

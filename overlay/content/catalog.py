@@ -507,7 +507,7 @@ class ContentStore:
             self._full[partial.content_id] = LocalContent(
                 partial.content_id, partial.size, partial.chunk_size, partial.key,
                 partial.capability, final, leaves, mtime_ns, partial.scheme,
-                outgoing=self._outgoing)
+                outgoing=self._outgoing, received=True)
         self.have_path(partial.content_id).unlink(missing_ok=True)
 
     def add_archive_view(self, content_id: bytes, folder: Path,
@@ -529,8 +529,8 @@ class ContentStore:
             gaps_path.unlink(missing_ok=True)
             raise
         view = ArchiveView(content_id, held.size, held.chunk_size, held.key, held.capability,
-                           folder, held.leaves, 0, held.scheme,
-                           outgoing=self._outgoing, layout=layout, gaps_path=gaps_path)
+                           folder, held.leaves, 0, held.scheme, outgoing=self._outgoing,
+                           received=True, layout=layout, gaps_path=gaps_path)
         with self._lock:
             self._db.execute("UPDATE content SET path = ?, mtime_ns = 0 WHERE cid = ?",
                              (str(folder), content_id))
@@ -555,7 +555,7 @@ class ContentStore:
                 return self._full[content_id]
             row = self._db.execute(
                 "SELECT path, content_key, capability, size, chunk_size, leaves, mtime_ns,"
-                " scheme FROM content"
+                " scheme, dest_dir FROM content"
                 " WHERE cid = ? AND state = 'full'", (content_id,),
             ).fetchone()
             if row is None:
@@ -563,6 +563,7 @@ class ContentStore:
             args = (content_id, row[3], row[4], bytes(row[1]), bytes(row[2]), Path(row[0]),
                     _unpack_leaves(bytes(row[5]), chunk_count(row[3], row[4])),
                     int(row[6] or 0), LeafScheme(row[7]))
+            received = row[8] is not None  # a download's row names where it went
             map_path, gaps_path = view_paths(self.views, content_id)
             sent = self._is_sent_map(Path(row[0]))
             if sent:  # a folder being sent: its map is the row's file
@@ -576,10 +577,10 @@ class ContentStore:
             # A map naming another path is left from an unpack cut short before the row
             # moved to the folder: the row's file is still the archive.
             if saved is not None and (saved[1] == Path(row[0]) or sent):
-                content = ArchiveView(*args, outgoing=self._outgoing,
+                content = ArchiveView(*args, outgoing=self._outgoing, received=received,
                                       layout=saved[0], gaps_path=gaps_path)
             else:
-                content = LocalContent(*args, outgoing=self._outgoing)
+                content = LocalContent(*args, outgoing=self._outgoing, received=received)
             self._full[content_id] = content
             return content
 

@@ -58,6 +58,9 @@ class LocalContent:
     # grow with the number of files it serves.
     outgoing: SendBuffers = field(repr=False, compare=False, default_factory=SendBuffers)
     changed: _Changed = field(init=False, repr=False, compare=False, default_factory=_Changed)
+    # A download's file (a co-recipient's copy), not one this node sent: when it is gone,
+    # the content has not changed, this copy has (`holder.gone_text`).
+    received: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cipher", ChunkCipher(self.key, self.scheme))

@@ -275,6 +275,10 @@ class Downloader:
     else will pass them on, and cost it `probe_after` seconds whenever other recipients
     had asked for every chunk already. A download with sourcing on does not say so, even
     while the sender is its only source: co-recipients join it later, found in the DHT.
+
+    `sender`: the label of the sender's source. Only its 410 fails the download as the
+    source changed (or withdrawn); a co-recipient's says that its own copy is gone, and
+    the file may well be as sent. None: any source's 410 counts.
     """
 
     def __init__(
@@ -287,6 +291,7 @@ class Downloader:
         upgrade_after: float = UPGRADE_AFTER, upgrade_max: float = UPGRADE_MAX,
         upgrade_left: float = UPGRADE_LEFT, rng: random.Random | None = None,
         on_event: Callable[[FetchEvent], None] | None = None, alone: bool = False,
+        sender: str | None = None,
     ) -> None:
         labels = [s.label for s in sources]
         if len(set(labels)) != len(labels):
@@ -306,6 +311,7 @@ class Downloader:
         self.upgrade_backoff = Backoff(upgrade_after, max(upgrade_after, upgrade_max))
         self.upgrade_left = upgrade_left
         self.alone = alone
+        self.sender = sender
         self._on_event = on_event
         self._runs: dict[str, _SourceRun] = {s.label: _SourceRun(s, SourceStats(s.label))
                                              for s in sources}
@@ -469,12 +475,13 @@ class Downloader:
             self._accepting = False
         if not self.partial.is_complete:
             runs = [r.stats for r in self._runs.values()]
-            # Failed for good only when a source said its file changed and every other one
-            # was reached and could not finish it either (one that could not be reached
-            # may hold the rest later: that is a retry).
-            if any(r.source_changed for r in runs) and all(
-                    r.source_changed or r.outcome != "failed" for r in runs):
-                said = next(r.gone for r in runs if r.source_changed)
+            # Failed for good only when the sender said its file changed and every other
+            # one was reached and could not finish it either (one that could not be
+            # reached may hold the rest later: that is a retry).
+            changed = [r for r in runs if r.source_changed
+                       and (self.sender is None or r.label == self.sender)]
+            if changed and all(r.source_changed or r.outcome != "failed" for r in runs):
+                said = changed[0].gone
                 raise SourceChanged(WITHDRAWN_FAILURE if said.startswith("withdrawn") else
                                     SOURCE_CHANGED_FAILURE)
             failures = {r.label: r.reason or r.outcome for r in runs}

@@ -46,6 +46,11 @@ SOURCE_CHANGED_TEXT = ("source changed: the file was edited, moved or deleted af
 
 WITHDRAWN_TEXT = "withdrawn: the sender cancelled this message"
 
+# What a co-recipient says of its own copy gone: the content, and the sender's file, may
+# well be as sent.
+HOLDER_GONE_TEXT = ("this holder no longer has the file: its copy was edited, moved or "
+                    "deleted after it was received")
+
 
 def source_changed(content: ServedContent) -> bool:
     """Whether `content` is a file that is no longer what was sent (it never will be)."""
@@ -54,8 +59,11 @@ def source_changed(content: ServedContent) -> bool:
 
 def gone_text(content: ServedContent) -> str:
     """What a requester is told of a content `source_changed` holds true for."""
-    withdrawn = isinstance(content, LocalContent) and content.changed.withdrawn
-    return WITHDRAWN_TEXT if withdrawn else SOURCE_CHANGED_TEXT
+    if isinstance(content, LocalContent) and content.changed.withdrawn:
+        return WITHDRAWN_TEXT
+    if isinstance(content, LocalContent) and content.received:
+        return HOLDER_GONE_TEXT
+    return SOURCE_CHANGED_TEXT
 
 MAX_OPEN_CONTENTS = 64
 MAX_QUEUED_GETS = 64

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from overlay.app.lab import LocalNetwork, NodeHandle
+from overlay.transfer.holder import HOLDER_GONE_TEXT
 from tests.overlay.test_e2e_cli import MiB, make_file, same_bytes
 from tests.overlay.test_e2e_folders import tree
 
@@ -82,7 +83,8 @@ def test_a_received_file_deleted_from_disk_is_not_offered_after_a_restart(
         net: LocalNetwork, tmp_path: Path) -> None:
     """The user deleted r1's received file; r1 restarts. Before, it announced the content
     again at start (and would have every 22 h), and r2 asked it at every provider lookup,
-    each answered "410 source changed". Now it is not announced, and r2 asks r1 once (its
+    each answered "410 source changed", the sender's words. Now it is not announced, and
+    r2 asks r1 once, answered that this holder no longer has the file (its
     record from before the restart is still at the other DHT nodes)."""
     r1, r2, src, mid, cid = _slow_sender_and_two(net, tmp_path)
     got = net.inbox_entry(r1, mid)
@@ -96,7 +98,7 @@ def test_a_received_file_deleted_from_disk_is_not_offered_after_a_restart(
 
     net.start_node(r2)
     _fetched_without(net, r2, r1, src, mid)
-    assert _refusals(r1, "source changed") == 1, _log(r2)[-4000:]
+    assert _refusals(r1, f"content {cid}: {HOLDER_GONE_TEXT}") == 1, _log(r2)[-4000:]
 
 
 def test_a_received_file_deleted_while_the_node_runs_is_withdrawn_at_the_first_refusal(
@@ -116,7 +118,7 @@ def test_a_received_file_deleted_while_the_node_runs_is_withdrawn_at_the_first_r
     net.wait_until(lambda: f"withdrew {cid} from the DHT" in _log(r1), 30,
                    "r1's withdrawal at the refusal")
     _fetched_without(net, r2, r1, src, mid)
-    assert _refusals(r1, f"content {cid}") == 1, _log(r2)[-4000:]
+    assert _refusals(r1, f"content {cid}: {HOLDER_GONE_TEXT}") == 1, _log(r2)[-4000:]
 
     path.write_bytes(kept)
     os.utime(path, ns=(mtime, mtime))

@@ -268,6 +268,37 @@ async def test_a_hash_list_liar_is_banned(world: World, tmp_path: Path) -> None:
     assert not [e for e in events if isinstance(e, ChunkStored) and e.source == "liar"]
 
 
+class GoneCopy:
+    """A co-recipient whose received copy was deleted: it answers every OPEN with 410."""
+
+    def __init__(self, store: ContentStore) -> None:
+        self.store = store
+
+    def lookup(self, content_id: bytes) -> ServedContent | None:
+        real = self.store.local(content_id)
+        if real is None:
+            return None
+        copy = replace(real, received=True)
+        copy.changed.reason = "its copy was deleted"
+        return copy
+
+
+async def test_only_the_senders_410_fails_a_download_as_source_changed(
+        world: World, tmp_path: Path) -> None:
+    """The sender is banned (its hash list is wrong) and the one co-recipient's copy is
+    gone (410). The download is tried again later, the co-recipient's words in its reason;
+    before, it failed for good as "source changed: the sender's file was edited", which
+    its recipient would have told the sender."""
+    sender = await world(lambda s: LyingCatalog(s, bad_leaf=5))
+    co = await world(GoneCopy)
+    d = Downloader(partial_for(tmp_path, sender.content),
+                   [sender.source("sender"), co.source("co")], ME, sender="sender")
+    with pytest.raises(NoSourceReachable,
+                       match="co: 410 this holder no longer has the file: its copy was"):
+        await d.run()
+    assert {s.label: s.outcome for s in d.stats} == {"sender": "banned", "co": "failed"}
+
+
 async def test_bad_capability_is_refused_and_the_server_carries_on(
     world: World, tmp_path: Path
 ) -> None:

@@ -331,6 +331,42 @@ def test_open_with_good_and_bad_proofs(held: tuple[ContentStore, LocalContent]) 
     assert counters["cancelled"] == 1
 
 
+def test_a_co_recipient_whose_copy_is_gone_says_so_not_that_the_source_changed(
+    held: tuple[ContentStore, LocalContent], tmp_path: Path
+) -> None:
+    """A co-recipient's received copy deleted: its 410 says this holder no longer has the
+    file, also after a restart (read back from its store). The sender's file deleted: its
+    410 says the source changed. Before, both said the sender's "source changed"."""
+    store, content = held
+    cid = content.content_id
+
+    def refusal(catalog: ContentStore) -> Error:
+        c, s = connected()
+        logic = ServingSession(catalog, s.transcript or b"", Counter())
+        c.send(Open(cid, prove_capability(content.capability, cid, c.transcript or b"")))
+        [refused] = serve(c, s, logic)
+        assert isinstance(refused, Error) and refused.code == ErrorCode.SOURCE_CHANGED
+        return refused
+
+    co = ContentStore(tmp_path / "co")
+    part = co.open_partial(cid, content.size, CHUNK, content.key, content.capability,
+                           tmp_path / "co-in", "f", scheme=content.scheme)
+    part.set_leaves(content.leaves)
+    for i in range(len(content.leaves)):
+        part.write_chunk(i, content.read_sealed(i))
+    part.complete().unlink()
+    content.path.unlink()
+    gone = ("this holder no longer has the file: its copy was edited, moved or deleted "
+            "after it was received")
+    assert refusal(co).text == gone
+    co.close()
+    restarted = ContentStore(tmp_path / "co")
+    assert refusal(restarted).text == gone
+    restarted.close()
+    assert refusal(store).text.startswith("source changed: the file was edited, moved or "
+                                          "deleted after it was sent")
+
+
 def test_a_refused_open_and_the_gets_of_its_flight_log_one_line(
     held: tuple[ContentStore, LocalContent], caplog: pytest.LogCaptureFixture
 ) -> None:
