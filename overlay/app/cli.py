@@ -899,6 +899,9 @@ def cmd_inbox(home: NodeHome, args: argparse.Namespace) -> int:
     if hidden:
         console.print(f"{hidden} message{'s' if hidden != 1 else ''} from junk senders "
                       "hidden: `peerpost inbox --all` shows them")
+    if cut := _cut_text(state.get("inbox", {}), len(entries), hidden):
+        console.print(f"{cut}; `peerpost inbox --prune` removes old ones, `peerpost fetch "
+                      "ID` and `rm ID` find any", soft_wrap=True, highlight=False)
     if notes:
         console.print("files and notes (`peerpost fetch ID` takes the short id):")
         for line in notes:
@@ -928,6 +931,17 @@ def _shown_state(e: dict[str, Any]) -> str:
     another ends: fetched, paused, or offered to auto-download (a node from before
     `queued` never says so). `offered` alone waits for `peerpost fetch`."""
     return "queued" if e.get("queued") else str(e["state"])
+
+
+def _cut_text(s: dict[str, Any], shown: int, hidden: int = 0) -> str:
+    """"the 1,000 newest of 1,500 messages shown" when a listing (`inbox`, `status`) holds
+    the most the node lists (`s`: its `ping` part, `listed`) and there are more; else ""
+    (and from a node that does not say how many it lists)."""
+    most = s.get("listed")
+    total = int(s.get("messages", 0)) - hidden
+    if most is None or shown < int(most) or total <= shown:
+        return ""
+    return f"the {shown:,} newest of {total:,} messages shown"
 
 
 def _inbox_line(s: dict[str, Any]) -> str:
@@ -1143,6 +1157,10 @@ def _status_table(home: NodeHome, args: argparse.Namespace, want: str | None) ->
             t.add_row("", "", "", "", "[yellow]the file changed after sending: "
                       f"`peerpost resend {m['id'][:SHORT_ID]}` sends it as it is now[/]", "")
     console.print(t)
+    if not want and (cut := _cut_text(control_call(home.control_path, "ping").get("outbox", {}),
+                                      len(items))):
+        console.print(f"{cut}; `peerpost status ID` finds any", soft_wrap=True,
+                      highlight=False)
     return 0
 
 

@@ -29,6 +29,7 @@ from overlay.content.archive import ArchiveView
 from overlay.content.catalog import ContentStore
 from overlay.content.interfaces import ContentStoreError
 from overlay.mail.contacts import Contact, Contacts
+from overlay.mail.db import LIST_LIMIT
 from overlay.mail.downloads import DownloadQueue
 from overlay.mail.folders import (
     UnpackRecord,
@@ -152,13 +153,15 @@ class ControlOperations:
                 "mismatch": mismatch_state(self.rendezvous),
                 "counters": dict(self.incoming.counters),
                 "inbox": self.inbox_state(),
+                "outbox": {"messages": self.outbox.count(), "listed": LIST_LIMIT},
                 **({"reach": self.reach()} if self.reach is not None else {})}
 
     def inbox_state(self) -> dict[str, Any]:
         n, limit = self.inbox.count(), self.inbox.max_entries
         return {"messages": n, "max": limit, "full": n >= limit,
                 "junk": self.inbox.count(junk_only=True),
-                "refused": self.incoming.counters["refused-inbox-full"]}
+                "refused": self.incoming.counters["refused-inbox-full"],
+                "listed": LIST_LIMIT}  # the most `inbox` lists: the newest
 
     async def send(self, a: Fields) -> Any:
         """Send now or not at all: the recipients' device keys come from the server
@@ -316,18 +319,17 @@ class ControlOperations:
 
     def find(self, prefix: str) -> InboxEntry:
         """The one inbox entry whose id starts with `prefix` (hex), or ControlError."""
-        matches = [e for e in self.inbox.list(include_junk=True) if e.id.hex().startswith(
-            prefix.lower())]
-        if not matches:
+        matches, found = self.inbox.with_id_prefix(prefix, limit=1)
+        if not found:
             # `send` printed it, so it is the id at hand: `fetch` it on the sending node. At
             # most 12 of its digits (still a prefix of the one sent) keep it to 80 columns.
-            if any(m.id.hex().startswith(prefix.lower()) for m in self.outbox.list()):
+            if self.outbox.with_id_prefix(prefix, limit=1)[1]:
                 raise ControlError(f"{prefix[:12]} is a message you sent (`peerpost status` "
                                    "shows who has it)")
             raise ControlError(f"no message {shown_id(prefix)} in the inbox (`peerpost inbox` "
                                "lists them)")
-        if len(matches) > 1:
-            raise ControlError(f"{shown_id(prefix)} matches {len(matches)} messages; give more "
+        if found > 1:
+            raise ControlError(f"{shown_id(prefix)} matches {found} messages; give more "
                                "digits")
         return matches[0]
 
@@ -393,9 +395,8 @@ class ControlOperations:
     async def status(self, a: Fields) -> Any:
         want = a.str("id", max_len=32, optional=True)
         out = []
-        for m in self.outbox.list():
-            if want and not m.id.hex().startswith(want.lower()):
-                continue
+        sent = self.outbox.with_id_prefix(want, limit=LIST_LIMIT)[0] if want else self.outbox.list()
+        for m in sent:
             shown = await self._forwarding(m)
             served = self.transfer.chunks_served(m.content_id)
             try:
@@ -453,11 +454,11 @@ class ControlOperations:
 
     def find_sent(self, prefix: str) -> OutboxEntry:
         """The one sent message whose id starts with `prefix` (hex), or ControlError."""
-        matches = [m for m in self.outbox.list() if m.id.hex().startswith(prefix.lower())]
-        if not matches:
+        matches, found = self.outbox.with_id_prefix(prefix, limit=1)
+        if not found:
             raise ControlError(f"no sent message {shown_id(prefix)} (see `peerpost status`)")
-        if len(matches) > 1:
-            raise ControlError(f"{shown_id(prefix)} matches {len(matches)} messages; give more "
+        if found > 1:
+            raise ControlError(f"{shown_id(prefix)} matches {found} messages; give more "
                                "digits")
         return matches[0]
 
@@ -504,11 +505,10 @@ class ControlOperations:
         """At start: contents of messages the sender cancelled are not served again."""
         if self.store is None:
             return
-        for m in self.outbox.list():
-            if any(not pending for pending in self._pending(m).values()):
-                content = self.store.local(m.content_id)
-                if content is not None:
-                    content.withdraw()
+        for content_id in self.outbox.withdrawn_contents():
+            content = self.store.local(content_id)
+            if content is not None:
+                content.withdraw()
 
     async def resend(self, a: Fields) -> Any:
         """Send the file of a sent message again, as it is now, to the same recipients:
@@ -597,9 +597,8 @@ class ControlOperations:
                                        "takes it off that one)")
                 raise ControlError(f"{pattern} is not in the {which} list")
             # What came while the sender was junk is theirs again: listed, downloadable.
-            for e in self.inbox.list(include_junk=True):
-                if e.junk and self.prefs.classify(e.sender) != "junk":
-                    self.inbox.set_flags(e.id, junk=False)
+            self.inbox.clear_junk([s for s in self.inbox.junk_senders()
+                                   if self.prefs.classify(s) != "junk"])
             self.downloads.wake()
         elif which == "priority":
             self.prefs.add_priority(pattern)

@@ -28,6 +28,10 @@ from crypto.location import MESSAGE_ID_LEN
 
 DB_FILE_NAME = "node.db"
 MAX_STORED_MESSAGE = 64 * 1024  # a location message fits a 64 KiB envelope
+# The most entries `inbox` and `status` list (the newest): `fetch`, `rm`, `cancel` and
+# `status ID` look an id up in all of them (`with_id_prefix`).
+LIST_LIMIT = 1000
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 class RecordsError(Exception):
@@ -455,3 +459,38 @@ def is_new_message(conn: sqlite3.Connection, table: str, id: bytes, limit: int) 
     if count_rows(conn, table) >= limit:
         raise RecordLimitError(f"{table} is full ({limit} messages); remove old ones first")
     return True
+
+
+def id_prefix_range(prefix: str) -> tuple[bytes, bytes | None] | None:
+    """The message ids whose hex starts with `prefix`, as a range of the BLOB key:
+    `lo <= id`, and `id < hi` unless `hi` is None (the prefix is all f). None when
+    `prefix` is no id's start: not hex, or longer than an id. An odd-length prefix
+    covers the 16 values of its last half byte ("abc": ab c0 up to ab d0)."""
+    digits = prefix.lower()
+    if len(digits) > 2 * MESSAGE_ID_LEN or not _HEX_DIGITS.issuperset(digits):
+        return None
+    odd = len(digits) % 2
+    lo = bytes.fromhex(digits + "0" * odd)
+    top = bytes.fromhex(digits + "f" * odd).rstrip(b"\xff")
+    # The first byte string past every one starting with the prefix.
+    return lo, (top[:-1] + bytes([top[-1] + 1])) if top else None
+
+
+def with_id_prefix(db: NodeDB, table: str, prefix: str, *, order: str, limit: int
+                   ) -> tuple[list[sqlite3.Row], int]:
+    """The first `limit` rows of `table` (our own name) by `order` whose id starts with
+    the hex digits `prefix`, and how many rows do. A range on the primary key: SQLite
+    searches its index (a row past the newest 1,000 is found as fast as a new one)
+    rather than reading every row."""
+    bounds = id_prefix_range(prefix)
+    if bounds is None:
+        return [], 0
+    lo, hi = bounds
+    where = "id >= ?" if hi is None else "id >= ? AND id < ?"
+    params: tuple[bytes, ...] = (lo,) if hi is None else (lo, hi)
+    rows = db.query(f"SELECT * FROM {table} WHERE {where} ORDER BY {order} LIMIT ?",
+                    (*params, limit))
+    if len(rows) < limit:
+        return rows, len(rows)
+    found = db.query_one(f"SELECT count(*) FROM {table} WHERE {where}", params)
+    return rows, int(found[0]) if found is not None else len(rows)

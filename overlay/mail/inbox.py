@@ -16,9 +16,17 @@ import builtins
 import contextlib
 import dataclasses
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from overlay.mail.db import NodeDB, check_message_row, count_rows, is_new_message
+from overlay.mail.db import (
+    LIST_LIMIT,
+    NodeDB,
+    check_message_row,
+    count_rows,
+    is_new_message,
+    with_id_prefix,
+)
 from overlay.mail.inbox_state import (
     ACTIVE_STATES,
     IllegalTransition,
@@ -178,13 +186,35 @@ class Inbox:
         row = self._db.query_one("SELECT * FROM inbox WHERE id = ?", (id,))
         return _entry(row) if row is not None else None
 
-    def list(self, *, include_junk: bool = False, limit: int = 1000) -> builtins.list[InboxEntry]:
-        """Entries newest first; junk only with `include_junk`."""
+    def list(self, *, include_junk: bool = False,
+             limit: int = LIST_LIMIT) -> builtins.list[InboxEntry]:
+        """The newest `limit` entries, newest first; junk only with `include_junk`. To
+        find a message use `with_id_prefix`, which looks among them all."""
         where = "" if include_junk else "WHERE junk = 0"
         rows = self._db.query(
             f"SELECT * FROM inbox {where} ORDER BY received_at DESC, id LIMIT ?", (limit,)
         )
         return [_entry(r) for r in rows]
+
+    def with_id_prefix(self, prefix: str, *, limit: int = 2
+                       ) -> tuple[builtins.list[InboxEntry], int]:
+        """Of every entry (junk too) whose id's hex starts with `prefix`, the newest
+        `limit`, newest first, and how many there are."""
+        rows, found = with_id_prefix(self._db, "inbox", prefix,
+                                     order="received_at DESC, id", limit=limit)
+        return [_entry(r) for r in rows], found
+
+    def junk_senders(self) -> builtins.list[str]:
+        """Senders with a message marked junk."""
+        rows = self._db.query("SELECT DISTINCT sender FROM inbox WHERE junk = 1 ORDER BY sender")
+        return [str(r["sender"]) for r in rows]
+
+    def clear_junk(self, senders: Iterable[str]) -> None:
+        """Every message of `senders` is no longer junk (the user took them off the junk
+        list): listed, and downloadable."""
+        with self._db.transaction() as conn:
+            conn.executemany("UPDATE inbox SET junk = 0 WHERE sender = ? AND junk = 1",
+                             [(s,) for s in senders])
 
     def transition(
         self,

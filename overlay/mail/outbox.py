@@ -40,7 +40,13 @@ from enum import Enum
 
 from crypto.address import normalize_address
 from crypto.location import MAX_RECIPIENTS
-from overlay.mail.db import NodeDB, check_message_row, is_new_message
+from overlay.mail.db import (
+    LIST_LIMIT,
+    NodeDB,
+    check_message_row,
+    is_new_message,
+    with_id_prefix,
+)
 
 MAX_REASON_TEXT = 500
 DEFAULT_MAX_ENTRIES = 10_000
@@ -393,12 +399,35 @@ class Outbox:
                                  "ORDER BY created_at DESC, id LIMIT 1", (content_id,))
         return None if row is None else self._entries([row])[0]
 
-    def list(self, *, limit: int = 1000) -> builtins.list[OutboxEntry]:
-        """Entries newest first."""
+    def list(self, *, limit: int = LIST_LIMIT) -> builtins.list[OutboxEntry]:
+        """The newest `limit` entries, newest first. To find a message use
+        `with_id_prefix`, which looks among them all."""
         rows = self._db.query(
             "SELECT * FROM outbox ORDER BY created_at DESC, id LIMIT ?", (limit,)
         )
         return self._entries(rows)
+
+    def with_id_prefix(self, prefix: str, *, limit: int = 2
+                       ) -> tuple[builtins.list[OutboxEntry], int]:
+        """Of every entry whose id's hex starts with `prefix`, the newest `limit`, newest
+        first, and how many there are."""
+        rows, found = with_id_prefix(self._db, "outbox", prefix,
+                                     order="created_at DESC, id", limit=limit)
+        return self._entries(rows), found
+
+    def count(self) -> int:
+        """Messages in the outbox."""
+        row = self._db.query_one("SELECT count(*) FROM outbox")
+        return int(row[0]) if row is not None else 0
+
+    def withdrawn_contents(self) -> set[bytes]:
+        """The contents of every message the sender cancelled (`cancel`: a recipient
+        failed with WITHDRAWN_REASON), which the node must not serve again."""
+        rows = self._db.query(
+            "SELECT DISTINCT o.content_id FROM outbox o JOIN outbox_recipient r"
+            " ON r.message_id = o.id WHERE r.state = ? AND r.reason = ?",
+            (RecipientStatus.FAILED.value, WITHDRAWN_REASON))
+        return {bytes(r["content_id"]) for r in rows}
 
     def set_recipient_state(
         self,

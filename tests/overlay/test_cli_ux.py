@@ -605,7 +605,8 @@ def test_status_keeps_each_state_word_whole(monkeypatch: pytest.MonkeyPatch,
               "source_changed": "the file changed"}]
     out = io.StringIO()
     monkeypatch.setattr(cli, "console", Console(file=out, width=width, color_system=None))
-    monkeypatch.setattr(cli, "control_call", lambda *_, **__: items)
+    monkeypatch.setattr(cli, "control_call",
+                        lambda _, op, **__: items if op == "status" else {})  # and ping
     assert cli.cmd_status(NodeHome("/nonexistent"), build_parser().parse_args(["status"])) == 0
     table = out.getvalue()
     rows = [line.split("│") for line in table.splitlines() if line.startswith("│")]

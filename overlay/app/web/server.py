@@ -348,10 +348,16 @@ class WebInbox:
 
     # --- data --------------------------------------------------------------------------
     async def _inbox(self) -> list[dict[str, Any]]:
-        """Every entry, junk senders' too (a message page of one still updates; the list
-        leaves them out), each with its state in words and who its sources are."""
+        """The newest 1,000 entries (`LIST_LIMIT`), junk senders' too (a message page of
+        one still updates; the list leaves them out), each with its state in words and who
+        its sources are."""
         entries: list[dict[str, Any]] = await self.ops.inbox_list(
             Fields({"include_junk": True}, "web"))
+        return self._shown(entries)
+
+    def _shown(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`entries` (`inbox --json`'s) each with its state in words, whether it has a
+        thumbnail, and who its sources are."""
         names = {f.replace(" ", ""): c.address for c in self.ops.contacts.list()
                  for f in c.fingerprints}
         for e in entries:
@@ -438,9 +444,8 @@ class WebInbox:
             return notice_page("This message is not in your inbox",
                                'It was removed, or the link is wrong. '
                                '<a href="/">Back to the inbox</a>', 404)
-        e = next((x for x in await self._inbox() if x["id"] == entry.id.hex()), None)
-        if e is None:  # removed between the two reads
-            raise web.HTTPSeeOther("/")
+        # This entry alone: of an inbox past the 1,000 newest the list has not all.
+        (e,) = self._shown([self.ops.entry_json(entry)])
         mid, state = _e(e["id"]), e["state"]
         kind = media_kind(e["media_type"], e["file_name"])
         try:
@@ -643,10 +648,17 @@ class WebInbox:
             await resp.prepare(request)
             last, last_down = "", None
             cookie = request.cookies.get(self.auth.cookie)
+            # A message page's own message (`?id=`), sent also when it is older than the
+            # newest 1,000 the list holds: else the page took it for removed.
+            mid = request.query.get("id", "")[:32]
             while not self._closing.is_set():
                 if self.auth.session(cookie) is None:
                     break  # signed out meanwhile: the browser's retry meets the 401
-                data = json.dumps(await self._inbox())
+                entries = await self._inbox()
+                if mid and not any(e["id"] == mid for e in entries):
+                    with contextlib.suppress(ControlError):
+                        entries += self._shown([self.ops.entry_json(self.ops.find(mid))])
+                data = json.dumps(entries)
                 if data != last:
                     last = data
                     await resp.write(f"event: inbox\ndata: {data}\n\n".encode())

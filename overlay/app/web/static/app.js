@@ -179,7 +179,11 @@ function banner(text) {
 function listen() {
   const page = document.body.dataset.page;
   if (page !== "inbox" && page !== "message") return;
-  const events = new EventSource("/events");
+  // A message page asks for its message by id: it may be older than the newest the
+  // inbox lists.
+  const st = document.getElementById("msg-state");
+  const events = new EventSource(st ? `/events?id=${encodeURIComponent(st.dataset.id)}`
+    : "/events");
   events.addEventListener("open", () => banner(""));
   events.addEventListener("inbox", (ev) => {
     const entries = JSON.parse(ev.data);
