@@ -520,14 +520,20 @@ class Delivery:
 
     def tell_due(self) -> None:
         """Tell (`on_arrived`) each message settled whose arrival was not told to the end:
-        the node stopped before its command ran or finished. Call once, at start."""
+        the node stopped before its command ran or finished. Call once, at start. One
+        filed and not held, whose settling the stop cut short, is settled now; a held one
+        is settled by the lookup `lookups()` runs at start, or its envelope's next push."""
         try:
             due = self.incoming.inbox.arrivals_due()
+            pending = self.incoming.inbox.pending_arrivals()
         except (sqlite3.Error, OSError) as exc:
             log.warning("arrivals not told at the last stop not read: %s", exc)
             return
         for entry in due:
             self._tell(entry)
+        for entry in pending:
+            if entry.state is not InboxState.UNVERIFIED:
+                self._settled(entry.id)
 
     def _handle(self, pushed: Pushed, handle: Callable[[Pushed], tuple[Outcome, object]]
                 ) -> Outcome | None:
@@ -646,7 +652,20 @@ class Delivery:
         is held is not stored). Runs until cancelled."""
         held = await asyncio.to_thread(self.incoming.inbox.unverified_senders)
         self._lookup_failed.update(held)
-        await self._again(self._lookup_failed, self._lookup_wake, self._lookup)
+        await self._again(self._lookup_failed, self._lookup_wake, self._look_again)
+
+    async def _look_again(self, sender: str) -> None:
+        """`_lookup`, then the sender's messages whose arrival waited for a lookup are
+        settled: also one whose envelope the server no longer pushes (expired there while
+        the node was stopped), which would wait for ever otherwise."""
+        await self._lookup(sender)
+        try:
+            pending = self.incoming.inbox.pending_arrivals(sender)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("arrivals from %s not read: %s", sender, exc)
+            return
+        for entry in pending:
+            self._settled(entry.id)
 
     async def retention(self) -> None:
         """Apply the retention preference to every message all recipients now hold (or

@@ -176,6 +176,14 @@ class Inbox:
                               " ORDER BY received_at, id LIMIT ?", (limit,))
         return [_entry(r) for r in rows]
 
+    def pending_arrivals(self, sender: str | None = None,
+                         limit: int = 1000) -> builtins.list[InboxEntry]:
+        """Messages (of `sender`, or all) whose arrival is still pending, oldest first."""
+        rows = self._db.query("SELECT * FROM inbox WHERE arrival = 'pending' AND"
+                              " (? IS NULL OR sender = ?) ORDER BY received_at, id LIMIT ?",
+                              (sender, sender, limit))
+        return [_entry(r) for r in rows]
+
     def arrival_told(self, id: bytes) -> None:
         """The message's arrival was told (its command ran): never told again."""
         with self._db.transaction() as conn:

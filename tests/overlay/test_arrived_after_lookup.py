@@ -22,10 +22,11 @@ from overlay.content.catalog import ContentStore
 from overlay.mail.db import NodeDB
 from overlay.mail.inbox import InboxEntry
 from overlay.mail.inbox_state import InboxState
+from overlay.mail.incoming import Pushed
 from rendezvous.records import DeviceInfo, FingerResult
 
 from .test_incoming_trust import ALICE1
-from .test_stale_keys import BobNode, bob_sent_to_alice, message_from
+from .test_stale_keys import BobNode, bob_sent_to_alice, message_from, state_of
 from .test_stale_keys_aside import CAROL, CAROL1, HangingLookups, ids, push
 
 
@@ -119,3 +120,27 @@ async def test_info_counts_a_first_contacts_message_once_in_the_state_it_settled
     assert dict(bob.incoming.counters) == (
         {"received": 1, "unverified": 1, "key-check-failed": 1} if fails
         else {"received": 1})
+
+
+async def test_an_arrival_whose_envelope_is_not_pushed_again_is_told_at_the_next_start(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """Filed, then the node stopped before it was settled, and the server will not push
+    the envelope again (it expired there): told all the same, once, as it settles."""
+    bob = await bob_sent_to_alice(db, store, tmp_path, ALICE1)
+    for envelope in (message_from(CAROL1, 9, CAROL), message_from(ALICE1, 1)):
+        bob.incoming.handle(Pushed(envelope.message_id, envelope.sender, envelope.blob))
+    assert state_of(bob, 9) is InboxState.UNVERIFIED
+    calls, called = told(bob)
+    hang = HangingLookups(bob, {CAROL}, answers=carols)
+    hang.answer.set()
+
+    bob.delivery.tell_due()  # the next start: alice's is settled already
+    assert calls == [(ids(1)[0], InboxState.OFFERED)]
+    called.clear()
+    looking = asyncio.create_task(bob.delivery.lookups())
+    try:
+        async with asyncio.timeout(10):
+            await called.wait()
+    finally:
+        looking.cancel()
+    assert calls == [(ids(1)[0], InboxState.OFFERED), (ids(9)[0], InboxState.OFFERED)]
