@@ -484,7 +484,11 @@ class Downloader:
                 said = changed[0].gone
                 raise SourceChanged(WITHDRAWN_FAILURE if said.startswith("withdrawn") else
                                     SOURCE_CHANGED_FAILURE)
-            failures = {r.label: r.reason or r.outcome for r in runs}
+            # The sources that said why they don't serve it first: the inbox keeps the
+            # first 500 characters of this, and the reason of a sender that could not be
+            # reached (each rung of the ladder, one after the other) took them all.
+            said_why = sorted(runs, key=lambda r: not (r.no_content or r.source_changed))
+            failures = {r.label: r.reason or r.outcome for r in said_why}
             raise NoSourceReachable(failures, self.scheduler.remaining)
         return await asyncio.to_thread(self.partial.complete)
 

@@ -299,6 +299,23 @@ async def test_only_the_senders_410_fails_a_download_as_source_changed(
     assert {s.label: s.outcome for s in d.stats} == {"sender": "banned", "co": "failed"}
 
 
+async def test_a_refusal_comes_first_in_the_reason_a_download_is_retried(
+        world: World, tmp_path: Path) -> None:
+    """The sender can't be reached and the one co-recipient's copy is gone. The reason
+    names the co-recipient's refusal before the sender's failure: the inbox keeps 500
+    characters of it, and a real node's unreachable sender (every rung of the ladder)
+    filled them, so `inbox --json` never showed the refusal."""
+    dead = await world()
+    await dead.server.aclose()
+    co = await world(GoneCopy)
+    d = Downloader(partial_for(tmp_path, co.content),
+                   [dead.source("sender"), co.source("co")], ME, sender="sender")
+    with pytest.raises(NoSourceReachable) as caught:
+        await d.run()
+    assert re.search(r"\(co: 410 this holder no longer has the file: .*; sender: .*cannot "
+                     r"connect", str(caught.value)), str(caught.value)
+
+
 async def test_bad_capability_is_refused_and_the_server_carries_on(
     world: World, tmp_path: Path
 ) -> None:
