@@ -8,6 +8,7 @@ test then does goes through the CLI of the running node."""
 
 from __future__ import annotations
 
+import html
 import http.client
 import json
 from pathlib import Path
@@ -103,6 +104,9 @@ def test_the_oldest_of_a_thousand_and_one_is_fetched_and_removed_by_its_prefix(
     base, headers = login(net, bob)
     status, _, page = request(base, "GET", f"/message/{mid}", {"Cookie": headers["Cookie"]})
     assert status == 200 and b'<span id="msg-state"' in page and b"old.bin" in page
+    _, _, page = request(base, "GET", "/", {"Cookie": headers["Cookie"]})
+    assert (f"The 1,000 newest of {NEWER + 4:,} messages are shown. The older ones are kept: "
+            "`peerpost fetch ID` and `peerpost rm ID` find them.") in html.unescape(page.decode())
     assert [e["state"] for e in _first_event(base, headers["Cookie"], mid)
             if e["id"] == mid] == ["offered"]
 

@@ -39,6 +39,7 @@ from overlay.app.web.auth import (
 from overlay.app.web.media import Wanter, file_response, serve_partial
 from overlay.content.catalog import ContentStore
 from overlay.content.partial import PartialContent
+from overlay.mail.db import LIST_LIMIT
 from overlay.mail.downloads import TOLD_NO_SOURCE
 from overlay.mail.prefs import RETENTIONS, size_text
 from overlay.transfer.downloader import WITHDRAWN_FAILURE, changed_source
@@ -434,8 +435,19 @@ class WebInbox:
                 f'<tbody id="inbox-rows">{"".join(rows)}</tbody></table>'
                 f'<p id="inbox-empty"{" hidden" if rows else ""}>No messages yet. New ones '
                 'show up here by themselves.</p>'
-                f'<p id="inbox-junk" class="hint">{_e(junk_text(entries))}</p>')
+                f'<p id="inbox-junk" class="hint">{_e(junk_text(entries))}</p>'
+                f'<p id="inbox-cut" class="hint">{_e(self._cut_text(entries, len(rows)))}</p>')
         return self._page(request, "inbox", "Inbox", body)
+
+    def _cut_text(self, entries: list[dict[str, Any]], rows: int) -> str:
+        """The line that says the list holds only the newest (`entries`, of which `rows`
+        are listed: not junk), when the inbox has more; else ""."""
+        held = self.ops.inbox_state()
+        if len(entries) < LIST_LIMIT or held["messages"] <= len(entries):
+            return ""
+        return (f"The {rows:,} newest of {held['messages'] - held['junk']:,} messages are "
+                "shown. The older ones are kept: `peerpost fetch ID` and `peerpost rm ID` "
+                "find them.")
 
     async def message_page(self, request: web.Request) -> web.StreamResponse:
         try:
