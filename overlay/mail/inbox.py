@@ -169,19 +169,20 @@ class Inbox:
                                  " arrival = 'pending'", (id,)).rowcount
             return self._locked_get(conn, id) if moved else None
 
-    def arrivals_due(self, limit: int = 1000) -> builtins.list[InboxEntry]:
+    def arrivals_due(self) -> builtins.list[InboxEntry]:
         """Messages settled whose arrival was not told to the end (the node stopped while
-        its command ran, or before it started), oldest first."""
+        its command ran, or before it started), oldest first. All of them, never the first
+        N: one left out would not be told until a later start (at most max_entries)."""
         rows = self._db.query("SELECT * FROM inbox WHERE arrival = 'due'"
-                              " ORDER BY received_at, id LIMIT ?", (limit,))
+                              " ORDER BY received_at, id")
         return [_entry(r) for r in rows]
 
-    def pending_arrivals(self, sender: str | None = None,
-                         limit: int = 1000) -> builtins.list[InboxEntry]:
-        """Messages (of `sender`, or all) whose arrival is still pending, oldest first."""
+    def pending_arrivals(self, sender: str | None = None) -> builtins.list[InboxEntry]:
+        """Messages (of `sender`, or all) whose arrival is still pending, oldest first;
+        all of them, as `arrivals_due`."""
         rows = self._db.query("SELECT * FROM inbox WHERE arrival = 'pending' AND"
-                              " (? IS NULL OR sender = ?) ORDER BY received_at, id LIMIT ?",
-                              (sender, sender, limit))
+                              " (? IS NULL OR sender = ?) ORDER BY received_at, id",
+                              (sender, sender))
         return [_entry(r) for r in rows]
 
     def arrival_told(self, id: bytes) -> None:

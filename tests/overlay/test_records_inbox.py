@@ -319,3 +319,16 @@ def test_messages_filed_before_the_arrival_column_are_not_told_again(tmp_path: P
         inbox = Inbox(db)
         assert inbox.arrivals_due() == [] and inbox.settle_arrival(b"m" * 16) is None
         assert present(inbox.get(b"m" * 16)).state is InboxState.OFFERED
+
+
+def test_every_arrival_due_is_read_however_many(db: NodeDB) -> None:
+    """A start tells every message due: one past the first 1,000 read was left for a later
+    start."""
+    inbox = Inbox(db)
+    with inbox.transaction():  # one commit
+        mids = [offer(inbox, n) for n in range(1, 1202)]
+    assert len(inbox.pending_arrivals()) == 1201
+    with inbox.transaction():
+        for mid in mids:
+            inbox.settle_arrival(mid)
+    assert [e.id for e in inbox.arrivals_due()] == mids
