@@ -133,16 +133,18 @@ class ProviderDirectory:
                         content_id.hex()[:16], exc)
             return True
 
-    def unserved(self, content_id: bytes) -> None:
+    def unserved(self, content_id: bytes) -> asyncio.Task[None] | None:
         """Serving just refused `content_id` as gone (no such content here, or its file
         changed): if we announced it and it is indeed no longer held, withdraw it now,
         not at the next 22 h republish. A file found changed stays so until the node
         restarts (`LocalContent.source_changed`); a restart, or a new announce (the file
-        sent again), offers it again once it is served."""
+        sent again), offers it again once it is served. Returns the task that checks,
+        None when there is nothing to check."""
         if content_id not in self._announced or self._tasks.closed:
-            return  # not ours to withdraw (anyone may ask for any id), or done already
-        self._tasks.spawn(self._withdraw_unserved(content_id), key=("unserved", content_id),
-                          name=f"unserved-{content_id.hex()[:8]}")
+            return None  # not ours to withdraw (anyone may ask for any id), or done already
+        return self._tasks.spawn(self._withdraw_unserved(content_id),
+                                 key=("unserved", content_id),
+                                 name=f"unserved-{content_id.hex()[:8]}")
 
     async def _withdraw_unserved(self, content_id: bytes) -> None:
         if not await self._still_held(content_id):

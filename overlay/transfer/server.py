@@ -201,7 +201,7 @@ class TransferServer:
             _seal, _sealed, workers=SEALERS, name="sealer")
         # Told the id of each content a requester is refused as not here (404) or no
         # longer served (410): the node stops offering it in the DHT. None: nobody.
-        self.unserved: Callable[[bytes], None] | None = None
+        self.unserved: Callable[[bytes], object] | None = None
 
     def chunks_served(self, content_id: bytes) -> int:
         """How many chunks of this content went out (since start)."""
