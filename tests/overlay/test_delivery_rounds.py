@@ -98,7 +98,8 @@ async def test_a_sender_whose_keys_were_not_rechecked_is_looked_up_again(
     recheck = _FailsOnce(sqlite3.OperationalError("database is locked"), [b"m" * 16])
     incoming = SimpleNamespace(
         recheck_keys=recheck, key_checks=[],
-        inbox=SimpleNamespace(unverified_senders=lambda: ["alice@example.net"]))
+        inbox=SimpleNamespace(unverified_senders=lambda: ["alice@example.net"],
+                              pending_arrivals=lambda sender=None: []))
     woken = asyncio.Event()
     delivery = _delivery(tmp_path, incoming, SimpleNamespace(wake=woken.set), finger=finger)
     await _until(woken, asyncio.create_task(delivery.lookups()), "look-up")
@@ -185,7 +186,8 @@ async def test_a_sender_with_more_devices_than_a_contact_pins_is_not_looked_up_a
         RecordLimitError("alice@example.net would have more than 16 pinned devices"), [])
     incoming = SimpleNamespace(
         recheck_keys=recheck, key_checks=[],
-        inbox=SimpleNamespace(unverified_senders=lambda: ["alice@example.net"]))
+        inbox=SimpleNamespace(unverified_senders=lambda: ["alice@example.net"],
+                              pending_arrivals=lambda sender=None: []))
     delivery = _delivery(tmp_path, incoming, None, finger=finger)
     looking = asyncio.create_task(delivery.lookups())
     try:

@@ -84,7 +84,8 @@ async def test_hostile_mail_then_an_honest_message(net: LocalNetwork, tmp_path: 
     counters = net.wait_until(settled, 60, "bob to file, drop and refuse mallory's mail")
     assert counters["refused-inbox-full"] == 2 and counters["dropped-location"] == 3
     info = net.cli_json(bob, "info")
-    assert info["inbox"] == {"messages": 4, "max": 4, "full": True, "junk": 0, "refused": 2}
+    assert info["inbox"] == {"messages": 4, "max": 4, "full": True, "junk": 0, "refused": 2,
+                             "listed": 1000}
     entries = net.cli_json(bob, "inbox", "--all")
     # Larger than auto-download-max, so none started (held ones wait as `unverified`).
     assert {e["state"] for e in entries} <= {"offered", "unverified"}
