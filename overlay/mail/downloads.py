@@ -278,9 +278,13 @@ class DownloadQueue:
         try:
             while True:
                 self._wake.clear()
-                self._start_due()
-                timeout = None
+                # One `now` for both: a hold that came due while `_start_due` read what to
+                # start (passed over as not due yet) was then left out of `due` as past, and
+                # with no retrying message the loop waited for a wake that never came: the
+                # download never resumed.
                 now = self.wall()
+                self._start_due(now)
+                timeout = None
                 due = [t for t in (self.inbox.next_wakeup(),
                                    *(h.until for h in self._holds.values() if h.until > now))
                        if t is not None]
@@ -294,8 +298,7 @@ class DownloadQueue:
                 t.cancel()
             await self._tasks.wait()
 
-    def _start_due(self) -> None:
-        now = self.wall()
+    def _start_due(self, now: float) -> None:
         order = self.inbox.fetch_order(now, include_offered=self.prefs.auto_download,
                                        offered_max_size=self.prefs.auto_download_max)
         for entry in order:

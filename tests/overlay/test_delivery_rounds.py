@@ -21,7 +21,7 @@ import pytest
 from crypto.location import LocationMessage
 from overlay.mail.db import NodeDB, RecordLimitError
 from overlay.mail.delivery import Delivery, Receipts
-from overlay.mail.downloads import Activity, DownloadQueue
+from overlay.mail.downloads import Activity, DownloadQueue, RetryLater
 from overlay.mail.inbox import Inbox, InboxEntry
 from overlay.mail.inbox_state import InboxState
 from overlay.mail.prefs import Prefs
@@ -169,6 +169,53 @@ async def test_a_download_node_db_will_not_start_waits_its_backoff(
     assert 2 <= len(starts) <= 8, f"{len(starts)} starts in 0.6 s"
     assert "not started (node.db did not take it: database or disk is full)" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+async def test_a_hold_that_comes_due_while_the_queue_looks_is_not_forgotten(
+        db: NodeDB) -> None:
+    """node.db refuses a download's move to retrying (its disk full): the queue holds the
+    message off for its backoff. If that hold came due while the queue was reading what to
+    start (passed over as not due yet), the loop then waited for a wake with no timeout,
+    and the download never resumed (seen in the disk-full e2e test under load)."""
+    held: list[DownloadQueue] = []
+
+    class Slow(Inbox):
+        refused = False
+
+        def transition(self, id: bytes, new_state: InboxState, **kw: Any) -> InboxEntry:
+            if new_state is InboxState.RETRYING and not self.refused:
+                self.refused = True
+                raise disk_full()
+            return super().transition(id, new_state, **kw)
+
+        def fetch_order(self, now: float, **kw: Any) -> list[InboxEntry]:
+            out = super().fetch_order(now, **kw)
+            hold = held[0]._holds.get(mid) if held else None
+            if hold is not None and hold.until > time.time():
+                time.sleep(hold.until - time.time() + 0.01)  # a slow read under load
+            return out
+
+    inbox = Slow(db)
+    mid = offer(inbox)
+    done = asyncio.Event()
+    attempts = []
+
+    async def fetch(entry: InboxEntry, msg: LocationMessage, act: Activity,
+                    progress: Any) -> str:
+        attempts.append(entry.id)
+        if len(attempts) == 1:
+            raise RetryLater("the disk is full")
+        return str(Path("clip.ts").absolute())
+
+    async def completed(entry: InboxEntry, msg: LocationMessage) -> None:
+        done.set()
+
+    q = DownloadQueue(inbox, Prefs(db), fetch, completed, wall=time.time,
+                      rng=random.Random(1), retry_base=0.1, retry_max=0.1)
+    held.append(q)
+    await run_until(q, done)
+    assert len(attempts) == 2
+    assert present(inbox.get(mid)).state is InboxState.COMPLETE
 
 
 async def test_a_sender_with_more_devices_than_a_contact_pins_is_not_looked_up_again(
