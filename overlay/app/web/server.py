@@ -442,8 +442,10 @@ class WebInbox:
     def _cut_text(self, entries: list[dict[str, Any]], rows: int) -> str:
         """The line that says the list holds only the newest (`entries`, of which `rows`
         are listed: not junk), when the inbox has more; else ""."""
+        if len(entries) < LIST_LIMIT:
+            return ""  # not cut: no need to count the inbox (two queries a page)
         held = self.ops.inbox_state()
-        if len(entries) < LIST_LIMIT or held["messages"] <= len(entries):
+        if held["messages"] <= len(entries):
             return ""
         return (f"The {rows:,} newest of {held['messages'] - held['junk']:,} messages are "
                 "shown. The older ones are kept: `peerpost fetch ID` and `peerpost rm ID` "
