@@ -15,6 +15,14 @@ each announce and each 22 h republish. The node calls `withdraw()` when it drops
 records other DHT nodes keep can't be recalled and lapse within their 48 h TTL, so a
 downloader may still find and ask us until then (we refuse: "no such content here", or
 "source changed").
+
+A withdrawal has the last word over an announce already under way (the first after a
+download or a send, one at start, or a wake's): the announce checks, after its holding
+check and once its DHT lookup is done, that no withdrawal came meanwhile, and sends no
+STORE (which would offer the content for 48 h more) nor republishes if one did. A
+withdrawal asks `held` once more when it is done, and announces the content again if the
+node holds it after all (received again while the caller decided): no announce is lost to
+a withdrawal decided on stale news.
 """
 
 from __future__ import annotations
@@ -47,7 +55,9 @@ class ProviderDirectory:
         self._held = held
         self.dht = DhtNode(identity, client_only=client_only, wall=wall, rng=rng)
         self._tasks = TaskSet("dht-announce", logger=log)
-        self._announced: set[bytes] = set()
+        # Each content announced, to the mark of its latest announce (`_announce`): a
+        # withdrawal removes it, a new announce replaces it.
+        self._announced: dict[bytes, object] = {}
         self.addresses: list[str] = []
         self.home_server = ""
 
@@ -74,22 +84,44 @@ class ProviderDirectory:
             return
         if self._tasks.closed:
             return
-        self._announced.add(content_id)
-        self._tasks.spawn(self._announce(content_id), name=f"announce-{content_id.hex()[:8]}")
+        mark = self._announced[content_id] = object()
+        self._tasks.spawn(self._announce(content_id, mark),
+                          name=f"announce-{content_id.hex()[:8]}")
 
-    async def _announce(self, content_id: bytes) -> None:
+    async def _announce(self, content_id: bytes, mark: object) -> None:
+        short = content_id.hex()[:16]
         try:
             if not await self._still_held(content_id):
-                self._announced.discard(content_id)
-                log.info("not announcing %s: it is no longer held here", content_id.hex()[:16])
+                self._forget(content_id, mark)
+                log.info("not announcing %s: it is no longer held here", short)
+                return
+            if self._announced.get(content_id) is not mark:
+                self._overtaken(content_id)
                 return
             async with asyncio.timeout(LOOKUP_TIMEOUT * 3):
+                # Nothing awaits between the check above and the DHT's own mark, set
+                # before its first await: from here on `dht.withdraw` stops this announce.
                 n = await self.dht.announce(content_id, self.addresses, self.home_server,
                                             keep=lambda: self._still_held(content_id))
-            log.info("announced %s to %d DHT nodes", content_id.hex()[:16], n)
+            if self._announced.get(content_id) is not mark:
+                self._overtaken(content_id)
+                return
+            log.info("announced %s to %d DHT nodes", short, n)
         except (TimeoutError, OSError, ValueError) as exc:
-            self._announced.discard(content_id)  # try again at the next chance
-            log.warning("announcing %s failed: %s", content_id.hex()[:16], exc)
+            self._forget(content_id, mark)  # try again at the next chance
+            log.warning("announcing %s failed: %s", short, exc)
+
+    def _forget(self, content_id: bytes, mark: object) -> None:
+        """This announce of `content_id` (its `mark`) did not take: the next may."""
+        if self._announced.get(content_id) is mark:
+            del self._announced[content_id]
+
+    def _overtaken(self, content_id: bytes) -> None:
+        """An announce found a later one, or a withdrawal, came while it ran."""
+        if content_id not in self._announced:
+            log.info("not announcing %s: it was withdrawn while being announced",
+                     content_id.hex()[:16])
+        # else a later announce (a wake's) runs and says what it did
 
     async def readdress(self, addresses: list[str]) -> int:
         """Our addresses changed (the host moved to another network): announce every
@@ -113,25 +145,26 @@ class ProviderDirectory:
             if content_id not in self._announced:
                 continue  # withdrawn meanwhile
             if content_id in held:
-                self._announced.discard(content_id)
+                del self._announced[content_id]
                 self.announce(content_id)
             else:
                 await self.withdraw(content_id)
         return len(held)
 
-    async def _still_held(self, content_id: bytes) -> bool:
-        return await asyncio.to_thread(self._holds, content_id)
+    async def _still_held(self, content_id: bytes, *, unsure: bool = True) -> bool:
+        return await asyncio.to_thread(self._holds, content_id, unsure)
 
-    def _holds(self, content_id: bytes) -> bool:
-        """`held(content_id)`, True when it can't tell. Blocking."""
+    def _holds(self, content_id: bytes, unsure: bool = True) -> bool:
+        """`held(content_id)`, `unsure` when it can't tell. Blocking."""
         if self._held is None:
             return True
         try:
             return self._held(content_id)
         except (OSError, sqlite3.Error) as exc:  # node.db unreadable now: maybe not for good
-            log.warning("could not tell whether %s is still held (%s); announcing it",
-                        content_id.hex()[:16], exc)
-            return True
+            log.warning("could not tell whether %s is still held (%s); %s",
+                        content_id.hex()[:16], exc,
+                        "announcing it" if unsure else "it stays withdrawn")
+            return unsure
 
     def unserved(self, content_id: bytes) -> asyncio.Task[None] | None:
         """Serving just refused `content_id` as gone (no such content here, or its file
@@ -153,12 +186,15 @@ class ProviderDirectory:
     async def withdraw(self, content_id: bytes) -> None:
         """We no longer hold `content_id`: stop announcing it. Other DHT nodes' copies of
         our record lapse within its 48 h TTL (records.RECORD_TTL)."""
-        was = content_id in self._announced
-        self._announced.discard(content_id)
+        was = self._announced.pop(content_id, None) is not None
+        # Its first step, before any await, stops the announces of it still publishing.
         await self.dht.withdraw(content_id)
         if was:
             log.info("withdrew %s from the DHT: no longer held here (the records other "
                      "nodes keep lapse within %d h)", content_id.hex()[:16], RECORD_TTL // 3600)
+        if self._held is not None and await self._still_held(content_id, unsure=False):
+            log.info("%s is held here again: announcing it", content_id.hex()[:16])
+            self.announce(content_id)
 
     async def find(self, content_id: bytes, *, exclude: set[bytes]) -> list[ProviderRecord]:
         """Provider records for `content_id`, without ourselves and `exclude` (peer ids)."""

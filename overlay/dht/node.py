@@ -78,6 +78,8 @@ class DhtNode:
         self._source_limits = (source_rate, source_burst)
         self._protocol: DhtProtocol | None = None
         self._announced: dict[bytes, asyncio.Task[None]] = {}
+        # One mark per `announce()` still publishing, by content; `withdraw()` drops them.
+        self._publishing: dict[bytes, set[object]] = {}
         self._refresher: asyncio.Task[None] | None = None
         self._now_serving: asyncio.Task[None] | None = None
         self._address: tuple[str, int] | None = None
@@ -257,11 +259,31 @@ class DhtNode:
         """Publish our signed record to the k closest nodes and keep it fresh (every 22 h)
         until `withdraw()` or `aclose()`, or until `keep()`, asked before each republish,
         says False (we no longer hold the content): then it is withdrawn. Returns how
-        many nodes stored it now."""
+        many nodes stored it now.
+
+        A `withdraw()` of the content while this runs has the last word: no STORE is sent
+        and our own store takes no record after it, nor is the record republished (0 is
+        returned if the lookup was still running): the records it would have stored live
+        48 h (records.RECORD_TTL) and could not be recalled."""
         _check_content_id(content_id)
         # Sign once up front so a bad address fails here, in the caller, not in the task.
         ProviderRecord.create(self.identity, content_id, addresses, home_server, self._wall())
-        stored = await self._publish(content_id, addresses, home_server)
+        mark = object()  # set before the first await: a withdraw from now on reaches it
+        self._publishing.setdefault(content_id, set()).add(mark)
+
+        def live() -> bool:
+            return mark in self._publishing.get(content_id, ())
+
+        try:
+            stored = await self._publish(content_id, addresses, home_server, live=live)
+            if not live():
+                return stored  # withdrawn meanwhile
+        finally:
+            marks = self._publishing.get(content_id)
+            if marks is not None:
+                marks.discard(mark)
+                if not marks:
+                    del self._publishing[content_id]
         old = self._announced.pop(content_id, None)
         if old is not None:
             old.cancel()
@@ -271,9 +293,11 @@ class DhtNode:
         return stored
 
     async def withdraw(self, content_id: bytes) -> None:
-        """Stop republishing, and drop our record from our own store. The copies other
+        """Stop republishing, stop the announces of it still publishing, and drop our
+        record from our own store; all of that before this first awaits. The copies other
         nodes store can't be recalled (a STORE only ever replaces a record with one that
         lives longer): they lapse within the TTL, 48 h (records.RECORD_TTL)."""
+        self._publishing.pop(content_id, None)
         task = self._forget_own(content_id)
         if task is not None:
             task.cancel()
@@ -285,7 +309,10 @@ class DhtNode:
         self.storage.remove(content_id, self.peer_id)
         return self._announced.pop(content_id, None)
 
-    async def _publish(self, content_id: bytes, addresses: list[str], home_server: str) -> int:
+    async def _publish(self, content_id: bytes, addresses: list[str], home_server: str, *,
+                       live: Callable[[], bool] = lambda: True) -> int:
+        """One round: look up the k closest nodes, then store our record with them and
+        ourselves, unless `live()` says False once the lookup is done (withdrawn)."""
         protocol = self.protocol
         record = ProviderRecord.create(self.identity, content_id, addresses, home_server,
                                        self._wall())
@@ -297,6 +324,8 @@ class DhtNode:
 
         lookup = self._new_lookup(dht_key(content_id))
         await self._drive(lookup, lambda n: protocol.call_find_value(n, content_id), keep_token)
+        if not live():
+            return 0  # nothing awaits between here and the STOREs' sending
         targets = [n for n in lookup.closest_answered() if n.id in tokens]
         if not self.client_only:
             self.storage.put(record)

@@ -52,9 +52,9 @@ async def test_a_republish_round_that_fails_is_logged_and_the_next_one_runs(
         me, real = nodes[3], nodes[3]._publish
         rounds = OneBrokenRound(2)  # the announce's own publish, then the first republish
 
-        async def publish(*args: Any) -> int:
+        async def publish(*args: Any, **kw: Any) -> int:
             rounds.step()
-            return await real(*args)
+            return await real(*args, **kw)
 
         monkeypatch.setattr(me, "_publish", publish)
         cid = bytes(range(32))
@@ -97,9 +97,9 @@ async def test_a_record_no_longer_held_is_withdrawn_at_the_next_republish(
         me, real = nodes[3], nodes[3]._publish
         published = []
 
-        async def publish(*args: Any) -> int:
+        async def publish(*args: Any, **kw: Any) -> int:
             published.append(args[0])
-            return await real(*args)
+            return await real(*args, **kw)
 
         monkeypatch.setattr(me, "_publish", publish)
         asked = []

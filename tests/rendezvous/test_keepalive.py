@@ -382,10 +382,11 @@ class LogEvents(logging.Handler):
         return loop.time() - start
 
 
-@pytest.fixture
-def log_events() -> Iterator[LogEvents]:
+@contextlib.contextmanager
+def watching(*names: str) -> Iterator[LogEvents]:
+    """What the loggers `names` log at INFO and above while the block runs."""
     handler = LogEvents()
-    loggers = [logging.getLogger("rendezvous.server"), logging.getLogger("rendezvous.client")]
+    loggers = [logging.getLogger(name) for name in names]
     old = [lg.level for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)
@@ -396,6 +397,12 @@ def log_events() -> Iterator[LogEvents]:
         for lg, level in zip(loggers, old, strict=True):
             lg.removeHandler(handler)
             lg.setLevel(level)
+
+
+@pytest.fixture
+def log_events() -> Iterator[LogEvents]:
+    with watching("rendezvous.server", "rendezvous.client") as handler:
+        yield handler
 
 
 @contextlib.asynccontextmanager
