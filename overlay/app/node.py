@@ -258,18 +258,27 @@ class Node:
         self.fetch = fetch
         receipts, hook = self.receipts, self.hook
 
+        def tell(entry: InboxEntry, event: str) -> None:
+            def told() -> None:
+                try:
+                    if event == "arrived":
+                        self.inbox.arrival_told(entry.id)
+                    else:
+                        self.inbox.completion_told(entry.id)
+                except (sqlite3.Error, OSError) as exc:  # told again at the next start
+                    log.warning("message hook's %s for %s not recorded as run: %s", event,
+                                entry.id.hex(), exc)
+            hook.fire(entry, event, told)
+
+        def complete(entry: InboxEntry) -> None:
+            tell(entry, "complete")
+
         async def completed(entry: InboxEntry, msg: LocationMessage) -> None:
-            hook.fire(entry, "complete")
+            complete(entry)
             await receipts.completed(entry, msg)
 
         def arrived(entry: InboxEntry) -> None:
-            def told() -> None:
-                try:
-                    self.inbox.arrival_told(entry.id)
-                except (sqlite3.Error, OSError) as exc:  # told again at the next start
-                    log.warning("message hook for %s not recorded as run: %s",
-                                entry.id.hex(), exc)
-            hook.fire(entry, "arrived", told)
+            tell(entry, "arrived")
 
         self.fetch_meter = FetchMeter(fetch)  # attempts and bytes by path, for --metrics
         self.downloads = DownloadQueue(
@@ -287,6 +296,11 @@ class Node:
                                    jitter=0.8), rng=self.rng, on_finger=self.holders.remember,
             on_arrived=arrived if hook.enabled else None)
         self.delivery.tell_due()  # what the last stop cut short
+        try:
+            for entry in self.inbox.completions_due():
+                complete(entry)
+        except (sqlite3.Error, OSError) as exc:  # still owed: read at the next start
+            log.warning("`complete` runs not told at the last stop not read: %s", exc)
 
     async def _start_web(self, ops: ControlOperations) -> str | None:
         """The web inbox on this loop, closed with the node; its URL, or None when off."""

@@ -23,6 +23,10 @@ download starts, though CMD may run while it goes on; `complete` follows when it
 junk sender's message (`peerpost prefs junk`) runs nothing: the inbox hides it and it is
 never fetched.
 
+`complete` runs once per message the same way: node.db makes it owed in the commit that
+makes the message complete, and a command the node's stop killed (or that had not started)
+runs again at the next start, with the message's state then (`complete`, the file's path).
+
 Bounded: at most `max_running` commands at once, at most `max_waiting` more wait their turn
 (further events are dropped with a log line and a counter), and each is killed after
 `timeout` seconds. `notify-send`, where it is installed, shows a desktop notification the

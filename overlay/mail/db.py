@@ -287,9 +287,22 @@ def _to_v8(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX inbox_by_arrival ON inbox (arrival) WHERE arrival <> 'told'")
 
 
+def _to_v9(conn: sqlite3.Connection) -> None:
+    # How far `node --on-message`'s `complete` got (overlay.app.notify): NULL until the
+    # download completes, `due` from the commit that makes it complete until its command
+    # ran to its end (a stop killed it, it had not started, or it waited for a free
+    # slot), then `told`. Messages complete before this version were told then.
+    conn.execute("ALTER TABLE inbox ADD COLUMN completion TEXT"
+                 " CHECK (completion IN ('due', 'told'))")
+    conn.execute("UPDATE inbox SET completion = 'told' WHERE state = 'complete'")
+    conn.execute("CREATE INDEX inbox_by_completion ON inbox (completion)"
+                 " WHERE completion = 'due'")
+
+
 # version n -> the step that makes it n + 1. Append only; never edit a shipped step.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4, 4: _to_v5, 5: _to_v6, 6: _to_v7, 7: _to_v8}
+    0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4, 4: _to_v5, 5: _to_v6, 6: _to_v7, 7: _to_v8,
+    8: _to_v9}
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -169,13 +169,28 @@ class Inbox:
                                  " arrival = 'pending'", (id,)).rowcount
             return self._locked_get(conn, id) if moved else None
 
-    def arrivals_due(self) -> builtins.list[InboxEntry]:
+    def arrivals_due(self, limit: int | None = None) -> builtins.list[InboxEntry]:
         """Messages settled whose arrival was not told to the end (the node stopped while
-        its command ran, or before it started), oldest first. All of them, never the first
-        N: one left out would not be told until a later start (at most max_entries)."""
+        its command ran, or before it started, or it waits for a free slot), oldest first.
+        All of them unless `limit`: one left out at start would not be told until a later
+        start (at most max_entries)."""
         rows = self._db.query("SELECT * FROM inbox WHERE arrival = 'due'"
-                              " ORDER BY received_at, id")
+                              " ORDER BY received_at, id LIMIT ?",
+                              (-1 if limit is None else limit,))
         return [_entry(r) for r in rows]
+
+    def completions_due(self, limit: int | None = None) -> builtins.list[InboxEntry]:
+        """Complete messages whose completion was not told to the end, oldest first; all
+        of them unless `limit` (as `arrivals_due`)."""
+        rows = self._db.query("SELECT * FROM inbox WHERE completion = 'due'"
+                              " ORDER BY received_at, id LIMIT ?",
+                              (-1 if limit is None else limit,))
+        return [_entry(r) for r in rows]
+
+    def completion_told(self, id: bytes) -> None:
+        """The message's completion was told (its command ran): never told again."""
+        with self._db.transaction() as conn:
+            conn.execute("UPDATE inbox SET completion = 'told' WHERE id = ?", (id,))
 
     def pending_arrivals(self, sender: str | None = None) -> builtins.list[InboxEntry]:
         """Messages (of `sender`, or all) whose arrival is still pending, oldest first;
@@ -245,7 +260,8 @@ class Inbox:
         held. A junk message never leaves `offered` (it may reach it from `unverified`).
         IllegalTransition names the entry and the moves allowed from its state.
         `mark` (event, when): `mark_time` in the same transaction (one commit, each an
-        fsync, where a download's start and end made two).
+        fsync, where a download's start and end made two). Entering `complete` makes its
+        completion due (`completions_due`) in that commit.
         """
         column = None if mark is None else _time_column(mark[0])
         with self._db.transaction() as conn:
@@ -259,10 +275,12 @@ class Inbox:
             new = _apply(old, new_state, error=error, next_attempt=next_attempt, path=path)
             conn.execute(
                 "UPDATE inbox SET state = ?, attempts = ?, next_attempt = ?, error = ?,"
-                " path = ?, chunks_held = ? WHERE id = ?",
+                " path = ?, chunks_held = ?, completion = ? WHERE id = ?",
                 (
                     new.state.value, new.attempts, new.next_attempt, new.error, new.path,
-                    new.chunks_held, id,
+                    new.chunks_held,
+                    # Owed in the same commit: a stop after it still tells `complete`.
+                    "due" if new_state is InboxState.COMPLETE else None, id,
                 ),
             )
             if decline is not None and new_state is InboxState.FAILED:

@@ -73,14 +73,16 @@ def test_a_node_stopped_during_a_first_contacts_lookup_runs_arrived_once_as_it_s
 
 
 # Appends a line when it starts and one when it ends; while the file named by its second
-# argument exists it does not end (the test holds it there while the node stops).
+# argument exists it does not end (the test holds it there while the node stops), for the
+# events named after it (all if none).
 HELD = """\
 import json, os, sys, time
-out, hold = sys.argv[1], sys.argv[2]
-run = {k: os.environ.get(k) for k in ("PEERPOST_ID", "PEERPOST_EVENT", "PEERPOST_STATE")}
+out, hold, held = sys.argv[1], sys.argv[2], sys.argv[3:] or ["arrived", "complete"]
+run = {k: os.environ.get(k) for k in ("PEERPOST_ID", "PEERPOST_EVENT", "PEERPOST_STATE",
+                                      "PEERPOST_PATH")}
 with open(out, "a") as f:
     f.write(json.dumps({**run, "at": "start"}) + "\\n")
-while os.path.exists(hold):
+while run["PEERPOST_EVENT"] in held and os.path.exists(hold):
     time.sleep(0.05)
 with open(out, "a") as f:
     f.write(json.dumps({**run, "at": "end"}) + "\\n")
@@ -127,3 +129,59 @@ def test_an_arrived_command_the_stop_killed_runs_again_at_the_next_start(
     mid2 = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
     net.wait_until(lambda: arrived("end", mid2), 30, "the next message's `arrived` run")
     assert len(arrived("start")) == 2 and len(arrived("end")) == 1
+
+
+def held_hook(tmp_path: Path, *events: str) -> tuple[list[str], Path, Runs]:
+    """`--on-message` running HELD (held while the returned file exists), and a reader
+    of its runs: (message id, event, "start" or "end") -> the runs' fields."""
+    import json
+    import shlex
+
+    script, out, hold = tmp_path / "held.py", tmp_path / "runs.jsonl", tmp_path / "hold"
+    script.write_text(HELD)
+    hold.touch()
+
+    def runs_of(mid: str, event: str, at: str) -> list[dict[str, str]]:
+        lines = out.read_text().splitlines() if out.exists() else []
+        return [r for r in map(json.loads, lines)
+                if r["PEERPOST_ID"] == mid and r["PEERPOST_EVENT"] == event and r["at"] == at]
+    cmd = shlex.join([sys.executable, str(script), str(out), str(hold), *events])
+    return ["--on-message", cmd], hold, runs_of
+
+
+Runs = Callable[[str, str, str], list[dict[str, str]]]
+
+
+def test_a_complete_command_the_stop_killed_runs_again_at_the_next_start(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    """A hook that files a finished video away lost that move when the node stopped
+    while it ran: `complete` counted as run, never run again."""
+    hook, hold, runs_of = held_hook(tmp_path, "complete")
+    alice, bob = net.add_node("alice"), net.add_node("bob", extra=hook)
+    net.start_node(alice)
+    net.start_node(bob)
+    src = make_file(tmp_path / "video.bin", 256 << 10)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: runs_of(mid, "complete", "start"), 60,
+                   "the hook's `complete` run starting")
+    net.stop_node(bob)  # kills the command half way
+    assert runs_of(mid, "complete", "end") == []
+
+    hold.unlink()
+    net.start_node(bob)
+    (ended,) = net.wait_until(lambda: runs_of(mid, "complete", "end"), 30,
+                              "the `complete` run again, to its end")
+    assert ended["PEERPOST_STATE"] == "complete"
+    assert Path(ended["PEERPOST_PATH"]).read_bytes() == src.read_bytes()
+
+    # Run to its end once: a later start runs it no more. What a start finds owed starts
+    # at once, so once a later message's `complete` has ended, a repeat would show.
+    net.stop_node(bob)
+    net.start_node(bob)
+    mid2 = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: runs_of(mid2, "complete", "end"), 60,
+                   "the next message's `complete` run")
+    assert len(runs_of(mid, "complete", "start")) == 2
+    assert len(runs_of(mid, "complete", "end")) == 1
+    assert len(runs_of(mid, "arrived", "end")) == 1
+

@@ -332,3 +332,46 @@ def test_every_arrival_due_is_read_however_many(db: NodeDB) -> None:
         for mid in mids:
             inbox.settle_arrival(mid)
     assert [e.id for e in inbox.arrivals_due()] == mids
+
+
+def complete(inbox: Inbox, mid: bytes) -> None:
+    inbox.transition(mid, InboxState.DOWNLOADING)
+    inbox.transition(mid, InboxState.COMPLETE, path=f"/home/bob/{mid.hex()}.ts")
+
+
+def test_a_completion_is_due_from_the_commit_that_completes_it_until_told(db: NodeDB) -> None:
+    """`--on-message`'s `complete` is owed in node.db from the moment the message is
+    complete (a stop right after still runs it at the next start) until its run ended."""
+    inbox = Inbox(db)
+    first, second, third, fourth = (offer(inbox, n) for n in (1, 2, 3, 4))
+    inbox.transition(fourth, InboxState.DOWNLOADING)
+    assert inbox.completions_due() == []  # not complete: nothing to tell yet
+    complete(inbox, second)
+    complete(inbox, first)
+    complete(inbox, third)
+    assert [e.id for e in inbox.completions_due()] == [first, second, third]  # oldest first
+    assert [e.id for e in inbox.completions_due(limit=2)] == [first, second]
+    (due,) = inbox.completions_due(limit=1)
+    assert due.state is InboxState.COMPLETE and due.path == f"/home/bob/{first.hex()}.ts"
+    inbox.completion_told(first)
+    assert [e.id for e in inbox.completions_due()] == [second, third]
+    assert inbox.arrivals_due() == []  # the arrival is its own: still pending here
+
+
+def test_messages_complete_before_the_completion_column_are_not_told_again(
+        tmp_path: Path) -> None:
+    """Upgrading to v9 must not run `complete` for every file received before; a message
+    not complete then is told when it completes."""
+    steps = {k: v for k, v in _MIGRATIONS.items() if k < 8}
+    with NodeDB.open(tmp_path, migrations=steps) as old:
+        inbox = Inbox(old)  # the v8 table: an insert without the column
+        done, offered = offer(inbox, 1), offer(inbox, 2)
+        with old.transaction() as conn:  # as the v8 code completed it
+            conn.execute("UPDATE inbox SET state = 'complete', path = '/x', chunks_held = 3"
+                         " WHERE id = ?", (done,))
+    with NodeDB.open(tmp_path) as db:
+        inbox = Inbox(db)
+        assert inbox.completions_due() == []
+        assert present(inbox.get(done)).state is InboxState.COMPLETE
+        complete(inbox, offered)
+        assert [e.id for e in inbox.completions_due()] == [offered]
