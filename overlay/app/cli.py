@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " PEERPOST_TITLE, PEERPOST_STATE, PEERPOST_PATH, PEERPOST_EVENT "
                         "(arrived or complete). `arrived` runs once per message, once its "
                         "sender's keys were looked up, before an automatic download starts;"
-                        " none for a junk sender's (default: the config's on_message; '' "
-                        "for none)")
+                        " none for a junk sender's. Each runs to its end once: one a stop "
+                        "killed, or past 68 running or waiting, waits in node.db and runs "
+                        "later (default: the config's on_message; '' for none)")
     s.add_argument("--web", default=None, metavar="HOST:PORT|off",
                    help="serve the web inbox here (default: the config's `web`, "
                         "127.0.0.1:8470, another free port if taken); off: none")

@@ -202,7 +202,8 @@ class Node:
             inbox=self.inbox, outbox=self.outbox, prefs=self.prefs, contacts=self.contacts,
             downloads=self.downloads, transfer=self.transfer,
             max_in_flight=self.options.max_in_flight, store=self.store,
-            withdraw=self.providers.withdraw, reach=self.reach_info, received=self.fetch.dest)
+            withdraw=self.providers.withdraw, reach=self.reach_info, received=self.fetch.dest,
+            hook_counters=self.hook.counters)
         ops.rewithdraw()  # messages cancelled before a restart stay unserved
         await self._announce_held()  # after rewithdraw: a cancelled content is not offered
         self.control = ControlServer(self.home.control_path, ops.table())
@@ -230,9 +231,27 @@ class Node:
 
     def _wire_mail(self) -> None:
         """The mail side: incoming, sending, the download queue, receipts and pushes."""
-        command = self.options.on_message
+        command, inbox = self.options.on_message, self.inbox
+
+        def told(entry: InboxEntry, event: str) -> None:
+            try:
+                if event == "arrived":
+                    inbox.arrival_told(entry.id)
+                else:
+                    inbox.completion_told(entry.id)
+            except (sqlite3.Error, OSError) as exc:  # told again at the next start
+                log.warning("message hook's %s for %s not recorded as run: %s", event,
+                            entry.id.hex(), exc)
+
+        def owed(limit: int) -> list[tuple[InboxEntry, str]]:
+            try:
+                return [*((e, "arrived") for e in inbox.arrivals_due(limit)),
+                        *((e, "complete") for e in inbox.completions_due(limit))]
+            except (sqlite3.Error, OSError) as exc:  # still owed: read at the next start
+                log.warning("message hooks owed not read: %s", exc)
+                return []
         self.hook = MessageHook(self.config.on_message if command is None else command,
-                                desktop=self.options.desktop_notify)
+                                told=told, owed=owed, desktop=self.options.desktop_notify)
         self._stack.push_async_callback(self.hook.aclose)
         self.incoming = IncomingMail(self.identity, self.address, self.inbox, self.outbox,
                                      self.prefs, self.contacts, self.wall)
@@ -258,27 +277,12 @@ class Node:
         self.fetch = fetch
         receipts, hook = self.receipts, self.hook
 
-        def tell(entry: InboxEntry, event: str) -> None:
-            def told() -> None:
-                try:
-                    if event == "arrived":
-                        self.inbox.arrival_told(entry.id)
-                    else:
-                        self.inbox.completion_told(entry.id)
-                except (sqlite3.Error, OSError) as exc:  # told again at the next start
-                    log.warning("message hook's %s for %s not recorded as run: %s", event,
-                                entry.id.hex(), exc)
-            hook.fire(entry, event, told)
-
-        def complete(entry: InboxEntry) -> None:
-            tell(entry, "complete")
-
         async def completed(entry: InboxEntry, msg: LocationMessage) -> None:
-            complete(entry)
+            hook.fire(entry, "complete")
             await receipts.completed(entry, msg)
 
         def arrived(entry: InboxEntry) -> None:
-            tell(entry, "arrived")
+            hook.fire(entry, "arrived")
 
         self.fetch_meter = FetchMeter(fetch)  # attempts and bytes by path, for --metrics
         self.downloads = DownloadQueue(
@@ -296,11 +300,7 @@ class Node:
                                    jitter=0.8), rng=self.rng, on_finger=self.holders.remember,
             on_arrived=arrived if hook.enabled else None)
         self.delivery.tell_due()  # what the last stop cut short
-        try:
-            for entry in self.inbox.completions_due():
-                complete(entry)
-        except (sqlite3.Error, OSError) as exc:  # still owed: read at the next start
-            log.warning("`complete` runs not told at the last stop not read: %s", exc)
+        hook.catch_up()  # and the `complete` runs it left owed
 
     async def _start_web(self, ops: ControlOperations) -> str | None:
         """The web inbox on this loop, closed with the node; its URL, or None when off."""

@@ -27,10 +27,15 @@ never fetched.
 makes the message complete, and a command the node's stop killed (or that had not started)
 runs again at the next start, with the message's state then (`complete`, the file's path).
 
-Bounded: at most `max_running` commands at once, at most `max_waiting` more wait their turn
-(further events are dropped with a log line and a counter), and each is killed after
-`timeout` seconds. `notify-send`, where it is installed, shows a desktop notification the
-same way (argv, bounded); where it is not, that part is off.
+Bounded: at most `max_running` commands at once, and at most `max_running + max_waiting`
+events running or waiting their turn in memory; each command is killed after `timeout`
+seconds. An event that finds no room is not dropped: it stays owed in node.db (`arrival`
+or `completion` `due`, as after a stop), counted `deferred`, and is read back from there,
+oldest first (every `arrived` owed before any `complete`), once half of the waiting room
+is free again; so are the events fired meanwhile, so that none overtakes the older ones.
+What a stop leaves owed runs at the next start, the same way. `notify-send`, where it is
+installed, shows a desktop notification for each event (argv, in the same bound); where it
+is not, that part is off.
 """
 
 from __future__ import annotations
@@ -42,8 +47,7 @@ import os
 import shlex
 import shutil
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from overlay.mail.inbox import InboxEntry
 from rendezvous.taskset import TaskSet
@@ -56,32 +60,78 @@ HOOK_TIMEOUT = 30.0
 _MAX_FIELD = 1000  # characters of a title or address put into the environment
 
 
-class MessageHook:
-    """Runs the user's command (and notify-send) for message events; owns those processes."""
+Told = Callable[[InboxEntry, str], None]
+Owed = Callable[[int], Iterable[tuple[InboxEntry, str]]]
 
-    def __init__(self, command: str | None, *, desktop: bool = True,
+
+class MessageHook:
+    """Runs the user's command (and notify-send) for message events; owns those processes.
+
+    `told(entry, event)` records in node.db that an event ran to its end; `owed(n)` reads
+    back the events node.db holds owed, oldest first, at most `n` of each kind."""
+
+    def __init__(self, command: str | None, *, told: Told, owed: Owed, desktop: bool = True,
                  max_running: int = MAX_RUNNING, max_waiting: int = MAX_WAITING,
                  timeout: float = HOOK_TIMEOUT) -> None:
         self.argv = shlex.split(command) if command else []
         self.notify_send = shutil.which("notify-send") if desktop else None
         self.timeout = timeout
         self.counters: Counter[str] = Counter()
+        self._told = told
+        self._owed = owed
         self._slots = asyncio.Semaphore(max_running)
         self._tasks = TaskSet("message-hooks", limit=max_running + max_waiting, logger=log)
+        # Read node.db back once no more than this many events run or wait.
+        self._low_water = max_running + max_waiting // 2
+        self._behind = False  # events owed in node.db that are not in memory
 
     @property
     def enabled(self) -> bool:
         return bool(self.argv or self.notify_send)
 
-    def fire(self, entry: InboxEntry, event: str,
-             done: Callable[[], None] | None = None) -> None:
-        """A message arrived (`arrived`) or finished downloading (`complete`). `done()` is
-        called once every command this event started ended by itself (or was dropped over
-        the bound), never when the node's stop cancelled one."""
-        if entry.junk and event == "arrived":
-            if done is not None:
-                done()
+    def fire(self, entry: InboxEntry, event: str) -> None:
+        """A message arrived (`arrived`) or finished downloading (`complete`): run the
+        commands, then `told` it once every one ended by itself, never when the node's
+        stop cancelled one. With no room, or older events owed, it stays owed in node.db
+        and runs once its turn comes. An event already running or waiting is not run
+        twice."""
+        key = (entry.id, event)
+        if self._tasks.closed or key in self._tasks:
+            return  # stopping: owed in node.db, run at the next start
+        commands = self._commands(entry, event)
+        if not commands:
+            self._told(entry, event)
             return
+        if self._behind or self._tasks.full:
+            if not self._behind:
+                log.warning("message hooks: %d running or waiting; later ones wait in"
+                            " node.db for their turn", len(self._tasks))
+            self._behind = True
+            self.counters["deferred"] += 1
+            return
+        task = self._tasks.spawn(self._event(entry, event, commands), name=f"hook-{event}",
+                                 key=key)
+        if task is not None:  # after the set's own callback: the room counts it out
+            task.add_done_callback(self._ended)
+
+    def catch_up(self) -> None:
+        """Run the events node.db holds owed, oldest first, as far as the bound allows; the
+        rest once room is free. The node calls it at start; then it runs by itself."""
+        if self._tasks.closed:
+            return
+        self._behind = False
+        limit = self._tasks.limit or 1
+        # At most `limit` are in memory: among the oldest 2 * limit owed of a kind are
+        # enough not in memory yet to fill the room, if so many are owed.
+        for entry, event in self._owed(2 * limit):
+            if self._tasks.full:
+                self._behind = True
+                return
+            self.fire(entry, event)
+
+    def _commands(self, entry: InboxEntry, event: str) -> list[tuple[list[str], dict[str, str]]]:
+        if entry.junk and event == "arrived":
+            return []  # hidden by the inbox, never fetched: nothing to tell
         env = {
             "PEERPOST_ID": entry.id.hex(),
             "PEERPOST_FROM": _field(entry.sender),
@@ -90,41 +140,24 @@ class MessageHook:
             "PEERPOST_PATH": entry.path or "",
             "PEERPOST_EVENT": event,
         }
-        commands = [self.argv] if self.argv else []
+        commands = [(self.argv, env)] if self.argv else []
         if self.notify_send:
             what = "new message" if event == "arrived" else "download complete"
-            commands.append([self.notify_send, "--app-name=peerpost", "--",
-                             f"peerpost: {what} from {env['PEERPOST_FROM']}",
-                             env["PEERPOST_TITLE"]])
-        left = len(commands)
+            commands.append(([self.notify_send, "--app-name=peerpost", "--",
+                              f"peerpost: {what} from {env['PEERPOST_FROM']}",
+                              env["PEERPOST_TITLE"]], env))
+        return commands
 
-        def ended() -> None:
-            nonlocal left
-            left -= 1
-            if left <= 0 and done is not None:
-                done()
-        if not commands:
-            ended()
-        for argv in commands:
-            self._spawn(argv, env, ended)
+    async def _event(self, entry: InboxEntry, event: str,
+                     commands: list[tuple[list[str], dict[str, str]]]) -> None:
+        async with asyncio.TaskGroup() as tg:  # a cancel (the node stopping) raises here
+            for argv, fields in commands:
+                tg.create_task(self._run(argv, fields))
+        self._told(entry, event)
 
-    def _spawn(self, argv: list[str], fields: Mapping[str, str],
-               ended: Callable[[], None]) -> None:
-        if self._tasks.closed:
-            return  # the node stopping: `done` is not called, told again at its next start
-        if self._tasks.full:
-            self.counters["dropped"] += 1
-            log.warning("message hook dropped for %s: %d already running or waiting",
-                        fields["PEERPOST_ID"], len(self._tasks))
-            ended()
-            return
-        self._tasks.spawn(self._ended(self._run(argv, fields), ended),
-                          name=f"hook-{argv[0]}")
-
-    @staticmethod
-    async def _ended(run: Coroutine[Any, Any, None], ended: Callable[[], None]) -> None:
-        await run  # a cancel (the node stopping) raises here: `ended` is not called
-        ended()
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._behind and not task.cancelled() and len(self._tasks) <= self._low_water:
+            self.catch_up()
 
     async def _run(self, argv: list[str], fields: Mapping[str, str]) -> None:
         async with self._slots:

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,8 @@ class ControlOperations:
                  store: ContentStore | None = None,
                  withdraw: Callable[[bytes], Awaitable[None]] | None = None,
                  reach: Callable[[], dict[str, Any]] | None = None,
-                 received: Path | None = None) -> None:
+                 received: Path | None = None,
+                 hook_counters: Mapping[str, int] | None = None) -> None:
         self.identity = identity
         self.address = address
         self.listen_addr = listen_addr
@@ -120,6 +121,8 @@ class ControlOperations:
         self.withdraw_announcement = withdraw  # the DHT's provider record of a content
         self.reach = reach  # NAT, the address the server sees, the rungs we dial over
         self.received = received  # the download folder
+        # `--on-message`'s runs: ran, failed, timed-out, deferred (waited in node.db)
+        self.hook_counters = hook_counters if hook_counters is not None else {}
         self.version = package_version()
 
     def table(self) -> dict[str, Operation]:
@@ -151,7 +154,8 @@ class ControlOperations:
                 "connected": self.rendezvous.connected,
                 "refused": self.rendezvous.refused,
                 "mismatch": mismatch_state(self.rendezvous),
-                "counters": dict(self.incoming.counters),
+                "counters": {**self.incoming.counters, **{
+                    f"on-message {k}": v for k, v in self.hook_counters.items()}},
                 "inbox": self.inbox_state(),
                 "outbox": {"messages": self.outbox.count(), "listed": LIST_LIMIT},
                 **({"reach": self.reach()} if self.reach is not None else {})}

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from overlay.app.lab import LocalNetwork
+from overlay.app.lab import LocalNetwork, NodeHandle
+from overlay.mail.db import NodeDB
+from overlay.mail.inbox import Inbox
+from overlay.mail.prefs import Prefs
 from tests.overlay.test_e2e_federation import World, complete, make_file, make_world, send
 
 from .test_e2e_on_message_trust import recorded, runs
@@ -185,3 +188,60 @@ def test_a_complete_command_the_stop_killed_runs_again_at_the_next_start(
     assert len(runs_of(mid, "complete", "end")) == 1
     assert len(runs_of(mid, "arrived", "end")) == 1
 
+
+OWED = 200
+
+
+def _owed_arrivals(node: NodeHandle) -> list[str]:
+    """OWED messages filed and settled in the stopped `node`'s node.db, their `arrived`
+    not run yet: as a node killed while they came in leaves them (the network would take
+    minutes to deliver so many)."""
+    mids = [b"\x22" + n.to_bytes(15, "big") for n in range(OWED)]
+    with NodeDB.open(node.home) as db:
+        Prefs(db).auto_download = False  # they have no source to download from
+        inbox = Inbox(db)
+        with inbox.transaction():  # one commit
+            for n, mid in enumerate(mids):
+                inbox.add(id=mid, sender="dave@example.net", sender_peer_id=b"d" * 20,
+                          title=f"owed {n}", note="", size=1, file_name=f"o{n}.bin",
+                          media_type="application/octet-stream",
+                          content_id=n.to_bytes(32, "big"), chunk_count=1, message=b"",
+                          received_at=1000.0 + n)
+                inbox.settle_arrival(mid)
+    return [mid.hex() for mid in mids]
+
+
+def test_hooks_owed_past_the_bound_wait_their_turn_and_each_runs_once(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    """200 `arrived` owed at a start, against room for 68 (4 running, 64 waiting): the
+    132 over it were dropped for good and counted as run. Now they wait in node.db, run
+    in this run as room frees, or at the next start if the node stops first."""
+    hook, hold, runs_of = held_hook(tmp_path, "arrived")
+    alice, bob = net.add_node("alice"), net.add_node("bob", extra=hook)
+    mids = _owed_arrivals(bob)
+    net.start_node(alice)
+
+    # Held: 4 run, 64 wait, 132 are left owed; the stop kills the 4.
+    net.start_node(bob)
+    net.wait_until(lambda: sum(bool(runs_of(m, "arrived", "start")) for m in mids) == 4, 30,
+                   "the first 4 runs starting")
+    info = net.cli_json(bob, "info")
+    assert info["counters"]["on-message deferred"] == OWED - 68
+    net.stop_node(bob)
+    assert not any(runs_of(m, "arrived", "end") for m in mids)
+
+    # The next start runs all 200, 68 at a time: each to its end, once.
+    hold.unlink()
+    net.start_node(bob)
+    net.wait_until(lambda: all(runs_of(m, "arrived", "end") for m in mids), 120,
+                   "every owed `arrived` run to its end")
+    assert [len(runs_of(m, "arrived", "end")) for m in mids] == [1] * OWED
+
+    # And no more at a later start: a new message's run comes after them, alone.
+    net.stop_node(bob)
+    net.start_node(bob)
+    src = make_file(tmp_path / "clip.bin", 64 << 10)
+    mid = net.cli(alice, "send", str(src), "--to", bob.address).stdout.strip()
+    net.wait_until(lambda: runs_of(mid, "arrived", "end"), 30, "the new message's run")
+    assert [len(runs_of(m, "arrived", "end")) for m in mids] == [1] * OWED
+    assert net.cli_json(bob, "info")["counters"].get("on-message deferred", 0) == 0
