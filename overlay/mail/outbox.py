@@ -415,6 +415,21 @@ class Outbox:
                                      order="created_at DESC, id", limit=limit)
         return self._entries(rows), found
 
+    def awaited(self, *, after: tuple[float, bytes] | None = None, limit: int = 100
+                ) -> builtins.list[OutboxEntry]:
+        """Messages a recipient may still fetch from this node (one of them `sent` or
+        `downloading`), in `list`'s order (newest first), `limit` at a time; older than
+        the whole outbox's newest 1,000 too. `after`: (created at, id) of the last one of
+        the previous page, or of `list`'s last to read only older ones."""
+        at, mid = after if after is not None else (float("inf"), b"")
+        rows = self._db.query(
+            "SELECT * FROM outbox o WHERE (created_at < ? OR (created_at = ? AND id > ?))"
+            " AND EXISTS (SELECT 1 FROM outbox_recipient r WHERE r.message_id = o.id"
+            " AND r.state IN (?, ?)) ORDER BY created_at DESC, id LIMIT ?",
+            (at, at, mid, RecipientStatus.SENT.value, RecipientStatus.DOWNLOADING.value,
+             limit))
+        return self._entries(rows)
+
     def count(self) -> int:
         """Messages in the outbox."""
         row = self._db.query_one("SELECT count(*) FROM outbox")

@@ -20,7 +20,7 @@ import pytest
 from overlay.app.lab import LocalNetwork, NodeHandle
 from overlay.mail.db import NodeDB
 from overlay.mail.inbox import Inbox
-from overlay.mail.outbox import Outbox
+from overlay.mail.outbox import Outbox, RecipientStatus
 from tests.overlay.test_e2e_cli import make_file, same_bytes
 from tests.web.test_web_access import request
 from tests.web.test_web_actions import login
@@ -128,18 +128,56 @@ def test_the_oldest_of_a_thousand_and_one_is_fetched_and_removed_by_its_prefix(
     assert Path(got["path"]).exists(), "rm without --delete-file keeps the received file"
 
 
+def _newer_sent(node: NodeHandle, *, downloaded: bool) -> str:
+    """NEWER messages sent after the one the stopped `node` sent (each `downloaded` by its
+    recipient, or queued); that one's id."""
+    with NodeDB.open(node.home) as db:
+        outbox = Outbox(db)
+        (sent,) = outbox.list()
+        for n in range(NEWER):
+            mid, at = b"\x11" + n.to_bytes(15, "big"), sent.created_at + 1 + n
+            outbox.add(id=mid, path=f"/gone/{n}.bin", title=f"newer {n}", size=1,
+                       content_id=n.to_bytes(32, "big"), created_at=at,
+                       recipients=["dave@example.net"])
+            if downloaded:
+                outbox.set_recipient_state(mid, "dave@example.net", RecipientStatus.DOWNLOADED,
+                                           at)
+        return sent.id.hex()
+
+
+def test_the_sent_page_past_a_thousand_says_so_and_asks_to_stay_on_for_an_older_one(
+        net: LocalNetwork, tmp_path: Path) -> None:
+    """The Sent page lists the newest 1,000; bob has yet to download the message before
+    them, so the page asks to keep alice's computer on. It said neither: it read only the
+    1,000 listed, all downloaded."""
+    alice, bob, _, mid, _ = _offered(net, tmp_path / "old.bin")
+    net.stop_node(alice)
+    assert _newer_sent(alice, downloaded=True) == mid
+    net.start_node(alice)
+
+    base, headers = login(net, alice)
+    cookie = {"Cookie": headers["Cookie"]}
+    _, _, page = request(base, "GET", "/sent", cookie)
+    text = html.unescape(page.decode())
+    assert "old.bin" not in text
+    assert (f"The 1,000 newest of {NEWER + 1:,} messages are shown. The older ones are kept: "
+            "`peerpost status ID` finds them.") in text
+    assert '<p id="sent-owed" class="warn">Keep this computer on' in text
+
+    # Once bob has it, nobody needs alice's computer: the page says so no more.
+    net.cli(bob, "fetch", "--wait", mid, timeout=90)
+    net.wait_until(lambda: net.cli_json(alice, "status", mid)[0]["recipients"][0]["state"]
+                   == "downloaded", 60, "bob's receipt at alice")
+    _, _, page = request(base, "GET", "/sent", cookie)
+    assert b"The 1,000 newest of" in page and b'id="sent-owed"' not in page
+
+
 def test_a_cancel_older_than_a_thousand_sends_holds_after_a_restart(
         net: LocalNetwork, tmp_path: Path) -> None:
     alice, bob, _, mid, _ = _offered(net, tmp_path / "draft.bin")
     net.cli(alice, "cancel", mid[:8])
     net.stop_node(alice)
-    with NodeDB.open(alice.home) as db:
-        outbox = Outbox(db)
-        (sent,) = outbox.list()
-        for n in range(NEWER):
-            outbox.add(id=b"\x11" + n.to_bytes(15, "big"), path=f"/gone/{n}.bin",
-                       title=f"newer {n}", size=1, content_id=n.to_bytes(32, "big"),
-                       created_at=sent.created_at + 1 + n, recipients=["dave@example.net"])
+    assert _newer_sent(alice, downloaded=False) == mid
     net.start_node(alice)
 
     (m,) = net.cli_json(alice, "status", mid[:8])

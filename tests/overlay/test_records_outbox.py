@@ -62,6 +62,30 @@ def test_list_is_newest_first(db: NodeDB) -> None:
     assert [e.id for e in outbox.list()] == [b"3" * 16, b"2" * 16, b"1" * 16]
 
 
+def test_awaited_pages_through_every_message_someone_may_still_fetch(db: NodeDB) -> None:
+    """Messages with a recipient `sent` or `downloading`, page by page in `list`'s order
+    (two sent at the same time by id), past the newest `list` holds."""
+    outbox = Outbox(db)
+    states = {b"a": R.SENT, b"b": R.DOWNLOADED, b"c": R.DOWNLOADING, b"d": R.QUEUED,
+              b"e": R.SENT, b"f": R.SENT}
+    for n, (key, state) in enumerate(states.items()):
+        mid = key * 16
+        send(outbox, mid, to=("bob@b.example",), at=float(n // 2))  # a+b, c+d, e+f tie
+        outbox.set_recipient_state(mid, "bob@b.example", state, 10.0)
+    want = [e.id for e in outbox.list() if any(
+        r.state in (R.SENT, R.DOWNLOADING) for r in e.recipients)]
+    assert want == [b"e" * 16, b"f" * 16, b"c" * 16, b"a" * 16]
+    got: list[bytes] = []
+    after = None
+    while page := outbox.awaited(after=after, limit=1):
+        got += [e.id for e in page]
+        after = (page[-1].created_at, page[-1].id)
+    assert got == want
+    # Older than the newest two `list` gives: those alone.
+    last = outbox.list(limit=2)[-1]
+    assert [e.id for e in outbox.awaited(after=(last.created_at, last.id))] == want[2:]
+
+
 def test_receipts_move_forward_and_late_ones_are_ignored(db: NodeDB) -> None:
     outbox = Outbox(db)
     send(outbox)

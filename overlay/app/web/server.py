@@ -218,6 +218,15 @@ def junk_text(entries: list[dict[str, Any]]) -> str:
             f"{'are' if n > 1 else 'is'} not shown (see Preferences).")
 
 
+def cut_text(shown: int, total: int, finds: str) -> str:
+    """The line under a list of the newest `shown` of `total` messages, naming the command
+    that `finds` the older ones; "" when the list holds them all."""
+    if total <= shown:
+        return ""
+    return (f"The {shown:,} newest of {total:,} messages are shown. The older ones are "
+            f"kept: {finds} them.")
+
+
 def _states(states: str, state: str) -> str:
     """The data-states attribute, and `hidden` when `state` is not one of them."""
     return f'data-states="{states}"' + ("" if state in states.split() else " hidden")
@@ -447,9 +456,8 @@ class WebInbox:
         held = self.ops.inbox_state()
         if held["messages"] <= len(entries):
             return ""
-        return (f"The {rows:,} newest of {held['messages'] - held['junk']:,} messages are "
-                "shown. The older ones are kept: `peerpost fetch ID` and `peerpost rm ID` "
-                "find them.")
+        return cut_text(rows, held["messages"] - held["junk"],
+                        "`peerpost fetch ID` and `peerpost rm ID` find")
 
     async def message_page(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -582,14 +590,36 @@ class WebInbox:
                     f'<td>{_size(m["size"]) if first else ""}</td><td>{_e(r["address"])}</td>'
                     f'<td class="state">{_e(recipient_text(r))}</td>'
                     f'<td>{_when(r.get("updated_at"))}</td></tr>')
+        owed = owed or self._owed_older(items)
         body = ('<h1>Sent</h1><table id="sent"><thead><tr><th>Title</th><th>Size</th>'
                 '<th>Recipient</th><th>State</th><th>Updated</th></tr></thead>'
                 f'<tbody>{"".join(rows)}</tbody></table>'
                 + ("" if rows else "<p>Nothing sent from this computer yet.</p>")
+                + f'<p id="sent-cut" class="hint">{_e(self._sent_cut(items))}</p>'
                 + ('<p id="sent-owed" class="warn">Keep this computer on, with peerpost '
                    'running, until everyone has what you sent: the files go from here.</p>'
                    if owed else ""))
         return self._page(request, "sent", "Sent", body)
+
+    def _owed_older(self, items: list[dict[str, Any]]) -> bool:
+        """Whether a sent message older than the newest 1,000 (`items`, `status`'s) still
+        needs this computer: a recipient `sent` or `downloading` (node.db's every row),
+        and its file not changed since. Their foreign recipients are not tracked at the
+        server (a request each), so one whose mail bounced counts."""
+        if len(items) < LIST_LIMIT:
+            return False
+        after = (float(items[-1]["created_at"]), bytes.fromhex(items[-1]["id"]))
+        while page := self.ops.outbox.awaited(after=after):
+            if any(self.ops.source_changed(m) is None for m in page):
+                return True
+            after = (page[-1].created_at, page[-1].id)
+        return False
+
+    def _sent_cut(self, items: list[dict[str, Any]]) -> str:
+        """The line that says the Sent page lists only the newest `items`, if so; else ""."""
+        if len(items) < LIST_LIMIT:
+            return ""  # not cut: no need to count the outbox
+        return cut_text(len(items), self.ops.outbox.count(), "`peerpost status ID` finds")
 
     async def contacts_page(self, request: web.Request) -> web.StreamResponse:
         rows = []
