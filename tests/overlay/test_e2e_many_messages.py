@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 NEWER = 1000
 
 
-def _newer_received(node: NodeHandle, after: float) -> None:
+def newer_received(node: NodeHandle, after: float) -> None:
     """NEWER messages received after `after` into the stopped `node`'s inbox."""
     with NodeDB.open(node.home) as db:
         inbox = Inbox(db)
@@ -83,7 +83,7 @@ def test_the_oldest_of_a_thousand_and_one_is_fetched_and_removed_by_its_prefix(
         net: LocalNetwork, tmp_path: Path) -> None:
     _, bob, src, mid, first = _offered(net, tmp_path / "old.bin")
     net.stop_node(bob)
-    _newer_received(bob, first["received_at"])
+    newer_received(bob, first["received_at"])
     # Two more old messages whose ids share three digits, and a third that shares two.
     two = _other_prefix(mid)
     with NodeDB.open(bob.home) as db:

@@ -209,9 +209,9 @@ def recipient_text(r: dict[str, Any]) -> str:
     return f"{text} ({r['reason']})" if r.get("reason") else text
 
 
-def junk_text(entries: list[dict[str, Any]]) -> str:
-    """The line under the list that says junk senders' messages are left out of it."""
-    n = sum(1 for e in entries if e["junk"])
+def junk_text(n: int) -> str:
+    """The line under the list that says the `n` junk senders' messages are left out of
+    it; "" for none."""
     if not n:
         return ""
     return (f"{n} message{'s' if n > 1 else ''} from senders on your junk list "
@@ -439,24 +439,31 @@ class WebInbox:
                 f'<td class="state state-{_e(e["state"])}">{_e(e["state_text"])}</td>'
                 f'<td class="progress"><span class="bar"><span style="width:{pct}%"></span>'
                 f'</span> {pct}%</td></tr>')
+        junk = self._junk_held(entries)
+        cut = self._cut_text(entries, len(rows), junk)
         body = ('<h1>Inbox</h1><table id="inbox"><thead><tr><th></th><th>Title</th>'
                 '<th>From</th><th>Size</th><th>State</th><th>Progress</th></tr></thead>'
                 f'<tbody id="inbox-rows">{"".join(rows)}</tbody></table>'
                 f'<p id="inbox-empty"{" hidden" if rows else ""}>No messages yet. New ones '
                 'show up here by themselves.</p>'
-                f'<p id="inbox-junk" class="hint">{_e(junk_text(entries))}</p>'
-                f'<p id="inbox-cut" class="hint">{_e(self._cut_text(entries, len(rows)))}</p>')
+                f'<p id="inbox-junk" class="hint">{_e(junk_text(junk))}</p>'
+                f'<p id="inbox-cut" class="hint">{_e(cut)}</p>')
         return self._page(request, "inbox", "Inbox", body)
 
-    def _cut_text(self, entries: list[dict[str, Any]], rows: int) -> str:
-        """The line that says the list holds only the newest (`entries`, of which `rows`
-        are listed: not junk), when the inbox has more; else ""."""
+    def _junk_held(self, entries: list[dict[str, Any]]) -> int:
+        """How many junk senders' messages the inbox holds. `entries` (its newest 1,000,
+        junk too) are all of it unless the list is full: only then is node.db counted."""
         if len(entries) < LIST_LIMIT:
-            return ""  # not cut: no need to count the inbox (two queries a page)
-        held = self.ops.inbox_state()
-        if held["messages"] <= len(entries):
-            return ""
-        return cut_text(rows, held["messages"] - held["junk"],
+            return sum(1 for e in entries if e["junk"])
+        return self.ops.inbox.count(junk_only=True)
+
+    def _cut_text(self, entries: list[dict[str, Any]], rows: int, junk: int) -> str:
+        """The line that says the list holds only the newest (`entries`, of which `rows`
+        are listed: not junk) when the inbox holds more not junk (all but its `junk`);
+        else ""."""
+        if len(entries) < LIST_LIMIT:
+            return ""  # not cut: no need to count the inbox
+        return cut_text(rows, self.ops.inbox.count() - junk,
                         "`peerpost fetch ID` and `peerpost rm ID` find")
 
     async def message_page(self, request: web.Request) -> web.StreamResponse:
@@ -690,7 +697,7 @@ class WebInbox:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-store"})
             await resp.prepare(request)
-            last, last_down = "", None
+            last, last_down, last_junk = "", None, None
             cookie = request.cookies.get(self.auth.cookie)
             # A message page's own message (`?id=`), sent also when it is older than the
             # newest 1,000 the list holds: else the page took it for removed.
@@ -706,6 +713,11 @@ class WebInbox:
                 if data != last:
                     last = data
                     await resp.write(f"event: inbox\ndata: {data}\n\n".encode())
+                # The inbox page's junk line: of the whole inbox, not of the newest 1,000.
+                junk = None if mid else junk_text(self._junk_held(entries))
+                if junk != last_junk:
+                    last_junk = junk
+                    await resp.write(f"event: junk\ndata: {json.dumps(junk)}\n\n".encode())
                 down = self._server_down()
                 if down != last_down:
                     last_down = down

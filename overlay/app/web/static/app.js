@@ -60,12 +60,6 @@ function renderInbox(entries) {
   body.replaceChildren(...rows);
   const empty = document.getElementById("inbox-empty");
   if (empty) empty.hidden = rows.length > 0;
-  const junk = document.getElementById("inbox-junk");
-  const n = entries.length - rows.length;
-  if (junk) {
-    junk.textContent = n === 0 ? "" : `${n} message${n > 1 ? "s" : ""} from senders on your `
-      + `junk list ${n > 1 ? "are" : "is"} not shown (see Preferences).`;
-  }
 }
 
 // A <video> or <audio> whose loading stopped: `stalled` (no data for 3 s) and no data
@@ -189,6 +183,11 @@ function listen() {
     const entries = JSON.parse(ev.data);
     renderInbox(entries);
     renderMessage(entries);
+  });
+  // The server counts junk in the whole inbox: the entries are its newest 1,000 only.
+  events.addEventListener("junk", (ev) => {
+    const junk = document.getElementById("inbox-junk");
+    if (junk) junk.textContent = JSON.parse(ev.data);
   });
   events.addEventListener("server", (ev) => {
     const down = document.getElementById("server-down");
