@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from crypto.address import format_hostport, parse_hostport
+from overlay.app.control_wire import ControlError, NodeNotRunning
+from overlay.app.control_wire import call as control_call
+from overlay.app.home import NodeHome
 
 # `serve` prints `listening HOST:PORT` (the mailbox) first, then `stun listening HOST:PORT`
 # and the like for each service; HOST:PORT as parse_hostport reads it ([::1]:P on IPv6).
@@ -303,10 +306,18 @@ class LocalNetwork:
         return result
 
     def inbox_entry(self, node: NodeHandle, message_id: str) -> dict[str, Any] | None:
-        for e in self.cli_json(node, "inbox", "--all"):
-            if e["id"] == message_id:
-                return dict(e)
-        return None
+        """`node`'s inbox entry of `message_id` as `inbox --json` gives it, or None if its
+        inbox has no such message. Asked by id on the control socket (as `fetch --wait`
+        asks): `inbox` lists only the newest 1,000."""
+        try:
+            e = control_call(NodeHome(node.home).control_path, "progress", id=message_id)
+        except NodeNotRunning as exc:
+            raise LabError(f"{node.name}: {exc}") from None
+        except ControlError as exc:
+            if str(exc).startswith("no message ") or " is a message you sent " in str(exc):
+                return None  # the node's answers for an id not in its inbox (ops.find)
+            raise LabError(f"{node.name}'s inbox entry of {message_id}: {exc}") from None
+        return dict(e) if e["id"] == message_id else None
 
     def close(self) -> None:
         for node in self.nodes.values():
