@@ -554,6 +554,7 @@ class WebInbox:
             f'removed from your inbox. <a href="/">Back to the inbox</a></p>{player}'
             f'<p>from <strong>{_e(e["from"])}</strong> · {_size(e["size"])} · {what} · '
             f'<span id="msg-state" role="status" data-id="{mid}" data-state="{_e(state)}" '
+            f'data-progress="{e["progress"]}" '
             f'class="state state-{_e(state)}">{_e(e["state_text"])}'
             f'{f" {pct}%" if 0 < pct < 100 else ""}</span></p>{lists}'
             f'<p class="warn" {_states("unverified", state)}>On hold: this message is signed '

@@ -65,23 +65,34 @@ function renderInbox(entries) {
 // A <video> or <audio> whose loading stopped: `stalled` (no data for 3 s) and no data
 // since. When /media cuts a range short and answers Chromium's retry with a 503 (a chunk
 // that did not come in 20 s), Chromium asks no more and fires no error: played, the clip
-// ends where its data ends. A stalled load still waiting for its chunk is loaded again
-// too, at a state change; the clip goes on where it was.
+// ends where its data ends. A stalled load still waiting for its chunk counts too: it is
+// told from a dead one only once the node holds more (`awaitStalled`).
 const stalled = new WeakSet();
 // Media the user set playing: the pause Chromium adds to a network error does not count.
 const playing = new WeakSet();
 // Where a reloaded clip goes on (seconds, and whether it plays), kept until its metadata
 // is in: a reload that fails too leaves currentTime at 0.
 const resumeAt = new WeakMap();
+// What the node held of the message (its progress, and whether complete) as this page
+// last saw it, and when each player's load began or last failed. Loaded again before
+// the node holds more, a player fails the same way: the same end of data, or the same
+// 404 of a download that has not reopened its file.
+const st0 = document.getElementById("msg-state");
+let shown = st0 ? { progress: Number(st0.dataset.progress || 0),
+  complete: st0.dataset.state === "complete" } : null;
+const triedWith = new WeakMap();
+for (const el of document.querySelectorAll("[data-states][src]")) triedWith.set(el, shown);
 
-function onMedia(type, handle) {
+function onMedia(type, handle, all) {
   document.addEventListener(type, (ev) => {
-    if (ev.target instanceof HTMLMediaElement) handle(ev.target);
+    if (ev.target instanceof HTMLMediaElement
+        || (all && ev.target instanceof HTMLImageElement)) handle(ev.target);
   }, true); // media events do not bubble
 }
-onMedia("stalled", (el) => stalled.add(el));
+onMedia("stalled", (el) => { stalled.add(el); triedWith.set(el, shown); });
 onMedia("progress", (el) => stalled.delete(el));
 onMedia("loadstart", (el) => stalled.delete(el));
+onMedia("error", (el) => triedWith.set(el, shown), true);
 onMedia("play", (el) => playing.add(el));
 onMedia("pause", (el) => { if (!el.error) playing.delete(el); });
 onMedia("loadedmetadata", (el) => {
@@ -101,16 +112,41 @@ function loadFailed(el) {
   return el instanceof HTMLMediaElement && (el.error !== null || stalled.has(el));
 }
 
+// Whether the node holds more of the message than when `el`'s load began or failed.
+function holdsMore(el) {
+  const then = triedWith.get(el);
+  return !then || shown.progress > then.progress || (shown.complete && !then.complete);
+}
+
+// A load stalled at the end of what the node held may be alive: /media streams a chunk
+// the moment it is stored, and `progress` fires about every 350 ms (+-200, the HTML
+// spec) while data comes. So while the download runs, a stalled player is loaded again
+// only if it is still stalled this long after the node held more; loaded again at once,
+// a clip played while it downloads would start its load over at each chunk that came
+// after a stall. Once the file is complete it is loaded again at once: the page offers
+// to play and save it then.
+const STALL_GRACE_MS = 1500;
+const awaiting = new WeakSet();
+
+function awaitStalled(el) {
+  if (awaiting.has(el)) return;
+  awaiting.add(el);
+  setTimeout(() => {
+    awaiting.delete(el);
+    if (!el.hidden && loadFailed(el) && holdsMore(el)) reload(el);
+  }, STALL_GRACE_MS);
+}
+
 // Load a failed player again: a new query, so neither the browser's cache nor its list of
-// images already fetched answers with the old failure. Called once per state change, so a
-// source that keeps failing is asked again only when the message moves on. A clip goes on
-// where it stopped, playing if it was.
+// images already fetched answers with the old failure. A clip goes on where it stopped,
+// playing if it was.
 function reload(el) {
   if (el instanceof HTMLMediaElement && !resumeAt.has(el)) {
     resumeAt.set(el, { time: el.ended ? 0 : el.currentTime, play: playing.has(el) });
   }
   const url = new URL(el.getAttribute("src"), document.baseURI);
   url.searchParams.set("try", String(Number(url.searchParams.get("try") || 0) + 1));
+  triedWith.set(el, shown);
   el.src = url.pathname + url.search;
 }
 
@@ -126,17 +162,26 @@ function renderMessage(entries) {
     return;
   }
   const pct = Math.round(e.progress * 100);
-  const changed = st.dataset.state !== e.state;
+  shown = { progress: e.progress, complete: e.state === "complete" };
   st.textContent = e.state_text + (pct > 0 && pct < 100 ? ` ${pct}%` : "");
   st.className = `state state-${e.state}`;
   st.dataset.state = e.state;
   // The player's source once the node holds some of the file (the server's _held): an
   // <img> given it earlier got a 404 and stayed broken after the download completed.
   const held = e.state === "complete" || (e.progress > 0 && !e.queued);
+  // A failed player is loaded again once the node holds more of the file: more
+  // progress, or all of it. A state change alone (`retrying` to `downloading` and back,
+  // while the sender is away) brings no byte.
   for (const el of document.querySelectorAll("[data-states]")) {
     el.hidden = !el.dataset.states.split(" ").includes(e.state);
-    if (!el.hidden && held && el.dataset.src && !el.getAttribute("src")) el.src = el.dataset.src;
-    else if (!el.hidden && held && changed && loadFailed(el)) reload(el);
+    if (!el.hidden && held && el.dataset.src && !el.getAttribute("src")) {
+      triedWith.set(el, shown);
+      el.src = el.dataset.src;
+    } else if (!el.hidden && held && loadFailed(el) && holdsMore(el)) {
+      if (el instanceof HTMLMediaElement && el.error === null && !shown.complete) {
+        awaitStalled(el);
+      } else reload(el);
+    }
   }
   const path = document.getElementById("msg-path");
   if (path) path.textContent = e.path || "";
