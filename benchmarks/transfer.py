@@ -1,6 +1,6 @@
 """1 GiB from `peerpost send` to `peerpost fetch ID --wait` complete, against a raw socket copy.
 
-`python -m benchmarks transfer [--mib 1024] [--quick] [--baseline DIR --pairs 3]`
+`python -m benchmarks transfer [--mib 1024] [--quick] [--media] [--baseline DIR --pairs 3]`
 
 - raw: two Python processes on loopback TCP, the same size: one `sendfile`s the file, the
   other `recv_into`s a 1 MiB buffer, once dropping the bytes (the socket's ceiling) and once
@@ -24,6 +24,9 @@
   in its inbox) returns complete. Reported: that rate, the node-to-node rate from the first
   chunk written to the last (the nodes' own times), and the CPU seconds per GB of the two
   node daemons (from /proc) split into `send` (naming the file), serving and receiving.
+- `--media`: the file is named payload.mp4, as a video, instead of payload.bin: a node
+  names audio and video of 512 MiB or more in 2 MiB chunks instead of 4 MiB (a seek in a
+  clip still downloading waits for whole chunks), and the floor rows follow.
 - `--baseline DIR`: a checkout of other code (e.g. `git worktree add /tmp/base HEAD~5`) run
   the same way, alternating with this tree (old, new, new, old, old, new, ...; `--pairs`
   pairs, each other pair in the other order): the nodes and CLI of an old run import DIR
@@ -57,6 +60,7 @@ from crypto.content import (
 )
 from overlay.app.control import ControlClient
 from overlay.app.lab import LocalNetwork
+from overlay.mail.describe import named_as_media
 from overlay.transfer.downloader import WRITERS
 
 MiB = 1 << 20
@@ -126,14 +130,19 @@ os.close(fd); os.unlink(path)
 """
 
 
-def direct_write(folder: Path, size: int) -> tuple[float, str, float]:
-    """Seconds to write `size` bytes as a receiving node does, how it wrote, and the CPU
-    seconds that took."""
+def direct_write(folder: Path, size: int, chunk: int) -> tuple[float, str, float]:
+    """Seconds to write `size` bytes as a receiving node does (`chunk` bytes a write), how
+    it wrote, and the CPU seconds that took."""
     out = subprocess.run(
         [sys.executable, "-c", _DIRECT_WRITER, str(folder / "direct-write.bin"), str(size),
-         str(chunk_size_for(size)), str(WRITERS), str(Path(__file__).resolve().parents[1])],
+         str(chunk), str(WRITERS), str(Path(__file__).resolve().parents[1])],
         capture_output=True, text=True, check=True).stdout.split(maxsplit=2)
     return float(out[0]), out[2].strip(), float(out[1])
+
+
+def _chunk_size(src: Path) -> int:
+    """The chunk size a node names `src` with (its size, and whether its name says media)."""
+    return chunk_size_for(src.stat().st_size, media=named_as_media(src))
 
 
 def cpu_floor(src: Path) -> dict[str, float]:
@@ -143,7 +152,7 @@ def cpu_floor(src: Path) -> dict[str, float]:
     another buffer) and "open" (that sealed chunk opened into a third), each chunk in the
     size a file of that size is named with."""
     size = src.stat().st_size
-    cs = chunk_size_for(size)
+    cs = _chunk_size(src)
     key = new_content_key()
     cipher, key_l = ChunkCipher(key, LeafScheme.KEYED_PLAIN_AES), leaf_key(key)
     plain, opened = memoryview(mmap.mmap(-1, cs)), memoryview(mmap.mmap(-1, cs))
@@ -211,7 +220,7 @@ def raw_copy(src: Path, dst: Path | None, from_buffer: bool = False
     assert recv.stdout is not None
     port = recv.stdout.readline().strip()
     t0 = time.perf_counter()
-    how = str(chunk_size_for(src.stat().st_size)) if from_buffer else "sendfile"
+    how = str(_chunk_size(src)) if from_buffer else "sendfile"
     send = subprocess.Popen([sys.executable, "-c", _RAW_SENDER, str(src), port, how])
     # CPU of a finished child is only visible through wait4's rusage.
     _, _, send_ru = os.wait4(send.pid, 0)
@@ -311,6 +320,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--baseline", type=Path, default=None,
                     help="a checkout of older code to run alternately with this one")
     ap.add_argument("--pairs", type=int, default=3, help="old/new pairs with --baseline")
+    ap.add_argument("--media", action="store_true",
+                    help="name the file as a video (payload.mp4): audio and video keep smaller "
+                         "chunks, for seeking while they download")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     size = (128 if args.quick else args.mib) * MiB
@@ -328,8 +340,9 @@ def main(argv: list[str]) -> int:
         compile_tree(args.baseline.resolve())
     runs: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="peerpost-bench-") as tmp:
-        src = Path(tmp) / "payload.bin"
+        src = Path(tmp) / ("payload.mp4" if args.media else "payload.bin")
         make_file(src, size)
+        chunk = _chunk_size(src)
         # The payload's pages are dirty until written back: flushing them in the
         # background during the first runs cost those runs CPU and disk time (a receiver
         # took 1.2 CPU s/GB in the first two runs and 0.7 after). Each run starts with
@@ -339,7 +352,7 @@ def main(argv: list[str]) -> int:
         raw_buf = raw_copy(src, None, from_buffer=True)
         raw_disk = raw_copy(src, Path(tmp) / "raw-copy.bin")
         os.sync()
-        disk = direct_write(Path(tmp), size)
+        disk = direct_write(Path(tmp), size, chunk)
         floor = cpu_floor(src)
         for i, (code, base) in enumerate(plan):
             os.sync()
@@ -382,6 +395,8 @@ def main(argv: list[str]) -> int:
         {"metric": "raw socket copy from a buffer (send → recv_into): MB/s, sender CPU",
          "value": f"{size / raw_buf[0] / 1e6:,.0f} MB/s, {raw_buf[1] / gb:.2f} s/GB",
          "unit": ""},
+        {"metric": "chunk size the file is named with", "value": f"{chunk / MiB:g}",
+         "unit": "MiB"},
         {"metric": "CLI end to end: `send` start → `fetch --wait` complete",
          "value": e2e("new"), "unit": "MB/s", "target": "≥ 2x old" if args.baseline else ""},
         {"metric": "node → node (first chunk written → last)",
@@ -438,7 +453,7 @@ def main(argv: list[str]) -> int:
                  "value": f"{load_before:.2f} / {load_after:.2f}",
                  "unit": f"{os.cpu_count()} CPUs"})
     report("transfer", rows, out=args.out,
-           meta={"bytes": size, "baseline": str(args.baseline or ""),
+           meta={"bytes": size, "chunk_size": chunk, "baseline": str(args.baseline or ""),
                  "runs": [{"code": c, **r} for c, r in runs],
                  "raw_in_memory": raw_mem, "raw_from_buffer": raw_buf,
                  "raw_to_disk": raw_disk,

@@ -306,15 +306,18 @@ class ContentStore:
         return self.hold(self.name_local_file_blocking(path, chunk_size=chunk_size, key=key,
                                                        scheme=scheme), capability)
 
-    async def name_local_file(self, path: Path, *,
-                              stop: threading.Event | None = None) -> NamedContent:
+    async def name_local_file(self, path: Path, *, stop: threading.Event | None = None,
+                              media: bool = False) -> NamedContent:
         """`add_local_file`'s hash pass alone (in threads), recording nothing: `hold`
-        records what it names. Setting `stop` ends the pass early (NamingStopped)."""
-        return await asyncio.to_thread(self.name_local_file_blocking, path, stop=stop)
+        records what it names. Setting `stop` ends the pass early (NamingStopped). `media`:
+        the file is audio or video (`chunk_size_for`)."""
+        return await asyncio.to_thread(self.name_local_file_blocking, path, stop=stop,
+                                       media=media)
 
     def name_local_file_blocking(
         self, path: Path, *, chunk_size: int | None = None, key: bytes | None = None,
         scheme: LeafScheme | None = None, stop: threading.Event | None = None,
+        media: bool = False,
     ) -> NamedContent:
         """`name_local_file` for callers already in a thread (with `add_local_file`'s
         chunk size, key and scheme)."""
@@ -325,7 +328,8 @@ class ContentStore:
             fd = f.fileno()
             before = os.fstat(fd)
             size = before.st_size
-            chunk_size = chunk_size_for(size) if chunk_size is None else chunk_size
+            if chunk_size is None:
+                chunk_size = chunk_size_for(size, media=media)
             check_layout(size, chunk_size)
             try:
                 leaves = tuple(name_chunks(fd, size, chunk_size, key, scheme, stop))

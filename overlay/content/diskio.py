@@ -27,8 +27,8 @@ DIRECT_ALIGN = 4096
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and arm64 with 4 KiB pages
 # Buffers kept for reuse by one content store, shared by every content it serves: a pool
 # per content kept its chunks' buffers for as long as the node ran, about 2 MiB per file
-# sent (1.6 GB of RSS after 600 small sends). At 2 MiB chunks these bound what stays
-# allocated to 32 MiB of sealed and 16 MiB of plaintext buffers.
+# sent (1.6 GB of RSS after 600 small sends). At the largest files' 4 MiB chunks these
+# bound what stays allocated to 64 MiB of sealed and 32 MiB of plaintext buffers.
 SEND_BUFFERS = 16  # sealed chunks on their way out (some still queued in a transport)
 SCRATCH_BUFFERS = 8  # plaintext chunks read for sealing (one per reading thread is used)
 

@@ -213,6 +213,12 @@ def webm_audio_codec() -> str | None:
     return None
 
 
+def named_as_media(path: Path) -> bool:
+    """Whether `path`'s name (its extension) says audio or video, known before the file is
+    read: what the content's chunk size follows (`chunk_size_for`)."""
+    return _type_from_name(path).startswith(("audio/", "video/"))
+
+
 def _type_from_name(path: Path) -> str:
     guessed, _ = _NAME_TYPES.guess_type(path.name, strict=False)
     return guessed or DEFAULT_TYPE

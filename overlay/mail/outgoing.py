@@ -37,7 +37,7 @@ from overlay.content.catalog import ContentStore
 from overlay.content.diskio import safe_file_name
 from overlay.content.interfaces import ContentStoreError
 from overlay.mail.contacts import MAX_KEYS_PER_ADDRESS, Contacts, PinResult, more_than_held
-from overlay.mail.describe import describe_media, make_thumbnail
+from overlay.mail.describe import describe_media, make_thumbnail, named_as_media
 from overlay.mail.folders import (
     TAR_SUFFIX,
     FolderError,
@@ -297,7 +297,8 @@ class MailSender:
         stop = threading.Event()
         naming = asyncio.gather(
             self.store.name_sent_archive(path, stop=stop) if path.suffix == MAP_SUFFIX
-            and folder is not None else self.store.name_local_file(path, stop=stop),
+            and folder is not None
+            else self.store.name_local_file(path, stop=stop, media=named_as_media(path)),
             return_exceptions=True)
         describing = asyncio.gather(
             describe(path) if folder is None else describe_folder(path, folder),

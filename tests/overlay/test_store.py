@@ -24,6 +24,7 @@ from crypto.content import (
     DEFAULT_CHUNK_SIZE,
     LARGE_CHUNK_SIZE,
     LARGE_CONTENT,
+    LARGE_MEDIA_CHUNK_SIZE,
     ChunkCipher,
     ChunkVerifier,
     LeafScheme,
@@ -336,10 +337,10 @@ def test_direct_buffer_starts_a_page_at_its_lead(n: int, lead: int) -> None:
         direct_buffer(n, mmap.PAGESIZE)
 
 
-def test_huge_page_chunks_reach_the_disk_whole(tmp_path: Path) -> None:
-    """Chunks of a large-file layout (2 MiB) opened into huge-page buffers and written with
-    O_DIRECT read back as the file that was sent."""
-    chunk = HUGE_PAGE
+@pytest.mark.parametrize("chunk", [LARGE_MEDIA_CHUNK_SIZE, LARGE_CHUNK_SIZE])
+def test_huge_page_chunks_reach_the_disk_whole(tmp_path: Path, chunk: int) -> None:
+    """Chunks of the large-file layouts (2 and 4 MiB) opened into huge-page buffers and
+    written with O_DIRECT read back as the file that was sent."""
     data = _file(tmp_path / "f", 2 * chunk + 4096)
     src = ContentStore(tmp_path / "s").add_local_file_blocking(tmp_path / "f", chunk_size=chunk)
     part = _receive(ContentStore(tmp_path / "r"), src, tmp_path / "in", "f")
@@ -425,7 +426,7 @@ def test_served_chunks_stay_intact_while_held(tmp_path: Path) -> None:
 
 
 def test_large_files_are_named_in_larger_chunks(tmp_path: Path) -> None:
-    """From LARGE_CONTENT up, LARGE_CHUNK_SIZE chunks (half the per-chunk work); below it,
+    """From LARGE_CONTENT up, LARGE_CHUNK_SIZE chunks (2 MiB for media); below it,
     1 MiB chunks. Sparse files: nothing is written, the hashing reads zeros."""
     store = ContentStore(tmp_path / "s")
     sizes = {"just-below": LARGE_CONTENT - 1, "at": LARGE_CONTENT}
@@ -437,6 +438,9 @@ def test_large_files_are_named_in_larger_chunks(tmp_path: Path) -> None:
     assert (below.chunk_size, at.chunk_size) == (DEFAULT_CHUNK_SIZE, LARGE_CHUNK_SIZE)
     assert len(at.leaves) == LARGE_CONTENT // LARGE_CHUNK_SIZE
     assert chunk_size_for(10) == DEFAULT_CHUNK_SIZE and chunk_size_for(1 << 40) == LARGE_CHUNK_SIZE
+    media = store.name_local_file_blocking(tmp_path / "at", media=True)
+    assert len(media.leaves) == LARGE_CONTENT // LARGE_MEDIA_CHUNK_SIZE
+    assert chunk_size_for(LARGE_CONTENT - 1, media=True) == DEFAULT_CHUNK_SIZE
 
 
 def _on_a_page(sealed: bytes | bytearray, lead: int) -> memoryview:
