@@ -63,6 +63,9 @@ CANCELLED_TEXT = "cancelled; fetch it to go on (the chunks already here are kept
 # its bar still moves about five times a second.
 MAX_PROGRESS_WAIT_MS = 1000
 _ENDED = (InboxState.COMPLETE, InboxState.FAILED)
+# A recipient in these may still download from this node, at this domain or another (its
+# mail queued at our server or delivered to theirs): the sender's computer must stay on.
+OWED = (RecipientStatus.SENT, RecipientStatus.DOWNLOADING)
 SEND_RECONNECT_WAIT = 2.0  # seconds a send waits for a session that is being re-established
 OFFLINE_TEXT = ("the node is offline: the server is unreachable; nothing was sent; try again "
                 "when `peerpost info` shows connected")
@@ -401,7 +404,9 @@ class ControlOperations:
         out = []
         sent = self.outbox.with_id_prefix(want, limit=LIST_LIMIT)[0] if want else self.outbox.list()
         for m in sent:
-            shown = await self._forwarding(m)
+            forwarding = await self._forwarding(m)
+            shown = {a: text for a, (_, text) in forwarding.items()}
+            bounced = {a for a, (state, _) in forwarding.items() if state == "bounced"}
             served = self.transfer.chunks_served(m.content_id)
             try:
                 chunk_size = decode_location(m.message).handle.chunk_size
@@ -429,7 +434,9 @@ class ControlOperations:
                 "retention_done": "map" if folder and done else done,
                 "recipients": [{"address": r.address, "state": r.state.value,
                                 "updated_at": r.updated_at, "reason": r.reason,
-                                "shown": shown.get(r.address, r.state.value)}
+                                "shown": shown.get(r.address, r.state.value),
+                                "owed": (r.state in OWED and not changed
+                                         and r.address not in bounced)}
                                for r in m.recipients],
             })
         return out
@@ -535,9 +542,10 @@ class ControlOperations:
             raise ControlError(str(exc)) from None
         return {"id": mid.hex(), "replaces": m.id.hex(), "to": to}
 
-    async def _forwarding(self, m: OutboxEntry) -> dict[str, str]:
+    async def _forwarding(self, m: OutboxEntry) -> dict[str, tuple[str, str]]:
         """What the server says of foreign recipients it holds or handed on (TRACK),
-        for those not yet downloading; {} if it can't be asked now."""
+        for those not yet downloading: its state (queued, delivered, bounced) and
+        `forwarding_text`; {} if it can't be asked now."""
         home = self.address.rpartition("@")[2]
         waiting = [r.address for r in m.recipients if r.state is RecipientStatus.SENT
                    and not r.address.endswith("@" + home)]
@@ -548,7 +556,7 @@ class ControlOperations:
                 domain, states = await self.rendezvous.track(m.id)
         except (RendezvousError, TimeoutError):
             return {}
-        return {t.to: forwarding_text(t.state, domain, t.to, t.since, t.error)
+        return {t.to: (t.state, forwarding_text(t.state, domain, t.to, t.since, t.error))
                 for t in states if t.to in waiting}
 
     async def prefs_get(self, a: Fields) -> Any:

@@ -32,6 +32,8 @@ from rendezvous.federation import LinkClient
 from rendezvous.messages import Send, SendItem
 from rendezvous.status import Status
 from tests.dnstest import Dnsmasq
+from tests.web.test_web_access import request
+from tests.web.test_web_actions import login
 
 pytestmark = pytest.mark.slow
 
@@ -165,6 +167,17 @@ def status_table(dom: Domain, node: NodeHandle) -> str:
     return flat(dom.net.cli(node, "status").stdout)
 
 
+def sent_page(dom: Domain, node: NodeHandle) -> str:
+    """The web inbox's Sent page of `node`, as its owner sees it."""
+    base, headers = login(dom.net, node)
+    status, _, page = request(base, "GET", "/sent", {"Cookie": headers["Cookie"]})
+    assert status == 200, page
+    return page.decode()
+
+
+KEEP_ON = '<p id="sent-owed" class="warn">Keep this computer on, with peerpost running'
+
+
 def make_file(path: Path, size: int) -> Path:
     path.write_bytes(os.urandom(size))
     return path
@@ -176,6 +189,32 @@ def deliver_once(w: World, alice: NodeHandle, bob: NodeHandle, src: Path, mid: s
     assert got["from"] == alice.address
     assert Path(got["path"]).read_bytes() == src.read_bytes()
     assert [e["id"] for e in w.b.net.cli_json(bob, "inbox", "--all")].count(mid) == 1
+
+
+def alice_and_bob(w: World) -> tuple[NodeHandle, NodeHandle]:
+    """Both servers up; alice at a.test and bob at b.test, their nodes running."""
+    w.a.start()
+    w.b.start()
+    alice, _ = w.a.init("alice")
+    bob, _ = w.b.init("bob")
+    w.a.net.start_node(alice)
+    w.b.net.start_node(bob)
+    return alice, bob
+
+
+def bob_known_then_b_down(w: World, tmp_path: Path) -> tuple[NodeHandle, NodeHandle]:
+    """`alice_and_bob`; a first message pins bob's keys at alice and bob's receipt of it
+    is in; then b.test goes down, bob's node with it."""
+    alice, bob = alice_and_bob(w)
+    first = make_file(tmp_path / "first.bin", 1 << 20)
+    first_mid = send(w.a, alice, first, bob.address)
+    deliver_once(w, alice, bob, first, first_mid)
+    assert w.a.net.wait_until(lambda: shown(w.a, alice, first_mid, bob.address)
+                              == "downloaded", 60, "bob's receipt of the first at alice")
+    w.b.net.stop_node(bob)
+    assert w.b.net.server is not None
+    w.b.net.server.stop()
+    return alice, bob
 
 
 def test_bob_offline_at_send_gets_it_once_when_he_comes_online(
@@ -203,20 +242,7 @@ def test_bob_offline_at_send_gets_it_once_when_he_comes_online(
 def test_b_down_then_a_killed_while_waiting_nothing_lost_delivered_once(
         make_world: Callable[..., World], tmp_path: Path) -> None:
     w = make_world()
-    w.a.start()
-    w.b.start()
-    alice, _ = w.a.init("alice")
-    bob, _ = w.b.init("bob")
-    w.a.net.start_node(alice)
-    w.b.net.start_node(bob)
-    # An earlier message pins bob's keys at alice.
-    first = make_file(tmp_path / "first.bin", 1 << 20)
-    deliver_once(w, alice, bob, first, send(w.a, alice, first, bob.address))
-
-    # b.test goes down (bob's node with it), then alice sends.
-    w.b.net.stop_node(bob)
-    assert w.b.net.server is not None
-    w.b.net.server.stop()
+    alice, bob = bob_known_then_b_down(w, tmp_path)  # then alice sends
     src = make_file(tmp_path / "second.bin", 2 << 20)
     mid = send(w.a, alice, src, bob.address)
     w.a.wait_log(r"event=outbound\.retry domain=b\.test")
@@ -243,6 +269,37 @@ def test_b_down_then_a_killed_while_waiting_nothing_lost_delivered_once(
                               60, "bob's receipt at alice")
     ids = [e["id"] for e in w.b.net.cli_json(bob, "inbox", "--all")]
     assert len(ids) == 2 and ids.count(mid) == 1  # the first message and this one, once
+
+
+def test_the_sent_page_asks_to_stay_on_until_a_foreign_recipient_has_downloaded(
+        make_world: Callable[..., World], tmp_path: Path) -> None:
+    """Mail to bob at b.test, queued at a.test while b.test is down, then delivered there
+    with bob's node off: alice's Sent page asks her to keep her computer on, since bob
+    downloads from it. It did not: only a recipient shown `sent` or `downloading` counted,
+    and a foreign one is shown by what the server says of its forwarding."""
+    w = make_world()
+    alice, bob = bob_known_then_b_down(w, tmp_path)
+    assert KEEP_ON not in sent_page(w.a, alice)  # bob has the first message
+    src = make_file(tmp_path / "second.bin", 2 << 20)
+    mid = send(w.a, alice, src, bob.address)
+    w.a.net.wait_until(lambda: shown(w.a, alice, mid, bob.address).startswith(
+        "queued at a.test (b.test unreachable since "), 60, "status 'queued at a.test (...)'")
+    page = sent_page(w.a, alice)
+    assert "queued at a.test (b.test unreachable since " in page and KEEP_ON in page
+
+    w.b.start()
+    w.a.wait_log(r"event=outbound\.delivered .*to=bob@b\.test", timeout=90)
+    w.a.net.wait_until(lambda: shown(w.a, alice, mid, bob.address) == "delivered to b.test",
+                       90, "status 'delivered to b.test'")
+    page = sent_page(w.a, alice)
+    assert "delivered to b.test" in page and KEEP_ON in page
+
+    # Once bob has it, nobody needs alice's computer: the page says so no more.
+    w.b.net.start_node(bob)
+    deliver_once(w, alice, bob, src, mid)
+    w.a.net.wait_until(lambda: shown(w.a, alice, mid, bob.address) == "downloaded", 60,
+                       "bob's receipt at alice")
+    assert KEEP_ON not in sent_page(w.a, alice)
 
 
 def test_a_server_without_the_published_key_is_refused_by_nodes_and_servers(
@@ -336,18 +393,7 @@ def test_expiry_bounces_and_the_sender_sees_it_in_status(
     # 0.0001 days is 8.64 s: long enough for the first message to go through at once
     # (its envelope is forwarded within a second).
     w = make_world(a_test=["--outbound-expiry", "0.0001"])
-    w.a.start()
-    w.b.start()
-    alice, _ = w.a.init("alice")
-    bob, _ = w.b.init("bob")
-    w.a.net.start_node(alice)
-    w.b.net.start_node(bob)
-    first = make_file(tmp_path / "first.bin", 1 << 20)
-    deliver_once(w, alice, bob, first, send(w.a, alice, first, bob.address))
-
-    w.b.net.stop_node(bob)
-    assert w.b.net.server is not None
-    w.b.net.server.stop()
+    alice, bob = bob_known_then_b_down(w, tmp_path)
     src = make_file(tmp_path / "late.bin", 1 << 20)
     mid = send(w.a, alice, src, bob.address)
     w.a.wait_log(r"event=outbound\.expired bounced=1", timeout=90)
@@ -357,17 +403,14 @@ def test_expiry_bounces_and_the_sender_sees_it_in_status(
     assert text.startswith("bounced: not delivered to b.test before it expired "
                            "(b.test unreachable: "), text
     assert text in status_table(w.a, alice)
+    # A bounced recipient will not download: nothing asks alice to stay on for it.
+    assert KEEP_ON not in sent_page(w.a, alice)
 
 
 def test_a_blocked_domain_gets_no_link_and_no_mail(
         make_world: Callable[..., World], tmp_path: Path) -> None:
     w = make_world(b_test=["--block-domain", "A.test"])  # any case
-    w.a.start()
-    w.b.start()
-    alice, _ = w.a.init("alice")
-    bob, _ = w.b.init("bob")
-    w.a.net.start_node(alice)
-    w.b.net.start_node(bob)
+    alice, bob = alice_and_bob(w)
     src = make_file(tmp_path / "x.bin", 1 << 20)
     res = w.a.net.cli(alice, "send", str(src), "--to", bob.address, check=False)
     assert res.returncode != 0

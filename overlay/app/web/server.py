@@ -588,11 +588,13 @@ class WebInbox:
     async def sent_page(self, request: web.Request) -> web.StreamResponse:
         items = await self.ops.status(Fields({}, "web"))
         rows = []
-        owed = False  # someone still to download: the file goes from this computer
+        # Someone may still download (here, or queued or delivered at another domain):
+        # the file goes from this computer.
+        owed = False
         for m in items:
             for i, r in enumerate(m["recipients"]):
                 first = i == 0
-                owed = owed or r["shown"] in ("sent", "downloading")
+                owed = owed or bool(r["owed"])
                 rows.append(
                     f'<tr><td>{_e(m["title"]) if first else ""}</td>'
                     f'<td>{_size(m["size"]) if first else ""}</td><td>{_e(r["address"])}</td>'
