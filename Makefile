@@ -38,7 +38,7 @@ demo: $(VENV)/.installed bytecode
 test: $(VENV)/.installed-test bytecode
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=20
 
 # pytest alone, on PYTEST_ARGS (test paths and options; none runs the whole suite).
 PYTEST_ARGS ?=
