@@ -7,8 +7,9 @@ IncomingMail (with the PIPE messages dropped as not signalling), the offers of u
 rungs answered 'unsupported' (overlay.transports.signalling) and the offers of our own
 rungs rejected as invalid (overlay.transports.endpoint), the download queue's
 counters and running downloads, the transfer server's counters (what this node serves),
-the DHT node's counters and table sizes, and whether the rendezvous session is up (also
-the health: 200 while connected, 503 otherwise).
+the DHT node's counters and table sizes, the `--on-message` hook's counters (`info`'s
+`on-message ran/failed/timed-out/deferred`), and whether the rendezvous session is up
+(also the health: 200 while connected, 503 otherwise).
 
 Downloads are measured where they run, by `overlay.app.fetchmeter.FetchMeter` around
 the download queue's fetcher: attempts by outcome, bytes by path (tcp, webrtc, relay),
@@ -94,6 +95,13 @@ class NodeCollector(Collector):
                       [({"event": k.replace(".", "_")}, float(v)) for k, v in
                        sorted({"datagrams_in": 0, **stats}.items())
                        if k not in _DHT_GAUGES])
+        yield counter(p + "on_message_events", "--on-message hook events since the node "
+                      "started: commands that ran to their end (ran), could not start "
+                      "(failed) or were killed over the timeout (timed-out), and events "
+                      "left owed in node.db for want of room (deferred)", 0,
+                      [({"event": k}, float(v)) for k, v in sorted(
+                          {"ran": 0, "failed": 0, "timed-out": 0, "deferred": 0,
+                           **node.hook.counters}.items())])
         yield gauge(p + "dht_size", "DHT routing table contacts and records held", 0,
                     [({"name": k}, float(stats.get(k, 0))) for k in sorted(_DHT_GAUGES)])
 

@@ -11,6 +11,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -46,11 +47,20 @@ def metrics_url(log: str) -> str:
     return f"http://{m.group(1)}"
 
 
+def hook_events(url: str) -> dict[str, float]:
+    """The node's `--on-message` counters in its /metrics, by event."""
+    return {dict(labels)["event"]: v for (name, labels), v in
+            samples(fetch(url + "/metrics")[1]).items()
+            if name == "peerpost_node_on_message_events_total"}
+
+
 def test_node_metrics_count_a_download_and_logs_are_json(tmp_path: Path) -> None:
     with LocalNetwork(tmp_path / "lab") as net:
         net.start_server()
         alice = net.add_node("alice", extra=["--metrics", "127.0.0.1:0"])
-        bob = net.add_node("bob", extra=["--metrics", "127.0.0.1:0", "--log-format", "json"])
+        hook = ["--on-message", shlex.join([sys.executable, "-c", "pass"])]
+        bob = net.add_node("bob", extra=["--metrics", "127.0.0.1:0", "--log-format", "json",
+                                         *hook])
         net.start_node(alice)
         net.start_node(bob)
         assert bob.proc is not None
@@ -74,6 +84,11 @@ def test_node_metrics_count_a_download_and_logs_are_json(tmp_path: Path) -> None
         assert got[("peerpost_node_downloads_total", (("outcome", "complete"),))] == 1
         assert got[("peerpost_node_download_bytes_total", (("path", "tcp"),))] >= 600 * KiB
         assert got[("peerpost_node_mail_events_total", (("event", "received"),))] == 1
+        # The hook ran for `arrived` and `complete`, as `info` counts it.
+        hooks = net.wait_until(lambda: (h := hook_events(url)).get("ran") == 2 and h,
+                               30, "bob's hook runs in /metrics")
+        assert hooks == {"ran": 2, "failed": 0, "timed-out": 0, "deferred": 0}
+        assert net.cli_json(bob, "info")["counters"]["on-message ran"] == 2
         assert alice.proc is not None
         _, text = fetch(metrics_url(alice.proc.log()) + "/metrics")
         served = samples(text)[("peerpost_node_upload_events_total",
