@@ -782,8 +782,9 @@ def _sent(home: NodeHome, mid: str, to: list[str], args: argparse.Namespace) -> 
     return 0
 
 
-# A recipient's `shown` state after which nothing more happens to it.
-SENT_FINAL = ("downloaded", "declined", "failed", "cancelled", "source changed")
+# A recipient's `shown` state after which nothing more happens to it: "bounced: reason" is
+# a recipient at another domain whose mail the sender's server gave up on.
+SENT_FINAL = ("downloaded", "declined", "failed", "cancelled", "source changed", "bounced")
 
 
 def _watch_sent(home: NodeHome, mid: str, args: argparse.Namespace) -> int:

@@ -403,8 +403,12 @@ def test_expiry_bounces_and_the_sender_sees_it_in_status(
     assert text.startswith("bounced: not delivered to b.test before it expired "
                            "(b.test unreachable: "), text
     assert text in status_table(w.a, alice)
-    # A bounced recipient will not download: nothing asks alice to stay on for it.
+    # A bounced recipient will not download: nothing asks alice to stay on for it, and
+    # watching the message ends, with the bounce as the error.
     assert KEEP_ON not in sent_page(w.a, alice)
+    res = w.a.net.cli(alice, "status", "--wait", mid, timeout=30, check=False)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert f"0 of 1 recipients have it; bob@b.test: {text}" in flat(res.stderr), res.stderr
 
 
 def test_a_blocked_domain_gets_no_link_and_no_mail(
