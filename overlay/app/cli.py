@@ -29,6 +29,7 @@ from crypto.address import format_hostport, parse_hostport
 from crypto.errors import DecodeError
 from overlay.app.control_wire import (
     CLOSED_TEXT,
+    KEEP_ON_TEXT,
     RESTART,
     ControlError,
     NodeNotRunning,
@@ -1163,6 +1164,8 @@ def _status_table(home: NodeHome, args: argparse.Namespace, want: str | None) ->
                                       len(items))):
         console.print(f"{cut}; `peerpost status ID` finds any", soft_wrap=True,
                       highlight=False)
+    if any(r.get("owed") for m in items for r in m["recipients"]):
+        console.print(f"[yellow]{KEEP_ON_TEXT}[/]", soft_wrap=True, highlight=False)
     return 0
 
 

@@ -42,6 +42,10 @@ def shown_id(text: str) -> str:
 
 
 RESTART = "restart it (stop `peerpost node` and start it again)"
+# What `status` and the web inbox's Sent page say while a recipient may still download
+# (a recipient's `owed`: at this domain, or queued or delivered at another).
+KEEP_ON_TEXT = ("Keep this computer on, with peerpost running, until everyone has what you "
+                "sent: the files go from here.")
 
 
 class NodeTooOld(ControlError):

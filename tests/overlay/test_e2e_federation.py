@@ -176,6 +176,7 @@ def sent_page(dom: Domain, node: NodeHandle) -> str:
 
 
 KEEP_ON = '<p id="sent-owed" class="warn">Keep this computer on, with peerpost running'
+KEEP_ON_CLI = "Keep this computer on, with peerpost running, until everyone has what you sent"
 
 
 def make_file(path: Path, size: int) -> Path:
@@ -280,12 +281,14 @@ def test_the_sent_page_asks_to_stay_on_until_a_foreign_recipient_has_downloaded(
     w = make_world()
     alice, bob = bob_known_then_b_down(w, tmp_path)
     assert KEEP_ON not in sent_page(w.a, alice)  # bob has the first message
+    assert KEEP_ON_CLI not in status_table(w.a, alice)
     src = make_file(tmp_path / "second.bin", 2 << 20)
     mid = send(w.a, alice, src, bob.address)
     w.a.net.wait_until(lambda: shown(w.a, alice, mid, bob.address).startswith(
         "queued at a.test (b.test unreachable since "), 60, "status 'queued at a.test (...)'")
     page = sent_page(w.a, alice)
     assert "queued at a.test (b.test unreachable since " in page and KEEP_ON in page
+    assert KEEP_ON_CLI in status_table(w.a, alice)
 
     w.b.start()
     w.a.wait_log(r"event=outbound\.delivered .*to=bob@b\.test", timeout=90)
@@ -293,6 +296,7 @@ def test_the_sent_page_asks_to_stay_on_until_a_foreign_recipient_has_downloaded(
                        90, "status 'delivered to b.test'")
     page = sent_page(w.a, alice)
     assert "delivered to b.test" in page and KEEP_ON in page
+    assert KEEP_ON_CLI in status_table(w.a, alice)
 
     # Once bob has it, nobody needs alice's computer: the page says so no more.
     w.b.net.start_node(bob)
@@ -300,6 +304,7 @@ def test_the_sent_page_asks_to_stay_on_until_a_foreign_recipient_has_downloaded(
     w.a.net.wait_until(lambda: shown(w.a, alice, mid, bob.address) == "downloaded", 60,
                        "bob's receipt at alice")
     assert KEEP_ON not in sent_page(w.a, alice)
+    assert KEEP_ON_CLI not in status_table(w.a, alice)
 
 
 def test_a_server_without_the_published_key_is_refused_by_nodes_and_servers(

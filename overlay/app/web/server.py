@@ -27,6 +27,7 @@ from crypto.codec import Fields
 from crypto.errors import DecodeError
 from crypto.location import decode_location
 from overlay.app.control import ControlError
+from overlay.app.control_wire import KEEP_ON_TEXT
 from overlay.app.operations import CANCELLED_TEXT, ControlOperations, key_mismatch_text
 from overlay.app.web.auth import (
     CSRF_HEADER,
@@ -606,9 +607,7 @@ class WebInbox:
                 f'<tbody>{"".join(rows)}</tbody></table>'
                 + ("" if rows else "<p>Nothing sent from this computer yet.</p>")
                 + f'<p id="sent-cut" class="hint">{_e(self._sent_cut(items))}</p>'
-                + ('<p id="sent-owed" class="warn">Keep this computer on, with peerpost '
-                   'running, until everyone has what you sent: the files go from here.</p>'
-                   if owed else ""))
+                + (f'<p id="sent-owed" class="warn">{_e(KEEP_ON_TEXT)}</p>' if owed else ""))
         return self._page(request, "sent", "Sent", body)
 
     def _owed_older(self, items: list[dict[str, Any]]) -> bool:
