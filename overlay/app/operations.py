@@ -106,7 +106,8 @@ class ControlOperations:
                  withdraw: Callable[[bytes], Awaitable[None]] | None = None,
                  reach: Callable[[], dict[str, Any]] | None = None,
                  received: Path | None = None,
-                 hook_counters: Mapping[str, int] | None = None) -> None:
+                 hook_counters: Mapping[str, int] | None = None,
+                 retention: Callable[[], Awaitable[None]] | None = None) -> None:
         self.identity = identity
         self.address = address
         self.listen_addr = listen_addr
@@ -122,6 +123,9 @@ class ControlOperations:
         self.max_in_flight = max_in_flight
         self.store = store
         self.withdraw_announcement = withdraw  # the DHT's provider record of a content
+        # The sender's retention pass: run after a send, whose lookup of each address may
+        # have retired a device an earlier message still waited for.
+        self.retention = retention
         self.reach = reach  # NAT, the address the server sees, the rungs we dial over
         self.received = received  # the download folder
         # `--on-message`'s runs: ran, failed, timed-out, deferred (waited in node.db)
@@ -197,6 +201,8 @@ class ControlOperations:
             if not self.rendezvous.connected:  # the server went away during the send
                 raise ControlError(f"{OFFLINE_TEXT} ({exc})") from None
             raise ControlError(str(exc)) from None
+        if self.retention is not None:
+            await self.retention()
         return {"id": mid.hex()}
 
     def entry_json(self, e: InboxEntry) -> dict[str, Any]:

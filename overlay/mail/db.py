@@ -299,10 +299,24 @@ def _to_v9(conn: sqlite3.Connection) -> None:
                  " WHERE completion = 'due'")
 
 
+def _to_v10(conn: sqlite3.Connection) -> None:
+    # The devices each sent message was sealed to (overlay.mail.outbox): the sender's
+    # retention waits for a settling receipt signed by each of them, not only the first of
+    # an address's devices. Messages sent before this version have no rows: their
+    # retention waits for each address, as it did.
+    conn.execute("""CREATE TABLE outbox_device (
+        message_id  BLOB NOT NULL REFERENCES outbox (id) ON DELETE CASCADE,
+        address     TEXT NOT NULL,
+        verify_key  BLOB NOT NULL CHECK (length(verify_key) = 32),
+        settled     INTEGER NOT NULL DEFAULT 0 CHECK (settled IN (0, 1)),
+        PRIMARY KEY (message_id, address, verify_key)
+    ) WITHOUT ROWID""")
+
+
 # version n -> the step that makes it n + 1. Append only; never edit a shipped step.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: _to_v1, 1: _to_v2, 2: _to_v3, 3: _to_v4, 4: _to_v5, 5: _to_v6, 6: _to_v7, 7: _to_v8,
-    8: _to_v9}
+    8: _to_v9, 9: _to_v10}
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

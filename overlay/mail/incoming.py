@@ -290,8 +290,14 @@ class IncomingMail:
                  else RecipientStatus(receipt.state))
         # Filed readable: status, the web's Sent page and the log show it as it is.
         reason = None if receipt.reason is None else reason_text(receipt.reason)
-        if not self.outbox.set_recipient_state(receipt.message_id, env.sender, state,
-                                               self.wall(), reason=reason):
+        changed = self.outbox.set_recipient_state(receipt.message_id, env.sender, state,
+                                                  self.wall(), reason=reason)
+        # Each device the message was sealed to settles for itself: the address's other
+        # devices may still fetch it from the sender's copy after this one has it. Its key
+        # names the device (every receipt is signed by the device that sends it).
+        if state in (RecipientStatus.DOWNLOADED, RecipientStatus.DECLINED):
+            changed = self.outbox.settle_device(receipt.message_id, env.sender, key) or changed
+        if not changed:
             # Replayed, stale or out of order: nothing to do, so no retention pass (which
             # reads the whole outbox) either.
             self.counters["receipts-unchanged"] += 1

@@ -19,6 +19,10 @@ acknowledged the SEND) still takes `downloading`, `downloaded` and `declined`: a
 server committed while its acknowledgement was lost is delivered. A recipient the sender
 withdrew from (`cancel`) takes no receipt.
 
+Each device a message was sealed to is recorded too (`outbox_device`), and settled by a
+`downloaded` or `declined` receipt its key signed; retention also waits for those (see
+`pending_retention`), while `status` shows each address as its devices' furthest state.
+
 Once every recipient has the file or declined it (`settled`), the node applies the
 sender's retention preference (keep, delete or archive its plaintext copy) if at least one
 recipient downloaded it, and only releases what it holds for serving if none did (the
@@ -358,11 +362,13 @@ class Outbox:
         created_at: float,
         recipients: Iterable[str],
         message: bytes = b"",
+        devices: Iterable[tuple[str, bytes]] = (),
     ) -> bool:
         """Record a message being sent, every recipient `queued`; False if the id is known.
 
         `message` is the signed location message body, kept opaque so the node can serve
-        and resend after a restart.
+        and resend after a restart. `devices`: (address, verify key) of each device it is
+        sealed to, each of which retention waits for (`settle_device`).
         """
         check_message_row(id, message)
         if size < 0:
@@ -383,7 +389,22 @@ class Outbox:
                 " VALUES (?, ?, ?, ?)",
                 [(id, a, RecipientStatus.QUEUED.value, created_at) for a in addresses],
             )
+            if rows := [(id, normalize_address(a), key) for a, key in devices]:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO outbox_device (message_id, address, verify_key)"
+                    " VALUES (?, ?, ?)", rows)
         return True
+
+    def settle_device(self, id: bytes, address: str, verify_key: bytes) -> bool:
+        """The device of `address` with `verify_key` has the message or declined it (its
+        receipt said so); True if that was news. A device it was not sealed to (a message
+        sent before devices were recorded, or a key added since) changes nothing."""
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE outbox_device SET settled = 1 WHERE message_id = ? AND address = ?"
+                " AND verify_key = ? AND settled = 0",
+                (id, normalize_address(address), verify_key))
+        return cur.rowcount > 0
 
     def get(self, id: bytes) -> OutboxEntry | None:
         """The entry with this message id, or None."""
@@ -511,11 +532,19 @@ class Outbox:
 
         The node calls this at start-up too, so a crash between the last receipt and the
         delete/archive step is finished later.
+
+        Nor while a device the message was sealed to has sent no settling receipt and its
+        key is still pinned for its address: one device of an address having it leaves
+        the others to fetch it from this copy. A key no longer pinned (retired: the
+        recipient's server stopped listing it, revoked or removed) is not waited for.
         """
         rows = self._db.query(
             "SELECT * FROM outbox o WHERE retention_done = 0 AND NOT EXISTS ("
             " SELECT 1 FROM outbox_recipient r WHERE r.message_id = o.id"
-            " AND r.state NOT IN ('downloaded', 'declined')) ORDER BY created_at"
+            " AND r.state NOT IN ('downloaded', 'declined')) AND NOT EXISTS ("
+            " SELECT 1 FROM outbox_device d JOIN contact_key k ON k.address = d.address"
+            " AND k.verify_key = d.verify_key AND k.status = 'pinned'"
+            " WHERE d.message_id = o.id AND d.settled = 0) ORDER BY created_at"
         )
         return self._entries(rows)
 

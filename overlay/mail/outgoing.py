@@ -352,7 +352,10 @@ class MailSender:
             named_ids.append(mid)
         self.outbox.add(id=mid, path=str(path), title=title, size=content.size,
                         content_id=content.content_id, recipients=addresses,
-                        created_at=self.wall(), message=msg.encode())
+                        created_at=self.wall(), message=msg.encode(),
+                        devices=[(r.address, d.verify_key) for r in recipients
+                                 for d in r.devices
+                                 if d.verify_key != self.identity.public.verify_key])
         acked: set[str] = set()
         try:
             for batch in send_batches(items):  # many recipients: several SENDs, one id

@@ -1,7 +1,9 @@
 """What the sender does with its copy once every recipient has it (keep, delete, archive).
 
 The seed's sender "deletes or archives its copy once everyone has it", as its preferences
-say; the default is to keep it. A recipient that declined (removed it unread, or its
+say; the default is to keep it. Everyone is every device the message was sealed to, but
+one whose key the sender has retired since (its server no longer lists it: revoked or
+removed); see `Outbox.pending_retention`. A recipient that declined (removed it unread, or its
 download failed for good) counts as done: once at least one recipient downloaded it and
 the rest declined, the preference applies. When every recipient declined, the user's file
 is the only copy: it is never deleted or archived, but the node stops serving it (the

@@ -30,6 +30,9 @@ from tests.overlay.test_download_sources import offer
 from tests.present import present
 from tests.rendezvous.conftest import disk_full, ident
 
+# No key pinned before or after a lookup: none retired, so no retention pass follows.
+_NO_CONTACTS = SimpleNamespace(trusted_keys=lambda sender: frozenset())
+
 
 class _FailsOnce:
     """A store method that raises `error` at its first call and returns `then` after."""
@@ -97,7 +100,7 @@ async def test_a_sender_whose_keys_were_not_rechecked_is_looked_up_again(
 
     recheck = _FailsOnce(sqlite3.OperationalError("database is locked"), [b"m" * 16])
     incoming = SimpleNamespace(
-        recheck_keys=recheck, key_checks=[],
+        recheck_keys=recheck, key_checks=[], contacts=_NO_CONTACTS,
         inbox=SimpleNamespace(unverified_senders=lambda: ["alice@example.net"],
                               pending_arrivals=lambda sender=None: []))
     woken = asyncio.Event()
@@ -232,7 +235,7 @@ async def test_a_sender_with_more_devices_than_a_contact_pins_is_not_looked_up_a
     recheck = _FailsOnce(
         RecordLimitError("alice@example.net would have more than 16 pinned devices"), [])
     incoming = SimpleNamespace(
-        recheck_keys=recheck, key_checks=[],
+        recheck_keys=recheck, key_checks=[], contacts=_NO_CONTACTS,
         inbox=SimpleNamespace(unverified_senders=lambda: ["alice@example.net"],
                               pending_arrivals=lambda sender=None: []))
     delivery = _delivery(tmp_path, incoming, None, finger=finger)

@@ -251,9 +251,9 @@ def test_a_folder_in_received_sent_to_yourself_is_kept(lab: LocalNetwork) -> Non
 
 def test_a_folder_sent_to_your_own_address_reaches_your_other_device(tmp_path: Path) -> None:
     """Alice's laptop sends a folder to her own address while her phone is off: the
-    laptop's own download counts as the address's, yet the phone, started after
-    retention's pass, gets the same tree from the laptop's map, which has it alone; `rm`
-    on the laptop then releases the map (the folder stays)."""
+    laptop's own download counts as the address's, yet retention waits for the phone,
+    which gets the same tree from the laptop's map, which has it alone; `rm` on the
+    laptop then releases the map (the folder stays)."""
     with LocalNetwork(tmp_path / "lab") as net:
         net.start_server()
         (laptop,) = net.start_nodes("alice")
@@ -266,11 +266,14 @@ def test_a_folder_sent_to_your_own_address_reaches_your_other_device(tmp_path: P
         want = tree(src)
         mid = net.cli(laptop, "send", str(src), "--to", laptop.address).stdout.strip()
         assert net.wait_complete(laptop, mid, 60, "the laptop's own copy")["path"] == str(src)
-        net.wait_until(lambda: sent(net, laptop, mid)["retention_done"], 30, "retention")
+        net.wait_until(lambda: sent(net, laptop, mid)["recipients"][0]["state"] ==
+                       "downloaded", 30, "the laptop's own receipt")
+        assert sent(net, laptop, mid)["retention_done"] is None  # the phone may come
 
         net.start_node(phone)
         got = net.wait_complete(phone, mid, 60, "the folder on alice's phone")
         assert tree(Path(got["path"])) == want
+        net.wait_until(lambda: sent(net, laptop, mid)["retention_done"], 30, "retention")
 
         net.cli(laptop, "rm", mid)
         assert not Path(sent(net, laptop, mid)["path"]).exists() and tree(src) == want

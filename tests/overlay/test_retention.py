@@ -260,6 +260,7 @@ async def test_a_send_recorded_after_the_pass_read_the_outbox_keeps_the_file(
     _still_served(store, outbox, second, clip, data)
 
     outbox.set_recipient_state(second, BOB, RecipientStatus.DOWNLOADED, 2000.0)
+    assert outbox.settle_device(second, BOB, BOB_KEY)  # the send sealed it to bob's key
     done = apply_retention(outbox, store, prefs, tmp_path / "archive")
     assert [(e.id, action) for e, action in done] == [(second, "delete")]
     assert not clip.exists()

@@ -191,10 +191,30 @@ async def test_within_keys_fresh_the_pinned_keys_are_believed_without_a_lookup(
 
     await bob.receive(message_from(ALICE2, 1), receipt_from(ALICE2, bob.sent_id))
     assert state_of(bob, 1) is InboxState.OFFERED
-    assert bob.alice_state() is RecipientStatus.DOWNLOADED and not bob.clip.exists()
+    # Alice's other device, still trusted, may fetch it yet: the clip stays for it.
+    assert bob.alice_state() is RecipientStatus.DOWNLOADED and bob.clip.exists()
     assert bob.server.fingers == 0
     contact = Contacts(db).get(ALICE)
     assert contact is not None and contact.retired_keys == ()
+
+
+async def test_a_lookup_that_retires_the_device_retention_waited_for_lets_it_go(
+        db: NodeDB, store: ContentStore, tmp_path: Path) -> None:
+    """Alice's second device has bob's clip, her first not yet: bob's `delete` waits for
+    it. Her server stops listing the first (revoked); past KEYS_FRESH a message from the
+    second makes bob look her up, which retires the first's key, and the clip goes then.
+    It stayed (nothing else ran the retention pass) before a retiring lookup ran one."""
+    bob = await bob_sent_to_alice(db, store, tmp_path, ALICE1, ALICE2)
+    await bob.receive(receipt_from(ALICE2, bob.sent_id))
+    assert bob.alice_state() is RecipientStatus.DOWNLOADED and bob.clip.exists()
+
+    bob.server.listed = bob.server.listed[1:]  # ALICE1 revoked
+    bob.clock.now += KEYS_FRESH + 1
+    await bob.receive(message_from(ALICE2, 1))
+    assert bob.server.fingers == 1 and state_of(bob, 1) is InboxState.OFFERED
+    contact = Contacts(db).get(ALICE)
+    assert contact is not None and contact.retired_keys == (K1,)
+    assert not bob.clip.exists()
 
 
 async def test_a_lookup_that_fails_leaves_the_pinned_keys_believed_and_is_asked_again(
