@@ -419,6 +419,12 @@ class ControlOperations:
             except DecodeError:
                 chunk_size = DEFAULT_CHUNK_SIZE  # a row from before messages were kept
             changed = self.source_changed(m)
+            # Who may still fetch it from here: an address not there yet, or one whose
+            # first device has it while another it was sealed to has not.
+            devices = (self.outbox.devices_owed(m.id) if any(
+                r.state is RecipientStatus.DOWNLOADED for r in m.recipients) else set())
+            waiting = {r.address for r in m.recipients if r.state in OWED or (
+                r.state is RecipientStatus.DOWNLOADED and r.address in devices)}
             for addr, pending in self._pending(m).items():
                 if not pending:
                     shown[addr] = "cancelled"
@@ -441,7 +447,7 @@ class ControlOperations:
                 "recipients": [{"address": r.address, "state": r.state.value,
                                 "updated_at": r.updated_at, "reason": r.reason,
                                 "shown": shown.get(r.address, r.state.value),
-                                "owed": (r.state in OWED and not changed
+                                "owed": (r.address in waiting and not changed
                                          and r.address not in bounced)}
                                for r in m.recipients],
             })

@@ -253,6 +253,15 @@ def forwarding_text(state: str, home_domain: str, recipient: str, since: float |
     return f"queued at {home_domain} ({remote} unreachable since {when})"
 
 
+# The devices of message `o` that may still fetch it from here: sealed to, no settling
+# receipt from them yet, and their key still pinned for the address (a retired key is a
+# device revoked or removed at its server).
+_DEVICES_OWED = (
+    "SELECT d.address FROM outbox_device d JOIN contact_key k ON k.address = d.address"
+    " AND k.verify_key = d.verify_key AND k.status = 'pinned'"
+    " WHERE d.message_id = o.id AND d.settled = 0")
+
+
 class Outbox:
     """Typed access to the `outbox` and `outbox_recipient` tables."""
 
@@ -439,17 +448,26 @@ class Outbox:
     def awaited(self, *, after: tuple[float, bytes] | None = None, limit: int = 100
                 ) -> builtins.list[OutboxEntry]:
         """Messages a recipient may still fetch from this node (one of them `sent` or
-        `downloading`), in `list`'s order (newest first), `limit` at a time; older than
-        the whole outbox's newest 1,000 too. `after`: (created at, id) of the last one of
-        the previous page, or of `list`'s last to read only older ones."""
+        `downloading`, or a device that `devices_owed` names), in `list`'s order (newest
+        first), `limit` at a time; older than the whole outbox's newest 1,000 too.
+        `after`: (created at, id) of the last one of the previous page, or of `list`'s
+        last to read only older ones."""
         at, mid = after if after is not None else (float("inf"), b"")
         rows = self._db.query(
             "SELECT * FROM outbox o WHERE (created_at < ? OR (created_at = ? AND id > ?))"
-            " AND EXISTS (SELECT 1 FROM outbox_recipient r WHERE r.message_id = o.id"
-            " AND r.state IN (?, ?)) ORDER BY created_at DESC, id LIMIT ?",
+            " AND (EXISTS (SELECT 1 FROM outbox_recipient r WHERE r.message_id = o.id"
+            f" AND r.state IN (?, ?)) OR EXISTS ({_DEVICES_OWED}))"
+            " ORDER BY created_at DESC, id LIMIT ?",
             (at, at, mid, RecipientStatus.SENT.value, RecipientStatus.DOWNLOADING.value,
              limit))
         return self._entries(rows)
+
+    def devices_owed(self, id: bytes) -> set[str]:
+        """The addresses of message `id` with a device that may still fetch it from here
+        (`pending_retention` waits for it): another device of the address may have it."""
+        rows = self._db.query(
+            f"SELECT DISTINCT address FROM ({_DEVICES_OWED.replace('o.id', '?')})", (id,))
+        return {str(r[0]) for r in rows}
 
     def count(self) -> int:
         """Messages in the outbox."""
@@ -542,9 +560,7 @@ class Outbox:
             "SELECT * FROM outbox o WHERE retention_done = 0 AND NOT EXISTS ("
             " SELECT 1 FROM outbox_recipient r WHERE r.message_id = o.id"
             " AND r.state NOT IN ('downloaded', 'declined')) AND NOT EXISTS ("
-            " SELECT 1 FROM outbox_device d JOIN contact_key k ON k.address = d.address"
-            " AND k.verify_key = d.verify_key AND k.status = 'pinned'"
-            " WHERE d.message_id = o.id AND d.settled = 0) ORDER BY created_at"
+            f"{_DEVICES_OWED}) ORDER BY created_at"
         )
         return self._entries(rows)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from overlay.app.control_wire import KEEP_ON_TEXT
 from overlay.app.lab import LocalNetwork, NodeHandle
 
 from .test_e2e_cli import MiB, make_file
@@ -43,6 +44,9 @@ def test_delete_waits_for_the_phone_after_the_laptop_downloaded(net: LocalNetwor
     # The laptop's receipt was filed (and a retention pass ran on it): the phone has not
     # got it, so alice keeps her copy. Deleted here on the old code.
     assert src.exists() and sent(net, alice, mid)["retention_done"] is None
+    # ... and alice is asked to stay on for it, though bob shows `downloaded`.
+    assert sent(net, alice, mid)["recipients"][0]["owed"] is True
+    assert KEEP_ON_TEXT in " ".join(net.cli(alice, "status").stdout.split())
 
     net.stop_node(laptop)
     net.start_node(bob)
@@ -53,6 +57,8 @@ def test_delete_waits_for_the_phone_after_the_laptop_downloaded(net: LocalNetwor
     m = net.wait_until(lambda: (x := sent(net, alice, mid))["retention_done"] and x, 30,
                        "alice's retention once the phone has it")
     assert m["retention_done"] == "delete" and not src.exists()
+    assert m["recipients"][0]["owed"] is False
+    assert KEEP_ON_TEXT not in " ".join(net.cli(alice, "status").stdout.split())
 
 
 def test_delete_does_not_wait_for_a_revoked_phone(net: LocalNetwork, tmp_path: Path) -> None:

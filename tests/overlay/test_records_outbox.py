@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from crypto.identity import DeviceIdentity
+from overlay.mail.contacts import Contacts
 from overlay.mail.db import NodeDB, RecordLimitError
 from overlay.mail.outbox import Outbox, RecipientStatus
 from tests.present import present
@@ -268,3 +270,23 @@ def test_send_batches_fit_the_server_limits_and_keep_every_item() -> None:
     big = [("a@x.net", b"1" * 20, b"y" * 200_000), ("b@x.net", b"2" * 20, b"z")]
     assert send_batches(big, max_bytes=100_000) == [[big[0]], [big[1]]]
     assert send_batches([]) == []
+
+
+def test_a_device_that_has_not_fetched_keeps_a_downloaded_message_awaited(
+        db: NodeDB) -> None:
+    """bob's laptop has the message (bob shows `downloaded`) but his phone, also sealed
+    to, has not: the message is still awaited and bob's phone owed, until the phone's
+    receipt settles it or the phone's key is retired (revoked at bob's server)."""
+    outbox, contacts = Outbox(db), Contacts(db)
+    bob = "bob@b.example"
+    laptop, phone = (DeviceIdentity.generate().public.verify_key for _ in range(2))
+    contacts.pin_keys(bob, [laptop, phone], 1.0)
+    outbox.add(id=MID, path="/home/alice/clip.ts", title="holiday", size=5_000_000,
+               content_id=b"c" * 32, created_at=100.0, recipients=(bob,),
+               message=b"signed body", devices=[(bob, laptop), (bob, phone)])
+    outbox.set_recipient_state(MID, bob, R.DOWNLOADED, 105.0)
+    assert outbox.settle_device(MID, bob, laptop)
+    assert outbox.devices_owed(MID) == {bob}
+    assert [e.id for e in outbox.awaited()] == [MID]
+    contacts.pin_keys(bob, [laptop], 200.0)  # bob's server no longer lists the phone
+    assert outbox.devices_owed(MID) == set() and outbox.awaited() == []
