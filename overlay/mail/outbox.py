@@ -256,10 +256,12 @@ def forwarding_text(state: str, home_domain: str, recipient: str, since: float |
 # The devices of message `o` that may still fetch it from here: sealed to, no settling
 # receipt from them yet, and their key still pinned for the address (a retired key is a
 # device revoked or removed at its server).
-_DEVICES_OWED = (
-    "SELECT d.address FROM outbox_device d JOIN contact_key k ON k.address = d.address"
-    " AND k.verify_key = d.verify_key AND k.status = 'pinned'"
-    " WHERE d.message_id = o.id AND d.settled = 0")
+def _devices_owed(message: str) -> str:
+    """The SELECT of those devices' addresses, for the message id `message` (a column or
+    a placeholder)."""
+    return ("SELECT d.address FROM outbox_device d JOIN contact_key k ON k.address = d.address"
+            " AND k.verify_key = d.verify_key AND k.status = 'pinned'"
+            f" WHERE d.message_id = {message} AND d.settled = 0")
 
 
 class Outbox:
@@ -456,7 +458,7 @@ class Outbox:
         rows = self._db.query(
             "SELECT * FROM outbox o WHERE (created_at < ? OR (created_at = ? AND id > ?))"
             " AND (EXISTS (SELECT 1 FROM outbox_recipient r WHERE r.message_id = o.id"
-            f" AND r.state IN (?, ?)) OR EXISTS ({_DEVICES_OWED}))"
+            f" AND r.state IN (?, ?)) OR EXISTS ({_devices_owed('o.id')}))"
             " ORDER BY created_at DESC, id LIMIT ?",
             (at, at, mid, RecipientStatus.SENT.value, RecipientStatus.DOWNLOADING.value,
              limit))
@@ -466,7 +468,7 @@ class Outbox:
         """The addresses of message `id` with a device that may still fetch it from here
         (`pending_retention` waits for it): another device of the address may have it."""
         rows = self._db.query(
-            f"SELECT DISTINCT address FROM ({_DEVICES_OWED.replace('o.id', '?')})", (id,))
+            f"SELECT DISTINCT address FROM ({_devices_owed('?')})", (id,))
         return {str(r[0]) for r in rows}
 
     def count(self) -> int:
@@ -560,7 +562,7 @@ class Outbox:
             "SELECT * FROM outbox o WHERE retention_done = 0 AND NOT EXISTS ("
             " SELECT 1 FROM outbox_recipient r WHERE r.message_id = o.id"
             " AND r.state NOT IN ('downloaded', 'declined')) AND NOT EXISTS ("
-            f"{_DEVICES_OWED}) ORDER BY created_at"
+            f"{_devices_owed('o.id')}) ORDER BY created_at"
         )
         return self._entries(rows)
 
