@@ -194,9 +194,15 @@ def leaf_key(content_key: bytes) -> bytes:
     return out
 
 
+def leaf_hasher(key_l: bytes) -> blake3.blake3:
+    """A KEYED_PLAIN leaf being hashed, under K_L: fed one chunk's plaintext in pieces of
+    any size, its `digest()` is `plain_leaf` of the whole chunk."""
+    return blake3.blake3(b"\x00", key=key_l)
+
+
 def plain_leaf(key_l: bytes, plaintext: bytes | bytearray | memoryview) -> bytes:
     """The KEYED_PLAIN leaf of one plaintext chunk, under K_L = `leaf_key(content key)`."""
-    h = blake3.blake3(b"\x00", key=key_l)
+    h = leaf_hasher(key_l)
     h.update(plaintext)
     out: bytes = h.digest()
     return out

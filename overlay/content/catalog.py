@@ -42,11 +42,11 @@ from crypto.content import (
     chunk_count,
     chunk_hash,
     chunk_size_for,
+    leaf_hasher,
     leaf_key,
     merkle_root,
     new_content_key,
     plain_chunk_len,
-    plain_leaf,
     preferred_scheme,
 )
 from crypto.errors import DecodeError
@@ -80,6 +80,13 @@ log = logging.getLogger(__name__)
 # 3: the column may say KEYED_PLAIN_AES, which a node of version 2 could not read.
 _SCHEMA_VERSION = 3
 HASH_WORKERS = 2
+# KEYED_PLAIN chunks are named a piece at a time: read into a buffer of this size and fed
+# to the leaf's hasher, so BLAKE3 finds each piece still in the core's 2 MiB L2 cache
+# instead of reading a whole 4 MiB chunk back from memory. `name_chunks` of a 1 GiB file
+# in 4 MiB chunks, warm page cache, medians of 5 runs: 0.164 s and 0.320 CPU s in 1 MiB
+# pieces, 0.165 s in 512 KiB, 0.172 s in 2 MiB, 0.170 s and 0.334 CPU s a whole chunk
+# at a time.
+NAMING_PIECE = 1 << 20
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS content (
     cid BLOB PRIMARY KEY,
@@ -152,8 +159,9 @@ def name_chunks(fd: int, size: int, chunk_size: int, key: bytes,
     NamingStopped, once every thread has let go of its chunk, if `stop` is set meanwhile).
 
     KEYED_PLAIN: each chunk is read into a buffer its thread reuses and hashed there, one
-    BLAKE3 pass and no sealing. SEALED: read, sealed, hashed. Both release the GIL, so
-    HASH_WORKERS threads use both cores; each holds one chunk."""
+    BLAKE3 pass and no sealing, NAMING_PIECE bytes at a time. SEALED: read whole, sealed,
+    hashed. Both release the GIL, so HASH_WORKERS threads use both cores; each holds one
+    buffer."""
     return name_chunks_from(lambda start, view: read_exactly(fd, view, start), size,
                             chunk_size, key, scheme, stop)
 
@@ -173,12 +181,24 @@ def name_chunks_from(fill: Callable[[int, memoryview], None], size: int, chunk_s
         if stop is not None and stop.is_set():
             raise NamingStopped("the naming pass was stopped")
         n = plain_chunk_len(size, chunk_size, i)
+        start = i * chunk_size
+        if cipher is None:
+            plain = buffers.take(min(n, NAMING_PIECE))
+            try:
+                with memoryview(plain) as view:
+                    h = leaf_hasher(key_l)
+                    for at in range(start, start + n, NAMING_PIECE):
+                        with view[: min(NAMING_PIECE, start + n - at)] as piece:
+                            fill(at, piece)
+                            h.update(piece)
+                    out: bytes = h.digest()
+                    return out
+            finally:
+                buffers.give(plain)
         plain = buffers.take(chunk_size)
         try:
             view = memoryview(plain)[:n]
-            fill(i * chunk_size, view)
-            if cipher is None:
-                return plain_leaf(key_l, view)
+            fill(start, view)
             sealed = bytearray(n + TAG_LEN)
             cipher.seal_into(i, view, sealed)
             return chunk_hash(sealed)
