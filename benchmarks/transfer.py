@@ -61,7 +61,7 @@ from crypto.content import (
 from overlay.app.control import ControlClient
 from overlay.app.lab import LocalNetwork
 from overlay.mail.describe import named_as_media
-from overlay.transfer.downloader import filing_threads
+from overlay.transfer.downloader import WRITERS
 
 MiB = 1 << 20
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -135,7 +135,7 @@ def direct_write(folder: Path, size: int, chunk: int) -> tuple[float, str, float
     it wrote, and the CPU seconds that took."""
     out = subprocess.run(
         [sys.executable, "-c", _DIRECT_WRITER, str(folder / "direct-write.bin"), str(size),
-         str(chunk), str(filing_threads(chunk)), str(Path(__file__).resolve().parents[1])],
+         str(chunk), str(WRITERS), str(Path(__file__).resolve().parents[1])],
         capture_output=True, text=True, check=True).stdout.split(maxsplit=2)
     return float(out[0]), out[2].strip(), float(out[1])
 
@@ -388,8 +388,7 @@ def main(argv: list[str]) -> int:
          "value": size / raw_mem[0] / 1e6, "unit": "MB/s"},
         {"metric": "raw socket copy, to disk (sendfile → recv_into → write, page cache)",
          "value": size / raw_disk[0] / 1e6, "unit": "MB/s"},
-        {"metric": f"disk alone: a receiver's writes ({disk[1]}, "
-                   f"{filing_threads(chunk)} threads)",
+        {"metric": f"disk alone: a receiver's writes ({disk[1]}, {WRITERS} threads)",
          "value": size / disk[0] / 1e6, "unit": "MB/s"},
         {"metric": "CPU per GB, raw sender / receiver (in memory)",
          "value": f"{raw_mem[1] / gb:.2f} / {raw_mem[2] / gb:.2f}", "unit": "s/GB"},

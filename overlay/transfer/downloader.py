@@ -9,13 +9,12 @@ sends CANCELs; the *reader* files what comes back: chunks, refusals and HAVE upd
 partial holder. `SourcePace` sizes each window from the source's measured rate and says
 when the source has stalled, relative to that rate.
 
-Arrived chunks go to `writers` filing threads (`filing_threads(chunk size)` unless given; a
-`WorkQueue`) that verify, open and write each one and mark it held (`write_chunk`, one
-blocking call per chunk), so the loop keeps receiving while the AEAD and BLAKE3 use the
-other core (both release the GIL); the loop hears back in batches, not once per chunk.
-Chunks arrive in page-aligned buffers (`TransferSession.align_payloads`) and are opened in
-place and written from there; a stored chunk's buffer goes back to its session for a later
-chunk.
+Arrived chunks go to `writers` filing threads (a `WorkQueue`) that verify, open and write
+each one and mark it held (`write_chunk`, one blocking call per chunk), so the loop keeps
+receiving while the AEAD and BLAKE3 use the other core (both release the GIL); the loop
+hears back in batches, not once per chunk. Chunks arrive in page-aligned buffers
+(`TransferSession.align_payloads`) and are opened in place and written from there; a
+stored chunk's buffer goes back to its session for a later chunk.
 A chunk that doesn't verify bans its source for this content and goes back to the pool; a
 source that errors or stalls is dropped and its requests reassigned. Sources can be added
 while the download runs (`add_source`: a provider found by a later DHT lookup; `add_found`:
@@ -84,24 +83,32 @@ REFILL = 4
 # sourcing off, seeds 1-3) two of the three waited, done 9.4-10.7 s after coming online
 # against 4.1-4.6 for the first; now all three are done after 4.1-7.6 s.
 PROBE_AFTER = 5.0
-# Filing threads: enough for FILING_BYTES of chunks being opened and written at once, two
-# at least, WRITERS at most. Each spends about 0.6 ms of CPU per 2 MiB chunk (open, hash)
-# and then waits 2-6 ms for its O_DIRECT write, so two of them were busy 97% of a 1 GiB
-# delivery in 2 MiB chunks here with chunks queueing behind them; four took that delivery
-# from about 1.0 to 1.25 GB/s. Eight were no faster: each write then waited 11 ms instead
-# of 6, the disk giving about 1.5 GB/s while both cores were busy (2.1 GB/s with nothing
-# else running). In 4 MiB chunks two are enough, and faster: `benchmarks transfer`, two
-# threads against four, alternating pairs, gave a median pair of 1.02 (5 pairs, 2 MiB
-# chunks 1.00), 1.02 (6 pairs) and 1.03 (5 pairs), with 0.58-0.62 receiving CPU s per GB
-# against 0.64-0.75; one thread gave 0.94, three 1.02. Fewer chunks in flight also means
-# fewer fresh chunk buffers for the loop to fault in (a 4 MiB one took 4-6 ms here).
+# Filing threads. Each spends about 0.6 ms of CPU per 2 MiB chunk (open, hash) and then
+# waits 2-6 ms for its O_DIRECT write, so two of them were busy 97% of a 1 GiB delivery
+# in 2 MiB chunks here with chunks queueing behind them; four took that delivery from
+# about 1.0 to 1.25 GB/s. Eight were no faster: each write then waited 11 ms instead of 6,
+# the disk giving about 1.5 GB/s while both cores were busy (2.1 GB/s with nothing else
+# running).
 WRITERS = 4
-FILING_BYTES = 8 << 20
+# Chunks between arrival and stored (being filed or queued for it): 2 * writers + 1, but no
+# more than FILING_BYTES of them, and at least one per writer. The receiving loop reads no
+# further ahead, so this also bounds the chunk buffers a download keeps. With 4 MiB chunks
+# the 36 MiB of nine cost more than they gave: in `benchmarks transfer`, alternating pairs
+# of 1 GiB deliveries against two writers with five chunks, four writers with four chunks
+# gave a median pair of 1.06 and 1.04 (5 pairs each), with five 1.04, with six 0.97, with
+# three 1.01; six writers with six 0.97. A writer waiting on the disk holds its chunk and
+# no core (perf sched over 0.5 s of a delivery with four writers and nine chunks: 1.4 s
+# between them waiting on the disk, and both cores idle 11-16% of the time).
+FILING_BYTES = 18 << 20
 
 
-def filing_threads(chunk_size: int) -> int:
-    """How many threads open and write a download's chunks of `chunk_size` bytes."""
-    return max(2, min(WRITERS, FILING_BYTES // max(chunk_size, 1)))
+def filing_limit(writers: int, chunk_size: int) -> int:
+    """Chunks of `chunk_size` bytes a download with `writers` filing threads lets arrive
+    before it waits for one to be stored: 9 for four writers of 1 or 2 MiB chunks, 4 of
+    4 MiB ones."""
+    return min(2 * writers + 1, max(writers, FILING_BYTES // max(chunk_size, 1)))
+
+
 # A source on a slow path (SLOW_PATHS) is dialled over the fast rungs again after this many
 # seconds, then after twice that and so on up to UPGRADE_MAX: a holder that was starting
 # again listens within seconds, and one that can only be relayed costs a failed dial (and
@@ -297,7 +304,7 @@ class Downloader:
     def __init__(
         self, partial: PartialContent, sources: Sequence[Source], identity: DeviceIdentity,
         *, window: int = 8, min_window: int = 2, target_latency: float = 1.0,
-        refill: int = REFILL, writers: int | None = None, stall_timeout: float = 30.0,
+        refill: int = REFILL, writers: int = WRITERS, stall_timeout: float = 30.0,
         min_stall: float = 2.0,
         connect_timeout: float = 10.0, handshake_timeout: float = 10.0,
         have_wait: float | None = None, probe_after: float = PROBE_AFTER,
@@ -332,12 +339,9 @@ class Downloader:
         held = partial.have_bitmap()
         self.scheduler = (ChunkScheduler(count=partial.count, held=held, rng=rng)
                           if held is not None else ChunkScheduler(count=partial.count, rng=rng))
-        if writers is None:
-            writers = filing_threads(partial.chunk_size)
         self._filer: WorkQueue[_Arrival, bool] = WorkQueue(
             self._file, self._filed, workers=writers, name="filer")
-        # Chunks between arrival and stored: a queue of writers + 1 before busy writers.
-        self._filing_limit = 2 * writers + 1
+        self._filing_limit = filing_limit(writers, partial.chunk_size)
         self._failure: BaseException | None = None  # the disk failed: the download ends
         self._changed = asyncio.Event()
         self._leaves_lock = asyncio.Lock()
