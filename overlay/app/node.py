@@ -203,7 +203,8 @@ class Node:
             downloads=self.downloads, transfer=self.transfer,
             max_in_flight=self.options.max_in_flight, store=self.store,
             withdraw=self.providers.withdraw, reach=self.reach_info, received=self.fetch.dest,
-            hook_counters=self.hook.counters, retention=self.delivery.retention)
+            hook_counters=self.hook.counters, retention=self.delivery.retention,
+            lookup_ended=self.delivery.lookup_ended)
         ops.rewithdraw()  # messages cancelled before a restart stay unserved
         await self._announce_held()  # after rewithdraw: a cancelled content is not offered
         self.control = ControlServer(self.home.control_path, ops.table())

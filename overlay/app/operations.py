@@ -107,7 +107,8 @@ class ControlOperations:
                  reach: Callable[[], dict[str, Any]] | None = None,
                  received: Path | None = None,
                  hook_counters: Mapping[str, int] | None = None,
-                 retention: Callable[[], Awaitable[None]] | None = None) -> None:
+                 retention: Callable[[], Awaitable[None]] | None = None,
+                 lookup_ended: Callable[[str, float], Awaitable[None]] | None = None) -> None:
         self.identity = identity
         self.address = address
         self.listen_addr = listen_addr
@@ -126,6 +127,8 @@ class ControlOperations:
         # The sender's retention pass: run after a send, whose lookup of each address may
         # have retired a device an earlier message still waited for.
         self.retention = retention
+        # Returns once no lookup of a sender's keys is under way (`Delivery.lookup_ended`).
+        self.lookup_ended = lookup_ended
         self.reach = reach  # NAT, the address the server sees, the rungs we dial over
         self.received = received  # the download folder
         # `--on-message`'s runs: ran, failed, timed-out, deferred (waited in node.db)
@@ -347,7 +350,15 @@ class ControlOperations:
         return matches[0]
 
     async def fetch(self, a: Fields) -> Any:
+        """Start (or resume) the download of a message. A first contact's message is
+        filed `unverified` while its sender is looked up (one FINGER, milliseconds); a
+        fetch in that moment waits for the lookup (at most the client's request timeout,
+        within which a FINGER answers or fails) and goes on if it let the message through.
+        One whose sender is not being looked up is refused at once."""
         e = self.find(a.str("id", min_len=1, max_len=32))
+        if e.state is InboxState.UNVERIFIED and self.lookup_ended is not None:
+            await self.lookup_ended(e.sender, self.rendezvous.request_timeout)
+            e = self.find(e.id.hex())  # removed meanwhile: "no message ..."
         if e.state is InboxState.UNVERIFIED:
             raise ControlError(
                 f"{e.id.hex()[:12]} is signed by a device key of {e.sender} that you do not "

@@ -611,6 +611,21 @@ class Delivery:
             del self._looking[sender]
             mine.cancel()  # cancelled, or failed: whoever waits for it looks up on its own
 
+    async def lookup_ended(self, sender: str, timeout: float) -> None:  # noqa: ASYNC109
+        """Return once no lookup of `sender` is under way (at once if none is), or after
+        `timeout` seconds. A lookup's answer is applied before it ends (`_lookup`): a
+        first contact's message it let through is `offered` in the inbox by then. That
+        lookup is under way from the loop step after its message is filed, before any
+        request that saw the message in the inbox can be read."""
+        if (running := self._looking.get(sender)) is None:
+            return
+        log.info("waiting up to %.0f s for the lookup of %s under way", timeout, sender)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while running is not None:
+                    await asyncio.wait({running})  # which a cancel here does not cancel
+                    running = self._looking.get(sender)
+
     async def _recheck(self, sender: str) -> None:
         devices: tuple[DeviceInfo, ...] | None = None
         try:
