@@ -39,11 +39,16 @@ CLAIM = 2.0  # --outbound-claim of the instances, seconds
 SLOW = 0.06
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _held_port() -> socket.socket:
+    """A free port on 127.0.0.1, held by a socket bound to it with SO_REUSEADDR that never
+    listens, for b.test's server to listen on beside it (asyncio's servers set SO_REUSEADDR
+    too) each time it starts. Released between its starts, the port was once given to
+    another process's connection meanwhile, and the second start failed with "address
+    already in use"."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 class Receiver:
@@ -93,11 +98,14 @@ async def _deliveries(bob: RendezvousClient, want: set[bytes], within: float) ->
 
 
 async def test_one_instance_forwards_each_envelope_and_a_dead_ones_claims_lapse(
-        tmp_path: Path, pg_url: str, dns_server: Callable[..., Dnsmasq]) -> None:
+        tmp_path: Path, pg_url: str, dns_server: Callable[..., Dnsmasq],
+        request: pytest.FixtureRequest) -> None:
     key_dir = tmp_path / "key"
     key_dir.mkdir(mode=0o700)
     a_key = load_or_create(key_dir)
-    receiver = Receiver(tmp_path / "b", _free_port(),
+    hold = _held_port()
+    request.addfinalizer(hold.close)
+    receiver = Receiver(tmp_path / "b", hold.getsockname()[1],
                         StaticResolver({DOMAIN: DomainRecords(DOMAIN, (("127.0.0.1", 1),),
                                                               a_key.public)}))
     ns = dns_server([f"_peerpost._tcp.{B}. 300 IN SRV 10 0 {receiver.port} rv.{B}.",
