@@ -92,20 +92,23 @@ PROBE_AFTER = 5.0
 WRITERS = 4
 # Chunks between arrival and stored (being filed or queued for it): 2 * writers + 1, but no
 # more than FILING_BYTES of them, and at least one per writer. The receiving loop reads no
-# further ahead, so this also bounds the chunk buffers a download keeps. With 4 MiB chunks
-# the 36 MiB of nine cost more than they gave: in `benchmarks transfer`, alternating pairs
-# of 1 GiB deliveries against two writers with five chunks, four writers with four chunks
-# gave a median pair of 1.06 and 1.04 (5 pairs each), with five 1.04, with six 0.97, with
-# three 1.01; six writers with six 0.97. A writer waiting on the disk holds its chunk and
-# no core (perf sched over 0.5 s of a delivery with four writers and nine chunks: 1.4 s
-# between them waiting on the disk, and both cores idle 11-16% of the time).
-FILING_BYTES = 18 << 20
+# further ahead, so this also bounds the chunk buffers a download keeps. With 2 and 4 MiB
+# chunks the 18 and 36 MiB of nine cost more than they gave: in `benchmarks transfer`,
+# alternating pairs of 1 GiB deliveries, 4 MiB chunks: against two writers with five
+# chunks, four writers with four chunks gave a median pair of 1.06 and 1.04 (5 pairs each),
+# with five 1.04, with six 0.97, with three 1.01; six writers with six 0.97. 2 MiB chunks
+# (`--media`), four chunks against nine: 1.04 (6 pairs) and 1.01 (8 pairs), five 1.01. 1 MiB
+# chunks (256 MiB), four against nine: 0.98 (8 pairs). A writer waiting on the disk holds
+# its chunk and no core (perf sched over 0.5 s of a delivery with four writers and nine
+# chunks: 1.4 s between them waiting on the disk, and both cores idle 11-16% of the time;
+# about half of those waits were for ext4's inode lock, see `diskio.preallocate`).
+FILING_BYTES = 9 << 20
 
 
 def filing_limit(writers: int, chunk_size: int) -> int:
     """Chunks of `chunk_size` bytes a download with `writers` filing threads lets arrive
-    before it waits for one to be stored: 9 for four writers of 1 or 2 MiB chunks, 4 of
-    4 MiB ones."""
+    before it waits for one to be stored: 9 for four writers of 1 MiB chunks, 4 of 2 MiB
+    chunks or larger."""
     return min(2 * writers + 1, max(writers, FILING_BYTES // max(chunk_size, 1)))
 
 
