@@ -420,6 +420,9 @@ class ControlOperations:
         want = a.str("id", max_len=32, optional=True)
         out = []
         sent = self.outbox.with_id_prefix(want, limit=LIST_LIMIT)[0] if want else self.outbox.list()
+        # Of the ones someone downloaded, which devices sealed to may still fetch it here.
+        owed = self.outbox.devices_owed([m.id for m in sent if any(
+            r.state is RecipientStatus.DOWNLOADED for r in m.recipients)])
         for m in sent:
             forwarding = await self._forwarding(m)
             shown = {a: text for a, (_, text) in forwarding.items()}
@@ -432,8 +435,7 @@ class ControlOperations:
             changed = self.source_changed(m)
             # Who may still fetch it from here: an address not there yet, or one whose
             # first device has it while another it was sealed to has not.
-            devices = (self.outbox.devices_owed(m.id) if any(
-                r.state is RecipientStatus.DOWNLOADED for r in m.recipients) else set())
+            devices = owed.get(m.id, {})
             waiting = {r.address for r in m.recipients if r.state in OWED or (
                 r.state is RecipientStatus.DOWNLOADED and r.address in devices)}
             for addr, pending in self._pending(m).items():

@@ -286,7 +286,40 @@ def test_a_device_that_has_not_fetched_keeps_a_downloaded_message_awaited(
                message=b"signed body", devices=[(bob, laptop), (bob, phone)])
     outbox.set_recipient_state(MID, bob, R.DOWNLOADED, 105.0)
     assert outbox.settle_device(MID, bob, laptop)
-    assert outbox.devices_owed(MID) == {bob}
+    assert outbox.devices_owed([MID]) == {MID: {bob: 1}}
     assert [e.id for e in outbox.awaited()] == [MID]
     contacts.pin_keys(bob, [laptop], 200.0)  # bob's server no longer lists the phone
-    assert outbox.devices_owed(MID) == set() and outbox.awaited() == []
+    assert outbox.devices_owed([MID]) == {} and outbox.awaited() == []
+
+
+def test_devices_owed_counts_each_listed_messages_devices_in_one_call(db: NodeDB) -> None:
+    """`status` reads the devices still to fetch of every message it lists at once: per
+    message, per address, the devices sealed to with no settling receipt and a key still
+    pinned; a settled device, a retired key and a message not asked about don't count."""
+    outbox, contacts = Outbox(db), Contacts(db)
+    bob, carol = "bob@b.example", "carol@c.example"
+    laptop, phone, tablet, desk = (DeviceIdentity.generate().public.verify_key
+                                   for _ in range(4))
+    contacts.pin_keys(bob, [laptop, phone, tablet], 1.0)
+    contacts.pin_keys(carol, [desk], 1.0)
+    bobs = [(bob, laptop), (bob, phone), (bob, tablet)]
+    sent = {"both": (b"1" * 16, [*bobs, (carol, desk)]), "all of bob's": (b"2" * 16, bobs),
+            "settled": (b"3" * 16, bobs), "not asked": (b"4" * 16, bobs),
+            "no devices kept": (b"5" * 16, [])}
+    for n, (mid, devices) in enumerate(sent.values()):
+        outbox.add(id=mid, path=f"/home/alice/{n}.bin", title=str(n), size=1,
+                   content_id=bytes([n]) * 32, created_at=100.0 + n,
+                   recipients={a for a, _ in devices} or {bob}, message=b"signed body",
+                   devices=devices)
+    both, bobs_all, settled, not_asked, none = (mid for mid, _ in sent.values())
+    assert outbox.settle_device(both, bob, laptop)
+    for key in (laptop, phone, tablet):
+        assert outbox.settle_device(settled, bob, key)
+    # More ids than one query binds: the messages asked about past the first batch count.
+    unknown = [n.to_bytes(16, "big") for n in range(600)]
+    assert outbox.devices_owed([*unknown, both, bobs_all, settled, none]) == {
+        both: {bob: 2, carol: 1}, bobs_all: {bob: 3}}
+    contacts.pin_keys(bob, [laptop, phone], 200.0)  # bob's server no longer lists the tablet
+    assert outbox.devices_owed([both, bobs_all, not_asked]) == {
+        both: {bob: 1, carol: 1}, bobs_all: {bob: 2}, not_asked: {bob: 2}}
+    assert outbox.devices_owed([]) == {}
