@@ -811,7 +811,9 @@ def _watch_sent(home: NodeHome, mid: str, args: argparse.Namespace) -> int:
         if all(state.startswith(SENT_FINAL) for state in seen.values()):
             break
         time.sleep(WATCH_EVERY)
-    short = {a: s for a, s in seen.items() if s != "downloaded"}
+    # By `state`: "downloaded (1 more device to fetch)" is a recipient who has it.
+    short = {r["address"]: seen[r["address"]] for r in m["recipients"]
+             if r["state"] != "downloaded"}
     if short:  # with --json, this error is the one object on stdout
         raise CliError(f"{len(seen) - len(short)} of {len(seen)} recipients have it; "
                        + ", ".join(f"{a}: {s}" for a, s in short.items()))

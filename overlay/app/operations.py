@@ -46,6 +46,7 @@ from overlay.mail.outbox import (
     Outbox,
     OutboxEntry,
     RecipientStatus,
+    devices_to_fetch_text,
     forwarding_text,
 )
 from overlay.mail.outgoing import MailSender, SendError
@@ -434,10 +435,14 @@ class ControlOperations:
                 chunk_size = DEFAULT_CHUNK_SIZE  # a row from before messages were kept
             changed = self.source_changed(m)
             # Who may still fetch it from here: an address not there yet, or one whose
-            # first device has it while another it was sealed to has not.
-            devices = owed.get(m.id, {})
-            waiting = {r.address for r in m.recipients if r.state in OWED or (
-                r.state is RecipientStatus.DOWNLOADED and r.address in devices)}
+            # first device has it while another it was sealed to has not (none can once
+            # the file changed).
+            sealed = {} if changed else owed.get(m.id, {})
+            devices = {r.address: sealed[r.address] for r in m.recipients
+                       if r.state is RecipientStatus.DOWNLOADED and r.address in sealed}
+            waiting = {r.address for r in m.recipients if r.state in OWED} | devices.keys()
+            for addr, n in devices.items():
+                shown[addr] = f"downloaded ({devices_to_fetch_text(n)})"
             for addr, pending in self._pending(m).items():
                 if not pending:
                     shown[addr] = "cancelled"
@@ -460,6 +465,7 @@ class ControlOperations:
                 "recipients": [{"address": r.address, "state": r.state.value,
                                 "updated_at": r.updated_at, "reason": r.reason,
                                 "shown": shown.get(r.address, r.state.value),
+                                "devices_owed": devices.get(r.address, 0),
                                 "owed": (r.address in waiting and not changed
                                          and r.address not in bounced)}
                                for r in m.recipients],

@@ -253,6 +253,12 @@ def forwarding_text(state: str, home_domain: str, recipient: str, since: float |
     return f"queued at {home_domain} ({remote} unreachable since {when})"
 
 
+def devices_to_fetch_text(n: int) -> str:
+    """How `peerpost status` says that `n` more devices of a recipient who downloaded the
+    message may still fetch it from here (`Outbox.devices_owed`)."""
+    return f"{n} more device{'s' if n > 1 else ''} to fetch"
+
+
 # The devices of message `o` that may still fetch it from here: sealed to, no settling
 # receipt from them yet, and their key still pinned for the address (a retired key is a
 # device revoked or removed at its server).

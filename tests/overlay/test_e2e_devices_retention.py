@@ -6,6 +6,7 @@ is not waited for once the sender's node has looked the address up again."""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import pytest
 
 from overlay.app.control_wire import KEEP_ON_TEXT
 from overlay.app.lab import LocalNetwork, NodeHandle
+from tests.web.test_web_access import request
+from tests.web.test_web_actions import login
 
 from .test_e2e_cli import MiB, make_file
 from .test_e2e_revoke import operator
@@ -26,9 +29,34 @@ def sent(net: LocalNetwork, alice: NodeHandle, mid: str) -> Any:
     return m
 
 
+def table_states(stdout: str) -> list[str]:
+    """The state column of `peerpost status`'s table, each cell's folded lines joined."""
+    cells: list[list[str]] = []
+    for line in stdout.splitlines():
+        columns = line.split("│")
+        if len(columns) != 8:
+            continue
+        if columns[1].strip():  # a message's first row
+            cells.append([])
+        if text := columns[5].strip():
+            cells[-1].append(text)
+    return [" ".join(c) for c in cells]
+
+
+def sent_page(net: LocalNetwork, alice: NodeHandle) -> str:
+    base, headers = login(net, alice)
+    status, _, page = request(base, "GET", "/sent", {"Cookie": headers["Cookie"]})
+    assert status == 200, page
+    return html.unescape(page.decode())
+
+
 def test_delete_waits_for_the_phone_after_the_laptop_downloaded(net: LocalNetwork,
                                                                 tmp_path: Path) -> None:
-    alice, bob = net.add_node("alice"), net.add_node("bob")  # bob: his phone
+    """`status` says why alice is asked to stay on though bob shows `downloaded`: one more
+    device of his is still to fetch it (the table, --json and the web Sent page); plain
+    `downloaded` once his phone has it too. It said `downloaded` alone next to the warning."""
+    alice = net.add_node("alice", extra=["--web", "127.0.0.1:0"])
+    bob = net.add_node("bob")  # bob: his phone
     net.start_node(alice)
     net.start_node(bob)
     laptop = second_device(net, "laptop", bob.address, vouch_from=bob)
@@ -44,9 +72,21 @@ def test_delete_waits_for_the_phone_after_the_laptop_downloaded(net: LocalNetwor
     # The laptop's receipt was filed (and a retention pass ran on it): the phone has not
     # got it, so alice keeps her copy. Deleted here on the old code.
     assert src.exists() and sent(net, alice, mid)["retention_done"] is None
-    # ... and alice is asked to stay on for it, though bob shows `downloaded`.
-    assert sent(net, alice, mid)["recipients"][0]["owed"] is True
-    assert KEEP_ON_TEXT in " ".join(net.cli(alice, "status").stdout.split())
+    # ... and alice is asked to stay on for it, told that bob's other device has yet to
+    # fetch it, while `state` stays `downloaded` for scripts.
+    (r,) = sent(net, alice, mid)["recipients"]
+    assert (r["state"], r["shown"], r["devices_owed"], r["owed"]) == (
+        "downloaded", "downloaded (1 more device to fetch)", 1, True)
+    table = net.cli(alice, "status").stdout
+    assert table_states(table) == ["downloaded (1 more device to fetch)"], table
+    assert KEEP_ON_TEXT in " ".join(table.split())
+    page = sent_page(net, alice)
+    assert '<td class="state">has it (1 more device to fetch)</td>' in page
+    assert 'id="sent-owed"' in page
+    # Watching it ends: bob has it, as far as a recipient goes.
+    watched = net.cli(alice, "status", "--wait", mid, check=False)
+    assert watched.returncode == 0 and "every recipient has party.bin" in watched.stdout, (
+        watched.stdout + watched.stderr)
 
     net.stop_node(laptop)
     net.start_node(bob)
@@ -57,8 +97,13 @@ def test_delete_waits_for_the_phone_after_the_laptop_downloaded(net: LocalNetwor
     m = net.wait_until(lambda: (x := sent(net, alice, mid))["retention_done"] and x, 30,
                        "alice's retention once the phone has it")
     assert m["retention_done"] == "delete" and not src.exists()
-    assert m["recipients"][0]["owed"] is False
-    assert KEEP_ON_TEXT not in " ".join(net.cli(alice, "status").stdout.split())
+    (r,) = m["recipients"]
+    assert (r["state"], r["shown"], r["devices_owed"], r["owed"]) == (
+        "downloaded", "downloaded", 0, False)
+    table = net.cli(alice, "status").stdout
+    assert "more device" not in table and KEEP_ON_TEXT not in " ".join(table.split())
+    page = sent_page(net, alice)
+    assert '<td class="state">has it</td>' in page and 'id="sent-owed"' not in page
 
 
 def test_delete_does_not_wait_for_a_revoked_phone(net: LocalNetwork, tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from overlay.content.catalog import ContentStore
 from overlay.content.partial import PartialContent
 from overlay.mail.db import LIST_LIMIT
 from overlay.mail.downloads import TOLD_NO_SOURCE
+from overlay.mail.outbox import devices_to_fetch_text
 from overlay.mail.prefs import RETENTIONS, size_text
 from overlay.transfer.downloader import WITHDRAWN_FAILURE, changed_source
 
@@ -202,8 +203,11 @@ RECIPIENT_TEXT = {"queued": "waiting to be sent", "sent": "in their inbox, not d
 def recipient_text(r: dict[str, Any]) -> str:
     """What the Sent page says of one recipient: `status`'s own words for a cancelled
     message, a changed file or mail waiting at the server for another domain; a declined
-    one in the page's words, with its reason."""
+    one in the page's words, with its reason, and one that downloaded it with `status`'s
+    count of their other devices still to fetch it."""
     state = str(r["state"])
+    if state == "downloaded" and (n := int(r.get("devices_owed") or 0)):
+        return f"{RECIPIENT_TEXT[state]} ({devices_to_fetch_text(n)})"
     if r.get("shown") and r["shown"] != state and state != "declined":
         return str(r["shown"])
     text = RECIPIENT_TEXT.get(state, state)
