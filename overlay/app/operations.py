@@ -125,8 +125,8 @@ class ControlOperations:
         self.max_in_flight = max_in_flight
         self.store = store
         self.withdraw_announcement = withdraw  # the DHT's provider record of a content
-        # The sender's retention pass: run after a send, whose lookup of each address may
-        # have retired a device an earlier message still waited for.
+        # The sender's retention pass: run after a send whose lookup of an address retired
+        # a device (`Contacts.retired`) an earlier message may still have waited for.
         self.retention = retention
         # Returns once no lookup of a sender's keys is under way (`Delivery.lookup_ended`).
         self.lookup_ended = lookup_ended
@@ -197,6 +197,7 @@ class ControlOperations:
                     raise ControlError(f"the node is offline: {why}; nothing was sent") from None
                 raise ControlError(OFFLINE_TEXT) from None
         folder = folder_from_fields(a.map("folder", optional=True))
+        retired = self.contacts.retired
         try:
             mid = await self.sender.send(Path(a.str("path", max_len=4096)), list(to),
                                          a.str("title", max_len=MAX_TITLE),
@@ -205,7 +206,7 @@ class ControlOperations:
             if not self.rendezvous.connected:  # the server went away during the send
                 raise ControlError(f"{OFFLINE_TEXT} ({exc})") from None
             raise ControlError(str(exc)) from None
-        if self.retention is not None:
+        if self.retention is not None and self.contacts.retired != retired:
             await self.retention()
         return {"id": mid.hex()}
 

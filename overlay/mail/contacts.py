@@ -129,11 +129,15 @@ class Contact:
 class Contacts:
     """Key pinning with vouches; see the module docstring for the rule."""
 
-    __slots__ = ("_db", "_max_contacts")
+    __slots__ = ("_db", "_max_contacts", "retired")
 
     def __init__(self, db: NodeDB, *, max_contacts: int = DEFAULT_MAX_CONTACTS) -> None:
         self._db = db
         self._max_contacts = max_contacts
+        # Keys retired through this object (`pin_keys`, `retire_all`) since it was made: a
+        # caller that reads it before and after a lookup knows whether that lookup retired
+        # a device, which the sender's retention then no longer waits for.
+        self.retired = 0
 
     def pin(self, address: str, verify_key: bytes, now: float) -> PinResult:
         """Pin one presented device key (`pin_keys` with a set of one)."""
@@ -153,7 +157,9 @@ class Contacts:
         presented = frozenset(listed)
         signed = frozenset(signers)
         with self._db.transaction() as conn:
-            result, trusted = self._pin_keys(conn, addr, listed, now, vouches or {}, signed)
+            result, trusted, gone = self._pin_keys(conn, addr, listed, now, vouches or {},
+                                                   signed)
+        self.retired += len(gone)
         if more_than_held(presented):
             log.warning("%s: its server lists %d devices, more than the %d a contact holds: "
                         "%d of them are not trusted (nothing is sealed to them, what they "
@@ -163,8 +169,9 @@ class Contacts:
 
     def _pin_keys(self, conn: sqlite3.Connection, addr: str, listed: tuple[bytes, ...],
                   now: float, vouches: Mapping[bytes, bytes], signed: frozenset[bytes]
-                  ) -> tuple[PinResult, frozenset[bytes]]:
-        """`pin_keys` in its transaction: the result and the keys pinned afterwards."""
+                  ) -> tuple[PinResult, frozenset[bytes], frozenset[bytes]]:
+        """`pin_keys` in its transaction: the result, the keys pinned afterwards and the
+        keys it retired."""
         presented = frozenset(listed)
         order = {k: i for i, k in enumerate(listed)}
 
@@ -184,14 +191,14 @@ class Contacts:
             if signed and not signed & presented:
                 _set_unvouched(conn, addr, first(signed), now)
                 _refresh_changed_flag(conn, addr, now)
-                return PinResult.UNVOUCHED, pinned
+                return PinResult.UNVOUCHED, pinned, gone
             new = first(presented)
             over = presented - new
             _set_unvouched(conn, addr, first((signed - presented) | over), now)
             _delete_keys(conn, addr, new)
             _insert_keys(conn, addr, new, "pinned", now)
             _refresh_changed_flag(conn, addr, now)
-            return (PinResult.UNVOUCHED if over else PinResult.NEW), new
+            return (PinResult.UNVOUCHED if over else PinResult.NEW), new, gone
         vouched = (_vouched_for(addr, presented - retired, pinned, vouches)
                    if len(retired) < MAX_RETIRED_PER_ADDRESS else frozenset())
         if not pinned and not vouched:
@@ -202,7 +209,7 @@ class Contacts:
             _delete_keys(conn, addr, pending)  # unvouched before, part of it now
             _insert_keys(conn, addr, pending, "pending", now)
             _refresh_changed_flag(conn, addr, now)
-            return PinResult.CHANGED, pinned
+            return PinResult.CHANGED, pinned, gone
         added = first(vouched, MAX_KEYS_PER_ADDRESS - len(pinned))  # the rest: no room
         _delete_keys(conn, addr, added)
         _insert_keys(conn, addr, added, "pinned", now)
@@ -210,10 +217,10 @@ class Contacts:
         _set_unvouched(conn, addr, first(rest), now)
         _refresh_changed_flag(conn, addr, now)
         if rest:
-            return PinResult.UNVOUCHED, pinned | added
+            return PinResult.UNVOUCHED, pinned | added, gone
         if gone:
-            return PinResult.RETIRED, pinned
-        return (PinResult.ADDED if added else PinResult.SAME), pinned | added
+            return PinResult.RETIRED, pinned, gone
+        return (PinResult.ADDED if added else PinResult.SAME), pinned | added, gone
 
     def retire_all(self, address: str, now: float) -> frozenset[bytes]:
         """The address's server lists no device for it now (FINGER answered with none, its
@@ -223,7 +230,8 @@ class Contacts:
             gone = _keys(conn, addr, "pinned")
             _retire(conn, addr, gone, now)
             _confirmed(conn, addr, now)
-            return gone
+        self.retired += len(gone)
+        return gone
 
     def needs_confirming(self, address: str, verify_key: bytes, now: float) -> bool:
         """Whether `verify_key` is pinned for `address` but the address's keys were last

@@ -641,7 +641,7 @@ class Delivery:
                 self.on_finger(sender, info)  # what the download about to start asks
         vouches = {d.verify_key: d.vouch for d in devices or () if d.vouch is not None}
         try:
-            trusted = self.incoming.contacts.trusted_keys(sender)
+            retired = self.incoming.contacts.retired
             offered = self.incoming.recheck_keys(
                 sender, None if devices is None else [d.verify_key for d in devices],
                 vouches)
@@ -661,7 +661,7 @@ class Delivery:
             return
         if offered:
             self.downloads.wake()
-        if trusted - self.incoming.contacts.trusted_keys(sender):
+        if self.incoming.contacts.retired != retired:
             # A device retired (revoked or removed) is not waited for by the sender's
             # retention any more (`Outbox.pending_retention`): a copy only it held can go.
             await self.retention()
