@@ -30,8 +30,8 @@ from tests.overlay.test_download_sources import offer
 from tests.present import present
 from tests.rendezvous.conftest import disk_full, ident
 
-# No key pinned before or after a lookup: none retired, so no retention pass follows.
-_NO_CONTACTS = SimpleNamespace(trusted_keys=lambda sender: frozenset())
+# No key retired by a lookup (`Contacts.retired` stays 0), so no retention pass follows.
+_NO_CONTACTS = SimpleNamespace(retired=0)
 
 
 class _FailsOnce:
